@@ -1,0 +1,1581 @@
+#!/usr/bin/env python3
+"""agent.py: an HTTP/1.1 static image server that is safe to expose, on daemon.py.
+
+One file, standard library only (Python 3.9+).  The corrected successor of the classic `agentD`.
+
+    python3 agent.py --root /srv/images start       # detached, serving http://0.0.0.0:9085/
+    python3 agent.py --root /srv/images run         # in the foreground (systemd, containers)
+    python3 agent.py stop                            # also: restart reload status
+
+Processes
+---------
+    launcher --daemon.py--> master --fork--> worker 1 .. worker N   (N = --workers, default: CPUs)
+                              |                each: a non-blocking epoll loop (selectors) that
+                              |                accepts, parses, and sends bodies with sendfile(2)
+                              `- binds the socket before forking; supervises: reaps with WNOHANG,
+                                 respawns a crashed worker, drains workers on TERM, replaces them
+                                 on HUP, relays USR1.  `start` returns once every worker is up.
+
+Signals
+-------
+    master   TERM, INT   graceful stop: workers stop accepting, finish responses in flight and
+                         are killed after --stop-timeout
+             HUP         reload: a new generation of workers starts, the old one drains
+             USR1        reopen --log and --access-log, in the master and in every worker
+    worker   TERM        drain and exit (from the master); INT and HUP are ignored, so a Ctrl-C
+                         or a hangup reaches the workers only through their master
+             USR1        reopen the logs
+    A worker notices its master's death at once (the lifeline pipe closes), drains and exits.
+
+Draining means: stop accepting; a response in flight is finished; a keep-alive connection gets
+`Connection: close` on its next response, and is closed once it has been idle for DRAIN_GRACE.
+
+Files
+-----
+    --pidfile     ./agent.pid    the master's pid, flock()ed (daemon.py)
+    --log         ./agent.log    errors and lifecycle events of every process
+    --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
+                                 at the end of each loop iteration, so within a second at most
+                                 (a full disk is reported once; serving goes on)
+
+Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not running"...).
+
+HTTP (RFC 9110, 9112)
+---------------------
+GET and HEAD; other known methods 405 (with Allow), unknown ones 501, HTTP/2+ 505.  Keep-alive
+and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte ranges (206, 416),
+If-Range, If-None-Match (wins over If-Modified-Since), 304.  Directories: 301 to the slashed
+URL, index.html, else a gallery page of thumbnails.  Limits (flags in parentheses):
+    request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
+    header count             100
+    header timeout           10 s (--header-timeout): the whole head must arrive in time
+    idle keep-alive, stalled send   15 s (--timeout)
+    connections per worker   4096 (--max-connections): the longest-idle keep-alive connection
+                             makes room; with none idle the worker stops accepting a while
+    request bodies           read and discarded up to 1 MiB; more is 413 and a close
+Paths are percent-decoded once; NUL, control bytes, backslashes, invalid UTF-8 and any escape
+above the root are refused (400); dot files are hidden (404); a symlink leading out of --root is
+404 unless --follow-symlinks.  Errors are small HTML pages; no traceback reaches a client.
+"""
+
+import argparse
+import email.utils
+import errno
+import html
+import mimetypes
+import os
+import re
+import select
+import selectors
+import signal
+import socket
+import stat
+import sys
+import time
+import traceback
+import urllib.parse
+
+import daemon
+from daemon import Daemon, DaemonError, log
+
+# ---------------------------------------------------------------------------------------------
+# Defaults and limits
+# ---------------------------------------------------------------------------------------------
+
+SERVER = b'agent'
+DEFAULT_PORT = 9085
+MAX_HEADER_SIZE = 8192
+MAX_HEADERS = 100
+MAX_DISCARD = 1 << 20           # request bodies up to this size are read and thrown away
+HEADER_TIMEOUT = 10.0
+IDLE_TIMEOUT = 15.0
+MAX_CONNECTIONS = 4096
+DRAIN_GRACE = 0.5               # a draining worker closes keep-alive connections idle this long
+LINGER_TIME = 2.0               # after a close with unread input: read and drop this long at most
+RECV_SIZE = 16384
+SENDFILE_CHUNK = 1 << 20
+SEND_BUDGET = 8 << 20           # bytes one connection may send per loop iteration (fairness)
+FILE_CACHE_SIZE = 256           # open files (fd, stat, header bytes) cached per worker
+PATH_CACHE_SIZE = 4096
+BACKLOG = 1024
+WORKER_BOOT_ERROR = 3           # a worker's exit status when it could not start at all
+MAX_BOOT_FAILURES = 10          # consecutive ones, then the master halts
+WORKER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+
+# Image types first: mimetypes misses several of them on many systems.
+CONTENT_TYPES = {
+    '.jpg': 'image/jpeg', '.jpeg': 'image/jpeg', '.jpe': 'image/jpeg', '.png': 'image/png',
+    '.gif': 'image/gif', '.webp': 'image/webp', '.avif': 'image/avif', '.svg': 'image/svg+xml',
+    '.svgz': 'image/svg+xml', '.ico': 'image/x-icon', '.bmp': 'image/bmp', '.tif': 'image/tiff',
+    '.tiff': 'image/tiff', '.heic': 'image/heic', '.heif': 'image/heif', '.jxl': 'image/jxl',
+    '.apng': 'image/apng',
+    '.html': 'text/html', '.htm': 'text/html', '.css': 'text/css', '.js': 'text/javascript',
+    '.mjs': 'text/javascript', '.txt': 'text/plain', '.json': 'application/json',
+    '.xml': 'application/xml', '.pdf': 'application/pdf', '.webm': 'video/webm',
+    '.mp4': 'video/mp4', '.wasm': 'application/wasm',
+}
+IMAGE_SUFFIXES = frozenset(k for k, v in CONTENT_TYPES.items() if v.startswith('image/'))
+
+KNOWN_METHODS = frozenset([b'POST', b'PUT', b'DELETE', b'CONNECT', b'OPTIONS', b'TRACE', b'PATCH'])
+TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+VERSION = re.compile(rb'^HTTP/(\d+)(?:\.(\d+))?$')
+BAD_TARGET_BYTES = re.compile(rb'[\x00-\x20\x7f-\xff\\]')
+BAD_PATH_CHARS = re.compile('[\x00-\x1f\x7f\\\\]')
+PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
+GARBAGE = re.compile(rb'[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]')
+LOG_UNSAFE = re.compile(rb'[^\x20-\x7e]|["\\]')
+
+REASONS = {
+    200: 'OK', 206: 'Partial Content', 301: 'Moved Permanently', 304: 'Not Modified',
+    400: 'Bad Request', 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
+    408: 'Request Timeout', 413: 'Content Too Large', 414: 'URI Too Long',
+    416: 'Range Not Satisfiable', 431: 'Request Header Fields Too Large',
+    500: 'Internal Server Error', 501: 'Not Implemented', 503: 'Service Unavailable',
+    505: 'HTTP Version Not Supported',
+}
+STATUS_LINES = {code: b'HTTP/1.1 %d %s\r\n' % (code, reason.encode()) for code, reason in REASONS.items()}
+ERROR_BODIES = {code: ('<!DOCTYPE html>\n<html><head><title>%d %s</title></head>\n'
+                       '<body><h1>%d %s</h1></body></html>\n' % (code, reason, code, reason)).encode()
+                for code, reason in REASONS.items() if code >= 300 and code != 304}
+COMMON_HEADERS = b'Server: ' + SERVER + b'\r\nX-Content-Type-Options: nosniff\r\n'
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: pure logic, no I/O (unit tests call these directly)
+# ---------------------------------------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    """A request answered with an error status.  close: the connection cannot be trusted after."""
+
+    def __init__(self, status, close=False, headers=b'', request_line=b''):
+        Exception.__init__(self, status)
+        self.status = status
+        self.close = close
+        self.headers = headers
+        self.request_line = request_line
+
+
+class Request:
+    """One parsed request head.  headers maps lowercase str names to latin-1 str values."""
+
+    __slots__ = ('method', 'target', 'version', 'headers', 'keep_alive', 'line', 'body_length')
+
+    def __init__(self, method, target, version, headers, line):
+        self.method = method            # bytes, b'GET'
+        self.target = target            # bytes, as sent
+        self.version = version          # (1, 1)
+        self.headers = headers
+        self.line = line                # the request line, for the access log
+        tokens = headers.get('connection', '').lower()
+        if version >= (1, 1):
+            self.keep_alive = 'close' not in tokens
+        else:
+            self.keep_alive = 'keep-alive' in tokens
+        self.body_length = 0
+
+
+def find_head_end(buf):
+    """(end of head, start of what follows) in buf, or None while incomplete.
+
+    CRLF is the standard; a bare LF is accepted as a line end, as RFC 9112 section 2.2 allows.
+    """
+    end = buf.find(b'\r\n\r\n')
+    if end >= 0:
+        lf = buf.find(b'\n\n', 0, end)
+        return (end, end + 4) if lf < 0 else (lf, lf + 2)
+    end = buf.find(b'\n\n')
+    if end >= 0:
+        return end, end + 2
+    end = buf.find(b'\n\r\n')
+    if end >= 0:
+        return end, end + 3
+    return None
+
+
+def parse_request(buf, max_size=MAX_HEADER_SIZE, max_headers=MAX_HEADERS):
+    """Parse the first request head in buf: (Request, bytes consumed), or None if incomplete.
+
+    Raises HTTPError for a malformed or oversized head; the error's close flag is set, since
+    the message framing cannot be trusted after it.
+    """
+    # Leading empty lines before a request line are to be ignored (RFC 9112 section 2.2).
+    skip = 0
+    while buf.startswith(b'\r\n', skip) or buf.startswith(b'\n', skip):
+        skip += 2 if buf.startswith(b'\r\n', skip) else 1
+    if skip:
+        found = parse_request(buf[skip:], max_size, max_headers)
+        return None if found is None else (found[0], found[1] + skip)
+    found = find_head_end(buf)
+    if found is None:
+        line_end = buf.find(b'\n')
+        if GARBAGE.search(buf, 0, line_end if line_end >= 0 else len(buf)):
+            raise HTTPError(400, close=True, request_line=buf[:200])   # TLS, binary: no waiting
+        if line_end < 0 and len(buf) > max_size:
+            raise HTTPError(414, close=True, request_line=buf[:200])
+        if len(buf) > max_size:
+            raise HTTPError(431, close=True, request_line=buf[:line_end].rstrip(b'\r'))
+        return None
+    end, consumed = found
+    if end > max_size:
+        line_end = buf.find(b'\n')
+        raise HTTPError(414 if line_end > max_size else 431, close=True,
+                        request_line=buf[:min(line_end, 200)].rstrip(b'\r'))
+    lines = buf[:end].split(b'\n')
+    line = lines[0]
+    if line.endswith(b'\r'):
+        line = line[:-1]
+    request = _parse_request_line(line)
+    if len(lines) - 1 > max_headers:
+        raise HTTPError(431, close=True, request_line=line)
+    headers = {}
+    for raw in lines[1:]:
+        if raw.endswith(b'\r'):
+            raw = raw[:-1]
+        name, colon, value = raw.partition(b':')
+        if not colon or not TOKEN.match(name) or b'\r' in value or b'\0' in value:
+            # No colon, whitespace before it, obs-fold or a bare CR: all refused (RFC 9112 5).
+            raise HTTPError(400, close=True, request_line=line)
+        key = name.decode('ascii').lower()
+        value = value.strip(b' \t').decode('latin-1')
+        if key in headers:
+            if key in ('host', 'content-length', 'transfer-encoding'):
+                if key != 'content-length' or headers[key] != value:
+                    raise HTTPError(400, close=True, request_line=line)
+            else:
+                headers[key] = headers[key] + ', ' + value
+        else:
+            headers[key] = value
+    req = Request(request[0], request[1], request[2], headers, line)
+    _check_framing(req)
+    return req, consumed
+
+
+def _parse_request_line(line):
+    parts = line.split(b' ')
+    match = VERSION.match(parts[-1]) if len(parts) > 1 else None
+    if match is not None and (match.group(1) != b'1' or match.group(2) is None):
+        raise HTTPError(505, close=True, request_line=line)     # HTTP/2.0, HTTP/3, HTTP/0.9
+    if len(parts) != 3 or not parts[1] or match is None or not TOKEN.match(parts[0]):
+        raise HTTPError(400, close=True, request_line=line)
+    return parts[0], parts[1], (1, int(match.group(2)))
+
+
+def _check_framing(req):
+    """Host, Content-Length and Transfer-Encoding rules (RFC 9112 sections 3.2 and 6)."""
+    headers = req.headers
+    if req.version >= (1, 1) and 'host' not in headers:
+        raise HTTPError(400, close=True, request_line=req.line)
+    if 'transfer-encoding' in headers:
+        # With Content-Length too it is a smuggling attempt; alone we do not decode bodies.
+        status = 400 if 'content-length' in headers else 501
+        raise HTTPError(status, close=True, request_line=req.line)
+    length = headers.get('content-length')
+    if length is not None:
+        values = {v.strip() for v in length.split(',')}
+        value = values.pop()
+        if values or not value.isdigit() or not value.isascii() or len(value) > 18:
+            raise HTTPError(400, close=True, request_line=req.line)
+        req.body_length = int(value)
+        if req.body_length > MAX_DISCARD:
+            raise HTTPError(413, close=True, request_line=req.line)
+
+
+def check_method(req):
+    """GET and HEAD pass; other known methods are 405, unknown ones 501."""
+    if req.method == b'GET' or req.method == b'HEAD':
+        return
+    if req.method in KNOWN_METHODS:
+        raise HTTPError(405, headers=b'Allow: GET, HEAD\r\n', request_line=req.line)
+    raise HTTPError(501, request_line=req.line)
+
+
+def split_target(target):
+    """The path of a request target, still percent-encoded, and its query (b'' if none).
+
+    Accepts origin-form (/a/b?q) and absolute-form (http://host/a/b?q); anything else is 400.
+    """
+    if not target.startswith(b'/'):
+        lower = target[:8].lower()
+        if lower.startswith(b'http://') or lower.startswith(b'https://'):
+            rest = target[target.index(b'//') + 2:]
+            slash = rest.find(b'/')
+            authority = rest if slash < 0 else rest[:slash]
+            authority = authority.split(b'?', 1)[0]
+            if not authority or b'@' in authority:
+                raise HTTPError(400)
+            target = b'/' if slash < 0 else rest[slash:]
+            if not target.startswith(b'/'):
+                target = b'/' + target
+        else:
+            raise HTTPError(400)
+    path, _, query = target.partition(b'?')
+    if b'#' in path or BAD_TARGET_BYTES.search(path):
+        raise HTTPError(400)
+    return path, query
+
+
+def normalize_path(raw_path):
+    """Decode a percent-encoded path once and resolve it: (relative path, ends with a slash).
+
+    Refuses with 400: bad escapes, NUL and control bytes, backslashes, invalid UTF-8 (overlong
+    forms included), and '..' that would climb above the root.  Dot files are 404.
+    """
+    if PERCENT.search(raw_path):
+        raise HTTPError(400)
+    try:
+        path = urllib.parse.unquote_to_bytes(raw_path).decode('utf-8', 'strict')
+    except UnicodeDecodeError:
+        raise HTTPError(400)
+    if BAD_PATH_CHARS.search(path):
+        raise HTTPError(400)
+    parts = []
+    segments = path.split('/')
+    for segment in segments:
+        if segment == '..':
+            if not parts:
+                raise HTTPError(400)
+            parts.pop()
+        elif segment and segment != '.':
+            parts.append(segment)
+    for segment in parts:
+        if segment.startswith('.'):
+            raise HTTPError(404)
+    trailing = path.endswith('/') or segments[-1] in ('.', '..')
+    return '/'.join(parts), trailing
+
+
+def map_target(target):
+    """Request target -> (relative path, trailing slash, raw path, query).  See normalize_path."""
+    raw_path, query = split_target(target)
+    relative, trailing = normalize_path(raw_path)
+    return relative, trailing, raw_path, query
+
+
+def inside(path, root):
+    """Whether a resolved path is root itself or below it."""
+    return path == root or path.startswith(root if root.endswith('/') else root + '/')
+
+
+def content_type(name):
+    suffix = os.path.splitext(name)[1].lower()
+    found = CONTENT_TYPES.get(suffix)
+    if found is None:
+        found = mimetypes.guess_type('x' + suffix, strict=False)[0] or 'application/octet-stream'
+    return found
+
+
+def http_date(timestamp):
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def parse_http_date(value):
+    """An HTTP date as a Unix timestamp, or None when it is not one (then it is ignored)."""
+    try:
+        parsed = email.utils.parsedate_tz(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:
+        return None
+    try:
+        return email.utils.mktime_tz(parsed)
+    except (OverflowError, ValueError, TypeError):
+        return None
+
+
+def make_etag(st):
+    return '"%x-%x"' % (st.st_mtime_ns // 1000, st.st_size)
+
+
+def etag_matches(header, etag, weak=True):
+    """If-None-Match uses the weak comparison, If-Range the strong one."""
+    header = header.strip()
+    if header == '*':
+        return True
+    for candidate in header.split(','):
+        candidate = candidate.strip()
+        if candidate.startswith('W/'):
+            if not weak:
+                continue
+            candidate = candidate[2:]
+        if candidate == etag:
+            return True
+    return False
+
+
+def not_modified(headers, etag, mtime):
+    """RFC 9110 section 13.2.2: If-None-Match, and only without it If-Modified-Since."""
+    inm = headers.get('if-none-match')
+    if inm is not None:
+        return etag_matches(inm, etag)
+    ims = headers.get('if-modified-since')
+    if ims is not None:
+        since = parse_http_date(ims)
+        return since is not None and int(mtime) <= since
+    return False
+
+
+def parse_range(value, size):
+    """A Range header against a representation of `size` bytes.
+
+    Returns (first, last) inclusive for one satisfiable byte range, 'unsatisfiable' for 416,
+    or None to ignore it and send everything (other units, several ranges, syntax errors).
+    """
+    unit, eq, spec = value.partition('=')
+    if not eq or unit.strip().lower() != 'bytes' or ',' in spec:
+        return None
+    first, dash, last = spec.strip().partition('-')
+    first, last = first.strip(), last.strip()
+    if not dash or not (first.isdigit() or first == '') or not (last.isdigit() or last == ''):
+        return None
+    if not first.isascii() or not last.isascii():
+        return None
+    if first == '':
+        if last == '':
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            return 'unsatisfiable'
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None                     # syntactically invalid: ignore (RFC 9110 14.1.1)
+    if start >= size:
+        return 'unsatisfiable'
+    return start, min(end, size - 1)
+
+
+def if_range_allows(headers, etag, mtime):
+    """If-Range: the range applies only if the validator is still current."""
+    value = headers.get('if-range')
+    if value is None:
+        return True
+    value = value.strip()
+    if value.startswith('"') or value.startswith('W/'):
+        return etag_matches(value, etag, weak=False)
+    date = parse_http_date(value)
+    return date is not None and date == int(mtime)
+
+
+def escape_log(data):
+    """Bytes for a quoted access-log field: quotes, backslashes and non-printables escaped."""
+    if isinstance(data, str):
+        data = data.encode('latin-1', 'replace')
+    if LOG_UNSAFE.search(data):
+        data = LOG_UNSAFE.sub(lambda m: b'\\x%02x' % m.group()[0], data)
+    return data.decode('ascii')
+
+
+def gallery_page(url_path, names):
+    """The HTML page for a directory without index.html: images as lazy thumbnails, then links.
+
+    `names` are (name, is_directory) pairs.  Every name is URL-quoted in links and HTML-escaped
+    in text, so a file called <script>.jpg stays a file name.
+    """
+    title = html.escape('Index of ' + url_path)
+    images, others = [], []
+    for name, is_dir in sorted(names, key=lambda item: (not item[1], item[0])):
+        href = html.escape(urllib.parse.quote(name) + ('/' if is_dir else ''), quote=True)
+        text = html.escape(name + ('/' if is_dir else ''))
+        if not is_dir and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+            images.append('<figure><a href="%s"><img src="%s" alt="%s" loading="lazy"></a>'
+                          '<figcaption>%s</figcaption></figure>' % (href, href, text, text))
+        else:
+            others.append('<li><a href="%s">%s</a></li>' % (href, text))
+    parts = ['<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>%s</title>' % title,
+             '<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;'
+             'text-align:center}img{max-width:200px;max-height:200px}'
+             'figcaption{font-size:small;max-width:200px;overflow-wrap:anywhere}</style>',
+             '</head><body><h1>%s</h1>' % title]
+    if url_path != '/':
+        parts.append('<p><a href="../">Parent directory</a></p>')
+    if others:
+        parts.append('<ul>%s</ul>' % ''.join(others))
+    parts.append('<div>%s</div>' % ''.join(images))
+    parts.append('</body></html>\n')
+    return ''.join(parts).encode('utf-8')
+
+
+def error_response(status, date, keep_alive, headers=b'', head_only=False):
+    """The bytes of a complete error (or redirect) response."""
+    body = ERROR_BODIES.get(status, b'')
+    head = b''.join((STATUS_LINES[status], b'Date: ', date, b'\r\n', COMMON_HEADERS,
+                     b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n' % len(body),
+                     headers, b'' if keep_alive else b'Connection: close\r\n', b'\r\n'))
+    return head if head_only else head + body
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: what the workers keep open
+# ---------------------------------------------------------------------------------------------
+
+class OpenFile:
+    """An open file with its validators and the header bytes of its 200 response."""
+
+    __slots__ = ('fd', 'key', 'size', 'mtime', 'etag', 'last_modified', 'type', 'headers', 'refs', 'evicted')
+
+    def __init__(self, fd, st, ctype):
+        self.fd = fd
+        self.key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.size = st.st_size
+        self.mtime = st.st_mtime
+        self.etag = make_etag(st)
+        self.last_modified = http_date(st.st_mtime)
+        self.type = ctype
+        self.headers = ('Content-Type: %s\r\nLast-Modified: %s\r\nETag: %s\r\nAccept-Ranges: bytes\r\n'
+                        % (ctype, self.last_modified, self.etag)).encode('latin-1')
+        self.refs = 0           # responses still sending from fd
+        self.evicted = False
+
+    def release(self):
+        self.refs -= 1
+        if self.evicted and self.refs == 0:
+            os.close(self.fd)
+
+
+class FileCache:
+    """Open files by path, checked against a fresh stat() on every request.
+
+    A stat is one cheap syscall; it is what makes a file that changed or vanished on disk never
+    served stale.  A hit saves the open(), the realpath() check and the header formatting.
+    """
+
+    def __init__(self, root, follow_symlinks, size=FILE_CACHE_SIZE):
+        self.root = root
+        self.follow_symlinks = follow_symlinks
+        self.size = size
+        self.files = {}
+
+    def lookup(self, path, st):
+        """The OpenFile for a regular file whose stat is st, opening it on a miss."""
+        entry = self.files.get(path)
+        if entry is not None:
+            if entry.key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+                return entry
+            self.evict(path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        try:
+            st = os.fstat(fd)           # the file we really opened is the one we describe
+        except OSError:
+            os.close(fd)
+            raise
+        entry = OpenFile(fd, st, content_type(path))
+        if len(self.files) >= self.size:
+            self.evict(next(iter(self.files)))
+        self.files[path] = entry
+        return entry
+
+    def evict(self, path):
+        entry = self.files.pop(path)
+        entry.evicted = True
+        if entry.refs == 0:
+            os.close(entry.fd)
+
+    def clear(self):
+        for path in list(self.files):
+            self.evict(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A connection: a small state object, one method per state (darkhttpd's shape)
+# ---------------------------------------------------------------------------------------------
+
+READING = 'reading'         # waiting for (the rest of) a request head
+SENDING = 'sending'         # response bytes and/or a file range going out
+LINGERING = 'lingering'     # response sent, write side shut: reading and dropping until EOF
+CLOSED = 'closed'
+
+
+class Connection:
+    __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'out', 'file',
+                 'offset', 'remaining', 'keep_alive', 'deadline', 'idle_since', 'events',
+                 'status', 'sent', 'body_in_out', 'line', 'referer', 'agent', 'started')
+
+    def __init__(self, sock, peer, worker):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.worker = worker
+        self.state = READING
+        self.inbuf = b''
+        self.discard = 0            # request body bytes still to be read and dropped
+        self.out = b''
+        self.file = None
+        self.offset = self.remaining = 0
+        self.keep_alive = True
+        self.deadline = worker.now + worker.header_timeout
+        self.idle_since = worker.now
+        self.events = selectors.EVENT_READ
+        self.status = 0
+        self.sent = 0
+        self.body_in_out = 0
+        self.line = b''
+        self.referer = self.agent = ''
+        self.started = False        # bytes of a request have arrived since the last response
+
+    def on_event(self, mask):
+        try:
+            if self.state == SENDING:
+                self.send()
+                if self.state == READING and (self.inbuf or self.discard):
+                    self.process()      # pipelined requests that waited for this response
+            elif self.state == READING:
+                self.receive()
+            elif self.state == LINGERING:
+                self.linger()
+        except Exception:
+            log('worker: unexpected error on a connection from %s:\n%s'
+                % (self.peer, traceback.format_exc().rstrip()))
+            self.close()
+
+    # -- READING --
+
+    def receive(self):
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        if not self.started:
+            self.started = True
+            self.deadline = self.worker.now + self.worker.header_timeout
+        self.inbuf = self.inbuf + data if self.inbuf else data
+        self.process()
+
+    def process(self):
+        """Answer every complete request in inbuf, in order, until one has to wait."""
+        worker = self.worker
+        while self.state == READING:
+            if self.inbuf[:1] in (b'\r', b'\n'):
+                self.inbuf = self.inbuf.lstrip(b'\r\n')
+            if self.discard:
+                dropped = min(self.discard, len(self.inbuf))
+                self.discard -= dropped
+                self.inbuf = self.inbuf[dropped:]
+                if self.discard:
+                    return
+            if not self.inbuf:
+                return
+            try:
+                parsed = parse_request(self.inbuf, worker.max_header_size)
+            except HTTPError as exc:
+                self.inbuf = b''
+                self.line = exc.request_line
+                self.referer = self.agent = ''
+                self.respond_error(exc.status, exc.headers, close=True)
+                continue
+            if parsed is None:
+                return
+            req, consumed = parsed
+            self.inbuf = self.inbuf[consumed:]
+            self.discard = req.body_length
+            self.line = req.line
+            headers = req.headers
+            self.referer = headers.get('referer', '')
+            self.agent = headers.get('user-agent', '')
+            self.keep_alive = req.keep_alive and not worker.draining
+            try:
+                worker.respond(self, req)
+            except HTTPError as exc:
+                self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD')
+            except Exception:
+                log('worker: error answering %r:\n%s' % (req.line, traceback.format_exc().rstrip()))
+                self.respond_error(500, close=True)
+
+    # -- SENDING --
+
+    def start_response(self, status, head, body=b'', file=None, offset=0, length=0):
+        """Queue a response (head bytes, then optionally a file range) and start sending it."""
+        self.status = status
+        self.sent = 0
+        self.out = head + body if body else head
+        if file is not None and length:
+            file.refs += 1
+            self.file, self.offset, self.remaining = file, offset, length
+        self.body_in_out = len(body)
+        self.state = SENDING
+        self.deadline = self.worker.now + self.worker.idle_timeout
+        self.send()
+
+    def respond_error(self, status, headers=b'', close=False, head_only=False):
+        if close:
+            self.keep_alive = False
+        worker = self.worker
+        data = error_response(status, worker.date, self.keep_alive, headers, head_only)
+        self.status = status
+        self.sent = 0
+        self.out = data
+        self.body_in_out = 0 if head_only else len(ERROR_BODIES.get(status, b''))
+        self.state = SENDING
+        self.deadline = worker.now + worker.idle_timeout
+        self.send()
+
+    def send(self):
+        sock = self.sock
+        budget = SEND_BUDGET
+        try:
+            if self.out:
+                n = sock.send(self.out, socket.MSG_MORE if self.remaining else 0)
+                self.out = self.out[n:]
+                if self.out:
+                    return self.wait_writable()
+            while self.remaining:
+                n = os.sendfile(self.fd, self.file.fd, self.offset, min(self.remaining, SENDFILE_CHUNK))
+                if n == 0:                  # the file shrank under us: the response cannot end well
+                    self.keep_alive = False
+                    break
+                self.offset += n
+                self.remaining -= n
+                self.sent += n
+                budget -= n
+                if budget <= 0 and self.remaining:
+                    self.worker.defer(self)     # let the other connections have a turn
+                    return
+        except (BlockingIOError, InterruptedError):
+            return self.wait_writable()
+        except OSError:
+            self.finish_response(aborted=True)
+            return
+        self.finish_response()
+
+    def wait_writable(self):
+        self.deadline = self.worker.now + self.worker.idle_timeout
+        self.set_events(selectors.EVENT_WRITE)
+
+    def finish_response(self, aborted=False):
+        worker = self.worker
+        if self.file is not None:
+            self.file.release()
+            self.file = None
+        self.remaining = 0
+        self.sent += self.body_in_out
+        worker.access(self)
+        if aborted or not self.keep_alive:
+            self.close(linger=not aborted)
+            return
+        self.state = READING
+        self.started = bool(self.inbuf)
+        self.idle_since = worker.now
+        self.deadline = worker.now + (worker.header_timeout if self.inbuf else worker.idle_timeout)
+        self.set_events(selectors.EVENT_READ)
+
+    # -- LINGERING and CLOSED --
+
+    def close(self, linger=False):
+        """Close; with linger and unread input, shut the write side and drain first.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy the
+        response before the client has read it.  So such a close waits for the client's EOF
+        (LINGER_TIME at most), dropping what it sends.
+        """
+        if self.state == CLOSED:
+            return
+        if linger and (self.inbuf or self.discard):
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                self.state = LINGERING
+                self.inbuf = b''
+                self.deadline = self.worker.now + LINGER_TIME
+                self.set_events(selectors.EVENT_READ)
+                return
+        self.state = CLOSED
+        if self.file is not None:
+            self.file.release()
+            self.file = None
+        self.worker.forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def linger(self):
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self.close()
+
+    def set_events(self, events):
+        if events != self.events:
+            self.events = events
+            self.worker.selector.modify(self.sock, events, self.on_event)
+
+    def idle(self):
+        """Waiting for a next request that has not begun to arrive."""
+        return self.state == READING and not self.started and not self.discard
+
+
+# ---------------------------------------------------------------------------------------------
+# A worker: one process, one epoll loop
+# ---------------------------------------------------------------------------------------------
+
+class Worker:
+    """Serves connections from the shared listening sockets until told to drain.
+
+    The loop, on one screen in serve(): wait for events (at most until the next second),
+    dispatch each to its callback, then once a second the timeouts, and the access-log lines.
+    """
+
+    def __init__(self, config, listeners, access_fd, lifeline):
+        self.config = config
+        self.root = config.root
+        self.follow_symlinks = config.follow_symlinks
+        self.header_timeout = config.header_timeout
+        self.idle_timeout = config.timeout
+        self.max_header_size = config.max_header_size
+        self.max_connections = config.max_connections
+        self.listeners = listeners
+        self.access_fd = access_fd
+        self.lifeline = lifeline
+        self.selector = selectors.DefaultSelector()
+        self.files = FileCache(config.root, config.follow_symlinks)
+        self.paths = {}
+        self.conns = set()
+        self.deferred = []
+        self.log_lines = []
+        self.log_failing = False
+        self.draining = False
+        self.drain_deadline = None
+        self.accepting = False
+        self.accept_paused_until = 0.0
+        self.signals = []
+        self.now = time.monotonic()
+        self.wall = 0
+        self.date = b''
+        self.log_time = ''
+        self.clock()
+
+    # -- the loop --
+
+    def serve(self):
+        self.selector.register(self.lifeline, selectors.EVENT_READ, self.on_lifeline)
+        self.start_accepting()
+        next_tick = self.now + 1.0
+        while not self.draining or self.conns:
+            timeout = 0 if self.deferred else max(0.0, next_tick - self.now)
+            events = self.selector.select(timeout)
+            self.clock()
+            for key, mask in events:
+                key.data(mask)
+            if self.deferred:
+                self.run_deferred()
+            if self.signals:
+                self.handle_signals()
+            if self.now >= next_tick:
+                self.tick()
+                next_tick = self.now + 1.0
+            if self.log_lines:
+                self.flush_access_log()
+        self.flush_access_log()
+
+    def clock(self):
+        """Cache the time for this iteration; the Date and log stamps change once a second."""
+        self.now = time.monotonic()
+        wall = int(time.time())
+        if wall != self.wall:
+            self.wall = wall
+            self.date = http_date(wall).encode('ascii')
+            self.log_time = time.strftime('%d/%b/%Y:%H:%M:%S %z', time.localtime(wall))
+
+    def tick(self):
+        """Once a second: timeouts, the drain grace, accept pauses."""
+        now = self.now
+        for conn in list(self.conns):
+            if now >= conn.deadline:
+                conn.close()                # header timeout, idle keep-alive, stalled send
+            elif self.draining and conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
+                conn.close()
+        if not self.draining and not self.accepting and now >= self.accept_paused_until \
+                and len(self.conns) < self.max_connections:
+            self.start_accepting()
+        if self.draining and self.drain_deadline is not None and now >= self.drain_deadline:
+            for conn in list(self.conns):
+                conn.close()
+
+    # -- accepting --
+
+    def start_accepting(self):
+        for sock in self.listeners:
+            self.selector.register(sock, selectors.EVENT_READ, self.make_acceptor(sock))
+        self.accepting = True
+
+    def stop_accepting(self, pause=0.0):
+        if self.accepting:
+            for sock in self.listeners:
+                self.selector.unregister(sock)
+            self.accepting = False
+        self.accept_paused_until = self.now + pause
+
+    def make_acceptor(self, listener):
+        return lambda mask: self.accept(listener)
+
+    def accept(self, listener):
+        """Accept every pending connection, up to the cap; read at once what already came."""
+        for _ in range(64):
+            if len(self.conns) >= self.max_connections and not self.make_room():
+                self.stop_accepting(pause=0.1)
+                return
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: stop trying for a moment instead of spinning on it.
+                    if not self.make_room():
+                        log('worker: accept: %s; pausing accept for 1s' % exc.strerror)
+                        self.stop_accepting(pause=1.0)
+                        return
+                    continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                raise
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass                        # a Unix socket from socket activation
+            peer = address[0] if isinstance(address, tuple) else 'unix'
+            if peer.startswith('::ffff:'):
+                peer = peer[7:]
+            conn = Connection(sock, peer or '-', self)
+            self.conns.add(conn)
+            self.selector.register(sock, selectors.EVENT_READ, conn.on_event)
+            conn.on_event(selectors.EVENT_READ)   # deferred accept: the request is often here
+
+    def make_room(self):
+        """At the cap: close the longest-idle keep-alive connection; False if none is idle."""
+        idle = [conn for conn in self.conns if conn.idle()]
+        if not idle:
+            return False
+        min(idle, key=lambda conn: conn.idle_since).close()
+        return True
+
+    def forget(self, conn):
+        self.conns.discard(conn)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def defer(self, conn):
+        self.deferred.append(conn)
+
+    def run_deferred(self):
+        deferred, self.deferred = self.deferred, []
+        for conn in deferred:
+            if conn.state == SENDING:
+                conn.on_event(selectors.EVENT_WRITE)
+
+    # -- answering a request --
+
+    def respond(self, conn, req):
+        """Answer one parsed request (GET or HEAD) from the files under the root."""
+        check_method(req)
+        key = req.target
+        mapped = self.paths.get(key)
+        if mapped is None:
+            mapped = map_target(key)
+            if len(self.paths) >= PATH_CACHE_SIZE:
+                self.paths.clear()
+            self.paths[key] = mapped
+        relative, trailing, raw_path, query = mapped
+        path = self.root + '/' + relative if relative else self.root
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise HTTPError(404)
+        except PermissionError:
+            raise HTTPError(403)
+        except (OSError, ValueError):
+            raise HTTPError(404)
+        entry = self.files.files.get(path)
+        if entry is None or entry.key != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+            self.check_confined(path)
+            if stat.S_ISDIR(st.st_mode):
+                return self.respond_directory(conn, req, path, relative, trailing, raw_path, query)
+            if not stat.S_ISREG(st.st_mode):
+                raise HTTPError(404)        # FIFOs, devices, sockets: never opened
+            try:
+                entry = self.files.lookup(path, st)
+            except PermissionError:
+                raise HTTPError(403)
+            except OSError:
+                raise HTTPError(404)
+        self.respond_file(conn, req, entry)
+
+    def check_confined(self, path):
+        """404 for a path that resolves outside the root, unless --follow-symlinks."""
+        if not self.follow_symlinks and not inside(os.path.realpath(path), self.root):
+            raise HTTPError(404)
+
+    def respond_file(self, conn, req, entry):
+        headers = req.headers
+        head_only = req.method == b'HEAD'
+        status, first, length = 200, 0, entry.size
+        extra = b''
+        if ('if-none-match' in headers or 'if-modified-since' in headers) \
+                and not_modified(headers, entry.etag, entry.mtime):
+            status, length = 304, 0
+        elif 'range' in headers and if_range_allows(headers, entry.etag, entry.mtime):
+            found = parse_range(headers['range'], entry.size)
+            if found == 'unsatisfiable':
+                raise HTTPError(416, headers=b'Content-Range: bytes */%d\r\n' % entry.size)
+            if found is not None:
+                first, last = found
+                status, length = 206, last - first + 1
+                extra = b'Content-Range: bytes %d-%d/%d\r\n' % (first, last, entry.size)
+        if conn.keep_alive:
+            connection = b'Connection: keep-alive\r\n' if req.version < (1, 1) else b''
+        else:
+            connection = b'Connection: close\r\n'
+        head = b''.join((STATUS_LINES[status], b'Date: ', self.date, b'\r\n', COMMON_HEADERS,
+                         entry.headers, b'Content-Length: %d\r\n' % (entry.size if status == 304 else length),
+                         extra, connection, b'\r\n'))
+        if head_only or status == 304:
+            length = 0
+        conn.start_response(status, head, file=entry, offset=first, length=length)
+
+    def respond_directory(self, conn, req, path, relative, trailing, raw_path, query):
+        if not trailing:
+            location = raw_path + b'/' + (b'?' + query if query else b'')
+            raise HTTPError(301, headers=b'Location: ' + location + b'\r\n')
+        index = os.path.join(path, 'index.html')
+        try:
+            st = os.stat(index)
+        except OSError:
+            st = None
+        if st is not None and os.path.isfile(index):
+            self.check_confined(index)
+            try:
+                entry = self.files.lookup(index, st)
+            except OSError:
+                raise HTTPError(403)
+            return self.respond_file(conn, req, entry)
+        try:
+            names = []
+            with os.scandir(path) as it:
+                for item in it:
+                    if item.name.startswith('.'):
+                        continue
+                    if not self.follow_symlinks and item.is_symlink() \
+                            and not inside(os.path.realpath(item.path), self.root):
+                        continue
+                    try:
+                        names.append((item.name, item.is_dir()))
+                    except OSError:
+                        continue
+        except PermissionError:
+            raise HTTPError(403)
+        except OSError:
+            raise HTTPError(404)
+        body = gallery_page('/' + relative + ('/' if relative else ''), names)
+        connection = b'' if conn.keep_alive and req.version >= (1, 1) else \
+            (b'Connection: keep-alive\r\n' if conn.keep_alive else b'Connection: close\r\n')
+        head = b''.join((STATUS_LINES[200], b'Date: ', self.date, b'\r\n', COMMON_HEADERS,
+                         b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n' % len(body),
+                         b'Cache-Control: no-cache\r\n', connection, b'\r\n'))
+        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
+
+    # -- the access log --
+
+    def access(self, conn):
+        """One Combined Log Format line for the response that just ended."""
+        if self.access_fd is None:
+            return
+        self.log_lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
+            conn.peer, self.log_time, escape_log(conn.line), conn.status,
+            conn.sent if conn.sent else '-', escape_log(conn.referer or '-'),
+            escape_log(conn.agent or '-')))
+
+    def flush_access_log(self):
+        """Write the lines of this iteration in one write; a failing disk is reported once."""
+        if not self.log_lines or self.access_fd is None:
+            self.log_lines = []
+            return
+        data = ''.join(self.log_lines).encode('ascii', 'replace')
+        self.log_lines = []
+        try:
+            while data:
+                data = data[os.write(self.access_fd, data):]
+            if self.log_failing:
+                log('worker: access log writable again')
+                self.log_failing = False
+        except OSError as exc:
+            if not self.log_failing:
+                log('worker: cannot write the access log (%s); lines are dropped until it works'
+                    % exc.strerror)
+                self.log_failing = True
+
+    # -- signals and the master --
+
+    def setup_signals(self):
+        """TERM: drain.  USR1: reopen logs.  INT and HUP are the master's business."""
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, lambda signum, frame: self.signals.append(signum))
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self.on_wake)
+
+    def on_wake(self, mask):
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def handle_signals(self):
+        signals, self.signals = self.signals, []
+        for signum in signals:
+            if signum == signal.SIGTERM:
+                self.drain()
+            elif signum == signal.SIGUSR1:
+                self.config.reopen_logs()
+
+    def on_lifeline(self, mask):
+        """The master is gone: stop at once (the port must be free for its successor)."""
+        log('worker: master exited; draining')
+        self.selector.unregister(self.lifeline)
+        self.drain(deadline=self.config.stop_timeout)
+
+    def drain(self, deadline=None):
+        if self.draining:
+            return
+        self.draining = True
+        self.stop_accepting()
+        for sock in self.listeners:
+            sock.close()
+        if deadline is not None:
+            self.drain_deadline = self.now + deadline
+        for conn in list(self.conns):
+            if conn.idle() and self.now - conn.idle_since >= DRAIN_GRACE:
+                conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The master: the Agent daemon
+# ---------------------------------------------------------------------------------------------
+
+class WorkerProcess:
+    __slots__ = ('pid', 'generation', 'booted', 'retiring', 'started')
+
+    def __init__(self, pid, generation):
+        self.pid = pid
+        self.generation = generation
+        self.booted = False
+        self.retiring = False
+        self.started = time.monotonic()
+
+
+class Agent(Daemon):
+    """The master process: binds, forks the workers, supervises them."""
+
+    ready_on_run = False            # ready once every worker has booted
+
+    def __init__(self, config):
+        Daemon.__init__(self, config.pidfile, stdout=config.log, stderr=config.log,
+                        stop_timeout=config.stop_timeout, user=config.user, group=config.group,
+                        name='agent')
+        self.config = config
+        config.reopen_logs = self.reopen_worker_logs
+        self.listeners = []
+        self.access_fd = None
+        self.workers = {}
+        self.generation = 0
+        self.boot_failures = 0
+        self.respawns = 0
+        self.respawn_at = 0.0
+
+    # -- setup, as root, before ready --
+
+    def setup(self):
+        config = self.config
+        if not os.path.isdir(config.root):
+            raise DaemonError('root directory %s does not exist or is not a directory' % config.root)
+        config.root = os.path.realpath(config.root)
+        if config.access_log != 'off':
+            try:
+                self.access_fd = daemon.open_log(config.access_log)
+            except OSError as exc:
+                raise DaemonError('cannot open access log %s: %s' % (config.access_log, exc.strerror))
+        raise_fd_limit()
+        if self.listen_fds:
+            fds = [fd for group in self.listen_fds.values() for fd in group]
+            self.listeners = [socket.socket(fileno=fd) for fd in fds]
+            for sock in self.listeners:
+                sock.setblocking(False)
+            log('agent: serving on %d socket(s) passed by the service manager' % len(fds))
+        else:
+            self.listeners = [bind(config.bind, config.port)]
+        self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
+        self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def log_files(self):
+        files = [self.stdout, self.stderr]
+        if self.access_fd is not None:
+            files.append(self.config.access_log)
+        return files
+
+    # -- the master loop --
+
+    def run(self):
+        config = self.config
+        if not os.access(config.root, os.R_OK | os.X_OK):
+            raise DaemonError('root directory %s is not readable' % config.root)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.signal_fd, selectors.EVENT_READ)
+        self.selector.register(self.boot_r, selectors.EVENT_READ)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # only to wake the loop
+        self.spawn_generation()
+        try:
+            self.await_boot()
+        except BaseException:
+            for pid in self.workers:
+                signal_worker(pid, signal.SIGKILL)
+            while self.workers:
+                for pid, _ in reap_children(block=True):
+                    self.workers.pop(pid, None)
+            raise
+        log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
+        self.ready()
+        while not self.handle_signals():
+            self.selector.select(1.0)
+            self.read_boot_messages()
+            self.reap()
+            self.maintain()
+        self.shutdown()
+        return 0
+
+    def address(self):
+        names = []
+        for sock in self.listeners:
+            try:
+                name = sock.getsockname()
+            except OSError:
+                name = '?'
+            names.append('[%s]:%d' % name[:2] if sock.family == socket.AF_INET6 else
+                         '%s:%d' % name[:2] if sock.family == socket.AF_INET else str(name))
+        return ', '.join(names)
+
+    def await_boot(self):
+        """Before ready: every first worker must say it is up; a boot failure aborts start."""
+        deadline = time.monotonic() + 30.0
+        while any(not w.booted for w in self.workers.values()):
+            if self.stopping or time.monotonic() > deadline:
+                raise DaemonError('workers did not start in time' if not self.stopping
+                                  else 'stopped during startup')
+            self.selector.select(0.5)
+            error = self.read_boot_messages()
+            if error:
+                raise DaemonError(error)
+            self.handle_signals()
+            for pid, status in reap_children():
+                worker = self.workers.pop(pid, None)
+                if worker is not None and not worker.booted:
+                    raise DaemonError('a worker exited during startup (%s); see %s'
+                                      % (describe_status(status), self.stderr))
+
+    def read_boot_messages(self):
+        """Workers write "<pid> ok" or "<pid> error <why>" once they are up (or cannot be)."""
+        try:
+            data = os.read(self.boot_r, 65536)
+        except (BlockingIOError, InterruptedError):
+            return None
+        error = None
+        for line in data.decode('utf-8', 'replace').splitlines():
+            pid, _, rest = line.partition(' ')
+            worker = self.workers.get(int(pid)) if pid.isdigit() else None
+            if rest == 'ok' and worker is not None:
+                worker.booted = True
+                self.boot_failures = 0
+            elif rest.startswith('error '):
+                error = rest[6:]
+                log('agent: worker %s could not start: %s' % (pid, error))
+        return error
+
+    def spawn_generation(self):
+        self.generation += 1
+        for _ in range(self.config.workers):
+            self.spawn()
+
+    def spawn(self):
+        # Signals stay blocked across fork() until the worker has its own handlers: a TERM
+        # that came in between would otherwise go to the master's handler copy and be lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+            log('agent: cannot fork a worker: %s' % exc.strerror)
+            self.respawn_at = time.monotonic() + 1.0
+            return
+        if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+            self.workers[pid] = WorkerProcess(pid, self.generation)
+            return
+        status = WORKER_BOOT_ERROR
+        try:
+            worker = self.become_worker()
+            os.write(self.boot_w, b'%d ok\n' % os.getpid())
+            status = 1
+            worker.serve()
+            status = 0
+        except BaseException as exc:
+            log('worker: %s\n%s' % (daemon._describe(exc), traceback.format_exc().rstrip()))
+            if status == WORKER_BOOT_ERROR:
+                try:
+                    os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon._describe(exc)))
+                             .encode('utf-8', 'replace')[:select.PIPE_BUF])
+                except OSError:
+                    pass
+        finally:
+            os._exit(status)
+
+    def become_worker(self):
+        """In a new worker: drop what belongs to the master, keep the sockets and the logs."""
+        self.selector.close()
+        for fd in (self.lifeline_w, self.boot_r, self.signal_fd, self._wake_w):
+            os.close(fd)
+        signal.set_wakeup_fd(-1)
+        worker = Worker(self.config, self.listeners, self.access_fd, self.lifeline_r)
+        worker.setup_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+        return worker
+
+    def reap(self):
+        for pid, status in reap_children():
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            if worker.retiring:
+                continue
+            self.respawns += 1
+            if not worker.booted or os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
+                self.boot_failures += 1
+                delay = min(0.1 * 2 ** self.boot_failures, 5.0)
+                log('agent: worker %d failed to boot (%s); retrying in %.1fs'
+                    % (pid, describe_status(status), delay))
+                self.respawn_at = time.monotonic() + delay
+            else:
+                log('agent: worker %d died (%s); respawning' % (pid, describe_status(status)))
+
+    def maintain(self):
+        """Keep --workers workers of the current generation alive."""
+        if self.boot_failures >= MAX_BOOT_FAILURES:
+            log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
+            self.stopping = True
+            return
+        if time.monotonic() < self.respawn_at:
+            return
+        current = sum(1 for w in self.workers.values() if not w.retiring)
+        for _ in range(self.config.workers - current):
+            self.spawn()
+
+    # -- signals, acted on in the loop --
+
+    def on_reload(self):
+        """HUP: a new generation starts on the same sockets, then the old one drains."""
+        old = [w for w in self.workers.values() if not w.retiring]
+        self.spawn_generation()
+        for worker in old:
+            worker.retiring = True
+            signal_worker(worker.pid, signal.SIGTERM)
+        log('agent: reloaded: %d new workers, %d retiring' % (self.config.workers, len(old)))
+
+    def on_reopen_logs(self):
+        self.reopen_worker_logs()
+        for pid in list(self.workers):
+            signal_worker(pid, signal.SIGUSR1)
+
+    def reopen_worker_logs(self):
+        """Reopen --log (fds 1, 2) and --access-log onto the same fds, in whichever process."""
+        self.reopen_std_logs()
+        if self.access_fd is not None:
+            try:
+                fd = daemon.open_log(self.config.access_log)
+            except OSError as exc:
+                log('cannot reopen access log %s: %s' % (self.config.access_log, exc.strerror))
+                return
+            os.dup2(fd, self.access_fd, inheritable=False)
+            os.close(fd)
+
+    def shutdown(self):
+        """Drain the workers; kill whoever is left just before the launcher's own deadline."""
+        log('agent: stopping %d workers' % len(self.workers))
+        for pid in list(self.workers):
+            signal_worker(pid, signal.SIGTERM)
+        for sock in self.listeners:
+            sock.close()
+        timeout = self.stop_timeout
+        deadline = time.monotonic() + max(0.1, timeout - min(1.0, timeout / 10))
+        while self.workers and time.monotonic() < deadline:
+            self.selector.select(0.05)
+            for pid, status in reap_children():
+                self.workers.pop(pid, None)
+        for pid in list(self.workers):
+            log('agent: worker %d did not finish in time; killing it' % pid)
+            signal_worker(pid, signal.SIGKILL)
+        while self.workers:
+            for pid, status in reap_children(block=True):
+                self.workers.pop(pid, None)
+        log('agent: stopped')
+
+
+def reap_children(block=False):
+    """(pid, status) of every child that has ended; never blocks unless asked to."""
+    found = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0 if block and not found else os.WNOHANG)
+        except ChildProcessError:
+            return found
+        except InterruptedError:
+            continue
+        if pid == 0:
+            return found
+        found.append((pid, status))
+
+
+def describe_status(status):
+    if os.WIFSIGNALED(status):
+        try:
+            return 'killed by %s' % signal.Signals(os.WTERMSIG(status)).name
+        except ValueError:
+            return 'killed by signal %d' % os.WTERMSIG(status)
+    return 'exit status %d' % os.WEXITSTATUS(status)
+
+
+def signal_worker(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def raise_fd_limit():
+    """Raise the soft RLIMIT_NOFILE to the hard one: connections and open files need fds."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def bind(address, port):
+    """A listening, non-blocking TCP socket; '::' listens on IPv6 and IPv4 both."""
+    try:
+        infos = socket.getaddrinfo(address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        raise DaemonError('invalid --bind address %r (give a numeric IPv4 or IPv6 address)' % address)
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if address == '::' else 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        where = '[%s]:%d' % (address, port) if ':' in address else '%s:%d' % (address, port)
+        raise DaemonError('cannot listen on %s: %s' % (where, exc.strerror))
+    try:
+        # Wake a worker only when the request has arrived, not at the bare handshake.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+    except (OSError, AttributeError):
+        pass
+    sock.setblocking(False)
+    return sock
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError('%r is not a whole number' % text)
+    if value < 1:
+        raise argparse.ArgumentTypeError('%r must be at least 1' % text)
+    return value
+
+
+def port_number(text):
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError('%r is not a port (1-65535)' % text)
+    return value
+
+
+def seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError('%r is not a number of seconds' % text)
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError('%r must be a positive number of seconds' % text)
+    return value
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog='agent.py', description='A static image server (HTTP/1.1), run as a daemon.',
+        epilog='Exit codes: 0 success, 1 failure, 2 usage; status: 0 running, 1 dead with '
+               'pidfile, 3 not running, 4 unknown.')
+    p.add_argument('action', choices=daemon.ACTIONS, help='what to do')
+    p.add_argument('--root', default='.', help='directory to serve (default: the current one)')
+    p.add_argument('--bind', default='0.0.0.0', help="address to listen on; '::' for IPv6 and IPv4 (default: 0.0.0.0)")
+    p.add_argument('--port', type=port_number, default=DEFAULT_PORT, help='TCP port (default: %d)' % DEFAULT_PORT)
+    p.add_argument('--pidfile', default='agent.pid', help='default: ./agent.pid')
+    p.add_argument('--log', default='agent.log', help='error and event log (default: ./agent.log)')
+    p.add_argument('--access-log', default='access.log', help="access log, or 'off' (default: ./access.log)")
+    p.add_argument('--workers', type=positive_int, default=os.cpu_count() or 1,
+                   help='worker processes (default: the number of CPUs)')
+    p.add_argument('--user', help='drop privileges to this user after binding')
+    p.add_argument('--group', help="drop privileges to this group (default: the user's)")
+    p.add_argument('--stop-timeout', type=seconds, default=10.0,
+                   help='seconds a stop waits for in-flight responses before SIGKILL (default: 10)')
+    p.add_argument('--timeout', type=seconds, default=IDLE_TIMEOUT,
+                   help='idle keep-alive and stalled-send timeout (default: %g s)' % IDLE_TIMEOUT)
+    p.add_argument('--header-timeout', type=seconds, default=HEADER_TIMEOUT,
+                   help='time allowed for a whole request head (default: %g s)' % HEADER_TIMEOUT)
+    p.add_argument('--max-header-size', type=positive_int, default=MAX_HEADER_SIZE,
+                   help='request line and headers, bytes (default: %d)' % MAX_HEADER_SIZE)
+    p.add_argument('--max-connections', type=positive_int, default=MAX_CONNECTIONS,
+                   help='connections per worker (default: %d)' % MAX_CONNECTIONS)
+    p.add_argument('--follow-symlinks', action='store_true',
+                   help='serve symlinks that lead outside --root (default: refuse them)')
+    return p
+
+
+def main(argv=None):
+    config = parser().parse_args(argv)
+    config.root = os.path.abspath(config.root)
+    if config.access_log != 'off':
+        config.access_log = os.path.abspath(config.access_log)
+    return Agent(config).command(config.action)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,1163 @@
+#!/usr/bin/env python3
+"""daemon.py: a Unix daemon done right, in one file, standard library only (Python 3.9+).
+
+Copy this file into a project, subclass Daemon and override run():
+
+    import sys, daemon
+
+    class Ticker(daemon.Daemon):
+        def run(self):
+            while not self.wait(1.0):       # returns True at once on SIGTERM/SIGINT
+                print('tick', flush=True)   # stdout goes to the log
+
+    if __name__ == '__main__':
+        sys.exit(daemon.main(Ticker('ticker.pid', stdout='ticker.log', stderr='ticker.log')))
+
+Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run`.
+Programs written for the classic recipe (construct, then call start(), stop() or restart()) run
+unchanged; relative paths are taken relative to the directory they were started in.
+
+Processes
+---------
+    launcher --fork--> child --setsid, fork--> daemon --run()--> (workers, if run() forks)
+       |                 `-- os._exit(0)          |
+       `---- waits on the readiness pipe <--------'  "READY", "RUNNING <pid>" or "ERROR <why>"
+
+The launcher exits 0 once the daemon says it is ready (or was already running), and otherwise
+prints the daemon's own startup error on stderr and exits 1.  It never exits 0 early.
+
+daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
+--------------------------------------------------------------------------------
+  0. make_paths_absolute   every path, before anything changes the working directory
+  1. close_inherited_fds   fds >= 3, listed from /proc/self/fd (never a loop to RLIMIT_NOFILE);
+                           sockets passed by systemd (LISTEN_FDS) are kept
+  2. reset_signals         handlers to their defaults, signal mask emptied
+  3. fork                  the launcher stays behind and waits on the readiness pipe
+  4. setsid                a new session, no controlling terminal
+  5. fork                  the daemon is no session leader, so it can never get a terminal again
+  6. set_umask             022 by default (never 0: the pidfile and logs are not world-writable)
+  7. change_directory      "/" by default, so the daemon keeps no mount point busy
+  8. redirect_stdio        stdin from /dev/null, stdout and stderr appended to the log
+  9. PidFile.acquire       O_NOFOLLOW, 0644, flock()ed for the daemon's whole life
+ 10. ready()               tells the launcher "READY", or the startup error
+Step 2 keeps SIGPIPE and SIGXFSZ ignored, as Python itself sets them, so a closed socket raises
+BrokenPipeError instead of killing the process.
+
+Signals in the daemon
+---------------------
+  SIGTERM, SIGINT   stop: `stopping` becomes true and wait() returns True; exit status 0
+  SIGHUP            on_reload() hook (sd_notify RELOADING=1 ... READY=1 around it)
+  SIGUSR1           stdout/stderr logs reopened (for logrotate), then on_reopen_logs() hook
+The handlers only record the signal and wake wait(); the hooks run from wait() or
+handle_signals(), in the daemon's own loop.  A classic run() that never calls either (a bare
+`while True:` loop) is stopped the way Python stops a program on Ctrl-C: SystemExit is raised
+where it runs, so its finally blocks run.  HUP and USR1 wait until run() asks for them.
+
+Files
+-----
+  pidfile   the daemon's pid and a newline; mode 0644; an flock() held for the daemon's life
+            says it is alive: a pidfile nobody locks is stale, whatever pid it names.  Removed
+            at exit by the process that wrote it, and only if it is still the same file.
+  logs      stdout and stderr are appended to, line-buffered; an exception that escapes run()
+            is written there with its traceback before the daemon exits 1.
+
+Exit codes (LSB init-script actions; status has its own)
+--------------------------------------------------------
+  0  success (also: start when running, stop when stopped)     status 0  running
+  1  generic failure (the message says which)                  status 1  dead, pidfile remains
+  2  invalid argument or usage                                 status 3  not running
+  4  insufficient privilege                                    status 4  unknown (no access)
+  7  not running (reload)
+
+systemd
+-------
+`run` keeps the daemon in the foreground (no fork, logs on stderr) with the same signals.
+With NOTIFY_SOCKET set, ready() sends READY=1, a reload RELOADING=1 and READY=1, a stop
+STOPPING=1 (sd_notify(3)).  Sockets passed by socket activation (LISTEN_PID/LISTEN_FDS/
+LISTEN_FDNAMES, sd_listen_fds(3)) are collected before any fork and offered as
+`self.listen_fds`.
+"""
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+
+__all__ = ['Daemon', 'DaemonError', 'PidFile', 'main', 'notify', 'listen_fds',
+           'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING']
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PRIVILEGE = 4
+EXIT_NOT_RUNNING = 7
+
+STATUS_RUNNING = 0
+STATUS_DEAD = 1          # "program is dead and /var/run pid file exists"
+STATUS_STOPPED = 3
+STATUS_UNKNOWN = 4
+
+ACTIONS = ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'status', 'run')
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1)
+
+SD_LISTEN_FDS_START = 3
+
+
+class DaemonError(Exception):
+    """An operating-system failure while becoming or running a daemon; the message names the step."""
+
+
+class AlreadyRunning(DaemonError):
+    def __init__(self, pid):
+        DaemonError.__init__(self, 'already running (pid %s)' % (pid or 'unknown'))
+        self.pid = pid
+
+
+def _step_error(step, exc):
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    filename = getattr(exc, 'filename', None)
+    if filename:
+        detail = '%s: %s' % (filename, detail)
+    return DaemonError('%s failed (%s)' % (step, detail))
+
+
+def log(message, stream=None):
+    """Write one timestamped line to stderr (the daemon's log once detached)."""
+    stream = stream or sys.stderr
+    try:
+        stream.write('%s [%d] %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'), os.getpid(), message))
+        stream.flush()
+    except (OSError, ValueError):
+        pass    # a log that cannot be written must not take the daemon down
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon(7) steps, one small function each
+# ---------------------------------------------------------------------------------------------
+
+def make_paths_absolute(*paths):
+    """Return the paths made absolute against the current directory (None stays None)."""
+    return [os.path.abspath(p) if p else p for p in paths]
+
+
+def open_fds():
+    """The process's open file descriptors, from /proc/self/fd (or /dev/fd)."""
+    for directory in ('/proc/self/fd', '/dev/fd'):
+        try:
+            return sorted(int(name) for name in os.listdir(directory))
+        except OSError:
+            continue
+    # No fd directory at all: fall back to a bounded range, never to a huge RLIMIT_NOFILE.
+    return list(range(3, 1024))
+
+
+def close_inherited_fds(keep=()):
+    """Step 1: close every fd >= 3 except those in `keep`."""
+    keep = set(keep)
+    for fd in open_fds():
+        if fd >= 3 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass    # the fd that listed the directory is already gone
+
+
+def reset_signals():
+    """Step 2: every signal back to its default disposition, and an empty signal mask.
+
+    SIGPIPE and SIGXFSZ stay ignored, as the Python interpreter sets them at startup: Python code
+    expects BrokenPipeError and EFBIG, not sudden death.
+    """
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        if signum in (signal.SIGPIPE, getattr(signal, 'SIGXFSZ', None)):
+            disposition = signal.SIG_IGN
+        else:
+            disposition = signal.SIG_DFL
+        try:
+            signal.signal(signum, disposition)
+        except (OSError, ValueError, RuntimeError):
+            pass    # signals reserved by the C library cannot be set
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def fork(step):
+    """Steps 3 and 5: fork, as a DaemonError naming the step on failure."""
+    try:
+        return os.fork()
+    except OSError as exc:
+        raise _step_error(step, exc)
+
+
+def detach_session():
+    """Step 4: a new session without a controlling terminal."""
+    try:
+        os.setsid()
+    except OSError as exc:
+        raise _step_error('setsid', exc)
+
+
+def set_umask(mask):
+    """Step 6."""
+    os.umask(mask)
+
+
+def change_directory(path):
+    """Step 7."""
+    try:
+        os.chdir(path)
+    except OSError as exc:
+        raise _step_error('change working directory', exc)
+
+
+def open_log(path):
+    """Open a log for appending (created 0644 under umask 022), as a raw fd."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY
+    return os.open(path, flags, 0o644)
+
+
+def redirect_stdio(stdin, stdout, stderr):
+    """Step 8: stdin from `stdin` (read-only), stdout and stderr appended to their logs.
+
+    The same path for stdout and stderr shares one open file, so their lines interleave in order.
+    sys.stdout and sys.stderr are rebuilt line-buffered, so each line reaches the log at once.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        fd_in = os.open(stdin, os.O_RDONLY | os.O_NOCTTY)
+        fd_out = open_log(stdout)
+        fd_err = fd_out if stderr == stdout else open_log(stderr)
+    except OSError as exc:
+        raise _step_error('open standard streams', exc)
+    for fd, target in ((fd_in, 0), (fd_out, 1), (fd_err, 2)):
+        os.dup2(fd, target)
+    for fd in {fd_in, fd_out, fd_err}:
+        os.close(fd)
+    rebuild_std_streams()
+
+
+def rebuild_std_streams():
+    """Point sys.stdin/stdout/stderr at fds 0-2 again, stdout and stderr line-buffered."""
+    sys.stdin = open(0, 'r', closefd=False)
+    sys.stdout = open(1, 'w', buffering=1, errors='backslashreplace', closefd=False)
+    sys.stderr = open(2, 'w', buffering=1, errors='backslashreplace', closefd=False)
+
+
+def drop_privileges(user=None, group=None, own=()):
+    """Become `user` (and `group`, else the user's primary group), supplementary groups reset.
+
+    Called after the setup() hook, so a daemon can bind port 80 and open root-only files first.
+    The files in `own` (its logs) are given to the new owner first, so it can reopen them.
+    """
+    import grp
+    import pwd
+    if user is None and group is None:
+        return
+    try:
+        pw = pwd.getpwnam(user) if user is not None else None
+        gid = grp.getgrnam(group).gr_gid if group is not None else pw.pw_gid
+        for path in own:
+            if path and os.path.isfile(path):
+                os.chown(path, pw.pw_uid if pw is not None else -1, gid)
+        if pw is not None:
+            os.initgroups(pw.pw_name, gid)
+        else:
+            os.setgroups([gid])
+        os.setgid(gid)
+        if pw is not None:
+            os.setuid(pw.pw_uid)
+    except (KeyError, OSError) as exc:
+        raise _step_error('drop privileges to %s:%s' % (user or '', group or ''), exc)
+
+
+def check_identity(user=None, group=None):
+    """Fail early, in the launcher, on an unknown user or group."""
+    import grp
+    import pwd
+    for kind, name, lookup in (('user', user, pwd.getpwnam), ('group', group, grp.getgrnam)):
+        if name is not None:
+            try:
+                lookup(name)
+            except KeyError:
+                raise DaemonError('unknown %s %r' % (kind, name))
+
+
+# ---------------------------------------------------------------------------------------------
+# systemd: sd_notify(3) and sd_listen_fds(3)
+# ---------------------------------------------------------------------------------------------
+
+def notify(**fields):
+    """Send NAME=value lines to the service manager, when NOTIFY_SOCKET is set; else do nothing.
+
+    notify(READY=1, STATUS='serving') sends "READY=1\nSTATUS=serving".  A socket path starting
+    with '@' is in the abstract namespace.  Returns whether a datagram was sent.
+    """
+    address = os.environ.get('NOTIFY_SOCKET')
+    if not address or not fields:
+        return False
+    if address.startswith('@'):
+        address = '\0' + address[1:]
+    message = '\n'.join('%s=%s' % item for item in fields.items()).encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message)
+        return True
+    except OSError as exc:
+        log('sd_notify to %r failed: %s' % (os.environ.get('NOTIFY_SOCKET'), exc))
+        return False
+
+
+def monotonic_usec():
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
+
+
+def listen_fds(unset_environment=True):
+    """Sockets passed by the service manager, as {name: [fd, ...]} ('unknown' without names).
+
+    Honoured only when LISTEN_PID is this process: the variables are inherited by children that
+    they were not meant for.  The variables are removed, so children do not claim the fds too.
+    """
+    try:
+        pid = int(os.environ.get('LISTEN_PID', ''))
+        count = int(os.environ.get('LISTEN_FDS', ''))
+    except ValueError:
+        return {}
+    names = os.environ.get('LISTEN_FDNAMES', '')
+    if unset_environment:
+        for name in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES'):
+            os.environ.pop(name, None)
+    if pid != os.getpid() or count <= 0:
+        return {}
+    names = names.split(':') if names else []
+    result = {}
+    for index in range(count):
+        fd = SD_LISTEN_FDS_START + index
+        name = names[index] if index < len(names) and names[index] else 'unknown'
+        os.set_inheritable(fd, False)
+        result.setdefault(name, []).append(fd)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The pidfile
+# ---------------------------------------------------------------------------------------------
+
+def parse_pid(text):
+    """The pid in a pidfile's text, or None when it holds no valid pid."""
+    try:
+        text = text.decode('ascii') if isinstance(text, bytes) else text
+        pid = int(text.strip().split('\n', 1)[0].strip() or 'x')
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return pid if pid > 0 else None
+
+
+def flock_holders(path_stat, locks_text=None):
+    """Pids holding an flock() on the file with this stat, read from /proc/locks.
+
+    Returns None when /proc/locks cannot be read.  Reading it never disturbs the lock, unlike a
+    probing flock() that could make a concurrent start fail.
+    """
+    if locks_text is None:
+        try:
+            with open('/proc/locks') as f:
+                locks_text = f.read()
+        except OSError:
+            return None
+    ident = '%02x:%02x:%d' % (os.major(path_stat.st_dev), os.minor(path_stat.st_dev), path_stat.st_ino)
+    holders = []
+    for line in locks_text.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->" after the index
+        if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[5] == ident:
+            holders.append(int(fields[4]))
+    return holders
+
+
+class PidFile:
+    """A pidfile whose flock() says whether its daemon lives.
+
+    acquire() is for the daemon; probe() is for everyone else and never takes the lock.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+        self.owner = None       # the pid that wrote it: only that process removes it
+
+    # -- the daemon's side --
+
+    def acquire(self):
+        """Open, lock, and write our pid; AlreadyRunning if another process holds the lock."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    exc = OSError(exc.errno, 'is a symbolic link, refused', self.path)
+                raise _step_error('create pidfile', exc)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                pid = parse_pid(os.pread(fd, 64, 0))
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise AlreadyRunning(pid)
+                raise _step_error('lock pidfile', exc)
+            # The previous owner may have unlinked the file between our open and our lock: then
+            # we hold a lock on a file nobody can find.  Only a lock on the file at the path counts.
+            if self._same_file(fd):
+                break
+            os.close(fd)
+        try:
+            if not os.path.isfile(self.path):
+                raise OSError(errno.EINVAL, 'not a regular file', self.path)
+            os.fchmod(fd, 0o644)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b'%d\n' % os.getpid(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise _step_error('write pidfile', exc)
+        self.fd, self.owner = fd, os.getpid()
+
+    def _same_file(self, fd):
+        try:
+            here = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        mine = os.fstat(fd)
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def rewrite(self):
+        """Write the current pid again (after a process that holds the lock took over)."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, b'%d\n' % os.getpid(), 0)
+            self.owner = os.getpid()
+
+    def release(self):
+        """Remove the pidfile and drop the lock; a no-op in any process but the owner."""
+        if self.fd is None or os.getpid() != self.owner:
+            return
+        try:
+            if self._same_file(self.fd):
+                os.unlink(self.path)    # unlink while still locked: no one can lock it in between
+        except OSError:
+            pass                        # no write access to its directory: the lock still tells
+        self.forget()
+
+    def forget(self):
+        """Close our descriptor without removing the file (forked children call this)."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd = None
+
+    # -- everyone else's side --
+
+    def probe(self):
+        """Return (state, pid): ('running', pid), ('stale', pid or None) or ('absent', None)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return 'absent', None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise DaemonError('pidfile %s is a symbolic link, refused' % self.path)
+            raise _step_error('read pidfile', exc)
+        try:
+            pid = parse_pid(os.pread(fd, 64, 0))
+            holders = flock_holders(os.fstat(fd))
+            if holders is None:
+                locked = self._probe_lock(fd)
+            else:
+                locked = bool(holders)
+                if pid is not None and holders and pid not in holders:
+                    # Locked, but by a process the file does not name: never guess.
+                    raise DaemonError('pidfile %s names pid %d, but pid %s holds its lock'
+                                      % (self.path, pid, ','.join(map(str, holders))))
+        finally:
+            os.close(fd)
+        if locked and pid is not None and _pid_alive(pid):
+            return 'running', pid
+        if locked:
+            raise DaemonError('pidfile %s is locked but names no live process (%r)' % (self.path, pid))
+        return 'stale', pid
+
+    @staticmethod
+    def _probe_lock(fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True
+            raise
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+
+    def remove_stale(self):
+        """Remove a pidfile that nobody locks (taking its lock first, so never a live one's)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self._same_file(fd):
+                os.unlink(self.path)
+                return True
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return False
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _open_pidfd(pid):
+    """A pidfd for pid (Linux 5.3+), or None: signals through it cannot hit a reused pid."""
+    if not hasattr(os, 'pidfd_open'):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The readiness pipe between the daemon and its launcher
+# ---------------------------------------------------------------------------------------------
+
+class ReadinessPipe:
+    """One line from the daemon to the launcher: READY, RUNNING <pid> or ERROR <message>."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+
+    def send(self, line):
+        """Daemon side: send the verdict once and close our end."""
+        if self.w is None:
+            return
+        data = (line.replace('\n', ' ') + '\n').encode('utf-8', 'backslashreplace')
+        try:
+            os.write(self.w, data[:select.PIPE_BUF])
+        except OSError:
+            pass        # the launcher is gone (killed, or timed out): nothing to tell
+        self.close_write()
+
+    def close_write(self):
+        if self.w is not None:
+            os.close(self.w)
+            self.w = None
+
+    def close_read(self):
+        if self.r is not None:
+            os.close(self.r)
+            self.r = None
+
+    def receive(self, timeout):
+        """Launcher side: the daemon's line, '' at EOF, None on timeout."""
+        self.close_write()
+        deadline = time.monotonic() + timeout
+        data = b''
+        while b'\n' not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([self.r], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(self.r, 4096)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode('utf-8', 'replace').strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Daemon class
+# ---------------------------------------------------------------------------------------------
+
+class Daemon:
+    """A daemon: subclass it and override run().
+
+    Methods for the caller (each returns an LSB exit code, see the module docstring):
+        start()    detach and run; returns only if it did not fork (already running, bad setup);
+                   once it forks, the launcher exits with the daemon's verdict
+        stop()     one SIGTERM, SIGKILL after stop_timeout; a no-op success when not running
+        restart(), try_restart(), reload() (SIGHUP), status(), foreground() (the `run` action)
+        command(action)   one of ACTIONS
+
+    Methods that may be overridden (all run in the daemon):
+        setup()            before privileges are dropped; an exception is a startup error that
+                           the launcher prints (bind sockets, open files here)
+        run()              the service itself
+        on_reload()        on SIGHUP (no-op)
+        on_reopen_logs()   on SIGUSR1, after stdout/stderr were reopened (no-op)
+
+    Methods for run() to call:
+        ready()            "my setup is done": the launcher exits 0 (and sd_notify READY=1)
+        wait(timeout)      sleep until a signal or the timeout; handles HUP/USR1; returns True
+                           once the daemon should stop
+        handle_signals()   the same without sleeping, for a run() with its own event loop
+                           (its selector should watch `signal_fd`)
+        stopping           True once SIGTERM/SIGINT arrived
+
+    Class variables:
+        ready_on_run       True: entering run() counts as ready.  Set False when run() calls
+                           ready() itself, once its service can really be used.
+        start_timeout      seconds the launcher waits for ready before it gives up and stops
+                           the daemon
+    """
+
+    ready_on_run = True
+    start_timeout = 60.0
+
+    def __init__(self, pidfile, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
+                 umask=0o022, workdir='/', stop_timeout=10.0, user=None, group=None, name=None):
+        self.pidfile_path = pidfile
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.umask = umask
+        self.workdir = workdir
+        self.stop_timeout = float(stop_timeout)
+        self.user, self.group = user, group
+        self.name = name or type(self).__name__.lower()
+        self.stopping = False
+        self.detached = False           # True in a daemon that forked away from its terminal
+        self.listen_fds = {}
+        self._pidfile = None
+        self._readiness = None
+        self._is_ready = False
+        self._cooperative = False
+        self._pending = []
+        self._wake_r = self._wake_w = None
+
+    # Classic-recipe name, kept for programs that read it.
+    @property
+    def pidfile(self):
+        return self.pidfile_path
+
+    @pidfile.setter
+    def pidfile(self, value):
+        self.pidfile_path = value
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def setup(self):
+        """Hook: prepare before ready and before privileges are dropped.  Errors abort start."""
+
+    def run(self):
+        """Hook: the service.  Returning (or SIGTERM) ends the daemon with status 0."""
+
+    def on_reload(self):
+        """Hook: SIGHUP arrived (reload configuration, replace workers...)."""
+
+    def on_reopen_logs(self):
+        """Hook: SIGUSR1 arrived; stdout/stderr are already reopened.  Reopen your own logs."""
+
+    def log_files(self):
+        """Hook: the log files that a user named by `user`/`group` must own to reopen them."""
+        return [self.stdout, self.stderr]
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def command(self, action):
+        """Run one of ACTIONS; returns its exit code."""
+        method = {'start': self.start, 'stop': self.stop, 'restart': self.restart,
+                  'try-restart': self.try_restart, 'reload': self.reload,
+                  'force-reload': self.reload, 'status': self.status,
+                  'run': self.foreground}.get(action)
+        if method is None:
+            sys.stderr.write('%s: unknown action %r (use %s)\n' % (self.name, action, '|'.join(ACTIONS)))
+            return EXIT_USAGE
+        try:
+            return method()
+        except DaemonError as exc:
+            sys.stderr.write('%s: %s\n' % (self.name, exc))
+            return EXIT_FAILURE
+
+    def start(self):
+        """Start the daemon; see the module docstring for what the launcher waits for."""
+        self._absolutize()
+        check_identity(self.user, self.group)
+        state, pid = self._probe()
+        if state == 'running':
+            self._say('%s is already running (pid %d)' % (self.name, pid))
+            return EXIT_OK
+        self.daemonize()                  # returns only in the daemon
+        self._serve_and_exit()
+
+    def stop(self):
+        """Stop the daemon: confirm it by its lock, one SIGTERM, SIGKILL after stop_timeout."""
+        self._absolutize()
+        pidfile = PidFile(self.pidfile_path)
+        state, pid = pidfile.probe()
+        if state != 'running':
+            if state == 'stale' and pidfile.remove_stale():
+                self._say('%s is not running (removed stale pidfile %s)' % (self.name, self.pidfile_path))
+            else:
+                self._say('%s is not running' % self.name)
+            return EXIT_OK
+        pidfd = _open_pidfd(pid)
+        try:
+            # The pidfd pins this process: re-check the lock now, so a pid reused between the
+            # probe and the signal can never be hit.
+            state, again = pidfile.probe()
+            if state != 'running' or again != pid:
+                self._say('%s is not running' % self.name)
+                return EXIT_OK
+            started = time.monotonic()
+            if not self._send(pid, pidfd, signal.SIGTERM):
+                self._say('%s stopped (pid %d)' % (self.name, pid))
+                return EXIT_OK
+            if self._await_exit(pidfile, pid, pidfd, self.stop_timeout):
+                pidfile.remove_stale()          # left behind by a daemon that could not unlink it
+                self._say('%s stopped (pid %d, %.2fs)' % (self.name, pid, time.monotonic() - started))
+                return EXIT_OK
+            self._kill(pid, pidfd)
+            if self._await_exit(pidfile, pid, pidfd, 5.0):
+                pidfile.remove_stale()
+                self._say('%s did not stop within %gs; killed (pid %d)' % (self.name, self.stop_timeout, pid))
+                return EXIT_OK
+            self._say('%s (pid %d) survived SIGKILL' % (self.name, pid), error=True)
+            return EXIT_FAILURE
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def restart(self):
+        code = self.stop()
+        if code != EXIT_OK:
+            return code
+        return self.start()
+
+    def try_restart(self):
+        """Restart if running; a no-op success otherwise (LSB try-restart)."""
+        self._absolutize()
+        if self._probe()[0] != 'running':
+            self._say('%s is not running' % self.name)
+            return EXIT_OK
+        return self.restart()
+
+    def reload(self):
+        """Ask the daemon to reload (SIGHUP)."""
+        self._absolutize()
+        state, pid = self._probe()
+        if state != 'running':
+            self._say('%s is not running' % self.name, error=True)
+            return EXIT_NOT_RUNNING
+        pidfd = _open_pidfd(pid)
+        try:
+            self._send(pid, pidfd, signal.SIGHUP)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        self._say('%s reloading (pid %d)' % (self.name, pid))
+        return EXIT_OK
+
+    def status(self):
+        """LSB status: 0 running, 1 dead with a pidfile left, 3 not running, 4 unknown."""
+        self._absolutize()
+        try:
+            state, pid = PidFile(self.pidfile_path).probe()
+        except DaemonError as exc:
+            self._say('%s: %s' % (self.name, exc), error=True)
+            return STATUS_UNKNOWN
+        if state == 'running':
+            self._say('%s is running (pid %d)' % (self.name, pid))
+            return STATUS_RUNNING
+        if state == 'stale':
+            self._say('%s is dead, but pidfile %s remains' % (self.name, self.pidfile_path))
+            return STATUS_DEAD
+        self._say('%s is not running' % self.name)
+        return STATUS_STOPPED
+
+    def foreground(self):
+        """The `run` action: serve in the foreground, for systemd, containers and debugging.
+
+        No fork, no redirection (logs go to stderr), same pidfile, signals and hooks.
+        """
+        self._absolutize()
+        check_identity(self.user, self.group)
+        self.listen_fds = listen_fds()
+        try:
+            self._become_service()
+        except AlreadyRunning as exc:
+            self._say('%s is already running (pid %s)' % (self.name, exc.pid), error=True)
+            return EXIT_FAILURE
+        except BaseException as exc:
+            self._cleanup()
+            if isinstance(exc, SystemExit) and not exc.code:
+                return EXIT_OK                  # SIGTERM during setup
+            self._say('%s: %s' % (self.name, _describe(exc)), error=True)
+            return EXIT_FAILURE
+        return self._serve()
+
+    # -- daemonize ------------------------------------------------------------------------------
+
+    def daemonize(self):
+        """Detach from the terminal (daemon(7)); returns in the daemon only.
+
+        The launcher waits for the daemon's verdict on the readiness pipe and leaves with
+        os._exit(), as does the intermediate child, so neither runs atexit handlers or flushes
+        buffers that the daemon still owns.
+        """
+        self._absolutize()
+        self.listen_fds = listen_fds()      # before any fork: LISTEN_PID names this process
+        keep = [fd for fds in self.listen_fds.values() for fd in fds]
+        _flush_std_streams()
+        close_inherited_fds(keep)
+        reset_signals()
+        self._readiness = ReadinessPipe()
+        try:
+            pid = fork('first fork')
+        except DaemonError as exc:
+            self._say('%s: %s' % (self.name, exc), error=True)
+            os._exit(EXIT_FAILURE)
+        if pid > 0:
+            os._exit(self._launcher_wait(pid))
+        self._readiness.close_read()
+        try:
+            detach_session()
+            if fork('second fork') > 0:
+                os._exit(0)
+            self.detached = True
+            set_umask(self.umask)
+            change_directory(self.workdir)
+            redirect_stdio(self.stdin, self.stdout, self.stderr)
+            self._become_service()
+        except AlreadyRunning as exc:
+            self._readiness.send('RUNNING %s' % (exc.pid or ''))
+            os._exit(0)
+        except BaseException as exc:
+            self._startup_failed(exc)
+            os._exit(EXIT_FAILURE)
+
+    def _become_service(self):
+        """Steps common to the daemon and the foreground service: pidfile, signals, setup()."""
+        self._pidfile = PidFile(self.pidfile_path)
+        self._pidfile.acquire()
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+        self._install_signal_handlers()
+        self.setup()
+        drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
+
+    def _after_fork_in_child(self):
+        """A child forked by run() does not own the pidfile, its lock or the readiness pipe."""
+        if self._pidfile is not None:
+            self._pidfile.forget()
+        if self._readiness is not None:
+            self._readiness.close_write()
+
+    def _launcher_wait(self, child):
+        """The launcher: reap the intermediate child, then wait for the daemon's verdict."""
+        try:
+            os.waitpid(child, 0)
+        except ChildProcessError:
+            pass
+        line = self._readiness.receive(self.start_timeout)
+        if line == 'READY':
+            return EXIT_OK
+        if line is not None and line.startswith('RUNNING'):
+            self._say('%s is already running (pid %s)' % (self.name, line[8:] or 'unknown'))
+            return EXIT_OK
+        if line is not None and line.startswith('ERROR '):
+            self._say('%s: %s' % (self.name, line[6:]), error=True)
+            return EXIT_FAILURE
+        if line is None:
+            self._say('%s: not ready after %gs; stopping it' % (self.name, self.start_timeout), error=True)
+            self.stop()
+            return EXIT_FAILURE
+        self._say('%s: exited during startup without a word; see %s' % (self.name, self.stderr), error=True)
+        return EXIT_FAILURE
+
+    def _startup_failed(self, exc):
+        """Report a failure before ready: to the launcher, and with its traceback to the log."""
+        if isinstance(exc, SystemExit) and not exc.code:
+            message = 'stopped during startup'
+        else:
+            message = _describe(exc)
+            if not isinstance(exc, DaemonError):
+                log('startup failed:\n' + ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+        if self._readiness is not None and self._readiness.w is not None:
+            self._readiness.send('ERROR ' + message)
+        elif self.detached:
+            log('startup failed: ' + message)
+        self._cleanup()
+
+    # -- running --------------------------------------------------------------------------------
+
+    def ready(self):
+        """Tell the launcher (or systemd) that the service is up.  Idempotent."""
+        if self._is_ready:
+            return
+        self._is_ready = True
+        if self._readiness is not None:
+            self._readiness.send('READY')
+        notify(READY=1, MAINPID=os.getpid(), STATUS='%s running' % self.name)
+
+    def _serve(self):
+        """Run run() and turn its end into an exit status; the pidfile is released after it."""
+        status = EXIT_FAILURE
+        try:
+            if self.ready_on_run:
+                self.ready()
+            result = self.run()
+            status = result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_FAILURE)
+            if isinstance(exc.code, str):
+                log(exc.code)
+        except KeyboardInterrupt:
+            status = EXIT_OK                    # SIGINT in the foreground, before our handler
+        except DaemonError as exc:
+            log('%s: %s' % (self.name, exc))
+            status = EXIT_FAILURE
+            if not self._is_ready and self._readiness is not None:
+                self._readiness.send('ERROR ' + _describe(exc))
+        except BaseException as exc:
+            log('%s: unhandled exception in run(), exiting:\n%s' % (self.name, ''.join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()))
+            status = EXIT_FAILURE
+            if not self._is_ready and self._readiness is not None:
+                self._readiness.send('ERROR ' + _describe(exc))
+        if not self._is_ready and self._readiness is not None and self._readiness.w is not None:
+            self._readiness.send('ERROR exited before it was ready (status %s); see %s' % (status, self.stderr))
+        notify(STOPPING=1)
+        self._cleanup()
+        return status
+
+    def _serve_and_exit(self):
+        """The daemon's last act: os._exit() after run(), so it never returns into the caller."""
+        status = EXIT_FAILURE
+        try:
+            status = self._serve()
+            _run_atexit()
+        finally:
+            _flush_std_streams()
+            os._exit(status)
+
+    def _cleanup(self):
+        if self._pidfile is not None:
+            self._pidfile.release()
+
+    # -- signals --------------------------------------------------------------------------------
+
+    @property
+    def signal_fd(self):
+        """Readable when a signal arrived: an event loop watches it and calls handle_signals()."""
+        self._cooperative = True
+        return self._wake_r
+
+    def _install_signal_handlers(self):
+        if self._wake_r is None:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        """Only record the signal (set_wakeup_fd has already woken the loop)."""
+        self._pending.append(signum)
+        if signum in STOP_SIGNALS:
+            self.stopping = True
+            if not self._cooperative:
+                raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
+
+    def handle_signals(self):
+        """Act on the signals that arrived since the last call; returns self.stopping."""
+        self._cooperative = True
+        if self._wake_r is not None:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+        while self._pending:
+            signum = self._pending.pop(0)
+            if signum == signal.SIGHUP:
+                notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS='reloading')
+                log('%s: reloading (SIGHUP)' % self.name)
+                self.on_reload()
+                notify(READY=1, STATUS='%s running' % self.name)
+            elif signum == signal.SIGUSR1:
+                self.reopen_std_logs()
+                self.on_reopen_logs()
+            elif signum in STOP_SIGNALS:
+                log('%s: stopping (%s)' % (self.name, signal.Signals(signum).name))
+                notify(STOPPING=1, STATUS='stopping')
+        return self.stopping
+
+    def wait(self, timeout=None):
+        """Sleep until a signal arrives or `timeout` passes; True once the daemon should stop."""
+        self._cooperative = True
+        if not self.stopping and not self._pending:
+            try:
+                select.select([self._wake_r], [], [], timeout)
+            except InterruptedError:
+                pass
+        return self.handle_signals()
+
+    def reopen_std_logs(self):
+        """Reopen stdout/stderr logs at their paths (after logrotate moved them away)."""
+        if not self.detached:
+            return
+        try:
+            fd_out = open_log(self.stdout)
+            fd_err = fd_out if self.stderr == self.stdout else open_log(self.stderr)
+        except OSError as exc:
+            log('%s: cannot reopen logs: %s' % (self.name, exc))
+            return
+        _flush_std_streams()
+        os.dup2(fd_out, 1)
+        os.dup2(fd_err, 2)
+        for fd in {fd_out, fd_err}:
+            os.close(fd)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _absolutize(self):
+        """Make every path absolute now, while the working directory is the caller's."""
+        (self.pidfile_path, self.stdin, self.stdout, self.stderr,
+         self.workdir) = make_paths_absolute(self.pidfile_path, self.stdin, self.stdout,
+                                             self.stderr, self.workdir)
+
+    def _probe(self):
+        return PidFile(self.pidfile_path).probe()
+
+    def _send(self, pid, pidfd, signum):
+        """Signal the daemon; False if it is already gone."""
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signum)
+            else:
+                os.kill(pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _kill(self, pid, pidfd):
+        """SIGKILL the daemon, and its process group when the daemon made one of its own."""
+        try:
+            pgid, sid = os.getpgid(pid), os.getsid(pid)
+        except OSError:
+            pgid = sid = None
+        self._send(pid, pidfd, signal.SIGKILL)
+        if pgid is not None and pgid == sid and pgid != os.getpgid(0):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _await_exit(self, pidfile, pid, pidfd, timeout):
+        """Wait until the lock is released and the process is gone; False on timeout."""
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            try:
+                state, _ = pidfile.probe()
+            except DaemonError:
+                state = 'running'
+            if state != 'running' and not self._alive(pid, pidfd):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if pidfd is not None:
+                select.select([pidfd], [], [], min(delay, remaining))
+            else:
+                time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+
+    @staticmethod
+    def _alive(pid, pidfd):
+        if pidfd is not None:
+            return not select.select([pidfd], [], [], 0)[0]
+        return _pid_alive(pid) and not _is_zombie(pid)
+
+    def _say(self, message, error=False):
+        stream = sys.stderr if error else sys.stdout
+        try:
+            stream.write(message + '\n')
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    # Classic-recipe name: remove the pidfile (only the owner ever does).
+    def delpid(self):
+        if self._pidfile is not None:
+            self._pidfile.release()
+
+
+def _describe(exc):
+    if isinstance(exc, DaemonError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return '%s%s' % (exc.strerror, ': %s' % exc.filename if exc.filename else '')
+    return '%s: %s' % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+
+
+def _is_zombie(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except (OSError, IndexError):
+        return False
+
+
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _run_atexit():
+    """Run the atexit handlers that the daemon's code registered (os._exit skips them)."""
+    import atexit
+    run = getattr(atexit, '_run_exitfuncs', None)
+    if run is not None:
+        run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def main(daemon, argv=None):
+    """`prog start|stop|restart|try-restart|reload|force-reload|status|run`; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) != 1 or argv[0] not in ACTIONS:
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
+        sys.stderr.write('usage: %s {%s}\n' % (prog, '|'.join(ACTIONS)))
+        return EXIT_USAGE
+    return daemon.command(argv[0])
