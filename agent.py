@@ -1522,9 +1522,13 @@ def positive_int(text):
 
 
 def port_number(text):
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError('%r is not a port (1-65535)' % text)
+    """1-65535, or 0 for any free port (the log says which one was taken)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError('%r is not a port (0-65535)' % text)
     return value
 
 

@@ -475,11 +475,25 @@ class PidFile:
     # -- everyone else's side --
 
     def probe(self):
-        """Return (state, pid): ('running', pid), ('stale', pid or None) or ('absent', None)."""
+        """Return (state, pid): ('running', pid), ('stale', pid or None) or ('absent', None).
+
+        A daemon that has just taken the lock may not have written its pid yet: the file is
+        read again for a moment before a mismatch between the file and the lock is an error.
+        """
+        for attempt in range(20):
+            state, pid, consistent = self._probe_once()
+            if consistent:
+                return state, pid
+            time.sleep(0.01)
+        if pid is None:
+            raise DaemonError('pidfile %s is locked but names no live process' % self.path)
+        raise DaemonError('pidfile %s names pid %d, but another process holds its lock' % (self.path, pid))
+
+    def _probe_once(self):
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
-            return 'absent', None
+            return 'absent', None, True
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise DaemonError('pidfile %s is a symbolic link, refused' % self.path)
@@ -487,21 +501,14 @@ class PidFile:
         try:
             pid = parse_pid(os.pread(fd, 64, 0))
             holders = flock_holders(os.fstat(fd))
-            if holders is None:
-                locked = self._probe_lock(fd)
-            else:
-                locked = bool(holders)
-                if pid is not None and holders and pid not in holders:
-                    # Locked, but by a process the file does not name: never guess.
-                    raise DaemonError('pidfile %s names pid %d, but pid %s holds its lock'
-                                      % (self.path, pid, ','.join(map(str, holders))))
+            locked = self._probe_lock(fd) if holders is None else bool(holders)
         finally:
             os.close(fd)
-        if locked and pid is not None and _pid_alive(pid):
-            return 'running', pid
-        if locked:
-            raise DaemonError('pidfile %s is locked but names no live process (%r)' % (self.path, pid))
-        return 'stale', pid
+        if not locked:
+            return 'stale', pid, True
+        # Locked: it counts only if the file names the holder (never guess which pid to signal).
+        consistent = pid is not None and _pid_alive(pid) and (not holders or pid in holders)
+        return 'running', pid, consistent
 
     @staticmethod
     def _probe_lock(fd):

@@ -1,0 +1,37 @@
+# make test: the unit and integration suite, the Python 3.9 floor check, and a smoke run.
+PYTHON ?= python3
+
+.PHONY: test unit smoke compat bench
+
+test: unit compat smoke
+
+unit:
+	$(PYTHON) test_daemon.py
+
+# The card's promise of Python 3.9+: vermin is a dev-only tool (.ci/run installs it).
+compat:
+	@if command -v vermin >/dev/null 2>&1; then \
+		vermin -t=3.9- --no-tips --violations daemon.py agent.py; \
+	else \
+		echo "compat: vermin not installed (pip install vermin); Python 3.9 floor not checked"; \
+	fi
+
+# Spawn the agent, fetch a file with curl and compare its bytes, check the pidfile, stop it,
+# and check that nothing is left: no process, no pidfile.
+smoke:
+	@set -eu; dir=$$(mktemp -d); pid=; \
+	trap '[ -n "$$pid" ] && kill -9 -- -$$(ps -o pgid= $$pid | tr -d " ") 2>/dev/null; rm -rf "$$dir"' EXIT; \
+	mkdir "$$dir/www"; head -c 100000 /dev/urandom > "$$dir/www/smoke.jpg"; \
+	$(PYTHON) agent.py --root "$$dir/www" --bind 127.0.0.1 --port 0 --pidfile "$$dir/agent.pid" \
+		--log "$$dir/agent.log" --access-log "$$dir/access.log" start; \
+	pid=$$(cat "$$dir/agent.pid"); kill -0 "$$pid"; \
+	port=$$(sed -n 's/.* on 127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$$dir/agent.log" | tail -n 1); \
+	curl -sSf -o "$$dir/got.jpg" "http://127.0.0.1:$$port/smoke.jpg"; \
+	cmp "$$dir/www/smoke.jpg" "$$dir/got.jpg"; \
+	test "$$(stat -c %a "$$dir/agent.pid")" = 644; \
+	$(PYTHON) agent.py --pidfile "$$dir/agent.pid" stop; \
+	! kill -0 "$$pid" 2>/dev/null; test ! -e "$$dir/agent.pid"; \
+	pid=; echo "smoke: served, compared, stopped: ok"
+
+bench:
+	$(PYTHON) bench/bench.py
