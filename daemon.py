@@ -568,9 +568,14 @@ class ReadinessPipe:
 
     def __init__(self):
         self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        self.sent = False
 
-    def send(self, line):
-        """Daemon side: send the verdict once and close our end."""
+    def send(self, line, close=True):
+        """Daemon side: send the verdict once.
+
+        An ERROR is sent with close=False: the pipe then closes when the daemon has exited,
+        and the launcher waits for that, so no daemon is left when it reports the failure.
+        """
         if self.w is None:
             return
         data = (line.replace('\n', ' ') + '\n').encode('utf-8', 'backslashreplace')
@@ -578,7 +583,14 @@ class ReadinessPipe:
             os.write(self.w, data[:select.PIPE_BUF])
         except OSError:
             pass        # the launcher is gone (killed, or timed out): nothing to tell
-        self.close_write()
+        if close:
+            self.close_write()
+        else:
+            self.sent = True
+
+    def fail(self, message):
+        if self.w is not None and not self.sent:
+            self.send('ERROR ' + message, close=False)
 
     def close_write(self):
         if self.w is not None:
@@ -591,22 +603,29 @@ class ReadinessPipe:
             self.r = None
 
     def receive(self, timeout):
-        """Launcher side: the daemon's line, '' at EOF, None on timeout."""
+        """Launcher side: the daemon's line, '' at EOF, None on timeout.
+
+        After an ERROR line it waits (a few seconds at most) for the EOF of the daemon's exit.
+        """
         self.close_write()
         deadline = time.monotonic() + timeout
         data = b''
-        while b'\n' not in data:
+        while True:
+            if b'\n' in data and not data.startswith(b'ERROR'):
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if b'\n' in data:
+                    break
                 return None
-            ready, _, _ = select.select([self.r], [], [], remaining)
-            if not ready:
-                continue
-            chunk = os.read(self.r, 4096)
-            if not chunk:
-                break
-            data += chunk
-        return data.decode('utf-8', 'replace').strip()
+            if select.select([self.r], [], [], remaining)[0]:
+                chunk = os.read(self.r, 4096)
+                if not chunk:
+                    break
+                if b'\n' not in data and b'\n' in data + chunk:
+                    deadline = min(deadline, time.monotonic() + 5.0)
+                data += chunk
+        return data.decode('utf-8', 'replace').split('\n', 1)[0].strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -914,11 +933,11 @@ class Daemon:
             message = _describe(exc)
             if not isinstance(exc, DaemonError):
                 log('startup failed:\n' + ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+        self._cleanup()
         if self._readiness is not None and self._readiness.w is not None:
-            self._readiness.send('ERROR ' + message)
+            self._readiness.fail(message)
         elif self.detached:
             log('startup failed: ' + message)
-        self._cleanup()
 
     # -- running --------------------------------------------------------------------------------
 
@@ -933,7 +952,7 @@ class Daemon:
 
     def _serve(self):
         """Run run() and turn its end into an exit status; the pidfile is released after it."""
-        status = EXIT_FAILURE
+        status, error = EXIT_FAILURE, None
         try:
             if self.ready_on_run:
                 self.ready()
@@ -947,19 +966,18 @@ class Daemon:
             status = EXIT_OK                    # SIGINT in the foreground, before our handler
         except DaemonError as exc:
             log('%s: %s' % (self.name, exc))
-            status = EXIT_FAILURE
-            if not self._is_ready and self._readiness is not None:
-                self._readiness.send('ERROR ' + _describe(exc))
+            status, error = EXIT_FAILURE, _describe(exc)
         except BaseException as exc:
             log('%s: unhandled exception in run(), exiting:\n%s' % (self.name, ''.join(
                 traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()))
-            status = EXIT_FAILURE
-            if not self._is_ready and self._readiness is not None:
-                self._readiness.send('ERROR ' + _describe(exc))
-        if not self._is_ready and self._readiness is not None and self._readiness.w is not None:
-            self._readiness.send('ERROR exited before it was ready (status %s); see %s' % (status, self.stderr))
+            status, error = EXIT_FAILURE, _describe(exc)
+        else:
+            error = None
         notify(STOPPING=1)
         self._cleanup()
+        if not self._is_ready and self._readiness is not None:
+            self._readiness.fail(error or 'exited before it was ready (status %s); see %s'
+                                 % (status, self.stderr))
         return status
 
     def _serve_and_exit(self):
