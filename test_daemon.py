@@ -278,7 +278,8 @@ class AgentServer:
         self.dir = tempfile.mkdtemp(prefix='agent-test-')
         testcase.addCleanup(subprocess.run, ['rm', '-rf', self.dir])
         self.root = root or os.path.join(self.dir, 'www')
-        os.makedirs(self.root, exist_ok=True)
+        if root is None:
+            os.makedirs(self.root)
         self.pidfile = os.path.join(self.dir, 'agent.pid')
         self.log = os.path.join(self.dir, 'agent.log')
         self.access_log = os.path.join(self.dir, 'access.log')
@@ -916,6 +917,246 @@ class ClassicRecipeBugTests(SampleDaemonTest):
 
     def test_child_forked_by_run_keeps_the_pidfile(self):
         DaemonProcessTests.test_child_forked_by_run_keeps_the_pidfile(self)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# agent.py: the command line and the daemon around the server
+# ---------------------------------------------------------------------------------------------
+
+class AgentCommandLineTests(unittest.TestCase):
+    def test_defaults_match_the_original(self):
+        config = agent.parser().parse_args(['start'])
+        self.assertEqual((config.port, config.bind, config.root), (9085, '0.0.0.0', '.'))
+        self.assertEqual((config.pidfile, config.log, config.access_log),
+                         ('agent.pid', 'agent.log', 'access.log'))
+        self.assertEqual(config.workers, os.cpu_count())
+
+    def test_bad_options_are_refused_before_anything_starts(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        for bad in (['--workers', '0'], ['--port', '70000'], ['--port', 'http'], ['--timeout', '-1'],
+                    ['--stop-timeout', 'soon'], ['--max-header-size', '0'], ['frobnicate']):
+            args = [PYTHON, AGENT, '--pidfile', os.path.join(tmp, 'a.pid')] + bad
+            if 'frobnicate' not in bad:
+                args.append('start')
+            result = run(args, cwd=tmp)
+            self.assertEqual(result.returncode, 2, bad)
+            self.assertIn('error:', result.stderr)
+            self.assertNotIn('Traceback', result.stderr)
+            self.assertFalse(os.path.exists(os.path.join(tmp, 'a.pid')))
+
+
+class AgentLifecycleTests(unittest.TestCase):
+    def assert_nothing_left(self, server):
+        self.assertFalse(os.path.exists(server.pidfile), 'pidfile left behind')
+        with open(server.log) as f:
+            pids = set(map(int, re.findall(r'\[(\d+)\]', f.read())))
+        self.assertEqual([p for p in pids if pid_alive(p)], [], 'processes left behind')
+
+    def test_start_status_stop(self):
+        server = AgentServer(self).start()
+        self.assertEqual(server.command('status').returncode, 0)
+        workers = server.workers()
+        self.assertEqual(len(workers), 2)
+        self.assertEqual(server.get('/missing.jpg')[0], 404)
+        server.stop()
+        self.assertEqual(server.command('status').returncode, 3)
+        wait_for(lambda: not any(map(pid_alive, workers)), message='workers gone')
+        self.assert_nothing_left(server)
+
+    def test_port_in_use_is_a_clear_startup_error(self):
+        with socket.socket() as taken:
+            taken.bind(('127.0.0.1', 0))
+            taken.listen(1)
+            server = AgentServer(self)
+            server.options[server.options.index('--port') + 1] = str(taken.getsockname()[1])
+            result = server.command('start')
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn('Address already in use', result.stderr)
+        self.assertIn('cannot listen on 127.0.0.1:', result.stderr)
+        self.assert_nothing_left(server)
+
+    def test_missing_root_is_a_clear_startup_error(self):
+        server = AgentServer(self, root='/nonexistent/images')
+        result = server.command('start')
+        self.assertEqual(result.returncode, 1)
+        self.assertIn('/nonexistent/images', result.stderr)
+        self.assertIn('does not exist', result.stderr)
+        self.assert_nothing_left(server)
+
+    def test_bad_bind_address_is_a_clear_startup_error(self):
+        server = AgentServer(self)
+        server.options[server.options.index('--bind') + 1] = '300.1.1.1'
+        result = server.command('start')
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("invalid --bind address '300.1.1.1'", result.stderr)
+        self.assert_nothing_left(server)
+
+    def test_ipv6_loopback(self):
+        if not socket.has_ipv6:
+            self.skipTest('no IPv6')
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(('::1', 0))
+        except OSError:
+            self.skipTest('no ::1 here')
+        server = AgentServer(self)
+        server.options[server.options.index('--bind') + 1] = '::1'
+        server.write('v6.jpg', b'six')
+        result = server.command('start')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        server.pids.append(server.master())
+        with open(server.log) as f:
+            port = int(re.findall(r'on \[::1\]:(\d+)', f.read())[-1])
+        conn = http.client.HTTPConnection('::1', port, timeout=10)
+        conn.request('GET', '/v6.jpg')
+        self.assertEqual(conn.getresponse().read(), b'six')
+        conn.close()
+        server.stop()
+
+    def test_drops_privileges_after_binding(self):
+        if os.geteuid() != 0:
+            self.skipTest('needs root')
+        import pwd
+        try:
+            nobody = pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        server = AgentServer(self, '--user', 'nobody')
+        os.chmod(server.dir, 0o755)
+        server.write('p.jpg', b'pixels')
+        server.start()
+        for pid in [server.master()] + server.workers():
+            uids = proc_status(pid, 'Uid').split()
+            self.assertEqual(set(uids), {str(nobody.pw_uid)}, 'pid %d uids %s' % (pid, uids))
+            self.assertNotIn('0', proc_status(pid, 'Groups').split())
+        self.assertEqual(server.get('/p.jpg')[2], b'pixels')
+        self.assertEqual(os.stat(server.access_log).st_uid, nobody.pw_uid)
+        server.stop()
+        self.assertEqual(server.command('status').returncode, 3)
+
+
+class SupervisionTests(unittest.TestCase):
+    def test_killed_worker_is_respawned(self):
+        server = AgentServer(self).start()
+        server.write('a.jpg', b'A' * 1000)
+        before = server.workers()
+        os.kill(before[0], signal.SIGKILL)
+        wait_for(lambda: len(server.workers()) == 2 and before[0] not in server.workers(),
+                 message='a new worker')
+        self.assertEqual(server.get('/a.jpg')[2], b'A' * 1000)
+        self.assertEqual(zombies_of(server.master()), [])
+        with open(server.log) as f:
+            self.assertIn('died (killed by SIGKILL); respawning', f.read())
+        server.stop()
+
+    def test_download_in_flight_survives_stop(self):
+        server = AgentServer(self).start()
+        size = 48 << 20
+        with open(os.path.join(server.root, 'big.jpg'), 'wb') as f:
+            f.truncate(size)
+        sock = server.connect(timeout=20)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b'GET /big.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        first = sock.recv(65536)
+        self.assertTrue(first.startswith(b'HTTP/1.1 200'))
+        stopper = subprocess.Popen([PYTHON, AGENT] + server.options + ['stop'],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(stopper.wait)
+        self.addCleanup(stopper.kill)
+        time.sleep(0.3)          # the stop is under way while we read slowly
+        received = len(first.partition(b'\r\n\r\n')[2])
+        while received < size:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+        self.assertEqual(received, size)
+        stopper.wait(TIMEOUT)
+        self.assertEqual(stopper.returncode, 0)
+        self.assertFalse(os.path.exists(server.pidfile))
+
+    def test_reload_replaces_workers_without_failing_a_request(self):
+        server = AgentServer(self).start()
+        body = os.urandom(20000)
+        server.write('r.jpg', body)
+        failures, done = [], []
+        stop = threading.Event()
+
+        def client(keep_alive):
+            conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+            while not stop.is_set():
+                try:
+                    if not keep_alive:
+                        conn.close()
+                    conn.request('GET', '/r.jpg')
+                    response = conn.getresponse()
+                    if response.status != 200 or response.read() != body:
+                        failures.append(response.status)
+                    done.append(1)
+                except Exception as exc:
+                    failures.append(repr(exc))
+                    conn.close()
+            conn.close()
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in (True, True, False)]
+        for t in threads:
+            t.start()
+        try:
+            old = set(server.workers())
+            for _ in range(3):
+                count = len(done)
+                os.kill(server.master(), signal.SIGHUP)
+                wait_for(lambda: len(done) > count + 50, message='requests after a reload')
+            wait_for(lambda: not old & set(server.workers()), message='old workers gone')
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(TIMEOUT)
+        self.assertEqual(failures, [])
+        self.assertEqual(len(server.workers()), 2)
+        wait_for(lambda: zombies_of(server.master()) == [], message='no zombies')
+        server.stop()
+
+    def test_usr1_reopens_both_logs(self):
+        server = AgentServer(self).start()
+        server.write('l.jpg', b'L')
+        server.get('/l.jpg')
+        os.rename(server.access_log, server.access_log + '.1')
+        os.rename(server.log, server.log + '.1')
+        os.kill(server.master(), signal.SIGUSR1)
+        wait_for(lambda: os.path.exists(server.access_log) and os.path.exists(server.log),
+                 message='logs recreated')
+        # Every worker reopens: enough requests on fresh connections to reach each of them.
+        def new_lines():
+            server.get('/l.jpg?after')
+            return len([l for l in server.access_lines() if 'after' in l]) >= 10
+        wait_for(new_lines, message='lines in the new access log')
+        with open(server.access_log + '.1') as f:
+            self.assertNotIn('after', f.read())
+        for pid in [server.master()] + server.workers():
+            self.assertEqual(os.readlink('/proc/%d/fd/2' % pid), server.log)
+        server.stop()
+
+    def test_workers_exit_when_the_master_is_killed(self):
+        server = AgentServer(self).start()
+        master, workers, port = server.master(), server.workers(), server.port
+        os.kill(master, signal.SIGKILL)
+        wait_for(lambda: not any(map(pid_alive, workers)), timeout=5, message='orphan workers exit')
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(('127.0.0.1', port))         # the port is free again
+        self.assertEqual(server.command('status').returncode, 1)
+        server.start()
+        self.assertEqual(server.command('status').returncode, 0)
+        server.stop()
+
+
+def zombies_of(pid):
+    return [child for child in children_of(pid) if proc_stat(child)[0] == 'Z']
 
 
 if __name__ == '__main__':
