@@ -122,6 +122,7 @@ VERSION = re.compile(rb'^HTTP/(\d+)(?:\.(\d+))?$')
 BAD_TARGET_BYTES = re.compile(rb'[\x00-\x20\x7f-\xff\\]')
 BAD_PATH_CHARS = re.compile('[\x00-\x1f\x7f\\\\]')
 PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
+HEADER_FIELD = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)(?<![ \t])[ \t]*\r?\n", re.M)
 GARBAGE = re.compile(rb'[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]')
 LOG_UNSAFE = re.compile(rb'[^\x20-\x7e]|["\\]')
 
@@ -166,11 +167,13 @@ class Request:
         self.version = version          # (1, 1)
         self.headers = headers
         self.line = line                # the request line, for the access log
-        tokens = headers.get('connection', '').lower()
-        if version >= (1, 1):
-            self.keep_alive = 'close' not in tokens
+        tokens = headers.get('connection')
+        if tokens is None:
+            self.keep_alive = version >= (1, 1)
+        elif version >= (1, 1):
+            self.keep_alive = 'close' not in tokens.lower()
         else:
-            self.keep_alive = 'keep-alive' in tokens
+            self.keep_alive = 'keep-alive' in tokens.lower()
         self.body_length = 0
 
 
@@ -198,13 +201,11 @@ def parse_request(buf, max_size=MAX_HEADER_SIZE, max_headers=MAX_HEADERS):
     Raises HTTPError for a malformed or oversized head; the error's close flag is set, since
     the message framing cannot be trusted after it.
     """
-    # Leading empty lines before a request line are to be ignored (RFC 9112 section 2.2).
-    skip = 0
-    while buf.startswith(b'\r\n', skip) or buf.startswith(b'\n', skip):
-        skip += 2 if buf.startswith(b'\r\n', skip) else 1
-    if skip:
-        found = parse_request(buf[skip:], max_size, max_headers)
-        return None if found is None else (found[0], found[1] + skip)
+    if buf[:1] in (b'\r', b'\n'):
+        # Empty lines before a request line are to be ignored (RFC 9112 section 2.2).
+        rest = buf.lstrip(b'\r\n')
+        found = parse_request(rest, max_size, max_headers) if rest else None
+        return None if found is None else (found[0], found[1] + len(buf) - len(rest))
     found = find_head_end(buf)
     if found is None:
         line_end = buf.find(b'\n')
@@ -216,42 +217,53 @@ def parse_request(buf, max_size=MAX_HEADER_SIZE, max_headers=MAX_HEADERS):
             raise HTTPError(431, close=True, request_line=buf[:line_end].rstrip(b'\r'))
         return None
     end, consumed = found
+    line_end = buf.find(b'\n')
     if end > max_size:
-        line_end = buf.find(b'\n')
         raise HTTPError(414 if line_end > max_size else 431, close=True,
                         request_line=buf[:min(line_end, 200)].rstrip(b'\r'))
-    lines = buf[:end].split(b'\n')
-    line = lines[0]
-    if line.endswith(b'\r'):
-        line = line[:-1]
-    request = _parse_request_line(line)
-    if len(lines) - 1 > max_headers:
+    line = buf[:line_end - 1] if buf[line_end - 1:line_end] == b'\r' else buf[:line_end]
+    method, target, version = _parse_request_line(line)
+    # One regex pass over the header block: a line it does not match (no colon, space before
+    # the colon, obs-fold, a bare CR, a NUL) makes the counts differ, and that is a 400.
+    text = buf[line_end + 1:consumed].decode('latin-1')
+    count = text.count('\n') - 1
+    if count > max_headers:
         raise HTTPError(431, close=True, request_line=line)
+    fields = HEADER_FIELD.findall(text)
+    if len(fields) != count:
+        raise HTTPError(400, close=True, request_line=line)
+    headers = {name.lower(): value for name, value in fields}
+    if len(headers) != count:
+        headers = _merge_repeated(fields, line)
+    req = Request(method, target, version, headers, line)
+    if version == (1, 0) or 'host' not in headers or 'content-length' in headers \
+            or 'transfer-encoding' in headers:
+        _check_framing(req)
+    return req, consumed
+
+
+def _merge_repeated(fields, line):
+    """Repeated fields are joined with commas; a repeated Host or Transfer-Encoding, or
+    Content-Lengths that differ, are refused (RFC 9110 section 5.3, RFC 9112 section 6.3)."""
     headers = {}
-    for raw in lines[1:]:
-        if raw.endswith(b'\r'):
-            raw = raw[:-1]
-        name, colon, value = raw.partition(b':')
-        if not colon or not TOKEN.match(name) or b'\r' in value or b'\0' in value:
-            # No colon, whitespace before it, obs-fold or a bare CR: all refused (RFC 9112 5).
-            raise HTTPError(400, close=True, request_line=line)
-        key = name.decode('ascii').lower()
-        value = value.strip(b' \t').decode('latin-1')
+    for name, value in fields:
+        key = name.lower()
         if key in headers:
-            if key in ('host', 'content-length', 'transfer-encoding'):
-                if key != 'content-length' or headers[key] != value:
-                    raise HTTPError(400, close=True, request_line=line)
-            else:
+            if key in ('host', 'transfer-encoding') or key == 'content-length' and headers[key] != value:
+                raise HTTPError(400, close=True, request_line=line)
+            if key != 'content-length':
                 headers[key] = headers[key] + ', ' + value
         else:
             headers[key] = value
-    req = Request(request[0], request[1], request[2], headers, line)
-    _check_framing(req)
-    return req, consumed
+    return headers
 
 
 def _parse_request_line(line):
     parts = line.split(b' ')
+    if len(parts) == 3 and parts[1]:
+        method, target, version = parts
+        if version == b'HTTP/1.1' and (method == b'GET' or method == b'HEAD'):
+            return method, target, (1, 1)           # the common case, without regexes
     match = VERSION.match(parts[-1]) if len(parts) > 1 else None
     if match is not None and (match.group(1) != b'1' or match.group(2) is None):
         raise HTTPError(505, close=True, request_line=line)     # HTTP/2.0, HTTP/3, HTTP/0.9
@@ -429,6 +441,11 @@ def parse_range(value, size):
         return None
     if not first.isascii() or not last.isascii():
         return None
+    # Numbers too long for int() (or for any file) clamp: a start that long is past any end.
+    if len(first) > 18:
+        return 'unsatisfiable'
+    if len(last) > 18:
+        last = str(size)
     if first == '':
         if last == '':
             return None
@@ -841,6 +858,7 @@ class Worker:
         self.selector = selectors.DefaultSelector()
         self.files = FileCache(config.root, config.follow_symlinks)
         self.paths = {}
+        self.escaped = {}               # raw access-log fields -> their escaped form
         self.conns = set()
         self.deferred = []
         self.log_lines = []
@@ -983,15 +1001,15 @@ class Worker:
     def respond(self, conn, req):
         """Answer one parsed request (GET or HEAD) from the files under the root."""
         check_method(req)
-        key = req.target
-        mapped = self.paths.get(key)
+        mapped = self.paths.get(req.target)
         if mapped is None:
-            mapped = map_target(key)
+            relative, trailing, raw_path, query = map_target(req.target)
+            path = self.root + '/' + relative if relative else self.root
+            mapped = (path, relative, trailing, raw_path, query)
             if len(self.paths) >= PATH_CACHE_SIZE:
                 self.paths.clear()
-            self.paths[key] = mapped
-        relative, trailing, raw_path, query = mapped
-        path = self.root + '/' + relative if relative else self.root
+            self.paths[req.target] = mapped
+        path, relative, trailing, raw_path, query = mapped
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -1094,10 +1112,18 @@ class Worker:
         """One Combined Log Format line for the response that just ended."""
         if self.access_fd is None:
             return
+        escaped = self.escaped
+        line, referer, agent = conn.line, conn.referer or '-', conn.agent or '-'
+        try:
+            line, referer, agent = escaped[line], escaped[referer], escaped[agent]
+        except KeyError:
+            if len(escaped) > PATH_CACHE_SIZE:
+                escaped.clear()
+            for raw in (line, referer, agent):
+                escaped[raw] = escape_log(raw)
+            line, referer, agent = escaped[line], escaped[referer], escaped[agent]
         self.log_lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
-            conn.peer, self.log_time, escape_log(conn.line), conn.status,
-            conn.sent if conn.sent else '-', escape_log(conn.referer or '-'),
-            escape_log(conn.agent or '-')))
+            conn.peer, self.log_time, line, conn.status, conn.sent or '-', referer, agent))
 
     def flush_access_log(self):
         """Write the lines of this iteration in one write; a failing disk is reported once."""

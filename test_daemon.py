@@ -1159,6 +1159,1410 @@ def zombies_of(pid):
     return [child for child in children_of(pid) if proc_stat(child)[0] == 'Z']
 
 
+
+# ---------------------------------------------------------------------------------------------
+# agent.py's HTTP rules: helpers (names prefixed HttpRules/http_rules_ to stay distinct)
+# ---------------------------------------------------------------------------------------------
+
+HTTP_RULES_MTIME = 1577836800            # 2020-01-01 00:00:00 UTC: a fixed, old mtime
+HTTP_RULES_PAST = 'Sun, 06 Nov 1994 08:49:37 GMT'
+HTTP_RULES_RANGE_DATA = (bytes(range(256)) * 4)[:1000]
+HTTP_RULES_A = b'A-JPEG-CONTENT:' + b'a' * 385          # 400 bytes
+HTTP_RULES_CLF = re.compile(
+    r'^(\S+) - - \[(\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4})\] "((?:[^"\\]|\\.)*)" '
+    r'(\d{3}) (\d+|-) "((?:[^"\\]|\\.)*)" "((?:[^"\\]|\\.)*)"$')
+
+# Request targets that try to leave the root (sent verbatim on the request line).
+HTTP_RULES_TRAVERSAL = [
+    b'/../canary.txt',
+    b'/../../canary.txt',
+    b'/../../../../../../../../etc/passwd',
+    b'/%2e%2e/canary.txt',
+    b'/%2E%2E/canary.txt',
+    b'/%2e%2e%2fcanary.txt',
+    b'/%2E%2E%2Fcanary.txt',
+    b'/..%2fcanary.txt',
+    b'/..%2Fcanary.txt',
+    b'/.%2e/canary.txt',
+    b'/%2e./canary.txt',
+    b'/./.././canary.txt',
+    b'/sub/../../canary.txt',
+    b'/sub/./../.././canary.txt',
+    b'/sub/%2e%2e/%2e%2e/canary.txt',
+    b'/sub/..%2f..%2fcanary.txt',
+    b'/sub/..%2f..%2f..%2fetc/passwd',
+    b'/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd',
+    b'/%2e%2e%2f%2e%2e%2fetc%2fpasswd',
+    b'/..\\canary.txt',
+    b'/sub\\..\\..\\canary.txt',
+    b'/..%5ccanary.txt',
+    b'/..%5Ccanary.txt',
+    b'/%5c..%5ccanary.txt',
+    b'/%2e%2e%5ccanary.txt',
+    b'//etc/passwd',
+    b'///etc/passwd',
+    b'/%2fetc%2fpasswd',
+    b'/%2Fetc/passwd',
+    b'http://x/../../canary.txt',
+    b'http://x/%2e%2e/canary.txt',
+    b'http://x/../../etc/passwd',
+    b'http://127.0.0.1/../canary.txt',
+    b'https://x/..%2fcanary.txt',
+    b'http://x/..',
+    b'/%c0%ae%c0%ae/canary.txt',
+    b'/%c0%ae%c0%ae%c0%afcanary.txt',
+    b'/%e0%80%ae%e0%80%ae/canary.txt',
+    b'/..%c0%afcanary.txt',
+    b'/%c1%9c..%c1%9ccanary.txt',
+    b'/..%ef%bc%8fcanary.txt',
+    b'/%252e%252e/canary.txt',
+    b'/%252e%252e%252fcanary.txt',
+    b'/..%252fcanary.txt',
+    b'/%00../canary.txt',
+    b'/..%00/canary.txt',
+    b'/a.jpg%00.png',
+    b'/..;/canary.txt',
+    b'/.../canary.txt',
+    b'/..',
+    b'/%2e%2e',
+    b'/sub/..%2f..',
+    b'../canary.txt',
+    b'*',
+    b'/wwwsecret/../../wwwsecret/canary.txt',
+    b'/../wwwsecret/canary.txt',
+    b'/../outside/canary.txt',
+]
+
+
+def http_rules_request(target, *headers, method='GET', version='HTTP/1.1', host='x', body=b''):
+    """The bytes of one request; target and headers may be str (latin-1) or bytes."""
+    def b(value):
+        return value if isinstance(value, bytes) else value.encode('latin-1')
+    lines = [b(method) + b' ' + b(target) + b' ' + b(version)]
+    if host is not None:
+        lines.append(b'Host: ' + b(host))
+    lines.extend(b(h) for h in headers)
+    return b'\r\n'.join(lines) + b'\r\n\r\n' + body
+
+
+def http_rules_check_no_traceback(data):
+    if b'Traceback' in data or b'File "' in data:
+        raise AssertionError('traceback text in a response: %r' % data[:500])
+
+
+def http_rules_unescape_log(field):
+    """Undo the access log's escaping (\\xHH, or \\" and \\\\)."""
+    return re.sub(r'\\(x[0-9a-fA-F]{2}|.)',
+                  lambda m: chr(int(m.group(1)[1:], 16)) if len(m.group(1)) == 3 else m.group(1),
+                  field)
+
+
+class HttpRulesResponse:
+    def __init__(self, status, headers, body, head):
+        self.status = status
+        self.headers = headers          # lowercase str names -> str values
+        self.body = body
+        self.head = head                # raw head bytes, with the final CRLF CRLF
+
+    def __repr__(self):
+        return '<%d %r %r>' % (self.status, self.headers, self.body[:80])
+
+
+class HttpRulesConn:
+    """A raw client connection reading responses one at a time (HEAD- and 304-aware)."""
+
+    def __init__(self, port, timeout=5.0):
+        self.sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout = timeout
+        self.buf = b''
+        self.closed = False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def _more(self, deadline):
+        """Read some more; False once the peer has closed.  Raises on timeout."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError('timed out waiting for the server; have %r' % self.buf[:300])
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise AssertionError('timed out waiting for the server; have %r' % self.buf[:300])
+        except (ConnectionResetError, BrokenPipeError):
+            data = b''
+        if not data:
+            self.closed = True
+            return False
+        http_rules_check_no_traceback(data)
+        self.buf += data
+        return True
+
+    def response(self, head_only=False, timeout=None):
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while b'\r\n\r\n' not in self.buf:
+            if not self._more(deadline):
+                raise AssertionError('closed before a complete response head: %r' % self.buf[:300])
+        end = self.buf.index(b'\r\n\r\n') + 4
+        head = self.buf[:end]
+        lines = head[:-4].split(b'\r\n')
+        parts = lines[0].split(b' ', 2)
+        if not parts[0].startswith(b'HTTP/1.'):
+            raise AssertionError('not a status line: %r' % lines[0])
+        status = int(parts[1])
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b':')
+            if not colon:
+                raise AssertionError('bad header line %r' % line)
+            headers[name.decode('latin-1').lower()] = value.strip().decode('latin-1')
+        length = 0 if head_only or status in (204, 304) else int(headers.get('content-length', 0))
+        while len(self.buf) < end + length:
+            if not self._more(deadline):
+                raise AssertionError('closed in the middle of a body: %r' % self.buf[:300])
+        body = self.buf[end:end + length]
+        self.buf = self.buf[end + length:]
+        return HttpRulesResponse(status, headers, body, head)
+
+    def wait_closed(self, timeout=None):
+        """Read until the server closes: True if it did within timeout, else False."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        try:
+            while self._more(deadline):
+                pass
+        except AssertionError:
+            return False
+        return True
+
+
+class HttpRulesClassCleanups:
+    """Gives AgentServer an addCleanup that registers class-level cleanups."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def addCleanup(self, function, *args, **kwargs):
+        self.cls.addClassCleanup(function, *args, **kwargs)
+
+
+class HttpRulesServerBase(unittest.TestCase):
+    """One agent per test class, started in setUpClass and stopped in tearDownClass."""
+
+    options = ()
+    workers = 2
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = AgentServer(HttpRulesClassCleanups(cls), *cls.options, workers=cls.workers)
+        cls.canary = ('CANARY-%s-OUTSIDE-ROOT' % os.urandom(8).hex()).encode()
+        cls.make_files()
+        cls.server.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    @classmethod
+    def make_files(cls):
+        pass
+
+    # -- helpers for the tests --
+
+    def conn(self, timeout=5.0):
+        conn = HttpRulesConn(self.server.port, timeout)
+        self.addCleanup(conn.close)
+        return conn
+
+    def fetch(self, raw, head_only=False, timeout=5.0):
+        """Send raw bytes on a new connection, read one response."""
+        conn = self.conn(timeout)
+        conn.send(raw)
+        return conn.response(head_only)
+
+    def fetch_all(self, raw, timeout=5.0, shut=False):
+        """Send raw bytes, read until the server closes: (data, closed within timeout)."""
+        conn = self.conn(timeout)
+        conn.send(raw)
+        if shut:
+            conn.sock.shutdown(socket.SHUT_WR)
+        closed = conn.wait_closed(timeout)
+        return conn.buf, closed
+
+    def get(self, target, *headers, **kwargs):
+        return self.fetch(http_rules_request(target, *headers, **kwargs),
+                          head_only=kwargs.get('method') == 'HEAD')
+
+    def assert_serving(self):
+        response = self.get('/a.jpg', 'Connection: close')
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, HTTP_RULES_A)
+
+    def assert_error_page(self, response, status):
+        self.assertEqual(response.status, status, response)
+        self.assertTrue(response.headers.get('content-type', '').startswith('text/html'), response)
+        self.assertIn(str(status).encode(), response.body)
+        self.assertIn(b'<html', response.body.lower())
+        self.assertLess(len(response.body), 2048)
+        self.assertNotIn(b'Traceback', response.body)
+
+
+def http_rules_write(root, name, data, mtime=HTTP_RULES_MTIME):
+    path = os.path.join(root, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(data)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def http_rules_outside_files(cls):
+    """The canary next to the root (and in sibling dirs); symlinks out of it."""
+    server = cls.server
+    base = os.path.dirname(server.root)
+    for rel in ('canary.txt', 'outside/canary.txt', 'wwwsecret/canary.txt'):
+        http_rules_write(base, rel, cls.canary)
+    http_rules_write(server.root, 'a.jpg', HTTP_RULES_A)
+    http_rules_write(server.root, 'sub/inner.jpg', b'inner')
+    os.symlink(os.path.join(base, 'canary.txt'), os.path.join(server.root, 'link-out.jpg'))
+    os.symlink('../outside', os.path.join(server.root, 'link-out-dir'))
+    os.symlink('../wwwsecret/canary.txt', os.path.join(server.root, 'link-prefix.txt'))
+
+
+# ---------------------------------------------------------------------------------------------
+# agent.py's HTTP rules: the pure functions
+# ---------------------------------------------------------------------------------------------
+
+class HttpRulesParseRequestTests(unittest.TestCase):
+    def parse(self, data, *args):
+        return agent.parse_request(data, *args)
+
+    def assert_status(self, data, status, *args):
+        with self.assertRaises(agent.HTTPError) as caught:
+            self.parse(data, *args)
+        self.assertEqual(caught.exception.status, status, data[:100])
+        return caught.exception
+
+    def test_complete_request(self):
+        data = b'GET /a.jpg?x=1 HTTP/1.1\r\nHost: example\r\nUser-Agent:  ua \r\n\r\n'
+        req, consumed = self.parse(data)
+        self.assertEqual(consumed, len(data))
+        self.assertEqual((req.method, req.target, req.version), (b'GET', b'/a.jpg?x=1', (1, 1)))
+        self.assertEqual(req.headers, {'host': 'example', 'user-agent': 'ua'})
+        self.assertTrue(req.keep_alive)
+        self.assertEqual(req.body_length, 0)
+
+    def test_leftover_bytes_not_consumed(self):
+        first = b'GET /a HTTP/1.1\r\nHost: x\r\n\r\n'
+        req, consumed = self.parse(first + b'GET /b HTTP/1.1\r\nHo')
+        self.assertEqual(consumed, len(first))
+        self.assertEqual(req.target, b'/a')
+
+    def test_incomplete_returns_none(self):
+        full = b'GET /a.jpg HTTP/1.1\r\nHost: x\r\n\r\n'
+        for cut in range(len(full)):
+            self.assertIsNone(self.parse(full[:cut]), full[:cut])
+
+    def test_leading_crlf_ignored(self):
+        for prefix in (b'\r\n', b'\r\n\r\n', b'\n'):
+            data = prefix + b'GET / HTTP/1.1\r\nHost: x\r\n\r\n'
+            req, consumed = self.parse(data)
+            self.assertEqual(consumed, len(data))
+            self.assertEqual(req.target, b'/')
+
+    def test_bare_lf_accepted(self):
+        data = b'GET /a.jpg HTTP/1.1\nHost: x\nAccept: */*\n\n'
+        req, consumed = self.parse(data)
+        self.assertEqual(consumed, len(data))
+        self.assertEqual(req.headers, {'host': 'x', 'accept': '*/*'})
+
+    def test_obs_fold_rejected(self):
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n', 400)
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n\tb\r\n\r\n', 400)
+
+    def test_space_before_colon_rejected(self):
+        self.assert_status(b'GET / HTTP/1.1\r\nHost : x\r\n\r\n', 400)
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nX-A\t: 1\r\n\r\n', 400)
+
+    def test_header_without_colon_rejected(self):
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nnocolon\r\n\r\n', 400)
+
+    def test_bare_cr_and_nul_in_value_rejected(self):
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n', 400)
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n', 400)
+
+    def test_duplicate_host_rejected(self):
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n', 400)
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n', 400)
+
+    def test_content_length(self):
+        req, _ = self.parse(b'GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n')
+        self.assertEqual(req.body_length, 5)
+        req, _ = self.parse(b'GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n')
+        self.assertEqual(req.body_length, 5)
+        for bad in (b'Content-Length: 5\r\nContent-Length: 6', b'Content-Length: 5, 6',
+                    b'Content-Length: -1', b'Content-Length: abc', b'Content-Length: 0x10',
+                    b'Content-Length: +5', b'Content-Length: 99999999999999999999999'):
+            self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\n' + bad + b'\r\n\r\n', 400)
+
+    def test_transfer_encoding_with_content_length_rejected(self):
+        error = self.assert_status(b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n'
+                                   b'Transfer-Encoding: chunked\r\n\r\n', 400)
+        self.assertTrue(error.close)
+
+    def test_host_required_in_http11_only(self):
+        self.assert_status(b'GET / HTTP/1.1\r\nAccept: */*\r\n\r\n', 400)
+        req, _ = self.parse(b'GET / HTTP/1.0\r\n\r\n')
+        self.assertFalse(req.keep_alive)
+
+    def test_keep_alive_rules(self):
+        cases = [(b'HTTP/1.1', b'', True), (b'HTTP/1.1', b'Connection: close\r\n', False),
+                 (b'HTTP/1.1', b'Connection: Keep-Alive, Close\r\n', False),
+                 (b'HTTP/1.0', b'', False), (b'HTTP/1.0', b'Connection: keep-alive\r\n', True),
+                 (b'HTTP/1.0', b'Connection: Keep-Alive\r\n', True)]
+        for version, header, expected in cases:
+            req, _ = self.parse(b'GET / ' + version + b'\r\nHost: x\r\n' + header + b'\r\n')
+            self.assertEqual(req.keep_alive, expected, (version, header))
+
+    def test_http2_and_later_505(self):
+        for line in (b'GET / HTTP/2.0', b'PRI * HTTP/2.0', b'GET / HTTP/3.0', b'GET / HTTP/2'):
+            self.assert_status(line + b'\r\nHost: x\r\n\r\n', 505)
+        self.assert_status(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n', 505)
+
+    def test_malformed_request_lines_400(self):
+        for line in (b'GET  / HTTP/1.1', b'GET /', b'GET / HTTP/1.1 extra', b' GET / HTTP/1.1',
+                     b'G(T / HTTP/1.1', b'GET / HTTX/1.1', b'HTTP/1.1 200 OK'):
+            self.assert_status(line + b'\r\nHost: x\r\n\r\n', 400)
+
+    def test_size_limits(self):
+        self.assert_status(b'GET /' + b'a' * 9000 + b' HTTP/1.1\r\nHost: x\r\n\r\n', 414)
+        self.assert_status(b'GET /' + b'a' * 9000, 414)                # incomplete, no line end yet
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'a' * 9000 + b'\r\n\r\n', 431)
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'a' * 9000, 431)
+        self.assertIsNotNone(self.parse(b'GET / HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'a' * 7000 + b'\r\n\r\n'))
+        # the limit is a parameter (--max-header-size)
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'a' * 600 + b'\r\n\r\n', 431, 512)
+
+    def test_header_count_limit(self):
+        many = b''.join(b'X-H%d: %d\r\n' % (i, i) for i in range(99))
+        self.assertIsNotNone(self.parse(b'GET / HTTP/1.1\r\nHost: x\r\n' + many + b'\r\n'))
+        self.assert_status(b'GET / HTTP/1.1\r\nHost: x\r\n' + many + b'X-Last: 1\r\n\r\n', 431)
+
+    def test_binary_garbage_rejected_without_waiting(self):
+        for junk in (b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03', b'\x00\x01\x02', b'GET /\x01'):
+            self.assert_status(junk, 400)
+
+    def test_check_method(self):
+        def req(method):
+            return agent.parse_request(method + b' / HTTP/1.1\r\nHost: x\r\n\r\n')[0]
+        for method in (b'GET', b'HEAD'):
+            agent.check_method(req(method))
+        for method in (b'POST', b'PUT', b'DELETE', b'OPTIONS', b'TRACE', b'PATCH', b'CONNECT'):
+            with self.assertRaises(agent.HTTPError) as caught:
+                agent.check_method(req(method))
+            self.assertEqual(caught.exception.status, 405)
+            self.assertIn(b'Allow: GET, HEAD\r\n', caught.exception.headers)
+        for method in (b'FOO', b'BREW', b'get', b'PROPFIND'):
+            with self.assertRaises(agent.HTTPError) as caught:
+                agent.check_method(req(method))
+            self.assertEqual(caught.exception.status, 501)
+
+
+class HttpRulesPathTests(unittest.TestCase):
+    ROOT = '/srv/www'
+
+    def test_traversal_table_never_escapes_the_root(self):
+        for target in HTTP_RULES_TRAVERSAL:
+            with self.subTest(target=target):
+                try:
+                    relative, trailing, raw, query = agent.map_target(target)
+                except agent.HTTPError as exc:
+                    self.assertIn(exc.status, (400, 404))
+                    continue
+                self.assertNotIn('..', relative.split('/'))
+                self.assertFalse(relative.startswith('/'), relative)
+                self.assertNotIn('\\', relative)
+                self.assertNotIn('\x00', relative)
+                full = os.path.normpath(os.path.join(self.ROOT, relative))
+                self.assertTrue(full == self.ROOT or full.startswith(self.ROOT + '/'), full)
+
+    def test_double_encoding_is_a_literal_name(self):
+        self.assertEqual(agent.map_target(b'/%252e%252e/canary.txt')[0], '%2e%2e/canary.txt')
+        self.assertEqual(agent.normalize_path(b'/%2541.jpg'), ('%41.jpg', False))
+
+    def test_decoded_once(self):
+        self.assertEqual(agent.normalize_path(b'/space%20name.jpg'), ('space name.jpg', False))
+        self.assertEqual(agent.normalize_path(b'/%41.jpg'), ('A.jpg', False))
+        self.assertEqual(agent.normalize_path(b'/caf%C3%A9.jpg'), ('caf\xe9.jpg', False))
+
+    def test_normalization_inside_root(self):
+        cases = {b'/': ('', True), b'/a.jpg': ('a.jpg', False), b'/sub/': ('sub', True),
+                 b'/sub': ('sub', False), b'/sub/../a.jpg': ('a.jpg', False),
+                 b'/./a.jpg': ('a.jpg', False), b'//a.jpg': ('a.jpg', False),
+                 b'/sub/.': ('sub', True), b'/sub/x/..': ('sub', True)}
+        for raw, expected in cases.items():
+            self.assertEqual(agent.normalize_path(raw), expected, raw)
+
+    def test_refused_paths(self):
+        for raw in (b'/a%00.jpg', b'/a%01.jpg', b'/a%1b.jpg', b'/a%7f.jpg', b'/a%0a.jpg',
+                    b'/a%0d.jpg', b'/a%09.jpg', b'/..', b'/%2e%2e/x', b'/a%5cb', b'/%c0%ae%c0%ae/',
+                    b'/%ff.jpg', b'/a%zz.jpg', b'/a%.jpg', b'/a%2.jpg'):
+            with self.subTest(raw=raw):
+                with self.assertRaises(agent.HTTPError) as caught:
+                    agent.normalize_path(raw)
+                self.assertEqual(caught.exception.status, 400)
+
+    def test_dot_files_404(self):
+        for raw in (b'/.secret', b'/sub/.hidden/x.jpg', b'/.git/config', b'/%2esecret'):
+            with self.assertRaises(agent.HTTPError) as caught:
+                agent.normalize_path(raw)
+            self.assertEqual(caught.exception.status, 404, raw)
+
+    def test_split_target(self):
+        self.assertEqual(agent.split_target(b'/a.jpg?x=1'), (b'/a.jpg', b'x=1'))
+        self.assertEqual(agent.split_target(b'http://example.com/a.jpg?x'), (b'/a.jpg', b'x'))
+        self.assertEqual(agent.split_target(b'HTTP://example.com'), (b'/', b''))
+        self.assertEqual(agent.split_target(b'https://example.com:8080/d/'), (b'/d/', b''))
+        for bad in (b'*', b'a.jpg', b'../a', b'example.com:443', b'/a.jpg#frag', b'/a\\b',
+                    b'/a\x00b', b'/a\x1bb', b'/a\xffb', b'http://u@h/a'):
+            with self.assertRaises(agent.HTTPError) as caught:
+                agent.split_target(bad)
+            self.assertEqual(caught.exception.status, 400, bad)
+
+    def test_map_target_query_ignored(self):
+        self.assertEqual(agent.map_target(b'/a.jpg?../../etc/passwd'), ('a.jpg', False, b'/a.jpg', b'../../etc/passwd'))
+
+
+class HttpRulesRangeTests(unittest.TestCase):
+    def test_table(self):
+        huge = '9' * 5000
+        cases = [
+            ('bytes=0-99', 1000, (0, 99)),
+            ('bytes=0-0', 1000, (0, 0)),
+            ('bytes=999-999', 1000, (999, 999)),
+            ('bytes=-100', 1000, (900, 999)),
+            ('bytes=-1', 1000, (999, 999)),
+            ('bytes=-2000', 1000, (0, 999)),
+            ('bytes=900-', 1000, (900, 999)),
+            ('bytes=990-5000', 1000, (990, 999)),
+            ('BYTES=0-5', 1000, (0, 5)),
+            ('bytes=1000-', 1000, 'unsatisfiable'),
+            ('bytes=1000-2000', 1000, 'unsatisfiable'),
+            ('bytes=-0', 1000, 'unsatisfiable'),
+            ('bytes=0-5', 0, 'unsatisfiable'),
+            ('bytes=-5', 0, 'unsatisfiable'),
+            ('bytes=0-', 0, 'unsatisfiable'),
+            ('bytes=99999999999999999999999-', 1000, 'unsatisfiable'),
+            ('bytes=0-99999999999999999999999', 1000, (0, 999)),
+            ('bytes=-99999999999999999999999', 1000, (0, 999)),
+            ('items=0-5', 1000, None),
+            ('bytes=0-1,5-6', 1000, None),
+            ('bytes=0-1, 5-6', 1000, None),
+            ('bytes=5-1', 1000, None),
+            ('bytes=abc', 1000, None),
+            ('bytes=', 1000, None),
+            ('bytes=-', 1000, None),
+            ('bytes 0-5', 1000, None),
+            ('bytes=+5-10', 1000, None),
+            ('bytes=0x10-20', 1000, None),
+            ('bytes=1_0-20', 1000, None),
+            ('bytes=\u0663-5', 1000, None),           # ARABIC-INDIC DIGIT THREE: isdigit() but not ASCII
+            ('bytes=1--5', 1000, None),
+            ('', 1000, None),
+        ]
+        for value, size, expected in cases:
+            self.assertEqual(agent.parse_range(value, size), expected, (value, size))
+        # Absurdly long numbers (beyond int()'s digit limit): ignored or unsatisfiable, no exception.
+        for value in ('bytes=%s-' % huge, 'bytes=0-%s' % huge, 'bytes=-%s' % huge):
+            with self.subTest(value=value[:20] + '...'):
+                try:
+                    found = agent.parse_range(value, 1000)
+                except Exception as exc:
+                    self.fail('parse_range raised %s: %s' % (type(exc).__name__, str(exc)[:100]))
+                self.assertIn(found, (None, 'unsatisfiable', (0, 999)))
+
+
+class HttpRulesConditionalTests(unittest.TestCase):
+    ETAG = '"5e0be100-190"'
+    MTIME = float(HTTP_RULES_MTIME)
+
+    def test_etag_matches(self):
+        weak = 'W/' + self.ETAG
+        self.assertTrue(agent.etag_matches(self.ETAG, self.ETAG))
+        self.assertTrue(agent.etag_matches(weak, self.ETAG))                 # weak comparison
+        self.assertFalse(agent.etag_matches(weak, self.ETAG, weak=False))    # strong comparison
+        self.assertTrue(agent.etag_matches(self.ETAG, self.ETAG, weak=False))
+        self.assertTrue(agent.etag_matches('*', self.ETAG))
+        self.assertTrue(agent.etag_matches('"x", %s , "y"' % self.ETAG, self.ETAG))
+        self.assertFalse(agent.etag_matches('"x", "y"', self.ETAG))
+        self.assertFalse(agent.etag_matches('', self.ETAG))
+        self.assertFalse(agent.etag_matches(self.ETAG.strip('"'), self.ETAG))
+
+    def test_not_modified(self):
+        at = agent.http_date(self.MTIME)
+        future = agent.http_date(self.MTIME + 86400)
+        earlier = agent.http_date(self.MTIME - 1)
+        cases = [
+            ({}, False),
+            ({'if-none-match': self.ETAG}, True),
+            ({'if-none-match': 'W/' + self.ETAG}, True),
+            ({'if-none-match': '*'}, True),
+            ({'if-none-match': '"other"'}, False),
+            ({'if-none-match': '"other"', 'if-modified-since': future}, False),   # INM wins
+            ({'if-none-match': self.ETAG, 'if-modified-since': HTTP_RULES_PAST}, True),
+            ({'if-modified-since': at}, True),
+            ({'if-modified-since': future}, True),
+            ({'if-modified-since': earlier}, False),
+            ({'if-modified-since': HTTP_RULES_PAST}, False),
+            ({'if-modified-since': 'garbage'}, False),
+            ({'if-modified-since': ''}, False),
+            ({'if-modified-since': 'Mon, 99 Foo 2020 99:99:99 GMT'}, False),
+            ({'if-modified-since': 'Sun, 06 Nov 99999999999999999999 08:49:37 GMT'}, False),
+        ]
+        for headers, expected in cases:
+            self.assertEqual(agent.not_modified(headers, self.ETAG, self.MTIME), expected, headers)
+
+    def test_if_range_allows(self):
+        cases = [
+            ({}, True),
+            ({'if-range': self.ETAG}, True),
+            ({'if-range': '"stale"'}, False),
+            ({'if-range': 'W/' + self.ETAG}, False),
+            ({'if-range': HTTP_RULES_PAST}, False),
+            ({'if-range': agent.http_date(self.MTIME + 5)}, False),
+            ({'if-range': 'garbage'}, False),
+        ]
+        for headers, expected in cases:
+            self.assertEqual(agent.if_range_allows(headers, self.ETAG, self.MTIME), expected, headers)
+
+
+class HttpRulesLogAndPageTests(unittest.TestCase):
+    def test_escape_log(self):
+        self.assertEqual(agent.escape_log('Mozilla/5.0 (X11; Linux) x=1&y'), 'Mozilla/5.0 (X11; Linux) x=1&y')
+        for raw in ('ua" 200 0 "-" "forged', 'back\\slash', 'esc\x1b[31m', 'cr\rlf\n', 'nul\x00',
+                    'caf\xe9', b'bytes"\\\x1b\xff', 'euro\u20ac', 'tab\t', 'del\x7f'):
+            escaped = agent.escape_log(raw)
+            self.assertIsInstance(escaped, str)
+            self.assertRegex(escaped, r'^[\x20-\x7e]*$', raw)
+            self.assertNotRegex(escaped, r'(?<!\\)"', raw)
+            self.assertRegex('"%s"' % escaped, r'^"(?:[^"\\]|\\.)*"$', raw)
+            if isinstance(raw, str) and all(ord(c) < 256 for c in raw):
+                self.assertEqual(http_rules_unescape_log(escaped), raw)
+
+    def test_gallery_page_escapes(self):
+        names = [('<script>.jpg', False), ('a"b&c.jpg', False), ('notes.txt', False),
+                 ('pic.png', False), ('child', True), ("it's.gif", False)]
+        page = agent.gallery_page('/g/<b>/', names).decode('utf-8')
+        self.assertNotIn('<script', page.lower())
+        self.assertNotIn('<b>', page)
+        self.assertNotIn('a"b', page)
+        import html as html_module
+        import urllib.parse as parse_module
+        text = html_module.unescape(page)
+        self.assertIn('<script>.jpg', text)
+        self.assertIn('a"b&c.jpg', text)
+        hrefs = [html_module.unescape(h) for h in re.findall(r'(?:href|src)="([^"]*)"', page)]
+        for name in ('<script>.jpg', 'a"b&c.jpg', "it's.gif"):
+            self.assertIn(parse_module.quote(name), hrefs)
+        self.assertIn('child/', hrefs)
+        self.assertIn('notes.txt', hrefs)
+        imgs = re.findall(r'<img [^>]*>', page)
+        self.assertEqual(len(imgs), 4, imgs)
+        for img in imgs:
+            self.assertIn('loading="lazy"', img)
+        self.assertFalse(any('notes.txt' in img for img in imgs))
+
+    def test_content_type(self):
+        for name, expected in HttpRulesServerTests.TYPES:
+            self.assertIn(agent.content_type('x' + name).split(';')[0].strip(), expected, name)
+        self.assertEqual(agent.content_type('X.PNG'), 'image/png')
+        self.assertEqual(agent.content_type('noext'), 'application/octet-stream')
+
+    def test_error_response(self):
+        data = agent.error_response(404, b'Thu, 01 Jan 1970 00:00:00 GMT', True)
+        head, _, body = data.partition(b'\r\n\r\n')
+        self.assertTrue(head.startswith(b'HTTP/1.1 404 Not Found\r\n'))
+        self.assertIsNone(re.search(rb'(?<!\r)\n', head + b'\r\n'))
+        self.assertIn(b'\r\nContent-Length: %d\r\n' % len(body), head + b'\r\n')
+        self.assertIn(b'404', body)
+        self.assertEqual(agent.error_response(404, b'Thu, 01 Jan 1970 00:00:00 GMT', True, head_only=True),
+                         head + b'\r\n\r\n')
+        closing = agent.error_response(400, b'Thu, 01 Jan 1970 00:00:00 GMT', False, head_only=True)
+        self.assertTrue(closing.endswith(b'Connection: close\r\n\r\n'))
+
+
+# ---------------------------------------------------------------------------------------------
+# agent.py's HTTP rules over loopback
+# ---------------------------------------------------------------------------------------------
+
+class HttpRulesServerTests(HttpRulesServerBase):
+    """The main server: default limits, two workers."""
+
+    TYPES = [('.jpeg', ('image/jpeg',)), ('.jpg', ('image/jpeg',)), ('.png', ('image/png',)),
+             ('.gif', ('image/gif',)), ('.webp', ('image/webp',)), ('.avif', ('image/avif',)),
+             ('.svg', ('image/svg+xml',)), ('.ico', ('image/x-icon', 'image/vnd.microsoft.icon')),
+             ('.bmp', ('image/bmp',)), ('.tiff', ('image/tiff',)), ('.tif', ('image/tiff',)),
+             ('.html', ('text/html',)), ('.css', ('text/css',)),
+             ('.js', ('text/javascript', 'application/javascript')), ('.txt', ('text/plain',)),
+             ('.json', ('application/json',))]
+    BIG = 256 << 20
+
+    @classmethod
+    def make_files(cls):
+        root = cls.server.root
+        http_rules_outside_files(cls)
+        w = lambda name, data: http_rules_write(root, name, data)   # noqa: E731
+        w('b.png', b'B-PNG-CONTENT')
+        w('c.gif', b'C-GIF-CONTENT')
+        w('A.jpg', b'UPPER-A')
+        w('%41.jpg', b'LITERAL-PERCENT-41')
+        w('space name.jpg', b'SPACE')
+        w('range.bin', HTTP_RULES_RANGE_DATA)
+        w('empty.jpg', b'')
+        w('one.jpg', b'x')
+        cls.random_data = os.urandom(100_000)
+        w('random.bin', cls.random_data)
+        for ext, _ in cls.TYPES:
+            w('types/x' + ext, b'type ' + ext.encode())
+        w('types/UPPER.PNG', b'upper png')
+        w('withindex/index.html', b'<h1>the index page</h1>')
+        w('withindex/other.jpg', b'other')
+        w('gallery/<script>.jpg', b'SCRIPT-NAMED-FILE')
+        w('gallery/a"b&c.jpg', b'QUOTE-AMP-FILE')
+        w('gallery/pic.png', b'PIC')
+        w('gallery/notes.txt', b'NOTES')
+        w('gallery/child/x.jpg', b'CHILD')
+        w('gallery/.hidden.jpg', b'HIDDEN')
+        w('.secret', b'SECRET-DOTFILE')
+        w('.hiddendir/x.jpg', b'SECRET-IN-DOTDIR')
+        w('changing.jpg', b'version one')
+        os.symlink('a.jpg', os.path.join(root, 'link-in.jpg'))
+        os.symlink('sub', os.path.join(root, 'link-in-dir'))
+        os.makedirs(os.path.join(root, 'big'))
+        with open(os.path.join(root, 'big', 'big.bin'), 'wb') as f:
+            os.truncate(f.fileno(), cls.BIG)
+
+    # -- methods --
+
+    def test_get_and_head(self):
+        response = self.get('/a.jpg')
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, HTTP_RULES_A)
+        data, closed = self.fetch_all(http_rules_request('/a.jpg', 'Connection: close', method='HEAD'))
+        self.assertTrue(closed)
+        head, sep, rest = data.partition(b'\r\n\r\n')
+        self.assertTrue(sep)
+        self.assertEqual(rest, b'', 'HEAD sent a body')
+        self.assertIn(b'\r\nContent-Length: %d\r\n' % len(HTTP_RULES_A), head + b'\r\n')
+
+    def test_head_has_exactly_gets_headers(self):
+        for target in ('/a.jpg', '/gallery/', '/missing.jpg', '/sub', '/range.bin'):
+            conn = self.conn()
+            conn.send(http_rules_request(target))
+            got = conn.response()
+            conn.send(http_rules_request(target, method='HEAD'))
+            head = conn.response(head_only=True)
+            conn.send(http_rules_request('/b.png', 'Connection: close'))
+            after = conn.response()
+            self.assertEqual(after.body, b'B-PNG-CONTENT', 'HEAD %s sent a body' % target)
+            self.assertEqual(head.status, got.status, target)
+            got.headers.pop('date'), head.headers.pop('date')
+            self.assertEqual(head.headers, got.headers, target)
+
+    def test_other_known_methods_405(self):
+        for method in ('POST', 'PUT', 'DELETE', 'OPTIONS', 'TRACE', 'PATCH'):
+            response = self.get('/a.jpg', method=method)
+            self.assert_error_page(response, 405)
+            self.assertEqual(response.headers.get('allow'), 'GET, HEAD', method)
+        response = self.get('example.com:443', method='CONNECT', host='example.com:443')
+        self.assertEqual(response.status, 405)
+        self.assertEqual(response.headers.get('allow'), 'GET, HEAD')
+        response = self.get('*', method='OPTIONS')
+        self.assertEqual(response.status, 405)
+
+    def test_405_keeps_the_connection_and_skips_the_body(self):
+        conn = self.conn()
+        conn.send(http_rules_request('/a.jpg', 'Content-Length: 5', method='POST', body=b'hello')
+                  + http_rules_request('/b.png', 'Connection: close'))
+        self.assertEqual(conn.response().status, 405)
+        second = conn.response()
+        self.assertEqual((second.status, second.body), (200, b'B-PNG-CONTENT'))
+
+    def test_unknown_methods_501(self):
+        for method in ('FOO', 'BREW', 'PROPFIND', 'get'):
+            self.assert_error_page(self.get('/a.jpg', method=method), 501)
+
+    def test_http2_request_lines_505(self):
+        for raw in (b'GET / HTTP/2.0\r\nHost: x\r\n\r\n', b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n',
+                    b'GET / HTTP/3.0\r\nHost: x\r\n\r\n'):
+            data, closed = self.fetch_all(raw)
+            self.assertTrue(data.startswith(b'HTTP/1.1 505 '), data[:100])
+        self.assert_serving()
+
+    # -- keep-alive and pipelining --
+
+    def test_pipelined_requests_answered_in_order(self):
+        conn = self.conn()
+        conn.send(http_rules_request('/a.jpg') + http_rules_request('/b.png')
+                  + http_rules_request('/c.gif', 'Connection: close'))
+        bodies = [conn.response().body for _ in range(3)]
+        self.assertEqual(bodies, [HTTP_RULES_A, b'B-PNG-CONTENT', b'C-GIF-CONTENT'])
+        self.assertTrue(conn.wait_closed())
+
+    def test_pipelined_mixed_statuses(self):
+        conn = self.conn()
+        conn.send(http_rules_request('/missing') + http_rules_request('/b.png', method='HEAD')
+                  + http_rules_request('/sub') + http_rules_request('/a.jpg', 'Range: bytes=0-3')
+                  + http_rules_request('/c.gif'))
+        statuses = [conn.response().status, conn.response(head_only=True).status, conn.response().status]
+        last = conn.response()
+        final = conn.response()
+        self.assertEqual(statuses + [last.status, final.status], [404, 200, 301, 206, 200])
+        self.assertEqual(last.body, HTTP_RULES_A[:4])
+        self.assertEqual(final.body, b'C-GIF-CONTENT')
+
+    def test_request_split_at_awkward_points(self):
+        data = (http_rules_request('/a.jpg', 'User-Agent: split') + http_rules_request('/b.png')
+                + http_rules_request('/c.gif', 'Connection: close'))
+        first_end = data.index(b'\r\n\r\n') + 4
+        cuts = sorted({1, 3, 4, 5, data.index(b'\r\n') + 1, data.index(b'Host') + 2,
+                       first_end - 3, first_end - 1, first_end + 1, first_end + 2,
+                       len(data) - 2, len(data) - 1})
+        conn = self.conn()
+        pieces = [data[i:j] for i, j in zip([0] + cuts, cuts + [len(data)])]
+        for piece in pieces:
+            conn.send(piece)
+            time.sleep(0.01)        # let each piece arrive on its own; not needed to pass
+        bodies = [conn.response().body for _ in range(3)]
+        self.assertEqual(bodies, [HTTP_RULES_A, b'B-PNG-CONTENT', b'C-GIF-CONTENT'])
+
+    def test_request_sent_byte_by_byte(self):
+        conn = self.conn()
+        for byte in http_rules_request('/b.png', 'Connection: close'):
+            conn.send(bytes([byte]))
+        response = conn.response()
+        self.assertEqual((response.status, response.body), (200, b'B-PNG-CONTENT'))
+
+    def test_keep_alive_http11(self):
+        conn = self.conn()
+        for _ in range(3):
+            conn.send(http_rules_request('/b.png'))
+            response = conn.response()
+            self.assertEqual(response.status, 200)
+            self.assertNotEqual(response.headers.get('connection', '').lower(), 'close')
+        self.assertFalse(conn.closed)
+
+    def test_http10_closes_unless_keep_alive(self):
+        data, closed = self.fetch_all(b'GET /b.png HTTP/1.0\r\n\r\n')
+        self.assertTrue(closed, 'HTTP/1.0 connection left open')
+        self.assertTrue(data.startswith(b'HTTP/1.1 200 '))
+        self.assertTrue(data.endswith(b'B-PNG-CONTENT'))
+        conn = self.conn()
+        conn.send(b'GET /b.png HTTP/1.0\r\nConnection: keep-alive\r\n\r\n')
+        response = conn.response()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers.get('connection', '').lower(), 'keep-alive')
+        conn.send(b'GET /c.gif HTTP/1.0\r\n\r\n')
+        self.assertEqual(conn.response().body, b'C-GIF-CONTENT')
+        self.assertTrue(conn.wait_closed())
+
+    def test_connection_close_honoured(self):
+        conn = self.conn()
+        conn.send(http_rules_request('/b.png', 'Connection: close'))
+        response = conn.response()
+        self.assertEqual(response.headers.get('connection', '').lower(), 'close')
+        self.assertTrue(conn.wait_closed())
+
+    def test_http11_without_host_400(self):
+        data, closed = self.fetch_all(b'GET /a.jpg HTTP/1.1\r\nAccept: */*\r\n\r\n')
+        self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:100])
+        self.assertTrue(closed)
+
+    def test_absolute_form_accepted(self):
+        response = self.get('http://example.com/a.jpg', host='example.com')
+        self.assertEqual((response.status, response.body), (200, HTTP_RULES_A))
+        response = self.get('http://example.com/gallery/pic.png?x=1', host='example.com')
+        self.assertEqual((response.status, response.body), (200, b'PIC'))
+
+    # -- headers --
+
+    def test_headers_on_every_response(self):
+        cases = [('/a.jpg', (), 'GET', 200), ('/a.jpg', (), 'HEAD', 200), ('/gallery/', (), 'GET', 200),
+                 ('/range.bin', ('Range: bytes=0-9',), 'GET', 206), ('/sub', (), 'GET', 301),
+                 ('/missing.jpg', (), 'GET', 404), ('/a%00.jpg', (), 'GET', 400),
+                 ('/a.jpg', (), 'POST', 405), ('/range.bin', ('Range: bytes=5000-',), 'GET', 416),
+                 ('/a.jpg', (), 'BREW', 501), ('/.secret', (), 'GET', 404),
+                 ('/' + 'a' * 9000, (), 'GET', 414), ('/a.jpg', ('X-Big: ' + 'a' * 9000,), 'GET', 431)]
+        for target, headers, method, status in cases:
+            with self.subTest(target=target[:30], method=method):
+                response = self.get(target, *headers, method=method)
+                self.assertEqual(response.status, status)
+                for name in ('date', 'server', 'content-length', 'content-type'):
+                    self.assertIn(name, response.headers)
+                import email.utils as email_utils
+                self.assertIsNotNone(email_utils.parsedate_tz(response.headers['date']))
+                self.assertTrue(response.headers['date'].endswith(' GMT'))
+                if method != 'HEAD':
+                    self.assertEqual(int(response.headers['content-length']), len(response.body))
+                self.assertIsNone(re.search(rb'(?<!\r)\n', response.head), 'bare LF in %r' % response.head)
+                if target in ('/a.jpg', '/range.bin') and status in (200, 206):
+                    self.assertIn('last-modified', response.headers)
+                    self.assertIn('etag', response.headers)
+                    self.assertEqual(response.headers.get('accept-ranges'), 'bytes')
+
+    def test_304_headers(self):
+        etag = self.get('/a.jpg').headers['etag']
+        response = self.get('/a.jpg', 'If-None-Match: ' + etag)
+        self.assertEqual(response.status, 304)
+        for name in ('date', 'server', 'etag', 'last-modified'):
+            self.assertIn(name, response.headers)
+        self.assertIsNone(re.search(rb'(?<!\r)\n', response.head))
+
+    def test_content_types(self):
+        for ext, expected in self.TYPES:
+            response = self.get('/types/x' + ext)
+            self.assertEqual(response.status, 200, ext)
+            self.assertIn(response.headers['content-type'].split(';')[0].strip(), expected, ext)
+        self.assertEqual(self.get('/types/UPPER.PNG').headers['content-type'], 'image/png')
+        self.assertEqual(self.get('/b.png').headers['content-type'], 'image/png')
+
+    # -- conditional requests --
+
+    def test_if_none_match_304(self):
+        etag = self.get('/a.jpg').headers['etag']
+        for value in (etag, 'W/' + etag, '*', '"nope", ' + etag):
+            self.assertEqual(self.get('/a.jpg', 'If-None-Match: ' + value).status, 304, value)
+        self.assertEqual(self.get('/a.jpg', 'If-None-Match: "nope"').status, 200)
+
+    def test_if_none_match_wins_over_if_modified_since(self):
+        import email.utils as email_utils
+        future = email_utils.formatdate(time.time() + 86400, usegmt=True)
+        etag = self.get('/a.jpg').headers['etag']
+        response = self.get('/a.jpg', 'If-None-Match: "nope"', 'If-Modified-Since: ' + future)
+        self.assertEqual((response.status, response.body), (200, HTTP_RULES_A))
+        response = self.get('/a.jpg', 'If-None-Match: ' + etag, 'If-Modified-Since: ' + HTTP_RULES_PAST)
+        self.assertEqual(response.status, 304)
+
+    def test_if_modified_since(self):
+        last_modified = self.get('/a.jpg').headers['last-modified']
+        self.assertEqual(self.get('/a.jpg', 'If-Modified-Since: ' + last_modified).status, 304)
+        self.assertEqual(self.get('/a.jpg', 'If-Modified-Since: ' + HTTP_RULES_PAST).status, 200)
+        for invalid in ('garbage', 'Mon, 99 Foo 2020 99:99:99 GMT', '0', '-1',
+                        'Sun, 06 Nov 99999999999999999999 08:49:37 GMT'):
+            response = self.get('/a.jpg', 'If-Modified-Since: ' + invalid)
+            self.assertEqual((response.status, response.body), (200, HTTP_RULES_A), invalid)
+
+    def test_304_has_no_body(self):
+        etag = self.get('/a.jpg').headers['etag']
+        data, closed = self.fetch_all(http_rules_request('/a.jpg', 'If-None-Match: ' + etag)
+                                      + http_rules_request('/b.png', 'Connection: close'))
+        self.assertTrue(closed)
+        self.assertTrue(data.startswith(b'HTTP/1.1 304 '), data[:100])
+        end = data.index(b'\r\n\r\n') + 4
+        self.assertTrue(data[end:].startswith(b'HTTP/1.1 200 '), data[end:end + 50])
+        self.assertTrue(data.endswith(b'\r\n\r\nB-PNG-CONTENT'))
+
+    def test_changed_file_is_never_stale(self):
+        path = os.path.join(self.server.root, 'changing.jpg')
+        first = self.get('/changing.jpg')
+        self.assertEqual(first.body, b'version one')
+        with open(path, 'wb') as f:
+            f.write(b'version two, longer')
+        os.utime(path, (HTTP_RULES_MTIME + 100, HTTP_RULES_MTIME + 100))
+        second = self.get('/changing.jpg')
+        self.assertEqual(second.body, b'version two, longer')
+        self.assertNotEqual(first.headers['etag'], second.headers['etag'])
+        self.assertEqual(self.get('/changing.jpg', 'If-None-Match: ' + first.headers['etag']).status, 200)
+
+    # -- ranges --
+
+    def range_get(self, value, *headers):
+        return self.get('/range.bin', 'Range: ' + value, *headers)
+
+    def test_single_ranges(self):
+        size = len(HTTP_RULES_RANGE_DATA)
+        for value, first, last in (('bytes=0-99', 0, 99), ('bytes=-100', 900, 999), ('bytes=900-', 900, 999),
+                                   ('bytes=990-5000', 990, 999), ('bytes=0-0', 0, 0), ('bytes=-5000', 0, 999),
+                                   ('bytes=0-99999999999999999999999', 0, 999)):
+            response = self.range_get(value)
+            self.assertEqual(response.status, 206, value)
+            self.assertEqual(response.headers['content-range'], 'bytes %d-%d/%d' % (first, last, size), value)
+            self.assertEqual(response.body, HTTP_RULES_RANGE_DATA[first:last + 1], value)
+            self.assertEqual(int(response.headers['content-length']), last - first + 1)
+
+    def test_range_on_head(self):
+        response = self.get('/range.bin', 'Range: bytes=10-19', method='HEAD')
+        self.assertEqual(response.status, 206)
+        self.assertEqual(response.headers['content-range'], 'bytes 10-19/1000')
+
+    def test_unsatisfiable_range_416(self):
+        for value in ('bytes=1000-', 'bytes=5000-6000', 'bytes=-0'):
+            response = self.range_get(value)
+            self.assert_error_page(response, 416)
+            self.assertEqual(response.headers.get('content-range'), 'bytes */1000', value)
+        response = self.get('/empty.jpg', 'Range: bytes=0-')
+        self.assertIn(response.status, (200, 416))
+        if response.status == 416:
+            self.assertEqual(response.headers.get('content-range'), 'bytes */0')
+
+    def test_absurd_range_numbers_do_not_crash(self):
+        workers = self.server.workers()
+        for value in ('bytes=99999999999999999999999-', 'bytes=-99999999999999999999999',
+                      'bytes=99999999999999999999999-99999999999999999999999',
+                      'bytes=%s-' % ('9' * 5000), 'bytes=0-%s' % ('9' * 5000), 'bytes=-%s' % ('9' * 5000)):
+            with self.subTest(value=value[:40]):
+                conn = self.conn()
+                conn.send(http_rules_request('/range.bin', 'Range: ' + value))
+                response = conn.response()
+                self.assertIn(response.status, (200, 206, 416))
+                if response.status == 200:
+                    self.assertEqual(response.body, HTTP_RULES_RANGE_DATA)
+                conn.send(http_rules_request('/b.png', 'Connection: close'))
+                self.assertEqual(conn.response().body, b'B-PNG-CONTENT', 'next request not answered')
+        self.assertEqual(self.server.workers(), workers)
+        self.assert_serving()
+
+    def test_if_range(self):
+        full = self.get('/range.bin')
+        etag, last_modified = full.headers['etag'], full.headers['last-modified']
+        for stale in ('"stale-etag"', 'W/' + etag, HTTP_RULES_PAST, 'Sat, 01 Jan 2022 00:00:00 GMT'):
+            response = self.range_get('bytes=0-9', 'If-Range: ' + stale)
+            self.assertEqual((response.status, response.body), (200, HTTP_RULES_RANGE_DATA), stale)
+        response = self.range_get('bytes=0-9', 'If-Range: ' + etag)
+        self.assertEqual((response.status, response.body), (206, HTTP_RULES_RANGE_DATA[:10]))
+        response = self.range_get('bytes=5000-', 'If-Range: "stale-etag"')
+        self.assertEqual(response.status, 200)
+
+    def test_ignored_ranges_give_200(self):
+        for value in ('items=0-5', 'bytes=0-1,5-6', 'bytes=5-1', 'bytes=abc', 'bytes 0-5'):
+            response = self.range_get(value)
+            self.assertEqual((response.status, response.body), (200, HTTP_RULES_RANGE_DATA), value)
+
+    # -- paths --
+
+    def test_traversal_table_never_leaks(self):
+        try:
+            with open('/etc/passwd', 'rb') as f:
+                passwd = f.read(32)
+        except OSError:
+            passwd = b'root:x:0:0'
+        for target in HTTP_RULES_TRAVERSAL:
+            with self.subTest(target=target):
+                data, closed = self.fetch_all(http_rules_request(target, 'Connection: close'))
+                self.assertNotIn(self.canary, data)
+                self.assertNotIn(passwd, data)
+                self.assertRegex(data[:13], rb'^HTTP/1\.1 40[04] ', data[:200])
+        self.assert_serving()
+
+    def test_nul_and_control_bytes_400(self):
+        for target in (b'/a.jpg%00', b'/a%00.jpg', b'/a%01.jpg', b'/a%1b.jpg', b'/a%7f.jpg',
+                       b'/a%0d%0a.jpg', b'/a%09.jpg', b'/a\x01.jpg', b'/a\x1b.jpg', b'/a\x00.jpg',
+                       b'/a.jpg\x7f'):
+            with self.subTest(target=target):
+                self.assert_error_page(self.get(target, 'Connection: close'), 400)
+
+    def test_symlinks(self):
+        self.assertEqual(self.get('/link-in.jpg').body, HTTP_RULES_A)
+        self.assertEqual(self.get('/link-in-dir/inner.jpg').body, b'inner')
+        for target in ('/link-out.jpg', '/link-out-dir/canary.txt', '/link-out-dir/', '/link-prefix.txt'):
+            response = self.get(target)
+            self.assertEqual(response.status, 404, target)
+            self.assertNotIn(self.canary, response.body)
+        self.assertNotIn(b'link-out', self.get('/').body)
+
+    def test_query_string_ignored(self):
+        for target in ('/a.jpg?x=1', '/a.jpg?', '/a.jpg?../../canary.txt', '/a.jpg?%00'):
+            response = self.get(target)
+            self.assertEqual((response.status, response.body), (200, HTTP_RULES_A), target)
+
+    def test_percent_decoding_once(self):
+        self.assertEqual(self.get('/space%20name.jpg').body, b'SPACE')
+        self.assertEqual(self.get('/%41.jpg').body, b'UPPER-A')
+        self.assertEqual(self.get('/%2541.jpg').body, b'LITERAL-PERCENT-41')
+        self.assertEqual(self.get('/%62.png').body, b'B-PNG-CONTENT')
+        self.assertEqual(self.get('/%252e%252e/canary.txt').status, 404)
+
+    def test_dot_files_404(self):
+        for target in ('/.secret', '/%2esecret', '/.hiddendir/x.jpg', '/gallery/.hidden.jpg', '/.hiddendir/'):
+            response = self.get(target)
+            self.assertEqual(response.status, 404, target)
+            self.assertNotIn(b'SECRET', response.body)
+            self.assertNotIn(b'HIDDEN', response.body)
+
+    # -- directories --
+
+    def test_directory_redirects(self):
+        for target, location in (('/sub', '/sub/'), ('/sub?x=1', '/sub/?x=1'), ('/gallery/child', '/gallery/child/'),
+                                 ('/withindex', '/withindex/')):
+            response = self.get(target)
+            self.assertEqual(response.status, 301, target)
+            import urllib.parse as parse_module
+            found = parse_module.urlsplit(response.headers.get('location', ''))
+            self.assertEqual(found.path + ('?' + found.query if found.query else ''), location, target)
+
+    def test_directory_index_html(self):
+        response = self.get('/withindex/')
+        self.assertEqual((response.status, response.body), (200, b'<h1>the index page</h1>'))
+        self.assertTrue(response.headers['content-type'].startswith('text/html'))
+
+    def test_gallery_page(self):
+        import html as html_module
+        import urllib.parse as parse_module
+        response = self.get('/gallery/')
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.headers['content-type'].startswith('text/html'))
+        page = response.body.decode('utf-8')
+        self.assertNotIn('<script', page.lower())
+        self.assertNotIn('a"b', page)
+        self.assertNotIn('.hidden', page)
+        text = html_module.unescape(page)
+        for name in ('<script>.jpg', 'a"b&c.jpg', 'pic.png', 'notes.txt', 'child'):
+            self.assertIn(name, text)
+        imgs = re.findall(r'<img\s[^>]*>', page)
+        self.assertEqual(len(imgs), 3, imgs)
+        for img in imgs:
+            self.assertIn('loading="lazy"', img)
+        self.assertFalse(any('notes' in img for img in imgs))
+        links = {html_module.unescape(h) for h in re.findall(r'href="([^"]*)"', page)}
+        self.assertIn('notes.txt', links)
+        expected = {'<script>.jpg': b'SCRIPT-NAMED-FILE', 'a"b&c.jpg': b'QUOTE-AMP-FILE',
+                    'notes.txt': b'NOTES', 'pic.png': b'PIC'}
+        followed = {}
+        for link in links:
+            url = parse_module.urljoin('/gallery/', link)
+            got = self.get(url)
+            self.assertEqual(got.status, 200, (link, url))
+            followed[parse_module.unquote(url[len('/gallery/'):])] = got.body
+        for name, body in expected.items():
+            self.assertEqual(followed.get(name), body, name)
+
+    def test_root_gallery(self):
+        response = self.get('/')
+        self.assertEqual(response.status, 200)
+        self.assertIn(b'a.jpg', response.body)
+        self.assertNotIn(b'.secret', response.body)
+
+    # -- limits --
+
+    def test_request_line_too_long_414(self):
+        data, closed = self.fetch_all(http_rules_request('/' + 'a' * 9000))
+        self.assertTrue(data.startswith(b'HTTP/1.1 414 '), data[:100])
+        self.assertTrue(closed)
+        self.assertEqual(self.get('/' + 'a' * 7000).status, 404)       # long but inside the limit
+
+    def test_headers_too_large_431(self):
+        data, closed = self.fetch_all(http_rules_request('/a.jpg', 'X-Big: ' + 'a' * 9000))
+        self.assertTrue(data.startswith(b'HTTP/1.1 431 '), data[:100])
+        self.assertTrue(closed)
+        many = ['X-H%d: %s' % (i, 'v' * 100) for i in range(90)]     # ~10 KiB in many headers
+        self.assertTrue(self.fetch_all(http_rules_request('/a.jpg', *many))[0].startswith(b'HTTP/1.1 431 '))
+        self.assertEqual(self.get('/a.jpg', 'X-Big: ' + 'a' * 7000).status, 200)
+
+    def test_431_delivered_when_client_sends_far_more(self):
+        data, closed = self.fetch_all(http_rules_request('/a.jpg', 'X-Big: ' + 'a' * 60000))
+        self.assertTrue(data.startswith(b'HTTP/1.1 431 '), 'no 431 received, got %r' % data[:100])
+        self.assertTrue(closed)
+
+    def test_too_many_headers_431(self):
+        ok = ['X-H%d: %d' % (i, i) for i in range(99)]               # + Host = 100
+        self.assertEqual(self.get('/a.jpg', *ok).status, 200)
+        data, closed = self.fetch_all(http_rules_request('/a.jpg', *(ok + ['X-Last: 1'])))
+        self.assertTrue(data.startswith(b'HTTP/1.1 431 '), data[:100])
+        self.assertTrue(closed)
+
+    def test_get_body_discarded(self):
+        conn = self.conn()
+        conn.send(http_rules_request('/a.jpg', 'Content-Length: 10', body=b'0123456789')
+                  + http_rules_request('/b.png', 'Connection: close'))
+        self.assertEqual(conn.response().body, HTTP_RULES_A)
+        self.assertEqual(conn.response().body, b'B-PNG-CONTENT')
+        # a body arriving in pieces, with the next request glued to its end
+        conn = self.conn()
+        conn.send(http_rules_request('/a.jpg', 'Content-Length: 20000'))
+        self.assertEqual(conn.response().body, HTTP_RULES_A)
+        conn.send(b'G' * 12000)
+        conn.send(b'E' * 8000 + http_rules_request('/c.gif', 'Connection: close')[:10])
+        conn.send(http_rules_request('/c.gif', 'Connection: close')[10:])
+        self.assertEqual(conn.response().body, b'C-GIF-CONTENT')
+
+    def test_transfer_encoding_with_content_length_400(self):
+        data, closed = self.fetch_all(
+            http_rules_request('/a.jpg', 'Content-Length: 5', 'Transfer-Encoding: chunked', body=b'hello')
+            + http_rules_request('/b.png'))
+        self.assertTrue(closed, 'connection not closed after a smuggling attempt')
+        self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:100])
+        self.assertEqual(data.count(b'HTTP/1.1 '), 1, data)
+        self.assertIn(b'connection: close', data.lower())
+
+    def test_garbage_bytes(self):
+        import random
+        rng = random.Random(1234)
+        vectors = {
+            'random binary': bytes(rng.randrange(256) for _ in range(2000)),
+            'TLS ClientHello': b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03' + bytes(rng.randrange(256) for _ in range(64)),
+            'NULs': b'\x00' * 64,
+            'high bytes': b'\xff\xfe' * 40 + b'\r\n\r\n',
+            'NUL in header': b'GET / HTTP/1.1\r\nHost: x\r\nX: \x00\x01\r\n\r\n',
+            'response as request': b'HTTP/1.1 200 OK\r\n\r\n',
+            'HTTP/0.9': b'GET /\r\n\r\n',
+            'leading space': b' GET / HTTP/1.1\r\nHost: x\r\n\r\n',
+            'SSH banner': b'SSH-2.0-OpenSSH_9.0\r\n\r\n',
+        }
+        for name, raw in vectors.items():
+            with self.subTest(vector=name):
+                start = time.monotonic()
+                data, closed = self.fetch_all(raw, timeout=4)
+                self.assertTrue(closed, 'server hung on %s' % name)
+                self.assertLess(time.monotonic() - start, 4)
+                self.assertTrue(data == b'' or data.startswith(b'HTTP/1.1 400 '), data[:100])
+        # only empty lines, then EOF: a close, quickly
+        data, closed = self.fetch_all(b'\r\n\r\n', timeout=4, shut=True)
+        self.assertTrue(closed, 'server hung on CRLF CRLF then EOF')
+        self.assertTrue(data == b'' or data.startswith(b'HTTP/1.1 400 '), data[:100])
+        self.assert_serving()
+
+    # -- errors --
+
+    def test_errors_are_small_html_pages(self):
+        cases = [('/missing.jpg', 'GET', (), 404), ('/a%00', 'GET', (), 400), ('/a.jpg', 'DELETE', (), 405),
+                 ('/range.bin', 'GET', ('Range: bytes=9999-',), 416), ('/a.jpg', 'FOO', (), 501),
+                 ('/' + 'x' * 9000, 'GET', (), 414), ('/a.jpg', 'GET', ('X: ' + 'y' * 9000,), 431)]
+        for target, method, headers, status in cases:
+            self.assert_error_page(self.get(target, *headers, method=method), status)
+        self.assert_error_page(self.fetch(b'GET / HTTP/2.0\r\nHost: x\r\n\r\n'), 505)
+        self.assert_error_page(self.fetch(b'GET / HTTP/1.1\r\n\r\n'), 400)
+
+    # -- the access log --
+
+    def test_access_log_combined_format(self):
+        self.assertEqual(self.get('/a.jpg', 'User-Agent: ua').status, 200)
+        pattern = re.compile(r'^127\.0\.0\.1 - - \[\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4}\] '
+                             r'"GET /a\.jpg HTTP/1\.1" 200 \d+ "-" "ua"$')
+        wait_for(lambda: any(pattern.match(line) for line in self.server.access_lines()), timeout=3,
+                 message='a Combined Log Format line for GET /a.jpg')
+        line = [line for line in self.server.access_lines() if pattern.match(line)][-1]
+        self.assertTrue(line.split('" 200 ')[1].startswith('%d ' % len(HTTP_RULES_A)), line)
+
+    def test_access_log_one_line_per_request(self):
+        marker = 'count-%s' % os.urandom(6).hex()
+        conn = self.conn()
+        conn.send(http_rules_request('/a.jpg', 'User-Agent: ' + marker)
+                  + http_rules_request('/missing', 'User-Agent: ' + marker, 'Referer: http://r/')
+                  + http_rules_request('/b.png', 'User-Agent: ' + marker, method='HEAD'))
+        conn.response(), conn.response(), conn.response(head_only=True)
+        mine = lambda: [line for line in self.server.access_lines() if marker in line]   # noqa: E731
+        wait_for(lambda: len(mine()) >= 3, timeout=3, message='three access-log lines')
+        lines = mine()
+        self.assertEqual(len(lines), 3, lines)
+        statuses = [HTTP_RULES_CLF.match(line).group(4) for line in lines]
+        self.assertEqual(statuses, ['200', '404', '200'])
+        self.assertEqual(HTTP_RULES_CLF.match(lines[1]).group(6), 'http://r/')
+
+    def test_access_log_escaping(self):
+        marker = 'esc-%s' % os.urandom(6).hex()
+        agent_value = marker + ' evil" 200 0 "-" "forged\\ \x1b[31mred'
+        referer = 'http://r/"q\\'
+        requests = [
+            http_rules_request('/a.jpg', 'User-Agent: ' + agent_value, 'Referer: ' + referer, 'Connection: close'),
+            http_rules_request('/log"q.jpg', 'User-Agent: ' + marker, 'Connection: close'),
+            http_rules_request('/log\\x.jpg', 'User-Agent: ' + marker, 'Connection: close'),
+            http_rules_request('/log\x1bx.jpg', 'User-Agent: ' + marker, 'Connection: close'),
+        ]
+        for raw in requests:
+            self.fetch_all(raw)
+        wait_for(lambda: sum(marker in line for line in self.server.access_lines()) >= len(requests),
+                 timeout=3, message='the access-log lines')
+        with open(self.server.access_log, 'rb') as f:
+            content = f.read()
+        self.assertNotIn(b'\x1b', content)
+        self.assertNotIn(b'\r', content)
+        lines = [line for line in self.server.access_lines() if marker in line]
+        self.assertEqual(len(lines), len(requests), lines)
+        logged = {}
+        for line in lines:
+            match = HTTP_RULES_CLF.match(line)
+            self.assertIsNotNone(match, 'malformed access-log line: %r' % line)
+            logged[http_rules_unescape_log(match.group(3))] = match
+        sent = [raw.split(b'\r\n')[0].decode('latin-1') for raw in requests]
+        self.assertEqual(sorted(logged), sorted(sent))     # the workers' lines may interleave
+        first = logged[sent[0]]
+        self.assertEqual(http_rules_unescape_log(first.group(7)), agent_value)
+        self.assertEqual(http_rules_unescape_log(first.group(6)), referer)
+
+    def test_access_log_lines_all_well_formed(self):
+        self.fetch_all(b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage')
+        self.fetch_all(b'GET /"\\ HTTP/1.1\r\nHost: x\r\n\r\n')
+        wait_for(lambda: len(self.server.access_lines()) >= 2, timeout=3, message='access-log lines')
+        for line in self.server.access_lines():
+            self.assertRegex(line, HTTP_RULES_CLF)
+
+    # -- streaming, concurrency, content --
+
+    def test_big_file_streamed_with_little_memory(self):
+        conn = self.conn(timeout=10)
+        conn.send(http_rules_request('/big/big.bin', 'Connection: close'))
+        deadline = time.monotonic() + 30
+        head = b''
+        while b'\r\n\r\n' not in head:
+            self.assertLess(time.monotonic(), deadline)
+            data = conn.sock.recv(65536)
+            self.assertTrue(data, 'closed before the head')
+            head += data
+        head, _, first = head.partition(b'\r\n\r\n')
+        self.assertTrue(head.startswith(b'HTTP/1.1 200 '), head[:100])
+        self.assertIn(b'\r\nContent-Length: %d' % self.BIG, head)
+        total = len(first)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while True:
+            self.assertLess(time.monotonic(), deadline, 'download too slow')
+            n = conn.sock.recv_into(view)
+            if not n:
+                break
+            total += n
+        self.assertEqual(total, self.BIG)
+        for pid in self.server.workers():
+            hwm = proc_status(pid, 'VmHWM')
+            if hwm is None:
+                continue
+            kib = int(hwm.split()[0])
+            self.assertLess(kib, 64 * 1024, 'worker %d peak RSS %s' % (pid, hwm))
+
+    def test_stalled_clients_do_not_block_others(self):
+        stalled = []
+        for _ in range(2 * len(self.server.workers())):
+            conn = self.conn(timeout=5)
+            conn.send(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nX-Half: ')
+            stalled.append(conn)
+        start = time.monotonic()
+        for i in range(10):
+            conn = http.client.HTTPConnection('127.0.0.1', self.server.port, timeout=5)
+            try:
+                conn.request('GET', '/b.png')
+                response = conn.getresponse()
+                self.assertEqual((response.status, response.read()), (200, b'B-PNG-CONTENT'))
+            finally:
+                conn.close()
+        self.assertLess(time.monotonic() - start, 5)
+        for conn in stalled:
+            self.assertFalse(conn.closed)
+
+    def test_content_round_trips(self):
+        for target, expected in (('/empty.jpg', b''), ('/one.jpg', b'x'), ('/random.bin', self.random_data)):
+            status, headers, body = self.server.get(target)
+            self.assertEqual(status, 200, target)
+            self.assertEqual(body, expected, target)
+            self.assertEqual(int(headers['content-length']), len(expected))
+        status, headers, body = self.server.get('/random.bin', {'Range': 'bytes=50000-50999'})
+        self.assertEqual((status, body), (206, self.random_data[50000:51000]))
+
+
+class HttpRulesFollowSymlinksTests(HttpRulesServerBase):
+    options = ('--follow-symlinks',)
+    workers = 1
+
+    @classmethod
+    def make_files(cls):
+        http_rules_outside_files(cls)
+
+    def test_symlinks_out_of_root_served(self):
+        for target in ('/link-out.jpg', '/link-out-dir/canary.txt', '/link-prefix.txt'):
+            response = self.get(target)
+            self.assertEqual((response.status, response.body), (200, self.canary), target)
+
+    def test_traversal_still_refused(self):
+        for target in HTTP_RULES_TRAVERSAL:
+            with self.subTest(target=target):
+                data, _ = self.fetch_all(http_rules_request(target, 'Connection: close'))
+                self.assertNotIn(self.canary, data)
+                self.assertRegex(data[:13], rb'^HTTP/1\.1 40[04] ')
+
+
+class HttpRulesTimeoutTests(HttpRulesServerBase):
+    """--header-timeout 1 --timeout 2 --max-header-size 1024."""
+
+    options = ('--header-timeout', '1', '--timeout', '2', '--max-header-size', '1024')
+    workers = 1
+
+    @classmethod
+    def make_files(cls):
+        http_rules_write(cls.server.root, 'a.jpg', HTTP_RULES_A)
+
+    def test_trickled_header_cut_after_header_timeout(self):
+        conn = self.conn(timeout=10)
+        conn.send(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nX-Slow: ')
+        start = time.monotonic()
+        closed = False
+        while time.monotonic() - start < 8:
+            try:
+                conn.send(b'a')
+            except OSError:
+                closed = True
+                break
+            conn.sock.settimeout(0.2)
+            try:
+                data = conn.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+            if not data:
+                closed = True
+                break
+            conn.buf += data
+        elapsed = time.monotonic() - start
+        self.assertTrue(closed, 'a trickling client was never cut off')
+        self.assertGreater(elapsed, 0.8)
+        self.assertLess(elapsed, 4.0)
+        http_rules_check_no_traceback(conn.buf)
+        self.assert_serving()
+
+    def test_idle_keep_alive_closed_after_timeout(self):
+        conn = self.conn(timeout=10)
+        conn.send(http_rules_request('/a.jpg'))
+        self.assertEqual(conn.response().status, 200)
+        start = time.monotonic()
+        self.assertTrue(conn.wait_closed(timeout=8), 'idle keep-alive connection never closed')
+        elapsed = time.monotonic() - start
+        self.assertGreater(elapsed, 1.5)
+        self.assertLess(elapsed, 5.0)
+
+    def test_keep_alive_usable_before_timeout(self):
+        conn = self.conn()
+        conn.send(http_rules_request('/a.jpg'))
+        conn.response()
+        time.sleep(0.5)     # idle, but well inside --timeout
+        conn.send(http_rules_request('/a.jpg', 'Connection: close'))
+        self.assertEqual(conn.response().body, HTTP_RULES_A)
+
+    def test_empty_lines_only_do_not_hang(self):
+        conn = self.conn(timeout=6)
+        conn.send(b'\r\n\r\n')
+        start = time.monotonic()
+        self.assertTrue(conn.wait_closed(timeout=5), 'server hung on CRLF CRLF')
+        self.assertLess(time.monotonic() - start, 5)
+        self.assertTrue(conn.buf == b'' or conn.buf.startswith(b'HTTP/1.1 400 '), conn.buf[:100])
+
+    def test_max_header_size_option(self):
+        self.assertEqual(self.get('/a.jpg', 'X-Pad: ' + 'a' * 800).status, 200)
+        data, closed = self.fetch_all(http_rules_request('/a.jpg', 'X-Pad: ' + 'a' * 1100))
+        self.assertTrue(data.startswith(b'HTTP/1.1 431 '), data[:100])
+        self.assertTrue(closed)
+        data, closed = self.fetch_all(http_rules_request('/' + 'a' * 1100))
+        self.assertTrue(data.startswith(b'HTTP/1.1 414 '), data[:100])
+        self.assertTrue(closed)
+        self.assert_serving()
+
+
 if __name__ == '__main__':
     # `python3 test_daemon.py` (what `make unit` runs) ends with a plain "N passed, N failed"
     # line; `python3 -m unittest` and pytest work as usual.
