@@ -99,7 +99,7 @@ FILE_CACHE_SIZE = 256           # open files (fd, stat, header bytes) cached per
 PATH_CACHE_SIZE = 4096
 BACKLOG = 1024
 WORKER_BOOT_ERROR = 3           # a worker's exit status when it could not start at all
-MAX_BOOT_FAILURES = 10          # consecutive ones, then the master halts
+MAX_BOOT_FAILURES = 5           # consecutive ones (about 3 s of backoff), then the master halts
 WORKER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 
 # Image types first: mimetypes misses several of them on many systems.
@@ -941,24 +941,31 @@ class Worker:
     def accept(self, listener):
         """Accept every pending connection, up to the cap; read at once what already came."""
         for _ in range(64):
-            if len(self.conns) >= self.max_connections and not self.make_room():
-                self.stop_accepting(pause=0.1)
-                return
+            victim = None
+            if len(self.conns) >= self.max_connections:
+                victim = self.longest_idle()
+                if victim is None:
+                    self.stop_accepting(pause=0.1)   # the backlog holds them; others may take them
+                    return
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: stop trying for a moment instead of spinning on it.
-                    if not self.make_room():
+                    # Out of descriptors: free one, or stop trying for a moment (no spinning).
+                    victim = self.longest_idle()
+                    if victim is None:
                         log('worker: accept: %s; pausing accept for 1s' % exc.strerror)
                         self.stop_accepting(pause=1.0)
                         return
+                    victim.close()
                     continue
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
+            if victim is not None:
+                victim.close()                  # at the cap: the longest-idle one makes room
             sock.setblocking(False)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -972,13 +979,10 @@ class Worker:
             self.selector.register(sock, selectors.EVENT_READ, conn.on_event)
             conn.on_event(selectors.EVENT_READ)   # deferred accept: the request is often here
 
-    def make_room(self):
-        """At the cap: close the longest-idle keep-alive connection; False if none is idle."""
+    def longest_idle(self):
+        """The keep-alive connection idle the longest, or None (a scan: only at the cap)."""
         idle = [conn for conn in self.conns if conn.idle()]
-        if not idle:
-            return False
-        min(idle, key=lambda conn: conn.idle_since).close()
-        return True
+        return min(idle, key=lambda conn: conn.idle_since) if idle else None
 
     def forget(self, conn):
         self.conns.discard(conn)
@@ -1278,13 +1282,15 @@ class Agent(Daemon):
             raise
         log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
         self.ready()
-        while not self.handle_signals():
+        while not self.handle_signals() and not self.halted():
             self.selector.select(1.0)
             self.read_boot_messages()
             self.reap()
             self.maintain()
+        if self.halted():
+            log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
         self.shutdown()
-        return 0
+        return 1 if self.halted() else 0
 
     def address(self):
         names = []
@@ -1399,12 +1405,12 @@ class Agent(Daemon):
             else:
                 log('agent: worker %d died (%s); respawning' % (pid, describe_status(status)))
 
+    def halted(self):
+        """Workers that fail at boot again and again will not start by retrying: stop."""
+        return self.boot_failures >= MAX_BOOT_FAILURES
+
     def maintain(self):
         """Keep --workers workers of the current generation alive."""
-        if self.boot_failures >= MAX_BOOT_FAILURES:
-            log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
-            self.stopping = True
-            return
         if time.monotonic() < self.respawn_at:
             return
         current = sum(1 for w in self.workers.values() if not w.retiring)

@@ -1155,6 +1155,63 @@ class SupervisionTests(unittest.TestCase):
         server.stop()
 
 
+    def test_workers_failing_at_boot_make_the_master_halt(self):
+        import resource
+        server = AgentServer(self).start()
+        master = server.master()
+        # No new fd can be opened in the master any more: every new worker fails to make its
+        # epoll instance, a boot failure like any other.
+        hard = resource.prlimit(master, resource.RLIMIT_NOFILE)[1]
+        resource.prlimit(master, resource.RLIMIT_NOFILE, (3, hard))
+        workers = server.workers()
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: not pid_alive(master), timeout=15, message='the master halting')
+        with open(server.log) as f:
+            log = f.read()
+        self.assertIn('could not start: Too many open files', log)
+        self.assertIn('retrying in', log)
+        self.assertIn('failed to boot 5 times in a row; halting', log)
+        wait_for(lambda: not any(map(pid_alive, workers)), message='workers gone')
+        self.assertEqual(server.command('status').returncode, 3)
+
+    def test_connection_cap_makes_room_by_closing_the_longest_idle(self):
+        server = AgentServer(self, '--max-connections', '2', workers=1).start()
+        server.write('c.jpg', b'C' * 100)
+        idle = []
+        for _ in range(2):
+            sock = server.connect()
+            self.addCleanup(sock.close)
+            sock.sendall(b'GET /c.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+            self.assertIn(b'200 OK', sock.recv(65536))
+            idle.append(sock)
+        # A third client at the cap is answered; the longest-idle connection made room.
+        self.assertEqual(server.get('/c.jpg')[0], 200)
+        idle[0].settimeout(5)
+        self.assertEqual(idle[0].recv(1), b'', 'the longest-idle connection was not closed')
+        idle[1].sendall(b'GET /c.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertIn(b'200 OK', idle[1].recv(65536))
+        server.stop()
+
+    def test_connection_cap_with_no_idle_connection_waits_instead_of_failing(self):
+        server = AgentServer(self, '--max-connections', '2', workers=1).start()
+        server.write('c.jpg', b'C' * 100)
+        busy = []
+        for _ in range(2):
+            sock = server.connect()
+            self.addCleanup(sock.close)
+            sock.sendall(b'GET /c.jpg HTTP/1.1\r\n')       # mid-request: not idle
+            busy.append(sock)
+        time.sleep(0.2)
+        waiting = server.connect()
+        self.addCleanup(waiting.close)
+        waiting.sendall(b'GET /c.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        busy[0].sendall(b'Host: x\r\nConnection: close\r\n\r\n')   # one finishes and leaves
+        self.assertIn(b'200 OK', busy[0].recv(65536))
+        waiting.settimeout(5)
+        self.assertIn(b'200 OK', waiting.recv(65536))
+        server.stop()
+
+
 def zombies_of(pid):
     return [child for child in children_of(pid) if proc_stat(child)[0] == 'Z']
 

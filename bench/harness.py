@@ -1,0 +1,180 @@
+"""Shared helpers for bench/fuzz.py and bench/slow.py: start, watch and stop an agent.
+
+Not a script.  `AgentProcess` runs `agent.py ... start` on 127.0.0.1 with a kernel-picked port
+in a temporary directory, reads the port from the log, lists the workers (children of the
+master, from /proc), scans the log for worker deaths and tracebacks, and stops the agent with
+`stop` (falling back to SIGKILL of the agent's process group).  Standard library only.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+AGENT = os.path.join(REPO, 'agent.py')
+COMMAND_TIMEOUT = 30.0          # seconds for one `start` or `stop`
+
+# Lines in the agent's log that mean a failure: a worker died, or an exception escaped.
+BAD_LOG = re.compile(r'died|respawning|Traceback|unexpected error|error answering|failed to boot')
+
+
+def import_agent():
+    """The agent module itself (for its pure functions), imported from the repository."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    import agent
+    return agent
+
+
+def children_of(pid):
+    """Pids whose parent is pid, from /proc/<n>/stat."""
+    found = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name, 'rb') as f:
+                data = f.read()
+            ppid = int(data[data.rindex(b')') + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(name))
+    return sorted(found)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def percentile(values, fraction):
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, int(round(fraction * len(ordered) + 0.5)) - 1))
+    return ordered[index]
+
+
+class AgentProcess:
+    """One agent daemon for the length of a `with` block; always stopped on exit."""
+
+    def __init__(self, root=None, options=(), workers=2, python=None, keep=False):
+        self.dir = tempfile.mkdtemp(prefix='agent-bench-')
+        self.root = root or os.path.join(self.dir, 'www')
+        os.makedirs(self.root, exist_ok=True)
+        self.pidfile = os.path.join(self.dir, 'agent.pid')
+        self.log = os.path.join(self.dir, 'agent.log')
+        self.access_log = os.path.join(self.dir, 'access.log')
+        self.python = python or sys.executable
+        self.keep = keep
+        self.options = ['--root', self.root, '--bind', '127.0.0.1', '--port', '0',
+                        '--pidfile', self.pidfile, '--log', self.log,
+                        '--access-log', self.access_log, '--workers', str(workers),
+                        '--stop-timeout', '5'] + list(options)
+        self.port = None
+        self.master = None
+        self.pgid = None
+        self.worker_pids = []
+
+    def command(self, action):
+        return subprocess.run([self.python, AGENT] + self.options + [action],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT)
+
+    def start(self):
+        try:
+            result = self.command('start')
+        except subprocess.TimeoutExpired:
+            self.master = self.read_pid()
+            self.remember_group()
+            raise RuntimeError('agent start did not return within %gs' % COMMAND_TIMEOUT)
+        self.master = self.read_pid()
+        self.remember_group()
+        if result.returncode != 0 or self.master is None:
+            raise RuntimeError('agent start failed (%d): %s%s\n%s'
+                               % (result.returncode, result.stdout, result.stderr, self.log_text()))
+        ports = re.findall(r'on 127\.0\.0\.1:(\d+) with', self.log_text())
+        if not ports:
+            raise RuntimeError('no "serving ... on 127.0.0.1:PORT" line in %s' % self.log)
+        self.port = int(ports[-1])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.worker_pids = children_of(self.master)
+            if self.worker_pids:
+                break
+            time.sleep(0.05)
+        return self
+
+    def remember_group(self):
+        try:
+            self.pgid = os.getpgid(self.master) if self.master else None
+        except OSError:
+            self.pgid = None
+
+    def read_pid(self):
+        try:
+            with open(self.pidfile) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def workers(self):
+        return children_of(self.master) if self.master else []
+
+    def log_text(self):
+        try:
+            with open(self.log, errors='replace') as f:
+                return f.read()
+        except OSError:
+            return ''
+
+    def bad_log_lines(self):
+        return [line for line in self.log_text().splitlines() if BAD_LOG.search(line)]
+
+    def stop(self):
+        """`agent.py stop`; SIGKILL to the whole process group if anything is left."""
+        try:
+            if self.master and pid_alive(self.master):
+                try:
+                    self.command('stop')
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            self.kill()
+
+    def kill(self):
+        """SIGKILL the agent's process group (the daemon's own session), if any of it is left."""
+        if not self.pgid or self.pgid == os.getpgid(0):
+            return
+        for pid in [self.master] + list(self.worker_pids):
+            try:
+                if pid and os.getpgid(pid) == self.pgid:
+                    os.killpg(self.pgid, signal.SIGKILL)
+                    return
+            except OSError:
+                continue
+
+    def cleanup(self):
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.stop()
+        finally:
+            self.cleanup()
+        return False
