@@ -2139,6 +2139,25 @@ class HttpRulesServerTests(HttpRulesServerBase):
         self.assertNotEqual(first.headers['etag'], second.headers['etag'])
         self.assertEqual(self.get('/changing.jpg', 'If-None-Match: ' + first.headers['etag']).status, 200)
 
+    def test_deleted_file_is_not_served_from_the_cache(self):
+        path = os.path.join(self.server.root, 'doomed.jpg')
+        http_rules_write(self.server.root, 'doomed.jpg', b'here today')
+        for _ in range(4):                          # cached in every worker
+            self.assertEqual(self.get('/doomed.jpg').body, b'here today')
+        os.unlink(path)
+        for _ in range(4):
+            self.assertEqual(self.get('/doomed.jpg').status, 404)
+
+    def test_file_replaced_by_rename_is_served_new(self):
+        """Same size, same mtime, another inode: what a deploy's atomic rename looks like."""
+        http_rules_write(self.server.root, 'swapped.jpg', b'old bytes!')
+        for _ in range(4):
+            self.assertEqual(self.get('/swapped.jpg').body, b'old bytes!')
+        http_rules_write(self.server.root, '.swapped.tmp', b'new bytes!')
+        os.rename(os.path.join(self.server.root, '.swapped.tmp'), os.path.join(self.server.root, 'swapped.jpg'))
+        for _ in range(4):
+            self.assertEqual(self.get('/swapped.jpg').body, b'new bytes!')
+
     # -- ranges --
 
     def range_get(self, value, *headers):

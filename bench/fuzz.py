@@ -698,7 +698,7 @@ def network_mode(args, seed):
             log_offset = os.path.getsize(log_path) if log_path and os.path.exists(log_path) else 0
         else:
             server = harness.AgentProcess(workers=args.workers, options=args.agent_option or [],
-                                          keep=args.keep)
+                                          keep=args.keep, agent=args.agent)
             make_tree(server.root)
             server.start()
             port = server.port
@@ -945,8 +945,17 @@ def in_process_mode(args, seed):
           % (done, elapsed, done / max(elapsed, 1e-9), seed))
     print('outcomes: ' + ', '.join('%s: %d' % (k, v) for k, v in
                                    sorted(outcomes.items(), key=lambda kv: str(kv[0]))))
-    for index, names, payload, what in failures:
-        print('FAIL case %d (seed %d, mutators %s): %s\n    payload %s' % (index, seed, names, what, shown(payload)))
+    groups = collections.defaultdict(list)
+    for case in failures:
+        groups[problem_kind(case[3])].append(case)
+    for kind, cases in sorted(groups.items()):
+        print('FAIL %s: %d case(s)' % (kind, len(cases)))
+        for index, names, payload, what in sorted(cases, key=lambda c: len(c[2]))[:5]:
+            print('    case %d (seed %d, mutators %s): %s\n        payload %s'
+                  % (index, seed, names, what, shown(payload)))
+        if len(cases) > 5:
+            print('    and cases %s (--seed %d --show I prints one)'
+                  % (' '.join(str(c[0]) for c in sorted(cases)[:50]) + (' ...' if len(cases) > 55 else ''), seed))
     found = report_findings(findings, seed, args.strict)
     if failures or found and args.strict:
         print('FAIL: in-process fuzz seed %d: %d case(s) raised or broke an invariant%s'
@@ -960,8 +969,9 @@ def in_process_mode(args, seed):
 
 
 def problem_kind(problem):
-    """The words of a problem before its details, to group the cases."""
-    return re.split(r'[:(]| \d', problem, 1)[0].strip()
+    """A problem without its details (byte strings, numbers), to group the cases."""
+    text = re.sub(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"|\[[^]]*\]|\d+", '_', problem)
+    return text[:100]
 
 
 def shown(payload, limit=4000):
@@ -988,7 +998,8 @@ def replay(args, seed):
         if args.port:
             port = args.port
         else:
-            server = harness.AgentProcess(workers=1, options=args.agent_option or [], keep=args.keep)
+            server = harness.AgentProcess(workers=1, options=args.agent_option or [], keep=args.keep,
+                                          agent=args.agent)
             make_tree(server.root)
             port = server.start().port
         statuses, ending, problem, finding = run_case(port, seed, args.replay, args.case_timeout,
@@ -1037,6 +1048,7 @@ def main(argv=None):
     p.add_argument('--make-tree', metavar='DIR',
                    help='write the files the cases expect into DIR and exit (the --root for --port)')
     p.add_argument('--keep', action='store_true', help="keep the agent's temporary directory")
+    p.add_argument('--agent', help='the agent.py to start (default: the one beside bench/)')
     p.add_argument('--progress', action='store_true', help='a line per batch')
     p.add_argument('--strict', action='store_true',
                    help='findings outside the pass criteria fail too: a head refused only when it '

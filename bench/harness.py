@@ -69,7 +69,7 @@ def percentile(values, fraction):
 class AgentProcess:
     """One agent daemon for the length of a `with` block; always stopped on exit."""
 
-    def __init__(self, root=None, options=(), workers=2, python=None, keep=False):
+    def __init__(self, root=None, options=(), workers=2, python=None, keep=False, agent=None):
         self.dir = tempfile.mkdtemp(prefix='agent-bench-')
         self.root = root or os.path.join(self.dir, 'www')
         os.makedirs(self.root, exist_ok=True)
@@ -77,6 +77,7 @@ class AgentProcess:
         self.log = os.path.join(self.dir, 'agent.log')
         self.access_log = os.path.join(self.dir, 'access.log')
         self.python = python or sys.executable
+        self.agent = agent or AGENT
         self.keep = keep
         self.options = ['--root', self.root, '--bind', '127.0.0.1', '--port', '0',
                         '--pidfile', self.pidfile, '--log', self.log,
@@ -88,7 +89,7 @@ class AgentProcess:
         self.worker_pids = []
 
     def command(self, action):
-        return subprocess.run([self.python, AGENT] + self.options + [action],
+        return subprocess.run([self.python, self.agent] + self.options + [action],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=COMMAND_TIMEOUT)
 

@@ -410,6 +410,7 @@ def main(argv=None):
                    help='slowhttptest -l seconds; 0 skips it (default 30)')
     p.add_argument('--slowhttptest-connections', type=int, default=500, help='slowhttptest -c (default 500)')
     p.add_argument('--keep', action='store_true', help="keep the agent's temporary directory")
+    p.add_argument('--agent', help='the agent.py to start (default: the one beside bench/)')
     args = p.parse_args(argv)
 
     limit = raise_nofile(args.slowloris + args.slow_readers + 200)
@@ -420,7 +421,7 @@ def main(argv=None):
     options = ['--header-timeout', '%g' % args.header_timeout]
     if args.agent_timeout:
         options += ['--timeout', '%g' % args.agent_timeout]
-    server = harness.AgentProcess(workers=args.workers, options=options, keep=args.keep)
+    server = harness.AgentProcess(workers=args.workers, options=options, keep=args.keep, agent=args.agent)
     reasons = []
     try:
         with open(os.path.join(server.root, SMALL), 'wb') as f:
