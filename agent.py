@@ -80,6 +80,7 @@ from daemon import Daemon, DaemonError, log
 # Defaults and limits
 # ---------------------------------------------------------------------------------------------
 
+SCRIPT = os.path.abspath(__file__)      # what an upgrade runs: the agent.py on disk then
 SERVER = b'agent'
 DEFAULT_PORT = 9085
 MAX_HEADER_SIZE = 8192
@@ -1292,6 +1293,7 @@ class Agent(Daemon):
         self.boot_failures = 0
         self.respawns = 0
         self.respawn_at = 0.0
+        self.upgrade = None             # (pid, pipe, deadline) while a new master starts
 
     # -- setup, as root, before ready --
 
@@ -1313,7 +1315,7 @@ class Agent(Daemon):
                 sock.setblocking(False)
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            log('agent: serving on %d socket(s) passed by the service manager' % len(fds))
+            log('agent: serving on %d socket(s) passed by the service manager or the previous master' % len(fds))
         else:
             self.listeners = [bind(config.bind, config.port)]
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
@@ -1352,6 +1354,7 @@ class Agent(Daemon):
             self.read_boot_messages()
             self.reap()
             self.maintain()
+            self.check_upgrade()
         if self.halted():
             log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
         self.shutdown()
@@ -1493,6 +1496,82 @@ class Agent(Daemon):
             signal_worker(worker.pid, signal.SIGTERM)
         log('agent: reloaded: %d new workers, %d retiring' % (self.config.workers, len(old)))
 
+    # -- zero-downtime upgrade: SIGUSR2 (or `agent.py upgrade`) --
+
+    def on_upgrade(self):
+        """Start the agent.py now on disk as a new master on our sockets (daemon.reexec)."""
+        if self.upgrade is not None:
+            log('agent: an upgrade is already under way (pid %d)' % self.upgrade[0])
+            return
+        argv = [SCRIPT] + config_argv(self.config) + ['run']
+        try:
+            pid, pipe = self.reexec(argv, [sock.fileno() for sock in self.listeners])
+        except OSError as exc:
+            log('agent: upgrade: cannot start a new master: %s' % exc.strerror)
+            return
+        os.set_blocking(pipe, False)
+        self.selector.register(pipe, selectors.EVENT_READ)
+        self.upgrade = (pid, pipe, time.monotonic() + self.start_timeout)
+        log('agent: upgrade: started a new master (pid %d) from %s' % (pid, SCRIPT))
+
+    def check_upgrade(self):
+        """READY: the new master owns the pidfile now, so drain and leave; else carry on."""
+        if self.upgrade is None:
+            return
+        pid, pipe, deadline = self.upgrade
+        try:
+            data = os.read(pipe, 4096)
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                return
+            signal_worker(pid, signal.SIGKILL)
+            data = b'ERROR not ready in time; killed'
+        self.selector.unregister(pipe)
+        os.close(pipe)
+        self.upgrade = None
+        if data.startswith(b'READY'):
+            log('agent: upgrade: pid %d took over; draining the old workers' % pid)
+            self.handed_over()
+            self.stopping = True
+        else:
+            reason = data.decode('utf-8', 'replace').strip()[6:] or 'it exited; see above'
+            log('agent: upgrade failed (%s); still serving' % reason)
+
+    def command(self, action):
+        if action == 'upgrade':
+            try:
+                return self.upgrade_command()
+            except DaemonError as exc:
+                sys.stderr.write('agent: %s\n' % exc)
+                return daemon.EXIT_FAILURE
+        return Daemon.command(self, action)
+
+    def upgrade_command(self):
+        """Send SIGUSR2 and wait until the pidfile names the new master, or the log says why not."""
+        self._absolutize()
+        state, old = self._probe()
+        if state != 'running':
+            self._say('agent is not running', error=True)
+            return daemon.EXIT_NOT_RUNNING
+        try:
+            offset = os.path.getsize(self.stderr)
+        except OSError:
+            offset = 0
+        os.kill(old, signal.SIGUSR2)
+        deadline = time.monotonic() + self.start_timeout + 1
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            state, pid = self._probe()
+            if state == 'running' and pid != old:
+                self._say('agent upgraded (pid %d replaced pid %d)' % (pid, old))
+                return daemon.EXIT_OK
+            failure = log_tail_match(self.stderr, offset, 'upgrade failed')
+            if failure:
+                self._say('agent: %s' % failure, error=True)
+                return daemon.EXIT_FAILURE
+        self._say('agent: the upgrade did not finish in time; see %s' % self.stderr, error=True)
+        return daemon.EXIT_FAILURE
+
     def on_reopen_logs(self):
         self.reopen_worker_logs()
         for pid in list(self.workers):
@@ -1543,6 +1622,35 @@ def accept_connection(listener, family):
     sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
     sock.setblocking(False)
     return sock, address
+
+
+def log_tail_match(path, offset, text):
+    """The first line containing text in the log after offset, without the timestamp."""
+    try:
+        with open(path, 'rb') as f:
+            f.seek(offset)
+            for line in f.read().decode('utf-8', 'replace').splitlines():
+                if text in line:
+                    return line.split('] ', 1)[-1]
+    except OSError:
+        pass
+    return None
+
+
+def config_argv(config):
+    """The command line (absolute paths) that gives a new master this configuration."""
+    argv = ['--root', config.root, '--bind', config.bind, '--port', str(config.port),
+            '--pidfile', config.pidfile, '--log', config.log, '--access-log', config.access_log,
+            '--workers', str(config.workers), '--stop-timeout', repr(config.stop_timeout),
+            '--timeout', repr(config.timeout), '--header-timeout', repr(config.header_timeout),
+            '--max-header-size', str(config.max_header_size),
+            '--max-connections', str(config.max_connections)]
+    for option, value in (('--user', config.user), ('--group', config.group)):
+        if value is not None:
+            argv += [option, value]
+    if config.follow_symlinks:
+        argv.append('--follow-symlinks')
+    return argv
 
 
 def reap_children(block=False):
@@ -1660,7 +1768,9 @@ def parser():
         prog='agent.py', description='A static image server (HTTP/1.1), run as a daemon.',
         epilog='Exit codes: 0 success, 1 failure, 2 usage; status: 0 running, 1 dead with '
                'pidfile, 3 not running, 4 unknown.')
-    p.add_argument('action', choices=daemon.ACTIONS, help='what to do')
+    p.add_argument('action', choices=daemon.ACTIONS + ('upgrade',),
+                   help='what to do; upgrade: replace the running master with the agent.py now '
+                        'on disk, without dropping a connection (also: SIGUSR2)')
     p.add_argument('--root', default='.', help='directory to serve (default: the current one)')
     p.add_argument('--bind', default='0.0.0.0', help="address to listen on; '::' for IPv6 and IPv4 (default: 0.0.0.0)")
     p.add_argument('--port', type=port_number, default=DEFAULT_PORT, help='TCP port (default: %d)' % DEFAULT_PORT)
@@ -1688,7 +1798,8 @@ def parser():
 
 def main(argv=None):
     config = parser().parse_args(argv)
-    config.root = os.path.abspath(config.root)
+    for name in ('root', 'pidfile', 'log'):
+        setattr(config, name, os.path.abspath(getattr(config, name)))
     if config.access_log != 'off':
         config.access_log = os.path.abspath(config.access_log)
     return Agent(config).command(config.action)

@@ -109,7 +109,10 @@ STATUS_UNKNOWN = 4
 ACTIONS = ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'status', 'run')
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1)
+HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+# Set by reexec() for the program it starts: "<pidfile fd>,<readiness fd>".
+UPGRADE_ENV = 'DAEMON_UPGRADE_FDS'
 
 SD_LISTEN_FDS_START = 3
 
@@ -272,6 +275,8 @@ def drop_privileges(user=None, group=None, own=()):
     try:
         pw = pwd.getpwnam(user) if user is not None else None
         gid = grp.getgrnam(group).gr_gid if group is not None else pw.pw_gid
+        if os.getgid() == gid and (pw is None or os.getuid() == pw.pw_uid) and os.geteuid() != 0:
+            return                  # already them: a re-executed daemon that dropped them before
         for path in own:
             if path and os.path.isfile(path):
                 os.chown(path, pw.pw_uid if pw is not None else -1, gid)
@@ -437,6 +442,18 @@ class PidFile:
             raise _step_error('write pidfile', exc)
         self.fd, self.owner = fd, os.getpid()
 
+    def adopt(self, fd):
+        """Take over a locked pidfile descriptor inherited from the daemon we replace."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # ours already: a no-op check
+        except OSError as exc:
+            raise _step_error('adopt pidfile', exc)
+        if not self._same_file(fd):
+            raise DaemonError('adopt pidfile failed (fd %d is not %s)' % (fd, self.path))
+        os.set_inheritable(fd, False)
+        self.fd = fd
+        self.owner = None           # rewrite() makes it ours once we are ready
+
     def _same_file(self, fd):
         try:
             here = os.stat(self.path, follow_symlinks=False)
@@ -500,14 +517,18 @@ class PidFile:
             raise _step_error('read pidfile', exc)
         try:
             pid = parse_pid(os.pread(fd, 64, 0))
-            holders = flock_holders(os.fstat(fd))
+            st = os.fstat(fd)
+            holders = flock_holders(st)
             locked = self._probe_lock(fd) if holders is None else bool(holders)
         finally:
             os.close(fd)
         if not locked:
             return 'stale', pid, True
         # Locked: it counts only if the file names the holder (never guess which pid to signal).
-        consistent = pid is not None and _pid_alive(pid) and (not holders or pid in holders)
+        # /proc/locks names the process that took the lock; after an upgrade (reexec) the pid
+        # in the file holds it through an inherited descriptor: it has this very file open.
+        consistent = pid is not None and _pid_alive(pid) and (
+            not holders or pid in holders or _has_open(pid, st))
         return 'running', pid, consistent
 
     @staticmethod
@@ -549,6 +570,22 @@ def _pid_alive(pid):
     return True
 
 
+def _has_open(pid, st):
+    """Whether process pid has the file with stat st open (from /proc/PID/fd)."""
+    try:
+        names = os.listdir('/proc/%d/fd' % pid)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            other = os.stat('/proc/%d/fd/%s' % (pid, name))
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
+
+
 def _open_pidfd(pid):
     """A pidfd for pid (Linux 5.3+), or None: signals through it cannot hit a reused pid."""
     if not hasattr(os, 'pidfd_open'):
@@ -569,6 +606,14 @@ class ReadinessPipe:
     def __init__(self):
         self.r, self.w = os.pipe2(os.O_CLOEXEC)
         self.sent = False
+
+    @classmethod
+    def for_writing(cls, fd):
+        """The daemon's end, inherited across exec (reexec())."""
+        pipe = cls.__new__(cls)
+        os.set_inheritable(fd, False)
+        pipe.r, pipe.w, pipe.sent = None, fd, False
+        return pipe
 
     def send(self, line, close=True):
         """Daemon side: send the verdict once.
@@ -709,6 +754,9 @@ class Daemon:
     def on_reopen_logs(self):
         """Hook: SIGUSR1 arrived; stdout/stderr are already reopened.  Reopen your own logs."""
 
+    def on_upgrade(self):
+        """Hook: SIGUSR2 arrived: start the new code on disk with reexec() (no-op)."""
+
     def log_files(self):
         """Hook: the log files that a user named by `user`/`group` must own to reopen them."""
         return [self.stdout, self.stderr]
@@ -834,6 +882,15 @@ class Daemon:
         self._absolutize()
         check_identity(self.user, self.group)
         self.listen_fds = listen_fds()
+        upgrade = os.environ.pop(UPGRADE_ENV, None)
+        if upgrade:
+            # Started by reexec(): we continue a detached daemon (its logs are our stdout and
+            # stderr), adopt its locked pidfile, and tell it on the pipe when we are ready.
+            pidfile_fd, ready_fd = map(int, upgrade.split(','))
+            self.detached = True
+            self._readiness = ReadinessPipe.for_writing(ready_fd)
+            self._pidfile = PidFile(self.pidfile_path)
+            self._pidfile.adopt(pidfile_fd)
         try:
             self._become_service()
         except AlreadyRunning as exc:
@@ -889,8 +946,9 @@ class Daemon:
 
     def _become_service(self):
         """Steps common to the daemon and the foreground service: pidfile, signals, setup()."""
-        self._pidfile = PidFile(self.pidfile_path)
-        self._pidfile.acquire()
+        if self._pidfile is None:
+            self._pidfile = PidFile(self.pidfile_path)
+            self._pidfile.acquire()
         os.register_at_fork(after_in_child=self._after_fork_in_child)
         self._install_signal_handlers()
         self.setup()
@@ -946,6 +1004,8 @@ class Daemon:
         if self._is_ready:
             return
         self._is_ready = True
+        if self._pidfile is not None and self._pidfile.owner is None:
+            self._pidfile.rewrite()         # an upgrade: the pidfile names us from now on
         if self._readiness is not None:
             self._readiness.send('READY')
         notify(READY=1, MAINPID=os.getpid(), STATUS='%s running' % self.name)
@@ -1036,6 +1096,8 @@ class Daemon:
             elif signum == signal.SIGUSR1:
                 self.reopen_std_logs()
                 self.on_reopen_logs()
+            elif signum == signal.SIGUSR2:
+                self.on_upgrade()
             elif signum in STOP_SIGNALS:
                 log('%s: stopping (%s)' % (self.name, signal.Signals(signum).name))
                 notify(STOPPING=1, STATUS='stopping')
@@ -1066,6 +1128,55 @@ class Daemon:
         os.dup2(fd_err, 2)
         for fd in {fd_out, fd_err}:
             os.close(fd)
+
+    def reexec(self, argv, fds=(), names=None, cwd='/'):
+        """Start `argv` (a new version of this program, run in the foreground) to take over.
+
+        It inherits the sockets `fds` as socket activation passes them (LISTEN_FDS from fd 3,
+        LISTEN_PID, LISTEN_FDNAMES), our locked pidfile, and a pipe on which its ready() says
+        READY after it has rewritten the pidfile with its own pid.  The lock is never released
+        in between.  Returns (pid, read end of that pipe); the caller waits for READY, then
+        calls handed_over() and exits, or, at EOF, carries on as before.
+        """
+        r, w = os.pipe2(os.O_CLOEXEC)
+        # A copy of the pidfile's descriptor: the child's at-fork hook closes the original.
+        pidfile_fd = fcntl.fcntl(self._pidfile.fd, fcntl.F_DUPFD_CLOEXEC, SD_LISTEN_FDS_START)
+        passed = list(fds) + [pidfile_fd, w]
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (r, w, pidfile_fd):
+                os.close(fd)
+            raise
+        if pid:
+            os.close(w)
+            os.close(pidfile_fd)
+            return pid, r
+        try:
+            # Copy everything above the target range first, so no dup2 clobbers a source.
+            base = max(passed) + len(passed) + SD_LISTEN_FDS_START
+            copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in passed]
+            for index, fd in enumerate(copies):
+                os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
+            count = len(fds)
+            env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(count))
+            env[UPGRADE_ENV] = '%d,%d' % (SD_LISTEN_FDS_START + count, SD_LISTEN_FDS_START + count + 1)
+            env.pop('LISTEN_FDNAMES', None)
+            if names:
+                env['LISTEN_FDNAMES'] = ':'.join(names)
+            close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(passed)))
+            reset_signals()
+            os.chdir(cwd)
+            os.execve(sys.executable, [sys.executable] + list(argv), env)
+        except BaseException as exc:
+            log('%s: cannot start the new version: %s' % (self.name, _describe(exc)))
+        finally:
+            os._exit(127)
+
+    def handed_over(self):
+        """After the new version said READY: the pidfile is its own now; never remove it."""
+        if self._pidfile is not None:
+            self._pidfile.forget()
 
     # -- helpers --------------------------------------------------------------------------------
 

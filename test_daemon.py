@@ -274,7 +274,8 @@ def free_port():
 class AgentServer:
     """An agent on 127.0.0.1 with a port the kernel picked, in a temporary directory."""
 
-    def __init__(self, testcase, *options, workers=2, root=None):
+    def __init__(self, testcase, *options, workers=2, root=None, script=AGENT):
+        self.script = script
         self.dir = tempfile.mkdtemp(prefix='agent-test-')
         testcase.addCleanup(subprocess.run, ['rm', '-rf', self.dir])
         self.root = root or os.path.join(self.dir, 'www')
@@ -291,7 +292,7 @@ class AgentServer:
         testcase.addCleanup(self.kill)
 
     def command(self, action, *extra, timeout=TIMEOUT):
-        return run([PYTHON, AGENT] + self.options + list(extra) + [action], timeout=timeout)
+        return run([PYTHON, self.script] + self.options + list(extra) + [action], timeout=timeout)
 
     def start(self):
         result = self.command('start')
@@ -1210,6 +1211,77 @@ class SupervisionTests(unittest.TestCase):
         waiting.settimeout(5)
         self.assertIn(b'200 OK', waiting.recv(65536))
         server.stop()
+
+
+    def test_upgrade_runs_the_new_code_without_failing_a_request(self):
+        code = tempfile.mkdtemp(prefix='agent-code-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', code])
+        for name in ('agent.py', 'daemon.py'):
+            with open(os.path.join(HERE, name)) as src, open(os.path.join(code, name), 'w') as dst:
+                dst.write(src.read())
+        script = os.path.join(code, 'agent.py')
+        server = AgentServer(self, script=script).start()
+        body = os.urandom(20000)
+        server.write('u.jpg', body)
+        failures, done, servers = [], [], set()
+        stop = threading.Event()
+
+        def client():
+            conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+            while not stop.is_set():
+                try:
+                    conn.request('GET', '/u.jpg')
+                    response = conn.getresponse()
+                    if response.status != 200 or response.read() != body:
+                        failures.append(response.status)
+                    servers.add(response.getheader('Server'))
+                    done.append(1)
+                except Exception as exc:
+                    failures.append(repr(exc))
+                    conn.close()
+            conn.close()
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            old_master, old_workers = server.master(), server.workers()
+            wait_for(lambda: len(done) > 50, message='requests before the upgrade')
+            with open(script) as f:
+                new_code = f.read().replace("SERVER = b'agent'", "SERVER = b'agent-v2'")
+            with open(script, 'w') as f:
+                f.write(new_code)
+            result = server.command('upgrade')
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn('agent upgraded', result.stdout)
+            count = len(done)
+            wait_for(lambda: len(done) > count + 100, message='requests after the upgrade')
+            wait_for(lambda: not pid_alive(old_master) and not any(map(pid_alive, old_workers)),
+                     message='the old master and workers gone')
+            # A broken new version: the upgrade fails, and the running one goes on serving.
+            with open(script) as f:
+                new_code = f.read().replace('\ndef main(argv=None):\n', '\ndef main(argv=None):\n    1 / 0\n')
+            with open(script, 'w') as f:
+                f.write(new_code)
+            new_master = server.master()
+            failed = run([PYTHON, AGENT] + server.options + ['upgrade'])
+            self.assertEqual(failed.returncode, 1)
+            self.assertIn('upgrade failed', failed.stderr)
+            self.assertEqual(server.master(), new_master)
+            count = len(done)
+            wait_for(lambda: len(done) > count + 50, message='requests after the failed upgrade')
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(TIMEOUT)
+        server.pids.append(server.master())
+        server.script = AGENT           # the copy on disk is broken now
+        self.assertEqual(failures, [])
+        self.assertIn('agent-v2', servers)
+        self.assertNotEqual(server.master(), old_master)
+        self.assertEqual(server.command('status').returncode, 0)
+        server.stop()
+        self.assertFalse(os.path.exists(server.pidfile))
 
 
 def zombies_of(pid):

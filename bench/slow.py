@@ -90,6 +90,7 @@ class Slowloris(threading.Thread):
         self.open_now = 0
         self.peak_open = 0
         self.open_at_end = 0
+        self.ages_at_end = []           # seconds since the first byte of those still open at the end
         self.error = None
 
     def open_slot(self, now):
@@ -171,8 +172,11 @@ class Slowloris(threading.Thread):
                         self.closed(state, now)
                         continue
                     state[2] = now + self.interval
+        now = time.monotonic()
         self.open_at_end = len(self.selector.get_map())
         for key in list(self.selector.get_map().values()):
+            if key.data[1] is not None:
+                self.ages_at_end.append(now - key.data[1])
             self.drop(key.data)
 
     def closed(self, state, now):
@@ -360,6 +364,7 @@ def run_slowhttptest(binary, port, args):
     ended = re.findall(r'Test ended on (\d+)\w* second', text)
     status = re.findall(r'Exit status:\s*(.+)', text)
     connected = [int(n) for n in re.findall(r'connected:\s*(\d+)', text)]
+
     return {'code': code, 'available': available, 'ended': ended[-1] if ended else '?',
             'status': status[-1].strip() if status else '?', 'peak_connected': max(connected or [0]),
             'tail': text.strip().splitlines()[-3:]}
@@ -377,12 +382,12 @@ def clean_get(port):
         return str(exc)
 
 
-def fmt(values, unit='s'):
+def fmt(values, unit='s', spec='%.2f'):
     if not values:
         return 'none'
     ordered = sorted(values)
-    return 'n=%d min %.2f%s p50 %.2f%s max %.2f%s' % (len(ordered), ordered[0], unit,
-                                                       harness.percentile(ordered, 0.5), unit, ordered[-1], unit)
+    return ('n=%d min {0}%s p50 {0}%s max {0}%s'.format(spec)
+            % (len(ordered), ordered[0], unit, harness.percentile(ordered, 0.5), unit, ordered[-1], unit))
 
 
 def main(argv=None):
@@ -465,16 +470,17 @@ def main(argv=None):
 
         cuts = loris.cut_after
         early = [c for c in cuts if c < args.header_timeout - 0.25]
-        late = [c for c in cuts if c > args.header_timeout + args.slack]
+        late = [c for c in cuts + loris.ages_at_end if c > args.header_timeout + args.slack]
         print('slowloris: %d slots, peak %d held at once, %d cut by the agent (%s after the first '
-              'byte), %d still open at the end (younger than the timeout), %d connect errors'
-              % (args.slowloris, loris.peak_open, len(cuts), fmt(cuts), loris.open_at_end, loris.connect_errors))
+              'byte), %d still open at the end (aged %s), %d connect errors'
+              % (args.slowloris, loris.peak_open, len(cuts), fmt(cuts), loris.open_at_end,
+                 fmt(loris.ages_at_end), loris.connect_errors))
         if args.duration > args.header_timeout + args.slack and not cuts:
             reasons.append('no slowloris connection was cut within %gs' % args.duration)
         if early:
             reasons.append('%d slowloris cut early (min %.2fs < %gs)' % (len(early), min(early), args.header_timeout))
         if late:
-            reasons.append('%d slowloris cut late (max %.2fs > %gs + %gs)'
+            reasons.append('%d slowloris cut late or never (max %.2fs > %gs + %gs)'
                            % (len(late), max(late), args.header_timeout, args.slack))
         if loris.peak_open < args.min_held * args.slowloris:
             reasons.append('only %d of %d slowloris slots held at once' % (loris.peak_open, args.slowloris))
@@ -494,7 +500,7 @@ def main(argv=None):
         print('slow readers: %d, %d held to the end, %d cut by the agent (%s); bytes read %s, '
               '%.0f B/s each on average'
               % (len(readers.readers), len(readers.readers) - len(cut_readers) - len(reader_errors),
-                 len(cut_readers), fmt(cut_readers), fmt(got, ''), sum(rates) / max(1, len(rates))))
+                 len(cut_readers), fmt(cut_readers), fmt(got, ' B', '%d'), sum(rates) / max(1, len(rates))))
         if reader_errors:
             reasons.append('%d slow reader(s) failed: %s' % (len(reader_errors), reader_errors[0]))
         if bad_head:
@@ -519,7 +525,8 @@ def main(argv=None):
                   % (len(latency2.samples), len(latency2.errors), '%.1f' % q50 if q50 is not None else '-',
                      '%.1f' % q99 if q99 is not None else '-', '%.1f' % qmax if qmax is not None else '-'))
             if verdict != 'YES':
-                reasons.append('slowhttptest: service available %s at the end' % verdict)
+                reasons.append('slowhttptest: service available %s at the end (%s)'
+                               % (verdict, ' / '.join(report['tail'])))
             if latency2.errors:
                 reasons.append('%d ordinary request(s) failed during slowhttptest, first: %s'
                                % (len(latency2.errors), latency2.errors[0]))
