@@ -5,7 +5,7 @@ One file, standard library only (Python 3.9+).  The corrected successor of the c
 
     python3 agent.py --root /srv/images start       # detached, serving http://0.0.0.0:9085/
     python3 agent.py --root /srv/images run         # in the foreground (systemd, containers)
-    python3 agent.py stop                            # also: restart reload status
+    python3 agent.py stop                            # also: restart reload status upgrade
 
 Processes
 ---------
@@ -22,6 +22,10 @@ Signals
                          are killed after --stop-timeout
              HUP         reload: a new generation of workers starts, the old one drains
              USR1        reopen --log and --access-log, in the master and in every worker
+             USR2        upgrade: start the agent.py now on disk as a new master on the same
+                         sockets (daemon.reexec); once it is ready it owns the pidfile and the
+                         old master drains and exits.  If it fails, the old one goes on serving.
+                         `agent.py upgrade` sends it and waits for the outcome.
     worker   TERM        drain and exit (from the master); INT and HUP are ignored, so a Ctrl-C
                          or a hangup reaches the workers only through their master
              USR1        reopen the logs

@@ -48,6 +48,8 @@ Signals in the daemon
   SIGTERM, SIGINT   stop: `stopping` becomes true and wait() returns True; exit status 0
   SIGHUP            on_reload() hook (sd_notify RELOADING=1 ... READY=1 around it)
   SIGUSR1           stdout/stderr logs reopened (for logrotate), then on_reopen_logs() hook
+  SIGUSR2           on_upgrade() hook: reexec() starts new code that inherits the sockets and
+                    the locked pidfile, and takes over once it is ready (no-op by default)
 The handlers only record the signal and wake wait(); the hooks run from wait() or
 handle_signals(), in the daemon's own loop.  A classic run() that never calls either (a bare
 `while True:` loop) is stopped the way Python stops a program on Ctrl-C: SystemExit is raised
@@ -693,6 +695,8 @@ class Daemon:
         run()              the service itself
         on_reload()        on SIGHUP (no-op)
         on_reopen_logs()   on SIGUSR1, after stdout/stderr were reopened (no-op)
+        on_upgrade()       on SIGUSR2 (no-op); see reexec()
+        log_files()        the logs a `user` must own to reopen them
 
     Methods for run() to call:
         ready()            "my setup is done": the launcher exits 0 (and sd_notify READY=1)
@@ -701,6 +705,8 @@ class Daemon:
         handle_signals()   the same without sleeping, for a run() with its own event loop
                            (its selector should watch `signal_fd`)
         stopping           True once SIGTERM/SIGINT arrived
+        reexec(argv, fds)  start new code to take over (sockets and pidfile passed on);
+                           handed_over() once it said READY
 
     Class variables:
         ready_on_run       True: entering run() counts as ready.  Set False when run() calls
