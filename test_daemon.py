@@ -1284,6 +1284,69 @@ class SupervisionTests(unittest.TestCase):
         self.assertFalse(os.path.exists(server.pidfile))
 
 
+
+class WorkerInProcessTests(unittest.TestCase):
+    """A Worker and a Connection driven directly over a socketpair, without processes."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix='agent-unit-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', self.root])
+        with open(os.path.join(self.root, 'x.jpg'), 'wb') as f:
+            f.write(b'xx')
+        config = agent.parser().parse_args(['run', '--root', self.root])
+        lifeline_r, lifeline_w = os.pipe()
+        self.addCleanup(os.close, lifeline_r)
+        self.addCleanup(os.close, lifeline_w)
+        with mock.patch('sys.stderr', new_callable=io.StringIO):
+            self.worker = agent.Worker(config, [], None, lifeline_r)
+        self.addCleanup(self.worker.selector.close)
+        self.server_end, self.client = socket.socketpair()
+        self.addCleanup(self.client.close)
+        self.server_end.setblocking(False)
+        self.client.settimeout(5)
+        self.conn = agent.Connection(self.server_end, '127.0.0.1', self.worker)
+        self.worker.conns.add(self.conn)
+
+    def exchange(self, raw):
+        self.client.sendall(raw)
+        self.conn.on_event(1)
+        data = b''
+        while b'\r\n\r\n' not in data:
+            data += self.client.recv(65536)
+        return data
+
+    def test_an_unexpected_error_is_a_500_not_a_dead_worker(self):
+        with mock.patch.object(self.worker, 'respond_file', side_effect=RuntimeError('bug')), \
+                mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+            data = self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertTrue(data.startswith(b'HTTP/1.1 500 '), data)
+        self.assertNotIn(b'Traceback', data)
+        self.assertNotIn(b'RuntimeError', data)
+        self.assertIn('RuntimeError: bug', err.getvalue())      # the log has the traceback
+        self.assertIn(b'Connection: close', data)
+
+    def test_pipelined_requests_do_not_recurse(self):
+        """Thousands of pipelined requests in one read are answered in a loop, in order."""
+        count = 3000
+        self.client.sendall(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n' * count)
+        received = b''
+        deadline = time.monotonic() + TIMEOUT
+        while received.count(b'HTTP/1.1 200 OK') < count and time.monotonic() < deadline:
+            self.conn.on_event(1)
+            self.client.setblocking(False)
+            try:
+                while True:
+                    chunk = self.client.recv(1 << 20)
+                    if not chunk:
+                        break
+                    received += chunk
+            except BlockingIOError:
+                pass
+            self.client.setblocking(True)
+            self.conn.on_event(2)
+        self.assertEqual(received.count(b'HTTP/1.1 200 OK'), count)
+
+
 def zombies_of(pid):
     return [child for child in children_of(pid) if proc_stat(child)[0] == 'Z']
 
