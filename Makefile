@@ -1,7 +1,7 @@
 # make test: the unit and integration suite, the Python 3.9 floor check, and a smoke run.
 PYTHON ?= python3
 
-.PHONY: test unit smoke compat bench
+.PHONY: test unit smoke compat bench fuzz fuzz-ci slow slow-ci stress
 
 test: unit compat smoke
 
@@ -35,3 +35,21 @@ smoke:
 
 bench:
 	$(PYTHON) bench/bench.py
+
+# Request fuzzing: 200k cases against the parser in-process, then 20000 over the network to a
+# running agent.  The seed is printed; --seed S --replay I replays one case.
+fuzz:
+	$(PYTHON) bench/fuzz.py --in-process 200000 --cases 20000
+
+fuzz-ci:
+	$(PYTHON) bench/fuzz.py --seed 1 --in-process 20000 --cases 2000 --max-time 240
+
+# 300 slowloris connections and 20 slow readers for 20 s while ordinary requests are timed,
+# then slowhttptest if it is installed.
+slow:
+	$(PYTHON) bench/slow.py
+
+slow-ci:
+	$(PYTHON) bench/slow.py --slowloris 100 --slow-readers 5 --duration 8 --slowhttptest-length 10
+
+stress: fuzz slow

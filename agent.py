@@ -123,7 +123,7 @@ IMAGE_SUFFIXES = frozenset(k for k, v in CONTENT_TYPES.items() if v.startswith('
 KNOWN_METHODS = frozenset([b'POST', b'PUT', b'DELETE', b'CONNECT', b'OPTIONS', b'TRACE', b'PATCH'])
 TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 VERSION = re.compile(rb'^HTTP/(\d+)(?:\.(\d+))?$')
-BAD_TARGET_BYTES = re.compile(rb'[\x00-\x20\x7f-\xff\\]')
+BAD_TARGET_BYTES = re.compile(rb'[\x00-\x20\x7f-\xff]')
 BAD_PATH_CHARS = re.compile('[\x00-\x1f\x7f\\\\]')
 PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
 HEADER_FIELD = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)(?<![ \t])[ \t]*\r?\n", re.M)
@@ -217,7 +217,7 @@ def parse_request(buf, max_size=MAX_HEADER_SIZE, max_headers=MAX_HEADERS):
             raise HTTPError(400, close=True, request_line=buf[:200])   # TLS, binary: no waiting
         if line_end < 0 and len(buf) > max_size:
             raise HTTPError(414, close=True, request_line=buf[:200])
-        if len(buf) > max_size:
+        if len(buf) - 3 > max_size:     # the blank line can no longer start within the limit
             raise HTTPError(431, close=True, request_line=buf[:line_end].rstrip(b'\r'))
         return None
     end, consumed = found
@@ -308,8 +308,12 @@ def check_method(req):
 def split_target(target):
     """The path of a request target, still percent-encoded, and its query (b'' if none).
 
-    Accepts origin-form (/a/b?q) and absolute-form (http://host/a/b?q); anything else is 400.
+    Accepts origin-form (/a/b?q) and absolute-form (http://host/a/b?q); anything else is 400,
+    and so is any byte that has no place in a request target (controls, spaces, non-ASCII):
+    the query goes back out in a redirect's Location header.
     """
+    if BAD_TARGET_BYTES.search(target):
+        raise HTTPError(400)
     if not target.startswith(b'/'):
         lower = target[:8].lower()
         if lower.startswith(b'http://') or lower.startswith(b'https://'):
@@ -325,7 +329,7 @@ def split_target(target):
         else:
             raise HTTPError(400)
     path, _, query = target.partition(b'?')
-    if b'#' in path or BAD_TARGET_BYTES.search(path):
+    if b'#' in path or b'\\' in path:
         raise HTTPError(400)
     return path, query
 
@@ -736,7 +740,7 @@ class Connection:
             try:
                 parsed = parse_request(self.inbuf, worker.max_header_size)
             except HTTPError as exc:
-                self.inbuf = b''
+                # inbuf stays: the close after this answer lingers while there is unread input
                 self.line = exc.request_line
                 self.referer = self.agent = ''
                 self.respond_error(exc.status, exc.headers, close=True)

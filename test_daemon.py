@@ -1347,6 +1347,50 @@ class WorkerInProcessTests(unittest.TestCase):
         self.assertEqual(received.count(b'HTTP/1.1 200 OK'), count)
 
 
+
+class FuzzRegressionTests(unittest.TestCase):
+    """Bugs that bench/fuzz.py found, kept as tests."""
+
+    def test_control_bytes_in_the_query_are_refused(self):
+        """They used to go back out in a 301's Location header (response splitting)."""
+        for target in (b'/dir?a\rSet-Cookie:evil=1', b'/dir?\x00', b'/dir/?x\x07y', b'/a?\x7f',
+                       b'http://x\x01/a', b'/a?caf\xc3\xa9'):
+            with self.assertRaises(agent.HTTPError, msg=target) as caught:
+                agent.split_target(target)
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_head_limit_does_not_depend_on_how_tcp_splits_it(self):
+        for extra in range(-4, 5):
+            head = b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nX: ' + b'y' * (8159 + extra) + b'\r\n\r\n'
+            try:
+                whole = agent.parse_request(head)[1]
+            except agent.HTTPError as exc:
+                whole = exc.status
+            for cut in range(8185, min(len(head), 8200)):
+                try:
+                    partial = agent.parse_request(head[:cut])
+                except agent.HTTPError as exc:
+                    partial = exc.status
+                if partial is not None:
+                    self.assertEqual(partial, whole, (extra, cut))
+
+    def test_refused_request_gets_its_answer_and_a_clean_close(self):
+        """A 413 used to be followed by a reset that could destroy it: now the close lingers."""
+        server = AgentServer(self).start()
+        with server.connect() as sock:
+            sock.sendall(b'POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n' + b'z' * 300000)
+            data = b''
+            while b'\r\n\r\n' not in data:
+                data += sock.recv(65536)
+            self.assertTrue(data.startswith(b'HTTP/1.1 413 '), data[:80])
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                chunk = sock.recv(65536)       # a reset would raise ConnectionResetError here
+                if not chunk:
+                    break
+        server.stop()
+
+
 def zombies_of(pid):
     return [child for child in children_of(pid) if proc_stat(child)[0] == 'Z']
 
