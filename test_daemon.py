@@ -2243,6 +2243,7 @@ class HttpRulesServerTests(HttpRulesServerBase):
                 self.assertEqual(response.status, status)
                 for name in ('date', 'server', 'content-length', 'content-type'):
                     self.assertIn(name, response.headers)
+                self.assertEqual(response.headers.get('x-content-type-options'), 'nosniff')
                 import email.utils as email_utils
                 self.assertIsNotNone(email_utils.parsedate_tz(response.headers['date']))
                 self.assertTrue(response.headers['date'].endswith(' GMT'))
