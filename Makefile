@@ -1,9 +1,10 @@
-# make test: the unit and integration suite, the Python 3.9 floor check, and a smoke run.
+# make test: the unit and integration suite, the Python 3.9 floor check, a smoke run, and
+# CI-sized runs of the fuzzer and the slow-client harness.
 PYTHON ?= python3
 
 .PHONY: test unit smoke compat bench fuzz fuzz-ci slow slow-ci stress
 
-test: unit compat smoke
+test: compat smoke fuzz-ci slow-ci unit
 
 unit:
 	$(PYTHON) test_daemon.py

@@ -1345,15 +1345,11 @@ class Agent(Daemon):
         self.selector.register(self.signal_fd, selectors.EVENT_READ)
         self.selector.register(self.boot_r, selectors.EVENT_READ)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # only to wake the loop
-        self.spawn_generation()
+        first = self.spawn_generation()
         try:
-            self.await_boot()
+            self.await_boot(first)
         except BaseException:
-            for pid in self.workers:
-                signal_worker(pid, signal.SIGKILL)
-            while self.workers:
-                for pid, _ in reap_children(block=True):
-                    self.workers.pop(pid, None)
+            self.kill_workers(list(self.workers.values()))
             raise
         log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
         self.ready()
@@ -1379,23 +1375,35 @@ class Agent(Daemon):
                          '%s:%d' % name[:2] if sock.family == socket.AF_INET else str(name))
         return ', '.join(names)
 
-    def await_boot(self):
-        """Before ready: every first worker must say it is up; a boot failure aborts start."""
+    def await_boot(self, workers):
+        """Wait until these workers say they are up; DaemonError if one cannot start.
+
+        Signals are left pending (only a stop is looked at): this runs inside on_reload too.
+        """
         deadline = time.monotonic() + 30.0
-        while any(not w.booted for w in self.workers.values()):
+        while any(not w.booted for w in workers):
             if self.stopping or time.monotonic() > deadline:
-                raise DaemonError('workers did not start in time' if not self.stopping
-                                  else 'stopped during startup')
-            self.selector.select(0.5)
+                raise DaemonError('stopped during startup' if self.stopping
+                                  else 'workers did not start in time')
+            for key, _ in self.selector.select(0.5):
+                if key.fileobj == self.signal_fd:
+                    drain(self.signal_fd)
             error = self.read_boot_messages()
             if error:
                 raise DaemonError(error)
-            self.handle_signals()
             for pid, status in reap_children():
                 worker = self.workers.pop(pid, None)
                 if worker is not None and not worker.booted:
                     raise DaemonError('a worker exited during startup (%s); see %s'
                                       % (describe_status(status), self.stderr))
+
+    def kill_workers(self, workers):
+        for worker in workers:
+            signal_worker(worker.pid, signal.SIGKILL)
+        pending = {worker.pid for worker in workers}
+        while pending & set(self.workers):
+            for pid, _ in reap_children(block=True):
+                self.workers.pop(pid, None)
 
     def read_boot_messages(self):
         """Workers write "<pid> ok" or "<pid> error <why>" once they are up (or cannot be)."""
@@ -1416,9 +1424,11 @@ class Agent(Daemon):
         return error
 
     def spawn_generation(self):
+        """Start --workers new workers; returns them."""
         self.generation += 1
         for _ in range(self.config.workers):
             self.spawn()
+        return [w for w in self.workers.values() if w.generation == self.generation]
 
     def spawn(self):
         # Signals stay blocked across fork() until the worker has its own handlers: a TERM
@@ -1496,13 +1506,22 @@ class Agent(Daemon):
     # -- signals, acted on in the loop --
 
     def on_reload(self):
-        """HUP: a new generation starts on the same sockets, then the old one drains."""
+        """HUP: a new generation starts on the same sockets; once it is up, the old one drains.
+
+        If the new workers cannot start, they are killed and the old ones go on serving.
+        """
         old = [w for w in self.workers.values() if not w.retiring]
-        self.spawn_generation()
+        new = self.spawn_generation()
+        try:
+            self.await_boot(new)
+        except DaemonError as exc:
+            self.kill_workers(new)
+            log('agent: reload failed (%s); the old workers go on serving' % exc)
+            return
         for worker in old:
             worker.retiring = True
             signal_worker(worker.pid, signal.SIGTERM)
-        log('agent: reloaded: %d new workers, %d retiring' % (self.config.workers, len(old)))
+        log('agent: reloaded: %d new workers, %d retiring' % (len(new), len(old)))
 
     # -- zero-downtime upgrade: SIGUSR2 (or `agent.py upgrade`) --
 
@@ -1659,6 +1678,15 @@ def config_argv(config):
     if config.follow_symlinks:
         argv.append('--follow-symlinks')
     return argv
+
+
+def drain(fd):
+    """Read a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
 
 
 def reap_children(block=False):

@@ -113,7 +113,7 @@ ACTIONS = ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
-# Set by reexec() for the program it starts: "<pidfile fd>,<readiness fd>".
+# Set by reexec() for the program it starts: "<pidfile fd>,<readiness fd>,<detached 0|1>".
 UPGRADE_ENV = 'DAEMON_UPGRADE_FDS'
 
 SD_LISTEN_FDS_START = 3
@@ -890,10 +890,10 @@ class Daemon:
         self.listen_fds = listen_fds()
         upgrade = os.environ.pop(UPGRADE_ENV, None)
         if upgrade:
-            # Started by reexec(): we continue a detached daemon (its logs are our stdout and
-            # stderr), adopt its locked pidfile, and tell it on the pipe when we are ready.
-            pidfile_fd, ready_fd = map(int, upgrade.split(','))
-            self.detached = True
+            # Started by reexec(): we continue the daemon we replace (detached or not, as it
+            # was), adopt its locked pidfile, and tell it on the pipe when we are ready.
+            pidfile_fd, ready_fd, detached = map(int, upgrade.split(','))
+            self.detached = bool(detached)
             self._readiness = ReadinessPipe.for_writing(ready_fd)
             self._pidfile = PidFile(self.pidfile_path)
             self._pidfile.adopt(pidfile_fd)
@@ -1012,9 +1012,10 @@ class Daemon:
         self._is_ready = True
         if self._pidfile is not None and self._pidfile.owner is None:
             self._pidfile.rewrite()         # an upgrade: the pidfile names us from now on
+        # The service manager hears of the new main pid before the old one may leave.
+        notify(READY=1, MAINPID=os.getpid(), STATUS='%s running' % self.name)
         if self._readiness is not None:
             self._readiness.send('READY')
-        notify(READY=1, MAINPID=os.getpid(), STATUS='%s running' % self.name)
 
     def _serve(self):
         """Run run() and turn its end into an exit status; the pidfile is released after it."""
@@ -1166,7 +1167,8 @@ class Daemon:
                 os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
             count = len(fds)
             env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(count))
-            env[UPGRADE_ENV] = '%d,%d' % (SD_LISTEN_FDS_START + count, SD_LISTEN_FDS_START + count + 1)
+            env[UPGRADE_ENV] = '%d,%d,%d' % (SD_LISTEN_FDS_START + count, SD_LISTEN_FDS_START + count + 1,
+                                             self.detached)
             env.pop('LISTEN_FDNAMES', None)
             if names:
                 env['LISTEN_FDNAMES'] = ':'.join(names)
@@ -1180,9 +1182,13 @@ class Daemon:
             os._exit(127)
 
     def handed_over(self):
-        """After the new version said READY: the pidfile is its own now; never remove it."""
+        """After the new version said READY: the pidfile is its own now; never remove it.
+
+        Nor speak for the service any more: a STOPPING=1 from us would now stop the new one.
+        """
         if self._pidfile is not None:
             self._pidfile.forget()
+        os.environ.pop('NOTIFY_SOCKET', None)
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -2819,6 +2819,745 @@ class HttpRulesTimeoutTests(HttpRulesServerBase):
         self.assert_serving()
 
 
+
+# ---------------------------------------------------------------------------------------------
+# The ecosystem: systemd (sd_notify, socket activation, unit files), logrotate,
+# start-stop-daemon, the LSB init script, goaccess.  Each test runs the real tool and skips,
+# naming it, when the tool is missing (Debian packages: systemd, logrotate, dpkg,
+# sysvinit-utils, goaccess).  The files under test are the ones in contrib/.
+# ---------------------------------------------------------------------------------------------
+
+class EcoTestCase(unittest.TestCase):
+    """Helpers for the ecosystem tests (no tests of its own)."""
+
+    CONTRIB = os.path.join(HERE, 'contrib')
+    DEADLINE = 10           # any one wait in these tests; each test stays well under 15 s
+
+    def eco_tool(self, name, package):
+        """The tool's path, or skip the test naming the package that brings it."""
+        import shutil
+        path = shutil.which(name, path=os.environ.get('PATH', '') + ':/usr/sbin:/sbin:/usr/bin:/bin')
+        if path is None:
+            self.skipTest('%s not installed (Debian package %s)' % (name, package))
+        return path
+
+    def eco_tmp(self):
+        directory = tempfile.mkdtemp(prefix='eco-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', directory])
+        return directory
+
+    def eco_popen(self, args, stderr_path, env=None):
+        """A foreground process in its own process group (killed with its workers on failure),
+        its stderr in a file (read with eco_read)."""
+        err = open(stderr_path, 'w')
+        self.addCleanup(err.close)
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                env=env, start_new_session=True)
+
+        def cleanup():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)     # workers, an upgraded master: all of them
+            except OSError:
+                pass
+            try:
+                proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        self.addCleanup(cleanup)
+        return proc
+
+    @staticmethod
+    def eco_read(path):
+        try:
+            with open(path, errors='replace') as f:
+                return f.read()
+        except FileNotFoundError:
+            return ''
+
+    @staticmethod
+    def eco_port_in(text):
+        ports = re.findall(r'on 127\.0\.0\.1:(\d+) with', text)
+        return int(ports[-1]) if ports else None
+
+    @staticmethod
+    def eco_get(port, target, timeout=5):
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
+        try:
+            conn.request('GET', target)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    @staticmethod
+    def eco_refused(port):
+        """True when nothing listens on 127.0.0.1:port."""
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    @staticmethod
+    def eco_group(pid):
+        """The agent's processes: the master and its workers."""
+        return [pid] + children_of(pid) if pid and pid_alive(pid) else []
+
+    @staticmethod
+    def eco_open_files(pids):
+        """The paths that these processes hold open."""
+        found = set()
+        for pid in pids:
+            try:
+                names = os.listdir('/proc/%d/fd' % pid)
+            except OSError:
+                continue
+            for name in names:
+                try:
+                    found.add(os.readlink('/proc/%d/fd/%s' % (pid, name)))
+                except OSError:
+                    pass
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+# sd_notify(3): the `run` action under a service manager
+# ---------------------------------------------------------------------------------------------
+
+class EcoSdNotifyTests(EcoTestCase):
+    """The test is the service manager: it binds the NOTIFY_SOCKET and reads the datagrams."""
+
+    def notify_socket(self, address):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(address)
+        return sock
+
+    @staticmethod
+    def receive(sock, timeout):
+        """The next datagram as a dict of its NAME=value lines."""
+        sock.settimeout(timeout)
+        try:
+            data = sock.recv(4096)
+        except socket.timeout:
+            raise AssertionError('no sd_notify message within %gs' % timeout)
+        return dict(line.split('=', 1) for line in data.decode().split('\n') if '=' in line)
+
+    def until(self, sock, name, seen):
+        """Read datagrams (kept in seen) until one carries name=1."""
+        deadline = time.monotonic() + self.DEADLINE
+        while True:
+            message = self.receive(sock, max(0.1, deadline - time.monotonic()))
+            seen.append(message)
+            if message.get(name) == '1':
+                return message
+
+    def check_protocol(self, sock, notify_socket):
+        tmp = self.eco_tmp()
+        root = os.path.join(tmp, 'www')
+        os.makedirs(root)
+        with open(os.path.join(root, 'n.jpg'), 'wb') as f:
+            f.write(b'NOTIFY')
+        pidfile = os.path.join(tmp, 'agent.pid')
+        stderr = os.path.join(tmp, 'stderr')
+        env = dict(os.environ, NOTIFY_SOCKET=notify_socket)
+        env.pop('LISTEN_PID', None)
+        env.pop('LISTEN_FDS', None)
+        proc = self.eco_popen([PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1', '--port', '0',
+                               '--pidfile', pidfile, '--access-log', os.path.join(tmp, 'access.log'),
+                               '--workers', '2', 'run'], stderr, env=env)
+        seen = []
+        ready = self.until(sock, 'READY', seen)
+        self.assertEqual(ready.get('MAINPID'), str(proc.pid), seen)
+        self.assertEqual(read_pid(pidfile), proc.pid)
+        self.assertEqual(len(children_of(proc.pid)), 2, 'READY=1 before every worker was up')
+        port = self.eco_port_in(self.eco_read(stderr))
+        self.assertIsNotNone(port, self.eco_read(stderr))
+        self.assertEqual(self.eco_get(port, '/n.jpg'), (200, b'NOTIFY'))
+
+        before = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
+        proc.send_signal(signal.SIGHUP)
+        reloading = self.until(sock, 'RELOADING', seen)
+        after = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
+        self.assertRegex(reloading.get('MONOTONIC_USEC', ''), r'^\d+$', reloading)
+        self.assertTrue(before <= int(reloading['MONOTONIC_USEC']) <= after,
+                        'MONOTONIC_USEC is not CLOCK_MONOTONIC now: %r' % reloading)
+        self.until(sock, 'READY', seen)         # the reload is over
+        wait_for(lambda: self.eco_get(port, '/n.jpg') == (200, b'NOTIFY'), timeout=self.DEADLINE,
+                 message='serving after the reload')
+
+        proc.send_signal(signal.SIGTERM)
+        self.until(sock, 'STOPPING', seen)
+        self.assertEqual(proc.wait(self.DEADLINE), 0, self.eco_read(stderr))
+        self.assertFalse(os.path.exists(pidfile))
+        sock.setblocking(False)
+        late = []
+        while True:
+            try:
+                late.append(sock.recv(4096))
+            except BlockingIOError:
+                break
+        self.assertFalse([m for m in late if b'READY=1' in m], 'READY=1 after STOPPING=1')
+
+    def test_path_socket(self):
+        tmp = self.eco_tmp()
+        path = os.path.join(tmp, 'notify.sock')
+        sock = self.notify_socket(path)
+        self.check_protocol(sock, path)
+
+    def test_abstract_socket(self):
+        name = 'eco-notify-%d-%s' % (os.getpid(), os.urandom(6).hex())
+        sock = self.notify_socket('\0' + name)
+        self.check_protocol(sock, '@' + name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Socket activation, with systemd's own launcher
+# ---------------------------------------------------------------------------------------------
+
+class EcoSocketActivationTests(EcoTestCase):
+    def test_serves_on_the_passed_socket_and_binds_nothing(self):
+        tool = self.eco_tool('systemd-socket-activate', 'systemd')
+        tmp = self.eco_tmp()
+        root = os.path.join(tmp, 'www')
+        os.makedirs(root)
+        with open(os.path.join(root, 's.jpg'), 'wb') as f:
+            f.write(b'ACTIVATED')
+        pidfile = os.path.join(tmp, 'agent.pid')
+        stderr = os.path.join(tmp, 'stderr')
+        passed, own = free_port(), free_port()
+        while own == passed:
+            own = free_port()
+        env = dict(os.environ)
+        env.pop('NOTIFY_SOCKET', None)
+        proc = self.eco_popen([tool, '-l', '127.0.0.1:%d' % passed, '--fdname=http',
+                               PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1',
+                               '--port', str(own), '--pidfile', pidfile,
+                               '--access-log', os.path.join(tmp, 'access.log'),
+                               '--workers', '2', 'run'], stderr, env=env)
+        wait_for(lambda: 'Listening on' in self.eco_read(stderr), timeout=self.DEADLINE,
+                 message='systemd-socket-activate listening')
+        # Like systemd, it starts the service on the first connection, which waits meanwhile.
+        self.assertEqual(self.eco_get(passed, '/s.jpg', timeout=self.DEADLINE), (200, b'ACTIVATED'))
+        # The workers may answer before the master has logged that all of them are up.
+        log = wait_for(lambda: self.eco_port_in(self.eco_read(stderr)) and self.eco_read(stderr),
+                       timeout=self.DEADLINE, message='the serving line')
+        self.assertIn('serving on 1 socket(s) passed by the service manager', log)
+        self.assertEqual(self.eco_port_in(log), passed, log)
+        self.assertEqual(read_pid(pidfile), proc.pid, 'the launcher did not exec the agent')
+        self.assertTrue(self.eco_refused(own), 'the agent bound --port %d as well' % own)
+        workers = children_of(proc.pid)
+        self.assertEqual(len(workers), 2)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(self.DEADLINE), 0, self.eco_read(stderr))
+        self.assertFalse(any(map(pid_alive, workers)))
+
+
+# ---------------------------------------------------------------------------------------------
+# logrotate with contrib/agent.logrotate, while requests flow
+# ---------------------------------------------------------------------------------------------
+
+class EcoLogrotateTests(EcoTestCase):
+    def config_for(self, logdir, pidfile):
+        """contrib/agent.logrotate with the test's paths and user: the file itself is tested."""
+        import grp
+        import pwd
+        with open(os.path.join(self.CONTRIB, 'agent.logrotate')) as f:
+            text = f.read()
+        for needle in ('/var/log/agent/*.log', '/run/agent/agent.pid', 'su agent agent',
+                       'create 0644 agent agent'):
+            self.assertIn(needle, text)
+        me = '%s %s' % (pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(os.getegid()).gr_name)
+        text = text.replace('/var/log/agent/', logdir + '/').replace('/run/agent/agent.pid', pidfile)
+        return text.replace('su agent agent', 'su ' + me).replace('create 0644 agent agent', 'create 0644 ' + me)
+
+    def test_rotation_under_load_loses_and_duplicates_no_line(self):
+        import gzip
+        logrotate = self.eco_tool('logrotate', 'logrotate')
+        server = AgentServer(self, workers=2)
+        logdir = os.path.join(server.dir, 'logs')
+        os.makedirs(logdir)
+        server.log = os.path.join(logdir, 'agent.log')
+        server.access_log = os.path.join(logdir, 'access.log')
+        server.options[server.options.index('--log') + 1] = server.log
+        server.options[server.options.index('--access-log') + 1] = server.access_log
+        server.write('r.jpg', b'ROTATE')
+        server.start()
+        conf = os.path.join(server.dir, 'logrotate.conf')
+        with open(conf, 'w') as f:
+            f.write(self.config_for(logdir, server.pidfile))
+        state = os.path.join(server.dir, 'logrotate.state')
+
+        done, failures, stop = [], [], threading.Event()
+
+        def client():
+            for i in range(20000):
+                if stop.is_set():
+                    return
+                try:
+                    status, body = self.eco_get(server.port, '/r.jpg?eco=%d' % i)
+                    if (status, body) == (200, b'ROTATE'):
+                        done.append(i)
+                    else:
+                        failures.append((i, status))
+                except OSError as exc:
+                    failures.append((i, exc))
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(stop.set)
+
+        def rotate():
+            count = len(done)
+            wait_for(lambda: len(done) >= count + 30, timeout=self.DEADLINE, message='requests')
+            result = run([logrotate, '-s', state, '-f', conf], timeout=self.DEADLINE)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertEqual(result.stderr, '')
+            # The postrotate USR1 reached the master and every worker: none holds a rotated file.
+            wait_for(lambda: not any(re.search(r'\.log\.\d', path) for path in
+                                     self.eco_open_files(self.eco_group(server.master()))),
+                     timeout=self.DEADLINE, message='every process reopened its logs')
+        rotate()
+        rotate()        # access.log.1 becomes access.log.2.gz: delaycompress, then compress
+        count = len(done)
+        wait_for(lambda: len(done) >= count + 30, timeout=self.DEADLINE, message='requests')
+        stop.set()
+        thread.join(self.DEADLINE)
+        server.stop()           # the workers flush their last lines as they exit
+
+        self.assertEqual(failures, [])
+        self.assertEqual(sorted(os.listdir(logdir)),
+                         ['access.log', 'access.log.1', 'access.log.2.gz', 'agent.log', 'agent.log.1'])
+        with gzip.open(os.path.join(logdir, 'access.log.2.gz'), 'rt') as f:
+            files = {'access.log.2.gz': f.read().splitlines()}
+        for name in ('access.log.1', 'access.log'):
+            with open(os.path.join(logdir, name)) as f:
+                files[name] = f.read().splitlines()
+        for name, lines in files.items():
+            self.assertTrue(lines, '%s is empty' % name)
+        seen = []
+        for lines in files.values():
+            for line in lines:
+                found = re.search(r'"GET /r\.jpg\?eco=(\d+) HTTP/1\.1" 200 6 ', line)
+                self.assertIsNotNone(found, 'unexpected line %r' % line)
+                seen.append(int(found.group(1)))
+        self.assertEqual(len(seen), len(done))
+        self.assertEqual(sorted(seen), sorted(done), 'lines lost or written twice')
+        self.assertIn('serving', self.eco_read(os.path.join(logdir, 'agent.log.1')))
+        self.assertEqual(stat.S_IMODE(os.stat(server.access_log).st_mode), 0o644)
+
+
+# ---------------------------------------------------------------------------------------------
+# Debian's start-stop-daemon on our pidfile
+# ---------------------------------------------------------------------------------------------
+
+class EcoStartStopDaemonTests(EcoTestCase):
+    def test_status_and_stop_with_retry(self):
+        ssd = self.eco_tool('start-stop-daemon', 'dpkg')
+        server = AgentServer(self, workers=2).start()
+        master, workers = server.master(), server.workers()
+        self.assertEqual(len(workers), 2)
+        pidfile = server.pidfile
+        self.assertEqual(stat.S_IMODE(os.stat(pidfile).st_mode), 0o644)
+
+        status = run([ssd, '--status', '--pidfile', pidfile])
+        self.assertEqual(status.returncode, 0, status.stderr)
+        python = os.path.realpath(PYTHON)
+        self.assertEqual(run([ssd, '--status', '--pidfile', pidfile, '--exec', python]).returncode, 0)
+        # --exec guards against a reused pid: another executable is "not running, pidfile remains".
+        self.assertEqual(run([ssd, '--status', '--pidfile', pidfile, '--exec', '/bin/sh']).returncode, 1)
+        if os.geteuid() == 0:
+            # It refuses a world-writable pidfile (since dpkg 1.19.3): ours is 0644 and accepted.
+            unsafe = os.path.join(server.dir, 'unsafe.pid')
+            with open(unsafe, 'w') as f:
+                f.write('%d\n' % master)
+            os.chmod(unsafe, 0o666)
+            refused = run([ssd, '--status', '--pidfile', unsafe])
+            self.assertNotEqual(refused.returncode, 0)
+            self.assertIn('insecure', refused.stderr)
+
+        began = time.monotonic()
+        stop = run([ssd, '--stop', '--pidfile', pidfile, '--retry', 'TERM/10/KILL/5'])
+        self.assertEqual(stop.returncode, 0, stop.stdout + stop.stderr)
+        self.assertLess(time.monotonic() - began, 9, 'TERM alone did not stop it')
+        self.assertFalse(pid_alive(master))
+        wait_for(lambda: not any(map(pid_alive, workers)), timeout=self.DEADLINE, message='workers gone')
+        self.assertFalse(os.path.exists(pidfile), 'the agent left its pidfile')
+        self.assertIn('agent: stopped', self.eco_read(server.log))
+        self.assertEqual(run([ssd, '--status', '--pidfile', pidfile]).returncode, 3)
+        self.assertEqual(run([ssd, '--stop', '--oknodo', '--pidfile', pidfile,
+                              '--retry', 'TERM/10/KILL/5']).returncode, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# contrib/agent.init, the LSB init script
+# ---------------------------------------------------------------------------------------------
+
+class EcoInitScriptTests(EcoTestCase):
+    SCRIPT = os.path.join(HERE, 'contrib', 'agent.init')
+
+    def test_syntax_and_header(self):
+        import shutil
+        self.assertTrue(os.access(self.SCRIPT, os.X_OK), 'agent.init is not executable')
+        with open(self.SCRIPT) as f:
+            text = f.read()
+        self.assertTrue(text.startswith('#!/bin/sh\n'))
+        header = text[text.index('### BEGIN INIT INFO'):text.index('### END INIT INFO')]
+        for field in ('Provides:', 'Required-Start:', 'Required-Stop:', 'Default-Start:',
+                      'Default-Stop:', 'Short-Description:'):
+            self.assertIn('# ' + field, header)
+        shells = [s for s in ('sh', 'dash', 'bash') if shutil.which(s)]
+        for shell in shells:
+            args = [shell, '--posix', '-n', self.SCRIPT] if shell == 'bash' else [shell, '-n', self.SCRIPT]
+            result = run(args)
+            self.assertEqual(result.returncode, 0, '%s: %s' % (shell, result.stderr))
+
+    def test_start_status_reload_restart_stop(self):
+        self.eco_tool('start-stop-daemon', 'dpkg')
+        tmp = self.eco_tmp()
+        root = os.path.join(tmp, 'www')
+        os.makedirs(root)
+        with open(os.path.join(root, 'i.jpg'), 'wb') as f:
+            f.write(b'INIT')
+        pidfile = os.path.join(tmp, 'run', 'agent.pid')
+        logdir = os.path.join(tmp, 'log')
+        defaults = os.path.join(tmp, 'default-agent')
+        with open(defaults, 'w') as f:
+            # The way an administrator overrides the settings: a /etc/default/agent fragment.
+            f.write(textwrap.dedent('''\
+                PYTHON=%s
+                DAEMON=%s
+                ROOT=%s
+                BIND=127.0.0.1
+                PORT=0
+                PIDFILE=%s
+                LOGDIR=%s
+                AGENT_USER=
+                STOP_TIMEOUT=5
+                DAEMON_ARGS="--workers 2"
+                ''' % (os.path.realpath(PYTHON), AGENT, root, pidfile, logdir)))
+        # `service` runs init scripts with an almost empty environment; so does this test.
+        env = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'AGENT_DEFAULTS': defaults,
+               'SYSTEMCTL_SKIP_REDIRECT': '1'}
+        log = os.path.join(logdir, 'agent.log')
+        self.addCleanup(lambda: kill_group_of(read_pid(pidfile)))
+
+        def init(action, *more):
+            result = run(['sh', self.SCRIPT, action] + list(more), env=env, timeout=self.DEADLINE + 5)
+            return result.returncode, result.stdout + result.stderr
+
+        def serves():
+            port = self.eco_port_in(self.eco_read(log))
+            return port is not None and self.eco_get(port, '/i.jpg') == (200, b'INIT')
+
+        self.assertEqual(init('status')[0], 3)
+        self.assertEqual(init('reload')[0], 7)
+        self.assertEqual(init('upgrade')[0], 7)
+        code, out = init('start')
+        self.assertEqual(code, 0, out)
+        master = read_pid(pidfile)
+        self.assertTrue(pid_alive(master))
+        self.assertTrue(serves())
+        self.assertEqual(os.stat(os.path.dirname(pidfile)).st_uid, os.geteuid())
+        self.assertEqual(init('start')[0], 0, 'start when running must succeed')
+        self.assertEqual(read_pid(pidfile), master, 'a second start replaced the agent')
+        code, out = init('status')
+        self.assertEqual(code, 0, out)
+        self.assertIn(str(master), out)
+
+        workers = set(children_of(master))
+        self.assertEqual(init('reload')[0], 0)
+        wait_for(lambda: not workers & set(children_of(master)) and len(children_of(master)) == 2,
+                 timeout=self.DEADLINE, message='a new generation of workers')
+        self.assertEqual(read_pid(pidfile), master, 'reload restarted the master')
+
+        code, out = init('restart')
+        self.assertEqual(code, 0, out)
+        wait_for(lambda: not pid_alive(master), timeout=2, message='the old master gone')
+        master = read_pid(pidfile)
+        self.assertTrue(master and pid_alive(master))
+        self.assertTrue(serves())
+        code, out = init('upgrade')           # SIGUSR2: a new master on the same socket
+        self.assertEqual(code, 0, out)
+        wait_for(lambda: not pid_alive(master), timeout=self.DEADLINE, message='the old master gone')
+        self.assertNotEqual(read_pid(pidfile), master)
+        master = read_pid(pidfile)
+        self.assertEqual(init('status')[0], 0, 'start-stop-daemon refuses the pidfile after an upgrade')
+        self.assertTrue(serves())
+        code, out = init('force-reload')      # the options are the command line: a restart
+        self.assertEqual(code, 0, out)
+        self.assertNotEqual(read_pid(pidfile), master)
+        master = read_pid(pidfile)
+
+        everyone = self.eco_group(master)
+        code, out = init('stop')
+        self.assertEqual(code, 0, out)
+        # start-stop-daemon --exec stops polling once the master's executable is gone, which
+        # can be a moment before the exiting process is a zombie.
+        wait_for(lambda: not any(map(pid_alive, everyone)), timeout=2,
+                 message='no process left after stop')
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertEqual(init('status')[0], 3)
+        self.assertEqual(init('stop')[0], 0, 'stop when stopped must succeed')
+        self.assertEqual(init('try-restart')[0], 0)
+        self.assertIsNone(read_pid(pidfile), 'try-restart started a stopped agent')
+
+        # A crashed agent: "dead, pidfile remains" (1); stop cleans up; start works again.
+        self.assertEqual(init('start')[0], 0)
+        kill_group_of(read_pid(pidfile))
+        wait_for(lambda: not pid_alive(read_pid(pidfile) or 0), timeout=self.DEADLINE, message='crash')
+        self.assertEqual(init('status')[0], 1)
+        self.assertEqual(init('stop')[0], 0)
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertEqual(init('bogus')[0], 2)
+
+    def test_start_reports_the_agents_own_error(self):
+        tmp = self.eco_tmp()
+        defaults = os.path.join(tmp, 'default-agent')
+        with open(defaults, 'w') as f:
+            f.write('PYTHON=%s\nDAEMON=%s\nROOT=%s\nBIND=127.0.0.1\nPORT=0\nPIDFILE=%s\n'
+                    'LOGDIR=%s\nAGENT_USER=\n' % (os.path.realpath(PYTHON), AGENT,
+                                                  os.path.join(tmp, 'missing'),
+                                                  os.path.join(tmp, 'agent.pid'),
+                                                  os.path.join(tmp, 'log')))
+        env = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'AGENT_DEFAULTS': defaults}
+        result = run(['sh', self.SCRIPT, 'start'], env=env, timeout=self.DEADLINE)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn('does not exist', result.stderr)
+        self.assertFalse(os.path.exists(os.path.join(tmp, 'agent.pid')))
+
+
+# ---------------------------------------------------------------------------------------------
+# goaccess reads the access log as Combined Log Format
+# ---------------------------------------------------------------------------------------------
+
+class EcoGoaccessTests(EcoTestCase):
+    def test_goaccess_counts_every_request(self):
+        import json
+        goaccess = self.eco_tool('goaccess', 'goaccess')
+        server = AgentServer(self, workers=2)
+        server.write('g.jpg', b'GOACCESS-IMAGE')
+        server.start()
+        agents = ['Mozilla/5.0 (X11; Linux x86_64) "quoted"', 'back\\slash\\', '"', '\\"',
+                  'a" "b', 'x\\x22y', 'tab\there', '\xfcn\xefcode', '', 'curl/8.0 [brackets] %s']
+        raws = []
+        for index, agent_name in enumerate(agents):
+            headers = b'Host: x\r\nConnection: close\r\n'
+            if agent_name:
+                headers += b'User-Agent: ' + agent_name.encode('latin-1') + b'\r\n'
+            if index % 2:
+                headers += b'Referer: http://e"x/\\p?q="1"\r\n'
+            raws.append(b'GET /g.jpg?ua=%d HTTP/1.1\r\n' % index + headers + b'\r\n')
+        raws += [b'GET /missing.jpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+                 b'HEAD /g.jpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+                 b'GET /g.jpg HTTP/1.1\r\nHost: x\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n',
+                 b'DELETE /g.jpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+                 b'GET /g.jpg HTTP/1.0\r\n\r\n',
+                 b'GET /a"b\\c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+                 b'GET /%zz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n']
+        for raw in raws:
+            self.assertTrue(server.exchange(raw).startswith(b'HTTP/1.1 '))
+        wait_for(lambda: len(server.access_lines()) == len(raws), timeout=self.DEADLINE,
+                 message='%d access-log lines' % len(raws))
+        server.stop()
+        lines = server.access_lines()
+        self.assertEqual(len(lines), len(raws))
+        sent = 0
+        for line in lines:
+            found = re.search(r'" \d{3} (\d+|-) "[^"]*" "[^"]*"$', line)
+            self.assertIsNotNone(found, line)
+            sent += 0 if found.group(1) == '-' else int(found.group(1))
+
+        report = os.path.join(server.dir, 'report.json')
+        result = run([goaccess, server.access_log, '--log-format=COMBINED', '--no-global-config',
+                      '-o', report], timeout=self.DEADLINE)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        with open(report) as f:
+            general = json.load(f)['general']
+        self.assertEqual(general['total_requests'], len(raws), general)
+        self.assertEqual(general['valid_requests'], len(raws), general)
+        self.assertEqual(general['failed_requests'], 0, general)
+        self.assertEqual(general['bandwidth'], sent, 'byte counts misread: %r' % general)
+
+
+# ---------------------------------------------------------------------------------------------
+# systemd-analyze on contrib/agent.service and contrib/agent.socket
+# ---------------------------------------------------------------------------------------------
+
+class EcoSystemdUnitTests(EcoTestCase):
+    UNITS = ('agent.service', 'agent.socket')
+
+    def units_in(self, directory, break_it=False):
+        """Copies of the units; executables missing on this machine replaced by existing ones."""
+        import shutil
+        paths = []
+        for name in self.UNITS:
+            with open(os.path.join(self.CONTRIB, name)) as f:
+                text = f.read()
+            for exe, fallback in (('/usr/bin/python3', PYTHON), ('/bin/kill', shutil.which('kill'))):
+                if not os.path.exists(exe) and fallback:
+                    text = text.replace(exe + ' ', os.path.realpath(fallback) + ' ')
+            if break_it and name == 'agent.service':
+                text = text.replace('ProtectSystem=strict', 'ProtectSystm=strict')
+            path = os.path.join(directory, name)
+            with open(path, 'w') as f:
+                f.write(text)
+            paths.append(path)
+        return paths
+
+    def verify(self, tool, paths):
+        return run([tool, 'verify', '--man=no'] + paths, timeout=self.DEADLINE)
+
+    def test_verify(self):
+        tool = self.eco_tool('systemd-analyze', 'systemd')
+        tmp = self.eco_tmp()
+        # A unit known to be good: if it fails too, this machine cannot run verify at all.
+        control = os.path.join(tmp, 'eco-control.service')
+        with open(control, 'w') as f:
+            f.write('[Service]\nType=oneshot\nExecStart=%s -c pass\n' % os.path.realpath(PYTHON))
+        result = self.verify(tool, [control])
+        if result.returncode != 0:
+            self.skipTest('systemd-analyze verify cannot run here: %s' % result.stderr.strip())
+
+        result = self.verify(tool, self.units_in(tmp))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        own = [line for line in result.stderr.splitlines() if 'agent.' in line or tmp in line]
+        self.assertEqual(own, [], 'warnings about our units')
+
+        broken = os.path.join(tmp, 'broken')
+        os.makedirs(broken)
+        result = self.verify(tool, self.units_in(broken, break_it=True))
+        self.assertIn("Unknown key 'ProtectSystm'", result.stderr, 'verify did not check the unit')
+
+    def test_units_say_what_they_promise(self):
+        with open(os.path.join(self.CONTRIB, 'agent.service')) as f:
+            service = f.read()
+        with open(os.path.join(self.CONTRIB, 'agent.socket')) as f:
+            socket_unit = f.read()
+        settings = {}
+        for line in service.splitlines():
+            if '=' in line and not line.startswith('#'):
+                key, _, value = line.partition('=')
+                settings.setdefault(key, []).append(value)
+        self.assertEqual(settings['Type'], ['notify'])
+        self.assertEqual(settings['NotifyAccess'], ['all'], 'an upgraded master could not send MAINPID=')
+        self.assertTrue(settings['ExecStart'][0].endswith(' run'), 'the service must not fork away')
+        self.assertIn('--pidfile /run/agent/agent.pid', settings['ExecStart'][0])
+        self.assertEqual(settings['ExecReload'], ['/bin/kill -HUP $MAINPID'])
+        self.assertEqual(settings['CapabilityBoundingSet'], [''])
+        for key, value in (('NoNewPrivileges', 'yes'), ('ProtectSystem', 'strict'),
+                           ('ProtectHome', 'yes'), ('PrivateTmp', 'yes'), ('Restart', 'on-failure'),
+                           ('RuntimeDirectory', 'agent'), ('LogsDirectory', 'agent')):
+            self.assertEqual(settings.get(key), [value], key)
+        stop_timeout = float(re.search(r'--stop-timeout (\S+)', settings['ExecStart'][0]).group(1))
+        self.assertGreater(float(settings['TimeoutStopSec'][0]), stop_timeout)
+        # Works without the socket too: ordered after it, never requiring it.
+        self.assertIn('agent.socket', settings['After'][0])
+        self.assertNotIn('Requires', settings)
+        self.assertRegex(socket_unit, r'(?m)^ListenStream=9085$')
+        self.assertRegex(socket_unit, r'(?m)^Accept=no$')
+
+    def test_security_exposure_stays_low(self):
+        tool = self.eco_tool('systemd-analyze', 'systemd')
+        tmp = self.eco_tmp()
+        service = self.units_in(tmp)[0]
+        result = run([tool, 'security', '--offline=yes', service], timeout=self.DEADLINE)
+        found = re.search(r'Overall exposure level for agent\.service: ([\d.]+)', result.stdout)
+        if found is None:
+            self.skipTest('systemd-analyze security --offline unavailable: %s' % result.stderr.strip())
+        self.assertLessEqual(float(found.group(1)), 2.0, result.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# An upgrade (SIGUSR2) of the foreground master, as systemd would see it
+# ---------------------------------------------------------------------------------------------
+
+class EcoUpgradeUnderServiceManagerTests(EcoTestCase):
+    """`run` under a NOTIFY_SOCKET, then SIGUSR2: the test reads each datagram with its sender."""
+
+    def start_run(self):
+        tmp = self.eco_tmp()
+        root = os.path.join(tmp, 'www')
+        os.makedirs(root)
+        with open(os.path.join(root, 'u.jpg'), 'wb') as f:
+            f.write(b'UPGRADE')
+        self.pidfile = os.path.join(tmp, 'agent.pid')
+        self.stderr = os.path.join(tmp, 'stderr')
+        self.log = os.path.join(tmp, 'agent.log')
+        self.access_log = os.path.join(tmp, 'access.log')
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(self.sock.close)
+        address = os.path.join(tmp, 'notify.sock')
+        self.sock.bind(address)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        env = dict(os.environ, NOTIFY_SOCKET=address)
+        proc = self.eco_popen([PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1', '--port', '0',
+                               '--pidfile', self.pidfile, '--log', self.log,
+                               '--access-log', self.access_log,
+                               '--workers', '1', 'run'], self.stderr, env=env)
+        self.addCleanup(lambda: kill_group_of(read_pid(self.pidfile)))
+        sender, message = self.receive()
+        self.assertEqual((sender, message.get('READY')), (proc.pid, '1'), message)
+        return proc
+
+    def receive(self, timeout=None):
+        """(sender pid, {NAME: value}) of the next datagram."""
+        import struct
+        self.sock.settimeout(timeout or self.DEADLINE)
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        except socket.timeout:
+            raise AssertionError('no sd_notify message in time')
+        sender = None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                sender = struct.unpack('3i', payload[:12])[0]
+        fields = dict(line.split('=', 1) for line in data.decode().split('\n') if '=' in line)
+        return sender, fields
+
+    def upgrade(self, proc):
+        proc.send_signal(signal.SIGUSR2)
+        self.assertEqual(proc.wait(self.DEADLINE), 0, 'the old master did not hand over')
+        new = read_pid(self.pidfile)
+        self.assertNotEqual(new, proc.pid)
+        self.assertTrue(pid_alive(new))
+        return new
+
+    # The old master used to send STOPPING=1 after it had handed over.  Under systemd that is
+    # the service stopping (NotifyAccess=all, needed for MAINPID=): the new master was killed.
+    def test_new_master_announces_itself_and_the_old_one_stays_silent(self):
+        proc = self.start_run()
+        new = self.upgrade(proc)
+        messages = []
+        self.sock.setblocking(False)
+        while True:
+            try:
+                messages.append(self.receive(0.5))
+            except AssertionError:
+                break
+        ready = [(sender, m) for sender, m in messages if m.get('READY') == '1']
+        self.assertEqual(ready, [(new, ready[0][1])] if ready else [], messages)
+        self.assertEqual(ready[0][1].get('MAINPID'), str(new), messages)
+        self.assertEqual([m for sender, m in messages if sender == proc.pid], [],
+                         'the old master notified after handing over: %r' % messages)
+
+    # The upgraded master used to believe it was a detached daemon, so a SIGUSR1 (logrotate)
+    # moved its stderr, which was the journal, to the --log file.
+    def test_upgraded_foreground_master_keeps_its_stderr_on_usr1(self):
+        proc = self.start_run()
+        new = self.upgrade(proc)
+        self.assertEqual(os.readlink('/proc/%d/fd/2' % new), self.stderr)
+        # The access log, renamed, is recreated when the master handles the USR1: by then it has
+        # decided about its stderr too.
+        os.rename(self.access_log, self.access_log + '.1')
+        os.kill(new, signal.SIGUSR1)
+        wait_for(lambda: os.path.exists(self.access_log), timeout=self.DEADLINE,
+                 message='the USR1 handled')
+        self.assertEqual(os.readlink('/proc/%d/fd/2' % new), self.stderr,
+                         'stderr moved to %s' % os.readlink('/proc/%d/fd/2' % new))
+        self.assertFalse(os.path.exists(self.log), 'a foreground master wrote --log')
+
+
 if __name__ == '__main__':
     # `python3 test_daemon.py` (what `make unit` runs) ends with a plain "N passed, N failed"
     # line; `python3 -m unittest` and pytest work as usual.
