@@ -1391,6 +1391,84 @@ class FuzzRegressionTests(unittest.TestCase):
         server.stop()
 
 
+
+class FaultTests(unittest.TestCase):
+    """Faults around the agent: a full disk, a vanished log, racing commands."""
+
+    def test_full_disk_for_the_access_log_is_reported_once_and_serving_goes_on(self):
+        server = AgentServer(self)
+        server.options[server.options.index('--access-log') + 1] = '/dev/full'   # ENOSPC
+        server.start()
+        server.write('f.jpg', b'F' * 500)
+        for _ in range(200):
+            self.assertEqual(server.get('/f.jpg')[0], 200)
+        with open(server.log) as f:
+            reports = f.read().count('cannot write the access log')
+        self.assertGreaterEqual(reports, 1)
+        self.assertLessEqual(reports, 2, 'reported per request, not once per worker')
+        server.stop()
+
+    def test_deleted_access_log_is_recreated_on_usr1(self):
+        server = AgentServer(self).start()
+        server.write('d.jpg', b'D')
+        server.get('/d.jpg')
+        wait_for(lambda: server.access_lines(), message='a first line')
+        os.unlink(server.access_log)
+        os.kill(server.master(), signal.SIGUSR1)
+        wait_for(lambda: os.path.exists(server.access_log), message='the log recreated')
+        def logged():
+            server.get('/d.jpg?again')
+            return len([l for l in server.access_lines() if 'again' in l]) >= 6
+        wait_for(logged, message='new lines in the recreated log')
+        server.stop()
+
+    def test_stop_during_start_leaves_a_consistent_state(self):
+        for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
+            server = AgentServer(self)
+            starter = subprocess.Popen([PYTHON, AGENT] + server.options + ['start'],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.addCleanup(starter.wait)
+            self.addCleanup(starter.kill)
+            time.sleep(delay)
+            stop = server.command('stop')
+            starter.wait(TIMEOUT)
+            self.assertEqual(stop.returncode, 0, stop.stderr)
+            master = server.master()
+            if master:
+                server.pids.append(master)
+            status = server.command('status').returncode
+            if status == 0:                 # the stop came first: the start went on
+                server.port = server.port_from_log()
+                self.assertEqual(server.get('/nothing')[0], 404)
+                server.stop()
+            else:                           # stopped: nothing may be left behind
+                self.assertEqual(status, 3, 'delay %s: status %d' % (delay, status))
+            self.assertFalse(os.path.exists(server.pidfile))
+            try:
+                with open(server.log) as f:
+                    pids = set(map(int, re.findall(r'\[(\d+)\]', f.read())))
+            except FileNotFoundError:
+                pids = set()
+            wait_for(lambda: not [p for p in pids if pid_alive(p)], timeout=5,
+                     message='no process left (delay %s)' % delay)
+
+    def test_twenty_concurrent_starts_make_one_master(self):
+        server = AgentServer(self)
+        starters = [subprocess.Popen([PYTHON, AGENT] + server.options + ['start'],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for _ in range(20)]
+        outputs = [p.communicate(timeout=60) for p in starters]
+        server.pids.append(server.master())
+        self.assertEqual([p.returncode for p in starters], [0] * 20, outputs)
+        self.assertEqual(sum('already running' in out for out, _ in outputs), 19, outputs)
+        with open(server.log) as f:
+            masters = set(re.findall(r'\[(\d+)\] agent: serving', f.read()))
+        self.assertEqual(masters, {str(server.master())})
+        self.assertEqual(len(server.workers()), 2)
+        server.port = server.port_from_log()
+        server.stop()
+
+
 def zombies_of(pid):
     return [child for child in children_of(pid) if proc_stat(child)[0] == 'Z']
 
