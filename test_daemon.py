@@ -1469,6 +1469,33 @@ class FaultTests(unittest.TestCase):
         server.stop()
 
 
+    def test_reloads_and_an_upgrade_under_wrk_fail_no_request(self):
+        import shutil
+        if not shutil.which('wrk'):
+            self.skipTest('wrk is not installed (apt-get install wrk)')
+        server = AgentServer(self).start()
+        server.write('w.jpg', os.urandom(20000))
+        load = subprocess.Popen(['wrk', '-t1', '-c32', '-d6s', 'http://127.0.0.1:%d/w.jpg' % server.port],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(load.wait)
+        self.addCleanup(load.kill)
+        time.sleep(0.5)
+        for _ in range(5):
+            os.kill(server.master(), signal.SIGHUP)
+            time.sleep(0.4)
+        upgraded = server.command('upgrade')
+        self.assertEqual(upgraded.returncode, 0, upgraded.stderr)
+        server.pids.append(server.master())
+        out, _ = load.communicate(timeout=30)
+        requests = int(re.search(r'(\d+) requests in', out).group(1))
+        self.assertGreater(requests, 1000, out)
+        self.assertNotIn('Socket errors', out)
+        self.assertNotIn('Non-2xx', out)
+        with open(server.log) as f:
+            self.assertEqual(f.read().count('agent: reloaded'), 5)
+        server.stop()
+
+
 def zombies_of(pid):
     return [child for child in children_of(pid) if proc_stat(child)[0] == 'Z']
 
