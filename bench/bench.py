@@ -55,6 +55,8 @@ import tempfile
 import time
 from collections import namedtuple
 
+from harness import children_of as children, pid_alive
+
 HOST = "127.0.0.1"
 NGINX = "/usr/sbin/nginx"
 SUBPROCESS_TIMEOUT = 30        # seconds for start/stop/version commands
@@ -134,38 +136,6 @@ def run(cmd, timeout=SUBPROCESS_TIMEOUT):
             f.seek(0)
             texts.append(f.read().decode(errors="replace"))
     return rc, texts[0], texts[1], secs
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as gone.
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def children(pid):
-    """Direct children of pid, from the ppid field of /proc/*/stat."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                # comm may contain spaces or ')': split after the last ')'.
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(entry))
-    return sorted(kids)
 
 
 def start_time(pid):
