@@ -43,6 +43,10 @@ Files
                                  (a full disk is reported once; serving goes on)
 
 Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not running"...).
+A master whose workers fail at boot MAX_BOOT_FAILURES times in a row halts with status 1.
+
+Sections of this file, in order: defaults and limits; HTTP, pure logic; files; a connection;
+a worker; the master (Agent); the command line.
 
 HTTP (RFC 9110, 9112)
 ---------------------
@@ -54,6 +58,7 @@ URL, index.html, else a gallery page of thumbnails.  Limits (flags in parenthese
     header count             100
     header timeout           10 s (--header-timeout): the whole head must arrive in time
     idle keep-alive, stalled send   15 s (--timeout)
+                             (timeouts are checked once a second: they end up to 1 s late)
     connections per worker   4096 (--max-connections): the longest-idle keep-alive connection
                              makes room; with none idle the worker stops accepting a while
     request bodies           read and discarded up to 1 MiB; more is 413 and a close
