@@ -1572,6 +1572,21 @@ HTTP_RULES_TRAVERSAL = [
     b'/wwwsecret/../../wwwsecret/canary.txt',
     b'/../wwwsecret/canary.txt',
     b'/../outside/canary.txt',
+    # Windows-style names and IIS-era encodings: never special here, never a way out.
+    b'/..\\..\\..\\canary.txt',
+    b'/c:/canary.txt',
+    b'/C:%5c..%5ccanary.txt',
+    b'/%u002e%u002e/canary.txt',
+    b'/..%u2215canary.txt',
+    b'/....//canary.txt',
+    b'/..../canary.txt',
+    b'/.%00./canary.txt',
+    b'/..%255c..%255ccanary.txt',
+    b'/%252e%252e%255ccanary.txt',
+    b'/canary.txt::$DATA',
+    b'/../canary.txt%20',
+    b'/../canary.txt.',
+    b'/%2e%2e%2f%2e%2e%2f%2e%2e%2fcanary.txt',
 ]
 
 
