@@ -700,7 +700,7 @@ class Daemon:
 
     Methods for run() to call:
         ready()            "my setup is done": the launcher exits 0 (and sd_notify READY=1)
-        wait(timeout)      sleep until a signal or the timeout; handles HUP/USR1; returns True
+        wait(timeout)      sleep until a signal or the timeout; handles HUP/USR1/USR2; True
                            once the daemon should stop
         handle_signals()   the same without sleeping, for a run() with its own event loop
                            (its selector should watch `signal_fd`)
@@ -782,6 +782,12 @@ class Daemon:
             return method()
         except DaemonError as exc:
             sys.stderr.write('%s: %s\n' % (self.name, exc))
+            return EXIT_FAILURE
+        except PermissionError as exc:
+            sys.stderr.write('%s: %s: permission denied (%s)\n' % (self.name, action, _describe(exc)))
+            return EXIT_PRIVILEGE
+        except OSError as exc:
+            sys.stderr.write('%s: %s failed: %s\n' % (self.name, action, _describe(exc)))
             return EXIT_FAILURE
 
     def start(self):

@@ -733,6 +733,31 @@ class DaemonProcessTests(SampleDaemonTest):
         self.assertEqual(read_pid(self.pidfile), pid)
         self.assertEqual(self.sample('status').returncode, 0)
 
+    def test_stop_without_permission_is_status_4_not_a_traceback(self):
+        if os.geteuid() != 0:
+            self.skipTest('needs root to start a daemon another user cannot signal')
+        import pwd
+        try:
+            nobody = pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        os.chmod(self.tmp, 0o755)
+        pid = self.start()
+
+        def become_nobody():
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+        python = PYTHON if os.access(PYTHON, os.X_OK, effective_ids=False) and \
+            not PYTHON.startswith('/root/') else '/usr/bin/python3'
+        if not os.path.exists(python):
+            self.skipTest('no python3 that nobody may run')
+        result = run([python, self.script, 'stop'], cwd=self.tmp, preexec_fn=become_nobody,
+                     env=dict(os.environ, SAMPLE_MODE='cooperative', HOME='/'))
+        self.assertEqual(result.returncode, daemon.EXIT_PRIVILEGE, result.stderr)
+        self.assertIn('permission denied', result.stderr)
+        self.assertNotIn('Traceback', result.stderr)
+        self.assertTrue(pid_alive(pid))
+
     def test_inherited_signal_state_is_reset(self):
         def ignore_and_block():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
