@@ -2,7 +2,7 @@
 # CI-sized runs of the fuzzer and the slow-client harness.
 PYTHON ?= python3
 
-.PHONY: test unit smoke compat bench fuzz fuzz-ci slow slow-ci stress
+.PHONY: test unit smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress
 
 test: compat smoke fuzz-ci slow-ci unit
 
@@ -53,4 +53,20 @@ slow:
 slow-ci:
 	$(PYTHON) bench/slow.py --slowloris 100 --slow-readers 5 --duration 8 --slowhttptest-length 10
 
-stress: fuzz slow
+# 180 s of mixed wrk load (keep-alive, close, ranges, 404s) and 304s while files are replaced
+# and deleted: worker fds and RSS must stay flat, and nothing may be served stale.
+soak:
+	$(PYTHON) bench/soak.py
+
+soak-ci:
+	$(PYTHON) bench/soak.py --quick
+
+# Faults: killed workers and master, a full disk for the access log, a deleted log, reloads and
+# upgrades under wrk, stop during start, 20 starts at once, connection and descriptor limits.
+chaos:
+	$(PYTHON) bench/chaos.py
+
+chaos-ci:
+	$(PYTHON) bench/chaos.py --quick
+
+stress: fuzz slow soak chaos

@@ -52,7 +52,10 @@ HTTP (RFC 9110, 9112)
 ---------------------
 GET and HEAD; other known methods 405 (with Allow), unknown ones 501, HTTP/2+ 505.  Keep-alive
 and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte ranges (206, 416),
-If-Range, If-None-Match (wins over If-Modified-Since), 304.  Directories: 301 to the slashed
+If-Range, If-None-Match (wins over If-Modified-Since), 304 (with the validators and no
+Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
+comes; every other response has Date, Server, Content-Length, Content-Type).  Out of file
+descriptors a file is 503, never a 404.  Directories: 301 to the slashed
 URL, index.html, else a gallery page of thumbnails.  Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
@@ -950,6 +953,7 @@ class Worker:
         self.deferred = []
         self.log_lines = []
         self.log_failing = False
+        self.file_error_logged = -1.0
         self.draining = False
         self.drain_deadline = None
         self.accepting = False
@@ -1111,12 +1115,10 @@ class Worker:
         path, relative, trailing, raw_path, query = mapped
         try:
             st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise HTTPError(404)
-        except PermissionError:
-            raise HTTPError(403)
-        except (OSError, ValueError):
-            raise HTTPError(404)
+        except (OSError, ValueError) as exc:
+            if path in self.files.files:
+                self.files.evict(path)      # deleted: its descriptor must not pin the space
+            raise self.file_error(exc)
         entry = self.files.files.get(path)
         if entry is None or entry.key != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
             self.check_confined(path)
@@ -1126,11 +1128,23 @@ class Worker:
                 raise HTTPError(404)        # FIFOs, devices, sockets: never opened
             try:
                 entry = self.files.lookup(path, st)
-            except PermissionError:
-                raise HTTPError(403)
-            except OSError:
-                raise HTTPError(404)
+            except OSError as exc:
+                raise self.file_error(exc)
         self.respond_file(conn, req, entry)
+
+    def file_error(self, exc):
+        """The HTTPError for a failed stat() or open(): a missing file is 404, a forbidden one
+        403; running out of descriptors or memory is 503 (never a 404 that caches would keep
+        for a file that exists), logged at most once a second."""
+        code = getattr(exc, 'errno', None)
+        if code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, None):
+            return HTTPError(404)
+        if code in (errno.EACCES, errno.EPERM):
+            return HTTPError(403)
+        if self.now - self.file_error_logged >= 1.0:
+            self.file_error_logged = self.now
+            log('worker: cannot open a file to serve it: %s; answering 503' % os.strerror(code))
+        return HTTPError(503, headers=b'Retry-After: 1\r\n')
 
     def check_confined(self, path):
         """404 for a path that resolves outside the root, unless --follow-symlinks."""
@@ -1157,10 +1171,16 @@ class Worker:
             connection = b'Connection: keep-alive\r\n' if req.version < (1, 1) else b''
         else:
             connection = b'Connection: close\r\n'
+        if status == 304:
+            # Validators only (RFC 9110 section 15.4.5), as nginx does: a Content-Length here,
+            # though allowed, makes some clients (wrk among them) wait for a body that never comes.
+            head = b''.join((STATUS_LINES[304], b'Date: ', self.date, b'\r\n', COMMON_HEADERS,
+                             b'Last-Modified: ', entry.last_modified.encode('ascii'), b'\r\nETag: ',
+                             entry.etag.encode('ascii'), b'\r\n', connection, b'\r\n'))
+            return conn.start_response(304, head)
         head = b''.join((STATUS_LINES[status], b'Date: ', self.date, b'\r\n', COMMON_HEADERS,
-                         entry.headers, b'Content-Length: %d\r\n' % (entry.size if status == 304 else length),
-                         extra, connection, b'\r\n'))
-        if head_only or status == 304:
+                         entry.headers, b'Content-Length: %d\r\n' % length, extra, connection, b'\r\n'))
+        if head_only:
             length = 0
         elif status == 200 and entry.body is not None:
             return conn.start_response(status, head, entry.body)

@@ -1327,18 +1327,24 @@ class WorkerInProcessTests(unittest.TestCase):
         self.addCleanup(self.worker.selector.close)
         self.server_end, self.client = socket.socketpair()
         self.addCleanup(self.client.close)
+        self.addCleanup(self.server_end.close)
         self.server_end.setblocking(False)
         self.client.settimeout(5)
         self.conn = agent.Connection(self.server_end, '127.0.0.1', self.worker)
         self.worker.conns.add(self.conn)
 
     def exchange(self, raw):
+        """Send one request, let the connection handle it, return the whole response."""
         self.client.sendall(raw)
         self.conn.on_event(1)
         data = b''
         while b'\r\n\r\n' not in data:
             data += self.client.recv(65536)
-        return data
+        head, _, body = data.partition(b'\r\n\r\n')
+        length = int(re.search(rb'Content-Length: (\d+)', head).group(1))
+        while len(body) < length:
+            body += self.client.recv(65536)
+        return head + b'\r\n\r\n' + body
 
     def test_an_unexpected_error_is_a_500_not_a_dead_worker(self):
         with mock.patch.object(self.worker, 'respond_file', side_effect=RuntimeError('bug')), \
@@ -1349,6 +1355,26 @@ class WorkerInProcessTests(unittest.TestCase):
         self.assertNotIn(b'RuntimeError', data)
         self.assertIn('RuntimeError: bug', err.getvalue())      # the log has the traceback
         self.assertIn(b'Connection: close', data)
+
+    def test_out_of_descriptors_is_a_503_not_a_404(self):
+        error = OSError(errno.EMFILE, 'Too many open files')
+        with mock.patch.object(self.worker.files, 'lookup', side_effect=error), \
+                mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+            data = self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+            self.assertTrue(data.startswith(b'HTTP/1.1 503 '), data)
+            self.assertIn(b'Retry-After: 1', data)
+            self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertEqual(err.getvalue().count('Too many open files; answering 503'), 1)
+
+    def test_deleted_file_leaves_the_cache_and_its_descriptor_closed(self):
+        path = os.path.join(self.root, 'x.jpg')
+        self.assertIn(b'200 OK', self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n'))
+        entry = self.worker.files.files[path]
+        os.unlink(path)
+        self.assertIn(b'404 Not Found', self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n'))
+        self.assertNotIn(path, self.worker.files.files)
+        with self.assertRaises(OSError):
+            os.fstat(entry.fd)          # closed: the deleted file's space is free
 
     def test_pipelined_requests_do_not_recurse(self):
         """Thousands of pipelined requests in one read are answered in a loop, in order."""
@@ -2406,6 +2432,9 @@ class HttpRulesServerTests(HttpRulesServerBase):
         self.assertEqual(response.status, 304)
         for name in ('date', 'server', 'etag', 'last-modified'):
             self.assertIn(name, response.headers)
+        # No Content-Length: wrk (and other clients) would wait for that many body bytes.
+        self.assertNotIn('content-length', response.headers)
+        self.assertEqual(response.headers['etag'], etag)
         self.assertIsNone(re.search(rb'(?<!\r)\n', response.head))
 
     def test_content_types(self):
