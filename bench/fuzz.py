@@ -526,6 +526,11 @@ def split_responses(data, heads=None):
             headers[line.group(1).lower()].append(line.group(2))
             pos = line.end()
         lengths = headers.get(b'content-length', [])
+        if status == 304:
+            # A 304 has no body whatever it says; the agent sends validators only, no length.
+            if lengths:
+                raise BadResponse('304 with Content-Length %r' % lengths)
+            lengths = [b'0']
         if len(lengths) != 1 or not lengths[0].isdigit():
             raise BadResponse('%d: Content-Length is %r' % (status, lengths))
         length = int(lengths[0])
