@@ -142,6 +142,20 @@ class AgentProcess:
     def bad_log_lines(self):
         return [line for line in self.log_text().splitlines() if BAD_LOG.search(line)]
 
+    def health(self, workers_before):
+        """Why the agent is unhealthy after a run (workers replaced, bad log lines); printed."""
+        reasons = []
+        after = self.workers()
+        print('workers: before %s, after %s' % (workers_before, after))
+        if after != workers_before:
+            reasons.append('worker pids changed %s -> %s' % (workers_before, after))
+        bad = self.bad_log_lines()
+        for line in bad[:10]:
+            print('LOG: ' + line)
+        if bad:
+            reasons.append('%d bad line(s) in the agent log' % len(bad))
+        return reasons
+
     def stop(self):
         """`agent.py stop`; SIGKILL to the whole process group if anything is left."""
         try:

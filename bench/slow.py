@@ -538,15 +538,7 @@ def main(argv=None):
         problem = clean_get(port)
         if problem:
             reasons.append('clean request at the end: %s' % problem)
-        workers_after = server.workers()
-        print('workers: before %s, after %s' % (workers_before, workers_after))
-        if workers_after != workers_before:
-            reasons.append('worker pids changed %s -> %s' % (workers_before, workers_after))
-        bad = server.bad_log_lines()
-        for line in bad[:10]:
-            print('LOG: ' + line)
-        if bad:
-            reasons.append('%d bad line(s) in the agent log' % len(bad))
+        reasons += server.health(workers_before)
     except Exception as exc:
         reasons.append('harness error: %s: %s' % (type(exc).__name__, exc))
     finally:

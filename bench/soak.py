@@ -889,15 +889,7 @@ def main(argv=None):
                 reasons.append('clean GET at the end: status %d, %d bytes' % (resp.status, len(resp.body)))
         except (OSError, ValueError) as exc:
             reasons.append('clean GET at the end: %s' % exc)
-        after = server.workers()
-        print('workers: before %s, after %s' % (workers, after))
-        if after != workers:
-            reasons.append('worker pids changed %s -> %s' % (workers, after))
-        bad_lines = server.bad_log_lines()
-        for line in bad_lines[:10]:
-            print('LOG: ' + line)
-        if bad_lines:
-            reasons.append('%d bad line(s) in the agent log' % len(bad_lines))
+        reasons += server.health(workers)
     except Exception as exc:
         reasons.append('harness error: %s: %s' % (type(exc).__name__, exc))
     finally:
