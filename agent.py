@@ -596,8 +596,7 @@ def error_response(status, date, keep_alive, headers=b'', head_only=False):
 class OpenFile:
     """An open file with its validators and the header bytes of its 200 response."""
 
-    __slots__ = ('fd', 'key', 'size', 'mtime', 'etag', 'last_modified', 'type', 'headers', 'refs', 'evicted',
-                 'body')
+    __slots__ = ('fd', 'key', 'size', 'mtime', 'etag', 'last_modified', 'headers', 'refs', 'evicted', 'body')
 
     def __init__(self, fd, st, ctype):
         self.fd = fd
@@ -606,7 +605,6 @@ class OpenFile:
         self.mtime = st.st_mtime
         self.etag = make_etag(st)
         self.last_modified = http_date(st.st_mtime)
-        self.type = ctype
         self.headers = ('Content-Type: %s\r\nLast-Modified: %s\r\nETag: %s\r\nAccept-Ranges: bytes\r\n'
                         % (ctype, self.last_modified, self.etag)).encode('latin-1')
         self.refs = 0           # responses still sending from fd
@@ -1318,14 +1316,13 @@ class Worker:
 # ---------------------------------------------------------------------------------------------
 
 class WorkerProcess:
-    __slots__ = ('pid', 'generation', 'booted', 'retiring', 'started')
+    __slots__ = ('pid', 'generation', 'booted', 'retiring')
 
     def __init__(self, pid, generation):
         self.pid = pid
         self.generation = generation
-        self.booted = False
-        self.retiring = False
-        self.started = time.monotonic()
+        self.booted = False         # it said "ok" on the boot pipe
+        self.retiring = False       # a reload told it to drain: not respawned
 
 
 class Agent(Daemon):
@@ -1680,7 +1677,7 @@ class Agent(Daemon):
         while self.workers:
             for pid, status in reap_children(block=True):
                 self.workers.pop(pid, None)
-        log('agent: stopped')
+        log('agent: stopped (%d worker(s) respawned while it ran)' % self.respawns)
 
 
 def accept_connection(listener, family):
