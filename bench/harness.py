@@ -192,3 +192,16 @@ class AgentProcess:
         finally:
             self.cleanup()
         return False
+
+
+def raise_nofile(wanted):
+    """Raise the soft RLIMIT_NOFILE (to the hard limit) for a harness with many sockets."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -42,7 +42,6 @@ with a one-line verdict last.  Standard library only.
 import argparse
 import os
 import re
-import resource
 import selectors
 import shutil
 import socket
@@ -60,16 +59,6 @@ BIG = 'big.bin'
 SMALL_BYTES = bytes(range(256)) * 40                    # 10240 bytes
 ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
 
-
-def raise_nofile(wanted):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 # ---------------------------------------------------------------------------------------------
 # Slowloris: one thread, one selector, --slowloris slots that reconnect when cut
@@ -418,7 +407,7 @@ def main(argv=None):
     p.add_argument('--agent', help='the agent.py to start (default: the one beside bench/)')
     args = p.parse_args(argv)
 
-    limit = raise_nofile(args.slowloris + args.slow_readers + 200)
+    limit = harness.raise_nofile(args.slowloris + args.slow_readers + 200)
     needed = args.slowloris + args.slow_readers + 100
     if limit < needed:
         print('FAIL: slow: RLIMIT_NOFILE is %d, %d sockets need %d' % (limit, args.slowloris, needed))

@@ -267,17 +267,6 @@ def run_wrk(args, timeout):
         return 'timeout', ((exc.stdout or b'') + (exc.stderr or b'')).decode('utf-8', 'replace')
 
 
-def raise_nofile(wanted):
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
 # ---------------------------------------------------------------------------------------------
 # The wrk script
 # ---------------------------------------------------------------------------------------------
@@ -722,7 +711,7 @@ def main(argv=None):
     if not shutil.which('wrk'):
         print('FAIL: soak: wrk not found (apt-get install -y wrk)')
         return 1
-    raise_nofile(4096)
+    harness.raise_nofile(4096)
 
     server = harness.AgentProcess(workers=args.workers, keep=args.keep, agent=args.agent)
     work = tempfile.mkdtemp(prefix='agent-soak-')
