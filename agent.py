@@ -73,8 +73,10 @@ above the root are refused (400); dot files are hidden (404); a symlink leading 
 import _socket
 import argparse
 import errno
+import mimetypes
 import os
 import re
+import resource
 import select
 import selectors
 import signal
@@ -139,6 +141,10 @@ PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
 HEADER_FIELD = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)(?<![ \t])[ \t]*\r?\n", re.M)
 GARBAGE = re.compile(rb'[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]')
 LOG_UNSAFE = re.compile(rb'[^\x20-\x7e]|["\\]')
+# RFC 9112 section 3.2 and RFC 3986 section 3.2.2: Host = uri-host [ ":" port ], where uri-host
+# is an IP-literal in brackets or a reg-name (which also covers IPv4 addresses), possibly empty.
+HOST_VALUE = re.compile(r"^(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
+                        r"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?$")
 
 REASONS = {
     200: 'OK', 206: 'Partial Content', 301: 'Moved Permanently', 304: 'Not Modified',
@@ -194,19 +200,21 @@ class Request:
 def find_head_end(buf):
     """(end of head, start of what follows) in buf, or None while incomplete.
 
-    CRLF is the standard; a bare LF is accepted as a line end, as RFC 9112 section 2.2 allows.
+    The head ends at its first empty line.  CRLF is the standard; a bare LF is accepted as a line
+    end, as RFC 9112 section 2.2 allows, so the empty line is the first LF followed by LF or by
+    CRLF.  Looking for the earliest of those (not for CRLF CRLF first) is what makes the answer
+    the same however the bytes were cut: a later request's CRLF CRLF must never be taken for
+    the end of an earlier head.  `end` is where the head's last line ending begins.
     """
-    end = buf.find(b'\r\n\r\n')
-    if end >= 0:
-        lf = buf.find(b'\n\n', 0, end)
-        return (end, end + 4) if lf < 0 else (lf, lf + 2)
-    end = buf.find(b'\n\n')
-    if end >= 0:
-        return end, end + 2
-    end = buf.find(b'\n\r\n')
-    if end >= 0:
-        return end, end + 3
-    return None
+    crlf = buf.find(b'\n\r\n')
+    lf = buf.find(b'\n\n', 0, crlf if crlf >= 0 else len(buf))     # bounded: no quadratic scan
+    if lf >= 0:
+        start, consumed = lf, lf + 2
+    elif crlf >= 0:
+        start, consumed = crlf, crlf + 3
+    else:
+        return None
+    return (start - 1 if buf[start - 1:start] == b'\r' else start), consumed
 
 
 def parse_request(buf, max_size=MAX_HEADER_SIZE, max_headers=MAX_HEADERS):
@@ -236,6 +244,8 @@ def parse_request(buf, max_size=MAX_HEADER_SIZE, max_headers=MAX_HEADERS):
         raise HTTPError(414 if line_end > max_size else 431, close=True,
                         request_line=buf[:min(line_end, 200)].rstrip(b'\r'))
     line = buf[:line_end - 1] if buf[line_end - 1:line_end] == b'\r' else buf[:line_end]
+    if GARBAGE.search(line):
+        raise HTTPError(400, close=True, request_line=line[:200])   # as when it came in parts
     method, target, version = _parse_request_line(line)
     # One regex pass over the header block: a line it does not match (no colon, space before
     # the colon, obs-fold, a bare CR, a NUL) makes the counts differ, and that is a 400.
@@ -253,6 +263,9 @@ def parse_request(buf, max_size=MAX_HEADER_SIZE, max_headers=MAX_HEADERS):
     if version == (1, 0) or 'host' not in headers or 'content-length' in headers \
             or 'transfer-encoding' in headers:
         _check_framing(req)
+    host = headers.get('host')
+    if host is not None and not HOST_VALUE.match(host):
+        raise HTTPError(400, close=True, request_line=line)
     return req, consumed
 
 
@@ -381,6 +394,14 @@ def map_target(target):
     return relative, trailing, raw_path, query
 
 
+def directory_location(relative, query):
+    """The Location of the 301 that adds a directory's slash, built from the normalised path:
+    never from the raw target, so it always starts with one '/' followed by a path segment
+    (never '//host' or a scheme, which a browser would follow off-site)."""
+    path = '/' + urllib.parse.quote(relative, safe="/!$&'()*+,;=:@~") + '/' if relative else '/'
+    return path.encode('ascii') + (b'?' + query if query else b'')
+
+
 def inside(path, root):
     """Whether a resolved path is root itself or below it."""
     return path == root or path.startswith(root if root.endswith('/') else root + '/')
@@ -390,7 +411,7 @@ def content_type(name):
     suffix = os.path.splitext(name)[1].lower()
     found = CONTENT_TYPES.get(suffix)
     if found is None:
-        import mimetypes                # only for the rare type missing above: it costs memory
+        # Agent.setup() loads the system's table before privileges are dropped.
         found = mimetypes.guess_type('x' + suffix, strict=False)[0] or 'application/octet-stream'
     return found
 
@@ -456,7 +477,15 @@ def days_from_civil(year, month, day):
 
 
 def make_etag(st):
-    return '"%x-%x"' % (st.st_mtime_ns // 1000, st.st_size)
+    """mtime, size and ctime: a file rewritten in place with its size and mtime put back
+    (touch -r, rsync --inplace, some editors) still changes its ctime, which no ordinary tool
+    can set back, so a client never revalidates stale bytes with a 304."""
+    return '"%x-%x-%x"' % (st.st_mtime_ns // 1000, st.st_size, st.st_ctime_ns // 1000)
+
+
+def file_key(st):
+    """What must be unchanged for a cached open file to still be the file at its path."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def etag_matches(header, etag, weak=True):
@@ -580,12 +609,26 @@ def gallery_page(url_path, names):
     return ''.join(parts).encode('utf-8')
 
 
-def error_response(status, date, keep_alive, headers=b'', head_only=False):
+def connection_field(keep_alive, version):
+    """The Connection header that says what the server will do after this response: the one
+    place that decides it.  HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0
+    closes unless the response says keep-alive."""
+    if not keep_alive:
+        return b'Connection: close\r\n'
+    return b'' if version >= (1, 1) else b'Connection: keep-alive\r\n'
+
+
+def response_head(status, date, fields, keep_alive, version):
+    """Every response head: status line, Date, Server and nosniff, the given fields, Connection."""
+    return b''.join((STATUS_LINES[status], b'Date: ', date, b'\r\n', COMMON_HEADERS, fields,
+                     connection_field(keep_alive, version), b'\r\n'))
+
+
+def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_only=False):
     """The bytes of a complete error (or redirect) response."""
     body = ERROR_BODIES.get(status, b'')
-    head = b''.join((STATUS_LINES[status], b'Date: ', date, b'\r\n', COMMON_HEADERS,
-                     b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n' % len(body),
-                     headers, b'' if keep_alive else b'Connection: close\r\n', b'\r\n'))
+    head = response_head(status, date, b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
+                         % len(body) + headers, keep_alive, version)
     return head if head_only else head + body
 
 
@@ -596,20 +639,32 @@ def error_response(status, date, keep_alive, headers=b'', head_only=False):
 class OpenFile:
     """An open file with its validators and the header bytes of its 200 response."""
 
-    __slots__ = ('fd', 'key', 'size', 'mtime', 'etag', 'last_modified', 'headers', 'refs', 'evicted', 'body')
+    __slots__ = ('fd', 'key', 'size', 'mtime', 'etag', 'last_modified', 'headers', 'refs', 'evicted',
+                 'body', 'ctype')
 
     def __init__(self, fd, st, ctype):
         self.fd = fd
-        self.key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.key = file_key(st)
         self.size = st.st_size
         self.mtime = st.st_mtime
+        self.ctype = ctype
         self.etag = make_etag(st)
-        self.last_modified = http_date(st.st_mtime)
-        self.headers = ('Content-Type: %s\r\nLast-Modified: %s\r\nETag: %s\r\nAccept-Ranges: bytes\r\n'
-                        % (ctype, self.last_modified, self.etag)).encode('latin-1')
+        self.last_modified = http_date(st.st_mtime).encode('ascii')
+        self.headers = self.fields(self.last_modified)
         self.refs = 0           # responses still sending from fd
         self.evicted = False
         self.body = None        # the whole content, for a small file (FileCache decides)
+
+    def fields(self, last_modified):
+        return b'Content-Type: %s\r\nLast-Modified: %s\r\nETag: %s\r\nAccept-Ranges: bytes\r\n' % (
+            self.ctype.encode('latin-1'), last_modified, self.etag.encode('ascii'))
+
+    def validators(self, wall, date):
+        """(Last-Modified value, entity fields) for a response sent at `wall`.  A modification
+        time in the future is replaced by the response's Date (RFC 9110 section 8.8.2.1)."""
+        if int(self.mtime) <= wall:
+            return self.last_modified, self.headers
+        return date, self.fields(date)
 
     def release(self):
         self.refs -= 1
@@ -621,44 +676,49 @@ class FileCache:
     """Open files by path, checked against a fresh stat() on every request.
 
     A stat is one cheap syscall; it is what makes a file that changed or vanished on disk never
-    served stale.  A hit saves the open(), the realpath() check and the header formatting.
+    served stale: an entry is used only while (device, inode, size, mtime, ctime) are unchanged.
+    A hit saves the open, the check that the file is inside the root, and the header formatting.
+    What enters the cache was opened and checked by Worker.open_file, on the descriptor itself.
 
     Files up to SMALL_FILE bytes also keep their content, within BODY_BUDGET per worker: their
     200 goes out in one send() with its head instead of a send() and a sendfile().  Measured
     with wrk on 1 KB and 20 KB files, that is 15-20 % less CPU per request.  Everything else
     (large files, ranges) goes out with sendfile() and is never read into memory.
+
+    Once a second, close_deleted() drops the entries of files deleted since they were opened,
+    so a cached descriptor never pins the disk space of a deleted file for long.
     """
 
-    def __init__(self, root, follow_symlinks, size=FILE_CACHE_SIZE):
-        self.root = root
-        self.follow_symlinks = follow_symlinks
+    def __init__(self, size=FILE_CACHE_SIZE):
         self.size = size
         self.files = {}
         self.body_bytes = 0
 
-    def lookup(self, path, st):
-        """The OpenFile for a regular file whose stat is st, opening it on a miss."""
+    def get(self, path, st):
+        """The cached entry for path if it is still the file that st describes, else None."""
         entry = self.files.get(path)
-        if entry is not None:
-            if entry.key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
-                return entry
+        if entry is None:
+            return None
+        if entry.key == file_key(st):
+            return entry
+        self.evict(path)
+        return None
+
+    def store(self, path, entry):
+        if path in self.files:
             self.evict(path)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-        try:
-            st = os.fstat(fd)           # the file we really opened is the one we describe
-        except OSError:
-            os.close(fd)
-            raise
-        entry = OpenFile(fd, st, content_type(path))
         if len(self.files) >= self.size:
             self.evict(next(iter(self.files)))
         if 0 < entry.size <= SMALL_FILE and self.body_bytes + entry.size <= BODY_BUDGET:
-            body = os.pread(fd, entry.size, 0)
+            body = os.pread(entry.fd, entry.size, 0)
             if len(body) == entry.size:             # else it is changing: sendfile it
                 entry.body = body
                 self.body_bytes += entry.size
         self.files[path] = entry
-        return entry
+
+    def discard(self, path):
+        if path in self.files:
+            self.evict(path)
 
     def evict(self, path):
         entry = self.files.pop(path)
@@ -668,6 +728,17 @@ class FileCache:
         entry.evicted = True
         if entry.refs == 0:
             os.close(entry.fd)
+
+    def close_deleted(self):
+        """Evict the entries whose file has no name left (a response in flight keeps its fd
+        until it ends)."""
+        for path, entry in list(self.files.items()):
+            try:
+                gone = os.fstat(entry.fd).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:
+                self.evict(path)
 
     def clear(self):
         for path in list(self.files):
@@ -688,7 +759,7 @@ class Connection:
     __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'out', 'file',
                  'offset', 'remaining', 'keep_alive', 'deadline', 'idle_since', 'events',
                  'status', 'sent', 'body_in_out', 'line', 'referer', 'agent', 'started',
-                 'registered')
+                 'registered', 'version')
 
     def __init__(self, sock, peer, worker):
         self.sock = sock
@@ -702,6 +773,7 @@ class Connection:
         self.file = None
         self.offset = self.remaining = 0
         self.keep_alive = True
+        self.version = (1, 1)       # of the request being answered: its Connection header
         self.deadline = worker.now + worker.header_timeout
         self.idle_since = worker.now
         self.events = selectors.EVENT_READ
@@ -767,6 +839,7 @@ class Connection:
                 # inbuf stays: the close after this answer lingers while there is unread input
                 self.line = exc.request_line
                 self.referer = self.agent = ''
+                self.version = (1, 1)
                 self.respond_error(exc.status, exc.headers, close=True)
                 continue
             if parsed is None:
@@ -775,6 +848,7 @@ class Connection:
             self.inbuf = self.inbuf[consumed:]
             self.discard = req.body_length
             self.line = req.line
+            self.version = req.version
             headers = req.headers
             self.referer = headers.get('referer', '')
             self.agent = headers.get('user-agent', '')
@@ -806,7 +880,7 @@ class Connection:
         if close:
             self.keep_alive = False
         worker = self.worker
-        data = error_response(status, worker.date, self.keep_alive, headers, head_only)
+        data = error_response(status, worker.date, self.keep_alive, self.version, headers, head_only)
         self.status = status
         self.sent = 0
         self.out = data
@@ -944,7 +1018,7 @@ class Worker:
         self.access_fd = access_fd
         self.lifeline = lifeline
         self.selector = selectors.DefaultSelector()
-        self.files = FileCache(config.root, config.follow_symlinks)
+        self.files = FileCache()
         self.paths = {}
         self.escaped = {}               # raw access-log fields -> their escaped form
         self.conns = set()
@@ -996,7 +1070,8 @@ class Worker:
             self.log_time = log_date(wall)
 
     def tick(self):
-        """Once a second: timeouts, the drain grace, accept pauses."""
+        """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors."""
+        self.files.close_deleted()
         now = self.now
         for conn in list(self.conns):
             if now >= conn.deadline:
@@ -1100,35 +1175,66 @@ class Worker:
     # -- answering a request --
 
     def respond(self, conn, req):
-        """Answer one parsed request (GET or HEAD) from the files under the root."""
+        """Answer one parsed request (GET or HEAD) from the files under the root.
+
+        The path is stat()ed on every request; a cached open file is used only while it is
+        still the file at that path.  Anything else is opened by open_file(), which checks the
+        descriptor it got, not the name it asked for: no swap of a file or a directory for a
+        symlink between a check and the open can make it serve a byte from outside the root.
+        """
         check_method(req)
         mapped = self.paths.get(req.target)
         if mapped is None:
             relative, trailing, raw_path, query = map_target(req.target)
             path = self.root + '/' + relative if relative else self.root
-            mapped = (path, relative, trailing, raw_path, query)
+            mapped = (path, relative, trailing, query)
             if len(self.paths) >= PATH_CACHE_SIZE:
                 self.paths.clear()
             self.paths[req.target] = mapped
-        path, relative, trailing, raw_path, query = mapped
+        path, relative, trailing, query = mapped
         try:
             st = os.stat(path)
         except (OSError, ValueError) as exc:
-            if path in self.files.files:
-                self.files.evict(path)      # deleted: its descriptor must not pin the space
+            self.files.discard(path)        # deleted: its descriptor must not pin the space
             raise self.file_error(exc)
-        entry = self.files.files.get(path)
-        if entry is None or entry.key != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
-            self.check_confined(path)
-            if stat.S_ISDIR(st.st_mode):
-                return self.respond_directory(conn, req, path, relative, trailing, raw_path, query)
-            if not stat.S_ISREG(st.st_mode):
-                raise HTTPError(404)        # FIFOs, devices, sockets: never opened
-            try:
-                entry = self.files.lookup(path, st)
-            except OSError as exc:
-                raise self.file_error(exc)
+        if stat.S_ISDIR(st.st_mode):
+            return self.respond_directory(conn, req, path, relative, trailing, query)
+        if trailing:
+            raise HTTPError(404)            # /img.jpg/ names a directory that does not exist
+        entry = self.files.get(path, st)
+        if entry is None:
+            entry = self.open_file(path)
+            self.files.store(path, entry)
         self.respond_file(conn, req, entry)
+
+    def open_file(self, path):
+        """Open a regular file to serve it: an OpenFile, or HTTPError (404, 403, 503).
+
+        The path is opened with O_PATH (no side effects, whatever it is), the descriptor is
+        checked (what it really is, and where: its /proc/self/fd link must lie inside the root
+        unless --follow-symlinks), and only then reopened for reading through that link, which
+        names the same inode whatever happens to the path meanwhile.
+        """
+        try:
+            handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except (OSError, ValueError) as exc:
+            raise self.file_error(exc)
+        try:
+            st = os.fstat(handle)
+            self.check_confined(handle)
+            if not stat.S_ISREG(st.st_mode):
+                raise HTTPError(404)        # FIFOs, devices, sockets: never opened for reading
+            fd = os.open('/proc/self/fd/%d' % handle, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as exc:
+            raise self.file_error(exc)
+        finally:
+            os.close(handle)
+        return OpenFile(fd, st, content_type(path))
+
+    def check_confined(self, fd):
+        """404 unless the open descriptor fd lies inside the root (or --follow-symlinks)."""
+        if not self.follow_symlinks and not inside(os.readlink('/proc/self/fd/%d' % fd), self.root):
+            raise HTTPError(404)
 
     def file_error(self, exc):
         """The HTTPError for a failed stat() or open(): a missing file is 404, a forbidden one
@@ -1144,20 +1250,18 @@ class Worker:
             log('worker: cannot open a file to serve it: %s; answering 503' % os.strerror(code))
         return HTTPError(503, headers=b'Retry-After: 1\r\n')
 
-    def check_confined(self, path):
-        """404 for a path that resolves outside the root, unless --follow-symlinks."""
-        if not self.follow_symlinks and not inside(os.path.realpath(path), self.root):
-            raise HTTPError(404)
-
     def respond_file(self, conn, req, entry):
         headers = req.headers
-        head_only = req.method == b'HEAD'
         status, first, length = 200, 0, entry.size
         extra = b''
+        last_modified, fields = entry.validators(self.wall, self.date)
         if ('if-none-match' in headers or 'if-modified-since' in headers) \
                 and not_modified(headers, entry.etag, entry.mtime):
-            status, length = 304, 0
-        elif 'range' in headers and if_range_allows(headers, entry.etag, entry.mtime):
+            # Validators only (RFC 9110 section 15.4.5), as nginx does: a Content-Length here,
+            # though allowed, makes some clients (wrk among them) wait for a body that never comes.
+            fields = b'Last-Modified: %s\r\nETag: %s\r\n' % (last_modified, entry.etag.encode('ascii'))
+            return conn.start_response(304, response_head(304, self.date, fields, conn.keep_alive, req.version))
+        if 'range' in headers and if_range_allows(headers, entry.etag, entry.mtime):
             found = parse_range(headers['range'], entry.size)
             if found == 'unsatisfiable':
                 raise HTTPError(416, headers=b'Content-Range: bytes */%d\r\n' % entry.size)
@@ -1165,51 +1269,62 @@ class Worker:
                 first, last = found
                 status, length = 206, last - first + 1
                 extra = b'Content-Range: bytes %d-%d/%d\r\n' % (first, last, entry.size)
-        if conn.keep_alive:
-            connection = b'Connection: keep-alive\r\n' if req.version < (1, 1) else b''
-        else:
-            connection = b'Connection: close\r\n'
-        if status == 304:
-            # Validators only (RFC 9110 section 15.4.5), as nginx does: a Content-Length here,
-            # though allowed, makes some clients (wrk among them) wait for a body that never comes.
-            head = b''.join((STATUS_LINES[304], b'Date: ', self.date, b'\r\n', COMMON_HEADERS,
-                             b'Last-Modified: ', entry.last_modified.encode('ascii'), b'\r\nETag: ',
-                             entry.etag.encode('ascii'), b'\r\n', connection, b'\r\n'))
-            return conn.start_response(304, head)
-        head = b''.join((STATUS_LINES[status], b'Date: ', self.date, b'\r\n', COMMON_HEADERS,
-                         entry.headers, b'Content-Length: %d\r\n' % length, extra, connection, b'\r\n'))
-        if head_only:
+        head = response_head(status, self.date, b'%sContent-Length: %d\r\n%s' % (fields, length, extra),
+                             conn.keep_alive, req.version)
+        if req.method == b'HEAD':
             length = 0
         elif status == 200 and entry.body is not None:
             return conn.start_response(status, head, entry.body)
         conn.start_response(status, head, file=entry, offset=first, length=length)
 
-    def respond_directory(self, conn, req, path, relative, trailing, raw_path, query):
-        if not trailing:
-            location = raw_path + b'/' + (b'?' + query if query else b'')
-            raise HTTPError(301, headers=b'Location: ' + location + b'\r\n')
-        index = os.path.join(path, 'index.html')
+    def respond_directory(self, conn, req, path, relative, trailing, query):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (OSError, ValueError) as exc:
+            raise self.file_error(exc)
+        try:
+            self.check_confined(fd)
+            if not trailing:
+                raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n')
+            index = self.index_file(path)
+            if index is not None:
+                return self.respond_file(conn, req, index)
+            names = self.list_directory(fd, path)
+        finally:
+            os.close(fd)
+        body = gallery_page('/' + relative + ('/' if relative else ''), names)
+        head = response_head(200, self.date, b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
+                             b'Cache-Control: no-cache\r\n' % len(body), conn.keep_alive, req.version)
+        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
+
+    def index_file(self, directory):
+        """The directory's index.html as an OpenFile (checked like any file), or None."""
+        index = directory + '/index.html'
         try:
             st = os.stat(index)
         except OSError:
-            st = None
-        if st is not None and os.path.isfile(index):
-            self.check_confined(index)
-            try:
-                entry = self.files.lookup(index, st)
-            except OSError:
-                raise HTTPError(403)
-            return self.respond_file(conn, req, entry)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        entry = self.files.get(index, st)
+        if entry is None:
+            entry = self.open_file(index)
+            self.files.store(index, entry)
+        return entry
+
+    def list_directory(self, fd, path):
+        """(name, is_directory) of what the directory open at fd lists, hidden files and
+        symlinks out of the root left out (a listed name is no promise: serving checks again)."""
+        names = []
         try:
-            names = []
-            with os.scandir(path) as it:
+            with os.scandir(fd) as it:
                 for item in it:
                     if item.name.startswith('.'):
                         continue
-                    if not self.follow_symlinks and item.is_symlink() \
-                            and not inside(os.path.realpath(item.path), self.root):
-                        continue
                     try:
+                        if not self.follow_symlinks and item.is_symlink() \
+                                and not inside(os.path.realpath(path + '/' + item.name), self.root):
+                            continue
                         names.append((item.name, item.is_dir()))
                     except OSError:
                         continue
@@ -1217,13 +1332,7 @@ class Worker:
             raise HTTPError(403)
         except OSError:
             raise HTTPError(404)
-        body = gallery_page('/' + relative + ('/' if relative else ''), names)
-        connection = b'' if conn.keep_alive and req.version >= (1, 1) else \
-            (b'Connection: keep-alive\r\n' if conn.keep_alive else b'Connection: close\r\n')
-        head = b''.join((STATUS_LINES[200], b'Date: ', self.date, b'\r\n', COMMON_HEADERS,
-                         b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n' % len(body),
-                         b'Cache-Control: no-cache\r\n', connection, b'\r\n'))
-        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
+        return names
 
     # -- the access log --
 
@@ -1352,6 +1461,10 @@ class Agent(Daemon):
         if not os.path.isdir(config.root):
             raise DaemonError('root directory %s does not exist or is not a directory' % config.root)
         config.root = os.path.realpath(config.root)
+        if not os.path.isdir('/proc/self/fd'):
+            raise DaemonError('/proc is not mounted: the agent checks every file it opens through '
+                              '/proc/self/fd, so that nothing outside --root is ever served')
+        mimetypes.init()            # the system's types, read now: --user may not read them later
         if config.access_log != 'off':
             try:
                 self.access_fd = daemon.open_log(config.access_log)
@@ -1764,7 +1877,6 @@ def signal_worker(pid, signum):
 
 def raise_fd_limit():
     """Raise the soft RLIMIT_NOFILE to the hard one: connections and open files need fds."""
-    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20

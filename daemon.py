@@ -80,9 +80,12 @@ LISTEN_FDNAMES, sd_listen_fds(3)) are collected before any fork and offered as
 `self.listen_fds`.
 """
 
+import atexit
 import errno
 import fcntl
+import grp
 import os
+import pwd
 import select
 import signal
 import socket
@@ -270,8 +273,6 @@ def drop_privileges(user=None, group=None, own=()):
     Called after the setup() hook, so a daemon can bind port 80 and open root-only files first.
     The files in `own` (its logs) are given to the new owner first, so it can reopen them.
     """
-    import grp
-    import pwd
     if user is None and group is None:
         return
     try:
@@ -295,8 +296,6 @@ def drop_privileges(user=None, group=None, own=()):
 
 def check_identity(user=None, group=None):
     """Fail early, in the launcher, on an unknown user or group."""
-    import grp
-    import pwd
     for kind, name, lookup in (('user', user, pwd.getpwnam), ('group', group, grp.getgrnam)):
         if name is not None:
             try:
@@ -1297,7 +1296,6 @@ def _flush_std_streams():
 
 def _run_atexit():
     """Run the atexit handlers that the daemon's code registered (os._exit skips them)."""
-    import atexit
     run = getattr(atexit, '_run_exitfuncs', None)
     if run is not None:
         run()

@@ -28,7 +28,7 @@ header, not_modified and escape_log), over pipelined requests as the worker loop
 only allowed outcomes are a result, None, or HTTPError with a status in agent.REASONS; any
 other exception fails, and so does a result that breaks an invariant: consumed out of bounds,
 a body length over MAX_DISCARD, a range outside the file, a mapped path with '..', NUL or a
-backslash, or a directory target whose 301 Location would carry control bytes.
+backslash, or a directory target whose 301 Location would carry control bytes or leave the site.
 
 Findings (WARN lines; FAIL only with --strict): behaviour outside the pass criteria above that
 is still suspect.  In-process: a head the agent accepts whole is refused when TCP delivers it
@@ -909,11 +909,11 @@ def respond_pure(req, rng):
             or '\x00' in relative or '\\' in relative:
         raise Invariant('map_target(%r) gave %r' % (req.target, relative))
     if relative in DIRECTORIES and not trailing:
-        # Worker.respond_directory answers 301 with this Location: it must be a valid field value.
-        location = raw_path + b'/' + (b'?' + query if query else b'')
-        if FIELD_CTL.search(location):
-            raise Invariant('a 301 for %r would carry Location: %r (control bytes in a header)'
-                            % (req.target, location))
+        # Worker.respond_directory answers 301 with this Location: it must be a valid field
+        # value, and a path on this site (never '//host' or a scheme: an open redirect).
+        location = agent.directory_location(relative, query)
+        if FIELD_CTL.search(location) or not location.startswith(b'/') or location.startswith(b'//'):
+            raise Invariant('a 301 for %r would carry Location: %r' % (req.target, location))
     size = rng.choice([0, 1, 100, 3000, 10 ** 12])
     tag = etag(size)
     agent.not_modified(headers, tag, MTIME)

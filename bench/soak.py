@@ -637,7 +637,7 @@ class Conditional(threading.Thread):
 
 def harness_etag(st):
     """The agent's ETag for a stat result (agent.make_etag, without importing the agent here)."""
-    return '"%x-%x"' % (st.st_mtime_ns // 1000, st.st_size)
+    return '"%x-%x-%x"' % (st.st_mtime_ns // 1000, st.st_size, st.st_ctime_ns // 1000)
 
 # ---------------------------------------------------------------------------------------------
 # Resource sampling
