@@ -36,6 +36,7 @@ smoke:
 
 bench:
 	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/resolve.py
 
 # Request fuzzing: 200k cases against the parser in-process, then 20000 over the network to a
 # running agent.  The seed is printed; --seed S --replay I replays one case.

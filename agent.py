@@ -699,8 +699,8 @@ class FileCache:
         entry = self.files.get(path)
         if entry is None:
             return None
-        if entry.key == file_key(st):
-            return entry
+        if entry.key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            return entry                    # file_key(st), inlined: this runs on every request
         self.evict(path)
         return None
 
@@ -1254,7 +1254,10 @@ class Worker:
         headers = req.headers
         status, first, length = 200, 0, entry.size
         extra = b''
-        last_modified, fields = entry.validators(self.wall, self.date)
+        if entry.mtime <= self.wall:
+            last_modified, fields = entry.last_modified, entry.headers
+        else:
+            last_modified, fields = entry.validators(self.wall, self.date)
         if ('if-none-match' in headers or 'if-modified-since' in headers) \
                 and not_modified(headers, entry.etag, entry.mtime):
             # Validators only (RFC 9110 section 15.4.5), as nginx does: a Content-Length here,

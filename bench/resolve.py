@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""CPU cost of answering one request in a worker, without the network: the path from a parsed
+request to a queued response (Worker.respond), for a cache hit and for a miss.
+
+A hit is a file the worker has open already: one stat() and the checks that it is unchanged.
+A miss opens the file: with agent.py's race-free resolution that is an O_PATH open, fstat, the
+/proc/self/fd check and the reopen; the miss scenario cycles through more files than the
+worker's cache holds, so every request is one.  Both run on 20 KB files in a temporary
+directory, and report microseconds of CPU (process time) per request, best of --rounds.
+
+    python3 bench/resolve.py                          # this repository's agent.py
+    python3 bench/resolve.py --agent /old/agent.py    # another version, to compare
+
+Standard library only; touches nothing outside its temporary directory.
+"""
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class NullConnection:
+    """What Worker.respond needs of a connection: the response is queued, then dropped."""
+    keep_alive = True
+
+    def start_response(self, *args, **kwargs):
+        pass
+
+
+def load_agent(path):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    spec = importlib.util.spec_from_file_location('agent_under_test', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(worker, requests, count):
+    conn = NullConnection()
+    respond = worker.respond
+    started = time.process_time()
+    for i in range(count):
+        respond(conn, requests[i % len(requests)])
+    return (time.process_time() - started) / count * 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--agent', default=os.path.join(os.path.dirname(HERE), 'agent.py'))
+    parser.add_argument('--requests', type=int, default=20000)
+    parser.add_argument('--rounds', type=int, default=5)
+    args = parser.parse_args()
+    agent = load_agent(args.agent)
+    root = tempfile.mkdtemp(prefix='agent-resolve-')
+    try:
+        misses = agent.FILE_CACHE_SIZE * 4
+        for i in range(misses):
+            os.makedirs(os.path.join(root, 'd%d' % (i % 10)), exist_ok=True)
+            with open(os.path.join(root, 'd%d' % (i % 10), '%d.jpg' % i), 'wb') as f:
+                f.write(os.urandom(20000))
+        config = agent.parser().parse_args(['run', '--root', root])
+        config.root = os.path.realpath(root)
+        lifeline_r, lifeline_w = os.pipe()
+        worker = agent.Worker(config, [], None, lifeline_r)
+
+        def request(i):
+            raw = b'GET /d%d/%d.jpg HTTP/1.1\r\nHost: x\r\n\r\n' % (i % 10, i)
+            return agent.parse_request(raw)[0]
+        hit = [request(0)]
+        miss = [request(i) for i in range(misses)]
+        results = {}
+        for name, requests in (('hit', hit), ('miss', miss)):
+            measure(worker, requests, len(requests))            # warm up: open, cache, page in
+            results[name] = min(measure(worker, requests, args.requests) for _ in range(args.rounds))
+        print('%s: %.1f us/request on a cache hit, %.1f us/request on a miss (open and check)'
+              % (args.agent, results['hit'], results['miss']))
+        worker.files.clear()
+    finally:
+        shutil.rmtree(root)
+
+
+if __name__ == '__main__':
+    main()
