@@ -344,8 +344,8 @@ def split_target(target):
             slash = rest.find(b'/')
             authority = rest if slash < 0 else rest[:slash]
             authority = authority.split(b'?', 1)[0]
-            if not authority or b'@' in authority:
-                raise HTTPError(400)
+            if not authority or not HOST_VALUE.match(authority.decode('latin-1')):
+                raise HTTPError(400)        # the same syntax as Host (userinfo '@' included)
             target = b'/' if slash < 0 else rest[slash:]
             if not target.startswith(b'/'):
                 target = b'/' + target

@@ -3216,6 +3216,12 @@ class EdgeHttpTests(HttpRulesServerBase):
             with self.subTest(host=host):
                 data, closed = self.fetch_all(http_rules_request('/a.jpg', host=host))
                 self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:80])
+        for target in ('http://a b/a.jpg', 'http://x:8o/a.jpg', 'http://u@x/a.jpg', 'http://[::1/a.jpg',
+                       'http://x:1:2/a.jpg', 'http://%zz/a.jpg', 'http://x"y/a.jpg'):
+            with self.subTest(target=target):
+                self.assertEqual(self.get(target).status, 400)
+        for target in ('http://x:80/a.jpg', 'http://[::1]:9/a.jpg', 'https://example.com/a.jpg'):
+            self.assertEqual(self.get(target).status, 200, target)
         for host in ('x', 'x:80', 'example.com', '127.0.0.1:9085', '[::1]', '[::1]:80', '',
                      'a_b-c.d~e', '%41x', 'x:'):
             with self.subTest(host=host):
