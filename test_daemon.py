@@ -3039,6 +3039,7 @@ class EdgeRaceTests(unittest.TestCase):
         server.start()
         swapper = subprocess.Popen([PYTHON, '-c', EDGE_SWAPPER, server.root, outside, '60'],
                                    stdout=subprocess.PIPE)
+        self.addCleanup(swapper.stdout.close)
         self.addCleanup(swapper.wait)
         self.addCleanup(swapper.kill)
         self.assertEqual(swapper.stdout.readline(), b'ready\n')
