@@ -1070,10 +1070,10 @@ class TLSConnection(Connection):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            return self.close()
+            return Connection.close(self)   # no close_notify to a connection that failed
         self.set_events(selectors.EVENT_READ)
         if not data:
-            return self.close()
+            return Connection.close(self)   # nor to a client that has gone
         if not self.started:
             self.started = True
             self.deadline = self.worker.now + self.worker.header_timeout
@@ -1167,7 +1167,10 @@ def tls_context(cert, key, allow_readable_key=False):
         raise DaemonError('TLS certificate %s cannot be loaded: %s' % (cert, exc.reason or exc))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, 'OP_NO_RENEGOTIATION', 0)
+    # An EOF without close_notify is an ordinary end of an HTTP connection, framed by HTTP: with
+    # OpenSSL 3 it would otherwise turn the close into a decode_error alert to the client.
+    context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, 'OP_NO_RENEGOTIATION', 0) \
+        | getattr(ssl, 'OP_IGNORE_UNEXPECTED_EOF', 0)
     context.set_alpn_protocols(['http/1.1'])
     asked = []
     try:
