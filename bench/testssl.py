@@ -33,7 +33,7 @@ def main():
     try:
         cert, key = os.path.join(tls_dir, 'cert.pem'), os.path.join(tls_dir, 'key.pem')
         subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key,
-                        '-out', cert, '-days', '30', '-subj', '/CN=localhost',
+                        '-out', cert, '-days', '365', '-subj', '/CN=localhost',
                         '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1'],
                        check=True, capture_output=True, stdin=subprocess.DEVNULL)
         report = os.path.join(tls_dir, 'report.json')
