@@ -2,7 +2,7 @@
 # CI-sized runs of the fuzzer and the slow-client harness.
 PYTHON ?= python3
 
-.PHONY: test unit smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress
+.PHONY: test unit smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls
 
 test: compat smoke fuzz-ci slow-ci unit
 
@@ -71,3 +71,9 @@ chaos-ci:
 	$(PYTHON) bench/chaos.py --quick
 
 stress: fuzz slow soak chaos
+
+# HTTPS, the slow part (a few minutes, so not in `test`; .ci/run runs it after): testssl.sh
+# against an HTTPS agent (no HIGH or CRITICAL finding), then the fuzzer's cases over TLS.
+tls:
+	$(PYTHON) bench/testssl.py
+	$(PYTHON) bench/fuzz.py --tls --seed 1 --cases 2000 --max-time 240

@@ -37,6 +37,8 @@ Draining means: stop accepting; a response in flight is finished; a keep-alive c
 Files
 -----
     --pidfile     ./agent.pid    the master's pid, flock()ed (daemon.py)
+    <pidfile>.reload             the outcome of the last reload, "<count> ok|failed <why>":
+                                 what `agent.py reload` waits for, to exit 0 or 1
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
@@ -46,7 +48,23 @@ Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not 
 A master whose workers fail at boot MAX_BOOT_FAILURES times in a row halts with status 1.
 
 Sections of this file, in order: defaults and limits; HTTP, pure logic; files; a connection;
-a worker; the master (Agent); the command line.
+HTTPS (TLS); a worker; the master (Agent); the command line.
+
+HTTPS
+-----
+--tls-cert FILE --tls-key FILE (PEM, the chain after the certificate) serve HTTPS on --port with
+the ssl module: TLS 1.2 and 1.3 only, its default ciphers, no compression, no renegotiation,
+ALPN http/1.1, session tickets (the keys are made in the master, so every worker resumes every
+session).  The master builds the context before it drops privileges and forks; a key readable
+by group or others is refused unless --allow-readable-key.  The handshake is one more state of
+a connection, inside the epoll loop, under --header-timeout; bodies go out with SSL writes of
+TLS_CHUNK bytes (no sendfile), with the same fairness budget.  A reload reads the files again:
+new workers get the new certificate, old connections finish on the old one; a bad new pair is
+logged and keeps the old one, and `reload` exits 1.  With --user, the reload reads them as that
+user (a key only root can read keeps the old certificate: own the key by that user, mode 0600).
+--http-redirect PORT answers plain HTTP there with 301 to https://<Host>[:port]<path> (the Host
+checked as a host name or IP literal, the path normalised); --hsts SECONDS adds
+Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port gets a 400.
 
 HTTP (RFC 9110, 9112)
 ---------------------
@@ -73,6 +91,7 @@ above the root are refused (400); dot files are hidden (404); a symlink leading 
 import _socket
 import argparse
 import errno
+import ipaddress
 import mimetypes
 import os
 import re
@@ -81,6 +100,7 @@ import select
 import selectors
 import signal
 import socket
+import ssl
 import stat
 import sys
 import time
@@ -108,6 +128,7 @@ LINGER_TIME = 2.0               # after a close with unread input: read and drop
 RECV_SIZE = 16384
 SENDFILE_CHUNK = 1 << 20
 SEND_BUDGET = 8 << 20           # bytes one connection may send per loop iteration (fairness)
+TLS_CHUNK = 65536               # file bytes read and written per SSL write (four TLS records)
 FILE_CACHE_SIZE = 256           # open files (fd, stat, header bytes) cached per worker
 SMALL_FILE = 32768              # a file this small is also kept in memory, sent with its head
 BODY_BUDGET = 2 << 20           # bytes of such bodies per worker
@@ -402,6 +423,42 @@ def directory_location(relative, query):
     return path.encode('ascii') + (b'?' + query if query else b'')
 
 
+REDIRECT_HOST = re.compile(r'^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?))(?::[0-9]{0,5})?$')
+PATH_SAFE = "/!$&'()*+,;=:@-._~"
+
+
+def redirect_location(req, https_port):
+    """The https:// URL that a plain-HTTP request is sent on to by --http-redirect (bytes).
+
+    Never an open redirect: the host is the request's own (the target's authority in
+    absolute-form, else Host, RFC 9112 section 3.2), and only if it is a DNS name, an IPv4
+    address or a bracketed IPv6 literal (RFC 3986 reg-name / IP-literal, no userinfo, no
+    percent-escapes); anything else is 400.  The path is the normalised one, re-encoded, so it
+    never starts with '//'; the port is the HTTPS port (left out when it is 443).
+    """
+    target = req.target
+    if target.startswith(b'/'):
+        authority = req.headers.get('host', '')
+    else:
+        rest = target.split(b'//', 1)[-1]
+        authority = re.split(rb'[/?]', rest, 1)[0].decode('latin-1')
+    match = REDIRECT_HOST.match(authority.strip())
+    if match is None:
+        raise HTTPError(400)
+    literal, name = match.groups()
+    if literal is not None:
+        try:
+            host = '[%s]' % ipaddress.IPv6Address(literal).compressed
+        except ValueError:
+            raise HTTPError(400)
+    else:
+        host = name.lower()
+    relative, trailing, raw_path, query = map_target(target)
+    path = '/' + urllib.parse.quote(relative, safe=PATH_SAFE) + ('/' if trailing and relative else '')
+    port = '' if https_port == 443 else ':%d' % https_port
+    return ('https://%s%s%s' % (host, port, path)).encode('ascii') + (b'?' + query if query else b'')
+
+
 def inside(path, root):
     """Whether a resolved path is root itself or below it."""
     return path == root or path.startswith(root if root.endswith('/') else root + '/')
@@ -618,17 +675,19 @@ def connection_field(keep_alive, version):
     return b'' if version >= (1, 1) else b'Connection: keep-alive\r\n'
 
 
-def response_head(status, date, fields, keep_alive, version):
-    """Every response head: status line, Date, Server and nosniff, the given fields, Connection."""
-    return b''.join((STATUS_LINES[status], b'Date: ', date, b'\r\n', COMMON_HEADERS, fields,
+def response_head(status, date, fields, keep_alive, version, common=COMMON_HEADERS):
+    """Every response head: status line, Date, the common fields (Server, nosniff, HSTS on
+    HTTPS), the given fields, Connection."""
+    return b''.join((STATUS_LINES[status], b'Date: ', date, b'\r\n', common, fields,
                      connection_field(keep_alive, version), b'\r\n'))
 
 
-def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_only=False):
+def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_only=False,
+                   common=COMMON_HEADERS):
     """The bytes of a complete error (or redirect) response."""
     body = ERROR_BODIES.get(status, b'')
     head = response_head(status, date, b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
-                         % len(body) + headers, keep_alive, version)
+                         % len(body) + headers, keep_alive, version, common)
     return head if head_only else head + body
 
 
@@ -761,6 +820,8 @@ class Connection:
                  'status', 'sent', 'body_in_out', 'line', 'referer', 'agent', 'started',
                  'registered', 'version')
 
+    redirect = False            # a RedirectConnection answers every request with a 301
+
     def __init__(self, sock, peer, worker):
         self.sock = sock
         self.fd = sock.fileno()
@@ -880,7 +941,8 @@ class Connection:
         if close:
             self.keep_alive = False
         worker = self.worker
-        data = error_response(status, worker.date, self.keep_alive, self.version, headers, head_only)
+        data = error_response(status, worker.date, self.keep_alive, self.version, headers, head_only,
+                              COMMON_HEADERS if self.redirect else worker.common_headers)
         self.status = status
         self.sent = 0
         self.out = data
@@ -992,6 +1054,211 @@ class Connection:
         return self.state == READING and not self.started and not self.discard
 
 
+
+class RedirectConnection(Connection):
+    """A connection to the --http-redirect listener: every request gets a 301 to HTTPS."""
+
+    __slots__ = ()
+    redirect = True
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTPS: a TLS connection, the context (the whole of TLS is this section and a few lines that
+# name it: the worker's accept, the master's setup and reload, the options)
+# ---------------------------------------------------------------------------------------------
+
+HANDSHAKE = 'handshake'     # TLS: the handshake in progress (before READING)
+PLAIN_HTTP_BODY = (b'<!DOCTYPE html>\n<html><head><title>400 Bad Request</title></head>\n<body>'
+                   b'<h1>400 Bad Request</h1><p>This port speaks HTTPS: use https://.</p></body></html>\n')
+
+
+class TLSConnection(Connection):
+    """An HTTPS connection: the states of Connection behind a HANDSHAKE state.
+
+    sock is an ssl.SSLSocket in non-blocking mode.  Any of its operations may need the other
+    direction (SSLWantReadError, SSLWantWriteError): the connection then waits for that event,
+    and the state's method retries the same call when it comes.  OpenSSL may hold decrypted bytes
+    that no epoll event announces (pending()): receive() takes them all at once.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, sock, peer, worker):
+        Connection.__init__(self, sock, peer, worker)
+        self.state = HANDSHAKE      # under the header timeout, set by Connection
+
+    def on_event(self, mask):
+        if self.state != HANDSHAKE:
+            return Connection.on_event(self, mask)
+        try:
+            self.handshake()
+        except Exception:
+            log('worker: unexpected error in a TLS handshake with %s:\n%s'
+                % (self.peer, traceback.format_exc().rstrip()))
+            self.close()
+
+    def handshake(self):
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return self.set_events(selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            return self.set_events(selectors.EVENT_WRITE)
+        except ssl.SSLError as exc:
+            if exc.reason in ('HTTP_REQUEST', 'HTTPS_PROXY_REQUEST'):
+                return self.refuse_plain_http()
+            return self.close()         # not TLS, a version or cipher we refuse, a bad alert
+        except OSError:
+            return self.close()
+        self.state = READING
+        self.set_events(selectors.EVENT_READ)
+        self.receive()                  # the request often came with the client's Finished
+
+    def refuse_plain_http(self):
+        """Plain HTTP on the HTTPS port: a plain 400 that says so, then a lingering close."""
+        worker = self.worker
+        response = b''.join((STATUS_LINES[400], b'Date: ', worker.date, b'\r\n', COMMON_HEADERS,
+                             b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
+                             b'Connection: close\r\n\r\n' % len(PLAIN_HTTP_BODY), PLAIN_HTTP_BODY))
+        self.status, self.line, self.keep_alive = 400, b'', False
+        try:
+            os.write(self.fd, response)     # the TLS layer has written nothing: the buffer is empty
+            self.sent = len(PLAIN_HTTP_BODY)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            worker.access(self)
+            return self.close()
+        worker.access(self)
+        self.state = LINGERING          # the rest of the request is unread: no reset over the 400
+        self.deadline = worker.now + LINGER_TIME
+        self.set_events(selectors.EVENT_READ)
+
+    def receive(self):
+        sock = self.sock
+        try:
+            data = sock.recv(RECV_SIZE)
+            while sock.pending():
+                data += sock.recv(RECV_SIZE)
+        except ssl.SSLWantReadError:
+            return self.set_events(selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            return self.set_events(selectors.EVENT_WRITE)   # e.g. a TLS 1.3 ticket to write first
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return Connection.close(self)   # no close_notify to a connection that failed
+        self.set_events(selectors.EVENT_READ)
+        if not data:
+            return Connection.close(self)   # nor to a client that has gone
+        if not self.started:
+            self.started = True
+            self.deadline = self.worker.now + self.worker.header_timeout
+        self.inbuf = self.inbuf + data if self.inbuf else data
+        self.process()
+
+    def send(self):
+        """Send out, then the file range in TLS_CHUNK reads, up to SEND_BUDGET per iteration.
+
+        A write that must wait is retried with the same bytes (OpenSSL requires it): out only
+        shrinks by what a write took.  sent counts a file chunk once it is read.
+        """
+        sock = self.sock
+        budget = SEND_BUDGET
+        try:
+            while True:
+                if not self.out:
+                    if not self.remaining:
+                        break
+                    chunk = os.pread(self.file.fd, min(self.remaining, TLS_CHUNK), self.offset)
+                    if not chunk:           # the file shrank under us: the response cannot end well
+                        self.keep_alive = False
+                        break
+                    self.offset += len(chunk)
+                    self.remaining -= len(chunk)
+                    self.sent += len(chunk)
+                    self.out = chunk
+                n = sock.send(self.out[:TLS_CHUNK])
+                self.out = self.out[n:]
+                budget -= n
+                if budget <= 0 and (self.out or self.remaining):
+                    self.worker.defer(self)     # let the other connections have a turn
+                    return
+        except ssl.SSLWantWriteError:
+            return self.wait_writable()
+        except ssl.SSLWantReadError:
+            self.deadline = self.worker.now + self.worker.idle_timeout
+            return self.set_events(selectors.EVENT_READ)
+        except (BlockingIOError, InterruptedError):
+            return self.wait_writable()
+        except OSError:
+            return self.finish_response(aborted=True)
+        self.finish_response()
+
+    def close(self, linger=False):
+        """Close as Connection does, after a close_notify alert if the handshake was done."""
+        if self.state in (READING, SENDING):
+            try:
+                self.sock.unwrap()          # sends close_notify; the peer's is not waited for
+            except (OSError, ValueError):
+                pass
+        Connection.close(self, linger)
+
+
+def accept_tls(listener, family, context):
+    """accept_connection() for an HTTPS listener: a non-blocking ssl.SSLSocket, no handshake yet."""
+    fd, address = listener._accept()
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    sock.setblocking(False)
+    try:
+        return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+    except OSError:
+        sock.close()
+        raise ConnectionAbortedError(errno.ECONNABORTED, 'connection lost before TLS')
+
+
+def tls_context(cert, key, allow_readable_key=False):
+    """The server's SSLContext for this certificate and key, or DaemonError naming the file.
+
+    Each file is checked on its own first, so the message names the one at fault.  A key with
+    a passphrase is refused (nobody would be there to type it at a reload).
+    """
+    texts = {}
+    for kind, path in (('certificate', cert), ('key', key)):
+        try:
+            with open(path, 'rb') as f:
+                texts[kind] = f.read(1 << 20)
+        except OSError as exc:
+            raise DaemonError('cannot read TLS %s %s: %s' % (kind, path, exc.strerror))
+    if b'-----BEGIN CERTIFICATE-----' not in texts['certificate']:
+        raise DaemonError('TLS certificate %s: no PEM certificate in it' % cert)
+    if not re.search(rb'-----BEGIN [A-Z ]*PRIVATE KEY-----', texts['key']):
+        raise DaemonError('TLS key %s: no PEM private key in it' % key)
+    mode = os.stat(key).st_mode
+    if mode & 0o044 and not allow_readable_key:
+        raise DaemonError('TLS key %s is readable by group or others (mode %04o): chmod 600 it, '
+                          'or pass --allow-readable-key' % (key, stat.S_IMODE(mode)))
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=cert)
+    except ssl.SSLError as exc:
+        raise DaemonError('TLS certificate %s cannot be loaded: %s' % (cert, exc.reason or exc))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # An EOF without close_notify is an ordinary end of an HTTP connection, framed by HTTP: with
+    # OpenSSL 3 it would otherwise turn the close into a decode_error alert to the client.
+    context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, 'OP_NO_RENEGOTIATION', 0) \
+        | getattr(ssl, 'OP_IGNORE_UNEXPECTED_EOF', 0)
+    context.set_alpn_protocols(['http/1.1'])
+    asked = []
+    try:
+        context.load_cert_chain(cert, key, password=lambda: asked.append(1) or b'')
+    except ssl.SSLError as exc:
+        if asked:
+            raise DaemonError('TLS key %s is encrypted: give it without a passphrase' % key)
+        if exc.reason == 'KEY_VALUES_MISMATCH':
+            raise DaemonError('TLS key %s does not match the certificate %s' % (key, cert))
+        raise DaemonError('TLS key %s cannot be loaded: %s' % (key, exc.reason or exc))
+    return context
+
 # ---------------------------------------------------------------------------------------------
 # A worker: one process, one epoll loop
 # ---------------------------------------------------------------------------------------------
@@ -1003,7 +1270,7 @@ class Worker:
     dispatch each to its callback, then once a second the timeouts, and the access-log lines.
     """
 
-    def __init__(self, config, listeners, access_fd, lifeline):
+    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=()):
         self.config = config
         self.root = config.root
         self.follow_symlinks = config.follow_symlinks
@@ -1014,6 +1281,15 @@ class Worker:
         self.listeners = listeners
         self.listener_by_fd = {sock.fileno(): sock for sock in listeners}
         self.families = {sock: int(sock.family) for sock in listeners}
+        # What each listener serves: plain HTTP, HTTPS (with tls, the SSLContext), or redirects.
+        self.kinds = {sock: RedirectConnection if sock in redirects else
+                      TLSConnection if tls is not None else Connection for sock in listeners}
+        self.tls = tls
+        self.https_port = next((sock.getsockname()[1] for sock in listeners if sock not in redirects
+                                and sock.family in (socket.AF_INET, socket.AF_INET6)), 443)
+        self.common_headers = COMMON_HEADERS
+        if tls is not None and getattr(config, 'hsts', None):
+            self.common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
         self.accept_poll = None
         self.access_fd = access_fd
         self.lifeline = lifeline
@@ -1121,8 +1397,12 @@ class Worker:
                 if victim is None:
                     self.stop_accepting(pause=0.1)   # the backlog holds them; others may take them
                     return
+            kind = self.kinds[listener]
             try:
-                sock, address = accept_connection(listener, self.families[listener])
+                if kind is TLSConnection:
+                    sock, address = accept_tls(listener, self.families[listener], self.tls)
+                else:
+                    sock, address = accept_connection(listener, self.families[listener])
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -1143,7 +1423,7 @@ class Worker:
             peer = address[0] if isinstance(address, tuple) else 'unix'
             if peer.startswith('::ffff:'):
                 peer = peer[7:]
-            conn = Connection(sock, peer or '-', self)
+            conn = kind(sock, peer or '-', self)
             self.conns.add(conn)
             # With deferred accept the request is usually here already: serve it at once, and
             # register with epoll only if the connection has to wait (keep-alive, a slow
@@ -1182,6 +1462,9 @@ class Worker:
         descriptor it got, not the name it asked for: no swap of a file or a directory for a
         symlink between a check and the open can make it serve a byte from outside the root.
         """
+        if conn.redirect:
+            location = redirect_location(req, self.https_port)
+            raise HTTPError(301, headers=b'Location: ' + location + b'\r\n')
         check_method(req)
         mapped = self.paths.get(req.target)
         if mapped is None:
@@ -1263,7 +1546,8 @@ class Worker:
             # Validators only (RFC 9110 section 15.4.5), as nginx does: a Content-Length here,
             # though allowed, makes some clients (wrk among them) wait for a body that never comes.
             fields = b'Last-Modified: %s\r\nETag: %s\r\n' % (last_modified, entry.etag.encode('ascii'))
-            return conn.start_response(304, response_head(304, self.date, fields, conn.keep_alive, req.version))
+            return conn.start_response(304, response_head(304, self.date, fields, conn.keep_alive, req.version,
+                                                          self.common_headers))
         if 'range' in headers and if_range_allows(headers, entry.etag, entry.mtime):
             found = parse_range(headers['range'], entry.size)
             if found == 'unsatisfiable':
@@ -1273,7 +1557,7 @@ class Worker:
                 status, length = 206, last - first + 1
                 extra = b'Content-Range: bytes %d-%d/%d\r\n' % (first, last, entry.size)
         head = response_head(status, self.date, b'%sContent-Length: %d\r\n%s' % (fields, length, extra),
-                             conn.keep_alive, req.version)
+                             conn.keep_alive, req.version, self.common_headers)
         if req.method == b'HEAD':
             length = 0
         elif status == 200 and entry.body is not None:
@@ -1297,7 +1581,8 @@ class Worker:
             os.close(fd)
         body = gallery_page('/' + relative + ('/' if relative else ''), names)
         head = response_head(200, self.date, b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
-                             b'Cache-Control: no-cache\r\n' % len(body), conn.keep_alive, req.version)
+                             b'Cache-Control: no-cache\r\n' % len(body), conn.keep_alive, req.version,
+                             self.common_headers)
         conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
 
     def index_file(self, directory):
@@ -1456,6 +1741,11 @@ class Agent(Daemon):
         self.respawns = 0
         self.respawn_at = 0.0
         self.upgrade = None             # (pid, pipe, deadline) while a new master starts
+        self.tls = None                 # the SSLContext new workers get (--tls-cert)
+        self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
+        self.status_path = config.pidfile + '.reload'
+        self.status_fd = None
+        self.reloads = 0
 
     # -- setup, as root, before ready --
 
@@ -1473,6 +1763,8 @@ class Agent(Daemon):
                 self.access_fd = daemon.open_log(config.access_log)
             except OSError as exc:
                 raise DaemonError('cannot open access log %s: %s' % (config.access_log, exc.strerror))
+        if config.tls_cert:
+            self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
         raise_fd_limit()
         if self.listen_fds:
             fds = [fd for group in self.listen_fds.values() for fd in group]
@@ -1481,14 +1773,21 @@ class Agent(Daemon):
                 sock.setblocking(False)
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # With TLS on, a socket named "redirect" (FileDescriptorName=) is the plain one.
+            redirect_fds = self.listen_fds.get('redirect', []) if self.tls is not None else []
+            self.redirects = {sock for sock in self.listeners if sock.fileno() in redirect_fds}
             log('agent: serving on %d socket(s) passed by the service manager or the previous master' % len(fds))
         else:
             self.listeners = [bind(config.bind, config.port)]
+            if config.http_redirect is not None:
+                self.redirects = {bind(config.bind, config.http_redirect)}
+                self.listeners += list(self.redirects)
+        self.open_reload_status()
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def log_files(self):
-        files = [self.stdout, self.stderr]
+        files = [self.stdout, self.stderr, self.status_path]
         if self.access_fd is not None:
             files.append(self.config.access_log)
         return files
@@ -1531,6 +1830,8 @@ class Agent(Daemon):
                 name = '?'
             names.append('[%s]:%d' % name[:2] if sock.family == socket.AF_INET6 else
                          '%s:%d' % name[:2] if sock.family == socket.AF_INET else str(name))
+            if self.tls is not None:
+                names[-1] += ' (redirect to https)' if sock in self.redirects else ' (https)'
         return ', '.join(names)
 
     def await_boot(self, workers):
@@ -1627,7 +1928,7 @@ class Agent(Daemon):
         for fd in (self.lifeline_w, self.boot_r, self.signal_fd, self._wake_w):
             os.close(fd)
         signal.set_wakeup_fd(-1)
-        worker = Worker(self.config, self.listeners, self.access_fd, self.lifeline_r)
+        worker = Worker(self.config, self.listeners, self.access_fd, self.lifeline_r, self.tls, self.redirects)
         worker.setup_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         return worker
@@ -1666,20 +1967,89 @@ class Agent(Daemon):
     def on_reload(self):
         """HUP: a new generation starts on the same sockets; once it is up, the old one drains.
 
-        If the new workers cannot start, they are killed and the old ones go on serving.
+        With TLS, the certificate and key are read again first; the new workers get them, the
+        old ones finish their connections on the old ones.  If the files are bad, or the new
+        workers cannot start, nothing changes: the old workers go on serving.  The outcome is
+        written to <pidfile>.reload for `agent.py reload` (reload()).
         """
+        old_tls = self.tls
+        if old_tls is not None:
+            config = self.config
+            try:
+                self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
+            except DaemonError as exc:
+                log('agent: reload failed (%s); the old workers go on serving' % exc)
+                return self.report_reload(False, str(exc))
         old = [w for w in self.workers.values() if not w.retiring]
         new = self.spawn_generation()
         try:
             self.await_boot(new)
         except DaemonError as exc:
             self.kill_workers(new)
+            self.tls = old_tls
             log('agent: reload failed (%s); the old workers go on serving' % exc)
-            return
+            return self.report_reload(False, str(exc))
         for worker in old:
             worker.retiring = True
             signal_worker(worker.pid, signal.SIGTERM)
         log('agent: reloaded: %d new workers, %d retiring' % (len(new), len(old)))
+        self.report_reload(True, 'reloaded')
+
+    # -- the outcome of a reload, for `agent.py reload` --
+
+    # A file beside the pidfile, "<count> ok|failed <why>\n", rewritten after each reload.  It is
+    # opened before privileges are dropped and kept open (its directory may be root's), and its
+    # count goes on from what a previous master wrote, so a waiting `reload` sees it grow.
+
+    def open_reload_status(self):
+        try:
+            self.status_fd = os.open(self.status_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                                     | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            log('agent: cannot open %s (%s): `reload` will not learn its outcome'
+                % (self.status_path, exc.strerror))
+            return
+        found = read_reload_status(self.status_path)
+        self.reloads = found[0] if found else 0
+        self.write_reload_status('ok started')
+
+    def report_reload(self, ok, message):
+        self.reloads += 1
+        self.write_reload_status(('ok ' if ok else 'failed ') + ' '.join(message.split()))
+
+    def write_reload_status(self, text):
+        if self.status_fd is None:
+            return
+        data = ('%d %s\n' % (self.reloads, text)).encode('utf-8', 'replace')
+        try:
+            os.pwrite(self.status_fd, data, 0)
+            os.ftruncate(self.status_fd, len(data))
+        except OSError as exc:
+            log('agent: cannot write %s: %s' % (self.status_path, exc.strerror))
+
+    def reload(self):
+        """The reload action: send SIGHUP, then wait for the master's verdict in <pidfile>.reload: 0 or 1."""
+        self._absolutize()
+        self.status_path = self.pidfile_path + '.reload'
+        before = read_reload_status(self.status_path)
+        code = Daemon.reload(self)
+        if code != daemon.EXIT_OK or before is None:
+            return code                 # not running, or a master that writes no outcome
+        deadline = time.monotonic() + self.start_timeout + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            found = read_reload_status(self.status_path)
+            if found is not None and found[0] > before[0]:
+                if found[1]:
+                    self._say('agent reloaded')
+                    return daemon.EXIT_OK
+                self._say('agent: reload failed: %s' % found[2], error=True)
+                return daemon.EXIT_FAILURE
+            if self._probe()[0] != 'running':
+                self._say('agent: it stopped during the reload; see %s' % self.stderr, error=True)
+                return daemon.EXIT_FAILURE
+        self._say('agent: the reload did not finish in time; see %s' % self.stderr, error=True)
+        return daemon.EXIT_FAILURE
 
     # -- zero-downtime upgrade: SIGUSR2 (or `agent.py upgrade`) --
 
@@ -1689,8 +2059,9 @@ class Agent(Daemon):
             log('agent: an upgrade is already under way (pid %d)' % self.upgrade[0])
             return
         argv = [SCRIPT] + config_argv(self.config) + ['run']
+        names = ['redirect' if sock in self.redirects else 'agent' for sock in self.listeners]
         try:
-            pid, pipe = self.reexec(argv, [sock.fileno() for sock in self.listeners])
+            pid, pipe = self.reexec(argv, [sock.fileno() for sock in self.listeners], names)
         except OSError as exc:
             log('agent: upgrade: cannot start a new master: %s' % exc.strerror)
             return
@@ -1793,6 +2164,11 @@ class Agent(Daemon):
         while self.workers:
             for pid, status in reap_children(block=True):
                 self.workers.pop(pid, None)
+        if self.status_fd is not None and self._pidfile is not None and self._pidfile.fd is not None:
+            try:
+                os.unlink(self.status_path)     # not after an upgrade: the new master writes it
+            except OSError:
+                pass
         log('agent: stopped (%d worker(s) respawned while it ran)' % self.respawns)
 
 
@@ -1807,6 +2183,21 @@ def accept_connection(listener, family):
     sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
     sock.setblocking(False)
     return sock, address
+
+
+def read_reload_status(path):
+    """(count, ok, message) from a <pidfile>.reload file, or None (absent, or half written)."""
+    try:
+        with open(path, 'rb') as f:
+            text = f.read(4096).decode('utf-8', 'replace')
+    except OSError:
+        return None
+    line, newline, _ = text.partition('\n')
+    count, _, rest = line.partition(' ')
+    verdict, _, message = rest.partition(' ')
+    if not newline or not count.isdigit() or verdict not in ('ok', 'failed'):
+        return None
+    return int(count), verdict == 'ok', message
 
 
 def log_tail_match(path, offset, text):
@@ -1835,6 +2226,14 @@ def config_argv(config):
             argv += [option, value]
     if config.follow_symlinks:
         argv.append('--follow-symlinks')
+    if config.tls_cert:
+        argv += ['--tls-cert', config.tls_cert, '--tls-key', config.tls_key]
+        if config.allow_readable_key:
+            argv.append('--allow-readable-key')
+        if config.http_redirect is not None:
+            argv += ['--http-redirect', str(config.http_redirect)]
+        if config.hsts is not None:
+            argv += ['--hsts', str(config.hsts)]
     return argv
 
 
@@ -1946,6 +2345,16 @@ def port_number(text):
     return value
 
 
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError('%r is not a whole number' % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError('%r must not be negative' % text)
+    return value
+
+
 def seconds(text):
     try:
         value = float(text)
@@ -1986,13 +2395,32 @@ def parser():
                    help='connections per worker (default: %d)' % MAX_CONNECTIONS)
     p.add_argument('--follow-symlinks', action='store_true',
                    help='serve symlinks that lead outside --root (default: refuse them)')
+    tls = p.add_argument_group('HTTPS')
+    tls.add_argument('--tls-cert', metavar='FILE',
+                     help='serve HTTPS on --port with this PEM certificate (its chain after it)')
+    tls.add_argument('--tls-key', metavar='FILE', help='the PEM private key of --tls-cert')
+    tls.add_argument('--allow-readable-key', action='store_true',
+                     help='accept a key file that group or others can read (default: refuse it)')
+    tls.add_argument('--http-redirect', type=port_number, metavar='PORT',
+                     help='also listen for plain HTTP on PORT and redirect it to HTTPS (301)')
+    tls.add_argument('--hsts', type=non_negative_int, metavar='SECONDS',
+                     help='send Strict-Transport-Security: max-age=SECONDS on HTTPS responses')
     return p
 
 
 def main(argv=None):
-    config = parser().parse_args(argv)
+    p = parser()
+    config = p.parse_args(argv)
+    if bool(config.tls_cert) != bool(config.tls_key):
+        p.error('--tls-cert and --tls-key go together')
+    for option in ('http_redirect', 'hsts'):
+        if getattr(config, option) is not None and not config.tls_cert:
+            p.error('--%s needs --tls-cert and --tls-key' % option.replace('_', '-'))
     for name in ('root', 'pidfile', 'log'):
         setattr(config, name, os.path.abspath(getattr(config, name)))
+    for name in ('tls_cert', 'tls_key'):
+        if getattr(config, name):
+            setattr(config, name, os.path.abspath(getattr(config, name)))
     if config.access_log != 'off':
         config.access_log = os.path.abspath(config.access_log)
     return Agent(config).command(config.action)

@@ -19,6 +19,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -3393,6 +3394,435 @@ class EdgeImportTests(unittest.TestCase):
         self.assertNotIn('permission denied', log)
         self.assertNotIn('Traceback', log)
         server.stop()
+
+# HTTPS (--tls-cert/--tls-key): certificates made here with `openssl req` (a CA and leaves for
+# localhost and 127.0.0.1), driven with curl, openssl s_client and Python's ssl module
+# ---------------------------------------------------------------------------------------------
+
+def tls_tool(testcase, name):
+    import shutil
+    if shutil.which(name) is None:
+        testcase.skipTest('%s not installed (Debian package %s)' % (name, name))
+
+
+def tls_make_ca(directory):
+    """A throwaway CA in directory: (ca.crt, ca.key)."""
+    cert, key = os.path.join(directory, 'ca.crt'), os.path.join(directory, 'ca.key')
+    run(['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+         '-keyout', key, '-out', cert, '-subj', '/CN=agent test CA', '-days', '2'], check=True)
+    return cert, key
+
+
+def tls_make_leaf(directory, ca, serial, cert_path, key_path):
+    """A key and a certificate for localhost and 127.0.0.1 signed by ca, with this serial,
+    written to cert_path and key_path (0600) by renaming, as certbot would swap them."""
+    ca_cert, ca_key = ca
+    tmp_key, csr, ext, tmp_cert = (os.path.join(directory, 'new.' + n) for n in ('key', 'csr', 'ext', 'crt'))
+    run(['openssl', 'req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+         '-keyout', tmp_key, '-out', csr, '-subj', '/CN=localhost'], check=True)
+    with open(ext, 'w') as f:
+        f.write('subjectAltName=DNS:localhost,IP:127.0.0.1\n')
+    run(['openssl', 'x509', '-req', '-in', csr, '-CA', ca_cert, '-CAkey', ca_key, '-set_serial',
+         str(serial), '-days', '2', '-extfile', ext, '-out', tmp_cert], check=True)
+    os.chmod(tmp_key, 0o600)
+    os.replace(tmp_key, key_path)
+    os.replace(tmp_cert, cert_path)
+
+
+def tls_client_context(ca_cert):
+    context = ssl.create_default_context(cafile=ca_cert)
+    context.set_alpn_protocols(['http/1.1'])
+    return context
+
+
+def tls_client_hello():
+    """The bytes of a real TLS ClientHello (from an in-memory client)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname='localhost')
+    try:
+        client.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+class TLSConn(HttpRulesConn):
+    """HttpRulesConn over TLS, verified against the test CA."""
+
+    def __init__(self, port, ca_cert, timeout=5.0, host='localhost'):
+        raw = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+        self.sock = tls_client_context(ca_cert).wrap_socket(raw, server_hostname=host)
+        self.timeout = timeout
+        self.buf = b''
+        self.closed = False
+
+    def serial(self):
+        return int(self.sock.getpeercert()['serialNumber'], 16)
+
+
+class TLSServerTests(unittest.TestCase):
+    """One HTTPS agent (1 worker, --header-timeout 1) with --http-redirect and --hsts."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = AgentServer(HttpRulesClassCleanups(cls), workers=1)
+        tls_dir = os.path.join(cls.server.dir, 'tls')
+        os.makedirs(tls_dir)
+        cls.ca = tls_make_ca(tls_dir)
+        cls.cert, cls.key = os.path.join(tls_dir, 'leaf.crt'), os.path.join(tls_dir, 'leaf.key')
+        tls_make_leaf(tls_dir, cls.ca, 4101, cls.cert, cls.key)
+        cls.server.options += ['--tls-cert', cls.cert, '--tls-key', cls.key, '--http-redirect', '0',
+                               '--hsts', '31536000', '--header-timeout', '1']
+        http_rules_write(cls.server.root, 'a.jpg', HTTP_RULES_A)
+        cls.big = os.urandom(300000 + 7)        # not a multiple of the TLS chunk
+        http_rules_write(cls.server.root, 'big.jpg', cls.big)
+        cls.server.start()
+        with open(cls.server.log) as f:
+            cls.redirect_port = int(re.findall(r'127\.0\.0\.1:(\d+) \(redirect to https\)', f.read())[-1])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def conn(self, timeout=5.0, port=None):
+        conn = TLSConn(port or self.server.port, self.ca[0], timeout)
+        self.addCleanup(conn.close)
+        return conn
+
+    def curl(self, *args):
+        tls_tool(self, 'curl')
+        return run(['curl', '-sS', '--cacert', self.ca[0]] + list(args))
+
+    def log_is_clean(self):
+        with open(self.server.log) as f:
+            text = f.read()
+        for bad in ('Traceback', 'unexpected error', 'died', 'error answering'):
+            self.assertNotIn(bad, text)
+
+    def test_curl_verifies_and_fetches(self):
+        out = os.path.join(self.server.dir, 'got')
+        for host in ('localhost', '127.0.0.1'):
+            result = self.curl('-o', out, '-D', '-', '-w', 'version=%{http_version}\n',
+                               'https://%s:%d/big.jpg' % (host, self.server.port))
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn('HTTP/1.1 200 OK', result.stdout)
+            self.assertIn('Strict-Transport-Security: max-age=31536000', result.stdout)
+            self.assertIn('version=1.1', result.stdout)
+            with open(out, 'rb') as f:
+                self.assertEqual(f.read(), self.big)
+        # A range in the middle of a chunk, and a small file sent with its head.
+        result = self.curl('-r', '70000-70009', '-o', out, 'https://localhost:%d/big.jpg' % self.server.port)
+        with open(out, 'rb') as f:
+            self.assertEqual(f.read(), self.big[70000:70010])
+        result = self.curl('-o', out, 'https://localhost:%d/a.jpg' % self.server.port)
+        with open(out, 'rb') as f:
+            self.assertEqual(f.read(), HTTP_RULES_A)
+
+    def test_curl_refuses_without_the_ca(self):
+        tls_tool(self, 'curl')
+        result = run(['curl', '-sS', '-o', '/dev/null', 'https://localhost:%d/a.jpg' % self.server.port])
+        self.assertNotEqual(result.returncode, 0)
+
+    def test_protocol_versions_and_alpn(self):
+        tls_tool(self, 'openssl')
+        for version, accepted in (('-tls1', False), ('-tls1_1', False), ('-tls1_2', True), ('-tls1_3', True)):
+            with self.subTest(version=version):
+                # SECLEVEL=0: the client itself would not offer 1.0 or 1.1 otherwise.
+                result = run(['openssl', 's_client', '-connect', '127.0.0.1:%d' % self.server.port,
+                              version, '-cipher', 'DEFAULT:@SECLEVEL=0', '-alpn', 'http/1.1',
+                              '-CAfile', self.ca[0], '-servername', 'localhost'])
+                output = result.stdout + result.stderr
+                if accepted:
+                    self.assertIn('ALPN protocol: http/1.1', output)
+                    self.assertIn('Verify return code: 0 (ok)', output)
+                    self.assertIn('New, TLSv1.%s,' % version[-1], output)
+                else:
+                    self.assertIn('alert protocol version', output)
+                    self.assertNotIn('ALPN protocol', output)
+        self.log_is_clean()
+
+    def test_keep_alive_pipelining_and_head_over_tls(self):
+        conn = self.conn()
+        self.assertEqual(conn.sock.selected_alpn_protocol(), 'http/1.1')
+        conn.send(http_rules_request('/a.jpg') + http_rules_request('/big.jpg')
+                  + http_rules_request('/a.jpg', method='HEAD'))
+        first, second = conn.response(), conn.response()
+        self.assertEqual((first.status, first.body), (200, HTTP_RULES_A))
+        self.assertEqual((second.status, second.body), (200, self.big))
+        head = conn.response(head_only=True)
+        self.assertEqual((head.status, head.headers['content-length']), (200, str(len(HTTP_RULES_A))))
+        conn.send(http_rules_request('/nothing', 'Connection: close'))
+        missing = conn.response()
+        self.assertEqual(missing.status, 404)
+        self.assertIn('strict-transport-security', missing.headers)
+        self.assertTrue(conn.wait_closed())
+
+    def test_plain_http_to_the_tls_port_gets_400(self):
+        data = self.server.exchange(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:100])
+        self.assertIn(b'HTTPS', data)
+        self.assertIn(b'Connection: close', data)
+        self.log_is_clean()
+
+    def test_tls_to_the_plain_port_is_closed_without_traceback(self):
+        with socket.create_connection(('127.0.0.1', self.redirect_port), timeout=5) as raw:
+            with self.assertRaises((ssl.SSLError, OSError)):
+                tls_client_context(self.ca[0]).wrap_socket(raw, server_hostname='localhost')
+        self.log_is_clean()
+
+    def test_stalled_handshakes_cost_a_slot_and_are_cut_at_the_header_timeout(self):
+        hello = tls_client_hello()
+        stalled = []
+        for payload in (b'', hello[:20], hello):    # nothing, a partial ClientHello, no Finished
+            sock = socket.create_connection(('127.0.0.1', self.server.port), timeout=8)
+            self.addCleanup(sock.close)
+            sock.sendall(payload)
+            stalled.append(sock)
+        started = time.monotonic()
+        # The one worker serves others meanwhile: the handshakes wait in its loop, not in it.
+        conn = self.conn()
+        conn.send(http_rules_request('/a.jpg'))
+        self.assertEqual(conn.response().body, HTTP_RULES_A)
+        for sock in stalled:
+            data = b''
+            while True:
+                chunk = sock.recv(65536)        # the timeout of 8 s fails the test
+                if not chunk:
+                    break
+                data += chunk
+            self.assertNotIn(b'HTTP/1.1', data)
+        self.assertLess(time.monotonic() - started, 5.0)    # --header-timeout 1, ticks of 1 s
+        conn.send(http_rules_request('/a.jpg'))
+        self.assertEqual(conn.response().status, 200)
+        self.log_is_clean()
+
+    def test_malformed_requests_over_tls(self):
+        for raw in (b'\x00\x01\x02 garbage\r\n\r\n', b'GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+                    b'GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n',
+                    b'GET /' + b'a' * 9000 + b' HTTP/1.1\r\n\r\n'):
+            with self.subTest(raw=raw[:40]):
+                conn = self.conn()
+                conn.send(raw)
+                self.assertEqual(conn.response().status // 100, 4)
+                self.assertTrue(conn.wait_closed())
+        self.log_is_clean()
+
+    def test_redirect_listener(self):
+        tls = self.server.port
+        cases = [
+            (b'GET /x/../a.jpg?q=1 HTTP/1.1\r\nHost: localhost:%d\r\n\r\n' % self.redirect_port,
+             b'https://localhost:%d/a.jpg?q=1' % tls),
+            (b'HEAD //evil.example/ HTTP/1.1\r\nHost: LocalHost\r\n\r\n',
+             b'https://localhost:%d/evil.example/' % tls),
+            (b'GET http://127.0.0.1/dir HTTP/1.1\r\nHost: evil.example\r\n\r\n',
+             b'https://127.0.0.1:%d/dir' % tls),
+            (b'GET /%2e%2e/b%20c HTTP/1.1\r\nHost: [::1]:80\r\n\r\n', None),    # above the root: 400
+            (b'GET /b%20c/ HTTP/1.1\r\nHost: [0:0::1]:80\r\n\r\n', b'https://[::1]:%d/b%%20c/' % tls),
+        ]
+        for raw, location in cases:
+            with self.subTest(raw=raw):
+                conn = HttpRulesConn(self.redirect_port)
+                self.addCleanup(conn.close)
+                conn.send(raw)
+                response = conn.response(head_only=raw.startswith(b'HEAD'))
+                if location is None:
+                    self.assertEqual(response.status, 400)
+                    continue
+                self.assertEqual(response.status, 301)
+                self.assertEqual(response.headers['location'].encode(), location)
+                self.assertNotIn('strict-transport-security', response.headers)
+        for host in ('evil.example/x', 'a@evil.example', '', 'evil.example\\x', '[::1', '[zz::1]',
+                     'ex ample', 'evil.example%2f', '-evil.example', 'a,b'):
+            with self.subTest(host=host):
+                conn = HttpRulesConn(self.redirect_port)
+                self.addCleanup(conn.close)
+                conn.send(http_rules_request('/a.jpg', host=host))
+                self.assertEqual(conn.response().status, 400)
+        self.log_is_clean()
+
+
+class TLSRedirectLocationTests(unittest.TestCase):
+    """agent.redirect_location, the pure part of --http-redirect."""
+
+    def location(self, raw):
+        req, _ = agent.parse_request(raw)
+        return agent.redirect_location(req, 8443)
+
+    def test_locations(self):
+        self.assertEqual(self.location(b'GET /a/./b/../c.jpg HTTP/1.1\r\nHost: Example.COM:80\r\n\r\n'),
+                         b'https://example.com:8443/a/c.jpg')
+        self.assertEqual(self.location(b'GET ///evil.example//x HTTP/1.1\r\nHost: h\r\n\r\n'),
+                         b'https://h:8443/evil.example/x')
+        self.assertEqual(self.location(b'GET /%C3%A9t%C3%A9/?a=%2F HTTP/1.1\r\nHost: h\r\n\r\n'),
+                         b'https://h:8443/%C3%A9t%C3%A9/?a=%2F')
+        req, _ = agent.parse_request(b'GET / HTTP/1.1\r\nHost: h\r\n\r\n')
+        self.assertEqual(agent.redirect_location(req, 443), b'https://h/')
+
+    def test_refused(self):
+        for raw in (b'GET / HTTP/1.0\r\n\r\n', b'GET / HTTP/1.1\r\nHost: a@b\r\n\r\n',
+                    b'GET http://a@b/ HTTP/1.1\r\nHost: h\r\n\r\n', b'GET /../x HTTP/1.1\r\nHost: h\r\n\r\n',
+                    b'GET / HTTP/1.1\r\nHost: [1.2.3.4]\r\n\r\n', b'GET / HTTP/1.1\r\nHost: h:x\r\n\r\n'):
+            with self.subTest(raw=raw):
+                with self.assertRaises(agent.HTTPError) as caught:
+                    self.location(raw)
+                self.assertEqual(caught.exception.status, 400)
+
+
+class TLSStartAndReloadTests(unittest.TestCase):
+    """Certificate errors at start, renewal by reload, upgrade with TLS on."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ca_dir = tempfile.mkdtemp(prefix='agent-test-ca-')
+        cls.addClassCleanup(subprocess.run, ['rm', '-rf', cls.ca_dir])
+        cls.ca = tls_make_ca(cls.ca_dir)
+
+    def setUp(self):
+        tls_tool(self, 'openssl')
+        self.server = AgentServer(self, workers=2)
+        self.tls_dir = os.path.join(self.server.dir, 'tls')
+        os.makedirs(self.tls_dir)
+        self.cert, self.key = os.path.join(self.tls_dir, 'leaf.crt'), os.path.join(self.tls_dir, 'leaf.key')
+        tls_make_leaf(self.tls_dir, self.ca, 1001, self.cert, self.key)
+        self.tls_options = ['--tls-cert', self.cert, '--tls-key', self.key]
+        self.server.write('a.jpg', HTTP_RULES_A)
+
+    def start_fails(self, *options):
+        result = self.server.command('start', *options)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertEqual(result.stderr.count('\n'), 1, result.stderr)
+        self.assertNotIn('Traceback', result.stderr)
+        self.assertFalse(os.path.exists(self.server.pidfile))
+        return result.stderr
+
+    def test_start_errors_name_the_file(self):
+        os.chmod(self.key, 0o640)
+        error = self.start_fails(*self.tls_options)
+        self.assertIn(self.key, error)
+        self.assertIn('--allow-readable-key', error)
+        os.chmod(self.key, 0o600)
+        missing = os.path.join(self.tls_dir, 'missing.crt')
+        self.assertIn(missing, self.start_fails('--tls-cert', missing, '--tls-key', self.key))
+        other_cert, other_key = os.path.join(self.tls_dir, 'o.crt'), os.path.join(self.tls_dir, 'o.key')
+        tls_make_leaf(self.tls_dir, self.ca, 7, other_cert, other_key)
+        error = self.start_fails('--tls-cert', self.cert, '--tls-key', other_key)
+        self.assertIn(other_key, error)
+        self.assertIn('does not match', error)
+        self.assertIn(self.key, self.start_fails('--tls-cert', self.cert, '--tls-key', self.key + '.none'))
+        with open(other_cert, 'w') as f:
+            f.write('-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n')
+        self.assertIn(other_cert, self.start_fails('--tls-cert', other_cert, '--tls-key', self.key))
+        # --allow-readable-key: the same 0640 key is accepted.
+        os.chmod(self.key, 0o640)
+        self.server.options += self.tls_options + ['--allow-readable-key']
+        self.server.start()
+        conn = TLSConn(self.server.port, self.ca[0])
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.serial(), 1001)
+
+    def test_options_that_need_tls(self):
+        for options in (['--hsts', '10'], ['--http-redirect', '0'], ['--tls-cert', self.cert]):
+            result = self.server.command('start', *options)
+            self.assertEqual(result.returncode, 2, result.stderr)
+
+    def new_serial(self):
+        conn = TLSConn(self.server.port, self.ca[0])
+        try:
+            return conn.serial()
+        finally:
+            conn.close()
+
+    def requests_in_a_loop(self, stop, failures, counts):
+        while not stop.is_set():
+            try:
+                conn = TLSConn(self.server.port, self.ca[0])
+                conn.send(http_rules_request('/a.jpg', 'Connection: close'))
+                if conn.response().body != HTTP_RULES_A:
+                    failures.append('wrong body')
+                conn.close()
+                counts.append(1)
+            except Exception as exc:        # noqa: any failure is what this looks for
+                failures.append(repr(exc))
+
+    def test_reload_renews_the_certificate(self):
+        self.server.options += self.tls_options
+        self.server.start()
+        kept = TLSConn(self.server.port, self.ca[0], timeout=10)
+        self.addCleanup(kept.close)
+        kept.send(http_rules_request('/a.jpg'))
+        self.assertEqual(kept.response().status, 200)
+        self.assertEqual(kept.serial(), 1001)
+        stop, failures, counts = threading.Event(), [], []
+        loader = threading.Thread(target=self.requests_in_a_loop, args=(stop, failures, counts))
+        loader.start()
+        try:
+            wait_for(lambda: len(counts) >= 3, message='requests before the reload')
+            tls_make_leaf(self.tls_dir, self.ca, 2002, self.cert, self.key)
+            result = self.server.command('reload')
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertIn('reloaded', result.stdout)
+            self.assertEqual(self.new_serial(), 2002)
+            before = len(counts)
+            wait_for(lambda: len(counts) >= before + 3, message='requests after the reload')
+            # The open keep-alive connection goes on, on its old certificate.
+            kept.send(http_rules_request('/a.jpg', 'Connection: close'))
+            self.assertEqual(kept.response().body, HTTP_RULES_A)
+
+            # A bad new pair: the old one goes on serving and reload says so.
+            with open(self.cert, 'w') as f:
+                f.write('garbage\n')
+            result = self.server.command('reload')
+            self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+            self.assertIn(self.cert, result.stderr)
+            self.assertEqual(self.new_serial(), 2002)
+            other_cert, other_key = os.path.join(self.tls_dir, 'o.crt'), os.path.join(self.tls_dir, 'o.key')
+            tls_make_leaf(self.tls_dir, self.ca, 3003, self.cert, other_key)
+            tls_make_leaf(self.tls_dir, self.ca, 4004, other_cert, self.key)    # not 3003's key
+            result = self.server.command('reload')
+            self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+            self.assertIn('does not match', result.stderr)
+            self.assertEqual(self.new_serial(), 2002)
+            wait_for(lambda: len(counts) >= before + 6, message='requests after the failed reloads')
+        finally:
+            stop.set()
+            loader.join(TIMEOUT)
+        self.assertEqual(failures, [])
+        with open(self.server.log) as f:
+            log_text = f.read()
+        self.assertIn('reload failed (TLS certificate %s' % self.cert, log_text)
+        self.assertNotIn('Traceback', log_text)
+
+    def test_upgrade_keeps_tls_and_the_redirect(self):
+        self.server.options += self.tls_options + ['--http-redirect', '0']
+        self.server.start()
+        with open(self.server.log) as f:
+            redirect = int(re.findall(r'127\.0\.0\.1:(\d+) \(redirect to https\)', f.read())[-1])
+        old = self.server.master()
+        result = self.server.command('upgrade')
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertNotEqual(self.server.master(), old)
+        self.server.pids.append(self.server.master())
+        conn = TLSConn(self.server.port, self.ca[0])
+        self.addCleanup(conn.close)
+        conn.send(http_rules_request('/a.jpg', 'Connection: close'))
+        self.assertEqual(conn.response().body, HTTP_RULES_A)
+        plain = HttpRulesConn(redirect)
+        self.addCleanup(plain.close)
+        plain.send(http_rules_request('/a.jpg', host='localhost'))
+        response = plain.response()
+        self.assertEqual(response.status, 301, response)
+        self.assertEqual(response.headers['location'], 'https://localhost:%d/a.jpg' % self.server.port)
+        # And the new master took the reload status over.
+        result = self.server.command('reload')
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_config_argv_passes_tls_on(self):
+        argv = ['--tls-cert', self.cert, '--tls-key', self.key, '--allow-readable-key',
+                '--http-redirect', '8080', '--hsts', '60', 'run']
+        config = agent.parser().parse_args(argv)
+        again = agent.parser().parse_args(agent.config_argv(config) + ['run'])
+        for name in ('tls_cert', 'tls_key', 'allow_readable_key', 'http_redirect', 'hsts'):
+            self.assertEqual(getattr(again, name), getattr(config, name), name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,14 @@ Load comes from wrk (`wrk -t1 -cN -dDs --latency URL`) in these scenarios:
   20k-close            20 KB with `Connection: close` (a new TCP connection
                        per request), 64 connections
   20k-c512             20 KB keep-alive, 512 connections
+  https-20k, https-200k   the same over HTTPS (TLS 1.3, one certificate made
+               here with openssl for both servers), keep-alive, 64 connections
+  https-close          20 KB over HTTPS with `Connection: close`: a full TLS
+               handshake per request, so req/s is the handshake rate
+
+The HTTPS scenarios run against a second agent (--tls-cert/--tls-key) and a
+second nginx (`listen ... ssl`, session tickets on, as the agent); http.server
+has no TLS and is left out of them.
 
 Runs are interleaved per scenario (agent, nginx, http.server, agent, ...)
 for --rounds rounds so that slow drifts of the machine hit every server
@@ -70,7 +78,8 @@ FILES = {                      # name -> size in bytes
     "10m.jpg": 10_000_000,
 }
 
-Scenario = namedtuple("Scenario", "name label file connections headers")
+Scenario = namedtuple("Scenario", "name label file connections headers tls",
+                      defaults=(False,))
 SCENARIOS = [
     Scenario("1k", "1 KB keep-alive c64", "1k.jpg", 64, ()),
     Scenario("20k", "20 KB keep-alive c64", "20k.jpg", 64, ()),
@@ -79,9 +88,15 @@ SCENARIOS = [
     Scenario("20k-close", "20 KB Connection: close c64", "20k.jpg", 64,
              ("Connection: close",)),
     Scenario("20k-c512", "20 KB keep-alive c512", "20k.jpg", 512, ()),
+    Scenario("https-20k", "HTTPS 20 KB keep-alive c64", "20k.jpg", 64, (),
+             True),
+    Scenario("https-200k", "HTTPS 200 KB keep-alive c64", "200k.jpg", 64, (),
+             True),
+    Scenario("https-close", "HTTPS 20 KB Connection: close c64 (handshakes)",
+             "20k.jpg", 64, ("Connection: close",), True),
 ]
 # Scenarios where bytes/s matters more than requests/s.
-BYTES_SCENARIOS = {"200k", "10m"}
+BYTES_SCENARIOS = {"200k", "10m", "https-200k"}
 
 
 def log(msg):
@@ -197,9 +212,17 @@ def stop_popen(proc, grace=5.0):
         pass
 
 
-def check_file(port, name, data):
+def client(port, tls):
+    if not tls:
+        return http.client.HTTPConnection(HOST, port, timeout=10)
+    import ssl
+    return http.client.HTTPSConnection(
+        HOST, port, timeout=10, context=ssl._create_unverified_context())
+
+
+def check_file(port, name, data, tls=False):
     """One GET before the load: does the server return the right bytes?"""
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    conn = client(port, tls)
     try:
         conn.request("GET", "/" + name)
         resp = conn.getresponse()
@@ -229,9 +252,10 @@ class Server:
     """A server under test; `failed` holds a reason once it can't be used."""
     name = "?"
 
-    def __init__(self, workdir, root):
+    def __init__(self, workdir, root, tls=None):
         self.workdir = workdir
         self.root = root
+        self.tls = tls              # (certificate, key) to serve HTTPS
         self.port = None
         self.failed = None
         self.notes = []
@@ -246,14 +270,15 @@ class Server:
         return True
 
     def url(self, path):
-        return "http://%s:%d/%s" % (HOST, self.port, path)
+        return "%s://%s:%d/%s" % ("https" if self.tls else "http", HOST,
+                                  self.port, path)
 
 
 class PopenServer(Server):
     """A server that runs in the foreground as our child process."""
 
-    def __init__(self, workdir, root):
-        super().__init__(workdir, root)
+    def __init__(self, workdir, root, tls=None):
+        super().__init__(workdir, root, tls)
         self.proc = None
         self.stderr_path = os.path.join(workdir, self.name + ".stderr")
 
@@ -325,19 +350,27 @@ http {{
     tcp_nopush on;
     keepalive_requests 100000;
 {temps}    server {{
-        listen {HOST}:{self.port};
+        listen {HOST}:{self.port}{" ssl" if self.tls else ""};
         root {self.root};
-    }}
+{self.tls_config()}    }}
 }}
 """
+
+
+    def tls_config(self):
+        if not self.tls:
+            return ""
+        return ("        ssl_certificate %s;\n        ssl_certificate_key %s;\n"
+                "        ssl_protocols TLSv1.2 TLSv1.3;\n"
+                "        ssl_session_tickets on;\n" % self.tls)
 
 
 class AgentServer(Server):
     """agent.py daemonizes: we only know it through its pidfile."""
     name = "agent"
 
-    def __init__(self, workdir, root, script):
-        super().__init__(workdir, root)
+    def __init__(self, workdir, root, script, tls=None):
+        super().__init__(workdir, root, tls)
         self.script = script
         self.pidfile = os.path.join(workdir, "agent.pid")
         self.logfile = os.path.join(workdir, "agent.log")
@@ -349,7 +382,9 @@ class AgentServer(Server):
         return [sys.executable, self.script, "--root", self.root,
                 "--bind", HOST, "--port", str(self.port),
                 "--pidfile", self.pidfile, "--log", self.logfile,
-                "--access-log", self.accesslog, action]
+                "--access-log", self.accesslog] + (
+                    ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
+                    if self.tls else []) + [action]
 
     def master_pid(self):
         try:
@@ -649,9 +684,12 @@ def echoes_close(port):
 def verify(server, data, notes):
     """Sanity checks before the load, so odd numbers can be explained."""
     for name, content in data.items():
-        problem = check_file(server.port, name, content)
+        problem = check_file(server.port, name, content, bool(server.tls))
         if problem:
-            notes.append("%s: %s" % (server.name, problem))
+            notes.append("%s%s: %s" % (server.name, " (https)" if server.tls
+                                       else "", problem))
+    if server.tls:
+        return
     if not echoes_close(server.port):
         notes.append("%s does not send `Connection: close` in reply to a "
                      "request with `Connection: close`: wrk then counts a "
@@ -664,6 +702,10 @@ def load_runs(scenarios, servers, args, results, notes):
         for rnd in range(1, args.rounds + 1):
             for srv in servers:
                 key = (sc.name, srv.name)
+                if sc.tls != bool(srv.tls):
+                    if sc.tls and srv.name == "http.server":
+                        results[key] = "no TLS"
+                    continue
                 if srv.failed:
                     results.setdefault(key, "failed")
                     continue
@@ -775,6 +817,34 @@ def agent_cycles(agent, notes):
     ]
 
 
+def start_tls_servers(workdir, root, args, data, started, notes):
+    """A second agent and a second nginx, serving HTTPS with one certificate."""
+    tls_dir = os.path.join(workdir, "tls")
+    os.mkdir(tls_dir)
+    pair = (os.path.join(tls_dir, "cert.pem"), os.path.join(tls_dir, "key.pem"))
+    rc, out, err, _ = run(["openssl", "req", "-x509", "-newkey", "ec",
+                           "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                           "-keyout", pair[1], "-out", pair[0], "-days", "2",
+                           "-subj", "/CN=localhost"])
+    if rc != 0:
+        notes.append("openssl req failed, no HTTPS scenarios: %s" % err.strip())
+        return []
+    servers = [AgentServer(os.path.join(tls_dir), root, args.agent, pair)]
+    if os.path.exists(NGINX):
+        nginx_dir = os.path.join(tls_dir, "nginx")
+        os.mkdir(nginx_dir)
+        servers.append(NginxServer(nginx_dir, root, pair))
+    for srv in servers:
+        log("starting %s (https) ..." % srv.name)
+        started.append(srv)
+        srv.start()
+        if srv.failed:
+            notes.append("%s (https) failed: %s" % (srv.name, srv.failed))
+        else:
+            verify(srv, data, notes)
+    return servers
+
+
 def parse_args():
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(
@@ -834,7 +904,15 @@ def bench(args, workdir, started):
 
     scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only]
     results = {}
-    load_runs(scenarios, servers, args, results, notes)
+    load_runs([s for s in scenarios if not s.tls], servers, args, results,
+              notes)
+    if any(s.tls for s in scenarios):
+        tls_servers = start_tls_servers(workdir, root, args, data, started,
+                                        notes)
+        load_runs([s for s in scenarios if s.tls], servers + tls_servers,
+                  args, results, notes)
+        for srv in tls_servers:
+            srv.stop()
 
     if agent.failed:
         agent_figs = [["all figures", "", "agent failed"]]

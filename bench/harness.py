@@ -104,7 +104,7 @@ class AgentProcess:
         if result.returncode != 0 or self.master is None:
             raise RuntimeError('agent start failed (%d): %s%s\n%s'
                                % (result.returncode, result.stdout, result.stderr, self.log_text()))
-        ports = re.findall(r'on 127\.0\.0\.1:(\d+) with', self.log_text())
+        ports = re.findall(r'on 127\.0\.0\.1:(\d+)(?: \(https\))?,? ', self.log_text())
         if not ports:
             raise RuntimeError('no "serving ... on 127.0.0.1:PORT" line in %s' % self.log)
         self.port = int(ports[-1])
