@@ -40,10 +40,10 @@ bench:
 # Request fuzzing: 200k cases against the parser in-process, then 20000 over the network to a
 # running agent.  The seed is printed; --seed S --replay I replays one case.
 fuzz:
-	$(PYTHON) bench/fuzz.py --in-process 200000 --cases 20000
+	$(PYTHON) bench/fuzz.py --in-process 200000 --images 500000 --cases 20000
 
 fuzz-ci:
-	$(PYTHON) bench/fuzz.py --seed 1 --in-process 20000 --cases 2000 --max-time 240
+	$(PYTHON) bench/fuzz.py --seed 1 --in-process 20000 --images 50000 --cases 2000 --max-time 240
 
 # 300 slowloris connections and 20 slow readers for 20 s while ordinary requests are timed,
 # then slowhttptest if it is installed.

@@ -33,6 +33,9 @@ sys.path.insert(0, HERE)
 import agent      # noqa: E402
 import daemon     # noqa: E402
 
+sys.path.insert(0, os.path.join(HERE, 'bench'))
+from samples import camera_jpeg, sample_bmp, sample_gif, sample_jpeg, sample_png, sample_webp  # noqa: E402
+
 PYTHON = sys.executable
 AGENT = os.path.join(HERE, 'agent.py')
 TIMEOUT = 20        # hard limit for any one command or wait
@@ -3004,121 +3007,6 @@ def gallery_links(page):
     """Every href and src of an HTML page, unescaped, resolved against nothing."""
     import html as html_module
     return [html_module.unescape(h) for h in re.findall(r'(?:href|src)="([^"]*)"', page.decode('utf-8'))]
-
-# Sample images, written byte by byte: a small baseline JPEG encoder (flat 8x8 blocks, so only
-# DC coefficients), an EXIF segment with an IFD1 thumbnail, and PNG, GIF, WebP, BMP, SVG heads.
-
-def sample_jpeg(width, height, color=(200, 80, 40), blocks=None):
-    """A decodable baseline YCbCr 4:4:4 JPEG; each 8x8 block one colour (blocks(bx, by) -> rgb)."""
-    import struct
-
-    def segment(marker, body):
-        return struct.pack('>BBH', 0xFF, marker, len(body) + 2) + body
-
-    # DC table: categories 0-11, every code 4 bits long; AC table: only EOB, code '0'.
-    dc = bytes([0, 0, 0, 12] + [0] * 12) + bytes(range(12))
-    ac = bytes([1] + [0] * 15) + b'\x00'
-    head = b'\xff\xd8' + segment(0xDB, b'\x00' + b'\x01' * 64)
-    head += segment(0xC0, struct.pack('>BHHB', 8, height, width, 3) + b'\x01\x11\x00\x02\x11\x00\x03\x11\x00')
-    head += segment(0xC4, b'\x00' + dc) + segment(0xC4, b'\x10' + ac)
-    head += segment(0xDA, b'\x03\x01\x00\x02\x00\x03\x00\x00\x3f\x00')
-    bits, previous = [], [0, 0, 0]
-    for by in range((height + 7) // 8):
-        for bx in range((width + 7) // 8):
-            r, g, b = blocks(bx, by) if blocks else color
-            ycc = (0.299 * r + 0.587 * g + 0.114 * b, 128 - 0.168736 * r - 0.331264 * g + 0.5 * b,
-                   128 + 0.5 * r - 0.418688 * g - 0.081312 * b)
-            for c in range(3):
-                value = int(round((ycc[c] - 128) * 8))
-                diff, previous[c] = value - previous[c], value
-                size = abs(diff).bit_length()
-                bits.append(format(size, '04b'))
-                if size:
-                    bits.append(format(diff if diff > 0 else diff + (1 << size) - 1, '0%db' % size))
-                bits.append('0')                                            # EOB
-    stream = ''.join(bits)
-    stream += '1' * (-len(stream) % 8)
-    data = int(stream, 2).to_bytes(len(stream) // 8, 'big') if stream else b''
-    return head + data.replace(b'\xff', b'\xff\x00') + b'\xff\xd9'
-
-
-def exif_segment(thumbnail=None, orientation=None, order='>', ifd1_tags=None, pad=0):
-    """An APP1 EXIF segment: IFD0 with Orientation, IFD1 pointing at the thumbnail."""
-    import struct
-    e = order
-    ifd0 = [(0x010F, 2, 4, b'Cam\x00')]                           # Make, ASCII in place
-    if orientation is not None:
-        ifd0.append((0x0112, 3, 1, struct.pack(e + 'HH', orientation, 0)))
-    ifd0_at = 8
-    ifd0_size = 2 + 12 * len(ifd0) + 4
-    padding = b'\x00' * pad
-    ifd1_at = ifd0_at + ifd0_size + pad
-    tags = ifd1_tags if ifd1_tags is not None else [(0x0103, 3, 1, struct.pack(e + 'HH', 6, 0))]
-    ifd1_size = 2 + 12 * (len(tags) + 2) + 4
-    thumb_at = ifd1_at + ifd1_size
-    thumbnail = thumbnail or b''
-    tags = tags + [(0x0201, 4, 1, struct.pack(e + 'I', thumb_at)),
-                   (0x0202, 4, 1, struct.pack(e + 'I', len(thumbnail)))]
-
-    def ifd(entries, next_at):
-        out = struct.pack(e + 'H', len(entries))
-        for tag, kind, count, value in sorted(entries):
-            out += struct.pack(e + 'HHI', tag, kind, count) + value
-        return out + struct.pack(e + 'I', next_at)
-    tiff = (b'II' if e == '<' else b'MM') + struct.pack(e + 'HI', 42, ifd0_at)
-    tiff += ifd(ifd0, ifd1_at if thumbnail else 0) + padding
-    if thumbnail:
-        tiff += ifd(tags, 0) + thumbnail
-    body = b'Exif\x00\x00' + tiff
-    return b'\xff\xe1' + struct.pack('>H', len(body) + 2) + body
-
-
-def camera_jpeg(main, thumbnail, orientation=None, order='>', **kwargs):
-    """main with an EXIF segment (orientation, thumbnail) right after its SOI, as cameras write."""
-    return main[:2] + exif_segment(thumbnail, orientation, order, **kwargs) + main[2:]
-
-
-def sample_png(width, height):
-    import binascii
-    import struct
-    import zlib
-
-    def chunk(kind, body):
-        return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', binascii.crc32(kind + body))
-    raw = b''.join(b'\x00' + b'\x30\x90\xd0' * width for _ in range(height))
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
-            + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
-
-
-def sample_gif(width, height):
-    import struct
-    return (b'GIF89a' + struct.pack('<HHBBB', width, height, 0x80, 0, 0) + b'\xff\x00\x00\x00\x00\xff'
-            + b',' + struct.pack('<HHHHB', 0, 0, 1, 1, 0) + b'\x02\x02\x44\x01\x00;')
-
-
-def sample_webp(kind, width, height):
-    import struct
-    if kind == 'VP8 ':
-        body = b'\x30\x01\x00\x9d\x01\x2a' + struct.pack('<HH', width, height) + b'\x00' * 10
-    elif kind == 'VP8L':
-        bits = (width - 1) | (height - 1) << 14
-        body = b'\x2f' + struct.pack('<I', bits) + b'\x00' * 8
-    else:
-        body = b'\x00\x00\x00\x00' + (width - 1).to_bytes(3, 'little') + (height - 1).to_bytes(3, 'little')
-    data = b'WEBP' + kind.encode() + struct.pack('<I', len(body)) + body
-    return b'RIFF' + struct.pack('<I', len(data)) + data
-
-
-def sample_bmp(width, height, core=False):
-    import struct
-    if core:
-        dib = struct.pack('<IHHHH', 12, width, height, 1, 24)
-    else:
-        dib = struct.pack('<IiiHHIIiiII', 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
-    row = b'\x40\x80\xc0' * width + b'\x00' * (-3 * width % 4)
-    pixels = row * abs(height)
-    return b'BM' + struct.pack('<IHHI', 14 + len(dib) + len(pixels), 0, 0, 14 + len(dib)) + dib + pixels
-
 
 class ImageHeaderTests(unittest.TestCase):
     """The header parsers over sample files, their truncations and hostile variants."""
