@@ -2,12 +2,17 @@
 # CI-sized runs of the fuzzer and the slow-client harness.
 PYTHON ?= python3
 
-.PHONY: test unit smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress
+.PHONY: test unit browser smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress
 
 test: compat smoke fuzz-ci slow-ci unit
 
 unit:
 	$(PYTHON) test_daemon.py
+
+# The gallery in headless chromium (selenium, chromium-driver, ImageMagick): about 20 s.  A
+# missing tool fails, it is not skipped.  Saves artifacts/gallery.png.
+browser:
+	$(PYTHON) test_browser.py
 
 # The card's promise of Python 3.9+: vermin is a dev-only tool (.ci/run installs it).
 compat:

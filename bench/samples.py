@@ -112,3 +112,45 @@ def sample_bmp(width, height, core=False):
     row = b'\x40\x80\xc0' * width + b'\x00' * (-3 * width % 4)
     pixels = row * abs(height)
     return b'BM' + struct.pack('<IHHI', 14 + len(dib) + len(pixels), 0, 0, 14 + len(dib)) + dib + pixels
+
+
+# Landscapes drawn by ImageMagick (`convert`), for the browser tests, the README's screenshot and
+# the gallery bench: a sky, a sun or moon, two mountain ranges, film grain (so the original has
+# a camera photo's weight), and a camera's EXIF thumbnail of the same picture.
+PALETTES = [('#ff9a5a', '#3a2a6a', '#ffe7a0', '#2a3b5c', '#1b2438'),
+            ('#8fd3f4', '#e0f4ff', '#fffbe0', '#4f7b5a', '#2e4a36'),
+            ('#f6d365', '#fda085', '#fff6d5', '#8a4f5d', '#4b2a3a'),
+            ('#0f2027', '#2c5364', '#e8ecf2', '#1d3440', '#0b161c'),
+            ('#a1c4fd', '#c2e9fb', '#ffffff', '#6b7fa8', '#3d4a6b'),
+            ('#ff7e5f', '#feb47b', '#fff1c1', '#6a3d5a', '#3a2038'),
+            ('#43cea2', '#185a9d', '#f0fff7', '#1f4d5e', '#0e2b38'),
+            ('#ffecd2', '#fcb69f', '#fffaf0', '#9a6b59', '#5c3d33')]
+
+
+def landscape_photo(path, seed, size=(1600, 1200), thumb=(320, 240), grain=0.5, orientation=None):
+    """Write a camera-like JPEG to path: a landscape, with its thumbnail in EXIF (IFD1)."""
+    import random
+    import subprocess
+    rng = random.Random(seed)
+    top, bottom, sun, far, near = PALETTES[seed % len(PALETTES)]
+    w, h = size
+
+    def ridge(base, jitter, steps):
+        points = ['0,%d' % h]
+        for i in range(steps + 1):
+            points.append('%d,%d' % (w * i // steps, int(h * (base + rng.uniform(-jitter, jitter)))))
+        return 'polygon ' + ' '.join(points + ['%d,%d' % (w, h)])
+    sx, sy, r = int(w * rng.uniform(0.15, 0.85)), int(h * rng.uniform(0.2, 0.45)), int(h * rng.uniform(0.05, 0.1))
+    args = ['convert', '-size', '%dx%d' % size, 'gradient:%s-%s' % (top, bottom),
+            '-fill', sun, '-draw', 'circle %d,%d %d,%d' % (sx, sy, sx, sy + r),
+            '-fill', far, '-draw', ridge(0.62, 0.14, rng.randrange(3, 7)),
+            '-fill', near, '-draw', ridge(0.82, 0.07, rng.randrange(3, 6))]
+    if grain:
+        args += ['-attenuate', str(grain), '+noise', 'Gaussian']
+    args += ['-quality', '90', 'jpeg:-']
+    original = subprocess.run(args, capture_output=True, check=True).stdout
+    small = subprocess.run(['convert', 'jpeg:-', '-thumbnail', '%dx%d' % thumb, '-strip', '-quality', '82',
+                            'jpeg:-'], input=original, capture_output=True, check=True).stdout
+    with open(path, 'wb') as f:
+        f.write(camera_jpeg(original, small, orientation))
+    return path
