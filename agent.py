@@ -45,8 +45,9 @@ Files
 Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not running"...).
 A master whose workers fail at boot MAX_BOOT_FAILURES times in a row halts with status 1.
 
-Sections of this file, in order: defaults and limits; HTTP, pure logic; files; a connection;
-a worker; the master (Agent); the command line.
+Sections of this file, in order: defaults and limits; HTTP, pure logic; images (dimensions and
+embedded thumbnails); the gallery page; files; a connection; a worker; the master (Agent); the
+command line.
 
 HTTP (RFC 9110, 9112)
 ---------------------
@@ -56,7 +57,9 @@ If-Range, If-None-Match (wins over If-Modified-Since), 304 (with the validators 
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
 comes; every other response has Date, Server, Content-Length, Content-Type).  Out of file
 descriptors a file is 503, never a 404.  Directories: 301 to the slashed
-URL, index.html, else a gallery page of thumbnails.  Limits (flags in parentheses):
+URL, index.html, else a gallery page (200 entries a page, ?page=N, ?sort=name|date|size,
+?format=json or Accept: application/json; a weak ETag).  `image.jpg?thumb` is the EXIF
+thumbnail embedded in a JPEG (404 if none).  Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
     header timeout           10 s (--header-timeout): the whole head must arrive in time
