@@ -2,12 +2,17 @@
 # CI-sized runs of the fuzzer and the slow-client harness.
 PYTHON ?= python3
 
-.PHONY: test unit smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls
+.PHONY: test unit browser smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls
 
 test: compat smoke fuzz-ci slow-ci unit
 
 unit:
 	$(PYTHON) test_daemon.py
+
+# The gallery in headless chromium (selenium, chromium-driver, ImageMagick): about 20 s.  A
+# missing tool fails, it is not skipped.  Saves artifacts/gallery.png.
+browser:
+	$(PYTHON) test_browser.py
 
 # The card's promise of Python 3.9+: vermin is a dev-only tool (.ci/run installs it).
 compat:
@@ -41,10 +46,10 @@ bench:
 # Request fuzzing: 200k cases against the parser in-process, then 20000 over the network to a
 # running agent.  The seed is printed; --seed S --replay I replays one case.
 fuzz:
-	$(PYTHON) bench/fuzz.py --in-process 200000 --cases 20000
+	$(PYTHON) bench/fuzz.py --in-process 200000 --images 500000 --cases 20000
 
 fuzz-ci:
-	$(PYTHON) bench/fuzz.py --seed 1 --in-process 20000 --cases 2000 --max-time 240
+	$(PYTHON) bench/fuzz.py --seed 1 --in-process 20000 --images 50000 --cases 2000 --max-time 240
 
 # 300 slowloris connections and 20 slow readers for 20 s while ordinary requests are timed,
 # then slowhttptest if it is installed.

@@ -47,8 +47,9 @@ Files
 Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not running"...).
 A master whose workers fail at boot MAX_BOOT_FAILURES times in a row halts with status 1.
 
-Sections of this file, in order: defaults and limits; HTTP, pure logic; files; a connection;
-HTTPS (TLS); a worker; the master (Agent); the command line.
+Sections of this file, in order: defaults and limits; HTTP, pure logic; images (dimensions and
+embedded thumbnails); the gallery page; files; a connection; HTTPS (TLS); a worker; the master
+(Agent); the command line.
 
 HTTPS
 -----
@@ -74,7 +75,9 @@ If-Range, If-None-Match (wins over If-Modified-Since), 304 (with the validators 
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
 comes; every other response has Date, Server, Content-Length, Content-Type).  Out of file
 descriptors a file is 503, never a 404.  Directories: 301 to the slashed
-URL, index.html, else a gallery page of thumbnails.  Limits (flags in parentheses):
+URL, index.html, else a gallery page (200 entries a page, ?page=N, ?sort=name|date|size,
+?format=json or Accept: application/json; a weak ETag).  `image.jpg?thumb` is the EXIF
+thumbnail embedded in a JPEG (404 if none).  Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
     header timeout           10 s (--header-timeout): the whole head must arrive in time
@@ -90,8 +93,11 @@ above the root are refused (400); dot files are hidden (404); a symlink leading 
 
 import _socket
 import argparse
+import base64
 import errno
+import hashlib
 import ipaddress
+import json
 import mimetypes
 import os
 import re
@@ -636,36 +642,6 @@ def escape_html(text):
             .replace('"', '&quot;').replace("'", '&#x27;'))
 
 
-def gallery_page(url_path, names):
-    """The HTML page for a directory without index.html: images as lazy thumbnails, then links.
-
-    `names` are (name, is_directory) pairs.  Every name is URL-quoted in links and HTML-escaped
-    in text, so a file called <script>.jpg stays a file name.
-    """
-    title = escape_html('Index of ' + url_path)
-    images, others = [], []
-    for name, is_dir in sorted(names, key=lambda item: (not item[1], item[0])):
-        href = escape_html(urllib.parse.quote(name) + ('/' if is_dir else ''))
-        text = escape_html(name + ('/' if is_dir else ''))
-        if not is_dir and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-            images.append('<figure><a href="%s"><img src="%s" alt="%s" loading="lazy"></a>'
-                          '<figcaption>%s</figcaption></figure>' % (href, href, text, text))
-        else:
-            others.append('<li><a href="%s">%s</a></li>' % (href, text))
-    parts = ['<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>%s</title>' % title,
-             '<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;'
-             'text-align:center}img{max-width:200px;max-height:200px}'
-             'figcaption{font-size:small;max-width:200px;overflow-wrap:anywhere}</style>',
-             '</head><body><h1>%s</h1>' % title]
-    if url_path != '/':
-        parts.append('<p><a href="../">Parent directory</a></p>')
-    if others:
-        parts.append('<ul>%s</ul>' % ''.join(others))
-    parts.append('<div>%s</div>' % ''.join(images))
-    parts.append('</body></html>\n')
-    return ''.join(parts).encode('utf-8')
-
-
 def connection_field(keep_alive, version):
     """The Connection header that says what the server will do after this response: the one
     place that decides it.  HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0
@@ -689,6 +665,712 @@ def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_o
     head = response_head(status, date, b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
                          % len(body) + headers, keep_alive, version, common)
     return head if head_only else head + body
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: dimensions and embedded thumbnails, read from the headers, never decoded
+# ---------------------------------------------------------------------------------------------
+#
+# The parsers are pure functions over the first IMAGE_HEAD (72 KiB) bytes of a file.  A JPEG whose
+# frame header (SOF) lies beyond them is followed segment by segment with at most JPEG_HOPS
+# more reads of JPEG_HOP bytes.  So a file costs 88 KiB of reads at most, however
+# hostile or truncated, and a parser that meets anything it does not expect returns what it
+# has found so far: no exception leaves image_info().
+
+IMAGE_HEAD = 73728            # 72 KiB: the largest EXIF segment (64 KiB) and what precedes it
+JPEG_HOP = 4096
+JPEG_HOPS = 4
+MAX_DIMENSION = 1 << 20         # a header claiming more is not believed
+IMAGE_INFO_CACHE = 20000        # ImageInfo per worker, by (dev, ino, mtime_ns, ctime_ns)
+JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # DHT, JPG and DAC are not frames
+# Types a browser shows in <img>; others (HEIC, TIFF, JXL, compressed SVG) are file links.
+GRID_SUFFIXES = frozenset(['.jpg', '.jpeg', '.jpe', '.png', '.apng', '.gif', '.webp', '.avif',
+                           '.svg', '.bmp', '.ico'])
+SVG_TAG = re.compile(rb'<svg\b([^>]{0,4096})>', re.I)
+SVG_LENGTH = re.compile(r'^\s*([0-9]{1,7}(?:\.[0-9]{0,6})?)\s*(px)?\s*$')
+
+
+class ImageInfo:
+    """What the headers say: pixel size as shown (EXIF orientation applied), the orientation,
+    and where an embedded JPEG thumbnail lies in the file (offset, length), if anywhere."""
+
+    __slots__ = ('kind', 'width', 'height', 'orientation', 'thumb', 'resume')
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.width = self.height = None
+        self.orientation = 1
+        self.thumb = None
+        self.resume = None      # JPEG: the file offset where the segment walk goes on
+
+    def size(self, width, height):
+        if 0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION:
+            self.width, self.height = width, height
+
+    def shown_size(self):
+        """(width, height) as displayed: orientations 5-8 turn the picture a quarter."""
+        if self.width is None:
+            return None, None
+        if self.orientation >= 5:
+            return self.height, self.width
+        return self.width, self.height
+
+    def __repr__(self):
+        return 'ImageInfo(%s %sx%s o%d thumb=%r)' % (self.kind, self.width, self.height,
+                                                      self.orientation, self.thumb)
+
+
+def _u16(data, pos, order='>'):
+    return int.from_bytes(data[pos:pos + 2], 'big' if order == '>' else 'little')
+
+
+def _u32(data, pos, order='>'):
+    return int.from_bytes(data[pos:pos + 4], 'big' if order == '>' else 'little')
+
+
+def image_info(head, name=''):
+    """ImageInfo from a file's first bytes (by its signature; SVG also by its name), or None.
+
+    Never raises on any input: a parser that fails keeps what it found."""
+    info = None
+    try:
+        if head[:3] == b'\xff\xd8\xff':
+            info = ImageInfo('jpeg')
+            scan_jpeg(info, head, 0)
+        elif head[:8] == b'\x89PNG\r\n\x1a\n':
+            info = ImageInfo('png')
+            if head[12:16] == b'IHDR':
+                info.size(_u32(head, 16), _u32(head, 20))
+        elif head[:6] in (b'GIF87a', b'GIF89a'):
+            info = ImageInfo('gif')
+            info.size(_u16(head, 6, '<'), _u16(head, 8, '<'))
+        elif head[:4] == b'RIFF' and head[8:12] == b'WEBP':
+            info = ImageInfo('webp')
+            webp_size(info, head)
+        elif head[:2] == b'BM' and len(head) >= 26:
+            info = ImageInfo('bmp')
+            if _u32(head, 14, '<') == 12:                   # BITMAPCOREHEADER (OS/2)
+                info.size(_u16(head, 18, '<'), _u16(head, 20, '<'))
+            else:                                           # height < 0: stored top-down
+                info.size(abs(int.from_bytes(head[18:22], 'little', signed=True)),
+                          abs(int.from_bytes(head[22:26], 'little', signed=True)))
+        elif head[:4] == b'\x00\x00\x01\x00' and len(head) >= 8:
+            info = ImageInfo('ico')                         # the first image: 0 means 256
+            info.size(head[6] or 256, head[7] or 256)
+        elif name.lower().endswith('.svg'):
+            info = ImageInfo('svg')
+            svg_size(info, head)
+    except (IndexError, ValueError, OverflowError):
+        pass
+    return info
+
+
+def scan_jpeg(info, data, base):
+    """Walk JPEG segments in data (the file's bytes from offset base) until the frame header.
+
+    Reads the EXIF APP1 segment on the way (orientation, IFD1 thumbnail).  Sets info.resume to
+    the file offset of the next segment if it lies beyond data, else None."""
+    info.resume = None
+    pos = 2 if base == 0 else 0
+    end = len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return                              # not a marker: corrupt, stop here
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1                            # fill byte
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            pos += 2                            # markers without a length
+            continue
+        if marker in (0xD9, 0xDA):
+            return                              # end of image, or scan data before any frame
+        length = _u16(data, pos + 2)
+        if length < 2:
+            return
+        body = pos + 4
+        if marker in JPEG_SOF:
+            if body + 5 <= end:
+                info.size(_u16(data, body + 3), _u16(data, body + 1))
+            return
+        if marker == 0xE1 and data[body:body + 6] == b'Exif\x00\x00' and info.thumb is None:
+            read_exif(info, data, body + 6, min(end, pos + 2 + length), base)
+        pos += 2 + length
+    info.resume = base + pos
+
+
+def read_exif(info, data, tiff, end, base):
+    """EXIF (a TIFF structure at data[tiff:end]): IFD0's Orientation, IFD1's JPEG thumbnail."""
+    order = {b'II': '<', b'MM': '>'}.get(data[tiff:tiff + 2])
+    if order is None or _u16(data, tiff + 2, order) != 42:
+        return
+    ifd1 = None
+    offset = _u32(data, tiff + 4, order)
+    for ifd in (0, 1):
+        start = tiff + offset
+        if offset < 8 or start + 2 > end:
+            return
+        count = _u16(data, start, order)
+        fields = {}
+        for i in range(min(count, (end - start - 2) // 12)):
+            entry = start + 2 + 12 * i
+            tag, kind = _u16(data, entry, order), _u16(data, entry + 2, order)
+            # SHORT values sit in the first two bytes of the value field, LONG in all four
+            fields[tag] = _u16(data, entry + 8, order) if kind == 3 else _u32(data, entry + 8, order)
+        if ifd == 0:
+            if 1 <= fields.get(0x0112, 1) <= 8:
+                info.orientation = fields.get(0x0112, 1)
+            next_at = start + 2 + 12 * count
+            if next_at + 4 > end:
+                return
+            offset = _u32(data, next_at, order)
+            if offset == 0 or tiff + offset == start:
+                return
+        else:
+            ifd1 = fields
+    where, length = ifd1.get(0x0201), ifd1.get(0x0202)
+    if where and length and ifd1.get(0x0103, 6) == 6 and tiff + where + length <= end \
+            and data[tiff + where:tiff + where + 2] == b'\xff\xd8':
+        info.thumb = (base + tiff + where, length)
+
+
+def webp_size(info, head):
+    chunk = head[12:16]
+    if chunk == b'VP8 ' and head[23:26] == b'\x9d\x01\x2a':             # lossy: a key frame
+        info.size(_u16(head, 26, '<') & 0x3FFF, _u16(head, 28, '<') & 0x3FFF)
+    elif chunk == b'VP8L' and head[20:21] == b'\x2f':                   # lossless
+        bits = _u32(head, 21, '<')
+        info.size((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+    elif chunk == b'VP8X' and len(head) >= 30:                          # extended: the canvas
+        info.size(int.from_bytes(head[24:27], 'little') + 1, int.from_bytes(head[27:30], 'little') + 1)
+
+
+def svg_attribute(attributes, name):
+    match = re.search(r'(?<![\w:.-])%s\s*=\s*(["\'])([^"\'<>]{0,200})\1' % name, attributes)
+    return match.group(2) if match else None
+
+
+def svg_size(info, head):
+    """width and height in pixels (or unitless), else from the viewBox, the other by aspect."""
+    match = SVG_TAG.search(head)
+    if match is None:
+        return
+    attributes = match.group(1).decode('utf-8', 'replace')
+    lengths = []
+    for name in ('width', 'height'):
+        value = svg_attribute(attributes, name)
+        found = SVG_LENGTH.match(value) if value is not None else None
+        lengths.append(float(found.group(1)) if found else None)
+    width, height = lengths
+    box = svg_attribute(attributes, 'viewBox')
+    if box is not None:
+        parts = box.replace(',', ' ').split()
+        try:
+            box_w, box_h = float(parts[2]), float(parts[3])
+        except (IndexError, ValueError):
+            box_w = box_h = 0.0
+        if box_w > 0 and box_h > 0 and box_w < 1e9 and box_h < 1e9:
+            if width is None and height is None:
+                width, height = box_w, box_h
+            elif width is None:
+                width = height * box_w / box_h
+            elif height is None:
+                height = width * box_h / box_w
+    if width and height:
+        info.size(int(round(width)), int(round(height)))
+
+
+def orientation_segment(orientation):
+    """A minimal EXIF APP1 segment holding only Orientation: put into a thumbnail, it makes a
+    browser turn the thumbnail as the original is turned (image-orientation: from-image)."""
+    exif = (b'Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x01'
+            b'\x01\x12\x00\x03\x00\x00\x00\x01' + orientation.to_bytes(2, 'big') + b'\x00\x00'
+            b'\x00\x00\x00\x00')
+    return b'\xff\xe1' + (len(exif) + 2).to_bytes(2, 'big') + exif
+
+
+def thumbnail_bytes(info, data):
+    """The bytes to serve for a thumbnail read from info.thumb, or None if they are no JPEG."""
+    if len(data) < 4 or data[:2] != b'\xff\xd8':
+        return None
+    if info.orientation != 1:
+        return data[:2] + orientation_segment(info.orientation) + data[2:]
+    return data
+
+
+def read_image_info(fd, name):
+    """ImageInfo of an open file: one bounded read, and a few more for a long JPEG head."""
+    head = os.pread(fd, IMAGE_HEAD, 0)
+    info = image_info(head, name)
+    hops = 0
+    while info is not None and info.resume is not None and hops < JPEG_HOPS:
+        hops += 1
+        data = os.pread(fd, JPEG_HOP, info.resume)
+        if len(data) < 4:
+            break
+        try:
+            scan_jpeg(info, data, info.resume)
+        except (IndexError, ValueError):
+            break
+    if info is not None:
+        info.resume = None
+    return info
+
+
+class ImageInfoCache:
+    """ImageInfo by (dev, ino, mtime_ns, ctime_ns): a revisit reads no file again.  A file
+    changed in any way has a new ctime, so a new key; old keys age out (first in, first out)."""
+
+    def __init__(self, size=IMAGE_INFO_CACHE):
+        self.size = size
+        self.infos = {}
+
+    def get(self, path, st, name, fd=None, opener=None):
+        """The ImageInfo (or None) of a regular file; unless fd is given, path is opened with
+        opener (Worker.open_checked: a descriptor checked to be in the root, and its stat)."""
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        try:
+            return self.infos[key]
+        except KeyError:
+            pass
+        own = fd is None
+        try:
+            if own:
+                fd = opener(path)[0]
+            try:
+                opened = os.fstat(fd)
+                if (opened.st_dev, opened.st_ino) != key[:2] or not stat.S_ISREG(opened.st_mode):
+                    return None                 # replaced since the listing: next time
+                info = read_image_info(fd, name)
+            finally:
+                if own:
+                    os.close(fd)
+        except (OSError, ValueError, HTTPError):
+            return None                         # unreadable, gone, or outside the root
+        if len(self.infos) >= self.size:
+            del self.infos[next(iter(self.infos))]
+        self.infos[key] = info
+        return info
+
+
+# ---------------------------------------------------------------------------------------------
+# The gallery page: a directory listed as a grid of thumbnails, pure logic
+# ---------------------------------------------------------------------------------------------
+#
+# The worker scans a directory into (name, is_dir, stat) entries and reads the image headers of
+# the entries on the page (ImageInfoCache); everything else here is a pure function of those:
+# which entries are listed (gallery_listing), in which order and on which page, the page's weak
+# ETag, its HTML (gallery_page) and the same listing as JSON (gallery_json).
+#
+# Listed: entries whose link the server itself answers: dot files, FIFOs and other special
+# files, and names that cannot travel in a URL path (not UTF-8, control characters, a
+# backslash: see normalize_path) are left out; the page says how many.
+
+GALLERY_PAGE_SIZE = 200
+GALLERY_SORTS = ('name', 'date', 'size')
+GALLERY_VERSION = 1             # part of every page's ETag: change it when the markup changes
+NATURAL_CHUNKS = re.compile(r'(\d+)')
+
+GALLERY_STYLE = """
+:root{color-scheme:light dark;--bg:#f6f6f4;--fg:#1c1c1e;--muted:#6b6b70;--card:#fff;--line:#e2e2e0;
+--accent:#0b62c4;--chip:#ebebea}
+@media (prefers-color-scheme:dark){:root{--bg:#111113;--fg:#ececef;--muted:#9c9ca3;--card:#1c1c1f;
+--line:#2c2c31;--accent:#74b4ff;--chip:#26262b}}
+*{box-sizing:border-box}
+body{margin:0;padding:20px clamp(12px,3vw,36px) 40px;background:var(--bg);color:var(--fg);
+font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans",sans-serif}
+a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
+h1{font-size:1.4rem;font-weight:650;margin:0 0 6px;overflow-wrap:anywhere}
+h1 a{color:inherit}h1 span{color:var(--muted);font-weight:400;margin:0 .3em}
+.bar{display:flex;flex-wrap:wrap;align-items:center;gap:6px 18px;color:var(--muted);font-size:.875rem;
+margin:0 0 18px}
+.sort a,.sort strong{display:inline-block;padding:2px 11px;margin-left:4px;border-radius:99px;
+background:var(--chip);color:var(--fg)}
+.sort strong{background:var(--fg);color:var(--bg);font-weight:500}
+.dirs{list-style:none;display:flex;flex-wrap:wrap;gap:8px;padding:0;margin:0 0 18px}
+.dirs a{display:block;padding:7px 14px 7px 12px;border-radius:8px;background:var(--card);
+border:1px solid var(--line);color:var(--fg);font-weight:500}
+.dirs a:before{content:"";display:inline-block;width:16px;height:11px;margin-right:8px;
+border-radius:2px 3px 3px 3px;background:var(--accent);opacity:.75;vertical-align:-1px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(172px,1fr));gap:14px;margin:0 0 24px}
+figure{margin:0;background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden}
+figure a{display:block;aspect-ratio:4/3;background:var(--chip)}
+figure img{display:block;width:100%;height:100%;object-fit:cover}
+figcaption{padding:7px 10px 9px;font-size:.8rem;line-height:1.35}
+figcaption strong{display:block;font-weight:500;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+figcaption span{color:var(--muted)}
+table{border-collapse:collapse;width:100%;font-size:.875rem;margin:0 0 24px}
+td{padding:6px 10px;border-top:1px solid var(--line)}
+td:first-child{overflow-wrap:anywhere}td+td{color:var(--muted);white-space:nowrap}
+.pages{display:flex;flex-wrap:wrap;justify-content:center;gap:6px;margin:8px 0 16px}
+.pages a,.pages strong{min-width:36px;padding:5px 10px;text-align:center;border-radius:8px;
+background:var(--chip);color:var(--fg)}
+.pages strong{background:var(--fg);color:var(--bg)}
+.note{color:var(--muted);font-size:.8rem}
+#lb{position:fixed;inset:0;z-index:9;display:flex;align-items:center;justify-content:center;
+background:rgba(8,8,10,.94);touch-action:pan-y}
+#lb[hidden]{display:none}
+#lb img{max-width:100vw;max-height:calc(100vh - 52px);object-fit:contain}
+#lb p{position:absolute;left:0;right:0;bottom:0;margin:0;padding:14px;text-align:center;color:#ddd;
+font-size:.85rem}
+#lb button{position:absolute;width:46px;height:46px;border:0;border-radius:50%;cursor:pointer;
+background:rgba(255,255,255,.14);color:#fff;font:28px/46px sans-serif}
+#lb .prev{left:14px;top:calc(50% - 23px)}#lb .next{right:14px;top:calc(50% - 23px)}
+#lb .close{right:14px;top:14px}
+@media (max-width:520px){.grid{grid-template-columns:repeat(2,1fr);gap:8px}figcaption{font-size:.75rem}}
+"""
+
+GALLERY_SCRIPT = """
+(function () {
+  var links = Array.prototype.slice.call(document.querySelectorAll('a.g'));
+  if (!links.length) return;
+  var box = document.createElement('div'), img = new Image(), text = document.createElement('p');
+  var current = -1, x0 = null;
+  function button(cls, label, title, action) {
+    var b = document.createElement('button');
+    b.className = cls; b.textContent = label; b.title = title; b.type = 'button';
+    b.addEventListener('click', function (e) { e.stopPropagation(); action(); });
+    box.appendChild(b);
+  }
+  box.id = 'lb'; box.setAttribute('hidden', ''); box.setAttribute('role', 'dialog');
+  img.alt = '';
+  box.appendChild(img); box.appendChild(text);
+  button('prev', '\\u2039', 'Previous (\\u2190)', function () { show(current - 1); });
+  button('next', '\\u203a', 'Next (\\u2192)', function () { show(current + 1); });
+  button('close', '\\u00d7', 'Close (Esc)', hide);
+  document.body.appendChild(box);
+  function show(i) {
+    current = (i + links.length) % links.length;
+    var a = links[current], caption = a.parentNode.querySelector('figcaption');
+    img.src = a.href;
+    text.textContent = (caption ? caption.textContent : '') + '  (' + (current + 1) + ' / ' + links.length + ')';
+    box.removeAttribute('hidden');
+    new Image().src = links[(current + 1) % links.length].href;
+  }
+  function hide() { box.setAttribute('hidden', ''); current = -1; img.removeAttribute('src'); }
+  links.forEach(function (a, i) {
+    a.addEventListener('click', function (e) {
+      if (e.button || e.ctrlKey || e.metaKey || e.shiftKey || e.altKey) return;
+      e.preventDefault(); show(i);
+    });
+  });
+  document.addEventListener('keydown', function (e) {
+    if (current < 0) return;
+    if (e.key === 'Escape') hide();
+    else if (e.key === 'ArrowRight') show(current + 1);
+    else if (e.key === 'ArrowLeft') show(current - 1);
+    else return;
+    e.preventDefault();
+  });
+  box.addEventListener('click', function (e) { if (e.target === box) hide(); });
+  box.addEventListener('touchstart', function (e) { x0 = e.changedTouches[0].clientX; }, {passive: true});
+  box.addEventListener('touchend', function (e) {
+    if (x0 === null) return;
+    var dx = e.changedTouches[0].clientX - x0;
+    x0 = null;
+    if (Math.abs(dx) > 40) show(current + (dx < 0 ? 1 : -1));
+  });
+})();
+"""
+
+
+def csp_hash(text):
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode('utf-8')).digest()).decode('ascii')
+
+
+# The page's own policy: nothing but its inline style and script (by hash, so a cached page
+# stays valid), images from this server, and no way to load or send anything elsewhere.
+GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "
+               "base-uri 'none'; form-action 'none'" % (csp_hash(GALLERY_STYLE), csp_hash(GALLERY_SCRIPT)))
+GALLERY_ICON = ('data:image/svg+xml,%3Csvg xmlns=%22http://www.w3.org/2000/svg%22 viewBox=%220 0 16 16%22%3E'
+                '%3Crect width=%2216%22 height=%2216%22 rx=%223%22 fill=%22%230b62c4%22/%3E%3Cpath d=%22M2 '
+                '13l4-5 3 3 2-2 3 4z%22 fill=%22%23fff%22/%3E%3Ccircle cx=%2211%22 cy=%225%22 r=%221.6%22 '
+                'fill=%22%23fff%22/%3E%3C/svg%3E')
+
+
+def parse_query(query):
+    """A query string (bytes) as {name: value}: the first of a repeated name wins, pieces that
+    are not UTF-8 are dropped, '+' is a space.  Never raises."""
+    params = {}
+    for piece in query.split(b'&'):
+        name, _, value = piece.partition(b'=')
+        try:
+            name = urllib.parse.unquote_to_bytes(name.replace(b'+', b' ')).decode('utf-8')
+            value = urllib.parse.unquote_to_bytes(value.replace(b'+', b' ')).decode('utf-8')
+        except UnicodeDecodeError:
+            continue
+        if name:
+            params.setdefault(name, value)
+    return params
+
+
+def accept_prefers_json(accept):
+    """Whether an Accept header asks for application/json rather than HTML.  Ties go to HTML
+    when both are named; a wildcard loses to a type named outright."""
+    json_q = html_q = 0.0
+    for item in accept.split(','):
+        kind, *parameters = item.split(';')
+        kind = kind.strip().lower()
+        q = 1.0
+        for parameter in parameters:
+            key, _, value = parameter.partition('=')
+            if key.strip().lower() == 'q':
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        if kind == 'application/json':
+            json_q = max(json_q, q)
+        elif kind == 'text/html':
+            html_q = max(html_q, q)
+        elif kind in ('*/*', 'text/*'):
+            html_q = max(html_q, q * 0.999)
+    return json_q > html_q
+
+
+def gallery_options(query, accept=''):
+    """(sort, page, format) from the query string and Accept; anything unknown or malformed
+    is ignored and gives the default (name, 1, html): a query never causes an error."""
+    params = parse_query(query) if query else {}
+    sort = params.get('sort', 'name')
+    if sort not in GALLERY_SORTS:
+        sort = 'name'
+    page = params.get('page', '1')
+    page = int(page) if page.isdigit() and page.isascii() and len(page) <= 9 else 1
+    fmt = params.get('format')
+    if fmt not in ('html', 'json'):
+        fmt = 'json' if accept and accept_prefers_json(accept) else 'html'
+    return sort, max(page, 1), fmt
+
+
+_LINKABLE = {}
+
+
+def linkable(name):
+    """Whether the link the page gives to name is answered with that very entry: the quoted
+    name run through normalize_path, the server's own rule, comes back unchanged."""
+    known = _LINKABLE.get(name)
+    if known is None:
+        try:
+            known = normalize_path(b'/' + urllib.parse.quote(name).encode('ascii')) == (name, False)
+        except (HTTPError, UnicodeError):
+            known = False
+        if len(_LINKABLE) >= 65536:
+            _LINKABLE.clear()
+        _LINKABLE[name] = known
+    return known
+
+
+_NATURAL = {}
+
+
+def natural_key(name):
+    """img2 before img10: digit runs compare as numbers, the rest without case."""
+    key = _NATURAL.get(name)
+    if key is None:
+        parts = NATURAL_CHUNKS.split(name.casefold())
+        parts[1::2] = [int(digits) for digits in parts[1::2]]
+        key = (parts, name)
+        if len(_NATURAL) >= 65536:
+            _NATURAL.clear()
+        _NATURAL[name] = key
+    return key
+
+
+class GalleryEntry:
+    __slots__ = ('name', 'is_dir', 'st', 'kind')
+
+    def __init__(self, name, is_dir, st, kind):
+        self.name, self.is_dir, self.st, self.kind = name, is_dir, st, kind
+
+
+class GalleryListing:
+    """One page of a directory: its entries in order, and counts over all pages."""
+
+    def __init__(self, entries, sort, page, pages, dirs, images, files, unlisted):
+        self.entries = entries
+        self.sort, self.page, self.pages = sort, page, pages
+        self.dirs, self.images, self.files, self.unlisted = dirs, images, files, unlisted
+
+
+def gallery_kind(name, is_dir):
+    if is_dir:
+        return 'dir'
+    return 'image' if os.path.splitext(name)[1].lower() in GRID_SUFFIXES else 'file'
+
+
+def gallery_listing(entries, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
+    """The listed entries of (name, is_dir, stat) triples, sorted (folders first), cut to a page
+    (a page past the last is the last).  name may be bytes or str (os.fsdecode'd)."""
+    listed, unlisted = [], 0
+    counts = {'dir': 0, 'image': 0, 'file': 0}
+    for name, is_dir, st in entries:
+        if isinstance(name, bytes):
+            name = os.fsdecode(name)
+        if name.startswith('.'):
+            continue                                    # hidden, not merely unlisted
+        if not is_dir and (st is None or not stat.S_ISREG(st.st_mode)) or not linkable(name):
+            unlisted += 1
+            continue
+        kind = gallery_kind(name, is_dir)
+        counts[kind] += 1
+        listed.append(GalleryEntry(name, is_dir, st, kind))
+    if sort == 'date':
+        listed.sort(key=lambda e: (not e.is_dir, -(e.st.st_mtime_ns if e.st else 0), natural_key(e.name)))
+    elif sort == 'size':
+        listed.sort(key=lambda e: (not e.is_dir, 0 if e.is_dir or e.st is None else -e.st.st_size,
+                                   natural_key(e.name)))
+    else:
+        listed.sort(key=lambda e: (not e.is_dir, natural_key(e.name)))
+    pages = max(1, -(-len(listed) // page_size))
+    page = min(max(page, 1), pages)
+    shown = listed[(page - 1) * page_size:page * page_size]
+    return GalleryListing(shown, sort, page, pages, counts['dir'], counts['image'], counts['file'], unlisted)
+
+
+def gallery_etag(dir_st, url_path, listing, fmt):
+    """A weak ETag from everything the page is made of: the directory's own stat, the query,
+    the counts, and each shown entry's name and (dev, ino, size, mtime, ctime).  Image sizes
+    come from the files, whose ctime changes with any write, so they need not be read."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(repr((GALLERY_VERSION, fmt, url_path, listing.sort, listing.page, listing.pages,
+                   listing.dirs, listing.images, listing.files, listing.unlisted,
+                   (dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)))
+             .encode('utf-8', 'surrogateescape'))
+    for e in listing.entries:
+        st = e.st
+        h.update(('\0%s\0%d' % (e.name, e.is_dir)).encode('utf-8', 'surrogateescape'))
+        if st is not None:
+            h.update(b'%d %d %d %d %d' % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return 'W/"%s"' % h.hexdigest()
+
+
+def human_size(size):
+    if size < 1000:
+        return '%d B' % size
+    for unit in ('kB', 'MB', 'GB', 'TB'):
+        size /= 1000.0
+        if size < 999.5 or unit == 'TB':
+            return ('%.1f %s' if size < 99.95 else '%.0f %s') % (size, unit)
+
+
+def short_date(timestamp):
+    t = time.gmtime(max(0, timestamp))
+    return '%04d-%02d-%02d %02d:%02d' % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min)
+
+
+def gallery_href(sort, page):
+    """The link to a page of this listing: './' is the default one."""
+    parts = []
+    if sort != 'name':
+        parts.append('sort=' + sort)
+    if page != 1:
+        parts.append('page=%d' % page)
+    return '?' + '&'.join(parts) if parts else './'
+
+
+def gallery_thumbnail(name, info):
+    """(src, width, height) of an image's grid picture: its embedded thumbnail if it has one."""
+    href = urllib.parse.quote(name)
+    if info is None:
+        return href, None, None
+    width, height = info.shown_size()
+    return (href + '?thumb' if info.thumb else href), width, height
+
+
+def gallery_page(url_path, listing, infos=None):
+    """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
+    without sizes).  Every name is HTML-escaped in text and URL-quoted in links."""
+    infos = infos or {}
+    crumbs = [p for p in url_path.split('/') if p]
+    title = escape_html(crumbs[-1] if crumbs else 'Home')
+    heading = ['<a href="/">Home</a>']
+    for i, part in enumerate(crumbs):
+        href = escape_html('/' + '/'.join(urllib.parse.quote(p) for p in crumbs[:i + 1]) + '/')
+        heading.append('<span>/</span>' + ('<a href="%s">%s</a>' % (href, escape_html(part))
+                                           if i < len(crumbs) - 1 else escape_html(part)))
+    counts = []
+    for number, one, many in ((listing.images, 'image', 'images'), (listing.dirs, 'folder', 'folders'),
+                              (listing.files, 'file', 'files')):
+        if number:
+            counts.append('%d %s' % (number, one if number == 1 else many))
+    if listing.pages > 1:
+        counts.append('page %d of %d' % (listing.page, listing.pages))
+    sorts = ''.join(('<strong>%s</strong>' if s == listing.sort else '<a href="%s">%%s</a>' % gallery_href(s, 1)) % s
+                    for s in GALLERY_SORTS)
+    out = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+           '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+           '<meta name="color-scheme" content="light dark">\n'
+           '<title>%s</title>\n<link rel="icon" href="%s">\n<style>%s</style>\n</head><body>\n'
+           % (title, GALLERY_ICON, GALLERY_STYLE),
+           '<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
+           '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts)]
+    dirs = [e for e in listing.entries if e.kind == 'dir']
+    images = [e for e in listing.entries if e.kind == 'image']
+    files = [e for e in listing.entries if e.kind == 'file']
+    if dirs:
+        out.append('<ul class="dirs">%s</ul>\n' % ''.join(
+            '<li><a href="%s/">%s</a></li>' % (escape_html(urllib.parse.quote(e.name)), escape_html(e.name))
+            for e in dirs))
+    if images:
+        out.append('<main class="grid">\n')
+        for e in images:
+            src, width, height = gallery_thumbnail(e.name, infos.get(e.name))
+            size = ' width="%d" height="%d"' % (width, height) if width else ''
+            details = ['%d \u00d7 %d' % (width, height)] if width else []
+            details += [human_size(e.st.st_size), short_date(e.st.st_mtime)]
+            name = escape_html(e.name)
+            out.append('<figure><a class="g" href="%s"><img src="%s"%s alt="%s" loading="lazy" '
+                       'decoding="async"></a><figcaption><strong>%s</strong><span>%s</span></figcaption></figure>\n'
+                       % (escape_html(urllib.parse.quote(e.name)), escape_html(src), size, name, name,
+                          ' \u00b7 '.join(details)))
+        out.append('</main>\n')
+    if files:
+        out.append('<table>%s</table>\n' % ''.join(
+            '<tr><td><a href="%s">%s</a></td><td>%s</td><td>%s</td></tr>'
+            % (escape_html(urllib.parse.quote(e.name)), escape_html(e.name), human_size(e.st.st_size),
+               short_date(e.st.st_mtime)) for e in files))
+    if listing.pages > 1:
+        links = []
+        if listing.page > 1:
+            links.append('<a href="%s" rel="prev">\u2039 Prev</a>' % gallery_href(listing.sort, listing.page - 1))
+        for number in range(1, listing.pages + 1):
+            if abs(number - listing.page) <= 3 or number in (1, listing.pages):
+                links.append('<strong>%d</strong>' % number if number == listing.page else
+                             '<a href="%s">%d</a>' % (gallery_href(listing.sort, number), number))
+            elif links[-1] != '\u2026':
+                links.append('\u2026')
+        if listing.page < listing.pages:
+            links.append('<a href="%s" rel="next">Next \u203a</a>' % gallery_href(listing.sort, listing.page + 1))
+        out.append('<nav class="pages">%s</nav>\n' % ''.join(links))
+    notes = ['Times in UTC.']
+    if listing.unlisted:
+        notes.append('%d %s not listed: special files, or names that cannot be linked (not UTF-8, '
+                     'control characters, backslashes).'
+                     % (listing.unlisted, 'entry is' if listing.unlisted == 1 else 'entries are'))
+    out.append('<p class="note">%s</p>\n<script>%s</script>\n</body></html>\n' % (' '.join(notes), GALLERY_SCRIPT))
+    return ''.join(out).encode('utf-8')
+
+
+def gallery_json(url_path, listing, infos=None):
+    """The same listing for scripts: name, url, type, size, mtime, width, height, thumbnail."""
+    infos = infos or {}
+    entries = []
+    for e in listing.entries:
+        href = urllib.parse.quote(e.name) + ('/' if e.is_dir else '')
+        item = {'name': e.name, 'url': href, 'type': 'directory' if e.is_dir else content_type(e.name),
+                'size': None if e.is_dir else e.st.st_size, 'mtime': int(e.st.st_mtime) if e.st else None,
+                'width': None, 'height': None, 'thumbnail': None}
+        if e.kind == 'image':
+            src, item['width'], item['height'] = gallery_thumbnail(e.name, infos.get(e.name))
+            item['thumbnail'] = src if src.endswith('?thumb') else None
+        entries.append(item)
+    document = {'path': url_path, 'sort': listing.sort, 'page': listing.page, 'pages': listing.pages,
+                'folders': listing.dirs, 'images': listing.images, 'files': listing.files,
+                'unlisted': listing.unlisted, 'entries': entries}
+    if listing.page < listing.pages:
+        document['next'] = gallery_href(listing.sort, listing.page + 1)
+    return (json.dumps(document, ensure_ascii=False, indent=1) + '\n').encode('utf-8')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1295,6 +1977,7 @@ class Worker:
         self.lifeline = lifeline
         self.selector = selectors.DefaultSelector()
         self.files = FileCache()
+        self.images = ImageInfoCache()
         self.paths = {}
         self.escaped = {}               # raw access-log fields -> their escaped form
         self.conns = set()
@@ -1488,6 +2171,8 @@ class Worker:
         if entry is None:
             entry = self.open_file(path)
             self.files.store(path, entry)
+        if query and 'thumb' in parse_query(query):
+            return self.respond_thumbnail(conn, req, entry, path)
         self.respond_file(conn, req, entry)
 
     def open_file(self, path):
@@ -1499,20 +2184,24 @@ class Worker:
         names the same inode whatever happens to the path meanwhile.
         """
         try:
-            handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            fd, st = self.open_checked(path)
         except (OSError, ValueError) as exc:
             raise self.file_error(exc)
+        return OpenFile(fd, st, content_type(path))
+
+    def open_checked(self, path):
+        """(fd, stat) of the regular file at path, opened for reading as open_file says;
+        HTTPError(404) for anything else or anything outside the root, OSError as it comes."""
+        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
         try:
             st = os.fstat(handle)
             self.check_confined(handle)
             if not stat.S_ISREG(st.st_mode):
                 raise HTTPError(404)        # FIFOs, devices, sockets: never opened for reading
             fd = os.open('/proc/self/fd/%d' % handle, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-        except OSError as exc:
-            raise self.file_error(exc)
         finally:
             os.close(handle)
-        return OpenFile(fd, st, content_type(path))
+        return fd, st
 
     def check_confined(self, fd):
         """404 unless the open descriptor fd lies inside the root (or --follow-symlinks)."""
@@ -1565,6 +2254,8 @@ class Worker:
         conn.start_response(status, head, file=entry, offset=first, length=length)
 
     def respond_directory(self, conn, req, path, relative, trailing, query):
+        """A directory: 301 to add its slash, else its index.html, else its gallery page.
+        It is opened, and the descriptor checked to be in the root, before anything else."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (OSError, ValueError) as exc:
@@ -1576,14 +2267,11 @@ class Worker:
             index = self.index_file(path)
             if index is not None:
                 return self.respond_file(conn, req, index)
-            names = self.list_directory(fd, path)
+            dir_st = os.fstat(fd)
+            entries = self.scan_directory(fd, path)
         finally:
             os.close(fd)
-        body = gallery_page('/' + relative + ('/' if relative else ''), names)
-        head = response_head(200, self.date, b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
-                             b'Cache-Control: no-cache\r\n' % len(body), conn.keep_alive, req.version,
-                             self.common_headers)
-        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
+        self.respond_gallery(conn, req, path, '/' + relative + ('/' if relative else ''), dir_st, entries, query)
 
     def index_file(self, directory):
         """The directory's index.html as an OpenFile (checked like any file), or None."""
@@ -1600,10 +2288,11 @@ class Worker:
             self.files.store(index, entry)
         return entry
 
-    def list_directory(self, fd, path):
-        """(name, is_directory) of what the directory open at fd lists, hidden files and
-        symlinks out of the root left out (a listed name is no promise: serving checks again)."""
-        names = []
+    def scan_directory(self, fd, path):
+        """(name, is_dir, stat) of each entry of the directory open at fd (checked to be in the
+        root), but dot files and symlinks out of the root.  A listed name is no promise:
+        serving it checks again."""
+        entries = []
         try:
             with os.scandir(fd) as it:
                 for item in it:
@@ -1613,14 +2302,63 @@ class Worker:
                         if not self.follow_symlinks and item.is_symlink() \
                                 and not inside(os.path.realpath(path + '/' + item.name), self.root):
                             continue
-                        names.append((item.name, item.is_dir()))
+                        st = item.stat()
                     except OSError:
-                        continue
+                        continue                # a dangling symlink, or gone since readdir
+                    entries.append((item.name, stat.S_ISDIR(st.st_mode), st))
         except PermissionError:
             raise HTTPError(403)
         except OSError:
             raise HTTPError(404)
-        return names
+        return entries
+
+    def respond_gallery(self, conn, req, path, url_path, dir_st, entries, query):
+        """The gallery page (or its JSON) of scanned entries: 304 if the ETag still matches,
+        else the image headers of the entries on the page are read (or found cached)."""
+        sort, page, fmt = gallery_options(query, req.headers.get('accept', ''))
+        listing = gallery_listing(entries, sort, page)
+        etag = gallery_etag(dir_st, url_path, listing, fmt)
+        validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
+        inm = req.headers.get('if-none-match')
+        if inm is not None and etag_matches(inm, etag[2:]):     # weak comparison
+            return conn.start_response(304, response_head(304, self.date, validators, conn.keep_alive,
+                                                          req.version, self.common_headers))
+        infos = {}
+        for e in listing.entries:
+            if e.kind == 'image':
+                infos[e.name] = self.images.get(path + '/' + e.name, e.st, e.name, opener=self.open_checked)
+        if fmt == 'json':
+            body, ctype = gallery_json(url_path, listing, infos), b'application/json'
+            policy = b''
+        else:
+            body, ctype = gallery_page(url_path, listing, infos), b'text/html; charset=utf-8'
+            policy = b'Content-Security-Policy: ' + GALLERY_CSP.encode('ascii') + b'\r\n'
+        fields = b'Content-Type: %s\r\nContent-Length: %d\r\n%s%s' % (ctype, len(body), validators, policy)
+        head = response_head(200, self.date, fields, conn.keep_alive, req.version, self.common_headers)
+        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
+
+    def respond_thumbnail(self, conn, req, entry, path):
+        """`image.jpg?thumb`: the JPEG thumbnail embedded in the file's EXIF, turned as the
+        image is, with validators derived from the file's own; 404 if it has none."""
+        try:
+            st = os.fstat(entry.fd)
+            info = self.images.get(path, st, os.path.basename(path), fd=entry.fd)
+            data = os.pread(entry.fd, info.thumb[1], info.thumb[0]) if info and info.thumb else b''
+        except OSError:
+            data = b''
+        body = thumbnail_bytes(info, data) if data else None
+        if body is None:
+            raise HTTPError(404)
+        etag = entry.etag[:-1] + '-t"'
+        last_modified = entry.validators(self.wall, self.date)[0]
+        validators = b'Last-Modified: %s\r\nETag: %s\r\n' % (last_modified, etag.encode('ascii'))
+        if ('if-none-match' in req.headers or 'if-modified-since' in req.headers) \
+                and not_modified(req.headers, etag, entry.mtime):
+            return conn.start_response(304, response_head(304, self.date, validators, conn.keep_alive,
+                                                          req.version, self.common_headers))
+        fields = b'Content-Type: image/jpeg\r\nContent-Length: %d\r\n%s' % (len(body), validators)
+        head = response_head(200, self.date, fields, conn.keep_alive, req.version, self.common_headers)
+        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
 
     # -- the access log --
 

@@ -36,6 +36,9 @@ sys.path.insert(0, HERE)
 import agent      # noqa: E402
 import daemon     # noqa: E402
 
+sys.path.insert(0, os.path.join(HERE, 'bench'))
+from samples import camera_jpeg, sample_bmp, sample_gif, sample_jpeg, sample_png, sample_webp  # noqa: E402
+
 PYTHON = sys.executable
 AGENT = os.path.join(HERE, 'agent.py')
 TIMEOUT = 20        # hard limit for any one command or wait
@@ -2170,8 +2173,10 @@ class HttpRulesLogAndPageTests(unittest.TestCase):
     def test_gallery_page_escapes(self):
         names = [('<script>.jpg', False), ('a"b&c.jpg', False), ('notes.txt', False),
                  ('pic.png', False), ('child', True), ("it's.gif", False)]
-        page = agent.gallery_page('/g/<b>/', names).decode('utf-8')
-        self.assertNotIn('<script', page.lower())
+        file_st, dir_st = os.stat(__file__), os.stat(HERE)
+        listing = agent.gallery_listing([(n, d, dir_st if d else file_st) for n, d in names])
+        page = agent.gallery_page('/g/<b>/', listing).decode('utf-8')
+        self.assertEqual(page.lower().count('<script'), 1)      # the page's own, no name's
         self.assertNotIn('<b>', page)
         self.assertNotIn('a"b', page)
         import html as html_module
@@ -2653,7 +2658,7 @@ class HttpRulesServerTests(HttpRulesServerBase):
         self.assertEqual(response.status, 200)
         self.assertTrue(response.headers['content-type'].startswith('text/html'))
         page = response.body.decode('utf-8')
-        self.assertNotIn('<script', page.lower())
+        self.assertEqual(page.lower().count('<script'), 1)      # the page's own, no name's
         self.assertNotIn('a"b', page)
         self.assertNotIn('.hidden', page)
         text = html_module.unescape(page)
@@ -2664,7 +2669,8 @@ class HttpRulesServerTests(HttpRulesServerBase):
         for img in imgs:
             self.assertIn('loading="lazy"', img)
         self.assertFalse(any('notes' in img for img in imgs))
-        links = {html_module.unescape(h) for h in re.findall(r'href="([^"]*)"', page)}
+        links = {html_module.unescape(h) for h in re.findall(r'href="([^"]*)"', page)
+                 if not h.startswith('data:')}          # the icon
         self.assertIn('notes.txt', links)
         expected = {'<script>.jpg': b'SCRIPT-NAMED-FILE', 'a"b&c.jpg': b'QUOTE-AMP-FILE',
                     'notes.txt': b'NOTES', 'pic.png': b'PIC'}
@@ -2997,6 +3003,511 @@ class HttpRulesTimeoutTests(HttpRulesServerBase):
         self.assertTrue(closed)
         self.assert_serving()
 
+
+# ---------------------------------------------------------------------------------------------
+# The gallery: directory pages over loopback (the names a file system allows, validators)
+# ---------------------------------------------------------------------------------------------
+
+def gallery_links(page):
+    """Every href and src of an HTML page, unescaped, resolved against nothing."""
+    import html as html_module
+    return [html_module.unescape(h) for h in re.findall(r'(?:href|src)="([^"]*)"', page.decode('utf-8'))]
+
+class ImageHeaderTests(unittest.TestCase):
+    """The header parsers over sample files, their truncations and hostile variants."""
+
+    def info(self, data, name='x'):
+        return agent.image_info(data, name)
+
+    def assert_size(self, data, size, name='x', kind=None):
+        info = self.info(data, name)
+        self.assertIsNotNone(info, name)
+        self.assertEqual((info.width, info.height), size, (name, info))
+        if kind:
+            self.assertEqual(info.kind, kind)
+        return info
+
+    def test_jpeg_frame_size(self):
+        self.assert_size(sample_jpeg(33, 17), (33, 17), kind='jpeg')
+        progressive = sample_jpeg(40, 24).replace(b'\xff\xc0', b'\xff\xc2', 1)
+        self.assert_size(progressive, (40, 24))
+
+    def test_jpeg_exif_thumbnail_and_orientation(self):
+        thumb = sample_jpeg(16, 8, (0, 120, 255))
+        for order in ('>', '<'):
+            for orientation in (None, 1, 3, 6, 8):
+                data = camera_jpeg(sample_jpeg(64, 32), thumb, orientation, order)
+                info = self.assert_size(data, (64, 32))
+                self.assertEqual(info.orientation, orientation or 1)
+                offset, length = info.thumb
+                self.assertEqual(data[offset:offset + length], thumb, (order, orientation))
+                shown = (32, 64) if (orientation or 1) >= 5 else (64, 32)
+                self.assertEqual(info.shown_size(), shown)
+
+    def test_exif_agrees_with_exiftool(self):
+        """The sample EXIF is real EXIF: exiftool (an independent reader) finds the same."""
+        if not shutil_which('exiftool'):
+            self.skipTest('exiftool not installed (Debian: libimage-exiftool-perl)')
+        thumb = sample_jpeg(16, 8, (0, 120, 255))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, 'cam.jpg')
+            with open(path, 'wb') as f:
+                f.write(camera_jpeg(sample_jpeg(64, 32), thumb, 6, '<'))
+            got = subprocess.run(['exiftool', '-b', '-ThumbnailImage', path], capture_output=True,
+                                 timeout=TIMEOUT).stdout
+            self.assertEqual(got, thumb)
+            self.assertEqual(run(['exiftool', '-n', '-s3', '-Orientation', '-ImageSize', path]).stdout.split(),
+                             ['6', '64', '32'])
+
+    def test_png_gif_webp_bmp_ico(self):
+        self.assert_size(sample_png(7, 5), (7, 5), kind='png')
+        self.assert_size(sample_gif(300, 2), (300, 2), kind='gif')
+        for kind in ('VP8 ', 'VP8L', 'VP8X'):
+            self.assert_size(sample_webp(kind, 1000, 3), (1000, 3), kind='webp')
+        self.assert_size(sample_bmp(9, 4), (9, 4), kind='bmp')
+        self.assert_size(sample_bmp(9, -4), (9, 4))                 # top-down
+        self.assert_size(sample_bmp(9, 4, core=True), (9, 4))
+        self.assert_size(b'\x00\x00\x01\x00\x01\x00\x00\x00' + b'\x00' * 20, (256, 256), kind='ico')
+
+    def test_svg(self):
+        cases = [('<svg xmlns="http://www.w3.org/2000/svg" width="120" height="80">', (120, 80)),
+                 ('<?xml version="1.0"?>\n<svg width="120px" height=\'80.4px\' viewBox="0 0 1 1">', (120, 80)),
+                 ('<svg viewBox="0 0 300 150" stroke-width="9">', (300, 150)),
+                 ('<svg viewBox="0,0,300,150" width="600">', (600, 300)),
+                 ('<svg height="50%" width="10em" viewBox="0 0 40 20">', (40, 20)),
+                 ('<svg>', (None, None)), ('<svg width="-5" height="x">', (None, None))]
+        for text, size in cases:
+            info = self.info(text.encode(), 'a.svg')
+            self.assertEqual((info.width, info.height), size, text)
+        self.assertIsNone(self.info(b'<svg width="1" height="1">', 'a.txt'))
+
+    def test_real_files_agree_with_imagemagick(self):
+        """Files written by ImageMagick, sizes read back by its identify: the same as ours."""
+        if not shutil_which('convert'):
+            self.skipTest('ImageMagick not installed (Debian: imagemagick)')
+        with tempfile.TemporaryDirectory() as tmp:
+            for ext in ('jpg', 'png', 'gif', 'webp', 'bmp'):
+                path = os.path.join(tmp, 'x.' + ext)
+                made = run(['convert', '-size', '123x45', 'plasma:', path])
+                if made.returncode != 0 or not os.path.exists(path):
+                    continue                    # a format this ImageMagick cannot write
+                with open(path, 'rb') as f:
+                    self.assert_size(f.read(), (123, 45), 'x.' + ext)
+            path = os.path.join(tmp, 'cam.jpg')           # our own samples decode
+            with open(path, 'wb') as f:
+                f.write(camera_jpeg(sample_jpeg(37, 21, blocks=lambda x, y: (x * 50, y * 80, 128)),
+                                    sample_jpeg(16, 8), 6))
+            self.assertEqual(run(['convert', path, '-format', '%w %h %[pixel:p{20,10}]', 'info:']).stdout,
+                             '37 21 srgb(100,80,129)')
+
+    def test_every_truncation_and_corruption_is_harmless(self):
+        import random
+        samples = [camera_jpeg(sample_jpeg(64, 32), sample_jpeg(16, 8), 6, '<'),
+                   camera_jpeg(sample_jpeg(64, 32), sample_jpeg(16, 8), 3, '>'),
+                   sample_png(3, 2), sample_gif(3, 2), sample_bmp(3, 2), sample_bmp(3, 2, core=True),
+                   sample_webp('VP8 ', 3, 2), sample_webp('VP8L', 3, 2), sample_webp('VP8X', 3, 2),
+                   b'<svg width="3" height="2" viewBox="0 0 3 2">']
+        rng = random.Random(12)
+        for sample in samples:
+            for cut in range(len(sample)):
+                self.check_harmless(sample[:cut], 'a.svg')
+            for _ in range(300):
+                data = bytearray(sample)
+                for _ in range(rng.randrange(1, 6)):
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                self.check_harmless(bytes(data), 'a.svg')
+
+    def check_harmless(self, data, name):
+        info = agent.image_info(data, name)
+        if info is None:
+            return
+        for value in (info.width, info.height):
+            self.assertTrue(value is None or 0 < value <= agent.MAX_DIMENSION, (data, info))
+        self.assertIn(info.orientation, range(1, 9))
+        if info.thumb is not None:
+            offset, length = info.thumb
+            self.assertTrue(0 < offset and length > 0 and offset + length <= len(data), (data, info))
+            self.assertEqual(data[offset:offset + 2], b'\xff\xd8')
+
+    def test_hostile_exif(self):
+        thumb = sample_jpeg(16, 8)
+        main = sample_jpeg(64, 32)
+        good = camera_jpeg(main, thumb, 6)
+        tiff = good.index(b'MM\x00\x2a')
+        # IFD1 pointing back at IFD0 (a loop), IFD0 offset past the end, a huge entry count,
+        # a thumbnail length past the segment, a thumbnail that is not a JPEG, not JPEG-compressed.
+        loop = bytearray(good)
+        next_at = tiff + 8 + 2 + 12 * 2
+        loop[next_at:next_at + 4] = (8).to_bytes(4, 'big')
+        far = bytearray(good)
+        far[tiff + 4:tiff + 8] = (10 ** 9).to_bytes(4, 'big')
+        many = bytearray(good)
+        many[tiff + 8:tiff + 10] = b'\xff\xff'
+        for data in (bytes(loop), bytes(far), bytes(many)):
+            info = agent.image_info(data)
+            self.assertEqual((info.width, info.height), (64, 32))
+            self.assertIsNone(info.thumb)
+        import struct
+        long_thumb = camera_jpeg(main, thumb, ifd1_tags=[])
+        at = long_thumb.index(struct.pack('>HHI', 0x0202, 4, 1)) + 8
+        long_thumb = long_thumb[:at] + struct.pack('>I', 10 ** 6) + long_thumb[at + 4:]
+        self.assertIsNone(agent.image_info(long_thumb).thumb)
+        self.assertIsNone(agent.image_info(camera_jpeg(main, b'NOT A JPEG')).thumb)
+        tiff_thumb = camera_jpeg(main, thumb, ifd1_tags=[(0x0103, 3, 1, struct.pack('>HH', 1, 0))])
+        self.assertIsNone(agent.image_info(tiff_thumb).thumb)
+        bad_orientation = camera_jpeg(main, thumb, 99)
+        self.assertEqual(agent.image_info(bad_orientation).orientation, 1)
+
+    def test_reads_are_bounded(self):
+        """A JPEG of endless small segments before its frame costs IMAGE_HEAD plus a few hops."""
+        import struct
+        filler = b''.join(b'\xff\xfe' + struct.pack('>H', 34) + b'c' * 32 for _ in range(40000))
+        data = b'\xff\xd8' + filler + sample_jpeg(8, 8)[2:]
+        read = []
+        real_pread = os.pread
+
+        def counting(fd, n, offset):
+            got = real_pread(fd, n, offset)
+            read.append(len(got))
+            return got
+        with tempfile.TemporaryFile() as f:
+            f.write(data)
+            f.flush()
+            with mock.patch.object(agent.os, 'pread', counting):
+                info = agent.read_image_info(f.fileno(), 'x.jpg')
+        self.assertEqual((info.width, info.height), (None, None))
+        self.assertLessEqual(sum(read), agent.IMAGE_HEAD + agent.JPEG_HOPS * agent.JPEG_HOP)
+        # A frame header just past the head is found with a hop.
+        near = b'\xff\xd8' + filler[:agent.IMAGE_HEAD + 100 - (agent.IMAGE_HEAD + 100) % 36] + sample_jpeg(8, 8)[2:]
+        with tempfile.TemporaryFile() as f:
+            f.write(near)
+            f.flush()
+            info = agent.read_image_info(f.fileno(), 'x.jpg')
+        self.assertEqual((info.width, info.height), (8, 8))
+
+    def test_thumbnail_bytes_carry_the_orientation(self):
+        thumb = sample_jpeg(16, 8)
+        info = agent.image_info(camera_jpeg(sample_jpeg(64, 32), thumb, 6))
+        served = agent.thumbnail_bytes(info, thumb)
+        self.assertEqual(agent.image_info(served).orientation, 6)
+        self.assertEqual((agent.image_info(served).width, agent.image_info(served).height), (16, 8))
+        info.orientation = 1
+        self.assertEqual(agent.thumbnail_bytes(info, thumb), thumb)
+        self.assertIsNone(agent.thumbnail_bytes(info, b'GIF89a'))
+
+
+def shutil_which(name):
+    import shutil
+    return shutil.which(name)
+
+
+def gallery_stat(size=100, mtime=HTTP_RULES_MTIME, directory=False, ino=1):
+    mode = (stat.S_IFDIR | 0o755) if directory else (stat.S_IFREG | 0o644)
+    ns = mtime * 10 ** 9
+    return os.stat_result((mode, ino, 1, 1, 0, 0, size, mtime, mtime, mtime),
+                          {'st_atime_ns': ns, 'st_mtime_ns': ns, 'st_ctime_ns': ns})
+
+
+class GalleryPureTests(unittest.TestCase):
+    """Listing, ordering, paging, query parsing and the page's HTML and JSON, without a server."""
+
+    def test_natural_order_folders_first(self):
+        names = ['img10.jpg', 'img2.jpg', 'IMG1.jpg', 'img02.jpg', 'b', 'a.txt', 'Z.png']
+        entries = [(n, n == 'b', gallery_stat(directory=n == 'b')) for n in names]
+        listing = agent.gallery_listing(entries)
+        self.assertEqual([e.name for e in listing.entries],
+                         ['b', 'a.txt', 'IMG1.jpg', 'img02.jpg', 'img2.jpg', 'img10.jpg', 'Z.png'])
+
+    def test_sort_by_date_and_size(self):
+        entries = [('old.jpg', False, gallery_stat(size=5, mtime=1000)),
+                   ('new.jpg', False, gallery_stat(size=1, mtime=3000)),
+                   ('mid.jpg', False, gallery_stat(size=9, mtime=2000)),
+                   ('dir', True, gallery_stat(directory=True, mtime=1))]
+        self.assertEqual([e.name for e in agent.gallery_listing(entries, 'date').entries],
+                         ['dir', 'new.jpg', 'mid.jpg', 'old.jpg'])
+        self.assertEqual([e.name for e in agent.gallery_listing(entries, 'size').entries],
+                         ['dir', 'mid.jpg', 'old.jpg', 'new.jpg'])
+
+    def test_paging(self):
+        entries = [('p%d.jpg' % i, False, gallery_stat()) for i in range(450)]
+        first = agent.gallery_listing(entries, 'name', 1)
+        self.assertEqual((len(first.entries), first.pages, first.images), (200, 3, 450))
+        last = agent.gallery_listing(entries, 'name', 99)          # past the end: the last page
+        self.assertEqual((last.page, [e.name for e in last.entries][:2]), (3, ['p400.jpg', 'p401.jpg']))
+        page = agent.gallery_page('/', first).decode()
+        self.assertIn('href="?page=2" rel="next"', page)
+        self.assertIn('href="?page=3"', page)
+        self.assertEqual(len(re.findall('<figure>', page)), 200)
+        self.assertEqual(agent.gallery_listing([], 'name', 5).pages, 1)
+
+    def test_query_strictness(self):
+        options = agent.gallery_options
+        self.assertEqual(options(b''), ('name', 1, 'html'))
+        self.assertEqual(options(b'sort=size&page=3&x=%ff&&=&page=9'), ('size', 3, 'html'))
+        for junk in (b'page=-1', b'page=1e9', b'page=%C2%B2', b'page=99999999999999', b'sort=..&page=0',
+                     b'%', b'sort', b'format=xml', b'\xff\xfe', b'page=\xd9\xa3', b'sort=NAME'):
+            sort, page, fmt = options(junk)
+            self.assertEqual((sort, fmt), ('name', 'html'), junk)
+            self.assertGreaterEqual(page, 1)
+        self.assertEqual(options(b'format=json'), ('name', 1, 'json'))
+        self.assertEqual(options(b'', 'application/json'), ('name', 1, 'json'))
+        self.assertEqual(options(b'', 'application/json, */*'), ('name', 1, 'json'))
+        self.assertEqual(options(b'', 'text/html,application/xhtml+xml,*/*;q=0.8'), ('name', 1, 'html'))
+        self.assertEqual(options(b'', 'text/html;q=0.5, application/json;q=0.9'), ('name', 1, 'json'))
+        self.assertEqual(options(b'', 'application/json;q=bad'), ('name', 1, 'html'))
+        self.assertEqual(options(b'format=html', 'application/json'), ('name', 1, 'html'))
+
+    def test_page_contents(self):
+        thumb_info = agent.image_info(camera_jpeg(sample_jpeg(64, 32), sample_jpeg(16, 8), 6))
+        png_info = agent.image_info(sample_png(7, 5))
+        entries = [('cam.jpg', False, gallery_stat(4000000)), ('pic.png', False, gallery_stat(1234)),
+                   ('raw.heic', False, gallery_stat()), ('scan.tiff', False, gallery_stat()),
+                   ('x.jxl', False, gallery_stat()), ('sub', True, gallery_stat(directory=True))]
+        listing = agent.gallery_listing(entries)
+        page = agent.gallery_page('/a b/c/', listing, {'cam.jpg': thumb_info, 'pic.png': png_info}).decode()
+        imgs = re.findall(r'<img [^>]*>', page)
+        self.assertEqual(len(imgs), 2, imgs)
+        self.assertIn('src="cam.jpg?thumb" width="32" height="64"', imgs[0])        # turned a quarter
+        self.assertIn('src="pic.png" width="7" height="5"', imgs[1])
+        for img in imgs:
+            self.assertIn('loading="lazy" decoding="async"', img)
+        self.assertIn('32 \u00d7 64 \u00b7 4.0 MB \u00b7 2020-01-01 00:00', page)
+        for name in ('raw.heic', 'scan.tiff', 'x.jxl'):
+            self.assertIn('<a href="%s">%s</a>' % (name, name), page)                # file links
+        self.assertIn('<a href="/">Home</a><span>/</span><a href="/a%20b/">a b</a><span>/</span>c</h1>', page)
+        self.assertIn('name="viewport"', page)
+        self.assertIn('prefers-color-scheme:dark', page)
+        self.assertNotRegex(page, r'(?:src|href)="(?:https?:)?//')                  # nothing external
+        style = re.search(r'<style>(.*?)</style>', page, re.S).group(1)
+        script = re.search(r'<script>(.*?)</script>', page, re.S).group(1)
+        self.assertIn(agent.csp_hash(style), agent.GALLERY_CSP)
+        self.assertIn(agent.csp_hash(script), agent.GALLERY_CSP)
+        self.assertNotIn('style=', page)                    # inline style attributes would need unsafe-hashes
+        self.assertNotRegex(page, r'\son[a-z]+=')           # and so would inline event handlers
+
+    def test_json(self):
+        import json
+        info = agent.image_info(camera_jpeg(sample_jpeg(64, 32), sample_jpeg(16, 8)))
+        entries = [('cam.jpg', False, gallery_stat(5)), ('d', True, gallery_stat(directory=True)),
+                   ('n.txt', False, gallery_stat(7))]
+        document = json.loads(agent.gallery_json('/x/', agent.gallery_listing(entries), {'cam.jpg': info}))
+        self.assertEqual(document['entries'], [
+            {'name': 'd', 'url': 'd/', 'type': 'directory', 'size': None, 'mtime': HTTP_RULES_MTIME,
+             'width': None, 'height': None, 'thumbnail': None},
+            {'name': 'cam.jpg', 'url': 'cam.jpg', 'type': 'image/jpeg', 'size': 5, 'mtime': HTTP_RULES_MTIME,
+             'width': 64, 'height': 32, 'thumbnail': 'cam.jpg?thumb'},
+            {'name': 'n.txt', 'url': 'n.txt', 'type': 'text/plain', 'size': 7, 'mtime': HTTP_RULES_MTIME,
+             'width': None, 'height': None, 'thumbnail': None}])
+        self.assertEqual((document['page'], document['pages'], document['images']), (1, 1, 1))
+
+    def test_linkable_is_the_servers_own_rule(self):
+        for name in ('a.jpg', 'sp ace.jpg', '100%.jpg', 'q?x#y.jpg', '\u00e9t\u00e9.png', "it's.gif", 'a..b'):
+            self.assertTrue(agent.linkable(name), name)
+        for name in ('new\nline.jpg', 'tab\t.jpg', 'back\\slash', 'caf\udce9.jpg', 'del\x7f', '..', '.'):
+            self.assertFalse(agent.linkable(name), repr(name))
+        entries = [(b'caf\xe9.jpg', False, gallery_stat()), (b'ok.jpg', False, gallery_stat()),
+                   ('fifo.jpg', False, os.stat_result((stat.S_IFIFO | 0o644,) + (0,) * 9, {'st_mtime_ns': 0})),
+                   ('.hidden.jpg', False, gallery_stat())]
+        listing = agent.gallery_listing(entries)
+        self.assertEqual(([e.name for e in listing.entries], listing.unlisted), (['ok.jpg'], 2))
+
+    def test_etag_follows_inputs(self):
+        dir_st = gallery_stat(directory=True)
+        entries = [('a.jpg', False, gallery_stat(ino=5)), ('b.jpg', False, gallery_stat(ino=6))]
+        base = agent.gallery_etag(dir_st, '/', agent.gallery_listing(entries), 'html')
+        self.assertTrue(base.startswith('W/"'))
+        self.assertEqual(base, agent.gallery_etag(dir_st, '/', agent.gallery_listing(list(entries)), 'html'))
+        changed = [('a.jpg', False, gallery_stat(ino=5, size=101)), entries[1]]
+        for other in (agent.gallery_etag(dir_st, '/', agent.gallery_listing(changed), 'html'),
+                      agent.gallery_etag(dir_st, '/', agent.gallery_listing(entries, 'size'), 'html'),
+                      agent.gallery_etag(dir_st, '/', agent.gallery_listing(entries), 'json'),
+                      agent.gallery_etag(gallery_stat(directory=True, mtime=5), '/',
+                                         agent.gallery_listing(entries), 'html')):
+            self.assertNotEqual(other, base)
+
+
+class GalleryNamesServerTests(HttpRulesServerBase):
+    """Names that a file system allows but a URL path here does not (issue 9, items 3 and 8)."""
+
+    HOSTILE = [b'caf\xe9.jpg', b'\xff\xfe.png', b'new\nline.jpg', b'tab\there.jpg', b'esc\x1b[31m.gif',
+               b'del\x7f.jpg', b'back\\slash.jpg', b'cr\rname.txt', b'bell\x07dir']
+
+    @classmethod
+    def make_files(cls):
+        root = cls.server.root
+        w = lambda name, data: http_rules_write(root, name, data)   # noqa: E731
+        w('names/plain.jpg', b'PLAIN')
+        w('names/\u00e9t\u00e9 \u65e5\u672c.png', b'UNICODE')
+        w('names/100%.jpg', b'PERCENT')
+        w('names/q?x#y.jpg', b'QUERY-LIKE')
+        w('names/sub dir/inner.jpg', b'INNER')
+        for name in ('ok.jpg', 'new\nline.jpg', 'back\\slash.png'):
+            w('ctl/' + name, b'CONTROL')            # valid UTF-8, refused as a path anyway
+        base = os.path.join(root, 'names').encode()
+        for name in cls.HOSTILE:
+            path = base + b'/' + name
+            if name.endswith(b'dir'):
+                os.mkdir(path)
+            else:
+                with open(path, 'wb') as f:
+                    f.write(b'HOSTILE')
+
+    def test_a_non_utf8_name_never_breaks_the_page(self):
+        for target in ('/names/', '/names/?format=json', '/names/?sort=size', '/names/?sort=date&page=2'):
+            response = self.get(target)
+            self.assertEqual(response.status, 200, (target, response))
+
+    def test_every_listed_link_works(self):
+        import urllib.parse as parse_module
+        response = self.get('/ctl/')
+        self.assertEqual(response.status, 200, response)
+        for link in gallery_links(response.body):
+            if not link.startswith('data:'):
+                self.assertEqual(self.get(parse_module.urljoin('/ctl/', link)).status, 200, link)
+        self.assertIn('ok.jpg', gallery_links(response.body))
+        response = self.get('/names/')
+        self.assertEqual(response.status, 200, response)
+        links = [link for link in gallery_links(response.body) if not link.startswith('data:')]
+        self.assertTrue(links)
+        for link in links:
+            url = parse_module.urljoin('/names/', link)
+            got = self.get(url)
+            self.assertIn(got.status, (200, 301), (link, url, got))
+            if got.status == 301:
+                self.assertEqual(self.get(got.headers['location']).status, 200, link)
+        for name in ('plain.jpg', '\u00e9t\u00e9 \u65e5\u672c.png', '100%.jpg', 'q?x#y.jpg', 'sub dir/'):
+            self.assertIn(parse_module.quote(name), links, name)
+
+    def test_unlinkable_names_are_left_out_and_counted(self):
+        page = self.get('/names/').body
+        for name in self.HOSTILE:
+            stem = name.split(b'.')[0][:3]
+            self.assertNotIn(parse_quote_bytes(name), page, name)
+            self.assertNotIn(name, page, name)
+        self.assertIn(b'%d entries are not listed' % len(self.HOSTILE), page)
+
+
+def parse_quote_bytes(name):
+    import urllib.parse as parse_module
+    return parse_module.quote_from_bytes(name).encode()
+
+
+class GalleryServerTests(HttpRulesServerBase):
+    """Thumbnails, sizes, paging, sorting and JSON from a running agent."""
+
+    @classmethod
+    def make_files(cls):
+        root = cls.server.root
+        w = lambda name, data: http_rules_write(root, name, data)   # noqa: E731
+        cls.thumb = sample_jpeg(16, 8, (0, 120, 255))
+        w('g/cam.jpg', camera_jpeg(sample_jpeg(64, 32), cls.thumb, 6))
+        w('g/plain.jpg', sample_jpeg(24, 16))
+        w('g/pic.png', sample_png(7, 5))
+        w('g/photo.heic', b'HEIC')
+        w('g/notes.txt', b'NOTES')
+        for i in range(205):
+            w('many/img%d.gif' % i, sample_gif(i + 1, 1) + b'\x00' * i)     # sizes differ
+
+    def test_thumbnail(self):
+        response = self.get('/g/cam.jpg?thumb')
+        self.assertEqual(response.status, 200, response)
+        self.assertEqual(response.headers['content-type'], 'image/jpeg')
+        info = agent.image_info(response.body)
+        self.assertEqual((info.width, info.height, info.orientation), (16, 8, 6))
+        self.assertEqual(response.body[:2] + response.body[2 + 36:], self.thumb)     # + the orientation
+        original = self.get('/g/cam.jpg')
+        self.assertEqual(response.headers['etag'], original.headers['etag'][:-1] + '-t"')
+        self.assertEqual(response.headers['last-modified'], original.headers['last-modified'])
+        again = self.get('/g/cam.jpg?thumb', 'If-None-Match: ' + response.headers['etag'])
+        self.assertEqual((again.status, again.body), (304, b''))
+        head = self.get('/g/cam.jpg?thumb', method='HEAD')
+        self.assertEqual((head.status, head.headers['content-length']), (200, str(len(response.body))))
+        for target in ('/g/plain.jpg?thumb', '/g/pic.png?thumb', '/g/notes.txt?thumb', '/g/missing.jpg?thumb'):
+            self.assertEqual(self.get(target).status, 404, target)
+        self.assertEqual(self.get('/g/cam.jpg?thumbnail=1&x').body, original.body)     # not ?thumb
+        self.assertEqual(self.get('/g/cam.jpg?x=1&thumb=&y').status, 200)
+
+    def test_page(self):
+        response = self.get('/g/')
+        page = response.body.decode()
+        self.assertIn("script-src 'sha256-", response.headers['content-security-policy'])
+        imgs = re.findall(r'<img [^>]*>', page)
+        self.assertEqual(len(imgs), 3, imgs)
+        self.assertIn('src="cam.jpg?thumb" width="32" height="64"', page)
+        self.assertIn('src="plain.jpg" width="24" height="16"', page)
+        self.assertIn('src="pic.png" width="7" height="5"', page)
+        self.assertIn('<a href="photo.heic">photo.heic</a>', page)
+        self.assertNotIn('src="photo.heic"', page)
+
+    def test_paging_and_sorting(self):
+        import html as html_module
+        first = self.get('/many/').body.decode()
+        self.assertEqual(len(re.findall('<figure>', first)), 200)
+        self.assertIn('img0.gif', first)
+        self.assertIn('img2.gif', first)
+        self.assertLess(first.index('"img2.gif"'), first.index('"img10.gif"'))        # natural order
+        next_link = html_module.unescape(re.search(r'href="([^"]*)" rel="next"', first).group(1))
+        second = self.get('/many/' + next_link).body.decode()
+        self.assertEqual(len(re.findall('<figure>', second)), 5)
+        self.assertIn('img204.gif', second)
+        by_size = self.get('/many/?sort=size').body.decode()
+        self.assertEqual(re.findall(r'<figure><a class="g" href="([^"]*)"', by_size)[:2], ['img204.gif', 'img203.gif'])
+        for junk in ('?page=0', '?page=abc', '?page=%ff', '?sort=evil&page=-3', '?page=1&page=2',
+                     '?page=99999999999999999999', '?%', '?a=b=c&&&', '?sort=name;drop'):
+            self.assertEqual(self.get('/many/' + junk).status, 200, junk)
+
+    def test_json(self):
+        import json
+        for response in (self.get('/g/?format=json'), self.get('/g/', 'Accept: application/json')):
+            self.assertEqual(response.headers['content-type'], 'application/json')
+            self.assertEqual(response.headers['vary'], 'Accept')
+            document = json.loads(response.body)
+            by_name = {e['name']: e for e in document['entries']}
+            self.assertEqual(by_name['cam.jpg']['thumbnail'], 'cam.jpg?thumb')
+            self.assertEqual((by_name['cam.jpg']['width'], by_name['cam.jpg']['height']), (32, 64))
+            self.assertEqual(by_name['pic.png']['type'], 'image/png')
+            self.assertEqual(by_name['notes.txt']['size'], 5)
+        html_etag = self.get('/g/').headers['etag']
+        self.assertNotEqual(self.get('/g/', 'Accept: application/json').headers['etag'], html_etag)
+
+
+class GalleryValidatorServerTests(HttpRulesServerBase):
+    """A directory page carries a weak ETag from its inputs, so revalidation is a 304."""
+
+    @classmethod
+    def make_files(cls):
+        http_rules_write(cls.server.root, 'v/one.jpg', b'ONE')
+        http_rules_write(cls.server.root, 'v/two.txt', b'TWO')
+
+    def test_directory_page_revalidates_with_304(self):
+        first = self.get('/v/')
+        self.assertEqual(first.status, 200)
+        etag = first.headers.get('etag')
+        self.assertTrue(etag and etag.startswith('W/"'), first.headers)
+        self.assertEqual(first.headers.get('cache-control'), 'no-cache')
+        again = self.get('/v/', 'If-None-Match: ' + etag)
+        self.assertEqual(again.status, 304, again)
+        self.assertEqual(again.headers.get('etag'), etag)
+        self.assertEqual(again.body, b'')
+        self.assertEqual(self.get('/v/?sort=size').headers['etag'] == etag, False)
+
+    def test_the_etag_follows_the_listing(self):
+        root = self.server.root
+        etag = self.get('/v/').headers['etag']
+        http_rules_write(root, 'v/three.jpg', b'THREE')         # a new entry
+        changed = self.get('/v/', 'If-None-Match: ' + etag)
+        self.assertEqual(changed.status, 200)
+        self.assertIn(b'three.jpg', changed.body)
+        etag = changed.headers['etag']
+        # A listed file rewritten in place, same size, same mtime: the caption could differ
+        # (dimensions), so the page's ETag must change with the file's ctime.
+        http_rules_write(root, 'v/one.jpg', b'EIN')
+        self.assertNotEqual(self.get('/v/').headers['etag'], etag)
+        etag = self.get('/v/').headers['etag']
+        os.remove(os.path.join(root, 'v/two.txt'))
+        gone = self.get('/v/', 'If-None-Match: ' + etag)
+        self.assertEqual(gone.status, 200)
+        self.assertNotIn(b'two.txt', gone.body)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ Half the cases shut the write side after sending (the agent must answer what is 
 close); the others keep it open and wait for exactly the predicted responses (a complete
 request left unanswered is a hang).  A fifth of the cases trickle the payload in pieces.
 
+Image mode (--images N): agent.image_info, the gallery's header parsers, over N mutations of
+sample files (bench/samples.py: camera JPEGs with EXIF thumbnails, PNG, GIF, WebP, BMP, ICO, SVG):
+only an ImageInfo or None, sizes within MAX_DIMENSION, a thumbnail inside the bytes.
+
 In-process mode (--in-process N): the same mutator drives agent.parse_request directly (then
 check_method and map_target on the target, parse_range and if_range_allows on any Range
 header, not_modified and escape_log), over pipelined requests as the worker loop would.  The
@@ -73,6 +77,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import samples  # noqa: E402
 
 agent = harness.import_agent()
 
@@ -961,6 +966,92 @@ def respond_pure(req, rng):
     return 200
 
 
+# ---------------------------------------------------------------------------------------------
+# Image headers: the gallery's parsers over mutated sample files
+# ---------------------------------------------------------------------------------------------
+
+def image_corpus():
+    """(name, bytes) of valid samples: camera JPEGs (both byte orders, turned), PNG, GIF, WebP
+    (three kinds), BMP (two headers), ICO, SVG."""
+    thumb = samples.sample_jpeg(16, 8, (0, 120, 255))
+    return [('cam.jpg', samples.camera_jpeg(samples.sample_jpeg(64, 32), thumb, 6, '<')),
+            ('cam.jpg', samples.camera_jpeg(samples.sample_jpeg(40, 24), thumb, 3, '>')),
+            ('p.jpg', samples.sample_jpeg(24, 16)), ('p.png', samples.sample_png(7, 5)),
+            ('p.gif', samples.sample_gif(9, 4)), ('p.webp', samples.sample_webp('VP8 ', 30, 20)),
+            ('p.webp', samples.sample_webp('VP8L', 30, 20)), ('p.webp', samples.sample_webp('VP8X', 30, 20)),
+            ('p.bmp', samples.sample_bmp(5, -3)), ('p.bmp', samples.sample_bmp(5, 3, core=True)),
+            ('p.ico', b'\x00\x00\x01\x00\x01\x00\x10\x10' + bytes(14)),
+            ('p.svg', b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="30px" '
+                      b'height="20" viewBox="0 0 30 20"><rect width="3"/></svg>')]
+
+
+BOUNDARY = [0, 1, 2, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0xFFFFFFFF, 0x80000000]
+
+
+def mutate_image(rng, data):
+    """A few random edits: bytes, boundary numbers at random offsets, cuts, splices."""
+    data = bytearray(data)
+    for _ in range(rng.randrange(1, 5)):
+        choice = rng.randrange(6)
+        pos = rng.randrange(len(data) + 1)
+        if choice == 0 and data:
+            data[min(pos, len(data) - 1)] = rng.randrange(256)
+        elif choice == 1:
+            width = rng.choice([2, 4])
+            value = rng.choice(BOUNDARY) & ((1 << 8 * width) - 1)
+            data[pos:pos + width] = value.to_bytes(width, rng.choice(['big', 'little']))
+        elif choice == 2:
+            del data[pos:]
+        elif choice == 3:
+            end = min(len(data), pos + rng.randrange(1, 64))
+            data[pos:pos] = data[pos:end] * rng.randrange(1, 4)
+        elif choice == 4:
+            data[pos:pos] = rng.choice([b'\xff', b'\xff\xd8', b'\xff\xe1\x00\x08Exif\x00\x00', b'\xff\xc0',
+                                        b'MM\x00\x2a', b'II\x2a\x00', b'<svg ', b'width="', b'viewBox="'])
+        else:
+            del data[pos:pos + rng.randrange(1, 32)]
+    return bytes(data)
+
+
+def image_mode(args, seed):
+    """agent.image_info and agent.thumbnail_bytes over mutated samples: a result or None, never
+    an exception; sizes within MAX_DIMENSION; a thumbnail inside the bytes, starting a JPEG."""
+    started = time.monotonic()
+    corpus = image_corpus()
+    failures, done, kinds = [], 0, collections.Counter()
+    for index in range(args.start, args.start + args.images):
+        if done % 1000 == 0 and time.monotonic() > args.deadline:
+            break
+        rng = case_rng(seed, index)
+        name, sample = corpus[rng.randrange(len(corpus))]
+        data = mutate_image(rng, sample)
+        try:
+            info = agent.image_info(data, name)
+            kinds[info.kind if info else None] += 1
+            if info is not None:
+                for value in (info.width, info.height):
+                    if value is not None and not 0 < value <= agent.MAX_DIMENSION:
+                        raise Invariant('size %r' % value)
+                if info.thumb is not None:
+                    offset, length = info.thumb
+                    if not (0 < offset and 0 < length and offset + length <= len(data)):
+                        raise Invariant('thumbnail %r outside %d bytes' % (info.thumb, len(data)))
+                    agent.thumbnail_bytes(info, data[offset:offset + length])
+        except Exception as exc:
+            failures.append((index, name, data, '%s: %s' % (type(exc).__name__, exc)))
+        done += 1
+    elapsed = time.monotonic() - started
+    print('images: %d cases in %.1fs (seed %d); kinds: %s' % (done, elapsed, seed, ', '.join(
+        '%s %d' % (k, v) for k, v in sorted(kinds.items(), key=lambda kv: str(kv[0])))))
+    for index, name, data, what in failures[:5]:
+        print('    case %d (seed %d, %s): %s\n        bytes %s' % (index, seed, name, what, shown(data, 600)))
+    if failures:
+        print('FAIL: image header fuzz seed %d: %d case(s) raised or broke an invariant' % (seed, len(failures)))
+        return 1
+    print('PASS: image header fuzz seed %d: %d cases, only ImageInfo or None' % (seed, done))
+    return 0
+
+
 def in_process_mode(args, seed):
     started = time.monotonic()
     deadline = args.deadline
@@ -1066,6 +1157,8 @@ def main(argv=None):
                    help='network cases (default 20000; 0 with --in-process unless given)')
     p.add_argument('--in-process', type=int, default=0, metavar='N',
                    help='fuzz agent.parse_request & co. in this process for N cases')
+    p.add_argument('--images', type=int, default=0, metavar='N',
+                   help="fuzz the gallery's image header parsers in this process for N cases")
     p.add_argument('--start', type=int, default=0, help='index of the first case (default 0)')
     p.add_argument('--replay', type=int, default=None, metavar='I', help='send case I only, verbosely')
     p.add_argument('--show', type=int, default=None, metavar='I', help="print case I's bytes and exit")
@@ -1108,7 +1201,7 @@ def main(argv=None):
             args.agent_option = (args.agent_option or []) + tls_options(tls_dir)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
     if args.cases is None:
-        args.cases = 0 if args.in_process else 20000
+        args.cases = 0 if args.in_process or args.images else 20000
     print('seed: %d' % seed, flush=True)
     try:
         if args.show is not None:
@@ -1124,6 +1217,8 @@ def main(argv=None):
         results = {}
         if args.in_process:
             results['in-process'] = in_process_mode(args, seed)
+        if args.images:
+            results['images'] = image_mode(args, seed)
         if args.cases:
             results['network'] = network_mode(args, seed)
         status = max(results.values()) if results else 0

@@ -1,0 +1,156 @@
+"""Sample image files written byte by byte, for the tests, the fuzzer and the gallery bench.
+
+A small baseline JPEG encoder (each 8x8 block one colour, so only DC coefficients: a valid file
+any decoder reads), an EXIF APP1 segment with an IFD1 thumbnail as cameras write it, and PNG,
+GIF, WebP (VP8, VP8L, VP8X heads), BMP files.  Standard library only.
+"""
+
+import binascii
+import struct
+import zlib
+
+
+def sample_jpeg(width, height, color=(200, 80, 40), blocks=None):
+    """A decodable baseline YCbCr 4:4:4 JPEG; each 8x8 block one colour (blocks(bx, by) -> rgb)."""
+
+    def segment(marker, body):
+        return struct.pack('>BBH', 0xFF, marker, len(body) + 2) + body
+
+    # DC table: categories 0-11, every code 4 bits long; AC table: only EOB, code '0'.
+    dc = bytes([0, 0, 0, 12] + [0] * 12) + bytes(range(12))
+    ac = bytes([1] + [0] * 15) + b'\x00'
+    head = b'\xff\xd8' + segment(0xDB, b'\x00' + b'\x01' * 64)
+    head += segment(0xC0, struct.pack('>BHHB', 8, height, width, 3) + b'\x01\x11\x00\x02\x11\x00\x03\x11\x00')
+    head += segment(0xC4, b'\x00' + dc) + segment(0xC4, b'\x10' + ac)
+    head += segment(0xDA, b'\x03\x01\x00\x02\x00\x03\x00\x00\x3f\x00')
+    bits, previous = [], [0, 0, 0]
+    for by in range((height + 7) // 8):
+        for bx in range((width + 7) // 8):
+            r, g, b = blocks(bx, by) if blocks else color
+            ycc = (0.299 * r + 0.587 * g + 0.114 * b, 128 - 0.168736 * r - 0.331264 * g + 0.5 * b,
+                   128 + 0.5 * r - 0.418688 * g - 0.081312 * b)
+            for c in range(3):
+                value = int(round((ycc[c] - 128) * 8))
+                diff, previous[c] = value - previous[c], value
+                size = abs(diff).bit_length()
+                bits.append(format(size, '04b'))
+                if size:
+                    bits.append(format(diff if diff > 0 else diff + (1 << size) - 1, '0%db' % size))
+                bits.append('0')                                            # EOB
+    stream = ''.join(bits)
+    stream += '1' * (-len(stream) % 8)
+    data = int(stream, 2).to_bytes(len(stream) // 8, 'big') if stream else b''
+    return head + data.replace(b'\xff', b'\xff\x00') + b'\xff\xd9'
+
+
+def exif_segment(thumbnail=None, orientation=None, order='>', ifd1_tags=None, pad=0):
+    """An APP1 EXIF segment: IFD0 with Orientation, IFD1 pointing at the thumbnail."""
+    e = order
+    ifd0 = [(0x010F, 2, 4, b'Cam\x00')]                           # Make, ASCII in place
+    if orientation is not None:
+        ifd0.append((0x0112, 3, 1, struct.pack(e + 'HH', orientation, 0)))
+    ifd0_at = 8
+    ifd0_size = 2 + 12 * len(ifd0) + 4
+    padding = b'\x00' * pad
+    ifd1_at = ifd0_at + ifd0_size + pad
+    tags = ifd1_tags if ifd1_tags is not None else [(0x0103, 3, 1, struct.pack(e + 'HH', 6, 0))]
+    ifd1_size = 2 + 12 * (len(tags) + 2) + 4
+    thumb_at = ifd1_at + ifd1_size
+    thumbnail = thumbnail or b''
+    tags = tags + [(0x0201, 4, 1, struct.pack(e + 'I', thumb_at)),
+                   (0x0202, 4, 1, struct.pack(e + 'I', len(thumbnail)))]
+
+    def ifd(entries, next_at):
+        out = struct.pack(e + 'H', len(entries))
+        for tag, kind, count, value in sorted(entries):
+            out += struct.pack(e + 'HHI', tag, kind, count) + value
+        return out + struct.pack(e + 'I', next_at)
+    tiff = (b'II' if e == '<' else b'MM') + struct.pack(e + 'HI', 42, ifd0_at)
+    tiff += ifd(ifd0, ifd1_at if thumbnail else 0) + padding
+    if thumbnail:
+        tiff += ifd(tags, 0) + thumbnail
+    body = b'Exif\x00\x00' + tiff
+    return b'\xff\xe1' + struct.pack('>H', len(body) + 2) + body
+
+
+def camera_jpeg(main, thumbnail, orientation=None, order='>', **kwargs):
+    """main with an EXIF segment (orientation, thumbnail) right after its SOI, as cameras write."""
+    return main[:2] + exif_segment(thumbnail, orientation, order, **kwargs) + main[2:]
+
+
+def sample_png(width, height):
+
+    def chunk(kind, body):
+        return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', binascii.crc32(kind + body))
+    raw = b''.join(b'\x00' + b'\x30\x90\xd0' * width for _ in range(height))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+
+def sample_gif(width, height):
+    return (b'GIF89a' + struct.pack('<HHBBB', width, height, 0x80, 0, 0) + b'\xff\x00\x00\x00\x00\xff'
+            + b',' + struct.pack('<HHHHB', 0, 0, 1, 1, 0) + b'\x02\x02\x44\x01\x00;')
+
+
+def sample_webp(kind, width, height):
+    if kind == 'VP8 ':
+        body = b'\x30\x01\x00\x9d\x01\x2a' + struct.pack('<HH', width, height) + b'\x00' * 10
+    elif kind == 'VP8L':
+        bits = (width - 1) | (height - 1) << 14
+        body = b'\x2f' + struct.pack('<I', bits) + b'\x00' * 8
+    else:
+        body = b'\x00\x00\x00\x00' + (width - 1).to_bytes(3, 'little') + (height - 1).to_bytes(3, 'little')
+    data = b'WEBP' + kind.encode() + struct.pack('<I', len(body)) + body
+    return b'RIFF' + struct.pack('<I', len(data)) + data
+
+
+def sample_bmp(width, height, core=False):
+    if core:
+        dib = struct.pack('<IHHHH', 12, width, height, 1, 24)
+    else:
+        dib = struct.pack('<IiiHHIIiiII', 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    row = b'\x40\x80\xc0' * width + b'\x00' * (-3 * width % 4)
+    pixels = row * abs(height)
+    return b'BM' + struct.pack('<IHHI', 14 + len(dib) + len(pixels), 0, 0, 14 + len(dib)) + dib + pixels
+
+
+# Landscapes drawn by ImageMagick (`convert`), for the browser tests, the README's screenshot and
+# the gallery bench: a sky, a sun or moon, two mountain ranges, film grain (so the original has
+# a camera photo's weight), and a camera's EXIF thumbnail of the same picture.
+PALETTES = [('#ff9a5a', '#3a2a6a', '#ffe7a0', '#2a3b5c', '#1b2438'),
+            ('#8fd3f4', '#e0f4ff', '#fffbe0', '#4f7b5a', '#2e4a36'),
+            ('#f6d365', '#fda085', '#fff6d5', '#8a4f5d', '#4b2a3a'),
+            ('#0f2027', '#2c5364', '#e8ecf2', '#1d3440', '#0b161c'),
+            ('#a1c4fd', '#c2e9fb', '#ffffff', '#6b7fa8', '#3d4a6b'),
+            ('#ff7e5f', '#feb47b', '#fff1c1', '#6a3d5a', '#3a2038'),
+            ('#43cea2', '#185a9d', '#f0fff7', '#1f4d5e', '#0e2b38'),
+            ('#ffecd2', '#fcb69f', '#fffaf0', '#9a6b59', '#5c3d33')]
+
+
+def landscape_photo(path, seed, size=(1600, 1200), thumb=(320, 240), grain=0.5, orientation=None):
+    """Write a camera-like JPEG to path: a landscape, with its thumbnail in EXIF (IFD1)."""
+    import random
+    import subprocess
+    rng = random.Random(seed)
+    top, bottom, sun, far, near = PALETTES[seed % len(PALETTES)]
+    w, h = size
+
+    def ridge(base, jitter, steps):
+        points = ['0,%d' % h]
+        for i in range(steps + 1):
+            points.append('%d,%d' % (w * i // steps, int(h * (base + rng.uniform(-jitter, jitter)))))
+        return 'polygon ' + ' '.join(points + ['%d,%d' % (w, h)])
+    sx, sy, r = int(w * rng.uniform(0.15, 0.85)), int(h * rng.uniform(0.2, 0.45)), int(h * rng.uniform(0.05, 0.1))
+    args = ['convert', '-size', '%dx%d' % size, 'gradient:%s-%s' % (top, bottom),
+            '-fill', sun, '-draw', 'circle %d,%d %d,%d' % (sx, sy, sx, sy + r),
+            '-fill', far, '-draw', ridge(0.62, 0.14, rng.randrange(3, 7)),
+            '-fill', near, '-draw', ridge(0.82, 0.07, rng.randrange(3, 6))]
+    if grain:
+        args += ['-attenuate', str(grain), '+noise', 'Gaussian']
+    args += ['-quality', '90', 'jpeg:-']
+    original = subprocess.run(args, capture_output=True, check=True).stdout
+    small = subprocess.run(['convert', 'jpeg:-', '-thumbnail', '%dx%d' % thumb, '-strip', '-quality', '82',
+                            'jpeg:-'], input=original, capture_output=True, check=True).stdout
+    with open(path, 'wb') as f:
+        f.write(camera_jpeg(original, small, orientation))
+    return path

@@ -1,0 +1,264 @@
+"""The gallery page in a real browser: `make browser` (`python3 test_browser.py`).
+
+Debian's chromium and chromium-driver, driven by selenium from PyPI (test-only: agent.py stays
+standard library only), against an agent on 127.0.0.1 serving folders written here: 50 camera
+photos with EXIF thumbnails (ImageMagick draws them), 200 PNGs without (more than Chrome loads
+ahead), files a browser cannot show, and 230 small images for paging.  Missing chromium,
+chromedriver, selenium or ImageMagick is an error, never a skip: CI installs them (.ci/run).
+
+Each test waits on a condition in the page with a hard deadline; none sleeps for a fixed time.
+A screenshot of the camera folder is saved to GALLERY_SCREENSHOT (default:
+artifacts/gallery.png beside this file) on every run.
+"""
+
+import os
+import shutil
+import sys
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, 'bench'))
+
+from test_daemon import AgentServer, HttpRulesClassCleanups  # noqa: E402
+import samples  # noqa: E402
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+CHROMEDRIVER = shutil.which('chromedriver') or '/usr/bin/chromedriver'
+SCREENSHOT = os.environ.get('GALLERY_SCREENSHOT', os.path.join(HERE, 'artifacts', 'gallery.png'))
+CAMERA_PHOTOS = 50
+PLAIN_IMAGES = 200         # one page; Chrome loads lazy images within ~1250-2500 px of the view
+MANY = 230
+DEADLINE = 20.0
+
+
+def require_tools():
+    """Fail (not skip) with what to install when a tool is missing."""
+    missing = []
+    if not CHROMIUM:
+        missing.append('chromium (apt-get install chromium)')
+    if not os.access(CHROMEDRIVER, os.X_OK):
+        missing.append('chromedriver (apt-get install chromium-driver)')
+    if not shutil.which('convert'):
+        missing.append('ImageMagick (apt-get install imagemagick)')
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append('selenium (pip install selenium)')
+    if missing:
+        raise RuntimeError('browser tests need: ' + ', '.join(missing))
+
+
+def make_folders(root):
+    camera = os.path.join(root, 'camera')
+    os.makedirs(camera)
+    distinct = [samples.landscape_photo(os.path.join(camera, 'IMG_%04d.jpg' % (i + 1)), i,
+                                        orientation=6 if i == 3 else None) for i in range(8)]
+    for i in range(len(distinct), CAMERA_PHOTOS):
+        shutil.copyfile(distinct[i % len(distinct)], os.path.join(camera, 'IMG_%04d.jpg' % (i + 1)))
+    os.makedirs(os.path.join(camera, 'Holidays 2024'))
+    os.makedirs(os.path.join(camera, 'Raw'))
+    for name, data in (('notes.txt', b'Trip notes\n'), ('IMG_0051.heic', b'HEIC' * 100),
+                       ('scan.tiff', b'II*\x00' + bytes(100))):
+        with open(os.path.join(camera, name), 'wb') as f:
+            f.write(data)
+    plain = os.path.join(root, 'plain')
+    os.makedirs(plain)
+    big = samples.sample_png(400, 300)
+    for i in range(PLAIN_IMAGES):
+        with open(os.path.join(plain, 'p%02d.png' % i), 'wb') as f:
+            f.write(big)
+    many = os.path.join(root, 'many')
+    os.makedirs(many)
+    for i in range(MANY):
+        with open(os.path.join(many, 'img%d.gif' % i), 'wb') as f:
+            f.write(samples.sample_gif(2, 2) + b'\x00' * i)
+
+
+class GalleryBrowserTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        require_tools()
+        from selenium import webdriver
+        cls.server = AgentServer(HttpRulesClassCleanups(cls))
+        make_folders(cls.server.root)
+        cls.server.start()
+        cls.addClassCleanup(cls.server.stop)
+        cls.base = 'http://127.0.0.1:%d' % cls.server.port
+        cls.driver = cls.chrome(webdriver)
+        cls.addClassCleanup(cls.driver.quit)
+
+    @staticmethod
+    def chrome(webdriver, javascript=True):
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for argument in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--window-size=1280,900',
+                         '--force-device-scale-factor=1', '--no-first-run', '--disable-extensions',
+                         '--proxy-server=direct://', '--proxy-bypass-list=*', '--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1'):
+            options.add_argument(argument)
+        if not javascript:
+            options.add_experimental_option('prefs', {'profile.managed_default_content_settings.javascript': 2})
+        options.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
+        driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+        # Record Content-Security-Policy violations from the first script on (they also reach
+        # the console, which every test checks).
+        driver.execute_cdp_cmd('Page.addScriptToEvaluateOnNewDocument', {'source': (
+            'window.__violations = [];'
+            'document.addEventListener("securitypolicyviolation", function (e) {'
+            '  window.__violations.push(e.violatedDirective + " " + e.blockedURI); });')})
+        return driver
+
+    # -- helpers --
+
+    def open(self, path):
+        self.driver.get(self.base + path)
+        self.wait('document.readyState === "complete"')
+
+    def wait(self, script, *args, timeout=DEADLINE):
+        """Poll a JavaScript expression (a `return` is added) until it is truthy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.driver.execute_script('return ' + script, *args)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError('timed out waiting for: ' + script)
+            time.sleep(0.05)
+
+    def js(self, script, *args):
+        return self.driver.execute_script('return ' + script, *args)
+
+    def assert_clean_console(self):
+        entries = [e for e in self.driver.get_log('browser') if e['level'] in ('SEVERE', 'WARNING')]
+        self.assertEqual(entries, [], 'console errors')
+        self.assertEqual(self.js('window.__violations'), [], 'CSP violations')
+
+    def scroll_everything(self):
+        """Scroll to the bottom step by step, so every lazy image comes into view."""
+        self.js('window.scrollTo(0, 0), true')
+        while not self.js('window.innerHeight + window.scrollY >= document.body.scrollHeight - 2'):
+            self.js('window.scrollBy(0, window.innerHeight), true')
+            self.wait('Array.from(document.querySelectorAll("main img")).every(i => i.complete || i.getBoundingClientRect().top > innerHeight)')
+
+    def image_bytes(self):
+        """Bytes the page's images cost over the network (Resource Timing)."""
+        return self.js('performance.getEntriesByType("resource").filter(e => e.initiatorType === "img")'
+                       '.reduce((n, e) => n + e.transferSize, 0)')
+
+    # -- tests --
+
+    def test_grid_thumbnails_decode_and_are_the_embedded_ones(self):
+        self.open('/camera/')
+        self.assertEqual(self.js('document.querySelectorAll("main img").length'), CAMERA_PHOTOS)
+        self.scroll_everything()
+        self.wait('Array.from(document.querySelectorAll("main img")).every(i => i.complete && i.naturalWidth > 0)')
+        sources = self.js('Array.from(document.querySelectorAll("main img")).map(i => i.getAttribute("src"))')
+        self.assertTrue(all(s.endswith('.jpg?thumb') for s in sources), sources[:3])
+        total = self.image_bytes()
+        originals = sum(os.path.getsize(os.path.join(self.server.root, 'camera', s[:-6])) for s in sources)
+        print('\n  camera folder: %d thumbnails, %d bytes of images transferred (originals: %d bytes)'
+              % (len(sources), total, originals), file=sys.stderr)
+        self.assertGreater(total, 0)
+        self.assertLess(total, 1000000)
+        # The photo with orientation 6 shows upright: its thumbnail is turned by the browser.
+        turned = self.js('document.querySelector("img[src=\'IMG_0004.jpg?thumb\']")')
+        self.assertLess(turned.get_property('naturalWidth'), turned.get_property('naturalHeight'))
+        self.assertEqual(self.js('document.querySelectorAll("a.g").length'), CAMERA_PHOTOS)
+        files = self.js('Array.from(document.querySelectorAll("table a")).map(a => a.textContent)')
+        self.assertEqual(sorted(files), ['IMG_0051.heic', 'notes.txt', 'scan.tiff'])
+        self.assert_clean_console()
+
+    def test_lazy_loading_defers_offscreen_originals(self):
+        self.open('/plain/')
+        self.wait('Array.from(document.querySelectorAll("main img")).filter(i => i.getBoundingClientRect().top < innerHeight)'
+                  '.every(i => i.complete && i.naturalWidth > 0)')
+        loaded = len(self.js('performance.getEntriesByType("resource").filter(e => e.initiatorType === "img")'))
+        self.assertGreater(loaded, 0)
+        self.assertLess(loaded, PLAIN_IMAGES / 2, 'offscreen originals were loaded at once')
+        self.scroll_everything()
+        self.wait('performance.getEntriesByType("resource").filter(e => e.initiatorType === "img").length === %d'
+                  % PLAIN_IMAGES)
+        self.assert_clean_console()
+
+    def test_lightbox_opens_moves_and_closes(self):
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+        self.open('/camera/')
+        links = self.driver.find_elements(By.CSS_SELECTOR, 'a.g')
+        links[1].click()
+        self.wait('!document.getElementById("lb").hidden')
+        self.assertEqual(self.driver.current_url, self.base + '/camera/')           # no navigation
+        self.wait('document.querySelector("#lb img").src.endsWith("/IMG_0002.jpg")')
+        self.wait('document.querySelector("#lb img").complete && document.querySelector("#lb img").naturalWidth == 1600')
+        body = self.driver.find_element(By.TAG_NAME, 'body')
+        body.send_keys(Keys.ARROW_RIGHT)
+        self.wait('document.querySelector("#lb img").src.endsWith("/IMG_0003.jpg")')
+        body.send_keys(Keys.ARROW_LEFT)
+        body.send_keys(Keys.ARROW_LEFT)
+        self.wait('document.querySelector("#lb img").src.endsWith("/IMG_0001.jpg")')
+        body.send_keys(Keys.ARROW_LEFT)                                              # wraps around
+        self.wait('document.querySelector("#lb img").src.endsWith("/IMG_0050.jpg")')
+        self.assertIn('IMG_0050.jpg', self.js('document.querySelector("#lb p").textContent'))
+        body.send_keys(Keys.ESCAPE)
+        self.wait('document.getElementById("lb").hidden')
+        # A swipe (touch events) moves too.
+        links[0].click()
+        self.wait('document.querySelector("#lb img").src.endsWith("/IMG_0001.jpg")')
+        self.js('(function (box) {'
+                '  function touch(type, x) { var t = new Touch({identifier: 1, target: box, clientX: x, clientY: 300});'
+                '    box.dispatchEvent(new TouchEvent(type, {changedTouches: [t], touches: type == "touchend" ? [] : [t],'
+                '      bubbles: true})); }'
+                '  touch("touchstart", 900); touch("touchend", 300); return true; })(document.getElementById("lb"))')
+        self.wait('document.querySelector("#lb img").src.endsWith("/IMG_0002.jpg")')
+        self.driver.find_element(By.CSS_SELECTOR, '#lb .close').click()
+        self.wait('document.getElementById("lb").hidden')
+        self.assert_clean_console()
+
+    def test_paging_and_sorting_links(self):
+        from selenium.webdriver.common.by import By
+        self.open('/many/')
+        self.assertEqual(self.js('document.querySelectorAll("figure").length'), 200)
+        self.driver.find_element(By.CSS_SELECTOR, 'a[rel=next]').click()
+        self.wait('location.search === "?page=2" && document.readyState === "complete"')
+        self.assertEqual(self.js('document.querySelectorAll("figure").length'), MANY - 200)
+        self.driver.find_element(By.LINK_TEXT, 'size').click()
+        self.wait('location.search === "?sort=size" && document.readyState === "complete"')
+        first = self.js('document.querySelector("figure a").getAttribute("href")')
+        self.assertEqual(first, 'img%d.gif' % (MANY - 1))
+        self.driver.find_element(By.LINK_TEXT, 'name').click()
+        self.wait('location.search === "" && document.readyState === "complete"')
+        names = self.js('Array.from(document.querySelectorAll("figure a")).slice(0, 12).map(a => a.getAttribute("href"))')
+        self.assertEqual(names[:3], ['img0.gif', 'img1.gif', 'img2.gif'])
+        self.assertEqual(names[10:12], ['img10.gif', 'img11.gif'])
+        self.assert_clean_console()
+
+    def test_without_javascript_links_open_the_image(self):
+        from selenium import webdriver
+        from selenium.webdriver.common.by import By
+        driver = self.chrome(webdriver, javascript=False)
+        self.addCleanup(driver.quit)
+        driver.get(self.base + '/camera/')
+        driver.find_elements(By.CSS_SELECTOR, 'a.g')[2].click()
+        deadline = time.monotonic() + DEADLINE
+        while not driver.current_url.endswith('/camera/IMG_0003.jpg'):
+            self.assertLess(time.monotonic(), deadline, driver.current_url)
+            time.sleep(0.05)
+
+    def test_screenshot(self):
+        """A picture of the camera folder, for people: saved on every run."""
+        self.open('/camera/')
+        self.wait('Array.from(document.querySelectorAll("main img")).filter(i => i.getBoundingClientRect().top < innerHeight)'
+                  '.every(i => i.complete && i.naturalWidth > 0)')
+        os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+        self.assertTrue(self.driver.save_screenshot(SCREENSHOT))
+        print('\n  screenshot: %s' % SCREENSHOT, file=sys.stderr)
+        self.assert_clean_console()
+
+
+if __name__ == '__main__':
+    outcome = unittest.main(exit=False, verbosity=2).result
+    failed = len(outcome.failures) + len(outcome.errors)
+    print('%d passed, %d failed, %d skipped' % (outcome.testsRun - failed - len(outcome.skipped), failed,
+                                                len(outcome.skipped)))
+    sys.exit(0 if outcome.wasSuccessful() and outcome.testsRun and not outcome.skipped else 1)
