@@ -2,7 +2,7 @@
 # CI-sized runs of the fuzzer and the slow-client harness.
 PYTHON ?= python3
 
-.PHONY: test unit browser smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls
+.PHONY: test unit browser smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls systemd
 
 test: compat smoke fuzz-ci slow-ci unit
 
@@ -82,3 +82,9 @@ stress: fuzz slow soak chaos
 tls:
 	$(PYTHON) bench/testssl.py
 	$(PYTHON) bench/fuzz.py --tls --seed 1 --cases 2000 --max-time 240
+
+# The units in contrib/ under a real systemd: a Debian 12 container (debootstrap, cached in
+# /var/cache/agent-systemd-test) booted with systemd-nspawn.  Root only; exit 77 (with the reason)
+# where this machine cannot run it.
+systemd:
+	$(PYTHON) bench/systemd_test.py

@@ -22,10 +22,12 @@ Signals
                          are killed after --stop-timeout
              HUP         reload: a new generation of workers starts, the old one drains
              USR1        reopen --log and --access-log, in the master and in every worker
-             USR2        upgrade: start the agent.py now on disk as a new master on the same
-                         sockets (daemon.reexec); once it is ready it owns the pidfile and the
-                         old master drains and exits.  If it fails, the old one goes on serving.
-                         `agent.py upgrade` sends it and waits for the outcome.
+             USR2        upgrade in place: the agent.py now on disk is checked in a child, then
+                         the master execve()s it (daemon.reexec): same pid, pidfile, sockets;
+                         the new code adopts the old workers, starts a new generation and
+                         drains the old one.  If the new code fails its check, or its workers
+                         cannot start, the old workers go on serving.  `agent.py upgrade`
+                         sends it and prints the outcome the master reports.
     worker   TERM        drain and exit (from the master); INT and HUP are ignored, so a Ctrl-C
                          or a hangup reaches the workers only through their master
              USR1        reopen the logs
@@ -37,8 +39,6 @@ Draining means: stop accepting; a response in flight is finished; a keep-alive c
 Files
 -----
     --pidfile     ./agent.pid    the master's pid, flock()ed (daemon.py)
-    <pidfile>.reload             the outcome of the last reload, "<count> ok|failed <why>":
-                                 what `agent.py reload` waits for, to exit 0 or 1
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
@@ -2464,6 +2464,7 @@ class Agent(Daemon):
     """The master process: binds, forks the workers, supervises them."""
 
     ready_on_run = False            # ready once every worker has booted
+    reload_timeout = 45.0           # a reload waits up to 30 s for the new workers to boot
 
     def __init__(self, config):
         Daemon.__init__(self, config.pidfile, stdout=config.log, stderr=config.log,
@@ -2478,12 +2479,8 @@ class Agent(Daemon):
         self.boot_failures = 0
         self.respawns = 0
         self.respawn_at = 0.0
-        self.upgrade = None             # (pid, pipe, deadline) while a new master starts
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
-        self.status_path = config.pidfile + '.reload'
-        self.status_fd = None
-        self.reloads = 0
 
     # -- setup, as root, before ready --
 
@@ -2514,18 +2511,17 @@ class Agent(Daemon):
             # With TLS on, a socket named "redirect" (FileDescriptorName=) is the plain one.
             redirect_fds = self.listen_fds.get('redirect', []) if self.tls is not None else []
             self.redirects = {sock for sock in self.listeners if sock.fileno() in redirect_fds}
-            log('agent: serving on %d socket(s) passed by the service manager or the previous master' % len(fds))
+            log('agent: serving on %d socket(s) passed by the service manager or kept across an upgrade' % len(fds))
         else:
             self.listeners = [bind(config.bind, config.port)]
             if config.http_redirect is not None:
                 self.redirects = {bind(config.bind, config.http_redirect)}
                 self.listeners += list(self.redirects)
-        self.open_reload_status()
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def log_files(self):
-        files = [self.stdout, self.stderr, self.status_path]
+        files = [self.stdout, self.stderr]
         if self.access_fd is not None:
             files.append(self.config.access_log)
         return files
@@ -2540,12 +2536,21 @@ class Agent(Daemon):
         self.selector.register(self.signal_fd, selectors.EVENT_READ)
         self.selector.register(self.boot_r, selectors.EVENT_READ)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # only to wake the loop
+        adopted = self.adopt_workers()
         first = self.spawn_generation()
         try:
             self.await_boot(first)
+        except DaemonError as exc:
+            self.kill_workers(first)
+            if not adopted:
+                raise
+            # Upgraded in place, but the new code's workers cannot start: the old ones go on.
+            self.upgrade_done('its workers cannot start: %s' % exc)
         except BaseException:
             self.kill_workers(list(self.workers.values()))
             raise
+        else:
+            self.retire(adopted)
         log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
         self.ready()
         while not self.handle_signals() and not self.halted():
@@ -2553,7 +2558,6 @@ class Agent(Daemon):
             self.read_boot_messages()
             self.reap()
             self.maintain()
-            self.check_upgrade()
         if self.halted():
             log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
         self.shutdown()
@@ -2707,8 +2711,8 @@ class Agent(Daemon):
 
         With TLS, the certificate and key are read again first; the new workers get them, the
         old ones finish their connections on the old ones.  If the files are bad, or the new
-        workers cannot start, nothing changes: the old workers go on serving.  The outcome is
-        written to <pidfile>.reload for `agent.py reload` (reload()).
+        workers cannot start, nothing changes: the old workers go on serving, and the
+        DaemonError raised says why (daemon.py logs it and tells `agent.py reload`).
         """
         old_tls = self.tls
         if old_tls is not None:
@@ -2716,8 +2720,7 @@ class Agent(Daemon):
             try:
                 self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
             except DaemonError as exc:
-                log('agent: reload failed (%s); the old workers go on serving' % exc)
-                return self.report_reload(False, str(exc))
+                raise DaemonError('%s; the old workers go on serving' % exc)
         old = [w for w in self.workers.values() if not w.retiring]
         new = self.spawn_generation()
         try:
@@ -2725,146 +2728,60 @@ class Agent(Daemon):
         except DaemonError as exc:
             self.kill_workers(new)
             self.tls = old_tls
-            log('agent: reload failed (%s); the old workers go on serving' % exc)
-            return self.report_reload(False, str(exc))
-        for worker in old:
+            raise DaemonError('%s; the old workers go on serving' % exc)
+        self.retire(old)
+        log('agent: reloaded: %d new workers, %d retiring' % (len(new), len(old)))
+
+    def retire(self, workers):
+        """Tell these workers to drain and exit; they are not respawned."""
+        for worker in workers:
             worker.retiring = True
             signal_worker(worker.pid, signal.SIGTERM)
-        log('agent: reloaded: %d new workers, %d retiring' % (len(new), len(old)))
-        self.report_reload(True, 'reloaded')
 
-    # -- the outcome of a reload, for `agent.py reload` --
-
-    # A file beside the pidfile, "<count> ok|failed <why>\n", rewritten after each reload.  It is
-    # opened before privileges are dropped and kept open (its directory may be root's), and its
-    # count goes on from what a previous master wrote, so a waiting `reload` sees it grow.
-
-    def open_reload_status(self):
-        try:
-            self.status_fd = os.open(self.status_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-                                     | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
-            log('agent: cannot open %s (%s): `reload` will not learn its outcome'
-                % (self.status_path, exc.strerror))
-            return
-        found = read_reload_status(self.status_path)
-        self.reloads = found[0] if found else 0
-        self.write_reload_status('ok started')
-
-    def report_reload(self, ok, message):
-        self.reloads += 1
-        self.write_reload_status(('ok ' if ok else 'failed ') + ' '.join(message.split()))
-
-    def write_reload_status(self, text):
-        if self.status_fd is None:
-            return
-        data = ('%d %s\n' % (self.reloads, text)).encode('utf-8', 'replace')
-        try:
-            os.pwrite(self.status_fd, data, 0)
-            os.ftruncate(self.status_fd, len(data))
-        except OSError as exc:
-            log('agent: cannot write %s: %s' % (self.status_path, exc.strerror))
-
-    def reload(self):
-        """The reload action: send SIGHUP, then wait for the master's verdict in <pidfile>.reload: 0 or 1."""
-        self._absolutize()
-        self.status_path = self.pidfile_path + '.reload'
-        before = read_reload_status(self.status_path)
-        code = Daemon.reload(self)
-        if code != daemon.EXIT_OK or before is None:
-            return code                 # not running, or a master that writes no outcome
-        deadline = time.monotonic() + self.start_timeout + 5
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            found = read_reload_status(self.status_path)
-            if found is not None and found[0] > before[0]:
-                if found[1]:
-                    self._say('agent reloaded')
-                    return daemon.EXIT_OK
-                self._say('agent: reload failed: %s' % found[2], error=True)
-                return daemon.EXIT_FAILURE
-            if self._probe()[0] != 'running':
-                self._say('agent: it stopped during the reload; see %s' % self.stderr, error=True)
-                return daemon.EXIT_FAILURE
-        self._say('agent: the reload did not finish in time; see %s' % self.stderr, error=True)
-        return daemon.EXIT_FAILURE
-
-    # -- zero-downtime upgrade: SIGUSR2 (or `agent.py upgrade`) --
+    # -- upgrade in place: SIGUSR2 (or `agent.py upgrade`) --
+    #
+    # In place (daemon.reexec: execve, same pid), not a new master beside the old one: systemd
+    # and start-stop-daemon watch the master's pid, and a new master would be, for systemd,
+    # "a process which is not our child", stopped by killing the whole cgroup with the
+    # downloads in flight.  The workers are the master's children and stay so across execve:
+    # the new image adopts them (their pids, the lifeline pipe they watch) and drains them once
+    # its own generation is up, exactly as a reload does.
 
     def on_upgrade(self):
-        """Start the agent.py now on disk as a new master on our sockets (daemon.reexec)."""
-        if self.upgrade is not None:
-            log('agent: an upgrade is already under way (pid %d)' % self.upgrade[0])
-            return
-        argv = [SCRIPT] + config_argv(self.config) + ['run']
-        names = ['redirect' if sock in self.redirects else 'agent' for sock in self.listeners]
+        """Check the agent.py now on disk in a child, then become it (same pid)."""
+        daemon.notify(RELOADING=1, MONOTONIC_USEC=daemon.monotonic_usec(), STATUS='upgrading')
+        log('agent: upgrade: checking %s' % SCRIPT)
+        argv = [SCRIPT] + config_argv(self.config) + ['start' if self.detached else 'run']
+        state = json.dumps({'lifeline': [self.lifeline_r, self.lifeline_w],
+                            'workers': [[w.pid, w.retiring] for w in self.workers.values()],
+                            'respawns': self.respawns})
         try:
-            pid, pipe = self.reexec(argv, [sock.fileno() for sock in self.listeners], names)
-        except OSError as exc:
-            log('agent: upgrade: cannot start a new master: %s' % exc.strerror)
-            return
-        os.set_blocking(pipe, False)
-        self.selector.register(pipe, selectors.EVENT_READ)
-        self.upgrade = (pid, pipe, time.monotonic() + self.start_timeout)
-        log('agent: upgrade: started a new master (pid %d) from %s' % (pid, SCRIPT))
+            self.reexec(argv, [sock.fileno() for sock in self.listeners],
+                        ['redirect' if sock in self.redirects else 'agent' for sock in self.listeners],
+                        keep=(self.lifeline_r, self.lifeline_w), state=state)
+        except DaemonError as exc:
+            self.upgrade_done(str(exc))
 
-    def check_upgrade(self):
-        """READY: the new master owns the pidfile now, so drain and leave; else carry on."""
-        if self.upgrade is None:
-            return
-        pid, pipe, deadline = self.upgrade
-        try:
-            data = os.read(pipe, 4096)
-        except BlockingIOError:
-            if time.monotonic() < deadline:
-                return
-            signal_worker(pid, signal.SIGKILL)
-            data = b'ERROR not ready in time; killed'
-        self.selector.unregister(pipe)
-        os.close(pipe)
-        self.upgrade = None
-        if data.startswith(b'READY'):
-            log('agent: upgrade: pid %d took over; draining the old workers' % pid)
-            self.handed_over()
-            self.stopping = True
-        else:
-            reason = data.decode('utf-8', 'replace').strip()[6:] or 'it exited; see above'
-            log('agent: upgrade failed (%s); still serving' % reason)
-
-    def command(self, action):
-        if action == 'upgrade':
-            try:
-                return self.upgrade_command()
-            except DaemonError as exc:
-                sys.stderr.write('agent: %s\n' % exc)
-                return daemon.EXIT_FAILURE
-        return Daemon.command(self, action)
-
-    def upgrade_command(self):
-        """Send SIGUSR2 and wait until the pidfile names the new master, or the log says why not."""
-        self._absolutize()
-        state, old = self._probe()
-        if state != 'running':
-            self._say('agent is not running', error=True)
-            return daemon.EXIT_NOT_RUNNING
-        try:
-            offset = os.path.getsize(self.stderr)
-        except OSError:
-            offset = 0
-        os.kill(old, signal.SIGUSR2)
-        deadline = time.monotonic() + self.start_timeout + 1
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            state, pid = self._probe()
-            if state == 'running' and pid != old:
-                self._say('agent upgraded (pid %d replaced pid %d)' % (pid, old))
-                return daemon.EXIT_OK
-            failure = log_tail_match(self.stderr, offset, 'upgrade failed')
-            if failure:
-                self._say('agent: %s' % failure, error=True)
-                return daemon.EXIT_FAILURE
-        self._say('agent: the upgrade did not finish in time; see %s' % self.stderr, error=True)
-        return daemon.EXIT_FAILURE
+    def adopt_workers(self):
+        """In the new image after an upgrade: the workers of the old one; [] otherwise."""
+        if not self.inherited:
+            return []
+        state = json.loads(self.inherited)
+        os.close(self.lifeline_r)
+        os.close(self.lifeline_w)
+        self.lifeline_r, self.lifeline_w = state['lifeline']
+        for fd in state['lifeline']:
+            os.set_inheritable(fd, False)
+        self.respawns = state['respawns']
+        adopted = []
+        for pid, retiring in state['workers']:
+            worker = WorkerProcess(pid, 0)
+            worker.booted, worker.retiring = True, retiring
+            self.workers[pid] = worker
+            if not retiring:
+                adopted.append(worker)
+        log('agent: upgrade: now running %s; adopted %d workers' % (SCRIPT, len(self.workers)))
+        return adopted
 
     def on_reopen_logs(self):
         self.reopen_worker_logs()
@@ -2902,11 +2819,6 @@ class Agent(Daemon):
         while self.workers:
             for pid, status in reap_children(block=True):
                 self.workers.pop(pid, None)
-        if self.status_fd is not None and self._pidfile is not None and self._pidfile.fd is not None:
-            try:
-                os.unlink(self.status_path)     # not after an upgrade: the new master writes it
-            except OSError:
-                pass
         log('agent: stopped (%d worker(s) respawned while it ran)' % self.respawns)
 
 
@@ -2923,55 +2835,27 @@ def accept_connection(listener, family):
     return sock, address
 
 
-def read_reload_status(path):
-    """(count, ok, message) from a <pidfile>.reload file, or None (absent, or half written)."""
-    try:
-        with open(path, 'rb') as f:
-            text = f.read(4096).decode('utf-8', 'replace')
-    except OSError:
-        return None
-    line, newline, _ = text.partition('\n')
-    count, _, rest = line.partition(' ')
-    verdict, _, message = rest.partition(' ')
-    if not newline or not count.isdigit() or verdict not in ('ok', 'failed'):
-        return None
-    return int(count), verdict == 'ok', message
-
-
-def log_tail_match(path, offset, text):
-    """The first line containing text in the log after offset, without the timestamp."""
-    try:
-        with open(path, 'rb') as f:
-            f.seek(offset)
-            for line in f.read().decode('utf-8', 'replace').splitlines():
-                if text in line:
-                    return line.split('] ', 1)[-1]
-    except OSError:
-        pass
-    return None
-
-
 def config_argv(config):
-    """The command line (absolute paths) that gives a new master this configuration."""
-    argv = ['--root', config.root, '--bind', config.bind, '--port', str(config.port),
-            '--pidfile', config.pidfile, '--log', config.log, '--access-log', config.access_log,
-            '--workers', str(config.workers), '--stop-timeout', repr(config.stop_timeout),
-            '--timeout', repr(config.timeout), '--header-timeout', repr(config.header_timeout),
-            '--max-header-size', str(config.max_header_size),
-            '--max-connections', str(config.max_connections)]
-    for option, value in (('--user', config.user), ('--group', config.group)):
-        if value is not None:
-            argv += [option, value]
-    if config.follow_symlinks:
-        argv.append('--follow-symlinks')
-    if config.tls_cert:
-        argv += ['--tls-cert', config.tls_cert, '--tls-key', config.tls_key]
-        if config.allow_readable_key:
-            argv.append('--allow-readable-key')
-        if config.http_redirect is not None:
-            argv += ['--http-redirect', str(config.http_redirect)]
-        if config.hsts is not None:
-            argv += ['--hsts', str(config.hsts)]
+    """The command line that gives a new image of this master its configuration, paths absolute.
+
+    The options given, and the paths whose default would name another file from the current
+    directory (the default ./agent.pid of a daemon started elsewhere, now in /): an upgraded
+    master shows what it runs with, not defaults it never asked for, such as a --log that a
+    master under systemd (run in /) does not write.  Every option is spelled --dest-with-dashes;
+    a flag (store_true) holds True or False.
+    """
+    defaults = parser()
+    given = getattr(config, 'given', vars(config))
+    argv = []
+    for name, value in vars(config).items():
+        if name == 'action' or value is None or value is False or callable(value) or name == 'given':
+            continue
+        if name not in given and (name not in PATH_OPTIONS or value == 'off'
+                                  or os.path.abspath(defaults.get_default(name)) == value):
+            continue
+        argv.append('--' + name.replace('_', '-'))
+        if value is not True:
+            argv.append(value if isinstance(value, str) else repr(value))
     return argv
 
 
@@ -3146,6 +3030,9 @@ def parser():
     return p
 
 
+PATH_OPTIONS = ('root', 'pidfile', 'log', 'access_log', 'tls_cert', 'tls_key')   # made absolute by main()
+
+
 def main(argv=None):
     p = parser()
     config = p.parse_args(argv)
@@ -3154,6 +3041,10 @@ def main(argv=None):
     for option in ('http_redirect', 'hsts'):
         if getattr(config, option) is not None and not config.tls_cert:
             p.error('--%s needs --tls-cert and --tls-key' % option.replace('_', '-'))
+    # Which options were given: what an upgrade passes on (config_argv).
+    given = parser()
+    given.set_defaults(**dict.fromkeys(vars(config)))
+    config.given = {name for name, value in vars(given.parse_args(argv)).items() if value is not None}
     for name in ('root', 'pidfile', 'log'):
         setattr(config, name, os.path.abspath(getattr(config, name)))
     for name in ('tls_cert', 'tls_key'):

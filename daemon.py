@@ -48,8 +48,9 @@ Signals in the daemon
   SIGTERM, SIGINT   stop: `stopping` becomes true and wait() returns True; exit status 0
   SIGHUP            on_reload() hook (sd_notify RELOADING=1 ... READY=1 around it)
   SIGUSR1           stdout/stderr logs reopened (for logrotate), then on_reopen_logs() hook
-  SIGUSR2           on_upgrade() hook: reexec() starts new code that inherits the sockets and
-                    the locked pidfile, and takes over once it is ready (no-op by default)
+  SIGUSR2           on_upgrade() hook (no-op by default): reexec() checks the new code on disk
+                    in a child, then execve()s it in place: same pid, children, sockets and
+                    locked pidfile.  The `upgrade` action sends it and prints the outcome
 The handlers only record the signal and wake wait(); the hooks run from wait() or
 handle_signals(), in the daemon's own loop.  A classic run() that never calls either (a bare
 `while True:` loop) is stopped the way Python stops a program on Ctrl-C: SystemExit is raised
@@ -89,6 +90,7 @@ import pwd
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
@@ -116,8 +118,14 @@ ACTIONS = ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
-# Set by reexec() for the program it starts: "<pidfile fd>,<readiness fd>,<detached 0|1>".
-UPGRADE_ENV = 'DAEMON_UPGRADE_FDS'
+# Set by reexec() for the new image of the same process:
+# "<pidfile fd> <detached 0|1> <socket fds, comma-separated, or -> <their names, colon-separated, or ->",
+# and the subclass's own state (a string) in REEXEC_STATE_ENV.
+REEXEC_ENV = 'DAEMON_REEXEC'
+REEXEC_STATE_ENV = 'DAEMON_REEXEC_STATE'
+# Set by check_new_code() for the child that tries the new code: set up, then exit 0.
+CHECK_ENV = 'DAEMON_REEXEC_CHECK'
+UPGRADE_CHECK_TIMEOUT = 30.0
 
 SD_LISTEN_FDS_START = 3
 
@@ -453,7 +461,7 @@ class PidFile:
             raise DaemonError('adopt pidfile failed (fd %d is not %s)' % (fd, self.path))
         os.set_inheritable(fd, False)
         self.fd = fd
-        self.owner = None           # rewrite() makes it ours once we are ready
+        self.owner = os.getpid()    # re-executed in place: the pid in the file is still ours
 
     def _same_file(self, fd):
         try:
@@ -462,13 +470,6 @@ class PidFile:
             return False
         mine = os.fstat(fd)
         return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
-
-    def rewrite(self):
-        """Write the current pid again (after a process that holds the lock took over)."""
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, b'%d\n' % os.getpid(), 0)
-            self.owner = os.getpid()
 
     def release(self):
         """Remove the pidfile and drop the lock; a no-op in any process but the owner."""
@@ -608,14 +609,6 @@ class ReadinessPipe:
         self.r, self.w = os.pipe2(os.O_CLOEXEC)
         self.sent = False
 
-    @classmethod
-    def for_writing(cls, fd):
-        """The daemon's end, inherited across exec (reexec())."""
-        pipe = cls.__new__(cls)
-        os.set_inheritable(fd, False)
-        pipe.r, pipe.w, pipe.sent = None, fd, False
-        return pipe
-
     def send(self, line, close=True):
         """Daemon side: send the verdict once.
 
@@ -686,6 +679,8 @@ class Daemon:
                    once it forks, the launcher exits with the daemon's verdict
         stop()     one SIGTERM, SIGKILL after stop_timeout; a no-op success when not running
         restart(), try_restart(), reload() (SIGHUP), status(), foreground() (the `run` action)
+        upgrade()  SIGUSR2, then the daemon's verdict (the action is not in ACTIONS: a program
+                   whose on_upgrade() is no-op offers nothing to wait for)
         command(action)   one of ACTIONS
 
     Methods that may be overridden (all run in the daemon):
@@ -704,18 +699,25 @@ class Daemon:
         handle_signals()   the same without sleeping, for a run() with its own event loop
                            (its selector should watch `signal_fd`)
         stopping           True once SIGTERM/SIGINT arrived
-        reexec(argv, fds)  start new code to take over (sockets and pidfile passed on);
-                           handed_over() once it said READY
+        reexec(argv, fds, names, keep, state)
+                           check the new code in a child, then execve() it in place (same
+                           pid; sockets, pidfile, `keep` fds and children survive); returns only
+                           with a DaemonError saying why not
+        upgrade_done(error)  report an upgrade's outcome (ready() does it after a reexec)
+        inherited          after reexec(): the `state` string the old image passed, else None
 
     Class variables:
         ready_on_run       True: entering run() counts as ready.  Set False when run() calls
                            ready() itself, once its service can really be used.
         start_timeout      seconds the launcher waits for ready before it gives up and stops
                            the daemon
+        reload_timeout     seconds `reload` waits for the daemon's verdict (its on_reload()
+                           hook runs from wait() or handle_signals(), in the daemon's loop)
     """
 
     ready_on_run = True
     start_timeout = 60.0
+    reload_timeout = 10.0
 
     def __init__(self, pidfile, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
                  umask=0o022, workdir='/', stop_timeout=10.0, user=None, group=None, name=None):
@@ -729,6 +731,8 @@ class Daemon:
         self.stopping = False
         self.detached = False           # True in a daemon that forked away from its terminal
         self.listen_fds = {}
+        self.inherited = None           # after reexec(): the state string it was given
+        self._upgrading = False         # after reexec(): the outcome is not reported yet
         self._pidfile = None
         self._readiness = None
         self._is_ready = False
@@ -773,11 +777,15 @@ class Daemon:
         method = {'start': self.start, 'stop': self.stop, 'restart': self.restart,
                   'try-restart': self.try_restart, 'reload': self.reload,
                   'force-reload': self.reload, 'status': self.status,
-                  'run': self.foreground}.get(action)
+                  'run': self.foreground, 'upgrade': self.upgrade}.get(action)
         if method is None:
             sys.stderr.write('%s: unknown action %r (use %s)\n' % (self.name, action, '|'.join(ACTIONS)))
             return EXIT_USAGE
         try:
+            if action in ('start', 'run') and CHECK_ENV in os.environ:
+                return self._check_only()
+            if action in ('start', 'run') and REEXEC_ENV in os.environ:
+                return self._continue_after_reexec(os.environ.pop(REEXEC_ENV))
             return method()
         except DaemonError as exc:
             sys.stderr.write('%s: %s\n' % (self.name, exc))
@@ -853,20 +861,18 @@ class Daemon:
         return self.restart()
 
     def reload(self):
-        """Ask the daemon to reload (SIGHUP)."""
-        self._absolutize()
-        state, pid = self._probe()
-        if state != 'running':
-            self._say('%s is not running' % self.name, error=True)
+        """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
+        on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
+        daemon goes on as it was), 7 if it is not running."""
+        pid, verdict = self._signal_and_wait('reload', signal.SIGHUP, self.reload_timeout)
+        if pid is None:
             return EXIT_NOT_RUNNING
-        pidfd = _open_pidfd(pid)
-        try:
-            self._send(pid, pidfd, signal.SIGHUP)
-        finally:
-            if pidfd is not None:
-                os.close(pidfd)
-        self._say('%s reloading (pid %d)' % (self.name, pid))
-        return EXIT_OK
+        if verdict == 'OK':
+            self._say('%s reloaded (pid %d)' % (self.name, pid))
+            return EXIT_OK
+        if verdict is not None:
+            self._say('%s: reload failed: %s (pid %d goes on as it was)' % (self.name, verdict, pid), error=True)
+        return EXIT_FAILURE
 
     def status(self):
         """LSB status: 0 running, 1 dead with a pidfile left, 3 not running, 4 unknown."""
@@ -893,15 +899,6 @@ class Daemon:
         self._absolutize()
         check_identity(self.user, self.group)
         self.listen_fds = listen_fds()
-        upgrade = os.environ.pop(UPGRADE_ENV, None)
-        if upgrade:
-            # Started by reexec(): we continue the daemon we replace (detached or not, as it
-            # was), adopt its locked pidfile, and tell it on the pipe when we are ready.
-            pidfile_fd, ready_fd, detached = map(int, upgrade.split(','))
-            self.detached = bool(detached)
-            self._readiness = ReadinessPipe.for_writing(ready_fd)
-            self._pidfile = PidFile(self.pidfile_path)
-            self._pidfile.adopt(pidfile_fd)
         try:
             self._become_service()
         except AlreadyRunning as exc:
@@ -1015,10 +1012,10 @@ class Daemon:
         if self._is_ready:
             return
         self._is_ready = True
-        if self._pidfile is not None and self._pidfile.owner is None:
-            self._pidfile.rewrite()         # an upgrade: the pidfile names us from now on
-        # The service manager hears of the new main pid before the old one may leave.
-        notify(READY=1, MAINPID=os.getpid(), STATUS='%s running' % self.name)
+        if self._upgrading:
+            self.upgrade_done()             # READY=1 too, with the outcome as STATUS
+        else:
+            notify(READY=1, STATUS='%s running' % self.name)
         if self._readiness is not None:
             self._readiness.send('READY')
 
@@ -1103,8 +1100,15 @@ class Daemon:
             if signum == signal.SIGHUP:
                 notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS='reloading')
                 log('%s: reloading (SIGHUP)' % self.name)
-                self.on_reload()
-                notify(READY=1, STATUS='%s running' % self.name)
+                try:
+                    self.on_reload()
+                    error = None
+                except DaemonError as exc:
+                    error = str(exc)
+                    log('%s: reload failed: %s' % (self.name, error))
+                notify(READY=1, STATUS='%s running' % self.name if error is None
+                       else '%s running; reload failed: %s' % (self.name, error))
+                self._report('reload', error)
             elif signum == signal.SIGUSR1:
                 self.reopen_std_logs()
                 self.on_reopen_logs()
@@ -1141,59 +1145,265 @@ class Daemon:
         for fd in {fd_out, fd_err}:
             os.close(fd)
 
-    def reexec(self, argv, fds=(), names=None, cwd='/'):
-        """Start `argv` (a new version of this program, run in the foreground) to take over.
+    # -- upgrade in place: SIGUSR2 -------------------------------------------------------------
+    #
+    # Why in place (execve, same pid) rather than a new master that takes over: a service
+    # manager watches the main pid.  systemd adopts a new MAINPID only as "a process which is
+    # not our child", and then stops the service by killing the whole cgroup; start-stop-daemon
+    # and monit follow the pidfile's pid the same way.  A process that re-executes itself keeps
+    # its pid, its children (the workers), its open sockets and its flock()ed pidfile, as
+    # systemd's own daemon-reexec and HAProxy's master-worker reload do: nothing outside ever
+    # sees a change but the new code.
+    #
+    # The price: after execve there is no old program left to fall back to.  So the new code is
+    # first run in a child (check_new_code(): it imports, parses the command line and runs
+    # setup() on copies of the sockets, as the real thing would), and only then exec'd.  What
+    # can still fail after execve (its workers cannot start, a file vanished in between) is the
+    # new image's to handle: it reports the failure and keeps the workers it inherited serving.
+    # A file replaced again between the check and the execve is not covered.
 
-        It inherits the sockets `fds` as socket activation passes them (LISTEN_FDS from fd 3,
-        LISTEN_PID, LISTEN_FDNAMES), our locked pidfile, and a pipe on which its ready() says
-        READY after it has rewritten the pidfile with its own pid.  The lock is never released
-        in between.  Returns (pid, read end of that pipe); the caller waits for READY, then
-        calls handed_over() and exits, or, at EOF, carries on as before.
+    def reexec(self, argv, fds=(), names=None, keep=(), state=''):
+        """Replace this process's code with `argv` (a new version of this program), in place.
+
+        First the new code is checked in a child (check_new_code); if that fails, DaemonError
+        says why in the new code's own words and nothing has changed.  Then execve: the pid,
+        the children, the sockets `fds` (offered to the new image as `listen_fds`, named by
+        `names`), the locked pidfile, the descriptors in `keep` (same numbers) and the string
+        `state` (as `self.inherited`) survive.  Returns only on failure.  Signals that arrive in
+        between stay blocked and pending, so the new image acts on them.
+        """
+        if self.stopping:
+            raise DaemonError('stopping: no upgrade')
+        argv = [sys.executable] + list(argv)
+        self.check_new_code(argv, fds, names)
+        passed = list(fds) + list(keep)
+        if self._pidfile is not None and self._pidfile.fd is not None:
+            passed.append(self._pidfile.fd)
+        env = dict(os.environ)
+        env[REEXEC_ENV] = '%d %d %s %s' % (
+            self._pidfile.fd if self._pidfile is not None and self._pidfile.fd is not None else -1,
+            self.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
+        env[REEXEC_STATE_ENV] = state
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
+        # Signals recorded but not yet acted on would die with this image: raise them again,
+        # blocked, so they are pending when the new image unblocks them.
+        for signum in self._pending:
+            os.kill(os.getpid(), signum)
+        try:
+            for fd in passed:
+                os.set_inheritable(fd, True)
+            _flush_std_streams()
+            os.execve(argv[0], argv, env)
+        except OSError as exc:
+            for fd in passed:
+                try:
+                    os.set_inheritable(fd, False)
+                except OSError:
+                    pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            raise _step_error('execve %s' % argv[0], exc)
+
+    def check_new_code(self, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
+        """Run `argv` in a child with CHECK_ENV set: it must import, parse and set up, then exit 0.
+
+        The child gets copies of the sockets (as socket activation passes them), stdin from
+        /dev/null, and stdout and stderr on a pipe: its last line is the error that
+        DaemonError carries when it exits non-zero.  It never sees NOTIFY_SOCKET or the pidfile.
         """
         r, w = os.pipe2(os.O_CLOEXEC)
-        # A copy of the pidfile's descriptor: the child's at-fork hook closes the original.
-        pidfile_fd = fcntl.fcntl(self._pidfile.fd, fcntl.F_DUPFD_CLOEXEC, SD_LISTEN_FDS_START)
-        passed = list(fds) + [pidfile_fd, w]
         try:
             pid = os.fork()
-        except OSError:
-            for fd in (r, w, pidfile_fd):
-                os.close(fd)
-            raise
-        if pid:
+        except OSError as exc:
+            os.close(r)
             os.close(w)
-            os.close(pidfile_fd)
-            return pid, r
+            raise _step_error('fork a check of the new code', exc)
+        if pid == 0:
+            try:
+                base = max(list(fds) + [r, w]) + len(fds) + SD_LISTEN_FDS_START + 1
+                copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
+                for index, fd in enumerate(copies):
+                    os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(w, 1)
+                os.dup2(w, 2)
+                close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds)))
+                env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
+                env[CHECK_ENV] = self.pidfile_path
+                for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV):
+                    env.pop(name, None)
+                if names:
+                    env['LISTEN_FDNAMES'] = ':'.join(names)
+                reset_signals()
+                os.execve(argv[0], argv, env)
+            except BaseException as exc:
+                try:
+                    os.write(2, ('cannot run %s: %s\n' % (argv[0], _describe(exc))).encode())
+                except OSError:
+                    pass
+            finally:
+                os._exit(127)
+        os.close(w)
+        output, deadline = b'', time.monotonic() + timeout
         try:
-            # Copy everything above the target range first, so no dup2 clobbers a source.
-            base = max(passed) + len(passed) + SD_LISTEN_FDS_START
-            copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in passed]
-            for index, fd in enumerate(copies):
-                os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
-            count = len(fds)
-            env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(count))
-            env[UPGRADE_ENV] = '%d,%d,%d' % (SD_LISTEN_FDS_START + count, SD_LISTEN_FDS_START + count + 1,
-                                             self.detached)
-            env.pop('LISTEN_FDNAMES', None)
-            if names:
-                env['LISTEN_FDNAMES'] = ':'.join(names)
-            close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(passed)))
-            reset_signals()
-            os.chdir(cwd)
-            os.execve(sys.executable, [sys.executable] + list(argv), env)
-        except BaseException as exc:
-            log('%s: cannot start the new version: %s' % (self.name, _describe(exc)))
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    os.kill(pid, signal.SIGKILL)
+                    output += b'\nno verdict within %gs' % timeout
+                    break
+                try:
+                    ready = select.select([r], [], [], remaining)[0]
+                except InterruptedError:
+                    continue
+                if ready:
+                    chunk = os.read(r, 65536)
+                    if not chunk:
+                        break
+                    output = (output + chunk)[-65536:]
         finally:
-            os._exit(127)
+            os.close(r)
+            while True:
+                try:
+                    _, status = os.waitpid(pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            return
+        lines = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
+        raise DaemonError('the new code failed its check: %s' % (lines[-1] if lines else
+                          'exit status %s' % (os.WEXITSTATUS(status) if os.WIFEXITED(status)
+                                              else 'signal %d' % os.WTERMSIG(status))))
 
-    def handed_over(self):
-        """After the new version said READY: the pidfile is its own now; never remove it.
+    def upgrade_done(self, error=None):
+        """Report an upgrade's outcome: the log, the service manager and `upgrade` waiting for it.
 
-        Nor speak for the service any more: a STOPPING=1 from us would now stop the new one.
+        The old image calls it when the check failed; the new one once it is ready, or with the
+        reason it could not use its new code (and then serves on with what it inherited).
         """
-        if self._pidfile is not None:
-            self._pidfile.forget()
-        os.environ.pop('NOTIFY_SOCKET', None)
+        self._upgrading = False
+        if error:
+            log('%s: upgrade failed (%s); still serving (pid %d)' % (self.name, error, os.getpid()))
+            status = '%s running; upgrade failed: %s' % (self.name, error)
+        else:
+            log('%s: upgraded in place (pid %d)' % (self.name, os.getpid()))
+            status = '%s running (upgraded)' % self.name
+        notify(READY=1, STATUS=status)
+        self._report('upgrade', error)
+
+    def _report(self, action, error=None):
+        """Send the outcome of a reload or an upgrade to the command waiting for it, if any."""
+        line = 'ERROR ' + error if error else 'OK'
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto(line.encode('utf-8', 'replace')[:4096], _verdict_address(self.name, action, os.getpid()))
+        except OSError:
+            pass        # nobody waits for it: the signal came from kill or systemctl
+
+    def _continue_after_reexec(self, spec):
+        """The new image after reexec(): the same daemon, the same pid, new code.
+
+        A failure here, before run(), is reported as the upgrade's outcome; the process then
+        exits as any daemon whose setup failed (its children see their lifeline close).  A
+        program that can do better overrides setup() to keep serving with what it inherited.
+        """
+        pidfile_fd, detached, fds, names = spec.split(' ')
+        self.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
+        self.detached = detached == '1'
+        self._upgrading = True
+        try:
+            if self.detached:
+                rebuild_std_streams()       # fds 0-2 are still the log: line-buffered again
+            self._absolutize()
+            fds = [int(fd) for fd in fds.split(',')] if fds != '-' else []
+            names = names.split(':') if names != '-' else []
+            for index, fd in enumerate(fds):
+                os.set_inheritable(fd, False)
+                name = names[index] if index < len(names) and names[index] else 'unknown'
+                self.listen_fds.setdefault(name, []).append(fd)
+            if int(pidfile_fd) >= 0:
+                self._pidfile = PidFile(self.pidfile_path)
+                self._pidfile.adopt(int(pidfile_fd))
+            self._become_service()
+        except BaseException as exc:
+            self.upgrade_done(_describe(exc))
+            self._cleanup()
+            return EXIT_FAILURE
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
+        return self._serve()
+
+    def _check_only(self):
+        """The child of check_new_code(): everything up to serving, then exit 0."""
+        self._absolutize()
+        if os.environ.pop(CHECK_ENV) != self.pidfile_path:
+            raise DaemonError('the new command line names another pidfile (%s)' % self.pidfile_path)
+        self.listen_fds = listen_fds()
+        self.setup()
+        drop_privileges(self.user, self.group)
+        return EXIT_OK
+
+    def upgrade(self):
+        """The `upgrade` action: SIGUSR2 to the daemon, then wait for its verdict and print it."""
+        pid, verdict = self._signal_and_wait('upgrade', signal.SIGUSR2,
+                                             UPGRADE_CHECK_TIMEOUT + self.start_timeout + 5)
+        if pid is None:
+            return EXIT_NOT_RUNNING
+        if verdict == 'OK':
+            self._say('%s upgraded in place (pid %d)' % (self.name, pid))
+            return EXIT_OK
+        if verdict is not None:
+            self._say('%s: upgrade failed: %s; still serving (pid %d)' % (self.name, verdict, pid), error=True)
+        return EXIT_FAILURE
+
+    def _signal_and_wait(self, action, signum, timeout):
+        """Signal the running daemon and wait for its verdict on the action: (pid, 'OK' or the
+        error it reported), (pid, None) after saying why there is none, (None, None) if it is
+        not running.
+
+        The verdict comes on a datagram socket in the abstract namespace, named after the
+        daemon, the action and its pid, from that very pid (checked with SO_PASSCRED): no file,
+        no log text to search.
+        """
+        self._absolutize()
+        state, pid = self._probe()
+        if state != 'running':
+            self._say('%s is not running (pidfile %s)' % (self.name, self.pidfile_path), error=True)
+            return None, None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        pidfd = None
+        try:
+            try:
+                sock.bind(_verdict_address(self.name, action, pid))
+            except OSError as exc:
+                raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
+                                  'under way?' % (exc.strerror, action, pid))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            pidfd = _open_pidfd(pid)
+            self._send(pid, pidfd, signum)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                watched = [sock] + ([pidfd] if pidfd is not None else [])
+                ready = select.select(watched, [], [], min(0.5, max(0.0, deadline - time.monotonic())))[0]
+                if sock in ready:
+                    data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+                    if _sender_pid(ancillary) != pid:
+                        continue
+                    text = data.decode('utf-8', 'replace')
+                    return pid, 'OK' if text == 'OK' else text[6:]
+                if not self._alive(pid, pidfd):
+                    self._say('%s (pid %d) exited during the %s; see %s'
+                              % (self.name, pid, action, self.stderr), error=True)
+                    return pid, None
+            self._say('%s: no word from pid %d on the %s within %gs (does run() call wait() or '
+                      'handle_signals()?); see %s' % (self.name, pid, action, timeout, self.stderr),
+                      error=True)
+            return pid, None
+        finally:
+            sock.close()
+            if pidfd is not None:
+                os.close(pidfd)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -1276,6 +1486,20 @@ def _describe(exc):
     if isinstance(exc, OSError) and exc.strerror:
         return '%s%s' % (exc.strerror, ': %s' % exc.filename if exc.filename else '')
     return '%s: %s' % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+
+
+def _verdict_address(name, action, pid):
+    """Where `reload` or `upgrade` waits for the verdict of the daemon with this pid (a
+    datagram socket in the abstract namespace: nothing on disk to clean up or to forge)."""
+    return '\0%s-%s-%d' % (name, action, pid)
+
+
+def _sender_pid(ancillary):
+    """The sender's pid in a datagram's SCM_CREDENTIALS, or None."""
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+            return struct.unpack('3i', payload[:12])[0]
+    return None
 
 
 def _is_zombie(pid):

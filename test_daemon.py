@@ -1244,13 +1244,20 @@ class SupervisionTests(unittest.TestCase):
         server.stop()
 
 
-    def test_upgrade_runs_the_new_code_without_failing_a_request(self):
+    def test_upgrade_runs_the_new_code_in_place_without_failing_a_request(self):
         code = tempfile.mkdtemp(prefix='agent-code-')
         self.addCleanup(subprocess.run, ['rm', '-rf', code])
         for name in ('agent.py', 'daemon.py'):
             with open(os.path.join(HERE, name)) as src, open(os.path.join(code, name), 'w') as dst:
                 dst.write(src.read())
         script = os.path.join(code, 'agent.py')
+        with open(script) as f:
+            good_code = f.read()
+
+        def install(text):
+            with open(script, 'w') as f:
+                f.write(text)
+
         server = AgentServer(self, script=script).start()
         body = os.urandom(20000)
         server.write('u.jpg', body)
@@ -1272,47 +1279,119 @@ class SupervisionTests(unittest.TestCase):
                     conn.close()
             conn.close()
 
+        def serving_more(n, what):
+            count = len(done)
+            wait_for(lambda: len(done) > count + n, message='requests ' + what)
+
         threads = [threading.Thread(target=client) for _ in range(3)]
         for t in threads:
             t.start()
         try:
-            old_master, old_workers = server.master(), server.workers()
+            master, old_workers = server.master(), server.workers()
+            pidfile_before = os.stat(server.pidfile)
             wait_for(lambda: len(done) > 50, message='requests before the upgrade')
-            with open(script) as f:
-                new_code = f.read().replace("SERVER = b'agent'", "SERVER = b'agent-v2'")
-            with open(script, 'w') as f:
-                f.write(new_code)
+            install(good_code.replace("SERVER = b'agent'", "SERVER = b'agent-v2'"))
             result = server.command('upgrade')
             self.assertEqual(result.returncode, 0, result.stderr)
-            self.assertIn('agent upgraded', result.stdout)
-            count = len(done)
-            wait_for(lambda: len(done) > count + 100, message='requests after the upgrade')
-            wait_for(lambda: not pid_alive(old_master) and not any(map(pid_alive, old_workers)),
-                     message='the old master and workers gone')
-            # A broken new version: the upgrade fails, and the running one goes on serving.
-            with open(script) as f:
-                new_code = f.read().replace('\ndef main(argv=None):\n', '\ndef main(argv=None):\n    1 / 0\n')
-            with open(script, 'w') as f:
-                f.write(new_code)
-            new_master = server.master()
+            self.assertIn('agent upgraded in place (pid %d)' % master, result.stdout)
+            # The same process, pidfile and lock; the old workers drained, new ones serve.
+            self.assertEqual(server.master(), master)
+            after = os.stat(server.pidfile)
+            self.assertEqual((after.st_ino, after.st_mtime_ns), (pidfile_before.st_ino, pidfile_before.st_mtime_ns))
+            wait_for(lambda: not any(map(pid_alive, old_workers)), message='the old workers drained')
+            wait_for(lambda: len(server.workers()) == 2, message='two new workers')
+            self.assertFalse(set(server.workers()) & set(old_workers))
+            serving_more(100, 'after the upgrade')
+            with open('/proc/%d/cmdline' % master) as f:
+                argv = f.read().split('\0')[:-1]
+            self.assertEqual(argv[-1], 'start')
+            for option in ('--pidfile', server.pidfile, '--log', server.log, '--workers', '2'):
+                self.assertIn(option, argv)
+            self.assertNotIn('--timeout', argv, 'an option nobody gave: %r' % argv)
+
+            # A broken new version: the check in a child fails, with its own error; nothing changes.
+            workers = server.workers()
+            install(good_code.replace('\ndef main(argv=None):\n', '\ndef main(argv=None):\n    1 / 0\n'))
             failed = run([PYTHON, AGENT] + server.options + ['upgrade'])
             self.assertEqual(failed.returncode, 1)
-            self.assertIn('upgrade failed', failed.stderr)
-            self.assertEqual(server.master(), new_master)
-            count = len(done)
-            wait_for(lambda: len(done) > count + 50, message='requests after the failed upgrade')
+            self.assertIn('ZeroDivisionError', failed.stderr)
+            self.assertNotIn('Traceback', failed.stderr)
+            self.assertEqual((server.master(), server.workers()), (master, workers))
+            serving_more(50, 'after the failed check')
+
+            # A version that passes the check, but whose workers cannot start once exec'd: the
+            # new image reports it and the workers it inherited go on serving.
+            signature = '    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=()):\n'
+            install(good_code.replace(signature, signature + "        raise DaemonError('v3 workers refuse to start')\n", 1))
+            with open(script) as f:
+                self.assertIn('v3 workers refuse', f.read(), 'the test no longer breaks Worker')
+            failed = run([PYTHON, AGENT] + server.options + ['upgrade'])
+            self.assertEqual(failed.returncode, 1, failed.stdout)
+            self.assertIn('v3 workers refuse to start', failed.stderr)
+            self.assertEqual((server.master(), server.workers()), (master, workers))
+            serving_more(50, 'after the failed upgrade')
+
+            install(good_code)
+            result = server.command('upgrade')
+            self.assertEqual(result.returncode, 0, result.stderr)
+            serving_more(50, 'after the repaired upgrade')
         finally:
             stop.set()
             for t in threads:
                 t.join(TIMEOUT)
-        server.pids.append(server.master())
-        server.script = AGENT           # the copy on disk is broken now
         self.assertEqual(failures, [])
         self.assertIn('agent-v2', servers)
-        self.assertNotEqual(server.master(), old_master)
+        self.assertEqual(server.master(), master)
         self.assertEqual(server.command('status').returncode, 0)
         server.stop()
         self.assertFalse(os.path.exists(server.pidfile))
+        self.assertFalse(pid_alive(master))
+
+    def test_upgrade_by_another_user_is_exit_4_without_a_traceback(self):
+        import pwd
+        if os.geteuid() != 0:
+            self.skipTest('needs root, to start a daemon that another user may not signal')
+        try:
+            nobody = pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        python = PYTHON if not PYTHON.startswith('/root/') else '/usr/bin/python3'
+        if not os.path.exists(python):
+            self.skipTest('no python3 that nobody may run')
+        server = AgentServer(self).start()
+        os.chmod(server.dir, 0o755)
+
+        def become_nobody():
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+        result = run([python, AGENT] + server.options + ['upgrade'], preexec_fn=become_nobody,
+                     cwd='/', env=dict(os.environ, HOME='/'))
+        self.assertEqual(result.returncode, daemon.EXIT_PRIVILEGE, result.stdout + result.stderr)
+        self.assertIn('permission denied', result.stderr)
+        self.assertNotIn('Traceback', result.stderr)
+        server.stop()
+
+    def test_upgraded_foreground_master_shows_only_the_options_it_was_given(self):
+        tmp = tempfile.mkdtemp(prefix='agent-argv-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        os.makedirs(os.path.join(tmp, 'www'))
+        err = open(os.path.join(tmp, 'stderr'), 'w')
+        self.addCleanup(err.close)
+        proc = subprocess.Popen([PYTHON, AGENT, '--root', 'www', '--bind', '127.0.0.1', '--port', '0',
+                                 '--workers', '1', 'run'], cwd=tmp, stdout=err, stderr=err,
+                                start_new_session=True)
+        self.addCleanup(lambda: (kill_group_of(proc.pid), proc.wait(TIMEOUT)))
+        pidfile = os.path.join(tmp, 'agent.pid')
+        wait_for(lambda: children_of(proc.pid) and read_pid(pidfile) == proc.pid, message='the agent up')
+        result = run([PYTHON, AGENT, 'upgrade'], cwd=tmp)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        with open('/proc/%d/cmdline' % proc.pid) as f:
+            argv = f.read().split('\0')[:-1]
+        self.assertEqual(argv[1:], [AGENT, '--root', os.path.join(tmp, 'www'), '--bind', '127.0.0.1',
+                                    '--port', '0', '--workers', '1', 'run'])
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertFalse(os.path.exists(os.path.join(tmp, 'agent.log')), 'a foreground master wrote --log')
 
 
 
@@ -4300,7 +4379,7 @@ class TLSStartAndReloadTests(unittest.TestCase):
         self.assertEqual(failures, [])
         with open(self.server.log) as f:
             log_text = f.read()
-        self.assertIn('reload failed (TLS certificate %s' % self.cert, log_text)
+        self.assertIn('reload failed: TLS certificate %s' % self.cert, log_text)
         self.assertNotIn('Traceback', log_text)
 
     def test_upgrade_keeps_tls_and_the_redirect(self):
@@ -4311,7 +4390,7 @@ class TLSStartAndReloadTests(unittest.TestCase):
         old = self.server.master()
         result = self.server.command('upgrade')
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertNotEqual(self.server.master(), old)
+        self.assertEqual(self.server.master(), old)          # in place: the same pid
         self.server.pids.append(self.server.master())
         conn = TLSConn(self.server.port, self.ca[0])
         self.addCleanup(conn.close)
@@ -4484,7 +4563,8 @@ class EcoSdNotifyTests(EcoTestCase):
                                '--workers', '2', 'run'], stderr, env=env)
         seen = []
         ready = self.until(sock, 'READY', seen)
-        self.assertEqual(ready.get('MAINPID'), str(proc.pid), seen)
+        # The main process itself: no MAINPID= (it never changes, an upgrade is in place).
+        self.assertNotIn('MAINPID', ready, seen)
         self.assertEqual(read_pid(pidfile), proc.pid)
         self.assertEqual(len(children_of(proc.pid)), 2, 'READY=1 before every worker was up')
         port = self.eco_port_in(self.eco_read(stderr))
@@ -4793,11 +4873,12 @@ class EcoInitScriptTests(EcoTestCase):
         master = read_pid(pidfile)
         self.assertTrue(master and pid_alive(master))
         self.assertTrue(serves())
-        code, out = init('upgrade')           # SIGUSR2: a new master on the same socket
+        workers = set(children_of(master))
+        code, out = init('upgrade')           # SIGUSR2: the master re-executes itself in place
         self.assertEqual(code, 0, out)
-        wait_for(lambda: not pid_alive(master), timeout=self.DEADLINE, message='the old master gone')
-        self.assertNotEqual(read_pid(pidfile), master)
-        master = read_pid(pidfile)
+        self.assertEqual(read_pid(pidfile), master)
+        wait_for(lambda: not workers & set(children_of(master)), timeout=self.DEADLINE,
+                 message='the old workers drained')
         self.assertEqual(init('status')[0], 0, 'start-stop-daemon refuses the pidfile after an upgrade')
         self.assertTrue(serves())
         code, out = init('force-reload')      # the options are the command line: a restart
@@ -4956,7 +5037,8 @@ class EcoSystemdUnitTests(EcoTestCase):
                 key, _, value = line.partition('=')
                 settings.setdefault(key, []).append(value)
         self.assertEqual(settings['Type'], ['notify'])
-        self.assertEqual(settings['NotifyAccess'], ['all'], 'an upgraded master could not send MAINPID=')
+        # An upgrade keeps the main pid (execve in place): only the master ever notifies.
+        self.assertEqual(settings['NotifyAccess'], ['main'])
         self.assertTrue(settings['ExecStart'][0].endswith(' run'), 'the service must not fork away')
         self.assertIn('--pidfile /run/agent/agent.pid', settings['ExecStart'][0])
         self.assertEqual(settings['ExecReload'], ['/bin/kill -HUP $MAINPID'])
@@ -5032,36 +5114,37 @@ class EcoUpgradeUnderServiceManagerTests(EcoTestCase):
         return sender, fields
 
     def upgrade(self, proc):
+        """SIGUSR2; returns the datagrams up to the READY=1 that ends it."""
+        workers = children_of(proc.pid)
         proc.send_signal(signal.SIGUSR2)
-        self.assertEqual(proc.wait(self.DEADLINE), 0, 'the old master did not hand over')
-        new = read_pid(self.pidfile)
-        self.assertNotEqual(new, proc.pid)
-        self.assertTrue(pid_alive(new))
-        return new
+        messages = [self.receive()]
+        while messages[-1][1].get('READY') != '1':
+            messages.append(self.receive())
+        self.assertIsNone(proc.poll(), 'the master exited')
+        self.assertEqual(read_pid(self.pidfile), proc.pid)
+        wait_for(lambda: not set(workers) & set(children_of(proc.pid)), timeout=self.DEADLINE,
+                 message='the old workers drained')
+        return messages
 
-    # The old master used to send STOPPING=1 after it had handed over.  Under systemd that is
-    # the service stopping (NotifyAccess=all, needed for MAINPID=): the new master was killed.
-    def test_new_master_announces_itself_and_the_old_one_stays_silent(self):
+    # A new master beside the old one was, for systemd, "a process which is not our child": a
+    # stop then killed the whole cgroup.  In place, the service manager sees a reload of its
+    # main process: RELOADING=1, then READY=1, from the same pid, and never STOPPING=1.
+    def test_upgrade_is_a_reload_of_the_same_main_process(self):
         proc = self.start_run()
-        new = self.upgrade(proc)
-        messages = []
-        self.sock.setblocking(False)
-        while True:
-            try:
-                messages.append(self.receive(0.5))
-            except AssertionError:
-                break
-        ready = [(sender, m) for sender, m in messages if m.get('READY') == '1']
-        self.assertEqual(ready, [(new, ready[0][1])] if ready else [], messages)
-        self.assertEqual(ready[0][1].get('MAINPID'), str(new), messages)
-        self.assertEqual([m for sender, m in messages if sender == proc.pid], [],
-                         'the old master notified after handing over: %r' % messages)
+        messages = self.upgrade(proc)
+        self.assertEqual({sender for sender, _ in messages}, {proc.pid}, messages)
+        self.assertEqual(messages[0][1].get('RELOADING'), '1', messages)
+        self.assertIn('upgraded', messages[-1][1].get('STATUS', ''), messages)
+        self.assertFalse([m for _, m in messages if 'STOPPING' in m or 'MAINPID' in m], messages)
+        self.assertEqual(self.eco_get(self.eco_port_in(self.eco_read(self.stderr)), '/u.jpg'),
+                         (200, b'UPGRADE'))
 
     # The upgraded master used to believe it was a detached daemon, so a SIGUSR1 (logrotate)
     # moved its stderr, which was the journal, to the --log file.
     def test_upgraded_foreground_master_keeps_its_stderr_on_usr1(self):
         proc = self.start_run()
-        new = self.upgrade(proc)
+        self.upgrade(proc)
+        new = proc.pid
         self.assertEqual(os.readlink('/proc/%d/fd/2' % new), self.stderr)
         # The access log, renamed, is recreated when the master handles the USR1: by then it has
         # decided about its stderr too.
