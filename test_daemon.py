@@ -89,6 +89,15 @@ def children_of(pid):
     return found
 
 
+def slurp(path):
+    """The text of a file, '' if it does not exist (yet)."""
+    try:
+        with open(path, errors='replace') as f:
+            return f.read()
+    except FileNotFoundError:
+        return ''
+
+
 def read_pid(path):
     try:
         with open(path) as f:
@@ -180,7 +189,21 @@ if __name__ == '__main__':
     if os.environ.get('SAMPLE_OPEN_FD'):
         leak = open(os.environ['SAMPLE_OPEN_FD'], 'w')
         os.set_inheritable(leak.fileno(), True)
-    sample = Sample('sample.pid', stdout='sample.log', stderr='sample.log',
+    if os.environ.get('SAMPLE_FAKE_SYSLOG'):
+        # A stand-in for the syslog module that appends to a file: the test reads what a
+        # daemon without a log would have sent to /dev/log.
+        import types
+        fake = types.ModuleType('syslog')
+        fake.LOG_PID, fake.LOG_DAEMON, fake.LOG_ERR = 1, 24, 3
+        fake.openlog = lambda ident, option, facility: setattr(fake, 'ident', ident)
+        fake.closelog = lambda: None
+        def fake_syslog(priority, line):
+            with open(os.environ['SAMPLE_FAKE_SYSLOG'], 'a') as f:
+                f.write('%s[%d] <%d> %s\\n' % (fake.ident, os.getpid(), priority, line))
+        fake.syslog = fake_syslog
+        sys.modules['syslog'] = fake
+    log = '/dev/null' if os.environ.get('SAMPLE_NO_LOG') else 'sample.log'
+    sample = Sample('sample.pid', stdout=log, stderr=log,
                     stop_timeout=float(os.environ.get('SAMPLE_STOP_TIMEOUT', '10')))
     sys.exit(daemon.main(sample))
 '''
@@ -565,7 +588,7 @@ class DaemonProcessTests(SampleDaemonTest):
         pid = self.start()
         again = self.sample('start')
         self.assertEqual(again.returncode, 0)
-        self.assertIn('already running (pid %d)' % pid, again.stdout)
+        self.assertIn('already running (pid %d, pidfile %s)' % (pid, self.pidfile), again.stdout)
         self.assertEqual(read_pid(self.pidfile), pid)
 
     def test_eight_concurrent_starts_leave_one_daemon(self):
@@ -671,7 +694,50 @@ class DaemonProcessTests(SampleDaemonTest):
         wait_for(lambda: 'ValueError: boom' in self.log(), message='the traceback in the log')
         self.assertIn('Traceback (most recent call last)', self.log())
         self.assertIn('cleanup ran', self.log())
-        wait_for(lambda: not os.path.exists(self.pidfile), message='pidfile removal')
+        # The unlocked pidfile stays as the record of the death: status says dead, not stopped.
+        wait_for(lambda: self.sample('status').returncode == daemon.STATUS_DEAD, message='status dead')
+        status = self.sample('status')
+        self.assertIn('is dead, but pidfile %s remains' % self.pidfile, status.stdout)
+        self.assertIn(self.logfile, status.stdout)
+        self.assertIn('pidfile %s left' % self.pidfile, self.log())
+        self.start()                                  # a stale pidfile never blocks a start
+        self.assertEqual(self.sample('stop').returncode, 0)
+        self.assertFalse(os.path.exists(self.pidfile))
+
+    def test_crash_without_a_log_goes_to_syslog_and_status_says_dead(self):
+        """Issue 10, item 7: stdout and stderr are /dev/null, run() raises after start returned."""
+        record = os.path.join(self.tmp, 'syslog.txt')
+        env = {'SAMPLE_NO_LOG': '1', 'SAMPLE_FAKE_SYSLOG': record}
+        result = self.sample('start', 'crash', env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('sample started (pid ', result.stdout)
+        wait_for(lambda: 'left as the record' in slurp(record), message='the crash in syslog')
+        said = slurp(record)
+        self.assertIn('Traceback (most recent call last)', said)
+        self.assertIn('ValueError: boom', said)
+        self.assertTrue(all(line.startswith('sample[') and ' <3> ' in line for line in said.splitlines()), said)
+        status = self.sample('status', env=env)
+        self.assertEqual(status.returncode, daemon.STATUS_DEAD, status.stdout)
+        self.assertIn('is dead, but pidfile %s remains' % self.pidfile, status.stdout)
+        self.assertIn('see syslog', status.stdout)
+
+    def test_a_stop_is_no_death(self):
+        self.start()
+        self.assertEqual(self.sample('stop').returncode, 0)
+        self.assertFalse(os.path.exists(self.pidfile))
+        self.assertEqual(self.sample('status').returncode, daemon.STATUS_STOPPED)
+
+    def test_every_message_that_depends_on_the_pidfile_names_its_absolute_path(self):
+        """Issue 10, item 2: 'not running' from the wrong directory must say where it looked."""
+        for action in ('status', 'stop', 'reload', 'try-restart'):
+            result = self.sample(action)
+            self.assertIn('not running (no pidfile at %s)' % self.pidfile, result.stdout + result.stderr, action)
+        pid = self.start()
+        for action in ('status', 'start', 'reload'):
+            result = self.sample(action)
+            self.assertIn('(pid %d, pidfile %s)' % (pid, self.pidfile), result.stdout, action)
+        result = self.sample('stop')
+        self.assertRegex(result.stdout, r'stopped \(pid %d, [0-9.]+s, pidfile %s\)' % (pid, re.escape(self.pidfile)))
 
     def test_late_ready_waits_for_run(self):
         began = time.monotonic()
