@@ -1481,9 +1481,10 @@ class Agent(Daemon):
                     '(put it elsewhere to keep it out of the tree)' % (what, path, config.root))
 
     def title_args(self):
-        """The command line without the action: what ps shows after "agent: master"."""
-        args = list(sys.argv[1:])
-        for index in range(len(args) - 1, -1, -1):
+        """The command line without the interpreter and the action: what ps shows after
+        "agent: master".  The script's name stays: contrib/agent.logrotate looks for it."""
+        args = list(sys.argv)
+        for index in range(len(args) - 1, 0, -1):
             if args[index] == self.config.action:
                 del args[index]
                 break
