@@ -3,9 +3,14 @@
 
 One file, standard library only (Python 3.9+).  The corrected successor of the classic `agentD`.
 
-    python3 agent.py --root /srv/images start       # detached, serving http://0.0.0.0:9085/
+    python3 agent.py --root /srv/images start       # detached; prints what it serves, where
     python3 agent.py --root /srv/images run         # in the foreground (systemd, containers)
-    python3 agent.py stop                            # also: restart reload status upgrade
+    python3 agent.py stop                            # from any directory; also: restart reload
+                                                     # status upgrade
+
+`start` prints one line: the URL(s), the root, the master's pid, the logs and the pidfile
+(with --port 0, the port it took).  `restart` keeps the running master's options (recorded in
+PIDFILE.options) for every option not given again, and names the ones that change.
 
 Processes
 ---------
@@ -15,6 +20,8 @@ Processes
                               `- binds the socket before forking; supervises: reaps with WNOHANG,
                                  respawns a crashed worker, drains workers on TERM, replaces them
                                  on HUP, relays USR1.  `start` returns once every worker is up.
+    ps shows them as "agent: master ..." and "agent: worker ..." (comm and command line; see
+    set_process_title), not as the `start` or `restart` that launched them.
 
 Signals
 -------
@@ -36,11 +43,16 @@ Draining means: stop accepting; a response in flight is finished; a keep-alive c
 
 Files
 -----
-    --pidfile     ./agent.pid    the master's pid, flock()ed (daemon.py)
+    --pidfile     the master's pid, flock()ed (daemon.py).  Default: one per user and port,
+                  found from any directory: /run/agent-PORT.pid for root, else
+                  $XDG_RUNTIME_DIR/agent-PORT.pid, else /tmp/agent-UID/agent-PORT.pid (0700)
+    PIDFILE.options  the master's options (JSON, with its pid), for `restart`
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
                                  (a full disk is reported once; serving goes on)
+None of these is ever served or listed, wherever it is, nor are the logs' rotations (OwnFiles:
+by device and inode, and by name in their directory); one inside --root is noted in the log.
 
 Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not running"...).
 A master whose workers fail at boot MAX_BOOT_FAILURES times in a row halts with status 1.
@@ -55,8 +67,10 @@ and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte rang
 If-Range, If-None-Match (wins over If-Modified-Since), 304 (with the validators and no
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
 comes; every other response has Date, Server, Content-Length, Content-Type).  Out of file
-descriptors a file is 503, never a 404.  Directories: 301 to the slashed
-URL, index.html, else a gallery page of thumbnails.  Limits (flags in parentheses):
+descriptors a file is 503, never a 404.  Files carry Cache-Control: public, max-age=60
+(--max-age; see DEFAULT_MAX_AGE for why); .svgz is sent with Content-Encoding: gzip.
+Directories: 301 to the slashed URL, index.html, else a gallery page of thumbnails (403 with
+--no-listing).  Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
     header timeout           10 s (--header-timeout): the whole head must arrive in time

@@ -21,10 +21,12 @@ Processes
 ---------
     launcher --fork--> child --setsid, fork--> daemon --run()--> (workers, if run() forks)
        |                 `-- os._exit(0)          |
-       `---- waits on the readiness pipe <--------'  "READY", "RUNNING <pid>" or "ERROR <why>"
+       `---- waits on the readiness pipe <--------'  "READY <line>", "RUNNING <pid>" or "ERROR <why>"
 
-The launcher exits 0 once the daemon says it is ready (or was already running), and otherwise
-prints the daemon's own startup error on stderr and exits 1.  It never exits 0 early.
+The launcher exits 0 once the daemon says it is ready (or was already running), and prints the
+line the daemon gave ready() ("<name> started (pid N)" by default); otherwise it prints the
+daemon's own startup error on stderr and exits 1.  It never exits 0 early.  Every message of an
+action that depends on the pidfile names it by its absolute path.
 
 daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
 --------------------------------------------------------------------------------
@@ -59,16 +61,21 @@ Files
 -----
   pidfile   the daemon's pid and a newline; mode 0644; an flock() held for the daemon's life
             says it is alive: a pidfile nobody locks is stale, whatever pid it names.  Removed
-            at exit by the process that wrote it, and only if it is still the same file.
+            at exit by the process that wrote it, and only if it is still the same file --
+            except when the daemon dies on its own after it was ready (a failure status, no
+            stop asked): then the unlocked file stays as the record, `status` says "dead"
+            (LSB 1), and the next start or stop clears it.
   logs      stdout and stderr are appended to, line-buffered; an exception that escapes run()
-            is written there with its traceback before the daemon exits 1.
+            is written there with its traceback before the daemon exits 1.  A detached daemon
+            whose stderr is /dev/null (no log) sends that report to syslog(3) instead.
 
 Exit codes (LSB init-script actions; status has its own)
 --------------------------------------------------------
   0  success (also: start when running, stop when stopped)     status 0  running
   1  generic failure (the message says which)                  status 1  dead, pidfile remains
   2  invalid argument or usage                                 status 3  not running
-  4  insufficient privilege                                    status 4  unknown (no access)
+  4  insufficient privilege (a message says                   status 4  unknown (no access)
+     which file or step, and as which user)
   7  not running (reload)
 
 systemd
@@ -971,14 +978,15 @@ class Daemon:
         try:
             self._become_service()
         except AlreadyRunning as exc:
-            self._say('%s is already running (pid %s)' % (self.name, exc.pid), error=True)
+            self._say('%s is already running (pid %s, pidfile %s)' % (self.name, exc.pid, self.pidfile_path),
+                      error=True)
             return EXIT_FAILURE
         except BaseException as exc:
             self._cleanup()
             if isinstance(exc, SystemExit) and not exc.code:
                 return EXIT_OK                  # SIGTERM during setup
             self._say('%s: %s' % (self.name, _describe(exc)), error=True)
-            return EXIT_FAILURE
+            return EXIT_PRIVILEGE if getattr(exc, 'privilege', False) else EXIT_FAILURE
         return self._serve()
 
     # -- daemonize ------------------------------------------------------------------------------
