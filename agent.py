@@ -1775,7 +1775,10 @@ class Agent(Daemon):
             log('agent: upgrade failed (%s); still serving' % reason)
 
     def start(self):
-        check_port_permission(self.config.port)
+        """Daemon.start, after a check of the port this user may bind (unless it runs already)."""
+        self._absolutize()
+        if self._probe()[0] != 'running':
+            check_port_permission(self.config.port)
         return Daemon.start(self)
 
     def restart(self):
