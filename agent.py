@@ -956,7 +956,10 @@ class Connection:
             return
         self.state = READING
         self.started = bool(self.inbuf)
-        self.idle_since = worker.now
+        # The clock itself, not the loop's cached `now`: responses that end in the same loop
+        # iteration would tie, and the connection cap would close an arbitrary one of them
+        # instead of the longest idle.
+        self.idle_since = time.monotonic()
         self.deadline = worker.now + (worker.header_timeout if self.inbuf else worker.idle_timeout)
         self.set_events(selectors.EVENT_READ)
 
