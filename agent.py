@@ -3,9 +3,14 @@
 
 One file, standard library only (Python 3.9+).  The corrected successor of the classic `agentD`.
 
-    python3 agent.py --root /srv/images start       # detached, serving http://0.0.0.0:9085/
+    python3 agent.py --root /srv/images start       # detached; prints what it serves, where
     python3 agent.py --root /srv/images run         # in the foreground (systemd, containers)
-    python3 agent.py stop                            # also: restart reload status upgrade
+    python3 agent.py stop                            # from any directory; also: restart reload
+                                                     # status upgrade
+
+`start` prints one line: the URL(s), the root, the master's pid, the logs and the pidfile
+(with --port 0, the port it took).  `restart` keeps the running master's options (recorded in
+PIDFILE.options) for every option not given again, and names the ones that change.
 
 Processes
 ---------
@@ -15,6 +20,8 @@ Processes
                               `- binds the socket before forking; supervises: reaps with WNOHANG,
                                  respawns a crashed worker, drains workers on TERM, replaces them
                                  on HUP, relays USR1.  `start` returns once every worker is up.
+    ps shows them as "agent: master ..." and "agent: worker ..." (comm and command line; see
+    set_process_title), not as the `start` or `restart` that launched them.
 
 Signals
 -------
@@ -38,11 +45,16 @@ Draining means: stop accepting; a response in flight is finished; a keep-alive c
 
 Files
 -----
-    --pidfile     ./agent.pid    the master's pid, flock()ed (daemon.py)
+    --pidfile     the master's pid, flock()ed (daemon.py).  Default: one per user and port,
+                  found from any directory: /run/agent-PORT.pid for root, else
+                  $XDG_RUNTIME_DIR/agent-PORT.pid, else /tmp/agent-UID/agent-PORT.pid (0700)
+    PIDFILE.options  the master's options (JSON, with its pid), for `restart`
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
                                  (a full disk is reported once; serving goes on)
+None of these is ever served or listed, wherever it is, nor are the logs' rotations (OwnFiles:
+by device and inode, and by name in their directory); one inside --root is noted in the log.
 
 Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not running"...).
 A master whose workers fail at boot MAX_BOOT_FAILURES times in a row halts with status 1.
@@ -74,10 +86,12 @@ and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte rang
 If-Range, If-None-Match (wins over If-Modified-Since), 304 (with the validators and no
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
 comes; every other response has Date, Server, Content-Length, Content-Type).  Out of file
-descriptors a file is 503, never a 404.  Directories: 301 to the slashed
-URL, index.html, else a gallery page (200 entries a page, ?page=N, ?sort=name|date|size,
-?format=json or Accept: application/json; a weak ETag).  `image.jpg?thumb` is the EXIF
-thumbnail embedded in a JPEG (404 if none).  Limits (flags in parentheses):
+descriptors a file is 503, never a 404.  Files carry Cache-Control: public, max-age=60
+(--max-age; see DEFAULT_MAX_AGE for why); .svgz is sent with Content-Encoding: gzip.
+Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
+?page=N, ?sort=name|date|size, ?format=json or Accept: application/json; a weak ETag; 403 with
+--no-listing).  `image.jpg?thumb` is the EXIF thumbnail embedded in a JPEG (404 if none).
+Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
     header timeout           10 s (--header-timeout): the whole head must arrive in time
@@ -120,9 +134,15 @@ from daemon import Daemon, DaemonError, log
 # Defaults and limits
 # ---------------------------------------------------------------------------------------------
 
+__version__ = '1.1'
 SCRIPT = os.path.abspath(__file__)      # what an upgrade runs: the agent.py on disk then
 SERVER = b'agent'
 DEFAULT_PORT = 9085
+# Cache-Control max-age of files, seconds.  Without the header a browser guesses a lifetime of
+# 10 % of the file's age (RFC 9111 section 4.2.2): five weeks for a photo a year old, however
+# often it is replaced.  A minute spares the repeated requests of someone browsing a gallery,
+# and a replaced image shows within a minute; revalidation after it is a cheap 304.
+DEFAULT_MAX_AGE = 60
 MAX_HEADER_SIZE = 8192
 MAX_HEADERS = 100
 MAX_DISCARD = 1 << 20           # request bodies up to this size are read and thrown away
@@ -158,6 +178,8 @@ CONTENT_TYPES = {
     '.mp4': 'video/mp4', '.wasm': 'application/wasm',
 }
 IMAGE_SUFFIXES = frozenset(k for k, v in CONTENT_TYPES.items() if v.startswith('image/'))
+# Files stored compressed: sent as they are, with Content-Encoding, so the browser unpacks them.
+CONTENT_ENCODINGS = {'.svgz': 'gzip'}
 
 KNOWN_METHODS = frozenset([b'POST', b'PUT', b'DELETE', b'CONNECT', b'OPTIONS', b'TRACE', b'PATCH'])
 TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -477,6 +499,11 @@ def content_type(name):
         # Agent.setup() loads the system's table before privileges are dropped.
         found = mimetypes.guess_type('x' + suffix, strict=False)[0] or 'application/octet-stream'
     return found
+
+
+def content_encoding(name):
+    """'gzip' for a file stored compressed (.svgz), else None."""
+    return CONTENT_ENCODINGS.get(os.path.splitext(name)[1].lower())
 
 
 WEEKDAYS = ('Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun')
@@ -1381,14 +1408,15 @@ class OpenFile:
     """An open file with its validators and the header bytes of its 200 response."""
 
     __slots__ = ('fd', 'key', 'size', 'mtime', 'etag', 'last_modified', 'headers', 'refs', 'evicted',
-                 'body', 'ctype')
+                 'body', 'ctype', 'encoding')
 
-    def __init__(self, fd, st, ctype):
+    def __init__(self, fd, st, ctype, encoding=None):
         self.fd = fd
         self.key = file_key(st)
         self.size = st.st_size
         self.mtime = st.st_mtime
         self.ctype = ctype
+        self.encoding = encoding    # 'gzip' for a file stored compressed (.svgz)
         self.etag = make_etag(st)
         self.last_modified = http_date(st.st_mtime).encode('ascii')
         self.headers = self.fields(self.last_modified)
@@ -1397,8 +1425,9 @@ class OpenFile:
         self.body = None        # the whole content, for a small file (FileCache decides)
 
     def fields(self, last_modified):
-        return b'Content-Type: %s\r\nLast-Modified: %s\r\nETag: %s\r\nAccept-Ranges: bytes\r\n' % (
-            self.ctype.encode('latin-1'), last_modified, self.etag.encode('ascii'))
+        encoding = b'Content-Encoding: %s\r\n' % self.encoding.encode('ascii') if self.encoding else b''
+        return b'Content-Type: %s\r\n%sLast-Modified: %s\r\nETag: %s\r\nAccept-Ranges: bytes\r\n' % (
+            self.ctype.encode('latin-1'), encoding, last_modified, self.etag.encode('ascii'))
 
     def validators(self, wall, date):
         """(Last-Modified value, entity fields) for a response sent at `wall`.  A modification
@@ -1484,6 +1513,73 @@ class FileCache:
     def clear(self):
         for path in list(self.files):
             self.evict(path)
+
+
+class OwnFiles:
+    """The agent's own files: pidfile, logs and their rotations.  Never served, never listed.
+
+    The default root is the current directory, and so is the default place of the logs: without
+    this, GET /access.log would publish every visitor's address.  Two rules, so that neither a
+    link nor a rename reaches them:
+      identity   the (st_dev, st_ino) of every such file this process has had open or seen,
+                 kept for its whole life: a hard link, a symlink, and logrotate's rename of
+                 access.log to access.log.1 all keep the inode
+      name       in the directory of one of them (compared by the directory's own device and
+                 inode, not by path), its name, and its name followed by '.' or '-': the files
+                 logrotate writes anew (access.log.2.gz, access.log-20250101)
+    A worker calls hides() after its stat() of a request's path, and hides_entry() for every
+    entry of a gallery page.  It inherits the set from the master, and adds the new inodes
+    itself when it reopens its logs (SIGUSR1).
+    """
+
+    def __init__(self):
+        self.ids = set()            # (st_dev, st_ino)
+        self.inodes = set()         # st_ino alone: a cheap first test for directory entries
+        self.dirs = {}              # (st_dev, st_ino) of a directory -> names of ours in it
+        self.names = ()             # every such name, for one str.startswith() per request
+
+    def add(self, path, fd=None):
+        """Remember the file at path (or open on fd), and its name in its directory."""
+        try:
+            st = os.fstat(fd) if fd is not None else os.stat(path)
+        except OSError:
+            st = None                   # not created yet: its name still counts
+        if st is not None:
+            self.ids.add((st.st_dev, st.st_ino))
+            self.inodes.add(st.st_ino)
+        directory, name = os.path.split(path)
+        try:
+            dst = os.stat(directory)
+        except OSError:
+            return
+        self.dirs.setdefault((dst.st_dev, dst.st_ino), set()).add(name)
+        self.names = tuple(sorted(set(self.names) | {name}))
+
+    def hides(self, path, st):
+        """Whether path, whose stat() is st, is one of ours (then it is a 404, as if absent)."""
+        if (st.st_dev, st.st_ino) in self.ids:
+            return True
+        slash = path.rfind('/')
+        name = path[slash + 1:]
+        if not name.startswith(self.names) or stat.S_ISDIR(st.st_mode):
+            return False
+        try:
+            dst = os.stat(path[:slash] or '/')
+        except OSError:
+            return False
+        for base in self.dirs.get((dst.st_dev, dst.st_ino), ()):
+            if name == base or name.startswith(base + '.') or name.startswith(base + '-'):
+                return True
+        return False
+
+    def hides_entry(self, entry):
+        """hides() for an os.DirEntry; a stat() only for an entry that may be ours."""
+        if not (entry.is_symlink() or entry.inode() in self.inodes or entry.name.startswith(self.names)):
+            return False
+        try:
+            return self.hides(entry.path, entry.stat())
+        except OSError:
+            return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1678,7 +1774,10 @@ class Connection:
             return
         self.state = READING
         self.started = bool(self.inbuf)
-        self.idle_since = worker.now
+        # The clock itself, not the loop's cached `now`: responses that end in the same loop
+        # iteration would tie, and the connection cap would close an arbitrary one of them
+        # instead of the longest idle.
+        self.idle_since = time.monotonic()
         self.deadline = worker.now + (worker.header_timeout if self.inbuf else worker.idle_timeout)
         self.set_events(selectors.EVENT_READ)
 
@@ -1978,6 +2077,9 @@ class Worker:
         self.selector = selectors.DefaultSelector()
         self.files = FileCache()
         self.images = ImageInfoCache()
+        self.own_files = config.own_files
+        self.listing = config.listing
+        self.cache_control = b'Cache-Control: public, max-age=%d\r\n' % config.max_age
         self.paths = {}
         self.escaped = {}               # raw access-log fields -> their escaped form
         self.conns = set()
@@ -2163,6 +2265,8 @@ class Worker:
         except (OSError, ValueError) as exc:
             self.files.discard(path)        # deleted: its descriptor must not pin the space
             raise self.file_error(exc)
+        if self.own_files.hides(path, st):
+            raise HTTPError(404)            # our pidfile and logs, by any name or link
         if stat.S_ISDIR(st.st_mode):
             return self.respond_directory(conn, req, path, relative, trailing, query)
         if trailing:
@@ -2187,7 +2291,10 @@ class Worker:
             fd, st = self.open_checked(path)
         except (OSError, ValueError) as exc:
             raise self.file_error(exc)
-        return OpenFile(fd, st, content_type(path))
+        if self.own_files.hides(path, st):
+            os.close(fd)                    # what was opened is ours, whatever the name said
+            raise HTTPError(404)
+        return OpenFile(fd, st, content_type(path), content_encoding(path))
 
     def open_checked(self, path):
         """(fd, stat) of the regular file at path, opened for reading as open_file says;
@@ -2234,7 +2341,8 @@ class Worker:
                 and not_modified(headers, entry.etag, entry.mtime):
             # Validators only (RFC 9110 section 15.4.5), as nginx does: a Content-Length here,
             # though allowed, makes some clients (wrk among them) wait for a body that never comes.
-            fields = b'Last-Modified: %s\r\nETag: %s\r\n' % (last_modified, entry.etag.encode('ascii'))
+            fields = b'Last-Modified: %s\r\nETag: %s\r\n%s' % (last_modified, entry.etag.encode('ascii'),
+                                                               self.cache_control)
             return conn.start_response(304, response_head(304, self.date, fields, conn.keep_alive, req.version,
                                                           self.common_headers))
         if 'range' in headers and if_range_allows(headers, entry.etag, entry.mtime):
@@ -2245,8 +2353,8 @@ class Worker:
                 first, last = found
                 status, length = 206, last - first + 1
                 extra = b'Content-Range: bytes %d-%d/%d\r\n' % (first, last, entry.size)
-        head = response_head(status, self.date, b'%sContent-Length: %d\r\n%s' % (fields, length, extra),
-                             conn.keep_alive, req.version, self.common_headers)
+        head = response_head(status, self.date, b'%s%sContent-Length: %d\r\n%s' % (
+            fields, self.cache_control, length, extra), conn.keep_alive, req.version, self.common_headers)
         if req.method == b'HEAD':
             length = 0
         elif status == 200 and entry.body is not None:
@@ -2267,6 +2375,8 @@ class Worker:
             index = self.index_file(path)
             if index is not None:
                 return self.respond_file(conn, req, index)
+            if not self.listing:
+                raise HTTPError(403)        # --no-listing
             dir_st = os.fstat(fd)
             entries = self.scan_directory(fd, path)
         finally:
@@ -2280,7 +2390,7 @@ class Worker:
             st = os.stat(index)
         except OSError:
             return None
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) or self.own_files.hides(index, st):
             return None
         entry = self.files.get(index, st)
         if entry is None:
@@ -2296,13 +2406,15 @@ class Worker:
         try:
             with os.scandir(fd) as it:
                 for item in it:
-                    if item.name.startswith('.'):
+                    if item.name.startswith('.') or self.own_files.hides_entry(item):
                         continue
                     try:
                         if not self.follow_symlinks and item.is_symlink() \
                                 and not inside(os.path.realpath(path + '/' + item.name), self.root):
                             continue
                         st = item.stat()
+                        if self.own_files.hides(path + '/' + item.name, st):
+                            continue            # our pidfile and logs are never listed
                     except OSError:
                         continue                # a dangling symlink, or gone since readdir
                     entries.append((item.name, stat.S_ISDIR(st.st_mode), st))
@@ -2486,6 +2598,7 @@ class Agent(Daemon):
 
     def setup(self):
         config = self.config
+        set_process_title('agent: master', self.title_args())
         if not os.path.isdir(config.root):
             raise DaemonError('root directory %s does not exist or is not a directory' % config.root)
         config.root = os.path.realpath(config.root)
@@ -2497,9 +2610,11 @@ class Agent(Daemon):
             try:
                 self.access_fd = daemon.open_log(config.access_log)
             except OSError as exc:
-                raise DaemonError('cannot open access log %s: %s' % (config.access_log, exc.strerror))
+                raise DaemonError('cannot open access log %s: %s' % (config.access_log, _describe_denied(exc)))
         if config.tls_cert:
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
+        self.write_options()
+        self.note_own_files()
         raise_fd_limit()
         if self.listen_fds:
             fds = [fd for group in self.listen_fds.values() for fd in group]
@@ -2519,6 +2634,55 @@ class Agent(Daemon):
                 self.listeners += list(self.redirects)
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def note_own_files(self):
+        """Everything this agent writes joins config.own_files; say so once if it is in --root."""
+        config = self.config
+        pidfile_fd = self._pidfile.fd if self._pidfile is not None else None
+        # (what, path, open fd or None, whether this run writes it)
+        files = [('pidfile', self.pidfile_path, pidfile_fd, True),
+                 ('options file', options_path(self.pidfile_path), None, False),
+                 ('log', config.log, 1 if self.detached else None, self.detached)]
+        if self.access_fd is not None:
+            files.append(('access log', config.access_log, self.access_fd, True))
+        for what, path, fd, written in files:
+            config.own_files.add(path, fd)
+            if written and inside(os.path.realpath(path), config.root):
+                log('agent: the %s %s is inside --root %s; it is never served nor listed '
+                    '(put it elsewhere to keep it out of the tree)' % (what, path, config.root))
+
+    def title_args(self):
+        """The command line without the interpreter and the action: what ps shows after
+        "agent: master".  The script's name stays: contrib/agent.logrotate looks for it."""
+        args = list(sys.argv)
+        for index in range(len(args) - 1, 0, -1):
+            if args[index] == self.config.action:
+                del args[index]
+                break
+        return ' '.join(args)
+
+    def write_options(self):
+        """Record the options next to the pidfile, so that `restart` can say what it changes."""
+        data = json.dumps({'pid': os.getpid(), 'argv': option_argv(self.config, every=True)}).encode() + b'\n'
+        path = options_path(self.pidfile_path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log('agent: cannot record the options in %s (%s); restart will not compare them'
+                % (path, exc.strerror))
+
+    def remove_options(self):
+        """At a clean exit: the options file goes, if it still names this master."""
+        path = options_path(self.pidfile_path)
+        if read_options(path, os.getpid()) is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def log_files(self):
         files = [self.stdout, self.stderr]
@@ -2552,7 +2716,7 @@ class Agent(Daemon):
         else:
             self.retire(adopted)
         log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
-        self.ready()
+        self.ready(self.start_line())
         while not self.handle_signals() and not self.halted():
             self.selector.select(1.0)
             self.read_boot_messages()
@@ -2561,7 +2725,18 @@ class Agent(Daemon):
         if self.halted():
             log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
         self.shutdown()
+        if not self.halted():
+            self.remove_options()
         return 1 if self.halted() else 0
+
+    def start_line(self):
+        """The one line `start` prints: URLs, root, pid, logs, pidfile."""
+        config = self.config
+        logs = [config.log if self.detached else 'stderr']
+        if self.access_fd is not None:
+            logs.append('access log %s' % config.access_log)
+        return 'agent serving %s at %s, pid %d; log %s; pidfile %s' % (
+            config.root, ', '.join(urls(self.listeners)), os.getpid(), ', '.join(logs), self.pidfile_path)
 
     def address(self):
         names = []
@@ -2670,6 +2845,7 @@ class Agent(Daemon):
         for fd in (self.lifeline_w, self.boot_r, self.signal_fd, self._wake_w):
             os.close(fd)
         signal.set_wakeup_fd(-1)
+        set_process_title('agent: worker', self.title_args())
         worker = Worker(self.config, self.listeners, self.access_fd, self.lifeline_r, self.tls, self.redirects)
         worker.setup_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
@@ -2783,14 +2959,58 @@ class Agent(Daemon):
         log('agent: upgrade: now running %s; adopted %d workers' % (SCRIPT, len(self.workers)))
         return adopted
 
+    def start(self):
+        """Daemon.start, after a check of the port this user may bind (unless it runs already)."""
+        self._absolutize()
+        if self._probe()[0] != 'running':
+            check_port_permission(self.config.port)
+        return Daemon.start(self)
+
+    def restart(self):
+        """Stop and start again.  An option not given on this command line keeps the running
+        master's value (recorded in the options file), so `restart` from another directory
+        restarts the same agent instead of serving that directory; the options given that
+        differ are named."""
+        self._absolutize()
+        state, pid = self._probe()
+        if state == 'running':
+            path = options_path(self.pidfile_path)
+            old = read_options(path, pid)
+            if old is None:
+                self._say('agent: the options of pid %d are not recorded in %s; restarting it with '
+                          'this command line' % (pid, path))
+            else:
+                self.keep_options(old)
+                changes = describe_changes(old, option_argv(self.config, every=True))
+                if changes:
+                    self._say('agent: restart changes %s' % changes)
+        return Daemon.restart(self)
+
+    def keep_options(self, argv):
+        """Take the options this command line does not give from a recorded option_argv()."""
+        config = self.config
+        recorded = parser().parse_args(argv + ['restart'])
+        for name, value in vars(recorded).items():
+            if name not in NOT_OPTIONS and name not in config.given:
+                setattr(config, name, value)
+        self.stdout = self.stderr = config.log
+        self.stop_timeout = config.stop_timeout
+        self.user, self.group = config.user, config.group
+
+
     def on_reopen_logs(self):
         self.reopen_worker_logs()
         for pid in list(self.workers):
             signal_worker(pid, signal.SIGUSR1)
 
     def reopen_worker_logs(self):
-        """Reopen --log (fds 1, 2) and --access-log onto the same fds, in whichever process."""
+        """Reopen --log (fds 1, 2) and --access-log onto the same fds, in whichever process.
+
+        The new files join config.own_files; the old ones stay in it (now access.log.1...).
+        """
         self.reopen_std_logs()
+        if self.detached:
+            self.config.own_files.add(self.config.log, 1)
         if self.access_fd is not None:
             try:
                 fd = daemon.open_log(self.config.access_log)
@@ -2799,6 +3019,7 @@ class Agent(Daemon):
                 return
             os.dup2(fd, self.access_fd, inheritable=False)
             os.close(fd)
+            self.config.own_files.add(self.config.access_log, self.access_fd)
 
     def shutdown(self):
         """Drain the workers; kill whoever is left just before the launcher's own deadline."""
@@ -2836,26 +3057,39 @@ def accept_connection(listener, family):
 
 
 def config_argv(config):
-    """The command line that gives a new image of this master its configuration, paths absolute.
+    """The command line that gives a new image of this master its configuration: option_argv()."""
+    return option_argv(config)
 
-    The options given, and the paths whose default would name another file from the current
-    directory (the default ./agent.pid of a daemon started elsewhere, now in /): an upgraded
-    master shows what it runs with, not defaults it never asked for, such as a --log that a
-    master under systemd (run in /) does not write.  Every option is spelled --dest-with-dashes;
-    a flag (store_true) holds True or False.
+
+# Options that are flags: (the value that the flag gives, the flag).
+FLAGS = {'follow_symlinks': (True, '--follow-symlinks'), 'allow_readable_key': (True, '--allow-readable-key'),
+         'listing': (False, '--no-listing')}
+
+
+def option_argv(config, every=False):
+    """The options of config as a command line, paths absolute.
+
+    every=False: the options given, and the paths whose default would name another file from
+    another working directory (the default ./agent.log of a daemon started elsewhere, when it
+    re-executes itself in /): an upgraded master shows what it runs with, not defaults it never
+    asked for.  every=True: all of them, as recorded for `restart` to compare and keep.
     """
     defaults = parser()
-    given = getattr(config, 'given', vars(config))
     argv = []
     for name, value in vars(config).items():
-        if name == 'action' or value is None or value is False or callable(value) or name == 'given':
+        if name in NOT_OPTIONS or value is None:
             continue
-        if name not in given and (name not in PATH_OPTIONS or value == 'off'
-                                  or os.path.abspath(defaults.get_default(name)) == value):
+        if not every and name not in config.given:
+            default = defaults.get_default(name)
+            if name not in PATH_OPTIONS or value == 'off' or default is None \
+                    or os.path.abspath(default) == value:
+                continue
+        if name in FLAGS:
+            if value == FLAGS[name][0]:
+                argv.append(FLAGS[name][1])
             continue
-        argv.append('--' + name.replace('_', '-'))
-        if value is not True:
-            argv.append(value if isinstance(value, str) else repr(value))
+        argv += ['--' + name.replace('_', '-'), value if isinstance(value, str) else repr(value)]
+    return argv
     return argv
 
 
@@ -2890,6 +3124,257 @@ def describe_status(status):
         except ValueError:
             return 'killed by signal %d' % os.WTERMSIG(status)
     return 'exit status %d' % os.WEXITSTATUS(status)
+
+
+def set_process_title(comm, args=''):
+    """Show this process as comm (ps -e, top; 15 bytes at most) and "comm args" (ps -f).
+
+    Without it the master and its workers all look like the command that started them, such as
+    `python3 agent.py restart`, long after that restart is over.  /proc/self/comm takes the
+    short name.  The command line that ps shows is the memory that held argv at exec
+    (arg_start..arg_end in /proc/self/stat): it is overwritten in place through /proc/self/mem,
+    what nginx and PostgreSQL do to argv in C.  Python copied argv at startup and never reads
+    that memory again.  The title is cut to the length of the original command line, and the
+    rest is filled with NULs.  It is cosmetic: any failure leaves the old name.
+    """
+    try:
+        with open('/proc/self/comm', 'w') as f:
+            f.write(comm[:15])
+    except OSError:
+        pass
+    try:
+        with open('/proc/self/stat', 'rb') as f:
+            fields = f.read().rsplit(b')', 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])      # fields 48 and 49 of proc(5)
+        if not 0 < start < end or end - start > 1 << 20:
+            return
+        title = (comm + (' ' + args if args else '')).encode('utf-8', 'replace')[:end - start - 1]
+        with open('/proc/self/mem', 'r+b', buffering=0) as mem:
+            mem.seek(start)
+            mem.write(title + b'\0' * (end - start - len(title)))
+    except (OSError, ValueError, IndexError, OverflowError):
+        pass
+
+
+def urls(listeners):
+    """The http:// URLs of the listening sockets, a wildcard address shown as loopback."""
+    found = []
+    for sock in listeners:
+        try:
+            name = sock.getsockname()
+        except OSError:
+            continue
+        if sock.family == socket.AF_INET:
+            host, port = name[:2]
+            found.append('http://127.0.0.1:%d/ (every IPv4 address)' % port if host == '0.0.0.0'
+                         else 'http://%s:%d/' % (host, port))
+        elif sock.family == socket.AF_INET6:
+            host, port = name[:2]
+            found.append('http://[::1]:%d/ (every address)' % port if host == '::'
+                         else 'http://[%s]:%d/' % (host, port))
+        else:
+            found.append(str(name))
+    return found or ['no socket']
+
+
+def default_pidfile(port):
+    """Where every action looks without --pidfile: one file per user and port, found from any
+    directory.
+
+    root: /run/agent-PORT.pid, where Debian's daemons keep theirs.  Anyone else:
+    $XDG_RUNTIME_DIR/agent-PORT.pid (/run/user/UID, which systemd-logind makes for each user
+    logged in), or without it /tmp/agent-UID/agent-PORT.pid, a private directory as tmux makes.
+    """
+    name = 'agent-%d.pid' % port
+    if os.geteuid() == 0 and os.path.isdir('/run'):
+        return os.path.join('/run', name)
+    runtime = os.environ.get('XDG_RUNTIME_DIR', '')
+    if os.path.isabs(runtime) and os.path.isdir(runtime):
+        return os.path.join(runtime, name)
+    return os.path.join('/tmp', 'agent-%d' % os.geteuid(), name)
+
+
+def private_directory(path, create):
+    """Check (and with create, make) the 0700 directory of a default pidfile under /tmp.
+
+    Anyone may create a directory in /tmp: one not ours, or open to others, could hold a
+    pidfile naming any process, so it is refused.
+    """
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise DaemonError('cannot create %s: %s' % (path, exc.strerror))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DaemonError('cannot use %s: %s' % (path, exc.strerror))
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise DaemonError('%s is not a private directory of uid %d; remove it, or give --pidfile'
+                          % (path, os.geteuid()), privilege=True)
+
+
+def options_path(pidfile):
+    """The file beside the pidfile in which the master records its options."""
+    return pidfile + '.options'
+
+
+def read_options(path, pid):
+    """The argv recorded in an options file, if it was written by pid; else None."""
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+        if recorded.get('pid') == pid and isinstance(recorded.get('argv'), list):
+            return recorded['argv']
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def describe_changes(old, new):
+    """'--root /a -> /b, --workers 2 -> 4' between two config_argv() lists; '' if the same."""
+    def options(argv):
+        found, index = {}, 0
+        while index < len(argv):
+            if index + 1 < len(argv) and not argv[index + 1].startswith('--'):
+                found[argv[index]] = argv[index + 1]
+                index += 2
+            else:
+                found[argv[index]] = 'on'
+                index += 1
+        return found
+    before, after = options(old), options(new)
+    changes = []
+    for name in sorted(set(before) | set(after)):
+        if before.get(name) != after.get(name):
+            changes.append('%s %s -> %s' % (name, before.get(name, 'off'), after.get(name, 'off')))
+    return ', '.join(changes)
+
+
+def unprivileged_port_start():
+    try:
+        with open('/proc/sys/net/ipv4/ip_unprivileged_port_start') as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def can_bind_low_ports():
+    """Root, or CAP_NET_BIND_SERVICE (bit 10) in the effective set."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('CapEff:'):
+                    return bool(int(line.split()[1], 16) >> 10 & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def check_port_permission(port):
+    """Fail early, in the launcher, on a port this user may not bind (socket activation aside)."""
+    if 0 < port < unprivileged_port_start() and not can_bind_low_ports() \
+            and 'LISTEN_FDS' not in os.environ:
+        raise DaemonError('port %d needs root (ports below %d are privileged), and this runs as %s: '
+                          'start it as root (with --user to drop privileges after binding), or '
+                          'use a port of %d or more' % (port, unprivileged_port_start(),
+                                                        daemon.current_user(), unprivileged_port_start()),
+                          privilege=True)
+
+
+def port_holder(port):
+    """Who listens on a TCP port, for the message of a failed bind: '' if nobody visible.
+
+    The listening sockets' inodes come from /proc/net/tcp and tcp6, their processes from
+    /proc/PID/fd; of those, the one whose parent is not among them (an agent's master).
+    """
+    inodes = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # "sl local_address rem_address st ... inode": st 0A is LISTEN
+            if len(fields) > 9 and fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
+                inodes.add('socket:[%s]' % fields[9])
+    if not inodes:
+        return ''
+    holders = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            fds = os.listdir('/proc/%s/fd' % name)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink('/proc/%s/fd/%s' % (name, fd)) in inodes:
+                    holders.append(int(name))
+                    break
+            except OSError:
+                continue
+    if not holders:
+        return 'by a process of another user'
+    parents = {}
+    for pid in holders:
+        try:
+            with open('/proc/%d/stat' % pid) as f:
+                parents[pid] = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            parents[pid] = 0
+    pid = min(p for p in holders if parents[p] not in holders) if any(
+        parents[p] not in holders for p in holders) else min(holders)
+    try:
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            cmdline = f.read().replace(b'\0', b' ').decode('utf-8', 'replace').strip()
+        with open('/proc/%d/comm' % pid) as f:
+            comm = f.read().strip()
+    except OSError:
+        return 'by pid %d' % pid
+    if comm.startswith('agent:') or 'agent.py' in cmdline:
+        pidfile = locked_file_of(pid)
+        if pidfile:
+            return 'by agent pid %d, pidfile %s; stop it with: %s %s --pidfile %s stop' % (
+                pid, pidfile, os.path.basename(sys.executable), SCRIPT, pidfile)
+        return 'by agent pid %d' % pid
+    return 'by pid %d (%s)' % (pid, cmdline[:80] or comm)
+
+
+def locked_file_of(pid):
+    """The path of a file on which pid holds an flock() (an agent's pidfile), or None."""
+    try:
+        with open('/proc/locks') as f:
+            locks = f.read()
+        fds = os.listdir('/proc/%d/fd' % pid)
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            path = os.readlink('/proc/%d/fd/%s' % (pid, fd))
+            st = os.stat('/proc/%d/fd/%s' % (pid, fd))
+        except OSError:
+            continue
+        if path.startswith('/') and stat.S_ISREG(st.st_mode) and \
+                pid in (daemon.flock_holders(st, locks) or ()):
+            return path
+    return None
+
+
+def _describe_denied(exc):
+    """exc.strerror, naming the user when it is a missing permission."""
+    if isinstance(exc, PermissionError):
+        return '%s, as user %s' % (exc.strerror, daemon.current_user())
+    return exc.strerror
 
 
 def signal_worker(pid, signum):
@@ -2932,7 +3417,16 @@ def bind(address, port):
     except OSError as exc:
         sock.close()
         where = '[%s]:%d' % (address, port) if ':' in address else '%s:%d' % (address, port)
-        raise DaemonError('cannot listen on %s: %s' % (where, exc.strerror))
+        reason = exc.strerror
+        if exc.errno == errno.EADDRINUSE:
+            holder = port_holder(port)
+            if holder:
+                reason += ' (%s)' % holder
+        elif exc.errno == errno.EACCES and 0 < port < unprivileged_port_start():
+            reason += ' (ports below %d need root: start as root with --user, or use a higher port)' \
+                % unprivileged_port_start()
+        raise DaemonError('cannot listen on %s: %s' % (where, reason),
+                          privilege=exc.errno in (errno.EACCES, errno.EPERM))
     try:
         # Wake a worker only when the request has arrived, not at the bare handshake.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
@@ -2973,7 +3467,7 @@ def non_negative_int(text):
     except ValueError:
         raise argparse.ArgumentTypeError('%r is not a whole number' % text)
     if value < 0:
-        raise argparse.ArgumentTypeError('%r must not be negative' % text)
+        raise argparse.ArgumentTypeError('%r must be 0 or more' % text)
     return value
 
 
@@ -2995,10 +3489,15 @@ def parser():
     p.add_argument('action', choices=daemon.ACTIONS + ('upgrade',),
                    help='what to do; upgrade: replace the running master with the agent.py now '
                         'on disk, without dropping a connection (also: SIGUSR2)')
+    p.add_argument('--version', action='version',
+                   version='agent.py %s (Python %s)' % (__version__, sys.version.split()[0]))
     p.add_argument('--root', default='.', help='directory to serve (default: the current one)')
     p.add_argument('--bind', default='0.0.0.0', help="address to listen on; '::' for IPv6 and IPv4 (default: 0.0.0.0)")
-    p.add_argument('--port', type=port_number, default=DEFAULT_PORT, help='TCP port (default: %d)' % DEFAULT_PORT)
-    p.add_argument('--pidfile', default='agent.pid', help='default: ./agent.pid')
+    p.add_argument('--port', type=port_number, default=DEFAULT_PORT,
+                   help='TCP port; 0: any free port, which start prints (default: %d)' % DEFAULT_PORT)
+    p.add_argument('--pidfile', help='default: /run/agent-PORT.pid for root, else '
+                                     '$XDG_RUNTIME_DIR/agent-PORT.pid (or /tmp/agent-UID/agent-PORT.pid): '
+                                     'every action finds it from any directory')
     p.add_argument('--log', default='agent.log', help='error and event log (default: ./agent.log)')
     p.add_argument('--access-log', default='access.log', help="access log, or 'off' (default: ./access.log)")
     p.add_argument('--workers', type=positive_int, default=os.cpu_count() or 1,
@@ -3017,6 +3516,11 @@ def parser():
                    help='connections per worker (default: %d)' % MAX_CONNECTIONS)
     p.add_argument('--follow-symlinks', action='store_true',
                    help='serve symlinks that lead outside --root (default: refuse them)')
+    p.add_argument('--max-age', type=non_negative_int, default=DEFAULT_MAX_AGE, metavar='SECONDS',
+                   help='Cache-Control: public, max-age=SECONDS on files (default: %d: a replaced '
+                        'image shows within a minute)' % DEFAULT_MAX_AGE)
+    p.add_argument('--no-listing', dest='listing', action='store_false',
+                   help='403 for a directory without index.html, instead of a gallery page')
     tls = p.add_argument_group('HTTPS')
     tls.add_argument('--tls-cert', metavar='FILE',
                      help='serve HTTPS on --port with this PEM certificate (its chain after it)')
@@ -3027,13 +3531,29 @@ def parser():
                      help='also listen for plain HTTP on PORT and redirect it to HTTPS (301)')
     tls.add_argument('--hsts', type=non_negative_int, metavar='SECONDS',
                      help='send Strict-Transport-Security: max-age=SECONDS on HTTPS responses')
+    p.set_defaults(own_files=OwnFiles(), given=frozenset())
     return p
 
 
+NOT_OPTIONS = ('action', 'own_files', 'given', 'reopen_logs')     # not options: what the code keeps there
 PATH_OPTIONS = ('root', 'pidfile', 'log', 'access_log', 'tls_cert', 'tls_key')   # made absolute by main()
 
 
+def given_options(argv):
+    """The names (dests) of the options given on a command line, as opposed to defaulted.
+
+    argparse sets a default only on a namespace that lacks the attribute: a namespace filled
+    with a marker keeps the marker for every option not given.
+    """
+    p = parser()
+    names = [name for name in vars(p.parse_args(['status'])) if name not in NOT_OPTIONS]
+    marker = object()
+    parsed = p.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in names}))
+    return frozenset(name for name in names if getattr(parsed, name) is not marker)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
     config = p.parse_args(argv)
     if bool(config.tls_cert) != bool(config.tls_key):
@@ -3041,10 +3561,16 @@ def main(argv=None):
     for option in ('http_redirect', 'hsts'):
         if getattr(config, option) is not None and not config.tls_cert:
             p.error('--%s needs --tls-cert and --tls-key' % option.replace('_', '-'))
-    # Which options were given: what an upgrade passes on (config_argv).
-    given = parser()
-    given.set_defaults(**dict.fromkeys(vars(config)))
-    config.given = {name for name, value in vars(given.parse_args(argv)).items() if value is not None}
+    config.given = given_options(argv)
+    if config.pidfile is None:
+        config.pidfile = default_pidfile(config.port)
+        if config.pidfile.startswith('/tmp/'):
+            try:
+                private_directory(os.path.dirname(config.pidfile),
+                                  create=config.action in ('start', 'restart', 'run'))
+            except DaemonError as exc:
+                sys.stderr.write('agent: %s\n' % exc)
+                return daemon.EXIT_PRIVILEGE if exc.privilege else daemon.EXIT_FAILURE
     for name in ('root', 'pidfile', 'log'):
         setattr(config, name, os.path.abspath(getattr(config, name)))
     for name in ('tls_cert', 'tls_key'):

@@ -21,10 +21,12 @@ Processes
 ---------
     launcher --fork--> child --setsid, fork--> daemon --run()--> (workers, if run() forks)
        |                 `-- os._exit(0)          |
-       `---- waits on the readiness pipe <--------'  "READY", "RUNNING <pid>" or "ERROR <why>"
+       `---- waits on the readiness pipe <--------'  "READY <line>", "RUNNING <pid>" or "ERROR <why>"
 
-The launcher exits 0 once the daemon says it is ready (or was already running), and otherwise
-prints the daemon's own startup error on stderr and exits 1.  It never exits 0 early.
+The launcher exits 0 once the daemon says it is ready (or was already running), and prints the
+line the daemon gave ready() ("<name> started (pid N)" by default); otherwise it prints the
+daemon's own startup error on stderr and exits 1.  It never exits 0 early.  Every message of an
+action that depends on the pidfile names it by its absolute path.
 
 daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
 --------------------------------------------------------------------------------
@@ -60,16 +62,21 @@ Files
 -----
   pidfile   the daemon's pid and a newline; mode 0644; an flock() held for the daemon's life
             says it is alive: a pidfile nobody locks is stale, whatever pid it names.  Removed
-            at exit by the process that wrote it, and only if it is still the same file.
+            at exit by the process that wrote it, and only if it is still the same file --
+            except when the daemon dies on its own after it was ready (a failure status, no
+            stop asked): then the unlocked file stays as the record, `status` says "dead"
+            (LSB 1), and the next start or stop clears it.
   logs      stdout and stderr are appended to, line-buffered; an exception that escapes run()
-            is written there with its traceback before the daemon exits 1.
+            is written there with its traceback before the daemon exits 1.  A detached daemon
+            whose stderr is /dev/null (no log) sends that report to syslog(3) instead.
 
 Exit codes (LSB init-script actions; status has its own)
 --------------------------------------------------------
   0  success (also: start when running, stop when stopped)     status 0  running
   1  generic failure (the message says which)                  status 1  dead, pidfile remains
   2  invalid argument or usage                                 status 3  not running
-  4  insufficient privilege                                    status 4  unknown (no access)
+  4  insufficient privilege (a message says                   status 4  unknown (no access)
+     which file or step, and as which user)
   7  not running (reload)
 
 systemd
@@ -92,6 +99,7 @@ import signal
 import socket
 import struct
 import sys
+import syslog
 import time
 import traceback
 
@@ -131,7 +139,14 @@ SD_LISTEN_FDS_START = 3
 
 
 class DaemonError(Exception):
-    """An operating-system failure while becoming or running a daemon; the message names the step."""
+    """An operating-system failure while becoming or running a daemon; the message names the step.
+
+    privilege: the cause is a missing permission (the action then exits EXIT_PRIVILEGE, 4).
+    """
+
+    def __init__(self, message, privilege=False):
+        Exception.__init__(self, message)
+        self.privilege = privilege
 
 
 class AlreadyRunning(DaemonError):
@@ -145,7 +160,19 @@ def _step_error(step, exc):
     filename = getattr(exc, 'filename', None)
     if filename:
         detail = '%s: %s' % (filename, detail)
-    return DaemonError('%s failed (%s)' % (step, detail))
+    privilege = isinstance(exc, PermissionError)
+    if privilege:
+        detail += ', as user %s' % current_user()    # who lacked it: the fix depends on it
+    return DaemonError('%s failed (%s)' % (step, detail), privilege=privilege)
+
+
+def current_user():
+    """'name (uid N)' of the effective user, for messages about permissions."""
+    uid = os.geteuid()
+    try:
+        return '%s (uid %d)' % (pwd.getpwuid(uid).pw_name, uid)
+    except KeyError:
+        return 'uid %d' % uid
 
 
 def log(message, stream=None):
@@ -303,13 +330,47 @@ def drop_privileges(user=None, group=None, own=()):
 
 
 def check_identity(user=None, group=None):
-    """Fail early, in the launcher, on an unknown user or group."""
+    """Fail early, in the launcher, on an unknown user or group, or one we cannot become."""
+    found = {}
     for kind, name, lookup in (('user', user, pwd.getpwnam), ('group', group, grp.getgrnam)):
         if name is not None:
             try:
-                lookup(name)
+                found[kind] = lookup(name)
             except KeyError:
                 raise DaemonError('unknown %s %r' % (kind, name))
+    if os.geteuid() == 0 or not found:
+        return
+    if 'user' in found and found['user'].pw_uid != os.geteuid() or \
+            'group' in found and found['group'].gr_gid != os.getegid():
+        wanted = ':'.join(name for name in (user, group) if name is not None)
+        raise DaemonError('switching to %s needs root, and this runs as %s: start it as root, '
+                          'or without a user and group' % (wanted, current_user()), privilege=True)
+
+
+def check_writable(kind, path):
+    """Fail early, in the launcher, on a pidfile or log this user cannot create or append to."""
+    if not path or path == os.devnull:
+        return
+    exists = os.path.exists(path)
+    target = path if exists else os.path.dirname(path)
+    if not exists and not os.path.isdir(target):
+        raise DaemonError('cannot create the %s %s: directory %s does not exist' % (kind, path, target))
+    mode = os.W_OK if exists else os.W_OK | os.X_OK
+    if not os.access(target, mode, effective_ids=os.access in os.supports_effective_ids):
+        what = '%s %s' % (kind, path) if exists else 'directory %s' % target
+        raise DaemonError('cannot write the %s %s: the %s is not writable by %s'
+                          % (kind, path, what, current_user()), privilege=True)
+
+
+def to_syslog(name, message):
+    """The last resort of a daemon without a log: one syslog(3) line per line of message."""
+    try:
+        syslog.openlog(name, syslog.LOG_PID, syslog.LOG_DAEMON)
+        for line in message.splitlines():
+            syslog.syslog(syslog.LOG_ERR, line)
+        syslog.closelog()
+    except Exception:
+        pass        # no syslog either: nothing more can be done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,6 +797,7 @@ class Daemon:
         self._pidfile = None
         self._readiness = None
         self._is_ready = False
+        self._status = '%s running' % self.name
         self._cooperative = False
         self._pending = []
         self._wake_r = self._wake_w = None
@@ -789,7 +851,7 @@ class Daemon:
             return method()
         except DaemonError as exc:
             sys.stderr.write('%s: %s\n' % (self.name, exc))
-            return EXIT_FAILURE
+            return EXIT_PRIVILEGE if exc.privilege else EXIT_FAILURE
         except PermissionError as exc:
             sys.stderr.write('%s: %s: permission denied (%s)\n' % (self.name, action, _describe(exc)))
             return EXIT_PRIVILEGE
@@ -803,8 +865,11 @@ class Daemon:
         check_identity(self.user, self.group)
         state, pid = self._probe()
         if state == 'running':
-            self._say('%s is already running (pid %d)' % (self.name, pid))
+            self._say('%s is already running (pid %d, pidfile %s)' % (self.name, pid, self.pidfile_path))
             return EXIT_OK
+        check_writable('pidfile', self.pidfile_path)
+        for path in {self.stdout, self.stderr}:
+            check_writable('log', path)
         self.daemonize()                  # returns only in the daemon
         self._serve_and_exit()
 
@@ -817,7 +882,7 @@ class Daemon:
             if state == 'stale' and pidfile.remove_stale():
                 self._say('%s is not running (removed stale pidfile %s)' % (self.name, self.pidfile_path))
             else:
-                self._say('%s is not running' % self.name)
+                self._say(self._not_running(state))
             return EXIT_OK
         pidfd = _open_pidfd(pid)
         try:
@@ -825,15 +890,16 @@ class Daemon:
             # probe and the signal can never be hit.
             state, again = pidfile.probe()
             if state != 'running' or again != pid:
-                self._say('%s is not running' % self.name)
+                self._say(self._not_running(state))
                 return EXIT_OK
             started = time.monotonic()
             if not self._send(pid, pidfd, signal.SIGTERM):
-                self._say('%s stopped (pid %d)' % (self.name, pid))
+                self._say('%s stopped (pid %d, pidfile %s)' % (self.name, pid, self.pidfile_path))
                 return EXIT_OK
             if self._await_exit(pidfile, pid, pidfd, self.stop_timeout):
                 pidfile.remove_stale()          # left behind by a daemon that could not unlink it
-                self._say('%s stopped (pid %d, %.2fs)' % (self.name, pid, time.monotonic() - started))
+                self._say('%s stopped (pid %d, %.2fs, pidfile %s)'
+                          % (self.name, pid, time.monotonic() - started, self.pidfile_path))
                 return EXIT_OK
             self._kill(pid, pidfd)
             if self._await_exit(pidfile, pid, pidfd, 5.0):
@@ -855,8 +921,9 @@ class Daemon:
     def try_restart(self):
         """Restart if running; a no-op success otherwise (LSB try-restart)."""
         self._absolutize()
-        if self._probe()[0] != 'running':
-            self._say('%s is not running' % self.name)
+        state = self._probe()[0]
+        if state != 'running':
+            self._say(self._not_running(state))
             return EXIT_OK
         return self.restart()
 
@@ -868,7 +935,7 @@ class Daemon:
         if pid is None:
             return EXIT_NOT_RUNNING
         if verdict == 'OK':
-            self._say('%s reloaded (pid %d)' % (self.name, pid))
+            self._say('%s reloaded (pid %d, pidfile %s)' % (self.name, pid, self.pidfile_path))
             return EXIT_OK
         if verdict is not None:
             self._say('%s: reload failed: %s (pid %d goes on as it was)' % (self.name, verdict, pid), error=True)
@@ -883,12 +950,14 @@ class Daemon:
             self._say('%s: %s' % (self.name, exc), error=True)
             return STATUS_UNKNOWN
         if state == 'running':
-            self._say('%s is running (pid %d)' % (self.name, pid))
+            self._say('%s is running (pid %d, pidfile %s)' % (self.name, pid, self.pidfile_path))
             return STATUS_RUNNING
         if state == 'stale':
-            self._say('%s is dead, but pidfile %s remains' % (self.name, self.pidfile_path))
+            where = 'syslog' if self.stderr == os.devnull else self.stderr
+            self._say('%s is dead, but pidfile %s remains: pid %s ended without a stop (see %s)'
+                      % (self.name, self.pidfile_path, pid or '?', where))
             return STATUS_DEAD
-        self._say('%s is not running' % self.name)
+        self._say(self._not_running(state))
         return STATUS_STOPPED
 
     def foreground(self):
@@ -898,18 +967,20 @@ class Daemon:
         """
         self._absolutize()
         check_identity(self.user, self.group)
+        check_writable('pidfile', self.pidfile_path)
         self.listen_fds = listen_fds()
         try:
             self._become_service()
         except AlreadyRunning as exc:
-            self._say('%s is already running (pid %s)' % (self.name, exc.pid), error=True)
+            self._say('%s is already running (pid %s, pidfile %s)' % (self.name, exc.pid, self.pidfile_path),
+                      error=True)
             return EXIT_FAILURE
         except BaseException as exc:
             self._cleanup()
             if isinstance(exc, SystemExit) and not exc.code:
                 return EXIT_OK                  # SIGTERM during setup
             self._say('%s: %s' % (self.name, _describe(exc)), error=True)
-            return EXIT_FAILURE
+            return EXIT_PRIVILEGE if getattr(exc, 'privilege', False) else EXIT_FAILURE
         return self._serve()
 
     # -- daemonize ------------------------------------------------------------------------------
@@ -976,10 +1047,13 @@ class Daemon:
         except ChildProcessError:
             pass
         line = self._readiness.receive(self.start_timeout)
-        if line == 'READY':
+        if line is not None and (line == 'READY' or line.startswith('READY ')):
+            if line[6:]:
+                self._say(line[6:])             # what ready() said: the one line `start` prints
             return EXIT_OK
         if line is not None and line.startswith('RUNNING'):
-            self._say('%s is already running (pid %s)' % (self.name, line[8:] or 'unknown'))
+            self._say('%s is already running (pid %s, pidfile %s)'
+                      % (self.name, line[8:] or 'unknown', self.pidfile_path))
             return EXIT_OK
         if line is not None and line.startswith('ERROR '):
             self._say('%s: %s' % (self.name, line[6:]), error=True)
@@ -1007,17 +1081,25 @@ class Daemon:
 
     # -- running --------------------------------------------------------------------------------
 
-    def ready(self):
-        """Tell the launcher (or systemd) that the service is up.  Idempotent."""
+    def ready(self, status=None):
+        """Tell the launcher (or systemd) that the service is up.  Idempotent.
+
+        status: one line saying what runs where; `start` prints it, and it is systemd's STATUS.
+        By default "<name> started (pid N)".
+        """
         if self._is_ready:
             return
         self._is_ready = True
+        if status:
+            self._status = status.replace('\n', ' ')
+        else:
+            self._status = '%s started (pid %d)' % (self.name, os.getpid())
         if self._upgrading:
             self.upgrade_done()             # READY=1 too, with the outcome as STATUS
         else:
-            notify(READY=1, STATUS='%s running' % self.name)
+            notify(READY=1, STATUS=self._status)
         if self._readiness is not None:
-            self._readiness.send('READY')
+            self._readiness.send('READY ' + self._status)
 
     def _serve(self):
         """Run run() and turn its end into an exit status; the pidfile is released after it."""
@@ -1034,15 +1116,22 @@ class Daemon:
         except KeyboardInterrupt:
             status = EXIT_OK                    # SIGINT in the foreground, before our handler
         except DaemonError as exc:
-            log('%s: %s' % (self.name, exc))
+            self._last_words('%s: %s' % (self.name, exc))
             status, error = EXIT_FAILURE, _describe(exc)
         except BaseException as exc:
-            log('%s: unhandled exception in run(), exiting:\n%s' % (self.name, ''.join(
+            self._last_words('%s: unhandled exception in run(), exiting:\n%s' % (self.name, ''.join(
                 traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()))
             status, error = EXIT_FAILURE, _describe(exc)
         else:
             error = None
         notify(STOPPING=1)
+        if status != EXIT_OK and self._is_ready and not self.stopping and self._pidfile is not None \
+                and self._pidfile.fd is not None:
+            # Died on its own after start had returned: the unlocked pidfile stays as the record,
+            # and `status` says "dead, but pidfile remains" (LSB 1) instead of "not running".
+            self._last_words('%s: exited with status %s; pidfile %s left as the record of it'
+                             % (self.name, status, self.pidfile_path))
+            self._pidfile.forget()
         self._cleanup()
         if not self._is_ready and self._readiness is not None:
             self._readiness.fail(error or 'exited before it was ready (status %s); see %s'
@@ -1062,6 +1151,16 @@ class Daemon:
     def _cleanup(self):
         if self._pidfile is not None:
             self._pidfile.release()
+
+    def _last_words(self, message):
+        """Report why the daemon ends: to its log, and to syslog if it has none (/dev/null).
+
+        After start has returned nobody watches the terminal: without this, a detached daemon
+        with the default /dev/null stderr would die without a trace.
+        """
+        log(message)
+        if self.detached and self.stderr == os.devnull:
+            to_syslog(self.name, message)
 
     # -- signals --------------------------------------------------------------------------------
 
@@ -1106,8 +1205,8 @@ class Daemon:
                 except DaemonError as exc:
                     error = str(exc)
                     log('%s: reload failed: %s' % (self.name, error))
-                notify(READY=1, STATUS='%s running' % self.name if error is None
-                       else '%s running; reload failed: %s' % (self.name, error))
+                notify(READY=1, STATUS=self._status if error is None
+                       else '%s; reload failed: %s' % (self._status, error))
                 self._report('reload', error)
             elif signum == signal.SIGUSR1:
                 self.reopen_std_logs()
@@ -1351,7 +1450,7 @@ class Daemon:
         if pid is None:
             return EXIT_NOT_RUNNING
         if verdict == 'OK':
-            self._say('%s upgraded in place (pid %d)' % (self.name, pid))
+            self._say('%s upgraded in place (pid %d, pidfile %s)' % (self.name, pid, self.pidfile_path))
             return EXIT_OK
         if verdict is not None:
             self._say('%s: upgrade failed: %s; still serving (pid %d)' % (self.name, verdict, pid), error=True)
@@ -1369,7 +1468,7 @@ class Daemon:
         self._absolutize()
         state, pid = self._probe()
         if state != 'running':
-            self._say('%s is not running (pidfile %s)' % (self.name, self.pidfile_path), error=True)
+            self._say(self._not_running(state), error=True)
             return None, None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         pidfd = None
@@ -1415,6 +1514,12 @@ class Daemon:
 
     def _probe(self):
         return PidFile(self.pidfile_path).probe()
+
+    def _not_running(self, state):
+        """The "not running" line, naming the pidfile looked at (relative paths confuse)."""
+        if state == 'stale':
+            return '%s is not running (stale pidfile %s left: cannot remove it)' % (self.name, self.pidfile_path)
+        return '%s is not running (no pidfile at %s)' % (self.name, self.pidfile_path)
 
     def _send(self, pid, pidfd, signum):
         """Signal the daemon; False if it is already gone."""

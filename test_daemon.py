@@ -35,6 +35,7 @@ sys.path.insert(0, HERE)
 
 import agent      # noqa: E402
 import daemon     # noqa: E402
+from daemon import DaemonError  # noqa: E402
 
 sys.path.insert(0, os.path.join(HERE, 'bench'))
 from samples import camera_jpeg, sample_bmp, sample_gif, sample_jpeg, sample_png, sample_webp  # noqa: E402
@@ -93,6 +94,15 @@ def children_of(pid):
             except (OSError, IndexError, ValueError):
                 pass
     return found
+
+
+def slurp(path):
+    """The text of a file, '' if it does not exist (yet)."""
+    try:
+        with open(path, errors='replace') as f:
+            return f.read()
+    except FileNotFoundError:
+        return ''
 
 
 def read_pid(path):
@@ -186,7 +196,21 @@ if __name__ == '__main__':
     if os.environ.get('SAMPLE_OPEN_FD'):
         leak = open(os.environ['SAMPLE_OPEN_FD'], 'w')
         os.set_inheritable(leak.fileno(), True)
-    sample = Sample('sample.pid', stdout='sample.log', stderr='sample.log',
+    if os.environ.get('SAMPLE_FAKE_SYSLOG'):
+        # A stand-in for the syslog module that appends to a file: the test reads what a
+        # daemon without a log would have sent to /dev/log.
+        import types
+        fake = types.ModuleType('syslog')
+        fake.LOG_PID, fake.LOG_DAEMON, fake.LOG_ERR = 1, 24, 3
+        fake.openlog = lambda ident, option, facility: setattr(fake, 'ident', ident)
+        fake.closelog = lambda: None
+        def fake_syslog(priority, line):
+            with open(os.environ['SAMPLE_FAKE_SYSLOG'], 'a') as f:
+                f.write('%s[%d] <%d> %s\\n' % (fake.ident, os.getpid(), priority, line))
+        fake.syslog = fake_syslog
+        daemon.syslog = fake            # daemon.py imported the real module at its top
+    log = '/dev/null' if os.environ.get('SAMPLE_NO_LOG') else 'sample.log'
+    sample = Sample('sample.pid', stdout=log, stderr=log,
                     stop_timeout=float(os.environ.get('SAMPLE_STOP_TIMEOUT', '10')))
     sys.exit(daemon.main(sample))
 '''
@@ -571,7 +595,7 @@ class DaemonProcessTests(SampleDaemonTest):
         pid = self.start()
         again = self.sample('start')
         self.assertEqual(again.returncode, 0)
-        self.assertIn('already running (pid %d)' % pid, again.stdout)
+        self.assertIn('already running (pid %d, pidfile %s)' % (pid, self.pidfile), again.stdout)
         self.assertEqual(read_pid(self.pidfile), pid)
 
     def test_eight_concurrent_starts_leave_one_daemon(self):
@@ -677,7 +701,50 @@ class DaemonProcessTests(SampleDaemonTest):
         wait_for(lambda: 'ValueError: boom' in self.log(), message='the traceback in the log')
         self.assertIn('Traceback (most recent call last)', self.log())
         self.assertIn('cleanup ran', self.log())
-        wait_for(lambda: not os.path.exists(self.pidfile), message='pidfile removal')
+        # The unlocked pidfile stays as the record of the death: status says dead, not stopped.
+        wait_for(lambda: self.sample('status').returncode == daemon.STATUS_DEAD, message='status dead')
+        status = self.sample('status')
+        self.assertIn('is dead, but pidfile %s remains' % self.pidfile, status.stdout)
+        self.assertIn(self.logfile, status.stdout)
+        self.assertIn('pidfile %s left' % self.pidfile, self.log())
+        self.start()                                  # a stale pidfile never blocks a start
+        self.assertEqual(self.sample('stop').returncode, 0)
+        self.assertFalse(os.path.exists(self.pidfile))
+
+    def test_crash_without_a_log_goes_to_syslog_and_status_says_dead(self):
+        """Issue 10, item 7: stdout and stderr are /dev/null, run() raises after start returned."""
+        record = os.path.join(self.tmp, 'syslog.txt')
+        env = {'SAMPLE_NO_LOG': '1', 'SAMPLE_FAKE_SYSLOG': record}
+        result = self.sample('start', 'crash', env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('sample started (pid ', result.stdout)
+        wait_for(lambda: 'left as the record' in slurp(record), message='the crash in syslog')
+        said = slurp(record)
+        self.assertIn('Traceback (most recent call last)', said)
+        self.assertIn('ValueError: boom', said)
+        self.assertTrue(all(line.startswith('sample[') and ' <3> ' in line for line in said.splitlines()), said)
+        status = self.sample('status', env=env)
+        self.assertEqual(status.returncode, daemon.STATUS_DEAD, status.stdout)
+        self.assertIn('is dead, but pidfile %s remains' % self.pidfile, status.stdout)
+        self.assertIn('see syslog', status.stdout)
+
+    def test_a_stop_is_no_death(self):
+        self.start()
+        self.assertEqual(self.sample('stop').returncode, 0)
+        self.assertFalse(os.path.exists(self.pidfile))
+        self.assertEqual(self.sample('status').returncode, daemon.STATUS_STOPPED)
+
+    def test_every_message_that_depends_on_the_pidfile_names_its_absolute_path(self):
+        """Issue 10, item 2: 'not running' from the wrong directory must say where it looked."""
+        for action in ('status', 'stop', 'reload', 'try-restart'):
+            result = self.sample(action)
+            self.assertIn('not running (no pidfile at %s)' % self.pidfile, result.stdout + result.stderr, action)
+        pid = self.start()
+        for action in ('status', 'start', 'reload'):
+            result = self.sample(action)
+            self.assertIn('(pid %d, pidfile %s)' % (pid, self.pidfile), result.stdout, action)
+        result = self.sample('stop')
+        self.assertRegex(result.stdout, r'stopped \(pid %d, [0-9.]+s, pidfile %s\)' % (pid, re.escape(self.pidfile)))
 
     def test_late_ready_waits_for_run(self):
         began = time.monotonic()
@@ -960,9 +1027,11 @@ class AgentCommandLineTests(unittest.TestCase):
     def test_defaults_match_the_original(self):
         config = agent.parser().parse_args(['start'])
         self.assertEqual((config.port, config.bind, config.root), (9085, '0.0.0.0', '.'))
-        self.assertEqual((config.pidfile, config.log, config.access_log),
-                         ('agent.pid', 'agent.log', 'access.log'))
+        self.assertEqual((config.log, config.access_log), ('agent.log', 'access.log'))
         self.assertEqual(config.workers, os.cpu_count())
+        # The pidfile is the one thing that is not the original's ./agent.pid: status and stop
+        # must find the daemon from any directory (issue 10).
+        self.assertIsNone(config.pidfile)
 
     def test_bad_options_are_refused_before_anything_starts(self):
         tmp = tempfile.mkdtemp()
@@ -1204,7 +1273,10 @@ class SupervisionTests(unittest.TestCase):
         self.assertIn('retrying in', log)
         self.assertIn('failed to boot 5 times in a row; halting', log)
         wait_for(lambda: not any(map(pid_alive, workers)), message='workers gone')
-        self.assertEqual(server.command('status').returncode, 3)
+        # It died on its own, after start had returned: status says so (LSB 1), not "stopped".
+        status = server.command('status')
+        self.assertEqual(status.returncode, daemon.STATUS_DEAD, status.stdout)
+        self.assertIn('is dead, but pidfile %s remains' % server.pidfile, status.stdout)
 
     def test_connection_cap_makes_room_by_closing_the_longest_idle(self):
         server = AgentServer(self, '--max-connections', '2', workers=1).start()
@@ -1293,7 +1365,7 @@ class SupervisionTests(unittest.TestCase):
             install(good_code.replace("SERVER = b'agent'", "SERVER = b'agent-v2'"))
             result = server.command('upgrade')
             self.assertEqual(result.returncode, 0, result.stderr)
-            self.assertIn('agent upgraded in place (pid %d)' % master, result.stdout)
+            self.assertIn('agent upgraded in place (pid %d, pidfile ' % master, result.stdout)
             # The same process, pidfile and lock; the old workers drained, new ones serve.
             self.assertEqual(server.master(), master)
             after = os.stat(server.pidfile)
@@ -1303,8 +1375,10 @@ class SupervisionTests(unittest.TestCase):
             self.assertFalse(set(server.workers()) & set(old_workers))
             serving_more(100, 'after the upgrade')
             with open('/proc/%d/cmdline' % master) as f:
-                argv = f.read().split('\0')[:-1]
-            self.assertEqual(argv[-1], 'start')
+                title = f.read().rstrip('\0')      # "agent: master <script> <options>" (issue 10)
+            self.assertTrue(title.startswith('agent: master %s ' % script), title)
+            argv = title.split(' ')
+            self.assertNotIn('start', argv)
             for option in ('--pidfile', server.pidfile, '--log', server.log, '--workers', '2'):
                 self.assertIn(option, argv)
             self.assertNotIn('--timeout', argv, 'an option nobody gave: %r' % argv)
@@ -1378,21 +1452,359 @@ class SupervisionTests(unittest.TestCase):
         err = open(os.path.join(tmp, 'stderr'), 'w')
         self.addCleanup(err.close)
         proc = subprocess.Popen([PYTHON, AGENT, '--root', 'www', '--bind', '127.0.0.1', '--port', '0',
-                                 '--workers', '1', 'run'], cwd=tmp, stdout=err, stderr=err,
-                                start_new_session=True)
+                                 '--pidfile', 'agent.pid', '--workers', '1', 'run'], cwd=tmp, stdout=err,
+                                stderr=err, start_new_session=True)
         self.addCleanup(lambda: (kill_group_of(proc.pid), proc.wait(TIMEOUT)))
         pidfile = os.path.join(tmp, 'agent.pid')
         wait_for(lambda: children_of(proc.pid) and read_pid(pidfile) == proc.pid, message='the agent up')
-        result = run([PYTHON, AGENT, 'upgrade'], cwd=tmp)
+        result = run([PYTHON, AGENT, '--pidfile', 'agent.pid', 'upgrade'], cwd=tmp)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         with open('/proc/%d/cmdline' % proc.pid) as f:
-            argv = f.read().split('\0')[:-1]
-        self.assertEqual(argv[1:], [AGENT, '--root', os.path.join(tmp, 'www'), '--bind', '127.0.0.1',
-                                    '--port', '0', '--workers', '1', 'run'])
+            title = f.read().rstrip('\0')          # the process title: no interpreter, no action
+        self.assertEqual(title, ' '.join(['agent: master', AGENT, '--root', os.path.join(tmp, 'www'), '--bind',
+                                          '127.0.0.1', '--port', '0', '--pidfile', pidfile, '--workers', '1']))
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(TIMEOUT), 0)
         self.assertFalse(os.path.exists(os.path.join(tmp, 'agent.log')), 'a foreground master wrote --log')
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 10: safe defaults and an honest command line
+# ---------------------------------------------------------------------------------------------
+
+def own_file_spellings(name):
+    """Ways a client may spell /name: each must reach the same file, or none."""
+    encoded = ''.join('%%%02X' % byte for byte in name.encode())
+    return ['/' + name, '/' + encoded, '/' + encoded.lower(), '//' + name, '/./' + name,
+            '/%2e/' + name, '/%2E/' + name, '/nowhere/../' + name, '/nowhere/%2e%2e/' + name,
+            '/%2F' + name, '/' + name + '?x=1', '/' + name + '/', '/' + name.upper(),
+            '/' + name[:-1] + '%%%02X' % ord(name[-1]), 'http://x/' + name, 'HTTP://x//' + name]
+
+
+class OwnFilesTestMixin:
+    def assert_never_served(self, port, names, secrets=(b'GET /', b'agent: ', b'"pid"')):
+        for name in names:
+            for target in own_file_spellings(name):
+                for method, extra in (('GET', ''), ('HEAD', ''), ('GET', 'Range: bytes=0-\r\n')):
+                    raw = ('%s %s HTTP/1.1\r\nHost: x\r\n%sConnection: close\r\n\r\n'
+                           % (method, target, extra)).encode()
+                    with socket.create_connection(('127.0.0.1', port), timeout=10) as sock:
+                        sock.sendall(raw)
+                        data = b''
+                        while True:
+                            chunk = sock.recv(65536)
+                            if not chunk:
+                                break
+                            data += chunk
+                    status = int(data.split(b' ', 2)[1])
+                    self.assertIn(status, (400, 404), '%s %s gave %d' % (method, target, status))
+                    for secret in secrets:
+                        self.assertNotIn(secret, data, '%s %s leaked' % (method, target))
+
+    def assert_not_listed(self, port, names):
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
+        conn.request('GET', '/')
+        response = conn.getresponse()
+        page = response.read().decode()
+        conn.close()
+        self.assertEqual(response.status, 200)
+        for name in names:
+            self.assertNotIn('>%s<' % name, page)
+            self.assertNotIn('"%s"' % name, page)
+        return page
+
+
+class SafeDefaultsTests(OwnFilesTestMixin, unittest.TestCase):
+    """The agent started as a new user would: `cd ~/photos && python3 agent.py start`.
+
+    As root, the commands run as the user nobody (a user with a login session of its own:
+    XDG_RUNTIME_DIR in the test's directory), so the default pidfile lands there and not in
+    /run, where concurrent runs of this suite would share it.
+    """
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='agent-defaults-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', self.tmp])
+        os.chmod(self.tmp, 0o755)
+        self.www = os.path.join(self.tmp, 'photos')
+        self.runtime = os.path.join(self.tmp, 'run')
+        os.mkdir(self.www)
+        os.mkdir(self.runtime, 0o700)
+        self.preexec, self.python = None, PYTHON
+        if os.geteuid() == 0:
+            import pwd
+            try:
+                nobody = pwd.getpwnam('nobody')
+            except KeyError:
+                self.skipTest('no user nobody')
+            for path in (self.www, self.runtime):
+                os.chown(path, nobody.pw_uid, nobody.pw_gid)
+
+            def become_nobody():
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+            self.preexec = become_nobody
+            if not os.access(PYTHON, os.X_OK) or PYTHON.startswith('/root/'):
+                self.python = '/usr/bin/python3'
+            if not os.path.exists(self.python):
+                self.skipTest('no python3 that nobody may run')
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ('NOTIFY_SOCKET', 'LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES')}
+        self.env.update(XDG_RUNTIME_DIR=self.runtime, HOME=self.tmp)
+        self.pidfile = os.path.join(self.runtime, 'agent-0.pid')
+        self.addCleanup(lambda: kill_group_of(read_pid(self.pidfile)))
+
+    def agent(self, *args, cwd=None):
+        """agent.py with these arguments, as the test's user; loopback and any port, always."""
+        result = run([self.python, AGENT, '--bind', '127.0.0.1', '--port', '0'] + list(args),
+                     cwd=cwd or self.www, env=self.env, preexec_fn=self.preexec)
+        self.assertNotIn('Traceback', result.stdout + result.stderr)
+        self.assertNotIn('agent: agent:', result.stdout + result.stderr)
+        return result
+
+    def start(self, *args):
+        result = self.agent(*(args + ('start',)))
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        match = re.search(r'at http://127\.0\.0\.1:(\d+)/, pid (\d+);', result.stdout)
+        self.assertIsNotNone(match, result.stdout)
+        return int(match.group(1)), int(match.group(2)), result.stdout
+
+    def test_start_prints_one_line_and_status_stop_find_it_from_anywhere(self):
+        port, pid, out = self.start()
+        self.assertEqual(len(out.splitlines()), 1, out)
+        log, access = os.path.join(self.www, 'agent.log'), os.path.join(self.www, 'access.log')
+        self.assertEqual(out.strip(), 'agent serving %s at http://127.0.0.1:%d/, pid %d; log %s, access log %s; '
+                                      'pidfile %s' % (self.www, port, pid, log, access, self.pidfile))
+        self.assertEqual(read_pid(self.pidfile), pid)
+        with open(log) as f:          # --port 0: the port printed is the port it took
+            self.assertIn('on 127.0.0.1:%d with' % port, f.read())
+        for cwd in (self.tmp, '/'):
+            status = self.agent('status', cwd=cwd)
+            self.assertEqual(status.returncode, 0, status.stdout + status.stderr)
+            self.assertIn('is running (pid %d, pidfile %s)' % (pid, self.pidfile), status.stdout)
+        stop = self.agent('stop', cwd='/')
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertIn('stopped (pid %d' % pid, stop.stdout)
+        self.assertFalse(pid_alive(pid))
+        status = self.agent('status', cwd='/')
+        self.assertEqual(status.returncode, 3)
+        self.assertIn('not running (no pidfile at %s)' % self.pidfile, status.stdout)
+
+    def test_own_files_are_never_served_nor_listed_with_all_defaults(self):
+        with open(os.path.join(self.www, 'cat.jpg'), 'wb') as f:
+            f.write(b'a cat')
+        port, pid, out = self.start()
+        with open(os.path.join(self.www, 'agent.log')) as f:
+            log = f.read()
+        self.assertIn('the access log %s is inside --root %s' % (os.path.join(self.www, 'access.log'), self.www), log)
+        self.assertEqual(log.count('is inside --root'), 2, log)     # the log and the access log, once
+        # Links made by someone with write access to the root: neither reaches a log.
+        os.symlink('access.log', os.path.join(self.www, 'visitors.txt'))
+        os.link(os.path.join(self.www, 'agent.log'), os.path.join(self.www, 'hard.jpg'))
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
+        conn.request('GET', '/cat.jpg', headers={'User-Agent': 'secret-agent', 'Referer': 'http://r/'})
+        self.assertEqual(conn.getresponse().read(), b'a cat')
+        conn.close()
+        wait_for(lambda: 'secret-agent' in slurp(os.path.join(self.www, 'access.log')), message='an access line')
+        own = ['agent.log', 'access.log', 'visitors.txt', 'hard.jpg']
+        self.assert_never_served(port, own, secrets=(b'secret-agent', b'agent: serving'))
+        page = self.assert_not_listed(port, own)
+        self.assertNotIn('.pid', page)
+        self.assertIn('cat.jpg', page)
+
+    def test_errors_name_cause_and_fix_without_a_traceback(self):
+        if os.geteuid() != 0 and self.preexec is None and can_bind_as_user(80):
+            self.skipTest('this user may bind port 80')
+        low = self.agent('--port', '80', 'start')      # the later --port wins
+        self.assertEqual(low.returncode, daemon.EXIT_PRIVILEGE, low.stderr)
+        self.assertIn('port 80 needs root', low.stderr)
+        other = self.agent('--user', 'root', 'start')
+        self.assertEqual(other.returncode, daemon.EXIT_PRIVILEGE, other.stderr)
+        self.assertIn('switching to root needs root', other.stderr)
+        locked = os.path.join(self.tmp, 'locked')
+        os.mkdir(locked, 0o755)             # root's, or this user's with no write bit
+        if os.geteuid() != 0:
+            os.chmod(locked, 0o555)
+        for option, kind in (('--log', 'log'), ('--pidfile', 'pidfile'), ('--access-log', None)):
+            result = self.agent(option, os.path.join(locked, 'x'), 'start')
+            self.assertNotEqual(result.returncode, 0, option)
+            self.assertIn(os.path.join(locked, 'x'), result.stderr, option)
+            self.assertRegex(result.stderr, r'(user|by) \w+ \(uid \d+\)', option)
+            self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+            if kind:
+                self.assertEqual(result.returncode, daemon.EXIT_PRIVILEGE, option)
+                self.assertIn('cannot write the %s' % kind, result.stderr)
+        self.assertFalse(os.path.exists(self.pidfile))
+        # A pidfile this user may not even read: every action is status 4, with a message.
+        os.chmod(locked, 0o700 if os.geteuid() == 0 else 0o000)
+        self.addCleanup(os.chmod, locked, 0o755)
+        for action in ('status', 'stop', 'reload', 'restart', 'upgrade'):
+            result = self.agent('--pidfile', os.path.join(locked, 'a.pid'), action)
+            if action == 'upgrade' and result.returncode != daemon.EXIT_PRIVILEGE:
+                continue                    # issue 13 reworks upgrade's messages and codes
+            self.assertEqual(result.returncode, daemon.EXIT_PRIVILEGE, action + result.stdout + result.stderr)
+            self.assertIn(os.path.join(locked, 'a.pid'), result.stderr, action)
+
+
+def can_bind_as_user(port):
+    try:
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', port))
+        return True
+    except OSError:
+        return False
+
+
+class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
+    def test_own_files_stay_hidden_after_logrotate_renames(self):
+        server = AgentServer(self, workers=2)
+        server.root = server.dir                # the seed's layout: pidfile and logs in the root
+        server.options[server.options.index('--root') + 1] = server.dir
+        server.write('agent.logo.jpg', b'not ours')      # a prefix alone hides nothing
+        server.start()
+        self.assertEqual(server.get('/agent.logo.jpg')[2], b'not ours')
+        old_access = os.stat(server.access_log).st_ino
+        for name in ('access.log', 'agent.log'):
+            os.rename(os.path.join(server.dir, name), os.path.join(server.dir, name + '.1'))
+        with open(os.path.join(server.dir, 'access.log.2.gz'), 'wb') as f:   # a new inode
+            f.write(b'compressed GET / lines')
+        with open(os.path.join(server.dir, 'access.log-20250101'), 'wb') as f:
+            f.write(b'dateext GET / lines')
+        os.kill(server.master(), signal.SIGUSR1)
+        wait_for(lambda: os.path.exists(server.access_log) and os.path.exists(server.log),
+                 message='the logs reopened')
+        self.assertNotEqual(os.stat(server.access_log).st_ino, old_access)
+        wait_for(lambda: server.get('/agent.logo.jpg')[0] == 200 and 'agent.logo.jpg' in slurp(server.access_log),
+                 message='a line in the new access log')
+        own = ['agent.pid', 'agent.pid.options', 'agent.log', 'access.log', 'agent.log.1',
+               'access.log.1', 'access.log.2.gz', 'access.log-20250101']
+        self.assert_never_served(server.port, own)
+        page = self.assert_not_listed(server.port, own)
+        self.assertIn('agent.logo.jpg', page)
+        server.stop()
+
+    def test_port_taken_by_an_agent_names_it_and_how_to_stop_it(self):
+        first = AgentServer(self).start()
+        second = AgentServer(self)
+        second.options[second.options.index('--port') + 1] = str(first.port)
+        result = second.command('start')
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn('Address already in use (by agent pid %d, pidfile %s; stop it with: '
+                      % (first.master(), first.pidfile), result.stderr)
+        self.assertIn('--pidfile %s stop' % first.pidfile, result.stderr)
+        first.stop()
+
+    def test_restart_keeps_options_not_given_and_names_those_that_change(self):
+        server = AgentServer(self, workers=2)
+        server.write('k.jpg', b'kept')
+        server.start()
+        old = server.master()
+        # From another directory, with nothing but the pidfile: the same agent comes back.
+        result = run([PYTHON, AGENT, '--pidfile', server.pidfile, 'restart'], cwd='/')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn('restart changes', result.stdout)
+        self.assertIn('agent serving %s at http://127.0.0.1:' % server.root, result.stdout)
+        server.pids.append(server.master())
+        self.assertNotEqual(server.master(), old)
+        server.port = server.port_from_log()
+        self.assertEqual(server.get('/k.jpg')[2], b'kept')
+        self.assertEqual(len(server.workers()), 2)
+        result = run([PYTHON, AGENT, '--pidfile', server.pidfile, '--workers', '1', '--no-listing',
+                      'restart'], cwd='/')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('agent: restart changes --no-listing off -> on, --workers 2 -> 1', result.stdout)
+        server.pids.append(server.master())
+        self.assertEqual(len(server.workers()), 1)
+        server.stop()
+
+    def test_ps_shows_master_and_workers_not_the_launching_action(self):
+        server = AgentServer(self, workers=2).start()
+        with open('/proc/%d/comm' % server.master()) as f:
+            self.assertEqual(f.read().strip(), 'agent: master')
+        for pid in server.workers():
+            with open('/proc/%d/comm' % pid) as f:
+                self.assertEqual(f.read().strip(), 'agent: worker')
+        with open('/proc/%d/cmdline' % server.master(), 'rb') as f:
+            words = f.read().replace(b'\0', b' ').split()
+        self.assertEqual(words[:3], [b'agent:', b'master', AGENT.encode()])
+        self.assertIn(server.pidfile.encode(), words)
+        self.assertNotIn(b'start', words)
+        ps = run(['ps', '-o', 'args=', '-p', str(server.master())])
+        if ps.returncode == 0:
+            self.assertTrue(ps.stdout.startswith('agent: master '), ps.stdout)
+        server.stop()
+
+    def test_max_age_no_listing_svgz_and_version(self):
+        import gzip
+        server = AgentServer(self, '--max-age', '3600', '--no-listing')
+        server.write('a.jpg', b'jpeg')
+        server.write('album/x.jpg', b'x')
+        server.write('with-index/index.html', b'<p>index</p>')
+        svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="1" height="1"/>'
+        server.write('logo.svgz', gzip.compress(svg))
+        server.start()
+        status, headers, body = server.get('/a.jpg')
+        self.assertEqual(headers['cache-control'], 'public, max-age=3600')
+        status, headers, body = server.get('/a.jpg', {'If-None-Match': headers['etag']})
+        self.assertEqual((status, headers['cache-control']), (304, 'public, max-age=3600'))
+        self.assertEqual(server.get('/album/')[0], 403)
+        self.assertEqual(server.get('/')[0], 403)
+        self.assertEqual(server.get('/with-index/')[2], b'<p>index</p>')
+        status, headers, body = server.get('/logo.svgz')
+        self.assertEqual((headers['content-type'], headers['content-encoding']), ('image/svg+xml', 'gzip'))
+        self.assertEqual(gzip.decompress(body), svg)
+        self.assertNotIn('content-encoding', server.get('/a.jpg')[1])
+        server.stop()
+        default = AgentServer(self).start()
+        default.write('d.jpg', b'd')
+        self.assertEqual(default.get('/d.jpg')[1]['cache-control'], 'public, max-age=%d' % agent.DEFAULT_MAX_AGE)
+        self.assertEqual(default.get('/')[0], 200)
+        default.stop()
+        version = run([PYTHON, AGENT, '--version'])
+        self.assertEqual(version.returncode, 0)
+        self.assertEqual(version.stdout.split()[:2], ['agent.py', agent.__version__])
+
+
+class DefaultPidfileTests(unittest.TestCase):
+    def test_one_place_per_user_and_port(self):
+        with mock.patch('os.geteuid', return_value=0):
+            self.assertEqual(agent.default_pidfile(9085), '/run/agent-9085.pid')
+        runtime = tempfile.mkdtemp()
+        self.addCleanup(os.rmdir, runtime)
+        with mock.patch('os.geteuid', return_value=1000), \
+                mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': runtime}):
+            self.assertEqual(agent.default_pidfile(80), os.path.join(runtime, 'agent-80.pid'))
+        with mock.patch('os.geteuid', return_value=1000), mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': ''}):
+            self.assertEqual(agent.default_pidfile(9085), '/tmp/agent-1000/agent-9085.pid')
+
+    def test_private_directory_refuses_one_open_to_others(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        path = os.path.join(tmp, 'agent-%d' % os.geteuid())
+        agent.private_directory(path, create=False)        # absent: nothing to check yet
+        agent.private_directory(path, create=True)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700)
+        os.chmod(path, 0o777)
+        with self.assertRaises(DaemonError) as caught:
+            agent.private_directory(path, create=True)
+        self.assertTrue(caught.exception.privilege)
+        os.rmdir(path)
+        os.symlink(tmp, path)
+        with self.assertRaises(DaemonError):
+            agent.private_directory(path, create=True)
+
+    def test_describe_changes(self):
+        old = ['--root', '/a', '--workers', '2']
+        self.assertEqual(agent.describe_changes(old, list(old)), '')
+        self.assertEqual(agent.describe_changes(old, ['--root', '/b', '--workers', '2', '--no-listing']),
+                         '--no-listing off -> on, --root /a -> /b')
+
+    def test_given_options(self):
+        self.assertEqual(agent.given_options(['--root', 'x', '--no-listing', 'restart']), {'root', 'listing'})
+        self.assertEqual(agent.given_options(['status']), frozenset())
 
 
 class WorkerInProcessTests(unittest.TestCase):
@@ -4410,6 +4822,7 @@ class TLSStartAndReloadTests(unittest.TestCase):
         argv = ['--tls-cert', self.cert, '--tls-key', self.key, '--allow-readable-key',
                 '--http-redirect', '8080', '--hsts', '60', 'run']
         config = agent.parser().parse_args(argv)
+        config.given = agent.given_options(argv)            # as main() records them
         again = agent.parser().parse_args(agent.config_argv(config) + ['run'])
         for name in ('tls_cert', 'tls_key', 'allow_readable_key', 'http_redirect', 'hsts'):
             self.assertEqual(getattr(again, name), getattr(config, name), name)
