@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark agent.py against nginx and `python3 -m http.server`.
+"""Benchmark agent.py against nginx, lighttpd, Caddy, granian and `python3 -m http.server`.
 
 What it measures
 ----------------
@@ -10,7 +10,15 @@ Three servers serve the SAME generated files (random bytes named 1k.jpg,
                one worker per CPU)
   nginx        /usr/sbin/nginx with a generated config (2 workers, sendfile,
                access log on); skipped with a note when not installed
+  lighttpd     /usr/sbin/lighttpd -D, one process (its default), access log on
+  caddy        caddy run with a generated Caddyfile: file_server, access log on,
+               admin endpoint off
+  granian      granian (Rust, PyPI) --static-path-mount with 2 workers, access
+               log on, installed by this script in a virtual environment under
+               $XDG_CACHE_HOME or ~/.cache (bench-only: never a product
+               dependency); its files are served under /static/
   http.server  python3 -m http.server --protocol HTTP/1.1
+  Each peer is skipped with a note when it is not installed (--peers picks).
 
 Load comes from wrk (`wrk -t1 -cN -dDs --latency URL`) in these scenarios:
 
@@ -32,7 +40,10 @@ for --rounds rounds so that slow drifts of the machine hit every server
 alike. For each scenario and server the BEST round (highest req/s) is
 reported: req/s, MB/s (wrk's Transfer/sec, 1 MB = 2**20 bytes, headers
 included), p50 and p99 latency in ms, and errors (socket errors plus
-non-2xx/3xx responses). Then the agent's ratio to each peer, and
+non-2xx/3xx responses), and CPU per request: user+sys time of all the
+server's processes (from /proc, before and after the run) divided by the
+requests wrk counted. Then one table of every server's ratio to nginx
+(req/s; bytes/s for 200k and 10m), the agent's ratio to each peer, and
 agent-only figures: RSS of master and workers after the load, and the
 median time of `start` and of an idle `stop` over 5 cycles.
 
@@ -67,6 +78,10 @@ from harness import children_of as children, pid_alive
 
 HOST = "127.0.0.1"
 NGINX = "/usr/sbin/nginx"
+LIGHTTPD = "/usr/sbin/lighttpd"
+CADDY = "/usr/bin/caddy"
+GRANIAN_VERSION = "2.8.9"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 SUBPROCESS_TIMEOUT = 30        # seconds for start/stop/version commands
 READY_TIMEOUT = 15             # seconds to wait for a port to accept
 CYCLES = 5                     # start/stop cycles for the timing figures
@@ -174,6 +189,29 @@ def rss_kb(pid):
     return None
 
 
+def cpu_ticks(pids):
+    """user+sys clock ticks used so far by these processes (live ones)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def descendants(pid):
+    """pid and every process below it."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children(p))
+    return found
+
+
 def kill_pids(pids, grace=5.0):
     """SIGTERM, then SIGKILL whatever is still alive after `grace` s."""
     pids = [p for p in pids if p and pid_alive(p)]
@@ -269,9 +307,15 @@ class Server:
     def alive(self):
         return True
 
+    def pids(self):
+        """The server's processes, for its CPU time."""
+        return []
+
+    prefix = ""             # where the files are in its URL space
+
     def url(self, path):
-        return "%s://%s:%d/%s" % ("https" if self.tls else "http", HOST,
-                                  self.port, path)
+        return "%s://%s:%d%s/%s" % ("https" if self.tls else "http", HOST,
+                                    self.port, self.prefix, path)
 
 
 class PopenServer(Server):
@@ -304,6 +348,9 @@ class PopenServer(Server):
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
+
+    def pids(self):
+        return descendants(self.proc.pid) if self.alive() else []
 
 
 class HttpServer(PopenServer):
@@ -363,6 +410,96 @@ http {{
         return ("        ssl_certificate %s;\n        ssl_certificate_key %s;\n"
                 "        ssl_protocols TLSv1.2 TLSv1.3;\n"
                 "        ssl_session_tickets on;\n" % self.tls)
+
+
+class LighttpdServer(PopenServer):
+    name = "lighttpd"
+
+    def command(self):
+        conf = os.path.join(self.workdir, "lighttpd.conf")
+        with open(conf, "w") as f:
+            f.write(self.config())
+        return [LIGHTTPD, "-D", "-f", conf]
+
+    def config(self):
+        user = ('server.username = "root"\n' if os.geteuid() == 0 else "")
+        return (
+            'server.modules = ("mod_accesslog")\n'
+            'server.document-root = "%s"\n'
+            'server.bind = "%s"\n'
+            'server.port = %d\n'
+            'server.errorlog = "%s/lighttpd-error.log"\n'
+            'accesslog.filename = "%s/lighttpd-access.log"\n'
+            'server.network-backend = "sendfile"\n'
+            'server.max-keep-alive-requests = 100000\n'
+            'server.max-connections = 4096\n'
+            'mimetype.assign = (".jpg" => "image/jpeg")\n'
+            % (self.root, HOST, self.port, self.workdir, self.workdir))
+
+
+class CaddyServer(PopenServer):
+    name = "caddy"
+
+    def command(self):
+        conf = os.path.join(self.workdir, "Caddyfile")
+        with open(conf, "w") as f:
+            f.write("{\n\tadmin off\n\tauto_https off\n}\n"
+                    "http://%s:%d {\n\troot * %s\n\tfile_server\n"
+                    "\tlog {\n\t\toutput file %s/caddy-access.log\n\t}\n}\n"
+                    % (HOST, self.port, self.root, self.workdir))
+        return [CADDY, "run", "--config", conf, "--adapter", "caddyfile"]
+
+    def start(self):
+        # Caddy keeps state under $HOME and $XDG_*: keep it in our temp dir.
+        for var in ("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME"):
+            os.environ[var] = self.workdir
+        super().start()
+
+
+def granian_venv(notes):
+    """The granian executable of a virtual environment this script keeps in the
+    user's cache directory (made on first use, from PyPI); None if it cannot."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    venv = os.path.join(cache, "agent-bench", "granian-%s" % GRANIAN_VERSION)
+    exe = os.path.join(venv, "bin", "granian")
+    if os.access(exe, os.X_OK):
+        return exe
+    log("installing granian %s in %s ..." % (GRANIAN_VERSION, venv))
+    for cmd in ([sys.executable, "-m", "venv", venv],
+                [os.path.join(venv, "bin", "pip"), "install", "-q",
+                 "--disable-pip-version-check", "granian==%s" % GRANIAN_VERSION]):
+        rc, out, err, _ = run(cmd, timeout=300)
+        if rc != 0:
+            notes.append("granian not benchmarked: %s failed: %s"
+                         % (" ".join(cmd[:3]), (err or out).strip()[-300:]))
+            shutil.rmtree(venv, ignore_errors=True)
+            return None
+    return exe
+
+
+class GranianServer(PopenServer):
+    """granian's static mount in front of an empty ASGI app: the Rust side
+    serves the files, Python is never called for them."""
+    name = "granian"
+    prefix = "/static"
+    exe = None
+
+    def command(self):
+        with open(os.path.join(self.workdir, "emptyapp.py"), "w") as f:
+            f.write("async def app(scope, receive, send):\n"
+                    "    await send({'type': 'http.response.start', 'status': 404, 'headers': []})\n"
+                    "    await send({'type': 'http.response.body', 'body': b''})\n")
+        return [self.exe, "--interface", "asgi", "--host", HOST, "--port",
+                str(self.port), "--workers", "2", "--access-log",
+                "--static-path-route", "/static", "--static-path-mount",
+                self.root, "--working-dir", self.workdir, "emptyapp:app"]
+
+    def start(self):
+        if self.exe is None:
+            self.failed = "granian not installed"
+            return
+        os.environ.pop("PYTHONPATH", None)
+        super().start()
 
 
 class AgentServer(Server):
@@ -466,6 +603,10 @@ class AgentServer(Server):
         master = self.master_pid()
         return master is not None and pid_alive(master)
 
+    def pids(self):
+        master = self.remember_pids()
+        return [master] + self.workers if master else []
+
 
 # ---------------------------------------------------------------- wrk
 
@@ -474,7 +615,8 @@ TIME_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0,
 SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3,
               "TB": 1024 ** 4}
 
-Result = namedtuple("Result", "rps mbps p50 p99 errors error_detail")
+Result = namedtuple("Result", "rps mbps p50 p99 errors error_detail requests cpu_us",
+                    defaults=(None, None))
 
 
 def parse_wrk(text):
@@ -502,8 +644,10 @@ def parse_wrk(text):
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     if non2xx:
         detail["non-2xx/3xx"] = int(non2xx.group(1))
+    count = re.search(r"(\d+) requests in", text)
     return Result(rps, mbps, percentile(50), percentile(99),
-                  sum(detail.values()), detail)
+                  sum(detail.values()), detail,
+                  int(count.group(1)) if count else None)
 
 
 def run_wrk(url, scenario, duration):
@@ -585,10 +729,11 @@ def result_rows(scenarios, servers, results):
             if isinstance(r, Result):
                 rows.append([sc.label, srv.name, fmt(r.rps, ".0f"),
                              fmt(r.mbps, ".1f"), fmt(r.p50, ".2f"),
-                             fmt(r.p99, ".2f"), str(r.errors)])
+                             fmt(r.p99, ".2f"), fmt(r.cpu_us, ".1f"),
+                             str(r.errors)])
             else:
                 rows.append([sc.label, srv.name] + [r or "failed"] +
-                            [""] * 4)
+                            [""] * 5)
     return rows
 
 
@@ -604,6 +749,28 @@ def byte_ratio(a, b, sc):
     if not (isinstance(a, Result) and isinstance(b, Result)) or not b.mbps:
         return "-"
     return "%.2fx" % (a.mbps / b.mbps)
+
+
+P99_SCENARIOS = ("20k", "200k")
+
+
+def versus_nginx_rows(scenarios, servers, results):
+    """The issue's table: each server's throughput as a multiple of nginx's."""
+    rows = []
+    for srv in servers:
+        row = [srv.name]
+        for sc in scenarios:
+            a, b = results.get((sc.name, srv.name)), results.get((sc.name, "nginx"))
+            row.append(byte_ratio(a, b, sc) or ratio(a, b))
+        for field in ("p99", "cpu_us"):
+            for sc in scenarios:
+                if sc.name in P99_SCENARIOS:
+                    a, b = results.get((sc.name, srv.name)), results.get((sc.name, "nginx"))
+                    ok = isinstance(a, Result) and isinstance(b, Result) and \
+                        getattr(a, field) and getattr(b, field)
+                    row.append("%.2fx" % (getattr(a, field) / getattr(b, field)) if ok else "-")
+        rows.append(row)
+    return rows
 
 
 def ratio_rows(scenarios, peers, results):
@@ -629,8 +796,20 @@ def print_report(info, scenarios, servers, results, agent_figs, notes,
           % (args.duration, args.rounds))
     print()
     print(render(["scenario", "server", "req/s", "MB/s", "p50 ms",
-                  "p99 ms", "errors"],
+                  "p99 ms", "CPU us/req", "errors"],
                  result_rows(scenarios, servers, results), md))
+
+    if any(s.name == "nginx" for s in servers):
+        print()
+        print("every server / nginx (req/s; bytes/s for 200k and 10m; "
+              "p99 and CPU per request as nginx's multiple):")
+        print()
+        print(render(["server"] + [sc.name for sc in scenarios] +
+                     ["p99 %s" % sc.name for sc in scenarios
+                      if sc.name in P99_SCENARIOS] +
+                     ["CPU %s" % sc.name for sc in scenarios
+                      if sc.name in P99_SCENARIOS],
+                     versus_nginx_rows(scenarios, servers, results), md))
 
     peers = [s for s in servers if s.name != "agent"]
     if peers:
@@ -722,12 +901,17 @@ def one_run(srv, sc, rnd, duration, notes):
     """One wrk run against one server, then a health check of it."""
     workers_before = list(getattr(srv, "workers", []))
     what = "%s %s round %d" % (srv.name, sc.name, rnd)
+    pids = srv.pids()
+    ticks = cpu_ticks(pids)
     res, err = run_wrk(srv.url(sc.file), sc, duration)
+    if res is not None and res.requests:
+        used = cpu_ticks(pids) - ticks
+        res = res._replace(cpu_us=used * 1e6 / CLK_TCK / res.requests)
     if err:
         notes.append("%s: %s" % (what, err))
     else:
-        log("    %.0f req/s, %.1f MB/s, %d errors"
-            % (res.rps, res.mbps, res.errors))
+        log("    %.0f req/s, %.1f MB/s, %d errors, %s us CPU/request"
+            % (res.rps, res.mbps, res.errors, fmt(res.cpu_us, ".1f")))
         if res.errors:
             notes.append("%s errors: %s" % (what, ", ".join(
                 "%s %d" % kv for kv in res.error_detail.items())))
@@ -754,7 +938,7 @@ def check_agent_health(agent, workers_before, what, notes):
 
 
 SUSPICIOUS = re.compile(r"error|traceback|exception|warn|crash|died|"
-                        r"respawn|killed|signal \d", re.I)
+                        r"respawning|killed|signal \d", re.I)
 
 
 def scan_agent_log(agent, notes, samples=5):
@@ -860,6 +1044,8 @@ def parse_args():
                    help="print the tables as Markdown")
     p.add_argument("--agent", default=os.path.join(here, "..", "agent.py"),
                    help="path to agent.py (default: ../agent.py)")
+    p.add_argument("--peers", default="nginx,lighttpd,caddy,granian,http.server",
+                   help="comma-separated peers to run beside the agent (default: %(default)s)")
     p.add_argument("--only", action="append", metavar="SCENARIO",
                    choices=[s.name for s in SCENARIOS],
                    help="run only this scenario (repeatable): %s"
@@ -870,6 +1056,7 @@ def parse_args():
     if args.duration < 1 or args.rounds < 1:
         p.error("--duration and --rounds must be at least 1")
     args.agent = os.path.abspath(args.agent)
+    args.peers = set(args.peers.split(",")) - {""}
     return args
 
 
@@ -881,12 +1068,25 @@ def bench(args, workdir, started):
 
     agent = AgentServer(workdir, root, args.agent)
     servers = [agent]
-    if os.path.exists(NGINX):
-        servers.append(NginxServer(workdir, root))
-    else:
-        notes.append("nginx not installed (%s): column skipped; "
-                     "apt-get install -y nginx-light" % NGINX)
-    servers.append(HttpServer(workdir, root))
+    for name, path, kind, package in (
+            ("nginx", NGINX, NginxServer, "nginx-light"),
+            ("lighttpd", LIGHTTPD, LighttpdServer, "lighttpd"),
+            ("caddy", CADDY, CaddyServer, "caddy"),
+            ("granian", None, GranianServer, None),
+            ("http.server", None, HttpServer, None)):
+        if name not in args.peers:
+            continue
+        if path and not os.path.exists(path):
+            notes.append("%s not installed (%s): column skipped; apt-get install -y %s"
+                         % (name, path, package))
+            continue
+        peer_dir = os.path.join(workdir, name)
+        os.mkdir(peer_dir)
+        if kind is GranianServer:
+            GranianServer.exe = granian_venv(notes)
+            if GranianServer.exe is None:
+                continue
+        servers.append(kind(peer_dir, root))
 
     for srv in servers:
         log("starting %s ..." % srv.name)
