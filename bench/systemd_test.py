@@ -397,7 +397,7 @@ def inside_main():
     state = show('agent.service', 'ActiveState', 'StatusText', 'MainPID', 'Type', 'NRestarts')
     main = int(state['MainPID'])
     check(state['Type'] == 'notify' and state['ActiveState'] == 'active', 'Type=notify, active', state)
-    check(state['StatusText'] == 'agent running', 'StatusText', state)
+    check(state['StatusText'].startswith('agent serving /srv/images at http://'), 'StatusText', state)
     check(read_pid() == main, 'MainPID = pidfile', (main, read_pid()))
     with open('/proc/%d/status' % main) as f:
         uid = int(re.search(r'(?m)^Uid:\s+(\d+)', f.read()).group(1))
@@ -477,7 +477,7 @@ def inside_main():
     check(fetch('http://[::1]:9085/small.jpg') == (200, small), 'socket: IPv6 served')
     main = int(show('agent.service', 'MainPID')['MainPID'])
     listeners = sh('ss', '-Hltnp', 'sport = :9085').strip().splitlines()
-    check(len(listeners) == 1 and 'systemd' in listeners[0] and 'python3' in listeners[0],
+    check(len(listeners) == 1 and 'systemd' in listeners[0] and 'agent: master' in listeners[0],
           'socket: one listening socket, systemd\'s, passed to the agent (no bind of its own)', listeners)
     upgrade('socket: upgrade')
     check(fetch('http://[::1]:9085/small.jpg') == (200, small), 'socket: serves after the upgrade')
