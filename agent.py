@@ -2593,6 +2593,7 @@ class Agent(Daemon):
         self.respawn_at = 0.0
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
+        self.add_action('upgrade', daemon.upgrade_action)
 
     # -- setup, as root, before ready --
 
@@ -2610,7 +2611,7 @@ class Agent(Daemon):
             try:
                 self.access_fd = daemon.open_log(config.access_log)
             except OSError as exc:
-                raise DaemonError('cannot open access log %s: %s' % (config.access_log, _describe_denied(exc)))
+                raise DaemonError('cannot open access log %s: %s' % (config.access_log, describe_denied(exc)))
         if config.tls_cert:
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
         self.write_options()
@@ -2638,7 +2639,7 @@ class Agent(Daemon):
     def note_own_files(self):
         """Everything this agent writes joins config.own_files; say so once if it is in --root."""
         config = self.config
-        pidfile_fd = self._pidfile.fd if self._pidfile is not None else None
+        pidfile_fd = self.pidfile_fd
         # (what, path, open fd or None, whether this run writes it)
         files = [('pidfile', self.pidfile_path, pidfile_fd, True),
                  ('options file', options_path(self.pidfile_path), None, False),
@@ -2709,7 +2710,7 @@ class Agent(Daemon):
             if not adopted:
                 raise
             # Upgraded in place, but the new code's workers cannot start: the old ones go on.
-            self.upgrade_done('its workers cannot start: %s' % exc)
+            daemon.upgrade_done(self, 'its workers cannot start: %s' % exc)
         except BaseException:
             self.kill_workers(list(self.workers.values()))
             raise
@@ -2829,10 +2830,10 @@ class Agent(Daemon):
             worker.serve()
             status = 0
         except BaseException as exc:
-            log('worker: %s\n%s' % (daemon._describe(exc), traceback.format_exc().rstrip()))
+            log('worker: %s\n%s' % (daemon.describe(exc), traceback.format_exc().rstrip()))
             if status == WORKER_BOOT_ERROR:
                 try:
-                    os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon._describe(exc)))
+                    os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))
                              .encode('utf-8', 'replace')[:select.PIPE_BUF])
                 except OSError:
                     pass
@@ -2842,9 +2843,9 @@ class Agent(Daemon):
     def become_worker(self):
         """In a new worker: drop what belongs to the master, keep the sockets and the logs."""
         self.selector.close()
-        for fd in (self.lifeline_w, self.boot_r, self.signal_fd, self._wake_w):
+        for fd in (self.lifeline_w, self.boot_r):
             os.close(fd)
-        signal.set_wakeup_fd(-1)
+        self.release_signals()
         set_process_title('agent: worker', self.title_args())
         worker = Worker(self.config, self.listeners, self.access_fd, self.lifeline_r, self.tls, self.redirects)
         worker.setup_signals()
@@ -2932,11 +2933,11 @@ class Agent(Daemon):
                             'workers': [[w.pid, w.retiring] for w in self.workers.values()],
                             'respawns': self.respawns})
         try:
-            self.reexec(argv, [sock.fileno() for sock in self.listeners],
+            daemon.reexec(self, argv, [sock.fileno() for sock in self.listeners],
                         ['redirect' if sock in self.redirects else 'agent' for sock in self.listeners],
                         keep=(self.lifeline_r, self.lifeline_w), state=state)
         except DaemonError as exc:
-            self.upgrade_done(str(exc))
+            daemon.upgrade_done(self, str(exc))
 
     def adopt_workers(self):
         """In the new image after an upgrade: the workers of the old one; [] otherwise."""
@@ -2959,32 +2960,25 @@ class Agent(Daemon):
         log('agent: upgrade: now running %s; adopted %d workers' % (SCRIPT, len(self.workers)))
         return adopted
 
-    def start(self):
-        """Daemon.start, after a check of the port this user may bind (unless it runs already)."""
-        self._absolutize()
-        if self._probe()[0] != 'running':
-            check_port_permission(self.config.port)
-        return Daemon.start(self)
+    def on_launch(self):
+        """Before a start: fail early, in the launcher, on a port this user may not bind."""
+        check_port_permission(self.config.port)
 
-    def restart(self):
-        """Stop and start again.  An option not given on this command line keeps the running
-        master's value (recorded in the options file), so `restart` from another directory
-        restarts the same agent instead of serving that directory; the options given that
-        differ are named."""
-        self._absolutize()
-        state, pid = self._probe()
-        if state == 'running':
-            path = options_path(self.pidfile_path)
-            old = read_options(path, pid)
-            if old is None:
-                self._say('agent: the options of pid %d are not recorded in %s; restarting it with '
-                          'this command line' % (pid, path))
-            else:
-                self.keep_options(old)
-                changes = describe_changes(old, option_argv(self.config, every=True))
-                if changes:
-                    self._say('agent: restart changes %s' % changes)
-        return Daemon.restart(self)
+    def on_restart(self, pid):
+        """Before a restart stops the running master pid: an option not given on this command
+        line keeps that master's value (recorded in the options file), so `restart` from another
+        directory restarts the same agent instead of serving that directory; the options given
+        that differ are named."""
+        path = options_path(self.pidfile_path)
+        old = read_options(path, pid)
+        if old is None:
+            self.say('agent: the options of pid %d are not recorded in %s; restarting it with '
+                     'this command line' % (pid, path))
+        else:
+            self.keep_options(old)
+            changes = describe_changes(old, option_argv(self.config, every=True))
+            if changes:
+                self.say('agent: restart changes %s' % changes)
 
     def keep_options(self, argv):
         """Take the options this command line does not give from a recorded option_argv()."""
@@ -3370,7 +3364,7 @@ def locked_file_of(pid):
     return None
 
 
-def _describe_denied(exc):
+def describe_denied(exc):
     """exc.strerror, naming the user when it is a missing permission."""
     if isinstance(exc, PermissionError):
         return '%s, as user %s' % (exc.strerror, daemon.current_user())
