@@ -1507,7 +1507,8 @@ class SupervisionTests(unittest.TestCase):
 
             # A version that passes the check, but whose workers cannot start once exec'd: the
             # new image reports it and the workers it inherited go on serving.
-            signature = '    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=()):\n'
+            signature = ('    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), '
+                         'own_files=None,\n                 reopen_logs=None):\n')
             install(good_code.replace(signature, signature + "        raise DaemonError('v3 workers refuse to start')\n", 1))
             with open(script) as f:
                 self.assertIn('v3 workers refuse', f.read(), 'the test no longer breaks Worker')
@@ -1956,7 +1957,7 @@ class WorkerInProcessTests(unittest.TestCase):
         return head + b'\r\n\r\n' + body
 
     def test_an_unexpected_error_is_a_500_not_a_dead_worker(self):
-        with mock.patch.object(self.worker, 'respond_file', side_effect=RuntimeError('bug')), \
+        with mock.patch.object(self.worker.responder, 'respond_file', side_effect=RuntimeError('bug')), \
                 mock.patch('sys.stderr', new_callable=io.StringIO) as err:
             data = self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
         self.assertTrue(data.startswith(b'HTTP/1.1 500 '), data)
@@ -1978,10 +1979,10 @@ class WorkerInProcessTests(unittest.TestCase):
     def test_deleted_file_leaves_the_cache_and_its_descriptor_closed(self):
         path = os.path.join(self.root, 'x.jpg')
         self.assertIn(b'200 OK', self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n'))
-        entry = self.worker.files.files[path]
+        entry = self.worker.responder.files.files[path]
         os.unlink(path)
         self.assertIn(b'404 Not Found', self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n'))
-        self.assertNotIn(path, self.worker.files.files)
+        self.assertNotIn(path, self.worker.responder.files.files)
         with self.assertRaises(OSError):
             os.fstat(entry.fd)          # closed: the deleted file's space is free
 
@@ -4201,9 +4202,9 @@ class EdgeRaceTests(unittest.TestCase):
             f.write(b'SECRET')
         os.symlink(os.path.join(outside, 'secret.jpg'), os.path.join(root, 'x.jpg'))
         with self.assertRaises(agent.HTTPError) as caught:
-            worker.open_file(os.path.join(root, 'x.jpg'))
+            worker.responder.open_file(os.path.join(root, 'x.jpg'))
         self.assertEqual(caught.exception.status, 404)
-        self.assertEqual(worker.files.files, {})
+        self.assertEqual(worker.responder.files.files, {})
 
 
 def edge_worker(testcase, *options):
@@ -4216,7 +4217,7 @@ def edge_worker(testcase, *options):
     testcase.addCleanup(os.close, lifeline_w)
     with mock.patch('sys.stderr', new_callable=io.StringIO):
         worker = agent.Worker(config, [], None, lifeline_r)
-    testcase.addCleanup(worker.files.clear)
+    testcase.addCleanup(worker.responder.files.clear)
     testcase.addCleanup(worker.selector.close)
     return worker, config.root
 
@@ -4428,11 +4429,11 @@ class EdgeWorkerTests(unittest.TestCase):
         path = os.path.join(root, 'x.jpg')
         with open(path, 'wb') as f:
             f.write(b'x' * 100)
-        entry = worker.open_file(path)
-        worker.files.store(path, entry)
+        entry = worker.responder.open_file(path)
+        worker.responder.files.store(path, entry)
         os.unlink(path)
         worker.tick()
-        self.assertNotIn(path, worker.files.files)
+        self.assertNotIn(path, worker.responder.files.files)
         with self.assertRaises(OSError):
             os.fstat(entry.fd)
 
@@ -4934,8 +4935,7 @@ class TLSStartAndReloadTests(unittest.TestCase):
         argv = ['--tls-cert', self.cert, '--tls-key', self.key, '--allow-readable-key',
                 '--http-redirect', '8080', '--hsts', '60', 'run']
         config = agent.parser().parse_args(argv)
-        config.given = agent.given_options(argv)            # as main() records them
-        again = agent.parser().parse_args(agent.config_argv(config) + ['run'])
+        again = agent.parser().parse_args(agent.option_argv(config, agent.given_options(argv)) + ['run'])
         for name in ('tls_cert', 'tls_key', 'allow_readable_key', 'http_redirect', 'hsts'):
             self.assertEqual(getattr(again, name), getattr(config, name), name)
 
