@@ -3,6 +3,20 @@
 
 One file, standard library only (Python 3.9+).  The corrected successor of the classic `agentD`.
 
+Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banners):
+    Defaults and limits
+    HTTP: pure logic (find_head_end, parse_request, response_head, ranges, dates, paths)
+    Images: dimensions and embedded thumbnails       The gallery page (pure logic)
+    Files: what the workers keep open (OpenFile, FileCache, OwnFiles)
+    A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
+    The responder: a parsed request -> a queued response (resolve, open, stat, head)
+    A worker: one process, one epoll loop (sockets, timers, signals, the access log)
+    The master: the Agent daemon (bind, fork, supervise, reload, upgrade)
+    Command line
+A request's path: Worker.accept -> Connection.receive -> Connection.process (find_head_end,
+parse_request) -> Responder.respond (map, stat, open) -> response_head -> Connection.send ->
+Worker.access (the log line).
+
     python3 agent.py --root /srv/images start       # detached; prints what it serves, where
     python3 agent.py --root /srv/images run         # in the foreground (systemd, containers)
     python3 agent.py stop                            # from any directory; also: restart reload
@@ -58,10 +72,6 @@ by device and inode, and by name in their directory); one inside --root is noted
 
 Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not running"...).
 A master whose workers fail at boot MAX_BOOT_FAILURES times in a row halts with status 1.
-
-Sections of this file, in order: defaults and limits; HTTP, pure logic; images (dimensions and
-embedded thumbnails); the gallery page; files; a connection; HTTPS (TLS); a worker; the master
-(Agent); the command line.
 
 HTTPS
 -----
@@ -1898,9 +1908,8 @@ class TLSConnection(Connection):
     def refuse_plain_http(self):
         """Plain HTTP on the HTTPS port: a plain 400 that says so, then a lingering close."""
         worker = self.worker
-        response = b''.join((STATUS_LINES[400], b'Date: ', worker.date, b'\r\n', COMMON_HEADERS,
-                             b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
-                             b'Connection: close\r\n\r\n' % len(PLAIN_HTTP_BODY), PLAIN_HTTP_BODY))
+        response = response_head(400, worker.date, b'Content-Type: text/html; charset=utf-8\r\n'
+                                 b'Content-Length: %d\r\n' % len(PLAIN_HTTP_BODY), False, (1, 1)) + PLAIN_HTTP_BODY
         self.status, self.line, self.keep_alive = 400, b'', False
         try:
             os.write(self.fd, response)     # the TLS layer has written nothing: the buffer is empty
@@ -2041,6 +2050,275 @@ def tls_context(cert, key, allow_readable_key=False):
     return context
 
 # ---------------------------------------------------------------------------------------------
+# The responder: from a parsed request to a queued response (resolve, open, stat, head)
+# ---------------------------------------------------------------------------------------------
+
+class Responder:
+    """Turns a parsed request into a response queued on its connection.
+
+    It owns what answering needs and nothing of the loop: the root and the options about it,
+    the open-file cache, the path cache, the image-header cache and the agent's own files.
+    The worker owns the sockets, the timers, the signals and the access log; the clock is the
+    worker's (anything with `now`, `wall` and `date`, cached once a loop iteration), so a
+    response never calls time() itself.  The path of a request reads top to bottom: respond()
+    maps and stat()s the path, then respond_file(), respond_directory() or
+    respond_thumbnail() build the head with response_head() and hand it to the connection.
+
+    A separate class (not Worker methods) so that the request path can be read, and driven
+    (bench/resolve.py, the tests), without an event loop; Worker.respond is this respond(),
+    bound once, so the split costs no call on the hot path.
+    """
+
+    def __init__(self, config, clock, own_files, common_headers=COMMON_HEADERS, https_port=443):
+        self.root = config.root
+        self.follow_symlinks = config.follow_symlinks
+        self.listing = config.listing
+        self.cache_control = b'Cache-Control: public, max-age=%d\r\n' % config.max_age
+        self.common_headers = common_headers
+        self.https_port = https_port        # where a redirect from plain HTTP points
+        self.clock = clock
+        self.own_files = own_files
+        self.files = FileCache()
+        self.images = ImageInfoCache()
+        self.paths = {}                     # request target -> (path, relative, trailing, query)
+        self.file_error_logged = -1.0
+
+    def respond(self, conn, req):
+        """Answer one parsed request (GET or HEAD) from the files under the root.
+
+        The path is stat()ed on every request; a cached open file is used only while it is
+        still the file at that path.  Anything else is opened by open_file(), which checks the
+        descriptor it got, not the name it asked for: no swap of a file or a directory for a
+        symlink between a check and the open can make it serve a byte from outside the root.
+        """
+        if conn.redirect:
+            location = redirect_location(req, self.https_port)
+            raise HTTPError(301, headers=b'Location: ' + location + b'\r\n')
+        check_method(req)
+        mapped = self.paths.get(req.target)
+        if mapped is None:
+            relative, trailing, raw_path, query = map_target(req.target)
+            path = self.root + '/' + relative if relative else self.root
+            mapped = (path, relative, trailing, query)
+            if len(self.paths) >= PATH_CACHE_SIZE:
+                self.paths.clear()
+            self.paths[req.target] = mapped
+        path, relative, trailing, query = mapped
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError) as exc:
+            self.files.discard(path)        # deleted: its descriptor must not pin the space
+            raise self.file_error(exc)
+        if self.own_files.hides(path, st):
+            raise HTTPError(404)            # our pidfile and logs, by any name or link
+        if stat.S_ISDIR(st.st_mode):
+            return self.respond_directory(conn, req, path, relative, trailing, query)
+        if trailing:
+            raise HTTPError(404)            # /img.jpg/ names a directory that does not exist
+        entry = self.files.get(path, st)
+        if entry is None:
+            entry = self.open_file(path)
+            self.files.store(path, entry)
+        if query and 'thumb' in parse_query(query):
+            return self.respond_thumbnail(conn, req, entry, path)
+        self.respond_file(conn, req, entry)
+
+    def open_file(self, path):
+        """Open a regular file to serve it: an OpenFile, or HTTPError (404, 403, 503).
+
+        The path is opened with O_PATH (no side effects, whatever it is), the descriptor is
+        checked (what it really is, and where: its /proc/self/fd link must lie inside the root
+        unless --follow-symlinks), and only then reopened for reading through that link, which
+        names the same inode whatever happens to the path meanwhile.
+        """
+        try:
+            fd, st = self.open_checked(path)
+        except (OSError, ValueError) as exc:
+            raise self.file_error(exc)
+        if self.own_files.hides(path, st):
+            os.close(fd)                    # what was opened is ours, whatever the name said
+            raise HTTPError(404)
+        return OpenFile(fd, st, content_type(path), content_encoding(path))
+
+    def open_checked(self, path):
+        """(fd, stat) of the regular file at path, opened for reading as open_file says;
+        HTTPError(404) for anything else or anything outside the root, OSError as it comes."""
+        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            st = os.fstat(handle)
+            self.check_confined(handle)
+            if not stat.S_ISREG(st.st_mode):
+                raise HTTPError(404)        # FIFOs, devices, sockets: never opened for reading
+            fd = os.open('/proc/self/fd/%d' % handle, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        finally:
+            os.close(handle)
+        return fd, st
+
+    def check_confined(self, fd):
+        """404 unless the open descriptor fd lies inside the root (or --follow-symlinks)."""
+        if not self.follow_symlinks and not inside(os.readlink('/proc/self/fd/%d' % fd), self.root):
+            raise HTTPError(404)
+
+    def file_error(self, exc):
+        """The HTTPError for a failed stat() or open(): a missing file is 404, a forbidden one
+        403; running out of descriptors or memory is 503 (never a 404 that caches would keep
+        for a file that exists), logged at most once a second."""
+        code = getattr(exc, 'errno', None)
+        if code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, None):
+            return HTTPError(404)
+        if code in (errno.EACCES, errno.EPERM):
+            return HTTPError(403)
+        if self.clock.now - self.file_error_logged >= 1.0:
+            self.file_error_logged = self.clock.now
+            log('worker: cannot open a file to serve it: %s; answering 503' % os.strerror(code))
+        return HTTPError(503, headers=b'Retry-After: 1\r\n')
+
+    def respond_file(self, conn, req, entry):
+        headers = req.headers
+        clock = self.clock
+        status, first, length = 200, 0, entry.size
+        extra = b''
+        if entry.mtime <= clock.wall:
+            last_modified, fields = entry.last_modified, entry.headers
+        else:
+            last_modified, fields = entry.validators(clock.wall, clock.date)
+        if ('if-none-match' in headers or 'if-modified-since' in headers) \
+                and not_modified(headers, entry.etag, entry.mtime):
+            # Validators only (RFC 9110 section 15.4.5), as nginx does: a Content-Length here,
+            # though allowed, makes some clients (wrk among them) wait for a body that never comes.
+            fields = b'Last-Modified: %s\r\nETag: %s\r\n%s' % (last_modified, entry.etag.encode('ascii'),
+                                                               self.cache_control)
+            return conn.start_response(304, response_head(304, clock.date, fields, conn.keep_alive, req.version,
+                                                          self.common_headers))
+        if 'range' in headers and if_range_allows(headers, entry.etag, entry.mtime):
+            found = parse_range(headers['range'], entry.size)
+            if found == 'unsatisfiable':
+                raise HTTPError(416, headers=b'Content-Range: bytes */%d\r\n' % entry.size)
+            if found is not None:
+                first, last = found
+                status, length = 206, last - first + 1
+                extra = b'Content-Range: bytes %d-%d/%d\r\n' % (first, last, entry.size)
+        head = response_head(status, clock.date, b'%s%sContent-Length: %d\r\n%s' % (
+            fields, self.cache_control, length, extra), conn.keep_alive, req.version, self.common_headers)
+        if req.method == b'HEAD':
+            length = 0
+        elif status == 200 and entry.body is not None:
+            return conn.start_response(status, head, entry.body)
+        conn.start_response(status, head, file=entry, offset=first, length=length)
+
+    def respond_directory(self, conn, req, path, relative, trailing, query):
+        """A directory: 301 to add its slash, else its index.html, else its gallery page.
+        It is opened, and the descriptor checked to be in the root, before anything else."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (OSError, ValueError) as exc:
+            raise self.file_error(exc)
+        try:
+            self.check_confined(fd)
+            if not trailing:
+                raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n')
+            index = self.index_file(path)
+            if index is not None:
+                return self.respond_file(conn, req, index)
+            if not self.listing:
+                raise HTTPError(403)        # --no-listing
+            dir_st = os.fstat(fd)
+            entries = self.scan_directory(fd, path)
+        finally:
+            os.close(fd)
+        self.respond_gallery(conn, req, path, '/' + relative + ('/' if relative else ''), dir_st, entries, query)
+
+    def index_file(self, directory):
+        """The directory's index.html as an OpenFile (checked like any file), or None."""
+        index = directory + '/index.html'
+        try:
+            st = os.stat(index)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or self.own_files.hides(index, st):
+            return None
+        entry = self.files.get(index, st)
+        if entry is None:
+            entry = self.open_file(index)
+            self.files.store(index, entry)
+        return entry
+
+    def scan_directory(self, fd, path):
+        """(name, is_dir, stat) of each entry of the directory open at fd (checked to be in the
+        root), but dot files and symlinks out of the root.  A listed name is no promise:
+        serving it checks again."""
+        entries = []
+        try:
+            with os.scandir(fd) as it:
+                for item in it:
+                    if item.name.startswith('.') or self.own_files.hides_entry(item):
+                        continue
+                    try:
+                        if not self.follow_symlinks and item.is_symlink() \
+                                and not inside(os.path.realpath(path + '/' + item.name), self.root):
+                            continue
+                        st = item.stat()
+                        if self.own_files.hides(path + '/' + item.name, st):
+                            continue            # our pidfile and logs are never listed
+                    except OSError:
+                        continue                # a dangling symlink, or gone since readdir
+                    entries.append((item.name, stat.S_ISDIR(st.st_mode), st))
+        except PermissionError:
+            raise HTTPError(403)
+        except OSError:
+            raise HTTPError(404)
+        return entries
+
+    def respond_gallery(self, conn, req, path, url_path, dir_st, entries, query):
+        """The gallery page (or its JSON) of scanned entries: 304 if the ETag still matches,
+        else the image headers of the entries on the page are read (or found cached)."""
+        sort, page, fmt = gallery_options(query, req.headers.get('accept', ''))
+        listing = gallery_listing(entries, sort, page)
+        etag = gallery_etag(dir_st, url_path, listing, fmt)
+        validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
+        inm = req.headers.get('if-none-match')
+        if inm is not None and etag_matches(inm, etag[2:]):     # weak comparison
+            return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,
+                                                          req.version, self.common_headers))
+        infos = {}
+        for e in listing.entries:
+            if e.kind == 'image':
+                infos[e.name] = self.images.get(path + '/' + e.name, e.st, e.name, opener=self.open_checked)
+        if fmt == 'json':
+            body, ctype = gallery_json(url_path, listing, infos), b'application/json'
+            policy = b''
+        else:
+            body, ctype = gallery_page(url_path, listing, infos), b'text/html; charset=utf-8'
+            policy = b'Content-Security-Policy: ' + GALLERY_CSP.encode('ascii') + b'\r\n'
+        fields = b'Content-Type: %s\r\nContent-Length: %d\r\n%s%s' % (ctype, len(body), validators, policy)
+        head = response_head(200, self.clock.date, fields, conn.keep_alive, req.version, self.common_headers)
+        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
+
+    def respond_thumbnail(self, conn, req, entry, path):
+        """`image.jpg?thumb`: the JPEG thumbnail embedded in the file's EXIF, turned as the
+        image is, with validators derived from the file's own; 404 if it has none."""
+        try:
+            st = os.fstat(entry.fd)
+            info = self.images.get(path, st, os.path.basename(path), fd=entry.fd)
+            data = os.pread(entry.fd, info.thumb[1], info.thumb[0]) if info and info.thumb else b''
+        except OSError:
+            data = b''
+        body = thumbnail_bytes(info, data) if data else None
+        if body is None:
+            raise HTTPError(404)
+        etag = entry.etag[:-1] + '-t"'
+        last_modified = entry.validators(self.clock.wall, self.clock.date)[0]
+        validators = b'Last-Modified: %s\r\nETag: %s\r\n' % (last_modified, etag.encode('ascii'))
+        if ('if-none-match' in req.headers or 'if-modified-since' in req.headers) \
+                and not_modified(req.headers, etag, entry.mtime):
+            return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,
+                                                          req.version, self.common_headers))
+        fields = b'Content-Type: image/jpeg\r\nContent-Length: %d\r\n%s' % (len(body), validators)
+        head = response_head(200, self.clock.date, fields, conn.keep_alive, req.version, self.common_headers)
+        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
+
+
+# ---------------------------------------------------------------------------------------------
 # A worker: one process, one epoll loop
 # ---------------------------------------------------------------------------------------------
 
@@ -2051,10 +2329,10 @@ class Worker:
     dispatch each to its callback, then once a second the timeouts, and the access-log lines.
     """
 
-    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=()):
-        self.config = config
-        self.root = config.root
-        self.follow_symlinks = config.follow_symlinks
+    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
+                 reopen_logs=None):
+        self.stop_timeout = config.stop_timeout
+        self.reopen_logs = reopen_logs          # USR1: the master's reopen_worker_logs()
         self.header_timeout = config.header_timeout
         self.idle_timeout = config.timeout
         self.max_header_size = config.max_header_size
@@ -2066,8 +2344,8 @@ class Worker:
         self.kinds = {sock: RedirectConnection if sock in redirects else
                       TLSConnection if tls is not None else Connection for sock in listeners}
         self.tls = tls
-        self.https_port = next((sock.getsockname()[1] for sock in listeners if sock not in redirects
-                                and sock.family in (socket.AF_INET, socket.AF_INET6)), 443)
+        https_port = next((sock.getsockname()[1] for sock in listeners if sock not in redirects
+                           and sock.family in (socket.AF_INET, socket.AF_INET6)), 443)
         self.common_headers = COMMON_HEADERS
         if tls is not None and getattr(config, 'hsts', None):
             self.common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
@@ -2075,18 +2353,11 @@ class Worker:
         self.access_fd = access_fd
         self.lifeline = lifeline
         self.selector = selectors.DefaultSelector()
-        self.files = FileCache()
-        self.images = ImageInfoCache()
-        self.own_files = config.own_files
-        self.listing = config.listing
-        self.cache_control = b'Cache-Control: public, max-age=%d\r\n' % config.max_age
-        self.paths = {}
         self.escaped = {}               # raw access-log fields -> their escaped form
         self.conns = set()
         self.deferred = []
         self.log_lines = []
         self.log_failing = False
-        self.file_error_logged = -1.0
         self.draining = False
         self.drain_deadline = None
         self.accepting = False
@@ -2097,6 +2368,9 @@ class Worker:
         self.date = b''
         self.log_time = ''
         self.clock()
+        self.responder = Responder(config, self, OwnFiles() if own_files is None else own_files,
+                                   self.common_headers, https_port)
+        self.respond = self.responder.respond     # bound once: Connection.process calls it
 
     # -- the loop --
 
@@ -2132,7 +2406,7 @@ class Worker:
 
     def tick(self):
         """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors."""
-        self.files.close_deleted()
+        self.responder.files.close_deleted()
         now = self.now
         for conn in list(self.conns):
             if now >= conn.deadline:
@@ -2237,241 +2511,6 @@ class Worker:
             if conn.state == SENDING:
                 conn.on_event(selectors.EVENT_WRITE)
 
-    # -- answering a request --
-
-    def respond(self, conn, req):
-        """Answer one parsed request (GET or HEAD) from the files under the root.
-
-        The path is stat()ed on every request; a cached open file is used only while it is
-        still the file at that path.  Anything else is opened by open_file(), which checks the
-        descriptor it got, not the name it asked for: no swap of a file or a directory for a
-        symlink between a check and the open can make it serve a byte from outside the root.
-        """
-        if conn.redirect:
-            location = redirect_location(req, self.https_port)
-            raise HTTPError(301, headers=b'Location: ' + location + b'\r\n')
-        check_method(req)
-        mapped = self.paths.get(req.target)
-        if mapped is None:
-            relative, trailing, raw_path, query = map_target(req.target)
-            path = self.root + '/' + relative if relative else self.root
-            mapped = (path, relative, trailing, query)
-            if len(self.paths) >= PATH_CACHE_SIZE:
-                self.paths.clear()
-            self.paths[req.target] = mapped
-        path, relative, trailing, query = mapped
-        try:
-            st = os.stat(path)
-        except (OSError, ValueError) as exc:
-            self.files.discard(path)        # deleted: its descriptor must not pin the space
-            raise self.file_error(exc)
-        if self.own_files.hides(path, st):
-            raise HTTPError(404)            # our pidfile and logs, by any name or link
-        if stat.S_ISDIR(st.st_mode):
-            return self.respond_directory(conn, req, path, relative, trailing, query)
-        if trailing:
-            raise HTTPError(404)            # /img.jpg/ names a directory that does not exist
-        entry = self.files.get(path, st)
-        if entry is None:
-            entry = self.open_file(path)
-            self.files.store(path, entry)
-        if query and 'thumb' in parse_query(query):
-            return self.respond_thumbnail(conn, req, entry, path)
-        self.respond_file(conn, req, entry)
-
-    def open_file(self, path):
-        """Open a regular file to serve it: an OpenFile, or HTTPError (404, 403, 503).
-
-        The path is opened with O_PATH (no side effects, whatever it is), the descriptor is
-        checked (what it really is, and where: its /proc/self/fd link must lie inside the root
-        unless --follow-symlinks), and only then reopened for reading through that link, which
-        names the same inode whatever happens to the path meanwhile.
-        """
-        try:
-            fd, st = self.open_checked(path)
-        except (OSError, ValueError) as exc:
-            raise self.file_error(exc)
-        if self.own_files.hides(path, st):
-            os.close(fd)                    # what was opened is ours, whatever the name said
-            raise HTTPError(404)
-        return OpenFile(fd, st, content_type(path), content_encoding(path))
-
-    def open_checked(self, path):
-        """(fd, stat) of the regular file at path, opened for reading as open_file says;
-        HTTPError(404) for anything else or anything outside the root, OSError as it comes."""
-        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        try:
-            st = os.fstat(handle)
-            self.check_confined(handle)
-            if not stat.S_ISREG(st.st_mode):
-                raise HTTPError(404)        # FIFOs, devices, sockets: never opened for reading
-            fd = os.open('/proc/self/fd/%d' % handle, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-        finally:
-            os.close(handle)
-        return fd, st
-
-    def check_confined(self, fd):
-        """404 unless the open descriptor fd lies inside the root (or --follow-symlinks)."""
-        if not self.follow_symlinks and not inside(os.readlink('/proc/self/fd/%d' % fd), self.root):
-            raise HTTPError(404)
-
-    def file_error(self, exc):
-        """The HTTPError for a failed stat() or open(): a missing file is 404, a forbidden one
-        403; running out of descriptors or memory is 503 (never a 404 that caches would keep
-        for a file that exists), logged at most once a second."""
-        code = getattr(exc, 'errno', None)
-        if code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, None):
-            return HTTPError(404)
-        if code in (errno.EACCES, errno.EPERM):
-            return HTTPError(403)
-        if self.now - self.file_error_logged >= 1.0:
-            self.file_error_logged = self.now
-            log('worker: cannot open a file to serve it: %s; answering 503' % os.strerror(code))
-        return HTTPError(503, headers=b'Retry-After: 1\r\n')
-
-    def respond_file(self, conn, req, entry):
-        headers = req.headers
-        status, first, length = 200, 0, entry.size
-        extra = b''
-        if entry.mtime <= self.wall:
-            last_modified, fields = entry.last_modified, entry.headers
-        else:
-            last_modified, fields = entry.validators(self.wall, self.date)
-        if ('if-none-match' in headers or 'if-modified-since' in headers) \
-                and not_modified(headers, entry.etag, entry.mtime):
-            # Validators only (RFC 9110 section 15.4.5), as nginx does: a Content-Length here,
-            # though allowed, makes some clients (wrk among them) wait for a body that never comes.
-            fields = b'Last-Modified: %s\r\nETag: %s\r\n%s' % (last_modified, entry.etag.encode('ascii'),
-                                                               self.cache_control)
-            return conn.start_response(304, response_head(304, self.date, fields, conn.keep_alive, req.version,
-                                                          self.common_headers))
-        if 'range' in headers and if_range_allows(headers, entry.etag, entry.mtime):
-            found = parse_range(headers['range'], entry.size)
-            if found == 'unsatisfiable':
-                raise HTTPError(416, headers=b'Content-Range: bytes */%d\r\n' % entry.size)
-            if found is not None:
-                first, last = found
-                status, length = 206, last - first + 1
-                extra = b'Content-Range: bytes %d-%d/%d\r\n' % (first, last, entry.size)
-        head = response_head(status, self.date, b'%s%sContent-Length: %d\r\n%s' % (
-            fields, self.cache_control, length, extra), conn.keep_alive, req.version, self.common_headers)
-        if req.method == b'HEAD':
-            length = 0
-        elif status == 200 and entry.body is not None:
-            return conn.start_response(status, head, entry.body)
-        conn.start_response(status, head, file=entry, offset=first, length=length)
-
-    def respond_directory(self, conn, req, path, relative, trailing, query):
-        """A directory: 301 to add its slash, else its index.html, else its gallery page.
-        It is opened, and the descriptor checked to be in the root, before anything else."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except (OSError, ValueError) as exc:
-            raise self.file_error(exc)
-        try:
-            self.check_confined(fd)
-            if not trailing:
-                raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n')
-            index = self.index_file(path)
-            if index is not None:
-                return self.respond_file(conn, req, index)
-            if not self.listing:
-                raise HTTPError(403)        # --no-listing
-            dir_st = os.fstat(fd)
-            entries = self.scan_directory(fd, path)
-        finally:
-            os.close(fd)
-        self.respond_gallery(conn, req, path, '/' + relative + ('/' if relative else ''), dir_st, entries, query)
-
-    def index_file(self, directory):
-        """The directory's index.html as an OpenFile (checked like any file), or None."""
-        index = directory + '/index.html'
-        try:
-            st = os.stat(index)
-        except OSError:
-            return None
-        if not stat.S_ISREG(st.st_mode) or self.own_files.hides(index, st):
-            return None
-        entry = self.files.get(index, st)
-        if entry is None:
-            entry = self.open_file(index)
-            self.files.store(index, entry)
-        return entry
-
-    def scan_directory(self, fd, path):
-        """(name, is_dir, stat) of each entry of the directory open at fd (checked to be in the
-        root), but dot files and symlinks out of the root.  A listed name is no promise:
-        serving it checks again."""
-        entries = []
-        try:
-            with os.scandir(fd) as it:
-                for item in it:
-                    if item.name.startswith('.') or self.own_files.hides_entry(item):
-                        continue
-                    try:
-                        if not self.follow_symlinks and item.is_symlink() \
-                                and not inside(os.path.realpath(path + '/' + item.name), self.root):
-                            continue
-                        st = item.stat()
-                        if self.own_files.hides(path + '/' + item.name, st):
-                            continue            # our pidfile and logs are never listed
-                    except OSError:
-                        continue                # a dangling symlink, or gone since readdir
-                    entries.append((item.name, stat.S_ISDIR(st.st_mode), st))
-        except PermissionError:
-            raise HTTPError(403)
-        except OSError:
-            raise HTTPError(404)
-        return entries
-
-    def respond_gallery(self, conn, req, path, url_path, dir_st, entries, query):
-        """The gallery page (or its JSON) of scanned entries: 304 if the ETag still matches,
-        else the image headers of the entries on the page are read (or found cached)."""
-        sort, page, fmt = gallery_options(query, req.headers.get('accept', ''))
-        listing = gallery_listing(entries, sort, page)
-        etag = gallery_etag(dir_st, url_path, listing, fmt)
-        validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
-        inm = req.headers.get('if-none-match')
-        if inm is not None and etag_matches(inm, etag[2:]):     # weak comparison
-            return conn.start_response(304, response_head(304, self.date, validators, conn.keep_alive,
-                                                          req.version, self.common_headers))
-        infos = {}
-        for e in listing.entries:
-            if e.kind == 'image':
-                infos[e.name] = self.images.get(path + '/' + e.name, e.st, e.name, opener=self.open_checked)
-        if fmt == 'json':
-            body, ctype = gallery_json(url_path, listing, infos), b'application/json'
-            policy = b''
-        else:
-            body, ctype = gallery_page(url_path, listing, infos), b'text/html; charset=utf-8'
-            policy = b'Content-Security-Policy: ' + GALLERY_CSP.encode('ascii') + b'\r\n'
-        fields = b'Content-Type: %s\r\nContent-Length: %d\r\n%s%s' % (ctype, len(body), validators, policy)
-        head = response_head(200, self.date, fields, conn.keep_alive, req.version, self.common_headers)
-        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
-
-    def respond_thumbnail(self, conn, req, entry, path):
-        """`image.jpg?thumb`: the JPEG thumbnail embedded in the file's EXIF, turned as the
-        image is, with validators derived from the file's own; 404 if it has none."""
-        try:
-            st = os.fstat(entry.fd)
-            info = self.images.get(path, st, os.path.basename(path), fd=entry.fd)
-            data = os.pread(entry.fd, info.thumb[1], info.thumb[0]) if info and info.thumb else b''
-        except OSError:
-            data = b''
-        body = thumbnail_bytes(info, data) if data else None
-        if body is None:
-            raise HTTPError(404)
-        etag = entry.etag[:-1] + '-t"'
-        last_modified = entry.validators(self.wall, self.date)[0]
-        validators = b'Last-Modified: %s\r\nETag: %s\r\n' % (last_modified, etag.encode('ascii'))
-        if ('if-none-match' in req.headers or 'if-modified-since' in req.headers) \
-                and not_modified(req.headers, etag, entry.mtime):
-            return conn.start_response(304, response_head(304, self.date, validators, conn.keep_alive,
-                                                          req.version, self.common_headers))
-        fields = b'Content-Type: image/jpeg\r\nContent-Length: %d\r\n%s' % (len(body), validators)
-        head = response_head(200, self.date, fields, conn.keep_alive, req.version, self.common_headers)
-        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
-
     # -- the access log --
 
     def access(self, conn):
@@ -2536,13 +2575,14 @@ class Worker:
             if signum == signal.SIGTERM:
                 self.drain()
             elif signum == signal.SIGUSR1:
-                self.config.reopen_logs()
+                if self.reopen_logs is not None:
+                    self.reopen_logs()
 
     def on_lifeline(self, mask):
         """The master is gone: stop at once (the port must be free for its successor)."""
         log('worker: master exited; draining')
         self.selector.unregister(self.lifeline)
-        self.drain(deadline=self.config.stop_timeout)
+        self.drain(deadline=self.stop_timeout)
 
     def drain(self, deadline=None):
         if self.draining:
@@ -2578,12 +2618,13 @@ class Agent(Daemon):
     ready_on_run = False            # ready once every worker has booted
     reload_timeout = 45.0           # a reload waits up to 30 s for the new workers to boot
 
-    def __init__(self, config):
+    def __init__(self, config, given=frozenset()):
         Daemon.__init__(self, config.pidfile, stdout=config.log, stderr=config.log,
                         stop_timeout=config.stop_timeout, user=config.user, group=config.group,
                         name='agent')
-        self.config = config
-        config.reopen_logs = self.reopen_worker_logs
+        self.config = config            # the parsed command line, paths absolute (main())
+        self.given = given              # the names of the options given on it
+        self.own_files = OwnFiles()     # never served: pidfile, logs (note_own_files())
         self.listeners = []
         self.access_fd = None
         self.workers = {}
@@ -2593,6 +2634,7 @@ class Agent(Daemon):
         self.respawn_at = 0.0
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
+        self.add_action('upgrade', daemon.upgrade_action)
 
     # -- setup, as root, before ready --
 
@@ -2610,7 +2652,7 @@ class Agent(Daemon):
             try:
                 self.access_fd = daemon.open_log(config.access_log)
             except OSError as exc:
-                raise DaemonError('cannot open access log %s: %s' % (config.access_log, _describe_denied(exc)))
+                raise DaemonError('cannot open access log %s: %s' % (config.access_log, describe_denied(exc)))
         if config.tls_cert:
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
         self.write_options()
@@ -2636,9 +2678,9 @@ class Agent(Daemon):
         self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def note_own_files(self):
-        """Everything this agent writes joins config.own_files; say so once if it is in --root."""
+        """Everything this agent writes joins own_files; say so once if it is in --root."""
         config = self.config
-        pidfile_fd = self._pidfile.fd if self._pidfile is not None else None
+        pidfile_fd = self.pidfile_fd
         # (what, path, open fd or None, whether this run writes it)
         files = [('pidfile', self.pidfile_path, pidfile_fd, True),
                  ('options file', options_path(self.pidfile_path), None, False),
@@ -2646,7 +2688,7 @@ class Agent(Daemon):
         if self.access_fd is not None:
             files.append(('access log', config.access_log, self.access_fd, True))
         for what, path, fd, written in files:
-            config.own_files.add(path, fd)
+            self.own_files.add(path, fd)
             if written and inside(os.path.realpath(path), config.root):
                 log('agent: the %s %s is inside --root %s; it is never served nor listed '
                     '(put it elsewhere to keep it out of the tree)' % (what, path, config.root))
@@ -2709,7 +2751,7 @@ class Agent(Daemon):
             if not adopted:
                 raise
             # Upgraded in place, but the new code's workers cannot start: the old ones go on.
-            self.upgrade_done('its workers cannot start: %s' % exc)
+            daemon.upgrade_done(self, 'its workers cannot start: %s' % exc)
         except BaseException:
             self.kill_workers(list(self.workers.values()))
             raise
@@ -2829,10 +2871,10 @@ class Agent(Daemon):
             worker.serve()
             status = 0
         except BaseException as exc:
-            log('worker: %s\n%s' % (daemon._describe(exc), traceback.format_exc().rstrip()))
+            log('worker: %s\n%s' % (daemon.describe(exc), traceback.format_exc().rstrip()))
             if status == WORKER_BOOT_ERROR:
                 try:
-                    os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon._describe(exc)))
+                    os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))
                              .encode('utf-8', 'replace')[:select.PIPE_BUF])
                 except OSError:
                     pass
@@ -2842,11 +2884,12 @@ class Agent(Daemon):
     def become_worker(self):
         """In a new worker: drop what belongs to the master, keep the sockets and the logs."""
         self.selector.close()
-        for fd in (self.lifeline_w, self.boot_r, self.signal_fd, self._wake_w):
+        for fd in (self.lifeline_w, self.boot_r):
             os.close(fd)
-        signal.set_wakeup_fd(-1)
+        self.release_signals()
         set_process_title('agent: worker', self.title_args())
-        worker = Worker(self.config, self.listeners, self.access_fd, self.lifeline_r, self.tls, self.redirects)
+        worker = Worker(self.config, self.listeners, self.access_fd, self.lifeline_r, self.tls, self.redirects,
+                        self.own_files, self.reopen_worker_logs)
         worker.setup_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         return worker
@@ -2927,16 +2970,16 @@ class Agent(Daemon):
         """Check the agent.py now on disk in a child, then become it (same pid)."""
         daemon.notify(RELOADING=1, MONOTONIC_USEC=daemon.monotonic_usec(), STATUS='upgrading')
         log('agent: upgrade: checking %s' % SCRIPT)
-        argv = [SCRIPT] + config_argv(self.config) + ['start' if self.detached else 'run']
+        argv = [SCRIPT] + option_argv(self.config, self.given) + ['start' if self.detached else 'run']
         state = json.dumps({'lifeline': [self.lifeline_r, self.lifeline_w],
                             'workers': [[w.pid, w.retiring] for w in self.workers.values()],
                             'respawns': self.respawns})
         try:
-            self.reexec(argv, [sock.fileno() for sock in self.listeners],
+            daemon.reexec(self, argv, [sock.fileno() for sock in self.listeners],
                         ['redirect' if sock in self.redirects else 'agent' for sock in self.listeners],
                         keep=(self.lifeline_r, self.lifeline_w), state=state)
         except DaemonError as exc:
-            self.upgrade_done(str(exc))
+            daemon.upgrade_done(self, str(exc))
 
     def adopt_workers(self):
         """In the new image after an upgrade: the workers of the old one; [] otherwise."""
@@ -2959,39 +3002,32 @@ class Agent(Daemon):
         log('agent: upgrade: now running %s; adopted %d workers' % (SCRIPT, len(self.workers)))
         return adopted
 
-    def start(self):
-        """Daemon.start, after a check of the port this user may bind (unless it runs already)."""
-        self._absolutize()
-        if self._probe()[0] != 'running':
-            check_port_permission(self.config.port)
-        return Daemon.start(self)
+    def on_launch(self):
+        """Before a start: fail early, in the launcher, on a port this user may not bind."""
+        check_port_permission(self.config.port)
 
-    def restart(self):
-        """Stop and start again.  An option not given on this command line keeps the running
-        master's value (recorded in the options file), so `restart` from another directory
-        restarts the same agent instead of serving that directory; the options given that
-        differ are named."""
-        self._absolutize()
-        state, pid = self._probe()
-        if state == 'running':
-            path = options_path(self.pidfile_path)
-            old = read_options(path, pid)
-            if old is None:
-                self._say('agent: the options of pid %d are not recorded in %s; restarting it with '
-                          'this command line' % (pid, path))
-            else:
-                self.keep_options(old)
-                changes = describe_changes(old, option_argv(self.config, every=True))
-                if changes:
-                    self._say('agent: restart changes %s' % changes)
-        return Daemon.restart(self)
+    def on_restart(self, pid):
+        """Before a restart stops the running master pid: an option not given on this command
+        line keeps that master's value (recorded in the options file), so `restart` from another
+        directory restarts the same agent instead of serving that directory; the options given
+        that differ are named."""
+        path = options_path(self.pidfile_path)
+        old = read_options(path, pid)
+        if old is None:
+            self.say('agent: the options of pid %d are not recorded in %s; restarting it with '
+                     'this command line' % (pid, path))
+        else:
+            self.keep_options(old)
+            changes = describe_changes(old, option_argv(self.config, every=True))
+            if changes:
+                self.say('agent: restart changes %s' % changes)
 
     def keep_options(self, argv):
         """Take the options this command line does not give from a recorded option_argv()."""
         config = self.config
         recorded = parser().parse_args(argv + ['restart'])
         for name, value in vars(recorded).items():
-            if name not in NOT_OPTIONS and name not in config.given:
+            if name not in NOT_OPTIONS and name not in self.given:
                 setattr(config, name, value)
         self.stdout = self.stderr = config.log
         self.stop_timeout = config.stop_timeout
@@ -3006,11 +3042,11 @@ class Agent(Daemon):
     def reopen_worker_logs(self):
         """Reopen --log (fds 1, 2) and --access-log onto the same fds, in whichever process.
 
-        The new files join config.own_files; the old ones stay in it (now access.log.1...).
+        The new files join own_files; the old ones stay in it (now access.log.1...).
         """
         self.reopen_std_logs()
         if self.detached:
-            self.config.own_files.add(self.config.log, 1)
+            self.own_files.add(self.config.log, 1)
         if self.access_fd is not None:
             try:
                 fd = daemon.open_log(self.config.access_log)
@@ -3019,7 +3055,7 @@ class Agent(Daemon):
                 return
             os.dup2(fd, self.access_fd, inheritable=False)
             os.close(fd)
-            self.config.own_files.add(self.config.access_log, self.access_fd)
+            self.own_files.add(self.config.access_log, self.access_fd)
 
     def shutdown(self):
         """Drain the workers; kill whoever is left just before the launcher's own deadline."""
@@ -3056,18 +3092,14 @@ def accept_connection(listener, family):
     return sock, address
 
 
-def config_argv(config):
-    """The command line that gives a new image of this master its configuration: option_argv()."""
-    return option_argv(config)
-
-
 # Options that are flags: (the value that the flag gives, the flag).
 FLAGS = {'follow_symlinks': (True, '--follow-symlinks'), 'allow_readable_key': (True, '--allow-readable-key'),
          'listing': (False, '--no-listing')}
 
 
-def option_argv(config, every=False):
-    """The options of config as a command line, paths absolute.
+def option_argv(config, given=frozenset(), every=False):
+    """The options of config as a command line, paths absolute; given: the names of those on
+    the command line (given_options()).
 
     every=False: the options given, and the paths whose default would name another file from
     another working directory (the default ./agent.log of a daemon started elsewhere, when it
@@ -3079,7 +3111,7 @@ def option_argv(config, every=False):
     for name, value in vars(config).items():
         if name in NOT_OPTIONS or value is None:
             continue
-        if not every and name not in config.given:
+        if not every and name not in given:
             default = defaults.get_default(name)
             if name not in PATH_OPTIONS or value == 'off' or default is None \
                     or os.path.abspath(default) == value:
@@ -3089,7 +3121,6 @@ def option_argv(config, every=False):
                 argv.append(FLAGS[name][1])
             continue
         argv += ['--' + name.replace('_', '-'), value if isinstance(value, str) else repr(value)]
-    return argv
     return argv
 
 
@@ -3370,7 +3401,7 @@ def locked_file_of(pid):
     return None
 
 
-def _describe_denied(exc):
+def describe_denied(exc):
     """exc.strerror, naming the user when it is a missing permission."""
     if isinstance(exc, PermissionError):
         return '%s, as user %s' % (exc.strerror, daemon.current_user())
@@ -3531,11 +3562,10 @@ def parser():
                      help='also listen for plain HTTP on PORT and redirect it to HTTPS (301)')
     tls.add_argument('--hsts', type=non_negative_int, metavar='SECONDS',
                      help='send Strict-Transport-Security: max-age=SECONDS on HTTPS responses')
-    p.set_defaults(own_files=OwnFiles(), given=frozenset())
     return p
 
 
-NOT_OPTIONS = ('action', 'own_files', 'given', 'reopen_logs')     # not options: what the code keeps there
+NOT_OPTIONS = ('action',)          # not an option: the action
 PATH_OPTIONS = ('root', 'pidfile', 'log', 'access_log', 'tls_cert', 'tls_key')   # made absolute by main()
 
 
@@ -3561,7 +3591,7 @@ def main(argv=None):
     for option in ('http_redirect', 'hsts'):
         if getattr(config, option) is not None and not config.tls_cert:
             p.error('--%s needs --tls-cert and --tls-key' % option.replace('_', '-'))
-    config.given = given_options(argv)
+    given = given_options(argv)
     if config.pidfile is None:
         config.pidfile = default_pidfile(config.port)
         if config.pidfile.startswith('/tmp/'):
@@ -3578,7 +3608,7 @@ def main(argv=None):
             setattr(config, name, os.path.abspath(getattr(config, name)))
     if config.access_log != 'off':
         config.access_log = os.path.abspath(config.access_log)
-    return Agent(config).command(config.action)
+    return Agent(config, given).command(config.action)
 
 
 if __name__ == '__main__':

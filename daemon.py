@@ -14,6 +14,7 @@ Copy this file into a project, subclass Daemon and override run():
         sys.exit(daemon.main(Ticker('ticker.pid', stdout='ticker.log', stderr='ticker.log')))
 
 Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run`.
+The public API is `__all__`; the Daemon class docstring is its contract.
 Programs written for the classic recipe (construct, then call start(), stop() or restart()) run
 unchanged; relative paths are taken relative to the directory they were started in.
 
@@ -86,6 +87,24 @@ With NOTIFY_SOCKET set, ready() sends READY=1, a reload RELOADING=1 and READY=1,
 STOPPING=1 (sd_notify(3)).  Sockets passed by socket activation (LISTEN_PID/LISTEN_FDS/
 LISTEN_FDNAMES, sd_listen_fds(3)) are collected before any fork and offered as
 `self.listen_fds`.
+
+Sections of this file, in order
+-------------------------------
+  constants, errors, small helpers
+  Daemon            what a user touches: the hooks, run()'s tools, the action dispatch; then
+                    its private runtime (daemonize, serve, signals)
+  main()            the command line
+  the controller    the actions (start, stop, restart, try-restart, reload, status, run): what
+                    the launcher does, as functions of the daemon, reached only via command()
+  daemon(7) steps   one small function each
+  the pidfile, the readiness pipe
+  optional: systemd   sd_notify(3) and sd_listen_fds(3).  Without it notify() does nothing and
+                    listen_fds() finds no socket: no READY=1 for Type=notify units, no socket
+                    activation.  The upgrade section needs it (it passes sockets that way).
+  optional: upgrade   re-exec in place on SIGUSR2 (reexec(), the `upgrade` action).  Without it
+                    SIGUSR2 only runs the on_upgrade() hook, and no action `upgrade` exists.
+Each optional section runs from its banner to the next one (or the end of the file) and can be
+deleted whole; test_daemon.py deletes them from a copy and daemonizes what is left.
 """
 
 import atexit
@@ -103,11 +122,27 @@ import syslog
 import time
 import traceback
 
-__all__ = ['Daemon', 'DaemonError', 'PidFile', 'main', 'notify', 'listen_fds',
-           'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING']
+__all__ = [
+    # the daemon and its command line
+    'Daemon', 'main', 'ACTIONS', 'DaemonError', 'AlreadyRunning', 'describe', 'log',
+    'current_user', 'monotonic_usec',
+    # exit codes: LSB init-script actions, and `status`
+    'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
+    'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN',
+    # the daemon(7) steps, usable on their own
+    'make_paths_absolute', 'close_inherited_fds', 'reset_signals', 'fork', 'detach_session',
+    'set_umask', 'change_directory', 'open_log', 'redirect_stdio', 'drop_privileges',
+    'check_identity', 'check_writable', 'to_syslog',
+    # the pidfile
+    'PidFile', 'parse_pid', 'flock_holders',
+    # optional: systemd
+    'notify', 'listen_fds',
+    # optional: upgrade in place
+    'reexec', 'check_new_code', 'upgrade_done', 'upgrade_action',
+]
 
 # ---------------------------------------------------------------------------------------------
-# Constants
+# Constants, errors, small helpers
 # ---------------------------------------------------------------------------------------------
 
 EXIT_OK = 0
@@ -121,22 +156,16 @@ STATUS_DEAD = 1          # "program is dead and /var/run pid file exists"
 STATUS_STOPPED = 3
 STATUS_UNKNOWN = 4
 
+# The actions main() offers.  A subclass may register more with add_action() (agent.py: upgrade).
 ACTIONS = ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'status', 'run')
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
-# Set by reexec() for the new image of the same process:
-# "<pidfile fd> <detached 0|1> <socket fds, comma-separated, or -> <their names, colon-separated, or ->",
-# and the subclass's own state (a string) in REEXEC_STATE_ENV.
-REEXEC_ENV = 'DAEMON_REEXEC'
-REEXEC_STATE_ENV = 'DAEMON_REEXEC_STATE'
-# Set by check_new_code() for the child that tries the new code: set up, then exit 0.
-CHECK_ENV = 'DAEMON_REEXEC_CHECK'
-UPGRADE_CHECK_TIMEOUT = 30.0
-
-SD_LISTEN_FDS_START = 3
-
+# Filled by the optional upgrade section, when it is there: a function(daemon) that takes over
+# `start` and `run` in the new image of an upgraded daemon (or in the child that checks it), or
+# returns None to let them run as usual.
+TAKEOVER = []
 
 class DaemonError(Exception):
     """An operating-system failure while becoming or running a daemon; the message names the step.
@@ -166,6 +195,16 @@ def _step_error(step, exc):
     return DaemonError('%s failed (%s)' % (step, detail), privilege=privilege)
 
 
+def describe(exc):
+    """An exception as one line for a message: a DaemonError's text, an OSError's strerror and
+    file name, else "Type: text"."""
+    if isinstance(exc, DaemonError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return '%s%s' % (exc.strerror, ': %s' % exc.filename if exc.filename else '')
+    return '%s: %s' % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+
+
 def current_user():
     """'name (uid N)' of the effective user, for messages about permissions."""
     uid = os.geteuid()
@@ -183,6 +222,808 @@ def log(message, stream=None):
         stream.flush()
     except (OSError, ValueError):
         pass    # a log that cannot be written must not take the daemon down
+
+
+def monotonic_usec():
+    """CLOCK_MONOTONIC in microseconds, as sd_notify's MONOTONIC_USEC= wants it."""
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
+
+
+# Stand-ins for the optional systemd section, which defines both again below: without it a
+# daemon never notifies and never finds sockets passed to it.
+def notify(**fields):
+    return False
+
+
+def listen_fds(unset_environment=True):
+    return {}
+
+
+class Daemon:
+    """A daemon: subclass it and override run().
+
+    Methods for the caller:
+        command(action)    run one action by name (ACTIONS, and those added with add_action());
+                           returns its exit code (see the module docstring).  Every action gets
+                           the same handling of errors: a DaemonError or OSError is a message
+                           on stderr and exit 1, a missing permission exit 4, never a traceback
+        add_action(name, function)   register an action: function(daemon) returns an exit code
+        start(), stop(), restart()   the classic recipe's names for command('start') etc.
+        daemonize()        detach (daemon(7)); returns in the daemon only
+
+    Actions and hooks do not share a namespace: the actions are functions of the daemon in the
+    controller section, reached only through command(), so a subclass may define methods
+    called reload() or status() for its own purposes without replacing the SIGHUP action or the
+    LSB status.  The hooks are the methods named on_*, setup(), run() and log_files().
+
+    Methods that may be overridden (hooks):
+        setup()            in the daemon, before privileges are dropped; an exception is a
+                           startup error that the launcher prints (bind sockets, open files here)
+        run()              the service itself
+        on_reload()        on SIGHUP (no-op); a DaemonError it raises is the reload's failure
+        on_reopen_logs()   on SIGUSR1, after stdout/stderr were reopened (no-op)
+        on_upgrade()       on SIGUSR2 (no-op); see reexec() in the upgrade section
+        on_launch()        in the launcher, before start (or restart) launches a daemon that is
+                           not running: raise DaemonError to refuse, with its message (no-op)
+        on_restart(pid)    in the launcher, before restart stops the running daemon pid (no-op)
+        log_files()        the logs a `user` must own to reopen them
+
+    Methods and attributes for run() and the hooks:
+        ready(status)      "my setup is done": the launcher exits 0 (and sd_notify READY=1)
+        wait(timeout)      sleep until a signal or the timeout; handles HUP/USR1/USR2; True
+                           once the daemon should stop
+        handle_signals()   the same without sleeping, for a run() with its own event loop
+                           (its selector should watch `signal_fd`)
+        release_signals()  in a child forked by run() that runs a loop of its own: close the
+                           signal pipe it inherited
+        reopen_std_logs()  reopen stdout/stderr at their paths (SIGUSR1 does it)
+        stopping           True once SIGTERM/SIGINT arrived
+        detached           True in a daemon that forked away from its terminal
+        listen_fds         {name: [fd, ...]} passed by the service manager (or an upgrade)
+        inherited          after reexec(): the `state` string the old image passed, else None
+        pidfile_fd         the locked pidfile's descriptor in the daemon, else None
+
+    Methods for a subclass's launcher side (its hooks, its own actions):
+        absolutize()       make every path absolute against the caller's directory
+        probe()            (state, pid) of the pidfile: 'running', 'stale' or 'absent'
+        say(message, error=False)   one line to the user of the action (stdout, or stderr)
+
+    Class variables:
+        ready_on_run       True: entering run() counts as ready.  Set False when run() calls
+                           ready() itself, once its service can really be used.
+        start_timeout      seconds the launcher waits for ready before it gives up and stops
+                           the daemon
+        reload_timeout     seconds `reload` waits for the daemon's verdict (its on_reload()
+                           hook runs from wait() or handle_signals(), in the daemon's loop)
+    """
+
+    ready_on_run = True
+    start_timeout = 60.0
+    reload_timeout = 10.0
+
+    def __init__(self, pidfile, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
+                 umask=0o022, workdir='/', stop_timeout=10.0, user=None, group=None, name=None):
+        self.pidfile_path = pidfile
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.umask = umask
+        self.workdir = workdir
+        self.stop_timeout = float(stop_timeout)
+        self.user, self.group = user, group
+        self.name = name or type(self).__name__.lower()
+        self.stopping = False
+        self.detached = False           # True in a daemon that forked away from its terminal
+        self.listen_fds = {}
+        self.inherited = None           # after reexec(): the state string it was given
+        # Set by the upgrade section in a new image: ready() calls it to report the upgrade's
+        # outcome (it sends READY=1 itself).
+        self._ready_report = None
+        self._pidfile = None
+        self._readiness = None
+        self._is_ready = False
+        self._status = '%s running' % self.name
+        self._cooperative = False
+        self._pending = []
+        self._wake_r = self._wake_w = None
+        # name -> function(daemon) returning an exit code; add_action() adds to it.
+        self.actions = dict(STANDARD_ACTIONS)
+
+    # Classic-recipe name, kept for programs that read it.
+    @property
+    def pidfile(self):
+        return self.pidfile_path
+
+    @pidfile.setter
+    def pidfile(self, value):
+        self.pidfile_path = value
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def setup(self):
+        """Hook: prepare before ready and before privileges are dropped.  Errors abort start."""
+
+    def run(self):
+        """Hook: the service.  Returning (or SIGTERM) ends the daemon with status 0."""
+
+    def on_reload(self):
+        """Hook: SIGHUP arrived (reload configuration, replace workers...)."""
+
+    def on_reopen_logs(self):
+        """Hook: SIGUSR1 arrived; stdout/stderr are already reopened.  Reopen your own logs."""
+
+    def on_upgrade(self):
+        """Hook: SIGUSR2 arrived: start the new code on disk with reexec() (no-op)."""
+
+    def on_launch(self):
+        """Hook, in the launcher: start (or restart) is about to launch the daemon, which is not
+        running.  Raise DaemonError to refuse, with a message that says why (no-op)."""
+
+    def on_restart(self, pid):
+        """Hook, in the launcher: restart (or try-restart) is about to stop the running daemon
+        pid (no-op).  A program whose options may differ between runs can adopt the running
+        one's here."""
+
+    def log_files(self):
+        """Hook: the log files that a user named by `user`/`group` must own to reopen them."""
+        return [self.stdout, self.stderr]
+
+    # -- for run() and the hooks ----------------------------------------------------------------
+
+    def ready(self, status=None):
+        """Tell the launcher (or systemd) that the service is up.  Idempotent.
+
+        status: one line saying what runs where; `start` prints it, and it is systemd's STATUS.
+        By default "<name> started (pid N)".
+        """
+        if self._is_ready:
+            return
+        self._is_ready = True
+        if status:
+            self._status = status.replace('\n', ' ')
+        else:
+            self._status = '%s started (pid %d)' % (self.name, os.getpid())
+        if self._ready_report is not None:
+            self._ready_report()            # READY=1 too, with the outcome as STATUS
+        else:
+            notify(READY=1, STATUS=self._status)
+        if self._readiness is not None:
+            self._readiness.send('READY ' + self._status)
+
+    @property
+    def signal_fd(self):
+        """Readable when a signal arrived: an event loop watches it and calls handle_signals()."""
+        self._cooperative = True
+        return self._wake_r
+
+    def handle_signals(self):
+        """Act on the signals that arrived since the last call; returns self.stopping."""
+        self._cooperative = True
+        if self._wake_r is not None:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+        while self._pending:
+            signum = self._pending.pop(0)
+            if signum == signal.SIGHUP:
+                notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS='reloading')
+                log('%s: reloading (SIGHUP)' % self.name)
+                try:
+                    self.on_reload()
+                    error = None
+                except DaemonError as exc:
+                    error = str(exc)
+                    log('%s: reload failed: %s' % (self.name, error))
+                notify(READY=1, STATUS=self._status if error is None
+                       else '%s; reload failed: %s' % (self._status, error))
+                self._report('reload', error)
+            elif signum == signal.SIGUSR1:
+                self.reopen_std_logs()
+                self.on_reopen_logs()
+            elif signum == signal.SIGUSR2:
+                self.on_upgrade()
+            elif signum in STOP_SIGNALS:
+                log('%s: stopping (%s)' % (self.name, signal.Signals(signum).name))
+                notify(STOPPING=1, STATUS='stopping')
+        return self.stopping
+
+    def wait(self, timeout=None):
+        """Sleep until a signal arrives or `timeout` passes; True once the daemon should stop."""
+        self._cooperative = True
+        if not self.stopping and not self._pending:
+            try:
+                select.select([self._wake_r], [], [], timeout)
+            except InterruptedError:
+                pass
+        return self.handle_signals()
+
+    def reopen_std_logs(self):
+        """Reopen stdout/stderr logs at their paths (after logrotate moved them away)."""
+        if not self.detached:
+            return
+        try:
+            fd_out = open_log(self.stdout)
+            fd_err = fd_out if self.stderr == self.stdout else open_log(self.stderr)
+        except OSError as exc:
+            log('%s: cannot reopen logs: %s' % (self.name, exc))
+            return
+        _flush_std_streams()
+        os.dup2(fd_out, 1)
+        os.dup2(fd_err, 2)
+        for fd in {fd_out, fd_err}:
+            os.close(fd)
+
+    def release_signals(self):
+        """In a child forked by run() that will run a loop of its own (a worker): stop signals
+        from waking the daemon's pipe, and close both its ends.  The handlers stay until the
+        child installs its own."""
+        signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._wake_r = self._wake_w = None
+
+    @property
+    def pidfile_fd(self):
+        """The locked pidfile's descriptor in the daemon; None anywhere else."""
+        return self._pidfile.fd if self._pidfile is not None else None
+
+    # -- the actions --------------------------------------------------------------------------
+
+    def command(self, action):
+        """Run the action registered under this name; returns its exit code.
+
+        The one place where actions meet errors: a DaemonError is its message and exit 1 (4 if
+        it is about a permission), a PermissionError exit 4, any other OSError exit 1, all
+        with a message on stderr and no traceback.
+        """
+        function = self.actions.get(action)
+        if function is None:
+            sys.stderr.write('%s: unknown action %r (use %s)\n' % (self.name, action, '|'.join(self.actions)))
+            return EXIT_USAGE
+        try:
+            if action in ('start', 'run'):
+                for takeover in TAKEOVER:
+                    code = takeover(self)
+                    if code is not None:
+                        return code
+            return function(self)
+        except DaemonError as exc:
+            sys.stderr.write('%s: %s\n' % (self.name, exc))
+            return EXIT_PRIVILEGE if exc.privilege else EXIT_FAILURE
+        except PermissionError as exc:
+            sys.stderr.write('%s: %s: permission denied (%s)\n' % (self.name, action, describe(exc)))
+            return EXIT_PRIVILEGE
+        except OSError as exc:
+            sys.stderr.write('%s: %s failed: %s\n' % (self.name, action, describe(exc)))
+            return EXIT_FAILURE
+
+    def add_action(self, name, function):
+        """Register an action for command(): function(daemon) returns an exit code."""
+        self.actions[name] = function
+
+    # The classic recipe's methods: programs written for it call them directly.
+    def start(self):
+        """command('start'): detach and run; the launcher exits with the daemon's verdict."""
+        return self.command('start')
+
+    def stop(self):
+        """command('stop')."""
+        return self.command('stop')
+
+    def restart(self):
+        """command('restart')."""
+        return self.command('restart')
+
+    # Classic-recipe name: remove the pidfile (only the owner ever does).
+    def delpid(self):
+        if self._pidfile is not None:
+            self._pidfile.release()
+
+    def absolutize(self):
+        """Make every path absolute now, while the working directory is the caller's."""
+        (self.pidfile_path, self.stdin, self.stdout, self.stderr,
+         self.workdir) = make_paths_absolute(self.pidfile_path, self.stdin, self.stdout,
+                                             self.stderr, self.workdir)
+
+    def probe(self):
+        """(state, pid) of the pidfile: ('running', pid), ('stale', pid or None), ('absent', None)."""
+        return PidFile(self.pidfile_path).probe()
+
+    def say(self, message, error=False):
+        """One line to whoever runs the action: stdout, or stderr for an error."""
+        stream = sys.stderr if error else sys.stdout
+        try:
+            stream.write(message + '\n')
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    # -- the runtime: daemonize, serve, signals (private) -----------------------------------------
+
+    def daemonize(self):
+        """Detach from the terminal (daemon(7)); returns in the daemon only.
+
+        The launcher waits for the daemon's verdict on the readiness pipe and leaves with
+        os._exit(), as does the intermediate child, so neither runs atexit handlers or flushes
+        buffers that the daemon still owns.
+        """
+        self.absolutize()
+        self.listen_fds = listen_fds()      # before any fork: LISTEN_PID names this process
+        keep = [fd for fds in self.listen_fds.values() for fd in fds]
+        _flush_std_streams()
+        close_inherited_fds(keep)
+        reset_signals()
+        self._readiness = ReadinessPipe()
+        try:
+            pid = fork('first fork')
+        except DaemonError as exc:
+            self.say('%s: %s' % (self.name, exc), error=True)
+            os._exit(EXIT_FAILURE)
+        if pid > 0:
+            os._exit(self._launcher_wait(pid))
+        self._readiness.close_read()
+        try:
+            detach_session()
+            if fork('second fork') > 0:
+                os._exit(0)
+            self.detached = True
+            set_umask(self.umask)
+            change_directory(self.workdir)
+            redirect_stdio(self.stdin, self.stdout, self.stderr)
+            self._become_service()
+        except AlreadyRunning as exc:
+            self._readiness.send('RUNNING %s' % (exc.pid or ''))
+            os._exit(0)
+        except BaseException as exc:
+            self._startup_failed(exc)
+            os._exit(EXIT_FAILURE)
+
+    def _become_service(self):
+        """Steps common to the daemon and the foreground service: pidfile, signals, setup()."""
+        if self._pidfile is None:
+            self._pidfile = PidFile(self.pidfile_path)
+            self._pidfile.acquire()
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+        self._install_signal_handlers()
+        self.setup()
+        drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
+
+    def _after_fork_in_child(self):
+        """A child forked by run() does not own the pidfile, its lock or the readiness pipe."""
+        if self._pidfile is not None:
+            self._pidfile.forget()
+        if self._readiness is not None:
+            self._readiness.close_write()
+
+    def _launcher_wait(self, child):
+        """The launcher: reap the intermediate child, then wait for the daemon's verdict."""
+        try:
+            os.waitpid(child, 0)
+        except ChildProcessError:
+            pass
+        line = self._readiness.receive(self.start_timeout)
+        if line is not None and (line == 'READY' or line.startswith('READY ')):
+            if line[6:]:
+                self.say(line[6:])             # what ready() said: the one line `start` prints
+            return EXIT_OK
+        if line is not None and line.startswith('RUNNING'):
+            self.say('%s is already running (pid %s, pidfile %s)'
+                      % (self.name, line[8:] or 'unknown', self.pidfile_path))
+            return EXIT_OK
+        if line is not None and line.startswith('ERROR '):
+            self.say('%s: %s' % (self.name, line[6:]), error=True)
+            return EXIT_FAILURE
+        if line is None:
+            self.say('%s: not ready after %gs; stopping it' % (self.name, self.start_timeout), error=True)
+            _stop(self)
+            return EXIT_FAILURE
+        self.say('%s: exited during startup without a word; see %s' % (self.name, self.stderr), error=True)
+        return EXIT_FAILURE
+
+    def _startup_failed(self, exc):
+        """Report a failure before ready: to the launcher, and with its traceback to the log."""
+        if isinstance(exc, SystemExit) and not exc.code:
+            message = 'stopped during startup'
+        else:
+            message = describe(exc)
+            if not isinstance(exc, DaemonError):
+                log('startup failed:\n' + ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+        self._cleanup()
+        if self._readiness is not None and self._readiness.w is not None:
+            self._readiness.fail(message)
+        elif self.detached:
+            log('startup failed: ' + message)
+
+    def _serve(self):
+        """Run run() and turn its end into an exit status; the pidfile is released after it."""
+        status, error = EXIT_FAILURE, None
+        try:
+            if self.ready_on_run:
+                self.ready()
+            result = self.run()
+            status = result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_FAILURE)
+            if isinstance(exc.code, str):
+                log(exc.code)
+        except KeyboardInterrupt:
+            status = EXIT_OK                    # SIGINT in the foreground, before our handler
+        except DaemonError as exc:
+            self._last_words('%s: %s' % (self.name, exc))
+            status, error = EXIT_FAILURE, describe(exc)
+        except BaseException as exc:
+            self._last_words('%s: unhandled exception in run(), exiting:\n%s' % (self.name, ''.join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()))
+            status, error = EXIT_FAILURE, describe(exc)
+        else:
+            error = None
+        notify(STOPPING=1)
+        if status != EXIT_OK and self._is_ready and not self.stopping and self._pidfile is not None \
+                and self._pidfile.fd is not None:
+            # Died on its own after start had returned: the unlocked pidfile stays as the record,
+            # and `status` says "dead, but pidfile remains" (LSB 1) instead of "not running".
+            self._last_words('%s: exited with status %s; pidfile %s left as the record of it'
+                             % (self.name, status, self.pidfile_path))
+            self._pidfile.forget()
+        self._cleanup()
+        if not self._is_ready and self._readiness is not None:
+            self._readiness.fail(error or 'exited before it was ready (status %s); see %s'
+                                 % (status, self.stderr))
+        return status
+
+    def _serve_and_exit(self):
+        """The daemon's last act: os._exit() after run(), so it never returns into the caller."""
+        status = EXIT_FAILURE
+        try:
+            status = self._serve()
+            _run_atexit()
+        finally:
+            _flush_std_streams()
+            os._exit(status)
+
+    def _cleanup(self):
+        if self._pidfile is not None:
+            self._pidfile.release()
+
+    def _last_words(self, message):
+        """Report why the daemon ends: to its log, and to syslog if it has none (/dev/null).
+
+        After start has returned nobody watches the terminal: without this, a detached daemon
+        with the default /dev/null stderr would die without a trace.
+        """
+        log(message)
+        if self.detached and self.stderr == os.devnull:
+            to_syslog(self.name, message)
+
+    def _install_signal_handlers(self):
+        if self._wake_r is None:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        """Only record the signal (set_wakeup_fd has already woken the loop)."""
+        self._pending.append(signum)
+        if signum in STOP_SIGNALS:
+            self.stopping = True
+            if not self._cooperative:
+                raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
+
+    def _report(self, action, error=None):
+        """Send the outcome of a reload or an upgrade to the command waiting for it, if any."""
+        line = 'ERROR ' + error if error else 'OK'
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto(line.encode('utf-8', 'replace')[:4096], _verdict_address(self.name, action, os.getpid()))
+        except OSError:
+            pass        # nobody waits for it: the signal came from kill or systemctl
+
+
+def main(daemon, argv=None):
+    """`prog start|stop|restart|try-restart|reload|force-reload|status|run`; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) != 1 or argv[0] not in ACTIONS:
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
+        sys.stderr.write('usage: %s {%s}\n' % (prog, '|'.join(ACTIONS)))
+        return EXIT_USAGE
+    return daemon.command(argv[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller: the actions, run in the launcher (functions of the daemon, reached only
+# through Daemon.command(); a subclass changes them through its on_launch() and on_restart()
+# hooks, or adds its own with add_action())
+# ---------------------------------------------------------------------------------------------
+
+def _start(d):
+    """Start the daemon; see the module docstring for what the launcher waits for."""
+    d.absolutize()
+    state, pid = d.probe()
+    if state != 'running':
+        d.on_launch()
+    check_identity(d.user, d.group)
+    if state == 'running':
+        d.say('%s is already running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
+        return EXIT_OK
+    check_writable('pidfile', d.pidfile_path)
+    for path in {d.stdout, d.stderr}:
+        check_writable('log', path)
+    d.daemonize()                  # returns only in the daemon
+    d._serve_and_exit()
+
+
+def _stop(d):
+    """Stop the daemon: confirm it by its lock, one SIGTERM, SIGKILL after stop_timeout."""
+    d.absolutize()
+    pidfile = PidFile(d.pidfile_path)
+    state, pid = pidfile.probe()
+    if state != 'running':
+        if state == 'stale' and pidfile.remove_stale():
+            d.say('%s is not running (removed stale pidfile %s)' % (d.name, d.pidfile_path))
+        else:
+            d.say(_not_running(d, state))
+        return EXIT_OK
+    pidfd = _open_pidfd(pid)
+    try:
+        # The pidfd pins this process: re-check the lock now, so a pid reused between the
+        # probe and the signal can never be hit.
+        state, again = pidfile.probe()
+        if state != 'running' or again != pid:
+            d.say(_not_running(d, state))
+            return EXIT_OK
+        started = time.monotonic()
+        if not _send(pid, pidfd, signal.SIGTERM):
+            d.say('%s stopped (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
+            return EXIT_OK
+        if _await_exit(pidfile, pid, pidfd, d.stop_timeout):
+            pidfile.remove_stale()          # left behind by a daemon that could not unlink it
+            d.say('%s stopped (pid %d, %.2fs, pidfile %s)'
+                      % (d.name, pid, time.monotonic() - started, d.pidfile_path))
+            return EXIT_OK
+        _kill(pid, pidfd)
+        if _await_exit(pidfile, pid, pidfd, 5.0):
+            pidfile.remove_stale()
+            d.say('%s did not stop within %gs; killed (pid %d)' % (d.name, d.stop_timeout, pid))
+            return EXIT_OK
+        d.say('%s (pid %d) survived SIGKILL' % (d.name, pid), error=True)
+        return EXIT_FAILURE
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _restart(d):
+    """Stop, then start; the on_restart() hook first sees the running daemon."""
+    d.absolutize()
+    state, pid = d.probe()
+    if state == 'running':
+        d.on_restart(pid)
+    code = _stop(d)
+    if code != EXIT_OK:
+        return code
+    return _start(d)
+
+
+def _try_restart(d):
+    """Restart if running; a no-op success otherwise (LSB try-restart)."""
+    d.absolutize()
+    state = d.probe()[0]
+    if state != 'running':
+        d.say(_not_running(d, state))
+        return EXIT_OK
+    return _restart(d)
+
+
+def _reload(d):
+    """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
+    on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
+    daemon goes on as it was), 7 if it is not running."""
+    pid, verdict = _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout)
+    if pid is None:
+        return EXIT_NOT_RUNNING
+    if verdict == 'OK':
+        d.say('%s reloaded (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
+        return EXIT_OK
+    if verdict is not None:
+        d.say('%s: reload failed: %s (pid %d goes on as it was)' % (d.name, verdict, pid), error=True)
+    return EXIT_FAILURE
+
+
+def _status(d):
+    """LSB status: 0 running, 1 dead with a pidfile left, 3 not running, 4 unknown."""
+    d.absolutize()
+    try:
+        state, pid = PidFile(d.pidfile_path).probe()
+    except DaemonError as exc:
+        d.say('%s: %s' % (d.name, exc), error=True)
+        return STATUS_UNKNOWN
+    if state == 'running':
+        d.say('%s is running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
+        return STATUS_RUNNING
+    if state == 'stale':
+        where = 'syslog' if d.stderr == os.devnull else d.stderr
+        d.say('%s is dead, but pidfile %s remains: pid %s ended without a stop (see %s)'
+                  % (d.name, d.pidfile_path, pid or '?', where))
+        return STATUS_DEAD
+    d.say(_not_running(d, state))
+    return STATUS_STOPPED
+
+
+def _foreground(d):
+    """The `run` action: serve in the foreground, for systemd, containers and debugging.
+
+    No fork, no redirection (logs go to stderr), same pidfile, signals and hooks.
+    """
+    d.absolutize()
+    check_identity(d.user, d.group)
+    check_writable('pidfile', d.pidfile_path)
+    d.listen_fds = listen_fds()
+    try:
+        d._become_service()
+    except AlreadyRunning as exc:
+        d.say('%s is already running (pid %s, pidfile %s)' % (d.name, exc.pid, d.pidfile_path),
+                  error=True)
+        return EXIT_FAILURE
+    except BaseException as exc:
+        d._cleanup()
+        if isinstance(exc, SystemExit) and not exc.code:
+            return EXIT_OK                  # SIGTERM during setup
+        d.say('%s: %s' % (d.name, describe(exc)), error=True)
+        return EXIT_PRIVILEGE if getattr(exc, 'privilege', False) else EXIT_FAILURE
+    return d._serve()
+
+
+# name -> function(daemon): the actions of every Daemon (force-reload is reload, as LSB allows).
+STANDARD_ACTIONS = {'start': _start, 'stop': _stop, 'restart': _restart, 'try-restart': _try_restart,
+                    'reload': _reload, 'force-reload': _reload, 'status': _status, 'run': _foreground}
+
+
+def _signal_and_wait(d, action, signum, timeout):
+    """Signal the running daemon and wait for its verdict on the action: (pid, 'OK' or the
+    error it reported), (pid, None) after saying why there is none, (None, None) if it is
+    not running.
+
+    The verdict comes on a datagram socket in the abstract namespace, named after the
+    daemon, the action and its pid, from that very pid (checked with SO_PASSCRED): no file,
+    no log text to search.
+    """
+    d.absolutize()
+    state, pid = d.probe()
+    if state != 'running':
+        d.say(_not_running(d, state), error=True)
+        return None, None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    pidfd = None
+    try:
+        try:
+            sock.bind(_verdict_address(d.name, action, pid))
+        except OSError as exc:
+            raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
+                              'under way?' % (exc.strerror, action, pid))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        pidfd = _open_pidfd(pid)
+        _send(pid, pidfd, signum)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            watched = [sock] + ([pidfd] if pidfd is not None else [])
+            ready = select.select(watched, [], [], min(0.5, max(0.0, deadline - time.monotonic())))[0]
+            if sock in ready:
+                data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+                if _sender_pid(ancillary) != pid:
+                    continue
+                text = data.decode('utf-8', 'replace')
+                return pid, 'OK' if text == 'OK' else text[6:]
+            if not _alive(pid, pidfd):
+                d.say('%s (pid %d) exited during the %s; see %s'
+                          % (d.name, pid, action, d.stderr), error=True)
+                return pid, None
+        d.say('%s: no word from pid %d on the %s within %gs (does run() call wait() or '
+                  'handle_signals()?); see %s' % (d.name, pid, action, timeout, d.stderr),
+                  error=True)
+        return pid, None
+    finally:
+        sock.close()
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _not_running(d, state):
+    """The "not running" line, naming the pidfile looked at (relative paths confuse)."""
+    if state == 'stale':
+        return '%s is not running (stale pidfile %s left: cannot remove it)' % (d.name, d.pidfile_path)
+    return '%s is not running (no pidfile at %s)' % (d.name, d.pidfile_path)
+
+
+def _send(pid, pidfd, signum):
+    """Signal the daemon; False if it is already gone."""
+    try:
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signum)
+        else:
+            os.kill(pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill(pid, pidfd):
+    """SIGKILL the daemon, and its process group when the daemon made one of its own."""
+    try:
+        pgid, sid = os.getpgid(pid), os.getsid(pid)
+    except OSError:
+        pgid = sid = None
+    _send(pid, pidfd, signal.SIGKILL)
+    if pgid is not None and pgid == sid and pgid != os.getpgid(0):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _await_exit(pidfile, pid, pidfd, timeout):
+    """Wait until the lock is released and the process is gone; False on timeout."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        try:
+            state, _ = pidfile.probe()
+        except DaemonError:
+            state = 'running'
+        if state != 'running' and not _alive(pid, pidfd):
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if pidfd is not None:
+            select.select([pidfd], [], [], min(delay, remaining))
+        else:
+            time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.05)
+
+
+def _alive(pid, pidfd):
+    if pidfd is not None:
+        return not select.select([pidfd], [], [], 0)[0]
+    return _pid_alive(pid) and not _is_zombie(pid)
+
+
+def _verdict_address(name, action, pid):
+    """Where `reload` or `upgrade` waits for the verdict of the daemon with this pid (a
+    datagram socket in the abstract namespace: nothing on disk to clean up or to forge)."""
+    return '\0%s-%s-%d' % (name, action, pid)
+
+
+def _sender_pid(ancillary):
+    """The sender's pid in a datagram's SCM_CREDENTIALS, or None."""
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+            return struct.unpack('3i', payload[:12])[0]
+    return None
+
+
+def _is_zombie(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except (OSError, IndexError):
+        return False
+
+
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _run_atexit():
+    """Run the atexit handlers that the daemon's code registered (os._exit skips them)."""
+    run = getattr(atexit, '_run_exitfuncs', None)
+    if run is not None:
+        run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,63 +1212,6 @@ def to_syslog(name, message):
         syslog.closelog()
     except Exception:
         pass        # no syslog either: nothing more can be done
-
-
-# ---------------------------------------------------------------------------------------------
-# systemd: sd_notify(3) and sd_listen_fds(3)
-# ---------------------------------------------------------------------------------------------
-
-def notify(**fields):
-    """Send NAME=value lines to the service manager, when NOTIFY_SOCKET is set; else do nothing.
-
-    notify(READY=1, STATUS='serving') sends "READY=1\nSTATUS=serving".  A socket path starting
-    with '@' is in the abstract namespace.  Returns whether a datagram was sent.
-    """
-    address = os.environ.get('NOTIFY_SOCKET')
-    if not address or not fields:
-        return False
-    if address.startswith('@'):
-        address = '\0' + address[1:]
-    message = '\n'.join('%s=%s' % item for item in fields.items()).encode()
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message)
-        return True
-    except OSError as exc:
-        log('sd_notify to %r failed: %s' % (os.environ.get('NOTIFY_SOCKET'), exc))
-        return False
-
-
-def monotonic_usec():
-    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
-
-
-def listen_fds(unset_environment=True):
-    """Sockets passed by the service manager, as {name: [fd, ...]} ('unknown' without names).
-
-    Honoured only when LISTEN_PID is this process: the variables are inherited by children that
-    they were not meant for.  The variables are removed, so children do not claim the fds too.
-    """
-    try:
-        pid = int(os.environ.get('LISTEN_PID', ''))
-        count = int(os.environ.get('LISTEN_FDS', ''))
-    except ValueError:
-        return {}
-    names = os.environ.get('LISTEN_FDNAMES', '')
-    if unset_environment:
-        for name in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES'):
-            os.environ.pop(name, None)
-    if pid != os.getpid() or count <= 0:
-        return {}
-    names = names.split(':') if names else []
-    result = {}
-    for index in range(count):
-        fd = SD_LISTEN_FDS_START + index
-        name = names[index] if index < len(names) and names[index] else 'unknown'
-        os.set_inheritable(fd, False)
-        result.setdefault(name, []).append(fd)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,917 +1512,294 @@ class ReadinessPipe:
         return data.decode('utf-8', 'replace').split('\n', 1)[0].strip()
 
 
-# ---------------------------------------------------------------------------------------------
-# The Daemon class
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# Optional: systemd, sd_notify(3) and sd_listen_fds(3).  Delete from here to the next banner of
+# '=' to drop it (the stand-ins at the top then do nothing); the upgrade section needs it.
+# =============================================================================================
 
-class Daemon:
-    """A daemon: subclass it and override run().
+SD_LISTEN_FDS_START = 3
 
-    Methods for the caller (each returns an LSB exit code, see the module docstring):
-        start()    detach and run; returns only if it did not fork (already running, bad setup);
-                   once it forks, the launcher exits with the daemon's verdict
-        stop()     one SIGTERM, SIGKILL after stop_timeout; a no-op success when not running
-        restart(), try_restart(), reload() (SIGHUP), status(), foreground() (the `run` action)
-        upgrade()  SIGUSR2, then the daemon's verdict (the action is not in ACTIONS: a program
-                   whose on_upgrade() is no-op offers nothing to wait for)
-        command(action)   one of ACTIONS
 
-    Methods that may be overridden (all run in the daemon):
-        setup()            before privileges are dropped; an exception is a startup error that
-                           the launcher prints (bind sockets, open files here)
-        run()              the service itself
-        on_reload()        on SIGHUP (no-op)
-        on_reopen_logs()   on SIGUSR1, after stdout/stderr were reopened (no-op)
-        on_upgrade()       on SIGUSR2 (no-op); see reexec()
-        log_files()        the logs a `user` must own to reopen them
+def notify(**fields):
+    """Send NAME=value lines to the service manager, when NOTIFY_SOCKET is set; else do nothing.
 
-    Methods for run() to call:
-        ready()            "my setup is done": the launcher exits 0 (and sd_notify READY=1)
-        wait(timeout)      sleep until a signal or the timeout; handles HUP/USR1/USR2; True
-                           once the daemon should stop
-        handle_signals()   the same without sleeping, for a run() with its own event loop
-                           (its selector should watch `signal_fd`)
-        stopping           True once SIGTERM/SIGINT arrived
-        reexec(argv, fds, names, keep, state)
-                           check the new code in a child, then execve() it in place (same
-                           pid; sockets, pidfile, `keep` fds and children survive); returns only
-                           with a DaemonError saying why not
-        upgrade_done(error)  report an upgrade's outcome (ready() does it after a reexec)
-        inherited          after reexec(): the `state` string the old image passed, else None
-
-    Class variables:
-        ready_on_run       True: entering run() counts as ready.  Set False when run() calls
-                           ready() itself, once its service can really be used.
-        start_timeout      seconds the launcher waits for ready before it gives up and stops
-                           the daemon
-        reload_timeout     seconds `reload` waits for the daemon's verdict (its on_reload()
-                           hook runs from wait() or handle_signals(), in the daemon's loop)
+    notify(READY=1, STATUS='serving') sends "READY=1\nSTATUS=serving".  A socket path starting
+    with '@' is in the abstract namespace.  Returns whether a datagram was sent.
     """
-
-    ready_on_run = True
-    start_timeout = 60.0
-    reload_timeout = 10.0
-
-    def __init__(self, pidfile, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
-                 umask=0o022, workdir='/', stop_timeout=10.0, user=None, group=None, name=None):
-        self.pidfile_path = pidfile
-        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
-        self.umask = umask
-        self.workdir = workdir
-        self.stop_timeout = float(stop_timeout)
-        self.user, self.group = user, group
-        self.name = name or type(self).__name__.lower()
-        self.stopping = False
-        self.detached = False           # True in a daemon that forked away from its terminal
-        self.listen_fds = {}
-        self.inherited = None           # after reexec(): the state string it was given
-        self._upgrading = False         # after reexec(): the outcome is not reported yet
-        self._pidfile = None
-        self._readiness = None
-        self._is_ready = False
-        self._status = '%s running' % self.name
-        self._cooperative = False
-        self._pending = []
-        self._wake_r = self._wake_w = None
-
-    # Classic-recipe name, kept for programs that read it.
-    @property
-    def pidfile(self):
-        return self.pidfile_path
-
-    @pidfile.setter
-    def pidfile(self, value):
-        self.pidfile_path = value
-
-    # -- hooks ----------------------------------------------------------------------------------
-
-    def setup(self):
-        """Hook: prepare before ready and before privileges are dropped.  Errors abort start."""
-
-    def run(self):
-        """Hook: the service.  Returning (or SIGTERM) ends the daemon with status 0."""
-
-    def on_reload(self):
-        """Hook: SIGHUP arrived (reload configuration, replace workers...)."""
-
-    def on_reopen_logs(self):
-        """Hook: SIGUSR1 arrived; stdout/stderr are already reopened.  Reopen your own logs."""
-
-    def on_upgrade(self):
-        """Hook: SIGUSR2 arrived: start the new code on disk with reexec() (no-op)."""
-
-    def log_files(self):
-        """Hook: the log files that a user named by `user`/`group` must own to reopen them."""
-        return [self.stdout, self.stderr]
-
-    # -- actions --------------------------------------------------------------------------------
-
-    def command(self, action):
-        """Run one of ACTIONS; returns its exit code."""
-        method = {'start': self.start, 'stop': self.stop, 'restart': self.restart,
-                  'try-restart': self.try_restart, 'reload': self.reload,
-                  'force-reload': self.reload, 'status': self.status,
-                  'run': self.foreground, 'upgrade': self.upgrade}.get(action)
-        if method is None:
-            sys.stderr.write('%s: unknown action %r (use %s)\n' % (self.name, action, '|'.join(ACTIONS)))
-            return EXIT_USAGE
-        try:
-            if action in ('start', 'run') and CHECK_ENV in os.environ:
-                return self._check_only()
-            if action in ('start', 'run') and REEXEC_ENV in os.environ:
-                return self._continue_after_reexec(os.environ.pop(REEXEC_ENV))
-            return method()
-        except DaemonError as exc:
-            sys.stderr.write('%s: %s\n' % (self.name, exc))
-            return EXIT_PRIVILEGE if exc.privilege else EXIT_FAILURE
-        except PermissionError as exc:
-            sys.stderr.write('%s: %s: permission denied (%s)\n' % (self.name, action, _describe(exc)))
-            return EXIT_PRIVILEGE
-        except OSError as exc:
-            sys.stderr.write('%s: %s failed: %s\n' % (self.name, action, _describe(exc)))
-            return EXIT_FAILURE
-
-    def start(self):
-        """Start the daemon; see the module docstring for what the launcher waits for."""
-        self._absolutize()
-        check_identity(self.user, self.group)
-        state, pid = self._probe()
-        if state == 'running':
-            self._say('%s is already running (pid %d, pidfile %s)' % (self.name, pid, self.pidfile_path))
-            return EXIT_OK
-        check_writable('pidfile', self.pidfile_path)
-        for path in {self.stdout, self.stderr}:
-            check_writable('log', path)
-        self.daemonize()                  # returns only in the daemon
-        self._serve_and_exit()
-
-    def stop(self):
-        """Stop the daemon: confirm it by its lock, one SIGTERM, SIGKILL after stop_timeout."""
-        self._absolutize()
-        pidfile = PidFile(self.pidfile_path)
-        state, pid = pidfile.probe()
-        if state != 'running':
-            if state == 'stale' and pidfile.remove_stale():
-                self._say('%s is not running (removed stale pidfile %s)' % (self.name, self.pidfile_path))
-            else:
-                self._say(self._not_running(state))
-            return EXIT_OK
-        pidfd = _open_pidfd(pid)
-        try:
-            # The pidfd pins this process: re-check the lock now, so a pid reused between the
-            # probe and the signal can never be hit.
-            state, again = pidfile.probe()
-            if state != 'running' or again != pid:
-                self._say(self._not_running(state))
-                return EXIT_OK
-            started = time.monotonic()
-            if not self._send(pid, pidfd, signal.SIGTERM):
-                self._say('%s stopped (pid %d, pidfile %s)' % (self.name, pid, self.pidfile_path))
-                return EXIT_OK
-            if self._await_exit(pidfile, pid, pidfd, self.stop_timeout):
-                pidfile.remove_stale()          # left behind by a daemon that could not unlink it
-                self._say('%s stopped (pid %d, %.2fs, pidfile %s)'
-                          % (self.name, pid, time.monotonic() - started, self.pidfile_path))
-                return EXIT_OK
-            self._kill(pid, pidfd)
-            if self._await_exit(pidfile, pid, pidfd, 5.0):
-                pidfile.remove_stale()
-                self._say('%s did not stop within %gs; killed (pid %d)' % (self.name, self.stop_timeout, pid))
-                return EXIT_OK
-            self._say('%s (pid %d) survived SIGKILL' % (self.name, pid), error=True)
-            return EXIT_FAILURE
-        finally:
-            if pidfd is not None:
-                os.close(pidfd)
-
-    def restart(self):
-        code = self.stop()
-        if code != EXIT_OK:
-            return code
-        return self.start()
-
-    def try_restart(self):
-        """Restart if running; a no-op success otherwise (LSB try-restart)."""
-        self._absolutize()
-        state = self._probe()[0]
-        if state != 'running':
-            self._say(self._not_running(state))
-            return EXIT_OK
-        return self.restart()
-
-    def reload(self):
-        """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
-        on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
-        daemon goes on as it was), 7 if it is not running."""
-        pid, verdict = self._signal_and_wait('reload', signal.SIGHUP, self.reload_timeout)
-        if pid is None:
-            return EXIT_NOT_RUNNING
-        if verdict == 'OK':
-            self._say('%s reloaded (pid %d, pidfile %s)' % (self.name, pid, self.pidfile_path))
-            return EXIT_OK
-        if verdict is not None:
-            self._say('%s: reload failed: %s (pid %d goes on as it was)' % (self.name, verdict, pid), error=True)
-        return EXIT_FAILURE
-
-    def status(self):
-        """LSB status: 0 running, 1 dead with a pidfile left, 3 not running, 4 unknown."""
-        self._absolutize()
-        try:
-            state, pid = PidFile(self.pidfile_path).probe()
-        except DaemonError as exc:
-            self._say('%s: %s' % (self.name, exc), error=True)
-            return STATUS_UNKNOWN
-        if state == 'running':
-            self._say('%s is running (pid %d, pidfile %s)' % (self.name, pid, self.pidfile_path))
-            return STATUS_RUNNING
-        if state == 'stale':
-            where = 'syslog' if self.stderr == os.devnull else self.stderr
-            self._say('%s is dead, but pidfile %s remains: pid %s ended without a stop (see %s)'
-                      % (self.name, self.pidfile_path, pid or '?', where))
-            return STATUS_DEAD
-        self._say(self._not_running(state))
-        return STATUS_STOPPED
-
-    def foreground(self):
-        """The `run` action: serve in the foreground, for systemd, containers and debugging.
-
-        No fork, no redirection (logs go to stderr), same pidfile, signals and hooks.
-        """
-        self._absolutize()
-        check_identity(self.user, self.group)
-        check_writable('pidfile', self.pidfile_path)
-        self.listen_fds = listen_fds()
-        try:
-            self._become_service()
-        except AlreadyRunning as exc:
-            self._say('%s is already running (pid %s, pidfile %s)' % (self.name, exc.pid, self.pidfile_path),
-                      error=True)
-            return EXIT_FAILURE
-        except BaseException as exc:
-            self._cleanup()
-            if isinstance(exc, SystemExit) and not exc.code:
-                return EXIT_OK                  # SIGTERM during setup
-            self._say('%s: %s' % (self.name, _describe(exc)), error=True)
-            return EXIT_PRIVILEGE if getattr(exc, 'privilege', False) else EXIT_FAILURE
-        return self._serve()
-
-    # -- daemonize ------------------------------------------------------------------------------
-
-    def daemonize(self):
-        """Detach from the terminal (daemon(7)); returns in the daemon only.
-
-        The launcher waits for the daemon's verdict on the readiness pipe and leaves with
-        os._exit(), as does the intermediate child, so neither runs atexit handlers or flushes
-        buffers that the daemon still owns.
-        """
-        self._absolutize()
-        self.listen_fds = listen_fds()      # before any fork: LISTEN_PID names this process
-        keep = [fd for fds in self.listen_fds.values() for fd in fds]
-        _flush_std_streams()
-        close_inherited_fds(keep)
-        reset_signals()
-        self._readiness = ReadinessPipe()
-        try:
-            pid = fork('first fork')
-        except DaemonError as exc:
-            self._say('%s: %s' % (self.name, exc), error=True)
-            os._exit(EXIT_FAILURE)
-        if pid > 0:
-            os._exit(self._launcher_wait(pid))
-        self._readiness.close_read()
-        try:
-            detach_session()
-            if fork('second fork') > 0:
-                os._exit(0)
-            self.detached = True
-            set_umask(self.umask)
-            change_directory(self.workdir)
-            redirect_stdio(self.stdin, self.stdout, self.stderr)
-            self._become_service()
-        except AlreadyRunning as exc:
-            self._readiness.send('RUNNING %s' % (exc.pid or ''))
-            os._exit(0)
-        except BaseException as exc:
-            self._startup_failed(exc)
-            os._exit(EXIT_FAILURE)
-
-    def _become_service(self):
-        """Steps common to the daemon and the foreground service: pidfile, signals, setup()."""
-        if self._pidfile is None:
-            self._pidfile = PidFile(self.pidfile_path)
-            self._pidfile.acquire()
-        os.register_at_fork(after_in_child=self._after_fork_in_child)
-        self._install_signal_handlers()
-        self.setup()
-        drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
-
-    def _after_fork_in_child(self):
-        """A child forked by run() does not own the pidfile, its lock or the readiness pipe."""
-        if self._pidfile is not None:
-            self._pidfile.forget()
-        if self._readiness is not None:
-            self._readiness.close_write()
-
-    def _launcher_wait(self, child):
-        """The launcher: reap the intermediate child, then wait for the daemon's verdict."""
-        try:
-            os.waitpid(child, 0)
-        except ChildProcessError:
-            pass
-        line = self._readiness.receive(self.start_timeout)
-        if line is not None and (line == 'READY' or line.startswith('READY ')):
-            if line[6:]:
-                self._say(line[6:])             # what ready() said: the one line `start` prints
-            return EXIT_OK
-        if line is not None and line.startswith('RUNNING'):
-            self._say('%s is already running (pid %s, pidfile %s)'
-                      % (self.name, line[8:] or 'unknown', self.pidfile_path))
-            return EXIT_OK
-        if line is not None and line.startswith('ERROR '):
-            self._say('%s: %s' % (self.name, line[6:]), error=True)
-            return EXIT_FAILURE
-        if line is None:
-            self._say('%s: not ready after %gs; stopping it' % (self.name, self.start_timeout), error=True)
-            self.stop()
-            return EXIT_FAILURE
-        self._say('%s: exited during startup without a word; see %s' % (self.name, self.stderr), error=True)
-        return EXIT_FAILURE
-
-    def _startup_failed(self, exc):
-        """Report a failure before ready: to the launcher, and with its traceback to the log."""
-        if isinstance(exc, SystemExit) and not exc.code:
-            message = 'stopped during startup'
-        else:
-            message = _describe(exc)
-            if not isinstance(exc, DaemonError):
-                log('startup failed:\n' + ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
-        self._cleanup()
-        if self._readiness is not None and self._readiness.w is not None:
-            self._readiness.fail(message)
-        elif self.detached:
-            log('startup failed: ' + message)
-
-    # -- running --------------------------------------------------------------------------------
-
-    def ready(self, status=None):
-        """Tell the launcher (or systemd) that the service is up.  Idempotent.
-
-        status: one line saying what runs where; `start` prints it, and it is systemd's STATUS.
-        By default "<name> started (pid N)".
-        """
-        if self._is_ready:
-            return
-        self._is_ready = True
-        if status:
-            self._status = status.replace('\n', ' ')
-        else:
-            self._status = '%s started (pid %d)' % (self.name, os.getpid())
-        if self._upgrading:
-            self.upgrade_done()             # READY=1 too, with the outcome as STATUS
-        else:
-            notify(READY=1, STATUS=self._status)
-        if self._readiness is not None:
-            self._readiness.send('READY ' + self._status)
-
-    def _serve(self):
-        """Run run() and turn its end into an exit status; the pidfile is released after it."""
-        status, error = EXIT_FAILURE, None
-        try:
-            if self.ready_on_run:
-                self.ready()
-            result = self.run()
-            status = result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK
-        except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_FAILURE)
-            if isinstance(exc.code, str):
-                log(exc.code)
-        except KeyboardInterrupt:
-            status = EXIT_OK                    # SIGINT in the foreground, before our handler
-        except DaemonError as exc:
-            self._last_words('%s: %s' % (self.name, exc))
-            status, error = EXIT_FAILURE, _describe(exc)
-        except BaseException as exc:
-            self._last_words('%s: unhandled exception in run(), exiting:\n%s' % (self.name, ''.join(
-                traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()))
-            status, error = EXIT_FAILURE, _describe(exc)
-        else:
-            error = None
-        notify(STOPPING=1)
-        if status != EXIT_OK and self._is_ready and not self.stopping and self._pidfile is not None \
-                and self._pidfile.fd is not None:
-            # Died on its own after start had returned: the unlocked pidfile stays as the record,
-            # and `status` says "dead, but pidfile remains" (LSB 1) instead of "not running".
-            self._last_words('%s: exited with status %s; pidfile %s left as the record of it'
-                             % (self.name, status, self.pidfile_path))
-            self._pidfile.forget()
-        self._cleanup()
-        if not self._is_ready and self._readiness is not None:
-            self._readiness.fail(error or 'exited before it was ready (status %s); see %s'
-                                 % (status, self.stderr))
-        return status
-
-    def _serve_and_exit(self):
-        """The daemon's last act: os._exit() after run(), so it never returns into the caller."""
-        status = EXIT_FAILURE
-        try:
-            status = self._serve()
-            _run_atexit()
-        finally:
-            _flush_std_streams()
-            os._exit(status)
-
-    def _cleanup(self):
-        if self._pidfile is not None:
-            self._pidfile.release()
-
-    def _last_words(self, message):
-        """Report why the daemon ends: to its log, and to syslog if it has none (/dev/null).
-
-        After start has returned nobody watches the terminal: without this, a detached daemon
-        with the default /dev/null stderr would die without a trace.
-        """
-        log(message)
-        if self.detached and self.stderr == os.devnull:
-            to_syslog(self.name, message)
-
-    # -- signals --------------------------------------------------------------------------------
-
-    @property
-    def signal_fd(self):
-        """Readable when a signal arrived: an event loop watches it and calls handle_signals()."""
-        self._cooperative = True
-        return self._wake_r
-
-    def _install_signal_handlers(self):
-        if self._wake_r is None:
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        """Only record the signal (set_wakeup_fd has already woken the loop)."""
-        self._pending.append(signum)
-        if signum in STOP_SIGNALS:
-            self.stopping = True
-            if not self._cooperative:
-                raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
-
-    def handle_signals(self):
-        """Act on the signals that arrived since the last call; returns self.stopping."""
-        self._cooperative = True
-        if self._wake_r is not None:
-            try:
-                while os.read(self._wake_r, 512):
-                    pass
-            except (BlockingIOError, InterruptedError):
-                pass
-        while self._pending:
-            signum = self._pending.pop(0)
-            if signum == signal.SIGHUP:
-                notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS='reloading')
-                log('%s: reloading (SIGHUP)' % self.name)
-                try:
-                    self.on_reload()
-                    error = None
-                except DaemonError as exc:
-                    error = str(exc)
-                    log('%s: reload failed: %s' % (self.name, error))
-                notify(READY=1, STATUS=self._status if error is None
-                       else '%s; reload failed: %s' % (self._status, error))
-                self._report('reload', error)
-            elif signum == signal.SIGUSR1:
-                self.reopen_std_logs()
-                self.on_reopen_logs()
-            elif signum == signal.SIGUSR2:
-                self.on_upgrade()
-            elif signum in STOP_SIGNALS:
-                log('%s: stopping (%s)' % (self.name, signal.Signals(signum).name))
-                notify(STOPPING=1, STATUS='stopping')
-        return self.stopping
-
-    def wait(self, timeout=None):
-        """Sleep until a signal arrives or `timeout` passes; True once the daemon should stop."""
-        self._cooperative = True
-        if not self.stopping and not self._pending:
-            try:
-                select.select([self._wake_r], [], [], timeout)
-            except InterruptedError:
-                pass
-        return self.handle_signals()
-
-    def reopen_std_logs(self):
-        """Reopen stdout/stderr logs at their paths (after logrotate moved them away)."""
-        if not self.detached:
-            return
-        try:
-            fd_out = open_log(self.stdout)
-            fd_err = fd_out if self.stderr == self.stdout else open_log(self.stderr)
-        except OSError as exc:
-            log('%s: cannot reopen logs: %s' % (self.name, exc))
-            return
-        _flush_std_streams()
-        os.dup2(fd_out, 1)
-        os.dup2(fd_err, 2)
-        for fd in {fd_out, fd_err}:
-            os.close(fd)
-
-    # -- upgrade in place: SIGUSR2 -------------------------------------------------------------
-    #
-    # Why in place (execve, same pid) rather than a new master that takes over: a service
-    # manager watches the main pid.  systemd adopts a new MAINPID only as "a process which is
-    # not our child", and then stops the service by killing the whole cgroup; start-stop-daemon
-    # and monit follow the pidfile's pid the same way.  A process that re-executes itself keeps
-    # its pid, its children (the workers), its open sockets and its flock()ed pidfile, as
-    # systemd's own daemon-reexec and HAProxy's master-worker reload do: nothing outside ever
-    # sees a change but the new code.
-    #
-    # The price: after execve there is no old program left to fall back to.  So the new code is
-    # first run in a child (check_new_code(): it imports, parses the command line and runs
-    # setup() on copies of the sockets, as the real thing would), and only then exec'd.  What
-    # can still fail after execve (its workers cannot start, a file vanished in between) is the
-    # new image's to handle: it reports the failure and keeps the workers it inherited serving.
-    # A file replaced again between the check and the execve is not covered.
-
-    def reexec(self, argv, fds=(), names=None, keep=(), state=''):
-        """Replace this process's code with `argv` (a new version of this program), in place.
-
-        First the new code is checked in a child (check_new_code); if that fails, DaemonError
-        says why in the new code's own words and nothing has changed.  Then execve: the pid,
-        the children, the sockets `fds` (offered to the new image as `listen_fds`, named by
-        `names`), the locked pidfile, the descriptors in `keep` (same numbers) and the string
-        `state` (as `self.inherited`) survive.  Returns only on failure.  Signals that arrive in
-        between stay blocked and pending, so the new image acts on them.
-        """
-        if self.stopping:
-            raise DaemonError('stopping: no upgrade')
-        argv = [sys.executable] + list(argv)
-        self.check_new_code(argv, fds, names)
-        passed = list(fds) + list(keep)
-        if self._pidfile is not None and self._pidfile.fd is not None:
-            passed.append(self._pidfile.fd)
-        env = dict(os.environ)
-        env[REEXEC_ENV] = '%d %d %s %s' % (
-            self._pidfile.fd if self._pidfile is not None and self._pidfile.fd is not None else -1,
-            self.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
-        env[REEXEC_STATE_ENV] = state
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
-        # Signals recorded but not yet acted on would die with this image: raise them again,
-        # blocked, so they are pending when the new image unblocks them.
-        for signum in self._pending:
-            os.kill(os.getpid(), signum)
-        try:
-            for fd in passed:
-                os.set_inheritable(fd, True)
-            _flush_std_streams()
-            os.execve(argv[0], argv, env)
-        except OSError as exc:
-            for fd in passed:
-                try:
-                    os.set_inheritable(fd, False)
-                except OSError:
-                    pass
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            raise _step_error('execve %s' % argv[0], exc)
-
-    def check_new_code(self, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
-        """Run `argv` in a child with CHECK_ENV set: it must import, parse and set up, then exit 0.
-
-        The child gets copies of the sockets (as socket activation passes them), stdin from
-        /dev/null, and stdout and stderr on a pipe: its last line is the error that
-        DaemonError carries when it exits non-zero.  It never sees NOTIFY_SOCKET or the pidfile.
-        """
-        r, w = os.pipe2(os.O_CLOEXEC)
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            os.close(r)
-            os.close(w)
-            raise _step_error('fork a check of the new code', exc)
-        if pid == 0:
-            try:
-                base = max(list(fds) + [r, w]) + len(fds) + SD_LISTEN_FDS_START + 1
-                copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
-                for index, fd in enumerate(copies):
-                    os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)
-                os.dup2(w, 1)
-                os.dup2(w, 2)
-                close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds)))
-                env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
-                env[CHECK_ENV] = self.pidfile_path
-                for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV):
-                    env.pop(name, None)
-                if names:
-                    env['LISTEN_FDNAMES'] = ':'.join(names)
-                reset_signals()
-                os.execve(argv[0], argv, env)
-            except BaseException as exc:
-                try:
-                    os.write(2, ('cannot run %s: %s\n' % (argv[0], _describe(exc))).encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(127)
-        os.close(w)
-        output, deadline = b'', time.monotonic() + timeout
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    os.kill(pid, signal.SIGKILL)
-                    output += b'\nno verdict within %gs' % timeout
-                    break
-                try:
-                    ready = select.select([r], [], [], remaining)[0]
-                except InterruptedError:
-                    continue
-                if ready:
-                    chunk = os.read(r, 65536)
-                    if not chunk:
-                        break
-                    output = (output + chunk)[-65536:]
-        finally:
-            os.close(r)
-            while True:
-                try:
-                    _, status = os.waitpid(pid, 0)
-                    break
-                except InterruptedError:
-                    continue
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            return
-        lines = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
-        raise DaemonError('the new code failed its check: %s' % (lines[-1] if lines else
-                          'exit status %s' % (os.WEXITSTATUS(status) if os.WIFEXITED(status)
-                                              else 'signal %d' % os.WTERMSIG(status))))
-
-    def upgrade_done(self, error=None):
-        """Report an upgrade's outcome: the log, the service manager and `upgrade` waiting for it.
-
-        The old image calls it when the check failed; the new one once it is ready, or with the
-        reason it could not use its new code (and then serves on with what it inherited).
-        """
-        self._upgrading = False
-        if error:
-            log('%s: upgrade failed (%s); still serving (pid %d)' % (self.name, error, os.getpid()))
-            status = '%s running; upgrade failed: %s' % (self.name, error)
-        else:
-            log('%s: upgraded in place (pid %d)' % (self.name, os.getpid()))
-            status = '%s running (upgraded)' % self.name
-        notify(READY=1, STATUS=status)
-        self._report('upgrade', error)
-
-    def _report(self, action, error=None):
-        """Send the outcome of a reload or an upgrade to the command waiting for it, if any."""
-        line = 'ERROR ' + error if error else 'OK'
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(line.encode('utf-8', 'replace')[:4096], _verdict_address(self.name, action, os.getpid()))
-        except OSError:
-            pass        # nobody waits for it: the signal came from kill or systemctl
-
-    def _continue_after_reexec(self, spec):
-        """The new image after reexec(): the same daemon, the same pid, new code.
-
-        A failure here, before run(), is reported as the upgrade's outcome; the process then
-        exits as any daemon whose setup failed (its children see their lifeline close).  A
-        program that can do better overrides setup() to keep serving with what it inherited.
-        """
-        pidfile_fd, detached, fds, names = spec.split(' ')
-        self.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
-        self.detached = detached == '1'
-        self._upgrading = True
-        try:
-            if self.detached:
-                rebuild_std_streams()       # fds 0-2 are still the log: line-buffered again
-            self._absolutize()
-            fds = [int(fd) for fd in fds.split(',')] if fds != '-' else []
-            names = names.split(':') if names != '-' else []
-            for index, fd in enumerate(fds):
-                os.set_inheritable(fd, False)
-                name = names[index] if index < len(names) and names[index] else 'unknown'
-                self.listen_fds.setdefault(name, []).append(fd)
-            if int(pidfile_fd) >= 0:
-                self._pidfile = PidFile(self.pidfile_path)
-                self._pidfile.adopt(int(pidfile_fd))
-            self._become_service()
-        except BaseException as exc:
-            self.upgrade_done(_describe(exc))
-            self._cleanup()
-            return EXIT_FAILURE
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
-        return self._serve()
-
-    def _check_only(self):
-        """The child of check_new_code(): everything up to serving, then exit 0."""
-        self._absolutize()
-        if os.environ.pop(CHECK_ENV) != self.pidfile_path:
-            raise DaemonError('the new command line names another pidfile (%s)' % self.pidfile_path)
-        self.listen_fds = listen_fds()
-        self.setup()
-        drop_privileges(self.user, self.group)
-        return EXIT_OK
-
-    def upgrade(self):
-        """The `upgrade` action: SIGUSR2 to the daemon, then wait for its verdict and print it."""
-        pid, verdict = self._signal_and_wait('upgrade', signal.SIGUSR2,
-                                             UPGRADE_CHECK_TIMEOUT + self.start_timeout + 5)
-        if pid is None:
-            return EXIT_NOT_RUNNING
-        if verdict == 'OK':
-            self._say('%s upgraded in place (pid %d, pidfile %s)' % (self.name, pid, self.pidfile_path))
-            return EXIT_OK
-        if verdict is not None:
-            self._say('%s: upgrade failed: %s; still serving (pid %d)' % (self.name, verdict, pid), error=True)
-        return EXIT_FAILURE
-
-    def _signal_and_wait(self, action, signum, timeout):
-        """Signal the running daemon and wait for its verdict on the action: (pid, 'OK' or the
-        error it reported), (pid, None) after saying why there is none, (None, None) if it is
-        not running.
-
-        The verdict comes on a datagram socket in the abstract namespace, named after the
-        daemon, the action and its pid, from that very pid (checked with SO_PASSCRED): no file,
-        no log text to search.
-        """
-        self._absolutize()
-        state, pid = self._probe()
-        if state != 'running':
-            self._say(self._not_running(state), error=True)
-            return None, None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        pidfd = None
-        try:
-            try:
-                sock.bind(_verdict_address(self.name, action, pid))
-            except OSError as exc:
-                raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
-                                  'under way?' % (exc.strerror, action, pid))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            pidfd = _open_pidfd(pid)
-            self._send(pid, pidfd, signum)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                watched = [sock] + ([pidfd] if pidfd is not None else [])
-                ready = select.select(watched, [], [], min(0.5, max(0.0, deadline - time.monotonic())))[0]
-                if sock in ready:
-                    data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
-                    if _sender_pid(ancillary) != pid:
-                        continue
-                    text = data.decode('utf-8', 'replace')
-                    return pid, 'OK' if text == 'OK' else text[6:]
-                if not self._alive(pid, pidfd):
-                    self._say('%s (pid %d) exited during the %s; see %s'
-                              % (self.name, pid, action, self.stderr), error=True)
-                    return pid, None
-            self._say('%s: no word from pid %d on the %s within %gs (does run() call wait() or '
-                      'handle_signals()?); see %s' % (self.name, pid, action, timeout, self.stderr),
-                      error=True)
-            return pid, None
-        finally:
-            sock.close()
-            if pidfd is not None:
-                os.close(pidfd)
-
-    # -- helpers --------------------------------------------------------------------------------
-
-    def _absolutize(self):
-        """Make every path absolute now, while the working directory is the caller's."""
-        (self.pidfile_path, self.stdin, self.stdout, self.stderr,
-         self.workdir) = make_paths_absolute(self.pidfile_path, self.stdin, self.stdout,
-                                             self.stderr, self.workdir)
-
-    def _probe(self):
-        return PidFile(self.pidfile_path).probe()
-
-    def _not_running(self, state):
-        """The "not running" line, naming the pidfile looked at (relative paths confuse)."""
-        if state == 'stale':
-            return '%s is not running (stale pidfile %s left: cannot remove it)' % (self.name, self.pidfile_path)
-        return '%s is not running (no pidfile at %s)' % (self.name, self.pidfile_path)
-
-    def _send(self, pid, pidfd, signum):
-        """Signal the daemon; False if it is already gone."""
-        try:
-            if pidfd is not None:
-                signal.pidfd_send_signal(pidfd, signum)
-            else:
-                os.kill(pid, signum)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def _kill(self, pid, pidfd):
-        """SIGKILL the daemon, and its process group when the daemon made one of its own."""
-        try:
-            pgid, sid = os.getpgid(pid), os.getsid(pid)
-        except OSError:
-            pgid = sid = None
-        self._send(pid, pidfd, signal.SIGKILL)
-        if pgid is not None and pgid == sid and pgid != os.getpgid(0):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except OSError:
-                pass
-
-    def _await_exit(self, pidfile, pid, pidfd, timeout):
-        """Wait until the lock is released and the process is gone; False on timeout."""
-        deadline = time.monotonic() + timeout
-        delay = 0.002
-        while True:
-            try:
-                state, _ = pidfile.probe()
-            except DaemonError:
-                state = 'running'
-            if state != 'running' and not self._alive(pid, pidfd):
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            if pidfd is not None:
-                select.select([pidfd], [], [], min(delay, remaining))
-            else:
-                time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.05)
-
-    @staticmethod
-    def _alive(pid, pidfd):
-        if pidfd is not None:
-            return not select.select([pidfd], [], [], 0)[0]
-        return _pid_alive(pid) and not _is_zombie(pid)
-
-    def _say(self, message, error=False):
-        stream = sys.stderr if error else sys.stdout
-        try:
-            stream.write(message + '\n')
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-
-    # Classic-recipe name: remove the pidfile (only the owner ever does).
-    def delpid(self):
-        if self._pidfile is not None:
-            self._pidfile.release()
-
-
-def _describe(exc):
-    if isinstance(exc, DaemonError):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return '%s%s' % (exc.strerror, ': %s' % exc.filename if exc.filename else '')
-    return '%s: %s' % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
-
-
-def _verdict_address(name, action, pid):
-    """Where `reload` or `upgrade` waits for the verdict of the daemon with this pid (a
-    datagram socket in the abstract namespace: nothing on disk to clean up or to forge)."""
-    return '\0%s-%s-%d' % (name, action, pid)
-
-
-def _sender_pid(ancillary):
-    """The sender's pid in a datagram's SCM_CREDENTIALS, or None."""
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
-            return struct.unpack('3i', payload[:12])[0]
-    return None
-
-
-def _is_zombie(pid):
+    address = os.environ.get('NOTIFY_SOCKET')
+    if not address or not fields:
+        return False
+    if address.startswith('@'):
+        address = '\0' + address[1:]
+    message = '\n'.join('%s=%s' % item for item in fields.items()).encode()
     try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
-    except (OSError, IndexError):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message)
+        return True
+    except OSError as exc:
+        log('sd_notify to %r failed: %s' % (os.environ.get('NOTIFY_SOCKET'), exc))
         return False
 
 
-def _flush_std_streams():
-    for stream in (sys.stdout, sys.stderr):
+def listen_fds(unset_environment=True):
+    """Sockets passed by the service manager, as {name: [fd, ...]} ('unknown' without names).
+
+    Honoured only when LISTEN_PID is this process: the variables are inherited by children that
+    they were not meant for.  The variables are removed, so children do not claim the fds too.
+    """
+    try:
+        pid = int(os.environ.get('LISTEN_PID', ''))
+        count = int(os.environ.get('LISTEN_FDS', ''))
+    except ValueError:
+        return {}
+    names = os.environ.get('LISTEN_FDNAMES', '')
+    if unset_environment:
+        for name in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES'):
+            os.environ.pop(name, None)
+    if pid != os.getpid() or count <= 0:
+        return {}
+    names = names.split(':') if names else []
+    result = {}
+    for index in range(count):
+        fd = SD_LISTEN_FDS_START + index
+        name = names[index] if index < len(names) and names[index] else 'unknown'
+        os.set_inheritable(fd, False)
+        result.setdefault(name, []).append(fd)
+    return result
+
+
+# =============================================================================================
+# Optional: upgrade in place (SIGUSR2, re-exec).  Delete from here to the end of the file to
+# drop it: SIGUSR2 then only runs the on_upgrade() hook.
+# =============================================================================================
+#
+# Why in place (execve, same pid) rather than a new master that takes over: a service
+# manager watches the main pid.  systemd adopts a new MAINPID only as "a process which is
+# not our child", and then stops the service by killing the whole cgroup; start-stop-daemon
+# and monit follow the pidfile's pid the same way.  A process that re-executes itself keeps
+# its pid, its children (the workers), its open sockets and its flock()ed pidfile, as
+# systemd's own daemon-reexec and HAProxy's master-worker reload do: nothing outside ever
+# sees a change but the new code.
+#
+# The price: after execve there is no old program left to fall back to.  So the new code is
+# first run in a child (check_new_code(): it imports, parses the command line and runs
+# setup() on copies of the sockets, as the real thing would), and only then exec'd.  What
+# can still fail after execve (its workers cannot start, a file vanished in between) is the
+# new image's to handle: it reports the failure and keeps the workers it inherited serving.
+# A file replaced again between the check and the execve is not covered.
+
+
+# Set by reexec() for the new image of the same process:
+# "<pidfile fd> <detached 0|1> <socket fds, comma-separated, or -> <their names, colon-separated, or ->",
+# and the subclass's own state (a string) in REEXEC_STATE_ENV.
+REEXEC_ENV = 'DAEMON_REEXEC'
+REEXEC_STATE_ENV = 'DAEMON_REEXEC_STATE'
+# Set by check_new_code() for the child that tries the new code: set up, then exit 0.
+CHECK_ENV = 'DAEMON_REEXEC_CHECK'
+UPGRADE_CHECK_TIMEOUT = 30.0
+
+
+def reexec(d, argv, fds=(), names=None, keep=(), state=''):
+    """Replace this process's code with `argv` (a new version of this program), in place.
+
+    First the new code is checked in a child (check_new_code); if that fails, DaemonError
+    says why in the new code's own words and nothing has changed.  Then execve: the pid,
+    the children, the sockets `fds` (offered to the new image as `listen_fds`, named by
+    `names`), the locked pidfile, the descriptors in `keep` (same numbers) and the string
+    `state` (as `d.inherited`) survive.  Returns only on failure.  Signals that arrive in
+    between stay blocked and pending, so the new image acts on them.
+    """
+    if d.stopping:
+        raise DaemonError('stopping: no upgrade')
+    argv = [sys.executable] + list(argv)
+    check_new_code(d, argv, fds, names)
+    passed = list(fds) + list(keep)
+    if d._pidfile is not None and d._pidfile.fd is not None:
+        passed.append(d._pidfile.fd)
+    env = dict(os.environ)
+    env[REEXEC_ENV] = '%d %d %s %s' % (
+        d._pidfile.fd if d._pidfile is not None and d._pidfile.fd is not None else -1,
+        d.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
+    env[REEXEC_STATE_ENV] = state
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
+    # Signals recorded but not yet acted on would die with this image: raise them again,
+    # blocked, so they are pending when the new image unblocks them.
+    for signum in d._pending:
+        os.kill(os.getpid(), signum)
+    try:
+        for fd in passed:
+            os.set_inheritable(fd, True)
+        _flush_std_streams()
+        os.execve(argv[0], argv, env)
+    except OSError as exc:
+        for fd in passed:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise _step_error('execve %s' % argv[0], exc)
+
+
+def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
+    """Run `argv` in a child with CHECK_ENV set: it must import, parse and set up, then exit 0.
+
+    The child gets copies of the sockets (as socket activation passes them), stdin from
+    /dev/null, and stdout and stderr on a pipe: its last line is the error that
+    DaemonError carries when it exits non-zero.  It never sees NOTIFY_SOCKET or the pidfile.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(r)
+        os.close(w)
+        raise _step_error('fork a check of the new code', exc)
+    if pid == 0:
         try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
+            base = max(list(fds) + [r, w]) + len(fds) + SD_LISTEN_FDS_START + 1
+            copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
+            for index, fd in enumerate(copies):
+                os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds)))
+            env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
+            env[CHECK_ENV] = d.pidfile_path
+            for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV):
+                env.pop(name, None)
+            if names:
+                env['LISTEN_FDNAMES'] = ':'.join(names)
+            reset_signals()
+            os.execve(argv[0], argv, env)
+        except BaseException as exc:
+            try:
+                os.write(2, ('cannot run %s: %s\n' % (argv[0], describe(exc))).encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(127)
+    os.close(w)
+    output, deadline = b'', time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                os.kill(pid, signal.SIGKILL)
+                output += b'\nno verdict within %gs' % timeout
+                break
+            try:
+                ready = select.select([r], [], [], remaining)[0]
+            except InterruptedError:
+                continue
+            if ready:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                output = (output + chunk)[-65536:]
+    finally:
+        os.close(r)
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return
+    lines = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
+    raise DaemonError('the new code failed its check: %s' % (lines[-1] if lines else
+                      'exit status %s' % (os.WEXITSTATUS(status) if os.WIFEXITED(status)
+                                          else 'signal %d' % os.WTERMSIG(status))))
 
 
-def _run_atexit():
-    """Run the atexit handlers that the daemon's code registered (os._exit skips them)."""
-    run = getattr(atexit, '_run_exitfuncs', None)
-    if run is not None:
-        run()
+def upgrade_done(d, error=None):
+    """Report an upgrade's outcome: the log, the service manager and `upgrade` waiting for it.
+
+    The old image calls it when the check failed; the new one once it is ready, or with the
+    reason it could not use its new code (and then serves on with what it inherited).
+    """
+    d._ready_report = None
+    if error:
+        log('%s: upgrade failed (%s); still serving (pid %d)' % (d.name, error, os.getpid()))
+        status = '%s running; upgrade failed: %s' % (d.name, error)
+    else:
+        log('%s: upgraded in place (pid %d)' % (d.name, os.getpid()))
+        status = '%s running (upgraded)' % d.name
+    notify(READY=1, STATUS=status)
+    d._report('upgrade', error)
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
+def upgrade_action(d):
+    """The `upgrade` action (a program that offers it registers it: d.add_action('upgrade',
+    upgrade_action)): SIGUSR2 to the daemon, then wait for its verdict and print it."""
+    pid, verdict = _signal_and_wait(d, 'upgrade', signal.SIGUSR2,
+                                    UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5)
+    if pid is None:
+        return EXIT_NOT_RUNNING
+    if verdict == 'OK':
+        d.say('%s upgraded in place (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
+        return EXIT_OK
+    if verdict is not None:
+        d.say('%s: upgrade failed: %s; still serving (pid %d)' % (d.name, verdict, pid), error=True)
+    return EXIT_FAILURE
 
-def main(daemon, argv=None):
-    """`prog start|stop|restart|try-restart|reload|force-reload|status|run`; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) != 1 or argv[0] not in ACTIONS:
-        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
-        sys.stderr.write('usage: %s {%s}\n' % (prog, '|'.join(ACTIONS)))
-        return EXIT_USAGE
-    return daemon.command(argv[0])
+
+def _takeover(d):
+    """TAKEOVER for start and run: the new image after reexec(), or the child that checks it."""
+    if CHECK_ENV in os.environ:
+        return _check_only(d)
+    if REEXEC_ENV in os.environ:
+        return _continue_after_reexec(d, os.environ.pop(REEXEC_ENV))
+    return None
+
+
+def _continue_after_reexec(d, spec):
+    """The new image after reexec(): the same daemon, the same pid, new code.
+
+    A failure here, before run(), is reported as the upgrade's outcome; the process then
+    exits as any daemon whose setup failed (its children see their lifeline close).  A
+    program that can do better overrides setup() to keep serving with what it inherited.
+    """
+    pidfile_fd, detached, fds, names = spec.split(' ')
+    d.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
+    d.detached = detached == '1'
+    d._ready_report = lambda: upgrade_done(d)
+    try:
+        if d.detached:
+            rebuild_std_streams()       # fds 0-2 are still the log: line-buffered again
+        d.absolutize()
+        fds = [int(fd) for fd in fds.split(',')] if fds != '-' else []
+        names = names.split(':') if names != '-' else []
+        for index, fd in enumerate(fds):
+            os.set_inheritable(fd, False)
+            name = names[index] if index < len(names) and names[index] else 'unknown'
+            d.listen_fds.setdefault(name, []).append(fd)
+        if int(pidfile_fd) >= 0:
+            d._pidfile = PidFile(d.pidfile_path)
+            d._pidfile.adopt(int(pidfile_fd))
+        d._become_service()
+    except BaseException as exc:
+        upgrade_done(d, describe(exc))
+        d._cleanup()
+        return EXIT_FAILURE
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
+    return d._serve()
+
+
+def _check_only(d):
+    """The child of check_new_code(): everything up to serving, then exit 0."""
+    d.absolutize()
+    if os.environ.pop(CHECK_ENV) != d.pidfile_path:
+        raise DaemonError('the new command line names another pidfile (%s)' % d.pidfile_path)
+    d.listen_fds = listen_fds()
+    d.setup()
+    drop_privileges(d.user, d.group)
+    return EXIT_OK
+
+
+TAKEOVER.append(_takeover)

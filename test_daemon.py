@@ -560,6 +560,118 @@ class PureHelperTests(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------------------------
+# daemon.py: its public API, the action dispatch, the optional sections
+# ---------------------------------------------------------------------------------------------
+
+# A daemon program for the copies of daemon.py with sections deleted: prints its pid, waits.
+MINIMAL_PROGRAM = """
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import daemon
+
+class Minimal(daemon.Daemon):
+    def run(self):
+        while not self.wait(1.0):
+            pass
+
+if __name__ == '__main__':
+    sys.exit(daemon.main(Minimal('minimal.pid', stdout='minimal.log', stderr='minimal.log')))
+"""
+
+
+def daemon_sections(text):
+    """daemon.py's text cut at the banners of its optional sections: (core, systemd, upgrade)."""
+    banner = '# ' + '=' * 93 + '\n'
+    systemd = text.index(banner + '# Optional: systemd')
+    upgrade = text.index(banner + '# Optional: upgrade')
+    return text[:systemd], text[systemd:upgrade], text[upgrade:]
+
+
+class DaemonPublicApiTests(TempDirTest):
+    def test_agent_uses_no_private_name_of_daemon(self):
+        """agent.py reaches daemon.py only through __all__: no daemon._x, no self._x inherited
+        from Daemon (Agent's own private names would be fine: it has none)."""
+        import ast
+        with open(AGENT) as f:
+            tree = ast.parse(f.read())
+        inherited = set(dir(daemon.Daemon)) | set(vars(daemon.Daemon(os.path.join(self.tmp, 'x.pid'))))
+        offences, used = [], set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == 'daemon':
+                used.update(alias.name for alias in node.names)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if node.value.id == 'daemon':
+                    used.add(node.attr)
+                elif node.value.id == 'self' and node.attr.startswith('_') \
+                        and not node.attr.startswith('__') and node.attr in inherited:
+                    offences.append('line %d: self.%s' % (node.lineno, node.attr))
+        offences += ['daemon.%s' % name for name in sorted(used) if name not in daemon.__all__]
+        self.assertEqual(offences, [])
+
+    def test_all_names_exist_and_the_readme_lists_them(self):
+        with open(os.path.join(HERE, 'README.md')) as f:
+            readme = f.read()
+        section = readme[readme.index('## Using daemon.py'):]
+        section = section[:section.index('\n## ', 1)]
+        for name in daemon.__all__:
+            self.assertTrue(hasattr(daemon, name), name)
+            self.assertIn('`%s`' % name, section, 'README does not list %s' % name)
+
+    def test_a_subclass_method_named_like_an_action_replaces_no_action(self):
+        class Own(daemon.Daemon):
+            def status(self):
+                return 'my own status'
+
+            def reload(self):
+                return 'my own reload'
+        d = Own(os.path.join(self.tmp, 'own.pid'))
+        with mock.patch('sys.stdout', new_callable=io.StringIO) as out, \
+                mock.patch('sys.stderr', new_callable=io.StringIO):
+            self.assertEqual(d.command('status'), daemon.STATUS_STOPPED)
+            self.assertEqual(d.command('reload'), daemon.EXIT_NOT_RUNNING)
+        self.assertIn('not running', out.getvalue())
+
+    def test_every_action_gets_the_same_error_handling(self):
+        """An added action's errors are handled as the standard ones': LSB 4 for a missing
+        permission, 1 for other failures, a message and never a traceback."""
+        d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
+        causes = {'denied': (PermissionError(errno.EACCES, 'Permission denied', '/etc/x.conf'), 4,
+                             'x: denied: permission denied (Permission denied: /etc/x.conf)'),
+                  'refused': (DaemonError('cannot x, as user y', privilege=True), 4, 'x: cannot x, as user y'),
+                  'broken': (OSError(errno.EIO, 'Input/output error'), 1, 'x: broken failed: Input/output error'),
+                  'failed': (DaemonError('it failed'), 1, 'x: it failed')}
+        for name, (exc, code, message) in causes.items():
+            def action(daemon_, exc=exc):
+                raise exc
+            d.add_action(name, action)
+            with mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+                self.assertEqual(d.command(name), code, name)
+            self.assertEqual(err.getvalue(), message + '\n')
+        with mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+            self.assertEqual(d.command('nonsense'), daemon.EXIT_USAGE)
+        self.assertIn("unknown action 'nonsense'", err.getvalue())
+
+    def test_optional_sections_can_be_deleted(self):
+        """Without the upgrade section, and without both optional sections, daemon.py still
+        imports and daemonizes: start, status, stop."""
+        with open(os.path.join(HERE, 'daemon.py')) as f:
+            core, systemd, upgrade = daemon_sections(f.read())
+        self.assertIn('def notify(', systemd)
+        self.assertIn('def reexec(', upgrade)
+        for kept in (core + systemd, core):
+            with self.subTest(lines=kept.count('\n')):
+                with open(os.path.join(self.tmp, 'daemon.py'), 'w') as f:
+                    f.write(kept)
+                with open(os.path.join(self.tmp, 'minimal.py'), 'w') as f:
+                    f.write(MINIMAL_PROGRAM)
+                for action, code in (('start', 0), ('status', 0), ('stop', 0), ('status', 3)):
+                    result = run([PYTHON, 'minimal.py', action], cwd=self.tmp)
+                    self.assertEqual(result.returncode, code, (action, result.stdout, result.stderr))
+                    self.assertNotIn('Traceback', result.stderr)
+                self.assertFalse(os.path.exists(os.path.join(self.tmp, 'minimal.pid')))
+
+
+# ---------------------------------------------------------------------------------------------
 # daemon.py: real daemons
 # ---------------------------------------------------------------------------------------------
 
@@ -1395,7 +1507,8 @@ class SupervisionTests(unittest.TestCase):
 
             # A version that passes the check, but whose workers cannot start once exec'd: the
             # new image reports it and the workers it inherited go on serving.
-            signature = '    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=()):\n'
+            signature = ('    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), '
+                         'own_files=None,\n                 reopen_logs=None):\n')
             install(good_code.replace(signature, signature + "        raise DaemonError('v3 workers refuse to start')\n", 1))
             with open(script) as f:
                 self.assertIn('v3 workers refuse', f.read(), 'the test no longer breaks Worker')
@@ -1844,7 +1957,7 @@ class WorkerInProcessTests(unittest.TestCase):
         return head + b'\r\n\r\n' + body
 
     def test_an_unexpected_error_is_a_500_not_a_dead_worker(self):
-        with mock.patch.object(self.worker, 'respond_file', side_effect=RuntimeError('bug')), \
+        with mock.patch.object(self.worker.responder, 'respond_file', side_effect=RuntimeError('bug')), \
                 mock.patch('sys.stderr', new_callable=io.StringIO) as err:
             data = self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
         self.assertTrue(data.startswith(b'HTTP/1.1 500 '), data)
@@ -1866,10 +1979,10 @@ class WorkerInProcessTests(unittest.TestCase):
     def test_deleted_file_leaves_the_cache_and_its_descriptor_closed(self):
         path = os.path.join(self.root, 'x.jpg')
         self.assertIn(b'200 OK', self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n'))
-        entry = self.worker.files.files[path]
+        entry = self.worker.responder.files.files[path]
         os.unlink(path)
         self.assertIn(b'404 Not Found', self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n'))
-        self.assertNotIn(path, self.worker.files.files)
+        self.assertNotIn(path, self.worker.responder.files.files)
         with self.assertRaises(OSError):
             os.fstat(entry.fd)          # closed: the deleted file's space is free
 
@@ -4089,9 +4202,9 @@ class EdgeRaceTests(unittest.TestCase):
             f.write(b'SECRET')
         os.symlink(os.path.join(outside, 'secret.jpg'), os.path.join(root, 'x.jpg'))
         with self.assertRaises(agent.HTTPError) as caught:
-            worker.open_file(os.path.join(root, 'x.jpg'))
+            worker.responder.open_file(os.path.join(root, 'x.jpg'))
         self.assertEqual(caught.exception.status, 404)
-        self.assertEqual(worker.files.files, {})
+        self.assertEqual(worker.responder.files.files, {})
 
 
 def edge_worker(testcase, *options):
@@ -4104,7 +4217,7 @@ def edge_worker(testcase, *options):
     testcase.addCleanup(os.close, lifeline_w)
     with mock.patch('sys.stderr', new_callable=io.StringIO):
         worker = agent.Worker(config, [], None, lifeline_r)
-    testcase.addCleanup(worker.files.clear)
+    testcase.addCleanup(worker.responder.files.clear)
     testcase.addCleanup(worker.selector.close)
     return worker, config.root
 
@@ -4316,11 +4429,11 @@ class EdgeWorkerTests(unittest.TestCase):
         path = os.path.join(root, 'x.jpg')
         with open(path, 'wb') as f:
             f.write(b'x' * 100)
-        entry = worker.open_file(path)
-        worker.files.store(path, entry)
+        entry = worker.responder.open_file(path)
+        worker.responder.files.store(path, entry)
         os.unlink(path)
         worker.tick()
-        self.assertNotIn(path, worker.files.files)
+        self.assertNotIn(path, worker.responder.files.files)
         with self.assertRaises(OSError):
             os.fstat(entry.fd)
 
@@ -4822,8 +4935,7 @@ class TLSStartAndReloadTests(unittest.TestCase):
         argv = ['--tls-cert', self.cert, '--tls-key', self.key, '--allow-readable-key',
                 '--http-redirect', '8080', '--hsts', '60', 'run']
         config = agent.parser().parse_args(argv)
-        config.given = agent.given_options(argv)            # as main() records them
-        again = agent.parser().parse_args(agent.config_argv(config) + ['run'])
+        again = agent.parser().parse_args(agent.option_argv(config, agent.given_options(argv)) + ['run'])
         for name in ('tls_cert', 'tls_key', 'allow_readable_key', 'http_redirect', 'hsts'):
             self.assertEqual(getattr(again, name), getattr(config, name), name)
 

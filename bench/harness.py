@@ -1,9 +1,11 @@
-"""Shared helpers for bench/fuzz.py and bench/slow.py: start, watch and stop an agent.
+"""Shared helpers for test_daemon.py and bench/*.py: start, watch and stop an agent; run wrk.
 
 Not a script.  `AgentProcess` runs `agent.py ... start` on 127.0.0.1 with a kernel-picked port
 in a temporary directory, reads the port from the log, lists the workers (children of the
 master, from /proc), scans the log for worker deaths and tracebacks, and stops the agent with
-`stop` (falling back to SIGKILL of the agent's process group).  Standard library only.
+`stop` (falling back to SIGKILL of the agent's process group).  `run_wrk` runs wrk and
+`parse_wrk` reads its report: the one wrk runner and parser of the tests and benchmarks.
+Standard library only.
 """
 
 import os
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import namedtuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -205,3 +208,88 @@ def raise_nofile(wanted):
         except (ValueError, OSError):
             pass
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# wrk: the one runner and parser of its report
+# ---------------------------------------------------------------------------------------------
+
+WRK_TIME_UNITS = {'us': 0.001, 'ms': 1.0, 's': 1000.0, 'm': 60000.0, 'h': 3600000.0}    # -> ms
+WRK_SIZE_UNITS = {'B': 1, 'KB': 1 << 10, 'MB': 1 << 20, 'GB': 1 << 30, 'TB': 1 << 40}
+WRK_SOCKET_ERRORS = re.compile(r'Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)')
+
+# rps: Requests/sec; mbps: Transfer/sec in MiB/s; p50, p99: latency in ms (None without
+# --latency); requests and seconds: "N requests in Ts"; errors: socket errors plus non-2xx/3xx
+# responses, with error_detail {kind: n} of the non-zero ones; socket_errors and non2xx apart;
+# returncode ('timeout' if wrk had to be killed) and output (stdout + stderr, for a Lua
+# script's own report).  requests is None when wrk printed no summary (ok is then False).
+WrkResult = namedtuple('WrkResult', 'rps mbps p50 p99 requests seconds errors error_detail '
+                                    'socket_errors non2xx returncode output')
+WrkResult.ok = property(lambda self: self.requests is not None)
+
+
+def parse_wrk(text, returncode=0):
+    """The figures of wrk's report in text, as a WrkResult (requests None without a summary)."""
+    rps = re.search(r'Requests/sec:\s+([\d.]+)', text)
+    transfer = re.search(r'Transfer/sec:\s+([\d.]+)([KMGT]?B)', text)
+    total = re.search(r'(\d+) requests in ([\d.]+)(us|ms|s|m|h)\b', text)
+
+    def latency(p):
+        found = re.search(r'^\s+%d%%\s+([\d.]+)(us|ms|s|m|h)\b' % p, text, re.M)
+        return float(found.group(1)) * WRK_TIME_UNITS[found.group(2)] if found else None
+
+    detail, socket_errors = {}, 0
+    match = WRK_SOCKET_ERRORS.search(text)
+    if match:
+        for kind, n in zip(('connect', 'read', 'write', 'timeout'), map(int, match.groups())):
+            socket_errors += n
+            if n:
+                detail[kind] = n
+    non2xx = re.search(r'Non-2xx or 3xx responses: (\d+)', text)
+    non2xx = int(non2xx.group(1)) if non2xx else 0
+    if non2xx:
+        detail['non-2xx/3xx'] = non2xx
+    return WrkResult(
+        rps=float(rps.group(1)) if rps else None,
+        mbps=float(transfer.group(1)) * WRK_SIZE_UNITS[transfer.group(2)] / (1 << 20) if transfer else None,
+        p50=latency(50), p99=latency(99),
+        requests=int(total.group(1)) if total else None,
+        seconds=float(total.group(2)) * WRK_TIME_UNITS[total.group(3)] / 1000.0 if total else None,
+        errors=socket_errors + non2xx, error_detail=detail, socket_errors=socket_errors,
+        non2xx=non2xx, returncode=returncode, output=text)
+
+
+def wrk_command(url, connections, duration, headers=(), threads=1, script=None, timeout=None):
+    """wrk's command line: -tTHREADS -cCONNECTIONS -dDURATIONs --latency [-H ...] [-s SCRIPT]."""
+    command = ['wrk', '-t%d' % threads, '-c%d' % connections, '-d%ds' % max(1, int(round(duration))),
+               '--latency']
+    if timeout is not None:
+        command += ['--timeout', '%gs' % timeout]
+    for header in headers:
+        command += ['-H', header]
+    if script is not None:
+        command += ['-s', script]
+    return command + [url]
+
+
+def run_wrk(url, connections, duration, headers=(), threads=1, script=None, timeout=None):
+    """Run wrk against url to completion and parse its report: a WrkResult.
+
+    wrk ends by itself after `duration` seconds; it is killed 30 s later (the margin covers
+    the teardown of hundreds of connections), and returncode is then 'timeout'.  timeout is
+    wrk's own --timeout for one response (its default: 2 s).
+    """
+    command = wrk_command(url, connections, duration, headers, threads, script, timeout)
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=duration + 30)
+        code, out = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:          # subprocess.run has killed it
+        code, out = 'timeout', (exc.stdout or b'') + (exc.stderr or b'')
+    return parse_wrk(out.decode('utf-8', 'replace'), code)
+
+
+def wrk_failure(result):
+    """Why a WrkResult has no summary: 'wrk failed (rc): last line of its output'."""
+    lines = result.output.strip().splitlines()
+    return 'wrk failed (rc %s): %s' % (result.returncode, lines[-1] if lines else 'no output')

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """CPU cost of answering one request in a worker, without the network: the path from a parsed
-request to a queued response (Worker.respond), for a cache hit and for a miss.
+request to a queued response (Responder.respond, which Worker.respond is), for a cache hit and for a miss.
 
 A hit is a file the worker has open already: one stat() and the checks that it is unchanged.
 A miss opens the file: with agent.py's race-free resolution that is an O_PATH open, fstat, the
@@ -26,8 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class NullConnection:
-    """What Worker.respond needs of a connection: the response is queued, then dropped."""
+    """What Responder.respond needs of a connection: the response is queued, then dropped."""
     keep_alive = True
+    redirect = False
 
     def start_response(self, *args, **kwargs):
         pass
@@ -80,7 +81,7 @@ def main():
             results[name] = min(measure(worker, requests, args.requests) for _ in range(args.rounds))
         print('%s: %.1f us/request on a cache hit, %.1f us/request on a miss (open and check)'
               % (args.agent, results['hit'], results['miss']))
-        worker.files.clear()
+        getattr(worker, 'responder', worker).files.clear()      # an agent.py before the Responder: the worker
     finally:
         shutil.rmtree(root)
 
