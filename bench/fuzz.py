@@ -468,29 +468,16 @@ def make_case(seed, index):
 
 def expected_answers(payload, max_header_size):
     """A list with one entry per response the agent owes for payload sent in one piece:
-    True for an answer to HEAD, False otherwise; the last one may close the connection."""
-    inbuf, discard, answers = payload, 0, []
+    True for an answer to HEAD, False otherwise; the last one may close the connection.
+    Framed by agent.frame(), the function the worker itself frames with."""
+    inbuf, discard, last, answers = payload, 0, None, []
     while True:
-        if inbuf[:1] in (b'\r', b'\n'):
-            inbuf = inbuf.lstrip(b'\r\n')
-        if discard:
-            dropped = min(discard, len(inbuf))
-            discard -= dropped
-            inbuf = inbuf[dropped:]
-            if discard:
-                return answers
-        if not inbuf:
+        req, inbuf, discard, last = agent.frame(inbuf, discard, max_header_size, last)
+        if req is None:
             return answers
-        try:
-            parsed = agent.parse_request(inbuf, max_header_size)
-        except agent.HTTPError:
+        if isinstance(req, agent.HTTPError):
             answers.append(False)
             return answers
-        if parsed is None:
-            return answers
-        req, consumed = parsed
-        inbuf = inbuf[consumed:]
-        discard = req.body_length
         answers.append(req.method == b'HEAD')
         if not req.keep_alive:
             return answers
@@ -863,38 +850,29 @@ class Finding(Exception):
 def drive_parser(payload, rng, max_header_size):
     """The worker loop's use of the pure functions, on one payload.  Returns the outcomes."""
     outcomes = []
-    inbuf, discard = payload, 0
+    inbuf, discard, last = payload, 0, None
     for _ in range(50):
-        if inbuf[:1] in (b'\r', b'\n'):
-            inbuf = inbuf.lstrip(b'\r\n')
-        if discard:
-            dropped = min(discard, len(inbuf))
-            discard -= dropped
-            inbuf = inbuf[dropped:]
-            if discard:
-                break
-        if not inbuf:
+        before, pending = inbuf, discard
+        req, inbuf, discard, last = agent.frame(inbuf, discard, max_header_size, last)
+        if req is None:
+            if inbuf:
+                outcomes.append('incomplete')
             break
-        try:
-            parsed = agent.parse_request(inbuf, max_header_size, agent.MAX_HEADERS)
-        except agent.HTTPError as exc:
-            check_error(exc)
-            outcomes.append(exc.status)
+        if isinstance(req, agent.HTTPError):
+            check_error(req)
+            outcomes.append(req.status)
             break
-        if parsed is None:
-            outcomes.append('incomplete')
-            break
-        req, consumed = parsed
-        if not 0 < consumed <= len(inbuf):
-            raise Invariant('consumed %d of %d bytes' % (consumed, len(inbuf)))
+        consumed = len(before) - len(inbuf)
+        if not 0 < consumed <= len(before):
+            raise Invariant('consumed %d of %d bytes' % (consumed, len(before)))
         if not isinstance(req.headers, dict) or req.version[0] != 1:
             raise Invariant('bad request object: %r %r' % (req.version, req.headers))
-        outcome = respond_pure(req, rng)
-        check_prefixes(inbuf, consumed, outcome, rng, max_header_size)
-        inbuf = inbuf[consumed:]
-        discard = req.body_length
         if not 0 <= discard <= agent.MAX_DISCARD:
             raise Invariant('body length %r' % discard)
+        outcome = respond_pure(req, rng)
+        if not pending:                 # the head alone, as TCP may cut it
+            head = before.lstrip(b'\r\n')
+            check_prefixes(head, len(head) - len(inbuf), outcome, rng, max_header_size)
         outcomes.append(outcome)
         if not req.keep_alive:
             break
