@@ -1507,9 +1507,9 @@ class SupervisionTests(unittest.TestCase):
 
             # A version that passes the check, but whose workers cannot start once exec'd: the
             # new image reports it and the workers it inherited go on serving.
-            signature = ('    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), '
-                         'own_files=None,\n                 reopen_logs=None):\n')
-            install(good_code.replace(signature, signature + "        raise DaemonError('v3 workers refuse to start')\n", 1))
+            # The first statement of Worker.__init__ raises: the new workers cannot start.
+            anchor = '        self.stop_timeout = config.stop_timeout\n'
+            install(good_code.replace(anchor, "        raise DaemonError('v3 workers refuse to start')\n" + anchor, 1))
             with open(script) as f:
                 self.assertIn('v3 workers refuse', f.read(), 'the test no longer breaks Worker')
             failed = run([PYTHON, AGENT] + server.options + ['upgrade'])
