@@ -117,9 +117,8 @@ above the root are refused (400); dot files are hidden (404); a symlink leading 
 
 import _socket
 import argparse
-import base64
 import errno
-import hashlib
+import importlib
 import ipaddress
 import json
 import mimetypes
@@ -131,13 +130,13 @@ import select
 import selectors
 import signal
 import socket
-import ssl
 import stat
 import struct
 import sys
 import time
 import traceback
 import urllib.parse
+import zlib
 
 import daemon
 from daemon import Daemon, DaemonError, log
@@ -1149,14 +1148,16 @@ GALLERY_SCRIPT = """
 """
 
 
-def csp_hash(text):
-    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode('utf-8')).digest()).decode('ascii')
-
-
+# The SHA-256 of GALLERY_STYLE and GALLERY_SCRIPT, as the Content-Security-Policy names them.
+# Written out, not computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of
+# RSS each); test_daemon.py checks them against hashlib, and the browser test would see a
+# blocked script.  Change the style or the script, and these change with them.
+GALLERY_STYLE_HASH = "'sha256-Gt2vW/+FiVmhTxNJvnWgyQwMBO0tuCI6e8eZmiGXq0Q='"
+GALLERY_SCRIPT_HASH = "'sha256-4wHKeQLQPhYL2PvG8rgQS6UZdDi/YaAzej8a/QDdejo='"
 # The page's own policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.
 GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "
-               "base-uri 'none'; form-action 'none'" % (csp_hash(GALLERY_STYLE), csp_hash(GALLERY_SCRIPT)))
+               "base-uri 'none'; form-action 'none'" % (GALLERY_STYLE_HASH, GALLERY_SCRIPT_HASH))
 GALLERY_ICON = ('data:image/svg+xml,%3Csvg xmlns=%22http://www.w3.org/2000/svg%22 viewBox=%220 0 16 16%22%3E'
                 '%3Crect width=%2216%22 height=%2216%22 rx=%223%22 fill=%22%230b62c4%22/%3E%3Cpath d=%22M2 '
                 '13l4-5 3 3 2-2 3 4z%22 fill=%22%23fff%22/%3E%3Ccircle cx=%2211%22 cy=%225%22 r=%221.6%22 '
@@ -1307,17 +1308,19 @@ def gallery_etag(dir_st, url_path, listing, fmt):
     """A weak ETag from everything the page is made of: the directory's own stat, the query,
     the counts, and each shown entry's name and (dev, ino, size, mtime, ctime).  Image sizes
     come from the files, whose ctime changes with any write, so they need not be read."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(repr((GALLERY_VERSION, fmt, url_path, listing.sort, listing.page, listing.pages,
+    parts = [repr((GALLERY_VERSION, fmt, url_path, listing.sort, listing.page, listing.pages,
                    listing.dirs, listing.images, listing.files, listing.unlisted,
                    (dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)))
-             .encode('utf-8', 'surrogateescape'))
+             .encode('utf-8', 'surrogateescape')]
     for e in listing.entries:
         st = e.st
-        h.update(('\0%s\0%d' % (e.name, e.is_dir)).encode('utf-8', 'surrogateescape'))
+        parts.append(('\0%s\0%d' % (e.name, e.is_dir)).encode('utf-8', 'surrogateescape'))
         if st is not None:
-            h.update(b'%d %d %d %d %d' % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return 'W/"%s"' % h.hexdigest()
+            parts.append(b'%d %d %d %d %d' % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    # Two 32-bit checksums (zlib, not hashlib: see GALLERY_STYLE_HASH) of the page's inputs: a
+    # weak validator, where a collision would at worst revalidate a stale listing.
+    data = b''.join(parts)
+    return 'W/"%08x%08x"' % (zlib.crc32(data), zlib.adler32(data))
 
 
 def human_size(size):
@@ -2036,12 +2039,22 @@ def accept_tls(listener, family, context):
         raise ConnectionAbortedError(errno.ECONNABORTED, 'connection lost before TLS')
 
 
+# The ssl module, loaded by the first tls_context() call: only an HTTPS agent pays for it
+# (libssl and libcrypto: 4 MB of RSS in every worker).  That first call is in Agent.setup(),
+# in the master, before privileges are dropped and before any worker forks, so no worker ever
+# imports after the drop (see EdgeImportTests).
+ssl = None
+
+
 def tls_context(cert, key, allow_readable_key=False):
     """The server's SSLContext for this certificate and key, or DaemonError naming the file.
 
     Each file is checked on its own first, so the message names the one at fault.  A key with
     a passphrase is refused (nobody would be there to type it at a reload).
     """
+    global ssl
+    if ssl is None:
+        ssl = importlib.import_module('ssl')
     texts = {}
     for kind, path in (('certificate', cert), ('key', key)):
         try:
