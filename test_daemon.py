@@ -96,6 +96,18 @@ def children_of(pid):
     return found
 
 
+def sockets_of(pid):
+    """The socket descriptors pid holds, from /proc/PID/fd."""
+    found = []
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            if os.readlink('/proc/%d/fd/%s' % (pid, fd)).startswith('socket:'):
+                found.append(int(fd))
+        except OSError:
+            pass
+    return found
+
+
 def slurp(path):
     """The text of a file, '' if it does not exist (yet)."""
     try:
@@ -1411,13 +1423,15 @@ class SupervisionTests(unittest.TestCase):
     def test_connection_cap_with_no_idle_connection_waits_instead_of_failing(self):
         server = AgentServer(self, '--max-connections', '2', workers=1).start()
         server.write('c.jpg', b'C' * 100)
+        worker, = server.workers()
+        before = len(sockets_of(worker))
         busy = []
         for _ in range(2):
             sock = server.connect()
             self.addCleanup(sock.close)
             sock.sendall(b'GET /c.jpg HTTP/1.1\r\n')       # mid-request: not idle
             busy.append(sock)
-        time.sleep(0.2)
+        wait_for(lambda: len(sockets_of(worker)) >= before + 2, message='both connections accepted')
         waiting = server.connect()
         self.addCleanup(waiting.close)
         waiting.sendall(b'GET /c.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
@@ -1425,6 +1439,7 @@ class SupervisionTests(unittest.TestCase):
         self.assertIn(b'200 OK', busy[0].recv(65536))
         waiting.settimeout(5)
         self.assertIn(b'200 OK', waiting.recv(65536))
+        busy[1].close()                 # or stop waits for its request until --header-timeout
         server.stop()
 
 
@@ -5706,11 +5721,86 @@ class EcoUpgradeUnderServiceManagerTests(EcoTestCase):
         self.assertFalse(os.path.exists(self.log), 'a foreground master wrote --log')
 
 
-if __name__ == '__main__':
-    # `python3 test_daemon.py` (what `make unit` runs) ends with a plain "N passed, N failed"
-    # line; `python3 -m unittest` and pytest work as usual.
+# ---------------------------------------------------------------------------------------------
+# `python3 test_daemon.py`: the classes in two processes at once
+# ---------------------------------------------------------------------------------------------
+
+# Seconds per class measured on the 2-core CI machine (the slowest ones; any other counts as
+# CLASS_SECONDS_OTHER): they balance the two processes.  Most of a test's time is waiting for
+# daemons, not CPU, so two processes halve the wall time.
+CLASS_SECONDS = {
+    'SupervisionTests': 15.0, 'FaultTests': 10.0, 'HttpRulesServerTests': 6.0,
+    'DaemonProcessTests': 6.0, 'HttpRulesTimeoutTests': 5.2, 'ClassicRecipeBugTests': 4.0,
+    'TLSServerTests': 3.3, 'TLSStartAndReloadTests': 2.5, 'EdgeRaceTests': 2.1,
+    'EcoStartStopDaemonTests': 1.9, 'HonestCommandLineTests': 1.8, 'AgentLifecycleTests': 1.4,
+    'EdgeHttpTests': 1.3, 'SafeDefaultsTests': 1.1, 'EcoInitScriptTests': 1.1,
+}
+CLASS_SECONDS_OTHER = 0.3
+CLOSING_LINE = re.compile(r'^(\d+) passed, (\d+) failed, (\d+) skipped$', re.M)
+
+
+def test_classes():
+    """The names of this module's TestCase classes that have tests, in file order."""
+    loader = unittest.TestLoader()
+    return [name for name, value in list(globals().items())
+            if isinstance(value, type) and issubclass(value, unittest.TestCase)
+            and loader.getTestCaseNames(value)]
+
+
+def shares(names, jobs):
+    """Split class names into jobs lists of about equal measured time (longest first)."""
+    groups = [[0.0, []] for _ in range(jobs)]
+    for name in sorted(names, key=lambda n: -CLASS_SECONDS.get(n, CLASS_SECONDS_OTHER)):
+        lightest = min(groups, key=lambda group: group[0])
+        lightest[0] += CLASS_SECONDS.get(name, CLASS_SECONDS_OTHER)
+        lightest[1].append(name)
+    return [names for _, names in groups if names]
+
+
+def run_in_processes(jobs, options):
+    """Each share in its own `python3 test_daemon.py CLASS...`; their outputs, then one total."""
+    children = []
+    for names in shares(test_classes(), jobs):
+        out = tempfile.TemporaryFile()
+        child = subprocess.Popen([PYTHON, os.path.abspath(__file__)] + options + names,
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 env=dict(os.environ, TEST_DAEMON_JOBS='1'))
+        children.append((child, out))
+    totals = [0, 0, 0]
+    for child, out in children:
+        child.wait()
+        out.seek(0)
+        text = out.read().decode('utf-8', 'replace')
+        out.close()
+        found = CLOSING_LINE.findall(text)
+        # Only the total is a closing line: a share's own count is said in parentheses.
+        sys.stdout.write(CLOSING_LINE.sub(r'(this share: \g<0>)', text))
+        if found:
+            totals = [t + int(n) for t, n in zip(totals, found[-1])]
+        if child.returncode != 0 and not (found and int(found[-1][1])):
+            totals[1] += 1              # the process died without counting its failure
+    sys.stdout.flush()
+    return totals
+
+
+def run_here():
+    """unittest.main in this process: (passed, failed, skipped)."""
     outcome = unittest.main(exit=False).result
     failed = len(outcome.failures) + len(outcome.errors) + len(outcome.unexpectedSuccesses)
     skipped = len(outcome.skipped)
-    print('%d passed, %d failed, %d skipped' % (outcome.testsRun - failed - skipped, failed, skipped))
-    sys.exit(0 if outcome.wasSuccessful() and outcome.testsRun else 1)
+    return [outcome.testsRun - failed - skipped, failed, skipped]
+
+
+if __name__ == '__main__':
+    # `python3 test_daemon.py` (what `make unit` runs) runs the classes in TEST_DAEMON_JOBS
+    # processes (default 2) and ends with one plain "N passed, N failed, N skipped" line.  Given
+    # test names, or TEST_DAEMON_JOBS=1, it runs them in this process, like `python3 -m
+    # unittest`; pytest works as usual.
+    jobs = int(os.environ.get('TEST_DAEMON_JOBS', '2'))
+    arguments = sys.argv[1:]
+    if jobs > 1 and all(a.startswith('-') for a in arguments):
+        passed, failed, skipped = run_in_processes(jobs, arguments)
+    else:
+        passed, failed, skipped = run_here()
+    print('%d passed, %d failed, %d skipped' % (passed, failed, skipped))
+    sys.exit(0 if passed + skipped and not failed else 1)      # nothing run is no pass
