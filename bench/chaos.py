@@ -90,8 +90,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from soak import (HOST, alive, fetch, parse_wrk, proc_sample, raise_nofile,  # noqa: E402
-                  read_response, request_bytes, run_wrk)
+from soak import (HOST, alive, fetch, proc_sample, raise_nofile,  # noqa: E402
+                  read_response, request_bytes)
 
 SMALL = 'small.jpg'
 SMALL_BYTES = bytes(range(256)) * 40            # 10240 bytes
@@ -188,27 +188,27 @@ class Wrk(threading.Thread):
 
     def __init__(self, port, connections, seconds, threads=2):
         threading.Thread.__init__(self, name='wrk', daemon=True)
-        self.command = ['wrk', '-t%d' % threads, '-c%d' % connections, '-d%ds' % seconds, '--timeout', '5s',
-                        'http://%s:%d/%s' % (HOST, port, SMALL)]
-        self.seconds = seconds
-        self.code, self.out = None, ''
+        self.url = 'http://%s:%d/%s' % (HOST, port, SMALL)
+        self.connections, self.seconds, self.threads = connections, seconds, threads
+        self.wrk = None
 
     def run(self):
-        self.code, self.out = run_wrk(self.command, self.seconds + 30)
+        self.wrk = harness.run_wrk(self.url, self.connections, self.seconds, threads=self.threads, timeout=5)
 
     def result(self, res):
+        """The harness.WrkResult; a failed run (no summary) is a FAIL and counts no request."""
         self.join(self.seconds + 40)
-        parsed = parse_wrk(self.out)
-        if parsed['requests'] is None:
-            res.fail('wrk failed (%s): %s' % (self.code, ' / '.join(self.out.strip().splitlines()[-2:])))
-            parsed['requests'] = 0
-        return parsed
+        wrk = self.wrk or harness.parse_wrk('', 'still running')
+        if not wrk.ok:
+            res.fail(harness.wrk_failure(wrk))
+            wrk = wrk._replace(requests=0)
+        return wrk
 
 
 def wrk_text(w):
+    kinds = {k: n for k, n in w.error_detail.items() if k != 'non-2xx/3xx'}
     return '%d requests, socket errors %d%s, non-2xx %d' % (
-        w['requests'], w['socket_errors'],
-        ' %s' % {k: v for k, v in w['errors'].items() if v} if w['socket_errors'] else '', w['non2xx'])
+        w.requests, w.socket_errors, ' %s' % kinds if w.socket_errors else '', w.non2xx)
 
 # ---------------------------------------------------------------------------------------------
 # a: SIGKILL workers under load
@@ -254,10 +254,10 @@ def test_kill_workers(args, res):
             res.fail('%d workers at the end, not %d' % (len(now), args.workers))
         if set(now) & set(victims):
             res.fail('a killed worker is still listed')
-        if w['socket_errors'] > bound:
-            res.fail('%d socket errors > %d connections held by the victims' % (w['socket_errors'], bound))
-        if w['non2xx']:
-            res.fail('%d non-2xx responses' % w['non2xx'])
+        if w.socket_errors > bound:
+            res.fail('%d socket errors > %d connections held by the victims' % (w.socket_errors, bound))
+        if w.non2xx:
+            res.fail('%d non-2xx responses' % w.non2xx)
         problem = good_get(server.port)
         if problem:
             res.fail('GET after the kills: %s' % problem)
@@ -467,8 +467,8 @@ def test_reloads(args, res):
         reloaded = log_count(server, 'reloaded')
         res.note('%d SIGHUPs -> %d "reloaded"; %s; workers at the end %d'
                  % (args.reloads, reloaded, wrk_text(w), len(live_workers(server))))
-        if w['socket_errors'] or w['non2xx']:
-            res.fail('reloads: %d socket errors, %d non-2xx' % (w['socket_errors'], w['non2xx']))
+        if w.socket_errors or w.non2xx:
+            res.fail('reloads: %d socket errors, %d non-2xx' % (w.socket_errors, w.non2xx))
         if not reloaded:
             res.fail('no reload happened')
         if not settled:
@@ -498,8 +498,8 @@ def test_reloads(args, res):
                      % (args.upgrades, codes, '/'.join('%.2f' % t for t in took), masters, wrk_text(w)))
             if len(set(masters)) != 1:
                 res.fail('masters %s: an upgrade is in place, the pid must not change' % masters)
-            if w['socket_errors'] or w['non2xx']:
-                res.fail('upgrades: %d socket errors, %d non-2xx' % (w['socket_errors'], w['non2xx']))
+            if w.socket_errors or w.non2xx:
+                res.fail('upgrades: %d socket errors, %d non-2xx' % (w.socket_errors, w.non2xx))
             if not settled:
                 res.fail('%d workers after the upgrades' % len(live_workers(server)))
             problem = good_get(server.port)

@@ -61,6 +61,15 @@ def pid_alive(pid):
         return False
 
 
+def read_pid(path):
+    """The pid in a pidfile; None if it is missing or holds no number."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def percentile(values, fraction):
     """Nearest-rank percentile of a non-empty list."""
     ordered = sorted(values)
@@ -126,11 +135,7 @@ class AgentProcess:
             self.pgid = None
 
     def read_pid(self):
-        try:
-            with open(self.pidfile) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
+        return read_pid(self.pidfile)
 
     def workers(self):
         return children_of(self.master) if self.master else []

@@ -82,10 +82,8 @@ import argparse
 import os
 import queue
 import random
-import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -237,34 +235,6 @@ def worker_of(sock, agent_port, workers):
         except OSError:
             continue
     return None
-
-
-WRK_SOCKET_ERRORS = re.compile(r'Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)')
-
-
-def parse_wrk(text):
-    """requests, socket errors {kind: n}, non-2xx/3xx, seconds; requests None without a summary."""
-    total = re.search(r'(\d+) requests in ([\d.]+)(us|ms|s|m)', text)
-    errors = {}
-    match = WRK_SOCKET_ERRORS.search(text)
-    if match:
-        errors = dict(zip(('connect', 'read', 'write', 'timeout'), map(int, match.groups())))
-    non2xx = re.search(r'Non-2xx or 3xx responses: (\d+)', text)
-    seconds = None
-    if total:
-        seconds = float(total.group(2)) * {'us': 1e-6, 'ms': 1e-3, 's': 1.0, 'm': 60.0}[total.group(3)]
-    return {'requests': int(total.group(1)) if total else None, 'errors': errors,
-            'socket_errors': sum(errors.values()), 'non2xx': int(non2xx.group(1)) if non2xx else 0,
-            'seconds': seconds}
-
-
-def run_wrk(args, timeout):
-    """Run wrk to completion (killed after timeout): (returncode or 'timeout', stdout + stderr)."""
-    try:
-        result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-        return result.returncode, (result.stdout + result.stderr).decode('utf-8', 'replace')
-    except subprocess.TimeoutExpired as exc:          # subprocess.run has killed it
-        return 'timeout', ((exc.stdout or b'') + (exc.stderr or b'')).decode('utf-8', 'replace')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,9 +722,8 @@ def main(argv=None):
                    threading.Thread(target=churn.run_checker, args=(workers,), name='checker', daemon=True)]
         for thread in threads:
             thread.start()
-        command = ['wrk', '-t%d' % args.connections, '-c%d' % args.connections, '-d%ds' % int(round(args.duration)),
-                   '--timeout', '5s', '-s', lua, 'http://%s:%d/' % (HOST, port)]
-        code, out = run_wrk(command, args.duration + 60)
+        wrk = harness.run_wrk('http://%s:%d/' % (HOST, port), args.connections, args.duration,
+                              threads=args.connections, script=lua, timeout=5)
         stop.set()
         churn.stop.set()
         for thread in threads:
@@ -763,12 +732,11 @@ def main(argv=None):
                 reasons.append('%s thread still running' % thread.name)
 
         # -- wrk --
-        wrk = parse_wrk(out)
-        counts, bad, bad_samples = parse_lua_report(out)
-        if wrk['requests'] is None:
-            tail = ' / '.join(out.strip().splitlines()[-3:])
-            reasons.append('wrk failed (%s): %s' % (code, tail))
-            wrk['requests'] = 0
+        counts, bad, bad_samples = parse_lua_report(wrk.output)
+        if not wrk.ok:
+            reasons.append(harness.wrk_failure(wrk))
+        requests = wrk.requests or 0
+        socket_kinds = {k: n for k, n in wrk.error_detail.items() if k != 'non-2xx/3xx'}
         kinds = {}
         for (kind, status), n in sorted(counts.items()):
             kinds.setdefault(kind, []).append('%d x%d' % (status, n))
@@ -776,21 +744,21 @@ def main(argv=None):
                        if (kind, status) in (('missing', 404), ('range', 416), ('churn', 404)))
         print('wrk: %d requests in %.1fs (%.0f/s); socket errors %d %s; non-2xx/3xx %d, of them intended %d '
               '(404 missing %d, 416 range %d, 404 deleted churn file %d)'
-              % (wrk['requests'], wrk['seconds'] or 0, wrk['requests'] / max(1e-9, wrk['seconds'] or 1),
-                 wrk['socket_errors'], wrk['errors'], wrk['non2xx'], intended,
+              % (requests, wrk.seconds or 0, requests / max(1e-9, wrk.seconds or 1),
+                 wrk.socket_errors, socket_kinds, wrk.non2xx, intended,
                  counts.get(('missing', 404), 0), counts.get(('range', 416), 0), counts.get(('churn', 404), 0)))
         for kind in ('keepalive', 'close', 'range', 'missing', 'churn'):
             print('  %-12s %s' % (kind, ', '.join(kinds.get(kind, ['none']))))
         matched = sum(counts.values())
-        errors = wrk['socket_errors'] + bad
+        errors = wrk.socket_errors + bad
         print('errors: %d (socket %d, unexpected status/length %d); responses matched by the script %d'
-              % (errors, wrk['socket_errors'], bad, matched))
+              % (errors, wrk.socket_errors, bad, matched))
         for line in bad_samples:
             print('  unexpected: ' + line)
         if errors:
-            reasons.append('%d errors (socket %d, unexpected responses %d)' % (errors, wrk['socket_errors'], bad))
-        if wrk['requests'] and matched < wrk['requests'] - args.connections:
-            reasons.append('the script matched %d responses of %d requests' % (matched, wrk['requests']))
+            reasons.append('%d errors (socket %d, unexpected responses %d)' % (errors, wrk.socket_errors, bad))
+        if requests and matched < requests - args.connections:
+            reasons.append('the script matched %d responses of %d requests' % (matched, requests))
         print('conditional (own client, %d keep-alive connections): %d requests (%.0f/s), statuses %s, errors %d'
               % (args.cond_connections, conditional.requests, conditional.requests / max(1.0, args.duration),
                  conditional.statuses, len(conditional.errors)))
@@ -894,7 +862,7 @@ def main(argv=None):
         return 1
     print('PASS: soak: %d requests in %gs (wrk %d, 304s %d, checker %d), 0 errors (%d intended 404/416); '
           '%d file changes, 0 stale; flat: %s'
-          % (wrk['requests'] + conditional.requests + churn.requests, args.duration, wrk['requests'],
+          % (requests + conditional.requests + churn.requests, args.duration, requests,
              conditional.requests, churn.requests, intended, sum(churn.mutations.values()), '; '.join(drift_text)))
     return 0
 
