@@ -281,47 +281,29 @@ class SampleDaemonTest(TempDirTest):
             return ''
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-class AgentServer:
-    """An agent on 127.0.0.1 with a port the kernel picked, in a temporary directory."""
+class AgentServer(harness.AgentProcess):
+    """harness.AgentProcess for a test: an agent on 127.0.0.1 with a port the kernel picked, in
+    a temporary directory, removed and killed by the test's (or its class's) cleanups."""
 
     def __init__(self, testcase, *options, workers=2, root=None, script=AGENT):
-        self.script = script
-        self.dir = tempfile.mkdtemp(prefix='agent-test-')
+        harness.AgentProcess.__init__(self, root=root, options=options, workers=workers,
+                                      python=PYTHON, agent=script, stop_timeout=None,
+                                      prefix='agent-test-')
         testcase.addCleanup(subprocess.run, ['rm', '-rf', self.dir])
-        self.root = root or os.path.join(self.dir, 'www')
-        if root is None:
-            os.makedirs(self.root)
-        self.pidfile = os.path.join(self.dir, 'agent.pid')
-        self.log = os.path.join(self.dir, 'agent.log')
-        self.access_log = os.path.join(self.dir, 'access.log')
-        self.options = ['--root', self.root, '--bind', '127.0.0.1', '--port', '0',
-                        '--pidfile', self.pidfile, '--log', self.log,
-                        '--access-log', self.access_log, '--workers', str(workers)] + list(options)
-        self.port = None
         self.pids = []
         testcase.addCleanup(self.kill)
 
     def command(self, action, *extra, timeout=TIMEOUT):
-        return run([PYTHON, self.script] + self.options + list(extra) + [action], timeout=timeout)
+        return harness.AgentProcess.command(self, action, *extra, timeout=timeout)
 
     def start(self):
-        result = self.command('start')
-        if result.returncode != 0:
-            raise AssertionError('agent start failed (%d): %s%s' % (result.returncode, result.stdout, result.stderr))
-        self.pids.append(self.master())
-        self.port = self.port_from_log()
+        try:
+            harness.AgentProcess.start(self)
+        except RuntimeError as exc:
+            raise AssertionError(str(exc))
+        finally:
+            self.pids.append(self.master())
         return self
-
-    def port_from_log(self):
-        with open(self.log) as f:
-            ports = re.findall(r'on 127\.0\.0\.1:(\d+)', f.read())
-        return int(ports[-1])
 
     def stop(self):
         result = self.command('stop')
@@ -1207,8 +1189,7 @@ class AgentLifecycleTests(unittest.TestCase):
         result = server.command('start')
         self.assertEqual(result.returncode, 0, result.stderr)
         server.pids.append(server.master())
-        with open(server.log) as f:
-            port = int(re.findall(r'on \[::1\]:(\d+)', f.read())[-1])
+        port = harness.serving_port(result.stdout)
         conn = http.client.HTTPConnection('::1', port, timeout=10)
         conn.request('GET', '/v6.jpg')
         self.assertEqual(conn.getresponse().read(), b'six')
@@ -1813,7 +1794,7 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         self.assertIn('agent serving %s at http://127.0.0.1:' % server.root, result.stdout)
         server.pids.append(server.master())
         self.assertNotEqual(server.master(), old)
-        server.port = server.port_from_log()
+        server.port = harness.serving_port(result.stdout)
         self.assertEqual(server.get('/k.jpg')[2], b'kept')
         self.assertEqual(len(server.workers()), 2)
         result = run([PYTHON, AGENT, '--pidfile', server.pidfile, '--workers', '1', '--no-listing',
@@ -2078,19 +2059,19 @@ class FaultTests(unittest.TestCase):
         for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
             server = AgentServer(self)
             starter = subprocess.Popen([PYTHON, AGENT] + server.options + ['start'],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self.addCleanup(starter.wait)
             self.addCleanup(starter.kill)
-            time.sleep(delay)
+            time.sleep(delay)           # the delay swept, not a wait for something
             stop = server.command('stop')
-            starter.wait(TIMEOUT)
+            started, _ = starter.communicate(timeout=TIMEOUT)
             self.assertEqual(stop.returncode, 0, stop.stderr)
             master = server.master()
             if master:
                 server.pids.append(master)
             status = server.command('status').returncode
             if status == 0:                 # the stop came first: the start went on
-                server.port = server.port_from_log()
+                server.port = harness.serving_port(started)
                 self.assertEqual(server.get('/nothing')[0], 404)
                 server.stop()
             else:                           # stopped: nothing may be left behind
@@ -2117,7 +2098,7 @@ class FaultTests(unittest.TestCase):
             masters = set(re.findall(r'\[(\d+)\] agent: serving', f.read()))
         self.assertEqual(masters, {str(server.master())})
         self.assertEqual(len(server.workers()), 2)
-        server.port = server.port_from_log()
+        server.port = harness.serving_port(''.join(out for out, _ in outputs))
         server.stop()
 
 
@@ -4510,7 +4491,7 @@ class EdgeImportTests(unittest.TestCase):
             f.write(EDGE_DENY_IMPORTS)
         server = AgentServer(self, '--user', 'nobody', workers=1)
         server.options[:0] = [AGENT]
-        server.script = wrapper
+        server.agent = wrapper
         os.chmod(server.dir, 0o755)
         names = ['odd.xyz', 'noext', 'a.tar.gz', 'b.mkv', 'c.flac', 'd.jpg', 'e.svgz', 'f.WEIRD', 'g.7z']
         for name in names:
@@ -5163,9 +5144,9 @@ class EcoSocketActivationTests(EcoTestCase):
             f.write(b'ACTIVATED')
         pidfile = os.path.join(tmp, 'agent.pid')
         stderr = os.path.join(tmp, 'stderr')
-        passed, own = free_port(), free_port()
+        passed, own = harness.free_port(), harness.free_port()
         while own == passed:
-            own = free_port()
+            own = harness.free_port()
         env = dict(os.environ)
         env.pop('NOTIFY_SOCKET', None)
         proc = self.eco_popen([tool, '-l', '127.0.0.1:%d' % passed, '--fdname=http',

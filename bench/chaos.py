@@ -90,7 +90,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from soak import (HOST, alive, fetch, proc_sample, raise_nofile,  # noqa: E402
+from soak import (HOST, alive, fetch, proc_sample,  # noqa: E402
                   read_response, request_bytes)
 
 SMALL = 'small.jpg'
@@ -277,7 +277,7 @@ def test_kill_master(args, res):
     server = new_agent(workers=args.workers)
     try:
         server.start()
-        port, master, workers = server.port, server.master, live_workers(server)
+        port, master, workers = server.port, server.master_pid, live_workers(server)
         idle = socket.create_connection((HOST, port), timeout=5)
         idle.sendall(request_bytes(SMALL))
         read_response(idle, time.monotonic() + 5)
@@ -316,7 +316,7 @@ def test_kill_master(args, res):
             res.fail('status exit %d, not 1 (dead, pidfile remains)' % status.returncode)
         before = len(server.log_text())
         start = server.command('start')
-        server.master = server.read_pid()
+        server.master_pid = server.read_pid()
         server.remember_group()
         ports = re.findall(r'on 127\.0\.0\.1:(\d+) with', server.log_text()[before:])
         problem = good_get(int(ports[-1])) if ports else 'no "serving" line'
@@ -409,7 +409,7 @@ def test_log_deleted(args, res):
     try:
         server.start()
         port, log = server.port, server.access_log
-        processes = [server.master] + live_workers(server)
+        processes = [server.master_pid] + live_workers(server)
         for _ in range(20):
             fetch(port, SMALL)
         wait_for(lambda: marked_lines(log, SMALL) >= 20, 3.0)
@@ -418,7 +418,7 @@ def test_log_deleted(args, res):
             fetch(port, SMALL)
         time.sleep(0.2)
         held = [pid for pid in processes if holds_deleted(pid, log)]
-        os.kill(server.master, signal.SIGUSR1)
+        os.kill(server.master_pid, signal.SIGUSR1)
         reopened = wait_for(lambda: not any(holds_deleted(pid, log) for pid in processes), 3.0)
         still = [pid for pid in processes if holds_deleted(pid, log)]
         marker = 'chaos-after-usr1-%d' % os.getpid()
@@ -460,7 +460,7 @@ def test_reloads(args, res):
         load.start()
         time.sleep(1.5)
         for _ in range(args.reloads):
-            os.kill(server.master, signal.SIGHUP)
+            os.kill(server.master_pid, signal.SIGHUP)
             time.sleep(args.reload_interval)
         w = load.result(res)
         settled = wait_for(lambda: len(live_workers(server)) == args.workers, 10.0)
@@ -481,7 +481,7 @@ def test_reloads(args, res):
             load = Wrk(server.port, 64, seconds)
             load.start()
             time.sleep(1.0)
-            masters, codes, took = [server.master], [], []
+            masters, codes, took = [server.master_pid], [], []
             for _ in range(args.upgrades):
                 started = time.monotonic()
                 result = server.command('upgrade')
@@ -489,8 +489,8 @@ def test_reloads(args, res):
                 codes.append(result.returncode)
                 if result.returncode != 0:
                     res.fail('upgrade exited %d: %s' % (result.returncode, (result.stdout + result.stderr).strip()))
-                server.master = server.read_pid()
-                masters.append(server.master)
+                server.master_pid = server.read_pid()
+                masters.append(server.master_pid)
                 time.sleep(max(0.0, 2.0 - took[-1]))
             w = load.result(res)
             settled = wait_for(lambda: len(live_workers(server)) == args.workers, 10.0)
@@ -545,7 +545,7 @@ def test_stop_start(args, res):
                 start_out, start_code = 'start timed out', None
             pid = server.read_pid()
             if pid:
-                server.master = pid
+                server.master_pid = pid
                 server.remember_group()
             left = agent_processes(server.pidfile)
             pidfile = os.path.exists(server.pidfile)
@@ -604,25 +604,25 @@ def test_start_race(args, res):
                 out = proc.communicate()[0].decode('utf-8', 'replace').strip() + ' (timed out)'
             codes.append(proc.returncode)
             outs.append(out)
-        server.master = server.read_pid()
+        server.master_pid = server.read_pid()
         server.remember_group()
         time.sleep(0.3)
         left = agent_processes(server.pidfile)
-        masters = [pid for pid in left if pid not in harness.children_of(server.master or -1)]
+        masters = [pid for pid in left if pid not in harness.children_of(server.master_pid or -1)]
         serving = re.findall(r'on 127\.0\.0\.1:(\d+) with', server.log_text())
         already = sum(1 for out in outs if 'already running' in out)
         problem = good_get(int(serving[-1])) if serving else 'no "serving" line'
         res.note('%d starts: exit codes %s; "already running" %d; processes %d (master %s + %d workers); '
                  '"serving" lines %d; GET %s'
                  % (args.starts, {c: codes.count(c) for c in sorted(set(codes), key=str)}, already, len(left),
-                    server.master, len(left) - len(masters), len(serving), problem or 'ok'))
+                    server.master_pid, len(left) - len(masters), len(serving), problem or 'ok'))
         if any(code != 0 for code in codes):
             bad = [(c, o) for c, o in zip(codes, outs) if c != 0]
             res.fail('%d starts failed, first: exit %s %r' % (len(bad), bad[0][0], bad[0][1]))
         if already != args.starts - 1:
             res.fail('%d said "already running", not %d' % (already, args.starts - 1))
-        if masters != [server.master] or len(left) != 1 + args.workers:
-            res.fail('processes %s: not one master (%s) and %d workers' % (left, server.master, args.workers))
+        if masters != [server.master_pid] or len(left) != 1 + args.workers:
+            res.fail('processes %s: not one master (%s) and %d workers' % (left, server.master_pid, args.workers))
         if len(serving) != 1:
             res.fail('%d "serving" lines' % len(serving))
         if problem:
@@ -640,7 +640,7 @@ def test_start_race(args, res):
 def test_limits(args, res):
     cap = args.max_connections
     needed = args.idle + 300
-    if raise_nofile(needed) < needed:
+    if harness.raise_nofile(needed) < needed:
         res.fail('RLIMIT_NOFILE %d < %d' % (resource.getrlimit(resource.RLIMIT_NOFILE)[0], needed))
         return
     idle_limits(args, res, cap)

@@ -737,7 +737,7 @@ def network_mode(args, seed):
             make_tree(server.root)
             server.start()
             port = server.port
-            pidfile_master = server.master
+            pidfile_master = server.master_pid
             workers_before = server.workers()
             log_path, log_offset = server.log, 0
         print('fuzz: seed %d, %d cases against 127.0.0.1:%d, %d at a time, workers %s'

@@ -1,10 +1,11 @@
 """Shared helpers for test_daemon.py and bench/*.py: start, watch and stop an agent; run wrk.
 
 Not a script.  `AgentProcess` runs `agent.py ... start` on 127.0.0.1 with a kernel-picked port
-in a temporary directory, reads the port from the log, lists the workers (children of the
-master, from /proc), scans the log for worker deaths and tracebacks, and stops the agent with
-`stop` (falling back to SIGKILL of the agent's process group).  `run_wrk` runs wrk and
-`parse_wrk` reads its report: the one wrk runner and parser of the tests and benchmarks.
+in a temporary directory, learns the port from the line `start` prints (`serving_port`), lists
+the workers (children of the master, from /proc), scans the log for worker deaths and
+tracebacks, and stops the agent with `stop` (falling back to SIGKILL of the agent's process
+group).  test_daemon.py's AgentServer is this class with a test's cleanups.  `run_wrk` runs wrk
+and `parse_wrk` reads its report: the one wrk runner and parser of the tests and benchmarks.
 Standard library only.
 """
 
@@ -12,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,32 @@ def pid_alive(pid):
         return False
 
 
+# The line `start` (and `restart`) prints on stdout: "agent serving ROOT at URL[, URL...], pid N;
+# log ...".  With --port 0 its URLs have the port the kernel picked: the one way to learn it.
+SERVING_LINE = re.compile(r'^agent serving .* at (.*?), pid \d+;', re.M)
+SERVING_URL = re.compile(r'https?://(?:\[[^\]]*\]|[^/:\s]+):(\d+)/')
+
+
+def serving_ports(text):
+    """The ports of the last `agent serving ... at URL, ...` line in text, in its order."""
+    lines = SERVING_LINE.findall(text)
+    return [int(port) for port in SERVING_URL.findall(lines[-1])] if lines else []
+
+
+def serving_port(text):
+    """The first port `start` printed in text (see SERVING_LINE); None without the line."""
+    ports = serving_ports(text)
+    return ports[0] if ports else None
+
+
+def free_port():
+    """A port the kernel calls free now, for a peer server that needs a number in its config
+    (nginx, lighttpd, caddy; systemd-socket-activate).  The agent never needs one: --port 0."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def read_pid(path):
     """The pid in a pidfile; None if it is missing or holds no number."""
     try:
@@ -80,10 +108,12 @@ def percentile(values, fraction):
 class AgentProcess:
     """One agent daemon for the length of a `with` block; always stopped on exit."""
 
-    def __init__(self, root=None, options=(), workers=2, python=None, keep=False, agent=None):
-        self.dir = tempfile.mkdtemp(prefix='agent-bench-')
+    def __init__(self, root=None, options=(), workers=2, python=None, keep=False, agent=None,
+                 stop_timeout=5, prefix='agent-bench-'):
+        self.dir = tempfile.mkdtemp(prefix=prefix)
         self.root = root or os.path.join(self.dir, 'www')
-        os.makedirs(self.root, exist_ok=True)
+        if root is None:
+            os.makedirs(self.root)
         self.pidfile = os.path.join(self.dir, 'agent.pid')
         self.log = os.path.join(self.dir, 'agent.log')
         self.access_log = os.path.join(self.dir, 'access.log')
@@ -92,37 +122,39 @@ class AgentProcess:
         self.keep = keep
         self.options = ['--root', self.root, '--bind', '127.0.0.1', '--port', '0',
                         '--pidfile', self.pidfile, '--log', self.log,
-                        '--access-log', self.access_log, '--workers', str(workers),
-                        '--stop-timeout', '5'] + list(options)
+                        '--access-log', self.access_log, '--workers', str(workers)]
+        if stop_timeout is not None:
+            self.options += ['--stop-timeout', str(stop_timeout)]
+        self.options += list(options)
         self.port = None
-        self.master = None
+        self.master_pid = None
         self.pgid = None
         self.worker_pids = []
 
-    def command(self, action):
-        return subprocess.run([self.python, self.agent] + self.options + [action],
+    def command(self, action, *extra, timeout=COMMAND_TIMEOUT):
+        """`agent.py OPTIONS EXTRA ACTION` to completion: the CompletedProcess (text)."""
+        return subprocess.run([self.python, self.agent] + self.options + list(extra) + [action],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT)
+                              timeout=timeout)
 
     def start(self):
         try:
             result = self.command('start')
         except subprocess.TimeoutExpired:
-            self.master = self.read_pid()
+            self.master_pid = self.read_pid()
             self.remember_group()
             raise RuntimeError('agent start did not return within %gs' % COMMAND_TIMEOUT)
-        self.master = self.read_pid()
+        self.master_pid = self.read_pid()
         self.remember_group()
-        if result.returncode != 0 or self.master is None:
+        if result.returncode != 0 or self.master_pid is None:
             raise RuntimeError('agent start failed (%d): %s%s\n%s'
                                % (result.returncode, result.stdout, result.stderr, self.log_text()))
-        ports = re.findall(r'on 127\.0\.0\.1:(\d+)(?: \(https\))?,? ', self.log_text())
-        if not ports:
-            raise RuntimeError('no "serving ... on 127.0.0.1:PORT" line in %s' % self.log)
-        self.port = int(ports[-1])
+        self.port = serving_port(result.stdout)
+        if self.port is None:
+            raise RuntimeError('no "agent serving ... at URL" line from start: %r' % result.stdout)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            self.worker_pids = children_of(self.master)
+            self.worker_pids = children_of(self.master_pid)
             if self.worker_pids:
                 break
             time.sleep(0.05)
@@ -130,7 +162,7 @@ class AgentProcess:
 
     def remember_group(self):
         try:
-            self.pgid = os.getpgid(self.master) if self.master else None
+            self.pgid = os.getpgid(self.master_pid) if self.master_pid else None
         except OSError:
             self.pgid = None
 
@@ -138,7 +170,7 @@ class AgentProcess:
         return read_pid(self.pidfile)
 
     def workers(self):
-        return children_of(self.master) if self.master else []
+        return children_of(self.master_pid) if self.master_pid else []
 
     def log_text(self):
         try:
@@ -167,7 +199,7 @@ class AgentProcess:
     def stop(self):
         """`agent.py stop`; SIGKILL to the whole process group if anything is left."""
         try:
-            if self.master and pid_alive(self.master):
+            if self.master_pid and pid_alive(self.master_pid):
                 try:
                     self.command('stop')
                 except subprocess.TimeoutExpired:
@@ -179,7 +211,7 @@ class AgentProcess:
         """SIGKILL the agent's process group (the daemon's own session), if any of it is left."""
         if not self.pgid or self.pgid == os.getpgid(0):
             return
-        for pid in [self.master] + list(self.worker_pids):
+        for pid in [self.master_pid] + list(self.worker_pids):
             try:
                 if pid and os.getpgid(pid) == self.pgid:
                     os.killpg(self.pgid, signal.SIGKILL)
