@@ -75,7 +75,7 @@ import time
 from collections import namedtuple
 
 import harness
-from harness import children_of as children, pid_alive
+from harness import children_of as children, free_port, pid_alive
 
 HOST = "127.0.0.1"
 NGINX = "/usr/sbin/nginx"
@@ -120,14 +120,6 @@ def log(msg):
 
 
 # ---------------------------------------------------------------- helpers
-
-def free_port():
-    # The kernel picks an unused port for port 0; it stays free long enough
-    # for the server we start next to take it.
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
 
 def wait_for_port(port, timeout=READY_TIMEOUT, proc=None):
     """True once HOST:port accepts a connection (False on timeout or if
@@ -518,7 +510,7 @@ class AgentServer(Server):
 
     def cli(self, action):
         return [sys.executable, self.script, "--root", self.root,
-                "--bind", HOST, "--port", str(self.port),
+                "--bind", HOST, "--port", "0",
                 "--pidfile", self.pidfile, "--log", self.logfile,
                 "--access-log", self.accesslog] + (
                     ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
@@ -544,10 +536,10 @@ class AgentServer(Server):
         if not os.path.isfile(self.script):
             self.failed = "agent not found: %s" % self.script
             return None
-        self.port = free_port()
         rc, out, err, secs = run(self.cli("start"))
+        self.port = harness.serving_port(out)
         self.remember_pids()
-        if rc != 0:
+        if rc != 0 or self.port is None:
             msg = (err.strip() or out.strip() or "no output")
             self.failed = "start exited %s: %s" % (
                 "with timeout" if rc is None else rc, msg)
