@@ -2137,19 +2137,19 @@ def zombies_of(pid):
 
 
 # ---------------------------------------------------------------------------------------------
-# agent.py's HTTP rules: helpers (names prefixed HttpRules/http_rules_ to stay distinct)
+# agent.py's HTTP rules: helpers (a raw client, its responses, the files the tests serve)
 # ---------------------------------------------------------------------------------------------
 
-HTTP_RULES_MTIME = 1577836800            # 2020-01-01 00:00:00 UTC: a fixed, old mtime
-HTTP_RULES_PAST = 'Sun, 06 Nov 1994 08:49:37 GMT'
-HTTP_RULES_RANGE_DATA = (bytes(range(256)) * 4)[:1000]
-HTTP_RULES_A = b'A-JPEG-CONTENT:' + b'a' * 385          # 400 bytes
-HTTP_RULES_CLF = re.compile(
+FIXED_MTIME = 1577836800            # 2020-01-01 00:00:00 UTC: a fixed, old mtime
+PAST_DATE = 'Sun, 06 Nov 1994 08:49:37 GMT'
+RANGE_DATA = (bytes(range(256)) * 4)[:1000]
+FILE_A = b'A-JPEG-CONTENT:' + b'a' * 385          # 400 bytes
+CLF_LINE = re.compile(
     r'^(\S+) - - \[(\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4})\] "((?:[^"\\]|\\.)*)" '
     r'(\d{3}) (\d+|-) "((?:[^"\\]|\\.)*)" "((?:[^"\\]|\\.)*)"$')
 
 # Request targets that try to leave the root (sent verbatim on the request line).
-HTTP_RULES_TRAVERSAL = [
+TRAVERSAL_TARGETS = [
     b'/../canary.txt',
     b'/../../canary.txt',
     b'/../../../../../../../../etc/passwd',
@@ -2225,7 +2225,7 @@ HTTP_RULES_TRAVERSAL = [
 ]
 
 
-def http_rules_request(target, *headers, method='GET', version='HTTP/1.1', host='x', body=b''):
+def raw_request(target, *headers, method='GET', version='HTTP/1.1', host='x', body=b''):
     """The bytes of one request; target and headers may be str (latin-1) or bytes."""
     def b(value):
         return value if isinstance(value, bytes) else value.encode('latin-1')
@@ -2236,19 +2236,19 @@ def http_rules_request(target, *headers, method='GET', version='HTTP/1.1', host=
     return b'\r\n'.join(lines) + b'\r\n\r\n' + body
 
 
-def http_rules_check_no_traceback(data):
+def check_no_traceback(data):
     if b'Traceback' in data or b'File "' in data:
         raise AssertionError('traceback text in a response: %r' % data[:500])
 
 
-def http_rules_unescape_log(field):
+def unescape_log(field):
     """Undo the access log's escaping (\\xHH, or \\" and \\\\)."""
     return re.sub(r'\\(x[0-9a-fA-F]{2}|.)',
                   lambda m: chr(int(m.group(1)[1:], 16)) if len(m.group(1)) == 3 else m.group(1),
                   field)
 
 
-class HttpRulesResponse:
+class RawResponse:
     def __init__(self, status, headers, body, head):
         self.status = status
         self.headers = headers          # lowercase str names -> str values
@@ -2259,7 +2259,7 @@ class HttpRulesResponse:
         return '<%d %r %r>' % (self.status, self.headers, self.body[:80])
 
 
-class HttpRulesConn:
+class RawConn:
     """A raw client connection reading responses one at a time (HEAD- and 304-aware)."""
 
     def __init__(self, port, timeout=5.0):
@@ -2293,7 +2293,7 @@ class HttpRulesConn:
         if not data:
             self.closed = True
             return False
-        http_rules_check_no_traceback(data)
+        check_no_traceback(data)
         self.buf += data
         return True
 
@@ -2321,7 +2321,7 @@ class HttpRulesConn:
                 raise AssertionError('closed in the middle of a body: %r' % self.buf[:300])
         body = self.buf[end:end + length]
         self.buf = self.buf[end + length:]
-        return HttpRulesResponse(status, headers, body, head)
+        return RawResponse(status, headers, body, head)
 
     def wait_closed(self, timeout=None):
         """Read until the server closes: True if it did within timeout, else False."""
@@ -2334,7 +2334,7 @@ class HttpRulesConn:
         return True
 
 
-class HttpRulesClassCleanups:
+class ClassCleanups:
     """Gives AgentServer an addCleanup that registers class-level cleanups."""
 
     def __init__(self, cls):
@@ -2344,7 +2344,7 @@ class HttpRulesClassCleanups:
         self.cls.addClassCleanup(function, *args, **kwargs)
 
 
-class HttpRulesServerBase(unittest.TestCase):
+class SharedAgentTestCase(unittest.TestCase):
     """One agent per test class, started in setUpClass and stopped in tearDownClass."""
 
     options = ()
@@ -2352,7 +2352,7 @@ class HttpRulesServerBase(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = AgentServer(HttpRulesClassCleanups(cls), *cls.options, workers=cls.workers)
+        cls.server = AgentServer(ClassCleanups(cls), *cls.options, workers=cls.workers)
         cls.canary = ('CANARY-%s-OUTSIDE-ROOT' % os.urandom(8).hex()).encode()
         cls.make_files()
         cls.server.start()
@@ -2368,7 +2368,7 @@ class HttpRulesServerBase(unittest.TestCase):
     # -- helpers for the tests --
 
     def conn(self, timeout=5.0):
-        conn = HttpRulesConn(self.server.port, timeout)
+        conn = RawConn(self.server.port, timeout)
         self.addCleanup(conn.close)
         return conn
 
@@ -2388,13 +2388,13 @@ class HttpRulesServerBase(unittest.TestCase):
         return conn.buf, closed
 
     def get(self, target, *headers, **kwargs):
-        return self.fetch(http_rules_request(target, *headers, **kwargs),
+        return self.fetch(raw_request(target, *headers, **kwargs),
                           head_only=kwargs.get('method') == 'HEAD')
 
     def assert_serving(self):
         response = self.get('/a.jpg', 'Connection: close')
         self.assertEqual(response.status, 200)
-        self.assertEqual(response.body, HTTP_RULES_A)
+        self.assertEqual(response.body, FILE_A)
 
     def assert_error_page(self, response, status):
         self.assertEqual(response.status, status, response)
@@ -2405,7 +2405,7 @@ class HttpRulesServerBase(unittest.TestCase):
         self.assertNotIn(b'Traceback', response.body)
 
 
-def http_rules_write(root, name, data, mtime=HTTP_RULES_MTIME):
+def write_file(root, name, data, mtime=FIXED_MTIME):
     path = os.path.join(root, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'wb') as f:
@@ -2415,14 +2415,14 @@ def http_rules_write(root, name, data, mtime=HTTP_RULES_MTIME):
     return path
 
 
-def http_rules_outside_files(cls):
+def make_outside_files(cls):
     """The canary next to the root (and in sibling dirs); symlinks out of it."""
     server = cls.server
     base = os.path.dirname(server.root)
     for rel in ('canary.txt', 'outside/canary.txt', 'wwwsecret/canary.txt'):
-        http_rules_write(base, rel, cls.canary)
-    http_rules_write(server.root, 'a.jpg', HTTP_RULES_A)
-    http_rules_write(server.root, 'sub/inner.jpg', b'inner')
+        write_file(base, rel, cls.canary)
+    write_file(server.root, 'a.jpg', FILE_A)
+    write_file(server.root, 'sub/inner.jpg', b'inner')
     os.symlink(os.path.join(base, 'canary.txt'), os.path.join(server.root, 'link-out.jpg'))
     os.symlink('../outside', os.path.join(server.root, 'link-out-dir'))
     os.symlink('../wwwsecret/canary.txt', os.path.join(server.root, 'link-prefix.txt'))
@@ -2432,7 +2432,7 @@ def http_rules_outside_files(cls):
 # agent.py's HTTP rules: the pure functions
 # ---------------------------------------------------------------------------------------------
 
-class HttpRulesParseRequestTests(unittest.TestCase):
+class RequestParsingTests(unittest.TestCase):
     def parse(self, data, *args):
         return agent.parse_request(data, *args)
 
@@ -2567,11 +2567,11 @@ class HttpRulesParseRequestTests(unittest.TestCase):
             self.assertEqual(caught.exception.status, 501)
 
 
-class HttpRulesPathTests(unittest.TestCase):
+class PathMappingTests(unittest.TestCase):
     ROOT = '/srv/www'
 
     def test_traversal_table_never_escapes_the_root(self):
-        for target in HTTP_RULES_TRAVERSAL:
+        for target in TRAVERSAL_TARGETS:
             with self.subTest(target=target):
                 try:
                     relative, trailing, raw, query = agent.map_target(target)
@@ -2632,7 +2632,7 @@ class HttpRulesPathTests(unittest.TestCase):
         self.assertEqual(agent.map_target(b'/a.jpg?../../etc/passwd'), ('a.jpg', False, b'/a.jpg', b'../../etc/passwd'))
 
 
-class HttpRulesRangeTests(unittest.TestCase):
+class RangeHeaderTests(unittest.TestCase):
     def test_table(self):
         huge = '9' * 5000
         cases = [
@@ -2681,9 +2681,9 @@ class HttpRulesRangeTests(unittest.TestCase):
                 self.assertIn(found, (None, 'unsatisfiable', (0, 999)))
 
 
-class HttpRulesConditionalTests(unittest.TestCase):
+class ConditionalRequestTests(unittest.TestCase):
     ETAG = '"5e0be100-190"'
-    MTIME = float(HTTP_RULES_MTIME)
+    MTIME = float(FIXED_MTIME)
 
     def test_etag_matches(self):
         weak = 'W/' + self.ETAG
@@ -2708,11 +2708,11 @@ class HttpRulesConditionalTests(unittest.TestCase):
             ({'if-none-match': '*'}, True),
             ({'if-none-match': '"other"'}, False),
             ({'if-none-match': '"other"', 'if-modified-since': future}, False),   # INM wins
-            ({'if-none-match': self.ETAG, 'if-modified-since': HTTP_RULES_PAST}, True),
+            ({'if-none-match': self.ETAG, 'if-modified-since': PAST_DATE}, True),
             ({'if-modified-since': at}, True),
             ({'if-modified-since': future}, True),
             ({'if-modified-since': earlier}, False),
-            ({'if-modified-since': HTTP_RULES_PAST}, False),
+            ({'if-modified-since': PAST_DATE}, False),
             ({'if-modified-since': 'garbage'}, False),
             ({'if-modified-since': ''}, False),
             ({'if-modified-since': 'Mon, 99 Foo 2020 99:99:99 GMT'}, False),
@@ -2727,7 +2727,7 @@ class HttpRulesConditionalTests(unittest.TestCase):
             ({'if-range': self.ETAG}, True),
             ({'if-range': '"stale"'}, False),
             ({'if-range': 'W/' + self.ETAG}, False),
-            ({'if-range': HTTP_RULES_PAST}, False),
+            ({'if-range': PAST_DATE}, False),
             ({'if-range': agent.http_date(self.MTIME + 5)}, False),
             ({'if-range': 'garbage'}, False),
         ]
@@ -2735,7 +2735,7 @@ class HttpRulesConditionalTests(unittest.TestCase):
             self.assertEqual(agent.if_range_allows(headers, self.ETAG, self.MTIME), expected, headers)
 
 
-class HttpRulesLogAndPageTests(unittest.TestCase):
+class AccessLogAndPageTests(unittest.TestCase):
     def test_escape_log(self):
         self.assertEqual(agent.escape_log('Mozilla/5.0 (X11; Linux) x=1&y'), 'Mozilla/5.0 (X11; Linux) x=1&y')
         for raw in ('ua" 200 0 "-" "forged', 'back\\slash', 'esc\x1b[31m', 'cr\rlf\n', 'nul\x00',
@@ -2746,7 +2746,7 @@ class HttpRulesLogAndPageTests(unittest.TestCase):
             self.assertNotRegex(escaped, r'(?<!\\)"', raw)
             self.assertRegex('"%s"' % escaped, r'^"(?:[^"\\]|\\.)*"$', raw)
             if isinstance(raw, str) and all(ord(c) < 256 for c in raw):
-                self.assertEqual(http_rules_unescape_log(escaped), raw)
+                self.assertEqual(unescape_log(escaped), raw)
 
     def test_gallery_page_escapes(self):
         names = [('<script>.jpg', False), ('a"b&c.jpg', False), ('notes.txt', False),
@@ -2774,7 +2774,7 @@ class HttpRulesLogAndPageTests(unittest.TestCase):
         self.assertFalse(any('notes.txt' in img for img in imgs))
 
     def test_content_type(self):
-        for name, expected in HttpRulesServerTests.TYPES:
+        for name, expected in HttpServerTests.TYPES:
             self.assertIn(agent.content_type('x' + name).split(';')[0].strip(), expected, name)
         self.assertEqual(agent.content_type('X.PNG'), 'image/png')
         self.assertEqual(agent.content_type('noext'), 'application/octet-stream')
@@ -2796,7 +2796,7 @@ class HttpRulesLogAndPageTests(unittest.TestCase):
 # agent.py's HTTP rules over loopback
 # ---------------------------------------------------------------------------------------------
 
-class HttpRulesServerTests(HttpRulesServerBase):
+class HttpServerTests(SharedAgentTestCase):
     """The main server: default limits, two workers."""
 
     TYPES = [('.jpeg', ('image/jpeg',)), ('.jpg', ('image/jpeg',)), ('.png', ('image/png',)),
@@ -2811,14 +2811,14 @@ class HttpRulesServerTests(HttpRulesServerBase):
     @classmethod
     def make_files(cls):
         root = cls.server.root
-        http_rules_outside_files(cls)
-        w = lambda name, data: http_rules_write(root, name, data)   # noqa: E731
+        make_outside_files(cls)
+        w = lambda name, data: write_file(root, name, data)   # noqa: E731
         w('b.png', b'B-PNG-CONTENT')
         w('c.gif', b'C-GIF-CONTENT')
         w('A.jpg', b'UPPER-A')
         w('%41.jpg', b'LITERAL-PERCENT-41')
         w('space name.jpg', b'SPACE')
-        w('range.bin', HTTP_RULES_RANGE_DATA)
+        w('range.bin', RANGE_DATA)
         w('empty.jpg', b'')
         w('one.jpg', b'x')
         cls.random_data = os.urandom(100_000)
@@ -2848,22 +2848,22 @@ class HttpRulesServerTests(HttpRulesServerBase):
     def test_get_and_head(self):
         response = self.get('/a.jpg')
         self.assertEqual(response.status, 200)
-        self.assertEqual(response.body, HTTP_RULES_A)
-        data, closed = self.fetch_all(http_rules_request('/a.jpg', 'Connection: close', method='HEAD'))
+        self.assertEqual(response.body, FILE_A)
+        data, closed = self.fetch_all(raw_request('/a.jpg', 'Connection: close', method='HEAD'))
         self.assertTrue(closed)
         head, sep, rest = data.partition(b'\r\n\r\n')
         self.assertTrue(sep)
         self.assertEqual(rest, b'', 'HEAD sent a body')
-        self.assertIn(b'\r\nContent-Length: %d\r\n' % len(HTTP_RULES_A), head + b'\r\n')
+        self.assertIn(b'\r\nContent-Length: %d\r\n' % len(FILE_A), head + b'\r\n')
 
     def test_head_has_exactly_gets_headers(self):
         for target in ('/a.jpg', '/gallery/', '/missing.jpg', '/sub', '/range.bin'):
             conn = self.conn()
-            conn.send(http_rules_request(target))
+            conn.send(raw_request(target))
             got = conn.response()
-            conn.send(http_rules_request(target, method='HEAD'))
+            conn.send(raw_request(target, method='HEAD'))
             head = conn.response(head_only=True)
-            conn.send(http_rules_request('/b.png', 'Connection: close'))
+            conn.send(raw_request('/b.png', 'Connection: close'))
             after = conn.response()
             self.assertEqual(after.body, b'B-PNG-CONTENT', 'HEAD %s sent a body' % target)
             self.assertEqual(head.status, got.status, target)
@@ -2883,8 +2883,8 @@ class HttpRulesServerTests(HttpRulesServerBase):
 
     def test_405_keeps_the_connection_and_skips_the_body(self):
         conn = self.conn()
-        conn.send(http_rules_request('/a.jpg', 'Content-Length: 5', method='POST', body=b'hello')
-                  + http_rules_request('/b.png', 'Connection: close'))
+        conn.send(raw_request('/a.jpg', 'Content-Length: 5', method='POST', body=b'hello')
+                  + raw_request('/b.png', 'Connection: close'))
         self.assertEqual(conn.response().status, 405)
         second = conn.response()
         self.assertEqual((second.status, second.body), (200, b'B-PNG-CONTENT'))
@@ -2904,27 +2904,27 @@ class HttpRulesServerTests(HttpRulesServerBase):
 
     def test_pipelined_requests_answered_in_order(self):
         conn = self.conn()
-        conn.send(http_rules_request('/a.jpg') + http_rules_request('/b.png')
-                  + http_rules_request('/c.gif', 'Connection: close'))
+        conn.send(raw_request('/a.jpg') + raw_request('/b.png')
+                  + raw_request('/c.gif', 'Connection: close'))
         bodies = [conn.response().body for _ in range(3)]
-        self.assertEqual(bodies, [HTTP_RULES_A, b'B-PNG-CONTENT', b'C-GIF-CONTENT'])
+        self.assertEqual(bodies, [FILE_A, b'B-PNG-CONTENT', b'C-GIF-CONTENT'])
         self.assertTrue(conn.wait_closed())
 
     def test_pipelined_mixed_statuses(self):
         conn = self.conn()
-        conn.send(http_rules_request('/missing') + http_rules_request('/b.png', method='HEAD')
-                  + http_rules_request('/sub') + http_rules_request('/a.jpg', 'Range: bytes=0-3')
-                  + http_rules_request('/c.gif'))
+        conn.send(raw_request('/missing') + raw_request('/b.png', method='HEAD')
+                  + raw_request('/sub') + raw_request('/a.jpg', 'Range: bytes=0-3')
+                  + raw_request('/c.gif'))
         statuses = [conn.response().status, conn.response(head_only=True).status, conn.response().status]
         last = conn.response()
         final = conn.response()
         self.assertEqual(statuses + [last.status, final.status], [404, 200, 301, 206, 200])
-        self.assertEqual(last.body, HTTP_RULES_A[:4])
+        self.assertEqual(last.body, FILE_A[:4])
         self.assertEqual(final.body, b'C-GIF-CONTENT')
 
     def test_request_split_at_awkward_points(self):
-        data = (http_rules_request('/a.jpg', 'User-Agent: split') + http_rules_request('/b.png')
-                + http_rules_request('/c.gif', 'Connection: close'))
+        data = (raw_request('/a.jpg', 'User-Agent: split') + raw_request('/b.png')
+                + raw_request('/c.gif', 'Connection: close'))
         first_end = data.index(b'\r\n\r\n') + 4
         cuts = sorted({1, 3, 4, 5, data.index(b'\r\n') + 1, data.index(b'Host') + 2,
                        first_end - 3, first_end - 1, first_end + 1, first_end + 2,
@@ -2935,11 +2935,11 @@ class HttpRulesServerTests(HttpRulesServerBase):
             conn.send(piece)
             time.sleep(0.01)        # let each piece arrive on its own; not needed to pass
         bodies = [conn.response().body for _ in range(3)]
-        self.assertEqual(bodies, [HTTP_RULES_A, b'B-PNG-CONTENT', b'C-GIF-CONTENT'])
+        self.assertEqual(bodies, [FILE_A, b'B-PNG-CONTENT', b'C-GIF-CONTENT'])
 
     def test_request_sent_byte_by_byte(self):
         conn = self.conn()
-        for byte in http_rules_request('/b.png', 'Connection: close'):
+        for byte in raw_request('/b.png', 'Connection: close'):
             conn.send(bytes([byte]))
         response = conn.response()
         self.assertEqual((response.status, response.body), (200, b'B-PNG-CONTENT'))
@@ -2947,7 +2947,7 @@ class HttpRulesServerTests(HttpRulesServerBase):
     def test_keep_alive_http11(self):
         conn = self.conn()
         for _ in range(3):
-            conn.send(http_rules_request('/b.png'))
+            conn.send(raw_request('/b.png'))
             response = conn.response()
             self.assertEqual(response.status, 200)
             self.assertNotEqual(response.headers.get('connection', '').lower(), 'close')
@@ -2969,7 +2969,7 @@ class HttpRulesServerTests(HttpRulesServerBase):
 
     def test_connection_close_honoured(self):
         conn = self.conn()
-        conn.send(http_rules_request('/b.png', 'Connection: close'))
+        conn.send(raw_request('/b.png', 'Connection: close'))
         response = conn.response()
         self.assertEqual(response.headers.get('connection', '').lower(), 'close')
         self.assertTrue(conn.wait_closed())
@@ -2981,7 +2981,7 @@ class HttpRulesServerTests(HttpRulesServerBase):
 
     def test_absolute_form_accepted(self):
         response = self.get('http://example.com/a.jpg', host='example.com')
-        self.assertEqual((response.status, response.body), (200, HTTP_RULES_A))
+        self.assertEqual((response.status, response.body), (200, FILE_A))
         response = self.get('http://example.com/gallery/pic.png?x=1', host='example.com')
         self.assertEqual((response.status, response.body), (200, b'PIC'))
 
@@ -3044,23 +3044,23 @@ class HttpRulesServerTests(HttpRulesServerBase):
         future = email_utils.formatdate(time.time() + 86400, usegmt=True)
         etag = self.get('/a.jpg').headers['etag']
         response = self.get('/a.jpg', 'If-None-Match: "nope"', 'If-Modified-Since: ' + future)
-        self.assertEqual((response.status, response.body), (200, HTTP_RULES_A))
-        response = self.get('/a.jpg', 'If-None-Match: ' + etag, 'If-Modified-Since: ' + HTTP_RULES_PAST)
+        self.assertEqual((response.status, response.body), (200, FILE_A))
+        response = self.get('/a.jpg', 'If-None-Match: ' + etag, 'If-Modified-Since: ' + PAST_DATE)
         self.assertEqual(response.status, 304)
 
     def test_if_modified_since(self):
         last_modified = self.get('/a.jpg').headers['last-modified']
         self.assertEqual(self.get('/a.jpg', 'If-Modified-Since: ' + last_modified).status, 304)
-        self.assertEqual(self.get('/a.jpg', 'If-Modified-Since: ' + HTTP_RULES_PAST).status, 200)
+        self.assertEqual(self.get('/a.jpg', 'If-Modified-Since: ' + PAST_DATE).status, 200)
         for invalid in ('garbage', 'Mon, 99 Foo 2020 99:99:99 GMT', '0', '-1',
                         'Sun, 06 Nov 99999999999999999999 08:49:37 GMT'):
             response = self.get('/a.jpg', 'If-Modified-Since: ' + invalid)
-            self.assertEqual((response.status, response.body), (200, HTTP_RULES_A), invalid)
+            self.assertEqual((response.status, response.body), (200, FILE_A), invalid)
 
     def test_304_has_no_body(self):
         etag = self.get('/a.jpg').headers['etag']
-        data, closed = self.fetch_all(http_rules_request('/a.jpg', 'If-None-Match: ' + etag)
-                                      + http_rules_request('/b.png', 'Connection: close'))
+        data, closed = self.fetch_all(raw_request('/a.jpg', 'If-None-Match: ' + etag)
+                                      + raw_request('/b.png', 'Connection: close'))
         self.assertTrue(closed)
         self.assertTrue(data.startswith(b'HTTP/1.1 304 '), data[:100])
         end = data.index(b'\r\n\r\n') + 4
@@ -3073,7 +3073,7 @@ class HttpRulesServerTests(HttpRulesServerBase):
         self.assertEqual(first.body, b'version one')
         with open(path, 'wb') as f:
             f.write(b'version two, longer')
-        os.utime(path, (HTTP_RULES_MTIME + 100, HTTP_RULES_MTIME + 100))
+        os.utime(path, (FIXED_MTIME + 100, FIXED_MTIME + 100))
         second = self.get('/changing.jpg')
         self.assertEqual(second.body, b'version two, longer')
         self.assertNotEqual(first.headers['etag'], second.headers['etag'])
@@ -3081,7 +3081,7 @@ class HttpRulesServerTests(HttpRulesServerBase):
 
     def test_deleted_file_is_not_served_from_the_cache(self):
         path = os.path.join(self.server.root, 'doomed.jpg')
-        http_rules_write(self.server.root, 'doomed.jpg', b'here today')
+        write_file(self.server.root, 'doomed.jpg', b'here today')
         for _ in range(4):                          # cached in every worker
             self.assertEqual(self.get('/doomed.jpg').body, b'here today')
         os.unlink(path)
@@ -3090,10 +3090,10 @@ class HttpRulesServerTests(HttpRulesServerBase):
 
     def test_file_replaced_by_rename_is_served_new(self):
         """Same size, same mtime, another inode: what a deploy's atomic rename looks like."""
-        http_rules_write(self.server.root, 'swapped.jpg', b'old bytes!')
+        write_file(self.server.root, 'swapped.jpg', b'old bytes!')
         for _ in range(4):
             self.assertEqual(self.get('/swapped.jpg').body, b'old bytes!')
-        http_rules_write(self.server.root, '.swapped.tmp', b'new bytes!')
+        write_file(self.server.root, '.swapped.tmp', b'new bytes!')
         os.rename(os.path.join(self.server.root, '.swapped.tmp'), os.path.join(self.server.root, 'swapped.jpg'))
         for _ in range(4):
             self.assertEqual(self.get('/swapped.jpg').body, b'new bytes!')
@@ -3104,14 +3104,14 @@ class HttpRulesServerTests(HttpRulesServerBase):
         return self.get('/range.bin', 'Range: ' + value, *headers)
 
     def test_single_ranges(self):
-        size = len(HTTP_RULES_RANGE_DATA)
+        size = len(RANGE_DATA)
         for value, first, last in (('bytes=0-99', 0, 99), ('bytes=-100', 900, 999), ('bytes=900-', 900, 999),
                                    ('bytes=990-5000', 990, 999), ('bytes=0-0', 0, 0), ('bytes=-5000', 0, 999),
                                    ('bytes=0-99999999999999999999999', 0, 999)):
             response = self.range_get(value)
             self.assertEqual(response.status, 206, value)
             self.assertEqual(response.headers['content-range'], 'bytes %d-%d/%d' % (first, last, size), value)
-            self.assertEqual(response.body, HTTP_RULES_RANGE_DATA[first:last + 1], value)
+            self.assertEqual(response.body, RANGE_DATA[first:last + 1], value)
             self.assertEqual(int(response.headers['content-length']), last - first + 1)
 
     def test_range_on_head(self):
@@ -3136,12 +3136,12 @@ class HttpRulesServerTests(HttpRulesServerBase):
                       'bytes=%s-' % ('9' * 5000), 'bytes=0-%s' % ('9' * 5000), 'bytes=-%s' % ('9' * 5000)):
             with self.subTest(value=value[:40]):
                 conn = self.conn()
-                conn.send(http_rules_request('/range.bin', 'Range: ' + value))
+                conn.send(raw_request('/range.bin', 'Range: ' + value))
                 response = conn.response()
                 self.assertIn(response.status, (200, 206, 416))
                 if response.status == 200:
-                    self.assertEqual(response.body, HTTP_RULES_RANGE_DATA)
-                conn.send(http_rules_request('/b.png', 'Connection: close'))
+                    self.assertEqual(response.body, RANGE_DATA)
+                conn.send(raw_request('/b.png', 'Connection: close'))
                 self.assertEqual(conn.response().body, b'B-PNG-CONTENT', 'next request not answered')
         self.assertEqual(self.server.workers(), workers)
         self.assert_serving()
@@ -3149,18 +3149,18 @@ class HttpRulesServerTests(HttpRulesServerBase):
     def test_if_range(self):
         full = self.get('/range.bin')
         etag, last_modified = full.headers['etag'], full.headers['last-modified']
-        for stale in ('"stale-etag"', 'W/' + etag, HTTP_RULES_PAST, 'Sat, 01 Jan 2022 00:00:00 GMT'):
+        for stale in ('"stale-etag"', 'W/' + etag, PAST_DATE, 'Sat, 01 Jan 2022 00:00:00 GMT'):
             response = self.range_get('bytes=0-9', 'If-Range: ' + stale)
-            self.assertEqual((response.status, response.body), (200, HTTP_RULES_RANGE_DATA), stale)
+            self.assertEqual((response.status, response.body), (200, RANGE_DATA), stale)
         response = self.range_get('bytes=0-9', 'If-Range: ' + etag)
-        self.assertEqual((response.status, response.body), (206, HTTP_RULES_RANGE_DATA[:10]))
+        self.assertEqual((response.status, response.body), (206, RANGE_DATA[:10]))
         response = self.range_get('bytes=5000-', 'If-Range: "stale-etag"')
         self.assertEqual(response.status, 200)
 
     def test_ignored_ranges_give_200(self):
         for value in ('items=0-5', 'bytes=0-1,5-6', 'bytes=5-1', 'bytes=abc', 'bytes 0-5'):
             response = self.range_get(value)
-            self.assertEqual((response.status, response.body), (200, HTTP_RULES_RANGE_DATA), value)
+            self.assertEqual((response.status, response.body), (200, RANGE_DATA), value)
 
     # -- paths --
 
@@ -3170,9 +3170,9 @@ class HttpRulesServerTests(HttpRulesServerBase):
                 passwd = f.read(32)
         except OSError:
             passwd = b'root:x:0:0'
-        for target in HTTP_RULES_TRAVERSAL:
+        for target in TRAVERSAL_TARGETS:
             with self.subTest(target=target):
-                data, closed = self.fetch_all(http_rules_request(target, 'Connection: close'))
+                data, closed = self.fetch_all(raw_request(target, 'Connection: close'))
                 self.assertNotIn(self.canary, data)
                 self.assertNotIn(passwd, data)
                 self.assertRegex(data[:13], rb'^HTTP/1\.1 40[04] ', data[:200])
@@ -3186,7 +3186,7 @@ class HttpRulesServerTests(HttpRulesServerBase):
                 self.assert_error_page(self.get(target, 'Connection: close'), 400)
 
     def test_symlinks(self):
-        self.assertEqual(self.get('/link-in.jpg').body, HTTP_RULES_A)
+        self.assertEqual(self.get('/link-in.jpg').body, FILE_A)
         self.assertEqual(self.get('/link-in-dir/inner.jpg').body, b'inner')
         for target in ('/link-out.jpg', '/link-out-dir/canary.txt', '/link-out-dir/', '/link-prefix.txt'):
             response = self.get(target)
@@ -3197,7 +3197,7 @@ class HttpRulesServerTests(HttpRulesServerBase):
     def test_query_string_ignored(self):
         for target in ('/a.jpg?x=1', '/a.jpg?', '/a.jpg?../../canary.txt', '/a.jpg?%00'):
             response = self.get(target)
-            self.assertEqual((response.status, response.body), (200, HTTP_RULES_A), target)
+            self.assertEqual((response.status, response.body), (200, FILE_A), target)
 
     def test_percent_decoding_once(self):
         self.assertEqual(self.get('/space%20name.jpg').body, b'SPACE')
@@ -3270,50 +3270,50 @@ class HttpRulesServerTests(HttpRulesServerBase):
     # -- limits --
 
     def test_request_line_too_long_414(self):
-        data, closed = self.fetch_all(http_rules_request('/' + 'a' * 9000))
+        data, closed = self.fetch_all(raw_request('/' + 'a' * 9000))
         self.assertTrue(data.startswith(b'HTTP/1.1 414 '), data[:100])
         self.assertTrue(closed)
         self.assertEqual(self.get('/' + 'a' * 7000).status, 404)       # long but inside the limit
 
     def test_headers_too_large_431(self):
-        data, closed = self.fetch_all(http_rules_request('/a.jpg', 'X-Big: ' + 'a' * 9000))
+        data, closed = self.fetch_all(raw_request('/a.jpg', 'X-Big: ' + 'a' * 9000))
         self.assertTrue(data.startswith(b'HTTP/1.1 431 '), data[:100])
         self.assertTrue(closed)
         many = ['X-H%d: %s' % (i, 'v' * 100) for i in range(90)]     # ~10 KiB in many headers
-        self.assertTrue(self.fetch_all(http_rules_request('/a.jpg', *many))[0].startswith(b'HTTP/1.1 431 '))
+        self.assertTrue(self.fetch_all(raw_request('/a.jpg', *many))[0].startswith(b'HTTP/1.1 431 '))
         self.assertEqual(self.get('/a.jpg', 'X-Big: ' + 'a' * 7000).status, 200)
 
     def test_431_delivered_when_client_sends_far_more(self):
-        data, closed = self.fetch_all(http_rules_request('/a.jpg', 'X-Big: ' + 'a' * 60000))
+        data, closed = self.fetch_all(raw_request('/a.jpg', 'X-Big: ' + 'a' * 60000))
         self.assertTrue(data.startswith(b'HTTP/1.1 431 '), 'no 431 received, got %r' % data[:100])
         self.assertTrue(closed)
 
     def test_too_many_headers_431(self):
         ok = ['X-H%d: %d' % (i, i) for i in range(99)]               # + Host = 100
         self.assertEqual(self.get('/a.jpg', *ok).status, 200)
-        data, closed = self.fetch_all(http_rules_request('/a.jpg', *(ok + ['X-Last: 1'])))
+        data, closed = self.fetch_all(raw_request('/a.jpg', *(ok + ['X-Last: 1'])))
         self.assertTrue(data.startswith(b'HTTP/1.1 431 '), data[:100])
         self.assertTrue(closed)
 
     def test_get_body_discarded(self):
         conn = self.conn()
-        conn.send(http_rules_request('/a.jpg', 'Content-Length: 10', body=b'0123456789')
-                  + http_rules_request('/b.png', 'Connection: close'))
-        self.assertEqual(conn.response().body, HTTP_RULES_A)
+        conn.send(raw_request('/a.jpg', 'Content-Length: 10', body=b'0123456789')
+                  + raw_request('/b.png', 'Connection: close'))
+        self.assertEqual(conn.response().body, FILE_A)
         self.assertEqual(conn.response().body, b'B-PNG-CONTENT')
         # a body arriving in pieces, with the next request glued to its end
         conn = self.conn()
-        conn.send(http_rules_request('/a.jpg', 'Content-Length: 20000'))
-        self.assertEqual(conn.response().body, HTTP_RULES_A)
+        conn.send(raw_request('/a.jpg', 'Content-Length: 20000'))
+        self.assertEqual(conn.response().body, FILE_A)
         conn.send(b'G' * 12000)
-        conn.send(b'E' * 8000 + http_rules_request('/c.gif', 'Connection: close')[:10])
-        conn.send(http_rules_request('/c.gif', 'Connection: close')[10:])
+        conn.send(b'E' * 8000 + raw_request('/c.gif', 'Connection: close')[:10])
+        conn.send(raw_request('/c.gif', 'Connection: close')[10:])
         self.assertEqual(conn.response().body, b'C-GIF-CONTENT')
 
     def test_transfer_encoding_with_content_length_400(self):
         data, closed = self.fetch_all(
-            http_rules_request('/a.jpg', 'Content-Length: 5', 'Transfer-Encoding: chunked', body=b'hello')
-            + http_rules_request('/b.png'))
+            raw_request('/a.jpg', 'Content-Length: 5', 'Transfer-Encoding: chunked', body=b'hello')
+            + raw_request('/b.png'))
         self.assertTrue(closed, 'connection not closed after a smuggling attempt')
         self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:100])
         self.assertEqual(data.count(b'HTTP/1.1 '), 1, data)
@@ -3366,34 +3366,34 @@ class HttpRulesServerTests(HttpRulesServerBase):
         wait_for(lambda: any(pattern.match(line) for line in self.server.access_lines()), timeout=3,
                  message='a Combined Log Format line for GET /a.jpg')
         line = [line for line in self.server.access_lines() if pattern.match(line)][-1]
-        self.assertTrue(line.split('" 200 ')[1].startswith('%d ' % len(HTTP_RULES_A)), line)
+        self.assertTrue(line.split('" 200 ')[1].startswith('%d ' % len(FILE_A)), line)
 
     def test_access_log_one_line_per_request(self):
         marker = 'count-%s' % os.urandom(6).hex()
         conn = self.conn()
-        conn.send(http_rules_request('/a.jpg', 'User-Agent: ' + marker)
-                  + http_rules_request('/missing', 'User-Agent: ' + marker, 'Referer: http://r/')
-                  + http_rules_request('/b.png', 'User-Agent: ' + marker, method='HEAD'))
+        conn.send(raw_request('/a.jpg', 'User-Agent: ' + marker)
+                  + raw_request('/missing', 'User-Agent: ' + marker, 'Referer: http://r/')
+                  + raw_request('/b.png', 'User-Agent: ' + marker, method='HEAD'))
         conn.response(), conn.response(), conn.response(head_only=True)
         mine = lambda: [line for line in self.server.access_lines() if marker in line]   # noqa: E731
         wait_for(lambda: len(mine()) >= 3, timeout=3, message='three access-log lines')
         lines = mine()
         self.assertEqual(len(lines), 3, lines)
-        statuses = [HTTP_RULES_CLF.match(line).group(4) for line in lines]
+        statuses = [CLF_LINE.match(line).group(4) for line in lines]
         self.assertEqual(statuses, ['200', '404', '200'])
-        self.assertEqual(HTTP_RULES_CLF.match(lines[1]).group(6), 'http://r/')
+        self.assertEqual(CLF_LINE.match(lines[1]).group(6), 'http://r/')
 
     def test_access_log_escaping(self):
         marker = 'esc-%s' % os.urandom(6).hex()
         agent_value = marker + ' evil" 200 0 "-" "forged\\ \x1b[31mred'
         referer = 'http://r/"q\\'
         requests = [
-            http_rules_request('/a.jpg', 'User-Agent: ' + agent_value, 'Referer: ' + referer, 'Connection: close'),
-            http_rules_request('/log"q.jpg', 'User-Agent: ' + marker, 'Connection: close'),
-            http_rules_request('/log\\x.jpg', 'User-Agent: ' + marker, 'Connection: close'),
+            raw_request('/a.jpg', 'User-Agent: ' + agent_value, 'Referer: ' + referer, 'Connection: close'),
+            raw_request('/log"q.jpg', 'User-Agent: ' + marker, 'Connection: close'),
+            raw_request('/log\\x.jpg', 'User-Agent: ' + marker, 'Connection: close'),
             # A control byte on the request line is refused before the headers are read (as it
             # is when the line arrives alone), so the marker goes in the line itself.
-            http_rules_request('/log\x1bx-%s.jpg' % marker, 'Connection: close'),
+            raw_request('/log\x1bx-%s.jpg' % marker, 'Connection: close'),
         ]
         for raw in requests:
             self.fetch_all(raw)
@@ -3407,27 +3407,27 @@ class HttpRulesServerTests(HttpRulesServerBase):
         self.assertEqual(len(lines), len(requests), lines)
         logged = {}
         for line in lines:
-            match = HTTP_RULES_CLF.match(line)
+            match = CLF_LINE.match(line)
             self.assertIsNotNone(match, 'malformed access-log line: %r' % line)
-            logged[http_rules_unescape_log(match.group(3))] = match
+            logged[unescape_log(match.group(3))] = match
         sent = [raw.split(b'\r\n')[0].decode('latin-1') for raw in requests]
         self.assertEqual(sorted(logged), sorted(sent))     # the workers' lines may interleave
         first = logged[sent[0]]
-        self.assertEqual(http_rules_unescape_log(first.group(7)), agent_value)
-        self.assertEqual(http_rules_unescape_log(first.group(6)), referer)
+        self.assertEqual(unescape_log(first.group(7)), agent_value)
+        self.assertEqual(unescape_log(first.group(6)), referer)
 
     def test_access_log_lines_all_well_formed(self):
         self.fetch_all(b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage')
         self.fetch_all(b'GET /"\\ HTTP/1.1\r\nHost: x\r\n\r\n')
         wait_for(lambda: len(self.server.access_lines()) >= 2, timeout=3, message='access-log lines')
         for line in self.server.access_lines():
-            self.assertRegex(line, HTTP_RULES_CLF)
+            self.assertRegex(line, CLF_LINE)
 
     # -- streaming, concurrency, content --
 
     def test_big_file_streamed_with_little_memory(self):
         conn = self.conn(timeout=10)
-        conn.send(http_rules_request('/big/big.bin', 'Connection: close'))
+        conn.send(raw_request('/big/big.bin', 'Connection: close'))
         deadline = time.monotonic() + 30
         head = b''
         while b'\r\n\r\n' not in head:
@@ -3484,13 +3484,13 @@ class HttpRulesServerTests(HttpRulesServerBase):
         self.assertEqual((status, body), (206, self.random_data[50000:51000]))
 
 
-class HttpRulesFollowSymlinksTests(HttpRulesServerBase):
+class FollowSymlinksTests(SharedAgentTestCase):
     options = ('--follow-symlinks',)
     workers = 1
 
     @classmethod
     def make_files(cls):
-        http_rules_outside_files(cls)
+        make_outside_files(cls)
 
     def test_symlinks_out_of_root_served(self):
         for target in ('/link-out.jpg', '/link-out-dir/canary.txt', '/link-prefix.txt'):
@@ -3498,14 +3498,14 @@ class HttpRulesFollowSymlinksTests(HttpRulesServerBase):
             self.assertEqual((response.status, response.body), (200, self.canary), target)
 
     def test_traversal_still_refused(self):
-        for target in HTTP_RULES_TRAVERSAL:
+        for target in TRAVERSAL_TARGETS:
             with self.subTest(target=target):
-                data, _ = self.fetch_all(http_rules_request(target, 'Connection: close'))
+                data, _ = self.fetch_all(raw_request(target, 'Connection: close'))
                 self.assertNotIn(self.canary, data)
                 self.assertRegex(data[:13], rb'^HTTP/1\.1 40[04] ')
 
 
-class HttpRulesTimeoutTests(HttpRulesServerBase):
+class ConnectionTimeoutTests(SharedAgentTestCase):
     """--header-timeout 1 --timeout 2 --max-header-size 1024."""
 
     options = ('--header-timeout', '1', '--timeout', '2', '--max-header-size', '1024')
@@ -3513,7 +3513,7 @@ class HttpRulesTimeoutTests(HttpRulesServerBase):
 
     @classmethod
     def make_files(cls):
-        http_rules_write(cls.server.root, 'a.jpg', HTTP_RULES_A)
+        write_file(cls.server.root, 'a.jpg', FILE_A)
 
     def test_trickled_header_cut_after_header_timeout(self):
         conn = self.conn(timeout=10)
@@ -3542,12 +3542,12 @@ class HttpRulesTimeoutTests(HttpRulesServerBase):
         self.assertTrue(closed, 'a trickling client was never cut off')
         self.assertGreater(elapsed, 0.8)
         self.assertLess(elapsed, 4.0)
-        http_rules_check_no_traceback(conn.buf)
+        check_no_traceback(conn.buf)
         self.assert_serving()
 
     def test_idle_keep_alive_closed_after_timeout(self):
         conn = self.conn(timeout=10)
-        conn.send(http_rules_request('/a.jpg'))
+        conn.send(raw_request('/a.jpg'))
         self.assertEqual(conn.response().status, 200)
         start = time.monotonic()
         self.assertTrue(conn.wait_closed(timeout=8), 'idle keep-alive connection never closed')
@@ -3557,11 +3557,11 @@ class HttpRulesTimeoutTests(HttpRulesServerBase):
 
     def test_keep_alive_usable_before_timeout(self):
         conn = self.conn()
-        conn.send(http_rules_request('/a.jpg'))
+        conn.send(raw_request('/a.jpg'))
         conn.response()
         time.sleep(0.5)     # idle, but well inside --timeout
-        conn.send(http_rules_request('/a.jpg', 'Connection: close'))
-        self.assertEqual(conn.response().body, HTTP_RULES_A)
+        conn.send(raw_request('/a.jpg', 'Connection: close'))
+        self.assertEqual(conn.response().body, FILE_A)
 
     def test_empty_lines_only_do_not_hang(self):
         conn = self.conn(timeout=6)
@@ -3573,10 +3573,10 @@ class HttpRulesTimeoutTests(HttpRulesServerBase):
 
     def test_max_header_size_option(self):
         self.assertEqual(self.get('/a.jpg', 'X-Pad: ' + 'a' * 800).status, 200)
-        data, closed = self.fetch_all(http_rules_request('/a.jpg', 'X-Pad: ' + 'a' * 1100))
+        data, closed = self.fetch_all(raw_request('/a.jpg', 'X-Pad: ' + 'a' * 1100))
         self.assertTrue(data.startswith(b'HTTP/1.1 431 '), data[:100])
         self.assertTrue(closed)
-        data, closed = self.fetch_all(http_rules_request('/' + 'a' * 1100))
+        data, closed = self.fetch_all(raw_request('/' + 'a' * 1100))
         self.assertTrue(data.startswith(b'HTTP/1.1 414 '), data[:100])
         self.assertTrue(closed)
         self.assert_serving()
@@ -3779,7 +3779,7 @@ def shutil_which(name):
     return shutil.which(name)
 
 
-def gallery_stat(size=100, mtime=HTTP_RULES_MTIME, directory=False, ino=1):
+def gallery_stat(size=100, mtime=FIXED_MTIME, directory=False, ino=1):
     mode = (stat.S_IFDIR | 0o755) if directory else (stat.S_IFREG | 0o644)
     ns = mtime * 10 ** 9
     return os.stat_result((mode, ino, 1, 1, 0, 0, size, mtime, mtime, mtime),
@@ -3870,11 +3870,11 @@ class GalleryPureTests(unittest.TestCase):
                    ('n.txt', False, gallery_stat(7))]
         document = json.loads(agent.gallery_json('/x/', agent.gallery_listing(entries), {'cam.jpg': info}))
         self.assertEqual(document['entries'], [
-            {'name': 'd', 'url': 'd/', 'type': 'directory', 'size': None, 'mtime': HTTP_RULES_MTIME,
+            {'name': 'd', 'url': 'd/', 'type': 'directory', 'size': None, 'mtime': FIXED_MTIME,
              'width': None, 'height': None, 'thumbnail': None},
-            {'name': 'cam.jpg', 'url': 'cam.jpg', 'type': 'image/jpeg', 'size': 5, 'mtime': HTTP_RULES_MTIME,
+            {'name': 'cam.jpg', 'url': 'cam.jpg', 'type': 'image/jpeg', 'size': 5, 'mtime': FIXED_MTIME,
              'width': 64, 'height': 32, 'thumbnail': 'cam.jpg?thumb'},
-            {'name': 'n.txt', 'url': 'n.txt', 'type': 'text/plain', 'size': 7, 'mtime': HTTP_RULES_MTIME,
+            {'name': 'n.txt', 'url': 'n.txt', 'type': 'text/plain', 'size': 7, 'mtime': FIXED_MTIME,
              'width': None, 'height': None, 'thumbnail': None}])
         self.assertEqual((document['page'], document['pages'], document['images']), (1, 1, 1))
 
@@ -3904,7 +3904,7 @@ class GalleryPureTests(unittest.TestCase):
             self.assertNotEqual(other, base)
 
 
-class GalleryNamesServerTests(HttpRulesServerBase):
+class GalleryNamesServerTests(SharedAgentTestCase):
     """Names that a file system allows but a URL path here does not (issue 9, items 3 and 8)."""
 
     HOSTILE = [b'caf\xe9.jpg', b'\xff\xfe.png', b'new\nline.jpg', b'tab\there.jpg', b'esc\x1b[31m.gif',
@@ -3913,7 +3913,7 @@ class GalleryNamesServerTests(HttpRulesServerBase):
     @classmethod
     def make_files(cls):
         root = cls.server.root
-        w = lambda name, data: http_rules_write(root, name, data)   # noqa: E731
+        w = lambda name, data: write_file(root, name, data)   # noqa: E731
         w('names/plain.jpg', b'PLAIN')
         w('names/\u00e9t\u00e9 \u65e5\u672c.png', b'UNICODE')
         w('names/100%.jpg', b'PERCENT')
@@ -3970,13 +3970,13 @@ def parse_quote_bytes(name):
     return parse_module.quote_from_bytes(name).encode()
 
 
-class GalleryServerTests(HttpRulesServerBase):
+class GalleryServerTests(SharedAgentTestCase):
     """Thumbnails, sizes, paging, sorting and JSON from a running agent."""
 
     @classmethod
     def make_files(cls):
         root = cls.server.root
-        w = lambda name, data: http_rules_write(root, name, data)   # noqa: E731
+        w = lambda name, data: write_file(root, name, data)   # noqa: E731
         cls.thumb = sample_jpeg(16, 8, (0, 120, 255))
         w('g/cam.jpg', camera_jpeg(sample_jpeg(64, 32), cls.thumb, 6))
         w('g/plain.jpg', sample_jpeg(24, 16))
@@ -4049,13 +4049,13 @@ class GalleryServerTests(HttpRulesServerBase):
         self.assertNotEqual(self.get('/g/', 'Accept: application/json').headers['etag'], html_etag)
 
 
-class GalleryValidatorServerTests(HttpRulesServerBase):
+class GalleryValidatorServerTests(SharedAgentTestCase):
     """A directory page carries a weak ETag from its inputs, so revalidation is a 304."""
 
     @classmethod
     def make_files(cls):
-        http_rules_write(cls.server.root, 'v/one.jpg', b'ONE')
-        http_rules_write(cls.server.root, 'v/two.txt', b'TWO')
+        write_file(cls.server.root, 'v/one.jpg', b'ONE')
+        write_file(cls.server.root, 'v/two.txt', b'TWO')
 
     def test_directory_page_revalidates_with_304(self):
         first = self.get('/v/')
@@ -4072,14 +4072,14 @@ class GalleryValidatorServerTests(HttpRulesServerBase):
     def test_the_etag_follows_the_listing(self):
         root = self.server.root
         etag = self.get('/v/').headers['etag']
-        http_rules_write(root, 'v/three.jpg', b'THREE')         # a new entry
+        write_file(root, 'v/three.jpg', b'THREE')         # a new entry
         changed = self.get('/v/', 'If-None-Match: ' + etag)
         self.assertEqual(changed.status, 200)
         self.assertIn(b'three.jpg', changed.body)
         etag = changed.headers['etag']
         # A listed file rewritten in place, same size, same mtime: the caption could differ
         # (dimensions), so the page's ETag must change with the file's ctime.
-        http_rules_write(root, 'v/one.jpg', b'EIN')
+        write_file(root, 'v/one.jpg', b'EIN')
         self.assertNotEqual(self.get('/v/').headers['etag'], etag)
         etag = self.get('/v/').headers['etag']
         os.remove(os.path.join(root, 'v/two.txt'))
@@ -4112,7 +4112,7 @@ while time.monotonic() < deadline:
 '''
 
 
-class EdgeRaceTests(unittest.TestCase):
+class SymlinkSwapRaceTests(unittest.TestCase):
     """A file or directory swapped for a symlink out of the root while it is being served."""
 
     def test_symlink_swaps_never_leak_a_byte_from_outside(self):
@@ -4196,7 +4196,7 @@ def edge_worker(testcase, *options):
     return worker, config.root
 
 
-class EdgeStreamTests(unittest.TestCase):
+class ByteStreamTests(unittest.TestCase):
     """A Connection in-process: the bytes a client gets for a byte stream, however it is cut."""
 
     def setUp(self):
@@ -4289,17 +4289,17 @@ class EdgeStreamTests(unittest.TestCase):
                 self.assertEqual(self.answers(pieces), whole, 'case %d cut at %s: %r' % (index, cuts, payload[:200]))
 
 
-class EdgeHttpTests(HttpRulesServerBase):
+class RedirectHostAndFileChangeTests(SharedAgentTestCase):
     """Redirects, trailing slashes, Host, Connection, stale and future files, deleted files."""
 
     workers = 1
 
     @classmethod
     def make_files(cls):
-        http_rules_outside_files(cls)
+        make_outside_files(cls)
         root = cls.server.root
-        http_rules_write(root, 'dir/x.jpg', b'x')
-        http_rules_write(root, 'future.jpg', b'future', mtime=time.time() + 86400 * 30)
+        write_file(root, 'dir/x.jpg', b'x')
+        write_file(root, 'future.jpg', b'future', mtime=time.time() + 86400 * 30)
 
     def test_no_redirect_ever_leaves_the_site(self):
         for target in (b'//evil.example/..%2Fdir', b'http://x//evil.example/..%2Fdir',
@@ -4308,7 +4308,7 @@ class EdgeHttpTests(HttpRulesServerBase):
                        b'https://x//%5cevil.example/..%2F..%2Fdir', b'/./evil.example/../dir',
                        b'//evil.example%2F..%2Fdir', b'/dir', b'/sub', b'//sub'):
             with self.subTest(target=target):
-                response = self.fetch(http_rules_request(target))
+                response = self.fetch(raw_request(target))
                 if response.status == 301:
                     location = response.headers['location']
                     self.assertRegex(location, r'^/(?![/\\])', target)
@@ -4329,7 +4329,7 @@ class EdgeHttpTests(HttpRulesServerBase):
         for host in ('a b', 'x/y', 'x\x01y', 'a@b', 'x:8o', 'x:1:2', '[::1', '::1', 'x\\y', 'x?y',
                      'x#y', 'a"b', '<a>', '%zz', 'x\x7fy', '[::1]x', 'x y:80', '{x}'):
             with self.subTest(host=host):
-                data, closed = self.fetch_all(http_rules_request('/a.jpg', host=host))
+                data, closed = self.fetch_all(raw_request('/a.jpg', host=host))
                 self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:80])
         for target in ('http://a b/a.jpg', 'http://x:8o/a.jpg', 'http://u@x/a.jpg', 'http://[::1/a.jpg',
                        'http://x:1:2/a.jpg', 'http://%zz/a.jpg', 'http://x"y/a.jpg'):
@@ -4354,7 +4354,7 @@ class EdgeHttpTests(HttpRulesServerBase):
             self.assertIn(said, ('keep-alive', 'close'), raw)
         keeps = said == 'keep-alive' or (not http10 and said != 'close')
         if keeps:
-            conn.send(http_rules_request('/a.jpg', 'Connection: close'))
+            conn.send(raw_request('/a.jpg', 'Connection: close'))
             self.assertEqual(conn.response().status, 200, raw)
         else:
             self.assertTrue(conn.wait_closed(), raw)
@@ -4370,10 +4370,10 @@ class EdgeHttpTests(HttpRulesServerBase):
                                         ('HTTP/1.1', 'keep-alive')):
                 extra = headers + (('Connection: ' + connection,) if connection else ())
                 for method in ('GET', 'HEAD'):
-                    raw = http_rules_request(target, *extra, method=method, version=version)
+                    raw = raw_request(target, *extra, method=method, version=version)
                     with self.subTest(raw=raw):
                         self.assert_connection_is_honest(raw, status)
-        self.assert_connection_is_honest(http_rules_request('/a.jpg', method='DELETE', version='HTTP/1.0',
+        self.assert_connection_is_honest(raw_request('/a.jpg', method='DELETE', version='HTTP/1.0',
                                                             host=None) [:-4] + b'\r\nConnection: keep-alive\r\n\r\n', 405)
 
     def test_future_mtime_gives_the_date_as_last_modified(self):
@@ -4384,9 +4384,9 @@ class EdgeHttpTests(HttpRulesServerBase):
                          self.get('/future.jpg', method='HEAD').headers['date'])
 
     def test_rewritten_in_place_with_the_same_size_and_mtime_is_never_stale(self):
-        path = http_rules_write(self.server.root, 'inplace.jpg', b'first-version')
+        path = write_file(self.server.root, 'inplace.jpg', b'first-version')
         conn = self.conn()
-        conn.send(http_rules_request('/inplace.jpg'))
+        conn.send(raw_request('/inplace.jpg'))
         first = conn.response()
         self.assertEqual(first.body, b'first-version')
         before = os.stat(path)
@@ -4394,13 +4394,13 @@ class EdgeHttpTests(HttpRulesServerBase):
             f.write(b'other-version')
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
         for _ in range(3):
-            conn.send(http_rules_request('/inplace.jpg'))
+            conn.send(raw_request('/inplace.jpg'))
             self.assertEqual(conn.response().body, b'other-version')
         response = self.get('/inplace.jpg', 'If-None-Match: ' + first.headers['etag'])
         self.assertEqual((response.status, response.body), (200, b'other-version'))
 
     def test_a_deleted_file_is_closed_within_seconds_without_another_request(self):
-        path = http_rules_write(self.server.root, 'doomed.jpg', b'd' * 5000)
+        path = write_file(self.server.root, 'doomed.jpg', b'd' * 5000)
         self.assertEqual(self.get('/doomed.jpg').status, 200)
         worker = self.server.workers()[0]
 
@@ -4419,7 +4419,7 @@ class EdgeHttpTests(HttpRulesServerBase):
         wait_for(lambda: not deleted_open(), timeout=5, message='the deleted file closed')
 
 
-class EdgeWorkerTests(unittest.TestCase):
+class HousekeepingAndHeadTests(unittest.TestCase):
     """The worker in-process: housekeeping and the response head builder."""
 
     def test_housekeeping_closes_cached_descriptors_of_deleted_files(self):
@@ -4464,7 +4464,7 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 '''
 
 
-class EdgeImportTests(unittest.TestCase):
+class NoLateImportTests(unittest.TestCase):
     def test_no_import_happens_inside_a_function(self):
         import ast
         for name in ('agent.py', 'daemon.py'):
@@ -4559,8 +4559,8 @@ def tls_client_hello():
     return outgoing.read()
 
 
-class TLSConn(HttpRulesConn):
-    """HttpRulesConn over TLS, verified against the test CA."""
+class TLSConn(RawConn):
+    """RawConn over TLS, verified against the test CA."""
 
     def __init__(self, port, ca_cert, timeout=5.0, host='localhost'):
         raw = socket.create_connection(('127.0.0.1', port), timeout=timeout)
@@ -4578,7 +4578,7 @@ class TLSServerTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = AgentServer(HttpRulesClassCleanups(cls), workers=1)
+        cls.server = AgentServer(ClassCleanups(cls), workers=1)
         tls_dir = os.path.join(cls.server.dir, 'tls')
         os.makedirs(tls_dir)
         cls.ca = tls_make_ca(tls_dir)
@@ -4586,9 +4586,9 @@ class TLSServerTests(unittest.TestCase):
         tls_make_leaf(tls_dir, cls.ca, 4101, cls.cert, cls.key)
         cls.server.options += ['--tls-cert', cls.cert, '--tls-key', cls.key, '--http-redirect', '0',
                                '--hsts', '31536000', '--header-timeout', '1']
-        http_rules_write(cls.server.root, 'a.jpg', HTTP_RULES_A)
+        write_file(cls.server.root, 'a.jpg', FILE_A)
         cls.big = os.urandom(300000 + 7)        # not a multiple of the TLS chunk
-        http_rules_write(cls.server.root, 'big.jpg', cls.big)
+        write_file(cls.server.root, 'big.jpg', cls.big)
         cls.server.start()
         with open(cls.server.log) as f:
             cls.redirect_port = int(re.findall(r'127\.0\.0\.1:(\d+) \(redirect to https\)', f.read())[-1])
@@ -4629,7 +4629,7 @@ class TLSServerTests(unittest.TestCase):
             self.assertEqual(f.read(), self.big[70000:70010])
         result = self.curl('-o', out, 'https://localhost:%d/a.jpg' % self.server.port)
         with open(out, 'rb') as f:
-            self.assertEqual(f.read(), HTTP_RULES_A)
+            self.assertEqual(f.read(), FILE_A)
 
     def test_curl_refuses_without_the_ca(self):
         tls_tool(self, 'curl')
@@ -4657,14 +4657,14 @@ class TLSServerTests(unittest.TestCase):
     def test_keep_alive_pipelining_and_head_over_tls(self):
         conn = self.conn()
         self.assertEqual(conn.sock.selected_alpn_protocol(), 'http/1.1')
-        conn.send(http_rules_request('/a.jpg') + http_rules_request('/big.jpg')
-                  + http_rules_request('/a.jpg', method='HEAD'))
+        conn.send(raw_request('/a.jpg') + raw_request('/big.jpg')
+                  + raw_request('/a.jpg', method='HEAD'))
         first, second = conn.response(), conn.response()
-        self.assertEqual((first.status, first.body), (200, HTTP_RULES_A))
+        self.assertEqual((first.status, first.body), (200, FILE_A))
         self.assertEqual((second.status, second.body), (200, self.big))
         head = conn.response(head_only=True)
-        self.assertEqual((head.status, head.headers['content-length']), (200, str(len(HTTP_RULES_A))))
-        conn.send(http_rules_request('/nothing', 'Connection: close'))
+        self.assertEqual((head.status, head.headers['content-length']), (200, str(len(FILE_A))))
+        conn.send(raw_request('/nothing', 'Connection: close'))
         missing = conn.response()
         self.assertEqual(missing.status, 404)
         self.assertIn('strict-transport-security', missing.headers)
@@ -4694,8 +4694,8 @@ class TLSServerTests(unittest.TestCase):
         started = time.monotonic()
         # The one worker serves others meanwhile: the handshakes wait in its loop, not in it.
         conn = self.conn()
-        conn.send(http_rules_request('/a.jpg'))
-        self.assertEqual(conn.response().body, HTTP_RULES_A)
+        conn.send(raw_request('/a.jpg'))
+        self.assertEqual(conn.response().body, FILE_A)
         for sock in stalled:
             data = b''
             while True:
@@ -4705,7 +4705,7 @@ class TLSServerTests(unittest.TestCase):
                 data += chunk
             self.assertNotIn(b'HTTP/1.1', data)
         self.assertLess(time.monotonic() - started, 5.0)    # --header-timeout 1, ticks of 1 s
-        conn.send(http_rules_request('/a.jpg'))
+        conn.send(raw_request('/a.jpg'))
         self.assertEqual(conn.response().status, 200)
         self.log_is_clean()
 
@@ -4734,7 +4734,7 @@ class TLSServerTests(unittest.TestCase):
         ]
         for raw, location in cases:
             with self.subTest(raw=raw):
-                conn = HttpRulesConn(self.redirect_port)
+                conn = RawConn(self.redirect_port)
                 self.addCleanup(conn.close)
                 conn.send(raw)
                 response = conn.response(head_only=raw.startswith(b'HEAD'))
@@ -4747,9 +4747,9 @@ class TLSServerTests(unittest.TestCase):
         for host in ('evil.example/x', 'a@evil.example', '', 'evil.example\\x', '[::1', '[zz::1]',
                      'ex ample', 'evil.example%2f', '-evil.example', 'a,b'):
             with self.subTest(host=host):
-                conn = HttpRulesConn(self.redirect_port)
+                conn = RawConn(self.redirect_port)
                 self.addCleanup(conn.close)
-                conn.send(http_rules_request('/a.jpg', host=host))
+                conn.send(raw_request('/a.jpg', host=host))
                 self.assertEqual(conn.response().status, 400)
         self.log_is_clean()
 
@@ -4798,7 +4798,7 @@ class TLSStartAndReloadTests(unittest.TestCase):
         self.cert, self.key = os.path.join(self.tls_dir, 'leaf.crt'), os.path.join(self.tls_dir, 'leaf.key')
         tls_make_leaf(self.tls_dir, self.ca, 1001, self.cert, self.key)
         self.tls_options = ['--tls-cert', self.cert, '--tls-key', self.key]
-        self.server.write('a.jpg', HTTP_RULES_A)
+        self.server.write('a.jpg', FILE_A)
 
     def start_fails(self, *options):
         result = self.server.command('start', *options)
@@ -4849,8 +4849,8 @@ class TLSStartAndReloadTests(unittest.TestCase):
         while not stop.is_set():
             try:
                 conn = TLSConn(self.server.port, self.ca[0])
-                conn.send(http_rules_request('/a.jpg', 'Connection: close'))
-                if conn.response().body != HTTP_RULES_A:
+                conn.send(raw_request('/a.jpg', 'Connection: close'))
+                if conn.response().body != FILE_A:
                     failures.append('wrong body')
                 conn.close()
                 counts.append(1)
@@ -4862,7 +4862,7 @@ class TLSStartAndReloadTests(unittest.TestCase):
         self.server.start()
         kept = TLSConn(self.server.port, self.ca[0], timeout=10)
         self.addCleanup(kept.close)
-        kept.send(http_rules_request('/a.jpg'))
+        kept.send(raw_request('/a.jpg'))
         self.assertEqual(kept.response().status, 200)
         self.assertEqual(kept.serial(), 1001)
         stop, failures, counts = threading.Event(), [], []
@@ -4878,8 +4878,8 @@ class TLSStartAndReloadTests(unittest.TestCase):
             before = len(counts)
             wait_for(lambda: len(counts) >= before + 3, message='requests after the reload')
             # The open keep-alive connection goes on, on its old certificate.
-            kept.send(http_rules_request('/a.jpg', 'Connection: close'))
-            self.assertEqual(kept.response().body, HTTP_RULES_A)
+            kept.send(raw_request('/a.jpg', 'Connection: close'))
+            self.assertEqual(kept.response().body, FILE_A)
 
             # A bad new pair: the old one goes on serving and reload says so.
             with open(self.cert, 'w') as f:
@@ -4917,11 +4917,11 @@ class TLSStartAndReloadTests(unittest.TestCase):
         self.server.pids.append(self.server.master())
         conn = TLSConn(self.server.port, self.ca[0])
         self.addCleanup(conn.close)
-        conn.send(http_rules_request('/a.jpg', 'Connection: close'))
-        self.assertEqual(conn.response().body, HTTP_RULES_A)
-        plain = HttpRulesConn(redirect)
+        conn.send(raw_request('/a.jpg', 'Connection: close'))
+        self.assertEqual(conn.response().body, FILE_A)
+        plain = RawConn(redirect)
         self.addCleanup(plain.close)
-        plain.send(http_rules_request('/a.jpg', host='localhost'))
+        plain.send(raw_request('/a.jpg', host='localhost'))
         response = plain.response()
         self.assertEqual(response.status, 301, response)
         self.assertEqual(response.headers['location'], 'https://localhost:%d/a.jpg' % self.server.port)
@@ -4945,7 +4945,7 @@ class TLSStartAndReloadTests(unittest.TestCase):
 # sysvinit-utils, goaccess).  The files under test are the ones in contrib/.
 # ---------------------------------------------------------------------------------------------
 
-class EcoTestCase(unittest.TestCase):
+class ServiceToolTestCase(unittest.TestCase):
     """Helpers for the ecosystem tests (no tests of its own)."""
 
     CONTRIB = os.path.join(HERE, 'contrib')
@@ -5042,7 +5042,7 @@ class EcoTestCase(unittest.TestCase):
 # sd_notify(3): the `run` action under a service manager
 # ---------------------------------------------------------------------------------------------
 
-class EcoSdNotifyTests(EcoTestCase):
+class SdNotifyTests(ServiceToolTestCase):
     """The test is the service manager: it binds the NOTIFY_SOCKET and reads the datagrams."""
 
     def notify_socket(self, address):
@@ -5134,7 +5134,7 @@ class EcoSdNotifyTests(EcoTestCase):
 # Socket activation, with systemd's own launcher
 # ---------------------------------------------------------------------------------------------
 
-class EcoSocketActivationTests(EcoTestCase):
+class SocketActivationTests(ServiceToolTestCase):
     def test_serves_on_the_passed_socket_and_binds_nothing(self):
         tool = self.eco_tool('systemd-socket-activate', 'systemd')
         tmp = self.eco_tmp()
@@ -5176,7 +5176,7 @@ class EcoSocketActivationTests(EcoTestCase):
 # logrotate with contrib/agent.logrotate, while requests flow
 # ---------------------------------------------------------------------------------------------
 
-class EcoLogrotateTests(EcoTestCase):
+class LogrotateTests(ServiceToolTestCase):
     def config_for(self, logdir, pidfile):
         """contrib/agent.logrotate with the test's paths and user: the file itself is tested."""
         import grp
@@ -5270,7 +5270,7 @@ class EcoLogrotateTests(EcoTestCase):
 # Debian's start-stop-daemon on our pidfile
 # ---------------------------------------------------------------------------------------------
 
-class EcoStartStopDaemonTests(EcoTestCase):
+class StartStopDaemonTests(ServiceToolTestCase):
     def test_status_and_stop_with_retry(self):
         ssd = self.eco_tool('start-stop-daemon', 'dpkg')
         server = AgentServer(self, workers=2).start()
@@ -5312,7 +5312,7 @@ class EcoStartStopDaemonTests(EcoTestCase):
 # contrib/agent.init, the LSB init script
 # ---------------------------------------------------------------------------------------------
 
-class EcoInitScriptTests(EcoTestCase):
+class InitScriptTests(ServiceToolTestCase):
     SCRIPT = os.path.join(HERE, 'contrib', 'agent.init')
 
     def test_syntax_and_header(self):
@@ -5451,7 +5451,7 @@ class EcoInitScriptTests(EcoTestCase):
 # goaccess reads the access log as Combined Log Format
 # ---------------------------------------------------------------------------------------------
 
-class EcoGoaccessTests(EcoTestCase):
+class GoaccessTests(ServiceToolTestCase):
     def test_goaccess_counts_every_request(self):
         import json
         goaccess = self.eco_tool('goaccess', 'goaccess')
@@ -5504,7 +5504,7 @@ class EcoGoaccessTests(EcoTestCase):
 # systemd-analyze on contrib/agent.service and contrib/agent.socket
 # ---------------------------------------------------------------------------------------------
 
-class EcoSystemdUnitTests(EcoTestCase):
+class SystemdUnitTests(ServiceToolTestCase):
     UNITS = ('agent.service', 'agent.socket')
 
     def units_in(self, directory, break_it=False):
@@ -5593,7 +5593,7 @@ class EcoSystemdUnitTests(EcoTestCase):
 # An upgrade (SIGUSR2) of the foreground master, as systemd would see it
 # ---------------------------------------------------------------------------------------------
 
-class EcoUpgradeUnderServiceManagerTests(EcoTestCase):
+class UpgradeUnderServiceManagerTests(ServiceToolTestCase):
     """`run` under a NOTIFY_SOCKET, then SIGUSR2: the test reads each datagram with its sender."""
 
     def start_run(self):
@@ -5688,11 +5688,11 @@ class EcoUpgradeUnderServiceManagerTests(EcoTestCase):
 # CLASS_SECONDS_OTHER): they balance the two processes.  Most of a test's time is waiting for
 # daemons, not CPU, so two processes halve the wall time.
 CLASS_SECONDS = {
-    'SupervisionTests': 15.0, 'FaultTests': 10.0, 'HttpRulesServerTests': 6.0,
-    'DaemonProcessTests': 6.0, 'HttpRulesTimeoutTests': 5.2, 'ClassicRecipeBugTests': 4.0,
-    'TLSServerTests': 3.3, 'TLSStartAndReloadTests': 2.5, 'EdgeRaceTests': 2.1,
-    'EcoStartStopDaemonTests': 1.9, 'HonestCommandLineTests': 1.8, 'AgentLifecycleTests': 1.4,
-    'EdgeHttpTests': 1.3, 'SafeDefaultsTests': 1.1, 'EcoInitScriptTests': 1.1,
+    'SupervisionTests': 15.0, 'FaultTests': 10.0, 'HttpServerTests': 6.0,
+    'DaemonProcessTests': 6.0, 'ConnectionTimeoutTests': 5.2, 'ClassicRecipeBugTests': 4.0,
+    'TLSServerTests': 3.3, 'TLSStartAndReloadTests': 2.5, 'SymlinkSwapRaceTests': 2.1,
+    'StartStopDaemonTests': 1.9, 'HonestCommandLineTests': 1.8, 'AgentLifecycleTests': 1.4,
+    'RedirectHostAndFileChangeTests': 1.3, 'SafeDefaultsTests': 1.1, 'InitScriptTests': 1.1,
 }
 CLASS_SECONDS_OTHER = 0.3
 CLOSING_LINE = re.compile(r'^(\d+) passed, (\d+) failed, (\d+) skipped$', re.M)
