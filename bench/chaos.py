@@ -384,16 +384,7 @@ def test_full_disk(args, res):
 
 
 def holds_deleted(pid, path):
-    try:
-        for name in os.listdir('/proc/%d/fd' % pid):
-            try:
-                if os.readlink('/proc/%d/fd/%s' % (pid, name)) == path + ' (deleted)':
-                    return True
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return False
+    return path + ' (deleted)' in harness.open_fds(pid).values()
 
 
 def marked_lines(path, marker):

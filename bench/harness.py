@@ -54,6 +54,22 @@ def children_of(pid):
     return sorted(found)
 
 
+def open_fds(pid):
+    """{fd: what /proc/PID/fd/FD links to} of a process ('socket:[N]', a path, 'PATH (deleted)');
+    {} once it is gone."""
+    found = {}
+    try:
+        names = os.listdir('/proc/%d/fd' % pid)
+    except OSError:
+        return found
+    for name in names:
+        try:
+            found[int(name)] = os.readlink('/proc/%d/fd/%s' % (pid, name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def pid_alive(pid):
     """Whether pid is a live process; a zombie (dead, not yet reaped) counts as gone."""
     try:

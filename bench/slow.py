@@ -31,7 +31,7 @@ requests; PASS also needs its last "service available" to be YES and the same p9
 How to run
 ----------
   python3 bench/slow.py                                   # full size (make slow), ~60 s
-  python3 bench/slow.py --slowloris 100 --slow-readers 5 --duration 8 --slowhttptest-length 10
+  python3 bench/slow.py --quick                           # CI size (make slow-ci)
   python3 bench/slow.py --slowhttptest-length 0           # without slowhttptest
 
 Raises its own RLIMIT_NOFILE soft limit to the hard one for the sockets.  Loopback only;
@@ -379,16 +379,25 @@ def fmt(values, unit='s', spec='%.2f'):
             % (len(ordered), ordered[0], unit, harness.percentile(ordered, 0.5), unit, ordered[-1], unit))
 
 
+# (option, full size for `make slow`, CI size for `make slow-ci` and --quick)
+SIZES = [('slowloris', 300, 100), ('slow_readers', 20, 5), ('duration', 20.0, 8.0),
+         ('slowhttptest_length', 30, 10)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--slowloris', type=int, default=300, help='slowloris connections (default 300)')
+    p.add_argument('--quick', action='store_true',
+                   help='CI-sized: the defaults marked "--quick:" (about 25 s in all)')
+    p.add_argument('--slowloris', type=int, default=None,
+                   help='slowloris connections (default 300; --quick: 100)')
     p.add_argument('--interval', type=float, default=1.0, help='seconds between trickled bytes (default 1)')
-    p.add_argument('--slow-readers', type=int, default=20, help='slow readers (default 20)')
+    p.add_argument('--slow-readers', type=int, default=None, help='slow readers (default 20; --quick: 5)')
     p.add_argument('--read-rate', type=int, default=1024, help='bytes/s each slow reader reads (default 1024)')
     p.add_argument('--rcvbuf', type=int, default=4096, help="slow readers' SO_RCVBUF (default 4096)")
     p.add_argument('--big-mb', type=int, default=50, help='size of the sparse file they read, MB (default 50)')
-    p.add_argument('--duration', type=float, default=20.0, help='seconds the slow clients are held (default 20)')
+    p.add_argument('--duration', type=float, default=None,
+                   help='seconds the slow clients are held (default 20; --quick: 8)')
     p.add_argument('--header-timeout', type=float, default=5.0, help="the agent's --header-timeout (default 5)")
     p.add_argument('--agent-timeout', type=float, default=None,
                    help="the agent's --timeout (idle keep-alive, stalled send); default: the agent's own")
@@ -400,12 +409,15 @@ def main(argv=None):
     p.add_argument('--min-held', type=float, default=0.9,
                    help='fraction of the slowloris slots that must be open at once (default 0.9)')
     p.add_argument('--workers', type=int, default=2, help='agent workers (default 2)')
-    p.add_argument('--slowhttptest-length', type=int, default=30,
-                   help='slowhttptest -l seconds; 0 skips it (default 30)')
+    p.add_argument('--slowhttptest-length', type=int, default=None,
+                   help='slowhttptest -l seconds; 0 skips it (default 30; --quick: 10)')
     p.add_argument('--slowhttptest-connections', type=int, default=500, help='slowhttptest -c (default 500)')
     p.add_argument('--keep', action='store_true', help="keep the agent's temporary directory")
     p.add_argument('--agent', help='the agent.py to start (default: the one beside bench/)')
     args = p.parse_args(argv)
+    for name, full, quick in SIZES:
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
 
     limit = harness.raise_nofile(args.slowloris + args.slow_readers + 200)
     needed = args.slowloris + args.slow_readers + 100

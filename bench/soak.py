@@ -169,14 +169,8 @@ def proc_sample(pid, listeners=1):
     system time in clock ticks.
     """
     try:
-        names = os.listdir('/proc/%d/fd' % pid)
-        sockets = 0
-        for name in names:
-            try:
-                if os.readlink('/proc/%d/fd/%s' % (pid, name)).startswith('socket:'):
-                    sockets += 1
-            except OSError:
-                pass
+        names = os.listdir('/proc/%d/fd' % pid)         # OSError once it is gone
+        sockets = sum(target.startswith('socket:') for target in harness.open_fds(pid).values())
         rss = 0
         with open('/proc/%d/status' % pid) as f:
             for line in f:
@@ -634,17 +628,12 @@ class Sampler(threading.Thread):
 def deleted_held(pid, root):
     """Files under root that a process still has open although they were deleted: [(fd, size)]."""
     found = []
-    try:
-        names = os.listdir('/proc/%d/fd' % pid)
-    except OSError:
-        return found
-    for name in names:
-        try:
-            target = os.readlink('/proc/%d/fd/%s' % (pid, name))
-            if target.startswith(root + '/') and target.endswith(' (deleted)'):
-                found.append((int(name), os.stat('/proc/%d/fd/%s' % (pid, name)).st_size))
-        except OSError:
-            continue
+    for fd, target in sorted(harness.open_fds(pid).items()):
+        if target.startswith(root + '/') and target.endswith(' (deleted)'):
+            try:
+                found.append((fd, os.stat('/proc/%d/fd/%d' % (pid, fd)).st_size))
+            except OSError:
+                continue
     return found
 
 
