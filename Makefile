@@ -33,10 +33,10 @@ smoke:
 	@set -eu; dir=$$(mktemp -d); pid=; \
 	trap '[ -n "$$pid" ] && kill -9 -- -$$(ps -o pgid= $$pid | tr -d " ") 2>/dev/null; rm -rf "$$dir"' EXIT; \
 	mkdir "$$dir/www"; head -c 100000 /dev/urandom > "$$dir/www/smoke.jpg"; \
-	$(PYTHON) agent.py --root "$$dir/www" --bind 127.0.0.1 --port 0 --pidfile "$$dir/agent.pid" \
-		--log "$$dir/agent.log" --access-log "$$dir/access.log" start; \
-	pid=$$(cat "$$dir/agent.pid"); kill -0 "$$pid"; \
-	port=$$(sed -n 's/.* on 127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$$dir/agent.log" | tail -n 1); \
+	out=$$($(PYTHON) agent.py --root "$$dir/www" --bind 127.0.0.1 --port 0 --pidfile "$$dir/agent.pid" \
+		--log "$$dir/agent.log" --access-log "$$dir/access.log" start) || { echo "$$out"; exit 1; }; \
+	echo "$$out"; pid=$$(cat "$$dir/agent.pid"); kill -0 "$$pid"; \
+	port=$$(echo "$$out" | sed -n 's|^agent serving .* at http://127\.0\.0\.1:\([0-9]*\)/.*|\1|p'); \
 	curl -sSf -o "$$dir/got.jpg" "http://127.0.0.1:$$port/smoke.jpg"; \
 	cmp "$$dir/www/smoke.jpg" "$$dir/got.jpg"; \
 	test "$$(stat -c %a "$$dir/agent.pid")" = 644; \

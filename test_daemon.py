@@ -5683,7 +5683,7 @@ CLASS_SECONDS_OTHER = 0.3
 CLOSING_LINE = re.compile(r'^(\d+) passed, (\d+) failed, (\d+) skipped$', re.M)
 
 
-def test_classes():
+def suite_classes():
     """The names of this module's TestCase classes that have tests, in file order."""
     loader = unittest.TestLoader()
     return [name for name, value in list(globals().items())
@@ -5704,7 +5704,7 @@ def shares(names, jobs):
 def run_in_processes(jobs, options):
     """Each share in its own `python3 test_daemon.py CLASS...`; their outputs, then one total."""
     children = []
-    for names in shares(test_classes(), jobs):
+    for names in shares(suite_classes(), jobs):
         out = tempfile.TemporaryFile()
         child = subprocess.Popen([PYTHON, os.path.abspath(__file__)] + options + names,
                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
