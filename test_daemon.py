@@ -39,7 +39,7 @@ from daemon import DaemonError  # noqa: E402
 
 sys.path.insert(0, os.path.join(HERE, 'bench'))
 import harness  # noqa: E402
-from harness import children_of, pid_alive, read_pid  # noqa: E402
+from harness import children_of, pid_alive, raw_request, read_pid  # noqa: E402
 from samples import camera_jpeg, sample_bmp, sample_gif, sample_jpeg, sample_png, sample_webp  # noqa: E402
 
 PYTHON = sys.executable
@@ -2218,17 +2218,6 @@ TRAVERSAL_TARGETS = [
 ]
 
 
-def raw_request(target, *headers, method='GET', version='HTTP/1.1', host='x', body=b''):
-    """The bytes of one request; target and headers may be str (latin-1) or bytes."""
-    def b(value):
-        return value if isinstance(value, bytes) else value.encode('latin-1')
-    lines = [b(method) + b' ' + b(target) + b' ' + b(version)]
-    if host is not None:
-        lines.append(b'Host: ' + b(host))
-    lines.extend(b(h) for h in headers)
-    return b'\r\n'.join(lines) + b'\r\n\r\n' + body
-
-
 def check_no_traceback(data):
     if b'Traceback' in data or b'File "' in data:
         raise AssertionError('traceback text in a response: %r' % data[:500])
@@ -2241,90 +2230,7 @@ def unescape_log(field):
                   field)
 
 
-class RawResponse:
-    def __init__(self, status, headers, body, head):
-        self.status = status
-        self.headers = headers          # lowercase str names -> str values
-        self.body = body
-        self.head = head                # raw head bytes, with the final CRLF CRLF
-
-    def __repr__(self):
-        return '<%d %r %r>' % (self.status, self.headers, self.body[:80])
-
-
-class RawConn:
-    """A raw client connection reading responses one at a time (HEAD- and 304-aware)."""
-
-    def __init__(self, port, timeout=5.0):
-        self.sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.timeout = timeout
-        self.buf = b''
-        self.closed = False
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def _more(self, deadline):
-        """Read some more; False once the peer has closed.  Raises on timeout."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError('timed out waiting for the server; have %r' % self.buf[:300])
-        self.sock.settimeout(left)
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
-            raise AssertionError('timed out waiting for the server; have %r' % self.buf[:300])
-        except (ConnectionResetError, BrokenPipeError):
-            data = b''
-        if not data:
-            self.closed = True
-            return False
-        check_no_traceback(data)
-        self.buf += data
-        return True
-
-    def response(self, head_only=False, timeout=None):
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while b'\r\n\r\n' not in self.buf:
-            if not self._more(deadline):
-                raise AssertionError('closed before a complete response head: %r' % self.buf[:300])
-        end = self.buf.index(b'\r\n\r\n') + 4
-        head = self.buf[:end]
-        lines = head[:-4].split(b'\r\n')
-        parts = lines[0].split(b' ', 2)
-        if not parts[0].startswith(b'HTTP/1.'):
-            raise AssertionError('not a status line: %r' % lines[0])
-        status = int(parts[1])
-        headers = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(b':')
-            if not colon:
-                raise AssertionError('bad header line %r' % line)
-            headers[name.decode('latin-1').lower()] = value.strip().decode('latin-1')
-        length = 0 if head_only or status in (204, 304) else int(headers.get('content-length', 0))
-        while len(self.buf) < end + length:
-            if not self._more(deadline):
-                raise AssertionError('closed in the middle of a body: %r' % self.buf[:300])
-        body = self.buf[end:end + length]
-        self.buf = self.buf[end + length:]
-        return RawResponse(status, headers, body, head)
-
-    def wait_closed(self, timeout=None):
-        """Read until the server closes: True if it did within timeout, else False."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        try:
-            while self._more(deadline):
-                pass
-        except AssertionError:
-            return False
-        return True
+RawConn = harness.RawConn            # the one raw client, with tests and bench alike
 
 
 class ClassCleanups:
@@ -4557,10 +4463,8 @@ class TLSConn(RawConn):
 
     def __init__(self, port, ca_cert, timeout=5.0, host='localhost'):
         raw = socket.create_connection(('127.0.0.1', port), timeout=timeout)
-        self.sock = tls_client_context(ca_cert).wrap_socket(raw, server_hostname=host)
-        self.timeout = timeout
-        self.buf = b''
-        self.closed = False
+        RawConn.__init__(self, timeout=timeout,
+                         sock=tls_client_context(ca_cert).wrap_socket(raw, server_hostname=host))
 
     def serial(self):
         return int(self.sock.getpeercert()['serialNumber'], 16)

@@ -90,8 +90,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from soak import (HOST, alive, fetch, proc_sample,  # noqa: E402
-                  read_response, request_bytes)
+from harness import fetch, read_response, request_bytes  # noqa: E402
+from soak import HOST, alive, proc_sample  # noqa: E402
 
 SMALL = 'small.jpg'
 SMALL_BYTES = bytes(range(256)) * 40            # 10240 bytes

@@ -250,6 +250,146 @@ class AgentProcess:
         return False
 
 
+# ---------------------------------------------------------------------------------------------
+# The one raw HTTP client: request bytes, a connection, its responses
+# ---------------------------------------------------------------------------------------------
+
+def raw_request(target, *headers, method='GET', version='HTTP/1.1', host='x', body=b''):
+    """The bytes of one request; target and headers may be str (latin-1) or bytes."""
+    def b(value):
+        return value if isinstance(value, bytes) else value.encode('latin-1')
+    lines = [b(method) + b' ' + b(target) + b' ' + b(version)]
+    if host is not None:
+        lines.append(b'Host: ' + b(host))
+    lines.extend(b(h) for h in headers)
+    return b'\r\n'.join(lines) + b'\r\n\r\n' + body
+
+
+class ResponseError(ConnectionError):
+    """No complete, well-framed response in time: closed early, timed out, not HTTP/1.x, or
+    traceback text in it.  A ConnectionError, so the harnesses' `except OSError` see it."""
+
+
+class Response:
+    def __init__(self, status, headers, body, head):
+        self.status = status
+        self.headers = headers          # lowercase str names -> str values
+        self.body = body
+        self.head = head                # raw head bytes, with the final CRLF CRLF
+
+    @property
+    def closing(self):
+        return self.headers.get('connection', '').lower() == 'close'
+
+    def __repr__(self):
+        return '<%d %r %r>' % (self.status, self.headers, self.body[:80])
+
+
+class RawConn:
+    """A raw client connection reading responses one at a time (HEAD-, 204- and 304-aware),
+    framed by Content-Length; bytes after a response stay for the next one (pipelining)."""
+
+    def __init__(self, port=None, timeout=5.0, sock=None):
+        if sock is None:
+            sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.timeout = timeout
+        self.buf = b''
+        self.closed = False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def more(self, deadline):
+        """Read some more; False once the peer has closed.  ResponseError on timeout."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ResponseError('timed out waiting for the server; have %r' % self.buf[:300])
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise ResponseError('timed out waiting for the server; have %r' % self.buf[:300])
+        except (ConnectionResetError, BrokenPipeError):
+            data = b''
+        if not data:
+            self.closed = True
+            return False
+        if b'Traceback' in data or b'File "' in data:
+            raise ResponseError('traceback text in a response: %r' % data[:500])
+        self.buf += data
+        return True
+
+    def response(self, head_only=False, timeout=None):
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while b'\r\n\r\n' not in self.buf:
+            if not self.more(deadline):
+                raise ResponseError('closed before a complete response head: %r' % self.buf[:300])
+        end = self.buf.index(b'\r\n\r\n') + 4
+        head = self.buf[:end]
+        lines = head[:-4].split(b'\r\n')
+        parts = lines[0].split(b' ', 2)
+        if not parts[0].startswith(b'HTTP/1.') or len(parts) < 2 or not parts[1].isdigit():
+            raise ResponseError('not a status line: %r' % lines[0])
+        status = int(parts[1])
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b':')
+            if not colon:
+                raise ResponseError('bad header line %r' % line)
+            headers[name.decode('latin-1').lower()] = value.strip().decode('latin-1')
+        length = 0 if head_only or status in (204, 304) else int(headers.get('content-length', 0))
+        while len(self.buf) < end + length:
+            if not self.more(deadline):
+                raise ResponseError('closed in the middle of a body: %r' % self.buf[:300])
+        body = self.buf[end:end + length]
+        self.buf = self.buf[end + length:]
+        return Response(status, headers, body, head)
+
+    def wait_closed(self, timeout=None):
+        """Read until the server closes: True if it did within timeout, else False."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        try:
+            while self.more(deadline):
+                pass
+        except ResponseError:
+            return False
+        return True
+
+
+def read_response(sock, deadline, head_only=False):
+    """One response on a connected socket, by `deadline` (time.monotonic()); bytes after it
+    are dropped (use a RawConn to keep them)."""
+    return RawConn(sock=sock).response(head_only, max(0.01, deadline - time.monotonic()))
+
+
+def request_bytes(path, headers=(), method='GET', close=False):
+    """A request for path with (name, value) headers, Host 127.0.0.1; Connection: close if close."""
+    lines = ['%s: %s' % item for item in headers] + (['Connection: close'] if close else [])
+    return raw_request('/' + path.lstrip('/'), *lines, method=method, host='127.0.0.1')
+
+
+def fetch(port, path, headers=(), method='GET', sock=None, timeout=5.0):
+    """One request and its Response; on a new connection (closed after) unless sock is given."""
+    deadline = time.monotonic() + timeout
+    own = sock is None
+    if own:
+        sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+    try:
+        sock.sendall(request_bytes(path, headers, method, close=own))
+        return read_response(sock, deadline, head_only=method == 'HEAD')
+    finally:
+        if own:
+            sock.close()
+
+
 def raise_nofile(wanted):
     """Raise the soft RLIMIT_NOFILE (to the hard limit) for a harness with many sockets."""
     import resource

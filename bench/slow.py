@@ -253,28 +253,6 @@ class SlowReaders(threading.Thread):
 # ---------------------------------------------------------------------------------------------
 
 
-def read_response(sock, deadline):
-    """One response on a blocking socket: (status, body, closing)."""
-    data = b''
-    while b'\r\n\r\n' not in data:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError('closed before the head')
-        data += chunk
-    head, _, body = data.partition(b'\r\n\r\n')
-    status = int(head.split(b' ', 2)[1])
-    match = re.search(rb'\r\ncontent-length: *(\d+)', head, re.I)
-    length = int(match.group(1)) if match else 0
-    while len(body) < length:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError('closed in the body')
-        body += chunk
-    return status, body, b'connection: close' in head.lower()
-
-
 class Latency(threading.Thread):
     """GETs of the small file, alternately on a new and on a kept-alive connection."""
 
@@ -300,7 +278,8 @@ class Latency(threading.Thread):
                     sock = kept
                     request = b'GET /' + SMALL.encode() + b' HTTP/1.1\r\nHost: x\r\n\r\n'
                 sock.sendall(request)
-                status, body, closing = read_response(sock, deadline)
+                response = harness.read_response(sock, deadline)
+                status, body, closing = response.status, response.body, response.closing
                 elapsed = time.monotonic() - started
                 if status != 200 or body != SMALL_BYTES:
                     self.errors.append('status %d, %d bytes' % (status, len(body)))
@@ -365,7 +344,8 @@ def clean_get(port):
     try:
         with socket.create_connection((HOST, port), timeout=5) as sock:
             sock.sendall(b'GET /' + SMALL.encode() + b' HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
-            status, body, _ = read_response(sock, time.monotonic() + 5)
+            response = harness.read_response(sock, time.monotonic() + 5)
+            status, body = response.status, response.body
         return None if status == 200 and body == SMALL_BYTES else 'status %d, %d bytes' % (status, len(body))
     except (OSError, ValueError, IndexError) as exc:
         return str(exc)

@@ -91,6 +91,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+from harness import fetch  # noqa: E402
 
 HOST = '127.0.0.1'
 STABLE = {                                  # path under the root -> size
@@ -103,63 +104,8 @@ CHURN_SIZES = (100, 60000)
 MISSING_NAMES = 100000
 
 # ---------------------------------------------------------------------------------------------
-# Small HTTP client and /proc helpers (bench/chaos.py uses them too)
+# /proc helpers (bench/chaos.py uses them too)
 # ---------------------------------------------------------------------------------------------
-
-
-class Response:
-    __slots__ = ('status', 'headers', 'body', 'closing')
-
-    def __init__(self, status, headers, body, closing):
-        self.status, self.headers, self.body, self.closing = status, headers, body, closing
-
-
-def read_response(sock, deadline, head_only=False):
-    """One response from a blocking socket; ConnectionError if it ends early."""
-    data = b''
-    while b'\r\n\r\n' not in data:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError('closed before the head' + (' (after %d bytes)' % len(data) if data else ''))
-        data += chunk
-    head, _, body = data.partition(b'\r\n\r\n')
-    lines = head.decode('latin-1').split('\r\n')
-    status = int(lines[0].split(' ', 2)[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(':')
-        headers[name.strip().lower()] = value.strip()
-    length = 0 if head_only or status in (204, 304) else int(headers.get('content-length', '0'))
-    while len(body) < length:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError('closed in the body (%d of %d bytes)' % (len(body), length))
-        body += chunk
-    return Response(status, headers, body[:length], headers.get('connection', '').lower() == 'close')
-
-
-def request_bytes(path, headers=(), method='GET', close=False):
-    lines = ['%s /%s HTTP/1.1' % (method, path.lstrip('/')), 'Host: 127.0.0.1']
-    lines += ['%s: %s' % item for item in headers]
-    if close:
-        lines.append('Connection: close')
-    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
-
-
-def fetch(port, path, headers=(), method='GET', sock=None, timeout=5.0):
-    """One request; on a new connection (closed after) unless sock is given."""
-    deadline = time.monotonic() + timeout
-    own = sock is None
-    if own:
-        sock = socket.create_connection((HOST, port), timeout=timeout)
-    try:
-        sock.sendall(request_bytes(path, headers, method, close=own))
-        return read_response(sock, deadline, head_only=method == 'HEAD')
-    finally:
-        if own:
-            sock.close()
 
 
 def proc_sample(pid, listeners=1):
