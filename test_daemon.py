@@ -357,25 +357,6 @@ class AgentServer(harness.AgentProcess):
             return []
 
 
-def parse_responses(data):
-    """Split raw bytes into [(status, headers, body)] using Content-Length; HEAD not supported."""
-    responses = []
-    while data:
-        head, sep, rest = data.partition(b'\r\n\r\n')
-        if not sep:
-            raise AssertionError('incomplete response: %r' % data[:200])
-        lines = head.split(b'\r\n')
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b':')
-            headers[name.decode().lower()] = value.strip().decode('latin-1')
-        length = int(headers.get('content-length', 0)) if status != 304 else 0
-        responses.append((status, headers, rest[:length]))
-        data = rest[length:]
-    return responses
-
-
 # ---------------------------------------------------------------------------------------------
 # daemon.py: pure helpers
 # ---------------------------------------------------------------------------------------------

@@ -285,6 +285,30 @@ class Response:
         return '<%d %r %r>' % (self.status, self.headers, self.body[:80])
 
 
+def parse_response(data, head_only=False):
+    """(Response, the bytes after it) from the start of data; None while it is incomplete.
+    Framed by Content-Length (none for HEAD, 204 and 304); ResponseError if it is no HTTP/1.x."""
+    if b'\r\n\r\n' not in data:
+        return None
+    end = data.index(b'\r\n\r\n') + 4
+    head = data[:end]
+    lines = head[:-4].split(b'\r\n')
+    parts = lines[0].split(b' ', 2)
+    if not parts[0].startswith(b'HTTP/1.') or len(parts) < 2 or not parts[1].isdigit():
+        raise ResponseError('not a status line: %r' % lines[0])
+    status = int(parts[1])
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b':')
+        if not colon:
+            raise ResponseError('bad header line %r' % line)
+        headers[name.decode('latin-1').lower()] = value.strip().decode('latin-1')
+    length = 0 if head_only or status in (204, 304) else int(headers.get('content-length', 0))
+    if len(data) < end + length:
+        return None
+    return Response(status, headers, data[end:end + length], head), data[end + length:]
+
+
 class RawConn:
     """A raw client connection reading responses one at a time (HEAD-, 204- and 304-aware),
     framed by Content-Length; bytes after a response stay for the next one (pipelining)."""
@@ -329,29 +353,13 @@ class RawConn:
 
     def response(self, head_only=False, timeout=None):
         deadline = time.monotonic() + (timeout or self.timeout)
-        while b'\r\n\r\n' not in self.buf:
+        while True:
+            found = parse_response(self.buf, head_only)
+            if found:
+                response, self.buf = found
+                return response
             if not self.more(deadline):
-                raise ResponseError('closed before a complete response head: %r' % self.buf[:300])
-        end = self.buf.index(b'\r\n\r\n') + 4
-        head = self.buf[:end]
-        lines = head[:-4].split(b'\r\n')
-        parts = lines[0].split(b' ', 2)
-        if not parts[0].startswith(b'HTTP/1.') or len(parts) < 2 or not parts[1].isdigit():
-            raise ResponseError('not a status line: %r' % lines[0])
-        status = int(parts[1])
-        headers = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(b':')
-            if not colon:
-                raise ResponseError('bad header line %r' % line)
-            headers[name.decode('latin-1').lower()] = value.strip().decode('latin-1')
-        length = 0 if head_only or status in (204, 304) else int(headers.get('content-length', 0))
-        while len(self.buf) < end + length:
-            if not self.more(deadline):
-                raise ResponseError('closed in the middle of a body: %r' % self.buf[:300])
-        body = self.buf[end:end + length]
-        self.buf = self.buf[end + length:]
-        return Response(status, headers, body, head)
+                raise ResponseError('closed before a complete response: %r' % self.buf[:300])
 
     def wait_closed(self, timeout=None):
         """Read until the server closes: True if it did within timeout, else False."""
