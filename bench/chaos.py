@@ -138,12 +138,6 @@ def good_get(port, timeout=5.0, path=SMALL, body=SMALL_BYTES):
     return None
 
 
-def serving_port(server):
-    """The port of the last "serving ... on 127.0.0.1:PORT" line in the log, or None."""
-    ports = re.findall(r'on 127\.0\.0\.1:(\d+) with', server.log_text())
-    return int(ports[-1]) if ports else None
-
-
 def live_workers(server):
     return [pid for pid in server.workers() if alive(pid)]
 
@@ -314,12 +308,11 @@ def test_kill_master(args, res):
                                                                (status.stdout + status.stderr).strip()))
         if status.returncode != 1 or 'dead' not in status.stdout + status.stderr:
             res.fail('status exit %d, not 1 (dead, pidfile remains)' % status.returncode)
-        before = len(server.log_text())
         start = server.command('start')
         server.master_pid = server.read_pid()
         server.remember_group()
-        ports = re.findall(r'on 127\.0\.0\.1:(\d+) with', server.log_text()[before:])
-        problem = good_get(int(ports[-1])) if ports else 'no "serving" line'
+        port = harness.serving_port(start.stdout)
+        problem = good_get(port) if port else 'no "agent serving" line from start'
         res.note('start exit %d, then GET %s' % (start.returncode, problem or 'ok'))
         if start.returncode != 0:
             res.fail('start after the kill exited %d: %s' % (start.returncode, (start.stdout + start.stderr).strip()))
@@ -545,8 +538,8 @@ def test_stop_start(args, res):
             elif not left and not pidfile:
                 kind = 'clean'
             elif 'not running' in stop_text and pidfile and pid in left \
-                    and len(left) == 1 + args.workers and serving_port(server) \
-                    and good_get(serving_port(server)) is None:
+                    and len(left) == 1 + args.workers and harness.serving_port(start_out) \
+                    and good_get(harness.serving_port(start_out)) is None:
                 kind = 'stop-first'
             else:
                 kind = 'left-over'
@@ -602,7 +595,8 @@ def test_start_race(args, res):
         masters = [pid for pid in left if pid not in harness.children_of(server.master_pid or -1)]
         serving = re.findall(r'on 127\.0\.0\.1:(\d+) with', server.log_text())
         already = sum(1 for out in outs if 'already running' in out)
-        problem = good_get(int(serving[-1])) if serving else 'no "serving" line'
+        port = harness.serving_port('\n'.join(outs))
+        problem = good_get(port) if port else 'no "agent serving" line from start'
         res.note('%d starts: exit codes %s; "already running" %d; processes %d (master %s + %d workers); '
                  '"serving" lines %d; GET %s'
                  % (args.starts, {c: codes.count(c) for c in sorted(set(codes), key=str)}, already, len(left),
