@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, 'bench'))
 
-from test_daemon import AgentServer, HttpRulesClassCleanups  # noqa: E402
+from test_daemon import AgentServer, ClassCleanups  # noqa: E402
 import samples  # noqa: E402
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
@@ -81,7 +81,7 @@ class GalleryBrowserTests(unittest.TestCase):
     def setUpClass(cls):
         require_tools()
         from selenium import webdriver
-        cls.server = AgentServer(HttpRulesClassCleanups(cls))
+        cls.server = AgentServer(ClassCleanups(cls))
         make_folders(cls.server.root)
         cls.server.start()
         cls.addClassCleanup(cls.server.stop)

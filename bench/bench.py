@@ -74,7 +74,8 @@ import tempfile
 import time
 from collections import namedtuple
 
-from harness import children_of as children, pid_alive
+import harness
+from harness import children_of as children, free_port, pid_alive
 
 HOST = "127.0.0.1"
 NGINX = "/usr/sbin/nginx"
@@ -119,14 +120,6 @@ def log(msg):
 
 
 # ---------------------------------------------------------------- helpers
-
-def free_port():
-    # The kernel picks an unused port for port 0; it stays free long enough
-    # for the server we start next to take it.
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
 
 def wait_for_port(port, timeout=READY_TIMEOUT, proc=None):
     """True once HOST:port accepts a connection (False on timeout or if
@@ -517,7 +510,7 @@ class AgentServer(Server):
 
     def cli(self, action):
         return [sys.executable, self.script, "--root", self.root,
-                "--bind", HOST, "--port", str(self.port),
+                "--bind", HOST, "--port", "0",
                 "--pidfile", self.pidfile, "--log", self.logfile,
                 "--access-log", self.accesslog] + (
                     ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
@@ -543,10 +536,10 @@ class AgentServer(Server):
         if not os.path.isfile(self.script):
             self.failed = "agent not found: %s" % self.script
             return None
-        self.port = free_port()
         rc, out, err, secs = run(self.cli("start"))
+        self.port = harness.serving_port(out)
         self.remember_pids()
-        if rc != 0:
+        if rc != 0 or self.port is None:
             msg = (err.strip() or out.strip() or "no output")
             self.failed = "start exited %s: %s" % (
                 "with timeout" if rc is None else rc, msg)
@@ -610,60 +603,18 @@ class AgentServer(Server):
 
 # ---------------------------------------------------------------- wrk
 
-TIME_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0,
-              "h": 3600000.0}
-SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3,
-              "TB": 1024 ** 4}
-
+# One row of the tables: wrk's figures (harness.run_wrk reads them) and the server's CPU time
+# per request, measured around the run.
 Result = namedtuple("Result", "rps mbps p50 p99 errors error_detail requests cpu_us",
                     defaults=(None, None))
 
 
-def parse_wrk(text):
-    """Pull the figures out of wrk's report; None if it has no summary."""
-    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    t = re.search(r"Transfer/sec:\s+([\d.]+)([KMGT]?B)", text)
-    if not m or not t:
-        return None
-    rps = float(m.group(1))
-    mbps = float(t.group(1)) * SIZE_UNITS[t.group(2)] / 1024 ** 2
-
-    def percentile(p):
-        lat = re.search(r"^\s+%d%%\s+([\d.]+)(us|ms|s|m|h)\b" % p, text,
-                        re.M)
-        return float(lat.group(1)) * TIME_UNITS[lat.group(2)] if lat else None
-
-    detail = {}
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), "
-                     r"write (\d+), timeout (\d+)", text)
-    if sock:
-        for kind, n in zip(("connect", "read", "write", "timeout"),
-                           sock.groups()):
-            if int(n):
-                detail[kind] = int(n)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    if non2xx:
-        detail["non-2xx/3xx"] = int(non2xx.group(1))
-    count = re.search(r"(\d+) requests in", text)
-    return Result(rps, mbps, percentile(50), percentile(99),
-                  sum(detail.values()), detail,
-                  int(count.group(1)) if count else None)
-
-
 def run_wrk(url, scenario, duration):
-    cmd = ["wrk", "-t1", "-c%d" % scenario.connections, "-d%ds" % duration,
-           "--latency"]
-    for h in scenario.headers:
-        cmd += ["-H", h]
-    cmd.append(url)
-    # wrk ends by itself after `duration`; the margin covers slow teardown
-    # of hundreds of connections.
-    rc, out, err, _ = run(cmd, timeout=duration + 30)
-    result = parse_wrk(out)
-    if result is None:
-        why = (err.strip() or out.strip() or "no output").splitlines()[-1]
-        return None, "wrk failed (rc %s): %s" % (rc, why)
-    return result, None
+    """One wrk run of a scenario: (Result, None), or (None, why) without wrk's summary."""
+    w = harness.run_wrk(url, scenario.connections, duration, scenario.headers)
+    if w.rps is None or w.mbps is None:
+        return None, harness.wrk_failure(w)
+    return Result(w.rps, w.mbps, w.p50, w.p99, w.errors, w.error_detail, w.requests), None
 
 
 # ---------------------------------------------------------------- report

@@ -90,8 +90,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from soak import (HOST, alive, fetch, parse_wrk, proc_sample, raise_nofile,  # noqa: E402
-                  read_response, request_bytes, run_wrk)
+from harness import fetch, read_response, request_bytes  # noqa: E402
+from soak import HOST, alive, proc_sample  # noqa: E402
 
 SMALL = 'small.jpg'
 SMALL_BYTES = bytes(range(256)) * 40            # 10240 bytes
@@ -138,12 +138,6 @@ def good_get(port, timeout=5.0, path=SMALL, body=SMALL_BYTES):
     return None
 
 
-def serving_port(server):
-    """The port of the last "serving ... on 127.0.0.1:PORT" line in the log, or None."""
-    ports = re.findall(r'on 127\.0\.0\.1:(\d+) with', server.log_text())
-    return int(ports[-1]) if ports else None
-
-
 def live_workers(server):
     return [pid for pid in server.workers() if alive(pid)]
 
@@ -188,27 +182,27 @@ class Wrk(threading.Thread):
 
     def __init__(self, port, connections, seconds, threads=2):
         threading.Thread.__init__(self, name='wrk', daemon=True)
-        self.command = ['wrk', '-t%d' % threads, '-c%d' % connections, '-d%ds' % seconds, '--timeout', '5s',
-                        'http://%s:%d/%s' % (HOST, port, SMALL)]
-        self.seconds = seconds
-        self.code, self.out = None, ''
+        self.url = 'http://%s:%d/%s' % (HOST, port, SMALL)
+        self.connections, self.seconds, self.threads = connections, seconds, threads
+        self.wrk = None
 
     def run(self):
-        self.code, self.out = run_wrk(self.command, self.seconds + 30)
+        self.wrk = harness.run_wrk(self.url, self.connections, self.seconds, threads=self.threads, timeout=5)
 
     def result(self, res):
+        """The harness.WrkResult; a failed run (no summary) is a FAIL and counts no request."""
         self.join(self.seconds + 40)
-        parsed = parse_wrk(self.out)
-        if parsed['requests'] is None:
-            res.fail('wrk failed (%s): %s' % (self.code, ' / '.join(self.out.strip().splitlines()[-2:])))
-            parsed['requests'] = 0
-        return parsed
+        wrk = self.wrk or harness.parse_wrk('', 'still running')
+        if not wrk.ok:
+            res.fail(harness.wrk_failure(wrk))
+            wrk = wrk._replace(requests=0)
+        return wrk
 
 
 def wrk_text(w):
+    kinds = {k: n for k, n in w.error_detail.items() if k != 'non-2xx/3xx'}
     return '%d requests, socket errors %d%s, non-2xx %d' % (
-        w['requests'], w['socket_errors'],
-        ' %s' % {k: v for k, v in w['errors'].items() if v} if w['socket_errors'] else '', w['non2xx'])
+        w.requests, w.socket_errors, ' %s' % kinds if w.socket_errors else '', w.non2xx)
 
 # ---------------------------------------------------------------------------------------------
 # a: SIGKILL workers under load
@@ -254,10 +248,10 @@ def test_kill_workers(args, res):
             res.fail('%d workers at the end, not %d' % (len(now), args.workers))
         if set(now) & set(victims):
             res.fail('a killed worker is still listed')
-        if w['socket_errors'] > bound:
-            res.fail('%d socket errors > %d connections held by the victims' % (w['socket_errors'], bound))
-        if w['non2xx']:
-            res.fail('%d non-2xx responses' % w['non2xx'])
+        if w.socket_errors > bound:
+            res.fail('%d socket errors > %d connections held by the victims' % (w.socket_errors, bound))
+        if w.non2xx:
+            res.fail('%d non-2xx responses' % w.non2xx)
         problem = good_get(server.port)
         if problem:
             res.fail('GET after the kills: %s' % problem)
@@ -277,7 +271,7 @@ def test_kill_master(args, res):
     server = new_agent(workers=args.workers)
     try:
         server.start()
-        port, master, workers = server.port, server.master, live_workers(server)
+        port, master, workers = server.port, server.master_pid, live_workers(server)
         idle = socket.create_connection((HOST, port), timeout=5)
         idle.sendall(request_bytes(SMALL))
         read_response(idle, time.monotonic() + 5)
@@ -314,12 +308,11 @@ def test_kill_master(args, res):
                                                                (status.stdout + status.stderr).strip()))
         if status.returncode != 1 or 'dead' not in status.stdout + status.stderr:
             res.fail('status exit %d, not 1 (dead, pidfile remains)' % status.returncode)
-        before = len(server.log_text())
         start = server.command('start')
-        server.master = server.read_pid()
+        server.master_pid = server.read_pid()
         server.remember_group()
-        ports = re.findall(r'on 127\.0\.0\.1:(\d+) with', server.log_text()[before:])
-        problem = good_get(int(ports[-1])) if ports else 'no "serving" line'
+        port = harness.serving_port(start.stdout)
+        problem = good_get(port) if port else 'no "agent serving" line from start'
         res.note('start exit %d, then GET %s' % (start.returncode, problem or 'ok'))
         if start.returncode != 0:
             res.fail('start after the kill exited %d: %s' % (start.returncode, (start.stdout + start.stderr).strip()))
@@ -384,16 +377,7 @@ def test_full_disk(args, res):
 
 
 def holds_deleted(pid, path):
-    try:
-        for name in os.listdir('/proc/%d/fd' % pid):
-            try:
-                if os.readlink('/proc/%d/fd/%s' % (pid, name)) == path + ' (deleted)':
-                    return True
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return False
+    return path + ' (deleted)' in harness.open_fds(pid).values()
 
 
 def marked_lines(path, marker):
@@ -409,7 +393,7 @@ def test_log_deleted(args, res):
     try:
         server.start()
         port, log = server.port, server.access_log
-        processes = [server.master] + live_workers(server)
+        processes = [server.master_pid] + live_workers(server)
         for _ in range(20):
             fetch(port, SMALL)
         wait_for(lambda: marked_lines(log, SMALL) >= 20, 3.0)
@@ -418,7 +402,7 @@ def test_log_deleted(args, res):
             fetch(port, SMALL)
         time.sleep(0.2)
         held = [pid for pid in processes if holds_deleted(pid, log)]
-        os.kill(server.master, signal.SIGUSR1)
+        os.kill(server.master_pid, signal.SIGUSR1)
         reopened = wait_for(lambda: not any(holds_deleted(pid, log) for pid in processes), 3.0)
         still = [pid for pid in processes if holds_deleted(pid, log)]
         marker = 'chaos-after-usr1-%d' % os.getpid()
@@ -460,15 +444,15 @@ def test_reloads(args, res):
         load.start()
         time.sleep(1.5)
         for _ in range(args.reloads):
-            os.kill(server.master, signal.SIGHUP)
+            os.kill(server.master_pid, signal.SIGHUP)
             time.sleep(args.reload_interval)
         w = load.result(res)
         settled = wait_for(lambda: len(live_workers(server)) == args.workers, 10.0)
         reloaded = log_count(server, 'reloaded')
         res.note('%d SIGHUPs -> %d "reloaded"; %s; workers at the end %d'
                  % (args.reloads, reloaded, wrk_text(w), len(live_workers(server))))
-        if w['socket_errors'] or w['non2xx']:
-            res.fail('reloads: %d socket errors, %d non-2xx' % (w['socket_errors'], w['non2xx']))
+        if w.socket_errors or w.non2xx:
+            res.fail('reloads: %d socket errors, %d non-2xx' % (w.socket_errors, w.non2xx))
         if not reloaded:
             res.fail('no reload happened')
         if not settled:
@@ -481,7 +465,7 @@ def test_reloads(args, res):
             load = Wrk(server.port, 64, seconds)
             load.start()
             time.sleep(1.0)
-            masters, codes, took = [server.master], [], []
+            masters, codes, took = [server.master_pid], [], []
             for _ in range(args.upgrades):
                 started = time.monotonic()
                 result = server.command('upgrade')
@@ -489,8 +473,8 @@ def test_reloads(args, res):
                 codes.append(result.returncode)
                 if result.returncode != 0:
                     res.fail('upgrade exited %d: %s' % (result.returncode, (result.stdout + result.stderr).strip()))
-                server.master = server.read_pid()
-                masters.append(server.master)
+                server.master_pid = server.read_pid()
+                masters.append(server.master_pid)
                 time.sleep(max(0.0, 2.0 - took[-1]))
             w = load.result(res)
             settled = wait_for(lambda: len(live_workers(server)) == args.workers, 10.0)
@@ -498,8 +482,8 @@ def test_reloads(args, res):
                      % (args.upgrades, codes, '/'.join('%.2f' % t for t in took), masters, wrk_text(w)))
             if len(set(masters)) != 1:
                 res.fail('masters %s: an upgrade is in place, the pid must not change' % masters)
-            if w['socket_errors'] or w['non2xx']:
-                res.fail('upgrades: %d socket errors, %d non-2xx' % (w['socket_errors'], w['non2xx']))
+            if w.socket_errors or w.non2xx:
+                res.fail('upgrades: %d socket errors, %d non-2xx' % (w.socket_errors, w.non2xx))
             if not settled:
                 res.fail('%d workers after the upgrades' % len(live_workers(server)))
             problem = good_get(server.port)
@@ -545,7 +529,7 @@ def test_stop_start(args, res):
                 start_out, start_code = 'start timed out', None
             pid = server.read_pid()
             if pid:
-                server.master = pid
+                server.master_pid = pid
                 server.remember_group()
             left = agent_processes(server.pidfile)
             pidfile = os.path.exists(server.pidfile)
@@ -554,8 +538,8 @@ def test_stop_start(args, res):
             elif not left and not pidfile:
                 kind = 'clean'
             elif 'not running' in stop_text and pidfile and pid in left \
-                    and len(left) == 1 + args.workers and serving_port(server) \
-                    and good_get(serving_port(server)) is None:
+                    and len(left) == 1 + args.workers and harness.serving_port(start_out) \
+                    and good_get(harness.serving_port(start_out)) is None:
                 kind = 'stop-first'
             else:
                 kind = 'left-over'
@@ -604,25 +588,26 @@ def test_start_race(args, res):
                 out = proc.communicate()[0].decode('utf-8', 'replace').strip() + ' (timed out)'
             codes.append(proc.returncode)
             outs.append(out)
-        server.master = server.read_pid()
+        server.master_pid = server.read_pid()
         server.remember_group()
         time.sleep(0.3)
         left = agent_processes(server.pidfile)
-        masters = [pid for pid in left if pid not in harness.children_of(server.master or -1)]
+        masters = [pid for pid in left if pid not in harness.children_of(server.master_pid or -1)]
         serving = re.findall(r'on 127\.0\.0\.1:(\d+) with', server.log_text())
         already = sum(1 for out in outs if 'already running' in out)
-        problem = good_get(int(serving[-1])) if serving else 'no "serving" line'
+        port = harness.serving_port('\n'.join(outs))
+        problem = good_get(port) if port else 'no "agent serving" line from start'
         res.note('%d starts: exit codes %s; "already running" %d; processes %d (master %s + %d workers); '
                  '"serving" lines %d; GET %s'
                  % (args.starts, {c: codes.count(c) for c in sorted(set(codes), key=str)}, already, len(left),
-                    server.master, len(left) - len(masters), len(serving), problem or 'ok'))
+                    server.master_pid, len(left) - len(masters), len(serving), problem or 'ok'))
         if any(code != 0 for code in codes):
             bad = [(c, o) for c, o in zip(codes, outs) if c != 0]
             res.fail('%d starts failed, first: exit %s %r' % (len(bad), bad[0][0], bad[0][1]))
         if already != args.starts - 1:
             res.fail('%d said "already running", not %d' % (already, args.starts - 1))
-        if masters != [server.master] or len(left) != 1 + args.workers:
-            res.fail('processes %s: not one master (%s) and %d workers' % (left, server.master, args.workers))
+        if masters != [server.master_pid] or len(left) != 1 + args.workers:
+            res.fail('processes %s: not one master (%s) and %d workers' % (left, server.master_pid, args.workers))
         if len(serving) != 1:
             res.fail('%d "serving" lines' % len(serving))
         if problem:
@@ -640,7 +625,7 @@ def test_start_race(args, res):
 def test_limits(args, res):
     cap = args.max_connections
     needed = args.idle + 300
-    if raise_nofile(needed) < needed:
+    if harness.raise_nofile(needed) < needed:
         res.fail('RLIMIT_NOFILE %d < %d' % (resource.getrlimit(resource.RLIMIT_NOFILE)[0], needed))
         return
     idle_limits(args, res, cap)

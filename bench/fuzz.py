@@ -3,7 +3,7 @@
 
 What it proves
 --------------
-Network mode (default, --cases N): N requests, mutated from a corpus of valid ones, are sent to
+Network mode (--cases N): N requests, mutated from a corpus of valid ones, are sent to
 an agent (started here on 127.0.0.1 with 2 workers, or an already running one with --port),
 --concurrency at a time, in batches of --batch.  PASS means all of:
   * every connection ends with zero or more well-formed HTTP/1.1 responses and a clean close,
@@ -50,7 +50,9 @@ prints case I's bytes and `--seed S --replay I` sends it to a fresh agent, print
 How to run
 ----------
   python3 bench/fuzz.py                          # 20000 network cases against a fresh agent
-  python3 bench/fuzz.py --cases 2000 --seed 7    # CI-sized
+  python3 bench/fuzz.py                          # every mode, full size (make fuzz)
+  python3 bench/fuzz.py --quick                  # every mode, a tenth, seed 1 (make fuzz-ci)
+  python3 bench/fuzz.py --cases 2000 --seed 7    # network mode only
   python3 bench/fuzz.py --in-process 200000      # parser only, no server
   python3 bench/fuzz.py --seed 7 --replay 1234   # one case, verbosely
   python3 bench/fuzz.py --make-tree /tmp/www     # the files the cases expect; serve them, then:
@@ -737,7 +739,7 @@ def network_mode(args, seed):
             make_tree(server.root)
             server.start()
             port = server.port
-            pidfile_master = server.master
+            pidfile_master = server.master_pid
             workers_before = server.workers()
             log_path, log_offset = server.log, 0
         print('fuzz: seed %d, %d cases against 127.0.0.1:%d, %d at a time, workers %s'
@@ -1127,16 +1129,38 @@ def replay(args, seed):
     return 1 if problem else 0
 
 
+# Cases of each mode in a full run (`make fuzz`); --quick (`make fuzz-ci`) runs a tenth.
+FULL_SIZES = {'in_process': 200000, 'images': 500000, 'cases': 20000}
+
+
+def choose_sizes(args):
+    """Every mode at its full (or --quick) size when none is named (only the network mode
+    against an agent given by --port); else only the modes named."""
+    named = [mode for mode in FULL_SIZES if getattr(args, mode) is not None]
+    for mode, full in FULL_SIZES.items():
+        if getattr(args, mode) is None:
+            wanted = not named and (mode == 'cases' or not args.port)
+            setattr(args, mode, 0 if not wanted else full // 10 if args.quick else full)
+    if args.quick and args.seed is None:
+        args.seed = 1
+    if args.max_time is None:
+        args.max_time = 240.0 if args.quick else 900.0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--seed', type=int, default=None, help='default: random (printed)')
+    p.add_argument('--seed', type=int, default=None, help='default: random (printed; --quick: 1)')
+    p.add_argument('--quick', action='store_true',
+                   help='CI-sized: a tenth of the default cases, --seed 1, --max-time 240')
     p.add_argument('--cases', type=int, default=None,
-                   help='network cases (default 20000; 0 with --in-process unless given)')
-    p.add_argument('--in-process', type=int, default=0, metavar='N',
-                   help='fuzz agent.parse_request & co. in this process for N cases')
-    p.add_argument('--images', type=int, default=0, metavar='N',
-                   help="fuzz the gallery's image header parsers in this process for N cases")
+                   help='network cases (default %d)' % FULL_SIZES['cases'])
+    p.add_argument('--in-process', type=int, default=None, metavar='N',
+                   help='fuzz agent.parse_request & co. in this process for N cases (default %d)'
+                        % FULL_SIZES['in_process'])
+    p.add_argument('--images', type=int, default=None, metavar='N',
+                   help="fuzz the gallery's image header parsers in this process for N cases "
+                        "(default %d)" % FULL_SIZES['images'])
     p.add_argument('--start', type=int, default=0, help='index of the first case (default 0)')
     p.add_argument('--replay', type=int, default=None, metavar='I', help='send case I only, verbosely')
     p.add_argument('--show', type=int, default=None, metavar='I', help="print case I's bytes and exit")
@@ -1144,8 +1168,8 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=500, help='cases between clean requests (default 500)')
     p.add_argument('--case-timeout', type=float, default=5.0,
                    help='seconds a case may take before it is a hang (default 5)')
-    p.add_argument('--max-time', type=float, default=900.0,
-                   help='hard bound on the whole run in seconds (default 900)')
+    p.add_argument('--max-time', type=float, default=None,
+                   help='hard bound on the whole run in seconds (default 900; --quick: 240)')
     p.add_argument('--max-failures', type=int, default=200,
                    help='network mode stops after this many failing cases (default 200)')
     p.add_argument('--max-header-size', type=int, default=agent.MAX_HEADER_SIZE,
@@ -1167,6 +1191,7 @@ def main(argv=None):
                    help='findings outside the pass criteria fail too: a head refused only when it '
                         'arrives split, a connection reset after the answer instead of a FIN')
     args = p.parse_args(argv)
+    choose_sizes(args)
     args.deadline = time.monotonic() + args.max_time
     if args.tls:
         global TLS
@@ -1178,8 +1203,6 @@ def main(argv=None):
             atexit.register(shutil.rmtree, tls_dir, True)
             args.agent_option = (args.agent_option or []) + tls_options(tls_dir)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
-    if args.cases is None:
-        args.cases = 0 if args.in_process or args.images else 20000
     print('seed: %d' % seed, flush=True)
     try:
         if args.show is not None:

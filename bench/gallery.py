@@ -30,12 +30,6 @@ import harness  # noqa: E402
 import samples  # noqa: E402
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def wait_port(port, proc, timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -124,7 +118,7 @@ def servers(root, tmp):
         return server.port, lambda: (server.stop(), server.cleanup())
 
     def nginx():
-        port = free_port()
+        port = harness.free_port()
         conf = os.path.join(tmp, 'nginx.conf')
         with open(conf, 'w') as f:
             f.write('daemon off; worker_processes 1; pid %s/nginx.pid; error_log %s/nginx.err;\n'
@@ -137,7 +131,7 @@ def servers(root, tmp):
         return port, lambda: (proc.terminate(), proc.wait(10))
 
     def caddy():
-        port = free_port()
+        port = harness.free_port()
         env = dict(os.environ, HOME=tmp, XDG_DATA_HOME=tmp, XDG_CONFIG_HOME=tmp)
         proc = subprocess.Popen(['caddy', 'file-server', '--browse', '--listen', '127.0.0.1:%d' % port,
                                  '--root', root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

@@ -1,10 +1,11 @@
 """Shared helpers for test_daemon.py and bench/*.py: start, watch and stop an agent; run wrk.
 
 Not a script.  `AgentProcess` runs `agent.py ... start` on 127.0.0.1 with a kernel-picked port
-in a temporary directory, reads the port from the log, lists the workers (children of the
-master, from /proc), scans the log for worker deaths and tracebacks, and stops the agent with
-`stop` (falling back to SIGKILL of the agent's process group).  `run_wrk` runs wrk and
-`parse_wrk` reads its report: the one wrk runner and parser of the tests and benchmarks.
+in a temporary directory, learns the port from the line `start` prints (`serving_port`), lists
+the workers (children of the master, from /proc), scans the log for worker deaths and
+tracebacks, and stops the agent with `stop` (falling back to SIGKILL of the agent's process
+group).  test_daemon.py's AgentServer is this class with a test's cleanups.  `run_wrk` runs wrk
+and `parse_wrk` reads its report: the one wrk runner and parser of the tests and benchmarks.
 Standard library only.
 """
 
@@ -12,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,22 @@ def children_of(pid):
     return sorted(found)
 
 
+def open_fds(pid):
+    """{fd: what /proc/PID/fd/FD links to} of a process ('socket:[N]', a path, 'PATH (deleted)');
+    {} once it is gone."""
+    found = {}
+    try:
+        names = os.listdir('/proc/%d/fd' % pid)
+    except OSError:
+        return found
+    for name in names:
+        try:
+            found[int(name)] = os.readlink('/proc/%d/fd/%s' % (pid, name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def pid_alive(pid):
     """Whether pid is a live process; a zombie (dead, not yet reaped) counts as gone."""
     try:
@@ -59,6 +77,41 @@ def pid_alive(pid):
             return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
     except (OSError, IndexError):
         return False
+
+
+# The line `start` (and `restart`) prints on stdout: "agent serving ROOT at URL[, URL...], pid N;
+# log ...".  With --port 0 its URLs have the port the kernel picked: the one way to learn it.
+SERVING_LINE = re.compile(r'^agent serving .* at (.*?), pid \d+;', re.M)
+SERVING_URL = re.compile(r'https?://(?:\[[^\]]*\]|[^/:\s]+):(\d+)/')
+
+
+def serving_ports(text):
+    """The ports of the last `agent serving ... at URL, ...` line in text, in its order."""
+    lines = SERVING_LINE.findall(text)
+    return [int(port) for port in SERVING_URL.findall(lines[-1])] if lines else []
+
+
+def serving_port(text):
+    """The first port `start` printed in text (see SERVING_LINE); None without the line."""
+    ports = serving_ports(text)
+    return ports[0] if ports else None
+
+
+def free_port():
+    """A port the kernel calls free now, for a peer server that needs a number in its config
+    (nginx, lighttpd, caddy; systemd-socket-activate).  The agent never needs one: --port 0."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def read_pid(path):
+    """The pid in a pidfile; None if it is missing or holds no number."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def percentile(values, fraction):
@@ -71,10 +124,12 @@ def percentile(values, fraction):
 class AgentProcess:
     """One agent daemon for the length of a `with` block; always stopped on exit."""
 
-    def __init__(self, root=None, options=(), workers=2, python=None, keep=False, agent=None):
-        self.dir = tempfile.mkdtemp(prefix='agent-bench-')
+    def __init__(self, root=None, options=(), workers=2, python=None, keep=False, agent=None,
+                 stop_timeout=5, prefix='agent-bench-'):
+        self.dir = tempfile.mkdtemp(prefix=prefix)
         self.root = root or os.path.join(self.dir, 'www')
-        os.makedirs(self.root, exist_ok=True)
+        if root is None:
+            os.makedirs(self.root)
         self.pidfile = os.path.join(self.dir, 'agent.pid')
         self.log = os.path.join(self.dir, 'agent.log')
         self.access_log = os.path.join(self.dir, 'access.log')
@@ -83,37 +138,39 @@ class AgentProcess:
         self.keep = keep
         self.options = ['--root', self.root, '--bind', '127.0.0.1', '--port', '0',
                         '--pidfile', self.pidfile, '--log', self.log,
-                        '--access-log', self.access_log, '--workers', str(workers),
-                        '--stop-timeout', '5'] + list(options)
+                        '--access-log', self.access_log, '--workers', str(workers)]
+        if stop_timeout is not None:
+            self.options += ['--stop-timeout', str(stop_timeout)]
+        self.options += list(options)
         self.port = None
-        self.master = None
+        self.master_pid = None
         self.pgid = None
         self.worker_pids = []
 
-    def command(self, action):
-        return subprocess.run([self.python, self.agent] + self.options + [action],
+    def command(self, action, *extra, timeout=COMMAND_TIMEOUT):
+        """`agent.py OPTIONS EXTRA ACTION` to completion: the CompletedProcess (text)."""
+        return subprocess.run([self.python, self.agent] + self.options + list(extra) + [action],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT)
+                              timeout=timeout)
 
     def start(self):
         try:
             result = self.command('start')
         except subprocess.TimeoutExpired:
-            self.master = self.read_pid()
+            self.master_pid = self.read_pid()
             self.remember_group()
             raise RuntimeError('agent start did not return within %gs' % COMMAND_TIMEOUT)
-        self.master = self.read_pid()
+        self.master_pid = self.read_pid()
         self.remember_group()
-        if result.returncode != 0 or self.master is None:
+        if result.returncode != 0 or self.master_pid is None:
             raise RuntimeError('agent start failed (%d): %s%s\n%s'
                                % (result.returncode, result.stdout, result.stderr, self.log_text()))
-        ports = re.findall(r'on 127\.0\.0\.1:(\d+)(?: \(https\))?,? ', self.log_text())
-        if not ports:
-            raise RuntimeError('no "serving ... on 127.0.0.1:PORT" line in %s' % self.log)
-        self.port = int(ports[-1])
+        self.port = serving_port(result.stdout)
+        if self.port is None:
+            raise RuntimeError('no "agent serving ... at URL" line from start: %r' % result.stdout)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            self.worker_pids = children_of(self.master)
+            self.worker_pids = children_of(self.master_pid)
             if self.worker_pids:
                 break
             time.sleep(0.05)
@@ -121,19 +178,15 @@ class AgentProcess:
 
     def remember_group(self):
         try:
-            self.pgid = os.getpgid(self.master) if self.master else None
+            self.pgid = os.getpgid(self.master_pid) if self.master_pid else None
         except OSError:
             self.pgid = None
 
     def read_pid(self):
-        try:
-            with open(self.pidfile) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
+        return read_pid(self.pidfile)
 
     def workers(self):
-        return children_of(self.master) if self.master else []
+        return children_of(self.master_pid) if self.master_pid else []
 
     def log_text(self):
         try:
@@ -162,7 +215,7 @@ class AgentProcess:
     def stop(self):
         """`agent.py stop`; SIGKILL to the whole process group if anything is left."""
         try:
-            if self.master and pid_alive(self.master):
+            if self.master_pid and pid_alive(self.master_pid):
                 try:
                     self.command('stop')
                 except subprocess.TimeoutExpired:
@@ -174,7 +227,7 @@ class AgentProcess:
         """SIGKILL the agent's process group (the daemon's own session), if any of it is left."""
         if not self.pgid or self.pgid == os.getpgid(0):
             return
-        for pid in [self.master] + list(self.worker_pids):
+        for pid in [self.master_pid] + list(self.worker_pids):
             try:
                 if pid and os.getpgid(pid) == self.pgid:
                     os.killpg(self.pgid, signal.SIGKILL)
@@ -195,6 +248,154 @@ class AgentProcess:
         finally:
             self.cleanup()
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The one raw HTTP client: request bytes, a connection, its responses
+# ---------------------------------------------------------------------------------------------
+
+def raw_request(target, *headers, method='GET', version='HTTP/1.1', host='x', body=b''):
+    """The bytes of one request; target and headers may be str (latin-1) or bytes."""
+    def b(value):
+        return value if isinstance(value, bytes) else value.encode('latin-1')
+    lines = [b(method) + b' ' + b(target) + b' ' + b(version)]
+    if host is not None:
+        lines.append(b'Host: ' + b(host))
+    lines.extend(b(h) for h in headers)
+    return b'\r\n'.join(lines) + b'\r\n\r\n' + body
+
+
+class ResponseError(ConnectionError):
+    """No complete, well-framed response in time: closed early, timed out, not HTTP/1.x, or
+    traceback text in it.  A ConnectionError, so the harnesses' `except OSError` see it."""
+
+
+class Response:
+    def __init__(self, status, headers, body, head):
+        self.status = status
+        self.headers = headers          # lowercase str names -> str values
+        self.body = body
+        self.head = head                # raw head bytes, with the final CRLF CRLF
+
+    @property
+    def closing(self):
+        return self.headers.get('connection', '').lower() == 'close'
+
+    def __repr__(self):
+        return '<%d %r %r>' % (self.status, self.headers, self.body[:80])
+
+
+def parse_response(data, head_only=False):
+    """(Response, the bytes after it) from the start of data; None while it is incomplete.
+    Framed by Content-Length (none for HEAD, 204 and 304); ResponseError if it is no HTTP/1.x."""
+    if b'\r\n\r\n' not in data:
+        return None
+    end = data.index(b'\r\n\r\n') + 4
+    head = data[:end]
+    lines = head[:-4].split(b'\r\n')
+    parts = lines[0].split(b' ', 2)
+    if not parts[0].startswith(b'HTTP/1.') or len(parts) < 2 or not parts[1].isdigit():
+        raise ResponseError('not a status line: %r' % lines[0])
+    status = int(parts[1])
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b':')
+        if not colon:
+            raise ResponseError('bad header line %r' % line)
+        headers[name.decode('latin-1').lower()] = value.strip().decode('latin-1')
+    length = 0 if head_only or status in (204, 304) else int(headers.get('content-length', 0))
+    if len(data) < end + length:
+        return None
+    return Response(status, headers, data[end:end + length], head), data[end + length:]
+
+
+class RawConn:
+    """A raw client connection reading responses one at a time (HEAD-, 204- and 304-aware),
+    framed by Content-Length; bytes after a response stay for the next one (pipelining)."""
+
+    def __init__(self, port=None, timeout=5.0, sock=None):
+        if sock is None:
+            sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.timeout = timeout
+        self.buf = b''
+        self.closed = False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def more(self, deadline):
+        """Read some more; False once the peer has closed.  ResponseError on timeout."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ResponseError('timed out waiting for the server; have %r' % self.buf[:300])
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise ResponseError('timed out waiting for the server; have %r' % self.buf[:300])
+        except (ConnectionResetError, BrokenPipeError):
+            data = b''
+        if not data:
+            self.closed = True
+            return False
+        if b'Traceback' in data or b'File "' in data:
+            raise ResponseError('traceback text in a response: %r' % data[:500])
+        self.buf += data
+        return True
+
+    def response(self, head_only=False, timeout=None):
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            found = parse_response(self.buf, head_only)
+            if found:
+                response, self.buf = found
+                return response
+            if not self.more(deadline):
+                raise ResponseError('closed before a complete response: %r' % self.buf[:300])
+
+    def wait_closed(self, timeout=None):
+        """Read until the server closes: True if it did within timeout, else False."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        try:
+            while self.more(deadline):
+                pass
+        except ResponseError:
+            return False
+        return True
+
+
+def read_response(sock, deadline, head_only=False):
+    """One response on a connected socket, by `deadline` (time.monotonic()); bytes after it
+    are dropped (use a RawConn to keep them)."""
+    return RawConn(sock=sock).response(head_only, max(0.01, deadline - time.monotonic()))
+
+
+def request_bytes(path, headers=(), method='GET', close=False):
+    """A request for path with (name, value) headers, Host 127.0.0.1; Connection: close if close."""
+    lines = ['%s: %s' % item for item in headers] + (['Connection: close'] if close else [])
+    return raw_request('/' + path.lstrip('/'), *lines, method=method, host='127.0.0.1')
+
+
+def fetch(port, path, headers=(), method='GET', sock=None, timeout=5.0):
+    """One request and its Response; on a new connection (closed after) unless sock is given."""
+    deadline = time.monotonic() + timeout
+    own = sock is None
+    if own:
+        sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+    try:
+        sock.sendall(request_bytes(path, headers, method, close=own))
+        return read_response(sock, deadline, head_only=method == 'HEAD')
+    finally:
+        if own:
+            sock.close()
 
 
 def raise_nofile(wanted):

@@ -31,7 +31,7 @@ requests; PASS also needs its last "service available" to be YES and the same p9
 How to run
 ----------
   python3 bench/slow.py                                   # full size (make slow), ~60 s
-  python3 bench/slow.py --slowloris 100 --slow-readers 5 --duration 8 --slowhttptest-length 10
+  python3 bench/slow.py --quick                           # CI size (make slow-ci)
   python3 bench/slow.py --slowhttptest-length 0           # without slowhttptest
 
 Raises its own RLIMIT_NOFILE soft limit to the hard one for the sockets.  Loopback only;
@@ -253,28 +253,6 @@ class SlowReaders(threading.Thread):
 # ---------------------------------------------------------------------------------------------
 
 
-def read_response(sock, deadline):
-    """One response on a blocking socket: (status, body, closing)."""
-    data = b''
-    while b'\r\n\r\n' not in data:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError('closed before the head')
-        data += chunk
-    head, _, body = data.partition(b'\r\n\r\n')
-    status = int(head.split(b' ', 2)[1])
-    match = re.search(rb'\r\ncontent-length: *(\d+)', head, re.I)
-    length = int(match.group(1)) if match else 0
-    while len(body) < length:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError('closed in the body')
-        body += chunk
-    return status, body, b'connection: close' in head.lower()
-
-
 class Latency(threading.Thread):
     """GETs of the small file, alternately on a new and on a kept-alive connection."""
 
@@ -300,7 +278,8 @@ class Latency(threading.Thread):
                     sock = kept
                     request = b'GET /' + SMALL.encode() + b' HTTP/1.1\r\nHost: x\r\n\r\n'
                 sock.sendall(request)
-                status, body, closing = read_response(sock, deadline)
+                response = harness.read_response(sock, deadline)
+                status, body, closing = response.status, response.body, response.closing
                 elapsed = time.monotonic() - started
                 if status != 200 or body != SMALL_BYTES:
                     self.errors.append('status %d, %d bytes' % (status, len(body)))
@@ -365,7 +344,8 @@ def clean_get(port):
     try:
         with socket.create_connection((HOST, port), timeout=5) as sock:
             sock.sendall(b'GET /' + SMALL.encode() + b' HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
-            status, body, _ = read_response(sock, time.monotonic() + 5)
+            response = harness.read_response(sock, time.monotonic() + 5)
+            status, body = response.status, response.body
         return None if status == 200 and body == SMALL_BYTES else 'status %d, %d bytes' % (status, len(body))
     except (OSError, ValueError, IndexError) as exc:
         return str(exc)
@@ -379,16 +359,25 @@ def fmt(values, unit='s', spec='%.2f'):
             % (len(ordered), ordered[0], unit, harness.percentile(ordered, 0.5), unit, ordered[-1], unit))
 
 
+# (option, full size for `make slow`, CI size for `make slow-ci` and --quick)
+SIZES = [('slowloris', 300, 100), ('slow_readers', 20, 5), ('duration', 20.0, 8.0),
+         ('slowhttptest_length', 30, 10)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--slowloris', type=int, default=300, help='slowloris connections (default 300)')
+    p.add_argument('--quick', action='store_true',
+                   help='CI-sized: the defaults marked "--quick:" (about 25 s in all)')
+    p.add_argument('--slowloris', type=int, default=None,
+                   help='slowloris connections (default 300; --quick: 100)')
     p.add_argument('--interval', type=float, default=1.0, help='seconds between trickled bytes (default 1)')
-    p.add_argument('--slow-readers', type=int, default=20, help='slow readers (default 20)')
+    p.add_argument('--slow-readers', type=int, default=None, help='slow readers (default 20; --quick: 5)')
     p.add_argument('--read-rate', type=int, default=1024, help='bytes/s each slow reader reads (default 1024)')
     p.add_argument('--rcvbuf', type=int, default=4096, help="slow readers' SO_RCVBUF (default 4096)")
     p.add_argument('--big-mb', type=int, default=50, help='size of the sparse file they read, MB (default 50)')
-    p.add_argument('--duration', type=float, default=20.0, help='seconds the slow clients are held (default 20)')
+    p.add_argument('--duration', type=float, default=None,
+                   help='seconds the slow clients are held (default 20; --quick: 8)')
     p.add_argument('--header-timeout', type=float, default=5.0, help="the agent's --header-timeout (default 5)")
     p.add_argument('--agent-timeout', type=float, default=None,
                    help="the agent's --timeout (idle keep-alive, stalled send); default: the agent's own")
@@ -400,12 +389,15 @@ def main(argv=None):
     p.add_argument('--min-held', type=float, default=0.9,
                    help='fraction of the slowloris slots that must be open at once (default 0.9)')
     p.add_argument('--workers', type=int, default=2, help='agent workers (default 2)')
-    p.add_argument('--slowhttptest-length', type=int, default=30,
-                   help='slowhttptest -l seconds; 0 skips it (default 30)')
+    p.add_argument('--slowhttptest-length', type=int, default=None,
+                   help='slowhttptest -l seconds; 0 skips it (default 30; --quick: 10)')
     p.add_argument('--slowhttptest-connections', type=int, default=500, help='slowhttptest -c (default 500)')
     p.add_argument('--keep', action='store_true', help="keep the agent's temporary directory")
     p.add_argument('--agent', help='the agent.py to start (default: the one beside bench/)')
     args = p.parse_args(argv)
+    for name, full, quick in SIZES:
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
 
     limit = harness.raise_nofile(args.slowloris + args.slow_readers + 200)
     needed = args.slowloris + args.slow_readers + 100

@@ -82,10 +82,8 @@ import argparse
 import os
 import queue
 import random
-import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -93,6 +91,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+from harness import fetch  # noqa: E402
 
 HOST = '127.0.0.1'
 STABLE = {                                  # path under the root -> size
@@ -105,63 +104,8 @@ CHURN_SIZES = (100, 60000)
 MISSING_NAMES = 100000
 
 # ---------------------------------------------------------------------------------------------
-# Small HTTP client and /proc helpers (bench/chaos.py uses them too)
+# /proc helpers (bench/chaos.py uses them too)
 # ---------------------------------------------------------------------------------------------
-
-
-class Response:
-    __slots__ = ('status', 'headers', 'body', 'closing')
-
-    def __init__(self, status, headers, body, closing):
-        self.status, self.headers, self.body, self.closing = status, headers, body, closing
-
-
-def read_response(sock, deadline, head_only=False):
-    """One response from a blocking socket; ConnectionError if it ends early."""
-    data = b''
-    while b'\r\n\r\n' not in data:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError('closed before the head' + (' (after %d bytes)' % len(data) if data else ''))
-        data += chunk
-    head, _, body = data.partition(b'\r\n\r\n')
-    lines = head.decode('latin-1').split('\r\n')
-    status = int(lines[0].split(' ', 2)[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(':')
-        headers[name.strip().lower()] = value.strip()
-    length = 0 if head_only or status in (204, 304) else int(headers.get('content-length', '0'))
-    while len(body) < length:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError('closed in the body (%d of %d bytes)' % (len(body), length))
-        body += chunk
-    return Response(status, headers, body[:length], headers.get('connection', '').lower() == 'close')
-
-
-def request_bytes(path, headers=(), method='GET', close=False):
-    lines = ['%s /%s HTTP/1.1' % (method, path.lstrip('/')), 'Host: 127.0.0.1']
-    lines += ['%s: %s' % item for item in headers]
-    if close:
-        lines.append('Connection: close')
-    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
-
-
-def fetch(port, path, headers=(), method='GET', sock=None, timeout=5.0):
-    """One request; on a new connection (closed after) unless sock is given."""
-    deadline = time.monotonic() + timeout
-    own = sock is None
-    if own:
-        sock = socket.create_connection((HOST, port), timeout=timeout)
-    try:
-        sock.sendall(request_bytes(path, headers, method, close=own))
-        return read_response(sock, deadline, head_only=method == 'HEAD')
-    finally:
-        if own:
-            sock.close()
 
 
 def proc_sample(pid, listeners=1):
@@ -171,14 +115,8 @@ def proc_sample(pid, listeners=1):
     system time in clock ticks.
     """
     try:
-        names = os.listdir('/proc/%d/fd' % pid)
-        sockets = 0
-        for name in names:
-            try:
-                if os.readlink('/proc/%d/fd/%s' % (pid, name)).startswith('socket:'):
-                    sockets += 1
-            except OSError:
-                pass
+        names = os.listdir('/proc/%d/fd' % pid)         # OSError once it is gone
+        sockets = sum(target.startswith('socket:') for target in harness.open_fds(pid).values())
         rss = 0
         with open('/proc/%d/status' % pid) as f:
             for line in f:
@@ -237,34 +175,6 @@ def worker_of(sock, agent_port, workers):
         except OSError:
             continue
     return None
-
-
-WRK_SOCKET_ERRORS = re.compile(r'Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)')
-
-
-def parse_wrk(text):
-    """requests, socket errors {kind: n}, non-2xx/3xx, seconds; requests None without a summary."""
-    total = re.search(r'(\d+) requests in ([\d.]+)(us|ms|s|m)', text)
-    errors = {}
-    match = WRK_SOCKET_ERRORS.search(text)
-    if match:
-        errors = dict(zip(('connect', 'read', 'write', 'timeout'), map(int, match.groups())))
-    non2xx = re.search(r'Non-2xx or 3xx responses: (\d+)', text)
-    seconds = None
-    if total:
-        seconds = float(total.group(2)) * {'us': 1e-6, 'ms': 1e-3, 's': 1.0, 'm': 60.0}[total.group(3)]
-    return {'requests': int(total.group(1)) if total else None, 'errors': errors,
-            'socket_errors': sum(errors.values()), 'non2xx': int(non2xx.group(1)) if non2xx else 0,
-            'seconds': seconds}
-
-
-def run_wrk(args, timeout):
-    """Run wrk to completion (killed after timeout): (returncode or 'timeout', stdout + stderr)."""
-    try:
-        result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-        return result.returncode, (result.stdout + result.stderr).decode('utf-8', 'replace')
-    except subprocess.TimeoutExpired as exc:          # subprocess.run has killed it
-        return 'timeout', ((exc.stdout or b'') + (exc.stderr or b'')).decode('utf-8', 'replace')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,17 +574,12 @@ class Sampler(threading.Thread):
 def deleted_held(pid, root):
     """Files under root that a process still has open although they were deleted: [(fd, size)]."""
     found = []
-    try:
-        names = os.listdir('/proc/%d/fd' % pid)
-    except OSError:
-        return found
-    for name in names:
-        try:
-            target = os.readlink('/proc/%d/fd/%s' % (pid, name))
-            if target.startswith(root + '/') and target.endswith(' (deleted)'):
-                found.append((int(name), os.stat('/proc/%d/fd/%s' % (pid, name)).st_size))
-        except OSError:
-            continue
+    for fd, target in sorted(harness.open_fds(pid).items()):
+        if target.startswith(root + '/') and target.endswith(' (deleted)'):
+            try:
+                found.append((fd, os.stat('/proc/%d/fd/%d' % (pid, fd)).st_size))
+            except OSError:
+                continue
     return found
 
 
@@ -752,9 +657,8 @@ def main(argv=None):
                    threading.Thread(target=churn.run_checker, args=(workers,), name='checker', daemon=True)]
         for thread in threads:
             thread.start()
-        command = ['wrk', '-t%d' % args.connections, '-c%d' % args.connections, '-d%ds' % int(round(args.duration)),
-                   '--timeout', '5s', '-s', lua, 'http://%s:%d/' % (HOST, port)]
-        code, out = run_wrk(command, args.duration + 60)
+        wrk = harness.run_wrk('http://%s:%d/' % (HOST, port), args.connections, args.duration,
+                              threads=args.connections, script=lua, timeout=5)
         stop.set()
         churn.stop.set()
         for thread in threads:
@@ -763,12 +667,11 @@ def main(argv=None):
                 reasons.append('%s thread still running' % thread.name)
 
         # -- wrk --
-        wrk = parse_wrk(out)
-        counts, bad, bad_samples = parse_lua_report(out)
-        if wrk['requests'] is None:
-            tail = ' / '.join(out.strip().splitlines()[-3:])
-            reasons.append('wrk failed (%s): %s' % (code, tail))
-            wrk['requests'] = 0
+        counts, bad, bad_samples = parse_lua_report(wrk.output)
+        if not wrk.ok:
+            reasons.append(harness.wrk_failure(wrk))
+        requests = wrk.requests or 0
+        socket_kinds = {k: n for k, n in wrk.error_detail.items() if k != 'non-2xx/3xx'}
         kinds = {}
         for (kind, status), n in sorted(counts.items()):
             kinds.setdefault(kind, []).append('%d x%d' % (status, n))
@@ -776,21 +679,21 @@ def main(argv=None):
                        if (kind, status) in (('missing', 404), ('range', 416), ('churn', 404)))
         print('wrk: %d requests in %.1fs (%.0f/s); socket errors %d %s; non-2xx/3xx %d, of them intended %d '
               '(404 missing %d, 416 range %d, 404 deleted churn file %d)'
-              % (wrk['requests'], wrk['seconds'] or 0, wrk['requests'] / max(1e-9, wrk['seconds'] or 1),
-                 wrk['socket_errors'], wrk['errors'], wrk['non2xx'], intended,
+              % (requests, wrk.seconds or 0, requests / max(1e-9, wrk.seconds or 1),
+                 wrk.socket_errors, socket_kinds, wrk.non2xx, intended,
                  counts.get(('missing', 404), 0), counts.get(('range', 416), 0), counts.get(('churn', 404), 0)))
         for kind in ('keepalive', 'close', 'range', 'missing', 'churn'):
             print('  %-12s %s' % (kind, ', '.join(kinds.get(kind, ['none']))))
         matched = sum(counts.values())
-        errors = wrk['socket_errors'] + bad
+        errors = wrk.socket_errors + bad
         print('errors: %d (socket %d, unexpected status/length %d); responses matched by the script %d'
-              % (errors, wrk['socket_errors'], bad, matched))
+              % (errors, wrk.socket_errors, bad, matched))
         for line in bad_samples:
             print('  unexpected: ' + line)
         if errors:
-            reasons.append('%d errors (socket %d, unexpected responses %d)' % (errors, wrk['socket_errors'], bad))
-        if wrk['requests'] and matched < wrk['requests'] - args.connections:
-            reasons.append('the script matched %d responses of %d requests' % (matched, wrk['requests']))
+            reasons.append('%d errors (socket %d, unexpected responses %d)' % (errors, wrk.socket_errors, bad))
+        if requests and matched < requests - args.connections:
+            reasons.append('the script matched %d responses of %d requests' % (matched, requests))
         print('conditional (own client, %d keep-alive connections): %d requests (%.0f/s), statuses %s, errors %d'
               % (args.cond_connections, conditional.requests, conditional.requests / max(1.0, args.duration),
                  conditional.statuses, len(conditional.errors)))
@@ -894,7 +797,7 @@ def main(argv=None):
         return 1
     print('PASS: soak: %d requests in %gs (wrk %d, 304s %d, checker %d), 0 errors (%d intended 404/416); '
           '%d file changes, 0 stale; flat: %s'
-          % (wrk['requests'] + conditional.requests + churn.requests, args.duration, wrk['requests'],
+          % (requests + conditional.requests + churn.requests, args.duration, requests,
              conditional.requests, churn.requests, intended, sum(churn.mutations.values()), '; '.join(drift_text)))
     return 0
 

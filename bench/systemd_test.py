@@ -38,6 +38,8 @@ import threading
 import time
 import urllib.request
 
+import harness      # beside this file, here and in the container (copied with it)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 CANNOT_RUN = 77
@@ -130,6 +132,7 @@ def install_project(root):
     with open(os.path.join(root, 'etc/default/agent'), 'w') as f:
         f.write('PORT=9086\nPIDFILE=/run/agentlsb/agent.pid\nLOGDIR=/var/log/agentlsb\n')
     shutil.copy(os.path.abspath(__file__), os.path.join(root, 'root/systemd_test.py'))
+    shutil.copy(os.path.join(HERE, 'harness.py'), os.path.join(root, 'root/harness.py'))
     # No getty on the console: nothing in the container waits for a login.
     os.makedirs(os.path.join(root, 'etc/systemd/system/console-getty.service.d'), exist_ok=True)
     os.symlink('/dev/null', os.path.join(root, 'etc/systemd/system/console-getty.service'))
@@ -492,7 +495,7 @@ def inside_main():
     sh('systemctl', 'start', 'agentlsb.service', timeout=60)
     check(fetch('http://127.0.0.1:9086/small.jpg') == (200, small), 'lsb: serves on 9086')
     # The generator gives no PIDFile= (MainPID stays 0): the pidfile's agent must be in its cgroup.
-    lsb_main = read_pid_at('/run/agentlsb/agent.pid')
+    lsb_main = harness.read_pid('/run/agentlsb/agent.pid')
     with open('/proc/%d/cgroup' % lsb_main) as f:
         cgroup = f.read()
     check('agentlsb.service' in cgroup, 'lsb: the pidfile names the agent in agentlsb.service', cgroup)
@@ -522,14 +525,6 @@ def inside_main():
     check(bad == [], 'journal: no warning from the agent', '\n'.join(bad[:10]))
     print('inside: %d failure(s)%s' % (len(failures), (': ' + '; '.join(failures)) if failures else ''), flush=True)
     return 1 if failures else 0
-
-
-def read_pid_at(path):
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def main():
