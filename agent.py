@@ -2042,7 +2042,7 @@ def accept_tls(listener, family, context):
 # The ssl module, loaded by the first tls_context() call: only an HTTPS agent pays for it
 # (libssl and libcrypto: 4 MB of RSS in every worker).  That first call is in Agent.setup(),
 # in the master, before privileges are dropped and before any worker forks, so no worker ever
-# imports after the drop (see EdgeImportTests).
+# imports after the drop (see NoLateImportTests).
 ssl = None
 
 
@@ -2886,7 +2886,7 @@ class Agent(Daemon):
         if self.access_fd is not None:
             logs.append('access log %s' % config.access_log)
         return 'agent serving %s at %s, pid %d; log %s; pidfile %s' % (
-            config.root, ', '.join(urls(self.listeners)), os.getpid(), ', '.join(logs), self.pidfile_path)
+            config.root, ', '.join(urls(self.listeners, self.tls is not None, self.redirects)), os.getpid(), ', '.join(logs), self.pidfile_path)
 
     def address(self):
         names = []
@@ -3312,22 +3312,24 @@ def set_process_title(comm, args=''):
         pass
 
 
-def urls(listeners):
-    """The http:// URLs of the listening sockets, a wildcard address shown as loopback."""
+def urls(listeners, tls=False, redirects=()):
+    """The URLs of the listening sockets (https:// for HTTPS ones), a wildcard address shown as
+    loopback."""
     found = []
     for sock in listeners:
         try:
             name = sock.getsockname()
         except OSError:
             continue
+        scheme = 'https' if tls and sock not in redirects else 'http'
         if sock.family == socket.AF_INET:
             host, port = name[:2]
-            found.append('http://127.0.0.1:%d/ (every IPv4 address)' % port if host == '0.0.0.0'
-                         else 'http://%s:%d/' % (host, port))
+            found.append('%s://127.0.0.1:%d/ (every IPv4 address)' % (scheme, port) if host == '0.0.0.0'
+                         else '%s://%s:%d/' % (scheme, host, port))
         elif sock.family == socket.AF_INET6:
             host, port = name[:2]
-            found.append('http://[::1]:%d/ (every address)' % port if host == '::'
-                         else 'http://[%s]:%d/' % (host, port))
+            found.append('%s://[::1]:%d/ (every address)' % (scheme, port) if host == '::'
+                         else '%s://[%s]:%d/' % (scheme, host, port))
         else:
             found.append(str(name))
     return found or ['no socket']

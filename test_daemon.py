@@ -41,7 +41,7 @@ from daemon import DaemonError  # noqa: E402
 
 sys.path.insert(0, os.path.join(HERE, 'bench'))
 import harness  # noqa: E402
-from harness import children_of, pid_alive, raw_request, read_pid  # noqa: E402
+from harness import children_of, pid_alive, raw_request, read_pid, serving_ports  # noqa: E402
 from samples import camera_jpeg, sample_bmp, sample_gif, sample_jpeg, sample_png, sample_webp  # noqa: E402
 
 PYTHON = sys.executable
@@ -4471,8 +4471,11 @@ class TLSServerTests(unittest.TestCase):
         cls.big = os.urandom(300000 + 7)        # not a multiple of the TLS chunk
         write_file(cls.server.root, 'big.jpg', cls.big)
         cls.server.start()
-        with open(cls.server.log) as f:
-            cls.redirect_port = int(re.findall(r'127\.0\.0\.1:(\d+) \(redirect to https\)', f.read())[-1])
+        ports = serving_ports(cls.server.start_line)        # https first, then the redirect
+        cls.redirect_port = ports[1]
+        if not cls.server.start_line.startswith('agent serving %s at https://127.0.0.1:%d/, http://127.0.0.1:%d/,'
+                                                % (cls.server.root, ports[0], ports[1])):
+            raise AssertionError('start line: %r' % cls.server.start_line)
 
     @classmethod
     def tearDownClass(cls):

@@ -165,6 +165,7 @@ class AgentProcess:
         if result.returncode != 0 or self.master_pid is None:
             raise RuntimeError('agent start failed (%d): %s%s\n%s'
                                % (result.returncode, result.stdout, result.stderr, self.log_text()))
+        self.start_line = result.stdout.strip()
         self.port = serving_port(result.stdout)
         if self.port is None:
             raise RuntimeError('no "agent serving ... at URL" line from start: %r' % result.stdout)
