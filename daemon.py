@@ -134,7 +134,7 @@ __all__ = [
     'set_umask', 'change_directory', 'open_log', 'redirect_stdio', 'drop_privileges',
     'check_identity', 'check_writable', 'to_syslog',
     # the pidfile
-    'PidFile', 'parse_pid', 'flock_holders',
+    'PidFile', 'parse_pid', 'flock_holders', 'open_files',
     # optional: systemd
     'notify', 'listen_fds',
     # optional: upgrade in place
@@ -821,13 +821,19 @@ def _reload(d):
     on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
     daemon goes on as it was), 7 if it is not running."""
     pid, verdict = _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout)
+    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d goes on as it was)')
+
+
+def _verdict_status(d, pid, verdict, done, failed):
+    """The exit status (and the line said) of a reload or an upgrade, from _signal_and_wait():
+    done says it worked, failed (with the reason and the pid) that it did not."""
     if pid is None:
         return EXIT_NOT_RUNNING
     if verdict == 'OK':
-        d.say('%s reloaded (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
+        d.say('%s %s (pid %d, pidfile %s)' % (d.name, done, pid, d.pidfile_path))
         return EXIT_OK
     if verdict is not None:
-        d.say('%s: reload failed: %s (pid %d goes on as it was)' % (d.name, verdict, pid), error=True)
+        d.say('%s: %s' % (d.name, failed % (verdict, pid)), error=True)
     return EXIT_FAILURE
 
 
@@ -1417,17 +1423,23 @@ def _pid_alive(pid):
     return True
 
 
-def _has_open(pid, st):
-    """Whether process pid has the file with stat st open (from /proc/PID/fd)."""
+def open_files(pid):
+    """(path, stat) of each file process pid has open, from /proc/PID/fd (none if not allowed)."""
     try:
         names = os.listdir('/proc/%d/fd' % pid)
     except OSError:
-        return False
+        return
     for name in names:
+        link = '/proc/%d/fd/%s' % (pid, name)
         try:
-            other = os.stat('/proc/%d/fd/%s' % (pid, name))
+            yield os.readlink(link), os.stat(link)
         except OSError:
             continue
+
+
+def _has_open(pid, st):
+    """Whether process pid has the file with stat st open."""
+    for _, other in open_files(pid):
         if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
             return True
     return False
@@ -1738,14 +1750,7 @@ def upgrade_action(d):
     upgrade_action)): SIGUSR2 to the daemon, then wait for its verdict and print it."""
     pid, verdict = _signal_and_wait(d, 'upgrade', signal.SIGUSR2,
                                     UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5)
-    if pid is None:
-        return EXIT_NOT_RUNNING
-    if verdict == 'OK':
-        d.say('%s upgraded in place (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
-        return EXIT_OK
-    if verdict is not None:
-        d.say('%s: upgrade failed: %s; still serving (pid %d)' % (d.name, verdict, pid), error=True)
-    return EXIT_FAILURE
+    return _verdict_status(d, pid, verdict, 'upgraded in place', 'upgrade failed: %s; still serving (pid %d)')
 
 
 def _takeover(d):

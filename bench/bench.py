@@ -814,7 +814,8 @@ def echoes_close(port):
 def verify(server, data, notes):
     """Sanity checks before the load, so odd numbers can be explained."""
     for name, content in data.items():
-        problem = check_file(server.port, name, content, bool(server.tls))
+        problem = check_file(server.port, (server.prefix + "/" + name).lstrip("/"), content,
+                             bool(server.tls))
         if problem:
             notes.append("%s%s: %s" % (server.name, " (https)" if server.tls
                                        else "", problem))
@@ -833,8 +834,8 @@ def load_runs(scenarios, servers, args, results, notes):
             for srv in servers:
                 key = (sc.name, srv.name)
                 if sc.tls != bool(srv.tls):
-                    if sc.tls and srv.name == "http.server":
-                        results[key] = "no TLS"
+                    if sc.tls:              # its HTTPS twin, if it has one, replaces this
+                        results.setdefault(key, "no TLS here")
                     continue
                 if srv.failed:
                     results.setdefault(key, "failed")
@@ -905,8 +906,21 @@ def scan_agent_log(agent, notes, samples=5):
                      % (len(hits), "\n    ".join(hits[:samples])))
 
 
+def pss_kb(pid):
+    """Proportional set size: shared pages (what a worker shares with its master after fork)
+    counted once across the processes that share them."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def agent_memory(agent):
-    """VmRSS of the master and of each worker, after the load runs."""
+    """VmRSS (and PSS) of the master and of each worker, after the load runs."""
     master = agent.remember_pids()
     if master is None:
         return [["RSS", "", "no pidfile"]]
@@ -916,8 +930,10 @@ def agent_memory(agent):
     for label, pid in procs:
         kb = rss_kb(pid)
         total += kb or 0
+        pss = pss_kb(pid)
         rows.append([label, "pid %d" % pid,
-                     "%s MB" % fmt(kb / 1024 if kb else None, ".1f")])
+                     "%s MB (PSS %s MB)" % (fmt(kb / 1024 if kb else None, ".1f"),
+                                            fmt(pss / 1024 if pss else None, ".1f"))])
     rows.append(["RSS total", "%d processes" % len(procs),
                  "%.1f MB" % (total / 1024)])
     return rows
