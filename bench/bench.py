@@ -171,15 +171,20 @@ def start_time(pid):
         return None
 
 
-def rss_kb(pid):
+def proc_kb(pid, table, field):
+    """A "Field: N kB" figure of /proc/PID/<table>, or None."""
     try:
-        with open("/proc/%d/status" % pid) as f:
+        with open("/proc/%d/%s" % (pid, table)) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def rss_kb(pid):
+    return proc_kb(pid, "status", "VmRSS")
 
 
 def cpu_ticks(pids):
@@ -909,14 +914,7 @@ def scan_agent_log(agent, notes, samples=5):
 def pss_kb(pid):
     """Proportional set size: shared pages (what a worker shares with its master after fork)
     counted once across the processes that share them."""
-    try:
-        with open("/proc/%d/smaps_rollup" % pid) as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    return proc_kb(pid, "smaps_rollup", "Pss")
 
 
 def agent_memory(agent):
