@@ -1194,6 +1194,108 @@ class AgentLifecycleTests(unittest.TestCase):
         self.assertEqual(server.command('status').returncode, 3)
 
 
+class FromBytecodeTests(unittest.TestCase):
+    """`agent.py start|run` goes on as the imported module, from cached bytecode, in the same
+    process; the current directory never joins the import path."""
+
+    def setUp(self):
+        # Python's default: the bytecode of imported modules is cached (this variable is set on
+        # some machines and in many container images).
+        patch = mock.patch.dict(os.environ)
+        patch.start()
+        self.addCleanup(patch.stop)
+        os.environ.pop('PYTHONDONTWRITEBYTECODE', None)
+
+    def copy_of_agent(self):
+        where = tempfile.mkdtemp(prefix='agent-code-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', where])
+        for name in ('agent.py', 'daemon.py'):
+            with open(os.path.join(HERE, name), 'rb') as src, \
+                    open(os.path.join(where, name), 'wb') as dst:
+                dst.write(src.read())
+        return where
+
+    def cached(self, where):
+        return sorted(os.listdir(os.path.join(where, '__pycache__')))
+
+    def test_start_caches_and_runs_the_bytecode(self):
+        where = self.copy_of_agent()
+        server = AgentServer(self, script=os.path.join(where, 'agent.py')).start()
+        self.assertTrue(any(name.startswith('agent.') for name in self.cached(where)))
+        for pid in [server.master()] + server.workers():
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                self.assertIn(b'agent.py', f.read())
+        self.assertEqual(server.get('/missing.jpg')[0], 404)
+        server.stop()
+
+    def test_run_keeps_its_pid(self):
+        where = self.copy_of_agent()
+        server = AgentServer(self, script=os.path.join(where, 'agent.py'))
+        proc = subprocess.Popen([PYTHON, server.agent] + server.options + ['run'],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(proc.kill)
+        wait_for(lambda: read_pid(server.pidfile) == proc.pid, message='pidfile holds the pid run had')
+        self.assertTrue(any(name.startswith('agent.') for name in self.cached(where)))
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(10), 0)
+
+    def test_current_directory_is_never_imported(self):
+        where = self.copy_of_agent()
+        cwd = tempfile.mkdtemp(prefix='agent-cwd-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', cwd])
+        canary = os.path.join(cwd, 'imported')
+        for name in ('agent', 'daemon', 'json', 'socket', 'selectors', 'mimetypes'):
+            with open(os.path.join(cwd, name + '.py'), 'w') as f:
+                f.write('open(%r, "a").write(__name__ + "\\n")\nraise SystemExit(99)\n' % canary)
+        server = AgentServer(self, script=os.path.join(where, 'agent.py'))
+        result = subprocess.run([PYTHON, server.agent] + server.options + ['start'], cwd=cwd,
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=TIMEOUT)
+        server.pids.append(server.master())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertFalse(os.path.exists(canary), 'a module of the current directory was imported')
+        server.stop()
+
+    def test_interpreter_options_are_kept(self):
+        where = self.copy_of_agent()
+        server = AgentServer(self, script=os.path.join(where, 'agent.py'))
+        result = subprocess.run([PYTHON, '-W', 'ignore', '-X', 'importtime', server.agent]
+                                + server.options + ['start'], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        server.pids.append(server.master())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        # -X importtime, kept through the exec, reports the import of the module agent.
+        self.assertRegex(result.stderr, r'(?m)^import time:.*\| agent$')
+        server.stop()
+
+    def test_started_through_a_symbolic_link(self):
+        where = self.copy_of_agent()
+        release = tempfile.mkdtemp(prefix='agent-link-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', release])
+        os.symlink(os.path.join(where, 'agent.py'), os.path.join(release, 'agent.py'))
+        server = AgentServer(self, script=os.path.join(release, 'agent.py')).start()
+        self.assertEqual(server.get('/missing.jpg')[0], 404)
+        with open('/proc/%d/cmdline' % server.master(), 'rb') as f:
+            self.assertIn(os.path.join(release, 'agent.py').encode(), f.read())
+        server.stop()
+
+    def test_without_a_bytecode_cache_it_still_starts(self):
+        where = self.copy_of_agent()
+        server = AgentServer(self, script=os.path.join(where, 'agent.py'))
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE='1')
+        result = subprocess.run([PYTHON, server.agent] + server.options + ['start'], env=env,
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=TIMEOUT)
+        server.pids.append(server.master())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertFalse(os.path.exists(os.path.join(where, '__pycache__')))
+        server.port = harness.serving_port(result.stdout)
+        self.assertEqual(server.get('/missing.jpg')[0], 404)
+        server.stop()
+
+
 class SupervisionTests(unittest.TestCase):
     def test_killed_worker_is_respawned(self):
         server = AgentServer(self).start()
