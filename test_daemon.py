@@ -3863,6 +3863,75 @@ class GalleryPureTests(unittest.TestCase):
              'width': None, 'height': None, 'thumbnail': None}])
         self.assertEqual((document['page'], document['pages'], document['images']), (1, 1, 1))
 
+    def test_natural_key_orders_as_the_list_of_runs(self):
+        # The reference: digit runs as numbers and the rest without case, compared as a list,
+        # then the name itself.  natural_key must order any listed names exactly so.
+        def reference(name):
+            parts = re.split(r'(\d+)', name.casefold())
+            parts[1::2] = [int(digits) for digits in parts[1::2]]
+            return parts, name
+        fixed = ['img10.jpg', 'img2.jpg', 'IMG1.jpg', 'img02.jpg', 'img002.jpg', 'a', 'a1', 'a01', 'a0', 'a00',
+                 'ab', 'a b', 'a1b2', 'a1b', '\u00df1', 'ss1', 'SS1', '\u0663.jpg', '3.jpg', '03.jpg', 'x9' * 40,
+                 '1' * 60, '9' * 59, 'a~', 'a-1', 'a_1', '\u00e9t\u00e9 2', '\u00c9t\u00e9 10', '7']
+        self.assertEqual(sorted(fixed, key=agent.natural_key), sorted(fixed, key=reference))
+        rnd = random.Random(12)
+        alphabet = 'aAbB\u00df\u00e90123456789 .-_~\u0663\u0967x'
+        for _ in range(3000):
+            names = [''.join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 7))) for _ in range(6)]
+            self.assertEqual(sorted(names, key=agent.natural_key), sorted(names, key=reference), names)
+
+    def test_date_and_size_ties_keep_natural_order(self):
+        names = ['f10.jpg', 'f9.jpg', 'F1.jpg', 'f01.jpg', 'g.png']
+        entries = [(n, False, gallery_stat(size=7, mtime=50)) for n in names]
+        entries += [('d10', True, gallery_stat(directory=True, mtime=9)),
+                    ('d9', True, gallery_stat(directory=True, mtime=9)),
+                    ('d2', True, gallery_stat(directory=True, mtime=10))]
+        natural = ['F1.jpg', 'f01.jpg', 'f9.jpg', 'f10.jpg', 'g.png']
+        self.assertEqual([e.name for e in agent.gallery_listing(entries, 'date').entries],
+                         ['d2', 'd9', 'd10'] + natural)
+        self.assertEqual([e.name for e in agent.gallery_listing(entries, 'size').entries],
+                         ['d2', 'd9', 'd10'] + natural)
+
+    def test_a_file_known_from_readdir_needs_no_stat_to_be_listed(self):
+        # The scan knows a regular file from readdir's type: st None is such a file, not yet
+        # stat()ed; only special files are unlisted.
+        listing = agent.gallery_listing([('b.jpg', False, None), ('a.txt', False, None), ('d', True, None)])
+        self.assertEqual(([e.name for e in listing.entries], listing.unlisted, listing.images, listing.files,
+                          listing.dirs), (['d', 'a.txt', 'b.jpg'], 0, 1, 1, 1))
+
+    def test_settled_directory_rule(self):
+        # A listing is kept only if the directory's last change is GALLERY_SETTLE seconds older
+        # than the clock (a whole second, floored): a later change then cannot share its stamp.
+        settle = agent.GALLERY_SETTLE
+        self.assertGreaterEqual(settle, 2)      # > the 1 s stamps of ext3, plus a clock tick
+        now = 1_700_000_000
+        old = gallery_stat(directory=True, mtime=now - settle)
+        self.assertTrue(agent.listing_settled(old, now))
+        self.assertFalse(agent.listing_settled(gallery_stat(directory=True, mtime=now - settle + 1), now))
+        recent_ctime = os.stat_result(tuple(old)[:10], {'st_mtime_ns': old.st_mtime_ns,
+                                                        'st_ctime_ns': (now - 1) * 10 ** 9})
+        self.assertFalse(agent.listing_settled(recent_ctime, now))
+        self.assertFalse(agent.listing_settled(gallery_stat(directory=True, mtime=now + 100), now))
+
+    def test_mount_types(self):
+        text = ('22 27 0:21 / /proc rw,relatime - proc proc rw\n'
+                '27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n'
+                '30 27 0:45 / /srv/my\\040www rw,nosuid master:3 unbindable - fuse.sshfs host:/x rw\n'
+                'junk line\n'
+                '31 27 0:46 / /t rw - tmpfs tmpfs rw\n')
+        types = agent.mount_types(text)
+        self.assertEqual(types, {os.makedev(0, 21): 'proc', os.makedev(254, 0): 'ext4',
+                                 os.makedev(0, 45): 'fuse.sshfs', os.makedev(0, 46): 'tmpfs'})
+        trusted = agent.LISTING_FILE_SYSTEMS
+        self.assertTrue({'ext4', 'tmpfs', 'xfs', 'btrfs'} <= trusted)
+        self.assertFalse({'proc', 'fuse.sshfs', 'nfs', 'nfs4', 'cifs', '9p', 'vfat'} & trusted)
+
+    def test_linkable_fast_path_agrees(self):
+        for name in ('a', 'A-b_c.d~', '-x', '~', 'a.', 'a..b', '0', 'x' * 200):
+            self.assertTrue(agent.linkable(name), name)
+        for name in ('.', '..', '.a'):
+            self.assertFalse(agent.linkable(name), name)
+
     def test_linkable_is_the_servers_own_rule(self):
         for name in ('a.jpg', 'sp ace.jpg', '100%.jpg', 'q?x#y.jpg', '\u00e9t\u00e9.png', "it's.gif", 'a..b'):
             self.assertTrue(agent.linkable(name), name)
@@ -4071,6 +4140,130 @@ class GalleryValidatorServerTests(SharedAgentTestCase):
         gone = self.get('/v/', 'If-None-Match: ' + etag)
         self.assertEqual(gone.status, 200)
         self.assertNotIn(b'two.txt', gone.body)
+        etag = gone.headers['etag']
+        os.rename(os.path.join(root, 'v/three.jpg'), os.path.join(root, 'v/drei.jpg'))
+        renamed = self.get('/v/', 'If-None-Match: ' + etag)
+        self.assertEqual(renamed.status, 200)
+        self.assertIn(b'drei.jpg', renamed.body)
+        self.assertNotIn(b'three.jpg', renamed.body)
+
+
+class PageCapture:
+    """What Responder.respond needs of a connection; keeps the status, head and body."""
+    keep_alive = True
+    redirect = False
+
+    def start_response(self, status, head, body=b'', **kwargs):
+        self.status, self.head, self.body = status, head, body
+
+
+class GalleryKeptListingTests(unittest.TestCase):
+    """A worker keeps the sorted listing of a big, settled directory; every request checks it
+    with the directory's fstat, so an added, removed or renamed entry shows on the next one."""
+
+    def setUp(self):
+        self.worker, self.root = edge_worker(self)
+        self.responder = self.worker.responder
+        self.big = os.path.join(self.root, 'big')
+        os.mkdir(self.big)
+        for i in range(agent.GALLERY_KEEP_MIN + 20):
+            with open(os.path.join(self.big, 'p%d.jpg' % i), 'wb') as f:
+                f.write(b'x' * (i % 7))
+        self.scans = 0
+        real_scan = self.responder.scan_directory
+
+        def counting(*args):
+            self.scans += 1
+            return real_scan(*args)
+        patcher = mock.patch.object(self.responder, 'scan_directory', side_effect=counting)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        settle = mock.patch.object(agent, 'GALLERY_SETTLE', 1)
+        settle.start()
+        self.addCleanup(settle.stop)
+
+    def page(self, target='/big/', *headers):
+        conn = PageCapture()
+        raw = b'GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n' % (target.encode(),
+                                                           b''.join(h.encode() + b'\r\n' for h in headers))
+        self.worker.clock()
+        self.responder.respond(conn, agent.parse_request(raw)[0])
+        self.assertEqual(conn.status, 200, conn.head)
+        return conn
+
+    def names(self, conn):
+        return re.findall(r'<figure><a class="g" href="([^"]*)"', conn.body.decode())
+
+    def wait_settled(self):
+        deadline = time.monotonic() + 5
+        while True:
+            self.worker.clock()
+            if agent.listing_settled(os.stat(self.big), self.worker.wall):
+                return
+            self.assertLess(time.monotonic(), deadline, 'the directory never settled')
+            time.sleep(0.02)
+
+    def test_a_recent_directory_is_read_every_time(self):
+        self.page()
+        self.page()
+        self.assertEqual(self.scans, 2)
+        self.assertEqual(self.responder.catalogs, {})
+
+    def test_a_kept_listing_is_checked_on_every_request(self):
+        self.wait_settled()
+        first = self.page()
+        self.assertEqual(self.page().body, first.body)
+        self.assertEqual(self.scans, 1)                 # read once, then kept
+        etag = first.head.split(b'ETag: ')[1].split(b'\r\n')[0].decode()
+        self.assertEqual(self.page('/big/', 'If-None-Match: ' + etag).body, b'')
+        # Added, in the same second as the read: on the next request.
+        with open(os.path.join(self.big, 'p0a.jpg'), 'wb') as f:
+            f.write(b'new')
+        added = self.page()
+        self.assertIn('p0a.jpg', self.names(added))
+        self.assertNotIn(etag.encode(), added.head)
+        self.wait_settled()
+        self.page()
+        scans = self.scans
+        self.assertEqual(self.page().body, self.page().body)
+        self.assertEqual(self.scans, scans)
+        # Removed and renamed, right after a kept listing was served.
+        os.remove(os.path.join(self.big, 'p1.jpg'))
+        os.rename(os.path.join(self.big, 'p2.jpg'), os.path.join(self.big, 'p0b.jpg'))
+        names = self.names(self.page())
+        self.assertNotIn('p1.jpg', names)
+        self.assertNotIn('p2.jpg', names)
+        self.assertIn('p0b.jpg', names)
+        self.assertEqual(len(names), agent.GALLERY_PAGE_SIZE)
+        self.assertEqual(self.scans, scans + 1)
+
+    def test_sizes_and_dates_are_read_anew_for_a_kept_listing(self):
+        self.wait_settled()
+        self.page()
+        self.page('/big/?sort=size')
+        scans = self.scans
+        with open(os.path.join(self.big, 'p3.jpg'), 'wb') as f:      # in place: the directory stays
+            f.write(b'y' * 100)
+        os.utime(os.path.join(self.big, 'p4.jpg'), (4e9, 4e9))
+        self.assertEqual(self.names(self.page('/big/?sort=size'))[0], 'p3.jpg')
+        self.assertEqual(self.names(self.page('/big/?sort=date'))[0], 'p4.jpg')
+        self.assertIn('100 B', self.page().body.decode().split('p3.jpg</strong>')[1][:60])
+        self.assertEqual(self.scans, scans)
+
+    def test_own_files_added_later_are_never_listed(self):
+        self.wait_settled()
+        self.assertIn('p5.jpg', self.names(self.page()))
+        os.link(os.path.join(self.big, 'p5.jpg'), os.path.join(self.root, 'agent.log'))
+        self.responder.own_files.add(os.path.join(self.root, 'agent.log'))   # a reopened log
+        self.assertNotIn('p5.jpg', self.names(self.page()))
+        self.assertNotIn('p5.jpg', self.page('/big/?format=json').body.decode())
+
+    def test_only_a_file_system_that_stamps_its_directories_keeps_listings(self):
+        self.wait_settled()
+        with mock.patch.object(agent, 'mount_types', return_value={}):
+            self.page()
+            self.page()
+        self.assertEqual((self.scans, self.responder.catalogs), (2, {}))
 
 
 # ---------------------------------------------------------------------------------------------
