@@ -1033,9 +1033,11 @@ class ImageInfoCache:
 # The gallery page: a directory listed as a grid of thumbnails, pure logic
 # ---------------------------------------------------------------------------------------------
 #
-# The worker scans a directory into (name, is_dir, stat) entries and reads the image headers of
-# the entries on the page (ImageInfoCache); everything else here is a pure function of those:
-# which entries are listed (gallery_listing), in which order and on which page, the page's weak
+# The worker scans a directory into (name, is_dir, stat) entries, typed by readdir with no stat
+# (only symlinks and special files are stat()ed), may keep their sorted catalog, stat()s the
+# entries on the page (all of them to sort by date or size) and reads their image headers
+# (ImageInfoCache); everything else here is a pure function of those: which entries are listed
+# and in which order (gallery_catalog), which are on a page (gallery_listing), the page's weak
 # ETag, its HTML (gallery_page) and the same listing as JSON (gallery_json).
 #
 # Listed: entries whose link the server itself answers: dot files, FIFOs and other special
@@ -1045,7 +1047,25 @@ class ImageInfoCache:
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
 GALLERY_VERSION = 1             # part of every page's ETag: change it when the markup changes
-NATURAL_CHUNKS = re.compile(r'(\d+)')
+NATURAL_DIGITS = re.compile(r'\d+')
+PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
+
+# Kept listings (Responder.directory_catalog).  A worker keeps the sorted listing of a directory
+# of at least GALLERY_KEEP_MIN entries (smaller ones cost less to read than to keep), at most
+# GALLERY_KEPT directories, and uses it while the directory's (dev, ino, mtime, ctime) are the
+# same.  That is sound only if any later change stamps the directory anew, so a listing is kept
+# only when the directory's last change is GALLERY_SETTLE seconds older than the clock (more than
+# the coarsest stamp of the file systems below, ext3's whole second, plus a clock tick): a change
+# after the read then cannot carry the same stamp.  A directory changed more recently is read on
+# every request, as it is on any other file system.
+GALLERY_KEEP_MIN = 256
+GALLERY_KEPT = 16
+GALLERY_SETTLE = 2
+# Local file systems whose directories are stamped by this kernel's clock on every entry added,
+# removed or renamed.  Not here: network file systems (the server's clock, the client's own
+# attribute cache), FUSE (whatever the program says), pseudo file systems (/proc), FAT.
+LISTING_FILE_SYSTEMS = frozenset(('ext2', 'ext3', 'ext4', 'xfs', 'btrfs', 'tmpfs', 'f2fs', 'zfs', 'jfs',
+                                  'bcachefs', 'nilfs2', 'reiserfs', 'overlay', 'ramfs'))
 
 GALLERY_STYLE = """
 :root{color-scheme:light dark;--bg:#f6f6f4;--fg:#1c1c1e;--muted:#6b6b70;--card:#fff;--line:#e2e2e0;
@@ -1227,6 +1247,8 @@ _LINKABLE = {}
 def linkable(name):
     """Whether the link the page gives to name is answered with that very entry: the quoted
     name run through normalize_path, the server's own rule, comes back unchanged."""
+    if PLAIN_NAME.fullmatch(name):
+        return True                 # quoted as it is, one segment, no dot file: the same rule
     known = _LINKABLE.get(name)
     if known is None:
         try:
@@ -1242,13 +1264,26 @@ def linkable(name):
 _NATURAL = {}
 
 
+def _natural_number(match):
+    digits = match.group()
+    if not digits.isascii():
+        digits = str(int(digits))           # other scripts' digits, by their value
+    digits = digits.lstrip('0') or '0'
+    return '\x01%c%s' % (32 + len(digits), digits)
+
+
 def natural_key(name):
-    """img2 before img10: digit runs compare as numbers, the rest without case."""
+    """img2 before img10: digit runs compare as numbers, the rest without case, then the name.
+
+    One string, so that sorting compares strings only: each digit run becomes \\x01, a length
+    and the digits without leading zeros (so a longer number is a larger one), and \\x00 ends
+    the text before the name that breaks ties.  That orders exactly as the list of text and
+    numbers would, for any name that can be listed: such names hold no character below
+    U+0020 (see linkable), so \\x00 and \\x01 sort before any text."""
     key = _NATURAL.get(name)
     if key is None:
-        parts = NATURAL_CHUNKS.split(name.casefold())
-        parts[1::2] = [int(digits) for digits in parts[1::2]]
-        key = (parts, name)
+        folded = name.lower() if name.isascii() else name.casefold()
+        key = NATURAL_DIGITS.sub(_natural_number, folded) + '\x00' + name
         if len(_NATURAL) >= 65536:
             _NATURAL.clear()
         _NATURAL[name] = key
@@ -1260,6 +1295,15 @@ class GalleryEntry:
 
     def __init__(self, name, is_dir, st, kind):
         self.name, self.is_dir, self.st, self.kind = name, is_dir, st, kind
+
+
+class GalleryCatalog:
+    """Every listed entry of a directory in natural order, folders first, and the counts: what
+    its pages are cut from.  A worker may keep one (Responder.directory_catalog)."""
+
+    def __init__(self, entries, dirs, images, files, unlisted):
+        self.entries = entries
+        self.dirs, self.images, self.files, self.unlisted = dirs, images, files, unlisted
 
 
 class GalleryListing:
@@ -1274,36 +1318,84 @@ class GalleryListing:
 def gallery_kind(name, is_dir):
     if is_dir:
         return 'dir'
-    return 'image' if os.path.splitext(name)[1].lower() in GRID_SUFFIXES else 'file'
+    head, dot, suffix = name.rpartition('.')
+    return 'image' if dot and head.lstrip('.') and '.' + suffix.lower() in GRID_SUFFIXES else 'file'
 
 
-def gallery_listing(entries, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
-    """The listed entries of (name, is_dir, stat) triples, sorted (folders first), cut to a page
-    (a page past the last is the last).  name may be bytes or str (os.fsdecode'd)."""
-    listed, unlisted = [], 0
-    counts = {'dir': 0, 'image': 0, 'file': 0}
+def gallery_catalog(entries, base=None):
+    """The GalleryCatalog of (name, is_dir, stat) triples; with base, of those and base's.
+    name may be bytes or str (os.fsdecode'd).  stat may be None for what readdir says is a
+    regular file or a directory: only the entries that are shown need their stat.
+
+    The catalog's entries are (natural_key, name, is_dir, stat, kind) tuples, sorted as they
+    are: the keys are unique strings, so the sort compares strings only (10,000 names: 2 ms)."""
+    dirs, others = [], []
+    unlisted = images = 0
+    keys = _NATURAL
     for name, is_dir, st in entries:
         if isinstance(name, bytes):
             name = os.fsdecode(name)
         if name.startswith('.'):
             continue                                    # hidden, not merely unlisted
-        if not is_dir and (st is None or not stat.S_ISREG(st.st_mode)) or not linkable(name):
+        if not is_dir and st is not None and not stat.S_ISREG(st.st_mode) or not linkable(name):
             unlisted += 1
             continue
-        kind = gallery_kind(name, is_dir)
-        counts[kind] += 1
-        listed.append(GalleryEntry(name, is_dir, st, kind))
+        key = keys.get(name) or natural_key(name)
+        if is_dir:
+            dirs.append((key, name, True, st, 'dir'))
+        else:
+            kind = gallery_kind(name, False)
+            images += kind == 'image'
+            others.append((key, name, False, st, kind))
+    ndirs = len(dirs)
+    if base is not None:
+        dirs += [e for e in base.entries if e[2]]
+        others += [e for e in base.entries if not e[2]]
+        unlisted += base.unlisted
+        ndirs += base.dirs
+        images += base.images
+    dirs.sort()
+    others.sort()
+    return GalleryCatalog(dirs + others, ndirs, images, len(others) - images, unlisted)
+
+
+def gallery_listing(catalog, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
+    """One page of a GalleryCatalog (or of the triples gallery_catalog takes), sorted (folders
+    first), cut to a page (a page past the last is the last).  By date or size every entry
+    needs its stat; the sort is stable, so ties stay in natural order."""
+    if not isinstance(catalog, GalleryCatalog):
+        catalog = gallery_catalog(catalog)
+    listed = catalog.entries
     if sort == 'date':
-        listed.sort(key=lambda e: (not e.is_dir, -(e.st.st_mtime_ns if e.st else 0), natural_key(e.name)))
+        listed = sorted(listed, key=lambda e: (not e[2], -(e[3].st_mtime_ns if e[3] else 0)))
     elif sort == 'size':
-        listed.sort(key=lambda e: (not e.is_dir, 0 if e.is_dir or e.st is None else -e.st.st_size,
-                                   natural_key(e.name)))
-    else:
-        listed.sort(key=lambda e: (not e.is_dir, natural_key(e.name)))
+        listed = sorted(listed, key=lambda e: (not e[2], 0 if e[2] or e[3] is None else -e[3].st_size))
     pages = max(1, -(-len(listed) // page_size))
     page = min(max(page, 1), pages)
-    shown = listed[(page - 1) * page_size:page * page_size]
-    return GalleryListing(shown, sort, page, pages, counts['dir'], counts['image'], counts['file'], unlisted)
+    shown = [GalleryEntry(name, is_dir, st, kind)
+             for _, name, is_dir, st, kind in listed[(page - 1) * page_size:page * page_size]]
+    return GalleryListing(shown, sort, page, pages, catalog.dirs, catalog.images, catalog.files, catalog.unlisted)
+
+
+def listing_settled(dir_st, wall, settle=None):
+    """Whether a directory's listing may be kept: its last change (mtime or ctime) is at least
+    GALLERY_SETTLE seconds before wall, the clock (a whole second, floored: never ahead)."""
+    settle = GALLERY_SETTLE if settle is None else settle
+    return max(dir_st.st_mtime_ns, dir_st.st_ctime_ns) <= (wall - settle) * 1000000000
+
+
+def mount_types(text):
+    """{st_dev: file system type} from the text of /proc/self/mountinfo (proc(5)): the third
+    field is major:minor, and the type is the first field after the lone '-'."""
+    types = {}
+    for line in text.splitlines():
+        fields = line.split(' ')
+        try:
+            major, minor = fields[2].split(':')
+            types[os.makedev(int(major), int(minor))] = fields[fields.index('-', 6) + 1]
+        except (IndexError, ValueError):
+            continue
+    return types
 
 
 def gallery_etag(dir_st, url_path, listing, fmt):
@@ -1595,9 +1687,11 @@ class OwnFiles:
         self.inodes = set()         # st_ino alone: a cheap first test for directory entries
         self.dirs = {}              # (st_dev, st_ino) of a directory -> names of ours in it
         self.names = ()             # every such name, for one str.startswith() per request
+        self.generation = 0         # counts add(): part of the key of a kept gallery listing
 
     def add(self, path, fd=None):
         """Remember the file at path (or open on fd), and its name in its directory."""
+        self.generation += 1
         try:
             st = os.fstat(fd) if fd is not None else os.stat(path)
         except OSError:
@@ -1630,12 +1724,15 @@ class OwnFiles:
                 return True
         return False
 
-    def hides_entry(self, entry):
-        """hides() for an os.DirEntry; a stat() only for an entry that may be ours."""
+    def hides_entry(self, entry, directory):
+        """hides() for an os.DirEntry of the directory at path directory; a stat() only for an
+        entry that may be ours.  readdir's inode number is the file's own (but for a mount
+        point, and on overlayfs whose layers are on different file systems), so the listing
+        checks each entry it shows again, with a stat (Responder.stat_entries)."""
         if not (entry.is_symlink() or entry.inode() in self.inodes or entry.name.startswith(self.names)):
             return False
         try:
-            return self.hides(entry.path, entry.stat())
+            return self.hides(directory + '/' + entry.name, entry.stat())
         except OSError:
             return False
 
@@ -2125,6 +2222,8 @@ class Responder:
         self.own_files = own_files
         self.files = FileCache()
         self.images = ImageInfoCache()
+        self.catalogs = {}                  # (dev, ino) of a directory -> (its key, GalleryCatalog)
+        self.listing_devices = {}           # st_dev -> whether a kept listing is sound there
         self.paths = {}                     # request target -> (path, relative, trailing, query)
         self.file_error_logged = -1.0
 
@@ -2279,11 +2378,9 @@ class Responder:
                 return self.respond_file(conn, req, index)
             if not self.listing:
                 raise HTTPError(403)        # --no-listing
-            dir_st = os.fstat(fd)
-            entries = self.scan_directory(fd, path)
+            self.respond_gallery(conn, req, fd, path, '/' + relative + ('/' if relative else ''), query)
         finally:
             os.close(fd)
-        self.respond_gallery(conn, req, path, '/' + relative + ('/' if relative else ''), dir_st, entries, query)
 
     def index_file(self, directory):
         """The directory's index.html as an OpenFile (checked like any file), or None."""
@@ -2300,37 +2397,121 @@ class Responder:
             self.files.store(index, entry)
         return entry
 
+    def directory_catalog(self, fd, path, dir_st):
+        """The GalleryCatalog of the directory open at fd (checked to be in the root), whose
+        fstat() is dir_st: kept from an earlier request while the directory's (dev, ino, mtime,
+        ctime) and our own files are the same, else read anew (see GALLERY_SETTLE for when it
+        is kept).  Symlinks are followed anew every time: their targets change unseen."""
+        key = (dir_st.st_mtime_ns, dir_st.st_ctime_ns, self.own_files.generation)
+        kept = self.catalogs.get((dir_st.st_dev, dir_st.st_ino))
+        if kept is not None and kept[0] == key:
+            catalog, links = kept[1], kept[2]
+        else:
+            entries, links = self.scan_directory(fd, path)
+            catalog = gallery_catalog(entries)
+            if len(entries) >= GALLERY_KEEP_MIN and listing_settled(dir_st, self.clock.wall) \
+                    and self.listings_sound(dir_st.st_dev):
+                self.catalogs.pop((dir_st.st_dev, dir_st.st_ino), None)
+                if len(self.catalogs) >= GALLERY_KEPT:
+                    del self.catalogs[next(iter(self.catalogs))]
+                self.catalogs[(dir_st.st_dev, dir_st.st_ino)] = (key, catalog, links)
+        if links:
+            catalog = gallery_catalog(self.follow_links(path, links), catalog)
+        return catalog
+
+    def listings_sound(self, dev):
+        """Whether the file system of st_dev stamps its directories as LISTING_FILE_SYSTEMS
+        says.  /proc/self/mountinfo is read again for a device not seen yet; an unknown one
+        is not (a listing there is read on every request)."""
+        sound = self.listing_devices.get(dev)
+        if sound is None:
+            try:
+                with open('/proc/self/mountinfo', encoding='utf-8', errors='replace') as f:
+                    types = mount_types(f.read())
+            except OSError:
+                types = {}
+            sound = self.listing_devices[dev] = types.get(dev) in LISTING_FILE_SYSTEMS
+        return sound
+
     def scan_directory(self, fd, path):
-        """(name, is_dir, stat) of each entry of the directory open at fd (checked to be in the
-        root), but dot files and symlinks out of the root.  A listed name is no promise:
-        serving it checks again."""
-        entries = []
+        """([(name, is_dir, None)], [symlink names]) of the directory open at fd: each entry
+        typed by readdir alone, with no stat, but dot files, special files (counted as
+        unlisted: their stat is a FIFO's), our own files, and symlinks, which are named apart
+        for follow_links().  A listed name is no promise: serving it checks again."""
+        entries, links = [], []
+        own = self.own_files
+        inodes, names = own.inodes, own.names
         try:
             with os.scandir(fd) as it:
                 for item in it:
-                    if item.name.startswith('.') or self.own_files.hides_entry(item):
+                    name = item.name
+                    if name.startswith('.'):
                         continue
                     try:
-                        if not self.follow_symlinks and item.is_symlink() \
-                                and not inside(os.path.realpath(path + '/' + item.name), self.root):
-                            continue
-                        st = item.stat()
-                        if self.own_files.hides(path + '/' + item.name, st):
-                            continue            # our pidfile and logs are never listed
+                        if item.is_symlink():
+                            links.append(name)
+                        elif (item.inode() in inodes or name.startswith(names)) and own.hides_entry(item, path):
+                            continue                # our pidfile and logs are never listed
+                        elif item.is_dir(follow_symlinks=False):
+                            entries.append((name, True, None))
+                        elif item.is_file(follow_symlinks=False):
+                            entries.append((name, False, None))
+                        else:
+                            entries.append((name, False, item.stat(follow_symlinks=False)))
                     except OSError:
-                        continue                # a dangling symlink, or gone since readdir
-                    entries.append((item.name, stat.S_ISDIR(st.st_mode), st))
+                        continue                # gone since readdir
         except PermissionError:
             raise HTTPError(403)
         except OSError:
             raise HTTPError(404)
+        return entries, links
+
+    def follow_links(self, path, links):
+        """(name, is_dir, stat) of each symlink in the directory at path that stays in the root
+        (or --follow-symlinks) and is not one of our files; dangling ones are left out."""
+        entries = []
+        for name in links:
+            try:
+                if not self.follow_symlinks and not inside(os.path.realpath(path + '/' + name), self.root):
+                    continue
+                st = os.stat(path + '/' + name)
+            except (OSError, ValueError):
+                continue
+            if not self.own_files.hides(path + '/' + name, st):
+                entries.append((name, stat.S_ISDIR(st.st_mode), st))
         return entries
 
-    def respond_gallery(self, conn, req, path, url_path, dir_st, entries, query):
-        """The gallery page (or its JSON) of scanned entries: 304 if the ETag still matches,
-        else the image headers of the entries on the page are read (or found cached)."""
+    def stat_entries(self, fd, path, entries):
+        """Catalog entries, (natural_key, name, is_dir, stat, kind) tuples, with their stat,
+        read now relative to the directory open at fd, but those gone, changed in kind, or found
+        to be our own files since the directory was read."""
+        fresh = []
+        hides = self.own_files.hides
+        for key, name, is_dir, st, kind in entries:
+            if st is None:
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode) != is_dir or not is_dir and not stat.S_ISREG(st.st_mode):
+                    continue
+            if not hides(path + '/' + name, st):
+                fresh.append((key, name, is_dir, st, kind))
+        return fresh
+
+    def respond_gallery(self, conn, req, fd, path, url_path, query):
+        """The gallery page (or its JSON) of the directory open at fd: 304 if the ETag still
+        matches, else the image headers of the entries on the page are read (or found cached).
+        Only the shown entries are stat()ed, unless the order is by date or size."""
         sort, page, fmt = gallery_options(query, req.headers.get('accept', ''))
-        listing = gallery_listing(entries, sort, page)
+        dir_st = os.fstat(fd)
+        catalog = self.directory_catalog(fd, path, dir_st)
+        if sort != 'name':                 # every entry's stat, in the catalog's order
+            catalog = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
+                                     catalog.images, catalog.files, catalog.unlisted)
+        listing = gallery_listing(catalog, sort, page)
+        listing.entries = [GalleryEntry(*e[1:]) for e in self.stat_entries(
+            fd, path, [(None, e.name, e.is_dir, e.st, e.kind) for e in listing.entries])]
         etag = gallery_etag(dir_st, url_path, listing, fmt)
         validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
         inm = req.headers.get('if-none-match')

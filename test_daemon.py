@@ -4178,17 +4178,25 @@ class GalleryKeptListingTests(unittest.TestCase):
         patcher = mock.patch.object(self.responder, 'scan_directory', side_effect=counting)
         patcher.start()
         self.addCleanup(patcher.stop)
-        settle = mock.patch.object(agent, 'GALLERY_SETTLE', 1)
-        settle.start()
-        self.addCleanup(settle.stop)
+        # The worker's clock to the microsecond (it keeps whole seconds), and a settle time
+        # shorter than the agent's 2 s, but longer than a clock tick: a test waits 0.1 s, not
+        # 2 to 3.  On a file system that stamps whole seconds, the agent's own 2 s.
+        settle = 0.1 if os.stat(self.big).st_mtime_ns % 10 ** 9 else agent.GALLERY_SETTLE
+        patcher = mock.patch.object(agent, 'GALLERY_SETTLE', settle)
+        patcher.start()
+        self.addCleanup(patcher.stop)
 
-    def page(self, target='/big/', *headers):
+    def tick(self):
+        self.worker.clock()
+        self.worker.wall = time.time()
+
+    def page(self, target='/big/', *headers, status=200):
         conn = PageCapture()
         raw = b'GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n' % (target.encode(),
                                                            b''.join(h.encode() + b'\r\n' for h in headers))
-        self.worker.clock()
+        self.tick()
         self.responder.respond(conn, agent.parse_request(raw)[0])
-        self.assertEqual(conn.status, 200, conn.head)
+        self.assertEqual(conn.status, status, conn.head)
         return conn
 
     def names(self, conn):
@@ -4197,15 +4205,16 @@ class GalleryKeptListingTests(unittest.TestCase):
     def wait_settled(self):
         deadline = time.monotonic() + 5
         while True:
-            self.worker.clock()
+            self.tick()
             if agent.listing_settled(os.stat(self.big), self.worker.wall):
                 return
             self.assertLess(time.monotonic(), deadline, 'the directory never settled')
             time.sleep(0.02)
 
     def test_a_recent_directory_is_read_every_time(self):
-        self.page()
-        self.page()
+        with mock.patch.object(agent, 'GALLERY_SETTLE', 60):        # changed within a minute
+            self.page()
+            self.page()
         self.assertEqual(self.scans, 2)
         self.assertEqual(self.responder.catalogs, {})
 
@@ -4215,7 +4224,7 @@ class GalleryKeptListingTests(unittest.TestCase):
         self.assertEqual(self.page().body, first.body)
         self.assertEqual(self.scans, 1)                 # read once, then kept
         etag = first.head.split(b'ETag: ')[1].split(b'\r\n')[0].decode()
-        self.assertEqual(self.page('/big/', 'If-None-Match: ' + etag).body, b'')
+        self.assertEqual(self.page('/big/', 'If-None-Match: ' + etag, status=304).body, b'')
         # Added, in the same second as the read: on the next request.
         with open(os.path.join(self.big, 'p0a.jpg'), 'wb') as f:
             f.write(b'new')
