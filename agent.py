@@ -1315,13 +1315,6 @@ class GalleryListing:
         self.dirs, self.images, self.files, self.unlisted = dirs, images, files, unlisted
 
 
-def gallery_kind(name, is_dir):
-    if is_dir:
-        return 'dir'
-    head, dot, suffix = name.rpartition('.')
-    return 'image' if dot and head.lstrip('.') and '.' + suffix.lower() in GRID_SUFFIXES else 'file'
-
-
 def gallery_catalog(entries, base=None):
     """The GalleryCatalog of (name, is_dir, stat) triples; with base, of those and base's.
     name may be bytes or str (os.fsdecode'd).  stat may be None for what readdir says is a
@@ -1331,22 +1324,25 @@ def gallery_catalog(entries, base=None):
     are: the keys are unique strings, so the sort compares strings only (10,000 names: 2 ms)."""
     dirs, others = [], []
     unlisted = images = 0
-    keys = _NATURAL
+    keys, plain, grid = _NATURAL, PLAIN_NAME.fullmatch, GRID_SUFFIXES
     for name, is_dir, st in entries:
         if isinstance(name, bytes):
             name = os.fsdecode(name)
         if name.startswith('.'):
             continue                                    # hidden, not merely unlisted
-        if not is_dir and st is not None and not stat.S_ISREG(st.st_mode) or not linkable(name):
+        if not is_dir and st is not None and not stat.S_ISREG(st.st_mode) or not (plain(name) or linkable(name)):
             unlisted += 1
             continue
         key = keys.get(name) or natural_key(name)
         if is_dir:
             dirs.append((key, name, True, st, 'dir'))
         else:
-            kind = gallery_kind(name, False)
-            images += kind == 'image'
-            others.append((key, name, False, st, kind))
+            dot = name.rfind('.')                       # not the first character: no dot files here
+            if dot > 0 and name[dot:].lower() in grid:
+                images += 1
+                others.append((key, name, False, st, 'image'))
+            else:
+                others.append((key, name, False, st, 'file'))
     ndirs = len(dirs)
     if base is not None:
         dirs += [e for e in base.entries if e[2]]
@@ -2452,10 +2448,10 @@ class Responder:
                             links.append(name)
                         elif (item.inode() in inodes or name.startswith(names)) and own.hides_entry(item, path):
                             continue                # our pidfile and logs are never listed
-                        elif item.is_dir(follow_symlinks=False):
-                            entries.append((name, True, None))
                         elif item.is_file(follow_symlinks=False):
                             entries.append((name, False, None))
+                        elif item.is_dir(follow_symlinks=False):
+                            entries.append((name, True, None))
                         else:
                             entries.append((name, False, item.stat(follow_symlinks=False)))
                     except OSError:
