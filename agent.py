@@ -1052,7 +1052,8 @@ PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves 
 
 # Kept listings (Responder.directory_catalog).  A worker keeps the sorted listing of a directory
 # of at least GALLERY_KEEP_MIN entries (smaller ones cost less to read than to keep), at most
-# GALLERY_KEPT directories, and uses it while the directory's (dev, ino, mtime, ctime) are the
+# GALLERY_KEPT directories and GALLERY_KEPT_ENTRIES entries in all (about 150 bytes each: a
+# 10,000-file folder keeps 1.5 MB), and uses it while the directory's (dev, ino, mtime, ctime) are the
 # same.  That is sound only if any later change stamps the directory anew, so a listing is kept
 # only when the directory's last change is GALLERY_SETTLE seconds older than the clock (more than
 # the coarsest stamp of the file systems below, ext3's whole second, plus a clock tick): a change
@@ -1060,6 +1061,7 @@ PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves 
 # every request, as it is on any other file system.
 GALLERY_KEEP_MIN = 256
 GALLERY_KEPT = 16
+GALLERY_KEPT_ENTRIES = 40000
 GALLERY_SETTLE = 2
 # Local file systems whose directories are stamped by this kernel's clock on every entry added,
 # removed or renamed.  Not here: network file systems (the server's clock, the client's own
@@ -2405,11 +2407,14 @@ class Responder:
         else:
             entries, links = self.scan_directory(fd, path)
             catalog = gallery_catalog(entries)
-            if len(entries) >= GALLERY_KEEP_MIN and listing_settled(dir_st, self.clock.wall) \
-                    and self.listings_sound(dir_st.st_dev):
+            if GALLERY_KEEP_MIN <= len(entries) <= GALLERY_KEPT_ENTRIES \
+                    and listing_settled(dir_st, self.clock.wall) and self.listings_sound(dir_st.st_dev):
                 self.catalogs.pop((dir_st.st_dev, dir_st.st_ino), None)
-                if len(self.catalogs) >= GALLERY_KEPT:
-                    del self.catalogs[next(iter(self.catalogs))]
+                kept = len(entries)
+                for old in self.catalogs.values():
+                    kept += len(old[1].entries)
+                while self.catalogs and (len(self.catalogs) >= GALLERY_KEPT or kept > GALLERY_KEPT_ENTRIES):
+                    kept -= len(self.catalogs.pop(next(iter(self.catalogs)))[1].entries)
                 self.catalogs[(dir_st.st_dev, dir_st.st_ino)] = (key, catalog, links)
         if links:
             catalog = gallery_catalog(self.follow_links(path, links), catalog)

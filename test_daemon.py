@@ -4267,6 +4267,26 @@ class GalleryKeptListingTests(unittest.TestCase):
         self.assertNotIn('p5.jpg', self.names(self.page()))
         self.assertNotIn('p5.jpg', self.page('/big/?format=json').body.decode())
 
+    def test_kept_listings_are_bounded(self):
+        self.wait_settled()
+        with mock.patch.object(agent, 'GALLERY_KEPT_ENTRIES', agent.GALLERY_KEEP_MIN + 19):
+            self.page()                     # one entry too many to keep
+            self.assertEqual(self.responder.catalogs, {})
+        with mock.patch.object(agent, 'GALLERY_KEPT', 1):
+            self.page()
+            self.assertEqual(len(self.responder.catalogs), 1)
+            os.mkdir(os.path.join(self.root, 'other'))
+            for i in range(agent.GALLERY_KEEP_MIN):
+                with open(os.path.join(self.root, 'other', 'o%d.jpg' % i), 'wb'):
+                    pass
+            other = os.stat(os.path.join(self.root, 'other'))
+            deadline = time.monotonic() + 5
+            while not agent.listing_settled(other, time.time()):
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.02)
+            self.page('/other/')
+            self.assertEqual(list(self.responder.catalogs), [(other.st_dev, other.st_ino)])
+
     def test_only_a_file_system_that_stamps_its_directories_keeps_listings(self):
         self.wait_settled()
         with mock.patch.object(agent, 'mount_types', return_value={}):
