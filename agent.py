@@ -1053,8 +1053,8 @@ PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves 
 # Kept listings (Responder.directory_catalog).  A worker keeps the sorted listing of a directory
 # of at least GALLERY_KEEP_MIN entries (smaller ones cost less to read than to keep), at most
 # GALLERY_KEPT directories and GALLERY_KEPT_ENTRIES entries in all (about 200 bytes each: a
-# 10,000-file folder keeps 2 MB, tracemalloc), and uses it while the directory's (dev, ino, mtime, ctime) are the
-# same.  That is sound only if any later change stamps the directory anew, so a listing is kept
+# 10,000-file folder keeps 2 MB, tracemalloc), and uses it while the directory's (dev, ino,
+# mtime, ctime) are the same.  That is sound only if any later change stamps the directory anew, so a listing is kept
 # only when the directory's last change is GALLERY_SETTLE seconds older than the clock (more than
 # the coarsest stamp of the file systems below, ext3's whole second, plus a clock tick): a change
 # after the read then cannot carry the same stamp.  A directory changed more recently is read on
