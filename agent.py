@@ -2199,6 +2199,16 @@ class Responder:
             os.close(handle)
         return fd, st
 
+    def stat_link(self, dir_fd, name):
+        """The stat of what the symlink name in the directory open at dir_fd leads to, taken
+        on the descriptor it opens (O_PATH), after check_confined()."""
+        handle = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            self.check_confined(handle)
+            return os.fstat(handle)
+        finally:
+            os.close(handle)
+
     def check_confined(self, fd):
         """404 unless the open descriptor fd lies inside the root (or --follow-symlinks)."""
         if not self.follow_symlinks and not inside(os.readlink('/proc/self/fd/%d' % fd), self.root):
@@ -2311,14 +2321,15 @@ class Responder:
                     if item.name.startswith('.') or self.own_files.hides_entry(item):
                         continue
                     try:
-                        if not self.follow_symlinks and item.is_symlink() \
-                                and not inside(os.path.realpath(path + '/' + item.name), self.root):
-                            continue
-                        st = item.stat()
+                        # An entry is stat()ed relative to fd, a symlink through the descriptor
+                        # it opens: a check of the link's target by name, then a stat() by name,
+                        # would show the size and time of a file outside the root when the
+                        # link is swapped in between.
+                        st = item.stat() if not item.is_symlink() else self.stat_link(fd, item.name)
                         if self.own_files.hides(path + '/' + item.name, st):
                             continue            # our pidfile and logs are never listed
-                    except OSError:
-                        continue                # a dangling symlink, or gone since readdir
+                    except (OSError, HTTPError):
+                        continue                # dangling, out of the root, or gone since readdir
                     entries.append((item.name, stat.S_ISDIR(st.st_mode), st))
         except PermissionError:
             raise HTTPError(403)

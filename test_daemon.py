@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import http.client
 import io
+import json
 import os
 import random
 import re
@@ -4164,6 +4165,51 @@ class SymlinkSwapRaceTests(unittest.TestCase):
             worker.responder.open_file(os.path.join(root, 'x.jpg'))
         self.assertEqual(caught.exception.status, 404)
         self.assertEqual(worker.responder.files.files, {})
+
+    def test_a_listing_never_shows_what_a_symlink_out_names(self):
+        """A symlink in a listed directory, swapped between a target inside the root and one
+        outside: the listing never gives the outside file's size or time (nor lists it)."""
+        server = AgentServer(self, workers=1)
+        outside = os.path.join(server.dir, 'outside.jpg')
+        with open(outside, 'wb') as f:
+            f.write(b'S' * 77777)
+        os.utime(outside, (1234567890, 1234567890))
+        server.write('race/in.jpg', b'I' * 10)
+        server.start()
+        swapper = subprocess.Popen([PYTHON, '-c', LINK_SWAPPER, os.path.join(server.root, 'race'), outside, '60'],
+                                   stdout=subprocess.PIPE)
+        self.addCleanup(swapper.stdout.close)
+        self.addCleanup(swapper.wait)
+        self.addCleanup(swapper.kill)
+        self.assertEqual(swapper.stdout.readline(), b'ready\n')
+        conn = RawConn(server.port, 10)
+        self.addCleanup(conn.close)
+        listed = leaked = 0
+        for _ in range(600):
+            conn.send(b'GET /race/?format=json HTTP/1.1\r\nHost: x\r\n\r\n')
+            response = conn.response()
+            self.assertEqual(response.status, 200, response)
+            for entry in json.loads(response.body)['entries']:
+                if entry['name'] == 'x.jpg':
+                    listed += 1
+                    leaked += entry['size'] == 77777 or entry['mtime'] == 1234567890
+        self.assertEqual(leaked, 0, 'of %d listings of the symlink, %d showed the outside file' % (listed, leaked))
+        self.assertGreater(listed, 0)
+        self.assertIsNone(swapper.poll(), 'the swapper stopped swapping')
+
+
+# A symlink x.jpg renamed in and out of place, pointing inside (in.jpg) and outside by turns.
+LINK_SWAPPER = r'''
+import os, sys, time
+directory, outside, deadline = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+os.symlink('in.jpg', os.path.join(directory, '.in'))
+os.symlink(outside, os.path.join(directory, '.out'))
+print('ready', flush=True)
+while time.monotonic() < deadline:
+    for name in ('.in', '.out'):
+        os.link(os.path.join(directory, name), os.path.join(directory, '.next'), follow_symlinks=False)
+        os.rename(os.path.join(directory, '.next'), os.path.join(directory, 'x.jpg'))
+'''
 
 
 def edge_worker(testcase, *options):
