@@ -91,7 +91,8 @@ Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port
 
 HTTP (RFC 9110, 9112)
 ---------------------
-GET and HEAD; other known methods 405 (with Allow), unknown ones 501, HTTP/2+ 505.  Keep-alive
+GET and HEAD; other known methods 405 (with Allow), unknown ones 501, HTTP/2+ 505, a version 1
+not written HTTP/1.N (HTTP/1.10, HTTP/01.1, HTTP/1) 400.  Keep-alive
 and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte ranges (206, 416),
 If-Range, If-None-Match (wins over If-Modified-Since), 304 (with the validators and no
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
@@ -197,7 +198,10 @@ CONTENT_ENCODINGS = {'.svgz': 'gzip'}
 
 KNOWN_METHODS = frozenset([b'POST', b'PUT', b'DELETE', b'CONNECT', b'OPTIONS', b'TRACE', b'PATCH'])
 TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-VERSION = re.compile(rb'^HTTP/(\d+)(?:\.(\d+))?$')
+# RFC 9112 section 2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT.  OTHER_VERSION is any other
+# shape of a number, to tell HTTP/2 or HTTP/3 (505) from a malformed version 1 (400).
+VERSION = re.compile(rb'^HTTP/([0-9])\.([0-9])$')
+OTHER_VERSION = re.compile(rb'^HTTP/([0-9]+)(?:\.[0-9]+)?$')
 BAD_TARGET_BYTES = re.compile(rb'[\x00-\x20\x7f-\xff]')
 BAD_PATH_CHARS = re.compile('[\x00-\x1f\x7f\\\\]')
 PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
@@ -390,10 +394,11 @@ def _parse_request_line(line):
         if version == b'HTTP/1.1' and (method == b'GET' or method == b'HEAD'):
             return method, target, (1, 1)           # the common case, without regexes
     match = VERSION.match(parts[-1]) if len(parts) > 1 else None
-    if match is not None and (match.group(1) != b'1' or match.group(2) is None):
+    other = OTHER_VERSION.match(parts[-1]) if match is None and len(parts) > 1 else None
+    if match is not None and match.group(1) != b'1' or other is not None and int(other.group(1)) != 1:
         raise HTTPError(505, close=True, request_line=line)     # HTTP/2.0, HTTP/3, HTTP/0.9
     if len(parts) != 3 or not parts[1] or match is None or not TOKEN.match(parts[0]):
-        raise HTTPError(400, close=True, request_line=line)
+        raise HTTPError(400, close=True, request_line=line)     # HTTP/1.10, HTTP/01.1, HTTP/1
     return parts[0], parts[1], (1, int(match.group(2)))
 
 

@@ -2513,6 +2513,18 @@ class RequestParsingTests(unittest.TestCase):
             self.assert_status(line + b'\r\nHost: x\r\n\r\n', 505)
         self.assert_status(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n', 505)
 
+    def test_http_version_syntax(self):
+        """RFC 9112 section 2.3: HTTP-version is "HTTP/" DIGIT "." DIGIT.  Another shape of
+        version 1 is a malformed request line (400), not a version this server lacks (505)."""
+        for version in (b'HTTP/1.10', b'HTTP/01.1', b'HTTP/1', b'HTTP/1.', b'HTTP/1.1.1', b'HTTP/1.01',
+                        b'HTTP/+1.1', b'HTTP/1.1x', b'HTTP/ 1.1', b'HTTP/\xd9\xa1.1'):
+            self.assert_status(b'GET / ' + version + b'\r\nHost: x\r\n\r\n', 400)
+        for version in (b'HTTP/0.9', b'HTTP/2.0', b'HTTP/2', b'HTTP/3', b'HTTP/10.0'):
+            self.assert_status(b'GET / ' + version + b'\r\nHost: x\r\n\r\n', 505)
+        for version, parsed in ((b'HTTP/1.0', (1, 0)), (b'HTTP/1.1', (1, 1)), (b'HTTP/1.9', (1, 9))):
+            req, _ = self.parse(b'GET / ' + version + b'\r\nHost: x\r\n\r\n')
+            self.assertEqual(req.version, parsed)
+
     def test_malformed_request_lines_400(self):
         for line in (b'GET  / HTTP/1.1', b'GET /', b'GET / HTTP/1.1 extra', b' GET / HTTP/1.1',
                      b'G(T / HTTP/1.1', b'GET / HTTX/1.1', b'HTTP/1.1 200 OK'):
