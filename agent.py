@@ -571,9 +571,16 @@ HTTP_DATES = (
 )
 
 
+# The seconds an IMF-fixdate can write, years 0001 to 9999.  tmpfs and btrfs store any 64-bit
+# modification time; beyond these a date is the nearest one (gmtime() itself fails past a year
+# of about 2**31, and a year of five digits is no HTTP-date).
+FIRST_SECOND = -62135596800     # 0001-01-01 00:00:00 UTC
+LAST_SECOND = 253402300799      # 9999-12-31 23:59:59 UTC
+
+
 def http_date(timestamp):
     """IMF-fixdate, with English names whatever the locale."""
-    t = time.gmtime(timestamp)
+    t = time.gmtime(min(max(timestamp, FIRST_SECOND), LAST_SECOND))
     return '%s, %02d %s %04d %02d:%02d:%02d GMT' % (WEEKDAYS[t.tm_wday], t.tm_mday, MONTHS[t.tm_mon - 1],
                                                     t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
 
@@ -1340,7 +1347,7 @@ def human_size(size):
 
 
 def short_date(timestamp):
-    t = time.gmtime(max(0, timestamp))
+    t = time.gmtime(min(max(0, timestamp), LAST_SECOND))
     return '%04d-%02d-%02d %02d:%02d' % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min)
 
 

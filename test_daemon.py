@@ -2732,6 +2732,50 @@ class ConditionalRequestTests(unittest.TestCase):
             self.assertEqual(agent.if_range_allows(headers, self.ETAG, self.MTIME), expected, headers)
 
 
+class ExtremeTimestampTests(unittest.TestCase):
+    """Modification times that filesystems allow (tmpfs and btrfs take any 64-bit second) but
+    a calendar year of four digits cannot hold."""
+
+    TIMES = (1e18, 2.0 ** 62, 253402300800, 1e11, -1e14, -62135596801, -1.0, 0, 1e9)
+
+    def test_dates_are_always_well_formed(self):
+        for timestamp in self.TIMES:
+            with self.subTest(timestamp=timestamp):
+                self.assertRegex(agent.http_date(timestamp), agent.HTTP_DATES[0].pattern)
+                self.assertIsNotNone(agent.parse_http_date(agent.http_date(timestamp)))
+                self.assertRegex(agent.short_date(timestamp), r'^\d{4}-\d\d-\d\d \d\d:\d\d$')
+        self.assertEqual(agent.http_date(1e18), 'Fri, 31 Dec 9999 23:59:59 GMT')
+        self.assertEqual(agent.http_date(-1e14), 'Mon, 01 Jan 0001 00:00:00 GMT')
+        self.assertEqual(agent.http_date(784111777), 'Sun, 06 Nov 1994 08:49:37 GMT')
+
+    def test_a_file_with_an_extreme_mtime_is_served_and_listed(self):
+        shm = tempfile.mkdtemp(prefix='agent-times-', dir='/dev/shm') if os.path.isdir('/dev/shm') else None
+        if shm is None:
+            self.skipTest('no /dev/shm')
+        self.addCleanup(subprocess.run, ['rm', '-rf', shm])
+        times = {'far.jpg': 10 ** 18, 'ancient.jpg': -10 ** 14, 'plain.jpg': FIXED_MTIME}
+        for name, seconds in times.items():
+            write_file(shm, name, name.encode(), mtime=None)
+            try:
+                os.utime(os.path.join(shm, name), ns=(0, seconds * 10 ** 9))
+            except OverflowError:
+                self.skipTest('this platform cannot set such times')
+            if os.stat(os.path.join(shm, name)).st_mtime != seconds:
+                self.skipTest('/dev/shm clamps modification times')
+        server = AgentServer(self, root=shm, workers=1).start()
+        self.addCleanup(server.stop)
+        for name in times:
+            status, headers, body = server.get('/' + name)
+            self.assertEqual((status, body), (200, name.encode()), name)
+            self.assertRegex(headers['last-modified'], agent.HTTP_DATES[0].pattern)
+        for query in ('', '?sort=date', '?format=json'):
+            status, headers, body = server.get('/' + query)
+            self.assertEqual(status, 200, query)
+            for name in times:
+                self.assertIn(name.encode(), body)
+        self.assertEqual(server.bad_log_lines(), [])
+
+
 class AccessLogAndPageTests(unittest.TestCase):
     def test_escape_log(self):
         self.assertEqual(agent.escape_log('Mozilla/5.0 (X11; Linux) x=1&y'), 'Mozilla/5.0 (X11; Linux) x=1&y')
