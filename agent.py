@@ -159,6 +159,7 @@ DEFAULT_PORT = 9085
 DEFAULT_MAX_AGE = 60
 MAX_HEADER_SIZE = 8192
 MAX_HEADERS = 100
+PATH_MAX = 4096                 # Linux: bytes of a path a system call takes, its NUL included
 MAX_DISCARD = 1 << 20           # request bodies up to this size are read and thrown away
 HEADER_TIMEOUT = 10.0
 IDLE_TIMEOUT = 15.0
@@ -1289,9 +1290,19 @@ def gallery_kind(name, is_dir):
     return 'image' if os.path.splitext(name)[1].lower() in GRID_SUFFIXES else 'file'
 
 
-def gallery_listing(entries, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
+def gallery_room(url_path, path, max_header_size):
+    """(characters, bytes) left for an entry's name in a listing at url_path (the directory
+    path in the file system): its quoted link must fit in three quarters of the head limit (a
+    quarter is left for the method, the version and a browser's header fields), and its path
+    in PATH_MAX, or the server itself would refuse the link (414, ENAMETOOLONG)."""
+    return (max_header_size * 3 // 4 - len(urllib.parse.quote(url_path)) - len('?thumb'),
+            PATH_MAX - 1 - len(os.fsencode(path)) - 1)
+
+
+def gallery_listing(entries, sort='name', page=1, page_size=GALLERY_PAGE_SIZE, room=None):
     """The listed entries of (name, is_dir, stat) triples, sorted (folders first), cut to a page
-    (a page past the last is the last).  name may be bytes or str (os.fsdecode'd)."""
+    (a page past the last is the last).  name may be bytes or str (os.fsdecode'd).  room, if
+    given, is gallery_room(): longer names are not listed."""
     listed, unlisted = [], 0
     counts = {'dir': 0, 'image': 0, 'file': 0}
     for name, is_dir, st in entries:
@@ -1299,7 +1310,9 @@ def gallery_listing(entries, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
             name = os.fsdecode(name)
         if name.startswith('.'):
             continue                                    # hidden, not merely unlisted
-        if not is_dir and (st is None or not stat.S_ISREG(st.st_mode)) or not linkable(name):
+        if not is_dir and (st is None or not stat.S_ISREG(st.st_mode)) or not linkable(name) \
+                or room is not None and (len(urllib.parse.quote(name)) >= room[0]
+                                         or len(os.fsencode(name)) > room[1]):
             unlisted += 1
             continue
         kind = gallery_kind(name, is_dir)
@@ -2130,6 +2143,7 @@ class Responder:
         self.root = config.root
         self.follow_symlinks = config.follow_symlinks
         self.listing = config.listing
+        self.max_header_size = config.max_header_size
         self.cache_control = b'Cache-Control: public, max-age=%d\r\n' % config.max_age
         self.common_headers = common_headers
         self.https_port = https_port        # where a redirect from plain HTTP points
@@ -2353,7 +2367,8 @@ class Responder:
         """The gallery page (or its JSON) of scanned entries: 304 if the ETag still matches,
         else the image headers of the entries on the page are read (or found cached)."""
         sort, page, fmt = gallery_options(query, req.headers.get('accept', ''))
-        listing = gallery_listing(entries, sort, page)
+        listing = gallery_listing(entries, sort, page,
+                                  room=gallery_room(url_path, path, self.max_header_size))
         etag = gallery_etag(dir_st, url_path, listing, fmt)
         validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
         inm = req.headers.get('if-none-match')

@@ -4006,6 +4006,40 @@ class GalleryNamesServerTests(SharedAgentTestCase):
             self.assertNotIn(name, page, name)
         self.assertIn(b'%d entries are not listed' % len(self.HOSTILE), page)
 
+    def test_names_too_long_to_reach_are_left_out(self):
+        """Deep folders of long names: a link whose URL the head limit (8 KiB) would refuse
+        (414), or whose path the kernel would (PATH_MAX, 4096 bytes: ENAMETOOLONG, a 404), is
+        not listed; every listed one is answered, down to the deepest reachable folder."""
+        import urllib.parse as parse_module
+        wide = '\u4e00' * 85                       # 255 bytes, 765 characters quoted
+        directory = os.path.join(self.server.root, 'deep')
+        for _ in range(11):
+            directory = os.path.join(directory, wide)
+        os.makedirs(directory)
+        # Made relative to a descriptor: the kernel refuses a path of more than 4096 bytes.
+        os.mkdir(os.path.join(self.server.root, 'long'))
+        fd = os.open(os.path.join(self.server.root, 'long'), os.O_RDONLY | os.O_DIRECTORY)
+        for depth in range(17):
+            name = 'n%02d' % depth + 'x' * 250
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(fd)
+        unlisted = deepest = 0
+        pending = ['/deep/', '/long/']
+        while pending:
+            url = pending.pop()
+            response = self.get(url + '?format=json')
+            self.assertEqual(response.status, 200, (len(url), response))
+            document = json.loads(response.body)
+            unlisted += document['unlisted']
+            deepest = max(deepest, url.count('/'))
+            for entry in document['entries']:
+                pending.append(url + entry['url'])
+        self.assertGreater(unlisted, 0)
+        self.assertGreater(deepest, 5)
+
 
 def parse_quote_bytes(name):
     import urllib.parse as parse_module
