@@ -1052,12 +1052,13 @@ class ImageInfoCache:
 # ETag, its HTML (gallery_page) and the same listing as JSON (gallery_json).
 #
 # Listed: entries whose link the server itself answers: dot files, FIFOs and other special
-# files, and names that cannot travel in a URL path (not UTF-8, control characters, a
-# backslash: see normalize_path) are left out; the page says how many.
+# files, names that cannot travel in a URL path (not UTF-8, control characters, a backslash:
+# see normalize_path) and names too long to reach (gallery_room) are left out; the page says
+# how many.
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 1             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 2             # part of every page's ETag: change it when the markup changes
 NATURAL_CHUNKS = re.compile(r'(\d+)')
 
 GALLERY_STYLE = """
@@ -1451,7 +1452,7 @@ def gallery_page(url_path, listing, infos=None):
     notes = ['Times in UTC.']
     if listing.unlisted:
         notes.append('%d %s not listed: special files, or names that cannot be linked (not UTF-8, '
-                     'control characters, backslashes).'
+                     'control characters, backslashes, too long).'
                      % (listing.unlisted, 'entry is' if listing.unlisted == 1 else 'entries are'))
     out.append('<p class="note">%s</p>\n<script>%s</script>\n</body></html>\n' % (' '.join(notes), GALLERY_SCRIPT))
     return ''.join(out).encode('utf-8')
