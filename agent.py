@@ -62,7 +62,8 @@ Files
     --pidfile     the master's pid, flock()ed (daemon.py).  Default: one per user and port,
                   found from any directory: /run/agent-PORT.pid for root, else
                   $XDG_RUNTIME_DIR/agent-PORT.pid, else /tmp/agent-UID/agent-PORT.pid (0700)
-    PIDFILE.options  the master's options (JSON, with its pid), for `restart`
+    PIDFILE.options  the master's options (JSON, with its pid), for `restart`; they go with
+                  the pidfile (Agent.runtime_files())
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
@@ -2827,14 +2828,9 @@ class Agent(Daemon):
             log('agent: cannot record the options in %s (%s); restart will not compare them'
                 % (path, exc.strerror))
 
-    def remove_options(self):
-        """At a clean exit: the options file goes, if it still names this master."""
-        path = options_path(self.pidfile_path)
-        if read_options(path, os.getpid()) is not None:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+    def runtime_files(self):
+        """The options file lives and goes with the pidfile (daemon.PidFile removes it)."""
+        return [options_path(self.pidfile_path)]
 
     def log_files(self):
         files = [self.stdout, self.stderr]
@@ -2878,8 +2874,6 @@ class Agent(Daemon):
         if self.halted():
             log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
         self.shutdown()
-        if not self.halted():
-            self.remove_options()
         return 1 if self.halted() else 0
 
     def start_line(self):

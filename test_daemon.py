@@ -1194,6 +1194,95 @@ class AgentLifecycleTests(unittest.TestCase):
         self.assertEqual(server.command('status').returncode, 3)
 
 
+class NothingLeftBehindTests(unittest.TestCase):
+    """Every way an agent ends leaves no file of its own beside the pidfile (the pidfile, its
+    PIDFILE.options), or leaves them only as a record that `status` reads right and the next
+    start or stop clears: started as root with --user (the daemon may not unlink in the
+    pidfile's root-owned directory), `run` ended by SIGTERM or SIGINT, a SIGKILLed master."""
+
+    def user_agent(self):
+        if os.geteuid() != 0:
+            self.skipTest('needs root')
+        import pwd
+        try:
+            pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        server = AgentServer(self, '--user', 'nobody')
+        os.chmod(server.dir, 0o755)         # readable by nobody, writable only by root
+        return server
+
+    def left(self, server):
+        return sorted(name for name in os.listdir(server.dir)
+                      if name.startswith(os.path.basename(server.pidfile)))
+
+    def test_stop_of_an_agent_started_as_root_with_user_removes_everything(self):
+        server = self.user_agent().start()
+        self.assertEqual(self.left(server), ['agent.pid', 'agent.pid.options'])
+        server.stop()
+        self.assertEqual(self.left(server), [])
+        self.assertEqual(server.command('status').returncode, 3)
+
+    def run_until_signal(self, server, signum):
+        err = os.path.join(server.dir, 'run.err')
+        with open(err, 'wb') as stderr:
+            proc = subprocess.Popen([PYTHON, AGENT] + server.options + ['run'],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=stderr, start_new_session=True)
+        self.addCleanup(kill_group_of, proc.pid)
+        self.addCleanup(proc.wait, 10)
+        wait_for(lambda: 'agent: serving' in slurp(err) or proc.poll() is not None,
+                 message='the agent serving in the foreground')
+        self.assertIsNone(proc.poll(), slurp(err))
+        self.assertEqual(self.left(server), ['agent.pid', 'agent.pid.options'])
+        os.kill(proc.pid, signum)
+        self.assertEqual(proc.wait(TIMEOUT), 0, slurp(err))
+        return slurp(err)
+
+    def test_run_as_root_with_user_ended_by_a_signal_is_not_dead_and_leaves_nothing_after_stop(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                server = self.user_agent()
+                self.run_until_signal(server, signum)
+                status = server.command('status')
+                self.assertEqual(status.returncode, 3, status.stdout + status.stderr)
+                result = server.command('stop')
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(self.left(server), [])
+
+    def test_run_ended_by_a_signal_leaves_nothing(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                server = AgentServer(self)
+                self.run_until_signal(server, signum)
+                self.assertEqual(self.left(server), [])
+                self.assertEqual(server.command('status').returncode, 3)
+
+    def test_a_killed_master_then_start_then_stop_leaves_nothing(self):
+        server = AgentServer(self).start()
+        master = server.master()
+        kill_group_of(master)
+        wait_for(lambda: not pid_alive(master), message='master gone')
+        self.assertEqual(server.command('status').returncode, 1)
+        server.start()
+        restart = server.command('restart')
+        self.assertEqual(restart.returncode, 0, restart.stderr)
+        self.assertNotIn('not recorded', restart.stdout + restart.stderr)
+        server.pids.append(server.master())
+        server.stop()
+        self.assertEqual(self.left(server), [])
+
+    def test_a_killed_master_then_a_failed_start_leaves_nothing(self):
+        server = AgentServer(self).start()
+        master = server.master()
+        kill_group_of(master)
+        wait_for(lambda: not pid_alive(master), message='master gone')
+        server.options[server.options.index('--root') + 1] = '/nonexistent/images'
+        result = server.command('start')
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(self.left(server), [])
+
+
 class FromBytecodeTests(unittest.TestCase):
     """`agent.py start|run` goes on as the imported module, from cached bytecode, in the same
     process; the current directory never joins the import path."""
