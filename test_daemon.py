@@ -5239,6 +5239,57 @@ class SocketActivationTests(ServiceToolTestCase):
         self.assertFalse(any(map(pid_alive, workers)))
 
 
+    def test_tls_with_a_socket_named_redirect(self):
+        """FileDescriptorName=redirect: plain HTTP there, 301 to the https:// URL of the other
+        passed socket (its port, not --port); HTTPS on the other."""
+        tool = self.eco_tool('systemd-socket-activate', 'systemd')
+        tls_tool(self, 'openssl')
+        tmp = self.eco_tmp()
+        root = os.path.join(tmp, 'www')
+        os.makedirs(root)
+        write_file(root, 'a.jpg', FILE_A)
+        ca = tls_make_ca(tmp)
+        cert, key = os.path.join(tmp, 'leaf.crt'), os.path.join(tmp, 'leaf.key')
+        tls_make_leaf(tmp, ca, 4301, cert, key)
+        stderr = os.path.join(tmp, 'stderr')
+        ports = set()
+        while len(ports) < 3:
+            ports.add(harness.free_port())
+        https, plain, own = sorted(ports)
+        env = dict(os.environ)
+        env.pop('NOTIFY_SOCKET', None)
+        proc = self.eco_popen([tool, '-l', '127.0.0.1:%d' % https, '-l', '127.0.0.1:%d' % plain,
+                               '--fdname=https:redirect',
+                               PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1',
+                               '--port', str(own), '--pidfile', os.path.join(tmp, 'agent.pid'),
+                               '--access-log', os.path.join(tmp, 'access.log'), '--workers', '1',
+                               '--tls-cert', cert, '--tls-key', key, '--hsts', '60', 'run'],
+                              stderr, env=env)
+        wait_for(lambda: self.eco_read(stderr).count('Listening on') == 2, timeout=self.DEADLINE,
+                 message='systemd-socket-activate listening')
+        # The first connection starts the agent; it waits in the socket's queue meanwhile.
+        conn = RawConn(plain, timeout=self.DEADLINE)
+        self.addCleanup(conn.close)
+        conn.send(raw_request('/a.jpg?x=1', host='localhost:%d' % plain))
+        response = conn.response()
+        self.assertEqual(response.status, 301, (response, self.eco_read(stderr)))
+        self.assertEqual(response.headers['location'], 'https://localhost:%d/a.jpg?x=1' % https)
+        self.assertNotIn('strict-transport-security', response.headers)
+        secure = TLSConn(https, ca[0], timeout=self.DEADLINE)
+        self.addCleanup(secure.close)
+        secure.send(raw_request('/a.jpg', 'Connection: close'))
+        response = secure.response()
+        self.assertEqual((response.status, response.body), (200, FILE_A))
+        self.assertEqual(response.headers['strict-transport-security'], 'max-age=60')
+        self.assertTrue(self.eco_refused(own), 'the agent bound --port %d as well' % own)
+        log = wait_for(lambda: 'with 1 worker' in self.eco_read(stderr) and self.eco_read(stderr),
+                       timeout=self.DEADLINE, message='the serving line')
+        self.assertIn('serving on 2 socket(s) passed by the service manager', log)
+        self.assertIn('on 127.0.0.1:%d (https), 127.0.0.1:%d (redirect to https)' % (https, plain), log)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(self.DEADLINE), 0, self.eco_read(stderr))
+
+
 # ---------------------------------------------------------------------------------------------
 # logrotate with contrib/agent.logrotate, while requests flow
 # ---------------------------------------------------------------------------------------------
