@@ -119,6 +119,7 @@ import pwd
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import syslog
@@ -626,12 +627,14 @@ class Daemon:
                       % (self.name, line[8:] or 'unknown', self.pidfile_path))
             return EXIT_OK
         if line is not None and line.startswith('ERROR '):
+            self._new_pidfile().remove_stale()      # what a daemon past --user could not unlink
             self.say('%s: %s' % (self.name, line[6:]), error=True)
             return EXIT_FAILURE
         if line is None:
             self.say('%s: not ready after %gs; stopping it' % (self.name, self.start_timeout), error=True)
             _stop(self)
             return EXIT_FAILURE
+        self._new_pidfile().remove_stale()
         self.say('%s: exited during startup without a word; see %s' % (self.name, self.stderr), error=True)
         return EXIT_FAILURE
 
@@ -1217,6 +1220,8 @@ def check_writable(kind, path):
     if not path or path == os.devnull:
         return
     exists = os.path.exists(path)
+    if os.path.isdir(path):
+        raise DaemonError('the %s %s is a directory: give a file name' % (kind, path))
     target = path if exists else os.path.dirname(path)
     if not exists and not os.path.isdir(target):
         raise DaemonError('cannot create the %s %s: directory %s does not exist' % (kind, path, target))
@@ -1409,8 +1414,10 @@ class PidFile:
                 raise DaemonError('pidfile %s is a symbolic link, refused' % self.path)
             raise _step_error('read pidfile', exc)
         try:
-            pid = parse_pid(os.pread(fd, 64, 0))
             st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise DaemonError('pidfile %s is a directory: give a file name' % self.path)
+            pid = parse_pid(os.pread(fd, 64, 0))
             holders = flock_holders(st)
             locked = self._probe_lock(fd) if holders is None else bool(holders)
         finally:

@@ -2020,6 +2020,76 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         self.assertEqual(version.stdout.split()[:2], ['agent.py', agent.__version__])
 
 
+class CommonMistakeTests(unittest.TestCase):
+    """What a newcomer meets first: each mistake is one line that names the option, file or
+    user, with the LSB exit code (2 usage, 1 failure), never a usage screen or a traceback."""
+
+    def agent(self, *args):
+        return run([PYTHON, AGENT] + list(args))
+
+    def assert_one_line(self, result, code, *words):
+        self.assertEqual(result.returncode, code, result.stdout + result.stderr)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertNotIn('Traceback', result.stderr)
+        for word in words:
+            self.assertIn(word, lines[0])
+
+    def test_usage_errors_are_one_line(self):
+        tmp = tempfile.mkdtemp(prefix='agent-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        pidfile = os.path.join(tmp, 'a.pid')
+        for value in ('0', '-1', 'x', '10000'):
+            with self.subTest(workers=value):
+                self.assert_one_line(self.agent('--pidfile', pidfile, '--root', tmp, '--bind', '127.0.0.1',
+                                                '--port', '0', '--workers', value, 'start'),
+                                     2, '--workers', repr(value))
+        self.assert_one_line(self.agent('--pidfile', pidfile, 'frobnicate'), 2, 'frobnicate', 'start')
+        self.assert_one_line(self.agent('--pidfile', pidfile), 2, 'ACTION')
+        self.assert_one_line(self.agent('--tls-cert', 'c.pem', 'start'), 2, '--tls-key')
+        self.assertFalse(os.listdir(tmp))
+
+    def test_root_that_is_a_file_or_unreadable_is_named_as_such(self):
+        server = AgentServer(self)
+        path = server.write('file.jpg', b'x')
+        server.options[server.options.index('--root') + 1] = path
+        self.assert_one_line(server.command('start'), 1, path, 'is not a directory')
+        self.assertNotIn('does not exist', server.command('start').stderr)
+
+    def test_root_unreadable_by_user_names_the_user(self):
+        if os.geteuid() != 0:
+            self.skipTest('needs root')
+        import pwd
+        try:
+            pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        server = AgentServer(self, '--user', 'nobody')
+        os.chmod(server.dir, 0o755)
+        os.chmod(server.root, 0o700)
+        self.assert_one_line(server.command('start'), 1, server.root, 'not readable', 'nobody')
+        self.assertFalse(os.path.exists(server.pidfile))
+
+    def test_pidfile_that_is_a_directory_is_named(self):
+        server = AgentServer(self)
+        server.options[server.options.index('--pidfile') + 1] = server.root
+        self.assert_one_line(server.command('start'), 1, server.root, 'directory')
+
+    def test_help_is_grouped_with_defaults(self):
+        result = self.agent('--help')
+        self.assertEqual(result.returncode, 0)
+        text = result.stdout
+        usage = text.split('\n\n')[0]
+        self.assertLessEqual(len(usage.splitlines()), 2, usage)
+        self.assertIn('ACTION is one of:', text)
+        for heading in ('serving:', 'files and identity:', 'limits:', 'HTTPS:'):
+            self.assertIn('\n' + heading, text)
+        self.assertIn('(default: %d, the number of CPUs)' % min(os.cpu_count() or 1, agent.MAX_WORKERS),
+                      ' '.join(text.split()))
+        self.assertIn('4 insufficient privilege', ' '.join(text.split()))
+        self.assertLessEqual(max(map(len, text.splitlines())), 100)
+
+
 class DefaultPidfileTests(unittest.TestCase):
     def test_one_place_per_user_and_port(self):
         with mock.patch('os.geteuid', return_value=0):
