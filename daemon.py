@@ -791,10 +791,12 @@ def _stop(d):
             d.say(_not_running(d, state))
             return EXIT_OK
         started = time.monotonic()
+        group = _session_group(pid)
         if not _send(pid, pidfd, signal.SIGTERM):
             d.say('%s stopped (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
             return EXIT_OK
         if _await_exit(pidfile, pid, pidfd, d.stop_timeout):
+            _end_group(group, started + d.stop_timeout)
             pidfile.remove_stale()          # left behind by a daemon that could not unlink it
             d.say('%s stopped (pid %d, %.2fs, pidfile %s)'
                       % (d.name, pid, time.monotonic() - started, d.pidfile_path))
@@ -975,18 +977,49 @@ def _send(pid, pidfd, signum):
     return True
 
 
-def _kill(pid, pidfd):
-    """SIGKILL the daemon, and its process group when the daemon made one of its own."""
+def _session_group(pid):
+    """The daemon's process group if it is its session's own (setsid: a detached daemon, or one
+    started by a service manager), never the caller's; else None."""
     try:
         pgid, sid = os.getpgid(pid), os.getsid(pid)
     except OSError:
-        pgid = sid = None
+        return None
+    return pgid if pgid == sid and pgid != os.getpgid(0) else None
+
+
+def _kill(pid, pidfd):
+    """SIGKILL the daemon, and its process group when the daemon made one of its own."""
+    group = _session_group(pid)
     _send(pid, pidfd, signal.SIGKILL)
-    if pgid is not None and pgid == sid and pgid != os.getpgid(0):
+    if group is not None:
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(group, signal.SIGKILL)
         except OSError:
             pass
+
+
+def _end_group(group, deadline):
+    """After the daemon has exited: end what is left of its process group (children its run()
+    forked and left running), as systemd ends a service's cgroup: SIGTERM, SIGKILL at the
+    deadline.  A daemon that waits for its children (agent.py) leaves nothing to do."""
+    if group is None:
+        return
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except OSError:
+        return                              # nothing left in the group
+    delay = 0.002
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except OSError:
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _await_exit(pidfile, pid, pidfd, timeout):

@@ -151,6 +151,14 @@ class Sample(daemon.Daemon):
             elif MODE == 'never_ready':
                 while not self.wait(1):
                     pass
+            elif MODE == 'orphan_child':
+                if os.fork() == 0:
+                    with open(os.path.join(os.path.dirname(self.pidfile), 'child.pid'), 'w') as f:
+                        f.write(str(os.getpid()))
+                    while True:             # a child that never looks at the daemon's end
+                        time.sleep(0.05)
+                while not self.wait(1):
+                    pass
             elif MODE == 'fork_child':
                 pid = os.fork()
                 if pid == 0:
@@ -1072,6 +1080,17 @@ class ClassicRecipeBugTests(SampleDaemonTest):
 
     def test_child_forked_by_run_keeps_the_pidfile(self):
         DaemonProcessTests.test_child_forked_by_run_keeps_the_pidfile(self)
+
+    def test_stop_leaves_no_child_that_run_forked(self):
+        """Gap: a run() that forks a child which outlives it left that child running after
+        stop, reparented to init, forever (systemd would have ended its whole cgroup)."""
+        self.start('orphan_child', env={'SAMPLE_STOP_TIMEOUT': '1'})
+        child_pidfile = os.path.join(self.tmp, 'child.pid')
+        child = wait_for(lambda: read_pid(child_pidfile), message='the child forked by run()')
+        self.addCleanup(kill_group_of, child)
+        result = self.sample('stop', 'orphan_child', env={'SAMPLE_STOP_TIMEOUT': '1'})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        wait_for(lambda: not pid_alive(child), timeout=5, message='the child gone with the daemon')
 
 
 
