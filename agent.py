@@ -62,7 +62,8 @@ Files
     --pidfile     the master's pid, flock()ed (daemon.py).  Default: one per user and port,
                   found from any directory: /run/agent-PORT.pid for root, else
                   $XDG_RUNTIME_DIR/agent-PORT.pid, else /tmp/agent-UID/agent-PORT.pid (0700)
-    PIDFILE.options  the master's options (JSON, with its pid), for `restart`
+    PIDFILE.options  the master's options (JSON, with its pid), for `restart`; they go with
+                  the pidfile (Agent.runtime_files())
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
@@ -2790,7 +2791,8 @@ class Agent(Daemon):
         config = self.config
         set_process_title('agent: master', self.title_args())
         if not os.path.isdir(config.root):
-            raise DaemonError('root directory %s does not exist or is not a directory' % config.root)
+            raise DaemonError('root directory %s %s' % (config.root, 'is not a directory' if
+                              os.path.exists(config.root) else 'does not exist'))
         config.root = os.path.realpath(config.root)
         if not os.path.isdir('/proc/self/fd'):
             raise DaemonError('/proc is not mounted: the agent checks every file it opens through '
@@ -2866,14 +2868,9 @@ class Agent(Daemon):
             log('agent: cannot record the options in %s (%s); restart will not compare them'
                 % (path, exc.strerror))
 
-    def remove_options(self):
-        """At a clean exit: the options file goes, if it still names this master."""
-        path = options_path(self.pidfile_path)
-        if read_options(path, os.getpid()) is not None:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+    def runtime_files(self):
+        """The options file lives and goes with the pidfile (daemon.PidFile removes it)."""
+        return [options_path(self.pidfile_path)]
 
     def log_files(self):
         files = [self.stdout, self.stderr]
@@ -2886,7 +2883,8 @@ class Agent(Daemon):
     def run(self):
         config = self.config
         if not os.access(config.root, os.R_OK | os.X_OK):
-            raise DaemonError('root directory %s is not readable' % config.root)
+            raise DaemonError('root directory %s is not readable by %s'
+                              % (config.root, daemon.current_user()))
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.signal_fd, selectors.EVENT_READ)
         self.selector.register(self.boot_r, selectors.EVENT_READ)
@@ -2917,8 +2915,6 @@ class Agent(Daemon):
         if self.halted():
             log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
         self.shutdown()
-        if not self.halted():
-            self.remove_options()
         return 1 if self.halted() else 0
 
     def start_line(self):
@@ -3664,51 +3660,90 @@ def number(convert, low, high, what):
 
 
 positive_int = number(int, 1, float('inf'), 'a whole number of 1 or more')
+# Each worker is a process of 13-22 MB that the master forks and waits for at start: thousands
+# would exhaust memory before `start` could say anything useful.
+MAX_WORKERS = 256
+worker_count = number(int, 1, MAX_WORKERS, 'a whole number from 1 to %d' % MAX_WORKERS)
 non_negative_int = number(int, 0, float('inf'), 'a whole number of 0 or more')
 port_number = number(int, 0, 65535, 'a port (0-65535; 0: any free port, which start prints)')
 seconds = number(float, 1e-3, 1e6, 'a positive number of seconds')
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the option and what is wrong with it, as nginx and
+    Caddy print theirs, instead of a screen of usage above it."""
+
+    def error(self, message):
+        self.exit(daemon.EXIT_USAGE, '%s: error: %s (%s --help lists the options)\n'
+                  % (self.prog, message, self.prog))
+
+
+ACTION_HELP = (
+    ('start', 'detach and serve; returns once every worker is up (prints the URL)'),
+    ('stop', 'SIGTERM, in-flight responses finish; SIGKILL after --stop-timeout'),
+    ('restart, try-restart', 'stop then start, keeping the options not given again'),
+    ('reload, force-reload', 'new workers (and TLS files) without dropping a request'),
+    ('status', 'LSB status: 0 running, 1 dead with pidfile, 3 not running'),
+    ('run', 'serve in the foreground, log on stderr (systemd, containers)'),
+    ('upgrade', 'replace the running master with the agent.py now on disk (SIGUSR2)'),
+)
+
+
 def parser():
-    p = argparse.ArgumentParser(
-        prog='agent.py', description='A static image server (HTTP/1.1), run as a daemon.',
-        epilog='Exit codes: 0 success, 1 failure, 2 usage; status: 0 running, 1 dead with '
-               'pidfile, 3 not running, 4 unknown.')
-    p.add_argument('action', choices=daemon.ACTIONS + ('upgrade',),
-                   help='what to do; upgrade: replace the running master with the agent.py now '
-                        'on disk, without dropping a connection (also: SIGUSR2)')
+    p = Parser(
+        prog='agent.py', usage='%(prog)s [OPTION...] ACTION',
+        description='A static image server (HTTP/1.1), run as a daemon.  ACTION is one of:\n' +
+        ''.join('  %-22s %s\n' % line for line in ACTION_HELP),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='Exit codes: 0 success, 1 failure, 2 usage, 4 insufficient privilege, 7 not '
+               'running (reload);\nstatus: 0 running, 1 dead with pidfile, 3 not running, '
+               '4 unknown.')
+    p.add_argument('action', choices=daemon.ACTIONS + ('upgrade',), metavar='ACTION',
+                   help=argparse.SUPPRESS)
     p.add_argument('--version', action='version',
                    version='agent.py %s (Python %s)' % (__version__, sys.version.split()[0]))
-    p.add_argument('--root', default='.', help='directory to serve (default: the current one)')
-    p.add_argument('--bind', default='0.0.0.0', help="address to listen on; '::' for IPv6 and IPv4 (default: 0.0.0.0)")
-    p.add_argument('--port', type=port_number, default=DEFAULT_PORT,
-                   help='TCP port; 0: any free port, which start prints (default: %d)' % DEFAULT_PORT)
-    p.add_argument('--pidfile', help='default: /run/agent-PORT.pid for root, else '
-                                     '$XDG_RUNTIME_DIR/agent-PORT.pid (or /tmp/agent-UID/agent-PORT.pid): '
-                                     'every action finds it from any directory')
-    p.add_argument('--log', default='agent.log', help='error and event log (default: ./agent.log)')
-    p.add_argument('--access-log', default='access.log', help="access log, or 'off' (default: ./access.log)")
-    p.add_argument('--workers', type=positive_int, default=os.cpu_count() or 1,
-                   help='worker processes (default: the number of CPUs)')
-    p.add_argument('--user', help='drop privileges to this user after binding')
-    p.add_argument('--group', help="drop privileges to this group (default: the user's)")
-    p.add_argument('--stop-timeout', type=seconds, default=10.0,
-                   help='seconds a stop waits for in-flight responses before SIGKILL (default: 10)')
-    p.add_argument('--timeout', type=seconds, default=IDLE_TIMEOUT,
-                   help='idle keep-alive and stalled-send timeout (default: %g s)' % IDLE_TIMEOUT)
-    p.add_argument('--header-timeout', type=seconds, default=HEADER_TIMEOUT,
-                   help='time allowed for a whole request head (default: %g s)' % HEADER_TIMEOUT)
-    p.add_argument('--max-header-size', type=positive_int, default=MAX_HEADER_SIZE,
-                   help='request line and headers, bytes (default: %d)' % MAX_HEADER_SIZE)
-    p.add_argument('--max-connections', type=positive_int, default=MAX_CONNECTIONS,
-                   help='connections per worker (default: %d)' % MAX_CONNECTIONS)
-    p.add_argument('--follow-symlinks', action='store_true',
-                   help='serve symlinks that lead outside --root (default: refuse them)')
-    p.add_argument('--max-age', type=non_negative_int, default=DEFAULT_MAX_AGE, metavar='SECONDS',
-                   help='Cache-Control: public, max-age=SECONDS on files (default: %d: a replaced '
-                        'image shows within a minute)' % DEFAULT_MAX_AGE)
-    p.add_argument('--no-listing', dest='listing', action='store_false',
-                   help='403 for a directory without index.html, instead of a gallery page')
+    serving = p.add_argument_group('serving')
+    files = p.add_argument_group('files and identity')
+    limits = p.add_argument_group('limits')
+    # Added in the order of the recorded options (option_argv), shown by group in --help.
+    serving.add_argument('--root', default='.', metavar='DIR',
+                         help='directory to serve (default: the current one)')
+    serving.add_argument('--bind', default='0.0.0.0', metavar='ADDR',
+                         help="address to listen on; '::' for IPv6 and IPv4 (default: 0.0.0.0)")
+    serving.add_argument('--port', type=port_number, default=DEFAULT_PORT, metavar='N',
+                         help='TCP port; 0: any free port, which start prints (default: %d)'
+                              % DEFAULT_PORT)
+    files.add_argument('--pidfile', metavar='FILE',
+                       help='default: /run/agent-PORT.pid for root, else '
+                            '$XDG_RUNTIME_DIR/agent-PORT.pid (or /tmp/agent-UID/agent-PORT.pid): '
+                            'every action finds it from any directory')
+    files.add_argument('--log', default='agent.log', metavar='FILE',
+                       help='error and event log (default: ./agent.log)')
+    files.add_argument('--access-log', default='access.log', metavar='FILE',
+                       help="access log, or 'off' (default: ./access.log)")
+    serving.add_argument('--workers', type=worker_count, default=min(os.cpu_count() or 1, MAX_WORKERS),
+                         metavar='N', help='worker processes, 1-%d (default: %d, the number of CPUs)'
+                         % (MAX_WORKERS, min(os.cpu_count() or 1, MAX_WORKERS)))
+    files.add_argument('--user', help='drop privileges to this user after binding (as root)')
+    files.add_argument('--group', help="drop privileges to this group (default: the user's)")
+    limits.add_argument('--stop-timeout', type=seconds, default=10.0, metavar='SECONDS',
+                        help='how long a stop waits for in-flight responses before SIGKILL '
+                             '(default: 10)')
+    limits.add_argument('--timeout', type=seconds, default=IDLE_TIMEOUT, metavar='SECONDS',
+                        help='idle keep-alive and stalled-send timeout (default: %g)' % IDLE_TIMEOUT)
+    limits.add_argument('--header-timeout', type=seconds, default=HEADER_TIMEOUT, metavar='SECONDS',
+                        help='time allowed for a whole request head (default: %g)' % HEADER_TIMEOUT)
+    limits.add_argument('--max-header-size', type=positive_int, default=MAX_HEADER_SIZE, metavar='BYTES',
+                        help='request line and headers (default: %d)' % MAX_HEADER_SIZE)
+    limits.add_argument('--max-connections', type=positive_int, default=MAX_CONNECTIONS, metavar='N',
+                        help='connections per worker (default: %d)' % MAX_CONNECTIONS)
+    serving.add_argument('--follow-symlinks', action='store_true',
+                         help='serve symlinks that lead outside --root (default: refuse them)')
+    serving.add_argument('--max-age', type=non_negative_int, default=DEFAULT_MAX_AGE, metavar='SECONDS',
+                         help='Cache-Control: public, max-age=SECONDS on files (default: %d: a '
+                              'replaced image shows within a minute)' % DEFAULT_MAX_AGE)
+    serving.add_argument('--no-listing', dest='listing', action='store_false',
+                         help='403 for a directory without index.html (default: a gallery page)')
     tls = p.add_argument_group('HTTPS')
     tls.add_argument('--tls-cert', metavar='FILE',
                      help='serve HTTPS on --port with this PEM certificate (its chain after it)')

@@ -152,6 +152,14 @@ class Sample(daemon.Daemon):
             elif MODE == 'never_ready':
                 while not self.wait(1):
                     pass
+            elif MODE == 'orphan_child':
+                if os.fork() == 0:
+                    with open(os.path.join(os.path.dirname(self.pidfile), 'child.pid'), 'w') as f:
+                        f.write(str(os.getpid()))
+                    while True:             # a child that never looks at the daemon's end
+                        time.sleep(0.05)
+                while not self.wait(1):
+                    pass
             elif MODE == 'fork_child':
                 pid = os.fork()
                 if pid == 0:
@@ -1074,6 +1082,17 @@ class ClassicRecipeBugTests(SampleDaemonTest):
     def test_child_forked_by_run_keeps_the_pidfile(self):
         DaemonProcessTests.test_child_forked_by_run_keeps_the_pidfile(self)
 
+    def test_stop_leaves_no_child_that_run_forked(self):
+        """Gap: a run() that forks a child which outlives it left that child running after
+        stop, reparented to init, forever (systemd would have ended its whole cgroup)."""
+        self.start('orphan_child', env={'SAMPLE_STOP_TIMEOUT': '1'})
+        child_pidfile = os.path.join(self.tmp, 'child.pid')
+        child = wait_for(lambda: read_pid(child_pidfile), message='the child forked by run()')
+        self.addCleanup(kill_group_of, child)
+        result = self.sample('stop', 'orphan_child', env={'SAMPLE_STOP_TIMEOUT': '1'})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        wait_for(lambda: not pid_alive(child), timeout=5, message='the child gone with the daemon')
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1193,6 +1212,95 @@ class AgentLifecycleTests(unittest.TestCase):
         self.assertEqual(os.stat(server.access_log).st_uid, nobody.pw_uid)
         server.stop()
         self.assertEqual(server.command('status').returncode, 3)
+
+
+class NothingLeftBehindTests(unittest.TestCase):
+    """Every way an agent ends leaves no file of its own beside the pidfile (the pidfile, its
+    PIDFILE.options), or leaves them only as a record that `status` reads right and the next
+    start or stop clears: started as root with --user (the daemon may not unlink in the
+    pidfile's root-owned directory), `run` ended by SIGTERM or SIGINT, a SIGKILLed master."""
+
+    def user_agent(self):
+        if os.geteuid() != 0:
+            self.skipTest('needs root')
+        import pwd
+        try:
+            pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        server = AgentServer(self, '--user', 'nobody')
+        os.chmod(server.dir, 0o755)         # readable by nobody, writable only by root
+        return server
+
+    def left(self, server):
+        return sorted(name for name in os.listdir(server.dir)
+                      if name.startswith(os.path.basename(server.pidfile)))
+
+    def test_stop_of_an_agent_started_as_root_with_user_removes_everything(self):
+        server = self.user_agent().start()
+        self.assertEqual(self.left(server), ['agent.pid', 'agent.pid.options'])
+        server.stop()
+        self.assertEqual(self.left(server), [])
+        self.assertEqual(server.command('status').returncode, 3)
+
+    def run_until_signal(self, server, signum):
+        err = os.path.join(server.dir, 'run.err')
+        with open(err, 'wb') as stderr:
+            proc = subprocess.Popen([PYTHON, AGENT] + server.options + ['run'],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=stderr, start_new_session=True)
+        self.addCleanup(kill_group_of, proc.pid)
+        self.addCleanup(proc.wait, 10)
+        wait_for(lambda: 'agent: serving' in slurp(err) or proc.poll() is not None,
+                 message='the agent serving in the foreground')
+        self.assertIsNone(proc.poll(), slurp(err))
+        self.assertEqual(self.left(server), ['agent.pid', 'agent.pid.options'])
+        os.kill(proc.pid, signum)
+        self.assertEqual(proc.wait(TIMEOUT), 0, slurp(err))
+        return slurp(err)
+
+    def test_run_as_root_with_user_ended_by_a_signal_is_not_dead_and_leaves_nothing_after_stop(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                server = self.user_agent()
+                self.run_until_signal(server, signum)
+                status = server.command('status')
+                self.assertEqual(status.returncode, 3, status.stdout + status.stderr)
+                result = server.command('stop')
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(self.left(server), [])
+
+    def test_run_ended_by_a_signal_leaves_nothing(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                server = AgentServer(self)
+                self.run_until_signal(server, signum)
+                self.assertEqual(self.left(server), [])
+                self.assertEqual(server.command('status').returncode, 3)
+
+    def test_a_killed_master_then_start_then_stop_leaves_nothing(self):
+        server = AgentServer(self).start()
+        master = server.master()
+        kill_group_of(master)
+        wait_for(lambda: not pid_alive(master), message='master gone')
+        self.assertEqual(server.command('status').returncode, 1)
+        server.start()
+        restart = server.command('restart')
+        self.assertEqual(restart.returncode, 0, restart.stderr)
+        self.assertNotIn('not recorded', restart.stdout + restart.stderr)
+        server.pids.append(server.master())
+        server.stop()
+        self.assertEqual(self.left(server), [])
+
+    def test_a_killed_master_then_a_failed_start_leaves_nothing(self):
+        server = AgentServer(self).start()
+        master = server.master()
+        kill_group_of(master)
+        wait_for(lambda: not pid_alive(master), message='master gone')
+        server.options[server.options.index('--root') + 1] = '/nonexistent/images'
+        result = server.command('start')
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(self.left(server), [])
 
 
 class FromBytecodeTests(unittest.TestCase):
@@ -1930,6 +2038,76 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         version = run([PYTHON, AGENT, '--version'])
         self.assertEqual(version.returncode, 0)
         self.assertEqual(version.stdout.split()[:2], ['agent.py', agent.__version__])
+
+
+class CommonMistakeTests(unittest.TestCase):
+    """What a newcomer meets first: each mistake is one line that names the option, file or
+    user, with the LSB exit code (2 usage, 1 failure), never a usage screen or a traceback."""
+
+    def agent(self, *args):
+        return run([PYTHON, AGENT] + list(args))
+
+    def assert_one_line(self, result, code, *words):
+        self.assertEqual(result.returncode, code, result.stdout + result.stderr)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertNotIn('Traceback', result.stderr)
+        for word in words:
+            self.assertIn(word, lines[0])
+
+    def test_usage_errors_are_one_line(self):
+        tmp = tempfile.mkdtemp(prefix='agent-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        pidfile = os.path.join(tmp, 'a.pid')
+        for value in ('0', '-1', 'x', '10000'):
+            with self.subTest(workers=value):
+                self.assert_one_line(self.agent('--pidfile', pidfile, '--root', tmp, '--bind', '127.0.0.1',
+                                                '--port', '0', '--workers', value, 'start'),
+                                     2, '--workers', repr(value))
+        self.assert_one_line(self.agent('--pidfile', pidfile, 'frobnicate'), 2, 'frobnicate', 'start')
+        self.assert_one_line(self.agent('--pidfile', pidfile), 2, 'ACTION')
+        self.assert_one_line(self.agent('--tls-cert', 'c.pem', 'start'), 2, '--tls-key')
+        self.assertFalse(os.listdir(tmp))
+
+    def test_root_that_is_a_file_or_unreadable_is_named_as_such(self):
+        server = AgentServer(self)
+        path = server.write('file.jpg', b'x')
+        server.options[server.options.index('--root') + 1] = path
+        self.assert_one_line(server.command('start'), 1, path, 'is not a directory')
+        self.assertNotIn('does not exist', server.command('start').stderr)
+
+    def test_root_unreadable_by_user_names_the_user(self):
+        if os.geteuid() != 0:
+            self.skipTest('needs root')
+        import pwd
+        try:
+            pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        server = AgentServer(self, '--user', 'nobody')
+        os.chmod(server.dir, 0o755)
+        os.chmod(server.root, 0o700)
+        self.assert_one_line(server.command('start'), 1, server.root, 'not readable', 'nobody')
+        self.assertFalse(os.path.exists(server.pidfile))
+
+    def test_pidfile_that_is_a_directory_is_named(self):
+        server = AgentServer(self)
+        server.options[server.options.index('--pidfile') + 1] = server.root
+        self.assert_one_line(server.command('start'), 1, server.root, 'directory')
+
+    def test_help_is_grouped_with_defaults(self):
+        result = self.agent('--help')
+        self.assertEqual(result.returncode, 0)
+        text = result.stdout
+        usage = text.split('\n\n')[0]
+        self.assertLessEqual(len(usage.splitlines()), 2, usage)
+        self.assertIn('ACTION is one of:', text)
+        for heading in ('serving:', 'files and identity:', 'limits:', 'HTTPS:'):
+            self.assertIn('\n' + heading, text)
+        self.assertIn('(default: %d, the number of CPUs)' % min(os.cpu_count() or 1, agent.MAX_WORKERS),
+                      ' '.join(text.split()))
+        self.assertIn('4 insufficient privilege', ' '.join(text.split()))
+        self.assertLessEqual(max(map(len, text.splitlines())), 100)
 
 
 class DefaultPidfileTests(unittest.TestCase):
@@ -5284,6 +5462,57 @@ class SocketActivationTests(ServiceToolTestCase):
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(self.DEADLINE), 0, self.eco_read(stderr))
         self.assertFalse(any(map(pid_alive, workers)))
+
+
+    def test_tls_with_a_socket_named_redirect(self):
+        """FileDescriptorName=redirect: plain HTTP there, 301 to the https:// URL of the other
+        passed socket (its port, not --port); HTTPS on the other."""
+        tool = self.eco_tool('systemd-socket-activate', 'systemd')
+        tls_tool(self, 'openssl')
+        tmp = self.eco_tmp()
+        root = os.path.join(tmp, 'www')
+        os.makedirs(root)
+        write_file(root, 'a.jpg', FILE_A)
+        ca = tls_make_ca(tmp)
+        cert, key = os.path.join(tmp, 'leaf.crt'), os.path.join(tmp, 'leaf.key')
+        tls_make_leaf(tmp, ca, 4301, cert, key)
+        stderr = os.path.join(tmp, 'stderr')
+        ports = set()
+        while len(ports) < 3:
+            ports.add(harness.free_port())
+        https, plain, own = sorted(ports)
+        env = dict(os.environ)
+        env.pop('NOTIFY_SOCKET', None)
+        proc = self.eco_popen([tool, '-l', '127.0.0.1:%d' % https, '-l', '127.0.0.1:%d' % plain,
+                               '--fdname=https:redirect',
+                               PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1',
+                               '--port', str(own), '--pidfile', os.path.join(tmp, 'agent.pid'),
+                               '--access-log', os.path.join(tmp, 'access.log'), '--workers', '1',
+                               '--tls-cert', cert, '--tls-key', key, '--hsts', '60', 'run'],
+                              stderr, env=env)
+        wait_for(lambda: self.eco_read(stderr).count('Listening on') == 2, timeout=self.DEADLINE,
+                 message='systemd-socket-activate listening')
+        # The first connection starts the agent; it waits in the socket's queue meanwhile.
+        conn = RawConn(plain, timeout=self.DEADLINE)
+        self.addCleanup(conn.close)
+        conn.send(raw_request('/a.jpg?x=1', host='localhost:%d' % plain))
+        response = conn.response()
+        self.assertEqual(response.status, 301, (response, self.eco_read(stderr)))
+        self.assertEqual(response.headers['location'], 'https://localhost:%d/a.jpg?x=1' % https)
+        self.assertNotIn('strict-transport-security', response.headers)
+        secure = TLSConn(https, ca[0], timeout=self.DEADLINE)
+        self.addCleanup(secure.close)
+        secure.send(raw_request('/a.jpg', 'Connection: close'))
+        response = secure.response()
+        self.assertEqual((response.status, response.body), (200, FILE_A))
+        self.assertEqual(response.headers['strict-transport-security'], 'max-age=60')
+        self.assertTrue(self.eco_refused(own), 'the agent bound --port %d as well' % own)
+        log = wait_for(lambda: 'with 1 worker' in self.eco_read(stderr) and self.eco_read(stderr),
+                       timeout=self.DEADLINE, message='the serving line')
+        self.assertIn('serving on 2 socket(s) passed by the service manager', log)
+        self.assertIn('on 127.0.0.1:%d (https), 127.0.0.1:%d (redirect to https)' % (https, plain), log)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(self.DEADLINE), 0, self.eco_read(stderr))
 
 
 # ---------------------------------------------------------------------------------------------
