@@ -62,7 +62,8 @@ Files
     --pidfile     the master's pid, flock()ed (daemon.py).  Default: one per user and port,
                   found from any directory: /run/agent-PORT.pid for root, else
                   $XDG_RUNTIME_DIR/agent-PORT.pid, else /tmp/agent-UID/agent-PORT.pid (0700)
-    PIDFILE.options  the master's options (JSON, with its pid), for `restart`
+    PIDFILE.options  the master's options (JSON, with its pid), for `restart`; they go with
+                  the pidfile (Agent.runtime_files())
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
@@ -91,7 +92,8 @@ Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port
 
 HTTP (RFC 9110, 9112)
 ---------------------
-GET and HEAD; other known methods 405 (with Allow), unknown ones 501, HTTP/2+ 505.  Keep-alive
+GET and HEAD; other known methods 405 (with Allow), unknown ones 501, HTTP/2+ 505, a version 1
+not written HTTP/1.N (HTTP/1.10, HTTP/01.1, HTTP/1) 400.  Keep-alive
 and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte ranges (206, 416),
 If-Range, If-None-Match (wins over If-Modified-Since), 304 (with the validators and no
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
@@ -158,6 +160,7 @@ DEFAULT_PORT = 9085
 DEFAULT_MAX_AGE = 60
 MAX_HEADER_SIZE = 8192
 MAX_HEADERS = 100
+PATH_MAX = 4096                 # Linux: bytes of a path a system call takes, its NUL included
 MAX_DISCARD = 1 << 20           # request bodies up to this size are read and thrown away
 HEADER_TIMEOUT = 10.0
 IDLE_TIMEOUT = 15.0
@@ -197,7 +200,10 @@ CONTENT_ENCODINGS = {'.svgz': 'gzip'}
 
 KNOWN_METHODS = frozenset([b'POST', b'PUT', b'DELETE', b'CONNECT', b'OPTIONS', b'TRACE', b'PATCH'])
 TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-VERSION = re.compile(rb'^HTTP/(\d+)(?:\.(\d+))?$')
+# RFC 9112 section 2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT.  OTHER_VERSION is any other
+# shape of a number, to tell HTTP/2 or HTTP/3 (505) from a malformed version 1 (400).
+VERSION = re.compile(rb'^HTTP/([0-9])\.([0-9])$')
+OTHER_VERSION = re.compile(rb'^HTTP/([0-9]+)(?:\.[0-9]+)?$')
 BAD_TARGET_BYTES = re.compile(rb'[\x00-\x20\x7f-\xff]')
 BAD_PATH_CHARS = re.compile('[\x00-\x1f\x7f\\\\]')
 PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
@@ -390,10 +396,11 @@ def _parse_request_line(line):
         if version == b'HTTP/1.1' and (method == b'GET' or method == b'HEAD'):
             return method, target, (1, 1)           # the common case, without regexes
     match = VERSION.match(parts[-1]) if len(parts) > 1 else None
-    if match is not None and (match.group(1) != b'1' or match.group(2) is None):
+    other = OTHER_VERSION.match(parts[-1]) if match is None and len(parts) > 1 else None
+    if match is not None and match.group(1) != b'1' or other is not None and int(other.group(1)) != 1:
         raise HTTPError(505, close=True, request_line=line)     # HTTP/2.0, HTTP/3, HTTP/0.9
     if len(parts) != 3 or not parts[1] or match is None or not TOKEN.match(parts[0]):
-        raise HTTPError(400, close=True, request_line=line)
+        raise HTTPError(400, close=True, request_line=line)     # HTTP/1.10, HTTP/01.1, HTTP/1
     return parts[0], parts[1], (1, int(match.group(2)))
 
 
@@ -566,9 +573,16 @@ HTTP_DATES = (
 )
 
 
+# The seconds an IMF-fixdate can write, years 0001 to 9999.  tmpfs and btrfs store any 64-bit
+# modification time; beyond these a date is the nearest one (gmtime() itself fails past a year
+# of about 2**31, and a year of five digits is no HTTP-date).
+FIRST_SECOND = -62135596800     # 0001-01-01 00:00:00 UTC
+LAST_SECOND = 253402300799      # 9999-12-31 23:59:59 UTC
+
+
 def http_date(timestamp):
     """IMF-fixdate, with English names whatever the locale."""
-    t = time.gmtime(timestamp)
+    t = time.gmtime(min(max(timestamp, FIRST_SECOND), LAST_SECOND))
     return '%s, %02d %s %04d %02d:%02d:%02d GMT' % (WEEKDAYS[t.tm_wday], t.tm_mday, MONTHS[t.tm_mon - 1],
                                                     t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
 
@@ -1041,12 +1055,13 @@ class ImageInfoCache:
 # ETag, its HTML (gallery_page) and the same listing as JSON (gallery_json).
 #
 # Listed: entries whose link the server itself answers: dot files, FIFOs and other special
-# files, and names that cannot travel in a URL path (not UTF-8, control characters, a
-# backslash: see normalize_path) are left out; the page says how many.
+# files, names that cannot travel in a URL path (not UTF-8, control characters, a backslash:
+# see normalize_path) and names too long to reach (gallery_room) are left out; the page says
+# how many.
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 1             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 2             # part of every page's ETag: change it when the markup changes
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
@@ -1317,22 +1332,41 @@ class GalleryListing:
         self.dirs, self.images, self.files, self.unlisted = dirs, images, files, unlisted
 
 
-def gallery_catalog(entries, base=None):
+def gallery_room(url_path, path, max_header_size):
+    """(characters, bytes) left for an entry's name in a listing at url_path (the directory
+    path in the file system): its quoted link must fit in three quarters of the head limit (a
+    quarter is left for the method, the version and a browser's header fields), and its path
+    in PATH_MAX, or the server itself would refuse the link (414, ENAMETOOLONG)."""
+    return (max_header_size * 3 // 4 - len(urllib.parse.quote(url_path)) - len('?thumb'),
+            PATH_MAX - 1 - len(os.fsencode(path)) - 1)
+
+
+def reachable(name, room=None):
+    """Whether the page can link name: linkable(), and with room (gallery_room()), short
+    enough for the server to answer the link."""
+    if PLAIN_NAME.fullmatch(name):                  # quoted and encoded as it is
+        return room is None or len(name) < room[0] and len(name) <= room[1]
+    return linkable(name) and (room is None or len(urllib.parse.quote(name)) < room[0]
+                               and len(os.fsencode(name)) <= room[1])
+
+
+def gallery_catalog(entries, base=None, room=None):
     """The GalleryCatalog of (name, is_dir, stat) triples; with base, of those and base's.
     name may be bytes or str (os.fsdecode'd).  stat may be None for what readdir says is a
-    regular file or a directory: only the entries that are shown need their stat.
+    regular file or a directory: only the entries that are shown need their stat.  room, if
+    given, is gallery_room(): longer names are not listed.
 
     The catalog's entries are (natural_key, name, is_dir, stat, kind) tuples, sorted as they
     are: the keys are unique strings, so the sort compares strings only (10,000 names: 2 ms)."""
     dirs, others = [], []
     unlisted = images = 0
-    keys, plain, grid = _NATURAL, PLAIN_NAME.fullmatch, GRID_SUFFIXES
+    keys, grid = _NATURAL, GRID_SUFFIXES
     for name, is_dir, st in entries:
         if isinstance(name, bytes):
             name = os.fsdecode(name)
         if name.startswith('.'):
             continue                                    # hidden, not merely unlisted
-        if not is_dir and st is not None and not stat.S_ISREG(st.st_mode) or not (plain(name) or linkable(name)):
+        if not is_dir and st is not None and not stat.S_ISREG(st.st_mode) or not reachable(name, room):
             unlisted += 1
             continue
         key = keys.get(name) or natural_key(name)
@@ -1425,7 +1459,7 @@ def human_size(size):
 
 
 def short_date(timestamp):
-    t = time.gmtime(max(0, timestamp))
+    t = time.gmtime(min(max(0, timestamp), LAST_SECOND))
     return '%04d-%02d-%02d %02d:%02d' % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min)
 
 
@@ -1516,7 +1550,7 @@ def gallery_page(url_path, listing, infos=None):
     notes = ['Times in UTC.']
     if listing.unlisted:
         notes.append('%d %s not listed: special files, or names that cannot be linked (not UTF-8, '
-                     'control characters, backslashes).'
+                     'control characters, backslashes, too long).'
                      % (listing.unlisted, 'entry is' if listing.unlisted == 1 else 'entries are'))
     out.append('<p class="note">%s</p>\n<script>%s</script>\n</body></html>\n' % (' '.join(notes), GALLERY_SCRIPT))
     return ''.join(out).encode('utf-8')
@@ -2213,6 +2247,7 @@ class Responder:
         self.root = config.root
         self.follow_symlinks = config.follow_symlinks
         self.listing = config.listing
+        self.max_header_size = config.max_header_size
         self.cache_control = b'Cache-Control: public, max-age=%d\r\n' % config.max_age
         self.common_headers = common_headers
         self.https_port = https_port        # where a redirect from plain HTTP points
@@ -2295,6 +2330,16 @@ class Responder:
         finally:
             os.close(handle)
         return fd, st
+
+    def stat_link(self, dir_fd, name):
+        """The stat of what the symlink name in the directory open at dir_fd leads to, taken
+        on the descriptor it opens (O_PATH), after check_confined()."""
+        handle = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            self.check_confined(handle)
+            return os.fstat(handle)
+        finally:
+            os.close(handle)
 
     def check_confined(self, fd):
         """404 unless the open descriptor fd lies inside the root (or --follow-symlinks)."""
@@ -2395,18 +2440,19 @@ class Responder:
             self.files.store(index, entry)
         return entry
 
-    def directory_catalog(self, fd, path, dir_st):
+    def directory_catalog(self, fd, path, dir_st, room):
         """The GalleryCatalog of the directory open at fd (checked to be in the root), whose
-        fstat() is dir_st: kept from an earlier request while the directory's (dev, ino, mtime,
-        ctime) and our own files are the same, else read anew (see GALLERY_SETTLE for when it
-        is kept).  Symlinks are followed anew every time: their targets change unseen."""
-        key = (dir_st.st_mtime_ns, dir_st.st_ctime_ns, self.own_files.generation)
+        fstat() is dir_st, with the names that fit in room (gallery_room()): kept from an
+        earlier request while the directory's (dev, ino, mtime, ctime), our own files and room
+        are the same, else read anew (see GALLERY_SETTLE for when it is kept).  Symlinks are
+        followed anew every time: their targets change unseen."""
+        key = (dir_st.st_mtime_ns, dir_st.st_ctime_ns, self.own_files.generation, room)
         kept = self.catalogs.get((dir_st.st_dev, dir_st.st_ino))
         if kept is not None and kept[0] == key:
             catalog, links = kept[1], kept[2]
         else:
             entries, links = self.scan_directory(fd, path)
-            catalog = gallery_catalog(entries)
+            catalog = gallery_catalog(entries, room=room)
             if GALLERY_KEEP_MIN <= len(entries) <= GALLERY_KEPT_ENTRIES \
                     and listing_settled(dir_st, self.clock.wall) and self.listings_sound(dir_st.st_dev):
                 self.catalogs.pop((dir_st.st_dev, dir_st.st_ino), None)
@@ -2417,7 +2463,7 @@ class Responder:
                     kept -= len(self.catalogs.pop(next(iter(self.catalogs)))[1].entries)
                 self.catalogs[(dir_st.st_dev, dir_st.st_ino)] = (key, catalog, links)
         if links:
-            catalog = gallery_catalog(self.follow_links(path, links), catalog)
+            catalog = gallery_catalog(self.follow_links(fd, path, links), catalog, room)
         return catalog
 
     def listings_sound(self, dev):
@@ -2467,17 +2513,18 @@ class Responder:
             raise HTTPError(404)
         return entries, links
 
-    def follow_links(self, path, links):
-        """(name, is_dir, stat) of each symlink in the directory at path that stays in the root
-        (or --follow-symlinks) and is not one of our files; dangling ones are left out."""
+    def follow_links(self, fd, path, links):
+        """(name, is_dir, stat) of each symlink in the directory open at fd that stays in the
+        root (or --follow-symlinks) and is not one of our files; dangling ones are left out.
+        Each is stat()ed through the descriptor it opens (stat_link): a check of the link's
+        target by name, then a stat() by name, would show the size and time of a file outside
+        the root when the link is swapped in between."""
         entries = []
         for name in links:
             try:
-                if not self.follow_symlinks and not inside(os.path.realpath(path + '/' + name), self.root):
-                    continue
-                st = os.stat(path + '/' + name)
-            except (OSError, ValueError):
-                continue
+                st = self.stat_link(fd, name)
+            except (OSError, HTTPError):
+                continue                # dangling, out of the root, or gone since readdir
             if not self.own_files.hides(path + '/' + name, st):
                 entries.append((name, stat.S_ISDIR(st.st_mode), st))
         return entries
@@ -2506,7 +2553,7 @@ class Responder:
         Only the shown entries are stat()ed, unless the order is by date or size."""
         sort, page, fmt = gallery_options(query, req.headers.get('accept', ''))
         dir_st = os.fstat(fd)
-        catalog = self.directory_catalog(fd, path, dir_st)
+        catalog = self.directory_catalog(fd, path, dir_st, gallery_room(url_path, path, self.max_header_size))
         if sort != 'name':                 # every entry's stat, in the catalog's order
             catalog = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
                                      catalog.images, catalog.files, catalog.unlisted)
@@ -2933,7 +2980,8 @@ class Agent(Daemon):
         config = self.config
         set_process_title('agent: master', self.title_args())
         if not os.path.isdir(config.root):
-            raise DaemonError('root directory %s does not exist or is not a directory' % config.root)
+            raise DaemonError('root directory %s %s' % (config.root, 'is not a directory' if
+                              os.path.exists(config.root) else 'does not exist'))
         config.root = os.path.realpath(config.root)
         if not os.path.isdir('/proc/self/fd'):
             raise DaemonError('/proc is not mounted: the agent checks every file it opens through '
@@ -3009,14 +3057,9 @@ class Agent(Daemon):
             log('agent: cannot record the options in %s (%s); restart will not compare them'
                 % (path, exc.strerror))
 
-    def remove_options(self):
-        """At a clean exit: the options file goes, if it still names this master."""
-        path = options_path(self.pidfile_path)
-        if read_options(path, os.getpid()) is not None:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+    def runtime_files(self):
+        """The options file lives and goes with the pidfile (daemon.PidFile removes it)."""
+        return [options_path(self.pidfile_path)]
 
     def log_files(self):
         files = [self.stdout, self.stderr]
@@ -3029,7 +3072,8 @@ class Agent(Daemon):
     def run(self):
         config = self.config
         if not os.access(config.root, os.R_OK | os.X_OK):
-            raise DaemonError('root directory %s is not readable' % config.root)
+            raise DaemonError('root directory %s is not readable by %s'
+                              % (config.root, daemon.current_user()))
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.signal_fd, selectors.EVENT_READ)
         self.selector.register(self.boot_r, selectors.EVENT_READ)
@@ -3060,8 +3104,6 @@ class Agent(Daemon):
         if self.halted():
             log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
         self.shutdown()
-        if not self.halted():
-            self.remove_options()
         return 1 if self.halted() else 0
 
     def start_line(self):
@@ -3807,51 +3849,90 @@ def number(convert, low, high, what):
 
 
 positive_int = number(int, 1, float('inf'), 'a whole number of 1 or more')
+# Each worker is a process of 13-22 MB that the master forks and waits for at start: thousands
+# would exhaust memory before `start` could say anything useful.
+MAX_WORKERS = 256
+worker_count = number(int, 1, MAX_WORKERS, 'a whole number from 1 to %d' % MAX_WORKERS)
 non_negative_int = number(int, 0, float('inf'), 'a whole number of 0 or more')
 port_number = number(int, 0, 65535, 'a port (0-65535; 0: any free port, which start prints)')
 seconds = number(float, 1e-3, 1e6, 'a positive number of seconds')
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the option and what is wrong with it, as nginx and
+    Caddy print theirs, instead of a screen of usage above it."""
+
+    def error(self, message):
+        self.exit(daemon.EXIT_USAGE, '%s: error: %s (%s --help lists the options)\n'
+                  % (self.prog, message, self.prog))
+
+
+ACTION_HELP = (
+    ('start', 'detach and serve; returns once every worker is up (prints the URL)'),
+    ('stop', 'SIGTERM, in-flight responses finish; SIGKILL after --stop-timeout'),
+    ('restart, try-restart', 'stop then start, keeping the options not given again'),
+    ('reload, force-reload', 'new workers (and TLS files) without dropping a request'),
+    ('status', 'LSB status: 0 running, 1 dead with pidfile, 3 not running'),
+    ('run', 'serve in the foreground, log on stderr (systemd, containers)'),
+    ('upgrade', 'replace the running master with the agent.py now on disk (SIGUSR2)'),
+)
+
+
 def parser():
-    p = argparse.ArgumentParser(
-        prog='agent.py', description='A static image server (HTTP/1.1), run as a daemon.',
-        epilog='Exit codes: 0 success, 1 failure, 2 usage; status: 0 running, 1 dead with '
-               'pidfile, 3 not running, 4 unknown.')
-    p.add_argument('action', choices=daemon.ACTIONS + ('upgrade',),
-                   help='what to do; upgrade: replace the running master with the agent.py now '
-                        'on disk, without dropping a connection (also: SIGUSR2)')
+    p = Parser(
+        prog='agent.py', usage='%(prog)s [OPTION...] ACTION',
+        description='A static image server (HTTP/1.1), run as a daemon.  ACTION is one of:\n' +
+        ''.join('  %-22s %s\n' % line for line in ACTION_HELP),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='Exit codes: 0 success, 1 failure, 2 usage, 4 insufficient privilege, 7 not '
+               'running (reload);\nstatus: 0 running, 1 dead with pidfile, 3 not running, '
+               '4 unknown.')
+    p.add_argument('action', choices=daemon.ACTIONS + ('upgrade',), metavar='ACTION',
+                   help=argparse.SUPPRESS)
     p.add_argument('--version', action='version',
                    version='agent.py %s (Python %s)' % (__version__, sys.version.split()[0]))
-    p.add_argument('--root', default='.', help='directory to serve (default: the current one)')
-    p.add_argument('--bind', default='0.0.0.0', help="address to listen on; '::' for IPv6 and IPv4 (default: 0.0.0.0)")
-    p.add_argument('--port', type=port_number, default=DEFAULT_PORT,
-                   help='TCP port; 0: any free port, which start prints (default: %d)' % DEFAULT_PORT)
-    p.add_argument('--pidfile', help='default: /run/agent-PORT.pid for root, else '
-                                     '$XDG_RUNTIME_DIR/agent-PORT.pid (or /tmp/agent-UID/agent-PORT.pid): '
-                                     'every action finds it from any directory')
-    p.add_argument('--log', default='agent.log', help='error and event log (default: ./agent.log)')
-    p.add_argument('--access-log', default='access.log', help="access log, or 'off' (default: ./access.log)")
-    p.add_argument('--workers', type=positive_int, default=os.cpu_count() or 1,
-                   help='worker processes (default: the number of CPUs)')
-    p.add_argument('--user', help='drop privileges to this user after binding')
-    p.add_argument('--group', help="drop privileges to this group (default: the user's)")
-    p.add_argument('--stop-timeout', type=seconds, default=10.0,
-                   help='seconds a stop waits for in-flight responses before SIGKILL (default: 10)')
-    p.add_argument('--timeout', type=seconds, default=IDLE_TIMEOUT,
-                   help='idle keep-alive and stalled-send timeout (default: %g s)' % IDLE_TIMEOUT)
-    p.add_argument('--header-timeout', type=seconds, default=HEADER_TIMEOUT,
-                   help='time allowed for a whole request head (default: %g s)' % HEADER_TIMEOUT)
-    p.add_argument('--max-header-size', type=positive_int, default=MAX_HEADER_SIZE,
-                   help='request line and headers, bytes (default: %d)' % MAX_HEADER_SIZE)
-    p.add_argument('--max-connections', type=positive_int, default=MAX_CONNECTIONS,
-                   help='connections per worker (default: %d)' % MAX_CONNECTIONS)
-    p.add_argument('--follow-symlinks', action='store_true',
-                   help='serve symlinks that lead outside --root (default: refuse them)')
-    p.add_argument('--max-age', type=non_negative_int, default=DEFAULT_MAX_AGE, metavar='SECONDS',
-                   help='Cache-Control: public, max-age=SECONDS on files (default: %d: a replaced '
-                        'image shows within a minute)' % DEFAULT_MAX_AGE)
-    p.add_argument('--no-listing', dest='listing', action='store_false',
-                   help='403 for a directory without index.html, instead of a gallery page')
+    serving = p.add_argument_group('serving')
+    files = p.add_argument_group('files and identity')
+    limits = p.add_argument_group('limits')
+    # Added in the order of the recorded options (option_argv), shown by group in --help.
+    serving.add_argument('--root', default='.', metavar='DIR',
+                         help='directory to serve (default: the current one)')
+    serving.add_argument('--bind', default='0.0.0.0', metavar='ADDR',
+                         help="address to listen on; '::' for IPv6 and IPv4 (default: 0.0.0.0)")
+    serving.add_argument('--port', type=port_number, default=DEFAULT_PORT, metavar='N',
+                         help='TCP port; 0: any free port, which start prints (default: %d)'
+                              % DEFAULT_PORT)
+    files.add_argument('--pidfile', metavar='FILE',
+                       help='default: /run/agent-PORT.pid for root, else '
+                            '$XDG_RUNTIME_DIR/agent-PORT.pid (or /tmp/agent-UID/agent-PORT.pid): '
+                            'every action finds it from any directory')
+    files.add_argument('--log', default='agent.log', metavar='FILE',
+                       help='error and event log (default: ./agent.log)')
+    files.add_argument('--access-log', default='access.log', metavar='FILE',
+                       help="access log, or 'off' (default: ./access.log)")
+    serving.add_argument('--workers', type=worker_count, default=min(os.cpu_count() or 1, MAX_WORKERS),
+                         metavar='N', help='worker processes, 1-%d (default: %d, the number of CPUs)'
+                         % (MAX_WORKERS, min(os.cpu_count() or 1, MAX_WORKERS)))
+    files.add_argument('--user', help='drop privileges to this user after binding (as root)')
+    files.add_argument('--group', help="drop privileges to this group (default: the user's)")
+    limits.add_argument('--stop-timeout', type=seconds, default=10.0, metavar='SECONDS',
+                        help='how long a stop waits for in-flight responses before SIGKILL '
+                             '(default: 10)')
+    limits.add_argument('--timeout', type=seconds, default=IDLE_TIMEOUT, metavar='SECONDS',
+                        help='idle keep-alive and stalled-send timeout (default: %g)' % IDLE_TIMEOUT)
+    limits.add_argument('--header-timeout', type=seconds, default=HEADER_TIMEOUT, metavar='SECONDS',
+                        help='time allowed for a whole request head (default: %g)' % HEADER_TIMEOUT)
+    limits.add_argument('--max-header-size', type=positive_int, default=MAX_HEADER_SIZE, metavar='BYTES',
+                        help='request line and headers (default: %d)' % MAX_HEADER_SIZE)
+    limits.add_argument('--max-connections', type=positive_int, default=MAX_CONNECTIONS, metavar='N',
+                        help='connections per worker (default: %d)' % MAX_CONNECTIONS)
+    serving.add_argument('--follow-symlinks', action='store_true',
+                         help='serve symlinks that lead outside --root (default: refuse them)')
+    serving.add_argument('--max-age', type=non_negative_int, default=DEFAULT_MAX_AGE, metavar='SECONDS',
+                         help='Cache-Control: public, max-age=SECONDS on files (default: %d: a '
+                              'replaced image shows within a minute)' % DEFAULT_MAX_AGE)
+    serving.add_argument('--no-listing', dest='listing', action='store_false',
+                         help='403 for a directory without index.html (default: a gallery page)')
     tls = p.add_argument_group('HTTPS')
     tls.add_argument('--tls-cert', metavar='FILE',
                      help='serve HTTPS on --port with this PEM certificate (its chain after it)')

@@ -66,7 +66,10 @@ Files
             at exit by the process that wrote it, and only if it is still the same file --
             except when the daemon dies on its own after it was ready (a failure status, no
             stop asked): then the unlocked file stays as the record, `status` says "dead"
-            (LSB 1), and the next start or stop clears it.
+            (LSB 1), and the next start or stop clears it.  A daemon that dropped privileges
+            and may not unlink in the pidfile's directory (root's /run) empties it instead (no
+            pid: `status` says "not running"); then stop or start removes it.  The files of
+            runtime_files() go with the pidfile, whoever removes it.
   logs      stdout and stderr are appended to, line-buffered; an exception that escapes run()
             is written there with its traceback before the daemon exits 1.  A detached daemon
             whose stderr is /dev/null (no log) sends that report to syslog(3) instead.
@@ -116,6 +119,7 @@ import pwd
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import syslog
@@ -267,6 +271,9 @@ class Daemon:
                            not running: raise DaemonError to refuse, with its message (no-op)
         on_restart(pid)    in the launcher, before restart stops the running daemon pid (no-op)
         log_files()        the logs a `user` must own to reopen them
+        runtime_files()    files the daemon writes beside its pidfile: they live and go with
+                           it, removed by whoever removes the pidfile (the daemon, or stop and
+                           start after a daemon that could not)
 
     Methods and attributes for run() and the hooks:
         ready(status)      "my setup is done": the launcher exits 0 (and sd_notify READY=1)
@@ -361,6 +368,10 @@ class Daemon:
         """Hook, in the launcher: restart (or try-restart) is about to stop the running daemon
         pid (no-op).  A program whose options may differ between runs can adopt the running
         one's here."""
+
+    def runtime_files(self):
+        """Paths that belong to the pidfile's lifetime (none by default); see PidFile."""
+        return []
 
     def log_files(self):
         """Hook: the log files that a user named by `user`/`group` must own to reopen them."""
@@ -528,7 +539,11 @@ class Daemon:
 
     def probe(self):
         """(state, pid) of the pidfile: ('running', pid), ('stale', pid or None), ('absent', None)."""
-        return PidFile(self.pidfile_path).probe()
+        return self._new_pidfile().probe()
+
+    def _new_pidfile(self):
+        """A PidFile for pidfile_path, with the runtime_files() that go with it."""
+        return PidFile(self.pidfile_path, self.runtime_files())
 
     def say(self, message, error=False):
         """One line to whoever runs the action: stdout, or stderr for an error."""
@@ -582,7 +597,7 @@ class Daemon:
     def _become_service(self):
         """Steps common to the daemon and the foreground service: pidfile, signals, setup()."""
         if self._pidfile is None:
-            self._pidfile = PidFile(self.pidfile_path)
+            self._pidfile = self._new_pidfile()
             self._pidfile.acquire()
         os.register_at_fork(after_in_child=self._after_fork_in_child)
         self._install_signal_handlers()
@@ -612,12 +627,14 @@ class Daemon:
                       % (self.name, line[8:] or 'unknown', self.pidfile_path))
             return EXIT_OK
         if line is not None and line.startswith('ERROR '):
+            self._new_pidfile().remove_stale()      # what a daemon past --user could not unlink
             self.say('%s: %s' % (self.name, line[6:]), error=True)
             return EXIT_FAILURE
         if line is None:
             self.say('%s: not ready after %gs; stopping it' % (self.name, self.start_timeout), error=True)
             _stop(self)
             return EXIT_FAILURE
+        self._new_pidfile().remove_stale()
         self.say('%s: exited during startup without a word; see %s' % (self.name, self.stderr), error=True)
         return EXIT_FAILURE
 
@@ -757,7 +774,7 @@ def _start(d):
 def _stop(d):
     """Stop the daemon: confirm it by its lock, one SIGTERM, SIGKILL after stop_timeout."""
     d.absolutize()
-    pidfile = PidFile(d.pidfile_path)
+    pidfile = d._new_pidfile()
     state, pid = pidfile.probe()
     if state != 'running':
         if state == 'stale' and pidfile.remove_stale():
@@ -774,10 +791,12 @@ def _stop(d):
             d.say(_not_running(d, state))
             return EXIT_OK
         started = time.monotonic()
+        group = _session_group(pid)
         if not _send(pid, pidfd, signal.SIGTERM):
             d.say('%s stopped (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
             return EXIT_OK
         if _await_exit(pidfile, pid, pidfd, d.stop_timeout):
+            _end_group(group, started + d.stop_timeout)
             pidfile.remove_stale()          # left behind by a daemon that could not unlink it
             d.say('%s stopped (pid %d, %.2fs, pidfile %s)'
                       % (d.name, pid, time.monotonic() - started, d.pidfile_path))
@@ -841,13 +860,17 @@ def _status(d):
     """LSB status: 0 running, 1 dead with a pidfile left, 3 not running, 4 unknown."""
     d.absolutize()
     try:
-        state, pid = PidFile(d.pidfile_path).probe()
+        state, pid = d._new_pidfile().probe()
     except DaemonError as exc:
         d.say('%s: %s' % (d.name, exc), error=True)
         return STATUS_UNKNOWN
     if state == 'running':
         d.say('%s is running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
         return STATUS_RUNNING
+    if state == 'stale' and pid is None:
+        d.say('%s is not running (pidfile %s names no pid: left empty by a daemon that could not '
+              'remove it; stop or start removes it)' % (d.name, d.pidfile_path))
+        return STATUS_STOPPED
     if state == 'stale':
         where = 'syslog' if d.stderr == os.devnull else d.stderr
         d.say('%s is dead, but pidfile %s remains: pid %s ended without a stop (see %s)'
@@ -954,18 +977,49 @@ def _send(pid, pidfd, signum):
     return True
 
 
-def _kill(pid, pidfd):
-    """SIGKILL the daemon, and its process group when the daemon made one of its own."""
+def _session_group(pid):
+    """The daemon's process group if it is its session's own (setsid: a detached daemon, or one
+    started by a service manager), never the caller's; else None."""
     try:
         pgid, sid = os.getpgid(pid), os.getsid(pid)
     except OSError:
-        pgid = sid = None
+        return None
+    return pgid if pgid == sid and pgid != os.getpgid(0) else None
+
+
+def _kill(pid, pidfd):
+    """SIGKILL the daemon, and its process group when the daemon made one of its own."""
+    group = _session_group(pid)
     _send(pid, pidfd, signal.SIGKILL)
-    if pgid is not None and pgid == sid and pgid != os.getpgid(0):
+    if group is not None:
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(group, signal.SIGKILL)
         except OSError:
             pass
+
+
+def _end_group(group, deadline):
+    """After the daemon has exited: end what is left of its process group (children its run()
+    forked and left running), as systemd ends a service's cgroup: SIGTERM, SIGKILL at the
+    deadline.  A daemon that waits for its children (agent.py) leaves nothing to do."""
+    if group is None:
+        return
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except OSError:
+        return                              # nothing left in the group
+    delay = 0.002
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except OSError:
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _await_exit(pidfile, pid, pidfd, timeout):
@@ -1199,6 +1253,8 @@ def check_writable(kind, path):
     if not path or path == os.devnull:
         return
     exists = os.path.exists(path)
+    if os.path.isdir(path):
+        raise DaemonError('the %s %s is a directory: give a file name' % (kind, path))
     target = path if exists else os.path.dirname(path)
     if not exists and not os.path.isdir(target):
         raise DaemonError('cannot create the %s %s: directory %s does not exist' % (kind, path, target))
@@ -1260,10 +1316,17 @@ class PidFile:
     """A pidfile whose flock() says whether its daemon lives.
 
     acquire() is for the daemon; probe() is for everyone else and never takes the lock.
+
+    companions: files written beside it (agent.py: PIDFILE.options) that go with it: removed
+    first, while the lock is held, by release() and remove_stale().  A daemon that dropped its
+    privileges may not unlink anything in a root-owned directory such as /run: release() then
+    empties the pidfile through its descriptor, so that it names no pid and `status` says
+    "not running", and the next stop or start (as root) removes it with its companions.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, companions=()):
         self.path = path
+        self.companions = list(companions)
         self.fd = None
         self.owner = None       # the pid that wrote it: only that process removes it
 
@@ -1328,10 +1391,25 @@ class PidFile:
             return
         try:
             if self._same_file(self.fd):
+                self._remove_companions()
                 os.unlink(self.path)    # unlink while still locked: no one can lock it in between
-        except OSError:
-            pass                        # no write access to its directory: the lock still tells
+        except OSError as exc:
+            # No write access to its directory (privileges dropped): an empty pidfile names no
+            # pid, so it is no record of a death; stop and start remove it.
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            log('cannot remove pidfile %s as %s (%s): left empty, the next stop or start '
+                'removes it' % (self.path, current_user(), exc.strerror or exc))
         self.forget()
+
+    def _remove_companions(self):
+        for path in self.companions:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def forget(self):
         """Close our descriptor without removing the file (forked children call this)."""
@@ -1369,8 +1447,10 @@ class PidFile:
                 raise DaemonError('pidfile %s is a symbolic link, refused' % self.path)
             raise _step_error('read pidfile', exc)
         try:
-            pid = parse_pid(os.pread(fd, 64, 0))
             st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise DaemonError('pidfile %s is a directory: give a file name' % self.path)
+            pid = parse_pid(os.pread(fd, 64, 0))
             holders = flock_holders(st)
             locked = self._probe_lock(fd) if holders is None else bool(holders)
         finally:
@@ -1404,6 +1484,7 @@ class PidFile:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if self._same_file(fd):
+                self._remove_companions()
                 os.unlink(self.path)
                 return True
         except OSError:
@@ -1784,7 +1865,7 @@ def _continue_after_reexec(d, spec):
             name = names[index] if index < len(names) and names[index] else 'unknown'
             d.listen_fds.setdefault(name, []).append(fd)
         if int(pidfile_fd) >= 0:
-            d._pidfile = PidFile(d.pidfile_path)
+            d._pidfile = d._new_pidfile()
             d._pidfile.adopt(int(pidfile_fd))
         d._become_service()
     except BaseException as exc:

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import http.client
 import io
+import json
 import os
 import random
 import re
@@ -149,6 +150,14 @@ class Sample(daemon.Daemon):
                 while not self.wait(1):
                     pass
             elif MODE == 'never_ready':
+                while not self.wait(1):
+                    pass
+            elif MODE == 'orphan_child':
+                if os.fork() == 0:
+                    with open(os.path.join(os.path.dirname(self.pidfile), 'child.pid'), 'w') as f:
+                        f.write(str(os.getpid()))
+                    while True:             # a child that never looks at the daemon's end
+                        time.sleep(0.05)
                 while not self.wait(1):
                     pass
             elif MODE == 'fork_child':
@@ -1073,6 +1082,17 @@ class ClassicRecipeBugTests(SampleDaemonTest):
     def test_child_forked_by_run_keeps_the_pidfile(self):
         DaemonProcessTests.test_child_forked_by_run_keeps_the_pidfile(self)
 
+    def test_stop_leaves_no_child_that_run_forked(self):
+        """Gap: a run() that forks a child which outlives it left that child running after
+        stop, reparented to init, forever (systemd would have ended its whole cgroup)."""
+        self.start('orphan_child', env={'SAMPLE_STOP_TIMEOUT': '1'})
+        child_pidfile = os.path.join(self.tmp, 'child.pid')
+        child = wait_for(lambda: read_pid(child_pidfile), message='the child forked by run()')
+        self.addCleanup(kill_group_of, child)
+        result = self.sample('stop', 'orphan_child', env={'SAMPLE_STOP_TIMEOUT': '1'})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        wait_for(lambda: not pid_alive(child), timeout=5, message='the child gone with the daemon')
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1192,6 +1212,95 @@ class AgentLifecycleTests(unittest.TestCase):
         self.assertEqual(os.stat(server.access_log).st_uid, nobody.pw_uid)
         server.stop()
         self.assertEqual(server.command('status').returncode, 3)
+
+
+class NothingLeftBehindTests(unittest.TestCase):
+    """Every way an agent ends leaves no file of its own beside the pidfile (the pidfile, its
+    PIDFILE.options), or leaves them only as a record that `status` reads right and the next
+    start or stop clears: started as root with --user (the daemon may not unlink in the
+    pidfile's root-owned directory), `run` ended by SIGTERM or SIGINT, a SIGKILLed master."""
+
+    def user_agent(self):
+        if os.geteuid() != 0:
+            self.skipTest('needs root')
+        import pwd
+        try:
+            pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        server = AgentServer(self, '--user', 'nobody')
+        os.chmod(server.dir, 0o755)         # readable by nobody, writable only by root
+        return server
+
+    def left(self, server):
+        return sorted(name for name in os.listdir(server.dir)
+                      if name.startswith(os.path.basename(server.pidfile)))
+
+    def test_stop_of_an_agent_started_as_root_with_user_removes_everything(self):
+        server = self.user_agent().start()
+        self.assertEqual(self.left(server), ['agent.pid', 'agent.pid.options'])
+        server.stop()
+        self.assertEqual(self.left(server), [])
+        self.assertEqual(server.command('status').returncode, 3)
+
+    def run_until_signal(self, server, signum):
+        err = os.path.join(server.dir, 'run.err')
+        with open(err, 'wb') as stderr:
+            proc = subprocess.Popen([PYTHON, AGENT] + server.options + ['run'],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=stderr, start_new_session=True)
+        self.addCleanup(kill_group_of, proc.pid)
+        self.addCleanup(proc.wait, 10)
+        wait_for(lambda: 'agent: serving' in slurp(err) or proc.poll() is not None,
+                 message='the agent serving in the foreground')
+        self.assertIsNone(proc.poll(), slurp(err))
+        self.assertEqual(self.left(server), ['agent.pid', 'agent.pid.options'])
+        os.kill(proc.pid, signum)
+        self.assertEqual(proc.wait(TIMEOUT), 0, slurp(err))
+        return slurp(err)
+
+    def test_run_as_root_with_user_ended_by_a_signal_is_not_dead_and_leaves_nothing_after_stop(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                server = self.user_agent()
+                self.run_until_signal(server, signum)
+                status = server.command('status')
+                self.assertEqual(status.returncode, 3, status.stdout + status.stderr)
+                result = server.command('stop')
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(self.left(server), [])
+
+    def test_run_ended_by_a_signal_leaves_nothing(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                server = AgentServer(self)
+                self.run_until_signal(server, signum)
+                self.assertEqual(self.left(server), [])
+                self.assertEqual(server.command('status').returncode, 3)
+
+    def test_a_killed_master_then_start_then_stop_leaves_nothing(self):
+        server = AgentServer(self).start()
+        master = server.master()
+        kill_group_of(master)
+        wait_for(lambda: not pid_alive(master), message='master gone')
+        self.assertEqual(server.command('status').returncode, 1)
+        server.start()
+        restart = server.command('restart')
+        self.assertEqual(restart.returncode, 0, restart.stderr)
+        self.assertNotIn('not recorded', restart.stdout + restart.stderr)
+        server.pids.append(server.master())
+        server.stop()
+        self.assertEqual(self.left(server), [])
+
+    def test_a_killed_master_then_a_failed_start_leaves_nothing(self):
+        server = AgentServer(self).start()
+        master = server.master()
+        kill_group_of(master)
+        wait_for(lambda: not pid_alive(master), message='master gone')
+        server.options[server.options.index('--root') + 1] = '/nonexistent/images'
+        result = server.command('start')
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(self.left(server), [])
 
 
 class FromBytecodeTests(unittest.TestCase):
@@ -1931,6 +2040,76 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         self.assertEqual(version.stdout.split()[:2], ['agent.py', agent.__version__])
 
 
+class CommonMistakeTests(unittest.TestCase):
+    """What a newcomer meets first: each mistake is one line that names the option, file or
+    user, with the LSB exit code (2 usage, 1 failure), never a usage screen or a traceback."""
+
+    def agent(self, *args):
+        return run([PYTHON, AGENT] + list(args))
+
+    def assert_one_line(self, result, code, *words):
+        self.assertEqual(result.returncode, code, result.stdout + result.stderr)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertNotIn('Traceback', result.stderr)
+        for word in words:
+            self.assertIn(word, lines[0])
+
+    def test_usage_errors_are_one_line(self):
+        tmp = tempfile.mkdtemp(prefix='agent-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        pidfile = os.path.join(tmp, 'a.pid')
+        for value in ('0', '-1', 'x', '10000'):
+            with self.subTest(workers=value):
+                self.assert_one_line(self.agent('--pidfile', pidfile, '--root', tmp, '--bind', '127.0.0.1',
+                                                '--port', '0', '--workers', value, 'start'),
+                                     2, '--workers', repr(value))
+        self.assert_one_line(self.agent('--pidfile', pidfile, 'frobnicate'), 2, 'frobnicate', 'start')
+        self.assert_one_line(self.agent('--pidfile', pidfile), 2, 'ACTION')
+        self.assert_one_line(self.agent('--tls-cert', 'c.pem', 'start'), 2, '--tls-key')
+        self.assertFalse(os.listdir(tmp))
+
+    def test_root_that_is_a_file_or_unreadable_is_named_as_such(self):
+        server = AgentServer(self)
+        path = server.write('file.jpg', b'x')
+        server.options[server.options.index('--root') + 1] = path
+        self.assert_one_line(server.command('start'), 1, path, 'is not a directory')
+        self.assertNotIn('does not exist', server.command('start').stderr)
+
+    def test_root_unreadable_by_user_names_the_user(self):
+        if os.geteuid() != 0:
+            self.skipTest('needs root')
+        import pwd
+        try:
+            pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        server = AgentServer(self, '--user', 'nobody')
+        os.chmod(server.dir, 0o755)
+        os.chmod(server.root, 0o700)
+        self.assert_one_line(server.command('start'), 1, server.root, 'not readable', 'nobody')
+        self.assertFalse(os.path.exists(server.pidfile))
+
+    def test_pidfile_that_is_a_directory_is_named(self):
+        server = AgentServer(self)
+        server.options[server.options.index('--pidfile') + 1] = server.root
+        self.assert_one_line(server.command('start'), 1, server.root, 'directory')
+
+    def test_help_is_grouped_with_defaults(self):
+        result = self.agent('--help')
+        self.assertEqual(result.returncode, 0)
+        text = result.stdout
+        usage = text.split('\n\n')[0]
+        self.assertLessEqual(len(usage.splitlines()), 2, usage)
+        self.assertIn('ACTION is one of:', text)
+        for heading in ('serving:', 'files and identity:', 'limits:', 'HTTPS:'):
+            self.assertIn('\n' + heading, text)
+        self.assertIn('(default: %d, the number of CPUs)' % min(os.cpu_count() or 1, agent.MAX_WORKERS),
+                      ' '.join(text.split()))
+        self.assertIn('4 insufficient privilege', ' '.join(text.split()))
+        self.assertLessEqual(max(map(len, text.splitlines())), 100)
+
+
 class DefaultPidfileTests(unittest.TestCase):
     def test_one_place_per_user_and_port(self):
         with mock.patch('os.geteuid', return_value=0):
@@ -2512,6 +2691,18 @@ class RequestParsingTests(unittest.TestCase):
             self.assert_status(line + b'\r\nHost: x\r\n\r\n', 505)
         self.assert_status(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n', 505)
 
+    def test_http_version_syntax(self):
+        """RFC 9112 section 2.3: HTTP-version is "HTTP/" DIGIT "." DIGIT.  Another shape of
+        version 1 is a malformed request line (400), not a version this server lacks (505)."""
+        for version in (b'HTTP/1.10', b'HTTP/01.1', b'HTTP/1', b'HTTP/1.', b'HTTP/1.1.1', b'HTTP/1.01',
+                        b'HTTP/+1.1', b'HTTP/1.1x', b'HTTP/ 1.1', b'HTTP/\xd9\xa1.1'):
+            self.assert_status(b'GET / ' + version + b'\r\nHost: x\r\n\r\n', 400)
+        for version in (b'HTTP/0.9', b'HTTP/2.0', b'HTTP/2', b'HTTP/3', b'HTTP/10.0'):
+            self.assert_status(b'GET / ' + version + b'\r\nHost: x\r\n\r\n', 505)
+        for version, parsed in ((b'HTTP/1.0', (1, 0)), (b'HTTP/1.1', (1, 1)), (b'HTTP/1.9', (1, 9))):
+            req, _ = self.parse(b'GET / ' + version + b'\r\nHost: x\r\n\r\n')
+            self.assertEqual(req.version, parsed)
+
     def test_malformed_request_lines_400(self):
         for line in (b'GET  / HTTP/1.1', b'GET /', b'GET / HTTP/1.1 extra', b' GET / HTTP/1.1',
                      b'G(T / HTTP/1.1', b'GET / HTTX/1.1', b'HTTP/1.1 200 OK'):
@@ -2717,6 +2908,50 @@ class ConditionalRequestTests(unittest.TestCase):
         ]
         for headers, expected in cases:
             self.assertEqual(agent.if_range_allows(headers, self.ETAG, self.MTIME), expected, headers)
+
+
+class ExtremeTimestampTests(unittest.TestCase):
+    """Modification times that filesystems allow (tmpfs and btrfs take any 64-bit second) but
+    a calendar year of four digits cannot hold."""
+
+    TIMES = (1e18, 2.0 ** 62, 253402300800, 1e11, -1e14, -62135596801, -1.0, 0, 1e9)
+
+    def test_dates_are_always_well_formed(self):
+        for timestamp in self.TIMES:
+            with self.subTest(timestamp=timestamp):
+                self.assertRegex(agent.http_date(timestamp), agent.HTTP_DATES[0].pattern)
+                self.assertIsNotNone(agent.parse_http_date(agent.http_date(timestamp)))
+                self.assertRegex(agent.short_date(timestamp), r'^\d{4}-\d\d-\d\d \d\d:\d\d$')
+        self.assertEqual(agent.http_date(1e18), 'Fri, 31 Dec 9999 23:59:59 GMT')
+        self.assertEqual(agent.http_date(-1e14), 'Mon, 01 Jan 0001 00:00:00 GMT')
+        self.assertEqual(agent.http_date(784111777), 'Sun, 06 Nov 1994 08:49:37 GMT')
+
+    def test_a_file_with_an_extreme_mtime_is_served_and_listed(self):
+        shm = tempfile.mkdtemp(prefix='agent-times-', dir='/dev/shm') if os.path.isdir('/dev/shm') else None
+        if shm is None:
+            self.skipTest('no /dev/shm')
+        self.addCleanup(subprocess.run, ['rm', '-rf', shm])
+        times = {'far.jpg': 10 ** 18, 'ancient.jpg': -10 ** 14, 'plain.jpg': FIXED_MTIME}
+        for name, seconds in times.items():
+            write_file(shm, name, name.encode(), mtime=None)
+            try:
+                os.utime(os.path.join(shm, name), ns=(0, seconds * 10 ** 9))
+            except OverflowError:
+                self.skipTest('this platform cannot set such times')
+            if os.stat(os.path.join(shm, name)).st_mtime != seconds:
+                self.skipTest('/dev/shm clamps modification times')
+        server = AgentServer(self, root=shm, workers=1).start()
+        self.addCleanup(server.stop)
+        for name in times:
+            status, headers, body = server.get('/' + name)
+            self.assertEqual((status, body), (200, name.encode()), name)
+            self.assertRegex(headers['last-modified'], agent.HTTP_DATES[0].pattern)
+        for query in ('', '?sort=date', '?format=json'):
+            status, headers, body = server.get('/' + query)
+            self.assertEqual(status, 200, query)
+            for name in times:
+                self.assertIn(name.encode(), body)
+        self.assertEqual(server.bad_log_lines(), [])
 
 
 class AccessLogAndPageTests(unittest.TestCase):
@@ -4018,6 +4253,40 @@ class GalleryNamesServerTests(SharedAgentTestCase):
             self.assertNotIn(name, page, name)
         self.assertIn(b'%d entries are not listed' % len(self.HOSTILE), page)
 
+    def test_names_too_long_to_reach_are_left_out(self):
+        """Deep folders of long names: a link whose URL the head limit (8 KiB) would refuse
+        (414), or whose path the kernel would (PATH_MAX, 4096 bytes: ENAMETOOLONG, a 404), is
+        not listed; every listed one is answered, down to the deepest reachable folder."""
+        import urllib.parse as parse_module
+        wide = '\u4e00' * 85                       # 255 bytes, 765 characters quoted
+        directory = os.path.join(self.server.root, 'deep')
+        for _ in range(11):
+            directory = os.path.join(directory, wide)
+        os.makedirs(directory)
+        # Made relative to a descriptor: the kernel refuses a path of more than 4096 bytes.
+        os.mkdir(os.path.join(self.server.root, 'long'))
+        fd = os.open(os.path.join(self.server.root, 'long'), os.O_RDONLY | os.O_DIRECTORY)
+        for depth in range(17):
+            name = 'n%02d' % depth + 'x' * 250
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(fd)
+        unlisted = deepest = 0
+        pending = ['/deep/', '/long/']
+        while pending:
+            url = pending.pop()
+            response = self.get(url + '?format=json')
+            self.assertEqual(response.status, 200, (len(url), response))
+            document = json.loads(response.body)
+            unlisted += document['unlisted']
+            deepest = max(deepest, url.count('/'))
+            for entry in document['entries']:
+                pending.append(url + entry['url'])
+        self.assertGreater(unlisted, 0)
+        self.assertGreater(deepest, 5)
+
 
 def parse_quote_bytes(name):
     import urllib.parse as parse_module
@@ -4386,6 +4655,51 @@ class SymlinkSwapRaceTests(unittest.TestCase):
             worker.responder.open_file(os.path.join(root, 'x.jpg'))
         self.assertEqual(caught.exception.status, 404)
         self.assertEqual(worker.responder.files.files, {})
+
+    def test_a_listing_never_shows_what_a_symlink_out_names(self):
+        """A symlink in a listed directory, swapped between a target inside the root and one
+        outside: the listing never gives the outside file's size or time (nor lists it)."""
+        server = AgentServer(self, workers=1)
+        outside = os.path.join(server.dir, 'outside.jpg')
+        with open(outside, 'wb') as f:
+            f.write(b'S' * 77777)
+        os.utime(outside, (1234567890, 1234567890))
+        server.write('race/in.jpg', b'I' * 10)
+        server.start()
+        swapper = subprocess.Popen([PYTHON, '-c', LINK_SWAPPER, os.path.join(server.root, 'race'), outside, '60'],
+                                   stdout=subprocess.PIPE)
+        self.addCleanup(swapper.stdout.close)
+        self.addCleanup(swapper.wait)
+        self.addCleanup(swapper.kill)
+        self.assertEqual(swapper.stdout.readline(), b'ready\n')
+        conn = RawConn(server.port, 10)
+        self.addCleanup(conn.close)
+        listed = leaked = 0
+        for _ in range(600):
+            conn.send(b'GET /race/?format=json HTTP/1.1\r\nHost: x\r\n\r\n')
+            response = conn.response()
+            self.assertEqual(response.status, 200, response)
+            for entry in json.loads(response.body)['entries']:
+                if entry['name'] == 'x.jpg':
+                    listed += 1
+                    leaked += entry['size'] == 77777 or entry['mtime'] == 1234567890
+        self.assertEqual(leaked, 0, 'of %d listings of the symlink, %d showed the outside file' % (listed, leaked))
+        self.assertGreater(listed, 0)
+        self.assertIsNone(swapper.poll(), 'the swapper stopped swapping')
+
+
+# A symlink x.jpg renamed in and out of place, pointing inside (in.jpg) and outside by turns.
+LINK_SWAPPER = r'''
+import os, sys, time
+directory, outside, deadline = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+os.symlink('in.jpg', os.path.join(directory, '.in'))
+os.symlink(outside, os.path.join(directory, '.out'))
+print('ready', flush=True)
+while time.monotonic() < deadline:
+    for name in ('.in', '.out'):
+        os.link(os.path.join(directory, name), os.path.join(directory, '.next'), follow_symlinks=False)
+        os.rename(os.path.join(directory, '.next'), os.path.join(directory, 'x.jpg'))
+'''
 
 
 def edge_worker(testcase, *options):
@@ -5370,6 +5684,57 @@ class SocketActivationTests(ServiceToolTestCase):
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(self.DEADLINE), 0, self.eco_read(stderr))
         self.assertFalse(any(map(pid_alive, workers)))
+
+
+    def test_tls_with_a_socket_named_redirect(self):
+        """FileDescriptorName=redirect: plain HTTP there, 301 to the https:// URL of the other
+        passed socket (its port, not --port); HTTPS on the other."""
+        tool = self.eco_tool('systemd-socket-activate', 'systemd')
+        tls_tool(self, 'openssl')
+        tmp = self.eco_tmp()
+        root = os.path.join(tmp, 'www')
+        os.makedirs(root)
+        write_file(root, 'a.jpg', FILE_A)
+        ca = tls_make_ca(tmp)
+        cert, key = os.path.join(tmp, 'leaf.crt'), os.path.join(tmp, 'leaf.key')
+        tls_make_leaf(tmp, ca, 4301, cert, key)
+        stderr = os.path.join(tmp, 'stderr')
+        ports = set()
+        while len(ports) < 3:
+            ports.add(harness.free_port())
+        https, plain, own = sorted(ports)
+        env = dict(os.environ)
+        env.pop('NOTIFY_SOCKET', None)
+        proc = self.eco_popen([tool, '-l', '127.0.0.1:%d' % https, '-l', '127.0.0.1:%d' % plain,
+                               '--fdname=https:redirect',
+                               PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1',
+                               '--port', str(own), '--pidfile', os.path.join(tmp, 'agent.pid'),
+                               '--access-log', os.path.join(tmp, 'access.log'), '--workers', '1',
+                               '--tls-cert', cert, '--tls-key', key, '--hsts', '60', 'run'],
+                              stderr, env=env)
+        wait_for(lambda: self.eco_read(stderr).count('Listening on') == 2, timeout=self.DEADLINE,
+                 message='systemd-socket-activate listening')
+        # The first connection starts the agent; it waits in the socket's queue meanwhile.
+        conn = RawConn(plain, timeout=self.DEADLINE)
+        self.addCleanup(conn.close)
+        conn.send(raw_request('/a.jpg?x=1', host='localhost:%d' % plain))
+        response = conn.response()
+        self.assertEqual(response.status, 301, (response, self.eco_read(stderr)))
+        self.assertEqual(response.headers['location'], 'https://localhost:%d/a.jpg?x=1' % https)
+        self.assertNotIn('strict-transport-security', response.headers)
+        secure = TLSConn(https, ca[0], timeout=self.DEADLINE)
+        self.addCleanup(secure.close)
+        secure.send(raw_request('/a.jpg', 'Connection: close'))
+        response = secure.response()
+        self.assertEqual((response.status, response.body), (200, FILE_A))
+        self.assertEqual(response.headers['strict-transport-security'], 'max-age=60')
+        self.assertTrue(self.eco_refused(own), 'the agent bound --port %d as well' % own)
+        log = wait_for(lambda: 'with 1 worker' in self.eco_read(stderr) and self.eco_read(stderr),
+                       timeout=self.DEADLINE, message='the serving line')
+        self.assertIn('serving on 2 socket(s) passed by the service manager', log)
+        self.assertIn('on 127.0.0.1:%d (https), 127.0.0.1:%d (redirect to https)' % (https, plain), log)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(self.DEADLINE), 0, self.eco_read(stderr))
 
 
 # ---------------------------------------------------------------------------------------------
