@@ -4426,44 +4426,28 @@ class PageCapture:
         self.status, self.head, self.body = status, head, body
 
 
-class GalleryKeptListingTests(unittest.TestCase):
-    """A worker keeps the sorted listing of a big, settled directory; every request checks it
-    with the directory's fstat, so an added, removed or renamed entry shows on the next one."""
+class GalleryInProcessTests(unittest.TestCase):
+    """A directory of 276 pictures listed by a worker in this process: like nginx, every
+    request reads the directory, and stats the entries it shows (all of them to sort by date or
+    size), so a change shows on the next request whatever the directory's stamps say."""
 
     def setUp(self):
         self.worker, self.root = edge_worker(self)
         self.responder = self.worker.responder
         self.big = os.path.join(self.root, 'big')
         os.mkdir(self.big)
-        for i in range(agent.GALLERY_KEEP_MIN + 20):
+        for i in range(276):
             with open(os.path.join(self.big, 'p%d.jpg' % i), 'wb') as f:
                 f.write(b'x' * (i % 7))
-        self.scans = 0
-        real_scan = self.responder.scan_directory
-
-        def counting(*args):
-            self.scans += 1
-            return real_scan(*args)
-        patcher = mock.patch.object(self.responder, 'scan_directory', side_effect=counting)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        # The worker's clock to the microsecond (it keeps whole seconds), and a settle time
-        # shorter than the agent's 2 s, but longer than a clock tick: a test waits 0.1 s, not
-        # 2 to 3.  On a file system that stamps whole seconds, the agent's own 2 s.
-        settle = 0.1 if os.stat(self.big).st_mtime_ns % 10 ** 9 else agent.GALLERY_SETTLE
-        patcher = mock.patch.object(agent, 'GALLERY_SETTLE', settle)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-
-    def tick(self):
-        self.worker.clock()
-        self.worker.wall = time.time()
 
     def page(self, target='/big/', *headers, status=200):
         conn = PageCapture()
         raw = b'GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n' % (target.encode(),
                                                            b''.join(h.encode() + b'\r\n' for h in headers))
-        self.tick()
+        # The clock a minute ahead: the directory's last change is long past, which is when a
+        # cache keyed by its stamps would keep a listing.
+        self.worker.clock()
+        self.worker.wall = int(time.time()) + 60
         self.responder.respond(conn, agent.parse_request(raw)[0])
         self.assertEqual(conn.status, status, conn.head)
         return conn
@@ -4471,97 +4455,44 @@ class GalleryKeptListingTests(unittest.TestCase):
     def names(self, conn):
         return re.findall(r'<figure><a class="g" href="([^"]*)"', conn.body.decode())
 
-    def wait_settled(self):
-        deadline = time.monotonic() + 5
-        while True:
-            self.tick()
-            if agent.listing_settled(os.stat(self.big), self.worker.wall):
-                return
-            self.assertLess(time.monotonic(), deadline, 'the directory never settled')
-            time.sleep(0.02)
-
-    def test_a_recent_directory_is_read_every_time(self):
-        with mock.patch.object(agent, 'GALLERY_SETTLE', 60):        # changed within a minute
-            self.page()
-            self.page()
-        self.assertEqual(self.scans, 2)
-        self.assertEqual(self.responder.catalogs, {})
-
-    def test_a_kept_listing_is_checked_on_every_request(self):
-        self.wait_settled()
-        first = self.page()
-        self.assertEqual(self.page().body, first.body)
-        self.assertEqual(self.scans, 1)                 # read once, then kept
-        etag = first.head.split(b'ETag: ')[1].split(b'\r\n')[0].decode()
-        self.assertEqual(self.page('/big/', 'If-None-Match: ' + etag, status=304).body, b'')
-        # Added, in the same second as the read: on the next request.
+    def test_every_request_reads_the_directory(self):
+        with mock.patch.object(agent.os, 'scandir', wraps=os.scandir) as scandir:
+            first = self.page()
+            self.assertEqual(self.page().body, first.body)
+            etag = first.head.split(b'ETag: ')[1].split(b'\r\n')[0].decode()
+            self.assertEqual(self.page('/big/', 'If-None-Match: ' + etag, status=304).body, b'')
+            self.assertEqual(self.page('/big/?sort=size').status, 200)
+        self.assertEqual(scandir.call_count, 4)
+        # Added, removed and renamed in the same second as the last read: on the next request.
         with open(os.path.join(self.big, 'p0a.jpg'), 'wb') as f:
             f.write(b'new')
-        added = self.page()
-        self.assertIn('p0a.jpg', self.names(added))
-        self.assertNotIn(etag.encode(), added.head)
-        self.wait_settled()
-        self.page()
-        scans = self.scans
-        self.assertEqual(self.page().body, self.page().body)
-        self.assertEqual(self.scans, scans)
-        # Removed and renamed, right after a kept listing was served.
         os.remove(os.path.join(self.big, 'p1.jpg'))
         os.rename(os.path.join(self.big, 'p2.jpg'), os.path.join(self.big, 'p0b.jpg'))
-        names = self.names(self.page())
+        changed = self.page()
+        self.assertNotIn(etag.encode(), changed.head)
+        names = self.names(changed)
+        self.assertIn('p0a.jpg', names)
+        self.assertIn('p0b.jpg', names)
         self.assertNotIn('p1.jpg', names)
         self.assertNotIn('p2.jpg', names)
-        self.assertIn('p0b.jpg', names)
         self.assertEqual(len(names), agent.GALLERY_PAGE_SIZE)
-        self.assertEqual(self.scans, scans + 1)
 
-    def test_sizes_and_dates_are_read_anew_for_a_kept_listing(self):
-        self.wait_settled()
+    def test_sizes_and_dates_are_read_on_every_request(self):
         self.page()
         self.page('/big/?sort=size')
-        scans = self.scans
         with open(os.path.join(self.big, 'p3.jpg'), 'wb') as f:      # in place: the directory stays
             f.write(b'y' * 100)
         os.utime(os.path.join(self.big, 'p4.jpg'), (4e9, 4e9))
         self.assertEqual(self.names(self.page('/big/?sort=size'))[0], 'p3.jpg')
         self.assertEqual(self.names(self.page('/big/?sort=date'))[0], 'p4.jpg')
         self.assertIn('100 B', self.page().body.decode().split('p3.jpg</strong>')[1][:60])
-        self.assertEqual(self.scans, scans)
 
     def test_own_files_added_later_are_never_listed(self):
-        self.wait_settled()
         self.assertIn('p5.jpg', self.names(self.page()))
         os.link(os.path.join(self.big, 'p5.jpg'), os.path.join(self.root, 'agent.log'))
         self.responder.own_files.add(os.path.join(self.root, 'agent.log'))   # a reopened log
         self.assertNotIn('p5.jpg', self.names(self.page()))
         self.assertNotIn('p5.jpg', self.page('/big/?format=json').body.decode())
-
-    def test_kept_listings_are_bounded(self):
-        self.wait_settled()
-        with mock.patch.object(agent, 'GALLERY_KEPT_ENTRIES', agent.GALLERY_KEEP_MIN + 19):
-            self.page()                     # one entry too many to keep
-            self.assertEqual(self.responder.catalogs, {})
-        with mock.patch.object(agent, 'GALLERY_KEPT', 1):
-            self.page()
-            self.assertEqual(len(self.responder.catalogs), 1)
-            os.mkdir(os.path.join(self.root, 'other'))
-            for i in range(agent.GALLERY_KEEP_MIN):
-                with open(os.path.join(self.root, 'other', 'o%d.jpg' % i), 'wb'):
-                    pass
-            other = os.stat(os.path.join(self.root, 'other'))
-            deadline = time.monotonic() + 5
-            while not agent.listing_settled(other, time.time()):
-                self.assertLess(time.monotonic(), deadline)
-                time.sleep(0.02)
-            self.page('/other/')
-            self.assertEqual(list(self.responder.catalogs), [(other.st_dev, other.st_ino)])
-
-    def test_only_a_file_system_that_stamps_its_directories_keeps_listings(self):
-        self.wait_settled()
-        with mock.patch.object(agent, 'mount_types', return_value={}):
-            self.page()
-            self.page()
-        self.assertEqual((self.scans, self.responder.catalogs), (2, {}))
 
 
 # ---------------------------------------------------------------------------------------------
