@@ -1047,12 +1047,13 @@ class ImageInfoCache:
 # The gallery page: a directory listed as a grid of thumbnails, pure logic
 # ---------------------------------------------------------------------------------------------
 #
-# The worker scans a directory into (name, is_dir, stat) entries, typed by readdir with no stat
-# (only symlinks and special files are stat()ed), may keep their sorted catalog, stat()s the
-# entries on the page (all of them to sort by date or size) and reads their image headers
-# (ImageInfoCache); everything else here is a pure function of those: which entries are listed
-# and in which order (gallery_catalog), which are on a page (gallery_listing), the page's weak
-# ETag, its HTML (gallery_page) and the same listing as JSON (gallery_json).
+# On every request, as nginx does (nothing of a listing is kept), the worker scans a directory
+# into (name, is_dir, stat) entries, typed by readdir with no stat (only symlinks and special
+# files are stat()ed), stat()s the entries on the page (all of them to sort by date or size)
+# and reads their image headers (ImageInfoCache); everything else here is a pure function of
+# those: which entries are listed and in which order (gallery_catalog), which are on a page
+# (gallery_listing), the page's weak ETag, its HTML (gallery_page) and the same listing as JSON
+# (gallery_json).
 #
 # Listed: entries whose link the server itself answers: dot files, FIFOs and other special
 # files, names that cannot travel in a URL path (not UTF-8, control characters, a backslash:
@@ -1065,24 +1066,6 @@ GALLERY_VERSION = 2             # part of every page's ETag: change it when the 
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
-# Kept listings (Responder.directory_catalog).  A worker keeps the sorted listing of a directory
-# of at least GALLERY_KEEP_MIN entries (smaller ones cost less to read than to keep), at most
-# GALLERY_KEPT directories and GALLERY_KEPT_ENTRIES entries in all (about 200 bytes each: a
-# 10,000-file folder keeps 2 MB, tracemalloc), and uses it while the directory's (dev, ino,
-# mtime, ctime) are the same.  That is sound only if any later change stamps the directory anew, so a listing is kept
-# only when the directory's last change is GALLERY_SETTLE seconds older than the clock (more than
-# the coarsest stamp of the file systems below, ext3's whole second, plus a clock tick): a change
-# after the read then cannot carry the same stamp.  A directory changed more recently is read on
-# every request, as it is on any other file system.
-GALLERY_KEEP_MIN = 256
-GALLERY_KEPT = 16
-GALLERY_KEPT_ENTRIES = 40000
-GALLERY_SETTLE = 2
-# Local file systems whose directories are stamped by this kernel's clock on every entry added,
-# removed or renamed.  Not here: network file systems (the server's clock, the client's own
-# attribute cache), FUSE (whatever the program says), pseudo file systems (/proc), FAT.
-LISTING_FILE_SYSTEMS = frozenset(('ext2', 'ext3', 'ext4', 'xfs', 'btrfs', 'tmpfs', 'f2fs', 'zfs', 'jfs',
-                                  'bcachefs', 'nilfs2', 'reiserfs', 'overlay', 'ramfs'))
 
 GALLERY_STYLE = """
 :root{color-scheme:light dark;--bg:#f6f6f4;--fg:#1c1c1e;--muted:#6b6b70;--card:#fff;--line:#e2e2e0;
@@ -1316,7 +1299,7 @@ class GalleryEntry:
 
 class GalleryCatalog:
     """Every listed entry of a directory in natural order, folders first, and the counts: what
-    its pages are cut from.  A worker may keep one (Responder.directory_catalog)."""
+    its pages are cut from."""
 
     def __init__(self, entries, dirs, images, files, unlisted):
         self.entries = entries
@@ -1350,9 +1333,8 @@ def reachable(name, room=None):
                                and len(os.fsencode(name)) <= room[1])
 
 
-def gallery_catalog(entries, base=None, room=None):
-    """The GalleryCatalog of (name, is_dir, stat) triples; with base, of those and base's.
-    name may be bytes or str (os.fsdecode'd).  stat may be None for what readdir says is a
+def gallery_catalog(entries, room=None):
+    """The GalleryCatalog of (name, is_dir, stat) triples.  name may be bytes or str (os.fsdecode'd).  stat may be None for what readdir says is a
     regular file or a directory: only the entries that are shown need their stat.  room, if
     given, is gallery_room(): longer names are not listed.
 
@@ -1379,16 +1361,9 @@ def gallery_catalog(entries, base=None, room=None):
                 others.append((key, name, False, st, 'image'))
             else:
                 others.append((key, name, False, st, 'file'))
-    ndirs = len(dirs)
-    if base is not None:
-        dirs += [e for e in base.entries if e[2]]
-        others += [e for e in base.entries if not e[2]]
-        unlisted += base.unlisted
-        ndirs += base.dirs
-        images += base.images
     dirs.sort()
     others.sort()
-    return GalleryCatalog(dirs + others, ndirs, images, len(others) - images, unlisted)
+    return GalleryCatalog(dirs + others, len(dirs), images, len(others) - images, unlisted)
 
 
 def gallery_listing(catalog, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
@@ -1407,27 +1382,6 @@ def gallery_listing(catalog, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
     shown = [GalleryEntry(name, is_dir, st, kind)
              for _, name, is_dir, st, kind in listed[(page - 1) * page_size:page * page_size]]
     return GalleryListing(shown, sort, page, pages, catalog.dirs, catalog.images, catalog.files, catalog.unlisted)
-
-
-def listing_settled(dir_st, wall, settle=None):
-    """Whether a directory's listing may be kept: its last change (mtime or ctime) is at least
-    GALLERY_SETTLE seconds before wall, the clock (a whole second, floored: never ahead)."""
-    settle = GALLERY_SETTLE if settle is None else settle
-    return max(dir_st.st_mtime_ns, dir_st.st_ctime_ns) <= (wall - settle) * 1000000000
-
-
-def mount_types(text):
-    """{st_dev: file system type} from the text of /proc/self/mountinfo (proc(5)): the third
-    field is major:minor, and the type is the first field after the lone '-'."""
-    types = {}
-    for line in text.splitlines():
-        fields = line.split(' ')
-        try:
-            major, minor = fields[2].split(':')
-            types[os.makedev(int(major), int(minor))] = fields[fields.index('-', 6) + 1]
-        except (IndexError, ValueError):
-            continue
-    return types
 
 
 def gallery_etag(dir_st, url_path, listing, fmt):
@@ -1719,11 +1673,9 @@ class OwnFiles:
         self.inodes = set()         # st_ino alone: a cheap first test for directory entries
         self.dirs = {}              # (st_dev, st_ino) of a directory -> names of ours in it
         self.names = ()             # every such name, for one str.startswith() per request
-        self.generation = 0         # counts add(): part of the key of a kept gallery listing
 
     def add(self, path, fd=None):
         """Remember the file at path (or open on fd), and its name in its directory."""
-        self.generation += 1
         try:
             st = os.fstat(fd) if fd is not None else os.stat(path)
         except OSError:
@@ -2255,8 +2207,6 @@ class Responder:
         self.own_files = own_files
         self.files = FileCache()
         self.images = ImageInfoCache()
-        self.catalogs = {}                  # (dev, ino) of a directory -> (its key, GalleryCatalog)
-        self.listing_devices = {}           # st_dev -> whether a kept listing is sound there
         self.paths = {}                     # request target -> (path, relative, trailing, query)
         self.file_error_logged = -1.0
 
@@ -2440,52 +2390,14 @@ class Responder:
             self.files.store(index, entry)
         return entry
 
-    def directory_catalog(self, fd, path, dir_st, room):
-        """The GalleryCatalog of the directory open at fd (checked to be in the root), whose
-        fstat() is dir_st, with the names that fit in room (gallery_room()): kept from an
-        earlier request while the directory's (dev, ino, mtime, ctime), our own files and room
-        are the same, else read anew (see GALLERY_SETTLE for when it is kept).  Symlinks are
-        followed anew every time: their targets change unseen."""
-        key = (dir_st.st_mtime_ns, dir_st.st_ctime_ns, self.own_files.generation, room)
-        kept = self.catalogs.get((dir_st.st_dev, dir_st.st_ino))
-        if kept is not None and kept[0] == key:
-            catalog, links = kept[1], kept[2]
-        else:
-            entries, links = self.scan_directory(fd, path)
-            catalog = gallery_catalog(entries, room=room)
-            if GALLERY_KEEP_MIN <= len(entries) <= GALLERY_KEPT_ENTRIES \
-                    and listing_settled(dir_st, self.clock.wall) and self.listings_sound(dir_st.st_dev):
-                self.catalogs.pop((dir_st.st_dev, dir_st.st_ino), None)
-                kept = len(entries)
-                for old in self.catalogs.values():
-                    kept += len(old[1].entries)
-                while self.catalogs and (len(self.catalogs) >= GALLERY_KEPT or kept > GALLERY_KEPT_ENTRIES):
-                    kept -= len(self.catalogs.pop(next(iter(self.catalogs)))[1].entries)
-                self.catalogs[(dir_st.st_dev, dir_st.st_ino)] = (key, catalog, links)
-        if links:
-            catalog = gallery_catalog(self.follow_links(fd, path, links), catalog, room)
-        return catalog
-
-    def listings_sound(self, dev):
-        """Whether the file system of st_dev stamps its directories as LISTING_FILE_SYSTEMS
-        says.  /proc/self/mountinfo is read again for a device not seen yet; an unknown one
-        is not (a listing there is read on every request)."""
-        sound = self.listing_devices.get(dev)
-        if sound is None:
-            try:
-                with open('/proc/self/mountinfo', encoding='utf-8', errors='replace') as f:
-                    types = mount_types(f.read())
-            except OSError:
-                types = {}
-            sound = self.listing_devices[dev] = types.get(dev) in LISTING_FILE_SYSTEMS
-        return sound
-
     def scan_directory(self, fd, path):
-        """([(name, is_dir, None)], [symlink names]) of the directory open at fd: each entry
-        typed by readdir alone, with no stat, but dot files, special files (counted as
-        unlisted: their stat is a FIFO's), our own files, and symlinks, which are named apart
-        for follow_links().  A listed name is no promise: serving it checks again."""
-        entries, links = [], []
+        """(name, is_dir, stat) of each entry of the directory open at fd (checked to be in the
+        root), but dot files, our own files, and symlinks that dangle or lead out of the root.
+        A regular file or a directory is typed by readdir alone, with stat None: only the
+        entries shown need their stat (stat_entries).  A special file has its own stat (it is
+        counted as unlisted), a symlink that of what it leads to.  A listed name is no
+        promise: serving it checks again."""
+        entries = []
         own = self.own_files
         inodes, names = own.inodes, own.names
         try:
@@ -2496,7 +2408,12 @@ class Responder:
                         continue
                     try:
                         if item.is_symlink():
-                            links.append(name)
+                            # Through the descriptor it opens: a check of the link's target by
+                            # name, then a stat() by name, would show the size and time of a
+                            # file outside the root when the link is swapped in between.
+                            st = self.stat_link(fd, name)
+                            if not own.hides(path + '/' + name, st):
+                                entries.append((name, stat.S_ISDIR(st.st_mode), st))
                         elif (item.inode() in inodes or name.startswith(names)) and own.hides_entry(item, path):
                             continue                # our pidfile and logs are never listed
                         elif item.is_file(follow_symlinks=False):
@@ -2505,46 +2422,34 @@ class Responder:
                             entries.append((name, True, None))
                         else:
                             entries.append((name, False, item.stat(follow_symlinks=False)))
-                    except OSError:
-                        continue                # gone since readdir
+                    except (OSError, HTTPError):
+                        continue                # dangling, out of the root, or gone since readdir
         except PermissionError:
             raise HTTPError(403)
         except OSError:
             raise HTTPError(404)
-        return entries, links
-
-    def follow_links(self, fd, path, links):
-        """(name, is_dir, stat) of each symlink in the directory open at fd that stays in the
-        root (or --follow-symlinks) and is not one of our files; dangling ones are left out.
-        Each is stat()ed through the descriptor it opens (stat_link): a check of the link's
-        target by name, then a stat() by name, would show the size and time of a file outside
-        the root when the link is swapped in between."""
-        entries = []
-        for name in links:
-            try:
-                st = self.stat_link(fd, name)
-            except (OSError, HTTPError):
-                continue                # dangling, out of the root, or gone since readdir
-            if not self.own_files.hides(path + '/' + name, st):
-                entries.append((name, stat.S_ISDIR(st.st_mode), st))
         return entries
 
     def stat_entries(self, fd, path, entries):
-        """Catalog entries, (natural_key, name, is_dir, stat, kind) tuples, with their stat,
-        read now relative to the directory open at fd, but those gone, changed in kind, or found
-        to be our own files since the directory was read."""
+        """Catalog entries, (natural_key, name, is_dir, stat, kind) tuples, each with its stat:
+        an entry the scan typed by readdir alone is stat()ed now, relative to the directory open
+        at fd, and left out if it is gone, changed in kind, or one of our own files (readdir's
+        inode number is not always the file's: OwnFiles.hides_entry)."""
         fresh = []
         hides = self.own_files.hides
-        for key, name, is_dir, st, kind in entries:
-            if st is None:
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode) != is_dir or not is_dir and not stat.S_ISREG(st.st_mode):
-                    continue
-            if not hides(path + '/' + name, st):
-                fresh.append((key, name, is_dir, st, kind))
+        for entry in entries:
+            key, name, is_dir, st, kind = entry
+            if st is not None:
+                fresh.append(entry)         # stat()ed and checked by the scan
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) != is_dir or not is_dir and not stat.S_ISREG(st.st_mode) \
+                    or hides(path + '/' + name, st):
+                continue
+            fresh.append((key, name, is_dir, st, kind))
         return fresh
 
     def respond_gallery(self, conn, req, fd, path, url_path, query):
@@ -2553,10 +2458,9 @@ class Responder:
         Only the shown entries are stat()ed, unless the order is by date or size."""
         sort, page, fmt = gallery_options(query, req.headers.get('accept', ''))
         dir_st = os.fstat(fd)
-        catalog = self.directory_catalog(fd, path, dir_st, gallery_room(url_path, path, self.max_header_size))
+        catalog = gallery_catalog(self.scan_directory(fd, path), gallery_room(url_path, path, self.max_header_size))
         if sort != 'name':                 # every entry's stat, in the catalog's order
-            catalog = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
-                                     catalog.images, catalog.files, catalog.unlisted)
+            catalog.entries = self.stat_entries(fd, path, catalog.entries)
         listing = gallery_listing(catalog, sort, page)
         listing.entries = [GalleryEntry(*e[1:]) for e in self.stat_entries(
             fd, path, [(None, e.name, e.is_dir, e.st, e.kind) for e in listing.entries])]

@@ -4134,33 +4134,6 @@ class GalleryPureTests(unittest.TestCase):
         self.assertEqual(([e.name for e in listing.entries], listing.unlisted, listing.images, listing.files,
                           listing.dirs), (['d', 'a.txt', 'b.jpg'], 0, 1, 1, 1))
 
-    def test_settled_directory_rule(self):
-        # A listing is kept only if the directory's last change is GALLERY_SETTLE seconds older
-        # than the clock (a whole second, floored): a later change then cannot share its stamp.
-        settle = agent.GALLERY_SETTLE
-        self.assertGreaterEqual(settle, 2)      # > the 1 s stamps of ext3, plus a clock tick
-        now = 1_700_000_000
-        old = gallery_stat(directory=True, mtime=now - settle)
-        self.assertTrue(agent.listing_settled(old, now))
-        self.assertFalse(agent.listing_settled(gallery_stat(directory=True, mtime=now - settle + 1), now))
-        recent_ctime = os.stat_result(tuple(old)[:10], {'st_mtime_ns': old.st_mtime_ns,
-                                                        'st_ctime_ns': (now - 1) * 10 ** 9})
-        self.assertFalse(agent.listing_settled(recent_ctime, now))
-        self.assertFalse(agent.listing_settled(gallery_stat(directory=True, mtime=now + 100), now))
-
-    def test_mount_types(self):
-        text = ('22 27 0:21 / /proc rw,relatime - proc proc rw\n'
-                '27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n'
-                '30 27 0:45 / /srv/my\\040www rw,nosuid master:3 unbindable - fuse.sshfs host:/x rw\n'
-                'junk line\n'
-                '31 27 0:46 / /t rw - tmpfs tmpfs rw\n')
-        types = agent.mount_types(text)
-        self.assertEqual(types, {os.makedev(0, 21): 'proc', os.makedev(254, 0): 'ext4',
-                                 os.makedev(0, 45): 'fuse.sshfs', os.makedev(0, 46): 'tmpfs'})
-        trusted = agent.LISTING_FILE_SYSTEMS
-        self.assertTrue({'ext4', 'tmpfs', 'xfs', 'btrfs'} <= trusted)
-        self.assertFalse({'proc', 'fuse.sshfs', 'nfs', 'nfs4', 'cifs', '9p', 'vfat'} & trusted)
-
     def test_linkable_fast_path_agrees(self):
         for name in ('a', 'A-b_c.d~', '-x', '~', 'a.', 'a..b', '0', 'x' * 200):
             self.assertTrue(agent.linkable(name), name)
