@@ -2658,7 +2658,9 @@ class ChunkedBodyTests(unittest.TestCase):
         full = line + b'd' * n + b'\r\n0\r\n\r\n'
         self.assertEqual(self.outcomes([self.head(), full, self.NEXT])[0], [(b'POST', b'/a.jpg'), (b'GET', b'/next')])
         over = b'%x\r\n' % (n + 1) + b'd' * (n + 1) + b'\r\n0\r\n\r\n'
-        self.assertEqual(self.outcomes([self.head(), over[:10]]), ([413], None))   # said at the size
+        self.assertEqual(self.outcomes([self.head(), over[:-5]])[0], [])
+        self.assertEqual(self.outcomes([self.head(), over[:-2]]), ([413], None))    # at the last chunk
+        self.assertEqual(self.outcomes([self.head(), b'%x\r\n' % (n + 4)]), ([413], None))   # at its size
         many = b'ffff\r\n' + b'd' * 0xffff + b'\r\n'
         self.assertEqual(self.outcomes([self.head()] + [many] * 17)[0], [413])
         for size in (b'100001', b'1' + b'0' * 40, b'f' * 300, b'0' * 1000 + b'100001'):
@@ -2670,7 +2672,8 @@ class ChunkedBodyTests(unittest.TestCase):
         self.assertEqual(self.outcomes([self.head() + long_ext + b'hello\r\n0\r\n\r\n'])[0], [(b'POST', b'/a.jpg')])
         too_long = b'5;' + b'e' * (agent.MAX_CHUNK_LINE - 3) + b'\r\n'
         self.assertEqual(self.outcomes([self.head() + too_long]), ([400], None))
-        self.assertEqual(self.outcomes([self.head() + too_long[:-2]]), ([400], None))   # no line end yet
+        self.assertEqual(self.outcomes([self.head() + too_long[:-1]]), ([400], None))   # no LF yet
+        self.assertEqual(self.outcomes([self.head() + too_long[:-2]])[0], [])          # not past the bound yet
         trailer = b'0\r\nX: ' + b'v' * (agent.MAX_HEADER_SIZE - 7) + b'\r\n\r\n'    # the head's limit
         self.assertEqual(self.outcomes([self.head() + trailer])[0], [(b'POST', b'/a.jpg')])
         self.assertEqual(self.outcomes([self.head() + trailer.replace(b'X', b'XY')]), ([431], None))
@@ -3539,7 +3542,7 @@ class HttpServerTests(SharedAgentTestCase):
         self.assertEqual(conn.response().body, FILE_A)
         response = conn.response()
         self.assertEqual(response.status, 405)
-        self.assertFalse(response.closing())
+        self.assertFalse(response.closing)
         self.assertEqual(conn.response().body, b'B-PNG-CONTENT')
         # chunks of 20000 bytes in pieces, the next request glued to the end of the body
         conn.send(raw_request('/a.jpg', 'Transfer-Encoding: chunked') + b'4e20\r\n' + b'G' * 12000)
@@ -3772,8 +3775,19 @@ class ConnectionTimeoutTests(SharedAgentTestCase):
         write_file(cls.server.root, 'a.jpg', FILE_A)
 
     def test_trickled_header_cut_after_header_timeout(self):
+        self.assert_trickle_cut(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nX-Slow: ')
+
+    def test_trickled_chunked_body_cut_after_header_timeout(self):
+        """A chunked request is answered once its body has ended: the head and the body
+        together have --header-timeout to arrive."""
+        self.assert_trickle_cut(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+                                b'ffff\r\n')
+
+    def assert_trickle_cut(self, start_bytes):
+        """Send start_bytes, then a byte every 0.2 s: the agent closes after --header-timeout
+        (1 s, checked once a second), without an answer."""
         conn = self.conn(timeout=10)
-        conn.send(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nX-Slow: ')
+        conn.send(start_bytes)
         start = time.monotonic()
         closed = False
         while time.monotonic() - start < 8:
@@ -3798,6 +3812,7 @@ class ConnectionTimeoutTests(SharedAgentTestCase):
         self.assertTrue(closed, 'a trickling client was never cut off')
         self.assertGreater(elapsed, 0.8)
         self.assertLess(elapsed, 4.0)
+        self.assertNotIn(b'HTTP/1.1', conn.buf)
         check_no_traceback(conn.buf)
         self.assert_serving()
 
