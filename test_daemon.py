@@ -2628,6 +2628,11 @@ class ChunkedBodyTests(unittest.TestCase):
             with self.subTest(body=body):
                 self.assertEqual(self.outcomes([self.head() + body + self.NEXT]),
                                  ([(b'POST', b'/a.jpg'), (b'GET', b'/next')], (b'', False)))
+        twice = (self.head() + b'5\r\nhello\r\n0\r\n\r\n') * 2       # the second head is reused
+        self.assertEqual(self.outcomes([twice + self.NEXT]),
+                         ([(b'POST', b'/a.jpg')] * 2 + [(b'GET', b'/next')], (b'', False)))
+        self.assertEqual(self.outcomes([twice[:-3], twice[-3:] + self.NEXT[:5]]),
+                         ([(b'POST', b'/a.jpg')] * 2, (self.NEXT[:5], False)))
         req = agent.parse_request(self.head(method=b'GET'))[0]
         self.assertEqual(req.body_length, 0)
         agent.check_method(req)                 # a GET with a body is still a GET
