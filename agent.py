@@ -111,7 +111,13 @@ Limits (flags in parentheses):
                              (timeouts are checked once a second: they end up to 1 s late)
     connections per worker   4096 (--max-connections): the longest-idle keep-alive connection
                              makes room; with none idle the worker stops accepting a while
-    request bodies           read and discarded up to 1 MiB; more is 413 and a close
+    request bodies           read and discarded up to 1 MiB; more is 413 and a close.  A
+                             Content-Length body is dropped after the answer, a chunked one
+                             (RFC 9112 section 7.1 to the letter, else 400; chunk-size lines
+                             4 KiB, the trailer as a head) before it: it must come with the
+                             head within the header timeout
+    Transfer-Encoding        chunked alone; another final coding, or with Content-Length, or
+                             in HTTP/1.0, 400; a coding before chunked 501; each with a close
 Paths are percent-decoded once; NUL, control bytes, backslashes, invalid UTF-8 and any escape
 above the root are refused (400); dot files are hidden (404); a symlink leading out of --root is
 404 unless --follow-symlinks.  Errors are small HTML pages; no traceback reaches a client.
@@ -162,6 +168,7 @@ MAX_HEADER_SIZE = 8192
 MAX_HEADERS = 100
 PATH_MAX = 4096                 # Linux: bytes of a path a system call takes, its NUL included
 MAX_DISCARD = 1 << 20           # request bodies up to this size are read and thrown away
+MAX_CHUNK_LINE = 4096           # a chunk-size line of a chunked body, extensions and CRLF included
 HEADER_TIMEOUT = 10.0
 IDLE_TIMEOUT = 15.0
 MAX_CONNECTIONS = 4096
@@ -210,6 +217,18 @@ PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
 HEADER_FIELD = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)(?<![ \t])[ \t]*\r?\n", re.M)
 GARBAGE = re.compile(rb'[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]')
 LOG_UNSAFE = re.compile(rb'[^\x20-\x7e]|["\\]')
+# RFC 9112 section 7.1: chunk-size [ chunk-ext ] CRLF, where chunk-ext is
+# *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ) and a value is a token or a
+# quoted-string.  Whitespace only where the grammar has BWS: RFC 9110 section 5.6.3 says a
+# recipient MUST accept it there, and anywhere else ("5 ", " 5", "0x5", "+5") parsers disagree
+# on the size, which is what request smuggling is made of.  CHUNK_START is what a line cut short
+# can still become: hex digits, then the end or what may follow them.
+CHUNK_LINE = re.compile(rb'([0-9A-Fa-f]+)(?:[ \t]*;[ \t]*[!#$%&\'*+\-.^_`|~0-9A-Za-z]+'
+                        rb'(?:[ \t]*=[ \t]*(?:[!#$%&\'*+\-.^_`|~0-9A-Za-z]+'
+                        rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*\r\n')
+CHUNK_START = re.compile(rb'[0-9A-Fa-f]+(?:[ \t;\r]|\Z)')
+# A trailer field line: the head's rule (HEADER_FIELD), its line end too.
+TRAILER_FIELD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*\r?\n")
 # RFC 9112 section 3.2 and RFC 3986 section 3.2.2: Host = uri-host [ ":" port ], where uri-host
 # is an IP-literal in brackets or a reg-name (which also covers IPv4 addresses), possibly empty.
 HOST_VALUE = re.compile(r"^(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
@@ -248,7 +267,8 @@ class HTTPError(Exception):
 class Request:
     """One parsed request head.  headers maps lowercase str names to latin-1 str values."""
 
-    __slots__ = ('method', 'target', 'version', 'headers', 'keep_alive', 'line', 'body_length')
+    __slots__ = ('method', 'target', 'version', 'headers', 'keep_alive', 'line', 'body_length',
+                 'chunked')
 
     def __init__(self, method, target, version, headers, line):
         self.method = method            # bytes, b'GET'
@@ -263,7 +283,8 @@ class Request:
             self.keep_alive = 'close' not in tokens.lower()
         else:
             self.keep_alive = 'keep-alive' in tokens.lower()
-        self.body_length = 0
+        self.body_length = 0            # of a Content-Length body
+        self.chunked = False            # Transfer-Encoding: chunked
 
 
 def find_head_end(buf):
@@ -343,14 +364,22 @@ def frame(buf, discard, max_size=MAX_HEADER_SIZE, last=None):
 
     item is a Request; an HTTPError, after which the connection is closed (its framing can no
     longer be trusted), with rest left as it was so that the close can linger; or None while
-    more bytes are needed.  discard counts the body bytes still to be read and dropped; they go
-    first, and only then the empty lines allowed before a request line.  last is (head,
-    Request) of the connection's previous request: clients repeat their heads byte for byte,
-    and the same head is the same parse, so it is reused without parsing again.
+    more bytes are needed.  discard is what is left of a body to read and drop: a count of
+    bytes after a Content-Length head (the request is answered at once, the body dropped after
+    it), or a ChunkedBody.  The body goes first, and only then the empty lines allowed before
+    a request line.  last is (head, Request) of the connection's previous request: clients
+    repeat their heads byte for byte, and the same head is the same parse, so it is reused
+    without parsing again.
+
+    A chunked request is answered once its body has ended (drop_chunked): its length is
+    unknown before, and an error in it (400, or 413 past MAX_DISCARD) is then the answer to
+    that request, the one answer it gets, whatever bytes came with the head.
 
     Connection.process() frames with this, and so does bench/fuzz.py: one owner for framing,
     and a pure function of its arguments, so the answer never depends on how the bytes came.
     """
+    if discard.__class__ is ChunkedBody:
+        return _frame_chunked(buf, discard, max_size, last)
     if discard:
         dropped = min(discard, len(buf))
         buf, discard = buf[dropped:], discard - dropped
@@ -361,16 +390,115 @@ def frame(buf, discard, max_size=MAX_HEADER_SIZE, last=None):
     if not buf:
         return None, buf, 0, last
     if last is not None and buf.startswith(last[0]):
-        req = last[1]
-        return req, buf[len(last[0]):], req.body_length, last
+        req, consumed = last[1], len(last[0])
+    else:
+        try:
+            parsed = parse_request(buf, max_size)
+        except HTTPError as exc:
+            return exc, buf, 0, last
+        if parsed is None:
+            return None, buf, 0, last
+        req, consumed = parsed
+        last = (buf[:consumed], req)
+    if req.chunked:
+        return _frame_chunked(buf[consumed:], ChunkedBody(req), max_size, last)
+    return req, buf[consumed:], req.body_length, last
+
+
+def _frame_chunked(buf, body, max_size, last):
+    """frame() in a chunked body: its request once the body has ended, else None."""
     try:
-        parsed = parse_request(buf, max_size)
+        dropped, rest = drop_chunked(buf, body, max_size)
     except HTTPError as exc:
         return exc, buf, 0, last
-    if parsed is None:
-        return None, buf, 0, last
-    req, consumed = parsed
-    return req, buf[consumed:], req.body_length, (buf[:consumed], req)
+    if rest is None:
+        return body.req, buf[dropped:], 0, last
+    return None, buf[dropped:], rest, last
+
+
+class ChunkedBody:
+    """Where frame() is in a chunked request body (RFC 9112 section 7.1), never changed:
+    drop_chunked makes a new one.  left: -1 at a chunk-size line, else the data bytes of the
+    current chunk still to come (then its CRLF).  size: bytes of the chunks so far (size lines,
+    data, CRLFs, to the last-chunk line), bounded by MAX_DISCARD.  trailer: None before the
+    last chunk, then the bytes of the trailer section so far, bounded as a head is."""
+
+    __slots__ = ('req', 'left', 'size', 'trailer')
+
+    def __init__(self, req, left=-1, size=0, trailer=None):
+        self.req = req
+        self.left = left
+        self.size = size
+        self.trailer = trailer
+
+
+def drop_chunked(buf, body, max_size=MAX_HEADER_SIZE):
+    """Read what buf holds of a chunked body: (bytes dropped, ChunkedBody to go on with, or
+    None once the body has ended).  Raises HTTPError (close) if the body breaks the grammar
+    or a bound.
+
+    chunked-body = *chunk last-chunk trailer-section CRLF (RFC 9112 section 7.1).  A line is
+    taken only whole, so the answer is the same however the bytes were cut; a partial line is
+    refused only when no ending can make it valid (a chunk-size line that cannot become
+    CHUNK_LINE, or a line past its bound), and with the status the whole line would get.
+
+    CRLF ends chunk lines and chunk data: a bare LF there is 400.  RFC 9112 section 2.2 lets a
+    recipient take a bare LF for the end of the start-line and of field lines only, which is
+    what find_head_end does for the head; chunk framing has no such allowance, and a parser
+    that reads "5\n" as a size line while another reads on to a CRLF is the classic way to make
+    two of them see different bodies.  The trailer section is field lines, so its lines and
+    its final empty line end as a head's do (LF, or CRLF).  Extensions are ignored (section
+    7.1.1) within MAX_CHUNK_LINE; trailer fields are checked as field lines and dropped.
+    """
+    left, size, trailer = body.left, body.size, body.trailer
+    pos, end = 0, len(buf)
+    while pos < end:
+        if trailer is not None:
+            room = max_size - trailer
+            lf = buf.find(b'\n', pos, pos + room)
+            if lf < 0:
+                if end - pos >= room:
+                    raise HTTPError(431, close=True, request_line=body.req.line)
+                break
+            trailer += lf + 1 - pos
+            if lf == pos or lf == pos + 1 and buf[pos] == 13:
+                return lf + 1, None                             # the empty line: the end
+            if TRAILER_FIELD.fullmatch(buf, pos, lf + 1) is None:
+                raise HTTPError(400, close=True, request_line=body.req.line)
+            pos = lf + 1
+        elif left < 0:
+            lf = buf.find(b'\n', pos, pos + MAX_CHUNK_LINE)
+            if lf < 0:
+                if end - pos >= MAX_CHUNK_LINE or CHUNK_START.match(buf, pos) is None:
+                    raise HTTPError(400, close=True, request_line=body.req.line)
+                break
+            match = CHUNK_LINE.fullmatch(buf, pos, lf + 1)
+            if match is None:
+                raise HTTPError(400, close=True, request_line=body.req.line)
+            digits = match.group(1).lstrip(b'0')
+            if len(digits) > 8:             # already past MAX_DISCARD; no number to build
+                raise HTTPError(413, close=True, request_line=body.req.line)
+            left = int(digits, 16) if digits else 0
+            size += lf + 1 - pos + (left + 2 if left else 0)
+            if size > MAX_DISCARD:
+                raise HTTPError(413, close=True, request_line=body.req.line)
+            pos = lf + 1
+            if not left:
+                left, trailer = -1, 0                           # last-chunk: the trailer section
+        else:
+            step = min(left, end - pos)
+            pos += step
+            left -= step
+            if left:
+                break
+            crlf = buf[pos:pos + 2]
+            if crlf != b'\r\n':
+                if crlf == b'\r' or not crlf:
+                    break                                       # the rest of it is to come
+                raise HTTPError(400, close=True, request_line=body.req.line)
+            pos += 2
+            left = -1
+    return pos, ChunkedBody(body.req, left, size, trailer)
 
 
 def _merge_repeated(fields, line):
@@ -409,10 +537,23 @@ def _check_framing(req):
     headers = req.headers
     if req.version >= (1, 1) and 'host' not in headers:
         raise HTTPError(400, close=True, request_line=req.line)
-    if 'transfer-encoding' in headers:
-        # With Content-Length too it is a smuggling attempt; alone we do not decode bodies.
-        status = 400 if 'content-length' in headers else 501
-        raise HTTPError(status, close=True, request_line=req.line)
+    coding = headers.get('transfer-encoding')
+    if coding is not None:
+        # RFC 9112 section 6.3: with Content-Length too it is a smuggling attempt, and with
+        # HTTP/1.0 (which has no Transfer-Encoding) section 6.1 says the framing is faulty.  A
+        # final coding other than chunked leaves the length unknown: 400.  Another coding
+        # before chunked is one this server does not implement: 501 (section 6.1).  Only a
+        # list with chunked once, last, and no empty element is read; anything a proxy could
+        # read otherwise is refused, and the close after it leaves nothing to smuggle.
+        # nginx 1.22 answers the same, but 501 for every value other than "chunked".
+        codings = [name.strip(' \t').lower() for name in coding.split(',')]
+        if 'content-length' in headers or req.version < (1, 1) or codings[-1] != 'chunked' \
+                or codings.count('chunked') != 1 or '' in codings:
+            raise HTTPError(400, close=True, request_line=req.line)
+        if len(codings) > 1:
+            raise HTTPError(501, close=True, request_line=req.line)
+        req.chunked = True
+        return
     length = headers.get('content-length')
     if length is not None:
         values = {v.strip() for v in length.split(',')}
@@ -1747,7 +1888,7 @@ class Connection:
         self.worker = worker
         self.state = READING
         self.inbuf = b''
-        self.discard = 0            # request body bytes still to be read and dropped
+        self.discard = 0            # request body bytes still to be read and dropped, or a ChunkedBody
         self.out = b''
         self.file = None
         self.offset = self.remaining = 0

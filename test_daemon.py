@@ -2742,6 +2742,192 @@ class RequestParsingTests(unittest.TestCase):
             self.assertEqual(caught.exception.status, 501)
 
 
+class ChunkedBodyTests(unittest.TestCase):
+    """Transfer-Encoding: chunked request bodies (RFC 9112 sections 6 and 7): framed by frame()
+    exactly as the grammar says, dropped, and the connection goes on; the transfer codings a
+    request may name, and the request smuggling probes (CL.TE, TE.CL, TE.TE)."""
+
+    NEXT = b'GET /next HTTP/1.1\r\nHost: x\r\n\r\n'
+    # Bodies that are exactly the grammar: each is dropped whole and /next is framed after it.
+    VALID = [
+        b'5\r\nhello\r\n0\r\n\r\n',
+        b'0\r\n\r\n',                                               # no data at all
+        b'3\r\nabc\r\nA\r\n0123456789\r\nf\r\n' + b'x' * 15 + b'\r\n0\r\n\r\n',   # hex, both cases
+        b'0005\r\nhello\r\n000\r\n\r\n',                            # 1*HEXDIG, last-chunk 1*"0"
+        b'7\r\n0\r\n\r\nGE\r\n0\r\n\r\n',                           # data that looks like an end
+        b'5;name\r\nhello\r\n0;last\r\n\r\n',                       # chunk extensions
+        b'5;a=b;c="d;e\\"f"\r\nhello\r\n0\r\n\r\n',                 # token and quoted-string values
+        b'5 ;a\r\nhello\r\n0\t;b\r\n\r\n',                          # BWS before ';' ...
+        b'5; a = b\r\nhello\r\n0;\tc\t=\t"d"\r\n\r\n',              # ... after it and around '='
+        b'5\r\nhello\r\n0\r\nX-Checksum: abc\r\nX-Empty:\r\n\r\n',  # a trailer section
+        b'5\r\nhello\r\n0\r\nX-Checksum: abc\n\n',                  # its lines end as the head's may
+    ]
+    # Bodies that break the grammar: 400 and a close.
+    INVALID = [
+        b'5 \r\nhello\r\n0\r\n\r\n',            # whitespace after the size, no extension follows
+        b' 5\r\nhello\r\n0\r\n\r\n', b'\t5\r\nhello\r\n0\r\n\r\n',
+        b'0x5\r\nhello\r\n0\r\n\r\n', b'+5\r\nhello\r\n0\r\n\r\n', b'-5\r\nhello\r\n0\r\n\r\n',
+        b'5_0\r\nhello\r\n0\r\n\r\n',           # int(x, 16) would take these four
+        b'\r\nhello\r\n0\r\n\r\n', b'g\r\n0\r\n\r\n', b'5\rhello\r\n0\r\n\r\n',
+        b'5\nhello\r\n0\r\n\r\n',               # a bare LF ends no chunk line ...
+        b'5\r\nhello\n0\r\n\r\n',               # ... nor chunk data ...
+        b'5\r\nhello\r\n0\n\r\n',               # ... nor the last chunk
+        b'5\r\nhello0\r\n\r\n', b'3\r\nhello\r\n0\r\n\r\n', b'5\r\nhello\r\r\n0\r\n\r\n',
+        b'5;\r\nhello\r\n0\r\n\r\n', b'5;a=\r\nhello\r\n0\r\n\r\n', b'5;a b\r\nhello\r\n0\r\n\r\n',
+        b'5;a \r\nhello\r\n0\r\n\r\n', b'5;a="x\r\nhello\r\n0\r\n\r\n', b'5;a="x" \r\nhello\r\n0\r\n\r\n',
+        b'5;=b\r\nhello\r\n0\r\n\r\n', b'5;a=b=c\r\nhello\r\n0\r\n\r\n', b'5;a="\x01"\r\nhello\r\n0\r\n\r\n',
+        b'0\r\nX: a\r\n b\r\n\r\n',             # trailer: obs-fold
+        b'0\r\nnocolon\r\n\r\n', b'0\r\nX : a\r\n\r\n', b'0\r\nX: a\x00\r\n\r\n', b'0\r\nX: a\rb\r\n\r\n',
+        b'0\r\n\rX\r\n\r\n',
+    ]
+
+    def outcomes(self, pieces, max_size=agent.MAX_HEADER_SIZE):
+        """Feed pieces to frame() as the worker does: what it framed (method and target of each
+        request, the status of an error, after which nothing more is framed) and what is left
+        waiting (the unframed bytes, and whether a body is being dropped)."""
+        inbuf, discard, last, found = b'', 0, None, []
+        for piece in pieces:
+            inbuf += piece
+            while True:
+                item, inbuf, discard, last = agent.frame(inbuf, discard, max_size, last)
+                if item is None:
+                    break
+                if isinstance(item, agent.HTTPError):
+                    self.assertTrue(item.close, item.status)
+                    return found + [item.status], None
+                found.append((item.method, item.target))
+        return found, (inbuf, bool(discard))
+
+    def head(self, te=b'Transfer-Encoding: chunked', method=b'POST', version=b'HTTP/1.1'):
+        return method + b' /a.jpg ' + version + b'\r\nHost: x\r\n' + te + b'\r\n\r\n'
+
+    def test_a_chunked_body_is_dropped_and_the_next_request_follows(self):
+        for body in self.VALID:
+            with self.subTest(body=body):
+                self.assertEqual(self.outcomes([self.head() + body + self.NEXT]),
+                                 ([(b'POST', b'/a.jpg'), (b'GET', b'/next')], (b'', False)))
+        twice = (self.head() + b'5\r\nhello\r\n0\r\n\r\n') * 2       # the second head is reused
+        self.assertEqual(self.outcomes([twice + self.NEXT]),
+                         ([(b'POST', b'/a.jpg')] * 2 + [(b'GET', b'/next')], (b'', False)))
+        self.assertEqual(self.outcomes([twice[:-3], twice[-3:] + self.NEXT[:5]]),
+                         ([(b'POST', b'/a.jpg')] * 2, (self.NEXT[:5], False)))
+        req = agent.parse_request(self.head(method=b'GET'))[0]
+        self.assertEqual(req.body_length, 0)
+        agent.check_method(req)                 # a GET with a body is still a GET
+
+    def test_a_body_outside_the_grammar_is_400(self):
+        for body in self.INVALID + [b'']:       # b'': no body at all, /next is no chunk-size line
+            with self.subTest(body=body):
+                self.assertEqual(self.outcomes([self.head() + body + self.NEXT]), ([400], None))
+
+    def test_a_request_waits_for_the_end_of_its_body(self):
+        """The request is answered once its body has ended: an error in the body is then that
+        request's answer (no second response after a first), wherever the bytes are cut."""
+        body = b'5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n'
+        for cut in range(len(body)):
+            found, waiting = self.outcomes([self.head() + body[:cut]])
+            self.assertEqual(found, [], cut)
+            self.assertTrue(waiting[1], cut)
+        self.assertEqual(self.outcomes([self.head() + body])[0], [(b'POST', b'/a.jpg')])
+
+    def test_limits(self):
+        """The chunks (size lines, data and CRLFs, to the last-chunk line) are dropped up to
+        MAX_DISCARD bytes, beyond is 413 as for a longer Content-Length; a chunk-size line with
+        its extensions is at most MAX_CHUNK_LINE bytes (400 beyond), the trailer section at
+        most the head's limit (431 beyond, as a head's fields)."""
+        n = agent.MAX_DISCARD - 12
+        line = b'%x\r\n' % n
+        self.assertEqual(len(line) + n + 2 + len(b'0\r\n'), agent.MAX_DISCARD)
+        full = line + b'd' * n + b'\r\n0\r\n\r\n'
+        self.assertEqual(self.outcomes([self.head(), full, self.NEXT])[0], [(b'POST', b'/a.jpg'), (b'GET', b'/next')])
+        over = b'%x\r\n' % (n + 1) + b'd' * (n + 1) + b'\r\n0\r\n\r\n'
+        self.assertEqual(self.outcomes([self.head(), over[:-5]])[0], [])
+        self.assertEqual(self.outcomes([self.head(), over[:-2]]), ([413], None))    # at the last chunk
+        self.assertEqual(self.outcomes([self.head(), b'%x\r\n' % (n + 4)]), ([413], None))   # at its size
+        many = b'ffff\r\n' + b'd' * 0xffff + b'\r\n'
+        self.assertEqual(self.outcomes([self.head()] + [many] * 17)[0], [413])
+        for size in (b'100001', b'1' + b'0' * 40, b'f' * 300, b'0' * 1000 + b'100001'):
+            self.assertEqual(self.outcomes([self.head() + size + b'\r\n']), ([413], None), size[:20])
+        self.assertEqual(self.outcomes([self.head() + b'0' * 1000 + b'5\r\nhello\r\n0\r\n\r\n' + self.NEXT])[0],
+                         [(b'POST', b'/a.jpg'), (b'GET', b'/next')])
+        long_ext = b'5;' + b'e' * (agent.MAX_CHUNK_LINE - 4) + b'\r\n'     # MAX_CHUNK_LINE bytes
+        self.assertEqual(len(long_ext), agent.MAX_CHUNK_LINE)
+        self.assertEqual(self.outcomes([self.head() + long_ext + b'hello\r\n0\r\n\r\n'])[0], [(b'POST', b'/a.jpg')])
+        too_long = b'5;' + b'e' * (agent.MAX_CHUNK_LINE - 3) + b'\r\n'
+        self.assertEqual(self.outcomes([self.head() + too_long]), ([400], None))
+        self.assertEqual(self.outcomes([self.head() + too_long[:-1]]), ([400], None))   # no LF yet
+        self.assertEqual(self.outcomes([self.head() + too_long[:-2]])[0], [])          # not past the bound yet
+        trailer = b'0\r\nX: ' + b'v' * (agent.MAX_HEADER_SIZE - 7) + b'\r\n\r\n'    # the head's limit
+        self.assertEqual(self.outcomes([self.head() + trailer])[0], [(b'POST', b'/a.jpg')])
+        self.assertEqual(self.outcomes([self.head() + trailer.replace(b'X', b'XY')]), ([431], None))
+        self.assertEqual(self.outcomes([self.head() + trailer[:-4] + b"vvvv"]), ([431], None))
+        self.assertEqual(self.outcomes([self.head() + b'0\r\n' + b'X: 1\r\n' * 2000])[0], [431])
+        self.assertEqual(self.outcomes([self.head() + trailer.replace(b'X', b'XY')], 9000)[0], [(b'POST', b'/a.jpg')])
+
+    def test_every_cut_frames_the_same(self):
+        """However TCP cuts a chunked stream, the same requests and the same errors come out."""
+        for body in self.VALID + self.INVALID + [b'4\r\nab\r\n\r\n' + self.NEXT, b'5;' + b'e' * 5000]:
+            stream = self.head() + body + self.NEXT
+            whole = self.outcomes([stream])
+            self.assertEqual(self.outcomes([bytes([b]) for b in stream]), whole, stream)
+            for cut in range(1, len(stream)):
+                self.assertEqual(self.outcomes([stream[:cut], stream[cut:]]), whole, (cut, stream))
+
+    def test_transfer_codings(self):
+        """RFC 9112 section 6.1: a request's body is chunked when chunked is its final (and here
+        only) transfer coding; codings are case-insensitive and OWS around the field value is
+        not part of it.  Section 6.3: chunked not final (identity, gzip, an unknown name such as
+        xchunked, chunked applied twice) is 400 and a close: the body's length cannot be
+        known.  Another coding before a final chunked is one this server does not implement:
+        501 and a close (section 6.1 SHOULD; nginx 1.22 answers these 501 too).  nginx refuses
+        every value but "chunked" with 501, and takes a tab before it for part of the value; the
+        agent strips it as OWS (RFC 9110 section 5.5)."""
+        for value in (b'chunked', b'CHUNKED', b'Chunked', b'  chunked', b'chunked  ', b'\tchunked\t'):
+            req, _ = agent.parse_request(self.head(b'Transfer-Encoding:' + value))
+            self.assertTrue(req.chunked, value)
+        for value in (b'', b'xchunked', b'chunkedx', b'chunked, gzip', b'identity', b'gzip', b'chunked, chunked',
+                      b'chunked;q=1', b'chunked,', b', chunked', b'chunked\x0b', b'chunked\x85', b'"chunked"'):
+            with self.subTest(value=value):
+                with self.assertRaises(agent.HTTPError) as caught:
+                    agent.parse_request(self.head(b'Transfer-Encoding: ' + value))
+                self.assertEqual(caught.exception.status, 400)
+                self.assertTrue(caught.exception.close)
+        for value in (b'gzip, chunked', b'identity, chunked', b'x,chunked', b'gzip,\tchunked'):
+            with self.subTest(value=value):
+                with self.assertRaises(agent.HTTPError) as caught:
+                    agent.parse_request(self.head(b'Transfer-Encoding: ' + value))
+                self.assertEqual(caught.exception.status, 501)
+                self.assertTrue(caught.exception.close)
+
+    def test_request_smuggling_probes(self):
+        """Each is 400 and a close, so no byte of it is ever read as a next request.
+        CL.TE, TE.CL: both lengths (RFC 9112 section 6.3: ought to be handled as an error;
+        nginx 1.22: 400).  TE.TE: a second Transfer-Encoding field, which one proxy may honour
+        and another ignore (nginx: 400), or one with chunked hidden in it.  HTTP/1.0 with
+        Transfer-Encoding (section 6.1: the framing is faulty; nginx: 400)."""
+        smuggled = b'GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n'
+        probes = {
+            'CL.TE': self.head(b'Content-Length: 6\r\nTransfer-Encoding: chunked') + b'0\r\n\r\nG',
+            'TE.CL': self.head(b'Transfer-Encoding: chunked\r\nContent-Length: 4') + b'5c\r\n' + smuggled + b'0\r\n\r\n',
+            'CL.TE with chunked hidden': self.head(b'Content-Length: 5\r\nTransfer-Encoding: xchunked') + b'0\r\n\r\n',
+            'TE.TE repeated': self.head(b'Transfer-Encoding: chunked\r\nTransfer-Encoding: x') + b'0\r\n\r\n',
+            'TE.TE repeated chunked': self.head(b'Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked') + b'0\r\n\r\n',
+            'TE.TE xchunked': self.head(b'Transfer-Encoding: xchunked') + b'0\r\n\r\n',
+            'TE.TE obs-fold': self.head(b'Transfer-Encoding:\r\n chunked') + b'0\r\n\r\n',
+            'TE.TE space before colon': self.head(b'Transfer-Encoding : chunked') + b'0\r\n\r\n',
+            'TE.TE vertical tab': self.head(b'Transfer-Encoding: chunked\x0b') + b'0\r\n\r\n',
+            'TE.TE quoted': self.head(b'Transfer-Encoding: "chunked"') + b'0\r\n\r\n',
+            'HTTP/1.0 TE': self.head(version=b'HTTP/1.0') + b'0\r\n\r\n',
+            'HTTP/1.0 TE and CL': self.head(b'Transfer-Encoding: chunked\r\nContent-Length: 5',
+                                            version=b'HTTP/1.0') + b'0\r\n\r\n',
+            'chunk size with a bare LF': self.head() + b'5\n' + smuggled + b'0\r\n\r\n',
+            'chunk size 0x': self.head() + b'0x5c\r\n' + smuggled + b'\r\n0\r\n\r\n',
+        }
+        for name, stream in probes.items():
+            with self.subTest(probe=name):
+                self.assertEqual(self.outcomes([stream + smuggled]), ([400], None))
+
+
 class PathMappingTests(unittest.TestCase):
     ROOT = '/srv/www'
 
@@ -3529,6 +3715,43 @@ class HttpServerTests(SharedAgentTestCase):
         conn.send(raw_request('/c.gif', 'Connection: close')[10:])
         self.assertEqual(conn.response().body, b'C-GIF-CONTENT')
 
+    def test_chunked_body_discarded(self):
+        """A chunked body is read and dropped; the connection goes on (keep-alive), as after a
+        Content-Length body, for a GET (200) and a POST (405) alike."""
+        conn = self.conn()
+        conn.send(raw_request('/a.jpg', 'Transfer-Encoding: chunked', body=b'3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n')
+                  + raw_request('/b.png', 'Transfer-Encoding: chunked', method='POST', body=b'0\r\n\r\n')
+                  + raw_request('/b.png'))
+        self.assertEqual(conn.response().body, FILE_A)
+        response = conn.response()
+        self.assertEqual(response.status, 405)
+        self.assertFalse(response.closing)
+        self.assertEqual(conn.response().body, b'B-PNG-CONTENT')
+        # chunks of 20000 bytes in pieces, the next request glued to the end of the body
+        conn.send(raw_request('/a.jpg', 'Transfer-Encoding: chunked') + b'4e20\r\n' + b'G' * 12000)
+        conn.send(b'E' * 8000 + b'\r\n4e20\r')
+        conn.send(b'\n' + b'T' * 20000 + b'\r\n0\r\n\r\n' + raw_request('/c.gif', 'Connection: close')[:10])
+        conn.send(raw_request('/c.gif', 'Connection: close')[10:])
+        self.assertEqual(conn.response().body, FILE_A)
+        self.assertEqual(conn.response().body, b'C-GIF-CONTENT')
+        self.assertTrue(conn.wait_closed())
+
+    def test_chunked_body_errors_close(self):
+        """A body past MAX_DISCARD is 413, one outside the chunked grammar 400, an unknown
+        coding 501: one answer, then a close; nothing after it is read as a request."""
+        smuggled = raw_request('/b.png')
+        for body, te, status in ((b'100001\r\n' + b'x' * 1000, 'chunked', 413),
+                                 (b'5\nhello\r\n0\r\n\r\n', 'chunked', 400),
+                                 (b'0x5\r\nhello\r\n0\r\n\r\n', 'chunked', 400),
+                                 (b'0\r\n\r\n', 'xchunked', 400),
+                                 (b'0\r\n\r\n', 'gzip, chunked', 501)):
+            with self.subTest(body=body[:12], te=te):
+                data, closed = self.fetch_all(raw_request('/a.jpg', 'Transfer-Encoding: ' + te, body=body) + smuggled)
+                self.assertTrue(closed)
+                self.assertTrue(data.startswith(b'HTTP/1.1 %d ' % status), data[:100])
+                self.assertEqual(data.count(b'HTTP/1.1 '), 1, data)
+                self.assertIn(b'connection: close', data.lower())
+
     def test_transfer_encoding_with_content_length_400(self):
         data, closed = self.fetch_all(
             raw_request('/a.jpg', 'Content-Length: 5', 'Transfer-Encoding: chunked', body=b'hello')
@@ -3735,8 +3958,19 @@ class ConnectionTimeoutTests(SharedAgentTestCase):
         write_file(cls.server.root, 'a.jpg', FILE_A)
 
     def test_trickled_header_cut_after_header_timeout(self):
+        self.assert_trickle_cut(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nX-Slow: ')
+
+    def test_trickled_chunked_body_cut_after_header_timeout(self):
+        """A chunked request is answered once its body has ended: the head and the body
+        together have --header-timeout to arrive."""
+        self.assert_trickle_cut(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+                                b'ffff\r\n')
+
+    def assert_trickle_cut(self, start_bytes):
+        """Send start_bytes, then a byte every 0.2 s: the agent closes after --header-timeout
+        (1 s, checked once a second), without an answer."""
         conn = self.conn(timeout=10)
-        conn.send(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nX-Slow: ')
+        conn.send(start_bytes)
         start = time.monotonic()
         closed = False
         while time.monotonic() - start < 8:
@@ -3761,6 +3995,7 @@ class ConnectionTimeoutTests(SharedAgentTestCase):
         self.assertTrue(closed, 'a trickling client was never cut off')
         self.assertGreater(elapsed, 0.8)
         self.assertLess(elapsed, 4.0)
+        self.assertNotIn(b'HTTP/1.1', conn.buf)
         check_no_traceback(conn.buf)
         self.assert_serving()
 
@@ -4683,6 +4918,18 @@ class ByteStreamTests(unittest.TestCase):
                   b'GET /empty.txt HTTP/1.1\r\nHost: x\r\n\r\n')
         data, _ = self.answers([stream])
         self.assertEqual(re.findall(rb'HTTP/1\.1 (\d+)', data), [b'405', b'200'], data[:400])
+
+    def test_a_chunked_stream_answers_the_same_at_every_cut(self):
+        """A chunked body, then a pipelined request, through a real Connection: cut in two at
+        every byte, the client gets the same bytes as when it comes whole."""
+        stream = (b'POST /a.jpg HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+                  b'3 ;a="b"\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nT: 1\r\n\r\n'
+                  b'GET /empty.txt HTTP/1.1\r\nHost: x\r\n\r\n')
+        whole, closed = self.answers([stream])
+        self.assertEqual(re.findall(rb'HTTP/1\.1 (\d+)', whole), [b'405', b'200'], whole[:400])
+        self.assertFalse(closed)
+        for cut in range(1, len(stream)):
+            self.assertEqual(self.answers([stream[:cut], stream[cut:]]), (whole, False), cut)
 
     def test_frame_reuses_a_repeated_head_and_nothing_else(self):
         head = b'GET /a.jpg HTTP/1.1\r\nHost: x\r\n\r\n'

@@ -167,12 +167,15 @@ def corpus():
         b'POST /a.jpg HTTP/1.1\r\n' + h + b'Content-Length: 5\r\n\r\nhello',
         b'GET /a.jpg HTTP/1.1\r\n' + h + b'Content-Length: 3\r\n\r\nabc',
         b'OPTIONS * HTTP/1.1\r\n' + h + b'\r\n',
+        b'POST /a.jpg HTTP/1.1\r\n' + h + b'Transfer-Encoding: chunked\r\n\r\n'
+        b'5;x=y\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n',
+        b'GET /a.jpg HTTP/1.1\r\n' + h + b'Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n',
     ]
-    get, head, conn_close, rng, tail, inm, redirect, post, body_get, star = (
+    get, head, conn_close, rng, tail, inm, redirect, post, body_get, star, chunked = (
         singles[0], singles[1], singles[4], singles[5], singles[6], singles[11], singles[17],
-        singles[-3], singles[-2], singles[12])
+        singles[-5], singles[-4], singles[12], singles[-1])
     pairs = [get + head, head + rng, post + get, body_get + star, get + conn_close + get,
-             inm + redirect + tail]
+             inm + redirect + tail, chunked + head, singles[-2] + chunked + get]
     return singles + pairs
 
 
@@ -362,6 +365,64 @@ def m_body(rng, data):
     return head + b'\r\n' + body + rest
 
 
+# Transfer-Encoding values: the one the agent reads (chunked, in any case, OWS around it) and the
+# ones it refuses (400: chunked not alone and last; 501: another coding before it).
+TRANSFER_CODINGS = [b'chunked', b'CHUNKED', b' chunked', b'chunked ', b'\tchunked', b'xchunked',
+                    b'chunked, chunked', b'gzip, chunked', b'chunked, gzip', b'identity', b'',
+                    b'chunked;q=1', b'chunked,', b', chunked', b'chunked\x0b', b'"chunked"']
+# Ways to break a chunked body: (what to find, what to put in its place), the first one found.
+CHUNK_FLAWS = [(b'\r\n', b'\n'), (b'\r\n', b'\r'), (b'\r\n', b' \r\n'), (b'\r\n', b'\r\n\r\n'),
+               (b'0\r\n', b'0\n'), (b'0\r\n', b''), (b';', b' ; '), (b';', b'; ;'), (b'=', b' = '),
+               (b'"', b''), (b'\r\n0', b'\r\n0x0'), (b'\r\n0', b'\r\n-0'), (b'\r\n0', b'\r\n 0'),
+               (b'\r\n0', b'\r\nfffffffffffffffff'), (b'\r\n0', b'\r\n100001'), (b': ', b' : '),
+               (b'\r\n\r\n', b'\r\n \r\n'), (b'\r\n\r\n', b'\r\nX: ' + b'v' * 9000 + b'\r\n\r\n')]
+
+
+def chunked_body(rng):
+    """A chunked body: a few chunks (random bytes, some sizes in capitals or with leading
+    zeros, some with extensions), the last chunk, maybe trailer fields; half the time with one
+    flaw from CHUNK_FLAWS, or one chunk that says a size its data does not have."""
+    chunks = []
+    for _ in range(rng.choice([0, 1, 1, 2, 3, 5])):
+        n = rng.choice([1, 2, 15, 16, 255, 1000, 5000])
+        size = rng.choice([b'%x', b'%X', b'00%x']) % n
+        ext = rng.choice([b'', b'', b';a', b';a=b', b' ;a="q\\"x"', b';\ta\t=\t1', b';e=' + b'e' * 5000])
+        if rng.random() < 0.05:
+            n += rng.choice([-1, 1])
+        chunks.append(size + ext + b'\r\n' + rng.getrandbits(8 * n).to_bytes(n, 'big') + b'\r\n')
+    body = (b''.join(chunks) + rng.choice([b'0', b'000', b'0;end']) + b'\r\n'
+            + rng.choice([b'', b'', b'X-T: 1\r\n', b'A: 1\r\nB:\r\n', b'A: 1\n']) + b'\r\n')
+    if rng.random() < 0.5:
+        old, new = rng.choice(CHUNK_FLAWS)
+        pos = body.find(old, rng.randrange(len(body)))
+        if pos >= 0:
+            body = body[:pos] + new + body[pos + len(old):]
+    return body
+
+
+def m_chunked(rng, data):
+    """The first request gets a chunked body (see chunked_body) in place of any it had, with
+    Transfer-Encoding as the agent reads it, or obfuscated, repeated or beside a Content-Length
+    (the CL.TE, TE.CL and TE.TE smuggling probes)."""
+    bounds = head_bounds(data)
+    if bounds is None:
+        return data
+    first, end = bounds
+    head = re.sub(rb'(?im)^(content-length|transfer-encoding):[^\n]*\n', b'', data[:end])
+    item, rest, discard, _ = agent.frame(data, 0)      # what follows the first request's body
+    if isinstance(item, agent.Request):
+        rest = rest[discard:]
+    else:
+        rest = data[end + 2:]
+    field = b'Transfer-Encoding: ' + (b'chunked' if rng.random() < 0.6 else rng.choice(TRANSFER_CODINGS))
+    kind = rng.randrange(8)
+    if kind == 0:
+        field += b'\r\nContent-Length: %d' % rng.choice([0, 5, 100])
+    elif kind == 1:
+        field += b'\r\nTransfer-Encoding: ' + rng.choice(TRANSFER_CODINGS)
+    return head + field + b'\r\n\r\n' + chunked_body(rng) + rest
+
+
 def m_overlong(rng, data):
     size = rng.choice([8100, 8189, 8190, 8191, 8192, 8193, 8300, 9000, 17000, 40000])
     kind = rng.randrange(4)
@@ -441,8 +502,8 @@ def m_add_header(rng, data):
 
 MUTATORS = [m_flip_bits, m_replace_bytes, m_truncate, m_insert_special, m_delete_range,
             m_duplicate_range, m_giant_number, m_repeat_header, m_bogus_version, m_method,
-            m_target, m_body, m_overlong, m_garbage, m_header_syntax, m_line_endings, m_splice,
-            m_add_header]
+            m_target, m_body, m_chunked, m_overlong, m_garbage, m_header_syntax, m_line_endings,
+            m_splice, m_add_header]
 
 
 def case_rng(seed, index):
