@@ -1010,9 +1010,7 @@ def _end_group(group, deadline):
         return                              # nothing left in the group
     delay = 0.002
     while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except OSError:
+        if not _group_running(group):
             return
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
@@ -1061,6 +1059,31 @@ def _sender_pid(ancillary):
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
             return struct.unpack('3i', payload[:12])[0]
     return None
+
+
+def _group_running(group):
+    """Whether a process of the process group is still running.  A zombie is not: it waits for
+    its parent, or for init once it is orphaned, to reap it (the init of some containers does
+    that once a second).  Without /proc, any member counts (kill(2) cannot tell)."""
+    try:
+        names = os.listdir('/proc')
+    except OSError:
+        try:
+            os.killpg(group, 0)
+            return True
+        except OSError:
+            return False
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(group) and fields[0] != 'Z':
+            return True
+    return False
 
 
 def _is_zombie(pid):

@@ -1093,6 +1093,25 @@ class ClassicRecipeBugTests(SampleDaemonTest):
         self.assertEqual(result.returncode, 0, result.stderr)
         wait_for(lambda: not pid_alive(child), timeout=5, message='the child gone with the daemon')
 
+    def test_a_group_of_zombies_is_ended(self):
+        """stop waits for the daemon's group to end; a zombie, which only its parent or init
+        can reap (some containers' init reaps once a second), is no longer running."""
+        def fork_in_own_group(body):
+            pid = os.fork()
+            if pid == 0:
+                os.setpgid(0, 0)
+                body()
+                os._exit(0)
+            self.addCleanup(lambda: os.waitpid(pid, 0))
+            self.addCleanup(lambda: os.kill(pid, signal.SIGKILL) if pid_alive(pid) else None)
+            return pid
+        zombie = fork_in_own_group(lambda: None)
+        wait_for(lambda: daemon._is_zombie(zombie), message='the child a zombie')
+        self.assertFalse(daemon._group_running(zombie))
+        living = fork_in_own_group(lambda: time.sleep(30))
+        wait_for(lambda: os.getpgid(living) == living, message='the child in its own group')
+        self.assertTrue(daemon._group_running(living))
+
 
 
 # ---------------------------------------------------------------------------------------------

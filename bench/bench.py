@@ -20,7 +20,7 @@ Three servers serve the SAME generated files (random bytes named 1k.jpg,
   http.server  python3 -m http.server --protocol HTTP/1.1
   Each peer is skipped with a note when it is not installed (--peers picks).
 
-Load comes from wrk (`wrk -t1 -cN -dDs --latency URL`) in these scenarios:
+Load comes from wrk (`wrk -t1 -cN -dDs --latency URL`; -tN with --threads) in these scenarios:
 
   1k, 20k, 200k, 10m   keep-alive, 64 connections
   20k-close            20 KB with `Connection: close` (a new TCP connection
@@ -623,9 +623,9 @@ Result = namedtuple("Result", "rps mbps p50 p99 errors error_detail requests cpu
                     defaults=(None, None))
 
 
-def run_wrk(url, scenario, duration):
+def run_wrk(url, scenario, duration, threads=1):
     """One wrk run of a scenario: (Result, None), or (None, why) without wrk's summary."""
-    w = harness.run_wrk(url, scenario.connections, duration, scenario.headers)
+    w = harness.run_wrk(url, scenario.connections, duration, scenario.headers, threads=threads)
     if w.rps is None or w.mbps is None:
         return None, harness.wrk_failure(w)
     return Result(w.rps, w.mbps, w.p50, w.p99, w.errors, w.error_detail, w.requests), None
@@ -756,9 +756,9 @@ def print_report(info, scenarios, servers, results, agent_figs, notes,
     for key, value in info:
         print(("- **%s**: %s" if md else "%-7s %s") % (key, value))
     print()
-    print("wrk -t1, %ds per run, best of %d round(s) by req/s; "
+    print("wrk -t%d, %ds per run, best of %d round(s) by req/s; "
           "MB = 2^20 bytes; errors = socket errors + non-2xx/3xx"
-          % (args.duration, args.rounds))
+          % (args.threads, args.duration, args.rounds))
     print()
     print(render(["scenario", "server", "req/s", "MB/s", "p50 ms",
                   "p99 ms", "CPU us/req", "errors"],
@@ -856,20 +856,20 @@ def load_runs(scenarios, servers, args, results, notes):
                     continue
                 log("[%s round %d/%d] %s ..." % (sc.name, rnd, args.rounds,
                                                  srv.name))
-                res = one_run(srv, sc, rnd, args.duration, notes)
+                res = one_run(srv, sc, rnd, args.duration, args.threads, notes)
                 best = results.get(key)
                 if res and (not isinstance(best, Result) or
                             res.rps > best.rps):
                     results[key] = res
 
 
-def one_run(srv, sc, rnd, duration, notes):
+def one_run(srv, sc, rnd, duration, threads, notes):
     """One wrk run against one server, then a health check of it."""
     workers_before = list(getattr(srv, "workers", []))
     what = "%s %s round %d" % (srv.name, sc.name, rnd)
     pids = srv.pids()
     ticks = cpu_ticks(pids)
-    res, err = run_wrk(srv.url(sc.file), sc, duration)
+    res, err = run_wrk(srv.url(sc.file), sc, duration, threads)
     if res is not None and res.requests:
         used = cpu_ticks(pids) - ticks
         res = res._replace(cpu_us=used * 1e6 / CLK_TCK / res.requests)
@@ -1010,6 +1010,9 @@ def parse_args():
                     "with wrk.")
     p.add_argument("--duration", type=int, default=5,
                    help="seconds per wrk run (default 5)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="wrk threads (default 1; 2 takes the client's own copy of the bytes "
+                        "off one core, which decides the 10m scenario here)")
     p.add_argument("--rounds", type=int, default=2,
                    help="rounds per scenario, best is reported (default 2)")
     p.add_argument("--quick", action="store_true",
