@@ -4028,13 +4028,23 @@ def main(argv=None):
             except DaemonError as exc:
                 sys.stderr.write('agent: %s\n' % exc)
                 return daemon.EXIT_PRIVILEGE if exc.privilege else daemon.EXIT_FAILURE
-    for name in ('root', 'pidfile', 'log'):
-        setattr(config, name, os.path.abspath(getattr(config, name)))
-    for name in ('tls_cert', 'tls_key'):
-        if getattr(config, name):
-            setattr(config, name, os.path.abspath(getattr(config, name)))
-    if config.access_log != 'off':
-        config.access_log = os.path.abspath(config.access_log)
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        cwd = None                  # removed since the shell entered it
+    for name in PATH_OPTIONS:
+        path = getattr(config, name)
+        if not path or name == 'access_log' and path == 'off':
+            continue
+        if cwd is not None or os.path.isabs(path):
+            setattr(config, name, os.path.abspath(path))
+        elif name == 'pidfile' or config.action in SERVING_ACTIONS and (
+                name in given or config.action not in ('restart', 'try-restart')):
+            # (restart keeps a running agent's own options for those not given again)
+            sys.stderr.write('agent: --%s %s is a relative path, and the current directory no '
+                             'longer exists: give an absolute path, or cd elsewhere\n'
+                             % (name.replace('_', '-'), path))
+            return daemon.STATUS_UNKNOWN if config.action == 'status' else daemon.EXIT_FAILURE
     return Agent(config, given).command(config.action)
 
 
@@ -4046,6 +4056,8 @@ FROM_BYTECODE = ("import sys; directory = sys.argv[1]; del sys.argv[:2]; "
                  "sys.path[:sys.path[:1] == ['']] = [directory]; "
                  "import agent; agent.SCRIPT = sys.argv[0]; sys.exit(agent.main())")
 SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
+# The options that name files: made absolute before anything changes directory.
+PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key')
 
 
 def run_from_bytecode():

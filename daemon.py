@@ -486,7 +486,8 @@ class Daemon:
 
         The one place where actions meet errors: a DaemonError is its message and exit 1 (4 if
         it is about a permission), a PermissionError exit 4, any other OSError exit 1, all
-        with a message on stderr and no traceback.
+        with a message on stderr and no traceback.  For status every error is 4, "unknown":
+        its 1 means "dead, but the pidfile remains".
         """
         function = self.actions.get(action)
         if function is None:
@@ -501,13 +502,14 @@ class Daemon:
             return function(self)
         except DaemonError as exc:
             sys.stderr.write('%s: %s\n' % (self.name, exc))
-            return EXIT_PRIVILEGE if exc.privilege else EXIT_FAILURE
+            code = EXIT_PRIVILEGE if exc.privilege else EXIT_FAILURE
         except PermissionError as exc:
             sys.stderr.write('%s: %s: permission denied (%s)\n' % (self.name, action, describe(exc)))
-            return EXIT_PRIVILEGE
+            code = EXIT_PRIVILEGE
         except OSError as exc:
             sys.stderr.write('%s: %s failed: %s\n' % (self.name, action, describe(exc)))
-            return EXIT_FAILURE
+            code = EXIT_FAILURE
+        return STATUS_UNKNOWN if action == 'status' else code
 
     def add_action(self, name, function):
         """Register an action for command(): function(daemon) returns an exit code."""
@@ -531,11 +533,14 @@ class Daemon:
         if self._pidfile is not None:
             self._pidfile.release()
 
-    def absolutize(self):
-        """Make every path absolute now, while the working directory is the caller's."""
-        (self.pidfile_path, self.stdin, self.stdout, self.stderr,
-         self.workdir) = make_paths_absolute(self.pidfile_path, self.stdin, self.stdout,
-                                             self.stderr, self.workdir)
+    def absolutize(self, streams=True):
+        """Make every path absolute now, while the working directory is the caller's; with
+        streams false, only the pidfile's (an action that never starts the daemon, such as
+        status or stop, needs no other)."""
+        self.pidfile_path, = make_paths_absolute(self.pidfile_path)
+        if streams:
+            self.stdin, self.stdout, self.stderr, self.workdir = make_paths_absolute(
+                self.stdin, self.stdout, self.stderr, self.workdir)
 
     def probe(self):
         """(state, pid) of the pidfile: ('running', pid), ('stale', pid or None), ('absent', None)."""
@@ -773,7 +778,7 @@ def _start(d):
 
 def _stop(d):
     """Stop the daemon: confirm it by its lock, one SIGTERM, SIGKILL after stop_timeout."""
-    d.absolutize()
+    d.absolutize(streams=False)
     pidfile = d._new_pidfile()
     state, pid = pidfile.probe()
     if state != 'running':
@@ -814,8 +819,9 @@ def _stop(d):
 
 
 def _restart(d):
-    """Stop, then start; the on_restart() hook first sees the running daemon."""
-    d.absolutize()
+    """Stop, then start; the on_restart() hook first sees the running daemon (and may change
+    the streams: start makes them absolute)."""
+    d.absolutize(streams=False)
     state, pid = d.probe()
     if state == 'running':
         d.on_restart(pid)
@@ -827,7 +833,7 @@ def _restart(d):
 
 def _try_restart(d):
     """Restart if running; a no-op success otherwise (LSB try-restart)."""
-    d.absolutize()
+    d.absolutize(streams=False)
     state = d.probe()[0]
     if state != 'running':
         d.say(_not_running(d, state))
@@ -858,7 +864,10 @@ def _verdict_status(d, pid, verdict, done, failed):
 
 def _status(d):
     """LSB status: 0 running, 1 dead with a pidfile left, 3 not running, 4 unknown."""
-    d.absolutize()
+    try:
+        d.absolutize()                      # the log's path, for the message of a dead daemon
+    except DaemonError:
+        d.absolutize(streams=False)         # only the pidfile is needed to answer
     try:
         state, pid = d._new_pidfile().probe()
     except DaemonError as exc:
@@ -918,7 +927,7 @@ def _signal_and_wait(d, action, signum, timeout):
     daemon, the action and its pid, from that very pid (checked with SO_PASSCRED): no file,
     no log text to search.
     """
-    d.absolutize()
+    d.absolutize(streams=False)
     state, pid = d.probe()
     if state != 'running':
         d.say(_not_running(d, state), error=True)
@@ -1114,8 +1123,21 @@ def _run_atexit():
 # ---------------------------------------------------------------------------------------------
 
 def make_paths_absolute(*paths):
-    """Return the paths made absolute against the current directory (None stays None)."""
-    return [os.path.abspath(p) if p else p for p in paths]
+    """Return the paths made absolute against the current directory (None stays None).
+
+    DaemonError names a relative path when the current directory no longer exists (removed
+    since the shell entered it): it cannot be resolved, and after chdir('/') it would name a
+    file under / instead."""
+    absolute = []
+    for path in paths:
+        if path and not os.path.isabs(path):
+            try:
+                path = os.path.join(os.getcwd(), path)
+            except FileNotFoundError:
+                raise DaemonError('%r is a relative path, and the current directory no longer '
+                                  'exists: give an absolute path, or cd elsewhere' % path)
+        absolute.append(os.path.normpath(path) if path else path)
+    return absolute
 
 
 def open_fds():

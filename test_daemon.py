@@ -395,6 +395,14 @@ class PureHelperTests(unittest.TestCase):
         self.assertEqual(daemon.make_paths_absolute('a.pid', '/x/y', None),
                          [os.path.join(cwd, 'a.pid'), '/x/y', None])
 
+    def test_make_paths_absolute_in_a_removed_directory(self):
+        with mock.patch('os.getcwd', side_effect=FileNotFoundError(2, 'No such file or directory')):
+            self.assertEqual(daemon.make_paths_absolute('/x/y', None), ['/x/y', None])
+            with self.assertRaises(DaemonError) as caught:
+                daemon.make_paths_absolute('/x/y', 'a.pid')
+        self.assertIn("'a.pid'", str(caught.exception))
+        self.assertIn('current directory no longer exists', str(caught.exception))
+
     def test_main_usage_errors(self):
         d = daemon.Daemon('/nonexistent/x.pid')
         with mock.patch('sys.stderr', new_callable=io.StringIO) as err:
@@ -835,6 +843,19 @@ class DaemonProcessTests(SampleDaemonTest):
         self.assertEqual(proc.returncode, 0, out)
         self.assertIn('cleanup ran', out)
         self.assertFalse(os.path.exists(self.pidfile))
+
+    def test_a_removed_current_directory_is_one_line(self):
+        """The classic sample's paths are relative: from a directory removed since, each action
+        says so in one line (status: 4, unknown), and nothing is written to /."""
+        gone = os.path.join(self.tmp, 'gone')
+        for action, code in (('status', 4), ('start', 1), ('stop', 1)):
+            os.mkdir(gone)
+            result = run([PYTHON, self.script, action], cwd=gone, preexec_fn=lambda: os.rmdir(gone))
+            with self.subTest(action=action):
+                self.assertEqual(result.returncode, code, result.stderr)
+                self.assertNotIn('Traceback', result.stderr)
+                self.assertIn("'sample.pid'", result.stderr)
+        self.assertFalse(os.path.exists('/sample.pid') or os.path.exists('/sample.log'))
 
     def test_sigint_is_graceful_too(self):
         pid = self.start()
@@ -2089,6 +2110,40 @@ class CommonMistakeTests(unittest.TestCase):
         self.assert_one_line(self.agent('--pidfile', pidfile), 2, 'ACTION')
         self.assert_one_line(self.agent('--tls-cert', 'c.pem', 'start'), 2, '--tls-key')
         self.assertFalse(os.listdir(tmp))
+
+    def test_a_removed_current_directory(self):
+        """Run from a directory removed since (a shell left in it): relative paths cannot be
+        resolved, and the options that need one are named; the rest still works."""
+        tmp = tempfile.mkdtemp(prefix='agent-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        gone = os.path.join(tmp, 'gone')
+        os.mkdir(gone)
+        pidfile = os.path.join(tmp, 'a.pid')
+
+        def agent(*args):
+            return subprocess.run([PYTHON, AGENT] + list(args), cwd=gone, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=TIMEOUT,
+                                  preexec_fn=lambda: os.rmdir(gone))
+        result = agent('--pidfile', pidfile, 'status')
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertNotIn('Traceback', result.stderr)
+        os.mkdir(gone)
+        self.assert_one_line(agent('--pidfile', pidfile, '--port', '0', 'start'), 1,
+                             '--root', 'current directory')
+        os.mkdir(gone)
+        self.assert_one_line(agent('--pidfile', 'rel.pid', 'status'), 4, '--pidfile', 'rel.pid')
+        os.mkdir(gone)
+        self.assert_one_line(agent('--pidfile', pidfile, '--root', tmp, '--port', '0',
+                                   '--log', os.path.join(tmp, 'a.log'), 'start'), 1, '--access-log')
+        self.assertFalse(os.path.exists(pidfile))
+        # restart takes the options not given again from the running agent: all absolute.
+        server = AgentServer(self).start()
+        for action, code in (('status', 0), ('reload', 0), ('restart', 0), ('stop', 0)):
+            os.mkdir(gone)
+            result = agent('--pidfile', server.pidfile, action)
+            with self.subTest(action=action):
+                self.assertEqual(result.returncode, code, result.stderr)
+                self.assertNotIn('Traceback', result.stderr)
 
     def test_root_that_is_a_file_or_unreadable_is_named_as_such(self):
         server = AgentServer(self)
