@@ -115,7 +115,8 @@ Limits (flags in parentheses):
                              Content-Length body is dropped after the answer, a chunked one
                              (RFC 9112 section 7.1 to the letter, else 400; chunk-size lines
                              4 KiB, the trailer as a head) before it: it must come with the
-                             head within the header timeout
+                             head within the header timeout.  With Expect: 100-continue the
+                             answer goes out at once, and a close instead of the body
     Transfer-Encoding        chunked alone; another final coding, or with Content-Length, or
                              in HTTP/1.0, 400; a coding before chunked 501; each with a close
 Paths are percent-decoded once; NUL, control bytes, backslashes, invalid UTF-8 and any escape
@@ -552,6 +553,12 @@ def _check_framing(req):
             raise HTTPError(400, close=True, request_line=req.line)
         if len(codings) > 1:
             raise HTTPError(501, close=True, request_line=req.line)
+        if headers.get('expect', '').lower() == '100-continue':
+            # The client waits for a 100 (Continue) before it sends the body (curl: a second).
+            # This server never needs a body, so its answer is ready now: it goes out at once,
+            # with a close instead of reading the body (RFC 9110 section 10.1.1).
+            req.keep_alive = False
+            return
         req.chunked = True
         return
     length = headers.get('content-length')

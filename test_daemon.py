@@ -3812,6 +3812,21 @@ class HttpServerTests(SharedAgentTestCase):
         self.assertEqual(conn.response().body, b'C-GIF-CONTENT')
         self.assertTrue(conn.wait_closed())
 
+    def test_expect_continue_with_a_chunked_body_is_answered_at_once(self):
+        """A client that sends Expect: 100-continue waits for a 100 before its body (curl: a
+        second).  The answer needs no body: it comes at once, with a close instead of reading
+        the body, for a POST (405) and a GET alike."""
+        for method, status in (('POST', 405), ('GET', 200)):
+            conn = self.conn()
+            conn.send(raw_request('/a.jpg', 'Transfer-Encoding: chunked', 'Expect: 100-continue',
+                                  method=method))
+            response = conn.response()
+            with self.subTest(method=method):
+                self.assertEqual(response.status, status)
+                self.assertTrue(response.closing)
+            conn.send(b'5\r\nhello\r\n0\r\n\r\n' + raw_request('/b.png'))
+            self.assertTrue(conn.wait_closed())
+
     def test_chunked_body_errors_close(self):
         """A body past MAX_DISCARD is 413, one outside the chunked grammar 400, an unknown
         coding 501: one answer, then a close; nothing after it is read as a request."""
