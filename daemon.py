@@ -494,6 +494,7 @@ class Daemon:
             sys.stderr.write('%s: unknown action %r (use %s)\n' % (self.name, action, '|'.join(self.actions)))
             return EXIT_USAGE
         try:
+            _open_std_fds()
             if action in ('start', 'run'):
                 for takeover in TAKEOVER:
                     code = takeover(self)
@@ -1103,6 +1104,23 @@ def _is_zombie(pid):
         return False
 
 
+def _open_std_fds():
+    """Put /dev/null on any of fds 0-2 found closed (`prog start <&- >&-`), so that no pipe,
+    pidfile or log the daemon opens lands there and is clobbered or written to by mistake."""
+    for fd, name, mode in ((0, 'stdin', 'r'), (1, 'stdout', 'w'), (2, 'stderr', 'w')):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
 def _flush_std_streams():
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -1212,9 +1230,24 @@ def change_directory(path):
 
 
 def open_log(path):
-    """Open a log for appending (created 0644 under umask 022), as a raw fd."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY
-    return os.open(path, flags, 0o644)
+    """Open a log for appending (created 0644 under umask 022), as a raw fd.
+
+    A log may sit where others can write (/tmp) while the daemon still runs as root: like the
+    pidfile, a symbolic link is refused (it could point at /etc/passwd, which drop_privileges()
+    would then give away).  A FIFO is opened without waiting: one nobody reads fails at once
+    instead of hanging the start; writes then block as for any log.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, 'is a symbolic link, refused', path)
+        if exc.errno == errno.ENXIO:
+            raise OSError(exc.errno, 'is a FIFO that nobody reads', path)
+        raise
+    os.set_blocking(fd, True)
+    return fd
 
 
 def redirect_stdio(stdin, stdout, stderr):
@@ -1262,8 +1295,9 @@ def drop_privileges(user=None, group=None, own=()):
         if os.getgid() == gid and (pw is None or os.getuid() == pw.pw_uid) and os.geteuid() != 0:
             return                  # already them: a re-executed daemon that dropped them before
         for path in own:
-            if path and os.path.isfile(path):
-                os.chown(path, pw.pw_uid if pw is not None else -1, gid)
+            # Never through a link (the path may lie in a world-writable directory).
+            if path and stat.S_ISREG(_lstat_mode(path)):
+                os.chown(path, pw.pw_uid if pw is not None else -1, gid, follow_symlinks=False)
         if pw is not None:
             os.initgroups(pw.pw_name, gid)
         else:
@@ -1273,6 +1307,13 @@ def drop_privileges(user=None, group=None, own=()):
             os.setuid(pw.pw_uid)
     except (KeyError, OSError) as exc:
         raise _step_error('drop privileges to %s:%s' % (user or '', group or ''), exc)
+
+
+def _lstat_mode(path):
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 def check_identity(user=None, group=None):

@@ -1141,6 +1141,110 @@ class ClassicRecipeBugTests(SampleDaemonTest):
 # agent.py: the command line and the daemon around the server
 # ---------------------------------------------------------------------------------------------
 
+class ClosedStdStreamsTests(SampleDaemonTest):
+    """Started with stdin, stdout or stderr closed (`prog start <&- >&- 2>&-`, a careless cron
+    job or supervisor): the descriptors the daemon opens must not land on 0-2."""
+
+    def closed(self, action, streams='<&- >&- 2>&-'):
+        environment = dict(os.environ, SAMPLE_MODE='cooperative')
+        environment.pop('NOTIFY_SOCKET', None)
+        result = run(['sh', '-c', 'exec "$0" "$1" "$2" %s' % streams, PYTHON, self.script, action],
+                     cwd=self.tmp, env=environment)
+        pid = read_pid(self.pidfile)
+        if pid:
+            self.seen_pids.append(pid)
+        return result
+
+    def test_start_with_every_stream_closed(self):
+        for streams in ('<&-', '>&-', '<&- >&- 2>&-'):
+            result = self.closed('start', streams)
+            self.assertEqual(result.returncode, 0, (streams, result.stderr, self.log()))
+            pid = read_pid(self.pidfile)
+            self.assertTrue(pid and pid_alive(pid), streams)
+            self.assertEqual(os.readlink('/proc/%d/fd/0' % pid), '/dev/null')
+            self.assertEqual(os.readlink('/proc/%d/fd/1' % pid), self.logfile)
+            wait_for(lambda: 'started %d' % pid in self.log(), message='run() output in the log')
+            self.assertEqual(self.sample('stop').returncode, 0)
+
+    def test_run_keeps_the_pidfile_off_the_standard_descriptors(self):
+        environment = dict(os.environ, SAMPLE_MODE='cooperative')
+        environment.pop('NOTIFY_SOCKET', None)
+        proc = subprocess.Popen(['sh', '-c', 'exec "$0" "$1" run <&- >&- 2>&-', PYTHON, self.script],
+                                cwd=self.tmp, env=environment)
+        self.addCleanup(kill_group_of, proc.pid)
+        wait_for(lambda: read_pid(self.pidfile) == proc.pid, message='pidfile of run')
+        for fd in (0, 1, 2):
+            self.assertNotEqual(os.readlink('/proc/%d/fd/%d' % (proc.pid, fd)), self.pidfile, fd)
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=TIMEOUT), 0)
+
+    def test_status_and_stop_with_stdout_closed(self):
+        for action, code in (('status', daemon.STATUS_STOPPED), ('stop', daemon.EXIT_OK)):
+            result = self.closed(action, '>&-')
+            self.assertEqual(result.returncode, code, (action, result.stderr))
+            self.assertNotIn('Traceback', result.stderr)
+
+
+class HostileFileTests(SampleDaemonTest):
+    """A log path an attacker controls (a world-writable directory, a root daemon): a symbolic
+    link is refused as for the pidfile, a FIFO never hangs start, and the chown of the logs
+    for `user` never follows a link."""
+
+    def test_log_symlink_is_refused(self):
+        victim = os.path.join(self.tmp, 'victim')
+        with open(victim, 'w') as f:
+            f.write('keep me\n')
+        os.symlink(victim, self.logfile)
+        result = self.sample('start')
+        self.assertEqual(result.returncode, daemon.EXIT_FAILURE, result.stdout)
+        self.assertIn(self.logfile, result.stderr)
+        self.assertIn('symbolic link', result.stderr)
+        with open(victim) as f:
+            self.assertEqual(f.read(), 'keep me\n')
+        self.assertFalse(os.path.exists(self.pidfile), 'pidfile left by a failed start')
+
+    def test_log_fifo_without_reader_fails_at_once(self):
+        os.mkfifo(self.logfile)
+        result = self.sample('start')          # start_timeout is 60 s: a hang fails run()'s 20 s
+        self.assertEqual(result.returncode, daemon.EXIT_FAILURE, result.stdout)
+        self.assertIn(self.logfile, result.stderr)
+        self.assertIn('FIFO', result.stderr)
+        self.assertFalse(os.path.exists(self.pidfile), 'pidfile left by a failed start')
+
+    def test_log_fifo_with_reader_still_works(self):
+        os.mkfifo(self.logfile)
+        reader = os.open(self.logfile, os.O_RDONLY | os.O_NONBLOCK)
+        self.addCleanup(os.close, reader)
+        pid = self.start()
+        got = b''
+        def read_more():
+            nonlocal got
+            try:
+                got += os.read(reader, 4096)
+            except BlockingIOError:
+                pass
+            return b'started %d' % pid in got
+        wait_for(read_more, message='run() output in the FIFO')
+        self.assertEqual(self.sample('stop').returncode, 0)
+
+    @unittest.skipUnless(os.geteuid() == 0, 'needs root to give files away')
+    def test_chown_of_logs_never_follows_a_link(self):
+        victim = os.path.join(self.tmp, 'victim')
+        with open(victim, 'w') as f:
+            f.write('root owned\n')
+        os.symlink(victim, self.logfile)
+        child = os.fork()
+        if child == 0:
+            status = 1
+            try:
+                daemon.drop_privileges('nobody', own=[self.logfile])
+                status = 0
+            finally:
+                os._exit(status)
+        self.assertEqual(os.waitpid(child, 0)[1], 0)
+        self.assertEqual(os.stat(victim).st_uid, 0, 'the chown followed the link to its target')
+
+
 class AgentCommandLineTests(unittest.TestCase):
     def test_defaults_match_the_original(self):
         config = agent.parser().parse_args(['start'])
