@@ -1743,6 +1743,13 @@ def listen_fds(unset_environment=True):
     for index in range(count):
         fd = SD_LISTEN_FDS_START + index
         name = names[index] if index < len(names) and names[index] else 'unknown'
+        try:
+            is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+        except OSError:
+            is_socket = False
+        if not is_socket:
+            raise DaemonError('LISTEN_FDS=%d names fd %d, which is not an open socket: the '
+                              'variables were meant for another process' % (count, fd))
         os.set_inheritable(fd, False)
         result.setdefault(name, []).append(fd)
     return result

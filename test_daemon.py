@@ -1095,8 +1095,8 @@ class ClassicRecipeBugTests(SampleDaemonTest):
         """Bug: the daemon kept every fd its launcher had open."""
         leak = os.path.join(self.tmp, 'leaked-file')
         pid = self.start(env={'SAMPLE_OPEN_FD': leak})
-        targets = [os.readlink('/proc/%d/fd/%s' % (pid, fd)) for fd in os.listdir('/proc/%d/fd' % pid)]
-        self.assertNotIn(leak, targets)
+        # open_files() skips an fd closed while it lists them (the readiness pipe, just after READY).
+        self.assertNotIn(leak, [path for path, _ in daemon.open_files(pid)])
 
     def test_delpid_only_by_owner(self):
         """Bug: delpid removed the pidfile from any process, e.g. a forked child at exit."""
@@ -1243,6 +1243,24 @@ class HostileFileTests(SampleDaemonTest):
                 os._exit(status)
         self.assertEqual(os.waitpid(child, 0)[1], 0)
         self.assertEqual(os.stat(victim).st_uid, 0, 'the chown followed the link to its target')
+
+
+class HostileEnvironmentTests(SampleDaemonTest):
+    """Variables of a service manager that do not fit this process: a clear error that names
+    them, never a traceback or a bare "Bad file descriptor"."""
+
+    def test_listen_fds_naming_no_socket(self):
+        with open(os.path.join(self.tmp, 'plain'), 'w') as f:
+            f.write('not a socket\n')
+        for count, redirect in (('1', '3<plain'), ('2', '3<plain 4<&-'), ('1', '3<&-')):
+            script = 'LISTEN_PID=$$ LISTEN_FDS=%s exec "$0" "$1" run %s' % (count, redirect)
+            result = run(['sh', '-c', script, PYTHON, self.script], cwd=self.tmp,
+                         env=dict(os.environ, SAMPLE_MODE='cooperative'))
+            self.assertEqual(result.returncode, daemon.EXIT_FAILURE, (script, result.stderr))
+            self.assertIn('LISTEN_FDS', result.stderr, script)
+            self.assertIn('fd 3', result.stderr, script)
+            self.assertNotIn('Traceback', result.stderr + self.log(), script)
+            self.assertFalse(os.path.exists(self.pidfile), script)
 
 
 class AgentCommandLineTests(unittest.TestCase):
