@@ -69,8 +69,11 @@ Files
             (LSB 1), and the next start or stop clears it.  A daemon that dropped privileges
             and may not unlink in the pidfile's directory (root's /run) empties it instead (no
             pid: `status` says "not running"); then stop or start removes it.  The files of
-            runtime_files() go with the pidfile, whoever removes it.
-  logs      stdout and stderr are appended to, line-buffered; an exception that escapes run()
+            runtime_files() go with the pidfile, whoever removes it.  A pidfile removed under a
+            running daemon is written again within a second by a daemon whose loop calls
+            wait() or handle_signals() (a classic run() that never does cannot).
+  logs      a symbolic link is refused, as for the pidfile; a FIFO nobody reads fails start.
+            stdout and stderr are appended to, line-buffered; an exception that escapes run()
             is written there with its traceback before the daemon exits 1.  A detached daemon
             whose stderr is /dev/null (no log) sends that report to syslog(3) instead.
 
@@ -325,6 +328,8 @@ class Daemon:
         # outcome (it sends READY=1 itself).
         self._ready_report = None
         self._pidfile = None
+        self._pidfile_checked = 0.0     # when _keep_pidfile() last looked (monotonic)
+        self._pidfile_lost = False
         self._readiness = None
         self._is_ready = False
         self._status = '%s running' % self.name
@@ -408,6 +413,7 @@ class Daemon:
     def handle_signals(self):
         """Act on the signals that arrived since the last call; returns self.stopping."""
         self._cooperative = True
+        self._keep_pidfile()
         if self._wake_r is not None:
             try:
                 while os.read(self._wake_r, 512):
@@ -718,6 +724,21 @@ class Daemon:
         log(message)
         if self.detached and self.stderr == os.devnull:
             to_syslog(self.name, message)
+
+    def _keep_pidfile(self):
+        """At most once a second, from the daemon's loop: write the pidfile again if it was
+        removed (PidFile.restore); say so in the log, or once that it cannot."""
+        now = time.monotonic()
+        if self._pidfile is None or now < self._pidfile_checked + 1.0:
+            return
+        self._pidfile_checked = now
+        restored = self._pidfile.restore()
+        if restored:
+            log('%s: pidfile %s was removed; written again' % (self.name, self.pidfile_path))
+        elif restored is False and not self._pidfile_lost:
+            log('%s: pidfile %s was removed or replaced, and cannot be written again: status '
+                'and stop will not find pid %d' % (self.name, self.pidfile_path, os.getpid()))
+        self._pidfile_lost = restored is False
 
     def _install_signal_handlers(self):
         if self._wake_r is None:
@@ -1489,6 +1510,28 @@ class PidFile:
             log('cannot remove pidfile %s as %s (%s): left empty, the next stop or start '
                 'removes it' % (self.path, current_user(), exc.strerror or exc))
         self.forget()
+
+    def restore(self):
+        """In the daemon: if the file at the path is no longer the one it locked (removed, by an
+        rm or a cleaner of /tmp), create it again, locked and naming this process, so that
+        status and stop still find it.  True if it did, False if it could not (the directory is
+        gone, or another file is there now: that one is left alone), None if nothing was amiss."""
+        if self.fd is None or os.getpid() != self.owner or self._same_file(self.fd):
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fchmod(fd, 0o644)
+            os.pwrite(fd, b'%d\n' % os.getpid(), 0)
+        except OSError:
+            os.close(fd)
+            return False
+        os.close(self.fd)
+        self.fd = fd
+        return True
 
     def _remove_companions(self):
         for path in self.companions:

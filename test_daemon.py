@@ -1245,6 +1245,25 @@ class HostileFileTests(SampleDaemonTest):
         self.assertEqual(os.stat(victim).st_uid, 0, 'the chown followed the link to its target')
 
 
+class PidfileRemovedTests(SampleDaemonTest):
+    """The pidfile removed under a running daemon (an rm, a cleaner of /tmp): status and stop
+    must still find the daemon, and start must not launch a second one."""
+
+    def test_removed_pidfile_is_written_again(self):
+        pid = self.start()
+        os.unlink(self.pidfile)
+        wait_for(lambda: read_pid(self.pidfile) == pid, message='the pidfile written again')
+        self.assertEqual(self.sample('status').returncode, daemon.STATUS_RUNNING)
+        with open(self.pidfile) as f:
+            with self.assertRaises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.assertEqual(stat.S_IMODE(os.stat(self.pidfile).st_mode), 0o644)
+        self.assertEqual(self.sample('stop').returncode, 0)
+        self.assertFalse(pid_alive(pid))
+        self.assertFalse(os.path.exists(self.pidfile))
+        self.assertIn('written again', self.log())
+
+
 class HostileEnvironmentTests(SampleDaemonTest):
     """Variables of a service manager that do not fit this process: a clear error that names
     them, never a traceback or a bare "Bad file descriptor"."""
