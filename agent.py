@@ -2647,7 +2647,10 @@ class Responder:
             raise HTTPError(404)
         etag = entry.etag[:-1] + '-t"'
         last_modified = entry.validators(self.clock.wall, self.clock.date)[0]
-        validators = b'Last-Modified: %s\r\nETag: %s\r\n' % (last_modified, etag.encode('ascii'))
+        # As fresh as its file, on the 200 and on the 304 alike (RFC 9110 section 15.4.5):
+        # without a lifetime, caches guess one from Last-Modified (RFC 9111 section 4.2.2).
+        validators = b'Last-Modified: %s\r\nETag: %s\r\n%s' % (last_modified, etag.encode('ascii'),
+                                                                 self.cache_control)
         if ('if-none-match' in req.headers or 'if-modified-since' in req.headers) \
                 and not_modified(req.headers, etag, entry.mtime):
             return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,

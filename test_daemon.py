@@ -4716,6 +4716,55 @@ class GalleryValidatorServerTests(SharedAgentTestCase):
         self.assertNotIn(b'three.jpg', renamed.body)
 
 
+class ResponseHeadTests(SharedAgentTestCase):
+    """Every kind of response the agent sends, checked against the RFCs field by field and,
+    where httplint (a linter for HTTP messages, `pip install httplint`) is installed, by it."""
+
+    SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"><script>alert(1)</script></svg>\n'
+    # WARN and BAD notes a response earns by what it answers, not by how: httplint says of
+    # every 400 that "the server didn't understand the request".
+    STATUS_NOTES = {400: {'STATUS_BAD_REQUEST'}, 414: {'STATUS_URI_TOO_LONG'},
+                    505: {'STATUS_VERSION_NOT_SUPPORTED'}}
+
+    @classmethod
+    def make_files(cls):
+        import gzip
+        root = cls.server.root
+        w = lambda name, data: write_file(root, name, data)   # noqa: E731
+        w('a.jpg', sample_jpeg(16, 8))
+        w('b.png', sample_png(7, 5))
+        w('c.gif', sample_gif(3, 2))
+        w('d.webp', sample_webp('VP8L', 5, 5))
+        w('e.bmp', sample_bmp(4, 4))
+        w('f.svg', cls.SVG)
+        w('g.svgz', gzip.compress(cls.SVG, mtime=0))
+        w('notes.txt', b'notes\n')
+        w('gal/cam.jpg', camera_jpeg(sample_jpeg(64, 32), sample_jpeg(16, 8), 6))
+        w('gal/p.png', sample_png(7, 5))
+        w('site/index.html', b'<!DOCTYPE html><title>t</title>\n')
+
+    def validator(self, target, name='etag', *headers):
+        return self.get(target, *headers).headers[name]
+
+    def test_a_304_carries_what_its_200_would(self):
+        """RFC 9110 section 15.4.5: Cache-Control, Content-Location, Date, ETag, Expires and
+        Vary as a 200 would carry them; here for a file, a thumbnail and both gallery forms."""
+        for target, headers in (('/a.jpg', ()), ('/gal/cam.jpg?thumb', ()), ('/gal/', ()),
+                                ('/gal/?format=json', ()), ('/gal/', ('Accept: application/json',))):
+            full = self.get(target, *headers)
+            self.assertEqual(full.status, 200, target)
+            self.assertIn('cache-control', full.headers, target)
+            again = self.get(target, 'If-None-Match: ' + full.headers['etag'], *headers)
+            self.assertEqual((again.status, again.body), (304, b''), target)
+            for name in ('cache-control', 'content-location', 'etag', 'expires', 'vary'):
+                self.assertEqual(again.headers.get(name), full.headers.get(name), (target, name))
+            self.assertIn('date', again.headers)
+
+    def test_a_thumbnail_is_as_fresh_as_its_file(self):
+        self.assertEqual(self.get('/gal/cam.jpg?thumb').headers.get('cache-control'),
+                         self.get('/gal/cam.jpg').headers['cache-control'])
+
+
 class PageCapture:
     """What Responder.respond needs of a connection; keeps the status, head and body."""
     keep_alive = True
