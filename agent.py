@@ -98,7 +98,7 @@ and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte rang
 If-Range, If-None-Match (wins over If-Modified-Since), 304 (with the validators and no
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
 comes; every other response has Date, Server, Content-Length, Content-Type).  Out of file
-descriptors a file is 503, never a 404.  Files carry Cache-Control: public, max-age=60
+descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 (--max-age; see DEFAULT_MAX_AGE for why); .svgz is sent with Content-Encoding: gzip.
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
 ?page=N, ?sort=name|date|size, ?format=json or Accept: application/json; a weak ETag; 403 with
@@ -2349,7 +2349,9 @@ class Responder:
         self.follow_symlinks = config.follow_symlinks
         self.listing = config.listing
         self.max_header_size = config.max_header_size
-        self.cache_control = b'Cache-Control: public, max-age=%d\r\n' % config.max_age
+        # No `public`: it would let a shared cache keep a response to a request that carried
+        # credentials (RFC 9111 section 3.5), as one through an authenticating proxy does.
+        self.cache_control = b'Cache-Control: max-age=%d\r\n' % config.max_age
         self.common_headers = common_headers
         self.https_port = https_port        # where a redirect from plain HTTP points
         self.clock = clock
@@ -3985,7 +3987,7 @@ def parser():
     serving.add_argument('--follow-symlinks', action='store_true',
                          help='serve symlinks that lead outside --root (default: refuse them)')
     serving.add_argument('--max-age', type=non_negative_int, default=DEFAULT_MAX_AGE, metavar='SECONDS',
-                         help='Cache-Control: public, max-age=SECONDS on files (default: %d: a '
+                         help='Cache-Control: max-age=SECONDS on files (default: %d: a '
                               'replaced image shows within a minute)' % DEFAULT_MAX_AGE)
     serving.add_argument('--no-listing', dest='listing', action='store_false',
                          help='403 for a directory without index.html (default: a gallery page)')

@@ -2061,9 +2061,9 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         server.write('logo.svgz', gzip.compress(svg))
         server.start()
         status, headers, body = server.get('/a.jpg')
-        self.assertEqual(headers['cache-control'], 'public, max-age=3600')
+        self.assertEqual(headers['cache-control'], 'max-age=3600')
         status, headers, body = server.get('/a.jpg', {'If-None-Match': headers['etag']})
-        self.assertEqual((status, headers['cache-control']), (304, 'public, max-age=3600'))
+        self.assertEqual((status, headers['cache-control']), (304, 'max-age=3600'))
         self.assertEqual(server.get('/album/')[0], 403)
         self.assertEqual(server.get('/')[0], 403)
         self.assertEqual(server.get('/with-index/')[2], b'<p>index</p>')
@@ -2074,7 +2074,7 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         server.stop()
         default = AgentServer(self).start()
         default.write('d.jpg', b'd')
-        self.assertEqual(default.get('/d.jpg')[1]['cache-control'], 'public, max-age=%d' % agent.DEFAULT_MAX_AGE)
+        self.assertEqual(default.get('/d.jpg')[1]['cache-control'], 'max-age=%d' % agent.DEFAULT_MAX_AGE)
         self.assertEqual(default.get('/')[0], 200)
         default.stop()
         version = run([PYTHON, AGENT, '--version'])
@@ -4763,6 +4763,12 @@ class ResponseHeadTests(SharedAgentTestCase):
     def test_a_thumbnail_is_as_fresh_as_its_file(self):
         self.assertEqual(self.get('/gal/cam.jpg?thumb').headers.get('cache-control'),
                          self.get('/gal/cam.jpg').headers['cache-control'])
+
+    def test_files_are_fresh_for_max_age_and_shared_only_as_caches_allow(self):
+        """max-age alone, as nginx's `expires` says it: `public` would let a shared cache keep
+        a response to a request with credentials (RFC 9111 section 3.5), which a proxy in front
+        of the agent may add."""
+        self.assertEqual(self.get('/a.jpg').headers['cache-control'], 'max-age=%d' % agent.DEFAULT_MAX_AGE)
 
 
 class PageCapture:
