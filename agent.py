@@ -2516,7 +2516,10 @@ class Responder:
         try:
             self.check_confined(fd)
             if not trailing:
-                raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n')
+                # With the files' lifetime: a browser keeps a 301 without one for ever, and a
+                # directory later replaced by a file would stay out of its reach.
+                raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n'
+                                + self.cache_control)
             index = self.index_file(path)
             if index is not None:
                 return self.respond_file(conn, req, index)

@@ -4770,6 +4770,13 @@ class ResponseHeadTests(SharedAgentTestCase):
         of the agent may add."""
         self.assertEqual(self.get('/a.jpg').headers['cache-control'], 'max-age=%d' % agent.DEFAULT_MAX_AGE)
 
+    def test_a_directory_redirect_is_fresh_for_max_age(self):
+        """Without a lifetime a browser keeps a 301 for ever (a heuristic, RFC 9111 section
+        4.2.2): a directory later replaced by a file would stay unreachable there."""
+        response = self.get('/gal?x=1')
+        self.assertEqual((response.status, response.headers['location']), (301, '/gal/?x=1'))
+        self.assertEqual(response.headers.get('cache-control'), 'max-age=%d' % agent.DEFAULT_MAX_AGE)
+
 
 class PageCapture:
     """What Responder.respond needs of a connection; keeps the status, head and body."""
