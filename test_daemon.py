@@ -4777,6 +4777,23 @@ class ResponseHeadTests(SharedAgentTestCase):
         self.assertEqual((response.status, response.headers['location']), (301, '/gal/?x=1'))
         self.assertEqual(response.headers.get('cache-control'), 'max-age=%d' % agent.DEFAULT_MAX_AGE)
 
+    def test_an_svg_file_cannot_run_scripts(self):
+        """An SVG opened by itself is a document of this origin that runs its scripts; a policy
+        with `sandbox` and no script source shows it and runs none.  (Shown in an <img>, as
+        the gallery does, an SVG never runs scripts; raster types need no policy.)"""
+        for target, method in (('/f.svg', 'GET'), ('/f.svg', 'HEAD'), ('/g.svgz', 'GET')):
+            response = self.fetch(raw_request(target, method=method), head_only=method == 'HEAD')
+            self.assertEqual(response.status, 200, target)
+            policy = [d.strip().split()[0] for d in response.headers.get('content-security-policy', '').split(';')
+                      if d.strip()]
+            self.assertIn('sandbox', policy, (target, response.headers))
+            self.assertIn("default-src 'none'", response.headers['content-security-policy'])
+            self.assertNotIn('script-src', policy)
+        partial = self.get('/f.svg', 'Range: bytes=0-3')
+        self.assertEqual(partial.status, 206)
+        self.assertIn('sandbox', partial.headers.get('content-security-policy', ''))
+        self.assertNotIn('content-security-policy', self.get('/a.jpg').headers)
+
 
 class PageCapture:
     """What Responder.respond needs of a connection; keeps the status, head and body."""
