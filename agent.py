@@ -98,7 +98,7 @@ and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte rang
 If-Range, If-None-Match (wins over If-Modified-Since), 304 (with the validators and no
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
 comes; every other response has Date, Server, Content-Length, Content-Type).  Out of file
-descriptors a file is 503, never a 404.  Files carry Cache-Control: public, max-age=60
+descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 (--max-age; see DEFAULT_MAX_AGE for why); .svgz is sent with Content-Encoding: gzip.
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
 ?page=N, ?sort=name|date|size, ?format=json or Accept: application/json; a weak ETag; 403 with
@@ -205,6 +205,13 @@ CONTENT_TYPES = {
 IMAGE_SUFFIXES = frozenset(k for k, v in CONTENT_TYPES.items() if v.startswith('image/'))
 # Files stored compressed: sent as they are, with Content-Encoding, so the browser unpacks them.
 CONTENT_ENCODINGS = {'.svgz': 'gzip'}
+# An SVG opened by itself is a document of this origin and runs the scripts in it: it is sent
+# with a policy that still shows it (its styles, images from here or inline) but runs nothing,
+# in a sandbox (an opaque origin: none of this site's cookies or storage).  Shown in an <img>,
+# as the gallery does, an SVG never runs scripts, and the policy changes nothing there.  Not
+# Content-Disposition: attachment, which would make a click on it in the gallery a download.
+SVG_POLICY = (b"Content-Security-Policy: default-src 'none'; img-src 'self' data:; "
+              b"style-src 'unsafe-inline'; sandbox\r\n")
 
 KNOWN_METHODS = frozenset([b'POST', b'PUT', b'DELETE', b'CONNECT', b'OPTIONS', b'TRACE', b'PATCH'])
 TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -1709,9 +1716,11 @@ class OpenFile:
         self.whole = None       # head + body of a small file: one buffer, sent with no copy
 
     def fields(self, last_modified):
-        encoding = b'Content-Encoding: %s\r\n' % self.encoding.encode('ascii') if self.encoding else b''
+        extra = b'Content-Encoding: %s\r\n' % self.encoding.encode('ascii') if self.encoding else b''
+        if self.ctype == 'image/svg+xml':
+            extra += SVG_POLICY
         return b'Content-Type: %s\r\n%sLast-Modified: %s\r\nETag: %s\r\nAccept-Ranges: bytes\r\n' % (
-            self.ctype.encode('latin-1'), encoding, last_modified, self.etag.encode('ascii'))
+            self.ctype.encode('latin-1'), extra, last_modified, self.etag.encode('ascii'))
 
     def validators(self, wall, date):
         """(Last-Modified value, entity fields) for a response sent at `wall`.  A modification
@@ -2349,7 +2358,9 @@ class Responder:
         self.follow_symlinks = config.follow_symlinks
         self.listing = config.listing
         self.max_header_size = config.max_header_size
-        self.cache_control = b'Cache-Control: public, max-age=%d\r\n' % config.max_age
+        # No `public`: it would let a shared cache keep a response to a request that carried
+        # credentials (RFC 9111 section 3.5), as one through an authenticating proxy does.
+        self.cache_control = b'Cache-Control: max-age=%d\r\n' % config.max_age
         self.common_headers = common_headers
         self.https_port = https_port        # where a redirect from plain HTTP points
         self.clock = clock
@@ -2514,7 +2525,10 @@ class Responder:
         try:
             self.check_confined(fd)
             if not trailing:
-                raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n')
+                # With the files' lifetime: a browser keeps a 301 without one for ever, and a
+                # directory later replaced by a file would stay out of its reach.
+                raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n'
+                                + self.cache_control)
             index = self.index_file(path)
             if index is not None:
                 return self.respond_file(conn, req, index)
@@ -2647,7 +2661,10 @@ class Responder:
             raise HTTPError(404)
         etag = entry.etag[:-1] + '-t"'
         last_modified = entry.validators(self.clock.wall, self.clock.date)[0]
-        validators = b'Last-Modified: %s\r\nETag: %s\r\n' % (last_modified, etag.encode('ascii'))
+        # As fresh as its file, on the 200 and on the 304 alike (RFC 9110 section 15.4.5):
+        # without a lifetime, caches guess one from Last-Modified (RFC 9111 section 4.2.2).
+        validators = b'Last-Modified: %s\r\nETag: %s\r\n%s' % (last_modified, etag.encode('ascii'),
+                                                                 self.cache_control)
         if ('if-none-match' in req.headers or 'if-modified-since' in req.headers) \
                 and not_modified(req.headers, etag, entry.mtime):
             return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,
@@ -3982,7 +3999,7 @@ def parser():
     serving.add_argument('--follow-symlinks', action='store_true',
                          help='serve symlinks that lead outside --root (default: refuse them)')
     serving.add_argument('--max-age', type=non_negative_int, default=DEFAULT_MAX_AGE, metavar='SECONDS',
-                         help='Cache-Control: public, max-age=SECONDS on files (default: %d: a '
+                         help='Cache-Control: max-age=SECONDS on files (default: %d: a '
                               'replaced image shows within a minute)' % DEFAULT_MAX_AGE)
     serving.add_argument('--no-listing', dest='listing', action='store_false',
                          help='403 for a directory without index.html (default: a gallery page)')

@@ -31,6 +31,10 @@ CAMERA_PHOTOS = 50
 PLAIN_IMAGES = 200         # one page; Chrome loads lazy images within ~1250-2500 px of the view
 MANY = 230
 DEADLINE = 20.0
+# An SVG whose script, if it ever runs, marks the document and asks this server for a file.
+SCRIPTED_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" width="40" height="30"><rect width="40" height="30" '
+                b'fill="#0b62c4"/><script>document.documentElement.setAttribute("data-ran", "1");'
+                b'new Image().src = "/svg-script-ran.gif";</script></svg>\n')
 
 
 def require_tools():
@@ -69,6 +73,10 @@ def make_folders(root):
     for i in range(PLAIN_IMAGES):
         with open(os.path.join(plain, 'p%02d.png' % i), 'wb') as f:
             f.write(big)
+    vector = os.path.join(root, 'vector')
+    os.makedirs(vector)
+    with open(os.path.join(vector, 'script.svg'), 'wb') as f:
+        f.write(SCRIPTED_SVG)
     many = os.path.join(root, 'many')
     os.makedirs(many)
     for i in range(MANY):
@@ -232,6 +240,20 @@ class GalleryBrowserTests(unittest.TestCase):
         self.assertEqual(names[:3], ['img0.gif', 'img1.gif', 'img2.gif'])
         self.assertEqual(names[10:12], ['img10.gif', 'img11.gif'])
         self.assert_clean_console()
+
+    def test_an_svg_shows_but_its_script_never_runs(self):
+        """In the grid an SVG is an <img> (no script runs there); opened by itself it is a
+        document of the agent's origin, and the policy it is sent with (sandbox, no script
+        source) lets it show but not run its script."""
+        self.open('/vector/')
+        self.wait('document.querySelector("main img").complete')
+        self.assertEqual(self.js('document.querySelector("main img").naturalWidth'), 40)
+        self.assert_clean_console()
+        self.open('/vector/script.svg')
+        self.assertEqual(self.js('document.documentElement.localName'), 'svg')
+        self.assertIsNone(self.js('document.documentElement.getAttribute("data-ran")'))
+        blocked = [e['message'] for e in self.driver.get_log('browser')]
+        self.assertTrue(blocked and all('sandboxed' in m for m in blocked), blocked)
 
     def test_without_javascript_links_open_the_image(self):
         from selenium import webdriver

@@ -2202,9 +2202,9 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         server.write('logo.svgz', gzip.compress(svg))
         server.start()
         status, headers, body = server.get('/a.jpg')
-        self.assertEqual(headers['cache-control'], 'public, max-age=3600')
+        self.assertEqual(headers['cache-control'], 'max-age=3600')
         status, headers, body = server.get('/a.jpg', {'If-None-Match': headers['etag']})
-        self.assertEqual((status, headers['cache-control']), (304, 'public, max-age=3600'))
+        self.assertEqual((status, headers['cache-control']), (304, 'max-age=3600'))
         self.assertEqual(server.get('/album/')[0], 403)
         self.assertEqual(server.get('/')[0], 403)
         self.assertEqual(server.get('/with-index/')[2], b'<p>index</p>')
@@ -2215,7 +2215,7 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         server.stop()
         default = AgentServer(self).start()
         default.write('d.jpg', b'd')
-        self.assertEqual(default.get('/d.jpg')[1]['cache-control'], 'public, max-age=%d' % agent.DEFAULT_MAX_AGE)
+        self.assertEqual(default.get('/d.jpg')[1]['cache-control'], 'max-age=%d' % agent.DEFAULT_MAX_AGE)
         self.assertEqual(default.get('/')[0], 200)
         default.stop()
         version = run([PYTHON, AGENT, '--version'])
@@ -4855,6 +4855,171 @@ class GalleryValidatorServerTests(SharedAgentTestCase):
         self.assertEqual(renamed.status, 200)
         self.assertIn(b'drei.jpg', renamed.body)
         self.assertNotIn(b'three.jpg', renamed.body)
+
+
+class ResponseHeadTests(SharedAgentTestCase):
+    """Every kind of response the agent sends, checked against the RFCs field by field and,
+    where httplint (a linter for HTTP messages, `pip install httplint`) is installed, by it."""
+
+    SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"><script>alert(1)</script></svg>\n'
+    # WARN and BAD notes a response earns by what it answers, not by how: httplint says of
+    # every 400 that "the server didn't understand the request".
+    STATUS_NOTES = {400: {'STATUS_BAD_REQUEST'}, 414: {'STATUS_URI_TOO_LONG'},
+                    505: {'STATUS_VERSION_NOT_SUPPORTED'}}
+
+    @classmethod
+    def make_files(cls):
+        import gzip
+        root = cls.server.root
+        w = lambda name, data: write_file(root, name, data)   # noqa: E731
+        w('a.jpg', sample_jpeg(16, 8))
+        w('b.png', sample_png(7, 5))
+        w('c.gif', sample_gif(3, 2))
+        w('d.webp', sample_webp('VP8L', 5, 5))
+        w('e.bmp', sample_bmp(4, 4))
+        w('f.svg', cls.SVG)
+        w('g.svgz', gzip.compress(cls.SVG, mtime=0))
+        w('notes.txt', b'notes\n')
+        w('gal/cam.jpg', camera_jpeg(sample_jpeg(64, 32), sample_jpeg(16, 8), 6))
+        w('gal/p.png', sample_png(7, 5))
+        w('site/index.html', b'<!DOCTYPE html><title>t</title>\n')
+
+    def validator(self, target, name='etag', *headers):
+        return self.get(target, *headers).headers[name]
+
+    def cases(self):
+        """(name, raw request, head_only) for each kind of response."""
+        def req(target, *headers, method='GET', version='HTTP/1.1'):
+            return raw_request(target, *headers, method=method, version=version)
+        etag, date = self.validator('/a.jpg'), self.validator('/a.jpg', 'last-modified')
+        cases = [('200 ' + name, req('/' + name), False)
+                 for name in ('a.jpg', 'b.png', 'c.gif', 'd.webp', 'e.bmp', 'f.svg', 'g.svgz', 'notes.txt')]
+        return cases + [
+            ('HEAD', req('/a.jpg', method='HEAD'), True),
+            ('206', req('/a.jpg', 'Range: bytes=0-9'), False),
+            ('206 If-Range', req('/a.jpg', 'Range: bytes=0-9', 'If-Range: ' + etag), False),
+            ('200 If-Range stale', req('/a.jpg', 'Range: bytes=0-9', 'If-Range: "old"'), False),
+            ('416', req('/a.jpg', 'Range: bytes=99999-'), False),
+            ('304 If-None-Match', req('/a.jpg', 'If-None-Match: ' + etag), False),
+            ('304 If-Modified-Since', req('/a.jpg', 'If-Modified-Since: ' + date), False),
+            ('404', req('/missing.jpg'), False),
+            ('404 HEAD', req('/missing.jpg', method='HEAD'), True),
+            ('404 HTTP/1.0', req('/missing.jpg', version='HTTP/1.0'), False),
+            ('200 HTTP/1.0 keep-alive', req('/a.jpg', 'Connection: keep-alive', version='HTTP/1.0'), False),
+            ('405', req('/a.jpg', method='POST'), False),
+            ('501', req('/a.jpg', method='BREW'), False),
+            ('400', req('/a.jpg', 'No colon'), False),
+            ('400 HTTP/1.0', req('/a.jpg', 'No colon', version='HTTP/1.0'), False),
+            ('414', req('/' + 'a' * 9000), False),
+            ('431', req('/a.jpg', 'X-Big: ' + 'b' * 9000), False),
+            ('505', req('/a.jpg', version='HTTP/2.0'), False),
+            ('301 directory', req('/gal'), False),
+            ('index.html', req('/site/'), False),
+            ('gallery', req('/gal/'), False),
+            ('gallery HEAD', req('/gal/', method='HEAD'), True),
+            ('gallery JSON', req('/gal/?format=json'), False),
+            ('gallery Accept JSON', req('/gal/', 'Accept: application/json'), False),
+            ('gallery 304', req('/gal/', 'If-None-Match: ' + self.validator('/gal/')), False),
+            ('thumb', req('/gal/cam.jpg?thumb'), False),
+            ('thumb HEAD', req('/gal/cam.jpg?thumb', method='HEAD'), True),
+            ('thumb 304', req('/gal/cam.jpg?thumb', 'If-None-Match: ' + self.validator('/gal/cam.jpg?thumb')),
+             False),
+        ]
+
+    def lint(self, raw, response):
+        """httplint's notes on one exchange: [(level name, note class name, summary)]."""
+        from httplint import HttpRequestLinter, HttpResponseLinter
+        request_lines = raw.split(b'\r\n\r\n')[0].split(b'\r\n')
+        method, target, version = request_lines[0].split(b' ', 2)
+        request = HttpRequestLinter()
+        request.process_request_topline(method, b'http://127.0.0.1:%d%s' % (self.server.port, target), version)
+        request.process_headers([tuple(p.strip() for p in line.split(b':', 1)) for line in request_lines[1:]
+                                 if b':' in line])
+        request.finish_content(True)
+        linter = HttpResponseLinter(start_time=time.time(), _related=request)
+        linter.is_head_response = method == b'HEAD'
+        lines = response.head.rstrip(b'\r\n').split(b'\r\n')
+        status_version, status, phrase = lines[0].split(b' ', 2)
+        linter.process_response_topline(status_version, status, phrase)
+        linter.process_headers([tuple(p.strip() for p in line.split(b':', 1)) for line in lines[1:]])
+        if method != b'HEAD' and response.status != 304:
+            linter.feed_content(response.body)
+        linter.finish_content(True)
+        notes = []
+        for note in linter.notes:
+            for found in [note] + list(note.subnotes):
+                notes.append((found.level.name, type(found).__name__, found.summary))
+        return notes
+
+    def test_httplint_finds_nothing_to_warn_about(self):
+        try:
+            import httplint  # noqa: F401
+        except ImportError:
+            self.skipTest('httplint is not installed (pip install httplint)')
+        found = []
+        for name, raw, head_only in self.cases():
+            response = self.fetch(raw, head_only=head_only)
+            allowed = self.STATUS_NOTES.get(response.status, set())
+            if name == '200 e.bmp':
+                allowed = {'CONTENT_TYPE_MISMATCH'}     # sniffpy 0.1 takes "BM" for a GIF
+            if name in ('200 f.svg', '200 g.svgz'):
+                # "Inline scripts are allowed", said of any 'unsafe-inline': here it is
+                # style-src's (Inkscape writes style attributes); scripts have no source at all
+                # (test_an_svg_file_cannot_run_scripts).
+                allowed = {'CSP_UNSAFE_INLINE'}
+            for level, kind, summary in self.lint(raw, response):
+                if level in ('WARN', 'BAD') and kind not in allowed:
+                    found.append('%s (%d): [%s] %s %s' % (name, response.status, level, kind, summary))
+        if found:
+            self.fail('httplint says:\n' + '\n'.join(found))
+
+    def test_a_304_carries_what_its_200_would(self):
+        """RFC 9110 section 15.4.5: Cache-Control, Content-Location, Date, ETag, Expires and
+        Vary as a 200 would carry them; here for a file, a thumbnail and both gallery forms."""
+        for target, headers in (('/a.jpg', ()), ('/gal/cam.jpg?thumb', ()), ('/gal/', ()),
+                                ('/gal/?format=json', ()), ('/gal/', ('Accept: application/json',))):
+            full = self.get(target, *headers)
+            self.assertEqual(full.status, 200, target)
+            self.assertIn('cache-control', full.headers, target)
+            again = self.get(target, 'If-None-Match: ' + full.headers['etag'], *headers)
+            self.assertEqual((again.status, again.body), (304, b''), target)
+            for name in ('cache-control', 'content-location', 'etag', 'expires', 'vary'):
+                self.assertEqual(again.headers.get(name), full.headers.get(name), (target, name))
+            self.assertIn('date', again.headers)
+
+    def test_a_thumbnail_is_as_fresh_as_its_file(self):
+        self.assertEqual(self.get('/gal/cam.jpg?thumb').headers.get('cache-control'),
+                         self.get('/gal/cam.jpg').headers['cache-control'])
+
+    def test_files_are_fresh_for_max_age_and_shared_only_as_caches_allow(self):
+        """max-age alone, as nginx's `expires` says it: `public` would let a shared cache keep
+        a response to a request with credentials (RFC 9111 section 3.5), which a proxy in front
+        of the agent may add."""
+        self.assertEqual(self.get('/a.jpg').headers['cache-control'], 'max-age=%d' % agent.DEFAULT_MAX_AGE)
+
+    def test_a_directory_redirect_is_fresh_for_max_age(self):
+        """Without a lifetime a browser keeps a 301 for ever (a heuristic, RFC 9111 section
+        4.2.2): a directory later replaced by a file would stay unreachable there."""
+        response = self.get('/gal?x=1')
+        self.assertEqual((response.status, response.headers['location']), (301, '/gal/?x=1'))
+        self.assertEqual(response.headers.get('cache-control'), 'max-age=%d' % agent.DEFAULT_MAX_AGE)
+
+    def test_an_svg_file_cannot_run_scripts(self):
+        """An SVG opened by itself is a document of this origin that runs its scripts; a policy
+        with `sandbox` and no script source shows it and runs none.  (Shown in an <img>, as
+        the gallery does, an SVG never runs scripts; raster types need no policy.)"""
+        for target, method in (('/f.svg', 'GET'), ('/f.svg', 'HEAD'), ('/g.svgz', 'GET')):
+            response = self.fetch(raw_request(target, method=method), head_only=method == 'HEAD')
+            self.assertEqual(response.status, 200, target)
+            policy = [d.strip().split()[0] for d in response.headers.get('content-security-policy', '').split(';')
+                      if d.strip()]
+            self.assertIn('sandbox', policy, (target, response.headers))
+            self.assertIn("default-src 'none'", response.headers['content-security-policy'])
+            self.assertNotIn('script-src', policy)
+        partial = self.get('/f.svg', 'Range: bytes=0-3')
+        self.assertEqual(partial.status, 206)
+        self.assertIn('sandbox', partial.headers.get('content-security-policy', ''))
+        self.assertNotIn('content-security-policy', self.get('/a.jpg').headers)
 
 
 class PageCapture:
