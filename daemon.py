@@ -607,12 +607,15 @@ class Daemon:
             os._exit(EXIT_FAILURE)
 
     def _become_service(self):
-        """Steps common to the daemon and the foreground service: pidfile, signals, setup()."""
+        """Steps common to the daemon and the foreground service: signals, pidfile, setup().
+
+        The handlers come first: a stop that arrives once the pidfile names this process
+        ends it through them, with the pidfile removed, never by the default action."""
+        self._install_signal_handlers()
         if self._pidfile is None:
             self._pidfile = self._new_pidfile()
             self._pidfile.acquire()
         os.register_at_fork(after_in_child=self._after_fork_in_child)
-        self._install_signal_handlers()
         self.setup()
         drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
 
@@ -687,6 +690,11 @@ class Daemon:
             status, error = EXIT_FAILURE, describe(exc)
         else:
             error = None
+        if status != EXIT_OK and self.stopping and not self._is_ready:
+            # A stop asked for during startup (systemctl stop while it starts): the service
+            # stopped as asked, so a foreground run exits 0; a detached start's launcher still
+            # says that it did not start, with the reason (error).
+            status = EXIT_OK
         notify(STOPPING=1)
         if status != EXIT_OK and self._is_ready and not self.stopping and self._pidfile is not None \
                 and self._pidfile.fd is not None:

@@ -122,7 +122,7 @@ import daemon
 MODE = os.environ.get('SAMPLE_MODE', 'cooperative')
 
 class Sample(daemon.Daemon):
-    ready_on_run = MODE not in ('late_ready', 'never_ready', 'crash_before_ready')
+    ready_on_run = MODE not in ('late_ready', 'never_ready', 'crash_before_ready', 'slow_start')
     start_timeout = float(os.environ.get('SAMPLE_START_TIMEOUT', '60'))
 
     def setup(self):
@@ -154,6 +154,10 @@ class Sample(daemon.Daemon):
             elif MODE == 'never_ready':
                 while not self.wait(1):
                     pass
+            elif MODE == 'slow_start':       # like agent.py waiting for its workers to boot
+                if self.wait(30):
+                    raise daemon.DaemonError('stopped during startup')
+                self.ready()
             elif MODE == 'orphan_child':
                 if os.fork() == 0:
                     with open(os.path.join(os.path.dirname(self.pidfile), 'child.pid'), 'w') as f:
@@ -856,6 +860,32 @@ class DaemonProcessTests(SampleDaemonTest):
                 self.assertNotIn('Traceback', result.stderr)
                 self.assertIn("'sample.pid'", result.stderr)
         self.assertFalse(os.path.exists('/sample.pid') or os.path.exists('/sample.log'))
+
+    def test_a_stop_during_startup(self):
+        """A stop asked for before the daemon is ready: `start` did not start (1, and says
+        so); a foreground `run` was stopped as asked (0, as systemd expects of a stop)."""
+        env = dict(os.environ, SAMPLE_MODE='slow_start')
+        launcher = subprocess.Popen([PYTHON, self.script, 'start'], cwd=self.tmp, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        self.addCleanup(launcher.kill)
+        pid = wait_for(lambda: read_pid(self.pidfile), message='the daemon\'s pidfile')
+        self.seen_pids.append(pid)
+        os.kill(pid, signal.SIGTERM)
+        out, err = launcher.communicate(timeout=TIMEOUT)
+        self.assertEqual(launcher.returncode, 1, out + err)
+        self.assertIn('stopped during startup', err)
+        wait_for(lambda: not os.path.exists(self.pidfile), message='pidfile removed')
+        proc = subprocess.Popen([PYTHON, self.script, 'run'], cwd=self.tmp, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        wait_for(lambda: read_pid(self.pidfile) == proc.pid, message='foreground pidfile')
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, out + err)
+        self.assertIn('cleanup ran', out)
+        self.assertFalse(os.path.exists(self.pidfile))
 
     def test_sigint_is_graceful_too(self):
         pid = self.start()
