@@ -3208,6 +3208,7 @@ class Agent(Daemon):
             if self.stopping or time.monotonic() > deadline:
                 raise DaemonError('stopped during startup' if self.stopping
                                   else 'workers did not start in time')
+            self.watchdog()                 # a reload waits here, under systemd's watchdog
             for key, _ in self.selector.select(0.5):
                 if key.fileobj == self.signal_fd:
                     drain(self.signal_fd)

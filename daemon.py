@@ -90,7 +90,8 @@ systemd
 -------
 `run` keeps the daemon in the foreground (no fork, logs on stderr) with the same signals.
 With NOTIFY_SOCKET set, ready() sends READY=1, a reload RELOADING=1 and READY=1, a stop
-STOPPING=1 (sd_notify(3)).  Sockets passed by socket activation (LISTEN_PID/LISTEN_FDS/
+STOPPING=1 (sd_notify(3)); under WatchdogSec= (WATCHDOG_USEC), wait() and handle_signals()
+send WATCHDOG=1 at half the interval.  Sockets passed by socket activation (LISTEN_PID/LISTEN_FDS/
 LISTEN_FDNAMES, sd_listen_fds(3)) are collected before any fork and offered as
 `self.listen_fds`.
 
@@ -104,9 +105,9 @@ Sections of this file, in order
                     the launcher does, as functions of the daemon, reached only via command()
   daemon(7) steps   one small function each
   the pidfile, the readiness pipe
-  optional: systemd   sd_notify(3) and sd_listen_fds(3).  Without it notify() does nothing and
-                    listen_fds() finds no socket: no READY=1 for Type=notify units, no socket
-                    activation.  The upgrade section needs it (it passes sockets that way).
+  optional: systemd   sd_notify(3), sd_listen_fds(3), sd_watchdog_enabled(3).  Without it
+                    notify() does nothing, listen_fds() finds no socket and there is no
+                    watchdog: no READY=1 for Type=notify units, no socket activation.  The upgrade section needs it (it passes sockets that way).
   optional: upgrade   re-exec in place on SIGUSR2 (reexec(), the `upgrade` action).  Without it
                     SIGUSR2 only runs the on_upgrade() hook, and no action `upgrade` exists.
 Each optional section runs from its banner to the next one (or the end of the file) and can be
@@ -143,7 +144,7 @@ __all__ = [
     # the pidfile
     'PidFile', 'parse_pid', 'flock_holders', 'open_files',
     # optional: systemd
-    'notify', 'listen_fds',
+    'notify', 'listen_fds', 'watchdog_interval',
     # optional: upgrade in place
     'reexec', 'check_new_code', 'upgrade_done', 'upgrade_action',
 ]
@@ -246,6 +247,10 @@ def listen_fds(unset_environment=True):
     return {}
 
 
+def watchdog_interval():
+    return None
+
+
 class Daemon:
     """A daemon: subclass it and override run().
 
@@ -284,6 +289,8 @@ class Daemon:
                            once the daemon should stop
         handle_signals()   the same without sleeping, for a run() with its own event loop
                            (its selector should watch `signal_fd`)
+        watchdog()         WATCHDOG=1 to systemd's watchdog (WatchdogSec=) when half its
+                           interval has passed; wait() and handle_signals() call it
         release_signals()  in a child forked by run() that runs a loop of its own: close the
                            signal pipe it inherited
         reopen_std_logs()  reopen stdout/stderr at their paths (SIGUSR1 does it)
@@ -335,6 +342,8 @@ class Daemon:
         self._status = '%s running' % self.name
         self._cooperative = False
         self._pending = []
+        self._watchdog = False          # systemd's watchdog interval: False until looked up
+        self._watchdog_due = 0.0
         self._wake_r = self._wake_w = None
         # name -> function(daemon) returning an exit code; add_action() adds to it.
         self.actions = dict(STANDARD_ACTIONS)
@@ -413,6 +422,7 @@ class Daemon:
     def handle_signals(self):
         """Act on the signals that arrived since the last call; returns self.stopping."""
         self._cooperative = True
+        self.watchdog()
         self._keep_pidfile()
         if self._wake_r is not None:
             try:
@@ -445,14 +455,37 @@ class Daemon:
         return self.stopping
 
     def wait(self, timeout=None):
-        """Sleep until a signal arrives or `timeout` passes; True once the daemon should stop."""
+        """Sleep until a signal arrives or `timeout` passes; True once the daemon should stop.
+        Under systemd's watchdog it says WATCHDOG=1 while it sleeps (see watchdog())."""
         self._cooperative = True
         if not self.stopping and not self._pending:
-            try:
-                select.select([self._wake_r], [], [], timeout)
-            except InterruptedError:
-                pass
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                step = None if deadline is None else max(0.0, deadline - time.monotonic())
+                interval = self.watchdog()
+                if interval is not None:
+                    step = interval / 2 if step is None else min(step, interval / 2)
+                try:
+                    woken = select.select([self._wake_r], [], [], step)[0]
+                except InterruptedError:
+                    woken = True
+                if woken or interval is None or deadline is not None and time.monotonic() >= deadline:
+                    break
         return self.handle_signals()
+
+    def watchdog(self):
+        """Say WATCHDOG=1 to systemd when its watchdog watches this process (WatchdogSec=) and
+        half its interval has passed since the last time; returns the interval (seconds) or
+        None.  wait() and handle_signals() call it: a loop that calls neither for longer than
+        half the interval must call it itself, or systemd takes the service for hung."""
+        if self._watchdog is False:
+            self._watchdog = watchdog_interval()    # here: WATCHDOG_PID names the process
+        if self._watchdog is not None:
+            now = time.monotonic()
+            if now >= self._watchdog_due:
+                notify(WATCHDOG=1)
+                self._watchdog_due = now + self._watchdog / 2
+        return self._watchdog
 
     def reopen_std_logs(self):
         """Reopen stdout/stderr logs at their paths (after logrotate moved them away)."""
@@ -612,6 +645,7 @@ class Daemon:
         The handlers come first: a stop that arrives once the pidfile names this process
         ends it through them, with the pidfile removed, never by the default action."""
         self._install_signal_handlers()
+        self._watchdog = False                  # looked up again in this process
         if self._pidfile is None:
             self._pidfile = self._new_pidfile()
             self._pidfile.acquire()
@@ -620,7 +654,9 @@ class Daemon:
         drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
 
     def _after_fork_in_child(self):
-        """A child forked by run() does not own the pidfile, its lock or the readiness pipe."""
+        """A child forked by run() does not own the pidfile, its lock, the readiness pipe or
+        the watchdog."""
+        self._watchdog = None
         if self._pidfile is not None:
             self._pidfile.forget()
         if self._readiness is not None:
@@ -1743,8 +1779,9 @@ class ReadinessPipe:
 
 
 # =============================================================================================
-# Optional: systemd, sd_notify(3) and sd_listen_fds(3).  Delete from here to the next banner of
-# '=' to drop it (the stand-ins at the top then do nothing); the upgrade section needs it.
+# Optional: systemd, sd_notify(3), sd_listen_fds(3) and sd_watchdog_enabled(3).  Delete from
+# here to the next banner of '=' to drop it (the stand-ins at the top then do nothing); the
+# upgrade section needs it.
 # =============================================================================================
 
 SD_LISTEN_FDS_START = 3
@@ -1770,6 +1807,20 @@ def notify(**fields):
     except OSError as exc:
         log('sd_notify to %r failed: %s' % (os.environ.get('NOTIFY_SOCKET'), exc))
         return False
+
+
+def watchdog_interval():
+    """systemd's watchdog interval for this process in seconds, or None (sd_watchdog_enabled(3)):
+    WATCHDOG_USEC, set by WatchdogSec=, when WATCHDOG_PID is unset or names this process.
+    The variables are kept: an upgrade in place is the same process."""
+    try:
+        usec = int(os.environ.get('WATCHDOG_USEC', ''))
+    except ValueError:
+        return None
+    pid = os.environ.get('WATCHDOG_PID')
+    if usec <= 0 or pid is not None and pid != str(os.getpid()):
+        return None
+    return usec / 1000000
 
 
 def listen_fds(unset_environment=True):
@@ -1928,8 +1979,9 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
                 os.kill(pid, signal.SIGKILL)
                 output += b'\nno verdict within %gs' % timeout
                 break
+            interval = d.watchdog()             # the check may take longer than systemd waits
             try:
-                ready = select.select([r], [], [], remaining)[0]
+                ready = select.select([r], [], [], min(remaining, interval / 2) if interval else remaining)[0]
             except InterruptedError:
                 continue
             if ready:

@@ -24,6 +24,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -6220,6 +6221,73 @@ class SdNotifyTests(ServiceToolTestCase):
         name = 'eco-notify-%d-%s' % (os.getpid(), os.urandom(6).hex())
         sock = self.notify_socket('\0' + name)
         self.check_protocol(sock, '@' + name)
+
+    def watchdog_senders(self, sock, count):
+        """The pids that sent the next count WATCHDOG=1 datagrams (SO_PASSCRED)."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.settimeout(self.DEADLINE)
+        senders = []
+        while len(senders) < count:
+            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            if b'WATCHDOG=1' in data.split(b'\n'):
+                for level, kind, payload in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                        senders.append(struct.unpack('3i', payload[:12])[0])
+        return senders
+
+    def test_watchdog_of_the_agent(self):
+        """WatchdogSec= (WATCHDOG_USEC): the master says WATCHDOG=1 at half the interval, from
+        its own pid; its workers never do.  WATCHDOG_PID for another pid: it is not ours."""
+        tmp = self.eco_tmp()
+        path = os.path.join(tmp, 'notify.sock')
+        sock = self.notify_socket(path)
+        root = os.path.join(tmp, 'www')
+        os.makedirs(root)
+        env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC='300000')
+        env.pop('WATCHDOG_PID', None)
+        proc = self.eco_popen([PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1', '--port', '0',
+                               '--pidfile', os.path.join(tmp, 'agent.pid'), '--access-log',
+                               os.path.join(tmp, 'access.log'), '--workers', '2', 'run'],
+                              os.path.join(tmp, 'stderr'), env=env)
+        started = time.monotonic()
+        self.assertEqual(set(self.watchdog_senders(sock, 8)), {proc.pid})
+        self.assertLess(time.monotonic() - started, self.DEADLINE)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(self.DEADLINE), 0)
+
+    def test_watchdog_of_a_classic_wait_loop(self):
+        """A run() that loops on wait(5) still says WATCHDOG=1 every half interval; with
+        WATCHDOG_PID naming another process it says nothing."""
+        tmp = self.eco_tmp()
+        path = os.path.join(tmp, 'notify.sock')
+        sock = self.notify_socket(path)
+        script = os.path.join(tmp, 'sample.py')
+        with open(script, 'w') as f:
+            f.write(SAMPLE_DAEMON.format(here=HERE).replace('self.wait(1)', 'self.wait(5)'))
+        for watchdog_pid, expect in ((None, True), ('1', False)):
+            env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC='200000', SAMPLE_MODE='cooperative')
+            env.pop('WATCHDOG_PID', None)
+            if watchdog_pid:
+                env['WATCHDOG_PID'] = watchdog_pid
+            proc = subprocess.Popen([PYTHON, script, 'run'], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.addCleanup(proc.kill)
+            with self.subTest(WATCHDOG_PID=watchdog_pid):
+                if expect:
+                    self.assertEqual(set(self.watchdog_senders(sock, 5)), {proc.pid})
+                else:
+                    wait_for(lambda: read_pid(os.path.join(tmp, 'sample.pid')) == proc.pid,
+                             message='foreground pidfile')
+                    sock.settimeout(1.0)
+                    seen = []
+                    try:
+                        while True:
+                            seen.append(sock.recv(4096))
+                    except socket.timeout:
+                        pass
+                    self.assertFalse([m for m in seen if b'WATCHDOG=1' in m], seen)
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(self.DEADLINE), 0)
 
 
 # ---------------------------------------------------------------------------------------------

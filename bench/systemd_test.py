@@ -529,6 +529,35 @@ def inside_main():
     bad += [line for line in everything.splitlines()
             if re.search(r'not our child|Traceback|Killing process .*python3|status=9/KILL', line)]
     check(bad == [], 'journal: no warning from the agent', '\n'.join(bad[:10]))
+
+    # Last: a watchdog timeout is a warning in the journal, on purpose.
+    print('watchdog', flush=True)
+    dropin = '/etc/systemd/system/agent.service.d/watchdog.conf'
+    os.makedirs(os.path.dirname(dropin), exist_ok=True)
+    with open(dropin, 'w') as f:
+        f.write('[Service]\nWatchdogSec=2\nTimeoutAbortSec=3\n')
+    sh('systemctl', 'daemon-reload')
+    sh('systemctl', 'start', 'agent.service', timeout=60)
+    state = show('agent.service', 'MainPID', 'NRestarts', 'WatchdogUSec')
+    check(state['WatchdogUSec'] in ('2s', '2000000'), 'watchdog: WatchdogSec=2 in effect', state)
+    time.sleep(5)
+    now = show('agent.service', 'ActiveState', 'MainPID', 'NRestarts')
+    check(now['ActiveState'] == 'active' and now['MainPID'] == state['MainPID']
+          and now['NRestarts'] == state['NRestarts'], 'watchdog: fed for 5 s, no restart', now)
+    mark = cursor()
+    hung = int(state['MainPID'])
+    os.kill(hung, signal.SIGSTOP)
+    check(wait_until(lambda: show('agent.service', 'NRestarts')['NRestarts'] == str(int(state['NRestarts']) + 1)
+                     and show('agent.service', 'SubState')['SubState'] == 'running', 30),
+          'watchdog: a hung (stopped) master is restarted', show('agent.service', 'NRestarts', 'SubState'))
+    check('Watchdog timeout' in journal_since(mark), 'watchdog: the journal says "Watchdog timeout"')
+    check(wait_until(lambda: not harness.pid_alive(hung)), 'watchdog: the hung master is gone')
+    check(wait_until(lambda: read_pid() == int(show('agent.service', 'MainPID')['MainPID'])),
+          'watchdog: MainPID = pidfile')
+    check(fetch(url) == (200, small), 'watchdog: serves after the restart')
+    sh('systemctl', 'stop', 'agent.service', timeout=30)
+    os.remove(dropin)
+    sh('systemctl', 'daemon-reload')
     print('inside: %d failure(s)%s' % (len(failures), (': ' + '; '.join(failures)) if failures else ''), flush=True)
     return 1 if failures else 0
 
