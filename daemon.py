@@ -186,6 +186,14 @@ class DaemonError(Exception):
         self.privilege = privilege
 
 
+class _Interrupted(Exception):
+    """A signal to the launcher while it waits for the daemon's verdict."""
+
+    def __init__(self, signum):
+        Exception.__init__(self, signum)
+        self.signum = signum
+
+
 class AlreadyRunning(DaemonError):
     def __init__(self, pid):
         DaemonError.__init__(self, 'already running (pid %s)' % (pid or 'unknown'))
@@ -663,7 +671,24 @@ class Daemon:
             self._readiness.close_write()
 
     def _launcher_wait(self, child):
-        """The launcher: reap the intermediate child, then wait for the daemon's verdict."""
+        """The launcher: reap the intermediate child, then wait for the daemon's verdict.
+
+        Interrupted (Ctrl-C, SIGTERM, SIGHUP), it stops waiting and says so; the daemon goes
+        on starting, as a unit does when `systemctl start` is interrupted.  128 + the signal
+        is the exit status, the shell's convention."""
+        def interrupted(signum, frame):
+            raise _Interrupted(signum)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, interrupted)
+        try:
+            return self._launcher_verdict(child)
+        except _Interrupted as exc:
+            self.say('%s: start interrupted (%s); the daemon goes on starting in the background: '
+                     '`status` says when it serves, `stop` ends it (pidfile %s)'
+                     % (self.name, signal.Signals(exc.signum).name, self.pidfile_path), error=True)
+            return 128 + exc.signum
+
+    def _launcher_verdict(self, child):
         try:
             os.waitpid(child, 0)
         except ChildProcessError:

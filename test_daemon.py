@@ -888,6 +888,27 @@ class DaemonProcessTests(SampleDaemonTest):
         self.assertIn('cleanup ran', out)
         self.assertFalse(os.path.exists(self.pidfile))
 
+    def test_ctrl_c_of_start_says_what_goes_on(self):
+        """Ctrl-C (or SIGTERM) to `start` while it waits for ready: it says that the daemon
+        goes on starting, names the pidfile, and exits 130; the daemon is left to run."""
+        env = dict(os.environ, SAMPLE_MODE='slow_start')
+        for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            launcher = subprocess.Popen([PYTHON, self.script, 'start'], cwd=self.tmp, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+            self.addCleanup(launcher.kill)
+            pid = wait_for(lambda: read_pid(self.pidfile), message='the daemon\'s pidfile')
+            self.seen_pids.append(pid)
+            launcher.send_signal(signum)
+            out, err = launcher.communicate(timeout=TIMEOUT)
+            with self.subTest(signal=signum):
+                self.assertEqual(launcher.returncode, code, out + err)
+                self.assertIn('goes on starting', err)
+                self.assertIn(self.pidfile, err)
+                self.assertTrue(pid_alive(pid))
+            self.assertEqual(self.sample('stop').returncode, 0)
+            wait_for(lambda: not pid_alive(pid), message='stopped')
+
     def test_sigint_is_graceful_too(self):
         pid = self.start()
         os.kill(pid, signal.SIGINT)
