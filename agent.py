@@ -95,7 +95,8 @@ HTTP (RFC 9110, 9112)
 GET and HEAD; other known methods 405 (with Allow), unknown ones 501, HTTP/2+ 505, a version 1
 not written HTTP/1.N (HTTP/1.10, HTTP/01.1, HTTP/1) 400.  Keep-alive
 and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte ranges (206, 416),
-If-Range, If-None-Match (wins over If-Modified-Since), 304 (with the validators and no
+If-Range, If-Match and If-Unmodified-Since (412, before the rest), If-None-Match (wins over
+If-Modified-Since), 304 (with the validators and no
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
 comes; every other response has Date, Server, Content-Length, Content-Type).  Out of file
 descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
@@ -246,7 +247,7 @@ REASONS = {
     200: 'OK', 206: 'Partial Content', 301: 'Moved Permanently', 304: 'Not Modified',
     400: 'Bad Request', 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
     408: 'Request Timeout', 413: 'Content Too Large', 414: 'URI Too Long',
-    416: 'Range Not Satisfiable', 431: 'Request Header Fields Too Large',
+    412: 'Precondition Failed', 416: 'Range Not Satisfiable', 431: 'Request Header Fields Too Large',
     500: 'Internal Server Error', 501: 'Not Implemented', 503: 'Service Unavailable',
     505: 'HTTP Version Not Supported',
 }
@@ -797,7 +798,7 @@ def file_key(st):
 
 
 def etag_matches(header, etag, weak=True):
-    """If-None-Match uses the weak comparison, If-Range the strong one."""
+    """If-None-Match uses the weak comparison, If-Match and If-Range the strong one."""
     header = header.strip()
     if header == '*':
         return True
@@ -809,6 +810,20 @@ def etag_matches(header, etag, weak=True):
             candidate = candidate[2:]
         if candidate == etag:
             return True
+    return False
+
+
+def precondition_failed(headers, etag, mtime):
+    """RFC 9110 section 13.2.2, steps 1 and 2: If-Match (strong comparison: a weak tag never
+    matches), and only without it If-Unmodified-Since (ignored when invalid, or when there is
+    no modification date: mtime None).  True means 412."""
+    im = headers.get('if-match')
+    if im is not None:
+        return not etag_matches(im, etag, weak=False)
+    ius = headers.get('if-unmodified-since')
+    if ius is not None and mtime is not None:
+        since = parse_http_date(ius)
+        return since is not None and int(mtime) > since
     return False
 
 
@@ -2479,6 +2494,9 @@ class Responder:
             last_modified, fields = entry.last_modified, entry.headers
         else:
             last_modified, fields = entry.validators(clock.wall, clock.date)
+        if ('if-match' in headers or 'if-unmodified-since' in headers) \
+                and precondition_failed(headers, entry.etag, entry.mtime):
+            raise HTTPError(412)
         if ('if-none-match' in headers or 'if-modified-since' in headers) \
                 and not_modified(headers, entry.etag, entry.mtime):
             # Validators only (RFC 9110 section 15.4.5), as nginx does: a Content-Length here,
@@ -2629,6 +2647,8 @@ class Responder:
             fd, path, [(None, e.name, e.is_dir, e.st, e.kind) for e in listing.entries])]
         etag = gallery_etag(dir_st, url_path, listing, fmt)
         validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
+        if precondition_failed(req.headers, etag, None):
+            raise HTTPError(412)
         inm = req.headers.get('if-none-match')
         if inm is not None and etag_matches(inm, etag[2:]):     # weak comparison
             return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,
@@ -2665,6 +2685,8 @@ class Responder:
         # without a lifetime, caches guess one from Last-Modified (RFC 9111 section 4.2.2).
         validators = b'Last-Modified: %s\r\nETag: %s\r\n%s' % (last_modified, etag.encode('ascii'),
                                                                  self.cache_control)
+        if precondition_failed(req.headers, etag, entry.mtime):
+            raise HTTPError(412)
         if ('if-none-match' in req.headers or 'if-modified-since' in req.headers) \
                 and not_modified(req.headers, etag, entry.mtime):
             return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,

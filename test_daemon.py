@@ -3351,6 +3351,31 @@ class ConditionalRequestTests(unittest.TestCase):
         for headers, expected in cases:
             self.assertEqual(agent.not_modified(headers, self.ETAG, self.MTIME), expected, headers)
 
+    def test_precondition_failed(self):
+        """If-Match (strong comparison), and only without it If-Unmodified-Since: RFC 9110
+        section 13.2.2, steps 1 and 2."""
+        at = agent.http_date(self.MTIME)
+        later = agent.http_date(self.MTIME + 86400)
+        cases = [
+            ({}, False),
+            ({'if-match': self.ETAG}, False),
+            ({'if-match': '*'}, False),
+            ({'if-match': '"x", %s' % self.ETAG}, False),
+            ({'if-match': '"other"'}, True),
+            ({'if-match': 'W/' + self.ETAG}, True),                 # a weak tag never matches
+            ({'if-match': ''}, True),
+            ({'if-unmodified-since': at}, False),
+            ({'if-unmodified-since': later}, False),
+            ({'if-unmodified-since': PAST_DATE}, True),
+            ({'if-unmodified-since': 'garbage'}, False),           # an invalid date is ignored
+            ({'if-match': self.ETAG, 'if-unmodified-since': PAST_DATE}, False),     # If-Match wins
+            ({'if-match': '"other"', 'if-unmodified-since': later}, True),
+        ]
+        for headers, expected in cases:
+            self.assertEqual(agent.precondition_failed(headers, self.ETAG, self.MTIME), expected, headers)
+        # Without a modification date (the gallery), If-Unmodified-Since is ignored.
+        self.assertFalse(agent.precondition_failed({'if-unmodified-since': PAST_DATE}, self.ETAG, None))
+
     def test_if_range_allows(self):
         cases = [
             ({}, True),
@@ -3712,6 +3737,29 @@ class HttpServerTests(SharedAgentTestCase):
         for value in (etag, 'W/' + etag, '*', '"nope", ' + etag):
             self.assertEqual(self.get('/a.jpg', 'If-None-Match: ' + value).status, 304, value)
         self.assertEqual(self.get('/a.jpg', 'If-None-Match: "nope"').status, 200)
+
+    def test_if_match_and_if_unmodified_since_412(self):
+        """Preconditions come before If-None-Match and Range (RFC 9110 section 13.2.2): a
+        false one is 412, for the file, its thumbnail and the gallery page alike."""
+        first = self.get('/a.jpg')
+        etag = first.headers['etag']
+        self.assertEqual(self.get('/a.jpg', 'If-Match: ' + etag).body, FILE_A)
+        self.assertEqual(self.get('/a.jpg', 'If-Match: *').status, 200)
+        self.assertEqual(self.get('/a.jpg', 'If-Match: ' + etag, 'Range: bytes=0-1').status, 206)
+        for fields in (['If-Match: "other"'], ['If-Match: W/' + etag],
+                       ['If-Unmodified-Since: ' + PAST_DATE],
+                       ['If-Match: "other"', 'If-None-Match: ' + etag],
+                       ['If-Match: "other"', 'Range: bytes=0-1']):
+            response = self.get('/a.jpg', *fields)
+            self.assertEqual(response.status, 412, fields)
+            self.assertNotIn('etag', response.headers)
+        head = self.get('/a.jpg', 'If-Match: "other"', method='HEAD')
+        self.assertEqual((head.status, head.body), (412, b''))
+        self.assertEqual(self.get('/a.jpg', 'If-Unmodified-Since: ' + first.headers['last-modified']).status, 200)
+        page = self.get('/')
+        self.assertEqual(self.get('/', 'If-Match: ' + page.headers['etag']).status, 412)   # weak
+        self.assertEqual(self.get('/', 'If-Match: *').status, 200)
+        self.assertEqual(self.get('/', 'If-Unmodified-Since: ' + PAST_DATE).status, 200)
 
     def test_if_none_match_wins_over_if_modified_since(self):
         import email.utils as email_utils
