@@ -18,6 +18,7 @@ import http.client
 import io
 import json
 import os
+import pwd
 import random
 import re
 import signal
@@ -378,6 +379,21 @@ class AgentServer(harness.AgentProcess):
 # ---------------------------------------------------------------------------------------------
 # daemon.py: pure helpers
 # ---------------------------------------------------------------------------------------------
+
+def nobody_agent(testcase, *options, **kwargs):
+    """An AgentServer with --user nobody, its directory readable by nobody and writable only by
+    root; the test is skipped where it cannot run (not root, no user nobody).  Returns the
+    server and nobody's passwd entry."""
+    if os.geteuid() != 0:
+        testcase.skipTest('needs root')
+    try:
+        nobody = pwd.getpwnam('nobody')
+    except KeyError:
+        testcase.skipTest('no user nobody')
+    server = AgentServer(testcase, '--user', 'nobody', *options, **kwargs)
+    os.chmod(server.dir, 0o755)
+    return server, nobody
+
 
 class PureHelperTests(unittest.TestCase):
     def test_parse_pid(self):
@@ -1428,15 +1444,7 @@ class AgentLifecycleTests(unittest.TestCase):
         server.stop()
 
     def test_drops_privileges_after_binding(self):
-        if os.geteuid() != 0:
-            self.skipTest('needs root')
-        import pwd
-        try:
-            nobody = pwd.getpwnam('nobody')
-        except KeyError:
-            self.skipTest('no user nobody')
-        server = AgentServer(self, '--user', 'nobody')
-        os.chmod(server.dir, 0o755)
+        server, nobody = nobody_agent(self)
         server.write('p.jpg', b'pixels')
         server.start()
         for pid in [server.master()] + server.workers():
@@ -1456,16 +1464,7 @@ class NothingLeftBehindTests(unittest.TestCase):
     pidfile's root-owned directory), `run` ended by SIGTERM or SIGINT, a SIGKILLed master."""
 
     def user_agent(self):
-        if os.geteuid() != 0:
-            self.skipTest('needs root')
-        import pwd
-        try:
-            pwd.getpwnam('nobody')
-        except KeyError:
-            self.skipTest('no user nobody')
-        server = AgentServer(self, '--user', 'nobody')
-        os.chmod(server.dir, 0o755)         # readable by nobody, writable only by root
-        return server
+        return nobody_agent(self)[0]
 
     def left(self, server):
         return sorted(name for name in os.listdir(server.dir)
@@ -2346,15 +2345,7 @@ class CommonMistakeTests(unittest.TestCase):
         self.assertNotIn('does not exist', server.command('start').stderr)
 
     def test_root_unreadable_by_user_names_the_user(self):
-        if os.geteuid() != 0:
-            self.skipTest('needs root')
-        import pwd
-        try:
-            pwd.getpwnam('nobody')
-        except KeyError:
-            self.skipTest('no user nobody')
-        server = AgentServer(self, '--user', 'nobody')
-        os.chmod(server.dir, 0o755)
+        server = nobody_agent(self)[0]
         os.chmod(server.root, 0o700)
         self.assert_one_line(server.command('start'), 1, server.root, 'not readable', 'nobody')
         self.assertFalse(os.path.exists(server.pidfile))
@@ -5646,22 +5637,14 @@ class NoLateImportTests(unittest.TestCase):
                                                  '%s: import in %s()' % (name, node.name))
 
     def test_workers_need_no_import_after_the_privilege_drop(self):
-        if os.geteuid() != 0:
-            self.skipTest('needs root')
-        import pwd
-        try:
-            pwd.getpwnam('nobody')
-        except KeyError:
-            self.skipTest('no user nobody')
+        server = nobody_agent(self, workers=1)[0]
         tmp = tempfile.mkdtemp(prefix='agent-deny-')
         self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
         wrapper = os.path.join(tmp, 'deny.py')
         with open(wrapper, 'w') as f:
             f.write(EDGE_DENY_IMPORTS)
-        server = AgentServer(self, '--user', 'nobody', workers=1)
         server.options[:0] = [AGENT]
         server.agent = wrapper
-        os.chmod(server.dir, 0o755)
         names = ['odd.xyz', 'noext', 'a.tar.gz', 'b.mkv', 'c.flac', 'd.jpg', 'e.svgz', 'f.WEIRD', 'g.7z']
         for name in names:
             server.write(name, b'data')
