@@ -12,7 +12,7 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     The responder: a parsed request -> a queued response (resolve, open, stat, head)
     A worker: one process, one epoll loop (sockets, timers, signals, the access log)
     The master: the Agent daemon (bind, fork, supervise, reload, upgrade)
-    Command line
+    Command line (and run_from_bytecode)
 A request's path: Worker.accept -> Connection.receive -> Connection.process (find_head_end,
 parse_request) -> Responder.respond (map, stat, open) -> response_head -> Connection.send ->
 Worker.access (the log line).
@@ -28,6 +28,8 @@ PIDFILE.options) for every option not given again, and names the ones that chang
 
 Processes
 ---------
+    python3 agent.py start|run execs itself as `python3 -c "import agent ..."` (same pid), to run
+    from cached bytecode: see run_from_bytecode.
     launcher --daemon.py--> master --fork--> worker 1 .. worker N   (N = --workers, default: CPUs)
                               |                each: a non-blocking epoll loop (selectors) that
                               |                accepts, parses, sends files with sendfile(2)
