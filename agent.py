@@ -94,7 +94,8 @@ HTTP (RFC 9110, 9112)
 ---------------------
 GET and HEAD; other known methods 405 (with Allow), unknown ones 501, HTTP/2+ 505, a version 1
 not written HTTP/1.N (HTTP/1.10, HTTP/01.1, HTTP/1) 400.  Keep-alive
-and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte ranges (206, 416),
+and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Byte ranges (206, 416): several
+are a multipart/byteranges 206 (at most MAX_RANGES, overlaps coalesced: see parse_ranges),
 If-Range, If-Match and If-Unmodified-Since (412, before the rest), If-None-Match (wins over
 If-Modified-Since), 304 (with the validators and no
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
