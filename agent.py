@@ -96,7 +96,8 @@ HTTP (RFC 9110, 9112)
 ---------------------
 GET and HEAD; other known methods 405 (with Allow), unknown ones 501, HTTP/2+ 505, a version 1
 not written HTTP/1.N (HTTP/1.10, HTTP/01.1, HTTP/1) 400.  Keep-alive
-and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Single byte ranges (206, 416),
+and pipelining; HTTP/1.0 closes unless it asks for keep-alive.  Byte ranges (206, 416): several
+are a multipart/byteranges 206 (at most MAX_RANGES, overlaps coalesced: see parse_ranges),
 If-Range, If-Match and If-Unmodified-Since (412, before the rest), If-None-Match (wins over
 If-Modified-Since), 304 (with the validators and no
 Content-Length, as nginx sends it: clients such as wrk otherwise wait for a body that never
@@ -845,11 +846,18 @@ def parse_range(value, size):
     """A Range header against a representation of `size` bytes.
 
     Returns (first, last) inclusive for one satisfiable byte range, 'unsatisfiable' for 416,
-    or None to ignore it and send everything (other units, several ranges, syntax errors).
+    or None to ignore it and send everything (other units, syntax errors, and several ranges:
+    those are parse_ranges()'s, asked only when this one says None and the value has a comma).
     """
     unit, eq, spec = value.partition('=')
     if not eq or unit.strip().lower() != 'bytes' or ',' in spec:
         return None
+    return range_spec(spec, size)
+
+
+def range_spec(spec, size):
+    """One range-spec (RFC 9110 section 14.1.1): (first, last), 'unsatisfiable' or None for
+    a syntax error."""
     first, dash, last = spec.strip().partition('-')
     first, last = first.strip(), last.strip()
     if not dash or not (first.isdigit() or first == '') or not (last.isdigit() or last == ''):
@@ -875,6 +883,92 @@ def parse_range(value, size):
     if start >= size:
         return 'unsatisfiable'
     return start, min(end, size - 1)
+
+
+# At most this many range-specs in one Range header; more and the header is ignored (a 200
+# with the whole file, as Apache does past MaxRanges and nginx past max_ranges; a 416 would
+# leave a client that asked too much with nothing, where the whole file is an answer it can
+# use).  Each part costs a part head (~100 bytes) and a sendfile() call: without a bound an
+# 8 KiB header of "0-0," asks for 2000 parts, 200 KB of heads for 2 KB of content (RFC 9110
+# section 17.15).  16 is more than the few ranges that PDF readers and download managers ask
+# at once, and keeps the worst case at 16 parts of at least one byte each.
+MAX_RANGES = 16
+
+
+def parse_ranges(value, size):
+    """A Range header with several range-specs against a representation of `size` bytes.
+
+    Returns a list of satisfiable (first, last), 'unsatisfiable' (416) if none is, or None to
+    ignore the header and send everything: another unit, no range-spec, a syntax error in any
+    of them, or more than MAX_RANGES.  Empty list elements are skipped (RFC 9110 section 5.6.1).
+    Unsatisfiable specs are dropped.  Overlapping ranges are coalesced into one, placed where
+    the first of them was asked (RFC 9110 section 15.3.7.2 allows it, in any order), so a
+    response never carries a byte twice: no overlap amplification such as "bytes=0-,0-,0-"
+    (CVE-2011-3192, the "Apache killer").  Ranges that only touch are left apart, and the
+    others keep the order asked (section 15.3.7.2: SHOULD).
+    """
+    unit, eq, specs = value.partition('=')
+    if not eq or unit.strip().lower() != 'bytes':
+        return None
+    specs = [spec for spec in specs.split(',') if spec.strip()]
+    if not specs or len(specs) > MAX_RANGES:
+        return None
+    found = []
+    for spec in specs:
+        one = range_spec(spec, size)
+        if one is None:
+            return None
+        if one != 'unsatisfiable':
+            found.append(one)
+    if not found:
+        return 'unsatisfiable'
+    if len(found) == 1:
+        return found
+    groups = []                         # [first, last, index of the earliest member asked]
+    for index in sorted(range(len(found)), key=found.__getitem__):
+        first, last = found[index]
+        if groups and first <= groups[-1][1]:
+            group = groups[-1]
+            group[1], group[2] = max(group[1], last), min(group[2], index)
+        else:
+            groups.append([first, last, index])
+    groups.sort(key=lambda group: group[2])
+    return [(first, last) for first, last, _ in groups]
+
+
+def byteranges_boundary():
+    """A new multipart boundary for each response: 20 random hex digits (80 bits).
+
+    RFC 2046 asks for a boundary that does not occur in the parts; the parts here are binary
+    files, which no boundary can be proved absent from without reading them all.  A random
+    token makes an accidental match as likely as guessing 80 bits, and, unlike a counter
+    (nginx counts), a file uploaded by someone cannot be made to hold the next one.
+    """
+    return os.urandom(10).hex().encode('ascii')
+
+
+def multipart_byteranges(ranges, size, ctype, boundary):
+    """The body of a 206 multipart/byteranges (RFC 9110 section 14.6) as (pieces, length).
+
+    pieces are (bytes, first, count) to send in order: the bytes, then `count` bytes of the
+    file from `first`.  Each part head carries the file's Content-Type and its Content-Range;
+    the last piece is the closing delimiter with no file bytes.  length is the exact body
+    length, for the Content-Length sent before any of it.
+    """
+    ctype = ctype.encode('latin-1')
+    pieces = []
+    length = 0
+    lead = b'--'                        # the CRLF before a delimiter belongs to it (RFC 2046 5.1.1)
+    for first, last in ranges:
+        head = b'%s%s\r\nContent-Type: %s\r\nContent-Range: bytes %d-%d/%d\r\n\r\n' % (
+            lead, boundary, ctype, first, last, size)
+        lead = b'\r\n--'
+        count = last - first + 1
+        pieces.append((head, first, count))
+        length += len(head) + count
+    closing = b'\r\n--%s--\r\n' % boundary
+    pieces.append((closing, 0, 0))
+    return pieces, length + len(closing)
 
 
 def if_range_allows(headers, etag, mtime):
@@ -1732,12 +1826,13 @@ class OpenFile:
         self.head = b''
         self.whole = None       # head + body of a small file: one buffer, sent with no copy
 
-    def fields(self, last_modified):
+    def fields(self, last_modified, ctype=None):
+        """The entity fields; ctype replaces the file's Content-Type (a multipart response)."""
         extra = b'Content-Encoding: %s\r\n' % self.encoding.encode('ascii') if self.encoding else b''
         if self.ctype == 'image/svg+xml':
             extra += SVG_POLICY
         return b'Content-Type: %s\r\n%sLast-Modified: %s\r\nETag: %s\r\nAccept-Ranges: bytes\r\n' % (
-            self.ctype.encode('latin-1'), extra, last_modified, self.etag.encode('ascii'))
+            ctype or self.ctype.encode('latin-1'), extra, last_modified, self.etag.encode('ascii'))
 
     def validators(self, wall, date):
         """(Last-Modified value, entity fields) for a response sent at `wall`.  A modification
@@ -1901,7 +1996,7 @@ class OwnFiles:
 # ---------------------------------------------------------------------------------------------
 
 READING = 'reading'         # waiting for (the rest of) a request head
-SENDING = 'sending'         # response bytes and/or a file range going out
+SENDING = 'sending'         # response bytes and/or a file range going out, then any pieces
 LINGERING = 'lingering'     # response sent, write side shut: reading and dropping until EOF
 CLOSED = 'closed'
 
@@ -1910,7 +2005,7 @@ class Connection:
     __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'out', 'file',
                  'offset', 'remaining', 'keep_alive', 'deadline', 'idle_since', 'events',
                  'status', 'sent', 'body_in_out', 'line', 'referer', 'agent', 'started',
-                 'registered', 'version', 'last')
+                 'registered', 'version', 'last', 'pieces')
 
     redirect = False            # a RedirectConnection answers every request with a 301
 
@@ -1925,6 +2020,7 @@ class Connection:
         self.out = b''
         self.file = None
         self.offset = self.remaining = 0
+        self.pieces = None          # what follows out and the file range: [(bytes, offset, count)]
         self.keep_alive = True
         self.version = (1, 1)       # of the request being answered: its Connection header
         self.last = None            # (head, Request) of the last request parsed here: frame()
@@ -2003,9 +2099,14 @@ class Connection:
 
     # -- SENDING --
 
-    def start_response(self, status, head, body=b'', file=None, offset=0, length=0, body_length=0):
-        """Queue a response (head bytes, then optionally a file range) and start sending it."""
+    def start_response(self, status, head, body=b'', file=None, offset=0, length=0, body_length=0,
+                       pieces=None):
+        """Queue a response (head bytes, then optionally a file range) and start sending it.
+
+        pieces (a multipart/byteranges response) are more (bytes, offset, count) of the same
+        file, sent in order after the first range; their bytes count as body in the log."""
         self.status = status
+        self.pieces = pieces
         self.sent = 0
         self.out = head + body if body else head
         if file is not None and length:
@@ -2031,26 +2132,33 @@ class Connection:
         self.send()
 
     def send(self):
+        """Send out, then the file range with sendfile(), then the same for each of pieces."""
         sock = self.sock
         budget = SEND_BUDGET
         try:
-            if self.out:
-                n = sock.send(self.out, socket.MSG_MORE if self.remaining else 0)
-                self.out = self.out[n:]
+            while True:
                 if self.out:
-                    return self.wait_writable()
-            while self.remaining:
-                n = os.sendfile(self.fd, self.file.fd, self.offset, min(self.remaining, SENDFILE_CHUNK))
-                if n == 0:                  # the file shrank under us: the response cannot end well
-                    self.keep_alive = False
+                    n = sock.send(self.out, socket.MSG_MORE if self.remaining or self.pieces else 0)
+                    self.out = self.out[n:]
+                    if self.out:
+                        return self.wait_writable()
+                while self.remaining:
+                    n = os.sendfile(self.fd, self.file.fd, self.offset, min(self.remaining, SENDFILE_CHUNK))
+                    if n == 0:              # the file shrank under us: the response cannot end well
+                        self.keep_alive = False
+                        self.pieces = None
+                        break
+                    self.offset += n
+                    self.remaining -= n
+                    self.sent += n
+                    budget -= n
+                    if budget <= 0 and (self.remaining or self.pieces):
+                        self.worker.defer(self)     # let the other connections have a turn
+                        return
+                if not self.pieces:
                     break
-                self.offset += n
-                self.remaining -= n
-                self.sent += n
-                budget -= n
-                if budget <= 0 and self.remaining:
-                    self.worker.defer(self)     # let the other connections have a turn
-                    return
+                self.out, self.offset, self.remaining = self.pieces.pop(0)
+                self.body_in_out += len(self.out)
         except (BlockingIOError, InterruptedError):
             return self.wait_writable()
         except OSError:
@@ -2068,6 +2176,7 @@ class Connection:
             self.file.release()
             self.file = None
         self.remaining = 0
+        self.pieces = None
         self.sent += self.body_in_out
         worker.access(self)
         if aborted or not self.keep_alive:
@@ -2238,7 +2347,8 @@ class TLSConnection(Connection):
         self.process()
 
     def send(self):
-        """Send out, then the file range in TLS_CHUNK reads, up to SEND_BUDGET per iteration.
+        """Send out, then the file range in TLS_CHUNK reads, then the same for each of pieces, up to
+        SEND_BUDGET per iteration.
 
         A write that must wait is retried with the same bytes (OpenSSL requires it): out only
         shrinks by what a write took.  sent counts a file chunk once it is read.
@@ -2249,10 +2359,15 @@ class TLSConnection(Connection):
             while True:
                 if not self.out:
                     if not self.remaining:
-                        break
+                        if not self.pieces:
+                            break
+                        self.out, self.offset, self.remaining = self.pieces.pop(0)   # a part head
+                        self.body_in_out += len(self.out)
+                        continue
                     chunk = os.pread(self.file.fd, min(self.remaining, TLS_CHUNK), self.offset)
                     if not chunk:           # the file shrank under us: the response cannot end well
                         self.keep_alive = False
+                        self.pieces = None
                         break
                     self.offset += len(chunk)
                     self.remaining -= len(chunk)
@@ -2261,7 +2376,7 @@ class TLSConnection(Connection):
                 n = sock.send(self.out[:TLS_CHUNK])
                 self.out = self.out[n:]
                 budget -= n
-                if budget <= 0 and (self.out or self.remaining):
+                if budget <= 0 and (self.out or self.remaining or self.pieces):
                     self.worker.defer(self)     # let the other connections have a turn
                     return
         except ssl.SSLWantWriteError:
@@ -2508,7 +2623,16 @@ class Responder:
             return conn.start_response(304, response_head(304, clock.date, fields, conn.keep_alive, req.version,
                                                           self.common_headers))
         if 'range' in headers and if_range_allows(headers, entry.etag, entry.mtime):
-            found = parse_range(headers['range'], entry.size)
+            value = headers['range']
+            found = parse_range(value, entry.size)
+            if found is None and ',' in value and entry.encoding is None:
+                # Several ranges.  Not of an encoded file (.svgz): its parts would be pieces
+                # of gzip labelled image/svg+xml, with nowhere to say so; it goes whole.
+                found = parse_ranges(value, entry.size)
+                if found is not None and found != 'unsatisfiable':
+                    if len(found) > 1:
+                        return self.respond_byteranges(conn, req, entry, found, last_modified)
+                    found = found[0]        # one part: a plain 206 (RFC 9110 section 14.6)
             if found == 'unsatisfiable':
                 raise HTTPError(416, headers=b'Content-Range: bytes */%d\r\n' % entry.size)
             if found is not None:
@@ -2534,6 +2658,21 @@ class Responder:
         elif status == 200 and entry.whole is not None:
             return conn.start_response(status, entry.whole, body_length=entry.size)
         conn.start_response(status, head, file=entry, offset=first, length=length)
+
+    def respond_byteranges(self, conn, req, entry, ranges, last_modified):
+        """206 multipart/byteranges for several ranges: the head with the exact Content-Length,
+        then each part head and its file range, in order (Connection.pieces)."""
+        clock = self.clock
+        boundary = byteranges_boundary()
+        pieces, length = multipart_byteranges(ranges, entry.size, entry.ctype, boundary)
+        fields = entry.fields(last_modified, b'multipart/byteranges; boundary=' + boundary)
+        head = response_head(206, clock.date, b'%s%sContent-Length: %d\r\n' % (fields, self.cache_control, length),
+                             conn.keep_alive, req.version, self.common_headers)
+        if req.method == b'HEAD':
+            return conn.start_response(206, head)
+        part_head, first, count = pieces[0]
+        conn.start_response(206, head + part_head, file=entry, offset=first, length=count,
+                            body_length=len(part_head), pieces=pieces[1:])
 
     def respond_directory(self, conn, req, path, relative, trailing, query):
         """A directory: 301 to add its slash, else its index.html, else its gallery page.

@@ -10,7 +10,8 @@ an agent (started here on 127.0.0.1 with 2 workers, or an already running one wi
     within --case-timeout (else: a hang).  Well-formed: `HTTP/1.1 NNN Reason` with the agent's
     reason for NNN, `Name: value` header lines ending in CRLF, exactly one numeric
     Content-Length that matches the body (none for HEAD and 304), Content-Range consistent
-    with a 206 or 416, nothing after a `Connection: close` response;
+    with a 206 or 416 (a multipart/byteranges 206: none in the head, a well-formed body whose
+    parts each carry a consistent one), nothing after a `Connection: close` response;
   * where the outcome is predictable (the payload went out in one piece of at most 16 KiB),
     the number of responses and which of them answer a HEAD is what agent.parse_request says
     of the same bytes (a pipelined request is never lost nor answered twice);
@@ -27,8 +28,8 @@ sample files (bench/samples.py: camera JPEGs with EXIF thumbnails, PNG, GIF, Web
 only an ImageInfo or None, sizes within MAX_DIMENSION, a thumbnail inside the bytes.
 
 In-process mode (--in-process N): the same mutator drives agent.parse_request directly (then
-check_method and map_target on the target, parse_range and if_range_allows on any Range
-header, not_modified and escape_log), over pipelined requests as the worker loop would.  The
+check_method and map_target on the target, parse_range, parse_ranges and if_range_allows on
+any Range header, not_modified and escape_log), over pipelined requests as the worker loop would.  The
 only allowed outcomes are a result, None, or HTTPError with a status in agent.REASONS; any
 other exception fails, and so does a result that breaks an invariant: consumed out of bounds,
 a body length over MAX_DISCARD, a range outside the file, a mapped path with '..', NUL or a
@@ -500,10 +501,29 @@ def m_add_header(rng, data):
     return add_header(rng, data, rng.choice(HEADERS))
 
 
+RANGE_SPECS = [b'0-0', b'0-1', b'5-9', b'2-', b'-1', b'-5', b'0-', b'100-199', b'2990-', b'4999-5000',
+               b'9-2', b'-0', b'-', b'', b' ', b'x', b'1-1-1', b'99999999999999999999-', b'-99999999999999999999']
+
+
+def m_ranges(rng, data):
+    """A Range of several range-specs: overlapping, out of order, unsatisfiable, empty,
+    broken, or more than agent.MAX_RANGES; sometimes with an If-Range."""
+    count = rng.choice([2, 2, 3, 5, 16, 17, 40])
+    specs = []
+    for _ in range(count):
+        spec = rng.choice(RANGE_SPECS) if rng.random() < 0.7 else b'%d-%d' % (rng.randrange(3100), rng.randrange(3100))
+        specs.append(spec)
+    separator = rng.choice([b',', b', ', b' ,\t', b',,'])
+    data = add_header(rng, data, b'Range: bytes=' + separator.join(specs))
+    if rng.random() < 0.2:
+        data = add_header(rng, data, rng.choice([b'If-Range: "x"', b'If-Range: Thu, 01 Jan 1970 00:00:00 GMT']))
+    return data
+
+
 MUTATORS = [m_flip_bits, m_replace_bytes, m_truncate, m_insert_special, m_delete_range,
             m_duplicate_range, m_giant_number, m_repeat_header, m_bogus_version, m_method,
             m_target, m_body, m_chunked, m_overlong, m_garbage, m_header_syntax, m_line_endings,
-            m_splice, m_add_header]
+            m_splice, m_add_header, m_ranges]
 
 
 def case_rng(seed, index):
@@ -554,8 +574,35 @@ HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0
 CONTENT_RANGE = re.compile(rb'bytes (\d+)-(\d+)/(\d+)$')
 
 
+MULTIPART = re.compile(rb'multipart/byteranges; boundary=([0-9a-f]{20})$')
+PART_HEAD = re.compile(rb'Content-Type: [^\r\n]+\r\nContent-Range: bytes (\d+)-(\d+)/(\d+)\r\n\r\n')
+
+
 class BadResponse(Exception):
     pass
+
+
+def check_byteranges(body, boundary):
+    """A multipart/byteranges body: delimiters, a part head with a consistent Content-Range
+    before each part, exactly that many bytes, the closing delimiter at the very end."""
+    pos, parts = 0, 0
+    while True:
+        delimiter = (b'\r\n--' if parts else b'--') + boundary
+        if not body.startswith(delimiter, pos):
+            raise BadResponse('multipart: no delimiter at byte %d: %r' % (pos, body[pos:pos + 80]))
+        pos += len(delimiter)
+        if body.startswith(b'--\r\n', pos) and parts >= 2 and pos + 4 == len(body):
+            return
+        if not body.startswith(b'\r\n', pos):
+            raise BadResponse('multipart: bad delimiter line at byte %d (%d parts)' % (pos, parts))
+        head = PART_HEAD.match(body, pos + 2)
+        if head is None:
+            raise BadResponse('multipart: bad part head at byte %d: %r' % (pos + 2, body[pos + 2:pos + 120]))
+        first, last, size = (int(x) for x in head.groups())
+        if not first <= last < size or head.end() + last - first + 1 > len(body):
+            raise BadResponse('multipart: part %r' % head.group(0))
+        pos = head.end() + last - first + 1
+        parts += 1
 
 
 class Incomplete(BadResponse):
@@ -611,7 +658,13 @@ def split_responses(data, heads=None):
         body = data[pos:pos + body_len]
         pos += body_len
         ranges = headers.get(b'content-range', [])
-        if status == 206:
+        multipart = [MULTIPART.match(value) for value in headers.get(b'content-type', [])]
+        if status == 206 and multipart and multipart[0]:
+            if ranges:
+                raise BadResponse('multipart 206 with Content-Range %r in its head' % ranges)
+            if body:                        # not a HEAD's
+                check_byteranges(body, multipart[0].group(1))
+        elif status == 206:
             cr = CONTENT_RANGE.match(ranges[0]) if len(ranges) == 1 else None
             if cr is None or int(cr.group(2)) - int(cr.group(1)) + 1 != length \
                     or int(cr.group(2)) >= int(cr.group(3)):
@@ -995,6 +1048,15 @@ def respond_pure(req, rng):
     if 'range' in headers:
         agent.if_range_allows(headers, tag, MTIME)
         found = agent.parse_range(headers['range'], size)
+        if found is None and ',' in headers['range']:
+            found = agent.parse_ranges(headers['range'], size)
+            if isinstance(found, list):
+                if not 1 <= len(found) <= agent.MAX_RANGES or any(
+                        not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last < size)
+                        for first, last in found) or any(
+                        a[0] <= b[1] and b[0] <= a[1] for i, a in enumerate(found) for b in found[:i]):
+                    raise Invariant('parse_ranges(%r, %d) gave %r' % (headers['range'], size, found))
+                return 206
         if found is not None and found != 'unsatisfiable':
             first, last = found
             if not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last < size):
