@@ -3180,7 +3180,8 @@ class Agent(Daemon):
             if not adopted:
                 raise
             # Upgraded in place, but the new code's workers cannot start: the old ones go on.
-            daemon.upgrade_done(self, 'its workers cannot start: %s' % exc)
+            daemon.upgrade_done(self, 'a stop came first' if self.stopping else
+                                'its workers cannot start: %s' % exc)
         except BaseException:
             self.kill_workers(list(self.workers.values()))
             raise

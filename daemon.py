@@ -1924,7 +1924,7 @@ def reexec(d, argv, fds=(), names=None, keep=(), state=''):
     between stay blocked and pending, so the new image acts on them.
     """
     if d.stopping:
-        raise DaemonError('stopping: no upgrade')
+        raise DaemonError('a stop came first')
     argv = [sys.executable] + list(argv)
     check_new_code(d, argv, fds, names)
     passed = list(fds) + list(keep)
@@ -1936,6 +1936,11 @@ def reexec(d, argv, fds=(), names=None, keep=(), state=''):
         d.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
     env[REEXEC_STATE_ENV] = state
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
+    if d.stopping:
+        # A stop came during the check: this image acts on it (drains, removes the pidfile)
+        # rather than exec'ing a new one only to stop it.
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise DaemonError('a stop came first')
     # Signals recorded but not yet acted on would die with this image: raise them again,
     # blocked, so they are pending when the new image unblocks them.
     for signum in d._pending:
@@ -2038,8 +2043,10 @@ def upgrade_done(d, error=None):
     """
     d._ready_report = None
     if error:
-        log('%s: upgrade failed (%s); still serving (pid %d)' % (d.name, error, os.getpid()))
+        after = 'stopping' if d.stopping else 'still serving'
+        log('%s: upgrade failed (%s); %s (pid %d)' % (d.name, error, after, os.getpid()))
         status = '%s running; upgrade failed: %s' % (d.name, error)
+        error = '%s; %s' % (error, after)
     else:
         log('%s: upgraded in place (pid %d)' % (d.name, os.getpid()))
         status = '%s running (upgraded)' % d.name
@@ -2052,7 +2059,7 @@ def upgrade_action(d):
     upgrade_action)): SIGUSR2 to the daemon, then wait for its verdict and print it."""
     pid, verdict = _signal_and_wait(d, 'upgrade', signal.SIGUSR2,
                                     UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5)
-    return _verdict_status(d, pid, verdict, 'upgraded in place', 'upgrade failed: %s; still serving (pid %d)')
+    return _verdict_status(d, pid, verdict, 'upgraded in place', 'upgrade failed: %s (pid %d)')
 
 
 def _takeover(d):
@@ -2075,6 +2082,9 @@ def _continue_after_reexec(d, spec):
     d.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
     d.detached = detached == '1'
     d._ready_report = lambda: upgrade_done(d)
+    # The image this one continues ran a loop that acts on signals (reexec() is called from
+    # it): a stop pending across execve is that loop's to act on, not a SystemExit from here.
+    d._cooperative = True
     try:
         if d.detached:
             rebuild_std_streams()       # fds 0-2 are still the log: line-buffered again

@@ -1975,6 +1975,65 @@ class SupervisionTests(unittest.TestCase):
 
 
 
+class SignalsDuringUpgradeTests(unittest.TestCase):
+    """A stop that comes while an upgrade is under way: in the check of the new code, or in
+    the new image before it has set up.  The master stops as it would have without the
+    upgrade: its workers drained, the pidfile and options file removed, no one left behind."""
+
+    def paused_agent(self, variable):
+        """An agent whose code, run with `variable` in its environment, writes <dir>/paused
+        and waits for <dir>/go (the master's signals are blocked there across execve)."""
+        code = tempfile.mkdtemp(prefix='agent-code-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', code])
+        with open(os.path.join(HERE, 'daemon.py')) as f:
+            daemon_code = f.read()
+        with open(os.path.join(HERE, 'agent.py')) as f:
+            agent_code = f.read()
+        hook = ('\ndef main(argv=None):\n'
+                '    if os.environ.get(%r):\n'
+                '        open(os.path.join(%r, "paused"), "w").close()\n'
+                '        while not os.path.exists(os.path.join(%r, "go")):\n'
+                '            time.sleep(0.01)\n') % (variable, code, code)
+        self.assertIn('\ndef main(argv=None):\n', agent_code)
+        with open(os.path.join(code, 'daemon.py'), 'w') as f:
+            f.write(daemon_code)
+        with open(os.path.join(code, 'agent.py'), 'w') as f:
+            f.write(agent_code.replace('\ndef main(argv=None):\n', hook, 1))
+        server = AgentServer(self, script=os.path.join(code, 'agent.py')).start()
+        return server, code
+
+    def stop_while_paused(self, variable):
+        server, code = self.paused_agent(variable)
+        master, workers = server.master(), server.workers()
+        upgrade = subprocess.Popen([PYTHON, server.agent] + server.options + ['upgrade'],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: upgrade.poll() is None and upgrade.kill())
+        wait_for(lambda: os.path.exists(os.path.join(code, 'paused')), message='the upgrade paused')
+        os.kill(master, signal.SIGTERM)
+        open(os.path.join(code, 'go'), 'w').close()
+        out, err = upgrade.communicate(timeout=TIMEOUT)
+        wait_for(lambda: not pid_alive(master), message='the master gone')
+        wait_for(lambda: not any(map(pid_alive, workers)), message='the workers gone')
+        self.assertEqual(sorted(os.listdir(server.dir)), ['access.log', 'agent.log', 'www'],
+                         'the pidfile or the options file was left behind')
+        log = server.log_text()
+        self.assertNotIn('Traceback', log)
+        self.assertIn('agent: stopped', log)
+        self.assertNotIn('master exited', log, 'the workers were left to find out alone')
+        return upgrade.returncode, (out + err).strip()
+
+    def test_stop_during_the_check_of_the_new_code(self):
+        code, said = self.stop_while_paused(daemon.CHECK_ENV)
+        self.assertEqual(code, 1, said)
+        self.assertIn('agent: upgrade failed: a stop came first; stopping (pid ', said)
+
+    def test_stop_just_after_the_execve(self):
+        code, said = self.stop_while_paused(daemon.REEXEC_ENV)
+        self.assertEqual(code, 1, said)
+        self.assertIn('agent: upgrade failed: a stop came first; stopping (pid ', said)
+
+
 # ---------------------------------------------------------------------------------------------
 # Issue 10: safe defaults and an honest command line
 # ---------------------------------------------------------------------------------------------
