@@ -1651,8 +1651,13 @@ class PidFile:
             pid = parse_pid(os.pread(fd, 64, 0))
             holders = flock_holders(st)
             locked = self._probe_lock(fd) if holders is None else bool(holders)
+            moved = not locked and not self._same_file(fd)
         finally:
             os.close(fd)
+        if moved:
+            # Unlinked (a daemon stopping unlinks, then unlocks) or replaced since our open: no
+            # record of a death; look again at whatever is at the path now.
+            return None, None, False
         if not locked:
             return 'stale', pid, True
         # Locked: it counts only if the file names the holder (never guess which pid to signal).

@@ -1332,6 +1332,26 @@ class PidfileRemovedTests(SampleDaemonTest):
         self.assertIn('written again', self.log())
 
 
+class PidfileProbeRaceTests(TempDirTest):
+    """A probe that opens the pidfile just as its daemon stops (it unlinks the file, then its
+    lock goes with it) saw an unlocked file: "stale", so status said "dead, but pidfile
+    remains" (LSB 1) and stop "stale pidfile left: cannot remove it" of a daemon that had
+    stopped cleanly.  A file no longer at the path is no pidfile: look again."""
+
+    def test_pidfile_unlinked_and_unlocked_under_the_probe_is_absent(self):
+        path = os.path.join(self.tmp, 'race.pid')
+        owner = daemon.PidFile(path)
+        owner.acquire()
+        self.addCleanup(owner.forget)
+        real = daemon.flock_holders
+
+        def daemon_stops_now(st, *args):
+            owner.release()                 # unlink while locked, then unlock
+            return real(st, *args)
+        with mock.patch.object(daemon, 'flock_holders', daemon_stops_now):
+            self.assertEqual(daemon.PidFile(path).probe(), ('absent', None))
+
+
 class HostileEnvironmentTests(SampleDaemonTest):
     """Variables of a service manager that do not fit this process: a clear error that names
     them, never a traceback or a bare "Bad file descriptor"."""
