@@ -3393,6 +3393,8 @@ class Agent(Daemon):
         except DaemonError as exc:
             self.kill_workers(new)
             self.tls = old_tls
+            if self.stopping:
+                raise DaemonError('a stop came first')
             raise DaemonError('%s; the old workers go on serving' % exc)
         self.retire(old)
         log('agent: reloaded: %d new workers, %d retiring' % (len(new), len(old)))

@@ -451,7 +451,8 @@ class Daemon:
                     log('%s: reload failed: %s' % (self.name, error))
                 notify(READY=1, STATUS=self._status if error is None
                        else '%s; reload failed: %s' % (self._status, error))
-                self._report('reload', error)
+                self._report('reload', error and '%s; %s' % (
+                    error, 'stopping' if self.stopping else 'goes on as it was'))
             elif signum == signal.SIGUSR1:
                 self.reopen_std_logs()
                 self.on_reopen_logs()
@@ -935,9 +936,9 @@ def _try_restart(d):
 def _reload(d):
     """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
     on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
-    daemon goes on as it was), 7 if it is not running."""
+    daemon goes on as it was, or stops if a stop came meanwhile), 7 if it is not running."""
     pid, verdict = _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout)
-    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d goes on as it was)')
+    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d)')
 
 
 def _verdict_status(d, pid, verdict, done, failed):

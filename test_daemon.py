@@ -1995,12 +1995,12 @@ class SupervisionTests(unittest.TestCase):
 
 
 
-class SignalsDuringUpgradeTests(unittest.TestCase):
-    """A stop that comes while an upgrade is under way: in the check of the new code, or in
-    the new image before it has set up.  The master stops as it would have without the
+class StopDuringReloadOrUpgradeTests(unittest.TestCase):
+    """A stop that comes while a reload or an upgrade is under way: while the new workers boot,
+    in the check of the new code, or in the new image before it has set up.  The master stops as it would have without the
     upgrade: its workers drained, the pidfile and options file removed, no one left behind."""
 
-    def paused_agent(self, variable):
+    def paused_agent(self, variable, anchor='\ndef main(argv=None):\n', replacement=None):
         """An agent whose code, run with `variable` in its environment, writes <dir>/paused
         and waits for <dir>/go (the master's signals are blocked there across execve)."""
         code = tempfile.mkdtemp(prefix='agent-code-')
@@ -2014,11 +2014,11 @@ class SignalsDuringUpgradeTests(unittest.TestCase):
                 '        open(os.path.join(%r, "paused"), "w").close()\n'
                 '        while not os.path.exists(os.path.join(%r, "go")):\n'
                 '            time.sleep(0.01)\n') % (variable, code, code)
-        self.assertIn('\ndef main(argv=None):\n', agent_code)
+        self.assertIn(anchor, agent_code)
         with open(os.path.join(code, 'daemon.py'), 'w') as f:
             f.write(daemon_code)
         with open(os.path.join(code, 'agent.py'), 'w') as f:
-            f.write(agent_code.replace('\ndef main(argv=None):\n', hook, 1))
+            f.write(agent_code.replace(anchor, replacement or hook, 1))
         server = AgentServer(self, script=os.path.join(code, 'agent.py')).start()
         return server, code
 
@@ -2033,6 +2033,10 @@ class SignalsDuringUpgradeTests(unittest.TestCase):
         os.kill(master, signal.SIGTERM)
         open(os.path.join(code, 'go'), 'w').close()
         out, err = upgrade.communicate(timeout=TIMEOUT)
+        self.assert_stopped(server, master, workers)
+        return upgrade.returncode, (out + err).strip()
+
+    def assert_stopped(self, server, master, workers):
         wait_for(lambda: not pid_alive(master), message='the master gone')
         wait_for(lambda: not any(map(pid_alive, workers)), message='the workers gone')
         self.assertEqual(sorted(os.listdir(server.dir)), ['access.log', 'agent.log', 'www'],
@@ -2041,7 +2045,28 @@ class SignalsDuringUpgradeTests(unittest.TestCase):
         self.assertNotIn('Traceback', log)
         self.assertIn('agent: stopped', log)
         self.assertNotIn('master exited', log, 'the workers were left to find out alone')
-        return upgrade.returncode, (out + err).strip()
+
+    def test_stop_while_the_new_workers_of_a_reload_boot(self):
+        pause = os.path.join(tempfile.mkdtemp(prefix='agent-pause-'), 'pause')
+        self.addCleanup(subprocess.run, ['rm', '-rf', os.path.dirname(pause)])
+        anchor = '        self.stop_timeout = config.stop_timeout\n'
+        hook = ('        while os.path.exists(%r):\n'
+                '            open(%r, "w").close()\n'
+                '            time.sleep(0.01)\n') % (pause, pause + 'd')
+        server, code = self.paused_agent('NO_SUCH_VARIABLE', anchor, hook + anchor)
+        master, workers = server.master(), server.workers()
+        open(pause, 'w').close()
+        reload = subprocess.Popen([PYTHON, server.agent] + server.options + ['reload'],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: reload.poll() is None and reload.kill())
+        wait_for(lambda: os.path.exists(pause + 'd'), message='new workers booting')
+        os.kill(master, signal.SIGTERM)
+        os.unlink(pause)
+        out, err = reload.communicate(timeout=TIMEOUT)
+        self.assertEqual(reload.returncode, 1, out + err)
+        self.assertIn('agent: reload failed: a stop came first; stopping (pid %d)' % master, err)
+        self.assert_stopped(server, master, workers)
 
     def test_stop_during_the_check_of_the_new_code(self):
         code, said = self.stop_while_paused(daemon.CHECK_ENV)
