@@ -24,7 +24,8 @@ Processes
        |                 `-- os._exit(0)          |
        `---- waits on the readiness pipe <--------'  "READY <line>", "RUNNING <pid>" or "ERROR <why>"
 
-The launcher exits 0 once the daemon says it is ready (or was already running), and prints the
+The launcher exits 0 once the daemon says it is ready (or was already running; one that is
+stopping, draining its last connections, it waits out first), and prints the
 line the daemon gave ready() ("<name> started (pid N)" by default); otherwise it prints the
 daemon's own startup error on stderr and exits 1.  It never exits 0 early.  Every message of an
 action that depends on the pidfile names it by its absolute path.
@@ -350,6 +351,7 @@ class Daemon:
         self._status = '%s running' % self.name
         self._cooperative = False
         self._pending = []
+        self._stopping_mark = None      # see _say_stopping()
         self._watchdog = False          # systemd's watchdog interval: False until looked up
         self._watchdog_due = 0.0
         self._wake_r = self._wake_w = None
@@ -461,6 +463,7 @@ class Daemon:
             elif signum in STOP_SIGNALS:
                 log('%s: stopping (%s)' % (self.name, signal.Signals(signum).name))
                 notify(STOPPING=1, STATUS='stopping')
+                self._say_stopping()
         return self.stopping
 
     def wait(self, timeout=None):
@@ -825,6 +828,17 @@ class Daemon:
             if not self._cooperative:
                 raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
 
+    def _say_stopping(self):
+        """From the loop, once a stop is under way: bind the abstract name _stopping() looks
+        for, held until this process ends, so that a `start` meanwhile waits for the end
+        instead of calling this daemon "already running"."""
+        if self._stopping_mark is None:
+            self._stopping_mark = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                self._stopping_mark.bind(_verdict_address(self.name, 'stopping', os.getpid()))
+            except OSError:
+                pass
+
     def _report(self, action, error=None):
         """Send the outcome of a reload or an upgrade to the command waiting for it, if any."""
         line = 'ERROR ' + error if error else 'OK'
@@ -858,6 +872,18 @@ def _start(d):
     if state != 'running':
         d.on_launch()
     check_identity(d.user, d.group)
+    if state == 'running' and _stopping(d, pid):
+        # Draining its last connections: wait for its end, then start, as systemd queues a
+        # start behind a stop.
+        pidfd = _open_pidfd(pid)
+        try:
+            if not _await_exit(d._new_pidfile(), pid, pidfd, d.stop_timeout + 5.0):
+                raise DaemonError('pid %d is stopping, and did not end within %gs; not started'
+                                  % (pid, d.stop_timeout + 5.0))
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        return _start(d)
     if state == 'running':
         d.say('%s is already running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
         return EXIT_OK
@@ -1152,6 +1178,16 @@ def _verdict_address(name, action, pid):
     """Where `reload` or `upgrade` waits for the verdict of the daemon with this pid (a
     datagram socket in the abstract namespace: nothing on disk to clean up or to forge)."""
     return '\0%s-%s-%d' % (name, action, pid)
+
+
+def _stopping(d, pid):
+    """Whether the daemon with this pid has begun to stop (see Daemon._say_stopping)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.bind(_verdict_address(d.name, 'stopping', pid))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _sender_pid(ancillary):

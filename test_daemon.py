@@ -1700,6 +1700,45 @@ class SupervisionTests(unittest.TestCase):
         self.assertEqual(stopper.returncode, 0)
         self.assertFalse(os.path.exists(server.pidfile))
 
+    def test_start_while_a_stop_drains_a_download_waits_and_starts(self):
+        # start used to say "already running (pid N)", exit 0, of the master that was
+        # stopping: a moment later nothing ran.
+        server = AgentServer(self).start()
+        size = 16 << 20
+        with open(os.path.join(server.root, 'big.jpg'), 'wb') as f:
+            f.truncate(size)
+        old = server.master()
+        sock = server.connect(timeout=20)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b'GET /big.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        first = sock.recv(65536)
+        stopper = subprocess.Popen([PYTHON, AGENT] + server.options + ['stop'],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(stopper.wait)
+        self.addCleanup(lambda: stopper.poll() is None and stopper.kill())
+        wait_for(lambda: 'agent: stopping 2 workers' in server.log_text(), message='the stop under way')
+        starter = subprocess.Popen([PYTHON, AGENT] + server.options + ['start'], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: starter.poll() is None and starter.kill())
+        received = len(first.partition(b'\r\n\r\n')[2])
+        while received < size:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+        self.assertEqual(received, size)
+        out, err = starter.communicate(timeout=TIMEOUT)
+        self.assertEqual(stopper.wait(TIMEOUT), 0)
+        self.assertEqual(starter.returncode, 0, out + err)
+        new = server.master()
+        self.assertIsNotNone(new, 'nothing runs after start said: ' + out + err)
+        self.addCleanup(kill_group_of, new)
+        self.assertNotEqual(new, old)
+        self.assertTrue(pid_alive(new), out + err)
+        self.assertIn('agent serving ', out)
+        server.stop()
+
     def test_reload_replaces_workers_without_failing_a_request(self):
         server = AgentServer(self).start()
         body = os.urandom(20000)
