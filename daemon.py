@@ -1181,13 +1181,14 @@ def _verdict_address(name, action, pid):
 
 
 def _stopping(d, pid):
-    """Whether the daemon with this pid has begun to stop (see Daemon._say_stopping)."""
+    """Whether the daemon with this pid has begun to stop (see Daemon._say_stopping): its name
+    is bound (connect, not bind, to look: two starts that bound it to look saw each other)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
-            sock.bind(_verdict_address(d.name, 'stopping', pid))
-        except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
+            sock.connect(_verdict_address(d.name, 'stopping', pid))
+        except OSError:
+            return False
+    return True
 
 
 def _sender_pid(ancillary):
