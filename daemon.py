@@ -2044,13 +2044,13 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
         finally:
             os._exit(127)
     os.close(w)
-    output, deadline = b'', time.monotonic() + timeout
+    output, deadline, late = b'', time.monotonic() + timeout, None
     try:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 os.kill(pid, signal.SIGKILL)
-                output += b'\nno verdict within %gs' % timeout
+                late = 'no verdict within %gs' % timeout
                 break
             interval = d.watchdog()             # the check may take longer than systemd waits
             try:
@@ -2070,12 +2070,19 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
                 break
             except InterruptedError:
                 continue
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+    if late is None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         return
     lines = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
-    raise DaemonError('the new code failed its check: %s' % (lines[-1] if lines else
-                      'exit status %s' % (os.WEXITSTATUS(status) if os.WIFEXITED(status)
-                                          else 'signal %d' % os.WTERMSIG(status))))
+    if late is not None:
+        reason = late
+    elif os.WIFEXITED(status):
+        reason = lines[-1] if lines else 'exit status %d' % os.WEXITSTATUS(status)
+    else:       # killed (by hand, by the OOM killer): what it printed before is not the reason
+        try:
+            reason = 'killed by %s' % signal.Signals(os.WTERMSIG(status)).name
+        except ValueError:
+            reason = 'killed by signal %d' % os.WTERMSIG(status)
+    raise DaemonError('the new code failed its check: %s' % reason)
 
 
 def upgrade_done(d, error=None):

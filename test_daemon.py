@@ -2050,7 +2050,8 @@ class StopDuringReloadOrUpgradeTests(unittest.TestCase):
             agent_code = f.read()
         hook = ('\ndef main(argv=None):\n'
                 '    if os.environ.get(%r):\n'
-                '        open(os.path.join(%r, "paused"), "w").close()\n'
+                '        with open(os.path.join(%r, "paused"), "w") as f:\n'
+                '            f.write(str(os.getpid()))\n'
                 '        while not os.path.exists(os.path.join(%r, "go")):\n'
                 '            time.sleep(0.01)\n') % (variable, code, code)
         self.assertIn(anchor, agent_code)
@@ -2106,6 +2107,25 @@ class StopDuringReloadOrUpgradeTests(unittest.TestCase):
         self.assertEqual(reload.returncode, 1, out + err)
         self.assertIn('agent: reload failed: a stop came first; stopping (pid %d)' % master, err)
         self.assert_stopped(server, master, workers)
+
+    def test_check_of_the_new_code_killed(self):
+        server, code = self.paused_agent(daemon.CHECK_ENV)
+        master, workers = server.master(), server.workers()
+        paused = os.path.join(code, 'paused')
+        upgrade = subprocess.Popen([PYTHON, server.agent] + server.options + ['upgrade'],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: upgrade.poll() is None and upgrade.kill())
+        wait_for(lambda: read_pid(paused), message='the check paused')
+        os.kill(read_pid(paused), signal.SIGKILL)
+        out, err = upgrade.communicate(timeout=TIMEOUT)
+        self.assertEqual(upgrade.returncode, 1, out + err)
+        self.assertIn('agent: upgrade failed: the new code failed its check: killed by SIGKILL; '
+                      'still serving (pid %d)' % master, err)
+        self.assertEqual((server.master(), server.workers()), (master, workers))
+        self.assertEqual(server.get('/')[0], 200)
+        self.assertNotIn('Traceback', server.log_text())
+        server.stop()
 
     def test_stop_during_the_check_of_the_new_code(self):
         code, said = self.stop_while_paused(daemon.CHECK_ENV)
