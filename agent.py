@@ -3187,7 +3187,8 @@ class Agent(Daemon):
             raise
         else:
             self.retire(adopted)
-        log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
+        if not self.stopping:               # (a stop during an upgrade: it drains what it adopted)
+            log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
         self.ready(self.start_line())
         while not self.handle_signals() and not self.halted():
             self.selector.select(1.0)

@@ -2074,7 +2074,7 @@ class StopDuringReloadOrUpgradeTests(unittest.TestCase):
         open(os.path.join(code, 'go'), 'w').close()
         out, err = upgrade.communicate(timeout=TIMEOUT)
         self.assert_stopped(server, master, workers)
-        return upgrade.returncode, (out + err).strip()
+        return server, upgrade.returncode, (out + err).strip()
 
     def assert_stopped(self, server, master, workers):
         wait_for(lambda: not pid_alive(master), message='the master gone')
@@ -2128,14 +2128,16 @@ class StopDuringReloadOrUpgradeTests(unittest.TestCase):
         server.stop()
 
     def test_stop_during_the_check_of_the_new_code(self):
-        code, said = self.stop_while_paused(daemon.CHECK_ENV)
+        server, code, said = self.stop_while_paused(daemon.CHECK_ENV)
         self.assertEqual(code, 1, said)
         self.assertIn('agent: upgrade failed: a stop came first; stopping (pid ', said)
 
     def test_stop_just_after_the_execve(self):
-        code, said = self.stop_while_paused(daemon.REEXEC_ENV)
+        server, code, said = self.stop_while_paused(daemon.REEXEC_ENV)
         self.assertEqual(code, 1, said)
         self.assertIn('agent: upgrade failed: a stop came first; stopping (pid ', said)
+        after = server.log_text().partition('a stop came first')[2]
+        self.assertNotIn('agent: serving', after, 'the log says it serves while it stops')
 
 
 # ---------------------------------------------------------------------------------------------
