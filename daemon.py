@@ -1053,11 +1053,22 @@ def _signal_and_wait(d, action, signum, timeout):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     pidfd = None
     try:
-        try:
-            sock.bind(_verdict_address(d.name, action, pid))
-        except OSError as exc:
-            raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
-                              'under way?' % (exc.strerror, action, pid))
+        # Another command waits for the verdict of the same action (two reloads at once): wait
+        # until it has its answer, then ask again, so that what changed in between is loaded too.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.bind(_verdict_address(d.name, action, pid))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
+                                      'under way?' % (exc.strerror, action, pid))
+                if not _pid_alive(pid):
+                    d.say('%s (pid %d) exited during another %s; see %s'
+                          % (d.name, pid, action, d.stderr), error=True)
+                    return pid, None
+                time.sleep(0.02)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         pidfd = _open_pidfd(pid)
         _send(pid, pidfd, signum)

@@ -1739,6 +1739,30 @@ class SupervisionTests(unittest.TestCase):
         self.assertIn('agent serving ', out)
         server.stop()
 
+    def test_reload_while_another_reload_waits_for_its_verdict(self):
+        # The second of two reloads at once failed at once ("is another reload under way?")
+        # and sent nothing: changes made between the two were not loaded.
+        server = AgentServer(self).start()
+        master = server.master()
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(first.close)
+        first.bind(daemon._verdict_address('agent', 'reload', master))     # a reload under way
+        second = subprocess.Popen([PYTHON, AGENT] + server.options + ['reload'], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: second.poll() is None and second.kill())
+        wait_for(lambda: second.poll() is not None or any(
+            link.startswith('socket:') for link in harness.open_fds(second.pid).values()),
+            message='the second reload at its socket')
+        os.kill(master, signal.SIGHUP)
+        first.settimeout(TIMEOUT)
+        self.assertEqual(first.recv(4096), b'OK')
+        first.close()
+        out, err = second.communicate(timeout=TIMEOUT)
+        self.assertEqual(second.returncode, 0, out + err)
+        self.assertIn('agent reloaded (pid %d' % master, out)
+        wait_for(lambda: server.log_text().count('agent: reloaded: ') == 2, message='two reloads')
+        server.stop()
+
     def test_reload_replaces_workers_without_failing_a_request(self):
         server = AgentServer(self).start()
         body = os.urandom(20000)
