@@ -3321,13 +3321,15 @@ class Agent(Daemon):
             if not adopted:
                 raise
             # Upgraded in place, but the new code's workers cannot start: the old ones go on.
-            daemon.upgrade_done(self, 'its workers cannot start: %s' % exc)
+            daemon.upgrade_done(self, 'a stop came first' if self.stopping else
+                                'its workers cannot start: %s' % exc)
         except BaseException:
             self.kill_workers(list(self.workers.values()))
             raise
         else:
             self.retire(adopted)
-        log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
+        if not self.stopping:               # (a stop during an upgrade: it drains what it adopted)
+            log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
         self.ready(self.start_line())
         while not self.handle_signals() and not self.halted():
             self.selector.select(1.0)
@@ -3533,6 +3535,8 @@ class Agent(Daemon):
         except DaemonError as exc:
             self.kill_workers(new)
             self.tls = old_tls
+            if self.stopping:
+                raise DaemonError('a stop came first')
             raise DaemonError('%s; the old workers go on serving' % exc)
         self.retire(old)
         log('agent: reloaded: %d new workers, %d retiring' % (len(new), len(old)))

@@ -24,7 +24,8 @@ Processes
        |                 `-- os._exit(0)          |
        `---- waits on the readiness pipe <--------'  "READY <line>", "RUNNING <pid>" or "ERROR <why>"
 
-The launcher exits 0 once the daemon says it is ready (or was already running), and prints the
+The launcher exits 0 once the daemon says it is ready (or was already running; one that is
+stopping, draining its last connections, it waits out first), and prints the
 line the daemon gave ready() ("<name> started (pid N)" by default); otherwise it prints the
 daemon's own startup error on stderr and exits 1.  It never exits 0 early.  Every message of an
 action that depends on the pidfile names it by its absolute path.
@@ -350,6 +351,7 @@ class Daemon:
         self._status = '%s running' % self.name
         self._cooperative = False
         self._pending = []
+        self._stopping_mark = None      # see _say_stopping()
         self._watchdog = False          # systemd's watchdog interval: False until looked up
         self._watchdog_due = 0.0
         self._wake_r = self._wake_w = None
@@ -451,7 +453,8 @@ class Daemon:
                     log('%s: reload failed: %s' % (self.name, error))
                 notify(READY=1, STATUS=self._status if error is None
                        else '%s; reload failed: %s' % (self._status, error))
-                self._report('reload', error)
+                self._report('reload', error and '%s; %s' % (
+                    error, 'stopping' if self.stopping else 'goes on as it was'))
             elif signum == signal.SIGUSR1:
                 self.reopen_std_logs()
                 self.on_reopen_logs()
@@ -460,6 +463,7 @@ class Daemon:
             elif signum in STOP_SIGNALS:
                 log('%s: stopping (%s)' % (self.name, signal.Signals(signum).name))
                 notify(STOPPING=1, STATUS='stopping')
+                self._say_stopping()
         return self.stopping
 
     def wait(self, timeout=None):
@@ -824,6 +828,17 @@ class Daemon:
             if not self._cooperative:
                 raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
 
+    def _say_stopping(self):
+        """From the loop, once a stop is under way: bind the abstract name _stopping() looks
+        for, held until this process ends, so that a `start` meanwhile waits for the end
+        instead of calling this daemon "already running"."""
+        if self._stopping_mark is None:
+            self._stopping_mark = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                self._stopping_mark.bind(_verdict_address(self.name, 'stopping', os.getpid()))
+            except OSError:
+                pass
+
     def _report(self, action, error=None):
         """Send the outcome of a reload or an upgrade to the command waiting for it, if any."""
         line = 'ERROR ' + error if error else 'OK'
@@ -857,6 +872,18 @@ def _start(d):
     if state != 'running':
         d.on_launch()
     check_identity(d.user, d.group)
+    if state == 'running' and _stopping(d, pid):
+        # Draining its last connections: wait for its end, then start, as systemd queues a
+        # start behind a stop.
+        pidfd = _open_pidfd(pid)
+        try:
+            if not _await_exit(d._new_pidfile(), pid, pidfd, d.stop_timeout + 5.0):
+                raise DaemonError('pid %d is stopping, and did not end within %gs; not started'
+                                  % (pid, d.stop_timeout + 5.0))
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        return _start(d)
     if state == 'running':
         d.say('%s is already running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
         return EXIT_OK
@@ -935,9 +962,9 @@ def _try_restart(d):
 def _reload(d):
     """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
     on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
-    daemon goes on as it was), 7 if it is not running."""
+    daemon goes on as it was, or stops if a stop came meanwhile), 7 if it is not running."""
     pid, verdict = _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout)
-    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d goes on as it was)')
+    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d)')
 
 
 def _verdict_status(d, pid, verdict, done, failed):
@@ -1026,11 +1053,22 @@ def _signal_and_wait(d, action, signum, timeout):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     pidfd = None
     try:
-        try:
-            sock.bind(_verdict_address(d.name, action, pid))
-        except OSError as exc:
-            raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
-                              'under way?' % (exc.strerror, action, pid))
+        # Another command waits for the verdict of the same action (two reloads at once): wait
+        # until it has its answer, then ask again, so that what changed in between is loaded too.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.bind(_verdict_address(d.name, action, pid))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
+                                      'under way?' % (exc.strerror, action, pid))
+                if not _pid_alive(pid):
+                    d.say('%s (pid %d) exited during another %s; see %s'
+                          % (d.name, pid, action, d.stderr), error=True)
+                    return pid, None
+                time.sleep(0.02)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         pidfd = _open_pidfd(pid)
         _send(pid, pidfd, signum)
@@ -1151,6 +1189,17 @@ def _verdict_address(name, action, pid):
     """Where `reload` or `upgrade` waits for the verdict of the daemon with this pid (a
     datagram socket in the abstract namespace: nothing on disk to clean up or to forge)."""
     return '\0%s-%s-%d' % (name, action, pid)
+
+
+def _stopping(d, pid):
+    """Whether the daemon with this pid has begun to stop (see Daemon._say_stopping): its name
+    is bound (connect, not bind, to look: two starts that bound it to look saw each other)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(_verdict_address(d.name, 'stopping', pid))
+        except OSError:
+            return False
+    return True
 
 
 def _sender_pid(ancillary):
@@ -1651,8 +1700,13 @@ class PidFile:
             pid = parse_pid(os.pread(fd, 64, 0))
             holders = flock_holders(st)
             locked = self._probe_lock(fd) if holders is None else bool(holders)
+            moved = not locked and not self._same_file(fd)
         finally:
             os.close(fd)
+        if moved:
+            # Unlinked (a daemon stopping unlinks, then unlocks) or replaced since our open: no
+            # record of a death; look again at whatever is at the path now.
+            return None, None, False
         if not locked:
             return 'stale', pid, True
         # Locked: it counts only if the file names the holder (never guess which pid to signal).
@@ -1924,7 +1978,7 @@ def reexec(d, argv, fds=(), names=None, keep=(), state=''):
     between stay blocked and pending, so the new image acts on them.
     """
     if d.stopping:
-        raise DaemonError('stopping: no upgrade')
+        raise DaemonError('a stop came first')
     argv = [sys.executable] + list(argv)
     check_new_code(d, argv, fds, names)
     passed = list(fds) + list(keep)
@@ -1936,6 +1990,11 @@ def reexec(d, argv, fds=(), names=None, keep=(), state=''):
         d.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
     env[REEXEC_STATE_ENV] = state
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
+    if d.stopping:
+        # A stop came during the check: this image acts on it (drains, removes the pidfile)
+        # rather than exec'ing a new one only to stop it.
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise DaemonError('a stop came first')
     # Signals recorded but not yet acted on would die with this image: raise them again,
     # blocked, so they are pending when the new image unblocks them.
     for signum in d._pending:
@@ -1996,13 +2055,13 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
         finally:
             os._exit(127)
     os.close(w)
-    output, deadline = b'', time.monotonic() + timeout
+    output, deadline, late = b'', time.monotonic() + timeout, None
     try:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 os.kill(pid, signal.SIGKILL)
-                output += b'\nno verdict within %gs' % timeout
+                late = 'no verdict within %gs' % timeout
                 break
             interval = d.watchdog()             # the check may take longer than systemd waits
             try:
@@ -2022,12 +2081,19 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
                 break
             except InterruptedError:
                 continue
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+    if late is None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         return
     lines = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
-    raise DaemonError('the new code failed its check: %s' % (lines[-1] if lines else
-                      'exit status %s' % (os.WEXITSTATUS(status) if os.WIFEXITED(status)
-                                          else 'signal %d' % os.WTERMSIG(status))))
+    if late is not None:
+        reason = late
+    elif os.WIFEXITED(status):
+        reason = lines[-1] if lines else 'exit status %d' % os.WEXITSTATUS(status)
+    else:       # killed (by hand, by the OOM killer): what it printed before is not the reason
+        try:
+            reason = 'killed by %s' % signal.Signals(os.WTERMSIG(status)).name
+        except ValueError:
+            reason = 'killed by signal %d' % os.WTERMSIG(status)
+    raise DaemonError('the new code failed its check: %s' % reason)
 
 
 def upgrade_done(d, error=None):
@@ -2038,8 +2104,10 @@ def upgrade_done(d, error=None):
     """
     d._ready_report = None
     if error:
-        log('%s: upgrade failed (%s); still serving (pid %d)' % (d.name, error, os.getpid()))
+        after = 'stopping' if d.stopping else 'still serving'
+        log('%s: upgrade failed (%s); %s (pid %d)' % (d.name, error, after, os.getpid()))
         status = '%s running; upgrade failed: %s' % (d.name, error)
+        error = '%s; %s' % (error, after)
     else:
         log('%s: upgraded in place (pid %d)' % (d.name, os.getpid()))
         status = '%s running (upgraded)' % d.name
@@ -2052,7 +2120,7 @@ def upgrade_action(d):
     upgrade_action)): SIGUSR2 to the daemon, then wait for its verdict and print it."""
     pid, verdict = _signal_and_wait(d, 'upgrade', signal.SIGUSR2,
                                     UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5)
-    return _verdict_status(d, pid, verdict, 'upgraded in place', 'upgrade failed: %s; still serving (pid %d)')
+    return _verdict_status(d, pid, verdict, 'upgraded in place', 'upgrade failed: %s (pid %d)')
 
 
 def _takeover(d):
@@ -2075,6 +2143,9 @@ def _continue_after_reexec(d, spec):
     d.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
     d.detached = detached == '1'
     d._ready_report = lambda: upgrade_done(d)
+    # The image this one continues ran a loop that acts on signals (reexec() is called from
+    # it): a stop pending across execve is that loop's to act on, not a SystemExit from here.
+    d._cooperative = True
     try:
         if d.detached:
             rebuild_std_streams()       # fds 0-2 are still the log: line-buffered again

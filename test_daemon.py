@@ -1332,6 +1332,26 @@ class PidfileRemovedTests(SampleDaemonTest):
         self.assertIn('written again', self.log())
 
 
+class PidfileProbeRaceTests(TempDirTest):
+    """A probe that opens the pidfile just as its daemon stops (it unlinks the file, then its
+    lock goes with it) saw an unlocked file: "stale", so status said "dead, but pidfile
+    remains" (LSB 1) and stop "stale pidfile left: cannot remove it" of a daemon that had
+    stopped cleanly.  A file no longer at the path is no pidfile: look again."""
+
+    def test_pidfile_unlinked_and_unlocked_under_the_probe_is_absent(self):
+        path = os.path.join(self.tmp, 'race.pid')
+        owner = daemon.PidFile(path)
+        owner.acquire()
+        self.addCleanup(owner.forget)
+        real = daemon.flock_holders
+
+        def daemon_stops_now(st, *args):
+            owner.release()                 # unlink while locked, then unlock
+            return real(st, *args)
+        with mock.patch.object(daemon, 'flock_holders', daemon_stops_now):
+            self.assertEqual(daemon.PidFile(path).probe(), ('absent', None))
+
+
 class HostileEnvironmentTests(SampleDaemonTest):
     """Variables of a service manager that do not fit this process: a clear error that names
     them, never a traceback or a bare "Bad file descriptor"."""
@@ -1680,6 +1700,69 @@ class SupervisionTests(unittest.TestCase):
         self.assertEqual(stopper.returncode, 0)
         self.assertFalse(os.path.exists(server.pidfile))
 
+    def test_start_while_a_stop_drains_a_download_waits_and_starts(self):
+        # start used to say "already running (pid N)", exit 0, of the master that was
+        # stopping: a moment later nothing ran.
+        server = AgentServer(self).start()
+        size = 16 << 20
+        with open(os.path.join(server.root, 'big.jpg'), 'wb') as f:
+            f.truncate(size)
+        old = server.master()
+        sock = server.connect(timeout=20)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b'GET /big.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        first = sock.recv(65536)
+        stopper = subprocess.Popen([PYTHON, AGENT] + server.options + ['stop'],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(stopper.wait)
+        self.addCleanup(lambda: stopper.poll() is None and stopper.kill())
+        wait_for(lambda: 'agent: stopping 2 workers' in server.log_text(), message='the stop under way')
+        starter = subprocess.Popen([PYTHON, AGENT] + server.options + ['start'], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: starter.poll() is None and starter.kill())
+        received = len(first.partition(b'\r\n\r\n')[2])
+        while received < size:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+        self.assertEqual(received, size)
+        out, err = starter.communicate(timeout=TIMEOUT)
+        self.assertEqual(stopper.wait(TIMEOUT), 0)
+        self.assertEqual(starter.returncode, 0, out + err)
+        new = server.master()
+        self.assertIsNotNone(new, 'nothing runs after start said: ' + out + err)
+        self.addCleanup(kill_group_of, new)
+        self.assertNotEqual(new, old)
+        self.assertTrue(pid_alive(new), out + err)
+        self.assertIn('agent serving ', out)
+        server.stop()
+
+    def test_reload_while_another_reload_waits_for_its_verdict(self):
+        # The second of two reloads at once failed at once ("is another reload under way?")
+        # and sent nothing: changes made between the two were not loaded.
+        server = AgentServer(self).start()
+        master = server.master()
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(first.close)
+        first.bind(daemon._verdict_address('agent', 'reload', master))     # a reload under way
+        second = subprocess.Popen([PYTHON, AGENT] + server.options + ['reload'], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: second.poll() is None and second.kill())
+        wait_for(lambda: second.poll() is not None or any(
+            link.startswith('socket:') for link in harness.open_fds(second.pid).values()),
+            message='the second reload at its socket')
+        os.kill(master, signal.SIGHUP)
+        first.settimeout(TIMEOUT)
+        self.assertEqual(first.recv(4096), b'OK')
+        first.close()
+        out, err = second.communicate(timeout=TIMEOUT)
+        self.assertEqual(second.returncode, 0, out + err)
+        self.assertIn('agent reloaded (pid %d' % master, out)
+        wait_for(lambda: server.log_text().count('agent: reloaded: ') == 2, message='two reloads')
+        server.stop()
+
     def test_reload_replaces_workers_without_failing_a_request(self):
         server = AgentServer(self).start()
         body = os.urandom(20000)
@@ -1973,6 +2056,112 @@ class SupervisionTests(unittest.TestCase):
         self.assertEqual(proc.wait(TIMEOUT), 0)
         self.assertFalse(os.path.exists(os.path.join(tmp, 'agent.log')), 'a foreground master wrote --log')
 
+
+
+class StopDuringReloadOrUpgradeTests(unittest.TestCase):
+    """A stop that comes while a reload or an upgrade is under way: while the new workers boot,
+    in the check of the new code, or in the new image before it has set up.  The master stops as it would have without the
+    upgrade: its workers drained, the pidfile and options file removed, no one left behind."""
+
+    def paused_agent(self, variable, anchor='\ndef main(argv=None):\n', replacement=None):
+        """An agent whose code, run with `variable` in its environment, writes <dir>/paused
+        and waits for <dir>/go (the master's signals are blocked there across execve)."""
+        code = tempfile.mkdtemp(prefix='agent-code-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', code])
+        with open(os.path.join(HERE, 'daemon.py')) as f:
+            daemon_code = f.read()
+        with open(os.path.join(HERE, 'agent.py')) as f:
+            agent_code = f.read()
+        hook = ('\ndef main(argv=None):\n'
+                '    if os.environ.get(%r):\n'
+                '        with open(os.path.join(%r, "paused"), "w") as f:\n'
+                '            f.write(str(os.getpid()))\n'
+                '        while not os.path.exists(os.path.join(%r, "go")):\n'
+                '            time.sleep(0.01)\n') % (variable, code, code)
+        self.assertIn(anchor, agent_code)
+        with open(os.path.join(code, 'daemon.py'), 'w') as f:
+            f.write(daemon_code)
+        with open(os.path.join(code, 'agent.py'), 'w') as f:
+            f.write(agent_code.replace(anchor, replacement or hook, 1))
+        server = AgentServer(self, script=os.path.join(code, 'agent.py')).start()
+        return server, code
+
+    def stop_while_paused(self, variable):
+        server, code = self.paused_agent(variable)
+        master, workers = server.master(), server.workers()
+        upgrade = subprocess.Popen([PYTHON, server.agent] + server.options + ['upgrade'],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: upgrade.poll() is None and upgrade.kill())
+        wait_for(lambda: os.path.exists(os.path.join(code, 'paused')), message='the upgrade paused')
+        os.kill(master, signal.SIGTERM)
+        open(os.path.join(code, 'go'), 'w').close()
+        out, err = upgrade.communicate(timeout=TIMEOUT)
+        self.assert_stopped(server, master, workers)
+        return server, upgrade.returncode, (out + err).strip()
+
+    def assert_stopped(self, server, master, workers):
+        wait_for(lambda: not pid_alive(master), message='the master gone')
+        wait_for(lambda: not any(map(pid_alive, workers)), message='the workers gone')
+        self.assertEqual(sorted(os.listdir(server.dir)), ['access.log', 'agent.log', 'www'],
+                         'the pidfile or the options file was left behind')
+        log = server.log_text()
+        self.assertNotIn('Traceback', log)
+        self.assertIn('agent: stopped', log)
+        self.assertNotIn('master exited', log, 'the workers were left to find out alone')
+
+    def test_stop_while_the_new_workers_of_a_reload_boot(self):
+        pause = os.path.join(tempfile.mkdtemp(prefix='agent-pause-'), 'pause')
+        self.addCleanup(subprocess.run, ['rm', '-rf', os.path.dirname(pause)])
+        anchor = '        self.stop_timeout = config.stop_timeout\n'
+        hook = ('        while os.path.exists(%r):\n'
+                '            open(%r, "w").close()\n'
+                '            time.sleep(0.01)\n') % (pause, pause + 'd')
+        server, code = self.paused_agent('NO_SUCH_VARIABLE', anchor, hook + anchor)
+        master, workers = server.master(), server.workers()
+        open(pause, 'w').close()
+        reload = subprocess.Popen([PYTHON, server.agent] + server.options + ['reload'],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: reload.poll() is None and reload.kill())
+        wait_for(lambda: os.path.exists(pause + 'd'), message='new workers booting')
+        os.kill(master, signal.SIGTERM)
+        os.unlink(pause)
+        out, err = reload.communicate(timeout=TIMEOUT)
+        self.assertEqual(reload.returncode, 1, out + err)
+        self.assertIn('agent: reload failed: a stop came first; stopping (pid %d)' % master, err)
+        self.assert_stopped(server, master, workers)
+
+    def test_check_of_the_new_code_killed(self):
+        server, code = self.paused_agent(daemon.CHECK_ENV)
+        master, workers = server.master(), server.workers()
+        paused = os.path.join(code, 'paused')
+        upgrade = subprocess.Popen([PYTHON, server.agent] + server.options + ['upgrade'],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: upgrade.poll() is None and upgrade.kill())
+        wait_for(lambda: read_pid(paused), message='the check paused')
+        os.kill(read_pid(paused), signal.SIGKILL)
+        out, err = upgrade.communicate(timeout=TIMEOUT)
+        self.assertEqual(upgrade.returncode, 1, out + err)
+        self.assertIn('agent: upgrade failed: the new code failed its check: killed by SIGKILL; '
+                      'still serving (pid %d)' % master, err)
+        self.assertEqual((server.master(), server.workers()), (master, workers))
+        self.assertEqual(server.get('/')[0], 200)
+        self.assertNotIn('Traceback', server.log_text())
+        server.stop()
+
+    def test_stop_during_the_check_of_the_new_code(self):
+        server, code, said = self.stop_while_paused(daemon.CHECK_ENV)
+        self.assertEqual(code, 1, said)
+        self.assertIn('agent: upgrade failed: a stop came first; stopping (pid ', said)
+
+    def test_stop_just_after_the_execve(self):
+        server, code, said = self.stop_while_paused(daemon.REEXEC_ENV)
+        self.assertEqual(code, 1, said)
+        self.assertIn('agent: upgrade failed: a stop came first; stopping (pid ', said)
+        after = server.log_text().partition('a stop came first')[2]
+        self.assertNotIn('agent: serving', after, 'the log says it serves while it stops')
 
 
 # ---------------------------------------------------------------------------------------------
