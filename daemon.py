@@ -833,9 +833,10 @@ class Daemon:
         for, held until this process ends, so that a `start` meanwhile waits for the end
         instead of calling this daemon "already running"."""
         if self._stopping_mark is None:
-            self._stopping_mark = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._stopping_mark = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
                 self._stopping_mark.bind(_verdict_address(self.name, 'stopping', os.getpid()))
+                self._stopping_mark.listen(1)       # SO_PEERCRED then names this pid
             except OSError:
                 pass
 
@@ -1193,13 +1194,17 @@ def _verdict_address(name, action, pid):
 
 def _stopping(d, pid):
     """Whether the daemon with this pid has begun to stop (see Daemon._say_stopping): its name
-    is bound (connect, not bind, to look: two starts that bound it to look saw each other)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    is listened on, by that very pid (connect, not bind, to look: two starts that bound it to
+    look saw each other).  Anyone may bind an abstract name: SO_PEERCRED says who did."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+        sock.setblocking(False)
         try:
             sock.connect(_verdict_address(d.name, 'stopping', pid))
+            peer = struct.unpack('3i', sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                       struct.calcsize('3i')))[0]
         except OSError:
             return False
-    return True
+    return peer == pid
 
 
 def _sender_pid(ancillary):

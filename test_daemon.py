@@ -925,6 +925,22 @@ class DaemonProcessTests(SampleDaemonTest):
             self.assertEqual(self.sample('stop').returncode, 0)
             wait_for(lambda: not pid_alive(pid), message='stopped')
 
+    def test_a_squatted_stopping_name_fools_no_start(self):
+        """`start` waits for a daemon that is stopping, which says so on an abstract socket name;
+        anyone may bind such a name, so start believes only the daemon's own pid there."""
+        pid = self.start()
+        for kind in (socket.SOCK_SEQPACKET, socket.SOCK_DGRAM):
+            squatter = socket.socket(socket.AF_UNIX, kind)
+            self.addCleanup(squatter.close)
+            squatter.bind('\0sample-stopping-%d' % pid)
+            if kind == socket.SOCK_SEQPACKET:
+                squatter.listen(1)
+            result = self.sample('start')
+            with self.subTest(kind=kind):
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn('already running', result.stdout + result.stderr)
+            squatter.close()
+
     def test_sigint_is_graceful_too(self):
         pid = self.start()
         os.kill(pid, signal.SIGINT)
