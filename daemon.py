@@ -874,16 +874,7 @@ def _start(d):
         d.on_launch()
     check_identity(d.user, d.group)
     if state == 'running' and _stopping(d, pid):
-        # Draining its last connections: wait for its end, then start, as systemd queues a
-        # start behind a stop.
-        pidfd = _open_pidfd(pid)
-        try:
-            if not _await_exit(d._new_pidfile(), pid, pidfd, d.stop_timeout + 5.0):
-                raise DaemonError('pid %d is stopping, and did not end within %gs; not started'
-                                  % (pid, d.stop_timeout + 5.0))
-        finally:
-            if pidfd is not None:
-                os.close(pidfd)
+        _await_the_end(d, pid)
         return _start(d)
     if state == 'running':
         d.say('%s is already running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
@@ -893,6 +884,19 @@ def _start(d):
         check_writable('log', path)
     d.daemonize()                  # returns only in the daemon
     d._serve_and_exit()
+
+
+def _await_the_end(d, pid):
+    """The daemon pid is draining after a stop: wait for its end (start and run then go on, as
+    systemd queues a start behind a stop), or DaemonError after stop_timeout + 5 s."""
+    pidfd = _open_pidfd(pid)
+    try:
+        if not _await_exit(d._new_pidfile(), pid, pidfd, d.stop_timeout + 5.0):
+            raise DaemonError('pid %d is stopping, and did not end within %gs; not started'
+                              % (pid, d.stop_timeout + 5.0))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _stop(d):
@@ -1015,6 +1019,9 @@ def _foreground(d):
     """
     d.absolutize()
     check_identity(d.user, d.group)
+    state, pid = d.probe()
+    if state == 'running' and _stopping(d, pid):
+        _await_the_end(d, pid)
     check_writable('pidfile', d.pidfile_path)
     d.listen_fds = listen_fds()
     try:

@@ -156,6 +156,10 @@ class Sample(daemon.Daemon):
             elif MODE == 'never_ready':
                 while not self.wait(1):
                     pass
+            elif MODE == 'slow_stop':        # like agent.py draining a download
+                while not self.wait(1):
+                    pass
+                time.sleep(1.5)
             elif MODE == 'slow_start':       # like agent.py waiting for its workers to boot
                 if self.wait(30):
                     raise daemon.DaemonError('stopped during startup')
@@ -940,6 +944,37 @@ class DaemonProcessTests(SampleDaemonTest):
                 self.assertEqual(result.returncode, 0, result.stderr)
                 self.assertIn('already running', result.stdout + result.stderr)
             squatter.close()
+
+    def test_start_and_run_wait_for_a_daemon_that_is_stopping(self):
+        """A start or a foreground run while the daemon drains after a stop: each waits for its
+        end, then starts (it used to say "already running" of a daemon about to be gone)."""
+        env = {'SAMPLE_MODE': 'slow_stop'}
+        for action in ('start', 'run'):
+            pid = self.start('slow_stop')
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: 'stopping (SIGTERM)' in self.log(), message='the stop under way')
+            if action == 'start':
+                result = self.sample('start', 'slow_stop', env)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                new = read_pid(self.pidfile)
+            else:
+                proc = subprocess.Popen([PYTHON, self.script, 'run'], cwd=self.tmp,
+                                        env=dict(os.environ, **env), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                self.addCleanup(proc.kill)
+                new = wait_for(lambda: read_pid(self.pidfile) == proc.pid and proc.pid,
+                               message='the foreground run took over: %s' % (proc.poll(),))
+            self.seen_pids.append(new)
+            with self.subTest(action=action):
+                self.assertNotEqual(new, pid)
+                self.assertFalse(pid_alive(pid))
+                self.assertTrue(pid_alive(new))
+            os.kill(new, signal.SIGTERM)
+            wait_for(lambda: not pid_alive(new), timeout=10, message='stopped')
+            if action == 'run':
+                proc.wait(10)
+            with open(self.logfile, 'w'):
+                pass
 
     def test_sigint_is_graceful_too(self):
         pid = self.start()
