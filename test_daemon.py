@@ -384,16 +384,21 @@ class AgentServer(harness.AgentProcess):
 # daemon.py: pure helpers
 # ---------------------------------------------------------------------------------------------
 
-def nobody_agent(testcase, *options, **kwargs):
-    """An AgentServer with --user nobody, its directory readable by nobody and writable only by
-    root; the test is skipped where it cannot run (not root, no user nobody).  Returns the
-    server and nobody's passwd entry."""
+def nobody_user(testcase, why='needs root'):
+    """nobody's passwd entry, for a test that runs as root and uses that user; the test is
+    skipped where it cannot run (not root, no user nobody)."""
     if os.geteuid() != 0:
-        testcase.skipTest('needs root')
+        testcase.skipTest(why)
     try:
-        nobody = pwd.getpwnam('nobody')
+        return pwd.getpwnam('nobody')
     except KeyError:
         testcase.skipTest('no user nobody')
+
+
+def nobody_agent(testcase, *options, **kwargs):
+    """An AgentServer with --user nobody, its directory readable by nobody and writable only by
+    root; skipped as nobody_user() says.  Returns the server and nobody's passwd entry."""
+    nobody = nobody_user(testcase)
     server = AgentServer(testcase, '--user', 'nobody', *options, **kwargs)
     os.chmod(server.dir, 0o755)
     return server, nobody
@@ -1014,13 +1019,7 @@ class DaemonProcessTests(SampleDaemonTest):
         self.assertEqual(self.sample('status').returncode, 0)
 
     def test_stop_without_permission_is_status_4_not_a_traceback(self):
-        if os.geteuid() != 0:
-            self.skipTest('needs root to start a daemon another user cannot signal')
-        import pwd
-        try:
-            nobody = pwd.getpwnam('nobody')
-        except KeyError:
-            self.skipTest('no user nobody')
+        nobody = nobody_user(self, 'needs root to start a daemon another user cannot signal')
         os.chmod(self.tmp, 0o755)
         pid = self.start()
 
@@ -2062,13 +2061,7 @@ class SupervisionTests(unittest.TestCase):
         self.assertFalse(pid_alive(master))
 
     def test_upgrade_by_another_user_is_exit_4_without_a_traceback(self):
-        import pwd
-        if os.geteuid() != 0:
-            self.skipTest('needs root, to start a daemon that another user may not signal')
-        try:
-            nobody = pwd.getpwnam('nobody')
-        except KeyError:
-            self.skipTest('no user nobody')
+        nobody = nobody_user(self, 'needs root, to start a daemon that another user may not signal')
         python = PYTHON if not PYTHON.startswith('/root/') else '/usr/bin/python3'
         if not os.path.exists(python):
             self.skipTest('no python3 that nobody may run')
