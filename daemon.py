@@ -461,7 +461,7 @@ class Daemon:
             elif signum == signal.SIGUSR2:
                 self.on_upgrade()
             elif signum in STOP_SIGNALS:
-                log('%s: stopping (%s)' % (self.name, signal.Signals(signum).name))
+                self._log_stop(signum)
                 notify(STOPPING=1, STATUS='stopping')
                 self._say_stopping()
         return self.stopping
@@ -755,6 +755,9 @@ class Daemon:
             status, error = EXIT_FAILURE, describe(exc)
         else:
             error = None
+        unseen = [signum for signum in self._pending if signum in STOP_SIGNALS]
+        if unseen and not self._cooperative:
+            self._log_stop(unseen[0])           # the SystemExit of _on_signal ended run()
         if status != EXIT_OK and self.stopping and not self._is_ready:
             # A stop asked for during startup (systemctl stop while it starts): the service
             # stopped as asked, so a foreground run exits 0; a detached start's launcher still
@@ -787,6 +790,9 @@ class Daemon:
     def _cleanup(self):
         if self._pidfile is not None:
             self._pidfile.release()
+
+    def _log_stop(self, signum):
+        log('%s: stopping (%s)' % (self.name, signal.Signals(signum).name))
 
     def _last_words(self, message):
         """Report why the daemon ends: to its log, and to syslog if it has none (/dev/null).

@@ -157,9 +157,16 @@ class Sample(daemon.Daemon):
                 while not self.wait(1):
                     pass
             elif MODE == 'slow_stop':        # like agent.py draining a download
+                self.handle_signals()           # in its loop from here: a stop is seen there
+                print('in the loop')
                 while not self.wait(1):
                     pass
                 time.sleep(1.5)
+            elif MODE == 'slow_setup':       # a stop comes before run() first looks
+                time.sleep(2)
+                print('in the loop')
+                while not self.wait(1):
+                    pass
             elif MODE == 'slow_start':       # like agent.py waiting for its workers to boot
                 if self.wait(30):
                     raise daemon.DaemonError('stopped during startup')
@@ -950,12 +957,30 @@ class DaemonProcessTests(SampleDaemonTest):
                 self.assertIn('already running', result.stdout + result.stderr)
             squatter.close()
 
+    def test_a_stop_before_run_looks_is_logged_too(self):
+        """A classic run() never looks at the signals, and a cooperative one may get its stop
+        before its first wait(): both end by SystemExit where they run, and the log says why,
+        as it does for a stop that wait() sees (it said nothing: the daemon just ended)."""
+        for mode in ('classic', 'slow_setup'):
+            pid = self.start(mode)
+            wait_for(lambda: 'started %d' % pid in self.log(), message='run() under way')
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: not pid_alive(pid), message='the end of pid %d' % pid)
+            with self.subTest(mode=mode):
+                self.assertIn('sample: stopping (SIGTERM)', self.log())
+                self.assertIn('cleanup ran', self.log())
+                self.assertNotIn('in the loop', self.log())
+                self.assertFalse(os.path.exists(self.pidfile))
+            with open(self.logfile, 'w'):
+                pass
+
     def test_start_and_run_wait_for_a_daemon_that_is_stopping(self):
         """A start or a foreground run while the daemon drains after a stop: each waits for its
         end, then starts (it used to say "already running" of a daemon about to be gone)."""
         env = {'SAMPLE_MODE': 'slow_stop'}
         for action in ('start', 'run'):
             pid = self.start('slow_stop')
+            wait_for(lambda: 'in the loop' in self.log(), message='the loop under way')
             os.kill(pid, signal.SIGTERM)
             wait_for(lambda: 'stopping (SIGTERM)' in self.log(), message='the stop under way')
             if action == 'start':
@@ -977,7 +1002,7 @@ class DaemonProcessTests(SampleDaemonTest):
             os.kill(new, signal.SIGTERM)
             wait_for(lambda: not pid_alive(new), timeout=10, message='stopped')
             if action == 'run':
-                proc.wait(10)
+                proc.communicate(timeout=10)
             with open(self.logfile, 'w'):
                 pass
 
