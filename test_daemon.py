@@ -1672,12 +1672,13 @@ class FromBytecodeTests(unittest.TestCase):
         proc = subprocess.Popen([PYTHON, server.agent] + server.options + ['run'],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
-        self.addCleanup(proc.wait, 10)
+        self.addCleanup(proc.communicate, timeout=10)
         self.addCleanup(proc.kill)
         wait_for(lambda: read_pid(server.pidfile) == proc.pid, message='pidfile holds the pid run had')
         self.assertTrue(any(name.startswith('agent.') for name in self.cached(where)))
         proc.send_signal(signal.SIGTERM)
-        self.assertEqual(proc.wait(10), 0)
+        out, _ = proc.communicate(timeout=10)
+        self.assertEqual(proc.returncode, 0, out)
 
     def test_current_directory_is_never_imported(self):
         where = self.copy_of_agent()
