@@ -3224,7 +3224,8 @@ class Agent(Daemon):
             try:
                 self.access_fd = daemon.open_log(config.access_log)
             except OSError as exc:
-                raise DaemonError('cannot open access log %s: %s' % (config.access_log, describe_denied(exc)))
+                raise DaemonError('cannot open access log %s: %s' % (config.access_log, describe_denied(exc)),
+                                  privilege=isinstance(exc, PermissionError))
         if config.tls_cert:
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
         self.write_options()
@@ -3593,8 +3594,11 @@ class Agent(Daemon):
         return adopted
 
     def on_launch(self):
-        """Before a start: fail early, in the launcher, on a port this user may not bind."""
+        """Before a start: fail early, in the launcher, on a port this user may not bind or an
+        access log it may not write (exit 4, as for the pidfile and --log)."""
         check_port_permission(self.config.port)
+        if self.config.access_log != 'off':
+            daemon.check_writable('access log', self.config.access_log)
 
     def on_restart(self, pid):
         """Before a restart stops the running master pid: an option not given on this command

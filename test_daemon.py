@@ -402,6 +402,21 @@ def nobody_user(testcase, why='needs root'):
         testcase.skipTest('no user nobody')
 
 
+def python_for(testcase, user):
+    """A python3 (3.9+) that user may run: this one, or the system's (this one may sit in
+    root's home, as pyenv's does); the test is skipped when there is none."""
+    for python in (PYTHON, '/usr/bin/python3'):
+        try:
+            ok = subprocess.run([python, '-c', 'import sys; assert sys.version_info >= (3, 9)'],
+                                user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                                capture_output=True, timeout=TIMEOUT, cwd='/').returncode == 0
+        except OSError:
+            ok = False
+        if ok:
+            return python
+    testcase.skipTest('no python3 that %s may run' % user.pw_name)
+
+
 def nobody_agent(testcase, *options, **kwargs):
     """An AgentServer with --user nobody, its directory readable by nobody and writable only by
     root; skipped as nobody_user() says.  Returns the server and nobody's passwd entry."""
@@ -2561,6 +2576,39 @@ class CommonMistakeTests(unittest.TestCase):
         self.assert_one_line(self.agent('--pidfile', pidfile), 2, 'ACTION')
         self.assert_one_line(self.agent('--tls-cert', 'c.pem', 'start'), 2, '--tls-key')
         self.assertFalse(os.listdir(tmp))
+
+    def test_files_the_user_may_not_write_exit_4(self):
+        """A pidfile, log or access log in a directory this user may not write: one line naming
+        the file and the user, exit 4 (LSB: insufficient privilege) for each of the three, from
+        `start` in the launcher as from a foreground `run`; nothing is left running.  (The
+        access log was opened only in the daemon: exit 1, a different message.)"""
+        nobody = nobody_user(self)
+        python = python_for(self, nobody)
+        tmp = tempfile.mkdtemp(prefix='agent-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        os.chmod(tmp, 0o755)
+        mine = os.path.join(tmp, 'mine')
+        os.mkdir(mine)
+        os.chown(mine, nobody.pw_uid, nobody.pw_gid)
+        closed = os.path.join(tmp, 'closed')       # root's, 0755: nobody may not write in it
+        os.mkdir(closed)
+        base = {'--pidfile': os.path.join(mine, 'a.pid'), '--log': os.path.join(mine, 'a.log'),
+                '--access-log': os.path.join(mine, 'access.log')}
+        for option in sorted(base):
+            for action in ('start', 'run'):
+                options = dict(base, **{option: os.path.join(closed, 'x.log')})
+                argv = [PYTHON, AGENT, '--root', tmp, '--bind', '127.0.0.1', '--port', '0']
+                for name, value in sorted(options.items()):
+                    if not (action == 'run' and name == '--log'):
+                        argv += [name, value]
+                if action == 'run' and option == '--log':
+                    continue
+                with self.subTest(option=option, action=action):
+                    result = run([python] + argv[1:] + [action], user=nobody.pw_uid,
+                                 group=nobody.pw_gid, extra_groups=[], cwd=mine)
+                    self.assert_one_line(result, 4, os.path.join(closed, 'x.log'), 'nobody')
+                    self.assertFalse(os.path.exists(os.path.join(mine, 'a.pid')))
+        self.assertEqual(os.listdir(closed), [])
 
     def test_a_removed_current_directory(self):
         """Run from a directory removed since (a shell left in it): relative paths cannot be
