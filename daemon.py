@@ -914,7 +914,7 @@ def _stop(d):
         if state == 'stale' and pidfile.remove_stale():
             d.say('%s is not running (removed stale pidfile %s)' % (d.name, d.pidfile_path))
         else:
-            d.say(_not_running(d, state))
+            d.say(_not_running(d, state, removing=state == 'stale'))
         return EXIT_OK
     pidfd = _open_pidfd(pid)
     try:
@@ -1110,10 +1110,14 @@ def _signal_and_wait(d, action, signum, timeout):
             os.close(pidfd)
 
 
-def _not_running(d, state):
-    """The "not running" line, naming the pidfile looked at (relative paths confuse)."""
-    if state == 'stale':
+def _not_running(d, state, removing=False):
+    """The "not running" line, naming the pidfile looked at (relative paths confuse); removing:
+    the caller tried to remove a stale one and could not."""
+    if state == 'stale' and removing:
         return '%s is not running (stale pidfile %s left: cannot remove it)' % (d.name, d.pidfile_path)
+    if state == 'stale':
+        return ('%s is not running (stale pidfile %s left by a daemon that ended without a stop; '
+                'stop or start removes it)' % (d.name, d.pidfile_path))
     return '%s is not running (no pidfile at %s)' % (d.name, d.pidfile_path)
 
 

@@ -2610,6 +2610,29 @@ class CommonMistakeTests(unittest.TestCase):
                     self.assertFalse(os.path.exists(os.path.join(mine, 'a.pid')))
         self.assertEqual(os.listdir(closed), [])
 
+    def test_actions_on_a_stale_pidfile(self):
+        """A pidfile left by an agent that died (kill -9): each action says so in one line that
+        names the pidfile, with its LSB code, and none claims it failed to remove the file when
+        it did not try (reload said 'cannot remove it', which sent root looking for a
+        permission problem)."""
+        tmp = tempfile.mkdtemp(prefix='agent-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        pidfile = os.path.join(tmp, 'a.pid')
+        dead = subprocess.Popen(['true'])
+        dead.wait()
+        for action, code in (('reload', 7), ('force-reload', 7), ('upgrade', 7), ('try-restart', 0),
+                             ('status', 1), ('stop', 0)):
+            with open(pidfile, 'w') as f:
+                f.write('%d\n' % dead.pid)
+            with self.subTest(action=action):
+                result = self.agent('--pidfile', pidfile, '--root', tmp, action)
+                self.assertEqual(result.returncode, code, result.stdout + result.stderr)
+                out = (result.stdout + result.stderr).strip()
+                self.assertEqual(len(out.splitlines()), 1, out)
+                self.assertIn(pidfile, out)
+                self.assertNotIn('Traceback', out)
+                self.assertNotIn('cannot remove', out)
+
     def test_a_removed_current_directory(self):
         """Run from a directory removed since (a shell left in it): relative paths cannot be
         resolved, and the options that need one are named; the rest still works."""
