@@ -4108,6 +4108,38 @@ class Parser(argparse.ArgumentParser):
         self.exit(daemon.EXIT_USAGE, '%s: error: %s (%s --help lists the options)\n'
                   % (self.prog, message, self.prog))
 
+    def parse_args(self, args=None, namespace=None):
+        """Name a mistyped long option first, with the one meant: argparse would blame what
+        follows it (`--prot 80 start`: "invalid choice: '80'" for ACTION)."""
+        args = sys.argv[1:] if args is None else list(args)
+        for arg in args:
+            if arg == '--':
+                break
+            name = arg.split('=', 1)[0]
+            if name.startswith('--') and not any(option.startswith(name) for option
+                                                 in self._option_string_actions):
+                meant = closest(name, [o for o in self._option_string_actions if o.startswith('--')])
+                self.error('unrecognized option %r%s' % (name, ' (did you mean %s?)' % meant
+                                                         if meant else ''))
+        return super().parse_args(args, namespace)
+
+
+def closest(word, choices):
+    """The choice at the smallest edit distance (Levenshtein, a swap counted as one edit) from
+    word, if it is at most 2; else None."""
+    def distance(a, b):
+        previous, before = list(range(len(b) + 1)), None
+        for i in range(1, len(a) + 1):
+            row = [i] + [0] * len(b)
+            for j in range(1, len(b) + 1):
+                row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (a[i - 1] != b[j - 1]))
+                if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                    row[j] = min(row[j], before[j - 2] + 1)
+            before, previous = previous, row
+        return previous[-1]
+    scored = sorted((distance(word, choice), choice) for choice in choices)
+    return scored[0][1] if scored and scored[0][0] <= 2 else None
+
 
 ACTION_HELP = (
     ('start', 'detach and serve; returns once every worker is up (prints the URL)'),

@@ -2575,6 +2575,11 @@ class CommonMistakeTests(unittest.TestCase):
         self.assert_one_line(self.agent('--pidfile', pidfile, 'frobnicate'), 2, 'frobnicate', 'start')
         self.assert_one_line(self.agent('--pidfile', pidfile), 2, 'ACTION')
         self.assert_one_line(self.agent('--tls-cert', 'c.pem', 'start'), 2, '--tls-key')
+        # A mistyped option is named, with the option meant, whatever follows it (its value
+        # was blamed instead: "argument ACTION: invalid choice: '80'").
+        self.assert_one_line(self.agent('--pidfile', pidfile, '--prot', '80', 'start'), 2, "'--prot'", '--port')
+        self.assert_one_line(self.agent('--pidfile', pidfile, '--rot=/srv', 'start'), 2, "'--rot'", '--root')
+        self.assert_one_line(self.agent('--pidfile', pidfile, '--frobnicate', 'x', 'status'), 2, "'--frobnicate'")
         self.assertFalse(os.listdir(tmp))
 
     def test_files_the_user_may_not_write_exit_4(self):
