@@ -4100,6 +4100,19 @@ port_number = number(int, 0, 65535, 'a port (0-65535; 0: any free port, which st
 seconds = number(float, 1e-3, 1e6, 'a positive number of seconds')
 
 
+def bind_address(text):
+    """An argparse type: a numeric IPv4 or IPv6 address, as bind() takes it (no name is ever
+    looked up: a host name may resolve to other addresses tomorrow, or to none at boot)."""
+    try:
+        socket.getaddrinfo(text, 0, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                           socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            '%r is not a numeric IPv4 or IPv6 address (127.0.0.1 or ::1 for this machine only, '
+            '0.0.0.0 or :: for every address)' % text)
+    return text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error: the option and what is wrong with it, as nginx and
     Caddy print theirs, instead of a screen of usage above it."""
@@ -4171,7 +4184,7 @@ def parser():
     # Added in the order of the recorded options (option_argv), shown by group in --help.
     serving.add_argument('--root', default='.', metavar='DIR',
                          help='directory to serve (default: the current one)')
-    serving.add_argument('--bind', default='0.0.0.0', metavar='ADDR',
+    serving.add_argument('--bind', type=bind_address, default='0.0.0.0', metavar='ADDR',
                          help="address to listen on; '::' for IPv6 and IPv4 (default: 0.0.0.0)")
     serving.add_argument('--port', type=port_number, default=DEFAULT_PORT, metavar='N',
                          help='TCP port; 0: any free port, which start prints (default: %d)'

@@ -1524,13 +1524,20 @@ class AgentLifecycleTests(unittest.TestCase):
         self.assertIn('does not exist', result.stderr)
         self.assert_nothing_left(server)
 
-    def test_bad_bind_address_is_a_clear_startup_error(self):
+    def test_bad_bind_address_is_a_usage_error(self):
+        """Exit 2 with one line, as --port 70000: it was exit 1, found only once the daemon
+        had forked; a host name says what to give instead."""
         server = AgentServer(self)
-        server.options[server.options.index('--bind') + 1] = '300.1.1.1'
-        result = server.command('start')
-        self.assertEqual(result.returncode, 1)
-        self.assertIn("invalid --bind address '300.1.1.1'", result.stderr)
-        self.assert_nothing_left(server)
+        for address, words in (('300.1.1.1', ()), ('localhost', ('127.0.0.1', '::1'))):
+            server.options[server.options.index('--bind') + 1] = address
+            for action in ('start', 'run'):
+                with self.subTest(address=address, action=action):
+                    result = server.command(action)
+                    self.assertEqual(result.returncode, 2, result.stderr)
+                    self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                    for word in ("--bind", repr(address)) + words:
+                        self.assertIn(word, result.stderr)
+        self.assertEqual(os.listdir(server.dir), [os.path.basename(server.root)], 'nothing started, nothing written')
 
     def test_ipv6_loopback(self):
         if not socket.has_ipv6:
