@@ -154,7 +154,7 @@ import urllib.parse
 import zlib
 
 import daemon
-from daemon import Daemon, DaemonError, log
+from daemon import Daemon, DaemonError, log, LOG_ERR, LOG_WARNING
 
 # ---------------------------------------------------------------------------------------------
 # Defaults and limits
@@ -2047,7 +2047,7 @@ class Connection:
                 self.linger()
         except Exception:
             log('worker: unexpected error on a connection from %s:\n%s'
-                % (self.peer, traceback.format_exc().rstrip()))
+                % (self.peer, traceback.format_exc().rstrip()), priority=LOG_ERR)
             self.close()
 
     # -- READING --
@@ -2094,7 +2094,7 @@ class Connection:
             except HTTPError as exc:
                 self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD')
             except Exception:
-                log('worker: error answering %r:\n%s' % (req.line, traceback.format_exc().rstrip()))
+                log('worker: error answering %r:\n%s' % (req.line, traceback.format_exc().rstrip()), priority=LOG_ERR)
                 self.respond_error(500, close=True)
 
     # -- SENDING --
@@ -2285,7 +2285,7 @@ class TLSConnection(Connection):
             self.handshake()
         except Exception:
             log('worker: unexpected error in a TLS handshake with %s:\n%s'
-                % (self.peer, traceback.format_exc().rstrip()))
+                % (self.peer, traceback.format_exc().rstrip()), priority=LOG_ERR)
             self.close()
 
     def handshake(self):
@@ -2599,7 +2599,7 @@ class Responder:
             return HTTPError(403)
         if self.clock.now - self.file_error_logged >= 1.0:
             self.file_error_logged = self.clock.now
-            log('worker: cannot open a file to serve it: %s; answering 503' % os.strerror(code))
+            log('worker: cannot open a file to serve it: %s; answering 503' % os.strerror(code), priority=LOG_ERR)
         return HTTPError(503, headers=b'Retry-After: 1\r\n')
 
     def respond_file(self, conn, req, entry):
@@ -3033,7 +3033,7 @@ class Worker:
                     # Out of descriptors: free one, or stop trying for a moment (no spinning).
                     victim = self.longest_idle()
                     if victim is None:
-                        log('worker: accept: %s; pausing accept for 1s' % exc.strerror)
+                        log('worker: accept: %s; pausing accept for 1s' % exc.strerror, priority=LOG_WARNING)
                         self.stop_accepting(pause=1.0)
                         return
                     victim.close()
@@ -3114,7 +3114,7 @@ class Worker:
         except OSError as exc:
             if not self.log_failing:
                 log('worker: cannot write the access log (%s); lines are dropped until it works'
-                    % exc.strerror)
+                    % exc.strerror, priority=LOG_ERR)
                 self.log_failing = True
 
     # -- signals and the master --
@@ -3338,7 +3338,7 @@ class Agent(Daemon):
             self.reap()
             self.maintain()
         if self.halted():
-            log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
+            log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures, priority=LOG_ERR)
         self.shutdown()
         return 1 if self.halted() else 0
 
@@ -3410,7 +3410,7 @@ class Agent(Daemon):
                 self.boot_failures = 0
             elif rest.startswith('error '):
                 error = rest[6:]
-                log('agent: worker %s could not start: %s' % (pid, error))
+                log('agent: worker %s could not start: %s' % (pid, error), priority=LOG_ERR)
         return error
 
     def spawn_generation(self):
@@ -3429,7 +3429,7 @@ class Agent(Daemon):
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            log('agent: cannot fork a worker: %s' % exc.strerror)
+            log('agent: cannot fork a worker: %s' % exc.strerror, priority=LOG_ERR)
             self.respawn_at = time.monotonic() + 1.0
             return
         if pid:
@@ -3444,7 +3444,7 @@ class Agent(Daemon):
             worker.serve()
             status = 0
         except BaseException as exc:
-            log('worker: %s\n%s' % (daemon.describe(exc), traceback.format_exc().rstrip()))
+            log('worker: %s\n%s' % (daemon.describe(exc), traceback.format_exc().rstrip()), priority=LOG_ERR)
             if status == WORKER_BOOT_ERROR:
                 try:
                     os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))
@@ -3495,10 +3495,10 @@ class Agent(Daemon):
                 self.boot_failures += 1
                 delay = min(0.1 * 2 ** self.boot_failures, 5.0)
                 log('agent: worker %d failed to boot (%s); retrying in %.1fs'
-                    % (pid, describe_status(status), delay))
+                    % (pid, describe_status(status), delay), priority=LOG_WARNING)
                 self.respawn_at = time.monotonic() + delay
             else:
-                log('agent: worker %d died (%s); respawning' % (pid, describe_status(status)))
+                log('agent: worker %d died (%s); respawning' % (pid, describe_status(status)), priority=LOG_WARNING)
 
     def halted(self):
         """Workers that fail at boot again and again will not start by retrying: stop."""
@@ -3645,7 +3645,7 @@ class Agent(Daemon):
             try:
                 fd = daemon.open_log(self.config.access_log)
             except OSError as exc:
-                log('cannot reopen access log %s: %s' % (self.config.access_log, exc.strerror))
+                log('cannot reopen access log %s: %s' % (self.config.access_log, exc.strerror), priority=LOG_ERR)
                 return
             os.dup2(fd, self.access_fd, inheritable=False)
             os.close(fd)
@@ -3665,7 +3665,7 @@ class Agent(Daemon):
             for pid, status in reap_children():
                 self.forget_worker(pid)
         for pid in list(self.workers):
-            log('agent: worker %d did not finish in time; killing it' % pid)
+            log('agent: worker %d did not finish in time; killing it' % pid, priority=LOG_WARNING)
             signal_worker(pid, signal.SIGKILL)
         while self.workers:
             for pid, status in reap_children(block=True):

@@ -6776,6 +6776,66 @@ class ServiceToolTestCase(unittest.TestCase):
 # sd_notify(3): the `run` action under a service manager
 # ---------------------------------------------------------------------------------------------
 
+class JournalPriorityTests(ServiceToolTestCase):
+    """Under systemd, stderr is a stream to journald (JOURNAL_STREAM names it): an error line
+    starts with <3> and a warning with <4> (sd-daemon(3)), so `journalctl -p err` and the red
+    lines of `systemctl status` show them; every line was priority 6 (info), an error too."""
+
+    @staticmethod
+    def journal_env(path):
+        st = os.stat(path)
+        return '%d:%d' % (st.st_dev, st.st_ino)
+
+    def test_log_prefixes_each_line_with_its_priority_only_on_the_journal(self):
+        tmp = self.eco_tmp()
+        path, other = os.path.join(tmp, 'journal'), os.path.join(tmp, 'file')
+        for name in (path, other):
+            open(name, 'w').close()
+        with mock.patch.dict(os.environ, {'JOURNAL_STREAM': self.journal_env(path)}):
+            for name in (path, other):
+                with open(name, 'a') as stream:
+                    daemon.log('it broke:\nsecond line', stream, daemon.LOG_ERR)
+                    daemon.log('careful', stream, daemon.LOG_WARNING)
+                    daemon.log('fine', stream)
+        lines = self.eco_read(path).splitlines()
+        self.assertEqual([line[:3] for line in lines], ['<3>', '<3>', '<4>', '<6>'], lines)
+        self.assertIn('it broke:', lines[0])
+        self.assertEqual(lines[1], '<3>second line')
+        self.assertFalse(re.search(r'^<\d>', self.eco_read(other), re.M), 'a plain file gets no prefix')
+
+    def test_agent_errors_and_warnings_reach_the_journal_as_such(self):
+        tmp = self.eco_tmp()
+        root = os.path.join(tmp, 'www')
+        os.mkdir(root)
+        err = os.path.join(tmp, 'stderr')
+        open(err, 'w').close()
+        env = dict(os.environ, JOURNAL_STREAM=self.journal_env(err))
+        argv = [PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1', '--port', '0', '--workers', '1',
+                '--pidfile', os.path.join(tmp, 'a.pid'), '--access-log', 'off']
+        # A failed start: the one line that says why is an error.
+        failed = os.path.join(tmp, 'failed')
+        with open(failed, 'w') as f:
+            code = subprocess.run(argv[:3] + [os.path.join(tmp, 'missing')] + argv[4:] + ['run'],
+                                  stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=TIMEOUT,
+                                  env=dict(env, JOURNAL_STREAM=self.journal_env(failed))).returncode
+        text = self.eco_read(failed)
+        self.assertEqual(code, 1, text)
+        self.assertTrue(text.startswith('<3>') and 'missing' in text, text)
+        # A worker that dies is a warning; serving is information.
+        proc = self.eco_popen(argv + ['run'], err, env=env)
+        wait_for(lambda: 'agent: serving' in self.eco_read(err), message='serving')
+        worker = harness.children_of(proc.pid)[0]
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: 'died' in self.eco_read(err), message='worker died')
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        lines = self.eco_read(err).splitlines()
+        died = [line for line in lines if 'died' in line]
+        self.assertTrue(died and died[0].startswith('<4>'), lines)
+        serving = [line for line in lines if 'agent: serving' in line]
+        self.assertTrue(serving and serving[0].startswith('<6>'), lines)
+
+
 class SdNotifyTests(ServiceToolTestCase):
     """The test is the service manager: it binds the NOTIFY_SOCKET and reads the datagrams."""
 
