@@ -154,7 +154,7 @@ import urllib.parse
 import zlib
 
 import daemon
-from daemon import Daemon, DaemonError, log
+from daemon import Daemon, DaemonError, log, LOG_ERR, LOG_WARNING
 
 # ---------------------------------------------------------------------------------------------
 # Defaults and limits
@@ -2047,7 +2047,7 @@ class Connection:
                 self.linger()
         except Exception:
             log('worker: unexpected error on a connection from %s:\n%s'
-                % (self.peer, traceback.format_exc().rstrip()))
+                % (self.peer, traceback.format_exc().rstrip()), priority=LOG_ERR)
             self.close()
 
     # -- READING --
@@ -2094,7 +2094,7 @@ class Connection:
             except HTTPError as exc:
                 self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD')
             except Exception:
-                log('worker: error answering %r:\n%s' % (req.line, traceback.format_exc().rstrip()))
+                log('worker: error answering %r:\n%s' % (req.line, traceback.format_exc().rstrip()), priority=LOG_ERR)
                 self.respond_error(500, close=True)
 
     # -- SENDING --
@@ -2285,7 +2285,7 @@ class TLSConnection(Connection):
             self.handshake()
         except Exception:
             log('worker: unexpected error in a TLS handshake with %s:\n%s'
-                % (self.peer, traceback.format_exc().rstrip()))
+                % (self.peer, traceback.format_exc().rstrip()), priority=LOG_ERR)
             self.close()
 
     def handshake(self):
@@ -2599,7 +2599,7 @@ class Responder:
             return HTTPError(403)
         if self.clock.now - self.file_error_logged >= 1.0:
             self.file_error_logged = self.clock.now
-            log('worker: cannot open a file to serve it: %s; answering 503' % os.strerror(code))
+            log('worker: cannot open a file to serve it: %s; answering 503' % os.strerror(code), priority=LOG_ERR)
         return HTTPError(503, headers=b'Retry-After: 1\r\n')
 
     def respond_file(self, conn, req, entry):
@@ -3033,7 +3033,7 @@ class Worker:
                     # Out of descriptors: free one, or stop trying for a moment (no spinning).
                     victim = self.longest_idle()
                     if victim is None:
-                        log('worker: accept: %s; pausing accept for 1s' % exc.strerror)
+                        log('worker: accept: %s; pausing accept for 1s' % exc.strerror, priority=LOG_WARNING)
                         self.stop_accepting(pause=1.0)
                         return
                     victim.close()
@@ -3114,7 +3114,7 @@ class Worker:
         except OSError as exc:
             if not self.log_failing:
                 log('worker: cannot write the access log (%s); lines are dropped until it works'
-                    % exc.strerror)
+                    % exc.strerror, priority=LOG_ERR)
                 self.log_failing = True
 
     # -- signals and the master --
@@ -3224,7 +3224,8 @@ class Agent(Daemon):
             try:
                 self.access_fd = daemon.open_log(config.access_log)
             except OSError as exc:
-                raise DaemonError('cannot open access log %s: %s' % (config.access_log, describe_denied(exc)))
+                raise DaemonError('cannot open access log %s: %s' % (config.access_log, describe_denied(exc)),
+                                  privilege=isinstance(exc, PermissionError))
         if config.tls_cert:
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
         self.write_options()
@@ -3337,7 +3338,7 @@ class Agent(Daemon):
             self.reap()
             self.maintain()
         if self.halted():
-            log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures)
+            log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures, priority=LOG_ERR)
         self.shutdown()
         return 1 if self.halted() else 0
 
@@ -3409,7 +3410,7 @@ class Agent(Daemon):
                 self.boot_failures = 0
             elif rest.startswith('error '):
                 error = rest[6:]
-                log('agent: worker %s could not start: %s' % (pid, error))
+                log('agent: worker %s could not start: %s' % (pid, error), priority=LOG_ERR)
         return error
 
     def spawn_generation(self):
@@ -3428,7 +3429,7 @@ class Agent(Daemon):
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            log('agent: cannot fork a worker: %s' % exc.strerror)
+            log('agent: cannot fork a worker: %s' % exc.strerror, priority=LOG_ERR)
             self.respawn_at = time.monotonic() + 1.0
             return
         if pid:
@@ -3443,7 +3444,7 @@ class Agent(Daemon):
             worker.serve()
             status = 0
         except BaseException as exc:
-            log('worker: %s\n%s' % (daemon.describe(exc), traceback.format_exc().rstrip()))
+            log('worker: %s\n%s' % (daemon.describe(exc), traceback.format_exc().rstrip()), priority=LOG_ERR)
             if status == WORKER_BOOT_ERROR:
                 try:
                     os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))
@@ -3494,10 +3495,10 @@ class Agent(Daemon):
                 self.boot_failures += 1
                 delay = min(0.1 * 2 ** self.boot_failures, 5.0)
                 log('agent: worker %d failed to boot (%s); retrying in %.1fs'
-                    % (pid, describe_status(status), delay))
+                    % (pid, describe_status(status), delay), priority=LOG_WARNING)
                 self.respawn_at = time.monotonic() + delay
             else:
-                log('agent: worker %d died (%s); respawning' % (pid, describe_status(status)))
+                log('agent: worker %d died (%s); respawning' % (pid, describe_status(status)), priority=LOG_WARNING)
 
     def halted(self):
         """Workers that fail at boot again and again will not start by retrying: stop."""
@@ -3593,8 +3594,11 @@ class Agent(Daemon):
         return adopted
 
     def on_launch(self):
-        """Before a start: fail early, in the launcher, on a port this user may not bind."""
+        """Before a start: fail early, in the launcher, on a port this user may not bind or an
+        access log it may not write (exit 4, as for the pidfile and --log)."""
         check_port_permission(self.config.port)
+        if self.config.access_log != 'off':
+            daemon.check_writable('access log', self.config.access_log)
 
     def on_restart(self, pid):
         """Before a restart stops the running master pid: an option not given on this command
@@ -3641,7 +3645,7 @@ class Agent(Daemon):
             try:
                 fd = daemon.open_log(self.config.access_log)
             except OSError as exc:
-                log('cannot reopen access log %s: %s' % (self.config.access_log, exc.strerror))
+                log('cannot reopen access log %s: %s' % (self.config.access_log, exc.strerror), priority=LOG_ERR)
                 return
             os.dup2(fd, self.access_fd, inheritable=False)
             os.close(fd)
@@ -3661,7 +3665,7 @@ class Agent(Daemon):
             for pid, status in reap_children():
                 self.forget_worker(pid)
         for pid in list(self.workers):
-            log('agent: worker %d did not finish in time; killing it' % pid)
+            log('agent: worker %d did not finish in time; killing it' % pid, priority=LOG_WARNING)
             signal_worker(pid, signal.SIGKILL)
         while self.workers:
             for pid, status in reap_children(block=True):
@@ -4096,6 +4100,19 @@ port_number = number(int, 0, 65535, 'a port (0-65535; 0: any free port, which st
 seconds = number(float, 1e-3, 1e6, 'a positive number of seconds')
 
 
+def bind_address(text):
+    """An argparse type: a numeric IPv4 or IPv6 address, as bind() takes it (no name is ever
+    looked up: a host name may resolve to other addresses tomorrow, or to none at boot)."""
+    try:
+        socket.getaddrinfo(text, 0, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                           socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            '%r is not a numeric IPv4 or IPv6 address (127.0.0.1 or ::1 for this machine only, '
+            '0.0.0.0 or :: for every address)' % text)
+    return text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error: the option and what is wrong with it, as nginx and
     Caddy print theirs, instead of a screen of usage above it."""
@@ -4103,6 +4120,38 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(daemon.EXIT_USAGE, '%s: error: %s (%s --help lists the options)\n'
                   % (self.prog, message, self.prog))
+
+    def parse_args(self, args=None, namespace=None):
+        """Name a mistyped long option first, with the one meant: argparse would blame what
+        follows it (`--prot 80 start`: "invalid choice: '80'" for ACTION)."""
+        args = sys.argv[1:] if args is None else list(args)
+        for arg in args:
+            if arg == '--':
+                break
+            name = arg.split('=', 1)[0]
+            if name.startswith('--') and not any(option.startswith(name) for option
+                                                 in self._option_string_actions):
+                meant = closest(name, [o for o in self._option_string_actions if o.startswith('--')])
+                self.error('unrecognized option %r%s' % (name, ' (did you mean %s?)' % meant
+                                                         if meant else ''))
+        return super().parse_args(args, namespace)
+
+
+def closest(word, choices):
+    """The choice at the smallest edit distance (Levenshtein, a swap counted as one edit) from
+    word, if it is at most 2; else None."""
+    def distance(a, b):
+        previous, before = list(range(len(b) + 1)), None
+        for i in range(1, len(a) + 1):
+            row = [i] + [0] * len(b)
+            for j in range(1, len(b) + 1):
+                row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (a[i - 1] != b[j - 1]))
+                if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                    row[j] = min(row[j], before[j - 2] + 1)
+            before, previous = previous, row
+        return previous[-1]
+    scored = sorted((distance(word, choice), choice) for choice in choices)
+    return scored[0][1] if scored and scored[0][0] <= 2 else None
 
 
 ACTION_HELP = (
@@ -4135,7 +4184,7 @@ def parser():
     # Added in the order of the recorded options (option_argv), shown by group in --help.
     serving.add_argument('--root', default='.', metavar='DIR',
                          help='directory to serve (default: the current one)')
-    serving.add_argument('--bind', default='0.0.0.0', metavar='ADDR',
+    serving.add_argument('--bind', type=bind_address, default='0.0.0.0', metavar='ADDR',
                          help="address to listen on; '::' for IPv6 and IPv4 (default: 0.0.0.0)")
     serving.add_argument('--port', type=port_number, default=DEFAULT_PORT, metavar='N',
                          help='TCP port; 0: any free port, which start prints (default: %d)'

@@ -134,7 +134,7 @@ import traceback
 __all__ = [
     # the daemon and its command line
     'Daemon', 'main', 'ACTIONS', 'DaemonError', 'AlreadyRunning', 'describe', 'log',
-    'current_user', 'monotonic_usec',
+    'LOG_ERR', 'LOG_WARNING', 'LOG_INFO', 'current_user', 'monotonic_usec',
     # exit codes: LSB init-script actions, and `status`
     'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
     'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN',
@@ -231,14 +231,36 @@ def current_user():
         return 'uid %d' % uid
 
 
-def log(message, stream=None):
-    """Write one timestamped line to stderr (the daemon's log once detached)."""
+# The priorities of log() (syslog(3)'s): what `journalctl -p` filters on.
+LOG_ERR, LOG_WARNING, LOG_INFO = syslog.LOG_ERR, syslog.LOG_WARNING, syslog.LOG_INFO
+
+
+def log(message, stream=None, priority=LOG_INFO):
+    """Write one timestamped line to stderr (the daemon's log once detached).
+
+    When that stream is journald's (systemd's JOURNAL_STREAM names it), every line starts with
+    "<priority>" (sd-daemon(3)): journald strips it and files the line as an error (LOG_ERR),
+    a warning (LOG_WARNING) or information.
+    """
     stream = stream or sys.stderr
     try:
-        stream.write('%s [%d] %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'), os.getpid(), message))
+        text = '%s [%d] %s' % (time.strftime('%Y-%m-%d %H:%M:%S'), os.getpid(), message)
+        stream.write(_with_priority(text, stream, priority) + '\n')
         stream.flush()
     except (OSError, ValueError):
         pass    # a log that cannot be written must not take the daemon down
+
+
+def _with_priority(text, stream, priority):
+    """text with "<priority>" before each line if stream is the journal's, else unchanged."""
+    try:
+        device, inode = map(int, os.environ['JOURNAL_STREAM'].split(':'))
+        st = os.fstat(stream.fileno())
+    except (KeyError, ValueError, OSError, AttributeError):
+        return text
+    if (st.st_dev, st.st_ino) != (device, inode):
+        return text
+    return '\n'.join('<%d>%s' % (priority, line) for line in text.split('\n'))
 
 
 def monotonic_usec():
@@ -450,7 +472,7 @@ class Daemon:
                     error = None
                 except DaemonError as exc:
                     error = str(exc)
-                    log('%s: reload failed: %s' % (self.name, error))
+                    log('%s: reload failed: %s' % (self.name, error), priority=LOG_ERR)
                 notify(READY=1, STATUS=self._status if error is None
                        else '%s; reload failed: %s' % (self._status, error))
                 self._report('reload', error and '%s; %s' % (
@@ -507,7 +529,7 @@ class Daemon:
             fd_out = open_log(self.stdout)
             fd_err = fd_out if self.stderr == self.stdout else open_log(self.stderr)
         except OSError as exc:
-            log('%s: cannot reopen logs: %s' % (self.name, exc))
+            log('%s: cannot reopen logs: %s' % (self.name, exc), priority=LOG_ERR)
             return
         _flush_std_streams()
         os.dup2(fd_out, 1)
@@ -606,7 +628,7 @@ class Daemon:
         """One line to whoever runs the action: stdout, or stderr for an error."""
         stream = sys.stderr if error else sys.stdout
         try:
-            stream.write(message + '\n')
+            stream.write(_with_priority(message, stream, LOG_ERR if error else LOG_INFO) + '\n')
             stream.flush()
         except (OSError, ValueError):
             pass
@@ -725,12 +747,13 @@ class Daemon:
         else:
             message = describe(exc)
             if not isinstance(exc, DaemonError):
-                log('startup failed:\n' + ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+                log('startup failed:\n' + ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
+                    priority=LOG_ERR)
         self._cleanup()
         if self._readiness is not None and self._readiness.w is not None:
             self._readiness.fail(message)
         elif self.detached:
-            log('startup failed: ' + message)
+            log('startup failed: ' + message, priority=LOG_ERR)
 
     def _serve(self):
         """Run run() and turn its end into an exit status; the pidfile is released after it."""
@@ -743,7 +766,7 @@ class Daemon:
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_FAILURE)
             if isinstance(exc.code, str):
-                log(exc.code)
+                log(exc.code, priority=LOG_ERR)
         except KeyboardInterrupt:
             status = EXIT_OK                    # SIGINT in the foreground, before our handler
         except DaemonError as exc:
@@ -800,7 +823,7 @@ class Daemon:
         After start has returned nobody watches the terminal: without this, a detached daemon
         with the default /dev/null stderr would die without a trace.
         """
-        log(message)
+        log(message, priority=LOG_ERR)
         if self.detached and self.stderr == os.devnull:
             to_syslog(self.name, message)
 
@@ -813,10 +836,10 @@ class Daemon:
         self._pidfile_checked = now
         restored = self._pidfile.restore()
         if restored:
-            log('%s: pidfile %s was removed; written again' % (self.name, self.pidfile_path))
+            log('%s: pidfile %s was removed; written again' % (self.name, self.pidfile_path), priority=LOG_WARNING)
         elif restored is False and not self._pidfile_lost:
             log('%s: pidfile %s was removed or replaced, and cannot be written again: status '
-                'and stop will not find pid %d' % (self.name, self.pidfile_path, os.getpid()))
+                'and stop will not find pid %d' % (self.name, self.pidfile_path, os.getpid()), priority=LOG_ERR)
         self._pidfile_lost = restored is False
 
     def _install_signal_handlers(self):
@@ -914,7 +937,7 @@ def _stop(d):
         if state == 'stale' and pidfile.remove_stale():
             d.say('%s is not running (removed stale pidfile %s)' % (d.name, d.pidfile_path))
         else:
-            d.say(_not_running(d, state))
+            d.say(_not_running(d, state, removing=state == 'stale'))
         return EXIT_OK
     pidfd = _open_pidfd(pid)
     try:
@@ -1110,10 +1133,14 @@ def _signal_and_wait(d, action, signum, timeout):
             os.close(pidfd)
 
 
-def _not_running(d, state):
-    """The "not running" line, naming the pidfile looked at (relative paths confuse)."""
-    if state == 'stale':
+def _not_running(d, state, removing=False):
+    """The "not running" line, naming the pidfile looked at (relative paths confuse); removing:
+    the caller tried to remove a stale one and could not."""
+    if state == 'stale' and removing:
         return '%s is not running (stale pidfile %s left: cannot remove it)' % (d.name, d.pidfile_path)
+    if state == 'stale':
+        return ('%s is not running (stale pidfile %s left by a daemon that ended without a stop; '
+                'stop or start removes it)' % (d.name, d.pidfile_path))
     return '%s is not running (no pidfile at %s)' % (d.name, d.pidfile_path)
 
 
@@ -1644,7 +1671,7 @@ class PidFile:
             except OSError:
                 pass
             log('cannot remove pidfile %s as %s (%s): left empty, the next stop or start '
-                'removes it' % (self.path, current_user(), exc.strerror or exc))
+                'removes it' % (self.path, current_user(), exc.strerror or exc), priority=LOG_WARNING)
         self.forget()
 
     def restore(self):
@@ -1902,7 +1929,7 @@ def notify(**fields):
             sock.sendall(message)
         return True
     except OSError as exc:
-        log('sd_notify to %r failed: %s' % (os.environ.get('NOTIFY_SOCKET'), exc))
+        log('sd_notify to %r failed: %s' % (os.environ.get('NOTIFY_SOCKET'), exc), priority=LOG_WARNING)
         return False
 
 
@@ -2123,7 +2150,7 @@ def upgrade_done(d, error=None):
     d._ready_report = None
     if error:
         after = 'stopping' if d.stopping else 'still serving'
-        log('%s: upgrade failed (%s); %s (pid %d)' % (d.name, error, after, os.getpid()))
+        log('%s: upgrade failed (%s); %s (pid %d)' % (d.name, error, after, os.getpid()), priority=LOG_ERR)
         status = '%s running; upgrade failed: %s' % (d.name, error)
         error = '%s; %s' % (error, after)
     else:

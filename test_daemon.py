@@ -402,6 +402,21 @@ def nobody_user(testcase, why='needs root'):
         testcase.skipTest('no user nobody')
 
 
+def python_for(testcase, user):
+    """A python3 (3.9+) that user may run: this one, or the system's (this one may sit in
+    root's home, as pyenv's does); the test is skipped when there is none."""
+    for python in (PYTHON, '/usr/bin/python3'):
+        try:
+            ok = subprocess.run([python, '-c', 'import sys; assert sys.version_info >= (3, 9)'],
+                                user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                                capture_output=True, timeout=TIMEOUT, cwd='/').returncode == 0
+        except OSError:
+            ok = False
+        if ok:
+            return python
+    testcase.skipTest('no python3 that %s may run' % user.pw_name)
+
+
 def nobody_agent(testcase, *options, **kwargs):
     """An AgentServer with --user nobody, its directory readable by nobody and writable only by
     root; skipped as nobody_user() says.  Returns the server and nobody's passwd entry."""
@@ -1509,13 +1524,20 @@ class AgentLifecycleTests(unittest.TestCase):
         self.assertIn('does not exist', result.stderr)
         self.assert_nothing_left(server)
 
-    def test_bad_bind_address_is_a_clear_startup_error(self):
+    def test_bad_bind_address_is_a_usage_error(self):
+        """Exit 2 with one line, as --port 70000: it was exit 1, found only once the daemon
+        had forked; a host name says what to give instead."""
         server = AgentServer(self)
-        server.options[server.options.index('--bind') + 1] = '300.1.1.1'
-        result = server.command('start')
-        self.assertEqual(result.returncode, 1)
-        self.assertIn("invalid --bind address '300.1.1.1'", result.stderr)
-        self.assert_nothing_left(server)
+        for address, words in (('300.1.1.1', ()), ('localhost', ('127.0.0.1', '::1'))):
+            server.options[server.options.index('--bind') + 1] = address
+            for action in ('start', 'run'):
+                with self.subTest(address=address, action=action):
+                    result = server.command(action)
+                    self.assertEqual(result.returncode, 2, result.stderr)
+                    self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                    for word in ("--bind", repr(address)) + words:
+                        self.assertIn(word, result.stderr)
+        self.assertEqual(os.listdir(server.dir), [os.path.basename(server.root)], 'nothing started, nothing written')
 
     def test_ipv6_loopback(self):
         if not socket.has_ipv6:
@@ -2560,7 +2582,68 @@ class CommonMistakeTests(unittest.TestCase):
         self.assert_one_line(self.agent('--pidfile', pidfile, 'frobnicate'), 2, 'frobnicate', 'start')
         self.assert_one_line(self.agent('--pidfile', pidfile), 2, 'ACTION')
         self.assert_one_line(self.agent('--tls-cert', 'c.pem', 'start'), 2, '--tls-key')
+        # A mistyped option is named, with the option meant, whatever follows it (its value
+        # was blamed instead: "argument ACTION: invalid choice: '80'").
+        self.assert_one_line(self.agent('--pidfile', pidfile, '--prot', '80', 'start'), 2, "'--prot'", '--port')
+        self.assert_one_line(self.agent('--pidfile', pidfile, '--rot=/srv', 'start'), 2, "'--rot'", '--root')
+        self.assert_one_line(self.agent('--pidfile', pidfile, '--frobnicate', 'x', 'status'), 2, "'--frobnicate'")
         self.assertFalse(os.listdir(tmp))
+
+    def test_files_the_user_may_not_write_exit_4(self):
+        """A pidfile, log or access log in a directory this user may not write: one line naming
+        the file and the user, exit 4 (LSB: insufficient privilege) for each of the three, from
+        `start` in the launcher as from a foreground `run`; nothing is left running.  (The
+        access log was opened only in the daemon: exit 1, a different message.)"""
+        nobody = nobody_user(self)
+        python = python_for(self, nobody)
+        tmp = tempfile.mkdtemp(prefix='agent-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        os.chmod(tmp, 0o755)
+        mine = os.path.join(tmp, 'mine')
+        os.mkdir(mine)
+        os.chown(mine, nobody.pw_uid, nobody.pw_gid)
+        closed = os.path.join(tmp, 'closed')       # root's, 0755: nobody may not write in it
+        os.mkdir(closed)
+        base = {'--pidfile': os.path.join(mine, 'a.pid'), '--log': os.path.join(mine, 'a.log'),
+                '--access-log': os.path.join(mine, 'access.log')}
+        for option in sorted(base):
+            for action in ('start', 'run'):
+                options = dict(base, **{option: os.path.join(closed, 'x.log')})
+                argv = [PYTHON, AGENT, '--root', tmp, '--bind', '127.0.0.1', '--port', '0']
+                for name, value in sorted(options.items()):
+                    if not (action == 'run' and name == '--log'):
+                        argv += [name, value]
+                if action == 'run' and option == '--log':
+                    continue
+                with self.subTest(option=option, action=action):
+                    result = run([python] + argv[1:] + [action], user=nobody.pw_uid,
+                                 group=nobody.pw_gid, extra_groups=[], cwd=mine)
+                    self.assert_one_line(result, 4, os.path.join(closed, 'x.log'), 'nobody')
+                    self.assertFalse(os.path.exists(os.path.join(mine, 'a.pid')))
+        self.assertEqual(os.listdir(closed), [])
+
+    def test_actions_on_a_stale_pidfile(self):
+        """A pidfile left by an agent that died (kill -9): each action says so in one line that
+        names the pidfile, with its LSB code, and none claims it failed to remove the file when
+        it did not try (reload said 'cannot remove it', which sent root looking for a
+        permission problem)."""
+        tmp = tempfile.mkdtemp(prefix='agent-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        pidfile = os.path.join(tmp, 'a.pid')
+        dead = subprocess.Popen(['true'])
+        dead.wait()
+        for action, code in (('reload', 7), ('force-reload', 7), ('upgrade', 7), ('try-restart', 0),
+                             ('status', 1), ('stop', 0)):
+            with open(pidfile, 'w') as f:
+                f.write('%d\n' % dead.pid)
+            with self.subTest(action=action):
+                result = self.agent('--pidfile', pidfile, '--root', tmp, action)
+                self.assertEqual(result.returncode, code, result.stdout + result.stderr)
+                out = (result.stdout + result.stderr).strip()
+                self.assertEqual(len(out.splitlines()), 1, out)
+                self.assertIn(pidfile, out)
+                self.assertNotIn('Traceback', out)
+                self.assertNotIn('cannot remove', out)
 
     def test_a_removed_current_directory(self):
         """Run from a directory removed since (a shell left in it): relative paths cannot be
@@ -6697,6 +6780,66 @@ class ServiceToolTestCase(unittest.TestCase):
 # ---------------------------------------------------------------------------------------------
 # sd_notify(3): the `run` action under a service manager
 # ---------------------------------------------------------------------------------------------
+
+class JournalPriorityTests(ServiceToolTestCase):
+    """Under systemd, stderr is a stream to journald (JOURNAL_STREAM names it): an error line
+    starts with <3> and a warning with <4> (sd-daemon(3)), so `journalctl -p err` and the red
+    lines of `systemctl status` show them; every line was priority 6 (info), an error too."""
+
+    @staticmethod
+    def journal_env(path):
+        st = os.stat(path)
+        return '%d:%d' % (st.st_dev, st.st_ino)
+
+    def test_log_prefixes_each_line_with_its_priority_only_on_the_journal(self):
+        tmp = self.eco_tmp()
+        path, other = os.path.join(tmp, 'journal'), os.path.join(tmp, 'file')
+        for name in (path, other):
+            open(name, 'w').close()
+        with mock.patch.dict(os.environ, {'JOURNAL_STREAM': self.journal_env(path)}):
+            for name in (path, other):
+                with open(name, 'a') as stream:
+                    daemon.log('it broke:\nsecond line', stream, daemon.LOG_ERR)
+                    daemon.log('careful', stream, daemon.LOG_WARNING)
+                    daemon.log('fine', stream)
+        lines = self.eco_read(path).splitlines()
+        self.assertEqual([line[:3] for line in lines], ['<3>', '<3>', '<4>', '<6>'], lines)
+        self.assertIn('it broke:', lines[0])
+        self.assertEqual(lines[1], '<3>second line')
+        self.assertFalse(re.search(r'^<\d>', self.eco_read(other), re.M), 'a plain file gets no prefix')
+
+    def test_agent_errors_and_warnings_reach_the_journal_as_such(self):
+        tmp = self.eco_tmp()
+        root = os.path.join(tmp, 'www')
+        os.mkdir(root)
+        err = os.path.join(tmp, 'stderr')
+        open(err, 'w').close()
+        env = dict(os.environ, JOURNAL_STREAM=self.journal_env(err))
+        argv = [PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1', '--port', '0', '--workers', '1',
+                '--pidfile', os.path.join(tmp, 'a.pid'), '--access-log', 'off']
+        # A failed start: the one line that says why is an error.
+        failed = os.path.join(tmp, 'failed')
+        with open(failed, 'w') as f:
+            code = subprocess.run(argv[:3] + [os.path.join(tmp, 'missing')] + argv[4:] + ['run'],
+                                  stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=TIMEOUT,
+                                  env=dict(env, JOURNAL_STREAM=self.journal_env(failed))).returncode
+        text = self.eco_read(failed)
+        self.assertEqual(code, 1, text)
+        self.assertTrue(text.startswith('<3>') and 'missing' in text, text)
+        # A worker that dies is a warning; serving is information.
+        proc = self.eco_popen(argv + ['run'], err, env=env)
+        wait_for(lambda: 'agent: serving' in self.eco_read(err), message='serving')
+        worker = harness.children_of(proc.pid)[0]
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: 'died' in self.eco_read(err), message='worker died')
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        lines = self.eco_read(err).splitlines()
+        died = [line for line in lines if 'died' in line]
+        self.assertTrue(died and died[0].startswith('<4>'), lines)
+        serving = [line for line in lines if 'agent: serving' in line]
+        self.assertTrue(serving and serving[0].startswith('<6>'), lines)
+
 
 class SdNotifyTests(ServiceToolTestCase):
     """The test is the service manager: it binds the NOTIFY_SOCKET and reads the datagrams."""

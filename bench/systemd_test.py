@@ -17,7 +17,8 @@ inside (--inside) and checks, with systemctl and journalctl:
     then reload, with the same guarantees (same MainPID, no "not our child"); socket activation
     on the first connection over IPv4 and IPv6 (one listening socket: systemd's); crash restart;
     logrotate and USR1; the LSB init script through systemd's sysv generator; the
-    `systemd-analyze security` score; no warning from the agent in the journal.
+    `systemd-analyze security` score; no warning from the agent in the journal; a watchdog
+    restart; a dead worker filed as a warning (priority 4) in the journal.
 
 The container is powered off, the overlay unmounted and the run's directory removed, also on
 failure.  Exit status: 0 all passed, 1 a check failed, 77 this machine cannot run the test
@@ -555,6 +556,24 @@ def inside_main():
     check(wait_until(lambda: read_pid() == int(show('agent.service', 'MainPID')['MainPID'])),
           'watchdog: MainPID = pidfile')
     check(fetch(url) == (200, small), 'watchdog: serves after the restart')
+
+    # Also last (a warning on purpose): the journal files the agent's warnings and errors as
+    # such (<4>, <3> on its stream), so `journalctl -p warning` and `systemctl status` show them.
+    print('journal priorities', flush=True)
+    mark = cursor()
+    main = int(show('agent.service', 'MainPID')['MainPID'])
+    os.kill(children(main)[0], signal.SIGKILL)
+    def died():
+        """The journal's entries (PRIORITY, MESSAGE) of the agent since mark that say 'died'
+        (journalctl -p with -u matches more than the unit's lines: the fields are read instead)."""
+        out = sh('journalctl', '--no-pager', '-o', 'json', '--after-cursor', mark, '-u', 'agent.service',
+                 check=False)
+        entries = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
+        return [(e.get('PRIORITY'), e.get('MESSAGE')) for e in entries
+                if isinstance(e.get('MESSAGE'), str) and 'died (killed by SIGKILL)' in e['MESSAGE']]
+    check(wait_until(lambda: died()), 'journal: the worker\'s death logged', died())
+    check([p for p, _ in died()] == ['4'] and not re.match(r'<\d>', died()[0][1]),
+          'journal: a dead worker is a warning (PRIORITY=4, prefix stripped)', died())
     sh('systemctl', 'stop', 'agent.service', timeout=30)
     os.remove(dropin)
     sh('systemctl', 'daemon-reload')
