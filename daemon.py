@@ -33,8 +33,9 @@ action that depends on the pidfile names it by its absolute path.
 daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
 --------------------------------------------------------------------------------
   0. make_paths_absolute   every path, before anything changes the working directory
-  1. close_inherited_fds   fds >= 3, listed from /proc/self/fd (never a loop to RLIMIT_NOFILE);
-                           sockets passed by systemd (LISTEN_FDS) are kept
+  1. close_inherited_fds   fds >= 3 inherited from the caller (not close-on-exec), listed from
+                           /proc/self/fd (never a loop to RLIMIT_NOFILE); sockets passed by
+                           systemd (LISTEN_FDS) are kept, and so are the program's own files
   2. reset_signals         handlers to their defaults, signal mask emptied
   3. fork                  the launcher stays behind and waits on the readiness pipe
   4. setsid                a new session, no controlling terminal
@@ -1327,12 +1328,19 @@ def open_fds():
 
 
 def close_inherited_fds(keep=()):
-    """Step 1: close every fd >= 3 except those in `keep`."""
+    """Step 1: close every fd >= 3 that the process inherited, except those in `keep`.
+
+    Inherited means without the close-on-exec flag: exec() closes the others, and Python opens
+    every file and socket of its own close-on-exec (PEP 446).  So what the program opened
+    before start() stays its own: a logging FileHandler keeps its file, where closing it would
+    lose its lines, or send them into whatever file took its number next (the pidfile).
+    """
     keep = set(keep)
     for fd in open_fds():
         if fd >= 3 and fd not in keep:
             try:
-                os.close(fd)
+                if os.get_inheritable(fd):
+                    os.close(fd)
             except OSError:
                 pass    # the fd that listed the directory is already gone
 

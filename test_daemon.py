@@ -1445,6 +1445,108 @@ class HostileEnvironmentTests(SampleDaemonTest):
             self.assertFalse(os.path.exists(self.pidfile), script)
 
 
+# Programs written for the classic recipe, as found in the wild: each a variation of
+# CLASSIC_PROGRAM's main block, in a file of its own.
+CLASSIC_VARIANT = '''
+import logging, os, sys, time
+sys.path.insert(0, {here!r})
+from daemon import Daemon
+{before}
+
+class MyDaemon(Daemon):
+{body}
+
+if __name__ == '__main__':
+    daemon = MyDaemon('my.pid', stdout='my.log', stderr='my.log')
+    if sys.argv[1] == 'start':
+        daemon.start()
+    elif sys.argv[1] == 'stop':
+        daemon.stop()
+    sys.exit(0)
+'''
+
+
+class ClassicVariantTests(TempDirTest):
+    """Classic-recipe programs that do more than CLASSIC_PROGRAM: they open files before
+    start(), or write their own start()."""
+
+    def variant(self, body, before=''):
+        self.script = os.path.join(self.tmp, 'variant.py')
+        self.pidfile = os.path.join(self.tmp, 'my.pid')
+        with open(self.script, 'w') as f:
+            f.write(CLASSIC_VARIANT.format(here=HERE, before=textwrap.dedent(before),
+                                           body=textwrap.indent(textwrap.dedent(body), '    ')))
+        self.addCleanup(lambda: kill_group_of(read_pid(self.pidfile)))
+
+    def action(self, name):
+        result = run([PYTHON, self.script, name], cwd=self.tmp)
+        self.assertNotIn('Traceback', result.stderr)
+        return result
+
+    def test_files_opened_before_start_stay_the_programs_own(self):
+        """Bug: start() closed every fd >= 3, those of the program's own open files too: a
+        logging FileHandler set up before start() lost every line ("Bad file descriptor"),
+        or, once its fd number went to the pidfile, wrote its lines there, and stop could no
+        longer find the daemon.  Only what the process inherited is closed."""
+        app_log = os.path.join(self.tmp, 'app.log')
+        for spare in (0, 3):        # 3 files before the handler: its fd is the pidfile's number
+            with self.subTest(spare=spare):
+                self.variant('''
+                    def run(self):
+                        n = 0
+                        while not self.wait(0.05):
+                            logging.getLogger('app').info('tick %d', n)
+                            n += 1
+                ''', before='''
+                    spare = [open(os.devnull) for _ in range({spare})]
+                    logging.basicConfig(filename={app_log!r}, level=logging.INFO)
+                    logging.getLogger('app').info('before start')
+                '''.format(spare=spare, app_log=app_log))
+                result = self.action('start')
+                self.assertEqual(result.returncode, 0, result.stderr)
+                pid = read_pid(self.pidfile)
+                wait_for(lambda: 'tick 3' in slurp(app_log), message='the daemon logging to app.log')
+                self.assertEqual(slurp(self.pidfile), '%d\n' % pid)
+                self.assertNotIn('Logging error', slurp(os.path.join(self.tmp, 'my.log')))
+                result = self.action('stop')
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn('stopped', result.stdout)
+                self.assertFalse(os.path.exists(self.pidfile))
+                os.unlink(app_log)
+
+    def test_own_start_that_calls_daemonize_then_run(self):
+        """Bug: the classic recipe's own start() is daemonize() then run(); a program that
+        kept it (or wrote one like it) waited start_timeout (60 s) for a ready that never
+        came, and then its daemon was stopped.  daemonize() is ready (step 10) once it
+        returns in the daemon, and the pidfile goes at exit, as the recipe's atexit did."""
+        for ending in ('while True: time.sleep(0.05)', 'for _ in range(3): time.sleep(0.05)'):
+            with self.subTest(ending=ending):
+                self.variant('''
+                    start_timeout = 15      # a failure of this test takes no minute
+                    def start(self):
+                        self.daemonize()
+                        self.run()
+                    def run(self):
+                        sys.stdout.write('running\\n')
+                        %s
+                ''' % ending)
+                started = time.monotonic()
+                result = self.action('start')
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertLess(time.monotonic() - started, 10, 'start waited for its timeout')
+                self.assertIn('started', result.stdout)
+                wait_for(lambda: 'running' in slurp(os.path.join(self.tmp, 'my.log')), message='run()')
+                if 'True' in ending:
+                    pid = read_pid(self.pidfile)
+                    self.assertTrue(pid and pid_alive(pid))
+                    result = self.action('stop')
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    self.assertIn('stopped', result.stdout)
+                # run() returned, or was stopped: the pidfile went with the daemon.
+                wait_for(lambda: not os.path.exists(self.pidfile), timeout=5,
+                         message='the pidfile removed at exit')
+
+
 class AgentCommandLineTests(unittest.TestCase):
     def test_defaults_match_the_original(self):
         config = agent.parser().parse_args(['start'])
