@@ -271,7 +271,8 @@ class Daemon:
                            on stderr and exit 1, a missing permission exit 4, never a traceback
         add_action(name, function)   register an action: function(daemon) returns an exit code
         start(), stop(), restart()   the classic recipe's names for command('start') etc.
-        daemonize()        detach (daemon(7)); returns in the daemon only
+        daemonize()        detach (daemon(7)); returns in the daemon only, ready (see
+                           ready_on_run), so `self.daemonize(); self.run()` works as it did
 
     Actions and hooks do not share a namespace: the actions are functions of the daemon in the
     controller section, reached only through command(), so a subclass may define methods
@@ -617,6 +618,10 @@ class Daemon:
     def daemonize(self):
         """Detach from the terminal (daemon(7)); returns in the daemon only.
 
+        It returns ready (unless ready_on_run is false: then run() calls ready()), with the
+        pidfile locked and removed at exit, so a program's own start() may be the classic
+        recipe's `self.daemonize(); self.run()`.
+
         The launcher waits for the daemon's verdict on the readiness pipe and leaves with
         os._exit(), as does the intermediate child, so neither runs atexit handlers or flushes
         buffers that the daemon still owns.
@@ -645,6 +650,8 @@ class Daemon:
             change_directory(self.workdir)
             redirect_stdio(self.stdin, self.stdout, self.stderr)
             self._become_service()
+            if self.ready_on_run:
+                self.ready()        # step 10 here: a caller may run() itself, as the recipe did
         except AlreadyRunning as exc:
             self._readiness.send('RUNNING %s' % (exc.pid or ''))
             os._exit(0)
@@ -662,6 +669,7 @@ class Daemon:
         if self._pidfile is None:
             self._pidfile = self._new_pidfile()
             self._pidfile.acquire()
+            atexit.register(self._cleanup)      # a caller's own daemonize(); run(); exit
         os.register_at_fork(after_in_child=self._after_fork_in_child)
         self.setup()
         drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())

@@ -549,13 +549,15 @@ class PureHelperTests(unittest.TestCase):
                                         ('fork', 0), ('detach_session', None), ('set_umask', None),
                                         ('change_directory', None), ('redirect_stdio', None))]
         patches.append(mock.patch.object(d, '_become_service', side_effect=record('pidfile')))
+        patches.append(mock.patch.object(d, 'ready', side_effect=record('ready')))
         for p in patches:
             p.start()
             self.addCleanup(p.stop)
         d.daemonize()
         d._readiness.close_write()
         self.assertEqual(calls, ['close_inherited_fds', 'reset_signals', 'fork', 'detach_session',
-                                 'fork', 'set_umask', 'change_directory', 'redirect_stdio', 'pidfile'])
+                                 'fork', 'set_umask', 'change_directory', 'redirect_stdio', 'pidfile',
+                                 'ready'])
         self.assertTrue(d.detached)
 
 
