@@ -270,7 +270,8 @@ class Daemon:
                            the same handling of errors: a DaemonError or OSError is a message
                            on stderr and exit 1, a missing permission exit 4, never a traceback
         add_action(name, function)   register an action: function(daemon) returns an exit code
-        start(), stop(), restart()   the classic recipe's names for command('start') etc.
+        start(), stop(), restart()   the classic recipe's names for command('start') etc.;
+                           as in the recipe, a failure exits (SystemExit with its code)
         daemonize()        detach (daemon(7)); returns in the daemon only, ready (see
                            ready_on_run), so `self.daemonize(); self.run()` works as it did
 
@@ -569,18 +570,27 @@ class Daemon:
         """Register an action for command(): function(daemon) returns an exit code."""
         self.actions[name] = function
 
-    # The classic recipe's methods: programs written for it call them directly.
+    # The classic recipe's methods: programs written for it call them directly, and end their
+    # main block with sys.exit(0).  So a failure exits here, with its code, as the recipe's
+    # sys.exit(1) did; success returns 0.  command() returns every code instead.
     def start(self):
-        """command('start'): detach and run; the launcher exits with the daemon's verdict."""
-        return self.command('start')
+        """command('start'): detach and run; the launcher exits with the daemon's verdict.
+        Exits (SystemExit) with the code of a failure, returns 0 otherwise."""
+        return self._classic('start')
 
     def stop(self):
-        """command('stop')."""
-        return self.command('stop')
+        """command('stop'); exits with the code of a failure, returns 0 otherwise."""
+        return self._classic('stop')
 
     def restart(self):
-        """command('restart')."""
-        return self.command('restart')
+        """command('restart'); exits with the code of a failure, returns 0 otherwise."""
+        return self._classic('restart')
+
+    def _classic(self, action):
+        code = self.command(action)
+        if code != EXIT_OK:
+            raise SystemExit(code)
+        return code
 
     # Classic-recipe name: remove the pidfile (only the owner ever does).
     def delpid(self):

@@ -1122,6 +1122,20 @@ class ClassicRecipeBugTests(SampleDaemonTest):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertFalse(os.path.exists(pidfile))
 
+    def test_a_failed_action_exits_non_zero_even_if_main_then_exits_0(self):
+        """Bug: the recipe's start() and stop() sys.exit(1) on failure, and its main block
+        ends in sys.exit(0); ours returned 1 into that main block, so an init script or
+        Type=forking unit saw a start that could not even write its pidfile succeed."""
+        os.mkdir(os.path.join(self.tmp, 'my.pid'))      # a pidfile that is a directory
+        for action in ('start', 'stop', 'restart'):
+            result = self.classic(action)
+            self.assertEqual(result.returncode, daemon.EXIT_FAILURE, (action, result.stderr))
+            self.assertIn('is a directory', result.stderr, action)
+            self.assertNotIn('Traceback', result.stderr, action)
+        d = daemon.Daemon(os.path.join(self.tmp, 'my.pid'))
+        with mock.patch('sys.stderr', new_callable=io.StringIO):
+            self.assertEqual(d.command('stop'), daemon.EXIT_FAILURE)    # command() returns it
+
     def test_fork_failure_is_a_message_not_a_traceback(self):
         """Bug: "fork #1 failed:%d(%s)"(e.errno, e.strerror) called a string: TypeError."""
         d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'))
