@@ -284,9 +284,13 @@ class Daemon:
         setup()            in the daemon, before privileges are dropped; an exception is a
                            startup error that the launcher prints (bind sockets, open files here)
         run()              the service itself
-        on_reload()        on SIGHUP (no-op); a DaemonError it raises is the reload's failure
-        on_reopen_logs()   on SIGUSR1, after stdout/stderr were reopened (no-op)
-        on_upgrade()       on SIGUSR2 (no-op); see reexec() in the upgrade section
+        on_reload()        on SIGHUP (no-op); an exception it raises is the reload's failure
+                           (logged, with a traceback unless it is a DaemonError), not the
+                           daemon's end: `reload` exits 1 with its message, the daemon goes on
+        on_reopen_logs()   on SIGUSR1, after stdout/stderr were reopened (no-op); an exception
+                           is logged, as for on_reload()
+        on_upgrade()       on SIGUSR2 (no-op); see reexec() in the upgrade section; an
+                           exception is the upgrade's failure, as for on_reload()
         on_launch()        in the launcher, before start (or restart) launches a daemon that is
                            not running: raise DaemonError to refuse, with its message (no-op)
         on_restart(pid)    in the launcher, before restart stops the running daemon pid (no-op)
@@ -448,26 +452,39 @@ class Daemon:
             if signum == signal.SIGHUP:
                 notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS='reloading')
                 log('%s: reloading (SIGHUP)' % self.name)
-                try:
-                    self.on_reload()
-                    error = None
-                except DaemonError as exc:
-                    error = str(exc)
-                    log('%s: reload failed: %s' % (self.name, error))
+                error = self._call_hook('reload', self.on_reload)
                 notify(READY=1, STATUS=self._status if error is None
                        else '%s; reload failed: %s' % (self._status, error))
                 self._report('reload', error and '%s; %s' % (
                     error, 'stopping' if self.stopping else 'goes on as it was'))
             elif signum == signal.SIGUSR1:
                 self.reopen_std_logs()
-                self.on_reopen_logs()
+                self._call_hook('reopening logs', self.on_reopen_logs)
             elif signum == signal.SIGUSR2:
-                self.on_upgrade()
+                error = self._call_hook('upgrade', self.on_upgrade)
+                if error is not None:
+                    self._report('upgrade', error)
             elif signum in STOP_SIGNALS:
                 self._log_stop(signum)
                 notify(STOPPING=1, STATUS='stopping')
                 self._say_stopping()
         return self.stopping
+
+    def _call_hook(self, what, hook):
+        """Run the hook of a signal.  Its failure, any Exception, is that signal's, never the
+        daemon's end (a config that does not parse must not take the service down): logged,
+        with the traceback unless it is a DaemonError, and returned as one line; else None."""
+        try:
+            hook()
+            return None
+        except DaemonError as exc:
+            error = str(exc)
+            log('%s: %s failed: %s' % (self.name, what, error))
+        except Exception as exc:
+            error = describe(exc)
+            log('%s: %s failed:\n%s' % (self.name, what, ''.join(traceback.format_exception(
+                type(exc), exc, exc.__traceback__)).rstrip()))
+        return error
 
     def wait(self, timeout=None):
         """Sleep until a signal arrives or `timeout` passes; True once the daemon should stop.

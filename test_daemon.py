@@ -1563,6 +1563,73 @@ class ClassicVariantTests(TempDirTest):
                          message='the pidfile removed at exit')
 
 
+HOOK_PROGRAM = '''
+import os, sys
+sys.path.insert(0, {here!r})
+import daemon
+
+class Hooked(daemon.Daemon):
+    def on_reload(self):                        # the flags are files in the test's directory
+        if os.path.exists({bad!r}):
+            raise ValueError('bad config line 3')
+        if os.path.exists({missing_flag!r}):
+            open({missing!r}).close()
+    def on_reopen_logs(self):
+        if os.path.exists({bad!r}):
+            raise RuntimeError('cannot reopen app.log')
+    def run(self):
+        while not self.wait():
+            pass
+
+if __name__ == '__main__':
+    sys.exit(daemon.main(Hooked({pidfile!r}, stdout={log!r}, stderr={log!r})))
+'''
+
+
+class HookErrorTests(TempDirTest):
+    """A hook that runs on a signal (on_reload, on_reopen_logs) and fails, with any exception:
+    the action fails, the daemon goes on."""
+
+    def test_a_failing_hook_is_the_signals_failure_not_the_daemons_end(self):
+        """Bug: only a DaemonError from on_reload() was the reload's failure: any other (a
+        ValueError of a config parser, a FileNotFoundError of a config file gone) escaped
+        from wait() into run() and ended the daemon; so did any error of on_reopen_logs(),
+        on the SIGUSR1 of a nightly logrotate."""
+        paths = {name: os.path.join(self.tmp, name) for name in
+                 ('bad', 'missing_flag', 'missing', 'h.pid', 'h.log')}
+        script = os.path.join(self.tmp, 'hooked.py')
+        with open(script, 'w') as f:
+            f.write(HOOK_PROGRAM.format(here=HERE, bad=paths['bad'], missing_flag=paths['missing_flag'],
+                                        missing=paths['missing'], pidfile=paths['h.pid'], log=paths['h.log']))
+        self.addCleanup(lambda: kill_group_of(read_pid(paths['h.pid'])))
+
+        def action(name):
+            result = run([PYTHON, script, name], cwd=self.tmp)
+            self.assertNotIn('Traceback', result.stderr)
+            return result
+
+        self.assertEqual(action('start').returncode, 0)
+        pid = read_pid(paths['h.pid'])
+        open(paths['bad'], 'w').close()
+        result = action('reload')
+        self.assertEqual(result.returncode, daemon.EXIT_FAILURE, result.stderr)
+        self.assertIn('ValueError: bad config line 3', result.stderr)
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(lambda: 'cannot reopen app.log' in slurp(paths['h.log']), message='the reopen error logged')
+        os.unlink(paths['bad'])
+        open(paths['missing_flag'], 'w').close()
+        result = action('reload')
+        self.assertEqual(result.returncode, daemon.EXIT_FAILURE, result.stderr)
+        self.assertIn(paths['missing'], result.stderr)
+        os.unlink(paths['missing_flag'])
+        result = action('reload')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(action('status').returncode, daemon.STATUS_RUNNING)
+        self.assertEqual(read_pid(paths['h.pid']), pid)
+        self.assertIn('ValueError', slurp(paths['h.log']))     # the traceback, for the author
+        self.assertEqual(action('stop').returncode, 0)
+
+
 class AgentCommandLineTests(unittest.TestCase):
     def test_defaults_match_the_original(self):
         config = agent.parser().parse_args(['start'])
