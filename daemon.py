@@ -380,7 +380,9 @@ class Daemon:
         """Hook: prepare before ready and before privileges are dropped.  Errors abort start."""
 
     def run(self):
-        """Hook: the service.  Returning (or SIGTERM) ends the daemon with status 0."""
+        """Hook: the service.  Returning (or SIGTERM) ends the daemon with status 0; an int
+        returned, or given to sys.exit(), is the exit status instead (non-zero: a failure,
+        whose pidfile stays as the record, see the module docstring)."""
 
     def on_reload(self):
         """Hook: SIGHUP arrived (reload configuration, replace workers...)."""
