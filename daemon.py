@@ -33,8 +33,9 @@ action that depends on the pidfile names it by its absolute path.
 daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
 --------------------------------------------------------------------------------
   0. make_paths_absolute   every path, before anything changes the working directory
-  1. close_inherited_fds   fds >= 3, listed from /proc/self/fd (never a loop to RLIMIT_NOFILE);
-                           sockets passed by systemd (LISTEN_FDS) are kept
+  1. close_inherited_fds   fds >= 3 inherited from the caller (not close-on-exec), listed from
+                           /proc/self/fd (never a loop to RLIMIT_NOFILE); sockets passed by
+                           systemd (LISTEN_FDS) are kept, and so are the program's own files
   2. reset_signals         handlers to their defaults, signal mask emptied
   3. fork                  the launcher stays behind and waits on the readiness pipe
   4. setsid                a new session, no controlling terminal
@@ -291,8 +292,10 @@ class Daemon:
                            the same handling of errors: a DaemonError or OSError is a message
                            on stderr and exit 1, a missing permission exit 4, never a traceback
         add_action(name, function)   register an action: function(daemon) returns an exit code
-        start(), stop(), restart()   the classic recipe's names for command('start') etc.
-        daemonize()        detach (daemon(7)); returns in the daemon only
+        start(), stop(), restart()   the classic recipe's names for command('start') etc.;
+                           as in the recipe, a failure exits (SystemExit with its code)
+        daemonize()        detach (daemon(7)); returns in the daemon only, ready (see
+                           ready_on_run), so `self.daemonize(); self.run()` works as it did
 
     Actions and hooks do not share a namespace: the actions are functions of the daemon in the
     controller section, reached only through command(), so a subclass may define methods
@@ -303,9 +306,13 @@ class Daemon:
         setup()            in the daemon, before privileges are dropped; an exception is a
                            startup error that the launcher prints (bind sockets, open files here)
         run()              the service itself
-        on_reload()        on SIGHUP (no-op); a DaemonError it raises is the reload's failure
-        on_reopen_logs()   on SIGUSR1, after stdout/stderr were reopened (no-op)
-        on_upgrade()       on SIGUSR2 (no-op); see reexec() in the upgrade section
+        on_reload()        on SIGHUP (no-op); an exception it raises is the reload's failure
+                           (logged, with a traceback unless it is a DaemonError), not the
+                           daemon's end: `reload` exits 1 with its message, the daemon goes on
+        on_reopen_logs()   on SIGUSR1, after stdout/stderr were reopened (no-op); an exception
+                           is logged, as for on_reload()
+        on_upgrade()       on SIGUSR2 (no-op); see reexec() in the upgrade section; an
+                           exception is the upgrade's failure, as for on_reload()
         on_launch()        in the launcher, before start (or restart) launches a daemon that is
                            not running: raise DaemonError to refuse, with its message (no-op)
         on_restart(pid)    in the launcher, before restart stops the running daemon pid (no-op)
@@ -395,7 +402,9 @@ class Daemon:
         """Hook: prepare before ready and before privileges are dropped.  Errors abort start."""
 
     def run(self):
-        """Hook: the service.  Returning (or SIGTERM) ends the daemon with status 0."""
+        """Hook: the service.  Returning (or SIGTERM) ends the daemon with status 0; an int
+        returned, or given to sys.exit(), is the exit status instead (non-zero: a failure,
+        whose pidfile stays as the record, see the module docstring)."""
 
     def on_reload(self):
         """Hook: SIGHUP arrived (reload configuration, replace workers...)."""
@@ -467,26 +476,39 @@ class Daemon:
             if signum == signal.SIGHUP:
                 notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS='reloading')
                 log('%s: reloading (SIGHUP)' % self.name)
-                try:
-                    self.on_reload()
-                    error = None
-                except DaemonError as exc:
-                    error = str(exc)
-                    log('%s: reload failed: %s' % (self.name, error), priority=LOG_ERR)
+                error = self._call_hook('reload', self.on_reload)
                 notify(READY=1, STATUS=self._status if error is None
                        else '%s; reload failed: %s' % (self._status, error))
                 self._report('reload', error and '%s; %s' % (
                     error, 'stopping' if self.stopping else 'goes on as it was'))
             elif signum == signal.SIGUSR1:
                 self.reopen_std_logs()
-                self.on_reopen_logs()
+                self._call_hook('reopening logs', self.on_reopen_logs)
             elif signum == signal.SIGUSR2:
-                self.on_upgrade()
+                error = self._call_hook('upgrade', self.on_upgrade)
+                if error is not None:
+                    self._report('upgrade', error)
             elif signum in STOP_SIGNALS:
                 self._log_stop(signum)
                 notify(STOPPING=1, STATUS='stopping')
                 self._say_stopping()
         return self.stopping
+
+    def _call_hook(self, what, hook):
+        """Run the hook of a signal.  Its failure, any Exception, is that signal's, never the
+        daemon's end (a config that does not parse must not take the service down): logged,
+        with the traceback unless it is a DaemonError, and returned as one line; else None."""
+        try:
+            hook()
+            return None
+        except DaemonError as exc:
+            error = str(exc)
+            log('%s: %s failed: %s' % (self.name, what, error), priority=LOG_ERR)
+        except Exception as exc:
+            error = describe(exc)
+            log('%s: %s failed:\n%s' % (self.name, what, ''.join(traceback.format_exception(
+                type(exc), exc, exc.__traceback__)).rstrip()), priority=LOG_ERR)
+        return error
 
     def wait(self, timeout=None):
         """Sleep until a signal arrives or `timeout` passes; True once the daemon should stop.
@@ -589,18 +611,27 @@ class Daemon:
         """Register an action for command(): function(daemon) returns an exit code."""
         self.actions[name] = function
 
-    # The classic recipe's methods: programs written for it call them directly.
+    # The classic recipe's methods: programs written for it call them directly, and end their
+    # main block with sys.exit(0).  So a failure exits here, with its code, as the recipe's
+    # sys.exit(1) did; success returns 0.  command() returns every code instead.
     def start(self):
-        """command('start'): detach and run; the launcher exits with the daemon's verdict."""
-        return self.command('start')
+        """command('start'): detach and run; the launcher exits with the daemon's verdict.
+        Exits (SystemExit) with the code of a failure, returns 0 otherwise."""
+        return self._classic('start')
 
     def stop(self):
-        """command('stop')."""
-        return self.command('stop')
+        """command('stop'); exits with the code of a failure, returns 0 otherwise."""
+        return self._classic('stop')
 
     def restart(self):
-        """command('restart')."""
-        return self.command('restart')
+        """command('restart'); exits with the code of a failure, returns 0 otherwise."""
+        return self._classic('restart')
+
+    def _classic(self, action):
+        code = self.command(action)
+        if code != EXIT_OK:
+            raise SystemExit(code)
+        return code
 
     # Classic-recipe name: remove the pidfile (only the owner ever does).
     def delpid(self):
@@ -638,6 +669,10 @@ class Daemon:
     def daemonize(self):
         """Detach from the terminal (daemon(7)); returns in the daemon only.
 
+        It returns ready (unless ready_on_run is false: then run() calls ready()), with the
+        pidfile locked and removed at exit, so a program's own start() may be the classic
+        recipe's `self.daemonize(); self.run()`.
+
         The launcher waits for the daemon's verdict on the readiness pipe and leaves with
         os._exit(), as does the intermediate child, so neither runs atexit handlers or flushes
         buffers that the daemon still owns.
@@ -666,6 +701,8 @@ class Daemon:
             change_directory(self.workdir)
             redirect_stdio(self.stdin, self.stdout, self.stderr)
             self._become_service()
+            if self.ready_on_run:
+                self.ready()        # step 10 here: a caller may run() itself, as the recipe did
         except AlreadyRunning as exc:
             self._readiness.send('RUNNING %s' % (exc.pid or ''))
             os._exit(0)
@@ -683,6 +720,7 @@ class Daemon:
         if self._pidfile is None:
             self._pidfile = self._new_pidfile()
             self._pidfile.acquire()
+            atexit.register(self._cleanup)      # a caller's own daemonize(); run(); exit
         os.register_at_fork(after_in_child=self._after_fork_in_child)
         self.setup()
         drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
@@ -1354,12 +1392,19 @@ def open_fds():
 
 
 def close_inherited_fds(keep=()):
-    """Step 1: close every fd >= 3 except those in `keep`."""
+    """Step 1: close every fd >= 3 that the process inherited, except those in `keep`.
+
+    Inherited means without the close-on-exec flag: exec() closes the others, and Python opens
+    every file and socket of its own close-on-exec (PEP 446).  So what the program opened
+    before start() stays its own: a logging FileHandler keeps its file, where closing it would
+    lose its lines, or send them into whatever file took its number next (the pidfile).
+    """
     keep = set(keep)
     for fd in open_fds():
         if fd >= 3 and fd not in keep:
             try:
-                os.close(fd)
+                if os.get_inheritable(fd):
+                    os.close(fd)
             except OSError:
                 pass    # the fd that listed the directory is already gone
 

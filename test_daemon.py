@@ -564,13 +564,15 @@ class PureHelperTests(unittest.TestCase):
                                         ('fork', 0), ('detach_session', None), ('set_umask', None),
                                         ('change_directory', None), ('redirect_stdio', None))]
         patches.append(mock.patch.object(d, '_become_service', side_effect=record('pidfile')))
+        patches.append(mock.patch.object(d, 'ready', side_effect=record('ready')))
         for p in patches:
             p.start()
             self.addCleanup(p.stop)
         d.daemonize()
         d._readiness.close_write()
         self.assertEqual(calls, ['close_inherited_fds', 'reset_signals', 'fork', 'detach_session',
-                                 'fork', 'set_umask', 'change_directory', 'redirect_stdio', 'pidfile'])
+                                 'fork', 'set_umask', 'change_directory', 'redirect_stdio', 'pidfile',
+                                 'ready'])
         self.assertTrue(d.detached)
 
 
@@ -1135,6 +1137,20 @@ class ClassicRecipeBugTests(SampleDaemonTest):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertFalse(os.path.exists(pidfile))
 
+    def test_a_failed_action_exits_non_zero_even_if_main_then_exits_0(self):
+        """Bug: the recipe's start() and stop() sys.exit(1) on failure, and its main block
+        ends in sys.exit(0); ours returned 1 into that main block, so an init script or
+        Type=forking unit saw a start that could not even write its pidfile succeed."""
+        os.mkdir(os.path.join(self.tmp, 'my.pid'))      # a pidfile that is a directory
+        for action in ('start', 'stop', 'restart'):
+            result = self.classic(action)
+            self.assertEqual(result.returncode, daemon.EXIT_FAILURE, (action, result.stderr))
+            self.assertIn('is a directory', result.stderr, action)
+            self.assertNotIn('Traceback', result.stderr, action)
+        d = daemon.Daemon(os.path.join(self.tmp, 'my.pid'))
+        with mock.patch('sys.stderr', new_callable=io.StringIO):
+            self.assertEqual(d.command('stop'), daemon.EXIT_FAILURE)    # command() returns it
+
     def test_fork_failure_is_a_message_not_a_traceback(self):
         """Bug: "fork #1 failed:%d(%s)"(e.errno, e.strerror) called a string: TypeError."""
         d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'))
@@ -1458,6 +1474,175 @@ class HostileEnvironmentTests(SampleDaemonTest):
             self.assertIn('fd 3', result.stderr, script)
             self.assertNotIn('Traceback', result.stderr + self.log(), script)
             self.assertFalse(os.path.exists(self.pidfile), script)
+
+
+# Programs written for the classic recipe, as found in the wild: each a variation of
+# CLASSIC_PROGRAM's main block, in a file of its own.
+CLASSIC_VARIANT = '''
+import logging, os, sys, time
+sys.path.insert(0, {here!r})
+from daemon import Daemon
+{before}
+
+class MyDaemon(Daemon):
+{body}
+
+if __name__ == '__main__':
+    daemon = MyDaemon('my.pid', stdout='my.log', stderr='my.log')
+    if sys.argv[1] == 'start':
+        daemon.start()
+    elif sys.argv[1] == 'stop':
+        daemon.stop()
+    sys.exit(0)
+'''
+
+
+class ClassicVariantTests(TempDirTest):
+    """Classic-recipe programs that do more than CLASSIC_PROGRAM: they open files before
+    start(), or write their own start()."""
+
+    def variant(self, body, before=''):
+        self.script = os.path.join(self.tmp, 'variant.py')
+        self.pidfile = os.path.join(self.tmp, 'my.pid')
+        with open(self.script, 'w') as f:
+            f.write(CLASSIC_VARIANT.format(here=HERE, before=textwrap.dedent(before),
+                                           body=textwrap.indent(textwrap.dedent(body), '    ')))
+        self.addCleanup(lambda: kill_group_of(read_pid(self.pidfile)))
+
+    def action(self, name):
+        result = run([PYTHON, self.script, name], cwd=self.tmp)
+        self.assertNotIn('Traceback', result.stderr)
+        return result
+
+    def test_files_opened_before_start_stay_the_programs_own(self):
+        """Bug: start() closed every fd >= 3, those of the program's own open files too: a
+        logging FileHandler set up before start() lost every line ("Bad file descriptor"),
+        or, once its fd number went to the pidfile, wrote its lines there, and stop could no
+        longer find the daemon.  Only what the process inherited is closed."""
+        app_log = os.path.join(self.tmp, 'app.log')
+        for spare in (0, 3):        # 3 files before the handler: its fd is the pidfile's number
+            with self.subTest(spare=spare):
+                self.variant('''
+                    def run(self):
+                        n = 0
+                        while not self.wait(0.05):
+                            logging.getLogger('app').info('tick %d', n)
+                            n += 1
+                ''', before='''
+                    spare = [open(os.devnull) for _ in range({spare})]
+                    logging.basicConfig(filename={app_log!r}, level=logging.INFO)
+                    logging.getLogger('app').info('before start')
+                '''.format(spare=spare, app_log=app_log))
+                result = self.action('start')
+                self.assertEqual(result.returncode, 0, result.stderr)
+                pid = read_pid(self.pidfile)
+                wait_for(lambda: 'tick 3' in slurp(app_log), message='the daemon logging to app.log')
+                self.assertEqual(slurp(self.pidfile), '%d\n' % pid)
+                self.assertNotIn('Logging error', slurp(os.path.join(self.tmp, 'my.log')))
+                result = self.action('stop')
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn('stopped', result.stdout)
+                self.assertFalse(os.path.exists(self.pidfile))
+                os.unlink(app_log)
+
+    def test_own_start_that_calls_daemonize_then_run(self):
+        """Bug: the classic recipe's own start() is daemonize() then run(); a program that
+        kept it (or wrote one like it) waited start_timeout (60 s) for a ready that never
+        came, and then its daemon was stopped.  daemonize() is ready (step 10) once it
+        returns in the daemon, and the pidfile goes at exit, as the recipe's atexit did."""
+        for ending in ('while True: time.sleep(0.05)', 'for _ in range(3): time.sleep(0.05)'):
+            with self.subTest(ending=ending):
+                self.variant('''
+                    start_timeout = 15      # a failure of this test takes no minute
+                    def start(self):
+                        self.daemonize()
+                        self.run()
+                    def run(self):
+                        sys.stdout.write('running\\n')
+                        %s
+                ''' % ending)
+                started = time.monotonic()
+                result = self.action('start')
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertLess(time.monotonic() - started, 10, 'start waited for its timeout')
+                self.assertIn('started', result.stdout)
+                wait_for(lambda: 'running' in slurp(os.path.join(self.tmp, 'my.log')), message='run()')
+                if 'True' in ending:
+                    pid = read_pid(self.pidfile)
+                    self.assertTrue(pid and pid_alive(pid))
+                    result = self.action('stop')
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    self.assertIn('stopped', result.stdout)
+                # run() returned, or was stopped: the pidfile went with the daemon.
+                wait_for(lambda: not os.path.exists(self.pidfile), timeout=5,
+                         message='the pidfile removed at exit')
+
+
+HOOK_PROGRAM = '''
+import os, sys
+sys.path.insert(0, {here!r})
+import daemon
+
+class Hooked(daemon.Daemon):
+    def on_reload(self):                        # the flags are files in the test's directory
+        if os.path.exists({bad!r}):
+            raise ValueError('bad config line 3')
+        if os.path.exists({missing_flag!r}):
+            open({missing!r}).close()
+    def on_reopen_logs(self):
+        if os.path.exists({bad!r}):
+            raise RuntimeError('cannot reopen app.log')
+    def run(self):
+        while not self.wait():
+            pass
+
+if __name__ == '__main__':
+    sys.exit(daemon.main(Hooked({pidfile!r}, stdout={log!r}, stderr={log!r})))
+'''
+
+
+class HookErrorTests(TempDirTest):
+    """A hook that runs on a signal (on_reload, on_reopen_logs) and fails, with any exception:
+    the action fails, the daemon goes on."""
+
+    def test_a_failing_hook_is_the_signals_failure_not_the_daemons_end(self):
+        """Bug: only a DaemonError from on_reload() was the reload's failure: any other (a
+        ValueError of a config parser, a FileNotFoundError of a config file gone) escaped
+        from wait() into run() and ended the daemon; so did any error of on_reopen_logs(),
+        on the SIGUSR1 of a nightly logrotate."""
+        paths = {name: os.path.join(self.tmp, name) for name in
+                 ('bad', 'missing_flag', 'missing', 'h.pid', 'h.log')}
+        script = os.path.join(self.tmp, 'hooked.py')
+        with open(script, 'w') as f:
+            f.write(HOOK_PROGRAM.format(here=HERE, bad=paths['bad'], missing_flag=paths['missing_flag'],
+                                        missing=paths['missing'], pidfile=paths['h.pid'], log=paths['h.log']))
+        self.addCleanup(lambda: kill_group_of(read_pid(paths['h.pid'])))
+
+        def action(name):
+            result = run([PYTHON, script, name], cwd=self.tmp)
+            self.assertNotIn('Traceback', result.stderr)
+            return result
+
+        self.assertEqual(action('start').returncode, 0)
+        pid = read_pid(paths['h.pid'])
+        open(paths['bad'], 'w').close()
+        result = action('reload')
+        self.assertEqual(result.returncode, daemon.EXIT_FAILURE, result.stderr)
+        self.assertIn('ValueError: bad config line 3', result.stderr)
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(lambda: 'cannot reopen app.log' in slurp(paths['h.log']), message='the reopen error logged')
+        os.unlink(paths['bad'])
+        open(paths['missing_flag'], 'w').close()
+        result = action('reload')
+        self.assertEqual(result.returncode, daemon.EXIT_FAILURE, result.stderr)
+        self.assertIn(paths['missing'], result.stderr)
+        os.unlink(paths['missing_flag'])
+        result = action('reload')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(action('status').returncode, daemon.STATUS_RUNNING)
+        self.assertEqual(read_pid(paths['h.pid']), pid)
+        self.assertIn('ValueError', slurp(paths['h.log']))     # the traceback, for the author
+        self.assertEqual(action('stop').returncode, 0)
 
 
 class AgentCommandLineTests(unittest.TestCase):
