@@ -226,6 +226,9 @@ OTHER_VERSION = re.compile(rb'^HTTP/([0-9]+)(?:\.[0-9]+)?$')
 BAD_TARGET_BYTES = re.compile(rb'[\x00-\x20\x7f-\xff]')
 BAD_PATH_CHARS = re.compile('[\x00-\x1f\x7f\\\\]')
 PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
+# Absolute-form (RFC 9112 section 3.2.2): the authority ends at the first '/' or '?' (RFC 3986
+# section 3.2), so a query with slashes after a bare authority is still the query of '/'.
+ABSOLUTE_FORM = re.compile(rb'https?://([^/?]*)(.*)', re.I | re.S)
 HEADER_FIELD = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)(?<![ \t])[ \t]*\r?\n", re.M)
 GARBAGE = re.compile(rb'[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]')
 LOG_UNSAFE = re.compile(rb'[^\x20-\x7e]|["\\]')
@@ -602,19 +605,14 @@ def split_target(target):
     if BAD_TARGET_BYTES.search(target):
         raise HTTPError(400)
     if not target.startswith(b'/'):
-        lower = target[:8].lower()
-        if lower.startswith(b'http://') or lower.startswith(b'https://'):
-            rest = target[target.index(b'//') + 2:]
-            slash = rest.find(b'/')
-            authority = rest if slash < 0 else rest[:slash]
-            authority = authority.split(b'?', 1)[0]
-            if not authority or not HOST_VALUE.match(authority.decode('latin-1')):
-                raise HTTPError(400)        # the same syntax as Host (userinfo '@' included)
-            target = b'/' if slash < 0 else rest[slash:]
-            if not target.startswith(b'/'):
-                target = b'/' + target
-        else:
+        absolute = ABSOLUTE_FORM.match(target)
+        if absolute is None:
             raise HTTPError(400)
+        authority, target = absolute.groups()
+        if not authority or not HOST_VALUE.match(authority.decode('latin-1')):
+            raise HTTPError(400)            # the same syntax as Host (userinfo '@' included)
+        if not target.startswith(b'/'):
+            target = b'/' + target          # http://host?q is the query of '/'
     path, _, query = target.partition(b'?')
     if b'#' in path or b'\\' in path:
         raise HTTPError(400)

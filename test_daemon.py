@@ -3508,6 +3508,19 @@ class PathMappingTests(unittest.TestCase):
                 agent.split_target(bad)
             self.assertEqual(caught.exception.status, 400, bad)
 
+    def test_absolute_form_authority_ends_at_its_query(self):
+        # RFC 3986 section 3.2: the authority ends at the first '/', '?' or '#'.  A query with a
+        # slash in it, after an authority with no path, is still the query of '/'.
+        cases = {b'http://example.com?a/b': (b'/', b'a/b'), b'http://example.com?sort=date': (b'/', b'sort=date'),
+                 b'http://example.com?': (b'/', b''), b'https://h:8080?x=/sub/': (b'/', b'x=/sub/'),
+                 b'http://example.com/?a/b': (b'/', b'a/b'), b'http://h/d/?q=/x': (b'/d/', b'q=/x')}
+        for target, expected in cases.items():
+            with self.subTest(target=target):
+                self.assertEqual(agent.split_target(target), expected)
+        for bad in (b'http://?a/b', b'http://u@h?a/b'):
+            with self.assertRaises(agent.HTTPError):
+                agent.split_target(bad)
+
     def test_map_target_query_ignored(self):
         self.assertEqual(agent.map_target(b'/a.jpg?../../etc/passwd'), ('a.jpg', False, b'/a.jpg', b'../../etc/passwd'))
 
@@ -4058,6 +4071,9 @@ class HttpServerTests(SharedAgentTestCase):
     def test_absolute_form_accepted(self):
         response = self.get('http://example.com/a.jpg', host='example.com')
         self.assertEqual((response.status, response.body), (200, FILE_A))
+        response = self.get('http://example.com?sort=size&to=/a', host='example.com')   # the root's page
+        self.assertEqual(response.status, 200, response)
+        self.assertIn(b'<strong>size</strong>', response.body)
         response = self.get('http://example.com/gallery/pic.png?x=1', host='example.com')
         self.assertEqual((response.status, response.body), (200, b'PIC'))
 
