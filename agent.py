@@ -2516,11 +2516,14 @@ class Responder:
         if mapped is None:
             relative, trailing, raw_path, query = map_target(req.target)
             path = self.root + '/' + relative if relative else self.root
-            mapped = (path, relative, trailing, query)
+            # A directory's page has relative links, which a browser resolves against the URL
+            # up to its last '/': so the page is only where that '/' ends the path (not after
+            # '%2F', '.' or '..'); elsewhere a directory is a 301 to its own URL.
+            mapped = (path, relative, trailing, raw_path.endswith(b'/'), query)
             if len(self.paths) >= PATH_CACHE_SIZE:
                 self.paths.clear()
             self.paths[req.target] = mapped
-        path, relative, trailing, query = mapped
+        path, relative, trailing, slash, query = mapped
         try:
             st = os.stat(path)
         except (OSError, ValueError) as exc:
@@ -2529,7 +2532,7 @@ class Responder:
         if self.own_files.hides(path, st):
             raise HTTPError(404)            # our pidfile and logs, by any name or link
         if stat.S_ISDIR(st.st_mode):
-            return self.respond_directory(conn, req, path, relative, trailing, query)
+            return self.respond_directory(conn, req, path, relative, slash, query)
         if trailing:
             raise HTTPError(404)            # /img.jpg/ names a directory that does not exist
         entry = self.files.get(path, st)
@@ -2672,16 +2675,17 @@ class Responder:
         conn.start_response(206, head + part_head, file=entry, offset=first, length=count,
                             body_length=len(part_head), pieces=pieces[1:])
 
-    def respond_directory(self, conn, req, path, relative, trailing, query):
-        """A directory: 301 to add its slash, else its index.html, else its gallery page.
-        It is opened, and the descriptor checked to be in the root, before anything else."""
+    def respond_directory(self, conn, req, path, relative, slash, query):
+        """A directory: 301 to its URL unless the path ends in a slash, else its index.html,
+        else its gallery page.  It is opened, and the descriptor checked to be in the root,
+        before anything else."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (OSError, ValueError) as exc:
             raise self.file_error(exc)
         try:
             self.check_confined(fd)
-            if not trailing:
+            if not slash:
                 # With the files' lifetime: a browser keeps a 301 without one for ever, and a
                 # directory later replaced by a file would stay out of its reach.
                 raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n'

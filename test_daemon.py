@@ -5983,6 +5983,26 @@ class RedirectHostAndFileChangeTests(SharedAgentTestCase):
         self.assertEqual(self.get('//evil.example/..%2Fdir?a=b').headers['location'], '/dir/?a=b')
         self.assertEqual(self.get('/sub').headers['location'], '/sub/')
 
+    def test_a_directory_page_is_served_only_at_a_path_that_ends_in_a_slash(self):
+        # The page's links are relative: a browser resolves them against the URL's last '/'.
+        # At /dir%2F they would lead to /x.jpg, at /dir/x/.. to /dir/x/x.jpg: such a URL (a
+        # browser never sends one, a hand-made link can) gets the 301 to the directory's own.
+        for target, location in (('/dir%2F', '/dir/'), ('/dir%2f?a=b', '/dir/?a=b'), ('/dir/.', '/dir/'),
+                                 ('/dir/%2e', '/dir/'), ('/dir/x/..', '/dir/'), ('/dir/..', '/'),
+                                 ('/sub/..', '/'), ('/%2F', '/'), ('http://x/dir%2F', '/dir/'),
+                                 ('/dir/x%2F..', '/dir/')):
+            for method in ('GET', 'HEAD'):
+                with self.subTest(target=target, method=method):
+                    response = self.get(target, method=method)
+                    self.assertEqual(response.status, 301, response)
+                    self.assertEqual(response.headers['location'], location)
+        for target, link in (('/dir/', b'x.jpg'), ('/dir/./', b'x.jpg'), ('/dir/x/../', b'x.jpg'),
+                             ('//dir/', b'x.jpg'), ('/', b'dir/'), ('http://x/dir/', b'x.jpg')):
+            with self.subTest(target=target):
+                response = self.get(target)
+                self.assertEqual(response.status, 200, response)
+                self.assertIn(b'href="%s"' % link, response.body)
+
     def test_a_file_named_with_a_trailing_slash_is_not_found(self):
         for target in ('/a.jpg/', '/a.jpg/.', '/a.jpg%2F', '/a.jpg%2f.', '/sub/inner.jpg/',
                        '/sub/inner.jpg/./', '/a.jpg//', 'http://x/a.jpg/'):
