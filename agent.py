@@ -2700,12 +2700,16 @@ class Responder:
             os.close(fd)
 
     def index_file(self, directory):
-        """The directory's index.html as an OpenFile (checked like any file), or None."""
+        """The directory's index.html as an OpenFile (checked like any file), or None if there
+        is none.  A stat() refused (EACCES: a directory that can be read but not searched) is
+        the directory's answer, 403: neither the index nor any file listed could be served."""
         index = directory + '/index.html'
         try:
             st = os.stat(index)
-        except OSError:
-            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
+                return None
+            raise self.file_error(exc)
         if not stat.S_ISREG(st.st_mode) or self.own_files.hides(index, st):
             return None
         entry = self.files.get(index, st)

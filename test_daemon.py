@@ -6105,6 +6105,34 @@ class RedirectHostAndFileChangeTests(SharedAgentTestCase):
         wait_for(lambda: not deleted_open(), timeout=5, message='the deleted file closed')
 
 
+class UnreadableTreeTests(unittest.TestCase):
+    """Files and directories that the workers' user may not read or search (as nobody: root
+    reads everything): 403 for what is there and forbidden, the same whichever way it is asked."""
+
+    def test_a_directory_that_cannot_be_searched_is_forbidden_not_listed(self):
+        server = nobody_agent(self, workers=1)[0]
+        os.chmod(server.root, 0o755)
+        server.write('open/a.jpg', b'A')
+        server.write('noexec/a.jpg', b'A')
+        server.write('noexec/secret-name.jpg', b'S')
+        server.write('hidden/index.html', b'<p>index</p>')
+        server.write('hidden/secret-name.jpg', b'S')
+        server.write('unreadable/a.jpg', b'A')
+        os.chmod(os.path.join(server.root, 'noexec'), 0o644)        # readable, not searchable
+        os.chmod(os.path.join(server.root, 'hidden'), 0o644)        # its index.html cannot be reached
+        os.chmod(os.path.join(server.root, 'unreadable'), 0o311)    # searchable, not readable
+        server.start()
+        self.addCleanup(server.stop)
+        for target in ('/noexec/', '/noexec/?sort=size', '/noexec/?format=json', '/noexec/a.jpg',
+                       '/hidden/', '/hidden/index.html', '/hidden/secret-name.jpg', '/unreadable/'):
+            with self.subTest(target=target):
+                status, headers, body = server.get(target)
+                self.assertEqual(status, 403, body[:300])
+                self.assertNotIn(b'secret-name', body)
+        self.assertEqual(server.get('/unreadable/a.jpg')[:3:2], (200, b'A'))
+        self.assertEqual(server.get('/open/')[0], 200)
+
+
 class HousekeepingAndHeadTests(unittest.TestCase):
     """The worker in-process: housekeeping and the response head builder."""
 
