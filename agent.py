@@ -970,13 +970,14 @@ def multipart_byteranges(ranges, size, ctype, boundary):
 
 
 def if_range_allows(headers, etag, mtime):
-    """If-Range: the range applies only if the validator is still current."""
+    """If-Range: the range applies only if the validator is still current.  One entity-tag
+    (strong comparison: the very tag, never a weak one nor a list) or one HTTP-date."""
     value = headers.get('if-range')
     if value is None:
         return True
     value = value.strip()
     if value.startswith('"') or value.startswith('W/'):
-        return etag_matches(value, etag, weak=False)
+        return value == etag
     date = parse_http_date(value)
     return date is not None and date == int(mtime)
 

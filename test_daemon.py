@@ -3775,6 +3775,13 @@ class ConditionalRequestTests(unittest.TestCase):
             ({'if-range': PAST_DATE}, False),
             ({'if-range': agent.http_date(self.MTIME + 5)}, False),
             ({'if-range': 'garbage'}, False),
+            # If-Range = entity-tag / HTTP-date: one validator, never a list (RFC 9110 section
+            # 13.1.5); a list holding the current tag is no validator, and the whole file goes.
+            ({'if-range': '"stale", ' + self.ETAG}, False),
+            ({'if-range': self.ETAG + ', "stale"'}, False),
+            ({'if-range': self.ETAG + ',' + self.ETAG}, False),
+            ({'if-range': '*'}, False),
+            ({'if-range': ' %s ' % self.ETAG}, True),
         ]
         for headers, expected in cases:
             self.assertEqual(agent.if_range_allows(headers, self.ETAG, self.MTIME), expected, headers)
