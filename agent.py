@@ -226,6 +226,9 @@ OTHER_VERSION = re.compile(rb'^HTTP/([0-9]+)(?:\.[0-9]+)?$')
 BAD_TARGET_BYTES = re.compile(rb'[\x00-\x20\x7f-\xff]')
 BAD_PATH_CHARS = re.compile('[\x00-\x1f\x7f\\\\]')
 PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
+# Absolute-form (RFC 9112 section 3.2.2): the authority ends at the first '/' or '?' (RFC 3986
+# section 3.2), so a query with slashes after a bare authority is still the query of '/'.
+ABSOLUTE_FORM = re.compile(rb'https?://([^/?]*)(.*)', re.I | re.S)
 HEADER_FIELD = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)(?<![ \t])[ \t]*\r?\n", re.M)
 GARBAGE = re.compile(rb'[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]')
 LOG_UNSAFE = re.compile(rb'[^\x20-\x7e]|["\\]')
@@ -602,19 +605,14 @@ def split_target(target):
     if BAD_TARGET_BYTES.search(target):
         raise HTTPError(400)
     if not target.startswith(b'/'):
-        lower = target[:8].lower()
-        if lower.startswith(b'http://') or lower.startswith(b'https://'):
-            rest = target[target.index(b'//') + 2:]
-            slash = rest.find(b'/')
-            authority = rest if slash < 0 else rest[:slash]
-            authority = authority.split(b'?', 1)[0]
-            if not authority or not HOST_VALUE.match(authority.decode('latin-1')):
-                raise HTTPError(400)        # the same syntax as Host (userinfo '@' included)
-            target = b'/' if slash < 0 else rest[slash:]
-            if not target.startswith(b'/'):
-                target = b'/' + target
-        else:
+        absolute = ABSOLUTE_FORM.match(target)
+        if absolute is None:
             raise HTTPError(400)
+        authority, target = absolute.groups()
+        if not authority or not HOST_VALUE.match(authority.decode('latin-1')):
+            raise HTTPError(400)            # the same syntax as Host (userinfo '@' included)
+        if not target.startswith(b'/'):
+            target = b'/' + target          # http://host?q is the query of '/'
     path, _, query = target.partition(b'?')
     if b'#' in path or b'\\' in path:
         raise HTTPError(400)
@@ -972,13 +970,14 @@ def multipart_byteranges(ranges, size, ctype, boundary):
 
 
 def if_range_allows(headers, etag, mtime):
-    """If-Range: the range applies only if the validator is still current."""
+    """If-Range: the range applies only if the validator is still current.  One entity-tag
+    (strong comparison: the very tag, never a weak one nor a list) or one HTTP-date."""
     value = headers.get('if-range')
     if value is None:
         return True
     value = value.strip()
     if value.startswith('"') or value.startswith('W/'):
-        return etag_matches(value, etag, weak=False)
+        return value == etag
     date = parse_http_date(value)
     return date is not None and date == int(mtime)
 
@@ -2518,11 +2517,14 @@ class Responder:
         if mapped is None:
             relative, trailing, raw_path, query = map_target(req.target)
             path = self.root + '/' + relative if relative else self.root
-            mapped = (path, relative, trailing, query)
+            # A directory's page has relative links, which a browser resolves against the URL
+            # up to its last '/': so the page is only where that '/' ends the path (not after
+            # '%2F', '.' or '..'); elsewhere a directory is a 301 to its own URL.
+            mapped = (path, relative, trailing, raw_path.endswith(b'/'), query)
             if len(self.paths) >= PATH_CACHE_SIZE:
                 self.paths.clear()
             self.paths[req.target] = mapped
-        path, relative, trailing, query = mapped
+        path, relative, trailing, slash, query = mapped
         try:
             st = os.stat(path)
         except (OSError, ValueError) as exc:
@@ -2531,7 +2533,7 @@ class Responder:
         if self.own_files.hides(path, st):
             raise HTTPError(404)            # our pidfile and logs, by any name or link
         if stat.S_ISDIR(st.st_mode):
-            return self.respond_directory(conn, req, path, relative, trailing, query)
+            return self.respond_directory(conn, req, path, relative, slash, query)
         if trailing:
             raise HTTPError(404)            # /img.jpg/ names a directory that does not exist
         entry = self.files.get(path, st)
@@ -2674,16 +2676,17 @@ class Responder:
         conn.start_response(206, head + part_head, file=entry, offset=first, length=count,
                             body_length=len(part_head), pieces=pieces[1:])
 
-    def respond_directory(self, conn, req, path, relative, trailing, query):
-        """A directory: 301 to add its slash, else its index.html, else its gallery page.
-        It is opened, and the descriptor checked to be in the root, before anything else."""
+    def respond_directory(self, conn, req, path, relative, slash, query):
+        """A directory: 301 to its URL unless the path ends in a slash, else its index.html,
+        else its gallery page.  It is opened, and the descriptor checked to be in the root,
+        before anything else."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (OSError, ValueError) as exc:
             raise self.file_error(exc)
         try:
             self.check_confined(fd)
-            if not trailing:
+            if not slash:
                 # With the files' lifetime: a browser keeps a 301 without one for ever, and a
                 # directory later replaced by a file would stay out of its reach.
                 raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n'
@@ -2698,12 +2701,16 @@ class Responder:
             os.close(fd)
 
     def index_file(self, directory):
-        """The directory's index.html as an OpenFile (checked like any file), or None."""
+        """The directory's index.html as an OpenFile (checked like any file), or None if there
+        is none.  A stat() refused (EACCES: a directory that can be read but not searched) is
+        the directory's answer, 403: neither the index nor any file listed could be served."""
         index = directory + '/index.html'
         try:
             st = os.stat(index)
-        except OSError:
-            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
+                return None
+            raise self.file_error(exc)
         if not stat.S_ISREG(st.st_mode) or self.own_files.hides(index, st):
             return None
         entry = self.files.get(index, st)

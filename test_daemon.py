@@ -3776,6 +3776,19 @@ class PathMappingTests(unittest.TestCase):
                 agent.split_target(bad)
             self.assertEqual(caught.exception.status, 400, bad)
 
+    def test_absolute_form_authority_ends_at_its_query(self):
+        # RFC 3986 section 3.2: the authority ends at the first '/', '?' or '#'.  A query with a
+        # slash in it, after an authority with no path, is still the query of '/'.
+        cases = {b'http://example.com?a/b': (b'/', b'a/b'), b'http://example.com?sort=date': (b'/', b'sort=date'),
+                 b'http://example.com?': (b'/', b''), b'https://h:8080?x=/sub/': (b'/', b'x=/sub/'),
+                 b'http://example.com/?a/b': (b'/', b'a/b'), b'http://h/d/?q=/x': (b'/d/', b'q=/x')}
+        for target, expected in cases.items():
+            with self.subTest(target=target):
+                self.assertEqual(agent.split_target(target), expected)
+        for bad in (b'http://?a/b', b'http://u@h?a/b'):
+            with self.assertRaises(agent.HTTPError):
+                agent.split_target(bad)
+
     def test_map_target_query_ignored(self):
         self.assertEqual(agent.map_target(b'/a.jpg?../../etc/passwd'), ('a.jpg', False, b'/a.jpg', b'../../etc/passwd'))
 
@@ -4030,6 +4043,13 @@ class ConditionalRequestTests(unittest.TestCase):
             ({'if-range': PAST_DATE}, False),
             ({'if-range': agent.http_date(self.MTIME + 5)}, False),
             ({'if-range': 'garbage'}, False),
+            # If-Range = entity-tag / HTTP-date: one validator, never a list (RFC 9110 section
+            # 13.1.5); a list holding the current tag is no validator, and the whole file goes.
+            ({'if-range': '"stale", ' + self.ETAG}, False),
+            ({'if-range': self.ETAG + ', "stale"'}, False),
+            ({'if-range': self.ETAG + ',' + self.ETAG}, False),
+            ({'if-range': '*'}, False),
+            ({'if-range': ' %s ' % self.ETAG}, True),
         ]
         for headers, expected in cases:
             self.assertEqual(agent.if_range_allows(headers, self.ETAG, self.MTIME), expected, headers)
@@ -4326,6 +4346,9 @@ class HttpServerTests(SharedAgentTestCase):
     def test_absolute_form_accepted(self):
         response = self.get('http://example.com/a.jpg', host='example.com')
         self.assertEqual((response.status, response.body), (200, FILE_A))
+        response = self.get('http://example.com?sort=size&to=/a', host='example.com')   # the root's page
+        self.assertEqual(response.status, 200, response)
+        self.assertIn(b'<strong>size</strong>', response.body)
         response = self.get('http://example.com/gallery/pic.png?x=1', host='example.com')
         self.assertEqual((response.status, response.body), (200, b'PIC'))
 
@@ -6235,6 +6258,26 @@ class RedirectHostAndFileChangeTests(SharedAgentTestCase):
         self.assertEqual(self.get('//evil.example/..%2Fdir?a=b').headers['location'], '/dir/?a=b')
         self.assertEqual(self.get('/sub').headers['location'], '/sub/')
 
+    def test_a_directory_page_is_served_only_at_a_path_that_ends_in_a_slash(self):
+        # The page's links are relative: a browser resolves them against the URL's last '/'.
+        # At /dir%2F they would lead to /x.jpg, at /dir/x/.. to /dir/x/x.jpg: such a URL (a
+        # browser never sends one, a hand-made link can) gets the 301 to the directory's own.
+        for target, location in (('/dir%2F', '/dir/'), ('/dir%2f?a=b', '/dir/?a=b'), ('/dir/.', '/dir/'),
+                                 ('/dir/%2e', '/dir/'), ('/dir/x/..', '/dir/'), ('/dir/..', '/'),
+                                 ('/sub/..', '/'), ('/%2F', '/'), ('http://x/dir%2F', '/dir/'),
+                                 ('/dir/x%2F..', '/dir/')):
+            for method in ('GET', 'HEAD'):
+                with self.subTest(target=target, method=method):
+                    response = self.get(target, method=method)
+                    self.assertEqual(response.status, 301, response)
+                    self.assertEqual(response.headers['location'], location)
+        for target, link in (('/dir/', b'x.jpg'), ('/dir/./', b'x.jpg'), ('/dir/x/../', b'x.jpg'),
+                             ('//dir/', b'x.jpg'), ('/', b'dir/'), ('http://x/dir/', b'x.jpg')):
+            with self.subTest(target=target):
+                response = self.get(target)
+                self.assertEqual(response.status, 200, response)
+                self.assertIn(b'href="%s"' % link, response.body)
+
     def test_a_file_named_with_a_trailing_slash_is_not_found(self):
         for target in ('/a.jpg/', '/a.jpg/.', '/a.jpg%2F', '/a.jpg%2f.', '/sub/inner.jpg/',
                        '/sub/inner.jpg/./', '/a.jpg//', 'http://x/a.jpg/'):
@@ -6335,6 +6378,34 @@ class RedirectHostAndFileChangeTests(SharedAgentTestCase):
         self.assertEqual(deleted_open(), [path])
         os.unlink(path)
         wait_for(lambda: not deleted_open(), timeout=5, message='the deleted file closed')
+
+
+class UnreadableTreeTests(unittest.TestCase):
+    """Files and directories that the workers' user may not read or search (as nobody: root
+    reads everything): 403 for what is there and forbidden, the same whichever way it is asked."""
+
+    def test_a_directory_that_cannot_be_searched_is_forbidden_not_listed(self):
+        server = nobody_agent(self, workers=1)[0]
+        os.chmod(server.root, 0o755)
+        server.write('open/a.jpg', b'A')
+        server.write('noexec/a.jpg', b'A')
+        server.write('noexec/secret-name.jpg', b'S')
+        server.write('hidden/index.html', b'<p>index</p>')
+        server.write('hidden/secret-name.jpg', b'S')
+        server.write('unreadable/a.jpg', b'A')
+        os.chmod(os.path.join(server.root, 'noexec'), 0o644)        # readable, not searchable
+        os.chmod(os.path.join(server.root, 'hidden'), 0o644)        # its index.html cannot be reached
+        os.chmod(os.path.join(server.root, 'unreadable'), 0o311)    # searchable, not readable
+        server.start()
+        self.addCleanup(server.stop)
+        for target in ('/noexec/', '/noexec/?sort=size', '/noexec/?format=json', '/noexec/a.jpg',
+                       '/hidden/', '/hidden/index.html', '/hidden/secret-name.jpg', '/unreadable/'):
+            with self.subTest(target=target):
+                status, headers, body = server.get(target)
+                self.assertEqual(status, 403, body[:300])
+                self.assertNotIn(b'secret-name', body)
+        self.assertEqual(server.get('/unreadable/a.jpg')[:3:2], (200, b'A'))
+        self.assertEqual(server.get('/open/')[0], 200)
 
 
 class HousekeepingAndHeadTests(unittest.TestCase):

@@ -1036,7 +1036,7 @@ def respond_pure(req, rng):
     if not isinstance(relative, str) or relative.startswith('/') or '..' in relative.split('/') \
             or '\x00' in relative or '\\' in relative:
         raise Invariant('map_target(%r) gave %r' % (req.target, relative))
-    if relative in DIRECTORIES and not trailing:
+    if relative in DIRECTORIES and not raw_path.endswith(b'/'):
         # Worker.respond_directory answers 301 with this Location: it must be a valid field
         # value, and a path on this site (never '//host' or a scheme: an open redirect).
         location = agent.directory_location(relative, query)
