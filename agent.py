@@ -291,13 +291,12 @@ class Request:
         self.version = version          # (1, 1)
         self.headers = headers
         self.line = line                # the request line, for the access log
-        tokens = headers.get('connection')
-        if tokens is None:
+        field = headers.get('connection')
+        if field is None:
             self.keep_alive = version >= (1, 1)
-        elif version >= (1, 1):
-            self.keep_alive = 'close' not in tokens.lower()
         else:
-            self.keep_alive = 'keep-alive' in tokens.lower()
+            tokens = [token.strip() for token in field.lower().split(',')]
+            self.keep_alive = 'close' not in tokens if version >= (1, 1) else 'keep-alive' in tokens
         self.body_length = 0            # of a Content-Length body
         self.chunked = False            # Transfer-Encoding: chunked
 

@@ -3468,7 +3468,13 @@ class RequestParsingTests(unittest.TestCase):
         cases = [(b'HTTP/1.1', b'', True), (b'HTTP/1.1', b'Connection: close\r\n', False),
                  (b'HTTP/1.1', b'Connection: Keep-Alive, Close\r\n', False),
                  (b'HTTP/1.0', b'', False), (b'HTTP/1.0', b'Connection: keep-alive\r\n', True),
-                 (b'HTTP/1.0', b'Connection: Keep-Alive\r\n', True)]
+                 (b'HTTP/1.0', b'Connection: Keep-Alive\r\n', True),
+                 # Connection is a list of tokens (RFC 9110 section 7.6.1), not a substring
+                 (b'HTTP/1.1', b'Connection: x-closed-caption\r\n', True),
+                 (b'HTTP/1.1', b'Connection: upgrade , close \r\n', False),
+                 (b'HTTP/1.1', b'Connection: x\r\nConnection: close\r\n', False),
+                 (b'HTTP/1.0', b'Connection: no-keep-alive\r\n', False),
+                 (b'HTTP/1.0', b'Connection: te,keep-alive\r\n', True)]
         for version, header, expected in cases:
             req, _ = self.parse(b'GET / ' + version + b'\r\nHost: x\r\n' + header + b'\r\n')
             self.assertEqual(req.keep_alive, expected, (version, header))
