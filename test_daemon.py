@@ -7743,7 +7743,11 @@ class SystemdUnitTests(ServiceToolTestCase):
         self.assertEqual(settings['NotifyAccess'], ['main'])
         self.assertTrue(settings['ExecStart'][0].endswith(' run'), 'the service must not fork away')
         self.assertIn('--pidfile /run/agent/agent.pid', settings['ExecStart'][0])
-        self.assertEqual(settings['ExecReload'], ['/bin/kill -HUP $MAINPID'])
+        # A reload waits for the agent's verdict, with the pidfile of ExecStart: a failed one
+        # fails `systemctl reload` (bench/systemd_test.py checks it under systemd).
+        pidfile = re.search(r'--pidfile (\S+)', settings['ExecStart'][0]).group(1)
+        self.assertEqual(settings['ExecReload'], [settings['ExecStart'][0].split(' --')[0] +
+                                                  ' --pidfile %s reload' % pidfile])
         self.assertEqual(settings['CapabilityBoundingSet'], [''])
         for key, value in (('NoNewPrivileges', 'yes'), ('ProtectSystem', 'strict'),
                            ('ProtectHome', 'yes'), ('PrivateTmp', 'yes'), ('Restart', 'on-failure'),

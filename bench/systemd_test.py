@@ -18,7 +18,9 @@ inside (--inside) and checks, with systemctl and journalctl:
     on the first connection over IPv4 and IPv6 (one listening socket: systemd's); crash restart;
     logrotate and USR1; the LSB init script through systemd's sysv generator; the
     `systemd-analyze security` score; no warning from the agent in the journal; a watchdog
-    restart; a dead worker filed as a warning (priority 4) in the journal.
+    restart; a dead worker filed as a warning (priority 4) in the journal; over HTTPS, a
+    reload with a certificate that does not parse fails `systemctl reload` (an error in the
+    journal, the old workers serving on), and succeeds once the file is fixed.
 
 The container is powered off, the overlay unmounted and the run's directory removed, also on
 failure.  Exit status: 0 all passed, 1 a check failed, 77 this machine cannot run the test
@@ -85,9 +87,10 @@ def debian_mirror():
 def preflight():
     if os.geteuid() != 0:
         raise CannotRun('needs root (debootstrap, mount, systemd-nspawn)')
-    for tool in ('systemd-nspawn', 'debootstrap', 'nsenter', 'mount'):
+    for tool in ('systemd-nspawn', 'debootstrap', 'nsenter', 'mount', 'openssl'):
         if not shutil.which(tool, path=os.environ.get('PATH', '') + ':/usr/sbin:/sbin'):
-            raise CannotRun('%s is not installed (Debian: systemd-container, debootstrap, util-linux)' % tool)
+            raise CannotRun('%s is not installed (Debian: systemd-container, debootstrap, '
+                            'util-linux, openssl)' % tool)
     with open('/proc/filesystems') as f:
         if 'overlay' not in f.read():
             raise CannotRun('the kernel has no overlayfs (modprobe overlay)')
@@ -132,6 +135,12 @@ def install_project(root):
     os.chmod(os.path.join(root, 'etc/init.d/agentlsb'), 0o755)
     with open(os.path.join(root, 'etc/default/agent'), 'w') as f:
         f.write('PORT=9086\nPIDFILE=/run/agentlsb/agent.pid\nLOGDIR=/var/log/agentlsb\n')
+    # A certificate for the HTTPS checks (the container has no openssl): self-signed, for
+    # localhost; installed for the user agent inside, as README says.
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2',
+                    '-subj', '/CN=localhost', '-keyout', os.path.join(root, 'root/tls.key'),
+                    '-out', os.path.join(root, 'root/tls.crt')],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shutil.copy(os.path.abspath(__file__), os.path.join(root, 'root/systemd_test.py'))
     shutil.copy(os.path.join(HERE, 'harness.py'), os.path.join(root, 'root/harness.py'))
     # No getty on the console: nothing in the container waits for a login.
@@ -576,6 +585,51 @@ def inside_main():
           'journal: a dead worker is a warning (PRIORITY=4, prefix stripped)', died())
     sh('systemctl', 'stop', 'agent.service', timeout=30)
     os.remove(dropin)
+    sh('systemctl', 'daemon-reload')
+
+    # Also last (errors on purpose): a reload that fails -- here a certificate that does not
+    # parse -- fails `systemctl reload` (ExecReload waits for the agent's verdict), and the
+    # service goes on as it was, on its old certificate.
+    print('a reload that fails', flush=True)
+    sh('install', '-d', '-o', 'root', '-g', 'agent', '-m', '750', '/etc/agent/tls')
+    for name in ('tls.crt', 'tls.key'):
+        sh('install', '-o', 'agent', '-g', 'agent', '-m', '600', '/root/' + name, '/etc/agent/tls/' + name)
+    tls_dropin = '/etc/systemd/system/agent.service.d/tls.conf'
+    with open(tls_dropin, 'w') as f:
+        f.write('[Service]\nExecStart=\nExecStart=/usr/bin/python3 /opt/agent/agent.py --root /srv/images '
+                '--bind 127.0.0.1 --port 9443 --tls-cert /etc/agent/tls/tls.crt --tls-key '
+                '/etc/agent/tls/tls.key --pidfile /run/agent/agent.pid --access-log '
+                '/var/log/agent/access.log run\nReadOnlyPaths=/etc/agent/tls\n')
+    sh('systemctl', 'daemon-reload')
+    sh('systemctl', 'start', 'agent.service', timeout=60)
+    https = ['curl', '-s', '-k', '-o', '/dev/null', '-w', '%{http_code}', 'https://127.0.0.1:9443/small.jpg']
+    check(sh(*https, check=False) == '200', 'tls: serves HTTPS')
+    main = int(show('agent.service', 'MainPID')['MainPID'])
+    workers, mark = children(main), cursor()
+    with open('/etc/agent/tls/tls.crt', 'w') as f:
+        f.write('not a certificate\n')
+    result = subprocess.run(['systemctl', 'reload', 'agent.service'], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=60)
+    check(result.returncode != 0, 'failed reload: systemctl reload fails', result.stdout)
+    state = show('agent.service', 'ActiveState', 'SubState', 'MainPID')
+    check(state['SubState'] == 'running' and int(state['MainPID']) == main,
+          'failed reload: still running, same MainPID', state)
+    check(children(main) == workers, 'failed reload: the old workers go on', (workers, children(main)))
+    check(sh(*https, check=False) == '200', 'failed reload: still serves HTTPS')
+    out = sh('journalctl', '--no-pager', '-o', 'json', '--after-cursor', mark, '-u', 'agent.service')
+    entries = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
+    said = [(e.get('PRIORITY'), e.get('MESSAGE')) for e in entries if isinstance(e.get('MESSAGE'), str)
+            and 'reload failed: TLS certificate /etc/agent/tls/tls.crt' in e['MESSAGE']]
+    check([p for p, _ in said][:1] == ['3'], 'failed reload: an error in the journal, naming the file', said)
+    sh('install', '-o', 'agent', '-g', 'agent', '-m', '600', '/root/tls.crt', '/etc/agent/tls/tls.crt')
+    result = subprocess.run(['systemctl', 'reload', 'agent.service'], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=60)
+    check(result.returncode == 0, 'fixed, reloaded: systemctl reload succeeds', result.stdout)
+    check(wait_until(lambda: not set(workers) & set(children(main)) and len(children(main)) == 2),
+          'fixed, reloaded: workers replaced', children(main))
+    check(sh(*https, check=False) == '200', 'fixed, reloaded: serves HTTPS')
+    sh('systemctl', 'stop', 'agent.service', timeout=30)
+    os.remove(tls_dropin)
     sh('systemctl', 'daemon-reload')
     print('inside: %d failure(s)%s' % (len(failures), (': ' + '; '.join(failures)) if failures else ''), flush=True)
     return 1 if failures else 0
