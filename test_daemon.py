@@ -7510,7 +7510,9 @@ class InitScriptTests(ServiceToolTestCase):
             result = run(args)
             self.assertEqual(result.returncode, 0, '%s: %s' % (shell, result.stderr))
 
-    def test_start_status_reload_restart_stop(self):
+    def init_script(self, daemon_args='--workers 2'):
+        """The script run as `service` would, with a /etc/default/agent fragment of our own:
+        (init(action) -> (code, output), pidfile, log, serves() -> the agent answers)."""
         self.eco_tool('start-stop-daemon', 'dpkg')
         tmp = self.eco_tmp()
         root = os.path.join(tmp, 'www')
@@ -7532,8 +7534,8 @@ class InitScriptTests(ServiceToolTestCase):
                 LOGDIR=%s
                 AGENT_USER=
                 STOP_TIMEOUT=5
-                DAEMON_ARGS="--workers 2"
-                ''' % (os.path.realpath(PYTHON), AGENT, root, pidfile, logdir)))
+                DAEMON_ARGS="%s"
+                ''' % (os.path.realpath(PYTHON), AGENT, root, pidfile, logdir, daemon_args)))
         # `service` runs init scripts with an almost empty environment; so does this test.
         env = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'AGENT_DEFAULTS': defaults,
                'SYSTEMCTL_SKIP_REDIRECT': '1'}
@@ -7547,7 +7549,35 @@ class InitScriptTests(ServiceToolTestCase):
         def serves():
             port = self.eco_port_in(self.eco_read(log))
             return port is not None and self.eco_get(port, '/i.jpg') == (200, b'INIT')
+        return init, pidfile, log, serves
 
+    def test_a_reload_that_fails_fails(self):
+        """reload waits for the agent's verdict: a certificate that does not parse fails it,
+        saying why, and the old workers go on (it only sent a SIGHUP, and always said ok)."""
+        tls_tool(self, 'openssl')
+        tls = self.eco_tmp()
+        cert, key = os.path.join(tls, 'tls.crt'), os.path.join(tls, 'tls.key')
+        tls_make_leaf(tls, tls_make_ca(tls), 7, cert, key)
+        init, pidfile, log, _ = self.init_script('--workers 2 --tls-cert %s --tls-key %s' % (cert, key))
+        code, out = init('start')
+        self.assertEqual(code, 0, out)
+        master = read_pid(pidfile)
+        workers = set(children_of(master))
+        with open(cert, 'w') as f:
+            f.write('not a certificate\n')
+        code, out = init('reload')
+        self.assertEqual(code, 1, out)
+        self.assertIn(cert, out)
+        self.assertEqual(set(children_of(master)), workers, 'the old workers were replaced')
+        tls_make_leaf(tls, tls_make_ca(tls), 8, cert, key)
+        code, out = init('reload')
+        self.assertEqual(code, 0, out)
+        wait_for(lambda: not workers & set(children_of(master)), timeout=self.DEADLINE,
+                 message='a new generation of workers')
+        self.assertEqual(init('stop')[0], 0)
+
+    def test_start_status_reload_restart_stop(self):
+        init, pidfile, log, serves = self.init_script()
         self.assertEqual(init('status')[0], 3)
         self.assertEqual(init('reload')[0], 7)
         self.assertEqual(init('upgrade')[0], 7)
