@@ -258,9 +258,6 @@ REASONS = {
     505: 'HTTP Version Not Supported',
 }
 STATUS_LINES = {code: b'HTTP/1.1 %d %s\r\n' % (code, reason.encode()) for code, reason in REASONS.items()}
-ERROR_BODIES = {code: ('<!DOCTYPE html>\n<html><head><title>%d %s</title></head>\n'
-                       '<body><h1>%d %s</h1></body></html>\n' % (code, reason, code, reason)).encode()
-                for code, reason in REASONS.items() if code >= 300 and code != 304}
 COMMON_HEADERS = b'Server: ' + SERVER + b'\r\nX-Content-Type-Options: nosniff\r\n'
 
 # ---------------------------------------------------------------------------------------------
@@ -1012,10 +1009,50 @@ def response_head(status, date, fields, keep_alive, version, common=COMMON_HEADE
                      connection_field(keep_alive, version), b'\r\n'))
 
 
+# The pages of errors and redirects: small, in the gallery's colours, with its icon (without
+# one a browser asks for /favicon.ico, and logs a second 404), and for an error a way on: the
+# nearest folder above the address that the server would list (Responder.error_body), and Home.
+GALLERY_ICON = ('data:image/svg+xml,%3Csvg xmlns=%22http://www.w3.org/2000/svg%22 viewBox=%220 0 16 16%22%3E'
+                '%3Crect width=%2216%22 height=%2216%22 rx=%223%22 fill=%22%230b62c4%22/%3E%3Cpath d=%22M2 '
+                '13l4-5 3 3 2-2 3 4z%22 fill=%22%23fff%22/%3E%3Ccircle cx=%2211%22 cy=%225%22 r=%221.6%22 '
+                'fill=%22%23fff%22/%3E%3C/svg%3E')
+ERROR_STYLE = ('body{margin:0;padding:32px clamp(16px,4vw,40px);background:#f6f6f4;color:#1c1c1e;'
+               'font:16px/1.5 system-ui,sans-serif;overflow-wrap:anywhere}h1{font-size:1.4rem;margin:0 0 8px}'
+               'a{color:#0b62c4}@media (prefers-color-scheme:dark){body{background:#111113;color:#ececef}'
+               'a{color:#74b4ff}}')
+ERROR_TEXTS = {403: 'The server may not show this.', 404: 'There is nothing at this address.',
+               416: 'The requested range lies outside the file.',
+               500: 'The server failed to answer; the error is in its log.'}
+
+
+def error_page(status, folder=None):
+    """The HTML of an error (or redirect) page: for an error, links to folder (a URL path that
+    ends in '/', not quoted) unless it is the root, and to Home."""
+    reason = REASONS[status]
+    text = '<p>%s</p>\n' % ERROR_TEXTS[status] if status in ERROR_TEXTS else ''
+    if status >= 400:
+        if folder and folder != '/':
+            text += '<p>Go to <a href="%s">%s</a> or <a href="/">Home</a>.</p>\n' % (
+                escape_html(urllib.parse.quote(folder)), escape_html(folder))
+        else:
+            text += '<p>Go to <a href="/">Home</a>.</p>\n'
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            '<meta name="color-scheme" content="light dark">\n<title>%d %s</title>\n'
+            '<link rel="icon" href="%s">\n<style>%s</style>\n</head><body>\n<h1>%d %s</h1>\n%s</body></html>\n'
+            % (status, reason, GALLERY_ICON, ERROR_STYLE, status, reason, text)).encode('utf-8')
+
+
+ERROR_BODIES = {code: error_page(code) for code in REASONS if code >= 300 and code != 304}
+ERROR_FOLDER_HOPS = 8           # folders looked for above a missing path before Home alone
+
+
 def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_only=False,
-                   common=COMMON_HEADERS):
-    """The bytes of a complete error (or redirect) response."""
-    body = ERROR_BODIES.get(status, b'')
+                   common=COMMON_HEADERS, body=None):
+    """The bytes of a complete error (or redirect) response; body: the page, if not the
+    status's own (ERROR_BODIES)."""
+    if body is None:
+        body = ERROR_BODIES.get(status, b'')
     head = response_head(status, date, b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
                          % len(body) + headers, keep_alive, version, common)
     return head if head_only else head + body
@@ -1444,10 +1481,6 @@ GALLERY_SCRIPT_HASH = "'sha256-4wHKeQLQPhYL2PvG8rgQS6UZdDi/YaAzej8a/QDdejo='"
 # stays valid), images from this server, and no way to load or send anything elsewhere.
 GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "
                "base-uri 'none'; form-action 'none'" % (GALLERY_STYLE_HASH, GALLERY_SCRIPT_HASH))
-GALLERY_ICON = ('data:image/svg+xml,%3Csvg xmlns=%22http://www.w3.org/2000/svg%22 viewBox=%220 0 16 16%22%3E'
-                '%3Crect width=%2216%22 height=%2216%22 rx=%223%22 fill=%22%230b62c4%22/%3E%3Cpath d=%22M2 '
-                '13l4-5 3 3 2-2 3 4z%22 fill=%22%23fff%22/%3E%3Ccircle cx=%2211%22 cy=%225%22 r=%221.6%22 '
-                'fill=%22%23fff%22/%3E%3C/svg%3E')
 
 
 def parse_query(query):
@@ -2090,10 +2123,12 @@ class Connection:
             try:
                 worker.respond(self, req)
             except HTTPError as exc:
-                self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD')
+                self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD',
+                                   body=None if self.redirect else worker.responder.error_body(req, exc.status))
             except Exception:
                 log('worker: error answering %r:\n%s' % (req.line, traceback.format_exc().rstrip()), priority=LOG_ERR)
-                self.respond_error(500, close=True)
+                self.respond_error(500, close=True, head_only=req.method == b'HEAD',
+                                   body=worker.responder.error_body(req, 500))
 
     # -- SENDING --
 
@@ -2115,16 +2150,18 @@ class Connection:
         self.deadline = self.worker.now + self.worker.idle_timeout
         self.send()
 
-    def respond_error(self, status, headers=b'', close=False, head_only=False):
+    def respond_error(self, status, headers=b'', close=False, head_only=False, body=None):
         if close:
             self.keep_alive = False
         worker = self.worker
+        if body is None:
+            body = ERROR_BODIES.get(status, b'')
         data = error_response(status, worker.date, self.keep_alive, self.version, headers, head_only,
-                              COMMON_HEADERS if self.redirect else worker.common_headers)
+                              COMMON_HEADERS if self.redirect else worker.common_headers, body)
         self.status = status
         self.sent = 0
         self.out = data
-        self.body_in_out = 0 if head_only else len(ERROR_BODIES.get(status, b''))
+        self.body_in_out = 0 if head_only else len(body)
         self.state = SENDING
         self.deadline = worker.now + worker.idle_timeout
         self.send()
@@ -2583,6 +2620,32 @@ class Responder:
             return os.fstat(handle)
         finally:
             os.close(handle)
+
+    def error_body(self, req, status):
+        """The page of an error answering req: with a link to the nearest folder above the
+        requested path (at most ERROR_FOLDER_HOPS up) that the server would list (a directory
+        in the root, not a dot folder: the path is normalised), else to Home only.  Never
+        raises: the page of a 500 comes through here too."""
+        if status < 400 or not self.listing:
+            return ERROR_BODIES.get(status, b'')
+        try:
+            parts = map_target(req.target)[0].split('/')[:-1]
+            for depth in range(len(parts), max(0, len(parts) - ERROR_FOLDER_HOPS), -1):
+                relative = '/'.join(parts[:depth])
+                try:
+                    fd = os.open(self.root + '/' + relative, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except (OSError, ValueError):
+                    continue
+                try:
+                    self.check_confined(fd)
+                    return error_page(status, '/' + relative + '/')
+                except HTTPError:
+                    continue
+                finally:
+                    os.close(fd)
+        except Exception:
+            pass                    # an unmappable target (400, 404): Home is the way on
+        return ERROR_BODIES.get(status, b'')
 
     def check_confined(self, fd):
         """404 unless the open descriptor fd lies inside the root (or --follow-symlinks)."""

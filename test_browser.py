@@ -267,6 +267,22 @@ class GalleryBrowserTests(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline, driver.current_url)
             time.sleep(0.05)
 
+    def test_error_page_leads_back_and_asks_for_nothing_more(self):
+        """A dead link: the page's own 404 is the only error in the console (no request for
+        /favicon.ico), and its link leads to the folder the missing photo would be in."""
+        from selenium.webdriver.common.by import By
+        self.open('/camera/no/such/IMG_9999.jpg')
+        self.assertEqual(self.driver.title, '404 Not Found')
+        self.assertEqual(self.js('document.documentElement.lang'), 'en')
+        self.assertEqual(self.js('document.documentElement.scrollWidth <= innerWidth'), True)
+        errors = [e['message'] for e in self.driver.get_log('browser') if e['level'] in ('SEVERE', 'WARNING')]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn('/camera/no/such/IMG_9999.jpg', errors[0])
+        self.assertEqual(self.js('performance.getEntriesByType("resource").map(e => e.name)'), [])
+        self.driver.find_element(By.LINK_TEXT, '/camera/').click()
+        self.wait('location.pathname === "/camera/" && document.readyState === "complete"')
+        self.assertEqual(self.js('document.querySelectorAll("a.g").length'), CAMERA_PHOTOS)
+
     def test_screenshot(self):
         """A picture of the camera folder, for people: saved on every run."""
         self.open('/camera/')

@@ -4143,6 +4143,24 @@ class AccessLogAndPageTests(unittest.TestCase):
             self.assertIn('loading="lazy"', img)
         self.assertFalse(any('notes.txt' in img for img in imgs))
 
+    def test_error_pages(self):
+        """Every error page: small, in the gallery's style, an icon (no /favicon.ico request), a
+        sentence for the common ones, and links on: a folder given (escaped), and Home."""
+        for status in (400, 403, 404, 405, 412, 414, 416, 431, 500, 501, 503, 505):
+            page = agent.ERROR_BODIES[status].decode('utf-8')
+            self.assertIn('<html lang="en">', page)
+            self.assertIn('<title>%d %s</title>' % (status, agent.REASONS[status]), page)
+            self.assertIn('<link rel="icon" href="data:', page)
+            self.assertIn('<a href="/">Home</a>', page)
+            self.assertLess(len(page), 2048)
+        for status in (403, 404, 416, 500):
+            self.assertRegex(agent.ERROR_BODIES[status].decode(), r'</h1>\s*<p>[A-Z][^<]+\.</p>')
+        page = agent.error_page(404, '/a b/<i>&"/').decode('utf-8')
+        self.assertIn('<a href="/a%20b/%3Ci%3E%26%22/">/a b/&lt;i&gt;&amp;&quot;/</a>', page)
+        self.assertIn('<a href="/">Home</a>', page)
+        self.assertNotIn('<i>', page)
+        self.assertEqual(agent.error_page(404, '/'), agent.ERROR_BODIES[404])
+
     def test_content_type(self):
         for name, expected in HttpServerTests.TYPES:
             self.assertIn(agent.content_type('x' + name).split(';')[0].strip(), expected, name)
@@ -5711,6 +5729,49 @@ class GalleryValidatorServerTests(SharedAgentTestCase):
         self.assertEqual(renamed.status, 200)
         self.assertIn(b'drei.jpg', renamed.body)
         self.assertNotIn(b'three.jpg', renamed.body)
+
+
+class ErrorPageServerTests(SharedAgentTestCase):
+    """What someone who follows a dead link meets: a small page in the gallery's language and
+    style, with an icon (or the browser asks for /favicon.ico and logs another 404) and a way
+    on: the nearest folder above the address that the server lists, and Home."""
+
+    @classmethod
+    def make_files(cls):
+        make_outside_files(cls)
+        write_file(cls.server.root, 'photos/2024/pic.png', b'PIC')
+        write_file(cls.server.root, 'odd <b>&"/x.jpg', b'X')
+
+    def page_links(self, body):
+        import html as html_module
+        return [html_module.unescape(h) for h in re.findall(r'href="([^"]*)"', body.decode())
+                if not h.startswith('data:')]
+
+    def test_error_pages_link_the_nearest_listed_folder(self):
+        cases = [('/photos/2024/missing.jpg', (), 404, ['/photos/2024/', '/']),
+                 ('/photos/2024/no/such/deep/folder/x.jpg', (), 404, ['/photos/2024/', '/']),
+                 ('/photos/2024/pic.png/', (), 404, ['/photos/2024/', '/']),
+                 ('/photos/2024/pic.png', ('Range: bytes=999-',), 416, ['/photos/2024/', '/']),
+                 ('/missing.jpg', (), 404, ['/']),
+                 ('/.hiddendir/x.jpg', (), 404, ['/']),                  # never a link to a dot folder
+                 ('/link-out-dir/missing.jpg', (), 404, ['/']),          # nor one out of the root
+                 ('/odd%20%3Cb%3E%26%22/missing.jpg', (), 404, ['/odd%20%3Cb%3E%26%22/', '/']),
+                 ('/%3Cscript%3E/x.jpg', (), 404, ['/'])]
+        for target, headers, status, links in cases:
+            response = self.get(target, *headers)
+            self.assert_error_page(response, status)
+            body = response.body.decode('utf-8')
+            self.assertEqual(self.page_links(response.body), links, target)
+            self.assertIn('<html lang="en">', body)
+            self.assertIn('<meta charset="utf-8">', body)
+            self.assertIn('name="viewport"', body)
+            self.assertRegex(body, r'<link rel="icon" href="data:image/svg\+xml,[^"]+">')
+            self.assertNotIn('<b>', body)
+            self.assertNotIn('<script', body)
+            head = self.get(target, *headers, method='HEAD')
+            self.assertEqual(head.headers['content-length'], str(len(response.body)), target)
+        for link in ('/photos/2024/', '/odd%20%3Cb%3E%26%22/'):          # the links lead somewhere
+            self.assertEqual(self.get(link).status, 200, link)
 
 
 class ResponseHeadTests(SharedAgentTestCase):
