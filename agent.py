@@ -1363,7 +1363,7 @@ class ImageInfoCache:
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 2             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 3             # part of every page's ETag: change it when the markup changes
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
@@ -1740,6 +1740,8 @@ def gallery_page(url_path, listing, infos=None):
     infos = infos or {}
     crumbs = [p for p in url_path.split('/') if p]
     title = escape_html(crumbs[-1] if crumbs else 'Home')
+    if listing.pages > 1:
+        title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
     heading = ['<a href="/">Home</a>']
     for i, part in enumerate(crumbs):
         href = escape_html('/' + '/'.join(urllib.parse.quote(p) for p in crumbs[:i + 1]) + '/')

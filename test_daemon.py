@@ -5377,6 +5377,11 @@ class GalleryPureTests(unittest.TestCase):
         self.assertIn('href="?page=3"', page)
         self.assertEqual(len(re.findall('<figure>', page)), 200)
         self.assertEqual(agent.gallery_listing([], 'name', 5).pages, 1)
+        # Each page has its own title (tabs, history, bookmarks); one page needs no number.
+        titles = [re.search('<title>(.*)</title>', agent.gallery_page('/a/b/', agent.gallery_listing(
+            entries, 'name', number)).decode()).group(1) for number in (1, 2, 3)]
+        self.assertEqual(titles, ['b \u2013 page 1 of 3', 'b \u2013 page 2 of 3', 'b \u2013 page 3 of 3'])
+        self.assertIn('<title>Home</title>', agent.gallery_page('/', agent.gallery_listing(entries[:5])).decode())
 
     def test_query_strictness(self):
         options = agent.gallery_options
