@@ -1385,8 +1385,9 @@ margin:0 0 18px}
 background:var(--chip);color:var(--fg)}
 .sort strong{background:var(--fg);color:var(--bg);font-weight:500}
 .dirs{list-style:none;display:flex;flex-wrap:wrap;gap:8px;padding:0;margin:0 0 18px}
+.dirs li{min-width:0;max-width:100%}
 .dirs a{display:block;padding:7px 14px 7px 12px;border-radius:8px;background:var(--card);
-border:1px solid var(--line);color:var(--fg);font-weight:500}
+border:1px solid var(--line);color:var(--fg);font-weight:500;overflow-wrap:anywhere}
 .dirs a:before{content:"";display:inline-block;width:16px;height:11px;margin-right:8px;
 border-radius:2px 3px 3px 3px;background:var(--accent);opacity:.75;vertical-align:-1px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(172px,1fr));gap:14px;margin:0 0 24px}
@@ -1475,7 +1476,7 @@ GALLERY_SCRIPT = """
 # Written out, not computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of
 # RSS each); test_daemon.py checks them against hashlib, and the browser test would see a
 # blocked script.  Change the style or the script, and these change with them.
-GALLERY_STYLE_HASH = "'sha256-Gt2vW/+FiVmhTxNJvnWgyQwMBO0tuCI6e8eZmiGXq0Q='"
+GALLERY_STYLE_HASH = "'sha256-iyM1Sa24rzKVnFwJZnM5Jhtdfd2a1qsl+4mH5NqjCC4='"
 GALLERY_SCRIPT_HASH = "'sha256-4wHKeQLQPhYL2PvG8rgQS6UZdDi/YaAzej8a/QDdejo='"
 # The page's own policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.

@@ -31,6 +31,7 @@ CAMERA_PHOTOS = 50
 PLAIN_IMAGES = 200         # one page; Chrome loads lazy images within ~1250-2500 px of the view
 MANY = 230
 DEADLINE = 20.0
+LONG = 'Sommerferien_am_Gardasee_' * 6
 # An SVG whose script, if it ever runs, marks the document and asks this server for a file.
 SCRIPTED_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" width="40" height="30"><rect width="40" height="30" '
                 b'fill="#0b62c4"/><script>document.documentElement.setAttribute("data-ran", "1");'
@@ -77,6 +78,15 @@ def make_folders(root):
     os.makedirs(vector)
     with open(os.path.join(vector, 'script.svg'), 'wb') as f:
         f.write(SCRIPTED_SVG)
+    # Names with no place to break, as cameras and exports make them: a phone must not scroll
+    # sideways to read them.
+    deep = os.path.join(root, 'long', LONG, LONG)
+    os.makedirs(deep)
+    for folder in (os.path.join(root, 'long'), deep):
+        with open(os.path.join(folder, LONG + '.png'), 'wb') as f:
+            f.write(samples.sample_png(40, 30))
+        with open(os.path.join(folder, LONG + '.txt'), 'wb') as f:
+            f.write(b'notes\n')
     many = os.path.join(root, 'many')
     os.makedirs(many)
     for i in range(MANY):
@@ -282,6 +292,17 @@ class GalleryBrowserTests(unittest.TestCase):
         self.driver.find_element(By.LINK_TEXT, '/camera/').click()
         self.wait('location.pathname === "/camera/" && document.readyState === "complete"')
         self.assertEqual(self.js('document.querySelectorAll("a.g").length'), CAMERA_PHOTOS)
+
+    def test_long_names_fit_a_phone(self):
+        """At 360 CSS pixels nothing scrolls sideways: folder chips, captions, file rows and the
+        breadcrumbs of a deep folder wrap or cut their long names."""
+        self.driver.execute_cdp_cmd('Emulation.setDeviceMetricsOverride',
+                                    {'width': 360, 'height': 740, 'deviceScaleFactor': 1, 'mobile': False})
+        self.addCleanup(self.driver.execute_cdp_cmd, 'Emulation.clearDeviceMetricsOverride', {})
+        for path in ('/long/', '/long/%s/%s/' % (LONG, LONG), '/long/%s/missing/%s.jpg' % (LONG, LONG)):
+            self.open(path)
+            self.assertEqual(self.js('innerWidth'), 360)
+            self.assertLessEqual(self.js('document.documentElement.scrollWidth'), 360, path)
 
     def test_screenshot(self):
         """A picture of the camera folder, for people: saved on every run."""
