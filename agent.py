@@ -1377,6 +1377,8 @@ GALLERY_STYLE = """
 body{margin:0;padding:20px clamp(12px,3vw,36px) 40px;background:var(--bg);color:var(--fg);
 font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans",sans-serif}
 a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
+a:focus-visible,button:focus-visible{outline:2px solid var(--accent);outline-offset:2px}
+figure a:focus-visible{outline-width:3px;outline-offset:-3px}figure:has(a:focus-visible){box-shadow:0 0 0 3px var(--accent)}
 h1{font-size:1.4rem;font-weight:650;margin:0 0 6px;overflow-wrap:anywhere}
 h1 a{color:inherit}h1 span{color:var(--muted);font-weight:400;margin:0 .3em}
 .bar{display:flex;flex-wrap:wrap;align-items:center;gap:6px 18px;color:var(--muted);font-size:.875rem;
@@ -1476,7 +1478,7 @@ GALLERY_SCRIPT = """
 # Written out, not computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of
 # RSS each); test_daemon.py checks them against hashlib, and the browser test would see a
 # blocked script.  Change the style or the script, and these change with them.
-GALLERY_STYLE_HASH = "'sha256-iyM1Sa24rzKVnFwJZnM5Jhtdfd2a1qsl+4mH5NqjCC4='"
+GALLERY_STYLE_HASH = "'sha256-z7E08Mf/QdDUgEeu3+K7IYdO1PNjmmV61KpFqhyt5QM='"
 GALLERY_SCRIPT_HASH = "'sha256-4wHKeQLQPhYL2PvG8rgQS6UZdDi/YaAzej8a/QDdejo='"
 # The page's own policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.

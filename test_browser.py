@@ -304,6 +304,33 @@ class GalleryBrowserTests(unittest.TestCase):
             self.assertEqual(self.js('innerWidth'), 360)
             self.assertLessEqual(self.js('document.documentElement.scrollWidth'), 360, path)
 
+    def test_keyboard_focus_is_visible(self):
+        """Tab through the page: every link that takes the focus shows a focus ring that no
+        box around it cuts off (a photo's card clips its picture)."""
+        from selenium.webdriver.common.keys import Keys
+        self.open('/camera/')
+        seen = set()
+        for _ in range(12):
+            self.driver.switch_to.active_element.send_keys(Keys.TAB)
+            problem = self.js("""(function (e) {
+                var s = getComputedStyle(e), r = e.getBoundingClientRect();
+                if (!e.matches(':focus-visible')) return e.outerHTML.slice(0, 60) + ': not :focus-visible';
+                if (s.outlineStyle === 'none') return e.outerHTML.slice(0, 60) + ': no outline';
+                var out = parseFloat(s.outlineOffset) + parseFloat(s.outlineWidth);
+                for (var p = e.parentElement; p; p = p.parentElement) {
+                    if (getComputedStyle(p).overflow === 'visible') continue;
+                    var q = p.getBoundingClientRect();
+                    if (r.left - out < q.left - 0.5 || r.top - out < q.top - 0.5 ||
+                        r.right + out > q.right + 0.5 || r.bottom + out > q.bottom + 0.5)
+                        return e.outerHTML.slice(0, 60) + ': its outline is cut by ' + p.localName;
+                }
+                return '';
+            })(document.activeElement)""")
+            self.assertEqual(problem, '')
+            seen.add(self.js('document.activeElement.className || document.activeElement.localName'))
+        self.assertIn('g', seen)            # the photos were reached
+        self.assert_clean_console()
+
     def test_screenshot(self):
         """A picture of the camera folder, for people: saved on every run."""
         self.open('/camera/')
