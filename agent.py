@@ -1396,6 +1396,8 @@ border-radius:2px 3px 3px 3px;background:var(--accent);opacity:.75;vertical-alig
 figure{margin:0;background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden}
 figure a{display:block;aspect-ratio:4/3;background:var(--chip)}
 figure img{display:block;width:100%;height:100%;object-fit:cover}
+.broken img{display:none}.broken a{display:flex;align-items:center;justify-content:center}
+.broken a:after{content:"no preview";color:var(--muted);font-size:.8rem}
 figcaption{padding:7px 10px 9px;font-size:.8rem;line-height:1.35}
 figcaption strong{display:block;font-weight:500;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 figcaption span{color:var(--muted)}
@@ -1422,6 +1424,18 @@ background:rgba(255,255,255,.14);color:#fff;font:28px/46px sans-serif}
 
 GALLERY_SCRIPT = """
 (function () {
+  // A picture that fails: an embedded thumbnail gives way to the photo, else a placeholder.
+  function failed(img) {
+    var a = img.parentNode;
+    if (/[?]thumb$/.test(img.getAttribute('src'))) img.src = a.getAttribute('href');
+    else a.parentNode.classList.add('broken');
+  }
+  document.addEventListener('error', function (e) {
+    if (e.target.localName === 'img' && e.target.closest('main')) failed(e.target);
+  }, true);
+  Array.prototype.forEach.call(document.querySelectorAll('main img'), function (img) {
+    if (img.complete && img.currentSrc && !img.naturalWidth) failed(img);
+  });
   var links = Array.prototype.slice.call(document.querySelectorAll('a.g'));
   if (!links.length) return;
   var box = document.createElement('div'), img = new Image(), text = document.createElement('p');
@@ -1478,8 +1492,8 @@ GALLERY_SCRIPT = """
 # Written out, not computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of
 # RSS each); test_daemon.py checks them against hashlib, and the browser test would see a
 # blocked script.  Change the style or the script, and these change with them.
-GALLERY_STYLE_HASH = "'sha256-z7E08Mf/QdDUgEeu3+K7IYdO1PNjmmV61KpFqhyt5QM='"
-GALLERY_SCRIPT_HASH = "'sha256-4wHKeQLQPhYL2PvG8rgQS6UZdDi/YaAzej8a/QDdejo='"
+GALLERY_STYLE_HASH = "'sha256-GTniq/CNOOE2x15YM1kCxORRCuqMk8Plq8SrLM4bTjY='"
+GALLERY_SCRIPT_HASH = "'sha256-rs0QSlxUvjznm/p63Edvle47J1TQ5yABIg6goePNfm0='"
 # The page's own policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.
 GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "

@@ -87,6 +87,16 @@ def make_folders(root):
             f.write(samples.sample_png(40, 30))
         with open(os.path.join(folder, LONG + '.txt'), 'wb') as f:
             f.write(b'notes\n')
+    # A thumbnail that is no picture (its start says JPEG, the rest is noise) in a good photo,
+    # and a .jpg that is no image at all.
+    broken = os.path.join(root, 'broken')
+    os.makedirs(broken)
+    with open(os.path.join(broken, 'bad-thumb.jpg'), 'wb') as f:
+        f.write(samples.camera_jpeg(samples.sample_jpeg(64, 48), b'\xff\xd8' + b'\x5a' * 600))
+    with open(os.path.join(broken, 'not-an-image.jpg'), 'wb') as f:
+        f.write(b'this is a text file with the wrong name\n' * 20)
+    with open(os.path.join(broken, 'good.png'), 'wb') as f:
+        f.write(samples.sample_png(40, 30))
     many = os.path.join(root, 'many')
     os.makedirs(many)
     for i in range(MANY):
@@ -329,6 +339,20 @@ class GalleryBrowserTests(unittest.TestCase):
             self.assertEqual(problem, '')
             seen.add(self.js('document.activeElement.className || document.activeElement.localName'))
         self.assertIn('g', seen)            # the photos were reached
+        self.assert_clean_console()
+
+    def test_failed_pictures_become_placeholders(self):
+        """A thumbnail the browser cannot decode gives way to the photo itself; a picture that
+        cannot be shown at all leaves a placeholder in its card, not a broken-image icon."""
+        self.open('/broken/')
+        self.wait('document.querySelector("img[alt=\'bad-thumb.jpg\']").getAttribute("src") === "bad-thumb.jpg"')
+        self.wait('(function (i) { return i.complete && i.naturalWidth === 64; })'
+                  '(document.querySelector("img[alt=\'bad-thumb.jpg\']"))')
+        self.wait('document.querySelector("img[alt=\'not-an-image.jpg\']").closest("figure").classList.contains("broken")')
+        self.assertEqual(self.js('getComputedStyle(document.querySelector("img[alt=\'not-an-image.jpg\']")).display'),
+                         'none')
+        self.assertEqual(self.js('document.querySelectorAll("figure.broken").length'), 1)
+        self.wait('document.querySelector("img[alt=\'good.png\']").naturalWidth === 40')
         self.assert_clean_console()
 
     def test_screenshot(self):
