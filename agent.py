@@ -1811,13 +1811,13 @@ def gallery_page(url_path, listing, infos=None):
             links.append('<a href="%s" rel="prev">\u2039 Prev</a>' % gallery_href(listing.sort, listing.page - 1))
         for number in range(1, listing.pages + 1):
             if abs(number - listing.page) <= 3 or number in (1, listing.pages):
-                links.append('<strong>%d</strong>' % number if number == listing.page else
+                links.append('<strong aria-current="page">%d</strong>' % number if number == listing.page else
                              '<a href="%s">%d</a>' % (gallery_href(listing.sort, number), number))
             elif links[-1] != '\u2026':
                 links.append('\u2026')
         if listing.page < listing.pages:
             links.append('<a href="%s" rel="next">Next \u203a</a>' % gallery_href(listing.sort, listing.page + 1))
-        out.append('<nav class="pages">%s</nav>\n' % ''.join(links))
+        out.append('<nav class="pages" aria-label="Pages">%s</nav>\n' % ''.join(links))
     notes = ['Times in UTC.']
     if listing.unlisted:
         notes.append('%d %s not listed: special files, or names that cannot be linked (not UTF-8, '

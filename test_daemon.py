@@ -5374,6 +5374,9 @@ class GalleryPureTests(unittest.TestCase):
         self.assertEqual((last.page, [e.name for e in last.entries][:2]), (3, ['p400.jpg', 'p401.jpg']))
         page = agent.gallery_page('/', first).decode()
         self.assertIn('href="?page=2" rel="next"', page)
+        # For a screen reader: what the row of numbers is, and which is this page.
+        self.assertIn('<nav class="pages" aria-label="Pages">', page)
+        self.assertIn('<strong aria-current="page">1</strong>', page)
         self.assertIn('href="?page=3"', page)
         self.assertEqual(len(re.findall('<figure>', page)), 200)
         self.assertEqual(agent.gallery_listing([], 'name', 5).pages, 1)
