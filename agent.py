@@ -1378,7 +1378,8 @@ body{margin:0;padding:20px clamp(12px,3vw,36px) 40px;background:var(--bg);color:
 font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans",sans-serif}
 a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
 a:focus-visible,button:focus-visible{outline:2px solid var(--accent);outline-offset:2px}
-figure a:focus-visible{outline-width:3px;outline-offset:-3px}figure:has(a:focus-visible){box-shadow:0 0 0 3px var(--accent)}
+figure a:focus-visible{outline-width:3px;outline-offset:-3px}
+figure:has(a:focus-visible){box-shadow:0 0 0 3px var(--accent)}
 h1{font-size:1.4rem;font-weight:650;margin:0 0 6px;overflow-wrap:anywhere}
 h1 a{color:inherit}h1 span{color:var(--muted);font-weight:400;margin:0 .3em}
 .bar{display:flex;flex-wrap:wrap;align-items:center;gap:6px 18px;color:var(--muted);font-size:.875rem;
@@ -1492,7 +1493,7 @@ GALLERY_SCRIPT = """
 # Written out, not computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of
 # RSS each); test_daemon.py checks them against hashlib, and the browser test would see a
 # blocked script.  Change the style or the script, and these change with them.
-GALLERY_STYLE_HASH = "'sha256-GTniq/CNOOE2x15YM1kCxORRCuqMk8Plq8SrLM4bTjY='"
+GALLERY_STYLE_HASH = "'sha256-H6g2BLUVDt9kPLubcaAitUu8GNTi5SLG8tLu/7xUkJg='"
 GALLERY_SCRIPT_HASH = "'sha256-rs0QSlxUvjznm/p63Edvle47J1TQ5yABIg6goePNfm0='"
 # The page's own policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.
