@@ -1238,15 +1238,19 @@ def _end_group(group, deadline):
 
 
 def _await_exit(pidfile, pid, pidfd, timeout):
-    """Wait until the lock is released and the process is gone; False on timeout."""
+    """Wait until pid no longer holds the pidfile's lock and is gone; False on timeout.
+
+    The lock may be another process's by then (a start or a run that came meanwhile): that
+    one is not waited for, it is no sign that pid lives (waiting for it, stop ended with
+    "survived SIGKILL" of a pid long gone)."""
     deadline = time.monotonic() + timeout
     delay = 0.002
     while True:
         try:
-            state, _ = pidfile.probe()
+            state, holder = pidfile.probe()
         except DaemonError:
-            state = 'running'
-        if state != 'running' and not _alive(pid, pidfd):
+            state, holder = 'running', None     # locked, its pid not written yet: not ours
+        if (state != 'running' or holder != pid) and not _alive(pid, pidfd):
             return True
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -124,7 +124,8 @@ import daemon
 MODE = os.environ.get('SAMPLE_MODE', 'cooperative')
 
 class Sample(daemon.Daemon):
-    ready_on_run = MODE not in ('late_ready', 'never_ready', 'crash_before_ready', 'slow_start')
+    ready_on_run = MODE not in ('late_ready', 'never_ready', 'crash_before_ready', 'slow_start',
+                                'ready_on_go')
     start_timeout = float(os.environ.get('SAMPLE_START_TIMEOUT', '60'))
 
     def setup(self):
@@ -165,6 +166,14 @@ class Sample(daemon.Daemon):
             elif MODE == 'slow_setup':       # a stop comes before run() first looks
                 time.sleep(2)
                 print('in the loop')
+                while not self.wait(1):
+                    pass
+            elif MODE == 'ready_on_go':      # ready once the test creates the file 'go'
+                go = os.path.join(os.path.dirname(self.pidfile), 'go')
+                while not os.path.exists(go):
+                    if self.wait(0.01):
+                        raise daemon.DaemonError('stopped during startup')
+                self.ready()
                 while not self.wait(1):
                     pass
             elif MODE == 'slow_start':       # like agent.py waiting for its workers to boot
@@ -1456,6 +1465,61 @@ class PidfileProbeRaceTests(TempDirTest):
             return real(st, *args)
         with mock.patch.object(daemon, 'flock_holders', daemon_stops_now):
             self.assertEqual(daemon.PidFile(path).probe(), ('absent', None))
+
+
+class ConcurrentActionsTests(SampleDaemonTest):
+    """Actions run at the same time, as a service manager and an admin (or two admins) do:
+    each ends with the state it asked for or a true account of why not, and the last word
+    wins.  start, restart, try-restart, reload and upgrade take turns; a stop does not wait
+    for a start that is under way, it ends it (as systemctl stop cancels a start job)."""
+
+    def launch(self, action, mode='cooperative'):
+        environment = dict(os.environ, SAMPLE_MODE=mode)
+        environment.pop('NOTIFY_SOCKET', None)
+        proc = subprocess.Popen([PYTHON, self.script, action], cwd=self.tmp, env=environment,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        return proc
+
+    def finish(self, proc):
+        out, err = proc.communicate(timeout=TIMEOUT)
+        pid = read_pid(self.pidfile)
+        if pid:
+            self.seen_pids.append(pid)
+        return out + err
+
+    def daemons(self):
+        """The live (not zombie) processes that run this test's sample.py."""
+        found = []
+        for name in filter(str.isdigit, os.listdir('/proc')):
+            try:
+                with open('/proc/%s/cmdline' % name, 'rb') as f:
+                    if self.script.encode() not in f.read():
+                        continue
+                if proc_stat(int(name))[0] != 'Z':
+                    found.append(int(name))
+            except OSError:
+                continue
+        return found
+
+    def new_pid(self, old):
+        pid = wait_for(lambda: read_pid(self.pidfile) not in (None, old) and read_pid(self.pidfile),
+                       message='a new daemon\'s pidfile')
+        self.seen_pids.append(pid)
+        return pid
+
+    def test_a_stop_waits_for_its_own_daemon_not_for_the_next_one(self):
+        """Once the daemon it signalled is gone, stop is done, even if another process holds
+        the pidfile's lock by then (a start or a run that came in between): it waited for
+        that one too, then killed the gone pid and said it "survived SIGKILL"."""
+        class TakenByAnother:
+            def probe(self):
+                return 'running', os.getpid()
+        gone = subprocess.Popen(['true'])
+        gone.wait()
+        self.assertTrue(daemon._await_exit(TakenByAnother(), gone.pid, None, 2.0))
 
 
 class HostileEnvironmentTests(SampleDaemonTest):
