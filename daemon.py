@@ -30,6 +30,12 @@ line the daemon gave ready() ("<name> started (pid N)" by default); otherwise it
 daemon's own startup error on stderr and exits 1.  It never exits 0 early.  Every message of an
 action that depends on the pidfile names it by its absolute path.
 
+Actions run at the same time take turns, as systemd queues jobs: start, restart, try-restart,
+reload (and upgrade) wait for the one under way to finish, so two restarts both end 0 with
+one daemon.  A stop does not wait for a start under way: it stops its daemon (that start then
+exits 1, "stopped during startup"), then stops whatever runs once its turn comes: a stop has
+the last word.  The turn is an abstract socket name, nothing on disk (see _take_turn).
+
 daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
 --------------------------------------------------------------------------------
   0. make_paths_absolute   every path, before anything changes the working directory
@@ -120,6 +126,7 @@ import atexit
 import errno
 import fcntl
 import grp
+import hashlib
 import os
 import pwd
 import select
@@ -381,6 +388,8 @@ class Daemon:
         self._cooperative = False
         self._pending = []
         self._stopping_mark = None      # see _say_stopping()
+        self._turn = None               # see _take_turn(): held by the controller while it acts
+        self._signalled = set()         # pids a waiting stop has sent SIGTERM (_end_a_start)
         self._watchdog = False          # systemd's watchdog interval: False until looked up
         self._watchdog_due = 0.0
         self._wake_r = self._wake_w = None
@@ -595,6 +604,9 @@ class Daemon:
                     code = takeover(self)
                     if code is not None:
                         return code
+            if action in SERIALIZED_ACTIONS:
+                self.absolutize(streams=False)
+                self._turn = _take_turn(self, _end_a_start if action == 'stop' else None)
             return function(self)
         except DaemonError as exc:
             sys.stderr.write('%s: %s\n' % (self.name, exc))
@@ -605,6 +617,8 @@ class Daemon:
         except OSError as exc:
             sys.stderr.write('%s: %s failed: %s\n' % (self.name, action, describe(exc)))
             code = EXIT_FAILURE
+        finally:
+            self._end_turn()
         return STATUS_UNKNOWN if action == 'status' else code
 
     def add_action(self, name, function):
@@ -692,6 +706,7 @@ class Daemon:
         if pid > 0:
             os._exit(self._launcher_wait(pid))
         self._readiness.close_read()
+        self._end_turn()
         try:
             detach_session()
             if fork('second fork') > 0:
@@ -724,6 +739,13 @@ class Daemon:
         os.register_at_fork(after_in_child=self._after_fork_in_child)
         self.setup()
         drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
+
+    def _end_turn(self):
+        """Let the next action on this pidfile go (see _take_turn); the daemon, forked from a
+        start that holds the turn, lets go of its copy at once."""
+        if self._turn is not None:
+            self._turn.close()
+            self._turn = None
 
     def _after_fork_in_child(self):
         """A child forked by run() does not own the pidfile, its lock, the readiness pipe or
@@ -933,6 +955,127 @@ def main(daemon, argv=None):
 # hooks, or adds its own with add_action())
 # ---------------------------------------------------------------------------------------------
 
+# The actions that change the daemon's state take turns (see _take_turn); the upgrade section
+# adds its own.  status and run do not: one only looks, the other runs for the daemon's life.
+SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload'}
+
+# Where the turn is held, and why there.  Two restarts at once stopped each other's new
+# daemon; a reload or a stop in the middle of a restart acted on the old daemon, or on none.
+# So actions on one pidfile take turns, as systemd queues jobs.  The turn is an abstract
+# socket name derived from the pidfile's directory (device, inode) and base name, bound and
+# listened on for as long as the action lasts:
+#   - not a lock file: it would be left behind, and a lock file in a shared directory (/tmp,
+#     /run/user) may be created first, by anyone, as a file they own;
+#   - not an flock() on the pidfile's directory: anyone who may read /tmp or /run may lock
+#     it, and so keep every restart waiting; and every daemon of /run would share it;
+#   - not a lock on the pidfile: the daemon holds its flock() for its whole life, and the
+#     file is removed and created anew by each stop and start, so a lock on it would not
+#     span a restart;
+#   - an abstract name vanishes with the process that holds it (even on SIGKILL), leaves
+#     nothing on disk, and SO_PEERCRED names who holds it.  Anyone may bind it too: a holder
+#     is waited for only if it could act on the daemon anyway (root, our own user, or the
+#     owner of the pidfile's directory); any other holder, or one that cannot say who it is
+#     (a datagram socket), is ignored, and the action goes on without its turn, as it did
+#     before there were turns.  A squatter can undo the ordering, never block an action.
+# Its limit: the name lives in a network namespace, so actions run from two namespaces (a
+# unit with PrivateNetwork=) do not see each other's turns.
+
+def _control_address(pidfile_path):
+    """The abstract socket name that actions on this pidfile take turns on."""
+    directory, base = os.path.split(pidfile_path)
+    try:
+        st = os.stat(directory or '.')
+        key = '%d:%d/%s' % (st.st_dev, st.st_ino, base)
+    except OSError:
+        key = pidfile_path
+    digest = hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
+    return '\0daemon-control-' + digest
+
+
+def _turn_timeout(d):
+    """The longest one action may hold its turn: a restart (stop_timeout, 5 s to see a SIGKILL
+    through, start_timeout) or an upgrade (a check of up to 30 s, then start_timeout)."""
+    return d.stop_timeout + 5.0 + d.start_timeout + max(d.reload_timeout, 30.0)
+
+
+def _take_turn(d, while_waiting=None):
+    """Wait until no other action on d's pidfile is under way, then hold the turn: returns the
+    listening socket that holds it (closed by Daemon._end_turn), or None to go on without
+    one (a holder that is not to be trusted; see above).  while_waiting(d) is called about
+    every 20 ms meanwhile.  DaemonError if the holder keeps it past _turn_timeout(d)."""
+    name = _control_address(d.pidfile_path)
+    trusted = {0, os.geteuid()}
+    try:
+        trusted.add(os.stat(os.path.dirname(d.pidfile_path) or '.').st_uid)
+    except OSError:
+        pass
+    deadline = time.monotonic() + _turn_timeout(d)
+    refused = 0
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(name)
+            sock.listen(64)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                return None
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            peer.setblocking(False)
+            try:
+                peer.connect(name)
+                pid, uid, _ = struct.unpack('3i', peer.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
+            except OSError as exc:
+                # Refused: the holder has just let go (try again), or a socket that does not
+                # listen holds the name (after a few tries, go on without a turn).
+                refused += 1
+                if exc.errno != errno.ECONNREFUSED or refused > 3:
+                    return None
+                time.sleep(0.005)
+                continue
+            if uid not in trusted:
+                return None
+            # Wait for the holder's end: its listening socket closes, ours hangs up.
+            poller = select.poll()
+            poller.register(peer, select.POLLIN | select.POLLHUP)
+            while not poller.poll(20 if while_waiting else 200):
+                if time.monotonic() >= deadline:
+                    raise DaemonError('another action on pidfile %s (pid %d) has been under way for '
+                                      'over %gs; not done' % (d.pidfile_path, pid, _turn_timeout(d)))
+                if while_waiting is not None:
+                    while_waiting(d)
+        finally:
+            peer.close()
+        refused = 0
+
+
+def _end_a_start(d):
+    """While stop waits for its turn: a daemon that runs and is not yet stopping is sent
+    SIGTERM now, once.  So a stop does not queue behind a start or a restart that waits for
+    its daemon to be ready (it ends that start, which says "stopped during startup", as
+    systemctl stop cancels a start job); and, once its turn comes, stop finds no daemon that
+    an earlier action started after it had looked."""
+    try:
+        state, pid = d.probe()
+    except DaemonError:
+        return
+    if state != 'running' or pid in d._signalled or _stopping(d, pid):
+        return
+    pidfd = _open_pidfd(pid)
+    try:
+        state, again = d.probe()            # pinned by the pidfd: never a reused pid
+        if state == 'running' and again == pid and _send(pid, pidfd, signal.SIGTERM):
+            d._signalled.add(pid)
+    except DaemonError:
+        pass
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
 def _start(d):
     """Start the daemon; see the module docstring for what the launcher waits for."""
     d.absolutize()
@@ -971,6 +1114,11 @@ def _stop(d):
     d.absolutize(streams=False)
     pidfile = d._new_pidfile()
     state, pid = pidfile.probe()
+    if state == 'absent' and d._signalled:
+        # Sent SIGTERM while this stop waited for its turn (_end_a_start), and gone since.
+        d.say('%s stopped (pid %s, pidfile %s)' % (d.name, ', '.join(map(str, sorted(d._signalled))),
+                                                    d.pidfile_path))
+        return EXIT_OK
     if state != 'running':
         if state == 'stale' and pidfile.remove_stale():
             d.say('%s is not running (removed stale pidfile %s)' % (d.name, d.pidfile_path))
@@ -987,7 +1135,8 @@ def _stop(d):
             return EXIT_OK
         started = time.monotonic()
         group = _session_group(pid)
-        if not _send(pid, pidfd, signal.SIGTERM):
+        # One SIGTERM only: not again to a daemon sent one while this stop waited its turn.
+        if pid not in d._signalled and not _send(pid, pidfd, signal.SIGTERM):
             d.say('%s stopped (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
             return EXIT_OK
         if _await_exit(pidfile, pid, pidfd, d.stop_timeout):
@@ -2275,3 +2424,4 @@ def _check_only(d):
 
 
 TAKEOVER.append(_takeover)
+SERIALIZED_ACTIONS.add('upgrade')      # it takes its turn, as reload does

@@ -1510,6 +1510,63 @@ class ConcurrentActionsTests(SampleDaemonTest):
         self.seen_pids.append(pid)
         return pid
 
+    def test_a_restart_during_the_startup_of_another_waits_its_turn(self):
+        """Two restarts at once: the second stopped the daemon that the first had just started,
+        and the first exited 1, "stopped during startup".  Now the second waits for the
+        first's verdict, then restarts; both exit 0, and one daemon runs."""
+        old = self.start()
+        first = self.launch('restart', 'ready_on_go')
+        new = self.new_pid(old)
+        second = self.launch('restart', 'ready_on_go')
+        wait_for(lambda: first.poll() is not None or sockets_of(second.pid),
+                 message='the second restart under way')
+        open(os.path.join(self.tmp, 'go'), 'w').close()
+        said_first, said_second = self.finish(first), self.finish(second)
+        self.assertEqual(first.returncode, 0, said_first)
+        self.assertEqual(second.returncode, 0, said_second)
+        self.assertIn('sample started (pid %d)' % new, said_first)
+        self.assertIn('sample stopped (pid %d' % new, said_second)
+        last = read_pid(self.pidfile)
+        self.assertIn('sample started (pid %d)' % last, said_second)
+        self.assertEqual(self.daemons(), [last])
+        self.assertFalse(pid_alive(old) or pid_alive(new))
+
+    def test_a_stop_during_a_try_restart_has_the_last_word(self):
+        """stop while try-restart waits for the old daemon to drain: stop said "stopped", then
+        try-restart started a new daemon, and one ran after both had exited 0."""
+        old = self.start('slow_stop')
+        wait_for(lambda: 'in the loop' in self.log(), message='the loop under way')
+        first = self.launch('try-restart')
+        wait_for(lambda: 'stopping (SIGTERM)' in self.log(), message='the old daemon draining')
+        second = self.launch('stop')
+        said_first, said_second = self.finish(first), self.finish(second)
+        self.assertEqual(second.returncode, 0, said_second)
+        self.assertIn('sample stopped (pid', said_second)
+        if first.returncode == 0:
+            self.assertIn('sample started (pid', said_first)
+        else:       # its daemon was stopped before it was ready, as systemd cancels a job
+            self.assertEqual(first.returncode, 1, said_first)
+            self.assertIn('stopped during startup', said_first)
+        self.assertEqual(self.daemons(), [])
+        self.assertFalse(pid_alive(old))
+        self.assertFalse(os.path.exists(self.pidfile))
+
+    def test_a_reload_during_a_restart_reloads_the_new_daemon(self):
+        """reload while restart waits for the old daemon to drain: it signalled the old one and
+        exited 1 ("exited during the reload"), or 7 in the gap before the new one."""
+        old = self.start('slow_stop')
+        wait_for(lambda: 'in the loop' in self.log(), message='the loop under way')
+        first = self.launch('restart')
+        wait_for(lambda: 'stopping (SIGTERM)' in self.log(), message='the old daemon draining')
+        second = self.launch('reload')
+        said_first, said_second = self.finish(first), self.finish(second)
+        self.assertEqual(first.returncode, 0, said_first)
+        self.assertEqual(second.returncode, 0, said_second)
+        new = read_pid(self.pidfile)
+        self.assertIn('sample reloaded (pid %d' % new, said_second)
+        self.assertEqual(self.daemons(), [new])
+        self.assertFalse(pid_alive(old))
+
     def test_a_stop_waits_for_its_own_daemon_not_for_the_next_one(self):
         """Once the daemon it signalled is gone, stop is done, even if another process holds
         the pidfile's lock by then (a start or a run that came in between): it waited for
@@ -1520,6 +1577,36 @@ class ConcurrentActionsTests(SampleDaemonTest):
         gone = subprocess.Popen(['true'])
         gone.wait()
         self.assertTrue(daemon._await_exit(TakenByAnother(), gone.pid, None, 2.0))
+
+    def test_a_squatted_control_name_blocks_nothing(self):
+        """Actions take turns on an abstract socket name that anyone may bind: a name bound by
+        a socket that cannot tell who holds it (a datagram socket), or by a user who has no
+        say over the pidfile, is ignored, never waited for."""
+        name = daemon._control_address(self.pidfile)
+        squatter = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(squatter.close)
+        squatter.bind(name)
+        self.start()
+        result = self.sample('restart')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        squatter.close()
+        if os.geteuid() != 0:
+            return
+        nobody = nobody_user(self)
+        python = python_for(self, nobody)
+        held = subprocess.Popen(
+            [python, '-c', 'import socket, sys\n'
+             's = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n'
+             's.bind(bytes.fromhex(sys.argv[1])); s.listen(8)\n'
+             'print("bound", flush=True); sys.stdin.read()', name.encode('latin-1').hex()],
+            user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], cwd='/',
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(held.communicate)
+        self.addCleanup(held.kill)
+        self.assertEqual(held.stdout.readline().strip(), 'bound')
+        result = self.sample('restart')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.sample('stop').returncode, 0)
 
 
 class HostileEnvironmentTests(SampleDaemonTest):
