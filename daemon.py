@@ -1120,10 +1120,12 @@ def _stop(d):
                                                     d.pidfile_path))
         return EXIT_OK
     if state != 'running':
-        if state == 'stale' and pidfile.remove_stale():
-            d.say('%s is not running (removed stale pidfile %s)' % (d.name, d.pidfile_path))
-        else:
-            d.say(_not_running(d, state, removing=state == 'stale'))
+        if state == 'stale':
+            facts = _unlocked_pidfile(d, pid)      # before it goes
+            if pidfile.remove_stale():
+                d.say('%s is not running (%s; removed it)' % (d.name, facts))
+                return EXIT_OK
+        d.say(_not_running(d, state, pid, removing=state == 'stale'))
         return EXIT_OK
     pidfd = _open_pidfd(pid)
     try:
@@ -1131,7 +1133,7 @@ def _stop(d):
         # probe and the signal can never be hit.
         state, again = pidfile.probe()
         if state != 'running' or again != pid:
-            d.say(_not_running(d, state))
+            d.say(_not_running(d, state, again))
             return EXIT_OK
         started = time.monotonic()
         group = _session_group(pid)
@@ -1173,9 +1175,9 @@ def _restart(d):
 def _try_restart(d):
     """Restart if running; a no-op success otherwise (LSB try-restart)."""
     d.absolutize(streams=False)
-    state = d.probe()[0]
+    state, pid = d.probe()
     if state != 'running':
-        d.say(_not_running(d, state))
+        d.say(_not_running(d, state, pid))
         return EXIT_OK
     return _restart(d)
 
@@ -1215,14 +1217,20 @@ def _status(d):
     if state == 'running':
         d.say('%s is running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
         return STATUS_RUNNING
+    # Stale (nobody locks it): say what it holds and whether that pid runs, not a guess at how
+    # it came to be.  A pidfile that names no pid is no record of a death: "not running" (3).
     if state == 'stale' and pid is None:
-        d.say('%s is not running (pidfile %s names no pid: left empty by a daemon that could not '
-              'remove it; stop or start removes it)' % (d.name, d.pidfile_path))
+        d.say(_not_running(d, state, pid))
         return STATUS_STOPPED
-    if state == 'stale':
+    fate = _named_pid(pid, d.pidfile_path) if state == 'stale' else None
+    if fate == 'ended':
         where = 'syslog' if d.stderr == os.devnull else d.stderr
-        d.say('%s is dead, but pidfile %s remains: pid %s ended without a stop (see %s)'
-                  % (d.name, d.pidfile_path, pid or '?', where))
+        d.say('%s is dead, but pidfile %s remains: it names pid %d, which has ended, and is not '
+              'locked (see %s)' % (d.name, d.pidfile_path, pid, where))
+        return STATUS_DEAD
+    if state == 'stale':
+        d.say('%s is not running, but its pidfile remains (%s; stop or start removes it)'
+              % (d.name, _unlocked_pidfile(d, pid, fate)))
         return STATUS_DEAD
     d.say(_not_running(d, state))
     return STATUS_STOPPED
@@ -1272,7 +1280,7 @@ def _signal_and_wait(d, action, signum, timeout):
     d.absolutize(streams=False)
     state, pid = d.probe()
     if state != 'running':
-        d.say(_not_running(d, state), error=True)
+        d.say(_not_running(d, state, pid), error=True)
         return None, None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     pidfd = None
@@ -1320,15 +1328,77 @@ def _signal_and_wait(d, action, signum, timeout):
             os.close(pidfd)
 
 
-def _not_running(d, state, removing=False):
-    """The "not running" line, naming the pidfile looked at (relative paths confuse); removing:
-    the caller tried to remove a stale one and could not."""
+def _not_running(d, state, pid=None, removing=False):
+    """The "not running" line, naming the pidfile looked at (relative paths confuse); pid: the
+    one a stale pidfile names; removing: the caller tried to remove it and could not."""
     if state == 'stale' and removing:
-        return '%s is not running (stale pidfile %s left: cannot remove it)' % (d.name, d.pidfile_path)
+        return '%s is not running (%s; cannot remove it)' % (d.name, _unlocked_pidfile(d, pid))
     if state == 'stale':
-        return ('%s is not running (stale pidfile %s left by a daemon that ended without a stop; '
-                'stop or start removes it)' % (d.name, d.pidfile_path))
+        return '%s is not running (%s; stop or start removes it)' % (d.name, _unlocked_pidfile(d, pid))
     return '%s is not running (no pidfile at %s)' % (d.name, d.pidfile_path)
+
+
+def _unlocked_pidfile(d, pid, fate=None):
+    """What is known of a pidfile that nobody locks, pid being the one it names (or None): what
+    it holds, and what became of that pid (fate: _named_pid(), if already asked).  Not how it
+    came to be: a daemon that could not remove it, one killed, a copy, an editor all leave the
+    same file."""
+    path = d.pidfile_path
+    if pid is None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                empty = os.fstat(fd).st_size == 0
+            finally:
+                os.close(fd)
+        except OSError:
+            empty = False
+        return ('pidfile %s is empty, and not locked' if empty else
+                'pidfile %s names no pid, and is not locked') % path
+    fate = _named_pid(pid, path) if fate is None else fate
+    if fate == 'ended':
+        return 'pidfile %s names pid %d, which has ended, and is not locked' % (path, pid)
+    if fate == 'other':
+        return ('pidfile %s names pid %d, which is not this daemon (the pidfile is not locked, '
+                'and pid %d started after it was written)' % (path, pid, pid))
+    return ('pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock (its daemon '
+            'holds it to its end)' % (path, pid))
+
+
+def _named_pid(pid, path):
+    """What became of the pid that an unlocked pidfile names: 'ended' (gone, or a zombie),
+    'other' (it began after the file was written: the pid was reused) or 'running' (it began
+    before and still runs, a moment later: its daemon lets go of the lock just before it
+    exits, so that moment is given)."""
+    if _ended(pid):
+        return 'ended'
+    if _started_after(pid, path):
+        return 'other'
+    pidfd = _open_pidfd(pid)
+    if pidfd is not None:
+        try:
+            select.select([pidfd], [], [], 0.5)
+        finally:
+            os.close(pidfd)
+    return 'ended' if _ended(pid) else 'running'
+
+
+def _ended(pid):
+    return not _pid_alive(pid) or _is_zombie(pid)
+
+
+def _started_after(pid, path):
+    """Whether process pid began after the file at path was last written (so it cannot be
+    the process that wrote it): its start (/proc/PID/stat, clock ticks since boot) against the
+    file's mtime on the same clock.  False when either cannot be read."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+        mtime = os.stat(path, follow_symlinks=False).st_mtime
+    except (OSError, IndexError, ValueError):
+        return False
+    written = time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - mtime)
+    return ticks / os.sysconf('SC_CLK_TCK') > written + 0.1
 
 
 def _send(pid, pidfd, signum):

@@ -1609,6 +1609,53 @@ class ConcurrentActionsTests(SampleDaemonTest):
         self.assertEqual(self.sample('stop').returncode, 0)
 
 
+class UnlockedPidfileWordingTests(SampleDaemonTest):
+    """A pidfile that nobody locks names no running daemon, whatever it holds.  What status,
+    stop, reload and try-restart say of it is what is known: its text and whether the pid it
+    names runs; not a guess at its past ("left empty by a daemon that could not remove it" of
+    any garbage, "ended without a stop" of a pid that runs another program)."""
+
+    def test_each_line_says_only_what_is_known(self):
+        bystander = subprocess.Popen(['sleep', '60'])
+        self.addCleanup(bystander.wait)
+        self.addCleanup(bystander.kill)
+        gone = subprocess.Popen(['true'])
+        gone.wait()
+        reused = time.time() - 60       # written a minute ago: the bystander began after it
+        cases = [
+            (b'', None, daemon.STATUS_STOPPED, 'pidfile %s is empty' % self.pidfile),
+            (b'garbage\n', None, daemon.STATUS_STOPPED, 'pidfile %s names no pid' % self.pidfile),
+            (b'%d\n' % gone.pid, None, daemon.STATUS_DEAD,
+             'names pid %d, which has ended, and is not locked' % gone.pid),
+            (b'%d\n' % bystander.pid, reused, daemon.STATUS_DEAD,
+             'pidfile %s names pid %d, which is not this daemon (the pidfile is not locked'
+             % (self.pidfile, bystander.pid)),
+            # Began before the file was written and runs: maybe its daemon at its very end.
+            (b'%d\n' % bystander.pid, None, daemon.STATUS_DEAD,
+             'pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock'
+             % (self.pidfile, bystander.pid)),
+        ]
+        for text, mtime, code, words in cases:
+            actions = [('status', code), ('stop', 0)]
+            if mtime:                       # the lines of reload and try-restart share the words
+                actions[1:1] = [('reload', daemon.EXIT_NOT_RUNNING), ('try-restart', 0)]
+            for action, expected in actions:
+                with open(self.pidfile, 'wb') as f:
+                    f.write(text)
+                if mtime:
+                    os.utime(self.pidfile, (mtime, mtime))
+                result = self.sample(action)
+                said = result.stdout + result.stderr
+                with self.subTest(text=text, action=action):
+                    self.assertEqual(result.returncode, expected, said)
+                    self.assertIn(words, said)
+                    self.assertIn(self.pidfile, said)
+                    for guess in ('left empty by', 'ended without a stop', 'could not remove'):
+                        self.assertNotIn(guess, said)
+            self.assertFalse(os.path.exists(self.pidfile))        # the stop removed it
+        self.assertIsNone(bystander.poll())
+
+
 class HostileEnvironmentTests(SampleDaemonTest):
     """Variables of a service manager that do not fit this process: a clear error that names
     them, never a traceback or a bare "Bad file descriptor"."""
