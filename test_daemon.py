@@ -8107,6 +8107,7 @@ CLASS_SECONDS = {
     'SocketActivationTests': 1.5, 'RedirectHostAndFileChangeTests': 1.4, 'AgentLifecycleTests': 1.4,
     'StartStopDaemonTests': 1.4, 'SafeDefaultsTests': 1.3, 'PidfileRemovedTests': 1.3,
     'UpgradeUnderServiceManagerTests': 0.9, 'AgentCommandLineTests': 0.8, 'ResponseHeadTests': 0.7,
+    'ConcurrentActionsTests': 3.7, 'UnlockedPidfileWordingTests': 1.7,
 }
 CLASS_SECONDS_OTHER = 0.3
 CLOSING_LINE = re.compile(r'^(\d+) passed, (\d+) failed, (\d+) skipped$', re.M)
