@@ -204,8 +204,12 @@ class _Interrupted(Exception):
 
 
 class AlreadyRunning(DaemonError):
+    """The pidfile is locked by another process; pid: the one it names, None if it names none
+    yet (its locker has not written it)."""
+
     def __init__(self, pid):
-        DaemonError.__init__(self, 'already running (pid %s)' % (pid or 'unknown'))
+        DaemonError.__init__(self, 'already running (%s)' % ('pid %d' % pid if pid else
+                             'the pidfile is locked by a process that has not written its pid yet'))
         self.pid = pid
 
 
@@ -785,8 +789,7 @@ class Daemon:
                 self.say(line[6:])             # what ready() said: the one line `start` prints
             return EXIT_OK
         if line is not None and line.startswith('RUNNING'):
-            self.say('%s is already running (pid %s, pidfile %s)'
-                      % (self.name, line[8:] or 'unknown', self.pidfile_path))
+            self.say(_already_running(self, int(line[8:]) if line[8:].isdigit() else None))
             return EXIT_OK
         if line is not None and line.startswith('ERROR '):
             self._new_pidfile().remove_stale()      # what a daemon past --user could not unlink
@@ -1087,7 +1090,7 @@ def _start(d):
         _await_the_end(d, pid)
         return _start(d)
     if state == 'running':
-        d.say('%s is already running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
+        d.say(_already_running(d, pid))
         return EXIT_OK
     check_writable('pidfile', d.pidfile_path)
     for path in {d.stdout, d.stderr}:
@@ -1251,8 +1254,7 @@ def _foreground(d):
     try:
         d._become_service()
     except AlreadyRunning as exc:
-        d.say('%s is already running (pid %s, pidfile %s)' % (d.name, exc.pid, d.pidfile_path),
-                  error=True)
+        d.say(_already_running(d, exc.pid), error=True)
         return EXIT_FAILURE
     except BaseException as exc:
         d._cleanup()
@@ -1326,6 +1328,15 @@ def _signal_and_wait(d, action, signum, timeout):
         sock.close()
         if pidfd is not None:
             os.close(pidfd)
+
+
+def _already_running(d, pid):
+    """The "already running" line: the pid, or, in the instant between a daemon's lock and its
+    write, that the pidfile is locked but names no pid yet."""
+    if pid:
+        return '%s is already running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path)
+    return ('%s is already running (pidfile %s is locked by another process, which has not '
+            'written its pid yet)' % (d.name, d.pidfile_path))
 
 
 def _not_running(d, state, pid=None, removing=False):

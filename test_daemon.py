@@ -1655,6 +1655,28 @@ class UnlockedPidfileWordingTests(SampleDaemonTest):
             self.assertFalse(os.path.exists(self.pidfile))        # the stop removed it
         self.assertIsNone(bystander.poll())
 
+    def test_a_lock_taken_before_its_pid_is_written_is_no_unknown_pid(self):
+        """start (in its daemon) or run finds the pidfile locked by a process that has not yet
+        written its pid (it took the lock an instant before): the line said "pid unknown"
+        (start) or "pid None" (run).  It says what is known: the lock is held, no pid yet."""
+        script = os.path.join(self.tmp, 'raced.py')
+        with open(script, 'w') as f:
+            f.write('import sys\nsys.path.insert(0, %r)\nimport daemon\n'
+                    'daemon.PidFile.probe = lambda self: ("absent", None)\n'
+                    'def acquire(self):\n    raise daemon.AlreadyRunning(None)\n'
+                    'daemon.PidFile.acquire = acquire\n'
+                    'sys.exit(daemon.main(daemon.Daemon("raced.pid", name="raced")))\n' % HERE)
+        pidfile = os.path.join(self.tmp, 'raced.pid')
+        for action, code in (('start', 0), ('run', 1)):
+            result = run([PYTHON, script, action], cwd=self.tmp)
+            said = result.stdout + result.stderr
+            with self.subTest(action=action):
+                self.assertEqual(result.returncode, code, said)
+                self.assertIn('raced is already running (pidfile %s is locked by another process, '
+                              'which has not written its pid yet)' % pidfile, said)
+                self.assertNotIn('unknown', said)
+                self.assertNotIn('None', said)
+
 
 class HostileEnvironmentTests(SampleDaemonTest):
     """Variables of a service manager that do not fit this process: a clear error that names
@@ -8107,7 +8129,7 @@ CLASS_SECONDS = {
     'SocketActivationTests': 1.5, 'RedirectHostAndFileChangeTests': 1.4, 'AgentLifecycleTests': 1.4,
     'StartStopDaemonTests': 1.4, 'SafeDefaultsTests': 1.3, 'PidfileRemovedTests': 1.3,
     'UpgradeUnderServiceManagerTests': 0.9, 'AgentCommandLineTests': 0.8, 'ResponseHeadTests': 0.7,
-    'ConcurrentActionsTests': 3.7, 'UnlockedPidfileWordingTests': 1.7,
+    'ConcurrentActionsTests': 3.7, 'UnlockedPidfileWordingTests': 2.0,
 }
 CLASS_SECONDS_OTHER = 0.3
 CLOSING_LINE = re.compile(r'^(\d+) passed, (\d+) failed, (\d+) skipped$', re.M)
