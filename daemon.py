@@ -30,6 +30,12 @@ line the daemon gave ready() ("<name> started (pid N)" by default); otherwise it
 daemon's own startup error on stderr and exits 1.  It never exits 0 early.  Every message of an
 action that depends on the pidfile names it by its absolute path.
 
+Actions run at the same time take turns, as systemd queues jobs: start, restart, try-restart,
+reload (and upgrade) wait for the one under way to finish, so two restarts both end 0 with
+one daemon.  A stop does not wait for a start under way: it stops its daemon (that start then
+exits 1, "stopped during startup"), then stops whatever runs once its turn comes: a stop has
+the last word.  The turn is an abstract socket name, nothing on disk (see _take_turn).
+
 daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
 --------------------------------------------------------------------------------
   0. make_paths_absolute   every path, before anything changes the working directory
@@ -120,6 +126,7 @@ import atexit
 import errno
 import fcntl
 import grp
+import hashlib
 import os
 import pwd
 import select
@@ -197,8 +204,12 @@ class _Interrupted(Exception):
 
 
 class AlreadyRunning(DaemonError):
+    """The pidfile is locked by another process; pid: the one it names, None if it names none
+    yet (its locker has not written it)."""
+
     def __init__(self, pid):
-        DaemonError.__init__(self, 'already running (pid %s)' % (pid or 'unknown'))
+        DaemonError.__init__(self, 'already running (%s)' % ('pid %d' % pid if pid else
+                             'the pidfile is locked by a process that has not written its pid yet'))
         self.pid = pid
 
 
@@ -381,6 +392,8 @@ class Daemon:
         self._cooperative = False
         self._pending = []
         self._stopping_mark = None      # see _say_stopping()
+        self._turn = None               # see _take_turn(): held by the controller while it acts
+        self._signalled = set()         # pids a waiting stop has sent SIGTERM (_end_a_start)
         self._watchdog = False          # systemd's watchdog interval: False until looked up
         self._watchdog_due = 0.0
         self._wake_r = self._wake_w = None
@@ -595,6 +608,9 @@ class Daemon:
                     code = takeover(self)
                     if code is not None:
                         return code
+            if action in SERIALIZED_ACTIONS:
+                self.absolutize(streams=False)
+                self._turn = _take_turn(self, _end_a_start if action == 'stop' else None)
             return function(self)
         except DaemonError as exc:
             sys.stderr.write('%s: %s\n' % (self.name, exc))
@@ -605,6 +621,8 @@ class Daemon:
         except OSError as exc:
             sys.stderr.write('%s: %s failed: %s\n' % (self.name, action, describe(exc)))
             code = EXIT_FAILURE
+        finally:
+            self._end_turn()
         return STATUS_UNKNOWN if action == 'status' else code
 
     def add_action(self, name, function):
@@ -692,6 +710,7 @@ class Daemon:
         if pid > 0:
             os._exit(self._launcher_wait(pid))
         self._readiness.close_read()
+        self._end_turn()
         try:
             detach_session()
             if fork('second fork') > 0:
@@ -724,6 +743,13 @@ class Daemon:
         os.register_at_fork(after_in_child=self._after_fork_in_child)
         self.setup()
         drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
+
+    def _end_turn(self):
+        """Let the next action on this pidfile go (see _take_turn); the daemon, forked from a
+        start that holds the turn, lets go of its copy at once."""
+        if self._turn is not None:
+            self._turn.close()
+            self._turn = None
 
     def _after_fork_in_child(self):
         """A child forked by run() does not own the pidfile, its lock, the readiness pipe or
@@ -763,8 +789,7 @@ class Daemon:
                 self.say(line[6:])             # what ready() said: the one line `start` prints
             return EXIT_OK
         if line is not None and line.startswith('RUNNING'):
-            self.say('%s is already running (pid %s, pidfile %s)'
-                      % (self.name, line[8:] or 'unknown', self.pidfile_path))
+            self.say(_already_running(self, int(line[8:]) if line[8:].isdigit() else None))
             return EXIT_OK
         if line is not None and line.startswith('ERROR '):
             self._new_pidfile().remove_stale()      # what a daemon past --user could not unlink
@@ -933,6 +958,127 @@ def main(daemon, argv=None):
 # hooks, or adds its own with add_action())
 # ---------------------------------------------------------------------------------------------
 
+# The actions that change the daemon's state take turns (see _take_turn); the upgrade section
+# adds its own.  status and run do not: one only looks, the other runs for the daemon's life.
+SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload'}
+
+# Where the turn is held, and why there.  Two restarts at once stopped each other's new
+# daemon; a reload or a stop in the middle of a restart acted on the old daemon, or on none.
+# So actions on one pidfile take turns, as systemd queues jobs.  The turn is an abstract
+# socket name derived from the pidfile's directory (device, inode) and base name, bound and
+# listened on for as long as the action lasts:
+#   - not a lock file: it would be left behind, and a lock file in a shared directory (/tmp,
+#     /run/user) may be created first, by anyone, as a file they own;
+#   - not an flock() on the pidfile's directory: anyone who may read /tmp or /run may lock
+#     it, and so keep every restart waiting; and every daemon of /run would share it;
+#   - not a lock on the pidfile: the daemon holds its flock() for its whole life, and the
+#     file is removed and created anew by each stop and start, so a lock on it would not
+#     span a restart;
+#   - an abstract name vanishes with the process that holds it (even on SIGKILL), leaves
+#     nothing on disk, and SO_PEERCRED names who holds it.  Anyone may bind it too: a holder
+#     is waited for only if it could act on the daemon anyway (root, our own user, or the
+#     owner of the pidfile's directory); any other holder, or one that cannot say who it is
+#     (a datagram socket), is ignored, and the action goes on without its turn, as it did
+#     before there were turns.  A squatter can undo the ordering, never block an action.
+# Its limit: the name lives in a network namespace, so actions run from two namespaces (a
+# unit with PrivateNetwork=) do not see each other's turns.
+
+def _control_address(pidfile_path):
+    """The abstract socket name that actions on this pidfile take turns on."""
+    directory, base = os.path.split(pidfile_path)
+    try:
+        st = os.stat(directory or '.')
+        key = '%d:%d/%s' % (st.st_dev, st.st_ino, base)
+    except OSError:
+        key = pidfile_path
+    digest = hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
+    return '\0daemon-control-' + digest
+
+
+def _turn_timeout(d):
+    """The longest one action may hold its turn: a restart (stop_timeout, 5 s to see a SIGKILL
+    through, start_timeout) or an upgrade (a check of up to 30 s, then start_timeout)."""
+    return d.stop_timeout + 5.0 + d.start_timeout + max(d.reload_timeout, 30.0)
+
+
+def _take_turn(d, while_waiting=None):
+    """Wait until no other action on d's pidfile is under way, then hold the turn: returns the
+    listening socket that holds it (closed by Daemon._end_turn), or None to go on without
+    one (a holder that is not to be trusted; see above).  while_waiting(d) is called about
+    every 20 ms meanwhile.  DaemonError if the holder keeps it past _turn_timeout(d)."""
+    name = _control_address(d.pidfile_path)
+    trusted = {0, os.geteuid()}
+    try:
+        trusted.add(os.stat(os.path.dirname(d.pidfile_path) or '.').st_uid)
+    except OSError:
+        pass
+    deadline = time.monotonic() + _turn_timeout(d)
+    refused = 0
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(name)
+            sock.listen(64)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                return None
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            peer.setblocking(False)
+            try:
+                peer.connect(name)
+                pid, uid, _ = struct.unpack('3i', peer.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
+            except OSError as exc:
+                # Refused: the holder has just let go (try again), or a socket that does not
+                # listen holds the name (after a few tries, go on without a turn).
+                refused += 1
+                if exc.errno != errno.ECONNREFUSED or refused > 3:
+                    return None
+                time.sleep(0.005)
+                continue
+            if uid not in trusted:
+                return None
+            # Wait for the holder's end: its listening socket closes, ours hangs up.
+            poller = select.poll()
+            poller.register(peer, select.POLLIN | select.POLLHUP)
+            while not poller.poll(20 if while_waiting else 200):
+                if time.monotonic() >= deadline:
+                    raise DaemonError('another action on pidfile %s (pid %d) has been under way for '
+                                      'over %gs; not done' % (d.pidfile_path, pid, _turn_timeout(d)))
+                if while_waiting is not None:
+                    while_waiting(d)
+        finally:
+            peer.close()
+        refused = 0
+
+
+def _end_a_start(d):
+    """While stop waits for its turn: a daemon that runs and is not yet stopping is sent
+    SIGTERM now, once.  So a stop does not queue behind a start or a restart that waits for
+    its daemon to be ready (it ends that start, which says "stopped during startup", as
+    systemctl stop cancels a start job); and, once its turn comes, stop finds no daemon that
+    an earlier action started after it had looked."""
+    try:
+        state, pid = d.probe()
+    except DaemonError:
+        return
+    if state != 'running' or pid in d._signalled or _stopping(d, pid):
+        return
+    pidfd = _open_pidfd(pid)
+    try:
+        state, again = d.probe()            # pinned by the pidfd: never a reused pid
+        if state == 'running' and again == pid and _send(pid, pidfd, signal.SIGTERM):
+            d._signalled.add(pid)
+    except DaemonError:
+        pass
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
 def _start(d):
     """Start the daemon; see the module docstring for what the launcher waits for."""
     d.absolutize()
@@ -944,7 +1090,7 @@ def _start(d):
         _await_the_end(d, pid)
         return _start(d)
     if state == 'running':
-        d.say('%s is already running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
+        d.say(_already_running(d, pid))
         return EXIT_OK
     check_writable('pidfile', d.pidfile_path)
     for path in {d.stdout, d.stderr}:
@@ -971,11 +1117,18 @@ def _stop(d):
     d.absolutize(streams=False)
     pidfile = d._new_pidfile()
     state, pid = pidfile.probe()
+    if state == 'absent' and d._signalled:
+        # Sent SIGTERM while this stop waited for its turn (_end_a_start), and gone since.
+        d.say('%s stopped (pid %s, pidfile %s)' % (d.name, ', '.join(map(str, sorted(d._signalled))),
+                                                    d.pidfile_path))
+        return EXIT_OK
     if state != 'running':
-        if state == 'stale' and pidfile.remove_stale():
-            d.say('%s is not running (removed stale pidfile %s)' % (d.name, d.pidfile_path))
-        else:
-            d.say(_not_running(d, state, removing=state == 'stale'))
+        if state == 'stale':
+            facts = _unlocked_pidfile(d, pid)      # before it goes
+            if pidfile.remove_stale():
+                d.say('%s is not running (%s; removed it)' % (d.name, facts))
+                return EXIT_OK
+        d.say(_not_running(d, state, pid, removing=state == 'stale'))
         return EXIT_OK
     pidfd = _open_pidfd(pid)
     try:
@@ -983,11 +1136,12 @@ def _stop(d):
         # probe and the signal can never be hit.
         state, again = pidfile.probe()
         if state != 'running' or again != pid:
-            d.say(_not_running(d, state))
+            d.say(_not_running(d, state, again))
             return EXIT_OK
         started = time.monotonic()
         group = _session_group(pid)
-        if not _send(pid, pidfd, signal.SIGTERM):
+        # One SIGTERM only: not again to a daemon sent one while this stop waited its turn.
+        if pid not in d._signalled and not _send(pid, pidfd, signal.SIGTERM):
             d.say('%s stopped (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
             return EXIT_OK
         if _await_exit(pidfile, pid, pidfd, d.stop_timeout):
@@ -1024,9 +1178,9 @@ def _restart(d):
 def _try_restart(d):
     """Restart if running; a no-op success otherwise (LSB try-restart)."""
     d.absolutize(streams=False)
-    state = d.probe()[0]
+    state, pid = d.probe()
     if state != 'running':
-        d.say(_not_running(d, state))
+        d.say(_not_running(d, state, pid))
         return EXIT_OK
     return _restart(d)
 
@@ -1066,14 +1220,20 @@ def _status(d):
     if state == 'running':
         d.say('%s is running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
         return STATUS_RUNNING
+    # Stale (nobody locks it): say what it holds and whether that pid runs, not a guess at how
+    # it came to be.  A pidfile that names no pid is no record of a death: "not running" (3).
     if state == 'stale' and pid is None:
-        d.say('%s is not running (pidfile %s names no pid: left empty by a daemon that could not '
-              'remove it; stop or start removes it)' % (d.name, d.pidfile_path))
+        d.say(_not_running(d, state, pid))
         return STATUS_STOPPED
-    if state == 'stale':
+    fate = _named_pid(pid, d.pidfile_path) if state == 'stale' else None
+    if fate == 'ended':
         where = 'syslog' if d.stderr == os.devnull else d.stderr
-        d.say('%s is dead, but pidfile %s remains: pid %s ended without a stop (see %s)'
-                  % (d.name, d.pidfile_path, pid or '?', where))
+        d.say('%s is dead, but pidfile %s remains: it names pid %d, which has ended, and is not '
+              'locked (see %s)' % (d.name, d.pidfile_path, pid, where))
+        return STATUS_DEAD
+    if state == 'stale':
+        d.say('%s is not running, but its pidfile remains (%s; stop or start removes it)'
+              % (d.name, _unlocked_pidfile(d, pid, fate)))
         return STATUS_DEAD
     d.say(_not_running(d, state))
     return STATUS_STOPPED
@@ -1094,8 +1254,7 @@ def _foreground(d):
     try:
         d._become_service()
     except AlreadyRunning as exc:
-        d.say('%s is already running (pid %s, pidfile %s)' % (d.name, exc.pid, d.pidfile_path),
-                  error=True)
+        d.say(_already_running(d, exc.pid), error=True)
         return EXIT_FAILURE
     except BaseException as exc:
         d._cleanup()
@@ -1123,7 +1282,7 @@ def _signal_and_wait(d, action, signum, timeout):
     d.absolutize(streams=False)
     state, pid = d.probe()
     if state != 'running':
-        d.say(_not_running(d, state), error=True)
+        d.say(_not_running(d, state, pid), error=True)
         return None, None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     pidfd = None
@@ -1171,15 +1330,86 @@ def _signal_and_wait(d, action, signum, timeout):
             os.close(pidfd)
 
 
-def _not_running(d, state, removing=False):
-    """The "not running" line, naming the pidfile looked at (relative paths confuse); removing:
-    the caller tried to remove a stale one and could not."""
+def _already_running(d, pid):
+    """The "already running" line: the pid, or, in the instant between a daemon's lock and its
+    write, that the pidfile is locked but names no pid yet."""
+    if pid:
+        return '%s is already running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path)
+    return ('%s is already running (pidfile %s is locked by another process, which has not '
+            'written its pid yet)' % (d.name, d.pidfile_path))
+
+
+def _not_running(d, state, pid=None, removing=False):
+    """The "not running" line, naming the pidfile looked at (relative paths confuse); pid: the
+    one a stale pidfile names; removing: the caller tried to remove it and could not."""
     if state == 'stale' and removing:
-        return '%s is not running (stale pidfile %s left: cannot remove it)' % (d.name, d.pidfile_path)
+        return '%s is not running (%s; cannot remove it)' % (d.name, _unlocked_pidfile(d, pid))
     if state == 'stale':
-        return ('%s is not running (stale pidfile %s left by a daemon that ended without a stop; '
-                'stop or start removes it)' % (d.name, d.pidfile_path))
+        return '%s is not running (%s; stop or start removes it)' % (d.name, _unlocked_pidfile(d, pid))
     return '%s is not running (no pidfile at %s)' % (d.name, d.pidfile_path)
+
+
+def _unlocked_pidfile(d, pid, fate=None):
+    """What is known of a pidfile that nobody locks, pid being the one it names (or None): what
+    it holds, and what became of that pid (fate: _named_pid(), if already asked).  Not how it
+    came to be: a daemon that could not remove it, one killed, a copy, an editor all leave the
+    same file."""
+    path = d.pidfile_path
+    if pid is None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                empty = os.fstat(fd).st_size == 0
+            finally:
+                os.close(fd)
+        except OSError:
+            empty = False
+        return ('pidfile %s is empty, and not locked' if empty else
+                'pidfile %s names no pid, and is not locked') % path
+    fate = _named_pid(pid, path) if fate is None else fate
+    if fate == 'ended':
+        return 'pidfile %s names pid %d, which has ended, and is not locked' % (path, pid)
+    if fate == 'other':
+        return ('pidfile %s names pid %d, which is not this daemon (the pidfile is not locked, '
+                'and pid %d started after it was written)' % (path, pid, pid))
+    return ('pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock (its daemon '
+            'holds it to its end)' % (path, pid))
+
+
+def _named_pid(pid, path):
+    """What became of the pid that an unlocked pidfile names: 'ended' (gone, or a zombie),
+    'other' (it began after the file was written: the pid was reused) or 'running' (it began
+    before and still runs, a moment later: its daemon lets go of the lock just before it
+    exits, so that moment is given)."""
+    if _ended(pid):
+        return 'ended'
+    if _started_after(pid, path):
+        return 'other'
+    pidfd = _open_pidfd(pid)
+    if pidfd is not None:
+        try:
+            select.select([pidfd], [], [], 0.5)
+        finally:
+            os.close(pidfd)
+    return 'ended' if _ended(pid) else 'running'
+
+
+def _ended(pid):
+    return not _pid_alive(pid) or _is_zombie(pid)
+
+
+def _started_after(pid, path):
+    """Whether process pid began after the file at path was last written (so it cannot be
+    the process that wrote it): its start (/proc/PID/stat, clock ticks since boot) against the
+    file's mtime on the same clock.  False when either cannot be read."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+        mtime = os.stat(path, follow_symlinks=False).st_mtime
+    except (OSError, IndexError, ValueError):
+        return False
+    written = time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - mtime)
+    return ticks / os.sysconf('SC_CLK_TCK') > written + 0.1
 
 
 def _send(pid, pidfd, signum):
@@ -1238,15 +1468,19 @@ def _end_group(group, deadline):
 
 
 def _await_exit(pidfile, pid, pidfd, timeout):
-    """Wait until the lock is released and the process is gone; False on timeout."""
+    """Wait until pid no longer holds the pidfile's lock and is gone; False on timeout.
+
+    The lock may be another process's by then (a start or a run that came meanwhile): that
+    one is not waited for, it is no sign that pid lives (waiting for it, stop ended with
+    "survived SIGKILL" of a pid long gone)."""
     deadline = time.monotonic() + timeout
     delay = 0.002
     while True:
         try:
-            state, _ = pidfile.probe()
+            state, holder = pidfile.probe()
         except DaemonError:
-            state = 'running'
-        if state != 'running' and not _alive(pid, pidfd):
+            state, holder = 'running', None     # locked, its pid not written yet: not ours
+        if (state != 'running' or holder != pid) and not _alive(pid, pidfd):
             return True
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -2271,3 +2505,4 @@ def _check_only(d):
 
 
 TAKEOVER.append(_takeover)
+SERIALIZED_ACTIONS.add('upgrade')      # it takes its turn, as reload does

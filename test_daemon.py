@@ -124,7 +124,8 @@ import daemon
 MODE = os.environ.get('SAMPLE_MODE', 'cooperative')
 
 class Sample(daemon.Daemon):
-    ready_on_run = MODE not in ('late_ready', 'never_ready', 'crash_before_ready', 'slow_start')
+    ready_on_run = MODE not in ('late_ready', 'never_ready', 'crash_before_ready', 'slow_start',
+                                'ready_on_go')
     start_timeout = float(os.environ.get('SAMPLE_START_TIMEOUT', '60'))
 
     def setup(self):
@@ -165,6 +166,14 @@ class Sample(daemon.Daemon):
             elif MODE == 'slow_setup':       # a stop comes before run() first looks
                 time.sleep(2)
                 print('in the loop')
+                while not self.wait(1):
+                    pass
+            elif MODE == 'ready_on_go':      # ready once the test creates the file 'go'
+                go = os.path.join(os.path.dirname(self.pidfile), 'go')
+                while not os.path.exists(go):
+                    if self.wait(0.01):
+                        raise daemon.DaemonError('stopped during startup')
+                self.ready()
                 while not self.wait(1):
                     pass
             elif MODE == 'slow_start':       # like agent.py waiting for its workers to boot
@@ -1456,6 +1465,217 @@ class PidfileProbeRaceTests(TempDirTest):
             return real(st, *args)
         with mock.patch.object(daemon, 'flock_holders', daemon_stops_now):
             self.assertEqual(daemon.PidFile(path).probe(), ('absent', None))
+
+
+class ConcurrentActionsTests(SampleDaemonTest):
+    """Actions run at the same time, as a service manager and an admin (or two admins) do:
+    each ends with the state it asked for or a true account of why not, and the last word
+    wins.  start, restart, try-restart, reload and upgrade take turns; a stop does not wait
+    for a start that is under way, it ends it (as systemctl stop cancels a start job)."""
+
+    def launch(self, action, mode='cooperative'):
+        environment = dict(os.environ, SAMPLE_MODE=mode)
+        environment.pop('NOTIFY_SOCKET', None)
+        proc = subprocess.Popen([PYTHON, self.script, action], cwd=self.tmp, env=environment,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        return proc
+
+    def finish(self, proc):
+        out, err = proc.communicate(timeout=TIMEOUT)
+        pid = read_pid(self.pidfile)
+        if pid:
+            self.seen_pids.append(pid)
+        return out + err
+
+    def daemons(self):
+        """The live (not zombie) processes that run this test's sample.py."""
+        found = []
+        for name in filter(str.isdigit, os.listdir('/proc')):
+            try:
+                with open('/proc/%s/cmdline' % name, 'rb') as f:
+                    if self.script.encode() not in f.read():
+                        continue
+                if proc_stat(int(name))[0] != 'Z':
+                    found.append(int(name))
+            except OSError:
+                continue
+        return found
+
+    def new_pid(self, old):
+        pid = wait_for(lambda: read_pid(self.pidfile) not in (None, old) and read_pid(self.pidfile),
+                       message='a new daemon\'s pidfile')
+        self.seen_pids.append(pid)
+        return pid
+
+    def test_a_restart_during_the_startup_of_another_waits_its_turn(self):
+        """Two restarts at once: the second stopped the daemon that the first had just started,
+        and the first exited 1, "stopped during startup".  Now the second waits for the
+        first's verdict, then restarts; both exit 0, and one daemon runs."""
+        old = self.start()
+        first = self.launch('restart', 'ready_on_go')
+        new = self.new_pid(old)
+        second = self.launch('restart', 'ready_on_go')
+        wait_for(lambda: first.poll() is not None or sockets_of(second.pid),
+                 message='the second restart under way')
+        open(os.path.join(self.tmp, 'go'), 'w').close()
+        said_first, said_second = self.finish(first), self.finish(second)
+        self.assertEqual(first.returncode, 0, said_first)
+        self.assertEqual(second.returncode, 0, said_second)
+        self.assertIn('sample started (pid %d)' % new, said_first)
+        self.assertIn('sample stopped (pid %d' % new, said_second)
+        last = read_pid(self.pidfile)
+        self.assertIn('sample started (pid %d)' % last, said_second)
+        self.assertEqual(self.daemons(), [last])
+        self.assertFalse(pid_alive(old) or pid_alive(new))
+
+    def test_a_stop_during_a_try_restart_has_the_last_word(self):
+        """stop while try-restart waits for the old daemon to drain: stop said "stopped", then
+        try-restart started a new daemon, and one ran after both had exited 0."""
+        old = self.start('slow_stop')
+        wait_for(lambda: 'in the loop' in self.log(), message='the loop under way')
+        first = self.launch('try-restart')
+        wait_for(lambda: 'stopping (SIGTERM)' in self.log(), message='the old daemon draining')
+        second = self.launch('stop')
+        said_first, said_second = self.finish(first), self.finish(second)
+        self.assertEqual(second.returncode, 0, said_second)
+        self.assertIn('sample stopped (pid', said_second)
+        if first.returncode == 0:
+            self.assertIn('sample started (pid', said_first)
+        else:       # its daemon was stopped before it was ready, as systemd cancels a job
+            self.assertEqual(first.returncode, 1, said_first)
+            self.assertIn('stopped during startup', said_first)
+        self.assertEqual(self.daemons(), [])
+        self.assertFalse(pid_alive(old))
+        self.assertFalse(os.path.exists(self.pidfile))
+
+    def test_a_reload_during_a_restart_reloads_the_new_daemon(self):
+        """reload while restart waits for the old daemon to drain: it signalled the old one and
+        exited 1 ("exited during the reload"), or 7 in the gap before the new one."""
+        old = self.start('slow_stop')
+        wait_for(lambda: 'in the loop' in self.log(), message='the loop under way')
+        first = self.launch('restart')
+        wait_for(lambda: 'stopping (SIGTERM)' in self.log(), message='the old daemon draining')
+        second = self.launch('reload')
+        said_first, said_second = self.finish(first), self.finish(second)
+        self.assertEqual(first.returncode, 0, said_first)
+        self.assertEqual(second.returncode, 0, said_second)
+        new = read_pid(self.pidfile)
+        self.assertIn('sample reloaded (pid %d' % new, said_second)
+        self.assertEqual(self.daemons(), [new])
+        self.assertFalse(pid_alive(old))
+
+    def test_a_stop_waits_for_its_own_daemon_not_for_the_next_one(self):
+        """Once the daemon it signalled is gone, stop is done, even if another process holds
+        the pidfile's lock by then (a start or a run that came in between): it waited for
+        that one too, then killed the gone pid and said it "survived SIGKILL"."""
+        class TakenByAnother:
+            def probe(self):
+                return 'running', os.getpid()
+        gone = subprocess.Popen(['true'])
+        gone.wait()
+        self.assertTrue(daemon._await_exit(TakenByAnother(), gone.pid, None, 2.0))
+
+    def test_a_squatted_control_name_blocks_nothing(self):
+        """Actions take turns on an abstract socket name that anyone may bind: a name bound by
+        a socket that cannot tell who holds it (a datagram socket), or by a user who has no
+        say over the pidfile, is ignored, never waited for."""
+        name = daemon._control_address(self.pidfile)
+        squatter = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(squatter.close)
+        squatter.bind(name)
+        self.start()
+        result = self.sample('restart')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        squatter.close()
+        if os.geteuid() != 0:
+            return
+        nobody = nobody_user(self)
+        python = python_for(self, nobody)
+        held = subprocess.Popen(
+            [python, '-c', 'import socket, sys\n'
+             's = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n'
+             's.bind(bytes.fromhex(sys.argv[1])); s.listen(8)\n'
+             'print("bound", flush=True); sys.stdin.read()', name.encode('latin-1').hex()],
+            user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], cwd='/',
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(held.communicate)
+        self.addCleanup(held.kill)
+        self.assertEqual(held.stdout.readline().strip(), 'bound')
+        result = self.sample('restart')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.sample('stop').returncode, 0)
+
+
+class UnlockedPidfileWordingTests(SampleDaemonTest):
+    """A pidfile that nobody locks names no running daemon, whatever it holds.  What status,
+    stop, reload and try-restart say of it is what is known: its text and whether the pid it
+    names runs; not a guess at its past ("left empty by a daemon that could not remove it" of
+    any garbage, "ended without a stop" of a pid that runs another program)."""
+
+    def test_each_line_says_only_what_is_known(self):
+        bystander = subprocess.Popen(['sleep', '60'])
+        self.addCleanup(bystander.wait)
+        self.addCleanup(bystander.kill)
+        gone = subprocess.Popen(['true'])
+        gone.wait()
+        reused = time.time() - 60       # written a minute ago: the bystander began after it
+        cases = [
+            (b'', None, daemon.STATUS_STOPPED, 'pidfile %s is empty' % self.pidfile),
+            (b'garbage\n', None, daemon.STATUS_STOPPED, 'pidfile %s names no pid' % self.pidfile),
+            (b'%d\n' % gone.pid, None, daemon.STATUS_DEAD,
+             'names pid %d, which has ended, and is not locked' % gone.pid),
+            (b'%d\n' % bystander.pid, reused, daemon.STATUS_DEAD,
+             'pidfile %s names pid %d, which is not this daemon (the pidfile is not locked'
+             % (self.pidfile, bystander.pid)),
+            # Began before the file was written and runs: maybe its daemon at its very end.
+            (b'%d\n' % bystander.pid, None, daemon.STATUS_DEAD,
+             'pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock'
+             % (self.pidfile, bystander.pid)),
+        ]
+        for text, mtime, code, words in cases:
+            actions = [('status', code), ('stop', 0)]
+            if mtime:                       # the lines of reload and try-restart share the words
+                actions[1:1] = [('reload', daemon.EXIT_NOT_RUNNING), ('try-restart', 0)]
+            for action, expected in actions:
+                with open(self.pidfile, 'wb') as f:
+                    f.write(text)
+                if mtime:
+                    os.utime(self.pidfile, (mtime, mtime))
+                result = self.sample(action)
+                said = result.stdout + result.stderr
+                with self.subTest(text=text, action=action):
+                    self.assertEqual(result.returncode, expected, said)
+                    self.assertIn(words, said)
+                    self.assertIn(self.pidfile, said)
+                    for guess in ('left empty by', 'ended without a stop', 'could not remove'):
+                        self.assertNotIn(guess, said)
+            self.assertFalse(os.path.exists(self.pidfile))        # the stop removed it
+        self.assertIsNone(bystander.poll())
+
+    def test_a_lock_taken_before_its_pid_is_written_is_no_unknown_pid(self):
+        """start (in its daemon) or run finds the pidfile locked by a process that has not yet
+        written its pid (it took the lock an instant before): the line said "pid unknown"
+        (start) or "pid None" (run).  It says what is known: the lock is held, no pid yet."""
+        script = os.path.join(self.tmp, 'raced.py')
+        with open(script, 'w') as f:
+            f.write('import sys\nsys.path.insert(0, %r)\nimport daemon\n'
+                    'daemon.PidFile.probe = lambda self: ("absent", None)\n'
+                    'def acquire(self):\n    raise daemon.AlreadyRunning(None)\n'
+                    'daemon.PidFile.acquire = acquire\n'
+                    'sys.exit(daemon.main(daemon.Daemon("raced.pid", name="raced")))\n' % HERE)
+        pidfile = os.path.join(self.tmp, 'raced.pid')
+        for action, code in (('start', 0), ('run', 1)):
+            result = run([PYTHON, script, action], cwd=self.tmp)
+            said = result.stdout + result.stderr
+            with self.subTest(action=action):
+                self.assertEqual(result.returncode, code, said)
+                self.assertIn('raced is already running (pidfile %s is locked by another process, '
+                              'which has not written its pid yet)' % pidfile, said)
+                self.assertNotIn('unknown', said)
+                self.assertNotIn('None', said)
 
 
 class HostileEnvironmentTests(SampleDaemonTest):
@@ -7978,6 +8198,7 @@ CLASS_SECONDS = {
     'SocketActivationTests': 1.5, 'RedirectHostAndFileChangeTests': 1.4, 'AgentLifecycleTests': 1.4,
     'StartStopDaemonTests': 1.4, 'SafeDefaultsTests': 1.3, 'PidfileRemovedTests': 1.3,
     'UpgradeUnderServiceManagerTests': 0.9, 'AgentCommandLineTests': 0.8, 'ResponseHeadTests': 0.7,
+    'ConcurrentActionsTests': 3.7, 'UnlockedPidfileWordingTests': 2.0,
 }
 CLASS_SECONDS_OTHER = 0.3
 CLOSING_LINE = re.compile(r'^(\d+) passed, (\d+) failed, (\d+) skipped$', re.M)
