@@ -2275,6 +2275,11 @@ class TLSConnection(Connection):
     def __init__(self, sock, peer, worker):
         Connection.__init__(self, sock, peer, worker)
         self.state = HANDSHAKE      # under the header timeout, set by Connection
+        # In HANDSHAKE, started says that bytes of it have arrived: until then the connection
+        # is as idle as a plain one without a byte of its request (the cap may close it).
+
+    def idle(self):
+        return self.state == HANDSHAKE and not self.started or Connection.idle(self)
 
     def on_event(self, mask):
         if self.state != HANDSHAKE:
@@ -2287,6 +2292,16 @@ class TLSConnection(Connection):
             self.close()
 
     def handshake(self):
+        if not self.started:
+            try:
+                first = PEEK(self.sock, 1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return self.set_events(selectors.EVENT_READ)
+            except OSError:
+                return self.close()
+            if not first:
+                return self.close()     # gone without a word
+            self.started = True
         try:
             self.sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -2300,6 +2315,7 @@ class TLSConnection(Connection):
         except OSError:
             return self.close()
         self.state = READING
+        self.started = False            # the request has not begun (its bytes may be here)
         self.set_events(selectors.EVENT_READ)
         self.receive()                  # the request often came with the client's Finished
 
@@ -2396,6 +2412,9 @@ class TLSConnection(Connection):
             except (OSError, ValueError):
                 pass
         Connection.close(self, linger)
+
+
+PEEK = _socket.socket.recv         # SSLSocket.recv refuses flags; this reads the raw socket
 
 
 def accept_tls(listener, family, context):

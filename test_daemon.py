@@ -21,6 +21,7 @@ import os
 import pwd
 import random
 import re
+import select
 import signal
 import socket
 import ssl
@@ -6756,6 +6757,42 @@ class TLSServerTests(unittest.TestCase):
                 conn.send(raw_request('/a.jpg', host=host))
                 self.assertEqual(conn.response().status, 400)
         self.log_is_clean()
+
+
+class TLSConnectionCapTests(unittest.TestCase):
+    """An HTTPS agent at its --max-connections cap."""
+
+    def test_silent_connections_make_room_as_on_plain_http(self):
+        """A connection that has sent no byte of its handshake is as idle as a plain one that
+        has sent no byte of its request: at the cap the longest idle makes room for a client
+        that talks, instead of that client waiting for --header-timeout (10 s)."""
+        server = AgentServer(self, '--max-connections', '2', workers=1)
+        tls_dir = os.path.join(server.dir, 'tls')
+        os.makedirs(tls_dir)
+        ca = tls_make_ca(tls_dir)
+        cert, key = os.path.join(tls_dir, 'leaf.crt'), os.path.join(tls_dir, 'leaf.key')
+        tls_make_leaf(tls_dir, ca, 77, cert, key)
+        server.options += ['--tls-cert', cert, '--tls-key', key]
+        server.write('a.jpg', FILE_A)
+        server.start()
+        worker, = server.workers()
+        before = len(sockets_of(worker))
+        silent = []
+        for _ in range(2):
+            sock = server.connect()
+            self.addCleanup(sock.close)
+            silent.append(sock)
+        # TCP_DEFER_ACCEPT hands them to the worker a second or so later, still silent.
+        wait_for(lambda: len(sockets_of(worker)) >= before + 2, message='both silent connections accepted')
+        conn = TLSConn(server.port, ca[0])
+        self.addCleanup(conn.close)
+        conn.send(raw_request('/a.jpg'))
+        self.assertEqual(conn.response().body, FILE_A)
+        # Accepted in the same loop iteration, they may tie: either one made room.
+        readable, _, _ = select.select(silent, [], [], 5)
+        self.assertTrue(readable, 'no silent connection was closed')
+        self.assertEqual(readable[0].recv(1), b'')
+        server.stop()
 
 
 class TLSRedirectLocationTests(unittest.TestCase):
