@@ -90,7 +90,8 @@ logged and keeps the old one, and `reload` exits 1.  With --user, the reload rea
 user (a key only root can read keeps the old certificate: own the key by that user, mode 0600).
 --http-redirect PORT answers plain HTTP there with 301 to https://<Host>[:port]<path> (the Host
 checked as a host name or IP literal, the path normalised); --hsts SECONDS adds
-Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port gets a 400.
+Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port, whatever its
+method, gets a 400 (its request line in the access log).
 
 HTTP (RFC 9110, 9112)
 ---------------------
@@ -2257,8 +2258,21 @@ class RedirectConnection(Connection):
 # ---------------------------------------------------------------------------------------------
 
 HANDSHAKE = 'handshake'     # TLS: the handshake in progress (before READING)
+# A TLS connection begins with a record type byte (0x14-0x18) or an SSLv2 length (0x80 and up);
+# an HTTP request with a method, a token: its first byte tells them apart, whatever the method
+# (OpenSSL itself recognises only GET, HEAD, POST, PUT and CONNECT, and resets the others).
+PLAIN_HTTP_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]")
+PLAIN_HTTP_PEEK = 200       # bytes looked at: the request line for the access log
 PLAIN_HTTP_BODY = (b'<!DOCTYPE html>\n<html><head><title>400 Bad Request</title></head>\n<body>'
                    b'<h1>400 Bad Request</h1><p>This port speaks HTTPS: use https://.</p></body></html>\n')
+
+
+def plain_http_line(first):
+    """The request line (for the log) if the first bytes on the HTTPS port are plain HTTP, else
+    None (TLS, or bytes that are neither: OpenSSL refuses those with an alert)."""
+    if not PLAIN_HTTP_START.match(first):
+        return None
+    return first.split(b'\n', 1)[0].rstrip(b'\r')
 
 
 class TLSConnection(Connection):
@@ -2294,7 +2308,7 @@ class TLSConnection(Connection):
     def handshake(self):
         if not self.started:
             try:
-                first = PEEK(self.sock, 1, socket.MSG_PEEK)
+                first = PEEK(self.sock, PLAIN_HTTP_PEEK, socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):
                 return self.set_events(selectors.EVENT_READ)
             except OSError:
@@ -2302,32 +2316,32 @@ class TLSConnection(Connection):
             if not first:
                 return self.close()     # gone without a word
             self.started = True
+            line = plain_http_line(first)
+            if line is not None:
+                return self.refuse_plain_http(line)
         try:
             self.sock.do_handshake()
         except ssl.SSLWantReadError:
             return self.set_events(selectors.EVENT_READ)
         except ssl.SSLWantWriteError:
             return self.set_events(selectors.EVENT_WRITE)
-        except ssl.SSLError as exc:
-            if exc.reason in ('HTTP_REQUEST', 'HTTPS_PROXY_REQUEST'):
-                return self.refuse_plain_http()
-            return self.close()         # not TLS, a version or cipher we refuse, a bad alert
         except OSError:
-            return self.close()
+            return self.close()         # not TLS, a version or cipher we refuse, a bad alert
         self.state = READING
         self.started = False            # the request has not begun (its bytes may be here)
         self.set_events(selectors.EVENT_READ)
         self.receive()                  # the request often came with the client's Finished
 
-    def refuse_plain_http(self):
+    def refuse_plain_http(self, line):
         """Plain HTTP on the HTTPS port: a plain 400 that says so, then a lingering close."""
         worker = self.worker
+        body = b'' if line.startswith(b'HEAD ') else PLAIN_HTTP_BODY
         response = response_head(400, worker.date, b'Content-Type: text/html; charset=utf-8\r\n'
-                                 b'Content-Length: %d\r\n' % len(PLAIN_HTTP_BODY), False, (1, 1)) + PLAIN_HTTP_BODY
-        self.status, self.line, self.keep_alive = 400, b'', False
+                                 b'Content-Length: %d\r\n' % len(PLAIN_HTTP_BODY), False, (1, 1)) + body
+        self.status, self.line, self.keep_alive = 400, line, False
         try:
-            os.write(self.fd, response)     # the TLS layer has written nothing: the buffer is empty
-            self.sent = len(PLAIN_HTTP_BODY)
+            os.write(self.fd, response)     # nothing was sent yet: the buffer is empty
+            self.sent = len(body)
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             worker.access(self)

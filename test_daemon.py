@@ -6682,6 +6682,26 @@ class TLSServerTests(unittest.TestCase):
         self.assertIn(b'Connection: close', data)
         self.log_is_clean()
 
+    def test_plain_http_of_any_method_to_the_tls_port_gets_400_and_a_log_line(self):
+        """Not only the methods OpenSSL itself recognises (GET, HEAD, POST, PUT, CONNECT): any
+        request line on the HTTPS port gets the 400 that says so, not a reset, and the access
+        log records the request line answered."""
+        for line in (b'OPTIONS * HTTP/1.1', b'DELETE /a.jpg HTTP/1.1', b'PATCH /a.jpg HTTP/1.1',
+                     b'get /a.jpg HTTP/1.1', b'PRI * HTTP/2.0', b'BREW /pot-%d HTTP/1.1' % os.getpid(),
+                     b'GET /a.jpg?plain-%d HTTP/1.1' % os.getpid()):
+            with self.subTest(line=line):
+                data = self.server.exchange(line + b'\r\nHost: x\r\n\r\n')
+                self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:100])
+                self.assertIn(b'HTTPS', data)
+                self.assertIn(b'Connection: close', data)
+                self.assertNotIn(b'Strict-Transport-Security', data)     # not over plain HTTP
+                wait_for(lambda: any('"%s" 400 ' % line.decode() in logged for logged in self.server.access_lines()),
+                         message='the access log line of %r' % line)
+        data = self.server.exchange(b'HEAD /a.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:100])
+        self.assertTrue(data.endswith(b'\r\n\r\n'), 'a body after the head of a HEAD: %r' % data[-60:])
+        self.log_is_clean()
+
     def test_tls_to_the_plain_port_is_closed_without_traceback(self):
         with socket.create_connection(('127.0.0.1', self.redirect_port), timeout=5) as raw:
             with self.assertRaises((ssl.SSLError, OSError)):
@@ -6820,6 +6840,19 @@ class TLSRedirectLocationTests(unittest.TestCase):
                 with self.assertRaises(agent.HTTPError) as caught:
                     self.location(raw)
                 self.assertEqual(caught.exception.status, 400)
+
+
+class TLSPlainHTTPLineTests(unittest.TestCase):
+    """agent.plain_http_line: plain HTTP or TLS, from the first bytes on the HTTPS port."""
+
+    def test_requests_and_tls(self):
+        for first, line in ((b'OPTIONS * HTTP/1.1\r\nHost: x\r\n', b'OPTIONS * HTTP/1.1'),
+                            (b'get /a HTTP/1.0\n\n', b'get /a HTTP/1.0'), (b'G', b'G'),
+                            (b'PRI * HTTP/2.0\r\n\r\nSM', b'PRI * HTTP/2.0')):
+            self.assertEqual(agent.plain_http_line(first), line)
+        for first in (tls_client_hello(), b'\x80\x2e\x01\x00\x02', b'\x15\x03\x03\x00\x02\x02\x28',
+                      b'\x00garbage', b' GET / HTTP/1.1\r\n', b'\r\n'):
+            self.assertIsNone(agent.plain_http_line(first), first)
 
 
 class TLSStartAndReloadTests(unittest.TestCase):
