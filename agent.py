@@ -2192,6 +2192,14 @@ class Connection:
 
     # -- LINGERING and CLOSED --
 
+    def cut(self):
+        """Close at a deadline: a response in flight still gets its access-log line, with the
+        bytes that went out."""
+        if self.state == SENDING:
+            self.finish_response(aborted=True)
+        else:
+            self.close()
+
     def close(self, linger=False):
         """Close; with linger and unread input, shut the write side and drain first.
 
@@ -3011,7 +3019,7 @@ class Worker:
         now = self.now
         for conn in list(self.conns):
             if now >= conn.deadline:
-                conn.close()                # header timeout, idle keep-alive, stalled send
+                conn.cut()                  # header timeout, idle keep-alive, stalled send
             elif self.draining and conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
                 conn.close()
         if not self.draining and not self.accepting and now >= self.accept_paused_until \
@@ -3019,7 +3027,7 @@ class Worker:
             self.start_accepting()
         if self.draining and self.drain_deadline is not None and now >= self.drain_deadline:
             for conn in list(self.conns):
-                conn.close()
+                conn.cut()
 
     # -- accepting --
 

@@ -5036,6 +5036,22 @@ class FollowSymlinksTests(SharedAgentTestCase):
                 self.assertRegex(data[:13], rb'^HTTP/1\.1 40[04] ')
 
 
+def assert_cut_response_logged(testcase, server, conn, size=64 << 20):
+    """A client that stops reading a large file: the agent cuts the response after --timeout,
+    and its access-log line says so (the status, fewer bytes than the file's)."""
+    with open(os.path.join(server.root, 'stalled.bin'), 'wb') as f:
+        f.truncate(size)                # sparse: no disk space
+    marker = 'stops-reading-%d' % random.getrandbits(32)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.send(raw_request('/stalled.bin', 'User-Agent: ' + marker))
+    wait_for(lambda: any(marker in line for line in server.access_lines()),
+             message='the access-log line of the response cut by --timeout')
+    line, = [line for line in server.access_lines() if marker in line]
+    status, sent = line.split('"')[2].split()
+    testcase.assertEqual(status, '200', line)
+    testcase.assertLess(int(sent), size, line)
+
+
 class ConnectionTimeoutTests(SharedAgentTestCase):
     """--header-timeout 1 --timeout 2 --max-header-size 1024."""
 
@@ -5045,6 +5061,9 @@ class ConnectionTimeoutTests(SharedAgentTestCase):
     @classmethod
     def make_files(cls):
         write_file(cls.server.root, 'a.jpg', FILE_A)
+
+    def test_a_response_cut_by_the_send_timeout_is_logged(self):
+        assert_cut_response_logged(self, self.server, self.conn(timeout=TIMEOUT))
 
     def test_trickled_header_cut_after_header_timeout(self):
         self.assert_trickle_cut(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nX-Slow: ')
@@ -6779,14 +6798,12 @@ class TLSServerTests(unittest.TestCase):
         self.log_is_clean()
 
 
-class TLSConnectionCapTests(unittest.TestCase):
-    """An HTTPS agent at its --max-connections cap."""
+class TLSLimitTests(unittest.TestCase):
+    """HTTPS agents at their limits: --max-connections, --timeout (an agent each)."""
 
-    def test_silent_connections_make_room_as_on_plain_http(self):
-        """A connection that has sent no byte of its handshake is as idle as a plain one that
-        has sent no byte of its request: at the cap the longest idle makes room for a client
-        that talks, instead of that client waiting for --header-timeout (10 s)."""
-        server = AgentServer(self, '--max-connections', '2', workers=1)
+    def tls_server(self, *options):
+        """A started 1-worker HTTPS agent with options, serving a.jpg: (server, CA files)."""
+        server = AgentServer(self, *options, workers=1)
         tls_dir = os.path.join(server.dir, 'tls')
         os.makedirs(tls_dir)
         ca = tls_make_ca(tls_dir)
@@ -6795,6 +6812,13 @@ class TLSConnectionCapTests(unittest.TestCase):
         server.options += ['--tls-cert', cert, '--tls-key', key]
         server.write('a.jpg', FILE_A)
         server.start()
+        return server, ca
+
+    def test_silent_connections_make_room_as_on_plain_http(self):
+        """A connection that has sent no byte of its handshake is as idle as a plain one that
+        has sent no byte of its request: at the cap the longest idle makes room for a client
+        that talks, instead of that client waiting for --header-timeout (10 s)."""
+        server, ca = self.tls_server('--max-connections', '2')
         worker, = server.workers()
         before = len(sockets_of(worker))
         silent = []
@@ -6812,6 +6836,14 @@ class TLSConnectionCapTests(unittest.TestCase):
         readable, _, _ = select.select(silent, [], [], 5)
         self.assertTrue(readable, 'no silent connection was closed')
         self.assertEqual(readable[0].recv(1), b'')
+        server.stop()
+
+
+    def test_a_response_cut_by_the_send_timeout_is_logged(self):
+        server, ca = self.tls_server('--timeout', '2')
+        conn = TLSConn(server.port, ca[0], timeout=TIMEOUT)
+        self.addCleanup(conn.close)
+        assert_cut_response_logged(self, server, conn)
         server.stop()
 
 
