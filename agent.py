@@ -2955,7 +2955,7 @@ class Worker:
         https_port = next((sock.getsockname()[1] for sock in listeners if sock not in redirects
                            and sock.family in (socket.AF_INET, socket.AF_INET6)), 443)
         self.common_headers = COMMON_HEADERS
-        if tls is not None and getattr(config, 'hsts', None):
+        if tls is not None and getattr(config, 'hsts', None) is not None:     # 0 withdraws HSTS
             self.common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
         self.accept_poll = None
         self.access_fd = access_fd
@@ -4276,7 +4276,8 @@ def parser():
     tls.add_argument('--http-redirect', type=port_number, metavar='PORT',
                      help='also listen for plain HTTP on PORT and redirect it to HTTPS (301)')
     tls.add_argument('--hsts', type=non_negative_int, metavar='SECONDS',
-                     help='send Strict-Transport-Security: max-age=SECONDS on HTTPS responses')
+                     help='send Strict-Transport-Security: max-age=SECONDS on HTTPS responses '
+                          '(0 tells browsers to forget an earlier one)')
     return p
 
 

@@ -6798,8 +6798,8 @@ class TLSServerTests(unittest.TestCase):
         self.log_is_clean()
 
 
-class TLSLimitTests(unittest.TestCase):
-    """HTTPS agents at their limits: --max-connections, --timeout (an agent each)."""
+class TLSOwnAgentTests(unittest.TestCase):
+    """HTTPS agents with options of their own: --max-connections, --timeout, --hsts 0."""
 
     def tls_server(self, *options):
         """A started 1-worker HTTPS agent with options, serving a.jpg: (server, CA files)."""
@@ -6844,6 +6844,20 @@ class TLSLimitTests(unittest.TestCase):
         conn = TLSConn(server.port, ca[0], timeout=TIMEOUT)
         self.addCleanup(conn.close)
         assert_cut_response_logged(self, server, conn)
+        server.stop()
+
+
+    def test_hsts_0_is_sent(self):
+        """max-age=0 is how a site withdraws HSTS (RFC 6797 section 6.1.1): --hsts 0 must send
+        it, not nothing."""
+        server, ca = self.tls_server('--hsts', '0')
+        conn = TLSConn(server.port, ca[0])
+        self.addCleanup(conn.close)
+        conn.send(raw_request('/a.jpg') + raw_request('/none.jpg', 'Connection: close'))
+        for status in (200, 404):
+            response = conn.response()
+            self.assertEqual(response.status, status)
+            self.assertEqual(response.headers.get('strict-transport-security'), 'max-age=0')
         server.stop()
 
 
