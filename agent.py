@@ -656,12 +656,24 @@ def map_target(target):
     return relative, trailing, raw_path, query
 
 
+# RFC 3986 section 3.4: query = *( pchar / "/" / "?" ), escapes included.  Any other byte of a
+# request's query ('#', '\\', '"', '<', '>', '^', '`', '{', '|', '}') is escaped in a Location.
+QUERY_UNSAFE = re.compile(rb"[^A-Za-z0-9\-._~!$&'()*+,;=:@/?%]")
+
+
+def location_query(query):
+    """b'?' and the query as it goes out in a Location, or b'' if there is none."""
+    if not query:
+        return b''
+    return b'?' + QUERY_UNSAFE.sub(lambda m: b'%%%02X' % m.group()[0], query)
+
+
 def directory_location(relative, query):
     """The Location of the 301 that adds a directory's slash, built from the normalised path:
     never from the raw target, so it always starts with one '/' followed by a path segment
     (never '//host' or a scheme, which a browser would follow off-site)."""
     path = '/' + urllib.parse.quote(relative, safe="/!$&'()*+,;=:@~") + '/' if relative else '/'
-    return path.encode('ascii') + (b'?' + query if query else b'')
+    return path.encode('ascii') + location_query(query)
 
 
 REDIRECT_HOST = re.compile(r'^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?))(?::[0-9]{0,5})?$')
@@ -697,7 +709,7 @@ def redirect_location(req, https_port):
     relative, trailing, raw_path, query = map_target(target)
     path = '/' + urllib.parse.quote(relative, safe=PATH_SAFE) + ('/' if trailing and relative else '')
     port = '' if https_port == 443 else ':%d' % https_port
-    return ('https://%s%s%s' % (host, port, path)).encode('ascii') + (b'?' + query if query else b'')
+    return ('https://%s%s%s' % (host, port, path)).encode('ascii') + location_query(query)
 
 
 def inside(path, root):

@@ -6878,6 +6878,14 @@ class TLSRedirectLocationTests(unittest.TestCase):
         req, _ = agent.parse_request(b'GET / HTTP/1.1\r\nHost: h\r\n\r\n')
         self.assertEqual(agent.redirect_location(req, 443), b'https://h/')
 
+    def test_query_is_a_uri_query(self):
+        """The query goes out as a valid RFC 3986 query: bytes that have no place there ('#',
+        which would start a fragment, backslash, quotes, braces...) percent-encoded, the rest
+        (escapes included) as they came; and so in a directory's 301."""
+        self.assertEqual(self.location(b'GET /a?x=/\\evil//y&q=%2F#f<">^`{|} HTTP/1.1\r\nHost: h\r\n\r\n'),
+                         b'https://h:8443/a?x=/%5Cevil//y&q=%2F%23f%3C%22%3E%5E%60%7B%7C%7D')
+        self.assertEqual(agent.directory_location('d', b'a=1?b#c\\'), b'/d/?a=1?b%23c%5C')
+
     def test_refused(self):
         for raw in (b'GET / HTTP/1.0\r\n\r\n', b'GET / HTTP/1.1\r\nHost: a@b\r\n\r\n',
                     b'GET http://a@b/ HTTP/1.1\r\nHost: h\r\n\r\n', b'GET /../x HTTP/1.1\r\nHost: h\r\n\r\n',
