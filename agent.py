@@ -90,7 +90,8 @@ logged and keeps the old one, and `reload` exits 1.  With --user, the reload rea
 user (a key only root can read keeps the old certificate: own the key by that user, mode 0600).
 --http-redirect PORT answers plain HTTP there with 301 to https://<Host>[:port]<path> (the Host
 checked as a host name or IP literal, the path normalised); --hsts SECONDS adds
-Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port gets a 400.
+Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port, whatever its
+method, gets a 400 (its request line in the access log).
 
 HTTP (RFC 9110, 9112)
 ---------------------
@@ -652,12 +653,24 @@ def map_target(target):
     return relative, trailing, raw_path, query
 
 
+# RFC 3986 section 3.4: query = *( pchar / "/" / "?" ), escapes included.  Any other byte of a
+# request's query ('#', '\\', '"', '<', '>', '^', '`', '{', '|', '}') is escaped in a Location.
+QUERY_UNSAFE = re.compile(rb"[^A-Za-z0-9\-._~!$&'()*+,;=:@/?%]")
+
+
+def location_query(query):
+    """b'?' and the query as it goes out in a Location, or b'' if there is none."""
+    if not query:
+        return b''
+    return b'?' + QUERY_UNSAFE.sub(lambda m: b'%%%02X' % m.group()[0], query)
+
+
 def directory_location(relative, query):
     """The Location of the 301 that adds a directory's slash, built from the normalised path:
     never from the raw target, so it always starts with one '/' followed by a path segment
     (never '//host' or a scheme, which a browser would follow off-site)."""
     path = '/' + urllib.parse.quote(relative, safe="/!$&'()*+,;=:@~") + '/' if relative else '/'
-    return path.encode('ascii') + (b'?' + query if query else b'')
+    return path.encode('ascii') + location_query(query)
 
 
 REDIRECT_HOST = re.compile(r'^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?))(?::[0-9]{0,5})?$')
@@ -693,7 +706,7 @@ def redirect_location(req, https_port):
     relative, trailing, raw_path, query = map_target(target)
     path = '/' + urllib.parse.quote(relative, safe=PATH_SAFE) + ('/' if trailing and relative else '')
     port = '' if https_port == 443 else ':%d' % https_port
-    return ('https://%s%s%s' % (host, port, path)).encode('ascii') + (b'?' + query if query else b'')
+    return ('https://%s%s%s' % (host, port, path)).encode('ascii') + location_query(query)
 
 
 def inside(path, root):
@@ -2248,6 +2261,14 @@ class Connection:
 
     # -- LINGERING and CLOSED --
 
+    def cut(self):
+        """Close at a deadline: a response in flight still gets its access-log line, with the
+        bytes that went out."""
+        if self.state == SENDING:
+            self.finish_response(aborted=True)
+        else:
+            self.close()
+
     def close(self, linger=False):
         """Close; with linger and unread input, shut the write side and drain first.
 
@@ -2314,8 +2335,21 @@ class RedirectConnection(Connection):
 # ---------------------------------------------------------------------------------------------
 
 HANDSHAKE = 'handshake'     # TLS: the handshake in progress (before READING)
+# A TLS connection begins with a record type byte (0x14-0x18) or an SSLv2 length (0x80 and up);
+# an HTTP request with a method, a token: its first byte tells them apart, whatever the method
+# (OpenSSL itself recognises only GET, HEAD, POST, PUT and CONNECT, and resets the others).
+PLAIN_HTTP_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]")
+PLAIN_HTTP_PEEK = 200       # bytes looked at: the request line for the access log
 PLAIN_HTTP_BODY = (b'<!DOCTYPE html>\n<html><head><title>400 Bad Request</title></head>\n<body>'
                    b'<h1>400 Bad Request</h1><p>This port speaks HTTPS: use https://.</p></body></html>\n')
+
+
+def plain_http_line(first):
+    """The request line (for the log) if the first bytes on the HTTPS port are plain HTTP, else
+    None (TLS, or bytes that are neither: OpenSSL refuses those with an alert)."""
+    if not PLAIN_HTTP_START.match(first):
+        return None
+    return first.split(b'\n', 1)[0].rstrip(b'\r')
 
 
 class TLSConnection(Connection):
@@ -2332,6 +2366,11 @@ class TLSConnection(Connection):
     def __init__(self, sock, peer, worker):
         Connection.__init__(self, sock, peer, worker)
         self.state = HANDSHAKE      # under the header timeout, set by Connection
+        # In HANDSHAKE, started says that bytes of it have arrived: until then the connection
+        # is as idle as a plain one without a byte of its request (the cap may close it).
+
+    def idle(self):
+        return self.state == HANDSHAKE and not self.started or Connection.idle(self)
 
     def on_event(self, mask):
         if self.state != HANDSHAKE:
@@ -2344,31 +2383,42 @@ class TLSConnection(Connection):
             self.close()
 
     def handshake(self):
+        if not self.started:
+            try:
+                first = PEEK(self.sock, PLAIN_HTTP_PEEK, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return self.set_events(selectors.EVENT_READ)
+            except OSError:
+                return self.close()
+            if not first:
+                return self.close()     # gone without a word
+            self.started = True
+            line = plain_http_line(first)
+            if line is not None:
+                return self.refuse_plain_http(line)
         try:
             self.sock.do_handshake()
         except ssl.SSLWantReadError:
             return self.set_events(selectors.EVENT_READ)
         except ssl.SSLWantWriteError:
             return self.set_events(selectors.EVENT_WRITE)
-        except ssl.SSLError as exc:
-            if exc.reason in ('HTTP_REQUEST', 'HTTPS_PROXY_REQUEST'):
-                return self.refuse_plain_http()
-            return self.close()         # not TLS, a version or cipher we refuse, a bad alert
         except OSError:
-            return self.close()
+            return self.close()         # not TLS, a version or cipher we refuse, a bad alert
         self.state = READING
+        self.started = False            # the request has not begun (its bytes may be here)
         self.set_events(selectors.EVENT_READ)
         self.receive()                  # the request often came with the client's Finished
 
-    def refuse_plain_http(self):
+    def refuse_plain_http(self, line):
         """Plain HTTP on the HTTPS port: a plain 400 that says so, then a lingering close."""
         worker = self.worker
+        body = b'' if line.startswith(b'HEAD ') else PLAIN_HTTP_BODY
         response = response_head(400, worker.date, b'Content-Type: text/html; charset=utf-8\r\n'
-                                 b'Content-Length: %d\r\n' % len(PLAIN_HTTP_BODY), False, (1, 1)) + PLAIN_HTTP_BODY
-        self.status, self.line, self.keep_alive = 400, b'', False
+                                 b'Content-Length: %d\r\n' % len(PLAIN_HTTP_BODY), False, (1, 1)) + body
+        self.status, self.line, self.keep_alive = 400, line, False
         try:
-            os.write(self.fd, response)     # the TLS layer has written nothing: the buffer is empty
-            self.sent = len(PLAIN_HTTP_BODY)
+            os.write(self.fd, response)     # nothing was sent yet: the buffer is empty
+            self.sent = len(body)
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             worker.access(self)
@@ -2453,6 +2503,9 @@ class TLSConnection(Connection):
             except (OSError, ValueError):
                 pass
         Connection.close(self, linger)
+
+
+PEEK = _socket.socket.recv         # SSLSocket.recv refuses flags; this reads the raw socket
 
 
 def accept_tls(listener, family, context):
@@ -2997,7 +3050,7 @@ class Worker:
         https_port = next((sock.getsockname()[1] for sock in listeners if sock not in redirects
                            and sock.family in (socket.AF_INET, socket.AF_INET6)), 443)
         self.common_headers = COMMON_HEADERS
-        if tls is not None and getattr(config, 'hsts', None):
+        if tls is not None and getattr(config, 'hsts', None) is not None:     # 0 withdraws HSTS
             self.common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
         self.accept_poll = None
         self.access_fd = access_fd
@@ -3061,7 +3114,7 @@ class Worker:
         now = self.now
         for conn in list(self.conns):
             if now >= conn.deadline:
-                conn.close()                # header timeout, idle keep-alive, stalled send
+                conn.cut()                  # header timeout, idle keep-alive, stalled send
             elif self.draining and conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
                 conn.close()
         if not self.draining and not self.accepting and now >= self.accept_paused_until \
@@ -3069,7 +3122,7 @@ class Worker:
             self.start_accepting()
         if self.draining and self.drain_deadline is not None and now >= self.drain_deadline:
             for conn in list(self.conns):
-                conn.close()
+                conn.cut()
 
     # -- accepting --
 
@@ -4318,7 +4371,8 @@ def parser():
     tls.add_argument('--http-redirect', type=port_number, metavar='PORT',
                      help='also listen for plain HTTP on PORT and redirect it to HTTPS (301)')
     tls.add_argument('--hsts', type=non_negative_int, metavar='SECONDS',
-                     help='send Strict-Transport-Security: max-age=SECONDS on HTTPS responses')
+                     help='send Strict-Transport-Security: max-age=SECONDS on HTTPS responses '
+                          '(0 tells browsers to forget an earlier one)')
     return p
 
 

@@ -21,6 +21,7 @@ import os
 import pwd
 import random
 import re
+import select
 import signal
 import socket
 import ssl
@@ -5273,6 +5274,22 @@ class FollowSymlinksTests(SharedAgentTestCase):
                 self.assertRegex(data[:13], rb'^HTTP/1\.1 40[04] ')
 
 
+def assert_cut_response_logged(testcase, server, conn, size=64 << 20):
+    """A client that stops reading a large file: the agent cuts the response after --timeout,
+    and its access-log line says so (the status, fewer bytes than the file's)."""
+    with open(os.path.join(server.root, 'stalled.bin'), 'wb') as f:
+        f.truncate(size)                # sparse: no disk space
+    marker = 'stops-reading-%d' % random.getrandbits(32)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.send(raw_request('/stalled.bin', 'User-Agent: ' + marker))
+    wait_for(lambda: any(marker in line for line in server.access_lines()),
+             message='the access-log line of the response cut by --timeout')
+    line, = [line for line in server.access_lines() if marker in line]
+    status, sent = line.split('"')[2].split()
+    testcase.assertEqual(status, '200', line)
+    testcase.assertLess(int(sent), size, line)
+
+
 class ConnectionTimeoutTests(SharedAgentTestCase):
     """--header-timeout 1 --timeout 2 --max-header-size 1024."""
 
@@ -5282,6 +5299,9 @@ class ConnectionTimeoutTests(SharedAgentTestCase):
     @classmethod
     def make_files(cls):
         write_file(cls.server.root, 'a.jpg', FILE_A)
+
+    def test_a_response_cut_by_the_send_timeout_is_logged(self):
+        assert_cut_response_logged(self, self.server, self.conn(timeout=TIMEOUT))
 
     def test_trickled_header_cut_after_header_timeout(self):
         self.assert_trickle_cut(b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nX-Slow: ')
@@ -6970,6 +6990,26 @@ class TLSServerTests(unittest.TestCase):
         self.assertIn(b'Connection: close', data)
         self.log_is_clean()
 
+    def test_plain_http_of_any_method_to_the_tls_port_gets_400_and_a_log_line(self):
+        """Not only the methods OpenSSL itself recognises (GET, HEAD, POST, PUT, CONNECT): any
+        request line on the HTTPS port gets the 400 that says so, not a reset, and the access
+        log records the request line answered."""
+        for line in (b'OPTIONS * HTTP/1.1', b'DELETE /a.jpg HTTP/1.1', b'PATCH /a.jpg HTTP/1.1',
+                     b'get /a.jpg HTTP/1.1', b'PRI * HTTP/2.0', b'BREW /pot-%d HTTP/1.1' % os.getpid(),
+                     b'GET /a.jpg?plain-%d HTTP/1.1' % os.getpid()):
+            with self.subTest(line=line):
+                data = self.server.exchange(line + b'\r\nHost: x\r\n\r\n')
+                self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:100])
+                self.assertIn(b'HTTPS', data)
+                self.assertIn(b'Connection: close', data)
+                self.assertNotIn(b'Strict-Transport-Security', data)     # not over plain HTTP
+                wait_for(lambda: any('"%s" 400 ' % line.decode() in logged for logged in self.server.access_lines()),
+                         message='the access log line of %r' % line)
+        data = self.server.exchange(b'HEAD /a.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:100])
+        self.assertTrue(data.endswith(b'\r\n\r\n'), 'a body after the head of a HEAD: %r' % data[-60:])
+        self.log_is_clean()
+
     def test_tls_to_the_plain_port_is_closed_without_traceback(self):
         with socket.create_connection(('127.0.0.1', self.redirect_port), timeout=5) as raw:
             with self.assertRaises((ssl.SSLError, OSError)):
@@ -7047,6 +7087,69 @@ class TLSServerTests(unittest.TestCase):
         self.log_is_clean()
 
 
+class TLSOwnAgentTests(unittest.TestCase):
+    """HTTPS agents with options of their own: --max-connections, --timeout, --hsts 0."""
+
+    def tls_server(self, *options):
+        """A started 1-worker HTTPS agent with options, serving a.jpg: (server, CA files)."""
+        server = AgentServer(self, *options, workers=1)
+        tls_dir = os.path.join(server.dir, 'tls')
+        os.makedirs(tls_dir)
+        ca = tls_make_ca(tls_dir)
+        cert, key = os.path.join(tls_dir, 'leaf.crt'), os.path.join(tls_dir, 'leaf.key')
+        tls_make_leaf(tls_dir, ca, 77, cert, key)
+        server.options += ['--tls-cert', cert, '--tls-key', key]
+        server.write('a.jpg', FILE_A)
+        server.start()
+        return server, ca
+
+    def test_silent_connections_make_room_as_on_plain_http(self):
+        """A connection that has sent no byte of its handshake is as idle as a plain one that
+        has sent no byte of its request: at the cap the longest idle makes room for a client
+        that talks, instead of that client waiting for --header-timeout (10 s)."""
+        server, ca = self.tls_server('--max-connections', '2')
+        worker, = server.workers()
+        before = len(sockets_of(worker))
+        silent = []
+        for _ in range(2):
+            sock = server.connect()
+            self.addCleanup(sock.close)
+            silent.append(sock)
+        # TCP_DEFER_ACCEPT hands them to the worker a second or so later, still silent.
+        wait_for(lambda: len(sockets_of(worker)) >= before + 2, message='both silent connections accepted')
+        conn = TLSConn(server.port, ca[0])
+        self.addCleanup(conn.close)
+        conn.send(raw_request('/a.jpg'))
+        self.assertEqual(conn.response().body, FILE_A)
+        # Accepted in the same loop iteration, they may tie: either one made room.
+        readable, _, _ = select.select(silent, [], [], 5)
+        self.assertTrue(readable, 'no silent connection was closed')
+        self.assertEqual(readable[0].recv(1), b'')
+        server.stop()
+
+
+    def test_a_response_cut_by_the_send_timeout_is_logged(self):
+        server, ca = self.tls_server('--timeout', '2')
+        conn = TLSConn(server.port, ca[0], timeout=TIMEOUT)
+        self.addCleanup(conn.close)
+        assert_cut_response_logged(self, server, conn)
+        server.stop()
+
+
+    def test_hsts_0_is_sent(self):
+        """max-age=0 is how a site withdraws HSTS (RFC 6797 section 6.1.1): --hsts 0 must send
+        it, not nothing."""
+        server, ca = self.tls_server('--hsts', '0')
+        conn = TLSConn(server.port, ca[0])
+        self.addCleanup(conn.close)
+        conn.send(raw_request('/a.jpg') + raw_request('/none.jpg', 'Connection: close'))
+        for status in (200, 404):
+            response = conn.response()
+            self.assertEqual(response.status, status)
+            self.assertEqual(response.headers.get('strict-transport-security'), 'max-age=0')
+        server.stop()
+
+
 class TLSRedirectLocationTests(unittest.TestCase):
     """agent.redirect_location, the pure part of --http-redirect."""
 
@@ -7064,6 +7167,14 @@ class TLSRedirectLocationTests(unittest.TestCase):
         req, _ = agent.parse_request(b'GET / HTTP/1.1\r\nHost: h\r\n\r\n')
         self.assertEqual(agent.redirect_location(req, 443), b'https://h/')
 
+    def test_query_is_a_uri_query(self):
+        """The query goes out as a valid RFC 3986 query: bytes that have no place there ('#',
+        which would start a fragment, backslash, quotes, braces...) percent-encoded, the rest
+        (escapes included) as they came; and so in a directory's 301."""
+        self.assertEqual(self.location(b'GET /a?x=/\\evil//y&q=%2F#f<">^`{|} HTTP/1.1\r\nHost: h\r\n\r\n'),
+                         b'https://h:8443/a?x=/%5Cevil//y&q=%2F%23f%3C%22%3E%5E%60%7B%7C%7D')
+        self.assertEqual(agent.directory_location('d', b'a=1?b#c\\'), b'/d/?a=1?b%23c%5C')
+
     def test_refused(self):
         for raw in (b'GET / HTTP/1.0\r\n\r\n', b'GET / HTTP/1.1\r\nHost: a@b\r\n\r\n',
                     b'GET http://a@b/ HTTP/1.1\r\nHost: h\r\n\r\n', b'GET /../x HTTP/1.1\r\nHost: h\r\n\r\n',
@@ -7072,6 +7183,19 @@ class TLSRedirectLocationTests(unittest.TestCase):
                 with self.assertRaises(agent.HTTPError) as caught:
                     self.location(raw)
                 self.assertEqual(caught.exception.status, 400)
+
+
+class TLSPlainHTTPLineTests(unittest.TestCase):
+    """agent.plain_http_line: plain HTTP or TLS, from the first bytes on the HTTPS port."""
+
+    def test_requests_and_tls(self):
+        for first, line in ((b'OPTIONS * HTTP/1.1\r\nHost: x\r\n', b'OPTIONS * HTTP/1.1'),
+                            (b'get /a HTTP/1.0\n\n', b'get /a HTTP/1.0'), (b'G', b'G'),
+                            (b'PRI * HTTP/2.0\r\n\r\nSM', b'PRI * HTTP/2.0')):
+            self.assertEqual(agent.plain_http_line(first), line)
+        for first in (tls_client_hello(), b'\x80\x2e\x01\x00\x02', b'\x15\x03\x03\x00\x02\x02\x28',
+                      b'\x00garbage', b' GET / HTTP/1.1\r\n', b'\r\n'):
+            self.assertIsNone(agent.plain_http_line(first), first)
 
 
 class TLSStartAndReloadTests(unittest.TestCase):
