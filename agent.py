@@ -3475,7 +3475,7 @@ class Agent(Daemon):
             log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
         self.ready(self.start_line())
         while not self.handle_signals() and not self.halted():
-            self.selector.select(1.0)
+            self.selector.select(self.tick(1.0))
             self.read_boot_messages()
             self.reap()
             self.maintain()
@@ -3506,6 +3506,12 @@ class Agent(Daemon):
                 names[-1] += ' (redirect to https)' if sock in self.redirects else ' (https)'
         return ', '.join(names)
 
+    def tick(self, longest):
+        """How long the master may sleep in select(): longest, or less when systemd's watchdog
+        wants its next WATCHDOG=1 sooner (said here when it is due)."""
+        due = self.watchdog()
+        return longest if due is None else min(longest, due)
+
     def await_boot(self, workers):
         """Wait until these workers say they are up; DaemonError if one cannot start.
 
@@ -3516,8 +3522,7 @@ class Agent(Daemon):
             if self.stopping or time.monotonic() > deadline:
                 raise DaemonError('stopped during startup' if self.stopping
                                   else 'workers did not start in time')
-            self.watchdog()                 # a reload waits here, under systemd's watchdog
-            for key, _ in self.selector.select(0.5):
+            for key, _ in self.selector.select(self.tick(0.5)):    # a reload waits here too
                 if key.fileobj == self.signal_fd:
                     drain(self.signal_fd)
             error = self.read_boot_messages()

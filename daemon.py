@@ -339,7 +339,9 @@ class Daemon:
         handle_signals()   the same without sleeping, for a run() with its own event loop
                            (its selector should watch `signal_fd`)
         watchdog()         WATCHDOG=1 to systemd's watchdog (WatchdogSec=) when half its
-                           interval has passed; wait() and handle_signals() call it
+                           interval has passed; returns how long a loop may sleep before
+                           the next call (None: no watchdog); wait() and handle_signals()
+                           call it
         release_signals()  in a child forked by run() that runs a loop of its own: close the
                            signal pipe it inherited
         reopen_std_logs()  reopen stdout/stderr at their paths (SIGUSR1 does it)
@@ -531,30 +533,32 @@ class Daemon:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 step = None if deadline is None else max(0.0, deadline - time.monotonic())
-                interval = self.watchdog()
-                if interval is not None:
-                    step = interval / 2 if step is None else min(step, interval / 2)
+                due = self.watchdog()
+                if due is not None:
+                    step = due if step is None else min(step, due)
                 try:
                     woken = select.select([self._wake_r], [], [], step)[0]
                 except InterruptedError:
                     woken = True
-                if woken or interval is None or deadline is not None and time.monotonic() >= deadline:
+                if woken or due is None or deadline is not None and time.monotonic() >= deadline:
                     break
         return self.handle_signals()
 
     def watchdog(self):
         """Say WATCHDOG=1 to systemd when its watchdog watches this process (WatchdogSec=) and
-        half its interval has passed since the last time; returns the interval (seconds) or
-        None.  wait() and handle_signals() call it: a loop that calls neither for longer than
-        half the interval must call it itself, or systemd takes the service for hung."""
+        half its interval has passed since the last time.  Returns how long a loop may sleep
+        before it calls this again (seconds, at most half the interval), or None without a
+        watchdog.  wait() and handle_signals() call it: a loop that calls neither for longer
+        than half the interval must call it itself, or systemd takes the service for hung."""
         if self._watchdog is False:
             self._watchdog = watchdog_interval()    # here: WATCHDOG_PID names the process
-        if self._watchdog is not None:
-            now = time.monotonic()
-            if now >= self._watchdog_due:
-                notify(WATCHDOG=1)
-                self._watchdog_due = now + self._watchdog / 2
-        return self._watchdog
+        if self._watchdog is None:
+            return None
+        now = time.monotonic()
+        if now >= self._watchdog_due:
+            notify(WATCHDOG=1)
+            self._watchdog_due = now + self._watchdog / 2
+        return self._watchdog_due - now
 
     def reopen_std_logs(self):
         """Reopen stdout/stderr logs at their paths (after logrotate moved them away)."""
@@ -2387,9 +2391,9 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
                 os.kill(pid, signal.SIGKILL)
                 late = 'no verdict within %gs' % timeout
                 break
-            interval = d.watchdog()             # the check may take longer than systemd waits
+            due = d.watchdog()                  # the check may take longer than systemd waits
             try:
-                ready = select.select([r], [], [], min(remaining, interval / 2) if interval else remaining)[0]
+                ready = select.select([r], [], [], remaining if due is None else min(remaining, due))[0]
             except InterruptedError:
                 continue
             if ready:
