@@ -163,7 +163,7 @@ class Sample(daemon.Daemon):
                 print('in the loop')
                 while not self.wait(1):
                     pass
-                time.sleep(1.5)
+                time.sleep(float(os.environ.get('SAMPLE_STOP_SECONDS', '1.5')))
             elif MODE == 'slow_setup':       # a stop comes before run() first looks
                 time.sleep(2)
                 print('in the loop')
@@ -1004,7 +1004,7 @@ class DaemonProcessTests(SampleDaemonTest):
     def test_start_and_run_wait_for_a_daemon_that_is_stopping(self):
         """A start or a foreground run while the daemon drains after a stop: each waits for its
         end, then starts (it used to say "already running" of a daemon about to be gone)."""
-        env = {'SAMPLE_MODE': 'slow_stop'}
+        env = {'SAMPLE_MODE': 'slow_stop', 'SAMPLE_STOP_SECONDS': '0'}   # the one that waits
         for action in ('start', 'run'):
             pid = self.start('slow_stop')
             wait_for(lambda: 'in the loop' in self.log(), message='the loop under way')
@@ -8310,22 +8310,24 @@ class UpgradeUnderServiceManagerTests(ServiceToolTestCase):
 
 
 # ---------------------------------------------------------------------------------------------
-# `python3 test_daemon.py`: the classes in three processes at once
+# `python3 test_daemon.py`: the classes in four processes at once
 # ---------------------------------------------------------------------------------------------
 
-# Seconds per class measured on the 2-core CI machine (the slowest ones; any other counts as
-# CLASS_SECONDS_OTHER): they balance the processes.  Most of a test's time is waiting for
-# daemons, not CPU: on the 2-core machine three processes take 35-45 s, two 47 s, one 83-97 s.
+# Seconds per class, measured one process at a time (pytest --durations=0, summed by class;
+# any other counts as CLASS_SECONDS_OTHER): they balance the processes.  Most of a test's time
+# is waiting for daemons, not CPU: on the 2-core machine four processes took 47 s, three 53 s.
 CLASS_SECONDS = {
-    'SupervisionTests': 17.5, 'FaultTests': 10.3, 'SdNotifyTests': 9.0, 'ConnectionTimeoutTests': 8.2,
-    'HttpServerTests': 6.1, 'DaemonProcessTests': 5.8, 'ClassicRecipeBugTests': 3.4,
-    'TLSServerTests': 3.3, 'TLSStartAndReloadTests': 2.9, 'NothingLeftBehindTests': 2.4,
-    'CommonMistakeTests': 2.4, 'StopDuringReloadOrUpgradeTests': 2.2, 'HonestCommandLineTests': 2.1,
-    'FromBytecodeTests': 1.7, 'InitScriptTests': 1.5, 'SymlinkSwapRaceTests': 1.5,
-    'SocketActivationTests': 1.5, 'RedirectHostAndFileChangeTests': 1.4, 'AgentLifecycleTests': 1.4,
-    'StartStopDaemonTests': 1.4, 'SafeDefaultsTests': 1.3, 'PidfileRemovedTests': 1.3,
-    'UpgradeUnderServiceManagerTests': 0.9, 'AgentCommandLineTests': 0.8, 'ResponseHeadTests': 0.7,
-    'ConcurrentActionsTests': 3.7, 'UnlockedPidfileWordingTests': 2.0,
+    'SupervisionTests': 19.8, 'FaultTests': 12.4, 'DaemonProcessTests': 11.4,
+    'ConnectionTimeoutTests': 10.4, 'TLSOwnAgentTests': 6.2, 'HttpServerTests': 6.2,
+    'CommonMistakeTests': 5.9, 'ClassicRecipeBugTests': 5.0, 'TLSStartAndReloadTests': 4.1,
+    'SdNotifyTests': 4.1, 'ConcurrentActionsTests': 4.0, 'NothingLeftBehindTests': 3.5,
+    'TLSServerTests': 3.4, 'HonestCommandLineTests': 3.1, 'SymlinkSwapRaceTests': 2.7,
+    'StopDuringReloadOrUpgradeTests': 2.6, 'AgentLifecycleTests': 2.6, 'InitScriptTests': 2.3,
+    'UpgradeUnderServiceManagerTests': 2.1, 'UnlockedPidfileWordingTests': 2.1,
+    'SafeDefaultsTests': 2.0, 'FromBytecodeTests': 1.9, 'StartStopDaemonTests': 1.7,
+    'SocketActivationTests': 1.5, 'RedirectHostAndFileChangeTests': 1.5,
+    'PidfileRemovedTests': 1.3, 'AgentCommandLineTests': 1.3, 'ClassicVariantTests': 1.1,
+    'ResponseHeadTests': 0.8, 'DaemonPublicApiTests': 0.7, 'ClosedStdStreamsTests': 0.7,
 }
 CLASS_SECONDS_OTHER = 0.3
 CLOSING_LINE = re.compile(r'^(\d+) passed, (\d+) failed, (\d+) skipped$', re.M)
@@ -8385,10 +8387,10 @@ def run_here():
 
 if __name__ == '__main__':
     # `python3 test_daemon.py` (what `make unit` runs) runs the classes in TEST_DAEMON_JOBS
-    # processes (default 3) and ends with one plain "N passed, N failed, N skipped" line.  Given
+    # processes (default 4) and ends with one plain "N passed, N failed, N skipped" line.  Given
     # test names, or TEST_DAEMON_JOBS=1, it runs them in this process, like `python3 -m
     # unittest`; pytest works as usual.
-    jobs = int(os.environ.get('TEST_DAEMON_JOBS', '3'))
+    jobs = int(os.environ.get('TEST_DAEMON_JOBS', '4'))
     arguments = sys.argv[1:]
     if jobs > 1 and all(a.startswith('-') for a in arguments):
         passed, failed, skipped = run_in_processes(jobs, arguments)
