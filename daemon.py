@@ -16,7 +16,8 @@ Copy this file into a project, subclass Daemon and override run():
 Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run`.
 The public API is `__all__`; the Daemon class docstring is its contract.
 Programs written for the classic recipe (construct, then call start(), stop() or restart()) run
-unchanged; relative paths are taken relative to the directory they were started in.
+unchanged; relative paths are taken relative to the directory they were started in, and a
+failed action exits with its code, as the recipe's sys.exit(1) did.
 
 Processes
 ---------
@@ -65,7 +66,9 @@ Signals in the daemon
 The handlers only record the signal and wake wait(); the hooks run from wait() or
 handle_signals(), in the daemon's own loop.  A classic run() that never calls either (a bare
 `while True:` loop) is stopped the way Python stops a program on Ctrl-C: SystemExit is raised
-where it runs, so its finally blocks run.  HUP and USR1 wait until run() asks for them.
+where it runs, so its finally blocks run; the log says "stopping (SIGTERM)" either way.  HUP
+and USR1 wait until run() asks for them.  An exception in a hook is that signal's failure
+(logged; `reload` exits 1 with it), never the daemon's end.
 
 Files
 -----
@@ -99,9 +102,10 @@ systemd
 `run` keeps the daemon in the foreground (no fork, logs on stderr) with the same signals.
 With NOTIFY_SOCKET set, ready() sends READY=1, a reload RELOADING=1 and READY=1, a stop
 STOPPING=1 (sd_notify(3)); under WatchdogSec= (WATCHDOG_USEC), wait() and handle_signals()
-send WATCHDOG=1 at half the interval.  Sockets passed by socket activation (LISTEN_PID/LISTEN_FDS/
-LISTEN_FDNAMES, sd_listen_fds(3)) are collected before any fork and offered as
-`self.listen_fds`.
+send WATCHDOG=1 at half the interval.  On journald's stream (JOURNAL_STREAM), log() starts an
+error's lines with <3> and a warning's with <4>, so `journalctl -p err` finds them.  Sockets
+passed by socket activation (LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES, sd_listen_fds(3)) are
+collected before any fork and offered as `self.listen_fds`.
 
 Sections of this file, in order
 -------------------------------
@@ -115,7 +119,8 @@ Sections of this file, in order
   the pidfile, the readiness pipe
   optional: systemd   sd_notify(3), sd_listen_fds(3), sd_watchdog_enabled(3).  Without it
                     notify() does nothing, listen_fds() finds no socket and there is no
-                    watchdog: no READY=1 for Type=notify units, no socket activation.  The upgrade section needs it (it passes sockets that way).
+                    watchdog: no READY=1 for Type=notify units, no socket activation.  The
+                    upgrade section needs it (it passes sockets that way).
   optional: upgrade   re-exec in place on SIGUSR2 (reexec(), the `upgrade` action).  Without it
                     SIGUSR2 only runs the on_upgrade() hook, and no action `upgrade` exists.
 Each optional section runs from its banner to the next one (or the end of the file) and can be
