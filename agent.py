@@ -1450,32 +1450,59 @@ GALLERY_SCRIPT = """
   Array.prototype.forEach.call(document.querySelectorAll('main img'), function (img) {
     if (img.complete && img.currentSrc && !img.naturalWidth) failed(img);
   });
+  // A name its caption cuts off shows in full on hover.
+  document.addEventListener('mouseover', function (e) {
+    var s = e.target;
+    if (s.localName !== 'strong' || !s.parentNode || s.parentNode.localName !== 'figcaption') return;
+    if (s.scrollWidth > s.clientWidth) s.title = s.textContent; else s.removeAttribute('title');
+  });
   var links = Array.prototype.slice.call(document.querySelectorAll('a.g'));
   if (!links.length) return;
+  // The lightbox: a modal dialog (WAI-ARIA) named by the photo, which takes the focus, keeps it
+  // on Tab, leaves the page behind inert, and gives the focus back to its thumbnail on close.
   var box = document.createElement('div'), img = new Image(), text = document.createElement('p');
-  var current = -1, x0 = null;
-  function button(cls, label, title, action) {
+  var current = -1, opener = null, x0 = null, buttons = [];
+  function button(cls, label, name, title, action) {
     var b = document.createElement('button');
     b.className = cls; b.textContent = label; b.title = title; b.type = 'button';
+    b.setAttribute('aria-label', name);
     b.addEventListener('click', function (e) { e.stopPropagation(); action(); });
-    box.appendChild(b);
+    box.appendChild(b); buttons.push(b);
+    return b;
   }
   box.id = 'lb'; box.setAttribute('hidden', ''); box.setAttribute('role', 'dialog');
-  img.alt = '';
+  box.setAttribute('aria-modal', 'true'); box.tabIndex = -1;
+  text.setAttribute('aria-live', 'polite');
   box.appendChild(img); box.appendChild(text);
-  button('prev', '\\u2039', 'Previous (\\u2190)', function () { show(current - 1); });
-  button('next', '\\u203a', 'Next (\\u2192)', function () { show(current + 1); });
-  button('close', '\\u00d7', 'Close (Esc)', hide);
+  button('prev', '\\u2039', 'Previous photo', 'Previous (\\u2190)', function () { show(current - 1); });
+  button('next', '\\u203a', 'Next photo', 'Next (\\u2192)', function () { show(current + 1); });
+  var close = button('close', '\\u00d7', 'Close', 'Close (Esc)', hide);
   document.body.appendChild(box);
+  function behind(inert) {
+    Array.prototype.forEach.call(document.body.children, function (e) {
+      if (e !== box) e.inert = inert;
+    });
+  }
   function show(i) {
     current = (i + links.length) % links.length;
-    var a = links[current], caption = a.parentNode.querySelector('figcaption');
-    img.src = a.href;
-    text.textContent = (caption ? caption.textContent : '') + '  (' + (current + 1) + ' / ' + links.length + ')';
-    box.removeAttribute('hidden');
+    var a = links[current], name = a.parentNode.querySelector('figcaption strong');
+    var details = a.parentNode.querySelector('figcaption span');
+    name = name ? name.textContent : a.getAttribute('href');
+    img.src = a.href; img.alt = name;
+    box.setAttribute('aria-label', name);
+    text.textContent = name + (details ? ' \\u00b7 ' + details.textContent : '') +
+      '  (' + (current + 1) + ' / ' + links.length + ')';
+    if (box.hasAttribute('hidden')) {
+      opener = a;
+      box.removeAttribute('hidden'); behind(true); close.focus();
+    }
     new Image().src = links[(current + 1) % links.length].href;
   }
-  function hide() { box.setAttribute('hidden', ''); current = -1; img.removeAttribute('src'); }
+  function hide() {
+    box.setAttribute('hidden', ''); current = -1; img.removeAttribute('src'); behind(false);
+    if (opener) opener.focus();
+    opener = null;
+  }
   links.forEach(function (a, i) {
     a.addEventListener('click', function (e) {
       if (e.button || e.ctrlKey || e.metaKey || e.shiftKey || e.altKey) return;
@@ -1487,7 +1514,11 @@ GALLERY_SCRIPT = """
     if (e.key === 'Escape') hide();
     else if (e.key === 'ArrowRight') show(current + 1);
     else if (e.key === 'ArrowLeft') show(current - 1);
-    else return;
+    else if (e.key === 'Tab') {     // round the three buttons, never out of the dialog
+      var at = buttons.indexOf(document.activeElement), n = buttons.length;
+      if (at < 0) at = e.shiftKey ? 0 : n - 1;
+      buttons[(at + (e.shiftKey ? n - 1 : 1)) % n].focus();
+    } else return;
     e.preventDefault();
   });
   box.addEventListener('click', function (e) { if (e.target === box) hide(); });
@@ -1507,7 +1538,7 @@ GALLERY_SCRIPT = """
 # RSS each); test_daemon.py checks them against hashlib, and the browser test would see a
 # blocked script.  Change the style or the script, and these change with them.
 GALLERY_STYLE_HASH = "'sha256-H6g2BLUVDt9kPLubcaAitUu8GNTi5SLG8tLu/7xUkJg='"
-GALLERY_SCRIPT_HASH = "'sha256-rs0QSlxUvjznm/p63Edvle47J1TQ5yABIg6goePNfm0='"
+GALLERY_SCRIPT_HASH = "'sha256-i3A3w7+3cCodGyG0WgmHjF+mDzGuaiHD6iZa4150Uxw='"
 # The page's own policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.
 GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "

@@ -243,6 +243,54 @@ class GalleryBrowserTests(unittest.TestCase):
         self.wait('document.getElementById("lb").hidden')
         self.assert_clean_console()
 
+    def test_lightbox_is_a_modal_dialog_for_the_keyboard(self):
+        """Opened with Enter on a thumbnail, the lightbox is a named modal dialog that takes the
+        focus, keeps it on Tab and Shift+Tab, leaves the page behind inert, and gives the focus
+        back to that thumbnail on Esc."""
+        from selenium.webdriver.common.keys import Keys
+        self.open('/camera/')
+        self.js('document.querySelectorAll("a.g")[2].focus(), true')
+        self.driver.switch_to.active_element.send_keys(Keys.ENTER)
+        self.wait('!document.getElementById("lb").hidden')
+        self.assertEqual(self.driver.current_url, self.base + '/camera/')
+        box = 'document.getElementById("lb")'
+        self.assertEqual(self.js('[%s.getAttribute("role"), %s.getAttribute("aria-modal"), %s.getAttribute("aria-label")]'
+                                 % (box, box, box)), ['dialog', 'true', 'IMG_0003.jpg'])
+        self.assertEqual(self.js('Array.from(document.querySelectorAll("#lb button")).map('
+                                 'b => b.localName + ":" + (b.getAttribute("aria-label") || ""))'),
+                         ['button:Previous photo', 'button:Next photo', 'button:Close'])
+        self.assertEqual(self.js('Array.from(document.body.children).filter(e => e.id !== "lb" && !e.inert)'
+                                 '.map(e => e.localName)'), [])
+        self.assertTrue(self.js('%s.contains(document.activeElement)' % box))
+        seen = set()
+        for keys in [Keys.TAB] * 5 + [Keys.SHIFT + Keys.TAB] * 5:
+            self.driver.switch_to.active_element.send_keys(keys)
+            where = self.js('%s.contains(document.activeElement) ? document.activeElement.className || "lb" : '
+                            'document.activeElement.outerHTML.slice(0, 60)' % box)
+            self.assertIn(where, ('prev', 'next', 'close', 'lb'), keys)
+            seen.add(where)
+        self.assertEqual(seen, {'prev', 'next', 'close'})
+        self.driver.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)       # the keys still work
+        self.wait('document.querySelector("#lb img").src.endsWith("/IMG_0004.jpg")')
+        self.assertEqual(self.js(box + '.getAttribute("aria-label")'), 'IMG_0004.jpg')
+        self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+        self.wait(box + '.hidden')
+        self.assertTrue(self.js('document.activeElement === document.querySelectorAll("a.g")[2]'))
+        self.assertEqual(self.js('Array.from(document.body.children).filter(e => e.inert).length'), 0)
+        self.assert_clean_console()
+
+    def test_shortened_caption_names_have_a_tooltip(self):
+        """A name the caption cuts off shows in full on hover; one that fits gets no tooltip."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.by import By
+        for path, name, cut in (('/long/', LONG + '.png', True), ('/broken/', 'good.png', False)):
+            self.open(path)
+            caption = self.driver.find_element(By.XPATH, '//figcaption/strong[text()="%s"]' % name)
+            self.assertEqual(self.js('arguments[0].scrollWidth > arguments[0].clientWidth', caption), cut)
+            ActionChains(self.driver).move_to_element(caption).perform()
+            self.assertEqual(caption.get_dom_attribute('title'), name if cut else None, path)
+        self.assert_clean_console()
+
     def test_paging_and_sorting_links(self):
         from selenium.webdriver.common.by import By
         self.open('/many/')
