@@ -1891,6 +1891,245 @@ class AgentCommandLineTests(unittest.TestCase):
             self.assertFalse(os.path.exists(os.path.join(tmp, 'a.pid')))
 
 
+class ReadmeTests(unittest.TestCase):
+    """README.md and daemon.py's docstring tell a newcomer what to type and what they will see:
+    their examples are run, and every option, action and exit code they name is checked against
+    the code, so the documentation cannot drift from it."""
+
+    FOREIGN_OPTIONS = {          # options of the other programs the README shows, by program
+        'adduser': {'--system', '--group', '--no-create-home', '--home'},
+        'systemctl': {'--now', '--kill-whom'},
+        'certbot': {'--deploy-hook'},
+        'rsync': {'--inplace'},
+        'systemd-nspawn': {'--private-network'},
+        'debootstrap': {'--variant'},
+        'start-stop-daemon': {'--pidfile', '--retry'},
+    }
+
+    @classmethod
+    def setUpClass(cls):
+        with open(os.path.join(HERE, 'README.md')) as f:
+            cls.readme = f.read()
+        cls.help = run([PYTHON, AGENT, '--help']).stdout
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='readme-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', self.tmp])
+
+    def section(self, title):
+        start = self.readme.index('\n' + title + '\n')
+        end = self.readme.find('\n#', start + 1)
+        return self.readme[start:end if end > 0 else None]
+
+    def help_options(self):
+        return set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', self.help))
+
+    def help_actions(self):
+        listing = self.help.split('ACTION is one of:\n', 1)[1].split('\n\n', 1)[0]
+        return {name for line in listing.splitlines()
+                for name in line.split('  ')[1].strip().split(', ')}
+
+    # -- the examples ------------------------------------------------------------------------
+
+    def examples(self):
+        """(where, source) of every Python example: README's, then the module docstring's."""
+        found = [('README.md example %d' % (i + 1), block)
+                 for i, block in enumerate(re.findall(r'```python\n(.*?)```', self.readme, re.S))]
+        doc = daemon.__doc__.split('override run():\n', 1)[1].split('\nThen ', 1)[0]
+        found.append(('daemon.py docstring', textwrap.dedent(doc)))
+        return found
+
+    def test_the_python_examples_run_as_told(self):
+        """Each example, copied to a directory of its own as ticker.py: `start` prints "ticker
+        started (pid N)", `status` finds it, ticks reach the log, reload, stop, status and the
+        exit codes of the command-line table."""
+        examples = self.examples()
+        self.assertEqual(len(examples), 2, 'README.md holds one ```python example')
+        pids = []
+
+        def cleanup():
+            for pid in pids:
+                kill_group_of(pid)
+        self.addCleanup(cleanup)
+        started = []
+        for n, (where, source) in enumerate(examples):
+            directory = os.path.join(self.tmp, 'example%d' % n)
+            os.mkdir(directory)
+            with open(os.path.join(directory, 'ticker.py'), 'w') as f:
+                f.write(source)
+            env = dict(os.environ, PYTHONPATH=HERE)
+
+            def ticker(action, directory=directory, env=env):
+                return run([PYTHON, 'ticker.py', action], cwd=directory, env=env)
+            result = ticker('start')
+            self.assertEqual((result.returncode, result.stderr), (0, ''), where)
+            match = re.fullmatch(r'ticker started \(pid (\d+)\)\n', result.stdout)
+            self.assertTrue(match, '%s: start printed %r' % (where, result.stdout))
+            pids.append(int(match.group(1)))
+            started.append((where, directory, ticker, pids[-1]))
+        for where, directory, ticker, pid in started:
+            pidfile = os.path.join(directory, 'ticker.pid')
+            result = ticker('status')
+            self.assertEqual((result.returncode, result.stdout),
+                             (daemon.STATUS_RUNNING, 'ticker is running (pid %d, pidfile %s)\n' % (pid, pidfile)),
+                             where)
+            wait_for(lambda: 'tick\n' in slurp(os.path.join(directory, 'ticker.log')),
+                     message='%s: a tick in ticker.log' % where)
+            self.assertEqual(ticker('reload').returncode, daemon.EXIT_OK, where)
+            result = ticker('stop')
+            self.assertEqual(result.returncode, daemon.EXIT_OK, where)
+            self.assertTrue(result.stdout.startswith('ticker stopped (pid %d, ' % pid), result.stdout)
+            self.assertFalse(pid_alive(pid), '%s: the daemon is gone after stop' % where)
+            self.assertFalse(os.path.exists(pidfile), where)
+            self.assertIn('stopping (SIGTERM)', slurp(os.path.join(directory, 'ticker.log')), where)
+            self.assertEqual(ticker('status').returncode, daemon.STATUS_STOPPED, where)
+            self.assertEqual(ticker('reload').returncode, daemon.EXIT_NOT_RUNNING, where)
+            self.assertEqual(ticker('stop').returncode, daemon.EXIT_OK, where)
+            result = ticker('frobnicate')
+            self.assertEqual(result.returncode, daemon.EXIT_USAGE, where)
+            self.assertNotIn('Traceback', result.stderr)
+
+    def test_the_first_commands_print_what_the_readme_shows(self):
+        """The console session of "First commands", with a port and a pidfile of the test's."""
+        block = self.readme.split('## First commands', 1)[1].split('```console\n', 1)[1].split('```', 1)[0]
+        shown = [line for line in block.splitlines() if not line.startswith('$ ')]
+        self.assertEqual(len(shown), 3, block)
+        photos = os.path.join(self.tmp, 'photos')
+        os.mkdir(photos)
+        port = harness.free_port()
+        pidfile = os.path.join(self.tmp, 'agent-%d.pid' % port)
+
+        def expected(line):
+            """The line as a pattern: the README's example values replaced by this run's."""
+            values = (('/run/user/1000/agent-9085.pid', re.escape(pidfile)), ('/home/u/photos', re.escape(photos)),
+                      ('9085', str(port)), ('4242', r'\d+'), ('0.12s', r'\d+\.\d\ds'))
+            for n, (literal, _) in enumerate(values):
+                self.assertIn(literal, block)
+                line = line.replace(literal, '\0%d\0' % n)
+            pattern = re.escape(line)
+            for n, (_, replacement) in enumerate(values):
+                pattern = pattern.replace(re.escape('\0%d\0' % n), replacement)
+            return pattern
+
+        options = ['--port', str(port), '--pidfile', pidfile, '--workers', '1']
+        result = run([PYTHON, AGENT] + options + ['start'], cwd=photos)
+        pid = int(read_pid(pidfile) or 0)
+        self.addCleanup(kill_group_of, pid)
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        self.assertRegex(result.stdout, '^%s\n$' % expected(shown[0]))
+        result = run([PYTHON, AGENT] + options + ['status'], cwd=self.tmp)      # from any directory
+        self.assertEqual(result.returncode, 0)
+        self.assertRegex(result.stdout, '^%s\n$' % expected(shown[1]))
+        result = run([PYTHON, AGENT] + options + ['stop'], cwd=self.tmp)
+        self.assertEqual(result.returncode, 0)
+        self.assertRegex(result.stdout, '^%s\n$' % expected(shown[2]))
+        self.assertEqual(sorted(os.listdir(photos)), ['access.log', 'agent.log'])
+
+    # -- what the prose names ----------------------------------------------------------------
+
+    def test_every_option_named_exists(self):
+        """Every --option in README.md is one of `agent.py --help`, or of the bench script or
+        the other program named in the same paragraph or table row."""
+        agent_options = self.help_options()
+        bench = {}
+        for name in os.listdir(os.path.join(HERE, 'bench')):
+            if name.endswith('.py'):
+                bench['bench/' + name] = slurp(os.path.join(HERE, 'bench', name))
+        unknown = []
+        for paragraph in re.split(r'\n\s*\n|\n(?=\|)', self.readme):
+            for option in re.findall(r'(?<![\w-])--[a-z][a-z-]*', paragraph):
+                if option in agent_options:
+                    continue
+                scripts = [text for path, text in bench.items() if path in paragraph]
+                if 'make ' in paragraph:
+                    scripts = list(bench.values())
+                if any(repr(option) in text or '"%s"' % option in text for text in scripts):
+                    continue
+                if any(option in options and program in paragraph
+                       for program, options in self.FOREIGN_OPTIONS.items()):
+                    continue
+                unknown.append('%s in: %s' % (option, paragraph.strip()[:120]))
+        self.assertEqual(unknown, [])
+
+    def test_the_usage_block_is_agent_help(self):
+        block = self.section('## agent.py').split('```\n', 1)[1].split('```', 1)[0]
+        named = set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', block))
+        self.assertEqual(named, self.help_options() - {'--help'})
+        actions = block.split()[-1].split('|')
+        self.assertEqual(sorted(actions), sorted(self.help_actions()))
+        self.assertEqual(set(actions), set(daemon.ACTIONS) | {'upgrade'})
+
+    def test_every_action_named_exists(self):
+        table = self.section('## Command line and exit codes')
+        named = set()
+        for row in table.splitlines():
+            if row.startswith('| `'):
+                named.update(re.findall(r'`([a-z-]+)`', row.split('|')[1]))
+        self.assertEqual(named, set(daemon.ACTIONS))
+        for where, text in (('README.md', self.readme), ('daemon.py', daemon.__doc__)):
+            line = re.search(r'python3 ticker\.py ([a-z|-]+)', text)
+            self.assertEqual(tuple(line.group(1).split('|')), daemon.ACTIONS, where)
+
+    def test_every_exit_code_matches_the_constants(self):
+        table = self.section('## Command line and exit codes')
+        rows = {}
+        for row in table.splitlines():
+            if row.startswith('| `'):
+                cells = row.split('|')
+                rows[cells[1].strip()] = cells[3].strip()
+        words = {'ready or already running': daemon.EXIT_OK, 'with the daemon\'s error': daemon.EXIT_FAILURE,
+                 'stopped or not running': daemon.EXIT_OK, 'failure': daemon.EXIT_FAILURE,
+                 'not running': daemon.EXIT_NOT_RUNNING, 'if the reload failed': daemon.EXIT_FAILURE}
+        said = []
+        for code, what in re.findall(r'(\d+) ([^;]+)', rows['`start`'] + '; ' + rows['`stop`']):
+            said.append((int(code), [v for k, v in words.items() if what.startswith(k)]))
+        reload = rows['`reload`, `force-reload`']
+        self.assertTrue(reload.startswith('0;'), reload)
+        said.append((int(re.search(r'(\d+) not running', reload).group(1)), [daemon.EXIT_NOT_RUNNING]))
+        said.append((int(re.search(r'(\d+) if the reload failed', reload).group(1)), [daemon.EXIT_FAILURE]))
+        for code, constants in said:
+            self.assertEqual(constants[:1], [code], (code, rows))
+        status = dict((what.split(',')[0].strip(), int(code))
+                      for code, what in re.findall(r'(\d+) ([^;]+)', rows['`status`']))
+        self.assertEqual(status, {'running': daemon.STATUS_RUNNING, 'dead': daemon.STATUS_DEAD,
+                                  'not running': daemon.STATUS_STOPPED, 'unknown': daemon.STATUS_UNKNOWN})
+        self.assertIn('Usage errors exit %d' % daemon.EXIT_USAGE, table)
+        self.assertRegex(table, r'a missing permission \([^)]*\) exits %d' % daemon.EXIT_PRIVILEGE)
+        # daemon.py's own table, and agent.py --help's epilog.
+        doc = daemon.__doc__.split('Exit codes (LSB', 1)[1].split('\n\n', 1)[0]
+        for code, name in ((daemon.EXIT_OK, 'success'), (daemon.EXIT_FAILURE, 'generic failure'),
+                           (daemon.EXIT_USAGE, 'invalid argument'), (daemon.EXIT_PRIVILEGE, 'insufficient privilege'),
+                           (daemon.EXIT_NOT_RUNNING, 'not running (reload)')):
+            self.assertRegex(doc, r'\n  %d  %s' % (code, re.escape(name)))
+        for code, name in ((daemon.STATUS_RUNNING, 'running'), (daemon.STATUS_DEAD, 'dead'),
+                           (daemon.STATUS_STOPPED, 'not running'), (daemon.STATUS_UNKNOWN, 'unknown')):
+            self.assertRegex(doc, r'status %d  %s' % (code, name))
+        epilog = ' '.join(self.help.split('Exit codes:', 1)[1].split())
+        self.assertEqual(epilog, '%d success, %d failure, %d usage, %d insufficient privilege, %d not running '
+                         '(reload); status: %d running, %d dead with pidfile, %d not running, %d unknown.'
+                         % (daemon.EXIT_OK, daemon.EXIT_FAILURE, daemon.EXIT_USAGE, daemon.EXIT_PRIVILEGE,
+                            daemon.EXIT_NOT_RUNNING, daemon.STATUS_RUNNING, daemon.STATUS_DEAD,
+                            daemon.STATUS_STOPPED, daemon.STATUS_UNKNOWN))
+
+    def test_the_defaults_said_are_the_defaults(self):
+        config = agent.parser().parse_args(['start'])
+        said = (('Defaults: port %d on %s' % (config.port, config.bind)),
+                '`./%s`, `./%s` (Combined Log Format)' % (config.log, config.access_log),
+                '`Cache-Control: max-age=%d`' % config.max_age,
+                '`--header-timeout` (%d s)' % config.header_timeout,
+                'after `--timeout` (%d s)' % config.timeout,
+                '(`--max-connections` %d)' % config.max_connections,
+                'Head size %d KiB' % (config.max_header_size // 1024),
+                '`--workers` takes 1 to 256')
+        text = ' '.join(self.readme.split())
+        for phrase in said:
+            self.assertTrue(phrase in text, 'README.md does not say: ' + phrase)
+        self.assertIn('(default: %d, the number of CPUs)' % os.cpu_count(), ' '.join(self.help.split()))
+        self.assertEqual(config.workers, os.cpu_count())
+        for bad in ('0', '257'):
+            self.assertEqual(run([PYTHON, AGENT, '--workers', bad, 'status']).returncode, daemon.EXIT_USAGE)
+
+
 class AgentLifecycleTests(unittest.TestCase):
     def assert_nothing_left(self, server):
         self.assertFalse(os.path.exists(server.pidfile), 'pidfile left behind')
