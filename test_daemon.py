@@ -1891,6 +1891,11 @@ class AgentCommandLineTests(unittest.TestCase):
             self.assertFalse(os.path.exists(os.path.join(tmp, 'a.pid')))
 
 
+def ast_literal(text):
+    import ast
+    return ast.literal_eval(text)
+
+
 class ReadmeTests(unittest.TestCase):
     """README.md and daemon.py's docstring tell a newcomer what to type and what they will see:
     their examples are run, and every option, action and exit code they name is checked against
@@ -2128,6 +2133,36 @@ class ReadmeTests(unittest.TestCase):
         self.assertEqual(config.workers, os.cpu_count())
         for bad in ('0', '257'):
             self.assertEqual(run([PYTHON, AGENT, '--workers', bad, 'status']).returncode, daemon.EXIT_USAGE)
+
+    def test_the_constructor_options_said_are_the_signature(self):
+        """"Options: `umask=0o022`, ..." names every keyword-only argument of Daemon(), with its
+        default where it gives one."""
+        import inspect
+        line = re.search(r'- Options: (.*?)\.\n', self.section('## Using daemon.py in your program'), re.S)
+        said = dict(item.split('=', 1) for item in re.findall(r'`([a-z_]+=[^`]*)`', line.group(1)))
+        parameters = {name: parameter for name, parameter in
+                      inspect.signature(daemon.Daemon.__init__).parameters.items()
+                      if parameter.kind == parameter.KEYWORD_ONLY}
+        self.assertEqual(sorted(said), sorted(parameters))
+        for name, default in said.items():
+            if default and not default.startswith(' '):
+                self.assertEqual(ast_literal(default), parameters[name].default, name)
+
+    def test_the_production_steps_match_contrib(self):
+        """The systemd steps make what agent.service needs (its --root), copy files that exist,
+        and the init script's stop schedule is the one the README gives."""
+        block = self.section('### systemd').split('```sh\n', 1)[1].split('```', 1)[0]
+        with open(os.path.join(HERE, 'contrib', 'agent.service')) as f:
+            unit = f.read()
+        root = re.search(r'^ExecStart=.* --root (\S+)', unit, re.M).group(1)
+        self.assertIn(root, block, 'the steps never make the --root of agent.service')
+        for name in re.findall(r'contrib/(\S+)', block):
+            self.assertTrue(os.path.exists(os.path.join(HERE, 'contrib', name)), name)
+        with open(os.path.join(HERE, 'contrib', 'agent.init')) as f:
+            init = f.read()
+        stop_timeout = int(re.search(r'^STOP_TIMEOUT=\$\{STOP_TIMEOUT:-(\d+)\}', init, re.M).group(1))
+        self.assertIn('--retry "TERM/$((STOP_TIMEOUT + 5))/KILL/5"', init)
+        self.assertIn('`--retry TERM/%d/KILL/5`' % (stop_timeout + 5), self.section('### Without systemd: the LSB init script'))
 
 
 class AgentLifecycleTests(unittest.TestCase):
