@@ -2134,6 +2134,17 @@ class ReadmeTests(unittest.TestCase):
         for bad in ('0', '257'):
             self.assertEqual(run([PYTHON, AGENT, '--workers', bad, 'status']).returncode, daemon.EXIT_USAGE)
 
+    def test_help_never_cuts_a_path_or_an_option(self):
+        """`agent.py --help` wraps at spaces only: at any width, a path such as
+        /tmp/agent-UID/agent-PORT.pid stays one word (it was cut after 'agent-')."""
+        for columns in ('60', '80', '100'):
+            text = run([PYTHON, AGENT, '--help'], env=dict(os.environ, COLUMNS=columns)).stdout
+            words = text.split()
+            for whole in ('/tmp/agent-UID/agent-PORT.pid', '$XDG_RUNTIME_DIR/agent-PORT.pid',
+                          '/run/agent-PORT.pid', 'in-flight', 'Strict-Transport-Security:'):
+                self.assertTrue(any(whole in word for word in words),
+                                'COLUMNS=%s: %s cut in --help' % (columns, whole))
+
     def test_the_constructor_options_said_are_the_signature(self):
         """"Options: `umask=0o022`, ..." names every keyword-only argument of Daemon(), with its
         default where it gives one."""
@@ -8595,7 +8606,7 @@ CLASS_SECONDS = {
     'ConnectionTimeoutTests': 10.4, 'TLSOwnAgentTests': 6.2, 'HttpServerTests': 6.2,
     'CommonMistakeTests': 5.9, 'ClassicRecipeBugTests': 5.0, 'TLSStartAndReloadTests': 4.1,
     'SdNotifyTests': 4.1, 'ConcurrentActionsTests': 4.0, 'NothingLeftBehindTests': 3.5,
-    'TLSServerTests': 3.4, 'HonestCommandLineTests': 3.1, 'SymlinkSwapRaceTests': 2.7,
+    'TLSServerTests': 3.4, 'HonestCommandLineTests': 3.1, 'ReadmeTests': 3.0, 'SymlinkSwapRaceTests': 2.7,
     'StopDuringReloadOrUpgradeTests': 2.6, 'AgentLifecycleTests': 2.6, 'InitScriptTests': 2.3,
     'UpgradeUnderServiceManagerTests': 2.1, 'UnlockedPidfileWordingTests': 2.1,
     'SafeDefaultsTests': 2.0, 'FromBytecodeTests': 1.9, 'StartStopDaemonTests': 1.7,
