@@ -4315,6 +4315,17 @@ class Parser(argparse.ArgumentParser):
         return super().parse_args(args, namespace)
 
 
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help, wrapped at spaces only: its default also breaks after a hyphen, which
+    cut /tmp/agent-UID/agent-PORT.pid in two (and "in-flight"), so a path read or copied
+    from --help was wrong."""
+
+    def _split_lines(self, text, width):
+        import textwrap         # as argparse does: only --help needs it
+        return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False,
+                             break_long_words=False)
+
 def closest(word, choices):
     """The choice at the smallest edit distance (Levenshtein, a swap counted as one edit) from
     word, if it is at most 2; else None."""
@@ -4348,7 +4359,7 @@ def parser():
         prog='agent.py', usage='%(prog)s [OPTION...] ACTION',
         description='A static image server (HTTP/1.1), run as a daemon.  ACTION is one of:\n' +
         ''.join('  %-22s %s\n' % line for line in ACTION_HELP),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog='Exit codes: 0 success, 1 failure, 2 usage, 4 insufficient privilege, 7 not '
                'running (reload);\nstatus: 0 running, 1 dead with pidfile, 3 not running, '
                '4 unknown.')
