@@ -149,6 +149,7 @@ import socket
 import stat
 import struct
 import sys
+import textwrap
 import time
 import traceback
 import urllib.parse
@@ -4322,7 +4323,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     from --help was wrong."""
 
     def _split_lines(self, text, width):
-        import textwrap         # as argparse does: only --help needs it
         return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False,
                              break_long_words=False)
 
