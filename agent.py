@@ -3504,7 +3504,7 @@ class Agent(Daemon):
         else:
             self.retire(adopted)
         if not self.stopping:               # (a stop during an upgrade: it drains what it adopted)
-            log('agent: serving %s on %s with %d workers' % (config.root, self.address(), config.workers))
+            log('agent: serving %s on %s with %s' % (config.root, self.address(), n_workers(config.workers)))
         self.ready(self.start_line())
         while not self.handle_signals() and not self.halted():
             self.selector.select(self.tick(1.0))
@@ -3719,7 +3719,7 @@ class Agent(Daemon):
                 raise DaemonError('a stop came first')
             raise DaemonError('%s; the old workers go on serving' % exc)
         self.retire(old)
-        log('agent: reloaded: %d new workers, %d retiring' % (len(new), len(old)))
+        log('agent: reloaded: %s up, %d retiring' % (n_workers(len(new)), len(old)))
 
     def retire(self, workers):
         """Tell these workers to drain and exit; they are not respawned."""
@@ -3769,7 +3769,7 @@ class Agent(Daemon):
             self.workers[pid] = worker
             if not retiring:
                 adopted.append(worker)
-        log('agent: upgrade: now running %s; adopted %d workers' % (SCRIPT, len(self.workers)))
+        log('agent: upgrade: now running %s; adopted %s' % (SCRIPT, n_workers(len(self.workers))))
         return adopted
 
     def on_launch(self):
@@ -3832,7 +3832,7 @@ class Agent(Daemon):
 
     def shutdown(self):
         """Drain the workers; kill whoever is left just before the launcher's own deadline."""
-        log('agent: stopping %d workers' % len(self.workers))
+        log('agent: stopping %s' % n_workers(len(self.workers)))
         for pid in list(self.workers):
             signal_worker(pid, signal.SIGTERM)
         for sock in self.listeners:
@@ -3919,6 +3919,11 @@ def reap_children(block=False):
         if pid == 0:
             return found
         found.append((pid, status))
+
+
+def n_workers(count):
+    """'1 worker', '2 workers': for the log."""
+    return '%d worker%s' % (count, '' if count == 1 else 's')
 
 
 def describe_status(status):

@@ -2654,6 +2654,7 @@ class SupervisionTests(unittest.TestCase):
 
     def test_connection_cap_makes_room_by_closing_the_longest_idle(self):
         server = AgentServer(self, '--max-connections', '2', workers=1).start()
+        self.assertRegex(server.log_text(), r'with 1 worker\n')       # not "1 workers"
         server.write('c.jpg', b'C' * 100)
         idle = []
         for _ in range(2):
