@@ -720,6 +720,7 @@ class Daemon:
             os._exit(self._launcher_wait(pid))
         self._readiness.close_read()
         self._end_turn()
+        logged = False
         try:
             detach_session()
             if fork('second fork') > 0:
@@ -728,6 +729,7 @@ class Daemon:
             set_umask(self.umask)
             change_directory(self.workdir)
             redirect_stdio(self.stdin, self.stdout, self.stderr)
+            logged = True           # from here a startup error goes to the log too
             self._become_service()
             if self.ready_on_run:
                 self.ready()        # step 10 here: a caller may run() itself, as the recipe did
@@ -735,7 +737,7 @@ class Daemon:
             self._readiness.send('RUNNING %s' % (exc.pid or ''))
             os._exit(0)
         except BaseException as exc:
-            self._startup_failed(exc)
+            self._startup_failed(exc, logged)
             os._exit(EXIT_FAILURE)
 
     def _become_service(self):
@@ -812,8 +814,10 @@ class Daemon:
         self.say('%s: exited during startup without a word; see %s' % (self.name, self.stderr), error=True)
         return EXIT_FAILURE
 
-    def _startup_failed(self, exc):
-        """Report a failure before ready: to the launcher, and with its traceback to the log."""
+    def _startup_failed(self, exc, logged=False):
+        """Report a failure before ready: to the launcher, and to the log (with its traceback
+        if it is not a DaemonError) once stdout and stderr go there (logged): the launcher's
+        line is seen once, by whoever ran start; the log keeps it for the operator."""
         if isinstance(exc, SystemExit) and not exc.code:
             message = 'stopped during startup'
         else:
@@ -822,9 +826,10 @@ class Daemon:
                 log('startup failed:\n' + ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
                     priority=LOG_ERR)
         self._cleanup()
-        if self._readiness is not None and self._readiness.w is not None:
+        launcher = self._readiness is not None and self._readiness.w is not None
+        if launcher:
             self._readiness.fail(message)
-        elif self.detached:
+        if logged or self.detached and not launcher:
             log('startup failed: ' + message, priority=LOG_ERR)
 
     def _serve(self):

@@ -2205,6 +2205,9 @@ class AgentLifecycleTests(unittest.TestCase):
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertIn('Address already in use', result.stderr)
         self.assertIn('cannot listen on 127.0.0.1:', result.stderr)
+        # The daemon's log says it too: the operator who reads it later (or a tool that started
+        # it without looking at its stderr) learns why it is not running.
+        self.assertIn('startup failed: ' + result.stderr.strip().split(': ', 1)[1], server.log_text())
         self.assert_nothing_left(server)
 
     def test_missing_root_is_a_clear_startup_error(self):
