@@ -3396,6 +3396,80 @@ class FaultTests(unittest.TestCase):
         server.stop()
 
 
+def small_tmpfs(testcase, size='64k'):
+    """A tmpfs of this size on a new temporary directory, unmounted (lazily, so a process still
+    holding a file there cannot keep it) and removed by the test's cleanups.  Root only: the
+    test is skipped otherwise."""
+    if os.geteuid() != 0:
+        testcase.skipTest('mounting a tmpfs needs root')
+    path = tempfile.mkdtemp(prefix='agent-tmpfs-')
+    testcase.addCleanup(os.rmdir, path)
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=%s' % size, 'tmpfs', path],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        testcase.skipTest('cannot mount a tmpfs: %s' % mounted.stderr.strip())
+    testcase.addCleanup(subprocess.run, ['umount', '-l', path])
+    return path
+
+
+def fill_disk(path):
+    """Fill the filesystem of directory path with one file; returns that file's path."""
+    filler = os.path.join(path, 'filler')
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b'\0' * 4096)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return filler
+
+
+class ExhaustionTests(unittest.TestCase):
+    """The machine runs short (disk space, processes): the agent says so once, names what it
+    cannot do, serves on and catches up once the resource is back; it never dies of it."""
+
+    def test_access_log_lines_wait_out_a_full_disk_and_are_written_once_space_is_back(self):
+        logs = small_tmpfs(self)
+        server = AgentServer(self, workers=1)
+        server.log = server.options[server.options.index('--log') + 1] = os.path.join(logs, 'agent.log')
+        server.access_log = os.path.join(logs, 'access.log')
+        server.options[server.options.index('--access-log') + 1] = server.access_log
+        server.start()
+        server.write('f.jpg', b'F' * 100)
+        filler = fill_disk(logs)            # the access log is still empty: not a byte fits
+        for n in range(30):
+            self.assertEqual(server.get('/f.jpg?full%d' % n)[0], 200)
+        wait_for(lambda: 'cannot write the access log %s' % server.access_log in slurp(server.log),
+                 message='the warning naming the access log')
+        self.assertEqual(server.access_lines(), [])
+        # Rotated and reopened while the disk is full: the waiting lines go to the new file.
+        os.rename(server.access_log, server.access_log + '.1')
+        worker, = server.workers()
+        os.kill(server.master(), signal.SIGUSR1)
+        wait_for(lambda: server.access_log in harness.open_fds(worker).values(),
+                 message='the worker reopening its access log')
+        os.unlink(filler)
+        for n in range(5):
+            self.assertEqual(server.get('/f.jpg?after%d' % n)[0], 200)
+        expected = ['full%d' % n for n in range(30)] + ['after%d' % n for n in range(5)]
+        def written():
+            return [re.search(r'\?(\w+) HTTP', line).group(1) for line in server.access_lines()]
+        wait_for(lambda: len(written()) >= len(expected), message='every line written')
+        self.assertEqual(written(), expected)
+        for line in server.access_lines():
+            self.assertRegex(line, CLF_LINE)
+        log = slurp(server.log)
+        self.assertEqual(log.count('cannot write the access log'), 1, log)
+        self.assertIn('No space left on device', log)
+        self.assertIn('access log %s writable again' % server.access_log, log)
+        self.assertNotIn('Traceback', log)
+        self.assertTrue(pid_alive(server.master()))
+        server.stop()
+
+
 def zombies_of(pid):
     return [child for child in children_of(pid) if proc_stat(child)[0] == 'Z']
 
