@@ -69,7 +69,8 @@ Files
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
-                                 (a full disk is reported once; serving goes on)
+                                 (a full disk is reported once, with the path; serving goes on,
+                                 and the lines wait, up to ACCESS_BACKLOG, until it has room)
 None of these is ever served or listed, wherever it is, nor are the logs' rotations (OwnFiles:
 by device and inode, and by name in their directory); one inside --root is noted in the log.
 
@@ -182,6 +183,8 @@ DRAIN_GRACE = 0.5               # a draining worker closes keep-alive connection
 LINGER_TIME = 2.0               # after a close with unread input: read and drop this long at most
 RECV_SIZE = 16384
 SENDFILE_CHUNK = 1 << 20
+ACCESS_BACKLOG = 4 << 20        # bytes of access-log lines a worker keeps while its log cannot be
+                                # written (a full disk): some 20000 lines, written once it can be
 SEND_BUDGET = 8 << 20           # bytes one connection may send per loop iteration (fairness)
 TLS_CHUNK = 65536               # file bytes read and written per SSL write (four TLS records)
 FILE_CACHE_SIZE = 256           # open files (fd, stat, header bytes) cached per worker
@@ -3085,12 +3088,15 @@ class Worker:
             self.common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
         self.accept_poll = None
         self.access_fd = access_fd
+        self.access_log = getattr(config, 'access_log', None)    # its path, for the messages
         self.lifeline = lifeline
         self.selector = selectors.DefaultSelector()
         self.escaped = {}               # raw access-log fields -> their escaped form
         self.conns = set()
         self.deferred = []
         self.log_lines = []
+        self.log_backlog = bytearray()  # lines the access log could not take yet (ENOSPC...)
+        self.log_lost = 0               # lines beyond ACCESS_BACKLOG, dropped while it failed
         self.log_failing = False
         self.draining = False
         self.drain_deadline = None
@@ -3128,7 +3134,10 @@ class Worker:
                 next_tick = self.now + 1.0
             if self.log_lines:
                 self.flush_access_log()
-        self.flush_access_log()
+        self.flush_access_log(retry=True)
+        if self.log_backlog:
+            log('worker: exiting with %d access-log lines not written to %s'
+                % (self.log_backlog.count(b'\n'), self.access_log), priority=LOG_ERR)
 
     def clock(self):
         """Cache the time for this iteration; the Date and log stamps change once a second."""
@@ -3140,8 +3149,11 @@ class Worker:
             self.log_time = log_date(wall)
 
     def tick(self):
-        """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors."""
+        """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors,
+        and another try at an access log that could not be written."""
         self.responder.files.close_deleted()
+        if self.log_failing:
+            self.flush_access_log(retry=True)
         now = self.now
         for conn in list(self.conns):
             if now >= conn.deadline:
@@ -3271,24 +3283,43 @@ class Worker:
         self.log_lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
             conn.peer, self.log_time, line, conn.status, conn.sent or '-', referer, agent))
 
-    def flush_access_log(self):
-        """Write the lines of this iteration in one write; a failing disk is reported once."""
-        if not self.log_lines or self.access_fd is None:
+    def flush_access_log(self, retry=False):
+        """Write the lines of this iteration in one write.
+
+        While the log cannot be written (a full disk, a quota, an I/O error) the lines wait, up
+        to ACCESS_BACKLOG bytes, and the write is tried again once a second (tick) or at a
+        reopen (retry): once it works they go out in order, whole, before the new ones.  The
+        failure is reported once, and the return with the count of lines lost beyond the
+        backlog, if any.
+        """
+        if self.access_fd is None:
             self.log_lines = []
             return
-        data = ''.join(self.log_lines).encode('ascii', 'replace')
-        self.log_lines = []
+        if self.log_lines:
+            data = ''.join(self.log_lines).encode('ascii', 'replace')
+            self.log_lines = []
+            if len(self.log_backlog) + len(data) <= ACCESS_BACKLOG:
+                self.log_backlog += data
+            else:
+                self.log_lost += data.count(b'\n')
+        if not self.log_backlog or self.log_failing and not retry:
+            return
+        backlog = self.log_backlog
         try:
-            while data:
-                data = data[os.write(self.access_fd, data):]
-            if self.log_failing:
-                log('worker: access log writable again')
-                self.log_failing = False
+            while backlog:
+                del backlog[:os.write(self.access_fd, backlog)]
         except OSError as exc:
             if not self.log_failing:
-                log('worker: cannot write the access log (%s); lines are dropped until it works'
-                    % exc.strerror, priority=LOG_ERR)
+                log('worker: cannot write the access log %s (%s); its lines wait (up to %d MiB) '
+                    'until it can be written' % (self.access_log, exc.strerror, ACCESS_BACKLOG >> 20),
+                    priority=LOG_ERR)
                 self.log_failing = True
+            return
+        if self.log_failing:
+            lost = ' (%d lines beyond the backlog were lost)' % self.log_lost if self.log_lost else ''
+            log('worker: access log %s writable again%s' % (self.access_log, lost), priority=LOG_WARNING)
+            self.log_failing = False
+            self.log_lost = 0
 
     # -- signals and the master --
 
@@ -3318,6 +3349,7 @@ class Worker:
             elif signum == signal.SIGUSR1:
                 if self.reopen_logs is not None:
                     self.reopen_logs()
+                self.flush_access_log(retry=True)   # the new file may take what the old did not
 
     def on_lifeline(self, mask):
         """The master is gone: stop at once (the port must be free for its successor)."""
