@@ -3427,6 +3427,30 @@ def fill_disk(path):
     return filler
 
 
+def pids_cgroup(testcase, pid):
+    """Move pid into a new pids cgroup (v1) and return the path of its pids.max; the process
+    then cannot fork once the group holds that many tasks (fork fails with EAGAIN).  The group
+    is emptied (its tasks back to the root group) and removed by the test's cleanups.  Root and
+    a pids hierarchy only: the test is skipped otherwise."""
+    top = '/sys/fs/cgroup/pids'
+    if os.geteuid() != 0 or not os.path.exists(os.path.join(top, 'cgroup.procs')):
+        testcase.skipTest('needs root and the cgroup v1 pids controller at %s' % top)
+    group = tempfile.mkdtemp(prefix='agent-test-', dir=top)
+    def remove():
+        with open(os.path.join(group, 'cgroup.procs')) as f:
+            for task in f.read().split():
+                try:
+                    with open(os.path.join(top, 'cgroup.procs'), 'w') as back:
+                        back.write(task)
+                except OSError:
+                    pass            # it has just ended
+        os.rmdir(group)
+    testcase.addCleanup(remove)
+    with open(os.path.join(group, 'cgroup.procs'), 'w') as f:
+        f.write(str(pid))
+    return os.path.join(group, 'pids.max')
+
+
 class ExhaustionTests(unittest.TestCase):
     """The machine runs short (disk space, processes): the agent says so once, names what it
     cannot do, serves on and catches up once the resource is back; it never dies of it."""
@@ -3467,6 +3491,40 @@ class ExhaustionTests(unittest.TestCase):
         self.assertIn('access log %s writable again' % server.access_log, log)
         self.assertNotIn('Traceback', log)
         self.assertTrue(pid_alive(server.master()))
+        server.stop()
+
+    def test_a_master_that_cannot_fork_keeps_its_workers_on_reload_and_backs_off_respawning(self):
+        server = AgentServer(self).start()
+        server.write('p.jpg', b'P' * 100)
+        master, workers = server.master(), server.workers()
+        limit = pids_cgroup(self, master)
+        with open(limit, 'w') as f:
+            f.write('1')                    # the master alone: every fork() fails, EAGAIN
+        # A reload cannot make its new workers: it fails and the old ones go on serving.
+        reload = server.command('reload')
+        self.assertEqual(reload.returncode, 1, reload.stdout + reload.stderr)
+        self.assertIn('cannot fork a worker', reload.stdout + reload.stderr)
+        self.assertEqual(server.workers(), workers)
+        self.assertEqual(server.get('/p.jpg')[0], 200)
+        # Workers killed (an OOM killer) cannot be replaced: the master retries, backing off.
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        def delays():
+            return [float(d) for d in re.findall(r'cannot fork a worker: .*; retrying in ([\d.]+)s',
+                                                 slurp(server.log))]
+        wait_for(lambda: len(delays()) >= 4, message='four tries to fork')
+        tries = delays()
+        self.assertEqual(tries, sorted(tries), 'no backoff: %s' % tries)
+        self.assertLess(tries[0], tries[-1], 'no backoff: %s' % tries)
+        self.assertTrue(pid_alive(master))
+        with open(limit, 'w') as f:
+            f.write('max')
+        wait_for(lambda: len(server.workers()) == 2, timeout=30, message='the workers back')
+        self.assertEqual(server.get('/p.jpg')[0], 200)
+        log = slurp(server.log)
+        self.assertIn('forked again', log)
+        self.assertNotIn('Traceback', log)
+        self.assertNotIn('halting', log)
         server.stop()
 
 
