@@ -195,6 +195,8 @@ BACKLOG = 1024
 BALANCE_MIN = 8                 # below this many connections a worker always accepts (LoadShare)
 WORKER_BOOT_ERROR = 3           # a worker's exit status when it could not start at all
 MAX_BOOT_FAILURES = 5           # consecutive ones (about 3 s of backoff), then the master halts
+MAX_FORK_DELAY = 10.0           # fork() failing (EAGAIN: pids limit; ENOMEM): the longest wait
+                                # between tries; the master never halts for it, it is transient
 EPOLLEXCLUSIVE = getattr(select, 'EPOLLEXCLUSIVE', 0)     # Linux 4.5
 WORKER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 
@@ -3408,6 +3410,7 @@ class Agent(Daemon):
         self.boot_failures = 0
         self.respawns = 0
         self.respawn_at = 0.0
+        self.fork_failures = 0          # consecutive fork() failures in maintain()
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
         self.add_action('upgrade', daemon.upgrade_action)
@@ -3519,8 +3522,9 @@ class Agent(Daemon):
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # only to wake the loop
         adopted = self.adopt_workers()
         release_freed_memory()
-        first = self.spawn_generation()
+        first = []
         try:
+            first = self.spawn_generation()
             self.await_boot(first)
         except DaemonError as exc:
             self.kill_workers(first)
@@ -3624,28 +3628,35 @@ class Agent(Daemon):
         return error
 
     def spawn_generation(self):
-        """Start --workers new workers; returns them."""
+        """Start --workers new workers; returns them.  A generation is whole or not at all: if
+        one cannot be forked, those already forked are killed and DaemonError says why (a
+        start fails, a reload keeps the old generation)."""
         self.generation += 1
-        for _ in range(self.config.workers):
-            self.spawn()
-        return [w for w in self.workers.values() if w.generation == self.generation]
+        new = []
+        try:
+            for _ in range(self.config.workers):
+                new.append(self.spawn())
+        except OSError as exc:
+            self.kill_workers(new)
+            raise DaemonError('cannot fork a worker: %s' % exc.strerror)
+        return new
 
     def spawn(self):
+        """Fork one worker of the current generation; its WorkerProcess.  OSError if fork()
+        fails (EAGAIN at a process limit, ENOMEM)."""
         # Signals stay blocked across fork() until the worker has its own handlers: a TERM
         # that came in between would otherwise go to the master's handler copy and be lost.
         slot = self.free_slot()
         signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         try:
             pid = os.fork()
-        except OSError as exc:
+        except OSError:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            log('agent: cannot fork a worker: %s' % exc.strerror, priority=LOG_ERR)
-            self.respawn_at = time.monotonic() + 1.0
-            return
+            raise
         if pid:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            self.workers[pid] = WorkerProcess(pid, self.generation, slot)
-            return
+            worker = self.workers[pid] = WorkerProcess(pid, self.generation, slot)
+            return worker
         status = WORKER_BOOT_ERROR
         try:
             worker = self.become_worker(slot)
@@ -3715,12 +3726,24 @@ class Agent(Daemon):
         return self.boot_failures >= MAX_BOOT_FAILURES
 
     def maintain(self):
-        """Keep --workers workers of the current generation alive."""
+        """Keep --workers workers of the current generation alive.  While fork() fails the
+        tries back off (0.2 s, 0.4 s ... MAX_FORK_DELAY), each logged once."""
         if time.monotonic() < self.respawn_at:
             return
         current = sum(1 for w in self.workers.values() if not w.retiring)
         for _ in range(self.config.workers - current):
-            self.spawn()
+            try:
+                self.spawn()
+            except OSError as exc:
+                self.fork_failures += 1
+                delay = min(0.1 * 2 ** self.fork_failures, MAX_FORK_DELAY)
+                log('agent: cannot fork a worker: %s; retrying in %.1fs' % (exc.strerror, delay),
+                    priority=LOG_ERR)
+                self.respawn_at = time.monotonic() + delay
+                return
+        if self.fork_failures:
+            log('agent: forked again after %d failed tries' % self.fork_failures, priority=LOG_WARNING)
+            self.fork_failures = 0
 
     # -- signals, acted on in the loop --
 
@@ -3740,8 +3763,9 @@ class Agent(Daemon):
             except DaemonError as exc:
                 raise DaemonError('%s; the old workers go on serving' % exc)
         old = [w for w in self.workers.values() if not w.retiring]
-        new = self.spawn_generation()
+        new = []
         try:
+            new = self.spawn_generation()
             self.await_boot(new)
         except DaemonError as exc:
             self.kill_workers(new)

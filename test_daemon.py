@@ -3427,9 +3427,9 @@ def fill_disk(path):
     return filler
 
 
-def pids_cgroup(testcase, pid):
-    """Move pid into a new pids cgroup (v1) and return the path of its pids.max; the process
-    then cannot fork once the group holds that many tasks (fork fails with EAGAIN).  The group
+def pids_cgroup(testcase, pid=None):
+    """A new pids cgroup (v1), with pid in it if given: the path of its pids.max (cgroup.procs
+    beside it).  Its processes cannot fork once it holds that many tasks (EAGAIN).  The group
     is emptied (its tasks back to the root group) and removed by the test's cleanups.  Root and
     a pids hierarchy only: the test is skipped otherwise."""
     top = '/sys/fs/cgroup/pids'
@@ -3446,8 +3446,9 @@ def pids_cgroup(testcase, pid):
                     pass            # it has just ended
         os.rmdir(group)
     testcase.addCleanup(remove)
-    with open(os.path.join(group, 'cgroup.procs'), 'w') as f:
-        f.write(str(pid))
+    if pid is not None:
+        with open(os.path.join(group, 'cgroup.procs'), 'w') as f:
+            f.write(str(pid))
     return os.path.join(group, 'pids.max')
 
 
@@ -3512,7 +3513,7 @@ class ExhaustionTests(unittest.TestCase):
         def delays():
             return [float(d) for d in re.findall(r'cannot fork a worker: .*; retrying in ([\d.]+)s',
                                                  slurp(server.log))]
-        wait_for(lambda: len(delays()) >= 4, message='four tries to fork')
+        wait_for(lambda: len(delays()) >= 3, message='three tries to fork')
         tries = delays()
         self.assertEqual(tries, sorted(tries), 'no backoff: %s' % tries)
         self.assertLess(tries[0], tries[-1], 'no backoff: %s' % tries)
@@ -3526,6 +3527,22 @@ class ExhaustionTests(unittest.TestCase):
         self.assertNotIn('Traceback', log)
         self.assertNotIn('halting', log)
         server.stop()
+
+    def test_a_master_that_cannot_fork_its_first_workers_fails_with_the_reason(self):
+        server = AgentServer(self)
+        limit = pids_cgroup(self)
+        with open(limit, 'w') as f:
+            f.write('1')                    # the agent itself, no worker
+        procs = os.path.join(os.path.dirname(limit), 'cgroup.procs')
+        def enter_group():
+            with open(procs, 'w') as f:
+                f.write(str(os.getpid()))
+        run = subprocess.run([PYTHON, AGENT] + server.options + ['run'], preexec_fn=enter_group,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(run.returncode, 1, run.stderr)
+        self.assertIn('cannot fork a worker: Resource temporarily unavailable', run.stderr)
+        self.assertNotIn('serving', run.stderr)
+        self.assertNotIn('Traceback', run.stderr)
 
 
 def zombies_of(pid):
