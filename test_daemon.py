@@ -3528,6 +3528,28 @@ class ExhaustionTests(unittest.TestCase):
         self.assertNotIn('halting', log)
         server.stop()
 
+    def test_workers_killed_again_and_again_are_respawned_with_a_growing_delay(self):
+        server = AgentServer(self, workers=1).start()
+        server.write('k.jpg', b'K' * 100)
+        master = server.master()
+        killed = []
+        for _ in range(4):              # an OOM killer taking each new worker as it comes up
+            worker, = wait_for(lambda: [w for w in server.workers() if w not in killed] or None,
+                               message='a new worker')
+            self.assertEqual(server.get('/k.jpg')[0], 200)     # served: it is up, it booted
+            os.kill(worker, signal.SIGKILL)
+            killed.append(worker)
+        wait_for(lambda: [w for w in server.workers() if w not in killed], message='a last worker')
+        delays = [float(d) for d in re.findall(r'died \(killed by SIGKILL\); respawning in ([\d.]+)s',
+                                               slurp(server.log))]
+        self.assertEqual(len(delays), 4, slurp(server.log))
+        self.assertEqual(delays, sorted(delays), 'no backoff: %s' % delays)
+        self.assertLess(delays[0], delays[-1], 'no backoff: %s' % delays)
+        self.assertEqual(server.get('/k.jpg')[0], 200)
+        self.assertTrue(pid_alive(master))
+        self.assertNotIn('halting', slurp(server.log))
+        server.stop()
+
     def test_a_master_that_cannot_fork_its_first_workers_fails_with_the_reason(self):
         server = AgentServer(self)
         limit = pids_cgroup(self)
