@@ -34,7 +34,8 @@ Processes
                               |                each: a non-blocking epoll loop (selectors) that
                               |                accepts, parses, sends files with sendfile(2)
                               `- binds the socket before forking; supervises: reaps with WNOHANG,
-                                 respawns a crashed worker, drains workers on TERM, replaces them
+                                 respawns a crashed worker (after a growing delay when they keep
+                                 dying young, or while fork() fails), drains workers on TERM, replaces them
                                  on HUP, relays USR1.  `start` returns once every worker is up.
     ps shows them as "agent: master ..." and "agent: worker ..." (comm and command line; see
     set_process_title), not as the `start` or `restart` that launched them.
@@ -195,6 +196,9 @@ BACKLOG = 1024
 BALANCE_MIN = 8                 # below this many connections a worker always accepts (LoadShare)
 WORKER_BOOT_ERROR = 3           # a worker's exit status when it could not start at all
 MAX_BOOT_FAILURES = 5           # consecutive ones (about 3 s of backoff), then the master halts
+SHORT_LIFE = 5.0                # workers dying this soon after their fork, one after another (a
+                                # minute apart at most), are respawned after a growing delay
+                                # (0.2 s ... 5 s), never halted for: an OOM killer, say
 MAX_FORK_DELAY = 10.0           # fork() failing (EAGAIN: pids limit; ENOMEM): the longest wait
                                 # between tries; the master never halts for it, it is transient
 EPOLLEXCLUSIVE = getattr(select, 'EPOLLEXCLUSIVE', 0)     # Linux 4.5
@@ -3380,7 +3384,7 @@ class Worker:
 # ---------------------------------------------------------------------------------------------
 
 class WorkerProcess:
-    __slots__ = ('pid', 'generation', 'booted', 'retiring', 'slot')
+    __slots__ = ('pid', 'generation', 'booted', 'retiring', 'slot', 'born')
 
     def __init__(self, pid, generation, slot=None):
         self.pid = pid
@@ -3388,6 +3392,7 @@ class WorkerProcess:
         self.slot = slot            # its LoadShare slot, if any
         self.booted = False         # it said "ok" on the boot pipe
         self.retiring = False       # a reload told it to drain: not respawned
+        self.born = time.monotonic()
 
 
 class Agent(Daemon):
@@ -3411,6 +3416,8 @@ class Agent(Daemon):
         self.respawns = 0
         self.respawn_at = 0.0
         self.fork_failures = 0          # consecutive fork() failures in maintain()
+        self.short_lives = 0            # consecutive workers that died within SHORT_LIFE
+        self.short_life_at = 0.0        # when the last of them died
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
         self.add_action('upgrade', daemon.upgrade_action)
@@ -3719,7 +3726,17 @@ class Agent(Daemon):
                     % (pid, describe_status(status), delay), priority=LOG_WARNING)
                 self.respawn_at = time.monotonic() + delay
             else:
-                log('agent: worker %d died (%s); respawning' % (pid, describe_status(status)), priority=LOG_WARNING)
+                now = time.monotonic()
+                lived = now - worker.born
+                if lived >= SHORT_LIFE or now - self.short_life_at > 60.0:
+                    self.short_lives = 0
+                if lived < SHORT_LIFE:
+                    self.short_lives += 1
+                    self.short_life_at = now
+                delay = min(0.1 * 2 ** self.short_lives, 5.0) if self.short_lives else 0.0
+                log('agent: worker %d died (%s); respawning in %.1fs (it lived %.1fs)'
+                    % (pid, describe_status(status), delay, lived), priority=LOG_WARNING)
+                self.respawn_at = max(self.respawn_at, time.monotonic() + delay)
 
     def halted(self):
         """Workers that fail at boot again and again will not start by retrying: stop."""
