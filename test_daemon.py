@@ -3550,6 +3550,20 @@ class ExhaustionTests(unittest.TestCase):
         self.assertNotIn('halting', slurp(server.log))
         server.stop()
 
+    def test_a_pidfile_on_a_full_disk_fails_the_start_naming_it_and_leaves_nothing(self):
+        disk = small_tmpfs(self)
+        server = AgentServer(self)
+        server.pidfile = server.options[server.options.index('--pidfile') + 1] = \
+            os.path.join(disk, 'agent.pid')
+        fill_disk(disk)
+        started = server.command('start')
+        self.assertEqual(started.returncode, 1, started.stdout + started.stderr)
+        self.assertIn('write pidfile failed (%s: No space left on device)' % server.pidfile,
+                      started.stderr)
+        self.assertNotIn('Traceback', started.stdout + started.stderr)
+        self.assertFalse(os.path.exists(server.pidfile), 'an empty pidfile left behind')
+        self.assertEqual(server.command('status').returncode, 3)
+
     def test_a_master_that_cannot_fork_its_first_workers_fails_with_the_reason(self):
         server = AgentServer(self)
         limit = pids_cgroup(self)
