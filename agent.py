@@ -196,9 +196,10 @@ BACKLOG = 1024
 BALANCE_MIN = 8                 # below this many connections a worker always accepts (LoadShare)
 WORKER_BOOT_ERROR = 3           # a worker's exit status when it could not start at all
 MAX_BOOT_FAILURES = 5           # consecutive ones (about 3 s of backoff), then the master halts
-SHORT_LIFE = 5.0                # workers dying this soon after their fork, one after another (a
-                                # minute apart at most), are respawned after a growing delay
-                                # (0.2 s ... 5 s), never halted for: an OOM killer, say
+SHORT_LIFE = 1.0                # workers dying this soon after their fork, one after another (30 s
+                                # apart at most), are respawned after a growing delay (0.2 s ...
+                                # 5 s), never halted for: a crash on the first request, an OOM
+                                # killer taking each new worker.  Older ones are respawned at once
 MAX_FORK_DELAY = 10.0           # fork() failing (EAGAIN: pids limit; ENOMEM): the longest wait
                                 # between tries; the master never halts for it, it is transient
 EPOLLEXCLUSIVE = getattr(select, 'EPOLLEXCLUSIVE', 0)     # Linux 4.5
@@ -3728,7 +3729,7 @@ class Agent(Daemon):
             else:
                 now = time.monotonic()
                 lived = now - worker.born
-                if lived >= SHORT_LIFE or now - self.short_life_at > 60.0:
+                if lived >= SHORT_LIFE or now - self.short_life_at > 30.0:
                     self.short_lives = 0
                 if lived < SHORT_LIFE:
                     self.short_lives += 1

@@ -3533,16 +3533,19 @@ class ExhaustionTests(unittest.TestCase):
         server.write('k.jpg', b'K' * 100)
         master = server.master()
         killed = []
-        for _ in range(4):              # an OOM killer taking each new worker as it comes up
+        for _ in range(3):              # an OOM killer taking each new worker as it comes up
             worker, = wait_for(lambda: [w for w in server.workers() if w not in killed] or None,
                                message='a new worker')
             self.assertEqual(server.get('/k.jpg')[0], 200)     # served: it is up, it booted
             os.kill(worker, signal.SIGKILL)
             killed.append(worker)
         wait_for(lambda: [w for w in server.workers() if w not in killed], message='a last worker')
-        delays = [float(d) for d in re.findall(r'died \(killed by SIGKILL\); respawning in ([\d.]+)s',
-                                               slurp(server.log))]
-        self.assertEqual(len(delays), 4, slurp(server.log))
+        deaths = re.findall(r'died \(killed by SIGKILL\); respawning in ([\d.]+)s \(it lived ([\d.]+)s\)',
+                            slurp(server.log))
+        self.assertEqual(len(deaths), 3, slurp(server.log))
+        if any(float(lived) >= agent.SHORT_LIFE for _, lived in deaths):
+            self.skipTest('a worker lived %ss here before it was killed (a slow machine)' % agent.SHORT_LIFE)
+        delays = [float(delay) for delay, _ in deaths]
         self.assertEqual(delays, sorted(delays), 'no backoff: %s' % delays)
         self.assertLess(delays[0], delays[-1], 'no backoff: %s' % delays)
         self.assertEqual(server.get('/k.jpg')[0], 200)
@@ -8503,7 +8506,7 @@ class UpgradeUnderServiceManagerTests(ServiceToolTestCase):
 # is waiting for daemons, not CPU: on the 2-core machine four processes took 47 s, three 53 s.
 CLASS_SECONDS = {
     'SupervisionTests': 19.8, 'FaultTests': 12.4, 'DaemonProcessTests': 11.4,
-    'ConnectionTimeoutTests': 10.4, 'TLSOwnAgentTests': 6.2, 'HttpServerTests': 6.2,
+    'ConnectionTimeoutTests': 10.4, 'ExhaustionTests': 11.0, 'TLSOwnAgentTests': 6.2, 'HttpServerTests': 6.2,
     'CommonMistakeTests': 5.9, 'ClassicRecipeBugTests': 5.0, 'TLSStartAndReloadTests': 4.1,
     'SdNotifyTests': 4.1, 'ConcurrentActionsTests': 4.0, 'NothingLeftBehindTests': 3.5,
     'TLSServerTests': 3.4, 'HonestCommandLineTests': 3.1, 'SymlinkSwapRaceTests': 2.7,
