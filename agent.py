@@ -34,7 +34,8 @@ Processes
                               |                each: a non-blocking epoll loop (selectors) that
                               |                accepts, parses, sends files with sendfile(2)
                               `- binds the socket before forking; supervises: reaps with WNOHANG,
-                                 respawns a crashed worker, drains workers on TERM, replaces them
+                                 respawns a crashed worker (after a growing delay when they keep
+                                 dying young, or while fork() fails), drains workers on TERM, replaces them
                                  on HUP, relays USR1.  `start` returns once every worker is up.
     ps shows them as "agent: master ..." and "agent: worker ..." (comm and command line; see
     set_process_title), not as the `start` or `restart` that launched them.
@@ -69,7 +70,8 @@ Files
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
-                                 (a full disk is reported once; serving goes on)
+                                 (a full disk is reported once, with the path; serving goes on,
+                                 and the lines wait, up to ACCESS_BACKLOG, until it has room)
 None of these is ever served or listed, wherever it is, nor are the logs' rotations (OwnFiles:
 by device and inode, and by name in their directory); one inside --root is noted in the log.
 
@@ -183,6 +185,8 @@ DRAIN_GRACE = 0.5               # a draining worker closes keep-alive connection
 LINGER_TIME = 2.0               # after a close with unread input: read and drop this long at most
 RECV_SIZE = 16384
 SENDFILE_CHUNK = 1 << 20
+ACCESS_BACKLOG = 4 << 20        # bytes of access-log lines a worker keeps while its log cannot be
+                                # written (a full disk): some 20000 lines, written once it can be
 SEND_BUDGET = 8 << 20           # bytes one connection may send per loop iteration (fairness)
 TLS_CHUNK = 65536               # file bytes read and written per SSL write (four TLS records)
 FILE_CACHE_SIZE = 256           # open files (fd, stat, header bytes) cached per worker
@@ -193,6 +197,12 @@ BACKLOG = 1024
 BALANCE_MIN = 8                 # below this many connections a worker always accepts (LoadShare)
 WORKER_BOOT_ERROR = 3           # a worker's exit status when it could not start at all
 MAX_BOOT_FAILURES = 5           # consecutive ones (about 3 s of backoff), then the master halts
+SHORT_LIFE = 1.0                # workers dying this soon after their fork, one after another (30 s
+                                # apart at most), are respawned after a growing delay (0.2 s ...
+                                # 5 s), never halted for: a crash on the first request, an OOM
+                                # killer taking each new worker.  Older ones are respawned at once
+MAX_FORK_DELAY = 10.0           # fork() failing (EAGAIN: pids limit; ENOMEM): the longest wait
+                                # between tries; the master never halts for it, it is transient
 EPOLLEXCLUSIVE = getattr(select, 'EPOLLEXCLUSIVE', 0)     # Linux 4.5
 WORKER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 
@@ -3086,12 +3096,15 @@ class Worker:
             self.common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
         self.accept_poll = None
         self.access_fd = access_fd
+        self.access_log = getattr(config, 'access_log', None)    # its path, for the messages
         self.lifeline = lifeline
         self.selector = selectors.DefaultSelector()
         self.escaped = {}               # raw access-log fields -> their escaped form
         self.conns = set()
         self.deferred = []
         self.log_lines = []
+        self.log_backlog = bytearray()  # lines the access log could not take yet (ENOSPC...)
+        self.log_lost = 0               # lines beyond ACCESS_BACKLOG, dropped while it failed
         self.log_failing = False
         self.draining = False
         self.drain_deadline = None
@@ -3129,7 +3142,10 @@ class Worker:
                 next_tick = self.now + 1.0
             if self.log_lines:
                 self.flush_access_log()
-        self.flush_access_log()
+        self.flush_access_log(retry=True)
+        if self.log_backlog:
+            log('worker: exiting with %d access-log lines not written to %s'
+                % (self.log_backlog.count(b'\n'), self.access_log), priority=LOG_ERR)
 
     def clock(self):
         """Cache the time for this iteration; the Date and log stamps change once a second."""
@@ -3141,8 +3157,11 @@ class Worker:
             self.log_time = log_date(wall)
 
     def tick(self):
-        """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors."""
+        """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors,
+        and another try at an access log that could not be written."""
         self.responder.files.close_deleted()
+        if self.log_failing:
+            self.flush_access_log(retry=True)
         now = self.now
         for conn in list(self.conns):
             if now >= conn.deadline:
@@ -3272,24 +3291,43 @@ class Worker:
         self.log_lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
             conn.peer, self.log_time, line, conn.status, conn.sent or '-', referer, agent))
 
-    def flush_access_log(self):
-        """Write the lines of this iteration in one write; a failing disk is reported once."""
-        if not self.log_lines or self.access_fd is None:
+    def flush_access_log(self, retry=False):
+        """Write the lines of this iteration in one write.
+
+        While the log cannot be written (a full disk, a quota, an I/O error) the lines wait, up
+        to ACCESS_BACKLOG bytes, and the write is tried again once a second (tick) or at a
+        reopen (retry): once it works they go out in order, whole, before the new ones.  The
+        failure is reported once, and the return with the count of lines lost beyond the
+        backlog, if any.
+        """
+        if self.access_fd is None:
             self.log_lines = []
             return
-        data = ''.join(self.log_lines).encode('ascii', 'replace')
-        self.log_lines = []
+        if self.log_lines:
+            data = ''.join(self.log_lines).encode('ascii', 'replace')
+            self.log_lines = []
+            if len(self.log_backlog) + len(data) <= ACCESS_BACKLOG:
+                self.log_backlog += data
+            else:
+                self.log_lost += data.count(b'\n')
+        if not self.log_backlog or self.log_failing and not retry:
+            return
+        backlog = self.log_backlog
         try:
-            while data:
-                data = data[os.write(self.access_fd, data):]
-            if self.log_failing:
-                log('worker: access log writable again')
-                self.log_failing = False
+            while backlog:
+                del backlog[:os.write(self.access_fd, backlog)]
         except OSError as exc:
             if not self.log_failing:
-                log('worker: cannot write the access log (%s); lines are dropped until it works'
-                    % exc.strerror, priority=LOG_ERR)
+                log('worker: cannot write the access log %s (%s); its lines wait (up to %d MiB) '
+                    'until it can be written' % (self.access_log, exc.strerror, ACCESS_BACKLOG >> 20),
+                    priority=LOG_ERR)
                 self.log_failing = True
+            return
+        if self.log_failing:
+            lost = ' (%d lines beyond the backlog were lost)' % self.log_lost if self.log_lost else ''
+            log('worker: access log %s writable again%s' % (self.access_log, lost), priority=LOG_WARNING)
+            self.log_failing = False
+            self.log_lost = 0
 
     # -- signals and the master --
 
@@ -3319,6 +3357,7 @@ class Worker:
             elif signum == signal.SIGUSR1:
                 if self.reopen_logs is not None:
                     self.reopen_logs()
+                self.flush_access_log(retry=True)   # the new file may take what the old did not
 
     def on_lifeline(self, mask):
         """The master is gone: stop at once (the port must be free for its successor)."""
@@ -3347,7 +3386,7 @@ class Worker:
 # ---------------------------------------------------------------------------------------------
 
 class WorkerProcess:
-    __slots__ = ('pid', 'generation', 'booted', 'retiring', 'slot')
+    __slots__ = ('pid', 'generation', 'booted', 'retiring', 'slot', 'born')
 
     def __init__(self, pid, generation, slot=None):
         self.pid = pid
@@ -3355,6 +3394,7 @@ class WorkerProcess:
         self.slot = slot            # its LoadShare slot, if any
         self.booted = False         # it said "ok" on the boot pipe
         self.retiring = False       # a reload told it to drain: not respawned
+        self.born = time.monotonic()
 
 
 class Agent(Daemon):
@@ -3377,6 +3417,9 @@ class Agent(Daemon):
         self.boot_failures = 0
         self.respawns = 0
         self.respawn_at = 0.0
+        self.fork_failures = 0          # consecutive fork() failures in maintain()
+        self.short_lives = 0            # consecutive workers that died within SHORT_LIFE
+        self.short_life_at = 0.0        # when the last of them died
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
         self.add_action('upgrade', daemon.upgrade_action)
@@ -3488,8 +3531,9 @@ class Agent(Daemon):
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # only to wake the loop
         adopted = self.adopt_workers()
         release_freed_memory()
-        first = self.spawn_generation()
+        first = []
         try:
+            first = self.spawn_generation()
             self.await_boot(first)
         except DaemonError as exc:
             self.kill_workers(first)
@@ -3593,28 +3637,35 @@ class Agent(Daemon):
         return error
 
     def spawn_generation(self):
-        """Start --workers new workers; returns them."""
+        """Start --workers new workers; returns them.  A generation is whole or not at all: if
+        one cannot be forked, those already forked are killed and DaemonError says why (a
+        start fails, a reload keeps the old generation)."""
         self.generation += 1
-        for _ in range(self.config.workers):
-            self.spawn()
-        return [w for w in self.workers.values() if w.generation == self.generation]
+        new = []
+        try:
+            for _ in range(self.config.workers):
+                new.append(self.spawn())
+        except OSError as exc:
+            self.kill_workers(new)
+            raise DaemonError('cannot fork a worker: %s' % exc.strerror)
+        return new
 
     def spawn(self):
+        """Fork one worker of the current generation; its WorkerProcess.  OSError if fork()
+        fails (EAGAIN at a process limit, ENOMEM)."""
         # Signals stay blocked across fork() until the worker has its own handlers: a TERM
         # that came in between would otherwise go to the master's handler copy and be lost.
         slot = self.free_slot()
         signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         try:
             pid = os.fork()
-        except OSError as exc:
+        except OSError:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            log('agent: cannot fork a worker: %s' % exc.strerror, priority=LOG_ERR)
-            self.respawn_at = time.monotonic() + 1.0
-            return
+            raise
         if pid:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            self.workers[pid] = WorkerProcess(pid, self.generation, slot)
-            return
+            worker = self.workers[pid] = WorkerProcess(pid, self.generation, slot)
+            return worker
         status = WORKER_BOOT_ERROR
         try:
             worker = self.become_worker(slot)
@@ -3677,19 +3728,41 @@ class Agent(Daemon):
                     % (pid, describe_status(status), delay), priority=LOG_WARNING)
                 self.respawn_at = time.monotonic() + delay
             else:
-                log('agent: worker %d died (%s); respawning' % (pid, describe_status(status)), priority=LOG_WARNING)
+                now = time.monotonic()
+                lived = now - worker.born
+                if lived >= SHORT_LIFE or now - self.short_life_at > 30.0:
+                    self.short_lives = 0
+                if lived < SHORT_LIFE:
+                    self.short_lives += 1
+                    self.short_life_at = now
+                delay = min(0.1 * 2 ** self.short_lives, 5.0) if self.short_lives else 0.0
+                log('agent: worker %d died (%s); respawning in %.1fs (it lived %.1fs)'
+                    % (pid, describe_status(status), delay, lived), priority=LOG_WARNING)
+                self.respawn_at = max(self.respawn_at, time.monotonic() + delay)
 
     def halted(self):
         """Workers that fail at boot again and again will not start by retrying: stop."""
         return self.boot_failures >= MAX_BOOT_FAILURES
 
     def maintain(self):
-        """Keep --workers workers of the current generation alive."""
+        """Keep --workers workers of the current generation alive.  While fork() fails the
+        tries back off (0.2 s, 0.4 s ... MAX_FORK_DELAY), each logged once."""
         if time.monotonic() < self.respawn_at:
             return
         current = sum(1 for w in self.workers.values() if not w.retiring)
         for _ in range(self.config.workers - current):
-            self.spawn()
+            try:
+                self.spawn()
+            except OSError as exc:
+                self.fork_failures += 1
+                delay = min(0.1 * 2 ** self.fork_failures, MAX_FORK_DELAY)
+                log('agent: cannot fork a worker: %s; retrying in %.1fs' % (exc.strerror, delay),
+                    priority=LOG_ERR)
+                self.respawn_at = time.monotonic() + delay
+                return
+        if self.fork_failures:
+            log('agent: forked again after %d failed tries' % self.fork_failures, priority=LOG_WARNING)
+            self.fork_failures = 0
 
     # -- signals, acted on in the loop --
 
@@ -3709,8 +3782,9 @@ class Agent(Daemon):
             except DaemonError as exc:
                 raise DaemonError('%s; the old workers go on serving' % exc)
         old = [w for w in self.workers.values() if not w.retiring]
-        new = self.spawn_generation()
+        new = []
         try:
+            new = self.spawn_generation()
             self.await_boot(new)
         except DaemonError as exc:
             self.kill_workers(new)

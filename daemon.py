@@ -218,9 +218,11 @@ class AlreadyRunning(DaemonError):
         self.pid = pid
 
 
-def _step_error(step, exc):
+def _step_error(step, exc, path=None):
+    """A DaemonError "STEP failed (FILE: why)"; path names the file when the error does not
+    (a write, a lock or a stat on a descriptor carries no file name)."""
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    filename = getattr(exc, 'filename', None)
+    filename = getattr(exc, 'filename', None) or path
     if filename:
         detail = '%s: %s' % (filename, detail)
     privilege = isinstance(exc, PermissionError)
@@ -1911,21 +1913,28 @@ class PidFile:
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise AlreadyRunning(pid)
-                raise _step_error('lock pidfile', exc)
+                raise _step_error('lock pidfile', exc, self.path)
             # The previous owner may have unlinked the file between our open and our lock: then
             # we hold a lock on a file nobody can find.  Only a lock on the file at the path counts.
             if self._same_file(fd):
                 break
             os.close(fd)
+        if not os.path.isfile(self.path):
+            os.close(fd)
+            raise _step_error('write pidfile', OSError(errno.EINVAL, 'not a regular file', self.path))
         try:
-            if not os.path.isfile(self.path):
-                raise OSError(errno.EINVAL, 'not a regular file', self.path)
             os.fchmod(fd, 0o644)
             os.ftruncate(fd, 0)
             os.pwrite(fd, b'%d\n' % os.getpid(), 0)
         except OSError as exc:
+            # Ours (locked, at the path), but empty: gone, or `status` would take it for the
+            # trace of a daemon that died.  A full disk (ENOSPC), a quota (EDQUOT).
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
             os.close(fd)
-            raise _step_error('write pidfile', exc)
+            raise _step_error('write pidfile', exc, self.path)
         self.fd, self.owner = fd, os.getpid()
 
     def adopt(self, fd):
@@ -1933,7 +1942,7 @@ class PidFile:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # ours already: a no-op check
         except OSError as exc:
-            raise _step_error('adopt pidfile', exc)
+            raise _step_error('adopt pidfile', exc, self.path)
         if not self._same_file(fd):
             raise DaemonError('adopt pidfile failed (fd %d is not %s)' % (fd, self.path))
         os.set_inheritable(fd, False)

@@ -3685,6 +3685,194 @@ class FaultTests(unittest.TestCase):
         server.stop()
 
 
+def small_tmpfs(testcase, size='64k'):
+    """A tmpfs of this size on a new temporary directory, unmounted (lazily, so a process still
+    holding a file there cannot keep it) and removed by the test's cleanups.  Root only: the
+    test is skipped otherwise."""
+    if os.geteuid() != 0:
+        testcase.skipTest('mounting a tmpfs needs root')
+    path = tempfile.mkdtemp(prefix='agent-tmpfs-')
+    testcase.addCleanup(os.rmdir, path)
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=%s' % size, 'tmpfs', path],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        testcase.skipTest('cannot mount a tmpfs: %s' % mounted.stderr.strip())
+    testcase.addCleanup(subprocess.run, ['umount', '-l', path])
+    return path
+
+
+def fill_disk(path):
+    """Fill the filesystem of directory path with one file; returns that file's path."""
+    filler = os.path.join(path, 'filler')
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b'\0' * 4096)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return filler
+
+
+def pids_cgroup(testcase, pid=None):
+    """A new pids cgroup (v1), with pid in it if given: the path of its pids.max (cgroup.procs
+    beside it).  Its processes cannot fork once it holds that many tasks (EAGAIN).  The group
+    is emptied (its tasks back to the root group) and removed by the test's cleanups.  Root and
+    a pids hierarchy only: the test is skipped otherwise."""
+    top = '/sys/fs/cgroup/pids'
+    if os.geteuid() != 0 or not os.path.exists(os.path.join(top, 'cgroup.procs')):
+        testcase.skipTest('needs root and the cgroup v1 pids controller at %s' % top)
+    group = tempfile.mkdtemp(prefix='agent-test-', dir=top)
+    def remove():
+        with open(os.path.join(group, 'cgroup.procs')) as f:
+            for task in f.read().split():
+                try:
+                    with open(os.path.join(top, 'cgroup.procs'), 'w') as back:
+                        back.write(task)
+                except OSError:
+                    pass            # it has just ended
+        os.rmdir(group)
+    testcase.addCleanup(remove)
+    if pid is not None:
+        with open(os.path.join(group, 'cgroup.procs'), 'w') as f:
+            f.write(str(pid))
+    return os.path.join(group, 'pids.max')
+
+
+class ExhaustionTests(unittest.TestCase):
+    """The machine runs short (disk space, processes): the agent says so once, names what it
+    cannot do, serves on and catches up once the resource is back; it never dies of it."""
+
+    def test_access_log_lines_wait_out_a_full_disk_and_are_written_once_space_is_back(self):
+        logs = small_tmpfs(self)
+        server = AgentServer(self, workers=1)
+        server.log = server.options[server.options.index('--log') + 1] = os.path.join(logs, 'agent.log')
+        server.access_log = os.path.join(logs, 'access.log')
+        server.options[server.options.index('--access-log') + 1] = server.access_log
+        server.start()
+        server.write('f.jpg', b'F' * 100)
+        filler = fill_disk(logs)            # the access log is still empty: not a byte fits
+        for n in range(30):
+            self.assertEqual(server.get('/f.jpg?full%d' % n)[0], 200)
+        wait_for(lambda: 'cannot write the access log %s' % server.access_log in slurp(server.log),
+                 message='the warning naming the access log')
+        self.assertEqual(server.access_lines(), [])
+        # Rotated and reopened while the disk is full: the waiting lines go to the new file.
+        os.rename(server.access_log, server.access_log + '.1')
+        worker, = server.workers()
+        os.kill(server.master(), signal.SIGUSR1)
+        wait_for(lambda: server.access_log in harness.open_fds(worker).values(),
+                 message='the worker reopening its access log')
+        os.unlink(filler)
+        for n in range(5):
+            self.assertEqual(server.get('/f.jpg?after%d' % n)[0], 200)
+        expected = ['full%d' % n for n in range(30)] + ['after%d' % n for n in range(5)]
+        def written():
+            return [re.search(r'\?(\w+) HTTP', line).group(1) for line in server.access_lines()]
+        wait_for(lambda: len(written()) >= len(expected), message='every line written')
+        self.assertEqual(written(), expected)
+        for line in server.access_lines():
+            self.assertRegex(line, CLF_LINE)
+        log = slurp(server.log)
+        self.assertEqual(log.count('cannot write the access log'), 1, log)
+        self.assertIn('No space left on device', log)
+        self.assertIn('access log %s writable again' % server.access_log, log)
+        self.assertNotIn('Traceback', log)
+        self.assertTrue(pid_alive(server.master()))
+        server.stop()
+
+    def test_a_master_that_cannot_fork_keeps_its_workers_on_reload_and_backs_off_respawning(self):
+        server = AgentServer(self).start()
+        server.write('p.jpg', b'P' * 100)
+        master, workers = server.master(), server.workers()
+        limit = pids_cgroup(self, master)
+        with open(limit, 'w') as f:
+            f.write('1')                    # the master alone: every fork() fails, EAGAIN
+        # A reload cannot make its new workers: it fails and the old ones go on serving.
+        reload = server.command('reload')
+        self.assertEqual(reload.returncode, 1, reload.stdout + reload.stderr)
+        self.assertIn('cannot fork a worker', reload.stdout + reload.stderr)
+        self.assertEqual(server.workers(), workers)
+        self.assertEqual(server.get('/p.jpg')[0], 200)
+        # Workers killed (an OOM killer) cannot be replaced: the master retries, backing off.
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        def delays():
+            return [float(d) for d in re.findall(r'cannot fork a worker: .*; retrying in ([\d.]+)s',
+                                                 slurp(server.log))]
+        wait_for(lambda: len(delays()) >= 3, message='three tries to fork')
+        tries = delays()
+        self.assertEqual(tries, sorted(tries), 'no backoff: %s' % tries)
+        self.assertLess(tries[0], tries[-1], 'no backoff: %s' % tries)
+        self.assertTrue(pid_alive(master))
+        with open(limit, 'w') as f:
+            f.write('max')
+        wait_for(lambda: len(server.workers()) == 2, timeout=30, message='the workers back')
+        self.assertEqual(server.get('/p.jpg')[0], 200)
+        log = slurp(server.log)
+        self.assertIn('forked again', log)
+        self.assertNotIn('Traceback', log)
+        self.assertNotIn('halting', log)
+        server.stop()
+
+    def test_workers_killed_again_and_again_are_respawned_with_a_growing_delay(self):
+        server = AgentServer(self, workers=1).start()
+        server.write('k.jpg', b'K' * 100)
+        master = server.master()
+        killed = []
+        for _ in range(3):              # an OOM killer taking each new worker as it comes up
+            worker, = wait_for(lambda: [w for w in server.workers() if w not in killed] or None,
+                               message='a new worker')
+            self.assertEqual(server.get('/k.jpg')[0], 200)     # served: it is up, it booted
+            os.kill(worker, signal.SIGKILL)
+            killed.append(worker)
+        wait_for(lambda: [w for w in server.workers() if w not in killed], message='a last worker')
+        deaths = re.findall(r'died \(killed by SIGKILL\); respawning in ([\d.]+)s \(it lived ([\d.]+)s\)',
+                            slurp(server.log))
+        self.assertEqual(len(deaths), 3, slurp(server.log))
+        if any(float(lived) >= agent.SHORT_LIFE for _, lived in deaths):
+            self.skipTest('a worker lived %ss here before it was killed (a slow machine)' % agent.SHORT_LIFE)
+        delays = [float(delay) for delay, _ in deaths]
+        self.assertEqual(delays, sorted(delays), 'no backoff: %s' % delays)
+        self.assertLess(delays[0], delays[-1], 'no backoff: %s' % delays)
+        self.assertEqual(server.get('/k.jpg')[0], 200)
+        self.assertTrue(pid_alive(master))
+        self.assertNotIn('halting', slurp(server.log))
+        server.stop()
+
+    def test_a_pidfile_on_a_full_disk_fails_the_start_naming_it_and_leaves_nothing(self):
+        disk = small_tmpfs(self)
+        server = AgentServer(self)
+        server.pidfile = server.options[server.options.index('--pidfile') + 1] = \
+            os.path.join(disk, 'agent.pid')
+        fill_disk(disk)
+        started = server.command('start')
+        self.assertEqual(started.returncode, 1, started.stdout + started.stderr)
+        self.assertIn('write pidfile failed (%s: No space left on device)' % server.pidfile,
+                      started.stderr)
+        self.assertNotIn('Traceback', started.stdout + started.stderr)
+        self.assertFalse(os.path.exists(server.pidfile), 'an empty pidfile left behind')
+        self.assertEqual(server.command('status').returncode, 3)
+
+    def test_a_master_that_cannot_fork_its_first_workers_fails_with_the_reason(self):
+        server = AgentServer(self)
+        limit = pids_cgroup(self)
+        with open(limit, 'w') as f:
+            f.write('1')                    # the agent itself, no worker
+        procs = os.path.join(os.path.dirname(limit), 'cgroup.procs')
+        def enter_group():
+            with open(procs, 'w') as f:
+                f.write(str(os.getpid()))
+        run = subprocess.run([PYTHON, AGENT] + server.options + ['run'], preexec_fn=enter_group,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(run.returncode, 1, run.stderr)
+        self.assertIn('cannot fork a worker: Resource temporarily unavailable', run.stderr)
+        self.assertNotIn('serving', run.stderr)
+        self.assertNotIn('Traceback', run.stderr)
+
+
 def zombies_of(pid):
     return [child for child in children_of(pid) if proc_stat(child)[0] == 'Z']
 
@@ -8607,7 +8795,7 @@ class UpgradeUnderServiceManagerTests(ServiceToolTestCase):
 # is waiting for daemons, not CPU: on the 2-core machine four processes took 47 s, three 53 s.
 CLASS_SECONDS = {
     'SupervisionTests': 19.8, 'FaultTests': 12.4, 'DaemonProcessTests': 11.4,
-    'ConnectionTimeoutTests': 10.4, 'TLSOwnAgentTests': 6.2, 'HttpServerTests': 6.2,
+    'ConnectionTimeoutTests': 10.4, 'ExhaustionTests': 11.0, 'TLSOwnAgentTests': 6.2, 'HttpServerTests': 6.2,
     'CommonMistakeTests': 5.9, 'ClassicRecipeBugTests': 5.0, 'TLSStartAndReloadTests': 4.1,
     'SdNotifyTests': 4.1, 'ConcurrentActionsTests': 4.0, 'NothingLeftBehindTests': 3.5,
     'TLSServerTests': 3.4, 'HonestCommandLineTests': 3.1, 'ReadmeTests': 3.0, 'SymlinkSwapRaceTests': 2.7,
