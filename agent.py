@@ -3096,6 +3096,7 @@ class Worker:
         self.drain_deadline = None
         self.accepting = False
         self.accept_paused_until = 0.0
+        self.out_of_fds = 0             # accept's pauses for want of a descriptor, in a row
         self.share = share              # a LoadShare (with more than one worker), or None
         self.signals = []
         self.now = time.monotonic()
@@ -3206,7 +3207,12 @@ class Worker:
                     # Out of descriptors: free one, or stop trying for a moment (no spinning).
                     victim = self.longest_idle()
                     if victim is None:
-                        log('worker: accept: %s; pausing accept for 1s' % exc.strerror, priority=LOG_WARNING)
+                        # Said once while it lasts, not at every pause: under LimitNOFILE it
+                        # can last minutes, and a line a second per worker buries the journal.
+                        if not self.out_of_fds:
+                            log('worker: accept: %s; pausing accept for 1s at a time until a '
+                                'connection ends' % exc.strerror, priority=LOG_WARNING)
+                        self.out_of_fds += 1
                         self.stop_accepting(pause=1.0)
                         return
                     victim.close()
@@ -3216,6 +3222,9 @@ class Worker:
                 raise
             if victim is not None:
                 victim.close()                  # at the cap: the longest-idle one makes room
+            if self.out_of_fds:
+                log('worker: accept: descriptors again, after %d pause(s)' % self.out_of_fds)
+                self.out_of_fds = 0
             peer = address[0] if isinstance(address, tuple) else 'unix'
             if peer.startswith('::ffff:'):
                 peer = peer[7:]
