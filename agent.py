@@ -3677,6 +3677,14 @@ class Agent(Daemon):
                 continue
             if worker.retiring:
                 continue
+            if self.stopping:
+                # The stop's signal may have reached the workers too (`systemctl kill` signals
+                # the whole cgroup, a Ctrl-C the process group) and they ended first: no death,
+                # and no respawn (shutdown() reaps the others).  A crash is still said.
+                if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                    log('agent: worker %d ended during the stop (%s)' % (pid, describe_status(status)),
+                        priority=LOG_WARNING)
+                continue
             self.respawns += 1
             if not worker.booted or os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
                 self.boot_failures += 1
@@ -3692,8 +3700,8 @@ class Agent(Daemon):
         return self.boot_failures >= MAX_BOOT_FAILURES
 
     def maintain(self):
-        """Keep --workers workers of the current generation alive."""
-        if time.monotonic() < self.respawn_at:
+        """Keep --workers workers of the current generation alive (none new once stopping)."""
+        if self.stopping or time.monotonic() < self.respawn_at:
             return
         current = sum(1 for w in self.workers.values() if not w.retiring)
         for _ in range(self.config.workers - current):
