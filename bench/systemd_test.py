@@ -20,7 +20,15 @@ inside (--inside) and checks, with systemctl and journalctl:
     `systemd-analyze security` score; no warning from the agent in the journal; a watchdog
     restart; a dead worker filed as a warning (priority 4) in the journal; over HTTPS, a
     reload with a certificate that does not parse fails `systemctl reload` (an error in the
-    journal, the old workers serving on), and succeeds once the file is fixed.
+    journal, the old workers serving on), and succeeds once the file is fixed.  Then what
+    systemd itself does to the agent: restart under requests (with agent.socket none fails;
+    without it, how many fail and for how long is printed); `systemctl kill` with USR1 (logs
+    reopened) and with TERM to every process (a clean stop, no worker respawned); a reload and
+    a stop while the unit is still activating; a stop that cuts a download at --stop-timeout
+    (Result=success, no SIGKILL); LimitNOFILE=64 under more connections than descriptors (one
+    warning per worker, no crash); MemoryMax=40M (starts, serves; a worker's OOM kill is
+    respawned by the master, where the container has a memory controller: skipped and said so
+    on a cgroup v1 or hybrid host).
 
 The container is powered off, the overlay unmounted and the run's directory removed, also on
 failure.  Exit status: 0 all passed, 1 a check failed, 77 this machine cannot run the test
