@@ -3110,6 +3110,7 @@ class Worker:
         self.drain_deadline = None
         self.accepting = False
         self.accept_paused_until = 0.0
+        self.out_of_fds = 0             # accept's pauses for want of a descriptor, in a row
         self.share = share              # a LoadShare (with more than one worker), or None
         self.signals = []
         self.now = time.monotonic()
@@ -3226,7 +3227,12 @@ class Worker:
                     # Out of descriptors: free one, or stop trying for a moment (no spinning).
                     victim = self.longest_idle()
                     if victim is None:
-                        log('worker: accept: %s; pausing accept for 1s' % exc.strerror, priority=LOG_WARNING)
+                        # Said once while it lasts, not at every pause: under LimitNOFILE it
+                        # can last minutes, and a line a second per worker buries the journal.
+                        if not self.out_of_fds:
+                            log('worker: accept: %s; pausing accept for 1s at a time until a '
+                                'connection ends' % exc.strerror, priority=LOG_WARNING)
+                        self.out_of_fds += 1
                         self.stop_accepting(pause=1.0)
                         return
                     victim.close()
@@ -3236,6 +3242,9 @@ class Worker:
                 raise
             if victim is not None:
                 victim.close()                  # at the cap: the longest-idle one makes room
+            if self.out_of_fds:
+                log('worker: accept: descriptors again, after %d pause(s)' % self.out_of_fds)
+                self.out_of_fds = 0
             peer = address[0] if isinstance(address, tuple) else 'unix'
             if peer.startswith('::ffff:'):
                 peer = peer[7:]
@@ -3720,6 +3729,14 @@ class Agent(Daemon):
                 continue
             if worker.retiring:
                 continue
+            if self.stopping:
+                # The stop's signal may have reached the workers too (`systemctl kill` signals
+                # the whole cgroup, a Ctrl-C the process group) and they ended first: no death,
+                # and no respawn (shutdown() reaps the others).  A crash is still said.
+                if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                    log('agent: worker %d ended during the stop (%s)' % (pid, describe_status(status)),
+                        priority=LOG_WARNING)
+                continue
             self.respawns += 1
             if not worker.booted or os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
                 self.boot_failures += 1
@@ -3745,9 +3762,10 @@ class Agent(Daemon):
         return self.boot_failures >= MAX_BOOT_FAILURES
 
     def maintain(self):
-        """Keep --workers workers of the current generation alive.  While fork() fails the
-        tries back off (0.2 s, 0.4 s ... MAX_FORK_DELAY), each logged once."""
-        if time.monotonic() < self.respawn_at:
+        """Keep --workers workers of the current generation alive (none new once stopping).
+        While fork() fails the tries back off (0.2 s, 0.4 s ... MAX_FORK_DELAY), each logged
+        once."""
+        if self.stopping or time.monotonic() < self.respawn_at:
             return
         current = sum(1 for w in self.workers.values() if not w.retiring)
         for _ in range(self.config.workers - current):

@@ -2465,6 +2465,25 @@ class SupervisionTests(unittest.TestCase):
             self.assertIn('died (killed by SIGKILL); respawning', f.read())
         server.stop()
 
+    def test_workers_that_end_with_the_master_on_a_stop_are_not_respawned(self):
+        """`systemctl kill agent` (TERM to the whole cgroup) or a Ctrl-C's SIGINT to the process
+        group: the workers may end before the master has acted on its own signal.  Those are
+        not deaths: no warning, no respawn of workers that the stop would kill at once."""
+        server = AgentServer(self).start()
+        master, workers = server.master(), server.workers()
+        os.kill(master, signal.SIGSTOP)         # the workers end first, for sure
+        self.addCleanup(lambda: pid_alive(master) and os.kill(master, signal.SIGCONT))
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not any(map(pid_alive, workers)), message='the workers ended')
+        os.kill(master, signal.SIGTERM)
+        os.kill(master, signal.SIGCONT)
+        wait_for(lambda: not pid_alive(master), message='the master ended')
+        log = server.log_text()
+        self.assertIn('agent: stopped', log)
+        self.assertNotIn('died', log)
+        self.assertNotIn('respawn', log.replace('0 worker(s) respawned', ''))
+
     def test_download_in_flight_survives_stop(self):
         server = AgentServer(self).start()
         size = 48 << 20

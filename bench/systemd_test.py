@@ -20,7 +20,15 @@ inside (--inside) and checks, with systemctl and journalctl:
     `systemd-analyze security` score; no warning from the agent in the journal; a watchdog
     restart; a dead worker filed as a warning (priority 4) in the journal; over HTTPS, a
     reload with a certificate that does not parse fails `systemctl reload` (an error in the
-    journal, the old workers serving on), and succeeds once the file is fixed.
+    journal, the old workers serving on), and succeeds once the file is fixed.  Then what
+    systemd itself does to the agent: restart under requests (with agent.socket none fails;
+    without it, how many fail and for how long is printed); `systemctl kill` with USR1 (logs
+    reopened) and with TERM to every process (a clean stop, no worker respawned); a reload and
+    a stop while the unit is still activating; a stop that cuts a download at --stop-timeout
+    (Result=success, no SIGKILL); LimitNOFILE=64 under more connections than descriptors (one
+    warning per worker, no crash); MemoryMax=40M (starts, serves; a worker's OOM kill is
+    respawned by the master, where the container has a memory controller: skipped and said so
+    on a cgroup v1 or hybrid host).
 
 The container is powered off, the overlay unmounted and the run's directory removed, also on
 failure.  Exit status: 0 all passed, 1 a check failed, 77 this machine cannot run the test
@@ -34,6 +42,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -312,7 +321,7 @@ class Load:
 
     def __init__(self, url, body):
         self.url, self.body = url, body
-        self.done, self.errors = 0, []
+        self.done, self.errors, self.failed_at = 0, [], []
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self.loop) for _ in range(4)]
 
@@ -325,6 +334,7 @@ class Load:
                 self.done += 1
             except Exception as exc:
                 self.errors.append(repr(exc))
+                self.failed_at.append(time.monotonic())
 
     def __enter__(self):
         for t in self.threads:
@@ -384,6 +394,52 @@ def upgrade(what):
     check('not our child' not in journal_since(mark), '%s: systemd still supervises its child' % what)
 
 
+DROPIN_DIR = '/etc/systemd/system/agent.service.d'
+RUN = ('/usr/bin/python3 /opt/agent/agent.py --root /srv/images --bind 0.0.0.0 --port 9085 '
+       '--pidfile /run/agent/agent.pid --access-log /var/log/agent/access.log %s run')
+
+
+def add_dropin(name, text):
+    """A drop-in for agent.service (daemon-reload'ed); its path, for remove_dropin()."""
+    path = os.path.join(DROPIN_DIR, name)
+    os.makedirs(DROPIN_DIR, exist_ok=True)
+    with open(path, 'w') as f:
+        f.write('[Service]\n' + text)
+    sh('systemctl', 'daemon-reload')
+    return path
+
+
+def remove_dropin(path):
+    os.remove(path)
+    sh('systemctl', 'daemon-reload')
+
+
+def entries_since(mark, needle):
+    """The agent's journal entries since mark whose MESSAGE has needle: (PRIORITY, MESSAGE)."""
+    out = sh('journalctl', '--no-pager', '-o', 'json', '--after-cursor', mark, '-u', 'agent.service',
+             check=False)
+    entries = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
+    return [(e.get('PRIORITY'), e.get('MESSAGE')) for e in entries
+            if isinstance(e.get('MESSAGE'), str) and needle in e['MESSAGE']]
+
+
+def restart_under_load(url, body):
+    """systemctl restart with requests going on: the requests that failed, how many were done,
+    and the seconds from the first failure to the last (0 if none failed)."""
+    with Load(url, body) as load:
+        sh('systemctl', 'restart', 'agent.service', timeout=60)
+        done = load.done
+        wait_until(lambda: load.done > done + 50)
+    gap = max(load.failed_at) - min(load.failed_at) if load.failed_at else 0.0
+    return load.errors, load.done, gap
+
+
+def starting(dropin_path):
+    """systemctl start --no-block, until the unit is activating (in the ExecStart's sleep)."""
+    sh('systemctl', 'start', '--no-block', 'agent.service')
+    return wait_until(lambda: show('agent.service', 'ActiveState')['ActiveState'] == 'activating')
+
+
 def read_pid():
     try:
         with open(PIDFILE) as f:
@@ -401,6 +457,8 @@ def inside_main():
         f.write(small)
     with open('/srv/images/big.jpg', 'wb') as f:
         f.write(os.urandom(BIG))
+    with open('/srv/images/huge.jpg', 'wb') as f:
+        f.write(os.urandom(8 * BIG))
     # README's install step: /opt is read-only to the unit (ProtectSystem=strict), so the
     # bytecode the agent runs from is compiled here.
     sh('python3', '-m', 'compileall', '-q', '/opt/agent')
@@ -523,6 +581,81 @@ def inside_main():
     check(state == {'ActiveState': 'inactive', 'Result': 'success'}, 'lsb: stopped cleanly', state)
     check(sh('pgrep', '-f', '/opt/agent/agent.py', check=False).strip() == '', 'lsb: no agent left')
 
+    print('restart under requests', flush=True)
+    sh('systemctl', 'start', 'agent.service', timeout=60)
+    errors, done, gap = restart_under_load(url, small)
+    # 4 threads that retry at once: the count is of attempts, the gap says how long it lasted.
+    print('  restart without agent.socket: %d failed requests over %.2f s, %d done (%s)'
+          % (len(errors), gap, done, sorted(set(str(e)[:60] for e in errors))[:3]), flush=True)
+    check(show('agent.service', 'SubState')['SubState'] == 'running' and fetch(url) == (200, small),
+          'restart: running and serving again')
+    sh('systemctl', 'stop', 'agent.service', timeout=30)
+    sh('systemctl', 'start', 'agent.socket')
+    check(fetch(url) == (200, small), 'restart with agent.socket: activated')
+    errors, done, gap = restart_under_load(url, small)
+    print('  restart with agent.socket: %d failed requests, %d done' % (len(errors), done), flush=True)
+    check(errors == [], 'restart with agent.socket: no request failed (%d done)' % done, errors[:5])
+    check(fetch(url) == (200, small), 'restart with agent.socket: serves')
+    sh('systemctl', 'stop', 'agent.socket', 'agent.service', timeout=30)
+
+    print('systemctl kill', flush=True)
+    sh('systemctl', 'start', 'agent.service', timeout=60)
+    main = int(show('agent.service', 'MainPID')['MainPID'])
+    workers = children(main)
+    os.rename('/var/log/agent/access.log', '/var/log/agent/access.log.moved')
+    sh('systemctl', 'kill', '--signal=SIGUSR1', 'agent.service')
+    fetch('http://127.0.0.1:9085/small.jpg?after-kill-usr1')
+    check(wait_until(lambda: os.path.exists('/var/log/agent/access.log')
+                     and 'after-kill-usr1' in open('/var/log/agent/access.log').read()),
+          'kill USR1 (master and workers): the logs reopened')
+    state = show('agent.service', 'ActiveState', 'MainPID')
+    check(state['ActiveState'] == 'active' and int(state['MainPID']) == main and children(main) == workers,
+          'kill USR1: same master and workers', (state, workers, children(main)))
+    mark = cursor()
+    proc, path = slow_download()
+    sh('systemctl', 'kill', 'agent.service')
+    check(wait_until(lambda: show('agent.service', 'ActiveState')['ActiveState'] in ('inactive', 'failed'), 30),
+          'kill (TERM to all): the service ends', show('agent.service', 'ActiveState'))
+    download_complete(proc, path, 'kill: the download in flight completes')
+    state = show('agent.service', 'Result', 'ActiveState', 'NRestarts', 'ExecMainStatus')
+    check(state['Result'] == 'success' and state['ActiveState'] == 'inactive',
+          'kill: Result=success, not restarted', state)
+    log = journal_since(mark)
+    check(not re.search(r'SIGKILL|not our child|died|Traceback', log), 'kill: no SIGKILL, no worker "died"', log)
+
+    print('reload and stop while starting', flush=True)
+    slow = add_dropin('slowstart.conf', "ExecStart=\nExecStart=/bin/sh -c 'sleep 2; exec %s'\n"
+                  % (RUN % '--stop-timeout 10'))
+    check(starting(slow), 'reload while starting: activating')
+    mark = cursor()
+    result = subprocess.run(['systemctl', 'reload', 'agent.service'], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=60)
+    state = show('agent.service', 'ActiveState', 'SubState', 'MainPID', 'Result')
+    log = journal_since(mark)
+    print('  systemctl reload while activating: exit %d %r; then %s' % (result.returncode, result.stdout.strip(),
+          state), flush=True)
+    print('  ' + '\n  '.join(line for line in log.splitlines() if re.search('systemd.*(Start|Reload)', line)),
+          flush=True)
+    check(wait_until(lambda: show('agent.service', 'SubState')['SubState'] == 'running'),
+          'reload while starting: running', (state, log))
+    # systemd merges a reload into the start job under way: it returns once the unit is up,
+    # and ExecReload never runs against an agent that has no pidfile yet.
+    check(result.returncode == 0 and 'reloading (SIGHUP)' not in journal_since(mark),
+          'reload while starting: waits for the start, no reload of its own', (result.stdout, journal_since(mark)))
+    main = int(show('agent.service', 'MainPID')['MainPID'])
+    check(read_pid() == main and len(children(main)) == 2 and fetch(url) == (200, small),
+          'reload while starting: MainPID = pidfile, 2 workers, serves', (main, read_pid(), children(main)))
+    sh('systemctl', 'stop', 'agent.service', timeout=30)
+    check(starting(slow), 'stop while starting: activating')
+    mark = cursor()
+    sh('systemctl', 'stop', 'agent.service', timeout=30)
+    state = show('agent.service', 'Result', 'ActiveState')
+    log = journal_since(mark)
+    check(state == {'Result': 'success', 'ActiveState': 'inactive'}, 'stop while starting: Result=success',
+          (state, log))
+    check('SIGKILL' not in log, 'stop while starting: no SIGKILL', log)
+    remove_dropin(slow)
+
     print('security and journal', flush=True)
     out = sh('systemd-analyze', 'security', '--no-pager', 'agent.service', check=False)
     score = re.search(r'Overall exposure level for agent\.service: ([\d.]+) (\S+)', out)
@@ -631,6 +764,107 @@ def inside_main():
     sh('systemctl', 'stop', 'agent.service', timeout=30)
     os.remove(tls_dropin)
     sh('systemctl', 'daemon-reload')
+
+    # Also last (a warning on purpose: 'did not finish in time; killing it').
+    print('stop with a download longer than --stop-timeout', flush=True)
+    short = add_dropin('stoptimeout.conf', 'ExecStart=\nExecStart=%s\n' % (RUN % '--stop-timeout 2'))
+    sh('systemctl', 'start', 'agent.service', timeout=60)
+    mark = cursor()
+    out = tempfile.NamedTemporaryFile(delete=False)
+    # 64 MB at 4 MB/s: more than the socket buffers hold (loopback's take several MB, and an
+    # 8 MB file is then all sent, in them, before the stop), and longer than 2 s.
+    proc = subprocess.Popen(['curl', '-s', '--limit-rate', '4M', '-o', out.name,
+                             'http://127.0.0.1:9085/huge.jpg'], stderr=subprocess.PIPE)
+    wait_until(lambda: os.path.getsize(out.name) > 0)
+    began = time.monotonic()
+    sh('systemctl', 'stop', 'agent.service', timeout=30)
+    took = time.monotonic() - began
+    proc.wait(30)
+    with open(out.name, 'rb') as f, open('/srv/images/huge.jpg', 'rb') as g:
+        got, whole = f.read(), g.read()
+    os.remove(out.name)
+    print('  systemctl stop with --stop-timeout 2: %.1f s, %d of %d bytes sent' % (took, len(got), len(whole)),
+          flush=True)
+    # Timeouts are checked once a second (up to 1 s late); far below TimeoutStopSec=15 anyway.
+    check(took < 2 + 1 + 2, 'stop-timeout: the stop takes --stop-timeout, not TimeoutStopSec', took)
+    check(proc.returncode != 0 and 0 < len(got) < len(whole) and whole.startswith(got),
+          'stop-timeout: the download is cut (a prefix of the file)', (proc.returncode, len(got)))
+    state = show('agent.service', 'Result', 'ActiveState')
+    check(state == {'Result': 'success', 'ActiveState': 'inactive'}, 'stop-timeout: Result=success', state)
+    log = journal_since(mark)
+    check('SIGKILL' not in log and 'not our child' not in log, 'stop-timeout: no SIGKILL in the journal', log)
+    remove_dropin(short)
+
+    # Also last (warnings on purpose): out of descriptors, and out of memory.
+    print('LimitNOFILE=64', flush=True)
+    nofile = add_dropin('nofile.conf', 'LimitNOFILE=64\n')
+    sh('systemctl', 'start', 'agent.service', timeout=60)
+    state = show('agent.service', 'MainPID', 'NRestarts')
+    check(fetch(url) == (200, small), 'nofile: starts and serves')
+    mark = cursor()
+    held = []
+    try:
+        for _ in range(160):        # more than the two workers' 64 descriptors each
+            conn = socket.create_connection(('127.0.0.1', 9085), timeout=5)
+            conn.sendall(b'GET /small.jpg HTTP/1.1\r\nHost: x\r\n')     # a head never finished
+            held.append(conn)
+        check(wait_until(lambda: entries_since(mark, 'pausing accept')),
+              'nofile: out of descriptors, the journal says so')
+        time.sleep(3)       # a few of the workers' 1 s pauses, while the connections are held
+        for conn in held:
+            conn.close()
+        held = []
+        check(fetch(url) == (200, small), 'nofile: serves once the connections are gone')
+    finally:
+        for conn in held:
+            conn.close()
+    said = entries_since(mark, 'pausing accept')
+    print('  with LimitNOFILE=64 and 160 held connections: %d warning line(s)' % len(said), flush=True)
+    check(1 <= len(said) <= 2, 'nofile: one warning per worker, not one a second', said)
+    now = show('agent.service', 'MainPID', 'NRestarts', 'SubState')
+    check(now['MainPID'] == state['MainPID'] and now['NRestarts'] == state['NRestarts']
+          and now['SubState'] == 'running' and not entries_since(mark, 'died'),
+          'nofile: no crash, no restart', now)
+    sh('systemctl', 'stop', 'agent.service', timeout=30)
+    remove_dropin(nofile)
+
+    print('MemoryMax=40M', flush=True)
+    memory = add_dropin('memory.conf', 'MemoryMax=40M\nMemorySwapMax=0\n')
+    sh('systemctl', 'start', 'agent.service', timeout=60)
+    state = show('agent.service', 'MainPID', 'NRestarts', 'ControlGroup')
+    main = int(state['MainPID'])
+    check(len(children(main)) == 2 and fetch(url) == (200, small), 'memory: starts with 2 workers and serves')
+    group = '/sys/fs/cgroup' + state['ControlGroup']
+    if not os.path.exists(group + '/memory.current'):
+        # A host on cgroup v1 (or hybrid) gives the container no memory controller: MemoryMax=
+        # is accepted and not enforced, and there is no OOM kill to see.
+        print('  SKIP the OOM kill: no memory controller in this container (the host\'s cgroups '
+              'are v1 or hybrid); MemoryMax= is not enforced here', flush=True)
+        sh('systemctl', 'stop', 'agent.service', timeout=30)
+        remove_dropin(memory)
+        print('inside: %d failure(s)%s' % (len(failures), (': ' + '; '.join(failures)) if failures else ''),
+              flush=True)
+        return 1 if failures else 0
+    with open(group + '/memory.current') as f:
+        current = int(f.read())
+    print('  memory.current with 2 workers: %.1f MB' % (current / 1e6), flush=True)
+    # An OOM kill: the limit lowered under what the processes use, then put back.
+    mark = cursor()
+    workers = children(main)
+    with open(group + '/memory.max', 'w') as f:
+        f.write('%d' % (current // 2))
+    with open(group + '/memory.max', 'w') as f:
+        f.write('%d' % (40 << 20))
+    killed = lambda: entries_since(mark, 'died (killed by SIGKILL)')
+    check(wait_until(lambda: killed() or show('agent.service', 'ActiveState')['ActiveState'] != 'active', 10)
+          and killed(), 'memory: a worker OOM-killed, the death logged', journal_since(mark))
+    now = show('agent.service', 'MainPID', 'NRestarts', 'SubState', 'Result')
+    check(int(now['MainPID']) == main and now['NRestarts'] == state['NRestarts'] and now['SubState'] == 'running',
+          'memory: the master goes on (no stop, no restart)', (now, journal_since(mark)))
+    check(wait_until(lambda: len(children(main)) == 2) and fetch(url) == (200, small),
+          'memory: the worker respawned, serves', (workers, children(main)))
+    sh('systemctl', 'stop', 'agent.service', timeout=30)
+    remove_dropin(memory)
     print('inside: %d failure(s)%s' % (len(failures), (': ' + '; '.join(failures)) if failures else ''), flush=True)
     return 1 if failures else 0
 
