@@ -26,9 +26,8 @@ inside (--inside) and checks, with systemctl and journalctl:
     reopened) and with TERM to every process (a clean stop, no worker respawned); a reload and
     a stop while the unit is still activating; a stop that cuts a download at --stop-timeout
     (Result=success, no SIGKILL); LimitNOFILE=64 under more connections than descriptors (one
-    warning per worker, no crash); MemoryMax=40M (starts, serves; a worker's OOM kill is
-    respawned by the master, where the container has a memory controller: skipped and said so
-    on a cgroup v1 or hybrid host).
+    warning per worker, no crash).  Not here: MemoryMax= and an OOM kill, which a container
+    on this project's hosts (cgroup v1 or hybrid) cannot enforce or show.
 
 The container is powered off, the overlay unmounted and the run's directory removed, also on
 failure.  Exit status: 0 all passed, 1 a check failed, 77 this machine cannot run the test
@@ -624,8 +623,12 @@ def inside_main():
     check(not re.search(r'SIGKILL|not our child|died|Traceback', log), 'kill: no SIGKILL, no worker "died"', log)
 
     print('reload and stop while starting', flush=True)
-    slow = add_dropin('slowstart.conf', "ExecStart=\nExecStart=/bin/sh -c 'sleep 2; exec %s'\n"
-                  % (RUN % '--stop-timeout 10'))
+    # A slow start: the main process sleeps 2 s, then execs the agent (one process all along:
+    # a shell's `sleep` child would be left to KillMode=mixed's SIGKILL by a stop in the sleep).
+    delay = ('/usr/bin/python3 -c "import os, sys, time; time.sleep(2); '
+             'os.execv(sys.executable, [sys.executable] + sys.argv[1:])" ')
+    slow = add_dropin('slowstart.conf', 'ExecStart=\nExecStart=%s%s\n'
+                      % (delay, (RUN % '--stop-timeout 10')[len('/usr/bin/python3 '):]))
     check(starting(slow), 'reload while starting: activating')
     mark = cursor()
     result = subprocess.run(['systemctl', 'reload', 'agent.service'], stdout=subprocess.PIPE,
@@ -653,7 +656,8 @@ def inside_main():
     log = journal_since(mark)
     check(state == {'Result': 'success', 'ActiveState': 'inactive'}, 'stop while starting: Result=success',
           (state, log))
-    check('SIGKILL' not in log, 'stop while starting: no SIGKILL', log)
+    check('SIGKILL' not in log, 'stop while starting: no SIGKILL',
+          [line for line in log.splitlines() if 'SIGKILL' in line] or log)
     remove_dropin(slow)
 
     print('security and journal', flush=True)
@@ -795,7 +799,7 @@ def inside_main():
     check('SIGKILL' not in log and 'not our child' not in log, 'stop-timeout: no SIGKILL in the journal', log)
     remove_dropin(short)
 
-    # Also last (warnings on purpose): out of descriptors, and out of memory.
+    # Also last (warnings on purpose): out of descriptors.
     print('LimitNOFILE=64', flush=True)
     nofile = add_dropin('nofile.conf', 'LimitNOFILE=64\n')
     sh('systemctl', 'start', 'agent.service', timeout=60)
@@ -828,43 +832,6 @@ def inside_main():
     sh('systemctl', 'stop', 'agent.service', timeout=30)
     remove_dropin(nofile)
 
-    print('MemoryMax=40M', flush=True)
-    memory = add_dropin('memory.conf', 'MemoryMax=40M\nMemorySwapMax=0\n')
-    sh('systemctl', 'start', 'agent.service', timeout=60)
-    state = show('agent.service', 'MainPID', 'NRestarts', 'ControlGroup')
-    main = int(state['MainPID'])
-    check(len(children(main)) == 2 and fetch(url) == (200, small), 'memory: starts with 2 workers and serves')
-    group = '/sys/fs/cgroup' + state['ControlGroup']
-    if not os.path.exists(group + '/memory.current'):
-        # A host on cgroup v1 (or hybrid) gives the container no memory controller: MemoryMax=
-        # is accepted and not enforced, and there is no OOM kill to see.
-        print('  SKIP the OOM kill: no memory controller in this container (the host\'s cgroups '
-              'are v1 or hybrid); MemoryMax= is not enforced here', flush=True)
-        sh('systemctl', 'stop', 'agent.service', timeout=30)
-        remove_dropin(memory)
-        print('inside: %d failure(s)%s' % (len(failures), (': ' + '; '.join(failures)) if failures else ''),
-              flush=True)
-        return 1 if failures else 0
-    with open(group + '/memory.current') as f:
-        current = int(f.read())
-    print('  memory.current with 2 workers: %.1f MB' % (current / 1e6), flush=True)
-    # An OOM kill: the limit lowered under what the processes use, then put back.
-    mark = cursor()
-    workers = children(main)
-    with open(group + '/memory.max', 'w') as f:
-        f.write('%d' % (current // 2))
-    with open(group + '/memory.max', 'w') as f:
-        f.write('%d' % (40 << 20))
-    killed = lambda: entries_since(mark, 'died (killed by SIGKILL)')
-    check(wait_until(lambda: killed() or show('agent.service', 'ActiveState')['ActiveState'] != 'active', 10)
-          and killed(), 'memory: a worker OOM-killed, the death logged', journal_since(mark))
-    now = show('agent.service', 'MainPID', 'NRestarts', 'SubState', 'Result')
-    check(int(now['MainPID']) == main and now['NRestarts'] == state['NRestarts'] and now['SubState'] == 'running',
-          'memory: the master goes on (no stop, no restart)', (now, journal_since(mark)))
-    check(wait_until(lambda: len(children(main)) == 2) and fetch(url) == (200, small),
-          'memory: the worker respawned, serves', (workers, children(main)))
-    sh('systemctl', 'stop', 'agent.service', timeout=30)
-    remove_dropin(memory)
     print('inside: %d failure(s)%s' % (len(failures), (': ' + '; '.join(failures)) if failures else ''), flush=True)
     return 1 if failures else 0
 
