@@ -1511,6 +1511,16 @@ class ConcurrentActionsTests(SampleDaemonTest):
         self.seen_pids.append(pid)
         return pid
 
+    def while_draining(self, action, other):
+        """A slow_stop daemon, then action, then other once action's stop has the daemon
+        draining: (old pid, first process, its output, second process, its output)."""
+        old = self.start('slow_stop')
+        wait_for(lambda: 'in the loop' in self.log(), message='the loop under way')
+        first = self.launch(action)
+        wait_for(lambda: 'stopping (SIGTERM)' in self.log(), message='the old daemon draining')
+        second = self.launch(other)
+        return old, first, self.finish(first), second, self.finish(second)
+
     def test_a_restart_during_the_startup_of_another_waits_its_turn(self):
         """Two restarts at once: the second stopped the daemon that the first had just started,
         and the first exited 1, "stopped during startup".  Now the second waits for the
@@ -1535,12 +1545,7 @@ class ConcurrentActionsTests(SampleDaemonTest):
     def test_a_stop_during_a_try_restart_has_the_last_word(self):
         """stop while try-restart waits for the old daemon to drain: stop said "stopped", then
         try-restart started a new daemon, and one ran after both had exited 0."""
-        old = self.start('slow_stop')
-        wait_for(lambda: 'in the loop' in self.log(), message='the loop under way')
-        first = self.launch('try-restart')
-        wait_for(lambda: 'stopping (SIGTERM)' in self.log(), message='the old daemon draining')
-        second = self.launch('stop')
-        said_first, said_second = self.finish(first), self.finish(second)
+        old, first, said_first, second, said_second = self.while_draining('try-restart', 'stop')
         self.assertEqual(second.returncode, 0, said_second)
         self.assertIn('sample stopped (pid', said_second)
         if first.returncode == 0:
@@ -1555,12 +1560,7 @@ class ConcurrentActionsTests(SampleDaemonTest):
     def test_a_reload_during_a_restart_reloads_the_new_daemon(self):
         """reload while restart waits for the old daemon to drain: it signalled the old one and
         exited 1 ("exited during the reload"), or 7 in the gap before the new one."""
-        old = self.start('slow_stop')
-        wait_for(lambda: 'in the loop' in self.log(), message='the loop under way')
-        first = self.launch('restart')
-        wait_for(lambda: 'stopping (SIGTERM)' in self.log(), message='the old daemon draining')
-        second = self.launch('reload')
-        said_first, said_second = self.finish(first), self.finish(second)
+        old, first, said_first, second, said_second = self.while_draining('restart', 'reload')
         self.assertEqual(first.returncode, 0, said_first)
         self.assertEqual(second.returncode, 0, said_second)
         new = read_pid(self.pidfile)
