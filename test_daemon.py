@@ -70,6 +70,17 @@ def wait_for(predicate, timeout=TIMEOUT, interval=0.01, message='condition'):
         interval = min(interval * 1.5, 0.2)
 
 
+def body_bytes_to_end(sock, first, size):
+    """How many body bytes arrive, counting those after the head in first, until size or EOF."""
+    received = len(first.partition(b'\r\n\r\n')[2])
+    while received < size:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        received += len(data)
+    return received
+
+
 def proc_stat(pid):
     """Fields of /proc/PID/stat after the command name: [state, ppid, pgrp, session, tty_nr, ...]."""
     with open('/proc/%d/stat' % pid) as f:
@@ -2500,13 +2511,7 @@ class SupervisionTests(unittest.TestCase):
         self.addCleanup(stopper.wait)
         self.addCleanup(stopper.kill)
         time.sleep(0.3)          # the stop is under way while we read slowly
-        received = len(first.partition(b'\r\n\r\n')[2])
-        while received < size:
-            data = sock.recv(1 << 20)
-            if not data:
-                break
-            received += len(data)
-        self.assertEqual(received, size)
+        self.assertEqual(body_bytes_to_end(sock, first, size), size)
         stopper.wait(TIMEOUT)
         self.assertEqual(stopper.returncode, 0)
         self.assertFalse(os.path.exists(server.pidfile))
@@ -2532,13 +2537,7 @@ class SupervisionTests(unittest.TestCase):
         starter = subprocess.Popen([PYTHON, AGENT] + server.options + ['start'], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: starter.poll() is None and starter.kill())
-        received = len(first.partition(b'\r\n\r\n')[2])
-        while received < size:
-            data = sock.recv(1 << 20)
-            if not data:
-                break
-            received += len(data)
-        self.assertEqual(received, size)
+        self.assertEqual(body_bytes_to_end(sock, first, size), size)
         out, err = starter.communicate(timeout=TIMEOUT)
         self.assertEqual(stopper.wait(TIMEOUT), 0)
         self.assertEqual(starter.returncode, 0, out + err)
