@@ -310,6 +310,17 @@ class SampleDaemonTest(TempDirTest):
             self.seen_pids.append(pid)
         return result
 
+    def launch(self, action, mode='cooperative'):
+        """The sample running action in the background, its output piped (see finish())."""
+        environment = dict(os.environ, SAMPLE_MODE=mode)
+        environment.pop('NOTIFY_SOCKET', None)
+        proc = subprocess.Popen([PYTHON, self.script, action], cwd=self.tmp, env=environment,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        return proc
+
     def start(self, mode='cooperative', env=None):
         result = self.sample('start', mode, env)
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -935,11 +946,7 @@ class DaemonProcessTests(SampleDaemonTest):
     def test_a_stop_during_startup(self):
         """A stop asked for before the daemon is ready: `start` did not start (1, and says
         so); a foreground `run` was stopped as asked (0, as systemd expects of a stop)."""
-        env = dict(os.environ, SAMPLE_MODE='slow_start')
-        launcher = subprocess.Popen([PYTHON, self.script, 'start'], cwd=self.tmp, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-        self.addCleanup(launcher.kill)
+        launcher = self.launch('start', 'slow_start')
         pid = wait_for(lambda: read_pid(self.pidfile), message='the daemon\'s pidfile')
         self.seen_pids.append(pid)
         os.kill(pid, signal.SIGTERM)
@@ -947,10 +954,7 @@ class DaemonProcessTests(SampleDaemonTest):
         self.assertEqual(launcher.returncode, 1, out + err)
         self.assertIn('stopped during startup', err)
         wait_for(lambda: not os.path.exists(self.pidfile), message='pidfile removed')
-        proc = subprocess.Popen([PYTHON, self.script, 'run'], cwd=self.tmp, env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(proc.kill)
+        proc = self.launch('run', 'slow_start')
         wait_for(lambda: read_pid(self.pidfile) == proc.pid, message='foreground pidfile')
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=TIMEOUT)
@@ -961,12 +965,8 @@ class DaemonProcessTests(SampleDaemonTest):
     def test_ctrl_c_of_start_says_what_goes_on(self):
         """Ctrl-C (or SIGTERM) to `start` while it waits for ready: it says that the daemon
         goes on starting, names the pidfile, and exits 130; the daemon is left to run."""
-        env = dict(os.environ, SAMPLE_MODE='slow_start')
         for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-            launcher = subprocess.Popen([PYTHON, self.script, 'start'], cwd=self.tmp, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-            self.addCleanup(launcher.kill)
+            launcher = self.launch('start', 'slow_start')
             pid = wait_for(lambda: read_pid(self.pidfile), message='the daemon\'s pidfile')
             self.seen_pids.append(pid)
             launcher.send_signal(signum)
@@ -1484,16 +1484,6 @@ class ConcurrentActionsTests(SampleDaemonTest):
     each ends with the state it asked for or a true account of why not, and the last word
     wins.  start, restart, try-restart, reload and upgrade take turns; a stop does not wait
     for a start that is under way, it ends it (as systemctl stop cancels a start job)."""
-
-    def launch(self, action, mode='cooperative'):
-        environment = dict(os.environ, SAMPLE_MODE=mode)
-        environment.pop('NOTIFY_SOCKET', None)
-        proc = subprocess.Popen([PYTHON, self.script, action], cwd=self.tmp, env=environment,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(proc.wait)
-        self.addCleanup(proc.kill)
-        return proc
 
     def finish(self, proc):
         out, err = proc.communicate(timeout=TIMEOUT)
