@@ -154,6 +154,7 @@ import sys
 import textwrap
 import time
 import traceback
+import unicodedata
 import urllib.parse
 import zlib
 
@@ -1648,8 +1649,19 @@ def _natural_number(match):
     return '\x01%c%s' % (32 + len(digits), digits)
 
 
+def _natural_text(name):
+    """The text a name sorts by: casefolded, then without accents (NFKD, combining marks
+    dropped: 'Été' is 'ete', 'ﬁ' is 'fi'), so that it sorts among the letters it is written
+    with, not after 'z'; casefold first, as it may itself leave a combining mark ('İ')."""
+    if name.isascii():
+        return name.lower()
+    folded = unicodedata.normalize('NFKD', name.casefold())
+    return ''.join(c for c in folded if not unicodedata.combining(c))
+
+
 def natural_key(name):
-    """img2 before img10: digit runs compare as numbers, the rest without case, then the name.
+    """img2 before img10: digit runs compare as numbers, the rest without case or accents
+    (_natural_text), then the name.
 
     One string, so that sorting compares strings only: each digit run becomes \\x01, a length
     and the digits without leading zeros (so a longer number is a larger one), and \\x00 ends
@@ -1658,8 +1670,7 @@ def natural_key(name):
     U+0020 (see linkable), so \\x00 and \\x01 sort before any text."""
     key = _NATURAL.get(name)
     if key is None:
-        folded = name.lower() if name.isascii() else name.casefold()
-        key = NATURAL_DIGITS.sub(_natural_number, folded) + '\x00' + name
+        key = NATURAL_DIGITS.sub(_natural_number, _natural_text(name)) + '\x00' + name
         if len(_NATURAL) >= 65536:
             _NATURAL.clear()
         _NATURAL[name] = key
