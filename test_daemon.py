@@ -4844,10 +4844,8 @@ class AccessLogAndPageTests(unittest.TestCase):
             self.assertIn(parse_module.quote(name), hrefs)
         self.assertIn('child/', hrefs)
         self.assertIn('notes.txt', hrefs)
-        imgs = re.findall(r'<img [^>]*>', page)
+        imgs = lazy_images(self, page)
         self.assertEqual(len(imgs), 4, imgs)
-        for img in imgs:
-            self.assertIn('loading="lazy"', img)
         self.assertFalse(any('notes.txt' in img for img in imgs))
 
     def test_error_pages(self):
@@ -5445,10 +5443,8 @@ class HttpServerTests(SharedAgentTestCase):
         text = html_module.unescape(page)
         for name in ('<script>.jpg', 'a"b&c.jpg', 'pic.png', 'notes.txt', 'child'):
             self.assertIn(name, text)
-        imgs = re.findall(r'<img\s[^>]*>', page)
+        imgs = lazy_images(self, page)
         self.assertEqual(len(imgs), 3, imgs)
-        for img in imgs:
-            self.assertIn('loading="lazy"', img)
         self.assertFalse(any('notes' in img for img in imgs))
         links = {html_module.unescape(h) for h in re.findall(r'href="([^"]*)"', page)
                  if not h.startswith('data:')}          # the icon
@@ -6065,6 +6061,28 @@ def shutil_which(name):
     return shutil.which(name)
 
 
+def lazy_images(test, page):
+    """The grid's <img> tags as a browser with script parses the page (a <noscript> is text
+    then), each checked to load only near the screen: an embedded thumbnail (small) by
+    loading="lazy", a photo by data-src, which the page's script sets as src when it nears the
+    screen, with a loading="lazy" copy in a <noscript> for a browser without script."""
+    fallbacks = re.findall(r'<noscript>(<img [^>]*>)</noscript>', page)
+    imgs = re.findall(r'<img [^>]*>', re.sub(r'<noscript>.*?</noscript>', '', page))
+    for img in imgs:
+        source = re.search(r' (src|data-src)="([^"]*)"', img)
+        test.assertIsNotNone(source, img)
+        if source.group(1) == 'src':
+            test.assertTrue(source.group(2).endswith('?thumb'), img)
+            test.assertIn('loading="lazy"', img)
+        else:
+            test.assertNotIn(' src=', img)
+            copy = [f for f in fallbacks if ' src="%s"' % source.group(2) in f]
+            test.assertEqual(len(copy), 1, img)
+            test.assertIn('loading="lazy"', copy[0])
+    test.assertEqual(len(fallbacks), sum(' data-src=' in img for img in imgs))
+    return imgs
+
+
 def gallery_stat(size=100, mtime=FIXED_MTIME, directory=False, ino=1):
     mode = (stat.S_IFDIR | 0o755) if directory else (stat.S_IFREG | 0o644)
     ns = mtime * 10 ** 9
@@ -6101,10 +6119,17 @@ class GalleryPureTests(unittest.TestCase):
         page = agent.gallery_page('/', first).decode()
         self.assertIn('href="?page=2" rel="next"', page)
         # For a screen reader: what the row of numbers is, and which is this page.
-        self.assertIn('<nav class="pages" aria-label="Pages">', page)
-        self.assertIn('<strong aria-current="page">1</strong>', page)
-        self.assertIn('href="?page=3"', page)
+        # Above the photos and below them: the same links, the first before the first photo.
+        navs = re.findall(r'<nav class="pages"[^>]*>.*?</nav>', page)
+        self.assertEqual(len(navs), 2, navs)
+        self.assertEqual(navs[0], navs[1].replace(' aria-label="Pages, again"', ' aria-label="Pages"'))
+        self.assertIn('<nav class="pages" aria-label="Pages">', navs[0])
+        self.assertLess(page.index(navs[0]), page.index('<figure>'))
+        self.assertGreater(page.index(navs[1]), page.rindex('</figure>'))
+        self.assertIn('<strong aria-current="page">1</strong>', navs[0])
+        self.assertIn('href="?page=3"', navs[0])
         self.assertEqual(len(re.findall('<figure>', page)), 200)
+        self.assertNotIn('<nav', agent.gallery_page('/', agent.gallery_listing(entries[:5])).decode())
         self.assertEqual(agent.gallery_listing([], 'name', 5).pages, 1)
         # Each page has its own title (tabs, history, bookmarks); one page needs no number.
         titles = [re.search('<title>(.*)</title>', agent.gallery_page('/a/b/', agent.gallery_listing(
@@ -6137,13 +6162,25 @@ class GalleryPureTests(unittest.TestCase):
                    ('x.jxl', False, gallery_stat()), ('sub', True, gallery_stat(directory=True))]
         listing = agent.gallery_listing(entries)
         page = agent.gallery_page('/a b/c/', listing, {'cam.jpg': thumb_info, 'pic.png': png_info}).decode()
-        imgs = re.findall(r'<img [^>]*>', page)
+        imgs = lazy_images(self, page)
         self.assertEqual(len(imgs), 2, imgs)
-        self.assertIn('src="cam.jpg?thumb" width="32" height="64"', imgs[0])        # turned a quarter
-        self.assertIn('src="pic.png" width="7" height="5"', imgs[1])
-        for img in imgs:
-            self.assertIn('loading="lazy" decoding="async"', img)
-        self.assertIn('32 \u00d7 64 \u00b7 4.0 MB \u00b7 2020-01-01 00:00', page)
+        # The whole photo shows in its tile: a portrait one (taller than the tile's 4:3) is
+        # fitted by its height, the others by their width; width and height give the box its
+        # shape before anything is loaded.
+        self.assertIn('src="cam.jpg?thumb" width="32" height="64" class="tall"', imgs[0])  # turned a quarter
+        self.assertIn('data-src="pic.png" width="7" height="5" alt', imgs[1])
+        self.assertIn('<noscript><img src="pic.png" width="7" height="5" alt="pic.png" loading="lazy" '
+                      'decoding="async"></noscript>', page)
+        self.assertIn('decoding="async"', imgs[0])
+        # The date in UTC, as the script finds it to show in the visitor's zone; no piece of the
+        # details breaks inside itself (CSS: white-space: nowrap on each span).
+        self.assertIn('<small><span>32 \u00d7 64</span> \u00b7 <span>4.0 MB</span> \u00b7 '
+                      '<time datetime="2020-01-01T00:00:00Z"><span>2020-01-01</span> <span>00:00</span></time>'
+                      '</small>', page)
+        self.assertIn('<td><time datetime="2020-01-01T00:00:00Z"><span>2020-01-01</span> <span>00:00</span>'
+                      '</time></td>', page)
+        self.assertIn('<span id="tz">Times in UTC.</span>', page)
+        self.assertNotIn('class="tall"', imgs[1])
         for name in ('raw.heic', 'scan.tiff', 'x.jxl'):
             self.assertIn('<a href="%s">%s</a>' % (name, name), page)                # file links
         self.assertIn('<a href="/">Home</a><span>/</span><a href="/a%20b/">a b</a><span>/</span>c</h1>', page)
