@@ -1394,7 +1394,7 @@ class ImageInfoCache:
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 3             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 4             # part of every page's ETag: change it when the markup changes
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
@@ -1426,13 +1426,16 @@ border:1px solid var(--line);color:var(--fg);font-weight:500;overflow-wrap:anywh
 border-radius:2px 3px 3px 3px;background:var(--accent);opacity:.75;vertical-align:-1px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(172px,1fr));gap:14px;margin:0 0 24px}
 figure{margin:0;background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden}
-figure a{display:block;aspect-ratio:4/3;background:var(--chip)}
-figure img{display:block;width:100%;height:100%;object-fit:cover}
-.broken img{display:none}.broken a{display:flex;align-items:center;justify-content:center}
+figure a{display:flex;align-items:center;justify-content:center;aspect-ratio:4/3;background:var(--chip)}
+figure img{display:block;width:100%;height:auto}
+figure img.tall{width:auto;height:100%}
+figure img:not([width]){height:100%;object-fit:contain}
+img[data-src],.broken img{display:none}
 .broken a:after{content:"no preview";color:var(--muted);font-size:.8rem}
 figcaption{padding:7px 10px 9px;font-size:.8rem;line-height:1.35}
 figcaption strong{display:block;font-weight:500;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-figcaption span{color:var(--muted)}
+figcaption small{display:block;color:var(--muted);font-size:inherit}
+figcaption small span,td time span{white-space:nowrap}figcaption time{display:block}
 table{border-collapse:collapse;width:100%;font-size:.875rem;margin:0 0 24px}
 td{padding:6px 10px;border-top:1px solid var(--line)}
 td:first-child{overflow-wrap:anywhere}td+td{color:var(--muted);white-space:nowrap}
@@ -1441,12 +1444,12 @@ td:first-child{overflow-wrap:anywhere}td+td{color:var(--muted);white-space:nowra
 background:var(--chip);color:var(--fg)}
 .pages strong{background:var(--fg);color:var(--bg)}
 .note{color:var(--muted);font-size:.8rem}
-#lb{position:fixed;inset:0;z-index:9;display:flex;align-items:center;justify-content:center;
-background:rgba(8,8,10,.94);touch-action:pan-y}
+#lb{position:fixed;inset:0;z-index:9;display:flex;flex-direction:column;align-items:center;
+justify-content:center;background:rgba(8,8,10,.94);touch-action:pan-y}
 #lb[hidden]{display:none}
-#lb img{max-width:100vw;max-height:calc(100vh - 52px);object-fit:contain}
-#lb p{position:absolute;left:0;right:0;bottom:0;margin:0;padding:14px;text-align:center;color:#ddd;
-font-size:.85rem}
+#lb img{flex:0 1 auto;min-height:0;max-width:100%;object-fit:contain}
+#lb p{flex:none;max-width:100%;margin:0;padding:10px 16px 14px;text-align:center;color:#ddd;
+font-size:.85rem;overflow-wrap:anywhere}
 #lb button{position:absolute;width:46px;height:46px;border:0;border-radius:50%;cursor:pointer;
 background:rgba(255,255,255,.14);color:#fff;font:28px/46px sans-serif}
 #lb .prev{left:14px;top:calc(50% - 23px)}#lb .next{right:14px;top:calc(50% - 23px)}
@@ -1456,6 +1459,35 @@ background:rgba(255,255,255,.14);color:#fff;font:28px/46px sans-serif}
 
 GALLERY_SCRIPT = """
 (function () {
+  var each = function (list, f) { Array.prototype.forEach.call(list, f); };
+  // A photo without a thumbnail loads as it comes within 400 px of the screen (Chromium's own
+  // lazy-load margin is several screens: a first screen fetched megabytes it did not show).
+  function load(img) { img.src = img.getAttribute('data-src'); img.removeAttribute('data-src'); }
+  var waiting = document.querySelectorAll('main img[data-src]');
+  if (window.IntersectionObserver) {
+    var near = new IntersectionObserver(function (entries) {
+      entries.forEach(function (e) {
+        if (e.isIntersecting) { near.unobserve(e.target); load(e.target.querySelector('img')); }
+      });
+    }, {rootMargin: '400px 0px'});
+    each(waiting, function (img) { near.observe(img.parentNode); });
+  } else each(waiting, load);
+  // Dates in the visitor's zone and language; the page says UTC, for a browser without script.
+  each(document.querySelectorAll('time[datetime]'), function (t) {
+    var d = new Date(t.getAttribute('datetime')), day = document.createElement('span');
+    if (isNaN(d)) return;
+    var minute = day.cloneNode();
+    day.textContent = d.toLocaleDateString(undefined, {year: 'numeric', month: 'short', day: 'numeric'});
+    minute.textContent = d.toLocaleTimeString(undefined, {hour: '2-digit', minute: '2-digit'});
+    t.textContent = ''; t.appendChild(day); t.appendChild(document.createTextNode(' ')); t.appendChild(minute);
+    t.title = d.toLocaleString(undefined, {dateStyle: 'full', timeStyle: 'long'});
+  });
+  var zone = document.getElementById('tz');
+  if (zone) {
+    var name = '';
+    try { name = Intl.DateTimeFormat().resolvedOptions().timeZone; } catch (e) { /* an old browser */ }
+    zone.textContent = name ? 'Times in ' + name + '.' : 'Times in your time zone.';
+  }
   // A picture that fails: an embedded thumbnail gives way to the photo, else a placeholder.
   function failed(img) {
     var a = img.parentNode;
@@ -1465,7 +1497,7 @@ GALLERY_SCRIPT = """
   document.addEventListener('error', function (e) {
     if (e.target.localName === 'img' && e.target.closest('main')) failed(e.target);
   }, true);
-  Array.prototype.forEach.call(document.querySelectorAll('main img'), function (img) {
+  each(document.querySelectorAll('main img'), function (img) {
     if (img.complete && img.currentSrc && !img.naturalWidth) failed(img);
   });
   // A name its caption cuts off shows in full on hover.
@@ -1497,18 +1529,19 @@ GALLERY_SCRIPT = """
   var close = button('close', '\\u00d7', 'Close', 'Close (Esc)', hide);
   document.body.appendChild(box);
   function behind(inert) {
-    Array.prototype.forEach.call(document.body.children, function (e) {
+    each(document.body.children, function (e) {
       if (e !== box) e.inert = inert;
     });
   }
   function show(i) {
     current = (i + links.length) % links.length;
     var a = links[current], name = a.parentNode.querySelector('figcaption strong');
-    var details = a.parentNode.querySelector('figcaption span');
+    var details = a.parentNode.querySelector('figcaption small');
+    details = details ? Array.prototype.map.call(details.children, function (c) { return c.textContent; }) : [];
     name = name ? name.textContent : a.getAttribute('href');
     img.src = a.href; img.alt = name;
     box.setAttribute('aria-label', name);
-    text.textContent = name + (details ? ' \\u00b7 ' + details.textContent : '') +
+    text.textContent = [name].concat(details).join(' \\u00b7 ') +
       '  (' + (current + 1) + ' / ' + links.length + ')';
     if (box.hasAttribute('hidden')) {
       opener = a;
@@ -1555,8 +1588,8 @@ GALLERY_SCRIPT = """
 # Written out, not computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of
 # RSS each); test_daemon.py checks them against hashlib, and the browser test would see a
 # blocked script.  Change the style or the script, and these change with them.
-GALLERY_STYLE_HASH = "'sha256-H6g2BLUVDt9kPLubcaAitUu8GNTi5SLG8tLu/7xUkJg='"
-GALLERY_SCRIPT_HASH = "'sha256-i3A3w7+3cCodGyG0WgmHjF+mDzGuaiHD6iZa4150Uxw='"
+GALLERY_STYLE_HASH = "'sha256-NZMY5MmYMl7Gx4hMTYrDqvHaM9gEP7LmVPOn427aegM='"
+GALLERY_SCRIPT_HASH = "'sha256-VxDOGPg+e47TfXRLIHUx0UgPQpcb9XlFlrYEaQhRglA='"
 # The page's own policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.
 GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "
@@ -1805,6 +1838,16 @@ def short_date(timestamp):
     return '%04d-%02d-%02d %02d:%02d' % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min)
 
 
+def time_element(timestamp):
+    """A date in UTC as <time>: its datetime for the page's script, which shows it in the
+    visitor's zone; its text, in two pieces that never break inside (a hyphen is a place
+    where a browser may wrap), for a browser without script."""
+    t = time.gmtime(min(max(0, timestamp), LAST_SECOND))
+    day, minute = short_date(timestamp).split(' ')
+    return ('<time datetime="%sT%s:%02dZ"><span>%s</span> <span>%s</span></time>'
+            % (day, minute, t.tm_sec, day, minute))
+
+
 def gallery_href(sort, page):
     """The link to a page of this listing: './' is the default one."""
     parts = []
@@ -1822,6 +1865,47 @@ def gallery_thumbnail(name, info):
         return href, None, None
     width, height = info.shown_size()
     return (href + '?thumb' if info.thumb else href), width, height
+
+
+def gallery_tile(e, info):
+    """One photo of the grid, a <figure>.  The picture shows whole in its 4:3 tile: a portrait
+    one is fitted by its height (class tall), the others by their width, and width and height
+    give its box that shape before it loads.  An embedded thumbnail is a few kB, loaded lazily
+    by the browser; a photo without one is named in data-src, for the page's script to load as
+    it nears the screen (Chromium's own lazy-load margin, 1250-2500 px, fetched megabytes of
+    originals that the first screen never showed), and in a <noscript> copy for a browser
+    without script."""
+    src, width, height = gallery_thumbnail(e.name, info)
+    name, href, src = escape_html(e.name), escape_html(urllib.parse.quote(e.name)), escape_html(src)
+    size = ' width="%d" height="%d"' % (width, height) if width else ''
+    if width and height * 4 > width * 3:
+        size += ' class="tall"'
+    if info is not None and info.thumb:
+        picture = '<img src="%s"%s alt="%s" loading="lazy" decoding="async">' % (src, size, name)
+    else:
+        picture = ('<img data-src="%s"%s alt="%s" decoding="async"><noscript><img src="%s"%s alt="%s" '
+                   'loading="lazy" decoding="async"></noscript>' % (src, size, name, src, size, name))
+    details = ['%d \u00d7 %d' % (width, height)] if width else []
+    details.append(human_size(e.st.st_size))
+    return ('<figure><a class="g" href="%s">%s</a><figcaption><strong>%s</strong><small>%s %s</small>'
+            '</figcaption></figure>\n' % (href, picture, name, ' \u00b7 '.join('<span>%s</span>' % d for d in details),
+                                          time_element(e.st.st_mtime)))
+
+
+def gallery_pages(listing, label='Pages'):
+    """The links to the other pages of a listing: the first, the last and three on each side."""
+    links = []
+    if listing.page > 1:
+        links.append('<a href="%s" rel="prev">\u2039 Prev</a>' % gallery_href(listing.sort, listing.page - 1))
+    for number in range(1, listing.pages + 1):
+        if abs(number - listing.page) <= 3 or number in (1, listing.pages):
+            links.append('<strong aria-current="page">%d</strong>' % number if number == listing.page else
+                         '<a href="%s">%d</a>' % (gallery_href(listing.sort, number), number))
+        elif links[-1] != '\u2026':
+            links.append('\u2026')
+    if listing.page < listing.pages:
+        links.append('<a href="%s" rel="next">Next \u203a</a>' % gallery_href(listing.sort, listing.page + 1))
+    return '<nav class="pages" aria-label="%s">%s</nav>\n' % (label, ''.join(links))
 
 
 def gallery_page(url_path, listing, infos=None):
@@ -1853,6 +1937,8 @@ def gallery_page(url_path, listing, infos=None):
            % (title, GALLERY_ICON, GALLERY_STYLE),
            '<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
            '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts)]
+    if listing.pages > 1:
+        out.append(gallery_pages(listing))
     dirs = [e for e in listing.entries if e.kind == 'dir']
     images = [e for e in listing.entries if e.kind == 'image']
     files = [e for e in listing.entries if e.kind == 'file']
@@ -1862,36 +1948,16 @@ def gallery_page(url_path, listing, infos=None):
             for e in dirs))
     if images:
         out.append('<main class="grid">\n')
-        for e in images:
-            src, width, height = gallery_thumbnail(e.name, infos.get(e.name))
-            size = ' width="%d" height="%d"' % (width, height) if width else ''
-            details = ['%d \u00d7 %d' % (width, height)] if width else []
-            details += [human_size(e.st.st_size), short_date(e.st.st_mtime)]
-            name = escape_html(e.name)
-            out.append('<figure><a class="g" href="%s"><img src="%s"%s alt="%s" loading="lazy" '
-                       'decoding="async"></a><figcaption><strong>%s</strong><span>%s</span></figcaption></figure>\n'
-                       % (escape_html(urllib.parse.quote(e.name)), escape_html(src), size, name, name,
-                          ' \u00b7 '.join(details)))
+        out.extend(gallery_tile(e, infos.get(e.name)) for e in images)
         out.append('</main>\n')
     if files:
         out.append('<table>%s</table>\n' % ''.join(
             '<tr><td><a href="%s">%s</a></td><td>%s</td><td>%s</td></tr>'
             % (escape_html(urllib.parse.quote(e.name)), escape_html(e.name), human_size(e.st.st_size),
-               short_date(e.st.st_mtime)) for e in files))
+               time_element(e.st.st_mtime)) for e in files))
     if listing.pages > 1:
-        links = []
-        if listing.page > 1:
-            links.append('<a href="%s" rel="prev">\u2039 Prev</a>' % gallery_href(listing.sort, listing.page - 1))
-        for number in range(1, listing.pages + 1):
-            if abs(number - listing.page) <= 3 or number in (1, listing.pages):
-                links.append('<strong aria-current="page">%d</strong>' % number if number == listing.page else
-                             '<a href="%s">%d</a>' % (gallery_href(listing.sort, number), number))
-            elif links[-1] != '\u2026':
-                links.append('\u2026')
-        if listing.page < listing.pages:
-            links.append('<a href="%s" rel="next">Next \u203a</a>' % gallery_href(listing.sort, listing.page + 1))
-        out.append('<nav class="pages" aria-label="Pages">%s</nav>\n' % ''.join(links))
-    notes = ['Times in UTC.']
+        out.append(gallery_pages(listing, 'Pages, again'))
+    notes = ['<span id="tz">Times in UTC.</span>']
     if listing.unlisted:
         notes.append('%d %s not listed: special files, or names that cannot be linked (not UTF-8, '
                      'control characters, backslashes, too long).'

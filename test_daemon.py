@@ -6174,7 +6174,7 @@ class GalleryPureTests(unittest.TestCase):
         self.assertIn('decoding="async"', imgs[0])
         # The date in UTC, as the script finds it to show in the visitor's zone; no piece of the
         # details breaks inside itself (CSS: white-space: nowrap on each span).
-        self.assertIn('<small><span>32 \u00d7 64</span> \u00b7 <span>4.0 MB</span> \u00b7 '
+        self.assertIn('<small><span>32 \u00d7 64</span> \u00b7 <span>4.0 MB</span> '
                       '<time datetime="2020-01-01T00:00:00Z"><span>2020-01-01</span> <span>00:00</span></time>'
                       '</small>', page)
         self.assertIn('<td><time datetime="2020-01-01T00:00:00Z"><span>2020-01-01</span> <span>00:00</span>'
