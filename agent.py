@@ -1056,6 +1056,17 @@ ERROR_TEXTS = {403: 'The server may not show this.', 404: 'There is nothing at t
                500: 'The server failed to answer; the error is in its log.'}
 
 
+def html_page(title, style, body):
+    """The one shell of every page the server writes itself (errors, redirects, the gallery):
+    its language, a phone's viewport, light and dark, the icon, and its style inline (named by
+    hash in its Content-Security-Policy).  title and body are HTML, escaped already."""
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            '<meta name="color-scheme" content="light dark">\n<title>%s</title>\n'
+            '<link rel="icon" href="%s">\n<style>%s</style>\n</head><body>\n%s</body></html>\n'
+            % (title, GALLERY_ICON, style, body)).encode('utf-8')
+
+
 def error_page(status, folder=None):
     """The HTML of an error (or redirect) page: for an error, links to folder (a URL path that
     ends in '/', not quoted) unless it is the root, and to Home."""
@@ -1067,11 +1078,7 @@ def error_page(status, folder=None):
                 escape_html(urllib.parse.quote(folder)), escape_html(folder))
         else:
             text += '<p>Go to <a href="/">Home</a>.</p>\n'
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            '<meta name="color-scheme" content="light dark">\n<title>%d %s</title>\n'
-            '<link rel="icon" href="%s">\n<style>%s</style>\n</head><body>\n<h1>%d %s</h1>\n%s</body></html>\n'
-            % (status, reason, GALLERY_ICON, ERROR_STYLE, status, reason, text)).encode('utf-8')
+    return html_page('%d %s' % (status, reason), ERROR_STYLE, '<h1>%d %s</h1>\n%s' % (status, reason, text))
 
 
 ERROR_BODIES = {code: error_page(code) for code in REASONS if code >= 300 and code != 304}
@@ -1930,12 +1937,7 @@ def gallery_page(url_path, listing, infos=None):
         counts.append('page %d of %d' % (listing.page, listing.pages))
     sorts = ''.join(('<strong>%s</strong>' if s == listing.sort else '<a href="%s">%%s</a>' % gallery_href(s, 1)) % s
                     for s in GALLERY_SORTS)
-    out = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
-           '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-           '<meta name="color-scheme" content="light dark">\n'
-           '<title>%s</title>\n<link rel="icon" href="%s">\n<style>%s</style>\n</head><body>\n'
-           % (title, GALLERY_ICON, GALLERY_STYLE),
-           '<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
+    out = ['<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
            '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts)]
     if listing.pages > 1:
         out.append(gallery_pages(listing))
@@ -1962,8 +1964,8 @@ def gallery_page(url_path, listing, infos=None):
         notes.append('%d %s not listed: special files, or names that cannot be linked (not UTF-8, '
                      'control characters, backslashes, too long).'
                      % (listing.unlisted, 'entry is' if listing.unlisted == 1 else 'entries are'))
-    out.append('<p class="note">%s</p>\n<script>%s</script>\n</body></html>\n' % (' '.join(notes), GALLERY_SCRIPT))
-    return ''.join(out).encode('utf-8')
+    out.append('<p class="note">%s</p>\n<script>%s</script>\n' % (' '.join(notes), GALLERY_SCRIPT))
+    return html_page(title, GALLERY_STYLE, ''.join(out))
 
 
 def gallery_json(url_path, listing, infos=None):
