@@ -2,13 +2,16 @@
 
 Debian's chromium and chromium-driver, driven by selenium from PyPI (test-only: agent.py stays
 standard library only), against an agent on 127.0.0.1 serving folders written here: 50 camera
-photos with EXIF thumbnails (ImageMagick draws them), 200 PNGs without (more than Chrome loads
-ahead), files a browser cannot show, and 230 small images for paging.  Missing chromium,
+photos with EXIF thumbnails (ImageMagick draws them), 200 PNGs without, 60 exports without
+(landscape, portrait, square), files a browser cannot show, and 230 small images for paging.
+The layout is checked at a phone's 390x844 and a desktop's 1280x900 (and from 320 to 1920 px
+wide), by the boxes the browser lays out, not by the markup.  Missing chromium,
 chromedriver, selenium or ImageMagick is an error, never a skip: CI installs them (.ci/run).
 
 Each test waits on a condition in the page with a hard deadline; none sleeps for a fixed time.
 A screenshot of the camera folder is saved to GALLERY_SCREENSHOT (default:
-artifacts/gallery.png beside this file) on every run.
+artifacts/gallery.png beside this file) on every run, and of the exports at 390 and 1280 px
+beside it (gallery-mixed-390.png, gallery-mixed-1280.png).
 """
 
 import os
@@ -28,7 +31,7 @@ CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 CHROMEDRIVER = shutil.which('chromedriver') or '/usr/bin/chromedriver'
 SCREENSHOT = os.environ.get('GALLERY_SCREENSHOT', os.path.join(HERE, 'artifacts', 'gallery.png'))
 CAMERA_PHOTOS = 50
-PLAIN_IMAGES = 200         # one page; Chrome loads lazy images within ~1250-2500 px of the view
+PLAIN_IMAGES = 200         # one page; Chrome's loading=lazy fetches within ~1250-2500 px of the view
 MANY = 230
 MIXED = 60                 # exports and screenshots: no EXIF thumbnails, some of them portrait
 NEAR = 400                 # px: how near the screen a photo without a thumbnail may be fetched
