@@ -6172,6 +6172,9 @@ class GalleryPureTests(unittest.TestCase):
         self.assertIn('<noscript><img src="pic.png" width="7" height="5" alt="pic.png" loading="lazy" '
                       'decoding="async"></noscript>', page)
         self.assertIn('decoding="async"', imgs[0])
+        # A picture not loaded yet is not shown (display: none), so its link is named by label.
+        self.assertIn('<a class="g" href="pic.png" aria-label="pic.png"><img data-src', page)
+        self.assertIn('<a class="g" href="cam.jpg"><img src', page)
         # The date in UTC, as the script finds it to show in the visitor's zone; no piece of the
         # details breaks inside itself (CSS: white-space: nowrap on each span).
         self.assertIn('<small><span>32 \u00d7 64</span> \u00b7 <span>4.0 MB</span> '
