@@ -1888,14 +1888,16 @@ def gallery_tile(e, info):
     if width and height * 4 > width * 3:
         size += ' class="tall"'
     if info is not None and info.thumb:
+        link = '<a class="g" href="%s">' % href
         picture = '<img src="%s"%s alt="%s" loading="lazy" decoding="async">' % (src, size, name)
-    else:
+    else:       # not shown until it loads (CSS): the link needs its own name meanwhile
+        link = '<a class="g" href="%s" aria-label="%s">' % (href, name)
         picture = ('<img data-src="%s"%s alt="%s" decoding="async"><noscript><img src="%s"%s alt="%s" '
                    'loading="lazy" decoding="async"></noscript>' % (src, size, name, src, size, name))
     details = ['%d \u00d7 %d' % (width, height)] if width else []
     details.append(human_size(e.st.st_size))
-    return ('<figure><a class="g" href="%s">%s</a><figcaption><strong>%s</strong><small>%s %s</small>'
-            '</figcaption></figure>\n' % (href, picture, name, ' \u00b7 '.join('<span>%s</span>' % d for d in details),
+    return ('<figure>%s%s</a><figcaption><strong>%s</strong><small>%s %s</small>'
+            '</figcaption></figure>\n' % (link, picture, name, ' \u00b7 '.join('<span>%s</span>' % d for d in details),
                                           time_element(e.st.st_mtime)))
 
 
