@@ -1461,7 +1461,9 @@ font-size:.85rem;overflow-wrap:anywhere}
 background:rgba(255,255,255,.14);color:#fff;font:28px/46px sans-serif}
 #lb .prev{left:14px;top:calc(50% - 23px)}#lb .next{right:14px;top:calc(50% - 23px)}
 #lb .close{right:14px;top:14px}
-@media (max-width:520px){.grid{grid-template-columns:repeat(2,1fr);gap:8px}figcaption{font-size:.75rem}}
+@media (max-width:520px){.grid{grid-template-columns:repeat(2,1fr);gap:8px}
+figcaption{padding:6px 8px 8px;font-size:.75rem}}
+@media (max-width:359px){figcaption{font-size:.7rem}}
 """
 
 GALLERY_SCRIPT = """
@@ -1595,7 +1597,7 @@ GALLERY_SCRIPT = """
 # Written out, not computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of
 # RSS each); test_daemon.py checks them against hashlib, and the browser test would see a
 # blocked script.  Change the style or the script, and these change with them.
-GALLERY_STYLE_HASH = "'sha256-NZMY5MmYMl7Gx4hMTYrDqvHaM9gEP7LmVPOn427aegM='"
+GALLERY_STYLE_HASH = "'sha256-q1gO3AzAyskU3oaLAXcHjq/Nb5D4os/3u8c6u8muHOc='"
 GALLERY_SCRIPT_HASH = "'sha256-VxDOGPg+e47TfXRLIHUx0UgPQpcb9XlFlrYEaQhRglA='"
 # The page's own policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.
