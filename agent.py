@@ -1058,8 +1058,8 @@ ERROR_TEXTS = {403: 'The server may not show this.', 404: 'There is nothing at t
 
 def html_page(title, style, body):
     """The one shell of every page the server writes itself (errors, redirects, the gallery):
-    its language, a phone's viewport, light and dark, the icon, and its style inline (named by
-    hash in its Content-Security-Policy).  title and body are HTML, escaped already."""
+    its language, a phone's viewport, light and dark, the icon (no /favicon.ico request), and
+    its style inline.  title and body are HTML, escaped already."""
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             '<meta name="color-scheme" content="light dark">\n<title>%s</title>\n'
