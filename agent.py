@@ -1847,16 +1847,6 @@ def short_date(timestamp):
     return '%04d-%02d-%02d %02d:%02d' % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min)
 
 
-def time_element(timestamp):
-    """A date in UTC as <time>: its datetime for the page's script, which shows it in the
-    visitor's zone; its text, in two pieces that never break inside (a hyphen is a place
-    where a browser may wrap), for a browser without script."""
-    t = time.gmtime(min(max(0, timestamp), LAST_SECOND))
-    day, minute = short_date(timestamp).split(' ')
-    return ('<time datetime="%sT%s:%02dZ"><span>%s</span> <span>%s</span></time>'
-            % (day, minute, t.tm_sec, day, minute))
-
-
 def gallery_href(sort, page):
     """The link to a page of this listing: './' is the default one."""
     parts = []
@@ -1865,6 +1855,16 @@ def gallery_href(sort, page):
     if page != 1:
         parts.append('page=%d' % page)
     return '?' + '&'.join(parts) if parts else './'
+
+
+def time_element(timestamp):
+    """A date in UTC as <time>: its datetime for the page's script, which shows it in the
+    visitor's zone; its text, in two pieces that never break inside (a hyphen is a place
+    where a browser may wrap), for a browser without script."""
+    t = time.gmtime(min(max(0, timestamp), LAST_SECOND))
+    day, minute = short_date(timestamp).split(' ')
+    return ('<time datetime="%sT%s:%02dZ"><span>%s</span> <span>%s</span></time>'
+            % (day, minute, t.tm_sec, day, minute))
 
 
 def gallery_thumbnail(name, info):
