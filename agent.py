@@ -154,6 +154,7 @@ import sys
 import textwrap
 import time
 import traceback
+import unicodedata
 import urllib.parse
 import zlib
 
@@ -1055,6 +1056,17 @@ ERROR_TEXTS = {403: 'The server may not show this.', 404: 'There is nothing at t
                500: 'The server failed to answer; the error is in its log.'}
 
 
+def html_page(title, style, body):
+    """The one shell of every page the server writes itself (errors, redirects, the gallery):
+    its language, a phone's viewport, light and dark, the icon (no /favicon.ico request), and
+    its style inline.  title and body are HTML, escaped already."""
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            '<meta name="color-scheme" content="light dark">\n<title>%s</title>\n'
+            '<link rel="icon" href="%s">\n<style>%s</style>\n</head><body>\n%s</body></html>\n'
+            % (title, GALLERY_ICON, style, body)).encode('utf-8')
+
+
 def error_page(status, folder=None):
     """The HTML of an error (or redirect) page: for an error, links to folder (a URL path that
     ends in '/', not quoted) unless it is the root, and to Home."""
@@ -1066,11 +1078,7 @@ def error_page(status, folder=None):
                 escape_html(urllib.parse.quote(folder)), escape_html(folder))
         else:
             text += '<p>Go to <a href="/">Home</a>.</p>\n'
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            '<meta name="color-scheme" content="light dark">\n<title>%d %s</title>\n'
-            '<link rel="icon" href="%s">\n<style>%s</style>\n</head><body>\n<h1>%d %s</h1>\n%s</body></html>\n'
-            % (status, reason, GALLERY_ICON, ERROR_STYLE, status, reason, text)).encode('utf-8')
+    return html_page('%d %s' % (status, reason), ERROR_STYLE, '<h1>%d %s</h1>\n%s' % (status, reason, text))
 
 
 ERROR_BODIES = {code: error_page(code) for code in REASONS if code >= 300 and code != 304}
@@ -1393,7 +1401,7 @@ class ImageInfoCache:
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 3             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 4             # part of every page's ETag: change it when the markup changes
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
@@ -1425,13 +1433,16 @@ border:1px solid var(--line);color:var(--fg);font-weight:500;overflow-wrap:anywh
 border-radius:2px 3px 3px 3px;background:var(--accent);opacity:.75;vertical-align:-1px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(172px,1fr));gap:14px;margin:0 0 24px}
 figure{margin:0;background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden}
-figure a{display:block;aspect-ratio:4/3;background:var(--chip)}
-figure img{display:block;width:100%;height:100%;object-fit:cover}
-.broken img{display:none}.broken a{display:flex;align-items:center;justify-content:center}
+figure a{display:flex;align-items:center;justify-content:center;aspect-ratio:4/3;background:var(--chip)}
+figure img{display:block;width:100%;height:auto}
+figure img.tall{width:auto;height:100%}
+figure img:not([width]){height:100%;object-fit:contain}
+img[data-src],.broken img{display:none}
 .broken a:after{content:"no preview";color:var(--muted);font-size:.8rem}
 figcaption{padding:7px 10px 9px;font-size:.8rem;line-height:1.35}
 figcaption strong{display:block;font-weight:500;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-figcaption span{color:var(--muted)}
+figcaption small{display:block;color:var(--muted);font-size:inherit}
+figcaption small span,td time span{white-space:nowrap}figcaption time{display:block}
 table{border-collapse:collapse;width:100%;font-size:.875rem;margin:0 0 24px}
 td{padding:6px 10px;border-top:1px solid var(--line)}
 td:first-child{overflow-wrap:anywhere}td+td{color:var(--muted);white-space:nowrap}
@@ -1440,21 +1451,52 @@ td:first-child{overflow-wrap:anywhere}td+td{color:var(--muted);white-space:nowra
 background:var(--chip);color:var(--fg)}
 .pages strong{background:var(--fg);color:var(--bg)}
 .note{color:var(--muted);font-size:.8rem}
-#lb{position:fixed;inset:0;z-index:9;display:flex;align-items:center;justify-content:center;
-background:rgba(8,8,10,.94);touch-action:pan-y}
+#lb{position:fixed;inset:0;z-index:9;display:flex;flex-direction:column;align-items:center;
+justify-content:center;background:rgba(8,8,10,.94);touch-action:pan-y}
 #lb[hidden]{display:none}
-#lb img{max-width:100vw;max-height:calc(100vh - 52px);object-fit:contain}
-#lb p{position:absolute;left:0;right:0;bottom:0;margin:0;padding:14px;text-align:center;color:#ddd;
-font-size:.85rem}
+#lb img{flex:0 1 auto;min-height:0;max-width:100%;object-fit:contain}
+#lb p{flex:none;max-width:100%;margin:0;padding:10px 16px 14px;text-align:center;color:#ddd;
+font-size:.85rem;overflow-wrap:anywhere}
 #lb button{position:absolute;width:46px;height:46px;border:0;border-radius:50%;cursor:pointer;
 background:rgba(255,255,255,.14);color:#fff;font:28px/46px sans-serif}
 #lb .prev{left:14px;top:calc(50% - 23px)}#lb .next{right:14px;top:calc(50% - 23px)}
 #lb .close{right:14px;top:14px}
-@media (max-width:520px){.grid{grid-template-columns:repeat(2,1fr);gap:8px}figcaption{font-size:.75rem}}
+@media (max-width:520px){.grid{grid-template-columns:repeat(2,1fr);gap:8px}
+figcaption{padding:6px 8px 8px;font-size:.75rem}}
+@media (max-width:359px){figcaption{font-size:.7rem}}
 """
 
 GALLERY_SCRIPT = """
 (function () {
+  var each = function (list, f) { Array.prototype.forEach.call(list, f); };
+  // A photo without a thumbnail loads as it comes within 400 px of the screen (Chromium's own
+  // lazy-load margin is several screens: a first screen fetched megabytes it did not show).
+  function load(img) { img.src = img.getAttribute('data-src'); img.removeAttribute('data-src'); }
+  var waiting = document.querySelectorAll('main img[data-src]');
+  if (window.IntersectionObserver) {
+    var near = new IntersectionObserver(function (entries) {
+      entries.forEach(function (e) {
+        if (e.isIntersecting) { near.unobserve(e.target); load(e.target.querySelector('img')); }
+      });
+    }, {rootMargin: '400px 0px'});
+    each(waiting, function (img) { near.observe(img.parentNode); });
+  } else each(waiting, load);
+  // Dates in the visitor's zone and language; the page says UTC, for a browser without script.
+  each(document.querySelectorAll('time[datetime]'), function (t) {
+    var d = new Date(t.getAttribute('datetime')), day = document.createElement('span');
+    if (isNaN(d)) return;
+    var minute = day.cloneNode();
+    day.textContent = d.toLocaleDateString(undefined, {year: 'numeric', month: 'short', day: 'numeric'});
+    minute.textContent = d.toLocaleTimeString(undefined, {hour: '2-digit', minute: '2-digit'});
+    t.textContent = ''; t.appendChild(day); t.appendChild(document.createTextNode(' ')); t.appendChild(minute);
+    t.title = d.toLocaleString(undefined, {dateStyle: 'full', timeStyle: 'long'});
+  });
+  var zone = document.getElementById('tz');
+  if (zone) {
+    var name = '';
+    try { name = Intl.DateTimeFormat().resolvedOptions().timeZone; } catch (e) { /* an old browser */ }
+    zone.textContent = name ? 'Times in ' + name + '.' : 'Times in your time zone.';
+  }
   // A picture that fails: an embedded thumbnail gives way to the photo, else a placeholder.
   function failed(img) {
     var a = img.parentNode;
@@ -1464,7 +1506,7 @@ GALLERY_SCRIPT = """
   document.addEventListener('error', function (e) {
     if (e.target.localName === 'img' && e.target.closest('main')) failed(e.target);
   }, true);
-  Array.prototype.forEach.call(document.querySelectorAll('main img'), function (img) {
+  each(document.querySelectorAll('main img'), function (img) {
     if (img.complete && img.currentSrc && !img.naturalWidth) failed(img);
   });
   // A name its caption cuts off shows in full on hover.
@@ -1496,18 +1538,19 @@ GALLERY_SCRIPT = """
   var close = button('close', '\\u00d7', 'Close', 'Close (Esc)', hide);
   document.body.appendChild(box);
   function behind(inert) {
-    Array.prototype.forEach.call(document.body.children, function (e) {
+    each(document.body.children, function (e) {
       if (e !== box) e.inert = inert;
     });
   }
   function show(i) {
     current = (i + links.length) % links.length;
     var a = links[current], name = a.parentNode.querySelector('figcaption strong');
-    var details = a.parentNode.querySelector('figcaption span');
+    var details = a.parentNode.querySelector('figcaption small');
+    details = details ? Array.prototype.map.call(details.children, function (c) { return c.textContent; }) : [];
     name = name ? name.textContent : a.getAttribute('href');
     img.src = a.href; img.alt = name;
     box.setAttribute('aria-label', name);
-    text.textContent = name + (details ? ' \\u00b7 ' + details.textContent : '') +
+    text.textContent = [name].concat(details).join(' \\u00b7 ') +
       '  (' + (current + 1) + ' / ' + links.length + ')';
     if (box.hasAttribute('hidden')) {
       opener = a;
@@ -1554,8 +1597,8 @@ GALLERY_SCRIPT = """
 # Written out, not computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of
 # RSS each); test_daemon.py checks them against hashlib, and the browser test would see a
 # blocked script.  Change the style or the script, and these change with them.
-GALLERY_STYLE_HASH = "'sha256-H6g2BLUVDt9kPLubcaAitUu8GNTi5SLG8tLu/7xUkJg='"
-GALLERY_SCRIPT_HASH = "'sha256-i3A3w7+3cCodGyG0WgmHjF+mDzGuaiHD6iZa4150Uxw='"
+GALLERY_STYLE_HASH = "'sha256-q1gO3AzAyskU3oaLAXcHjq/Nb5D4os/3u8c6u8muHOc='"
+GALLERY_SCRIPT_HASH = "'sha256-VxDOGPg+e47TfXRLIHUx0UgPQpcb9XlFlrYEaQhRglA='"
 # The page's own policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.
 GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "
@@ -1648,8 +1691,19 @@ def _natural_number(match):
     return '\x01%c%s' % (32 + len(digits), digits)
 
 
+def _natural_text(name):
+    """The text a name sorts by: casefolded, then without accents (NFKD, combining marks
+    dropped: 'Été' is 'ete', 'ﬁ' is 'fi'), so that it sorts among the letters it is written
+    with, not after 'z'; casefold first, as it may itself leave a combining mark ('İ')."""
+    if name.isascii():
+        return name.lower()
+    folded = unicodedata.normalize('NFKD', name.casefold())
+    return ''.join(c for c in folded if not unicodedata.combining(c))
+
+
 def natural_key(name):
-    """img2 before img10: digit runs compare as numbers, the rest without case, then the name.
+    """img2 before img10: digit runs compare as numbers, the rest without case or accents
+    (_natural_text), then the name.
 
     One string, so that sorting compares strings only: each digit run becomes \\x01, a length
     and the digits without leading zeros (so a longer number is a larger one), and \\x00 ends
@@ -1658,8 +1712,7 @@ def natural_key(name):
     U+0020 (see linkable), so \\x00 and \\x01 sort before any text."""
     key = _NATURAL.get(name)
     if key is None:
-        folded = name.lower() if name.isascii() else name.casefold()
-        key = NATURAL_DIGITS.sub(_natural_number, folded) + '\x00' + name
+        key = NATURAL_DIGITS.sub(_natural_number, _natural_text(name)) + '\x00' + name
         if len(_NATURAL) >= 65536:
             _NATURAL.clear()
         _NATURAL[name] = key
@@ -1804,6 +1857,16 @@ def gallery_href(sort, page):
     return '?' + '&'.join(parts) if parts else './'
 
 
+def time_element(timestamp):
+    """A date in UTC as <time>: its datetime for the page's script, which shows it in the
+    visitor's zone; its text, in two pieces that never break inside (a hyphen is a place
+    where a browser may wrap), for a browser without script."""
+    t = time.gmtime(min(max(0, timestamp), LAST_SECOND))
+    day, minute = short_date(timestamp).split(' ')
+    return ('<time datetime="%sT%s:%02dZ"><span>%s</span> <span>%s</span></time>'
+            % (day, minute, t.tm_sec, day, minute))
+
+
 def gallery_thumbnail(name, info):
     """(src, width, height) of an image's grid picture: its embedded thumbnail if it has one."""
     href = urllib.parse.quote(name)
@@ -1811,6 +1874,49 @@ def gallery_thumbnail(name, info):
         return href, None, None
     width, height = info.shown_size()
     return (href + '?thumb' if info.thumb else href), width, height
+
+
+def gallery_tile(e, info):
+    """One photo of the grid, a <figure>.  The picture shows whole in its 4:3 tile: a portrait
+    one is fitted by its height (class tall), the others by their width, and width and height
+    give its box that shape before it loads.  An embedded thumbnail is a few kB, loaded lazily
+    by the browser; a photo without one is named in data-src, for the page's script to load as
+    it nears the screen (Chromium's own lazy-load margin, 1250-2500 px, fetched megabytes of
+    originals that the first screen never showed), and in a <noscript> copy for a browser
+    without script."""
+    src, width, height = gallery_thumbnail(e.name, info)
+    name, href, src = escape_html(e.name), escape_html(urllib.parse.quote(e.name)), escape_html(src)
+    size = ' width="%d" height="%d"' % (width, height) if width else ''
+    if width and height * 4 > width * 3:
+        size += ' class="tall"'
+    if info is not None and info.thumb:
+        link = '<a class="g" href="%s">' % href
+        picture = '<img src="%s"%s alt="%s" loading="lazy" decoding="async">' % (src, size, name)
+    else:       # not shown until it loads (CSS): the link needs its own name meanwhile
+        link = '<a class="g" href="%s" aria-label="%s">' % (href, name)
+        picture = ('<img data-src="%s"%s alt="%s" decoding="async"><noscript><img src="%s"%s alt="%s" '
+                   'loading="lazy" decoding="async"></noscript>' % (src, size, name, src, size, name))
+    details = ['%d \u00d7 %d' % (width, height)] if width else []
+    details.append(human_size(e.st.st_size))
+    return ('<figure>%s%s</a><figcaption><strong>%s</strong><small>%s %s</small>'
+            '</figcaption></figure>\n' % (link, picture, name, ' \u00b7 '.join('<span>%s</span>' % d for d in details),
+                                          time_element(e.st.st_mtime)))
+
+
+def gallery_pages(listing, label='Pages'):
+    """The links to the other pages of a listing: the first, the last and three on each side."""
+    links = []
+    if listing.page > 1:
+        links.append('<a href="%s" rel="prev">\u2039 Prev</a>' % gallery_href(listing.sort, listing.page - 1))
+    for number in range(1, listing.pages + 1):
+        if abs(number - listing.page) <= 3 or number in (1, listing.pages):
+            links.append('<strong aria-current="page">%d</strong>' % number if number == listing.page else
+                         '<a href="%s">%d</a>' % (gallery_href(listing.sort, number), number))
+        elif links[-1] != '\u2026':
+            links.append('\u2026')
+    if listing.page < listing.pages:
+        links.append('<a href="%s" rel="next">Next \u203a</a>' % gallery_href(listing.sort, listing.page + 1))
+    return '<nav class="pages" aria-label="%s">%s</nav>\n' % (label, ''.join(links))
 
 
 def gallery_page(url_path, listing, infos=None):
@@ -1835,13 +1941,10 @@ def gallery_page(url_path, listing, infos=None):
         counts.append('page %d of %d' % (listing.page, listing.pages))
     sorts = ''.join(('<strong>%s</strong>' if s == listing.sort else '<a href="%s">%%s</a>' % gallery_href(s, 1)) % s
                     for s in GALLERY_SORTS)
-    out = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
-           '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-           '<meta name="color-scheme" content="light dark">\n'
-           '<title>%s</title>\n<link rel="icon" href="%s">\n<style>%s</style>\n</head><body>\n'
-           % (title, GALLERY_ICON, GALLERY_STYLE),
-           '<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
+    out = ['<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
            '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts)]
+    if listing.pages > 1:
+        out.append(gallery_pages(listing))
     dirs = [e for e in listing.entries if e.kind == 'dir']
     images = [e for e in listing.entries if e.kind == 'image']
     files = [e for e in listing.entries if e.kind == 'file']
@@ -1851,42 +1954,22 @@ def gallery_page(url_path, listing, infos=None):
             for e in dirs))
     if images:
         out.append('<main class="grid">\n')
-        for e in images:
-            src, width, height = gallery_thumbnail(e.name, infos.get(e.name))
-            size = ' width="%d" height="%d"' % (width, height) if width else ''
-            details = ['%d \u00d7 %d' % (width, height)] if width else []
-            details += [human_size(e.st.st_size), short_date(e.st.st_mtime)]
-            name = escape_html(e.name)
-            out.append('<figure><a class="g" href="%s"><img src="%s"%s alt="%s" loading="lazy" '
-                       'decoding="async"></a><figcaption><strong>%s</strong><span>%s</span></figcaption></figure>\n'
-                       % (escape_html(urllib.parse.quote(e.name)), escape_html(src), size, name, name,
-                          ' \u00b7 '.join(details)))
+        out.extend(gallery_tile(e, infos.get(e.name)) for e in images)
         out.append('</main>\n')
     if files:
         out.append('<table>%s</table>\n' % ''.join(
             '<tr><td><a href="%s">%s</a></td><td>%s</td><td>%s</td></tr>'
             % (escape_html(urllib.parse.quote(e.name)), escape_html(e.name), human_size(e.st.st_size),
-               short_date(e.st.st_mtime)) for e in files))
+               time_element(e.st.st_mtime)) for e in files))
     if listing.pages > 1:
-        links = []
-        if listing.page > 1:
-            links.append('<a href="%s" rel="prev">\u2039 Prev</a>' % gallery_href(listing.sort, listing.page - 1))
-        for number in range(1, listing.pages + 1):
-            if abs(number - listing.page) <= 3 or number in (1, listing.pages):
-                links.append('<strong aria-current="page">%d</strong>' % number if number == listing.page else
-                             '<a href="%s">%d</a>' % (gallery_href(listing.sort, number), number))
-            elif links[-1] != '\u2026':
-                links.append('\u2026')
-        if listing.page < listing.pages:
-            links.append('<a href="%s" rel="next">Next \u203a</a>' % gallery_href(listing.sort, listing.page + 1))
-        out.append('<nav class="pages" aria-label="Pages">%s</nav>\n' % ''.join(links))
-    notes = ['Times in UTC.']
+        out.append(gallery_pages(listing, 'Pages, again'))
+    notes = ['<span id="tz">Times in UTC.</span>']
     if listing.unlisted:
         notes.append('%d %s not listed: special files, or names that cannot be linked (not UTF-8, '
                      'control characters, backslashes, too long).'
                      % (listing.unlisted, 'entry is' if listing.unlisted == 1 else 'entries are'))
-    out.append('<p class="note">%s</p>\n<script>%s</script>\n</body></html>\n' % (' '.join(notes), GALLERY_SCRIPT))
-    return ''.join(out).encode('utf-8')
+    out.append('<p class="note">%s</p>\n<script>%s</script>\n' % (' '.join(notes), GALLERY_SCRIPT))
+    return html_page(title, GALLERY_STYLE, ''.join(out))
 
 
 def gallery_json(url_path, listing, infos=None):

@@ -2,13 +2,16 @@
 
 Debian's chromium and chromium-driver, driven by selenium from PyPI (test-only: agent.py stays
 standard library only), against an agent on 127.0.0.1 serving folders written here: 50 camera
-photos with EXIF thumbnails (ImageMagick draws them), 200 PNGs without (more than Chrome loads
-ahead), files a browser cannot show, and 230 small images for paging.  Missing chromium,
+photos with EXIF thumbnails (ImageMagick draws them), 200 PNGs without, 60 exports without
+(landscape, portrait, square), files a browser cannot show, and 230 small images for paging.
+The layout is checked at a phone's 390x844 and a desktop's 1280x900 (and from 320 to 1920 px
+wide), by the boxes the browser lays out, not by the markup.  Missing chromium,
 chromedriver, selenium or ImageMagick is an error, never a skip: CI installs them (.ci/run).
 
 Each test waits on a condition in the page with a hard deadline; none sleeps for a fixed time.
 A screenshot of the camera folder is saved to GALLERY_SCREENSHOT (default:
-artifacts/gallery.png beside this file) on every run.
+artifacts/gallery.png beside this file) on every run, and of the exports at 390 and 1280 px
+beside it (gallery-mixed-390.png, gallery-mixed-1280.png).
 """
 
 import os
@@ -28,8 +31,16 @@ CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 CHROMEDRIVER = shutil.which('chromedriver') or '/usr/bin/chromedriver'
 SCREENSHOT = os.environ.get('GALLERY_SCREENSHOT', os.path.join(HERE, 'artifacts', 'gallery.png'))
 CAMERA_PHOTOS = 50
-PLAIN_IMAGES = 200         # one page; Chrome loads lazy images within ~1250-2500 px of the view
+PLAIN_IMAGES = 200         # one page; Chrome's loading=lazy fetches within ~1250-2500 px of the view
 MANY = 230
+MIXED = 60                 # exports and screenshots: no EXIF thumbnails, some of them portrait
+NEAR = 400                 # px: how near the screen a photo without a thumbnail may be fetched
+# (name, size) of the distinct pictures of the mixed folder, hard-linked to MIXED names.
+MIXED_PICTURES = [('landscape', (1200, 800)), ('portrait', (900, 1200)), ('landscape', (1200, 900)),
+                  ('screenshot', (720, 1280)), ('landscape', (1200, 800)), ('landscape', (1000, 1000))]
+PHONE, DESKTOP = (390, 844), (1280, 900)
+WIDTHS = (320, 390, 768, 1280, 1920)
+DATED = 1710114300         # 2024-03-10 23:45 UTC: 2024-03-11 08:45 in Asia/Tokyo
 DEADLINE = 20.0
 LONG = 'Sommerferien_am_Gardasee_' * 6
 # An SVG whose script, if it ever runs, marks the document and asks this server for a file.
@@ -97,6 +108,15 @@ def make_folders(root):
         f.write(b'this is a text file with the wrong name\n' * 20)
     with open(os.path.join(broken, 'good.png'), 'wb') as f:
         f.write(samples.sample_png(40, 30))
+    mixed = os.path.join(root, 'mixed')
+    os.makedirs(mixed)
+    distinct = [samples.landscape_photo(os.path.join(mixed, 'Export %02d.jpg' % (i + 1)), i, size=size,
+                                        thumb=None, grain=0.2) for i, (_, size) in enumerate(MIXED_PICTURES)]
+    for i in range(len(distinct), MIXED):
+        os.link(distinct[i % len(distinct)], os.path.join(mixed, 'Export %02d.jpg' % (i + 1)))
+    # Accented names sort with their letters, and one known time for the zone test.
+    os.rename(os.path.join(mixed, 'Export 05.jpg'), os.path.join(mixed, '\u00c9t\u00e9 \u00e0 Paris.jpg'))
+    os.utime(os.path.join(mixed, 'Export 01.jpg'), (DATED, DATED))
     many = os.path.join(root, 'many')
     os.makedirs(many)
     for i in range(MANY):
@@ -167,12 +187,29 @@ class GalleryBrowserTests(unittest.TestCase):
         self.js('window.scrollTo(0, 0), true')
         while not self.js('window.innerHeight + window.scrollY >= document.body.scrollHeight - 2'):
             self.js('window.scrollBy(0, window.innerHeight), true')
-            self.wait('Array.from(document.querySelectorAll("main img")).every(i => i.complete || i.getBoundingClientRect().top > innerHeight)')
+            self.wait('Array.from(document.querySelectorAll("main img")).every(i => i.getAttribute("src") ? i.complete :'
+                      ' i.closest("a").getBoundingClientRect().top > innerHeight)')
 
     def image_bytes(self):
         """Bytes the page's images cost over the network (Resource Timing)."""
         return self.js('performance.getEntriesByType("resource").filter(e => e.initiatorType === "img")'
                        '.reduce((n, e) => n + e.transferSize, 0)')
+
+    def viewport(self, width, height, mobile=False):
+        """Emulate a screen of width x height CSS pixels until the test ends."""
+        self.driver.execute_cdp_cmd('Emulation.setDeviceMetricsOverride', {
+            'width': width, 'height': height, 'deviceScaleFactor': 1, 'mobile': mobile})
+        self.addCleanup(self.driver.execute_cdp_cmd, 'Emulation.clearDeviceMetricsOverride', {})
+
+    def fresh(self):
+        """No image from the browser's cache until the test ends: each load is a real fetch."""
+        self.driver.execute_cdp_cmd('Network.enable', {})
+        self.driver.execute_cdp_cmd('Network.setCacheDisabled', {'cacheDisabled': True})
+        self.addCleanup(self.driver.execute_cdp_cmd, 'Network.setCacheDisabled', {'cacheDisabled': False})
+
+    def screens(self):
+        """(width, height, mobile) of the phone and the desktop that the layout tests use."""
+        return ((PHONE[0], PHONE[1], True), (DESKTOP[0], DESKTOP[1], False))
 
     # -- tests --
 
@@ -199,8 +236,8 @@ class GalleryBrowserTests(unittest.TestCase):
 
     def test_lazy_loading_defers_offscreen_originals(self):
         self.open('/plain/')
-        self.wait('Array.from(document.querySelectorAll("main img")).filter(i => i.getBoundingClientRect().top < innerHeight)'
-                  '.every(i => i.complete && i.naturalWidth > 0)')
+        self.wait('Array.from(document.querySelectorAll("main img")).filter(i => i.closest("a").getBoundingClientRect().top'
+                  ' < innerHeight).every(i => i.complete && i.naturalWidth > 0)')
         loaded = len(self.js('performance.getEntriesByType("resource").filter(e => e.initiatorType === "img")'))
         self.assertGreater(loaded, 0)
         self.assertLess(loaded, PLAIN_IMAGES / 2, 'offscreen originals were loaded at once')
@@ -406,14 +443,177 @@ class GalleryBrowserTests(unittest.TestCase):
         self.wait('document.querySelector("img[alt=\'good.png\']").naturalWidth === 40')
         self.assert_clean_console()
 
+    def test_portrait_photos_show_whole(self):
+        """At 390 and 1280 px a portrait photo's tile shows all of it: the picture's box has the
+        photo's shape (so no object-fit can cut it) and lies inside its tile, which clips."""
+        for width, height, mobile in self.screens():
+            with self.subTest(width=width):
+                self.viewport(width, height, mobile)
+                for path, alt in (('/mixed/', 'Export 02.jpg'), ('/mixed/', 'Export 04.jpg'),
+                                  ('/mixed/', 'Export 03.jpg'), ('/camera/', 'IMG_0004.jpg')):
+                    self.open(path)
+                    img = 'document.querySelector("main img[alt=\'%s\']")' % alt
+                    self.js(img + '.scrollIntoView({block: "center"}), true')
+                    self.wait('%s.complete && %s.naturalWidth > 0' % (img, img))
+                    box = self.js('(function (i) { var r = i.getBoundingClientRect(),'
+                                  ' t = i.closest("figure").getBoundingClientRect();'
+                                  ' return {w: r.width, h: r.height, nw: i.naturalWidth, nh: i.naturalHeight,'
+                                  ' inside: r.left >= t.left - 0.5 && r.right <= t.right + 0.5 &&'
+                                  ' r.top >= t.top - 0.5 && r.bottom <= t.bottom + 0.5}; })(%s)' % img)
+                    self.assertTrue(box['inside'], (path, alt, box))
+                    self.assertAlmostEqual(box['w'] / box['h'], box['nw'] / box['nh'], delta=0.03,
+                                           msg=(path, alt, box))
+                    self.assertGreater(box['w'] * box['h'], 0.3 * self.js(
+                        '%s.closest("a").clientWidth * %s.closest("a").clientHeight' % (img, img)), (alt, box))
+        self.assertLess(self.js('document.querySelector("main img[alt=\'IMG_0004.jpg\']").naturalWidth'),
+                        self.js('document.querySelector("main img[alt=\'IMG_0004.jpg\']").naturalHeight'))
+        self.assert_clean_console()
+
+    def test_first_screen_fetches_only_what_it_shows(self):
+        """60 photos without EXIF thumbnails, at 390 and 1280 px: the first screen fetches the
+        photos on it and none further than NEAR px from it (what was fetched: Resource Timing,
+        and every <img> given a source, fetched or not yet)."""
+        self.fresh()
+        for width, height, mobile in self.screens():
+            with self.subTest(width=width):
+                self.viewport(width, height, mobile)
+                self.open('/mixed/')
+                self.assertEqual(self.js('innerHeight'), height)
+                shown = ('Array.from(document.querySelectorAll("main figure a")).filter(a => {'
+                         ' var r = a.getBoundingClientRect(); return r.bottom > 0 && r.top < innerHeight; })')
+                self.wait(shown + '.every(a => { var i = a.querySelector("img");'
+                          ' return i.src && i.complete && i.naturalWidth > 0; })')
+                on_screen = self.js(shown + '.map(a => a.querySelector("img").alt)')
+                self.assertGreater(len(on_screen), 0)
+                fetched = self.js('performance.getEntriesByType("resource").filter(e => e.initiatorType === "img")'
+                                  '.map(e => decodeURIComponent(new URL(e.name).pathname.split("/").pop()))')
+                asked = self.js('Array.from(document.querySelectorAll("main img[src]")).map(i => i.alt)')
+                self.assertGreaterEqual(set(fetched), set(on_screen), width)
+                tops = self.js('Object.fromEntries(Array.from(document.querySelectorAll("main figure a")).map(a =>'
+                               ' [a.querySelector("img").alt, [a.getBoundingClientRect().top,'
+                               '  a.getBoundingClientRect().bottom]]))')
+                for name in set(fetched) | set(asked):
+                    top, bottom = tops[name]
+                    self.assertTrue(bottom > -NEAR and top < height + NEAR,
+                                    '%s at %d..%d px fetched on a %d px screen' % (name, top, bottom, height))
+                self.assertLess(len(set(fetched) | set(asked)), MIXED)
+                print('\n  %d px: the first screen shows %d photos and fetched %d of %d'
+                      % (width, len(on_screen), len(set(fetched) | set(asked)), MIXED), file=sys.stderr)
+                # Scrolled, the next ones come.
+                self.js('window.scrollTo(0, document.body.scrollHeight), true')
+                self.wait(shown + '.every(a => a.querySelector("img").complete && a.querySelector("img").src)')
+        self.assert_clean_console()
+
+    def test_paging_links_at_the_top(self):
+        """A folder of several pages has its page links above the photos, on the first screen
+        of a phone, and below them too."""
+        from selenium.webdriver.common.by import By
+        self.viewport(*PHONE, mobile=True)
+        self.open('/many/')
+        navs = self.js('Array.from(document.querySelectorAll("nav.pages")).map(n => n.getBoundingClientRect().top)')
+        self.assertEqual(len(navs), 2)
+        self.assertLess(navs[0], self.js('document.querySelector("figure").getBoundingClientRect().top'))
+        self.assertLess(navs[0] + 40, PHONE[1])
+        self.assertGreater(navs[1], self.js('document.querySelector("main").getBoundingClientRect().bottom'))
+        self.driver.find_element(By.CSS_SELECTOR, 'nav.pages a[rel=next]').click()
+        self.wait('location.search === "?page=2" && document.readyState === "complete"')
+        self.assertEqual(self.js('document.querySelectorAll("figure").length'), MANY - 200)
+        self.assert_clean_console()
+
+    def test_layout_holds_from_320_to_1920(self):
+        """No sideways scroll, no tile over another, no caption out of its tile, no piece of a
+        caption's details (size, date, time) broken over two lines, at every width."""
+        for width in WIDTHS:
+            self.viewport(width, 900, width < 600)
+            for path in ('/mixed/', '/camera/', '/many/?page=2', '/long/'):
+                with self.subTest(width=width, path=path):
+                    self.open(path)
+                    problem = self.js("""(function () {
+                        var d = document.documentElement;
+                        if (d.scrollWidth > d.clientWidth) return 'scrolls sideways: ' + d.scrollWidth;
+                        var tiles = Array.from(document.querySelectorAll('figure')).map(f => f.getBoundingClientRect());
+                        for (var i = 1; i < tiles.length; i++) {
+                            var a = tiles[i - 1], b = tiles[i];
+                            if (a.right > b.left + 0.5 && b.right > a.left + 0.5 && a.bottom > b.top + 0.5 && b.bottom > a.top + 0.5)
+                                return 'tiles ' + (i - 1) + ' and ' + i + ' overlap';
+                        }
+                        var pieces = document.querySelectorAll('figcaption small span, td time span');
+                        if (!pieces.length) return 'no details in pieces';
+                        var bad = Array.from(pieces).filter(s => {
+                            var r = s.getBoundingClientRect(), f = s.closest('figure, td').getBoundingClientRect();
+                            return s.getClientRects().length !== 1 || r.right > f.right + 0.5 || r.left < f.left - 0.5;
+                        });
+                        return bad.length ? 'broken or cut: ' + bad[0].textContent : '';
+                    })()""")
+                    self.assertEqual(problem, '')
+        self.assertEqual(self.js('innerWidth'), WIDTHS[-1])
+        self.assert_clean_console()
+
+    def test_lightbox_caption_leaves_the_photo_whole(self):
+        """At 1280x900 the lightbox fits the photo in the space above its caption, landscape
+        and portrait alike."""
+        from selenium.webdriver.common.by import By
+        self.viewport(*DESKTOP)
+        for path, alt in (('/camera/', 'IMG_0002.jpg'), ('/mixed/', 'Export 02.jpg'), ('/mixed/', 'Export 04.jpg')):
+            self.open(path)
+            self.driver.find_element(By.CSS_SELECTOR, 'main img[alt="%s"]' % alt).find_element(By.XPATH, '..').click()
+            self.wait('document.querySelector("#lb img").complete && document.querySelector("#lb img").naturalWidth > 0')
+            image, caption = self.js('[document.querySelector("#lb img").getBoundingClientRect().toJSON(),'
+                                     ' document.querySelector("#lb p").getBoundingClientRect().toJSON()]')
+            self.assertLessEqual(image['bottom'], caption['top'] + 0.5, (alt, image, caption))
+            self.assertGreaterEqual(image['top'], -0.5)
+            self.assertLessEqual(caption['bottom'], DESKTOP[1] + 0.5)
+            self.assertGreater(image['height'], DESKTOP[1] * 0.8, alt)          # and it uses the room
+            self.assertEqual(self.js('getComputedStyle(document.querySelector("#lb img")).objectFit'), 'contain')
+            self.driver.find_element(By.CSS_SELECTOR, '#lb .close').click()
+            self.wait('document.getElementById("lb").hidden')
+        self.assert_clean_console()
+
+    def test_dates_in_the_visitors_zone(self):
+        """With script, dates are the visitor's (here Asia/Tokyo, UTC+9) and the note names
+        the zone; without script, the server's text in UTC, which says so."""
+        from selenium import webdriver
+        self.driver.execute_cdp_cmd('Emulation.setTimezoneOverride', {'timezoneId': 'Asia/Tokyo'})
+        self.addCleanup(self.driver.execute_cdp_cmd, 'Emulation.setTimezoneOverride', {'timezoneId': ''})
+        self.open('/mixed/')
+        when = 'document.querySelector("main img[alt=\'Export 01.jpg\']").closest("figure").querySelector("time")'
+        self.assertEqual(self.js(when + '.getAttribute("datetime")'), '2024-03-10T23:45:00Z')
+        self.assertIn('08:45', self.js(when + '.textContent'))
+        self.assertIn('11', self.js(when + '.textContent'))
+        self.assertEqual(self.js('document.getElementById("tz").textContent'), 'Times in Asia/Tokyo.')
+        self.assert_clean_console()
+        driver = self.chrome(webdriver, javascript=False)
+        self.addCleanup(driver.quit)
+        driver.get(self.base + '/mixed/')
+        self.assertEqual(driver.execute_script('return ' + when + '.textContent'), '2024-03-10 23:45')
+        self.assertEqual(driver.execute_script('return document.getElementById("tz").textContent'), 'Times in UTC.')
+        # Without script the <noscript> copies are the pictures, lazily loaded by the browser.
+        self.assertEqual(driver.execute_script('return document.querySelectorAll("main a noscript > img[loading=lazy]")'
+                                               '.length'), MIXED)
+        deadline = time.monotonic() + DEADLINE
+        while not driver.execute_script('var i = document.querySelector("main noscript > img");'
+                                        'return i.complete && i.naturalWidth > 0'):
+            self.assertLess(time.monotonic(), deadline, 'the first picture without script never loaded')
+            time.sleep(0.05)
+
     def test_screenshot(self):
-        """A picture of the camera folder, for people: saved on every run."""
-        self.open('/camera/')
-        self.wait('Array.from(document.querySelectorAll("main img")).filter(i => i.getBoundingClientRect().top < innerHeight)'
-                  '.every(i => i.complete && i.naturalWidth > 0)')
+        """Pictures of the camera folder (SCREENSHOT) and of the mixed one at 390 and 1280 px
+        (beside it, -mixed-WIDTH.png), for people: saved on every run."""
         os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
-        self.assertTrue(self.driver.save_screenshot(SCREENSHOT))
-        print('\n  screenshot: %s' % SCREENSHOT, file=sys.stderr)
+        base = os.path.splitext(SCREENSHOT)[0]
+        for path, width, height, mobile, name in (('/camera/', 1280, 900, False, SCREENSHOT),
+                                                  ('/mixed/', PHONE[0], PHONE[1], True, base + '-mixed-390.png'),
+                                                  ('/mixed/', DESKTOP[0], DESKTOP[1], False, base + '-mixed-1280.png')):
+            self.viewport(width, height, mobile)
+            self.open(path)
+            self.wait('Array.from(document.querySelectorAll("main img")).filter(i => i.closest("a").getBoundingClientRect().top'
+                      ' < innerHeight).every(i => i.complete && i.naturalWidth > 0)')
+            self.driver.execute_async_script(     # decoded and painted (decoding="async")
+                'var done = arguments[arguments.length - 1];'
+                'Promise.all(Array.from(document.querySelectorAll("main img[src]")).map(i => i.decode().catch(() => 0)))'
+                '.then(() => requestAnimationFrame(() => requestAnimationFrame(() => done(true))));')
+            self.assertTrue(self.driver.save_screenshot(name))
+            print('\n  screenshot: %s' % name, file=sys.stderr)
         self.assert_clean_console()
 
 

@@ -33,6 +33,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import unicodedata
 import unittest
 from unittest import mock
 
@@ -4843,10 +4844,8 @@ class AccessLogAndPageTests(unittest.TestCase):
             self.assertIn(parse_module.quote(name), hrefs)
         self.assertIn('child/', hrefs)
         self.assertIn('notes.txt', hrefs)
-        imgs = re.findall(r'<img [^>]*>', page)
+        imgs = lazy_images(self, page)
         self.assertEqual(len(imgs), 4, imgs)
-        for img in imgs:
-            self.assertIn('loading="lazy"', img)
         self.assertFalse(any('notes.txt' in img for img in imgs))
 
     def test_error_pages(self):
@@ -5444,10 +5443,8 @@ class HttpServerTests(SharedAgentTestCase):
         text = html_module.unescape(page)
         for name in ('<script>.jpg', 'a"b&c.jpg', 'pic.png', 'notes.txt', 'child'):
             self.assertIn(name, text)
-        imgs = re.findall(r'<img\s[^>]*>', page)
+        imgs = lazy_images(self, page)
         self.assertEqual(len(imgs), 3, imgs)
-        for img in imgs:
-            self.assertIn('loading="lazy"', img)
         self.assertFalse(any('notes' in img for img in imgs))
         links = {html_module.unescape(h) for h in re.findall(r'href="([^"]*)"', page)
                  if not h.startswith('data:')}          # the icon
@@ -6064,6 +6061,28 @@ def shutil_which(name):
     return shutil.which(name)
 
 
+def lazy_images(test, page):
+    """The grid's <img> tags as a browser with script parses the page (a <noscript> is text
+    then), each checked to load only near the screen: an embedded thumbnail (small) by
+    loading="lazy", a photo by data-src, which the page's script sets as src when it nears the
+    screen, with a loading="lazy" copy in a <noscript> for a browser without script."""
+    fallbacks = re.findall(r'<noscript>(<img [^>]*>)</noscript>', page)
+    imgs = re.findall(r'<img [^>]*>', re.sub(r'<noscript>.*?</noscript>', '', page))
+    for img in imgs:
+        source = re.search(r' (src|data-src)="([^"]*)"', img)
+        test.assertIsNotNone(source, img)
+        if source.group(1) == 'src':
+            test.assertTrue(source.group(2).endswith('?thumb'), img)
+            test.assertIn('loading="lazy"', img)
+        else:
+            test.assertNotIn(' src=', img)
+            copy = [f for f in fallbacks if ' src="%s"' % source.group(2) in f]
+            test.assertEqual(len(copy), 1, img)
+            test.assertIn('loading="lazy"', copy[0])
+    test.assertEqual(len(fallbacks), sum(' data-src=' in img for img in imgs))
+    return imgs
+
+
 def gallery_stat(size=100, mtime=FIXED_MTIME, directory=False, ino=1):
     mode = (stat.S_IFDIR | 0o755) if directory else (stat.S_IFREG | 0o644)
     ns = mtime * 10 ** 9
@@ -6100,10 +6119,17 @@ class GalleryPureTests(unittest.TestCase):
         page = agent.gallery_page('/', first).decode()
         self.assertIn('href="?page=2" rel="next"', page)
         # For a screen reader: what the row of numbers is, and which is this page.
-        self.assertIn('<nav class="pages" aria-label="Pages">', page)
-        self.assertIn('<strong aria-current="page">1</strong>', page)
-        self.assertIn('href="?page=3"', page)
+        # Above the photos and below them: the same links, the first before the first photo.
+        navs = re.findall(r'<nav class="pages"[^>]*>.*?</nav>', page)
+        self.assertEqual(len(navs), 2, navs)
+        self.assertEqual(navs[0], navs[1].replace(' aria-label="Pages, again"', ' aria-label="Pages"'))
+        self.assertIn('<nav class="pages" aria-label="Pages">', navs[0])
+        self.assertLess(page.index(navs[0]), page.index('<figure>'))
+        self.assertGreater(page.index(navs[1]), page.rindex('</figure>'))
+        self.assertIn('<strong aria-current="page">1</strong>', navs[0])
+        self.assertIn('href="?page=3"', navs[0])
         self.assertEqual(len(re.findall('<figure>', page)), 200)
+        self.assertNotIn('<nav', agent.gallery_page('/', agent.gallery_listing(entries[:5])).decode())
         self.assertEqual(agent.gallery_listing([], 'name', 5).pages, 1)
         # Each page has its own title (tabs, history, bookmarks); one page needs no number.
         titles = [re.search('<title>(.*)</title>', agent.gallery_page('/a/b/', agent.gallery_listing(
@@ -6136,13 +6162,28 @@ class GalleryPureTests(unittest.TestCase):
                    ('x.jxl', False, gallery_stat()), ('sub', True, gallery_stat(directory=True))]
         listing = agent.gallery_listing(entries)
         page = agent.gallery_page('/a b/c/', listing, {'cam.jpg': thumb_info, 'pic.png': png_info}).decode()
-        imgs = re.findall(r'<img [^>]*>', page)
+        imgs = lazy_images(self, page)
         self.assertEqual(len(imgs), 2, imgs)
-        self.assertIn('src="cam.jpg?thumb" width="32" height="64"', imgs[0])        # turned a quarter
-        self.assertIn('src="pic.png" width="7" height="5"', imgs[1])
-        for img in imgs:
-            self.assertIn('loading="lazy" decoding="async"', img)
-        self.assertIn('32 \u00d7 64 \u00b7 4.0 MB \u00b7 2020-01-01 00:00', page)
+        # The whole photo shows in its tile: a portrait one (taller than the tile's 4:3) is
+        # fitted by its height, the others by their width; width and height give the box its
+        # shape before anything is loaded.
+        self.assertIn('src="cam.jpg?thumb" width="32" height="64" class="tall"', imgs[0])  # turned a quarter
+        self.assertIn('data-src="pic.png" width="7" height="5" alt', imgs[1])
+        self.assertIn('<noscript><img src="pic.png" width="7" height="5" alt="pic.png" loading="lazy" '
+                      'decoding="async"></noscript>', page)
+        self.assertIn('decoding="async"', imgs[0])
+        # A picture not loaded yet is not shown (display: none), so its link is named by label.
+        self.assertIn('<a class="g" href="pic.png" aria-label="pic.png"><img data-src', page)
+        self.assertIn('<a class="g" href="cam.jpg"><img src', page)
+        # The date in UTC, as the script finds it to show in the visitor's zone; no piece of the
+        # details breaks inside itself (CSS: white-space: nowrap on each span).
+        self.assertIn('<small><span>32 \u00d7 64</span> \u00b7 <span>4.0 MB</span> '
+                      '<time datetime="2020-01-01T00:00:00Z"><span>2020-01-01</span> <span>00:00</span></time>'
+                      '</small>', page)
+        self.assertIn('<td><time datetime="2020-01-01T00:00:00Z"><span>2020-01-01</span> <span>00:00</span>'
+                      '</time></td>', page)
+        self.assertIn('<span id="tz">Times in UTC.</span>', page)
+        self.assertNotIn('class="tall"', imgs[1])
         for name in ('raw.heic', 'scan.tiff', 'x.jxl'):
             self.assertIn('<a href="%s">%s</a>' % (name, name), page)                # file links
         self.assertIn('<a href="/">Home</a><span>/</span><a href="/a%20b/">a b</a><span>/</span>c</h1>', page)
@@ -6176,7 +6217,8 @@ class GalleryPureTests(unittest.TestCase):
         # The reference: digit runs as numbers and the rest without case, compared as a list,
         # then the name itself.  natural_key must order any listed names exactly so.
         def reference(name):
-            parts = re.split(r'(\d+)', name.casefold())
+            folded = ''.join(c for c in unicodedata.normalize('NFKD', name.casefold()) if not unicodedata.combining(c))
+            parts = re.split(r'(\d+)', folded)
             parts[1::2] = [int(digits) for digits in parts[1::2]]
             return parts, name
         fixed = ['img10.jpg', 'img2.jpg', 'IMG1.jpg', 'img02.jpg', 'img002.jpg', 'a', 'a1', 'a01', 'a0', 'a00',
@@ -6188,6 +6230,34 @@ class GalleryPureTests(unittest.TestCase):
         for _ in range(3000):
             names = [''.join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 7))) for _ in range(6)]
             self.assertEqual(sorted(names, key=agent.natural_key), sorted(names, key=reference), names)
+
+    def test_name_order_ignores_case_and_accents(self):
+        """Accented names sort with their letter (casefolded, NFKD without combining marks), then
+        numbers by value; the name itself breaks ties, so the order is total."""
+        names = ['spinner.gif', '\u00c9t\u00e9 \u00e0 Paris.jpg', 'R\u00e9union.jpg', 'rapport.png', 'ecole.png',
+                 'Zebra.png', '\u00e9cole 2.png', 'ecole 10.png', 'IMG_10.jpg', 'IMG_2.jpg', '\u0130stanbul.jpg',
+                 'istanbul 2.jpg', '\ufb01sh.png', 'fja.png', '\u00c5ngstr\u00f6m.png', 'b.png']
+        self.assertEqual(sorted(names, key=agent.natural_key), [
+            '\u00c5ngstr\u00f6m.png', 'b.png', '\u00e9cole 2.png', 'ecole 10.png', 'ecole.png',
+            '\u00c9t\u00e9 \u00e0 Paris.jpg', '\ufb01sh.png', 'fja.png', 'IMG_2.jpg', 'IMG_10.jpg',
+            'istanbul 2.jpg', '\u0130stanbul.jpg', 'rapport.png', 'R\u00e9union.jpg', 'spinner.gif', 'Zebra.png'])
+        listing = agent.gallery_listing([(n, False, gallery_stat()) for n in names])
+        self.assertEqual([e.name for e in listing.entries], sorted(names, key=agent.natural_key))
+        # Ties of the folded text: the names themselves decide, the same way every time.
+        self.assertEqual(sorted(['\u00e9t\u00e9', 'ete', '\u00c9t\u00e9', 'Ete'], key=agent.natural_key),
+                         ['Ete', 'ete', '\u00c9t\u00e9', '\u00e9t\u00e9'])
+
+    def test_name_keys_cost_once_per_name(self):
+        """5,000 names, accented ones among them: one key computed a name, whatever the sort
+        compares (the cache is emptied first, so every key is made here)."""
+        rnd = random.Random(5)
+        names = ['%s %d \u00e9t\u00e9 IMG_%d.jpg' % (rnd.choice(['R\u00e9union', '\u00c9cole', 'plain', 'Stra\u00dfe']),
+                                                    i, rnd.randint(0, 99999)) for i in range(5000)]
+        agent._NATURAL.clear()
+        with mock.patch.object(agent, '_natural_text', wraps=agent._natural_text) as made:
+            catalog = agent.gallery_catalog([(n, False, gallery_stat()) for n in names])
+        self.assertEqual(made.call_count, 5000)
+        self.assertEqual([e[1] for e in catalog.entries], sorted(names, key=agent.natural_key))
 
     def test_date_and_size_ties_keep_natural_order(self):
         names = ['f10.jpg', 'f9.jpg', 'F1.jpg', 'f01.jpg', 'g.png']
@@ -6379,11 +6449,11 @@ class GalleryServerTests(SharedAgentTestCase):
         response = self.get('/g/')
         page = response.body.decode()
         self.assertIn("script-src 'sha256-", response.headers['content-security-policy'])
-        imgs = re.findall(r'<img [^>]*>', page)
+        imgs = lazy_images(self, page)
         self.assertEqual(len(imgs), 3, imgs)
-        self.assertIn('src="cam.jpg?thumb" width="32" height="64"', page)
-        self.assertIn('src="plain.jpg" width="24" height="16"', page)
-        self.assertIn('src="pic.png" width="7" height="5"', page)
+        self.assertIn('src="cam.jpg?thumb" width="32" height="64"', imgs[0])
+        self.assertIn('data-src="pic.png" width="7" height="5"', imgs[1])
+        self.assertIn('data-src="plain.jpg" width="24" height="16"', imgs[2])
         self.assertIn('<a href="photo.heic">photo.heic</a>', page)
         self.assertNotIn('src="photo.heic"', page)
 

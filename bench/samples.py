@@ -128,7 +128,8 @@ PALETTES = [('#ff9a5a', '#3a2a6a', '#ffe7a0', '#2a3b5c', '#1b2438'),
 
 
 def landscape_photo(path, seed, size=(1600, 1200), thumb=(320, 240), grain=0.5, orientation=None):
-    """Write a camera-like JPEG to path: a landscape, with its thumbnail in EXIF (IFD1)."""
+    """Write a camera-like JPEG to path: a landscape, with its thumbnail in EXIF (IFD1), or
+    with thumb None none and no EXIF at all, as an export or an edited photo is."""
     import random
     import subprocess
     rng = random.Random(seed)
@@ -149,6 +150,10 @@ def landscape_photo(path, seed, size=(1600, 1200), thumb=(320, 240), grain=0.5, 
         args += ['-attenuate', str(grain), '+noise', 'Gaussian']
     args += ['-quality', '90', 'jpeg:-']
     original = subprocess.run(args, capture_output=True, check=True).stdout
+    if thumb is None:
+        with open(path, 'wb') as f:
+            f.write(original)
+        return path
     small = subprocess.run(['convert', 'jpeg:-', '-thumbnail', '%dx%d' % thumb, '-strip', '-quality', '82',
                             'jpeg:-'], input=original, capture_output=True, check=True).stdout
     with open(path, 'wb') as f:
