@@ -22,6 +22,7 @@ import pwd
 import random
 import re
 import select
+import selectors
 import signal
 import socket
 import ssl
@@ -5865,6 +5866,114 @@ class ConnectionTimeoutTests(SharedAgentTestCase):
         self.assertTrue(data.startswith(b'HTTP/1.1 414 '), data[:100])
         self.assertTrue(closed)
         self.assert_serving()
+
+class PipelineFairnessTests(unittest.TestCase):
+    """One connection must never cost the others (issue 26, item 3): a worker in this process,
+    connections over socketpairs, driven one loop turn at a time, as Worker.serve() does."""
+
+    def setUp(self):
+        self.worker, self.root = edge_worker(self)
+        write_file(self.root, 'a.jpg', b'a' * 10)
+        write_file(self.root, 'b.jpg', b'b' * 20)
+        self.big = os.path.join(self.root, 'big')
+        os.mkdir(self.big)
+        for i in range(300):
+            write_file(self.big, 'p%d.jpg' % i, b'x' * (i % 7))
+
+    def connect(self):
+        server_end, client = socket.socketpair()
+        self.addCleanup(client.close)
+        self.addCleanup(server_end.close)
+        server_end.setblocking(False)
+        client.setblocking(False)
+        conn = agent.Connection(server_end, '127.0.0.1', self.worker)
+        self.worker.conns.add(conn)
+        return conn, client
+
+    def received(self, client, into):
+        try:
+            while True:
+                chunk = client.recv(1 << 20)
+                if not chunk:
+                    break
+                into.extend(chunk)
+        except BlockingIOError:
+            pass
+        return bytes(into)
+
+    def test_a_pipeline_yields_to_the_others_and_is_answered_in_order_later(self):
+        count = 300
+        flood, flood_client = self.connect()
+        other, other_client = self.connect()
+        flood_client.sendall(b''.join(raw_request('/%s.jpg' % 'ab'[i % 2]) for i in range(count)))
+        other_client.sendall(raw_request('/b.jpg'))
+        flood.on_event(selectors.EVENT_READ)
+        flood_got = bytearray()
+        first_turn = self.received(flood_client, flood_got).count(b'HTTP/1.1 200 OK')
+        self.assertGreater(first_turn, 0)
+        self.assertLessEqual(first_turn, agent.TURN_REQUESTS)
+        # Readable again while it waits on the ready list: no more of its requests are read
+        # or answered out of turn (its input would grow without bound).
+        flood.on_event(selectors.EVENT_READ)
+        self.assertEqual(self.received(flood_client, flood_got).count(b'HTTP/1.1 200 OK'), first_turn)
+        other.on_event(selectors.EVENT_READ)
+        other_got = self.received(other_client, bytearray())
+        self.assertTrue(other_got.startswith(b'HTTP/1.1 200 OK'), other_got[:80])
+        turns = 0
+        while self.worker.deferred and turns < count:
+            self.worker.run_deferred()      # the loop comes back without a new packet
+            turns += 1
+        data = self.received(flood_client, flood_got)
+        lengths = re.findall(rb'Content-Length: (\d+)', data)
+        self.assertEqual(lengths, [b'10', b'20'] * (count // 2))     # all of them, in order
+        self.assertGreaterEqual(turns, count // agent.TURN_REQUESTS - 1)
+        self.assertEqual(flood.state, agent.READING)
+        self.assertEqual(flood.inbuf, b'')
+
+    def page(self, target='/big/', method='GET', *headers):
+        conn = PageCapture()
+        raw = b'%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n' % (method.encode(), target.encode(),
+                                                         b''.join(h.encode() + b'\r\n' for h in headers))
+        self.worker.responder.respond(conn, agent.parse_request(raw)[0])
+        return conn
+
+    def test_a_page_within_a_second_is_not_built_again_nor_for_a_head(self):
+        with mock.patch.object(agent.os, 'scandir', wraps=os.scandir) as scandir, \
+                mock.patch.object(agent, 'gallery_page', wraps=agent.gallery_page) as build:
+            get = self.page()
+            heads = [self.page(method='HEAD') for _ in range(5)]
+            again = self.page()
+            self.assertEqual((scandir.call_count, build.call_count), (1, 1))
+            for head in heads:
+                self.assertEqual(head.body, b'')
+                self.assertIn(b'Content-Length: %d\r\n' % len(get.body), head.head)
+                self.assertIn(re.search(rb'ETag: [^\r]*', get.head).group(), head.head)
+            self.assertEqual(again.body, get.body)
+            # Whatever makes a page different is its own entry: the query, the format.
+            self.assertNotEqual(self.page('/big/?sort=size').body, get.body)
+            self.assertIn(b'application/json', self.page('/big/?format=json').head)
+            self.assertEqual(scandir.call_count, 3)
+            # A second later the directory is read again (sizes change in place).
+            self.worker.now += agent.PAGE_TTL
+            self.assertEqual(self.page().body, get.body)
+            self.assertEqual(scandir.call_count, 4)
+
+    def test_a_changed_directory_or_own_file_is_never_served_from_the_cache(self):
+        first = self.page()
+        write_file(self.big, 'new.jpg', b'n')
+        self.assertIn(b'new.jpg', self.page().body)
+        self.assertIn(b'p5.jpg', self.page().body)
+        os.link(os.path.join(self.big, 'p5.jpg'), os.path.join(self.root, 'agent.log'))
+        self.worker.responder.own_files.add(os.path.join(self.root, 'agent.log'))    # a reopened log
+        self.assertNotIn(b'p5.jpg', self.page().body)
+        self.assertNotEqual(first.body, self.page().body)
+
+    def test_the_page_cache_is_bounded_in_entries_and_bytes(self):
+        cache = self.worker.responder.pages
+        for page in range(1, 3 * agent.PAGE_CACHE_ENTRIES):
+            self.page('/big/?page=%d&sort=%s' % (page, ('name', 'date', 'size')[page % 3]))
+            self.assertLessEqual(len(cache.pages), agent.PAGE_CACHE_ENTRIES)
+            self.assertLessEqual(cache.bytes, agent.PAGE_CACHE_BYTES)
 
 
 # ---------------------------------------------------------------------------------------------
