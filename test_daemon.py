@@ -7451,10 +7451,13 @@ def tls_client_context(ca_cert):
     return context
 
 
-def tls_client_hello():
-    """The bytes of a real TLS ClientHello (from an in-memory client)."""
+def tls_client_hello(alpn=None):
+    """The bytes of a real TLS ClientHello (from an in-memory client), offering alpn if given."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname='localhost')
+    context = ssl.create_default_context()
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
+    client = context.wrap_bio(incoming, outgoing, server_hostname='localhost')
     try:
         client.do_handshake()
     except ssl.SSLWantReadError:
@@ -7692,6 +7695,129 @@ class TLSServerTests(unittest.TestCase):
                 conn.send(raw_request('/a.jpg', host=host))
                 self.assertEqual(conn.response().status, 400)
         self.log_is_clean()
+
+    def test_a_client_offering_alpn_without_http_1_1_gets_a_fatal_alert(self):
+        """RFC 7301 section 3.2, as nginx does: no_application_protocol, not a handshake; a
+        client that offers http/1.1 among others, or no ALPN at all, is served."""
+        context = ssl.create_default_context(cafile=self.ca[0])
+        context.set_alpn_protocols(['h2'])
+        with socket.create_connection(('127.0.0.1', self.server.port), timeout=5) as raw:
+            with self.assertRaises(ssl.SSLError) as caught:
+                context.wrap_socket(raw, server_hostname='localhost')
+        self.assertIn('NO_APPLICATION_PROTOCOL', str(caught.exception).upper())
+        tls_tool(self, 'openssl')
+        result = run(['openssl', 's_client', '-connect', '127.0.0.1:%d' % self.server.port, '-alpn', 'h2',
+                      '-CAfile', self.ca[0], '-servername', 'localhost'], input='')
+        self.assertIn('no application protocol', result.stdout + result.stderr)
+        self.assertNotIn('ALPN protocol', result.stdout)
+        for offers, chosen in ((['h2', 'http/1.1'], 'http/1.1'), (None, None)):
+            with self.subTest(offers=offers):
+                context = ssl.create_default_context(cafile=self.ca[0])
+                if offers is not None:
+                    context.set_alpn_protocols(offers)
+                raw = socket.create_connection(('127.0.0.1', self.server.port), timeout=5)
+                conn = RawConn(timeout=5, sock=context.wrap_socket(raw, server_hostname='localhost'))
+                self.addCleanup(conn.close)
+                self.assertEqual(conn.sock.selected_alpn_protocol(), chosen)
+                conn.send(raw_request('/a.jpg'))
+                self.assertEqual(conn.response().body, FILE_A)
+        wait_for(lambda: slurp(self.server.log).count("ALPN b'h2'") >= 2, message='the refusals logged')
+        self.assertIn('127.0.0.1 offers ALPN', slurp(self.server.log))
+        self.log_is_clean()
+
+    def test_a_client_hello_split_across_packets(self):
+        """The ALPN list read from a ClientHello that comes in two packets, cut inside it."""
+        for offers, refused in ((['h2'], True), (['h2', 'http/1.1'], False)):
+            with self.subTest(offers=offers):
+                hello = tls_client_hello(offers)
+                cut = hello.index(b'h2') + 1
+                with socket.create_connection(('127.0.0.1', self.server.port), timeout=5) as raw:
+                    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    raw.sendall(hello[:cut])
+                    time.sleep(0.2)             # the worker sees the first part alone
+                    raw.sendall(hello[cut:])
+                    answer = b''
+                    while len(answer) < 7:
+                        chunk = raw.recv(7 - len(answer))
+                        if not chunk:
+                            break
+                        answer += chunk
+                if refused:
+                    self.assertEqual(answer, b'\x15\x03\x03\x00\x02\x02\x78')    # fatal(2), 120
+                else:
+                    self.assertEqual(answer[:1], b'\x16')        # a ServerHello
+        self.log_is_clean()
+
+
+class ClientHelloAlpnTests(unittest.TestCase):
+    """client_hello_alpn(): the ALPN names a TLS ClientHello offers, read from the first bytes
+    of a connection; bounded (TLS_HELLO_MAX), and never an exception, whatever the bytes."""
+
+    def records(self, message, sizes):
+        """The handshake message cut into records of these sizes (the last takes the rest)."""
+        out, pos = b'', 0
+        for size in list(sizes) + [len(message)]:
+            part = message[pos:pos + size]
+            if part:
+                out += b'\x16\x03\x01' + struct.pack('>H', len(part)) + part
+            pos += size
+        return out
+
+    def test_the_names_offered(self):
+        alpn = agent.client_hello_alpn
+        self.assertEqual(alpn(tls_client_hello(['h2'])), ([b'h2'], 0))
+        self.assertEqual(alpn(tls_client_hello(['h2', 'http/1.1'])), ([b'h2', b'http/1.1'], 0))
+        self.assertEqual(alpn(tls_client_hello()), (None, 0))       # no ALPN: served as before
+        self.assertEqual(alpn(tls_client_hello(['h2']) + b'\x14\x03\x03'), ([b'h2'], 0))
+
+    def test_a_hello_cut_short_asks_for_the_rest(self):
+        for hello in (tls_client_hello(['h2']), self.records(tls_client_hello(['h2'])[5:], [1, 3, 40, 100])):
+            self.assertEqual(agent.client_hello_alpn(hello), ([b'h2'], 0))
+            for cut in range(len(hello)):
+                offers, wanted = agent.client_hello_alpn(hello[:cut])
+                self.assertIsNone(offers, cut)
+                self.assertGreater(wanted, cut)
+                self.assertLessEqual(wanted, len(hello))
+
+    def test_a_hello_in_several_records(self):
+        message = tls_client_hello(['x', 'h2'])[5:]
+        for sizes in ([1], [4], [5, 5, 5], [len(message) - 1], [100, 100]):
+            with self.subTest(sizes=sizes):
+                self.assertEqual(agent.client_hello_alpn(self.records(message, sizes)), ([b'x', b'h2'], 0))
+
+    def test_what_is_not_a_hello_is_left_to_openssl(self):
+        hello = tls_client_hello(['h2'])
+        body = hello[9:]
+        for data in (b'GET / HTTP/1.1\r\n', b'\x15\x03\x03\x00\x02\x02\x28', b'\x16\x03\x01\x00\x00',
+                     b'\x16\x03\x01\x48\x01' + b'\x01' * 100,             # a record over 2^14
+                     hello[:5] + b'\x02' + hello[6:],                          # not a ClientHello
+                     b'\x16\x03\x01\x00\x04\x01\xff\xff\xff',                # 16 MB announced
+                     self.records(b'\x01\x00\x40\x00' + b'\x03' * 0x4000, [2000]),  # past TLS_HELLO_MAX
+                     hello[:9] + body[:40],                                     # cut inside, lengths kept
+                     b'\x80\x2e\x01\x00\x02'):                              # SSLv2
+            with self.subTest(data=data[:12]):
+                self.assertEqual(agent.client_hello_alpn(data), (None, 0))
+
+    def test_hostile_hellos(self):
+        """Random corruptions and truncations: an answer of the documented shape, at once."""
+        rng = random.Random(26)
+        hellos = [tls_client_hello(['h2']), tls_client_hello(['h2', 'http/1.1']), tls_client_hello()]
+        for _ in range(4000):
+            data = bytearray(rng.choice(hellos))
+            for _ in range(rng.randint(1, 4)):
+                pos = rng.randrange(len(data))
+                data[pos] = rng.choice((0, 1, 2, 0x10, 0x7f, 0xff, rng.randrange(256)))
+            data = bytes(data[:rng.randint(0, len(data))])
+            offers, wanted = agent.client_hello_alpn(data)
+            if wanted:
+                self.assertIsNone(offers)
+                self.assertGreater(wanted, len(data))
+                self.assertLessEqual(wanted, agent.TLS_HELLO_MAX)
+            elif offers is not None:
+                self.assertTrue(offers and all(isinstance(name, bytes) and name for name in offers))
+
+    def test_the_alert(self):
+        self.assertEqual(agent.NO_APPLICATION_PROTOCOL, b'\x15\x03\x03\x00\x02\x02\x78')
 
 
 class TLSOwnAgentTests(unittest.TestCase):
