@@ -82,7 +82,8 @@ HTTPS
 -----
 --tls-cert FILE --tls-key FILE (PEM, the chain after the certificate) serve HTTPS on --port with
 the ssl module: TLS 1.2 and 1.3 only, its default ciphers, no compression, no renegotiation,
-ALPN http/1.1, session tickets (the keys are made in the master, so every worker resumes every
+ALPN http/1.1 or http/1.0 (a client that offers neither gets a no_application_protocol
+alert, as from nginx: see client_hello_alpn), session tickets (the keys are made in the master, so every worker resumes every
 session).  The master builds the context before it drops privileges and forks; a key readable
 by group or others is refused unless --allow-readable-key.  The handshake is one more state of
 a connection, inside the epoll loop, under --header-timeout; bodies go out with SSL writes of
@@ -2477,6 +2478,89 @@ PLAIN_HTTP_BODY = (b'<!DOCTYPE html>\n<html><head><title>400 Bad Request</title>
                    b'<h1>400 Bad Request</h1><p>This port speaks HTTPS: use https://.</p></body></html>\n')
 
 
+# ALPN (RFC 7301).  Python's ssl completes the handshake, with no protocol, for a client that
+# offers only protocols we do not speak (h2 alone), where section 3.2 calls for a fatal
+# no_application_protocol alert, as nginx sends.  So the ClientHello is read from the first
+# bytes of the connection with MSG_PEEK (OpenSSL reads them after) and such a client gets the
+# alert from us.  A hello cut short (one in two TCP segments is ordinary: Chrome's is 1.8 KB)
+# is waited for with SO_RCVLOWAT, so that epoll reports the socket once the rest is in (or at
+# EOF), not at every segment; one larger than TLS_HELLO_MAX is left to OpenSSL unread.
+ALPN = ('http/1.1', 'http/1.0')     # what we speak, in our order of preference (nginx's too)
+ALPN_SERVED = frozenset(name.encode('ascii') for name in ALPN)
+TLS_HELLO_MAX = 16384               # bytes of handshake records looked at, headers included
+NO_APPLICATION_PROTOCOL = b'\x15\x03\x03\x00\x02\x02\x78'    # alert record: fatal(2), 120
+
+
+def client_hello_alpn(data):
+    """(offers, wanted) for the first bytes of a TLS connection.
+
+    offers is the list of protocol names (bytes) that its ClientHello's ALPN extension offers,
+    or None: no ALPN extension, or not a ClientHello this reads (another record, a malformed
+    one, one past TLS_HELLO_MAX): OpenSSL judges those as it always did.  wanted is 0, or the
+    bytes needed to know (more than len(data), at most TLS_HELLO_MAX).  The hello may come
+    in several handshake records (RFC 8446 section 5.1).  Pure, linear in len(data)."""
+    message = bytearray()
+    pos = 0
+    while True:
+        if len(data) < pos + 5:
+            return None, pos + 5
+        if data[pos] != 22:                 # handshake
+            return None, 0
+        end = pos + 5 + (data[pos + 3] << 8 | data[pos + 4])
+        if end == pos + 5 or end > TLS_HELLO_MAX:
+            return None, 0
+        if len(data) < end:
+            return None, end
+        message += data[pos + 5:end]
+        pos = end
+        if len(message) >= 4:
+            if message[0] != 1:             # client_hello
+                return None, 0
+            size = 4 + int.from_bytes(message[1:4], 'big')
+            if size > TLS_HELLO_MAX:
+                return None, 0
+            if len(message) >= size:
+                return hello_alpn(bytes(message[4:size])), 0
+
+
+def hello_alpn(body):
+    """The ALPN names of a ClientHello body (RFC 8446 section 4.1.2), or None."""
+    try:
+        pos = 34                                            # legacy_version, random
+        pos += 1 + body[pos]                                # legacy_session_id
+        pos += 2 + (body[pos] << 8 | body[pos + 1])         # cipher_suites
+        pos += 1 + body[pos]                                # legacy_compression_methods
+        end = pos + 2 + (body[pos] << 8 | body[pos + 1])    # extensions
+    except IndexError:
+        return None
+    if end > len(body):
+        return None
+    pos += 2
+    while pos + 4 <= end:
+        kind, size = body[pos] << 8 | body[pos + 1], body[pos + 2] << 8 | body[pos + 3]
+        pos += 4
+        if pos + size > end:
+            return None
+        if kind == 16:                      # application_layer_protocol_negotiation
+            return alpn_names(body[pos:pos + size])
+        pos += size
+    return None
+
+
+def alpn_names(extension):
+    """The names of a ProtocolNameList (RFC 7301 section 3.1), or None if it is malformed."""
+    if len(extension) < 3 or extension[0] << 8 | extension[1] != len(extension) - 2:
+        return None
+    names, pos = [], 2
+    while pos < len(extension):
+        size = extension[pos]
+        if size == 0 or pos + 1 + size > len(extension):
+            return None
+        names.append(extension[pos + 1:pos + 1 + size])
+        pos += 1 + size
+    return names
+
+
 def plain_http_line(first):
     """The request line (for the log) if the first bytes on the HTTPS port are plain HTTP, else
     None (TLS, or bytes that are neither: OpenSSL refuses those with an alert)."""
@@ -2494,11 +2578,13 @@ class TLSConnection(Connection):
     that no epoll event announces (pending()): receive() takes them all at once.
     """
 
-    __slots__ = ()
+    __slots__ = ('hello',)
 
     def __init__(self, sock, peer, worker):
         Connection.__init__(self, sock, peer, worker)
         self.state = HANDSHAKE      # under the header timeout, set by Connection
+        self.hello = 0              # bytes of the ClientHello seen while its rest is awaited;
+                                    # -1 once the first bytes are judged (check_hello)
         # In HANDSHAKE, started says that bytes of it have arrived: until then the connection
         # is as idle as a plain one without a byte of its request (the cap may close it).
 
@@ -2516,19 +2602,8 @@ class TLSConnection(Connection):
             self.close()
 
     def handshake(self):
-        if not self.started:
-            try:
-                first = PEEK(self.sock, PLAIN_HTTP_PEEK, socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                return self.set_events(selectors.EVENT_READ)
-            except OSError:
-                return self.close()
-            if not first:
-                return self.close()     # gone without a word
-            self.started = True
-            line = plain_http_line(first)
-            if line is not None:
-                return self.refuse_plain_http(line)
+        if self.hello >= 0 and not self.check_hello():
+            return
         try:
             self.sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -2541,6 +2616,64 @@ class TLSConnection(Connection):
         self.started = False            # the request has not begun (its bytes may be here)
         self.set_events(selectors.EVENT_READ)
         self.receive()                  # the request often came with the client's Finished
+
+    def check_hello(self):
+        """Judge the first bytes, peeked (OpenSSL reads them after): plain HTTP gets a 400, a
+        ClientHello that offers ALPN without a protocol we speak the alert; one cut short is
+        waited for.  True: go on with the handshake."""
+        try:
+            first = PEEK(self.sock, TLS_HELLO_MAX, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self.set_events(selectors.EVENT_READ)
+            return False
+        except OSError:
+            self.close()
+            return False
+        if not first:
+            self.close()                # gone without a word
+            return False
+        self.started = True
+        line = plain_http_line(first[:PLAIN_HTTP_PEEK])
+        if line is not None:
+            self.hello = -1
+            self.refuse_plain_http(line)
+            return False
+        offers, wanted = client_hello_alpn(first)
+        if wanted and len(first) > self.hello:
+            # Woken again with no more bytes is the EOF (or a socket that ignores the low
+            # mark): then OpenSSL has the last word, as it does with a hello past our bound.
+            self.hello = len(first)
+            self.receive_at_least(wanted)
+            self.set_events(selectors.EVENT_READ)
+            return False
+        if self.hello:
+            self.receive_at_least(1)
+        self.hello = -1
+        if offers is not None and not ALPN_SERVED.intersection(offers):
+            self.refuse_alpn(len(first), offers)
+            return False
+        return True
+
+    def receive_at_least(self, count):
+        """epoll reports the socket readable once count bytes are in (or at EOF)."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, count)
+        except OSError:
+            pass
+
+    def refuse_alpn(self, size, offers):
+        """RFC 7301 section 3.2: a fatal no_application_protocol alert, then a close.  The
+        hello is read first (it was only peeked): a close with unread input would send a reset
+        that can destroy the alert before the client reads it."""
+        names = ', '.join(repr(name) for name in offers[:8]) + (', ...' if len(offers) > 8 else '')
+        log('worker: TLS client %s offers ALPN %s, not %s: refused with no_application_protocol'
+            % (self.peer, names, ' or '.join(ALPN)))
+        try:
+            PEEK(self.sock, size)
+            os.write(self.fd, NO_APPLICATION_PROTOCOL)     # nothing was sent yet
+        except OSError:
+            pass
+        Connection.close(self)
 
     def refuse_plain_http(self, line):
         """Plain HTTP on the HTTPS port: a plain 400 that says so, then a lingering close."""
@@ -2635,6 +2768,11 @@ class TLSConnection(Connection):
                 self.sock.unwrap()          # sends close_notify; the peer's is not waited for
             except (OSError, ValueError):
                 pass
+        elif self.state == HANDSHAKE and self.hello > 0:
+            try:
+                PEEK(self.sock, TLS_HELLO_MAX)  # the part of a hello we waited on: no reset
+            except OSError:
+                pass
         Connection.close(self, linger)
 
 
@@ -2694,7 +2832,7 @@ def tls_context(cert, key, allow_readable_key=False):
     # OpenSSL 3 it would otherwise turn the close into a decode_error alert to the client.
     context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, 'OP_NO_RENEGOTIATION', 0) \
         | getattr(ssl, 'OP_IGNORE_UNEXPECTED_EOF', 0)
-    context.set_alpn_protocols(['http/1.1'])
+    context.set_alpn_protocols(list(ALPN))
     asked = []
     try:
         context.load_cert_chain(cert, key, password=lambda: asked.append(1) or b'')
