@@ -1926,16 +1926,27 @@ def gallery_json(url_path, listing, infos=None):
 # added, removed or renamed changes the directory's stamps, so the key, and shows at once
 # (unless it lands in the same tick of the file system's clock as the page's build).
 PAGE_TTL = 1.0
-PAGE_CACHE_ENTRIES = 64         # pages per worker
+PAGE_CACHE_ENTRIES = 64         # pages (and catalogs) per worker
 PAGE_CACHE_BYTES = 4 << 20      # bytes of their bodies per worker (a 200-entry page: ~60 KB)
+# The directory's catalog (its names and types, from which every page, sort and format is cut:
+# 0.1 s of a worker's time for 5,000 files on a loaded machine, once a second it would be most
+# of what a flood of HEADs costs, and a stall for every other client of that worker) is kept
+# longer, as long as the directory's stamps stay the same, CATALOG_TTL at most: only an entry
+# added, removed or renamed changes it, and that changes the stamps.  Unless the directory
+# changed within the second before the scan: a change in the same tick of the file system's
+# clock could leave the stamps as they were (git's "racy" index entries), so that catalog
+# lives PAGE_TTL.  (A symlinked entry's size and date are its target's at the scan.)
+CATALOG_TTL = 10.0
+CATALOG_ENTRY_BYTES = 200       # what one entry of a catalog costs, counted in PAGE_CACHE_BYTES
 
 
 class PageCache:
     """Pages built from a directory listing, by everything that makes one page differ from
     another: the path, its URL, the sort, the page number, the format, the directory's stamps
     (dev, ino, mtime, ctime) and OwnFiles.added (a log reopened under the root is listed by
-    no page).  An entry serves for PAGE_TTL seconds; past PAGE_CACHE_ENTRIES or PAGE_CACHE_BYTES the
-    oldest goes first, the one eviction rule.
+    no page); and the catalogs they are cut from.  An entry serves until the time it was
+    stored with (PAGE_TTL, CATALOG_TTL); past PAGE_CACHE_ENTRIES or PAGE_CACHE_BYTES the oldest
+    goes first, the one eviction rule.
 
     One owner for each thing: the worker's other caches are FileCache (open files, checked by
     stat() on every request), ImageInfoCache (image headers by inode and ctime),
@@ -1946,21 +1957,21 @@ class PageCache:
     def __init__(self, entries=PAGE_CACHE_ENTRIES, budget=PAGE_CACHE_BYTES):
         self.entries = entries
         self.budget = budget
-        self.pages = {}             # key -> (stored at, page, size), oldest first
+        self.pages = {}             # key -> (until, page, size), oldest first
         self.bytes = 0
 
     def get(self, key, now):
         found = self.pages.get(key)
-        if found is not None and now - found[0] < PAGE_TTL:
+        if found is not None and now < found[0]:
             return found[1]
         return None
 
-    def store(self, key, now, page, size):
+    def store(self, key, until, page, size):
         if key in self.pages:
             self.bytes -= self.pages.pop(key)[2]
         if size > self.budget:
             return
-        self.pages[key] = (now, page, size)
+        self.pages[key] = (until, page, size)
         self.bytes += size
         while len(self.pages) > self.entries or self.bytes > self.budget:
             self.bytes -= self.pages.pop(next(iter(self.pages)))[2]
@@ -3199,7 +3210,7 @@ class Responder:
                dir_st.st_ctime_ns, self.own_files.added)
         page = self.pages.get(key, self.clock.now)
         if page is None:
-            listing = self.list_page(fd, path, url_path, sort, number)
+            listing = self.list_page(fd, path, url_path, sort, number, dir_st)
             etag = gallery_etag(dir_st, url_path, listing, fmt)
         else:
             etag = page[0]
@@ -3212,20 +3223,34 @@ class Responder:
                                                           req.version, self.common_headers))
         if page is None:
             page = self.gallery_body(path, url_path, listing, fmt, etag)
-            self.pages.store(key, self.clock.now, page, len(page[2]))
+            self.pages.store(key, self.clock.now + PAGE_TTL, page, len(page[2]))
         head = response_head(200, self.clock.date, page[1], conn.keep_alive, req.version, self.common_headers)
         conn.start_response(200, head, b'' if req.method == b'HEAD' else page[2])
 
-    def list_page(self, fd, path, url_path, sort, number):
+    def list_page(self, fd, path, url_path, sort, number, dir_st):
         """The GalleryListing of one page of the directory open at fd: the entries shown are
         stat()ed (all of them to sort by date or size)."""
-        catalog = gallery_catalog(self.scan_directory(fd, path), gallery_room(url_path, path, self.max_header_size))
+        catalog = self.catalog(fd, path, url_path, dir_st)
         if sort != 'name':                 # every entry's stat, in the catalog's order
-            catalog.entries = self.stat_entries(fd, path, catalog.entries)
+            catalog = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
+                                     catalog.images, catalog.files, catalog.unlisted)
         listing = gallery_listing(catalog, sort, number)
         listing.entries = [GalleryEntry(*e[1:]) for e in self.stat_entries(
             fd, path, [(None, e.name, e.is_dir, e.st, e.kind) for e in listing.entries])]
         return listing
+
+    def catalog(self, fd, path, url_path, dir_st):
+        """The GalleryCatalog of the directory open at fd: kept (see CATALOG_TTL), else scanned."""
+        key = ('catalog', path, url_path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns,
+               dir_st.st_ctime_ns, self.own_files.added)
+        now = self.clock.now
+        catalog = self.pages.get(key, now)
+        if catalog is None:
+            catalog = gallery_catalog(self.scan_directory(fd, path), gallery_room(url_path, path, self.max_header_size))
+            settled = max(dir_st.st_mtime, dir_st.st_ctime) < self.clock.wall - 1
+            self.pages.store(key, now + (CATALOG_TTL if settled else PAGE_TTL), catalog,
+                             CATALOG_ENTRY_BYTES * len(catalog.entries))
+        return catalog
 
     def gallery_body(self, path, url_path, listing, fmt, etag):
         """(etag, the 200's fields, body) of a listing: what the PageCache keeps."""

@@ -5956,13 +5956,25 @@ class PipelineFairnessTests(unittest.TestCase):
                 self.assertIn(b'Content-Length: %d\r\n' % len(get.body), head.head)
                 self.assertIn(re.search(rb'ETag: [^\r]*', get.head).group(), head.head)
             self.assertEqual(again.body, get.body)
-            # Whatever makes a page different is its own entry: the query, the format.
+            # Whatever makes a page different is its own entry: the query, the format; all are
+            # cut from one catalog of the directory.
             self.assertNotEqual(self.page('/big/?sort=size').body, get.body)
             self.assertIn(b'application/json', self.page('/big/?format=json').head)
-            self.assertEqual(scandir.call_count, 3)
-            # A second later the directory is read again (sizes change in place).
+            self.assertEqual((scandir.call_count, build.call_count), (1, 2))
+            # A second later the page is built again (sizes change in place), and the directory
+            # read again: it changed within the second before the scan.
             self.worker.now += agent.PAGE_TTL
             self.assertEqual(self.page().body, get.body)
+            self.assertEqual((scandir.call_count, build.call_count), (2, 3))
+            # A directory that has not changed for a second keeps its catalog CATALOG_TTL.
+            self.worker.wall = int(time.time()) + 60
+            self.worker.now += agent.PAGE_TTL
+            self.page()
+            self.worker.now += agent.PAGE_TTL
+            self.page()
+            self.assertEqual((scandir.call_count, build.call_count), (3, 5))
+            self.worker.now += agent.CATALOG_TTL
+            self.page()
             self.assertEqual(scandir.call_count, 4)
 
     def test_a_changed_directory_or_own_file_is_never_served_from_the_cache(self):
@@ -6856,7 +6868,7 @@ class GalleryInProcessTests(unittest.TestCase):
             etag = first.head.split(b'ETag: ')[1].split(b'\r\n')[0].decode()
             self.assertEqual(self.page('/big/', 'If-None-Match: ' + etag, status=304).body, b'')
             self.assertEqual(self.page('/big/?sort=size').status, 200)
-        self.assertEqual(scandir.call_count, 2)             # the same page within PAGE_TTL: kept
+        self.assertEqual(scandir.call_count, 1)     # one catalog, kept: the directory has not changed
         # Added, removed and renamed in the same second as the last read: on the next request.
         with open(os.path.join(self.big, 'p0a.jpg'), 'wb') as f:
             f.write(b'new')
