@@ -198,9 +198,13 @@ SEND_BUDGET = 8 << 20           # bytes one connection may send per loop iterati
 # Requests one connection may have answered per loop turn, and the time it may take for them
 # (after the first).  A connection with more pipelined requests waits on the worker's ready
 # list (Worker.defer) while the others have their turn; its input stays unread meanwhile, so
-# it cannot grow.  Measured with bench/flood.py (8 connections of 400 pipelined gallery HEADs
-# and GETs, one client's 1 KB GETs): see the figures there; 16 costs a cached request's 15-30
-# us 16 times, 0.5 ms a turn, and a smaller share bought no p99 but more loop turns.
+# it cannot grow.  Measured with bench/flood.py (8 connections of 200 pipelined HEADs of a
+# 5,000-file folder's page, one client's 1 KB GETs every 10 ms; 2 rounds of 4 s on this 2-CPU
+# machine, shared, load average 10): the client's p99 was 5 s with no bound at all; 45-65 ms
+# with 4, 44-79 ms with 16, 65-81 ms with 64, 103-223 ms with TURN_TIME alone (nginx: 64-210
+# ms over the same runs).  The runs are noisy, but a share of a few to a few tens of requests
+# is what matters; 16 takes a quarter of the loop turns that 4 does, and 16 cached requests
+# (50-250 us each, loaded) come close to TURN_TIME, which bounds a turn of costly ones.
 TURN_REQUESTS = 16
 TURN_TIME = 0.002
 TLS_CHUNK = 65536               # file bytes read and written per SSL write (four TLS records)
