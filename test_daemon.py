@@ -6001,6 +6001,44 @@ class PipelineFairnessTests(unittest.TestCase):
         self.assertLessEqual(len(self.worker.responder.pages.pages), agent.PAGE_CACHE_ENTRIES)
 
 
+class PipelineFairnessServerTests(SharedAgentTestCase):
+    """The same over loopback, with one worker: a client's pipeline and another client's
+    request arrive while the worker is stopped (SIGSTOP), so that one epoll wake-up finds both;
+    the other client is answered before the pipeline's end, and the pipeline whole, in order."""
+
+    workers = 1
+
+    @classmethod
+    def make_files(cls):
+        write_file(cls.server.root, 'a.jpg', FILE_A)
+        write_file(cls.server.root, 'b.jpg', b'b' * 20)
+
+    def test_another_client_is_answered_within_a_pipeline(self):
+        count = 400
+        flood, other = self.conn(timeout=TIMEOUT), self.conn(timeout=TIMEOUT)
+        for conn in (flood, other):         # accepted (deferred accept waits for bytes)
+            conn.send(raw_request('/a.jpg'))
+            self.assertEqual(conn.response().status, 200)
+        wait_for(lambda: len(self.server.access_lines()) >= 2, message='the first two lines logged')
+        before = len(self.server.access_lines())
+        worker = self.server.workers()[0]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            flood.send(b''.join(raw_request('/a.jpg', method='HEAD') for _ in range(count)))
+            other.send(raw_request('/b.jpg'))
+            time.sleep(0.2)                 # both packets in the worker's socket buffers
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        self.assertEqual(other.response().body, b'b' * 20)
+        for _ in range(count):
+            self.assertEqual(flood.response(head_only=True).status, 200)
+        wait_for(lambda: len(self.server.access_lines()) >= before + count + 1, message='every line logged')
+        lines = self.server.access_lines()[before:]
+        position = next(i for i, line in enumerate(lines) if '"GET /b.jpg ' in line)
+        self.assertLess(position, count, 'the other client was answered after the whole pipeline')
+        self.assertLessEqual(position, 2 * agent.TURN_REQUESTS)
+
+
 # ---------------------------------------------------------------------------------------------
 # The gallery: directory pages over loopback (the names a file system allows, validators)
 # ---------------------------------------------------------------------------------------------
@@ -9074,6 +9112,7 @@ CLASS_SECONDS = {
     'SdNotifyTests': 3.9, 'ConcurrentActionsTests': 3.8, 'TLSStartAndReloadTests': 3.4,
     'TLSServerTests': 3.4, 'NothingLeftBehindTests': 3.2, 'ReadmeTests': 3.0,
     'SymlinkSwapRaceTests': 2.6, 'StopDuringReloadOrUpgradeTests': 2.6, 'InitScriptTests': 2.5,
+    'PipelineFairnessServerTests': 2.5,
     'HonestCommandLineTests': 2.5, 'AgentLifecycleTests': 2.1, 'FromBytecodeTests': 2.0,
     'UnlockedPidfileWordingTests': 1.9, 'SafeDefaultsTests': 1.6, 'SocketActivationTests': 1.5,
     'RedirectHostAndFileChangeTests': 1.5, 'StartStopDaemonTests': 1.3, 'PidfileRemovedTests': 1.2,
