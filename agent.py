@@ -3351,7 +3351,9 @@ class Worker:
     """Serves connections from the shared listening sockets until told to drain.
 
     The loop, on one screen in serve(): wait for events (at most until the next second),
-    dispatch each to its callback, then once a second the timeouts, and the access-log lines.
+    dispatch each to its callback, then the ready list (the connections that had their share of
+    the turn with work left: SEND_BUDGET, TURN_REQUESTS; no wait while it holds any), once a
+    second the timeouts, and the access-log lines.
     """
 
     def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
@@ -3381,7 +3383,7 @@ class Worker:
         self.selector = selectors.DefaultSelector()
         self.escaped = {}               # raw access-log fields -> their escaped form
         self.conns = set()
-        self.deferred = []
+        self.deferred = []              # the ready list (defer, run_deferred)
         self.log_lines = []
         self.log_backlog = bytearray()  # lines the access log could not take yet (ENOSPC...)
         self.log_lost = 0               # lines beyond ACCESS_BACKLOG, dropped while it failed
