@@ -7781,6 +7781,17 @@ class TLSServerTests(unittest.TestCase):
         self.assertIn('127.0.0.1 offers ALPN', slurp(self.server.log))
         self.log_is_clean()
 
+    def test_a_long_pipeline_over_tls_is_answered_whole(self):
+        """More than a turn's share (TURN_REQUESTS) in one TLS write: the rest is decrypted and
+        waiting in the connection, with no epoll event to say so; the ready list comes back."""
+        conn = self.conn(timeout=TIMEOUT)
+        count = 5 * agent.TURN_REQUESTS + 3
+        conn.send(b''.join(raw_request('/a.jpg', method='HEAD') for _ in range(count)) + raw_request('/a.jpg'))
+        for _ in range(count):
+            self.assertEqual(conn.response(head_only=True).status, 200)
+        self.assertEqual(conn.response().body, FILE_A)
+        self.log_is_clean()
+
     def test_a_client_hello_split_across_packets(self):
         """The ALPN list read from a ClientHello that comes in two packets, cut inside it."""
         for offers, refused in ((['h2'], True), (['h2', 'http/1.1'], False)):
