@@ -82,9 +82,9 @@ HTTPS
 -----
 --tls-cert FILE --tls-key FILE (PEM, the chain after the certificate) serve HTTPS on --port with
 the ssl module: TLS 1.2 and 1.3 only, its default ciphers, no compression, no renegotiation,
-ALPN http/1.1 or http/1.0 (a client that offers neither gets a no_application_protocol
-alert, as from nginx: see client_hello_alpn), session tickets (the keys are made in the master, so every worker resumes every
-session).  The master builds the context before it drops privileges and forks; a key readable
+ALPN http/1.1 or http/1.0 (a client that offers neither gets a no_application_protocol alert,
+as from nginx: see client_hello_alpn), session tickets (the keys are made in the master, so
+every worker resumes every session).  The master builds the context before it drops privileges and forks; a key readable
 by group or others is refused unless --allow-readable-key.  The handshake is one more state of
 a connection, inside the epoll loop, under --header-timeout; bodies go out with SSL writes of
 TLS_CHUNK bytes (no sendfile), with the same fairness budget.  A reload reads the files again:
@@ -1391,10 +1391,11 @@ class ImageInfoCache:
 # The gallery page: a directory listed as a grid of thumbnails, pure logic
 # ---------------------------------------------------------------------------------------------
 #
-# For a page not built within PAGE_TTL (PageCache, with the Files section), the worker scans a directory
-# into (name, is_dir, stat) entries, typed by readdir with no stat (only symlinks and special
-# files are stat()ed), stat()s the entries on the page (all of them to sort by date or size)
-# and reads their image headers (ImageInfoCache); everything else here is a pure function of
+# For a page not built within PAGE_TTL (PageCache, in the Files section), the worker scans a
+# directory (unless its catalog is kept: CATALOG_TTL) into (name, is_dir, stat) entries, typed
+# by readdir with no stat (only symlinks and special files are stat()ed), stat()s the entries
+# on the page (all of them to sort by date or size) and reads their image headers
+# (ImageInfoCache); everything else here is a pure function of
 # those: which entries are listed and in which order (gallery_catalog), which are on a page
 # (gallery_listing), the page's weak ETag, its HTML (gallery_page) and the same listing as JSON
 # (gallery_json).
@@ -3250,7 +3251,8 @@ class Responder:
         now = self.clock.now
         catalog = self.pages.get(key, now)
         if catalog is None:
-            catalog = gallery_catalog(self.scan_directory(fd, path), gallery_room(url_path, path, self.max_header_size))
+            room = gallery_room(url_path, path, self.max_header_size)
+            catalog = gallery_catalog(self.scan_directory(fd, path), room)
             settled = max(dir_st.st_mtime, dir_st.st_ctime) < self.clock.wall - 1
             self.pages.store(key, now + (CATALOG_TTL if settled else PAGE_TTL), catalog,
                              CATALOG_ENTRY_BYTES * len(catalog.entries))
