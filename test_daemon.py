@@ -9121,7 +9121,7 @@ CLASS_SECONDS = {
     'DaemonProcessTests': 10.2, 'ExhaustionTests': 10.1, 'HttpServerTests': 1.6,
     'TLSOwnAgentTests': 5.1, 'CommonMistakeTests': 4.6, 'ClassicRecipeBugTests': 4.3,
     'SdNotifyTests': 3.9, 'ConcurrentActionsTests': 3.8, 'TLSStartAndReloadTests': 3.4,
-    'TLSServerTests': 3.4, 'NothingLeftBehindTests': 3.2, 'ReadmeTests': 3.0,
+    'TLSServerTests': 6.1, 'NothingLeftBehindTests': 3.2, 'ReadmeTests': 3.0,
     'SymlinkSwapRaceTests': 2.6, 'StopDuringReloadOrUpgradeTests': 2.6, 'InitScriptTests': 2.5,
     'PipelineFairnessServerTests': 2.5,
     'HonestCommandLineTests': 2.5, 'AgentLifecycleTests': 2.1, 'FromBytecodeTests': 2.0,
