@@ -44,12 +44,15 @@ smoke:
 	! kill -0 "$$pid" 2>/dev/null; test ! -e "$$dir/agent.pid"; \
 	pid=; echo "smoke: served, compared, stopped: ok"
 
+# bench/flood.py: one client's p99 while others flood pipelined gallery requests, beside nginx.
 bench:
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/resolve.py
+	$(PYTHON) bench/flood.py
 
 # Request fuzzing: 200k cases against the parser in-process, 500k against the image parsers,
-# then 20000 over the network to a running agent (-ci: a tenth, seed 1).  The seed is printed;
+# then 20000 over the network to a running agent, then 100 packets of 300 pipelined requests
+# while a probe must be served (-ci: a tenth, seed 1).  The seed is printed;
 # --seed S --replay I replays one case.
 fuzz:
 	$(PYTHON) bench/fuzz.py

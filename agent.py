@@ -82,8 +82,9 @@ HTTPS
 -----
 --tls-cert FILE --tls-key FILE (PEM, the chain after the certificate) serve HTTPS on --port with
 the ssl module: TLS 1.2 and 1.3 only, its default ciphers, no compression, no renegotiation,
-ALPN http/1.1, session tickets (the keys are made in the master, so every worker resumes every
-session).  The master builds the context before it drops privileges and forks; a key readable
+ALPN http/1.1 or http/1.0 (a client that offers neither gets a no_application_protocol alert,
+as from nginx: see client_hello_alpn), session tickets (the keys are made in the master, so
+every worker resumes every session).  The master builds the context before it drops privileges and forks; a key readable
 by group or others is refused unless --allow-readable-key.  The handshake is one more state of
 a connection, inside the epoll loop, under --header-timeout; bodies go out with SSL writes of
 TLS_CHUNK bytes (no sendfile), with the same fairness budget.  A reload reads the files again:
@@ -195,6 +196,18 @@ SENDFILE_CHUNK = 1 << 20
 ACCESS_BACKLOG = 4 << 20        # bytes of access-log lines a worker keeps while its log cannot be
                                 # written (a full disk): some 20000 lines, written once it can be
 SEND_BUDGET = 8 << 20           # bytes one connection may send per loop iteration (fairness)
+# Requests one connection may have answered per loop turn, and the time it may take for them
+# (after the first).  A connection with more pipelined requests waits on the worker's ready
+# list (Worker.defer) while the others have their turn; its input stays unread meanwhile, so
+# it cannot grow.  Measured with bench/flood.py (8 connections of 200 pipelined HEADs of a
+# 5,000-file folder's page, one client's 1 KB GETs every 10 ms; 2 rounds of 4 s on this 2-CPU
+# machine, shared, load average 10): the client's p99 was 5 s with no bound at all; 45-65 ms
+# with 4, 44-79 ms with 16, 65-81 ms with 64, 103-223 ms with TURN_TIME alone (nginx: 64-210
+# ms over the same runs).  The runs are noisy, but a share of a few to a few tens of requests
+# is what matters; 16 takes a quarter of the loop turns that 4 does, and 16 cached requests
+# (50-250 us each, loaded) come close to TURN_TIME, which bounds a turn of costly ones.
+TURN_REQUESTS = 16
+TURN_TIME = 0.002
 TLS_CHUNK = 65536               # file bytes read and written per SSL write (four TLS records)
 FILE_CACHE_SIZE = 256           # open files (fd, stat, header bytes) cached per worker
 SMALL_FILE = 32768              # a file this small is also kept in memory, sent with its head
@@ -1386,10 +1399,11 @@ class ImageInfoCache:
 # The gallery page: a directory listed as a grid of thumbnails, pure logic
 # ---------------------------------------------------------------------------------------------
 #
-# On every request, as nginx does (nothing of a listing is kept), the worker scans a directory
-# into (name, is_dir, stat) entries, typed by readdir with no stat (only symlinks and special
-# files are stat()ed), stat()s the entries on the page (all of them to sort by date or size)
-# and reads their image headers (ImageInfoCache); everything else here is a pure function of
+# For a page not built within PAGE_TTL (PageCache, in the Files section), the worker scans a
+# directory (unless its catalog is kept: CATALOG_TTL) into (name, is_dir, stat) entries, typed
+# by readdir with no stat (only symlinks and special files are stat()ed), stat()s the entries
+# on the page (all of them to sort by date or size) and reads their image headers
+# (ImageInfoCache); everything else here is a pure function of
 # those: which entries are listed and in which order (gallery_catalog), which are on a page
 # (gallery_listing), the page's weak ETag, its HTML (gallery_page) and the same listing as JSON
 # (gallery_json).
@@ -1993,6 +2007,64 @@ def gallery_json(url_path, listing, infos=None):
     return (json.dumps(document, ensure_ascii=False, indent=1) + '\n').encode('utf-8')
 
 
+# A page built from a directory (the gallery's HTML or JSON) is kept PAGE_TTL seconds: the
+# same page asked again (a HEAD, a reload, a pipeline of them) costs a lookup, where a folder
+# of 5,000 files costs a scan, a sort and 200 entries of HTML (about 20 ms).  A change inside
+# the directory shows within PAGE_TTL (a file replaced in place, its size or date); an entry
+# added, removed or renamed changes the directory's stamps, so the key, and shows at once
+# (unless it lands in the same tick of the file system's clock as the page's build).
+PAGE_TTL = 1.0
+PAGE_CACHE_ENTRIES = 64         # pages (and catalogs) per worker
+PAGE_CACHE_BYTES = 4 << 20      # bytes of their bodies per worker (a 200-entry page: ~60 KB)
+# The directory's catalog (its names and types, from which every page, sort and format is cut:
+# 0.1 s of a worker's time for 5,000 files on a loaded machine, once a second it would be most
+# of what a flood of HEADs costs, and a stall for every other client of that worker) is kept
+# longer, as long as the directory's stamps stay the same, CATALOG_TTL at most: only an entry
+# added, removed or renamed changes it, and that changes the stamps.  Unless the directory
+# changed within the second before the scan: a change in the same tick of the file system's
+# clock could leave the stamps as they were (git's "racy" index entries), so that catalog
+# lives PAGE_TTL.  (A symlinked entry's size and date are its target's at the scan.)
+CATALOG_TTL = 10.0
+CATALOG_ENTRY_BYTES = 200       # what one entry of a catalog costs, counted in PAGE_CACHE_BYTES
+
+
+class PageCache:
+    """Pages built from a directory listing, by everything that makes one page differ from
+    another: the path, its URL, the sort, the page number, the format, the directory's stamps
+    (dev, ino, mtime, ctime) and OwnFiles.added (a log reopened under the root is listed by
+    no page); and the catalogs they are cut from.  An entry serves until the time it was
+    stored with (PAGE_TTL, CATALOG_TTL); past PAGE_CACHE_ENTRIES or PAGE_CACHE_BYTES the oldest
+    goes first, the one eviction rule.
+
+    One owner for each thing: the worker's other caches are FileCache (open files, checked by
+    stat() on every request), ImageInfoCache (image headers by inode and ctime),
+    Responder.paths (a request target's mapping) and Worker.escaped (access-log fields); none
+    of them keeps a page.
+    """
+
+    def __init__(self, entries=PAGE_CACHE_ENTRIES, budget=PAGE_CACHE_BYTES):
+        self.entries = entries
+        self.budget = budget
+        self.pages = {}             # key -> (until, page, size), oldest first
+        self.bytes = 0
+
+    def get(self, key, now):
+        found = self.pages.get(key)
+        if found is not None and now < found[0]:
+            return found[1]
+        return None
+
+    def store(self, key, until, page, size):
+        if key in self.pages:
+            self.bytes -= self.pages.pop(key)[2]
+        if size > self.budget:
+            return
+        self.pages[key] = (until, page, size)
+        self.bytes += size
+        while len(self.pages) > self.entries or self.bytes > self.budget:
+            self.bytes -= self.pages.pop(next(iter(self.pages)))[2]
+
+
 # ---------------------------------------------------------------------------------------------
 # Files: what the workers keep open
 # ---------------------------------------------------------------------------------------------
@@ -2138,9 +2210,11 @@ class OwnFiles:
         self.inodes = set()         # st_ino alone: a cheap first test for directory entries
         self.dirs = {}              # (st_dev, st_ino) of a directory -> names of ours in it
         self.names = ()             # every such name, for one str.startswith() per request
+        self.added = 0              # calls of add(): part of PageCache keys (a page lists none)
 
     def add(self, path, fd=None):
         """Remember the file at path (or open on fd), and its name in its directory."""
+        self.added += 1
         try:
             st = os.fstat(fd) if fd is not None else os.stat(path)
         except OSError:
@@ -2200,7 +2274,7 @@ class Connection:
     __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'out', 'file',
                  'offset', 'remaining', 'keep_alive', 'deadline', 'idle_since', 'events',
                  'status', 'sent', 'body_in_out', 'line', 'referer', 'agent', 'started',
-                 'registered', 'version', 'last', 'pieces')
+                 'registered', 'version', 'last', 'pieces', 'queued')
 
     redirect = False            # a RedirectConnection answers every request with a 301
 
@@ -2229,8 +2303,11 @@ class Connection:
         self.line = b''
         self.referer = self.agent = ''
         self.started = False        # bytes of a request have arrived since the last response
+        self.queued = False         # on the worker's ready list: resume() is its next turn
 
     def on_event(self, mask):
+        if self.queued:
+            return              # it has work left from its last turn, and waits for its turn
         try:
             if self.state == SENDING:
                 self.send()
@@ -2241,9 +2318,25 @@ class Connection:
             elif self.state == LINGERING:
                 self.linger()
         except Exception:
-            log('worker: unexpected error on a connection from %s:\n%s'
-                % (self.peer, traceback.format_exc().rstrip()), priority=LOG_ERR)
-            self.close()
+            self.fail()
+
+    def resume(self):
+        """Its turn again, from the worker's ready list: the file it was sending, or the
+        pipelined requests it had to leave.  Readiness is not an epoll event here: those
+        bytes are already read (or held by OpenSSL), and no packet may ever come to say so."""
+        self.queued = False
+        try:
+            if self.state == SENDING:
+                self.on_event(selectors.EVENT_WRITE)
+            elif self.state == READING and self.inbuf:
+                self.process()
+        except Exception:
+            self.fail()
+
+    def fail(self):
+        log('worker: unexpected error on a connection from %s:\n%s'
+            % (self.peer, traceback.format_exc().rstrip()), priority=LOG_ERR)
+        self.close()
 
     # -- READING --
 
@@ -2265,9 +2358,18 @@ class Connection:
         self.process()
 
     def process(self):
-        """Answer every complete request in inbuf, in order, until one has to wait."""
+        """Answer the complete requests in inbuf, in order, until one has to wait or this
+        connection has had its share of the loop turn (TURN_REQUESTS, TURN_TIME): then the rest
+        waits on the worker's ready list."""
         worker = self.worker
+        budget = TURN_REQUESTS
+        ends = time.monotonic() + TURN_TIME
         while self.state == READING:
+            if budget == 0 or budget < TURN_REQUESTS and time.monotonic() >= ends:
+                if self.inbuf:
+                    worker.defer(self)
+                return
+            budget -= 1
             req, self.inbuf, self.discard, self.last = frame(self.inbuf, self.discard,
                                                              worker.max_header_size, self.last)
             if req is None:
@@ -2475,6 +2577,89 @@ PLAIN_HTTP_BODY = (b'<!DOCTYPE html>\n<html><head><title>400 Bad Request</title>
                    b'<h1>400 Bad Request</h1><p>This port speaks HTTPS: use https://.</p></body></html>\n')
 
 
+# ALPN (RFC 7301).  Python's ssl completes the handshake, with no protocol, for a client that
+# offers only protocols we do not speak (h2 alone), where section 3.2 calls for a fatal
+# no_application_protocol alert, as nginx sends.  So the ClientHello is read from the first
+# bytes of the connection with MSG_PEEK (OpenSSL reads them after) and such a client gets the
+# alert from us.  A hello cut short (one in two TCP segments is ordinary: Chrome's is 1.8 KB)
+# is waited for with SO_RCVLOWAT, so that epoll reports the socket once the rest is in (or at
+# EOF), not at every segment; one larger than TLS_HELLO_MAX is left to OpenSSL unread.
+ALPN = ('http/1.1', 'http/1.0')     # what we speak, in our order of preference (nginx's too)
+ALPN_SERVED = frozenset(name.encode('ascii') for name in ALPN)
+TLS_HELLO_MAX = 16384               # bytes of handshake records looked at, headers included
+NO_APPLICATION_PROTOCOL = b'\x15\x03\x03\x00\x02\x02\x78'    # alert record: fatal(2), 120
+
+
+def client_hello_alpn(data):
+    """(offers, wanted) for the first bytes of a TLS connection.
+
+    offers is the list of protocol names (bytes) that its ClientHello's ALPN extension offers,
+    or None: no ALPN extension, or not a ClientHello this reads (another record, a malformed
+    one, one past TLS_HELLO_MAX): OpenSSL judges those as it always did.  wanted is 0, or the
+    bytes needed to know (more than len(data), at most TLS_HELLO_MAX).  The hello may come
+    in several handshake records (RFC 8446 section 5.1).  Pure, linear in len(data)."""
+    message = bytearray()
+    pos = 0
+    while True:
+        if len(data) < pos + 5:
+            return None, pos + 5
+        if data[pos] != 22:                 # handshake
+            return None, 0
+        end = pos + 5 + (data[pos + 3] << 8 | data[pos + 4])
+        if end == pos + 5 or end > TLS_HELLO_MAX:
+            return None, 0
+        if len(data) < end:
+            return None, end
+        message += data[pos + 5:end]
+        pos = end
+        if len(message) >= 4:
+            if message[0] != 1:             # client_hello
+                return None, 0
+            size = 4 + int.from_bytes(message[1:4], 'big')
+            if size > TLS_HELLO_MAX:
+                return None, 0
+            if len(message) >= size:
+                return hello_alpn(bytes(message[4:size])), 0
+
+
+def hello_alpn(body):
+    """The ALPN names of a ClientHello body (RFC 8446 section 4.1.2), or None."""
+    try:
+        pos = 34                                            # legacy_version, random
+        pos += 1 + body[pos]                                # legacy_session_id
+        pos += 2 + (body[pos] << 8 | body[pos + 1])         # cipher_suites
+        pos += 1 + body[pos]                                # legacy_compression_methods
+        end = pos + 2 + (body[pos] << 8 | body[pos + 1])    # extensions
+    except IndexError:
+        return None
+    if end > len(body):
+        return None
+    pos += 2
+    while pos + 4 <= end:
+        kind, size = body[pos] << 8 | body[pos + 1], body[pos + 2] << 8 | body[pos + 3]
+        pos += 4
+        if pos + size > end:
+            return None
+        if kind == 16:                      # application_layer_protocol_negotiation
+            return alpn_names(body[pos:pos + size])
+        pos += size
+    return None
+
+
+def alpn_names(extension):
+    """The names of a ProtocolNameList (RFC 7301 section 3.1), or None if it is malformed."""
+    if len(extension) < 3 or extension[0] << 8 | extension[1] != len(extension) - 2:
+        return None
+    names, pos = [], 2
+    while pos < len(extension):
+        size = extension[pos]
+        if size == 0 or pos + 1 + size > len(extension):
+            return None
+        names.append(extension[pos + 1:pos + 1 + size])
+        pos += 1 + size
+    return names
+
+
 def plain_http_line(first):
     """The request line (for the log) if the first bytes on the HTTPS port are plain HTTP, else
     None (TLS, or bytes that are neither: OpenSSL refuses those with an alert)."""
@@ -2492,11 +2677,13 @@ class TLSConnection(Connection):
     that no epoll event announces (pending()): receive() takes them all at once.
     """
 
-    __slots__ = ()
+    __slots__ = ('hello',)
 
     def __init__(self, sock, peer, worker):
         Connection.__init__(self, sock, peer, worker)
         self.state = HANDSHAKE      # under the header timeout, set by Connection
+        self.hello = 0              # bytes of the ClientHello seen while its rest is awaited;
+                                    # -1 once the first bytes are judged (check_hello)
         # In HANDSHAKE, started says that bytes of it have arrived: until then the connection
         # is as idle as a plain one without a byte of its request (the cap may close it).
 
@@ -2514,19 +2701,8 @@ class TLSConnection(Connection):
             self.close()
 
     def handshake(self):
-        if not self.started:
-            try:
-                first = PEEK(self.sock, PLAIN_HTTP_PEEK, socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                return self.set_events(selectors.EVENT_READ)
-            except OSError:
-                return self.close()
-            if not first:
-                return self.close()     # gone without a word
-            self.started = True
-            line = plain_http_line(first)
-            if line is not None:
-                return self.refuse_plain_http(line)
+        if self.hello >= 0 and not self.check_hello():
+            return
         try:
             self.sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -2539,6 +2715,64 @@ class TLSConnection(Connection):
         self.started = False            # the request has not begun (its bytes may be here)
         self.set_events(selectors.EVENT_READ)
         self.receive()                  # the request often came with the client's Finished
+
+    def check_hello(self):
+        """Judge the first bytes, peeked (OpenSSL reads them after): plain HTTP gets a 400, a
+        ClientHello that offers ALPN without a protocol we speak the alert; one cut short is
+        waited for.  True: go on with the handshake."""
+        try:
+            first = PEEK(self.sock, TLS_HELLO_MAX, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self.set_events(selectors.EVENT_READ)
+            return False
+        except OSError:
+            self.close()
+            return False
+        if not first:
+            self.close()                # gone without a word
+            return False
+        self.started = True
+        line = plain_http_line(first[:PLAIN_HTTP_PEEK])
+        if line is not None:
+            self.hello = -1
+            self.refuse_plain_http(line)
+            return False
+        offers, wanted = client_hello_alpn(first)
+        if wanted and len(first) > self.hello:
+            # Woken again with no more bytes is the EOF (or a socket that ignores the low
+            # mark): then OpenSSL has the last word, as it does with a hello past our bound.
+            self.hello = len(first)
+            self.receive_at_least(wanted)
+            self.set_events(selectors.EVENT_READ)
+            return False
+        if self.hello:
+            self.receive_at_least(1)
+        self.hello = -1
+        if offers is not None and not ALPN_SERVED.intersection(offers):
+            self.refuse_alpn(len(first), offers)
+            return False
+        return True
+
+    def receive_at_least(self, count):
+        """epoll reports the socket readable once count bytes are in (or at EOF)."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, count)
+        except OSError:
+            pass
+
+    def refuse_alpn(self, size, offers):
+        """RFC 7301 section 3.2: a fatal no_application_protocol alert, then a close.  The
+        hello is read first (it was only peeked): a close with unread input would send a reset
+        that can destroy the alert before the client reads it."""
+        names = ', '.join(repr(name) for name in offers[:8]) + (', ...' if len(offers) > 8 else '')
+        log('worker: TLS client %s offers ALPN %s, not %s: refused with no_application_protocol'
+            % (self.peer, names, ' or '.join(ALPN)))
+        try:
+            PEEK(self.sock, size)
+            os.write(self.fd, NO_APPLICATION_PROTOCOL)     # nothing was sent yet
+        except OSError:
+            pass
+        Connection.close(self)
 
     def refuse_plain_http(self, line):
         """Plain HTTP on the HTTPS port: a plain 400 that says so, then a lingering close."""
@@ -2633,6 +2867,11 @@ class TLSConnection(Connection):
                 self.sock.unwrap()          # sends close_notify; the peer's is not waited for
             except (OSError, ValueError):
                 pass
+        elif self.state == HANDSHAKE and self.hello > 0:
+            try:
+                PEEK(self.sock, TLS_HELLO_MAX)  # the part of a hello we waited on: no reset
+            except OSError:
+                pass
         Connection.close(self, linger)
 
 
@@ -2692,7 +2931,7 @@ def tls_context(cert, key, allow_readable_key=False):
     # OpenSSL 3 it would otherwise turn the close into a decode_error alert to the client.
     context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, 'OP_NO_RENEGOTIATION', 0) \
         | getattr(ssl, 'OP_IGNORE_UNEXPECTED_EOF', 0)
-    context.set_alpn_protocols(['http/1.1'])
+    context.set_alpn_protocols(list(ALPN))
     asked = []
     try:
         context.load_cert_chain(cert, key, password=lambda: asked.append(1) or b'')
@@ -2738,6 +2977,7 @@ class Responder:
         self.own_files = own_files
         self.files = FileCache()
         self.images = ImageInfoCache()
+        self.pages = PageCache()
         self.paths = {}                     # request target -> (path, relative, trailing, query)
         self.file_error_logged = -1.0
 
@@ -3048,25 +3288,61 @@ class Responder:
         return fresh
 
     def respond_gallery(self, conn, req, fd, path, url_path, query):
-        """The gallery page (or its JSON) of the directory open at fd: 304 if the ETag still
-        matches, else the image headers of the entries on the page are read (or found cached).
-        Only the shown entries are stat()ed, unless the order is by date or size."""
-        sort, page, fmt = gallery_options(query, req.headers.get('accept', ''))
+        """The gallery page (or its JSON) of the directory open at fd: from the PageCache if
+        it was built within PAGE_TTL; else 304 if the ETag still matches, else the image headers
+        of the entries on the page are read (or found cached) and the page is built and kept.
+        A HEAD is answered from the same page: its Content-Length is the body's length."""
+        sort, number, fmt = gallery_options(query, req.headers.get('accept', ''))
         dir_st = os.fstat(fd)
-        catalog = gallery_catalog(self.scan_directory(fd, path), gallery_room(url_path, path, self.max_header_size))
-        if sort != 'name':                 # every entry's stat, in the catalog's order
-            catalog.entries = self.stat_entries(fd, path, catalog.entries)
-        listing = gallery_listing(catalog, sort, page)
-        listing.entries = [GalleryEntry(*e[1:]) for e in self.stat_entries(
-            fd, path, [(None, e.name, e.is_dir, e.st, e.kind) for e in listing.entries])]
-        etag = gallery_etag(dir_st, url_path, listing, fmt)
-        validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
+        key = (path, url_path, sort, number, fmt, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns,
+               dir_st.st_ctime_ns, self.own_files.added)
+        page = self.pages.get(key, self.clock.now)
+        if page is None:
+            listing = self.list_page(fd, path, url_path, sort, number, dir_st)
+            etag = gallery_etag(dir_st, url_path, listing, fmt)
+        else:
+            etag = page[0]
         if precondition_failed(req.headers, etag, None):
             raise HTTPError(412)
         inm = req.headers.get('if-none-match')
         if inm is not None and etag_matches(inm, etag[2:]):     # weak comparison
+            validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
             return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,
                                                           req.version, self.common_headers))
+        if page is None:
+            page = self.gallery_body(path, url_path, listing, fmt, etag)
+            self.pages.store(key, self.clock.now + PAGE_TTL, page, len(page[2]))
+        head = response_head(200, self.clock.date, page[1], conn.keep_alive, req.version, self.common_headers)
+        conn.start_response(200, head, b'' if req.method == b'HEAD' else page[2])
+
+    def list_page(self, fd, path, url_path, sort, number, dir_st):
+        """The GalleryListing of one page of the directory open at fd: the entries shown are
+        stat()ed (all of them to sort by date or size)."""
+        catalog = self.catalog(fd, path, url_path, dir_st)
+        if sort != 'name':                 # every entry's stat, in the catalog's order
+            catalog = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
+                                     catalog.images, catalog.files, catalog.unlisted)
+        listing = gallery_listing(catalog, sort, number)
+        listing.entries = [GalleryEntry(*e[1:]) for e in self.stat_entries(
+            fd, path, [(None, e.name, e.is_dir, e.st, e.kind) for e in listing.entries])]
+        return listing
+
+    def catalog(self, fd, path, url_path, dir_st):
+        """The GalleryCatalog of the directory open at fd: kept (see CATALOG_TTL), else scanned."""
+        key = ('catalog', path, url_path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns,
+               dir_st.st_ctime_ns, self.own_files.added)
+        now = self.clock.now
+        catalog = self.pages.get(key, now)
+        if catalog is None:
+            room = gallery_room(url_path, path, self.max_header_size)
+            catalog = gallery_catalog(self.scan_directory(fd, path), room)
+            settled = max(dir_st.st_mtime, dir_st.st_ctime) < self.clock.wall - 1
+            self.pages.store(key, now + (CATALOG_TTL if settled else PAGE_TTL), catalog,
+                             CATALOG_ENTRY_BYTES * len(catalog.entries))
+        return catalog
+
+    def gallery_body(self, path, url_path, listing, fmt, etag):
+        """(etag, the 200's fields, body) of a listing: what the PageCache keeps."""
         infos = {}
         for e in listing.entries:
             if e.kind == 'image':
@@ -3077,9 +3353,9 @@ class Responder:
         else:
             body, ctype = gallery_page(url_path, listing, infos), b'text/html; charset=utf-8'
             policy = b'Content-Security-Policy: ' + GALLERY_CSP.encode('ascii') + b'\r\n'
-        fields = b'Content-Type: %s\r\nContent-Length: %d\r\n%s%s' % (ctype, len(body), validators, policy)
-        head = response_head(200, self.clock.date, fields, conn.keep_alive, req.version, self.common_headers)
-        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
+        fields = b'Content-Type: %s\r\nContent-Length: %d\r\nETag: %s\r\nCache-Control: no-cache\r\n' \
+                 b'Vary: Accept\r\n%s' % (ctype, len(body), etag.encode('ascii'), policy)
+        return etag, fields, body
 
     def respond_thumbnail(self, conn, req, entry, path):
         """`image.jpg?thumb`: the JPEG thumbnail embedded in the file's EXIF, turned as the
@@ -3160,7 +3436,9 @@ class Worker:
     """Serves connections from the shared listening sockets until told to drain.
 
     The loop, on one screen in serve(): wait for events (at most until the next second),
-    dispatch each to its callback, then once a second the timeouts, and the access-log lines.
+    dispatch each to its callback, then the ready list (the connections that had their share of
+    the turn with work left: SEND_BUDGET, TURN_REQUESTS; no wait while it holds any), once a
+    second the timeouts, and the access-log lines.
     """
 
     def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
@@ -3190,7 +3468,7 @@ class Worker:
         self.selector = selectors.DefaultSelector()
         self.escaped = {}               # raw access-log fields -> their escaped form
         self.conns = set()
-        self.deferred = []
+        self.deferred = []              # the ready list (defer, run_deferred)
         self.log_lines = []
         self.log_backlog = bytearray()  # lines the access log could not take yet (ENOSPC...)
         self.log_lost = 0               # lines beyond ACCESS_BACKLOG, dropped while it failed
@@ -3362,13 +3640,17 @@ class Worker:
             self.share.publish(len(self.conns))
 
     def defer(self, conn):
-        self.deferred.append(conn)
+        """Put conn on the ready list: it has had its share of this turn (SEND_BUDGET,
+        TURN_REQUESTS) and has more to do; the next select() does not wait while it waits."""
+        if not conn.queued:
+            conn.queued = True
+            self.deferred.append(conn)
 
     def run_deferred(self):
         deferred, self.deferred = self.deferred, []
         for conn in deferred:
-            if conn.state == SENDING:
-                conn.on_event(selectors.EVENT_WRITE)
+            if conn.queued:                 # not closed meanwhile
+                conn.resume()
 
     # -- the access log --
 

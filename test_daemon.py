@@ -22,6 +22,7 @@ import pwd
 import random
 import re
 import select
+import selectors
 import signal
 import socket
 import ssl
@@ -3540,6 +3541,7 @@ class WorkerInProcessTests(unittest.TestCase):
                 pass
             self.client.setblocking(True)
             self.conn.on_event(2)
+            self.worker.run_deferred()      # the rest of the pipeline, one share a turn
         self.assertEqual(received.count(b'HTTP/1.1 200 OK'), count)
 
 
@@ -5863,6 +5865,176 @@ class ConnectionTimeoutTests(SharedAgentTestCase):
         self.assertTrue(closed)
         self.assert_serving()
 
+class PipelineFairnessTests(unittest.TestCase):
+    """One connection must never cost the others (issue 26, item 3): a worker in this process,
+    connections over socketpairs, driven one loop turn at a time, as Worker.serve() does."""
+
+    def setUp(self):
+        self.worker, self.root = edge_worker(self)
+        write_file(self.root, 'a.jpg', b'a' * 10)
+        write_file(self.root, 'b.jpg', b'b' * 20)
+        self.big = os.path.join(self.root, 'big')
+        os.mkdir(self.big)
+        for i in range(300):
+            write_file(self.big, 'p%d.jpg' % i, b'x' * (i % 7))
+
+    def connect(self):
+        server_end, client = socket.socketpair()
+        self.addCleanup(client.close)
+        self.addCleanup(server_end.close)
+        server_end.setblocking(False)
+        client.setblocking(False)
+        conn = agent.Connection(server_end, '127.0.0.1', self.worker)
+        self.worker.conns.add(conn)
+        return conn, client
+
+    def received(self, client, into):
+        try:
+            while True:
+                chunk = client.recv(1 << 20)
+                if not chunk:
+                    break
+                into.extend(chunk)
+        except BlockingIOError:
+            pass
+        return bytes(into)
+
+    def test_a_pipeline_yields_to_the_others_and_is_answered_in_order_later(self):
+        count = 300
+        flood, flood_client = self.connect()
+        other, other_client = self.connect()
+        flood_client.sendall(b''.join(raw_request('/%s.jpg' % 'ab'[i % 2]) for i in range(count)))
+        other_client.sendall(raw_request('/b.jpg'))
+        flood.on_event(selectors.EVENT_READ)
+        flood_got = bytearray()
+        first_turn = self.received(flood_client, flood_got).count(b'HTTP/1.1 200 OK')
+        self.assertGreater(first_turn, 0)
+        self.assertLessEqual(first_turn, agent.TURN_REQUESTS)
+        # Readable again while it waits on the ready list: no more of its requests are read
+        # or answered out of turn (its input would grow without bound).
+        flood.on_event(selectors.EVENT_READ)
+        self.assertEqual(self.received(flood_client, flood_got).count(b'HTTP/1.1 200 OK'), first_turn)
+        other.on_event(selectors.EVENT_READ)
+        other_got = self.received(other_client, bytearray())
+        self.assertTrue(other_got.startswith(b'HTTP/1.1 200 OK'), other_got[:80])
+        turns = 0
+        for _ in range(count):
+            self.received(flood_client, flood_got)      # room for its responses
+            if self.worker.deferred:
+                self.worker.run_deferred()  # the loop comes back without a new packet
+                turns += 1
+            elif flood.state == agent.SENDING:
+                flood.on_event(selectors.EVENT_WRITE)
+            else:
+                break
+        data = self.received(flood_client, flood_got)
+        lengths = re.findall(rb'Content-Length: (\d+)', data)
+        self.assertEqual(lengths, [b'10', b'20'] * (count // 2))     # all of them, in order
+        self.assertGreaterEqual(turns, count // agent.TURN_REQUESTS - 1)
+        self.assertEqual(flood.state, agent.READING)
+        self.assertEqual(flood.inbuf, b'')
+
+    def page(self, target='/big/', method='GET', *headers):
+        conn = PageCapture()
+        raw = b'%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n' % (method.encode(), target.encode(),
+                                                         b''.join(h.encode() + b'\r\n' for h in headers))
+        self.worker.responder.respond(conn, agent.parse_request(raw)[0])
+        return conn
+
+    def test_a_page_within_a_second_is_not_built_again_nor_for_a_head(self):
+        with mock.patch.object(agent.os, 'scandir', wraps=os.scandir) as scandir, \
+                mock.patch.object(agent, 'gallery_page', wraps=agent.gallery_page) as build:
+            get = self.page()
+            heads = [self.page(method='HEAD') for _ in range(5)]
+            again = self.page()
+            self.assertEqual((scandir.call_count, build.call_count), (1, 1))
+            for head in heads:
+                self.assertEqual(head.body, b'')
+                self.assertIn(b'Content-Length: %d\r\n' % len(get.body), head.head)
+                self.assertIn(re.search(rb'ETag: [^\r]*', get.head).group(), head.head)
+            self.assertEqual(again.body, get.body)
+            # Whatever makes a page different is its own entry: the query, the format; all are
+            # cut from one catalog of the directory.
+            self.assertNotEqual(self.page('/big/?sort=size').body, get.body)
+            self.assertIn(b'application/json', self.page('/big/?format=json').head)
+            self.assertEqual((scandir.call_count, build.call_count), (1, 2))
+            # A second later the page is built again (sizes change in place), and the directory
+            # read again: it changed within the second before the scan.
+            self.worker.now += agent.PAGE_TTL
+            self.assertEqual(self.page().body, get.body)
+            self.assertEqual((scandir.call_count, build.call_count), (2, 3))
+            # A directory that has not changed for a second keeps its catalog CATALOG_TTL.
+            self.worker.wall = int(time.time()) + 60
+            self.worker.now += agent.PAGE_TTL
+            self.page()
+            self.worker.now += agent.PAGE_TTL
+            self.page()
+            self.assertEqual((scandir.call_count, build.call_count), (3, 5))
+            self.worker.now += agent.CATALOG_TTL
+            self.page()
+            self.assertEqual(scandir.call_count, 4)
+
+    def test_a_changed_directory_or_own_file_is_never_served_from_the_cache(self):
+        first = self.page()
+        write_file(self.big, 'new.jpg', b'n')
+        self.assertIn(b'new.jpg', self.page().body)
+        self.assertIn(b'p5.jpg', self.page().body)
+        os.link(os.path.join(self.big, 'p5.jpg'), os.path.join(self.root, 'agent.log'))
+        self.worker.responder.own_files.add(os.path.join(self.root, 'agent.log'))    # a reopened log
+        self.assertNotIn(b'p5.jpg', self.page().body)
+        self.assertNotEqual(first.body, self.page().body)
+
+    def test_the_page_cache_is_bounded_in_entries_and_bytes_oldest_out_first(self):
+        cache = agent.PageCache(entries=4, budget=1000)
+        for key in range(6):
+            cache.store(key, 10.0, 'page %d' % key, 100)
+        self.assertEqual(list(cache.pages), [2, 3, 4, 5])
+        cache.store('big', 10.0, 'big', 800)
+        self.assertEqual((list(cache.pages), cache.bytes), ([4, 5, 'big'], 1000))
+        cache.store('too big', 10.0, 'x', 1001)             # never kept
+        self.assertEqual((cache.get('too big', 0.0), cache.bytes), (None, 1000))
+        self.assertEqual((cache.get(5, 9.9), cache.get(5, 10.0)), ('page 5', None))   # until its time
+        self.page()
+        self.assertLessEqual(len(self.worker.responder.pages.pages), agent.PAGE_CACHE_ENTRIES)
+
+
+class PipelineFairnessServerTests(SharedAgentTestCase):
+    """The same over loopback, with one worker: a client's pipeline and another client's
+    request arrive while the worker is stopped (SIGSTOP), so that one epoll wake-up finds both;
+    the other client is answered before the pipeline's end, and the pipeline whole, in order."""
+
+    workers = 1
+
+    @classmethod
+    def make_files(cls):
+        write_file(cls.server.root, 'a.jpg', FILE_A)
+        write_file(cls.server.root, 'b.jpg', b'b' * 20)
+
+    def test_another_client_is_answered_within_a_pipeline(self):
+        count = 400
+        flood, other = self.conn(timeout=TIMEOUT), self.conn(timeout=TIMEOUT)
+        for conn in (flood, other):         # accepted (deferred accept waits for bytes)
+            conn.send(raw_request('/a.jpg'))
+            self.assertEqual(conn.response().status, 200)
+        wait_for(lambda: len(self.server.access_lines()) >= 2, message='the first two lines logged')
+        before = len(self.server.access_lines())
+        worker = self.server.workers()[0]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            flood.send(b''.join(raw_request('/a.jpg', method='HEAD') for _ in range(count)))
+            other.send(raw_request('/b.jpg'))
+            time.sleep(0.2)                 # both packets in the worker's socket buffers
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        self.assertEqual(other.response().body, b'b' * 20)
+        for _ in range(count):
+            self.assertEqual(flood.response(head_only=True).status, 200)
+        wait_for(lambda: len(self.server.access_lines()) >= before + count + 1, message='every line logged')
+        lines = self.server.access_lines()[before:]
+        position = next(i for i, line in enumerate(lines) if '"GET /b.jpg ' in line)
+        self.assertLess(position, count, 'the other client was answered after the whole pipeline')
+        self.assertLessEqual(position, 2 * agent.TURN_REQUESTS)
+
 
 # ---------------------------------------------------------------------------------------------
 # The gallery: directory pages over loopback (the names a file system allows, validators)
@@ -6772,9 +6944,10 @@ class PageCapture:
 
 
 class GalleryInProcessTests(unittest.TestCase):
-    """A directory of 276 pictures listed by a worker in this process: like nginx, every
-    request reads the directory, and stats the entries it shows (all of them to sort by date or
-    size), so a change shows on the next request whatever the directory's stamps say."""
+    """A directory of 276 pictures listed by a worker in this process: a request reads the
+    directory, and stats the entries it shows (all of them to sort by date or size), unless the
+    same page was built within PAGE_TTL; an entry added, removed or renamed changes the
+    directory's stamps and shows at once, a file changed in place within PAGE_TTL."""
 
     def setUp(self):
         self.worker, self.root = edge_worker(self)
@@ -6784,6 +6957,7 @@ class GalleryInProcessTests(unittest.TestCase):
         for i in range(276):
             with open(os.path.join(self.big, 'p%d.jpg' % i), 'wb') as f:
                 f.write(b'x' * (i % 7))
+        self.later = 0.0
 
     def page(self, target='/big/', *headers, status=200):
         conn = PageCapture()
@@ -6793,6 +6967,7 @@ class GalleryInProcessTests(unittest.TestCase):
         # cache keyed by its stamps would keep a listing.
         self.worker.clock()
         self.worker.wall = int(time.time()) + 60
+        self.worker.now += self.later       # PAGE_TTL past, where a test says so
         self.responder.respond(conn, agent.parse_request(raw)[0])
         self.assertEqual(conn.status, status, conn.head)
         return conn
@@ -6800,14 +6975,14 @@ class GalleryInProcessTests(unittest.TestCase):
     def names(self, conn):
         return re.findall(r'<figure><a class="g" href="([^"]*)"', conn.body.decode())
 
-    def test_every_request_reads_the_directory(self):
+    def test_the_directory_is_read_again_once_it_changes(self):
         with mock.patch.object(agent.os, 'scandir', wraps=os.scandir) as scandir:
             first = self.page()
             self.assertEqual(self.page().body, first.body)
             etag = first.head.split(b'ETag: ')[1].split(b'\r\n')[0].decode()
             self.assertEqual(self.page('/big/', 'If-None-Match: ' + etag, status=304).body, b'')
             self.assertEqual(self.page('/big/?sort=size').status, 200)
-        self.assertEqual(scandir.call_count, 4)
+        self.assertEqual(scandir.call_count, 1)     # one catalog, kept: the directory has not changed
         # Added, removed and renamed in the same second as the last read: on the next request.
         with open(os.path.join(self.big, 'p0a.jpg'), 'wb') as f:
             f.write(b'new')
@@ -6828,6 +7003,7 @@ class GalleryInProcessTests(unittest.TestCase):
         with open(os.path.join(self.big, 'p3.jpg'), 'wb') as f:      # in place: the directory stays
             f.write(b'y' * 100)
         os.utime(os.path.join(self.big, 'p4.jpg'), (4e9, 4e9))
+        self.later = agent.PAGE_TTL         # the directory's stamps did not change
         self.assertEqual(self.names(self.page('/big/?sort=size'))[0], 'p3.jpg')
         self.assertEqual(self.names(self.page('/big/?sort=date'))[0], 'p4.jpg')
         self.assertIn('100 B', self.page().body.decode().split('p3.jpg</strong>')[1][:60])
@@ -7017,6 +7193,8 @@ class ByteStreamTests(unittest.TestCase):
 
             def pump():
                 for _ in range(10000):
+                    if self.worker.deferred:
+                        self.worker.run_deferred()      # the loop's ready list: its next turn
                     if conn.state == agent.SENDING:
                         conn.on_event(2)
                     try:
@@ -7025,7 +7203,7 @@ class ByteStreamTests(unittest.TestCase):
                         chunk = None
                     if chunk:
                         out.append(chunk)
-                    elif conn.state != agent.SENDING:
+                    elif conn.state != agent.SENDING and not self.worker.deferred:
                         return
             for piece in pieces:
                 if conn.state == agent.CLOSED or conn.state == agent.LINGERING:
@@ -7399,10 +7577,13 @@ def tls_client_context(ca_cert):
     return context
 
 
-def tls_client_hello():
-    """The bytes of a real TLS ClientHello (from an in-memory client)."""
+def tls_client_hello(alpn=None):
+    """The bytes of a real TLS ClientHello (from an in-memory client), offering alpn if given."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname='localhost')
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)      # no CA to load: the hello is all we want
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
+    client = context.wrap_bio(incoming, outgoing, server_hostname='localhost')
     try:
         client.do_handshake()
     except ssl.SSLWantReadError:
@@ -7640,6 +7821,140 @@ class TLSServerTests(unittest.TestCase):
                 conn.send(raw_request('/a.jpg', host=host))
                 self.assertEqual(conn.response().status, 400)
         self.log_is_clean()
+
+    def test_a_client_offering_alpn_without_http_1_1_gets_a_fatal_alert(self):
+        """RFC 7301 section 3.2, as nginx does: no_application_protocol, not a handshake; a
+        client that offers http/1.1 among others, or no ALPN at all, is served."""
+        context = ssl.create_default_context(cafile=self.ca[0])
+        context.set_alpn_protocols(['h2'])
+        with socket.create_connection(('127.0.0.1', self.server.port), timeout=5) as raw:
+            with self.assertRaises(ssl.SSLError) as caught:
+                context.wrap_socket(raw, server_hostname='localhost')
+        self.assertIn('NO APPLICATION PROTOCOL', str(caught.exception).upper().replace('_', ' '))
+        tls_tool(self, 'openssl')
+        result = run(['openssl', 's_client', '-connect', '127.0.0.1:%d' % self.server.port, '-alpn', 'h2',
+                      '-CAfile', self.ca[0], '-servername', 'localhost'])
+        self.assertIn('no application protocol', result.stdout + result.stderr)
+        self.assertNotIn('ALPN protocol', result.stdout)
+        for offers, chosen in ((['h2', 'http/1.1'], 'http/1.1'), (None, None)):
+            with self.subTest(offers=offers):
+                context = ssl.create_default_context(cafile=self.ca[0])
+                if offers is not None:
+                    context.set_alpn_protocols(offers)
+                raw = socket.create_connection(('127.0.0.1', self.server.port), timeout=5)
+                conn = RawConn(timeout=5, sock=context.wrap_socket(raw, server_hostname='localhost'))
+                self.addCleanup(conn.close)
+                self.assertEqual(conn.sock.selected_alpn_protocol(), chosen)
+                conn.send(raw_request('/a.jpg'))
+                self.assertEqual(conn.response().body, FILE_A)
+        wait_for(lambda: slurp(self.server.log).count("ALPN b'h2'") >= 2, message='the refusals logged')
+        self.assertIn('127.0.0.1 offers ALPN', slurp(self.server.log))
+        self.log_is_clean()
+
+    def test_a_long_pipeline_over_tls_is_answered_whole(self):
+        """More than a turn's share (TURN_REQUESTS) in one TLS write: the rest is decrypted and
+        waiting in the connection, with no epoll event to say so; the ready list comes back."""
+        conn = self.conn(timeout=TIMEOUT)
+        count = 5 * agent.TURN_REQUESTS + 3
+        conn.send(b''.join(raw_request('/a.jpg', method='HEAD') for _ in range(count)) + raw_request('/a.jpg'))
+        for _ in range(count):
+            self.assertEqual(conn.response(head_only=True).status, 200)
+        self.assertEqual(conn.response().body, FILE_A)
+        self.log_is_clean()
+
+    def test_a_client_hello_split_across_packets(self):
+        """The ALPN list read from a ClientHello that comes in two packets, cut inside it."""
+        for offers, refused in ((['h2'], True), (['h2', 'http/1.1'], False)):
+            with self.subTest(offers=offers):
+                hello = tls_client_hello(offers)
+                cut = hello.index(b'h2') + 1
+                with socket.create_connection(('127.0.0.1', self.server.port), timeout=5) as raw:
+                    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    raw.sendall(hello[:cut])
+                    time.sleep(0.2)             # the worker sees the first part alone
+                    raw.sendall(hello[cut:])
+                    answer = b''
+                    while len(answer) < 7:
+                        chunk = raw.recv(7 - len(answer))
+                        if not chunk:
+                            break
+                        answer += chunk
+                if refused:
+                    self.assertEqual(answer, b'\x15\x03\x03\x00\x02\x02\x78')    # fatal(2), 120
+                else:
+                    self.assertEqual(answer[:1], b'\x16')        # a ServerHello
+        self.log_is_clean()
+
+
+class ClientHelloAlpnTests(unittest.TestCase):
+    """client_hello_alpn(): the ALPN names a TLS ClientHello offers, read from the first bytes
+    of a connection; bounded (TLS_HELLO_MAX), and never an exception, whatever the bytes."""
+
+    def records(self, message, sizes):
+        """The handshake message cut into records of these sizes (the last takes the rest)."""
+        out, pos = b'', 0
+        for size in list(sizes) + [len(message)]:
+            part = message[pos:pos + size]
+            if part:
+                out += b'\x16\x03\x01' + struct.pack('>H', len(part)) + part
+            pos += size
+        return out
+
+    def test_the_names_offered(self):
+        alpn = agent.client_hello_alpn
+        self.assertEqual(alpn(tls_client_hello(['h2'])), ([b'h2'], 0))
+        self.assertEqual(alpn(tls_client_hello(['h2', 'http/1.1'])), ([b'h2', b'http/1.1'], 0))
+        self.assertEqual(alpn(tls_client_hello()), (None, 0))       # no ALPN: served as before
+        self.assertEqual(alpn(tls_client_hello(['h2']) + b'\x14\x03\x03'), ([b'h2'], 0))
+
+    def test_a_hello_cut_short_asks_for_the_rest(self):
+        for hello in (tls_client_hello(['h2']), self.records(tls_client_hello(['h2'])[5:], [1, 3, 40, 100])):
+            self.assertEqual(agent.client_hello_alpn(hello), ([b'h2'], 0))
+            for cut in range(len(hello)):
+                offers, wanted = agent.client_hello_alpn(hello[:cut])
+                self.assertIsNone(offers, cut)
+                self.assertGreater(wanted, cut)
+                self.assertLessEqual(wanted, len(hello))
+
+    def test_a_hello_in_several_records(self):
+        message = tls_client_hello(['x', 'h2'])[5:]
+        for sizes in ([1], [4], [5, 5, 5], [len(message) - 1], [100, 100]):
+            with self.subTest(sizes=sizes):
+                self.assertEqual(agent.client_hello_alpn(self.records(message, sizes)), ([b'x', b'h2'], 0))
+
+    def test_what_is_not_a_hello_is_left_to_openssl(self):
+        hello = tls_client_hello(['h2'])
+        body = hello[9:]
+        for data in (b'GET / HTTP/1.1\r\n', b'\x15\x03\x03\x00\x02\x02\x28', b'\x16\x03\x01\x00\x00',
+                     b'\x16\x03\x01\x48\x01' + b'\x01' * 100,             # a record over 2^14
+                     hello[:5] + b'\x02' + hello[6:],                          # not a ClientHello
+                     b'\x16\x03\x01\x00\x04\x01\xff\xff\xff',                # 16 MB announced
+                     self.records(b'\x01\x00\x40\x00' + b'\x03' * 0x4000, [2000]),  # past TLS_HELLO_MAX
+                     b'\x16\x03\x01\x00\x2c\x01\x00\x00\x28' + body[:40],       # fields past its end
+                     b'\x80\x2e\x01\x00\x02'):                              # SSLv2
+            with self.subTest(data=data[:12]):
+                self.assertEqual(agent.client_hello_alpn(data), (None, 0))
+
+    def test_hostile_hellos(self):
+        """Random corruptions and truncations: an answer of the documented shape, at once."""
+        rng = random.Random(26)
+        hellos = [tls_client_hello(['h2']), tls_client_hello(['h2', 'http/1.1']), tls_client_hello()]
+        for _ in range(2500):
+            data = bytearray(rng.choice(hellos))
+            for _ in range(rng.randint(1, 4)):
+                pos = rng.randrange(len(data))
+                data[pos] = rng.choice((0, 1, 2, 0x10, 0x7f, 0xff, rng.randrange(256)))
+            data = bytes(data[:rng.randint(0, len(data))])
+            offers, wanted = agent.client_hello_alpn(data)
+            if wanted:
+                self.assertIsNone(offers)
+                self.assertGreater(wanted, len(data))
+                self.assertLessEqual(wanted, agent.TLS_HELLO_MAX)
+            elif offers is not None:
+                self.assertTrue(offers and all(isinstance(name, bytes) and name for name in offers))
+
+    def test_the_alert(self):
+        self.assertEqual(agent.NO_APPLICATION_PROTOCOL, b'\x15\x03\x03\x00\x02\x02\x78')
 
 
 class TLSOwnAgentTests(unittest.TestCase):
@@ -8876,8 +9191,9 @@ CLASS_SECONDS = {
     'DaemonProcessTests': 10.2, 'ExhaustionTests': 10.1, 'HttpServerTests': 1.6,
     'TLSOwnAgentTests': 5.1, 'CommonMistakeTests': 4.6, 'ClassicRecipeBugTests': 4.3,
     'SdNotifyTests': 3.9, 'ConcurrentActionsTests': 3.8, 'TLSStartAndReloadTests': 3.4,
-    'TLSServerTests': 3.4, 'NothingLeftBehindTests': 3.2, 'ReadmeTests': 3.0,
+    'TLSServerTests': 6.1, 'NothingLeftBehindTests': 3.2, 'ReadmeTests': 3.0,
     'SymlinkSwapRaceTests': 2.6, 'StopDuringReloadOrUpgradeTests': 2.6, 'InitScriptTests': 2.5,
+    'PipelineFairnessServerTests': 2.5,
     'HonestCommandLineTests': 2.5, 'AgentLifecycleTests': 2.1, 'FromBytecodeTests': 2.0,
     'UnlockedPidfileWordingTests': 1.9, 'SafeDefaultsTests': 1.6, 'SocketActivationTests': 1.5,
     'RedirectHostAndFileChangeTests': 1.5, 'StartStopDaemonTests': 1.3, 'PidfileRemovedTests': 1.2,

@@ -27,6 +27,11 @@ Image mode (--images N): agent.image_info, the gallery's header parsers, over N 
 sample files (bench/samples.py: camera JPEGs with EXIF thumbnails, PNG, GIF, WebP, BMP, ICO, SVG):
 only an ImageInfo or None, sizes within MAX_DIMENSION, a thumbnail inside the bytes.
 
+Pipelined-flood mode (--flood N): N packets of 300 pipelined requests (files, the gallery as
+HTML and JSON, GET and HEAD, a 404, a folder of 2,000 files), each in one write on its own connection, 4 at a time,
+while a probe asks for a file on fresh connections: every request of a packet is answered, in
+order, and every probe within --case-timeout.  See FLOOD_DEPTH.
+
 In-process mode (--in-process N): the same mutator drives agent.parse_request directly (then
 check_method and map_target on the target, parse_range, parse_ranges and if_range_allows on
 any Range header, not_modified and escape_log), over pipelined requests as the worker loop would.  The
@@ -943,6 +948,102 @@ def network_mode(args, seed):
     return 0
 
 # ---------------------------------------------------------------------------------------------
+# Pipelined-flood mode
+# ---------------------------------------------------------------------------------------------
+
+# --flood N: N packets of FLOOD_DEPTH pipelined requests, each sent in one write on a
+# connection of its own, FLOOD_CONNS at a time, while a probe asks for a.jpg on fresh
+# connections, one after another: every request of a packet must be answered, in order, with
+# the status (and for a.jpg the bytes) that the tree gives, and every probe within
+# --case-timeout (one client's pipeline must never stop a worker from serving the others).
+FLOOD_DEPTH = 300
+FLOOD_CONNS = 4
+FLOOD_TARGETS = [(b'GET', b'/a.jpg', 200), (b'HEAD', b'/a.jpg', 200), (b'HEAD', b'/gallery/', 200),
+                 (b'GET', b'/gallery/', 200), (b'GET', b'/gallery/?format=json', 200),
+                 (b'HEAD', b'/gallery/?sort=size', 200), (b'GET', b'/nothing', 404), (b'HEAD', b'/dir/', 200),
+                 (b'HEAD', b'/many/', 200), (b'GET', b'/many/', 200), (b'HEAD', b'/many/', 200)]
+FLOOD_FOLDER = 2000         # files in many/, the costly page (its own, not in the fuzz tree)
+
+
+def flood_packet(seed, index):
+    """(payload, [(method, target, status)]) of packet index: FLOOD_DEPTH requests, then a
+    GET of a.jpg with Connection: close."""
+    rng = random.Random('flood:%d:%d' % (seed, index))
+    chosen = [rng.choice(FLOOD_TARGETS) for _ in range(FLOOD_DEPTH)] + [(b'GET', b'/a.jpg', 200)]
+    payload = b''.join(b'%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n' % (method, target,
+                                                                 b'Connection: close\r\n' if i == FLOOD_DEPTH else b'')
+                       for i, (method, target, _) in enumerate(chosen))
+    return payload, chosen
+
+
+def flood_case(port, seed, index, timeout):
+    """None if packet index was answered whole and in order, else what went wrong."""
+    payload, chosen = flood_packet(seed, index)
+    heads = [method == b'HEAD' for method, _, _ in chosen]
+    data, ending = exchange(port, [payload], True, None, timeout * 4)
+    try:
+        found = split_responses(data, heads)
+    except BadResponse as exc:
+        return 'packet %d: %s (%s)' % (index, exc, ending)
+    if ending != 'eof' or len(found) != len(chosen):
+        return 'packet %d: %d of %d responses, then %s' % (index, len(found), len(chosen), ending)
+    reference = file_bytes('a.jpg', FILES['a.jpg'])
+    for i, ((method, target, status), (got, _, body)) in enumerate(zip(chosen, found)):
+        if got != status or target == b'/a.jpg' and body != (b'' if method == b'HEAD' else reference):
+            return 'packet %d, request %d (%s %s): %d, %d bytes' % (index, i, method, target, got, len(body))
+    return None
+
+
+def flood_mode(args, seed):
+    server = None
+    failures = []
+    probes = 0
+    try:
+        server = harness.AgentProcess(workers=args.workers, options=args.agent_option or [], keep=args.keep,
+                                      agent=args.agent)
+        make_tree(server.root)
+        os.mkdir(os.path.join(server.root, 'many'))
+        for i in range(FLOOD_FOLDER):
+            with open(os.path.join(server.root, 'many', 'p%04d.jpg' % i), 'wb') as f:
+                f.write(b'\xff\xd8\xff')
+        server.start()
+        workers_before = server.workers()
+        reference = file_bytes('a.jpg', FILES['a.jpg'])
+        started = time.monotonic()
+        print('flood: seed %d, %d packets of %d pipelined requests, %d at a time, and a probe'
+              % (seed, args.flood, FLOOD_DEPTH, FLOOD_CONNS), flush=True)
+        with concurrent.futures.ThreadPoolExecutor(FLOOD_CONNS) as pool:
+            futures = [pool.submit(flood_case, server.port, seed, i, args.case_timeout) for i in range(args.flood)]
+            while not all(f.done() for f in futures) and time.monotonic() < args.deadline:
+                problem = clean_request(server.port, reference, args.case_timeout)
+                probes += 1
+                if problem:
+                    failures.append('probe %d, during the flood: %s' % (probes, problem))
+            failures += [problem for problem in (f.result() for f in futures if f.done()) if problem]
+            if not all(f.done() for f in futures):
+                failures.append('time bound %gs reached' % args.max_time)
+        elapsed = time.monotonic() - started
+        workers_after = server.workers()
+        bad_log = server.bad_log_lines()
+    finally:
+        if server is not None:
+            server.stop()
+            server.cleanup()
+    for problem in failures[:5]:
+        print('FAIL flood: ' + problem)
+    for line in bad_log[:10]:
+        print('LOG: ' + line)
+    if workers_before != workers_after:
+        failures.append('worker pids changed %s -> %s' % (workers_before, workers_after))
+    if failures or bad_log:
+        print('FAIL: flood seed %d: %d failure(s), %d bad log line(s)' % (seed, len(failures), len(bad_log)))
+        return 1
+    print('PASS: flood seed %d: %d packets (%d requests) answered whole and in order in %.1fs, %d probes '
+          'answered meanwhile' % (seed, args.flood, args.flood * (FLOOD_DEPTH + 1), elapsed, probes))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # In-process mode
 # ---------------------------------------------------------------------------------------------
 
@@ -1254,6 +1355,7 @@ def replay(args, seed):
 
 # Cases of each mode in a full run (`make fuzz`); --quick (`make fuzz-ci`) runs a tenth.
 FULL_SIZES = {'in_process': 200000, 'images': 500000, 'cases': 20000}
+FULL_SIZES['flood'] = 100           # packets of pipelined requests (--flood)
 
 
 def choose_sizes(args):
@@ -1284,6 +1386,9 @@ def main(argv=None):
     p.add_argument('--images', type=int, default=None, metavar='N',
                    help="fuzz the gallery's image header parsers in this process for N cases "
                         "(default %d)" % FULL_SIZES['images'])
+    p.add_argument('--flood', type=int, default=None, metavar='N',
+                   help='pipelined-flood mode: N packets of %d pipelined requests, %d connections at a '
+                        'time, while a probe is served (default %d)' % (FLOOD_DEPTH, FLOOD_CONNS, FULL_SIZES['flood']))
     p.add_argument('--start', type=int, default=0, help='index of the first case (default 0)')
     p.add_argument('--replay', type=int, default=None, metavar='I', help='send case I only, verbosely')
     p.add_argument('--show', type=int, default=None, metavar='I', help="print case I's bytes and exit")
@@ -1345,6 +1450,8 @@ def main(argv=None):
             results['images'] = image_mode(args, seed)
         if args.cases:
             results['network'] = network_mode(args, seed)
+        if args.flood:
+            results['flood'] = flood_mode(args, seed)
         status = max(results.values()) if results else 0
         if len(results) > 1:
             print('%s: fuzz seed %d: %s' % ('FAIL' if status else 'PASS', seed, ', '.join(
