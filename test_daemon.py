@@ -3138,6 +3138,63 @@ class SafeDefaultsTests(OwnFilesTestMixin, unittest.TestCase):
             self.assertIn(os.path.join(locked, 'a.pid'), result.stderr, action)
 
 
+class OwnRotationTests(OwnFilesTestMixin, unittest.TestCase):
+    """The logs' rotations are own files too, whatever logrotate made of them (issue 26, item 8).
+
+    logrotate's `compress` writes access.log.2.gz as a new file (an inode the agent never
+    opened) and removes the old one; a hard link to it put in the root, under any name, must
+    not publish the visitors' addresses.  And an upgrade must not forget a rotation the old
+    image knew: the old access log renamed out of its directory (logrotate's olddir)."""
+
+    ROTATIONS = ('access.log.2.gz', 'access.log-20261206.gz', 'access.log.3.xz', 'access.log.4.bz2',
+                 'access.log.5.zst', 'access.log-20261206', 'access.log.1', 'agent.log.2.gz')
+
+    def rotate(self, server, names, secret):
+        """Compressed rotations next to the logs, new files, each linked into the root as
+        linkN.gz; the names of the links."""
+        links = []
+        for index, name in enumerate(names):
+            path = os.path.join(server.dir, name)
+            with open(path, 'wb') as f:
+                f.write(secret + b' %d\n' % index)
+            links.append('link%d-%s.gz' % (index, name.split('.')[0]))
+            os.link(path, os.path.join(server.root, links[-1]))
+        return links
+
+    def test_hard_links_to_compressed_rotations_are_never_served_nor_listed(self):
+        server = AgentServer(self).start()
+        server.write('cat.jpg', b'a cat')
+        self.assertEqual(server.get('/cat.jpg')[2], b'a cat')      # the workers have looked before
+        links = self.rotate(server, self.ROTATIONS, b'secret-rotation')
+        self.assert_never_served(server.port, links, secrets=(b'secret-rotation',))
+        page = self.assert_not_listed(server.port, links)
+        self.assertIn('cat.jpg', page)
+        server.stop()
+
+    def test_an_upgrade_keeps_what_the_old_image_knew(self):
+        server = AgentServer(self).start()
+        server.write('cat.jpg', b'a cat')
+        self.assertEqual(server.get('/cat.jpg', headers={'User-Agent': 'secret-visitor'})[2], b'a cat')
+        wait_for(lambda: 'secret-visitor' in slurp(server.access_log), message='an access line')
+        before = self.rotate(server, self.ROTATIONS[:2], b'secret-rotation')
+        # logrotate with `olddir old`: the log the agent opened is renamed out of its directory,
+        # and linked into the root.
+        os.mkdir(os.path.join(server.dir, 'old'))
+        os.rename(server.access_log, os.path.join(server.dir, 'old', 'access.log.1'))
+        os.link(os.path.join(server.dir, 'old', 'access.log.1'), os.path.join(server.root, 'visits.txt'))
+        own = before + ['visits.txt']
+        self.assert_never_served(server.port, own, secrets=(b'secret-rotation', b'secret-visitor'))
+        self.assert_not_listed(server.port, own)
+        result = server.command('upgrade')
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        after = self.rotate(server, self.ROTATIONS[2:4], b'secret-rotation')
+        own += after
+        self.assert_never_served(server.port, own, secrets=(b'secret-rotation', b'secret-visitor'))
+        page = self.assert_not_listed(server.port, own)
+        self.assertIn('cat.jpg', page)
+        server.stop()
+
+
 def can_bind_as_user(port):
     try:
         with socket.socket() as s:
