@@ -73,7 +73,9 @@ Files
                                  (a full disk is reported once, with the path; serving goes on,
                                  and the lines wait, up to ACCESS_BACKLOG, until it has room)
 None of these is ever served or listed, wherever it is, nor are the logs' rotations (OwnFiles:
-by device and inode, and by name in their directory); one inside --root is noted in the log.
+by device and inode, by name in their directory, and by the inode of every rotation found
+there, so a hard link to a compressed one is refused too; an upgrade keeps what was known);
+one inside --root is noted in the log.
 
 Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not running"...).
 A master whose workers fail at boot MAX_BOOT_FAILURES times in a row halts with status 1.
@@ -2037,24 +2039,42 @@ class OwnFiles:
     """The agent's own files: pidfile, logs and their rotations.  Never served, never listed.
 
     The default root is the current directory, and so is the default place of the logs: without
-    this, GET /access.log would publish every visitor's address.  Two rules, so that neither a
-    link nor a rename reaches them:
+    this, GET /access.log would publish every visitor's address.  Three rules, so that neither a
+    link, a rename nor a compression reaches them:
       identity   the (st_dev, st_ino) of every such file this process has had open or seen,
                  kept for its whole life: a hard link, a symlink, and logrotate's rename of
                  access.log to access.log.1 all keep the inode
       name       in the directory of one of them (compared by the directory's own device and
-                 inode, not by path), its name, and its name followed by '.' or '-': the files
-                 logrotate writes anew (access.log.2.gz, access.log-20250101)
-    A worker calls hides() after its stat() of a request's path, and hides_entry() for every
-    entry of a gallery page.  It inherits the set from the master, and adds the new inodes
-    itself when it reopens its logs (SIGUSR1).
+                 inode, not by path), its name, and its name followed by '.' or '-': every name
+                 logrotate gives a rotation (access.log.1, access.log.2.gz, .xz, .bz2, .zst,
+                 dateext's access.log-20261206 and access.log-20261206.gz, any dateformat)
+      rotation   the identity of every regular file the name rule hides in those directories,
+                 as refresh() finds them: compress writes access.log.2.gz as a new inode this
+                 process never opened, and a hard link to it elsewhere in the root, under any
+                 name, is refused by identity like the rest
+    refresh() lists a directory again only when it has changed (its mtime and ctime), so a
+    request costs one stat() of each such directory.  What is known is never forgotten: a
+    rotation moved out of its directory (logrotate's olddir) stays known by identity.  A worker
+    calls refresh() once a request, then hides() after its stat() of the request's path, and
+    hides_entry() for every entry of a gallery page.  It inherits the set from the master
+    (which refreshes it once a second, so a respawned worker knows what the master saw), and
+    adds the new inodes itself when it reopens its logs (SIGUSR1).  An upgrade carries the
+    identities to the new image (state() and learn()).
     """
+
+    # A directory changed less than this long before it was listed is listed again at the
+    # next refresh(): its timestamps come from the kernel's coarse clock (a tick, 1-10 ms), and
+    # a file created in the same tick as the listing would leave them unchanged (git's "racy"
+    # rule for its index).
+    RACY_NS = 50_000_000
 
     def __init__(self):
         self.ids = set()            # (st_dev, st_ino)
         self.inodes = set()         # st_ino alone: a cheap first test for directory entries
         self.dirs = {}              # (st_dev, st_ino) of a directory -> names of ours in it
         self.names = ()             # every such name, for one str.startswith() per request
+        self.paths = {}             # (st_dev, st_ino) of a directory -> its path
+        self.listed = {}            # (st_dev, st_ino) of a directory -> (mtime, ctime) listed
 
     def add(self, path, fd=None):
         """Remember the file at path (or open on fd), and its name in its directory."""
@@ -2063,15 +2083,58 @@ class OwnFiles:
         except OSError:
             st = None                   # not created yet: its name still counts
         if st is not None:
-            self.ids.add((st.st_dev, st.st_ino))
-            self.inodes.add(st.st_ino)
+            self.know(st)
         directory, name = os.path.split(path)
         try:
             dst = os.stat(directory)
         except OSError:
             return
-        self.dirs.setdefault((dst.st_dev, dst.st_ino), set()).add(name)
+        key = (dst.st_dev, dst.st_ino)
+        self.dirs.setdefault(key, set()).add(name)
+        self.paths[key] = directory
+        self.listed.pop(key, None)      # a new name: list the directory again
         self.names = tuple(sorted(set(self.names) | {name}))
+
+    def know(self, st):
+        self.ids.add((st.st_dev, st.st_ino))
+        self.inodes.add(st.st_ino)
+
+    def state(self):
+        """The identities known, for an upgrade's new image (learn())."""
+        return sorted(self.ids)
+
+    def learn(self, ids):
+        for dev, ino in ids:
+            self.ids.add((dev, ino))
+            self.inodes.add(ino)
+
+    def refresh(self):
+        """Know every rotation now in our directories (the rotation rule): a stat() of each
+        directory, and a listing of those that changed since they were last listed."""
+        for key, directory in self.paths.items():
+            try:
+                dst = os.stat(directory)
+            except OSError:
+                continue
+            stamp = (dst.st_mtime_ns, dst.st_ctime_ns)
+            if (dst.st_dev, dst.st_ino) != key or self.listed.get(key) == stamp:
+                continue                # another directory at that path now, or unchanged
+            listed_at = time.time_ns()
+            bases = self.dirs[key]
+            try:
+                with os.scandir(directory) as it:
+                    for entry in it:
+                        if any(rotation_of(entry.name, base) for base in bases):
+                            try:
+                                st = entry.stat(follow_symlinks=False)
+                            except OSError:
+                                continue
+                            if stat.S_ISREG(st.st_mode):
+                                self.know(st)
+            except OSError:
+                continue                # not listable (a log directory only root may read)
+            recent = listed_at - max(stamp) < self.RACY_NS
+            self.listed[key] = None if recent else stamp
 
     def hides(self, path, st):
         """Whether path, whose stat() is st, is one of ours (then it is a 404, as if absent)."""
@@ -2085,10 +2148,7 @@ class OwnFiles:
             dst = os.stat(path[:slash] or '/')
         except OSError:
             return False
-        for base in self.dirs.get((dst.st_dev, dst.st_ino), ()):
-            if name == base or name.startswith(base + '.') or name.startswith(base + '-'):
-                return True
-        return False
+        return any(rotation_of(name, base) for base in self.dirs.get((dst.st_dev, dst.st_ino), ()))
 
     def hides_entry(self, entry, directory):
         """hides() for an os.DirEntry of the directory at path directory; a stat() only for an
@@ -2101,6 +2161,12 @@ class OwnFiles:
             return self.hides(directory + '/' + entry.name, entry.stat())
         except OSError:
             return False
+
+
+def rotation_of(name, base):
+    """Whether name is base or one of its rotations, as logrotate names them: base followed by
+    '.' (access.log.1, access.log.2.gz) or '-' (dateext: access.log-20261206[.gz])."""
+    return name == base or name.startswith(base) and name[len(base):len(base) + 1] in ('.', '-')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2687,6 +2753,7 @@ class Responder:
         except (OSError, ValueError) as exc:
             self.files.discard(path)        # deleted: its descriptor must not pin the space
             raise self.file_error(exc)
+        self.own_files.refresh()            # a rotation compressed since the last request
         if self.own_files.hides(path, st):
             raise HTTPError(404)            # our pidfile and logs, by any name or link
         if stat.S_ISDIR(st.st_mode):
@@ -3570,6 +3637,7 @@ class Agent(Daemon):
             self.read_boot_messages()
             self.reap()
             self.maintain()
+            self.own_files.refresh()    # what a respawned worker or an upgrade inherits
         if self.halted():
             log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures, priority=LOG_ERR)
         self.shutdown()
@@ -3838,10 +3906,11 @@ class Agent(Daemon):
         """Check the agent.py now on disk in a child, then become it (same pid)."""
         daemon.notify(RELOADING=1, MONOTONIC_USEC=daemon.monotonic_usec(), STATUS='upgrading')
         log('agent: upgrade: checking %s' % SCRIPT)
+        self.own_files.refresh()
         argv = [SCRIPT] + option_argv(self.config, self.given) + ['start' if self.detached else 'run']
         state = json.dumps({'lifeline': [self.lifeline_r, self.lifeline_w],
                             'workers': [[w.pid, w.retiring] for w in self.workers.values()],
-                            'respawns': self.respawns})
+                            'respawns': self.respawns, 'own_files': self.own_files.state()})
         try:
             daemon.reexec(self, argv, [sock.fileno() for sock in self.listeners],
                         ['redirect' if sock in self.redirects else 'agent' for sock in self.listeners],
@@ -3860,6 +3929,7 @@ class Agent(Daemon):
         for fd in state['lifeline']:
             os.set_inheritable(fd, False)
         self.respawns = state['respawns']
+        self.own_files.learn(state.get('own_files', ()))   # an older image carried none
         adopted = []
         for pid, retiring in state['workers']:
             worker = WorkerProcess(pid, 0)

@@ -3150,14 +3150,14 @@ class OwnRotationTests(OwnFilesTestMixin, unittest.TestCase):
                  'access.log.5.zst', 'access.log-20261206', 'access.log.1', 'agent.log.2.gz')
 
     def rotate(self, server, names, secret):
-        """Compressed rotations next to the logs, new files, each linked into the root as
-        linkN.gz; the names of the links."""
+        """Rotations next to the logs, new files, each linked into the root under another
+        name (access.log.2.gz as link-access_log_2_gz.gz); the names of the links."""
         links = []
-        for index, name in enumerate(names):
+        for name in names:
             path = os.path.join(server.dir, name)
             with open(path, 'wb') as f:
-                f.write(secret + b' %d\n' % index)
-            links.append('link%d-%s.gz' % (index, name.split('.')[0]))
+                f.write(secret + b' ' + name.encode() + b'\n')
+            links.append('link-%s.gz' % name.replace('.', '_'))
             os.link(path, os.path.join(server.root, links[-1]))
         return links
 
