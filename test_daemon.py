@@ -2963,6 +2963,107 @@ class StopDuringReloadOrUpgradeTests(unittest.TestCase):
 # Issue 10: safe defaults and an honest command line
 # ---------------------------------------------------------------------------------------------
 
+class FailedUpgradeTests(unittest.TestCase):
+    """After a failed upgrade, the code that serves goes on serving, and replaces its workers
+    (issue 26, item 4).  An upgrade that fails its check leaves the old image in the master; one
+    whose new workers cannot start, once exec'd, must not leave the master on that code: a
+    worker that dies later was replaced with it, failed to boot five times, and the master
+    halted and stopped the workers that still served."""
+
+    def code_copy(self):
+        """A directory holding a copy of agent.py and daemon.py: (path of agent.py, its text),
+        and a function that writes a new text there."""
+        code = tempfile.mkdtemp(prefix='agent-code-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', code])
+        for name in ('agent.py', 'daemon.py'):
+            with open(os.path.join(HERE, name)) as src, open(os.path.join(code, name), 'w') as dst:
+                dst.write(src.read())
+        script = os.path.join(code, 'agent.py')
+        with open(script) as f:
+            good = f.read()
+
+        def install(text, server=b'agent'):
+            with open(script, 'w') as f:
+                f.write(text.replace("SERVER = b'agent'", 'SERVER = %r' % server, 1))
+        return script, good, install
+
+    @staticmethod
+    def broken_workers(good):
+        """The code with a Worker that cannot start (it passes the check of the new code)."""
+        anchor = '        self.stop_timeout = config.stop_timeout\n'
+        assert good.index(anchor) > good.index('\nclass Worker:'), 'the test no longer breaks Worker'
+        return good.replace(anchor, "        raise DaemonError('v3 workers refuse to start')\n" + anchor, 1)
+
+    def servers(self, server, count=12):
+        """The Server header of count responses on new connections (each worker answers some)."""
+        found = set()
+        for _ in range(count):
+            status, headers, body = server.get('/f.jpg')
+            self.assertEqual((status, body), (200, b'F' * 100))
+            found.add(headers['server'])
+        return found
+
+    def kill_and_replace(self, server, master):
+        """SIGKILL one worker; wait for its replacement: the workers then."""
+        before = server.workers()
+        os.kill(before[0], signal.SIGKILL)
+        wait_for(lambda: pid_alive(master) and len(server.workers()) == 2 and before[0] not in server.workers(),
+                 message='a worker in place of the one killed (%s)' % server.log_text()[-2000:])
+        return server.workers()
+
+    def test_worker_deaths_after_failed_upgrades_are_replaced_by_the_code_that_serves(self):
+        script, good, install = self.code_copy()
+        server = AgentServer(self, script=script).start()
+        server.write('f.jpg', b'F' * 100)
+        master = server.master()
+
+        # Its new workers cannot start: the old ones go on, then die one after another.
+        install(self.broken_workers(good), b'agent-v3')
+        failed = run([PYTHON, script] + server.options + ['upgrade'])
+        self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+        self.assertIn('v3 workers refuse to start', failed.stderr)
+        self.assertIn('still serving', failed.stderr)
+        self.assertNotIn('Traceback', failed.stderr)
+        mark = len(server.log_text())
+        for _ in range(3):
+            self.kill_and_replace(server, master)
+            self.assertEqual(self.servers(server), {'agent'})
+        later = server.log_text()[mark:]
+        self.assertNotIn('could not start', later)
+        self.assertNotIn('failed to boot', later)
+        self.assertNotIn('halting', later)
+        self.assertEqual(server.command('status').returncode, 0)
+
+        # A second upgrade after the failed one, failing the same way: the same again.
+        failed = run([PYTHON, script] + server.options + ['upgrade'])
+        self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+        self.assertIn('v3 workers refuse to start', failed.stderr)
+        mark = len(server.log_text())
+        self.kill_and_replace(server, master)
+        self.assertEqual(self.servers(server), {'agent'})
+        self.assertNotIn('could not start', server.log_text()[mark:])
+
+        # One that fails its check (the master never left its code): the same.
+        install(good.replace('\ndef main(argv=None):\n', '\ndef main(argv=None):\n    1 / 0\n'), b'agent-v4')
+        failed = run([PYTHON, script] + server.options + ['upgrade'])
+        self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+        self.assertIn('ZeroDivisionError', failed.stderr)
+        self.kill_and_replace(server, master)
+        self.assertEqual(self.servers(server), {'agent'})
+
+        # An upgrade that works, after all that: a worker that dies then runs the new code.
+        install(good, b'agent-v2')
+        result = server.command('upgrade')
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        wait_for(lambda: self.servers(server) == {'agent-v2'}, message='only the new code serving')
+        self.kill_and_replace(server, master)
+        self.assertEqual(self.servers(server), {'agent-v2'})
+        self.assertEqual(server.master(), master)
+        self.assertNotIn('halting', server.log_text())
+        server.stop()
+        self.assertFalse(pid_alive(master))
+
+
 def own_file_spellings(name):
     """Ways a client may spell /name: each must reach the same file, or none."""
     encoded = ''.join('%%%02X' % byte for byte in name.encode())
