@@ -654,7 +654,10 @@ class DaemonPublicApiTests(TempDirTest):
                 elif node.value.id == 'self' and node.attr.startswith('_') \
                         and not node.attr.startswith('__') and node.attr in inherited:
                     offences.append('line %d: self.%s' % (node.lineno, node.attr))
-        offences += ['daemon.%s' % name for name in sorted(used) if name not in daemon.__all__]
+        # (A module's own attributes, such as daemon.__file__ for the agent's copy of its code,
+        # are Python's, not daemon.py's API.)
+        offences += ['daemon.%s' % name for name in sorted(used)
+                     if name not in daemon.__all__ and name not in ('__file__', '__name__')]
         self.assertEqual(offences, [])
 
     def test_all_names_exist_and_the_readme_lists_them(self):
