@@ -3066,6 +3066,29 @@ class FailedUpgradeTests(unittest.TestCase):
         server.stop()
         self.assertFalse(pid_alive(master))
 
+    def test_an_upgrade_that_cannot_set_up_once_execd_goes_back_to_the_code_that_serves(self):
+        """What the check cannot see (a file gone between the check and the execve): the new
+        image fails its setup.  The master exited, and its workers with it."""
+        script, good, install = self.code_copy()
+        anchor = '    def setup(self):\n'
+        self.assertEqual(good.count(anchor), 1)
+        server = AgentServer(self, script=script).start()
+        server.write('f.jpg', b'F' * 100)
+        master, workers = server.master(), server.workers()
+        install(good.replace(anchor, anchor + "        if self.inherited:\n"
+                             "            raise DaemonError('v5 cannot set up once exec\\'d')\n", 1), b'agent-v5')
+        failed = run([PYTHON, script] + server.options + ['upgrade'])
+        self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+        self.assertIn("v5 cannot set up once exec'd", failed.stderr)
+        self.assertIn('still serving', failed.stderr)
+        self.assertEqual((server.master(), server.workers()), (master, workers))
+        self.assertEqual(self.servers(server), {'agent'})
+        self.kill_and_replace(server, master)
+        self.assertEqual(self.servers(server), {'agent'})
+        self.assertEqual(server.command('status').returncode, 0)
+        server.stop()
+        self.assertFalse(pid_alive(master))
+
 
 def own_file_spellings(name):
     """Ways a client may spell /name: each must reach the same file, or none."""
