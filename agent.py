@@ -3517,6 +3517,19 @@ class Agent(Daemon):
     # -- setup, as root, before ready --
 
     def setup(self):
+        """Set up the master (set_up).  In the new image of an upgrade, a failure here (what
+        the check of the new code could not see: a file gone between the check and the
+        execve) goes back to the code that serves, rather than end the master and its workers."""
+        self.carried = json.loads(self.inherited) if self.inherited else {}
+        try:
+            self.set_up()
+        except BaseException as exc:
+            if self.carried and not self.carried.get('went_back'):
+                self.go_back('the new code cannot set up: %s' % daemon.describe(exc), self.carried,
+                             self.inherited_sockets())
+            raise
+
+    def set_up(self):
         config = self.config
         set_process_title('agent: master', self.title_args())
         if not os.path.isdir(config.root):
@@ -3537,7 +3550,6 @@ class Agent(Daemon):
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
         self.write_options()
         self.note_own_files()
-        self.carried = json.loads(self.inherited) if self.inherited else {}
         # The source of the code this image runs, read now, as root: after an upgrade whose
         # workers cannot start, it is what the master goes back to (go_back).  An image that
         # went back already runs the code it was given.
@@ -3638,8 +3650,8 @@ class Agent(Daemon):
             # Upgraded in place, but the new code's workers cannot start: the old ones go on,
             # and so does their code, for every worker that replaces one of them.
             reason = 'a stop came first' if self.stopping else 'its workers cannot start: %s' % exc
-            if not self.stopping:
-                self.go_back(reason)        # returns only if it cannot
+            if not self.stopping:           # (go_back returns only if it cannot)
+                self.go_back(reason, self.upgrade_state(self.previous_code), self.sockets())
             daemon.upgrade_done(self, reason)
         except BaseException:
             self.kill_workers(list(self.workers.values()))
@@ -3932,40 +3944,55 @@ class Agent(Daemon):
         log('agent: upgrade: checking %s' % SCRIPT)
         self.own_files.refresh()
         try:
-            self.reexec([SCRIPT], self.code)
+            self.exec_code([SCRIPT], self.upgrade_state(self.code), self.sockets())
         except DaemonError as exc:
             daemon.upgrade_done(self, str(exc))
 
-    def go_back(self, reason):
-        """In the new image of an upgrade whose workers cannot start: become the code that
-        serves again, the old image's (previous_code), with the workers it has; that image
-        reports the failure (reason) and replaces a worker that dies with its own code.
-        Without it, this image would: a worker that died was replaced by the code that cannot
-        start, five times, and the master halted and stopped the workers that still served.
-        Returns only if it cannot (no code was kept, or execve failed): then this image
-        serves on with the workers it adopted."""
-        if not self.previous_code:
-            log('agent: upgrade: the code before it was not kept; a worker that dies is replaced '
-                'by this code', priority=LOG_WARNING)
+    def go_back(self, reason, state, sockets):
+        """In the new image of an upgrade that failed once exec'd (its workers cannot start, or
+        its setup failed): become the code that serves again, the old image's (state['code']),
+        with the workers and sockets it has; that image reports the failure (reason) and
+        replaces a worker that dies with its own code.  Without it, this image would: a worker
+        that died was replaced by the code that cannot start, five times, and the master
+        halted and stopped the workers that still served (or, when its setup failed, it exited
+        at once).  Returns only if it cannot (no code was kept, or execve failed)."""
+        code = state.get('code')
+        if not code:
+            log('agent: upgrade: the code before it was not kept; there is none to go back to',
+                priority=LOG_WARNING)
             return
         log('agent: upgrade: going back to the code that serves (%s as it was)' % SCRIPT)
-        spec = json.dumps(self.previous_code)
         try:
-            self.reexec(['-c', FROM_CODE, spec, SCRIPT], self.previous_code, went_back=reason)
+            self.exec_code(['-c', FROM_CODE, json.dumps(code), SCRIPT], dict(state, went_back=reason),
+                           sockets, check=False)
         except DaemonError as exc:
             log('agent: upgrade: cannot go back to the code that serves: %s' % exc, priority=LOG_ERR)
 
-    def reexec(self, program, code, **state):
-        """daemon.reexec() with this master's sockets, its workers and what it knows (the
-        state that adopt_workers() takes), and code (a code_image()) passed on as 'code'."""
+    def exec_code(self, program, state, sockets, check=True):
+        """daemon.reexec() of program (argv after the interpreter) with this command line: the
+        sockets (fds, names), and state (upgrade_state()) passed on, its lifeline and code
+        descriptors kept.  Returns only on failure (DaemonError)."""
         argv = program + option_argv(self.config, self.given) + ['start' if self.detached else 'run']
-        state.update(lifeline=[self.lifeline_r, self.lifeline_w], respawns=self.respawns,
-                     workers=[[w.pid, w.retiring, w.born] for w in self.workers.values()],
-                     own_files=self.own_files.state(), code=code)
-        daemon.reexec(self, argv, [sock.fileno() for sock in self.listeners],
-                      ['redirect' if sock in self.redirects else 'agent' for sock in self.listeners],
-                      keep=[self.lifeline_r, self.lifeline_w] + [fd for _, fd, _ in code or ()],
-                      state=json.dumps(state), check='went_back' not in state)
+        fds, names = sockets
+        daemon.reexec(self, argv, fds, names, state=json.dumps(state), check=check,
+                      keep=state['lifeline'] + [fd for _, fd, _ in state['code'] or ()])
+
+    def upgrade_state(self, code):
+        """What the next image of this master takes over (adopt_workers()), with code (a
+        code_image(), or None) as what it may go back to."""
+        return {'lifeline': [self.lifeline_r, self.lifeline_w], 'respawns': self.respawns,
+                'workers': [[w.pid, w.retiring, w.born] for w in self.workers.values()],
+                'own_files': self.own_files.state(), 'code': code}
+
+    def sockets(self):
+        """The listening sockets' fds and names, as an upgrade passes them (daemon.reexec)."""
+        return ([sock.fileno() for sock in self.listeners],
+                ['redirect' if sock in self.redirects else 'agent' for sock in self.listeners])
+
+    def inherited_sockets(self):
+        """The same for the sockets this image was given (before set_up made listeners)."""
+        pairs = [(fd, name) for name, fds in self.listen_fds.items() for fd in fds]
+        return [fd for fd, _ in pairs], [name for _, name in pairs]
 
     def adopt_workers(self):
         """In the new image after an upgrade: the workers of the old one; [] otherwise."""

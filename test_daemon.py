@@ -3070,18 +3070,18 @@ class FailedUpgradeTests(unittest.TestCase):
         """What the check cannot see (a file gone between the check and the execve): the new
         image fails its setup.  The master exited, and its workers with it."""
         script, good, install = self.code_copy()
-        anchor = '    def setup(self):\n'
+        anchor = '        mimetypes.init()'          # in the master's setup, once
         self.assertEqual(good.count(anchor), 1)
         server = AgentServer(self, script=script).start()
         server.write('f.jpg', b'F' * 100)
         master, workers = server.master(), server.workers()
-        install(good.replace(anchor, anchor + "        if self.inherited:\n"
-                             "            raise DaemonError('v5 cannot set up once exec\\'d')\n", 1), b'agent-v5')
+        install(good.replace(anchor, "        if self.inherited:\n"
+                             "            raise DaemonError('v5 cannot set up once exec\\'d')\n" + anchor, 1), b'agent-v5')
         failed = run([PYTHON, script] + server.options + ['upgrade'])
         self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
         self.assertIn("v5 cannot set up once exec'd", failed.stderr)
         self.assertIn('still serving', failed.stderr)
-        self.assertEqual((server.master(), server.workers()), (master, workers))
+        self.assertEqual((server.master(), server.workers()), (master, workers), server.log_text()[-3000:])
         self.assertEqual(self.servers(server), {'agent'})
         self.kill_and_replace(server, master)
         self.assertEqual(self.servers(server), {'agent'})
