@@ -3066,6 +3066,35 @@ class FailedUpgradeTests(unittest.TestCase):
         server.stop()
         self.assertFalse(pid_alive(master))
 
+    def test_worker_deaths_after_failed_reloads_are_replaced_and_do_not_halt(self):
+        """Reloads whose new workers cannot start (here: while a file says so): the old workers
+        go on, those failures do not count towards the boot-failure halt, and a worker that
+        dies once workers can start again is replaced."""
+        script, good, install = self.code_copy()
+        refuse = os.path.join(os.path.dirname(script), 'refuse')
+        anchor = '        self.stop_timeout = config.stop_timeout\n'
+        self.assertGreater(good.index(anchor), good.index('\nclass Worker:'))
+        install(good.replace(anchor, '        if os.path.exists(%r):\n'
+                             "            raise DaemonError('workers refuse to start')\n" % refuse + anchor, 1))
+        server = AgentServer(self, script=script).start()
+        server.write('f.jpg', b'F' * 100)
+        master, workers = server.master(), server.workers()
+        with open(refuse, 'w'):
+            pass
+        for _ in range(agent.MAX_BOOT_FAILURES):
+            failed = run([PYTHON, script] + server.options + ['reload'])
+            self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+            self.assertIn('workers refuse to start; the old workers go on serving', failed.stderr)
+            self.assertEqual((server.master(), server.workers()), (master, workers))
+        os.unlink(refuse)
+        self.assertEqual(self.servers(server), {'agent'})
+        mark = len(server.log_text())
+        self.kill_and_replace(server, master)
+        self.assertEqual(self.servers(server), {'agent'})
+        self.assertNotIn('failed to boot', server.log_text()[mark:])
+        self.assertNotIn('halting', server.log_text())
+        server.stop()
+
     def test_an_upgrade_that_cannot_set_up_once_execd_goes_back_to_the_code_that_serves(self):
         """What the check cannot see (a file gone between the check and the execve): the new
         image fails its setup.  The master exited, and its workers with it."""
