@@ -9017,6 +9017,7 @@ class UpgradeUnderServiceManagerTests(ServiceToolTestCase):
 CLASS_SECONDS = {
     'SupervisionTests': 21.1, 'FaultTests': 10.8, 'ConnectionTimeoutTests': 10.3,
     'DaemonProcessTests': 10.2, 'ExhaustionTests': 10.1, 'HttpServerTests': 1.6,
+    'FailedUpgradeTests': 4.3,
     'TLSOwnAgentTests': 5.1, 'CommonMistakeTests': 4.6, 'ClassicRecipeBugTests': 4.3,
     'SdNotifyTests': 3.9, 'ConcurrentActionsTests': 3.8, 'TLSStartAndReloadTests': 3.4,
     'TLSServerTests': 3.4, 'NothingLeftBehindTests': 3.2, 'ReadmeTests': 3.0,
