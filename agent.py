@@ -4777,13 +4777,14 @@ def main(argv=None):
 FROM_BYTECODE = ("import sys; directory = sys.argv[1]; del sys.argv[:2]; "
                  "sys.path[:sys.path[:1] == ['']] = [directory]; "
                  "import agent; agent.SCRIPT = sys.argv[0]; sys.exit(agent.main())")
-# What an upgrade whose workers cannot start goes back to (Agent.go_back), with argv
-# IMAGE SCRIPT ARGS...: IMAGE is the code_image() of the image before it, as JSON, each module
-# run from its memory file under its own path (tracebacks name it); SCRIPT stays what a later
-# upgrade runs.  No '' on the import path: the directory the master was started from is not
-# where its code is.  The source is compiled in the master (no cached bytecode): a worker
-# forked from an image that went back is about 1 MB larger (see run_from_bytecode; 18.5 MB RSS
-# against 17.2-17.7 MB, Python 3.11), until an upgrade that works.
+# What an upgrade that fails once exec'd goes back to (Agent.go_back), with argv IMAGE SCRIPT
+# ARGS...: IMAGE is the code_image() of the image before it, as JSON, each module run from its
+# memory file under its own path (tracebacks name it, but quote the lines of the file on disk
+# now, which may be the new code's); SCRIPT stays what a later upgrade runs.  No '' on the
+# import path: the directory the master was started from is not where its code is.  The
+# source is compiled in the master (no cached bytecode): a worker forked from an image that
+# went back is about 1 MB larger (see run_from_bytecode; 18.5 MB RSS against 17.2-17.7 MB,
+# Python 3.11), until an upgrade that works.
 FROM_CODE = ("import json, os, sys, types; image = json.loads(sys.argv[1]); del sys.argv[:2]; "
              "sys.path[:sys.path[:1] == ['']] = []\n"
              "for name, fd, path in image:\n"
