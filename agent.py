@@ -2058,7 +2058,8 @@ class OwnFiles:
                  name, is refused by identity like the rest
     refresh() lists a directory again only when it has changed (its mtime and ctime), so a
     request costs one stat() of each such directory.  What is known is never forgotten: a
-    rotation moved out of its directory (logrotate's olddir) stays known by identity.  A worker
+    rotation moved out of its directory (logrotate's olddir) stays known by identity.  Not
+    covered: a copy of a rotation (a new file, under a name of its own) made into the root.  A worker
     calls refresh() once a request, then hides() after its stat() of the request's path, and
     hides_entry() for every entry of a gallery page.  It inherits the set from the master
     (which refreshes it once a second, so a respawned worker knows what the master saw), and
@@ -2073,7 +2074,7 @@ class OwnFiles:
     RACY_NS = 50_000_000
 
     def __init__(self):
-        self.ids = set()            # (st_dev, st_ino)
+        self.ids = {}               # (st_dev, st_ino) -> None, in the order they were learned
         self.inodes = set()         # st_ino alone: a cheap first test for directory entries
         self.dirs = {}              # (st_dev, st_ino) of a directory -> names of ours in it
         self.names = ()             # every such name, for one str.startswith() per request
@@ -2100,16 +2101,21 @@ class OwnFiles:
         self.names = tuple(sorted(set(self.names) | {name}))
 
     def know(self, st):
-        self.ids.add((st.st_dev, st.st_ino))
+        self.ids[st.st_dev, st.st_ino] = None
         self.inodes.add(st.st_ino)
 
+    # The identities an upgrade carries, the latest learned: they travel in the environment of
+    # execve, whose strings the kernel limits to 128 KiB each (MAX_ARG_STRLEN); some 25 bytes
+    # each, a dozen a day of daily rotations for years.
+    CARRIED = 2048
+
     def state(self):
-        """The identities known, for an upgrade's new image (learn())."""
-        return sorted(self.ids)
+        """The identities known, the latest CARRIED, for an upgrade's new image (learn())."""
+        return list(self.ids)[-self.CARRIED:]
 
     def learn(self, ids):
         for dev, ino in ids:
-            self.ids.add((dev, ino))
+            self.ids[dev, ino] = None
             self.inodes.add(ino)
 
     def refresh(self):
