@@ -2296,12 +2296,14 @@ def listen_fds(unset_environment=True):
 # systemd's own daemon-reexec and HAProxy's master-worker reload do: nothing outside ever
 # sees a change but the new code.
 #
-# The price: after execve there is no old program left to fall back to.  So the new code is
-# first run in a child (check_new_code(): it imports, parses the command line and runs
+# The price: after execve there is no old program on disk to fall back to.  So the new code
+# is first run in a child (check_new_code(): it imports, parses the command line and runs
 # setup() on copies of the sockets, as the real thing would), and only then exec'd.  What
 # can still fail after execve (its workers cannot start, a file vanished in between) is the
 # new image's to handle: it reports the failure and keeps the workers it inherited serving.
-# A file replaced again between the check and the execve is not covered.
+# A program that kept its own code (agent.py keeps its source in memory files, passed in
+# `keep`) can go back to it with reexec(check=False), so that what serves is also what
+# replaces a worker.  A file replaced again between the check and the execve is not covered.
 
 
 # Set by reexec() for the new image of the same process:
@@ -2314,7 +2316,7 @@ CHECK_ENV = 'DAEMON_REEXEC_CHECK'
 UPGRADE_CHECK_TIMEOUT = 30.0
 
 
-def reexec(d, argv, fds=(), names=None, keep=(), state=''):
+def reexec(d, argv, fds=(), names=None, keep=(), state='', check=True):
     """Replace this process's code with `argv` (a new version of this program), in place.
 
     First the new code is checked in a child (check_new_code); if that fails, DaemonError
@@ -2323,11 +2325,14 @@ def reexec(d, argv, fds=(), names=None, keep=(), state=''):
     `names`), the locked pidfile, the descriptors in `keep` (same numbers) and the string
     `state` (as `d.inherited`) survive.  Returns only on failure.  Signals that arrive in
     between stay blocked and pending, so the new image acts on them.
+    check=False skips the check: for a return to code that this very process ran, with this
+    command line, until the exec that is being undone (its workers are serving).
     """
     if d.stopping:
         raise DaemonError('a stop came first')
     argv = [sys.executable] + list(argv)
-    check_new_code(d, argv, fds, names)
+    if check:
+        check_new_code(d, argv, fds, names)
     passed = list(fds) + list(keep)
     if d._pidfile is not None and d._pidfile.fd is not None:
         passed.append(d._pidfile.fd)

@@ -656,7 +656,10 @@ class DaemonPublicApiTests(TempDirTest):
                 elif node.value.id == 'self' and node.attr.startswith('_') \
                         and not node.attr.startswith('__') and node.attr in inherited:
                     offences.append('line %d: self.%s' % (node.lineno, node.attr))
-        offences += ['daemon.%s' % name for name in sorted(used) if name not in daemon.__all__]
+        # (A module's own attributes, such as daemon.__file__ for the agent's copy of its code,
+        # are Python's, not daemon.py's API.)
+        offences += ['daemon.%s' % name for name in sorted(used)
+                     if name not in daemon.__all__ and name not in ('__file__', '__name__')]
         self.assertEqual(offences, [])
 
     def test_all_names_exist_and_the_readme_lists_them(self):
@@ -2965,6 +2968,159 @@ class StopDuringReloadOrUpgradeTests(unittest.TestCase):
 # Issue 10: safe defaults and an honest command line
 # ---------------------------------------------------------------------------------------------
 
+class FailedUpgradeTests(unittest.TestCase):
+    """After a failed upgrade, the code that serves goes on serving, and replaces its workers
+    (issue 26, item 4).  An upgrade that fails its check leaves the old image in the master; one
+    whose new workers cannot start, once exec'd, must not leave the master on that code: a
+    worker that dies later was replaced with it, failed to boot five times, and the master
+    halted and stopped the workers that still served."""
+
+    def code_copy(self):
+        """A directory holding a copy of agent.py and daemon.py: (path of agent.py, its text),
+        and a function that writes a new text there."""
+        code = tempfile.mkdtemp(prefix='agent-code-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', code])
+        for name in ('agent.py', 'daemon.py'):
+            with open(os.path.join(HERE, name)) as src, open(os.path.join(code, name), 'w') as dst:
+                dst.write(src.read())
+        script = os.path.join(code, 'agent.py')
+        with open(script) as f:
+            good = f.read()
+
+        def install(text, server=b'agent'):
+            with open(script, 'w') as f:
+                f.write(text.replace("SERVER = b'agent'", 'SERVER = %r' % server, 1))
+        return script, good, install
+
+    @staticmethod
+    def broken_workers(good):
+        """The code with a Worker that cannot start (it passes the check of the new code)."""
+        anchor = '        self.stop_timeout = config.stop_timeout\n'
+        assert good.index(anchor) > good.index('\nclass Worker:'), 'the test no longer breaks Worker'
+        return good.replace(anchor, "        raise DaemonError('v3 workers refuse to start')\n" + anchor, 1)
+
+    def servers(self, server, count=12):
+        """The Server header of count responses on new connections (each worker answers some)."""
+        found = set()
+        for _ in range(count):
+            status, headers, body = server.get('/f.jpg')
+            self.assertEqual((status, body), (200, b'F' * 100))
+            found.add(headers['server'])
+        return found
+
+    def kill_and_replace(self, server, master):
+        """SIGKILL one worker; wait for its replacement: the workers then."""
+        before = server.workers()
+        os.kill(before[0], signal.SIGKILL)
+        wait_for(lambda: pid_alive(master) and len(server.workers()) == 2 and before[0] not in server.workers(),
+                 message='a worker in place of the one killed (%s)' % server.log_text()[-2000:])
+        return server.workers()
+
+    def test_worker_deaths_after_failed_upgrades_are_replaced_by_the_code_that_serves(self):
+        script, good, install = self.code_copy()
+        server = AgentServer(self, script=script).start()
+        server.write('f.jpg', b'F' * 100)
+        master = server.master()
+
+        # Its new workers cannot start: the old ones go on, then die one after another.
+        install(self.broken_workers(good), b'agent-v3')
+        failed = run([PYTHON, script] + server.options + ['upgrade'])
+        self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+        self.assertIn('v3 workers refuse to start', failed.stderr)
+        self.assertIn('still serving', failed.stderr)
+        self.assertNotIn('Traceback', failed.stderr)
+        mark = len(server.log_text())
+        for _ in range(3):
+            self.kill_and_replace(server, master)
+            self.assertEqual(self.servers(server), {'agent'})
+        later = server.log_text()[mark:]
+        self.assertNotIn('could not start', later)
+        self.assertNotIn('failed to boot', later)
+        self.assertNotIn('halting', later)
+        self.assertEqual(server.command('status').returncode, 0)
+
+        # A second upgrade after the failed one, failing the same way: the same again.
+        failed = run([PYTHON, script] + server.options + ['upgrade'])
+        self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+        self.assertIn('v3 workers refuse to start', failed.stderr)
+        mark = len(server.log_text())
+        self.kill_and_replace(server, master)
+        self.assertEqual(self.servers(server), {'agent'})
+        self.assertNotIn('could not start', server.log_text()[mark:])
+
+        # One that fails its check (the master never left its code): the same.
+        install(good.replace('\ndef main(argv=None):\n', '\ndef main(argv=None):\n    1 / 0\n'), b'agent-v4')
+        failed = run([PYTHON, script] + server.options + ['upgrade'])
+        self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+        self.assertIn('ZeroDivisionError', failed.stderr)
+        self.kill_and_replace(server, master)
+        self.assertEqual(self.servers(server), {'agent'})
+
+        # An upgrade that works, after all that: a worker that dies then runs the new code.
+        install(good, b'agent-v2')
+        result = server.command('upgrade')
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        wait_for(lambda: self.servers(server) == {'agent-v2'}, message='only the new code serving')
+        self.kill_and_replace(server, master)
+        self.assertEqual(self.servers(server), {'agent-v2'})
+        self.assertEqual(server.master(), master)
+        self.assertNotIn('halting', server.log_text())
+        server.stop()
+        self.assertFalse(pid_alive(master))
+
+    def test_worker_deaths_after_failed_reloads_are_replaced_and_do_not_halt(self):
+        """Reloads whose new workers cannot start (here: while a file says so): the old workers
+        go on, those failures do not count towards the boot-failure halt, and a worker that
+        dies once workers can start again is replaced."""
+        script, good, install = self.code_copy()
+        refuse = os.path.join(os.path.dirname(script), 'refuse')
+        anchor = '        self.stop_timeout = config.stop_timeout\n'
+        self.assertGreater(good.index(anchor), good.index('\nclass Worker:'))
+        install(good.replace(anchor, '        if os.path.exists(%r):\n'
+                             "            raise DaemonError('workers refuse to start')\n" % refuse + anchor, 1))
+        server = AgentServer(self, script=script).start()
+        server.write('f.jpg', b'F' * 100)
+        master, workers = server.master(), server.workers()
+        with open(refuse, 'w'):
+            pass
+        for _ in range(agent.MAX_BOOT_FAILURES):
+            failed = run([PYTHON, script] + server.options + ['reload'])
+            self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+            self.assertIn('workers refuse to start; the old workers go on serving', failed.stderr)
+            self.assertEqual((server.master(), server.workers()), (master, workers))
+        os.unlink(refuse)
+        self.assertEqual(self.servers(server), {'agent'})
+        mark = len(server.log_text())
+        self.kill_and_replace(server, master)
+        self.assertEqual(self.servers(server), {'agent'})
+        self.assertNotIn('failed to boot', server.log_text()[mark:])
+        self.assertNotIn('halting', server.log_text())
+        server.stop()
+
+    def test_an_upgrade_that_cannot_set_up_once_execd_goes_back_to_the_code_that_serves(self):
+        """What the check cannot see (a file gone between the check and the execve): the new
+        image fails its setup.  The master exited, and its workers with it."""
+        script, good, install = self.code_copy()
+        anchor = '        mimetypes.init()'          # in the master's setup, once
+        self.assertEqual(good.count(anchor), 1)
+        server = AgentServer(self, script=script).start()
+        server.write('f.jpg', b'F' * 100)
+        master, workers = server.master(), server.workers()
+        install(good.replace(anchor, "        if self.inherited:\n"
+                             "            raise DaemonError('v5 cannot set up once exec\\'d')\n" + anchor, 1), b'agent-v5')
+        failed = run([PYTHON, script] + server.options + ['upgrade'])
+        self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+        self.assertIn("v5 cannot set up once exec'd", failed.stderr)
+        self.assertIn('still serving', failed.stderr)
+        self.assertEqual((server.master(), server.workers()), (master, workers), server.log_text()[-3000:])
+        self.assertEqual(self.servers(server), {'agent'})
+        self.kill_and_replace(server, master)
+        self.assertEqual(self.servers(server), {'agent'})
+        self.assertEqual(server.command('status').returncode, 0)
+        server.stop()
+        self.assertFalse(pid_alive(master))
+
+
 def own_file_spellings(name):
     """Ways a client may spell /name: each must reach the same file, or none."""
     encoded = ''.join('%%%02X' % byte for byte in name.encode())
@@ -3138,6 +3294,63 @@ class SafeDefaultsTests(OwnFilesTestMixin, unittest.TestCase):
                 continue                    # issue 13 reworks upgrade's messages and codes
             self.assertEqual(result.returncode, daemon.EXIT_PRIVILEGE, action + result.stdout + result.stderr)
             self.assertIn(os.path.join(locked, 'a.pid'), result.stderr, action)
+
+
+class OwnRotationTests(OwnFilesTestMixin, unittest.TestCase):
+    """The logs' rotations are own files too, whatever logrotate made of them (issue 26, item 8).
+
+    logrotate's `compress` writes access.log.2.gz as a new file (an inode the agent never
+    opened) and removes the old one; a hard link to it put in the root, under any name, must
+    not publish the visitors' addresses.  And an upgrade must not forget a rotation the old
+    image knew: the old access log renamed out of its directory (logrotate's olddir)."""
+
+    ROTATIONS = ('access.log.2.gz', 'access.log-20261206.gz', 'access.log.3.xz', 'access.log.4.bz2',
+                 'access.log.5.zst', 'access.log-20261206', 'access.log.1', 'agent.log.2.gz')
+
+    def rotate(self, server, names, secret):
+        """Rotations next to the logs, new files, each linked into the root under another
+        name (access.log.2.gz as link-access_log_2_gz.gz); the names of the links."""
+        links = []
+        for name in names:
+            path = os.path.join(server.dir, name)
+            with open(path, 'wb') as f:
+                f.write(secret + b' ' + name.encode() + b'\n')
+            links.append('link-%s.gz' % name.replace('.', '_'))
+            os.link(path, os.path.join(server.root, links[-1]))
+        return links
+
+    def test_hard_links_to_compressed_rotations_are_never_served_nor_listed(self):
+        server = AgentServer(self).start()
+        server.write('cat.jpg', b'a cat')
+        self.assertEqual(server.get('/cat.jpg')[2], b'a cat')      # the workers have looked before
+        links = self.rotate(server, self.ROTATIONS, b'secret-rotation')
+        self.assert_never_served(server.port, links, secrets=(b'secret-rotation',))
+        page = self.assert_not_listed(server.port, links)
+        self.assertIn('cat.jpg', page)
+        server.stop()
+
+    def test_an_upgrade_keeps_what_the_old_image_knew(self):
+        server = AgentServer(self).start()
+        server.write('cat.jpg', b'a cat')
+        self.assertEqual(server.get('/cat.jpg', headers={'User-Agent': 'secret-visitor'})[2], b'a cat')
+        wait_for(lambda: 'secret-visitor' in slurp(server.access_log), message='an access line')
+        before = self.rotate(server, self.ROTATIONS[:2], b'secret-rotation')
+        # logrotate with `olddir old`: the log the agent opened is renamed out of its directory,
+        # and linked into the root.
+        os.mkdir(os.path.join(server.dir, 'old'))
+        os.rename(server.access_log, os.path.join(server.dir, 'old', 'access.log.1'))
+        os.link(os.path.join(server.dir, 'old', 'access.log.1'), os.path.join(server.root, 'visits.txt'))
+        own = before + ['visits.txt']
+        self.assert_never_served(server.port, own, secrets=(b'secret-rotation', b'secret-visitor'))
+        self.assert_not_listed(server.port, own)
+        result = server.command('upgrade')
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        after = self.rotate(server, self.ROTATIONS[2:4], b'secret-rotation')
+        own += after
+        self.assert_never_served(server.port, own, secrets=(b'secret-rotation', b'secret-visitor'))
+        page = self.assert_not_listed(server.port, own)
+        self.assertIn('cat.jpg', page)
+        server.stop()
 
 
 def can_bind_as_user(port):
@@ -9189,6 +9402,7 @@ class UpgradeUnderServiceManagerTests(ServiceToolTestCase):
 CLASS_SECONDS = {
     'SupervisionTests': 21.1, 'FaultTests': 10.8, 'ConnectionTimeoutTests': 10.3,
     'DaemonProcessTests': 10.2, 'ExhaustionTests': 10.1, 'HttpServerTests': 1.6,
+    'FailedUpgradeTests': 4.3,
     'TLSOwnAgentTests': 5.1, 'CommonMistakeTests': 4.6, 'ClassicRecipeBugTests': 4.3,
     'SdNotifyTests': 3.9, 'ConcurrentActionsTests': 3.8, 'TLSStartAndReloadTests': 3.4,
     'TLSServerTests': 6.1, 'NothingLeftBehindTests': 3.2, 'ReadmeTests': 3.0,
