@@ -720,6 +720,115 @@ class DaemonPublicApiTests(TempDirTest):
                 self.assertFalse(os.path.exists(os.path.join(self.tmp, 'minimal.pid')))
 
 
+class DaemonForAuthorsTests(TempDirTest):
+    """What a program written on daemon.py gets without asking: a pidfile found from any
+    directory, paths taken from where it was started, and a --help (issue 19, item 5)."""
+
+    def test_default_pidfile_follows_the_per_user_rule(self):
+        with mock.patch('os.geteuid', return_value=0):
+            self.assertEqual(daemon.default_pidfile('ticker'), '/run/ticker.pid')
+        with mock.patch('os.geteuid', return_value=1000), \
+                mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': self.tmp}):
+            self.assertEqual(daemon.default_pidfile('ticker'), os.path.join(self.tmp, 'ticker.pid'))
+            self.assertEqual(daemon.default_pidfile('agent', 'agent-80.pid'),
+                             os.path.join(self.tmp, 'agent-80.pid'))
+        for runtime in ('', 'relative/dir', os.path.join(self.tmp, 'absent')):
+            with mock.patch('os.geteuid', return_value=1000), \
+                    mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': runtime}):
+                self.assertEqual(daemon.default_pidfile('ticker'), '/tmp/ticker-1000/ticker.pid')
+
+    def test_the_agent_has_no_pidfile_rule_of_its_own(self):
+        """One owner: agent.py's default pidfile is daemon.py's rule, named after the port."""
+        with open(AGENT) as f:
+            self.assertFalse(re.search(r"environ\b.*XDG_RUNTIME_DIR", f.read()),
+                             'agent.py reads $XDG_RUNTIME_DIR itself')
+        with mock.patch('daemon.default_pidfile', return_value='/x/agent-81.pid') as rule:
+            self.assertEqual(agent.default_pidfile(81), '/x/agent-81.pid')
+        rule.assert_called_once_with('agent', 'agent-81.pid')
+
+    def test_the_pidfile_may_be_omitted(self):
+        class Ticker(daemon.Daemon):
+            pass
+        self.assertEqual(Ticker().pidfile_path, daemon.default_pidfile('ticker'))
+        self.assertEqual(Ticker(name='tock').pidfile, daemon.default_pidfile('tock'))
+        self.assertEqual(Ticker(stdout='t.log').stdout, os.path.join(os.getcwd(), 't.log'))
+        for name in ('a/b', '..', '.', ''):
+            with self.assertRaises(ValueError) as caught:
+                daemon.Daemon(name=name)
+            self.assertIn(repr(name), str(caught.exception))
+
+    def test_classic_positional_arguments_still_work(self):
+        out, err = os.path.join(self.tmp, 'out'), os.path.join(self.tmp, 'err')
+        d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), '/dev/null', out, err)
+        self.assertEqual((d.pidfile, d.stdin, d.stdout, d.stderr),
+                         (os.path.join(self.tmp, 'x.pid'), '/dev/null', out, err))
+
+    def test_relative_paths_are_made_absolute_at_construction(self):
+        """From the directory the program was started in, before anything can change it: a
+        chdir between Daemon() and start (or a status run later) finds the same files."""
+        here = os.getcwd()
+        self.addCleanup(os.chdir, here)
+        os.chdir(self.tmp)
+        d = daemon.Daemon('x.pid', stdout='x.log', stderr='logs/err.log', workdir='.')
+        os.chdir('/')
+        self.assertEqual((d.pidfile_path, d.stdout, d.stderr, d.workdir),
+                         (os.path.join(self.tmp, 'x.pid'), os.path.join(self.tmp, 'x.log'),
+                          os.path.join(self.tmp, 'logs', 'err.log'), self.tmp))
+        self.assertEqual(daemon.Daemon('/x.pid').workdir, '/')
+
+    def test_construction_in_a_removed_directory_defers_the_error_to_the_action(self):
+        """Daemon() raises nothing there (no traceback); the action names the relative path."""
+        with mock.patch('os.getcwd', side_effect=FileNotFoundError(2, 'No such file or directory')):
+            d = daemon.Daemon('x.pid', name='x')
+            with mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+                self.assertEqual(d.command('status'), daemon.STATUS_UNKNOWN)
+        self.assertIn("'x.pid' is a relative path", err.getvalue())
+
+    def test_help_lists_the_actions_and_the_exit_codes(self):
+        d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
+        d.add_action('frob', lambda daemon_: 0)
+        for flag in ('--help', '-h'):
+            with mock.patch('sys.stdout', new_callable=io.StringIO) as out, \
+                    mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+                self.assertEqual(daemon.main(d, [flag]), daemon.EXIT_OK, flag)
+            self.assertEqual(err.getvalue(), '')
+            text = out.getvalue()
+            listed = dict(re.findall(r'^  (\S+) +(\S.*)$', text, re.M))
+            self.assertEqual(set(listed), set(d.actions), text)
+            for code, meaning in (('0', 'success'), ('1', 'failure'), ('2', 'usage'),
+                                  ('4', 'privilege'), ('7', 'not running'), ('3', 'not running')):
+                self.assertRegex(text, r'\b%s [^,;]*%s' % (code, meaning))
+            self.assertIn(os.path.join(self.tmp, 'x.pid'), text)
+            self.assertLessEqual(max(map(len, text.splitlines())), 100)
+        with mock.patch('sys.stdout', new_callable=io.StringIO):
+            self.assertEqual(daemon.main(d, ['frob']), 0, 'an added action is one main() accepts')
+
+    def test_an_unknown_action_is_usage_naming_it(self):
+        d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
+        for argv, named in ((['explode'], "'explode'"), (['--frob'], "'--frob'"),
+                            (['start', 'stop'], "'start stop'"), ([], 'no action')):
+            with mock.patch('sys.stdout', new_callable=io.StringIO) as out, \
+                    mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+                self.assertEqual(daemon.main(d, argv), daemon.EXIT_USAGE, argv)
+            self.assertEqual(out.getvalue(), '')
+            self.assertIn(named, err.getvalue())
+            self.assertIn('usage:', err.getvalue())
+            self.assertIn('--help', err.getvalue())
+
+    def test_a_squatted_private_directory_is_refused(self):
+        """Without $XDG_RUNTIME_DIR, an ordinary user's default pidfile is in a 0700 directory
+        in /tmp that the user owns; one that anyone else made or opened is refused, named."""
+        path = os.path.join(self.tmp, 'x-%d' % os.geteuid())
+        daemon.private_directory(path, create=False)        # absent: nothing to check yet
+        daemon.private_directory(path, create=True)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700)
+        os.chmod(path, 0o777)
+        with self.assertRaises(DaemonError) as caught:
+            daemon.private_directory(path, create=True)
+        self.assertTrue(caught.exception.privilege)
+        self.assertIn(path, str(caught.exception))
+
+
 # ---------------------------------------------------------------------------------------------
 # daemon.py: real daemons
 # ---------------------------------------------------------------------------------------------
