@@ -156,7 +156,7 @@ __all__ = [
     'set_umask', 'change_directory', 'open_log', 'redirect_stdio', 'drop_privileges',
     'check_identity', 'check_writable', 'to_syslog',
     # the pidfile
-    'PidFile', 'parse_pid', 'flock_holders', 'open_files',
+    'PidFile', 'parse_pid', 'flock_holders', 'open_files', 'default_pidfile', 'private_directory',
     # optional: systemd
     'notify', 'listen_fds', 'watchdog_interval',
     # optional: upgrade in place
@@ -376,15 +376,29 @@ class Daemon:
     start_timeout = 60.0
     reload_timeout = 10.0
 
-    def __init__(self, pidfile, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
+    def __init__(self, pidfile=None, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
                  umask=0o022, workdir='/', stop_timeout=10.0, user=None, group=None, name=None):
+        self.name = type(self).__name__.lower() if name is None else name
+        self._default_pidfile = None    # the pidfile chosen for the caller, when none was given
+        if pidfile is None:
+            if not _usable_file_name(self.name):
+                raise ValueError('Daemon name %r cannot name a pidfile: give another name, or '
+                                 'a pidfile' % self.name)
+            pidfile = self._default_pidfile = default_pidfile(self.name)
         self.pidfile_path = pidfile
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.umask = umask
         self.workdir = workdir
         self.stop_timeout = float(stop_timeout)
         self.user, self.group = user, group
-        self.name = name or type(self).__name__.lower()
+        # Relative paths are taken from the directory the program is started in, now: a
+        # chdir() before start (or a later `status` from the same directory) finds the same
+        # files.  Not self.absolutize(): a subclass's may need state it has not set yet.
+        try:
+            self.pidfile_path, self.stdin, self.stdout, self.stderr, self.workdir = \
+                make_paths_absolute(pidfile, stdin, stdout, stderr, workdir)
+        except DaemonError:
+            pass        # the directory is gone: the action names the path (command())
         self.stopping = False
         self.detached = False           # True in a daemon that forked away from its terminal
         self.listen_fds = {}
@@ -614,6 +628,7 @@ class Daemon:
             return EXIT_USAGE
         try:
             _open_std_fds()
+            self._check_default_pidfile(action)
             if action in ('start', 'run'):
                 for takeover in TAKEOVER:
                     code = takeover(self)
@@ -639,6 +654,14 @@ class Daemon:
     def add_action(self, name, function):
         """Register an action for command(): function(daemon) returns an exit code."""
         self.actions[name] = function
+
+    def _check_default_pidfile(self, action):
+        """The default pidfile of a user without $XDG_RUNTIME_DIR is in a directory of /tmp
+        that must be private (see private_directory()); an action that may start the daemon
+        makes it."""
+        path = self.pidfile_path
+        if path == self._default_pidfile and os.path.dirname(os.path.dirname(path)) == PRIVATE_PARENT:
+            private_directory(os.path.dirname(path), create=action in ('start', 'restart', 'run'))
 
     # The classic recipe's methods: programs written for it call them directly, and end their
     # main block with sys.exit(0).  So a failure exits here, with its code, as the recipe's
@@ -958,14 +981,52 @@ class Daemon:
             pass        # nobody waits for it: the signal came from kill or systemctl
 
 
+# What each action does, for --help; an action added with add_action() is described by the
+# first line of its function's docstring.
+ACTION_HELP = {
+    'start': 'detach, and return once the daemon is ready (or print why it is not)',
+    'stop': 'SIGTERM, SIGKILL after the stop timeout (%(stop_timeout)gs); 0 if not running',
+    'restart': 'stop, then start',
+    'try-restart': 'restart, only if it is running',
+    'reload': 'SIGHUP: the daemon reloads (on_reload()); 7 if not running',
+    'force-reload': 'the same as reload',
+    'status': '0 running, 1 dead (its pidfile remains), 3 not running, 4 unknown',
+    'run': 'in the foreground: no fork, logs on stderr (systemd, containers)',
+}
+
+
+def _help_text(daemon, prog):
+    """What `prog --help` prints: the actions, the exit codes, the pidfile."""
+    width = max(map(len, daemon.actions))
+    lines = ['usage: %s ACTION' % prog, '', 'ACTION is one of:']
+    for name, function in daemon.actions.items():
+        what = ACTION_HELP.get(name) or (function.__doc__ or '').strip().split('\n', 1)[0]
+        lines.append('  %-*s  %s' % (width, name, what % {'stop_timeout': daemon.stop_timeout}))
+    lines += ['', 'Exit codes: 0 success, 1 failure (the message says why), 2 usage,',
+              '4 insufficient privilege, 7 not running (reload); status: 0 running, 1 dead,',
+              '3 not running, 4 unknown (LSB).', 'pidfile: %s' % daemon.pidfile_path]
+    return '\n'.join(lines) + '\n'
+
+
 def main(daemon, argv=None):
-    """`prog start|stop|restart|try-restart|reload|force-reload|status|run`; returns the exit code."""
+    """The command line: `prog ACTION` runs one action and returns its exit code; `prog --help`
+    (or -h) lists the actions and the exit codes (0); anything else is a usage error (2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) != 1 or argv[0] not in ACTIONS:
-        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
-        sys.stderr.write('usage: %s {%s}\n' % (prog, '|'.join(ACTIONS)))
-        return EXIT_USAGE
-    return daemon.command(argv[0])
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
+    if argv in (['--help'], ['-h']):
+        sys.stdout.write(_help_text(daemon, prog))
+        return EXIT_OK
+    if len(argv) == 1 and argv[0] in daemon.actions:
+        return daemon.command(argv[0])
+    if not argv:
+        problem = 'no action given'
+    elif len(argv) == 1:
+        problem = 'unknown action %r' % argv[0]
+    else:
+        problem = 'one action at a time, not %r' % ' '.join(argv)
+    sys.stderr.write('%s: %s\nusage: %s {%s} (%s --help says what each does)\n'
+                     % (prog, problem, prog, '|'.join(daemon.actions), prog))
+    return EXIT_USAGE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1845,6 +1906,61 @@ def to_syslog(name, message):
 # The pidfile
 # ---------------------------------------------------------------------------------------------
 
+# Where an ordinary user's default pidfile goes without $XDG_RUNTIME_DIR: a private directory
+# of its own in this one.
+PRIVATE_PARENT = '/tmp'
+
+
+def default_pidfile(name, filename=None):
+    """Where the pidfile of the daemon `name` is, when none is given: one place per user,
+    found from any directory (a pidfile relative to where `start` ran made `status` from
+    anywhere else say "not running", and a second `start` start a second copy).
+
+    root: /run/FILENAME, where Debian's daemons keep theirs.  Anyone else:
+    $XDG_RUNTIME_DIR/FILENAME (/run/user/UID, which systemd-logind makes for each user logged
+    in and empties at logout), or without it /tmp/NAME-UID/FILENAME, in a private directory as
+    tmux makes one (private_directory() checks it).  FILENAME is NAME.pid by default.
+    """
+    filename = filename or name + '.pid'
+    if os.geteuid() == 0 and os.path.isdir('/run'):
+        return os.path.join('/run', filename)
+    runtime = os.environ.get('XDG_RUNTIME_DIR', '')
+    if os.path.isabs(runtime) and os.path.isdir(runtime):
+        return os.path.join(runtime, filename)
+    return os.path.join(PRIVATE_PARENT, '%s-%d' % (name, os.geteuid()), filename)
+
+
+def private_directory(path, create, remedy='remove it, or give the daemon a pidfile'):
+    """Check (and with create, make) the 0700 directory of a default pidfile under /tmp.
+
+    Anyone may create a directory in /tmp: one not ours, or open to others, could hold a
+    pidfile naming any process, so it is refused (DaemonError, privilege: exit 4), with the
+    remedy said.
+    """
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise DaemonError('cannot create %s: %s' % (path, exc.strerror),
+                              privilege=isinstance(exc, PermissionError))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DaemonError('cannot use %s: %s' % (path, exc.strerror))
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise DaemonError('%s is not a private directory of uid %d; %s'
+                          % (path, os.geteuid(), remedy), privilege=True)
+
+
+def _usable_file_name(name):
+    """True if name can be a file's name (the default pidfile's is NAME.pid)."""
+    return bool(name) and name not in ('.', '..') and '/' not in name and '\0' not in name
+
+
 def parse_pid(text):
     """The pid in a pidfile's text, or None when it holds no valid pid."""
     try:
@@ -2460,6 +2576,9 @@ def upgrade_done(d, error=None):
         status = '%s running (upgraded)' % d.name
     notify(READY=1, STATUS=status)
     d._report('upgrade', error)
+
+
+ACTION_HELP['upgrade'] = 'SIGUSR2: the daemon re-executes the code now on disk, in place'
 
 
 def upgrade_action(d):
