@@ -720,6 +720,27 @@ class DaemonPublicApiTests(TempDirTest):
                 self.assertFalse(os.path.exists(os.path.join(self.tmp, 'minimal.pid')))
 
 
+WORKDIR_PROGRAM = """
+import os, sys
+sys.path.insert(0, HERE_PATH)
+import daemon
+
+class Indexer(daemon.Daemon):
+    def setup(self):
+        self.out = open('indexer.log', 'a')         # relative: in workdir, under start and run
+
+    def run(self):
+        self.out.write('indexing in %s\\n' % os.getcwd())
+        self.out.flush()
+        while not self.wait():
+            pass
+
+if __name__ == '__main__':
+    workdir = sys.argv.pop(1)
+    sys.exit(daemon.main(Indexer('indexer.pid', stderr='err.log', workdir=workdir)))
+""".replace("HERE_PATH", repr(HERE))
+
+
 class DaemonForAuthorsTests(TempDirTest):
     """What a program written on daemon.py gets without asking: a pidfile found from any
     directory, paths taken from where it was started, and a --help (issue 19, item 5)."""
@@ -786,7 +807,12 @@ class DaemonForAuthorsTests(TempDirTest):
 
     def test_help_lists_the_actions_and_the_exit_codes(self):
         d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
-        d.add_action('frob', lambda daemon_: 0)
+        def frob(daemon_):
+            """frobnicate the daemon
+
+            (only the first line is shown)"""
+            return 0
+        d.add_action('frob', frob)
         for flag in ('--help', '-h'):
             with mock.patch('sys.stdout', new_callable=io.StringIO) as out, \
                     mock.patch('sys.stderr', new_callable=io.StringIO) as err:
@@ -795,6 +821,7 @@ class DaemonForAuthorsTests(TempDirTest):
             text = out.getvalue()
             listed = dict(re.findall(r'^  (\S+) +(\S.*)$', text, re.M))
             self.assertEqual(set(listed), set(d.actions), text)
+            self.assertEqual(listed['frob'], 'frobnicate the daemon')
             for code, meaning in (('0', 'success'), ('1', 'failure'), ('2', 'usage'),
                                   ('4', 'privilege'), ('7', 'not running'), ('3', 'not running')):
                 self.assertRegex(text, r'\b%s [^,;]*%s' % (code, meaning))
@@ -814,6 +841,41 @@ class DaemonForAuthorsTests(TempDirTest):
             self.assertIn(named, err.getvalue())
             self.assertIn('usage:', err.getvalue())
             self.assertIn('--help', err.getvalue())
+
+    def test_workdir_is_where_setup_and_run_work_under_start_and_run(self):
+        """A program's relative paths in setup() and run() are taken from workdir (relative:
+        from where it was started) whether it detaches (start) or not (run); a workdir that is
+        missing is a startup error naming it, never a traceback."""
+        with open(os.path.join(self.tmp, 'indexer.py'), 'w') as f:
+            f.write(WORKDIR_PROGRAM)
+        data = os.path.join(self.tmp, 'data')
+        os.mkdir(data)
+        log = os.path.join(data, 'indexer.log')
+        elsewhere = tempfile.mkdtemp(prefix='elsewhere-')
+        self.addCleanup(os.rmdir, elsewhere)
+        result = run([PYTHON, 'indexer.py', 'data', 'start'], cwd=self.tmp)
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        pid = int(read_pid(os.path.join(self.tmp, 'indexer.pid')))
+        self.addCleanup(kill_group_of, pid)
+        wait_for(lambda: 'indexing' in slurp(log), message='a line in data/indexer.log')
+        self.assertEqual(slurp(log), 'indexing in %s\n' % data)
+        result = run([PYTHON, os.path.join(self.tmp, 'indexer.py'), data, 'stop'], cwd=self.tmp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        proc = subprocess.Popen([PYTHON, 'indexer.py', 'data', 'run'], cwd=self.tmp,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.communicate, timeout=TIMEOUT)
+        self.addCleanup(kill_group_of, proc.pid)
+        wait_for(lambda: slurp(log).count('indexing') == 2, message='the foreground run in data/')
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=TIMEOUT), 0)
+        self.assertEqual(slurp(log), 2 * ('indexing in %s\n' % data))
+        for action in ('start', 'run'):
+            result = run([PYTHON, 'indexer.py', 'missing', action], cwd=self.tmp)
+            self.assertEqual(result.returncode, daemon.EXIT_FAILURE, (action, result.stderr))
+            self.assertIn(os.path.join(self.tmp, 'missing'), result.stderr, action)
+            self.assertIn('working directory', result.stderr, action)
+            self.assertNotIn('Traceback', result.stderr, action)
+            self.assertFalse(os.path.exists(os.path.join(self.tmp, 'indexer.pid')), action)
 
     def test_a_squatted_private_directory_is_refused(self):
         """Without $XDG_RUNTIME_DIR, an ordinary user's default pidfile is in a 0700 directory
