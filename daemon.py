@@ -3,7 +3,7 @@
 
 Copy this file into a project, subclass Daemon and override run():
 
-    import sys, daemon
+    import os, sys, daemon
 
     class Ticker(daemon.Daemon):
         def run(self):
@@ -11,12 +11,15 @@ Copy this file into a project, subclass Daemon and override run():
                 print('tick', flush=True)   # stdout goes to the log
 
     if __name__ == '__main__':
-        sys.exit(daemon.main(Ticker('ticker.pid', stdout='ticker.log', stderr='ticker.log')))
+        log = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ticker.log')
+        sys.exit(daemon.main(Ticker(stdout=log, stderr=log)))
 
-Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run`.
-The public API is `__all__`; the Daemon class docstring is its contract.
-Programs written for the classic recipe (construct, then call start(), stop() or restart()) run
-unchanged; relative paths are taken relative to the directory they were started in, and a
+Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run|--help`,
+from any directory: without a pidfile, Daemon() takes default_pidfile(name), one per user.
+The public API is `__all__`; the Daemon class docstring is its contract; docs/daemon.md has
+programs with threads, logging and asyncio.  Programs written for the classic recipe
+(construct, then call start(), stop() or restart()) run unchanged; relative paths given to
+Daemon() are made absolute when it is built, from the directory it was started in, and a
 failed action exits with its code, as the recipe's sys.exit(1) did.
 
 Processes
@@ -48,7 +51,8 @@ daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
   4. setsid                a new session, no controlling terminal
   5. fork                  the daemon is no session leader, so it can never get a terminal again
   6. set_umask             022 by default (never 0: the pidfile and logs are not world-writable)
-  7. change_directory      "/" by default, so the daemon keeps no mount point busy
+  7. change_directory      workdir: "/" by default, so the daemon keeps no mount point busy
+                           (`run` changes to it too: setup() and run() see one directory)
   8. redirect_stdio        stdin from /dev/null, stdout and stderr appended to the log
   9. PidFile.acquire       O_NOFOLLOW, 0644, flock()ed for the daemon's whole life
  10. ready()               tells the launcher "READY", or the startup error
@@ -303,6 +307,18 @@ def watchdog_interval():
 
 class Daemon:
     """A daemon: subclass it and override run().
+
+    Daemon(pidfile=None, stdin, stdout, stderr, *, umask, workdir, stop_timeout, user, group,
+    name), the classic recipe's order:
+        pidfile            None: default_pidfile(name), one per user, found from any directory
+        stdin, stdout, stderr   where the detached daemon's standard streams go (/dev/null)
+        workdir            the directory setup() and run() work in, under start and run alike:
+                           "/" (daemon(7): no mount point kept busy), so a program's own
+                           relative paths need it, or paths built from its own directory
+        name               of every message and of the default pidfile (the class's, lower case)
+    Relative paths (pidfile, streams, workdir) are made absolute here, from the directory the
+    program was started in, before anything can change it: `status` run from there finds the
+    same pidfile.  (python-daemon's working_directory is workdir, with the same default.)
 
     Methods for the caller:
         command(action)    run one action by name (ACTIONS, and those added with add_action());
@@ -1319,7 +1335,9 @@ def _status(d):
 def _foreground(d):
     """The `run` action: serve in the foreground, for systemd, containers and debugging.
 
-    No fork, no redirection (logs go to stderr), same pidfile, signals and hooks.
+    No fork, no redirection (logs go to stderr), same pidfile, signals and hooks, and the same
+    working directory as a detached daemon's (workdir): setup() and run() must find the same
+    relative paths whichever way they are run.
     """
     d.absolutize()
     check_identity(d.user, d.group)
@@ -1327,6 +1345,7 @@ def _foreground(d):
     if state == 'running' and _stopping(d, pid):
         _await_the_end(d, pid)
     check_writable('pidfile', d.pidfile_path)
+    change_directory(d.workdir)
     d.listen_fds = listen_fds()
     try:
         d._become_service()
