@@ -2108,63 +2108,98 @@ class ReadmeTests(unittest.TestCase):
 
     # -- the examples ------------------------------------------------------------------------
 
+    # The example programs, by class: the log in the program's own directory, a line that
+    # shows it runs, the line its reload adds, and whether it reopens that log on SIGUSR1.
+    EXAMPLES = {'Ticker': ('ticker.log', 'tick', ': reloading (SIGHUP)', False),
+                'Poller': ('poller.log', 'thread 1 polled', 'reloaded', False),
+                'Indexer': ('indexer.log', 'INFO indexed', 'INFO reloaded', True),
+                'Beacon': ('beacon.log', 'beacon', 'reloaded', False)}
+
     def examples(self):
-        """(where, source) of every Python example: README's, then the module docstring's."""
+        """(where, source) of every Python example: README's, the module docstring's, then
+        those of docs/daemon.md."""
         found = [('README.md example %d' % (i + 1), block)
                  for i, block in enumerate(re.findall(r'```python\n(.*?)```', self.readme, re.S))]
         doc = daemon.__doc__.split('override run():\n', 1)[1].split('\nThen ', 1)[0]
         found.append(('daemon.py docstring', textwrap.dedent(doc)))
+        with open(os.path.join(HERE, 'docs', 'daemon.md')) as f:
+            found += [('docs/daemon.md example %d' % (i + 1), block)
+                      for i, block in enumerate(re.findall(r'```python\n(.*?)```', f.read(), re.S))]
         return found
 
     def test_the_python_examples_run_as_told(self):
-        """Each example, copied to a directory of its own as ticker.py: `start` prints "ticker
-        started (pid N)", `status` finds it, ticks reach the log, reload, stop, status and the
-        exit codes of the command-line table."""
+        """Each example, copied to a directory of its own: `start` there prints "NAME started
+        (pid N)"; from another directory `status` finds it at its default pidfile, a second
+        `start` finds it running, its log fills, `reload` reaches it (and SIGUSR1 reopens a log
+        that was moved away), `stop` ends it; then, for README's, the exit codes of the
+        command-line table, and --help.  Each class is renamed for the run (Ticker -> Ticker1_PID), so its default
+        pidfile is the test's own, even as root (/run)."""
         examples = self.examples()
-        self.assertEqual(len(examples), 2, 'README.md holds one ```python example')
-        pids = []
-
-        def cleanup():
-            for pid in pids:
-                kill_group_of(pid)
-        self.addCleanup(cleanup)
+        self.assertEqual([where.split(' example')[0] for where, _ in examples].count('README.md'), 1,
+                         'README.md holds one ```python example; the longer ones are in docs/daemon.md')
+        self.assertGreaterEqual(len(examples), 5)
+        elsewhere = os.path.join(self.tmp, 'elsewhere')
+        os.mkdir(elsewhere)
+        env = dict(os.environ, PYTHONPATH=HERE)
         started = []
         for n, (where, source) in enumerate(examples):
+            classes = re.findall(r'^class (\w+)\(daemon\.Daemon\)', source, re.M)
+            self.assertEqual(len(classes), 1, where)
+            self.assertIn(classes[0], self.EXAMPLES, '%s: a new example needs its line in EXAMPLES' % where)
+            log, running, reloaded, reopens = self.EXAMPLES[classes[0]]
+            renamed = '%s%d_%d' % (classes[0], n, os.getpid())
+            name = renamed.lower()
+            pidfile = daemon.default_pidfile(name)
+            self.addCleanup(lambda path=pidfile: os.path.exists(path) and os.unlink(path))
             directory = os.path.join(self.tmp, 'example%d' % n)
             os.mkdir(directory)
-            with open(os.path.join(directory, 'ticker.py'), 'w') as f:
-                f.write(source)
-            env = dict(os.environ, PYTHONPATH=HERE)
+            program = os.path.join(directory, classes[0].lower() + '.py')
+            with open(program, 'w') as f:
+                f.write(re.sub(r'\b%s\b' % classes[0], renamed, source))
 
-            def ticker(action, directory=directory, env=env):
-                return run([PYTHON, 'ticker.py', action], cwd=directory, env=env)
-            result = ticker('start')
+            def action(name, cwd=elsewhere, program=program):
+                return run([PYTHON, program, name], cwd=cwd, env=env)
+            result = action('start', cwd=directory)
             self.assertEqual((result.returncode, result.stderr), (0, ''), where)
-            match = re.fullmatch(r'ticker started \(pid (\d+)\)\n', result.stdout)
+            match = re.fullmatch(r'%s started \(pid (\d+)\)\n' % name, result.stdout)
             self.assertTrue(match, '%s: start printed %r' % (where, result.stdout))
-            pids.append(int(match.group(1)))
-            started.append((where, directory, ticker, pids[-1]))
-        for where, directory, ticker, pid in started:
-            pidfile = os.path.join(directory, 'ticker.pid')
-            result = ticker('status')
+            pid = int(match.group(1))
+            self.addCleanup(kill_group_of, pid)
+            started.append((where, name, pid, pidfile, action, os.path.join(directory, log),
+                            running, reloaded, reopens))
+        for where, name, pid, pidfile, action, log, running, reloaded, reopens in started:
+            result = action('status')
             self.assertEqual((result.returncode, result.stdout),
-                             (daemon.STATUS_RUNNING, 'ticker is running (pid %d, pidfile %s)\n' % (pid, pidfile)),
+                             (daemon.STATUS_RUNNING, '%s is running (pid %d, pidfile %s)\n' % (name, pid, pidfile)),
                              where)
-            wait_for(lambda: 'tick\n' in slurp(os.path.join(directory, 'ticker.log')),
-                     message='%s: a tick in ticker.log' % where)
-            self.assertEqual(ticker('reload').returncode, daemon.EXIT_OK, where)
-            result = ticker('stop')
+            result = action('start')
+            self.assertEqual((result.returncode, result.stdout),
+                             (0, '%s is already running (pid %d, pidfile %s)\n' % (name, pid, pidfile)), where)
+            wait_for(lambda: running in slurp(log), message='%s: %r in %s' % (where, running, log))
+            self.assertEqual(action('reload').returncode, daemon.EXIT_OK, where)
+            wait_for(lambda: reloaded in slurp(log), message='%s: %r in %s' % (where, reloaded, log))
+            if reopens:
+                os.rename(log, log + '.1')
+                os.kill(pid, signal.SIGUSR1)
+                wait_for(lambda: running in slurp(log), message='%s: %s reopened' % (where, log))
+            result = action('stop')
             self.assertEqual(result.returncode, daemon.EXIT_OK, where)
-            self.assertTrue(result.stdout.startswith('ticker stopped (pid %d, ' % pid), result.stdout)
+            self.assertTrue(result.stdout.startswith('%s stopped (pid %d, ' % (name, pid)), result.stdout)
             self.assertFalse(pid_alive(pid), '%s: the daemon is gone after stop' % where)
             self.assertFalse(os.path.exists(pidfile), where)
-            self.assertIn('stopping (SIGTERM)', slurp(os.path.join(directory, 'ticker.log')), where)
-            self.assertEqual(ticker('status').returncode, daemon.STATUS_STOPPED, where)
-            self.assertEqual(ticker('reload').returncode, daemon.EXIT_NOT_RUNNING, where)
-            self.assertEqual(ticker('stop').returncode, daemon.EXIT_OK, where)
-            result = ticker('frobnicate')
+            self.assertNotIn('Traceback', slurp(log), where)
+            if not where.startswith('README'):
+                continue        # the rest is the same code for each: once is enough
+            self.assertEqual(action('status').returncode, daemon.STATUS_STOPPED, where)
+            self.assertEqual(action('reload').returncode, daemon.EXIT_NOT_RUNNING, where)
+            self.assertEqual(action('stop').returncode, daemon.EXIT_OK, where)
+            result = action('frobnicate')
             self.assertEqual(result.returncode, daemon.EXIT_USAGE, where)
+            self.assertIn("unknown action 'frobnicate'", result.stderr, where)
             self.assertNotIn('Traceback', result.stderr)
+            result = action('--help')
+            self.assertEqual(result.returncode, daemon.EXIT_OK, where)
+            self.assertIn('pidfile: %s' % pidfile, result.stdout, where)
 
     def test_the_first_commands_print_what_the_readme_shows(self):
         """The console session of "First commands", with a port and a pidfile of the test's."""
