@@ -14,8 +14,9 @@ Copy this file into a project, subclass Daemon and override run():
         log = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ticker.log')
         sys.exit(daemon.main(Ticker(stdout=log, stderr=log)))
 
-Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run|--help`,
-from any directory: without a pidfile, Daemon() takes default_pidfile(name), one per user.
+Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run` (or
+--help), from any directory: without a pidfile, Daemon() takes default_pidfile(name), one per
+user.
 The public API is `__all__`; the Daemon class docstring is its contract; docs/daemon.md has
 programs with threads, logging and asyncio.  Programs written for the classic recipe
 (construct, then call start(), stop() or restart()) run unchanged; relative paths given to

@@ -22,6 +22,7 @@ import pwd
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -876,6 +877,52 @@ class DaemonForAuthorsTests(TempDirTest):
             self.assertIn('working directory', result.stderr, action)
             self.assertNotIn('Traceback', result.stderr, action)
             self.assertFalse(os.path.exists(os.path.join(self.tmp, 'indexer.pid')), action)
+
+    def test_an_ordinary_user_without_a_runtime_dir_gets_a_private_directory(self):
+        """As an ordinary user without $XDG_RUNTIME_DIR (cron, ssh without logind), a program
+        that gives no pidfile keeps it in /tmp/NAME-UID, a 0700 directory that start makes;
+        status finds it from another directory.  One that others may write is refused by
+        start and status, named, exit 4.  Run as nobody by root, else as the user running."""
+        if os.geteuid() == 0:
+            user = nobody_user(self)
+            python = python_for(self, user)
+            identity = dict(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+        else:
+            user, python, identity = pwd.getpwuid(os.geteuid()), PYTHON, {}
+        os.chmod(self.tmp, 0o755)
+        shutil.copy(os.path.join(HERE, 'daemon.py'), self.tmp)
+        with open(os.path.join(self.tmp, 'quiet.py'), 'w') as f:
+            f.write('import sys\nimport daemon\n\nclass Quiet(daemon.Daemon):\n'
+                    '    def run(self):\n        while not self.wait():\n            pass\n\n'
+                    'sys.exit(daemon.main(Quiet(name=sys.argv.pop(1))))\n')
+        name = 'quiet%d' % os.getpid()
+        directory = '/tmp/%s-%d' % (name, user.pw_uid)
+        pidfile = os.path.join(directory, name + '.pid')
+        self.addCleanup(subprocess.run, ['rm', '-rf', directory])
+        env = {k: v for k, v in os.environ.items() if k != 'XDG_RUNTIME_DIR'}
+        env['HOME'] = '/'
+
+        def quiet(action, cwd='/'):
+            return run([python, os.path.join(self.tmp, 'quiet.py'), name, action], cwd=cwd, env=env,
+                       **identity)
+        result = quiet('start', cwd=self.tmp)
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        pid = int(read_pid(pidfile))
+        self.addCleanup(kill_group_of, pid)
+        st = os.stat(directory)
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (user.pw_uid, 0o700))
+        result = quiet('status')
+        self.assertEqual((result.returncode, result.stdout),
+                         (0, '%s is running (pid %d, pidfile %s)\n' % (name, pid, pidfile)))
+        self.assertEqual(quiet('stop').returncode, 0)
+        self.assertFalse(pid_alive(pid))
+        os.chmod(directory, 0o777)
+        for action in ('start', 'status', 'stop'):
+            result = quiet(action)
+            self.assertEqual(result.returncode, daemon.EXIT_PRIVILEGE, (action, result.stderr))
+            self.assertIn('%s is not a private directory of uid %d' % (directory, user.pw_uid),
+                          result.stderr, action)
+            self.assertNotIn('Traceback', result.stderr, action)
 
     def test_a_squatted_private_directory_is_refused(self):
         """Without $XDG_RUNTIME_DIR, an ordinary user's default pidfile is in a 0700 directory
