@@ -749,7 +749,9 @@ class DaemonForAuthorsTests(TempDirTest):
     def test_default_pidfile_follows_the_per_user_rule(self):
         with mock.patch('os.geteuid', return_value=0):
             self.assertEqual(daemon.default_pidfile('ticker'), '/run/ticker.pid')
-        with mock.patch('os.geteuid', return_value=1000), \
+        uid = os.geteuid() or 1000
+        os.chown(self.tmp, uid, -1)        # $XDG_RUNTIME_DIR is used only if it is the user's
+        with mock.patch('os.geteuid', return_value=uid), \
                 mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': self.tmp}):
             self.assertEqual(daemon.default_pidfile('ticker'), os.path.join(self.tmp, 'ticker.pid'))
             self.assertEqual(daemon.default_pidfile('agent', 'agent-80.pid'),
@@ -758,6 +760,24 @@ class DaemonForAuthorsTests(TempDirTest):
             with mock.patch('os.geteuid', return_value=1000), \
                     mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': runtime}):
                 self.assertEqual(daemon.default_pidfile('ticker'), '/tmp/ticker-1000/ticker.pid')
+
+    def test_a_runtime_dir_of_another_user_is_not_used(self):
+        """$XDG_RUNTIME_DIR must be the user's own, 0700 (XDG Base Directory spec): `su` without
+        '-' keeps the first user's, where status would find that user's daemon, and stop try
+        to stop it.  Then the private directory in /tmp is used instead."""
+        uid = os.geteuid() or 1000
+        runtime = os.path.join(self.tmp, 'runtime')
+        os.mkdir(runtime, 0o700)
+        os.chown(runtime, uid, -1)         # (to oneself: allowed to anyone)
+        with mock.patch('os.geteuid', return_value=uid), \
+                mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': runtime}):
+            self.assertEqual(daemon.default_pidfile('t'), os.path.join(runtime, 't.pid'))
+            os.chmod(runtime, 0o777)
+            self.assertEqual(daemon.default_pidfile('t'), '/tmp/t-%d/t.pid' % uid, 'open to others')
+            os.chmod(runtime, 0o700)
+        with mock.patch('os.geteuid', return_value=uid + 1), \
+                mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': runtime}):
+            self.assertEqual(daemon.default_pidfile('t'), '/tmp/t-%d/t.pid' % (uid + 1), "another's")
 
     def test_the_agent_has_no_pidfile_rule_of_its_own(self):
         """One owner: agent.py's default pidfile is daemon.py's rule, named after the port."""
@@ -830,6 +850,10 @@ class DaemonForAuthorsTests(TempDirTest):
             self.assertLessEqual(max(map(len, text.splitlines())), 100)
         with mock.patch('sys.stdout', new_callable=io.StringIO):
             self.assertEqual(daemon.main(d, ['frob']), 0, 'an added action is one main() accepts')
+        for argv in (['start', '--help'], ['-h', 'explode']):
+            with mock.patch('sys.stdout', new_callable=io.StringIO) as out:
+                self.assertEqual(daemon.main(d, argv), daemon.EXIT_OK, argv)
+            self.assertIn('ACTION is one of:', out.getvalue(), 'help wins, as in argparse')
 
     def test_an_unknown_action_is_usage_naming_it(self):
         d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
@@ -3674,7 +3698,9 @@ class DefaultPidfileTests(unittest.TestCase):
             self.assertEqual(agent.default_pidfile(9085), '/run/agent-9085.pid')
         runtime = tempfile.mkdtemp()
         self.addCleanup(os.rmdir, runtime)
-        with mock.patch('os.geteuid', return_value=1000), \
+        uid = os.geteuid() or 1000          # $XDG_RUNTIME_DIR is used only if it is the user's
+        os.chown(runtime, uid, -1)
+        with mock.patch('os.geteuid', return_value=uid), \
                 mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': runtime}):
             self.assertEqual(agent.default_pidfile(80), os.path.join(runtime, 'agent-80.pid'))
         with mock.patch('os.geteuid', return_value=1000), mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': ''}):
