@@ -1026,11 +1026,11 @@ def _help_text(daemon, prog):
 
 
 def main(daemon, argv=None):
-    """The command line: `prog ACTION` runs one action and returns its exit code; `prog --help`
-    (or -h) lists the actions and the exit codes (0); anything else is a usage error (2)."""
+    """The command line: `prog ACTION` runs one action and returns its exit code; --help (or
+    -h) anywhere lists the actions and the exit codes (0); anything else is a usage error (2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
-    if argv in (['--help'], ['-h']):
+    if '--help' in argv or '-h' in argv:        # wherever it is, as argparse does
         sys.stdout.write(_help_text(daemon, prog))
         return EXIT_OK
     if len(argv) == 1 and argv[0] in daemon.actions:
@@ -1940,14 +1940,26 @@ def default_pidfile(name, filename=None):
     $XDG_RUNTIME_DIR/FILENAME (/run/user/UID, which systemd-logind makes for each user logged
     in and empties at logout), or without it /tmp/NAME-UID/FILENAME, in a private directory as
     tmux makes one (private_directory() checks it).  FILENAME is NAME.pid by default.
+    $XDG_RUNTIME_DIR counts only if it is the user's own and closed to others, as the XDG Base
+    Directory spec says it must be: `su` without '-' keeps the first user's, where `status`
+    would report that user's daemon.
     """
     filename = filename or name + '.pid'
     if os.geteuid() == 0 and os.path.isdir('/run'):
         return os.path.join('/run', filename)
     runtime = os.environ.get('XDG_RUNTIME_DIR', '')
-    if os.path.isabs(runtime) and os.path.isdir(runtime):
+    if os.path.isabs(runtime) and _own_private_directory(runtime):
         return os.path.join(runtime, filename)
     return os.path.join(PRIVATE_PARENT, '%s-%d' % (name, os.geteuid()), filename)
+
+
+def _own_private_directory(path):
+    """True if path is a directory of the effective user that no one else may write."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def private_directory(path, create, remedy='remove it, or give the daemon a pidfile'):
