@@ -2221,6 +2221,8 @@ class ReadmeTests(unittest.TestCase):
             renamed = '%s%d_%d' % (classes[0], n, os.getpid())
             name = renamed.lower()
             pidfile = daemon.default_pidfile(name)
+            if os.path.dirname(os.path.dirname(pidfile)) == '/tmp':     # a private directory
+                self.addCleanup(subprocess.run, ['rm', '-rf', os.path.dirname(pidfile)])
             self.addCleanup(lambda path=pidfile: os.path.exists(path) and os.unlink(path))
             directory = os.path.join(self.tmp, 'example%d' % n)
             os.mkdir(directory)
