@@ -77,7 +77,8 @@ and USR1 wait until run() asks for them.  An exception in a hook is that signal'
 
 Files
 -----
-  pidfile   the daemon's pid and a newline; mode 0644; an flock() held for the daemon's life
+  pidfile   default_pidfile(name) unless one is given: /run, $XDG_RUNTIME_DIR or /tmp/NAME-UID.
+            The daemon's pid and a newline; mode 0644; an flock() held for the daemon's life
             says it is alive: a pidfile nobody locks is stale, whatever pid it names.  Removed
             at exit by the process that wrote it, and only if it is still the same file --
             except when the daemon dies on its own after it was ready (a failure status, no
@@ -676,9 +677,9 @@ class Daemon:
         """The default pidfile of a user without $XDG_RUNTIME_DIR is in a directory of /tmp
         that must be private (see private_directory()); an action that may start the daemon
         makes it."""
-        path = self.pidfile_path
-        if path == self._default_pidfile and os.path.dirname(os.path.dirname(path)) == PRIVATE_PARENT:
-            private_directory(os.path.dirname(path), create=action in ('start', 'restart', 'run'))
+        directory = os.path.dirname(self.pidfile_path)
+        if self.pidfile_path == self._default_pidfile and os.path.dirname(directory) == PRIVATE_PARENT:
+            private_directory(directory, create=action in ('start', 'restart', 'run'))
 
     # The classic recipe's methods: programs written for it call them directly, and end their
     # main block with sys.exit(0).  So a failure exits here, with its code, as the recipe's
