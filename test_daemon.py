@@ -948,6 +948,24 @@ class DaemonForAuthorsTests(TempDirTest):
                           result.stderr, action)
             self.assertNotIn('Traceback', result.stderr, action)
 
+    def test_a_thread_started_before_start_is_named_in_a_warning(self):
+        """fork() copies only the thread that calls it: a thread a program starts before
+        start() does not run in the daemon.  start says so, naming it, and goes on (exit 0)."""
+        with open(os.path.join(self.tmp, 'early.py'), 'w') as f:
+            f.write('import sys, threading\nsys.path.insert(0, %r)\nimport daemon\n\n'
+                    'class Early(daemon.Daemon):\n    def run(self):\n'
+                    '        while not self.wait():\n            pass\n\n'
+                    'threading.Thread(target=threading.Event().wait, name="poller", daemon=True).start()\n'
+                    'sys.exit(daemon.main(Early("early.pid")))\n' % HERE)
+        result = run([PYTHON, 'early.py', 'start'], cwd=self.tmp)
+        pid = int(read_pid(os.path.join(self.tmp, 'early.pid')) or 0)
+        self.addCleanup(kill_group_of, pid)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("early: warning: thread 'poller' was started before the daemon forked",
+                      result.stderr)
+        self.assertIn('start threads in setup() or run()', result.stderr)
+        self.assertEqual(run([PYTHON, 'early.py', 'stop'], cwd=self.tmp).returncode, 0)
+
     def test_a_squatted_private_directory_is_refused(self):
         """Without $XDG_RUNTIME_DIR, an ordinary user's default pidfile is in a 0700 directory
         in /tmp that the user owns; one that anyone else made or opened is refused, named."""
