@@ -147,6 +147,7 @@ import stat
 import struct
 import sys
 import syslog
+import threading
 import time
 import traceback
 
@@ -677,8 +678,8 @@ class Daemon:
         """The default pidfile of a user without $XDG_RUNTIME_DIR is in a directory of /tmp
         that must be private (see private_directory()); an action that may start the daemon
         makes it."""
-        directory = os.path.dirname(self.pidfile_path)
-        if self.pidfile_path == self._default_pidfile and os.path.dirname(directory) == PRIVATE_PARENT:
+        path, directory = self.pidfile_path, os.path.dirname(self.pidfile_path)
+        if path == self._default_pidfile and os.path.dirname(directory) == PRIVATE_PARENT:
             private_directory(directory, create=action in ('start', 'restart', 'run'))
 
     # The classic recipe's methods: programs written for it call them directly, and end their
@@ -748,6 +749,10 @@ class Daemon:
         buffers that the daemon still owns.
         """
         self.absolutize()
+        for thread in _threads_left_behind():
+            self.say('%s: warning: thread %r was started before the daemon forked, and does not '
+                     'run in it (fork() copies only the calling thread): start threads in setup() '
+                     'or run()' % (self.name, thread), error=True)
         self.listen_fds = listen_fds()      # before any fork: LISTEN_PID names this process
         keep = [fd for fds in self.listen_fds.values() for fd in fds]
         _flush_std_streams()
@@ -1710,6 +1715,15 @@ def make_paths_absolute(*paths):
                                   'exists: give an absolute path, or cd elsewhere' % path)
         absolute.append(os.path.normpath(path) if path else path)
     return absolute
+
+
+def _threads_left_behind():
+    """The names of the Python threads that a fork() now would leave behind: all but the
+    calling one.  A thread started before start() does not exist in the daemon, and a lock it
+    held at the fork stays held there forever."""
+    current = threading.current_thread()
+    return [thread.name for thread in threading.enumerate()
+            if thread is not current and thread.is_alive()]
 
 
 def open_fds():
