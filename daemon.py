@@ -397,7 +397,7 @@ class Daemon:
 
     def __init__(self, pidfile=None, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
                  umask=0o022, workdir='/', stop_timeout=10.0, user=None, group=None, name=None):
-        self.name = type(self).__name__.lower() if name is None else name
+        self.name = name or type(self).__name__.lower()
         self._default_pidfile = None    # the pidfile chosen for the caller, when none was given
         if pidfile is None:
             if not _usable_file_name(self.name):
@@ -1008,7 +1008,7 @@ class Daemon:
 # first line of its function's docstring.
 ACTION_HELP = {
     'start': 'detach, and return once the daemon is ready (or print why it is not)',
-    'stop': 'SIGTERM, SIGKILL after the stop timeout (%(stop_timeout)gs); 0 if not running',
+    'stop': 'SIGTERM, then SIGKILL after the stop timeout; 0 if not running',
     'restart': 'stop, then start',
     'try-restart': 'restart, only if it is running',
     'reload': 'SIGHUP: the daemon reloads (on_reload()); 7 if not running',
@@ -1024,7 +1024,7 @@ def _help_text(daemon, prog):
     lines = ['usage: %s ACTION' % prog, '', 'ACTION is one of:']
     for name, function in daemon.actions.items():
         what = ACTION_HELP.get(name) or (function.__doc__ or '').strip().split('\n', 1)[0]
-        lines.append('  %-*s  %s' % (width, name, what % {'stop_timeout': daemon.stop_timeout}))
+        lines.append('  %-*s  %s' % (width, name, what))
     lines += ['', 'Exit codes: 0 success, 1 failure (the message says why), 2 usage,',
               '4 insufficient privilege, 7 not running (reload); status: 0 running, 1 dead,',
               '3 not running, 4 unknown (LSB).', 'pidfile: %s' % daemon.pidfile_path]

@@ -794,7 +794,7 @@ class DaemonForAuthorsTests(TempDirTest):
         self.assertEqual(Ticker().pidfile_path, daemon.default_pidfile('ticker'))
         self.assertEqual(Ticker(name='tock').pidfile, daemon.default_pidfile('tock'))
         self.assertEqual(Ticker(stdout='t.log').stdout, os.path.join(os.getcwd(), 't.log'))
-        for name in ('a/b', '..', '.', ''):
+        for name in ('a/b', '..', '.', 'a\0b'):
             with self.assertRaises(ValueError) as caught:
                 daemon.Daemon(name=name)
             self.assertIn(repr(name), str(caught.exception))
@@ -829,9 +829,9 @@ class DaemonForAuthorsTests(TempDirTest):
     def test_help_lists_the_actions_and_the_exit_codes(self):
         d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
         def frob(daemon_):
-            """frobnicate the daemon
+            """frobnicate 100% of the daemon
 
-            (only the first line is shown)"""
+            (only the first line is shown, as it is)"""
             return 0
         d.add_action('frob', frob)
         for flag in ('--help', '-h'):
@@ -842,7 +842,8 @@ class DaemonForAuthorsTests(TempDirTest):
             text = out.getvalue()
             listed = dict(re.findall(r'^  (\S+) +(\S.*)$', text, re.M))
             self.assertEqual(set(listed), set(d.actions), text)
-            self.assertEqual(listed['frob'], 'frobnicate the daemon')
+            self.assertEqual(listed['frob'], 'frobnicate 100% of the daemon')
+            self.assertIn('SIGKILL', listed['stop'])
             for code, meaning in (('0', 'success'), ('1', 'failure'), ('2', 'usage'),
                                   ('4', 'privilege'), ('7', 'not running'), ('3', 'not running')):
                 self.assertRegex(text, r'\b%s [^,;]*%s' % (code, meaning))
