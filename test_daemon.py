@@ -967,6 +967,45 @@ class DaemonForAuthorsTests(TempDirTest):
         self.assertIn('start threads in setup() or run()', result.stderr)
         self.assertEqual(run([PYTHON, 'early.py', 'stop'], cwd=self.tmp).returncode, 0)
 
+    def test_asyncio_add_signal_handler_makes_reload_time_out_as_documented(self):
+        """docs/daemon.md says why a program that uses loop.add_signal_handler(SIGTERM) never
+        reloads: the loop takes the one wake-up fd, so signal_fd stays quiet and `reload`
+        times out (reload_timeout, 1 s here).  Pinned, so the page changes with the code."""
+        with open(os.path.join(HERE, 'docs', 'daemon.md')) as f:
+            self.assertIn('`reload` waits `reload_timeout`', ' '.join(f.read().split()))
+        with open(os.path.join(self.tmp, 'pitfall.py'), 'w') as f:
+            f.write(textwrap.dedent("""\
+                import asyncio, signal, sys
+                sys.path.insert(0, %r)
+                import daemon
+
+                class Pitfall(daemon.Daemon):
+                    reload_timeout = 1.0
+
+                    def run(self):
+                        asyncio.run(self.serve())
+
+                    async def serve(self):
+                        loop = asyncio.get_running_loop()
+                        stopped = loop.create_future()
+                        loop.add_signal_handler(signal.SIGTERM, stopped.set_result, None)
+                        await stopped
+
+                    def on_reload(self):
+                        print('reloaded', flush=True)
+
+                sys.exit(daemon.main(Pitfall('pitfall.pid', stdout='pitfall.log', stderr='pitfall.log')))
+                """ % HERE))
+        result = run([PYTHON, 'pitfall.py', 'start'], cwd=self.tmp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        pid = int(read_pid(os.path.join(self.tmp, 'pitfall.pid')))
+        self.addCleanup(kill_group_of, pid)
+        result = run([PYTHON, 'pitfall.py', 'reload'], cwd=self.tmp)
+        self.assertEqual(result.returncode, daemon.EXIT_FAILURE)
+        self.assertIn('no word from pid %d on the reload within 1s' % pid, result.stderr)
+        self.assertNotIn('reloaded', slurp(os.path.join(self.tmp, 'pitfall.log')))
+        self.assertEqual(run([PYTHON, 'pitfall.py', 'stop'], cwd=self.tmp).returncode, 0)
+
     def test_a_squatted_private_directory_is_refused(self):
         """Without $XDG_RUNTIME_DIR, an ordinary user's default pidfile is in a 0700 directory
         in /tmp that the user owns; one that anyone else made or opened is refused, named."""
