@@ -1011,7 +1011,7 @@ ACTION_HELP = {
     'stop': 'SIGTERM, then SIGKILL after the stop timeout; 0 if not running',
     'restart': 'stop, then start',
     'try-restart': 'restart, only if it is running',
-    'reload': 'SIGHUP: the daemon reloads (on_reload()); 7 if not running',
+    'reload': 'SIGHUP: asks the daemon to reload; 7 if not running',
     'force-reload': 'the same as reload',
     'status': '0 running, 1 dead (its pidfile remains), 3 not running, 4 unknown',
     'run': 'in the foreground: no fork, logs on stderr (systemd, containers)',
