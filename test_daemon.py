@@ -738,7 +738,7 @@ class Indexer(daemon.Daemon):
 
 if __name__ == '__main__':
     workdir = sys.argv.pop(1)
-    sys.exit(daemon.main(Indexer('indexer.pid', stderr='err.log', workdir=workdir)))
+    sys.exit(daemon.main(Indexer('indexer.pid', stderr='err.log', workdir=None if workdir == '-' else workdir)))
 """.replace("HERE_PATH", repr(HERE))
 
 
@@ -895,6 +895,17 @@ class DaemonForAuthorsTests(TempDirTest):
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(timeout=TIMEOUT), 0)
         self.assertEqual(slurp(log), 2 * ('indexing in %s\n' % data))
+        # Without a workdir, run stays where it was started (the service manager's choice:
+        # systemd's WorkingDirectory=), as it always did; start goes to /.
+        proc = subprocess.Popen([PYTHON, 'indexer.py', '-', 'run'], cwd=self.tmp,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.communicate, timeout=TIMEOUT)
+        self.addCleanup(kill_group_of, proc.pid)
+        here = os.path.join(self.tmp, 'indexer.log')
+        wait_for(lambda: 'indexing' in slurp(here), message='the foreground run without a workdir')
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=TIMEOUT), 0)
+        self.assertEqual(slurp(here), 'indexing in %s\n' % self.tmp)
         for action in ('start', 'run'):
             result = run([PYTHON, 'indexer.py', 'missing', action], cwd=self.tmp)
             self.assertEqual(result.returncode, daemon.EXIT_FAILURE, (action, result.stderr))
