@@ -53,7 +53,7 @@ daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
   5. fork                  the daemon is no session leader, so it can never get a terminal again
   6. set_umask             022 by default (never 0: the pidfile and logs are not world-writable)
   7. change_directory      workdir: "/" by default, so the daemon keeps no mount point busy
-                           (`run` changes to it too: setup() and run() see one directory)
+                           (`run` changes to a workdir given too: setup() and run() see one)
   8. redirect_stdio        stdin from /dev/null, stdout and stderr appended to the log
   9. PidFile.acquire       O_NOFOLLOW, 0644, flock()ed for the daemon's whole life
  10. ready()               tells the launcher "READY", or the startup error
@@ -315,9 +315,11 @@ class Daemon:
     name), the classic recipe's order:
         pidfile            None: default_pidfile(name), one per user, found from any directory
         stdin, stdout, stderr   where the detached daemon's standard streams go (/dev/null)
-        workdir            the directory setup() and run() work in, under start and run alike:
-                           "/" (daemon(7): no mount point kept busy), so a program's own
-                           relative paths need it, or paths built from its own directory
+        workdir            the directory setup() and run() work in: under start "/" by
+                           default (daemon(7): no mount point kept busy), so a program's own
+                           relative paths need it, or paths built from its own directory.
+                           `run` changes to it only when it is given: without one, the
+                           foreground service stays where its service manager started it
         name               of every message and of the default pidfile (the class's, lower case)
     Relative paths (pidfile, streams, workdir) are made absolute here, from the directory the
     program was started in, before anything can change it: `status` run from there finds the
@@ -396,7 +398,7 @@ class Daemon:
     reload_timeout = 10.0
 
     def __init__(self, pidfile=None, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
-                 umask=0o022, workdir='/', stop_timeout=10.0, user=None, group=None, name=None):
+                 umask=0o022, workdir=None, stop_timeout=10.0, user=None, group=None, name=None):
         self.name = name or type(self).__name__.lower()
         self._default_pidfile = None    # the pidfile chosen for the caller, when none was given
         if pidfile is None:
@@ -407,7 +409,8 @@ class Daemon:
         self.pidfile_path = pidfile
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.umask = umask
-        self.workdir = workdir
+        self._workdir_given = workdir is not None       # see _foreground()
+        self.workdir = workdir = '/' if workdir is None else workdir
         self.stop_timeout = float(stop_timeout)
         self.user, self.group = user, group
         # Relative paths are taken from the directory the program is started in, now: a
@@ -1342,9 +1345,11 @@ def _status(d):
 def _foreground(d):
     """The `run` action: serve in the foreground, for systemd, containers and debugging.
 
-    No fork, no redirection (logs go to stderr), same pidfile, signals and hooks, and the same
-    working directory as a detached daemon's (workdir): setup() and run() must find the same
-    relative paths whichever way they are run.
+    No fork, no redirection (logs go to stderr), same pidfile, signals and hooks.  A workdir
+    given to Daemon() is changed to, as a detached daemon does, so that setup() and run() find
+    the same relative paths whichever way they run; without one the service stays in the
+    directory it was started in, which is its service manager's to choose (systemd's
+    WorkingDirectory=, "/" by default), as for any program in the foreground.
     """
     d.absolutize()
     check_identity(d.user, d.group)
@@ -1352,7 +1357,8 @@ def _foreground(d):
     if state == 'running' and _stopping(d, pid):
         _await_the_end(d, pid)
     check_writable('pidfile', d.pidfile_path)
-    change_directory(d.workdir)
+    if d._workdir_given:
+        change_directory(d.workdir)
     d.listen_fds = listen_fds()
     try:
         d._become_service()
