@@ -4613,44 +4613,14 @@ def urls(listeners, tls=False, redirects=()):
 
 
 def default_pidfile(port):
-    """Where every action looks without --pidfile: one file per user and port, found from any
-    directory.
-
-    root: /run/agent-PORT.pid, where Debian's daemons keep theirs.  Anyone else:
-    $XDG_RUNTIME_DIR/agent-PORT.pid (/run/user/UID, which systemd-logind makes for each user
-    logged in), or without it /tmp/agent-UID/agent-PORT.pid, a private directory as tmux makes.
-    """
-    name = 'agent-%d.pid' % port
-    if os.geteuid() == 0 and os.path.isdir('/run'):
-        return os.path.join('/run', name)
-    runtime = os.environ.get('XDG_RUNTIME_DIR', '')
-    if os.path.isabs(runtime) and os.path.isdir(runtime):
-        return os.path.join(runtime, name)
-    return os.path.join('/tmp', 'agent-%d' % os.geteuid(), name)
+    """Where every action looks without --pidfile: daemon.py's per-user rule (/run for root,
+    else $XDG_RUNTIME_DIR, else a private directory /tmp/agent-UID), one file per port."""
+    return daemon.default_pidfile('agent', 'agent-%d.pid' % port)
 
 
 def private_directory(path, create):
-    """Check (and with create, make) the 0700 directory of a default pidfile under /tmp.
-
-    Anyone may create a directory in /tmp: one not ours, or open to others, could hold a
-    pidfile naming any process, so it is refused.
-    """
-    if create:
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise DaemonError('cannot create %s: %s' % (path, exc.strerror))
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise DaemonError('cannot use %s: %s' % (path, exc.strerror))
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise DaemonError('%s is not a private directory of uid %d; remove it, or give --pidfile'
-                          % (path, os.geteuid()), privilege=True)
+    """daemon.private_directory(), whose remedy is an option here."""
+    daemon.private_directory(path, create, remedy='remove it, or give --pidfile')
 
 
 def options_path(pidfile):

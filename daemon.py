@@ -3,7 +3,7 @@
 
 Copy this file into a project, subclass Daemon and override run():
 
-    import sys, daemon
+    import os, sys, daemon
 
     class Ticker(daemon.Daemon):
         def run(self):
@@ -11,12 +11,16 @@ Copy this file into a project, subclass Daemon and override run():
                 print('tick', flush=True)   # stdout goes to the log
 
     if __name__ == '__main__':
-        sys.exit(daemon.main(Ticker('ticker.pid', stdout='ticker.log', stderr='ticker.log')))
+        log = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ticker.log')
+        sys.exit(daemon.main(Ticker(stdout=log, stderr=log)))
 
-Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run`.
-The public API is `__all__`; the Daemon class docstring is its contract.
-Programs written for the classic recipe (construct, then call start(), stop() or restart()) run
-unchanged; relative paths are taken relative to the directory they were started in, and a
+Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run` (or
+--help), from any directory: without a pidfile, Daemon() takes default_pidfile(name), one per
+user.
+The public API is `__all__`; the Daemon class docstring is its contract; docs/daemon.md has
+programs with threads, logging and asyncio.  Programs written for the classic recipe
+(construct, then call start(), stop() or restart()) run unchanged; relative paths given to
+Daemon() are made absolute when it is built, from the directory it was started in, and a
 failed action exits with its code, as the recipe's sys.exit(1) did.
 
 Processes
@@ -48,7 +52,8 @@ daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
   4. setsid                a new session, no controlling terminal
   5. fork                  the daemon is no session leader, so it can never get a terminal again
   6. set_umask             022 by default (never 0: the pidfile and logs are not world-writable)
-  7. change_directory      "/" by default, so the daemon keeps no mount point busy
+  7. change_directory      workdir: "/" by default, so the daemon keeps no mount point busy
+                           (`run` changes to a workdir given too: setup() and run() see one)
   8. redirect_stdio        stdin from /dev/null, stdout and stderr appended to the log
   9. PidFile.acquire       O_NOFOLLOW, 0644, flock()ed for the daemon's whole life
  10. ready()               tells the launcher "READY", or the startup error
@@ -72,7 +77,8 @@ and USR1 wait until run() asks for them.  An exception in a hook is that signal'
 
 Files
 -----
-  pidfile   the daemon's pid and a newline; mode 0644; an flock() held for the daemon's life
+  pidfile   default_pidfile(name) unless one is given: /run, $XDG_RUNTIME_DIR or /tmp/NAME-UID.
+            The daemon's pid and a newline; mode 0644; an flock() held for the daemon's life
             says it is alive: a pidfile nobody locks is stale, whatever pid it names.  Removed
             at exit by the process that wrote it, and only if it is still the same file --
             except when the daemon dies on its own after it was ready (a failure status, no
@@ -141,6 +147,7 @@ import stat
 import struct
 import sys
 import syslog
+import threading
 import time
 import traceback
 
@@ -156,7 +163,7 @@ __all__ = [
     'set_umask', 'change_directory', 'open_log', 'redirect_stdio', 'drop_privileges',
     'check_identity', 'check_writable', 'to_syslog',
     # the pidfile
-    'PidFile', 'parse_pid', 'flock_holders', 'open_files',
+    'PidFile', 'parse_pid', 'flock_holders', 'open_files', 'default_pidfile', 'private_directory',
     # optional: systemd
     'notify', 'listen_fds', 'watchdog_interval',
     # optional: upgrade in place
@@ -304,6 +311,20 @@ def watchdog_interval():
 class Daemon:
     """A daemon: subclass it and override run().
 
+    Daemon(pidfile=None, stdin, stdout, stderr, *, umask, workdir, stop_timeout, user, group,
+    name), the classic recipe's order:
+        pidfile            None: default_pidfile(name), one per user, found from any directory
+        stdin, stdout, stderr   where the detached daemon's standard streams go (/dev/null)
+        workdir            the directory setup() and run() work in: under start "/" by
+                           default (daemon(7): no mount point kept busy), so a program's own
+                           relative paths need it, or paths built from its own directory.
+                           `run` changes to it only when it is given: without one, the
+                           foreground service stays where its service manager started it
+        name               of every message and of the default pidfile (the class's, lower case)
+    Relative paths (pidfile, streams, workdir) are made absolute here, from the directory the
+    program was started in, before anything can change it: `status` run from there finds the
+    same pidfile.  (python-daemon's working_directory is workdir, with the same default.)
+
     Methods for the caller:
         command(action)    run one action by name (ACTIONS, and those added with add_action());
                            returns its exit code (see the module docstring).  Every action gets
@@ -376,15 +397,30 @@ class Daemon:
     start_timeout = 60.0
     reload_timeout = 10.0
 
-    def __init__(self, pidfile, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
-                 umask=0o022, workdir='/', stop_timeout=10.0, user=None, group=None, name=None):
+    def __init__(self, pidfile=None, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
+                 umask=0o022, workdir=None, stop_timeout=10.0, user=None, group=None, name=None):
+        self.name = name or type(self).__name__.lower()
+        self._default_pidfile = None    # the pidfile chosen for the caller, when none was given
+        if pidfile is None:
+            if not _usable_file_name(self.name):
+                raise ValueError('Daemon name %r cannot name a pidfile: give another name, or '
+                                 'a pidfile' % self.name)
+            pidfile = self._default_pidfile = default_pidfile(self.name)
         self.pidfile_path = pidfile
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.umask = umask
-        self.workdir = workdir
+        self._workdir_given = workdir is not None       # see _foreground()
+        self.workdir = workdir = '/' if workdir is None else workdir
         self.stop_timeout = float(stop_timeout)
         self.user, self.group = user, group
-        self.name = name or type(self).__name__.lower()
+        # Relative paths are taken from the directory the program is started in, now: a
+        # chdir() before start (or a later `status` from the same directory) finds the same
+        # files.  Not self.absolutize(): a subclass's may need state it has not set yet.
+        try:
+            self.pidfile_path, self.stdin, self.stdout, self.stderr, self.workdir = \
+                make_paths_absolute(pidfile, stdin, stdout, stderr, workdir)
+        except DaemonError:
+            pass        # the directory is gone: the action names the path (command())
         self.stopping = False
         self.detached = False           # True in a daemon that forked away from its terminal
         self.listen_fds = {}
@@ -614,6 +650,7 @@ class Daemon:
             return EXIT_USAGE
         try:
             _open_std_fds()
+            self._check_default_pidfile(action)
             if action in ('start', 'run'):
                 for takeover in TAKEOVER:
                     code = takeover(self)
@@ -639,6 +676,14 @@ class Daemon:
     def add_action(self, name, function):
         """Register an action for command(): function(daemon) returns an exit code."""
         self.actions[name] = function
+
+    def _check_default_pidfile(self, action):
+        """The default pidfile of a user without $XDG_RUNTIME_DIR is in a directory of /tmp
+        that must be private (see private_directory()); an action that may start the daemon
+        makes it."""
+        path, directory = self.pidfile_path, os.path.dirname(self.pidfile_path)
+        if path == self._default_pidfile and os.path.dirname(directory) == PRIVATE_PARENT:
+            private_directory(directory, create=action in ('start', 'restart', 'run'))
 
     # The classic recipe's methods: programs written for it call them directly, and end their
     # main block with sys.exit(0).  So a failure exits here, with its code, as the recipe's
@@ -707,6 +752,10 @@ class Daemon:
         buffers that the daemon still owns.
         """
         self.absolutize()
+        for thread in _threads_left_behind():
+            self.say('%s: warning: thread %r was started before the daemon forked, and does not '
+                     'run in it (fork() copies only the calling thread): start threads in setup() '
+                     'or run()' % (self.name, thread), error=True)
         self.listen_fds = listen_fds()      # before any fork: LISTEN_PID names this process
         keep = [fd for fds in self.listen_fds.values() for fd in fds]
         _flush_std_streams()
@@ -958,14 +1007,52 @@ class Daemon:
             pass        # nobody waits for it: the signal came from kill or systemctl
 
 
+# What each action does, for --help; an action added with add_action() is described by the
+# first line of its function's docstring.
+ACTION_HELP = {
+    'start': 'detach, and return once the daemon is ready (or print why it is not)',
+    'stop': 'SIGTERM, then SIGKILL after the stop timeout; 0 if not running',
+    'restart': 'stop, then start',
+    'try-restart': 'restart, only if it is running',
+    'reload': 'SIGHUP: asks the daemon to reload; 7 if not running',
+    'force-reload': 'the same as reload',
+    'status': '0 running, 1 dead (its pidfile remains), 3 not running, 4 unknown',
+    'run': 'in the foreground: no fork, logs on stderr (systemd, containers)',
+}
+
+
+def _help_text(daemon, prog):
+    """What `prog --help` prints: the actions, the exit codes, the pidfile."""
+    width = max(map(len, daemon.actions))
+    lines = ['usage: %s ACTION' % prog, '', 'ACTION is one of:']
+    for name, function in daemon.actions.items():
+        what = ACTION_HELP.get(name) or (function.__doc__ or '').strip().split('\n', 1)[0]
+        lines.append('  %-*s  %s' % (width, name, what))
+    lines += ['', 'Exit codes: 0 success, 1 failure (the message says why), 2 usage,',
+              '4 insufficient privilege, 7 not running (reload); status: 0 running, 1 dead,',
+              '3 not running, 4 unknown (LSB).', 'pidfile: %s' % daemon.pidfile_path]
+    return '\n'.join(lines) + '\n'
+
+
 def main(daemon, argv=None):
-    """`prog start|stop|restart|try-restart|reload|force-reload|status|run`; returns the exit code."""
+    """The command line: `prog ACTION` runs one action and returns its exit code; --help (or
+    -h) anywhere lists the actions and the exit codes (0); anything else is a usage error (2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) != 1 or argv[0] not in ACTIONS:
-        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
-        sys.stderr.write('usage: %s {%s}\n' % (prog, '|'.join(ACTIONS)))
-        return EXIT_USAGE
-    return daemon.command(argv[0])
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
+    if '--help' in argv or '-h' in argv:        # wherever it is, as argparse does
+        sys.stdout.write(_help_text(daemon, prog))
+        return EXIT_OK
+    if len(argv) == 1 and argv[0] in daemon.actions:
+        return daemon.command(argv[0])
+    if not argv:
+        problem = 'no action given'
+    elif len(argv) == 1:
+        problem = 'unknown action %r' % argv[0]
+    else:
+        problem = 'one action at a time, not %r' % ' '.join(argv)
+    sys.stderr.write('%s: %s\nusage: %s {%s} (%s --help says what each does)\n'
+                     % (prog, problem, prog, '|'.join(daemon.actions), prog))
+    return EXIT_USAGE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1258,7 +1345,11 @@ def _status(d):
 def _foreground(d):
     """The `run` action: serve in the foreground, for systemd, containers and debugging.
 
-    No fork, no redirection (logs go to stderr), same pidfile, signals and hooks.
+    No fork, no redirection (logs go to stderr), same pidfile, signals and hooks.  A workdir
+    given to Daemon() is changed to, as a detached daemon does, so that setup() and run() find
+    the same relative paths whichever way they run; without one the service stays in the
+    directory it was started in, which is its service manager's to choose (systemd's
+    WorkingDirectory=, "/" by default), as for any program in the foreground.
     """
     d.absolutize()
     check_identity(d.user, d.group)
@@ -1266,6 +1357,8 @@ def _foreground(d):
     if state == 'running' and _stopping(d, pid):
         _await_the_end(d, pid)
     check_writable('pidfile', d.pidfile_path)
+    if d._workdir_given:
+        change_directory(d.workdir)
     d.listen_fds = listen_fds()
     try:
         d._become_service()
@@ -1630,6 +1723,15 @@ def make_paths_absolute(*paths):
     return absolute
 
 
+def _threads_left_behind():
+    """The names of the Python threads that a fork() now would leave behind: all but the
+    calling one.  A thread started before start() does not exist in the daemon, and a lock it
+    held at the fork stays held there forever."""
+    current = threading.current_thread()
+    return [thread.name for thread in threading.enumerate()
+            if thread is not current and thread.is_alive()]
+
+
 def open_fds():
     """The process's open file descriptors, from /proc/self/fd (or /dev/fd)."""
     for directory in ('/proc/self/fd', '/dev/fd'):
@@ -1844,6 +1946,73 @@ def to_syslog(name, message):
 # ---------------------------------------------------------------------------------------------
 # The pidfile
 # ---------------------------------------------------------------------------------------------
+
+# Where an ordinary user's default pidfile goes without $XDG_RUNTIME_DIR: a private directory
+# of its own in this one.
+PRIVATE_PARENT = '/tmp'
+
+
+def default_pidfile(name, filename=None):
+    """Where the pidfile of the daemon `name` is, when none is given: one place per user,
+    found from any directory (a pidfile relative to where `start` ran made `status` from
+    anywhere else say "not running", and a second `start` start a second copy).
+
+    root: /run/FILENAME, where Debian's daemons keep theirs.  Anyone else:
+    $XDG_RUNTIME_DIR/FILENAME (/run/user/UID, which systemd-logind makes for each user logged
+    in and empties at logout), or without it /tmp/NAME-UID/FILENAME, in a private directory as
+    tmux makes one (private_directory() checks it).  FILENAME is NAME.pid by default.
+    $XDG_RUNTIME_DIR counts only if it is the user's own and closed to others, as the XDG Base
+    Directory spec says it must be: `su` without '-' keeps the first user's, where `status`
+    would report that user's daemon.
+    """
+    filename = filename or name + '.pid'
+    if os.geteuid() == 0 and os.path.isdir('/run'):
+        return os.path.join('/run', filename)
+    runtime = os.environ.get('XDG_RUNTIME_DIR', '')
+    if os.path.isabs(runtime) and _own_private_directory(runtime):
+        return os.path.join(runtime, filename)
+    return os.path.join(PRIVATE_PARENT, '%s-%d' % (name, os.geteuid()), filename)
+
+
+def _own_private_directory(path):
+    """True if path is a directory of the effective user that no one else may write."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def private_directory(path, create, remedy='remove it, or give the daemon a pidfile'):
+    """Check (and with create, make) the 0700 directory of a default pidfile under /tmp.
+
+    Anyone may create a directory in /tmp: one not ours, or open to others, could hold a
+    pidfile naming any process, so it is refused (DaemonError, privilege: exit 4), with the
+    remedy said.
+    """
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise DaemonError('cannot create %s: %s' % (path, exc.strerror),
+                              privilege=isinstance(exc, PermissionError))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DaemonError('cannot use %s: %s' % (path, exc.strerror))
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise DaemonError('%s is not a private directory of uid %d; %s'
+                          % (path, os.geteuid(), remedy), privilege=True)
+
+
+def _usable_file_name(name):
+    """True if name can be a file's name (the default pidfile's is NAME.pid)."""
+    return bool(name) and name not in ('.', '..') and '/' not in name and '\0' not in name
+
 
 def parse_pid(text):
     """The pid in a pidfile's text, or None when it holds no valid pid."""
@@ -2465,6 +2634,9 @@ def upgrade_done(d, error=None):
         status = '%s running (upgraded)' % d.name
     notify(READY=1, STATUS=status)
     d._report('upgrade', error)
+
+
+ACTION_HELP['upgrade'] = 'SIGUSR2: the daemon re-executes the code now on disk, in place'
 
 
 def upgrade_action(d):

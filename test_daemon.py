@@ -23,6 +23,7 @@ import random
 import re
 import select
 import selectors
+import shutil
 import signal
 import socket
 import ssl
@@ -723,6 +724,316 @@ class DaemonPublicApiTests(TempDirTest):
                     self.assertEqual(result.returncode, code, (action, result.stdout, result.stderr))
                     self.assertNotIn('Traceback', result.stderr)
                 self.assertFalse(os.path.exists(os.path.join(self.tmp, 'minimal.pid')))
+
+
+WORKDIR_PROGRAM = """
+import os, sys
+sys.path.insert(0, HERE_PATH)
+import daemon
+
+class Indexer(daemon.Daemon):
+    def setup(self):
+        self.out = open('indexer.log', 'a')         # relative: in workdir, under start and run
+
+    def run(self):
+        self.out.write('indexing in %s\\n' % os.getcwd())
+        self.out.flush()
+        while not self.wait():
+            pass
+
+if __name__ == '__main__':
+    workdir = sys.argv.pop(1)
+    sys.exit(daemon.main(Indexer('indexer.pid', stderr='err.log', workdir=None if workdir == '-' else workdir)))
+""".replace("HERE_PATH", repr(HERE))
+
+
+class DaemonForAuthorsTests(TempDirTest):
+    """What a program written on daemon.py gets without asking: a pidfile found from any
+    directory, paths taken from where it was started, and a --help (issue 19, item 5)."""
+
+    def test_default_pidfile_follows_the_per_user_rule(self):
+        with mock.patch('os.geteuid', return_value=0):
+            self.assertEqual(daemon.default_pidfile('ticker'), '/run/ticker.pid')
+        uid = os.geteuid() or 1000
+        os.chown(self.tmp, uid, -1)        # $XDG_RUNTIME_DIR is used only if it is the user's
+        with mock.patch('os.geteuid', return_value=uid), \
+                mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': self.tmp}):
+            self.assertEqual(daemon.default_pidfile('ticker'), os.path.join(self.tmp, 'ticker.pid'))
+            self.assertEqual(daemon.default_pidfile('agent', 'agent-80.pid'),
+                             os.path.join(self.tmp, 'agent-80.pid'))
+        for runtime in ('', 'relative/dir', os.path.join(self.tmp, 'absent')):
+            with mock.patch('os.geteuid', return_value=1000), \
+                    mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': runtime}):
+                self.assertEqual(daemon.default_pidfile('ticker'), '/tmp/ticker-1000/ticker.pid')
+
+    def test_a_runtime_dir_of_another_user_is_not_used(self):
+        """$XDG_RUNTIME_DIR must be the user's own, 0700 (XDG Base Directory spec): `su` without
+        '-' keeps the first user's, where status would find that user's daemon, and stop try
+        to stop it.  Then the private directory in /tmp is used instead."""
+        uid = os.geteuid() or 1000
+        runtime = os.path.join(self.tmp, 'runtime')
+        os.mkdir(runtime, 0o700)
+        os.chown(runtime, uid, -1)         # (to oneself: allowed to anyone)
+        with mock.patch('os.geteuid', return_value=uid), \
+                mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': runtime}):
+            self.assertEqual(daemon.default_pidfile('t'), os.path.join(runtime, 't.pid'))
+            os.chmod(runtime, 0o777)
+            self.assertEqual(daemon.default_pidfile('t'), '/tmp/t-%d/t.pid' % uid, 'open to others')
+            os.chmod(runtime, 0o700)
+        with mock.patch('os.geteuid', return_value=uid + 1), \
+                mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': runtime}):
+            self.assertEqual(daemon.default_pidfile('t'), '/tmp/t-%d/t.pid' % (uid + 1), "another's")
+
+    def test_the_agent_has_no_pidfile_rule_of_its_own(self):
+        """One owner: agent.py's default pidfile is daemon.py's rule, named after the port."""
+        with open(AGENT) as f:
+            self.assertFalse(re.search(r"environ\b.*XDG_RUNTIME_DIR", f.read()),
+                             'agent.py reads $XDG_RUNTIME_DIR itself')
+        with mock.patch('daemon.default_pidfile', return_value='/x/agent-81.pid') as rule:
+            self.assertEqual(agent.default_pidfile(81), '/x/agent-81.pid')
+        rule.assert_called_once_with('agent', 'agent-81.pid')
+
+    def test_the_pidfile_may_be_omitted(self):
+        class Ticker(daemon.Daemon):
+            pass
+        self.assertEqual(Ticker().pidfile_path, daemon.default_pidfile('ticker'))
+        self.assertEqual(Ticker(name='tock').pidfile, daemon.default_pidfile('tock'))
+        self.assertEqual(Ticker(stdout='t.log').stdout, os.path.join(os.getcwd(), 't.log'))
+        for name in ('a/b', '..', '.', 'a\0b'):
+            with self.assertRaises(ValueError) as caught:
+                daemon.Daemon(name=name)
+            self.assertIn(repr(name), str(caught.exception))
+
+    def test_classic_positional_arguments_still_work(self):
+        out, err = os.path.join(self.tmp, 'out'), os.path.join(self.tmp, 'err')
+        d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), '/dev/null', out, err)
+        self.assertEqual((d.pidfile, d.stdin, d.stdout, d.stderr),
+                         (os.path.join(self.tmp, 'x.pid'), '/dev/null', out, err))
+
+    def test_relative_paths_are_made_absolute_at_construction(self):
+        """From the directory the program was started in, before anything can change it: a
+        chdir between Daemon() and start (or a status run later) finds the same files."""
+        here = os.getcwd()
+        self.addCleanup(os.chdir, here)
+        os.chdir(self.tmp)
+        d = daemon.Daemon('x.pid', stdout='x.log', stderr='logs/err.log', workdir='.')
+        os.chdir('/')
+        self.assertEqual((d.pidfile_path, d.stdout, d.stderr, d.workdir),
+                         (os.path.join(self.tmp, 'x.pid'), os.path.join(self.tmp, 'x.log'),
+                          os.path.join(self.tmp, 'logs', 'err.log'), self.tmp))
+        self.assertEqual(daemon.Daemon('/x.pid').workdir, '/')
+
+    def test_construction_in_a_removed_directory_defers_the_error_to_the_action(self):
+        """Daemon() raises nothing there (no traceback); the action names the relative path."""
+        with mock.patch('os.getcwd', side_effect=FileNotFoundError(2, 'No such file or directory')):
+            d = daemon.Daemon('x.pid', name='x')
+            with mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+                self.assertEqual(d.command('status'), daemon.STATUS_UNKNOWN)
+        self.assertIn("'x.pid' is a relative path", err.getvalue())
+
+    def test_help_lists_the_actions_and_the_exit_codes(self):
+        d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
+        def frob(daemon_):
+            """frobnicate 100% of the daemon
+
+            (only the first line is shown, as it is)"""
+            return 0
+        d.add_action('frob', frob)
+        for flag in ('--help', '-h'):
+            with mock.patch('sys.stdout', new_callable=io.StringIO) as out, \
+                    mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+                self.assertEqual(daemon.main(d, [flag]), daemon.EXIT_OK, flag)
+            self.assertEqual(err.getvalue(), '')
+            text = out.getvalue()
+            listed = dict(re.findall(r'^  (\S+) +(\S.*)$', text, re.M))
+            self.assertEqual(set(listed), set(d.actions), text)
+            self.assertEqual(listed['frob'], 'frobnicate 100% of the daemon')
+            self.assertIn('SIGKILL', listed['stop'])
+            for code, meaning in (('0', 'success'), ('1', 'failure'), ('2', 'usage'),
+                                  ('4', 'privilege'), ('7', 'not running'), ('3', 'not running')):
+                self.assertRegex(text, r'\b%s [^,;]*%s' % (code, meaning))
+            self.assertIn(os.path.join(self.tmp, 'x.pid'), text)
+            self.assertLessEqual(max(map(len, text.splitlines())), 100)
+        with mock.patch('sys.stdout', new_callable=io.StringIO):
+            self.assertEqual(daemon.main(d, ['frob']), 0, 'an added action is one main() accepts')
+        for argv in (['start', '--help'], ['-h', 'explode']):
+            with mock.patch('sys.stdout', new_callable=io.StringIO) as out:
+                self.assertEqual(daemon.main(d, argv), daemon.EXIT_OK, argv)
+            self.assertIn('ACTION is one of:', out.getvalue(), 'help wins, as in argparse')
+
+    def test_an_unknown_action_is_usage_naming_it(self):
+        d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
+        for argv, named in ((['explode'], "'explode'"), (['--frob'], "'--frob'"),
+                            (['start', 'stop'], "'start stop'"), ([], 'no action')):
+            with mock.patch('sys.stdout', new_callable=io.StringIO) as out, \
+                    mock.patch('sys.stderr', new_callable=io.StringIO) as err:
+                self.assertEqual(daemon.main(d, argv), daemon.EXIT_USAGE, argv)
+            self.assertEqual(out.getvalue(), '')
+            self.assertIn(named, err.getvalue())
+            self.assertIn('usage:', err.getvalue())
+            self.assertIn('--help', err.getvalue())
+
+    def test_workdir_is_where_setup_and_run_work_under_start_and_run(self):
+        """A program's relative paths in setup() and run() are taken from workdir (relative:
+        from where it was started) whether it detaches (start) or not (run); a workdir that is
+        missing is a startup error naming it, never a traceback."""
+        with open(os.path.join(self.tmp, 'indexer.py'), 'w') as f:
+            f.write(WORKDIR_PROGRAM)
+        data = os.path.join(self.tmp, 'data')
+        os.mkdir(data)
+        log = os.path.join(data, 'indexer.log')
+        elsewhere = tempfile.mkdtemp(prefix='elsewhere-')
+        self.addCleanup(os.rmdir, elsewhere)
+        result = run([PYTHON, 'indexer.py', 'data', 'start'], cwd=self.tmp)
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        pid = int(read_pid(os.path.join(self.tmp, 'indexer.pid')))
+        self.addCleanup(kill_group_of, pid)
+        wait_for(lambda: 'indexing' in slurp(log), message='a line in data/indexer.log')
+        self.assertEqual(slurp(log), 'indexing in %s\n' % data)
+        result = run([PYTHON, os.path.join(self.tmp, 'indexer.py'), data, 'stop'], cwd=self.tmp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        proc = subprocess.Popen([PYTHON, 'indexer.py', 'data', 'run'], cwd=self.tmp,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.communicate, timeout=TIMEOUT)
+        self.addCleanup(kill_group_of, proc.pid)
+        wait_for(lambda: slurp(log).count('indexing') == 2, message='the foreground run in data/')
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=TIMEOUT), 0)
+        self.assertEqual(slurp(log), 2 * ('indexing in %s\n' % data))
+        # Without a workdir, run stays where it was started (the service manager's choice:
+        # systemd's WorkingDirectory=), as it always did; start goes to /.
+        proc = subprocess.Popen([PYTHON, 'indexer.py', '-', 'run'], cwd=self.tmp,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.communicate, timeout=TIMEOUT)
+        self.addCleanup(kill_group_of, proc.pid)
+        here = os.path.join(self.tmp, 'indexer.log')
+        wait_for(lambda: 'indexing' in slurp(here), message='the foreground run without a workdir')
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=TIMEOUT), 0)
+        self.assertEqual(slurp(here), 'indexing in %s\n' % self.tmp)
+        for action in ('start', 'run'):
+            result = run([PYTHON, 'indexer.py', 'missing', action], cwd=self.tmp)
+            self.assertEqual(result.returncode, daemon.EXIT_FAILURE, (action, result.stderr))
+            self.assertIn(os.path.join(self.tmp, 'missing'), result.stderr, action)
+            self.assertIn('working directory', result.stderr, action)
+            self.assertNotIn('Traceback', result.stderr, action)
+            self.assertFalse(os.path.exists(os.path.join(self.tmp, 'indexer.pid')), action)
+
+    def test_an_ordinary_user_without_a_runtime_dir_gets_a_private_directory(self):
+        """As an ordinary user without $XDG_RUNTIME_DIR (cron, ssh without logind), a program
+        that gives no pidfile keeps it in /tmp/NAME-UID, a 0700 directory that start makes;
+        status finds it from another directory.  One that others may write is refused by
+        start and status, named, exit 4.  Run as nobody by root, else as the user running."""
+        if os.geteuid() == 0:
+            user = nobody_user(self)
+            python = python_for(self, user)
+            identity = dict(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+        else:
+            user, python, identity = pwd.getpwuid(os.geteuid()), PYTHON, {}
+        os.chmod(self.tmp, 0o755)
+        shutil.copy(os.path.join(HERE, 'daemon.py'), self.tmp)
+        with open(os.path.join(self.tmp, 'quiet.py'), 'w') as f:
+            f.write('import sys\nimport daemon\n\nclass Quiet(daemon.Daemon):\n'
+                    '    def run(self):\n        while not self.wait():\n            pass\n\n'
+                    'sys.exit(daemon.main(Quiet(name=sys.argv.pop(1))))\n')
+        name = 'quiet%d' % os.getpid()
+        directory = '/tmp/%s-%d' % (name, user.pw_uid)
+        pidfile = os.path.join(directory, name + '.pid')
+        self.addCleanup(subprocess.run, ['rm', '-rf', directory])
+        env = {k: v for k, v in os.environ.items() if k != 'XDG_RUNTIME_DIR'}
+        env['HOME'] = '/'
+
+        def quiet(action, cwd='/'):
+            return run([python, os.path.join(self.tmp, 'quiet.py'), name, action], cwd=cwd, env=env,
+                       **identity)
+        result = quiet('start', cwd=self.tmp)
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+        pid = int(read_pid(pidfile))
+        self.addCleanup(kill_group_of, pid)
+        st = os.stat(directory)
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (user.pw_uid, 0o700))
+        result = quiet('status')
+        self.assertEqual((result.returncode, result.stdout),
+                         (0, '%s is running (pid %d, pidfile %s)\n' % (name, pid, pidfile)))
+        self.assertEqual(quiet('stop').returncode, 0)
+        self.assertFalse(pid_alive(pid))
+        os.chmod(directory, 0o777)
+        for action in ('start', 'status', 'stop'):
+            result = quiet(action)
+            self.assertEqual(result.returncode, daemon.EXIT_PRIVILEGE, (action, result.stderr))
+            self.assertIn('%s is not a private directory of uid %d' % (directory, user.pw_uid),
+                          result.stderr, action)
+            self.assertNotIn('Traceback', result.stderr, action)
+
+    def test_a_thread_started_before_start_is_named_in_a_warning(self):
+        """fork() copies only the thread that calls it: a thread a program starts before
+        start() does not run in the daemon.  start says so, naming it, and goes on (exit 0)."""
+        with open(os.path.join(self.tmp, 'early.py'), 'w') as f:
+            f.write('import sys, threading\nsys.path.insert(0, %r)\nimport daemon\n\n'
+                    'class Early(daemon.Daemon):\n    def run(self):\n'
+                    '        while not self.wait():\n            pass\n\n'
+                    'threading.Thread(target=threading.Event().wait, name="poller", daemon=True).start()\n'
+                    'sys.exit(daemon.main(Early("early.pid")))\n' % HERE)
+        result = run([PYTHON, 'early.py', 'start'], cwd=self.tmp)
+        pid = int(read_pid(os.path.join(self.tmp, 'early.pid')) or 0)
+        self.addCleanup(kill_group_of, pid)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("early: warning: thread 'poller' was started before the daemon forked",
+                      result.stderr)
+        self.assertIn('start threads in setup() or run()', result.stderr)
+        self.assertEqual(run([PYTHON, 'early.py', 'stop'], cwd=self.tmp).returncode, 0)
+
+    def test_asyncio_add_signal_handler_makes_reload_time_out_as_documented(self):
+        """docs/daemon.md says why a program that uses loop.add_signal_handler(SIGTERM) never
+        reloads: the loop takes the one wake-up fd, so signal_fd stays quiet and `reload`
+        times out (reload_timeout, 1 s here).  Pinned, so the page changes with the code."""
+        with open(os.path.join(HERE, 'docs', 'daemon.md')) as f:
+            self.assertIn('`reload` waits `reload_timeout`', ' '.join(f.read().split()))
+        with open(os.path.join(self.tmp, 'pitfall.py'), 'w') as f:
+            f.write(textwrap.dedent("""\
+                import asyncio, signal, sys
+                sys.path.insert(0, %r)
+                import daemon
+
+                class Pitfall(daemon.Daemon):
+                    reload_timeout = 1.0
+
+                    def run(self):
+                        asyncio.run(self.serve())
+
+                    async def serve(self):
+                        loop = asyncio.get_running_loop()
+                        stopped = loop.create_future()
+                        loop.add_signal_handler(signal.SIGTERM, stopped.set_result, None)
+                        await stopped
+
+                    def on_reload(self):
+                        print('reloaded', flush=True)
+
+                sys.exit(daemon.main(Pitfall('pitfall.pid', stdout='pitfall.log', stderr='pitfall.log')))
+                """ % HERE))
+        result = run([PYTHON, 'pitfall.py', 'start'], cwd=self.tmp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        pid = int(read_pid(os.path.join(self.tmp, 'pitfall.pid')))
+        self.addCleanup(kill_group_of, pid)
+        result = run([PYTHON, 'pitfall.py', 'reload'], cwd=self.tmp)
+        self.assertEqual(result.returncode, daemon.EXIT_FAILURE)
+        self.assertIn('no word from pid %d on the reload within 1s' % pid, result.stderr)
+        self.assertNotIn('reloaded', slurp(os.path.join(self.tmp, 'pitfall.log')))
+        self.assertEqual(run([PYTHON, 'pitfall.py', 'stop'], cwd=self.tmp).returncode, 0)
+
+    def test_a_squatted_private_directory_is_refused(self):
+        """Without $XDG_RUNTIME_DIR, an ordinary user's default pidfile is in a 0700 directory
+        in /tmp that the user owns; one that anyone else made or opened is refused, named."""
+        path = os.path.join(self.tmp, 'x-%d' % os.geteuid())
+        daemon.private_directory(path, create=False)        # absent: nothing to check yet
+        daemon.private_directory(path, create=True)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700)
+        os.chmod(path, 0o777)
+        with self.assertRaises(DaemonError) as caught:
+            daemon.private_directory(path, create=True)
+        self.assertTrue(caught.exception.privilege)
+        self.assertIn(path, str(caught.exception))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1942,63 +2253,100 @@ class ReadmeTests(unittest.TestCase):
 
     # -- the examples ------------------------------------------------------------------------
 
+    # The example programs, by class: the log in the program's own directory, a line that
+    # shows it runs, the line its reload adds, and whether it reopens that log on SIGUSR1.
+    EXAMPLES = {'Ticker': ('ticker.log', 'tick', ': reloading (SIGHUP)', False),
+                'Poller': ('poller.log', 'thread 1 polled', 'reloaded', False),
+                'Indexer': ('indexer.log', 'INFO indexed', 'INFO reloaded', True),
+                'Beacon': ('beacon.log', 'beacon', 'reloaded', False)}
+
     def examples(self):
-        """(where, source) of every Python example: README's, then the module docstring's."""
+        """(where, source) of every Python example: README's, the module docstring's, then
+        those of docs/daemon.md."""
         found = [('README.md example %d' % (i + 1), block)
                  for i, block in enumerate(re.findall(r'```python\n(.*?)```', self.readme, re.S))]
         doc = daemon.__doc__.split('override run():\n', 1)[1].split('\nThen ', 1)[0]
         found.append(('daemon.py docstring', textwrap.dedent(doc)))
+        with open(os.path.join(HERE, 'docs', 'daemon.md')) as f:
+            found += [('docs/daemon.md example %d' % (i + 1), block)
+                      for i, block in enumerate(re.findall(r'```python\n(.*?)```', f.read(), re.S))]
         return found
 
     def test_the_python_examples_run_as_told(self):
-        """Each example, copied to a directory of its own as ticker.py: `start` prints "ticker
-        started (pid N)", `status` finds it, ticks reach the log, reload, stop, status and the
-        exit codes of the command-line table."""
+        """Each example, copied to a directory of its own: `start` there prints "NAME started
+        (pid N)"; from another directory `status` finds it at its default pidfile, a second
+        `start` finds it running, its log fills, `reload` reaches it (and SIGUSR1 reopens a log
+        that was moved away), `stop` ends it; then, for README's, the exit codes of the
+        command-line table, and --help.  Each class is renamed for the run (Ticker -> Ticker1_PID), so its default
+        pidfile is the test's own, even as root (/run)."""
         examples = self.examples()
-        self.assertEqual(len(examples), 2, 'README.md holds one ```python example')
-        pids = []
-
-        def cleanup():
-            for pid in pids:
-                kill_group_of(pid)
-        self.addCleanup(cleanup)
+        self.assertEqual([where.split(' example')[0] for where, _ in examples].count('README.md'), 1,
+                         'README.md holds one ```python example; the longer ones are in docs/daemon.md')
+        self.assertGreaterEqual(len(examples), 5)
+        elsewhere = os.path.join(self.tmp, 'elsewhere')
+        os.mkdir(elsewhere)
+        env = dict(os.environ, PYTHONPATH=HERE)
         started = []
         for n, (where, source) in enumerate(examples):
+            classes = re.findall(r'^class (\w+)\(daemon\.Daemon\)', source, re.M)
+            self.assertEqual(len(classes), 1, where)
+            self.assertIn(classes[0], self.EXAMPLES, '%s: a new example needs its line in EXAMPLES' % where)
+            log, running, reloaded, reopens = self.EXAMPLES[classes[0]]
+            renamed = '%s%d_%d' % (classes[0], n, os.getpid())
+            name = renamed.lower()
+            pidfile = daemon.default_pidfile(name)
+            if os.path.dirname(os.path.dirname(pidfile)) == '/tmp':     # a private directory
+                self.addCleanup(subprocess.run, ['rm', '-rf', os.path.dirname(pidfile)])
+            self.addCleanup(lambda path=pidfile: os.path.exists(path) and os.unlink(path))
             directory = os.path.join(self.tmp, 'example%d' % n)
             os.mkdir(directory)
-            with open(os.path.join(directory, 'ticker.py'), 'w') as f:
-                f.write(source)
-            env = dict(os.environ, PYTHONPATH=HERE)
+            program = os.path.join(directory, classes[0].lower() + '.py')
+            with open(program, 'w') as f:
+                f.write(re.sub(r'\b%s\b' % classes[0], renamed, source))
 
-            def ticker(action, directory=directory, env=env):
-                return run([PYTHON, 'ticker.py', action], cwd=directory, env=env)
-            result = ticker('start')
+            def action(name, cwd=elsewhere, program=program):
+                return run([PYTHON, program, name], cwd=cwd, env=env)
+            result = action('start', cwd=directory)
             self.assertEqual((result.returncode, result.stderr), (0, ''), where)
-            match = re.fullmatch(r'ticker started \(pid (\d+)\)\n', result.stdout)
+            match = re.fullmatch(r'%s started \(pid (\d+)\)\n' % name, result.stdout)
             self.assertTrue(match, '%s: start printed %r' % (where, result.stdout))
-            pids.append(int(match.group(1)))
-            started.append((where, directory, ticker, pids[-1]))
-        for where, directory, ticker, pid in started:
-            pidfile = os.path.join(directory, 'ticker.pid')
-            result = ticker('status')
+            pid = int(match.group(1))
+            self.addCleanup(kill_group_of, pid)
+            started.append((where, name, pid, pidfile, action, os.path.join(directory, log),
+                            running, reloaded, reopens))
+        for where, name, pid, pidfile, action, log, running, reloaded, reopens in started:
+            result = action('status')
             self.assertEqual((result.returncode, result.stdout),
-                             (daemon.STATUS_RUNNING, 'ticker is running (pid %d, pidfile %s)\n' % (pid, pidfile)),
+                             (daemon.STATUS_RUNNING, '%s is running (pid %d, pidfile %s)\n' % (name, pid, pidfile)),
                              where)
-            wait_for(lambda: 'tick\n' in slurp(os.path.join(directory, 'ticker.log')),
-                     message='%s: a tick in ticker.log' % where)
-            self.assertEqual(ticker('reload').returncode, daemon.EXIT_OK, where)
-            result = ticker('stop')
+            result = action('start')
+            self.assertEqual((result.returncode, result.stdout),
+                             (0, '%s is already running (pid %d, pidfile %s)\n' % (name, pid, pidfile)), where)
+            wait_for(lambda: running in slurp(log), message='%s: %r in %s' % (where, running, log))
+            self.assertEqual(action('reload').returncode, daemon.EXIT_OK, where)
+            wait_for(lambda: reloaded in slurp(log), message='%s: %r in %s' % (where, reloaded, log))
+            if reopens:
+                os.rename(log, log + '.1')
+                os.kill(pid, signal.SIGUSR1)
+                wait_for(lambda: running in slurp(log), message='%s: %s reopened' % (where, log))
+            result = action('stop')
             self.assertEqual(result.returncode, daemon.EXIT_OK, where)
-            self.assertTrue(result.stdout.startswith('ticker stopped (pid %d, ' % pid), result.stdout)
+            self.assertTrue(result.stdout.startswith('%s stopped (pid %d, ' % (name, pid)), result.stdout)
             self.assertFalse(pid_alive(pid), '%s: the daemon is gone after stop' % where)
             self.assertFalse(os.path.exists(pidfile), where)
-            self.assertIn('stopping (SIGTERM)', slurp(os.path.join(directory, 'ticker.log')), where)
-            self.assertEqual(ticker('status').returncode, daemon.STATUS_STOPPED, where)
-            self.assertEqual(ticker('reload').returncode, daemon.EXIT_NOT_RUNNING, where)
-            self.assertEqual(ticker('stop').returncode, daemon.EXIT_OK, where)
-            result = ticker('frobnicate')
+            self.assertNotIn('Traceback', slurp(log), where)
+            if not where.startswith('README'):
+                continue        # the rest is the same code for each: once is enough
+            self.assertEqual(action('status').returncode, daemon.STATUS_STOPPED, where)
+            self.assertEqual(action('reload').returncode, daemon.EXIT_NOT_RUNNING, where)
+            self.assertEqual(action('stop').returncode, daemon.EXIT_OK, where)
+            result = action('frobnicate')
             self.assertEqual(result.returncode, daemon.EXIT_USAGE, where)
+            self.assertIn("unknown action 'frobnicate'", result.stderr, where)
             self.assertNotIn('Traceback', result.stderr)
+            result = action('--help')
+            self.assertEqual(result.returncode, daemon.EXIT_OK, where)
+            self.assertIn('pidfile: %s' % pidfile, result.stdout, where)
 
     def test_the_first_commands_print_what_the_readme_shows(self):
         """The console session of "First commands", with a port and a pidfile of the test's."""
@@ -3636,7 +3984,9 @@ class DefaultPidfileTests(unittest.TestCase):
             self.assertEqual(agent.default_pidfile(9085), '/run/agent-9085.pid')
         runtime = tempfile.mkdtemp()
         self.addCleanup(os.rmdir, runtime)
-        with mock.patch('os.geteuid', return_value=1000), \
+        uid = os.geteuid() or 1000          # $XDG_RUNTIME_DIR is used only if it is the user's
+        os.chown(runtime, uid, -1)
+        with mock.patch('os.geteuid', return_value=uid), \
                 mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': runtime}):
             self.assertEqual(agent.default_pidfile(80), os.path.join(runtime, 'agent-80.pid'))
         with mock.patch('os.geteuid', return_value=1000), mock.patch.dict(os.environ, {'XDG_RUNTIME_DIR': ''}):
@@ -9405,7 +9755,7 @@ CLASS_SECONDS = {
     'FailedUpgradeTests': 4.3,
     'TLSOwnAgentTests': 5.1, 'CommonMistakeTests': 4.6, 'ClassicRecipeBugTests': 4.3,
     'SdNotifyTests': 3.9, 'ConcurrentActionsTests': 3.8, 'TLSStartAndReloadTests': 3.4,
-    'TLSServerTests': 6.1, 'NothingLeftBehindTests': 3.2, 'ReadmeTests': 3.0,
+    'TLSServerTests': 6.1, 'NothingLeftBehindTests': 3.2, 'ReadmeTests': 4.9,
     'SymlinkSwapRaceTests': 2.6, 'StopDuringReloadOrUpgradeTests': 2.6, 'InitScriptTests': 2.5,
     'PipelineFairnessServerTests': 2.5,
     'HonestCommandLineTests': 2.5, 'AgentLifecycleTests': 2.1, 'FromBytecodeTests': 2.0,
@@ -9413,6 +9763,7 @@ CLASS_SECONDS = {
     'RedirectHostAndFileChangeTests': 1.5, 'StartStopDaemonTests': 1.3, 'PidfileRemovedTests': 1.2,
     'ClassicVariantTests': 1.1, 'UpgradeUnderServiceManagerTests': 1.0,
     'AgentCommandLineTests': 1.0, 'ResponseHeadTests': 0.7, 'DaemonPublicApiTests': 0.7,
+    'DaemonForAuthorsTests': 1.8,
 }
 CLASS_SECONDS_OTHER = 0.3
 CLOSING_LINE = re.compile(r'^(\d+) passed, (\d+) failed, (\d+) skipped$', re.M)
