@@ -4241,6 +4241,77 @@ class RequestParsingTests(unittest.TestCase):
             self.assertEqual(caught.exception.status, 501)
 
 
+def run_parser_bounded(testcase, code, what):
+    """Run code (agent imported) in a child under the suite's hang limit: a parser that is
+    linear answers in milliseconds, a quadratic one needs hours on these sizes.  Not a timing:
+    the limit is the one every command of the suite has, a hang guard."""
+    script = 'import sys\nsys.path.insert(0, %r)\nimport agent\n%s\nprint("ok")\n' % (HERE, code)
+    try:
+        result = run([PYTHON, '-c', script])
+    except subprocess.TimeoutExpired:
+        testcase.fail('%s: no answer within %d s (super-linear)' % (what, TIMEOUT))
+    testcase.assertEqual(result.stdout.strip(), 'ok', result.stderr[-2000:])
+
+
+class HostileInputParsingTests(unittest.TestCase):
+    """Issue 26 item 2: no parser may have super-linear cost on any input within the limits
+    (--max-header-size has no upper bound).  Each worst input is checked for its right answer;
+    the ones that once drove a regex into backtracking are run larger, under the hang guard.
+    bench/parsers.py times them all."""
+
+    BLANKS = (b' ', b'\t', b' \t', b'\t ')
+
+    def test_blank_field_values_are_empty(self):
+        for blank in self.BLANKS:
+            run_ = blank * (4000 // len(blank))     # two runs fit in the 8 KiB head
+            for value, expected in ((run_, ''), (b'a' + run_, 'a'), (run_ + b'a', 'a'),
+                                    (run_ + b'a' + run_, 'a'), (run_ + b'a b' + run_, 'a b')):
+                data = b'GET / HTTP/1.1\r\nHost: x\r\nX: ' + value + b'\r\n\r\n'
+                req, consumed = agent.parse_request(data)
+                self.assertEqual((req.headers['x'], consumed), (expected, len(data)), (blank, len(value)))
+            for bad in (run_ + b'\rb', run_ + b'\x00', b'a' + run_ + b'\x00'):
+                with self.assertRaises(agent.HTTPError) as caught:
+                    agent.parse_request(b'GET / HTTP/1.1\r\nHost: x\r\nX: ' + bad + b'\r\n\r\n')
+                self.assertEqual(caught.exception.status, 400)
+
+    def test_blank_runs_at_any_header_size_limit(self):
+        run_parser_bounded(self, '''
+for blank in (b' ', b'\\t', b' \\t'):
+    run = blank * (1 << 19)
+    for value, expected in ((run, ''), (b'a' + run, 'a'), (run + b'a' + run, 'a')):
+        data = b'GET / HTTP/1.1\\r\\nHost: x\\r\\nX: ' + value + b'\\r\\n\\r\\n'
+        req, consumed = agent.parse_request(data, 1 << 21)
+        assert (req.headers['x'], consumed) == (expected, len(data)), (blank, len(value))
+    for bad in (run + b'\\rb', b'a' + run + b'\\x00'):
+        try:
+            agent.parse_request(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nX: ' + bad + b'\\r\\n\\r\\n', 1 << 21)
+        except agent.HTTPError as exc:
+            assert exc.status == 400, exc.status
+        else:
+            raise AssertionError('no 400')
+''', 'a header value of blanks')
+
+    def test_svg_root_tag_found_in_one_pass(self):
+        """The <svg ...> search once tried every '<svg' with a 4 KiB scan: 1 s for a 72 KiB
+        head of them.  The first tag is the root element's."""
+        self.assertEqual(agent.image_info(b'<svg ' * 100 + b'width="3" height="4">', 'a.svg').width, 3)
+        info = agent.image_info(b'<?xml version="1.0"?>\n<svg width="3" height="4">', 'a.svg')
+        self.assertEqual((info.width, info.height), (3, 4))
+        info = agent.image_info(b'<svg width="3"' + b' ' * 5000 + b'height="4">', 'a.svg')
+        self.assertEqual((info.width, info.height), (None, None))      # the tag is past its bound
+        run_parser_bounded(self, '''
+for head in (b'<svg ' * (1 << 20), b'<SVG\\t' * (1 << 20)):
+    info = agent.image_info(head, 'a.svg')
+    assert (info.kind, info.width) == ('svg', None), info
+''', 'an SVG head of "<svg " repeated')
+
+    def test_svg_lengths_with_blanks(self):
+        for value, expected in (('  12  ', 12), ('12px', 12), (' 12 px ', 12), ('12' + ' ' * 150 + 'px', 12),
+                                (' ' * 190 + '1x', None), ('1' + ' ' * 198 + 'x', None)):
+            info = agent.image_info(('<svg width="%s" height="5">' % value).encode(), 'a.svg')
+            self.assertEqual(info.width, expected, value)
+
+
 class ChunkedBodyTests(unittest.TestCase):
     """Transfer-Encoding: chunked request bodies (RFC 9112 sections 6 and 7): framed by frame()
     exactly as the grammar says, dropped, and the connection goes on; the transfer codings a
