@@ -4280,11 +4280,11 @@ for blank in (b' ', b'\\t', b' \\t'):
     run = blank * (1 << 19)
     for value, expected in ((run, ''), (b'a' + run, 'a'), (run + b'a' + run, 'a')):
         data = b'GET / HTTP/1.1\\r\\nHost: x\\r\\nX: ' + value + b'\\r\\n\\r\\n'
-        req, consumed = agent.parse_request(data, 1 << 21)
+        req, consumed = agent.parse_request(data, 1 << 23)
         assert (req.headers['x'], consumed) == (expected, len(data)), (blank, len(value))
     for bad in (run + b'\\rb', b'a' + run + b'\\x00'):
         try:
-            agent.parse_request(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nX: ' + bad + b'\\r\\n\\r\\n', 1 << 21)
+            agent.parse_request(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nX: ' + bad + b"\\r\\n\\r\\n", 1 << 23)
         except agent.HTTPError as exc:
             assert exc.status == 400, exc.status
         else:
