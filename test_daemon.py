@@ -4311,6 +4311,63 @@ for head in (b'<svg ' * (1 << 20), b'<SVG\\t' * (1 << 20)):
             info = agent.image_info(('<svg width="%s" height="5">' % value).encode(), 'a.svg')
             self.assertEqual(info.width, expected, value)
 
+class HeadRefusalTests(SharedAgentTestCase):
+    """Issue 26 item 1: a response to HEAD has no body (RFC 9112 section 6.3), whatever refused
+    the request, before its head was parsed too: a client that pipelines after the HEAD would
+    read the page as its next answer.  Refusals close the connection: nothing follows the head."""
+
+    NEXT = b'GET /a.jpg HTTP/1.1\r\nHost: x\r\n\r\n'
+    CASES = [
+        (400, b'HEAD / HTTP/1.1\r\nHost: x\r\nBad Field: y\r\n\r\n'),
+        (400, b'HEAD /\x01 HTTP/1.1\r\nHost: x\r\n\r\n'),
+        (400, b'HEAD / HTTP/1.1\r\n\r\n'),                               # no Host
+        (400, b'HEAD / HTTP/1.10\r\nHost: x\r\n\r\n'),
+        (414, b'HEAD /' + b'a' * 9000 + b' HTTP/1.1\r\nHost: x\r\n\r\n'),
+        (431, b'HEAD / HTTP/1.1\r\nHost: x\r\nX: ' + b'y' * 9000 + b'\r\n\r\n'),
+        (505, b'HEAD / HTTP/2.0\r\nHost: x\r\n\r\n'),
+        (413, b'HEAD / HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n'),
+        (501, b'HEAD / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n'),
+        (400, b'HEAD / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n'),
+        (413, b'HEAD / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFF\r\n'),
+    ]
+
+    @classmethod
+    def make_files(cls):
+        write_file(cls.server.root, 'a.jpg', FILE_A)
+
+    def test_refused_head_has_no_body(self):
+        for status, raw in self.CASES:
+            with self.subTest(status=status, request=raw[:60]):
+                data, closed = self.fetch_all(raw + self.NEXT)
+                head, sep, rest = data.partition(b'\r\n\r\n')
+                self.assertTrue(head.startswith(b'HTTP/1.1 %d ' % status), data[:200])
+                self.assertIn(b'\r\nContent-Length: ', head)
+                self.assertEqual(rest, b'', 'a body (or more) after the head of a refused HEAD')
+                self.assertTrue(closed)
+
+    def test_frame_says_which_refusals_answer_a_head(self):
+        for status, raw in self.CASES:
+            error = agent.frame(b'\r\n' + raw, 0)[0]
+            self.assertEqual((error.status, error.head_only), (status, True), raw[:60])
+            error = agent.frame(b'GET' + raw[4:], 0)[0]
+            self.assertEqual((error.status, error.head_only), (status, False), raw[:60])
+
+    def test_refused_get_keeps_its_page(self):
+        data, closed = self.fetch_all(b'GET / HTTP/2.0\r\nHost: x\r\n\r\n' + self.NEXT)
+        head, _, rest = data.partition(b'\r\n\r\n')
+        length = int(re.search(rb'\r\nContent-Length: (\d+)', head).group(1))
+        self.assertTrue(head.startswith(b'HTTP/1.1 505 '), data[:100])
+        self.assertEqual(len(rest), length)
+        self.assertTrue(closed)
+
+    def test_pipelined_after_head_error_that_keeps_the_connection(self):
+        conn = self.conn()
+        conn.send(b'HEAD /missing.jpg HTTP/1.1\r\nHost: x\r\n\r\n' + self.NEXT)
+        first = conn.response(head_only=True)
+        self.assertEqual(first.status, 404)
+        second = conn.response()
+        self.assertEqual((second.status, second.body), (200, FILE_A))
+
 
 class ChunkedBodyTests(unittest.TestCase):
     """Transfer-Encoding: chunked request bodies (RFC 9112 sections 6 and 7): framed by frame()
