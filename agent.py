@@ -288,7 +288,9 @@ COMMON_HEADERS = b'Server: ' + SERVER + b'\r\nX-Content-Type-Options: nosniff\r\
 
 
 class HTTPError(Exception):
-    """A request answered with an error status.  close: the connection cannot be trusted after."""
+    """A request answered with an error status.  close: the connection cannot be trusted after.
+    head_only: the request was a HEAD, so the answer has no body (RFC 9112 section 6.3); frame()
+    sets it for the errors it returns, from the method when the request line can be read."""
 
     def __init__(self, status, close=False, headers=b'', request_line=b''):
         Exception.__init__(self, status)
@@ -296,6 +298,7 @@ class HTTPError(Exception):
         self.close = close
         self.headers = headers
         self.request_line = request_line
+        self.head_only = False
 
 
 class Request:
@@ -428,6 +431,10 @@ def frame(buf, discard, max_size=MAX_HEADER_SIZE, last=None):
         try:
             parsed = parse_request(buf, max_size)
         except HTTPError as exc:
+            # Whatever was refused (the line, a field, the framing), the method is the first
+            # word: a HEAD's refusal has no body, or a client pipelining after it would read
+            # the page as the answer to its next request.
+            exc.head_only = buf.startswith(b'HEAD ')
             return exc, buf, 0, last
         if parsed is None:
             return None, buf, 0, last
@@ -443,6 +450,7 @@ def _frame_chunked(buf, body, max_size, last):
     try:
         dropped, rest = drop_chunked(buf, body, max_size)
     except HTTPError as exc:
+        exc.head_only = body.req.method == b'HEAD'
         return exc, buf, 0, last
     if rest is None:
         return body.req, buf[dropped:], 0, last
@@ -2221,7 +2229,7 @@ class Connection:
                 self.line = req.request_line
                 self.referer = self.agent = ''
                 self.version = (1, 1)
-                self.respond_error(req.status, req.headers, close=True)
+                self.respond_error(req.status, req.headers, close=True, head_only=req.head_only)
                 continue
             self.line = req.line
             self.version = req.version
