@@ -108,8 +108,8 @@ comes; every other response has Date, Server, Content-Length, Content-Type).  Ou
 descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 (--max-age; see DEFAULT_MAX_AGE for why); .svgz is sent with Content-Encoding: gzip.
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
-?page=N, ?sort=name|date|size, ?format=json or Accept: application/json; a weak ETag; 403 with
---no-listing).  `image.jpg?thumb` is the EXIF thumbnail embedded in a JPEG (404 if none).
+?page=N (404 for a page that does not exist), ?sort=name|date|size, ?format=json or Accept:
+application/json; a weak ETag; 403 with --no-listing).  `image.jpg?thumb` is the EXIF thumbnail embedded in a JPEG (404 if none).
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
@@ -604,12 +604,29 @@ def _check_framing(req):
     length = headers.get('content-length')
     if length is not None:
         values = {v.strip() for v in length.split(',')}
-        value = values.pop()
-        if values or not value.isdigit() or not value.isascii() or len(value) > 18:
+        value = decimal_value(values.pop(), MAX_DISCARD)
+        if values or value is None:
             raise HTTPError(400, close=True, request_line=req.line)
-        req.body_length = int(value)
-        if req.body_length > MAX_DISCARD:
+        if value > MAX_DISCARD:             # by value: 0...05 is 5, and 10^30 is no 400
             raise HTTPError(413, close=True, request_line=req.line)
+        req.body_length = value
+
+
+# Above any file size or offset (a 64-bit off_t): range-spec numbers beyond it are read as this.
+RANGE_CAP = 10 ** 18
+
+
+def decimal_value(text, cap):
+    """The value of a 1*DIGIT field (str, ASCII digits only) read by value, or None if it is
+    no such number.  Leading zeros count for nothing (RFC 9110 sections 8.6 and 14.1.1 allow
+    them), so no number is refused for its digits; a value above cap is cap + 1, found without
+    building an int of thousands of digits (bounded work, and int() refuses past 4300)."""
+    if not text.isdigit() or not text.isascii():
+        return None
+    digits = text.lstrip('0')
+    if len(digits) > len(str(cap)):
+        return cap + 1
+    return min(int(digits) if digits else 0, cap + 1)
 
 
 def check_method(req):
@@ -896,25 +913,21 @@ def range_spec(spec, size):
     a syntax error."""
     first, dash, last = spec.strip().partition('-')
     first, last = first.strip(), last.strip()
-    if not dash or not (first.isdigit() or first == '') or not (last.isdigit() or last == ''):
+    # By value (leading zeros allowed); a number past any file is RANGE_CAP + 1: a start that
+    # large is past any end, an end or a suffix that large takes the rest of the file.
+    start = decimal_value(first, RANGE_CAP) if first else -1
+    end = decimal_value(last, RANGE_CAP) if last else -1
+    if not dash or start is None or end is None:
         return None
-    if not first.isascii() or not last.isascii():
-        return None
-    # Numbers too long for int() (or for any file) clamp: a start that long is past any end.
-    if len(first) > 18:
-        return 'unsatisfiable'
-    if len(last) > 18:
-        last = str(size)
-    if first == '':
-        if last == '':
+    if start < 0:
+        if end < 0:
             return None
-        suffix = int(last)
-        if suffix == 0 or size == 0:
+        if end == 0 or size == 0:
             return 'unsatisfiable'
-        return max(0, size - suffix), size - 1
-    start = int(first)
-    end = int(last) if last else size - 1
-    if last and end < start:
+        return max(0, size - end), size - 1
+    if end < 0:
+        end = size - 1
+    elif end < start:
         return None                     # syntactically invalid: ignore (RFC 9110 14.1.1)
     if start >= size:
         return 'unsatisfiable'
@@ -1599,16 +1612,17 @@ GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-s
 
 
 def parse_query(query):
-    """A query string (bytes) as {name: value}: the first of a repeated name wins, pieces that
-    are not UTF-8 are dropped, '+' is a space.  Never raises."""
+    """A query string (bytes) as {name: value}: the first of a repeated name wins, pieces whose
+    name is not UTF-8 are dropped, a value that is not has U+FFFD in its place (page=%ff is a
+    page asked, and none), '+' is a space.  Never raises."""
     params = {}
     for piece in query.split(b'&'):
         name, _, value = piece.partition(b'=')
         try:
             name = urllib.parse.unquote_to_bytes(name.replace(b'+', b' ')).decode('utf-8')
-            value = urllib.parse.unquote_to_bytes(value.replace(b'+', b' ')).decode('utf-8')
         except UnicodeDecodeError:
             continue
+        value = urllib.parse.unquote_to_bytes(value.replace(b'+', b' ')).decode('utf-8', 'replace')
         if name:
             params.setdefault(name, value)
     return params
@@ -1638,19 +1652,26 @@ def accept_prefers_json(accept):
     return json_q > html_q
 
 
+GALLERY_MAX_PAGE = 10 ** 9      # more pages than a directory can have (a number beyond: None)
+
+
 def gallery_options(query, accept=''):
-    """(sort, page, format) from the query string and Accept; anything unknown or malformed
-    is ignored and gives the default (name, 1, html): a query never causes an error."""
+    """(sort, page, format) from the query string and Accept; a sort or format unknown or
+    malformed is ignored and gives the default (name, html).  page is None when the query
+    names no page that can exist (the server answers 404), else 1 or the number asked."""
     params = parse_query(query) if query else {}
     sort = params.get('sort', 'name')
     if sort not in GALLERY_SORTS:
         sort = 'name'
-    page = params.get('page', '1')
-    page = int(page) if page.isdigit() and page.isascii() and len(page) <= 9 else 1
+    # By value (0002 is 2); one that cannot be a page (0, -1, abc, none) is None, a 404 (issue
+    # 19): a link to a page that is not there gets no other page in its place.
+    page = decimal_value(params.get('page', '1'), GALLERY_MAX_PAGE)
+    if not page or page > GALLERY_MAX_PAGE:
+        page = None
     fmt = params.get('format')
     if fmt not in ('html', 'json'):
         fmt = 'json' if accept and accept_prefers_json(accept) else 'html'
-    return sort, max(page, 1), fmt
+    return sort, page, fmt
 
 
 _LINKABLE = {}
@@ -3009,7 +3030,9 @@ class Responder:
         catalog = gallery_catalog(self.scan_directory(fd, path), gallery_room(url_path, path, self.max_header_size))
         if sort != 'name':                 # every entry's stat, in the catalog's order
             catalog.entries = self.stat_entries(fd, path, catalog.entries)
-        listing = gallery_listing(catalog, sort, page)
+        listing = gallery_listing(catalog, sort, page or 1)
+        if listing.page != page:
+            raise HTTPError(404)            # no such page (gallery_options)
         listing.entries = [GalleryEntry(*e[1:]) for e in self.stat_entries(
             fd, path, [(None, e.name, e.is_dir, e.st, e.kind) for e in listing.entries])]
         etag = gallery_etag(dir_st, url_path, listing, fmt)
