@@ -6606,6 +6606,47 @@ class GalleryServerTests(SharedAgentTestCase):
         html_etag = self.get('/g/').headers['etag']
         self.assertNotEqual(self.get('/g/', 'Accept: application/json').headers['etag'], html_etag)
 
+class GalleryJsonLinkTests(SharedAgentTestCase):
+    """Issue 26 item 7: the JSON's paging links lead to JSON, with its sort, however the JSON
+    was asked for (?format=json or Accept: application/json): a script follows them without
+    the Accept header of its first request.  An entry's url stays its address (a script joins
+    it to the folder's path)."""
+
+    @classmethod
+    def make_files(cls):
+        for i in range(405):
+            write_file(cls.server.root, 'p/img%d.gif' % i, sample_gif(1, 1) + b'\x00' * i)
+
+    def follow(self, base, link):
+        response = self.get(base + link)
+        self.assertEqual((response.status, response.headers.get('content-type')), (200, 'application/json'),
+                         (base + link, response))
+        return json.loads(response.body)
+
+    def test_links_keep_the_format_and_the_sort(self):
+        for first, headers in (('?format=json&sort=size', ()), ('?sort=size', ('Accept: application/json',))):
+            response = self.get('/p/' + first, *headers)
+            document = json.loads(response.body)
+            self.assertEqual((document['page'], document['pages'], document['sort']), (1, 3, 'size'))
+            self.assertNotIn('prev', document)
+            seen = [document['entries'][0]['name']]
+            for page in (2, 3):
+                self.assertIn('format=json', document['next'])
+                document = self.follow('/p/', document['next'])
+                self.assertEqual((document['page'], document['sort']), (page, 'size'))
+                seen.append(document['entries'][0]['name'])
+            self.assertNotIn('next', document)
+            self.assertEqual(seen, ['img404.gif', 'img204.gif', 'img4.gif'])      # largest first
+            for page in (2, 1):
+                self.assertIn('format=json', document['prev'])
+                document = self.follow('/p/', document['prev'])
+                self.assertEqual((document['page'], document['sort']), (page, 'size'))
+
+    def test_html_links_stay_html(self):
+        page = self.get('/p/?sort=size').body.decode()
+        self.assertTrue('format=json' not in page, 'format=json in the HTML page')
+        self.assertTrue(re.search(r'href="\?sort=size&(amp;)?page=2" rel="next"', page), 'no next link')
+
 
 class GalleryValidatorServerTests(SharedAgentTestCase):
     """A directory page carries a weak ETag from its inputs, so revalidation is a 304."""
