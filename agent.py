@@ -1851,9 +1851,11 @@ def short_date(timestamp):
     return '%04d-%02d-%02d %02d:%02d' % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min)
 
 
-def gallery_href(sort, page):
-    """The link to a page of this listing: './' is the default one."""
-    parts = []
+def gallery_href(sort, page, fmt='html'):
+    """The link to a page of this listing: './' is the default one.  A JSON listing's links
+    name the format: followed without the Accept header that may have asked for JSON, they
+    still answer JSON."""
+    parts = ['format=json'] if fmt == 'json' else []
     if sort != 'name':
         parts.append('sort=' + sort)
     if page != 1:
@@ -1947,7 +1949,9 @@ def gallery_page(url_path, listing, infos=None):
 
 
 def gallery_json(url_path, listing, infos=None):
-    """The same listing for scripts: name, url, type, size, mtime, width, height, thumbnail."""
+    """The same listing for scripts: name, url, type, size, mtime, width, height, thumbnail;
+    prev and next, the pages around it (as JSON).  An entry's url is its address relative to
+    the listing (a script joins it to the folder's path), whatever the format."""
     infos = infos or {}
     entries = []
     for e in listing.entries:
@@ -1962,8 +1966,10 @@ def gallery_json(url_path, listing, infos=None):
     document = {'path': url_path, 'sort': listing.sort, 'page': listing.page, 'pages': listing.pages,
                 'folders': listing.dirs, 'images': listing.images, 'files': listing.files,
                 'unlisted': listing.unlisted, 'entries': entries}
+    if listing.page > 1:
+        document['prev'] = gallery_href(listing.sort, listing.page - 1, 'json')
     if listing.page < listing.pages:
-        document['next'] = gallery_href(listing.sort, listing.page + 1)
+        document['next'] = gallery_href(listing.sort, listing.page + 1, 'json')
     return (json.dumps(document, ensure_ascii=False, indent=1) + '\n').encode('utf-8')
 
 

@@ -6449,7 +6449,7 @@ class GalleryNamesServerTests(SharedAgentTestCase):
                     f.write(b'HOSTILE')
 
     def test_a_non_utf8_name_never_breaks_the_page(self):
-        for target in ('/names/', '/names/?format=json', '/names/?sort=size', '/names/?sort=date&page=2'):
+        for target in ('/names/', '/names/?format=json', '/names/?sort=size', '/names/?sort=date&page=1'):
             response = self.get(target)
             self.assertEqual(response.status, 200, (target, response))
 
