@@ -6735,6 +6735,99 @@ class ErrorPageServerTests(SharedAgentTestCase):
         for link in ('/photos/2024/', '/odd%20%3Cb%3E%26%22/'):          # the links lead somewhere
             self.assertEqual(self.get(link).status, 200, link)
 
+def assert_strict_page_policy(testcase, fields, body, what):
+    """An HTML page the server wrote: a Content-Security-Policy that lets nothing load or run
+    but the page's own inline style and script (by hash: no 'unsafe-inline'), no framing, no
+    base or form target; and nosniff.  fields: lowercase names -> values."""
+    policy = fields.get('content-security-policy')
+    testcase.assertIsNotNone(policy, '%s: no Content-Security-Policy' % what)
+    directives = {}
+    for directive in policy.split(';'):
+        name, *sources = directive.split()
+        directives[name] = sources
+    for name in ('default-src', 'frame-ancestors', 'base-uri', 'form-action'):
+        testcase.assertEqual(directives.get(name), ["'none'"], (what, name, policy))
+    for bad in ("'unsafe-inline'", "'unsafe-eval'", '*', 'http:', 'https:'):
+        testcase.assertNotIn(bad, policy.split(), (what, policy))
+    text = body.decode('utf-8')
+    for tag, directive in (('style', 'style-src'), ('script', 'script-src')):
+        for inline in re.findall(r'<%s>(.*?)</%s>' % (tag, tag), text, re.S):
+            digest = base64.b64encode(hashlib.sha256(inline.encode('utf-8')).digest()).decode('ascii')
+            testcase.assertIn("'sha256-%s'" % digest, directives.get(directive, []),
+                              '%s: its inline %s is not in the policy (change the hash in agent.py with it)'
+                              % (what, tag))
+    testcase.assertEqual(fields.get('x-content-type-options'), 'nosniff', what)
+
+
+def head_fields(head):
+    """The fields of a response head (bytes) as lowercase names -> values."""
+    lines = head.decode('latin-1').split('\r\n')[1:]
+    return {name.strip().lower(): value.strip() for name, _, value in (line.partition(':') for line in lines if line)}
+
+
+class HtmlPagePolicyTests(SharedAgentTestCase):
+    """Issue 26 item 9: every HTML response the server writes itself (error and redirect pages,
+    the HTTPS port's 400 to plain HTTP, the --http-redirect listener's 301, the gallery) has a
+    strict Content-Security-Policy, as the gallery had; a file served from the root (an
+    index.html) is the site's own and keeps no policy of ours."""
+
+    @classmethod
+    def make_files(cls):
+        root = cls.server.root
+        write_file(root, 'photos/pic.png', sample_png(3, 2))
+        write_file(root, 'site/index.html', b'<!DOCTYPE html><title>mine</title>')
+
+    def check(self, raw, status, what):
+        data, _ = self.fetch_all(raw, shut=True)
+        head, _, body = data.partition(b'\r\n\r\n')
+        self.assertTrue(head.startswith(b'HTTP/1.1 %d ' % status), (what, data[:100]))
+        fields = head_fields(head)
+        self.assertTrue(fields['content-type'].startswith('text/html'), what)
+        assert_strict_page_policy(self, fields, body, what)
+        return fields
+
+    def test_every_kind_of_page(self):
+        def req(target, *headers, method='GET', version='HTTP/1.1'):
+            return raw_request(target, *headers, 'Connection: close', method=method, version=version)
+        cases = [
+            (req('/photos/'), 200, 'gallery'),
+            (req('/photos'), 301, 'slash redirect'),
+            (req('/missing.jpg'), 404, 'not found'),
+            (req('/%zz'), 400, 'bad path'),
+            (req('/', method='POST'), 405, 'method'),
+            (req('/', method='BREW'), 501, 'unknown method'),
+            (req('/photos/pic.png', 'Range: bytes=999-'), 416, 'range'),
+            (req('/photos/pic.png', 'If-Match: "nope"'), 412, 'precondition'),
+            (req('/', version='HTTP/2.0'), 505, 'version'),
+            (req('/', 'Content-Length: 2000000'), 413, 'body too large'),
+            (req('/' + 'a' * 9000), 414, 'line too long'),
+            (req('/', 'X: ' + 'b' * 9000), 431, 'head too large'),
+            (b'GET / HTTP/1.1\r\nBad Field: x\r\n\r\n', 400, 'bad field'),
+        ]
+        for raw, status, what in cases:
+            with self.subTest(what=what):
+                fields = self.check(raw, status, what)
+                if status != 200:
+                    head_only = self.check(b'HEAD' + raw[raw.index(b' '):], status, what + ', HEAD')
+                    self.assertEqual(head_only.get('content-security-policy'), fields.get('content-security-policy'))
+        site = self.get('/site/')
+        self.assertEqual(site.status, 200)
+        self.assertNotIn('content-security-policy', site.headers)
+
+    def test_pages_built_without_a_connection(self):
+        """The pages a plain test client does not reach here: every status's page, as a redirect
+        listener sends them (its own common fields), and the HTTPS port's 400 to plain HTTP."""
+        for status in sorted(agent.ERROR_BODIES):
+            for common in (agent.COMMON_HEADERS, agent.COMMON_HEADERS + b'Strict-Transport-Security: max-age=1\r\n'):
+                data = agent.error_response(status, b'Thu, 01 Jan 1970 00:00:00 GMT', False, common=common)
+                head, _, body = data.partition(b'\r\n\r\n')
+                assert_strict_page_policy(self, head_fields(head), body, 'error_response(%d)' % status)
+        for line in (b'GET / HTTP/1.1', b'HEAD / HTTP/1.1'):
+            data = agent.plain_http_refusal(line, b'Thu, 01 Jan 1970 00:00:00 GMT')
+            head, _, body = data.partition(b'\r\n\r\n')
+            assert_strict_page_policy(self, head_fields(head), body, 'plain HTTP on the HTTPS port')
+            self.assertEqual(body == b'', line.startswith(b'HEAD'))
+
 
 class ResponseHeadTests(SharedAgentTestCase):
     """Every kind of response the agent sends, checked against the RFCs field by field and,
