@@ -129,6 +129,8 @@ Limits (flags in parentheses):
 Paths are percent-decoded once; NUL, control bytes, backslashes, invalid UTF-8 and any escape
 above the root are refused (400); dot files are hidden (404); a symlink leading out of --root is
 404 unless --follow-symlinks.  Errors are small HTML pages; no traceback reaches a client.
+Every HTML page the server writes (errors, redirects, the gallery) carries a strict
+Content-Security-Policy: its own inline style (and script) by hash, nothing else (html_fields).
 """
 
 import _socket
@@ -1075,6 +1077,13 @@ ERROR_STYLE = ('body{margin:0;padding:32px clamp(16px,4vw,40px);background:#f6f6
                'font:16px/1.5 system-ui,sans-serif;overflow-wrap:anywhere}h1{font-size:1.4rem;margin:0 0 8px}'
                'a{color:#0b62c4}@media (prefers-color-scheme:dark){body{background:#111113;color:#ececef}'
                'a{color:#74b4ff}}')
+# The SHA-256 of ERROR_STYLE, as PAGE_CSP names it: written out, as GALLERY_STYLE_HASH is (see
+# there why), and checked against hashlib by test_daemon.py.  Change the style, and this with it.
+ERROR_STYLE_HASH = "'sha256-+g91wjzctr9kf5KrD9K+jIp1Z6WWtKCQH+tnMNO1I9g='"
+# The policy of every page the server writes but the gallery (errors, redirects, the HTTPS
+# port's 400): its inline style and icon, nothing to load, run, frame it, or send anywhere.
+PAGE_CSP = ("default-src 'none'; img-src data:; style-src %s; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'" % ERROR_STYLE_HASH).encode('ascii')
 ERROR_TEXTS = {403: 'The server may not show this.', 404: 'There is nothing at this address.',
                416: 'The requested range lies outside the file.',
                500: 'The server failed to answer; the error is in its log.'}
@@ -1102,14 +1111,21 @@ ERROR_BODIES = {code: error_page(code) for code in REASONS if code >= 300 and co
 ERROR_FOLDER_HOPS = 8           # folders looked for above a missing path before Home alone
 
 
+def html_fields(length, policy=PAGE_CSP):
+    """The fields of every HTML page the server writes itself (errors, redirects, the HTTPS
+    port's 400, the gallery): the one place that builds them, so none goes out without its
+    Content-Security-Policy (nosniff is in every head: COMMON_HEADERS)."""
+    return (b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
+            b'Content-Security-Policy: %s\r\n' % (length, policy))
+
+
 def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_only=False,
                    common=COMMON_HEADERS, body=None):
     """The bytes of a complete error (or redirect) response; body: the page, if not the
     status's own (ERROR_BODIES)."""
     if body is None:
         body = ERROR_BODIES.get(status, b'')
-    head = response_head(status, date, b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
-                         % len(body) + headers, keep_alive, version, common)
+    head = response_head(status, date, html_fields(len(body)) + headers, keep_alive, version, common)
     return head if head_only else head + body
 
 
@@ -1608,7 +1624,8 @@ GALLERY_SCRIPT_HASH = "'sha256-i3A3w7+3cCodGyG0WgmHjF+mDzGuaiHD6iZa4150Uxw='"
 # The page's own policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.
 GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "
-               "base-uri 'none'; form-action 'none'" % (GALLERY_STYLE_HASH, GALLERY_SCRIPT_HASH))
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+               % (GALLERY_STYLE_HASH, GALLERY_SCRIPT_HASH))
 
 
 def parse_query(query):
@@ -2455,6 +2472,13 @@ PLAIN_HTTP_BODY = (b'<!DOCTYPE html>\n<html><head><title>400 Bad Request</title>
                    b'<h1>400 Bad Request</h1><p>This port speaks HTTPS: use https://.</p></body></html>\n')
 
 
+def plain_http_refusal(line, date):
+    """(response, body bytes in it) for plain HTTP on the HTTPS port: a 400 page, its head
+    alone for a HEAD."""
+    body = b'' if line.startswith(b'HEAD ') else PLAIN_HTTP_BODY
+    return response_head(400, date, html_fields(len(PLAIN_HTTP_BODY)), False, (1, 1)) + body, len(body)
+
+
 def plain_http_line(first):
     """The request line (for the log) if the first bytes on the HTTPS port are plain HTTP, else
     None (TLS, or bytes that are neither: OpenSSL refuses those with an alert)."""
@@ -2523,13 +2547,11 @@ class TLSConnection(Connection):
     def refuse_plain_http(self, line):
         """Plain HTTP on the HTTPS port: a plain 400 that says so, then a lingering close."""
         worker = self.worker
-        body = b'' if line.startswith(b'HEAD ') else PLAIN_HTTP_BODY
-        response = response_head(400, worker.date, b'Content-Type: text/html; charset=utf-8\r\n'
-                                 b'Content-Length: %d\r\n' % len(PLAIN_HTTP_BODY), False, (1, 1)) + body
+        response, body_length = plain_http_refusal(line, worker.date)
         self.status, self.line, self.keep_alive = 400, line, False
         try:
             os.write(self.fd, response)     # nothing was sent yet: the buffer is empty
-            self.sent = len(body)
+            self.sent = body_length
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             worker.access(self)
@@ -3054,12 +3076,11 @@ class Responder:
             if e.kind == 'image':
                 infos[e.name] = self.images.get(path + '/' + e.name, e.st, e.name, opener=self.open_checked)
         if fmt == 'json':
-            body, ctype = gallery_json(url_path, listing, infos), b'application/json'
-            policy = b''
+            body = gallery_json(url_path, listing, infos)
+            fields = b'Content-Type: application/json\r\nContent-Length: %d\r\n' % len(body) + validators
         else:
-            body, ctype = gallery_page(url_path, listing, infos), b'text/html; charset=utf-8'
-            policy = b'Content-Security-Policy: ' + GALLERY_CSP.encode('ascii') + b'\r\n'
-        fields = b'Content-Type: %s\r\nContent-Length: %d\r\n%s%s' % (ctype, len(body), validators, policy)
+            body = gallery_page(url_path, listing, infos)
+            fields = html_fields(len(body), GALLERY_CSP.encode('ascii')) + validators
         head = response_head(200, self.clock.date, fields, conn.keep_alive, req.version, self.common_headers)
         conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
 
