@@ -47,6 +47,7 @@ smoke:
 bench:
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/resolve.py
+	$(PYTHON) bench/parsers.py
 
 # Request fuzzing: 200k cases against the parser in-process, 500k against the image parsers,
 # then 20000 over the network to a running agent (-ci: a tenth, seed 1).  The seed is printed;

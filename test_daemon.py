@@ -4305,6 +4305,13 @@ for head in (b'<svg ' * (1 << 20), b'<SVG\\t' * (1 << 20)):
     assert (info.kind, info.width) == ('svg', None), info
 ''', 'an SVG head of "<svg " repeated')
 
+    def test_parser_bench_answers(self):
+        """bench/parsers.py's worst inputs, each with its expected answer (--quick checks the
+        answers and asserts no time)."""
+        result = run([PYTHON, os.path.join(HERE, 'bench', 'parsers.py'), '--quick'], timeout=120)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-2000:])
+        self.assertIn('every answer right', result.stdout)
+
     def test_svg_lengths_with_blanks(self):
         for value, expected in (('  12  ', 12), ('12px', 12), (' 12 px ', 12), ('12' + ' ' * 150 + 'px', 12),
                                 (' ' * 190 + '1x', None), ('1' + ' ' * 198 + 'x', None)):
