@@ -112,8 +112,9 @@ def cases(n):
             b'5;a="' + b'\\"' * ((chunk_line - 8) // 2) + b'"\r\nhello\r\n'), 'more'),
         ('chunk-size line (CHUNK_LINE)', 'leading zeros to 4 KiB', chunked(fill(b'0', chunk_line, b'', b'5\r\nhello\r\n')),
          'more'),
-        ('chunked body', 'one-byte chunks past the 1 MiB bound', chunked(fill(b'1\r\nx\r\n', body + 16)),
-         413 if body + 16 > agent.MAX_DISCARD else 'more'),
+        ('chunked body', 'one-byte chunks, the most it takes', chunked(
+            b'1\r\nx\r\n' * int((agent.MAX_DISCARD // agent.CHUNK_COST - 1) * scale) + b'0\r\n\r\n'), 'ended'),
+        ('chunked body', '1 MiB of one-byte chunks', chunked(fill(b'1\r\nx\r\n', body + 16)), 413),
         ('trailer (TRAILER_FIELD)', 'a trailer of blanks', chunked(b'0\r\nX:' + blanks + b'\r\n\r\n'), 'ended'),
         ('Range (parse_range)', 'leading zeros', lambda: agent.parse_range(
             'bytes=' + text('0', suffix='1') + '-2', 1000), (1, 2)),
