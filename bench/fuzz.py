@@ -571,7 +571,7 @@ def expected_answers(payload, max_header_size):
         if req is None:
             return answers
         if isinstance(req, agent.HTTPError):
-            answers.append(False)
+            answers.append(req.head_only)       # a HEAD's refusal has no body either
             return answers
         answers.append(req.method == b'HEAD')
         if not req.keep_alive:
