@@ -7802,6 +7802,8 @@ class TLSServerTests(unittest.TestCase):
         self.assertTrue(data.startswith(b'HTTP/1.1 400 '), data[:100])
         self.assertIn(b'HTTPS', data)
         self.assertIn(b'Connection: close', data)
+        head, _, body = data.partition(b'\r\n\r\n')
+        assert_strict_page_policy(self, head_fields(head), body, 'plain HTTP on the HTTPS port')
         self.log_is_clean()
 
     def test_plain_http_of_any_method_to_the_tls_port_gets_400_and_a_log_line(self):
@@ -7891,6 +7893,7 @@ class TLSServerTests(unittest.TestCase):
                 self.assertEqual(response.status, 301)
                 self.assertEqual(response.headers['location'].encode(), location)
                 self.assertNotIn('strict-transport-security', response.headers)
+                assert_strict_page_policy(self, response.headers, response.body, 'the redirect listener')
         for host in ('evil.example/x', 'a@evil.example', '', 'evil.example\\x', '[::1', '[zz::1]',
                      'ex ample', 'evil.example%2f', '-evil.example', 'a,b'):
             with self.subTest(host=host):
