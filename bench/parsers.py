@@ -130,6 +130,8 @@ def cases(n):
         ('HTTP-date (parse_http_date)', 'a date then blanks and "x"', lambda: agent.parse_http_date(
             text(' ', 'Sun, 06 Nov 1994 08:49:37 GMT', 'x')), None),
         ('Accept (accept_prefers_json)', 'commas', lambda: agent.accept_prefers_json(text(',')), False),
+        ('Accept (accept_prefers_json)', 'commas, then application/json', lambda: agent.accept_prefers_json(
+            text(',', suffix='application/json')), True),
         ('Accept (accept_prefers_json)', 'parameters ";q=1"', lambda: agent.accept_prefers_json(
             text(';q=1', 'application/json')), True),
         ('Accept (accept_prefers_json)', 'blanks in a q value', lambda: agent.accept_prefers_json(
