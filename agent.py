@@ -109,7 +109,8 @@ descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 (--max-age; see DEFAULT_MAX_AGE for why); .svgz is sent with Content-Encoding: gzip.
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
 ?page=N (404 for a page that does not exist), ?sort=name|date|size, ?format=json or Accept:
-application/json; a weak ETag; 403 with --no-listing).  `image.jpg?thumb` is the EXIF thumbnail embedded in a JPEG (404 if none).
+application/json; a weak ETag; 403 with --no-listing).  `image.jpg?thumb` is the EXIF thumbnail
+embedded in a JPEG (404 if none).
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
@@ -121,9 +122,10 @@ Limits (flags in parentheses):
     request bodies           read and discarded up to 1 MiB; more is 413 and a close.  A
                              Content-Length body is dropped after the answer, a chunked one
                              (RFC 9112 section 7.1 to the letter, else 400; chunk-size lines
-                             4 KiB, 4096 chunks at most: CHUNK_COST, the trailer as a head) before it: it must come with the
-                             head within the header timeout.  With Expect: 100-continue the
-                             answer goes out at once, and a close instead of the body
+                             4 KiB, 4096 chunks at most: CHUNK_COST, the trailer as a head)
+                             before it: it must come with the head within the header
+                             timeout.  With Expect: 100-continue the answer goes out at
+                             once, and a close instead of the body
     Transfer-Encoding        chunked alone; another final coding, or with Content-Length, or
                              in HTTP/1.0, 400; a coding before chunked 501; each with a close
 Paths are percent-decoded once; NUL, control bytes, backslashes, invalid UTF-8 and any escape
@@ -1690,7 +1692,7 @@ def gallery_options(query, accept=''):
     sort = params.get('sort', 'name')
     if sort not in GALLERY_SORTS:
         sort = 'name'
-    # By value (0002 is 2); one that cannot be a page (0, -1, abc, none) is None, a 404 (issue
+    # By value (0002 is 2); one that cannot be a page (0, -1, abc, empty) is None, a 404 (issue
     # 19): a link to a page that is not there gets no other page in its place.
     page = decimal_value(params.get('page', '1'), GALLERY_MAX_PAGE)
     if not page or page > GALLERY_MAX_PAGE:
