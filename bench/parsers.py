@@ -70,8 +70,11 @@ def cases(n):
     chunk_line = int(agent.MAX_CHUNK_LINE * scale) - 8
     body = int(agent.MAX_DISCARD * scale)
     image = int(agent.IMAGE_HEAD * scale)
-    text = lambda unit, prefix='', suffix='': fill(unit.encode('latin-1'), room, prefix.encode('latin-1'),  # noqa: E731
-                                                   suffix.encode('latin-1')).decode('latin-1')
+
+    def text(unit, prefix='', suffix=''):
+        """fill() for the parsers of str values, a field value long."""
+        return fill(unit.encode('latin-1'), room, prefix.encode('latin-1'), suffix.encode('latin-1')).decode('latin-1')
+
     rows = [
         ('parse_request', 'a field value of blanks', lambda: header_value(head(b'X: ' + blanks + b'\r\n'), 'x'), ''),
         ('parse_request', 'blanks and tabs, then "a"', lambda: header_value(head(b'X:' + tabs + b'a\r\n'), 'x'), 'a'),
