@@ -45,6 +45,17 @@ is still suspect.  In-process: a head the agent accepts whole is refused when TC
 cut short (each accepted head is re-parsed from a few prefixes).  Network: a connection that
 ends with a RST instead of a FIN after its responses.
 
+Blank-run mode (--blanks N): N requests of the corpus, each with a run of spaces and tabs that
+brings its head to within a few bytes of --max-header-size, either side: a field value of
+blanks only, a value between two runs, a value then blanks then a bad byte (the failing path
+of a regex), a line of blanks, blanks in the request line, comma-and-blank lists (Range,
+If-None-Match, Accept...), blanks in a chunk-size line and in a trailer; and SVG heads of
+blank runs and of '<svg ' repeated, through agent.image_info.  The parsers (frame, as the
+in-process mode drives it, then the Accept, query, date and entity-tag parsers) must answer as
+in the in-process mode, and no case may take longer than BLANK_SLOW (best of three tries, so a
+busy machine does not fail it): a linear parser needs well under a millisecond for 8 KiB,
+where the header regex once took 0.5-1.5 s (issue 26 item 2).  bench/parsers.py times them.
+
 With --tls the agent serves HTTPS (a certificate made here with openssl) and every case goes
 over TLS: the same payloads after a handshake ("shut the write side" is a TCP half-close under
 the TLS layer, an EOF without close_notify to the agent).
@@ -60,6 +71,7 @@ How to run
   python3 bench/fuzz.py --quick                  # every mode, a tenth, seed 1 (make fuzz-ci)
   python3 bench/fuzz.py --cases 2000 --seed 7    # network mode only
   python3 bench/fuzz.py --in-process 200000      # parser only, no server
+  python3 bench/fuzz.py --blanks 20000           # runs of blanks near the limits, no server
   python3 bench/fuzz.py --seed 7 --replay 1234   # one case, verbosely
   python3 bench/fuzz.py --make-tree /tmp/www     # the files the cases expect; serve them, then:
   python3 bench/fuzz.py --port 9085 --log agent.log --pidfile agent.pid   # a running agent
@@ -564,7 +576,7 @@ def expected_answers(payload, max_header_size):
         if req is None:
             return answers
         if isinstance(req, agent.HTTPError):
-            answers.append(False)
+            answers.append(req.head_only)       # a HEAD's refusal has no body either
             return answers
         answers.append(req.method == b'HEAD')
         if not req.keep_alive:
@@ -1302,6 +1314,151 @@ def in_process_mode(args, seed):
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Blank-run mode: spaces and tabs near the limits (issue 26 item 2)
+# ---------------------------------------------------------------------------------------------
+
+BLANK_UNITS = [b' ', b'\t', b' \t', b'\t ', b'  \t', b'\t\t ']
+BLANK_FIELDS = [b'X-Blank', b'Host', b'Range', b'If-None-Match', b'If-Match', b'If-Range', b'If-Modified-Since',
+                b'If-Unmodified-Since', b'Accept', b'Connection', b'Content-Length', b'Transfer-Encoding',
+                b'Referer', b'User-Agent', b'Expect']
+BLANK_VALUES = [b'a', b'0', b'5', b'bytes=0-1', b'"x"', b'W/"x"', b'close', b'*/*', b'application/json',
+                b'chunked', b'localhost', b'Sun, 06 Nov 1994 08:49:37 GMT', b'100-continue']
+BLANK_LISTS = [b', ', b' ,', b',\t', b' , ', b'\t,\t', b';', b' ; q=', b'=', b'-']
+BLANK_SHAPES = ('value', 'around', 'after', 'line', 'request line', 'list', 'chunk', 'svg')
+BLANK_SLOW = 0.05       # seconds a case may take (the best of three tries)
+
+
+def blank_run(rng, length):
+    unit = rng.choice(BLANK_UNITS)
+    return (unit * (length // len(unit) + 1))[:max(length, 1)]
+
+
+def make_blank_case(seed, index, max_header_size):
+    """(payload, shape, rng) for blank-run case `index` of `seed`: a corpus request whose head
+    a run of blanks brings within 40 bytes of max_header_size, either side (for 'svg', the
+    first bytes of an SVG file, IMAGE_HEAD at most)."""
+    rng = case_rng(seed, index)
+    shape = rng.choice(BLANK_SHAPES)
+    if shape == 'svg':
+        size = agent.IMAGE_HEAD - rng.randrange(64)
+        pick = rng.randrange(4)
+        if pick == 0:
+            data = b'<svg' + blank_run(rng, size) + b'width="1">'
+        elif pick == 1:
+            data = (rng.choice([b'<svg ', b'<svg\t', b'<SVG\n', b'<svg width=" ']) * size)[:size]
+        elif pick == 2:
+            data = b'<svg width="' + blank_run(rng, 150) + b'1' + blank_run(rng, 40) + b'" height="2">'
+        else:
+            data = b'<svg ' + b'width' * (size // 5) + b'>'
+        return data, shape, rng
+    data = rng.choice(CORPUS)
+    end = data.find(b'\r\n\r\n')
+    head, rest = data[:end + 2], data[end + 2:]
+    line_end = head.find(b'\r\n')
+    length = max(max_header_size - len(head) + rng.randint(-40, 40) - 24, 1)
+    run = blank_run(rng, length)
+    name = rng.choice(BLANK_FIELDS)
+    if shape == 'request line':
+        parts = head[:line_end].split(b' ')
+        at = rng.randrange(len(parts) + 1)
+        line = b' '.join(parts[:at]) + run + b' '.join(parts[at:])
+        return line + head[line_end:] + rest, shape, rng
+    if shape == 'chunk':
+        where = rng.randrange(3)
+        size_line = b'5' + (run[:agent.MAX_CHUNK_LINE + rng.randint(-40, 8)] if where == 0 else b'') + b';x=y\r\n'
+        trailer = b'X-Trailer:' + run + b'\r\n' if where == 1 else b''
+        last = b'0' + (run[:agent.MAX_CHUNK_LINE] if where == 2 else b'') + b'\r\n'
+        return (b'POST /a.jpg HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n'
+                + size_line + b'hello\r\n' + last + trailer + b'\r\n' + CORPUS[0]), shape, rng
+    if shape == 'value':
+        field = name + b':' + run + b'\r\n'
+    elif shape == 'around':
+        half = run[:length // 2]
+        field = name + b':' + half + rng.choice(BLANK_VALUES) + half + b'\r\n'
+    elif shape == 'after':
+        field = name + b': ' + rng.choice(BLANK_VALUES) + run + rng.choice([b'', b'\r', b'\x00', b'x', b',']) + b'\r\n'
+    elif shape == 'line':
+        field = run + rng.choice([b'', b'X: y', b':']) + b'\r\n'
+    else:
+        unit = rng.choice(BLANK_LISTS)
+        field = name + b': ' + (unit * (length // len(unit) + 1))[:length] + rng.choice(BLANK_VALUES) + b'\r\n'
+    return head[:line_end + 2] + field + head[line_end + 2:] + rest, shape, rng
+
+
+def drive_blank_case(payload, shape, rng, max_header_size):
+    """The parsers on one blank-run case: outcomes, as drive_parser's, or the SVG's size."""
+    if shape == 'svg':
+        info = agent.image_info(payload, 'blank.svg')
+        return ['svg %sx%s' % (info.width, info.height)]
+    outcomes = drive_parser(payload, rng, max_header_size)
+    try:
+        found = agent.parse_request(payload.lstrip(b'\r\n'), max_header_size)
+    except agent.HTTPError:
+        found = None
+    if found is not None:
+        headers = found[0].headers
+        agent.gallery_options(agent.split_target(found[0].target)[1] if found[0].target.startswith(b'/') else b'',
+                              headers.get('accept', ''))
+        for name in ('if-modified-since', 'if-unmodified-since', 'if-range'):
+            agent.parse_http_date(headers.get(name, ''))
+        agent.precondition_failed(headers, '"x"', MTIME)
+    return outcomes
+
+
+def blank_mode(args, seed):
+    started = time.monotonic()
+    outcomes, shapes = collections.Counter(), collections.Counter()
+    failures, slow, findings = [], [], collections.defaultdict(list)
+    done, slowest = 0, (0.0, None)
+    for index in range(args.start, args.start + args.blanks):
+        if done % 200 == 0 and time.monotonic() > args.deadline:
+            break
+        payload, shape, _ = make_blank_case(seed, index, args.max_header_size)
+        shapes[shape] += 1
+        best = None
+        for attempt in range(3):
+            rng = case_rng(seed, index)
+            rng.random()                            # as after make_blank_case's draws: any state will do
+            began = time.perf_counter()
+            try:
+                found = drive_blank_case(payload, shape, rng, args.max_header_size)
+            except Finding as finding:
+                findings[finding.kind].append((index, shape, payload, str(finding)))
+                found = ['finding']
+            except Exception as exc:
+                failures.append((index, shape, payload, '%s: %s' % (type(exc).__name__, exc)))
+                break
+            took = time.perf_counter() - began
+            best = took if best is None else min(best, took)
+            if best <= BLANK_SLOW:
+                break
+        else:
+            slow.append((index, shape, payload, 'took %.3f s at best of 3' % best))
+        if best is not None:
+            outcomes.update(found or ['nothing'])
+            if best > slowest[0]:
+                slowest = (best, index)
+        done += 1
+    elapsed = time.monotonic() - started
+    print('blanks: %d cases in %.1fs (seed %d); slowest case %.2f ms (case %s); shapes: %s'
+          % (done, elapsed, seed, slowest[0] * 1000, slowest[1],
+             ', '.join('%s %d' % kv for kv in sorted(shapes.items()))))
+    print('outcomes: ' + ', '.join('%s: %d' % (k, v) for k, v in sorted(outcomes.items(), key=lambda kv: str(kv[0]))))
+    for what, cases in (('raised or broke an invariant', failures), ('slower than %g s' % BLANK_SLOW, slow)):
+        for index, shape, payload, problem in cases[:5]:
+            print('    case %d (seed %d, %s): %s\n        payload %s' % (index, seed, shape, problem, shown(payload, 300)))
+        if cases:
+            print('FAIL blanks: %d case(s) %s' % (len(cases), what))
+    found = report_findings(findings, seed, args.strict)
+    if failures or slow or found and args.strict:
+        print('FAIL: blank-run fuzz seed %d: %d raised, %d slow' % (seed, len(failures), len(slow)))
+        return 1
+    print('PASS: blank-run fuzz seed %d: %d cases, none slower than %g s%s'
+          % (seed, done, BLANK_SLOW, ' (%d finding(s), see WARN lines)' % found if found else ''))
+    return 0
+
+
 def problem_kind(problem):
     """A problem without its details (byte strings, numbers), to group the cases."""
     text = re.sub(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"|\[[^]]*\]|\d+", '_', problem)
@@ -1356,6 +1513,7 @@ def replay(args, seed):
 # Cases of each mode in a full run (`make fuzz`); --quick (`make fuzz-ci`) runs a tenth.
 FULL_SIZES = {'in_process': 200000, 'images': 500000, 'cases': 20000}
 FULL_SIZES['flood'] = 100           # packets of pipelined requests (--flood)
+FULL_SIZES['blanks'] = 20000            # blank-run mode
 
 
 def choose_sizes(args):
@@ -1389,6 +1547,9 @@ def main(argv=None):
     p.add_argument('--flood', type=int, default=None, metavar='N',
                    help='pipelined-flood mode: N packets of %d pipelined requests, %d connections at a '
                         'time, while a probe is served (default %d)' % (FLOOD_DEPTH, FLOOD_CONNS, FULL_SIZES['flood']))
+    p.add_argument('--blanks', type=int, default=None, metavar='N',
+                   help='fuzz the parsers with N requests holding runs of blanks near the size limit '
+                        '(default %d)' % FULL_SIZES['blanks'])
     p.add_argument('--start', type=int, default=0, help='index of the first case (default 0)')
     p.add_argument('--replay', type=int, default=None, metavar='I', help='send case I only, verbosely')
     p.add_argument('--show', type=int, default=None, metavar='I', help="print case I's bytes and exit")
@@ -1448,6 +1609,8 @@ def main(argv=None):
             results['in-process'] = in_process_mode(args, seed)
         if args.images:
             results['images'] = image_mode(args, seed)
+        if args.blanks:
+            results['blanks'] = blank_mode(args, seed)
         if args.cases:
             results['network'] = network_mode(args, seed)
         if args.flood:
