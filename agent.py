@@ -142,6 +142,7 @@ import json
 import mimetypes
 import mmap
 import os
+import pwd
 import re
 import resource
 import select
@@ -3437,6 +3438,7 @@ class Agent(Daemon):
         self.short_life_at = 0.0        # when the last of them died
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
+        self.default_user = False       # started as root without --user: choose_user()
         self.add_action('upgrade', daemon.upgrade_action)
 
     # -- setup, as root, before ready --
@@ -3444,6 +3446,7 @@ class Agent(Daemon):
     def setup(self):
         config = self.config
         set_process_title('agent: master', self.title_args())
+        self.choose_user()
         if not os.path.isdir(config.root):
             raise DaemonError('root directory %s %s' % (config.root, 'is not a directory' if
                               os.path.exists(config.root) else 'does not exist'))
@@ -3482,6 +3485,18 @@ class Agent(Daemon):
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.loads = LoadShare.memory()     # shared with the workers: LoadShare
         self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def choose_user(self):
+        """Started as root without --user, the agent drops to default_account() after binding,
+        as nginx and lighttpd drop their workers to www-data: workers that run as root serve
+        whatever root may read, /etc/shadow included, under a --root that defaulted to the
+        current directory.  Here, in the daemon, so that the options recorded for `restart`
+        carry the user, and a restart by root of an agent started before this default finds
+        the same rule.  --user root keeps root, with a warning (root_warning())."""
+        config = self.config
+        if config.user is None and os.geteuid() == 0:
+            config.user = self.user = default_account()
+            self.default_user = True
 
     def note_own_files(self):
         """Everything this agent writes joins own_files; say so once if it is in --root."""
@@ -3538,8 +3553,12 @@ class Agent(Daemon):
     def run(self):
         config = self.config
         if not os.access(config.root, os.R_OK | os.X_OK):
-            raise DaemonError('root directory %s is not readable by %s'
+            raise DaemonError('root directory %s is not readable by %s: make it (and each directory '
+                              'above it) readable by that user, or give --user'
                               % (config.root, daemon.current_user()))
+        if os.geteuid() == 0:
+            log('agent: warning: --user root: the workers run as root, and may read every file root '
+                'can (/etc/shadow included) if a path under --root leads there', priority=LOG_WARNING)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.signal_fd, selectors.EVENT_READ)
         self.selector.register(self.boot_r, selectors.EVENT_READ)
@@ -3581,8 +3600,17 @@ class Agent(Daemon):
         logs = [config.log if self.detached else 'stderr']
         if self.access_fd is not None:
             logs.append('access log %s' % config.access_log)
-        return 'agent serving %s at %s, pid %d; log %s; pidfile %s' % (
-            config.root, ', '.join(urls(self.listeners, self.tls is not None, self.redirects)), os.getpid(), ', '.join(logs), self.pidfile_path)
+        return 'agent serving %s at %s, pid %d; log %s; pidfile %s%s' % (
+            config.root, ', '.join(urls(self.listeners, self.tls is not None, self.redirects)), os.getpid(),
+            ', '.join(logs), self.pidfile_path, self.identity())
+
+    def identity(self):
+        """What the start line says of the workers' user: only where root started the agent."""
+        if self.default_user:
+            return '; workers run as %s (started as root without --user)' % self.user
+        if os.geteuid() == 0:
+            return '; workers run as root (--user root)'
+        return ''
 
     def address(self):
         names = []
@@ -4037,30 +4065,51 @@ def set_process_title(comm, args=''):
     """Show this process as comm (ps -e, top; 15 bytes at most) and "comm args" (ps -f).
 
     Without it the master and its workers all look like the command that started them, such as
-    `python3 agent.py restart`, long after that restart is over.  /proc/self/comm takes the
-    short name.  The command line that ps shows is the memory that held argv at exec
-    (arg_start..arg_end in /proc/self/stat): it is overwritten in place through /proc/self/mem,
-    what nginx and PostgreSQL do to argv in C.  Python copied argv at startup and never reads
-    that memory again.  The title is cut to the length of the original command line, and the
-    rest is filled with NULs.  It is cosmetic: any failure leaves the old name.
+    `python3 agent.py restart`, long after that restart is over.  The short name is set with
+    prctl(PR_SET_NAME).  The command line that ps shows is the memory that held argv at exec
+    (arg_start..arg_end in /proc/self/stat): it is overwritten in place, what nginx and
+    PostgreSQL do to argv in C.  Python copied argv at startup and never reads that memory
+    again.  Both work in a process that has dropped privileges: after setuid() the kernel makes
+    it non-dumpable, and its /proc/self/comm and /proc/self/mem then belong to root (writing
+    them failed, so workers forked after the drop were all shown as "agent: master").  The
+    title is cut to the length of the original command line, and the rest is filled with NULs.
+    It is cosmetic: any failure leaves the old name.
     """
     try:
-        with open('/proc/self/comm', 'w') as f:
-            f.write(comm[:15])
-    except OSError:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(comm.encode('utf-8', 'replace')[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
         pass
     try:
-        with open('/proc/self/stat', 'rb') as f:
-            fields = f.read().rsplit(b')', 1)[1].split()
-        start, end = int(fields[45]), int(fields[46])      # fields 48 and 49 of proc(5)
-        if not 0 < start < end or end - start > 1 << 20:
+        start, end = argument_area()
+        if not writable_mapping(start, end):
             return
         title = (comm + (' ' + args if args else '')).encode('utf-8', 'replace')[:end - start - 1]
-        with open('/proc/self/mem', 'r+b', buffering=0) as mem:
-            mem.seek(start)
-            mem.write(title + b'\0' * (end - start - len(title)))
-    except (OSError, ValueError, IndexError, OverflowError):
+        ctypes.memmove(start, title + b'\0' * (end - start - len(title)), end - start)
+    except (OSError, ValueError, IndexError, OverflowError, ctypes.ArgumentError):
         pass
+
+
+def argument_area():
+    """(arg_start, arg_end) of this process: fields 48 and 49 of /proc/self/stat (proc(5))."""
+    with open('/proc/self/stat', 'rb') as f:
+        fields = f.read().rsplit(b')', 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])
+    if not 0 < start < end or end - start > 1 << 20:
+        raise ValueError('no argument area')
+    return start, end
+
+
+def writable_mapping(start, end):
+    """Whether [start, end) lies in one writable mapping of this process (/proc/self/maps): the
+    check that keeps a wrong address from becoming a segmentation fault in memmove()."""
+    with open('/proc/self/maps') as f:
+        for line in f:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split('-'))
+            if low <= start and end <= high:
+                return fields[1].startswith('rw')
+    return False
 
 
 def urls(listeners, tls=False, redirects=()):
@@ -4125,6 +4174,19 @@ def private_directory(path, create):
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise DaemonError('%s is not a private directory of uid %d; remove it, or give --pidfile'
                           % (path, os.geteuid()), privilege=True)
+
+
+def default_account():
+    """The user an agent started as root without --user runs as: 'agent' where it exists (the
+    system user of contrib/agent.service and agent.init), else 'nobody' (with its own primary
+    group: nogroup on Debian)."""
+    for name in DEFAULT_USERS:
+        try:
+            return pwd.getpwnam(name).pw_name
+        except KeyError:
+            continue
+    raise DaemonError('started as root without --user, and there is no user %s to run as: give '
+                      '--user (--user root to run as root)' % ' nor '.join(DEFAULT_USERS))
 
 
 def options_path(pidfile):
@@ -4492,7 +4554,8 @@ def parser():
     serving.add_argument('--workers', type=worker_count, default=min(os.cpu_count() or 1, MAX_WORKERS),
                          metavar='N', help='worker processes, 1-%d (default: %d, the number of CPUs)'
                          % (MAX_WORKERS, min(os.cpu_count() or 1, MAX_WORKERS)))
-    files.add_argument('--user', help='drop privileges to this user after binding (as root)')
+    files.add_argument('--user', help='drop privileges to this user after binding (as root; '
+                       "default: 'agent' if it exists, else 'nobody'; --user root keeps root)")
     files.add_argument('--group', help="drop privileges to this group (default: the user's)")
     limits.add_argument('--stop-timeout', type=seconds, default=10.0, metavar='SECONDS',
                         help='how long a stop waits for in-flight responses before SIGKILL '
@@ -4590,6 +4653,8 @@ FROM_BYTECODE = ("import sys; directory = sys.argv[1]; del sys.argv[:2]; "
                  "sys.path[:sys.path[:1] == ['']] = [directory]; "
                  "import agent; agent.SCRIPT = sys.argv[0]; sys.exit(agent.main())")
 SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
+DEFAULT_USERS = ('agent', 'nobody')     # default_account()
+PR_SET_NAME = 15                        # prctl(2): the name of this thread, /proc/self/comm
 # The options that name files: made absolute before anything changes directory.
 PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key')
 
