@@ -136,6 +136,7 @@ import argparse
 import ctypes
 import errno
 import gc
+import glob
 import importlib
 import ipaddress
 import json
@@ -3439,7 +3440,11 @@ class Agent(Daemon):
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
         self.default_user = False       # started as root without --user: choose_user()
+        self.root_from_cwd = 'root' not in given    # --root defaulted to the current directory
         self.add_action('upgrade', daemon.upgrade_action)
+        for action, answer in (('status', self.status_elsewhere), ('stop', self.stop_elsewhere)):
+            self.add_action(action, about_the_port(self.actions[action], answer))
+        self.add_action('restart', restart_action(self.actions['restart']))
 
     # -- setup, as root, before ready --
 
@@ -3447,6 +3452,11 @@ class Agent(Daemon):
         config = self.config
         set_process_title('agent: master', self.title_args())
         self.choose_user()
+        why = system_directory(config.root) if self.root_from_cwd else ''
+        if why:
+            raise DaemonError('the current directory %s is %s, not served without --root: give the '
+                              'directory of the images with --root (--root %s to serve this one)'
+                              % (config.root, why, config.root))
         if not os.path.isdir(config.root):
             raise DaemonError('root directory %s %s' % (config.root, 'is not a directory' if
                               os.path.exists(config.root) else 'does not exist'))
@@ -3921,6 +3931,25 @@ class Agent(Daemon):
             if changes:
                 self.say('agent: restart changes %s' % changes)
 
+    def on_restart_stopped(self, state, pid):
+        """Before a restart when no agent runs on the pidfile (state, pid: its probe()).
+
+        A dead agent's pidfile and options file remain (a crash, a SIGKILL: see
+        daemon.PidFile): its options are taken as on_restart() takes a running one's.  After a
+        clean stop nothing is left, on purpose (a stop leaves nothing behind, and an agent
+        stopped weeks ago should not come back with its options by surprise); /run, where
+        root's pidfiles are, is emptied at boot anyway.  Then this is a start, with its rules:
+        no system directory as the default root, no root workers by default."""
+        old = read_options(options_path(self.pidfile_path), pid) if state == 'stale' and pid else None
+        if old is None:
+            self.say('agent: nothing was running on pidfile %s; starting with this command line'
+                     % self.pidfile_path)
+            return
+        self.keep_options(old)
+        changes = describe_changes(old, option_argv(self.config, every=True))
+        self.say('agent: nothing was running on pidfile %s (pid %d had ended); starting with its '
+                 'options%s' % (self.pidfile_path, pid, ', changing %s' % changes if changes else ''))
+
     def keep_options(self, argv):
         """Take the options this command line does not give from a recorded option_argv()."""
         config = self.config
@@ -3931,7 +3960,63 @@ class Agent(Daemon):
         self.stdout = self.stderr = config.log
         self.stop_timeout = config.stop_timeout
         self.user, self.group = config.user, config.group
+        self.root_from_cwd = False          # the recorded --root, absolute: chosen before
 
+
+    def agent_elsewhere(self):
+        """The PortHolder of --port when this pidfile names no running agent but something
+        else holds the port (another user's agent: its pidfile is not this user's default);
+        None when the port is not what was asked about (--port 0, or a --pidfile given without
+        --port), or nothing but a program that is no agent holds it."""
+        config = self.config
+        if config.port == 0 or 'pidfile' in self.given and 'port' not in self.given:
+            return None
+        try:
+            if self.probe()[0] == 'running':
+                return None
+        except DaemonError:
+            return None                     # the action itself says why the pidfile is unreadable
+        holder = find_port_holder(config.port)
+        return holder if holder is not None and (holder.agent or holder.pid is None) else None
+
+    def status_elsewhere(self, holder):
+        """status about another pidfile's agent on the port: 0 when its pidfile confirms it,
+        4 (unknown) when it cannot be read; never 3 (not running) while it serves."""
+        port, mine = self.config.port, self.pidfile_path
+        if holder.pid is None:
+            self.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
+                     '%s may not look into (another user\'s; an agent?)' % (mine, port, daemon.current_user()), error=True)
+            return daemon.STATUS_UNKNOWN
+        who = 'agent pid %d (user %s)' % (holder.pid, holder.user())
+        if holder.pidfile is None:
+            self.say('agent: port %d is served by %s, whose pidfile %s cannot find (not %s)'
+                     % (port, who, daemon.current_user(), mine), error=True)
+            return daemon.STATUS_UNKNOWN
+        if read_pid(holder.pidfile) != holder.pid:
+            self.say('agent: port %d is served by %s, pidfile %s, which %s cannot read (not %s)'
+                     % (port, who, holder.pidfile, daemon.current_user(), mine), error=True)
+            return daemon.STATUS_UNKNOWN
+        self.say('agent is running on port %d: %s, pidfile %s (not %s)' % (port, who, holder.pidfile, mine))
+        return daemon.STATUS_RUNNING
+
+    def stop_elsewhere(self, holder):
+        """stop about another pidfile's agent on the port: nothing is stopped (that agent was
+        not named), exit 1 with the command that would stop it."""
+        port, mine = self.config.port, self.pidfile_path
+        if holder.pid is None:
+            self.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
+                     '%s may not look into (another user\'s); nothing stopped'
+                     % (mine, port, daemon.current_user()), error=True)
+        elif holder.pidfile is None:
+            self.say('agent: port %d is served by agent pid %d (user %s), not the agent of pidfile '
+                     '%s; nothing stopped (its pidfile is not known: give it with --pidfile)'
+                     % (port, holder.pid, holder.user(), mine), error=True)
+        else:
+            self.say('agent: port %d is served by agent pid %d (user %s), pidfile %s, not the '
+                     'agent of pidfile %s; nothing stopped; stop it with: %s'
+                     % (port, holder.pid, holder.user(), holder.pidfile, mine, holder.stop_command()),
+                     error=True)
+        return daemon.EXIT_FAILURE
 
     def on_reopen_logs(self):
         self.reopen_worker_logs()
@@ -3976,6 +4061,35 @@ class Agent(Daemon):
             for pid, status in reap_children(block=True):
                 self.forget_worker(pid)
         log('agent: stopped (%d worker(s) respawned while it ran)' % self.respawns)
+
+
+def about_the_port(action, elsewhere):
+    """An action (status, stop) that first looks at who serves --port: elsewhere(holder)
+    answers when another pidfile's agent does (Agent.agent_elsewhere())."""
+    def checked(agent):
+        holder = agent.agent_elsewhere()
+        return action(agent) if holder is None else elsewhere(holder)
+    return checked
+
+
+def restart_action(restart):
+    """restart, with Agent.on_restart_stopped() first when no agent runs on the pidfile (the
+    on_restart() hook of daemon.py is only for a running one)."""
+    def checked(agent):
+        state, pid = agent.probe()
+        if state != 'running':
+            agent.on_restart_stopped(state, pid)
+        return restart(agent)
+    return checked
+
+
+def read_pid(path):
+    """The pid a pidfile holds, or None (unreadable, empty, not a number)."""
+    try:
+        with open(path) as f:
+            return daemon.parse_pid(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def accept_connection(listener, family):
@@ -4176,6 +4290,20 @@ def private_directory(path, create):
                           % (path, os.geteuid()), privilege=True)
 
 
+def system_directory(path):
+    """Why path is no root to serve by default: 'a system directory', 'a home directory', or
+    '' if it may be.  `cd / && agent.py start` must not serve /etc/shadow: / and the system's
+    directories (their subtrees where every file is the system's: /etc, /root, /boot, /proc,
+    /sys, /dev), /home and each home directory itself (~/.ssh, ~/.gnupg); a folder of photos
+    below /var or a home is fine.  Naming one with --root is a choice, never refused."""
+    real = os.path.realpath(path)
+    if real in SYSTEM_DIRECTORIES or any(inside(real, tree) for tree in SYSTEM_TREES):
+        return 'a system directory'
+    if real in {os.path.realpath(entry.pw_dir) for entry in pwd.getpwall() if entry.pw_dir}:
+        return 'a home directory'
+    return ''
+
+
 def default_account():
     """The user an agent started as root without --user runs as: 'agent' where it exists (the
     system user of contrib/agent.service and agent.init), else 'nobody' (with its own primary
@@ -4195,12 +4323,19 @@ def options_path(pidfile):
 
 
 def read_options(path, pid):
-    """The argv recorded in an options file, if it was written by pid; else None."""
+    """The argv recorded in an options file, if it was written by pid; else None.  Only a
+    regular file of this user or root that no one else may write: restart takes --root and
+    --user from it."""
     try:
-        with open(path) as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd) as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+                return None
             recorded = json.load(f)
-        if recorded.get('pid') == pid and isinstance(recorded.get('argv'), list):
-            return recorded['argv']
+        argv = recorded.get('argv')
+        if recorded.get('pid') == pid and isinstance(argv, list) and all(isinstance(arg, str) for arg in argv):
+            return argv
     except (OSError, ValueError, AttributeError):
         pass
     return None
@@ -4260,11 +4395,79 @@ def check_port_permission(port):
 
 
 def port_holder(port):
-    """Who listens on a TCP port, for the message of a failed bind: '' if nobody visible.
+    """Who listens on a TCP port, for the message of a failed bind: '' if nobody visible."""
+    holder = find_port_holder(port)
+    return '' if holder is None else holder.describe()
+
+
+class PortHolder:
+    """Who listens on a TCP port, as far as this user can see: find_port_holder().
+
+    pid: the master of the processes that hold the socket, or the pid that locks an agent's
+    pidfile named after the port (when their /proc/PID/fd is closed to this user), or None:
+    nobody visible.  pidfile: that agent's pidfile, if found.
+    """
+
+    def __init__(self, pid=None, pidfile=None):
+        self.pid, self.pidfile = pid, pidfile
+        self.uid, self.command, self.agent = None, '', False
+        if pid is not None:
+            self.read_process()
+
+    def read_process(self):
+        try:
+            self.uid = int(proc_field(self.pid, 'Uid').split()[0])
+            with open('/proc/%d/cmdline' % self.pid, 'rb') as f:
+                self.command = f.read().replace(b'\0', b' ').decode('utf-8', 'replace').strip()
+            with open('/proc/%d/comm' % self.pid) as f:
+                comm = f.read().strip()
+        except (OSError, ValueError, IndexError):
+            return
+        self.agent = comm.startswith('agent:') or 'agent.py' in self.command
+
+    def user(self):
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except (KeyError, TypeError):
+            return 'uid %s' % self.uid
+
+    def stop_command(self):
+        return '%s %s --pidfile %s stop' % (os.path.basename(sys.executable), SCRIPT, self.pidfile)
+
+    def describe(self):
+        """'by agent pid N, pidfile F; stop it with: ...', 'by pid N (its command line)'..."""
+        if self.pid is None:
+            return 'by a process of another user'
+        if self.agent and self.pidfile:
+            return 'by agent pid %d, pidfile %s; stop it with: %s' % (self.pid, self.pidfile, self.stop_command())
+        if self.agent:
+            return 'by agent pid %d' % self.pid
+        return 'by pid %d (%s)' % (self.pid, self.command[:80]) if self.command else 'by pid %d' % self.pid
+
+
+def find_port_holder(port):
+    """The PortHolder of a TCP port, or None if nothing listens on it.
 
     The listening sockets' inodes come from /proc/net/tcp and tcp6, their processes from
-    /proc/PID/fd; of those, the one whose parent is not among them (an agent's master).
+    /proc/PID/fd (all of them for root; an ordinary user sees only its own, and not even those
+    of its own uid once they dropped privileges from root: non-dumpable), and an agent's
+    pidfile from the files its master locks, or else from the default pidfiles of that port
+    (default_pidfile(), for every user) and /proc/locks, which anyone may read.
     """
+    inodes = listening_inodes(port)
+    if not inodes:
+        return None
+    holders = socket_holders(inodes)
+    pid = topmost(holders) if holders else None
+    pidfile = locked_file_of(pid) if pid is not None else None
+    if pidfile is None:
+        pidfile, locker = default_pidfile_locked(port, pid)
+        pid = locker if pid is None else pid
+    return PortHolder(pid, pidfile)
+
+
+def listening_inodes(port):
+    """'socket:[INODE]' of each TCP socket listening on port, from /proc/net/tcp and tcp6."""
     inodes = set()
     for table in ('/proc/net/tcp', '/proc/net/tcp6'):
         try:
@@ -4272,53 +4475,59 @@ def port_holder(port):
                 rows = f.read().splitlines()[1:]
         except OSError:
             continue
-        for row in rows:
-            fields = row.split()
+        for fields in (row.split() for row in rows):
             # "sl local_address rem_address st ... inode": st 0A is LISTEN
             if len(fields) > 9 and fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
                 inodes.add('socket:[%s]' % fields[9])
-    if not inodes:
-        return ''
+    return inodes
+
+
+def socket_holders(inodes):
+    """The pids that have one of these sockets open, of those this user may look into."""
     holders = []
     for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
+        if name.isdigit() and any(path in inodes for path, _ in daemon.open_files(int(name))):
+            holders.append(int(name))
+    return holders
+
+
+def topmost(pids):
+    """Of these pids, the lowest whose parent is not among them: the master of its workers."""
+    tops = [pid for pid in pids if parent_pid(pid) not in pids]
+    return min(tops or pids)
+
+
+def parent_pid(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def proc_field(pid, name):
+    """The value of a line of /proc/PID/status ('Uid', 'PPid'...), which anyone may read."""
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith(name + ':'):
+                return line.split(':', 1)[1].strip()
+    raise ValueError('no %s in /proc/%d/status' % (name, pid))
+
+
+def default_pidfile_locked(port, pid=None):
+    """(path, locker) of a default pidfile of this port that is locked (by pid, if given),
+    whoever's it is: /run/agent-PORT.pid, $XDG_RUNTIME_DIR's, /tmp/agent-UID's; (None, None)."""
+    name = 'agent-%d.pid' % port
+    candidates = [os.path.join('/run', name)] + sorted(glob.glob(os.path.join('/run/user/*', name))) + \
+        sorted(glob.glob(os.path.join('/tmp/agent-*', name)))
+    for path in candidates:
         try:
-            fds = os.listdir('/proc/%s/fd' % name)
+            lockers = daemon.flock_holders(os.stat(path)) or []
         except OSError:
             continue
-        for fd in fds:
-            try:
-                if os.readlink('/proc/%s/fd/%s' % (name, fd)) in inodes:
-                    holders.append(int(name))
-                    break
-            except OSError:
-                continue
-    if not holders:
-        return 'by a process of another user'
-    parents = {}
-    for pid in holders:
-        try:
-            with open('/proc/%d/stat' % pid) as f:
-                parents[pid] = int(f.read().rsplit(')', 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            parents[pid] = 0
-    pid = min(p for p in holders if parents[p] not in holders) if any(
-        parents[p] not in holders for p in holders) else min(holders)
-    try:
-        with open('/proc/%d/cmdline' % pid, 'rb') as f:
-            cmdline = f.read().replace(b'\0', b' ').decode('utf-8', 'replace').strip()
-        with open('/proc/%d/comm' % pid) as f:
-            comm = f.read().strip()
-    except OSError:
-        return 'by pid %d' % pid
-    if comm.startswith('agent:') or 'agent.py' in cmdline:
-        pidfile = locked_file_of(pid)
-        if pidfile:
-            return 'by agent pid %d, pidfile %s; stop it with: %s %s --pidfile %s stop' % (
-                pid, pidfile, os.path.basename(sys.executable), SCRIPT, pidfile)
-        return 'by agent pid %d' % pid
-    return 'by pid %d (%s)' % (pid, cmdline[:80] or comm)
+        if lockers and (pid is None or pid in lockers):
+            return path, lockers[0]
+    return None, None
 
 
 def locked_file_of(pid):
@@ -4654,6 +4863,8 @@ FROM_BYTECODE = ("import sys; directory = sys.argv[1]; del sys.argv[:2]; "
                  "import agent; agent.SCRIPT = sys.argv[0]; sys.exit(agent.main())")
 SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
 DEFAULT_USERS = ('agent', 'nobody')     # default_account()
+SYSTEM_DIRECTORIES = ('/', '/usr', '/var', '/run', '/home', '/usr/local', '/opt', '/srv', '/tmp')
+SYSTEM_TREES = ('/etc', '/root', '/boot', '/proc', '/sys', '/dev')       # system_directory()
 PR_SET_NAME = 15                        # prctl(2): the name of this thread, /proc/self/comm
 # The options that name files: made absolute before anything changes directory.
 PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key')

