@@ -24,7 +24,18 @@ Worker.access (the log line).
 
 `start` prints one line: the URL(s), the root, the master's pid, the logs and the pidfile
 (with --port 0, the port it took).  `restart` keeps the running master's options (recorded in
-PIDFILE.options) for every option not given again, and names the ones that change.
+PIDFILE.options) for every option not given again, and names the ones that change; when nothing
+runs it says so, and takes a dead master's options where its pidfile remains (a crash), else
+it is a start (Agent.on_restart_stopped).
+
+Identity
+--------
+Started as root without --user, the agent drops to 'agent' if that user exists, else 'nobody'
+(default_account()) after binding and opening its logs, and the start line says so; --user root
+keeps root, with a warning in the log.  Without --root, the current directory is refused as
+the root when it is / or a system or home directory (system_directory()): `cd / && agent.py
+start` served /etc/shadow.  status and stop also look at --port: another user's agent there
+(another pidfile) is named, with its pid, user and pidfile (find_port_holder()).
 
 Processes
 ---------
@@ -38,7 +49,8 @@ Processes
                                  dying young, or while fork() fails), drains workers on TERM, replaces them
                                  on HUP, relays USR1.  `start` returns once every worker is up.
     ps shows them as "agent: master ..." and "agent: worker ..." (comm and command line; see
-    set_process_title), not as the `start` or `restart` that launched them.
+    set_process_title, which needs no /proc/self file: it works after the privilege drop),
+    not as the `start` or `restart` that launched them.
 
 Signals
 -------
@@ -66,7 +78,7 @@ Files
                   found from any directory: /run/agent-PORT.pid for root, else
                   $XDG_RUNTIME_DIR/agent-PORT.pid, else /tmp/agent-UID/agent-PORT.pid (0700)
     PIDFILE.options  the master's options (JSON, with its pid), for `restart`; they go with
-                  the pidfile (Agent.runtime_files())
+                  the pidfile (Agent.runtime_files()), and stay with it after a crash
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
@@ -76,6 +88,9 @@ None of these is ever served or listed, wherever it is, nor are the logs' rotati
 by device and inode, and by name in their directory); one inside --root is noted in the log.
 
 Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not running"...).
+About another pidfile's agent on --port: status 0 when its pidfile confirms it, 4 when that
+pidfile cannot be read (never 3); stop 1, with the command that stops it (nothing is stopped:
+it was not named).
 A master whose workers fail at boot MAX_BOOT_FAILURES times in a row halts with status 1.
 
 HTTPS
@@ -88,8 +103,9 @@ by group or others is refused unless --allow-readable-key.  The handshake is one
 a connection, inside the epoll loop, under --header-timeout; bodies go out with SSL writes of
 TLS_CHUNK bytes (no sendfile), with the same fairness budget.  A reload reads the files again:
 new workers get the new certificate, old connections finish on the old one; a bad new pair is
-logged and keeps the old one, and `reload` exits 1.  With --user, the reload reads them as that
-user (a key only root can read keeps the old certificate: own the key by that user, mode 0600).
+logged and keeps the old one, and `reload` exits 1.  The reload reads them as the agent's user
+(--user, or the default one when root started it: a key only root can read keeps the old
+certificate: own the key by that user, mode 0600).
 --http-redirect PORT answers plain HTTP there with 301 to https://<Host>[:port]<path> (the Host
 checked as a host name or IP literal, the path normalised); --hsts SECONDS adds
 Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port, whatever its

@@ -336,6 +336,13 @@ class SampleDaemonTest(TempDirTest):
             return ''
 
 
+# Started as root, the agent runs as 'agent' or 'nobody' unless told --user root.  The tests of
+# serving, signals and service managers run it in mkdtemp's 0700 directories, with an
+# interpreter that may be under /root (pyenv's, for an upgrade): they keep root, said
+# explicitly (harness.AgentProcess does the same).  RootIdentityTests test the default.
+AS_ROOT = ['--user', 'root'] if os.geteuid() == 0 else []
+
+
 class AgentServer(harness.AgentProcess):
     """harness.AgentProcess for a test: an agent on 127.0.0.1 with a port the kernel picked, in
     a temporary directory, removed and killed by the test's (or its class's) cleanups."""
@@ -2840,9 +2847,12 @@ class SupervisionTests(unittest.TestCase):
         os.makedirs(os.path.join(tmp, 'www'))
         err = open(os.path.join(tmp, 'stderr'), 'w')
         self.addCleanup(err.close)
+        # As root, --user root: mkdtemp's 0700 directory, and an interpreter that may be under
+        # /root (pyenv's) for the upgrade, are root's.
+        user = ['--user', 'root'] if os.geteuid() == 0 else []
         proc = subprocess.Popen([PYTHON, AGENT, '--root', 'www', '--bind', '127.0.0.1', '--port', '0',
-                                 '--pidfile', 'agent.pid', '--workers', '1', 'run'], cwd=tmp, stdout=err,
-                                stderr=err, start_new_session=True)
+                                 '--pidfile', 'agent.pid', '--workers', '1'] + user + ['run'], cwd=tmp,
+                                stdout=err, stderr=err, start_new_session=True)
         self.addCleanup(lambda: (kill_group_of(proc.pid), proc.wait(TIMEOUT)))
         pidfile = os.path.join(tmp, 'agent.pid')
         wait_for(lambda: children_of(proc.pid) and read_pid(pidfile) == proc.pid, message='the agent up')
@@ -2851,7 +2861,8 @@ class SupervisionTests(unittest.TestCase):
         with open('/proc/%d/cmdline' % proc.pid) as f:
             title = f.read().rstrip('\0')          # the process title: no interpreter, no action
         self.assertEqual(title, ' '.join(['agent: master', AGENT, '--root', os.path.join(tmp, 'www'), '--bind',
-                                          '127.0.0.1', '--port', '0', '--pidfile', pidfile, '--workers', '1']))
+                                          '127.0.0.1', '--port', '0', '--pidfile', pidfile, '--workers', '1']
+                                         + user))
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(TIMEOUT), 0)
         self.assertFalse(os.path.exists(os.path.join(tmp, 'agent.log')), 'a foreground master wrote --log')
@@ -8215,7 +8226,7 @@ class JournalPriorityTests(ServiceToolTestCase):
         open(err, 'w').close()
         env = dict(os.environ, JOURNAL_STREAM=self.journal_env(err))
         argv = [PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1', '--port', '0', '--workers', '1',
-                '--pidfile', os.path.join(tmp, 'a.pid'), '--access-log', 'off']
+                '--pidfile', os.path.join(tmp, 'a.pid'), '--access-log', 'off'] + AS_ROOT
         # A failed start: the one line that says why is an error.
         failed = os.path.join(tmp, 'failed')
         with open(failed, 'w') as f:
@@ -8279,7 +8290,7 @@ class SdNotifyTests(ServiceToolTestCase):
         env = dict(os.environ, NOTIFY_SOCKET=notify_socket)
         env.pop('LISTEN_PID', None)
         env.pop('LISTEN_FDS', None)
-        proc = self.eco_popen([PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1', '--port', '0',
+        proc = self.eco_popen([PYTHON, AGENT] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1', '--port', '0',
                                '--pidfile', pidfile, '--access-log', os.path.join(tmp, 'access.log'),
                                '--workers', '2', 'run'], stderr, env=env)
         seen = []
@@ -8350,7 +8361,7 @@ class SdNotifyTests(ServiceToolTestCase):
         os.makedirs(root)
         env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC='400000')
         env.pop('WATCHDOG_PID', None)
-        proc = self.eco_popen([PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1', '--port', '0',
+        proc = self.eco_popen([PYTHON, AGENT] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1', '--port', '0',
                                '--pidfile', os.path.join(tmp, 'agent.pid'), '--access-log',
                                os.path.join(tmp, 'access.log'), '--workers', '2', 'run'],
                               os.path.join(tmp, 'stderr'), env=env)
@@ -8418,7 +8429,7 @@ class SocketActivationTests(ServiceToolTestCase):
         env = dict(os.environ)
         env.pop('NOTIFY_SOCKET', None)
         proc = self.eco_popen([tool, '-l', '127.0.0.1:%d' % passed, '--fdname=http',
-                               PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1',
+                               PYTHON, AGENT] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1',
                                '--port', str(own), '--pidfile', pidfile,
                                '--access-log', os.path.join(tmp, 'access.log'),
                                '--workers', '2', 'run'], stderr, env=env)
@@ -8461,7 +8472,7 @@ class SocketActivationTests(ServiceToolTestCase):
         env.pop('NOTIFY_SOCKET', None)
         proc = self.eco_popen([tool, '-l', '127.0.0.1:%d' % https, '-l', '127.0.0.1:%d' % plain,
                                '--fdname=https:redirect',
-                               PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1',
+                               PYTHON, AGENT] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1',
                                '--port', str(own), '--pidfile', os.path.join(tmp, 'agent.pid'),
                                '--access-log', os.path.join(tmp, 'access.log'), '--workers', '1',
                                '--tls-cert', cert, '--tls-key', key, '--hsts', '60', 'run'],
@@ -8672,10 +8683,13 @@ class InitScriptTests(ServiceToolTestCase):
                 PORT=0
                 PIDFILE=%s
                 LOGDIR=%s
-                AGENT_USER=
+                AGENT_USER=%s
+                AGENT_GROUP=
                 STOP_TIMEOUT=5
                 DAEMON_ARGS="%s"
-                ''' % (os.path.realpath(PYTHON), AGENT, root, pidfile, logdir, daemon_args)))
+                ''' % (os.path.realpath(PYTHON), AGENT, root, pidfile, logdir,
+                       # as root, root's workers, said: the tree is mkdtemp's 0700 directory
+                       'root' if os.geteuid() == 0 else '', daemon_args)))
         # `service` runs init scripts with an almost empty environment; so does this test.
         env = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'AGENT_DEFAULTS': defaults,
                'SYSTEMCTL_SKIP_REDIRECT': '1'}
@@ -8965,7 +8979,7 @@ class UpgradeUnderServiceManagerTests(ServiceToolTestCase):
         self.sock.bind(address)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         env = dict(os.environ, NOTIFY_SOCKET=address)
-        proc = self.eco_popen([PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1', '--port', '0',
+        proc = self.eco_popen([PYTHON, AGENT] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1', '--port', '0',
                                '--pidfile', self.pidfile, '--log', self.log,
                                '--access-log', self.access_log,
                                '--workers', '1', 'run'], self.stderr, env=env)
