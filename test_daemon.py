@@ -3383,6 +3383,14 @@ def worker_account():
     return None
 
 
+def remove_files(*paths):
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def uid_of(pid):
     """The real uid of a process, from /proc/PID/status (readable whoever owns it)."""
     return int(proc_status(pid, 'Uid').split()[0])
@@ -3486,6 +3494,7 @@ class RootIdentityTests(unittest.TestCase):
         started = as_user(nobody.pw_uid, nobody.pw_gid, '--root', self.www, '--bind', '127.0.0.1',
                           '--log', os.path.join(home, 'agent.log'), '--access-log', 'off',
                           '--workers', '1', 'start')
+        self.addCleanup(remove_files, theirs, theirs + '.options')      # after the kill below
         self.addCleanup(lambda: kill_group_of(read_pid(theirs)))
         self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
         master = read_pid(theirs)
@@ -3512,6 +3521,7 @@ class RootIdentityTests(unittest.TestCase):
         ours = '/run/agent-%d.pid' % port
         result = run([PYTHON, AGENT, '--root', self.www, '--bind', '127.0.0.1', '--port', str(port),
                       '--log', self.log, '--access-log', 'off', '--workers', '1', 'start'], cwd='/')
+        self.addCleanup(remove_files, ours, ours + '.options')
         self.addCleanup(lambda: kill_group_of(read_pid(ours)))
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         status = as_user(nobody.pw_uid, nobody.pw_gid, 'status')
