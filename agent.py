@@ -3518,7 +3518,7 @@ class Agent(Daemon):
         whatever root may read, /etc/shadow included, under a --root that defaulted to the
         current directory.  Here, in the daemon, so that the options recorded for `restart`
         carry the user, and a restart by root of an agent started before this default finds
-        the same rule.  --user root keeps root, with a warning (root_warning())."""
+        the same rule.  --user root keeps root, with a warning (logged by run())."""
         config = self.config
         if config.user is None and os.geteuid() == 0:
             config.user = self.user = default_account()
@@ -3977,7 +3977,6 @@ class Agent(Daemon):
         self.stop_timeout = config.stop_timeout
         self.user, self.group = config.user, config.group
         self.root_from_cwd = False          # the recorded --root, absolute: chosen before
-
 
     def agent_elsewhere(self):
         """The PortHolder of --port when this pidfile names no running agent but something
