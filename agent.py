@@ -3468,11 +3468,7 @@ class Agent(Daemon):
         config = self.config
         set_process_title('agent: master', self.title_args())
         self.choose_user()
-        why = system_directory(config.root) if self.root_from_cwd else ''
-        if why:
-            raise DaemonError('the current directory %s is %s, not served without --root: give the '
-                              'directory of the images with --root (--root %s to serve this one)'
-                              % (config.root, why, config.root))
+        self.check_default_root()
         if not os.path.isdir(config.root):
             raise DaemonError('root directory %s %s' % (config.root, 'is not a directory' if
                               os.path.exists(config.root) else 'does not exist'))
@@ -3511,6 +3507,17 @@ class Agent(Daemon):
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.loads = LoadShare.memory()     # shared with the workers: LoadShare
         self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def check_default_root(self):
+        """A --root that defaulted to the current directory may not be a system directory
+        (system_directory()): in the launcher (on_launch) before its other checks, so that
+        this is what `start` says, and in setup() for `run`."""
+        root = self.config.root
+        why = system_directory(root) if self.root_from_cwd else ''
+        if why:
+            raise DaemonError('the current directory %s is %s, not served without --root: give the '
+                              'directory of the images with --root (--root %s to serve this one)'
+                              % (root, why, root))
 
     def choose_user(self):
         """Started as root without --user, the agent drops to default_account() after binding,
@@ -3926,7 +3933,9 @@ class Agent(Daemon):
 
     def on_launch(self):
         """Before a start: fail early, in the launcher, on a port this user may not bind or an
-        access log it may not write (exit 4, as for the pidfile and --log)."""
+        access log it may not write (exit 4, as for the pidfile and --log); first, on a system
+        directory as the default root."""
+        self.check_default_root()
         check_port_permission(self.config.port)
         if self.config.access_log != 'off':
             daemon.check_writable('access log', self.config.access_log)

@@ -3176,8 +3176,8 @@ class SystemDirectoryTests(unittest.TestCase):
     def test_system_directories_are_refused_as_the_default_root(self):
         homes = {pw.pw_dir for pw in pwd.getpwall() if pw.pw_dir not in ('/', '') and os.path.isdir(pw.pw_dir)}
         for cwd in ['/', '/etc', '/usr', '/root'] + sorted(homes - {'/root'})[:1]:
-            if not os.path.isdir(cwd):
-                continue
+            if not os.path.isdir(cwd) or not os.access(cwd, os.X_OK):
+                continue                    # (an ordinary user may not enter /root)
             for action in ('start', 'restart', 'run'):
                 result = self.agent(action, cwd=cwd)
                 self.assertNotEqual(result.returncode, 0, (cwd, action, result.stdout))
