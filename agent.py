@@ -3589,6 +3589,7 @@ class Agent(Daemon):
             raise DaemonError('root directory %s is not readable by %s: make it (and each directory '
                               'above it) readable by that user, or give --user'
                               % (config.root, daemon.current_user()))
+        self.check_reopenable_logs()
         if os.geteuid() == 0:
             log('agent: warning: --user root: the workers run as root, and may read every file root '
                 'can (/etc/shadow included) if a path under --root leads there', priority=LOG_WARNING)
@@ -3626,6 +3627,26 @@ class Agent(Daemon):
             log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures, priority=LOG_ERR)
         self.shutdown()
         return 1 if self.halted() else 0
+
+    def check_reopenable_logs(self):
+        """After a privilege drop: warn of a log that this user could not open again after a
+        rotation (USR1 reopens each by name, in every process).  The open files stay writable;
+        a rotation's new file must be made by this user (its directory writable: /var/log/agent
+        of contrib/) or for it (logrotate's `create`), else it is 'cannot reopen' and the old,
+        renamed file goes on growing.  A warning, not an error: a rotation may do just that."""
+        if self.user is None and self.group is None:
+            return                          # no drop (systemd's User=, an ordinary user)
+        paths = ([self.config.log] if self.detached else []) + \
+            ([self.config.access_log] if self.access_fd is not None else [])
+        for path in paths:
+            if not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+                log('agent: warning: %s cannot make the log %s again after a rotation: its '
+                    'directory is not writable by that user, so a USR1 reopens it only if the '
+                    'rotation creates it for that user first (logrotate\'s create)'
+                    % (daemon.current_user(), path), priority=LOG_WARNING)
+            elif not os.access(path, os.W_OK):      # `run` hands no log to the user
+                log('agent: warning: %s cannot open the log %s again (USR1): the file is not '
+                    'writable by that user' % (daemon.current_user(), path), priority=LOG_WARNING)
 
     def start_line(self):
         """The one line `start` prints: URLs, root, pid, logs, pidfile."""

@@ -3442,8 +3442,8 @@ class RootIdentityTests(unittest.TestCase):
         self.assertEqual({uid_of(pid) for pid in pids}, {self.account.pw_uid})
         self.assertEqual(self.get(port, '/a.jpg'), (200, b'jpeg'))
         # The log stays open, but a rotation's new file cannot be made in root's directory.
-        self.assertIn('warning: %s cannot make the log %s again after a rotation'
-                      % (self.account.pw_name, self.log), slurp(self.log))
+        self.assertIn('warning: %s (uid %d) cannot make the log %s again after a rotation'
+                      % (self.account.pw_name, self.account.pw_uid, self.log), slurp(self.log))
         self.assertEqual(self.agent('stop').returncode, 0)
         # --user root is a choice, said on the start line and warned of in the log.
         port, master, out = self.start('--user', 'root')
