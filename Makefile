@@ -28,9 +28,10 @@ compat:
 	fi
 
 # Spawn the agent, fetch a file with curl and compare its bytes, check the pidfile, stop it,
-# and check that nothing is left: no process, no pidfile.
+# and check that nothing is left: no process, no pidfile.  The directory is readable by all:
+# started as root, the agent runs as 'agent' or 'nobody', as a user's would.
 smoke:
-	@set -eu; dir=$$(mktemp -d); pid=; \
+	@set -eu; dir=$$(mktemp -d); chmod 755 "$$dir"; pid=; \
 	trap '[ -n "$$pid" ] && kill -9 -- -$$(ps -o pgid= $$pid | tr -d " ") 2>/dev/null; rm -rf "$$dir"' EXIT; \
 	mkdir "$$dir/www"; head -c 100000 /dev/urandom > "$$dir/www/smoke.jpg"; \
 	out=$$($(PYTHON) agent.py --root "$$dir/www" --bind 127.0.0.1 --port 0 --pidfile "$$dir/agent.pid" \

@@ -24,7 +24,18 @@ Worker.access (the log line).
 
 `start` prints one line: the URL(s), the root, the master's pid, the logs and the pidfile
 (with --port 0, the port it took).  `restart` keeps the running master's options (recorded in
-PIDFILE.options) for every option not given again, and names the ones that change.
+PIDFILE.options) for every option not given again, and names the ones that change; when nothing
+runs it says so, and takes a dead master's options where its pidfile remains (a crash), else
+it is a start (Agent.on_restart_stopped).
+
+Identity
+--------
+Started as root without --user, the agent drops to 'agent' if that user exists, else 'nobody'
+(default_account()) after binding and opening its logs, and the start line says so; --user root
+keeps root, with a warning in the log.  Without --root, the current directory is refused as
+the root when it is / or a system or home directory (system_directory()): `cd / && agent.py
+start` served /etc/shadow.  status and stop also look at --port: another user's agent there
+(another pidfile) is named, with its pid, user and pidfile (find_port_holder()).
 
 Processes
 ---------
@@ -38,7 +49,8 @@ Processes
                                  dying young, or while fork() fails), drains workers on TERM, replaces them
                                  on HUP, relays USR1.  `start` returns once every worker is up.
     ps shows them as "agent: master ..." and "agent: worker ..." (comm and command line; see
-    set_process_title), not as the `start` or `restart` that launched them.
+    set_process_title, which needs no /proc/self file: it works after the privilege drop),
+    not as the `start` or `restart` that launched them.
 
 Signals
 -------
@@ -70,7 +82,7 @@ Files
                   found from any directory: /run/agent-PORT.pid for root, else
                   $XDG_RUNTIME_DIR/agent-PORT.pid, else /tmp/agent-UID/agent-PORT.pid (0700)
     PIDFILE.options  the master's options (JSON, with its pid), for `restart`; they go with
-                  the pidfile (Agent.runtime_files())
+                  the pidfile (Agent.runtime_files()), and stay with it after a crash
     --log         ./agent.log    errors and lifecycle events of every process
     --access-log  ./access.log   one Combined Log Format line per request ("off": none), written
                                  at the end of each loop iteration, so within a second at most
@@ -82,6 +94,9 @@ there, so a hard link to a compressed one is refused too; an upgrade keeps what 
 one inside --root is noted in the log.
 
 Exit codes: daemon.py's (0 ok, 1 failure with a message, 2 usage, 3 status "not running"...).
+About another pidfile's agent on --port: status 0 when its pidfile confirms it, 4 when that
+pidfile cannot be read (never 3); stop 1, with the command that stops it (nothing is stopped:
+it was not named).
 A master whose workers fail at boot MAX_BOOT_FAILURES times in a row halts with status 1.
 
 HTTPS
@@ -95,8 +110,9 @@ by group or others is refused unless --allow-readable-key.  The handshake is one
 a connection, inside the epoll loop, under --header-timeout; bodies go out with SSL writes of
 TLS_CHUNK bytes (no sendfile), with the same fairness budget.  A reload reads the files again:
 new workers get the new certificate, old connections finish on the old one; a bad new pair is
-logged and keeps the old one, and `reload` exits 1.  With --user, the reload reads them as that
-user (a key only root can read keeps the old certificate: own the key by that user, mode 0600).
+logged and keeps the old one, and `reload` exits 1.  The reload reads them as the agent's user
+(--user, or the default one when root started it: a key only root can read keeps the old
+certificate: own the key by that user, mode 0600).
 --http-redirect PORT answers plain HTTP there with 301 to https://<Host>[:port]<path> (the Host
 checked as a host name or IP literal, the path normalised); --hsts SECONDS adds
 Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port, whatever its
@@ -147,12 +163,14 @@ import argparse
 import ctypes
 import errno
 import gc
+import glob
 import importlib
 import ipaddress
 import json
 import mimetypes
 import mmap
 import os
+import pwd
 import re
 import resource
 import select
@@ -3983,7 +4001,12 @@ class Agent(Daemon):
         self.code = None                # this image's own source: code_image()
         self.previous_code = None       # after an upgrade, until its workers are up: the old one's
         self.went_back = None           # back to the old code: why the upgrade failed
+        self.default_user = False       # started as root without --user: choose_user()
+        self.root_from_cwd = 'root' not in given    # --root defaulted to the current directory
         self.add_action('upgrade', daemon.upgrade_action)
+        for action, answer in (('status', self.status_elsewhere), ('stop', self.stop_elsewhere)):
+            self.add_action(action, about_the_port(self.actions[action], answer))
+        self.add_action('restart', restart_action(self.actions['restart']))
 
     # -- setup, as root, before ready --
 
@@ -4003,6 +4026,8 @@ class Agent(Daemon):
     def set_up(self):
         config = self.config
         set_process_title('agent: master', self.title_args())
+        self.choose_user()
+        self.check_default_root()
         if not os.path.isdir(config.root):
             raise DaemonError('root directory %s %s' % (config.root, 'is not a directory' if
                               os.path.exists(config.root) else 'does not exist'))
@@ -4045,6 +4070,29 @@ class Agent(Daemon):
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.loads = LoadShare.memory()     # shared with the workers: LoadShare
         self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def check_default_root(self):
+        """A --root that defaulted to the current directory may not be a system directory
+        (system_directory()): in the launcher (on_launch) before its other checks, so that
+        this is what `start` says, and in setup() for `run`."""
+        root = self.config.root
+        why = system_directory(root) if self.root_from_cwd else ''
+        if why:
+            raise DaemonError('the current directory %s is %s, not served without --root: give the '
+                              'directory of the images with --root (--root %s to serve this one)'
+                              % (root, why, root))
+
+    def choose_user(self):
+        """Started as root without --user, the agent drops to default_account() after binding,
+        as nginx and lighttpd drop their workers to www-data: workers that run as root serve
+        whatever root may read, /etc/shadow included, under a --root that defaulted to the
+        current directory.  Here, in the daemon, so that the options recorded for `restart`
+        carry the user, and a restart by root of an agent started before this default finds
+        the same rule.  --user root keeps root, with a warning (logged by run())."""
+        config = self.config
+        if config.user is None and os.geteuid() == 0:
+            config.user = self.user = default_account()
+            self.default_user = True
 
     def note_own_files(self):
         """Everything this agent writes joins own_files; say so once if it is in --root."""
@@ -4101,8 +4149,13 @@ class Agent(Daemon):
     def run(self):
         config = self.config
         if not os.access(config.root, os.R_OK | os.X_OK):
-            raise DaemonError('root directory %s is not readable by %s'
+            raise DaemonError('root directory %s is not readable by %s: make it (and each directory '
+                              'above it) readable by that user, or give --user'
                               % (config.root, daemon.current_user()))
+        self.check_reopenable_logs()
+        if os.geteuid() == 0:
+            log('agent: warning: --user root: the workers run as root, and may read every file root '
+                'can (/etc/shadow included) if a path under --root leads there', priority=LOG_WARNING)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.signal_fd, selectors.EVENT_READ)
         self.selector.register(self.boot_r, selectors.EVENT_READ)
@@ -4148,14 +4201,43 @@ class Agent(Daemon):
         self.shutdown()
         return 1 if self.halted() else 0
 
+    def check_reopenable_logs(self):
+        """After a privilege drop: warn of a log that this user could not open again after a
+        rotation (USR1 reopens each by name, in every process).  The open files stay writable;
+        a rotation's new file must be made by this user (its directory writable: /var/log/agent
+        of contrib/) or for it (logrotate's `create`), else it is 'cannot reopen' and the old,
+        renamed file goes on growing.  A warning, not an error: a rotation may do just that."""
+        if self.user is None and self.group is None:
+            return                          # no drop (systemd's User=, an ordinary user)
+        paths = ([self.config.log] if self.detached else []) + \
+            ([self.config.access_log] if self.access_fd is not None else [])
+        for path in paths:
+            if not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+                log('agent: warning: %s cannot make the log %s again after a rotation: its '
+                    'directory is not writable by that user, so a USR1 reopens it only if the '
+                    'rotation creates it for that user first (logrotate\'s create)'
+                    % (daemon.current_user(), path), priority=LOG_WARNING)
+            elif not os.access(path, os.W_OK):      # `run` hands no log to the user
+                log('agent: warning: %s cannot open the log %s again (USR1): the file is not '
+                    'writable by that user' % (daemon.current_user(), path), priority=LOG_WARNING)
+
     def start_line(self):
         """The one line `start` prints: URLs, root, pid, logs, pidfile."""
         config = self.config
         logs = [config.log if self.detached else 'stderr']
         if self.access_fd is not None:
             logs.append('access log %s' % config.access_log)
-        return 'agent serving %s at %s, pid %d; log %s; pidfile %s' % (
-            config.root, ', '.join(urls(self.listeners, self.tls is not None, self.redirects)), os.getpid(), ', '.join(logs), self.pidfile_path)
+        return 'agent serving %s at %s, pid %d; log %s; pidfile %s%s' % (
+            config.root, ', '.join(urls(self.listeners, self.tls is not None, self.redirects)), os.getpid(),
+            ', '.join(logs), self.pidfile_path, self.identity())
+
+    def identity(self):
+        """What the start line says of the workers' user: only where root started the agent."""
+        if self.default_user:
+            return '; workers run as %s (started as root without --user)' % self.user
+        if os.geteuid() == 0:
+            return '; workers run as root (--user root)'
+        return ''
 
     def address(self):
         names = []
@@ -4496,7 +4578,9 @@ class Agent(Daemon):
 
     def on_launch(self):
         """Before a start: fail early, in the launcher, on a port this user may not bind or an
-        access log it may not write (exit 4, as for the pidfile and --log)."""
+        access log it may not write (exit 4, as for the pidfile and --log); first, on a system
+        directory as the default root."""
+        self.check_default_root()
         check_port_permission(self.config.port)
         if self.config.access_log != 'off':
             daemon.check_writable('access log', self.config.access_log)
@@ -4517,6 +4601,25 @@ class Agent(Daemon):
             if changes:
                 self.say('agent: restart changes %s' % changes)
 
+    def on_restart_stopped(self, state, pid):
+        """Before a restart when no agent runs on the pidfile (state, pid: its probe()).
+
+        A dead agent's pidfile and options file remain (a crash, a SIGKILL: see
+        daemon.PidFile): its options are taken as on_restart() takes a running one's.  After a
+        clean stop nothing is left, on purpose (a stop leaves nothing behind, and an agent
+        stopped weeks ago should not come back with its options by surprise); /run, where
+        root's pidfiles are, is emptied at boot anyway.  Then this is a start, with its rules:
+        no system directory as the default root, no root workers by default."""
+        old = read_options(options_path(self.pidfile_path), pid) if state == 'stale' and pid else None
+        if old is None:
+            self.say('agent: nothing was running on pidfile %s; starting with this command line'
+                     % self.pidfile_path)
+            return
+        self.keep_options(old)
+        changes = describe_changes(old, option_argv(self.config, every=True))
+        self.say('agent: nothing was running on pidfile %s (pid %d had ended); starting with its '
+                 'options%s' % (self.pidfile_path, pid, ', changing %s' % changes if changes else ''))
+
     def keep_options(self, argv):
         """Take the options this command line does not give from a recorded option_argv()."""
         config = self.config
@@ -4527,7 +4630,62 @@ class Agent(Daemon):
         self.stdout = self.stderr = config.log
         self.stop_timeout = config.stop_timeout
         self.user, self.group = config.user, config.group
+        self.root_from_cwd = False          # the recorded --root, absolute: chosen before
 
+    def agent_elsewhere(self):
+        """The PortHolder of --port when this pidfile names no running agent but something
+        else holds the port (another user's agent: its pidfile is not this user's default);
+        None when the port is not what was asked about (--port 0, or a --pidfile given without
+        --port), or nothing but a program that is no agent holds it."""
+        config = self.config
+        if config.port == 0 or 'pidfile' in self.given and 'port' not in self.given:
+            return None
+        try:
+            if self.probe()[0] == 'running':
+                return None
+        except DaemonError:
+            return None                     # the action itself says why the pidfile is unreadable
+        holder = find_port_holder(config.port)
+        return holder if holder is not None and (holder.agent or holder.pid is None) else None
+
+    def status_elsewhere(self, holder):
+        """status about another pidfile's agent on the port: 0 when its pidfile confirms it,
+        4 (unknown) when it cannot be read; never 3 (not running) while it serves."""
+        port, mine = self.config.port, self.pidfile_path
+        if holder.pid is None:
+            self.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
+                     '%s may not look into (another user\'s; an agent?)' % (mine, port, daemon.current_user()), error=True)
+            return daemon.STATUS_UNKNOWN
+        who = 'agent pid %d (user %s)' % (holder.pid, holder.user())
+        if holder.pidfile is None:
+            self.say('agent: port %d is served by %s, whose pidfile %s cannot find (not %s)'
+                     % (port, who, daemon.current_user(), mine), error=True)
+            return daemon.STATUS_UNKNOWN
+        if read_pid(holder.pidfile) != holder.pid:
+            self.say('agent: port %d is served by %s, pidfile %s, which %s cannot read (not %s)'
+                     % (port, who, holder.pidfile, daemon.current_user(), mine), error=True)
+            return daemon.STATUS_UNKNOWN
+        self.say('agent is running on port %d: %s, pidfile %s (not %s)' % (port, who, holder.pidfile, mine))
+        return daemon.STATUS_RUNNING
+
+    def stop_elsewhere(self, holder):
+        """stop about another pidfile's agent on the port: nothing is stopped (that agent was
+        not named), exit 1 with the command that would stop it."""
+        port, mine = self.config.port, self.pidfile_path
+        if holder.pid is None:
+            self.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
+                     '%s may not look into (another user\'s); nothing stopped'
+                     % (mine, port, daemon.current_user()), error=True)
+        elif holder.pidfile is None:
+            self.say('agent: port %d is served by agent pid %d (user %s), not the agent of pidfile '
+                     '%s; nothing stopped (its pidfile is not known: give it with --pidfile)'
+                     % (port, holder.pid, holder.user(), mine), error=True)
+        else:
+            self.say('agent: port %d is served by agent pid %d (user %s), pidfile %s, not the '
+                     'agent of pidfile %s; nothing stopped; stop it with: %s'
+                     % (port, holder.pid, holder.user(), holder.pidfile, mine, holder.stop_command()),
+                     error=True)
+        return daemon.EXIT_FAILURE
 
     def on_reopen_logs(self):
         self.reopen_worker_logs()
@@ -4572,6 +4730,35 @@ class Agent(Daemon):
             for pid, status in reap_children(block=True):
                 self.forget_worker(pid)
         log('agent: stopped (%d worker(s) respawned while it ran)' % self.respawns)
+
+
+def about_the_port(action, elsewhere):
+    """An action (status, stop) that first looks at who serves --port: elsewhere(holder)
+    answers when another pidfile's agent does (Agent.agent_elsewhere())."""
+    def checked(agent):
+        holder = agent.agent_elsewhere()
+        return action(agent) if holder is None else elsewhere(holder)
+    return checked
+
+
+def restart_action(restart):
+    """restart, with Agent.on_restart_stopped() first when no agent runs on the pidfile (the
+    on_restart() hook of daemon.py is only for a running one)."""
+    def checked(agent):
+        state, pid = agent.probe()
+        if state != 'running':
+            agent.on_restart_stopped(state, pid)
+        return restart(agent)
+    return checked
+
+
+def read_pid(path):
+    """The pid a pidfile holds, or None (unreadable, empty, not a number)."""
+    try:
+        with open(path) as f:
+            return daemon.parse_pid(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def accept_connection(listener, family):
@@ -4661,30 +4848,51 @@ def set_process_title(comm, args=''):
     """Show this process as comm (ps -e, top; 15 bytes at most) and "comm args" (ps -f).
 
     Without it the master and its workers all look like the command that started them, such as
-    `python3 agent.py restart`, long after that restart is over.  /proc/self/comm takes the
-    short name.  The command line that ps shows is the memory that held argv at exec
-    (arg_start..arg_end in /proc/self/stat): it is overwritten in place through /proc/self/mem,
-    what nginx and PostgreSQL do to argv in C.  Python copied argv at startup and never reads
-    that memory again.  The title is cut to the length of the original command line, and the
-    rest is filled with NULs.  It is cosmetic: any failure leaves the old name.
+    `python3 agent.py restart`, long after that restart is over.  The short name is set with
+    prctl(PR_SET_NAME).  The command line that ps shows is the memory that held argv at exec
+    (arg_start..arg_end in /proc/self/stat): it is overwritten in place, what nginx and
+    PostgreSQL do to argv in C.  Python copied argv at startup and never reads that memory
+    again.  Both work in a process that has dropped privileges: after setuid() the kernel makes
+    it non-dumpable, and its /proc/self/comm and /proc/self/mem then belong to root (writing
+    them failed, so workers forked after the drop were all shown as "agent: master").  The
+    title is cut to the length of the original command line, and the rest is filled with NULs.
+    It is cosmetic: any failure leaves the old name.
     """
     try:
-        with open('/proc/self/comm', 'w') as f:
-            f.write(comm[:15])
-    except OSError:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(comm.encode('utf-8', 'replace')[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
         pass
     try:
-        with open('/proc/self/stat', 'rb') as f:
-            fields = f.read().rsplit(b')', 1)[1].split()
-        start, end = int(fields[45]), int(fields[46])      # fields 48 and 49 of proc(5)
-        if not 0 < start < end or end - start > 1 << 20:
+        start, end = argument_area()
+        if not writable_mapping(start, end):
             return
         title = (comm + (' ' + args if args else '')).encode('utf-8', 'replace')[:end - start - 1]
-        with open('/proc/self/mem', 'r+b', buffering=0) as mem:
-            mem.seek(start)
-            mem.write(title + b'\0' * (end - start - len(title)))
-    except (OSError, ValueError, IndexError, OverflowError):
+        ctypes.memmove(start, title + b'\0' * (end - start - len(title)), end - start)
+    except (OSError, ValueError, IndexError, OverflowError, ctypes.ArgumentError):
         pass
+
+
+def argument_area():
+    """(arg_start, arg_end) of this process: fields 48 and 49 of /proc/self/stat (proc(5))."""
+    with open('/proc/self/stat', 'rb') as f:
+        fields = f.read().rsplit(b')', 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])
+    if not 0 < start < end or end - start > 1 << 20:
+        raise ValueError('no argument area')
+    return start, end
+
+
+def writable_mapping(start, end):
+    """Whether [start, end) lies in one writable mapping of this process (/proc/self/maps): the
+    check that keeps a wrong address from becoming a segmentation fault in memmove()."""
+    with open('/proc/self/maps') as f:
+        for line in f:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split('-'))
+            if low <= start and end <= high:
+                return fields[1].startswith('rw')
+    return False
 
 
 def urls(listeners, tls=False, redirects=()):
@@ -4721,18 +4929,52 @@ def private_directory(path, create):
     daemon.private_directory(path, create, remedy='remove it, or give --pidfile')
 
 
+def system_directory(path):
+    """Why path is no root to serve by default: 'a system directory', 'a home directory', or
+    '' if it may be.  `cd / && agent.py start` must not serve /etc/shadow: / and the system's
+    directories (their subtrees where every file is the system's: /etc, /root, /boot, /proc,
+    /sys, /dev), /home and each home directory itself (~/.ssh, ~/.gnupg); a folder of photos
+    below /var or a home is fine.  Naming one with --root is a choice, never refused."""
+    real = os.path.realpath(path)
+    if real in SYSTEM_DIRECTORIES or any(inside(real, tree) for tree in SYSTEM_TREES):
+        return 'a system directory'
+    if real in {os.path.realpath(entry.pw_dir) for entry in pwd.getpwall() if entry.pw_dir}:
+        return 'a home directory'
+    return ''
+
+
+def default_account():
+    """The user an agent started as root without --user runs as: 'agent' where it exists (the
+    system user of contrib/agent.service and agent.init), else 'nobody' (with its own primary
+    group: nogroup on Debian)."""
+    for name in DEFAULT_USERS:
+        try:
+            return pwd.getpwnam(name).pw_name
+        except KeyError:
+            continue
+    raise DaemonError('started as root without --user, and there is no user %s to run as: give '
+                      '--user (--user root to run as root)' % ' nor '.join(DEFAULT_USERS))
+
+
 def options_path(pidfile):
     """The file beside the pidfile in which the master records its options."""
     return pidfile + '.options'
 
 
 def read_options(path, pid):
-    """The argv recorded in an options file, if it was written by pid; else None."""
+    """The argv recorded in an options file, if it was written by pid; else None.  Only a
+    regular file of this user or root that no one else may write: restart takes --root and
+    --user from it."""
     try:
-        with open(path) as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd) as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+                return None
             recorded = json.load(f)
-        if recorded.get('pid') == pid and isinstance(recorded.get('argv'), list):
-            return recorded['argv']
+        argv = recorded.get('argv')
+        if recorded.get('pid') == pid and isinstance(argv, list) and all(isinstance(arg, str) for arg in argv):
+            return argv
     except (OSError, ValueError, AttributeError):
         pass
     return None
@@ -4792,11 +5034,79 @@ def check_port_permission(port):
 
 
 def port_holder(port):
-    """Who listens on a TCP port, for the message of a failed bind: '' if nobody visible.
+    """Who listens on a TCP port, for the message of a failed bind: '' if nobody visible."""
+    holder = find_port_holder(port)
+    return '' if holder is None else holder.describe()
+
+
+class PortHolder:
+    """Who listens on a TCP port, as far as this user can see: find_port_holder().
+
+    pid: the master of the processes that hold the socket, or the pid that locks an agent's
+    pidfile named after the port (when their /proc/PID/fd is closed to this user), or None:
+    nobody visible.  pidfile: that agent's pidfile, if found.
+    """
+
+    def __init__(self, pid=None, pidfile=None):
+        self.pid, self.pidfile = pid, pidfile
+        self.uid, self.command, self.agent = None, '', False
+        if pid is not None:
+            self.read_process()
+
+    def read_process(self):
+        try:
+            self.uid = int(proc_field(self.pid, 'Uid').split()[0])
+            with open('/proc/%d/cmdline' % self.pid, 'rb') as f:
+                self.command = f.read().replace(b'\0', b' ').decode('utf-8', 'replace').strip()
+            with open('/proc/%d/comm' % self.pid) as f:
+                comm = f.read().strip()
+        except (OSError, ValueError, IndexError):
+            return
+        self.agent = comm.startswith('agent:') or 'agent.py' in self.command
+
+    def user(self):
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except (KeyError, TypeError):
+            return 'uid %s' % self.uid
+
+    def stop_command(self):
+        return '%s %s --pidfile %s stop' % (os.path.basename(sys.executable), SCRIPT, self.pidfile)
+
+    def describe(self):
+        """'by agent pid N, pidfile F; stop it with: ...', 'by pid N (its command line)'..."""
+        if self.pid is None:
+            return 'by a process of another user'
+        if self.agent and self.pidfile:
+            return 'by agent pid %d, pidfile %s; stop it with: %s' % (self.pid, self.pidfile, self.stop_command())
+        if self.agent:
+            return 'by agent pid %d' % self.pid
+        return 'by pid %d (%s)' % (self.pid, self.command[:80]) if self.command else 'by pid %d' % self.pid
+
+
+def find_port_holder(port):
+    """The PortHolder of a TCP port, or None if nothing listens on it.
 
     The listening sockets' inodes come from /proc/net/tcp and tcp6, their processes from
-    /proc/PID/fd; of those, the one whose parent is not among them (an agent's master).
+    /proc/PID/fd (all of them for root; an ordinary user sees only its own, and not even those
+    of its own uid once they dropped privileges from root: non-dumpable), and an agent's
+    pidfile from the files its master locks, or else from the default pidfiles of that port
+    (default_pidfile(), for every user) and /proc/locks, which anyone may read.
     """
+    inodes = listening_inodes(port)
+    if not inodes:
+        return None
+    holders = socket_holders(inodes)
+    pid = topmost(holders) if holders else None
+    pidfile = locked_file_of(pid) if pid is not None else None
+    if pidfile is None:
+        pidfile, locker = default_pidfile_locked(port, pid)
+        pid = locker if pid is None else pid
+    return PortHolder(pid, pidfile)
+
+
+def listening_inodes(port):
+    """'socket:[INODE]' of each TCP socket listening on port, from /proc/net/tcp and tcp6."""
     inodes = set()
     for table in ('/proc/net/tcp', '/proc/net/tcp6'):
         try:
@@ -4804,53 +5114,59 @@ def port_holder(port):
                 rows = f.read().splitlines()[1:]
         except OSError:
             continue
-        for row in rows:
-            fields = row.split()
+        for fields in (row.split() for row in rows):
             # "sl local_address rem_address st ... inode": st 0A is LISTEN
             if len(fields) > 9 and fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
                 inodes.add('socket:[%s]' % fields[9])
-    if not inodes:
-        return ''
+    return inodes
+
+
+def socket_holders(inodes):
+    """The pids that have one of these sockets open, of those this user may look into."""
     holders = []
     for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
+        if name.isdigit() and any(path in inodes for path, _ in daemon.open_files(int(name))):
+            holders.append(int(name))
+    return holders
+
+
+def topmost(pids):
+    """Of these pids, the lowest whose parent is not among them: the master of its workers."""
+    tops = [pid for pid in pids if parent_pid(pid) not in pids]
+    return min(tops or pids)
+
+
+def parent_pid(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def proc_field(pid, name):
+    """The value of a line of /proc/PID/status ('Uid', 'PPid'...), which anyone may read."""
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith(name + ':'):
+                return line.split(':', 1)[1].strip()
+    raise ValueError('no %s in /proc/%d/status' % (name, pid))
+
+
+def default_pidfile_locked(port, pid=None):
+    """(path, locker) of a default pidfile of this port that is locked (by pid, if given),
+    whoever's it is: /run/agent-PORT.pid, $XDG_RUNTIME_DIR's, /tmp/agent-UID's; (None, None)."""
+    name = 'agent-%d.pid' % port
+    candidates = [os.path.join('/run', name)] + sorted(glob.glob(os.path.join('/run/user/*', name))) + \
+        sorted(glob.glob(os.path.join('/tmp/agent-*', name)))
+    for path in candidates:
         try:
-            fds = os.listdir('/proc/%s/fd' % name)
+            lockers = daemon.flock_holders(os.stat(path)) or []
         except OSError:
             continue
-        for fd in fds:
-            try:
-                if os.readlink('/proc/%s/fd/%s' % (name, fd)) in inodes:
-                    holders.append(int(name))
-                    break
-            except OSError:
-                continue
-    if not holders:
-        return 'by a process of another user'
-    parents = {}
-    for pid in holders:
-        try:
-            with open('/proc/%d/stat' % pid) as f:
-                parents[pid] = int(f.read().rsplit(')', 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            parents[pid] = 0
-    pid = min(p for p in holders if parents[p] not in holders) if any(
-        parents[p] not in holders for p in holders) else min(holders)
-    try:
-        with open('/proc/%d/cmdline' % pid, 'rb') as f:
-            cmdline = f.read().replace(b'\0', b' ').decode('utf-8', 'replace').strip()
-        with open('/proc/%d/comm' % pid) as f:
-            comm = f.read().strip()
-    except OSError:
-        return 'by pid %d' % pid
-    if comm.startswith('agent:') or 'agent.py' in cmdline:
-        pidfile = locked_file_of(pid)
-        if pidfile:
-            return 'by agent pid %d, pidfile %s; stop it with: %s %s --pidfile %s stop' % (
-                pid, pidfile, os.path.basename(sys.executable), SCRIPT, pidfile)
-        return 'by agent pid %d' % pid
-    return 'by pid %d (%s)' % (pid, cmdline[:80] or comm)
+        if lockers and (pid is None or pid in lockers):
+            return path, lockers[0]
+    return None, None
 
 
 def locked_file_of(pid):
@@ -5121,7 +5437,8 @@ def parser():
     serving.add_argument('--workers', type=worker_count, default=min(os.cpu_count() or 1, MAX_WORKERS),
                          metavar='N', help='worker processes, 1-%d (default: %d, the number of CPUs)'
                          % (MAX_WORKERS, min(os.cpu_count() or 1, MAX_WORKERS)))
-    files.add_argument('--user', help='drop privileges to this user after binding (as root)')
+    files.add_argument('--user', help='drop privileges to this user after binding (as root; '
+                       "default: 'agent' if it exists, else 'nobody'; --user root keeps root)")
     files.add_argument('--group', help="drop privileges to this group (default: the user's)")
     limits.add_argument('--stop-timeout', type=seconds, default=10.0, metavar='SECONDS',
                         help='how long a stop waits for in-flight responses before SIGKILL '
@@ -5233,6 +5550,10 @@ FROM_CODE = ("import json, os, sys, types; image = json.loads(sys.argv[1]); del 
              "    exec(compile(os.pread(fd, os.fstat(fd).st_size, 0), path, 'exec'), module.__dict__)\n"
              "import agent; agent.SCRIPT = sys.argv[0]; sys.exit(agent.main())")
 SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
+DEFAULT_USERS = ('agent', 'nobody')     # default_account()
+SYSTEM_DIRECTORIES = ('/', '/usr', '/var', '/run', '/home', '/usr/local', '/opt', '/srv', '/tmp')
+SYSTEM_TREES = ('/etc', '/root', '/boot', '/proc', '/sys', '/dev')       # system_directory()
+PR_SET_NAME = 15                        # prctl(2): the name of this thread, /proc/self/comm
 # The options that name files: made absolute before anything changes directory.
 PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key')
 

@@ -519,7 +519,10 @@ class AgentServer(Server):
                 "--pidfile", self.pidfile, "--log", self.logfile,
                 "--access-log", self.accesslog] + (
                     ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
-                    if self.tls else []) + [action]
+                    if self.tls else []) + (
+                    # As root, the workers as root, as nginx's "user root;" above: the tree
+                    # is in mkdtemp's 0700 directory, which the default user may not read.
+                    ["--user", "root"] if os.geteuid() == 0 else []) + [action]
 
     @staticmethod
     def env():

@@ -141,6 +141,11 @@ class AgentProcess:
                         '--access-log', self.access_log, '--workers', str(workers)]
         if stop_timeout is not None:
             self.options += ['--stop-timeout', str(stop_timeout)]
+        if os.geteuid() == 0 and '--user' not in options:
+            # As root the agent would drop to 'agent' or 'nobody', who may not read this 0700
+            # directory (mkdtemp's), nor run an interpreter under /root (pyenv's) for an upgrade:
+            # these runs are about serving, not identity, so they keep root, said explicitly.
+            self.options += ['--user', 'root']
         self.options += list(options)
         self.port = None
         self.master_pid = None
