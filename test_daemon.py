@@ -7340,6 +7340,42 @@ def tls_client_hello():
     return outgoing.read()
 
 
+class TLSFixtureTests(unittest.TestCase):
+    """The test CA and its leaves pass VERIFY_X509_STRICT, which create_default_context() sets
+    from Python 3.13 on (RFC 5280 profile: a CA has basicConstraints and keyUsage, a leaf an
+    authorityKeyIdentifier): without them every TLS test failed on 3.13 and 3.14 alone."""
+
+    def test_strict_verification_accepts_the_test_certificates(self):
+        tls_tool(self, 'openssl')
+        directory = tempfile.mkdtemp(prefix='agent-tls-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', directory])
+        ca = tls_make_ca(directory)
+        cert, key = os.path.join(directory, 'leaf.crt'), os.path.join(directory, 'leaf.key')
+        tls_make_leaf(directory, ca, 5, cert, key)
+        client = tls_client_context(ca[0])
+        client.verify_flags |= ssl.VERIFY_X509_STRICT       # 3.13's default, set on any version
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        # A handshake in memory, the two ends passing their bytes by hand until both are done.
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        ends = [client.wrap_bio(c_in, c_out, server_hostname='localhost'),
+                server.wrap_bio(s_in, s_out, server_side=True)]
+        done = [False, False]
+        for _ in range(10):
+            for i, end in enumerate(ends):
+                try:
+                    end.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+            if all(done):
+                break
+        self.assertEqual(done, [True, True])
+        self.assertEqual(ends[0].getpeercert()['serialNumber'], '05')
+
+
 class TLSConn(RawConn):
     """RawConn over TLS, verified against the test CA."""
 
