@@ -7300,10 +7300,20 @@ def tls_tool(testcase, name):
 
 
 def tls_make_ca(directory):
-    """A throwaway CA in directory: (ca.crt, ca.key)."""
+    """A throwaway CA in directory: (ca.crt, ca.key).  Its extensions are the ones RFC 5280
+    asks of a CA, which VERIFY_X509_STRICT (Python 3.13's default) enforces: basicConstraints
+    and keyUsage, both critical, and a subjectKeyIdentifier for its leaves to point at.  Named
+    in a config section of their own, so no openssl.cnf (OpenSSL 1.1.1 or 3.x) adds a second
+    copy of one."""
     cert, key = os.path.join(directory, 'ca.crt'), os.path.join(directory, 'ca.key')
-    run(['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
-         '-keyout', key, '-out', cert, '-subj', '/CN=agent test CA', '-days', '2'], check=True)
+    config = os.path.join(directory, 'ca.cnf')
+    with open(config, 'w') as f:
+        f.write('[req]\ndistinguished_name = dn\nx509_extensions = ca\nprompt = no\n'
+                '[dn]\nCN = agent test CA\n'
+                '[ca]\nbasicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign, cRLSign\n'
+                'subjectKeyIdentifier = hash\n')
+    run(['openssl', 'req', '-x509', '-config', config, '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256',
+         '-nodes', '-keyout', key, '-out', cert, '-days', '2'], check=True)
     return cert, key
 
 
@@ -7315,7 +7325,11 @@ def tls_make_leaf(directory, ca, serial, cert_path, key_path):
     run(['openssl', 'req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
          '-keyout', tmp_key, '-out', csr, '-subj', '/CN=localhost'], check=True)
     with open(ext, 'w') as f:
-        f.write('subjectAltName=DNS:localhost,IP:127.0.0.1\n')
+        # What a server certificate has under RFC 5280 (VERIFY_X509_STRICT wants the key
+        # identifier of its CA; OpenSSL 1.1.1's x509 -req adds none by itself).
+        f.write('subjectAltName = DNS:localhost, IP:127.0.0.1\nbasicConstraints = CA:FALSE\n'
+                'keyUsage = critical, digitalSignature\nextendedKeyUsage = serverAuth\n'
+                'subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n')
     run(['openssl', 'x509', '-req', '-in', csr, '-CA', ca_cert, '-CAkey', ca_key, '-set_serial',
          str(serial), '-days', '2', '-extfile', ext, '-out', tmp_cert], check=True)
     os.chmod(tmp_key, 0o600)
