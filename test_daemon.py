@@ -1866,6 +1866,27 @@ class HookErrorTests(TempDirTest):
         self.assertIn('ValueError', slurp(paths['h.log']))     # the traceback, for the author
         self.assertEqual(action('stop').returncode, 0)
 
+    def test_a_traceback_that_cannot_be_formatted_loses_no_report(self):
+        """Formatting a traceback reads source lines, and can fail: Python 3.13's linecache
+        imports tokenize for the first one, which raises EMFILE when no descriptor is left (a
+        worker that could not start for want of one died without a word, 'exit status 3', its
+        boot report lost).  linecache fails here as it does there, on any version."""
+        def hook():
+            raise ValueError('bad config line 3')
+
+        def getline(*args, **kwargs):
+            raise OSError(errno.EMFILE, 'Too many open files')
+
+        d = daemon.Daemon(os.path.join(self.tmp, 'd.pid'))
+        with mock.patch('linecache.getline', getline), mock.patch('sys.stderr', io.StringIO()) as err:
+            error = d._call_hook('reload', hook)
+        self.assertEqual(error, 'ValueError: bad config line 3')
+        logged = err.getvalue()
+        self.assertIn('reload failed:', logged)
+        self.assertIn('in hook', logged)                # the frames, without their source lines
+        self.assertIn('ValueError: bad config line 3', logged)
+        self.assertIn('Too many open files', logged)    # and why there is no source
+
 
 class AgentCommandLineTests(unittest.TestCase):
     def test_defaults_match_the_original(self):
