@@ -153,7 +153,6 @@ import struct
 import sys
 import textwrap
 import time
-import traceback
 import urllib.parse
 import zlib
 
@@ -2157,9 +2156,9 @@ class Connection:
                 self.receive()
             elif self.state == LINGERING:
                 self.linger()
-        except Exception:
+        except Exception as exc:
             log('worker: unexpected error on a connection from %s:\n%s'
-                % (self.peer, traceback.format_exc().rstrip()), priority=LOG_ERR)
+                % (self.peer, daemon.format_traceback(exc)), priority=LOG_ERR)
             self.close()
 
     # -- READING --
@@ -2206,8 +2205,8 @@ class Connection:
             except HTTPError as exc:
                 self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD',
                                    body=None if self.redirect else worker.responder.error_body(req, exc.status))
-            except Exception:
-                log('worker: error answering %r:\n%s' % (req.line, traceback.format_exc().rstrip()), priority=LOG_ERR)
+            except Exception as exc:
+                log('worker: error answering %r:\n%s' % (req.line, daemon.format_traceback(exc)), priority=LOG_ERR)
                 self.respond_error(500, close=True, head_only=req.method == b'HEAD',
                                    body=worker.responder.error_body(req, 500))
 
@@ -2425,9 +2424,9 @@ class TLSConnection(Connection):
             return Connection.on_event(self, mask)
         try:
             self.handshake()
-        except Exception:
+        except Exception as exc:
             log('worker: unexpected error in a TLS handshake with %s:\n%s'
-                % (self.peer, traceback.format_exc().rstrip()), priority=LOG_ERR)
+                % (self.peer, daemon.format_traceback(exc)), priority=LOG_ERR)
             self.close()
 
     def handshake(self):
@@ -3689,7 +3688,7 @@ class Agent(Daemon):
             worker.serve()
             status = 0
         except BaseException as exc:
-            log('worker: %s\n%s' % (daemon.describe(exc), traceback.format_exc().rstrip()), priority=LOG_ERR)
+            log('worker: %s\n%s' % (daemon.describe(exc), daemon.format_traceback(exc)), priority=LOG_ERR)
             if status == WORKER_BOOT_ERROR:
                 try:
                     os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))
