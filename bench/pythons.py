@@ -4,6 +4,7 @@
     python3 bench/pythons.py             # or: make pythons   (root; a few minutes a tree, and
                                          #  once about a minute more a tree to build it)
     python3 bench/pythons.py 3.9 host    # only these (a version, a suite name, or host)
+    python3 bench/pythons.py -W error    # PYTHONWARNINGS=error for the suite and its agents
 
 The card promises Python 3.9+, and what an interpreter does differs in ways no syntax check sees
 (3.13's ssl verifies certificates strictly, 3.9 has no sys.orig_argv).  Each version is the
@@ -146,12 +147,12 @@ def leftovers(root):
     return pids
 
 
-def run_suite(command, label):
+def run_suite(command, label, env=None):
     """Run command, its output through to ours; (closing line or None, return code).  Killed
     (its process group) if it has not ended after SUITE_TIMEOUT."""
     say('%s: %s' % (label, ' '.join(command[-3:])))
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors='replace', start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, errors='replace', start_new_session=True, env=env)
     timer = threading.Timer(SUITE_TIMEOUT, os.killpg, (proc.pid, signal.SIGKILL))
     timer.start()
     tail = []
@@ -175,7 +176,7 @@ def python_version(prefix):
     return result.stdout.strip() or '(no python3: %s)' % result.stderr.strip()[-200:]
 
 
-def in_tree(cache, suite, mirror):
+def in_tree(cache, suite, mirror, warnings=None):
     """Build the tree if need be, run the suite in it: (interpreter label, closing line, code)."""
     tree = os.path.join(cache, suite)
     build_tree(tree, suite, mirror)
@@ -189,8 +190,9 @@ def in_tree(cache, suite, mirror):
                   'mount -t proc proc "$t/proc"; mount -t sysfs sysfs "$t/sys"\n'
                   'mount --rbind /dev "$t/dev"; mount -t tmpfs -o mode=1777 tmpfs "$t/tmp"\n'
                   'mkdir "$t/tmp/agent"; mount --bind "$s/agent" "$t/tmp/agent"\n'
-                  'exec chroot "$t" env -i PATH=%s HOME=/root LANG=C.UTF-8 TMPDIR=/tmp '
-                  'sh -c "cd /tmp/agent && exec python3 test_daemon.py"\n' % PATH)
+                  'exec chroot "$t" env -i PATH=%s HOME=/root LANG=C.UTF-8 TMPDIR=/tmp %s'
+                  'sh -c "cd /tmp/agent && exec python3 test_daemon.py"\n'
+                  % (PATH, 'PYTHONWARNINGS=%s ' % warnings if warnings else ''))
         line, code = run_suite(['unshare', '--mount', '--propagation', 'private', 'sh', '-c', script,
                                 'pythons', tree, staging], label)
         stray = leftovers(os.path.realpath(tree))
@@ -207,9 +209,10 @@ def in_tree(cache, suite, mirror):
         subprocess.run(['rm', '-rf', staging])
 
 
-def on_host():
+def on_host(warnings=None):
+    env = dict(os.environ, PYTHONWARNINGS=warnings) if warnings else None
     label = 'python %s (this machine)' % '.'.join(map(str, sys.version_info[:3]))
-    line, code = run_suite([sys.executable, os.path.join(PROJECT, 'test_daemon.py')], label)
+    line, code = run_suite([sys.executable, os.path.join(PROJECT, 'test_daemon.py')], label, env)
     return label, line, code
 
 
@@ -218,6 +221,8 @@ def main():
     p.add_argument('which', nargs='*', help='versions or suites to run (3.9, trixie, host...); default all')
     p.add_argument('--cache', default=CACHE, help='where the trees are kept (default: %s)' % CACHE)
     p.add_argument('--mirror', help='the Debian archive for debootstrap (default: from /etc/apt, or %s)' % MIRROR)
+    p.add_argument('-W', metavar='ACTION', help='PYTHONWARNINGS for the suite and every agent it starts '
+                   '(-W error: a warning of 3.12+, a deprecation or a fork with threads, fails its test)')
     args = p.parse_args()
     wanted = set(args.which)
     trees = [(suite, version) for suite, version in TREES if not wanted or wanted & {suite, version}]
@@ -233,11 +238,11 @@ def main():
     mirror = args.mirror or (debian_mirror() if trees else MIRROR)
     for suite, version in trees:
         try:
-            results.append(in_tree(args.cache, suite, mirror))
+            results.append(in_tree(args.cache, suite, mirror, args.W))
         except CannotRun as exc:
             cannot.append('%s (%s): %s' % (version, suite, exc))
     if host:
-        results.append(on_host())
+        results.append(on_host(args.W))
     failed = 0
     for label, line, code in results:
         ok = code == 0 and line is not None and ' 0 failed' in line
