@@ -2489,6 +2489,70 @@ class FromBytecodeTests(unittest.TestCase):
         server.stop()
 
 
+class DeprecatedCallTests(unittest.TestCase):
+    """The product calls nothing that a Python from 3.12 on deprecates: a DeprecationWarning
+    in a daemon's log (or an error under -W error) on Debian 13 or Fedora, and an API gone in a
+    later release.  Read from the source, so that it is checked on every version (3.11 warns
+    of none of these); bench/pythons.py -W error runs the suite under 3.13 and 3.14 for what
+    only running finds."""
+
+    # module.function: why it goes
+    GONE = {
+        'datetime.utcnow': 'deprecated in 3.12: datetime.now(timezone.utc)',
+        'datetime.utcfromtimestamp': 'deprecated in 3.12: fromtimestamp(t, timezone.utc)',
+        'ssl.wrap_socket': 'removed in 3.12: SSLContext.wrap_socket',
+        'ssl.PROTOCOL_TLS': 'deprecated in 3.10: PROTOCOL_TLS_SERVER or _CLIENT',
+        'ssl.PROTOCOL_SSLv23': 'deprecated in 3.10: PROTOCOL_TLS_SERVER or _CLIENT',
+        'ssl.OP_NO_TLSv1': 'deprecated in 3.10: SSLContext.minimum_version',
+        'ssl.OP_NO_TLSv1_1': 'deprecated in 3.10: SSLContext.minimum_version',
+        'locale.getdefaultlocale': 'deprecated in 3.11',
+    }
+    # re's functions whose optional arguments are keyword-only from 3.13 on (positional: a
+    # DeprecationWarning): the number of positional arguments they take.
+    RE_POSITIONAL = {'split': 2, 'sub': 3, 'subn': 3}
+
+    def offences(self, path):
+        import ast
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                name = node.attr
+                owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, 'id', '')
+                why = self.GONE.get('%s.%s' % (owner, name))
+                if why:
+                    found.append('%s:%d: %s.%s (%s)' % (os.path.basename(path), node.lineno, owner, name, why))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in self.RE_POSITIONAL:
+                owner = node.func.value
+                limit = self.RE_POSITIONAL[node.func.attr]
+                if not (isinstance(owner, ast.Name) and owner.id == 're'):
+                    limit -= 1          # a compiled pattern's method: no pattern argument
+                    if not (isinstance(owner, ast.Name) and owner.id.isupper()):
+                        continue        # str.split and the like, not a pattern
+                if len(node.args) > limit:
+                    found.append('%s:%d: %s() with %d positional arguments (keyword-only from 3.13)'
+                                 % (os.path.basename(path), node.lineno, node.func.attr, len(node.args)))
+        return found
+
+    def test_no_call_that_a_later_python_deprecates(self):
+        self.assertEqual(self.offences(AGENT) + self.offences(os.path.join(HERE, 'daemon.py')), [])
+
+    def test_the_check_finds_what_it_looks_for(self):
+        """The check itself, on a sample of each kind of call (a check that finds nothing
+        would pass forever)."""
+        sample = tempfile.NamedTemporaryFile('w', suffix='.py', delete=False)
+        self.addCleanup(os.unlink, sample.name)
+        with sample:
+            sample.write('import re, ssl, datetime\nWORD = re.compile("x")\n'
+                         're.split(rb"[/?]", b"a/b", 1)\nre.sub("a", "b", "aa", 1)\nWORD.sub("b", "x", 1)\n'
+                         'datetime.datetime.utcnow()\nssl.PROTOCOL_TLS\n'
+                         're.split("/", "a/b", maxsplit=1)\n"a b".split(" ", 1)\nWORD.sub("b", "x")\n')
+        found = self.offences(sample.name)
+        self.assertEqual(sorted(int(line.split(':')[1]) for line in found), [3, 4, 5, 6, 7], found)
+
+
 class SupervisionTests(unittest.TestCase):
     def test_killed_worker_is_respawned(self):
         server = AgentServer(self).start()
