@@ -707,7 +707,7 @@ def redirect_location(req, https_port):
         authority = req.headers.get('host', '')
     else:
         rest = target.split(b'//', 1)[-1]
-        authority = re.split(rb'[/?]', rest, 1)[0].decode('latin-1')
+        authority = re.split(rb'[/?]', rest, maxsplit=1)[0].decode('latin-1')
     match = REDIRECT_HOST.match(authority.strip())
     if match is None:
         raise HTTPError(400)
