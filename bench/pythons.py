@@ -150,7 +150,7 @@ def leftovers(root):
 def run_suite(command, label, env=None):
     """Run command, its output through to ours; (closing line or None, return code).  Killed
     (its process group) if it has not ended after SUITE_TIMEOUT."""
-    say('%s: %s' % (label, ' '.join(command[-3:])))
+    say('%s: running the suite' % label)
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors='replace', start_new_session=True, env=env)
     timer = threading.Timer(SUITE_TIMEOUT, os.killpg, (proc.pid, signal.SIGKILL))
@@ -225,6 +225,10 @@ def main():
                    '(-W error: a warning of 3.12+, a deprecation or a fork with threads, fails its test)')
     args = p.parse_args()
     wanted = set(args.which)
+    unknown = wanted - {'host'} - {name for tree in TREES for name in tree}
+    if unknown:
+        p.error('no such Python or suite: %s (these: %s, host)'
+                % (', '.join(sorted(unknown)), ', '.join('%s (%s)' % (v, s) for s, v in TREES)))
     trees = [(suite, version) for suite, version in TREES if not wanted or wanted & {suite, version}]
     host = not wanted or 'host' in wanted
     results, cannot = [], []
@@ -245,7 +249,7 @@ def main():
         results.append(on_host(args.W))
     failed = 0
     for label, line, code in results:
-        ok = code == 0 and line is not None and ' 0 failed' in line
+        ok = code == 0 and line is not None and ', 0 failed,' in line
         failed += not ok
         say('%s: %s%s' % (label, line or 'no closing line', '' if ok else '  <- FAILED (exit %s)' % code))
     for reason in cannot:
