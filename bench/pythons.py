@@ -114,6 +114,7 @@ def build_tree(tree, suite, mirror):
         # A debootstrap older than the release (bookworm's knows no forky): the unstable script
         # fits every release since bullseye.
         command.append('/usr/share/debootstrap/scripts/sid')
+    started = time.monotonic()
     result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
         subprocess.run(['rm', '-rf', partial])
@@ -125,6 +126,7 @@ def build_tree(tree, suite, mirror):
     with open(os.path.join(partial, STAMP), 'w') as f:
         f.write(wanted + '\n')
     os.rename(partial, tree)
+    say('built %s in %.0f s' % (tree, time.monotonic() - started))
     return True
 
 
