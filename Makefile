@@ -3,7 +3,7 @@
 # `bench/X.py` at full size, X-ci runs `bench/X.py --quick` (CI size, a minute or less).
 PYTHON ?= python3
 
-.PHONY: test unit browser smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls systemd
+.PHONY: test unit browser smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls systemd pythons
 
 TEST_TARGETS = compat smoke fuzz-ci slow-ci unit
 
@@ -99,3 +99,10 @@ tls:
 # where this machine cannot run it.
 systemd:
 	$(PYTHON) bench/systemd_test.py
+
+# The unit suite under Python 3.9 (Debian 11), 3.13 (Debian 13), 3.14 (Debian 14, forky) and this
+# machine's python3: debootstrap trees cached in /var/cache/agent-pythons, the suite chrooted in
+# each.  Root only; each closing line printed with its version; exit 77 (with the reason) where
+# this machine cannot build or enter a tree.
+pythons:
+	$(PYTHON) bench/pythons.py

@@ -182,7 +182,6 @@ import struct
 import sys
 import textwrap
 import time
-import traceback
 import unicodedata
 import urllib.parse
 import zlib
@@ -783,7 +782,7 @@ def redirect_location(req, https_port):
         authority = req.headers.get('host', '')
     else:
         rest = target.split(b'//', 1)[-1]
-        authority = re.split(rb'[/?]', rest, 1)[0].decode('latin-1')
+        authority = re.split(rb'[/?]', rest, maxsplit=1)[0].decode('latin-1')
     match = REDIRECT_HOST.match(authority.strip())
     if match is None:
         raise HTTPError(400)
@@ -2505,8 +2504,8 @@ class Connection:
                 self.receive()
             elif self.state == LINGERING:
                 self.linger()
-        except Exception:
-            self.fail()
+        except Exception as exc:
+            self.fail(exc)
 
     def resume(self):
         """Its turn again, from the worker's ready list: the file it was sending, or the
@@ -2518,12 +2517,12 @@ class Connection:
                 self.on_event(selectors.EVENT_WRITE)
             elif self.state == READING and self.inbuf:
                 self.process()
-        except Exception:
-            self.fail()
+        except Exception as exc:
+            self.fail(exc)
 
-    def fail(self):
+    def fail(self, exc):
         log('worker: unexpected error on a connection from %s:\n%s'
-            % (self.peer, traceback.format_exc().rstrip()), priority=LOG_ERR)
+            % (self.peer, daemon.format_traceback(exc)), priority=LOG_ERR)
         self.close()
 
     # -- READING --
@@ -2579,8 +2578,8 @@ class Connection:
             except HTTPError as exc:
                 self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD',
                                    body=None if self.redirect else worker.responder.error_body(req, exc.status))
-            except Exception:
-                log('worker: error answering %r:\n%s' % (req.line, traceback.format_exc().rstrip()), priority=LOG_ERR)
+            except Exception as exc:
+                log('worker: error answering %r:\n%s' % (req.line, daemon.format_traceback(exc)), priority=LOG_ERR)
                 self.respond_error(500, close=True, head_only=req.method == b'HEAD',
                                    body=worker.responder.error_body(req, 500))
 
@@ -2890,9 +2889,9 @@ class TLSConnection(Connection):
             return Connection.on_event(self, mask)
         try:
             self.handshake()
-        except Exception:
+        except Exception as exc:
             log('worker: unexpected error in a TLS handshake with %s:\n%s'
-                % (self.peer, traceback.format_exc().rstrip()), priority=LOG_ERR)
+                % (self.peer, daemon.format_traceback(exc)), priority=LOG_ERR)
             self.close()
 
     def handshake(self):
@@ -4344,7 +4343,7 @@ class Agent(Daemon):
             worker.serve()
             status = 0
         except BaseException as exc:
-            log('worker: %s\n%s' % (daemon.describe(exc), traceback.format_exc().rstrip()), priority=LOG_ERR)
+            log('worker: %s\n%s' % (daemon.describe(exc), daemon.format_traceback(exc)), priority=LOG_ERR)
             if status == WORKER_BOOT_ERROR:
                 try:
                     os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))

@@ -153,7 +153,7 @@ import traceback
 
 __all__ = [
     # the daemon and its command line
-    'Daemon', 'main', 'ACTIONS', 'DaemonError', 'AlreadyRunning', 'describe', 'log',
+    'Daemon', 'main', 'ACTIONS', 'DaemonError', 'AlreadyRunning', 'describe', 'format_traceback', 'log',
     'LOG_ERR', 'LOG_WARNING', 'LOG_INFO', 'current_user', 'monotonic_usec',
     # exit codes: LSB init-script actions, and `status`
     'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
@@ -246,6 +246,21 @@ def describe(exc):
     if isinstance(exc, OSError) and exc.strerror:
         return '%s%s' % (exc.strerror, ': %s' % exc.filename if exc.filename else '')
     return '%s: %s' % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+
+
+def format_traceback(exc):
+    """exc's traceback as text for a log (no final newline).  Formatting reads the source
+    lines, and that can fail on its own: Python 3.13's linecache imports tokenize for the first
+    one, which raises EMFILE when no descriptor is left (a worker that could not start for want
+    of one then died without a word).  A report must never be lost to its traceback: then the
+    frames are listed without their source, with the reason."""
+    try:
+        return ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+    except Exception as error:
+        frames = ['  File "%s", line %d, in %s' % (frame.f_code.co_filename, lineno, frame.f_code.co_name)
+                  for frame, lineno in traceback.walk_tb(exc.__traceback__)]
+        return '\n'.join(['Traceback (most recent call last; no source lines: %s):' % describe(error)]
+                         + frames + ['%s: %s' % (type(exc).__name__, exc) if str(exc) else type(exc).__name__])
 
 
 def current_user():
@@ -564,8 +579,7 @@ class Daemon:
             log('%s: %s failed: %s' % (self.name, what, error), priority=LOG_ERR)
         except Exception as exc:
             error = describe(exc)
-            log('%s: %s failed:\n%s' % (self.name, what, ''.join(traceback.format_exception(
-                type(exc), exc, exc.__traceback__)).rstrip()), priority=LOG_ERR)
+            log('%s: %s failed:\n%s' % (self.name, what, format_traceback(exc)), priority=LOG_ERR)
         return error
 
     def wait(self, timeout=None):
@@ -874,8 +888,7 @@ class Daemon:
         else:
             message = describe(exc)
             if not isinstance(exc, DaemonError):
-                log('startup failed:\n' + ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
-                    priority=LOG_ERR)
+                log('startup failed:\n' + format_traceback(exc), priority=LOG_ERR)
         self._cleanup()
         launcher = self._readiness is not None and self._readiness.w is not None
         if launcher:
@@ -901,8 +914,7 @@ class Daemon:
             self._last_words('%s: %s' % (self.name, exc))
             status, error = EXIT_FAILURE, describe(exc)
         except BaseException as exc:
-            self._last_words('%s: unhandled exception in run(), exiting:\n%s' % (self.name, ''.join(
-                traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()))
+            self._last_words('%s: unhandled exception in run(), exiting:\n%s' % (self.name, format_traceback(exc)))
             status, error = EXIT_FAILURE, describe(exc)
         else:
             error = None

@@ -2189,6 +2189,27 @@ class HookErrorTests(TempDirTest):
         self.assertIn('ValueError', slurp(paths['h.log']))     # the traceback, for the author
         self.assertEqual(action('stop').returncode, 0)
 
+    def test_a_traceback_that_cannot_be_formatted_loses_no_report(self):
+        """Formatting a traceback reads source lines, and can fail: Python 3.13's linecache
+        imports tokenize for the first one, which raises EMFILE when no descriptor is left (a
+        worker that could not start for want of one died without a word, 'exit status 3', its
+        boot report lost).  linecache fails here as it does there, on any version."""
+        def hook():
+            raise ValueError('bad config line 3')
+
+        def getline(*args, **kwargs):
+            raise OSError(errno.EMFILE, 'Too many open files')
+
+        d = daemon.Daemon(os.path.join(self.tmp, 'd.pid'))
+        with mock.patch('linecache.getline', getline), mock.patch('sys.stderr', io.StringIO()) as err:
+            error = d._call_hook('reload', hook)
+        self.assertEqual(error, 'ValueError: bad config line 3')
+        logged = err.getvalue()
+        self.assertIn('reload failed:', logged)
+        self.assertIn('in hook', logged)                # the frames, without their source lines
+        self.assertIn('ValueError: bad config line 3', logged)
+        self.assertIn('Too many open files', logged)    # and why there is no source
+
 
 class AgentCommandLineTests(unittest.TestCase):
     def test_defaults_match_the_original(self):
@@ -2716,7 +2737,18 @@ class NothingLeftBehindTests(unittest.TestCase):
 
 class FromBytecodeTests(unittest.TestCase):
     """`agent.py start|run` goes on as the imported module, from cached bytecode, in the same
-    process; the current directory never joins the import path."""
+    process; the current directory never joins the import path.  Python 3.9 has no
+    sys.orig_argv, so there it runs on as the script (no exec, as run_from_bytecode() says):
+    daemon.py's bytecode is cached, agent.py's never, and the tests check that instead."""
+
+    EXECS = hasattr(sys, 'orig_argv')       # Python 3.10+
+
+    def assert_agent_cached(self, where):
+        """agent.py's own bytecode is in the cache from 3.10 on, and only there."""
+        names = self.cached(where)
+        self.assertTrue(any(name.startswith('daemon.') for name in names), names)
+        self.assertEqual(any(name.startswith('agent.') for name in names), self.EXECS,
+                         '%s on Python %s' % (names, sys.version.split()[0]))
 
     def setUp(self):
         # Python's default: the bytecode of imported modules is cached (this variable is set on
@@ -2741,7 +2773,7 @@ class FromBytecodeTests(unittest.TestCase):
     def test_start_caches_and_runs_the_bytecode(self):
         where = self.copy_of_agent()
         server = AgentServer(self, script=os.path.join(where, 'agent.py')).start()
-        self.assertTrue(any(name.startswith('agent.') for name in self.cached(where)))
+        self.assert_agent_cached(where)
         for pid in [server.master()] + server.workers():
             with open('/proc/%d/cmdline' % pid, 'rb') as f:
                 self.assertIn(b'agent.py', f.read())
@@ -2757,7 +2789,7 @@ class FromBytecodeTests(unittest.TestCase):
         self.addCleanup(proc.communicate, timeout=10)
         self.addCleanup(proc.kill)
         wait_for(lambda: read_pid(server.pidfile) == proc.pid, message='pidfile holds the pid run had')
-        self.assertTrue(any(name.startswith('agent.') for name in self.cached(where)))
+        self.assert_agent_cached(where)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
         self.assertEqual(proc.returncode, 0, out)
@@ -2787,8 +2819,13 @@ class FromBytecodeTests(unittest.TestCase):
                                 capture_output=True, text=True, timeout=TIMEOUT)
         server.pids.append(server.master())
         self.assertEqual(result.returncode, 0, result.stderr)
-        # -X importtime, kept through the exec, reports the import of the module agent.
-        self.assertRegex(result.stderr, r'(?m)^import time:.*\| agent$')
+        # -X importtime, kept through the exec, reports the import of the module agent (3.9:
+        # no exec, the script imports daemon and is never imported itself).
+        self.assertRegex(result.stderr, r'(?m)^import time:.*\| daemon$')
+        if self.EXECS:
+            self.assertRegex(result.stderr, r'(?m)^import time:.*\| agent$')
+        else:
+            self.assertNotRegex(result.stderr, r'(?m)^import time:.*\| agent$')
         server.stop()
 
     def test_started_through_a_symbolic_link(self):
@@ -2815,6 +2852,70 @@ class FromBytecodeTests(unittest.TestCase):
         server.port = harness.serving_port(result.stdout)
         self.assertEqual(server.get('/missing.jpg')[0], 404)
         server.stop()
+
+
+class DeprecatedCallTests(unittest.TestCase):
+    """The product calls nothing that a Python from 3.12 on deprecates: a DeprecationWarning
+    in a daemon's log (or an error under -W error) on Debian 13 or Fedora, and an API gone in a
+    later release.  Read from the source, so that it is checked on every version (3.11 warns
+    of none of these); bench/pythons.py -W error runs the suite under 3.13 and 3.14 for what
+    only running finds."""
+
+    # module.function: why it goes
+    GONE = {
+        'datetime.utcnow': 'deprecated in 3.12: datetime.now(timezone.utc)',
+        'datetime.utcfromtimestamp': 'deprecated in 3.12: fromtimestamp(t, timezone.utc)',
+        'ssl.wrap_socket': 'removed in 3.12: SSLContext.wrap_socket',
+        'ssl.PROTOCOL_TLS': 'deprecated in 3.10: PROTOCOL_TLS_SERVER or _CLIENT',
+        'ssl.PROTOCOL_SSLv23': 'deprecated in 3.10: PROTOCOL_TLS_SERVER or _CLIENT',
+        'ssl.OP_NO_TLSv1': 'deprecated in 3.10: SSLContext.minimum_version',
+        'ssl.OP_NO_TLSv1_1': 'deprecated in 3.10: SSLContext.minimum_version',
+        'locale.getdefaultlocale': 'deprecated in 3.11',
+    }
+    # re's functions whose optional arguments are keyword-only from 3.13 on (positional: a
+    # DeprecationWarning): the number of positional arguments they take.
+    RE_POSITIONAL = {'split': 2, 'sub': 3, 'subn': 3}
+
+    def offences(self, path):
+        import ast
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                name = node.attr
+                owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, 'id', '')
+                why = self.GONE.get('%s.%s' % (owner, name))
+                if why:
+                    found.append('%s:%d: %s.%s (%s)' % (os.path.basename(path), node.lineno, owner, name, why))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in self.RE_POSITIONAL:
+                owner = node.func.value
+                limit = self.RE_POSITIONAL[node.func.attr]
+                if not (isinstance(owner, ast.Name) and owner.id == 're'):
+                    limit -= 1          # a compiled pattern's method: no pattern argument
+                    if not (isinstance(owner, ast.Name) and owner.id.isupper()):
+                        continue        # str.split and the like, not a pattern
+                if len(node.args) > limit:
+                    found.append('%s:%d: %s() with %d positional arguments (keyword-only from 3.13)'
+                                 % (os.path.basename(path), node.lineno, node.func.attr, len(node.args)))
+        return found
+
+    def test_no_call_that_a_later_python_deprecates(self):
+        self.assertEqual(self.offences(AGENT) + self.offences(os.path.join(HERE, 'daemon.py')), [])
+
+    def test_the_check_finds_what_it_looks_for(self):
+        """The check itself, on a sample of each kind of call (a check that finds nothing
+        would pass forever)."""
+        sample = tempfile.NamedTemporaryFile('w', suffix='.py', delete=False)
+        self.addCleanup(os.unlink, sample.name)
+        with sample:
+            sample.write('import re, ssl, datetime\nWORD = re.compile("x")\n'
+                         're.split(rb"[/?]", b"a/b", 1)\nre.sub("a", "b", "aa", 1)\nWORD.sub("b", "x", 1)\n'
+                         'datetime.datetime.utcnow()\nssl.PROTOCOL_TLS\n'
+                         're.split("/", "a/b", maxsplit=1)\n"a b".split(" ", 1)\nWORD.sub("b", "x")\n')
+        found = self.offences(sample.name)
+        self.assertEqual(sorted(int(line.split(':')[1]) for line in found), [3, 4, 5, 6, 7], found)
 
 
 class SupervisionTests(unittest.TestCase):
@@ -8719,10 +8820,20 @@ def tls_tool(testcase, name):
 
 
 def tls_make_ca(directory):
-    """A throwaway CA in directory: (ca.crt, ca.key)."""
+    """A throwaway CA in directory: (ca.crt, ca.key).  Its extensions are the ones RFC 5280
+    asks of a CA, which VERIFY_X509_STRICT (Python 3.13's default) enforces: basicConstraints
+    and keyUsage, both critical, and a subjectKeyIdentifier for its leaves to point at.  Named
+    in a config section of their own, so no openssl.cnf (OpenSSL 1.1.1 or 3.x) adds a second
+    copy of one."""
     cert, key = os.path.join(directory, 'ca.crt'), os.path.join(directory, 'ca.key')
-    run(['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
-         '-keyout', key, '-out', cert, '-subj', '/CN=agent test CA', '-days', '2'], check=True)
+    config = os.path.join(directory, 'ca.cnf')
+    with open(config, 'w') as f:
+        f.write('[req]\ndistinguished_name = dn\nx509_extensions = ca\nprompt = no\n'
+                '[dn]\nCN = agent test CA\n'
+                '[ca]\nbasicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign, cRLSign\n'
+                'subjectKeyIdentifier = hash\n')
+    run(['openssl', 'req', '-x509', '-config', config, '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256',
+         '-nodes', '-keyout', key, '-out', cert, '-days', '2'], check=True)
     return cert, key
 
 
@@ -8734,7 +8845,11 @@ def tls_make_leaf(directory, ca, serial, cert_path, key_path):
     run(['openssl', 'req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
          '-keyout', tmp_key, '-out', csr, '-subj', '/CN=localhost'], check=True)
     with open(ext, 'w') as f:
-        f.write('subjectAltName=DNS:localhost,IP:127.0.0.1\n')
+        # What a server certificate has under RFC 5280 (VERIFY_X509_STRICT wants the key
+        # identifier of its CA; OpenSSL 1.1.1's x509 -req adds none by itself).
+        f.write('subjectAltName = DNS:localhost, IP:127.0.0.1\nbasicConstraints = CA:FALSE\n'
+                'keyUsage = critical, digitalSignature\nextendedKeyUsage = serverAuth\n'
+                'subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n')
     run(['openssl', 'x509', '-req', '-in', csr, '-CA', ca_cert, '-CAkey', ca_key, '-set_serial',
          str(serial), '-days', '2', '-extfile', ext, '-out', tmp_cert], check=True)
     os.chmod(tmp_key, 0o600)
@@ -8760,6 +8875,42 @@ def tls_client_hello(alpn=None):
     except ssl.SSLWantReadError:
         pass
     return outgoing.read()
+
+
+class TLSFixtureTests(unittest.TestCase):
+    """The test CA and its leaves pass VERIFY_X509_STRICT, which create_default_context() sets
+    from Python 3.13 on (RFC 5280 profile: a CA has basicConstraints and keyUsage, a leaf an
+    authorityKeyIdentifier): without them every TLS test failed on 3.13 and 3.14 alone."""
+
+    def test_strict_verification_accepts_the_test_certificates(self):
+        tls_tool(self, 'openssl')
+        directory = tempfile.mkdtemp(prefix='agent-tls-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', directory])
+        ca = tls_make_ca(directory)
+        cert, key = os.path.join(directory, 'leaf.crt'), os.path.join(directory, 'leaf.key')
+        tls_make_leaf(directory, ca, 5, cert, key)
+        client = tls_client_context(ca[0])
+        client.verify_flags |= ssl.VERIFY_X509_STRICT       # 3.13's default, set on any version
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        # A handshake in memory, the two ends passing their bytes by hand until both are done.
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        ends = [client.wrap_bio(c_in, c_out, server_hostname='localhost'),
+                server.wrap_bio(s_in, s_out, server_side=True)]
+        done = [False, False]
+        for _ in range(10):
+            for i, end in enumerate(ends):
+                try:
+                    end.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+            if all(done):
+                break
+        self.assertEqual(done, [True, True])
+        self.assertEqual(ends[0].getpeercert()['serialNumber'], '05')
 
 
 class TLSConn(RawConn):
