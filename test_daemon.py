@@ -2500,6 +2500,91 @@ class ReadmeTests(unittest.TestCase):
         for bad in ('0', '257'):
             self.assertEqual(run([PYTHON, AGENT, '--workers', bad, 'status']).returncode, daemon.EXIT_USAGE)
 
+    # -- the page's shape, and the documents it leads to ------------------------------------
+
+    TASKS = ('Serve a folder', 'HTTPS', 'systemd', 'Use daemon.py in your program', 'Test',
+             'Performance in brief')
+    DOCS = ('daemon.md', 'design.md', 'operations.md', 'performance.md', 'security.md')
+
+    @staticmethod
+    def prose(text):
+        """The text without its fenced blocks, whose lines may begin with '#'."""
+        return re.sub(r'^```.*?^```', '', text, flags=re.S | re.M)
+
+    @staticmethod
+    def anchor(heading):
+        """The fragment GitHub gives a heading: lower case, punctuation dropped, '-' for ' '."""
+        return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+
+    def documents(self):
+        """(path from the project's top, text) of README.md and of every docs/*.md."""
+        found = [('README.md', self.readme)]
+        for name in sorted(os.listdir(os.path.join(HERE, 'docs'))):
+            if name.endswith('.md'):
+                found.append(('docs/' + name, slurp(os.path.join(HERE, 'docs', name))))
+        return found
+
+    def test_the_readme_is_a_newcomers_page(self):
+        """Issue 20: README.md is at most 300 lines and 3,500 words; a linked contents list comes
+        first and names every section in order; then the first commands, and one section a
+        task.  The long material is in docs/, each page linked from the README."""
+        self.assertLessEqual(len(self.readme.splitlines()), 300)
+        self.assertLessEqual(len(self.readme.split()), 3500)
+        headings = re.findall(r'^## (.+)$', self.prose(self.readme), re.M)
+        self.assertEqual(headings[:2], ['Contents', 'First commands'])
+        listed = re.findall(r'^- \[([^]]+)\]\(#([^)]+)\)$', self.section('## Contents'), re.M)
+        self.assertEqual([title for title, _ in listed], headings[1:])
+        for title, fragment in listed:
+            self.assertEqual(fragment, self.anchor(title))
+        for task in self.TASKS:
+            self.assertIn(task, headings)
+        for name in self.DOCS:
+            self.assertIn('](docs/%s' % name, self.readme, 'the README never leads to docs/' + name)
+
+    def test_every_link_leads_somewhere(self):
+        """Every relative link in README.md and docs/*.md names a file that exists and, after
+        a '#', a heading of that file: a section that moves cannot leave a dead link behind."""
+        headings = {}
+        for path, text in self.documents():
+            headings[path] = {self.anchor(h) for h in re.findall(r'^#+ (.+)$', self.prose(text), re.M)}
+        dead = []
+        for path, text in self.documents():
+            for target in re.findall(r'\]\(([^)\s]+)\)', self.prose(text)):
+                if re.match(r'[a-z]+:', target):
+                    continue
+                name, _, fragment = target.partition('#')
+                linked = os.path.normpath(os.path.join(os.path.dirname(path), name)) if name else path
+                if not os.path.exists(os.path.join(HERE, linked)):
+                    dead.append('%s: %s (no such file)' % (path, target))
+                elif fragment and fragment not in headings.get(linked, ()):
+                    dead.append('%s: %s (no such heading)' % (path, target))
+        self.assertEqual(dead, [])
+
+    def test_no_default_is_restated(self):
+        """One source for each default and limit: `agent.py --help`, which shows every default,
+        and the code.  README.md and docs/*.md name an option and point there: an option
+        followed by its default value, in words that would not change with it, is refused."""
+        import argparse
+        restated = []
+        for action in agent.parser()._actions:
+            if action.option_strings and action.help and action.default not in (None, argparse.SUPPRESS) \
+                    and not isinstance(action.default, bool):
+                self.assertIn('(default: ', ' '.join(action.help.split()), action.option_strings)
+            if not action.option_strings or not isinstance(action.default, (int, float)) \
+                    or isinstance(action.default, bool) or action.dest in ('port', 'workers'):
+                continue
+            value = ('%g' % action.default).replace('e+0', 'e')
+            pattern = r'%s`?\s*\(?%s(?:\s*(?:s|KiB|seconds))?\)?(?=[\s,;.]|$)' % (
+                re.escape(action.option_strings[-1]), re.escape(value))
+            for path, text in self.documents():
+                for match in re.finditer(pattern, ' '.join(text.split())):
+                    restated.append('%s: %s' % (path, match.group(0)))
+        for path, text in self.documents():
+            for name in ('agent.log', 'access.log'):
+                if '`./%s`' % name in text:
+                    restated.append('%s: `./%s`' % (path, name))
+        self.assertEqual(restated, [])
+
     def test_help_never_cuts_a_path_or_an_option(self):
         """`agent.py --help` wraps at spaces only: at any width, a path such as
         /tmp/agent-UID/agent-PORT.pid stays one word (it was cut after 'agent-')."""
