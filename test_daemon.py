@@ -670,14 +670,16 @@ class DaemonPublicApiTests(TempDirTest):
                      if name not in daemon.__all__ and name not in ('__file__', '__name__')]
         self.assertEqual(offences, [])
 
-    def test_all_names_exist_and_the_readme_lists_them(self):
-        with open(os.path.join(HERE, 'README.md')) as f:
-            readme = f.read()
-        section = readme[readme.index('## Using daemon.py'):]
+    def test_all_names_exist_and_the_authors_page_lists_them(self):
+        """docs/daemon.md's "The public API" names every name of __all__ (the table moved there
+        from the README, which now points to it)."""
+        with open(os.path.join(HERE, 'docs', 'daemon.md')) as f:
+            page = f.read()
+        section = page[page.index('\n## The public API\n'):]
         section = section[:section.index('\n## ', 1)]
         for name in daemon.__all__:
             self.assertTrue(hasattr(daemon, name), name)
-            self.assertIn('`%s`' % name, section, 'README does not list %s' % name)
+            self.assertIn('`%s`' % name, section, 'docs/daemon.md does not list %s' % name)
 
     def test_a_subclass_method_named_like_an_action_replaces_no_action(self):
         class Own(daemon.Daemon):
@@ -2221,9 +2223,9 @@ def ast_literal(text):
 
 
 class ReadmeTests(unittest.TestCase):
-    """README.md and daemon.py's docstring tell a newcomer what to type and what they will see:
-    their examples are run, and every option, action and exit code they name is checked against
-    the code, so the documentation cannot drift from it."""
+    """README.md, docs/*.md and daemon.py's docstring tell a newcomer what to type and what they
+    will see: their examples are run, and every option, action and exit code they name is
+    checked against the code, so the documentation cannot drift from it."""
 
     FOREIGN_OPTIONS = {          # options of the other programs the README shows, by program
         'adduser': {'--system', '--group', '--no-create-home', '--home'},
@@ -2246,9 +2248,13 @@ class ReadmeTests(unittest.TestCase):
         self.addCleanup(subprocess.run, ['rm', '-rf', self.tmp])
 
     def section(self, title):
-        start = self.readme.index('\n' + title + '\n')
-        end = self.readme.find('\n#', start + 1)
-        return self.readme[start:end if end > 0 else None]
+        """The section under the heading `title`, in README.md or in the one docs/*.md page that
+        has it."""
+        found = [text for _, text in self.documents() if '\n' + title + '\n' in text]
+        self.assertEqual(len(found), 1, '%r in %d documents' % (title, len(found)))
+        start = found[0].index('\n' + title + '\n')
+        end = found[0].find('\n#', start + 1)
+        return found[0][start:end if end > 0 else None]
 
     def help_options(self):
         return set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', self.help))
@@ -2399,15 +2405,15 @@ class ReadmeTests(unittest.TestCase):
     # -- what the prose names ----------------------------------------------------------------
 
     def test_every_option_named_exists(self):
-        """Every --option in README.md is one of `agent.py --help`, or of the bench script or
-        the other program named in the same paragraph or table row."""
+        """Every --option in README.md and docs/*.md is one of `agent.py --help`, or of the
+        bench script or the other program named in the same paragraph or table row."""
         agent_options = self.help_options()
         bench = {}
         for name in os.listdir(os.path.join(HERE, 'bench')):
             if name.endswith('.py'):
                 bench['bench/' + name] = slurp(os.path.join(HERE, 'bench', name))
         unknown = []
-        for paragraph in re.split(r'\n\s*\n|\n(?=\|)', self.readme):
+        for paragraph in re.split(r'\n\s*\n|\n(?=\|)', '\n\n'.join(text for _, text in self.documents())):
             for option in re.findall(r'(?<![\w-])--[a-z][a-z-]*', paragraph):
                 if option in agent_options:
                     continue
@@ -2422,13 +2428,13 @@ class ReadmeTests(unittest.TestCase):
                 unknown.append('%s in: %s' % (option, paragraph.strip()[:120]))
         self.assertEqual(unknown, [])
 
-    def test_the_usage_block_is_agent_help(self):
-        block = self.section('## agent.py').split('```\n', 1)[1].split('```', 1)[0]
-        named = set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', block))
-        self.assertEqual(named, self.help_options() - {'--help'})
-        actions = block.split()[-1].split('|')
-        self.assertEqual(sorted(actions), sorted(self.help_actions()))
-        self.assertEqual(set(actions), set(daemon.ACTIONS) | {'upgrade'})
+    def test_the_readme_leads_to_agent_help(self):
+        """The README's usage block, a copy of --help, is gone (issue 20: one source for each
+        option and default): the README sends the reader to `agent.py --help`, which lists
+        every action the agent has."""
+        self.assertIn('Every option, with its default, is in `python3 agent.py --help`',
+                      ' '.join(self.section('## Serve a folder').split()))
+        self.assertEqual(self.help_actions(), set(daemon.ACTIONS) | {'upgrade'})
 
     def test_every_action_named_exists(self):
         table = self.section('## Command line and exit codes')
@@ -2482,19 +2488,11 @@ class ReadmeTests(unittest.TestCase):
                             daemon.EXIT_NOT_RUNNING, daemon.STATUS_RUNNING, daemon.STATUS_DEAD,
                             daemon.STATUS_STOPPED, daemon.STATUS_UNKNOWN))
 
-    def test_the_defaults_said_are_the_defaults(self):
+    def test_the_workers_default_and_bounds_are_the_helps(self):
+        """--help says the default of --workers (the README no longer restates the defaults:
+        test_no_default_is_restated), and its bounds are those of the help, 1-256."""
         config = agent.parser().parse_args(['start'])
-        said = (('Defaults: port %d on %s' % (config.port, config.bind)),
-                '`./%s`, `./%s` (Combined Log Format)' % (config.log, config.access_log),
-                '`Cache-Control: max-age=%d`' % config.max_age,
-                '`--header-timeout` (%d s)' % config.header_timeout,
-                'after `--timeout` (%d s)' % config.timeout,
-                '(`--max-connections` %d)' % config.max_connections,
-                'Head size %d KiB' % (config.max_header_size // 1024),
-                '`--workers` takes 1 to 256')
-        text = ' '.join(self.readme.split())
-        for phrase in said:
-            self.assertTrue(phrase in text, 'README.md does not say: ' + phrase)
+        self.assertIn('worker processes, 1-256', ' '.join(self.help.split()))
         self.assertIn('(default: %d, the number of CPUs)' % os.cpu_count(), ' '.join(self.help.split()))
         self.assertEqual(config.workers, os.cpu_count())
         for bad in ('0', '257'):
@@ -2600,7 +2598,7 @@ class ReadmeTests(unittest.TestCase):
         """"Options: `umask=0o022`, ..." names every keyword-only argument of Daemon(), with its
         default where it gives one."""
         import inspect
-        line = re.search(r'- Options: (.*?)\.\n', self.section('## Using daemon.py in your program'), re.S)
+        line = re.search(r'- Options: (.*?)\.\n', self.section('## What the class does for you'), re.S)
         said = dict(item.split('=', 1) for item in re.findall(r'`([a-z_]+=[^`]*)`', line.group(1)))
         parameters = {name: parameter for name, parameter in
                       inspect.signature(daemon.Daemon.__init__).parameters.items()
@@ -2612,8 +2610,8 @@ class ReadmeTests(unittest.TestCase):
 
     def test_the_production_steps_match_contrib(self):
         """The systemd steps make what agent.service needs (its --root), copy files that exist,
-        and the init script's stop schedule is the one the README gives."""
-        block = self.section('### systemd').split('```sh\n', 1)[1].split('```', 1)[0]
+        and the init script's stop schedule is the one docs/operations.md gives."""
+        block = self.section('## systemd').split('```sh\n', 1)[1].split('```', 1)[0]
         with open(os.path.join(HERE, 'contrib', 'agent.service')) as f:
             unit = f.read()
         root = re.search(r'^ExecStart=.* --root (\S+)', unit, re.M).group(1)
@@ -2624,7 +2622,7 @@ class ReadmeTests(unittest.TestCase):
             init = f.read()
         stop_timeout = int(re.search(r'^STOP_TIMEOUT=\$\{STOP_TIMEOUT:-(\d+)\}', init, re.M).group(1))
         self.assertIn('--retry "TERM/$((STOP_TIMEOUT + 5))/KILL/5"', init)
-        self.assertIn('`--retry TERM/%d/KILL/5`' % (stop_timeout + 5), self.section('### Without systemd: the LSB init script'))
+        self.assertIn('`--retry TERM/%d/KILL/5`' % (stop_timeout + 5), self.section('## Without systemd: the LSB init script'))
 
 
 class AgentLifecycleTests(unittest.TestCase):
