@@ -2558,6 +2558,24 @@ class ReadmeTests(unittest.TestCase):
                     dead.append('%s: %s (no such heading)' % (path, target))
         self.assertEqual(dead, [])
 
+    def test_every_test_named_exists(self):
+        """docs/security.md proves each defence by naming its tests, and the other pages name
+        some too: every `test_...` and `...Tests` named in README.md or docs/*.md is defined in
+        a Python file of the project (`test_x_*` names a family), wherever the suite's modules
+        put it."""
+        defined = set()
+        for top, dirs, files in os.walk(HERE):
+            dirs[:] = [d for d in dirs if not d.startswith('.') and d != '__pycache__']
+            for name in files:
+                if name.endswith('.py'):
+                    defined.update(re.findall(r'^\s*(?:def|class) (\w+)', slurp(os.path.join(top, name)), re.M))
+        missing = []
+        for path, text in self.documents():
+            for name, family in re.findall(r'`(test_\w+|[A-Z]\w*Tests)(\*?)`', text):
+                if not (any(d.startswith(name) for d in defined) if family else name in defined):
+                    missing.append('%s: %s%s' % (path, name, family))
+        self.assertEqual(missing, [])
+
     def test_no_default_is_restated(self):
         """One source for each default and limit: `agent.py --help`, which shows every default,
         and the code.  README.md and docs/*.md name an option and point there: an option
