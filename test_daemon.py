@@ -671,8 +671,8 @@ class DaemonPublicApiTests(TempDirTest):
         self.assertEqual(offences, [])
 
     def test_all_names_exist_and_the_authors_page_lists_them(self):
-        """docs/daemon.md's "The public API" names every name of __all__ (the table moved there
-        from the README, which now points to it)."""
+        """docs/daemon.md's "The public API" names every name of __all__, and no other, in its
+        table (which moved there from the README, which now points to it)."""
         with open(os.path.join(HERE, 'docs', 'daemon.md')) as f:
             page = f.read()
         section = page[page.index('\n## The public API\n'):]
@@ -680,6 +680,10 @@ class DaemonPublicApiTests(TempDirTest):
         for name in daemon.__all__:
             self.assertTrue(hasattr(daemon, name), name)
             self.assertIn('`%s`' % name, section, 'docs/daemon.md does not list %s' % name)
+        # And nothing else: the table's first column names only what __all__ exports.
+        listed = [name for row in section.splitlines() if row.startswith('| `')
+                  for name in re.findall(r'`(\w+)`', row.split('|')[1])]
+        self.assertEqual([name for name in listed if name not in daemon.__all__], [])
 
     def test_a_subclass_method_named_like_an_action_replaces_no_action(self):
         class Own(daemon.Daemon):
