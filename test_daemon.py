@@ -2438,6 +2438,9 @@ class ReadmeTests(unittest.TestCase):
         every action the agent has."""
         self.assertIn('Every option, with its default, is in `python3 agent.py --help`',
                       ' '.join(self.section('## Serve a folder').split()))
+        # ... and to the paragraph of agent.py's docstring it names for the limits.
+        self.assertIn('the `Limits` paragraph of agent.py\'s docstring', ' '.join(self.readme.split()))
+        self.assertRegex(agent.__doc__, r'\nLimits\b')
         self.assertEqual(self.help_actions(), set(daemon.ACTIONS) | {'upgrade'})
 
     def test_every_action_named_exists(self):
