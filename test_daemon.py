@@ -670,14 +670,20 @@ class DaemonPublicApiTests(TempDirTest):
                      if name not in daemon.__all__ and name not in ('__file__', '__name__')]
         self.assertEqual(offences, [])
 
-    def test_all_names_exist_and_the_readme_lists_them(self):
-        with open(os.path.join(HERE, 'README.md')) as f:
-            readme = f.read()
-        section = readme[readme.index('## Using daemon.py'):]
+    def test_all_names_exist_and_the_authors_page_lists_them(self):
+        """docs/daemon.md's "The public API" names every name of __all__, and no other, in its
+        table (which moved there from the README, which now points to it)."""
+        with open(os.path.join(HERE, 'docs', 'daemon.md')) as f:
+            page = f.read()
+        section = page[page.index('\n## The public API\n'):]
         section = section[:section.index('\n## ', 1)]
         for name in daemon.__all__:
             self.assertTrue(hasattr(daemon, name), name)
-            self.assertIn('`%s`' % name, section, 'README does not list %s' % name)
+            self.assertIn('`%s`' % name, section, 'docs/daemon.md does not list %s' % name)
+        # And nothing else: the table's first column names only what __all__ exports.
+        listed = [name for row in section.splitlines() if row.startswith('| `')
+                  for name in re.findall(r'`(\w+)`', row.split('|')[1])]
+        self.assertEqual([name for name in listed if name not in daemon.__all__], [])
 
     def test_a_subclass_method_named_like_an_action_replaces_no_action(self):
         class Own(daemon.Daemon):
@@ -2242,9 +2248,9 @@ def ast_literal(text):
 
 
 class ReadmeTests(unittest.TestCase):
-    """README.md and daemon.py's docstring tell a newcomer what to type and what they will see:
-    their examples are run, and every option, action and exit code they name is checked against
-    the code, so the documentation cannot drift from it."""
+    """README.md, docs/*.md and daemon.py's docstring tell a newcomer what to type and what they
+    will see: their examples are run, and every option, action and exit code they name is
+    checked against the code, so the documentation cannot drift from it."""
 
     FOREIGN_OPTIONS = {          # options of the other programs the README shows, by program
         'adduser': {'--system', '--group', '--no-create-home', '--home'},
@@ -2267,9 +2273,13 @@ class ReadmeTests(unittest.TestCase):
         self.addCleanup(subprocess.run, ['rm', '-rf', self.tmp])
 
     def section(self, title):
-        start = self.readme.index('\n' + title + '\n')
-        end = self.readme.find('\n#', start + 1)
-        return self.readme[start:end if end > 0 else None]
+        """The section under the heading `title`, in README.md or in the one docs/*.md page that
+        has it."""
+        found = [text for _, text in self.documents() if '\n' + title + '\n' in text]
+        self.assertEqual(len(found), 1, '%r in %d documents' % (title, len(found)))
+        start = found[0].index('\n' + title + '\n')
+        end = found[0].find('\n#', start + 1)
+        return found[0][start:end if end > 0 else None]
 
     def help_options(self):
         return set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', self.help))
@@ -2420,15 +2430,15 @@ class ReadmeTests(unittest.TestCase):
     # -- what the prose names ----------------------------------------------------------------
 
     def test_every_option_named_exists(self):
-        """Every --option in README.md is one of `agent.py --help`, or of the bench script or
-        the other program named in the same paragraph or table row."""
+        """Every --option in README.md and docs/*.md is one of `agent.py --help`, or of the
+        bench script or the other program named in the same paragraph or table row."""
         agent_options = self.help_options()
         bench = {}
         for name in os.listdir(os.path.join(HERE, 'bench')):
             if name.endswith('.py'):
                 bench['bench/' + name] = slurp(os.path.join(HERE, 'bench', name))
         unknown = []
-        for paragraph in re.split(r'\n\s*\n|\n(?=\|)', self.readme):
+        for paragraph in re.split(r'\n\s*\n|\n(?=\|)', '\n\n'.join(text for _, text in self.documents())):
             for option in re.findall(r'(?<![\w-])--[a-z][a-z-]*', paragraph):
                 if option in agent_options:
                     continue
@@ -2443,13 +2453,16 @@ class ReadmeTests(unittest.TestCase):
                 unknown.append('%s in: %s' % (option, paragraph.strip()[:120]))
         self.assertEqual(unknown, [])
 
-    def test_the_usage_block_is_agent_help(self):
-        block = self.section('## agent.py').split('```\n', 1)[1].split('```', 1)[0]
-        named = set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', block))
-        self.assertEqual(named, self.help_options() - {'--help'})
-        actions = block.split()[-1].split('|')
-        self.assertEqual(sorted(actions), sorted(self.help_actions()))
-        self.assertEqual(set(actions), set(daemon.ACTIONS) | {'upgrade'})
+    def test_the_readme_leads_to_agent_help(self):
+        """The README's usage block, a copy of --help, is gone (issue 20: one source for each
+        option and default): the README sends the reader to `agent.py --help`, which lists
+        every action the agent has."""
+        self.assertIn('Every option, with its default, is in `python3 agent.py --help`',
+                      ' '.join(self.section('## Serve a folder').split()))
+        # ... and to the paragraph of agent.py's docstring it names for the limits.
+        self.assertIn('the `Limits` paragraph of agent.py\'s docstring', ' '.join(self.readme.split()))
+        self.assertRegex(agent.__doc__, r'\nLimits\b')
+        self.assertEqual(self.help_actions(), set(daemon.ACTIONS) | {'upgrade'})
 
     def test_every_action_named_exists(self):
         table = self.section('## Command line and exit codes')
@@ -2503,23 +2516,118 @@ class ReadmeTests(unittest.TestCase):
                             daemon.EXIT_NOT_RUNNING, daemon.STATUS_RUNNING, daemon.STATUS_DEAD,
                             daemon.STATUS_STOPPED, daemon.STATUS_UNKNOWN))
 
-    def test_the_defaults_said_are_the_defaults(self):
+    def test_the_workers_default_and_bounds_are_the_helps(self):
+        """--help says the default of --workers (the README no longer restates the defaults:
+        test_no_default_is_restated), and its bounds are those of the help, 1-256."""
         config = agent.parser().parse_args(['start'])
-        said = (('Defaults: port %d on %s' % (config.port, config.bind)),
-                '`./%s`, `./%s` (Combined Log Format)' % (config.log, config.access_log),
-                '`Cache-Control: max-age=%d`' % config.max_age,
-                '`--header-timeout` (%d s)' % config.header_timeout,
-                'after `--timeout` (%d s)' % config.timeout,
-                '(`--max-connections` %d)' % config.max_connections,
-                'Head size %d KiB' % (config.max_header_size // 1024),
-                '`--workers` takes 1 to 256')
-        text = ' '.join(self.readme.split())
-        for phrase in said:
-            self.assertTrue(phrase in text, 'README.md does not say: ' + phrase)
+        self.assertIn('worker processes, 1-256', ' '.join(self.help.split()))
         self.assertIn('(default: %d, the number of CPUs)' % os.cpu_count(), ' '.join(self.help.split()))
         self.assertEqual(config.workers, os.cpu_count())
         for bad in ('0', '257'):
             self.assertEqual(run([PYTHON, AGENT, '--workers', bad, 'status']).returncode, daemon.EXIT_USAGE)
+
+    # -- the page's shape, and the documents it leads to ------------------------------------
+
+    TASKS = ('Serve a folder', 'HTTPS', 'systemd', 'Use daemon.py in your program', 'Test',
+             'Performance in brief')
+    DOCS = ('daemon.md', 'design.md', 'operations.md', 'performance.md', 'security.md')
+
+    @staticmethod
+    def prose(text):
+        """The text without its fenced blocks, whose lines may begin with '#'."""
+        return re.sub(r'^```.*?^```', '', text, flags=re.S | re.M)
+
+    @staticmethod
+    def anchor(heading):
+        """The fragment GitHub gives a heading: lower case, punctuation dropped, '-' for ' '."""
+        return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+
+    def documents(self):
+        """(path from the project's top, text) of README.md and of every docs/*.md."""
+        found = [('README.md', self.readme)]
+        for name in sorted(os.listdir(os.path.join(HERE, 'docs'))):
+            if name.endswith('.md'):
+                found.append(('docs/' + name, slurp(os.path.join(HERE, 'docs', name))))
+        return found
+
+    def test_the_readme_is_a_newcomers_page(self):
+        """Issue 20: README.md is at most 300 lines and 3,500 words; a linked contents list comes
+        first and names every section in order; then the first commands, and one section a
+        task.  The long material is in docs/, each page linked from the README."""
+        self.assertLessEqual(len(self.readme.splitlines()), 300)
+        self.assertLessEqual(len(self.readme.split()), 3500)
+        headings = re.findall(r'^## (.+)$', self.prose(self.readme), re.M)
+        self.assertEqual(headings[:2], ['Contents', 'First commands'])
+        listed = re.findall(r'^- \[([^]]+)\]\(#([^)]+)\)$', self.section('## Contents'), re.M)
+        self.assertEqual([title for title, _ in listed], headings[1:])
+        for title, fragment in listed:
+            self.assertEqual(fragment, self.anchor(title))
+        for task in self.TASKS:
+            self.assertIn(task, headings)
+        for name in self.DOCS:
+            self.assertIn('](docs/%s' % name, self.readme, 'the README never leads to docs/' + name)
+
+    def test_every_link_leads_somewhere(self):
+        """Every relative link in README.md and docs/*.md names a file that exists and, after
+        a '#', a heading of that file: a section that moves cannot leave a dead link behind."""
+        headings = {}
+        for path, text in self.documents():
+            headings[path] = {self.anchor(h) for h in re.findall(r'^#+ (.+)$', self.prose(text), re.M)}
+        dead = []
+        for path, text in self.documents():
+            for target in re.findall(r'\]\(([^)\s]+)\)', self.prose(text)):
+                if re.match(r'[a-z]+:', target):
+                    continue
+                name, _, fragment = target.partition('#')
+                linked = os.path.normpath(os.path.join(os.path.dirname(path), name)) if name else path
+                if not os.path.exists(os.path.join(HERE, linked)):
+                    dead.append('%s: %s (no such file)' % (path, target))
+                elif fragment and fragment not in headings.get(linked, ()):
+                    dead.append('%s: %s (no such heading)' % (path, target))
+        self.assertEqual(dead, [])
+
+    def test_every_test_named_exists(self):
+        """docs/security.md proves each defence by naming its tests, and the other pages name
+        some too: every `test_...` and `...Tests` named in README.md or docs/*.md is defined in
+        a Python file of the project (`test_x_*` names a family), wherever the suite's modules
+        put it."""
+        defined = set()
+        for top, dirs, files in os.walk(HERE):
+            dirs[:] = [d for d in dirs if not d.startswith('.') and d != '__pycache__']
+            for name in files:
+                if name.endswith('.py'):
+                    defined.update(re.findall(r'^\s*(?:def|class) (\w+)', slurp(os.path.join(top, name)), re.M))
+        missing = []
+        for path, text in self.documents():
+            for name, family in re.findall(r'`(test_\w+|[A-Z]\w*Tests)(\*?)`', text):
+                if not (any(d.startswith(name) for d in defined) if family else name in defined):
+                    missing.append('%s: %s%s' % (path, name, family))
+        self.assertEqual(missing, [])
+
+    def test_no_default_is_restated(self):
+        """One source for each default and limit: `agent.py --help`, which shows every default,
+        and the code.  README.md and docs/*.md name an option and point there: an option
+        followed by its default value, in words that would not change with it, is refused."""
+        import argparse
+        restated = []
+        for action in agent.parser()._actions:
+            if action.option_strings and action.help and action.default not in (None, argparse.SUPPRESS) \
+                    and not isinstance(action.default, bool):
+                self.assertIn('(default: ', ' '.join(action.help.split()), action.option_strings)
+            if not action.option_strings or not isinstance(action.default, (int, float)) \
+                    or isinstance(action.default, bool) or action.dest in ('port', 'workers'):
+                continue
+            value = ('%g' % action.default).replace('e+0', 'e')
+            pattern = r'%s`?\s*\(?%s(?:\s*(?:s|KiB|seconds))?\)?(?=[\s,;.]|$)' % (
+                re.escape(action.option_strings[-1]), re.escape(value))
+            for path, text in self.documents():
+                for match in re.finditer(pattern, ' '.join(text.split())):
+                    restated.append('%s: %s' % (path, match.group(0)))
+        for path, text in self.documents():
+            for name in ('agent.log', 'access.log'):
+                if '`./%s`' % name in text:
+                    restated.append('%s: `./%s`' % (path, name))
+        self.assertEqual(restated, [])
 
     def test_help_never_cuts_a_path_or_an_option(self):
         """`agent.py --help` wraps at spaces only: at any width, a path such as
@@ -2536,7 +2644,7 @@ class ReadmeTests(unittest.TestCase):
         """"Options: `umask=0o022`, ..." names every keyword-only argument of Daemon(), with its
         default where it gives one."""
         import inspect
-        line = re.search(r'- Options: (.*?)\.\n', self.section('## Using daemon.py in your program'), re.S)
+        line = re.search(r'- Options: (.*?)\.\n', self.section('## What the class does for you'), re.S)
         said = dict(item.split('=', 1) for item in re.findall(r'`([a-z_]+=[^`]*)`', line.group(1)))
         parameters = {name: parameter for name, parameter in
                       inspect.signature(daemon.Daemon.__init__).parameters.items()
@@ -2548,8 +2656,8 @@ class ReadmeTests(unittest.TestCase):
 
     def test_the_production_steps_match_contrib(self):
         """The systemd steps make what agent.service needs (its --root), copy files that exist,
-        and the init script's stop schedule is the one the README gives."""
-        block = self.section('### systemd').split('```sh\n', 1)[1].split('```', 1)[0]
+        and the init script's stop schedule is the one docs/operations.md gives."""
+        block = self.section('## systemd').split('```sh\n', 1)[1].split('```', 1)[0]
         with open(os.path.join(HERE, 'contrib', 'agent.service')) as f:
             unit = f.read()
         root = re.search(r'^ExecStart=.* --root (\S+)', unit, re.M).group(1)
@@ -2560,7 +2668,7 @@ class ReadmeTests(unittest.TestCase):
             init = f.read()
         stop_timeout = int(re.search(r'^STOP_TIMEOUT=\$\{STOP_TIMEOUT:-(\d+)\}', init, re.M).group(1))
         self.assertIn('--retry "TERM/$((STOP_TIMEOUT + 5))/KILL/5"', init)
-        self.assertIn('`--retry TERM/%d/KILL/5`' % (stop_timeout + 5), self.section('### Without systemd: the LSB init script'))
+        self.assertIn('`--retry TERM/%d/KILL/5`' % (stop_timeout + 5), self.section('## Without systemd: the LSB init script'))
 
 
 class AgentLifecycleTests(unittest.TestCase):
