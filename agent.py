@@ -501,6 +501,19 @@ class ChunkedBody:
         self.trailer = trailer
 
 
+def chunk_size(buf, pos, lf, request_line):
+    """The size that the whole chunk-size line buf[pos:lf + 1] gives (CHUNK_LINE: extensions
+    ignored).  Raises HTTPError 400 (close) if it is not one, 413 if the size alone is past
+    MAX_DISCARD."""
+    match = CHUNK_LINE.fullmatch(buf, pos, lf + 1)
+    if match is None:
+        raise HTTPError(400, close=True, request_line=request_line)
+    digits = match.group(1).lstrip(b'0')
+    if len(digits) > 8:             # already past MAX_DISCARD; no number to build
+        raise HTTPError(413, close=True, request_line=request_line)
+    return int(digits, 16) if digits else 0
+
+
 def drop_chunked(buf, body, max_size=MAX_HEADER_SIZE):
     """Read what buf holds of a chunked body: (bytes dropped, ChunkedBody to go on with, or
     None once the body has ended).  Raises HTTPError (close) if the body breaks the grammar
@@ -541,13 +554,7 @@ def drop_chunked(buf, body, max_size=MAX_HEADER_SIZE):
                 if end - pos >= MAX_CHUNK_LINE or CHUNK_START.match(buf, pos) is None:
                     raise HTTPError(400, close=True, request_line=body.req.line)
                 break
-            match = CHUNK_LINE.fullmatch(buf, pos, lf + 1)
-            if match is None:
-                raise HTTPError(400, close=True, request_line=body.req.line)
-            digits = match.group(1).lstrip(b'0')
-            if len(digits) > 8:             # already past MAX_DISCARD; no number to build
-                raise HTTPError(413, close=True, request_line=body.req.line)
-            left = int(digits, 16) if digits else 0
+            left = chunk_size(buf, pos, lf, body.req.line)
             size += max(lf + 1 - pos + left + 2, CHUNK_COST) if left else lf + 1 - pos
             if size > MAX_DISCARD:
                 raise HTTPError(413, close=True, request_line=body.req.line)
