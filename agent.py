@@ -2050,14 +2050,9 @@ def gallery_pages(listing, label='Pages'):
     return '<nav class="pages" aria-label="%s">%s</nav>\n' % (label, ''.join(links))
 
 
-def gallery_page(url_path, listing, infos=None):
-    """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
-    without sizes).  Every name is HTML-escaped in text and URL-quoted in links."""
-    infos = infos or {}
-    crumbs = [p for p in url_path.split('/') if p]
-    title = escape_html(crumbs[-1] if crumbs else 'Home')
-    if listing.pages > 1:
-        title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
+def gallery_header(crumbs, listing):
+    """The page's <header>: the path as links (Home, then each folder above this one), the
+    counts over all pages, and the sorts."""
     heading = ['<a href="/">Home</a>']
     for i, part in enumerate(crumbs):
         href = escape_html('/' + '/'.join(urllib.parse.quote(p) for p in crumbs[:i + 1]) + '/')
@@ -2072,13 +2067,17 @@ def gallery_page(url_path, listing, infos=None):
         counts.append('page %d of %d' % (listing.page, listing.pages))
     sorts = ''.join(('<strong>%s</strong>' if s == listing.sort else '<a href="%s">%%s</a>' % gallery_href(s, 1)) % s
                     for s in GALLERY_SORTS)
-    out = ['<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
-           '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts)]
-    if listing.pages > 1:
-        out.append(gallery_pages(listing))
-    dirs = [e for e in listing.entries if e.kind == 'dir']
-    images = [e for e in listing.entries if e.kind == 'image']
-    files = [e for e in listing.entries if e.kind == 'file']
+    return ('<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
+            '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts))
+
+
+def gallery_entries(entries, infos):
+    """The entries of a page, each kind in its block: folders as a list of links, images as the
+    grid (<main>, which the page's script looks in), other files as a table."""
+    out = []
+    dirs = [e for e in entries if e.kind == 'dir']
+    images = [e for e in entries if e.kind == 'image']
+    files = [e for e in entries if e.kind == 'file']
     if dirs:
         out.append('<ul class="dirs">%s</ul>\n' % ''.join(
             '<li><a href="%s/">%s</a></li>' % (escape_html(urllib.parse.quote(e.name)), escape_html(e.name))
@@ -2092,6 +2091,19 @@ def gallery_page(url_path, listing, infos=None):
             '<tr><td><a href="%s">%s</a></td><td>%s</td><td>%s</td></tr>'
             % (escape_html(urllib.parse.quote(e.name)), escape_html(e.name), human_size(e.st.st_size),
                time_element(e.st.st_mtime)) for e in files))
+    return ''.join(out)
+
+
+def gallery_page(url_path, listing, infos=None):
+    """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
+    without sizes).  Every name is HTML-escaped in text and URL-quoted in links."""
+    crumbs = [p for p in url_path.split('/') if p]
+    title = escape_html(crumbs[-1] if crumbs else 'Home')
+    out = [gallery_header(crumbs, listing)]
+    if listing.pages > 1:
+        title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
+        out.append(gallery_pages(listing))
+    out.append(gallery_entries(listing.entries, infos or {}))
     if listing.pages > 1:
         out.append(gallery_pages(listing, 'Pages, again'))
     notes = ['<span id="tz">Times in UTC.</span>']
