@@ -1384,7 +1384,7 @@ class ImageInfoCache:
 
     def get(self, path, st, name, fd=None, opener=None):
         """The ImageInfo (or None) of a regular file; unless fd is given, path is opened with
-        opener (Worker.open_checked: a descriptor checked to be in the root, and its stat)."""
+        opener (Responder.open_checked: a descriptor checked to be in the root, and its stat)."""
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         try:
             return self.infos[key]
