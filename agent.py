@@ -1488,13 +1488,6 @@ figcaption{padding:6px 8px 8px;font-size:.75rem}}
 @media (max-width:359px){figcaption{font-size:.7rem}}
 """
 
-# The pages of errors and redirects: small, in the gallery's colours, with its icon, and for an
-# error a way on: the nearest folder above the address that the server would list
-# (Responder.error_body), and Home.
-ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);background:var(--bg);color:var(--fg);'
-                         'font:16px/1.5 system-ui,sans-serif;overflow-wrap:anywhere}h1{font-size:1.4rem;margin:0 0 8px}'
-                         'a{color:var(--accent)}')
-
 GALLERY_SCRIPT = """
 (function () {
   var each = function (list, f) { Array.prototype.forEach.call(list, f); };
@@ -1621,6 +1614,13 @@ GALLERY_SCRIPT = """
 })();
 """
 
+
+# The pages of errors and redirects: small, in the gallery's colours, with its icon, and for an
+# error a way on: the nearest folder above the address that the server would list
+# (Responder.error_body), and Home.
+ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);background:var(--bg);color:var(--fg);'
+                         'font:16px/1.5 system-ui,sans-serif;overflow-wrap:anywhere}h1{font-size:1.4rem;margin:0 0 8px}'
+                         'a{color:var(--accent)}')
 
 # The SHA-256 of each inline style and script, as the policies name them.  Written out, not
 # computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of RSS each);
