@@ -6,7 +6,8 @@ One file, standard library only (Python 3.9+).  The corrected successor of the c
 Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banners):
     Defaults and limits
     HTTP: pure logic (find_head_end, parse_request, response_head, ranges, dates, paths)
-    Images: dimensions and embedded thumbnails       The gallery page (pure logic)
+    Images: dimensions and embedded thumbnails
+    Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
     Files: what the workers keep open (OpenFile, FileCache, OwnFiles)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
     The responder: a parsed request -> a queued response (resolve, open, stat, head)
@@ -518,6 +519,19 @@ class ChunkedBody:
         self.trailer = trailer
 
 
+def chunk_size(buf, pos, lf, request_line):
+    """The size that the whole chunk-size line buf[pos:lf + 1] gives (CHUNK_LINE: extensions
+    ignored).  Raises HTTPError 400 (close) if it is not one, 413 if the size alone is past
+    MAX_DISCARD."""
+    match = CHUNK_LINE.fullmatch(buf, pos, lf + 1)
+    if match is None:
+        raise HTTPError(400, close=True, request_line=request_line)
+    digits = match.group(1).lstrip(b'0')
+    if len(digits) > 8:             # already past MAX_DISCARD; no number to build
+        raise HTTPError(413, close=True, request_line=request_line)
+    return int(digits, 16) if digits else 0
+
+
 def drop_chunked(buf, body, max_size=MAX_HEADER_SIZE):
     """Read what buf holds of a chunked body: (bytes dropped, ChunkedBody to go on with, or
     None once the body has ended).  Raises HTTPError (close) if the body breaks the grammar
@@ -558,13 +572,7 @@ def drop_chunked(buf, body, max_size=MAX_HEADER_SIZE):
                 if end - pos >= MAX_CHUNK_LINE or CHUNK_START.match(buf, pos) is None:
                     raise HTTPError(400, close=True, request_line=body.req.line)
                 break
-            match = CHUNK_LINE.fullmatch(buf, pos, lf + 1)
-            if match is None:
-                raise HTTPError(400, close=True, request_line=body.req.line)
-            digits = match.group(1).lstrip(b'0')
-            if len(digits) > 8:             # already past MAX_DISCARD; no number to build
-                raise HTTPError(413, close=True, request_line=body.req.line)
-            left = int(digits, 16) if digits else 0
+            left = chunk_size(buf, pos, lf, body.req.line)
             size += max(lf + 1 - pos + left + 2, CHUNK_COST) if left else lf + 1 - pos
             if size > MAX_DISCARD:
                 raise HTTPError(413, close=True, request_line=body.req.line)
@@ -1109,76 +1117,6 @@ def response_head(status, date, fields, keep_alive, version, common=COMMON_HEADE
                      connection_field(keep_alive, version), b'\r\n'))
 
 
-# The pages of errors and redirects: small, in the gallery's colours, with its icon (without
-# one a browser asks for /favicon.ico, and logs a second 404), and for an error a way on: the
-# nearest folder above the address that the server would list (Responder.error_body), and Home.
-GALLERY_ICON = ('data:image/svg+xml,%3Csvg xmlns=%22http://www.w3.org/2000/svg%22 viewBox=%220 0 16 16%22%3E'
-                '%3Crect width=%2216%22 height=%2216%22 rx=%223%22 fill=%22%230b62c4%22/%3E%3Cpath d=%22M2 '
-                '13l4-5 3 3 2-2 3 4z%22 fill=%22%23fff%22/%3E%3Ccircle cx=%2211%22 cy=%225%22 r=%221.6%22 '
-                'fill=%22%23fff%22/%3E%3C/svg%3E')
-ERROR_STYLE = ('body{margin:0;padding:32px clamp(16px,4vw,40px);background:#f6f6f4;color:#1c1c1e;'
-               'font:16px/1.5 system-ui,sans-serif;overflow-wrap:anywhere}h1{font-size:1.4rem;margin:0 0 8px}'
-               'a{color:#0b62c4}@media (prefers-color-scheme:dark){body{background:#111113;color:#ececef}'
-               'a{color:#74b4ff}}')
-# The SHA-256 of ERROR_STYLE, as PAGE_CSP names it: written out, as GALLERY_STYLE_HASH is (see
-# there why), and checked against hashlib by test_daemon.py.  Change the style, and this with it.
-ERROR_STYLE_HASH = "'sha256-+g91wjzctr9kf5KrD9K+jIp1Z6WWtKCQH+tnMNO1I9g='"
-# The policy of every page the server writes but the gallery (errors, redirects, the HTTPS
-# port's 400): its inline style and icon, nothing to load, run, frame it, or send anywhere.
-PAGE_CSP = ("default-src 'none'; img-src data:; style-src %s; base-uri 'none'; form-action 'none'; "
-            "frame-ancestors 'none'" % ERROR_STYLE_HASH).encode('ascii')
-ERROR_TEXTS = {403: 'The server may not show this.', 404: 'There is nothing at this address.',
-               416: 'The requested range lies outside the file.',
-               500: 'The server failed to answer; the error is in its log.'}
-
-
-def html_page(title, style, body):
-    """The one shell of every page the server writes itself (errors, redirects, the gallery):
-    its language, a phone's viewport, light and dark, the icon (no /favicon.ico request), and
-    its style inline.  title and body are HTML, escaped already."""
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            '<meta name="color-scheme" content="light dark">\n<title>%s</title>\n'
-            '<link rel="icon" href="%s">\n<style>%s</style>\n</head><body>\n%s</body></html>\n'
-            % (title, GALLERY_ICON, style, body)).encode('utf-8')
-
-
-def error_page(status, folder=None):
-    """The HTML of an error (or redirect) page: for an error, links to folder (a URL path that
-    ends in '/', not quoted) unless it is the root, and to Home."""
-    reason = REASONS[status]
-    text = '<p>%s</p>\n' % ERROR_TEXTS[status] if status in ERROR_TEXTS else ''
-    if status >= 400:
-        if folder and folder != '/':
-            text += '<p>Go to <a href="%s">%s</a> or <a href="/">Home</a>.</p>\n' % (
-                escape_html(urllib.parse.quote(folder)), escape_html(folder))
-        else:
-            text += '<p>Go to <a href="/">Home</a>.</p>\n'
-    return html_page('%d %s' % (status, reason), ERROR_STYLE, '<h1>%d %s</h1>\n%s' % (status, reason, text))
-
-
-ERROR_BODIES = {code: error_page(code) for code in REASONS if code >= 300 and code != 304}
-ERROR_FOLDER_HOPS = 8           # folders looked for above a missing path before Home alone
-
-
-def html_fields(length, policy=PAGE_CSP):
-    """The fields of every HTML page the server writes itself (errors, redirects, the HTTPS
-    port's 400, the gallery): the one place that builds them, so none goes out without its
-    Content-Security-Policy (nosniff is in every head: COMMON_HEADERS)."""
-    return (b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
-            b'Content-Security-Policy: %s\r\n' % (length, policy))
-
-
-def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_only=False,
-                   common=COMMON_HEADERS, body=None):
-    """The bytes of a complete error (or redirect) response; body: the page, if not the
-    status's own (ERROR_BODIES)."""
-    if body is None:
-        body = ERROR_BODIES.get(status, b'')
-    head = response_head(status, date, html_fields(len(body)) + headers, keep_alive, version, common)
-    return head if head_only else head + body
-
-
 # ---------------------------------------------------------------------------------------------
 # Images: dimensions and embedded thumbnails, read from the headers, never decoded
 # ---------------------------------------------------------------------------------------------
@@ -1463,7 +1401,7 @@ class ImageInfoCache:
 
     def get(self, path, st, name, fd=None, opener=None):
         """The ImageInfo (or None) of a regular file; unless fd is given, path is opened with
-        opener (Worker.open_checked: a descriptor checked to be in the root, and its stat)."""
+        opener (Responder.open_checked: a descriptor checked to be in the root, and its stat)."""
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         try:
             return self.infos[key]
@@ -1490,36 +1428,29 @@ class ImageInfoCache:
 
 
 # ---------------------------------------------------------------------------------------------
-# The gallery page: a directory listed as a grid of thumbnails, pure logic
+# Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
 # ---------------------------------------------------------------------------------------------
 #
-# For a page not built within PAGE_TTL (PageCache, in the Files section), the worker scans a
-# directory (unless its catalog is kept: CATALOG_TTL) into (name, is_dir, stat) entries, typed
-# by readdir with no stat (only symlinks and special files are stat()ed), stat()s the entries
-# on the page (all of them to sort by date or size) and reads their image headers
-# (ImageInfoCache); everything else here is a pure function of
-# those: which entries are listed and in which order (gallery_catalog), which are on a page
-# (gallery_listing), the page's weak ETag, its HTML (gallery_page) and the same listing as JSON
-# (gallery_json).
-#
-# Listed: entries whose link the server itself answers: dot files, FIFOs and other special
-# files, names that cannot travel in a URL path (not UTF-8, control characters, a backslash:
-# see normalize_path) and names too long to reach (gallery_room) are left out; the page says
-# how many.
+# Every page the server writes itself (the gallery, errors, redirects, the HTTPS port's 400 to
+# plain HTTP) has one design, and this is its only home: one shell (html_page: language, a
+# phone's viewport, light and dark, the icon, the inline style), one palette (PALETTE, the
+# first lines of every page's style), the gallery's style and script, the error pages' style,
+# and each kind of page's Content-Security-Policy, which names its inline style and script by
+# hash (html_fields sends it).  Then the error pages, then the gallery.
 
-GALLERY_PAGE_SIZE = 200
-GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 4             # part of every page's ETag: change it when the markup changes
-NATURAL_DIGITS = re.compile(r'\d+')
-PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
-
-
-GALLERY_STYLE = """
-:root{color-scheme:light dark;--bg:#f6f6f4;--fg:#1c1c1e;--muted:#6b6b70;--card:#fff;--line:#e2e2e0;
+# Every page's icon: without one a browser asks for /favicon.ico, and logs a second 404.
+PAGE_ICON = ('data:image/svg+xml,%3Csvg xmlns=%22http://www.w3.org/2000/svg%22 viewBox=%220 0 16 16%22%3E'
+             '%3Crect width=%2216%22 height=%2216%22 rx=%223%22 fill=%22%230b62c4%22/%3E%3Cpath d=%22M2 '
+             '13l4-5 3 3 2-2 3 4z%22 fill=%22%23fff%22/%3E%3Ccircle cx=%2211%22 cy=%225%22 r=%221.6%22 '
+             'fill=%22%23fff%22/%3E%3C/svg%3E')
+# The colours, light and dark, as CSS custom properties: every page's style begins with them.
+PALETTE = """:root{color-scheme:light dark;--bg:#f6f6f4;--fg:#1c1c1e;--muted:#6b6b70;--card:#fff;--line:#e2e2e0;
 --accent:#0b62c4;--chip:#ebebea}
 @media (prefers-color-scheme:dark){:root{--bg:#111113;--fg:#ececef;--muted:#9c9ca3;--card:#1c1c1f;
 --line:#2c2c31;--accent:#74b4ff;--chip:#26262b}}
-*{box-sizing:border-box}
+"""
+
+GALLERY_STYLE = '\n' + PALETTE + """*{box-sizing:border-box}
 body{margin:0;padding:20px clamp(12px,3vw,36px) 40px;background:var(--bg);color:var(--fg);
 font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans",sans-serif}
 a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
@@ -1701,17 +1632,109 @@ GALLERY_SCRIPT = """
 """
 
 
-# The SHA-256 of GALLERY_STYLE and GALLERY_SCRIPT, as the Content-Security-Policy names them.
-# Written out, not computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of
-# RSS each); test_daemon.py checks them against hashlib, and the browser test would see a
-# blocked script.  Change the style or the script, and these change with them.
+# The pages of errors and redirects: small, in the gallery's colours, with its icon, and for an
+# error a way on: the nearest folder above the address that the server would list
+# (Responder.error_body), and Home.
+ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);background:var(--bg);color:var(--fg);'
+                         'font:16px/1.5 system-ui,sans-serif;overflow-wrap:anywhere}h1{font-size:1.4rem;margin:0 0 8px}'
+                         'a{color:var(--accent)}')
+
+# The SHA-256 of each inline style and script, as the policies name them.  Written out, not
+# computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of RSS each);
+# test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
+# Change a style or the script, and its hash changes with it.
 GALLERY_STYLE_HASH = "'sha256-q1gO3AzAyskU3oaLAXcHjq/Nb5D4os/3u8c6u8muHOc='"
 GALLERY_SCRIPT_HASH = "'sha256-VxDOGPg+e47TfXRLIHUx0UgPQpcb9XlFlrYEaQhRglA='"
-# The page's own policy: nothing but its inline style and script (by hash, so a cached page
+ERROR_STYLE_HASH = "'sha256-buOwst//26JaixQPUJUoCDOZwIxWcGkdsi6ZFKF8q5g='"
+# The gallery's policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images from this server, and no way to load or send anything elsewhere.
 GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "
                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
                % (GALLERY_STYLE_HASH, GALLERY_SCRIPT_HASH))
+# The policy of every other page (errors, redirects, the HTTPS port's 400): its inline style
+# and icon, nothing to load, run, frame it, or send anywhere.
+PAGE_CSP = ("default-src 'none'; img-src data:; style-src %s; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'" % ERROR_STYLE_HASH).encode('ascii')
+
+
+def html_page(title, style, body):
+    """The one shell of every page the server writes itself (errors, redirects, the gallery):
+    its language, a phone's viewport, light and dark, the icon (no /favicon.ico request), and
+    its style inline.  title and body are HTML, escaped already."""
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            '<meta name="color-scheme" content="light dark">\n<title>%s</title>\n'
+            '<link rel="icon" href="%s">\n<style>%s</style>\n</head><body>\n%s</body></html>\n'
+            % (title, PAGE_ICON, style, body)).encode('utf-8')
+
+
+def html_fields(length, policy=PAGE_CSP):
+    """The fields of every HTML page the server writes itself (errors, redirects, the HTTPS
+    port's 400, the gallery): the one place that builds them, so none goes out without its
+    Content-Security-Policy (nosniff is in every head: COMMON_HEADERS)."""
+    return (b'Content-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n'
+            b'Content-Security-Policy: %s\r\n' % (length, policy))
+
+
+ERROR_TEXTS = {403: 'The server may not show this.', 404: 'There is nothing at this address.',
+               416: 'The requested range lies outside the file.',
+               500: 'The server failed to answer; the error is in its log.'}
+
+
+def error_page(status, folder=None):
+    """The HTML of an error (or redirect) page: for an error, links to folder (a URL path that
+    ends in '/', not quoted) unless it is the root, and to Home."""
+    reason = REASONS[status]
+    text = '<p>%s</p>\n' % ERROR_TEXTS[status] if status in ERROR_TEXTS else ''
+    if status >= 400:
+        if folder and folder != '/':
+            text += '<p>Go to <a href="%s">%s</a> or <a href="/">Home</a>.</p>\n' % (
+                escape_html(urllib.parse.quote(folder)), escape_html(folder))
+        else:
+            text += '<p>Go to <a href="/">Home</a>.</p>\n'
+    return html_page('%d %s' % (status, reason), ERROR_STYLE, '<h1>%d %s</h1>\n%s' % (status, reason, text))
+
+
+ERROR_BODIES = {code: error_page(code) for code in REASONS if code >= 300 and code != 304}
+ERROR_FOLDER_HOPS = 8           # folders looked for above a missing path before Home alone
+
+
+# Plain HTTP sent to the HTTPS port: no way on, as a link would lead to this port over HTTP again.
+PLAIN_HTTP_BODY = html_page('400 Bad Request', ERROR_STYLE,
+                            '<h1>400 Bad Request</h1>\n<p>This port speaks HTTPS: use https://.</p>\n')
+
+
+def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_only=False,
+                   common=COMMON_HEADERS, body=None):
+    """The bytes of a complete error (or redirect) response; body: the page, if not the
+    status's own (ERROR_BODIES)."""
+    if body is None:
+        body = ERROR_BODIES.get(status, b'')
+    head = response_head(status, date, html_fields(len(body)) + headers, keep_alive, version, common)
+    return head if head_only else head + body
+
+
+# The gallery: a directory listed as a grid of thumbnails.
+#
+# For a page not built within PAGE_TTL (PageCache, in the Files section), the worker scans a
+# directory (unless its catalog is kept: CATALOG_TTL) into (name, is_dir, stat) entries, typed
+# by readdir with no stat (only symlinks and special files are stat()ed), stat()s the entries
+# on the page (all of them to sort by date or size) and reads their image headers
+# (ImageInfoCache); everything else here is a pure function of
+# those: which entries are listed and in which order (gallery_catalog), which are on a page
+# (gallery_listing), the page's weak ETag, its HTML (gallery_page) and the same listing as JSON
+# (gallery_json).
+#
+# Listed: entries whose link the server itself answers: dot files, FIFOs and other special
+# files, names that cannot travel in a URL path (not UTF-8, control characters, a backslash:
+# see normalize_path) and names too long to reach (gallery_room) are left out; the page says
+# how many.
+
+GALLERY_PAGE_SIZE = 200
+GALLERY_SORTS = ('name', 'date', 'size')
+GALLERY_VERSION = 4             # part of every page's ETag: change it when the markup changes
+NATURAL_DIGITS = re.compile(r'\d+')
+PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
 
 def parse_query(query):
@@ -2044,14 +2067,9 @@ def gallery_pages(listing, label='Pages'):
     return '<nav class="pages" aria-label="%s">%s</nav>\n' % (label, ''.join(links))
 
 
-def gallery_page(url_path, listing, infos=None):
-    """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
-    without sizes).  Every name is HTML-escaped in text and URL-quoted in links."""
-    infos = infos or {}
-    crumbs = [p for p in url_path.split('/') if p]
-    title = escape_html(crumbs[-1] if crumbs else 'Home')
-    if listing.pages > 1:
-        title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
+def gallery_header(crumbs, listing):
+    """The page's <header>: the path as links (Home, then each folder above this one), the
+    counts over all pages, and the sorts."""
     heading = ['<a href="/">Home</a>']
     for i, part in enumerate(crumbs):
         href = escape_html('/' + '/'.join(urllib.parse.quote(p) for p in crumbs[:i + 1]) + '/')
@@ -2066,13 +2084,17 @@ def gallery_page(url_path, listing, infos=None):
         counts.append('page %d of %d' % (listing.page, listing.pages))
     sorts = ''.join(('<strong>%s</strong>' if s == listing.sort else '<a href="%s">%%s</a>' % gallery_href(s, 1)) % s
                     for s in GALLERY_SORTS)
-    out = ['<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
-           '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts)]
-    if listing.pages > 1:
-        out.append(gallery_pages(listing))
-    dirs = [e for e in listing.entries if e.kind == 'dir']
-    images = [e for e in listing.entries if e.kind == 'image']
-    files = [e for e in listing.entries if e.kind == 'file']
+    return ('<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
+            '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts))
+
+
+def gallery_entries(entries, infos):
+    """The entries of a page, each kind in its block: folders as a list of links, images as the
+    grid (<main>, which the page's script looks in), other files as a table."""
+    out = []
+    dirs = [e for e in entries if e.kind == 'dir']
+    images = [e for e in entries if e.kind == 'image']
+    files = [e for e in entries if e.kind == 'file']
     if dirs:
         out.append('<ul class="dirs">%s</ul>\n' % ''.join(
             '<li><a href="%s/">%s</a></li>' % (escape_html(urllib.parse.quote(e.name)), escape_html(e.name))
@@ -2086,6 +2108,19 @@ def gallery_page(url_path, listing, infos=None):
             '<tr><td><a href="%s">%s</a></td><td>%s</td><td>%s</td></tr>'
             % (escape_html(urllib.parse.quote(e.name)), escape_html(e.name), human_size(e.st.st_size),
                time_element(e.st.st_mtime)) for e in files))
+    return ''.join(out)
+
+
+def gallery_page(url_path, listing, infos=None):
+    """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
+    without sizes).  Every name is HTML-escaped in text and URL-quoted in links."""
+    crumbs = [p for p in url_path.split('/') if p]
+    title = escape_html(crumbs[-1] if crumbs else 'Home')
+    out = [gallery_header(crumbs, listing)]
+    if listing.pages > 1:
+        title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
+        out.append(gallery_pages(listing))
+    out.append(gallery_entries(listing.entries, infos or {}))
     if listing.pages > 1:
         out.append(gallery_pages(listing, 'Pages, again'))
     notes = ['<span id="tz">Times in UTC.</span>']
@@ -2760,8 +2795,6 @@ HANDSHAKE = 'handshake'     # TLS: the handshake in progress (before READING)
 # (OpenSSL itself recognises only GET, HEAD, POST, PUT and CONNECT, and resets the others).
 PLAIN_HTTP_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]")
 PLAIN_HTTP_PEEK = 200       # bytes looked at: the request line for the access log
-PLAIN_HTTP_BODY = (b'<!DOCTYPE html>\n<html><head><title>400 Bad Request</title></head>\n<body>'
-                   b'<h1>400 Bad Request</h1><p>This port speaks HTTPS: use https://.</p></body></html>\n')
 
 
 # ALPN (RFC 7301).  Python's ssl completes the handshake, with no protocol, for a client that

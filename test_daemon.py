@@ -7522,6 +7522,24 @@ class GalleryPureTests(unittest.TestCase):
         self.assertEqual([e.name for e in listing.entries],
                          ['b', 'a.txt', 'IMG1.jpg', 'img02.jpg', 'img2.jpg', 'img10.jpg', 'Z.png'])
 
+    def test_one_design_for_every_page(self):
+        """Every page the server writes (the gallery, each error and redirect, the HTTPS port's
+        400 to plain HTTP) comes from one shell, with its language, viewport and icon, and wears
+        the gallery's colours, light and dark: the design has one home (issue 20)."""
+        gallery = agent.gallery_page('/', agent.gallery_listing([('a.jpg', False, gallery_stat())])).decode()
+        palette = re.search(r'<style>\s*(:root\{[^}]*\}\s*@media \(prefers-color-scheme:dark\)'
+                            r'\{:root\{[^}]*\}\})', gallery).group(1)
+
+        def shell(page):
+            return re.sub(r'<title>.*?</title>', '<title></title>', page).partition('<style>')[0]
+        pages = {'error %d' % status: body for status, body in agent.ERROR_BODIES.items()}
+        pages['plain HTTP on the HTTPS port'] = agent.plain_http_refusal(b'GET / HTTP/1.1', b'D')[0].partition(
+            b'\r\n\r\n')[2]
+        for what, body in pages.items():
+            page = body.decode('utf-8')
+            self.assertEqual(shell(page), shell(gallery), what)
+            self.assertIn(palette, re.search(r'<style>(.*?)</style>', page, re.S).group(1), what)
+
     def test_sort_by_date_and_size(self):
         entries = [('old.jpg', False, gallery_stat(size=5, mtime=1000)),
                    ('new.jpg', False, gallery_stat(size=1, mtime=3000)),
