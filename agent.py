@@ -3956,6 +3956,19 @@ class Worker:
                 conn.close()
 
 
+def accept_connection(listener, family):
+    """listener.accept(), minus the Python layer of socket.socket around the new socket.
+
+    The connection is used through the C-level _socket.socket methods only (recv, send,
+    shutdown, close, fileno), and skipping the wrapper and its enum conversions saves about
+    10 us a connection: a tenth of a Connection: close exchange.
+    """
+    fd, address = listener._accept()
+    sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    sock.setblocking(False)
+    return sock, address
+
+
 # ---------------------------------------------------------------------------------------------
 # The master: the Agent daemon
 # ---------------------------------------------------------------------------------------------
@@ -4759,19 +4772,6 @@ def read_pid(path):
             return daemon.parse_pid(f.read())
     except (OSError, ValueError):
         return None
-
-
-def accept_connection(listener, family):
-    """listener.accept(), minus the Python layer of socket.socket around the new socket.
-
-    The connection is used through the C-level _socket.socket methods only (recv, send,
-    shutdown, close, fileno), and skipping the wrapper and its enum conversions saves about
-    10 us a connection: a tenth of a Connection: close exchange.
-    """
-    fd, address = listener._accept()
-    sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-    sock.setblocking(False)
-    return sock, address
 
 
 # Options that are flags: (the value that the flag gives, the flag).
