@@ -2,6 +2,9 @@
 """agent.py: an HTTP/1.1 static image server that is safe to expose, on daemon.py.
 
 One file, standard library only (Python 3.9+).  The corrected successor of the classic `agentD`.
+It is deployed as two files, `cp agent.py daemon.py /opt/agent/`, and kept so rather than split
+into a package: daemon.py is the module other programs copy alone, and an upgrade in place
+checks, runs and keeps in memory (code_image) exactly these two files, with nothing to install.
 
 Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banners):
     Defaults and limits
@@ -3984,7 +3987,6 @@ class WorkerProcess:
         self.retiring = False       # a reload told it to drain: not respawned
         self.born = time.monotonic()
 
-
 class Agent(Daemon):
     """The master process: binds, forks the workers, supervises them."""
 
@@ -4744,7 +4746,6 @@ class Agent(Daemon):
                 self.forget_worker(pid)
         log('agent: stopped (%d worker(s) respawned while it ran)' % self.respawns)
 
-
 def about_the_port(action, elsewhere):
     """An action (status, stop) that first looks at who serves --port: elsewhere(holder)
     answers when another pidfile's agent does (Agent.agent_elsewhere())."""
@@ -4752,7 +4753,6 @@ def about_the_port(action, elsewhere):
         holder = agent.agent_elsewhere()
         return action(agent) if holder is None else elsewhere(holder)
     return checked
-
 
 def restart_action(restart):
     """restart, with Agent.on_restart_stopped() first when no agent runs on the pidfile (the
@@ -4765,55 +4765,7 @@ def restart_action(restart):
     return checked
 
 
-def read_pid(path):
-    """The pid a pidfile holds, or None (unreadable, empty, not a number)."""
-    try:
-        with open(path) as f:
-            return daemon.parse_pid(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-# Options that are flags: (the value that the flag gives, the flag).
-FLAGS = {'follow_symlinks': (True, '--follow-symlinks'), 'allow_readable_key': (True, '--allow-readable-key'),
-         'listing': (False, '--no-listing')}
-
-
-def option_argv(config, given=frozenset(), every=False):
-    """The options of config as a command line, paths absolute; given: the names of those on
-    the command line (given_options()).
-
-    every=False: the options given, and the paths whose default would name another file from
-    another working directory (the default ./agent.log of a daemon started elsewhere, when it
-    re-executes itself in /): an upgraded master shows what it runs with, not defaults it never
-    asked for.  every=True: all of them, as recorded for `restart` to compare and keep.
-    """
-    defaults = parser()
-    argv = []
-    for name, value in vars(config).items():
-        if name in NOT_OPTIONS or value is None:
-            continue
-        if not every and name not in given:
-            default = defaults.get_default(name)
-            if name not in PATH_OPTIONS or value == 'off' or default is None \
-                    or os.path.abspath(default) == value:
-                continue
-        if name in FLAGS:
-            if value == FLAGS[name][0]:
-                argv.append(FLAGS[name][1])
-            continue
-        argv += ['--' + name.replace('_', '-'), value if isinstance(value, str) else repr(value)]
-    return argv
-
-
-def drain(fd):
-    """Read a non-blocking pipe empty."""
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
-
+# -- processes: reaping, signalling, naming them --
 
 def reap_children(block=False):
     """(pid, status) of every child that has ended; never blocks unless asked to."""
@@ -4829,12 +4781,6 @@ def reap_children(block=False):
             return found
         found.append((pid, status))
 
-
-def n_workers(count):
-    """'1 worker', '2 workers': for the log."""
-    return '%d worker%s' % (count, '' if count == 1 else 's')
-
-
 def describe_status(status):
     if os.WIFSIGNALED(status):
         try:
@@ -4843,6 +4789,25 @@ def describe_status(status):
             return 'killed by signal %d' % os.WTERMSIG(status)
     return 'exit status %d' % os.WEXITSTATUS(status)
 
+def signal_worker(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+def drain(fd):
+    """Read a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+def n_workers(count):
+    """'1 worker', '2 workers': for the log."""
+    return '%d worker%s' % (count, '' if count == 1 else 's')
+
+PR_SET_NAME = 15                        # prctl(2): the name of this thread, /proc/self/comm
 
 def set_process_title(comm, args=''):
     """Show this process as comm (ps -e, top; 15 bytes at most) and "comm args" (ps -f).
@@ -4872,7 +4837,6 @@ def set_process_title(comm, args=''):
     except (OSError, ValueError, IndexError, OverflowError, ctypes.ArgumentError):
         pass
 
-
 def argument_area():
     """(arg_start, arg_end) of this process: fields 48 and 49 of /proc/self/stat (proc(5))."""
     with open('/proc/self/stat', 'rb') as f:
@@ -4881,7 +4845,6 @@ def argument_area():
     if not 0 < start < end or end - start > 1 << 20:
         raise ValueError('no argument area')
     return start, end
-
 
 def writable_mapping(start, end):
     """Whether [start, end) lies in one writable mapping of this process (/proc/self/maps): the
@@ -4894,6 +4857,197 @@ def writable_mapping(start, end):
                 return fields[1].startswith('rw')
     return False
 
+def release_freed_memory():
+    """Give back to the system what Python has freed, before the workers fork and inherit it.
+
+    Where agent.py was compiled from source in this process (no bytecode cache: see
+    run_from_bytecode), the compiler's 9 MB of peak allocations stay in glibc's heap once
+    freed, in the master and in every worker (RSS 25 MB a worker, measured; 22 MB after this).
+    malloc_trim() is glibc's; elsewhere nothing happens.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+def raise_fd_limit():
+    """Raise the soft RLIMIT_NOFILE to the hard one: connections and open files need fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+# -- the code an upgrade may go back to --
+
+def code_image():
+    """The source this process runs, daemon.py and agent.py, each copied into a memory file
+    (memfd_create(2)): [[module name, fd, path], ...], or None where it cannot be kept (no
+    memfd_create, a file gone or unreadable).  Read at the master's setup, a moment after
+    Python imported the same files; a file replaced in that moment is not covered."""
+    image = []
+    try:
+        for name, path in (('daemon', daemon.__file__), ('agent', os.path.abspath(__file__))):
+            fd = os.memfd_create('agent-code-' + name, os.MFD_CLOEXEC)
+            image.append([name, fd, path])
+            source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                while True:
+                    chunk = os.read(source, 65536)
+                    if not chunk:
+                        break
+                    os.write(fd, chunk)
+            finally:
+                os.close(source)
+    except (OSError, AttributeError) as exc:
+        log('agent: cannot keep a copy of the code it runs (%s); an upgrade whose workers cannot '
+            'start will not go back to it' % daemon.describe(exc), priority=LOG_WARNING)
+        close_code(image)
+        return None
+    return image
+
+def close_code(image):
+    for _, fd, _ in image or ():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- identity and files: the default root and user, the recorded options --
+
+DEFAULT_USERS = ('agent', 'nobody')     # default_account()
+
+SYSTEM_DIRECTORIES = ('/', '/usr', '/var', '/run', '/home', '/usr/local', '/opt', '/srv', '/tmp')
+
+SYSTEM_TREES = ('/etc', '/root', '/boot', '/proc', '/sys', '/dev')       # system_directory()
+
+def system_directory(path):
+    """Why path is no root to serve by default: 'a system directory', 'a home directory', or
+    '' if it may be.  `cd / && agent.py start` must not serve /etc/shadow: / and the system's
+    directories (their subtrees where every file is the system's: /etc, /root, /boot, /proc,
+    /sys, /dev), /home and each home directory itself (~/.ssh, ~/.gnupg); a folder of photos
+    below /var or a home is fine.  Naming one with --root is a choice, never refused."""
+    real = os.path.realpath(path)
+    if real in SYSTEM_DIRECTORIES or any(inside(real, tree) for tree in SYSTEM_TREES):
+        return 'a system directory'
+    if real in {os.path.realpath(entry.pw_dir) for entry in pwd.getpwall() if entry.pw_dir}:
+        return 'a home directory'
+    return ''
+
+def default_account():
+    """The user an agent started as root without --user runs as: 'agent' where it exists (the
+    system user of contrib/agent.service and agent.init), else 'nobody' (with its own primary
+    group: nogroup on Debian)."""
+    for name in DEFAULT_USERS:
+        try:
+            return pwd.getpwnam(name).pw_name
+        except KeyError:
+            continue
+    raise DaemonError('started as root without --user, and there is no user %s to run as: give '
+                      '--user (--user root to run as root)' % ' nor '.join(DEFAULT_USERS))
+
+def describe_denied(exc):
+    """exc.strerror, naming the user when it is a missing permission."""
+    if isinstance(exc, PermissionError):
+        return '%s, as user %s' % (exc.strerror, daemon.current_user())
+    return exc.strerror
+
+def options_path(pidfile):
+    """The file beside the pidfile in which the master records its options."""
+    return pidfile + '.options'
+
+def read_options(path, pid):
+    """The argv recorded in an options file, if it was written by pid; else None.  Only a
+    regular file of this user or root that no one else may write: restart takes --root and
+    --user from it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd) as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+                return None
+            recorded = json.load(f)
+        argv = recorded.get('argv')
+        if recorded.get('pid') == pid and isinstance(argv, list) and all(isinstance(arg, str) for arg in argv):
+            return argv
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+def describe_changes(old, new):
+    """'--root /a -> /b, --workers 2 -> 4' between two config_argv() lists; '' if the same."""
+    def options(argv):
+        found, index = {}, 0
+        while index < len(argv):
+            if index + 1 < len(argv) and not argv[index + 1].startswith('--'):
+                found[argv[index]] = argv[index + 1]
+                index += 2
+            else:
+                found[argv[index]] = 'on'
+                index += 1
+        return found
+    before, after = options(old), options(new)
+    changes = []
+    for name in sorted(set(before) | set(after)):
+        if before.get(name) != after.get(name):
+            changes.append('%s %s -> %s' % (name, before.get(name, 'off'), after.get(name, 'off')))
+    return ', '.join(changes)
+
+def read_pid(path):
+    """The pid a pidfile holds, or None (unreadable, empty, not a number)."""
+    try:
+        with open(path) as f:
+            return daemon.parse_pid(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+# -- ports: binding one, and who holds one --
+
+def bind(address, port):
+    """A listening, non-blocking TCP socket; '::' listens on IPv6 and IPv4 both."""
+    try:
+        infos = socket.getaddrinfo(address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        raise DaemonError('invalid --bind address %r (give a numeric IPv4 or IPv6 address)' % address)
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if address == '::' else 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+        # Accepted sockets inherit it: responses end in small segments that must not wait
+        # for the client's delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        sock.close()
+        where = '[%s]:%d' % (address, port) if ':' in address else '%s:%d' % (address, port)
+        reason = exc.strerror
+        if exc.errno == errno.EADDRINUSE:
+            holder = port_holder(port)
+            if holder:
+                reason += ' (%s)' % holder
+        elif exc.errno == errno.EACCES and 0 < port < unprivileged_port_start():
+            reason += ' (ports below %d need root: start as root with --user, or use a higher port)' \
+                % unprivileged_port_start()
+        raise DaemonError('cannot listen on %s: %s' % (where, reason),
+                          privilege=exc.errno in (errno.EACCES, errno.EPERM))
+    try:
+        # Wake a worker only when the request has arrived, not at the bare handshake.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+    except (OSError, AttributeError):
+        pass
+    sock.setblocking(False)
+    return sock
 
 def urls(listeners, tls=False, redirects=()):
     """The URLs of the listening sockets (https:// for HTTPS ones), a wildcard address shown as
@@ -4917,96 +5071,12 @@ def urls(listeners, tls=False, redirects=()):
             found.append(str(name))
     return found or ['no socket']
 
-
-def default_pidfile(port):
-    """Where every action looks without --pidfile: daemon.py's per-user rule (/run for root,
-    else $XDG_RUNTIME_DIR, else a private directory /tmp/agent-UID), one file per port."""
-    return daemon.default_pidfile('agent', 'agent-%d.pid' % port)
-
-
-def private_directory(path, create):
-    """daemon.private_directory(), whose remedy is an option here."""
-    daemon.private_directory(path, create, remedy='remove it, or give --pidfile')
-
-
-def system_directory(path):
-    """Why path is no root to serve by default: 'a system directory', 'a home directory', or
-    '' if it may be.  `cd / && agent.py start` must not serve /etc/shadow: / and the system's
-    directories (their subtrees where every file is the system's: /etc, /root, /boot, /proc,
-    /sys, /dev), /home and each home directory itself (~/.ssh, ~/.gnupg); a folder of photos
-    below /var or a home is fine.  Naming one with --root is a choice, never refused."""
-    real = os.path.realpath(path)
-    if real in SYSTEM_DIRECTORIES or any(inside(real, tree) for tree in SYSTEM_TREES):
-        return 'a system directory'
-    if real in {os.path.realpath(entry.pw_dir) for entry in pwd.getpwall() if entry.pw_dir}:
-        return 'a home directory'
-    return ''
-
-
-def default_account():
-    """The user an agent started as root without --user runs as: 'agent' where it exists (the
-    system user of contrib/agent.service and agent.init), else 'nobody' (with its own primary
-    group: nogroup on Debian)."""
-    for name in DEFAULT_USERS:
-        try:
-            return pwd.getpwnam(name).pw_name
-        except KeyError:
-            continue
-    raise DaemonError('started as root without --user, and there is no user %s to run as: give '
-                      '--user (--user root to run as root)' % ' nor '.join(DEFAULT_USERS))
-
-
-def options_path(pidfile):
-    """The file beside the pidfile in which the master records its options."""
-    return pidfile + '.options'
-
-
-def read_options(path, pid):
-    """The argv recorded in an options file, if it was written by pid; else None.  Only a
-    regular file of this user or root that no one else may write: restart takes --root and
-    --user from it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd) as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
-                return None
-            recorded = json.load(f)
-        argv = recorded.get('argv')
-        if recorded.get('pid') == pid and isinstance(argv, list) and all(isinstance(arg, str) for arg in argv):
-            return argv
-    except (OSError, ValueError, AttributeError):
-        pass
-    return None
-
-
-def describe_changes(old, new):
-    """'--root /a -> /b, --workers 2 -> 4' between two config_argv() lists; '' if the same."""
-    def options(argv):
-        found, index = {}, 0
-        while index < len(argv):
-            if index + 1 < len(argv) and not argv[index + 1].startswith('--'):
-                found[argv[index]] = argv[index + 1]
-                index += 2
-            else:
-                found[argv[index]] = 'on'
-                index += 1
-        return found
-    before, after = options(old), options(new)
-    changes = []
-    for name in sorted(set(before) | set(after)):
-        if before.get(name) != after.get(name):
-            changes.append('%s %s -> %s' % (name, before.get(name, 'off'), after.get(name, 'off')))
-    return ', '.join(changes)
-
-
 def unprivileged_port_start():
     try:
         with open('/proc/sys/net/ipv4/ip_unprivileged_port_start') as f:
             return int(f.read())
     except (OSError, ValueError):
         return 1024
-
 
 def can_bind_low_ports():
     """Root, or CAP_NET_BIND_SERVICE (bit 10) in the effective set."""
@@ -5021,7 +5091,6 @@ def can_bind_low_ports():
         pass
     return False
 
-
 def check_port_permission(port):
     """Fail early, in the launcher, on a port this user may not bind (socket activation aside)."""
     if 0 < port < unprivileged_port_start() and not can_bind_low_ports() \
@@ -5032,12 +5101,10 @@ def check_port_permission(port):
                                                         daemon.current_user(), unprivileged_port_start()),
                           privilege=True)
 
-
 def port_holder(port):
     """Who listens on a TCP port, for the message of a failed bind: '' if nobody visible."""
     holder = find_port_holder(port)
     return '' if holder is None else holder.describe()
-
 
 class PortHolder:
     """Who listens on a TCP port, as far as this user can see: find_port_holder().
@@ -5083,7 +5150,6 @@ class PortHolder:
             return 'by agent pid %d' % self.pid
         return 'by pid %d (%s)' % (self.pid, self.command[:80]) if self.command else 'by pid %d' % self.pid
 
-
 def find_port_holder(port):
     """The PortHolder of a TCP port, or None if nothing listens on it.
 
@@ -5104,7 +5170,6 @@ def find_port_holder(port):
         pid = locker if pid is None else pid
     return PortHolder(pid, pidfile)
 
-
 def listening_inodes(port):
     """'socket:[INODE]' of each TCP socket listening on port, from /proc/net/tcp and tcp6."""
     inodes = set()
@@ -5120,7 +5185,6 @@ def listening_inodes(port):
                 inodes.add('socket:[%s]' % fields[9])
     return inodes
 
-
 def socket_holders(inodes):
     """The pids that have one of these sockets open, of those this user may look into."""
     holders = []
@@ -5129,12 +5193,10 @@ def socket_holders(inodes):
             holders.append(int(name))
     return holders
 
-
 def topmost(pids):
     """Of these pids, the lowest whose parent is not among them: the master of its workers."""
     tops = [pid for pid in pids if parent_pid(pid) not in pids]
     return min(tops or pids)
-
 
 def parent_pid(pid):
     try:
@@ -5143,7 +5205,6 @@ def parent_pid(pid):
     except (OSError, ValueError, IndexError):
         return 0
 
-
 def proc_field(pid, name):
     """The value of a line of /proc/PID/status ('Uid', 'PPid'...), which anyone may read."""
     with open('/proc/%d/status' % pid) as f:
@@ -5151,7 +5212,6 @@ def proc_field(pid, name):
             if line.startswith(name + ':'):
                 return line.split(':', 1)[1].strip()
     raise ValueError('no %s in /proc/%d/status' % (name, pid))
-
 
 def default_pidfile_locked(port, pid=None):
     """(path, locker) of a default pidfile of this port that is locked (by pid, if given),
@@ -5168,7 +5228,6 @@ def default_pidfile_locked(port, pid=None):
             return path, lockers[0]
     return None, None
 
-
 def locked_file_of(pid):
     """The path of a file on which pid holds an flock() (an agent's pidfile), or None."""
     try:
@@ -5181,122 +5240,6 @@ def locked_file_of(pid):
                 pid in (daemon.flock_holders(st, locks) or ()):
             return path
     return None
-
-
-def describe_denied(exc):
-    """exc.strerror, naming the user when it is a missing permission."""
-    if isinstance(exc, PermissionError):
-        return '%s, as user %s' % (exc.strerror, daemon.current_user())
-    return exc.strerror
-
-
-def code_image():
-    """The source this process runs, daemon.py and agent.py, each copied into a memory file
-    (memfd_create(2)): [[module name, fd, path], ...], or None where it cannot be kept (no
-    memfd_create, a file gone or unreadable).  Read at the master's setup, a moment after
-    Python imported the same files; a file replaced in that moment is not covered."""
-    image = []
-    try:
-        for name, path in (('daemon', daemon.__file__), ('agent', os.path.abspath(__file__))):
-            fd = os.memfd_create('agent-code-' + name, os.MFD_CLOEXEC)
-            image.append([name, fd, path])
-            source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                while True:
-                    chunk = os.read(source, 65536)
-                    if not chunk:
-                        break
-                    os.write(fd, chunk)
-            finally:
-                os.close(source)
-    except (OSError, AttributeError) as exc:
-        log('agent: cannot keep a copy of the code it runs (%s); an upgrade whose workers cannot '
-            'start will not go back to it' % daemon.describe(exc), priority=LOG_WARNING)
-        close_code(image)
-        return None
-    return image
-
-
-def close_code(image):
-    for _, fd, _ in image or ():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def release_freed_memory():
-    """Give back to the system what Python has freed, before the workers fork and inherit it.
-
-    Where agent.py was compiled from source in this process (no bytecode cache: see
-    run_from_bytecode), the compiler's 9 MB of peak allocations stay in glibc's heap once
-    freed, in the master and in every worker (RSS 25 MB a worker, measured; 22 MB after this).
-    malloc_trim() is glibc's; elsewhere nothing happens.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def signal_worker(pid, signum):
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def raise_fd_limit():
-    """Raise the soft RLIMIT_NOFILE to the hard one: connections and open files need fds."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
-def bind(address, port):
-    """A listening, non-blocking TCP socket; '::' listens on IPv6 and IPv4 both."""
-    try:
-        infos = socket.getaddrinfo(address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                                   socket.AI_PASSIVE | socket.AI_NUMERICHOST)
-    except socket.gaierror:
-        raise DaemonError('invalid --bind address %r (give a numeric IPv4 or IPv6 address)' % address)
-    family, kind, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if address == '::' else 1)
-        sock.bind(sockaddr)
-        sock.listen(BACKLOG)
-        # Accepted sockets inherit it: responses end in small segments that must not wait
-        # for the client's delayed ACK.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError as exc:
-        sock.close()
-        where = '[%s]:%d' % (address, port) if ':' in address else '%s:%d' % (address, port)
-        reason = exc.strerror
-        if exc.errno == errno.EADDRINUSE:
-            holder = port_holder(port)
-            if holder:
-                reason += ' (%s)' % holder
-        elif exc.errno == errno.EACCES and 0 < port < unprivileged_port_start():
-            reason += ' (ports below %d need root: start as root with --user, or use a higher port)' \
-                % unprivileged_port_start()
-        raise DaemonError('cannot listen on %s: %s' % (where, reason),
-                          privilege=exc.errno in (errno.EACCES, errno.EPERM))
-    try:
-        # Wake a worker only when the request has arrived, not at the bare handshake.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
-    except (OSError, AttributeError):
-        pass
-    sock.setblocking(False)
-    return sock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5315,8 +5258,6 @@ def number(convert, low, high, what):
             raise argparse.ArgumentTypeError('%r is not %s' % (text, what))
         return value
     return parse
-
-
 positive_int = number(int, 1, float('inf'), 'a whole number of 1 or more')
 # Each worker is a process of 13-22 MB that the master forks and waits for at start: thousands
 # would exhaust memory before `start` could say anything useful.
@@ -5338,7 +5279,6 @@ def bind_address(text):
             '%r is not a numeric IPv4 or IPv6 address (127.0.0.1 or ::1 for this machine only, '
             '0.0.0.0 or :: for every address)' % text)
     return text
-
 
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error: the option and what is wrong with it, as nginx and
@@ -5362,8 +5302,6 @@ class Parser(argparse.ArgumentParser):
                 self.error('unrecognized option %r%s' % (name, ' (did you mean %s?)' % meant
                                                          if meant else ''))
         return super().parse_args(args, namespace)
-
-
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """argparse's help, wrapped at spaces only: its default also breaks after a hyphen, which
@@ -5390,7 +5328,6 @@ def closest(word, choices):
     scored = sorted((distance(word, choice), choice) for choice in choices)
     return scored[0][1] if scored and scored[0][0] <= 2 else None
 
-
 ACTION_HELP = (
     ('start', 'detach and serve; returns once every worker is up (prints the URL)'),
     ('stop', 'SIGTERM, in-flight responses finish; SIGKILL after --stop-timeout'),
@@ -5400,7 +5337,6 @@ ACTION_HELP = (
     ('run', 'serve in the foreground, log on stderr (systemd, containers)'),
     ('upgrade', 'replace the running master with the agent.py now on disk (SIGUSR2)'),
 )
-
 
 def parser():
     p = Parser(
@@ -5473,8 +5409,40 @@ def parser():
 
 
 NOT_OPTIONS = ('action',)          # not an option: the action
-PATH_OPTIONS = ('root', 'pidfile', 'log', 'access_log', 'tls_cert', 'tls_key')   # made absolute by main()
+# The options that name files: made absolute before anything changes directory.
+PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key')
+SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
 
+
+# Options that are flags: (the value that the flag gives, the flag).
+FLAGS = {'follow_symlinks': (True, '--follow-symlinks'), 'allow_readable_key': (True, '--allow-readable-key'),
+         'listing': (False, '--no-listing')}
+
+def option_argv(config, given=frozenset(), every=False):
+    """The options of config as a command line, paths absolute; given: the names of those on
+    the command line (given_options()).
+
+    every=False: the options given, and the paths whose default would name another file from
+    another working directory (the default ./agent.log of a daemon started elsewhere, when it
+    re-executes itself in /): an upgraded master shows what it runs with, not defaults it never
+    asked for.  every=True: all of them, as recorded for `restart` to compare and keep.
+    """
+    defaults = parser()
+    argv = []
+    for name, value in vars(config).items():
+        if name in NOT_OPTIONS or value is None:
+            continue
+        if not every and name not in given:
+            default = defaults.get_default(name)
+            if name not in PATH_OPTIONS or value == 'off' or default is None \
+                    or os.path.abspath(default) == value:
+                continue
+        if name in FLAGS:
+            if value == FLAGS[name][0]:
+                argv.append(FLAGS[name][1])
+            continue
+        argv += ['--' + name.replace('_', '-'), value if isinstance(value, str) else repr(value)]
+    return argv
 
 def given_options(argv):
     """The names (dests) of the options given on a command line, as opposed to defaulted.
@@ -5488,6 +5456,14 @@ def given_options(argv):
     parsed = p.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in names}))
     return frozenset(name for name in names if getattr(parsed, name) is not marker)
 
+def default_pidfile(port):
+    """Where every action looks without --pidfile: daemon.py's per-user rule (/run for root,
+    else $XDG_RUNTIME_DIR, else a private directory /tmp/agent-UID), one file per port."""
+    return daemon.default_pidfile('agent', 'agent-%d.pid' % port)
+
+def private_directory(path, create):
+    """daemon.private_directory(), whose remedy is an option here."""
+    daemon.private_directory(path, create, remedy='remove it, or give --pidfile')
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -5549,13 +5525,6 @@ FROM_CODE = ("import json, os, sys, types; image = json.loads(sys.argv[1]); del 
              "    module = sys.modules[name] = types.ModuleType(name); module.__file__ = path\n"
              "    exec(compile(os.pread(fd, os.fstat(fd).st_size, 0), path, 'exec'), module.__dict__)\n"
              "import agent; agent.SCRIPT = sys.argv[0]; sys.exit(agent.main())")
-SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
-DEFAULT_USERS = ('agent', 'nobody')     # default_account()
-SYSTEM_DIRECTORIES = ('/', '/usr', '/var', '/run', '/home', '/usr/local', '/opt', '/srv', '/tmp')
-SYSTEM_TREES = ('/etc', '/root', '/boot', '/proc', '/sys', '/dev')       # system_directory()
-PR_SET_NAME = 15                        # prctl(2): the name of this thread, /proc/self/comm
-# The options that name files: made absolute before anything changes directory.
-PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key')
 
 
 def run_from_bytecode():
@@ -5593,7 +5562,6 @@ def run_from_bytecode():
                  + ['-c', FROM_BYTECODE, sys.path[0], SCRIPT] + sys.argv[1:])
     except OSError:
         pass        # go on as the script
-
 
 if __name__ == '__main__':
     run_from_bytecode()
