@@ -3987,6 +3987,263 @@ class WorkerProcess:
         self.retiring = False       # a reload told it to drain: not respawned
         self.born = time.monotonic()
 
+class Supervisor:
+    """The master's workers, of every generation: it forks them, hears them boot (the boot
+    pipe), reaps them with WNOHANG, respawns one that dies (after a growing delay when they
+    die young, fail to boot, or fork() fails), retires a generation and drains them all.
+
+    What it asks of its master: whether a stop has begun, its selector and signal fd (a wait
+    for the workers' boot still hears a stop), the watchdog's tick, and how a forked child
+    becomes a worker (Agent.become_worker).
+    """
+
+    def __init__(self, master):
+        self.master = master
+        self.workers = {}               # pid -> WorkerProcess
+        self.generation = 0
+        self.boot_failures = 0
+        self.respawns = 0
+        self.respawn_at = 0.0
+        self.fork_failures = 0          # consecutive fork() failures in maintain()
+        self.short_lives = 0            # consecutive workers that died within SHORT_LIFE
+        self.short_life_at = 0.0        # when the last of them died
+        # The workers watch the lifeline (its write end closes when the master dies), share
+        # their load in loads (LoadShare), and say on the boot pipe that they are up.
+        self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
+        self.loads = LoadShare.memory()
+        self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def serving(self):
+        """The workers of the current generation (not told to drain)."""
+        return [w for w in self.workers.values() if not w.retiring]
+
+    def spawn_generation(self):
+        """Start --workers new workers; returns them.  A generation is whole or not at all: if
+        one cannot be forked, those already forked are killed and DaemonError says why (a
+        start fails, a reload keeps the old generation)."""
+        self.generation += 1
+        new = []
+        try:
+            for _ in range(self.master.config.workers):
+                new.append(self.spawn())
+        except OSError as exc:
+            self.kill(new)
+            raise DaemonError('cannot fork a worker: %s' % exc.strerror)
+        return new
+
+    def spawn(self):
+        """Fork one worker of the current generation; its WorkerProcess.  OSError if fork()
+        fails (EAGAIN at a process limit, ENOMEM)."""
+        # Signals stay blocked across fork() until the worker has its own handlers: a TERM
+        # that came in between would otherwise go to the master's handler copy and be lost.
+        slot = self.free_slot()
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+            raise
+        if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+            worker = self.workers[pid] = WorkerProcess(pid, self.generation, slot)
+            return worker
+        status = WORKER_BOOT_ERROR
+        try:
+            for fd in (self.lifeline_w, self.boot_r):
+                os.close(fd)
+            share = None if slot is None else LoadShare(self.loads, slot)
+            worker = self.master.become_worker(self.lifeline_r, share)
+            os.write(self.boot_w, b'%d ok\n' % os.getpid())
+            status = 1
+            worker.serve()
+            status = 0
+        except BaseException as exc:
+            log('worker: %s\n%s' % (daemon.describe(exc), traceback.format_exc().rstrip()), priority=LOG_ERR)
+            if status == WORKER_BOOT_ERROR:
+                try:
+                    os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))
+                             .encode('utf-8', 'replace')[:select.PIPE_BUF])
+                except OSError:
+                    pass
+        finally:
+            os._exit(status)
+
+    def free_slot(self):
+        """A LoadShare slot no live worker has, or None (one worker, or all slots taken)."""
+        if self.master.config.workers < 2:
+            return None
+        used = {worker.slot for worker in self.workers.values()}
+        return next((slot for slot in range(LoadShare.SLOTS) if slot not in used), None)
+
+    def await_boot(self, workers):
+        """Wait until these workers say they are up; DaemonError if one cannot start.
+
+        Signals are left pending (only a stop is looked at): this runs inside on_reload too.
+        """
+        master = self.master
+        deadline = time.monotonic() + 30.0
+        while any(not w.booted for w in workers):
+            if master.stopping or time.monotonic() > deadline:
+                raise DaemonError('stopped during startup' if master.stopping
+                                  else 'workers did not start in time')
+            for key, _ in master.selector.select(master.tick(0.5)):    # a reload waits here too
+                if key.fileobj == master.signal_fd:
+                    drain(master.signal_fd)
+            error = self.read_boot_messages()
+            if error:
+                raise DaemonError(error)
+            for pid, status in reap_children():
+                worker = self.forget(pid)
+                if worker is not None and not worker.booted:
+                    raise DaemonError('a worker exited during startup (%s); see %s'
+                                      % (describe_status(status), master.stderr))
+
+    def read_boot_messages(self):
+        """Workers write "<pid> ok" or "<pid> error <why>" once they are up (or cannot be)."""
+        try:
+            data = os.read(self.boot_r, 65536)
+        except (BlockingIOError, InterruptedError):
+            return None
+        error = None
+        for line in data.decode('utf-8', 'replace').splitlines():
+            pid, _, rest = line.partition(' ')
+            worker = self.workers.get(int(pid)) if pid.isdigit() else None
+            if rest == 'ok' and worker is not None:
+                worker.booted = True
+                self.boot_failures = 0
+            elif rest.startswith('error '):
+                error = rest[6:]
+                log('agent: worker %s could not start: %s' % (pid, error), priority=LOG_ERR)
+        return error
+
+    def kill(self, workers):
+        """SIGKILL these workers and reap them."""
+        for worker in workers:
+            signal_worker(worker.pid, signal.SIGKILL)
+        pending = {worker.pid for worker in workers}
+        while pending & set(self.workers):
+            for pid, _ in reap_children(block=True):
+                self.forget(pid)
+
+    def forget(self, pid):
+        """A worker has ended: its WorkerProcess (or None), its LoadShare slot zeroed (a
+        worker that died could not do it, and a stale count would skew every share)."""
+        worker = self.workers.pop(pid, None)
+        if worker is not None and worker.slot is not None:
+            LoadShare(self.loads, worker.slot).leave()
+        return worker
+
+    def reap(self):
+        """Reap the workers that ended; set when the dead ones of this generation come back."""
+        for pid, status in reap_children():
+            worker = self.forget(pid)
+            if worker is None or worker.retiring:
+                continue
+            if self.master.stopping:
+                # The stop's signal may have reached the workers too (`systemctl kill` signals
+                # the whole cgroup, a Ctrl-C the process group) and they ended first: no death,
+                # and no respawn (finish() reaps the others).  A crash is still said.
+                if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                    log('agent: worker %d ended during the stop (%s)' % (pid, describe_status(status)),
+                        priority=LOG_WARNING)
+                continue
+            self.respawns += 1
+            if not worker.booted or os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
+                self.boot_failures += 1
+                delay = min(0.1 * 2 ** self.boot_failures, 5.0)
+                log('agent: worker %d failed to boot (%s); retrying in %.1fs'
+                    % (pid, describe_status(status), delay), priority=LOG_WARNING)
+                self.respawn_at = time.monotonic() + delay
+            else:
+                self.died(worker, status)
+
+    def died(self, worker, status):
+        """A booted worker died: respawn it at once, or later when workers keep dying young."""
+        now = time.monotonic()
+        lived = now - worker.born
+        if lived >= SHORT_LIFE or now - self.short_life_at > 30.0:
+            self.short_lives = 0
+        if lived < SHORT_LIFE:
+            self.short_lives += 1
+            self.short_life_at = now
+        delay = min(0.1 * 2 ** self.short_lives, 5.0) if self.short_lives else 0.0
+        log('agent: worker %d died (%s); respawning in %.1fs (it lived %.1fs)'
+            % (worker.pid, describe_status(status), delay, lived), priority=LOG_WARNING)
+        self.respawn_at = max(self.respawn_at, time.monotonic() + delay)
+
+    def halted(self):
+        """Workers that fail at boot again and again will not start by retrying: stop."""
+        return self.boot_failures >= MAX_BOOT_FAILURES
+
+    def maintain(self):
+        """Keep --workers workers of the current generation alive (none new once stopping).
+        While fork() fails the tries back off (0.2 s, 0.4 s ... MAX_FORK_DELAY), each logged
+        once."""
+        if self.master.stopping or time.monotonic() < self.respawn_at:
+            return
+        for _ in range(self.master.config.workers - len(self.serving())):
+            try:
+                self.spawn()
+            except OSError as exc:
+                self.fork_failures += 1
+                delay = min(0.1 * 2 ** self.fork_failures, MAX_FORK_DELAY)
+                log('agent: cannot fork a worker: %s; retrying in %.1fs' % (exc.strerror, delay),
+                    priority=LOG_ERR)
+                self.respawn_at = time.monotonic() + delay
+                return
+        if self.fork_failures:
+            log('agent: forked again after %d failed tries' % self.fork_failures, priority=LOG_WARNING)
+            self.fork_failures = 0
+
+    def retire(self, workers):
+        """Tell these workers to drain and exit; they are not respawned."""
+        for worker in workers:
+            worker.retiring = True
+            signal_worker(worker.pid, signal.SIGTERM)
+
+    def signal(self, signum):
+        for pid in list(self.workers):
+            signal_worker(pid, signum)
+
+    def finish(self, timeout):
+        """Wait for the workers told to stop; kill whoever is left after timeout."""
+        deadline = time.monotonic() + timeout
+        while self.workers and time.monotonic() < deadline:
+            self.master.selector.select(0.05)
+            for pid, status in reap_children():
+                self.forget(pid)
+        for pid in list(self.workers):
+            log('agent: worker %d did not finish in time; killing it' % pid, priority=LOG_WARNING)
+            signal_worker(pid, signal.SIGKILL)
+        while self.workers:
+            for pid, status in reap_children(block=True):
+                self.forget(pid)
+
+    def state(self):
+        """What the next image of the master takes over (adopt())."""
+        return {'lifeline': [self.lifeline_r, self.lifeline_w], 'respawns': self.respawns,
+                'workers': [[w.pid, w.retiring, w.born] for w in self.workers.values()]}
+
+    def adopt(self, state):
+        """In the new image after an upgrade: the old image's workers, lifeline and count of
+        respawns (state()); returns the adopted workers that were serving."""
+        os.close(self.lifeline_r)
+        os.close(self.lifeline_w)
+        self.lifeline_r, self.lifeline_w = state['lifeline']
+        for fd in state['lifeline']:
+            os.set_inheritable(fd, False)
+        self.respawns = state['respawns']
+        adopted = []
+        for pid, retiring, *born in state['workers']:
+            worker = WorkerProcess(pid, 0)
+            worker.booted, worker.retiring = True, retiring
+            worker.born = born[0] if born else worker.born     # CLOCK_MONOTONIC: the same clock
+            self.workers[pid] = worker
+            if not retiring:
+                adopted.append(worker)
+        return adopted
+
+
 class Agent(Daemon):
     """The master process: binds, forks the workers, supervises them."""
 
@@ -4002,14 +4259,7 @@ class Agent(Daemon):
         self.own_files = OwnFiles()     # never served: pidfile, logs (note_own_files())
         self.listeners = []
         self.access_fd = None
-        self.workers = {}
-        self.generation = 0
-        self.boot_failures = 0
-        self.respawns = 0
-        self.respawn_at = 0.0
-        self.fork_failures = 0          # consecutive fork() failures in maintain()
-        self.short_lives = 0            # consecutive workers that died within SHORT_LIFE
-        self.short_life_at = 0.0        # when the last of them died
+        self.supervisor = None          # the workers (set_up())
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
         self.carried = {}               # after an upgrade: the state the image before passed
@@ -4082,9 +4332,7 @@ class Agent(Daemon):
             if config.http_redirect is not None:
                 self.redirects = {bind(config.bind, config.http_redirect)}
                 self.listeners += list(self.redirects)
-        self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
-        self.loads = LoadShare.memory()     # shared with the workers: LoadShare
-        self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.supervisor = Supervisor(self)
 
     def check_default_root(self):
         """A --root that defaulted to the current directory may not be a system directory
@@ -4173,17 +4421,17 @@ class Agent(Daemon):
                 'can (/etc/shadow included) if a path under --root leads there', priority=LOG_WARNING)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.signal_fd, selectors.EVENT_READ)
-        self.selector.register(self.boot_r, selectors.EVENT_READ)
+        self.selector.register(self.supervisor.boot_r, selectors.EVENT_READ)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # only to wake the loop
         adopted = self.adopt_workers()
         release_freed_memory()
         first = []
         try:
             if self.went_back is None:
-                first = self.spawn_generation()
-                self.await_boot(first)
+                first = self.supervisor.spawn_generation()
+                self.supervisor.await_boot(first)
         except DaemonError as exc:
-            self.kill_workers(first)
+            self.supervisor.kill(first)
             if not adopted:
                 raise
             # Upgraded in place, but the new code's workers cannot start: the old ones go on,
@@ -4193,28 +4441,30 @@ class Agent(Daemon):
                 self.go_back(reason, self.upgrade_state(self.previous_code), self.sockets())
             daemon.upgrade_done(self, reason)
         except BaseException:
-            self.kill_workers(list(self.workers.values()))
+            self.supervisor.kill(list(self.supervisor.workers.values()))
             raise
         else:
             if self.went_back is not None:
                 daemon.upgrade_done(self, self.went_back)
             else:
-                self.retire(adopted)
+                self.supervisor.retire(adopted)
                 close_code(self.previous_code)      # the new code serves: no way back needed
                 self.previous_code = None
         if not self.stopping:               # (a stop during an upgrade: it drains what it adopted)
             log('agent: serving %s on %s with %s' % (config.root, self.address(), n_workers(config.workers)))
         self.ready(self.start_line())
-        while not self.handle_signals() and not self.halted():
+        supervisor = self.supervisor
+        while not self.handle_signals() and not supervisor.halted():
             self.selector.select(self.tick(1.0))
-            self.read_boot_messages()
-            self.reap()
-            self.maintain()
+            supervisor.read_boot_messages()
+            supervisor.reap()
+            supervisor.maintain()
             self.own_files.refresh()    # what a respawned worker or an upgrade inherits
-        if self.halted():
-            log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures, priority=LOG_ERR)
+        if supervisor.halted():
+            log('agent: workers failed to boot %d times in a row; halting' % supervisor.boot_failures,
+                priority=LOG_ERR)
         self.shutdown()
-        return 1 if self.halted() else 0
+        return 1 if supervisor.halted() else 0
 
     def check_reopenable_logs(self):
         """After a privilege drop: warn of a log that this user could not open again after a
@@ -4273,192 +4523,22 @@ class Agent(Daemon):
         due = self.watchdog()
         return longest if due is None else min(longest, due)
 
-    def await_boot(self, workers):
-        """Wait until these workers say they are up; DaemonError if one cannot start.
-
-        Signals are left pending (only a stop is looked at): this runs inside on_reload too.
-        """
-        deadline = time.monotonic() + 30.0
-        while any(not w.booted for w in workers):
-            if self.stopping or time.monotonic() > deadline:
-                raise DaemonError('stopped during startup' if self.stopping
-                                  else 'workers did not start in time')
-            for key, _ in self.selector.select(self.tick(0.5)):    # a reload waits here too
-                if key.fileobj == self.signal_fd:
-                    drain(self.signal_fd)
-            error = self.read_boot_messages()
-            if error:
-                raise DaemonError(error)
-            for pid, status in reap_children():
-                worker = self.forget_worker(pid)
-                if worker is not None and not worker.booted:
-                    raise DaemonError('a worker exited during startup (%s); see %s'
-                                      % (describe_status(status), self.stderr))
-
-    def kill_workers(self, workers):
-        for worker in workers:
-            signal_worker(worker.pid, signal.SIGKILL)
-        pending = {worker.pid for worker in workers}
-        while pending & set(self.workers):
-            for pid, _ in reap_children(block=True):
-                self.forget_worker(pid)
-
-    def read_boot_messages(self):
-        """Workers write "<pid> ok" or "<pid> error <why>" once they are up (or cannot be)."""
-        try:
-            data = os.read(self.boot_r, 65536)
-        except (BlockingIOError, InterruptedError):
-            return None
-        error = None
-        for line in data.decode('utf-8', 'replace').splitlines():
-            pid, _, rest = line.partition(' ')
-            worker = self.workers.get(int(pid)) if pid.isdigit() else None
-            if rest == 'ok' and worker is not None:
-                worker.booted = True
-                self.boot_failures = 0
-            elif rest.startswith('error '):
-                error = rest[6:]
-                log('agent: worker %s could not start: %s' % (pid, error), priority=LOG_ERR)
-        return error
-
-    def spawn_generation(self):
-        """Start --workers new workers; returns them.  A generation is whole or not at all: if
-        one cannot be forked, those already forked are killed and DaemonError says why (a
-        start fails, a reload keeps the old generation)."""
-        self.generation += 1
-        new = []
-        try:
-            for _ in range(self.config.workers):
-                new.append(self.spawn())
-        except OSError as exc:
-            self.kill_workers(new)
-            raise DaemonError('cannot fork a worker: %s' % exc.strerror)
-        return new
-
-    def spawn(self):
-        """Fork one worker of the current generation; its WorkerProcess.  OSError if fork()
-        fails (EAGAIN at a process limit, ENOMEM)."""
-        # Signals stay blocked across fork() until the worker has its own handlers: a TERM
-        # that came in between would otherwise go to the master's handler copy and be lost.
-        slot = self.free_slot()
-        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            raise
-        if pid:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            worker = self.workers[pid] = WorkerProcess(pid, self.generation, slot)
-            return worker
-        status = WORKER_BOOT_ERROR
-        try:
-            worker = self.become_worker(slot)
-            os.write(self.boot_w, b'%d ok\n' % os.getpid())
-            status = 1
-            worker.serve()
-            status = 0
-        except BaseException as exc:
-            log('worker: %s\n%s' % (daemon.describe(exc), traceback.format_exc().rstrip()), priority=LOG_ERR)
-            if status == WORKER_BOOT_ERROR:
-                try:
-                    os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))
-                             .encode('utf-8', 'replace')[:select.PIPE_BUF])
-                except OSError:
-                    pass
-        finally:
-            os._exit(status)
-
-    def forget_worker(self, pid):
-        """A worker has ended: its WorkerProcess (or None), its LoadShare slot zeroed (a
-        worker that died could not do it, and a stale count would skew every share)."""
-        worker = self.workers.pop(pid, None)
-        if worker is not None and worker.slot is not None:
-            LoadShare(self.loads, worker.slot).leave()
-        return worker
-
-    def free_slot(self):
-        """A LoadShare slot no live worker has, or None (one worker, or all slots taken)."""
-        if self.config.workers < 2:
-            return None
-        used = {worker.slot for worker in self.workers.values()}
-        return next((slot for slot in range(LoadShare.SLOTS) if slot not in used), None)
-
-    def become_worker(self, slot=None):
-        """In a new worker: drop what belongs to the master, keep the sockets and the logs."""
+    def become_worker(self, lifeline, share):
+        """In a new worker (Supervisor.spawn): drop what belongs to the master, keep the
+        sockets and the logs; the Worker, watching lifeline, with its LoadShare (or None)."""
         self.selector.close()
-        for fd in (self.lifeline_w, self.boot_r):
-            os.close(fd)
         close_code(self.code)
         close_code(self.previous_code)
         self.release_signals()
         set_process_title('agent: worker', self.title_args())
-        share = None if slot is None else LoadShare(self.loads, slot)
-        worker = Worker(self.config, self.listeners, self.access_fd, self.lifeline_r, self.tls, self.redirects,
+        worker = Worker(self.config, self.listeners, self.access_fd, lifeline, self.tls, self.redirects,
                         self.own_files, self.reopen_worker_logs, share)
         worker.setup_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         return worker
 
-    def reap(self):
-        for pid, status in reap_children():
-            worker = self.forget_worker(pid)
-            if worker is None:
-                continue
-            if worker.retiring:
-                continue
-            if self.stopping:
-                # The stop's signal may have reached the workers too (`systemctl kill` signals
-                # the whole cgroup, a Ctrl-C the process group) and they ended first: no death,
-                # and no respawn (shutdown() reaps the others).  A crash is still said.
-                if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-                    log('agent: worker %d ended during the stop (%s)' % (pid, describe_status(status)),
-                        priority=LOG_WARNING)
-                continue
-            self.respawns += 1
-            if not worker.booted or os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
-                self.boot_failures += 1
-                delay = min(0.1 * 2 ** self.boot_failures, 5.0)
-                log('agent: worker %d failed to boot (%s); retrying in %.1fs'
-                    % (pid, describe_status(status), delay), priority=LOG_WARNING)
-                self.respawn_at = time.monotonic() + delay
-            else:
-                now = time.monotonic()
-                lived = now - worker.born
-                if lived >= SHORT_LIFE or now - self.short_life_at > 30.0:
-                    self.short_lives = 0
-                if lived < SHORT_LIFE:
-                    self.short_lives += 1
-                    self.short_life_at = now
-                delay = min(0.1 * 2 ** self.short_lives, 5.0) if self.short_lives else 0.0
-                log('agent: worker %d died (%s); respawning in %.1fs (it lived %.1fs)'
-                    % (pid, describe_status(status), delay, lived), priority=LOG_WARNING)
-                self.respawn_at = max(self.respawn_at, time.monotonic() + delay)
 
-    def halted(self):
-        """Workers that fail at boot again and again will not start by retrying: stop."""
-        return self.boot_failures >= MAX_BOOT_FAILURES
 
-    def maintain(self):
-        """Keep --workers workers of the current generation alive (none new once stopping).
-        While fork() fails the tries back off (0.2 s, 0.4 s ... MAX_FORK_DELAY), each logged
-        once."""
-        if self.stopping or time.monotonic() < self.respawn_at:
-            return
-        current = sum(1 for w in self.workers.values() if not w.retiring)
-        for _ in range(self.config.workers - current):
-            try:
-                self.spawn()
-            except OSError as exc:
-                self.fork_failures += 1
-                delay = min(0.1 * 2 ** self.fork_failures, MAX_FORK_DELAY)
-                log('agent: cannot fork a worker: %s; retrying in %.1fs' % (exc.strerror, delay),
-                    priority=LOG_ERR)
-                self.respawn_at = time.monotonic() + delay
-                return
-        if self.fork_failures:
-            log('agent: forked again after %d failed tries' % self.fork_failures, priority=LOG_WARNING)
-            self.fork_failures = 0
 
     # -- signals, acted on in the loop --
 
@@ -4477,25 +4557,21 @@ class Agent(Daemon):
                 self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
             except DaemonError as exc:
                 raise DaemonError('%s; the old workers go on serving' % exc)
-        old = [w for w in self.workers.values() if not w.retiring]
+        supervisor = self.supervisor
+        old = supervisor.serving()
         new = []
         try:
-            new = self.spawn_generation()
-            self.await_boot(new)
+            new = supervisor.spawn_generation()
+            supervisor.await_boot(new)
         except DaemonError as exc:
-            self.kill_workers(new)
+            supervisor.kill(new)
             self.tls = old_tls
             if self.stopping:
                 raise DaemonError('a stop came first')
             raise DaemonError('%s; the old workers go on serving' % exc)
-        self.retire(old)
+        supervisor.retire(old)
         log('agent: reloaded: %s up, %d retiring' % (n_workers(len(new)), len(old)))
 
-    def retire(self, workers):
-        """Tell these workers to drain and exit; they are not respawned."""
-        for worker in workers:
-            worker.retiring = True
-            signal_worker(worker.pid, signal.SIGTERM)
 
     # -- upgrade in place: SIGUSR2 (or `agent.py upgrade`) --
     #
@@ -4548,9 +4624,7 @@ class Agent(Daemon):
     def upgrade_state(self, code):
         """What the next image of this master takes over (adopt_workers()), with code (a
         code_image(), or None) as what it may go back to."""
-        return {'lifeline': [self.lifeline_r, self.lifeline_w], 'respawns': self.respawns,
-                'workers': [[w.pid, w.retiring, w.born] for w in self.workers.values()],
-                'own_files': self.own_files.state(), 'code': code}
+        return dict(self.supervisor.state(), own_files=self.own_files.state(), code=code)
 
     def sockets(self):
         """The listening sockets' fds and names, as an upgrade passes them (daemon.reexec)."""
@@ -4567,28 +4641,17 @@ class Agent(Daemon):
         state = self.carried
         if not state:
             return []
-        os.close(self.lifeline_r)
-        os.close(self.lifeline_w)
-        self.lifeline_r, self.lifeline_w = state['lifeline']
+        adopted = self.supervisor.adopt(state)
         code = state.get('code') or None            # an older image kept none
-        for fd in state['lifeline'] + [fd for _, fd, _ in code or ()]:
+        for _, fd, _ in code or ():
             os.set_inheritable(fd, False)
-        self.respawns = state['respawns']
         self.own_files.learn(state.get('own_files', ()))   # an older image carried none
         self.went_back = state.get('went_back')
         if self.went_back is None:
             self.previous_code = code   # (an image that went back runs it: self.code)
-        adopted = []
-        for pid, retiring, *born in state['workers']:
-            worker = WorkerProcess(pid, 0)
-            worker.booted, worker.retiring = True, retiring
-            worker.born = born[0] if born else worker.born     # CLOCK_MONOTONIC: the same clock
-            self.workers[pid] = worker
-            if not retiring:
-                adopted.append(worker)
         log('agent: upgrade: %s %s; adopted %s' % (
             'now running' if self.went_back is None else 'back to the code that serves,', SCRIPT,
-            n_workers(len(self.workers))))
+            n_workers(len(self.supervisor.workers))))
         return adopted
 
     def on_launch(self):
@@ -4704,8 +4767,7 @@ class Agent(Daemon):
 
     def on_reopen_logs(self):
         self.reopen_worker_logs()
-        for pid in list(self.workers):
-            signal_worker(pid, signal.SIGUSR1)
+        self.supervisor.signal(signal.SIGUSR1)
 
     def reopen_worker_logs(self):
         """Reopen --log (fds 1, 2) and --access-log onto the same fds, in whichever process.
@@ -4727,24 +4789,14 @@ class Agent(Daemon):
 
     def shutdown(self):
         """Drain the workers; kill whoever is left just before the launcher's own deadline."""
-        log('agent: stopping %s' % n_workers(len(self.workers)))
-        for pid in list(self.workers):
-            signal_worker(pid, signal.SIGTERM)
+        supervisor = self.supervisor
+        log('agent: stopping %s' % n_workers(len(supervisor.workers)))
+        supervisor.signal(signal.SIGTERM)
         for sock in self.listeners:
             sock.close()
         timeout = self.stop_timeout
-        deadline = time.monotonic() + max(0.1, timeout - min(1.0, timeout / 10))
-        while self.workers and time.monotonic() < deadline:
-            self.selector.select(0.05)
-            for pid, status in reap_children():
-                self.forget_worker(pid)
-        for pid in list(self.workers):
-            log('agent: worker %d did not finish in time; killing it' % pid, priority=LOG_WARNING)
-            signal_worker(pid, signal.SIGKILL)
-        while self.workers:
-            for pid, status in reap_children(block=True):
-                self.forget_worker(pid)
-        log('agent: stopped (%d worker(s) respawned while it ran)' % self.respawns)
+        supervisor.finish(max(0.1, timeout - min(1.0, timeout / 10)))
+        log('agent: stopped (%d worker(s) respawned while it ran)' % supervisor.respawns)
 
 def about_the_port(action, elsewhere):
     """An action (status, stop) that first looks at who serves --port: elsewhere(holder)
