@@ -14,7 +14,7 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
     The responder: a parsed request -> a queued response (resolve, open, stat, head)
     A worker: one process, one epoll loop (sockets, timers, signals, the access log)
-    The master: the Agent daemon (bind, fork, supervise, reload, upgrade)
+    The master: Supervisor (the workers), Upgrade (in place), Agent (the daemon); ports
     Command line (and run_from_bytecode)
 A request's path: Worker.accept -> Connection.receive -> Connection.process (find_head_end,
 parse_request) -> Responder.respond (map, stat, open) -> response_head -> Connection.send ->
@@ -29,7 +29,7 @@ Worker.access (the log line).
 (with --port 0, the port it took).  `restart` keeps the running master's options (recorded in
 PIDFILE.options) for every option not given again, and names the ones that change; when nothing
 runs it says so, and takes a dead master's options where its pidfile remains (a crash), else
-it is a start (Agent.on_restart_stopped).
+it is a start (restart_stopped).
 
 Identity
 --------
@@ -4244,8 +4244,141 @@ class Supervisor:
         return adopted
 
 
+class Upgrade:
+    """Upgrade in place: SIGUSR2 (or `agent.py upgrade`), and its other half in the new image.
+
+    In place (daemon.reexec: execve, same pid), not a new master beside the old one: systemd
+    and start-stop-daemon watch the master's pid, and a new master would be, for systemd,
+    "a process which is not our child", stopped by killing the whole cgroup with the
+    downloads in flight.  The workers are the master's children and stay so across execve:
+    the new image adopts them (their pids, the lifeline pipe they watch) and drains them once
+    its own generation is up, exactly as a reload does.
+    """
+
+    def __init__(self, master):
+        self.master = master
+        # After an upgrade: the state the image before passed (state()); else {}.
+        self.carried = json.loads(master.inherited) if master.inherited else {}
+        self.code = None                # this image's own source: code_image()
+        self.previous_code = None       # after an upgrade, until its workers are up: the old one's
+        self.went_back = None           # back to the old code: why the upgrade failed
+
+    def keep_code(self):
+        """Read the source of the code this image runs, now, as root: after an upgrade whose
+        workers cannot start, it is what the master goes back to (go_back).  An image that
+        went back already runs the code it was given."""
+        self.code = self.carried['code'] if self.carried.get('went_back') else code_image()
+
+    def setup_failed(self, exc):
+        """The new image of an upgrade could not set up (what the check of the new code could
+        not see: a file gone between the check and the execve): back to the code that serves,
+        rather than end the master and its workers."""
+        if self.carried and not self.carried.get('went_back'):
+            self.go_back('the new code cannot set up: %s' % daemon.describe(exc), self.carried,
+                         self.inherited_sockets())
+
+    def begin(self):
+        """Check the agent.py now on disk in a child, then become it (same pid)."""
+        master = self.master
+        daemon.notify(RELOADING=1, MONOTONIC_USEC=daemon.monotonic_usec(), STATUS='upgrading')
+        log('agent: upgrade: checking %s' % SCRIPT)
+        master.own_files.refresh()
+        try:
+            self.exec_code([SCRIPT], self.state(self.code), self.sockets())
+        except DaemonError as exc:
+            daemon.upgrade_done(master, str(exc))
+
+    def adopt(self):
+        """In the new image after an upgrade: the workers of the old one; [] otherwise."""
+        state, master = self.carried, self.master
+        if not state:
+            return []
+        adopted = master.supervisor.adopt(state)
+        code = state.get('code') or None            # an older image kept none
+        for _, fd, _ in code or ():
+            os.set_inheritable(fd, False)
+        master.own_files.learn(state.get('own_files', ()))     # an older image carried none
+        self.went_back = state.get('went_back')
+        if self.went_back is None:
+            self.previous_code = code   # (an image that went back runs it: self.code)
+        log('agent: upgrade: %s %s; adopted %s' % (
+            'now running' if self.went_back is None else 'back to the code that serves,', SCRIPT,
+            n_workers(len(master.supervisor.workers))))
+        return adopted
+
+    def workers_up(self, adopted):
+        """This image's workers are up (or it went back and runs the old ones): the adopted
+        workers drain, or the upgrade that failed is reported."""
+        if self.went_back is not None:
+            daemon.upgrade_done(self.master, self.went_back)
+            return
+        self.master.supervisor.retire(adopted)
+        close_code(self.previous_code)      # the new code serves: no way back needed
+        self.previous_code = None
+
+    def workers_failed(self, exc):
+        """Upgraded in place, but the new code's workers cannot start (exc): the old ones go
+        on, and so does their code, for every worker that replaces one of them."""
+        stopping = self.master.stopping
+        reason = 'a stop came first' if stopping else 'its workers cannot start: %s' % exc
+        if not stopping:                    # (go_back returns only if it cannot)
+            self.go_back(reason, self.state(self.previous_code), self.sockets())
+        daemon.upgrade_done(self.master, reason)
+
+    def go_back(self, reason, state, sockets):
+        """In the new image of an upgrade that failed once exec'd (its workers cannot start, or
+        its setup failed): become the code that serves again, the old image's (state['code']),
+        with the workers and sockets it has; that image reports the failure (reason) and
+        replaces a worker that dies with its own code.  Without it, this image would: a worker
+        that died was replaced by the code that cannot start, five times, and the master
+        halted and stopped the workers that still served (or, when its setup failed, it exited
+        at once).  Returns only if it cannot (no code was kept, or execve failed)."""
+        code = state.get('code')
+        if not code:
+            log('agent: upgrade: the code before it was not kept; there is none to go back to',
+                priority=LOG_WARNING)
+            return
+        log('agent: upgrade: going back to the code that serves (%s as it was)' % SCRIPT)
+        try:
+            self.exec_code(['-c', FROM_CODE, json.dumps(code), SCRIPT], dict(state, went_back=reason),
+                           sockets, check=False)
+        except DaemonError as exc:
+            log('agent: upgrade: cannot go back to the code that serves: %s' % exc, priority=LOG_ERR)
+
+    def exec_code(self, program, state, sockets, check=True):
+        """daemon.reexec() of program (argv after the interpreter) with this command line: the
+        sockets (fds, names), and state (state()) passed on, its lifeline and code
+        descriptors kept.  Returns only on failure (DaemonError)."""
+        master = self.master
+        argv = program + option_argv(master.config, master.given) + ['start' if master.detached else 'run']
+        fds, names = sockets
+        daemon.reexec(master, argv, fds, names, state=json.dumps(state), check=check,
+                      keep=state['lifeline'] + [fd for _, fd, _ in state['code'] or ()])
+
+    def state(self, code):
+        """What the next image of this master takes over (adopt()), with code (a
+        code_image(), or None) as what it may go back to."""
+        master = self.master
+        return dict(master.supervisor.state(), own_files=master.own_files.state(), code=code)
+
+    def sockets(self):
+        """The listening sockets' fds and names, as an upgrade passes them (daemon.reexec)."""
+        listeners, redirects = self.master.listeners, self.master.redirects
+        return ([sock.fileno() for sock in listeners],
+                ['redirect' if sock in redirects else 'agent' for sock in listeners])
+
+    def inherited_sockets(self):
+        """The same for the sockets this image was given (before set_up made listeners)."""
+        pairs = [(fd, name) for name, fds in self.master.listen_fds.items() for fd in fds]
+        return [fd for fd, _ in pairs], [name for _, name in pairs]
+
+
 class Agent(Daemon):
-    """The master process: binds, forks the workers, supervises them."""
+    """The master process: sets up as root (binds, opens the logs, reads the TLS files), then
+    runs the loop that acts on signals.  Its workers are its Supervisor's, an upgrade in place
+    is its Upgrade's.  In the launcher: on_launch's early checks, restart's options kept from
+    the running (or a crashed) agent, and status and stop about another agent on --port
+    (about_the_port)."""
 
     ready_on_run = False            # ready once every worker has booted
     reload_timeout = 45.0           # a reload waits up to 30 s for the new workers to boot
@@ -4262,14 +4395,11 @@ class Agent(Daemon):
         self.supervisor = None          # the workers (set_up())
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
-        self.carried = {}               # after an upgrade: the state the image before passed
-        self.code = None                # this image's own source: code_image()
-        self.previous_code = None       # after an upgrade, until its workers are up: the old one's
-        self.went_back = None           # back to the old code: why the upgrade failed
+        self.upgrade = None             # in place: its state and steps (setup())
         self.default_user = False       # started as root without --user: choose_user()
         self.root_from_cwd = 'root' not in given    # --root defaulted to the current directory
         self.add_action('upgrade', daemon.upgrade_action)
-        for action, answer in (('status', self.status_elsewhere), ('stop', self.stop_elsewhere)):
+        for action, answer in (('status', status_elsewhere), ('stop', stop_elsewhere)):
             self.add_action(action, about_the_port(self.actions[action], answer))
         self.add_action('restart', restart_action(self.actions['restart']))
 
@@ -4279,20 +4409,18 @@ class Agent(Daemon):
         """Set up the master (set_up).  In the new image of an upgrade, a failure here (what
         the check of the new code could not see: a file gone between the check and the
         execve) goes back to the code that serves, rather than end the master and its workers."""
-        self.carried = json.loads(self.inherited) if self.inherited else {}
+        self.upgrade = Upgrade(self)
         try:
             self.set_up()
         except BaseException as exc:
-            if self.carried and not self.carried.get('went_back'):
-                self.go_back('the new code cannot set up: %s' % daemon.describe(exc), self.carried,
-                             self.inherited_sockets())
+            self.upgrade.setup_failed(exc)
             raise
 
     def set_up(self):
         config = self.config
-        set_process_title('agent: master', self.title_args())
+        set_process_title('agent: master', title_args(sys.argv, config.action))
         self.choose_user()
-        self.check_default_root()
+        check_default_root(config.root, self.root_from_cwd)
         if not os.path.isdir(config.root):
             raise DaemonError('root directory %s %s' % (config.root, 'is not a directory' if
                               os.path.exists(config.root) else 'does not exist'))
@@ -4309,12 +4437,9 @@ class Agent(Daemon):
                                   privilege=isinstance(exc, PermissionError))
         if config.tls_cert:
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
-        self.write_options()
+        write_options(options_path(self.pidfile_path), config)
         self.note_own_files()
-        # The source of the code this image runs, read now, as root: after an upgrade whose
-        # workers cannot start, it is what the master goes back to (go_back).  An image that
-        # went back already runs the code it was given.
-        self.code = self.carried['code'] if self.carried.get('went_back') else code_image()
+        self.upgrade.keep_code()
         raise_fd_limit()
         if self.listen_fds:
             fds = [fd for group in self.listen_fds.values() for fd in group]
@@ -4333,17 +4458,6 @@ class Agent(Daemon):
                 self.redirects = {bind(config.bind, config.http_redirect)}
                 self.listeners += list(self.redirects)
         self.supervisor = Supervisor(self)
-
-    def check_default_root(self):
-        """A --root that defaulted to the current directory may not be a system directory
-        (system_directory()): in the launcher (on_launch) before its other checks, so that
-        this is what `start` says, and in setup() for `run`."""
-        root = self.config.root
-        why = system_directory(root) if self.root_from_cwd else ''
-        if why:
-            raise DaemonError('the current directory %s is %s, not served without --root: give the '
-                              'directory of the images with --root (--root %s to serve this one)'
-                              % (root, why, root))
 
     def choose_user(self):
         """Started as root without --user, the agent drops to default_account() after binding,
@@ -4373,30 +4487,6 @@ class Agent(Daemon):
                 log('agent: the %s %s is inside --root %s; it is never served nor listed '
                     '(put it elsewhere to keep it out of the tree)' % (what, path, config.root))
 
-    def title_args(self):
-        """The command line without the interpreter and the action: what ps shows after
-        "agent: master".  The script's name stays: contrib/agent.logrotate looks for it."""
-        args = list(sys.argv)
-        for index in range(len(args) - 1, 0, -1):
-            if args[index] == self.config.action:
-                del args[index]
-                break
-        return ' '.join(args)
-
-    def write_options(self):
-        """Record the options next to the pidfile, so that `restart` can say what it changes."""
-        data = json.dumps({'pid': os.getpid(), 'argv': option_argv(self.config, every=True)}).encode() + b'\n'
-        path = options_path(self.pidfile_path)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log('agent: cannot record the options in %s (%s); restart will not compare them'
-                % (path, exc.strerror))
-
     def runtime_files(self):
         """The options file lives and goes with the pidfile (daemon.PidFile removes it)."""
         return [options_path(self.pidfile_path)]
@@ -4423,35 +4513,26 @@ class Agent(Daemon):
         self.selector.register(self.signal_fd, selectors.EVENT_READ)
         self.selector.register(self.supervisor.boot_r, selectors.EVENT_READ)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # only to wake the loop
-        adopted = self.adopt_workers()
+        adopted = self.upgrade.adopt()
         release_freed_memory()
         first = []
         try:
-            if self.went_back is None:
+            if self.upgrade.went_back is None:
                 first = self.supervisor.spawn_generation()
                 self.supervisor.await_boot(first)
         except DaemonError as exc:
             self.supervisor.kill(first)
             if not adopted:
                 raise
-            # Upgraded in place, but the new code's workers cannot start: the old ones go on,
-            # and so does their code, for every worker that replaces one of them.
-            reason = 'a stop came first' if self.stopping else 'its workers cannot start: %s' % exc
-            if not self.stopping:           # (go_back returns only if it cannot)
-                self.go_back(reason, self.upgrade_state(self.previous_code), self.sockets())
-            daemon.upgrade_done(self, reason)
+            self.upgrade.workers_failed(exc)
         except BaseException:
             self.supervisor.kill(list(self.supervisor.workers.values()))
             raise
         else:
-            if self.went_back is not None:
-                daemon.upgrade_done(self, self.went_back)
-            else:
-                self.supervisor.retire(adopted)
-                close_code(self.previous_code)      # the new code serves: no way back needed
-                self.previous_code = None
+            self.upgrade.workers_up(adopted)
         if not self.stopping:               # (a stop during an upgrade: it drains what it adopted)
-            log('agent: serving %s on %s with %s' % (config.root, self.address(), n_workers(config.workers)))
+            log('agent: serving %s on %s with %s' % (
+                config.root, addresses(self.listeners, self.tls, self.redirects), n_workers(config.workers)))
         self.ready(self.start_line())
         supervisor = self.supervisor
         while not self.handle_signals() and not supervisor.halted():
@@ -4492,30 +4573,14 @@ class Agent(Daemon):
         logs = [config.log if self.detached else 'stderr']
         if self.access_fd is not None:
             logs.append('access log %s' % config.access_log)
+        # What it says of the workers' user: only where root started the agent.
+        if self.default_user:
+            who = '; workers run as %s (started as root without --user)' % self.user
+        else:
+            who = '; workers run as root (--user root)' if os.geteuid() == 0 else ''
         return 'agent serving %s at %s, pid %d; log %s; pidfile %s%s' % (
             config.root, ', '.join(urls(self.listeners, self.tls is not None, self.redirects)), os.getpid(),
-            ', '.join(logs), self.pidfile_path, self.identity())
-
-    def identity(self):
-        """What the start line says of the workers' user: only where root started the agent."""
-        if self.default_user:
-            return '; workers run as %s (started as root without --user)' % self.user
-        if os.geteuid() == 0:
-            return '; workers run as root (--user root)'
-        return ''
-
-    def address(self):
-        names = []
-        for sock in self.listeners:
-            try:
-                name = sock.getsockname()
-            except OSError:
-                name = '?'
-            names.append('[%s]:%d' % name[:2] if sock.family == socket.AF_INET6 else
-                         '%s:%d' % name[:2] if sock.family == socket.AF_INET else str(name))
-            if self.tls is not None:
-                names[-1] += ' (redirect to https)' if sock in self.redirects else ' (https)'
-        return ', '.join(names)
+            ', '.join(logs), self.pidfile_path, who)
 
     def tick(self, longest):
         """How long the master may sleep in select(): longest, or less when systemd's watchdog
@@ -4527,18 +4592,15 @@ class Agent(Daemon):
         """In a new worker (Supervisor.spawn): drop what belongs to the master, keep the
         sockets and the logs; the Worker, watching lifeline, with its LoadShare (or None)."""
         self.selector.close()
-        close_code(self.code)
-        close_code(self.previous_code)
+        close_code(self.upgrade.code)
+        close_code(self.upgrade.previous_code)
         self.release_signals()
-        set_process_title('agent: worker', self.title_args())
+        set_process_title('agent: worker', title_args(sys.argv, self.config.action))
         worker = Worker(self.config, self.listeners, self.access_fd, lifeline, self.tls, self.redirects,
                         self.own_files, self.reopen_worker_logs, share)
         worker.setup_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         return worker
-
-
-
 
     # -- signals, acted on in the loop --
 
@@ -4572,93 +4634,16 @@ class Agent(Daemon):
         supervisor.retire(old)
         log('agent: reloaded: %s up, %d retiring' % (n_workers(len(new)), len(old)))
 
-
-    # -- upgrade in place: SIGUSR2 (or `agent.py upgrade`) --
-    #
-    # In place (daemon.reexec: execve, same pid), not a new master beside the old one: systemd
-    # and start-stop-daemon watch the master's pid, and a new master would be, for systemd,
-    # "a process which is not our child", stopped by killing the whole cgroup with the
-    # downloads in flight.  The workers are the master's children and stay so across execve:
-    # the new image adopts them (their pids, the lifeline pipe they watch) and drains them once
-    # its own generation is up, exactly as a reload does.
+    # -- upgrade in place (Upgrade) --
 
     def on_upgrade(self):
-        """Check the agent.py now on disk in a child, then become it (same pid)."""
-        daemon.notify(RELOADING=1, MONOTONIC_USEC=daemon.monotonic_usec(), STATUS='upgrading')
-        log('agent: upgrade: checking %s' % SCRIPT)
-        self.own_files.refresh()
-        try:
-            self.exec_code([SCRIPT], self.upgrade_state(self.code), self.sockets())
-        except DaemonError as exc:
-            daemon.upgrade_done(self, str(exc))
-
-    def go_back(self, reason, state, sockets):
-        """In the new image of an upgrade that failed once exec'd (its workers cannot start, or
-        its setup failed): become the code that serves again, the old image's (state['code']),
-        with the workers and sockets it has; that image reports the failure (reason) and
-        replaces a worker that dies with its own code.  Without it, this image would: a worker
-        that died was replaced by the code that cannot start, five times, and the master
-        halted and stopped the workers that still served (or, when its setup failed, it exited
-        at once).  Returns only if it cannot (no code was kept, or execve failed)."""
-        code = state.get('code')
-        if not code:
-            log('agent: upgrade: the code before it was not kept; there is none to go back to',
-                priority=LOG_WARNING)
-            return
-        log('agent: upgrade: going back to the code that serves (%s as it was)' % SCRIPT)
-        try:
-            self.exec_code(['-c', FROM_CODE, json.dumps(code), SCRIPT], dict(state, went_back=reason),
-                           sockets, check=False)
-        except DaemonError as exc:
-            log('agent: upgrade: cannot go back to the code that serves: %s' % exc, priority=LOG_ERR)
-
-    def exec_code(self, program, state, sockets, check=True):
-        """daemon.reexec() of program (argv after the interpreter) with this command line: the
-        sockets (fds, names), and state (upgrade_state()) passed on, its lifeline and code
-        descriptors kept.  Returns only on failure (DaemonError)."""
-        argv = program + option_argv(self.config, self.given) + ['start' if self.detached else 'run']
-        fds, names = sockets
-        daemon.reexec(self, argv, fds, names, state=json.dumps(state), check=check,
-                      keep=state['lifeline'] + [fd for _, fd, _ in state['code'] or ()])
-
-    def upgrade_state(self, code):
-        """What the next image of this master takes over (adopt_workers()), with code (a
-        code_image(), or None) as what it may go back to."""
-        return dict(self.supervisor.state(), own_files=self.own_files.state(), code=code)
-
-    def sockets(self):
-        """The listening sockets' fds and names, as an upgrade passes them (daemon.reexec)."""
-        return ([sock.fileno() for sock in self.listeners],
-                ['redirect' if sock in self.redirects else 'agent' for sock in self.listeners])
-
-    def inherited_sockets(self):
-        """The same for the sockets this image was given (before set_up made listeners)."""
-        pairs = [(fd, name) for name, fds in self.listen_fds.items() for fd in fds]
-        return [fd for fd, _ in pairs], [name for _, name in pairs]
-
-    def adopt_workers(self):
-        """In the new image after an upgrade: the workers of the old one; [] otherwise."""
-        state = self.carried
-        if not state:
-            return []
-        adopted = self.supervisor.adopt(state)
-        code = state.get('code') or None            # an older image kept none
-        for _, fd, _ in code or ():
-            os.set_inheritable(fd, False)
-        self.own_files.learn(state.get('own_files', ()))   # an older image carried none
-        self.went_back = state.get('went_back')
-        if self.went_back is None:
-            self.previous_code = code   # (an image that went back runs it: self.code)
-        log('agent: upgrade: %s %s; adopted %s' % (
-            'now running' if self.went_back is None else 'back to the code that serves,', SCRIPT,
-            n_workers(len(self.supervisor.workers))))
-        return adopted
+        self.upgrade.begin()
 
     def on_launch(self):
         """Before a start: fail early, in the launcher, on a port this user may not bind or an
         access log it may not write (exit 4, as for the pidfile and --log); first, on a system
         directory as the default root."""
-        self.check_default_root()
+        check_default_root(self.config.root, self.root_from_cwd)
         check_port_permission(self.config.port)
         if self.config.access_log != 'off':
             daemon.check_writable('access log', self.config.access_log)
@@ -4679,25 +4664,6 @@ class Agent(Daemon):
             if changes:
                 self.say('agent: restart changes %s' % changes)
 
-    def on_restart_stopped(self, state, pid):
-        """Before a restart when no agent runs on the pidfile (state, pid: its probe()).
-
-        A dead agent's pidfile and options file remain (a crash, a SIGKILL: see
-        daemon.PidFile): its options are taken as on_restart() takes a running one's.  After a
-        clean stop nothing is left, on purpose (a stop leaves nothing behind, and an agent
-        stopped weeks ago should not come back with its options by surprise); /run, where
-        root's pidfiles are, is emptied at boot anyway.  Then this is a start, with its rules:
-        no system directory as the default root, no root workers by default."""
-        old = read_options(options_path(self.pidfile_path), pid) if state == 'stale' and pid else None
-        if old is None:
-            self.say('agent: nothing was running on pidfile %s; starting with this command line'
-                     % self.pidfile_path)
-            return
-        self.keep_options(old)
-        changes = describe_changes(old, option_argv(self.config, every=True))
-        self.say('agent: nothing was running on pidfile %s (pid %d had ended); starting with its '
-                 'options%s' % (self.pidfile_path, pid, ', changing %s' % changes if changes else ''))
-
     def keep_options(self, argv):
         """Take the options this command line does not give from a recorded option_argv()."""
         config = self.config
@@ -4709,61 +4675,6 @@ class Agent(Daemon):
         self.stop_timeout = config.stop_timeout
         self.user, self.group = config.user, config.group
         self.root_from_cwd = False          # the recorded --root, absolute: chosen before
-
-    def agent_elsewhere(self):
-        """The PortHolder of --port when this pidfile names no running agent but something
-        else holds the port (another user's agent: its pidfile is not this user's default);
-        None when the port is not what was asked about (--port 0, or a --pidfile given without
-        --port), or nothing but a program that is no agent holds it."""
-        config = self.config
-        if config.port == 0 or 'pidfile' in self.given and 'port' not in self.given:
-            return None
-        try:
-            if self.probe()[0] == 'running':
-                return None
-        except DaemonError:
-            return None                     # the action itself says why the pidfile is unreadable
-        holder = find_port_holder(config.port)
-        return holder if holder is not None and (holder.agent or holder.pid is None) else None
-
-    def status_elsewhere(self, holder):
-        """status about another pidfile's agent on the port: 0 when its pidfile confirms it,
-        4 (unknown) when it cannot be read; never 3 (not running) while it serves."""
-        port, mine = self.config.port, self.pidfile_path
-        if holder.pid is None:
-            self.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
-                     '%s may not look into (another user\'s; an agent?)' % (mine, port, daemon.current_user()), error=True)
-            return daemon.STATUS_UNKNOWN
-        who = 'agent pid %d (user %s)' % (holder.pid, holder.user())
-        if holder.pidfile is None:
-            self.say('agent: port %d is served by %s, whose pidfile %s cannot find (not %s)'
-                     % (port, who, daemon.current_user(), mine), error=True)
-            return daemon.STATUS_UNKNOWN
-        if read_pid(holder.pidfile) != holder.pid:
-            self.say('agent: port %d is served by %s, pidfile %s, which %s cannot read (not %s)'
-                     % (port, who, holder.pidfile, daemon.current_user(), mine), error=True)
-            return daemon.STATUS_UNKNOWN
-        self.say('agent is running on port %d: %s, pidfile %s (not %s)' % (port, who, holder.pidfile, mine))
-        return daemon.STATUS_RUNNING
-
-    def stop_elsewhere(self, holder):
-        """stop about another pidfile's agent on the port: nothing is stopped (that agent was
-        not named), exit 1 with the command that would stop it."""
-        port, mine = self.config.port, self.pidfile_path
-        if holder.pid is None:
-            self.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
-                     '%s may not look into (another user\'s); nothing stopped'
-                     % (mine, port, daemon.current_user()), error=True)
-        elif holder.pidfile is None:
-            self.say('agent: port %d is served by agent pid %d (user %s), not the agent of pidfile '
-                     '%s; nothing stopped (its pidfile is not known: give it with --pidfile)'
-                     % (port, holder.pid, holder.user(), mine), error=True)
-        else:
-            self.say('agent: port %d is served by agent pid %d (user %s), pidfile %s, not the '
-                     'agent of pidfile %s; nothing stopped; stop it with: %s'
-                     % (port, holder.pid, holder.user(), holder.pidfile, mine, holder.stop_command()),
-                     error=True)
-        return daemon.EXIT_FAILURE
 
     def on_reopen_logs(self):
         self.reopen_worker_logs()
@@ -4799,22 +4710,100 @@ class Agent(Daemon):
         log('agent: stopped (%d worker(s) respawned while it ran)' % supervisor.respawns)
 
 def about_the_port(action, elsewhere):
-    """An action (status, stop) that first looks at who serves --port: elsewhere(holder)
-    answers when another pidfile's agent does (Agent.agent_elsewhere())."""
+    """An action (status, stop) that first looks at who serves --port: elsewhere(agent,
+    holder) answers when another pidfile's agent does (agent_elsewhere())."""
     def checked(agent):
-        holder = agent.agent_elsewhere()
-        return action(agent) if holder is None else elsewhere(holder)
+        holder = agent_elsewhere(agent)
+        return action(agent) if holder is None else elsewhere(agent, holder)
     return checked
 
+def agent_elsewhere(agent):
+    """The PortHolder of --port when this pidfile names no running agent but something
+    else holds the port (another user's agent: its pidfile is not this user's default);
+    None when the port is not what was asked about (--port 0, or a --pidfile given without
+    --port), or nothing but a program that is no agent holds it."""
+    config = agent.config
+    if config.port == 0 or 'pidfile' in agent.given and 'port' not in agent.given:
+        return None
+    try:
+        if agent.probe()[0] == 'running':
+            return None
+    except DaemonError:
+        return None                     # the action itself says why the pidfile is unreadable
+    holder = find_port_holder(config.port)
+    return holder if holder is not None and (holder.agent or holder.pid is None) else None
+
+
+def status_elsewhere(agent, holder):
+    """status about another pidfile's agent on the port: 0 when its pidfile confirms it,
+    4 (unknown) when it cannot be read; never 3 (not running) while it serves."""
+    port, mine = agent.config.port, agent.pidfile_path
+    if holder.pid is None:
+        agent.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
+                  '%s may not look into (another user\'s; an agent?)' % (mine, port, daemon.current_user()), error=True)
+        return daemon.STATUS_UNKNOWN
+    who = 'agent pid %d (user %s)' % (holder.pid, holder.user())
+    if holder.pidfile is None:
+        agent.say('agent: port %d is served by %s, whose pidfile %s cannot find (not %s)'
+                  % (port, who, daemon.current_user(), mine), error=True)
+        return daemon.STATUS_UNKNOWN
+    if read_pid(holder.pidfile) != holder.pid:
+        agent.say('agent: port %d is served by %s, pidfile %s, which %s cannot read (not %s)'
+                  % (port, who, holder.pidfile, daemon.current_user(), mine), error=True)
+        return daemon.STATUS_UNKNOWN
+    agent.say('agent is running on port %d: %s, pidfile %s (not %s)' % (port, who, holder.pidfile, mine))
+    return daemon.STATUS_RUNNING
+
+
+def stop_elsewhere(agent, holder):
+    """stop about another pidfile's agent on the port: nothing is stopped (that agent was
+    not named), exit 1 with the command that would stop it."""
+    port, mine = agent.config.port, agent.pidfile_path
+    if holder.pid is None:
+        agent.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
+                  '%s may not look into (another user\'s); nothing stopped'
+                  % (mine, port, daemon.current_user()), error=True)
+    elif holder.pidfile is None:
+        agent.say('agent: port %d is served by agent pid %d (user %s), not the agent of pidfile '
+                  '%s; nothing stopped (its pidfile is not known: give it with --pidfile)'
+                  % (port, holder.pid, holder.user(), mine), error=True)
+    else:
+        agent.say('agent: port %d is served by agent pid %d (user %s), pidfile %s, not the '
+                  'agent of pidfile %s; nothing stopped; stop it with: %s'
+                  % (port, holder.pid, holder.user(), holder.pidfile, mine, holder.stop_command()),
+                  error=True)
+    return daemon.EXIT_FAILURE
+
+
 def restart_action(restart):
-    """restart, with Agent.on_restart_stopped() first when no agent runs on the pidfile (the
+    """restart, with restart_stopped() first when no agent runs on the pidfile (the
     on_restart() hook of daemon.py is only for a running one)."""
     def checked(agent):
         state, pid = agent.probe()
         if state != 'running':
-            agent.on_restart_stopped(state, pid)
+            restart_stopped(agent, state, pid)
         return restart(agent)
     return checked
+
+
+def restart_stopped(agent, state, pid):
+    """Before a restart when no agent runs on the pidfile (state, pid: its probe()).
+
+    A dead agent's pidfile and options file remain (a crash, a SIGKILL: see
+    daemon.PidFile): its options are taken as Agent.on_restart() takes a running one's.  After a
+    clean stop nothing is left, on purpose (a stop leaves nothing behind, and an agent
+    stopped weeks ago should not come back with its options by surprise); /run, where
+    root's pidfiles are, is emptied at boot anyway.  Then this is a start, with its rules:
+    no system directory as the default root, no root workers by default."""
+    old = read_options(options_path(agent.pidfile_path), pid) if state == 'stale' and pid else None
+    if old is None:
+        agent.say('agent: nothing was running on pidfile %s; starting with this command line'
+                  % agent.pidfile_path)
+        return
+    agent.keep_options(old)
+    changes = describe_changes(old, option_argv(agent.config, every=True))
+    agent.say('agent: nothing was running on pidfile %s (pid %d had ended); starting with its '
+              'options%s' % (agent.pidfile_path, pid, ', changing %s' % changes if changes else ''))
 
 
 # -- processes: reaping, signalling, naming them --
@@ -4888,6 +4877,17 @@ def set_process_title(comm, args=''):
         ctypes.memmove(start, title + b'\0' * (end - start - len(title)), end - start)
     except (OSError, ValueError, IndexError, OverflowError, ctypes.ArgumentError):
         pass
+
+def title_args(argv, action):
+    """The command line (argv) without the interpreter and the action: what ps shows after
+    "agent: master".  The script's name stays: contrib/agent.logrotate looks for it."""
+    args = list(argv)
+    for index in range(len(args) - 1, 0, -1):
+        if args[index] == action:
+            del args[index]
+            break
+    return ' '.join(args)
+
 
 def argument_area():
     """(arg_start, arg_end) of this process: fields 48 and 49 of /proc/self/stat (proc(5))."""
@@ -4992,6 +4992,17 @@ def system_directory(path):
         return 'a home directory'
     return ''
 
+def check_default_root(root, from_cwd):
+    """A --root that defaulted to the current directory (from_cwd) may not be a system directory
+    (system_directory()): in the launcher (Agent.on_launch) before its other checks, so that
+    this is what `start` says, and in Agent.set_up() for `run`."""
+    why = system_directory(root) if from_cwd else ''
+    if why:
+        raise DaemonError('the current directory %s is %s, not served without --root: give the '
+                          'directory of the images with --root (--root %s to serve this one)'
+                          % (root, why, root))
+
+
 def default_account():
     """The user an agent started as root without --user runs as: 'agent' where it exists (the
     system user of contrib/agent.service and agent.init), else 'nobody' (with its own primary
@@ -5013,6 +5024,21 @@ def describe_denied(exc):
 def options_path(pidfile):
     """The file beside the pidfile in which the master records its options."""
     return pidfile + '.options'
+
+def write_options(path, config):
+    """Record the options (config) in path, beside the pidfile, with this pid, so that
+    `restart` can say what it changes (read_options())."""
+    data = json.dumps({'pid': os.getpid(), 'argv': option_argv(config, every=True)}).encode() + b'\n'
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log('agent: cannot record the options in %s (%s); restart will not compare them'
+            % (path, exc.strerror))
+
 
 def read_options(path, pid):
     """The argv recorded in an options file, if it was written by pid; else None.  Only a
@@ -5122,6 +5148,21 @@ def urls(listeners, tls=False, redirects=()):
         else:
             found.append(str(name))
     return found or ['no socket']
+
+def addresses(listeners, tls=None, redirects=()):
+    """The listening sockets' addresses, for the log: [::]:8080 (https), ..."""
+    names = []
+    for sock in listeners:
+        try:
+            name = sock.getsockname()
+        except OSError:
+            name = '?'
+        names.append('[%s]:%d' % name[:2] if sock.family == socket.AF_INET6 else
+                     '%s:%d' % name[:2] if sock.family == socket.AF_INET else str(name))
+        if tls is not None:
+            names[-1] += ' (redirect to https)' if sock in redirects else ' (https)'
+    return ', '.join(names)
+
 
 def unprivileged_port_start():
     try:
@@ -5563,7 +5604,7 @@ def main(argv=None):
 FROM_BYTECODE = ("import sys; directory = sys.argv[1]; del sys.argv[:2]; "
                  "sys.path[:sys.path[:1] == ['']] = [directory]; "
                  "import agent; agent.SCRIPT = sys.argv[0]; sys.exit(agent.main())")
-# What an upgrade that fails once exec'd goes back to (Agent.go_back), with argv IMAGE SCRIPT
+# What an upgrade that fails once exec'd goes back to (Upgrade.go_back), with argv IMAGE SCRIPT
 # ARGS...: IMAGE is the code_image() of the image before it, as JSON, each module run from its
 # memory file under its own path (tracebacks name it, but quote the lines of the file on disk
 # now, which may be the new code's); SCRIPT stays what a later upgrade runs.  No '' on the
