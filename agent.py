@@ -4441,22 +4441,7 @@ class Agent(Daemon):
         self.note_own_files()
         self.upgrade.keep_code()
         raise_fd_limit()
-        if self.listen_fds:
-            fds = [fd for group in self.listen_fds.values() for fd in group]
-            self.listeners = [socket.socket(fileno=fd) for fd in fds]
-            for sock in self.listeners:
-                sock.setblocking(False)
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # With TLS on, a socket named "redirect" (FileDescriptorName=) is the plain one.
-            redirect_fds = self.listen_fds.get('redirect', []) if self.tls is not None else []
-            self.redirects = {sock for sock in self.listeners if sock.fileno() in redirect_fds}
-            log('agent: serving on %d socket(s) passed by the service manager or kept across an upgrade' % len(fds))
-        else:
-            self.listeners = [bind(config.bind, config.port)]
-            if config.http_redirect is not None:
-                self.redirects = {bind(config.bind, config.http_redirect)}
-                self.listeners += list(self.redirects)
+        self.listeners, self.redirects = listening_sockets(config, self.listen_fds, self.tls is not None)
         self.supervisor = Supervisor(self)
 
     def choose_user(self):
@@ -5127,6 +5112,29 @@ def bind(address, port):
     sock.setblocking(False)
     return sock
 
+def listening_sockets(config, listen_fds, tls):
+    """(listeners, redirects): the sockets passed by the service manager or kept across an
+    upgrade (listen_fds, by name), else those bound here for --port and --http-redirect;
+    redirects is the set of those that redirect plain HTTP to HTTPS."""
+    if not listen_fds:
+        listeners = [bind(config.bind, config.port)]
+        redirects = set()
+        if config.http_redirect is not None:
+            redirects = {bind(config.bind, config.http_redirect)}
+            listeners += list(redirects)
+        return listeners, redirects
+    fds = [fd for group in listen_fds.values() for fd in group]
+    listeners = [socket.socket(fileno=fd) for fd in fds]
+    for sock in listeners:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # With TLS on, a socket named "redirect" (FileDescriptorName=) is the plain one.
+    redirect_fds = listen_fds.get('redirect', []) if tls else []
+    log('agent: serving on %d socket(s) passed by the service manager or kept across an upgrade' % len(fds))
+    return listeners, {sock for sock in listeners if sock.fileno() in redirect_fds}
+
+
 def urls(listeners, tls=False, redirects=()):
     """The URLs of the listening sockets (https:// for HTTPS ones), a wildcard address shown as
     loopback."""
@@ -5562,12 +5570,28 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
     config = p.parse_args(argv)
+    check_together(p, config)
+    given = given_options(argv)
+    status = default_pidfile_of(config)
+    if status is None:
+        status = absolute_paths(config, given)
+    if status is not None:
+        return status
+    return Agent(config, given).command(config.action)
+
+
+def check_together(p, config):
+    """The options that go only with others: a usage error (p.error, exit 2) if alone."""
     if bool(config.tls_cert) != bool(config.tls_key):
         p.error('--tls-cert and --tls-key go together')
     for option in ('http_redirect', 'hsts'):
         if getattr(config, option) is not None and not config.tls_cert:
             p.error('--%s needs --tls-cert and --tls-key' % option.replace('_', '-'))
-    given = given_options(argv)
+
+
+def default_pidfile_of(config):
+    """Without --pidfile: the default one, its private directory under /tmp made or checked;
+    None, or the exit status of the message said."""
     if config.pidfile is None:
         config.pidfile = default_pidfile(config.port)
         if config.pidfile.startswith('/tmp/'):
@@ -5577,6 +5601,12 @@ def main(argv=None):
             except DaemonError as exc:
                 sys.stderr.write('agent: %s\n' % exc)
                 return daemon.EXIT_PRIVILEGE if exc.privilege else daemon.EXIT_FAILURE
+    return None
+
+
+def absolute_paths(config, given):
+    """Every path option made absolute, before anything changes directory; None, or the exit
+    status of the message said (a relative path where the current directory is gone)."""
     try:
         cwd = os.getcwd()
     except FileNotFoundError:
@@ -5594,7 +5624,7 @@ def main(argv=None):
                              'longer exists: give an absolute path, or cd elsewhere\n'
                              % (name.replace('_', '-'), path))
             return daemon.STATUS_UNKNOWN if config.action == 'status' else daemon.EXIT_FAILURE
-    return Agent(config, given).command(config.action)
+    return None
 
 
 # What run_from_bytecode() runs in place of this script, with argv DIRECTORY SCRIPT ARGS...:
