@@ -2,6 +2,9 @@
 """agent.py: an HTTP/1.1 static image server that is safe to expose, on daemon.py.
 
 One file, standard library only (Python 3.9+).  The corrected successor of the classic `agentD`.
+It is deployed as two files, `cp agent.py daemon.py /opt/agent/`, and kept so rather than split
+into a package: daemon.py is the module other programs copy alone, and an upgrade in place
+checks, runs and keeps in memory (code_image) exactly these two files, with nothing to install.
 
 Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banners):
     Defaults and limits
@@ -12,7 +15,7 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
     The responder: a parsed request -> a queued response (resolve, open, stat, head)
     A worker: one process, one epoll loop (sockets, timers, signals, the access log)
-    The master: the Agent daemon (bind, fork, supervise, reload, upgrade)
+    The master: Supervisor (the workers), Upgrade (in place), Agent (the daemon); ports
     Command line (and run_from_bytecode)
 A request's path: Worker.accept -> Connection.receive -> Connection.process (find_head_end,
 parse_request) -> Responder.respond (map, stat, open) -> response_head -> Connection.send ->
@@ -27,7 +30,7 @@ Worker.access (the log line).
 (with --port 0, the port it took).  `restart` keeps the running master's options (recorded in
 PIDFILE.options) for every option not given again, and names the ones that change; when nothing
 runs it says so, and takes a dead master's options where its pidfile remains (a crash), else
-it is a start (Agent.on_restart_stopped).
+it is a start (restart_stopped).
 
 Identity
 --------
@@ -3988,6 +3991,19 @@ class Worker:
                 conn.close()
 
 
+def accept_connection(listener, family):
+    """listener.accept(), minus the Python layer of socket.socket around the new socket.
+
+    The connection is used through the C-level _socket.socket methods only (recv, send,
+    shutdown, close, fileno), and skipping the wrapper and its enum conversions saves about
+    10 us a connection: a tenth of a Connection: close exchange.
+    """
+    fd, address = listener._accept()
+    sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    sock.setblocking(False)
+    return sock, address
+
+
 # ---------------------------------------------------------------------------------------------
 # The master: the Agent daemon
 # ---------------------------------------------------------------------------------------------
@@ -4003,9 +4019,398 @@ class WorkerProcess:
         self.retiring = False       # a reload told it to drain: not respawned
         self.born = time.monotonic()
 
+class Supervisor:
+    """The master's workers, of every generation: it forks them, hears them boot (the boot
+    pipe), reaps them with WNOHANG, respawns one that dies (after a growing delay when they
+    die young, fail to boot, or fork() fails), retires a generation and drains them all.
+
+    What it asks of its master: whether a stop has begun, its selector and signal fd (a wait
+    for the workers' boot still hears a stop), the watchdog's tick, and how a forked child
+    becomes a worker (Agent.become_worker).
+    """
+
+    def __init__(self, master):
+        self.master = master
+        self.workers = {}               # pid -> WorkerProcess
+        self.generation = 0
+        self.boot_failures = 0
+        self.respawns = 0
+        self.respawn_at = 0.0
+        self.fork_failures = 0          # consecutive fork() failures in maintain()
+        self.short_lives = 0            # consecutive workers that died within SHORT_LIFE
+        self.short_life_at = 0.0        # when the last of them died
+        # The workers watch the lifeline (its write end closes when the master dies), share
+        # their load in loads (LoadShare), and say on the boot pipe that they are up.
+        self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
+        self.loads = LoadShare.memory()
+        self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def serving(self):
+        """The workers of the current generation (not told to drain)."""
+        return [w for w in self.workers.values() if not w.retiring]
+
+    def spawn_generation(self):
+        """Start --workers new workers; returns them.  A generation is whole or not at all: if
+        one cannot be forked, those already forked are killed and DaemonError says why (a
+        start fails, a reload keeps the old generation)."""
+        self.generation += 1
+        new = []
+        try:
+            for _ in range(self.master.config.workers):
+                new.append(self.spawn())
+        except OSError as exc:
+            self.kill(new)
+            raise DaemonError('cannot fork a worker: %s' % exc.strerror)
+        return new
+
+    def spawn(self):
+        """Fork one worker of the current generation; its WorkerProcess.  OSError if fork()
+        fails (EAGAIN at a process limit, ENOMEM)."""
+        # Signals stay blocked across fork() until the worker has its own handlers: a TERM
+        # that came in between would otherwise go to the master's handler copy and be lost.
+        slot = self.free_slot()
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+            raise
+        if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+            worker = self.workers[pid] = WorkerProcess(pid, self.generation, slot)
+            return worker
+        status = WORKER_BOOT_ERROR
+        try:
+            for fd in (self.lifeline_w, self.boot_r):
+                os.close(fd)
+            share = None if slot is None else LoadShare(self.loads, slot)
+            worker = self.master.become_worker(self.lifeline_r, share)
+            os.write(self.boot_w, b'%d ok\n' % os.getpid())
+            status = 1
+            worker.serve()
+            status = 0
+        except BaseException as exc:
+            log('worker: %s\n%s' % (daemon.describe(exc), daemon.format_traceback(exc)), priority=LOG_ERR)
+            if status == WORKER_BOOT_ERROR:
+                try:
+                    os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))
+                             .encode('utf-8', 'replace')[:select.PIPE_BUF])
+                except OSError:
+                    pass
+        finally:
+            os._exit(status)
+
+    def free_slot(self):
+        """A LoadShare slot no live worker has, or None (one worker, or all slots taken)."""
+        if self.master.config.workers < 2:
+            return None
+        used = {worker.slot for worker in self.workers.values()}
+        return next((slot for slot in range(LoadShare.SLOTS) if slot not in used), None)
+
+    def await_boot(self, workers):
+        """Wait until these workers say they are up; DaemonError if one cannot start.
+
+        Signals are left pending (only a stop is looked at): this runs inside on_reload too.
+        """
+        master = self.master
+        deadline = time.monotonic() + 30.0
+        while any(not w.booted for w in workers):
+            if master.stopping or time.monotonic() > deadline:
+                raise DaemonError('stopped during startup' if master.stopping
+                                  else 'workers did not start in time')
+            for key, _ in master.selector.select(master.tick(0.5)):    # a reload waits here too
+                if key.fileobj == master.signal_fd:
+                    drain(master.signal_fd)
+            error = self.read_boot_messages()
+            if error:
+                raise DaemonError(error)
+            for pid, status in reap_children():
+                worker = self.forget(pid)
+                if worker is not None and not worker.booted:
+                    raise DaemonError('a worker exited during startup (%s); see %s'
+                                      % (describe_status(status), master.stderr))
+
+    def read_boot_messages(self):
+        """Workers write "<pid> ok" or "<pid> error <why>" once they are up (or cannot be)."""
+        try:
+            data = os.read(self.boot_r, 65536)
+        except (BlockingIOError, InterruptedError):
+            return None
+        error = None
+        for line in data.decode('utf-8', 'replace').splitlines():
+            pid, _, rest = line.partition(' ')
+            worker = self.workers.get(int(pid)) if pid.isdigit() else None
+            if rest == 'ok' and worker is not None:
+                worker.booted = True
+                self.boot_failures = 0
+            elif rest.startswith('error '):
+                error = rest[6:]
+                log('agent: worker %s could not start: %s' % (pid, error), priority=LOG_ERR)
+        return error
+
+    def kill(self, workers):
+        """SIGKILL these workers and reap them."""
+        for worker in workers:
+            signal_worker(worker.pid, signal.SIGKILL)
+        pending = {worker.pid for worker in workers}
+        while pending & set(self.workers):
+            for pid, _ in reap_children(block=True):
+                self.forget(pid)
+
+    def forget(self, pid):
+        """A worker has ended: its WorkerProcess (or None), its LoadShare slot zeroed (a
+        worker that died could not do it, and a stale count would skew every share)."""
+        worker = self.workers.pop(pid, None)
+        if worker is not None and worker.slot is not None:
+            LoadShare(self.loads, worker.slot).leave()
+        return worker
+
+    def reap(self):
+        """Reap the workers that ended; set when the dead ones of this generation come back."""
+        for pid, status in reap_children():
+            worker = self.forget(pid)
+            if worker is None or worker.retiring:
+                continue
+            if self.master.stopping:
+                # The stop's signal may have reached the workers too (`systemctl kill` signals
+                # the whole cgroup, a Ctrl-C the process group) and they ended first: no death,
+                # and no respawn (finish() reaps the others).  A crash is still said.
+                if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                    log('agent: worker %d ended during the stop (%s)' % (pid, describe_status(status)),
+                        priority=LOG_WARNING)
+                continue
+            self.respawns += 1
+            if not worker.booted or os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
+                self.boot_failures += 1
+                delay = min(0.1 * 2 ** self.boot_failures, 5.0)
+                log('agent: worker %d failed to boot (%s); retrying in %.1fs'
+                    % (pid, describe_status(status), delay), priority=LOG_WARNING)
+                self.respawn_at = time.monotonic() + delay
+            else:
+                self.died(worker, status)
+
+    def died(self, worker, status):
+        """A booted worker died: respawn it at once, or later when workers keep dying young."""
+        now = time.monotonic()
+        lived = now - worker.born
+        if lived >= SHORT_LIFE or now - self.short_life_at > 30.0:
+            self.short_lives = 0
+        if lived < SHORT_LIFE:
+            self.short_lives += 1
+            self.short_life_at = now
+        delay = min(0.1 * 2 ** self.short_lives, 5.0) if self.short_lives else 0.0
+        log('agent: worker %d died (%s); respawning in %.1fs (it lived %.1fs)'
+            % (worker.pid, describe_status(status), delay, lived), priority=LOG_WARNING)
+        self.respawn_at = max(self.respawn_at, time.monotonic() + delay)
+
+    def halted(self):
+        """Workers that fail at boot again and again will not start by retrying: stop."""
+        return self.boot_failures >= MAX_BOOT_FAILURES
+
+    def maintain(self):
+        """Keep --workers workers of the current generation alive (none new once stopping).
+        While fork() fails the tries back off (0.2 s, 0.4 s ... MAX_FORK_DELAY), each logged
+        once."""
+        if self.master.stopping or time.monotonic() < self.respawn_at:
+            return
+        for _ in range(self.master.config.workers - len(self.serving())):
+            try:
+                self.spawn()
+            except OSError as exc:
+                self.fork_failures += 1
+                delay = min(0.1 * 2 ** self.fork_failures, MAX_FORK_DELAY)
+                log('agent: cannot fork a worker: %s; retrying in %.1fs' % (exc.strerror, delay),
+                    priority=LOG_ERR)
+                self.respawn_at = time.monotonic() + delay
+                return
+        if self.fork_failures:
+            log('agent: forked again after %d failed tries' % self.fork_failures, priority=LOG_WARNING)
+            self.fork_failures = 0
+
+    def retire(self, workers):
+        """Tell these workers to drain and exit; they are not respawned."""
+        for worker in workers:
+            worker.retiring = True
+            signal_worker(worker.pid, signal.SIGTERM)
+
+    def signal(self, signum):
+        for pid in list(self.workers):
+            signal_worker(pid, signum)
+
+    def finish(self, timeout):
+        """Wait for the workers told to stop; kill whoever is left after timeout."""
+        deadline = time.monotonic() + timeout
+        while self.workers and time.monotonic() < deadline:
+            self.master.selector.select(0.05)
+            for pid, status in reap_children():
+                self.forget(pid)
+        for pid in list(self.workers):
+            log('agent: worker %d did not finish in time; killing it' % pid, priority=LOG_WARNING)
+            signal_worker(pid, signal.SIGKILL)
+        while self.workers:
+            for pid, status in reap_children(block=True):
+                self.forget(pid)
+
+    def state(self):
+        """What the next image of the master takes over (adopt())."""
+        return {'lifeline': [self.lifeline_r, self.lifeline_w], 'respawns': self.respawns,
+                'workers': [[w.pid, w.retiring, w.born] for w in self.workers.values()]}
+
+    def adopt(self, state):
+        """In the new image after an upgrade: the old image's workers, lifeline and count of
+        respawns (state()); returns the adopted workers that were serving."""
+        os.close(self.lifeline_r)
+        os.close(self.lifeline_w)
+        self.lifeline_r, self.lifeline_w = state['lifeline']
+        for fd in state['lifeline']:
+            os.set_inheritable(fd, False)
+        self.respawns = state['respawns']
+        adopted = []
+        for pid, retiring, *born in state['workers']:
+            worker = WorkerProcess(pid, 0)
+            worker.booted, worker.retiring = True, retiring
+            worker.born = born[0] if born else worker.born     # CLOCK_MONOTONIC: the same clock
+            self.workers[pid] = worker
+            if not retiring:
+                adopted.append(worker)
+        return adopted
+
+
+class Upgrade:
+    """Upgrade in place: SIGUSR2 (or `agent.py upgrade`), and its other half in the new image.
+
+    In place (daemon.reexec: execve, same pid), not a new master beside the old one: systemd
+    and start-stop-daemon watch the master's pid, and a new master would be, for systemd,
+    "a process which is not our child", stopped by killing the whole cgroup with the
+    downloads in flight.  The workers are the master's children and stay so across execve:
+    the new image adopts them (their pids, the lifeline pipe they watch) and drains them once
+    its own generation is up, exactly as a reload does.
+    """
+
+    def __init__(self, master):
+        self.master = master
+        # After an upgrade: the state the image before passed (state()); else {}.
+        self.carried = json.loads(master.inherited) if master.inherited else {}
+        self.code = None                # this image's own source: code_image()
+        self.previous_code = None       # after an upgrade, until its workers are up: the old one's
+        self.went_back = None           # back to the old code: why the upgrade failed
+
+    def keep_code(self):
+        """Read the source of the code this image runs, now, as root: after an upgrade whose
+        workers cannot start, it is what the master goes back to (go_back).  An image that
+        went back already runs the code it was given."""
+        self.code = self.carried['code'] if self.carried.get('went_back') else code_image()
+
+    def setup_failed(self, exc):
+        """The new image of an upgrade could not set up (what the check of the new code could
+        not see: a file gone between the check and the execve): back to the code that serves,
+        rather than end the master and its workers."""
+        if self.carried and not self.carried.get('went_back'):
+            self.go_back('the new code cannot set up: %s' % daemon.describe(exc), self.carried,
+                         self.inherited_sockets())
+
+    def begin(self):
+        """Check the agent.py now on disk in a child, then become it (same pid)."""
+        master = self.master
+        daemon.notify(RELOADING=1, MONOTONIC_USEC=daemon.monotonic_usec(), STATUS='upgrading')
+        log('agent: upgrade: checking %s' % SCRIPT)
+        master.own_files.refresh()
+        try:
+            self.exec_code([SCRIPT], self.state(self.code), self.sockets())
+        except DaemonError as exc:
+            daemon.upgrade_done(master, str(exc))
+
+    def adopt(self):
+        """In the new image after an upgrade: the workers of the old one; [] otherwise."""
+        state, master = self.carried, self.master
+        if not state:
+            return []
+        adopted = master.supervisor.adopt(state)
+        code = state.get('code') or None            # an older image kept none
+        for _, fd, _ in code or ():
+            os.set_inheritable(fd, False)
+        master.own_files.learn(state.get('own_files', ()))     # an older image carried none
+        self.went_back = state.get('went_back')
+        if self.went_back is None:
+            self.previous_code = code   # (an image that went back runs it: self.code)
+        log('agent: upgrade: %s %s; adopted %s' % (
+            'now running' if self.went_back is None else 'back to the code that serves,', SCRIPT,
+            n_workers(len(master.supervisor.workers))))
+        return adopted
+
+    def workers_up(self, adopted):
+        """This image's workers are up (or it went back and runs the old ones): the adopted
+        workers drain, or the upgrade that failed is reported."""
+        if self.went_back is not None:
+            daemon.upgrade_done(self.master, self.went_back)
+            return
+        self.master.supervisor.retire(adopted)
+        close_code(self.previous_code)      # the new code serves: no way back needed
+        self.previous_code = None
+
+    def workers_failed(self, exc):
+        """Upgraded in place, but the new code's workers cannot start (exc): the old ones go
+        on, and so does their code, for every worker that replaces one of them."""
+        stopping = self.master.stopping
+        reason = 'a stop came first' if stopping else 'its workers cannot start: %s' % exc
+        if not stopping:                    # (go_back returns only if it cannot)
+            self.go_back(reason, self.state(self.previous_code), self.sockets())
+        daemon.upgrade_done(self.master, reason)
+
+    def go_back(self, reason, state, sockets):
+        """In the new image of an upgrade that failed once exec'd (its workers cannot start, or
+        its setup failed): become the code that serves again, the old image's (state['code']),
+        with the workers and sockets it has; that image reports the failure (reason) and
+        replaces a worker that dies with its own code.  Without it, this image would: a worker
+        that died was replaced by the code that cannot start, five times, and the master
+        halted and stopped the workers that still served (or, when its setup failed, it exited
+        at once).  Returns only if it cannot (no code was kept, or execve failed)."""
+        code = state.get('code')
+        if not code:
+            log('agent: upgrade: the code before it was not kept; there is none to go back to',
+                priority=LOG_WARNING)
+            return
+        log('agent: upgrade: going back to the code that serves (%s as it was)' % SCRIPT)
+        try:
+            self.exec_code(['-c', FROM_CODE, json.dumps(code), SCRIPT], dict(state, went_back=reason),
+                           sockets, check=False)
+        except DaemonError as exc:
+            log('agent: upgrade: cannot go back to the code that serves: %s' % exc, priority=LOG_ERR)
+
+    def exec_code(self, program, state, sockets, check=True):
+        """daemon.reexec() of program (argv after the interpreter) with this command line: the
+        sockets (fds, names), and state (state()) passed on, its lifeline and code
+        descriptors kept.  Returns only on failure (DaemonError)."""
+        master = self.master
+        argv = program + option_argv(master.config, master.given) + ['start' if master.detached else 'run']
+        fds, names = sockets
+        daemon.reexec(master, argv, fds, names, state=json.dumps(state), check=check,
+                      keep=state['lifeline'] + [fd for _, fd, _ in state['code'] or ()])
+
+    def state(self, code):
+        """What the next image of this master takes over (adopt()), with code (a
+        code_image(), or None) as what it may go back to."""
+        master = self.master
+        return dict(master.supervisor.state(), own_files=master.own_files.state(), code=code)
+
+    def sockets(self):
+        """The listening sockets' fds and names, as an upgrade passes them (daemon.reexec)."""
+        listeners, redirects = self.master.listeners, self.master.redirects
+        return ([sock.fileno() for sock in listeners],
+                ['redirect' if sock in redirects else 'agent' for sock in listeners])
+
+    def inherited_sockets(self):
+        """The same for the sockets this image was given (before set_up made listeners)."""
+        pairs = [(fd, name) for name, fds in self.master.listen_fds.items() for fd in fds]
+        return [fd for fd, _ in pairs], [name for _, name in pairs]
+
 
 class Agent(Daemon):
-    """The master process: binds, forks the workers, supervises them."""
+    """The master process: sets up as root (binds, opens the logs, reads the TLS files), then
+    runs the loop that acts on signals.  Its workers are its Supervisor's, an upgrade in place
+    is its Upgrade's.  In the launcher: on_launch's early checks, restart's options kept from
+    the running (or a crashed) agent, and status and stop about another agent on --port
+    (about_the_port)."""
 
     ready_on_run = False            # ready once every worker has booted
     reload_timeout = 45.0           # a reload waits up to 30 s for the new workers to boot
@@ -4019,24 +4424,14 @@ class Agent(Daemon):
         self.own_files = OwnFiles()     # never served: pidfile, logs (note_own_files())
         self.listeners = []
         self.access_fd = None
-        self.workers = {}
-        self.generation = 0
-        self.boot_failures = 0
-        self.respawns = 0
-        self.respawn_at = 0.0
-        self.fork_failures = 0          # consecutive fork() failures in maintain()
-        self.short_lives = 0            # consecutive workers that died within SHORT_LIFE
-        self.short_life_at = 0.0        # when the last of them died
+        self.supervisor = None          # the workers (set_up())
         self.tls = None                 # the SSLContext new workers get (--tls-cert)
         self.redirects = set()          # listeners that redirect to HTTPS (--http-redirect)
-        self.carried = {}               # after an upgrade: the state the image before passed
-        self.code = None                # this image's own source: code_image()
-        self.previous_code = None       # after an upgrade, until its workers are up: the old one's
-        self.went_back = None           # back to the old code: why the upgrade failed
+        self.upgrade = None             # in place: its state and steps (setup())
         self.default_user = False       # started as root without --user: choose_user()
         self.root_from_cwd = 'root' not in given    # --root defaulted to the current directory
         self.add_action('upgrade', daemon.upgrade_action)
-        for action, answer in (('status', self.status_elsewhere), ('stop', self.stop_elsewhere)):
+        for action, answer in (('status', status_elsewhere), ('stop', stop_elsewhere)):
             self.add_action(action, about_the_port(self.actions[action], answer))
         self.add_action('restart', restart_action(self.actions['restart']))
 
@@ -4046,20 +4441,18 @@ class Agent(Daemon):
         """Set up the master (set_up).  In the new image of an upgrade, a failure here (what
         the check of the new code could not see: a file gone between the check and the
         execve) goes back to the code that serves, rather than end the master and its workers."""
-        self.carried = json.loads(self.inherited) if self.inherited else {}
+        self.upgrade = Upgrade(self)
         try:
             self.set_up()
         except BaseException as exc:
-            if self.carried and not self.carried.get('went_back'):
-                self.go_back('the new code cannot set up: %s' % daemon.describe(exc), self.carried,
-                             self.inherited_sockets())
+            self.upgrade.setup_failed(exc)
             raise
 
     def set_up(self):
         config = self.config
-        set_process_title('agent: master', self.title_args())
+        set_process_title('agent: master', title_args(sys.argv, config.action))
         self.choose_user()
-        self.check_default_root()
+        check_default_root(config.root, self.root_from_cwd)
         if not os.path.isdir(config.root):
             raise DaemonError('root directory %s %s' % (config.root, 'is not a directory' if
                               os.path.exists(config.root) else 'does not exist'))
@@ -4076,43 +4469,12 @@ class Agent(Daemon):
                                   privilege=isinstance(exc, PermissionError))
         if config.tls_cert:
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
-        self.write_options()
+        write_options(options_path(self.pidfile_path), config)
         self.note_own_files()
-        # The source of the code this image runs, read now, as root: after an upgrade whose
-        # workers cannot start, it is what the master goes back to (go_back).  An image that
-        # went back already runs the code it was given.
-        self.code = self.carried['code'] if self.carried.get('went_back') else code_image()
+        self.upgrade.keep_code()
         raise_fd_limit()
-        if self.listen_fds:
-            fds = [fd for group in self.listen_fds.values() for fd in group]
-            self.listeners = [socket.socket(fileno=fd) for fd in fds]
-            for sock in self.listeners:
-                sock.setblocking(False)
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # With TLS on, a socket named "redirect" (FileDescriptorName=) is the plain one.
-            redirect_fds = self.listen_fds.get('redirect', []) if self.tls is not None else []
-            self.redirects = {sock for sock in self.listeners if sock.fileno() in redirect_fds}
-            log('agent: serving on %d socket(s) passed by the service manager or kept across an upgrade' % len(fds))
-        else:
-            self.listeners = [bind(config.bind, config.port)]
-            if config.http_redirect is not None:
-                self.redirects = {bind(config.bind, config.http_redirect)}
-                self.listeners += list(self.redirects)
-        self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
-        self.loads = LoadShare.memory()     # shared with the workers: LoadShare
-        self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-
-    def check_default_root(self):
-        """A --root that defaulted to the current directory may not be a system directory
-        (system_directory()): in the launcher (on_launch) before its other checks, so that
-        this is what `start` says, and in setup() for `run`."""
-        root = self.config.root
-        why = system_directory(root) if self.root_from_cwd else ''
-        if why:
-            raise DaemonError('the current directory %s is %s, not served without --root: give the '
-                              'directory of the images with --root (--root %s to serve this one)'
-                              % (root, why, root))
+        self.listeners, self.redirects = listening_sockets(config, self.listen_fds, self.tls is not None)
+        self.supervisor = Supervisor(self)
 
     def choose_user(self):
         """Started as root without --user, the agent drops to default_account() after binding,
@@ -4142,30 +4504,6 @@ class Agent(Daemon):
                 log('agent: the %s %s is inside --root %s; it is never served nor listed '
                     '(put it elsewhere to keep it out of the tree)' % (what, path, config.root))
 
-    def title_args(self):
-        """The command line without the interpreter and the action: what ps shows after
-        "agent: master".  The script's name stays: contrib/agent.logrotate looks for it."""
-        args = list(sys.argv)
-        for index in range(len(args) - 1, 0, -1):
-            if args[index] == self.config.action:
-                del args[index]
-                break
-        return ' '.join(args)
-
-    def write_options(self):
-        """Record the options next to the pidfile, so that `restart` can say what it changes."""
-        data = json.dumps({'pid': os.getpid(), 'argv': option_argv(self.config, every=True)}).encode() + b'\n'
-        path = options_path(self.pidfile_path)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log('agent: cannot record the options in %s (%s); restart will not compare them'
-                % (path, exc.strerror))
-
     def runtime_files(self):
         """The options file lives and goes with the pidfile (daemon.PidFile removes it)."""
         return [options_path(self.pidfile_path)]
@@ -4190,48 +4528,41 @@ class Agent(Daemon):
                 'can (/etc/shadow included) if a path under --root leads there', priority=LOG_WARNING)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.signal_fd, selectors.EVENT_READ)
-        self.selector.register(self.boot_r, selectors.EVENT_READ)
+        self.selector.register(self.supervisor.boot_r, selectors.EVENT_READ)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # only to wake the loop
-        adopted = self.adopt_workers()
+        adopted = self.upgrade.adopt()
         release_freed_memory()
         first = []
         try:
-            if self.went_back is None:
-                first = self.spawn_generation()
-                self.await_boot(first)
+            if self.upgrade.went_back is None:
+                first = self.supervisor.spawn_generation()
+                self.supervisor.await_boot(first)
         except DaemonError as exc:
-            self.kill_workers(first)
+            self.supervisor.kill(first)
             if not adopted:
                 raise
-            # Upgraded in place, but the new code's workers cannot start: the old ones go on,
-            # and so does their code, for every worker that replaces one of them.
-            reason = 'a stop came first' if self.stopping else 'its workers cannot start: %s' % exc
-            if not self.stopping:           # (go_back returns only if it cannot)
-                self.go_back(reason, self.upgrade_state(self.previous_code), self.sockets())
-            daemon.upgrade_done(self, reason)
+            self.upgrade.workers_failed(exc)
         except BaseException:
-            self.kill_workers(list(self.workers.values()))
+            self.supervisor.kill(list(self.supervisor.workers.values()))
             raise
         else:
-            if self.went_back is not None:
-                daemon.upgrade_done(self, self.went_back)
-            else:
-                self.retire(adopted)
-                close_code(self.previous_code)      # the new code serves: no way back needed
-                self.previous_code = None
+            self.upgrade.workers_up(adopted)
         if not self.stopping:               # (a stop during an upgrade: it drains what it adopted)
-            log('agent: serving %s on %s with %s' % (config.root, self.address(), n_workers(config.workers)))
+            log('agent: serving %s on %s with %s' % (
+                config.root, addresses(self.listeners, self.tls, self.redirects), n_workers(config.workers)))
         self.ready(self.start_line())
-        while not self.handle_signals() and not self.halted():
+        supervisor = self.supervisor
+        while not self.handle_signals() and not supervisor.halted():
             self.selector.select(self.tick(1.0))
-            self.read_boot_messages()
-            self.reap()
-            self.maintain()
+            supervisor.read_boot_messages()
+            supervisor.reap()
+            supervisor.maintain()
             self.own_files.refresh()    # what a respawned worker or an upgrade inherits
-        if self.halted():
-            log('agent: workers failed to boot %d times in a row; halting' % self.boot_failures, priority=LOG_ERR)
+        if supervisor.halted():
+            log('agent: workers failed to boot %d times in a row; halting' % supervisor.boot_failures,
+                priority=LOG_ERR)
         self.shutdown()
-        return 1 if self.halted() else 0
+        return 1 if supervisor.halted() else 0
 
     def check_reopenable_logs(self):
         """After a privilege drop: warn of a log that this user could not open again after a
@@ -4259,30 +4590,14 @@ class Agent(Daemon):
         logs = [config.log if self.detached else 'stderr']
         if self.access_fd is not None:
             logs.append('access log %s' % config.access_log)
+        # What it says of the workers' user: only where root started the agent.
+        if self.default_user:
+            who = '; workers run as %s (started as root without --user)' % self.user
+        else:
+            who = '; workers run as root (--user root)' if os.geteuid() == 0 else ''
         return 'agent serving %s at %s, pid %d; log %s; pidfile %s%s' % (
             config.root, ', '.join(urls(self.listeners, self.tls is not None, self.redirects)), os.getpid(),
-            ', '.join(logs), self.pidfile_path, self.identity())
-
-    def identity(self):
-        """What the start line says of the workers' user: only where root started the agent."""
-        if self.default_user:
-            return '; workers run as %s (started as root without --user)' % self.user
-        if os.geteuid() == 0:
-            return '; workers run as root (--user root)'
-        return ''
-
-    def address(self):
-        names = []
-        for sock in self.listeners:
-            try:
-                name = sock.getsockname()
-            except OSError:
-                name = '?'
-            names.append('[%s]:%d' % name[:2] if sock.family == socket.AF_INET6 else
-                         '%s:%d' % name[:2] if sock.family == socket.AF_INET else str(name))
-            if self.tls is not None:
-                names[-1] += ' (redirect to https)' if sock in self.redirects else ' (https)'
-        return ', '.join(names)
+            ', '.join(logs), self.pidfile_path, who)
 
     def tick(self, longest):
         """How long the master may sleep in select(): longest, or less when systemd's watchdog
@@ -4290,192 +4605,19 @@ class Agent(Daemon):
         due = self.watchdog()
         return longest if due is None else min(longest, due)
 
-    def await_boot(self, workers):
-        """Wait until these workers say they are up; DaemonError if one cannot start.
-
-        Signals are left pending (only a stop is looked at): this runs inside on_reload too.
-        """
-        deadline = time.monotonic() + 30.0
-        while any(not w.booted for w in workers):
-            if self.stopping or time.monotonic() > deadline:
-                raise DaemonError('stopped during startup' if self.stopping
-                                  else 'workers did not start in time')
-            for key, _ in self.selector.select(self.tick(0.5)):    # a reload waits here too
-                if key.fileobj == self.signal_fd:
-                    drain(self.signal_fd)
-            error = self.read_boot_messages()
-            if error:
-                raise DaemonError(error)
-            for pid, status in reap_children():
-                worker = self.forget_worker(pid)
-                if worker is not None and not worker.booted:
-                    raise DaemonError('a worker exited during startup (%s); see %s'
-                                      % (describe_status(status), self.stderr))
-
-    def kill_workers(self, workers):
-        for worker in workers:
-            signal_worker(worker.pid, signal.SIGKILL)
-        pending = {worker.pid for worker in workers}
-        while pending & set(self.workers):
-            for pid, _ in reap_children(block=True):
-                self.forget_worker(pid)
-
-    def read_boot_messages(self):
-        """Workers write "<pid> ok" or "<pid> error <why>" once they are up (or cannot be)."""
-        try:
-            data = os.read(self.boot_r, 65536)
-        except (BlockingIOError, InterruptedError):
-            return None
-        error = None
-        for line in data.decode('utf-8', 'replace').splitlines():
-            pid, _, rest = line.partition(' ')
-            worker = self.workers.get(int(pid)) if pid.isdigit() else None
-            if rest == 'ok' and worker is not None:
-                worker.booted = True
-                self.boot_failures = 0
-            elif rest.startswith('error '):
-                error = rest[6:]
-                log('agent: worker %s could not start: %s' % (pid, error), priority=LOG_ERR)
-        return error
-
-    def spawn_generation(self):
-        """Start --workers new workers; returns them.  A generation is whole or not at all: if
-        one cannot be forked, those already forked are killed and DaemonError says why (a
-        start fails, a reload keeps the old generation)."""
-        self.generation += 1
-        new = []
-        try:
-            for _ in range(self.config.workers):
-                new.append(self.spawn())
-        except OSError as exc:
-            self.kill_workers(new)
-            raise DaemonError('cannot fork a worker: %s' % exc.strerror)
-        return new
-
-    def spawn(self):
-        """Fork one worker of the current generation; its WorkerProcess.  OSError if fork()
-        fails (EAGAIN at a process limit, ENOMEM)."""
-        # Signals stay blocked across fork() until the worker has its own handlers: a TERM
-        # that came in between would otherwise go to the master's handler copy and be lost.
-        slot = self.free_slot()
-        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            raise
-        if pid:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            worker = self.workers[pid] = WorkerProcess(pid, self.generation, slot)
-            return worker
-        status = WORKER_BOOT_ERROR
-        try:
-            worker = self.become_worker(slot)
-            os.write(self.boot_w, b'%d ok\n' % os.getpid())
-            status = 1
-            worker.serve()
-            status = 0
-        except BaseException as exc:
-            log('worker: %s\n%s' % (daemon.describe(exc), daemon.format_traceback(exc)), priority=LOG_ERR)
-            if status == WORKER_BOOT_ERROR:
-                try:
-                    os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))
-                             .encode('utf-8', 'replace')[:select.PIPE_BUF])
-                except OSError:
-                    pass
-        finally:
-            os._exit(status)
-
-    def forget_worker(self, pid):
-        """A worker has ended: its WorkerProcess (or None), its LoadShare slot zeroed (a
-        worker that died could not do it, and a stale count would skew every share)."""
-        worker = self.workers.pop(pid, None)
-        if worker is not None and worker.slot is not None:
-            LoadShare(self.loads, worker.slot).leave()
-        return worker
-
-    def free_slot(self):
-        """A LoadShare slot no live worker has, or None (one worker, or all slots taken)."""
-        if self.config.workers < 2:
-            return None
-        used = {worker.slot for worker in self.workers.values()}
-        return next((slot for slot in range(LoadShare.SLOTS) if slot not in used), None)
-
-    def become_worker(self, slot=None):
-        """In a new worker: drop what belongs to the master, keep the sockets and the logs."""
+    def become_worker(self, lifeline, share):
+        """In a new worker (Supervisor.spawn): drop what belongs to the master, keep the
+        sockets and the logs; the Worker, watching lifeline, with its LoadShare (or None)."""
         self.selector.close()
-        for fd in (self.lifeline_w, self.boot_r):
-            os.close(fd)
-        close_code(self.code)
-        close_code(self.previous_code)
+        close_code(self.upgrade.code)
+        close_code(self.upgrade.previous_code)
         self.release_signals()
-        set_process_title('agent: worker', self.title_args())
-        share = None if slot is None else LoadShare(self.loads, slot)
-        worker = Worker(self.config, self.listeners, self.access_fd, self.lifeline_r, self.tls, self.redirects,
+        set_process_title('agent: worker', title_args(sys.argv, self.config.action))
+        worker = Worker(self.config, self.listeners, self.access_fd, lifeline, self.tls, self.redirects,
                         self.own_files, self.reopen_worker_logs, share)
         worker.setup_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         return worker
-
-    def reap(self):
-        for pid, status in reap_children():
-            worker = self.forget_worker(pid)
-            if worker is None:
-                continue
-            if worker.retiring:
-                continue
-            if self.stopping:
-                # The stop's signal may have reached the workers too (`systemctl kill` signals
-                # the whole cgroup, a Ctrl-C the process group) and they ended first: no death,
-                # and no respawn (shutdown() reaps the others).  A crash is still said.
-                if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-                    log('agent: worker %d ended during the stop (%s)' % (pid, describe_status(status)),
-                        priority=LOG_WARNING)
-                continue
-            self.respawns += 1
-            if not worker.booted or os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
-                self.boot_failures += 1
-                delay = min(0.1 * 2 ** self.boot_failures, 5.0)
-                log('agent: worker %d failed to boot (%s); retrying in %.1fs'
-                    % (pid, describe_status(status), delay), priority=LOG_WARNING)
-                self.respawn_at = time.monotonic() + delay
-            else:
-                now = time.monotonic()
-                lived = now - worker.born
-                if lived >= SHORT_LIFE or now - self.short_life_at > 30.0:
-                    self.short_lives = 0
-                if lived < SHORT_LIFE:
-                    self.short_lives += 1
-                    self.short_life_at = now
-                delay = min(0.1 * 2 ** self.short_lives, 5.0) if self.short_lives else 0.0
-                log('agent: worker %d died (%s); respawning in %.1fs (it lived %.1fs)'
-                    % (pid, describe_status(status), delay, lived), priority=LOG_WARNING)
-                self.respawn_at = max(self.respawn_at, time.monotonic() + delay)
-
-    def halted(self):
-        """Workers that fail at boot again and again will not start by retrying: stop."""
-        return self.boot_failures >= MAX_BOOT_FAILURES
-
-    def maintain(self):
-        """Keep --workers workers of the current generation alive (none new once stopping).
-        While fork() fails the tries back off (0.2 s, 0.4 s ... MAX_FORK_DELAY), each logged
-        once."""
-        if self.stopping or time.monotonic() < self.respawn_at:
-            return
-        current = sum(1 for w in self.workers.values() if not w.retiring)
-        for _ in range(self.config.workers - current):
-            try:
-                self.spawn()
-            except OSError as exc:
-                self.fork_failures += 1
-                delay = min(0.1 * 2 ** self.fork_failures, MAX_FORK_DELAY)
-                log('agent: cannot fork a worker: %s; retrying in %.1fs' % (exc.strerror, delay),
-                    priority=LOG_ERR)
-                self.respawn_at = time.monotonic() + delay
-                return
-        if self.fork_failures:
-            log('agent: forked again after %d failed tries' % self.fork_failures, priority=LOG_WARNING)
-            self.fork_failures = 0
 
     # -- signals, acted on in the loop --
 
@@ -4494,125 +4636,31 @@ class Agent(Daemon):
                 self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
             except DaemonError as exc:
                 raise DaemonError('%s; the old workers go on serving' % exc)
-        old = [w for w in self.workers.values() if not w.retiring]
+        supervisor = self.supervisor
+        old = supervisor.serving()
         new = []
         try:
-            new = self.spawn_generation()
-            self.await_boot(new)
+            new = supervisor.spawn_generation()
+            supervisor.await_boot(new)
         except DaemonError as exc:
-            self.kill_workers(new)
+            supervisor.kill(new)
             self.tls = old_tls
             if self.stopping:
                 raise DaemonError('a stop came first')
             raise DaemonError('%s; the old workers go on serving' % exc)
-        self.retire(old)
+        supervisor.retire(old)
         log('agent: reloaded: %s up, %d retiring' % (n_workers(len(new)), len(old)))
 
-    def retire(self, workers):
-        """Tell these workers to drain and exit; they are not respawned."""
-        for worker in workers:
-            worker.retiring = True
-            signal_worker(worker.pid, signal.SIGTERM)
-
-    # -- upgrade in place: SIGUSR2 (or `agent.py upgrade`) --
-    #
-    # In place (daemon.reexec: execve, same pid), not a new master beside the old one: systemd
-    # and start-stop-daemon watch the master's pid, and a new master would be, for systemd,
-    # "a process which is not our child", stopped by killing the whole cgroup with the
-    # downloads in flight.  The workers are the master's children and stay so across execve:
-    # the new image adopts them (their pids, the lifeline pipe they watch) and drains them once
-    # its own generation is up, exactly as a reload does.
+    # -- upgrade in place (Upgrade) --
 
     def on_upgrade(self):
-        """Check the agent.py now on disk in a child, then become it (same pid)."""
-        daemon.notify(RELOADING=1, MONOTONIC_USEC=daemon.monotonic_usec(), STATUS='upgrading')
-        log('agent: upgrade: checking %s' % SCRIPT)
-        self.own_files.refresh()
-        try:
-            self.exec_code([SCRIPT], self.upgrade_state(self.code), self.sockets())
-        except DaemonError as exc:
-            daemon.upgrade_done(self, str(exc))
-
-    def go_back(self, reason, state, sockets):
-        """In the new image of an upgrade that failed once exec'd (its workers cannot start, or
-        its setup failed): become the code that serves again, the old image's (state['code']),
-        with the workers and sockets it has; that image reports the failure (reason) and
-        replaces a worker that dies with its own code.  Without it, this image would: a worker
-        that died was replaced by the code that cannot start, five times, and the master
-        halted and stopped the workers that still served (or, when its setup failed, it exited
-        at once).  Returns only if it cannot (no code was kept, or execve failed)."""
-        code = state.get('code')
-        if not code:
-            log('agent: upgrade: the code before it was not kept; there is none to go back to',
-                priority=LOG_WARNING)
-            return
-        log('agent: upgrade: going back to the code that serves (%s as it was)' % SCRIPT)
-        try:
-            self.exec_code(['-c', FROM_CODE, json.dumps(code), SCRIPT], dict(state, went_back=reason),
-                           sockets, check=False)
-        except DaemonError as exc:
-            log('agent: upgrade: cannot go back to the code that serves: %s' % exc, priority=LOG_ERR)
-
-    def exec_code(self, program, state, sockets, check=True):
-        """daemon.reexec() of program (argv after the interpreter) with this command line: the
-        sockets (fds, names), and state (upgrade_state()) passed on, its lifeline and code
-        descriptors kept.  Returns only on failure (DaemonError)."""
-        argv = program + option_argv(self.config, self.given) + ['start' if self.detached else 'run']
-        fds, names = sockets
-        daemon.reexec(self, argv, fds, names, state=json.dumps(state), check=check,
-                      keep=state['lifeline'] + [fd for _, fd, _ in state['code'] or ()])
-
-    def upgrade_state(self, code):
-        """What the next image of this master takes over (adopt_workers()), with code (a
-        code_image(), or None) as what it may go back to."""
-        return {'lifeline': [self.lifeline_r, self.lifeline_w], 'respawns': self.respawns,
-                'workers': [[w.pid, w.retiring, w.born] for w in self.workers.values()],
-                'own_files': self.own_files.state(), 'code': code}
-
-    def sockets(self):
-        """The listening sockets' fds and names, as an upgrade passes them (daemon.reexec)."""
-        return ([sock.fileno() for sock in self.listeners],
-                ['redirect' if sock in self.redirects else 'agent' for sock in self.listeners])
-
-    def inherited_sockets(self):
-        """The same for the sockets this image was given (before set_up made listeners)."""
-        pairs = [(fd, name) for name, fds in self.listen_fds.items() for fd in fds]
-        return [fd for fd, _ in pairs], [name for _, name in pairs]
-
-    def adopt_workers(self):
-        """In the new image after an upgrade: the workers of the old one; [] otherwise."""
-        state = self.carried
-        if not state:
-            return []
-        os.close(self.lifeline_r)
-        os.close(self.lifeline_w)
-        self.lifeline_r, self.lifeline_w = state['lifeline']
-        code = state.get('code') or None            # an older image kept none
-        for fd in state['lifeline'] + [fd for _, fd, _ in code or ()]:
-            os.set_inheritable(fd, False)
-        self.respawns = state['respawns']
-        self.own_files.learn(state.get('own_files', ()))   # an older image carried none
-        self.went_back = state.get('went_back')
-        if self.went_back is None:
-            self.previous_code = code   # (an image that went back runs it: self.code)
-        adopted = []
-        for pid, retiring, *born in state['workers']:
-            worker = WorkerProcess(pid, 0)
-            worker.booted, worker.retiring = True, retiring
-            worker.born = born[0] if born else worker.born     # CLOCK_MONOTONIC: the same clock
-            self.workers[pid] = worker
-            if not retiring:
-                adopted.append(worker)
-        log('agent: upgrade: %s %s; adopted %s' % (
-            'now running' if self.went_back is None else 'back to the code that serves,', SCRIPT,
-            n_workers(len(self.workers))))
-        return adopted
+        self.upgrade.begin()
 
     def on_launch(self):
         """Before a start: fail early, in the launcher, on a port this user may not bind or an
         access log it may not write (exit 4, as for the pidfile and --log); first, on a system
         directory as the default root."""
-        self.check_default_root()
+        check_default_root(self.config.root, self.root_from_cwd)
         check_port_permission(self.config.port)
         if self.config.access_log != 'off':
             daemon.check_writable('access log', self.config.access_log)
@@ -4633,25 +4681,6 @@ class Agent(Daemon):
             if changes:
                 self.say('agent: restart changes %s' % changes)
 
-    def on_restart_stopped(self, state, pid):
-        """Before a restart when no agent runs on the pidfile (state, pid: its probe()).
-
-        A dead agent's pidfile and options file remain (a crash, a SIGKILL: see
-        daemon.PidFile): its options are taken as on_restart() takes a running one's.  After a
-        clean stop nothing is left, on purpose (a stop leaves nothing behind, and an agent
-        stopped weeks ago should not come back with its options by surprise); /run, where
-        root's pidfiles are, is emptied at boot anyway.  Then this is a start, with its rules:
-        no system directory as the default root, no root workers by default."""
-        old = read_options(options_path(self.pidfile_path), pid) if state == 'stale' and pid else None
-        if old is None:
-            self.say('agent: nothing was running on pidfile %s; starting with this command line'
-                     % self.pidfile_path)
-            return
-        self.keep_options(old)
-        changes = describe_changes(old, option_argv(self.config, every=True))
-        self.say('agent: nothing was running on pidfile %s (pid %d had ended); starting with its '
-                 'options%s' % (self.pidfile_path, pid, ', changing %s' % changes if changes else ''))
-
     def keep_options(self, argv):
         """Take the options this command line does not give from a recorded option_argv()."""
         config = self.config
@@ -4664,65 +4693,9 @@ class Agent(Daemon):
         self.user, self.group = config.user, config.group
         self.root_from_cwd = False          # the recorded --root, absolute: chosen before
 
-    def agent_elsewhere(self):
-        """The PortHolder of --port when this pidfile names no running agent but something
-        else holds the port (another user's agent: its pidfile is not this user's default);
-        None when the port is not what was asked about (--port 0, or a --pidfile given without
-        --port), or nothing but a program that is no agent holds it."""
-        config = self.config
-        if config.port == 0 or 'pidfile' in self.given and 'port' not in self.given:
-            return None
-        try:
-            if self.probe()[0] == 'running':
-                return None
-        except DaemonError:
-            return None                     # the action itself says why the pidfile is unreadable
-        holder = find_port_holder(config.port)
-        return holder if holder is not None and (holder.agent or holder.pid is None) else None
-
-    def status_elsewhere(self, holder):
-        """status about another pidfile's agent on the port: 0 when its pidfile confirms it,
-        4 (unknown) when it cannot be read; never 3 (not running) while it serves."""
-        port, mine = self.config.port, self.pidfile_path
-        if holder.pid is None:
-            self.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
-                     '%s may not look into (another user\'s; an agent?)' % (mine, port, daemon.current_user()), error=True)
-            return daemon.STATUS_UNKNOWN
-        who = 'agent pid %d (user %s)' % (holder.pid, holder.user())
-        if holder.pidfile is None:
-            self.say('agent: port %d is served by %s, whose pidfile %s cannot find (not %s)'
-                     % (port, who, daemon.current_user(), mine), error=True)
-            return daemon.STATUS_UNKNOWN
-        if read_pid(holder.pidfile) != holder.pid:
-            self.say('agent: port %d is served by %s, pidfile %s, which %s cannot read (not %s)'
-                     % (port, who, holder.pidfile, daemon.current_user(), mine), error=True)
-            return daemon.STATUS_UNKNOWN
-        self.say('agent is running on port %d: %s, pidfile %s (not %s)' % (port, who, holder.pidfile, mine))
-        return daemon.STATUS_RUNNING
-
-    def stop_elsewhere(self, holder):
-        """stop about another pidfile's agent on the port: nothing is stopped (that agent was
-        not named), exit 1 with the command that would stop it."""
-        port, mine = self.config.port, self.pidfile_path
-        if holder.pid is None:
-            self.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
-                     '%s may not look into (another user\'s); nothing stopped'
-                     % (mine, port, daemon.current_user()), error=True)
-        elif holder.pidfile is None:
-            self.say('agent: port %d is served by agent pid %d (user %s), not the agent of pidfile '
-                     '%s; nothing stopped (its pidfile is not known: give it with --pidfile)'
-                     % (port, holder.pid, holder.user(), mine), error=True)
-        else:
-            self.say('agent: port %d is served by agent pid %d (user %s), pidfile %s, not the '
-                     'agent of pidfile %s; nothing stopped; stop it with: %s'
-                     % (port, holder.pid, holder.user(), holder.pidfile, mine, holder.stop_command()),
-                     error=True)
-        return daemon.EXIT_FAILURE
-
     def on_reopen_logs(self):
         self.reopen_worker_logs()
-        for pid in list(self.workers):
-            signal_worker(pid, signal.SIGUSR1)
+        self.supervisor.signal(signal.SIGUSR1)
 
     def reopen_worker_logs(self):
         """Reopen --log (fds 1, 2) and --access-log onto the same fds, in whichever process.
@@ -4744,108 +4717,113 @@ class Agent(Daemon):
 
     def shutdown(self):
         """Drain the workers; kill whoever is left just before the launcher's own deadline."""
-        log('agent: stopping %s' % n_workers(len(self.workers)))
-        for pid in list(self.workers):
-            signal_worker(pid, signal.SIGTERM)
+        supervisor = self.supervisor
+        log('agent: stopping %s' % n_workers(len(supervisor.workers)))
+        supervisor.signal(signal.SIGTERM)
         for sock in self.listeners:
             sock.close()
         timeout = self.stop_timeout
-        deadline = time.monotonic() + max(0.1, timeout - min(1.0, timeout / 10))
-        while self.workers and time.monotonic() < deadline:
-            self.selector.select(0.05)
-            for pid, status in reap_children():
-                self.forget_worker(pid)
-        for pid in list(self.workers):
-            log('agent: worker %d did not finish in time; killing it' % pid, priority=LOG_WARNING)
-            signal_worker(pid, signal.SIGKILL)
-        while self.workers:
-            for pid, status in reap_children(block=True):
-                self.forget_worker(pid)
-        log('agent: stopped (%d worker(s) respawned while it ran)' % self.respawns)
-
+        supervisor.finish(max(0.1, timeout - min(1.0, timeout / 10)))
+        log('agent: stopped (%d worker(s) respawned while it ran)' % supervisor.respawns)
 
 def about_the_port(action, elsewhere):
-    """An action (status, stop) that first looks at who serves --port: elsewhere(holder)
-    answers when another pidfile's agent does (Agent.agent_elsewhere())."""
+    """An action (status, stop) that first looks at who serves --port: elsewhere(agent,
+    holder) answers when another pidfile's agent does (agent_elsewhere())."""
     def checked(agent):
-        holder = agent.agent_elsewhere()
-        return action(agent) if holder is None else elsewhere(holder)
+        holder = agent_elsewhere(agent)
+        return action(agent) if holder is None else elsewhere(agent, holder)
     return checked
+
+def agent_elsewhere(agent):
+    """The PortHolder of --port when this pidfile names no running agent but something
+    else holds the port (another user's agent: its pidfile is not this user's default);
+    None when the port is not what was asked about (--port 0, or a --pidfile given without
+    --port), or nothing but a program that is no agent holds it."""
+    config = agent.config
+    if config.port == 0 or 'pidfile' in agent.given and 'port' not in agent.given:
+        return None
+    try:
+        if agent.probe()[0] == 'running':
+            return None
+    except DaemonError:
+        return None                     # the action itself says why the pidfile is unreadable
+    holder = find_port_holder(config.port)
+    return holder if holder is not None and (holder.agent or holder.pid is None) else None
+
+
+def status_elsewhere(agent, holder):
+    """status about another pidfile's agent on the port: 0 when its pidfile confirms it,
+    4 (unknown) when it cannot be read; never 3 (not running) while it serves."""
+    port, mine = agent.config.port, agent.pidfile_path
+    if holder.pid is None:
+        agent.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
+                  '%s may not look into (another user\'s; an agent?)' % (mine, port, daemon.current_user()), error=True)
+        return daemon.STATUS_UNKNOWN
+    who = 'agent pid %d (user %s)' % (holder.pid, holder.user())
+    if holder.pidfile is None:
+        agent.say('agent: port %d is served by %s, whose pidfile %s cannot find (not %s)'
+                  % (port, who, daemon.current_user(), mine), error=True)
+        return daemon.STATUS_UNKNOWN
+    if read_pid(holder.pidfile) != holder.pid:
+        agent.say('agent: port %d is served by %s, pidfile %s, which %s cannot read (not %s)'
+                  % (port, who, holder.pidfile, daemon.current_user(), mine), error=True)
+        return daemon.STATUS_UNKNOWN
+    agent.say('agent is running on port %d: %s, pidfile %s (not %s)' % (port, who, holder.pidfile, mine))
+    return daemon.STATUS_RUNNING
+
+
+def stop_elsewhere(agent, holder):
+    """stop about another pidfile's agent on the port: nothing is stopped (that agent was
+    not named), exit 1 with the command that would stop it."""
+    port, mine = agent.config.port, agent.pidfile_path
+    if holder.pid is None:
+        agent.say('agent: no agent runs on pidfile %s, but port %d is held by a process that '
+                  '%s may not look into (another user\'s); nothing stopped'
+                  % (mine, port, daemon.current_user()), error=True)
+    elif holder.pidfile is None:
+        agent.say('agent: port %d is served by agent pid %d (user %s), not the agent of pidfile '
+                  '%s; nothing stopped (its pidfile is not known: give it with --pidfile)'
+                  % (port, holder.pid, holder.user(), mine), error=True)
+    else:
+        agent.say('agent: port %d is served by agent pid %d (user %s), pidfile %s, not the '
+                  'agent of pidfile %s; nothing stopped; stop it with: %s'
+                  % (port, holder.pid, holder.user(), holder.pidfile, mine, holder.stop_command()),
+                  error=True)
+    return daemon.EXIT_FAILURE
 
 
 def restart_action(restart):
-    """restart, with Agent.on_restart_stopped() first when no agent runs on the pidfile (the
+    """restart, with restart_stopped() first when no agent runs on the pidfile (the
     on_restart() hook of daemon.py is only for a running one)."""
     def checked(agent):
         state, pid = agent.probe()
         if state != 'running':
-            agent.on_restart_stopped(state, pid)
+            restart_stopped(agent, state, pid)
         return restart(agent)
     return checked
 
 
-def read_pid(path):
-    """The pid a pidfile holds, or None (unreadable, empty, not a number)."""
-    try:
-        with open(path) as f:
-            return daemon.parse_pid(f.read())
-    except (OSError, ValueError):
-        return None
+def restart_stopped(agent, state, pid):
+    """Before a restart when no agent runs on the pidfile (state, pid: its probe()).
+
+    A dead agent's pidfile and options file remain (a crash, a SIGKILL: see
+    daemon.PidFile): its options are taken as Agent.on_restart() takes a running one's.  After a
+    clean stop nothing is left, on purpose (a stop leaves nothing behind, and an agent
+    stopped weeks ago should not come back with its options by surprise); /run, where
+    root's pidfiles are, is emptied at boot anyway.  Then this is a start, with its rules:
+    no system directory as the default root, no root workers by default."""
+    old = read_options(options_path(agent.pidfile_path), pid) if state == 'stale' and pid else None
+    if old is None:
+        agent.say('agent: nothing was running on pidfile %s; starting with this command line'
+                  % agent.pidfile_path)
+        return
+    agent.keep_options(old)
+    changes = describe_changes(old, option_argv(agent.config, every=True))
+    agent.say('agent: nothing was running on pidfile %s (pid %d had ended); starting with its '
+              'options%s' % (agent.pidfile_path, pid, ', changing %s' % changes if changes else ''))
 
 
-def accept_connection(listener, family):
-    """listener.accept(), minus the Python layer of socket.socket around the new socket.
-
-    The connection is used through the C-level _socket.socket methods only (recv, send,
-    shutdown, close, fileno), and skipping the wrapper and its enum conversions saves about
-    10 us a connection: a tenth of a Connection: close exchange.
-    """
-    fd, address = listener._accept()
-    sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-    sock.setblocking(False)
-    return sock, address
-
-
-# Options that are flags: (the value that the flag gives, the flag).
-FLAGS = {'follow_symlinks': (True, '--follow-symlinks'), 'allow_readable_key': (True, '--allow-readable-key'),
-         'listing': (False, '--no-listing')}
-
-
-def option_argv(config, given=frozenset(), every=False):
-    """The options of config as a command line, paths absolute; given: the names of those on
-    the command line (given_options()).
-
-    every=False: the options given, and the paths whose default would name another file from
-    another working directory (the default ./agent.log of a daemon started elsewhere, when it
-    re-executes itself in /): an upgraded master shows what it runs with, not defaults it never
-    asked for.  every=True: all of them, as recorded for `restart` to compare and keep.
-    """
-    defaults = parser()
-    argv = []
-    for name, value in vars(config).items():
-        if name in NOT_OPTIONS or value is None:
-            continue
-        if not every and name not in given:
-            default = defaults.get_default(name)
-            if name not in PATH_OPTIONS or value == 'off' or default is None \
-                    or os.path.abspath(default) == value:
-                continue
-        if name in FLAGS:
-            if value == FLAGS[name][0]:
-                argv.append(FLAGS[name][1])
-            continue
-        argv += ['--' + name.replace('_', '-'), value if isinstance(value, str) else repr(value)]
-    return argv
-
-
-def drain(fd):
-    """Read a non-blocking pipe empty."""
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
-
+# -- processes: reaping, signalling, naming them --
 
 def reap_children(block=False):
     """(pid, status) of every child that has ended; never blocks unless asked to."""
@@ -4861,12 +4839,6 @@ def reap_children(block=False):
             return found
         found.append((pid, status))
 
-
-def n_workers(count):
-    """'1 worker', '2 workers': for the log."""
-    return '%d worker%s' % (count, '' if count == 1 else 's')
-
-
 def describe_status(status):
     if os.WIFSIGNALED(status):
         try:
@@ -4875,6 +4847,25 @@ def describe_status(status):
             return 'killed by signal %d' % os.WTERMSIG(status)
     return 'exit status %d' % os.WEXITSTATUS(status)
 
+def signal_worker(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+def drain(fd):
+    """Read a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+def n_workers(count):
+    """'1 worker', '2 workers': for the log."""
+    return '%d worker%s' % (count, '' if count == 1 else 's')
+
+PR_SET_NAME = 15                        # prctl(2): the name of this thread, /proc/self/comm
 
 def set_process_title(comm, args=''):
     """Show this process as comm (ps -e, top; 15 bytes at most) and "comm args" (ps -f).
@@ -4904,6 +4895,16 @@ def set_process_title(comm, args=''):
     except (OSError, ValueError, IndexError, OverflowError, ctypes.ArgumentError):
         pass
 
+def title_args(argv, action):
+    """The command line (argv) without the interpreter and the action: what ps shows after
+    "agent: master".  The script's name stays: contrib/agent.logrotate looks for it."""
+    args = list(argv)
+    for index in range(len(args) - 1, 0, -1):
+        if args[index] == action:
+            del args[index]
+            break
+    return ' '.join(args)
+
 
 def argument_area():
     """(arg_start, arg_end) of this process: fields 48 and 49 of /proc/self/stat (proc(5))."""
@@ -4913,7 +4914,6 @@ def argument_area():
     if not 0 < start < end or end - start > 1 << 20:
         raise ValueError('no argument area')
     return start, end
-
 
 def writable_mapping(start, end):
     """Whether [start, end) lies in one writable mapping of this process (/proc/self/maps): the
@@ -4925,6 +4925,246 @@ def writable_mapping(start, end):
             if low <= start and end <= high:
                 return fields[1].startswith('rw')
     return False
+
+def release_freed_memory():
+    """Give back to the system what Python has freed, before the workers fork and inherit it.
+
+    Where agent.py was compiled from source in this process (no bytecode cache: see
+    run_from_bytecode), the compiler's 9 MB of peak allocations stay in glibc's heap once
+    freed, in the master and in every worker (RSS 25 MB a worker, measured; 22 MB after this).
+    malloc_trim() is glibc's; elsewhere nothing happens.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+def raise_fd_limit():
+    """Raise the soft RLIMIT_NOFILE to the hard one: connections and open files need fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+# -- the code an upgrade may go back to --
+
+def code_image():
+    """The source this process runs, daemon.py and agent.py, each copied into a memory file
+    (memfd_create(2)): [[module name, fd, path], ...], or None where it cannot be kept (no
+    memfd_create, a file gone or unreadable).  Read at the master's setup, a moment after
+    Python imported the same files; a file replaced in that moment is not covered."""
+    image = []
+    try:
+        for name, path in (('daemon', daemon.__file__), ('agent', os.path.abspath(__file__))):
+            fd = os.memfd_create('agent-code-' + name, os.MFD_CLOEXEC)
+            image.append([name, fd, path])
+            source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                while True:
+                    chunk = os.read(source, 65536)
+                    if not chunk:
+                        break
+                    os.write(fd, chunk)
+            finally:
+                os.close(source)
+    except (OSError, AttributeError) as exc:
+        log('agent: cannot keep a copy of the code it runs (%s); an upgrade whose workers cannot '
+            'start will not go back to it' % daemon.describe(exc), priority=LOG_WARNING)
+        close_code(image)
+        return None
+    return image
+
+def close_code(image):
+    for _, fd, _ in image or ():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- identity and files: the default root and user, the recorded options --
+
+DEFAULT_USERS = ('agent', 'nobody')     # default_account()
+
+SYSTEM_DIRECTORIES = ('/', '/usr', '/var', '/run', '/home', '/usr/local', '/opt', '/srv', '/tmp')
+
+SYSTEM_TREES = ('/etc', '/root', '/boot', '/proc', '/sys', '/dev')       # system_directory()
+
+def system_directory(path):
+    """Why path is no root to serve by default: 'a system directory', 'a home directory', or
+    '' if it may be.  `cd / && agent.py start` must not serve /etc/shadow: / and the system's
+    directories (their subtrees where every file is the system's: /etc, /root, /boot, /proc,
+    /sys, /dev), /home and each home directory itself (~/.ssh, ~/.gnupg); a folder of photos
+    below /var or a home is fine.  Naming one with --root is a choice, never refused."""
+    real = os.path.realpath(path)
+    if real in SYSTEM_DIRECTORIES or any(inside(real, tree) for tree in SYSTEM_TREES):
+        return 'a system directory'
+    if real in {os.path.realpath(entry.pw_dir) for entry in pwd.getpwall() if entry.pw_dir}:
+        return 'a home directory'
+    return ''
+
+def check_default_root(root, from_cwd):
+    """A --root that defaulted to the current directory (from_cwd) may not be a system directory
+    (system_directory()): in the launcher (Agent.on_launch) before its other checks, so that
+    this is what `start` says, and in Agent.set_up() for `run`."""
+    why = system_directory(root) if from_cwd else ''
+    if why:
+        raise DaemonError('the current directory %s is %s, not served without --root: give the '
+                          'directory of the images with --root (--root %s to serve this one)'
+                          % (root, why, root))
+
+
+def default_account():
+    """The user an agent started as root without --user runs as: 'agent' where it exists (the
+    system user of contrib/agent.service and agent.init), else 'nobody' (with its own primary
+    group: nogroup on Debian)."""
+    for name in DEFAULT_USERS:
+        try:
+            return pwd.getpwnam(name).pw_name
+        except KeyError:
+            continue
+    raise DaemonError('started as root without --user, and there is no user %s to run as: give '
+                      '--user (--user root to run as root)' % ' nor '.join(DEFAULT_USERS))
+
+def describe_denied(exc):
+    """exc.strerror, naming the user when it is a missing permission."""
+    if isinstance(exc, PermissionError):
+        return '%s, as user %s' % (exc.strerror, daemon.current_user())
+    return exc.strerror
+
+def options_path(pidfile):
+    """The file beside the pidfile in which the master records its options."""
+    return pidfile + '.options'
+
+def write_options(path, config):
+    """Record the options (config) in path, beside the pidfile, with this pid, so that
+    `restart` can say what it changes (read_options())."""
+    data = json.dumps({'pid': os.getpid(), 'argv': option_argv(config, every=True)}).encode() + b'\n'
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log('agent: cannot record the options in %s (%s); restart will not compare them'
+            % (path, exc.strerror))
+
+
+def read_options(path, pid):
+    """The argv recorded in an options file, if it was written by pid; else None.  Only a
+    regular file of this user or root that no one else may write: restart takes --root and
+    --user from it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd) as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+                return None
+            recorded = json.load(f)
+        argv = recorded.get('argv')
+        if recorded.get('pid') == pid and isinstance(argv, list) and all(isinstance(arg, str) for arg in argv):
+            return argv
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+def describe_changes(old, new):
+    """'--root /a -> /b, --workers 2 -> 4' between two config_argv() lists; '' if the same."""
+    def options(argv):
+        found, index = {}, 0
+        while index < len(argv):
+            if index + 1 < len(argv) and not argv[index + 1].startswith('--'):
+                found[argv[index]] = argv[index + 1]
+                index += 2
+            else:
+                found[argv[index]] = 'on'
+                index += 1
+        return found
+    before, after = options(old), options(new)
+    changes = []
+    for name in sorted(set(before) | set(after)):
+        if before.get(name) != after.get(name):
+            changes.append('%s %s -> %s' % (name, before.get(name, 'off'), after.get(name, 'off')))
+    return ', '.join(changes)
+
+def read_pid(path):
+    """The pid a pidfile holds, or None (unreadable, empty, not a number)."""
+    try:
+        with open(path) as f:
+            return daemon.parse_pid(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+# -- ports: binding one, and who holds one --
+
+def bind(address, port):
+    """A listening, non-blocking TCP socket; '::' listens on IPv6 and IPv4 both."""
+    try:
+        infos = socket.getaddrinfo(address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        raise DaemonError('invalid --bind address %r (give a numeric IPv4 or IPv6 address)' % address)
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if address == '::' else 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+        # Accepted sockets inherit it: responses end in small segments that must not wait
+        # for the client's delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        sock.close()
+        where = '[%s]:%d' % (address, port) if ':' in address else '%s:%d' % (address, port)
+        reason = exc.strerror
+        if exc.errno == errno.EADDRINUSE:
+            holder = port_holder(port)
+            if holder:
+                reason += ' (%s)' % holder
+        elif exc.errno == errno.EACCES and 0 < port < unprivileged_port_start():
+            reason += ' (ports below %d need root: start as root with --user, or use a higher port)' \
+                % unprivileged_port_start()
+        raise DaemonError('cannot listen on %s: %s' % (where, reason),
+                          privilege=exc.errno in (errno.EACCES, errno.EPERM))
+    try:
+        # Wake a worker only when the request has arrived, not at the bare handshake.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+    except (OSError, AttributeError):
+        pass
+    sock.setblocking(False)
+    return sock
+
+def listening_sockets(config, listen_fds, tls):
+    """(listeners, redirects): the sockets passed by the service manager or kept across an
+    upgrade (listen_fds, by name), else those bound here for --port and --http-redirect;
+    redirects is the set of those that redirect plain HTTP to HTTPS."""
+    if not listen_fds:
+        listeners = [bind(config.bind, config.port)]
+        redirects = set()
+        if config.http_redirect is not None:
+            redirects = {bind(config.bind, config.http_redirect)}
+            listeners += list(redirects)
+        return listeners, redirects
+    fds = [fd for group in listen_fds.values() for fd in group]
+    listeners = [socket.socket(fileno=fd) for fd in fds]
+    for sock in listeners:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # With TLS on, a socket named "redirect" (FileDescriptorName=) is the plain one.
+    redirect_fds = listen_fds.get('redirect', []) if tls else []
+    log('agent: serving on %d socket(s) passed by the service manager or kept across an upgrade' % len(fds))
+    return listeners, {sock for sock in listeners if sock.fileno() in redirect_fds}
 
 
 def urls(listeners, tls=False, redirects=()):
@@ -4949,87 +5189,19 @@ def urls(listeners, tls=False, redirects=()):
             found.append(str(name))
     return found or ['no socket']
 
-
-def default_pidfile(port):
-    """Where every action looks without --pidfile: daemon.py's per-user rule (/run for root,
-    else $XDG_RUNTIME_DIR, else a private directory /tmp/agent-UID), one file per port."""
-    return daemon.default_pidfile('agent', 'agent-%d.pid' % port)
-
-
-def private_directory(path, create):
-    """daemon.private_directory(), whose remedy is an option here."""
-    daemon.private_directory(path, create, remedy='remove it, or give --pidfile')
-
-
-def system_directory(path):
-    """Why path is no root to serve by default: 'a system directory', 'a home directory', or
-    '' if it may be.  `cd / && agent.py start` must not serve /etc/shadow: / and the system's
-    directories (their subtrees where every file is the system's: /etc, /root, /boot, /proc,
-    /sys, /dev), /home and each home directory itself (~/.ssh, ~/.gnupg); a folder of photos
-    below /var or a home is fine.  Naming one with --root is a choice, never refused."""
-    real = os.path.realpath(path)
-    if real in SYSTEM_DIRECTORIES or any(inside(real, tree) for tree in SYSTEM_TREES):
-        return 'a system directory'
-    if real in {os.path.realpath(entry.pw_dir) for entry in pwd.getpwall() if entry.pw_dir}:
-        return 'a home directory'
-    return ''
-
-
-def default_account():
-    """The user an agent started as root without --user runs as: 'agent' where it exists (the
-    system user of contrib/agent.service and agent.init), else 'nobody' (with its own primary
-    group: nogroup on Debian)."""
-    for name in DEFAULT_USERS:
+def addresses(listeners, tls=None, redirects=()):
+    """The listening sockets' addresses, for the log: [::]:8080 (https), ..."""
+    names = []
+    for sock in listeners:
         try:
-            return pwd.getpwnam(name).pw_name
-        except KeyError:
-            continue
-    raise DaemonError('started as root without --user, and there is no user %s to run as: give '
-                      '--user (--user root to run as root)' % ' nor '.join(DEFAULT_USERS))
-
-
-def options_path(pidfile):
-    """The file beside the pidfile in which the master records its options."""
-    return pidfile + '.options'
-
-
-def read_options(path, pid):
-    """The argv recorded in an options file, if it was written by pid; else None.  Only a
-    regular file of this user or root that no one else may write: restart takes --root and
-    --user from it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd) as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
-                return None
-            recorded = json.load(f)
-        argv = recorded.get('argv')
-        if recorded.get('pid') == pid and isinstance(argv, list) and all(isinstance(arg, str) for arg in argv):
-            return argv
-    except (OSError, ValueError, AttributeError):
-        pass
-    return None
-
-
-def describe_changes(old, new):
-    """'--root /a -> /b, --workers 2 -> 4' between two config_argv() lists; '' if the same."""
-    def options(argv):
-        found, index = {}, 0
-        while index < len(argv):
-            if index + 1 < len(argv) and not argv[index + 1].startswith('--'):
-                found[argv[index]] = argv[index + 1]
-                index += 2
-            else:
-                found[argv[index]] = 'on'
-                index += 1
-        return found
-    before, after = options(old), options(new)
-    changes = []
-    for name in sorted(set(before) | set(after)):
-        if before.get(name) != after.get(name):
-            changes.append('%s %s -> %s' % (name, before.get(name, 'off'), after.get(name, 'off')))
-    return ', '.join(changes)
+            name = sock.getsockname()
+        except OSError:
+            name = '?'
+        names.append('[%s]:%d' % name[:2] if sock.family == socket.AF_INET6 else
+                     '%s:%d' % name[:2] if sock.family == socket.AF_INET else str(name))
+        if tls is not None:
+            names[-1] += ' (redirect to https)' if sock in redirects else ' (https)'
+    return ', '.join(names)
 
 
 def unprivileged_port_start():
@@ -5038,7 +5210,6 @@ def unprivileged_port_start():
             return int(f.read())
     except (OSError, ValueError):
         return 1024
-
 
 def can_bind_low_ports():
     """Root, or CAP_NET_BIND_SERVICE (bit 10) in the effective set."""
@@ -5053,7 +5224,6 @@ def can_bind_low_ports():
         pass
     return False
 
-
 def check_port_permission(port):
     """Fail early, in the launcher, on a port this user may not bind (socket activation aside)."""
     if 0 < port < unprivileged_port_start() and not can_bind_low_ports() \
@@ -5064,12 +5234,10 @@ def check_port_permission(port):
                                                         daemon.current_user(), unprivileged_port_start()),
                           privilege=True)
 
-
 def port_holder(port):
     """Who listens on a TCP port, for the message of a failed bind: '' if nobody visible."""
     holder = find_port_holder(port)
     return '' if holder is None else holder.describe()
-
 
 class PortHolder:
     """Who listens on a TCP port, as far as this user can see: find_port_holder().
@@ -5115,7 +5283,6 @@ class PortHolder:
             return 'by agent pid %d' % self.pid
         return 'by pid %d (%s)' % (self.pid, self.command[:80]) if self.command else 'by pid %d' % self.pid
 
-
 def find_port_holder(port):
     """The PortHolder of a TCP port, or None if nothing listens on it.
 
@@ -5136,7 +5303,6 @@ def find_port_holder(port):
         pid = locker if pid is None else pid
     return PortHolder(pid, pidfile)
 
-
 def listening_inodes(port):
     """'socket:[INODE]' of each TCP socket listening on port, from /proc/net/tcp and tcp6."""
     inodes = set()
@@ -5152,7 +5318,6 @@ def listening_inodes(port):
                 inodes.add('socket:[%s]' % fields[9])
     return inodes
 
-
 def socket_holders(inodes):
     """The pids that have one of these sockets open, of those this user may look into."""
     holders = []
@@ -5161,12 +5326,10 @@ def socket_holders(inodes):
             holders.append(int(name))
     return holders
 
-
 def topmost(pids):
     """Of these pids, the lowest whose parent is not among them: the master of its workers."""
     tops = [pid for pid in pids if parent_pid(pid) not in pids]
     return min(tops or pids)
-
 
 def parent_pid(pid):
     try:
@@ -5175,7 +5338,6 @@ def parent_pid(pid):
     except (OSError, ValueError, IndexError):
         return 0
 
-
 def proc_field(pid, name):
     """The value of a line of /proc/PID/status ('Uid', 'PPid'...), which anyone may read."""
     with open('/proc/%d/status' % pid) as f:
@@ -5183,7 +5345,6 @@ def proc_field(pid, name):
             if line.startswith(name + ':'):
                 return line.split(':', 1)[1].strip()
     raise ValueError('no %s in /proc/%d/status' % (name, pid))
-
 
 def default_pidfile_locked(port, pid=None):
     """(path, locker) of a default pidfile of this port that is locked (by pid, if given),
@@ -5200,7 +5361,6 @@ def default_pidfile_locked(port, pid=None):
             return path, lockers[0]
     return None, None
 
-
 def locked_file_of(pid):
     """The path of a file on which pid holds an flock() (an agent's pidfile), or None."""
     try:
@@ -5213,122 +5373,6 @@ def locked_file_of(pid):
                 pid in (daemon.flock_holders(st, locks) or ()):
             return path
     return None
-
-
-def describe_denied(exc):
-    """exc.strerror, naming the user when it is a missing permission."""
-    if isinstance(exc, PermissionError):
-        return '%s, as user %s' % (exc.strerror, daemon.current_user())
-    return exc.strerror
-
-
-def code_image():
-    """The source this process runs, daemon.py and agent.py, each copied into a memory file
-    (memfd_create(2)): [[module name, fd, path], ...], or None where it cannot be kept (no
-    memfd_create, a file gone or unreadable).  Read at the master's setup, a moment after
-    Python imported the same files; a file replaced in that moment is not covered."""
-    image = []
-    try:
-        for name, path in (('daemon', daemon.__file__), ('agent', os.path.abspath(__file__))):
-            fd = os.memfd_create('agent-code-' + name, os.MFD_CLOEXEC)
-            image.append([name, fd, path])
-            source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                while True:
-                    chunk = os.read(source, 65536)
-                    if not chunk:
-                        break
-                    os.write(fd, chunk)
-            finally:
-                os.close(source)
-    except (OSError, AttributeError) as exc:
-        log('agent: cannot keep a copy of the code it runs (%s); an upgrade whose workers cannot '
-            'start will not go back to it' % daemon.describe(exc), priority=LOG_WARNING)
-        close_code(image)
-        return None
-    return image
-
-
-def close_code(image):
-    for _, fd, _ in image or ():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def release_freed_memory():
-    """Give back to the system what Python has freed, before the workers fork and inherit it.
-
-    Where agent.py was compiled from source in this process (no bytecode cache: see
-    run_from_bytecode), the compiler's 9 MB of peak allocations stay in glibc's heap once
-    freed, in the master and in every worker (RSS 25 MB a worker, measured; 22 MB after this).
-    malloc_trim() is glibc's; elsewhere nothing happens.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def signal_worker(pid, signum):
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def raise_fd_limit():
-    """Raise the soft RLIMIT_NOFILE to the hard one: connections and open files need fds."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
-def bind(address, port):
-    """A listening, non-blocking TCP socket; '::' listens on IPv6 and IPv4 both."""
-    try:
-        infos = socket.getaddrinfo(address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                                   socket.AI_PASSIVE | socket.AI_NUMERICHOST)
-    except socket.gaierror:
-        raise DaemonError('invalid --bind address %r (give a numeric IPv4 or IPv6 address)' % address)
-    family, kind, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if address == '::' else 1)
-        sock.bind(sockaddr)
-        sock.listen(BACKLOG)
-        # Accepted sockets inherit it: responses end in small segments that must not wait
-        # for the client's delayed ACK.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError as exc:
-        sock.close()
-        where = '[%s]:%d' % (address, port) if ':' in address else '%s:%d' % (address, port)
-        reason = exc.strerror
-        if exc.errno == errno.EADDRINUSE:
-            holder = port_holder(port)
-            if holder:
-                reason += ' (%s)' % holder
-        elif exc.errno == errno.EACCES and 0 < port < unprivileged_port_start():
-            reason += ' (ports below %d need root: start as root with --user, or use a higher port)' \
-                % unprivileged_port_start()
-        raise DaemonError('cannot listen on %s: %s' % (where, reason),
-                          privilege=exc.errno in (errno.EACCES, errno.EPERM))
-    try:
-        # Wake a worker only when the request has arrived, not at the bare handshake.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
-    except (OSError, AttributeError):
-        pass
-    sock.setblocking(False)
-    return sock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5347,8 +5391,6 @@ def number(convert, low, high, what):
             raise argparse.ArgumentTypeError('%r is not %s' % (text, what))
         return value
     return parse
-
-
 positive_int = number(int, 1, float('inf'), 'a whole number of 1 or more')
 # Each worker is a process of 13-22 MB that the master forks and waits for at start: thousands
 # would exhaust memory before `start` could say anything useful.
@@ -5370,7 +5412,6 @@ def bind_address(text):
             '%r is not a numeric IPv4 or IPv6 address (127.0.0.1 or ::1 for this machine only, '
             '0.0.0.0 or :: for every address)' % text)
     return text
-
 
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error: the option and what is wrong with it, as nginx and
@@ -5394,8 +5435,6 @@ class Parser(argparse.ArgumentParser):
                 self.error('unrecognized option %r%s' % (name, ' (did you mean %s?)' % meant
                                                          if meant else ''))
         return super().parse_args(args, namespace)
-
-
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """argparse's help, wrapped at spaces only: its default also breaks after a hyphen, which
@@ -5422,7 +5461,6 @@ def closest(word, choices):
     scored = sorted((distance(word, choice), choice) for choice in choices)
     return scored[0][1] if scored and scored[0][0] <= 2 else None
 
-
 ACTION_HELP = (
     ('start', 'detach and serve; returns once every worker is up (prints the URL)'),
     ('stop', 'SIGTERM, in-flight responses finish; SIGKILL after --stop-timeout'),
@@ -5432,7 +5470,6 @@ ACTION_HELP = (
     ('run', 'serve in the foreground, log on stderr (systemd, containers)'),
     ('upgrade', 'replace the running master with the agent.py now on disk (SIGUSR2)'),
 )
-
 
 def parser():
     p = Parser(
@@ -5505,8 +5542,40 @@ def parser():
 
 
 NOT_OPTIONS = ('action',)          # not an option: the action
-PATH_OPTIONS = ('root', 'pidfile', 'log', 'access_log', 'tls_cert', 'tls_key')   # made absolute by main()
+# The options that name files: made absolute before anything changes directory.
+PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key')
+SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
 
+
+# Options that are flags: (the value that the flag gives, the flag).
+FLAGS = {'follow_symlinks': (True, '--follow-symlinks'), 'allow_readable_key': (True, '--allow-readable-key'),
+         'listing': (False, '--no-listing')}
+
+def option_argv(config, given=frozenset(), every=False):
+    """The options of config as a command line, paths absolute; given: the names of those on
+    the command line (given_options()).
+
+    every=False: the options given, and the paths whose default would name another file from
+    another working directory (the default ./agent.log of a daemon started elsewhere, when it
+    re-executes itself in /): an upgraded master shows what it runs with, not defaults it never
+    asked for.  every=True: all of them, as recorded for `restart` to compare and keep.
+    """
+    defaults = parser()
+    argv = []
+    for name, value in vars(config).items():
+        if name in NOT_OPTIONS or value is None:
+            continue
+        if not every and name not in given:
+            default = defaults.get_default(name)
+            if name not in PATH_OPTIONS or value == 'off' or default is None \
+                    or os.path.abspath(default) == value:
+                continue
+        if name in FLAGS:
+            if value == FLAGS[name][0]:
+                argv.append(FLAGS[name][1])
+            continue
+        argv += ['--' + name.replace('_', '-'), value if isinstance(value, str) else repr(value)]
+    return argv
 
 def given_options(argv):
     """The names (dests) of the options given on a command line, as opposed to defaulted.
@@ -5520,17 +5589,41 @@ def given_options(argv):
     parsed = p.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in names}))
     return frozenset(name for name in names if getattr(parsed, name) is not marker)
 
+def default_pidfile(port):
+    """Where every action looks without --pidfile: daemon.py's per-user rule (/run for root,
+    else $XDG_RUNTIME_DIR, else a private directory /tmp/agent-UID), one file per port."""
+    return daemon.default_pidfile('agent', 'agent-%d.pid' % port)
+
+def private_directory(path, create):
+    """daemon.private_directory(), whose remedy is an option here."""
+    daemon.private_directory(path, create, remedy='remove it, or give --pidfile')
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
     config = p.parse_args(argv)
+    check_together(p, config)
+    given = given_options(argv)
+    status = default_pidfile_of(config)
+    if status is None:
+        status = absolute_paths(config, given)
+    if status is not None:
+        return status
+    return Agent(config, given).command(config.action)
+
+
+def check_together(p, config):
+    """The options that go only with others: a usage error (p.error, exit 2) if alone."""
     if bool(config.tls_cert) != bool(config.tls_key):
         p.error('--tls-cert and --tls-key go together')
     for option in ('http_redirect', 'hsts'):
         if getattr(config, option) is not None and not config.tls_cert:
             p.error('--%s needs --tls-cert and --tls-key' % option.replace('_', '-'))
-    given = given_options(argv)
+
+
+def default_pidfile_of(config):
+    """Without --pidfile: the default one, its private directory under /tmp made or checked;
+    None, or the exit status of the message said."""
     if config.pidfile is None:
         config.pidfile = default_pidfile(config.port)
         if config.pidfile.startswith('/tmp/'):
@@ -5540,6 +5633,12 @@ def main(argv=None):
             except DaemonError as exc:
                 sys.stderr.write('agent: %s\n' % exc)
                 return daemon.EXIT_PRIVILEGE if exc.privilege else daemon.EXIT_FAILURE
+    return None
+
+
+def absolute_paths(config, given):
+    """Every path option made absolute, before anything changes directory; None, or the exit
+    status of the message said (a relative path where the current directory is gone)."""
     try:
         cwd = os.getcwd()
     except FileNotFoundError:
@@ -5557,7 +5656,7 @@ def main(argv=None):
                              'longer exists: give an absolute path, or cd elsewhere\n'
                              % (name.replace('_', '-'), path))
             return daemon.STATUS_UNKNOWN if config.action == 'status' else daemon.EXIT_FAILURE
-    return Agent(config, given).command(config.action)
+    return None
 
 
 # What run_from_bytecode() runs in place of this script, with argv DIRECTORY SCRIPT ARGS...:
@@ -5567,7 +5666,7 @@ def main(argv=None):
 FROM_BYTECODE = ("import sys; directory = sys.argv[1]; del sys.argv[:2]; "
                  "sys.path[:sys.path[:1] == ['']] = [directory]; "
                  "import agent; agent.SCRIPT = sys.argv[0]; sys.exit(agent.main())")
-# What an upgrade that fails once exec'd goes back to (Agent.go_back), with argv IMAGE SCRIPT
+# What an upgrade that fails once exec'd goes back to (Upgrade.go_back), with argv IMAGE SCRIPT
 # ARGS...: IMAGE is the code_image() of the image before it, as JSON, each module run from its
 # memory file under its own path (tracebacks name it, but quote the lines of the file on disk
 # now, which may be the new code's); SCRIPT stays what a later upgrade runs.  No '' on the
@@ -5581,13 +5680,6 @@ FROM_CODE = ("import json, os, sys, types; image = json.loads(sys.argv[1]); del 
              "    module = sys.modules[name] = types.ModuleType(name); module.__file__ = path\n"
              "    exec(compile(os.pread(fd, os.fstat(fd).st_size, 0), path, 'exec'), module.__dict__)\n"
              "import agent; agent.SCRIPT = sys.argv[0]; sys.exit(agent.main())")
-SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
-DEFAULT_USERS = ('agent', 'nobody')     # default_account()
-SYSTEM_DIRECTORIES = ('/', '/usr', '/var', '/run', '/home', '/usr/local', '/opt', '/srv', '/tmp')
-SYSTEM_TREES = ('/etc', '/root', '/boot', '/proc', '/sys', '/dev')       # system_directory()
-PR_SET_NAME = 15                        # prctl(2): the name of this thread, /proc/self/comm
-# The options that name files: made absolute before anything changes directory.
-PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key')
 
 
 def run_from_bytecode():
@@ -5625,7 +5717,6 @@ def run_from_bytecode():
                  + ['-c', FROM_BYTECODE, sys.path[0], SCRIPT] + sys.argv[1:])
     except OSError:
         pass        # go on as the script
-
 
 if __name__ == '__main__':
     run_from_bytecode()
