@@ -1435,6 +1435,34 @@ class DaemonProcessTests(SampleDaemonTest):
         self.assertLess(time.monotonic() - began, 5, 'SIGTERM was not acted on')
 
 
+class NoDescriptorsLeftTests(SampleDaemonTest):
+    """A daemon that has no file descriptor left (its RLIMIT_NOFILE lowered under it, as
+    `prlimit --pid PID --nofile=3` does) still tells reload its verdict, and stops cleanly:
+    what it says to the command waiting for it must not need a descriptor it may not have."""
+
+    def setUp(self):
+        SampleDaemonTest.setUp(self)
+        import resource
+        self.pid = self.start()
+        resource.prlimit(self.pid, resource.RLIMIT_NOFILE, (3, 3))
+
+    def test_reload_gets_its_verdict(self):
+        result = self.sample('reload')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('sample reloaded (pid %d' % self.pid, result.stdout)
+        self.assertNotIn('no word from', result.stderr)
+
+    def test_stop_is_clean(self):
+        result = self.sample('stop')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('sample stopped (pid %d' % self.pid, result.stdout)
+        log = self.log()
+        self.assertIn('cleanup ran', log)
+        self.assertNotIn('Traceback', log)
+        self.assertNotIn('unhandled exception', log)
+        self.assertFalse(os.path.exists(self.pidfile))
+
+
 # ---------------------------------------------------------------------------------------------
 # The classic recipe's bugs, one pinning test each
 # ---------------------------------------------------------------------------------------------
