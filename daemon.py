@@ -436,7 +436,9 @@ class Daemon:
         self._status = '%s running' % self.name
         self._cooperative = False
         self._pending = []
+        self._verdict_socket = None     # see _open_channels()
         self._stopping_mark = None      # see _say_stopping()
+        self._said_stopping = False
         self._turn = None               # see _take_turn(): held by the controller while it acts
         self._signalled = set()         # pids a waiting stop has sent SIGTERM (_end_a_start)
         self._watchdog = False          # systemd's watchdog interval: False until looked up
@@ -797,6 +799,7 @@ class Daemon:
         The handlers come first: a stop that arrives once the pidfile names this process
         ends it through them, with the pidfile removed, never by the default action."""
         self._install_signal_handlers()
+        self._open_channels()
         self._watchdog = False                  # looked up again in this process
         if self._pidfile is None:
             self._pidfile = self._new_pidfile()
@@ -819,6 +822,10 @@ class Daemon:
         self._watchdog = None
         if self._pidfile is not None:
             self._pidfile.forget()
+        for sock in (self._verdict_socket, self._stopping_mark):
+            if sock is not None:
+                sock.close()
+        self._verdict_socket = self._stopping_mark = None
         if self._readiness is not None:
             self._readiness.close_write()
 
@@ -985,24 +992,46 @@ class Daemon:
             if not self._cooperative:
                 raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
 
+    def _open_channels(self):
+        """Open now, while descriptors are to be had, the sockets through which the daemon
+        later speaks to a command that waits for it (a reload's or an upgrade's verdict, the
+        "stopping" mark): one that has since run out of them (RLIMIT_NOFILE lowered under
+        it, a leak) must still answer, or the command waits its whole timeout.  Without
+        them (none to be had now either) each is tried again when it is needed."""
+        if self._verdict_socket is None:
+            self._verdict_socket = _unix_socket(socket.SOCK_DGRAM)
+        if self._stopping_mark is None:
+            self._stopping_mark = _unix_socket(socket.SOCK_SEQPACKET)
+
     def _say_stopping(self):
         """From the loop, once a stop is under way: bind the abstract name _stopping() looks
         for, held until this process ends, so that a `start` meanwhile waits for the end
         instead of calling this daemon "already running"."""
+        if self._said_stopping:
+            return
         if self._stopping_mark is None:
-            self._stopping_mark = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            try:
-                self._stopping_mark.bind(_verdict_address(self.name, 'stopping', os.getpid()))
-                self._stopping_mark.listen(1)       # SO_PEERCRED then names this pid
-            except OSError:
-                pass
+            self._stopping_mark = _unix_socket(socket.SOCK_SEQPACKET)
+        if self._stopping_mark is None:
+            return          # no descriptor: a start meanwhile says "already running"
+        self._said_stopping = True
+        try:
+            self._stopping_mark.bind(_verdict_address(self.name, 'stopping', os.getpid()))
+            self._stopping_mark.listen(1)       # SO_PEERCRED then names this pid
+        except OSError:
+            pass
 
     def _report(self, action, error=None):
         """Send the outcome of a reload or an upgrade to the command waiting for it, if any."""
         line = 'ERROR ' + error if error else 'OK'
+        if self._verdict_socket is None:
+            self._verdict_socket = _unix_socket(socket.SOCK_DGRAM)
+        if self._verdict_socket is None:
+            log('%s: cannot tell the %s\'s outcome to a command waiting for it: no descriptor '
+                'left' % (self.name, action), priority=LOG_ERR)
+            return
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(line.encode('utf-8', 'replace')[:4096], _verdict_address(self.name, action, os.getpid()))
+            self._verdict_socket.sendto(line.encode('utf-8', 'replace')[:4096],
+                                        _verdict_address(self.name, action, os.getpid()))
         except OSError:
             pass        # nobody waits for it: the signal came from kill or systemctl
 
@@ -1626,6 +1655,14 @@ def _stopping(d, pid):
         except OSError:
             return False
     return peer == pid
+
+
+def _unix_socket(kind):
+    """A close-on-exec AF_UNIX socket of this kind, or None when none can be opened (EMFILE)."""
+    try:
+        return socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _sender_pid(ancillary):
