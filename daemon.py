@@ -124,13 +124,15 @@ Sections of this file, in order
   daemon(7) steps   one small function each
   the pidfile, the readiness pipe
   optional: systemd   sd_notify(3), sd_listen_fds(3), sd_watchdog_enabled(3).  Without it
-                    notify() does nothing, listen_fds() finds no socket and there is no
-                    watchdog: no READY=1 for Type=notify units, no socket activation.  The
-                    upgrade section needs it (it passes sockets that way).
+                    the daemon tells no service manager anything and finds no socket passed
+                    to it: no READY=1 for Type=notify units, no socket activation, no
+                    watchdog.  The upgrade section needs it (it passes sockets that way).
   optional: upgrade   re-exec in place on SIGUSR2 (reexec(), the `upgrade` action).  Without it
                     SIGUSR2 only runs the on_upgrade() hook, and no action `upgrade` exists.
 Each optional section runs from its banner to the next one (or the end of the file) and can be
-deleted whole; test_daemon.py deletes them from a copy and daemonizes what is left.
+deleted whole: the core never names it.  It adds to Daemon by setting the hooks of "what the
+optional sections fill in" (no-ops in the core) and to __all__ its own names.  test_daemon.py
+deletes the sections from a copy and daemonizes what is left.
 """
 
 import atexit
@@ -164,11 +166,7 @@ __all__ = [
     'check_identity', 'check_writable', 'to_syslog',
     # the pidfile
     'PidFile', 'parse_pid', 'flock_holders', 'open_files', 'default_pidfile', 'private_directory',
-    # optional: systemd
-    'notify', 'listen_fds', 'watchdog_interval',
-    # optional: upgrade in place
-    'reexec', 'check_new_code', 'upgrade_done', 'upgrade_action',
-]
+]                  # each optional section adds its own names
 
 # ---------------------------------------------------------------------------------------------
 # Constants, errors, small helpers
@@ -190,11 +188,6 @@ ACTIONS = ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
-# Filled by the optional upgrade section, when it is there: a function(daemon) that takes over
-# `start` and `run` in the new image of an upgraded daemon (or in the child that checks it), or
-# returns None to let them run as usual.
-TAKEOVER = []
 
 class DaemonError(Exception):
     """An operating-system failure while becoming or running a daemon; the message names the step.
@@ -292,20 +285,6 @@ def _with_priority(text, stream, priority):
 def monotonic_usec():
     """CLOCK_MONOTONIC in microseconds, as sd_notify's MONOTONIC_USEC= wants it."""
     return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
-
-
-# Stand-ins for the optional systemd section, which defines both again below: without it a
-# daemon never notifies and never finds sockets passed to it.
-def notify(**fields):
-    return False
-
-
-def listen_fds(unset_environment=True):
-    return {}
-
-
-def watchdog_interval():
-    return None
 
 
 class Daemon:
@@ -425,9 +404,6 @@ class Daemon:
         self.detached = False           # True in a daemon that forked away from its terminal
         self.listen_fds = {}
         self.inherited = None           # after reexec(): the state string it was given
-        # Set by the upgrade section in a new image: ready() calls it to report the upgrade's
-        # outcome (it sends READY=1 itself).
-        self._ready_report = None
         self._pidfile = None
         self._pidfile_checked = 0.0     # when _keep_pidfile() last looked (monotonic)
         self._pidfile_lost = False
@@ -507,10 +483,7 @@ class Daemon:
             self._status = status.replace('\n', ' ')
         else:
             self._status = '%s started (pid %d)' % (self.name, os.getpid())
-        if self._ready_report is not None:
-            self._ready_report()            # READY=1 too, with the outcome as STATUS
-        else:
-            notify(READY=1, STATUS=self._status)
+        self._announce_ready()
         if self._readiness is not None:
             self._readiness.send('READY ' + self._status)
 
@@ -534,10 +507,10 @@ class Daemon:
         while self._pending:
             signum = self._pending.pop(0)
             if signum == signal.SIGHUP:
-                notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS='reloading')
+                self._tell_manager(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS='reloading')
                 log('%s: reloading (SIGHUP)' % self.name)
                 error = self._call_hook('reload', self.on_reload)
-                notify(READY=1, STATUS=self._status if error is None
+                self._tell_manager(READY=1, STATUS=self._status if error is None
                        else '%s; reload failed: %s' % (self._status, error))
                 self._report('reload', error and '%s; %s' % (
                     error, 'stopping' if self.stopping else 'goes on as it was'))
@@ -550,7 +523,7 @@ class Daemon:
                     self._report('upgrade', error)
             elif signum in STOP_SIGNALS:
                 self._log_stop(signum)
-                notify(STOPPING=1, STATUS='stopping')
+                self._tell_manager(STOPPING=1, STATUS='stopping')
                 self._say_stopping()
         return self.stopping
 
@@ -596,12 +569,12 @@ class Daemon:
         watchdog.  wait() and handle_signals() call it: a loop that calls neither for longer
         than half the interval must call it itself, or systemd takes the service for hung."""
         if self._watchdog is False:
-            self._watchdog = watchdog_interval()    # here: WATCHDOG_PID names the process
+            self._watchdog = self._watchdog_interval()    # here: WATCHDOG_PID names the process
         if self._watchdog is None:
             return None
         now = time.monotonic()
         if now >= self._watchdog_due:
-            notify(WATCHDOG=1)
+            self._tell_manager(WATCHDOG=1)
             self._watchdog_due = now + self._watchdog / 2
         return self._watchdog_due - now
 
@@ -636,6 +609,35 @@ class Daemon:
         """The locked pidfile's descriptor in the daemon; None anywhere else."""
         return self._pidfile.fd if self._pidfile is not None else None
 
+    # -- what the optional sections fill in ---------------------------------------------------
+    # The core calls these and names no optional section: each section that is there sets its
+    # own on the class, at its end (socketserver's mixins override such methods); without it
+    # they stay the no-ops below.
+
+    def _tell_manager(self, **fields):
+        """Say NAME=value fields to the service manager that supervises the daemon, if any
+        (the systemd section: sd_notify).  Returns whether it was said."""
+        return False
+
+    def _passed_sockets(self):
+        """{name: [fd, ...]}: the sockets a service manager passed (the systemd section:
+        socket activation); called before any fork."""
+        return {}
+
+    def _watchdog_interval(self):
+        """The service manager's watchdog interval in seconds, or None (see watchdog())."""
+        return None
+
+    def _take_over(self):
+        """In a process that goes on where another left off (the upgrade section: the new
+        image after reexec()), start and run do not start anew: the exit code, else None."""
+        return None
+
+    def _announce_ready(self):
+        """ready() tells the service manager (the upgrade section says an upgrade's outcome
+        here instead, in a new image)."""
+        self._tell_manager(READY=1, STATUS=self._status)
+
     # -- the actions --------------------------------------------------------------------------
 
     def command(self, action):
@@ -654,10 +656,9 @@ class Daemon:
             _open_std_fds()
             self._check_default_pidfile(action)
             if action in ('start', 'run'):
-                for takeover in TAKEOVER:
-                    code = takeover(self)
-                    if code is not None:
-                        return code
+                code = self._take_over()
+                if code is not None:
+                    return code
             if action in SERIALIZED_ACTIONS:
                 self.absolutize(streams=False)
                 self._turn = _take_turn(self, _end_a_start if action == 'stop' else None)
@@ -758,7 +759,7 @@ class Daemon:
             self.say('%s: warning: thread %r was started before the daemon forked, and does not '
                      'run in it (fork() copies only the calling thread): start threads in setup() '
                      'or run()' % (self.name, thread), error=True)
-        self.listen_fds = listen_fds()      # before any fork: LISTEN_PID names this process
+        self.listen_fds = self._passed_sockets()     # before any fork: LISTEN_PID names this process
         keep = [fd for fds in self.listen_fds.values() for fd in fds]
         _flush_std_streams()
         close_inherited_fds(keep)
@@ -921,7 +922,7 @@ class Daemon:
             # stopped as asked, so a foreground run exits 0; a detached start's launcher still
             # says that it did not start, with the reason (error).
             status = EXIT_OK
-        notify(STOPPING=1)
+        self._tell_manager(STOPPING=1)
         if status != EXIT_OK and self._is_ready and not self.stopping and self._pidfile is not None \
                 and self._pidfile.fd is not None:
             # Died on its own after start had returned: the unlocked pidfile stays as the record,
@@ -1388,7 +1389,7 @@ def _foreground(d):
     check_writable('pidfile', d.pidfile_path)
     if d._workdir_given:
         change_directory(d.workdir)
-    d.listen_fds = listen_fds()
+    d.listen_fds = d._passed_sockets()
     try:
         d._become_service()
     except AlreadyRunning as exc:
@@ -2412,8 +2413,8 @@ class ReadinessPipe:
 
 # =============================================================================================
 # Optional: systemd, sd_notify(3), sd_listen_fds(3) and sd_watchdog_enabled(3).  Delete from
-# here to the next banner of '=' to drop it (the stand-ins at the top then do nothing); the
-# upgrade section needs it.
+# here to the next banner of '=' to drop it (Daemon's hooks for a service manager then stay
+# no-ops); the upgrade section needs it.
 # =============================================================================================
 
 SD_LISTEN_FDS_START = 3
@@ -2487,6 +2488,13 @@ def listen_fds(unset_environment=True):
         os.set_inheritable(fd, False)
         result.setdefault(name, []).append(fd)
     return result
+
+
+# What this section adds to Daemon: the core calls these hooks (no-ops there).
+Daemon._tell_manager = staticmethod(notify)
+Daemon._passed_sockets = staticmethod(listen_fds)
+Daemon._watchdog_interval = staticmethod(watchdog_interval)
+__all__.extend(['notify', 'listen_fds', 'watchdog_interval'])
 
 
 # =============================================================================================
@@ -2660,7 +2668,7 @@ def upgrade_done(d, error=None):
     The old image calls it when the check failed; the new one once it is ready, or with the
     reason it could not use its new code (and then serves on with what it inherited).
     """
-    d._ready_report = None
+    d.__dict__.pop('_announce_ready', None)     # ready() says READY=1 as usual again
     if error:
         after = 'stopping' if d.stopping else 'still serving'
         log('%s: upgrade failed (%s); %s (pid %d)' % (d.name, error, after, os.getpid()), priority=LOG_ERR)
@@ -2669,7 +2677,7 @@ def upgrade_done(d, error=None):
     else:
         log('%s: upgraded in place (pid %d)' % (d.name, os.getpid()))
         status = '%s running (upgraded)' % d.name
-    notify(READY=1, STATUS=status)
+    d._tell_manager(READY=1, STATUS=status)
     d._report('upgrade', error)
 
 
@@ -2685,7 +2693,8 @@ def upgrade_action(d):
 
 
 def _takeover(d):
-    """TAKEOVER for start and run: the new image after reexec(), or the child that checks it."""
+    """Daemon._take_over, for start and run: the new image after reexec(), or the child that
+    checks it."""
     if CHECK_ENV in os.environ:
         return _check_only(d)
     if REEXEC_ENV in os.environ:
@@ -2703,7 +2712,7 @@ def _continue_after_reexec(d, spec):
     pidfile_fd, detached, fds, names = spec.split(' ')
     d.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
     d.detached = detached == '1'
-    d._ready_report = lambda: upgrade_done(d)
+    d._announce_ready = lambda: upgrade_done(d)     # ready() reports the upgrade
     # The image this one continues ran a loop that acts on signals (reexec() is called from
     # it): a stop pending across execve is that loop's to act on, not a SystemExit from here.
     d._cooperative = True
@@ -2735,11 +2744,12 @@ def _check_only(d):
     d.absolutize()
     if os.environ.pop(CHECK_ENV) != d.pidfile_path:
         raise DaemonError('the new command line names another pidfile (%s)' % d.pidfile_path)
-    d.listen_fds = listen_fds()
+    d.listen_fds = d._passed_sockets()
     d.setup()
     drop_privileges(d.user, d.group)
     return EXIT_OK
 
 
-TAKEOVER.append(_takeover)
+Daemon._take_over = _takeover
+__all__.extend(['reexec', 'check_new_code', 'upgrade_done', 'upgrade_action'])
 SERIALIZED_ACTIONS.add('upgrade')      # it takes its turn, as reload does
