@@ -1358,15 +1358,14 @@ def _status(d):
     if state == 'stale' and pid is None:
         d.say(_not_running(d, state, pid))
         return STATUS_STOPPED
-    fate = _named_pid(pid, d.pidfile_path) if state == 'stale' else None
-    if fate == 'ended':
+    if state == 'stale' and _ended(pid):
         where = 'syslog' if d.stderr == os.devnull else d.stderr
         d.say('%s is dead, but pidfile %s remains: it names pid %d, which has ended, and is not '
               'locked (see %s)' % (d.name, d.pidfile_path, pid, where))
         return STATUS_DEAD
     if state == 'stale':
         d.say('%s is not running, but its pidfile remains (%s; stop or start removes it)'
-              % (d.name, _unlocked_pidfile(d, pid, fate)))
+              % (d.name, _unlocked_pidfile(d, pid)))
         return STATUS_DEAD
     d.say(_not_running(d, state))
     return STATUS_STOPPED
@@ -1488,67 +1487,21 @@ def _not_running(d, state, pid=None, removing=False):
     return '%s is not running (no pidfile at %s)' % (d.name, d.pidfile_path)
 
 
-def _unlocked_pidfile(d, pid, fate=None):
-    """What is known of a pidfile that nobody locks, pid being the one it names (or None): what
-    it holds, and what became of that pid (fate: _named_pid(), if already asked).  Not how it
-    came to be: a daemon that could not remove it, one killed, a copy, an editor all leave the
-    same file."""
-    path = d.pidfile_path
+def _unlocked_pidfile(d, pid):
+    """What is known of a pidfile that nobody locks, pid being the one it names (or None):
+    what it names, and whether that pid runs now.  Not how it came to be (a daemon that could
+    not remove it, one killed, a copy, an editor all leave the same file), nor whose a pid
+    that runs is (the daemon in its last instant, or a program that reused the number)."""
     if pid is None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                empty = os.fstat(fd).st_size == 0
-            finally:
-                os.close(fd)
-        except OSError:
-            empty = False
-        return ('pidfile %s is empty, and not locked' if empty else
-                'pidfile %s names no pid, and is not locked') % path
-    fate = _named_pid(pid, path) if fate is None else fate
-    if fate == 'ended':
-        return 'pidfile %s names pid %d, which has ended, and is not locked' % (path, pid)
-    if fate == 'other':
-        return ('pidfile %s names pid %d, which is not this daemon (the pidfile is not locked, '
-                'and pid %d started after it was written)' % (path, pid, pid))
-    return ('pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock (its daemon '
-            'holds it to its end)' % (path, pid))
-
-
-def _named_pid(pid, path):
-    """What became of the pid that an unlocked pidfile names: 'ended' (gone, or a zombie),
-    'other' (it began after the file was written: the pid was reused) or 'running' (it began
-    before and still runs, a moment later: its daemon lets go of the lock just before it
-    exits, so that moment is given)."""
+        return 'pidfile %s names no pid, and is not locked' % d.pidfile_path
     if _ended(pid):
-        return 'ended'
-    if _started_after(pid, path):
-        return 'other'
-    pidfd = _open_pidfd(pid)
-    if pidfd is not None:
-        try:
-            select.select([pidfd], [], [], 0.5)
-        finally:
-            os.close(pidfd)
-    return 'ended' if _ended(pid) else 'running'
+        return 'pidfile %s names pid %d, which has ended, and is not locked' % (d.pidfile_path, pid)
+    return ('pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock'
+            % (d.pidfile_path, pid))
 
 
 def _ended(pid):
     return not _pid_alive(pid) or _is_zombie(pid)
-
-
-def _started_after(pid, path):
-    """Whether process pid began after the file at path was last written (so it cannot be
-    the process that wrote it): its start (/proc/PID/stat, clock ticks since boot) against the
-    file's mtime on the same clock.  False when either cannot be read."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            ticks = int(f.read().rsplit(')', 1)[1].split()[19])
-        mtime = os.stat(path, follow_symlinks=False).st_mtime
-    except (OSError, IndexError, ValueError):
-        return False
-    written = time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - mtime)
-    return ticks / os.sysconf('SC_CLK_TCK') > written + 0.1
 
 
 def _send(pid, pidfd, signum):

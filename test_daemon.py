@@ -1179,8 +1179,10 @@ class DaemonProcessTests(SampleDaemonTest):
         self.assertIn('Traceback (most recent call last)', self.log())
         self.assertIn('cleanup ran', self.log())
         # The unlocked pidfile stays as the record of the death: status says dead, not stopped.
-        wait_for(lambda: self.sample('status').returncode == daemon.STATUS_DEAD, message='status dead')
+        # (Until the pid has ended, status says that it runs without the lock: also LSB 1.)
+        wait_for(lambda: 'is dead, but' in self.sample('status').stdout, message='status dead')
         status = self.sample('status')
+        self.assertEqual(status.returncode, daemon.STATUS_DEAD, status.stdout)
         self.assertIn('is dead, but pidfile %s remains' % self.pidfile, status.stdout)
         self.assertIn(self.logfile, status.stdout)
         self.assertIn('pidfile %s left' % self.pidfile, self.log())
@@ -1197,6 +1199,7 @@ class DaemonProcessTests(SampleDaemonTest):
         self.assertIn('sample started (pid ', result.stdout)
         wait_for(lambda: 'left as the record' in slurp(record), message='the crash in syslog')
         said = slurp(record)
+        wait_for(lambda: not pid_alive(read_pid(self.pidfile)), message='the crashed pid gone')
         self.assertIn('Traceback (most recent call last)', said)
         self.assertIn('ValueError: boom', said)
         self.assertTrue(all(line.startswith('sample[') and ' <3> ' in line for line in said.splitlines()), said)
@@ -1969,14 +1972,15 @@ class UnlockedPidfileWordingTests(SampleDaemonTest):
         gone.wait()
         reused = time.time() - 60       # written a minute ago: the bystander began after it
         cases = [
-            (b'', None, daemon.STATUS_STOPPED, 'pidfile %s is empty' % self.pidfile),
+            (b'', None, daemon.STATUS_STOPPED, 'pidfile %s names no pid' % self.pidfile),
             (b'garbage\n', None, daemon.STATUS_STOPPED, 'pidfile %s names no pid' % self.pidfile),
             (b'%d\n' % gone.pid, None, daemon.STATUS_DEAD,
              'names pid %d, which has ended, and is not locked' % gone.pid),
+            # Whether it began before the file was written (its daemon at its very end) or
+            # after (the number reused), what is known is that it runs.
             (b'%d\n' % bystander.pid, reused, daemon.STATUS_DEAD,
-             'pidfile %s names pid %d, which is not this daemon (the pidfile is not locked'
+             'pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock'
              % (self.pidfile, bystander.pid)),
-            # Began before the file was written and runs: maybe its daemon at its very end.
             (b'%d\n' % bystander.pid, None, daemon.STATUS_DEAD,
              'pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock'
              % (self.pidfile, bystander.pid)),
