@@ -4123,13 +4123,13 @@ class Agent(Daemon):
             reason = 'a stop came first' if self.stopping else 'its workers cannot start: %s' % exc
             if not self.stopping:           # (go_back returns only if it cannot)
                 self.go_back(reason, self.upgrade_state(self.previous_code), self.sockets())
-            daemon.upgrade_done(self, reason)
+            self.upgrade_done(reason)
         except BaseException:
             self.kill_workers(list(self.workers.values()))
             raise
         else:
             if self.went_back is not None:
-                daemon.upgrade_done(self, self.went_back)
+                self.upgrade_done(self.went_back)
             else:
                 self.retire(adopted)
                 close_code(self.previous_code)      # the new code serves: no way back needed
@@ -4411,13 +4411,13 @@ class Agent(Daemon):
 
     def on_upgrade(self):
         """Check the agent.py now on disk in a child, then become it (same pid)."""
-        daemon.notify(RELOADING=1, MONOTONIC_USEC=daemon.monotonic_usec(), STATUS='upgrading')
+        daemon.notify(RELOADING=1, STATUS='upgrading')
         log('agent: upgrade: checking %s' % SCRIPT)
         self.own_files.refresh()
         try:
             self.exec_code([SCRIPT], self.upgrade_state(self.code), self.sockets())
         except DaemonError as exc:
-            daemon.upgrade_done(self, str(exc))
+            self.upgrade_done(str(exc))
 
     def go_back(self, reason, state, sockets):
         """In the new image of an upgrade that failed once exec'd (its workers cannot start, or
@@ -4445,8 +4445,8 @@ class Agent(Daemon):
         descriptors kept.  Returns only on failure (DaemonError)."""
         argv = program + option_argv(self.config, self.given) + ['start' if self.detached else 'run']
         fds, names = sockets
-        daemon.reexec(self, argv, fds, names, state=json.dumps(state), check=check,
-                      keep=state['lifeline'] + [fd for _, fd, _ in state['code'] or ()])
+        self.reexec(argv, fds, names, state=json.dumps(state), check=check,
+                    keep=state['lifeline'] + [fd for _, fd, _ in state['code'] or ()])
 
     def upgrade_state(self, code):
         """What the next image of this master takes over (adopt_workers()), with code (a
@@ -4855,16 +4855,7 @@ def port_holder(port):
 
 def locked_file_of(pid):
     """The path of a file on which pid holds an flock() (an agent's pidfile), or None."""
-    try:
-        with open('/proc/locks') as f:
-            locks = f.read()
-    except OSError:
-        return None
-    for path, st in daemon.open_files(pid):
-        if path.startswith('/') and stat.S_ISREG(st.st_mode) and \
-                pid in (daemon.flock_holders(st, locks) or ()):
-            return path
-    return None
+    return next(iter(daemon.locked_files(pid)), None)
 
 
 def describe_denied(exc):

@@ -155,17 +155,13 @@ import traceback
 
 __all__ = [
     # the daemon and its command line
-    'Daemon', 'main', 'ACTIONS', 'DaemonError', 'AlreadyRunning', 'describe', 'log',
-    'LOG_ERR', 'LOG_WARNING', 'LOG_INFO', 'current_user', 'monotonic_usec',
+    'Daemon', 'main', 'ACTIONS', 'DaemonError', 'describe', 'log', 'LOG_ERR', 'LOG_WARNING',
+    'current_user',
     # exit codes: LSB init-script actions, and `status`
     'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
     'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN',
-    # the daemon(7) steps, usable on their own
-    'make_paths_absolute', 'close_inherited_fds', 'reset_signals', 'fork', 'detach_session',
-    'set_umask', 'change_directory', 'open_log', 'redirect_stdio', 'drop_privileges',
-    'check_identity', 'check_writable', 'to_syslog',
-    # the pidfile
-    'PidFile', 'parse_pid', 'flock_holders', 'open_files', 'default_pidfile', 'private_directory',
+    # for a program's own files: its logs, its pidfile when it names it itself, who locks one
+    'open_log', 'check_writable', 'default_pidfile', 'private_directory', 'locked_files',
 ]                  # each optional section adds its own names
 
 # ---------------------------------------------------------------------------------------------
@@ -280,11 +276,6 @@ def _with_priority(text, stream, priority):
     if (st.st_dev, st.st_ino) != (device, inode):
         return text
     return '\n'.join('<%d>%s' % (priority, line) for line in text.split('\n'))
-
-
-def monotonic_usec():
-    """CLOCK_MONOTONIC in microseconds, as sd_notify's MONOTONIC_USEC= wants it."""
-    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
 
 
 class Daemon:
@@ -507,7 +498,7 @@ class Daemon:
         while self._pending:
             signum = self._pending.pop(0)
             if signum == signal.SIGHUP:
-                self._tell_manager(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS='reloading')
+                self._tell_manager(RELOADING=1, STATUS='reloading')
                 log('%s: reloading (SIGHUP)' % self.name)
                 error = self._call_hook('reload', self.on_reload)
                 self._tell_manager(READY=1, STATUS=self._status if error is None
@@ -2277,6 +2268,18 @@ def open_files(pid):
             continue
 
 
+def locked_files(pid):
+    """The paths of the regular files on which process pid holds an flock() (a daemon's
+    pidfile): those it has open that /proc/locks says it locks.  None known without /proc."""
+    try:
+        with open('/proc/locks') as f:
+            locks = f.read()
+    except OSError:
+        return []
+    return [path for path, st in open_files(pid) if path.startswith('/') and
+            stat.S_ISREG(st.st_mode) and pid in (flock_holders(st, locks) or ())]
+
+
 def _has_open(pid, st):
     """Whether process pid has the file with stat st open."""
     for _, other in open_files(pid):
@@ -2377,11 +2380,14 @@ def notify(**fields):
     """Send NAME=value lines to the service manager, when NOTIFY_SOCKET is set; else do nothing.
 
     notify(READY=1, STATUS='serving') sends "READY=1\nSTATUS=serving".  A socket path starting
-    with '@' is in the abstract namespace.  Returns whether a datagram was sent.
+    with '@' is in the abstract namespace.  Returns whether a datagram was sent.  RELOADING=1
+    is sent with the MONOTONIC_USEC= that Type=notify-reload wants beside it.
     """
     address = os.environ.get('NOTIFY_SOCKET')
     if not address or not fields:
         return False
+    if 'RELOADING' in fields:
+        fields.setdefault('MONOTONIC_USEC', monotonic_usec())
     if address.startswith('@'):
         address = '\0' + address[1:]
     message = '\n'.join('%s=%s' % item for item in fields.items()).encode()
@@ -2393,6 +2399,11 @@ def notify(**fields):
     except OSError as exc:
         log('sd_notify to %r failed: %s' % (os.environ.get('NOTIFY_SOCKET'), exc), priority=LOG_WARNING)
         return False
+
+
+def monotonic_usec():
+    """CLOCK_MONOTONIC in microseconds, as sd_notify's MONOTONIC_USEC= wants it."""
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
 
 
 def watchdog_interval():
@@ -2447,7 +2458,7 @@ def listen_fds(unset_environment=True):
 Daemon._tell_manager = staticmethod(notify)
 Daemon._passed_sockets = staticmethod(listen_fds)
 Daemon._watchdog_interval = staticmethod(watchdog_interval)
-__all__.extend(['notify', 'listen_fds', 'watchdog_interval'])
+__all__.append('notify')
 
 
 # =============================================================================================
@@ -2548,50 +2559,10 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
         os.close(w)
         raise _step_error('fork a check of the new code', exc)
     if pid == 0:
-        try:
-            base = max(list(fds) + [r, w]) + len(fds) + SD_LISTEN_FDS_START + 1
-            copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
-            for index, fd in enumerate(copies):
-                os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(w, 1)
-            os.dup2(w, 2)
-            close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds)))
-            env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
-            env[CHECK_ENV] = d.pidfile_path
-            for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV):
-                env.pop(name, None)
-            if names:
-                env['LISTEN_FDNAMES'] = ':'.join(names)
-            reset_signals()
-            os.execve(argv[0], argv, env)
-        except BaseException as exc:
-            try:
-                os.write(2, ('cannot run %s: %s\n' % (argv[0], describe(exc))).encode())
-            except OSError:
-                pass
-        finally:
-            os._exit(127)
+        _exec_check(d, argv, fds, names, r, w)
     os.close(w)
-    output, deadline, late = b'', time.monotonic() + timeout, None
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                os.kill(pid, signal.SIGKILL)
-                late = 'no verdict within %gs' % timeout
-                break
-            due = d.watchdog()                  # the check may take longer than systemd waits
-            try:
-                ready = select.select([r], [], [], remaining if due is None else min(remaining, due))[0]
-            except InterruptedError:
-                continue
-            if ready:
-                chunk = os.read(r, 65536)
-                if not chunk:
-                    break
-                output = (output + chunk)[-65536:]
+        output, late = _read_check(d, pid, r, timeout)
     finally:
         os.close(r)
         while True:
@@ -2602,17 +2573,71 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
                 continue
     if late is None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         return
-    lines = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
-    if late is not None:
-        reason = late
-    elif os.WIFEXITED(status):
-        reason = lines[-1] if lines else 'exit status %d' % os.WEXITSTATUS(status)
-    else:       # killed (by hand, by the OOM killer): what it printed before is not the reason
+    raise DaemonError('the new code failed its check: %s' % (late or _check_failure(output, status)))
+
+
+def _exec_check(d, argv, fds, names, r, w):
+    """The child of check_new_code(): the sockets at 3, 4..., output on the pipe w, then the
+    new code; never returns."""
+    try:
+        base = max(list(fds) + [r, w]) + len(fds) + SD_LISTEN_FDS_START + 1
+        copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
+        for index, fd in enumerate(copies):
+            os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(w, 1)
+        os.dup2(w, 2)
+        close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds)))
+        env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
+        env[CHECK_ENV] = d.pidfile_path
+        for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV):
+            env.pop(name, None)
+        if names:
+            env['LISTEN_FDNAMES'] = ':'.join(names)
+        reset_signals()
+        os.execve(argv[0], argv, env)
+    except BaseException as exc:
         try:
-            reason = 'killed by %s' % signal.Signals(os.WTERMSIG(status)).name
-        except ValueError:
-            reason = 'killed by signal %d' % os.WTERMSIG(status)
-    raise DaemonError('the new code failed its check: %s' % reason)
+            os.write(2, ('cannot run %s: %s\n' % (argv[0], describe(exc))).encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(127)
+
+
+def _read_check(d, pid, r, timeout):
+    """The check's output until it exits: (the last 64 KiB, None), or (..., why it was killed)
+    when it takes longer than timeout.  Meanwhile the watchdog is fed: the check may take
+    longer than systemd waits."""
+    output, deadline = b'', time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            os.kill(pid, signal.SIGKILL)
+            return output, 'no verdict within %gs' % timeout
+        due = d.watchdog()
+        try:
+            ready = select.select([r], [], [], remaining if due is None else min(remaining, due))[0]
+        except InterruptedError:
+            continue
+        if ready:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                return output, None
+            output = (output + chunk)[-65536:]
+
+
+def _check_failure(output, status):
+    """Why the check failed: its last line, or its exit status, or the signal that killed it."""
+    lines = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
+    if os.WIFEXITED(status):
+        return lines[-1] if lines else 'exit status %d' % os.WEXITSTATUS(status)
+    # Killed (by hand, by the OOM killer): what it printed before is not the reason.
+    try:
+        return 'killed by %s' % signal.Signals(os.WTERMSIG(status)).name
+    except ValueError:
+        return 'killed by signal %d' % os.WTERMSIG(status)
 
 
 def upgrade_done(d, error=None):
@@ -2703,6 +2728,10 @@ def _check_only(d):
     return EXIT_OK
 
 
+# What this section adds to Daemon: the hook the core calls (a no-op there), and the methods
+# of a daemon that upgrades itself (self.reexec(argv, ...), self.upgrade_done(error)).
 Daemon._take_over = _takeover
-__all__.extend(['reexec', 'check_new_code', 'upgrade_done', 'upgrade_action'])
+Daemon.reexec = reexec
+Daemon.upgrade_done = upgrade_done
+__all__.append('upgrade_action')
 SERIALIZED_ACTIONS.add('upgrade')      # it takes its turn, as reload does
