@@ -632,11 +632,11 @@ if __name__ == '__main__':
 
 
 def daemon_sections(text):
-    """daemon.py's text cut at the banners of its optional sections: (core, systemd, upgrade)."""
-    banner = '# ' + '=' * 93 + '\n'
-    systemd = text.index(banner + '# Optional: systemd')
-    upgrade = text.index(banner + '# Optional: upgrade')
-    return text[:systemd], text[systemd:upgrade], text[upgrade:]
+    """daemon.py's text cut at the banners of its optional sections: (core, {name: text}),
+    name being the banner's first word after "Optional:" (systemd, upgrade...)."""
+    banner = '# ' + '=' * 93 + '\n# Optional: '
+    pieces = text.split(banner)
+    return pieces[0], {piece.split()[0].rstrip(',.'): banner + piece for piece in pieces[1:]}
 
 
 class DaemonPublicApiTests(TempDirTest):
@@ -707,23 +707,34 @@ class DaemonPublicApiTests(TempDirTest):
         self.assertIn("unknown action 'nonsense'", err.getvalue())
 
     def test_optional_sections_can_be_deleted(self):
-        """Without the upgrade section, and without both optional sections, daemon.py still
-        imports and daemonizes: start, status, stop."""
+        """Each optional section can be deleted whole (with the upgrade section when it needs
+        it: the upgrade needs systemd's and the verdicts'), and what is left still imports and
+        daemonizes: start, status, reload, stop.  The core names none of them."""
         with open(os.path.join(HERE, 'daemon.py')) as f:
-            core, systemd, upgrade = daemon_sections(f.read())
-        self.assertIn('def notify(', systemd)
-        self.assertIn('def reexec(', upgrade)
-        for kept in (core + systemd, core):
-            with self.subTest(lines=kept.count('\n')):
+            core, sections = daemon_sections(f.read())
+        self.assertEqual(list(sections), ['turns', 'verdicts', 'systemd', 'upgrade'])
+        self.assertIn('def notify(', sections['systemd'])
+        self.assertIn('def reexec(', sections['upgrade'])
+        self.assertIn('def _take_turn(', sections['turns'])
+        self.assertIn('def _signal_and_wait(', sections['verdicts'])
+        deletions = [('upgrade',), ('turns',), ('verdicts', 'upgrade'), ('systemd', 'upgrade'),
+                     tuple(sections)]
+        for deleted in deletions:
+            kept = core + ''.join(text for name, text in sections.items() if name not in deleted)
+            with self.subTest(deleted=deleted):
                 with open(os.path.join(self.tmp, 'daemon.py'), 'w') as f:
                     f.write(kept)
                 with open(os.path.join(self.tmp, 'minimal.py'), 'w') as f:
                     f.write(MINIMAL_PROGRAM)
-                for action, code in (('start', 0), ('status', 0), ('stop', 0), ('status', 3)):
+                for action, code in (('start', 0), ('status', 0), ('reload', 0), ('stop', 0),
+                                     ('status', 3)):
                     result = run([PYTHON, 'minimal.py', action], cwd=self.tmp)
                     self.assertEqual(result.returncode, code, (action, result.stdout, result.stderr))
                     self.assertNotIn('Traceback', result.stderr)
+                self.assertNotIn('Traceback', slurp(os.path.join(self.tmp, 'minimal.log')))
                 self.assertFalse(os.path.exists(os.path.join(self.tmp, 'minimal.pid')))
+        for name in sections:
+            self.assertNotIn('Optional: %s' % name, core)
 
 
 WORKDIR_PROGRAM = """
