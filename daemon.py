@@ -39,7 +39,8 @@ Actions run at the same time take turns, as systemd queues jobs: start, restart,
 reload (and upgrade) wait for the one under way to finish, so two restarts both end 0 with
 one daemon.  A stop does not wait for a start under way: it stops its daemon (that start then
 exits 1, "stopped during startup"), then stops whatever runs once its turn comes: a stop has
-the last word.  The turn is an abstract socket name, nothing on disk (see _take_turn).
+the last word.  The turn is an abstract socket name, nothing on disk (the optional section
+"turns").
 
 daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
 --------------------------------------------------------------------------------
@@ -123,6 +124,11 @@ Sections of this file, in order
                     the launcher does, as functions of the daemon, reached only via command()
   daemon(7) steps   one small function each
   the pidfile, the readiness pipe
+  optional: turns     actions run at the same time take turns (above).  Without it each acts
+                    at once, as before there were turns.
+  optional: verdicts  `reload` (and `upgrade`) wait for the daemon's word on how it went, and
+                    exit 1 with its reason.  Without it `reload` sends SIGHUP and exits 0.
+                    The upgrade section needs it.
   optional: systemd   sd_notify(3), sd_listen_fds(3), sd_watchdog_enabled(3).  Without it
                     the daemon tells no service manager anything and finds no socket passed
                     to it: no READY=1 for Type=notify units, no socket activation, no
@@ -403,10 +409,9 @@ class Daemon:
         self._status = '%s running' % self.name
         self._cooperative = False
         self._pending = []
-        self._verdict_socket = None     # see _open_channels()
-        self._stopping_mark = None      # see _say_stopping()
+        self._channels = {}             # see _open_channels()
         self._said_stopping = False
-        self._turn = None               # see _take_turn(): held by the controller while it acts
+        self._turn = None               # see _wait_turn(): held by the controller while it acts
         self._signalled = set()         # pids a waiting stop has sent SIGTERM (_end_a_start)
         self._watchdog = False          # systemd's watchdog interval: False until looked up
         self._watchdog_due = 0.0
@@ -619,6 +624,15 @@ class Daemon:
         """The service manager's watchdog interval in seconds, or None (see watchdog())."""
         return None
 
+    def _wait_turn(self, action):
+        """Before an action: wait until no other action on this pidfile is under way (the
+        turns section); what holds the turn until the action ends (see _end_turn), or None."""
+        return None
+
+    def _report(self, action, error=None):
+        """Tell a command that waits for it (the verdicts section) how a reload or an upgrade
+        went: error is why it failed, None if it worked."""
+
     def _take_over(self):
         """In a process that goes on where another left off (the upgrade section: the new
         image after reexec()), start and run do not start anew: the exit code, else None."""
@@ -650,9 +664,7 @@ class Daemon:
                 code = self._take_over()
                 if code is not None:
                     return code
-            if action in SERIALIZED_ACTIONS:
-                self.absolutize(streams=False)
-                self._turn = _take_turn(self, _end_a_start if action == 'stop' else None)
+            self._turn = self._wait_turn(action)
             return function(self)
         except DaemonError as exc:
             sys.stderr.write('%s: %s\n' % (self.name, exc))
@@ -802,7 +814,7 @@ class Daemon:
         drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
 
     def _end_turn(self):
-        """Let the next action on this pidfile go (see _take_turn); the daemon, forked from a
+        """Let the next action on this pidfile go (see _wait_turn); the daemon, forked from a
         start that holds the turn, lets go of its copy at once."""
         if self._turn is not None:
             self._turn.close()
@@ -814,10 +826,10 @@ class Daemon:
         self._watchdog = None
         if self._pidfile is not None:
             self._pidfile.forget()
-        for sock in (self._verdict_socket, self._stopping_mark):
+        for sock in self._channels.values():
             if sock is not None:
                 sock.close()
-        self._verdict_socket = self._stopping_mark = None
+        self._channels = {}
         if self._readiness is not None:
             self._readiness.close_write()
 
@@ -986,47 +998,36 @@ class Daemon:
 
     def _open_channels(self):
         """Open now, while descriptors are to be had, the sockets through which the daemon
-        later speaks to a command that waits for it (a reload's or an upgrade's verdict, the
-        "stopping" mark): one that has since run out of them (RLIMIT_NOFILE lowered under
-        it, a leak) must still answer, or the command waits its whole timeout.  Without
-        them (none to be had now either) each is tried again when it is needed."""
-        if self._verdict_socket is None:
-            self._verdict_socket = _unix_socket(socket.SOCK_DGRAM)
-        if self._stopping_mark is None:
-            self._stopping_mark = _unix_socket(socket.SOCK_SEQPACKET)
+        later speaks to a command that waits for it (the "stopping" mark; the verdicts
+        section adds its own to CHANNELS): one that has since run out of them (RLIMIT_NOFILE
+        lowered under it, a leak) must still answer, or that command waits its whole timeout."""
+        for name in CHANNELS:
+            self._channel(name)
+
+    def _channel(self, name):
+        """The socket of the channel opened at start, or one opened now, or None (EMFILE)."""
+        if self._channels.get(name) is None:
+            self._channels[name] = _unix_socket(CHANNELS[name])
+        return self._channels[name]
 
     def _say_stopping(self):
         """From the loop, once a stop is under way: bind the abstract name _stopping() looks
         for, held until this process ends, so that a `start` meanwhile waits for the end
         instead of calling this daemon "already running"."""
-        if self._said_stopping:
-            return
-        if self._stopping_mark is None:
-            self._stopping_mark = _unix_socket(socket.SOCK_SEQPACKET)
-        if self._stopping_mark is None:
-            return          # no descriptor: a start meanwhile says "already running"
+        sock = None if self._said_stopping else self._channel('stopping')
+        if sock is None:
+            return          # said, or no descriptor: a start meanwhile says "already running"
         self._said_stopping = True
         try:
-            self._stopping_mark.bind(_verdict_address(self.name, 'stopping', os.getpid()))
-            self._stopping_mark.listen(1)       # SO_PEERCRED then names this pid
+            sock.bind(_abstract_name(self.name, 'stopping', os.getpid()))
+            sock.listen(1)       # SO_PEERCRED then names this pid
         except OSError:
             pass
 
-    def _report(self, action, error=None):
-        """Send the outcome of a reload or an upgrade to the command waiting for it, if any."""
-        line = 'ERROR ' + error if error else 'OK'
-        if self._verdict_socket is None:
-            self._verdict_socket = _unix_socket(socket.SOCK_DGRAM)
-        if self._verdict_socket is None:
-            log('%s: cannot tell the %s\'s outcome to a command waiting for it: no descriptor '
-                'left' % (self.name, action), priority=LOG_ERR)
-            return
-        try:
-            self._verdict_socket.sendto(line.encode('utf-8', 'replace')[:4096],
-                                        _verdict_address(self.name, action, os.getpid()))
-        except OSError:
-            pass        # nobody waits for it: the signal came from kill or systemctl
 
+# The sockets a daemon opens at start to speak through later (Daemon._open_channels), by name:
+# their kind.  An optional section adds its own.
+CHANNELS = {'stopping': socket.SOCK_SEQPACKET}
 
 # What each action does, for --help; an action added with add_action() is described by the
 # first line of its function's docstring.
@@ -1081,127 +1082,6 @@ def main(daemon, argv=None):
 # through Daemon.command(); a subclass changes them through its on_launch() and on_restart()
 # hooks, or adds its own with add_action())
 # ---------------------------------------------------------------------------------------------
-
-# The actions that change the daemon's state take turns (see _take_turn); the upgrade section
-# adds its own.  status and run do not: one only looks, the other runs for the daemon's life.
-SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload'}
-
-# Where the turn is held, and why there.  Two restarts at once stopped each other's new
-# daemon; a reload or a stop in the middle of a restart acted on the old daemon, or on none.
-# So actions on one pidfile take turns, as systemd queues jobs.  The turn is an abstract
-# socket name derived from the pidfile's directory (device, inode) and base name, bound and
-# listened on for as long as the action lasts:
-#   - not a lock file: it would be left behind, and a lock file in a shared directory (/tmp,
-#     /run/user) may be created first, by anyone, as a file they own;
-#   - not an flock() on the pidfile's directory: anyone who may read /tmp or /run may lock
-#     it, and so keep every restart waiting; and every daemon of /run would share it;
-#   - not a lock on the pidfile: the daemon holds its flock() for its whole life, and the
-#     file is removed and created anew by each stop and start, so a lock on it would not
-#     span a restart;
-#   - an abstract name vanishes with the process that holds it (even on SIGKILL), leaves
-#     nothing on disk, and SO_PEERCRED names who holds it.  Anyone may bind it too: a holder
-#     is waited for only if it could act on the daemon anyway (root, our own user, or the
-#     owner of the pidfile's directory); any other holder, or one that cannot say who it is
-#     (a datagram socket), is ignored, and the action goes on without its turn, as it did
-#     before there were turns.  A squatter can undo the ordering, never block an action.
-# Its limit: the name lives in a network namespace, so actions run from two namespaces (a
-# unit with PrivateNetwork=) do not see each other's turns.
-
-def _control_address(pidfile_path):
-    """The abstract socket name that actions on this pidfile take turns on."""
-    directory, base = os.path.split(pidfile_path)
-    try:
-        st = os.stat(directory or '.')
-        key = '%d:%d/%s' % (st.st_dev, st.st_ino, base)
-    except OSError:
-        key = pidfile_path
-    digest = hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
-    return '\0daemon-control-' + digest
-
-
-def _turn_timeout(d):
-    """The longest one action may hold its turn: a restart (stop_timeout, 5 s to see a SIGKILL
-    through, start_timeout) or an upgrade (a check of up to 30 s, then start_timeout)."""
-    return d.stop_timeout + 5.0 + d.start_timeout + max(d.reload_timeout, 30.0)
-
-
-def _take_turn(d, while_waiting=None):
-    """Wait until no other action on d's pidfile is under way, then hold the turn: returns the
-    listening socket that holds it (closed by Daemon._end_turn), or None to go on without
-    one (a holder that is not to be trusted; see above).  while_waiting(d) is called about
-    every 20 ms meanwhile.  DaemonError if the holder keeps it past _turn_timeout(d)."""
-    name = _control_address(d.pidfile_path)
-    trusted = {0, os.geteuid()}
-    try:
-        trusted.add(os.stat(os.path.dirname(d.pidfile_path) or '.').st_uid)
-    except OSError:
-        pass
-    deadline = time.monotonic() + _turn_timeout(d)
-    refused = 0
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(name)
-            sock.listen(64)
-            return sock
-        except OSError as exc:
-            sock.close()
-            if exc.errno != errno.EADDRINUSE:
-                return None
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            peer.setblocking(False)
-            try:
-                peer.connect(name)
-                pid, uid, _ = struct.unpack('3i', peer.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
-            except OSError as exc:
-                # Refused: the holder has just let go (try again), or a socket that does not
-                # listen holds the name (after a few tries, go on without a turn).
-                refused += 1
-                if exc.errno != errno.ECONNREFUSED or refused > 3:
-                    return None
-                time.sleep(0.005)
-                continue
-            if uid not in trusted:
-                return None
-            # Wait for the holder's end: its listening socket closes, ours hangs up.
-            poller = select.poll()
-            poller.register(peer, select.POLLIN | select.POLLHUP)
-            while not poller.poll(20 if while_waiting else 200):
-                if time.monotonic() >= deadline:
-                    raise DaemonError('another action on pidfile %s (pid %d) has been under way for '
-                                      'over %gs; not done' % (d.pidfile_path, pid, _turn_timeout(d)))
-                if while_waiting is not None:
-                    while_waiting(d)
-        finally:
-            peer.close()
-        refused = 0
-
-
-def _end_a_start(d):
-    """While stop waits for its turn: a daemon that runs and is not yet stopping is sent
-    SIGTERM now, once.  So a stop does not queue behind a start or a restart that waits for
-    its daemon to be ready (it ends that start, which says "stopped during startup", as
-    systemctl stop cancels a start job); and, once its turn comes, stop finds no daemon that
-    an earlier action started after it had looked."""
-    try:
-        state, pid = d.probe()
-    except DaemonError:
-        return
-    if state != 'running' or pid in d._signalled or _stopping(d, pid):
-        return
-    pidfd = _open_pidfd(pid)
-    try:
-        state, again = d.probe()            # pinned by the pidfd: never a reused pid
-        if state == 'running' and again == pid and _send(pid, pidfd, signal.SIGTERM):
-            d._signalled.add(pid)
-    except DaemonError:
-        pass
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-
 
 def _start(d):
     """Start the daemon; see the module docstring for what the launcher waits for."""
@@ -1310,24 +1190,29 @@ def _try_restart(d):
 
 
 def _reload(d):
-    """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
-    on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
-    daemon goes on as it was, or stops if a stop came meanwhile), 7 if it is not running."""
-    pid, verdict = _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout)
-    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d)')
-
-
-def _verdict_status(d, pid, verdict, done, failed):
-    """The exit status (and the line said) of a reload or an upgrade, from _signal_and_wait():
-    done says it worked, failed (with the reason and the pid) that it did not."""
+    """Ask the daemon to reload (SIGHUP): 0 once it is sent, 7 if it is not running.  (The
+    verdicts section makes it wait for the daemon's word on how the reload went.)"""
+    pid = _running_pid(d)
     if pid is None:
         return EXIT_NOT_RUNNING
-    if verdict == 'OK':
-        d.say('%s %s (pid %d, pidfile %s)' % (d.name, done, pid, d.pidfile_path))
-        return EXIT_OK
-    if verdict is not None:
-        d.say('%s: %s' % (d.name, failed % (verdict, pid)), error=True)
-    return EXIT_FAILURE
+    pidfd = _open_pidfd(pid)
+    try:
+        _send(pid, pidfd, signal.SIGHUP)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    d.say('%s asked to reload (SIGHUP to pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
+    return EXIT_OK
+
+
+def _running_pid(d):
+    """The pid of the running daemon, or None after saying that it is not running."""
+    d.absolutize(streams=False)
+    state, pid = d.probe()
+    if state != 'running':
+        d.say(_not_running(d, state, pid), error=True)
+        return None
+    return pid
 
 
 def _status(d):
@@ -1397,66 +1282,6 @@ def _foreground(d):
 # name -> function(daemon): the actions of every Daemon (force-reload is reload, as LSB allows).
 STANDARD_ACTIONS = {'start': _start, 'stop': _stop, 'restart': _restart, 'try-restart': _try_restart,
                     'reload': _reload, 'force-reload': _reload, 'status': _status, 'run': _foreground}
-
-
-def _signal_and_wait(d, action, signum, timeout):
-    """Signal the running daemon and wait for its verdict on the action: (pid, 'OK' or the
-    error it reported), (pid, None) after saying why there is none, (None, None) if it is
-    not running.
-
-    The verdict comes on a datagram socket in the abstract namespace, named after the
-    daemon, the action and its pid, from that very pid (checked with SO_PASSCRED): no file,
-    no log text to search.
-    """
-    d.absolutize(streams=False)
-    state, pid = d.probe()
-    if state != 'running':
-        d.say(_not_running(d, state, pid), error=True)
-        return None, None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    pidfd = None
-    try:
-        # Another command waits for the verdict of the same action (two reloads at once): wait
-        # until it has its answer, then ask again, so that what changed in between is loaded too.
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sock.bind(_verdict_address(d.name, action, pid))
-                break
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
-                    raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
-                                      'under way?' % (exc.strerror, action, pid))
-                if not _pid_alive(pid):
-                    d.say('%s (pid %d) exited during another %s; see %s'
-                          % (d.name, pid, action, d.stderr), error=True)
-                    return pid, None
-                time.sleep(0.02)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        pidfd = _open_pidfd(pid)
-        _send(pid, pidfd, signum)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            watched = [sock] + ([pidfd] if pidfd is not None else [])
-            ready = select.select(watched, [], [], min(0.5, max(0.0, deadline - time.monotonic())))[0]
-            if sock in ready:
-                data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
-                if _sender_pid(ancillary) != pid:
-                    continue
-                text = data.decode('utf-8', 'replace')
-                return pid, 'OK' if text == 'OK' else text[6:]
-            if not _alive(pid, pidfd):
-                d.say('%s (pid %d) exited during the %s; see %s'
-                          % (d.name, pid, action, d.stderr), error=True)
-                return pid, None
-        d.say('%s: no word from pid %d on the %s within %gs (does run() call wait() or '
-                  'handle_signals()?); see %s' % (d.name, pid, action, timeout, d.stderr),
-                  error=True)
-        return pid, None
-    finally:
-        sock.close()
-        if pidfd is not None:
-            os.close(pidfd)
 
 
 def _already_running(d, pid):
@@ -1581,7 +1406,7 @@ def _alive(pid, pidfd):
     return _pid_alive(pid) and not _is_zombie(pid)
 
 
-def _verdict_address(name, action, pid):
+def _abstract_name(name, action, pid):
     """Where `reload` or `upgrade` waits for the verdict of the daemon with this pid (a
     datagram socket in the abstract namespace: nothing on disk to clean up or to forge)."""
     return '\0%s-%s-%d' % (name, action, pid)
@@ -1594,7 +1419,7 @@ def _stopping(d, pid):
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
         sock.setblocking(False)
         try:
-            sock.connect(_verdict_address(d.name, 'stopping', pid))
+            sock.connect(_abstract_name(d.name, 'stopping', pid))
             peer = struct.unpack('3i', sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                        struct.calcsize('3i')))[0]
         except OSError:
@@ -1608,14 +1433,6 @@ def _unix_socket(kind):
         return socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     except OSError:
         return None
-
-
-def _sender_pid(ancillary):
-    """The sender's pid in a datagram's SCM_CREDENTIALS, or None."""
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
-            return struct.unpack('3i', payload[:12])[0]
-    return None
 
 
 def _group_running(group):
@@ -2368,6 +2185,259 @@ class ReadinessPipe:
 
 
 # =============================================================================================
+# Optional: turns, for actions run at the same time.  Delete from here to the next banner of '='
+# to drop it: actions then act at once, whatever else is under way.
+# =============================================================================================
+
+# The actions that change the daemon's state take turns; so does `upgrade`, where the upgrade
+# section offers it.  status and run do not: one only looks, the other runs for the daemon's
+# life.
+SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'upgrade'}
+
+# Where the turn is held, and why there.  Two restarts at once stopped each other's new
+# daemon; a reload or a stop in the middle of a restart acted on the old daemon, or on none.
+# So actions on one pidfile take turns, as systemd queues jobs.  The turn is an abstract
+# socket name derived from the pidfile's directory (device, inode) and base name, bound and
+# listened on for as long as the action lasts:
+#   - not a lock file: it would be left behind, and a lock file in a shared directory (/tmp,
+#     /run/user) may be created first, by anyone, as a file they own;
+#   - not an flock() on the pidfile's directory: anyone who may read /tmp or /run may lock
+#     it, and so keep every restart waiting; and every daemon of /run would share it;
+#   - not a lock on the pidfile: the daemon holds its flock() for its whole life, and the
+#     file is removed and created anew by each stop and start, so a lock on it would not
+#     span a restart;
+#   - an abstract name vanishes with the process that holds it (even on SIGKILL), leaves
+#     nothing on disk, and SO_PEERCRED names who holds it.  Anyone may bind it too: a holder
+#     is waited for only if it could act on the daemon anyway (root, our own user, or the
+#     owner of the pidfile's directory); any other holder, or one that cannot say who it is
+#     (a datagram socket), is ignored, and the action goes on without its turn, as it did
+#     before there were turns.  A squatter can undo the ordering, never block an action.
+# Its limit: the name lives in a network namespace, so actions run from two namespaces (a
+# unit with PrivateNetwork=) do not see each other's turns.
+
+def _control_address(pidfile_path):
+    """The abstract socket name that actions on this pidfile take turns on."""
+    directory, base = os.path.split(pidfile_path)
+    try:
+        st = os.stat(directory or '.')
+        key = '%d:%d/%s' % (st.st_dev, st.st_ino, base)
+    except OSError:
+        key = pidfile_path
+    digest = hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
+    return '\0daemon-control-' + digest
+
+
+def _turn_timeout(d):
+    """The longest one action may hold its turn: a restart (stop_timeout, 5 s to see a SIGKILL
+    through, start_timeout) or an upgrade (a check of up to 30 s, then start_timeout)."""
+    return d.stop_timeout + 5.0 + d.start_timeout + max(d.reload_timeout, 30.0)
+
+
+def _take_turn(d, while_waiting=None):
+    """Wait until no other action on d's pidfile is under way, then hold the turn: returns the
+    listening socket that holds it (closed by Daemon._end_turn), or None to go on without
+    one (a holder that is not to be trusted; see above).  while_waiting(d) is called about
+    every 20 ms meanwhile.  DaemonError if the holder keeps it past _turn_timeout(d)."""
+    name = _control_address(d.pidfile_path)
+    trusted = {0, os.geteuid()}
+    try:
+        trusted.add(os.stat(os.path.dirname(d.pidfile_path) or '.').st_uid)
+    except OSError:
+        pass
+    deadline = time.monotonic() + _turn_timeout(d)
+    refused = 0
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(name)
+            sock.listen(64)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                return None
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            peer.setblocking(False)
+            try:
+                peer.connect(name)
+                pid, uid, _ = struct.unpack('3i', peer.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
+            except OSError as exc:
+                # Refused: the holder has just let go (try again), or a socket that does not
+                # listen holds the name (after a few tries, go on without a turn).
+                refused += 1
+                if exc.errno != errno.ECONNREFUSED or refused > 3:
+                    return None
+                time.sleep(0.005)
+                continue
+            if uid not in trusted:
+                return None
+            # Wait for the holder's end: its listening socket closes, ours hangs up.
+            poller = select.poll()
+            poller.register(peer, select.POLLIN | select.POLLHUP)
+            while not poller.poll(20 if while_waiting else 200):
+                if time.monotonic() >= deadline:
+                    raise DaemonError('another action on pidfile %s (pid %d) has been under way for '
+                                      'over %gs; not done' % (d.pidfile_path, pid, _turn_timeout(d)))
+                if while_waiting is not None:
+                    while_waiting(d)
+        finally:
+            peer.close()
+        refused = 0
+
+
+def _end_a_start(d):
+    """While stop waits for its turn: a daemon that runs and is not yet stopping is sent
+    SIGTERM now, once.  So a stop does not queue behind a start or a restart that waits for
+    its daemon to be ready (it ends that start, which says "stopped during startup", as
+    systemctl stop cancels a start job); and, once its turn comes, stop finds no daemon that
+    an earlier action started after it had looked."""
+    try:
+        state, pid = d.probe()
+    except DaemonError:
+        return
+    if state != 'running' or pid in d._signalled or _stopping(d, pid):
+        return
+    pidfd = _open_pidfd(pid)
+    try:
+        state, again = d.probe()            # pinned by the pidfd: never a reused pid
+        if state == 'running' and again == pid and _send(pid, pidfd, signal.SIGTERM):
+            d._signalled.add(pid)
+    except DaemonError:
+        pass
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _wait_turn(d, action):
+    """Daemon._wait_turn: the turn, for the actions that change the daemon's state."""
+    if action not in SERIALIZED_ACTIONS:
+        return None
+    d.absolutize(streams=False)
+    return _take_turn(d, _end_a_start if action == 'stop' else None)
+
+
+# What this section adds to Daemon: the hook the core calls before an action (a no-op there).
+Daemon._wait_turn = _wait_turn
+
+
+# =============================================================================================
+# Optional: verdicts of reload and upgrade.  Delete from here to the next banner of '=' to drop
+# it: `reload` then only sends SIGHUP and exits 0; the upgrade section needs it.
+# =============================================================================================
+
+def _reload_and_wait(d):
+    """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
+    on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
+    daemon goes on as it was, or stops if a stop came meanwhile), 7 if it is not running."""
+    pid, verdict = _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout)
+    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d)')
+
+
+def _verdict_status(d, pid, verdict, done, failed):
+    """The exit status (and the line said) of a reload or an upgrade, from _signal_and_wait():
+    done says it worked, failed (with the reason and the pid) that it did not."""
+    if pid is None:
+        return EXIT_NOT_RUNNING
+    if verdict == 'OK':
+        d.say('%s %s (pid %d, pidfile %s)' % (d.name, done, pid, d.pidfile_path))
+        return EXIT_OK
+    if verdict is not None:
+        d.say('%s: %s' % (d.name, failed % (verdict, pid)), error=True)
+    return EXIT_FAILURE
+
+
+def _signal_and_wait(d, action, signum, timeout):
+    """Signal the running daemon and wait for its verdict on the action: (pid, 'OK' or the
+    error it reported), (pid, None) after saying why there is none, (None, None) if it is
+    not running.
+
+    The verdict comes on a datagram socket in the abstract namespace, named after the
+    daemon, the action and its pid, from that very pid (checked with SO_PASSCRED): no file,
+    no log text to search.
+    """
+    pid = _running_pid(d)
+    if pid is None:
+        return None, None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    pidfd = None
+    try:
+        # Another command waits for the verdict of the same action (two reloads at once): wait
+        # until it has its answer, then ask again, so that what changed in between is loaded too.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.bind(_abstract_name(d.name, action, pid))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
+                                      'under way?' % (exc.strerror, action, pid))
+                if not _pid_alive(pid):
+                    d.say('%s (pid %d) exited during another %s; see %s'
+                          % (d.name, pid, action, d.stderr), error=True)
+                    return pid, None
+                time.sleep(0.02)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        pidfd = _open_pidfd(pid)
+        _send(pid, pidfd, signum)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            watched = [sock] + ([pidfd] if pidfd is not None else [])
+            ready = select.select(watched, [], [], min(0.5, max(0.0, deadline - time.monotonic())))[0]
+            if sock in ready:
+                data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+                if _sender_pid(ancillary) != pid:
+                    continue
+                text = data.decode('utf-8', 'replace')
+                return pid, 'OK' if text == 'OK' else text[6:]
+            if not _alive(pid, pidfd):
+                d.say('%s (pid %d) exited during the %s; see %s'
+                          % (d.name, pid, action, d.stderr), error=True)
+                return pid, None
+        d.say('%s: no word from pid %d on the %s within %gs (does run() call wait() or '
+                  'handle_signals()?); see %s' % (d.name, pid, action, timeout, d.stderr),
+                  error=True)
+        return pid, None
+    finally:
+        sock.close()
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _sender_pid(ancillary):
+    """The sender's pid in a datagram's SCM_CREDENTIALS, or None."""
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+            return struct.unpack('3i', payload[:12])[0]
+    return None
+
+
+def _report(d, action, error=None):
+    """Daemon._report: send the outcome of a reload or an upgrade to the command waiting for
+    it, if any, through the socket opened at start (see Daemon._open_channels)."""
+    line = 'ERROR ' + error if error else 'OK'
+    sock = d._channel('verdict')
+    if sock is None:
+        log('%s: cannot tell the %s\'s outcome to a command waiting for it: no descriptor '
+            'left' % (d.name, action), priority=LOG_ERR)
+        return
+    try:
+        sock.sendto(line.encode('utf-8', 'replace')[:4096], _abstract_name(d.name, action, os.getpid()))
+    except OSError:
+        pass        # nobody waits for it: the signal came from kill or systemctl
+
+
+# What this section adds: reload (and force-reload) wait for the verdict, which the daemon
+# sends through Daemon._report (a no-op in the core) on a socket opened at start.
+STANDARD_ACTIONS.update({'reload': _reload_and_wait, 'force-reload': _reload_and_wait})
+CHANNELS['verdict'] = socket.SOCK_DGRAM
+Daemon._report = _report
+
+
+# =============================================================================================
 # Optional: systemd, sd_notify(3), sd_listen_fds(3) and sd_watchdog_enabled(3).  Delete from
 # here to the next banner of '=' to drop it (Daemon's hooks for a service manager then stay
 # no-ops); the upgrade section needs it.
@@ -2734,4 +2804,3 @@ Daemon._take_over = _takeover
 Daemon.reexec = reexec
 Daemon.upgrade_done = upgrade_done
 __all__.append('upgrade_action')
-SERIALIZED_ACTIONS.add('upgrade')      # it takes its turn, as reload does

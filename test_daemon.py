@@ -2942,7 +2942,7 @@ class SupervisionTests(unittest.TestCase):
         master = server.master()
         first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(first.close)
-        first.bind(daemon._verdict_address('agent', 'reload', master))     # a reload under way
+        first.bind(daemon._abstract_name('agent', 'reload', master))     # a reload under way
         second = subprocess.Popen([PYTHON, AGENT] + server.options + ['reload'], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: second.poll() is None and second.kill())
