@@ -762,6 +762,45 @@ class DaemonForAuthorsTests(TempDirTest):
     """What a program written on daemon.py gets without asking: a pidfile found from any
     directory, paths taken from where it was started, and a --help (issue 19, item 5)."""
 
+    def test_run_says_how_a_stop_reaches_it(self):
+        """The two ways a stop reaches run() are named by the class variable `cooperative`:
+        True, a stop only sets `stopping` (a loop of its own that looks at it, and drains);
+        False, SystemExit where run() is, as Ctrl-C (a bare `while True:`); None (the
+        default), False until run() first calls wait() or handle_signals()."""
+        program = textwrap.dedent("""
+            import os, sys, time
+            sys.path.insert(0, %r)
+            import daemon
+
+            class Looper(daemon.Daemon):
+                cooperative = {'yes': True, 'no': False}.get(sys.argv[2])
+
+                def run(self):
+                    try:
+                        while not self.stopping:
+                            time.sleep(0.02)
+                        print('drained')
+                    finally:
+                        print('finally')
+
+            if __name__ == '__main__':
+                sys.exit(daemon.main(Looper('looper.pid', stdout='looper.log', stderr='looper.log'),
+                                     sys.argv[1:2]))
+            """ % HERE)
+        with open(os.path.join(self.tmp, 'looper.py'), 'w') as f:
+            f.write(program)
+        logfile = os.path.join(self.tmp, 'looper.log')
+        for mode, drained in (('yes', True), ('no', False), ('default', False)):
+            with self.subTest(cooperative=mode):
+                for action in ('start', 'stop'):
+                    result = run([PYTHON, 'looper.py', action, mode], cwd=self.tmp)
+                    self.assertEqual(result.returncode, 0, (action, result.stderr))
+                said = slurp(logfile)
+                os.unlink(logfile)
+                self.assertIn('finally', said)
+                self.assertEqual('drained' in said, drained, said)
+                self.assertNotIn('Traceback', said)
+
     def test_default_pidfile_follows_the_per_user_rule(self):
         with mock.patch('os.geteuid', return_value=0):
             self.assertEqual(daemon.default_pidfile('ticker'), '/run/ticker.pid')
