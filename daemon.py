@@ -72,7 +72,8 @@ Signals in the daemon
 The handlers only record the signal and wake wait(); the hooks run from wait() or
 handle_signals(), in the daemon's own loop.  A classic run() that never calls either (a bare
 `while True:` loop) is stopped the way Python stops a program on Ctrl-C: SystemExit is raised
-where it runs, so its finally blocks run; the log says "stopping (SIGTERM)" either way.  HUP
+where it runs, so its finally blocks run; the log says "stopping (SIGTERM)" either way.  The
+class variable `cooperative` names the mode (True, False; None: classic until run() looks).  HUP
 and USR1 wait until run() asks for them.  An exception in a hook is that signal's failure
 (logged; `reload` exits 1 with it), never the daemon's end.
 
@@ -367,11 +368,18 @@ class Daemon:
                            the daemon
         reload_timeout     seconds `reload` waits for the daemon's verdict (its on_reload()
                            hook runs from wait() or handle_signals(), in the daemon's loop)
+        cooperative        how a stop reaches run(), its two modes.  True: a stop only sets
+                           `stopping` and wakes wait() (a loop that looks, and may drain).
+                           False (classic): SystemExit is raised where run() is, as Ctrl-C
+                           does, so its finally blocks run (a bare `while True:`).  None,
+                           the default: classic until run() first calls wait(),
+                           handle_signals() or reads signal_fd, then cooperative
     """
 
     ready_on_run = True
     start_timeout = 60.0
     reload_timeout = 10.0
+    cooperative = None
 
     def __init__(self, pidfile=None, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
                  umask=0o022, workdir=None, stop_timeout=10.0, user=None, group=None, name=None):
@@ -407,7 +415,7 @@ class Daemon:
         self._readiness = None
         self._is_ready = False
         self._status = '%s running' % self.name
-        self._cooperative = False
+        self._cooperative = bool(self.cooperative)     # see the class variable; _looks()
         self._pending = []
         self._channels = {}             # see _open_channels()
         self._said_stopping = False
@@ -486,12 +494,12 @@ class Daemon:
     @property
     def signal_fd(self):
         """Readable when a signal arrived: an event loop watches it and calls handle_signals()."""
-        self._cooperative = True
+        self._looks()
         return self._wake_r
 
     def handle_signals(self):
         """Act on the signals that arrived since the last call; returns self.stopping."""
-        self._cooperative = True
+        self._looks()
         self.watchdog()
         self._keep_pidfile()
         if self._wake_r is not None:
@@ -523,6 +531,12 @@ class Daemon:
                 self._say_stopping()
         return self.stopping
 
+    def _looks(self):
+        """run() has shown that it looks at the signals: with `cooperative` None, a stop no
+        longer raises SystemExit in it (see the class variable)."""
+        if self.cooperative is None:
+            self._cooperative = True
+
     def _call_hook(self, what, hook):
         """Run the hook of a signal.  Its failure, any Exception, is that signal's, never the
         daemon's end (a config that does not parse must not take the service down): logged,
@@ -542,7 +556,7 @@ class Daemon:
     def wait(self, timeout=None):
         """Sleep until a signal arrives or `timeout` passes; True once the daemon should stop.
         Under systemd's watchdog it says WATCHDOG=1 while it sleeps (see watchdog())."""
-        self._cooperative = True
+        self._looks()
         if not self.stopping and not self._pending:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -2763,7 +2777,7 @@ def _continue_after_reexec(d, spec):
     d._announce_ready = lambda: upgrade_done(d)     # ready() reports the upgrade
     # The image this one continues ran a loop that acts on signals (reexec() is called from
     # it): a stop pending across execve is that loop's to act on, not a SystemExit from here.
-    d._cooperative = True
+    d._cooperative = d.cooperative is not False
     try:
         if d.detached:
             rebuild_std_streams()       # fds 0-2 are still the log: line-buffered again
