@@ -10176,8 +10176,8 @@ CLASS_SECONDS = {
     'UnlockedPidfileWordingTests': 1.9, 'SafeDefaultsTests': 1.6, 'SocketActivationTests': 1.5,
     'RedirectHostAndFileChangeTests': 1.5, 'StartStopDaemonTests': 1.3, 'PidfileRemovedTests': 1.2,
     'ClassicVariantTests': 1.1, 'UpgradeUnderServiceManagerTests': 1.0,
-    'AgentCommandLineTests': 1.0, 'ResponseHeadTests': 0.7, 'DaemonPublicApiTests': 0.7,
-    'DaemonForAuthorsTests': 1.8,
+    'AgentCommandLineTests': 1.0, 'ResponseHeadTests': 0.7, 'DaemonPublicApiTests': 2.3,
+    'DaemonForAuthorsTests': 2.2,
     'HostileInputParsingTests': 3.4, 'HeadRefusalTests': 2.6, 'HtmlPagePolicyTests': 2.1,
 }
 CLASS_SECONDS_OTHER = 0.3
