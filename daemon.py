@@ -420,7 +420,7 @@ class Daemon:
         self._channels = {}             # see _open_channels()
         self._said_stopping = False
         self._turn = None               # see _wait_turn(): held by the controller while it acts
-        self._signalled = set()         # pids a waiting stop has sent SIGTERM (_end_a_start)
+        self._signalled = set()         # pids a stop sent SIGTERM while it waited its turn
         self._watchdog = False          # systemd's watchdog interval: False until looked up
         self._watchdog_due = 0.0
         self._wake_r = self._wake_w = None
@@ -1136,7 +1136,7 @@ def _stop(d):
     pidfile = d._new_pidfile()
     state, pid = pidfile.probe()
     if state == 'absent' and d._signalled:
-        # Sent SIGTERM while this stop waited for its turn (_end_a_start), and gone since.
+        # Sent SIGTERM while this stop waited for its turn (the turns section), and gone since.
         d.say('%s stopped (pid %s, pidfile %s)' % (d.name, ', '.join(map(str, sorted(d._signalled))),
                                                     d.pidfile_path))
         return EXIT_OK
@@ -1650,11 +1650,7 @@ def redirect_stdio(stdin, stdout, stderr):
     The same path for stdout and stderr shares one open file, so their lines interleave in order.
     sys.stdout and sys.stderr are rebuilt line-buffered, so each line reaches the log at once.
     """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
+    _flush_std_streams()
     try:
         fd_in = os.open(stdin, os.O_RDONLY | os.O_NOCTTY)
         fd_out = open_log(stdout)
