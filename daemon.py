@@ -2321,15 +2321,16 @@ def _end_a_start(d):
             os.close(pidfd)
 
 
-def _wait_turn(d, action):
+def _wait_turn(self, action):
     """Daemon._wait_turn: the turn, for the actions that change the daemon's state."""
     if action not in SERIALIZED_ACTIONS:
         return None
-    d.absolutize(streams=False)
-    return _take_turn(d, _end_a_start if action == 'stop' else None)
+    self.absolutize(streams=False)
+    return _take_turn(self, _end_a_start if action == 'stop' else None)
 
 
-# What this section adds to Daemon: the hook the core calls before an action (a no-op there).
+# What this section adds to Daemon: _wait_turn(self, action), the hook the core calls before an
+# action (a no-op there).
 Daemon._wait_turn = _wait_turn
 
 
@@ -2425,17 +2426,17 @@ def _sender_pid(ancillary):
     return None
 
 
-def _report(d, action, error=None):
+def _report(self, action, error=None):
     """Daemon._report: send the outcome of a reload or an upgrade to the command waiting for
     it, if any, through the socket opened at start (see Daemon._open_channels)."""
     line = 'ERROR ' + error if error else 'OK'
-    sock = d._channel('verdict')
+    sock = self._channel('verdict')
     if sock is None:
         log('%s: cannot tell the %s\'s outcome to a command waiting for it: no descriptor '
-            'left' % (d.name, action), priority=LOG_ERR)
+            'left' % (self.name, action), priority=LOG_ERR)
         return
     try:
-        sock.sendto(line.encode('utf-8', 'replace')[:4096], _abstract_name(d.name, action, os.getpid()))
+        sock.sendto(line.encode('utf-8', 'replace')[:4096], _abstract_name(self.name, action, os.getpid()))
     except OSError:
         pass        # nobody waits for it: the signal came from kill or systemctl
 
@@ -2574,40 +2575,40 @@ CHECK_ENV = 'DAEMON_REEXEC_CHECK'
 UPGRADE_CHECK_TIMEOUT = 30.0
 
 
-def reexec(d, argv, fds=(), names=None, keep=(), state='', check=True):
+def reexec(self, argv, fds=(), names=None, keep=(), state='', check=True):
     """Replace this process's code with `argv` (a new version of this program), in place.
 
     First the new code is checked in a child (check_new_code); if that fails, DaemonError
     says why in the new code's own words and nothing has changed.  Then execve: the pid,
     the children, the sockets `fds` (offered to the new image as `listen_fds`, named by
     `names`), the locked pidfile, the descriptors in `keep` (same numbers) and the string
-    `state` (as `d.inherited`) survive.  Returns only on failure.  Signals that arrive in
+    `state` (as `self.inherited`) survive.  Returns only on failure.  Signals that arrive in
     between stay blocked and pending, so the new image acts on them.
     check=False skips the check: for a return to code that this very process ran, with this
     command line, until the exec that is being undone (its workers are serving).
     """
-    if d.stopping:
+    if self.stopping:
         raise DaemonError('a stop came first')
     argv = [sys.executable] + list(argv)
     if check:
-        check_new_code(d, argv, fds, names)
+        check_new_code(self, argv, fds, names)
     passed = list(fds) + list(keep)
-    if d._pidfile is not None and d._pidfile.fd is not None:
-        passed.append(d._pidfile.fd)
+    if self._pidfile is not None and self._pidfile.fd is not None:
+        passed.append(self._pidfile.fd)
     env = dict(os.environ)
     env[REEXEC_ENV] = '%d %d %s %s' % (
-        d._pidfile.fd if d._pidfile is not None and d._pidfile.fd is not None else -1,
-        d.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
+        self._pidfile.fd if self._pidfile is not None and self._pidfile.fd is not None else -1,
+        self.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
     env[REEXEC_STATE_ENV] = state
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
-    if d.stopping:
+    if self.stopping:
         # A stop came during the check: this image acts on it (drains, removes the pidfile)
         # rather than exec'ing a new one only to stop it.
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         raise DaemonError('a stop came first')
     # Signals recorded but not yet acted on would die with this image: raise them again,
     # blocked, so they are pending when the new image unblocks them.
-    for signum in d._pending:
+    for signum in self._pending:
         os.kill(os.getpid(), signum)
     try:
         for fd in passed:
@@ -2720,23 +2721,23 @@ def _check_failure(output, status):
         return 'killed by signal %d' % os.WTERMSIG(status)
 
 
-def upgrade_done(d, error=None):
+def upgrade_done(self, error=None):
     """Report an upgrade's outcome: the log, the service manager and `upgrade` waiting for it.
 
     The old image calls it when the check failed; the new one once it is ready, or with the
     reason it could not use its new code (and then serves on with what it inherited).
     """
-    d.__dict__.pop('_announce_ready', None)     # ready() says READY=1 as usual again
+    self.__dict__.pop('_announce_ready', None)     # ready() says READY=1 as usual again
     if error:
-        after = 'stopping' if d.stopping else 'still serving'
-        log('%s: upgrade failed (%s); %s (pid %d)' % (d.name, error, after, os.getpid()), priority=LOG_ERR)
-        status = '%s running; upgrade failed: %s' % (d.name, error)
+        after = 'stopping' if self.stopping else 'still serving'
+        log('%s: upgrade failed (%s); %s (pid %d)' % (self.name, error, after, os.getpid()), priority=LOG_ERR)
+        status = '%s running; upgrade failed: %s' % (self.name, error)
         error = '%s; %s' % (error, after)
     else:
-        log('%s: upgraded in place (pid %d)' % (d.name, os.getpid()))
-        status = '%s running (upgraded)' % d.name
-    d._tell_manager(READY=1, STATUS=status)
-    d._report('upgrade', error)
+        log('%s: upgraded in place (pid %d)' % (self.name, os.getpid()))
+        status = '%s running (upgraded)' % self.name
+    self._tell_manager(READY=1, STATUS=status)
+    self._report('upgrade', error)
 
 
 ACTION_HELP['upgrade'] = 'SIGUSR2: the daemon re-executes the code now on disk, in place'
@@ -2750,17 +2751,17 @@ def upgrade_action(d):
     return _verdict_status(d, pid, verdict, 'upgraded in place', 'upgrade failed: %s (pid %d)')
 
 
-def _takeover(d):
+def _takeover(self):
     """Daemon._take_over, for start and run: the new image after reexec(), or the child that
     checks it."""
     if CHECK_ENV in os.environ:
-        return _check_only(d)
+        return _check_only(self)
     if REEXEC_ENV in os.environ:
-        return _continue_after_reexec(d, os.environ.pop(REEXEC_ENV))
+        return _continue_after_reexec(self, os.environ.pop(REEXEC_ENV))
     return None
 
 
-def _continue_after_reexec(d, spec):
+def _continue_after_reexec(self, spec):
     """The new image after reexec(): the same daemon, the same pid, new code.
 
     A failure here, before run(), is reported as the upgrade's outcome; the process then
@@ -2768,48 +2769,49 @@ def _continue_after_reexec(d, spec):
     program that can do better overrides setup() to keep serving with what it inherited.
     """
     pidfile_fd, detached, fds, names = spec.split(' ')
-    d.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
-    d.detached = detached == '1'
-    d._announce_ready = lambda: upgrade_done(d)     # ready() reports the upgrade
+    self.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
+    self.detached = detached == '1'
+    self._announce_ready = lambda: upgrade_done(self)     # ready() reports the upgrade
     # The image this one continues ran a loop that acts on signals (reexec() is called from
     # it): a stop pending across execve is that loop's to act on, not a SystemExit from here.
-    d._cooperative = d.cooperative is not False
+    self._cooperative = self.cooperative is not False
     try:
-        if d.detached:
+        if self.detached:
             rebuild_std_streams()       # fds 0-2 are still the log: line-buffered again
-        d.absolutize()
+        self.absolutize()
         fds = [int(fd) for fd in fds.split(',')] if fds != '-' else []
         names = names.split(':') if names != '-' else []
         for index, fd in enumerate(fds):
             os.set_inheritable(fd, False)
             name = names[index] if index < len(names) and names[index] else 'unknown'
-            d.listen_fds.setdefault(name, []).append(fd)
+            self.listen_fds.setdefault(name, []).append(fd)
         if int(pidfile_fd) >= 0:
-            d._pidfile = d._new_pidfile()
-            d._pidfile.adopt(int(pidfile_fd))
-        d._become_service()
+            self._pidfile = self._new_pidfile()
+            self._pidfile.adopt(int(pidfile_fd))
+        self._become_service()
     except BaseException as exc:
-        upgrade_done(d, describe(exc))
-        d._cleanup()
+        upgrade_done(self, describe(exc))
+        self._cleanup()
         return EXIT_FAILURE
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
-    return d._serve()
+    return self._serve()
 
 
-def _check_only(d):
+def _check_only(self):
     """The child of check_new_code(): everything up to serving, then exit 0."""
-    d.absolutize()
-    if os.environ.pop(CHECK_ENV) != d.pidfile_path:
-        raise DaemonError('the new command line names another pidfile (%s)' % d.pidfile_path)
-    d.listen_fds = d._passed_sockets()
-    d.setup()
-    drop_privileges(d.user, d.group)
+    self.absolutize()
+    if os.environ.pop(CHECK_ENV) != self.pidfile_path:
+        raise DaemonError('the new command line names another pidfile (%s)' % self.pidfile_path)
+    self.listen_fds = self._passed_sockets()
+    self.setup()
+    drop_privileges(self.user, self.group)
     return EXIT_OK
 
 
-# What this section adds to Daemon: the hook the core calls (a no-op there), and the methods
-# of a daemon that upgrades itself (self.reexec(argv, ...), self.upgrade_done(error)).
+# What this section adds to Daemon (its functions that take self are Daemon's methods): the
+# hook the core calls (a no-op there), and the methods of a daemon that upgrades itself
+# (self.reexec(argv, ...), self.upgrade_done(error)).
 Daemon._take_over = _takeover
 Daemon.reexec = reexec
 Daemon.upgrade_done = upgrade_done
