@@ -4312,13 +4312,13 @@ class Upgrade:
     def begin(self):
         """Check the agent.py now on disk in a child, then become it (same pid)."""
         master = self.master
-        daemon.notify(RELOADING=1, MONOTONIC_USEC=daemon.monotonic_usec(), STATUS='upgrading')
+        daemon.notify(RELOADING=1, STATUS='upgrading')
         log('agent: upgrade: checking %s' % SCRIPT)
         master.own_files.refresh()
         try:
             self.exec_code([SCRIPT], self.state(self.code), self.sockets())
         except DaemonError as exc:
-            daemon.upgrade_done(master, str(exc))
+            master.upgrade_done(str(exc))
 
     def adopt(self):
         """In the new image after an upgrade: the workers of the old one; [] otherwise."""
@@ -4342,7 +4342,7 @@ class Upgrade:
         """This image's workers are up (or it went back and runs the old ones): the adopted
         workers drain, or the upgrade that failed is reported."""
         if self.went_back is not None:
-            daemon.upgrade_done(self.master, self.went_back)
+            self.master.upgrade_done(self.went_back)
             return
         self.master.supervisor.retire(adopted)
         close_code(self.previous_code)      # the new code serves: no way back needed
@@ -4355,7 +4355,7 @@ class Upgrade:
         reason = 'a stop came first' if stopping else 'its workers cannot start: %s' % exc
         if not stopping:                    # (go_back returns only if it cannot)
             self.go_back(reason, self.state(self.previous_code), self.sockets())
-        daemon.upgrade_done(self.master, reason)
+        self.master.upgrade_done(reason)
 
     def go_back(self, reason, state, sockets):
         """In the new image of an upgrade that failed once exec'd (its workers cannot start, or
@@ -4378,13 +4378,13 @@ class Upgrade:
             log('agent: upgrade: cannot go back to the code that serves: %s' % exc, priority=LOG_ERR)
 
     def exec_code(self, program, state, sockets, check=True):
-        """daemon.reexec() of program (argv after the interpreter) with this command line: the
+        """Daemon.reexec() of program (argv after the interpreter) with this command line: the
         sockets (fds, names), and state (state()) passed on, its lifeline and code
         descriptors kept.  Returns only on failure (DaemonError)."""
         master = self.master
         argv = program + option_argv(master.config, master.given) + ['start' if master.detached else 'run']
         fds, names = sockets
-        daemon.reexec(master, argv, fds, names, state=json.dumps(state), check=check,
+        master.reexec(argv, fds, names, state=json.dumps(state), check=check,
                       keep=state['lifeline'] + [fd for _, fd, _ in state['code'] or ()])
 
     def state(self, code):
@@ -5363,16 +5363,7 @@ def default_pidfile_locked(port, pid=None):
 
 def locked_file_of(pid):
     """The path of a file on which pid holds an flock() (an agent's pidfile), or None."""
-    try:
-        with open('/proc/locks') as f:
-            locks = f.read()
-    except OSError:
-        return None
-    for path, st in daemon.open_files(pid):
-        if path.startswith('/') and stat.S_ISREG(st.st_mode) and \
-                pid in (daemon.flock_holders(st, locks) or ()):
-            return path
-    return None
+    return next(iter(daemon.locked_files(pid)), None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ Actions run at the same time take turns, as systemd queues jobs: start, restart,
 reload (and upgrade) wait for the one under way to finish, so two restarts both end 0 with
 one daemon.  A stop does not wait for a start under way: it stops its daemon (that start then
 exits 1, "stopped during startup"), then stops whatever runs once its turn comes: a stop has
-the last word.  The turn is an abstract socket name, nothing on disk (see _take_turn).
+the last word.  The turn is an abstract socket name, nothing on disk (the optional section
+"turns").
 
 daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
 --------------------------------------------------------------------------------
@@ -71,7 +72,8 @@ Signals in the daemon
 The handlers only record the signal and wake wait(); the hooks run from wait() or
 handle_signals(), in the daemon's own loop.  A classic run() that never calls either (a bare
 `while True:` loop) is stopped the way Python stops a program on Ctrl-C: SystemExit is raised
-where it runs, so its finally blocks run; the log says "stopping (SIGTERM)" either way.  HUP
+where it runs, so its finally blocks run; the log says "stopping (SIGTERM)" either way.  The
+class variable `cooperative` names the mode (True, False; None: classic until run() looks).  HUP
 and USR1 wait until run() asks for them.  An exception in a hook is that signal's failure
 (logged; `reload` exits 1 with it), never the daemon's end.
 
@@ -123,14 +125,21 @@ Sections of this file, in order
                     the launcher does, as functions of the daemon, reached only via command()
   daemon(7) steps   one small function each
   the pidfile, the readiness pipe
+  optional: turns     actions run at the same time take turns (above).  Without it each acts
+                    at once, as before there were turns.
+  optional: verdicts  `reload` (and `upgrade`) wait for the daemon's word on how it went, and
+                    exit 1 with its reason.  Without it `reload` sends SIGHUP and exits 0.
+                    The upgrade section needs it.
   optional: systemd   sd_notify(3), sd_listen_fds(3), sd_watchdog_enabled(3).  Without it
-                    notify() does nothing, listen_fds() finds no socket and there is no
-                    watchdog: no READY=1 for Type=notify units, no socket activation.  The
-                    upgrade section needs it (it passes sockets that way).
+                    the daemon tells no service manager anything and finds no socket passed
+                    to it: no READY=1 for Type=notify units, no socket activation, no
+                    watchdog.  The upgrade section needs it (it passes sockets that way).
   optional: upgrade   re-exec in place on SIGUSR2 (reexec(), the `upgrade` action).  Without it
                     SIGUSR2 only runs the on_upgrade() hook, and no action `upgrade` exists.
 Each optional section runs from its banner to the next one (or the end of the file) and can be
-deleted whole; test_daemon.py deletes them from a copy and daemonizes what is left.
+deleted whole: the core never names it.  It adds to Daemon by setting the hooks of "what the
+optional sections fill in" (no-ops in the core) and to __all__ its own names.  test_daemon.py
+deletes the sections from a copy and daemonizes what is left.
 """
 
 import atexit
@@ -153,22 +162,14 @@ import traceback
 
 __all__ = [
     # the daemon and its command line
-    'Daemon', 'main', 'ACTIONS', 'DaemonError', 'AlreadyRunning', 'describe', 'format_traceback', 'log',
-    'LOG_ERR', 'LOG_WARNING', 'LOG_INFO', 'current_user', 'monotonic_usec',
+    'Daemon', 'main', 'ACTIONS', 'DaemonError', 'describe', 'log', 'LOG_ERR', 'LOG_WARNING',
+    'current_user',
     # exit codes: LSB init-script actions, and `status`
     'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
     'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN',
-    # the daemon(7) steps, usable on their own
-    'make_paths_absolute', 'close_inherited_fds', 'reset_signals', 'fork', 'detach_session',
-    'set_umask', 'change_directory', 'open_log', 'redirect_stdio', 'drop_privileges',
-    'check_identity', 'check_writable', 'to_syslog',
-    # the pidfile
-    'PidFile', 'parse_pid', 'flock_holders', 'open_files', 'default_pidfile', 'private_directory',
-    # optional: systemd
-    'notify', 'listen_fds', 'watchdog_interval',
-    # optional: upgrade in place
-    'reexec', 'check_new_code', 'upgrade_done', 'upgrade_action',
-]
+    # for a program's own files: its logs, its pidfile when it names it itself, who locks one
+    'open_log', 'check_writable', 'default_pidfile', 'private_directory', 'locked_files',
+]                  # each optional section adds its own names
 
 # ---------------------------------------------------------------------------------------------
 # Constants, errors, small helpers
@@ -190,11 +191,6 @@ ACTIONS = ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
-# Filled by the optional upgrade section, when it is there: a function(daemon) that takes over
-# `start` and `run` in the new image of an upgraded daemon (or in the child that checks it), or
-# returns None to let them run as usual.
-TAKEOVER = []
 
 class DaemonError(Exception):
     """An operating-system failure while becoming or running a daemon; the message names the step.
@@ -304,25 +300,6 @@ def _with_priority(text, stream, priority):
     return '\n'.join('<%d>%s' % (priority, line) for line in text.split('\n'))
 
 
-def monotonic_usec():
-    """CLOCK_MONOTONIC in microseconds, as sd_notify's MONOTONIC_USEC= wants it."""
-    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
-
-
-# Stand-ins for the optional systemd section, which defines both again below: without it a
-# daemon never notifies and never finds sockets passed to it.
-def notify(**fields):
-    return False
-
-
-def listen_fds(unset_environment=True):
-    return {}
-
-
-def watchdog_interval():
-    return None
-
-
 class Daemon:
     """A daemon: subclass it and override run().
 
@@ -406,11 +383,18 @@ class Daemon:
                            the daemon
         reload_timeout     seconds `reload` waits for the daemon's verdict (its on_reload()
                            hook runs from wait() or handle_signals(), in the daemon's loop)
+        cooperative        how a stop reaches run(), its two modes.  True: a stop only sets
+                           `stopping` and wakes wait() (a loop that looks, and may drain).
+                           False (classic): SystemExit is raised where run() is, as Ctrl-C
+                           does, so its finally blocks run (a bare `while True:`).  None,
+                           the default: classic until run() first calls wait(),
+                           handle_signals() or reads signal_fd, then cooperative
     """
 
     ready_on_run = True
     start_timeout = 60.0
     reload_timeout = 10.0
+    cooperative = None
 
     def __init__(self, pidfile=None, stdin='/dev/null', stdout='/dev/null', stderr='/dev/null', *,
                  umask=0o022, workdir=None, stop_timeout=10.0, user=None, group=None, name=None):
@@ -440,20 +424,18 @@ class Daemon:
         self.detached = False           # True in a daemon that forked away from its terminal
         self.listen_fds = {}
         self.inherited = None           # after reexec(): the state string it was given
-        # Set by the upgrade section in a new image: ready() calls it to report the upgrade's
-        # outcome (it sends READY=1 itself).
-        self._ready_report = None
         self._pidfile = None
         self._pidfile_checked = 0.0     # when _keep_pidfile() last looked (monotonic)
         self._pidfile_lost = False
         self._readiness = None
         self._is_ready = False
         self._status = '%s running' % self.name
-        self._cooperative = False
+        self._cooperative = bool(self.cooperative)     # see the class variable; _looks()
         self._pending = []
-        self._stopping_mark = None      # see _say_stopping()
-        self._turn = None               # see _take_turn(): held by the controller while it acts
-        self._signalled = set()         # pids a waiting stop has sent SIGTERM (_end_a_start)
+        self._channels = {}             # see _open_channels()
+        self._said_stopping = False
+        self._turn = None               # see _wait_turn(): held by the controller while it acts
+        self._signalled = set()         # pids a stop sent SIGTERM while it waited its turn
         self._watchdog = False          # systemd's watchdog interval: False until looked up
         self._watchdog_due = 0.0
         self._wake_r = self._wake_w = None
@@ -520,22 +502,19 @@ class Daemon:
             self._status = status.replace('\n', ' ')
         else:
             self._status = '%s started (pid %d)' % (self.name, os.getpid())
-        if self._ready_report is not None:
-            self._ready_report()            # READY=1 too, with the outcome as STATUS
-        else:
-            notify(READY=1, STATUS=self._status)
+        self._announce_ready()
         if self._readiness is not None:
             self._readiness.send('READY ' + self._status)
 
     @property
     def signal_fd(self):
         """Readable when a signal arrived: an event loop watches it and calls handle_signals()."""
-        self._cooperative = True
+        self._looks()
         return self._wake_r
 
     def handle_signals(self):
         """Act on the signals that arrived since the last call; returns self.stopping."""
-        self._cooperative = True
+        self._looks()
         self.watchdog()
         self._keep_pidfile()
         if self._wake_r is not None:
@@ -547,10 +526,10 @@ class Daemon:
         while self._pending:
             signum = self._pending.pop(0)
             if signum == signal.SIGHUP:
-                notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS='reloading')
+                self._tell_manager(RELOADING=1, STATUS='reloading')
                 log('%s: reloading (SIGHUP)' % self.name)
                 error = self._call_hook('reload', self.on_reload)
-                notify(READY=1, STATUS=self._status if error is None
+                self._tell_manager(READY=1, STATUS=self._status if error is None
                        else '%s; reload failed: %s' % (self._status, error))
                 self._report('reload', error and '%s; %s' % (
                     error, 'stopping' if self.stopping else 'goes on as it was'))
@@ -563,9 +542,15 @@ class Daemon:
                     self._report('upgrade', error)
             elif signum in STOP_SIGNALS:
                 self._log_stop(signum)
-                notify(STOPPING=1, STATUS='stopping')
+                self._tell_manager(STOPPING=1, STATUS='stopping')
                 self._say_stopping()
         return self.stopping
+
+    def _looks(self):
+        """run() has shown that it looks at the signals: with `cooperative` None, a stop no
+        longer raises SystemExit in it (see the class variable)."""
+        if self.cooperative is None:
+            self._cooperative = True
 
     def _call_hook(self, what, hook):
         """Run the hook of a signal.  Its failure, any Exception, is that signal's, never the
@@ -585,7 +570,7 @@ class Daemon:
     def wait(self, timeout=None):
         """Sleep until a signal arrives or `timeout` passes; True once the daemon should stop.
         Under systemd's watchdog it says WATCHDOG=1 while it sleeps (see watchdog())."""
-        self._cooperative = True
+        self._looks()
         if not self.stopping and not self._pending:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -608,12 +593,12 @@ class Daemon:
         watchdog.  wait() and handle_signals() call it: a loop that calls neither for longer
         than half the interval must call it itself, or systemd takes the service for hung."""
         if self._watchdog is False:
-            self._watchdog = watchdog_interval()    # here: WATCHDOG_PID names the process
+            self._watchdog = self._watchdog_interval()    # here: WATCHDOG_PID names the process
         if self._watchdog is None:
             return None
         now = time.monotonic()
         if now >= self._watchdog_due:
-            notify(WATCHDOG=1)
+            self._tell_manager(WATCHDOG=1)
             self._watchdog_due = now + self._watchdog / 2
         return self._watchdog_due - now
 
@@ -648,6 +633,44 @@ class Daemon:
         """The locked pidfile's descriptor in the daemon; None anywhere else."""
         return self._pidfile.fd if self._pidfile is not None else None
 
+    # -- what the optional sections fill in ---------------------------------------------------
+    # The core calls these and names no optional section: each section that is there sets its
+    # own on the class, at its end (socketserver's mixins override such methods); without it
+    # they stay the no-ops below.
+
+    def _tell_manager(self, **fields):
+        """Say NAME=value fields to the service manager that supervises the daemon, if any
+        (the systemd section: sd_notify).  Returns whether it was said."""
+        return False
+
+    def _passed_sockets(self):
+        """{name: [fd, ...]}: the sockets a service manager passed (the systemd section:
+        socket activation); called before any fork."""
+        return {}
+
+    def _watchdog_interval(self):
+        """The service manager's watchdog interval in seconds, or None (see watchdog())."""
+        return None
+
+    def _wait_turn(self, action):
+        """Before an action: wait until no other action on this pidfile is under way (the
+        turns section); what holds the turn until the action ends (see _end_turn), or None."""
+        return None
+
+    def _report(self, action, error=None):
+        """Tell a command that waits for it (the verdicts section) how a reload or an upgrade
+        went: error is why it failed, None if it worked."""
+
+    def _take_over(self):
+        """In a process that goes on where another left off (the upgrade section: the new
+        image after reexec()), start and run do not start anew: the exit code, else None."""
+        return None
+
+    def _announce_ready(self):
+        """ready() tells the service manager (the upgrade section says an upgrade's outcome
+        here instead, in a new image)."""
+        self._tell_manager(READY=1, STATUS=self._status)
+
     # -- the actions --------------------------------------------------------------------------
 
     def command(self, action):
@@ -666,13 +689,10 @@ class Daemon:
             _open_std_fds()
             self._check_default_pidfile(action)
             if action in ('start', 'run'):
-                for takeover in TAKEOVER:
-                    code = takeover(self)
-                    if code is not None:
-                        return code
-            if action in SERIALIZED_ACTIONS:
-                self.absolutize(streams=False)
-                self._turn = _take_turn(self, _end_a_start if action == 'stop' else None)
+                code = self._take_over()
+                if code is not None:
+                    return code
+            self._turn = self._wait_turn(action)
             return function(self)
         except DaemonError as exc:
             sys.stderr.write('%s: %s\n' % (self.name, exc))
@@ -770,7 +790,7 @@ class Daemon:
             self.say('%s: warning: thread %r was started before the daemon forked, and does not '
                      'run in it (fork() copies only the calling thread): start threads in setup() '
                      'or run()' % (self.name, thread), error=True)
-        self.listen_fds = listen_fds()      # before any fork: LISTEN_PID names this process
+        self.listen_fds = self._passed_sockets()     # before any fork: LISTEN_PID names this process
         keep = [fd for fds in self.listen_fds.values() for fd in fds]
         _flush_std_streams()
         close_inherited_fds(keep)
@@ -811,6 +831,7 @@ class Daemon:
         The handlers come first: a stop that arrives once the pidfile names this process
         ends it through them, with the pidfile removed, never by the default action."""
         self._install_signal_handlers()
+        self._open_channels()
         self._watchdog = False                  # looked up again in this process
         if self._pidfile is None:
             self._pidfile = self._new_pidfile()
@@ -821,7 +842,7 @@ class Daemon:
         drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
 
     def _end_turn(self):
-        """Let the next action on this pidfile go (see _take_turn); the daemon, forked from a
+        """Let the next action on this pidfile go (see _wait_turn); the daemon, forked from a
         start that holds the turn, lets go of its copy at once."""
         if self._turn is not None:
             self._turn.close()
@@ -833,6 +854,10 @@ class Daemon:
         self._watchdog = None
         if self._pidfile is not None:
             self._pidfile.forget()
+        for sock in self._channels.values():
+            if sock is not None:
+                sock.close()
+        self._channels = {}
         if self._readiness is not None:
             self._readiness.close_write()
 
@@ -926,7 +951,7 @@ class Daemon:
             # stopped as asked, so a foreground run exits 0; a detached start's launcher still
             # says that it did not start, with the reason (error).
             status = EXIT_OK
-        notify(STOPPING=1)
+        self._tell_manager(STOPPING=1)
         if status != EXIT_OK and self._is_ready and not self.stopping and self._pidfile is not None \
                 and self._pidfile.fd is not None:
             # Died on its own after start had returned: the unlocked pidfile stays as the record,
@@ -997,27 +1022,38 @@ class Daemon:
             if not self._cooperative:
                 raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
 
+    def _open_channels(self):
+        """Open now, while descriptors are to be had, the sockets through which the daemon
+        later speaks to a command that waits for it (the "stopping" mark; the verdicts
+        section adds its own to CHANNELS): one that has since run out of them (RLIMIT_NOFILE
+        lowered under it, a leak) must still answer, or that command waits its whole timeout."""
+        for name in CHANNELS:
+            self._channel(name)
+
+    def _channel(self, name):
+        """The socket of the channel opened at start, or one opened now, or None (EMFILE)."""
+        if self._channels.get(name) is None:
+            self._channels[name] = _unix_socket(CHANNELS[name])
+        return self._channels[name]
+
     def _say_stopping(self):
         """From the loop, once a stop is under way: bind the abstract name _stopping() looks
         for, held until this process ends, so that a `start` meanwhile waits for the end
         instead of calling this daemon "already running"."""
-        if self._stopping_mark is None:
-            self._stopping_mark = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            try:
-                self._stopping_mark.bind(_verdict_address(self.name, 'stopping', os.getpid()))
-                self._stopping_mark.listen(1)       # SO_PEERCRED then names this pid
-            except OSError:
-                pass
-
-    def _report(self, action, error=None):
-        """Send the outcome of a reload or an upgrade to the command waiting for it, if any."""
-        line = 'ERROR ' + error if error else 'OK'
+        sock = None if self._said_stopping else self._channel('stopping')
+        if sock is None:
+            return          # said, or no descriptor: a start meanwhile says "already running"
+        self._said_stopping = True
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(line.encode('utf-8', 'replace')[:4096], _verdict_address(self.name, action, os.getpid()))
+            sock.bind(_abstract_name(self.name, 'stopping', os.getpid()))
+            sock.listen(1)       # SO_PEERCRED then names this pid
         except OSError:
-            pass        # nobody waits for it: the signal came from kill or systemctl
+            pass
 
+
+# The sockets a daemon opens at start to speak through later (Daemon._open_channels), by name:
+# their kind.  An optional section adds its own.
+CHANNELS = {'stopping': socket.SOCK_SEQPACKET}
 
 # What each action does, for --help; an action added with add_action() is described by the
 # first line of its function's docstring.
@@ -1073,127 +1109,6 @@ def main(daemon, argv=None):
 # hooks, or adds its own with add_action())
 # ---------------------------------------------------------------------------------------------
 
-# The actions that change the daemon's state take turns (see _take_turn); the upgrade section
-# adds its own.  status and run do not: one only looks, the other runs for the daemon's life.
-SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload'}
-
-# Where the turn is held, and why there.  Two restarts at once stopped each other's new
-# daemon; a reload or a stop in the middle of a restart acted on the old daemon, or on none.
-# So actions on one pidfile take turns, as systemd queues jobs.  The turn is an abstract
-# socket name derived from the pidfile's directory (device, inode) and base name, bound and
-# listened on for as long as the action lasts:
-#   - not a lock file: it would be left behind, and a lock file in a shared directory (/tmp,
-#     /run/user) may be created first, by anyone, as a file they own;
-#   - not an flock() on the pidfile's directory: anyone who may read /tmp or /run may lock
-#     it, and so keep every restart waiting; and every daemon of /run would share it;
-#   - not a lock on the pidfile: the daemon holds its flock() for its whole life, and the
-#     file is removed and created anew by each stop and start, so a lock on it would not
-#     span a restart;
-#   - an abstract name vanishes with the process that holds it (even on SIGKILL), leaves
-#     nothing on disk, and SO_PEERCRED names who holds it.  Anyone may bind it too: a holder
-#     is waited for only if it could act on the daemon anyway (root, our own user, or the
-#     owner of the pidfile's directory); any other holder, or one that cannot say who it is
-#     (a datagram socket), is ignored, and the action goes on without its turn, as it did
-#     before there were turns.  A squatter can undo the ordering, never block an action.
-# Its limit: the name lives in a network namespace, so actions run from two namespaces (a
-# unit with PrivateNetwork=) do not see each other's turns.
-
-def _control_address(pidfile_path):
-    """The abstract socket name that actions on this pidfile take turns on."""
-    directory, base = os.path.split(pidfile_path)
-    try:
-        st = os.stat(directory or '.')
-        key = '%d:%d/%s' % (st.st_dev, st.st_ino, base)
-    except OSError:
-        key = pidfile_path
-    digest = hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
-    return '\0daemon-control-' + digest
-
-
-def _turn_timeout(d):
-    """The longest one action may hold its turn: a restart (stop_timeout, 5 s to see a SIGKILL
-    through, start_timeout) or an upgrade (a check of up to 30 s, then start_timeout)."""
-    return d.stop_timeout + 5.0 + d.start_timeout + max(d.reload_timeout, 30.0)
-
-
-def _take_turn(d, while_waiting=None):
-    """Wait until no other action on d's pidfile is under way, then hold the turn: returns the
-    listening socket that holds it (closed by Daemon._end_turn), or None to go on without
-    one (a holder that is not to be trusted; see above).  while_waiting(d) is called about
-    every 20 ms meanwhile.  DaemonError if the holder keeps it past _turn_timeout(d)."""
-    name = _control_address(d.pidfile_path)
-    trusted = {0, os.geteuid()}
-    try:
-        trusted.add(os.stat(os.path.dirname(d.pidfile_path) or '.').st_uid)
-    except OSError:
-        pass
-    deadline = time.monotonic() + _turn_timeout(d)
-    refused = 0
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(name)
-            sock.listen(64)
-            return sock
-        except OSError as exc:
-            sock.close()
-            if exc.errno != errno.EADDRINUSE:
-                return None
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            peer.setblocking(False)
-            try:
-                peer.connect(name)
-                pid, uid, _ = struct.unpack('3i', peer.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
-            except OSError as exc:
-                # Refused: the holder has just let go (try again), or a socket that does not
-                # listen holds the name (after a few tries, go on without a turn).
-                refused += 1
-                if exc.errno != errno.ECONNREFUSED or refused > 3:
-                    return None
-                time.sleep(0.005)
-                continue
-            if uid not in trusted:
-                return None
-            # Wait for the holder's end: its listening socket closes, ours hangs up.
-            poller = select.poll()
-            poller.register(peer, select.POLLIN | select.POLLHUP)
-            while not poller.poll(20 if while_waiting else 200):
-                if time.monotonic() >= deadline:
-                    raise DaemonError('another action on pidfile %s (pid %d) has been under way for '
-                                      'over %gs; not done' % (d.pidfile_path, pid, _turn_timeout(d)))
-                if while_waiting is not None:
-                    while_waiting(d)
-        finally:
-            peer.close()
-        refused = 0
-
-
-def _end_a_start(d):
-    """While stop waits for its turn: a daemon that runs and is not yet stopping is sent
-    SIGTERM now, once.  So a stop does not queue behind a start or a restart that waits for
-    its daemon to be ready (it ends that start, which says "stopped during startup", as
-    systemctl stop cancels a start job); and, once its turn comes, stop finds no daemon that
-    an earlier action started after it had looked."""
-    try:
-        state, pid = d.probe()
-    except DaemonError:
-        return
-    if state != 'running' or pid in d._signalled or _stopping(d, pid):
-        return
-    pidfd = _open_pidfd(pid)
-    try:
-        state, again = d.probe()            # pinned by the pidfd: never a reused pid
-        if state == 'running' and again == pid and _send(pid, pidfd, signal.SIGTERM):
-            d._signalled.add(pid)
-    except DaemonError:
-        pass
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-
-
 def _start(d):
     """Start the daemon; see the module docstring for what the launcher waits for."""
     d.absolutize()
@@ -1233,7 +1148,7 @@ def _stop(d):
     pidfile = d._new_pidfile()
     state, pid = pidfile.probe()
     if state == 'absent' and d._signalled:
-        # Sent SIGTERM while this stop waited for its turn (_end_a_start), and gone since.
+        # Sent SIGTERM while this stop waited for its turn (the turns section), and gone since.
         d.say('%s stopped (pid %s, pidfile %s)' % (d.name, ', '.join(map(str, sorted(d._signalled))),
                                                     d.pidfile_path))
         return EXIT_OK
@@ -1301,24 +1216,29 @@ def _try_restart(d):
 
 
 def _reload(d):
-    """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
-    on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
-    daemon goes on as it was, or stops if a stop came meanwhile), 7 if it is not running."""
-    pid, verdict = _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout)
-    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d)')
-
-
-def _verdict_status(d, pid, verdict, done, failed):
-    """The exit status (and the line said) of a reload or an upgrade, from _signal_and_wait():
-    done says it worked, failed (with the reason and the pid) that it did not."""
+    """Ask the daemon to reload (SIGHUP): 0 once it is sent, 7 if it is not running.  (The
+    verdicts section makes it wait for the daemon's word on how the reload went.)"""
+    pid = _running_pid(d)
     if pid is None:
         return EXIT_NOT_RUNNING
-    if verdict == 'OK':
-        d.say('%s %s (pid %d, pidfile %s)' % (d.name, done, pid, d.pidfile_path))
-        return EXIT_OK
-    if verdict is not None:
-        d.say('%s: %s' % (d.name, failed % (verdict, pid)), error=True)
-    return EXIT_FAILURE
+    pidfd = _open_pidfd(pid)
+    try:
+        _send(pid, pidfd, signal.SIGHUP)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    d.say('%s asked to reload (SIGHUP to pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
+    return EXIT_OK
+
+
+def _running_pid(d):
+    """The pid of the running daemon, or None after saying that it is not running."""
+    d.absolutize(streams=False)
+    state, pid = d.probe()
+    if state != 'running':
+        d.say(_not_running(d, state, pid), error=True)
+        return None
+    return pid
 
 
 def _status(d):
@@ -1340,15 +1260,14 @@ def _status(d):
     if state == 'stale' and pid is None:
         d.say(_not_running(d, state, pid))
         return STATUS_STOPPED
-    fate = _named_pid(pid, d.pidfile_path) if state == 'stale' else None
-    if fate == 'ended':
+    if state == 'stale' and _ended(pid):
         where = 'syslog' if d.stderr == os.devnull else d.stderr
         d.say('%s is dead, but pidfile %s remains: it names pid %d, which has ended, and is not '
               'locked (see %s)' % (d.name, d.pidfile_path, pid, where))
         return STATUS_DEAD
     if state == 'stale':
         d.say('%s is not running, but its pidfile remains (%s; stop or start removes it)'
-              % (d.name, _unlocked_pidfile(d, pid, fate)))
+              % (d.name, _unlocked_pidfile(d, pid)))
         return STATUS_DEAD
     d.say(_not_running(d, state))
     return STATUS_STOPPED
@@ -1371,7 +1290,7 @@ def _foreground(d):
     check_writable('pidfile', d.pidfile_path)
     if d._workdir_given:
         change_directory(d.workdir)
-    d.listen_fds = listen_fds()
+    d.listen_fds = d._passed_sockets()
     try:
         d._become_service()
     except AlreadyRunning as exc:
@@ -1389,66 +1308,6 @@ def _foreground(d):
 # name -> function(daemon): the actions of every Daemon (force-reload is reload, as LSB allows).
 STANDARD_ACTIONS = {'start': _start, 'stop': _stop, 'restart': _restart, 'try-restart': _try_restart,
                     'reload': _reload, 'force-reload': _reload, 'status': _status, 'run': _foreground}
-
-
-def _signal_and_wait(d, action, signum, timeout):
-    """Signal the running daemon and wait for its verdict on the action: (pid, 'OK' or the
-    error it reported), (pid, None) after saying why there is none, (None, None) if it is
-    not running.
-
-    The verdict comes on a datagram socket in the abstract namespace, named after the
-    daemon, the action and its pid, from that very pid (checked with SO_PASSCRED): no file,
-    no log text to search.
-    """
-    d.absolutize(streams=False)
-    state, pid = d.probe()
-    if state != 'running':
-        d.say(_not_running(d, state, pid), error=True)
-        return None, None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    pidfd = None
-    try:
-        # Another command waits for the verdict of the same action (two reloads at once): wait
-        # until it has its answer, then ask again, so that what changed in between is loaded too.
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sock.bind(_verdict_address(d.name, action, pid))
-                break
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
-                    raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
-                                      'under way?' % (exc.strerror, action, pid))
-                if not _pid_alive(pid):
-                    d.say('%s (pid %d) exited during another %s; see %s'
-                          % (d.name, pid, action, d.stderr), error=True)
-                    return pid, None
-                time.sleep(0.02)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        pidfd = _open_pidfd(pid)
-        _send(pid, pidfd, signum)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            watched = [sock] + ([pidfd] if pidfd is not None else [])
-            ready = select.select(watched, [], [], min(0.5, max(0.0, deadline - time.monotonic())))[0]
-            if sock in ready:
-                data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
-                if _sender_pid(ancillary) != pid:
-                    continue
-                text = data.decode('utf-8', 'replace')
-                return pid, 'OK' if text == 'OK' else text[6:]
-            if not _alive(pid, pidfd):
-                d.say('%s (pid %d) exited during the %s; see %s'
-                          % (d.name, pid, action, d.stderr), error=True)
-                return pid, None
-        d.say('%s: no word from pid %d on the %s within %gs (does run() call wait() or '
-                  'handle_signals()?); see %s' % (d.name, pid, action, timeout, d.stderr),
-                  error=True)
-        return pid, None
-    finally:
-        sock.close()
-        if pidfd is not None:
-            os.close(pidfd)
 
 
 def _already_running(d, pid):
@@ -1470,67 +1329,21 @@ def _not_running(d, state, pid=None, removing=False):
     return '%s is not running (no pidfile at %s)' % (d.name, d.pidfile_path)
 
 
-def _unlocked_pidfile(d, pid, fate=None):
-    """What is known of a pidfile that nobody locks, pid being the one it names (or None): what
-    it holds, and what became of that pid (fate: _named_pid(), if already asked).  Not how it
-    came to be: a daemon that could not remove it, one killed, a copy, an editor all leave the
-    same file."""
-    path = d.pidfile_path
+def _unlocked_pidfile(d, pid):
+    """What is known of a pidfile that nobody locks, pid being the one it names (or None):
+    what it names, and whether that pid runs now.  Not how it came to be (a daemon that could
+    not remove it, one killed, a copy, an editor all leave the same file), nor whose a pid
+    that runs is (the daemon in its last instant, or a program that reused the number)."""
     if pid is None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                empty = os.fstat(fd).st_size == 0
-            finally:
-                os.close(fd)
-        except OSError:
-            empty = False
-        return ('pidfile %s is empty, and not locked' if empty else
-                'pidfile %s names no pid, and is not locked') % path
-    fate = _named_pid(pid, path) if fate is None else fate
-    if fate == 'ended':
-        return 'pidfile %s names pid %d, which has ended, and is not locked' % (path, pid)
-    if fate == 'other':
-        return ('pidfile %s names pid %d, which is not this daemon (the pidfile is not locked, '
-                'and pid %d started after it was written)' % (path, pid, pid))
-    return ('pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock (its daemon '
-            'holds it to its end)' % (path, pid))
-
-
-def _named_pid(pid, path):
-    """What became of the pid that an unlocked pidfile names: 'ended' (gone, or a zombie),
-    'other' (it began after the file was written: the pid was reused) or 'running' (it began
-    before and still runs, a moment later: its daemon lets go of the lock just before it
-    exits, so that moment is given)."""
+        return 'pidfile %s names no pid, and is not locked' % d.pidfile_path
     if _ended(pid):
-        return 'ended'
-    if _started_after(pid, path):
-        return 'other'
-    pidfd = _open_pidfd(pid)
-    if pidfd is not None:
-        try:
-            select.select([pidfd], [], [], 0.5)
-        finally:
-            os.close(pidfd)
-    return 'ended' if _ended(pid) else 'running'
+        return 'pidfile %s names pid %d, which has ended, and is not locked' % (d.pidfile_path, pid)
+    return ('pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock'
+            % (d.pidfile_path, pid))
 
 
 def _ended(pid):
     return not _pid_alive(pid) or _is_zombie(pid)
-
-
-def _started_after(pid, path):
-    """Whether process pid began after the file at path was last written (so it cannot be
-    the process that wrote it): its start (/proc/PID/stat, clock ticks since boot) against the
-    file's mtime on the same clock.  False when either cannot be read."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            ticks = int(f.read().rsplit(')', 1)[1].split()[19])
-        mtime = os.stat(path, follow_symlinks=False).st_mtime
-    except (OSError, IndexError, ValueError):
-        return False
-    written = time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - mtime)
-    return ticks / os.sysconf('SC_CLK_TCK') > written + 0.1
 
 
 def _send(pid, pidfd, signum):
@@ -1619,7 +1432,7 @@ def _alive(pid, pidfd):
     return _pid_alive(pid) and not _is_zombie(pid)
 
 
-def _verdict_address(name, action, pid):
+def _abstract_name(name, action, pid):
     """Where `reload` or `upgrade` waits for the verdict of the daemon with this pid (a
     datagram socket in the abstract namespace: nothing on disk to clean up or to forge)."""
     return '\0%s-%s-%d' % (name, action, pid)
@@ -1632,7 +1445,7 @@ def _stopping(d, pid):
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
         sock.setblocking(False)
         try:
-            sock.connect(_verdict_address(d.name, 'stopping', pid))
+            sock.connect(_abstract_name(d.name, 'stopping', pid))
             peer = struct.unpack('3i', sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                        struct.calcsize('3i')))[0]
         except OSError:
@@ -1640,12 +1453,12 @@ def _stopping(d, pid):
     return peer == pid
 
 
-def _sender_pid(ancillary):
-    """The sender's pid in a datagram's SCM_CREDENTIALS, or None."""
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
-            return struct.unpack('3i', payload[:12])[0]
-    return None
+def _unix_socket(kind):
+    """A close-on-exec AF_UNIX socket of this kind, or None when none can be opened (EMFILE)."""
+    try:
+        return socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _group_running(group):
@@ -1849,11 +1662,7 @@ def redirect_stdio(stdin, stdout, stderr):
     The same path for stdout and stderr shares one open file, so their lines interleave in order.
     sys.stdout and sys.stderr are rebuilt line-buffered, so each line reaches the log at once.
     """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
+    _flush_std_streams()
     try:
         fd_in = os.open(stdin, os.O_RDONLY | os.O_NOCTTY)
         fd_out = open_log(stdout)
@@ -2298,6 +2107,18 @@ def open_files(pid):
             continue
 
 
+def locked_files(pid):
+    """The paths of the regular files on which process pid holds an flock() (a daemon's
+    pidfile): those it has open that /proc/locks says it locks.  None known without /proc."""
+    try:
+        with open('/proc/locks') as f:
+            locks = f.read()
+    except OSError:
+        return []
+    return [path for path, st in open_files(pid) if path.startswith('/') and
+            stat.S_ISREG(st.st_mode) and pid in (flock_holders(st, locks) or ())]
+
+
 def _has_open(pid, st):
     """Whether process pid has the file with stat st open."""
     for _, other in open_files(pid):
@@ -2386,9 +2207,263 @@ class ReadinessPipe:
 
 
 # =============================================================================================
+# Optional: turns, for actions run at the same time.  Delete from here to the next banner of '='
+# to drop it: actions then act at once, whatever else is under way.
+# =============================================================================================
+
+# The actions that change the daemon's state take turns; so does `upgrade`, where the upgrade
+# section offers it.  status and run do not: one only looks, the other runs for the daemon's
+# life.
+SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'upgrade'}
+
+# Where the turn is held, and why there.  Two restarts at once stopped each other's new
+# daemon; a reload or a stop in the middle of a restart acted on the old daemon, or on none.
+# So actions on one pidfile take turns, as systemd queues jobs.  The turn is an abstract
+# socket name derived from the pidfile's directory (device, inode) and base name, bound and
+# listened on for as long as the action lasts:
+#   - not a lock file: it would be left behind, and a lock file in a shared directory (/tmp,
+#     /run/user) may be created first, by anyone, as a file they own;
+#   - not an flock() on the pidfile's directory: anyone who may read /tmp or /run may lock
+#     it, and so keep every restart waiting; and every daemon of /run would share it;
+#   - not a lock on the pidfile: the daemon holds its flock() for its whole life, and the
+#     file is removed and created anew by each stop and start, so a lock on it would not
+#     span a restart;
+#   - an abstract name vanishes with the process that holds it (even on SIGKILL), leaves
+#     nothing on disk, and SO_PEERCRED names who holds it.  Anyone may bind it too: a holder
+#     is waited for only if it could act on the daemon anyway (root, our own user, or the
+#     owner of the pidfile's directory); any other holder, or one that cannot say who it is
+#     (a datagram socket), is ignored, and the action goes on without its turn, as it did
+#     before there were turns.  A squatter can undo the ordering, never block an action.
+# Its limit: the name lives in a network namespace, so actions run from two namespaces (a
+# unit with PrivateNetwork=) do not see each other's turns.
+
+def _control_address(pidfile_path):
+    """The abstract socket name that actions on this pidfile take turns on."""
+    directory, base = os.path.split(pidfile_path)
+    try:
+        st = os.stat(directory or '.')
+        key = '%d:%d/%s' % (st.st_dev, st.st_ino, base)
+    except OSError:
+        key = pidfile_path
+    digest = hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
+    return '\0daemon-control-' + digest
+
+
+def _turn_timeout(d):
+    """The longest one action may hold its turn: a restart (stop_timeout, 5 s to see a SIGKILL
+    through, start_timeout) or an upgrade (a check of up to 30 s, then start_timeout)."""
+    return d.stop_timeout + 5.0 + d.start_timeout + max(d.reload_timeout, 30.0)
+
+
+def _take_turn(d, while_waiting=None):
+    """Wait until no other action on d's pidfile is under way, then hold the turn: returns the
+    listening socket that holds it (closed by Daemon._end_turn), or None to go on without
+    one (a holder that is not to be trusted; see above).  while_waiting(d) is called about
+    every 20 ms meanwhile.  DaemonError if the holder keeps it past _turn_timeout(d)."""
+    name = _control_address(d.pidfile_path)
+    trusted = {0, os.geteuid()}
+    try:
+        trusted.add(os.stat(os.path.dirname(d.pidfile_path) or '.').st_uid)
+    except OSError:
+        pass
+    deadline = time.monotonic() + _turn_timeout(d)
+    refused = 0
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(name)
+            sock.listen(64)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                return None
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            peer.setblocking(False)
+            try:
+                peer.connect(name)
+                pid, uid, _ = struct.unpack('3i', peer.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
+            except OSError as exc:
+                # Refused: the holder has just let go (try again), or a socket that does not
+                # listen holds the name (after a few tries, go on without a turn).
+                refused += 1
+                if exc.errno != errno.ECONNREFUSED or refused > 3:
+                    return None
+                time.sleep(0.005)
+                continue
+            if uid not in trusted:
+                return None
+            # Wait for the holder's end: its listening socket closes, ours hangs up.
+            poller = select.poll()
+            poller.register(peer, select.POLLIN | select.POLLHUP)
+            while not poller.poll(20 if while_waiting else 200):
+                if time.monotonic() >= deadline:
+                    raise DaemonError('another action on pidfile %s (pid %d) has been under way for '
+                                      'over %gs; not done' % (d.pidfile_path, pid, _turn_timeout(d)))
+                if while_waiting is not None:
+                    while_waiting(d)
+        finally:
+            peer.close()
+        refused = 0
+
+
+def _end_a_start(d):
+    """While stop waits for its turn: a daemon that runs and is not yet stopping is sent
+    SIGTERM now, once.  So a stop does not queue behind a start or a restart that waits for
+    its daemon to be ready (it ends that start, which says "stopped during startup", as
+    systemctl stop cancels a start job); and, once its turn comes, stop finds no daemon that
+    an earlier action started after it had looked."""
+    try:
+        state, pid = d.probe()
+    except DaemonError:
+        return
+    if state != 'running' or pid in d._signalled or _stopping(d, pid):
+        return
+    pidfd = _open_pidfd(pid)
+    try:
+        state, again = d.probe()            # pinned by the pidfd: never a reused pid
+        if state == 'running' and again == pid and _send(pid, pidfd, signal.SIGTERM):
+            d._signalled.add(pid)
+    except DaemonError:
+        pass
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _wait_turn(self, action):
+    """Daemon._wait_turn: the turn, for the actions that change the daemon's state."""
+    if action not in SERIALIZED_ACTIONS:
+        return None
+    self.absolutize(streams=False)
+    return _take_turn(self, _end_a_start if action == 'stop' else None)
+
+
+# What this section adds to Daemon: _wait_turn(self, action), the hook the core calls before an
+# action (a no-op there).
+Daemon._wait_turn = _wait_turn
+
+
+# =============================================================================================
+# Optional: verdicts of reload and upgrade.  Delete from here to the next banner of '=' to drop
+# it: `reload` then only sends SIGHUP and exits 0; the upgrade section needs it.
+# =============================================================================================
+
+def _reload_and_wait(d):
+    """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
+    on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
+    daemon goes on as it was, or stops if a stop came meanwhile), 7 if it is not running."""
+    pid, verdict = _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout)
+    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d)')
+
+
+def _verdict_status(d, pid, verdict, done, failed):
+    """The exit status (and the line said) of a reload or an upgrade, from _signal_and_wait():
+    done says it worked, failed (with the reason and the pid) that it did not."""
+    if pid is None:
+        return EXIT_NOT_RUNNING
+    if verdict == 'OK':
+        d.say('%s %s (pid %d, pidfile %s)' % (d.name, done, pid, d.pidfile_path))
+        return EXIT_OK
+    if verdict is not None:
+        d.say('%s: %s' % (d.name, failed % (verdict, pid)), error=True)
+    return EXIT_FAILURE
+
+
+def _signal_and_wait(d, action, signum, timeout):
+    """Signal the running daemon and wait for its verdict on the action: (pid, 'OK' or the
+    error it reported), (pid, None) after saying why there is none, (None, None) if it is
+    not running.
+
+    The verdict comes on a datagram socket in the abstract namespace, named after the
+    daemon, the action and its pid, from that very pid (checked with SO_PASSCRED): no file,
+    no log text to search.
+    """
+    pid = _running_pid(d)
+    if pid is None:
+        return None, None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    pidfd = None
+    try:
+        # Another command waits for the verdict of the same action (two reloads at once): wait
+        # until it has its answer, then ask again, so that what changed in between is loaded too.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.bind(_abstract_name(d.name, action, pid))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
+                                      'under way?' % (exc.strerror, action, pid))
+                if not _pid_alive(pid):
+                    d.say('%s (pid %d) exited during another %s; see %s'
+                          % (d.name, pid, action, d.stderr), error=True)
+                    return pid, None
+                time.sleep(0.02)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        pidfd = _open_pidfd(pid)
+        _send(pid, pidfd, signum)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            watched = [sock] + ([pidfd] if pidfd is not None else [])
+            ready = select.select(watched, [], [], min(0.5, max(0.0, deadline - time.monotonic())))[0]
+            if sock in ready:
+                data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+                if _sender_pid(ancillary) != pid:
+                    continue
+                text = data.decode('utf-8', 'replace')
+                return pid, 'OK' if text == 'OK' else text[6:]
+            if not _alive(pid, pidfd):
+                d.say('%s (pid %d) exited during the %s; see %s'
+                          % (d.name, pid, action, d.stderr), error=True)
+                return pid, None
+        d.say('%s: no word from pid %d on the %s within %gs (does run() call wait() or '
+                  'handle_signals()?); see %s' % (d.name, pid, action, timeout, d.stderr),
+                  error=True)
+        return pid, None
+    finally:
+        sock.close()
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _sender_pid(ancillary):
+    """The sender's pid in a datagram's SCM_CREDENTIALS, or None."""
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+            return struct.unpack('3i', payload[:12])[0]
+    return None
+
+
+def _report(self, action, error=None):
+    """Daemon._report: send the outcome of a reload or an upgrade to the command waiting for
+    it, if any, through the socket opened at start (see Daemon._open_channels)."""
+    line = 'ERROR ' + error if error else 'OK'
+    sock = self._channel('verdict')
+    if sock is None:
+        log('%s: cannot tell the %s\'s outcome to a command waiting for it: no descriptor '
+            'left' % (self.name, action), priority=LOG_ERR)
+        return
+    try:
+        sock.sendto(line.encode('utf-8', 'replace')[:4096], _abstract_name(self.name, action, os.getpid()))
+    except OSError:
+        pass        # nobody waits for it: the signal came from kill or systemctl
+
+
+# What this section adds: reload (and force-reload) wait for the verdict, which the daemon
+# sends through Daemon._report (a no-op in the core) on a socket opened at start.
+STANDARD_ACTIONS.update({'reload': _reload_and_wait, 'force-reload': _reload_and_wait})
+CHANNELS['verdict'] = socket.SOCK_DGRAM
+Daemon._report = _report
+
+
+# =============================================================================================
 # Optional: systemd, sd_notify(3), sd_listen_fds(3) and sd_watchdog_enabled(3).  Delete from
-# here to the next banner of '=' to drop it (the stand-ins at the top then do nothing); the
-# upgrade section needs it.
+# here to the next banner of '=' to drop it (Daemon's hooks for a service manager then stay
+# no-ops); the upgrade section needs it.
 # =============================================================================================
 
 SD_LISTEN_FDS_START = 3
@@ -2398,11 +2473,14 @@ def notify(**fields):
     """Send NAME=value lines to the service manager, when NOTIFY_SOCKET is set; else do nothing.
 
     notify(READY=1, STATUS='serving') sends "READY=1\nSTATUS=serving".  A socket path starting
-    with '@' is in the abstract namespace.  Returns whether a datagram was sent.
+    with '@' is in the abstract namespace.  Returns whether a datagram was sent.  RELOADING=1
+    is sent with the MONOTONIC_USEC= that Type=notify-reload wants beside it.
     """
     address = os.environ.get('NOTIFY_SOCKET')
     if not address or not fields:
         return False
+    if 'RELOADING' in fields:
+        fields.setdefault('MONOTONIC_USEC', monotonic_usec())
     if address.startswith('@'):
         address = '\0' + address[1:]
     message = '\n'.join('%s=%s' % item for item in fields.items()).encode()
@@ -2414,6 +2492,11 @@ def notify(**fields):
     except OSError as exc:
         log('sd_notify to %r failed: %s' % (os.environ.get('NOTIFY_SOCKET'), exc), priority=LOG_WARNING)
         return False
+
+
+def monotonic_usec():
+    """CLOCK_MONOTONIC in microseconds, as sd_notify's MONOTONIC_USEC= wants it."""
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
 
 
 def watchdog_interval():
@@ -2464,6 +2547,13 @@ def listen_fds(unset_environment=True):
     return result
 
 
+# What this section adds to Daemon: the core calls these hooks (no-ops there).
+Daemon._tell_manager = staticmethod(notify)
+Daemon._passed_sockets = staticmethod(listen_fds)
+Daemon._watchdog_interval = staticmethod(watchdog_interval)
+__all__.append('notify')
+
+
 # =============================================================================================
 # Optional: upgrade in place (SIGUSR2, re-exec).  Delete from here to the end of the file to
 # drop it: SIGUSR2 then only runs the on_upgrade() hook.
@@ -2497,40 +2587,40 @@ CHECK_ENV = 'DAEMON_REEXEC_CHECK'
 UPGRADE_CHECK_TIMEOUT = 30.0
 
 
-def reexec(d, argv, fds=(), names=None, keep=(), state='', check=True):
+def reexec(self, argv, fds=(), names=None, keep=(), state='', check=True):
     """Replace this process's code with `argv` (a new version of this program), in place.
 
     First the new code is checked in a child (check_new_code); if that fails, DaemonError
     says why in the new code's own words and nothing has changed.  Then execve: the pid,
     the children, the sockets `fds` (offered to the new image as `listen_fds`, named by
     `names`), the locked pidfile, the descriptors in `keep` (same numbers) and the string
-    `state` (as `d.inherited`) survive.  Returns only on failure.  Signals that arrive in
+    `state` (as `self.inherited`) survive.  Returns only on failure.  Signals that arrive in
     between stay blocked and pending, so the new image acts on them.
     check=False skips the check: for a return to code that this very process ran, with this
     command line, until the exec that is being undone (its workers are serving).
     """
-    if d.stopping:
+    if self.stopping:
         raise DaemonError('a stop came first')
     argv = [sys.executable] + list(argv)
     if check:
-        check_new_code(d, argv, fds, names)
+        check_new_code(self, argv, fds, names)
     passed = list(fds) + list(keep)
-    if d._pidfile is not None and d._pidfile.fd is not None:
-        passed.append(d._pidfile.fd)
+    if self._pidfile is not None and self._pidfile.fd is not None:
+        passed.append(self._pidfile.fd)
     env = dict(os.environ)
     env[REEXEC_ENV] = '%d %d %s %s' % (
-        d._pidfile.fd if d._pidfile is not None and d._pidfile.fd is not None else -1,
-        d.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
+        self._pidfile.fd if self._pidfile is not None and self._pidfile.fd is not None else -1,
+        self.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
     env[REEXEC_STATE_ENV] = state
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
-    if d.stopping:
+    if self.stopping:
         # A stop came during the check: this image acts on it (drains, removes the pidfile)
         # rather than exec'ing a new one only to stop it.
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         raise DaemonError('a stop came first')
     # Signals recorded but not yet acted on would die with this image: raise them again,
     # blocked, so they are pending when the new image unblocks them.
-    for signum in d._pending:
+    for signum in self._pending:
         os.kill(os.getpid(), signum)
     try:
         for fd in passed:
@@ -2562,50 +2652,10 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
         os.close(w)
         raise _step_error('fork a check of the new code', exc)
     if pid == 0:
-        try:
-            base = max(list(fds) + [r, w]) + len(fds) + SD_LISTEN_FDS_START + 1
-            copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
-            for index, fd in enumerate(copies):
-                os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(w, 1)
-            os.dup2(w, 2)
-            close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds)))
-            env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
-            env[CHECK_ENV] = d.pidfile_path
-            for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV):
-                env.pop(name, None)
-            if names:
-                env['LISTEN_FDNAMES'] = ':'.join(names)
-            reset_signals()
-            os.execve(argv[0], argv, env)
-        except BaseException as exc:
-            try:
-                os.write(2, ('cannot run %s: %s\n' % (argv[0], describe(exc))).encode())
-            except OSError:
-                pass
-        finally:
-            os._exit(127)
+        _exec_check(d, argv, fds, names, r, w)
     os.close(w)
-    output, deadline, late = b'', time.monotonic() + timeout, None
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                os.kill(pid, signal.SIGKILL)
-                late = 'no verdict within %gs' % timeout
-                break
-            due = d.watchdog()                  # the check may take longer than systemd waits
-            try:
-                ready = select.select([r], [], [], remaining if due is None else min(remaining, due))[0]
-            except InterruptedError:
-                continue
-            if ready:
-                chunk = os.read(r, 65536)
-                if not chunk:
-                    break
-                output = (output + chunk)[-65536:]
+        output, late = _read_check(d, pid, r, timeout)
     finally:
         os.close(r)
         while True:
@@ -2616,36 +2666,90 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
                 continue
     if late is None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         return
-    lines = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
-    if late is not None:
-        reason = late
-    elif os.WIFEXITED(status):
-        reason = lines[-1] if lines else 'exit status %d' % os.WEXITSTATUS(status)
-    else:       # killed (by hand, by the OOM killer): what it printed before is not the reason
+    raise DaemonError('the new code failed its check: %s' % (late or _check_failure(output, status)))
+
+
+def _exec_check(d, argv, fds, names, r, w):
+    """The child of check_new_code(): the sockets at 3, 4..., output on the pipe w, then the
+    new code; never returns."""
+    try:
+        base = max(list(fds) + [r, w]) + len(fds) + SD_LISTEN_FDS_START + 1
+        copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
+        for index, fd in enumerate(copies):
+            os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(w, 1)
+        os.dup2(w, 2)
+        close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds)))
+        env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
+        env[CHECK_ENV] = d.pidfile_path
+        for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV):
+            env.pop(name, None)
+        if names:
+            env['LISTEN_FDNAMES'] = ':'.join(names)
+        reset_signals()
+        os.execve(argv[0], argv, env)
+    except BaseException as exc:
         try:
-            reason = 'killed by %s' % signal.Signals(os.WTERMSIG(status)).name
-        except ValueError:
-            reason = 'killed by signal %d' % os.WTERMSIG(status)
-    raise DaemonError('the new code failed its check: %s' % reason)
+            os.write(2, ('cannot run %s: %s\n' % (argv[0], describe(exc))).encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(127)
 
 
-def upgrade_done(d, error=None):
+def _read_check(d, pid, r, timeout):
+    """The check's output until it exits: (the last 64 KiB, None), or (..., why it was killed)
+    when it takes longer than timeout.  Meanwhile the watchdog is fed: the check may take
+    longer than systemd waits."""
+    output, deadline = b'', time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            os.kill(pid, signal.SIGKILL)
+            return output, 'no verdict within %gs' % timeout
+        due = d.watchdog()
+        try:
+            ready = select.select([r], [], [], remaining if due is None else min(remaining, due))[0]
+        except InterruptedError:
+            continue
+        if ready:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                return output, None
+            output = (output + chunk)[-65536:]
+
+
+def _check_failure(output, status):
+    """Why the check failed: its last line, or its exit status, or the signal that killed it."""
+    lines = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
+    if os.WIFEXITED(status):
+        return lines[-1] if lines else 'exit status %d' % os.WEXITSTATUS(status)
+    # Killed (by hand, by the OOM killer): what it printed before is not the reason.
+    try:
+        return 'killed by %s' % signal.Signals(os.WTERMSIG(status)).name
+    except ValueError:
+        return 'killed by signal %d' % os.WTERMSIG(status)
+
+
+def upgrade_done(self, error=None):
     """Report an upgrade's outcome: the log, the service manager and `upgrade` waiting for it.
 
     The old image calls it when the check failed; the new one once it is ready, or with the
     reason it could not use its new code (and then serves on with what it inherited).
     """
-    d._ready_report = None
+    self.__dict__.pop('_announce_ready', None)     # ready() says READY=1 as usual again
     if error:
-        after = 'stopping' if d.stopping else 'still serving'
-        log('%s: upgrade failed (%s); %s (pid %d)' % (d.name, error, after, os.getpid()), priority=LOG_ERR)
-        status = '%s running; upgrade failed: %s' % (d.name, error)
+        after = 'stopping' if self.stopping else 'still serving'
+        log('%s: upgrade failed (%s); %s (pid %d)' % (self.name, error, after, os.getpid()), priority=LOG_ERR)
+        status = '%s running; upgrade failed: %s' % (self.name, error)
         error = '%s; %s' % (error, after)
     else:
-        log('%s: upgraded in place (pid %d)' % (d.name, os.getpid()))
-        status = '%s running (upgraded)' % d.name
-    notify(READY=1, STATUS=status)
-    d._report('upgrade', error)
+        log('%s: upgraded in place (pid %d)' % (self.name, os.getpid()))
+        status = '%s running (upgraded)' % self.name
+    self._tell_manager(READY=1, STATUS=status)
+    self._report('upgrade', error)
 
 
 ACTION_HELP['upgrade'] = 'SIGUSR2: the daemon re-executes the code now on disk, in place'
@@ -2659,16 +2763,17 @@ def upgrade_action(d):
     return _verdict_status(d, pid, verdict, 'upgraded in place', 'upgrade failed: %s (pid %d)')
 
 
-def _takeover(d):
-    """TAKEOVER for start and run: the new image after reexec(), or the child that checks it."""
+def _takeover(self):
+    """Daemon._take_over, for start and run: the new image after reexec(), or the child that
+    checks it."""
     if CHECK_ENV in os.environ:
-        return _check_only(d)
+        return _check_only(self)
     if REEXEC_ENV in os.environ:
-        return _continue_after_reexec(d, os.environ.pop(REEXEC_ENV))
+        return _continue_after_reexec(self, os.environ.pop(REEXEC_ENV))
     return None
 
 
-def _continue_after_reexec(d, spec):
+def _continue_after_reexec(self, spec):
     """The new image after reexec(): the same daemon, the same pid, new code.
 
     A failure here, before run(), is reported as the upgrade's outcome; the process then
@@ -2676,45 +2781,50 @@ def _continue_after_reexec(d, spec):
     program that can do better overrides setup() to keep serving with what it inherited.
     """
     pidfile_fd, detached, fds, names = spec.split(' ')
-    d.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
-    d.detached = detached == '1'
-    d._ready_report = lambda: upgrade_done(d)
+    self.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
+    self.detached = detached == '1'
+    self._announce_ready = lambda: upgrade_done(self)     # ready() reports the upgrade
     # The image this one continues ran a loop that acts on signals (reexec() is called from
     # it): a stop pending across execve is that loop's to act on, not a SystemExit from here.
-    d._cooperative = True
+    self._cooperative = self.cooperative is not False
     try:
-        if d.detached:
+        if self.detached:
             rebuild_std_streams()       # fds 0-2 are still the log: line-buffered again
-        d.absolutize()
+        self.absolutize()
         fds = [int(fd) for fd in fds.split(',')] if fds != '-' else []
         names = names.split(':') if names != '-' else []
         for index, fd in enumerate(fds):
             os.set_inheritable(fd, False)
             name = names[index] if index < len(names) and names[index] else 'unknown'
-            d.listen_fds.setdefault(name, []).append(fd)
+            self.listen_fds.setdefault(name, []).append(fd)
         if int(pidfile_fd) >= 0:
-            d._pidfile = d._new_pidfile()
-            d._pidfile.adopt(int(pidfile_fd))
-        d._become_service()
+            self._pidfile = self._new_pidfile()
+            self._pidfile.adopt(int(pidfile_fd))
+        self._become_service()
     except BaseException as exc:
-        upgrade_done(d, describe(exc))
-        d._cleanup()
+        upgrade_done(self, describe(exc))
+        self._cleanup()
         return EXIT_FAILURE
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
-    return d._serve()
+    return self._serve()
 
 
-def _check_only(d):
+def _check_only(self):
     """The child of check_new_code(): everything up to serving, then exit 0."""
-    d.absolutize()
-    if os.environ.pop(CHECK_ENV) != d.pidfile_path:
-        raise DaemonError('the new command line names another pidfile (%s)' % d.pidfile_path)
-    d.listen_fds = listen_fds()
-    d.setup()
-    drop_privileges(d.user, d.group)
+    self.absolutize()
+    if os.environ.pop(CHECK_ENV) != self.pidfile_path:
+        raise DaemonError('the new command line names another pidfile (%s)' % self.pidfile_path)
+    self.listen_fds = self._passed_sockets()
+    self.setup()
+    drop_privileges(self.user, self.group)
     return EXIT_OK
 
 
-TAKEOVER.append(_takeover)
-SERIALIZED_ACTIONS.add('upgrade')      # it takes its turn, as reload does
+# What this section adds to Daemon (its functions that take self are Daemon's methods): the
+# hook the core calls (a no-op there), and the methods of a daemon that upgrades itself
+# (self.reexec(argv, ...), self.upgrade_done(error)).
+Daemon._take_over = _takeover
+Daemon.reexec = reexec
+Daemon.upgrade_done = upgrade_done
+__all__.append('upgrade_action')
