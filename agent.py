@@ -2559,8 +2559,7 @@ class Connection:
             self.fail(exc)
 
     def fail(self, exc):
-        log('worker: unexpected error on a connection from %s:\n%s'
-            % (self.peer, daemon.format_traceback(exc)), priority=LOG_ERR)
+        log('worker: unexpected error on a connection from %s:' % self.peer, priority=LOG_ERR, exc=exc)
         self.close()
 
     # -- READING --
@@ -2617,7 +2616,7 @@ class Connection:
                 self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD',
                                    body=None if self.redirect else worker.responder.error_body(req, exc.status))
             except Exception as exc:
-                log('worker: error answering %r:\n%s' % (req.line, daemon.format_traceback(exc)), priority=LOG_ERR)
+                log('worker: error answering %r:' % req.line, priority=LOG_ERR, exc=exc)
                 self.respond_error(500, close=True, head_only=req.method == b'HEAD',
                                    body=worker.responder.error_body(req, 500))
 
@@ -2926,8 +2925,7 @@ class TLSConnection(Connection):
         try:
             self.handshake()
         except Exception as exc:
-            log('worker: unexpected error in a TLS handshake with %s:\n%s'
-                % (self.peer, daemon.format_traceback(exc)), priority=LOG_ERR)
+            log('worker: unexpected error in a TLS handshake with %s:' % self.peer, priority=LOG_ERR, exc=exc)
             self.close()
 
     def handshake(self):
@@ -4090,7 +4088,7 @@ class Supervisor:
             worker.serve()
             status = 0
         except BaseException as exc:
-            log('worker: %s\n%s' % (daemon.describe(exc), daemon.format_traceback(exc)), priority=LOG_ERR)
+            log('worker: %s' % daemon.describe(exc), priority=LOG_ERR, exc=exc)
             if status == WORKER_BOOT_ERROR:
                 try:
                     os.write(self.boot_w, ('%d error %s\n' % (os.getpid(), daemon.describe(exc)))
@@ -4430,7 +4428,7 @@ class Agent(Daemon):
         self.upgrade = None             # in place: its state and steps (setup())
         self.default_user = False       # started as root without --user: choose_user()
         self.root_from_cwd = 'root' not in given    # --root defaulted to the current directory
-        self.add_action('upgrade', daemon.upgrade_action)
+        self.allow_upgrade()
         for action, answer in (('status', status_elsewhere), ('stop', stop_elsewhere)):
             self.add_action(action, about_the_port(self.actions[action], answer))
         self.add_action('restart', restart_action(self.actions['restart']))
@@ -5095,11 +5093,11 @@ def describe_changes(old, new):
     return ', '.join(changes)
 
 def read_pid(path):
-    """The pid a pidfile holds, or None (unreadable, empty, not a number)."""
+    """The pid another agent's pidfile holds, or None (unreadable, empty, not a number)."""
     try:
         with open(path) as f:
-            return daemon.parse_pid(f.read())
-    except (OSError, ValueError):
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -5362,8 +5360,15 @@ def default_pidfile_locked(port, pid=None):
     return None, None
 
 def locked_file_of(pid):
-    """The path of a file on which pid holds an flock() (an agent's pidfile), or None."""
-    return next(iter(daemon.locked_files(pid)), None)
+    """The path of a regular file on which pid holds an flock() (an agent's pidfile), or None:
+    one it has open that /proc/locks says it locks."""
+    try:
+        with open('/proc/locks') as f:
+            locks = f.read()
+    except OSError:
+        return None
+    return next((path for path, st in daemon.open_files(pid) if path.startswith('/') and
+                 stat.S_ISREG(st.st_mode) and pid in (daemon.flock_holders(st, locks) or ())), None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,7 +168,8 @@ __all__ = [
     'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
     'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN',
     # for a program's own files: its logs, its pidfile when it names it itself, who locks one
-    'open_log', 'check_writable', 'default_pidfile', 'private_directory', 'locked_files',
+    'open_log', 'check_writable', 'default_pidfile', 'private_directory', 'open_files',
+    'flock_holders',
 ]                  # each optional section adds its own names
 
 # ---------------------------------------------------------------------------------------------
@@ -272,14 +273,17 @@ def current_user():
 LOG_ERR, LOG_WARNING, LOG_INFO = syslog.LOG_ERR, syslog.LOG_WARNING, syslog.LOG_INFO
 
 
-def log(message, stream=None, priority=LOG_INFO):
-    """Write one timestamped line to stderr (the daemon's log once detached).
+def log(message, stream=None, priority=LOG_INFO, exc=None):
+    """Write one timestamped line to stderr (the daemon's log once detached); with exc, the
+    exception's traceback after it (format_traceback(): never an error of its own).
 
     When that stream is journald's (systemd's JOURNAL_STREAM names it), every line starts with
     "<priority>" (sd-daemon(3)): journald strips it and files the line as an error (LOG_ERR),
     a warning (LOG_WARNING) or information.
     """
     stream = stream or sys.stderr
+    if exc is not None:
+        message = '%s\n%s' % (message, format_traceback(exc))
     try:
         text = '%s [%d] %s' % (time.strftime('%Y-%m-%d %H:%M:%S'), os.getpid(), message)
         stream.write(_with_priority(text, stream, priority) + '\n')
@@ -2107,18 +2111,6 @@ def open_files(pid):
             continue
 
 
-def locked_files(pid):
-    """The paths of the regular files on which process pid holds an flock() (a daemon's
-    pidfile): those it has open that /proc/locks says it locks.  None known without /proc."""
-    try:
-        with open('/proc/locks') as f:
-            locks = f.read()
-    except OSError:
-        return []
-    return [path for path, st in open_files(pid) if path.startswith('/') and
-            stat.S_ISREG(st.st_mode) and pid in (flock_holders(st, locks) or ())]
-
-
 def _has_open(pid, st):
     """Whether process pid has the file with stat st open."""
     for _, other in open_files(pid):
@@ -2756,8 +2748,7 @@ ACTION_HELP['upgrade'] = 'SIGUSR2: the daemon re-executes the code now on disk, 
 
 
 def upgrade_action(d):
-    """The `upgrade` action (a program that offers it registers it: d.add_action('upgrade',
-    upgrade_action)): SIGUSR2 to the daemon, then wait for its verdict and print it."""
+    """The `upgrade` action (a program that offers it calls self.allow_upgrade()): SIGUSR2 to the daemon, then wait for its verdict and print it."""
     pid, verdict = _signal_and_wait(d, 'upgrade', signal.SIGUSR2,
                                     UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5)
     return _verdict_status(d, pid, verdict, 'upgraded in place', 'upgrade failed: %s (pid %d)')
@@ -2824,7 +2815,12 @@ def _check_only(self):
 # What this section adds to Daemon (its functions that take self are Daemon's methods): the
 # hook the core calls (a no-op there), and the methods of a daemon that upgrades itself
 # (self.reexec(argv, ...), self.upgrade_done(error)).
+def allow_upgrade(self):
+    """Offer the `upgrade` action (upgrade_action) on this daemon's command line."""
+    self.add_action('upgrade', upgrade_action)
+
+
 Daemon._take_over = _takeover
 Daemon.reexec = reexec
 Daemon.upgrade_done = upgrade_done
-__all__.append('upgrade_action')
+Daemon.allow_upgrade = allow_upgrade
