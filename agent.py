@@ -2463,8 +2463,8 @@ class Connection:
         self.keep_alive = True
         self.version = (1, 1)       # of the request being answered: its Connection header
         self.last = None            # (head, Request) of the last request parsed here: frame()
-        self.deadline = worker.now + worker.header_timeout
-        self.idle_since = worker.now
+        self.deadline = worker.clock.now + worker.header_timeout
+        self.idle_since = worker.clock.now
         self.events = selectors.EVENT_READ
         self.registered = False
         self.status = 0
@@ -2523,7 +2523,7 @@ class Connection:
             return
         if not self.started:
             self.started = True
-            self.deadline = self.worker.now + self.worker.header_timeout
+            self.deadline = self.worker.clock.now + self.worker.header_timeout
         self.inbuf = self.inbuf + data if self.inbuf else data
         self.process()
 
@@ -2532,6 +2532,7 @@ class Connection:
         connection has had its share of the loop turn (TURN_REQUESTS, TURN_TIME): then the rest
         waits on the worker's ready list."""
         worker = self.worker
+        responder = worker.responder
         budget = TURN_REQUESTS
         ends = time.monotonic() + TURN_TIME
         while self.state == READING:
@@ -2541,7 +2542,7 @@ class Connection:
                 return
             budget -= 1
             req, self.inbuf, self.discard, self.last = frame(self.inbuf, self.discard,
-                                                             worker.max_header_size, self.last)
+                                                             responder.max_header_size, self.last)
             if req is None:
                 return
             if isinstance(req, HTTPError):
@@ -2557,14 +2558,14 @@ class Connection:
             self.agent = headers.get('user-agent', '')
             self.keep_alive = req.keep_alive and not worker.draining
             try:
-                worker.respond(self, req)
+                responder.respond(self, req)
             except HTTPError as exc:
                 self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD',
-                                   body=None if self.redirect else worker.responder.error_body(req, exc.status))
+                                   body=None if self.redirect else responder.error_body(req, exc.status))
             except Exception:
                 log('worker: error answering %r:\n%s' % (req.line, traceback.format_exc().rstrip()), priority=LOG_ERR)
                 self.respond_error(500, close=True, head_only=req.method == b'HEAD',
-                                   body=worker.responder.error_body(req, 500))
+                                   body=responder.error_body(req, 500))
 
     # -- SENDING --
 
@@ -2583,7 +2584,7 @@ class Connection:
             self.file, self.offset, self.remaining = file, offset, length
         self.body_in_out = len(body) or body_length     # body_length: what of `head` is body
         self.state = SENDING
-        self.deadline = self.worker.now + self.worker.idle_timeout
+        self.deadline = self.worker.clock.now + self.worker.idle_timeout
         self.send()
 
     def respond_error(self, status, headers=b'', close=False, head_only=False, body=None):
@@ -2592,14 +2593,14 @@ class Connection:
         worker = self.worker
         if body is None:
             body = ERROR_BODIES.get(status, b'')
-        data = error_response(status, worker.date, self.keep_alive, self.version, headers, head_only,
-                              COMMON_HEADERS if self.redirect else worker.common_headers, body)
+        data = error_response(status, worker.clock.date, self.keep_alive, self.version, headers, head_only,
+                              COMMON_HEADERS if self.redirect else worker.responder.common_headers, body)
         self.status = status
         self.sent = 0
         self.out = data
         self.body_in_out = 0 if head_only else len(body)
         self.state = SENDING
-        self.deadline = worker.now + worker.idle_timeout
+        self.deadline = worker.clock.now + worker.idle_timeout
         self.send()
 
     def send(self):
@@ -2638,7 +2639,7 @@ class Connection:
         self.finish_response()
 
     def wait_writable(self):
-        self.deadline = self.worker.now + self.worker.idle_timeout
+        self.deadline = self.worker.clock.now + self.worker.idle_timeout
         self.set_events(selectors.EVENT_WRITE)
 
     def finish_response(self, aborted=False):
@@ -2649,7 +2650,7 @@ class Connection:
         self.remaining = 0
         self.pieces = None
         self.sent += self.body_in_out
-        worker.access(self)
+        worker.access_log.write(self)
         if aborted or not self.keep_alive:
             self.close(linger=not aborted)
             return
@@ -2659,7 +2660,7 @@ class Connection:
         # iteration would tie, and the connection cap would close an arbitrary one of them
         # instead of the longest idle.
         self.idle_since = time.monotonic()
-        self.deadline = worker.now + (worker.header_timeout if self.inbuf else worker.idle_timeout)
+        self.deadline = worker.clock.now + (worker.header_timeout if self.inbuf else worker.idle_timeout)
         self.set_events(selectors.EVENT_READ)
 
     # -- LINGERING and CLOSED --
@@ -2689,7 +2690,7 @@ class Connection:
             else:
                 self.state = LINGERING
                 self.inbuf = b''
-                self.deadline = self.worker.now + LINGER_TIME
+                self.deadline = self.worker.clock.now + LINGER_TIME
                 self.set_events(selectors.EVENT_READ)
                 return
         self.state = CLOSED
@@ -2954,18 +2955,18 @@ class TLSConnection(Connection):
     def refuse_plain_http(self, line):
         """Plain HTTP on the HTTPS port: a plain 400 that says so, then a lingering close."""
         worker = self.worker
-        response, body_length = plain_http_refusal(line, worker.date)
+        response, body_length = plain_http_refusal(line, worker.clock.date)
         self.status, self.line, self.keep_alive = 400, line, False
         try:
             os.write(self.fd, response)     # nothing was sent yet: the buffer is empty
             self.sent = body_length
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            worker.access(self)
+            worker.access_log.write(self)
             return self.close()
-        worker.access(self)
+        worker.access_log.write(self)
         self.state = LINGERING          # the rest of the request is unread: no reset over the 400
-        self.deadline = worker.now + LINGER_TIME
+        self.deadline = worker.clock.now + LINGER_TIME
         self.set_events(selectors.EVENT_READ)
 
     def receive(self):
@@ -2987,7 +2988,7 @@ class TLSConnection(Connection):
             return Connection.close(self)   # nor to a client that has gone
         if not self.started:
             self.started = True
-            self.deadline = self.worker.now + self.worker.header_timeout
+            self.deadline = self.worker.clock.now + self.worker.header_timeout
         self.inbuf = self.inbuf + data if self.inbuf else data
         self.process()
 
@@ -3027,7 +3028,7 @@ class TLSConnection(Connection):
         except ssl.SSLWantWriteError:
             return self.wait_writable()
         except ssl.SSLWantReadError:
-            self.deadline = self.worker.now + self.worker.idle_timeout
+            self.deadline = self.worker.clock.now + self.worker.idle_timeout
             return self.set_events(selectors.EVENT_READ)
         except (BlockingIOError, InterruptedError):
             return self.wait_writable()
@@ -3127,15 +3128,15 @@ class Responder:
 
     It owns what answering needs and nothing of the loop: the root and the options about it,
     the open-file cache, the path cache, the image-header cache and the agent's own files.
-    The worker owns the sockets, the timers, the signals and the access log; the clock is the
-    worker's (anything with `now`, `wall` and `date`, cached once a loop iteration), so a
-    response never calls time() itself.  The path of a request reads top to bottom: respond()
+    The worker owns the sockets, the timers and the signals; the clock is the worker's Clock
+    (anything with `now`, `wall` and `date`, read once a loop iteration), so a response never
+    calls time() itself.  The path of a request reads top to bottom: respond()
     maps and stat()s the path, then respond_file(), respond_directory() or
     respond_thumbnail() build the head with response_head() and hand it to the connection.
 
     A separate class (not Worker methods) so that the request path can be read, and driven
-    (bench/resolve.py, the tests), without an event loop; Worker.respond is this respond(),
-    bound once, so the split costs no call on the hot path.
+    (bench/resolve.py, the tests), without an event loop; Connection.process calls respond()
+    directly.
     """
 
     def __init__(self, config, clock, own_files, common_headers=COMMON_HEADERS, https_port=443):
@@ -3609,91 +3610,21 @@ class LoadShare:
         return live > 1 and count > (sum(values) - live) / live + 1
 
 
-class Worker:
-    """Serves connections from the shared listening sockets until told to drain.
+class Clock:
+    """The time, read once a loop iteration (read()) and shared by everything the loop drives:
+    `now` (monotonic, for deadlines), `wall` (whole seconds), and what changes with it once a
+    second, the Date field and the access log's stamp.  So nothing on a request's path calls
+    time() itself."""
 
-    The loop, on one screen in serve(): wait for events (at most until the next second),
-    dispatch each to its callback, then the ready list (the connections that had their share of
-    the turn with work left: SEND_BUDGET, TURN_REQUESTS; no wait while it holds any), once a
-    second the timeouts, and the access-log lines.
-    """
+    __slots__ = ('now', 'wall', 'date', 'log_time')
 
-    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
-                 reopen_logs=None, share=None):
-        self.stop_timeout = config.stop_timeout
-        self.reopen_logs = reopen_logs          # USR1: the master's reopen_worker_logs()
-        self.header_timeout = config.header_timeout
-        self.idle_timeout = config.timeout
-        self.max_header_size = config.max_header_size
-        self.max_connections = config.max_connections
-        self.listeners = listeners
-        self.listener_by_fd = {sock.fileno(): sock for sock in listeners}
-        self.families = {sock: int(sock.family) for sock in listeners}
-        # What each listener serves: plain HTTP, HTTPS (with tls, the SSLContext), or redirects.
-        self.kinds = {sock: RedirectConnection if sock in redirects else
-                      TLSConnection if tls is not None else Connection for sock in listeners}
-        self.tls = tls
-        https_port = next((sock.getsockname()[1] for sock in listeners if sock not in redirects
-                           and sock.family in (socket.AF_INET, socket.AF_INET6)), 443)
-        self.common_headers = COMMON_HEADERS
-        if tls is not None and getattr(config, 'hsts', None) is not None:     # 0 withdraws HSTS
-            self.common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
-        self.accept_poll = None
-        self.access_fd = access_fd
-        self.access_log = getattr(config, 'access_log', None)    # its path, for the messages
-        self.lifeline = lifeline
-        self.selector = selectors.DefaultSelector()
-        self.escaped = {}               # raw access-log fields -> their escaped form
-        self.conns = set()
-        self.deferred = []              # the ready list (defer, run_deferred)
-        self.log_lines = []
-        self.log_backlog = bytearray()  # lines the access log could not take yet (ENOSPC...)
-        self.log_lost = 0               # lines beyond ACCESS_BACKLOG, dropped while it failed
-        self.log_failing = False
-        self.draining = False
-        self.drain_deadline = None
-        self.accepting = False
-        self.accept_paused_until = 0.0
-        self.out_of_fds = 0             # accept's pauses for want of a descriptor, in a row
-        self.share = share              # a LoadShare (with more than one worker), or None
-        self.signals = []
-        self.now = time.monotonic()
+    def __init__(self):
         self.wall = 0
         self.date = b''
         self.log_time = ''
-        self.clock()
-        self.responder = Responder(config, self, OwnFiles() if own_files is None else own_files,
-                                   self.common_headers, https_port)
-        self.respond = self.responder.respond     # bound once: Connection.process calls it
+        self.read()
 
-    # -- the loop --
-
-    def serve(self):
-        self.selector.register(self.lifeline, selectors.EVENT_READ, self.on_lifeline)
-        self.start_accepting()
-        next_tick = self.now + 1.0
-        while not self.draining or self.conns:
-            timeout = 0 if self.deferred else max(0.0, next_tick - self.now)
-            events = self.selector.select(timeout)
-            self.clock()
-            for key, mask in events:
-                key.data(mask)
-            if self.deferred:
-                self.run_deferred()
-            if self.signals:
-                self.handle_signals()
-            if self.now >= next_tick:
-                self.tick()
-                next_tick = self.now + 1.0
-            if self.log_lines:
-                self.flush_access_log()
-        self.flush_access_log(retry=True)
-        if self.log_backlog:
-            log('worker: exiting with %d access-log lines not written to %s'
-                % (self.log_backlog.count(b'\n'), self.access_log), priority=LOG_ERR)
-
-    def clock(self):
-        """Cache the time for this iteration; the Date and log stamps change once a second."""
+    def read(self):
         self.now = time.monotonic()
         wall = int(time.time())
         if wall != self.wall:
@@ -3701,64 +3632,169 @@ class Worker:
             self.date = http_date(wall).encode('ascii')
             self.log_time = log_date(wall)
 
-    def tick(self):
-        """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors,
-        and another try at an access log that could not be written."""
-        self.responder.files.close_deleted()
-        if self.log_failing:
-            self.flush_access_log(retry=True)
-        now = self.now
-        for conn in list(self.conns):
-            if now >= conn.deadline:
-                conn.cut()                  # header timeout, idle keep-alive, stalled send
-            elif self.draining and conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
-                conn.close()
-        if not self.draining and not self.accepting and now >= self.accept_paused_until \
-                and len(self.conns) < self.max_connections:
-            self.start_accepting()
-        if self.draining and self.drain_deadline is not None and now >= self.drain_deadline:
-            for conn in list(self.conns):
-                conn.cut()
 
-    # -- accepting --
+class AccessLog:
+    """A worker's access log: one Combined Log Format line for each response that ends
+    (write()), and the lines of a loop iteration in one write() at its end (flush()).
 
-    # The listening sockets sit in an epoll instance of their own, with EPOLLEXCLUSIVE, and
-    # the worker's selector watches that instance.  A new connection then wakes one worker,
-    # not all of them to race for one accept().  A worker that stops accepting takes its
-    # entries out, so the exclusive wake-up never goes to a worker that would ignore it.
+    While the log cannot be written (a full disk, a quota, an I/O error) the lines wait, up to
+    ACCESS_BACKLOG bytes, and the write is tried again once a second (retry()) or at a reopen:
+    once it works they go out in order, whole, before the new ones.  The failure is reported
+    once, and the return with the count of lines lost beyond the backlog, if any.
+    """
 
-    def start_accepting(self):
-        if self.accept_poll is None:
-            self.accept_poll = select.epoll()
-            self.selector.register(self.accept_poll, selectors.EVENT_READ, self.on_listeners)
+    def __init__(self, fd, path, clock):
+        self.fd = fd                    # None: --access-log off
+        self.path = path                # for the messages
+        self.clock = clock
+        self.escaped = {}               # raw fields -> their escaped form
+        self.lines = []                 # this iteration's
+        self.backlog = bytearray()      # lines the file could not take yet (ENOSPC...)
+        self.lost = 0                   # lines beyond ACCESS_BACKLOG, dropped while it failed
+        self.failing = False
+
+    def write(self, conn):
+        """The line of the response that just ended on conn."""
+        if self.fd is None:
+            return
+        escaped = self.escaped
+        line, referer, agent = conn.line, conn.referer or '-', conn.agent or '-'
+        try:
+            line, referer, agent = escaped[line], escaped[referer], escaped[agent]
+        except KeyError:
+            if len(escaped) > PATH_CACHE_SIZE:
+                escaped.clear()
+            for raw in (line, referer, agent):
+                escaped[raw] = escape_log(raw)
+            line, referer, agent = escaped[line], escaped[referer], escaped[agent]
+        self.lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
+            conn.peer, self.clock.log_time, line, conn.status, conn.sent or '-', referer, agent))
+
+    def retry(self):
+        """Once a second: another try at a log that could not be written."""
+        if self.failing:
+            self.flush(retry=True)
+
+    def flush(self, retry=False):
+        """Write the lines waiting, in one write (a failing log only when retry is true)."""
+        if self.fd is None:
+            self.lines = []
+            return
+        if self.lines:
+            data = ''.join(self.lines).encode('ascii', 'replace')
+            self.lines = []
+            if len(self.backlog) + len(data) <= ACCESS_BACKLOG:
+                self.backlog += data
+            else:
+                self.lost += data.count(b'\n')
+        if not self.backlog or self.failing and not retry:
+            return
+        backlog = self.backlog
+        try:
+            while backlog:
+                del backlog[:os.write(self.fd, backlog)]
+        except OSError as exc:
+            if not self.failing:
+                log('worker: cannot write the access log %s (%s); its lines wait (up to %d MiB) '
+                    'until it can be written' % (self.path, exc.strerror, ACCESS_BACKLOG >> 20),
+                    priority=LOG_ERR)
+                self.failing = True
+            return
+        if self.failing:
+            lost = ' (%d lines beyond the backlog were lost)' % self.lost if self.lost else ''
+            log('worker: access log %s writable again%s' % (self.path, lost), priority=LOG_WARNING)
+            self.failing = False
+            self.lost = 0
+
+    def close(self):
+        """At the worker's exit: a last try, and a word about what could not be written."""
+        self.flush(retry=True)
+        if self.backlog:
+            log('worker: exiting with %d access-log lines not written to %s'
+                % (self.backlog.count(b'\n'), self.path), priority=LOG_ERR)
+
+
+# The errors of accept() that say this process (or the system) is out of descriptors or memory.
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Acceptor:
+    """Takes a worker's new connections from the shared listening sockets: how many a wake-up
+    (all that are queued; one over the worker's LoadShare; TLS_ACCEPTS of TLS), the connection
+    cap (the longest-idle keep-alive connection makes room), and pauses: at the cap with none
+    idle, and out of descriptors.
+
+    The listening sockets sit in an epoll instance of their own, with EPOLLEXCLUSIVE, and the
+    loop's selector watches that instance.  A new connection then wakes one worker, not all of
+    them to race for one accept().  A worker that stops accepting takes its entries out, so the
+    exclusive wake-up never goes to a worker that would ignore it.
+    """
+
+    def __init__(self, loop, listeners, tls=None, redirects=(), share=None):
+        self.loop = loop                # the Worker: its connections, cap and selector
+        self.listeners = listeners
+        self.listener_by_fd = {sock.fileno(): sock for sock in listeners}
+        self.families = {sock: int(sock.family) for sock in listeners}
+        # What each listener serves: plain HTTP, HTTPS (with tls, the SSLContext), or redirects.
+        self.kinds = {sock: RedirectConnection if sock in redirects else
+                      TLSConnection if tls is not None else Connection for sock in listeners}
+        self.tls = tls
+        self.share = share              # a LoadShare (with more than one worker), or None
+        self.poll = None
+        self.accepting = False
+        self.paused_until = 0.0
+        self.out_of_fds = 0             # pauses for want of a descriptor, in a row
+
+    def start(self):
+        if self.poll is None:
+            self.poll = select.epoll()
+            self.loop.selector.register(self.poll, selectors.EVENT_READ, self.on_listeners)
         for sock in self.listeners:
-            self.accept_poll.register(sock, select.EPOLLIN | EPOLLEXCLUSIVE)
+            self.poll.register(sock, select.EPOLLIN | EPOLLEXCLUSIVE)
         self.accepting = True
 
-    def stop_accepting(self, pause=0.0):
+    def stop(self, pause=0.0):
         if self.accepting:
             for sock in self.listeners:
-                self.accept_poll.unregister(sock)
+                self.poll.unregister(sock)
             self.accepting = False
-        self.accept_paused_until = self.now + pause
+        self.paused_until = self.loop.clock.now + pause
+
+    def resume(self, room):
+        """Once a second: accept again after a pause, if the worker has room."""
+        if not self.accepting and room and self.loop.clock.now >= self.paused_until:
+            self.start()
+
+    def close(self):
+        """For good (the worker drains): the other workers take what is queued."""
+        self.stop()
+        if self.share is not None:
+            self.share.leave()              # the others' share no longer counts this one
+        for sock in self.listeners:
+            sock.close()
+
+    def publish(self, count):
+        if self.share is not None:
+            self.share.publish(count)
 
     def on_listeners(self, mask):
-        for fd, _ in self.accept_poll.poll(0):
+        for fd, _ in self.poll.poll(0):
             if self.accepting:
                 self.accept(self.listener_by_fd[fd])
 
     def accept(self, listener):
-        """Accept every pending connection, up to the cap; read at once what already came."""
-        for index in range(TLS_ACCEPTS if self.kinds[listener] is TLSConnection else 64):
-            if index and self.share is not None and self.share.over(len(self.conns)):
+        """Accept the pending connections the policy allows; each is served at once."""
+        loop = self.loop
+        kind = self.kinds[listener]
+        for index in range(TLS_ACCEPTS if kind is TLSConnection else 64):
+            if index and self.share is not None and self.share.over(len(loop.conns)):
                 return                      # over its share: one a wake-up (LoadShare)
             victim = None
-            if len(self.conns) >= self.max_connections:
-                victim = self.longest_idle()
+            if len(loop.conns) >= loop.max_connections:
+                victim = loop.longest_idle()
                 if victim is None:
-                    self.stop_accepting(pause=0.1)   # the backlog holds them; others may take them
+                    self.stop(pause=0.1)    # the backlog holds them; others may take them
                     return
-            kind = self.kinds[listener]
             try:
                 if kind is TLSConnection:
                     sock, address = accept_tls(listener, self.families[listener], self.tls)
@@ -3767,42 +3803,131 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: free one, or stop trying for a moment (no spinning).
-                    victim = self.longest_idle()
-                    if victim is None:
-                        # Said once while it lasts, not at every pause: under LimitNOFILE it
-                        # can last minutes, and a line a second per worker buries the journal.
-                        if not self.out_of_fds:
-                            log('worker: accept: %s; pausing accept for 1s at a time until a '
-                                'connection ends' % exc.strerror, priority=LOG_WARNING)
-                        self.out_of_fds += 1
-                        self.stop_accepting(pause=1.0)
-                        return
-                    victim.close()
-                    continue
+                if exc.errno in OUT_OF_DESCRIPTORS:
+                    if self.make_room(exc):
+                        continue
+                    return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
             if victim is not None:
-                victim.close()                  # at the cap: the longest-idle one makes room
+                victim.close()              # at the cap: the longest-idle one makes room
             if self.out_of_fds:
                 log('worker: accept: descriptors again, after %d pause(s)' % self.out_of_fds)
                 self.out_of_fds = 0
             peer = address[0] if isinstance(address, tuple) else 'unix'
             if peer.startswith('::ffff:'):
                 peer = peer[7:]
-            conn = kind(sock, peer or '-', self)
-            self.conns.add(conn)
-            if self.share is not None:
-                self.share.publish(len(self.conns))
-            # With deferred accept the request is usually here already: serve it at once, and
-            # register with epoll only if the connection has to wait (keep-alive, a slow
-            # client).  A Connection: close exchange then never touches epoll at all.
-            conn.on_event(selectors.EVENT_READ)
-            if conn.state != CLOSED:
-                self.selector.register(sock, conn.events, conn.on_event)
-                conn.registered = True
+            loop.serve_new(kind(sock, peer or '-', loop))
+
+    def make_room(self, exc):
+        """Out of descriptors: close the longest-idle connection (True: try again), or stop
+        trying for a second (no spinning)."""
+        victim = self.loop.longest_idle()
+        if victim is not None:
+            victim.close()
+            return True
+        # Said once while it lasts, not at every pause: under LimitNOFILE it can last
+        # minutes, and a line a second per worker buries the journal.
+        if not self.out_of_fds:
+            log('worker: accept: %s; pausing accept for 1s at a time until a connection ends'
+                % exc.strerror, priority=LOG_WARNING)
+        self.out_of_fds += 1
+        self.stop(pause=1.0)
+        return False
+
+
+class Worker:
+    """One process's event loop: serves connections from the shared listening sockets until
+    told to drain.
+
+    The loop, on one screen in serve(): wait for events (at most until the next second),
+    dispatch each to its callback, then the ready list (the connections that had their share of
+    the turn with work left: SEND_BUDGET, TURN_REQUESTS; no wait while it holds any), once a
+    second the timeouts, and the access-log lines.  What it drives has its own object: the
+    Clock, the Acceptor (new connections), each Connection, the Responder (a request to a
+    response) and the AccessLog.
+    """
+
+    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
+                 reopen_logs=None, share=None):
+        self.stop_timeout = config.stop_timeout
+        self.reopen_logs = reopen_logs          # USR1: the master's reopen_worker_logs()
+        self.header_timeout = config.header_timeout
+        self.idle_timeout = config.timeout
+        self.max_connections = config.max_connections
+        self.lifeline = lifeline
+        self.selector = selectors.DefaultSelector()
+        self.conns = set()
+        self.deferred = []              # the ready list (defer, run_deferred)
+        self.signals = []
+        self.draining = False
+        self.drain_deadline = None
+        self.clock = Clock()
+        self.access_log = AccessLog(access_fd, getattr(config, 'access_log', None), self.clock)
+        self.acceptor = Acceptor(self, listeners, tls, redirects, share)
+        https_port = next((sock.getsockname()[1] for sock in listeners if sock not in redirects
+                           and sock.family in (socket.AF_INET, socket.AF_INET6)), 443)
+        common_headers = COMMON_HEADERS
+        if tls is not None and getattr(config, 'hsts', None) is not None:     # 0 withdraws HSTS
+            common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
+        self.responder = Responder(config, self.clock, OwnFiles() if own_files is None else own_files,
+                                   common_headers, https_port)
+
+    # -- the loop --
+
+    def serve(self):
+        self.selector.register(self.lifeline, selectors.EVENT_READ, self.on_lifeline)
+        self.acceptor.start()
+        clock, access_log = self.clock, self.access_log
+        next_tick = clock.now + 1.0
+        while not self.draining or self.conns:
+            timeout = 0 if self.deferred else max(0.0, next_tick - clock.now)
+            events = self.selector.select(timeout)
+            clock.read()
+            for key, mask in events:
+                key.data(mask)
+            if self.deferred:
+                self.run_deferred()
+            if self.signals:
+                self.handle_signals()
+            if clock.now >= next_tick:
+                self.tick()
+                next_tick = clock.now + 1.0
+            if access_log.lines:
+                access_log.flush()
+        access_log.close()
+
+    def tick(self):
+        """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors,
+        and another try at an access log that could not be written."""
+        self.responder.files.close_deleted()
+        self.access_log.retry()
+        now = self.clock.now
+        for conn in list(self.conns):
+            if now >= conn.deadline:
+                conn.cut()                  # header timeout, idle keep-alive, stalled send
+            elif self.draining and conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
+                conn.close()
+        if not self.draining:
+            self.acceptor.resume(len(self.conns) < self.max_connections)
+        elif self.drain_deadline is not None and now >= self.drain_deadline:
+            for conn in list(self.conns):
+                conn.cut()
+
+    # -- connections --
+
+    def serve_new(self, conn):
+        """A connection just accepted.  With deferred accept the request is usually here
+        already: it is served at once, and registered with epoll only if the connection has
+        to wait (keep-alive, a slow client).  A Connection: close exchange then never touches
+        epoll at all."""
+        self.conns.add(conn)
+        self.acceptor.publish(len(self.conns))
+        conn.on_event(selectors.EVENT_READ)
+        if conn.state != CLOSED:
+            self.selector.register(conn.sock, conn.events, conn.on_event)
+            conn.registered = True
 
     def longest_idle(self):
         """The keep-alive connection idle the longest, or None (a scan: only at the cap)."""
@@ -3813,8 +3938,8 @@ class Worker:
         self.conns.discard(conn)
         if conn.registered:
             self.selector.unregister(conn.sock)
-        if self.share is not None and not self.draining:
-            self.share.publish(len(self.conns))
+        if not self.draining:
+            self.acceptor.publish(len(self.conns))
 
     def defer(self, conn):
         """Put conn on the ready list: it has had its share of this turn (SEND_BUDGET,
@@ -3828,63 +3953,6 @@ class Worker:
         for conn in deferred:
             if conn.queued:                 # not closed meanwhile
                 conn.resume()
-
-    # -- the access log --
-
-    def access(self, conn):
-        """One Combined Log Format line for the response that just ended."""
-        if self.access_fd is None:
-            return
-        escaped = self.escaped
-        line, referer, agent = conn.line, conn.referer or '-', conn.agent or '-'
-        try:
-            line, referer, agent = escaped[line], escaped[referer], escaped[agent]
-        except KeyError:
-            if len(escaped) > PATH_CACHE_SIZE:
-                escaped.clear()
-            for raw in (line, referer, agent):
-                escaped[raw] = escape_log(raw)
-            line, referer, agent = escaped[line], escaped[referer], escaped[agent]
-        self.log_lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
-            conn.peer, self.log_time, line, conn.status, conn.sent or '-', referer, agent))
-
-    def flush_access_log(self, retry=False):
-        """Write the lines of this iteration in one write.
-
-        While the log cannot be written (a full disk, a quota, an I/O error) the lines wait, up
-        to ACCESS_BACKLOG bytes, and the write is tried again once a second (tick) or at a
-        reopen (retry): once it works they go out in order, whole, before the new ones.  The
-        failure is reported once, and the return with the count of lines lost beyond the
-        backlog, if any.
-        """
-        if self.access_fd is None:
-            self.log_lines = []
-            return
-        if self.log_lines:
-            data = ''.join(self.log_lines).encode('ascii', 'replace')
-            self.log_lines = []
-            if len(self.log_backlog) + len(data) <= ACCESS_BACKLOG:
-                self.log_backlog += data
-            else:
-                self.log_lost += data.count(b'\n')
-        if not self.log_backlog or self.log_failing and not retry:
-            return
-        backlog = self.log_backlog
-        try:
-            while backlog:
-                del backlog[:os.write(self.access_fd, backlog)]
-        except OSError as exc:
-            if not self.log_failing:
-                log('worker: cannot write the access log %s (%s); its lines wait (up to %d MiB) '
-                    'until it can be written' % (self.access_log, exc.strerror, ACCESS_BACKLOG >> 20),
-                    priority=LOG_ERR)
-                self.log_failing = True
-            return
-        if self.log_failing:
-            lost = ' (%d lines beyond the backlog were lost)' % self.log_lost if self.log_lost else ''
-            log('worker: access log %s writable again%s' % (self.access_log, lost), priority=LOG_WARNING)
-            self.log_failing = False
-            self.log_lost = 0
 
     # -- signals and the master --
 
@@ -3914,7 +3982,7 @@ class Worker:
             elif signum == signal.SIGUSR1:
                 if self.reopen_logs is not None:
                     self.reopen_logs()
-                self.flush_access_log(retry=True)   # the new file may take what the old did not
+                self.access_log.flush(retry=True)   # the new file may take what the old did not
 
     def on_lifeline(self, mask):
         """The master is gone: stop at once (the port must be free for its successor)."""
@@ -3926,15 +3994,12 @@ class Worker:
         if self.draining:
             return
         self.draining = True
-        self.stop_accepting()
-        if self.share is not None:
-            self.share.leave()              # the others' share no longer counts this one
-        for sock in self.listeners:
-            sock.close()
+        self.acceptor.close()
+        now = self.clock.now
         if deadline is not None:
-            self.drain_deadline = self.now + deadline
+            self.drain_deadline = now + deadline
         for conn in list(self.conns):
-            if conn.idle() and self.now - conn.idle_since >= DRAIN_GRACE:
+            if conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
                 conn.close()
 
 

@@ -6722,17 +6722,17 @@ class PipelineFairnessTests(unittest.TestCase):
             self.assertEqual((scandir.call_count, build.call_count), (1, 2))
             # A second later the page is built again (sizes change in place), and the directory
             # read again: it changed within the second before the scan.
-            self.worker.now += agent.PAGE_TTL
+            self.worker.clock.now += agent.PAGE_TTL
             self.assertEqual(self.page().body, get.body)
             self.assertEqual((scandir.call_count, build.call_count), (2, 3))
             # A directory that has not changed for a second keeps its catalog CATALOG_TTL.
-            self.worker.wall = int(time.time()) + 60
-            self.worker.now += agent.PAGE_TTL
+            self.worker.clock.wall = int(time.time()) + 60
+            self.worker.clock.now += agent.PAGE_TTL
             self.page()
-            self.worker.now += agent.PAGE_TTL
+            self.worker.clock.now += agent.PAGE_TTL
             self.page()
             self.assertEqual((scandir.call_count, build.call_count), (3, 5))
-            self.worker.now += agent.CATALOG_TTL
+            self.worker.clock.now += agent.CATALOG_TTL
             self.page()
             self.assertEqual(scandir.call_count, 4)
 
@@ -7857,9 +7857,9 @@ class GalleryInProcessTests(unittest.TestCase):
                                                            b''.join(h.encode() + b'\r\n' for h in headers))
         # The clock a minute ahead: the directory's last change is long past, which is when a
         # cache keyed by its stamps would keep a listing.
-        self.worker.clock()
-        self.worker.wall = int(time.time()) + 60
-        self.worker.now += self.later       # PAGE_TTL past, where a test says so
+        self.worker.clock.read()
+        self.worker.clock.wall = int(time.time()) + 60
+        self.worker.clock.now += self.later       # PAGE_TTL past, where a test says so
         self.responder.respond(conn, agent.parse_request(raw)[0])
         self.assertEqual(conn.status, status, conn.head)
         return conn
