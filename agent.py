@@ -2440,11 +2440,39 @@ LINGERING = 'lingering'     # response sent, write side shut: reading and droppi
 CLOSED = 'closed'
 
 
+class Reply:
+    """The response in flight on a connection, and what its access-log line says.  One for
+    each connection, filled again for each of its responses (no allocation a request): a
+    connection sends one response at a time.
+
+    out goes first, then `remaining` bytes of file from offset, then each of pieces (a
+    multipart/byteranges response's part heads and ranges) the same way.  sent counts the
+    body bytes: those of out as they are queued (a response cut short still counts them, as
+    the log always has), those of the file as they go."""
+
+    __slots__ = ('status', 'out', 'file', 'offset', 'remaining', 'pieces', 'sent', 'line',
+                 'referer', 'agent')
+
+    def __init__(self):
+        self.status = 0
+        self.out = b''
+        self.file = None            # an OpenFile, referenced (refs) while it is sent from
+        self.offset = self.remaining = 0
+        self.pieces = None          # what follows out and the file range: [(bytes, offset, count)]
+        self.sent = 0
+        self.line = b''             # the request line, Referer and User-Agent, for the log
+        self.referer = self.agent = ''
+
+    def release(self):
+        if self.file is not None:
+            self.file.release()
+            self.file = None
+
+
 class Connection:
-    __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'out', 'file',
-                 'offset', 'remaining', 'keep_alive', 'deadline', 'idle_since', 'events',
-                 'status', 'sent', 'body_in_out', 'line', 'referer', 'agent', 'started',
-                 'registered', 'version', 'last', 'pieces', 'queued')
+    __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'reply', 'keep_alive',
+                 'deadline', 'idle_since', 'events', 'started', 'registered', 'version', 'last',
+                 'queued')
 
     redirect = False            # a RedirectConnection answers every request with a 301
 
@@ -2456,10 +2484,7 @@ class Connection:
         self.state = READING
         self.inbuf = b''
         self.discard = 0            # request body bytes still to be read and dropped, or a ChunkedBody
-        self.out = b''
-        self.file = None
-        self.offset = self.remaining = 0
-        self.pieces = None          # what follows out and the file range: [(bytes, offset, count)]
+        self.reply = Reply()
         self.keep_alive = True
         self.version = (1, 1)       # of the request being answered: its Connection header
         self.last = None            # (head, Request) of the last request parsed here: frame()
@@ -2467,11 +2492,6 @@ class Connection:
         self.idle_since = worker.clock.now
         self.events = selectors.EVENT_READ
         self.registered = False
-        self.status = 0
-        self.sent = 0
-        self.body_in_out = 0
-        self.line = b''
-        self.referer = self.agent = ''
         self.started = False        # bytes of a request have arrived since the last response
         self.queued = False         # on the worker's ready list: resume() is its next turn
 
@@ -2510,17 +2530,25 @@ class Connection:
 
     # -- READING --
 
-    def receive(self):
+    def read(self):
+        """recv(): bytes; b'' at the end, or for an error (either way the connection is over);
+        None while nothing more has come."""
         try:
-            data = self.sock.recv(RECV_SIZE)
+            return self.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError:
+            return b''
+
+    def receive(self):
+        data = self.read()
+        if data:
+            self.received(data)
+        elif data is not None:
             self.close()
-            return
-        if not data:
-            self.close()
-            return
+
+    def received(self, data):
+        """Bytes of requests have come: the header timeout runs from the first of them."""
         if not self.started:
             self.started = True
             self.deadline = self.worker.clock.now + self.worker.header_timeout
@@ -2533,6 +2561,7 @@ class Connection:
         waits on the worker's ready list."""
         worker = self.worker
         responder = worker.responder
+        reply = self.reply
         budget = TURN_REQUESTS
         ends = time.monotonic() + TURN_TIME
         while self.state == READING:
@@ -2546,16 +2575,16 @@ class Connection:
             if req is None:
                 return
             if isinstance(req, HTTPError):
-                self.line = req.request_line
-                self.referer = self.agent = ''
+                reply.line = req.request_line
+                reply.referer = reply.agent = ''
                 self.version = (1, 1)
                 self.respond_error(req.status, req.headers, close=True, head_only=req.head_only)
                 continue
-            self.line = req.line
+            reply.line = req.line
             self.version = req.version
             headers = req.headers
-            self.referer = headers.get('referer', '')
-            self.agent = headers.get('user-agent', '')
+            reply.referer = headers.get('referer', '')
+            reply.agent = headers.get('user-agent', '')
             self.keep_alive = req.keep_alive and not worker.draining
             try:
                 responder.respond(self, req)
@@ -2575,14 +2604,14 @@ class Connection:
 
         pieces (a multipart/byteranges response) are more (bytes, offset, count) of the same
         file, sent in order after the first range; their bytes count as body in the log."""
-        self.status = status
-        self.pieces = pieces
-        self.sent = 0
-        self.out = head + body if body else head
+        reply = self.reply
+        reply.status = status
+        reply.pieces = pieces
+        reply.out = head + body if body else head
         if file is not None and length:
             file.refs += 1
-            self.file, self.offset, self.remaining = file, offset, length
-        self.body_in_out = len(body) or body_length     # body_length: what of `head` is body
+            reply.file, reply.offset, reply.remaining = file, offset, length
+        reply.sent = len(body) or body_length       # body_length: what of `head` is body
         self.state = SENDING
         self.deadline = self.worker.clock.now + self.worker.idle_timeout
         self.send()
@@ -2593,12 +2622,11 @@ class Connection:
         worker = self.worker
         if body is None:
             body = ERROR_BODIES.get(status, b'')
-        data = error_response(status, worker.clock.date, self.keep_alive, self.version, headers, head_only,
-                              COMMON_HEADERS if self.redirect else worker.responder.common_headers, body)
-        self.status = status
-        self.sent = 0
-        self.out = data
-        self.body_in_out = 0 if head_only else len(body)
+        reply = self.reply
+        reply.status = status
+        reply.out = error_response(status, worker.clock.date, self.keep_alive, self.version, headers, head_only,
+                                   COMMON_HEADERS if self.redirect else worker.responder.common_headers, body)
+        reply.sent = 0 if head_only else len(body)
         self.state = SENDING
         self.deadline = worker.clock.now + worker.idle_timeout
         self.send()
@@ -2606,31 +2634,32 @@ class Connection:
     def send(self):
         """Send out, then the file range with sendfile(), then the same for each of pieces."""
         sock = self.sock
+        reply = self.reply
         budget = SEND_BUDGET
         try:
             while True:
-                if self.out:
-                    n = sock.send(self.out, socket.MSG_MORE if self.remaining or self.pieces else 0)
-                    self.out = self.out[n:]
-                    if self.out:
+                if reply.out:
+                    n = sock.send(reply.out, socket.MSG_MORE if reply.remaining or reply.pieces else 0)
+                    reply.out = reply.out[n:]
+                    if reply.out:
                         return self.wait_writable()
-                while self.remaining:
-                    n = os.sendfile(self.fd, self.file.fd, self.offset, min(self.remaining, SENDFILE_CHUNK))
+                while reply.remaining:
+                    n = os.sendfile(self.fd, reply.file.fd, reply.offset, min(reply.remaining, SENDFILE_CHUNK))
                     if n == 0:              # the file shrank under us: the response cannot end well
                         self.keep_alive = False
-                        self.pieces = None
+                        reply.pieces = None
                         break
-                    self.offset += n
-                    self.remaining -= n
-                    self.sent += n
+                    reply.offset += n
+                    reply.remaining -= n
+                    reply.sent += n
                     budget -= n
-                    if budget <= 0 and (self.remaining or self.pieces):
+                    if budget <= 0 and (reply.remaining or reply.pieces):
                         self.worker.defer(self)     # let the other connections have a turn
                         return
-                if not self.pieces:
+                if not reply.pieces:
                     break
-                self.out, self.offset, self.remaining = self.pieces.pop(0)
-                self.body_in_out += len(self.out)
+                reply.out, reply.offset, reply.remaining = reply.pieces.pop(0)
+                reply.sent += len(reply.out)
         except (BlockingIOError, InterruptedError):
             return self.wait_writable()
         except OSError:
@@ -2644,12 +2673,10 @@ class Connection:
 
     def finish_response(self, aborted=False):
         worker = self.worker
-        if self.file is not None:
-            self.file.release()
-            self.file = None
-        self.remaining = 0
-        self.pieces = None
-        self.sent += self.body_in_out
+        reply = self.reply
+        reply.release()
+        reply.remaining = 0
+        reply.pieces = None
         worker.access_log.write(self)
         if aborted or not self.keep_alive:
             self.close(linger=not aborted)
@@ -2694,9 +2721,7 @@ class Connection:
                 self.set_events(selectors.EVENT_READ)
                 return
         self.state = CLOSED
-        if self.file is not None:
-            self.file.release()
-            self.file = None
+        self.reply.release()
         self.worker.forget(self)
         try:
             self.sock.close()
@@ -2704,18 +2729,12 @@ class Connection:
             pass
 
     def linger(self):
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b''
-        if not data:
+        if self.read() == b'':
             self.close()
 
     def set_events(self, events):
         if not self.registered:
-            self.events = events            # accept() registers it once it has to wait
+            self.events = events            # Worker.serve_new registers it once it has to wait
         elif events != self.events:
             self.events = events
             self.worker.selector.modify(self.sock, events, self.on_event)
@@ -2956,10 +2975,11 @@ class TLSConnection(Connection):
         """Plain HTTP on the HTTPS port: a plain 400 that says so, then a lingering close."""
         worker = self.worker
         response, body_length = plain_http_refusal(line, worker.clock.date)
-        self.status, self.line, self.keep_alive = 400, line, False
+        reply = self.reply
+        reply.status, reply.line, self.keep_alive = 400, line, False
         try:
             os.write(self.fd, response)     # nothing was sent yet: the buffer is empty
-            self.sent = body_length
+            reply.sent = body_length
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             worker.access_log.write(self)
@@ -2986,11 +3006,7 @@ class TLSConnection(Connection):
         self.set_events(selectors.EVENT_READ)
         if not data:
             return Connection.close(self)   # nor to a client that has gone
-        if not self.started:
-            self.started = True
-            self.deadline = self.worker.clock.now + self.worker.header_timeout
-        self.inbuf = self.inbuf + data if self.inbuf else data
-        self.process()
+        self.received(data)
 
     def send(self):
         """Send out, then the file range in TLS_CHUNK reads, then the same for each of pieces, up to
@@ -3000,29 +3016,30 @@ class TLSConnection(Connection):
         shrinks by what a write took.  sent counts a file chunk once it is read.
         """
         sock = self.sock
+        reply = self.reply
         budget = SEND_BUDGET
         try:
             while True:
-                if not self.out:
-                    if not self.remaining:
-                        if not self.pieces:
+                if not reply.out:
+                    if not reply.remaining:
+                        if not reply.pieces:
                             break
-                        self.out, self.offset, self.remaining = self.pieces.pop(0)   # a part head
-                        self.body_in_out += len(self.out)
+                        reply.out, reply.offset, reply.remaining = reply.pieces.pop(0)   # a part head
+                        reply.sent += len(reply.out)
                         continue
-                    chunk = os.pread(self.file.fd, min(self.remaining, TLS_CHUNK), self.offset)
+                    chunk = os.pread(reply.file.fd, min(reply.remaining, TLS_CHUNK), reply.offset)
                     if not chunk:           # the file shrank under us: the response cannot end well
                         self.keep_alive = False
-                        self.pieces = None
+                        reply.pieces = None
                         break
-                    self.offset += len(chunk)
-                    self.remaining -= len(chunk)
-                    self.sent += len(chunk)
-                    self.out = chunk
-                n = sock.send(self.out[:TLS_CHUNK])
-                self.out = self.out[n:]
+                    reply.offset += len(chunk)
+                    reply.remaining -= len(chunk)
+                    reply.sent += len(chunk)
+                    reply.out = chunk
+                n = sock.send(reply.out[:TLS_CHUNK])
+                reply.out = reply.out[n:]
                 budget -= n
-                if budget <= 0 and (self.out or self.remaining or self.pieces):
+                if budget <= 0 and (reply.out or reply.remaining or reply.pieces):
                     self.worker.defer(self)     # let the other connections have a turn
                     return
         except ssl.SSLWantWriteError:
@@ -3658,7 +3675,8 @@ class AccessLog:
         if self.fd is None:
             return
         escaped = self.escaped
-        line, referer, agent = conn.line, conn.referer or '-', conn.agent or '-'
+        reply = conn.reply
+        line, referer, agent = reply.line, reply.referer or '-', reply.agent or '-'
         try:
             line, referer, agent = escaped[line], escaped[referer], escaped[agent]
         except KeyError:
@@ -3668,7 +3686,7 @@ class AccessLog:
                 escaped[raw] = escape_log(raw)
             line, referer, agent = escaped[line], escaped[referer], escaped[agent]
         self.lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
-            conn.peer, self.clock.log_time, line, conn.status, conn.sent or '-', referer, agent))
+            conn.peer, self.clock.log_time, line, reply.status, reply.sent or '-', referer, agent))
 
     def retry(self):
         """Once a second: another try at a log that could not be written."""
