@@ -1441,12 +1441,11 @@ class ImageInfoCache:
     changed in any way has a new ctime, so a new key; old keys age out (first in, first out)."""
 
     def __init__(self, size=IMAGE_INFO_CACHE):
-        self.size = size
-        self.infos = {}
+        self.infos = Cache(size)
 
     def get(self, path, st, name, fd=None, opener=None):
         """The ImageInfo (or None) of a regular file; unless fd is given, path is opened with
-        opener (Worker.open_checked: a descriptor checked to be in the root, and its stat)."""
+        opener (Responder.open_checked: a descriptor checked to be in the root, and its stat)."""
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         try:
             return self.infos[key]
@@ -1466,9 +1465,7 @@ class ImageInfoCache:
                     os.close(fd)
         except (OSError, ValueError, HTTPError):
             return None                         # unreadable, gone, or outside the root
-        if len(self.infos) >= self.size:
-            del self.infos[next(iter(self.infos))]
-        self.infos[key] = info
+        self.infos.store(key, info)
         return info
 
 
@@ -1476,7 +1473,7 @@ class ImageInfoCache:
 # The gallery page: a directory listed as a grid of thumbnails, pure logic
 # ---------------------------------------------------------------------------------------------
 #
-# For a page not built within PAGE_TTL (PageCache, in the Files section), the worker scans a
+# For a page not built within PAGE_TTL (Responder.pages, a Cache), the worker scans a
 # directory (unless its catalog is kept: CATALOG_TTL) into (name, is_dir, stat) entries, typed
 # by readdir with no stat (only symlinks and special files are stat()ed), stat()s the entries
 # on the page (all of them to sort by date or size) and reads their image headers
@@ -2126,46 +2123,72 @@ CATALOG_TTL = 10.0
 CATALOG_ENTRY_BYTES = 200       # what one entry of a catalog costs, counted in PAGE_CACHE_BYTES
 
 
-class PageCache:
-    """Pages built from a directory listing, by everything that makes one page differ from
-    another: the path, its URL, the sort, the page number, the format, the directory's stamps
-    (dev, ino, mtime, ctime) and OwnFiles.added (a log reopened under the root is listed by
-    no page); and the catalogs they are cut from.  An entry serves until the time it was
-    stored with (PAGE_TTL, CATALOG_TTL); past PAGE_CACHE_ENTRIES or PAGE_CACHE_BYTES the oldest
-    goes first, the one eviction rule.
+# ---------------------------------------------------------------------------------------------
+# Files: what the workers keep open
+# ---------------------------------------------------------------------------------------------
 
-    One owner for each thing: the worker's other caches are FileCache (open files, checked by
-    stat() on every request), ImageInfoCache (image headers by inode and ctime),
-    Responder.paths (a request target's mapping) and Worker.escaped (access-log fields); none
-    of them keeps a page.
+class Cache(dict):
+    """The one cache type of a worker: key -> value, oldest first, bounded by a number of
+    entries and, for some, a budget of bytes.  The one eviction rule: past either bound, the
+    oldest go.  A lookup is the dict's own (no Python call on the request's path); what a
+    value depends on is checked by its user, which drop()s a stale one.
+
+    What a worker caches, all of it (each built once, by Responder or AccessLog):
+      Responder.files   FileCache: open files by path, FILE_CACHE_SIZE; valid while a fresh
+                        stat() of the path shows the same file (FileCache.current); small
+                        files' content too, while bodies take BODY_BUDGET at most
+      Responder.paths   a request target's mapping (map_target), PATH_CACHE_SIZE; pure
+      Responder.images  ImageInfoCache: image headers, IMAGE_INFO_CACHE, keyed by the file's
+                        (dev, ino, mtime, ctime), so a changed file has a new key
+      Responder.pages   gallery pages and directory catalogs, PAGE_CACHE_ENTRIES and
+                        PAGE_CACHE_BYTES, keyed by the directory's stamps and stored with the
+                        time they serve until (PAGE_TTL, CATALOG_TTL: until())
+      AccessLog.escaped access-log fields escaped (escape_log), PATH_CACHE_SIZE; pure
+    Not caches, and not bounded on their own: an OpenFile's last 200 head (rebuilt when the
+    Date changes, once a second) and a connection's last parsed head (frame()'s `last`); each
+    goes with what holds it.
     """
 
-    def __init__(self, entries=PAGE_CACHE_ENTRIES, budget=PAGE_CACHE_BYTES):
+    def __init__(self, entries, budget=None):
+        dict.__init__(self)
         self.entries = entries
-        self.budget = budget
-        self.pages = {}             # key -> (until, page, size), oldest first
+        self.budget = budget        # bytes, or None: a bound in entries alone
         self.bytes = 0
+        self.sizes = {}             # key -> the bytes its value counts, where not 0
 
-    def get(self, key, now):
-        found = self.pages.get(key)
+    def store(self, key, value, size=0):
+        """Keep value under key, in place of any older one; past the bounds the oldest go.  A
+        value larger than the whole budget is not kept."""
+        self.drop(key)
+        if self.budget is not None and size > self.budget:
+            return
+        self[key] = value
+        if size:
+            self.sizes[key] = size
+            self.bytes += size
+        while len(self) > self.entries or self.budget is not None and self.bytes > self.budget:
+            self.drop(next(iter(self)))
+
+    def drop(self, key):
+        """Take out key's value, if there is one: stale, or the oldest past a bound."""
+        if key in self:
+            self.bytes -= self.sizes.pop(key, 0)
+            self.dropped(self.pop(key))
+
+    def dropped(self, value):
+        """Called with each value that leaves the cache (FileCache closes its descriptor)."""
+
+    def until(self, key, now):
+        """The value stored as (until, value), while now is before until; else None."""
+        found = self.get(key)
         if found is not None and now < found[0]:
             return found[1]
         return None
 
-    def store(self, key, until, page, size):
-        if key in self.pages:
-            self.bytes -= self.pages.pop(key)[2]
-        if size > self.budget:
-            return
-        self.pages[key] = (until, page, size)
-        self.bytes += size
-        while len(self.pages) > self.entries or self.bytes > self.budget:
-            self.bytes -= self.pages.pop(next(iter(self.pages)))[2]
+    def clear(self):
+        for key in list(self):
+            self.drop(key)
 
-
-# ---------------------------------------------------------------------------------------------
-# Files: what the workers keep open
-# ---------------------------------------------------------------------------------------------
 
 class OpenFile:
     """An open file with its validators and the header bytes of its 200 response."""
@@ -2212,78 +2235,64 @@ class OpenFile:
             os.close(self.fd)
 
 
-class FileCache:
+class FileCache(Cache):
     """Open files by path, checked against a fresh stat() on every request.
 
     A stat is one cheap syscall; it is what makes a file that changed or vanished on disk never
     served stale: an entry is used only while (device, inode, size, mtime, ctime) are unchanged.
     A hit saves the open, the check that the file is inside the root, and the header formatting.
-    What enters the cache was opened and checked by Worker.open_file, on the descriptor itself.
+    What enters the cache was opened and checked by Responder.open_file, on the descriptor itself.
 
-    Files up to SMALL_FILE bytes also keep their content, within BODY_BUDGET per worker: their
-    200 goes out in one send() with its head instead of a send() and a sendfile().  (Their
-    head + content is kept too, rebuilt once a second: at most BODY_BUDGET more.)  Measured
-    with wrk on 1 KB and 20 KB files, that is 15-20 % less CPU per request.  Everything else
-    (large files, ranges) goes out with sendfile() and is never read into memory.
+    Files up to SMALL_FILE bytes also keep their content, while the bodies kept take less than
+    BODY_BUDGET per worker (the bytes this Cache counts): their 200 goes out in one send() with
+    its head instead of a send() and a sendfile().  (Their head + content is kept too, rebuilt
+    once a second: at most BODY_BUDGET more.)  Measured with wrk on 1 KB and 20 KB files, that
+    is 15-20 % less CPU per request.  Everything else (large files, ranges) goes out with
+    sendfile() and is never read into memory.
 
     Once a second, close_deleted() drops the entries of files deleted since they were opened,
     so a cached descriptor never pins the disk space of a deleted file for long.
     """
 
     def __init__(self, size=FILE_CACHE_SIZE):
-        self.size = size
-        self.files = {}
-        self.body_bytes = 0
+        Cache.__init__(self, size)
 
-    def get(self, path, st):
+    def current(self, path, st):
         """The cached entry for path if it is still the file that st describes, else None."""
-        entry = self.files.get(path)
+        entry = self.get(path)
         if entry is None:
             return None
         if entry.key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
             return entry                    # file_key(st), inlined: this runs on every request
-        self.evict(path)
+        self.drop(path)
         return None
 
     def store(self, path, entry):
-        if path in self.files:
-            self.evict(path)
-        if len(self.files) >= self.size:
-            self.evict(next(iter(self.files)))
-        if 0 < entry.size <= SMALL_FILE and self.body_bytes + entry.size <= BODY_BUDGET:
+        self.drop(path)
+        size = 0
+        if 0 < entry.size <= SMALL_FILE and self.bytes + entry.size <= BODY_BUDGET:
             body = os.pread(entry.fd, entry.size, 0)
             if len(body) == entry.size:             # else it is changing: sendfile it
                 entry.body = body
-                self.body_bytes += entry.size
-        self.files[path] = entry
+                size = entry.size
+        Cache.store(self, path, entry, size)
 
-    def discard(self, path):
-        if path in self.files:
-            self.evict(path)
-
-    def evict(self, path):
-        entry = self.files.pop(path)
-        if entry.body is not None:
-            self.body_bytes -= entry.size
-            entry.body = entry.whole = None
+    def dropped(self, entry):
+        entry.body = entry.whole = None
         entry.evicted = True
         if entry.refs == 0:
             os.close(entry.fd)
 
     def close_deleted(self):
-        """Evict the entries whose file has no name left (a response in flight keeps its fd
+        """Drop the entries whose file has no name left (a response in flight keeps its fd
         until it ends)."""
-        for path, entry in list(self.files.items()):
+        for path, entry in list(self.items()):
             try:
                 gone = os.fstat(entry.fd).st_nlink == 0
             except OSError:
                 gone = True
             if gone:
-                self.evict(path)
-
-    def clear(self):
-        for path in list(self.files):
-            self.evict(path)
+                self.drop(path)
 
 
 class OwnFiles:
@@ -2325,7 +2334,7 @@ class OwnFiles:
         self.inodes = set()         # st_ino alone: a cheap first test for directory entries
         self.dirs = {}              # (st_dev, st_ino) of a directory -> names of ours in it
         self.names = ()             # every such name, for one str.startswith() per request
-        self.added = 0              # add()s and new identities: part of PageCache keys
+        self.added = 0              # add()s and new identities: part of the page cache's keys
         self.paths = {}             # (st_dev, st_ino) of a directory -> its path
         self.listed = {}            # (st_dev, st_ino) of a directory -> (mtime, ctime) listed
 
@@ -3168,10 +3177,11 @@ class Responder:
         self.https_port = https_port        # where a redirect from plain HTTP points
         self.clock = clock
         self.own_files = own_files
+        # Its caches (Cache lists them all, with their bounds):
         self.files = FileCache()
         self.images = ImageInfoCache()
-        self.pages = PageCache()
-        self.paths = {}                     # request target -> (path, relative, trailing, query)
+        self.pages = Cache(PAGE_CACHE_ENTRIES, PAGE_CACHE_BYTES)
+        self.paths = Cache(PATH_CACHE_SIZE)     # target -> (path, relative, trailing, slash, query)
         self.file_error_logged = -1.0
 
     def respond(self, conn, req):
@@ -3194,14 +3204,12 @@ class Responder:
             # up to its last '/': so the page is only where that '/' ends the path (not after
             # '%2F', '.' or '..'); elsewhere a directory is a 301 to its own URL.
             mapped = (path, relative, trailing, raw_path.endswith(b'/'), query)
-            if len(self.paths) >= PATH_CACHE_SIZE:
-                self.paths.clear()
-            self.paths[req.target] = mapped
+            self.paths.store(req.target, mapped)
         path, relative, trailing, slash, query = mapped
         try:
             st = os.stat(path)
         except (OSError, ValueError) as exc:
-            self.files.discard(path)        # deleted: its descriptor must not pin the space
+            self.files.drop(path)           # deleted: its descriptor must not pin the space
             raise self.file_error(exc)
         self.own_files.refresh()            # a rotation compressed since the last request
         if self.own_files.hides(path, st):
@@ -3210,7 +3218,7 @@ class Responder:
             return self.respond_directory(conn, req, path, relative, slash, query)
         if trailing:
             raise HTTPError(404)            # /img.jpg/ names a directory that does not exist
-        entry = self.files.get(path, st)
+        entry = self.files.current(path, st)
         if entry is None:
             entry = self.open_file(path)
             self.files.store(path, entry)
@@ -3413,7 +3421,7 @@ class Responder:
             raise self.file_error(exc)
         if not stat.S_ISREG(st.st_mode) or self.own_files.hides(index, st):
             return None
-        entry = self.files.get(index, st)
+        entry = self.files.current(index, st)
         if entry is None:
             entry = self.open_file(index)
             self.files.store(index, entry)
@@ -3482,7 +3490,7 @@ class Responder:
         return fresh
 
     def respond_gallery(self, conn, req, fd, path, url_path, query):
-        """The gallery page (or its JSON) of the directory open at fd: from the PageCache if
+        """The gallery page (or its JSON) of the directory open at fd: from the page cache if
         it was built within PAGE_TTL; else 304 if the ETag still matches, else the image headers
         of the entries on the page are read (or found cached) and the page is built and kept.
         A HEAD is answered from the same page: its Content-Length is the body's length."""
@@ -3490,7 +3498,7 @@ class Responder:
         dir_st = os.fstat(fd)
         key = (path, url_path, sort, number, fmt, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns,
                dir_st.st_ctime_ns, self.own_files.added)
-        page = self.pages.get(key, self.clock.now)
+        page = self.pages.until(key, self.clock.now)
         if page is None:
             listing = self.list_page(fd, path, url_path, sort, number, dir_st)
             etag = gallery_etag(dir_st, url_path, listing, fmt)
@@ -3505,7 +3513,7 @@ class Responder:
                                                           req.version, self.common_headers))
         if page is None:
             page = self.gallery_body(path, url_path, listing, fmt, etag)
-            self.pages.store(key, self.clock.now + PAGE_TTL, page, len(page[2]))
+            self.pages.store(key, (self.clock.now + PAGE_TTL, page), len(page[2]))
         head = response_head(200, self.clock.date, page[1], conn.keep_alive, req.version, self.common_headers)
         conn.start_response(200, head, b'' if req.method == b'HEAD' else page[2])
 
@@ -3528,17 +3536,17 @@ class Responder:
         key = ('catalog', path, url_path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns,
                dir_st.st_ctime_ns, self.own_files.added)
         now = self.clock.now
-        catalog = self.pages.get(key, now)
+        catalog = self.pages.until(key, now)
         if catalog is None:
             room = gallery_room(url_path, path, self.max_header_size)
             catalog = gallery_catalog(self.scan_directory(fd, path), room)
             settled = max(dir_st.st_mtime, dir_st.st_ctime) < self.clock.wall - 1
-            self.pages.store(key, now + (CATALOG_TTL if settled else PAGE_TTL), catalog,
+            self.pages.store(key, (now + (CATALOG_TTL if settled else PAGE_TTL), catalog),
                              CATALOG_ENTRY_BYTES * len(catalog.entries))
         return catalog
 
     def gallery_body(self, path, url_path, listing, fmt, etag):
-        """(etag, the 200's fields, body) of a listing: what the PageCache keeps."""
+        """(etag, the 200's fields, body) of a listing: what the page cache keeps."""
         validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
         infos = {}
         for e in listing.entries:
@@ -3664,7 +3672,7 @@ class AccessLog:
         self.fd = fd                    # None: --access-log off
         self.path = path                # for the messages
         self.clock = clock
-        self.escaped = {}               # raw fields -> their escaped form
+        self.escaped = Cache(PATH_CACHE_SIZE)   # raw fields -> their escaped form
         self.lines = []                 # this iteration's
         self.backlog = bytearray()      # lines the file could not take yet (ENOSPC...)
         self.lost = 0                   # lines beyond ACCESS_BACKLOG, dropped while it failed
@@ -3680,10 +3688,8 @@ class AccessLog:
         try:
             line, referer, agent = escaped[line], escaped[referer], escaped[agent]
         except KeyError:
-            if len(escaped) > PATH_CACHE_SIZE:
-                escaped.clear()
             for raw in (line, referer, agent):
-                escaped[raw] = escape_log(raw)
+                escaped.store(raw, escape_log(raw))
             line, referer, agent = escaped[line], escaped[referer], escaped[agent]
         self.lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
             conn.peer, self.clock.log_time, line, reply.status, reply.sent or '-', referer, agent))

@@ -4055,6 +4055,40 @@ class WorkerInProcessTests(unittest.TestCase):
             body += self.client.recv(65536)
         return head + b'\r\n\r\n' + body
 
+    def test_every_cache_of_a_worker_is_a_Cache_and_its_docstring_lists_it(self):
+        """One cache type, one eviction rule (the oldest go past a bound), one list of them."""
+        responder, log = self.worker.responder, self.worker.access_log
+        caches = {'Responder.files': responder.files, 'Responder.paths': responder.paths,
+                  'Responder.images': responder.images.infos, 'Responder.pages': responder.pages,
+                  'AccessLog.escaped': log.escaped}
+        for name, cache in caches.items():
+            self.assertIsInstance(cache, agent.Cache, name)
+            self.assertIn('\n      %s ' % name, agent.Cache.__doc__)
+        listed = re.findall(r'\n      ([A-Z]\w+\.\w+) ', agent.Cache.__doc__)
+        self.assertEqual(sorted(listed), sorted(caches))
+
+    def test_the_file_cache_drops_its_oldest_closes_its_descriptor_and_counts_bodies(self):
+        cache = agent.FileCache(size=2)
+        self.addCleanup(cache.clear)
+        entries = []
+        for i in range(3):
+            path = os.path.join(self.root, '%d.jpg' % i)
+            with open(path, 'wb') as f:
+                f.write(b'x' * (i + 1))
+            entries.append(self.worker.responder.open_file(path))
+            cache.store(path, entries[-1])
+        self.assertEqual(list(cache), [os.path.join(self.root, '%d.jpg' % i) for i in (1, 2)])
+        self.assertEqual((cache.bytes, entries[0].evicted, entries[0].body), (2 + 3, True, None))
+        with self.assertRaises(OSError):
+            os.fstat(entries[0].fd)             # closed: no response was sending from it
+        entries[1].refs += 1                    # a response in flight keeps its descriptor
+        cache.drop(os.path.join(self.root, '1.jpg'))
+        self.assertEqual(cache.bytes, 3)
+        os.fstat(entries[1].fd)
+        entries[1].release()
+        with self.assertRaises(OSError):
+            os.fstat(entries[1].fd)
+
     def test_an_unexpected_error_is_a_500_not_a_dead_worker(self):
         with mock.patch.object(self.worker.responder, 'respond_file', side_effect=RuntimeError('bug')), \
                 mock.patch('sys.stderr', new_callable=io.StringIO) as err:
@@ -4078,10 +4112,10 @@ class WorkerInProcessTests(unittest.TestCase):
     def test_deleted_file_leaves_the_cache_and_its_descriptor_closed(self):
         path = os.path.join(self.root, 'x.jpg')
         self.assertIn(b'200 OK', self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n'))
-        entry = self.worker.responder.files.files[path]
+        entry = self.worker.responder.files[path]
         os.unlink(path)
         self.assertIn(b'404 Not Found', self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n'))
-        self.assertNotIn(path, self.worker.responder.files.files)
+        self.assertNotIn(path, self.worker.responder.files)
         with self.assertRaises(OSError):
             os.fstat(entry.fd)          # closed: the deleted file's space is free
 
@@ -6747,17 +6781,17 @@ class PipelineFairnessTests(unittest.TestCase):
         self.assertNotEqual(first.body, self.page().body)
 
     def test_the_page_cache_is_bounded_in_entries_and_bytes_oldest_out_first(self):
-        cache = agent.PageCache(entries=4, budget=1000)
+        cache = agent.Cache(entries=4, budget=1000)
         for key in range(6):
-            cache.store(key, 10.0, 'page %d' % key, 100)
-        self.assertEqual(list(cache.pages), [2, 3, 4, 5])
-        cache.store('big', 10.0, 'big', 800)
-        self.assertEqual((list(cache.pages), cache.bytes), ([4, 5, 'big'], 1000))
-        cache.store('too big', 10.0, 'x', 1001)             # never kept
-        self.assertEqual((cache.get('too big', 0.0), cache.bytes), (None, 1000))
-        self.assertEqual((cache.get(5, 9.9), cache.get(5, 10.0)), ('page 5', None))   # until its time
+            cache.store(key, (10.0, 'page %d' % key), 100)
+        self.assertEqual(list(cache), [2, 3, 4, 5])
+        cache.store('big', (10.0, 'big'), 800)
+        self.assertEqual((list(cache), cache.bytes), ([4, 5, 'big'], 1000))
+        cache.store('too big', (10.0, 'x'), 1001)           # never kept
+        self.assertEqual((cache.until('too big', 0.0), cache.bytes), (None, 1000))
+        self.assertEqual((cache.until(5, 9.9), cache.until(5, 10.0)), ('page 5', None))   # until its time
         self.page()
-        self.assertLessEqual(len(self.worker.responder.pages.pages), agent.PAGE_CACHE_ENTRIES)
+        self.assertLessEqual(len(self.worker.responder.pages), agent.PAGE_CACHE_ENTRIES)
 
 
 class PipelineFairnessServerTests(SharedAgentTestCase):
@@ -7998,7 +8032,7 @@ class SymlinkSwapRaceTests(unittest.TestCase):
         with self.assertRaises(agent.HTTPError) as caught:
             worker.responder.open_file(os.path.join(root, 'x.jpg'))
         self.assertEqual(caught.exception.status, 404)
-        self.assertEqual(worker.responder.files.files, {})
+        self.assertEqual(worker.responder.files, {})
 
     def test_a_listing_never_shows_what_a_symlink_out_names(self):
         """A symlink in a listed directory, swapped between a target inside the root and one
@@ -8360,7 +8394,7 @@ class HousekeepingAndHeadTests(unittest.TestCase):
         worker.responder.files.store(path, entry)
         os.unlink(path)
         worker.tick()
-        self.assertNotIn(path, worker.responder.files.files)
+        self.assertNotIn(path, worker.responder.files)
         with self.assertRaises(OSError):
             os.fstat(entry.fd)
 
