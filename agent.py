@@ -7,15 +7,23 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     Defaults and limits
     HTTP: pure logic (find_head_end, parse_request, response_head, ranges, dates, paths)
     Images: dimensions and embedded thumbnails       The gallery page (pure logic)
-    Files: what the workers keep open (OpenFile, FileCache, OwnFiles)
+    Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
-    The responder: a parsed request -> a queued response (resolve, open, stat, head)
-    A worker: one process, one epoll loop (sockets, timers, signals, the access log)
+    The responder: a parsed request -> its response (resolve, open, stat, head)
+    A worker: one process, one epoll loop (Clock, AccessLog, Acceptor, Worker: the loop)
     The master: the Agent daemon (bind, fork, supervise, reload, upgrade)
     Command line (and run_from_bytecode)
-A request's path: Worker.accept -> Connection.receive -> Connection.process (find_head_end,
-parse_request) -> Responder.respond (map, stat, open) -> response_head -> Connection.send ->
-Worker.access (the log line).
+A request's path, one way through four objects (darkhttpd's six steps):
+    1 accept   Acceptor.accept: accept4(), then the loop's serve_new() runs the connection's
+               first read at once (the request has usually come with it)
+    2 receive  Connection.receive: recv()
+    3 process  Connection.process: frame() (find_head_end, parse_request)
+    4 respond  Responder.respond: map, stat, FileCache, then respond_file(): validators,
+               ranges, response_head(); it returns the response to the connection
+    5 send     Connection.start_response -> send: the head (with a small file's body), then
+               sendfile() for the rest
+    6 end      Connection.finish_response: AccessLog.write (the loop writes the lines once an
+               iteration), and back to READING for the next request, or the close
 
     python3 agent.py --root /srv/images start       # detached; prints what it serves, where
     python3 agent.py --root /srv/images run         # in the foreground (systemd, containers)
@@ -2124,7 +2132,7 @@ CATALOG_ENTRY_BYTES = 200       # what one entry of a catalog costs, counted in 
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: what the workers keep open
+# Files and caches: what the workers keep
 # ---------------------------------------------------------------------------------------------
 
 class Cache(dict):
@@ -2596,7 +2604,9 @@ class Connection:
             reply.agent = headers.get('user-agent', '')
             self.keep_alive = req.keep_alive and not worker.draining
             try:
-                responder.respond(self, req)
+                # respond() returns the response (start_response's arguments): it reads the
+                # connection's keep_alive and kind, and writes nothing to it.
+                self.start_response(*responder.respond(req, self.keep_alive, self.redirect))
             except HTTPError as exc:
                 self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD',
                                    body=None if self.redirect else responder.error_body(req, exc.status))
@@ -3146,23 +3156,23 @@ def tls_context(cert, key, allow_readable_key=False):
     return context
 
 # ---------------------------------------------------------------------------------------------
-# The responder: from a parsed request to a queued response (resolve, open, stat, head)
+# The responder: from a parsed request to its response (resolve, open, stat, head)
 # ---------------------------------------------------------------------------------------------
 
 class Responder:
-    """Turns a parsed request into a response queued on its connection.
+    """Turns a parsed request into its response, returned to the connection that asked.
 
     It owns what answering needs and nothing of the loop: the root and the options about it,
-    the open-file cache, the path cache, the image-header cache and the agent's own files.
-    The worker owns the sockets, the timers and the signals; the clock is the worker's Clock
-    (anything with `now`, `wall` and `date`, read once a loop iteration), so a response never
-    calls time() itself.  The path of a request reads top to bottom: respond()
-    maps and stat()s the path, then respond_file(), respond_directory() or
-    respond_thumbnail() build the head with response_head() and hand it to the connection.
+    the caches (Cache lists them) and the agent's own files.  The worker owns the sockets, the
+    timers and the signals; the clock is the worker's Clock (anything with `now`, `wall` and
+    `date`, read once a loop iteration), so a response never calls time() itself.  The path
+    of a request reads top to bottom: respond() maps and stat()s the path, then respond_file(),
+    respond_directory() or respond_thumbnail() build the head with response_head() and return
+    the response as Connection.start_response's arguments: (status, head[, body, file, offset,
+    length, body_length, pieces]).  It never calls back into the connection.
 
     A separate class (not Worker methods) so that the request path can be read, and driven
-    (bench/resolve.py, the tests), without an event loop; Connection.process calls respond()
-    directly.
+    (bench/resolve.py, the tests), without an event loop or a connection.
     """
 
     def __init__(self, config, clock, own_files, common_headers=COMMON_HEADERS, https_port=443):
@@ -3184,15 +3194,17 @@ class Responder:
         self.paths = Cache(PATH_CACHE_SIZE)     # target -> (path, relative, trailing, slash, query)
         self.file_error_logged = -1.0
 
-    def respond(self, conn, req):
-        """Answer one parsed request (GET or HEAD) from the files under the root.
+    def respond(self, req, keep_alive=True, redirect=False):
+        """The response to one parsed request (GET or HEAD) from the files under the root, or
+        HTTPError; keep_alive is what its Connection header says, redirect that of an
+        --http-redirect listener (a 301 to HTTPS).
 
         The path is stat()ed on every request; a cached open file is used only while it is
         still the file at that path.  Anything else is opened by open_file(), which checks the
         descriptor it got, not the name it asked for: no swap of a file or a directory for a
         symlink between a check and the open can make it serve a byte from outside the root.
         """
-        if conn.redirect:
+        if redirect:
             location = redirect_location(req, self.https_port)
             raise HTTPError(301, headers=b'Location: ' + location + b'\r\n')
         check_method(req)
@@ -3215,7 +3227,7 @@ class Responder:
         if self.own_files.hides(path, st):
             raise HTTPError(404)            # our pidfile and logs, by any name or link
         if stat.S_ISDIR(st.st_mode):
-            return self.respond_directory(conn, req, path, relative, slash, query)
+            return self.respond_directory(req, keep_alive, path, relative, slash, query)
         if trailing:
             raise HTTPError(404)            # /img.jpg/ names a directory that does not exist
         entry = self.files.current(path, st)
@@ -3223,8 +3235,8 @@ class Responder:
             entry = self.open_file(path)
             self.files.store(path, entry)
         if query and 'thumb' in parse_query(query):
-            return self.respond_thumbnail(conn, req, entry, path)
-        self.respond_file(conn, req, entry)
+            return self.respond_thumbnail(req, keep_alive, entry, path)
+        return self.respond_file(req, keep_alive, entry)
 
     def open_file(self, path):
         """Open a regular file to serve it: an OpenFile, or HTTPError (404, 403, 503).
@@ -3312,7 +3324,7 @@ class Responder:
             log('worker: cannot open a file to serve it: %s; answering 503' % os.strerror(code), priority=LOG_ERR)
         return HTTPError(503, headers=b'Retry-After: 1\r\n')
 
-    def respond_file(self, conn, req, entry):
+    def respond_file(self, req, keep_alive, entry):
         headers = req.headers
         clock = self.clock
         status, first, length = 200, 0, entry.size
@@ -3330,8 +3342,7 @@ class Responder:
             # though allowed, makes some clients (wrk among them) wait for a body that never comes.
             fields = b'Last-Modified: %s\r\nETag: %s\r\n%s' % (last_modified, entry.etag.encode('ascii'),
                                                                self.cache_control)
-            return conn.start_response(304, response_head(304, clock.date, fields, conn.keep_alive, req.version,
-                                                          self.common_headers))
+            return 304, response_head(304, clock.date, fields, keep_alive, req.version, self.common_headers)
         if 'range' in headers and if_range_allows(headers, entry.etag, entry.mtime):
             value = headers['range']
             found = parse_range(value, entry.size)
@@ -3341,7 +3352,7 @@ class Responder:
                 found = parse_ranges(value, entry.size)
                 if found is not None and found != 'unsatisfiable':
                     if len(found) > 1:
-                        return self.respond_byteranges(conn, req, entry, found, last_modified)
+                        return self.respond_byteranges(req, keep_alive, entry, found, last_modified)
                     found = found[0]        # one part: a plain 206 (RFC 9110 section 14.6)
             if found == 'unsatisfiable':
                 raise HTTPError(416, headers=b'Content-Range: bytes */%d\r\n' % entry.size)
@@ -3353,23 +3364,23 @@ class Responder:
             # A 200's head changes only with the Date (once a second) and the Connection
             # header: built once for each, it serves every request in between, and so does
             # head + body of a small file (measured: 1.2 us less CPU a request at 20 KB).
-            key = (clock.date, conn.keep_alive, req.version)
+            key = (clock.date, keep_alive, req.version)
             if entry.head_key != key:
                 entry.head = response_head(200, clock.date, b'%s%sContent-Length: %d\r\n' % (
-                    fields, self.cache_control, length), conn.keep_alive, req.version, self.common_headers)
+                    fields, self.cache_control, length), keep_alive, req.version, self.common_headers)
                 entry.whole = None if entry.body is None else entry.head + entry.body
                 entry.head_key = key
             head = entry.head
         else:
             head = response_head(status, clock.date, b'%s%sContent-Length: %d\r\n%s' % (
-                fields, self.cache_control, length, extra), conn.keep_alive, req.version, self.common_headers)
+                fields, self.cache_control, length, extra), keep_alive, req.version, self.common_headers)
         if req.method == b'HEAD':
             length = 0
         elif status == 200 and entry.whole is not None:
-            return conn.start_response(status, entry.whole, body_length=entry.size)
-        conn.start_response(status, head, file=entry, offset=first, length=length)
+            return status, entry.whole, b'', None, 0, 0, entry.size
+        return status, head, b'', entry, first, length
 
-    def respond_byteranges(self, conn, req, entry, ranges, last_modified):
+    def respond_byteranges(self, req, keep_alive, entry, ranges, last_modified):
         """206 multipart/byteranges for several ranges: the head with the exact Content-Length,
         then each part head and its file range, in order (Connection.pieces)."""
         clock = self.clock
@@ -3377,14 +3388,13 @@ class Responder:
         pieces, length = multipart_byteranges(ranges, entry.size, entry.ctype, boundary)
         fields = entry.fields(last_modified, b'multipart/byteranges; boundary=' + boundary)
         head = response_head(206, clock.date, b'%s%sContent-Length: %d\r\n' % (fields, self.cache_control, length),
-                             conn.keep_alive, req.version, self.common_headers)
+                             keep_alive, req.version, self.common_headers)
         if req.method == b'HEAD':
-            return conn.start_response(206, head)
+            return 206, head
         part_head, first, count = pieces[0]
-        conn.start_response(206, head + part_head, file=entry, offset=first, length=count,
-                            body_length=len(part_head), pieces=pieces[1:])
+        return 206, head + part_head, b'', entry, first, count, len(part_head), pieces[1:]
 
-    def respond_directory(self, conn, req, path, relative, slash, query):
+    def respond_directory(self, req, keep_alive, path, relative, slash, query):
         """A directory: 301 to its URL unless the path ends in a slash, else its index.html,
         else its gallery page.  It is opened, and the descriptor checked to be in the root,
         before anything else."""
@@ -3401,10 +3411,10 @@ class Responder:
                                 + self.cache_control)
             index = self.index_file(path)
             if index is not None:
-                return self.respond_file(conn, req, index)
+                return self.respond_file(req, keep_alive, index)
             if not self.listing:
                 raise HTTPError(403)        # --no-listing
-            self.respond_gallery(conn, req, fd, path, '/' + relative + ('/' if relative else ''), query)
+            return self.respond_gallery(req, keep_alive, fd, path, '/' + relative + ('/' if relative else ''), query)
         finally:
             os.close(fd)
 
@@ -3489,7 +3499,7 @@ class Responder:
             fresh.append((key, name, is_dir, st, kind))
         return fresh
 
-    def respond_gallery(self, conn, req, fd, path, url_path, query):
+    def respond_gallery(self, req, keep_alive, fd, path, url_path, query):
         """The gallery page (or its JSON) of the directory open at fd: from the page cache if
         it was built within PAGE_TTL; else 304 if the ETag still matches, else the image headers
         of the entries on the page are read (or found cached) and the page is built and kept.
@@ -3509,13 +3519,13 @@ class Responder:
         inm = req.headers.get('if-none-match')
         if inm is not None and etag_matches(inm, etag[2:]):     # weak comparison
             validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
-            return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,
-                                                          req.version, self.common_headers))
+            return 304, response_head(304, self.clock.date, validators, keep_alive, req.version,
+                                      self.common_headers)
         if page is None:
             page = self.gallery_body(path, url_path, listing, fmt, etag)
             self.pages.store(key, (self.clock.now + PAGE_TTL, page), len(page[2]))
-        head = response_head(200, self.clock.date, page[1], conn.keep_alive, req.version, self.common_headers)
-        conn.start_response(200, head, b'' if req.method == b'HEAD' else page[2])
+        head = response_head(200, self.clock.date, page[1], keep_alive, req.version, self.common_headers)
+        return 200, head, b'' if req.method == b'HEAD' else page[2]
 
     def list_page(self, fd, path, url_path, sort, number, dir_st):
         """The GalleryListing of one page of the directory open at fd: the entries shown are
@@ -3560,7 +3570,7 @@ class Responder:
             fields = html_fields(len(body), GALLERY_CSP.encode('ascii')) + validators
         return etag, fields, body
 
-    def respond_thumbnail(self, conn, req, entry, path):
+    def respond_thumbnail(self, req, keep_alive, entry, path):
         """`image.jpg?thumb`: the JPEG thumbnail embedded in the file's EXIF, turned as the
         image is, with validators derived from the file's own; 404 if it has none."""
         try:
@@ -3582,11 +3592,11 @@ class Responder:
             raise HTTPError(412)
         if ('if-none-match' in req.headers or 'if-modified-since' in req.headers) \
                 and not_modified(req.headers, etag, entry.mtime):
-            return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,
-                                                          req.version, self.common_headers))
+            return 304, response_head(304, self.clock.date, validators, keep_alive, req.version,
+                                      self.common_headers)
         fields = b'Content-Type: image/jpeg\r\nContent-Length: %d\r\n%s' % (len(body), validators)
-        head = response_head(200, self.clock.date, fields, conn.keep_alive, req.version, self.common_headers)
-        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
+        head = response_head(200, self.clock.date, fields, keep_alive, req.version, self.common_headers)
+        return 200, head, b'' if req.method == b'HEAD' else body
 
 
 # ---------------------------------------------------------------------------------------------

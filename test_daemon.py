@@ -6734,7 +6734,7 @@ class PipelineFairnessTests(unittest.TestCase):
         conn = PageCapture()
         raw = b'%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n' % (method.encode(), target.encode(),
                                                          b''.join(h.encode() + b'\r\n' for h in headers))
-        self.worker.responder.respond(conn, agent.parse_request(raw)[0])
+        conn.start_response(*self.worker.responder.respond(agent.parse_request(raw)[0]))
         return conn
 
     def test_a_page_within_a_second_is_not_built_again_nor_for_a_head(self):
@@ -7861,9 +7861,7 @@ class ResponseHeadTests(SharedAgentTestCase):
 
 
 class PageCapture:
-    """What Responder.respond needs of a connection; keeps the status, head and body."""
-    keep_alive = True
-    redirect = False
+    """Takes what Responder.respond returns; keeps the status, head and body."""
 
     def start_response(self, status, head, body=b'', **kwargs):
         self.status, self.head, self.body = status, head, body
@@ -7894,7 +7892,7 @@ class GalleryInProcessTests(unittest.TestCase):
         self.worker.clock.read()
         self.worker.clock.wall = int(time.time()) + 60
         self.worker.clock.now += self.later       # PAGE_TTL past, where a test says so
-        self.responder.respond(conn, agent.parse_request(raw)[0])
+        conn.start_response(*self.responder.respond(agent.parse_request(raw)[0]))
         self.assertEqual(conn.status, status, conn.head)
         return conn
 
