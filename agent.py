@@ -2167,7 +2167,8 @@ class Cache(dict):
     def store(self, key, value, size=0):
         """Keep value under key, in place of any older one; past the bounds the oldest go.  A
         value larger than the whole budget is not kept."""
-        self.drop(key)
+        if key in self:
+            self.drop(key)
         if self.budget is not None and size > self.budget:
             return
         self[key] = value
@@ -2276,7 +2277,8 @@ class FileCache(Cache):
         return None
 
     def store(self, path, entry):
-        self.drop(path)
+        if path in self:
+            self.drop(path)                 # first: its body's bytes count no more
         size = 0
         if 0 < entry.size <= SMALL_FILE and self.bytes + entry.size <= BODY_BUDGET:
             body = os.pread(entry.fd, entry.size, 0)
@@ -3382,7 +3384,7 @@ class Responder:
 
     def respond_byteranges(self, req, keep_alive, entry, ranges, last_modified):
         """206 multipart/byteranges for several ranges: the head with the exact Content-Length,
-        then each part head and its file range, in order (Connection.pieces)."""
+        then each part head and its file range, in order (Reply.pieces)."""
         clock = self.clock
         boundary = byteranges_boundary()
         pieces, length = multipart_byteranges(ranges, entry.size, entry.ctype, boundary)
