@@ -2775,7 +2775,7 @@ class RedirectConnection(Connection):
 
 # ---------------------------------------------------------------------------------------------
 # HTTPS: a TLS connection, the context (the whole of TLS is this section and a few lines that
-# name it: the worker's accept, the master's setup and reload, the options)
+# name it: Acceptor.accept, the master's setup and reload, the options)
 # ---------------------------------------------------------------------------------------------
 
 HANDSHAKE = 'handshake'     # TLS: the handshake in progress (before READING)
