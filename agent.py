@@ -2489,6 +2489,14 @@ class Reply:
 
 
 class Connection:
+    """One client connection of a worker's loop: its state (READING: receive, process;
+    SENDING: send; LINGERING: linger), its input, and the Reply in flight.
+
+    Of its worker it uses the Clock and the two timeouts (its deadlines), the responder (a
+    request's response), the access log (a line when a response ends), whether it drains,
+    and the loop's selector, ready list (defer) and set of connections (forget).
+    """
+
     __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'reply', 'keep_alive',
                  'deadline', 'idle_since', 'events', 'started', 'registered', 'version', 'last',
                  'queued')
