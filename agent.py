@@ -13,8 +13,8 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     A worker: one process, one epoll loop (Clock, AccessLog, Acceptor, Worker: the loop)
     The master: the Agent daemon (bind, fork, supervise, reload, upgrade)
     Command line (and run_from_bytecode)
-A request's path, one way through four objects (darkhttpd's six steps):
-    1 accept   Acceptor.accept: accept4(), then the loop's serve_new() runs the connection's
+A request's path, darkhttpd's six steps; none calls back into a class the request has left:
+    1 accept   Acceptor.accept: accept(), then the loop's serve_new() runs the connection's
                first read at once (the request has usually come with it)
     2 receive  Connection.receive: recv()
     3 process  Connection.process: frame() (find_head_end, parse_request)
