@@ -2135,11 +2135,12 @@ CATALOG_ENTRY_BYTES = 200       # what one entry of a catalog costs, counted in 
 # Files and caches: what the workers keep
 # ---------------------------------------------------------------------------------------------
 
-class Cache(dict):
+class Cache:
     """The one cache type of a worker: key -> value, oldest first, bounded by a number of
     entries and, for some, a budget of bytes.  The one eviction rule: past either bound, the
-    oldest go.  A lookup is the dict's own (no Python call on the request's path); what a
-    value depends on is checked by its user, which drop()s a stale one.
+    oldest go.  A lookup is a plain dict's own, data.get() or data[key] (no Python call on the
+    request's path; not a dict subclass, whose subscripts CPython does not specialize); what
+    a value depends on is checked by its user, which drop()s a stale one.
 
     What a worker caches, all of it (each built once, by Responder or AccessLog):
       Responder.files   FileCache: open files by path, FILE_CACHE_SIZE; valid while a fresh
@@ -2158,7 +2159,7 @@ class Cache(dict):
     """
 
     def __init__(self, entries, budget=None):
-        dict.__init__(self)
+        self.data = {}              # key -> value, oldest first
         self.entries = entries
         self.budget = budget        # bytes, or None: a bound in entries alone
         self.bytes = 0
@@ -2167,36 +2168,50 @@ class Cache(dict):
     def store(self, key, value, size=0):
         """Keep value under key, in place of any older one; past the bounds the oldest go.  A
         value larger than the whole budget is not kept."""
-        if key in self:
+        data = self.data
+        if key in data:
             self.drop(key)
         if self.budget is not None and size > self.budget:
             return
-        self[key] = value
+        data[key] = value
         if size:
             self.sizes[key] = size
             self.bytes += size
-        while len(self) > self.entries or self.budget is not None and self.bytes > self.budget:
-            self.drop(next(iter(self)))
+        while len(data) > self.entries or self.budget is not None and self.bytes > self.budget:
+            self.drop(next(iter(data)))
 
     def drop(self, key):
         """Take out key's value, if there is one: stale, or the oldest past a bound."""
-        if key in self:
+        if key in self.data:
             self.bytes -= self.sizes.pop(key, 0)
-            self.dropped(self.pop(key))
+            self.dropped(self.data.pop(key))
 
     def dropped(self, value):
         """Called with each value that leaves the cache (FileCache closes its descriptor)."""
 
     def until(self, key, now):
         """The value stored as (until, value), while now is before until; else None."""
-        found = self.get(key)
+        found = self.data.get(key)
         if found is not None and now < found[0]:
             return found[1]
         return None
 
     def clear(self):
-        for key in list(self):
+        for key in list(self.data):
             self.drop(key)
+
+    # For the slow paths and the tests: the keys in order, and a value by key.
+    def __len__(self):
+        return len(self.data)
+
+    def __contains__(self, key):
+        return key in self.data
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __getitem__(self, key):
+        return self.data[key]
 
 
 class OpenFile:
@@ -2268,7 +2283,7 @@ class FileCache(Cache):
 
     def current(self, path, st):
         """The cached entry for path if it is still the file that st describes, else None."""
-        entry = self.get(path)
+        entry = self.data.get(path)
         if entry is None:
             return None
         if entry.key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
@@ -2277,7 +2292,7 @@ class FileCache(Cache):
         return None
 
     def store(self, path, entry):
-        if path in self:
+        if path in self.data:
             self.drop(path)                 # first: its body's bytes count no more
         size = 0
         if 0 < entry.size <= SMALL_FILE and self.bytes + entry.size <= BODY_BUDGET:
@@ -2296,7 +2311,7 @@ class FileCache(Cache):
     def close_deleted(self):
         """Drop the entries whose file has no name left (a response in flight keeps its fd
         until it ends)."""
-        for path, entry in list(self.items()):
+        for path, entry in list(self.data.items()):
             try:
                 gone = os.fstat(entry.fd).st_nlink == 0
             except OSError:
@@ -2703,7 +2718,8 @@ class Connection:
     def finish_response(self, aborted=False):
         worker = self.worker
         reply = self.reply
-        reply.release()
+        if reply.file is not None:
+            reply.release()
         reply.remaining = 0
         reply.pieces = None
         worker.access_log.write(self)
@@ -3218,7 +3234,7 @@ class Responder:
             location = redirect_location(req, self.https_port)
             raise HTTPError(301, headers=b'Location: ' + location + b'\r\n')
         check_method(req)
-        mapped = self.paths.get(req.target)
+        mapped = self.paths.data.get(req.target)
         if mapped is None:
             relative, trailing, raw_path, query = map_target(req.target)
             path = self.root + '/' + relative if relative else self.root
@@ -3702,14 +3718,14 @@ class AccessLog:
         """The line of the response that just ended on conn."""
         if self.fd is None:
             return
-        escaped = self.escaped
+        escaped = self.escaped.data
         reply = conn.reply
         line, referer, agent = reply.line, reply.referer or '-', reply.agent or '-'
         try:
             line, referer, agent = escaped[line], escaped[referer], escaped[agent]
         except KeyError:
             for raw in (line, referer, agent):
-                escaped.store(raw, escape_log(raw))
+                self.escaped.store(raw, escape_log(raw))
             line, referer, agent = escaped[line], escaped[referer], escaped[agent]
         self.lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
             conn.peer, self.clock.log_time, line, reply.status, reply.sent or '-', referer, agent))

@@ -8030,7 +8030,7 @@ class SymlinkSwapRaceTests(unittest.TestCase):
         with self.assertRaises(agent.HTTPError) as caught:
             worker.responder.open_file(os.path.join(root, 'x.jpg'))
         self.assertEqual(caught.exception.status, 404)
-        self.assertEqual(worker.responder.files, {})
+        self.assertEqual(list(worker.responder.files), [])
 
     def test_a_listing_never_shows_what_a_symlink_out_names(self):
         """A symlink in a listed directory, swapped between a target inside the root and one
