@@ -7523,8 +7523,10 @@ class GalleryValidatorServerTests(SharedAgentTestCase):
         self.assertIn(b'three.jpg', changed.body)
         etag = changed.headers['etag']
         # A listed file rewritten in place, same size, same mtime: the caption could differ
-        # (dimensions), so the page's ETag must change with the file's ctime.
+        # (dimensions), so the page's ETag must change with the file's ctime, once the page
+        # cache's PAGE_TTL has passed (the directory's stamps, its key, stay the same).
         write_file(root, 'v/one.jpg', b'EIN')
+        time.sleep(agent.PAGE_TTL)
         self.assertNotEqual(self.get('/v/').headers['etag'], etag)
         etag = self.get('/v/').headers['etag']
         os.remove(os.path.join(root, 'v/two.txt'))
