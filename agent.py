@@ -11,15 +11,23 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     HTTP: pure logic (find_head_end, parse_request, response_head, ranges, dates, paths)
     Images: dimensions and embedded thumbnails
     Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
-    Files: what the workers keep open (OpenFile, FileCache, OwnFiles)
+    Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
-    The responder: a parsed request -> a queued response (resolve, open, stat, head)
-    A worker: one process, one epoll loop (sockets, timers, signals, the access log)
+    The responder: a parsed request -> its response (resolve, open, stat, head)
+    A worker: one process, one epoll loop (Clock, AccessLog, Acceptor, Worker: the loop)
     The master: Supervisor (the workers), Upgrade (in place), Agent (the daemon); ports
     Command line (and run_from_bytecode)
-A request's path: Worker.accept -> Connection.receive -> Connection.process (find_head_end,
-parse_request) -> Responder.respond (map, stat, open) -> response_head -> Connection.send ->
-Worker.access (the log line).
+A request's path, darkhttpd's six steps; none calls back into a class the request has left:
+    1 accept   Acceptor.accept: accept(), then the loop's serve_new() runs the connection's
+               first read at once (the request has usually come with it)
+    2 receive  Connection.receive: recv()
+    3 process  Connection.process: frame() (find_head_end, parse_request)
+    4 respond  Responder.respond: map, stat, FileCache, then respond_file(): validators,
+               ranges, response_head(); it returns the response to the connection
+    5 send     Connection.start_response -> send: the head (with a small file's body), then
+               sendfile() for the rest
+    6 end      Connection.finish_response: AccessLog.write (the loop writes the lines once an
+               iteration), and back to READING for the next request, or the close
 
     python3 agent.py --root /srv/images start       # detached; prints what it serves, where
     python3 agent.py --root /srv/images run         # in the foreground (systemd, containers)
@@ -1399,8 +1407,7 @@ class ImageInfoCache:
     changed in any way has a new ctime, so a new key; old keys age out (first in, first out)."""
 
     def __init__(self, size=IMAGE_INFO_CACHE):
-        self.size = size
-        self.infos = {}
+        self.infos = Cache(size)
 
     def get(self, path, st, name, fd=None, opener=None):
         """The ImageInfo (or None) of a regular file; unless fd is given, path is opened with
@@ -1424,9 +1431,7 @@ class ImageInfoCache:
                     os.close(fd)
         except (OSError, ValueError, HTTPError):
             return None                         # unreadable, gone, or outside the root
-        if len(self.infos) >= self.size:
-            del self.infos[next(iter(self.infos))]
-        self.infos[key] = info
+        self.infos.store(key, info)
         return info
 
 
@@ -1719,7 +1724,7 @@ def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_o
 
 # The gallery: a directory listed as a grid of thumbnails.
 #
-# For a page not built within PAGE_TTL (PageCache, in the Files section), the worker scans a
+# For a page not built within PAGE_TTL (Responder.pages, a Cache), the worker scans a
 # directory (unless its catalog is kept: CATALOG_TTL) into (name, is_dir, stat) entries, typed
 # by readdir with no stat (only symlinks and special files are stat()ed), stat()s the entries
 # on the page (all of them to sort by date or size) and reads their image headers
@@ -2181,46 +2186,88 @@ CATALOG_TTL = 10.0
 CATALOG_ENTRY_BYTES = 200       # what one entry of a catalog costs, counted in PAGE_CACHE_BYTES
 
 
-class PageCache:
-    """Pages built from a directory listing, by everything that makes one page differ from
-    another: the path, its URL, the sort, the page number, the format, the directory's stamps
-    (dev, ino, mtime, ctime) and OwnFiles.added (a log reopened under the root is listed by
-    no page); and the catalogs they are cut from.  An entry serves until the time it was
-    stored with (PAGE_TTL, CATALOG_TTL); past PAGE_CACHE_ENTRIES or PAGE_CACHE_BYTES the oldest
-    goes first, the one eviction rule.
+# ---------------------------------------------------------------------------------------------
+# Files and caches: what the workers keep
+# ---------------------------------------------------------------------------------------------
 
-    One owner for each thing: the worker's other caches are FileCache (open files, checked by
-    stat() on every request), ImageInfoCache (image headers by inode and ctime),
-    Responder.paths (a request target's mapping) and Worker.escaped (access-log fields); none
-    of them keeps a page.
+class Cache:
+    """The one cache type of a worker: key -> value, oldest first, bounded by a number of
+    entries and, for some, a budget of bytes.  The one eviction rule: past either bound, the
+    oldest go.  A lookup is a plain dict's own, data.get() or data[key] (no Python call on the
+    request's path; not a dict subclass, whose subscripts CPython does not specialize); what
+    a value depends on is checked by its user, which drop()s a stale one.
+
+    What a worker caches, all of it (each built once, by Responder or AccessLog):
+      Responder.files   FileCache: open files by path, FILE_CACHE_SIZE; valid while a fresh
+                        stat() of the path shows the same file (FileCache.current); small
+                        files' content too, while bodies take BODY_BUDGET at most
+      Responder.paths   a request target's mapping (map_target), PATH_CACHE_SIZE; pure
+      Responder.images  ImageInfoCache: image headers, IMAGE_INFO_CACHE, keyed by the file's
+                        (dev, ino, mtime, ctime), so a changed file has a new key
+      Responder.pages   gallery pages and directory catalogs, PAGE_CACHE_ENTRIES and
+                        PAGE_CACHE_BYTES, keyed by the directory's stamps and stored with the
+                        time they serve until (PAGE_TTL, CATALOG_TTL: until())
+      AccessLog.escaped access-log fields escaped (escape_log), PATH_CACHE_SIZE; pure
+    Not caches, and not bounded on their own: an OpenFile's last 200 head (rebuilt when the
+    Date changes, once a second) and a connection's last parsed head (frame()'s `last`); each
+    goes with what holds it.
     """
 
-    def __init__(self, entries=PAGE_CACHE_ENTRIES, budget=PAGE_CACHE_BYTES):
+    def __init__(self, entries, budget=None):
+        self.data = {}              # key -> value, oldest first
         self.entries = entries
-        self.budget = budget
-        self.pages = {}             # key -> (until, page, size), oldest first
+        self.budget = budget        # bytes, or None: a bound in entries alone
         self.bytes = 0
+        self.sizes = {}             # key -> the bytes its value counts, where not 0
 
-    def get(self, key, now):
-        found = self.pages.get(key)
+    def store(self, key, value, size=0):
+        """Keep value under key, in place of any older one; past the bounds the oldest go.  A
+        value larger than the whole budget is not kept."""
+        data = self.data
+        if key in data:
+            self.drop(key)
+        if self.budget is not None and size > self.budget:
+            return
+        data[key] = value
+        if size:
+            self.sizes[key] = size
+            self.bytes += size
+        while len(data) > self.entries or self.budget is not None and self.bytes > self.budget:
+            self.drop(next(iter(data)))
+
+    def drop(self, key):
+        """Take out key's value, if there is one: stale, or the oldest past a bound."""
+        if key in self.data:
+            self.bytes -= self.sizes.pop(key, 0)
+            self.dropped(self.data.pop(key))
+
+    def dropped(self, value):
+        """Called with each value that leaves the cache (FileCache closes its descriptor)."""
+
+    def until(self, key, now):
+        """The value stored as (until, value), while now is before until; else None."""
+        found = self.data.get(key)
         if found is not None and now < found[0]:
             return found[1]
         return None
 
-    def store(self, key, until, page, size):
-        if key in self.pages:
-            self.bytes -= self.pages.pop(key)[2]
-        if size > self.budget:
-            return
-        self.pages[key] = (until, page, size)
-        self.bytes += size
-        while len(self.pages) > self.entries or self.bytes > self.budget:
-            self.bytes -= self.pages.pop(next(iter(self.pages)))[2]
+    def clear(self):
+        for key in list(self.data):
+            self.drop(key)
 
+    # For the slow paths and the tests: the keys in order, and a value by key.
+    def __len__(self):
+        return len(self.data)
 
-# ---------------------------------------------------------------------------------------------
-# Files: what the workers keep open
-# ---------------------------------------------------------------------------------------------
+    def __contains__(self, key):
+        return key in self.data
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __getitem__(self, key):
+        return self.data[key]
+
 
 class OpenFile:
     """An open file with its validators and the header bytes of its 200 response."""
@@ -2267,78 +2314,65 @@ class OpenFile:
             os.close(self.fd)
 
 
-class FileCache:
+class FileCache(Cache):
     """Open files by path, checked against a fresh stat() on every request.
 
     A stat is one cheap syscall; it is what makes a file that changed or vanished on disk never
     served stale: an entry is used only while (device, inode, size, mtime, ctime) are unchanged.
     A hit saves the open, the check that the file is inside the root, and the header formatting.
-    What enters the cache was opened and checked by Worker.open_file, on the descriptor itself.
+    What enters the cache was opened and checked by Responder.open_file, on the descriptor itself.
 
-    Files up to SMALL_FILE bytes also keep their content, within BODY_BUDGET per worker: their
-    200 goes out in one send() with its head instead of a send() and a sendfile().  (Their
-    head + content is kept too, rebuilt once a second: at most BODY_BUDGET more.)  Measured
-    with wrk on 1 KB and 20 KB files, that is 15-20 % less CPU per request.  Everything else
-    (large files, ranges) goes out with sendfile() and is never read into memory.
+    Files up to SMALL_FILE bytes also keep their content, while the bodies kept take less than
+    BODY_BUDGET per worker (the bytes this Cache counts): their 200 goes out in one send() with
+    its head instead of a send() and a sendfile().  (Their head + content is kept too, rebuilt
+    once a second: at most BODY_BUDGET more.)  Measured with wrk on 1 KB and 20 KB files, that
+    is 15-20 % less CPU per request.  Everything else (large files, ranges) goes out with
+    sendfile() and is never read into memory.
 
     Once a second, close_deleted() drops the entries of files deleted since they were opened,
     so a cached descriptor never pins the disk space of a deleted file for long.
     """
 
     def __init__(self, size=FILE_CACHE_SIZE):
-        self.size = size
-        self.files = {}
-        self.body_bytes = 0
+        Cache.__init__(self, size)
 
-    def get(self, path, st):
+    def current(self, path, st):
         """The cached entry for path if it is still the file that st describes, else None."""
-        entry = self.files.get(path)
+        entry = self.data.get(path)
         if entry is None:
             return None
         if entry.key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
             return entry                    # file_key(st), inlined: this runs on every request
-        self.evict(path)
+        self.drop(path)
         return None
 
     def store(self, path, entry):
-        if path in self.files:
-            self.evict(path)
-        if len(self.files) >= self.size:
-            self.evict(next(iter(self.files)))
-        if 0 < entry.size <= SMALL_FILE and self.body_bytes + entry.size <= BODY_BUDGET:
+        if path in self.data:
+            self.drop(path)                 # first: its body's bytes count no more
+        size = 0
+        if 0 < entry.size <= SMALL_FILE and self.bytes + entry.size <= BODY_BUDGET:
             body = os.pread(entry.fd, entry.size, 0)
             if len(body) == entry.size:             # else it is changing: sendfile it
                 entry.body = body
-                self.body_bytes += entry.size
-        self.files[path] = entry
+                size = entry.size
+        Cache.store(self, path, entry, size)
 
-    def discard(self, path):
-        if path in self.files:
-            self.evict(path)
-
-    def evict(self, path):
-        entry = self.files.pop(path)
-        if entry.body is not None:
-            self.body_bytes -= entry.size
-            entry.body = entry.whole = None
+    def dropped(self, entry):
+        entry.body = entry.whole = None
         entry.evicted = True
         if entry.refs == 0:
             os.close(entry.fd)
 
     def close_deleted(self):
-        """Evict the entries whose file has no name left (a response in flight keeps its fd
+        """Drop the entries whose file has no name left (a response in flight keeps its fd
         until it ends)."""
-        for path, entry in list(self.files.items()):
+        for path, entry in list(self.data.items()):
             try:
                 gone = os.fstat(entry.fd).st_nlink == 0
             except OSError:
                 gone = True
             if gone:
-                self.evict(path)
-
-    def clear(self):
-        for path in list(self.files):
-            self.evict(path)
+                self.drop(path)
 
 
 class OwnFiles:
@@ -2380,7 +2414,7 @@ class OwnFiles:
         self.inodes = set()         # st_ino alone: a cheap first test for directory entries
         self.dirs = {}              # (st_dev, st_ino) of a directory -> names of ours in it
         self.names = ()             # every such name, for one str.startswith() per request
-        self.added = 0              # add()s and new identities: part of PageCache keys
+        self.added = 0              # add()s and new identities: part of the page cache's keys
         self.paths = {}             # (st_dev, st_ino) of a directory -> its path
         self.listed = {}            # (st_dev, st_ino) of a directory -> (mtime, ctime) listed
 
@@ -2495,11 +2529,47 @@ LINGERING = 'lingering'     # response sent, write side shut: reading and droppi
 CLOSED = 'closed'
 
 
+class Reply:
+    """The response in flight on a connection, and what its access-log line says.  One for
+    each connection, filled again for each of its responses (no allocation a request): a
+    connection sends one response at a time.
+
+    out goes first, then `remaining` bytes of file from offset, then each of pieces (a
+    multipart/byteranges response's part heads and ranges) the same way.  sent counts the
+    body bytes: those of out as they are queued (a response cut short still counts them, as
+    the log always has), those of the file as they go."""
+
+    __slots__ = ('status', 'out', 'file', 'offset', 'remaining', 'pieces', 'sent', 'line',
+                 'referer', 'agent')
+
+    def __init__(self):
+        self.status = 0
+        self.out = b''
+        self.file = None            # an OpenFile, referenced (refs) while it is sent from
+        self.offset = self.remaining = 0
+        self.pieces = None          # what follows out and the file range: [(bytes, offset, count)]
+        self.sent = 0
+        self.line = b''             # the request line, Referer and User-Agent, for the log
+        self.referer = self.agent = ''
+
+    def release(self):
+        if self.file is not None:
+            self.file.release()
+            self.file = None
+
+
 class Connection:
-    __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'out', 'file',
-                 'offset', 'remaining', 'keep_alive', 'deadline', 'idle_since', 'events',
-                 'status', 'sent', 'body_in_out', 'line', 'referer', 'agent', 'started',
-                 'registered', 'version', 'last', 'pieces', 'queued')
+    """One client connection of a worker's loop: its state (READING: receive, process;
+    SENDING: send; LINGERING: linger), its input, and the Reply in flight.
+
+    Of its worker it uses the Clock and the two timeouts (its deadlines), the responder (a
+    request's response), the access log (a line when a response ends), whether it drains,
+    and the loop's selector, ready list (defer) and set of connections (forget).
+    """
+
+    __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'reply', 'keep_alive',
+                 'deadline', 'idle_since', 'events', 'started', 'registered', 'version', 'last',
+                 'queued')
 
     redirect = False            # a RedirectConnection answers every request with a 301
 
@@ -2511,22 +2581,14 @@ class Connection:
         self.state = READING
         self.inbuf = b''
         self.discard = 0            # request body bytes still to be read and dropped, or a ChunkedBody
-        self.out = b''
-        self.file = None
-        self.offset = self.remaining = 0
-        self.pieces = None          # what follows out and the file range: [(bytes, offset, count)]
+        self.reply = Reply()
         self.keep_alive = True
         self.version = (1, 1)       # of the request being answered: its Connection header
         self.last = None            # (head, Request) of the last request parsed here: frame()
-        self.deadline = worker.now + worker.header_timeout
-        self.idle_since = worker.now
+        self.deadline = worker.clock.now + worker.header_timeout
+        self.idle_since = worker.clock.now
         self.events = selectors.EVENT_READ
         self.registered = False
-        self.status = 0
-        self.sent = 0
-        self.body_in_out = 0
-        self.line = b''
-        self.referer = self.agent = ''
         self.started = False        # bytes of a request have arrived since the last response
         self.queued = False         # on the worker's ready list: resume() is its next turn
 
@@ -2564,20 +2626,28 @@ class Connection:
 
     # -- READING --
 
-    def receive(self):
+    def read(self):
+        """recv(): bytes; b'' at the end, or for an error (either way the connection is over);
+        None while nothing more has come."""
         try:
-            data = self.sock.recv(RECV_SIZE)
+            return self.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError:
+            return b''
+
+    def receive(self):
+        data = self.read()
+        if data:
+            self.received(data)
+        elif data is not None:
             self.close()
-            return
-        if not data:
-            self.close()
-            return
+
+    def received(self, data):
+        """Bytes of requests have come: the header timeout runs from the first of them."""
         if not self.started:
             self.started = True
-            self.deadline = self.worker.now + self.worker.header_timeout
+            self.deadline = self.worker.clock.now + self.worker.header_timeout
         self.inbuf = self.inbuf + data if self.inbuf else data
         self.process()
 
@@ -2586,6 +2656,8 @@ class Connection:
         connection has had its share of the loop turn (TURN_REQUESTS, TURN_TIME): then the rest
         waits on the worker's ready list."""
         worker = self.worker
+        responder = worker.responder
+        reply = self.reply
         budget = TURN_REQUESTS
         ends = time.monotonic() + TURN_TIME
         while self.state == READING:
@@ -2595,30 +2667,32 @@ class Connection:
                 return
             budget -= 1
             req, self.inbuf, self.discard, self.last = frame(self.inbuf, self.discard,
-                                                             worker.max_header_size, self.last)
+                                                             responder.max_header_size, self.last)
             if req is None:
                 return
             if isinstance(req, HTTPError):
-                self.line = req.request_line
-                self.referer = self.agent = ''
+                reply.line = req.request_line
+                reply.referer = reply.agent = ''
                 self.version = (1, 1)
                 self.respond_error(req.status, req.headers, close=True, head_only=req.head_only)
                 continue
-            self.line = req.line
+            reply.line = req.line
             self.version = req.version
             headers = req.headers
-            self.referer = headers.get('referer', '')
-            self.agent = headers.get('user-agent', '')
+            reply.referer = headers.get('referer', '')
+            reply.agent = headers.get('user-agent', '')
             self.keep_alive = req.keep_alive and not worker.draining
             try:
-                worker.respond(self, req)
+                # respond() returns the response (start_response's arguments): it reads the
+                # connection's keep_alive and kind, and writes nothing to it.
+                self.start_response(*responder.respond(req, self.keep_alive, self.redirect))
             except HTTPError as exc:
                 self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD',
-                                   body=None if self.redirect else worker.responder.error_body(req, exc.status))
+                                   body=None if self.redirect else responder.error_body(req, exc.status))
             except Exception as exc:
                 log('worker: error answering %r:' % req.line, priority=LOG_ERR, exc=exc)
                 self.respond_error(500, close=True, head_only=req.method == b'HEAD',
-                                   body=worker.responder.error_body(req, 500))
+                                   body=responder.error_body(req, 500))
 
     # -- SENDING --
 
@@ -2628,16 +2702,16 @@ class Connection:
 
         pieces (a multipart/byteranges response) are more (bytes, offset, count) of the same
         file, sent in order after the first range; their bytes count as body in the log."""
-        self.status = status
-        self.pieces = pieces
-        self.sent = 0
-        self.out = head + body if body else head
+        reply = self.reply
+        reply.status = status
+        reply.pieces = pieces
+        reply.out = head + body if body else head
         if file is not None and length:
             file.refs += 1
-            self.file, self.offset, self.remaining = file, offset, length
-        self.body_in_out = len(body) or body_length     # body_length: what of `head` is body
+            reply.file, reply.offset, reply.remaining = file, offset, length
+        reply.sent = len(body) or body_length       # body_length: what of `head` is body
         self.state = SENDING
-        self.deadline = self.worker.now + self.worker.idle_timeout
+        self.deadline = self.worker.clock.now + self.worker.idle_timeout
         self.send()
 
     def respond_error(self, status, headers=b'', close=False, head_only=False, body=None):
@@ -2646,44 +2720,44 @@ class Connection:
         worker = self.worker
         if body is None:
             body = ERROR_BODIES.get(status, b'')
-        data = error_response(status, worker.date, self.keep_alive, self.version, headers, head_only,
-                              COMMON_HEADERS if self.redirect else worker.common_headers, body)
-        self.status = status
-        self.sent = 0
-        self.out = data
-        self.body_in_out = 0 if head_only else len(body)
+        reply = self.reply
+        reply.status = status
+        reply.out = error_response(status, worker.clock.date, self.keep_alive, self.version, headers, head_only,
+                                   COMMON_HEADERS if self.redirect else worker.responder.common_headers, body)
+        reply.sent = 0 if head_only else len(body)
         self.state = SENDING
-        self.deadline = worker.now + worker.idle_timeout
+        self.deadline = worker.clock.now + worker.idle_timeout
         self.send()
 
     def send(self):
         """Send out, then the file range with sendfile(), then the same for each of pieces."""
         sock = self.sock
+        reply = self.reply
         budget = SEND_BUDGET
         try:
             while True:
-                if self.out:
-                    n = sock.send(self.out, socket.MSG_MORE if self.remaining or self.pieces else 0)
-                    self.out = self.out[n:]
-                    if self.out:
+                if reply.out:
+                    n = sock.send(reply.out, socket.MSG_MORE if reply.remaining or reply.pieces else 0)
+                    reply.out = reply.out[n:]
+                    if reply.out:
                         return self.wait_writable()
-                while self.remaining:
-                    n = os.sendfile(self.fd, self.file.fd, self.offset, min(self.remaining, SENDFILE_CHUNK))
+                while reply.remaining:
+                    n = os.sendfile(self.fd, reply.file.fd, reply.offset, min(reply.remaining, SENDFILE_CHUNK))
                     if n == 0:              # the file shrank under us: the response cannot end well
                         self.keep_alive = False
-                        self.pieces = None
+                        reply.pieces = None
                         break
-                    self.offset += n
-                    self.remaining -= n
-                    self.sent += n
+                    reply.offset += n
+                    reply.remaining -= n
+                    reply.sent += n
                     budget -= n
-                    if budget <= 0 and (self.remaining or self.pieces):
+                    if budget <= 0 and (reply.remaining or reply.pieces):
                         self.worker.defer(self)     # let the other connections have a turn
                         return
-                if not self.pieces:
+                if not reply.pieces:
                     break
-                self.out, self.offset, self.remaining = self.pieces.pop(0)
-                self.body_in_out += len(self.out)
+                reply.out, reply.offset, reply.remaining = reply.pieces.pop(0)
+                reply.sent += len(reply.out)
         except (BlockingIOError, InterruptedError):
             return self.wait_writable()
         except OSError:
@@ -2692,18 +2766,17 @@ class Connection:
         self.finish_response()
 
     def wait_writable(self):
-        self.deadline = self.worker.now + self.worker.idle_timeout
+        self.deadline = self.worker.clock.now + self.worker.idle_timeout
         self.set_events(selectors.EVENT_WRITE)
 
     def finish_response(self, aborted=False):
         worker = self.worker
-        if self.file is not None:
-            self.file.release()
-            self.file = None
-        self.remaining = 0
-        self.pieces = None
-        self.sent += self.body_in_out
-        worker.access(self)
+        reply = self.reply
+        if reply.file is not None:
+            reply.release()
+        reply.remaining = 0
+        reply.pieces = None
+        worker.access_log.write(self)
         if aborted or not self.keep_alive:
             self.close(linger=not aborted)
             return
@@ -2713,7 +2786,7 @@ class Connection:
         # iteration would tie, and the connection cap would close an arbitrary one of them
         # instead of the longest idle.
         self.idle_since = time.monotonic()
-        self.deadline = worker.now + (worker.header_timeout if self.inbuf else worker.idle_timeout)
+        self.deadline = worker.clock.now + (worker.header_timeout if self.inbuf else worker.idle_timeout)
         self.set_events(selectors.EVENT_READ)
 
     # -- LINGERING and CLOSED --
@@ -2743,13 +2816,11 @@ class Connection:
             else:
                 self.state = LINGERING
                 self.inbuf = b''
-                self.deadline = self.worker.now + LINGER_TIME
+                self.deadline = self.worker.clock.now + LINGER_TIME
                 self.set_events(selectors.EVENT_READ)
                 return
         self.state = CLOSED
-        if self.file is not None:
-            self.file.release()
-            self.file = None
+        self.reply.release()
         self.worker.forget(self)
         try:
             self.sock.close()
@@ -2757,18 +2828,12 @@ class Connection:
             pass
 
     def linger(self):
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b''
-        if not data:
+        if self.read() == b'':
             self.close()
 
     def set_events(self, events):
         if not self.registered:
-            self.events = events            # accept() registers it once it has to wait
+            self.events = events            # Worker.serve_new registers it once it has to wait
         elif events != self.events:
             self.events = events
             self.worker.selector.modify(self.sock, events, self.on_event)
@@ -2788,7 +2853,7 @@ class RedirectConnection(Connection):
 
 # ---------------------------------------------------------------------------------------------
 # HTTPS: a TLS connection, the context (the whole of TLS is this section and a few lines that
-# name it: the worker's accept, the master's setup and reload, the options)
+# name it: Acceptor.accept, the master's setup and reload, the options)
 # ---------------------------------------------------------------------------------------------
 
 HANDSHAKE = 'handshake'     # TLS: the handshake in progress (before READING)
@@ -3005,18 +3070,19 @@ class TLSConnection(Connection):
     def refuse_plain_http(self, line):
         """Plain HTTP on the HTTPS port: a plain 400 that says so, then a lingering close."""
         worker = self.worker
-        response, body_length = plain_http_refusal(line, worker.date)
-        self.status, self.line, self.keep_alive = 400, line, False
+        response, body_length = plain_http_refusal(line, worker.clock.date)
+        reply = self.reply
+        reply.status, reply.line, self.keep_alive = 400, line, False
         try:
             os.write(self.fd, response)     # nothing was sent yet: the buffer is empty
-            self.sent = body_length
+            reply.sent = body_length
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            worker.access(self)
+            worker.access_log.write(self)
             return self.close()
-        worker.access(self)
+        worker.access_log.write(self)
         self.state = LINGERING          # the rest of the request is unread: no reset over the 400
-        self.deadline = worker.now + LINGER_TIME
+        self.deadline = worker.clock.now + LINGER_TIME
         self.set_events(selectors.EVENT_READ)
 
     def receive(self):
@@ -3036,11 +3102,7 @@ class TLSConnection(Connection):
         self.set_events(selectors.EVENT_READ)
         if not data:
             return Connection.close(self)   # nor to a client that has gone
-        if not self.started:
-            self.started = True
-            self.deadline = self.worker.now + self.worker.header_timeout
-        self.inbuf = self.inbuf + data if self.inbuf else data
-        self.process()
+        self.received(data)
 
     def send(self):
         """Send out, then the file range in TLS_CHUNK reads, then the same for each of pieces, up to
@@ -3050,35 +3112,36 @@ class TLSConnection(Connection):
         shrinks by what a write took.  sent counts a file chunk once it is read.
         """
         sock = self.sock
+        reply = self.reply
         budget = SEND_BUDGET
         try:
             while True:
-                if not self.out:
-                    if not self.remaining:
-                        if not self.pieces:
+                if not reply.out:
+                    if not reply.remaining:
+                        if not reply.pieces:
                             break
-                        self.out, self.offset, self.remaining = self.pieces.pop(0)   # a part head
-                        self.body_in_out += len(self.out)
+                        reply.out, reply.offset, reply.remaining = reply.pieces.pop(0)   # a part head
+                        reply.sent += len(reply.out)
                         continue
-                    chunk = os.pread(self.file.fd, min(self.remaining, TLS_CHUNK), self.offset)
+                    chunk = os.pread(reply.file.fd, min(reply.remaining, TLS_CHUNK), reply.offset)
                     if not chunk:           # the file shrank under us: the response cannot end well
                         self.keep_alive = False
-                        self.pieces = None
+                        reply.pieces = None
                         break
-                    self.offset += len(chunk)
-                    self.remaining -= len(chunk)
-                    self.sent += len(chunk)
-                    self.out = chunk
-                n = sock.send(self.out[:TLS_CHUNK])
-                self.out = self.out[n:]
+                    reply.offset += len(chunk)
+                    reply.remaining -= len(chunk)
+                    reply.sent += len(chunk)
+                    reply.out = chunk
+                n = sock.send(reply.out[:TLS_CHUNK])
+                reply.out = reply.out[n:]
                 budget -= n
-                if budget <= 0 and (self.out or self.remaining or self.pieces):
+                if budget <= 0 and (reply.out or reply.remaining or reply.pieces):
                     self.worker.defer(self)     # let the other connections have a turn
                     return
         except ssl.SSLWantWriteError:
             return self.wait_writable()
         except ssl.SSLWantReadError:
-            self.deadline = self.worker.now + self.worker.idle_timeout
+            self.deadline = self.worker.clock.now + self.worker.idle_timeout
             return self.set_events(selectors.EVENT_READ)
         except (BlockingIOError, InterruptedError):
             return self.wait_writable()
@@ -3170,23 +3233,23 @@ def tls_context(cert, key, allow_readable_key=False):
     return context
 
 # ---------------------------------------------------------------------------------------------
-# The responder: from a parsed request to a queued response (resolve, open, stat, head)
+# The responder: from a parsed request to its response (resolve, open, stat, head)
 # ---------------------------------------------------------------------------------------------
 
 class Responder:
-    """Turns a parsed request into a response queued on its connection.
+    """Turns a parsed request into its response, returned to the connection that asked.
 
     It owns what answering needs and nothing of the loop: the root and the options about it,
-    the open-file cache, the path cache, the image-header cache and the agent's own files.
-    The worker owns the sockets, the timers, the signals and the access log; the clock is the
-    worker's (anything with `now`, `wall` and `date`, cached once a loop iteration), so a
-    response never calls time() itself.  The path of a request reads top to bottom: respond()
-    maps and stat()s the path, then respond_file(), respond_directory() or
-    respond_thumbnail() build the head with response_head() and hand it to the connection.
+    the caches (Cache lists them) and the agent's own files.  The worker owns the sockets, the
+    timers and the signals; the clock is the worker's Clock (anything with `now`, `wall` and
+    `date`, read once a loop iteration), so a response never calls time() itself.  The path
+    of a request reads top to bottom: respond() maps and stat()s the path, then respond_file(),
+    respond_directory() or respond_thumbnail() build the head with response_head() and return
+    the response as Connection.start_response's arguments: (status, head[, body, file, offset,
+    length, body_length, pieces]).  It never calls back into the connection.
 
     A separate class (not Worker methods) so that the request path can be read, and driven
-    (bench/resolve.py, the tests), without an event loop; Worker.respond is this respond(),
-    bound once, so the split costs no call on the hot path.
+    (bench/resolve.py, the tests), without an event loop or a connection.
     """
 
     def __init__(self, config, clock, own_files, common_headers=COMMON_HEADERS, https_port=443):
@@ -3201,25 +3264,28 @@ class Responder:
         self.https_port = https_port        # where a redirect from plain HTTP points
         self.clock = clock
         self.own_files = own_files
+        # Its caches (Cache lists them all, with their bounds):
         self.files = FileCache()
         self.images = ImageInfoCache()
-        self.pages = PageCache()
-        self.paths = {}                     # request target -> (path, relative, trailing, query)
+        self.pages = Cache(PAGE_CACHE_ENTRIES, PAGE_CACHE_BYTES)
+        self.paths = Cache(PATH_CACHE_SIZE)     # target -> (path, relative, trailing, slash, query)
         self.file_error_logged = -1.0
 
-    def respond(self, conn, req):
-        """Answer one parsed request (GET or HEAD) from the files under the root.
+    def respond(self, req, keep_alive=True, redirect=False):
+        """The response to one parsed request (GET or HEAD) from the files under the root, or
+        HTTPError; keep_alive is what its Connection header says, redirect that of an
+        --http-redirect listener (a 301 to HTTPS).
 
         The path is stat()ed on every request; a cached open file is used only while it is
         still the file at that path.  Anything else is opened by open_file(), which checks the
         descriptor it got, not the name it asked for: no swap of a file or a directory for a
         symlink between a check and the open can make it serve a byte from outside the root.
         """
-        if conn.redirect:
+        if redirect:
             location = redirect_location(req, self.https_port)
             raise HTTPError(301, headers=b'Location: ' + location + b'\r\n')
         check_method(req)
-        mapped = self.paths.get(req.target)
+        mapped = self.paths.data.get(req.target)
         if mapped is None:
             relative, trailing, raw_path, query = map_target(req.target)
             path = self.root + '/' + relative if relative else self.root
@@ -3227,29 +3293,27 @@ class Responder:
             # up to its last '/': so the page is only where that '/' ends the path (not after
             # '%2F', '.' or '..'); elsewhere a directory is a 301 to its own URL.
             mapped = (path, relative, trailing, raw_path.endswith(b'/'), query)
-            if len(self.paths) >= PATH_CACHE_SIZE:
-                self.paths.clear()
-            self.paths[req.target] = mapped
+            self.paths.store(req.target, mapped)
         path, relative, trailing, slash, query = mapped
         try:
             st = os.stat(path)
         except (OSError, ValueError) as exc:
-            self.files.discard(path)        # deleted: its descriptor must not pin the space
+            self.files.drop(path)           # deleted: its descriptor must not pin the space
             raise self.file_error(exc)
         self.own_files.refresh()            # a rotation compressed since the last request
         if self.own_files.hides(path, st):
             raise HTTPError(404)            # our pidfile and logs, by any name or link
         if stat.S_ISDIR(st.st_mode):
-            return self.respond_directory(conn, req, path, relative, slash, query)
+            return self.respond_directory(req, keep_alive, path, relative, slash, query)
         if trailing:
             raise HTTPError(404)            # /img.jpg/ names a directory that does not exist
-        entry = self.files.get(path, st)
+        entry = self.files.current(path, st)
         if entry is None:
             entry = self.open_file(path)
             self.files.store(path, entry)
         if query and 'thumb' in parse_query(query):
-            return self.respond_thumbnail(conn, req, entry, path)
-        self.respond_file(conn, req, entry)
+            return self.respond_thumbnail(req, keep_alive, entry, path)
+        return self.respond_file(req, keep_alive, entry)
 
     def open_file(self, path):
         """Open a regular file to serve it: an OpenFile, or HTTPError (404, 403, 503).
@@ -3337,7 +3401,7 @@ class Responder:
             log('worker: cannot open a file to serve it: %s; answering 503' % os.strerror(code), priority=LOG_ERR)
         return HTTPError(503, headers=b'Retry-After: 1\r\n')
 
-    def respond_file(self, conn, req, entry):
+    def respond_file(self, req, keep_alive, entry):
         headers = req.headers
         clock = self.clock
         status, first, length = 200, 0, entry.size
@@ -3355,8 +3419,7 @@ class Responder:
             # though allowed, makes some clients (wrk among them) wait for a body that never comes.
             fields = b'Last-Modified: %s\r\nETag: %s\r\n%s' % (last_modified, entry.etag.encode('ascii'),
                                                                self.cache_control)
-            return conn.start_response(304, response_head(304, clock.date, fields, conn.keep_alive, req.version,
-                                                          self.common_headers))
+            return 304, response_head(304, clock.date, fields, keep_alive, req.version, self.common_headers)
         if 'range' in headers and if_range_allows(headers, entry.etag, entry.mtime):
             value = headers['range']
             found = parse_range(value, entry.size)
@@ -3366,7 +3429,7 @@ class Responder:
                 found = parse_ranges(value, entry.size)
                 if found is not None and found != 'unsatisfiable':
                     if len(found) > 1:
-                        return self.respond_byteranges(conn, req, entry, found, last_modified)
+                        return self.respond_byteranges(req, keep_alive, entry, found, last_modified)
                     found = found[0]        # one part: a plain 206 (RFC 9110 section 14.6)
             if found == 'unsatisfiable':
                 raise HTTPError(416, headers=b'Content-Range: bytes */%d\r\n' % entry.size)
@@ -3378,38 +3441,37 @@ class Responder:
             # A 200's head changes only with the Date (once a second) and the Connection
             # header: built once for each, it serves every request in between, and so does
             # head + body of a small file (measured: 1.2 us less CPU a request at 20 KB).
-            key = (clock.date, conn.keep_alive, req.version)
+            key = (clock.date, keep_alive, req.version)
             if entry.head_key != key:
                 entry.head = response_head(200, clock.date, b'%s%sContent-Length: %d\r\n' % (
-                    fields, self.cache_control, length), conn.keep_alive, req.version, self.common_headers)
+                    fields, self.cache_control, length), keep_alive, req.version, self.common_headers)
                 entry.whole = None if entry.body is None else entry.head + entry.body
                 entry.head_key = key
             head = entry.head
         else:
             head = response_head(status, clock.date, b'%s%sContent-Length: %d\r\n%s' % (
-                fields, self.cache_control, length, extra), conn.keep_alive, req.version, self.common_headers)
+                fields, self.cache_control, length, extra), keep_alive, req.version, self.common_headers)
         if req.method == b'HEAD':
             length = 0
         elif status == 200 and entry.whole is not None:
-            return conn.start_response(status, entry.whole, body_length=entry.size)
-        conn.start_response(status, head, file=entry, offset=first, length=length)
+            return status, entry.whole, b'', None, 0, 0, entry.size
+        return status, head, b'', entry, first, length
 
-    def respond_byteranges(self, conn, req, entry, ranges, last_modified):
+    def respond_byteranges(self, req, keep_alive, entry, ranges, last_modified):
         """206 multipart/byteranges for several ranges: the head with the exact Content-Length,
-        then each part head and its file range, in order (Connection.pieces)."""
+        then each part head and its file range, in order (Reply.pieces)."""
         clock = self.clock
         boundary = byteranges_boundary()
         pieces, length = multipart_byteranges(ranges, entry.size, entry.ctype, boundary)
         fields = entry.fields(last_modified, b'multipart/byteranges; boundary=' + boundary)
         head = response_head(206, clock.date, b'%s%sContent-Length: %d\r\n' % (fields, self.cache_control, length),
-                             conn.keep_alive, req.version, self.common_headers)
+                             keep_alive, req.version, self.common_headers)
         if req.method == b'HEAD':
-            return conn.start_response(206, head)
+            return 206, head
         part_head, first, count = pieces[0]
-        conn.start_response(206, head + part_head, file=entry, offset=first, length=count,
-                            body_length=len(part_head), pieces=pieces[1:])
+        return 206, head + part_head, b'', entry, first, count, len(part_head), pieces[1:]
 
-    def respond_directory(self, conn, req, path, relative, slash, query):
+    def respond_directory(self, req, keep_alive, path, relative, slash, query):
         """A directory: 301 to its URL unless the path ends in a slash, else its index.html,
         else its gallery page.  It is opened, and the descriptor checked to be in the root,
         before anything else."""
@@ -3426,10 +3488,10 @@ class Responder:
                                 + self.cache_control)
             index = self.index_file(path)
             if index is not None:
-                return self.respond_file(conn, req, index)
+                return self.respond_file(req, keep_alive, index)
             if not self.listing:
                 raise HTTPError(403)        # --no-listing
-            self.respond_gallery(conn, req, fd, path, '/' + relative + ('/' if relative else ''), query)
+            return self.respond_gallery(req, keep_alive, fd, path, '/' + relative + ('/' if relative else ''), query)
         finally:
             os.close(fd)
 
@@ -3446,7 +3508,7 @@ class Responder:
             raise self.file_error(exc)
         if not stat.S_ISREG(st.st_mode) or self.own_files.hides(index, st):
             return None
-        entry = self.files.get(index, st)
+        entry = self.files.current(index, st)
         if entry is None:
             entry = self.open_file(index)
             self.files.store(index, entry)
@@ -3514,8 +3576,8 @@ class Responder:
             fresh.append((key, name, is_dir, st, kind))
         return fresh
 
-    def respond_gallery(self, conn, req, fd, path, url_path, query):
-        """The gallery page (or its JSON) of the directory open at fd: from the PageCache if
+    def respond_gallery(self, req, keep_alive, fd, path, url_path, query):
+        """The gallery page (or its JSON) of the directory open at fd: from the page cache if
         it was built within PAGE_TTL; else 304 if the ETag still matches, else the image headers
         of the entries on the page are read (or found cached) and the page is built and kept.
         A HEAD is answered from the same page: its Content-Length is the body's length."""
@@ -3523,7 +3585,7 @@ class Responder:
         dir_st = os.fstat(fd)
         key = (path, url_path, sort, number, fmt, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns,
                dir_st.st_ctime_ns, self.own_files.added)
-        page = self.pages.get(key, self.clock.now)
+        page = self.pages.until(key, self.clock.now)
         if page is None:
             listing = self.list_page(fd, path, url_path, sort, number, dir_st)
             etag = gallery_etag(dir_st, url_path, listing, fmt)
@@ -3534,13 +3596,13 @@ class Responder:
         inm = req.headers.get('if-none-match')
         if inm is not None and etag_matches(inm, etag[2:]):     # weak comparison
             validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
-            return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,
-                                                          req.version, self.common_headers))
+            return 304, response_head(304, self.clock.date, validators, keep_alive, req.version,
+                                      self.common_headers)
         if page is None:
             page = self.gallery_body(path, url_path, listing, fmt, etag)
-            self.pages.store(key, self.clock.now + PAGE_TTL, page, len(page[2]))
-        head = response_head(200, self.clock.date, page[1], conn.keep_alive, req.version, self.common_headers)
-        conn.start_response(200, head, b'' if req.method == b'HEAD' else page[2])
+            self.pages.store(key, (self.clock.now + PAGE_TTL, page), len(page[2]))
+        head = response_head(200, self.clock.date, page[1], keep_alive, req.version, self.common_headers)
+        return 200, head, b'' if req.method == b'HEAD' else page[2]
 
     def list_page(self, fd, path, url_path, sort, number, dir_st):
         """The GalleryListing of one page of the directory open at fd: the entries shown are
@@ -3561,17 +3623,17 @@ class Responder:
         key = ('catalog', path, url_path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns,
                dir_st.st_ctime_ns, self.own_files.added)
         now = self.clock.now
-        catalog = self.pages.get(key, now)
+        catalog = self.pages.until(key, now)
         if catalog is None:
             room = gallery_room(url_path, path, self.max_header_size)
             catalog = gallery_catalog(self.scan_directory(fd, path), room)
             settled = max(dir_st.st_mtime, dir_st.st_ctime) < self.clock.wall - 1
-            self.pages.store(key, now + (CATALOG_TTL if settled else PAGE_TTL), catalog,
+            self.pages.store(key, (now + (CATALOG_TTL if settled else PAGE_TTL), catalog),
                              CATALOG_ENTRY_BYTES * len(catalog.entries))
         return catalog
 
     def gallery_body(self, path, url_path, listing, fmt, etag):
-        """(etag, the 200's fields, body) of a listing: what the PageCache keeps."""
+        """(etag, the 200's fields, body) of a listing: what the page cache keeps."""
         validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
         infos = {}
         for e in listing.entries:
@@ -3585,7 +3647,7 @@ class Responder:
             fields = html_fields(len(body), GALLERY_CSP.encode('ascii')) + validators
         return etag, fields, body
 
-    def respond_thumbnail(self, conn, req, entry, path):
+    def respond_thumbnail(self, req, keep_alive, entry, path):
         """`image.jpg?thumb`: the JPEG thumbnail embedded in the file's EXIF, turned as the
         image is, with validators derived from the file's own; 404 if it has none."""
         try:
@@ -3607,11 +3669,11 @@ class Responder:
             raise HTTPError(412)
         if ('if-none-match' in req.headers or 'if-modified-since' in req.headers) \
                 and not_modified(req.headers, etag, entry.mtime):
-            return conn.start_response(304, response_head(304, self.clock.date, validators, conn.keep_alive,
-                                                          req.version, self.common_headers))
+            return 304, response_head(304, self.clock.date, validators, keep_alive, req.version,
+                                      self.common_headers)
         fields = b'Content-Type: image/jpeg\r\nContent-Length: %d\r\n%s' % (len(body), validators)
-        head = response_head(200, self.clock.date, fields, conn.keep_alive, req.version, self.common_headers)
-        conn.start_response(200, head, b'' if req.method == b'HEAD' else body)
+        head = response_head(200, self.clock.date, fields, keep_alive, req.version, self.common_headers)
+        return 200, head, b'' if req.method == b'HEAD' else body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3660,91 +3722,21 @@ class LoadShare:
         return live > 1 and count > (sum(values) - live) / live + 1
 
 
-class Worker:
-    """Serves connections from the shared listening sockets until told to drain.
+class Clock:
+    """The time, read once a loop iteration (read()) and shared by everything the loop drives:
+    `now` (monotonic, for deadlines), `wall` (whole seconds), and what changes with it once a
+    second, the Date field and the access log's stamp.  So nothing on a request's path calls
+    time() itself."""
 
-    The loop, on one screen in serve(): wait for events (at most until the next second),
-    dispatch each to its callback, then the ready list (the connections that had their share of
-    the turn with work left: SEND_BUDGET, TURN_REQUESTS; no wait while it holds any), once a
-    second the timeouts, and the access-log lines.
-    """
+    __slots__ = ('now', 'wall', 'date', 'log_time')
 
-    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
-                 reopen_logs=None, share=None):
-        self.stop_timeout = config.stop_timeout
-        self.reopen_logs = reopen_logs          # USR1: the master's reopen_worker_logs()
-        self.header_timeout = config.header_timeout
-        self.idle_timeout = config.timeout
-        self.max_header_size = config.max_header_size
-        self.max_connections = config.max_connections
-        self.listeners = listeners
-        self.listener_by_fd = {sock.fileno(): sock for sock in listeners}
-        self.families = {sock: int(sock.family) for sock in listeners}
-        # What each listener serves: plain HTTP, HTTPS (with tls, the SSLContext), or redirects.
-        self.kinds = {sock: RedirectConnection if sock in redirects else
-                      TLSConnection if tls is not None else Connection for sock in listeners}
-        self.tls = tls
-        https_port = next((sock.getsockname()[1] for sock in listeners if sock not in redirects
-                           and sock.family in (socket.AF_INET, socket.AF_INET6)), 443)
-        self.common_headers = COMMON_HEADERS
-        if tls is not None and getattr(config, 'hsts', None) is not None:     # 0 withdraws HSTS
-            self.common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
-        self.accept_poll = None
-        self.access_fd = access_fd
-        self.access_log = getattr(config, 'access_log', None)    # its path, for the messages
-        self.lifeline = lifeline
-        self.selector = selectors.DefaultSelector()
-        self.escaped = {}               # raw access-log fields -> their escaped form
-        self.conns = set()
-        self.deferred = []              # the ready list (defer, run_deferred)
-        self.log_lines = []
-        self.log_backlog = bytearray()  # lines the access log could not take yet (ENOSPC...)
-        self.log_lost = 0               # lines beyond ACCESS_BACKLOG, dropped while it failed
-        self.log_failing = False
-        self.draining = False
-        self.drain_deadline = None
-        self.accepting = False
-        self.accept_paused_until = 0.0
-        self.out_of_fds = 0             # accept's pauses for want of a descriptor, in a row
-        self.share = share              # a LoadShare (with more than one worker), or None
-        self.signals = []
-        self.now = time.monotonic()
+    def __init__(self):
         self.wall = 0
         self.date = b''
         self.log_time = ''
-        self.clock()
-        self.responder = Responder(config, self, OwnFiles() if own_files is None else own_files,
-                                   self.common_headers, https_port)
-        self.respond = self.responder.respond     # bound once: Connection.process calls it
+        self.read()
 
-    # -- the loop --
-
-    def serve(self):
-        self.selector.register(self.lifeline, selectors.EVENT_READ, self.on_lifeline)
-        self.start_accepting()
-        next_tick = self.now + 1.0
-        while not self.draining or self.conns:
-            timeout = 0 if self.deferred else max(0.0, next_tick - self.now)
-            events = self.selector.select(timeout)
-            self.clock()
-            for key, mask in events:
-                key.data(mask)
-            if self.deferred:
-                self.run_deferred()
-            if self.signals:
-                self.handle_signals()
-            if self.now >= next_tick:
-                self.tick()
-                next_tick = self.now + 1.0
-            if self.log_lines:
-                self.flush_access_log()
-        self.flush_access_log(retry=True)
-        if self.log_backlog:
-            log('worker: exiting with %d access-log lines not written to %s'
-                % (self.log_backlog.count(b'\n'), self.access_log), priority=LOG_ERR)
-
-    def clock(self):
-        """Cache the time for this iteration; the Date and log stamps change once a second."""
+    def read(self):
         self.now = time.monotonic()
         wall = int(time.time())
         if wall != self.wall:
@@ -3752,64 +3744,168 @@ class Worker:
             self.date = http_date(wall).encode('ascii')
             self.log_time = log_date(wall)
 
-    def tick(self):
-        """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors,
-        and another try at an access log that could not be written."""
-        self.responder.files.close_deleted()
-        if self.log_failing:
-            self.flush_access_log(retry=True)
-        now = self.now
-        for conn in list(self.conns):
-            if now >= conn.deadline:
-                conn.cut()                  # header timeout, idle keep-alive, stalled send
-            elif self.draining and conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
-                conn.close()
-        if not self.draining and not self.accepting and now >= self.accept_paused_until \
-                and len(self.conns) < self.max_connections:
-            self.start_accepting()
-        if self.draining and self.drain_deadline is not None and now >= self.drain_deadline:
-            for conn in list(self.conns):
-                conn.cut()
 
-    # -- accepting --
+class AccessLog:
+    """A worker's access log: one Combined Log Format line for each response that ends
+    (write()), and the lines of a loop iteration in one write() at its end (flush()).
 
-    # The listening sockets sit in an epoll instance of their own, with EPOLLEXCLUSIVE, and
-    # the worker's selector watches that instance.  A new connection then wakes one worker,
-    # not all of them to race for one accept().  A worker that stops accepting takes its
-    # entries out, so the exclusive wake-up never goes to a worker that would ignore it.
+    While the log cannot be written (a full disk, a quota, an I/O error) the lines wait, up to
+    ACCESS_BACKLOG bytes, and the write is tried again once a second (retry()) or at a reopen:
+    once it works they go out in order, whole, before the new ones.  The failure is reported
+    once, and the return with the count of lines lost beyond the backlog, if any.
+    """
 
-    def start_accepting(self):
-        if self.accept_poll is None:
-            self.accept_poll = select.epoll()
-            self.selector.register(self.accept_poll, selectors.EVENT_READ, self.on_listeners)
+    def __init__(self, fd, path, clock):
+        self.fd = fd                    # None: --access-log off
+        self.path = path                # for the messages
+        self.clock = clock
+        self.escaped = Cache(PATH_CACHE_SIZE)   # raw fields -> their escaped form
+        self.lines = []                 # this iteration's
+        self.backlog = bytearray()      # lines the file could not take yet (ENOSPC...)
+        self.lost = 0                   # lines beyond ACCESS_BACKLOG, dropped while it failed
+        self.failing = False
+
+    def write(self, conn):
+        """The line of the response that just ended on conn."""
+        if self.fd is None:
+            return
+        escaped = self.escaped.data
+        reply = conn.reply
+        line, referer, agent = reply.line, reply.referer or '-', reply.agent or '-'
+        try:
+            line, referer, agent = escaped[line], escaped[referer], escaped[agent]
+        except KeyError:
+            for raw in (line, referer, agent):
+                self.escaped.store(raw, escape_log(raw))
+            line, referer, agent = escaped[line], escaped[referer], escaped[agent]
+        self.lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
+            conn.peer, self.clock.log_time, line, reply.status, reply.sent or '-', referer, agent))
+
+    def retry(self):
+        """Once a second: another try at a log that could not be written."""
+        if self.failing:
+            self.flush(retry=True)
+
+    def flush(self, retry=False):
+        """Write the lines waiting, in one write (a failing log only when retry is true)."""
+        if self.fd is None:
+            self.lines = []
+            return
+        if self.lines:
+            data = ''.join(self.lines).encode('ascii', 'replace')
+            self.lines = []
+            if len(self.backlog) + len(data) <= ACCESS_BACKLOG:
+                self.backlog += data
+            else:
+                self.lost += data.count(b'\n')
+        if not self.backlog or self.failing and not retry:
+            return
+        backlog = self.backlog
+        try:
+            while backlog:
+                del backlog[:os.write(self.fd, backlog)]
+        except OSError as exc:
+            if not self.failing:
+                log('worker: cannot write the access log %s (%s); its lines wait (up to %d MiB) '
+                    'until it can be written' % (self.path, exc.strerror, ACCESS_BACKLOG >> 20),
+                    priority=LOG_ERR)
+                self.failing = True
+            return
+        if self.failing:
+            lost = ' (%d lines beyond the backlog were lost)' % self.lost if self.lost else ''
+            log('worker: access log %s writable again%s' % (self.path, lost), priority=LOG_WARNING)
+            self.failing = False
+            self.lost = 0
+
+    def close(self):
+        """At the worker's exit: a last try, and a word about what could not be written."""
+        self.flush(retry=True)
+        if self.backlog:
+            log('worker: exiting with %d access-log lines not written to %s'
+                % (self.backlog.count(b'\n'), self.path), priority=LOG_ERR)
+
+
+# The errors of accept() that say this process (or the system) is out of descriptors or memory.
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Acceptor:
+    """Takes a worker's new connections from the shared listening sockets: how many a wake-up
+    (all that are queued; one over the worker's LoadShare; TLS_ACCEPTS of TLS), the connection
+    cap (the longest-idle keep-alive connection makes room), and pauses: at the cap with none
+    idle, and out of descriptors.
+
+    The listening sockets sit in an epoll instance of their own, with EPOLLEXCLUSIVE, and the
+    loop's selector watches that instance.  A new connection then wakes one worker, not all of
+    them to race for one accept().  A worker that stops accepting takes its entries out, so the
+    exclusive wake-up never goes to a worker that would ignore it.
+    """
+
+    def __init__(self, loop, listeners, tls=None, redirects=(), share=None):
+        self.loop = loop                # the Worker: its connections, cap and selector
+        self.listeners = listeners
+        self.listener_by_fd = {sock.fileno(): sock for sock in listeners}
+        self.families = {sock: int(sock.family) for sock in listeners}
+        # What each listener serves: plain HTTP, HTTPS (with tls, the SSLContext), or redirects.
+        self.kinds = {sock: RedirectConnection if sock in redirects else
+                      TLSConnection if tls is not None else Connection for sock in listeners}
+        self.tls = tls
+        self.share = share              # a LoadShare (with more than one worker), or None
+        self.poll = None
+        self.accepting = False
+        self.paused_until = 0.0
+        self.out_of_fds = 0             # pauses for want of a descriptor, in a row
+
+    def start(self):
+        if self.poll is None:
+            self.poll = select.epoll()
+            self.loop.selector.register(self.poll, selectors.EVENT_READ, self.on_listeners)
         for sock in self.listeners:
-            self.accept_poll.register(sock, select.EPOLLIN | EPOLLEXCLUSIVE)
+            self.poll.register(sock, select.EPOLLIN | EPOLLEXCLUSIVE)
         self.accepting = True
 
-    def stop_accepting(self, pause=0.0):
+    def stop(self, pause=0.0):
         if self.accepting:
             for sock in self.listeners:
-                self.accept_poll.unregister(sock)
+                self.poll.unregister(sock)
             self.accepting = False
-        self.accept_paused_until = self.now + pause
+        self.paused_until = self.loop.clock.now + pause
+
+    def resume(self, room):
+        """Once a second: accept again after a pause, if the worker has room."""
+        if not self.accepting and room and self.loop.clock.now >= self.paused_until:
+            self.start()
+
+    def close(self):
+        """For good (the worker drains): the other workers take what is queued."""
+        self.stop()
+        if self.share is not None:
+            self.share.leave()              # the others' share no longer counts this one
+        for sock in self.listeners:
+            sock.close()
+
+    def publish(self, count):
+        if self.share is not None:
+            self.share.publish(count)
 
     def on_listeners(self, mask):
-        for fd, _ in self.accept_poll.poll(0):
+        for fd, _ in self.poll.poll(0):
             if self.accepting:
                 self.accept(self.listener_by_fd[fd])
 
     def accept(self, listener):
-        """Accept every pending connection, up to the cap; read at once what already came."""
-        for index in range(TLS_ACCEPTS if self.kinds[listener] is TLSConnection else 64):
-            if index and self.share is not None and self.share.over(len(self.conns)):
+        """Accept the pending connections the policy allows; each is served at once."""
+        loop = self.loop
+        kind = self.kinds[listener]
+        for index in range(TLS_ACCEPTS if kind is TLSConnection else 64):
+            if index and self.share is not None and self.share.over(len(loop.conns)):
                 return                      # over its share: one a wake-up (LoadShare)
             victim = None
-            if len(self.conns) >= self.max_connections:
-                victim = self.longest_idle()
+            if len(loop.conns) >= loop.max_connections:
+                victim = loop.longest_idle()
                 if victim is None:
-                    self.stop_accepting(pause=0.1)   # the backlog holds them; others may take them
+                    self.stop(pause=0.1)    # the backlog holds them; others may take them
                     return
-            kind = self.kinds[listener]
             try:
                 if kind is TLSConnection:
                     sock, address = accept_tls(listener, self.families[listener], self.tls)
@@ -3818,42 +3914,131 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: free one, or stop trying for a moment (no spinning).
-                    victim = self.longest_idle()
-                    if victim is None:
-                        # Said once while it lasts, not at every pause: under LimitNOFILE it
-                        # can last minutes, and a line a second per worker buries the journal.
-                        if not self.out_of_fds:
-                            log('worker: accept: %s; pausing accept for 1s at a time until a '
-                                'connection ends' % exc.strerror, priority=LOG_WARNING)
-                        self.out_of_fds += 1
-                        self.stop_accepting(pause=1.0)
-                        return
-                    victim.close()
-                    continue
+                if exc.errno in OUT_OF_DESCRIPTORS:
+                    if self.make_room(exc):
+                        continue
+                    return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
             if victim is not None:
-                victim.close()                  # at the cap: the longest-idle one makes room
+                victim.close()              # at the cap: the longest-idle one makes room
             if self.out_of_fds:
                 log('worker: accept: descriptors again, after %d pause(s)' % self.out_of_fds)
                 self.out_of_fds = 0
             peer = address[0] if isinstance(address, tuple) else 'unix'
             if peer.startswith('::ffff:'):
                 peer = peer[7:]
-            conn = kind(sock, peer or '-', self)
-            self.conns.add(conn)
-            if self.share is not None:
-                self.share.publish(len(self.conns))
-            # With deferred accept the request is usually here already: serve it at once, and
-            # register with epoll only if the connection has to wait (keep-alive, a slow
-            # client).  A Connection: close exchange then never touches epoll at all.
-            conn.on_event(selectors.EVENT_READ)
-            if conn.state != CLOSED:
-                self.selector.register(sock, conn.events, conn.on_event)
-                conn.registered = True
+            loop.serve_new(kind(sock, peer or '-', loop))
+
+    def make_room(self, exc):
+        """Out of descriptors: close the longest-idle connection (True: try again), or stop
+        trying for a second (no spinning)."""
+        victim = self.loop.longest_idle()
+        if victim is not None:
+            victim.close()
+            return True
+        # Said once while it lasts, not at every pause: under LimitNOFILE it can last
+        # minutes, and a line a second per worker buries the journal.
+        if not self.out_of_fds:
+            log('worker: accept: %s; pausing accept for 1s at a time until a connection ends'
+                % exc.strerror, priority=LOG_WARNING)
+        self.out_of_fds += 1
+        self.stop(pause=1.0)
+        return False
+
+
+class Worker:
+    """One process's event loop: serves connections from the shared listening sockets until
+    told to drain.
+
+    The loop, on one screen in serve(): wait for events (at most until the next second),
+    dispatch each to its callback, then the ready list (the connections that had their share of
+    the turn with work left: SEND_BUDGET, TURN_REQUESTS; no wait while it holds any), once a
+    second the timeouts, and the access-log lines.  What it drives has its own object: the
+    Clock, the Acceptor (new connections), each Connection, the Responder (a request to a
+    response) and the AccessLog.
+    """
+
+    def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
+                 reopen_logs=None, share=None):
+        self.stop_timeout = config.stop_timeout
+        self.reopen_logs = reopen_logs          # USR1: the master's reopen_worker_logs()
+        self.header_timeout = config.header_timeout
+        self.idle_timeout = config.timeout
+        self.max_connections = config.max_connections
+        self.lifeline = lifeline
+        self.selector = selectors.DefaultSelector()
+        self.conns = set()
+        self.deferred = []              # the ready list (defer, run_deferred)
+        self.signals = []
+        self.draining = False
+        self.drain_deadline = None
+        self.clock = Clock()
+        self.access_log = AccessLog(access_fd, getattr(config, 'access_log', None), self.clock)
+        self.acceptor = Acceptor(self, listeners, tls, redirects, share)
+        https_port = next((sock.getsockname()[1] for sock in listeners if sock not in redirects
+                           and sock.family in (socket.AF_INET, socket.AF_INET6)), 443)
+        common_headers = COMMON_HEADERS
+        if tls is not None and getattr(config, 'hsts', None) is not None:     # 0 withdraws HSTS
+            common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
+        self.responder = Responder(config, self.clock, OwnFiles() if own_files is None else own_files,
+                                   common_headers, https_port)
+
+    # -- the loop --
+
+    def serve(self):
+        self.selector.register(self.lifeline, selectors.EVENT_READ, self.on_lifeline)
+        self.acceptor.start()
+        clock, access_log = self.clock, self.access_log
+        next_tick = clock.now + 1.0
+        while not self.draining or self.conns:
+            timeout = 0 if self.deferred else max(0.0, next_tick - clock.now)
+            events = self.selector.select(timeout)
+            clock.read()
+            for key, mask in events:
+                key.data(mask)
+            if self.deferred:
+                self.run_deferred()
+            if self.signals:
+                self.handle_signals()
+            if clock.now >= next_tick:
+                self.tick()
+                next_tick = clock.now + 1.0
+            if access_log.lines:
+                access_log.flush()
+        access_log.close()
+
+    def tick(self):
+        """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors,
+        and another try at an access log that could not be written."""
+        self.responder.files.close_deleted()
+        self.access_log.retry()
+        now = self.clock.now
+        for conn in list(self.conns):
+            if now >= conn.deadline:
+                conn.cut()                  # header timeout, idle keep-alive, stalled send
+            elif self.draining and conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
+                conn.close()
+        if not self.draining:
+            self.acceptor.resume(len(self.conns) < self.max_connections)
+        elif self.drain_deadline is not None and now >= self.drain_deadline:
+            for conn in list(self.conns):
+                conn.cut()
+
+    # -- connections --
+
+    def serve_new(self, conn):
+        """A connection just accepted.  With deferred accept the request is usually here
+        already: it is served at once, and registered with epoll only if the connection has
+        to wait (keep-alive, a slow client).  A Connection: close exchange then never touches
+        epoll at all."""
+        self.conns.add(conn)
+        self.acceptor.publish(len(self.conns))
+        conn.on_event(selectors.EVENT_READ)
+        if conn.state != CLOSED:
+            self.selector.register(conn.sock, conn.events, conn.on_event)
+            conn.registered = True
 
     def longest_idle(self):
         """The keep-alive connection idle the longest, or None (a scan: only at the cap)."""
@@ -3864,8 +4049,8 @@ class Worker:
         self.conns.discard(conn)
         if conn.registered:
             self.selector.unregister(conn.sock)
-        if self.share is not None and not self.draining:
-            self.share.publish(len(self.conns))
+        if not self.draining:
+            self.acceptor.publish(len(self.conns))
 
     def defer(self, conn):
         """Put conn on the ready list: it has had its share of this turn (SEND_BUDGET,
@@ -3879,63 +4064,6 @@ class Worker:
         for conn in deferred:
             if conn.queued:                 # not closed meanwhile
                 conn.resume()
-
-    # -- the access log --
-
-    def access(self, conn):
-        """One Combined Log Format line for the response that just ended."""
-        if self.access_fd is None:
-            return
-        escaped = self.escaped
-        line, referer, agent = conn.line, conn.referer or '-', conn.agent or '-'
-        try:
-            line, referer, agent = escaped[line], escaped[referer], escaped[agent]
-        except KeyError:
-            if len(escaped) > PATH_CACHE_SIZE:
-                escaped.clear()
-            for raw in (line, referer, agent):
-                escaped[raw] = escape_log(raw)
-            line, referer, agent = escaped[line], escaped[referer], escaped[agent]
-        self.log_lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
-            conn.peer, self.log_time, line, conn.status, conn.sent or '-', referer, agent))
-
-    def flush_access_log(self, retry=False):
-        """Write the lines of this iteration in one write.
-
-        While the log cannot be written (a full disk, a quota, an I/O error) the lines wait, up
-        to ACCESS_BACKLOG bytes, and the write is tried again once a second (tick) or at a
-        reopen (retry): once it works they go out in order, whole, before the new ones.  The
-        failure is reported once, and the return with the count of lines lost beyond the
-        backlog, if any.
-        """
-        if self.access_fd is None:
-            self.log_lines = []
-            return
-        if self.log_lines:
-            data = ''.join(self.log_lines).encode('ascii', 'replace')
-            self.log_lines = []
-            if len(self.log_backlog) + len(data) <= ACCESS_BACKLOG:
-                self.log_backlog += data
-            else:
-                self.log_lost += data.count(b'\n')
-        if not self.log_backlog or self.log_failing and not retry:
-            return
-        backlog = self.log_backlog
-        try:
-            while backlog:
-                del backlog[:os.write(self.access_fd, backlog)]
-        except OSError as exc:
-            if not self.log_failing:
-                log('worker: cannot write the access log %s (%s); its lines wait (up to %d MiB) '
-                    'until it can be written' % (self.access_log, exc.strerror, ACCESS_BACKLOG >> 20),
-                    priority=LOG_ERR)
-                self.log_failing = True
-            return
-        if self.log_failing:
-            lost = ' (%d lines beyond the backlog were lost)' % self.log_lost if self.log_lost else ''
-            log('worker: access log %s writable again%s' % (self.access_log, lost), priority=LOG_WARNING)
-            self.log_failing = False
-            self.log_lost = 0
 
     # -- signals and the master --
 
@@ -3965,7 +4093,7 @@ class Worker:
             elif signum == signal.SIGUSR1:
                 if self.reopen_logs is not None:
                     self.reopen_logs()
-                self.flush_access_log(retry=True)   # the new file may take what the old did not
+                self.access_log.flush(retry=True)   # the new file may take what the old did not
 
     def on_lifeline(self, mask):
         """The master is gone: stop at once (the port must be free for its successor)."""
@@ -3977,15 +4105,12 @@ class Worker:
         if self.draining:
             return
         self.draining = True
-        self.stop_accepting()
-        if self.share is not None:
-            self.share.leave()              # the others' share no longer counts this one
-        for sock in self.listeners:
-            sock.close()
+        self.acceptor.close()
+        now = self.clock.now
         if deadline is not None:
-            self.drain_deadline = self.now + deadline
+            self.drain_deadline = now + deadline
         for conn in list(self.conns):
-            if conn.idle() and self.now - conn.idle_since >= DRAIN_GRACE:
+            if conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
                 conn.close()
 
 

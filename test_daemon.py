@@ -4625,6 +4625,40 @@ class WorkerInProcessTests(unittest.TestCase):
             body += self.client.recv(65536)
         return head + b'\r\n\r\n' + body
 
+    def test_every_cache_of_a_worker_is_a_Cache_and_its_docstring_lists_it(self):
+        """One cache type, one eviction rule (the oldest go past a bound), one list of them."""
+        responder, log = self.worker.responder, self.worker.access_log
+        caches = {'Responder.files': responder.files, 'Responder.paths': responder.paths,
+                  'Responder.images': responder.images.infos, 'Responder.pages': responder.pages,
+                  'AccessLog.escaped': log.escaped}
+        for name, cache in caches.items():
+            self.assertIsInstance(cache, agent.Cache, name)
+            self.assertIn('\n      %s ' % name, agent.Cache.__doc__)
+        listed = re.findall(r'\n      ([A-Z]\w+\.\w+) ', agent.Cache.__doc__)
+        self.assertEqual(sorted(listed), sorted(caches))
+
+    def test_the_file_cache_drops_its_oldest_closes_its_descriptor_and_counts_bodies(self):
+        cache = agent.FileCache(size=2)
+        self.addCleanup(cache.clear)
+        entries = []
+        for i in range(3):
+            path = os.path.join(self.root, '%d.jpg' % i)
+            with open(path, 'wb') as f:
+                f.write(b'x' * (i + 1))
+            entries.append(self.worker.responder.open_file(path))
+            cache.store(path, entries[-1])
+        self.assertEqual(list(cache), [os.path.join(self.root, '%d.jpg' % i) for i in (1, 2)])
+        self.assertEqual((cache.bytes, entries[0].evicted, entries[0].body), (2 + 3, True, None))
+        with self.assertRaises(OSError):
+            os.fstat(entries[0].fd)             # closed: no response was sending from it
+        entries[1].refs += 1                    # a response in flight keeps its descriptor
+        cache.drop(os.path.join(self.root, '1.jpg'))
+        self.assertEqual(cache.bytes, 3)
+        os.fstat(entries[1].fd)
+        entries[1].release()
+        with self.assertRaises(OSError):
+            os.fstat(entries[1].fd)
+
     def test_an_unexpected_error_is_a_500_not_a_dead_worker(self):
         with mock.patch.object(self.worker.responder, 'respond_file', side_effect=RuntimeError('bug')), \
                 mock.patch('sys.stderr', new_callable=io.StringIO) as err:
@@ -4648,10 +4682,10 @@ class WorkerInProcessTests(unittest.TestCase):
     def test_deleted_file_leaves_the_cache_and_its_descriptor_closed(self):
         path = os.path.join(self.root, 'x.jpg')
         self.assertIn(b'200 OK', self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n'))
-        entry = self.worker.responder.files.files[path]
+        entry = self.worker.responder.files[path]
         os.unlink(path)
         self.assertIn(b'404 Not Found', self.exchange(b'GET /x.jpg HTTP/1.1\r\nHost: x\r\n\r\n'))
-        self.assertNotIn(path, self.worker.responder.files.files)
+        self.assertNotIn(path, self.worker.responder.files)
         with self.assertRaises(OSError):
             os.fstat(entry.fd)          # closed: the deleted file's space is free
 
@@ -7270,7 +7304,7 @@ class PipelineFairnessTests(unittest.TestCase):
         conn = PageCapture()
         raw = b'%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n' % (method.encode(), target.encode(),
                                                          b''.join(h.encode() + b'\r\n' for h in headers))
-        self.worker.responder.respond(conn, agent.parse_request(raw)[0])
+        conn.start_response(*self.worker.responder.respond(agent.parse_request(raw)[0]))
         return conn
 
     def test_a_page_within_a_second_is_not_built_again_nor_for_a_head(self):
@@ -7292,17 +7326,17 @@ class PipelineFairnessTests(unittest.TestCase):
             self.assertEqual((scandir.call_count, build.call_count), (1, 2))
             # A second later the page is built again (sizes change in place), and the directory
             # read again: it changed within the second before the scan.
-            self.worker.now += agent.PAGE_TTL
+            self.worker.clock.now += agent.PAGE_TTL
             self.assertEqual(self.page().body, get.body)
             self.assertEqual((scandir.call_count, build.call_count), (2, 3))
             # A directory that has not changed for a second keeps its catalog CATALOG_TTL.
-            self.worker.wall = int(time.time()) + 60
-            self.worker.now += agent.PAGE_TTL
+            self.worker.clock.wall = int(time.time()) + 60
+            self.worker.clock.now += agent.PAGE_TTL
             self.page()
-            self.worker.now += agent.PAGE_TTL
+            self.worker.clock.now += agent.PAGE_TTL
             self.page()
             self.assertEqual((scandir.call_count, build.call_count), (3, 5))
-            self.worker.now += agent.CATALOG_TTL
+            self.worker.clock.now += agent.CATALOG_TTL
             self.page()
             self.assertEqual(scandir.call_count, 4)
 
@@ -7317,17 +7351,17 @@ class PipelineFairnessTests(unittest.TestCase):
         self.assertNotEqual(first.body, self.page().body)
 
     def test_the_page_cache_is_bounded_in_entries_and_bytes_oldest_out_first(self):
-        cache = agent.PageCache(entries=4, budget=1000)
+        cache = agent.Cache(entries=4, budget=1000)
         for key in range(6):
-            cache.store(key, 10.0, 'page %d' % key, 100)
-        self.assertEqual(list(cache.pages), [2, 3, 4, 5])
-        cache.store('big', 10.0, 'big', 800)
-        self.assertEqual((list(cache.pages), cache.bytes), ([4, 5, 'big'], 1000))
-        cache.store('too big', 10.0, 'x', 1001)             # never kept
-        self.assertEqual((cache.get('too big', 0.0), cache.bytes), (None, 1000))
-        self.assertEqual((cache.get(5, 9.9), cache.get(5, 10.0)), ('page 5', None))   # until its time
+            cache.store(key, (10.0, 'page %d' % key), 100)
+        self.assertEqual(list(cache), [2, 3, 4, 5])
+        cache.store('big', (10.0, 'big'), 800)
+        self.assertEqual((list(cache), cache.bytes), ([4, 5, 'big'], 1000))
+        cache.store('too big', (10.0, 'x'), 1001)           # never kept
+        self.assertEqual((cache.until('too big', 0.0), cache.bytes), (None, 1000))
+        self.assertEqual((cache.until(5, 9.9), cache.until(5, 10.0)), ('page 5', None))   # until its time
         self.page()
-        self.assertLessEqual(len(self.worker.responder.pages.pages), agent.PAGE_CACHE_ENTRIES)
+        self.assertLessEqual(len(self.worker.responder.pages), agent.PAGE_CACHE_ENTRIES)
 
 
 class PipelineFairnessServerTests(SharedAgentTestCase):
@@ -8077,8 +8111,10 @@ class GalleryValidatorServerTests(SharedAgentTestCase):
         self.assertIn(b'three.jpg', changed.body)
         etag = changed.headers['etag']
         # A listed file rewritten in place, same size, same mtime: the caption could differ
-        # (dimensions), so the page's ETag must change with the file's ctime.
+        # (dimensions), so the page's ETag must change with the file's ctime, once the page
+        # cache's PAGE_TTL has passed (the directory's stamps, its key, stay the same).
         write_file(root, 'v/one.jpg', b'EIN')
+        time.sleep(agent.PAGE_TTL)
         self.assertNotEqual(self.get('/v/').headers['etag'], etag)
         etag = self.get('/v/').headers['etag']
         os.remove(os.path.join(root, 'v/two.txt'))
@@ -8415,9 +8451,7 @@ class ResponseHeadTests(SharedAgentTestCase):
 
 
 class PageCapture:
-    """What Responder.respond needs of a connection; keeps the status, head and body."""
-    keep_alive = True
-    redirect = False
+    """Takes what Responder.respond returns; keeps the status, head and body."""
 
     def start_response(self, status, head, body=b'', **kwargs):
         self.status, self.head, self.body = status, head, body
@@ -8445,10 +8479,10 @@ class GalleryInProcessTests(unittest.TestCase):
                                                            b''.join(h.encode() + b'\r\n' for h in headers))
         # The clock a minute ahead: the directory's last change is long past, which is when a
         # cache keyed by its stamps would keep a listing.
-        self.worker.clock()
-        self.worker.wall = int(time.time()) + 60
-        self.worker.now += self.later       # PAGE_TTL past, where a test says so
-        self.responder.respond(conn, agent.parse_request(raw)[0])
+        self.worker.clock.read()
+        self.worker.clock.wall = int(time.time()) + 60
+        self.worker.clock.now += self.later       # PAGE_TTL past, where a test says so
+        conn.start_response(*self.responder.respond(agent.parse_request(raw)[0]))
         self.assertEqual(conn.status, status, conn.head)
         return conn
 
@@ -8586,7 +8620,7 @@ class SymlinkSwapRaceTests(unittest.TestCase):
         with self.assertRaises(agent.HTTPError) as caught:
             worker.responder.open_file(os.path.join(root, 'x.jpg'))
         self.assertEqual(caught.exception.status, 404)
-        self.assertEqual(worker.responder.files.files, {})
+        self.assertEqual(list(worker.responder.files), [])
 
     def test_a_listing_never_shows_what_a_symlink_out_names(self):
         """A symlink in a listed directory, swapped between a target inside the root and one
@@ -8948,7 +8982,7 @@ class HousekeepingAndHeadTests(unittest.TestCase):
         worker.responder.files.store(path, entry)
         os.unlink(path)
         worker.tick()
-        self.assertNotIn(path, worker.responder.files.files)
+        self.assertNotIn(path, worker.responder.files)
         with self.assertRaises(OSError):
             os.fstat(entry.fd)
 

@@ -1138,7 +1138,7 @@ def check_error(exc):
 
 
 def respond_pure(req, rng):
-    """What Worker.respond does before touching the disk, on the pure helpers."""
+    """What Responder.respond does before touching the disk, on the pure helpers."""
     headers = req.headers
     try:
         agent.check_method(req)
@@ -1150,7 +1150,7 @@ def respond_pure(req, rng):
             or '\x00' in relative or '\\' in relative:
         raise Invariant('map_target(%r) gave %r' % (req.target, relative))
     if relative in DIRECTORIES and not raw_path.endswith(b'/'):
-        # Worker.respond_directory answers 301 with this Location: it must be a valid field
+        # Responder.respond_directory answers 301 with this Location: it must be a valid field
         # value, and a path on this site (never '//host' or a scheme: an open redirect).
         location = agent.directory_location(relative, query)
         if FIELD_CTL.search(location) or not location.startswith(b'/') or location.startswith(b'//'):

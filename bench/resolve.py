@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """CPU cost of answering one request in a worker, without the network: the path from a parsed
-request to a queued response (Responder.respond, which Worker.respond is), for a cache hit and for a miss.
+request to its response (Responder.respond), for a cache hit and for a miss.
 
 A hit is a file the worker has open already: one stat() and the checks that it is unchanged.
 A miss opens the file: with agent.py's race-free resolution that is an O_PATH open, fstat, the
@@ -27,12 +27,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class NullConnection:
-    """What Responder.respond needs of a connection: the response is queued, then dropped."""
+    """What an agent.py before Responder.respond returned its response needed of a connection:
+    the response is queued, then dropped."""
     keep_alive = True
     redirect = False
 
     def start_response(self, *args, **kwargs):
         pass
+
+
+def responder_call(worker):
+    """respond(req) for the agent.py measured: Responder.respond(req, keep_alive) returns the
+    response; an older one queued it on a connection, respond(conn, req)."""
+    respond = worker.responder.respond
+    if respond.__code__.co_varnames[1] == 'conn':
+        conn = NullConnection()
+        return lambda req: respond(conn, req)
+    return lambda req: respond(req, True)
 
 
 def load_agent(path):
@@ -44,11 +55,10 @@ def load_agent(path):
 
 
 def measure(worker, requests, count):
-    conn = NullConnection()
-    respond = worker.respond
+    respond = responder_call(worker)
     started = time.process_time()
     for i in range(count):
-        respond(conn, requests[i % len(requests)])
+        respond(requests[i % len(requests)])
     return (time.process_time() - started) / count * 1e6
 
 
@@ -56,6 +66,8 @@ def measure_connection(agent, worker, count, access_fd):
     """us of CPU a request for the whole path of a pipelined 20 KB keep-alive GET, as wrk sends
     it: Connection.process (framing, the repeated-head reuse), respond, the head, send() on a
     socketpair, the access-log line; the client side's recv() is included too."""
+    # The access log's flush: an AccessLog of its own, or (an agent.py before it) the worker's.
+    flush = worker.access_log.flush if hasattr(worker, 'acceptor') else worker.flush_access_log
     a, b = socket.socketpair()
     with a, b:
         a.setblocking(False)
@@ -68,7 +80,7 @@ def measure_connection(agent, worker, count, access_fd):
             conn.inbuf = raw
             conn.process()
             if i % 64 == 0:
-                worker.flush_access_log()
+                flush()
             try:
                 while b.recv(1 << 20):
                     pass
