@@ -137,6 +137,9 @@ def run_in_processes(jobs, options, classes):
             totals = [t + int(n) for t, n in zip(totals, (passed, failed, skipped))]
             measured[name] = float(seconds)
             worker.give(queue.pop(0) if queue else None)
+    if queue:                               # every process died: what is left is not a pass
+        print('test_daemon: not run, every process gone: %s' % ' '.join(queue))
+        totals[1] += len(queue)
     for worker in workers:
         text = worker.output()
         sys.stdout.write(text)
