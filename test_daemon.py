@@ -43,12 +43,12 @@ from tests_supervision import (
 from tests_http import (
     RequestParsingTests, HostileInputParsingTests, HeadRefusalTests, ChunkedBodyTests,
     PathMappingTests, RangeHeaderTests, NumericFieldTests, MultipleRangeTests,
-    ConditionalRequestTests, ExtremeTimestampTests, AccessLogAndPageTests)  # noqa: F401
+    ConditionalRequestTests, ExtremeTimestampTests)  # noqa: F401
 from tests_server import (
-    HttpServerTests, FollowSymlinksTests, ConnectionTimeoutTests, PipelineFairnessTests,
-    PipelineFairnessServerTests, ResponseHeadTests, SymlinkSwapRaceTests, ByteStreamTests,
-    RedirectHostAndFileChangeTests, UnreadableTreeTests, HousekeepingAndHeadTests,
-    NoLateImportTests)  # noqa: F401
+    AccessLogAndPageTests, HttpServerTests, FollowSymlinksTests, ConnectionTimeoutTests,
+    PipelineFairnessTests, PipelineFairnessServerTests, ResponseHeadTests, SymlinkSwapRaceTests,
+    ByteStreamTests, RedirectHostAndFileChangeTests, UnreadableTreeTests,
+    HousekeepingAndHeadTests, NoLateImportTests)  # noqa: F401
 from tests_gallery import (
     ImageHeaderTests, GalleryPureTests, GalleryNamesServerTests, GalleryServerTests,
     GalleryValidatorServerTests, ErrorPageServerTests, HtmlPagePolicyTests, GalleryInProcessTests)  # noqa: F401

@@ -438,14 +438,6 @@ TRAVERSAL_TARGETS = [
     b'/%2e%2e%2f%2e%2e%2f%2e%2e%2fcanary.txt',
 ]
 
-
-def unescape_log(field):
-    """Undo the access log's escaping (\\xHH, or \\" and \\\\)."""
-    return re.sub(r'\\(x[0-9a-fA-F]{2}|.)',
-                  lambda m: chr(int(m.group(1)[1:], 16)) if len(m.group(1)) == 3 else m.group(1),
-                  field)
-
-
 RawConn = harness.RawConn            # the one raw client, with tests and bench alike
 
 

@@ -12,9 +12,8 @@ import unittest
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import (
     AgentServer, FILE_A, FIXED_MTIME, HERE, PAST_DATE, PYTHON, RANGE_DATA, SharedAgentTestCase,
-    TIMEOUT, TRAVERSAL_TARGETS, lazy_images, parse_byteranges, run, unescape_log, write_file)
+    TIMEOUT, TRAVERSAL_TARGETS, parse_byteranges, run, write_file)
 import agent
-from tests_server import HttpServerTests
 
 
 
@@ -924,76 +923,3 @@ class ExtremeTimestampTests(unittest.TestCase):
             for name in times:
                 self.assertIn(name.encode(), body)
         self.assertEqual(server.bad_log_lines(), [])
-
-
-class AccessLogAndPageTests(unittest.TestCase):
-    def test_escape_log(self):
-        self.assertEqual(agent.escape_log('Mozilla/5.0 (X11; Linux) x=1&y'), 'Mozilla/5.0 (X11; Linux) x=1&y')
-        for raw in ('ua" 200 0 "-" "forged', 'back\\slash', 'esc\x1b[31m', 'cr\rlf\n', 'nul\x00',
-                    'caf\xe9', b'bytes"\\\x1b\xff', 'euro\u20ac', 'tab\t', 'del\x7f'):
-            escaped = agent.escape_log(raw)
-            self.assertIsInstance(escaped, str)
-            self.assertRegex(escaped, r'^[\x20-\x7e]*$', raw)
-            self.assertNotRegex(escaped, r'(?<!\\)"', raw)
-            self.assertRegex('"%s"' % escaped, r'^"(?:[^"\\]|\\.)*"$', raw)
-            if isinstance(raw, str) and all(ord(c) < 256 for c in raw):
-                self.assertEqual(unescape_log(escaped), raw)
-
-    def test_gallery_page_escapes(self):
-        names = [('<script>.jpg', False), ('a"b&c.jpg', False), ('notes.txt', False),
-                 ('pic.png', False), ('child', True), ("it's.gif", False)]
-        file_st, dir_st = os.stat(__file__), os.stat(HERE)
-        listing = agent.gallery_listing([(n, d, dir_st if d else file_st) for n, d in names])
-        page = agent.gallery_page('/g/<b>/', listing).decode('utf-8')
-        self.assertEqual(page.lower().count('<script'), 1)      # the page's own, no name's
-        self.assertNotIn('<b>', page)
-        self.assertNotIn('a"b', page)
-        import html as html_module
-        import urllib.parse as parse_module
-        text = html_module.unescape(page)
-        self.assertIn('<script>.jpg', text)
-        self.assertIn('a"b&c.jpg', text)
-        hrefs = [html_module.unescape(h) for h in re.findall(r'(?:href|src)="([^"]*)"', page)]
-        for name in ('<script>.jpg', 'a"b&c.jpg', "it's.gif"):
-            self.assertIn(parse_module.quote(name), hrefs)
-        self.assertIn('child/', hrefs)
-        self.assertIn('notes.txt', hrefs)
-        imgs = lazy_images(self, page)
-        self.assertEqual(len(imgs), 4, imgs)
-        self.assertFalse(any('notes.txt' in img for img in imgs))
-
-    def test_error_pages(self):
-        """Every error page: small, in the gallery's style, an icon (no /favicon.ico request), a
-        sentence for the common ones, and links on: a folder given (escaped), and Home."""
-        for status in (400, 403, 404, 405, 412, 414, 416, 431, 500, 501, 503, 505):
-            page = agent.ERROR_BODIES[status].decode('utf-8')
-            self.assertIn('<html lang="en">', page)
-            self.assertIn('<title>%d %s</title>' % (status, agent.REASONS[status]), page)
-            self.assertIn('<link rel="icon" href="data:', page)
-            self.assertIn('<a href="/">Home</a>', page)
-            self.assertLess(len(page), 2048)
-        for status in (403, 404, 416, 500):
-            self.assertRegex(agent.ERROR_BODIES[status].decode(), r'</h1>\s*<p>[A-Z][^<]+\.</p>')
-        page = agent.error_page(404, '/a b/<i>&"/').decode('utf-8')
-        self.assertIn('<a href="/a%20b/%3Ci%3E%26%22/">/a b/&lt;i&gt;&amp;&quot;/</a>', page)
-        self.assertIn('<a href="/">Home</a>', page)
-        self.assertNotIn('<i>', page)
-        self.assertEqual(agent.error_page(404, '/'), agent.ERROR_BODIES[404])
-
-    def test_content_type(self):
-        for name, expected in HttpServerTests.TYPES:
-            self.assertIn(agent.content_type('x' + name).split(';')[0].strip(), expected, name)
-        self.assertEqual(agent.content_type('X.PNG'), 'image/png')
-        self.assertEqual(agent.content_type('noext'), 'application/octet-stream')
-
-    def test_error_response(self):
-        data = agent.error_response(404, b'Thu, 01 Jan 1970 00:00:00 GMT', True)
-        head, _, body = data.partition(b'\r\n\r\n')
-        self.assertTrue(head.startswith(b'HTTP/1.1 404 Not Found\r\n'))
-        self.assertIsNone(re.search(rb'(?<!\r)\n', head + b'\r\n'))
-        self.assertIn(b'\r\nContent-Length: %d\r\n' % len(body), head + b'\r\n')
-        self.assertIn(b'404', body)
-        self.assertEqual(agent.error_response(404, b'Thu, 01 Jan 1970 00:00:00 GMT', True, head_only=True),
-                         head + b'\r\n\r\n')
-        closing = agent.error_response(400, b'Thu, 01 Jan 1970 00:00:00 GMT', False, head_only=True)
-        self.assertTrue(closing.endswith(b'Connection: close\r\n\r\n'))
