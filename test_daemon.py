@@ -13,7 +13,8 @@ Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.p
   tests_command_line.py    agent.py's command line and the daemon around the server
   tests_supervision.py     agent.py's master
   tests_http.py            agent.py's HTTP rules as pure functions
-  tests_server.py          agent.py's HTTP rules over loopback, and at the edges
+  tests_server.py          agent.py's HTTP rules over loopback
+  tests_edges.py           agent.py at the edges
   tests_gallery.py         Images and the gallery
   tests_tls.py             HTTPS (--tls-cert/--tls-key)
   tests_tools.py           The ecosystem, each tool run for real (skipped, naming it, when missing)
@@ -46,8 +47,9 @@ from tests_http import (
     ConditionalRequestTests, ExtremeTimestampTests)  # noqa: F401
 from tests_server import (
     AccessLogAndPageTests, HttpServerTests, FollowSymlinksTests, ConnectionTimeoutTests,
-    PipelineFairnessTests, PipelineFairnessServerTests, ResponseHeadTests, SymlinkSwapRaceTests,
-    ByteStreamTests, RedirectHostAndFileChangeTests, UnreadableTreeTests,
+    PipelineFairnessTests, PipelineFairnessServerTests, ResponseHeadTests)  # noqa: F401
+from tests_edges import (
+    SymlinkSwapRaceTests, ByteStreamTests, RedirectHostAndFileChangeTests, UnreadableTreeTests,
     HousekeepingAndHeadTests, NoLateImportTests)  # noqa: F401
 from tests_gallery import (
     ImageHeaderTests, GalleryPureTests, GalleryNamesServerTests, GalleryServerTests,
