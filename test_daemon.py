@@ -19,6 +19,7 @@ Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.p
   tests_tls.py             HTTPS (--tls-cert/--tls-key)
   tests_tools.py           The ecosystem, each tool run for real (skipped, naming it, when missing)
   tests_architecture.py    The shape issue 20 asks of the product, as tests
+  tests_runner.py          testrun.py, the parallel runner of `python3 test_daemon.py`
 
 Every test runs its daemons in a temporary directory, on 127.0.0.1 and a port the kernel picks
 (--port 0; the agent's log names it), and stops them itself, on failure too (addCleanup kills
@@ -62,6 +63,7 @@ from tests_tools import (
     StartStopDaemonTests, InitScriptTests, GoaccessTests, SystemdUnitTests,
     UpgradeUnderServiceManagerTests)  # noqa: F401
 from tests_architecture import ComplexityCounterTests, IssueTwentyTargetTests  # noqa: F401
+from tests_runner import RunnerBalanceTests  # noqa: F401
 
 if __name__ == '__main__':
     sys.exit(testrun.main(globals()))

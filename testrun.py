@@ -59,6 +59,12 @@ def save_times(measured):
         pass
 
 
+def longest_first(classes, times):
+    """Class names by the seconds they took last time (or tests x DEFAULT_SECONDS), longest first;
+    ties keep the order of classes."""
+    return sorted(classes, key=lambda name: -times.get(name, classes[name] * DEFAULT_SECONDS))
+
+
 def outcome_counts(result):
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
@@ -114,8 +120,7 @@ class Worker:
 
 def run_in_processes(jobs, options, classes):
     """The classes, longest first, to jobs workers as each gets free; one total."""
-    times = load_times()
-    queue = sorted(classes, key=lambda n: -times.get(n, classes[n] * DEFAULT_SECONDS))
+    queue = longest_first(classes, load_times())
     workers = [Worker(options) for _ in range(min(jobs, len(queue)))]
     selector = selectors.DefaultSelector()
     for worker in workers:
