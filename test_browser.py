@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, 'bench'))
 
-from test_daemon import AgentServer, ClassCleanups  # noqa: E402
+from testlib import AgentServer, ClassCleanups  # noqa: E402
 import samples  # noqa: E402
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
