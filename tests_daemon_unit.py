@@ -339,6 +339,33 @@ class DaemonForAuthorsTests(TempDirTest):
     """What a program written on daemon.py gets without asking: a pidfile found from any
     directory, paths taken from where it was started, and a --help (issue 19, item 5)."""
 
+    def test_the_interpreter_keeps_no_daemon_alive(self):
+        """A daemon that ran is freed with its program, not at the interpreter's last steps:
+        the fork hook and the signal handlers it installs hold it weakly.  Held by them, a
+        daemon whose run() left a file open crashed Python 3.9 (SIGSEGV) at the end of every
+        foreground run, in the ResourceWarning of that file (the pythons CI step saw it)."""
+        program = textwrap.dedent("""
+            import atexit, gc, sys, weakref
+            sys.path.insert(0, %r)
+            import daemon
+
+            class Quick(daemon.Daemon):
+                def run(self):
+                    self.out = open(%r, 'w')        # left open, as programs do
+
+            d = Quick(%r, stderr=%r)
+            print(d.command('run'))
+            ref = weakref.ref(d)
+            del d
+            atexit._run_exitfuncs()                 # what the interpreter's exit does first,
+            atexit._clear()                         # while all of it is still there
+            gc.collect()
+            print('freed' if ref() is None else 'held')
+        """) % (HERE, os.path.join(self.tmp, 'out'), os.path.join(self.tmp, 'q.pid'),
+                os.path.join(self.tmp, 'q.log'))
+        result = run([PYTHON, '-c', program], cwd=self.tmp)
+        self.assertEqual((result.returncode, result.stdout.split()), (0, ['0', 'freed']), result.stderr)
+
     def test_run_says_how_a_stop_reaches_it(self):
         """The two ways a stop reaches run() are named by the class variable `cooperative`:
         True, a stop only sets `stopping` (a loop of its own that looks at it, and drains);
