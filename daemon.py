@@ -159,6 +159,7 @@ import syslog
 import threading
 import time
 import traceback
+import weakref
 
 __all__ = [
     # the daemon and its command line
@@ -841,7 +842,7 @@ class Daemon:
             self._pidfile = self._new_pidfile()
             self._pidfile.acquire()
             atexit.register(self._cleanup)      # a caller's own daemonize(); run(); exit
-        os.register_at_fork(after_in_child=self._after_fork_in_child)
+        os.register_at_fork(after_in_child=_weak_method(self, '_after_fork_in_child'))
         self.setup()
         drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
 
@@ -1015,8 +1016,9 @@ class Daemon:
         if self._wake_r is None:
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        on_signal = _weak_method(self, '_on_signal')
         for signum in HANDLED_SIGNALS:
-            signal.signal(signum, self._on_signal)
+            signal.signal(signum, on_signal)
 
     def _on_signal(self, signum, frame):
         """Only record the signal (set_wakeup_fd has already woken the loop)."""
@@ -1053,6 +1055,20 @@ class Daemon:
             sock.listen(1)       # SO_PEERCRED then names this pid
         except OSError:
             pass
+
+
+def _weak_method(d, name):
+    """d's method name, as a function that does not keep d alive.  The interpreter holds fork
+    hooks (os.register_at_fork) and signal handlers until its very last steps: a bound method
+    there kept the daemon, and the files its run() left open, until sys itself was gone, and
+    Python 3.9 crashed (SIGSEGV) warning that such a file was unclosed, at the end of `run`."""
+    ref = weakref.ref(d)
+
+    def call(*args):
+        daemon = ref()
+        if daemon is not None:
+            getattr(daemon, name)(*args)
+    return call
 
 
 # The sockets a daemon opens at start to speak through later (Daemon._open_channels), by name:
