@@ -8,6 +8,7 @@ import re
 import select
 import socket
 import ssl
+import sys
 import struct
 import subprocess
 import tempfile
@@ -309,11 +310,16 @@ class TLSServerTests(unittest.TestCase):
         with socket.create_connection(('127.0.0.1', self.server.port), timeout=5) as raw:
             with self.assertRaises(ssl.SSLError) as caught:
                 context.wrap_socket(raw, server_hostname='localhost')
-        self.assertIn('NO APPLICATION PROTOCOL', str(caught.exception).upper().replace('_', ' '))
+        message = str(caught.exception).upper().replace('_', ' ')
+        # Python 3.9's ssl (Debian 11) has no name for this alert's reason ("unknown error"):
+        # the handshake failed all the same, and openssl s_client below names the alert.
+        if sys.version_info >= (3, 10) or 'UNKNOWN ERROR' not in message:
+            self.assertIn('NO APPLICATION PROTOCOL', message)
         tls_tool(self, 'openssl')
         result = run(['openssl', 's_client', '-connect', '127.0.0.1:%d' % self.server.port, '-alpn', 'h2',
                       '-CAfile', self.ca[0], '-servername', 'localhost'])
-        self.assertIn('no application protocol', result.stdout + result.stderr)
+        # OpenSSL 3 names the alert; 1.1.1 (Debian 11) gives its number, 120
+        self.assertRegex(result.stdout + result.stderr, 'no application protocol|alert number 120')
         self.assertNotIn('ALPN protocol', result.stdout)
         for offers, chosen in ((['h2', 'http/1.1'], 'http/1.1'), (None, None)):
             with self.subTest(offers=offers):
