@@ -443,6 +443,9 @@ class DaemonProcessTests(SampleDaemonTest):
 
     def test_sigint_is_graceful_too(self):
         pid = self.start()
+        # ready comes before run(): a signal sent at once could end the daemon before run()
+        # enters its try, whose finally writes 'cleanup ran' (CI under 3.9 saw that, once)
+        wait_for(lambda: 'started' in self.log(), message='run() begun')
         os.kill(pid, signal.SIGINT)
         wait_for(lambda: not pid_alive(pid), message='exit on SIGINT')
         self.assertIn('cleanup ran', self.log())
