@@ -45,6 +45,27 @@ def body_bytes_to_end(sock, first, size):
 # agent.py: the command line and the daemon around the server
 # ---------------------------------------------------------------------------------------------
 
+def code_copy(testcase):
+    """A directory holding a copy of agent.py and daemon.py (removed after the test): the path
+    of its agent.py, that text, and install(text, server=None), which writes a new agent.py
+    there (its Server header renamed to server, if given)."""
+    code = tempfile.mkdtemp(prefix='agent-code-')
+    testcase.addCleanup(subprocess.run, ['rm', '-rf', code])
+    for name in ('agent.py', 'daemon.py'):
+        with open(os.path.join(HERE, name)) as src, open(os.path.join(code, name), 'w') as dst:
+            dst.write(src.read())
+    script = os.path.join(code, 'agent.py')
+    with open(script) as f:
+        good = f.read()
+
+    def install(text, server=None):
+        if server is not None:
+            text = text.replace("SERVER = b'agent'", 'SERVER = %r' % server, 1)
+        with open(script, 'w') as f:
+            f.write(text)
+    return script, good, install
+
+
 class SupervisionTests(unittest.TestCase):
     def test_killed_worker_is_respawned(self):
         server = AgentServer(self).start()
@@ -299,18 +320,7 @@ class SupervisionTests(unittest.TestCase):
 
 
     def test_upgrade_runs_the_new_code_in_place_without_failing_a_request(self):
-        code = tempfile.mkdtemp(prefix='agent-code-')
-        self.addCleanup(subprocess.run, ['rm', '-rf', code])
-        for name in ('agent.py', 'daemon.py'):
-            with open(os.path.join(HERE, name)) as src, open(os.path.join(code, name), 'w') as dst:
-                dst.write(src.read())
-        script = os.path.join(code, 'agent.py')
-        with open(script) as f:
-            good_code = f.read()
-
-        def install(text):
-            with open(script, 'w') as f:
-                f.write(text)
+        script, good_code, install = code_copy(self)
 
         server = AgentServer(self, script=script).start()
         body = os.urandom(20000)
@@ -566,23 +576,6 @@ class FailedUpgradeTests(unittest.TestCase):
     worker that dies later was replaced with it, failed to boot five times, and the master
     halted and stopped the workers that still served."""
 
-    def code_copy(self):
-        """A directory holding a copy of agent.py and daemon.py: (path of agent.py, its text),
-        and a function that writes a new text there."""
-        code = tempfile.mkdtemp(prefix='agent-code-')
-        self.addCleanup(subprocess.run, ['rm', '-rf', code])
-        for name in ('agent.py', 'daemon.py'):
-            with open(os.path.join(HERE, name)) as src, open(os.path.join(code, name), 'w') as dst:
-                dst.write(src.read())
-        script = os.path.join(code, 'agent.py')
-        with open(script) as f:
-            good = f.read()
-
-        def install(text, server=b'agent'):
-            with open(script, 'w') as f:
-                f.write(text.replace("SERVER = b'agent'", 'SERVER = %r' % server, 1))
-        return script, good, install
-
     @staticmethod
     def broken_workers(good):
         """The code with a Worker that cannot start (it passes the check of the new code)."""
@@ -608,7 +601,7 @@ class FailedUpgradeTests(unittest.TestCase):
         return server.workers()
 
     def test_worker_deaths_after_failed_upgrades_are_replaced_by_the_code_that_serves(self):
-        script, good, install = self.code_copy()
+        script, good, install = code_copy(self)
         server = AgentServer(self, script=script).start()
         server.write('f.jpg', b'F' * 100)
         master = server.master()
@@ -663,7 +656,7 @@ class FailedUpgradeTests(unittest.TestCase):
         """Reloads whose new workers cannot start (here: while a file says so): the old workers
         go on, those failures do not count towards the boot-failure halt, and a worker that
         dies once workers can start again is replaced."""
-        script, good, install = self.code_copy()
+        script, good, install = code_copy(self)
         refuse = os.path.join(os.path.dirname(script), 'refuse')
         anchor = '        self.stop_timeout = config.stop_timeout\n'
         self.assertGreater(good.index(anchor), good.index('\nclass Worker:'))
@@ -691,7 +684,7 @@ class FailedUpgradeTests(unittest.TestCase):
     def test_an_upgrade_that_cannot_set_up_once_execd_goes_back_to_the_code_that_serves(self):
         """What the check cannot see (a file gone between the check and the execve): the new
         image fails its setup.  The master exited, and its workers with it."""
-        script, good, install = self.code_copy()
+        script, good, install = code_copy(self)
         anchor = '        mimetypes.init()'          # in the master's setup, once
         self.assertEqual(good.count(anchor), 1)
         server = AgentServer(self, script=script).start()
