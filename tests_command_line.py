@@ -1357,6 +1357,18 @@ class RootIdentityTests(unittest.TestCase):
         finally:
             conn.close()
 
+
+    def test_another_users_pidfile_cannot_hold_status(self):
+        """status reads another user's pidfile (read_pid): a FIFO there, or a huge file, must
+        neither block it nor be read whole."""
+        fifo, big = os.path.join(self.tmp, 'fifo.pid'), os.path.join(self.tmp, 'big.pid')
+        os.mkfifo(fifo)
+        with open(big, 'w') as f:
+            f.write('42\n' + 'x' * (1 << 20))
+        program = 'import sys; sys.path.insert(0, %r); import agent; print(agent.read_pid(%r), ' \
+                  'agent.read_pid(%r))' % (HERE, fifo, big)
+        result = run([PYTHON, '-c', program], timeout=10)
+        self.assertEqual(result.stdout.split(), ['None', '42'], result.stderr)
     def test_workers_drop_to_an_unprivileged_user_unless_told_root(self):
         port, master, out = self.start()
         self.assertIn('workers run as %s' % self.account.pw_name, out)
