@@ -5218,12 +5218,21 @@ def describe_changes(old, new):
     return ', '.join(changes)
 
 def read_pid(path):
-    """The pid another agent's pidfile holds, or None (unreadable, empty, not a number)."""
+    """The pid another agent's pidfile holds, or None (unreadable, not a regular file, empty,
+    not a number).  Another user's file: opened without blocking (a FIFO there would hold
+    `status` for ever) or following a link, and only its first bytes read."""
     try:
-        with open(path) as f:
-            return int(f.read().split()[0])
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return int(os.read(fd, 64).split()[0])
     except (OSError, ValueError, IndexError):
         return None
+    finally:
+        os.close(fd)
 
 
 # -- ports: binding one, and who holds one --
