@@ -10,6 +10,7 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     Defaults and limits
     HTTP: pure logic (find_head_end, parse_request, response_head, ranges, dates, paths)
     Images: dimensions and embedded thumbnails
+    Location: what a photo says of where it was taken, blanked in place (location_patches)
     Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
     Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
@@ -145,7 +146,9 @@ descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
 ?page=N (404 for a page that does not exist), ?sort=name|date|size, ?format=json or Accept:
 application/json; a weak ETag; 403 with --no-listing).  `image.jpg?thumb` is the EXIF thumbnail
-embedded in a JPEG (404 if none).
+embedded in a JPEG (404 if none).  A JPEG, PNG or WebP is served without its location (EXIF GPS,
+XMP and IPTC place names, blanked in place: same length, its own ETag; ?thumb too), unless
+--keep-location: see the Location section.
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
@@ -1466,6 +1469,12 @@ class ImageInfoCache:
 # LOCATION_HOPS segments or chunks are followed, so a PNG of more chunks (a file of 4096
 # IDATs of 8 KiB is 32 MB) keeps what lies beyond them.  Other formats (HEIC, TIFF, AVIF)
 # are served as they are.
+# Once per file version: Responder.open_file calls hide_location(), which keeps the patches
+# with the OpenFile in the FileCache (joined when close, join_patches: a few KB a photo, at
+# most the metadata's own size); a file that is no photo costs one read of LOCATION_READ
+# bytes when it is opened.  Other code that sends a file's bytes (an archive of a folder)
+# strips them the same way: patches = location_patches(file_reader(fd)), then
+# apply_patches(data, offset, patches) over any bytes read from offset.
 
 LOCATION_ETAG = '-nl'             # ETag suffix of a representation without its location
 LOCATION_HOPS = 4096
@@ -1533,9 +1542,12 @@ def location_patches(read):
 
 
 def merge_patches(patches):
-    """Sorted, overlaps resolved (the later write wins), adjacent ones joined."""
+    """Sorted, empty ones left out, overlaps resolved (the later write wins), adjacent ones
+    joined."""
     merged = []
     for offset, data in sorted(patches, key=lambda p: p[0]):
+        if not data:
+            continue
         if merged and offset <= merged[-1][0] + len(merged[-1][1]):
             last_offset, last = merged[-1]
             cut = offset - last_offset
@@ -1559,17 +1571,18 @@ def apply_patches(data, base, patches):
 
 def join_patches(patches, read, gap=LOCATION_GAP):
     """patches with those at most gap bytes apart made one, the file's bytes between them
-    read: fewer pieces to send (a send() and a sendfile() each), for a little more memory."""
-    joined = []
+    read: fewer pieces to send (a send() and a sendfile() each), for a little more memory.
+    The first begins at 0 if it lies that close: it goes out with the response's head."""
+    joined = [(0, b'')]
     for offset, data in patches:
-        if joined and offset - (joined[-1][0] + len(joined[-1][1])) <= gap:
+        if offset - (joined[-1][0] + len(joined[-1][1])) <= gap:
             last_offset, last = joined[-1]
             between = read(last_offset + len(last), offset - last_offset - len(last))
             if len(between) == offset - last_offset - len(last):    # else the file is shorter
                 joined[-1] = (last_offset, last + between + data)
                 continue
         joined.append((offset, data))
-    return joined
+    return joined if joined[0][1] else joined[1:]
 
 
 def patch_pieces(pieces, patches):
@@ -1585,8 +1598,8 @@ def patch_pieces(pieces, patches):
             if offset > pos:
                 out.append((lead, pos, offset - pos))
                 lead, pos = b'', offset
-            take = patch[pos - offset:min(stop, end) - offset]
-            lead += take
+            take = patch if pos == offset and stop <= end else patch[pos - offset:min(stop, end) - offset]
+            lead = lead + take if lead else take
             pos += len(take)
         out.append((lead, pos, end - pos))
     return out
@@ -1667,10 +1680,12 @@ def gps_location(data, tiff, offset, base, order, patches):
     if not entries:
         return                              # none, or already blanked
     patches.append((base + start, bytes(min(2 + 12 * len(entries) + 4, len(data) - start))))
+    budget = len(data)                      # values that overlap (a forged IFD) are zeroed once
     for _, _, kind, count, value in entries:
-        size = TIFF_SIZES.get(kind, 0) * count
-        if size > 4 and 8 <= value and tiff + value < len(data):
-            patches.append((base + tiff + value, bytes(min(size, len(data) - tiff - value))))
+        size = min(TIFF_SIZES.get(kind, 0) * count, len(data) - tiff - value, budget)
+        if size > 4 and 8 <= value:
+            patches.append((base + tiff + value, bytes(size)))
+            budget -= size
 
 
 def mpf_images(data, tiff):

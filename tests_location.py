@@ -202,10 +202,13 @@ class LocationPatchTests(unittest.TestCase):
 
     def test_join_patches(self):
         data = bytes(range(256)) * 40
-        patches = [(10, b'aa'), (20, b'bb'), (9000, b'cc')]
-        joined = agent.join_patches(patches, agent.bytes_reader(data))
-        self.assertEqual(joined, [(10, b'aa' + data[12:20] + b'bb'), (9000, b'cc')])
-        self.assertEqual(agent.apply_patches(data, 0, joined), agent.apply_patches(data, 0, patches))
+        for patches, expected in (
+                ([(10, b'aa'), (20, b'bb'), (9000, b'cc')], [(0, data[:10] + b'aa' + data[12:20] + b'bb'), (9000, b'cc')]),
+                ([(5000, b'aa'), (5010, b'bb')], [(5000, b'aa' + data[5002:5010] + b'bb')]),
+                ([(0, b'aa')], [(0, b'aa')]), ([], [])):
+            joined = agent.join_patches(patches, agent.bytes_reader(data))
+            self.assertEqual(joined, expected)
+            self.assertEqual(agent.apply_patches(data, 0, joined), agent.apply_patches(data, 0, patches))
 
 
 def tool_or_skip(testcase, name, package):
