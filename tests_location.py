@@ -374,17 +374,45 @@ class LocationServerTests(SharedAgentTestCase):
             f.write(self.get('/small.jpg?thumb').body)
         assert_no_location(self, exiftool_json(self, thumb), thumb)
 
+    def test_a_photo_from_exiftool_whole_or_in_ranges(self):
+        """A photo as exiftool writes a phone's tags (with a thumbnail that has GPS of its
+        own), put in the root while the agent runs."""
+        tool_or_skip(self, 'convert', 'imagemagick')
+        tool_or_skip(self, 'exiftool', 'libimage-exiftool-perl')
+        tmp = tempfile.mkdtemp(prefix='location-test-')
+        self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
+        path = os.path.join(self.server.root, 'phone.jpg')
+        thumb = os.path.join(tmp, 'thumb.jpg')
+        for target, extra, size in ((thumb, [], '160x120'), (path, ['-ThumbnailImage<=' + thumb], '640x480')):
+            subprocess.run(['convert', '-size', size, 'plasma:fractal', '-seed', '3', target],
+                           check=True, timeout=TIMEOUT)
+            subprocess.run(['exiftool', '-q', '-overwrite_original'] + extra + LocationToolTests.GPS + [target],
+                           check=True, capture_output=True, timeout=TIMEOUT)
+        with open(path, 'rb') as f:
+            self.originals['phone.jpg'] = f.read()
+        self.addCleanup(self.originals.pop, 'phone.jpg')
+        self.assertGreater(len(self.originals['phone.jpg']), agent.SMALL_FILE)
+        for how, data in (('whole', self.get('/phone.jpg').body), ('ranges', self.fetch_in_ranges('phone.jpg', 7000)),
+                          ('thumb', self.get('/phone.jpg?thumb').body)):
+            out = os.path.join(tmp, how + '.jpg')
+            with open(out, 'wb') as f:
+                f.write(data)
+            assert_no_location(self, exiftool_json(self, out), how)
+
     def test_several_ranges(self):
-        name = 'big.webp'
-        size = len(self.originals[name])
-        wanted = [(0, 99), (150, 49999), (50100, 50500), (size - 400, size - 1)]
-        response = self.get('/' + name, 'Range: bytes=' + ','.join('%d-%d' % r for r in wanted))
-        self.assertEqual(response.status, 206)
-        boundary = response.headers['content-type'].split('boundary=')[1].encode()
-        parts = parse_byteranges(self, response.body, boundary)
-        result = stripped(self.originals[name])
-        self.assertEqual([p[2] for p in parts], [result[a:b + 1] for a, b in wanted])
-        self.assertEqual(int(response.headers['content-length']), len(response.body))
+        for name, wanted in (('big.webp', [(0, 99), (150, 49999), (50100, 50500), (-400, -1)]),
+                             # the first part wholly inside the patched prefix: no file bytes
+                             ('big.jpg', [(100, 200), (30000, 30100), (-100, -1)])):
+            size = len(self.originals[name])
+            wanted = [(a % size, b % size) for a, b in wanted]
+            response = self.get('/' + name, 'Range: bytes=' + ','.join('%d-%d' % r for r in wanted))
+            self.assertEqual(response.status, 206)
+            boundary = response.headers['content-type'].split('boundary=')[1].encode()
+            parts = parse_byteranges(self, response.body, boundary)
+            result = stripped(self.originals[name])
+            self.assertEqual([p[2] for p in parts], [result[a:b + 1] for a, b in wanted], name)
+            self.assertEqual(int(response.headers['content-length']), len(response.body))
+            self.assertFalse([s for s in LOCATED_SECRETS if s in response.body], name)
 
     def test_if_range_names_the_stripped_representation(self):
         name = 'big.jpg'
