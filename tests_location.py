@@ -459,3 +459,12 @@ class KeepLocationServerTests(SharedAgentTestCase):
         part = self.get('/big.jpg', 'Range: bytes=0-2999')
         self.assertEqual(part.body, self.original[:3000])
         self.assertIn(b'2020:01:01', self.get('/big.jpg?thumb').body)
+
+    def test_restart_and_upgrade_keep_it(self):
+        """The option goes with the master's recorded options (restart) and its command line
+        (upgrade), as every flag does."""
+        kept = agent.parser().parse_args(['--keep-location', 'run'])
+        self.assertIn('--keep-location', agent.option_argv(kept, every=True))
+        self.assertIn('--keep-location', agent.option_argv(kept, given={'keep_location'}))
+        default = agent.parser().parse_args(['run'])
+        self.assertNotIn('--keep-location', agent.option_argv(default, every=True))

@@ -112,9 +112,10 @@ def main():
                 f.write(data)
         requests = [('large.jpg', 'GET /large.jpg'), ('small.jpg', 'GET /small.jpg'),
                     ('plain.jpg', 'GET /plain.jpg'), ('large.jpg bytes=0-9999', 'GET /large.jpg', 'Range: bytes=0-9999')]
-        modes = [('stripped', ())]
         if hasattr(agent, 'location_patches'):
-            modes.insert(0, ('--keep-location', ('--keep-location',)))
+            modes = [('--keep-location', ('--keep-location',)), ('stripped', ())]
+        else:
+            modes = [('before the strip', ())]
         print('location strip, us of CPU per request (best of %d x %d, the modes in turn), %s, Python %s:'
               % (args.rounds, args.requests, cpu_model(), platform.python_version()))
         workers = [(label, make_worker(agent, root, *options)) for label, options in modes]
