@@ -1495,6 +1495,8 @@ XMP_SIGNATURE = b'http://ns.adobe.com/xap/1.0/\x00'
 XMP_EXTENSION = b'http://ns.adobe.com/xmp/extension/\x00'
 IPTC_LOCATION = frozenset([26, 27, 90, 92, 95, 100, 101])   # record 2: content location code
 #   and name, city, sub-location, province-state, country code, country name
+# The APP segments read whole (others, such as an ICC profile's, are skipped unread).
+LOCATION_SEGMENTS = (b'Exif\x00\x00', XMP_SIGNATURE, XMP_EXTENSION, b'Photoshop 3.0\x00', b'MPF\x00')
 IRB_SIGNATURES = (b'8BIM', b'MeSa', b'PHUT', b'AgHg', b'DCSR')
 TIFF_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
 
@@ -1620,7 +1622,7 @@ def jpeg_location(read, start, patches, depth):
         length = _u16(marker, 2)
         if kind in (0xD9, 0xDA) or length < 2:
             return
-        if kind in (0xE1, 0xE2, 0xED) and length > 2:
+        if kind in (0xE1, 0xE2, 0xED) and read(pos + 4, 40).startswith(LOCATION_SEGMENTS):
             jpeg_segment(read, kind, pos + 4, read(pos + 4, length - 2), patches, depth)
         pos += 2 + length
 
