@@ -2591,7 +2591,8 @@ class Cache:
     What a worker caches, all of it (each built once, by Responder or AccessLog):
       Responder.files   FileCache: open files by path, FILE_CACHE_SIZE; valid while a fresh
                         stat() of the path shows the same file (FileCache.current); small
-                        files' content too, while bodies take BODY_BUDGET at most
+                        files' content too, while bodies take BODY_BUDGET at most; and a
+                        photo's location patches (hide_location), with its OpenFile
       Responder.paths   a request target's mapping (map_target), PATH_CACHE_SIZE; pure
       Responder.images  ImageInfoCache: image headers, IMAGE_INFO_CACHE, keyed by the file's
                         (dev, ino, mtime, ctime), so a changed file has a new key

@@ -90,6 +90,8 @@ class LocationPatchTests(unittest.TestCase):
         for secret in LOCATED_SECRETS:
             self.assertIn(secret, original)
             self.assertNotIn(secret, result)
+        for kept in LOCATED_KEPT:
+            self.assertEqual(kept in result, kept in original, kept)    # all else stays
         return result
 
     def test_jpeg_exif_xmp_iptc_and_thumbnail(self):

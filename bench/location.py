@@ -33,18 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import samples                                  # noqa: E402
+from parsers import cpu_model                   # noqa: E402
 from resolve import load_agent                  # noqa: E402
-
-
-def cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
 
 
 def padded(jpeg, size):
@@ -97,11 +87,12 @@ def make_worker(agent, root, *options):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--agent', default=os.path.join(os.path.dirname(HERE), 'agent.py'))
-    parser.add_argument('--requests', type=int, default=20000)
-    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--agent', default=os.path.join(os.path.dirname(HERE), 'agent.py'),
+                        help="the agent.py to measure (default: this repository's)")
+    parser.add_argument('--requests', type=int, default=10000, help='requests a round (default 10000)')
+    parser.add_argument('--rounds', type=int, default=9, help='rounds of each mode, in turn (default 9)')
+    agent = load_agent(parser.parse_args().agent)
     args = parser.parse_args()
-    agent = load_agent(args.agent)
     root = tempfile.mkdtemp(prefix='agent-location-')
     try:
         large = padded(samples.located_jpeg(), 48000)
