@@ -1467,8 +1467,8 @@ class ImageInfoCache:
 # Limits: a property of an extended XMP split between two of its segments is not found; a
 # metadata chunk or segment larger than LOCATION_SEGMENT_MAX is not read; at most
 # LOCATION_HOPS segments or chunks are followed, so a PNG of more chunks (a file of 4096
-# IDATs of 8 KiB is 32 MB) keeps what lies beyond them.  Other formats (HEIC, TIFF, AVIF)
-# are served as they are.
+# IDATs of 8 KiB is 32 MB) keeps what lies beyond them.  Other formats (HEIC, TIFF, AVIF,
+# XMP sidecars, videos) are served as they are.
 # Once per file version: Responder.open_file calls hide_location(), which keeps the patches
 # with the OpenFile in the FileCache (joined when close, join_patches: a few KB a photo, at
 # most the metadata's own size); a file that is no photo costs one read of LOCATION_READ
