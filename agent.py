@@ -1466,8 +1466,10 @@ class ImageInfoCache:
 #       LOCATION_ERASED, their data zeros, the CRC of each chunk changed made again
 # Limits: a property of an extended XMP split between two of its segments is not found; a
 # metadata chunk or segment larger than LOCATION_SEGMENT_MAX is not read; at most
-# LOCATION_HOPS segments or chunks are followed, so a PNG of more chunks (a file of 4096
-# IDATs of 8 KiB is 32 MB) keeps what lies beyond them.  Other formats (HEIC, TIFF, AVIF,
+# LOCATION_HOPS segments or chunks are followed, so a PNG of more chunks (16,384 IDATs of
+# libpng's 8 KiB are 128 MB) keeps what lies beyond them.  Each hop costs a read at most
+# (small chunks share one) and 1-4 us: a file of that many chunks holds its worker's loop
+# 20-70 ms, once a file version.  Other formats (HEIC, TIFF, AVIF,
 # XMP sidecars, videos) are served as they are.
 # Once per file version: Responder.open_file calls hide_location(), which keeps the patches
 # with the OpenFile in the FileCache (joined when close, join_patches: a few KB a photo, at
@@ -1477,7 +1479,7 @@ class ImageInfoCache:
 # apply_patches(data, offset, patches) over any bytes read from offset.
 
 LOCATION_ETAG = '-nl'             # ETag suffix of a representation without its location
-LOCATION_HOPS = 4096
+LOCATION_HOPS = 16384
 LOCATION_SEGMENT_MAX = 1 << 22    # 4 MiB
 LOCATION_GAP = 4096               # patches this close are sent as one (join_patches)
 LOCATION_READ = 4096              # a read of the chunk walk: the headers of small chunks together
