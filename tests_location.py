@@ -19,7 +19,7 @@ import xml.dom.minidom
 from testlib import SharedAgentTestCase, TIMEOUT, parse_byteranges, shutil_which, write_file
 import agent
 from samples import (LOCATED_KEPT, LOCATED_SECRETS, LOCATED_XMP, located_jpeg, located_png, located_webp,
-                     sample_gif, sample_jpeg, sample_png)
+                     png_chunk, sample_gif, sample_jpeg, sample_png)
 
 
 def stripped(data):
@@ -137,6 +137,16 @@ class LocationPatchTests(unittest.TestCase):
             self.assertEqual(binascii.crc32(kind + body), crc, kind)
         self.assertEqual([c[0] for c in chunks], [c[0] for c in png_chunks(original)[:1]] + [
             b'eXIf', agent.LOCATION_ERASED, b'tEXt', agent.LOCATION_ERASED, b'iTXt', b'IDAT', b'IEND'])
+
+    def test_png_chunks_after_the_image(self):
+        """Text chunks may follow IDAT (and a large PNG has many IDATs): they are found."""
+        png = sample_png(7, 5)
+        idat = png_chunk(b'IDAT', b'')                       # empty IDATs: many chunks, few bytes
+        text = png_chunk(b'tEXt', b'photoshop:City\x00Lutetia')
+        original = png[:-12] + idat * 6000 + text + png[-12:]   # more than the 4,096 hops of before
+        result = agent.apply_patches(original, 0, agent.location_patches(agent.bytes_reader(original)))
+        self.assertNotIn(b'Lutetia', result)
+        self.assertEqual(png_chunks(result)[-2][0], agent.LOCATION_ERASED)
 
     def test_webp_chunks_after_the_image(self):
         original = big_webp()
