@@ -51,6 +51,7 @@ bench:
 	$(PYTHON) bench/resolve.py
 	$(PYTHON) bench/flood.py
 	$(PYTHON) bench/parsers.py
+	$(PYTHON) bench/location.py
 
 # Request fuzzing: 200k cases against the parser in-process, 500k against the image parsers,
 # then 20000 over the network to a running agent, then 100 packets of 300 pipelined requests

@@ -10,6 +10,7 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     Defaults and limits
     HTTP: pure logic (find_head_end, parse_request, response_head, ranges, dates, paths)
     Images: dimensions and embedded thumbnails
+    Location: what a photo says of where it was taken, blanked in place (location_patches)
     Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
     Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
@@ -145,7 +146,9 @@ descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
 ?page=N (404 for a page that does not exist), ?sort=name|date|size, ?format=json or Accept:
 application/json; a weak ETag; 403 with --no-listing).  `image.jpg?thumb` is the EXIF thumbnail
-embedded in a JPEG (404 if none).
+embedded in a JPEG (404 if none).  A JPEG, PNG or WebP is served without its location (EXIF GPS,
+XMP and IPTC place names, blanked in place: same length, its own ETag; ?thumb too), unless
+--keep-location: see the Location section.
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
@@ -1436,6 +1439,396 @@ class ImageInfoCache:
 
 
 # ---------------------------------------------------------------------------------------------
+# Location: what a photo says of where it was taken, blanked in place
+# ---------------------------------------------------------------------------------------------
+#
+# A phone's photo carries its GPS position (EXIF's GPS IFD, XMP's exif:GPS*), often with the
+# place's names (XMP photoshop:City, Iptc4xmpCore:Location, IPTC's City, Sub-location...): the
+# family's home, to anyone who downloads it.  By default a JPEG, PNG or WebP (known by its
+# signature, whatever its name) is served without them: location_patches() finds the bytes
+# that say where, and returns what to write over them, of the same length, as (offset, bytes)
+# pairs.  A file is not copied: the response sends the patched bytes from memory and the rest
+# by sendfile (patch_pieces), so Content-Length, ranges and If-Range describe the stripped
+# representation, whose ETag gets the suffix LOCATION_ETAG.  --keep-location serves files byte
+# for byte.
+#
+# What is blanked, so that every reader still parses what is left (exiftool reads it with no
+# warning, and the image decodes as before):
+#   EXIF (JPEG APP1, PNG eXIf, WebP EXIF)   the GPS IFD: its count 0, its entries and their
+#       out-of-line values zeros; the same in the IFD1 thumbnail's own EXIF (the JPEG that
+#       ?thumb serves), and in each MPF image (the large previews after a camera's JPEG)
+#   XMP (JPEG APP1 and its extension, PNG iTXt, WebP XMP)   every element and attribute named
+#       *:GPS*, and the place names (LOCATION_NAMES) whatever their prefix: spaces in their place
+#   IPTC (JPEG APP13's Photoshop resource 0x0404)   the values of the location datasets
+#       (IPTC_LOCATION): spaces
+#   PNG text chunks that hold a location (a keyword of LOCATION_NAMES, ImageMagick's "Raw
+#       profile type exif" and the like, compressed XMP): renamed to the private chunk
+#       LOCATION_ERASED, their data zeros, the CRC of each chunk changed made again
+# Limits: a property of an extended XMP split between two of its segments is not found; a
+# metadata chunk or segment larger than LOCATION_SEGMENT_MAX is not read; at most
+# LOCATION_HOPS segments or chunks are followed, so a PNG of more chunks (16,384 IDATs of
+# libpng's 8 KiB are 128 MB) keeps what lies beyond them.  Each hop costs a read at most
+# (small chunks share one) and 1-4 us: a file of that many chunks holds its worker's loop
+# 20-70 ms, once a file version.  Other formats (HEIC, TIFF, AVIF,
+# XMP sidecars, videos) are served as they are.
+# Once per file version: Responder.open_file calls hide_location(), which keeps the patches
+# with the OpenFile in the FileCache (joined when close, join_patches: a few KB a photo, at
+# most the metadata's own size); a file that is no photo costs one read of LOCATION_READ
+# bytes when it is opened.  Other code that sends a file's bytes (an archive of a folder)
+# strips them the same way: patches = location_patches(file_reader(fd)), then
+# apply_patches(data, offset, patches) over any bytes read from offset.
+
+LOCATION_ETAG = '-nl'             # ETag suffix of a representation without its location
+LOCATION_HOPS = 16384
+LOCATION_SEGMENT_MAX = 1 << 22    # 4 MiB
+LOCATION_GAP = 4096               # patches this close are sent as one (join_patches)
+LOCATION_READ = 4096              # a read of the chunk walk: the headers of small chunks together
+LOCATION_ERASED = b'nlOc'         # ancillary, private, safe to copy: every decoder skips it
+# The local names of XMP properties (and PNG text keywords) that name a place; with any prefix.
+LOCATION_NAMES = (rb'(?:GPS[\w.-]*|City|State|Country|CountryCode|CountryName|Location|'
+                  rb'LocationCreated|LocationShown|LocationName|LocationId|Sublocation|'
+                  rb'ProvinceState|WorldRegion)')
+XMP_LOCATION_NAME = rb'[A-Za-z_][\w.-]*:' + LOCATION_NAMES
+XMP_LOCATION_ATTRIBUTE = re.compile(rb'(?<=\s)' + XMP_LOCATION_NAME + rb'\s*=\s*(?:"[^"]*"|\'[^\']*\')')
+XMP_LOCATION_ELEMENT = re.compile(rb'<(' + XMP_LOCATION_NAME + rb')(?=[\s/>])[^<>]*?(/?)>')
+PNG_LOCATION_KEYWORD = re.compile(rb'(?:[A-Za-z_][\w.-]*:)?' + LOCATION_NAMES +
+                                  rb'|Raw profile type (?:exif|xmp|iptc|8bim|APP1)', re.I)
+XMP_SIGNATURE = b'http://ns.adobe.com/xap/1.0/\x00'
+XMP_EXTENSION = b'http://ns.adobe.com/xmp/extension/\x00'
+IPTC_LOCATION = frozenset([26, 27, 90, 92, 95, 100, 101])   # record 2: content location code
+#   and name, city, sub-location, province-state, country code, country name
+# The APP segments read whole (others, such as an ICC profile's, are skipped unread).
+LOCATION_SEGMENTS = (b'Exif\x00\x00', XMP_SIGNATURE, XMP_EXTENSION, b'Photoshop 3.0\x00', b'MPF\x00')
+IRB_SIGNATURES = (b'8BIM', b'MeSa', b'PHUT', b'AgHg', b'DCSR')
+TIFF_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+
+
+def file_reader(fd):
+    """read(offset, size) over an open file for location_patches: reads of LOCATION_READ bytes
+    at least, the last one kept, so the walk over small chunks costs few system calls (and a
+    file that is no image, one read of its first LOCATION_READ bytes)."""
+    window = [0, b'']
+
+    def read(offset, size):
+        start, data = window
+        if start <= offset and offset + size <= start + len(data):
+            return data[offset - start:offset - start + size]
+        data = os.pread(fd, max(size, LOCATION_READ), offset)
+        window[:] = [offset, data]
+        return data[:size]
+    return read
+
+
+def bytes_reader(data):
+    """read(offset, size) over bytes in memory (a file's content, a test's image)."""
+    return lambda offset, size: data[offset:offset + size]
+
+
+def location_patches(read):
+    """[(offset, bytes)], sorted and apart, to write over a file's location (see the section's
+    comment), for a JPEG, PNG or WebP; [] for anything else or a file that says nowhere.
+
+    read(offset, size) returns the file's bytes there (fewer at its end): file_reader(fd),
+    bytes_reader(data).  Pure, but for what read does; never raises on any content (OSError
+    from read goes to the caller)."""
+    head = read(0, 16)
+    patches = []
+    try:
+        if head[:3] == b'\xff\xd8\xff':
+            jpeg_location(read, 0, patches, 0)
+        elif head[:8] == b'\x89PNG\r\n\x1a\n':
+            png_location(read, patches)
+        elif head[:4] == b'RIFF' and head[8:12] == b'WEBP':
+            webp_location(read, patches)
+    except (IndexError, ValueError, OverflowError, struct.error):
+        pass                                # keep what was found before the damage
+    return merge_patches(patches)
+
+
+def merge_patches(patches):
+    """Sorted, empty ones left out, overlaps resolved (the later write wins), adjacent ones
+    joined."""
+    merged = []
+    for offset, data in sorted(patches, key=lambda p: p[0]):
+        if not data:
+            continue
+        if merged and offset <= merged[-1][0] + len(merged[-1][1]):
+            last_offset, last = merged[-1]
+            cut = offset - last_offset
+            merged[-1] = (last_offset, last[:cut] + data + last[cut + len(data):])
+        else:
+            merged.append((offset, data))
+    return merged
+
+
+def apply_patches(data, base, patches):
+    """data (the file's bytes from offset base) with the patches written over it."""
+    out = None
+    for offset, patch in patches:
+        start, stop = max(offset, base), min(offset + len(patch), base + len(data))
+        if start < stop:
+            if out is None:
+                out = bytearray(data)
+            out[start - base:stop - base] = patch[start - offset:stop - offset]
+    return data if out is None else bytes(out)
+
+
+def join_patches(patches, read, gap=LOCATION_GAP):
+    """patches with those at most gap bytes apart made one, the file's bytes between them
+    read: fewer pieces to send (a send() and a sendfile() each), for a little more memory.
+    The first begins at 0 if it lies that close: it goes out with the response's head."""
+    joined = [(0, b'')]
+    for offset, data in patches:
+        if offset - (joined[-1][0] + len(joined[-1][1])) <= gap:
+            last_offset, last = joined[-1]
+            between = read(last_offset + len(last), offset - last_offset - len(last))
+            if len(between) == offset - last_offset - len(last):    # else the file is shorter
+                joined[-1] = (last_offset, last + between + data)
+                continue
+        joined.append((offset, data))
+    return joined if joined[0][1] else joined[1:]
+
+
+def patch_pieces(pieces, patches):
+    """Reply pieces [(bytes, offset, count)] (count bytes of the file from offset after the
+    bytes) with the patched bytes sent from memory in place of the file's."""
+    out = []
+    for lead, first, count in pieces:
+        pos, end = first, first + count
+        for offset, patch in patches:
+            stop = offset + len(patch)
+            if stop <= pos or offset >= end:
+                continue
+            if offset > pos:
+                out.append((lead, pos, offset - pos))
+                lead, pos = b'', offset
+            take = patch if pos == offset and stop <= end else patch[pos - offset:min(stop, end) - offset]
+            lead = lead + take if lead else take
+            pos += len(take)
+        out.append((lead, pos, end - pos))
+    return out
+
+
+def jpeg_location(read, start, patches, depth):
+    """The JPEG at file offset start: its segments up to the scan, APP1 (EXIF, XMP), APP13
+    (IPTC) and at depth 0 APP2's MPF images."""
+    pos = start + 2
+    for _ in range(LOCATION_HOPS):
+        marker = read(pos, 4)
+        if len(marker) < 4 or marker[0] != 0xFF:
+            return
+        kind = marker[1]
+        if kind == 0xFF or kind == 0x01 or 0xD0 <= kind <= 0xD8:
+            pos += 1 if kind == 0xFF else 2
+            continue
+        length = _u16(marker, 2)
+        if kind in (0xD9, 0xDA) or length < 2:
+            return
+        if kind in (0xE1, 0xE2, 0xED) and read(pos + 4, 40).startswith(LOCATION_SEGMENTS):
+            jpeg_segment(read, kind, pos + 4, read(pos + 4, length - 2), patches, depth)
+        pos += 2 + length
+
+
+def jpeg_segment(read, kind, base, body, patches, depth):
+    if kind == 0xE1 and body[:6] == b'Exif\x00\x00':
+        exif_location(read, body, 6, base, patches, depth)
+    elif kind == 0xE1 and body.startswith(XMP_SIGNATURE):
+        xmp_location(body, len(XMP_SIGNATURE), base, patches)
+    elif kind == 0xE1 and body.startswith(XMP_EXTENSION):
+        xmp_location(body, len(XMP_EXTENSION) + 40, base, patches)     # GUID, length, offset
+    elif kind == 0xED and body.startswith(b'Photoshop 3.0\x00'):
+        irb_location(body, 14, base, patches)
+    elif kind == 0xE2 and body[:4] == b'MPF\x00' and depth == 0:
+        for image in mpf_images(body, 4):
+            jpeg_location(read, base + 4 + image, patches, depth + 1)
+
+
+def ifd_entries(data, tiff, offset, order):
+    """(entries, next IFD offset) of the IFD at tiff + offset: entries as (position, tag,
+    type, count, value field) with the value field read as a LONG."""
+    start = tiff + offset
+    if offset < 8 or start + 2 > len(data):
+        return [], 0
+    count = _u16(data, start, order)
+    entries = []
+    for i in range(min(count, (len(data) - start - 2) // 12)):
+        at = start + 2 + 12 * i
+        entries.append((at, _u16(data, at, order), _u16(data, at + 2, order), _u32(data, at + 4, order),
+                        _u32(data, at + 8, order)))
+    after = start + 2 + 12 * count
+    return entries, (_u32(data, after, order) if after + 4 <= len(data) else 0)
+
+
+def exif_location(read, data, tiff, base, patches, depth):
+    """EXIF (a TIFF structure at data[tiff:], data at file offset base): the GPS IFD, blanked,
+    and the IFD1 thumbnail's own location."""
+    order = {b'II': '<', b'MM': '>'}.get(data[tiff:tiff + 2])
+    if order is None or _u16(data, tiff + 2, order) != 42:
+        return
+    ifd0, ifd1_offset = ifd_entries(data, tiff, _u32(data, tiff + 4, order), order)
+    for _, tag, _, _, value in ifd0:
+        if tag == 0x8825:
+            gps_location(data, tiff, value, base, order, patches)
+    if ifd1_offset and depth < 2:
+        ifd1 = {tag: value for _, tag, _, _, value in ifd_entries(data, tiff, ifd1_offset, order)[0]}
+        where, length = ifd1.get(0x0201), ifd1.get(0x0202)
+        if where and length and data[tiff + where:tiff + where + 2] == b'\xff\xd8':
+            jpeg_location(read, base + tiff + where, patches, depth + 1)
+
+
+def gps_location(data, tiff, offset, base, order, patches):
+    """The GPS IFD at tiff + offset: no entries (its count 0), and zeros over each entry and
+    each value stored out of line, within data."""
+    entries, _ = ifd_entries(data, tiff, offset, order)
+    start = tiff + offset
+    if not entries:
+        return                              # none, or already blanked
+    patches.append((base + start, bytes(min(2 + 12 * len(entries) + 4, len(data) - start))))
+    budget = len(data)                      # values that overlap (a forged IFD) are zeroed once
+    for _, _, kind, count, value in entries:
+        size = min(TIFF_SIZES.get(kind, 0) * count, len(data) - tiff - value, budget)
+        if size > 4 and 8 <= value:
+            patches.append((base + tiff + value, bytes(size)))
+            budget -= size
+
+
+def mpf_images(data, tiff):
+    """The offsets (from the MPF TIFF header) of the images an MPF index lists after the first."""
+    order = {b'II': '<', b'MM': '>'}.get(data[tiff:tiff + 2])
+    if order is None:
+        return []
+    offsets = []
+    for _, tag, _, count, value in ifd_entries(data, tiff, _u32(data, tiff + 4, order), order)[0]:
+        if tag == 0xB002:                   # MPEntry: 16 bytes per image
+            for at in range(tiff + value, min(tiff + value + count, len(data) - 15), 16):
+                if _u32(data, at + 8, order):
+                    offsets.append(_u32(data, at + 8, order))
+    return offsets[:8]
+
+
+def xmp_location(data, start, base, patches):
+    """XMP text at data[start:] (file offset base of data): the location's attributes and
+    elements become spaces.  An element whose end tag is missing is blanked to the end."""
+    for match in XMP_LOCATION_ATTRIBUTE.finditer(data, start):
+        patches.append((base + match.start(), b' ' * (match.end() - match.start())))
+    pos = start
+    while True:
+        match = XMP_LOCATION_ELEMENT.search(data, pos)
+        if match is None:
+            return
+        end = match.end()
+        if not match.group(2):
+            close = data.find(b'</' + match.group(1), end)
+            close = data.find(b'>', close) + 1 if close >= 0 else 0
+            end = close or len(data)
+        patches.append((base + match.start(), b' ' * (end - match.start())))
+        pos = end
+
+
+def irb_location(data, pos, base, patches):
+    """Photoshop image resources (APP13): the IPTC record's (0x0404) location datasets."""
+    while pos + 12 <= len(data) and data[pos:pos + 4] in IRB_SIGNATURES:
+        ident = _u16(data, pos + 4)
+        name = data[pos + 6]
+        at = pos + 6 + (name + 2 & ~1)               # the Pascal name, padded to even
+        size = _u32(data, at)
+        if ident == 0x0404:
+            iptc_location(data, at + 4, min(at + 4 + size, len(data)), base, patches)
+        pos = at + 4 + (size + 1 & ~1)
+
+
+def iptc_location(data, pos, end, base, patches):
+    """IPTC IIM datasets in data[pos:end]: the values of record 2's location ones, spaces."""
+    while pos + 5 <= end and data[pos] == 0x1C:
+        record, dataset, size = data[pos + 1], data[pos + 2], _u16(data, pos + 3)
+        pos += 5
+        if size & 0x8000:                   # extended: the length is in the next bytes
+            width = size & 0x7FFF
+            if width > 4:
+                return
+            size, pos = int.from_bytes(data[pos:pos + width], 'big'), pos + width
+        if record == 2 and dataset in IPTC_LOCATION:
+            patches.append((base + pos, b' ' * max(0, min(size, end - pos))))
+        pos += size
+
+
+def png_location(read, patches):
+    """A PNG's chunks up to IEND: each one that holds a location is patched whole (type, data
+    and a CRC made again), so its CRC still holds."""
+    pos = 8
+    for _ in range(LOCATION_HOPS):
+        header = read(pos, 8)
+        if len(header) < 8 or header[4:8] == b'IEND':
+            return
+        length, kind = _u32(header, 0), header[4:8]
+        if kind in (b'eXIf', b'tEXt', b'zTXt', b'iTXt') and length <= LOCATION_SEGMENT_MAX:
+            data = read(pos + 8, length + 4)        # and its CRC, to be written over
+            changed = png_chunk_location(read, kind, data[:length], pos + 8) if len(data) == length + 4 else None
+            if changed is not None:
+                patches.append((pos + 4, changed + zlib.crc32(changed).to_bytes(4, 'big')))
+        pos += 12 + length
+
+
+def png_chunk_location(read, kind, data, base):
+    """The chunk's type and data without its location, or None if it has none: eXIf's EXIF
+    blanked; a text chunk that names a place, or holds a profile or compressed XMP, erased
+    (LOCATION_ERASED); uncompressed XMP blanked."""
+    found = []
+    if kind == b'eXIf':
+        exif_location(read, data, 6 if data[:6] == b'Exif\x00\x00' else 0, base, found, 0)
+    else:
+        keyword = data[:data.find(b'\x00')]
+        xmp = keyword == b'XML:com.adobe.xmp'
+        if PNG_LOCATION_KEYWORD.fullmatch(keyword) or xmp and (
+                kind == b'zTXt' or kind == b'iTXt' and data[len(keyword) + 1:len(keyword) + 2] != b'\x00'):
+            return LOCATION_ERASED + bytes(len(data))
+        if xmp:
+            xmp_location(data, len(keyword) + 1, base, found)
+    if not found:
+        return None
+    return kind + apply_patches(data, base, merge_patches(found))
+
+
+def webp_location(read, patches):
+    """A WebP's RIFF chunks: EXIF and XMP (after the image data, in the extended format)."""
+    pos = 12
+    for _ in range(LOCATION_HOPS):
+        header = read(pos, 8)
+        if len(header) < 8:
+            return
+        kind, size = header[:4], _u32(header, 4, '<')
+        if kind in (b'EXIF', b'XMP ', b'XMP\x00') and size <= LOCATION_SEGMENT_MAX:
+            data = read(pos + 8, size)
+            if kind == b'EXIF':
+                exif_location(read, data, 6 if data[:6] == b'Exif\x00\x00' else 0, pos + 8, patches, 0)
+            else:
+                xmp_location(data, 0, pos + 8, patches)
+        pos += 8 + size + (size & 1)
+
+
+def hide_location(entry):
+    """Find the location of a file just opened (an OpenFile) and keep its patches with it, for
+    as long as it is cached: once per file version.  A file with a location gets the ETag of
+    its stripped representation."""
+    try:
+        read = file_reader(entry.fd)
+        entry.patches = join_patches(location_patches(read), read) or None
+    except OSError:
+        entry.patches = None                # unreadable: its response fails as well
+    if entry.patches:
+        entry.etag = entry.etag[:-1] + LOCATION_ETAG + '"'
+        entry.headers = entry.fields(entry.last_modified)
+
+
+def patched_response(status, head, entry, pieces):
+    """A response of the file's pieces (Reply's (bytes, offset, count)) as respond_file
+    returns it, the patched bytes sent from memory and the rest by sendfile."""
+    pieces = patch_pieces(pieces, entry.patches)
+    lead, first, count = pieces[0]
+    return status, head + lead, b'', entry, first, count, len(lead), pieces[1:]
+
+
+# ---------------------------------------------------------------------------------------------
 # Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
 # ---------------------------------------------------------------------------------------------
 #
@@ -2200,7 +2593,8 @@ class Cache:
     What a worker caches, all of it (each built once, by Responder or AccessLog):
       Responder.files   FileCache: open files by path, FILE_CACHE_SIZE; valid while a fresh
                         stat() of the path shows the same file (FileCache.current); small
-                        files' content too, while bodies take BODY_BUDGET at most
+                        files' content too, while bodies take BODY_BUDGET at most; and a
+                        photo's location patches (hide_location), with its OpenFile
       Responder.paths   a request target's mapping (map_target), PATH_CACHE_SIZE; pure
       Responder.images  ImageInfoCache: image headers, IMAGE_INFO_CACHE, keyed by the file's
                         (dev, ino, mtime, ctime), so a changed file has a new key
@@ -2273,7 +2667,7 @@ class OpenFile:
     """An open file with its validators and the header bytes of its 200 response."""
 
     __slots__ = ('fd', 'key', 'size', 'mtime', 'mtime_s', 'etag', 'last_modified', 'headers', 'refs',
-                 'evicted', 'body', 'ctype', 'encoding', 'head_key', 'head', 'whole')
+                 'evicted', 'body', 'ctype', 'encoding', 'head_key', 'head', 'whole', 'patches')
 
     def __init__(self, fd, st, ctype, encoding=None):
         self.fd = fd
@@ -2292,6 +2686,7 @@ class OpenFile:
         self.head_key = None    # (Date, keep-alive, version) that `head`, the last 200 head, was built for
         self.head = b''
         self.whole = None       # head + body of a small file: one buffer, sent with no copy
+        self.patches = None     # [(offset, bytes)] over its location (hide_location), or None
 
     def fields(self, last_modified, ctype=None):
         """The entity fields; ctype replaces the file's Content-Type (a multipart response)."""
@@ -2353,7 +2748,7 @@ class FileCache(Cache):
         if 0 < entry.size <= SMALL_FILE and self.bytes + entry.size <= BODY_BUDGET:
             body = os.pread(entry.fd, entry.size, 0)
             if len(body) == entry.size:             # else it is changing: sendfile it
-                entry.body = body
+                entry.body = apply_patches(body, 0, entry.patches) if entry.patches else body
                 size = entry.size
         Cache.store(self, path, entry, size)
 
@@ -2706,7 +3101,7 @@ class Connection:
         reply.status = status
         reply.pieces = pieces
         reply.out = head + body if body else head
-        if file is not None and length:
+        if file is not None and (length or pieces):
             file.refs += 1
             reply.file, reply.offset, reply.remaining = file, offset, length
         reply.sent = len(body) or body_length       # body_length: what of `head` is body
@@ -3256,6 +3651,7 @@ class Responder:
         self.root = config.root
         self.follow_symlinks = config.follow_symlinks
         self.listing = config.listing
+        self.keep_location = config.keep_location
         self.max_header_size = config.max_header_size
         # No `public`: it would let a shared cache keep a response to a request that carried
         # credentials (RFC 9111 section 3.5), as one through an authenticating proxy does.
@@ -3330,7 +3726,10 @@ class Responder:
         if self.own_files.hides(path, st):
             os.close(fd)                    # what was opened is ours, whatever the name said
             raise HTTPError(404)
-        return OpenFile(fd, st, content_type(path), content_encoding(path))
+        entry = OpenFile(fd, st, content_type(path), content_encoding(path))
+        if not self.keep_location:
+            hide_location(entry)
+        return entry
 
     def open_checked(self, path):
         """(fd, stat) of the regular file at path, opened for reading as open_file says;
@@ -3455,6 +3854,8 @@ class Responder:
             length = 0
         elif status == 200 and entry.whole is not None:
             return status, entry.whole, b'', None, 0, 0, entry.size
+        elif entry.patches:
+            return patched_response(status, head, entry, [(b'', first, length)])
         return status, head, b'', entry, first, length
 
     def respond_byteranges(self, req, keep_alive, entry, ranges, last_modified):
@@ -3468,6 +3869,8 @@ class Responder:
                              keep_alive, req.version, self.common_headers)
         if req.method == b'HEAD':
             return 206, head
+        if entry.patches:
+            return patched_response(206, head, entry, pieces)
         part_head, first, count = pieces[0]
         return 206, head + part_head, b'', entry, first, count, len(part_head), pieces[1:]
 
@@ -3654,6 +4057,8 @@ class Responder:
             st = os.fstat(entry.fd)
             info = self.images.get(path, st, os.path.basename(path), fd=entry.fd)
             data = os.pread(entry.fd, info.thumb[1], info.thumb[0]) if info and info.thumb else b''
+            if data and entry.patches:
+                data = apply_patches(data, info.thumb[0], entry.patches)
         except OSError:
             data = b''
         body = thumbnail_bytes(info, data) if data else None
@@ -5657,6 +6062,9 @@ def parser():
                               'replaced image shows within a minute)' % DEFAULT_MAX_AGE)
     serving.add_argument('--no-listing', dest='listing', action='store_false',
                          help='403 for a directory without index.html (default: a gallery page)')
+    serving.add_argument('--keep-location', action='store_true',
+                         help='serve photos byte for byte, with the GPS position and place names '
+                              'they hold (default: blanked in JPEG, PNG and WebP)')
     tls = p.add_argument_group('HTTPS')
     tls.add_argument('--tls-cert', metavar='FILE',
                      help='serve HTTPS on --port with this PEM certificate (its chain after it)')
@@ -5679,7 +6087,7 @@ SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
 
 # Options that are flags: (the value that the flag gives, the flag).
 FLAGS = {'follow_symlinks': (True, '--follow-symlinks'), 'allow_readable_key': (True, '--allow-readable-key'),
-         'listing': (False, '--no-listing')}
+         'listing': (False, '--no-listing'), 'keep_location': (True, '--keep-location')}
 
 def option_argv(config, given=frozenset(), every=False):
     """The options of config as a command line, paths absolute; given: the names of those on

@@ -24,8 +24,10 @@ close); the others keep it open and wait for exactly the predicted responses (a 
 request left unanswered is a hang).  A fifth of the cases trickle the payload in pieces.
 
 Image mode (--images N): agent.image_info, the gallery's header parsers, over N mutations of
-sample files (bench/samples.py: camera JPEGs with EXIF thumbnails, PNG, GIF, WebP, BMP, ICO, SVG):
-only an ImageInfo or None, sizes within MAX_DIMENSION, a thumbnail inside the bytes.
+sample files (bench/samples.py: camera JPEGs with EXIF thumbnails, PNG, GIF, WebP, BMP, ICO, SVG,
+and photos that say where they were taken): only an ImageInfo or None, sizes within
+MAX_DIMENSION, a thumbnail inside the bytes; and the location strip (agent.location_patches):
+sorted patches inside the bytes, the same length stripped, patch_pieces sending the same bytes.
 
 Pipelined-flood mode (--flood N): N packets of 300 pipelined requests (files, the gallery as
 HTML and JSON, GET and HEAD, a 404, a folder of 2,000 files), each in one write on its own connection, 4 at a time,
@@ -1198,7 +1200,31 @@ def image_corpus():
             ('p.bmp', samples.sample_bmp(5, -3)), ('p.bmp', samples.sample_bmp(5, 3, core=True)),
             ('p.ico', b'\x00\x00\x01\x00\x01\x00\x10\x10' + bytes(14)),
             ('p.svg', b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="30px" '
-                      b'height="20" viewBox="0 0 30 20"><rect width="3"/></svg>')]
+                      b'height="20" viewBox="0 0 30 20"><rect width="3"/></svg>'),
+            # photos that say where (agent.location_patches): EXIF GPS, XMP, IPTC, PNG text chunks
+            ('loc.jpg', samples.located_jpeg()), ('loc.jpg', samples.located_jpeg(order='<')),
+            ('loc.png', samples.located_png()), ('loc.webp', samples.located_webp())]
+
+
+def check_location(rng, data):
+    """agent.location_patches over data: sorted patches apart from each other, inside the
+    bytes; the stripped bytes of the same length; patch_pieces over a random range sends them."""
+    patches = agent.location_patches(agent.bytes_reader(data))
+    end = 0
+    for offset, patch in patches:
+        if offset < end or not patch or offset + len(patch) > len(data):
+            raise Invariant('location patch at %d (%d bytes) in %d bytes' % (offset, len(patch), len(data)))
+        end = offset + len(patch)
+    result = agent.apply_patches(data, 0, patches)
+    if len(result) != len(data):
+        raise Invariant('stripped to %d bytes from %d' % (len(result), len(data)))
+    if data:
+        first = rng.randrange(len(data))
+        count = rng.randrange(1, len(data) - first + 1)
+        joined = agent.join_patches(patches, agent.bytes_reader(data))
+        sent = b''.join(lead + data[at:at + n] for lead, at, n in agent.patch_pieces([(b'', first, count)], joined))
+        if sent != result[first:first + count]:
+            raise Invariant('patch_pieces of %d-%d differ from the stripped bytes' % (first, first + count - 1))
 
 
 BOUNDARY = [0, 1, 2, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0xFFFFFFFF, 0x80000000]
@@ -1223,7 +1249,9 @@ def mutate_image(rng, data):
             data[pos:pos] = data[pos:end] * rng.randrange(1, 4)
         elif choice == 4:
             data[pos:pos] = rng.choice([b'\xff', b'\xff\xd8', b'\xff\xe1\x00\x08Exif\x00\x00', b'\xff\xc0',
-                                        b'MM\x00\x2a', b'II\x2a\x00', b'<svg ', b'width="', b'viewBox="'])
+                                        b'MM\x00\x2a', b'II\x2a\x00', b'<svg ', b'width="', b'viewBox="',
+                                        b'\x88\x25\x00\x04', b'<exif:GPSLatitude>', b' photoshop:City="',
+                                        b'\x1c\x02\x5a', b'8BIM\x04\x04', b'iTXt', b'eXIf', b'EXIF'])
         else:
             del data[pos:pos + rng.randrange(1, 32)]
     return bytes(data)
@@ -1242,6 +1270,7 @@ def image_mode(args, seed):
         name, sample = corpus[rng.randrange(len(corpus))]
         data = mutate_image(rng, sample)
         try:
+            check_location(rng, data)
             info = agent.image_info(data, name)
             kinds[info.kind if info else None] += 1
             if info is not None:

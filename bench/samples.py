@@ -159,3 +159,100 @@ def landscape_photo(path, seed, size=(1600, 1200), thumb=(320, 240), grain=0.5, 
     with open(path, 'wb') as f:
         f.write(camera_jpeg(original, small, orientation))
     return path
+
+
+# Photos that say where they were taken (issue 21's location strip, agent.location_patches):
+# EXIF with a GPS IFD (in the photo and in its thumbnail), XMP and IPTC with place names, in a
+# JPEG, a PNG and a WebP.  The place names and coordinates are bytes no other part holds, so a
+# test looks for them in what the agent serves: LOCATED_SECRETS.
+LOCATED_SECRETS = (b'Lutetia', b'Gallia', b'48,51.5', b'2,17.6', b'2020:01:01')
+LOCATED_KEPT = (b'Kept title', b'Kept caption', b'Kept comment', b'Kept artist')
+
+
+def gps_tiff(order='>', thumbnail=None):
+    """EXIF's TIFF structure: IFD0 (Artist, the GPS IFD's offset), the GPS IFD (references and
+    version in place; latitude, longitude and date stamp out of line), IFD1 with a thumbnail."""
+    e = order
+
+    def ifd(entries, next_at):
+        out = struct.pack(e + 'H', len(entries))
+        for tag, kind, count, value in entries:
+            out += struct.pack(e + 'HHI', tag, kind, count) + value
+        return out + struct.pack(e + 'I', next_at)
+    gps_at, ifd1_at = 50, 188
+    ifd0 = ifd([(0x013B, 2, 12, struct.pack(e + 'I', 38)), (0x8825, 4, 1, struct.pack(e + 'I', gps_at))],
+               ifd1_at if thumbnail else 0)                  # 30 bytes from 8: Artist at 38
+    values = struct.pack(e + '6I', 48, 1, 51, 1, 3024, 100) + struct.pack(e + '6I', 2, 1, 17, 1, 4020, 100)
+    gps = ifd([(0, 1, 4, b'\x02\x03\x00\x00'), (1, 2, 2, b'N\x00\x00\x00'),
+               (2, 5, 3, struct.pack(e + 'I', 128)), (3, 2, 2, b'E\x00\x00\x00'),
+               (4, 5, 3, struct.pack(e + 'I', 152)), (0x1D, 2, 11, struct.pack(e + 'I', 176))], 0)
+    tiff = (b'II' if e == '<' else b'MM') + struct.pack(e + 'HI', 42, 8) + ifd0 + b'Kept artist\x00'
+    tiff += gps + values + b'2020:01:01\x00\x00'            # GPS IFD 50-128, values 128-188
+    if thumbnail:
+        tiff += ifd([(0x0103, 3, 1, struct.pack(e + 'HH', 6, 0)), (0x0201, 4, 1, struct.pack(e + 'I', 230)),
+                     (0x0202, 4, 1, struct.pack(e + 'I', len(thumbnail)))], 0) + thumbnail
+    return tiff
+
+
+LOCATED_XMP = (
+    b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+    b'<rdf:Description rdf:about="" xmlns:exif="http://ns.adobe.com/exif/1.0/"'
+    b' xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/"'
+    b' xmlns:Iptc4xmpCore="http://iptc.org/std/Iptc4xmpCore/1.0/xmlns/"'
+    b' xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"'
+    b' xmlns:dc="http://purl.org/dc/elements/1.1/"\n'
+    b' exif:GPSLatitude="48,51.504N" photoshop:City="Lutetia" Iptc4xmpCore:Location=\'Lutetia Quay\'>\n'
+    b'<exif:GPSLongitude>2,17.67E</exif:GPSLongitude>\n'
+    b'<photoshop:Country>Gallia</photoshop:Country>\n'
+    b'<Iptc4xmpExt:LocationShown><rdf:Bag><rdf:li rdf:parseType="Resource">'
+    b'<Iptc4xmpExt:City>Lutetia</Iptc4xmpExt:City></rdf:li></rdf:Bag></Iptc4xmpExt:LocationShown>\n'
+    b'<exif:GPSAreaInformation rdf:resource="urn:Lutetia"/>\n'
+    b'<dc:title><rdf:Alt><rdf:li xml:lang="x-default">Kept title</rdf:li></rdf:Alt></dc:title>\n'
+    b'</rdf:Description></rdf:RDF></x:xmpmeta>\n<?xpacket end="w"?>')
+
+
+def iptc_irb():
+    """A Photoshop image resource block (APP13's body after its signature) with the IPTC
+    record: its version, a city, a country and a caption."""
+    def dataset(number, value):
+        return b'\x1c\x02' + bytes([number]) + struct.pack('>H', len(value)) + value
+    iim = dataset(0, b'\x00\x04') + dataset(90, b'Lutetia') + dataset(101, b'Gallia') + dataset(120, b'Kept caption')
+    return b'8BIM\x04\x04\x00\x00' + struct.pack('>I', len(iim)) + iim + b'\x00' * (len(iim) & 1)
+
+
+def located_jpeg(width=64, height=48, order='>'):
+    """A JPEG whose EXIF, XMP and IPTC say where it was taken, and whose EXIF thumbnail has a
+    GPS IFD of its own."""
+    def segment(marker, body):
+        return struct.pack('>BBH', 0xFF, marker, len(body) + 2) + body
+    small = sample_jpeg(16, 8, (0, 120, 255))
+    thumb = small[:2] + segment(0xE1, b'Exif\x00\x00' + gps_tiff(order)) + small[2:]
+    main = sample_jpeg(width, height)
+    return (main[:2] + segment(0xE1, b'Exif\x00\x00' + gps_tiff(order, thumb))
+            + segment(0xE1, b'http://ns.adobe.com/xap/1.0/\x00' + LOCATED_XMP)
+            + segment(0xED, b'Photoshop 3.0\x00' + iptc_irb()) + main[2:])
+
+
+def png_chunk(kind, body):
+    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', binascii.crc32(kind + body))
+
+
+def located_png(width=7, height=5):
+    """A PNG with the same in eXIf, iTXt XMP and ImageMagick's text chunks, and a comment."""
+    png = sample_png(width, height)
+    chunks = (png_chunk(b'eXIf', gps_tiff('<')) + png_chunk(b'tEXt', b'exif:GPSLatitude\x0048/1, 51/1, 3024/100')
+              + png_chunk(b'tEXt', b'Comment\x00Kept comment')
+              + png_chunk(b'zTXt', b'Raw profile type iptc\x00\x00' + zlib.compress(iptc_irb()))
+              + png_chunk(b'iTXt', b'XML:com.adobe.xmp\x00\x00\x00\x00\x00' + LOCATED_XMP))
+    return png[:33] + chunks + png[33:]
+
+
+def located_webp(width=30, height=20):
+    """An extended WebP with EXIF and XMP chunks after its image data."""
+    def chunk(kind, body):
+        return kind + struct.pack('<I', len(body)) + body + b'\x00' * (len(body) & 1)
+    image = sample_webp('VP8 ', width, height)[12:]
+    vp8x = b'\x0c\x00\x00\x00' + (width - 1).to_bytes(3, 'little') + (height - 1).to_bytes(3, 'little')
+    data = b'WEBP' + chunk(b'VP8X', vp8x) + image + chunk(b'EXIF', gps_tiff()) + chunk(b'XMP ', LOCATED_XMP)
+    return b'RIFF' + struct.pack('<I', len(data)) + data
