@@ -905,11 +905,23 @@ def days_from_civil(year, month, day):
     return era * 146097 + day_of_era - 719468
 
 
-def make_etag(st):
-    """mtime, size and ctime: a file rewritten in place with its size and mtime put back
-    (touch -r, rsync --inplace, some editors) still changes its ctime, which no ordinary tool
-    can set back, so a client never revalidates stale bytes with a 304."""
-    return '"%x-%x-%x"' % (st.st_mtime_ns // 1000, st.st_size, st.st_ctime_ns // 1000)
+def make_etag(st, suffix=''):
+    """The strong ETag of a file: its mtime (microseconds) and size, as nginx's (seconds) and
+    Apache's default since 2.4 (microseconds), so that every node holding a copy made with its
+    mtime (cp -a, rsync -a, a shared volume) sends the same tag, and a balancer's conditional
+    GETs and If-Range resumes work whichever node answers.  The ctime, once part of the tag,
+    differs on every copy (a copy is a new inode, written now).
+
+    What that gives up, measured against a content hash (docs/scale-out.md): a file rewritten
+    in place with its size and mtime put back (touch -r, rsync --inplace) keeps its tag, so a
+    client holding the old bytes is told 304 (as If-Modified-Since always told it), and an
+    If-Range resume would join old and new bytes.  The server itself never serves stale bytes:
+    its caches key on file_key(), ctime included.  Hashing the content instead would cost a
+    worker 0.6 s of its loop for a 1 GB video (crc32 at 1.7 GB/s on this machine), at each
+    change and in each worker.  Every tag of a file's bytes is made here: suffix names another
+    representation of them (the embedded thumbnail's '-t'), and a tag over several files is
+    made of theirs, so it follows the same rule."""
+    return '"%x-%x%s"' % (st.st_mtime_ns // 1000, st.st_size, suffix)
 
 
 def file_key(st):
@@ -1969,18 +1981,21 @@ def gallery_listing(catalog, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
 
 
 def gallery_etag(dir_st, url_path, listing, fmt):
-    """A weak ETag from everything the page is made of: the directory's own stat, the query,
-    the counts, and each shown entry's name and (dev, ino, size, mtime, ctime).  Image sizes
-    come from the files, whose ctime changes with any write, so they need not be read."""
+    """A weak ETag from everything the page is made of: the query, the counts, and each shown
+    entry's name, kind and file tag (make_etag: mtime and size; a folder's mtime), so that
+    every node holding a copy of the folder sends the same tag.  The directory's own stamps
+    are not in it: the entries are the page (a copy's directory has other inodes and times).
+    Image sizes (the captions) come from the files' bytes; an image rewritten in place with its
+    mtime put back keeps its tag, and a browser its cached page, as for the file itself; the
+    server's page cache still keys on the directory's stamps and PAGE_TTL."""
     parts = [repr((GALLERY_VERSION, fmt, url_path, listing.sort, listing.page, listing.pages,
-                   listing.dirs, listing.images, listing.files, listing.unlisted,
-                   (dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)))
+                   listing.dirs, listing.images, listing.files, listing.unlisted))
              .encode('utf-8', 'surrogateescape')]
     for e in listing.entries:
         st = e.st
         parts.append(('\0%s\0%d' % (e.name, e.is_dir)).encode('utf-8', 'surrogateescape'))
-        if st is not None:
-            parts.append(b'%d %d %d %d %d' % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        if st is not None:      # a folder's size is its filesystem's business: its mtime alone
+            parts.append(b'%d' % (st.st_mtime_ns // 1000) if e.is_dir else make_etag(st).encode('ascii'))
     # Two 32-bit checksums (zlib, not hashlib: see GALLERY_STYLE_HASH) of the page's inputs: a
     # weak validator, where a collision would at worst revalidate a stale listing.
     data = b''.join(parts)
