@@ -18,7 +18,7 @@ import unittest
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import (
     AGENT, PYTHON, AgentServer, FILE_A, FIXED_MTIME, RawConn, SharedAgentTestCase, TempDirTest,
-    run, wait_for, write_file)
+    run, slurp, wait_for, write_file)
 import agent
 from harness import raw_request
 
@@ -121,23 +121,28 @@ class NodeValidatorServerTests(SharedAgentTestCase):
         resumed = self.get('/one/a.jpg', 'Range: bytes=100-', 'If-Range: ' + two.headers['etag'])
         self.assertEqual((resumed.status, resumed.body), (206, FILE_A[100:]))
 
-    def test_rewritten_in_place_with_mtime_put_back_is_served_fresh(self):
-        path = write_file(self.server.root, 'one/inplace.jpg', b'first-version')
+    def test_rewritten_with_mtime_put_back_is_served_fresh(self):
+        """In place (rsync --inplace) or by a rename over it (rsync's default): the same size
+        and mtime, another ctime; a keep-alive connection stays on one worker, whose FileCache
+        holds the old file."""
         conn = self.conn()
-        conn.send(raw_request('/one/inplace.jpg'))
-        first = conn.response()
-        self.assertEqual(first.body, b'first-version')
-        before = os.stat(path)
-        with open(path, 'r+b') as f:
-            f.write(b'other-version')
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-        for _ in range(3):              # the same connection, the same worker and its FileCache
-            conn.send(raw_request('/one/inplace.jpg'))
+        for way, name in (('in place', 'inplace.jpg'), ('renamed over', 'renamed.jpg')):
+            path = write_file(self.server.root, 'one/' + name, b'first-version')
+            conn.send(raw_request('/one/' + name))
+            first = conn.response()
+            write_file(self.server.root, 'one/.new', b'other-version')
+            if way == 'in place':
+                with open(path, 'r+b') as f:
+                    f.write(b'other-version')
+                os.utime(path, (FIXED_MTIME, FIXED_MTIME))
+            else:
+                os.rename(os.path.join(self.server.root, 'one/.new'), path)
+            conn.send(raw_request('/one/' + name))
             again = conn.response()
-            self.assertEqual(again.body, b'other-version')
-        # The tag is mtime and size: a client holding the old bytes is told 304, as nginx and
-        # Last-Modified tell it (docs/scale-out.md says so); the bytes served are the new ones.
-        self.assertEqual(again.headers['etag'], first.headers['etag'])
+            self.assertEqual((first.body, again.body), (b'first-version', b'other-version'), way)
+            # The tag is mtime and size: a client holding the old bytes is told 304, as nginx
+            # and Last-Modified tell it (docs/scale-out.md); the bytes served are the new ones.
+            self.assertEqual(again.headers['etag'], first.headers['etag'], way)
 
 
 class ProxyHeaderParserTests(unittest.TestCase):
@@ -182,7 +187,7 @@ class ProxyHeaderParserTests(unittest.TestCase):
             v2(family=0x13),                                    # wrong protocol (TCP, UDP only)
             v2(family=0x12),                                    # UDP over IPv4: not a connection
             v2(length=8),                                       # shorter than its addresses
-            v2(family=0x21, length=20),
+            v2('2001:db8::1', '::1', family=0x21, length=20),
             v2(command=2),                                      # no such command
             V2_SIGNATURE + b'\x11\x11\x00\x0c' + b'\0' * 12,    # version 1 in a v2 header
             V2_SIGNATURE[:-1] + b'X',                           # a signature gone wrong
@@ -365,7 +370,7 @@ class HealthAndGraceTests(TempDirTest):
         self.assertEqual(stop.returncode, 0, err)
         with self.assertRaises(OSError):
             server.connect(timeout=2).close()
-        self.assertIn('health', open(server.log).read())
+        self.assertIn('health', slurp(server.log))
 
     def test_without_health_the_stop_has_no_grace_and_the_path_is_a_file(self):
         server = AgentServer(self)
