@@ -14,6 +14,7 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
     The responder: a parsed request -> its response (resolve, open, stat, head)
+    Behind a load balancer: Health (--health), the stop's grace (--stop-grace)
     A worker: one process, one epoll loop (Clock, AccessLog, Acceptor, Worker: the loop)
     The master: Supervisor (the workers), Upgrade (in place), Agent (the daemon); ports
     Command line (and run_from_bytecode)
@@ -129,6 +130,16 @@ certificate: own the key by that user, mode 0600).
 checked as a host name or IP literal, the path normalised); --hsts SECONDS adds
 Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port, whatever its
 method, gets a 400 (its request line in the access log).
+
+Behind a load balancer (docs/scale-out.md)
+------------------------------------------
+The ETag is the file's mtime and size (make_etag), the same on every node holding a copy.
+--trusted-proxy CIDR (repeatable): from there, the client's address is taken from
+X-Forwarded-For or Forwarded, walked from the right past trusted hops (forwarded_client);
+--proxy-protocol: each connection begins with a PROXY v1/v2 header, from a trusted proxy only
+(else 400 and a close).  The client's address is Connection.client, what the access log writes.
+--health PATH answers 200, and 503 once a stop begins; the agent then serves on for
+--stop-grace seconds (default STOP_GRACE with --health, else 0) before it closes its listeners.
 
 HTTP (RFC 9110, 9112)
 ---------------------
