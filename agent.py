@@ -1186,18 +1186,13 @@ def parse_proxy_header(data):
         return None, end + 2
     if len(fields) != 6 or fields[1] not in ('TCP4', 'TCP6'):
         raise ValueError('a PROXY v1 line with another family or fields than TCP4|TCP6 SRC DST SPORT DPORT')
-    version = 4 if fields[1] == 'TCP4' else 6
-    source, dest = (_v1_address(text, version) for text in fields[2:4])
+    size = 4 if fields[1] == 'TCP4' else 16
+    source, dest = (packed_address(text) for text in fields[2:4])
+    if source is None or dest is None or len(source) != size or len(dest) != size:
+        raise ValueError('a PROXY v1 line whose addresses are not %s ones' % fields[1])
     if not all(PROXY_PORT.match(port) and int(port) < 65536 for port in fields[4:]):
         raise ValueError('a PROXY v1 line with a bad port')
     return client_address(source), end + 2
-
-
-def _v1_address(text, version):
-    address = ipaddress.ip_address(text) if '%' not in text else None       # ValueError
-    if address is None or address.version != version or version == 4 and str(address) != text:
-        raise ValueError('a PROXY v1 address that is not TCP%d: %r' % (version, text[:50]))
-    return address
 
 
 def _proxy_v2(data):
@@ -1217,34 +1212,51 @@ def _proxy_v2(data):
         return None
     if command & 0xf == 0 or af is None:
         return None, 16 + length                    # LOCAL, UNSPEC, or a Unix socket's
-    return client_address(ipaddress.ip_address(data[16:16 + size])), 16 + length
+    return client_address(data[16:16 + size]), 16 + length
 
 
-def client_address(address):
-    """An ipaddress address as the access log writes a client's: an IPv4-mapped IPv6 one as
-    IPv4 (as accept() gives them: Acceptor.accept)."""
-    mapped = getattr(address, 'ipv4_mapped', None)
-    return str(mapped or address)
+# Addresses as bytes (inet_pton, inet_ntop): on the path of every request behind a trusted
+# proxy, where ipaddress.ip_address() took 20 times as long (13 us against 0.7 us, loaded).
+IPV4_MAPPED = bytes(10) + b'\xff\xff'
+
+
+def packed_address(text):
+    """The 4 or 16 bytes of a numeric IPv4 or IPv6 address (no scope, no leading zeros), or
+    None for anything else."""
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ':' in text else socket.AF_INET, text)
+    except (OSError, ValueError):
+        return None
+
+
+def client_address(packed):
+    """A packed address as the access log writes a client's: canonical text, an IPv4-mapped
+    IPv6 one as IPv4 (as accept() gives them: Acceptor.accept)."""
+    if len(packed) == 16 and packed[:12] == IPV4_MAPPED:
+        packed = packed[12:]
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
 
 
 def trusted_networks(texts):
-    """--trusted-proxy's CIDRs (or addresses) as networks; ValueError for one that is not."""
+    """--trusted-proxy's CIDRs (or addresses) as (bytes, mask, network) triples of integers;
+    ValueError for one that is not."""
     networks = []
     for text in texts:
         try:
-            networks.append(ipaddress.ip_network(text, strict=False))
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ValueError('%r is not an address or a CIDR network (10.0.0.0/8, 2001:db8::/32)' % text)
+        networks.append((network.max_prefixlen // 8, int(network.netmask), int(network.network_address)))
     return tuple(networks)
 
 
 def is_trusted(address, networks):
     """Whether an address (a str, as a connection's peer: maybe 'unix') is in networks."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    packed = packed_address(address)
+    if packed is None:
         return False
-    return any(ip in network for network in networks)
+    value, size = int.from_bytes(packed, 'big'), len(packed)
+    return any(length == size and value & mask == network for length, mask, network in networks)
 
 
 def forwarded_client(peer, headers, trusted):
@@ -1253,7 +1265,7 @@ def forwarded_client(peer, headers, trusted):
     from the right past the trusted hops.  The walk stops at a hop that is not an address
     (unknown, an obfuscated name, garbage): nothing to its left can be believed, and the last
     address read stands.  So the result is always an address that a trusted hop vouched for,
-    written by ipaddress; never a header's text."""
+    written again by inet_ntop; never a header's text."""
     if not trusted or not is_trusted(peer, trusted):
         return peer
     value = headers.get('x-forwarded-for')
@@ -1297,12 +1309,8 @@ def _node_address(text):
         host, _, port = text.partition(':')
     else:
         host = text
-    if '%' in host:
-        return None                 # a scope id: text ipaddress would keep
-    try:
-        return client_address(ipaddress.ip_address(host))
-    except ValueError:
-        return None
+    packed = packed_address(host)
+    return None if packed is None else client_address(packed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,12 +239,7 @@ def haproxy_status(proxy):
             sock.settimeout(5)
             sock.connect(proxy.stats)
             sock.sendall(b'show stat\n')
-            data = b''
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = b''.join(iter(lambda: sock.recv(65536), b''))     # until HAProxy closes
     except OSError:
         return {}
     lines = data.decode('ascii', 'replace').splitlines()
@@ -406,29 +401,18 @@ def rolling(checks, label, nodes, load, rounds, node_up):
                      '; first errors: %s' % load.errors[:3] if load.errors else ''))
 
 
-def run_haproxy(checks, work, files, roots, quick):
-    rounds = 30 if quick else 300
-    nodes = start_nodes(roots, ['--proxy-protocol', '--trusted-proxy', HAPROXY_SOURCE + '/32',
-                                '--health', '/healthz', '--stop-grace', str(GRACE)])
+def run_phase(checks, label, roots, options, start_proxy, body):
+    """Nodes with options behind the proxy that start_proxy(nodes, port) starts, then
+    body(proxy, port, nodes); the proxy and the nodes stopped after, on failure too."""
+    nodes = start_nodes(roots, options)
     proxy = None
     try:
         port = free_port()
-        proxy = start_haproxy(work, nodes, port)
-        wait(lambda: listening(port), 'haproxy on port %d' % port)
-        wait(lambda: set(haproxy_status(proxy).values()) == {'UP'}, 'every node UP in haproxy')
-        check_validators(checks, 'haproxy', port, nodes, files, rounds)
-        check_client_address(checks, 'haproxy (PROXY v2)', nodes, HAPROXY_SOURCE)
-        load = Load(port, files)
-        try:
-            rolling(checks, 'haproxy', nodes, load, 1 if quick else 2,
-                    lambda n: haproxy_status(proxy).get('node%d' % (n + 1)) == 'UP')
-        finally:
-            load.stop()
-        status = haproxy_status(proxy)
-        checks.check('haproxy: all nodes UP at the end', len(status) == NODES and set(status.values()) == {'UP'},
-                     'show stat: %s' % status)
+        proxy = start_proxy(nodes, port)
+        wait(lambda: listening(port), '%s on port %d' % (label, port))
+        body(proxy, port, nodes)
     except Failed as exc:
-        checks.check('haproxy: the run', False, exc)
+        checks.check('%s: the run' % label, False, exc)
         if proxy is not None:
             print(proxy.log_text()[-3000:])
     finally:
@@ -437,15 +421,32 @@ def run_haproxy(checks, work, files, roots, quick):
         stop_nodes(nodes)
 
 
-def run_nginx(checks, work, files, roots, quick):
-    rounds = 30 if quick else 300
-    nodes = start_nodes(roots, ['--trusted-proxy', NGINX_SOURCE + '/32'])
-    proxy = None
+def under_load(checks, label, port, files, nodes, rounds, node_up):
+    load = Load(port, files)
     try:
-        port = free_port()
-        proxy = start_nginx(work, nodes, port)
-        wait(lambda: listening(port), 'nginx on port %d' % port)
-        check_validators(checks, 'nginx', port, nodes, files, rounds)
+        rolling(checks, label, nodes, load, rounds, node_up)
+    finally:
+        load.stop()
+
+
+def run_haproxy(checks, work, files, roots, quick):
+    def body(proxy, port, nodes):
+        wait(lambda: set(haproxy_status(proxy).values()) == {'UP'}, 'every node UP in haproxy')
+        check_validators(checks, 'haproxy', port, nodes, files, 30 if quick else 300)
+        check_client_address(checks, 'haproxy (PROXY v2)', nodes, HAPROXY_SOURCE)
+        under_load(checks, 'haproxy', port, files, nodes, 1 if quick else 2,
+                   lambda n: haproxy_status(proxy).get('node%d' % (n + 1)) == 'UP')
+        status = haproxy_status(proxy)
+        checks.check('haproxy: all nodes UP at the end', len(status) == NODES and set(status.values()) == {'UP'},
+                     'show stat: %s' % status)
+    run_phase(checks, 'haproxy', roots, ['--proxy-protocol', '--trusted-proxy', HAPROXY_SOURCE + '/32',
+                                         '--health', '/healthz', '--stop-grace', str(GRACE)],
+              lambda nodes, port: start_haproxy(work, nodes, port), body)
+
+
+def run_nginx(checks, work, files, roots, quick):
+    def body(proxy, port, nodes):
+        check_validators(checks, 'nginx', port, nodes, files, 30 if quick else 300)
         check_client_address(checks, 'nginx (X-Forwarded-For)', nodes, NGINX_SOURCE)
         forged = {'X-Forwarded-For': '203.0.113.66', 'Forwarded': 'for=203.0.113.67'}
         direct = request(nodes[0].fixed_port, '/photos/a.jpg?forged-direct', forged, source=FORGER)[0]
@@ -457,21 +458,11 @@ def run_nginx(checks, work, files, roots, quick):
                      (direct, through) == (200, 200) and logged == [FORGER, FORGER]
                      and not any('203.0.113.6' in line for node in nodes for line in node.log_lines()),
                      'straight to a node and through nginx, logged as %s' % logged)
-        load = Load(port, files)
-        try:
-            rolling(checks, 'nginx', nodes, load, 1 if quick else 2,
-                    lambda n: request(nodes[n].fixed_port, '/photos/a.jpg?up')[0] == 200
-                    if listening(nodes[n].fixed_port) else False)
-        finally:
-            load.stop()
-    except Failed as exc:
-        checks.check('nginx: the run', False, exc)
-        if proxy is not None:
-            print(proxy.log_text()[-3000:])
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        stop_nodes(nodes)
+        under_load(checks, 'nginx', port, files, nodes, 1 if quick else 2,
+                   lambda n: listening(nodes[n].fixed_port)
+                   and request(nodes[n].fixed_port, '/photos/a.jpg?up')[0] == 200)
+    run_phase(checks, 'nginx', roots, ['--trusted-proxy', NGINX_SOURCE + '/32'],
+              lambda nodes, port: start_nginx(work, nodes, port), body)
 
 
 def main():

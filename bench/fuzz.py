@@ -1540,7 +1540,8 @@ def proxy_verdict(payload):
             source, length = found
             if not 0 < length <= min(len(payload), agent.PROXY_V2_MAX):
                 raise Invariant('length %d of %d bytes' % (length, len(payload)))
-            if source is not None and agent.client_address(agent.ipaddress.ip_address(source)) != source:
+            packed = None if source is None else agent.packed_address(source)
+            if source is not None and (packed is None or agent.client_address(packed) != source):
                 raise Invariant('source %r is not an address as the log writes one' % (source,))
             verdict = ('ok', source, length)
     return verdict
@@ -1632,9 +1633,7 @@ def proxy_mode(args, seed):
         bad_addresses = []
         for line in open(server.access_log, errors='replace'):
             address = line.split(' ', 1)[0]
-            try:
-                agent.ipaddress.ip_address(address)
-            except ValueError:
+            if agent.packed_address(address) is None:
                 bad_addresses.append(line.strip()[:200])
         reasons = server.health(workers_before) + ['access-log address %r' % line for line in bad_addresses[:3]]
     finally:
