@@ -67,8 +67,9 @@ Processes
 
 Signals
 -------
-    master   TERM, INT   graceful stop: workers stop accepting, finish responses in flight and
-                         are killed after --stop-timeout
+    master   TERM, INT   graceful stop: --health turns 503 and serving goes on for --stop-grace
+                         (STOP_GRACE with --health, else none); then workers stop accepting,
+                         finish responses in flight and are killed after --stop-timeout
              HUP         reload: a new generation of workers starts, the old one drains
              USR1        reopen --log and --access-log, in the master and in every worker
              USR2        upgrade in place: the agent.py now on disk is checked in a child, then
@@ -3958,10 +3959,12 @@ def serve_through_grace(agent):
     supervisor = agent.supervisor
     if grace <= 0 or supervisor.halted():
         return
+    said = ''
     if supervisor.health is not None:
         supervisor.health.stop()
-    log('agent: stopping: --health %s answers 503; serving on for %gs (--stop-grace) before '
-        'closing the listeners' % (agent.config.health, grace))
+        said = ' --health %s answers 503;' % agent.config.health
+    log('agent: stopping:%s serving on for %gs (--stop-grace) before closing the listeners'
+        % (said, grace))
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         agent.selector.select(min(1.0, max(0.0, deadline - time.monotonic())))
