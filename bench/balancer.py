@@ -127,10 +127,10 @@ def make_site(base):
 class Node(AgentProcess):
     """One agent on a port of its own, kept across its stop and start."""
 
-    def __init__(self, root, options):
+    def __init__(self, root, options, workers):
         self.fixed_port = free_port()
         AgentProcess.__init__(self, root=root, options=['--port', str(self.fixed_port)] + options,
-                              workers=2, prefix='agent-balancer-')
+                              workers=workers, prefix='agent-balancer-')
 
     def must(self, action):
         result = self.command(action)
@@ -146,11 +146,11 @@ class Node(AgentProcess):
             return []
 
 
-def start_nodes(roots, options):
+def start_nodes(roots, options, workers):
     nodes = []
     try:
         for root in roots:
-            nodes.append(Node(root, options))
+            nodes.append(Node(root, options, workers))
             nodes[-1].start()
     except BaseException:
         stop_nodes(nodes)
@@ -401,10 +401,11 @@ def rolling(checks, label, nodes, load, rounds, node_up):
                      '; first errors: %s' % load.errors[:3] if load.errors else ''))
 
 
-def run_phase(checks, label, roots, options, start_proxy, body):
+def run_phase(checks, label, roots, options, start_proxy, body, quick):
     """Nodes with options behind the proxy that start_proxy(nodes, port) starts, then
-    body(proxy, port, nodes); the proxy and the nodes stopped after, on failure too."""
-    nodes = start_nodes(roots, options)
+    body(proxy, port, nodes); the proxy and the nodes stopped after, on failure too.  A node
+    has one worker with --quick (each start and upgrade forks and boots fewer), else two."""
+    nodes = start_nodes(roots, options, 1 if quick else 2)
     proxy = None
     try:
         port = free_port()
@@ -441,7 +442,7 @@ def run_haproxy(checks, work, files, roots, quick):
                      'show stat: %s' % status)
     run_phase(checks, 'haproxy', roots, ['--proxy-protocol', '--trusted-proxy', HAPROXY_SOURCE + '/32',
                                          '--health', '/healthz', '--stop-grace', str(GRACE)],
-              lambda nodes, port: start_haproxy(work, nodes, port), body)
+              lambda nodes, port: start_haproxy(work, nodes, port), body, quick)
 
 
 def run_nginx(checks, work, files, roots, quick):
@@ -462,7 +463,7 @@ def run_nginx(checks, work, files, roots, quick):
                    lambda n: listening(nodes[n].fixed_port)
                    and request(nodes[n].fixed_port, '/photos/a.jpg?up')[0] == 200)
     run_phase(checks, 'nginx', roots, ['--trusted-proxy', NGINX_SOURCE + '/32'],
-              lambda nodes, port: start_nginx(work, nodes, port), body)
+              lambda nodes, port: start_nginx(work, nodes, port), body, quick)
 
 
 def main():
