@@ -353,7 +353,7 @@ class HealthAndGraceTests(TempDirTest):
     agent then serves on (new connections too) for --stop-grace before it closes."""
 
     def test_health_turns_503_and_serving_goes_on_through_the_grace(self):
-        server = AgentServer(self, '--health', '/healthz', '--stop-grace', '3')
+        server = AgentServer(self, '--health', '/healthz', '--stop-grace', '5')
         server.write('a.jpg', FILE_A)
         server.start()
         status, headers, body = server.get('/healthz')
