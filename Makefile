@@ -3,7 +3,7 @@
 # `bench/X.py` at full size, X-ci runs `bench/X.py --quick` (CI size, a minute or less).
 PYTHON ?= python3
 
-.PHONY: test unit browser smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls systemd pythons
+.PHONY: test unit browser smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls systemd pythons balancer balancer-ci
 
 TEST_TARGETS = compat smoke fuzz-ci slow-ci unit
 
@@ -88,6 +88,17 @@ chaos-ci:
 	$(PYTHON) bench/chaos.py --quick
 
 stress: fuzz slow soak chaos
+
+# Three agents on cp -a copies of one folder behind the real HAProxy (PROXY v2, health checks),
+# then nginx (X-Forwarded-For), from contrib/: the same validators from every node, 304s and
+# 206 resumes, the client's address in each node's log, every node stopped and started,
+# upgraded and reloaded under load with every response a 200 (-ci: 30 requests of each kind,
+# one round, about 2 minutes; .ci/run runs it).  Exit 77 where haproxy or nginx is missing.
+balancer:
+	$(PYTHON) bench/balancer.py
+
+balancer-ci:
+	$(PYTHON) bench/balancer.py --quick
 
 # HTTPS, the slow part (a few minutes, so not in `test`; .ci/run runs it after): testssl.sh
 # against an HTTPS agent (no HIGH or CRITICAL finding), then the fuzzer's cases over TLS.

@@ -15,6 +15,7 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
     The responder: a parsed request -> its response (resolve, open, stat, head)
+    Behind a load balancer: Health (--health), the stop's grace (--stop-grace)
     A worker: one process, one epoll loop (Clock, AccessLog, Acceptor, Worker: the loop)
     The master: Supervisor (the workers), Upgrade (in place), Agent (the daemon); ports
     Command line (and run_from_bytecode)
@@ -67,8 +68,9 @@ Processes
 
 Signals
 -------
-    master   TERM, INT   graceful stop: workers stop accepting, finish responses in flight and
-                         are killed after --stop-timeout
+    master   TERM, INT   graceful stop: --health turns 503 and serving goes on for --stop-grace
+                         (STOP_GRACE with --health, else none); then workers stop accepting,
+                         finish responses in flight and are killed after --stop-timeout
              HUP         reload: a new generation of workers starts, the old one drains
              USR1        reopen --log and --access-log, in the master and in every worker
              USR2        upgrade in place: the agent.py now on disk is checked in a child, then
@@ -130,6 +132,16 @@ certificate: own the key by that user, mode 0600).
 checked as a host name or IP literal, the path normalised); --hsts SECONDS adds
 Strict-Transport-Security to HTTPS responses.  Plain HTTP sent to the HTTPS port, whatever its
 method, gets a 400 (its request line in the access log).
+
+Behind a load balancer (docs/scale-out.md)
+------------------------------------------
+The ETag is the file's mtime and size (make_etag), the same on every node holding a copy.
+--trusted-proxy CIDR (repeatable): from there, the client's address is taken from
+X-Forwarded-For or Forwarded, walked from the right past trusted hops (forwarded_client);
+--proxy-protocol: each connection begins with a PROXY v1/v2 header, from a trusted proxy only
+(else 400 and a close).  The client's address is Connection.client, what the access log writes.
+--health PATH answers 200, and 503 once a stop begins; the agent then serves on for
+--stop-grace seconds (default STOP_GRACE with --health, else 0) before it closes its listeners.
 
 HTTP (RFC 9110, 9112)
 ---------------------
@@ -908,11 +920,23 @@ def days_from_civil(year, month, day):
     return era * 146097 + day_of_era - 719468
 
 
-def make_etag(st):
-    """mtime, size and ctime: a file rewritten in place with its size and mtime put back
-    (touch -r, rsync --inplace, some editors) still changes its ctime, which no ordinary tool
-    can set back, so a client never revalidates stale bytes with a 304."""
-    return '"%x-%x-%x"' % (st.st_mtime_ns // 1000, st.st_size, st.st_ctime_ns // 1000)
+def make_etag(st, suffix=''):
+    """The strong ETag of a file: its mtime (microseconds) and size, as nginx's (seconds) and
+    Apache's default since 2.4 (microseconds), so that every node holding a copy made with its
+    mtime (cp -a, rsync -a, a shared volume) sends the same tag, and a balancer's conditional
+    GETs and If-Range resumes work whichever node answers.  The ctime, once part of the tag,
+    differs on every copy (a copy is a new inode, written now).
+
+    What that gives up, measured against a content hash (docs/scale-out.md): a file rewritten
+    in place with its size and mtime put back (touch -r, rsync --inplace) keeps its tag, so a
+    client holding the old bytes is told 304 (as If-Modified-Since always told it), and an
+    If-Range resume would join old and new bytes.  The server itself never serves stale bytes:
+    its caches key on file_key(), ctime included.  Hashing the content instead would cost a
+    worker 0.6 s of its loop for a 1 GB video (crc32 at 1.7 GB/s on this machine), at each
+    change and in each worker.  Every tag of a file's bytes is made here: suffix names another
+    representation of them (the embedded thumbnail's '-t'), and a tag over several files is
+    made of theirs, so it follows the same rule."""
+    return '"%x-%x%s"' % (st.st_mtime_ns // 1000, st.st_size, suffix)
 
 
 def file_key(st):
@@ -1129,6 +1153,168 @@ def response_head(status, date, fields, keep_alive, version, common=COMMON_HEADE
     HTTPS), the given fields, Connection."""
     return b''.join((STATUS_LINES[status], b'Date: ', date, b'\r\n', common, fields,
                      connection_field(keep_alive, version), b'\r\n'))
+
+
+# Behind a proxy: HAProxy's PROXY protocol (www.haproxy.org/download/2.6/doc/proxy-protocol.txt)
+# and the client's address from Forwarded (RFC 7239) or X-Forwarded-For.  A v1 header is one line
+# of 107 bytes at most, its CRLF included; a v2 header is binary, 16 bytes and then its length's
+# worth of addresses and TLVs (HAProxy's ALPN, authority, unique id, TLS details: some hundred
+# bytes), PROXY_V2_MAX at most in all here.
+PROXY_V1_MAX = 107
+PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
+PROXY_V2_MAX = 2048
+PROXY_PORT = re.compile(r'(?:0|[1-9][0-9]{0,4})\Z')
+# v2 address families (the byte's high nibble) and the bytes of their address block.
+PROXY_V2_FAMILIES = {0x1: (12, socket.AF_INET, 4), 0x2: (36, socket.AF_INET6, 16), 0x3: (216, None, 0)}
+
+
+def parse_proxy_header(data):
+    """The PROXY header (v1 or v2) that begins data: (source address, its length in bytes), the
+    address None for a LOCAL or UNKNOWN one (a health check: the connection's own address
+    stands); None while more bytes are needed.  ValueError (its message says why) for anything
+    else: no header, a wrong version, command or family, a bad address or port, too long."""
+    if data[:len(PROXY_V2_SIGNATURE)] == PROXY_V2_SIGNATURE[:len(data)]:
+        return _proxy_v2(data)
+    if data[:6] != b'PROXY '[:len(data)]:
+        raise ValueError('no PROXY header')
+    end = data.find(b'\r\n', 0, PROXY_V1_MAX)
+    if end < 0:
+        if len(data) >= PROXY_V1_MAX or b'\n' in data[:PROXY_V1_MAX]:
+            raise ValueError('a PROXY v1 line not ended by CRLF within %d bytes' % PROXY_V1_MAX)
+        return None
+    try:
+        fields = data[:end].decode('ascii').split(' ')
+    except UnicodeDecodeError:
+        raise ValueError('a PROXY v1 line that is not ASCII')
+    if fields[1:2] == ['UNKNOWN']:
+        return None, end + 2
+    if len(fields) != 6 or fields[1] not in ('TCP4', 'TCP6'):
+        raise ValueError('a PROXY v1 line with another family or fields than TCP4|TCP6 SRC DST SPORT DPORT')
+    size = 4 if fields[1] == 'TCP4' else 16
+    source, dest = (packed_address(text) for text in fields[2:4])
+    if source is None or dest is None or len(source) != size or len(dest) != size:
+        raise ValueError('a PROXY v1 line whose addresses are not %s ones' % fields[1])
+    if not all(PROXY_PORT.match(port) and int(port) < 65536 for port in fields[4:]):
+        raise ValueError('a PROXY v1 line with a bad port')
+    return client_address(source), end + 2
+
+
+def _proxy_v2(data):
+    if len(data) < 16:
+        return None
+    command, family, length = data[12], data[13], struct.unpack_from('!H', data, 14)[0]
+    if command >> 4 != 2 or command & 0xf > 1:
+        raise ValueError('a PROXY v2 header of version %d, command %d' % (command >> 4, command & 0xf))
+    need, af, size = PROXY_V2_FAMILIES.get(family >> 4, (0, None, 0))
+    if family >> 4 > 3 or family & 0xf > 2 or command & 0xf and family & 0xf == 2:
+        raise ValueError('a PROXY v2 header of family 0x%02x (TCP over IPv4, IPv6 or a Unix socket)' % family)
+    if 16 + length > PROXY_V2_MAX:
+        raise ValueError('a PROXY v2 header of %d bytes (at most %d)' % (16 + length, PROXY_V2_MAX))
+    if length < need and command & 0xf:
+        raise ValueError('a PROXY v2 header too short for its addresses')
+    if len(data) < 16 + length:
+        return None
+    if command & 0xf == 0 or af is None:
+        return None, 16 + length                    # LOCAL, UNSPEC, or a Unix socket's
+    return client_address(data[16:16 + size]), 16 + length
+
+
+# Addresses as bytes (inet_pton, inet_ntop): on the path of every request behind a trusted
+# proxy, where ipaddress.ip_address() took 20 times as long (13 us against 0.7 us, loaded).
+IPV4_MAPPED = bytes(10) + b'\xff\xff'
+
+
+def packed_address(text):
+    """The 4 or 16 bytes of a numeric IPv4 or IPv6 address (no scope, no leading zeros), or
+    None for anything else."""
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ':' in text else socket.AF_INET, text)
+    except (OSError, ValueError):
+        return None
+
+
+def client_address(packed):
+    """A packed address as the access log writes a client's: canonical text, an IPv4-mapped
+    IPv6 one as IPv4 (as accept() gives them: Acceptor.accept)."""
+    if len(packed) == 16 and packed[:12] == IPV4_MAPPED:
+        packed = packed[12:]
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+
+
+def trusted_networks(texts):
+    """--trusted-proxy's CIDRs (or addresses) as (bytes, mask, network) triples of integers;
+    ValueError for one that is not."""
+    networks = []
+    for text in texts:
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError('%r is not an address or a CIDR network (10.0.0.0/8, 2001:db8::/32)' % text)
+        networks.append((network.max_prefixlen // 8, int(network.netmask), int(network.network_address)))
+    return tuple(networks)
+
+
+def is_trusted(address, networks):
+    """Whether an address (a str, as a connection's peer: maybe 'unix') is in networks."""
+    packed = packed_address(address)
+    if packed is None:
+        return False
+    value, size = int.from_bytes(packed, 'big'), len(packed)
+    return any(length == size and value & mask == network for length, mask, network in networks)
+
+
+def forwarded_client(peer, headers, trusted):
+    """The client's address: peer, unless peer is a trusted proxy; then X-Forwarded-For (what
+    nginx, HAProxy and the cloud balancers write), or without it Forwarded (RFC 7239), walked
+    from the right past the trusted hops.  The walk stops at a hop that is not an address
+    (unknown, an obfuscated name, garbage): nothing to its left can be believed, and the last
+    address read stands.  So the result is always an address that a trusted hop vouched for,
+    written again by inet_ntop; never a header's text."""
+    if not trusted or not is_trusted(peer, trusted):
+        return peer
+    value = headers.get('x-forwarded-for')
+    if value is not None:
+        hops = value.split(',')
+    else:
+        value = headers.get('forwarded')
+        if value is None:
+            return peer
+        hops = [_forwarded_for(element) for element in value.split(',')]
+    client = peer
+    for hop in reversed(hops):
+        address = _node_address(hop)
+        if address is None:
+            break
+        client = address
+        if not is_trusted(address, trusted):
+            break
+    return client
+
+
+def _forwarded_for(element):
+    """The for= parameter of a Forwarded element (RFC 7239 section 4), unquoted; '' if none."""
+    for pair in element.split(';'):
+        name, _, value = pair.partition('=')
+        if name.strip(OWS).lower() == 'for':
+            value = value.strip(OWS)
+            return value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value
+    return ''
+
+
+def _node_address(text):
+    """A hop's address (RFC 7239 section 6's node: an IPv4 address, a bracketed IPv6 one, each
+    maybe with a port; X-Forwarded-For's bare IPv6 too), normalised; None if it is not one."""
+    text = text.strip(OWS)
+    if text.startswith('['):
+        host, _, port = text[1:].partition(']')
+        if port and not port.startswith(':'):
+            return None
+    elif text.count(':') == 1:
+        host, _, port = text.partition(':')
+    else:
+        host = text
+    packed = packed_address(host)
+    return None if packed is None else client_address(packed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2362,18 +2548,21 @@ def gallery_listing(catalog, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
 
 
 def gallery_etag(dir_st, url_path, listing, fmt):
-    """A weak ETag from everything the page is made of: the directory's own stat, the query,
-    the counts, and each shown entry's name and (dev, ino, size, mtime, ctime).  Image sizes
-    come from the files, whose ctime changes with any write, so they need not be read."""
+    """A weak ETag from everything the page is made of: the query, the counts, and each shown
+    entry's name, kind and file tag (make_etag: mtime and size; a folder's mtime), so that
+    every node holding a copy of the folder sends the same tag.  The directory's own stamps
+    are not in it: the entries are the page (a copy's directory has other inodes and times).
+    Image sizes (the captions) come from the files' bytes; an image rewritten in place with its
+    mtime put back keeps its tag, and a browser its cached page, as for the file itself; the
+    server's page cache still keys on the directory's stamps and PAGE_TTL."""
     parts = [repr((GALLERY_VERSION, fmt, url_path, listing.sort, listing.page, listing.pages,
-                   listing.dirs, listing.images, listing.files, listing.unlisted,
-                   (dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)))
+                   listing.dirs, listing.images, listing.files, listing.unlisted))
              .encode('utf-8', 'surrogateescape')]
     for e in listing.entries:
         st = e.st
         parts.append(('\0%s\0%d' % (e.name, e.is_dir)).encode('utf-8', 'surrogateescape'))
-        if st is not None:
-            parts.append(b'%d %d %d %d %d' % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        if st is not None:      # a folder's size is its filesystem's business: its mtime alone
+            parts.append(b'%d' % (st.st_mtime_ns // 1000) if e.is_dir else make_etag(st).encode('ascii'))
     # Two 32-bit checksums (zlib, not hashlib: see GALLERY_STYLE_HASH) of the page's inputs: a
     # weak validator, where a collision would at worst revalidate a stale listing.
     data = b''.join(parts)
@@ -2964,14 +3153,18 @@ class Connection:
 
     __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'reply', 'keep_alive',
                  'deadline', 'idle_since', 'events', 'started', 'registered', 'version', 'last',
-                 'queued')
+                 'queued', 'client', 'proxy_header')
 
     redirect = False            # a RedirectConnection answers every request with a 301
 
     def __init__(self, sock, peer, worker):
         self.sock = sock
         self.fd = sock.fileno()
-        self.peer = peer
+        self.peer = peer            # the socket's peer; with --proxy-protocol, the header's source
+        # The client's address, the one that the access log and anything else about the client
+        # reads: peer, or for each request the one that trusted proxies name (forwarded_client).
+        self.client = peer
+        self.proxy_header = worker.proxy_protocol   # a PROXY header is still to come
         self.worker = worker
         self.state = READING
         self.inbuf = b''
@@ -3044,7 +3237,32 @@ class Connection:
             self.started = True
             self.deadline = self.worker.clock.now + self.worker.header_timeout
         self.inbuf = self.inbuf + data if self.inbuf else data
+        if self.proxy_header and not self.read_proxy_header():
+            return
         self.process()
+
+    def read_proxy_header(self):
+        """--proxy-protocol: take the PROXY header that must begin the input (parse_proxy_header),
+        sent by a --trusted-proxy only; its source is the client's address from then on.  True
+        once taken; False while more is to come (within the header timeout, as a head), or
+        after the refusal that a malformed request gets: a 400 and a close."""
+        try:
+            if not is_trusted(self.peer, self.worker.trusted):
+                raise ValueError('%s is not a --trusted-proxy' % self.peer)
+            found = parse_proxy_header(self.inbuf)
+        except ValueError:
+            self.reply.line = b'(no PROXY header from a trusted proxy)'
+            self.reply.referer = self.reply.agent = ''
+            self.respond_error(400, close=True)
+            return False
+        if found is None:
+            return False
+        source, length = found
+        self.inbuf = self.inbuf[length:]
+        self.proxy_header = False
+        if source is not None:
+            self.peer = self.client = source
+        return True
 
     def process(self):
         """Answer the complete requests in inbuf, in order, until one has to wait or this
@@ -3066,6 +3284,7 @@ class Connection:
             if req is None:
                 return
             if isinstance(req, HTTPError):
+                self.client = self.peer
                 reply.line = req.request_line
                 reply.referer = reply.agent = ''
                 self.version = (1, 1)
@@ -3074,6 +3293,8 @@ class Connection:
             reply.line = req.line
             self.version = req.version
             headers = req.headers
+            trusted = worker.trusted
+            self.client = forwarded_client(self.peer, headers, trusted) if trusted else self.peer
             reply.referer = headers.get('referer', '')
             reply.agent = headers.get('user-agent', '')
             self.keep_alive = req.keep_alive and not worker.draining
@@ -3647,7 +3868,7 @@ class Responder:
     (bench/resolve.py, the tests), without an event loop or a connection.
     """
 
-    def __init__(self, config, clock, own_files, common_headers=COMMON_HEADERS, https_port=443):
+    def __init__(self, config, clock, own_files, common_headers=COMMON_HEADERS, https_port=443, health=None):
         self.root = config.root
         self.follow_symlinks = config.follow_symlinks
         self.listing = config.listing
@@ -3666,6 +3887,7 @@ class Responder:
         self.pages = Cache(PAGE_CACHE_ENTRIES, PAGE_CACHE_BYTES)
         self.paths = Cache(PATH_CACHE_SIZE)     # target -> (path, relative, trailing, slash, query)
         self.file_error_logged = -1.0
+        self.health = health                # --health: its Health, or None
 
     def respond(self, req, keep_alive=True, redirect=False):
         """The response to one parsed request (GET or HEAD) from the files under the root, or
@@ -3681,6 +3903,8 @@ class Responder:
             location = redirect_location(req, self.https_port)
             raise HTTPError(301, headers=b'Location: ' + location + b'\r\n')
         check_method(req)
+        if self.health is not None and self.health.asked(req.target):
+            return self.health.response(req, keep_alive, self.clock.date, self.common_headers)
         mapped = self.paths.data.get(req.target)
         if mapped is None:
             relative, trailing, raw_path, query = map_target(req.target)
@@ -4082,6 +4306,79 @@ class Responder:
 
 
 # ---------------------------------------------------------------------------------------------
+# Behind a load balancer: the health path, and the grace of a stop
+# ---------------------------------------------------------------------------------------------
+# (The PROXY protocol and the trusted proxies' headers are pure: parse_proxy_header and
+# forwarded_client in the HTTP section, used by Connection.read_proxy_header and process.)
+#
+# A stop takes a node out of the balancer's pool before it closes its listeners: --health PATH
+# turns 503 at once, and the agent serves on, new connections too, for --stop-grace seconds;
+# only then do the workers drain.  A balancer that checks every INTER seconds and takes a node
+# out after FALL failures needs a grace of INTER x FALL plus a check's timeout: HAProxy's
+# defaults (inter 2s, fall 3) 6-8 s, contrib/haproxy.cfg (inter 1s, fall 2) 2-3 s.  The default,
+# STOP_GRACE with --health and 0 without (nobody is told, and a stop is as quick as ever), suits
+# contrib/haproxy.cfg with room to spare; a Kubernetes readiness probe (10 s, 3 failures) or a
+# cloud balancer's check needs more: docs/scale-out.md.
+STOP_GRACE = 5.0
+HEALTH_FIELDS = b'Content-Type: text/plain\r\nCache-Control: no-store\r\nContent-Length: %d\r\n'
+
+
+class Health:
+    """--health PATH: 200 "ok" while the agent serves, 503 "stopping" from the moment a stop
+    begins.  The master says so in one byte of memory that it shares with its workers (forked
+    after it was made, respawned ones too): no signal to miss, nothing for a worker to ask."""
+
+    def __init__(self, path):
+        self.path = path.encode('ascii')
+        self.flag = mmap.mmap(-1, 1)
+
+    def asked(self, target):
+        """Whether a request target is the health path (with a query or not)."""
+        return target == self.path or target.startswith(self.path + b'?')
+
+    def stop(self):
+        self.flag[0] = 1
+
+    def stopping(self):
+        return self.flag[0] != 0
+
+    def response(self, req, keep_alive, date, common):
+        """start_response's (status, head, body) for a GET or HEAD of the health path."""
+        status, body = (503, b'stopping\n') if self.stopping() else (200, b'ok\n')
+        head = response_head(status, date, HEALTH_FIELDS % len(body), keep_alive, req.version, common)
+        return status, head, b'' if req.method == b'HEAD' else body
+
+
+def stop_grace(config):
+    """The seconds a stop serves on after --health turns 503 (--stop-grace, else STOP_GRACE
+    with --health and 0 without)."""
+    if config.stop_grace is not None:
+        return config.stop_grace
+    return STOP_GRACE if config.health else 0.0
+
+
+def serve_through_grace(agent):
+    """A stop's first step, in the master: --health says 503, and the workers go on serving
+    (respawned if one dies) for the grace, before Agent.shutdown drains them."""
+    grace = stop_grace(agent.config)
+    supervisor = agent.supervisor
+    if grace <= 0 or supervisor.halted():
+        return
+    said = ''
+    if supervisor.health is not None:
+        supervisor.health.stop()
+        said = ' --health %s answers 503;' % agent.config.health
+    log('agent: stopping:%s serving on for %gs (--stop-grace) before closing the listeners'
+        % (said, grace))
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        agent.selector.select(min(1.0, max(0.0, deadline - time.monotonic())))
+        supervisor.read_boot_messages()
+        supervisor.reap()
+        supervisor.maintain()
+
+
+# ---------------------------------------------------------------------------------------------
 # A worker: one process, one epoll loop
 # ---------------------------------------------------------------------------------------------
 
@@ -4184,7 +4481,7 @@ class AccessLog:
                 self.escaped.store(raw, escape_log(raw))
             line, referer, agent = escaped[line], escaped[referer], escaped[agent]
         self.lines.append('%s - - [%s] "%s" %d %s "%s" "%s"\n' % (
-            conn.peer, self.clock.log_time, line, reply.status, reply.sent or '-', referer, agent))
+            conn.client, self.clock.log_time, line, reply.status, reply.sent or '-', referer, agent))
 
     def retry(self):
         """Once a second: another try at a log that could not be written."""
@@ -4366,8 +4663,11 @@ class Worker:
     """
 
     def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
-                 reopen_logs=None, share=None):
+                 reopen_logs=None, share=None, health=None):
         self.stop_timeout = config.stop_timeout
+        # Who may name the client (--trusted-proxy), and whether a PROXY header comes first.
+        self.trusted = trusted_networks(config.trusted_proxy or ())
+        self.proxy_protocol = config.proxy_protocol
         self.reopen_logs = reopen_logs          # USR1: the master's reopen_worker_logs()
         self.header_timeout = config.header_timeout
         self.idle_timeout = config.timeout
@@ -4388,7 +4688,7 @@ class Worker:
         if tls is not None and getattr(config, 'hsts', None) is not None:     # 0 withdraws HSTS
             common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
         self.responder = Responder(config, self.clock, OwnFiles() if own_files is None else own_files,
-                                   common_headers, https_port)
+                                   common_headers, https_port, health)
 
     # -- the loop --
 
@@ -4572,6 +4872,7 @@ class Supervisor:
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.loads = LoadShare.memory()
         self.boot_r, self.boot_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.health = Health(master.config.health) if master.config.health else None
 
     def serving(self):
         """The workers of the current generation (not told to drain)."""
@@ -4945,8 +5246,8 @@ class Agent(Daemon):
 
     def __init__(self, config, given=frozenset()):
         Daemon.__init__(self, config.pidfile, stdout=config.log, stderr=config.log,
-                        stop_timeout=config.stop_timeout, user=config.user, group=config.group,
-                        name='agent')
+                        stop_timeout=config.stop_timeout + stop_grace(config), user=config.user,
+                        group=config.group, name='agent')
         self.config = config            # the parsed command line, paths absolute (main())
         self.given = given              # the names of the options given on it
         self.own_files = OwnFiles()     # never served: pidfile, logs (note_own_files())
@@ -5142,7 +5443,7 @@ class Agent(Daemon):
         self.release_signals()
         set_process_title('agent: worker', title_args(sys.argv, self.config.action))
         worker = Worker(self.config, self.listeners, self.access_fd, lifeline, self.tls, self.redirects,
-                        self.own_files, self.reopen_worker_logs, share)
+                        self.own_files, self.reopen_worker_logs, share, self.supervisor.health)
         worker.setup_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         return worker
@@ -5217,7 +5518,7 @@ class Agent(Daemon):
             if name not in NOT_OPTIONS and name not in self.given:
                 setattr(config, name, value)
         self.stdout = self.stderr = config.log
-        self.stop_timeout = config.stop_timeout
+        self.stop_timeout = config.stop_timeout + stop_grace(config)
         self.user, self.group = config.user, config.group
         self.root_from_cwd = False          # the recorded --root, absolute: chosen before
 
@@ -5246,11 +5547,12 @@ class Agent(Daemon):
     def shutdown(self):
         """Drain the workers; kill whoever is left just before the launcher's own deadline."""
         supervisor = self.supervisor
+        serve_through_grace(self)
         log('agent: stopping %s' % n_workers(len(supervisor.workers)))
         supervisor.signal(signal.SIGTERM)
         for sock in self.listeners:
             sock.close()
-        timeout = self.stop_timeout
+        timeout = self.config.stop_timeout      # (self.stop_timeout has the grace too)
         supervisor.finish(max(0.1, timeout - min(1.0, timeout / 10)))
         log('agent: stopped (%d worker(s) respawned while it ran)' % supervisor.respawns)
 
@@ -5934,6 +6236,24 @@ worker_count = number(int, 1, MAX_WORKERS, 'a whole number from 1 to %d' % MAX_W
 non_negative_int = number(int, 0, float('inf'), 'a whole number of 0 or more')
 port_number = number(int, 0, 65535, 'a port (0-65535; 0: any free port, which start prints)')
 seconds = number(float, 1e-3, 1e6, 'a positive number of seconds')
+grace_seconds = number(float, 0, 3600, 'a number of seconds from 0 to 3600')
+
+
+def cidr(text):
+    """An argparse type: an address or a CIDR network (--trusted-proxy), kept as given."""
+    try:
+        trusted_networks([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+    return text
+
+
+def health_path(text):
+    """An argparse type: a URL path (--health), as a request target names it."""
+    if not text.startswith('/') or not re.match(r'[!-~]+\Z', text) or '?' in text or '#' in text:
+        raise argparse.ArgumentTypeError("%r is not a path beginning with '/' (printable ASCII, no "
+                                         "query): /healthz, for example" % text)
+    return text
 
 
 def bind_address(text):
@@ -6065,6 +6385,19 @@ def parser():
     serving.add_argument('--keep-location', action='store_true',
                          help='serve photos byte for byte, with the GPS position and place names '
                               'they hold (default: blanked in JPEG, PNG and WebP)')
+    balancer = p.add_argument_group('behind a load balancer (docs/scale-out.md)')
+    balancer.add_argument('--trusted-proxy', action='append', type=cidr, metavar='CIDR',
+                          help='a proxy or balancer (address or network, repeatable) whose '
+                               'X-Forwarded-For or Forwarded names the client, read from the right '
+                               'past trusted hops; from others these headers are ignored')
+    balancer.add_argument('--proxy-protocol', action='store_true',
+                          help='each connection begins with a PROXY protocol header (v1 or v2), '
+                               'from a --trusted-proxy only; others get a 400')
+    balancer.add_argument('--health', type=health_path, metavar='PATH',
+                          help='answer PATH with 200 while serving, 503 once a stop begins')
+    balancer.add_argument('--stop-grace', type=grace_seconds, metavar='SECONDS',
+                          help='on stop, serve on this long after --health turns 503, then close '
+                               'the listeners (default: %g with --health, else 0)' % STOP_GRACE)
     tls = p.add_argument_group('HTTPS')
     tls.add_argument('--tls-cert', metavar='FILE',
                      help='serve HTTPS on --port with this PEM certificate (its chain after it)')
@@ -6087,7 +6420,8 @@ SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
 
 # Options that are flags: (the value that the flag gives, the flag).
 FLAGS = {'follow_symlinks': (True, '--follow-symlinks'), 'allow_readable_key': (True, '--allow-readable-key'),
-         'listing': (False, '--no-listing'), 'keep_location': (True, '--keep-location')}
+         'listing': (False, '--no-listing'), 'keep_location': (True, '--keep-location'),
+         'proxy_protocol': (True, '--proxy-protocol')}
 
 def option_argv(config, given=frozenset(), every=False):
     """The options of config as a command line, paths absolute; given: the names of those on
@@ -6112,7 +6446,8 @@ def option_argv(config, given=frozenset(), every=False):
             if value == FLAGS[name][0]:
                 argv.append(FLAGS[name][1])
             continue
-        argv += ['--' + name.replace('_', '-'), value if isinstance(value, str) else repr(value)]
+        for one in value if isinstance(value, list) else [value]:     # repeatable: --trusted-proxy
+            argv += ['--' + name.replace('_', '-'), one if isinstance(one, str) else repr(one)]
     return argv
 
 def given_options(argv):
@@ -6123,7 +6458,7 @@ def given_options(argv):
     """
     p = parser()
     names = [name for name in vars(p.parse_args(['status'])) if name not in NOT_OPTIONS]
-    marker = object()
+    marker = type('Marker', (list,), {})()      # a list: a repeatable option copies and extends it
     parsed = p.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in names}))
     return frozenset(name for name in names if getattr(parsed, name) is not marker)
 
@@ -6157,6 +6492,12 @@ def check_together(p, config):
     for option in ('http_redirect', 'hsts'):
         if getattr(config, option) is not None and not config.tls_cert:
             p.error('--%s needs --tls-cert and --tls-key' % option.replace('_', '-'))
+    if config.proxy_protocol and not config.trusted_proxy:
+        p.error('--proxy-protocol needs --trusted-proxy CIDR: the balancer\'s addresses, the only '
+                'ones whose PROXY header is believed')
+    if config.proxy_protocol and config.tls_cert:
+        p.error('--proxy-protocol with --tls-cert is not supported: the PROXY header comes before '
+                'the TLS handshake; terminate TLS at the balancer, or send X-Forwarded-For')
 
 
 def default_pidfile_of(config):

@@ -18,6 +18,7 @@ Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.p
   tests_gallery.py         Images and the gallery
   tests_tls.py             HTTPS (--tls-cert/--tls-key)
   tests_tools.py           The ecosystem, each tool run for real (skipped, naming it, when missing)
+  tests_balancer.py        Behind a load balancer: node validators, PROXY protocol, proxies, health
   tests_architecture.py    The shape issue 20 asks of the product, as tests
   tests_runner.py          testrun.py, the parallel runner of `python3 test_daemon.py`
   tests_location.py        The location strip (issue 21): GPS and place names blanked in photos
@@ -64,6 +65,9 @@ from tests_tools import (
     JournalPriorityTests, SdNotifyTests, SocketActivationTests, LogrotateTests,
     StartStopDaemonTests, InitScriptTests, GoaccessTests, SystemdUnitTests,
     UpgradeUnderServiceManagerTests)  # noqa: F401
+from tests_balancer import (
+    NodeValidatorTests, NodeValidatorServerTests, ProxyHeaderParserTests, TrustedProxyWalkTests,
+    ProxyProtocolServerTests, TrustedProxyServerTests, HealthAndGraceTests, BalancerOptionTests)  # noqa: F401
 from tests_architecture import ComplexityCounterTests, IssueTwentyTargetTests  # noqa: F401
 from tests_runner import RunnerBalanceTests  # noqa: F401
 from tests_location import (

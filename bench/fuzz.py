@@ -58,6 +58,15 @@ in the in-process mode, and no case may take longer than BLANK_SLOW (best of thr
 busy machine does not fail it): a linear parser needs well under a millisecond for 8 KiB,
 where the header regex once took 0.5-1.5 s (issue 26 item 2).  bench/parsers.py times them.
 
+PROXY-header mode (--proxy N; issue 23): N PROXY protocol headers, v1 and v2 of every family,
+valid, truncated, oversized, of a wrong family, version or length, bit-flipped or cut into
+garbage, through agent.parse_proxy_header: only a header (its length within the bytes, its
+source an address as the log writes it), a wait for more, or ValueError; and the same header
+split across packets (prefixes) waits, then says the same.  Then N/10 of them, a fifth sent in
+pieces, to an agent with --proxy-protocol: a header taken whole gets the file, a refused one a
+400 and a close, one cut short a close with nothing; no worker dies, and every address in the
+access log is an address.
+
 With --tls the agent serves HTTPS (a certificate made here with openssl) and every case goes
 over TLS: the same payloads after a handshake ("shut the write side" is a TCP half-close under
 the TLS layer, an EOF without close_notify to the agent).
@@ -1488,6 +1497,191 @@ def blank_mode(args, seed):
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# PROXY protocol headers (--proxy N; issue 23): agent.parse_proxy_header in this process, then a
+# tenth of the cases over the network to an agent with --proxy-protocol
+# ---------------------------------------------------------------------------------------------
+
+PROXY_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
+PROXY_TRUSTED = '127.0.0.0/8'       # the agent of the network part believes this client
+PROXY_REQUEST = b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+
+
+def proxy_header(rng):
+    """A valid PROXY header, v1 or v2, of a random family, with random TLVs."""
+    kind = rng.choice(['v1-4', 'v1-6', 'v1-unknown', 'v2-4', 'v2-6', 'v2-unix', 'v2-local', 'v2-unspec'])
+    a4 = '%d.%d.%d.%d' % tuple(rng.randrange(256) for _ in range(4))
+    a6 = ':'.join('%x' % rng.randrange(65536) for _ in range(8))
+    if kind == 'v1-4':
+        return ('PROXY TCP4 %s 127.0.0.1 %d 80\r\n' % (a4, rng.randrange(65536))).encode()
+    if kind == 'v1-6':
+        return ('PROXY TCP6 %s ::1 %d 80\r\n' % (a6, rng.randrange(65536))).encode()
+    if kind == 'v1-unknown':
+        return b'PROXY UNKNOWN\r\n'
+    family, addresses = {
+        'v2-4': (0x11, socket.inet_pton(socket.AF_INET, a4) + bytes(4) + bytes(4)),
+        'v2-6': (0x21, socket.inet_pton(socket.AF_INET6, a6) + bytes(16) + bytes(4)),
+        'v2-unix': (0x31, bytes(216)), 'v2-local': (0x11, bytes(12)), 'v2-unspec': (0x00, b'')}[kind]
+    tlvs = b''.join(bytes([rng.choice([1, 2, 4, 5, 0x20, 0x30])]) + len(value).to_bytes(2, 'big') + value
+                    for value in (os.urandom(rng.randrange(40)) for _ in range(rng.randrange(4))))
+    command = 0x20 if kind in ('v2-local', 'v2-unspec') else 0x21
+    body = addresses + tlvs
+    return PROXY_SIGNATURE + bytes([command, family]) + len(body).to_bytes(2, 'big') + body
+
+
+def proxy_case(seed, index):
+    """(payload, the mutation's name): a header, mutated or not, then a request."""
+    rng = case_rng(seed, index)
+    header = proxy_header(rng)
+    how = rng.choice(['valid', 'truncated', 'oversized', 'family', 'version', 'flip', 'length', 'garbage'])
+    if how == 'truncated':
+        header = header[:rng.randrange(len(header))]
+    elif how == 'oversized':
+        header = (header[:-2] + b' ' * rng.randrange(100, 300) + b'\r\n' if header.startswith(b'PROXY')
+                  else header[:14] + (agent.PROXY_V2_MAX - 16 + rng.randrange(1, 60000)).to_bytes(2, 'big')
+                  + header[16:])
+    elif how == 'family':
+        header = (header.replace(b'TCP', rng.choice([b'UDP', b'TCP7', b'tcp', b''])) if header.startswith(b'PROXY')
+                  else header[:13] + bytes([rng.randrange(256)]) + header[14:])
+    elif how == 'version':
+        header = header[:12] + bytes([rng.randrange(256)]) + header[13:] if header[:1] == b'\r' else header
+    elif how == 'flip':
+        header = m_flip_bits(rng, header)
+    elif how == 'length' and header[:1] == b'\r':
+        header = header[:14] + rng.randrange(65536).to_bytes(2, 'big') + header[16:]
+    elif how == 'garbage':
+        header = header[:rng.randrange(len(header))] + os.urandom(rng.randrange(1, 40))
+    return header + PROXY_REQUEST, how, rng
+
+
+def proxy_verdict(payload):
+    """What the parser says of the whole payload: ('ok', source, length), ('refused', reason), or
+    ('wait',); an exception other than ValueError, or a result that breaks the contract, is an
+    Invariant.  Every prefix must say 'wait' up to the header's end, then the same."""
+    try:
+        found = agent.parse_proxy_header(payload)
+    except ValueError as exc:
+        verdict = ('refused', str(exc))
+    else:
+        if found is None:
+            verdict = ('wait',)
+        else:
+            source, length = found
+            if not 0 < length <= min(len(payload), agent.PROXY_V2_MAX):
+                raise Invariant('length %d of %d bytes' % (length, len(payload)))
+            packed = None if source is None else agent.packed_address(source)
+            if source is not None and (packed is None or agent.client_address(packed) != source):
+                raise Invariant('source %r is not an address as the log writes one' % (source,))
+            verdict = ('ok', source, length)
+    return verdict
+
+
+def check_proxy_prefixes(payload, verdict, rng):
+    """A header split across packets: each prefix waits, or gives the whole one's verdict."""
+    end = verdict[2] if verdict[0] == 'ok' else len(payload)
+    for cut in sorted(rng.sample(range(1, len(payload)), min(8, len(payload) - 1))):
+        try:
+            found = agent.parse_proxy_header(payload[:cut])
+        except ValueError:
+            if verdict[0] != 'refused':
+                raise Invariant('prefix of %d bytes refused, the whole is %r' % (cut, verdict[:2]))
+            continue
+        if found is None:
+            continue
+        if cut < end or verdict[0] != 'ok' or found != verdict[1:]:
+            raise Invariant('prefix of %d bytes gives %r, the whole %r' % (cut, found, verdict))
+
+
+def proxy_exchange(port, payload, rng, timeout):
+    """Send payload (in pieces, a fifth of the time) from 127.0.0.1, shut the write side, and
+    read until the close: the bytes received."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        pieces = [payload]
+        if rng.random() < 0.2:
+            cuts = sorted(rng.sample(range(1, len(payload)), min(3, len(payload) - 1)))
+            pieces = [payload[i:j] for i, j in zip([0] + cuts, cuts + [len(payload)])]
+        for piece in pieces:
+            sock.sendall(piece)
+            if len(pieces) > 1:
+                time.sleep(0.005)
+        shut_write(sock)
+        data = b''
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+def proxy_mode(args, seed):
+    """--proxy N: N header cases through the parser (and their prefixes), then N/10 to an agent
+    with --proxy-protocol: a valid header gets the file (200), a refused one a 400 and a close,
+    one cut short a close with nothing; no worker dies, and every address the access log
+    writes is an address."""
+    started = time.monotonic()
+    failures, verdicts = [], collections.Counter()
+    for index in range(args.start, args.start + args.proxy):
+        if index % 500 == 0 and time.monotonic() > args.deadline:
+            break
+        payload, how, rng = proxy_case(seed, index)
+        try:
+            verdict = proxy_verdict(payload)
+            check_proxy_prefixes(payload, verdict, rng)
+        except Exception as exc:
+            failures.append((index, how, payload, '%s: %s' % (type(exc).__name__, exc)))
+            continue
+        verdicts['%s %s' % (how, verdict[0])] += 1
+    network = max(1, args.proxy // 10)
+    server = None
+    try:
+        server = harness.AgentProcess(workers=args.workers, keep=args.keep, agent=args.agent, options=[
+            '--proxy-protocol', '--trusted-proxy', PROXY_TRUSTED, '--header-timeout', '2'])
+        make_tree(server.root)
+        server.start()
+        workers_before = server.workers()
+        expected_body = file_bytes('a.jpg', FILES['a.jpg'])
+        for index in range(args.start, args.start + network):
+            if time.monotonic() > args.deadline:
+                break
+            payload, how, rng = proxy_case(seed, index)
+            verdict = proxy_verdict(payload)
+            try:
+                data = proxy_exchange(server.port, payload, rng, args.case_timeout)
+            except OSError as exc:
+                failures.append((index, how, payload, 'network: %s' % exc))
+                continue
+            # After a header taken whole, the request as sent gets the file; what a mutated
+            # length left of it is the HTTP parser's business (the other modes): any response.
+            whole = verdict[0] == 'ok' and payload[verdict[2]:] == PROXY_REQUEST
+            want = {'ok': b'HTTP/1.1 200 ' if whole else b'HTTP/1.1 ', 'refused': b'HTTP/1.1 400 ',
+                    'wait': b''}[verdict[0]]
+            if not data.startswith(want) or whole and not data.endswith(expected_body) \
+                    or verdict[0] == 'wait' and data or b'Traceback' in data:
+                failures.append((index, how, payload, 'network: %s answered %r' % (verdict[0], data[:120])))
+        time.sleep(1.5)                 # the access log is written within a second
+        bad_addresses = []
+        for line in open(server.access_log, errors='replace'):
+            address = line.split(' ', 1)[0]
+            if agent.packed_address(address) is None:
+                bad_addresses.append(line.strip()[:200])
+        reasons = server.health(workers_before) + ['access-log address %r' % line for line in bad_addresses[:3]]
+    finally:
+        if server is not None:
+            server.stop()
+            server.cleanup()
+    print('proxy: %d parser cases and %d over the network in %.1fs (seed %d); verdicts: %s' % (
+        args.proxy, network, time.monotonic() - started, seed,
+        ', '.join('%s %d' % kv for kv in sorted(verdicts.items()))))
+    for index, how, payload, what in failures[:5]:
+        print('    case %d (seed %d, %s): %s\n        payload %s' % (index, seed, how, what, shown(payload, 300)))
+    if failures or reasons:
+        print('FAIL: PROXY header fuzz seed %d: %d case(s) failed; %s' % (seed, len(failures), '; '.join(reasons)))
+        return 1
+    print('PASS: PROXY header fuzz seed %d: only a header, a wait or a refusal; the agent answered each '
+          'as the parser said' % seed)
+    return 0
+
+
 def problem_kind(problem):
     """A problem without its details (byte strings, numbers), to group the cases."""
     text = re.sub(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"|\[[^]]*\]|\d+", '_', problem)
@@ -1543,6 +1737,7 @@ def replay(args, seed):
 FULL_SIZES = {'in_process': 200000, 'images': 500000, 'cases': 20000}
 FULL_SIZES['flood'] = 100           # packets of pipelined requests (--flood)
 FULL_SIZES['blanks'] = 20000            # blank-run mode
+FULL_SIZES['proxy'] = 20000             # PROXY headers (a tenth of them over the network)
 
 
 def choose_sizes(args):
@@ -1579,6 +1774,9 @@ def main(argv=None):
     p.add_argument('--blanks', type=int, default=None, metavar='N',
                    help='fuzz the parsers with N requests holding runs of blanks near the size limit '
                         '(default %d)' % FULL_SIZES['blanks'])
+    p.add_argument('--proxy', type=int, default=None, metavar='N',
+                   help='fuzz PROXY protocol headers: N cases through the parser, N/10 to an agent '
+                        'with --proxy-protocol (default %d)' % FULL_SIZES['proxy'])
     p.add_argument('--start', type=int, default=0, help='index of the first case (default 0)')
     p.add_argument('--replay', type=int, default=None, metavar='I', help='send case I only, verbosely')
     p.add_argument('--show', type=int, default=None, metavar='I', help="print case I's bytes and exit")
@@ -1644,6 +1842,8 @@ def main(argv=None):
             results['network'] = network_mode(args, seed)
         if args.flood:
             results['flood'] = flood_mode(args, seed)
+        if args.proxy:
+            results['proxy'] = proxy_mode(args, seed)
         status = max(results.values()) if results else 0
         if len(results) > 1:
             print('%s: fuzz seed %d: %s' % ('FAIL' if status else 'PASS', seed, ', '.join(

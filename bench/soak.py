@@ -547,7 +547,7 @@ class Conditional(threading.Thread):
 
 def harness_etag(st):
     """The agent's ETag for a stat result (agent.make_etag, without importing the agent here)."""
-    return '"%x-%x-%x"' % (st.st_mtime_ns // 1000, st.st_size, st.st_ctime_ns // 1000)
+    return '"%x-%x"' % (st.st_mtime_ns // 1000, st.st_size)
 
 # ---------------------------------------------------------------------------------------------
 # Resource sampling
