@@ -289,13 +289,19 @@ class DaemonPublicApiTests(TempDirTest):
         daemonizes: start, status, reload, stop.  The core names none of them."""
         with open(os.path.join(HERE, 'daemon.py')) as f:
             core, sections = daemon_sections(f.read())
-        self.assertEqual(list(sections), ['turns', 'verdicts', 'systemd', 'upgrade'])
+        self.assertEqual(list(sections), ['turns', 'verdicts', 'systemd', 'classic', 'users',
+                                          'per-user', 'holders', 'restore', 'syslog', 'upgrade'])
         self.assertIn('def notify(', sections['systemd'])
         self.assertIn('def reexec(', sections['upgrade'])
         self.assertIn('def _take_turn(', sections['turns'])
         self.assertIn('def _signal_and_wait(', sections['verdicts'])
+        self.assertIn('def drop_privileges(', sections['users'])
+        self.assertIn('def default_pidfile(', sections['per-user'])
+        self.assertIn('def flock_holders(', sections['holders'])
+        self.assertIn('def to_syslog(', sections['syslog'])
         deletions = [('upgrade',), ('turns',), ('verdicts', 'upgrade'), ('systemd', 'upgrade'),
-                     tuple(sections)]
+                     ('classic',), ('users',), ('per-user',), ('holders',), ('restore',),
+                     ('syslog',), tuple(sections)]
         for deleted in deletions:
             kept = core + ''.join(text for name, text in sections.items() if name not in deleted)
             with self.subTest(deleted=deleted):
