@@ -258,7 +258,7 @@ class Daemon:
         on_launch()        in the launcher, before start launches the daemon: raise
                            DaemonError to refuse
         on_restart(pid)    in the launcher, before restart stops the running daemon pid
-        log_files()        the logs a `user` must own to reopen them
+        log_files()        the logs a `user` must own to reopen them (the users section)
         runtime_files()    files beside the pidfile that go with it
 
     For run() and the hooks:
@@ -356,10 +356,6 @@ class Daemon:
     def runtime_files(self):
         """Hook: files that live and go with the pidfile (PidFile's companions)."""
         return []
-
-    def log_files(self):
-        """Hook: the logs that `user`/`group` must own to reopen them."""
-        return [self.stdout, self.stderr]
 
     # -- for run() and the hooks ----------------------------------------------------------------
 
@@ -765,8 +761,6 @@ class Daemon:
         except BaseException as exc:
             self._last_words('%s: unhandled exception in run(), exiting:\n%s' % (self.name, format_traceback(exc)))
             status, error = EXIT_FAILURE, describe(exc)
-        else:
-            error = None
         unseen = [signum for signum in self._pending if signum in STOP_SIGNALS]
         if unseen and not self._cooperative:
             self._log_stop(unseen[0])           # the SystemExit of _on_signal ended run()
@@ -899,12 +893,8 @@ def main(daemon, argv=None):
         return EXIT_OK
     if len(argv) == 1 and argv[0] in daemon.actions:
         return daemon.command(argv[0])
-    if not argv:
-        problem = 'no action given'
-    elif len(argv) == 1:
-        problem = 'unknown action %r' % argv[0]
-    else:
-        problem = 'one action at a time, not %r' % ' '.join(argv)
+    problem = ('no action given' if not argv else 'unknown action %r' % argv[0] if len(argv) == 1
+               else 'one action at a time, not %r' % ' '.join(argv))
     sys.stderr.write('%s: %s\nusage: %s {%s} (%s --help says what each does)\n'
                      % (prog, problem, prog, '|'.join(daemon.actions), prog))
     return EXIT_USAGE
@@ -2227,7 +2217,12 @@ def _switch_user(self):
     drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
 
 
-Daemon._switch_user = _switch_user
+def _log_files(self):
+    """Hook: the logs that `user`/`group` must own to reopen them."""
+    return [self.stdout, self.stderr]
+
+
+Daemon._switch_user, Daemon.log_files = _switch_user, _log_files
 
 
 # =============================================================================================
