@@ -15,13 +15,10 @@ Copy this file into a project, subclass Daemon and override run():
         sys.exit(daemon.main(Ticker(stdout=log, stderr=log)))
 
 Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run` (or
---help), from any directory: without a pidfile, Daemon() takes default_pidfile(name), one per
-user.
-The public API is `__all__`; the Daemon class docstring is its contract; docs/daemon.md has
-programs with threads, logging and asyncio.  Programs written for the classic recipe
-(construct, then call start(), stop() or restart()) run unchanged; relative paths given to
-Daemon() are made absolute when it is built, from the directory it was started in, and a
-failed action exits with its code, as the recipe's sys.exit(1) did.
+--help), from any directory.  The public API is `__all__`, the Daemon class docstring its
+contract; docs/daemon.md is the complete reference (where the files go, the pidfile's life,
+signals, systemd, the optional sections, programs with threads, logging and asyncio), and
+docs/design.md says why it is built this way.
 
 Processes
 ---------
@@ -45,56 +42,31 @@ the last word.  The turn is an abstract socket name, nothing on disk (the option
 daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
 --------------------------------------------------------------------------------
   0. make_paths_absolute   every path, before anything changes the working directory
-  1. close_inherited_fds   fds >= 3 inherited from the caller (not close-on-exec), listed from
-                           /proc/self/fd (never a loop to RLIMIT_NOFILE); sockets passed by
-                           systemd (LISTEN_FDS) are kept, and so are the program's own files
-  2. reset_signals         handlers to their defaults, signal mask emptied
+  1. close_inherited_fds   fds >= 3 inherited from the caller (not close-on-exec)
+  2. reset_signals         default dispositions (SIGPIPE, SIGXFSZ stay ignored), empty mask
   3. fork                  the launcher stays behind and waits on the readiness pipe
   4. setsid                a new session, no controlling terminal
-  5. fork                  the daemon is no session leader, so it can never get a terminal again
-  6. set_umask             022 by default (never 0: the pidfile and logs are not world-writable)
-  7. change_directory      workdir: "/" by default, so the daemon keeps no mount point busy
-                           (`run` changes to a workdir given too: setup() and run() see one)
+  5. fork                  no session leader, so never a terminal again
+  6. set_umask             022 by default
+  7. change_directory      workdir, "/" by default
   8. redirect_stdio        stdin from /dev/null, stdout and stderr appended to the log
   9. PidFile.acquire       O_NOFOLLOW, 0644, flock()ed for the daemon's whole life
  10. ready()               tells the launcher "READY", or the startup error
-Step 2 keeps SIGPIPE and SIGXFSZ ignored, as Python itself sets them, so a closed socket raises
-BrokenPipeError instead of killing the process.
 
 Signals in the daemon
 ---------------------
   SIGTERM, SIGINT   stop: `stopping` becomes true and wait() returns True; exit status 0
-  SIGHUP            on_reload() hook (sd_notify RELOADING=1 ... READY=1 around it)
-  SIGUSR1           stdout/stderr logs reopened (for logrotate), then on_reopen_logs() hook
-  SIGUSR2           on_upgrade() hook (no-op by default): reexec() checks the new code on disk
-                    in a child, then execve()s it in place: same pid, children, sockets and
-                    locked pidfile.  The `upgrade` action sends it and prints the outcome
+  SIGHUP            on_reload()
+  SIGUSR1           stdout/stderr reopened (logrotate), then on_reopen_logs()
+  SIGUSR2           on_upgrade() (the upgrade section: reexec() in place)
 The handlers only record the signal and wake wait(); the hooks run from wait() or
-handle_signals(), in the daemon's own loop.  A classic run() that never calls either (a bare
-`while True:` loop) is stopped the way Python stops a program on Ctrl-C: SystemExit is raised
-where it runs, so its finally blocks run; the log says "stopping (SIGTERM)" either way.  The
-class variable `cooperative` names the mode (True, False; None: classic until run() looks).  HUP
-and USR1 wait until run() asks for them.  An exception in a hook is that signal's failure
-(logged; `reload` exits 1 with it), never the daemon's end.
+handle_signals(), in the daemon's loop.  `cooperative` says how a stop reaches a run() that
+never calls them (the class docstring).
 
 Files
 -----
-  pidfile   default_pidfile(name) unless one is given: /run, $XDG_RUNTIME_DIR or /tmp/NAME-UID.
-            The daemon's pid and a newline; mode 0644; an flock() held for the daemon's life
-            says it is alive: a pidfile nobody locks is stale, whatever pid it names.  Removed
-            at exit by the process that wrote it, and only if it is still the same file --
-            except when the daemon dies on its own after it was ready (a failure status, no
-            stop asked): then the unlocked file stays as the record, `status` says "dead"
-            (LSB 1), and the next start or stop clears it.  A daemon that dropped privileges
-            and may not unlink in the pidfile's directory (root's /run) empties it instead (no
-            pid: `status` says "not running"); then stop or start removes it.  The files of
-            runtime_files() go with the pidfile, whoever removes it.  A pidfile removed under a
-            running daemon is written again within a second by a daemon whose loop calls
-            wait() or handle_signals() (a classic run() that never does cannot).
-  logs      a symbolic link is refused, as for the pidfile; a FIFO nobody reads fails start.
-            stdout and stderr are appended to, line-buffered; an exception that escapes run()
-            is written there with its traceback before the daemon exits 1.  A detached daemon
-            whose stderr is /dev/null (no log) sends that report to syslog(3) instead.
+  pidfile   the daemon's pid; an flock() held for its life says it is alive
+  logs      stdout and stderr, appended to, line-buffered; a symbolic link is refused
 
 Exit codes (LSB init-script actions; status has its own)
 --------------------------------------------------------
@@ -105,41 +77,10 @@ Exit codes (LSB init-script actions; status has its own)
      which file or step, and as which user)
   7  not running (reload)
 
-systemd
--------
-`run` keeps the daemon in the foreground (no fork, logs on stderr) with the same signals.
-With NOTIFY_SOCKET set, ready() sends READY=1, a reload RELOADING=1 and READY=1, a stop
-STOPPING=1 (sd_notify(3)); under WatchdogSec= (WATCHDOG_USEC), wait() and handle_signals()
-send WATCHDOG=1 at half the interval.  On journald's stream (JOURNAL_STREAM), log() starts an
-error's lines with <3> and a warning's with <4>, so `journalctl -p err` finds them.  Sockets
-passed by socket activation (LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES, sd_listen_fds(3)) are
-collected before any fork and offered as `self.listen_fds`.
-
-Sections of this file, in order
--------------------------------
-  constants, errors, small helpers
-  Daemon            what a user touches: the hooks, run()'s tools, the action dispatch; then
-                    its private runtime (daemonize, serve, signals)
-  main()            the command line
-  the controller    the actions (start, stop, restart, try-restart, reload, status, run): what
-                    the launcher does, as functions of the daemon, reached only via command()
-  daemon(7) steps   one small function each
-  the pidfile, the readiness pipe
-  optional: turns     actions run at the same time take turns (above).  Without it each acts
-                    at once, as before there were turns.
-  optional: verdicts  `reload` (and `upgrade`) wait for the daemon's word on how it went, and
-                    exit 1 with its reason.  Without it `reload` sends SIGHUP and exits 0.
-                    The upgrade section needs it.
-  optional: systemd   sd_notify(3), sd_listen_fds(3), sd_watchdog_enabled(3).  Without it
-                    the daemon tells no service manager anything and finds no socket passed
-                    to it: no READY=1 for Type=notify units, no socket activation, no
-                    watchdog.  The upgrade section needs it (it passes sockets that way).
-  optional: upgrade   re-exec in place on SIGUSR2 (reexec(), the `upgrade` action).  Without it
-                    SIGUSR2 only runs the on_upgrade() hook, and no action `upgrade` exists.
-Each optional section runs from its banner to the next one (or the end of the file) and can be
-deleted whole: the core never names it.  It adds to Daemon by setting the hooks of "what the
-optional sections fill in" (no-ops in the core) and to __all__ its own names.  test_daemon.py
-deletes the sections from a copy and daemonizes what is left.
+Sections: constants and helpers; Daemon; main(); the controller (the actions, run in the
+launcher); the daemon(7) steps; the pidfile; the readiness pipe.  Then the optional sections,
+each between banners of '=' and deletable whole: the core never names them.  Each sets hooks
+that are no-ops in the core, and adds its names to __all__ (docs/daemon.md lists them).
 """
 
 import atexit
@@ -168,9 +109,8 @@ __all__ = [
     # exit codes: LSB init-script actions, and `status`
     'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
     'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN',
-    # for a program's own files: its logs, its pidfile when it names it itself, who locks one
-    'open_log', 'check_writable', 'default_pidfile', 'private_directory', 'open_files',
-    'flock_holders',
+    # for a program's own files: its logs, checked in the launcher
+    'open_log', 'check_writable',
 ]                  # each optional section adds its own names
 
 # ---------------------------------------------------------------------------------------------
@@ -195,10 +135,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 class DaemonError(Exception):
-    """An operating-system failure while becoming or running a daemon; the message names the step.
-
-    privilege: the cause is a missing permission (the action then exits EXIT_PRIVILEGE, 4).
-    """
+    """An OS failure while becoming or running a daemon; the message names the step.
+    privilege: a missing permission is the cause (the action exits EXIT_PRIVILEGE)."""
 
     def __init__(self, message, privilege=False):
         Exception.__init__(self, message)
@@ -214,8 +152,7 @@ class _Interrupted(Exception):
 
 
 class AlreadyRunning(DaemonError):
-    """The pidfile is locked by another process; pid: the one it names, None if it names none
-    yet (its locker has not written it)."""
+    """The pidfile is locked by another process; pid: the one it names, or None (not yet)."""
 
     def __init__(self, pid):
         DaemonError.__init__(self, 'already running (%s)' % ('pid %d' % pid if pid else
@@ -224,8 +161,7 @@ class AlreadyRunning(DaemonError):
 
 
 def _step_error(step, exc, path=None):
-    """A DaemonError "STEP failed (FILE: why)"; path names the file when the error does not
-    (a write, a lock or a stat on a descriptor carries no file name)."""
+    """A DaemonError "STEP failed (FILE: why)"; path: the file, if exc does not name it."""
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     filename = getattr(exc, 'filename', None) or path
     if filename:
@@ -237,8 +173,8 @@ def _step_error(step, exc, path=None):
 
 
 def describe(exc):
-    """An exception as one line for a message: a DaemonError's text, an OSError's strerror and
-    file name, else "Type: text"."""
+    """An exception as one line: a DaemonError's text, an OSError's strerror and file name,
+    else "Type: text"."""
     if isinstance(exc, DaemonError):
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror:
@@ -247,11 +183,8 @@ def describe(exc):
 
 
 def format_traceback(exc):
-    """exc's traceback as text for a log (no final newline).  Formatting reads the source
-    lines, and that can fail on its own: Python 3.13's linecache imports tokenize for the first
-    one, which raises EMFILE when no descriptor is left (a worker that could not start for want
-    of one then died without a word).  A report must never be lost to its traceback: then the
-    frames are listed without their source, with the reason."""
+    """exc's traceback as text (no final newline).  Reading the source lines can fail too
+    (EMFILE, in 3.13's linecache): then the frames are listed without them, with the reason."""
     try:
         return ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
     except Exception as error:
@@ -275,13 +208,8 @@ LOG_ERR, LOG_WARNING, LOG_INFO = syslog.LOG_ERR, syslog.LOG_WARNING, syslog.LOG_
 
 
 def log(message, stream=None, priority=LOG_INFO, exc=None):
-    """Write one timestamped line to stderr (the daemon's log once detached); with exc, the
-    exception's traceback after it (format_traceback(): never an error of its own).
-
-    When that stream is journald's (systemd's JOURNAL_STREAM names it), every line starts with
-    "<priority>" (sd-daemon(3)): journald strips it and files the line as an error (LOG_ERR),
-    a warning (LOG_WARNING) or information.
-    """
+    """Write one timestamped line to stderr (the daemon's log once detached), with exc's
+    traceback after it.  On journald's stream each line starts with "<priority>" (sd-daemon(3))."""
     stream = stream or sys.stderr
     if exc is not None:
         message = '%s\n%s' % (message, format_traceback(exc))
@@ -306,94 +234,54 @@ def _with_priority(text, stream, priority):
 
 
 class Daemon:
-    """A daemon: subclass it and override run().
+    """A daemon: subclass it and override run().  docs/daemon.md has the details.
 
     Daemon(pidfile=None, stdin, stdout, stderr, *, umask, workdir, stop_timeout, user, group,
-    name), the classic recipe's order:
-        pidfile            None: default_pidfile(name), one per user, found from any directory
-        stdin, stdout, stderr   where the detached daemon's standard streams go (/dev/null)
-        workdir            the directory setup() and run() work in: under start "/" by
-                           default (daemon(7): no mount point kept busy), so a program's own
-                           relative paths need it, or paths built from its own directory.
-                           `run` changes to it only when it is given: without one, the
-                           foreground service stays where its service manager started it
-        name               of every message and of the default pidfile (the class's, lower case)
-    Relative paths (pidfile, streams, workdir) are made absolute here, from the directory the
-    program was started in, before anything can change it: `status` run from there finds the
-    same pidfile.  (python-daemon's working_directory is workdir, with the same default.)
+    name), the classic recipe's order.  pidfile None: a default one per user, named after
+    `name` (the class's, lower case), which names every message too.  The streams go to
+    /dev/null by default; workdir is "/" under start (`run` changes only to one given).
+    Relative paths are made absolute here, from the directory the program was started in.
 
     Methods for the caller:
-        command(action)    run one action by name (ACTIONS, and those added with add_action());
-                           returns its exit code (see the module docstring).  Every action gets
-                           the same handling of errors: a DaemonError or OSError is a message
-                           on stderr and exit 1, a missing permission exit 4, never a traceback
+        command(action)    run one action by name; returns its exit code (the module
+                           docstring).  An error is a message on stderr, never a traceback
         add_action(name, function)   register an action: function(daemon) returns an exit code
-        start(), stop(), restart()   the classic recipe's names for command('start') etc.;
-                           as in the recipe, a failure exits (SystemExit with its code)
-        daemonize()        detach (daemon(7)); returns in the daemon only, ready (see
-                           ready_on_run), so `self.daemonize(); self.run()` works as it did
+        daemonize()        detach (daemon(7)); returns in the daemon only, ready
 
-    Actions and hooks do not share a namespace: the actions are functions of the daemon in the
-    controller section, reached only through command(), so a subclass may define methods
-    called reload() or status() for its own purposes without replacing the SIGHUP action or the
-    LSB status.  The hooks are the methods named on_*, setup(), run() and log_files().
-
-    Methods that may be overridden (hooks):
-        setup()            in the daemon, before privileges are dropped; an exception is a
-                           startup error that the launcher prints (bind sockets, open files here)
+    Hooks (the actions are not methods, so a subclass may have its own reload() or status()):
+        setup()            in the daemon, before ready and before privileges are dropped; an
+                           exception is a startup error that the launcher prints
         run()              the service itself
-        on_reload()        on SIGHUP (no-op); an exception it raises is the reload's failure
-                           (logged, with a traceback unless it is a DaemonError), not the
-                           daemon's end: `reload` exits 1 with its message, the daemon goes on
-        on_reopen_logs()   on SIGUSR1, after stdout/stderr were reopened (no-op); an exception
-                           is logged, as for on_reload()
-        on_upgrade()       on SIGUSR2 (no-op); see reexec() in the upgrade section; an
-                           exception is the upgrade's failure, as for on_reload()
-        on_launch()        in the launcher, before start (or restart) launches a daemon that is
-                           not running: raise DaemonError to refuse, with its message (no-op)
-        on_restart(pid)    in the launcher, before restart stops the running daemon pid (no-op)
-        log_files()        the logs a `user` must own to reopen them
-        runtime_files()    files the daemon writes beside its pidfile: they live and go with
-                           it, removed by whoever removes the pidfile (the daemon, or stop and
-                           start after a daemon that could not)
+        on_reload(), on_reopen_logs(), on_upgrade()   on SIGHUP, SIGUSR1 (after stdout and
+                           stderr were reopened), SIGUSR2; an exception is that signal's
+                           failure (logged; `reload` exits 1), never the daemon's end
+        on_launch()        in the launcher, before start launches the daemon: raise
+                           DaemonError to refuse
+        on_restart(pid)    in the launcher, before restart stops the running daemon pid
+        log_files()        the logs a `user` must own to reopen them (the users section)
+        runtime_files()    files beside the pidfile that go with it
 
-    Methods and attributes for run() and the hooks:
-        ready(status)      "my setup is done": the launcher exits 0 (and sd_notify READY=1)
-        wait(timeout)      sleep until a signal or the timeout; handles HUP/USR1/USR2; True
-                           once the daemon should stop
-        handle_signals()   the same without sleeping, for a run() with its own event loop
-                           (its selector should watch `signal_fd`)
-        watchdog()         WATCHDOG=1 to systemd's watchdog (WatchdogSec=) when half its
-                           interval has passed; returns how long a loop may sleep before
-                           the next call (None: no watchdog); wait() and handle_signals()
-                           call it
-        release_signals()  in a child forked by run() that runs a loop of its own: close the
-                           signal pipe it inherited
-        reopen_std_logs()  reopen stdout/stderr at their paths (SIGUSR1 does it)
-        stopping           True once SIGTERM/SIGINT arrived
-        detached           True in a daemon that forked away from its terminal
-        listen_fds         {name: [fd, ...]} passed by the service manager (or an upgrade)
-        inherited          after reexec(): the `state` string the old image passed, else None
-        pidfile_fd         the locked pidfile's descriptor in the daemon, else None
+    For run() and the hooks:
+        ready(status)      "my setup is done": the launcher exits 0 and prints status
+        wait(timeout)      sleep until a signal or the timeout, act on it; True once stopping
+        handle_signals()   the same without sleeping, for a loop that watches `signal_fd`
+        watchdog()         feed systemd's watchdog; how long a loop may sleep before the next
+        release_signals()  in a child forked by run() that runs a loop of its own
+        reopen_std_logs()  reopen stdout/stderr at their paths
+        stopping, detached, listen_fds ({name: [fd, ...]}), inherited (after reexec()),
+        pidfile_fd (the locked pidfile's descriptor, in the daemon)
 
-    Methods for a subclass's launcher side (its hooks, its own actions):
-        absolutize()       make every path absolute against the caller's directory
-        probe()            (state, pid) of the pidfile: 'running', 'stale' or 'absent'
-        say(message, error=False)   one line to the user of the action (stdout, or stderr)
+    For a subclass's launcher side:
+        absolutize(), probe() ((state, pid): 'running', 'stale' or 'absent'),
+        say(message, error=False)
 
     Class variables:
-        ready_on_run       True: entering run() counts as ready.  Set False when run() calls
-                           ready() itself, once its service can really be used.
-        start_timeout      seconds the launcher waits for ready before it gives up and stops
-                           the daemon
-        reload_timeout     seconds `reload` waits for the daemon's verdict (its on_reload()
-                           hook runs from wait() or handle_signals(), in the daemon's loop)
-        cooperative        how a stop reaches run(), its two modes.  True: a stop only sets
-                           `stopping` and wakes wait() (a loop that looks, and may drain).
-                           False (classic): SystemExit is raised where run() is, as Ctrl-C
-                           does, so its finally blocks run (a bare `while True:`).  None,
-                           the default: classic until run() first calls wait(),
-                           handle_signals() or reads signal_fd, then cooperative
+        ready_on_run       True: entering run() counts as ready; False: run() calls ready()
+        start_timeout      seconds the launcher waits for ready, then stops the daemon
+        reload_timeout     seconds `reload` waits for the daemon's verdict
+        cooperative        how a stop reaches run().  True: it sets `stopping` and wakes
+                           wait().  False: SystemExit where run() is, as Ctrl-C.  None: False
+                           until run() first calls wait() or handle_signals(), or reads signal_fd
     """
 
     ready_on_run = True
@@ -406,10 +294,10 @@ class Daemon:
         self.name = name or type(self).__name__.lower()
         self._default_pidfile = None    # the pidfile chosen for the caller, when none was given
         if pidfile is None:
-            if not _usable_file_name(self.name):
+            if self.name in ('', '.', '..') or '/' in self.name or '\0' in self.name:
                 raise ValueError('Daemon name %r cannot name a pidfile: give another name, or '
                                  'a pidfile' % self.name)
-            pidfile = self._default_pidfile = default_pidfile(self.name)
+            pidfile = self._default_pidfile = self._pidfile_for(self.name)
         self.pidfile_path = pidfile
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.umask = umask
@@ -417,9 +305,7 @@ class Daemon:
         self.workdir = workdir = '/' if workdir is None else workdir
         self.stop_timeout = float(stop_timeout)
         self.user, self.group = user, group
-        # Relative paths are taken from the directory the program is started in, now: a
-        # chdir() before start (or a later `status` from the same directory) finds the same
-        # files.  Not self.absolutize(): a subclass's may need state it has not set yet.
+        # Now, from where the program started (not absolutize(): a subclass's may need more).
         try:
             self.pidfile_path, self.stdin, self.stdout, self.stderr, self.workdir = \
                 make_paths_absolute(pidfile, stdin, stdout, stderr, workdir)
@@ -430,8 +316,6 @@ class Daemon:
         self.listen_fds = {}
         self.inherited = None           # after reexec(): the state string it was given
         self._pidfile = None
-        self._pidfile_checked = 0.0     # when _keep_pidfile() last looked (monotonic)
-        self._pidfile_lost = False
         self._readiness = None
         self._is_ready = False
         self._status = '%s running' % self.name
@@ -442,19 +326,8 @@ class Daemon:
         self._turn = None               # see _wait_turn(): held by the controller while it acts
         self._signalled = set()         # pids a stop sent SIGTERM while it waited its turn
         self._watchdog = False          # systemd's watchdog interval: False until looked up
-        self._watchdog_due = 0.0
         self._wake_r = self._wake_w = None
-        # name -> function(daemon) returning an exit code; add_action() adds to it.
-        self.actions = dict(STANDARD_ACTIONS)
-
-    # Classic-recipe name, kept for programs that read it.
-    @property
-    def pidfile(self):
-        return self.pidfile_path
-
-    @pidfile.setter
-    def pidfile(self, value):
-        self.pidfile_path = value
+        self.actions = dict(STANDARD_ACTIONS)       # add_action() adds to it
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -462,12 +335,11 @@ class Daemon:
         """Hook: prepare before ready and before privileges are dropped.  Errors abort start."""
 
     def run(self):
-        """Hook: the service.  Returning (or SIGTERM) ends the daemon with status 0; an int
-        returned, or given to sys.exit(), is the exit status instead (non-zero: a failure,
-        whose pidfile stays as the record, see the module docstring)."""
+        """Hook: the service.  Its end (or SIGTERM) is exit status 0, or the int it returns
+        or gives sys.exit() (non-zero: a failure, whose pidfile stays as the record)."""
 
     def on_reload(self):
-        """Hook: SIGHUP arrived (reload configuration, replace workers...)."""
+        """Hook: SIGHUP arrived (reload the configuration...)."""
 
     def on_reopen_logs(self):
         """Hook: SIGUSR1 arrived; stdout/stderr are already reopened.  Reopen your own logs."""
@@ -476,30 +348,20 @@ class Daemon:
         """Hook: SIGUSR2 arrived: start the new code on disk with reexec() (no-op)."""
 
     def on_launch(self):
-        """Hook, in the launcher: start (or restart) is about to launch the daemon, which is not
-        running.  Raise DaemonError to refuse, with a message that says why (no-op)."""
+        """Hook, in the launcher, before start launches the daemon: raise DaemonError to refuse."""
 
     def on_restart(self, pid):
-        """Hook, in the launcher: restart (or try-restart) is about to stop the running daemon
-        pid (no-op).  A program whose options may differ between runs can adopt the running
-        one's here."""
+        """Hook, in the launcher, before restart stops the running daemon pid."""
 
     def runtime_files(self):
-        """Paths that belong to the pidfile's lifetime (none by default); see PidFile."""
+        """Hook: files that live and go with the pidfile (PidFile's companions)."""
         return []
-
-    def log_files(self):
-        """Hook: the log files that a user named by `user`/`group` must own to reopen them."""
-        return [self.stdout, self.stderr]
 
     # -- for run() and the hooks ----------------------------------------------------------------
 
     def ready(self, status=None):
-        """Tell the launcher (or systemd) that the service is up.  Idempotent.
-
-        status: one line saying what runs where; `start` prints it, and it is systemd's STATUS.
-        By default "<name> started (pid N)".
-        """
+        """Tell the launcher (or systemd) that the service is up; idempotent.  status: the
+        line `start` prints (systemd's STATUS), by default "<name> started (pid N)"."""
         if self._is_ready:
             return
         self._is_ready = True
@@ -552,15 +414,13 @@ class Daemon:
         return self.stopping
 
     def _looks(self):
-        """run() has shown that it looks at the signals: with `cooperative` None, a stop no
-        longer raises SystemExit in it (see the class variable)."""
+        """run() looks at the signals: with `cooperative` None, a stop no longer raises."""
         if self.cooperative is None:
             self._cooperative = True
 
     def _call_hook(self, what, hook):
-        """Run the hook of a signal.  Its failure, any Exception, is that signal's, never the
-        daemon's end (a config that does not parse must not take the service down): logged,
-        with the traceback unless it is a DaemonError, and returned as one line; else None."""
+        """Run a signal's hook; its failure is that signal's, never the daemon's end: logged
+        (with a traceback unless a DaemonError) and returned as one line; else None."""
         try:
             hook()
             return None
@@ -573,8 +433,8 @@ class Daemon:
         return error
 
     def wait(self, timeout=None):
-        """Sleep until a signal arrives or `timeout` passes; True once the daemon should stop.
-        Under systemd's watchdog it says WATCHDOG=1 while it sleeps (see watchdog())."""
+        """Sleep until a signal arrives or `timeout` passes, feeding the watchdog; then
+        handle_signals(): True once the daemon should stop."""
         self._looks()
         if not self.stopping and not self._pending:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -592,20 +452,9 @@ class Daemon:
         return self.handle_signals()
 
     def watchdog(self):
-        """Say WATCHDOG=1 to systemd when its watchdog watches this process (WatchdogSec=) and
-        half its interval has passed since the last time.  Returns how long a loop may sleep
-        before it calls this again (seconds, at most half the interval), or None without a
-        watchdog.  wait() and handle_signals() call it: a loop that calls neither for longer
-        than half the interval must call it itself, or systemd takes the service for hung."""
-        if self._watchdog is False:
-            self._watchdog = self._watchdog_interval()    # here: WATCHDOG_PID names the process
-        if self._watchdog is None:
-            return None
-        now = time.monotonic()
-        if now >= self._watchdog_due:
-            self._tell_manager(WATCHDOG=1)
-            self._watchdog_due = now + self._watchdog / 2
-        return self._watchdog_due - now
+        """Feed systemd's watchdog (the systemd section); returns how long a loop may sleep
+        before it calls this again, or None without a watchdog."""
+        return None
 
     def reopen_std_logs(self):
         """Reopen stdout/stderr logs at their paths (after logrotate moved them away)."""
@@ -624,9 +473,8 @@ class Daemon:
             os.close(fd)
 
     def release_signals(self):
-        """In a child forked by run() that will run a loop of its own (a worker): stop signals
-        from waking the daemon's pipe, and close both its ends.  The handlers stay until the
-        child installs its own."""
+        """In a child forked by run() with a loop of its own: close the signal pipe (the
+        handlers stay until the child installs its own)."""
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w):
             if fd is not None:
@@ -639,23 +487,38 @@ class Daemon:
         return self._pidfile.fd if self._pidfile is not None else None
 
     # -- what the optional sections fill in ---------------------------------------------------
-    # The core calls these and names no optional section: each section that is there sets its
-    # own on the class, at its end (socketserver's mixins override such methods); without it
-    # they stay the no-ops below.
+    # The core calls these no-ops; a section that is there sets its own on the class, at its
+    # end (as socketserver's mixins override methods).  The core never names a section.
 
     def _tell_manager(self, **fields):
-        """Say NAME=value fields to the service manager that supervises the daemon, if any
-        (the systemd section: sd_notify).  Returns whether it was said."""
+        """Say NAME=value fields to a service manager (systemd's sd_notify); whether it was."""
         return False
 
     def _passed_sockets(self):
-        """{name: [fd, ...]}: the sockets a service manager passed (the systemd section:
-        socket activation); called before any fork."""
+        """{name: [fd, ...]} passed by a service manager (socket activation), before any fork."""
         return {}
 
-    def _watchdog_interval(self):
-        """The service manager's watchdog interval in seconds, or None (see watchdog())."""
-        return None
+    def _pidfile_for(self, name):
+        """The pidfile when none is given: /run/NAME.pid for root, else /tmp/NAME-UID.pid."""
+        if os.geteuid() == 0:
+            return '/run/%s.pid' % name
+        return '/tmp/%s-%d.pid' % (name, os.geteuid())
+
+    def _check_default_pidfile(self, action):
+        """Before an action: check (or make) the default pidfile's directory."""
+
+    def _switch_user(self):
+        """In the daemon, after setup(): become `user` and `group`."""
+        if self.user is not None or self.group is not None:
+            raise DaemonError('cannot switch to %s: this daemon.py does not change users'
+                              % ':'.join(name for name in (self.user, self.group) if name))
+
+    def _keep_pidfile(self):
+        """From the daemon's loop: write the pidfile again if it was removed."""
+
+    def _last_words(self, message):
+        """Report why the daemon ends, to its log."""
+        log(message, priority=LOG_ERR)
 
     def _wait_turn(self, action):
         """Before an action: wait until no other action on this pidfile is under way (the
@@ -667,13 +530,12 @@ class Daemon:
         went: error is why it failed, None if it worked."""
 
     def _take_over(self):
-        """In a process that goes on where another left off (the upgrade section: the new
-        image after reexec()), start and run do not start anew: the exit code, else None."""
+        """start and run in a process that goes on where another left off (the new image of
+        an upgrade) do not start anew: the exit code, else None."""
         return None
 
     def _announce_ready(self):
-        """ready() tells the service manager (the upgrade section says an upgrade's outcome
-        here instead, in a new image)."""
+        """ready() tells the service manager (a new image says the upgrade's outcome instead)."""
         self._tell_manager(READY=1, STATUS=self._status)
 
     # -- the actions --------------------------------------------------------------------------
@@ -716,45 +578,9 @@ class Daemon:
         """Register an action for command(): function(daemon) returns an exit code."""
         self.actions[name] = function
 
-    def _check_default_pidfile(self, action):
-        """The default pidfile of a user without $XDG_RUNTIME_DIR is in a directory of /tmp
-        that must be private (see private_directory()); an action that may start the daemon
-        makes it."""
-        path, directory = self.pidfile_path, os.path.dirname(self.pidfile_path)
-        if path == self._default_pidfile and os.path.dirname(directory) == PRIVATE_PARENT:
-            private_directory(directory, create=action in ('start', 'restart', 'run'))
-
-    # The classic recipe's methods: programs written for it call them directly, and end their
-    # main block with sys.exit(0).  So a failure exits here, with its code, as the recipe's
-    # sys.exit(1) did; success returns 0.  command() returns every code instead.
-    def start(self):
-        """command('start'): detach and run; the launcher exits with the daemon's verdict.
-        Exits (SystemExit) with the code of a failure, returns 0 otherwise."""
-        return self._classic('start')
-
-    def stop(self):
-        """command('stop'); exits with the code of a failure, returns 0 otherwise."""
-        return self._classic('stop')
-
-    def restart(self):
-        """command('restart'); exits with the code of a failure, returns 0 otherwise."""
-        return self._classic('restart')
-
-    def _classic(self, action):
-        code = self.command(action)
-        if code != EXIT_OK:
-            raise SystemExit(code)
-        return code
-
-    # Classic-recipe name: remove the pidfile (only the owner ever does).
-    def delpid(self):
-        if self._pidfile is not None:
-            self._pidfile.release()
-
     def absolutize(self, streams=True):
-        """Make every path absolute now, while the working directory is the caller's; with
-        streams false, only the pidfile's (an action that never starts the daemon, such as
-        status or stop, needs no other)."""
+        """Make every path absolute against the current directory; with streams false, only
+        the pidfile (all that an action that never starts the daemon needs)."""
         self.pidfile_path, = make_paths_absolute(self.pidfile_path)
         if streams:
             self.stdin, self.stdout, self.stderr, self.workdir = make_paths_absolute(
@@ -780,16 +606,9 @@ class Daemon:
     # -- the runtime: daemonize, serve, signals (private) -----------------------------------------
 
     def daemonize(self):
-        """Detach from the terminal (daemon(7)); returns in the daemon only.
-
-        It returns ready (unless ready_on_run is false: then run() calls ready()), with the
-        pidfile locked and removed at exit, so a program's own start() may be the classic
-        recipe's `self.daemonize(); self.run()`.
-
-        The launcher waits for the daemon's verdict on the readiness pipe and leaves with
-        os._exit(), as does the intermediate child, so neither runs atexit handlers or flushes
-        buffers that the daemon still owns.
-        """
+        """Detach (daemon(7)); returns in the daemon only, ready unless ready_on_run is false,
+        the pidfile locked and removed at exit (so `self.daemonize(); self.run()` works).  The
+        launcher and the middle child leave by os._exit(): no atexit, no buffers flushed."""
         self.absolutize()
         for thread in _threads_left_behind():
             self.say('%s: warning: thread %r was started before the daemon forked, and does not '
@@ -831,10 +650,8 @@ class Daemon:
             os._exit(EXIT_FAILURE)
 
     def _become_service(self):
-        """Steps common to the daemon and the foreground service: signals, pidfile, setup().
-
-        The handlers come first: a stop that arrives once the pidfile names this process
-        ends it through them, with the pidfile removed, never by the default action."""
+        """Steps common to the daemon and `run`: signals (first: a stop once the pidfile
+        names us must remove it), pidfile, setup(), the user."""
         self._install_signal_handlers()
         self._open_channels()
         self._watchdog = False                  # looked up again in this process
@@ -844,7 +661,7 @@ class Daemon:
             atexit.register(self._cleanup)      # a caller's own daemonize(); run(); exit
         os.register_at_fork(after_in_child=_weak_method(self, '_after_fork_in_child'))
         self.setup()
-        drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
+        self._switch_user()
 
     def _end_turn(self):
         """Let the next action on this pidfile go (see _wait_turn); the daemon, forked from a
@@ -854,8 +671,7 @@ class Daemon:
             self._turn = None
 
     def _after_fork_in_child(self):
-        """A child forked by run() does not own the pidfile, its lock, the readiness pipe or
-        the watchdog."""
+        """A child forked by run() owns no pidfile, readiness pipe or watchdog."""
         self._watchdog = None
         if self._pidfile is not None:
             self._pidfile.forget()
@@ -910,9 +726,8 @@ class Daemon:
         return EXIT_FAILURE
 
     def _startup_failed(self, exc, logged=False):
-        """Report a failure before ready: to the launcher, and to the log (with its traceback
-        if it is not a DaemonError) once stdout and stderr go there (logged): the launcher's
-        line is seen once, by whoever ran start; the log keeps it for the operator."""
+        """Report a failure before ready: to the launcher, and to the log once stdout and
+        stderr go there (logged), with its traceback unless it is a DaemonError."""
         if isinstance(exc, SystemExit) and not exc.code:
             message = 'stopped during startup'
         else:
@@ -946,21 +761,15 @@ class Daemon:
         except BaseException as exc:
             self._last_words('%s: unhandled exception in run(), exiting:\n%s' % (self.name, format_traceback(exc)))
             status, error = EXIT_FAILURE, describe(exc)
-        else:
-            error = None
         unseen = [signum for signum in self._pending if signum in STOP_SIGNALS]
         if unseen and not self._cooperative:
             self._log_stop(unseen[0])           # the SystemExit of _on_signal ended run()
         if status != EXIT_OK and self.stopping and not self._is_ready:
-            # A stop asked for during startup (systemctl stop while it starts): the service
-            # stopped as asked, so a foreground run exits 0; a detached start's launcher still
-            # says that it did not start, with the reason (error).
-            status = EXIT_OK
+            status = EXIT_OK    # stopped during startup, as asked (the launcher still says why)
         self._tell_manager(STOPPING=1)
         if status != EXIT_OK and self._is_ready and not self.stopping and self._pidfile is not None \
                 and self._pidfile.fd is not None:
-            # Died on its own after start had returned: the unlocked pidfile stays as the record,
-            # and `status` says "dead, but pidfile remains" (LSB 1) instead of "not running".
+            # Died on its own once started: the unlocked pidfile stays, and status says "dead".
             self._last_words('%s: exited with status %s; pidfile %s left as the record of it'
                              % (self.name, status, self.pidfile_path))
             self._pidfile.forget()
@@ -986,31 +795,6 @@ class Daemon:
 
     def _log_stop(self, signum):
         log('%s: stopping (%s)' % (self.name, signal.Signals(signum).name))
-
-    def _last_words(self, message):
-        """Report why the daemon ends: to its log, and to syslog if it has none (/dev/null).
-
-        After start has returned nobody watches the terminal: without this, a detached daemon
-        with the default /dev/null stderr would die without a trace.
-        """
-        log(message, priority=LOG_ERR)
-        if self.detached and self.stderr == os.devnull:
-            to_syslog(self.name, message)
-
-    def _keep_pidfile(self):
-        """At most once a second, from the daemon's loop: write the pidfile again if it was
-        removed (PidFile.restore); say so in the log, or once that it cannot."""
-        now = time.monotonic()
-        if self._pidfile is None or now < self._pidfile_checked + 1.0:
-            return
-        self._pidfile_checked = now
-        restored = self._pidfile.restore()
-        if restored:
-            log('%s: pidfile %s was removed; written again' % (self.name, self.pidfile_path), priority=LOG_WARNING)
-        elif restored is False and not self._pidfile_lost:
-            log('%s: pidfile %s was removed or replaced, and cannot be written again: status '
-                'and stop will not find pid %d' % (self.name, self.pidfile_path, os.getpid()), priority=LOG_ERR)
-        self._pidfile_lost = restored is False
 
     def _install_signal_handlers(self):
         if self._wake_r is None:
@@ -1058,10 +842,8 @@ class Daemon:
 
 
 def _weak_method(d, name):
-    """d's method name, as a function that does not keep d alive.  The interpreter holds fork
-    hooks (os.register_at_fork) and signal handlers until its very last steps: a bound method
-    there kept the daemon, and the files its run() left open, until sys itself was gone, and
-    Python 3.9 crashed (SIGSEGV) warning that such a file was unclosed, at the end of `run`."""
+    """d's method name, as a function that does not keep d alive: fork hooks and signal
+    handlers live to the interpreter's last steps (Python 3.9 crashed there; docs/design.md)."""
     ref = weakref.ref(d)
 
     def call(*args):
@@ -1075,8 +857,7 @@ def _weak_method(d, name):
 # their kind.  An optional section adds its own.
 CHANNELS = {'stopping': socket.SOCK_SEQPACKET}
 
-# What each action does, for --help; an action added with add_action() is described by the
-# first line of its function's docstring.
+# What each action does, for --help (an added one: its function's docstring's first line).
 ACTION_HELP = {
     'start': 'detach, and return once the daemon is ready (or print why it is not)',
     'stop': 'SIGTERM, then SIGKILL after the stop timeout; 0 if not running',
@@ -1112,12 +893,8 @@ def main(daemon, argv=None):
         return EXIT_OK
     if len(argv) == 1 and argv[0] in daemon.actions:
         return daemon.command(argv[0])
-    if not argv:
-        problem = 'no action given'
-    elif len(argv) == 1:
-        problem = 'unknown action %r' % argv[0]
-    else:
-        problem = 'one action at a time, not %r' % ' '.join(argv)
+    problem = ('no action given' if not argv else 'unknown action %r' % argv[0] if len(argv) == 1
+               else 'one action at a time, not %r' % ' '.join(argv))
     sys.stderr.write('%s: %s\nusage: %s {%s} (%s --help says what each does)\n'
                      % (prog, problem, prog, '|'.join(daemon.actions), prog))
     return EXIT_USAGE
@@ -1551,11 +1328,8 @@ def _run_atexit():
 # ---------------------------------------------------------------------------------------------
 
 def make_paths_absolute(*paths):
-    """Return the paths made absolute against the current directory (None stays None).
-
-    DaemonError names a relative path when the current directory no longer exists (removed
-    since the shell entered it): it cannot be resolved, and after chdir('/') it would name a
-    file under / instead."""
+    """The paths made absolute against the current directory (None stays None); DaemonError
+    names a relative one when that directory no longer exists."""
     absolute = []
     for path in paths:
         if path and not os.path.isabs(path):
@@ -1569,9 +1343,7 @@ def make_paths_absolute(*paths):
 
 
 def _threads_left_behind():
-    """The names of the Python threads that a fork() now would leave behind: all but the
-    calling one.  A thread started before start() does not exist in the daemon, and a lock it
-    held at the fork stays held there forever."""
+    """The names of the threads a fork() now would leave behind: all but the calling one."""
     current = threading.current_thread()
     return [thread.name for thread in threading.enumerate()
             if thread is not current and thread.is_alive()]
@@ -1589,13 +1361,8 @@ def open_fds():
 
 
 def close_inherited_fds(keep=()):
-    """Step 1: close every fd >= 3 that the process inherited, except those in `keep`.
-
-    Inherited means without the close-on-exec flag: exec() closes the others, and Python opens
-    every file and socket of its own close-on-exec (PEP 446).  So what the program opened
-    before start() stays its own: a logging FileHandler keeps its file, where closing it would
-    lose its lines, or send them into whatever file took its number next (the pidfile).
-    """
+    """Step 1: close every fd >= 3 that the process inherited (not close-on-exec), but `keep`.
+    Python opens its own files close-on-exec (PEP 446): a logging handler keeps its file."""
     keep = set(keep)
     for fd in open_fds():
         if fd >= 3 and fd not in keep:
@@ -1607,11 +1374,8 @@ def close_inherited_fds(keep=()):
 
 
 def reset_signals():
-    """Step 2: every signal back to its default disposition, and an empty signal mask.
-
-    SIGPIPE and SIGXFSZ stay ignored, as the Python interpreter sets them at startup: Python code
-    expects BrokenPipeError and EFBIG, not sudden death.
-    """
+    """Step 2: every signal to its default, an empty mask; SIGPIPE and SIGXFSZ stay ignored,
+    as Python sets them (its code expects BrokenPipeError and EFBIG, not sudden death)."""
     for signum in signal.valid_signals():
         if signum in (signal.SIGKILL, signal.SIGSTOP):
             continue
@@ -1656,13 +1420,8 @@ def change_directory(path):
 
 
 def open_log(path):
-    """Open a log for appending (created 0644 under umask 022), as a raw fd.
-
-    A log may sit where others can write (/tmp) while the daemon still runs as root: like the
-    pidfile, a symbolic link is refused (it could point at /etc/passwd, which drop_privileges()
-    would then give away).  A FIFO is opened without waiting: one nobody reads fails at once
-    instead of hanging the start; writes then block as for any log.
-    """
+    """Open a log for appending (0644 under umask 022), as a raw fd.  A symbolic link is
+    refused (root opens it, maybe in /tmp); a FIFO nobody reads fails at once, never hangs."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
     try:
         fd = os.open(path, flags | os.O_NONBLOCK, 0o644)
@@ -1677,11 +1436,8 @@ def open_log(path):
 
 
 def redirect_stdio(stdin, stdout, stderr):
-    """Step 8: stdin from `stdin` (read-only), stdout and stderr appended to their logs.
-
-    The same path for stdout and stderr shares one open file, so their lines interleave in order.
-    sys.stdout and sys.stderr are rebuilt line-buffered, so each line reaches the log at once.
-    """
+    """Step 8: stdin from `stdin`, stdout and stderr appended to their logs (one open file
+    when they are the same path), sys.stdout and sys.stderr line-buffered."""
     _flush_std_streams()
     try:
         fd_in = os.open(stdin, os.O_RDONLY | os.O_NOCTTY)
@@ -1701,41 +1457,6 @@ def rebuild_std_streams():
     sys.stdin = open(0, 'r', closefd=False)
     sys.stdout = open(1, 'w', buffering=1, errors='backslashreplace', closefd=False)
     sys.stderr = open(2, 'w', buffering=1, errors='backslashreplace', closefd=False)
-
-
-def drop_privileges(user=None, group=None, own=()):
-    """Become `user` (and `group`, else the user's primary group), supplementary groups reset.
-
-    Called after the setup() hook, so a daemon can bind port 80 and open root-only files first.
-    The files in `own` (its logs) are given to the new owner first, so it can reopen them.
-    """
-    if user is None and group is None:
-        return
-    try:
-        pw = pwd.getpwnam(user) if user is not None else None
-        gid = grp.getgrnam(group).gr_gid if group is not None else pw.pw_gid
-        if os.getgid() == gid and (pw is None or os.getuid() == pw.pw_uid) and os.geteuid() != 0:
-            return                  # already them: a re-executed daemon that dropped them before
-        for path in own:
-            # Never through a link (the path may lie in a world-writable directory).
-            if path and stat.S_ISREG(_lstat_mode(path)):
-                os.chown(path, pw.pw_uid if pw is not None else -1, gid, follow_symlinks=False)
-        if pw is not None:
-            os.initgroups(pw.pw_name, gid)
-        else:
-            os.setgroups([gid])
-        os.setgid(gid)
-        if pw is not None:
-            os.setuid(pw.pw_uid)
-    except (KeyError, OSError) as exc:
-        raise _step_error('drop privileges to %s:%s' % (user or '', group or ''), exc)
-
-
-def _lstat_mode(path):
-    try:
-        return os.lstat(path).st_mode
-    except OSError:
-        return 0
 
 
 def check_identity(user=None, group=None):
@@ -1773,87 +1494,9 @@ def check_writable(kind, path):
                           % (kind, path, what, current_user()), privilege=True)
 
 
-def to_syslog(name, message):
-    """The last resort of a daemon without a log: one syslog(3) line per line of message."""
-    try:
-        syslog.openlog(name, syslog.LOG_PID, syslog.LOG_DAEMON)
-        for line in message.splitlines():
-            syslog.syslog(syslog.LOG_ERR, line)
-        syslog.closelog()
-    except Exception:
-        pass        # no syslog either: nothing more can be done
-
-
 # ---------------------------------------------------------------------------------------------
 # The pidfile
 # ---------------------------------------------------------------------------------------------
-
-# Where an ordinary user's default pidfile goes without $XDG_RUNTIME_DIR: a private directory
-# of its own in this one.
-PRIVATE_PARENT = '/tmp'
-
-
-def default_pidfile(name, filename=None):
-    """Where the pidfile of the daemon `name` is, when none is given: one place per user,
-    found from any directory (a pidfile relative to where `start` ran made `status` from
-    anywhere else say "not running", and a second `start` start a second copy).
-
-    root: /run/FILENAME, where Debian's daemons keep theirs.  Anyone else:
-    $XDG_RUNTIME_DIR/FILENAME (/run/user/UID, which systemd-logind makes for each user logged
-    in and empties at logout), or without it /tmp/NAME-UID/FILENAME, in a private directory as
-    tmux makes one (private_directory() checks it).  FILENAME is NAME.pid by default.
-    $XDG_RUNTIME_DIR counts only if it is the user's own and closed to others, as the XDG Base
-    Directory spec says it must be: `su` without '-' keeps the first user's, where `status`
-    would report that user's daemon.
-    """
-    filename = filename or name + '.pid'
-    if os.geteuid() == 0 and os.path.isdir('/run'):
-        return os.path.join('/run', filename)
-    runtime = os.environ.get('XDG_RUNTIME_DIR', '')
-    if os.path.isabs(runtime) and _own_private_directory(runtime):
-        return os.path.join(runtime, filename)
-    return os.path.join(PRIVATE_PARENT, '%s-%d' % (name, os.geteuid()), filename)
-
-
-def _own_private_directory(path):
-    """True if path is a directory of the effective user that no one else may write."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
-
-
-def private_directory(path, create, remedy='remove it, or give the daemon a pidfile'):
-    """Check (and with create, make) the 0700 directory of a default pidfile under /tmp.
-
-    Anyone may create a directory in /tmp: one not ours, or open to others, could hold a
-    pidfile naming any process, so it is refused (DaemonError, privilege: exit 4), with the
-    remedy said.
-    """
-    if create:
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise DaemonError('cannot create %s: %s' % (path, exc.strerror),
-                              privilege=isinstance(exc, PermissionError))
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise DaemonError('cannot use %s: %s' % (path, exc.strerror))
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise DaemonError('%s is not a private directory of uid %d; %s'
-                          % (path, os.geteuid(), remedy), privilege=True)
-
-
-def _usable_file_name(name):
-    """True if name can be a file's name (the default pidfile's is NAME.pid)."""
-    return bool(name) and name not in ('.', '..') and '/' not in name and '\0' not in name
-
 
 def parse_pid(text):
     """The pid in a pidfile's text, or None when it holds no valid pid."""
@@ -1865,39 +1508,11 @@ def parse_pid(text):
     return pid if pid > 0 else None
 
 
-def flock_holders(path_stat, locks_text=None):
-    """Pids holding an flock() on the file with this stat, read from /proc/locks.
-
-    Returns None when /proc/locks cannot be read.  Reading it never disturbs the lock, unlike a
-    probing flock() that could make a concurrent start fail.
-    """
-    if locks_text is None:
-        try:
-            with open('/proc/locks') as f:
-                locks_text = f.read()
-        except OSError:
-            return None
-    ident = '%02x:%02x:%d' % (os.major(path_stat.st_dev), os.minor(path_stat.st_dev), path_stat.st_ino)
-    holders = []
-    for line in locks_text.splitlines():
-        fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->" after the index
-        if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[5] == ident:
-            holders.append(int(fields[4]))
-    return holders
-
-
 class PidFile:
-    """A pidfile whose flock() says whether its daemon lives.
-
-    acquire() is for the daemon; probe() is for everyone else and never takes the lock.
-
-    companions: files written beside it (agent.py: PIDFILE.options) that go with it: removed
-    first, while the lock is held, by release() and remove_stale().  A daemon that dropped its
-    privileges may not unlink anything in a root-owned directory such as /run: release() then
-    empties the pidfile through its descriptor, so that it names no pid and `status` says
-    "not running", and the next stop or start (as root) removes it with its companions.
-    """
+    """A pidfile whose flock() says whether its daemon lives: acquire() is the daemon's,
+    probe() everyone else's (it never takes the lock).  companions: files that go with it,
+    removed first, under the lock.  A daemon that may not unlink it (privileges dropped, in
+    /run) empties it instead: it names no pid, and the next stop or start removes it."""
 
     def __init__(self, path, companions=()):
         self.path = path
@@ -1924,8 +1539,7 @@ class PidFile:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise AlreadyRunning(pid)
                 raise _step_error('lock pidfile', exc, self.path)
-            # The previous owner may have unlinked the file between our open and our lock: then
-            # we hold a lock on a file nobody can find.  Only a lock on the file at the path counts.
+            # Unlinked by its previous owner between our open and our lock?  Then try again.
             if self._same_file(fd):
                 break
             os.close(fd)
@@ -1937,8 +1551,7 @@ class PidFile:
             os.ftruncate(fd, 0)
             os.pwrite(fd, b'%d\n' % os.getpid(), 0)
         except OSError as exc:
-            # Ours (locked, at the path), but empty: gone, or `status` would take it for the
-            # trace of a daemon that died.  A full disk (ENOSPC), a quota (EDQUOT).
+            # ENOSPC, EDQUOT: remove it, or status would take it for a dead daemon's trace.
             try:
                 os.unlink(self.path)
             except OSError:
@@ -1946,18 +1559,6 @@ class PidFile:
             os.close(fd)
             raise _step_error('write pidfile', exc, self.path)
         self.fd, self.owner = fd, os.getpid()
-
-    def adopt(self, fd):
-        """Take over a locked pidfile descriptor inherited from the daemon we replace."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # ours already: a no-op check
-        except OSError as exc:
-            raise _step_error('adopt pidfile', exc, self.path)
-        if not self._same_file(fd):
-            raise DaemonError('adopt pidfile failed (fd %d is not %s)' % (fd, self.path))
-        os.set_inheritable(fd, False)
-        self.fd = fd
-        self.owner = os.getpid()    # re-executed in place: the pid in the file is still ours
 
     def _same_file(self, fd):
         try:
@@ -1976,8 +1577,7 @@ class PidFile:
                 self._remove_companions()
                 os.unlink(self.path)    # unlink while still locked: no one can lock it in between
         except OSError as exc:
-            # No write access to its directory (privileges dropped): an empty pidfile names no
-            # pid, so it is no record of a death; stop and start remove it.
+            # Its directory is not writable (privileges dropped): empty, it names no pid.
             try:
                 os.ftruncate(self.fd, 0)
             except OSError:
@@ -1985,28 +1585,6 @@ class PidFile:
             log('cannot remove pidfile %s as %s (%s): left empty, the next stop or start '
                 'removes it' % (self.path, current_user(), exc.strerror or exc), priority=LOG_WARNING)
         self.forget()
-
-    def restore(self):
-        """In the daemon: if the file at the path is no longer the one it locked (removed, by an
-        rm or a cleaner of /tmp), create it again, locked and naming this process, so that
-        status and stop still find it.  True if it did, False if it could not (the directory is
-        gone, or another file is there now: that one is left alone), None if nothing was amiss."""
-        if self.fd is None or os.getpid() != self.owner or self._same_file(self.fd):
-            return None
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.fchmod(fd, 0o644)
-            os.pwrite(fd, b'%d\n' % os.getpid(), 0)
-        except OSError:
-            os.close(fd)
-            return False
-        os.close(self.fd)
-        self.fd = fd
-        return True
 
     def _remove_companions(self):
         for path in self.companions:
@@ -2027,11 +1605,8 @@ class PidFile:
     # -- everyone else's side --
 
     def probe(self):
-        """Return (state, pid): ('running', pid), ('stale', pid or None) or ('absent', None).
-
-        A daemon that has just taken the lock may not have written its pid yet: the file is
-        read again for a moment before a mismatch between the file and the lock is an error.
-        """
+        """(state, pid): ('running', pid), ('stale', pid or None) or ('absent', None).  A lock
+        whose file names no holder is read again for a moment (the pid may not be written yet)."""
         for attempt in range(20):
             state, pid, consistent = self._probe_once()
             if consistent:
@@ -2055,23 +1630,23 @@ class PidFile:
             if stat.S_ISDIR(st.st_mode):
                 raise DaemonError('pidfile %s is a directory: give a file name' % self.path)
             pid = parse_pid(os.pread(fd, 64, 0))
-            holders = flock_holders(st)
+            holders = self._lock_holders(st, pid)
             locked = self._probe_lock(fd) if holders is None else bool(holders)
             moved = not locked and not self._same_file(fd)
         finally:
             os.close(fd)
         if moved:
-            # Unlinked (a daemon stopping unlinks, then unlocks) or replaced since our open: no
-            # record of a death; look again at whatever is at the path now.
-            return None, None, False
+            return None, None, False    # unlinked or replaced since our open: look again
         if not locked:
             return 'stale', pid, True
         # Locked: it counts only if the file names the holder (never guess which pid to signal).
-        # /proc/locks names the process that took the lock; after an upgrade (reexec) the pid
-        # in the file holds it through an inherited descriptor: it has this very file open.
-        consistent = pid is not None and _pid_alive(pid) and (
-            not holders or pid in holders or _has_open(pid, st))
+        consistent = pid is not None and _pid_alive(pid) and (holders is None or pid in holders)
         return 'running', pid, consistent
+
+    def _lock_holders(self, st, pid):
+        """The pids holding the lock of the file with stat st (pid among them if it has that
+        file open), or None when unknown: then a probing flock() says whether it is locked."""
+        return None
 
     @staticmethod
     def _probe_lock(fd):
@@ -2111,28 +1686,6 @@ def _pid_alive(pid):
     except PermissionError:
         return True
     return True
-
-
-def open_files(pid):
-    """(path, stat) of each file process pid has open, from /proc/PID/fd (none if not allowed)."""
-    try:
-        names = os.listdir('/proc/%d/fd' % pid)
-    except OSError:
-        return
-    for name in names:
-        link = '/proc/%d/fd/%s' % (pid, name)
-        try:
-            yield os.readlink(link), os.stat(link)
-        except OSError:
-            continue
-
-
-def _has_open(pid, st):
-    """Whether process pid has the file with stat st open."""
-    for _, other in open_files(pid):
-        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-            return True
-    return False
 
 
 def _open_pidfd(pid):
@@ -2555,11 +2108,317 @@ def listen_fds(unset_environment=True):
     return result
 
 
+def _watchdog(self):
+    """Daemon.watchdog: WATCHDOG=1 once half systemd's watchdog interval (WatchdogSec=) has
+    passed since the last one.  Returns how long a loop may sleep before it calls this again
+    (at most half the interval), or None without a watchdog.  wait() and handle_signals()
+    call it: a loop that calls neither that often must call it, or systemd kills it as hung."""
+    if self._watchdog is False:
+        self._watchdog = watchdog_interval()    # here: WATCHDOG_PID names the process
+    if self._watchdog is None:
+        return None
+    now = time.monotonic()
+    if now >= getattr(self, '_watchdog_due', 0.0):
+        notify(WATCHDOG=1)
+        self._watchdog_due = now + self._watchdog / 2
+    return self._watchdog_due - now
+
+
 # What this section adds to Daemon: the core calls these hooks (no-ops there).
 Daemon._tell_manager = staticmethod(notify)
 Daemon._passed_sockets = staticmethod(listen_fds)
-Daemon._watchdog_interval = staticmethod(watchdog_interval)
+Daemon.watchdog = _watchdog
 __all__.append('notify')
+
+
+# =============================================================================================
+# Optional: classic, the names of the classic daemon recipe.  Delete from here to the next
+# banner of '=' to drop it: programs then call main() or command() instead.
+# =============================================================================================
+# Programs written for the recipe call start(), stop() or restart() and end their main block
+# with sys.exit(0): so a failure exits here with its code, as the recipe's sys.exit(1) did.
+
+def _classic(self, action):
+    """command(action); a failure exits (SystemExit) with its code, success returns 0."""
+    code = self.command(action)
+    if code != EXIT_OK:
+        raise SystemExit(code)
+    return code
+
+
+def _delpid(self):
+    """Remove the pidfile (a no-op in any process but the one that wrote it)."""
+    self._cleanup()
+
+
+def _set_pidfile(self, value):
+    self.pidfile_path = value
+
+
+def _classic_start(self):
+    """command('start'): detach and run; exits with the code of a failure."""
+    return _classic(self, 'start')
+
+
+def _classic_stop(self):
+    """command('stop'); exits with the code of a failure."""
+    return _classic(self, 'stop')
+
+
+def _classic_restart(self):
+    """command('restart'); exits with the code of a failure."""
+    return _classic(self, 'restart')
+
+
+Daemon.start, Daemon.stop, Daemon.restart = _classic_start, _classic_stop, _classic_restart
+Daemon.delpid = _delpid
+Daemon.pidfile = property(lambda self: self.pidfile_path, _set_pidfile)
+
+
+# =============================================================================================
+# Optional: users, a daemon started as root that runs as `user` and `group`.  Delete from here
+# to the next banner of '=' to drop it: a Daemon given a user or a group then does not start.
+# =============================================================================================
+
+def drop_privileges(user=None, group=None, own=()):
+    """Become `user` (and `group`, else the user's primary group), supplementary groups reset.
+    The files in `own` (the logs) are given to the new owner first, so it can reopen them."""
+    if user is None and group is None:
+        return
+    try:
+        pw = pwd.getpwnam(user) if user is not None else None
+        gid = grp.getgrnam(group).gr_gid if group is not None else pw.pw_gid
+        if os.getgid() == gid and (pw is None or os.getuid() == pw.pw_uid) and os.geteuid() != 0:
+            return                  # already them: a re-executed daemon that dropped them before
+        for path in own:
+            # Never through a link (the path may lie in a world-writable directory).
+            if path and stat.S_ISREG(_lstat_mode(path)):
+                os.chown(path, pw.pw_uid if pw is not None else -1, gid, follow_symlinks=False)
+        if pw is not None:
+            os.initgroups(pw.pw_name, gid)
+        else:
+            os.setgroups([gid])
+        os.setgid(gid)
+        if pw is not None:
+            os.setuid(pw.pw_uid)
+    except (KeyError, OSError) as exc:
+        raise _step_error('drop privileges to %s:%s' % (user or '', group or ''), exc)
+
+
+def _lstat_mode(path):
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
+
+
+def _switch_user(self):
+    """Daemon._switch_user: after setup(), which may bind port 80 and open root's files."""
+    drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
+
+
+def _log_files(self):
+    """Hook: the logs that `user`/`group` must own to reopen them."""
+    return [self.stdout, self.stderr]
+
+
+Daemon._switch_user, Daemon.log_files = _switch_user, _log_files
+
+
+# =============================================================================================
+# Optional: per-user default pidfiles, found from any directory.  Delete from here to the next
+# banner of '=' to drop it: a Daemon given no pidfile then uses /run/NAME.pid as root, else
+# /tmp/NAME-UID.pid (which another user could create first).
+# =============================================================================================
+
+# Where an ordinary user's default pidfile goes without $XDG_RUNTIME_DIR: a private directory
+# of its own in this one.
+PRIVATE_PARENT = '/tmp'
+
+
+def default_pidfile(name, filename=None):
+    """The pidfile of the daemon `name` when none is given, one per user: /run/FILENAME for
+    root, else $XDG_RUNTIME_DIR/FILENAME if that is the user's own and closed to others, else
+    /tmp/NAME-UID/FILENAME (private_directory()).  FILENAME is NAME.pid by default."""
+    filename = filename or name + '.pid'
+    if os.geteuid() == 0 and os.path.isdir('/run'):
+        return os.path.join('/run', filename)
+    runtime = os.environ.get('XDG_RUNTIME_DIR', '')
+    if os.path.isabs(runtime) and _own_private_directory(runtime):
+        return os.path.join(runtime, filename)
+    return os.path.join(PRIVATE_PARENT, '%s-%d' % (name, os.geteuid()), filename)
+
+
+def _own_private_directory(path):
+    """True if path is a directory of the effective user that no one else may write."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def private_directory(path, create, remedy='remove it, or give the daemon a pidfile'):
+    """Check (and with create, make) the 0700 directory of a default pidfile under /tmp: one
+    not ours, or open to others, could hold any pid, so it is refused (exit 4), with remedy."""
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise DaemonError('cannot create %s: %s' % (path, exc.strerror),
+                              privilege=isinstance(exc, PermissionError))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DaemonError('cannot use %s: %s' % (path, exc.strerror))
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise DaemonError('%s is not a private directory of uid %d; %s'
+                          % (path, os.geteuid(), remedy), privilege=True)
+
+
+def _check_default_pidfile(self, action):
+    """Daemon._check_default_pidfile: the private directory of /tmp, made by an action that
+    may start the daemon."""
+    path, directory = self.pidfile_path, os.path.dirname(self.pidfile_path)
+    if path == self._default_pidfile and os.path.dirname(directory) == PRIVATE_PARENT:
+        private_directory(directory, create=action in ('start', 'restart', 'run'))
+
+
+Daemon._pidfile_for = staticmethod(default_pidfile)
+Daemon._check_default_pidfile = _check_default_pidfile
+__all__ += ['default_pidfile', 'private_directory']
+
+
+# =============================================================================================
+# Optional: holders, who holds a file's flock(), read from /proc/locks.  Delete from here to
+# the next banner of '=' to drop it: probe() then tries a shared flock() instead, which a
+# start at that very instant may find taken (it then says "already running").
+# =============================================================================================
+
+def flock_holders(path_stat, locks_text=None):
+    """Pids holding an flock() on the file with this stat, from /proc/locks; None if it cannot
+    be read.  Reading it never disturbs the lock, as a probing flock() can."""
+    if locks_text is None:
+        try:
+            with open('/proc/locks') as f:
+                locks_text = f.read()
+        except OSError:
+            return None
+    ident = '%02x:%02x:%d' % (os.major(path_stat.st_dev), os.minor(path_stat.st_dev), path_stat.st_ino)
+    holders = []
+    for line in locks_text.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->" after the index
+        if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[5] == ident:
+            holders.append(int(fields[4]))
+    return holders
+
+
+def open_files(pid):
+    """(path, stat) of each file process pid has open, from /proc/PID/fd (none if not allowed)."""
+    try:
+        names = os.listdir('/proc/%d/fd' % pid)
+    except OSError:
+        return
+    for name in names:
+        link = '/proc/%d/fd/%s' % (pid, name)
+        try:
+            yield os.readlink(link), os.stat(link)
+        except OSError:
+            continue
+
+
+def _lock_holders(self, st, pid):
+    """PidFile._lock_holders: /proc/locks names who took the lock; after an upgrade (reexec)
+    the pid in the file holds it through an inherited descriptor, so it has the file open."""
+    holders = flock_holders(st)
+    if holders and pid is not None and pid not in holders and any(
+            (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino) for _, other in open_files(pid)):
+        holders.append(pid)
+    return holders
+
+
+PidFile._lock_holders = _lock_holders
+__all__ += ['open_files', 'flock_holders']
+
+
+# =============================================================================================
+# Optional: restore, a pidfile removed under a running daemon is written again.  Delete from
+# here to the next banner of '=' to drop it: a pidfile removed (by an rm, a cleaner of /tmp)
+# then stays gone, and status and stop no longer find the daemon.
+# =============================================================================================
+
+def _restore(self):
+    """PidFile.restore, in the daemon: if the file at the path is no longer the one it locked,
+    create it again, locked and naming this process.  True if it did, False if it could not
+    (the directory is gone, or another file is there: left alone), None if nothing was amiss."""
+    if self.fd is None or os.getpid() != self.owner or self._same_file(self.fd):
+        return None
+    try:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.fchmod(fd, 0o644)
+        os.pwrite(fd, b'%d\n' % os.getpid(), 0)
+    except OSError:
+        os.close(fd)
+        return False
+    os.close(self.fd)
+    self.fd = fd
+    return True
+
+
+def _keep_pidfile(self):
+    """Daemon._keep_pidfile: at most once a second, restore the pidfile; say so in the log, or
+    once that it cannot.  Only a loop that calls wait() or handle_signals() gets this."""
+    now = time.monotonic()
+    if self._pidfile is None or now < getattr(self, '_pidfile_checked', 0.0) + 1.0:
+        return
+    self._pidfile_checked = now
+    restored = self._pidfile.restore()
+    if restored:
+        log('%s: pidfile %s was removed; written again' % (self.name, self.pidfile_path), priority=LOG_WARNING)
+    elif restored is False and not getattr(self, '_pidfile_lost', False):
+        log('%s: pidfile %s was removed or replaced, and cannot be written again: status '
+            'and stop will not find pid %d' % (self.name, self.pidfile_path, os.getpid()), priority=LOG_ERR)
+    self._pidfile_lost = restored is False
+
+
+PidFile.restore = _restore
+Daemon._keep_pidfile = _keep_pidfile
+
+
+# =============================================================================================
+# Optional: syslog, the last words of a daemon without a log.  Delete from here to the next
+# banner of '=' to drop it: a detached daemon whose stderr is /dev/null then dies silently.
+# =============================================================================================
+
+def to_syslog(name, message):
+    """The last resort of a daemon without a log: one syslog(3) line per line of message."""
+    try:
+        syslog.openlog(name, syslog.LOG_PID, syslog.LOG_DAEMON)
+        for line in message.splitlines():
+            syslog.syslog(syslog.LOG_ERR, line)
+        syslog.closelog()
+    except Exception:
+        pass        # no syslog either: nothing more can be done
+
+
+def _last_words(self, message):
+    """Daemon._last_words: to the log, and to syslog when the log is /dev/null (after start
+    returned nobody watches the terminal)."""
+    log(message, priority=LOG_ERR)
+    if self.detached and self.stderr == os.devnull:
+        to_syslog(self.name, message)
+
+
+Daemon._last_words = _last_words
 
 
 # =============================================================================================
@@ -2805,8 +2664,7 @@ def _continue_after_reexec(self, spec):
             name = names[index] if index < len(names) and names[index] else 'unknown'
             self.listen_fds.setdefault(name, []).append(fd)
         if int(pidfile_fd) >= 0:
-            self._pidfile = self._new_pidfile()
-            self._pidfile.adopt(int(pidfile_fd))
+            self._pidfile = _adopt_pidfile(self._new_pidfile(), int(pidfile_fd))
         self._become_service()
     except BaseException as exc:
         upgrade_done(self, describe(exc))
@@ -2824,8 +2682,21 @@ def _check_only(self):
         raise DaemonError('the new command line names another pidfile (%s)' % self.pidfile_path)
     self.listen_fds = self._passed_sockets()
     self.setup()
-    drop_privileges(self.user, self.group)
+    self._switch_user()
     return EXIT_OK
+
+
+def _adopt_pidfile(pidfile, fd):
+    """The PidFile whose locked descriptor fd the image before this one passed on."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # ours already: a no-op check
+    except OSError as exc:
+        raise _step_error('adopt pidfile', exc, pidfile.path)
+    if not pidfile._same_file(fd):
+        raise DaemonError('adopt pidfile failed (fd %d is not %s)' % (fd, pidfile.path))
+    os.set_inheritable(fd, False)
+    pidfile.fd, pidfile.owner = fd, os.getpid()     # the pid in the file is still ours
+    return pidfile
 
 
 # What this section adds to Daemon (its functions that take self are Daemon's methods): the

@@ -286,15 +286,23 @@ class DaemonPublicApiTests(TempDirTest):
     def test_optional_sections_can_be_deleted(self):
         """Each optional section can be deleted whole (with the upgrade section when it needs
         it: the upgrade needs systemd's and the verdicts'), and what is left still imports and
-        daemonizes: start, status, reload, stop.  The core names none of them."""
+        daemonizes: start, status, reload, stop.  The core names none of them.  What the core
+        does in a deleted section's place: test_what_the_core_does_without_a_section."""
         with open(os.path.join(HERE, 'daemon.py')) as f:
             core, sections = daemon_sections(f.read())
-        self.assertEqual(list(sections), ['turns', 'verdicts', 'systemd', 'upgrade'])
+        self.assertEqual(list(sections), ['turns', 'verdicts', 'systemd', 'classic', 'users',
+                                          'per-user', 'holders', 'restore', 'syslog', 'upgrade'])
         self.assertIn('def notify(', sections['systemd'])
         self.assertIn('def reexec(', sections['upgrade'])
         self.assertIn('def _take_turn(', sections['turns'])
         self.assertIn('def _signal_and_wait(', sections['verdicts'])
+        self.assertIn('def drop_privileges(', sections['users'])
+        self.assertIn('def default_pidfile(', sections['per-user'])
+        self.assertIn('def flock_holders(', sections['holders'])
+        self.assertIn('def to_syslog(', sections['syslog'])
+        # The six sections that nothing else needs go together: the others must not need them.
         deletions = [('upgrade',), ('turns',), ('verdicts', 'upgrade'), ('systemd', 'upgrade'),
+                     ('classic', 'users', 'per-user', 'holders', 'restore', 'syslog'),
                      tuple(sections)]
         for deleted in deletions:
             kept = core + ''.join(text for name, text in sections.items() if name not in deleted)
@@ -312,6 +320,38 @@ class DaemonPublicApiTests(TempDirTest):
                 self.assertFalse(os.path.exists(os.path.join(self.tmp, 'minimal.pid')))
         for name in sections:
             self.assertNotIn('Optional: %s' % name, core)
+
+    def test_what_the_core_does_without_a_section(self):
+        """The core's own answer where a deleted section answered: without per-user, the
+        default pidfile is /run/NAME.pid for root, /tmp/NAME-UID.pid for anyone else; without
+        users, a Daemon given a user does not start, and says why; without holders, probe()
+        tries the lock itself, and still tells a live pidfile from a stale one."""
+        import importlib.util
+        with open(os.path.join(HERE, 'daemon.py')) as f:
+            core, sections = daemon_sections(f.read())
+        path = os.path.join(self.tmp, 'bare_daemon.py')
+        with open(path, 'w') as f:
+            f.write(core + ''.join(text for name, text in sections.items()
+                                   if name not in ('per-user', 'users', 'holders')))
+        spec = importlib.util.spec_from_file_location('bare_daemon', path)
+        bare = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bare)
+        self.assertNotIn('default_pidfile', bare.__all__)
+        self.assertNotIn('flock_holders', bare.__all__)
+        uid = os.geteuid()
+        self.assertEqual(bare.Daemon(name='bare').pidfile_path,
+                         '/run/bare.pid' if uid == 0 else '/tmp/bare-%d.pid' % uid)
+        with self.assertRaisesRegex(bare.DaemonError, 'cannot switch to nobody: this daemon.py '
+                                    'does not change users'):
+            bare.Daemon(os.path.join(self.tmp, 'x.pid'), user='nobody')._switch_user()
+        pidfile = bare.PidFile(os.path.join(self.tmp, 'bare.pid'))
+        pidfile.acquire()
+        self.assertEqual(pidfile.probe(), ('running', os.getpid()))
+        pidfile.release()
+        self.assertEqual(pidfile.probe(), ('absent', None))
+        with open(pidfile.path, 'w') as f:
+            f.write('%d\n' % os.getpid())
+        self.assertEqual(pidfile.probe(), ('stale', os.getpid()))
 
 
 WORKDIR_PROGRAM = """
