@@ -172,6 +172,7 @@ Content-Security-Policy: its own inline style (and script) by hash, nothing else
 
 import _socket
 import argparse
+import bisect
 import ctypes
 import errno
 import gc
@@ -1740,7 +1741,7 @@ def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_o
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 4             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 5             # part of every page's ETag: change it when the markup changes
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
@@ -2075,9 +2076,9 @@ def gallery_pages(listing, label='Pages'):
     return '<nav class="pages" aria-label="%s">%s</nav>\n' % (label, ''.join(links))
 
 
-def gallery_header(crumbs, listing):
+def gallery_header(crumbs, listing, download=False):
     """The page's <header>: the path as links (Home, then each folder above this one), the
-    counts over all pages, and the sorts."""
+    counts over all pages (and with download, the link to the folder as one zip), and the sorts."""
     heading = ['<a href="/">Home</a>']
     for i, part in enumerate(crumbs):
         href = escape_html('/' + '/'.join(urllib.parse.quote(p) for p in crumbs[:i + 1]) + '/')
@@ -2090,6 +2091,8 @@ def gallery_header(crumbs, listing):
             counts.append('%d %s' % (number, one if number == 1 else many))
     if listing.pages > 1:
         counts.append('page %d of %d' % (listing.page, listing.pages))
+    if download:
+        counts.append('<a href="?download=zip">Download all (zip)</a>')
     sorts = ''.join(('<strong>%s</strong>' if s == listing.sort else '<a href="%s">%%s</a>' % gallery_href(s, 1)) % s
                     for s in GALLERY_SORTS)
     return ('<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
@@ -2119,12 +2122,13 @@ def gallery_entries(entries, infos):
     return ''.join(out)
 
 
-def gallery_page(url_path, listing, infos=None):
+def gallery_page(url_path, listing, infos=None, download=False):
     """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
-    without sizes).  Every name is HTML-escaped in text and URL-quoted in links."""
+    without sizes); download: a link to the folder as one zip.  Every name is HTML-escaped in
+    text and URL-quoted in links."""
     crumbs = [p for p in url_path.split('/') if p]
     title = escape_html(crumbs[-1] if crumbs else 'Home')
-    out = [gallery_header(crumbs, listing)]
+    out = [gallery_header(crumbs, listing, download)]
     if listing.pages > 1:
         title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
         out.append(gallery_pages(listing))
@@ -2706,7 +2710,7 @@ class Connection:
         reply.status = status
         reply.pieces = pieces
         reply.out = head + body if body else head
-        if file is not None and length:
+        if file is not None and (length or pieces):     # pieces alone: a ZipBody, its own file
             file.refs += 1
             reply.file, reply.offset, reply.remaining = file, offset, length
         reply.sent = len(body) or body_length       # body_length: what of `head` is body
@@ -2756,7 +2760,11 @@ class Connection:
                         return
                 if not reply.pieces:
                     break
-                reply.out, reply.offset, reply.remaining = reply.pieces.pop(0)
+                piece = reply.pieces.pop(0)
+                if piece is None:                   # a zip reading CRCs: the others' turn first
+                    self.worker.defer(self)
+                    return
+                reply.out, reply.offset, reply.remaining = piece
                 reply.sent += len(reply.out)
         except (BlockingIOError, InterruptedError):
             return self.wait_writable()
@@ -3120,7 +3128,11 @@ class TLSConnection(Connection):
                     if not reply.remaining:
                         if not reply.pieces:
                             break
-                        reply.out, reply.offset, reply.remaining = reply.pieces.pop(0)   # a part head
+                        piece = reply.pieces.pop(0)     # a part head
+                        if piece is None:               # a zip reading CRCs: the others' turn first
+                            self.worker.defer(self)
+                            return
+                        reply.out, reply.offset, reply.remaining = piece
                         reply.sent += len(reply.out)
                         continue
                     chunk = os.pread(reply.file.fd, min(reply.remaining, TLS_CHUNK), reply.offset)
@@ -3233,6 +3245,453 @@ def tls_context(cert, key, allow_readable_key=False):
     return context
 
 # ---------------------------------------------------------------------------------------------
+# Zip: a folder as one download (stored entries, ZIP64)
+# ---------------------------------------------------------------------------------------------
+#
+# FOLDER/?download=zip is a zip of what the folder's gallery lists, subfolders included (its
+# catalog: no dot files, no special files, none of our own files, no symlink out of the root),
+# under a top folder named after it.  Responder.respond_directory hands it to ZipFolder.
+#
+# Why this layout (APPNOTE 6.3.10):
+#   stored    entries are method 0 (photos and videos do not compress), so where every byte
+#             lies follows from the listing alone (names and sizes): zip_layout() gives the
+#             exact Content-Length before the first byte, and any Range can be answered;
+#   CRCs in the local headers, no data descriptors (flag bit 3): a descriptor would let a
+#             CRC be computed as the bytes go by, but they go by sendfile(), never through
+#             Python, and the central directory at the end needs every CRC anyway, as does a
+#             Range that starts after a file.  So each file is read once for its CRC, when its
+#             local header's turn comes (ZIP_CRC_STEP bytes a loop turn: the worker's other
+#             connections wait no longer than behind a sendfile), and the CRC is kept in
+#             ZipFolder.crcs (a Cache) by the file's validators (file_key): a resumed or a
+#             second download of it from that worker reads nothing again;
+#   UTF-8     names carry flag bit 11; times are UTC, as DOS time and as the extended
+#             timestamp (0x5455) that unzip and 7-Zip prefer;
+#   ZIP64     an entry of 4 GiB or more, an offset past 4 GiB or more than 65,534 entries add
+#             the ZIP64 extra field, end record and locator; the rest stays classic zip.
+# The validators (a strong ETag and Last-Modified) come from every entry's name, size and mtime
+# (not ctime nor inode, so that nodes holding the same files agree): a file rewritten with its
+# size and mtime put back (touch -r) would resume with its old bytes, the ETag cannot see it.
+
+ZIP_VERSION = 1                 # part of every zip's ETag: change it when the layout changes
+ZIP_LIMIT32 = 0xFFFFFFFF        # a 32-bit field at this value means "in the ZIP64 extra"
+ZIP_UTF8 = 0x0800               # general purpose flag bit 11: names are UTF-8
+ZIP_FILE_ATTR = (stat.S_IFREG | 0o644) << 16
+ZIP_DIR_ATTR = (stat.S_IFDIR | 0o755) << 16 | 0x10     # and MS-DOS's directory bit
+ZIP_FIRST_TIME, ZIP_LAST_TIME = 315532800, 4354819198  # what DOS time can say: 1980-01-01 .. 2107
+ZIP_CRC_STEP = 8 << 20          # bytes read for CRCs per loop turn (as SEND_BUDGET sends)
+ZIP_CRC_CACHE = 65536           # CRCs kept per worker (some 200 bytes each)
+# The default --zip-max-files and --zip-max-bytes: listing and stat()ing 10,000 entries holds a
+# worker some 50 ms; a zip's size itself costs nothing until it is read, so no byte limit.
+ZIP_MAX_FILES = 10000
+ZIP_MAX_BYTES = 0               # 0: no limit
+
+
+class ZipEntry:
+    """One entry of a zip: name (bytes, UTF-8, '/' ends a folder's), size, mtime (seconds), and
+    the path and stat() it was listed with (None for a layout built by a test)."""
+
+    __slots__ = ('name', 'size', 'mtime', 'is_dir', 'path', 'st')
+
+    def __init__(self, name, size, mtime, is_dir=False, path=None, st=None):
+        self.name, self.size, self.mtime, self.is_dir, self.path, self.st = name, size, int(mtime), is_dir, path, st
+
+
+def zip_dos_time(mtime):
+    """(DOS time, DOS date) of a time in UTC, clamped to what they can say."""
+    t = time.gmtime(min(max(mtime, ZIP_FIRST_TIME), ZIP_LAST_TIME))
+    return t.tm_hour << 11 | t.tm_min << 5 | t.tm_sec // 2, (t.tm_year - 1980) << 9 | t.tm_mon << 5 | t.tm_mday
+
+
+def zip_time_extra(mtime):
+    """The extended timestamp extra field (0x5455): the modification time alone."""
+    return struct.pack('<HHBI', 0x5455, 5, 1, min(max(mtime, 0), 0x7FFFFFFF))
+
+
+def zip_local_length(entry):
+    """The length of an entry's local header: what zip_local_header() builds, whatever its CRC."""
+    return 30 + len(entry.name) + 9 + (20 if entry.size >= ZIP_LIMIT32 else 0)
+
+
+def zip_central_length(entry, offset):
+    """The length of an entry's central directory header at offset: zip_central_header()'s."""
+    words = (2 if entry.size >= ZIP_LIMIT32 else 0) + (offset >= ZIP_LIMIT32)
+    return 46 + len(entry.name) + 9 + (4 + 8 * words if words else 0)
+
+
+def zip_local_header(entry, crc):
+    big = entry.size >= ZIP_LIMIT32
+    extra = zip_time_extra(entry.mtime)
+    if big:
+        extra += struct.pack('<HHQQ', 1, 16, entry.size, entry.size)
+    size = ZIP_LIMIT32 if big else entry.size
+    dos_time, dos_date = zip_dos_time(entry.mtime)
+    return struct.pack('<IHHHHHIIIHH', 0x04034b50, 45 if big else 20, ZIP_UTF8, 0, dos_time, dos_date,
+                       crc, size, size, len(entry.name), len(extra)) + entry.name + extra
+
+
+def zip_central_header(entry, crc, offset):
+    words = [entry.size, entry.size] if entry.size >= ZIP_LIMIT32 else []
+    if offset >= ZIP_LIMIT32:
+        words.append(offset)
+    extra = zip_time_extra(entry.mtime)
+    if words:
+        extra += struct.pack('<HH%dQ' % len(words), 1, 8 * len(words), *words)
+    version = 45 if words else 20
+    dos_time, dos_date = zip_dos_time(entry.mtime)
+    size = min(entry.size, ZIP_LIMIT32)
+    return struct.pack('<IHHHHHHIIIHHHHHII', 0x02014b50, 3 << 8 | version, version, ZIP_UTF8, 0, dos_time,
+                       dos_date, crc, size, size, len(entry.name), len(extra), 0, 0, 0,
+                       ZIP_DIR_ATTR if entry.is_dir else ZIP_FILE_ATTR, min(offset, ZIP_LIMIT32)) \
+        + entry.name + extra
+
+
+def zip_end(count, cd_offset, cd_size):
+    """The end of the archive: the ZIP64 end record and its locator when a field overflows
+    (65,535 entries is already the marker value), then the classic end record."""
+    out = b''
+    if count >= 0xFFFF or cd_offset >= ZIP_LIMIT32 or cd_size >= ZIP_LIMIT32:
+        out = struct.pack('<IQHHIIQQQQ', 0x06064b50, 44, 3 << 8 | 45, 45, 0, 0, count, count, cd_size, cd_offset)
+        out += struct.pack('<IIQI', 0x07064b50, 0, cd_offset + cd_size, 1)
+    return out + struct.pack('<IHHHHIIH', 0x06054b50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                             min(cd_size, ZIP_LIMIT32), min(cd_offset, ZIP_LIMIT32), 0)
+
+
+def zip_end_length(count, cd_offset, cd_size):
+    big = count >= 0xFFFF or cd_offset >= ZIP_LIMIT32 or cd_size >= ZIP_LIMIT32
+    return 22 + (76 if big else 0)
+
+
+def zip_layout(entries):
+    """(offsets, cd_offset, cd_size, length) of a zip of entries (ZipEntry), from their names and
+    sizes alone: each local header's offset, the central directory's, its length, the whole."""
+    offsets = []
+    position = 0
+    for entry in entries:
+        offsets.append(position)
+        position += zip_local_length(entry) + entry.size
+    cd_size = sum(zip_central_length(entry, offset) for entry, offset in zip(entries, offsets))
+    return offsets, position, cd_size, position + cd_size + zip_end_length(len(entries), position, cd_size)
+
+
+def zip_tail(entries, offsets, crcs, cd_offset):
+    """The central directory and the end records: the archive's last bytes."""
+    central = b''.join(zip_central_header(entry, crc, offset) for entry, crc, offset in zip(entries, crcs, offsets))
+    return central + zip_end(len(entries), cd_offset, len(central))
+
+
+def zip_validators(entries, length):
+    """(ETag, newest mtime) of a zip: from every entry's name, size and mtime, and the length."""
+    data = b'\0'.join(b'%s %d %d' % (e.name, e.size, e.mtime) for e in entries)
+    newest = max([e.mtime for e in entries] or [0])
+    return '"z%d-%x-%08x%08x"' % (ZIP_VERSION, length, zlib.crc32(data), zlib.adler32(data)), newest
+
+
+def zip_disposition(folder):
+    """Content-Disposition of the zip of folder (a name): attachment, folder.zip, its UTF-8
+    name in filename* (RFC 6266) and a plain ASCII one beside it for older clients."""
+    name = folder + '.zip'
+    plain = ''.join(c if ' ' <= c < '\x7f' and c not in '"\\%' else '_' for c in name)
+    return b'Content-Disposition: attachment; filename="%s"; filename*=UTF-8\'\'%s\r\n' % (
+        plain.encode('ascii'), urllib.parse.quote(name, safe='').encode('ascii'))
+
+
+# CRC-32 over a run of zero bytes without reading them (zlib's crc32_combine arithmetic, in
+# GF(2) modulo its reflected polynomial): the holes of a sparse file (a disk image, a
+# preallocated video) cost no read, which for a 4 GB one is 10 s of a worker's time.
+ZIP_CRC_POLY = 0xEDB88320
+
+
+def crc32_multiply(a, b):
+    """a * b modulo the CRC-32 polynomial (bit 31 is x**0)."""
+    product = 0
+    mask = 1 << 31
+    while a:
+        if a & mask:
+            product ^= b
+            a ^= mask
+        mask >>= 1
+        b = b >> 1 ^ ZIP_CRC_POLY if b & 1 else b >> 1
+    return product
+
+
+def _crc32_powers():
+    powers = [1 << 30]                  # x**1, then x**(2**k)
+    for _ in range(63):
+        powers.append(crc32_multiply(powers[-1], powers[-1]))
+    return powers
+
+
+ZIP_CRC_POWERS = _crc32_powers()
+
+
+def crc32_zeros(crc, count):
+    """zlib.crc32(bytes(count), crc), in O(log count): the register times x**(8 * count)."""
+    power, k, n = 1 << 31, 3, count
+    while n:
+        if n & 1:
+            power = crc32_multiply(ZIP_CRC_POWERS[k], power)
+        n >>= 1
+        k += 1
+    return crc32_multiply(power, crc ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+def hole_length(fd, offset, size):
+    """How many bytes from offset the file's hole runs (lseek SEEK_DATA), 0 where there is
+    data or the file system cannot say."""
+    try:
+        return min(os.lseek(fd, offset, os.SEEK_DATA), size) - offset
+    except OSError as exc:
+        return size - offset if exc.errno == errno.ENXIO else 0
+
+
+def zip_entry_source(path, fd, st):
+    """The bytes that stand in for the first bytes of an entry's file in the zip (b'': none, the
+    file as it is).  The one place each entry's bytes come from besides the file itself: a
+    rewrite of a file's first bytes that keeps its length (a location strip) hooks here."""
+    return b''
+
+
+class ZipBody:
+    """The body of one zip response, from `first` to `last` (inclusive): Reply's file and its
+    pieces at once.  pop() gives the next (bytes, offset, count): bytes, then count bytes of
+    the current entry's file (self.fd, opened when its turn comes, closed when the next one
+    opens: a folder may hold 10,000 files) from offset; or None while it still reads CRCs,
+    for the connection to give the other connections their turn."""
+
+    def __init__(self, entries, layout, first, last, crcs, opener):
+        self.entries = entries
+        self.offsets, self.cd_offset, self.cd_size, self.length = layout
+        self.position, self.end = first, last + 1
+        self.index = bisect.bisect_right(self.offsets, first) - 1 if first < self.cd_offset else len(entries)
+        self.crcs = crcs                # ZipFolder.crcs: file_key -> CRC
+        self.known = {}                 # index -> CRC, for this response
+        self.opener = opener            # path -> (fd, stat, prefix), checked
+        self.fd = -1
+        self.open_index = -1
+        self.prefix = b''
+        self.reading = None             # (index, offset, crc so far) of a CRC being read
+        self.refs = 0
+
+    def __bool__(self):
+        return self.position < self.end
+
+    def pop(self, _index=0):
+        if self.index >= len(self.entries):
+            return self.tail_piece()
+        i = self.index
+        entry = self.entries[i]
+        crc = self.crc(i)
+        if crc is None:
+            return None
+        head_start = self.offsets[i]
+        data_start = head_start + zip_local_length(entry)
+        data_end = data_start + entry.size
+        head = zip_local_header(entry, crc)[self.position - head_start:self.end - head_start] \
+            if self.position < data_start else b''
+        first, stop = max(self.position, data_start) - data_start, min(self.end, data_end) - data_start
+        self.position = min(self.end, data_end)
+        if self.position == data_end:
+            self.index += 1
+        if stop <= first:
+            return head, 0, 0
+        self.use(i)
+        start = max(first, len(self.prefix))
+        return head + self.prefix[first:stop], start, max(0, stop - start)
+
+    def tail_piece(self):
+        for i in range(len(self.entries)):
+            if self.crc(i) is None:
+                return None
+        tail = zip_tail(self.entries, self.offsets, [self.known[i] for i in range(len(self.entries))],
+                        self.cd_offset)
+        piece = tail[self.position - self.cd_offset:self.end - self.cd_offset]
+        self.position = self.end
+        return piece, 0, 0
+
+    def use(self, i):
+        """Open entry i's file (and close the one before), checked against its listing: a file
+        changed since has another size or place, and the response cannot be right (OSError:
+        the connection is cut, as for a file that shrinks under sendfile)."""
+        if self.open_index == i:
+            return
+        self.close()
+        entry = self.entries[i]
+        self.fd, st, prefix = self.opener(entry.path)
+        self.prefix = prefix[:entry.size]
+        self.open_index = i
+        if (st.st_size, st.st_mtime_ns) != (entry.st.st_size, entry.st.st_mtime_ns):
+            raise OSError(errno.ESTALE, 'changed since it was listed: %s' % entry.path)
+
+    def crc(self, i):
+        """Entry i's CRC-32: known, cached, or read on, ZIP_CRC_STEP bytes a call (None until
+        the last of them)."""
+        known = self.known.get(i)
+        if known is not None:
+            return known
+        entry = self.entries[i]
+        key = None if entry.is_dir or not entry.size else file_key(entry.st)
+        crc = 0 if key is None else self.crcs.data.get(key)
+        if crc is None:
+            crc = self.read_crc(i)
+            if crc is None:
+                return None
+            self.crcs.store(key, crc)
+        self.known[i] = crc
+        return crc
+
+    def read_crc(self, i):
+        self.use(i)
+        entry = self.entries[i]
+        offset, crc = self.reading[1:] if self.reading and self.reading[0] == i else (0, 0)
+        if offset == 0 and self.prefix:
+            offset, crc = len(self.prefix), zlib.crc32(self.prefix)
+        budget = ZIP_CRC_STEP
+        while offset < entry.size and budget > 0:
+            hole = hole_length(self.fd, offset, entry.size)
+            if hole > 0:
+                crc = crc32_zeros(crc, hole)
+                offset += hole
+                continue
+            data = os.pread(self.fd, min(entry.size - offset, SENDFILE_CHUNK, budget), offset)
+            if not data:
+                raise OSError(errno.ESTALE, 'shrank since it was listed: %s' % entry.path)
+            crc = zlib.crc32(data, crc)
+            offset += len(data)
+            budget -= len(data)
+        if offset < entry.size:
+            self.reading = (i, offset, crc)
+            return None
+        self.reading = None
+        return crc
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.open_index, self.prefix = -1, -1, b''
+
+    def release(self):
+        self.refs -= 1
+        if self.refs <= 0:
+            self.close()
+
+
+class ZipFolder:
+    """FOLDER/?download=zip for a Responder: the walk of the folder, the operator's limits
+    (--zip-max-files, 0 turns zips off; --zip-max-bytes), the CRCs kept, and the response."""
+
+    def __init__(self, max_files=ZIP_MAX_FILES, max_bytes=ZIP_MAX_BYTES):
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        self.crcs = Cache(ZIP_CRC_CACHE)
+
+    def respond(self, responder, req, keep_alive, fd, path, relative):
+        """The zip of the folder open at fd (checked in the root), or a 403 naming the limit."""
+        top = relative.rsplit('/', 1)[-1] or 'Home'
+        if not self.max_files:
+            return self.refuse(responder, req, keep_alive, None)
+        entries, refused = self.walk(responder, fd, path, top)
+        if refused:
+            return self.refuse(responder, req, keep_alive, refused)
+        layout = zip_layout(entries)
+        length = layout[3]
+        etag, newest = zip_validators(entries, length)
+        clock = responder.clock
+        last_modified = http_date(min(newest, clock.wall)).encode('ascii')
+        fields = b'Last-Modified: %s\r\nETag: %s\r\nCache-Control: no-cache\r\n' % (last_modified, etag.encode('ascii'))
+        if precondition_failed(req.headers, etag, newest):
+            raise HTTPError(412)
+        if not_modified(req.headers, etag, newest):
+            return 304, response_head(304, clock.date, fields, keep_alive, req.version, responder.common_headers)
+        status, first, last, extra = zip_range(req.headers, etag, newest, length)
+        fields = b'Content-Type: application/zip\r\n%sAccept-Ranges: bytes\r\nContent-Length: %d\r\n%s%s' % (
+            zip_disposition(top), last - first + 1, extra, fields)
+        head = response_head(status, clock.date, fields, keep_alive, req.version, responder.common_headers)
+        if req.method == b'HEAD' or last < first:
+            return status, head
+        body = ZipBody(entries, layout, first, last, self.crcs, lambda p: zip_open(responder, p))
+        return status, head, b'', body, 0, 0, 0, body
+
+    def walk(self, responder, fd, path, top):
+        """(entries, None), or (None, the limit passed): the folder's listed files and folders,
+        subfolders included (each once: a symlink loop is followed no further)."""
+        entries = [ZipEntry(top.encode('utf-8') + b'/', 0, os.fstat(fd).st_mtime, True)]
+        seen = set()
+        pending = [(fd, path, entries[0].name)]         # the top is open already: fd
+        total = 0
+        while pending:
+            folder_fd, folder, prefix = pending.pop()
+            subfolders = []
+            for name, is_dir, st in zip_folder_items(responder, folder_fd, folder, seen):
+                entry = ZipEntry(prefix + name.encode('utf-8') + (b'/' if is_dir else b''),
+                                 0 if is_dir else st.st_size, st.st_mtime, is_dir, folder + '/' + name, st)
+                entries.append(entry)
+                total += entry.size
+                if is_dir:
+                    subfolders.append((None, entry.path, entry.name))
+            if len(entries) - 1 > self.max_files:
+                return None, 'more than %d files and folders (--zip-max-files)' % self.max_files
+            if self.max_bytes and total > self.max_bytes:
+                return None, 'more than %d bytes (--zip-max-bytes)' % self.max_bytes
+            pending.extend(reversed(subfolders))
+        return entries, None
+
+    def refuse(self, responder, req, keep_alive, limit):
+        text = ('Downloads of folders as zip are off here (--zip-max-files 0).' if not self.max_files else
+                'This folder is too large to download as one zip: %s.' % limit)
+        body = html_page('403 Forbidden', ERROR_STYLE, '<h1>403 Forbidden</h1>\n<p>%s</p>\n<p>Go back to '
+                         '<a href="./">the folder</a>.</p>\n' % escape_html(text))
+        head = response_head(403, responder.clock.date, html_fields(len(body)), keep_alive, req.version,
+                             responder.common_headers)
+        return 403, head, b'' if req.method == b'HEAD' else body
+
+
+def zip_range(headers, etag, mtime, length):
+    """(status, first, last, Content-Range field) of a zip's response: one range (several are
+    answered whole), under If-Range; 416 raised as HTTPError."""
+    if 'range' in headers and if_range_allows(headers, etag, mtime):
+        found = parse_range(headers['range'], length)
+        if found == 'unsatisfiable':
+            raise HTTPError(416, headers=b'Content-Range: bytes */%d\r\n' % length)
+        if found is not None:
+            first, last = found
+            return 206, first, last, b'Content-Range: bytes %d-%d/%d\r\n' % (first, last, length)
+    return 200, 0, length - 1, b''
+
+
+def zip_folder_items(responder, fd, folder, seen):
+    """(name, is_dir, stat) of what the gallery lists in folder (open at fd, or opened here and
+    checked to lie in the root), in its order; nothing for a folder seen before or gone."""
+    own = fd is None
+    try:
+        if own:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            responder.check_confined(fd)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                return []
+            seen.add((st.st_dev, st.st_ino))
+            catalog = gallery_catalog(responder.scan_directory(fd, folder))
+            return [(name, is_dir, st) for _, name, is_dir, st, _ in
+                    responder.stat_entries(fd, folder, catalog.entries)]
+        finally:
+            if own:
+                os.close(fd)
+    except (OSError, HTTPError):
+        return []
+
+
+def zip_open(responder, path):
+    """(fd, stat, prefix) of an entry's file, opened as any file served (Responder.open_checked)
+    and never one of ours."""
+    fd, st = responder.open_checked(path)
+    if responder.own_files.hides(path, st):
+        os.close(fd)
+        raise OSError(errno.ENOENT, 'not served: %s' % path)
+    return fd, st, zip_entry_source(path, fd, st)
+
+
+# ---------------------------------------------------------------------------------------------
 # The responder: from a parsed request to its response (resolve, open, stat, head)
 # ---------------------------------------------------------------------------------------------
 
@@ -3269,6 +3728,7 @@ class Responder:
         self.images = ImageInfoCache()
         self.pages = Cache(PAGE_CACHE_ENTRIES, PAGE_CACHE_BYTES)
         self.paths = Cache(PATH_CACHE_SIZE)     # target -> (path, relative, trailing, slash, query)
+        self.zips = ZipFolder(config.zip_max_files, config.zip_max_bytes)     # ?download=zip, its CRCs
         self.file_error_logged = -1.0
 
     def respond(self, req, keep_alive=True, redirect=False):
@@ -3486,6 +3946,8 @@ class Responder:
                 # directory later replaced by a file would stay out of its reach.
                 raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n'
                                 + self.cache_control)
+            if query and parse_query(query).get('download') == 'zip':
+                return self.zips.respond(self, req, keep_alive, fd, path, relative)
             index = self.index_file(path)
             if index is not None:
                 return self.respond_file(req, keep_alive, index)
@@ -3643,7 +4105,7 @@ class Responder:
             body = gallery_json(url_path, listing, infos)
             fields = b'Content-Type: application/json\r\nContent-Length: %d\r\n' % len(body) + validators
         else:
-            body = gallery_page(url_path, listing, infos)
+            body = gallery_page(url_path, listing, infos, download=self.zips.max_files > 0)
             fields = html_fields(len(body), GALLERY_CSP.encode('ascii')) + validators
         return etag, fields, body
 
@@ -5668,6 +6130,13 @@ def parser():
     tls.add_argument('--hsts', type=non_negative_int, metavar='SECONDS',
                      help='send Strict-Transport-Security: max-age=SECONDS on HTTPS responses '
                           '(0 tells browsers to forget an earlier one)')
+    limits.add_argument('--zip-max-files', type=non_negative_int, default=ZIP_MAX_FILES, metavar='N',
+                        help='files and folders in one FOLDER/?download=zip, subfolders included; '
+                             'more is a 403 naming this limit; 0 turns the zip download off '
+                             '(default: %d)' % ZIP_MAX_FILES)
+    limits.add_argument('--zip-max-bytes', type=non_negative_int, default=ZIP_MAX_BYTES, metavar='BYTES',
+                        help='bytes of files in one zip download; more is a 403 naming this '
+                             'limit; 0: no limit (default: 0)')
     return p
 
 
