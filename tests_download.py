@@ -3,11 +3,14 @@ served over loopback (zipfile reads it byte for byte, cut downloads resume, a sp
 is ZIP64, the operator's limits).
 """
 
+import errno
 import io
 import os
 import random
+import shutil
 import socket
 import struct
+import tempfile
 import time
 import unittest
 import zipfile
@@ -17,6 +20,7 @@ import zlib
 from testlib import FIXED_MTIME, SharedAgentTestCase, write_file
 import agent
 from harness import raw_request
+import fuzz
 
 
 def zip_bytes(entries, contents):
@@ -123,6 +127,30 @@ class ZipLayoutTests(unittest.TestCase):
         for n in [0, 1, 2, 3, 4, 7, 8, 255, 4096, 65537] + [rng.randrange(1 << 21) for _ in range(10)]:
             for crc in (0, 1, 0xFFFFFFFF, rng.randrange(1 << 32)):
                 self.assertEqual(agent.crc32_zeros(crc, n), zlib.crc32(bytes(n), crc), (n, crc))
+
+    def test_fuzz_cases(self):
+        """bench/fuzz.py's zip mode, a few cases: random folders, whole and by ranges."""
+        directory = tempfile.mkdtemp(prefix='zip-fuzz-')
+        self.addCleanup(shutil.rmtree, directory, True)
+        for index in range(40):
+            self.assertIsNone(fuzz.zip_case(fuzz.case_rng(22, index), directory), index)
+
+    def test_a_file_changed_since_listed_cuts_the_body(self):
+        """A file whose size or mtime is not what the listing said: the layout is wrong for it,
+        and the body stops with an OSError (the connection is cut) rather than send wrong bytes."""
+        directory = tempfile.mkdtemp(prefix='zip-change-')
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = write_file(directory, 'a.jpg', b'A' * 100)
+        entries = [agent.ZipEntry(b'a.jpg', 100, FIXED_MTIME, False, path, os.stat(path))]
+        write_file(directory, 'a.jpg', b'A' * 101)
+        layout = agent.zip_layout(entries)
+        body = agent.ZipBody(entries, layout, 0, layout[3] - 1, agent.Cache(10),
+                             lambda p: (os.open(p, os.O_RDONLY), os.stat(p), b''))
+        with self.assertRaises(OSError) as caught:
+            fuzz.zip_join(body)
+        self.assertEqual(caught.exception.errno, errno.ESTALE)
+        self.assertIn(path, str(caught.exception))
+        self.assertEqual(body.fd, -1)
 
     def test_validators_and_attachment_name(self):
         entries = [agent.ZipEntry(b'a/', 0, 10, True), agent.ZipEntry(b'a/x', 5, 20)]
