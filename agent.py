@@ -13,6 +13,7 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
     Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
+    Zip: a folder as one download (zip_layout and the headers, pure; ZipBody, ZipFolder)
     The responder: a parsed request -> its response (resolve, open, stat, head)
     A worker: one process, one epoll loop (Clock, AccessLog, Acceptor, Worker: the loop)
     The master: Supervisor (the workers), Upgrade (in place), Agent (the daemon); ports
@@ -145,7 +146,8 @@ descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
 ?page=N (404 for a page that does not exist), ?sort=name|date|size, ?format=json or Accept:
 application/json; a weak ETag; 403 with --no-listing).  `image.jpg?thumb` is the EXIF thumbnail
-embedded in a JPEG (404 if none).
+embedded in a JPEG (404 if none).  `FOLDER/?download=zip` is the folder as one stored zip, ranges
+and all (section Zip; --zip-max-files, --zip-max-bytes).
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
@@ -2212,6 +2214,7 @@ class Cache:
                         PAGE_CACHE_BYTES, keyed by the directory's stamps and stored with the
                         time they serve until (PAGE_TTL, CATALOG_TTL: until())
       AccessLog.escaped access-log fields escaped (escape_log), PATH_CACHE_SIZE; pure
+      Responder.zips.crcs  ZipFolder's CRC-32 of files, ZIP_CRC_CACHE, keyed by file_key
     Not caches, and not bounded on their own: an OpenFile's last 200 head (rebuilt when the
     Date changes, once a second) and a connection's last parsed head (frame()'s `last`); each
     goes with what holds it.
@@ -2539,7 +2542,9 @@ class Reply:
     connection sends one response at a time.
 
     out goes first, then `remaining` bytes of file from offset, then each of pieces (a
-    multipart/byteranges response's part heads and ranges) the same way.  sent counts the
+    multipart/byteranges response's part heads and ranges) the same way.  A ZipBody is both
+    file and pieces: its fd moves from entry to entry, and its pop() may say None, not yet (a
+    CRC being read: the connection yields its turn).  sent counts the
     body bytes: those of out as they are queued (a response cut short still counts them, as
     the log always has), those of the file as they go."""
 
