@@ -58,7 +58,7 @@ from tests_gallery import (
     ImageHeaderTests, GalleryPureTests, GalleryNamesServerTests, GalleryServerTests,
     GalleryValidatorServerTests, ErrorPageServerTests, HtmlPagePolicyTests, GalleryInProcessTests)  # noqa: F401
 from tests_download import (
-    ZipLayoutTests, ZipServerTests, ZipLimitTests, ZipOffTests, SparseZip64Tests)  # noqa: F401
+    ZipLayoutTests, ZipServerTests, ZipLimitTests, ZipOffTests, SparseZip64Tests, ZipOverTLSTests)  # noqa: F401
 from tests_tls import (
     TLSFixtureTests, TLSServerTests, ClientHelloAlpnTests, TLSOwnAgentTests,
     TLSRedirectLocationTests, TLSPlainHTTPLineTests, TLSStartAndReloadTests)  # noqa: F401

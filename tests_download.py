@@ -17,7 +17,9 @@ import zipfile
 import zlib
 
 # testlib first: it puts the repository and bench/ on sys.path.
-from testlib import FIXED_MTIME, SharedAgentTestCase, write_file
+from testlib import (
+    FIXED_MTIME, AgentServer, ClassCleanups, SharedAgentTestCase, TLSConn, tls_make_ca, tls_make_leaf,
+    write_file)
 import agent
 from harness import raw_request
 import fuzz
@@ -389,3 +391,44 @@ class SparseZip64Tests(SharedAgentTestCase):
         middle = big.header_offset + 30 + len(b'sparse/a big.bin') + 9 + 20 + self.BIG // 2
         piece = self.get('/sparse/?download=zip', 'Range: bytes=%d-%d' % (middle, middle + 17))
         self.assertEqual(piece.body, b'DATA IN THE MIDDLE')
+
+
+class ZipOverTLSTests(unittest.TestCase):
+    """The zip over HTTPS: TLSConnection.send takes a ZipBody's pieces too (SSL writes, no
+    sendfile), whole and by range."""
+
+    @classmethod
+    def setUpClass(cls):
+        if shutil.which('openssl') is None:
+            raise unittest.SkipTest('openssl not installed (Debian package openssl)')
+        cls.server = AgentServer(ClassCleanups(cls), workers=1)
+        tls_dir = os.path.join(cls.server.dir, 'tls')
+        os.makedirs(tls_dir)
+        cls.ca = tls_make_ca(tls_dir)
+        cert, key = os.path.join(tls_dir, 'leaf.crt'), os.path.join(tls_dir, 'leaf.key')
+        tls_make_leaf(tls_dir, cls.ca, 4201, cert, key)
+        cls.server.options += ['--tls-cert', cert, '--tls-key', key]
+        cls.files = {'a.jpg': os.urandom(300007), 'sub/b.jpg': os.urandom(70001)}
+        for name, data in cls.files.items():
+            write_file(cls.server.root, 'album/' + name, data)
+        cls.server.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def get(self, *headers):
+        conn = TLSConn(self.server.port, self.ca[0], 10)
+        self.addCleanup(conn.close)
+        conn.send(raw_request('/album/?download=zip', *headers))
+        return conn.response()
+
+    def test_zip_over_tls(self):
+        whole = self.get()
+        self.assertEqual(whole.status, 200, whole)
+        with zipfile.ZipFile(io.BytesIO(whole.body)) as archive:
+            self.assertIsNone(archive.testzip())
+            for name, data in self.files.items():
+                self.assertEqual(archive.read('album/' + name), data)
+        part = self.get('Range: bytes=1000-200000')
+        self.assertEqual((part.status, part.body), (206, whole.body[1000:200001]))
