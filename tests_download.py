@@ -10,6 +10,7 @@ import random
 import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import time
 import unittest
@@ -432,3 +433,167 @@ class ZipOverTLSTests(unittest.TestCase):
                 self.assertEqual(archive.read('album/' + name), data)
         part = self.get('Range: bytes=1000-200000')
         self.assertEqual((part.status, part.body), (206, whole.body[1000:200001]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Thumbnails made by an outside program (--thumbnailer, --cache)
+# ---------------------------------------------------------------------------------------------
+
+def imagemagick():
+    """The ImageMagick program installed (magick, else convert), or None."""
+    return shutil.which('magick') or shutil.which('convert')
+
+
+class ThumbnailerPureTests(unittest.TestCase):
+    """The choice of program, its command line, the cache's place and names: no program run."""
+
+    def setUp(self):
+        self.bin = tempfile.mkdtemp(prefix='thumb-bin-')
+        self.addCleanup(shutil.rmtree, self.bin, True)
+
+    def install(self, name):
+        path = os.path.join(self.bin, name)
+        with open(path, 'w') as f:
+            f.write('#!/bin/sh\nexit 0\n')
+        os.chmod(path, 0o755)
+        return path
+
+    def test_auto_takes_the_first_installed_in_order(self):
+        self.assertIsNone(agent.choose_thumbnailer('auto', self.bin))
+        self.assertIsNone(agent.choose_thumbnailer('off', self.bin))
+        ffmpeg = self.install('ffmpeg')
+        self.assertEqual(agent.choose_thumbnailer('auto', self.bin), ffmpeg)
+        convert = self.install('convert')
+        self.assertEqual(agent.choose_thumbnailer('auto', self.bin), convert)
+        vips = self.install('vipsthumbnail')
+        self.assertEqual(agent.choose_thumbnailer('auto', self.bin), vips)
+        self.assertEqual(agent.choose_thumbnailer('ffmpeg', self.bin), ffmpeg)
+        self.assertEqual(agent.choose_thumbnailer(convert, '/nonexistent'), convert)
+
+    def test_a_program_it_cannot_drive_is_refused_by_name(self):
+        self.install('gimp')
+        for choice, words in (('gimp', 'not one of'), ('/usr/bin/rm', 'not one of'), ('magick', 'no such program')):
+            with self.assertRaises(ValueError) as caught:
+                agent.choose_thumbnailer(choice, self.bin)
+            self.assertIn(words, str(caught.exception))
+            self.assertIn(choice, str(caught.exception))
+
+    def test_command_lines_name_the_input_format(self):
+        """The input format is named (jpeg:, png:; ffmpeg's image2 with a codec, files only), so
+        a .png holding an SVG, an MVG or a playlist is never read as one; the output is a JPEG."""
+        for program, expected in (
+                ('/usr/bin/convert', ['/usr/bin/convert', 'png:/r/a.png[0]', '-auto-orient', '-thumbnail', '320x320>',
+                                      '-strip', '-quality', '80', 'jpg:/c/x.part.jpg']),
+                ('/usr/bin/vipsthumbnail', ['/usr/bin/vipsthumbnail', '/r/a.png', '--size', '320x320>', '-o',
+                                            '/c/x.part.jpg[Q=80,strip]'])):
+            self.assertEqual(agent.thumbnail_argv(program, 'png', '/r/a.png', '/c/x.part.jpg'), expected)
+        argv = agent.thumbnail_argv('/usr/bin/ffmpeg', 'jpeg', '/r/a.jpg', '/c/x.part.jpg')
+        self.assertEqual(argv[argv.index('-protocol_whitelist') + 1], 'file')
+        self.assertEqual(argv[argv.index('-i') - 4:argv.index('-i') + 2], ['-f', 'image2', '-c:v', 'mjpeg', '-i', 'file:/r/a.jpg'])
+        self.assertIsNone(agent.thumbnail_argv('/usr/bin/gimp', 'png', '/r/a.png', '/c/x'))
+
+    def test_default_cache_directory(self):
+        self.assertEqual(agent.default_cache_dir(0, {}), '/var/cache/agent')
+        self.assertEqual(agent.default_cache_dir(1000, {'XDG_CACHE_HOME': '/x/cache', 'HOME': '/h'}), '/x/cache/agent')
+        self.assertEqual(agent.default_cache_dir(1000, {'XDG_CACHE_HOME': 'relative', 'HOME': '/h'}), '/h/.cache/agent')
+        self.assertEqual(agent.default_cache_dir(1000, {'HOME': '/h'}), '/h/.cache/agent')
+
+    def test_sweep_removes_the_thumbnails_of_changed_and_deleted_files(self):
+        cache = tempfile.mkdtemp(prefix='thumb-cache-')
+        self.addCleanup(shutil.rmtree, cache, True)
+        pictures = {}
+        for name in ('kept', 'changed', 'deleted'):
+            path = write_file(cache + '-src', name + '.png', name.encode())
+            base = os.path.join(cache, agent.thumbnail_name(os.stat(path)))
+            for suffix, data in (('.jpg', b'\xff\xd8JPEG'), ('.src', path.encode())):
+                with open(base + suffix, 'wb') as f:
+                    f.write(data)
+            pictures[name] = (path, base)
+        self.addCleanup(shutil.rmtree, cache + '-src', True)
+        write_file(cache + '-src', 'changed.png', b'changed, longer')
+        os.unlink(pictures['deleted'][0])
+        thumbs = agent.Thumbnails('/usr/bin/convert', cache)
+        thumbs.sweep()
+        self.assertTrue(os.path.exists(pictures['kept'][1] + '.jpg'))
+        for name in ('changed', 'deleted'):
+            self.assertEqual([n for n in os.listdir(cache) if n.startswith(os.path.basename(pictures[name][1]))], [])
+
+
+class ThumbnailerServerTests(SharedAgentTestCase):
+    """?thumb made by ImageMagick, once, kept in a --cache that lies inside --root (and is
+    never served nor listed there)."""
+
+    workers = 2
+
+    @classmethod
+    def make_files(cls):
+        program = imagemagick()
+        if program is None:
+            raise unittest.SkipTest('ImageMagick not installed (Debian package imagemagick)')
+        root = cls.server.root
+        cls.cache = os.path.join(root, 'thumbs-cache')
+        cls.server.options += ['--thumbnailer', program, '--cache', cls.cache]
+        for name, size in (('wide.png', (800, 400)), ('tall.png', (300, 900))):
+            subprocess_run([program, '-size', '%dx%d' % size, 'gradient:blue-yellow', os.path.join(root, 'p', name)])
+        write_file(root, 'p/broken.png', b'\x89PNG\r\n\x1a\n' + struct.pack('>I', 13) + b'IHDR' +
+                   struct.pack('>II', 640, 480) + b'\x08\x02\x00\x00\x00' + b'garbage' * 50)
+        write_file(root, 'p/notes.txt', b'notes')
+
+    def made(self, target):
+        """Ask target until it is a made thumbnail (JPEG), with a hard deadline."""
+        deadline = time.monotonic() + 60
+        while True:
+            response = self.get(target)
+            if response.headers.get('content-type') == 'image/jpeg' and response.status == 200:
+                return response
+            self.assertLess(time.monotonic(), deadline, 'no thumbnail made for %s' % target)
+            time.sleep(0.2)
+
+    def test_made_once_and_served_from_the_cache(self):
+        original = self.get('/p/wide.png')
+        first = self.get('/p/wide.png?thumb')
+        self.assertEqual(first.status, 200)
+        if first.headers['content-type'] == 'image/png':         # not made yet: the original
+            self.assertEqual(first.body, original.body)
+        made = self.made('/p/wide.png?thumb')
+        info = agent.image_info(made.body)
+        self.assertEqual((info.kind, info.width, info.height), ('jpeg', 320, 160))
+        self.assertTrue(made.headers['etag'].endswith('-m"'), made.headers)
+        self.assertEqual(self.get('/p/wide.png?thumb', 'If-None-Match: ' + made.headers['etag']).status, 304)
+        tall = agent.image_info(self.made('/p/tall.png?thumb').body)
+        self.assertEqual((tall.width, tall.height), (107, 320))
+        self.assertEqual(len([n for n in os.listdir(self.cache) if n.endswith('.jpg')]), 2)
+        self.assertEqual(self.get('/p/notes.txt?thumb').status, 404)
+
+    def test_the_cache_is_never_served_nor_listed(self):
+        self.made('/p/wide.png?thumb')
+        names = os.listdir(self.cache)
+        for target in ['/thumbs-cache/', '/thumbs-cache', '/thumbs-cache/.slot0'] + ['/thumbs-cache/' + n for n in names]:
+            self.assertEqual(self.get(target).status, 404, target)
+        self.assertNotIn(b'thumbs-cache', self.get('/').body)
+        self.assertNotIn(b'thumbs-cache', self.get('/?format=json').body)
+        with zipfile.ZipFile(io.BytesIO(self.get('/?download=zip').body)) as archive:
+            self.assertFalse([n for n in archive.namelist() if 'thumbs-cache' in n])
+
+    def test_a_picture_the_program_cannot_read_is_tried_once(self):
+        """broken.png: the original answers, the failed run leaves a .failed mark, and no second
+        run is started for the same file."""
+        deadline = time.monotonic() + 60
+        while not [n for n in os.listdir(self.cache) if n.endswith('.failed')]:
+            response = self.get('/p/broken.png?thumb')
+            self.assertEqual((response.status, response.headers['content-type']), (200, 'image/png'))
+            self.assertLess(time.monotonic(), deadline, os.listdir(self.cache))
+            time.sleep(0.2)
+        self.assertEqual(self.get('/p/broken.png?thumb').headers['content-type'], 'image/png')
+        with open(self.server.log) as f:
+            self.assertIn('thumbnailer', f.read())
+
+    def test_gallery_points_at_made_thumbnails(self):
+        page = self.get('/p/').body
+        self.assertIn(b'data-src="wide.png?thumb"', page)
+        self.assertIn(b'href="notes.txt"', page)
+
+
+def subprocess_run(argv):
+    os.makedirs(os.path.dirname(argv[-1]), exist_ok=True)
+    subprocess.run(argv, check=True, timeout=60)
