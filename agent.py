@@ -177,6 +177,7 @@ import argparse
 import bisect
 import ctypes
 import errno
+import fcntl
 import gc
 import glob
 import importlib
@@ -2026,16 +2027,17 @@ def time_element(timestamp):
             % (day, minute, t.tm_sec, day, minute))
 
 
-def gallery_thumbnail(name, info):
-    """(src, width, height) of an image's grid picture: its embedded thumbnail if it has one."""
+def gallery_thumbnail(name, info, made=False):
+    """(src, width, height) of an image's grid picture: its embedded thumbnail if it has one, or
+    with made (a thumbnailer is on) a thumbnail made of the types it makes."""
     href = urllib.parse.quote(name)
     if info is None:
         return href, None, None
     width, height = info.shown_size()
-    return (href + '?thumb' if info.thumb else href), width, height
+    return (href + '?thumb' if info.thumb or made and info.kind in THUMB_TYPES else href), width, height
 
 
-def gallery_tile(e, info):
+def gallery_tile(e, info, made=False):
     """One photo of the grid, a <figure>.  The picture shows whole in its 4:3 tile: a portrait
     one is fitted by its height (class tall), the others by their width, and width and height
     give its box that shape before it loads.  An embedded thumbnail is a few kB, loaded lazily
@@ -2043,7 +2045,7 @@ def gallery_tile(e, info):
     it nears the screen (Chromium's own lazy-load margin, 1250-2500 px, fetched megabytes of
     originals that the first screen never showed), and in a <noscript> copy for a browser
     without script."""
-    src, width, height = gallery_thumbnail(e.name, info)
+    src, width, height = gallery_thumbnail(e.name, info, made)
     name, href, src = escape_html(e.name), escape_html(urllib.parse.quote(e.name)), escape_html(src)
     size = ' width="%d" height="%d"' % (width, height) if width else ''
     if width and height * 4 > width * 3:
@@ -2101,7 +2103,7 @@ def gallery_header(crumbs, listing, download=False):
             '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts))
 
 
-def gallery_entries(entries, infos):
+def gallery_entries(entries, infos, made=False):
     """The entries of a page, each kind in its block: folders as a list of links, images as the
     grid (<main>, which the page's script looks in), other files as a table."""
     out = []
@@ -2114,7 +2116,7 @@ def gallery_entries(entries, infos):
             for e in dirs))
     if images:
         out.append('<main class="grid">\n')
-        out.extend(gallery_tile(e, infos.get(e.name)) for e in images)
+        out.extend(gallery_tile(e, infos.get(e.name), made) for e in images)
         out.append('</main>\n')
     if files:
         out.append('<table>%s</table>\n' % ''.join(
@@ -2124,9 +2126,10 @@ def gallery_entries(entries, infos):
     return ''.join(out)
 
 
-def gallery_page(url_path, listing, infos=None, download=False):
+def gallery_page(url_path, listing, infos=None, download=False, made=False):
     """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
-    without sizes); download: a link to the folder as one zip.  Every name is HTML-escaped in
+    without sizes); download: a link to the folder as one zip; made: thumbnails are made
+    (gallery_thumbnail).  Every name is HTML-escaped in
     text and URL-quoted in links."""
     crumbs = [p for p in url_path.split('/') if p]
     title = escape_html(crumbs[-1] if crumbs else 'Home')
@@ -2134,7 +2137,7 @@ def gallery_page(url_path, listing, infos=None, download=False):
     if listing.pages > 1:
         title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
         out.append(gallery_pages(listing))
-    out.append(gallery_entries(listing.entries, infos or {}))
+    out.append(gallery_entries(listing.entries, infos or {}, made))
     if listing.pages > 1:
         out.append(gallery_pages(listing, 'Pages, again'))
     notes = ['<span id="tz">Times in UTC.</span>']
@@ -2424,6 +2427,7 @@ class OwnFiles:
         self.added = 0              # add()s and new identities: part of the page cache's keys
         self.paths = {}             # (st_dev, st_ino) of a directory -> its path
         self.listed = {}            # (st_dev, st_ino) of a directory -> (mtime, ctime) listed
+        self.trees = ()             # 'DIR/' of directories all ours (the thumbnail cache): add_tree
 
     def add(self, path, fd=None):
         """Remember the file at path (or open on fd), and its name in its directory."""
@@ -2444,6 +2448,17 @@ class OwnFiles:
         self.paths[key] = directory
         self.listed.pop(key, None)      # a new name: list the directory again
         self.names = tuple(sorted(set(self.names) | {name}))
+
+    def add_tree(self, path):
+        """A directory whose every entry is ours, by path (the thumbnail cache, --cache): the
+        directory and what is under it are hidden wherever they are asked or listed."""
+        path = os.path.realpath(path)
+        self.trees += (path.rstrip('/') + '/',)
+        try:
+            self.know(os.stat(path))        # its entry in a listing is looked at (hides_entry)
+        except OSError:
+            pass
+        self.added += 1
 
     def know(self, st):
         if (st.st_dev, st.st_ino) not in self.ids:
@@ -2495,7 +2510,7 @@ class OwnFiles:
 
     def hides(self, path, st):
         """Whether path, whose stat() is st, is one of ours (then it is a 404, as if absent)."""
-        if (st.st_dev, st.st_ino) in self.ids:
+        if (st.st_dev, st.st_ino) in self.ids or self.trees and (path + '/').startswith(self.trees):
             return True
         slash = path.rfind('/')
         name = path[slash + 1:]
@@ -2524,6 +2539,289 @@ def rotation_of(name, base):
     """Whether name is base or one of its rotations, as logrotate names them: base followed by
     '.' (access.log.1, access.log.2.gz) or '-' (dateext: access.log-20261206[.gz])."""
     return name == base or name.startswith(base) and name[len(base):len(base) + 1] in ('.', '-')
+
+
+# ---------------------------------------------------------------------------------------------
+# Thumbnails: made once by an outside program, kept in --cache
+# ---------------------------------------------------------------------------------------------
+#
+# `photo.png?thumb` of an image with no embedded thumbnail (exports, screenshots: a first screen
+# of them was 20 MB of originals) is made by a program the machine has (--thumbnailer auto:
+# vipsthumbnail, ImageMagick's magick or convert, ffmpeg; off; or one of them by path), once,
+# and kept in --cache as a small JPEG.  Until it is made the original answers, so no request
+# waits for it.  The product stays stdlib-only: without such a program nothing changes.
+#
+# Each run: a child of the worker (fork and exec, watched from the loop's tick with WNOHANG,
+# never waited for), in a session of its own, as the worker's user, under RLIMIT_CPU and
+# RLIMIT_AS, killed at THUMB_TIME and when its worker dies (PR_SET_PDEATHSIG).  At most
+# THUMB_SLOTS runs at once in all the workers together: a slot is a lock file in the cache,
+# flock()ed without blocking (no slot free: the original, and another try at a later request);
+# the kernel frees a dead worker's slot with its descriptors, so the master keeps no count.
+# Two workers asked for the same picture: the first to create its .part file (O_EXCL) makes it.
+#
+# The cache: one file per picture named from the file's validators (device, inode, size, mtime),
+# with a .src beside it naming the picture (its path under --root), so that a sweep (one worker
+# at a time, THUMB_SWEEP entries a minute) removes the thumbnails of pictures changed or gone;
+# a program that fails leaves a .failed mark, so the same file is not tried again until it
+# changes.  The cache is the agent's own: never served, never listed, even inside --root
+# (OwnFiles.trees).
+
+THUMB_PROGRAMS = ('vipsthumbnail', 'magick', 'convert', 'ffmpeg')     # auto's order
+THUMB_SIZE = 320                # pixels, the longer side: a gallery tile is 172-260 CSS pixels
+THUMB_TIME = 30.0               # seconds of wall time a run may take, then SIGKILL
+THUMB_CPU = 20                  # RLIMIT_CPU of a run, seconds
+THUMB_MEMORY = 2 << 30          # RLIMIT_AS of a run, bytes (a 50-megapixel photo fits)
+THUMB_SLOTS = 2                 # runs at once, all workers together
+THUMB_MAX_BYTES = 1 << 20       # a made thumbnail larger than this is not served (not one)
+THUMB_SWEEP = 500               # cache entries looked at per sweep
+THUMB_SWEEP_EVERY = 60.0        # seconds between a worker's sweeps
+# The ImageInfo kinds made, each read as that format and no other (the program is told, so a
+# file named .png that holds an SVG, an MVG or a playlist is never read as one): the decoder
+# names of ImageMagick and ffmpeg.
+THUMB_TYPES = {'jpeg': ('jpeg', 'mjpeg'), 'png': ('png', 'png'), 'gif': ('gif', 'gif'),
+               'webp': ('webp', 'webp'), 'bmp': ('bmp', 'bmp')}
+THUMB_PART = '.part.jpg'        # a run's output until it is done (vipsthumbnail goes by the suffix)
+PR_SET_PDEATHSIG = 1            # prctl(2): the signal a child gets when its parent dies
+
+
+def thumbnail_argv(program, kind, source, target, size=THUMB_SIZE):
+    """The command that makes target (a JPEG at most size pixels on its longer side, turned as
+    the picture's EXIF says) from source, a picture of kind (THUMB_TYPES), for program (a path;
+    by its name); None if unknown.  source and target are absolute paths: no option can be
+    read in them, and the input format is named, never guessed from the content."""
+    name = os.path.basename(program)
+    magick_coder, ffmpeg_codec = THUMB_TYPES[kind]
+    box = '%dx%d' % (size, size)
+    if name == 'vipsthumbnail':
+        return [program, source, '--size', box + '>', '-o', target + '[Q=80,strip]']
+    if name in ('magick', 'convert'):
+        return [program, '%s:%s[0]' % (magick_coder, source), '-auto-orient', '-thumbnail', box + '>', '-strip',
+                '-quality', '80', 'jpg:' + target]
+    if name == 'ffmpeg':
+        return [program, '-nostdin', '-loglevel', 'error', '-y', '-protocol_whitelist', 'file', '-f', 'image2',
+                '-c:v', ffmpeg_codec, '-i', 'file:' + source, '-frames:v', '1', '-vf',
+                "scale='min(%d,iw)':'min(%d,ih)':force_original_aspect_ratio=decrease" % (size, size),
+                '-f', 'image2', '-c:v', 'mjpeg', '-q:v', '4', target]
+    return None
+
+
+def find_program(name, path=None):
+    """The absolute path of an executable program: name itself if it has a '/', else the first
+    in $PATH; None if there is none."""
+    if '/' in name:
+        return os.path.abspath(name) if os.access(name, os.X_OK) and os.path.isfile(name) else None
+    for directory in (path if path is not None else os.environ.get('PATH', '/usr/bin:/bin')).split(':'):
+        candidate = os.path.join(directory or '.', name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.abspath(candidate)
+    return None
+
+
+def choose_thumbnailer(choice, path=None):
+    """--thumbnailer: 'off' -> None; 'auto' -> the first of THUMB_PROGRAMS installed (or None);
+    else the program named, which must be one of them (ValueError naming what is wrong)."""
+    if choice == 'off':
+        return None
+    if choice == 'auto':
+        return next((p for p in (find_program(n, path) for n in THUMB_PROGRAMS) if p), None)
+    if os.path.basename(choice) not in THUMB_PROGRAMS:
+        raise ValueError('--thumbnailer %s: not one of %s (or off, auto)' % (choice, ', '.join(THUMB_PROGRAMS)))
+    found = find_program(choice, path)
+    if found is None:
+        raise ValueError('--thumbnailer %s: no such program%s' % (choice, '' if '/' in choice else ' in $PATH'))
+    return found
+
+
+def default_cache_dir(euid=None, environ=None):
+    """--cache's default: /var/cache/agent for an agent started by root, else
+    $XDG_CACHE_HOME/agent (an absolute one), else ~/.cache/agent."""
+    environ = os.environ if environ is None else environ
+    if (os.geteuid() if euid is None else euid) == 0:
+        return '/var/cache/agent'
+    xdg = environ.get('XDG_CACHE_HOME', '')
+    if xdg.startswith('/'):
+        return os.path.join(xdg, 'agent')
+    return os.path.join(environ.get('HOME') or pwd.getpwuid(os.getuid()).pw_dir, '.cache', 'agent')
+
+
+def thumbnail_name(st):
+    """The cache's name for the thumbnail of the file whose stat is st: its validators."""
+    return '%x-%x-%x-%x' % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def prepare_thumbnails(config, own_files):
+    """In the master, before it drops privileges: choose the program, make --cache (0700, owned
+    by the workers' user) and make it one of our own files.  A cache that cannot be made turns
+    the thumbnailer off, with a line in the log: serving goes on as without a thumbnailer."""
+    try:
+        config.thumbnailer = choose_thumbnailer(config.thumbnailer) or 'off'
+    except ValueError as exc:
+        raise DaemonError(str(exc))
+    if config.thumbnailer == 'off':
+        return
+    config.cache = os.path.abspath(config.cache or default_cache_dir())
+    try:
+        os.makedirs(config.cache, mode=0o700, exist_ok=True)
+        if os.geteuid() == 0 and config.user:
+            account = pwd.getpwnam(config.user)
+            os.chown(config.cache, account.pw_uid, account.pw_gid)
+        os.chmod(config.cache, 0o700)
+    except (OSError, KeyError) as exc:
+        log('agent: thumbnails off: cannot make the cache %s: %s' % (config.cache, exc), priority=LOG_WARNING)
+        config.thumbnailer = 'off'
+        return
+    own_files.add_tree(config.cache)
+
+
+class Thumbnails:
+    """A worker's side of the thumbnailer: the made thumbnails it finds in the cache, the runs it
+    starts and watches (poll(), from the loop's tick), and its share of the sweep."""
+
+    def __init__(self, program, directory):
+        self.program = program if program and program.startswith('/') else None    # resolved, or off
+        self.directory = directory
+        self.slots = []                 # lock files, opened at the first run
+        self.running = {}               # pid -> (slot fd, deadline, cache path but suffix, source path)
+        self.next_sweep = 0.0
+        self.swept = []                 # names still to look at in this round of the sweep
+
+    def get(self, path, st, kind, now):
+        """The made thumbnail of the picture at path (stat st, an ImageInfo kind) as bytes;
+        else None, after starting its run if a slot is free (a later request gets it made)."""
+        if self.program is None or kind not in THUMB_TYPES:
+            return None
+        name = thumbnail_name(st)
+        base = os.path.join(self.directory, name)
+        try:
+            fd = os.open(base + '.jpg', os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            self.start(path, kind, base, now)
+            return None
+        try:
+            data = os.read(fd, THUMB_MAX_BYTES + 1)
+        finally:
+            os.close(fd)
+        return data if 0 < len(data) <= THUMB_MAX_BYTES and data[:2] == b'\xff\xd8' else None
+
+    def start(self, path, kind, base, now):
+        if os.path.exists(base + '.failed') or len(self.running) >= THUMB_SLOTS:
+            return
+        slot = self.take_slot()
+        if slot is None:
+            return
+        try:
+            fd = os.open(base + THUMB_PART, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError:
+            fcntl.flock(slot, fcntl.LOCK_UN)    # another worker makes it (or a stale .part: swept)
+            return
+        os.close(fd)
+        with open(base + '.src', 'w', encoding='utf-8', errors='surrogateescape') as f:
+            f.write(path)
+        pid = spawn_limited(thumbnail_argv(self.program, kind, path, base + THUMB_PART))
+        self.running[pid] = (slot, now + THUMB_TIME, base, path)
+
+    def take_slot(self):
+        """A free slot's descriptor, locked; None when all are taken."""
+        if not self.slots:
+            for number in range(THUMB_SLOTS):
+                self.slots.append(os.open(os.path.join(self.directory, '.slot%d' % number),
+                                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for fd in self.slots:
+            if fd in (run[0] for run in self.running.values()):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except OSError:
+                continue
+        return None
+
+    def poll(self, now):
+        """Once a second (Worker.tick): reap the runs that ended (their thumbnail renamed into
+        place, or a .failed mark), kill those past THUMB_TIME; and the sweep, when its turn."""
+        if self.program is None:
+            return
+        for pid, (slot, deadline, base, path) in list(self.running.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, -1
+            if not done:
+                if now >= deadline:
+                    os.kill(pid, signal.SIGKILL)    # reaped at the next tick
+                    self.running[pid] = (slot, float('inf'), base, path)
+                continue
+            del self.running[pid]
+            fcntl.flock(slot, fcntl.LOCK_UN)
+            try:
+                if status == 0 and os.path.getsize(base + THUMB_PART) > 0:
+                    os.rename(base + THUMB_PART, base + '.jpg')
+                else:
+                    os.rename(base + THUMB_PART, base + '.failed')
+                    log('worker: thumbnailer %s failed on %s (status %s)' % (self.program, path, status),
+                        priority=LOG_WARNING)
+            except OSError:
+                pass
+        if now >= self.next_sweep:
+            self.next_sweep = now + THUMB_SWEEP_EVERY
+            self.sweep()
+
+    def sweep(self):
+        """THUMB_SWEEP entries of the cache: those of a picture changed or gone go, and so does
+        a .part left by a run that no worker watches any more.  One worker at a time (a lock)."""
+        try:
+            lock = os.open(os.path.join(self.directory, '.sweep'), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not self.swept:
+                self.swept = sorted(n[:-4] for n in os.listdir(self.directory) if n.endswith('.src'))
+            batch, self.swept = self.swept[:THUMB_SWEEP], self.swept[THUMB_SWEEP:]
+            for name in batch:
+                self.sweep_one(os.path.join(self.directory, name))
+        except OSError:
+            pass
+        finally:
+            os.close(lock)
+
+    def sweep_one(self, base):
+        try:
+            with open(base + '.src', encoding='utf-8', errors='surrogateescape') as f:
+                source = f.read()
+            stale = thumbnail_name(os.stat(source)) != os.path.basename(base)
+        except OSError:
+            stale = True
+        try:
+            stale = stale or time.time() - os.stat(base + THUMB_PART).st_mtime > 2 * THUMB_TIME
+        except OSError:
+            pass
+        if stale:
+            for suffix in ('.jpg', '.failed', THUMB_PART, '.src'):
+                try:
+                    os.unlink(base + suffix)
+                except OSError:
+                    pass
+
+
+def spawn_limited(argv):
+    """Start argv as a child of this worker: a session of its own, stdin, stdout and stderr on
+    /dev/null, no other descriptor, the rlimits of a run, killed if this worker dies.  Its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:                                    # the child: nothing here may return
+        os.setsid()
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        resource.setrlimit(resource.RLIMIT_CPU, (THUMB_CPU, THUMB_CPU))
+        resource.setrlimit(resource.RLIMIT_AS, (THUMB_MEMORY, THUMB_MEMORY))
+        null = os.open('/dev/null', os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3734,6 +4032,7 @@ class Responder:
         self.pages = Cache(PAGE_CACHE_ENTRIES, PAGE_CACHE_BYTES)
         self.paths = Cache(PATH_CACHE_SIZE)     # target -> (path, relative, trailing, slash, query)
         self.zips = ZipFolder(config.zip_max_files, config.zip_max_bytes)     # ?download=zip, its CRCs
+        self.thumbs = Thumbnails(config.thumbnailer, config.cache)          # ?thumb made by a program
         self.file_error_logged = -1.0
 
     def respond(self, req, keep_alive=True, redirect=False):
@@ -4110,13 +4409,17 @@ class Responder:
             body = gallery_json(url_path, listing, infos)
             fields = b'Content-Type: application/json\r\nContent-Length: %d\r\n' % len(body) + validators
         else:
-            body = gallery_page(url_path, listing, infos, download=self.zips.max_files > 0)
+            body = gallery_page(url_path, listing, infos, download=self.zips.max_files > 0,
+                                made=self.thumbs.program is not None)
             fields = html_fields(len(body), GALLERY_CSP.encode('ascii')) + validators
         return etag, fields, body
 
     def respond_thumbnail(self, req, keep_alive, entry, path):
         """`image.jpg?thumb`: the JPEG thumbnail embedded in the file's EXIF, turned as the
-        image is, with validators derived from the file's own; 404 if it has none."""
+        image is, with validators derived from the file's own; 404 if it has none.  With a
+        thumbnailer (--thumbnailer), an image of THUMB_TYPES without one gets the thumbnail
+        made of it (ETag ...-m), and the original until it is made."""
+        info = None
         try:
             st = os.fstat(entry.fd)
             info = self.images.get(path, st, os.path.basename(path), fd=entry.fd)
@@ -4124,9 +4427,14 @@ class Responder:
         except OSError:
             data = b''
         body = thumbnail_bytes(info, data) if data else None
+        tag = '-t"'
+        if body is None and info is not None and self.thumbs.program and info.kind in THUMB_TYPES:
+            body, tag = self.thumbs.get(path, st, info.kind, self.clock.now), '-m"'
+            if body is None:
+                return self.respond_file(req, keep_alive, entry)    # the original, until it is made
         if body is None:
             raise HTTPError(404)
-        etag = entry.etag[:-1] + '-t"'
+        etag = entry.etag[:-1] + tag
         last_modified = entry.validators(self.clock.wall, self.clock.date)[0]
         # As fresh as its file, on the 200 and on the 304 alike (RFC 9110 section 15.4.5):
         # without a lifetime, caches guess one from Last-Modified (RFC 9111 section 4.2.2).
@@ -4480,6 +4788,7 @@ class Worker:
         """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors,
         and another try at an access log that could not be written."""
         self.responder.files.close_deleted()
+        self.responder.thumbs.poll(self.clock.now)
         self.access_log.retry()
         now = self.clock.now
         for conn in list(self.conns):
@@ -5061,6 +5370,7 @@ class Agent(Daemon):
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
         write_options(options_path(self.pidfile_path), config)
         self.note_own_files()
+        prepare_thumbnails(config, self.own_files)
         self.upgrade.keep_code()
         raise_fd_limit()
         self.listeners, self.redirects = listening_sockets(config, self.listen_fds, self.tls is not None)
@@ -6142,12 +6452,20 @@ def parser():
     limits.add_argument('--zip-max-bytes', type=non_negative_int, default=ZIP_MAX_BYTES, metavar='BYTES',
                         help='bytes of files in one zip download; more is a 403 naming this '
                              'limit; 0: no limit (default: 0)')
+    serving.add_argument('--thumbnailer', default='off', metavar='off|auto|PROGRAM',
+                         help='make ?thumb of images without an embedded thumbnail with this program, '
+                              'once, kept in --cache: auto takes the first installed of %s; or one '
+                              'of them by name or path (default: off)' % ', '.join(THUMB_PROGRAMS))
+    files.add_argument('--cache', metavar='DIR',
+                       help='where made thumbnails are kept (made 0700, owned by the workers\' user; '
+                            'never served): default /var/cache/agent for root, else '
+                            '$XDG_CACHE_HOME/agent or ~/.cache/agent')
     return p
 
 
 NOT_OPTIONS = ('action',)          # not an option: the action
 # The options that name files: made absolute before anything changes directory.
-PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key')
+PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key', 'cache')
 SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
 
 
