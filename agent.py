@@ -11,7 +11,8 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     HTTP: pure logic (find_head_end, parse_request, response_head, ranges, dates, paths)
     Images: dimensions and embedded thumbnails
     Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
-    Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
+    Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles;
+        Thumbnails: ?thumb made by an outside program, kept in --cache)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
     Zip: a folder as one download (zip_layout and the headers, pure; ZipBody, ZipFolder)
     The responder: a parsed request -> its response (resolve, open, stat, head)
@@ -146,7 +147,8 @@ descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
 ?page=N (404 for a page that does not exist), ?sort=name|date|size, ?format=json or Accept:
 application/json; a weak ETag; 403 with --no-listing).  `image.jpg?thumb` is the EXIF thumbnail
-embedded in a JPEG (404 if none).  `FOLDER/?download=zip` is the folder as one stored zip, ranges
+embedded in a JPEG (404 if none; with --thumbnailer, one made by that program, and the original
+until it is made).  `FOLDER/?download=zip` is the folder as one stored zip, ranges
 and all (section Zip; --zip-max-files, --zip-max-bytes).
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
