@@ -491,6 +491,9 @@ class ThumbnailerPureTests(unittest.TestCase):
         self.assertEqual(argv[argv.index('-protocol_whitelist') + 1], 'file')
         self.assertEqual(argv[argv.index('-i') - 4:argv.index('-i') + 2], ['-f', 'image2', '-c:v', 'mjpeg', '-i', 'file:/r/a.jpg'])
         self.assertIsNone(agent.thumbnail_argv('/usr/bin/gimp', 'png', '/r/a.png', '/c/x'))
+        argv = agent.thumbnail_argv('/usr/bin/ffmpeg', agent.THUMB_VIDEOS['.webm'], '/r/v.webm', '/c/x.part.jpg')
+        self.assertEqual(argv[argv.index('-i') - 2:argv.index('-i') + 2], ['-f', 'matroska,webm', '-i', 'file:/r/v.webm'])
+        self.assertIsNone(agent.thumbnail_argv('/usr/bin/convert', agent.THUMB_VIDEOS['.mp4'], '/r/v.mp4', '/c/x'))
 
     def test_default_cache_directory(self):
         self.assertEqual(agent.default_cache_dir(0, {}), '/var/cache/agent')
@@ -538,6 +541,10 @@ class ThumbnailerServerTests(SharedAgentTestCase):
         write_file(root, 'p/broken.png', b'\x89PNG\r\n\x1a\n' + struct.pack('>I', 13) + b'IHDR' +
                    struct.pack('>II', 640, 480) + b'\x08\x02\x00\x00\x00' + b'garbage' * 50)
         write_file(root, 'p/notes.txt', b'notes')
+        cls.ffmpeg = shutil.which('ffmpeg')
+        if cls.ffmpeg:
+            subprocess_run([cls.ffmpeg, '-nostdin', '-loglevel', 'error', '-f', 'lavfi', '-i',
+                            'testsrc=size=640x360:rate=10:duration=2', '-pix_fmt', 'yuv420p', os.path.join(root, 'v', 'clip.mp4')])
 
     def made(self, target):
         """Ask target until it is a made thumbnail (JPEG), with a hard deadline."""
@@ -562,7 +569,9 @@ class ThumbnailerServerTests(SharedAgentTestCase):
         self.assertEqual(self.get('/p/wide.png?thumb', 'If-None-Match: ' + made.headers['etag']).status, 304)
         tall = agent.image_info(self.made('/p/tall.png?thumb').body)
         self.assertEqual((tall.width, tall.height), (107, 320))
-        self.assertEqual(len([n for n in os.listdir(self.cache) if n.endswith('.jpg')]), 2)
+        for name in ('wide.png', 'tall.png'):       # kept by the picture's validators
+            st = os.stat(os.path.join(self.server.root, 'p', name))
+            self.assertTrue(os.path.exists(os.path.join(self.cache, agent.thumbnail_name(st) + '.jpg')), name)
         self.assertEqual(self.get('/p/notes.txt?thumb').status, 404)
 
     def test_the_cache_is_never_served_nor_listed(self):
@@ -587,6 +596,16 @@ class ThumbnailerServerTests(SharedAgentTestCase):
         self.assertEqual(self.get('/p/broken.png?thumb').headers['content-type'], 'image/png')
         with open(self.server.log) as f:
             self.assertIn('thumbnailer', f.read())
+
+    def test_a_video_gets_its_poster_from_ffmpeg(self):
+        """clip.mp4?thumb: 404 until ffmpeg has made its poster frame, then that JPEG."""
+        if not self.ffmpeg:
+            self.skipTest('ffmpeg not installed (Debian package ffmpeg)')
+        first = self.get('/v/clip.mp4?thumb')
+        self.assertIn(first.status, (200, 404))
+        poster = agent.image_info(self.made('/v/clip.mp4?thumb').body)
+        self.assertEqual((poster.kind, poster.width, poster.height), ('jpeg', 320, 180))
+        self.assertEqual(self.get('/v/clip.mp4').headers['content-type'], 'video/mp4')
 
     def test_gallery_points_at_made_thumbnails(self):
         page = self.get('/p/').body
