@@ -2582,16 +2582,23 @@ THUMB_SWEEP_EVERY = 60.0        # seconds between a worker's sweeps
 # names of ImageMagick and ffmpeg.
 THUMB_TYPES = {'jpeg': ('jpeg', 'mjpeg'), 'png': ('png', 'png'), 'gif': ('gif', 'gif'),
                'webp': ('webp', 'webp'), 'bmp': ('bmp', 'bmp')}
+# Videos whose poster frame ffmpeg makes (when installed, whatever makes the pictures' ones), and
+# the demuxers it may read each with.
+THUMB_VIDEOS = {'.mp4': 'mov,mp4,m4a,3gp,3g2,mj2', '.m4v': 'mov,mp4,m4a,3gp,3g2,mj2',
+                '.mov': 'mov,mp4,m4a,3gp,3g2,mj2', '.webm': 'matroska,webm'}
 THUMB_PART = '.part.jpg'        # a run's output until it is done (vipsthumbnail goes by the suffix)
 PR_SET_PDEATHSIG = 1            # prctl(2): the signal a child gets when its parent dies
 
 
 def thumbnail_argv(program, kind, source, target, size=THUMB_SIZE):
     """The command that makes target (a JPEG at most size pixels on its longer side, turned as
-    the picture's EXIF says) from source, a picture of kind (THUMB_TYPES), for program (a path;
-    by its name); None if unknown.  source and target are absolute paths: no option can be
-    read in them, and the input format is named, never guessed from the content."""
+    the picture's EXIF says) from source, a picture of kind (THUMB_TYPES) or a video (kind: its
+    demuxers, THUMB_VIDEOS: ffmpeg only), for program (a path; by its name); None if unknown.
+    source and target are absolute paths: no option can be read in them, and the input format
+    is named, never guessed from the content."""
     name = os.path.basename(program)
+    if kind not in THUMB_TYPES:
+        return video_poster_argv(program, kind, source, target, size) if name == 'ffmpeg' else None
     magick_coder, ffmpeg_codec = THUMB_TYPES[kind]
     box = '%dx%d' % (size, size)
     if name == 'vipsthumbnail':
@@ -2605,6 +2612,15 @@ def thumbnail_argv(program, kind, source, target, size=THUMB_SIZE):
                 "scale='min(%d,iw)':'min(%d,ih)':force_original_aspect_ratio=decrease" % (size, size),
                 '-f', 'image2', '-c:v', 'mjpeg', '-q:v', '4', target]
     return None
+
+
+def video_poster_argv(ffmpeg, demuxers, source, target, size=THUMB_SIZE):
+    """ffmpeg's command for a video's poster: the most typical of its first frames (the
+    thumbnail filter), scaled to fit size, as a JPEG."""
+    return [ffmpeg, '-nostdin', '-loglevel', 'error', '-y', '-protocol_whitelist', 'file', '-f', demuxers,
+            '-i', 'file:' + source, '-frames:v', '1', '-vf',
+            "thumbnail,scale='min(%d,iw)':'min(%d,ih)':force_original_aspect_ratio=decrease" % (size, size),
+            '-f', 'image2', '-c:v', 'mjpeg', '-q:v', '4', target]
 
 
 def find_program(name, path=None):
@@ -2681,17 +2697,26 @@ class Thumbnails:
 
     def __init__(self, program, directory):
         self.program = program if program and program.startswith('/') else None    # resolved, or off
+        self.ffmpeg = self.program and (self.program if os.path.basename(self.program) == 'ffmpeg'
+                                        else find_program('ffmpeg'))               # videos' posters
         self.directory = directory
         self.slots = []                 # lock files, opened at the first run
         self.running = {}               # pid -> (slot fd, deadline, cache path but suffix, source path)
         self.next_sweep = 0.0
         self.swept = []                 # names still to look at in this round of the sweep
 
-    def get(self, path, st, kind, now):
-        """The made thumbnail of the picture at path (stat st, an ImageInfo kind) as bytes;
-        else None, after starting its run if a slot is free (a later request gets it made)."""
-        if self.program is None or kind not in THUMB_TYPES:
+    def kind_of(self, path, info):
+        """What get() takes for the file at path (its ImageInfo or None): an image kind of
+        THUMB_TYPES, a video's demuxers (when ffmpeg is installed), or None: none is made."""
+        if self.program is None:
             return None
+        if info is not None:
+            return info.kind if info.kind in THUMB_TYPES else None
+        return THUMB_VIDEOS.get(os.path.splitext(path)[1].lower()) if self.ffmpeg else None
+
+    def get(self, path, st, kind, now):
+        """The made thumbnail of the file at path (stat st, kind_of() it) as bytes; else None,
+        after starting its run if a slot is free (a later request gets it made)."""
         name = thumbnail_name(st)
         base = os.path.join(self.directory, name)
         try:
@@ -2719,7 +2744,8 @@ class Thumbnails:
         os.close(fd)
         with open(base + '.src', 'w', encoding='utf-8', errors='surrogateescape') as f:
             f.write(path)
-        pid = spawn_limited(thumbnail_argv(self.program, kind, path, base + THUMB_PART))
+        program = self.program if kind in THUMB_TYPES else self.ffmpeg
+        pid = spawn_limited(thumbnail_argv(program, kind, path, base + THUMB_PART))
         self.running[pid] = (slot, now + THUMB_TIME, base, path)
 
     def take_slot(self):
@@ -4420,8 +4446,9 @@ class Responder:
         """`image.jpg?thumb`: the JPEG thumbnail embedded in the file's EXIF, turned as the
         image is, with validators derived from the file's own; 404 if it has none.  With a
         thumbnailer (--thumbnailer), an image of THUMB_TYPES without one gets the thumbnail
-        made of it (ETag ...-m), and the original until it is made."""
-        info = None
+        made of it (ETag ...-m), and the original until it is made; a video (THUMB_VIDEOS), its
+        poster made by ffmpeg, and 404 until it is made."""
+        info = st = None
         try:
             st = os.fstat(entry.fd)
             info = self.images.get(path, st, os.path.basename(path), fd=entry.fd)
@@ -4430,9 +4457,10 @@ class Responder:
             data = b''
         body = thumbnail_bytes(info, data) if data else None
         tag = '-t"'
-        if body is None and info is not None and self.thumbs.program and info.kind in THUMB_TYPES:
-            body, tag = self.thumbs.get(path, st, info.kind, self.clock.now), '-m"'
-            if body is None:
+        kind = self.thumbs.kind_of(path, info) if body is None and st is not None else None
+        if kind is not None:
+            body, tag = self.thumbs.get(path, st, kind, self.clock.now), '-m"'
+            if body is None and info is not None:
                 return self.respond_file(req, keep_alive, entry)    # the original, until it is made
         if body is None:
             raise HTTPError(404)
