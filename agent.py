@@ -4015,7 +4015,10 @@ def zip_folder_items(responder, fd, folder, seen):
 def zip_open(responder, path):
     """(fd, stat, prefix) of an entry's file, opened as any file served (Responder.open_checked)
     and never one of ours."""
-    fd, st = responder.open_checked(path)
+    try:
+        fd, st = responder.open_checked(path)
+    except HTTPError:                       # no longer a regular file in the root: cut, as gone
+        raise OSError(errno.ENOENT, 'no longer served: %s' % path)
     if responder.own_files.hides(path, st):
         os.close(fd)
         raise OSError(errno.ENOENT, 'not served: %s' % path)
