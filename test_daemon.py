@@ -59,7 +59,7 @@ from tests_gallery import (
     GalleryValidatorServerTests, ErrorPageServerTests, HtmlPagePolicyTests, GalleryInProcessTests)  # noqa: F401
 from tests_download import (
     ZipLayoutTests, ZipServerTests, ZipLimitTests, ZipOffTests, SparseZip64Tests, ZipOverTLSTests,
-    ThumbnailerPureTests, ThumbnailerServerTests, ZipEntryGoneTests)  # noqa: F401
+    ThumbnailerPureTests, ThumbnailerServerTests, ZipEntryGoneTests, ThumbnailerCacheGoneTests)  # noqa: F401
 from tests_tls import (
     TLSFixtureTests, TLSServerTests, ClientHelloAlpnTests, TLSOwnAgentTests,
     TLSRedirectLocationTests, TLSPlainHTTPLineTests, TLSStartAndReloadTests)  # noqa: F401

@@ -655,3 +655,15 @@ class ZipEntryGoneTests(SharedAgentTestCase):
             log = f.read()
         self.assertNotIn('Traceback', log)
         self.assertNotIn('unexpected error', log)
+
+
+class ThumbnailerCacheGoneTests(unittest.TestCase):
+    def test_a_cache_that_cannot_be_written_gives_the_original(self):
+        """A --cache removed or full while serving: get() says 'not made' (the original answers),
+        never raises (a 500), and leaves no run nor slot taken."""
+        directory = tempfile.mkdtemp(prefix='thumb-gone-')
+        self.addCleanup(shutil.rmtree, directory, True)
+        picture = write_file(directory, 'a.png', b'\x89PNG')
+        thumbs = agent.Thumbnails('/bin/true', os.path.join(directory, 'cache-removed'))
+        self.assertIsNone(thumbs.get(picture, os.stat(picture), 'png', 0.0))
+        self.assertEqual(thumbs.running, {})
