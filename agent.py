@@ -2722,7 +2722,10 @@ class Thumbnails:
         try:
             fd = os.open(base + '.jpg', os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
-            self.start(path, kind, base, now)
+            try:
+                self.start(path, kind, base, now)
+            except OSError:
+                pass                        # the cache removed or full: the original, as without
             return None
         try:
             data = os.read(fd, THUMB_MAX_BYTES + 1)
@@ -2731,21 +2734,26 @@ class Thumbnails:
         return data if 0 < len(data) <= THUMB_MAX_BYTES and data[:2] == b'\xff\xd8' else None
 
     def start(self, path, kind, base, now):
+        """Start the run that makes base's thumbnail, if a slot is free and no worker makes it
+        already (its .part exists) nor failed to (.failed); OSError when the cache cannot say."""
         if os.path.exists(base + '.failed') or len(self.running) >= THUMB_SLOTS:
             return
         slot = self.take_slot()
         if slot is None:
             return
         try:
-            fd = os.open(base + THUMB_PART, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.close(os.open(base + THUMB_PART, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            try:
+                with open(base + '.src', 'w', encoding='utf-8', errors='surrogateescape') as f:
+                    f.write(path)
+                program = self.program if kind in THUMB_TYPES else self.ffmpeg
+                pid = spawn_limited(thumbnail_argv(program, kind, path, base + THUMB_PART))
+            except OSError:
+                os.unlink(base + THUMB_PART)
+                raise
         except OSError:
-            fcntl.flock(slot, fcntl.LOCK_UN)    # another worker makes it (or a stale .part: swept)
+            fcntl.flock(slot, fcntl.LOCK_UN)    # taken by another worker (or a stale .part: swept)
             return
-        os.close(fd)
-        with open(base + '.src', 'w', encoding='utf-8', errors='surrogateescape') as f:
-            f.write(path)
-        program = self.program if kind in THUMB_TYPES else self.ffmpeg
-        pid = spawn_limited(thumbnail_argv(program, kind, path, base + THUMB_PART))
         self.running[pid] = (slot, now + THUMB_TIME, base, path)
 
     def take_slot(self):
