@@ -2562,7 +2562,7 @@ def rotation_of(name, base):
 # Two workers asked for the same picture: the first to create its .part file (O_EXCL) makes it.
 #
 # The cache: one file per picture named from the file's validators (device, inode, size, mtime),
-# with a .src beside it naming the picture (its path under --root), so that a sweep (one worker
+# with a .src beside it naming the picture (its path), so that a sweep (one worker
 # at a time, THUMB_SWEEP entries a minute) removes the thumbnails of pictures changed or gone;
 # a program that fails leaves a .failed mark, so the same file is not tried again until it
 # changes.  The cache is the agent's own: never served, never listed, even inside --root
@@ -2577,9 +2577,10 @@ THUMB_SLOTS = 2                 # runs at once, all workers together
 THUMB_MAX_BYTES = 1 << 20       # a made thumbnail larger than this is not served (not one)
 THUMB_SWEEP = 500               # cache entries looked at per sweep
 THUMB_SWEEP_EVERY = 60.0        # seconds between a worker's sweeps
-# The ImageInfo kinds made, each read as that format and no other (the program is told, so a
-# file named .png that holds an SVG, an MVG or a playlist is never read as one): the decoder
-# names of ImageMagick and ffmpeg.
+# The ImageInfo kinds made (the agent read their headers), each read as that format and no other
+# by ImageMagick and ffmpeg (they are told: a file whose header says PNG and that holds an SVG,
+# an MVG or a playlist is never read as one): their decoder names.  vipsthumbnail has no way to
+# be told, and picks its loader from the content, as it always does.
 THUMB_TYPES = {'jpeg': ('jpeg', 'mjpeg'), 'png': ('png', 'png'), 'gif': ('gif', 'gif'),
                'webp': ('webp', 'webp'), 'bmp': ('bmp', 'bmp')}
 # Videos whose poster frame ffmpeg makes (when installed, whatever makes the pictures' ones), and
