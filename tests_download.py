@@ -5,6 +5,7 @@ is ZIP64, the operator's limits).
 
 import errno
 import io
+import json
 import os
 import random
 import shutil
@@ -611,6 +612,9 @@ class ThumbnailerServerTests(SharedAgentTestCase):
         page = self.get('/p/').body
         self.assertIn(b'data-src="wide.png?thumb"', page)
         self.assertIn(b'href="notes.txt"', page)
+        entries = {e['name']: e for e in json.loads(self.get('/p/?format=json').body)['entries']}
+        self.assertEqual(entries['wide.png']['thumbnail'], 'wide.png?thumb')
+        self.assertIsNone(entries['notes.txt']['thumbnail'])
 
 
 def subprocess_run(argv):
