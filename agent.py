@@ -2151,10 +2151,11 @@ def gallery_page(url_path, listing, infos=None, download=False, made=False):
     return html_page(title, GALLERY_STYLE, ''.join(out))
 
 
-def gallery_json(url_path, listing, infos=None):
-    """The same listing for scripts: name, url, type, size, mtime, width, height, thumbnail;
-    prev and next, the pages around it (as JSON).  An entry's url is its address relative to
-    the listing (a script joins it to the folder's path), whatever the format."""
+def gallery_json(url_path, listing, infos=None, made=False):
+    """The same listing for scripts: name, url, type, size, mtime, width, height, thumbnail
+    (embedded, or with made one a thumbnailer makes: gallery_thumbnail); prev and next, the
+    pages around it (as JSON).  An entry's url is its address relative to the listing (a
+    script joins it to the folder's path), whatever the format."""
     infos = infos or {}
     entries = []
     for e in listing.entries:
@@ -2163,7 +2164,7 @@ def gallery_json(url_path, listing, infos=None):
                 'size': None if e.is_dir else e.st.st_size, 'mtime': int(e.st.st_mtime) if e.st else None,
                 'width': None, 'height': None, 'thumbnail': None}
         if e.kind == 'image':
-            src, item['width'], item['height'] = gallery_thumbnail(e.name, infos.get(e.name))
+            src, item['width'], item['height'] = gallery_thumbnail(e.name, infos.get(e.name), made)
             item['thumbnail'] = src if src.endswith('?thumb') else None
         entries.append(item)
     document = {'path': url_path, 'sort': listing.sort, 'page': listing.page, 'pages': listing.pages,
@@ -3946,7 +3947,7 @@ class ZipFolder:
         fields = b'Content-Type: application/zip\r\n%sAccept-Ranges: bytes\r\nContent-Length: %d\r\n%s%s' % (
             zip_disposition(top), last - first + 1, extra, fields)
         head = response_head(status, clock.date, fields, keep_alive, req.version, responder.common_headers)
-        if req.method == b'HEAD' or last < first:
+        if req.method == b'HEAD':
             return status, head
         body = ZipBody(entries, layout, first, last, self.crcs, lambda p: zip_open(responder, p))
         return status, head, b'', body, 0, 0, 0, body
@@ -4446,7 +4447,7 @@ class Responder:
             if e.kind == 'image':
                 infos[e.name] = self.images.get(path + '/' + e.name, e.st, e.name, opener=self.open_checked)
         if fmt == 'json':
-            body = gallery_json(url_path, listing, infos)
+            body = gallery_json(url_path, listing, infos, made=self.thumbs.program is not None)
             fields = b'Content-Type: application/json\r\nContent-Length: %d\r\n' % len(body) + validators
         else:
             body = gallery_page(url_path, listing, infos, download=self.zips.max_files > 0,
