@@ -662,6 +662,13 @@ class ZipEntryGoneTests(SharedAgentTestCase):
 
 
 class ThumbnailerCacheGoneTests(unittest.TestCase):
+    def test_start_refuses_a_program_it_cannot_drive(self):
+        server = AgentServer(self, '--thumbnailer', 'gimp')
+        result = server.command('start')
+        self.assertEqual(result.returncode, 1, result)
+        self.assertIn('--thumbnailer gimp: not one of vipsthumbnail, magick, convert, ffmpeg', result.stderr)
+        self.assertNotIn('Traceback', result.stderr)
+
     def test_a_cache_that_cannot_be_written_gives_the_original(self):
         """A --cache removed or full while serving: get() says 'not made' (the original answers),
         never raises (a 500), and leaves no run nor slot taken."""
