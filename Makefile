@@ -46,14 +46,17 @@ smoke:
 	pid=; echo "smoke: served, compared, stopped: ok"
 
 # bench/flood.py: one client's p99 while others flood pipelined gallery requests, beside nginx.
+# bench/zip.py: a folder as one zip (?download=zip) against its files one by one, one run.
 bench:
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/resolve.py
 	$(PYTHON) bench/flood.py
 	$(PYTHON) bench/parsers.py
 	$(PYTHON) bench/location.py
+	$(PYTHON) bench/zip.py
 
 # Request fuzzing: 200k cases against the parser in-process, 500k against the image parsers,
+# 5000 random folders against the zip writer,
 # then 20000 over the network to a running agent, then 100 packets of 300 pipelined requests
 # while a probe must be served (-ci: a tenth, seed 1).  The seed is printed;
 # --seed S --replay I replays one case.

@@ -12,8 +12,10 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     Images: dimensions and embedded thumbnails
     Location: what a photo says of where it was taken, blanked in place (location_patches)
     Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
-    Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
+    Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles;
+        Thumbnails: ?thumb made by an outside program, kept in --cache)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
+    Zip: a folder as one download (zip_layout and the headers, pure; ZipBody, ZipFolder)
     The responder: a parsed request -> its response (resolve, open, stat, head)
     Behind a load balancer: Health (--health), the stop's grace (--stop-grace)
     A worker: one process, one epoll loop (Clock, AccessLog, Acceptor, Worker: the loop)
@@ -158,9 +160,11 @@ descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
 ?page=N (404 for a page that does not exist), ?sort=name|date|size, ?format=json or Accept:
 application/json; a weak ETag; 403 with --no-listing).  `image.jpg?thumb` is the EXIF thumbnail
-embedded in a JPEG (404 if none).  A JPEG, PNG or WebP is served without its location (EXIF GPS,
-XMP and IPTC place names, blanked in place: same length, its own ETag; ?thumb too), unless
---keep-location: see the Location section.
+embedded in a JPEG (404 if none; with --thumbnailer, one made by that program, and the original
+until it is made).  `FOLDER/?download=zip` is the folder as one stored zip, ranges and all
+(section Zip; --zip-max-files, --zip-max-bytes).  A JPEG, PNG or WebP is served without its
+location (EXIF GPS, XMP and IPTC place names, blanked in place: same length, its own ETag;
+?thumb and zip entries too), unless --keep-location: see the Location section.
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
@@ -187,8 +191,10 @@ Content-Security-Policy: its own inline style (and script) by hash, nothing else
 
 import _socket
 import argparse
+import bisect
 import ctypes
 import errno
+import fcntl
 import gc
 import glob
 import importlib
@@ -2319,7 +2325,7 @@ def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_o
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 4             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 5             # part of every page's ETag: change it when the markup changes
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
@@ -2605,16 +2611,17 @@ def time_element(timestamp):
             % (day, minute, t.tm_sec, day, minute))
 
 
-def gallery_thumbnail(name, info):
-    """(src, width, height) of an image's grid picture: its embedded thumbnail if it has one."""
+def gallery_thumbnail(name, info, made=False):
+    """(src, width, height) of an image's grid picture: its embedded thumbnail if it has one, or
+    with made (a thumbnailer is on) a thumbnail made of the types it makes."""
     href = urllib.parse.quote(name)
     if info is None:
         return href, None, None
     width, height = info.shown_size()
-    return (href + '?thumb' if info.thumb else href), width, height
+    return (href + '?thumb' if info.thumb or made and info.kind in THUMB_TYPES else href), width, height
 
 
-def gallery_tile(e, info):
+def gallery_tile(e, info, made=False):
     """One photo of the grid, a <figure>.  The picture shows whole in its 4:3 tile: a portrait
     one is fitted by its height (class tall), the others by their width, and width and height
     give its box that shape before it loads.  An embedded thumbnail is a few kB, loaded lazily
@@ -2622,7 +2629,7 @@ def gallery_tile(e, info):
     it nears the screen (Chromium's own lazy-load margin, 1250-2500 px, fetched megabytes of
     originals that the first screen never showed), and in a <noscript> copy for a browser
     without script."""
-    src, width, height = gallery_thumbnail(e.name, info)
+    src, width, height = gallery_thumbnail(e.name, info, made)
     name, href, src = escape_html(e.name), escape_html(urllib.parse.quote(e.name)), escape_html(src)
     size = ' width="%d" height="%d"' % (width, height) if width else ''
     if width and height * 4 > width * 3:
@@ -2657,9 +2664,9 @@ def gallery_pages(listing, label='Pages'):
     return '<nav class="pages" aria-label="%s">%s</nav>\n' % (label, ''.join(links))
 
 
-def gallery_header(crumbs, listing):
+def gallery_header(crumbs, listing, download=False):
     """The page's <header>: the path as links (Home, then each folder above this one), the
-    counts over all pages, and the sorts."""
+    counts over all pages (and with download, the link to the folder as one zip), and the sorts."""
     heading = ['<a href="/">Home</a>']
     for i, part in enumerate(crumbs):
         href = escape_html('/' + '/'.join(urllib.parse.quote(p) for p in crumbs[:i + 1]) + '/')
@@ -2672,13 +2679,15 @@ def gallery_header(crumbs, listing):
             counts.append('%d %s' % (number, one if number == 1 else many))
     if listing.pages > 1:
         counts.append('page %d of %d' % (listing.page, listing.pages))
+    if download:
+        counts.append('<a href="?download=zip">Download all (zip)</a>')
     sorts = ''.join(('<strong>%s</strong>' if s == listing.sort else '<a href="%s">%%s</a>' % gallery_href(s, 1)) % s
                     for s in GALLERY_SORTS)
     return ('<header><h1>%s</h1>\n<p class="bar"><span>%s</span><span class="sort">Sort:%s</span></p>'
             '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts))
 
 
-def gallery_entries(entries, infos):
+def gallery_entries(entries, infos, made=False):
     """The entries of a page, each kind in its block: folders as a list of links, images as the
     grid (<main>, which the page's script looks in), other files as a table."""
     out = []
@@ -2691,7 +2700,7 @@ def gallery_entries(entries, infos):
             for e in dirs))
     if images:
         out.append('<main class="grid">\n')
-        out.extend(gallery_tile(e, infos.get(e.name)) for e in images)
+        out.extend(gallery_tile(e, infos.get(e.name), made) for e in images)
         out.append('</main>\n')
     if files:
         out.append('<table>%s</table>\n' % ''.join(
@@ -2701,16 +2710,18 @@ def gallery_entries(entries, infos):
     return ''.join(out)
 
 
-def gallery_page(url_path, listing, infos=None):
+def gallery_page(url_path, listing, infos=None, download=False, made=False):
     """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
-    without sizes).  Every name is HTML-escaped in text and URL-quoted in links."""
+    without sizes); download: a link to the folder as one zip; made: thumbnails are made
+    (gallery_thumbnail).  Every name is HTML-escaped in
+    text and URL-quoted in links."""
     crumbs = [p for p in url_path.split('/') if p]
     title = escape_html(crumbs[-1] if crumbs else 'Home')
-    out = [gallery_header(crumbs, listing)]
+    out = [gallery_header(crumbs, listing, download)]
     if listing.pages > 1:
         title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
         out.append(gallery_pages(listing))
-    out.append(gallery_entries(listing.entries, infos or {}))
+    out.append(gallery_entries(listing.entries, infos or {}, made))
     if listing.pages > 1:
         out.append(gallery_pages(listing, 'Pages, again'))
     notes = ['<span id="tz">Times in UTC.</span>']
@@ -2722,10 +2733,11 @@ def gallery_page(url_path, listing, infos=None):
     return html_page(title, GALLERY_STYLE, ''.join(out))
 
 
-def gallery_json(url_path, listing, infos=None):
-    """The same listing for scripts: name, url, type, size, mtime, width, height, thumbnail;
-    prev and next, the pages around it (as JSON).  An entry's url is its address relative to
-    the listing (a script joins it to the folder's path), whatever the format."""
+def gallery_json(url_path, listing, infos=None, made=False):
+    """The same listing for scripts: name, url, type, size, mtime, width, height, thumbnail
+    (embedded, or with made one a thumbnailer makes: gallery_thumbnail); prev and next, the
+    pages around it (as JSON).  An entry's url is its address relative to the listing (a
+    script joins it to the folder's path), whatever the format."""
     infos = infos or {}
     entries = []
     for e in listing.entries:
@@ -2734,7 +2746,7 @@ def gallery_json(url_path, listing, infos=None):
                 'size': None if e.is_dir else e.st.st_size, 'mtime': int(e.st.st_mtime) if e.st else None,
                 'width': None, 'height': None, 'thumbnail': None}
         if e.kind == 'image':
-            src, item['width'], item['height'] = gallery_thumbnail(e.name, infos.get(e.name))
+            src, item['width'], item['height'] = gallery_thumbnail(e.name, infos.get(e.name), made)
             item['thumbnail'] = src if src.endswith('?thumb') else None
         entries.append(item)
     document = {'path': url_path, 'sort': listing.sort, 'page': listing.page, 'pages': listing.pages,
@@ -2791,6 +2803,7 @@ class Cache:
                         PAGE_CACHE_BYTES, keyed by the directory's stamps and stored with the
                         time they serve until (PAGE_TTL, CATALOG_TTL: until())
       AccessLog.escaped access-log fields escaped (escape_log), PATH_CACHE_SIZE; pure
+      Responder.zips.crcs  ZipFolder's CRC-32 of files, ZIP_CRC_CACHE, keyed by file_key
     Not caches, and not bounded on their own: an OpenFile's last 200 head (rebuilt when the
     Date changes, once a second) and a connection's last parsed head (frame()'s `last`); each
     goes with what holds it.
@@ -3001,6 +3014,7 @@ class OwnFiles:
         self.added = 0              # add()s and new identities: part of the page cache's keys
         self.paths = {}             # (st_dev, st_ino) of a directory -> its path
         self.listed = {}            # (st_dev, st_ino) of a directory -> (mtime, ctime) listed
+        self.trees = ()             # 'DIR/' of directories all ours (the thumbnail cache): add_tree
 
     def add(self, path, fd=None):
         """Remember the file at path (or open on fd), and its name in its directory."""
@@ -3021,6 +3035,17 @@ class OwnFiles:
         self.paths[key] = directory
         self.listed.pop(key, None)      # a new name: list the directory again
         self.names = tuple(sorted(set(self.names) | {name}))
+
+    def add_tree(self, path):
+        """A directory whose every entry is ours, by path (the thumbnail cache, --cache): the
+        directory and what is under it are hidden wherever they are asked or listed."""
+        path = os.path.realpath(path)
+        self.trees += (path.rstrip('/') + '/',)
+        try:
+            self.know(os.stat(path))        # its entry in a listing is looked at (hides_entry)
+        except OSError:
+            pass
+        self.added += 1
 
     def know(self, st):
         if (st.st_dev, st.st_ino) not in self.ids:
@@ -3072,7 +3097,7 @@ class OwnFiles:
 
     def hides(self, path, st):
         """Whether path, whose stat() is st, is one of ours (then it is a 404, as if absent)."""
-        if (st.st_dev, st.st_ino) in self.ids:
+        if (st.st_dev, st.st_ino) in self.ids or self.trees and (path + '/').startswith(self.trees):
             return True
         slash = path.rfind('/')
         name = path[slash + 1:]
@@ -3104,6 +3129,324 @@ def rotation_of(name, base):
 
 
 # ---------------------------------------------------------------------------------------------
+# Thumbnails: made once by an outside program, kept in --cache
+# ---------------------------------------------------------------------------------------------
+#
+# `photo.png?thumb` of an image with no embedded thumbnail (exports, screenshots: a first screen
+# of them was 20 MB of originals) is made by a program the machine has (--thumbnailer auto:
+# vipsthumbnail, ImageMagick's magick or convert, ffmpeg; off; or one of them by path), once,
+# and kept in --cache as a small JPEG.  Until it is made the original answers, so no request
+# waits for it.  The product stays stdlib-only: without such a program nothing changes.
+#
+# Each run: a child of the worker (fork and exec, watched from the loop's tick with WNOHANG,
+# never waited for), in a session of its own, as the worker's user, under RLIMIT_CPU and
+# RLIMIT_AS, killed at THUMB_TIME and when its worker dies (PR_SET_PDEATHSIG).  At most
+# THUMB_SLOTS runs at once in all the workers together: a slot is a lock file in the cache,
+# flock()ed without blocking (no slot free: the original, and another try at a later request);
+# the kernel frees a dead worker's slot with its descriptors, so the master keeps no count.
+# Two workers asked for the same picture: the first to create its .part file (O_EXCL) makes it.
+#
+# The cache: one file per picture named from the file's validators (device, inode, size, mtime),
+# with a .src beside it naming the picture (its path), so that a sweep (one worker
+# at a time, THUMB_SWEEP entries a minute) removes the thumbnails of pictures changed or gone;
+# a program that fails leaves a .failed mark, so the same file is not tried again until it
+# changes.  The cache is the agent's own: never served, never listed, even inside --root
+# (OwnFiles.trees).
+
+THUMB_PROGRAMS = ('vipsthumbnail', 'magick', 'convert', 'ffmpeg')     # auto's order
+THUMB_SIZE = 320                # pixels, the longer side: a gallery tile is 172-260 CSS pixels
+THUMB_TIME = 30.0               # seconds of wall time a run may take, then SIGKILL
+THUMB_CPU = 20                  # RLIMIT_CPU of a run, seconds
+THUMB_MEMORY = 2 << 30          # RLIMIT_AS of a run, bytes (a 50-megapixel photo fits)
+THUMB_SLOTS = 2                 # runs at once, all workers together
+THUMB_MAX_BYTES = 1 << 20       # a made thumbnail larger than this is not served (not one)
+THUMB_SWEEP = 500               # cache entries looked at per sweep
+THUMB_SWEEP_EVERY = 60.0        # seconds between a worker's sweeps
+# The ImageInfo kinds made (the agent read their headers), each read as that format and no other
+# by ImageMagick and ffmpeg (they are told: a file whose header says PNG and that holds an SVG,
+# an MVG or a playlist is never read as one): their decoder names.  vipsthumbnail has no way to
+# be told, and picks its loader from the content, as it always does.
+THUMB_TYPES = {'jpeg': ('jpeg', 'mjpeg'), 'png': ('png', 'png'), 'gif': ('gif', 'gif'),
+               'webp': ('webp', 'webp'), 'bmp': ('bmp', 'bmp')}
+# Videos whose poster frame ffmpeg makes (when installed, whatever makes the pictures' ones), and
+# the demuxers it may read each with.
+THUMB_VIDEOS = {'.mp4': 'mov,mp4,m4a,3gp,3g2,mj2', '.m4v': 'mov,mp4,m4a,3gp,3g2,mj2',
+                '.mov': 'mov,mp4,m4a,3gp,3g2,mj2', '.webm': 'matroska,webm'}
+THUMB_PART = '.part.jpg'        # a run's output until it is done (vipsthumbnail goes by the suffix)
+PR_SET_PDEATHSIG = 1            # prctl(2): the signal a child gets when its parent dies
+
+
+def thumbnail_argv(program, kind, source, target, size=THUMB_SIZE):
+    """The command that makes target (a JPEG at most size pixels on its longer side, turned as
+    the picture's EXIF says) from source, a picture of kind (THUMB_TYPES) or a video (kind: its
+    demuxers, THUMB_VIDEOS: ffmpeg only), for program (a path; by its name); None if unknown.
+    source and target are absolute paths: no option can be read in them, and the input format
+    is named, never guessed from the content."""
+    name = os.path.basename(program)
+    if kind not in THUMB_TYPES:
+        return video_poster_argv(program, kind, source, target, size) if name == 'ffmpeg' else None
+    magick_coder, ffmpeg_codec = THUMB_TYPES[kind]
+    box = '%dx%d' % (size, size)
+    if name == 'vipsthumbnail':
+        return [program, source, '--size', box + '>', '-o', target + '[Q=80,strip]']
+    if name in ('magick', 'convert'):
+        return [program, '%s:%s[0]' % (magick_coder, source), '-auto-orient', '-thumbnail', box + '>', '-strip',
+                '-quality', '80', 'jpg:' + target]
+    if name == 'ffmpeg':
+        return [program, '-nostdin', '-loglevel', 'error', '-y', '-protocol_whitelist', 'file', '-f', 'image2',
+                '-c:v', ffmpeg_codec, '-i', 'file:' + source, '-frames:v', '1', '-vf',
+                "scale='min(%d,iw)':'min(%d,ih)':force_original_aspect_ratio=decrease" % (size, size),
+                '-f', 'image2', '-c:v', 'mjpeg', '-q:v', '4', target]
+    return None
+
+
+def video_poster_argv(ffmpeg, demuxers, source, target, size=THUMB_SIZE):
+    """ffmpeg's command for a video's poster: the most typical of its first frames (the
+    thumbnail filter), scaled to fit size, as a JPEG."""
+    return [ffmpeg, '-nostdin', '-loglevel', 'error', '-y', '-protocol_whitelist', 'file', '-f', demuxers,
+            '-i', 'file:' + source, '-frames:v', '1', '-vf',
+            "thumbnail,scale='min(%d,iw)':'min(%d,ih)':force_original_aspect_ratio=decrease" % (size, size),
+            '-f', 'image2', '-c:v', 'mjpeg', '-q:v', '4', target]
+
+
+def find_program(name, path=None):
+    """The absolute path of an executable program: name itself if it has a '/', else the first
+    in $PATH; None if there is none."""
+    if '/' in name:
+        return os.path.abspath(name) if os.access(name, os.X_OK) and os.path.isfile(name) else None
+    for directory in (path if path is not None else os.environ.get('PATH', '/usr/bin:/bin')).split(':'):
+        candidate = os.path.join(directory or '.', name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.abspath(candidate)
+    return None
+
+
+def choose_thumbnailer(choice, path=None):
+    """--thumbnailer: 'off' -> None; 'auto' -> the first of THUMB_PROGRAMS installed (or None);
+    else the program named, which must be one of them (ValueError naming what is wrong)."""
+    if choice == 'off':
+        return None
+    if choice == 'auto':
+        return next((p for p in (find_program(n, path) for n in THUMB_PROGRAMS) if p), None)
+    if os.path.basename(choice) not in THUMB_PROGRAMS:
+        raise ValueError('--thumbnailer %s: not one of %s (or off, auto)' % (choice, ', '.join(THUMB_PROGRAMS)))
+    found = find_program(choice, path)
+    if found is None:
+        raise ValueError('--thumbnailer %s: no such program%s' % (choice, '' if '/' in choice else ' in $PATH'))
+    return found
+
+
+def default_cache_dir(euid=None, environ=None):
+    """--cache's default: /var/cache/agent for an agent started by root, else
+    $XDG_CACHE_HOME/agent (an absolute one), else ~/.cache/agent."""
+    environ = os.environ if environ is None else environ
+    if (os.geteuid() if euid is None else euid) == 0:
+        return '/var/cache/agent'
+    xdg = environ.get('XDG_CACHE_HOME', '')
+    if xdg.startswith('/'):
+        return os.path.join(xdg, 'agent')
+    return os.path.join(environ.get('HOME') or pwd.getpwuid(os.getuid()).pw_dir, '.cache', 'agent')
+
+
+def thumbnail_name(st):
+    """The cache's name for the thumbnail of the file whose stat is st: its validators."""
+    return '%x-%x-%x-%x' % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def prepare_thumbnails(config, own_files):
+    """In the master, before it drops privileges: choose the program, make --cache (0700, owned
+    by the workers' user) and make it one of our own files.  A cache that cannot be made turns
+    the thumbnailer off, with a line in the log: serving goes on as without a thumbnailer."""
+    try:
+        config.thumbnailer = choose_thumbnailer(config.thumbnailer) or 'off'
+    except ValueError as exc:
+        raise DaemonError(str(exc))
+    if config.thumbnailer == 'off':
+        return
+    config.cache = os.path.abspath(config.cache or default_cache_dir())
+    try:
+        os.makedirs(config.cache, mode=0o700, exist_ok=True)
+        if os.geteuid() == 0 and config.user:
+            account = pwd.getpwnam(config.user)
+            os.chown(config.cache, account.pw_uid, account.pw_gid)
+        os.chmod(config.cache, 0o700)
+    except (OSError, KeyError) as exc:
+        log('agent: thumbnails off: cannot make the cache %s: %s' % (config.cache, exc), priority=LOG_WARNING)
+        config.thumbnailer = 'off'
+        return
+    own_files.add_tree(config.cache)
+
+
+class Thumbnails:
+    """A worker's side of the thumbnailer: the made thumbnails it finds in the cache, the runs it
+    starts and watches (poll(), from the loop's tick), and its share of the sweep."""
+
+    def __init__(self, program, directory):
+        self.program = program if program and program.startswith('/') else None    # resolved, or off
+        self.ffmpeg = self.program and (self.program if os.path.basename(self.program) == 'ffmpeg'
+                                        else find_program('ffmpeg'))               # videos' posters
+        self.directory = directory
+        self.slots = []                 # lock files, opened at the first run
+        self.running = {}               # pid -> (slot fd, deadline, cache path but suffix, source path)
+        self.next_sweep = 0.0
+        self.swept = []                 # names still to look at in this round of the sweep
+
+    def kind_of(self, path, info):
+        """What get() takes for the file at path (its ImageInfo or None): an image kind of
+        THUMB_TYPES, a video's demuxers (when ffmpeg is installed), or None: none is made."""
+        if self.program is None:
+            return None
+        if info is not None:
+            return info.kind if info.kind in THUMB_TYPES else None
+        return THUMB_VIDEOS.get(os.path.splitext(path)[1].lower()) if self.ffmpeg else None
+
+    def get(self, path, st, kind, now):
+        """The made thumbnail of the file at path (stat st, kind_of() it) as bytes; else None,
+        after starting its run if a slot is free (a later request gets it made)."""
+        name = thumbnail_name(st)
+        base = os.path.join(self.directory, name)
+        try:
+            fd = os.open(base + '.jpg', os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            try:
+                self.start(path, kind, base, now)
+            except OSError:
+                pass                        # the cache removed or full: the original, as without
+            return None
+        try:
+            data = os.read(fd, THUMB_MAX_BYTES + 1)
+        finally:
+            os.close(fd)
+        return data if 0 < len(data) <= THUMB_MAX_BYTES and data[:2] == b'\xff\xd8' else None
+
+    def start(self, path, kind, base, now):
+        """Start the run that makes base's thumbnail, if a slot is free and no worker makes it
+        already (its .part exists) nor failed to (.failed); OSError when the cache cannot say."""
+        if os.path.exists(base + '.failed') or len(self.running) >= THUMB_SLOTS:
+            return
+        slot = self.take_slot()
+        if slot is None:
+            return
+        try:
+            os.close(os.open(base + THUMB_PART, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            try:
+                with open(base + '.src', 'w', encoding='utf-8', errors='surrogateescape') as f:
+                    f.write(path)
+                program = self.program if kind in THUMB_TYPES else self.ffmpeg
+                pid = spawn_limited(thumbnail_argv(program, kind, path, base + THUMB_PART))
+            except OSError:
+                os.unlink(base + THUMB_PART)
+                raise
+        except OSError:
+            fcntl.flock(slot, fcntl.LOCK_UN)    # taken by another worker (or a stale .part: swept)
+            return
+        self.running[pid] = (slot, now + THUMB_TIME, base, path)
+
+    def take_slot(self):
+        """A free slot's descriptor, locked; None when all are taken."""
+        if not self.slots:
+            for number in range(THUMB_SLOTS):
+                self.slots.append(os.open(os.path.join(self.directory, '.slot%d' % number),
+                                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for fd in self.slots:
+            if fd in (run[0] for run in self.running.values()):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except OSError:
+                continue
+        return None
+
+    def poll(self, now):
+        """Once a second (Worker.tick): reap the runs that ended (their thumbnail renamed into
+        place, or a .failed mark), kill those past THUMB_TIME; and the sweep, when its turn."""
+        if self.program is None:
+            return
+        for pid, (slot, deadline, base, path) in list(self.running.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, -1
+            if not done:
+                if now >= deadline:
+                    os.kill(pid, signal.SIGKILL)    # reaped at the next tick
+                    self.running[pid] = (slot, float('inf'), base, path)
+                continue
+            del self.running[pid]
+            fcntl.flock(slot, fcntl.LOCK_UN)
+            try:
+                if status == 0 and os.path.getsize(base + THUMB_PART) > 0:
+                    os.rename(base + THUMB_PART, base + '.jpg')
+                else:
+                    os.rename(base + THUMB_PART, base + '.failed')
+                    log('worker: thumbnailer %s failed on %s (status %s)' % (self.program, path, status),
+                        priority=LOG_WARNING)
+            except OSError:
+                pass
+        if now >= self.next_sweep:
+            self.next_sweep = now + THUMB_SWEEP_EVERY
+            self.sweep()
+
+    def sweep(self):
+        """THUMB_SWEEP entries of the cache: those of a picture changed or gone go, and so does
+        a .part left by a run that no worker watches any more.  One worker at a time (a lock)."""
+        try:
+            lock = os.open(os.path.join(self.directory, '.sweep'), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not self.swept:
+                self.swept = sorted(n[:-4] for n in os.listdir(self.directory) if n.endswith('.src'))
+            batch, self.swept = self.swept[:THUMB_SWEEP], self.swept[THUMB_SWEEP:]
+            for name in batch:
+                self.sweep_one(os.path.join(self.directory, name))
+        except OSError:
+            pass
+        finally:
+            os.close(lock)
+
+    def sweep_one(self, base):
+        try:
+            with open(base + '.src', encoding='utf-8', errors='surrogateescape') as f:
+                source = f.read()
+            stale = thumbnail_name(os.stat(source)) != os.path.basename(base)
+        except OSError:
+            stale = True
+        try:
+            stale = stale or time.time() - os.stat(base + THUMB_PART).st_mtime > 2 * THUMB_TIME
+        except OSError:
+            pass
+        if stale:
+            for suffix in ('.jpg', '.failed', THUMB_PART, '.src'):
+                try:
+                    os.unlink(base + suffix)
+                except OSError:
+                    pass
+
+
+def spawn_limited(argv):
+    """Start argv as a child of this worker: a session of its own, stdin, stdout and stderr on
+    /dev/null, no other descriptor, the rlimits of a run, killed if this worker dies.  Its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:                                    # the child: nothing here may return
+        os.setsid()
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        resource.setrlimit(resource.RLIMIT_CPU, (THUMB_CPU, THUMB_CPU))
+        resource.setrlimit(resource.RLIMIT_AS, (THUMB_MEMORY, THUMB_MEMORY))
+        null = os.open('/dev/null', os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+
+
+# ---------------------------------------------------------------------------------------------
 # A connection: a small state object, one method per state (darkhttpd's shape)
 # ---------------------------------------------------------------------------------------------
 
@@ -3119,7 +3462,9 @@ class Reply:
     connection sends one response at a time.
 
     out goes first, then `remaining` bytes of file from offset, then each of pieces (a
-    multipart/byteranges response's part heads and ranges) the same way.  sent counts the
+    multipart/byteranges response's part heads and ranges) the same way.  A ZipBody is both
+    file and pieces: its fd moves from entry to entry, and its pop() may say None, not yet (a
+    CRC being read: the connection yields its turn).  sent counts the
     body bytes: those of out as they are queued (a response cut short still counts them, as
     the log always has), those of the file as they go."""
 
@@ -3322,7 +3667,7 @@ class Connection:
         reply.status = status
         reply.pieces = pieces
         reply.out = head + body if body else head
-        if file is not None and (length or pieces):
+        if file is not None and (length or pieces):     # pieces alone: a ZipBody, its own file
             file.refs += 1
             reply.file, reply.offset, reply.remaining = file, offset, length
         reply.sent = len(body) or body_length       # body_length: what of `head` is body
@@ -3372,7 +3717,11 @@ class Connection:
                         return
                 if not reply.pieces:
                     break
-                reply.out, reply.offset, reply.remaining = reply.pieces.pop(0)
+                piece = reply.pieces.pop(0)
+                if piece is None:                   # a zip reading CRCs: the others' turn first
+                    self.worker.defer(self)
+                    return
+                reply.out, reply.offset, reply.remaining = piece
                 reply.sent += len(reply.out)
         except (BlockingIOError, InterruptedError):
             return self.wait_writable()
@@ -3736,7 +4085,11 @@ class TLSConnection(Connection):
                     if not reply.remaining:
                         if not reply.pieces:
                             break
-                        reply.out, reply.offset, reply.remaining = reply.pieces.pop(0)   # a part head
+                        piece = reply.pieces.pop(0)     # a part head
+                        if piece is None:               # a zip reading CRCs: the others' turn first
+                            self.worker.defer(self)
+                            return
+                        reply.out, reply.offset, reply.remaining = piece
                         reply.sent += len(reply.out)
                         continue
                     chunk = os.pread(reply.file.fd, min(reply.remaining, TLS_CHUNK), reply.offset)
@@ -3849,6 +4202,466 @@ def tls_context(cert, key, allow_readable_key=False):
     return context
 
 # ---------------------------------------------------------------------------------------------
+# Zip: a folder as one download (stored entries, ZIP64)
+# ---------------------------------------------------------------------------------------------
+#
+# FOLDER/?download=zip is a zip of what the folder's gallery lists, subfolders included (its
+# catalog: no dot files, no special files, none of our own files, no symlink out of the root),
+# under a top folder named after it.  Responder.respond_directory hands it to ZipFolder.
+#
+# Why this layout (APPNOTE 6.3.10):
+#   stored    entries are method 0 (photos and videos do not compress), so where every byte
+#             lies follows from the listing alone (names and sizes): zip_layout() gives the
+#             exact Content-Length before the first byte, and any Range can be answered;
+#   CRCs in the local headers, no data descriptors (flag bit 3): a descriptor would let a
+#             CRC be computed as the bytes go by, but they go by sendfile(), never through
+#             Python, and the central directory at the end needs every CRC anyway, as does a
+#             Range that starts after a file.  So each file is read once for its CRC, when its
+#             local header's turn comes (ZIP_CRC_STEP bytes a loop turn: the worker's other
+#             connections wait no longer than behind a sendfile), and the CRC is kept in
+#             ZipFolder.crcs (a Cache) by the file's validators (file_key): a resumed or a
+#             second download of it from that worker reads nothing again;
+#   UTF-8     names carry flag bit 11; times are UTC, as DOS time and as the extended
+#             timestamp (0x5455) that unzip and 7-Zip prefer;
+#   ZIP64     an entry of 4 GiB or more, an offset past 4 GiB or more than 65,534 entries add
+#             the ZIP64 extra field, end record and locator; the rest stays classic zip.
+# The validators (a strong ETag and Last-Modified) come from every entry's name, size and mtime
+# (not ctime nor inode, so that nodes holding the same files agree): a file rewritten with its
+# size and mtime put back (touch -r) would resume with its old bytes, the ETag cannot see it.
+
+ZIP_VERSION = 1                 # part of every zip's ETag: change it when the layout changes
+ZIP_LIMIT32 = 0xFFFFFFFF        # a 32-bit field at this value means "in the ZIP64 extra"
+ZIP_UTF8 = 0x0800               # general purpose flag bit 11: names are UTF-8
+ZIP_FILE_ATTR = (stat.S_IFREG | 0o644) << 16
+ZIP_DIR_ATTR = (stat.S_IFDIR | 0o755) << 16 | 0x10     # and MS-DOS's directory bit
+ZIP_FIRST_TIME, ZIP_LAST_TIME = 315532800, 4354819198  # what DOS time can say: 1980-01-01 .. 2107
+ZIP_CRC_STEP = 8 << 20          # bytes read for CRCs per loop turn (as SEND_BUDGET sends)
+ZIP_CRC_CACHE = 65536           # CRCs kept per worker (some 200 bytes each)
+# The default --zip-max-files and --zip-max-bytes: listing and stat()ing 10,000 entries holds a
+# worker some 50 ms; a zip's size itself costs nothing until it is read, so no byte limit.
+ZIP_MAX_FILES = 10000
+ZIP_MAX_BYTES = 0               # 0: no limit
+
+
+class ZipEntry:
+    """One entry of a zip: name (bytes, UTF-8, '/' ends a folder's), size, mtime (seconds), and
+    the path and stat() it was listed with (None for a layout built by a test)."""
+
+    __slots__ = ('name', 'size', 'mtime', 'is_dir', 'path', 'st')
+
+    def __init__(self, name, size, mtime, is_dir=False, path=None, st=None):
+        self.name, self.size, self.mtime, self.is_dir, self.path, self.st = name, size, int(mtime), is_dir, path, st
+
+
+def zip_dos_time(mtime):
+    """(DOS time, DOS date) of a time in UTC, clamped to what they can say."""
+    t = time.gmtime(min(max(mtime, ZIP_FIRST_TIME), ZIP_LAST_TIME))
+    return t.tm_hour << 11 | t.tm_min << 5 | t.tm_sec // 2, (t.tm_year - 1980) << 9 | t.tm_mon << 5 | t.tm_mday
+
+
+def zip_time_extra(mtime):
+    """The extended timestamp extra field (0x5455): the modification time alone."""
+    return struct.pack('<HHBI', 0x5455, 5, 1, min(max(mtime, 0), 0x7FFFFFFF))
+
+
+def zip_local_length(entry):
+    """The length of an entry's local header: what zip_local_header() builds, whatever its CRC."""
+    return 30 + len(entry.name) + 9 + (20 if entry.size >= ZIP_LIMIT32 else 0)
+
+
+def zip_central_length(entry, offset):
+    """The length of an entry's central directory header at offset: zip_central_header()'s."""
+    words = (2 if entry.size >= ZIP_LIMIT32 else 0) + (offset >= ZIP_LIMIT32)
+    return 46 + len(entry.name) + 9 + (4 + 8 * words if words else 0)
+
+
+def zip_local_header(entry, crc):
+    big = entry.size >= ZIP_LIMIT32
+    extra = zip_time_extra(entry.mtime)
+    if big:
+        extra += struct.pack('<HHQQ', 1, 16, entry.size, entry.size)
+    size = ZIP_LIMIT32 if big else entry.size
+    dos_time, dos_date = zip_dos_time(entry.mtime)
+    return struct.pack('<IHHHHHIIIHH', 0x04034b50, 45 if big else 20, ZIP_UTF8, 0, dos_time, dos_date,
+                       crc, size, size, len(entry.name), len(extra)) + entry.name + extra
+
+
+def zip_central_header(entry, crc, offset):
+    words = [entry.size, entry.size] if entry.size >= ZIP_LIMIT32 else []
+    if offset >= ZIP_LIMIT32:
+        words.append(offset)
+    extra = zip_time_extra(entry.mtime)
+    if words:
+        extra += struct.pack('<HH%dQ' % len(words), 1, 8 * len(words), *words)
+    version = 45 if words else 20
+    dos_time, dos_date = zip_dos_time(entry.mtime)
+    size = min(entry.size, ZIP_LIMIT32)
+    return struct.pack('<IHHHHHHIIIHHHHHII', 0x02014b50, 3 << 8 | version, version, ZIP_UTF8, 0, dos_time,
+                       dos_date, crc, size, size, len(entry.name), len(extra), 0, 0, 0,
+                       ZIP_DIR_ATTR if entry.is_dir else ZIP_FILE_ATTR, min(offset, ZIP_LIMIT32)) \
+        + entry.name + extra
+
+
+def zip_end(count, cd_offset, cd_size):
+    """The end of the archive: the ZIP64 end record and its locator when a field overflows
+    (65,535 entries is already the marker value), then the classic end record."""
+    out = b''
+    if count >= 0xFFFF or cd_offset >= ZIP_LIMIT32 or cd_size >= ZIP_LIMIT32:
+        out = struct.pack('<IQHHIIQQQQ', 0x06064b50, 44, 3 << 8 | 45, 45, 0, 0, count, count, cd_size, cd_offset)
+        out += struct.pack('<IIQI', 0x07064b50, 0, cd_offset + cd_size, 1)
+    return out + struct.pack('<IHHHHIIH', 0x06054b50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                             min(cd_size, ZIP_LIMIT32), min(cd_offset, ZIP_LIMIT32), 0)
+
+
+def zip_end_length(count, cd_offset, cd_size):
+    big = count >= 0xFFFF or cd_offset >= ZIP_LIMIT32 or cd_size >= ZIP_LIMIT32
+    return 22 + (76 if big else 0)
+
+
+def zip_layout(entries):
+    """(offsets, cd_offset, cd_size, length) of a zip of entries (ZipEntry), from their names and
+    sizes alone: each local header's offset, the central directory's, its length, the whole."""
+    offsets = []
+    position = 0
+    for entry in entries:
+        offsets.append(position)
+        position += zip_local_length(entry) + entry.size
+    cd_size = sum(zip_central_length(entry, offset) for entry, offset in zip(entries, offsets))
+    return offsets, position, cd_size, position + cd_size + zip_end_length(len(entries), position, cd_size)
+
+
+def zip_tail(entries, offsets, crcs, cd_offset):
+    """The central directory and the end records: the archive's last bytes."""
+    central = b''.join(zip_central_header(entry, crc, offset) for entry, crc, offset in zip(entries, crcs, offsets))
+    return central + zip_end(len(entries), cd_offset, len(central))
+
+
+def zip_validators(entries, length):
+    """(ETag, newest mtime) of a zip: from every entry's name, size and mtime, and the length."""
+    data = b'\0'.join(b'%s %d %d' % (e.name, e.size, e.mtime) for e in entries)
+    newest = max([e.mtime for e in entries] or [0])
+    return '"z%d-%x-%08x%08x"' % (ZIP_VERSION, length, zlib.crc32(data), zlib.adler32(data)), newest
+
+
+def zip_disposition(folder):
+    """Content-Disposition of the zip of folder (a name): attachment, folder.zip, its UTF-8
+    name in filename* (RFC 6266) and a plain ASCII one beside it for older clients."""
+    name = folder + '.zip'
+    plain = ''.join(c if ' ' <= c < '\x7f' and c not in '"\\%' else '_' for c in name)
+    return b'Content-Disposition: attachment; filename="%s"; filename*=UTF-8\'\'%s\r\n' % (
+        plain.encode('ascii'), urllib.parse.quote(name, safe='').encode('ascii'))
+
+
+# CRC-32 over a run of zero bytes without reading them (zlib's crc32_combine arithmetic, in
+# GF(2) modulo its reflected polynomial): the holes of a sparse file (a disk image, a
+# preallocated video) cost no read, which for a 4 GB one is 10 s of a worker's time.
+ZIP_CRC_POLY = 0xEDB88320
+
+
+def crc32_multiply(a, b):
+    """a * b modulo the CRC-32 polynomial (bit 31 is x**0)."""
+    product = 0
+    mask = 1 << 31
+    while a:
+        if a & mask:
+            product ^= b
+            a ^= mask
+        mask >>= 1
+        b = b >> 1 ^ ZIP_CRC_POLY if b & 1 else b >> 1
+    return product
+
+
+def _crc32_powers():
+    powers = [1 << 30]                  # x**1, then x**(2**k)
+    for _ in range(63):
+        powers.append(crc32_multiply(powers[-1], powers[-1]))
+    return powers
+
+
+ZIP_CRC_POWERS = _crc32_powers()
+
+
+def crc32_zeros(crc, count):
+    """zlib.crc32(bytes(count), crc), in O(log count): the register times x**(8 * count)."""
+    power, k, n = 1 << 31, 3, count
+    while n:
+        if n & 1:
+            power = crc32_multiply(ZIP_CRC_POWERS[k], power)
+        n >>= 1
+        k += 1
+    return crc32_multiply(power, crc ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+def hole_length(fd, offset, size):
+    """How many bytes from offset the file's hole runs (lseek SEEK_DATA), 0 where there is
+    data or the file system cannot say."""
+    try:
+        return min(os.lseek(fd, offset, os.SEEK_DATA), size) - offset
+    except OSError as exc:
+        return size - offset if exc.errno == errno.ENXIO else 0
+
+
+def zip_entry_source(fd, keep_location):
+    """The bytes that stand in for the first bytes of an entry's file in the zip (b'': none, the
+    file as it is).  The one place each entry's bytes come from besides the file itself: the
+    location strip (location_patches), from the file's start to the end of its last patch, so
+    that a photo in a zip says no more of where it was taken than the photo served alone."""
+    if keep_location:
+        return b''
+    read = file_reader(fd)
+    patches = location_patches(read)
+    if not patches:
+        return b''
+    end = patches[-1][0] + len(patches[-1][1])
+    return apply_patches(read(0, end), 0, patches)
+
+
+class ZipBody:
+    """The body of one zip response, from `first` to `last` (inclusive): Reply's file and its
+    pieces at once.  pop() gives the next (bytes, offset, count): bytes, then count bytes of
+    the current entry's file (self.fd, opened when its turn comes, closed when the next one
+    opens: a folder may hold 10,000 files) from offset; or None while it still reads CRCs,
+    for the connection to give the other connections their turn."""
+
+    def __init__(self, entries, layout, first, last, crcs, opener):
+        self.entries = entries
+        self.offsets, self.cd_offset, self.cd_size, self.length = layout
+        self.position, self.end = first, last + 1
+        self.index = bisect.bisect_right(self.offsets, first) - 1 if first < self.cd_offset else len(entries)
+        self.crcs = crcs                # ZipFolder.crcs: file_key -> CRC
+        self.known = {}                 # index -> CRC, for this response
+        self.opener = opener            # path -> (fd, stat, prefix), checked
+        self.fd = -1
+        self.open_index = -1
+        self.prefix = b''
+        self.reading = None             # (index, offset, crc so far) of a CRC being read
+        self.refs = 0
+
+    def __bool__(self):
+        return self.position < self.end
+
+    def pop(self, _index=0):
+        if self.index >= len(self.entries):
+            return self.tail_piece()
+        i = self.index
+        entry = self.entries[i]
+        crc = self.crc(i)
+        if crc is None:
+            return None
+        head_start = self.offsets[i]
+        data_start = head_start + zip_local_length(entry)
+        data_end = data_start + entry.size
+        head = zip_local_header(entry, crc)[self.position - head_start:self.end - head_start] \
+            if self.position < data_start else b''
+        first, stop = max(self.position, data_start) - data_start, min(self.end, data_end) - data_start
+        self.position = min(self.end, data_end)
+        if self.position == data_end:
+            self.index += 1
+        if stop <= first:
+            return head, 0, 0
+        self.use(i)
+        start = max(first, len(self.prefix))
+        return head + self.prefix[first:stop], start, max(0, stop - start)
+
+    def tail_piece(self):
+        for i in range(len(self.entries)):
+            if self.crc(i) is None:
+                return None
+        tail = zip_tail(self.entries, self.offsets, [self.known[i] for i in range(len(self.entries))],
+                        self.cd_offset)
+        piece = tail[self.position - self.cd_offset:self.end - self.cd_offset]
+        self.position = self.end
+        return piece, 0, 0
+
+    def use(self, i):
+        """Open entry i's file (and close the one before), checked against its listing: a file
+        changed since has another size or place, and the response cannot be right (OSError:
+        the connection is cut, as for a file that shrinks under sendfile)."""
+        if self.open_index == i:
+            return
+        self.close()
+        entry = self.entries[i]
+        self.fd, st, prefix = self.opener(entry.path)
+        self.prefix = prefix[:entry.size]
+        self.open_index = i
+        if (st.st_size, st.st_mtime_ns) != (entry.st.st_size, entry.st.st_mtime_ns):
+            raise OSError(errno.ESTALE, 'changed since it was listed: %s' % entry.path)
+
+    def crc(self, i):
+        """Entry i's CRC-32: known, cached, or read on, ZIP_CRC_STEP bytes a call (None until
+        the last of them)."""
+        known = self.known.get(i)
+        if known is not None:
+            return known
+        entry = self.entries[i]
+        key = None if entry.is_dir or not entry.size else file_key(entry.st)
+        crc = 0 if key is None else self.crcs.data.get(key)
+        if crc is None:
+            crc = self.read_crc(i)
+            if crc is None:
+                return None
+            self.crcs.store(key, crc)
+        self.known[i] = crc
+        return crc
+
+    def read_crc(self, i):
+        self.use(i)
+        entry = self.entries[i]
+        offset, crc = self.reading[1:] if self.reading and self.reading[0] == i else (0, 0)
+        if offset == 0 and self.prefix:
+            offset, crc = len(self.prefix), zlib.crc32(self.prefix)
+        budget = ZIP_CRC_STEP
+        while offset < entry.size and budget > 0:
+            hole = hole_length(self.fd, offset, entry.size)
+            if hole > 0:
+                crc = crc32_zeros(crc, hole)
+                offset += hole
+                continue
+            data = os.pread(self.fd, min(entry.size - offset, SENDFILE_CHUNK, budget), offset)
+            if not data:
+                raise OSError(errno.ESTALE, 'shrank since it was listed: %s' % entry.path)
+            crc = zlib.crc32(data, crc)
+            offset += len(data)
+            budget -= len(data)
+        if offset < entry.size:
+            self.reading = (i, offset, crc)
+            return None
+        self.reading = None
+        return crc
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.open_index, self.prefix = -1, -1, b''
+
+    def release(self):
+        self.refs -= 1
+        if self.refs <= 0:
+            self.close()
+
+
+class ZipFolder:
+    """FOLDER/?download=zip for a Responder: the walk of the folder, the operator's limits
+    (--zip-max-files, 0 turns zips off; --zip-max-bytes), the CRCs kept, and the response."""
+
+    def __init__(self, max_files=ZIP_MAX_FILES, max_bytes=ZIP_MAX_BYTES):
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        self.crcs = Cache(ZIP_CRC_CACHE)
+
+    def respond(self, responder, req, keep_alive, fd, path, relative):
+        """The zip of the folder open at fd (checked in the root), or a 403 naming the limit."""
+        top = relative.rsplit('/', 1)[-1] or 'Home'
+        if not self.max_files:
+            return self.refuse(responder, req, keep_alive, None)
+        entries, refused = self.walk(responder, fd, path, top)
+        if refused:
+            return self.refuse(responder, req, keep_alive, refused)
+        layout = zip_layout(entries)
+        length = layout[3]
+        etag, newest = zip_validators(entries, length)
+        if not responder.keep_location:     # its photos' bytes are their stripped ones
+            etag = etag[:-1] + LOCATION_ETAG + '"'
+        clock = responder.clock
+        last_modified = http_date(min(newest, clock.wall)).encode('ascii')
+        fields = b'Last-Modified: %s\r\nETag: %s\r\nCache-Control: no-cache\r\n' % (last_modified, etag.encode('ascii'))
+        if precondition_failed(req.headers, etag, newest):
+            raise HTTPError(412)
+        if not_modified(req.headers, etag, newest):
+            return 304, response_head(304, clock.date, fields, keep_alive, req.version, responder.common_headers)
+        status, first, last, extra = zip_range(req.headers, etag, newest, length)
+        fields = b'Content-Type: application/zip\r\n%sAccept-Ranges: bytes\r\nContent-Length: %d\r\n%s%s' % (
+            zip_disposition(top), last - first + 1, extra, fields)
+        head = response_head(status, clock.date, fields, keep_alive, req.version, responder.common_headers)
+        if req.method == b'HEAD':
+            return status, head
+        body = ZipBody(entries, layout, first, last, self.crcs, lambda p: zip_open(responder, p))
+        return status, head, b'', body, 0, 0, 0, body
+
+    def walk(self, responder, fd, path, top):
+        """(entries, None), or (None, the limit passed): the folder's listed files and folders,
+        subfolders included (each once: a symlink loop is followed no further)."""
+        entries = [ZipEntry(top.encode('utf-8') + b'/', 0, os.fstat(fd).st_mtime, True)]
+        seen = set()
+        pending = [(fd, path, entries[0].name)]         # the top is open already: fd
+        total = 0
+        while pending:
+            folder_fd, folder, prefix = pending.pop()
+            subfolders = []
+            for name, is_dir, st in zip_folder_items(responder, folder_fd, folder, seen):
+                entry = ZipEntry(prefix + name.encode('utf-8') + (b'/' if is_dir else b''),
+                                 0 if is_dir else st.st_size, st.st_mtime, is_dir, folder + '/' + name, st)
+                entries.append(entry)
+                total += entry.size
+                if is_dir:
+                    subfolders.append((None, entry.path, entry.name))
+            if len(entries) - 1 > self.max_files:
+                return None, 'more than %d files and folders (--zip-max-files)' % self.max_files
+            if self.max_bytes and total > self.max_bytes:
+                return None, 'more than %d bytes (--zip-max-bytes)' % self.max_bytes
+            pending.extend(reversed(subfolders))
+        return entries, None
+
+    def refuse(self, responder, req, keep_alive, limit):
+        text = ('Downloads of folders as zip are off here (--zip-max-files 0).' if not self.max_files else
+                'This folder is too large to download as one zip: %s.' % limit)
+        body = html_page('403 Forbidden', ERROR_STYLE, '<h1>403 Forbidden</h1>\n<p>%s</p>\n<p>Go back to '
+                         '<a href="./">the folder</a>.</p>\n' % escape_html(text))
+        head = response_head(403, responder.clock.date, html_fields(len(body)), keep_alive, req.version,
+                             responder.common_headers)
+        return 403, head, b'' if req.method == b'HEAD' else body
+
+
+def zip_range(headers, etag, mtime, length):
+    """(status, first, last, Content-Range field) of a zip's response: one range (several are
+    answered whole), under If-Range; 416 raised as HTTPError."""
+    if 'range' in headers and if_range_allows(headers, etag, mtime):
+        found = parse_range(headers['range'], length)
+        if found == 'unsatisfiable':
+            raise HTTPError(416, headers=b'Content-Range: bytes */%d\r\n' % length)
+        if found is not None:
+            first, last = found
+            return 206, first, last, b'Content-Range: bytes %d-%d/%d\r\n' % (first, last, length)
+    return 200, 0, length - 1, b''
+
+
+def zip_folder_items(responder, fd, folder, seen):
+    """(name, is_dir, stat) of what the gallery lists in folder (open at fd, or opened here and
+    checked to lie in the root), in its order; nothing for a folder seen before or gone."""
+    own = fd is None
+    try:
+        if own:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            responder.check_confined(fd)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                return []
+            seen.add((st.st_dev, st.st_ino))
+            catalog = gallery_catalog(responder.scan_directory(fd, folder))
+            return [(name, is_dir, st) for _, name, is_dir, st, _ in
+                    responder.stat_entries(fd, folder, catalog.entries)]
+        finally:
+            if own:
+                os.close(fd)
+    except (OSError, HTTPError):
+        return []
+
+
+def zip_open(responder, path):
+    """(fd, stat, prefix) of an entry's file, opened as any file served (Responder.open_checked)
+    and never one of ours."""
+    try:
+        fd, st = responder.open_checked(path)
+    except HTTPError:                       # no longer a regular file in the root: cut, as gone
+        raise OSError(errno.ENOENT, 'no longer served: %s' % path)
+    if responder.own_files.hides(path, st):
+        os.close(fd)
+        raise OSError(errno.ENOENT, 'not served: %s' % path)
+    return fd, st, zip_entry_source(fd, responder.keep_location)
+
+
+# ---------------------------------------------------------------------------------------------
 # The responder: from a parsed request to its response (resolve, open, stat, head)
 # ---------------------------------------------------------------------------------------------
 
@@ -3886,6 +4699,8 @@ class Responder:
         self.images = ImageInfoCache()
         self.pages = Cache(PAGE_CACHE_ENTRIES, PAGE_CACHE_BYTES)
         self.paths = Cache(PATH_CACHE_SIZE)     # target -> (path, relative, trailing, slash, query)
+        self.zips = ZipFolder(config.zip_max_files, config.zip_max_bytes)     # ?download=zip, its CRCs
+        self.thumbs = Thumbnails(config.thumbnailer, config.cache)          # ?thumb made by a program
         self.file_error_logged = -1.0
         self.health = health                # --health: its Health, or None
 
@@ -4113,6 +4928,8 @@ class Responder:
                 # directory later replaced by a file would stay out of its reach.
                 raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n'
                                 + self.cache_control)
+            if query and parse_query(query).get('download') == 'zip':
+                return self.zips.respond(self, req, keep_alive, fd, path, relative)
             index = self.index_file(path)
             if index is not None:
                 return self.respond_file(req, keep_alive, index)
@@ -4267,16 +5084,21 @@ class Responder:
             if e.kind == 'image':
                 infos[e.name] = self.images.get(path + '/' + e.name, e.st, e.name, opener=self.open_checked)
         if fmt == 'json':
-            body = gallery_json(url_path, listing, infos)
+            body = gallery_json(url_path, listing, infos, made=self.thumbs.program is not None)
             fields = b'Content-Type: application/json\r\nContent-Length: %d\r\n' % len(body) + validators
         else:
-            body = gallery_page(url_path, listing, infos)
+            body = gallery_page(url_path, listing, infos, download=self.zips.max_files > 0,
+                                made=self.thumbs.program is not None)
             fields = html_fields(len(body), GALLERY_CSP.encode('ascii')) + validators
         return etag, fields, body
 
     def respond_thumbnail(self, req, keep_alive, entry, path):
         """`image.jpg?thumb`: the JPEG thumbnail embedded in the file's EXIF, turned as the
-        image is, with validators derived from the file's own; 404 if it has none."""
+        image is, with validators derived from the file's own; 404 if it has none.  With a
+        thumbnailer (--thumbnailer), an image of THUMB_TYPES without one gets the thumbnail
+        made of it (ETag ...-m), and the original until it is made; a video (THUMB_VIDEOS), its
+        poster made by ffmpeg, and 404 until it is made."""
+        info = st = None
         try:
             st = os.fstat(entry.fd)
             info = self.images.get(path, st, os.path.basename(path), fd=entry.fd)
@@ -4286,9 +5108,15 @@ class Responder:
         except OSError:
             data = b''
         body = thumbnail_bytes(info, data) if data else None
+        tag = '-t"'
+        kind = self.thumbs.kind_of(path, info) if body is None and st is not None else None
+        if kind is not None:
+            body, tag = self.thumbs.get(path, st, kind, self.clock.now), '-m"'
+            if body is None and info is not None:
+                return self.respond_file(req, keep_alive, entry)    # the original, until it is made
         if body is None:
             raise HTTPError(404)
-        etag = entry.etag[:-1] + '-t"'
+        etag = entry.etag[:-1] + tag
         last_modified = entry.validators(self.clock.wall, self.clock.date)[0]
         # As fresh as its file, on the 200 and on the 304 alike (RFC 9110 section 15.4.5):
         # without a lifetime, caches guess one from Last-Modified (RFC 9111 section 4.2.2).
@@ -4718,6 +5546,7 @@ class Worker:
         """Once a second: timeouts, the drain grace, accept pauses, deleted files' descriptors,
         and another try at an access log that could not be written."""
         self.responder.files.close_deleted()
+        self.responder.thumbs.poll(self.clock.now)
         self.access_log.retry()
         now = self.clock.now
         for conn in list(self.conns):
@@ -5300,6 +6129,7 @@ class Agent(Daemon):
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
         write_options(options_path(self.pidfile_path), config)
         self.note_own_files()
+        prepare_thumbnails(config, self.own_files)
         self.upgrade.keep_code()
         raise_fd_limit()
         self.listeners, self.redirects = listening_sockets(config, self.listen_fds, self.tls is not None)
@@ -6409,12 +7239,27 @@ def parser():
     tls.add_argument('--hsts', type=non_negative_int, metavar='SECONDS',
                      help='send Strict-Transport-Security: max-age=SECONDS on HTTPS responses '
                           '(0 tells browsers to forget an earlier one)')
+    limits.add_argument('--zip-max-files', type=non_negative_int, default=ZIP_MAX_FILES, metavar='N',
+                        help='files and folders in one FOLDER/?download=zip, subfolders included; '
+                             'more is a 403 naming this limit; 0 turns the zip download off '
+                             '(default: %d)' % ZIP_MAX_FILES)
+    limits.add_argument('--zip-max-bytes', type=non_negative_int, default=ZIP_MAX_BYTES, metavar='BYTES',
+                        help='bytes of files in one zip download; more is a 403 naming this '
+                             'limit; 0: no limit (default: 0)')
+    serving.add_argument('--thumbnailer', default='off', metavar='off|auto|PROGRAM',
+                         help='make ?thumb of images without an embedded thumbnail with this program, '
+                              'once, kept in --cache: auto takes the first installed of %s; or one '
+                              'of them by name or path (default: off)' % ', '.join(THUMB_PROGRAMS))
+    files.add_argument('--cache', metavar='DIR',
+                       help='where made thumbnails are kept (made 0700, owned by the workers\' user; '
+                            'never served): default /var/cache/agent for root, else '
+                            '$XDG_CACHE_HOME/agent or ~/.cache/agent')
     return p
 
 
 NOT_OPTIONS = ('action',)          # not an option: the action
 # The options that name files: made absolute before anything changes directory.
-PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key')
+PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key', 'cache')
 SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
 
 

@@ -8,6 +8,9 @@ The layout is checked at a phone's 390x844 and a desktop's 1280x900 (and from 32
 wide), by the boxes the browser lays out, not by the markup.  Missing chromium,
 chromedriver, selenium or ImageMagick is an error, never a skip: CI installs them (.ci/run).
 
+ThumbnailerBrowserTests runs an agent with --thumbnailer (ImageMagick): a fresh browser's first
+screen of those 60 exports, before and after their thumbnails are made (under 2 MB after).
+
 Each test waits on a condition in the page with a hard deadline; none sleeps for a fixed time.
 A screenshot of the camera folder is saved to GALLERY_SCREENSHOT (default:
 artifacts/gallery.png beside this file) on every run, and of the exports at 390 and 1280 px
@@ -19,6 +22,7 @@ import shutil
 import sys
 import time
 import unittest
+import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -615,6 +619,70 @@ class GalleryBrowserTests(unittest.TestCase):
             self.assertTrue(self.driver.save_screenshot(name))
             print('\n  screenshot: %s' % name, file=sys.stderr)
         self.assert_clean_console()
+
+
+class ThumbnailerBrowserTests(unittest.TestCase):
+    """--thumbnailer with ImageMagick: the first screen of MIXED photos without EXIF thumbnails,
+    in a fresh browser at 1280x900, before and after the thumbnails are made."""
+
+    LIMIT = 2_000_000           # bytes the first screen may transfer once they are made
+
+    @classmethod
+    def setUpClass(cls):
+        require_tools()
+        cls.server = AgentServer(ClassCleanups(cls))
+        cls.server.options += ['--thumbnailer', shutil.which('magick') or shutil.which('convert'),
+                               '--cache', os.path.join(cls.server.dir, 'cache')]
+        folder = os.path.join(cls.server.root, 'exports')
+        os.makedirs(folder)
+        distinct = [samples.landscape_photo(os.path.join(folder, 'Export %02d.jpg' % (i + 1)), i, size=size,
+                                            thumb=None, grain=0.2) for i, (_, size) in enumerate(MIXED_PICTURES)]
+        cls.names = [os.path.basename(p) for p in distinct]
+        for i in range(len(distinct), MIXED):
+            os.link(distinct[i % len(distinct)], os.path.join(folder, 'Export %02d.jpg' % (i + 1)))
+            cls.names.append('Export %02d.jpg' % (i + 1))
+        cls.server.start()
+        cls.base = 'http://127.0.0.1:%d' % cls.server.port
+
+    def first_screen(self):
+        """Bytes a new browser (its own empty cache) transfers to show the first screen of the
+        folder at 1280x900: the page and every picture on it."""
+        from selenium import webdriver
+        driver = GalleryBrowserTests.chrome(webdriver)
+        try:
+            driver.get(self.base + '/exports/')
+            deadline = time.monotonic() + DEADLINE
+            shown = ('Array.from(document.querySelectorAll("main img")).filter(i => i.closest("a")'
+                     '.getBoundingClientRect().top < innerHeight)')
+            while not driver.execute_script('return document.readyState === "complete" && %s.every(i => i.src &&'
+                                            ' i.complete && i.naturalWidth > 0)' % shown):
+                self.assertLess(time.monotonic(), deadline, 'the first screen did not load')
+                time.sleep(0.05)
+            self.assertEqual(driver.execute_script('return innerWidth'), 1280)
+            return driver.execute_script(
+                'return performance.getEntriesByType("navigation")[0].transferSize + performance'
+                '.getEntriesByType("resource").reduce((n, e) => n + e.transferSize, 0)'), \
+                driver.execute_script('return %s.length' % shown)
+        finally:
+            driver.quit()
+
+    def test_first_screen_is_small_once_thumbnails_are_made(self):
+        before, count = self.first_screen()         # the originals answer ?thumb meanwhile
+        deadline = time.monotonic() + 120
+        for name in self.names:
+            while True:
+                status, headers, _ = self.server.get('/exports/' + urllib.parse.quote(name) + '?thumb')
+                if status == 200 and headers.get('etag', '').endswith('-m"'):     # made (not the original)
+                    break
+                self.assertLess(time.monotonic(), deadline, 'no thumbnail made for ' + name)
+                time.sleep(0.1)
+        after, count_after = self.first_screen()
+        print('\n  first screen at 1280x900: %d photos, %d bytes before the thumbnails are made, %d after'
+              % (count, before, after), file=sys.stderr)
+        self.assertEqual(count, count_after)
+        self.assertGreater(count, 6)
+        self.assertLess(after, self.LIMIT)
+        self.assertLess(after * 4, before)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ HEAD and ?thumb, and byte for byte with --keep-location.
 """
 
 import binascii
+import io
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import subprocess
 import tempfile
 import unittest
 import xml.dom.minidom
+import zipfile
 
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import SharedAgentTestCase, TIMEOUT, parse_byteranges, shutil_which, write_file
@@ -444,6 +446,14 @@ class LocationServerTests(SharedAgentTestCase):
         self.assertEqual(agent.location_patches(agent.bytes_reader(response.body)), [])
         self.assertTrue(response.headers['etag'].endswith('-nl-t"'), response.headers)
 
+    def test_the_folder_zip_strips_each_photo(self):
+        response = self.get('/d/?download=zip')
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.headers['etag'].endswith('-nl"'), response.headers)
+        with zipfile.ZipFile(io.BytesIO(response.body)) as z:
+            self.assertIsNone(z.testzip())          # the CRCs are those of the stripped bytes
+            self.assertEqual(z.read('d/small.jpg'), stripped(self.originals['d/small.jpg']))
+
     def test_gallery_shows_no_location(self):
         for target in ('/d/', '/d/?format=json'):
             response = self.get(target)
@@ -471,6 +481,14 @@ class KeepLocationServerTests(SharedAgentTestCase):
         part = self.get('/big.jpg', 'Range: bytes=0-2999')
         self.assertEqual(part.body, self.original[:3000])
         self.assertIn(b'2020:01:01', self.get('/big.jpg?thumb').body)
+
+    def test_the_folder_zip_keeps_it(self):
+        response = self.get('/?download=zip')
+        self.assertEqual(response.status, 200)
+        self.assertFalse(response.headers['etag'].endswith('-nl"'), response.headers)
+        with zipfile.ZipFile(io.BytesIO(response.body)) as z:
+            name, = [n for n in z.namelist() if n.endswith('/big.jpg')]
+            self.assertEqual(z.read(name), self.original)
 
     def test_restart_and_upgrade_keep_it(self):
         """The option goes with the master's recorded options (restart) and its command line

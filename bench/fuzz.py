@@ -29,6 +29,11 @@ and photos that say where they were taken): only an ImageInfo or None, sizes wit
 MAX_DIMENSION, a thumbnail inside the bytes; and the location strip (agent.location_patches):
 sorted patches inside the bytes, the same length stripped, patch_pieces sending the same bytes.
 
+Zip mode (--zips N): the zip writer of ?download=zip (agent.zip_layout, ZipBody) over N random
+folders (files of random sizes, folders, names in several scripts, first bytes replaced through
+the zip_entry_source hook): zipfile reads each zip byte for byte, the length is the layout's,
+and five random ranges of it are the whole's bytes.
+
 Pipelined-flood mode (--flood N): N packets of 300 pipelined requests (files, the gallery as
 HTML and JSON, GET and HEAD, a 404, a folder of 2,000 files), each in one write on its own connection, 4 at a time,
 while a probe asks for a file on fresh connections: every request of a packet is answered, in
@@ -95,16 +100,19 @@ agent it starts is stopped on exit, on error and on Ctrl-C.  Standard library on
 import argparse
 import collections
 import concurrent.futures
+import io
 import os
 import random
 import re
 import select
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -1306,6 +1314,96 @@ def image_mode(args, seed):
     return 0
 
 
+ZIP_NAME_PARTS = ['IMG_0001', 'caf\u00e9', '\u5199\u771f', 'a b', 'x' * 60, '\U0001f600', 'd', '%41', '#?']
+
+
+def zip_case(rng, directory):
+    """One case of the zip writer: entries (files of random sizes, folders, names in any script)
+    written into directory, a ZipBody over them whose entries' first bytes may be replaced
+    (zip_entry_source's hook), joined whole and over random ranges.  Returns None, or what broke."""
+    entries, expected = [], {}
+    for i in range(rng.choice((1, 2, 3, 8, 30))):
+        name = '/'.join(rng.choice(ZIP_NAME_PARTS) for _ in range(rng.randrange(1, 4))) + '.%d' % i
+        if rng.random() < 0.15:
+            entries.append(agent.ZipEntry(name.encode('utf-8') + b'/', 0, rng.randrange(-2 ** 32, 2 ** 34), True))
+            continue
+        path = os.path.join(directory, 'f%d' % i)
+        data = os.urandom(rng.choice((0, 1, 2, rng.randrange(300), rng.randrange(70000))))
+        with open(path, 'wb') as f:
+            f.write(data)
+        prefix = os.urandom(rng.randrange(len(data) + 1)) if data and rng.random() < 0.3 else b''
+        expected[name] = (prefix + data[len(prefix):], prefix)
+        entries.append(agent.ZipEntry(name.encode('utf-8'), len(data), rng.randrange(-2 ** 32, 2 ** 34),
+                                      False, path, os.stat(path)))
+    prefixes = {e.path: expected[e.name.decode('utf-8')][1] for e in entries if not e.is_dir}
+
+    def opener(path):
+        return os.open(path, os.O_RDONLY), os.stat(path), prefixes[path]
+
+    layout = agent.zip_layout(entries)
+    crcs = agent.Cache(1000)
+    whole = zip_join(agent.ZipBody(entries, layout, 0, layout[3] - 1, crcs, opener))
+    if len(whole) != layout[3]:
+        return 'length %d, layout said %d' % (len(whole), layout[3])
+    with zipfile.ZipFile(io.BytesIO(whole)) as archive:
+        if archive.testzip() is not None:
+            return 'bad CRC: %s' % archive.testzip()
+        for name, (data, _) in expected.items():
+            if archive.read(name) != data:
+                return 'entry %r differs' % name
+        if archive.namelist() != [e.name.decode('utf-8') for e in entries]:
+            return 'names %r' % archive.namelist()
+    for _ in range(5):
+        first = rng.randrange(len(whole))
+        last = rng.randrange(first, len(whole))
+        if zip_join(agent.ZipBody(entries, layout, first, last, crcs, opener)) != whole[first:last + 1]:
+            return 'range %d-%d differs' % (first, last)
+    return None
+
+
+def zip_join(body):
+    """Every byte a ZipBody gives, as Connection.send would send them."""
+    out = []
+    try:
+        while body:
+            piece = body.pop(0)
+            if piece is not None:
+                data, offset, count = piece
+                out.append(data + (os.pread(body.fd, count, offset) if count else b''))
+    finally:
+        body.close()
+    return b''.join(out)
+
+
+def zip_mode(args, seed):
+    """The zip writer (agent.zip_layout, ZipBody) over random folders: zipfile reads every zip
+    byte for byte, any range of it is the same bytes as the whole's."""
+    started = time.monotonic()
+    directory = tempfile.mkdtemp(prefix='fuzz-zip-')
+    failures, done = [], 0
+    try:
+        for index in range(args.start, args.start + args.zips):
+            if done % 100 == 0 and time.monotonic() > args.deadline:
+                break
+            try:
+                problem = zip_case(case_rng(seed, index), directory)
+            except Exception as exc:
+                problem = '%s: %s' % (type(exc).__name__, exc)
+            if problem:
+                failures.append((index, problem))
+            done += 1
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    print('zips: %d cases in %.1fs (seed %d)' % (done, time.monotonic() - started, seed))
+    for index, problem in failures[:5]:
+        print('    case %d (seed %d): %s' % (index, seed, problem))
+    if failures:
+        print('FAIL: zip writer fuzz seed %d: %d case(s) broke' % (seed, len(failures)))
+        return 1
+    print('PASS: zip writer fuzz seed %d: %d cases, every zip read whole and by ranges' % (seed, done))
+    return 0
+
+
 def in_process_mode(args, seed):
     started = time.monotonic()
     deadline = args.deadline
@@ -1738,6 +1836,7 @@ FULL_SIZES = {'in_process': 200000, 'images': 500000, 'cases': 20000}
 FULL_SIZES['flood'] = 100           # packets of pipelined requests (--flood)
 FULL_SIZES['blanks'] = 20000            # blank-run mode
 FULL_SIZES['proxy'] = 20000             # PROXY headers (a tenth of them over the network)
+FULL_SIZES['zips'] = 5000              # zip writer mode
 
 
 def choose_sizes(args):
@@ -1777,6 +1876,9 @@ def main(argv=None):
     p.add_argument('--proxy', type=int, default=None, metavar='N',
                    help='fuzz PROXY protocol headers: N cases through the parser, N/10 to an agent '
                         'with --proxy-protocol (default %d)' % FULL_SIZES['proxy'])
+    p.add_argument('--zips', type=int, default=None, metavar='N',
+                   help='fuzz the zip writer (?download=zip) in this process for N random folders '
+                        '(default %d)' % FULL_SIZES['zips'])
     p.add_argument('--start', type=int, default=0, help='index of the first case (default 0)')
     p.add_argument('--replay', type=int, default=None, metavar='I', help='send case I only, verbosely')
     p.add_argument('--show', type=int, default=None, metavar='I', help="print case I's bytes and exit")
@@ -1838,6 +1940,8 @@ def main(argv=None):
             results['images'] = image_mode(args, seed)
         if args.blanks:
             results['blanks'] = blank_mode(args, seed)
+        if args.zips:
+            results['zips'] = zip_mode(args, seed)
         if args.cases:
             results['network'] = network_mode(args, seed)
         if args.flood:
