@@ -6091,12 +6091,12 @@ ACTION_HELP = (
     ('start', 'detach and serve; returns once every worker is up (prints the URL)'),
     ('stop', 'SIGTERM, in-flight responses finish; SIGKILL after --stop-timeout'),
     ('restart, try-restart', 'stop then start, keeping the options not given again'),
-    ('reload, force-reload', 'new workers (and TLS, --auth, --share-key files) without dropping a request'),
+    ('reload, force-reload', 'new workers, TLS, --auth and --share-key files; no request dropped'),
     ('status', 'LSB status: 0 running, 1 dead with pidfile, 3 not running'),
     ('run', 'serve in the foreground, log on stderr (systemd, containers)'),
     ('upgrade', 'replace the running master with the agent.py now on disk (SIGUSR2)'),
-    ('passwd', "passwd NAME: set NAME's password in the --auth file (terminal, or a line of stdin)"),
-    ('share', "share PATH: print a link that opens PATH without an account until --expires"),
+    ('passwd', "passwd NAME: set NAME's password in the --auth file (asked, or stdin)"),
+    ('share', "share PATH: print a link to PATH, open without an account until --expires"),
 )
 
 def parser():
