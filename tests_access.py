@@ -397,6 +397,20 @@ class AuthServerTests(unittest.TestCase):
                  message='bob let in after the reload')
         self.assertEqual(raw_get(server.port, '/top.jpg', ALICE)[0], 200)
 
+    def test_the_password_file_and_the_key_are_never_served_even_inside_the_root(self):
+        server = AgentServer(self, workers=1)
+        passwd, key = os.path.join(server.root, 'passwd'), os.path.join(server.root, 'share.key')
+        write_accounts(passwd, ('alice', 'open sesame'))
+        server.options += ['--auth', passwd, '--share-key', key]
+        server.write('album/a.jpg', b'photo')
+        server.start()
+        self.assertEqual(raw_get(server.port, '/album/a.jpg', ALICE)[0], 200)
+        root_link = urllib.parse.urlsplit(AccessServer.share(server, server.root)).path
+        for target in ('/passwd', '/share.key', root_link + 'passwd', root_link + 'share.key'):
+            self.assertEqual(raw_get(server.port, target, ALICE)[0], 404, target)
+        self.assertEqual(raw_get(server.port, root_link + 'album/a.jpg')[0], 200)
+        self.assertIn('the password file %s is inside --root' % passwd, slurp(server.log))
+
     def test_passwd_usage_errors(self):
         for argv, words in [(['passwd', 'bob'], 'passwd needs --auth'), (['--auth', 'f', 'passwd'], 'NAME'),
                             (['--auth', 'f', 'status', 'x'], 'takes nothing')]:
