@@ -13,6 +13,7 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
     Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
     Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
+    Access: accounts (--auth) and share links (Access.admit: the first step of every response)
     The responder: a parsed request -> its response (resolve, open, stat, head)
     A worker: one process, one epoll loop (Clock, AccessLog, Acceptor, Worker: the loop)
     The master: Supervisor (the workers), Upgrade (in place), Agent (the daemon); ports
@@ -100,6 +101,8 @@ Files
                                  at the end of each loop iteration, so within a second at most
                                  (a full disk is reported once, with the path; serving goes on,
                                  and the lines wait, up to ACCESS_BACKLOG, until it has room)
+    --auth        accounts, NAME:scrypt$... a line (0600, written by `passwd`), read at start and
+                  reload; --share-key: the key of share links (0600, made on first use)
 None of these is ever served or listed, wherever it is, nor are the logs' rotations (OwnFiles:
 by device and inode, by name in their directory, and by the inode of every rotation found
 there, so a hard link to a compressed one is refused too; an upgrade keeps what was known);
@@ -5109,6 +5112,8 @@ class Agent(Daemon):
                  ('log', config.log, 1 if self.detached else None, self.detached)]
         if self.access_fd is not None:
             files.append(('access log', config.access_log, self.access_fd, True))
+        files += [(what, path, None, True) for what, path in (('password file', config.auth),
+                                                              ('share key', config.share_key)) if path]
         for what, path, fd, written in files:
             self.own_files.add(path, fd)
             if written and inside(os.path.realpath(path), config.root):
