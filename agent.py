@@ -3694,6 +3694,9 @@ def base_url(config):
     """The scheme and host of printed links: --base-url, else those of --bind and --port."""
     if config.base_url:
         return config.base_url.rstrip('/')
+    if config.port == 0:
+        raise DaemonError('the agent was started with --port 0, so its links cannot name the port '
+                          'it took: give --base-url (the scheme, host and port clients use)')
     host = config.bind
     if host in ('0.0.0.0', '::'):
         host = socket.gethostname()

@@ -519,6 +519,16 @@ class ShareLinkTests(unittest.TestCase):
             self.assertEqual(status, 404, bad)
             self.assertIsNone(field(fields, 'www-authenticate'))
 
+    def test_share_names_the_port_or_asks_for_base_url(self):
+        argv = [PYTHON, AGENT, '--pidfile', self.server.pidfile, 'share', 'albums/2024']
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn('--port 0', result.stderr)
+        self.assertIn('give --base-url', result.stderr)
+        config = agent.parser().parse_args(['--port', '8443', '--bind', '::1', '--tls-cert', 'c', '--tls-key', 'k',
+                                            'share', 'x'])
+        self.assertEqual(agent.base_url(config), 'https://[::1]:8443')
+
     def test_share_needs_a_key(self):
         result = subprocess.run([PYTHON, AGENT, '--pidfile', os.path.join(self.server.dir, 'none.pid'),
                                  'share', 'x'], capture_output=True, text=True, timeout=TIMEOUT,
