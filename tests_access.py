@@ -6,6 +6,7 @@ address on loopback is 127.0.0.2 (Linux routes all of 127/8 to lo), as a client'
 """
 
 import base64
+import json
 import os
 import re
 import socket
@@ -499,6 +500,17 @@ class ShareLinkTests(unittest.TestCase):
                 url = urllib.parse.urljoin(urllib.parse.urljoin(base, path.lstrip('/')), href)
                 self.assertTrue(urllib.parse.urlsplit(url).path.startswith(self.prefix + '/albums/2024/'),
                                 (path, href))
+
+    def test_its_pages_list_no_link_that_leads_out_of_it(self):
+        status, _, page = self.get('/albums/2024/')
+        self.assertEqual(status, 200)
+        self.assertIn(b'a.jpg', page)
+        self.assertNotIn(b'href="out/"', page)
+        self.assertNotIn(b'out.jpg', page)
+        status, _, body = self.get('/albums/2024/?format=json')
+        self.assertEqual([e['name'] for e in json.loads(body)['entries']], ['sub', 'a.jpg'])
+        status, _, page = raw_get(self.server.port, '/albums/2024/', ALICE)
+        self.assertIn(b'out.jpg', page)             # an account sees them: they lead inside the root
 
     def test_a_file_link_opens_that_file_alone(self):
         link = AccessServer.share(self.server, os.path.join(self.server.root, 'albums/2025/c.jpg'))
