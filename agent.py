@@ -3411,20 +3411,31 @@ def open_share(key, target, now):
 
 class ShareView:
     """What a response under /s/TOKEN/ needs: its prefix (every link it writes keeps it), the
-    path shared (relative to the root) and its depth, and the page of its errors."""
+    path shared (relative to the root) and its depth, and the page of its errors.
 
-    __slots__ = ('prefix', 'shared', 'depth', 'home')
+    No symbolic link in a shared folder leads out of it, even to elsewhere in the root: the
+    path asked for is resolved (contains(): a file the worker has open already is served
+    without another open), and every descriptor the responder opens is checked against the
+    resolved folder too (holds(), from Responder.check_confined), so a gallery page does
+    not list such a link."""
+
+    __slots__ = ('prefix', 'shared', 'depth', 'home', 'resolved')
 
     def __init__(self, prefix, shared, depth):
         self.prefix = prefix
         self.shared = shared
         self.depth = depth
         self.home = prefix.decode('ascii') + '/' + shared + ('/' if shared else '')
+        self.resolved = None        # the shared path, its links resolved: real()
+
+    def real(self, root):
+        if self.resolved is None:
+            self.resolved = os.path.realpath(root + '/' + self.shared)
+        return self.resolved
 
     def contains(self, root, path):
-        """Whether path, its symbolic links resolved, lies inside the shared path (under root,
-        resolved): no link in a shared folder leads out of it, even to elsewhere in the root."""
-        return inside(os.path.realpath(path), os.path.realpath(root + '/' + self.shared))
+        """Whether path, its symbolic links resolved, lies inside the shared path."""
+        return inside(os.path.realpath(path), self.real(root))
 
 
 def parse_duration(text):
@@ -3870,8 +3881,13 @@ class Responder:
         return ERROR_BODIES.get(status, b'')
 
     def check_confined(self, fd):
-        """404 unless the open descriptor fd lies inside the root (or --follow-symlinks)."""
-        if not self.follow_symlinks and not inside(os.readlink('/proc/self/fd/%d' % fd), self.root):
+        """404 unless the open descriptor fd lies inside the root (or --follow-symlinks), and
+        inside the folder of the share link answered, if any (ShareView)."""
+        if self.follow_symlinks and self.share is None:
+            return
+        where = os.readlink('/proc/self/fd/%d' % fd)
+        if not (self.follow_symlinks or inside(where, self.root)) \
+                or self.share is not None and not inside(where, self.share.real(self.root)):
             raise HTTPError(404)
 
     def file_error(self, exc):
