@@ -3527,7 +3527,7 @@ class Access:
         if auth is None and key_path is None:
             return None
         accounts = parse_password_file(read_private(auth, 'password file'), auth) if auth else None
-        return cls(accounts, share_key(key_path) if key_path else None, guesses)
+        return cls(accounts, share_key(key_path, getattr(config, 'user', None)) if key_path else None, guesses)
 
     def admit(self, req, client, now, wall):
         """None when req may be answered as it is, the ShareView of a share link's request
@@ -3577,7 +3577,9 @@ def read_private(path, what):
                                   % (what, path, stat.S_IMODE(st.st_mode), path))
             data = f.read(1 << 20)
     except OSError as exc:
-        raise DaemonError('cannot read the %s %s: %s' % (what, path, describe_denied(exc)),
+        remedy = ' (the agent reads it at reload as its --user: chown it to that user, mode 0600)' \
+            if isinstance(exc, PermissionError) else ''
+        raise DaemonError('cannot read the %s %s: %s%s' % (what, path, describe_denied(exc), remedy),
                           privilege=isinstance(exc, PermissionError))
     try:
         return data.decode('utf-8')
@@ -3611,12 +3613,17 @@ def write_private(path, text):
         os.close(dir_fd)
 
 
-def share_key(path):
+def share_key(path, user=None):
     """The key of --share-key: read, or made (SHARE_KEY_BYTES random bytes, hex, 0600) if the
-    file does not exist yet.  Replacing the file revokes every link made with it."""
+    file does not exist yet, owned by user when root makes it (the agent's --user reads it
+    again at reload).  Replacing the file revokes every link made with it."""
     if not os.path.lexists(path):
         try:
             write_private(path, secrets.token_hex(SHARE_KEY_BYTES) + '\n')
+            if user is not None and os.geteuid() == 0:
+                account = next((a for a in pwd.getpwall() if a.pw_name == user), None)
+                if account is not None:         # (an unknown --user is the daemon's error to say)
+                    os.chown(path, account.pw_uid, account.pw_gid)
         except FileExistsError:
             pass
         except OSError as exc:

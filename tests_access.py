@@ -8,6 +8,7 @@ address on loopback is 127.0.0.2 (Linux routes all of 127/8 to lo), as a client'
 import base64
 import json
 import os
+import pwd
 import re
 import socket
 import stat
@@ -149,6 +150,19 @@ class AuthPureTests(TempDirTest):
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertGreaterEqual(len(key), 64)
         self.assertEqual(agent.share_key(path), key)
+
+    def test_a_key_root_makes_belongs_to_the_agents_user_who_reads_it_at_reload(self):
+        if os.geteuid() != 0:
+            self.skipTest('needs root')
+        path = os.path.join(self.tmp, 'share.key')
+        agent.share_key(path, 'nobody')
+        self.assertEqual(os.stat(path).st_uid, pwd.getpwnam('nobody').pw_uid)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        os.chown(path, 0, 0)
+        with mock.patch('agent.os.open', side_effect=PermissionError(13, 'Permission denied')):
+            with self.assertRaises(agent.DaemonError) as caught:
+                agent.share_key(path)
+        self.assertIn('chown it to that user', str(caught.exception))
 
     def test_plain_auth_refused_off_loopback_with_why_and_what_to_do(self):
         config = agent.parser().parse_args(['--auth', 'f', '--bind', '0.0.0.0', 'start'])
