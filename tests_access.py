@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import re
+import select
 import socket
 import stat
 import subprocess
@@ -20,7 +21,7 @@ import urllib.parse
 from unittest import mock
 
 from testlib import (AGENT, PYTHON, TIMEOUT, AgentServer, ClassCleanups, ServiceToolTestCase,
-                     TempDirTest, agent, slurp, wait_for)
+                     TempDirTest, agent, kill_group_of, slurp, wait_for)
 from samples import camera_jpeg, sample_jpeg
 
 KEY = b'k' * 64
@@ -163,6 +164,44 @@ class AuthPureTests(TempDirTest):
             with self.assertRaises(agent.DaemonError) as caught:
                 agent.share_key(path)
         self.assertIn('chown it to that user', str(caught.exception))
+
+    def test_passwd_asks_twice_on_a_terminal_without_echo(self):
+        import pty
+        path = os.path.join(self.tmp, 'passwd')
+        pid, master = pty.fork()
+        if pid == 0:
+            try:
+                os.execv(PYTHON, [PYTHON, AGENT, '--auth', path, 'passwd', 'carol'])
+            finally:
+                os._exit(127)
+        self.addCleanup(os.close, master)
+        self.addCleanup(kill_group_of, pid)
+
+        def read():
+            if not select.select([master], [], [], TIMEOUT)[0]:
+                raise AssertionError('passwd said nothing within %ds: %r' % (TIMEOUT, seen))
+            try:
+                return os.read(master, 1024)
+            except OSError:             # EIO: the child has closed the terminal
+                return b''
+        seen = b''
+        for answer in (b'tty secret 1\n', b'tty secret 1\n'):
+            while not seen.rstrip().endswith(b':'):
+                seen += read()
+            os.write(master, answer)
+            seen += b'|'
+        while True:
+            data = read()
+            if not data:
+                break
+            seen += data
+        self.assertEqual(os.waitpid(pid, 0)[1], 0, seen)
+        self.assertIn(b'Password for carol:', seen)
+        self.assertIn(b'Again:', seen)
+        self.assertNotIn(b'tty secret', seen)           # never echoed
+        with open(path) as f:
+            record = agent.parse_password_file(f.read(), path)['carol']
+        self.assertTrue(agent.verify_password('tty secret 1', record))
 
     def test_plain_auth_refused_off_loopback_with_why_and_what_to_do(self):
         config = agent.parser().parse_args(['--auth', 'f', '--bind', '0.0.0.0', 'start'])
