@@ -3533,11 +3533,9 @@ class Access:
         """None when req may be answered as it is, the ShareView of a share link's request
         (whose target is then the path it stands for), else HTTPError: 401 (with the
         challenge), 429 (with Retry-After), 404 or 410 for a share link refused."""
-        if self.share_key is not None and (req.target.startswith(SHARE_PREFIX)
-                                           or not req.target.startswith(b'/') and SHARE_PREFIX in req.target):
-            raw_path = split_target(req.target)[0]
-            if raw_path.startswith(SHARE_PREFIX):
-                req.target, view = open_share(self.share_key, req.target, wall)
+        if self.share_key is not None and SHARE_PREFIX in req.target:      # (absolute-form too)
+            view = self.open_link(req, wall)
+            if view is not None:
                 return view
         if self.accounts is None:
             return None
@@ -3561,6 +3559,14 @@ class Access:
                                                  else 'for account "%s"' % escape_log(credentials[0].encode('utf-8'))),
             priority=LOG_WARNING)
         raise HTTPError(401, headers=AUTH_CHALLENGE)
+
+    def open_link(self, req, wall):
+        """The ShareView of a request for a path under /s/ (open_share; its target is then the
+        path the link stands for), or None for a request elsewhere."""
+        if not split_target(req.target)[0].startswith(SHARE_PREFIX):
+            return None
+        req.target, view = open_share(self.share_key, req.target, wall)
+        return view
 
 
 def read_private(path, what):

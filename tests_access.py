@@ -356,6 +356,19 @@ class AccessAdmitTests(TempDirTest):
             self.access.admit(request(b'/', 'Basic %%%'), '192.0.2.9', 1.0, 1)
         self.assertEqual(log.call_args[0][0], 'agent: failed login from 192.0.2.9 with malformed credentials')
 
+    def test_share_links_in_either_form_need_no_account(self):
+        access = agent.Access(self.access.accounts, KEY)
+        token = agent.share_token(KEY, 'albums', 0)
+        for target in (b'/s/' + token + b'/albums/a.jpg', b'http://x/s/' + token + b'/albums/a.jpg?thumb'):
+            req = request(target)
+            view = access.admit(req, '192.0.2.7', 1.0, 1)
+            self.assertEqual(view.shared, 'albums')
+            self.assertTrue(req.target.startswith(b'/albums/a.jpg'), req.target)
+        for target in (b'/x?to=/s/' + token + b'/albums/', b'/albums/s/x'):
+            with self.assertRaises(agent.HTTPError) as caught:
+                access.admit(request(target), '192.0.2.7', 1.0, 1)
+            self.assertEqual(caught.exception.status, 401)
+
     def test_blocked_address_is_429_even_with_the_right_password(self):
         with mock.patch('agent.log'):
             for _ in range(agent.GUESS_LIMIT):
