@@ -20,7 +20,7 @@ import unittest
 import urllib.parse
 from unittest import mock
 
-from testlib import (AGENT, PYTHON, TIMEOUT, AgentServer, ClassCleanups, ServiceToolTestCase,
+from testlib import (AGENT, PYTHON, TIMEOUT, AgentServer, ClassCleanups, RawConn, ServiceToolTestCase,
                      TempDirTest, agent, kill_group_of, slurp, wait_for)
 from samples import camera_jpeg, sample_jpeg
 
@@ -44,23 +44,20 @@ def raw_get(port, target, authorization=None, source='127.0.0.1', method='GET'):
     """(status, head fields without Date, body) of one request from source, on its own
     connection (so that requests spread over the workers)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(10)
+    conn = RawConn(sock=sock, timeout=10)
     try:
+        sock.settimeout(10)
         sock.bind((source, 0))
         sock.connect(('127.0.0.1', port))
         head = '%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n' % (method, target)
         if authorization is not None:
             head += 'Authorization: %s\r\n' % authorization
-        sock.sendall(head.encode('latin-1') + b'\r\n')
-        data = b''
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        conn.send(head.encode('latin-1') + b'\r\n')
+        if not conn.wait_closed():
+            raise AssertionError('%s %s: no close within 10 s: %r' % (method, target, conn.buf[:200]))
     finally:
-        sock.close()
-    head, _, body = data.partition(b'\r\n\r\n')
+        conn.close()
+    head, _, body = conn.buf.partition(b'\r\n\r\n')
     lines = head.decode('latin-1').split('\r\n')
     fields = [line for line in lines[1:] if not line.lower().startswith('date:')]
     return int(lines[0].split()[1]), fields, body
