@@ -3430,12 +3430,28 @@ class ShareView:
 
     def real(self, root):
         if self.resolved is None:
-            self.resolved = os.path.realpath(root + '/' + self.shared)
+            self.resolved = resolved_path(root + '/' + self.shared) or os.path.realpath(root + '/' + self.shared)
         return self.resolved
 
     def contains(self, root, path):
-        """Whether path, its symbolic links resolved, lies inside the shared path."""
-        return inside(os.path.realpath(path), self.real(root))
+        """Whether path, its symbolic links resolved, lies inside the shared path (True when
+        it cannot be opened: the stat() that follows answers 404 or 403)."""
+        where = resolved_path(path)
+        return where is None or inside(where, self.real(root))
+
+
+def resolved_path(path):
+    """The path of what path leads to, as the kernel resolves it (an O_PATH descriptor's
+    /proc/self/fd link: a few us, where os.path.realpath() lstat()s each component, 30 us
+    for four), or None if it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        return os.readlink('/proc/self/fd/%d' % fd)
+    finally:
+        os.close(fd)
 
 
 def parse_duration(text):

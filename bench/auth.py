@@ -90,7 +90,7 @@ def main():
               % (cpu_model(), sys.version.split()[0], args.rounds, args.requests))
         print('  without --auth (before):                %6.2f us/request' % before)
         print('  --auth, cached verification (after):   %6.2f us/request (+%.2f us)' % (after, after - before))
-        print('  share link /s/TOKEN/ (HMAC, realpath):  %6.2f us/request (+%.2f us, request parsing '
+        print('  share link /s/TOKEN/ (HMAC, containment):%6.2f us/request (+%.2f us, request parsing '
               'excluded)' % (shared - parse_only, shared - parse_only - before))
         print('  one scrypt verification (new or wrong password): %.1f ms' % scrypt_ms)
     finally:
