@@ -40,16 +40,20 @@ def request(target, authorization=None):
     return agent.parse_request(raw + b'\r\n')[0]
 
 
-def per_request(respond, req, count, rounds):
-    """us of CPU (process time) a call, best of rounds."""
-    respond(req)                                    # warm up: open, cache, verify
-    best = None
+def per_request(cases, count, rounds):
+    """us of CPU (process time) a call of each (respond, req) of cases, best of rounds; the
+    cases take turns within each round, so that a load that comes and goes (other work on the
+    machine) weighs on all of them alike."""
+    best = [None] * len(cases)
+    for respond, req in cases:
+        respond(req)                                # warm up: open, cache, verify
     for _ in range(rounds):
-        started = time.process_time()
-        for _ in range(count):
-            respond(req)
-        used = (time.process_time() - started) / count * 1e6
-        best = used if best is None else min(best, used)
+        for index, (respond, req) in enumerate(cases):
+            started = time.process_time()
+            for _ in range(count):
+                respond(req)
+            used = (time.process_time() - started) / count * 1e6
+            best[index] = used if best[index] is None else min(best[index], used)
     return best
 
 
@@ -71,17 +75,15 @@ def main():
         right = b'Basic ' + base64.b64encode(b'alice:correct horse')
         plain = responder(root, None)
         guarded = responder(root, access)
-        before = per_request(lambda r: plain.respond(r, True, False, '127.0.0.1'),
-                             request(b'/album/a.jpg'), args.requests, args.rounds)
-        after = per_request(lambda r: guarded.respond(r, True, False, '127.0.0.1'),
-                            request(b'/album/a.jpg', right), args.requests, args.rounds)
         token = agent.share_token(key, 'album', 0)
         target = b'/s/' + token + b'/album/a.jpg'
 
         def share(_):
             guarded.respond(request(target), True, False, '127.0.0.1')
-        shared = per_request(share, None, args.requests, args.rounds)
-        parse_only = per_request(lambda _: request(target), None, args.requests, args.rounds)
+        before, after, shared, parse_only = per_request([
+            (lambda r: plain.respond(r, True, False, '127.0.0.1'), request(b'/album/a.jpg')),
+            (lambda r: guarded.respond(r, True, False, '127.0.0.1'), request(b'/album/a.jpg', right)),
+            (share, None), (lambda _: request(target), None)], args.requests, args.rounds)
         record = access.accounts['alice']
         started = time.process_time()
         agent.verify_password('correct horse', record)
