@@ -54,9 +54,11 @@ bench:
 	$(PYTHON) bench/parsers.py
 	$(PYTHON) bench/location.py
 	$(PYTHON) bench/zip.py
+	$(PYTHON) bench/auth.py
 
 # Request fuzzing: 200k cases against the parser in-process, 500k against the image parsers,
 # 5000 random folders against the zip writer,
+# 20000 Authorization headers and share tokens (in-process, a tenth over the network),
 # then 20000 over the network to a running agent, then 100 packets of 300 pipelined requests
 # while a probe must be served (-ci: a tenth, seed 1).  The seed is printed;
 # --seed S --replay I replays one case.

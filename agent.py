@@ -16,6 +16,7 @@ Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banne
         Thumbnails: ?thumb made by an outside program, kept in --cache)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
     Zip: a folder as one download (zip_layout and the headers, pure; ZipBody, ZipFolder)
+    Access: accounts (--auth) and share links (Access.admit: the first step of every response)
     The responder: a parsed request -> its response (resolve, open, stat, head)
     Behind a load balancer: Health (--health), the stop's grace (--stop-grace)
     A worker: one process, one epoll loop (Clock, AccessLog, Acceptor, Worker: the loop)
@@ -105,6 +106,8 @@ Files
                                  at the end of each loop iteration, so within a second at most
                                  (a full disk is reported once, with the path; serving goes on,
                                  and the lines wait, up to ACCESS_BACKLOG, until it has room)
+    --auth        accounts, NAME:scrypt$... a line (0600, written by `passwd`), read at start and
+                  reload; --share-key: the key of share links (0600, made on first use)
 None of these is ever served or listed, wherever it is, nor are the logs' rotations (OwnFiles:
 by device and inode, by name in their directory, and by the inode of every rotation found
 there, so a hard link to a compressed one is refused too; an upgrade keeps what was known);
@@ -191,12 +194,16 @@ Content-Security-Policy: its own inline style (and script) by hash, nothing else
 
 import _socket
 import argparse
+import base64
 import bisect
 import ctypes
 import errno
 import fcntl
 import gc
+import getpass
 import glob
+import hashlib
+import hmac
 import importlib
 import ipaddress
 import json
@@ -206,6 +213,7 @@ import os
 import pwd
 import re
 import resource
+import secrets
 import select
 import selectors
 import signal
@@ -351,9 +359,10 @@ HOST_VALUE = re.compile(r"^(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~
 
 REASONS = {
     200: 'OK', 206: 'Partial Content', 301: 'Moved Permanently', 304: 'Not Modified',
-    400: 'Bad Request', 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
-    408: 'Request Timeout', 413: 'Content Too Large', 414: 'URI Too Long',
-    412: 'Precondition Failed', 416: 'Range Not Satisfiable', 431: 'Request Header Fields Too Large',
+    400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
+    408: 'Request Timeout', 410: 'Gone', 413: 'Content Too Large', 414: 'URI Too Long',
+    412: 'Precondition Failed', 416: 'Range Not Satisfiable', 429: 'Too Many Requests',
+    431: 'Request Header Fields Too Large',
     500: 'Internal Server Error', 501: 'Not Implemented', 503: 'Service Unavailable',
     505: 'HTTP Version Not Supported',
 }
@@ -2269,14 +2278,17 @@ def html_fields(length, policy=PAGE_CSP):
             b'Content-Security-Policy: %s\r\n' % (length, policy))
 
 
-ERROR_TEXTS = {403: 'The server may not show this.', 404: 'There is nothing at this address.',
+ERROR_TEXTS = {401: 'This server shows its photos to its accounts: sign in.',
+               403: 'The server may not show this.', 404: 'There is nothing at this address.',
+               410: 'This link has expired: ask whoever sent it for a new one.',
+               429: 'Too many failed sign-ins from this address: try again later.',
                416: 'The requested range lies outside the file.',
                500: 'The server failed to answer; the error is in its log.'}
 
 
-def error_page(status, folder=None):
+def error_page(status, folder=None, home='/'):
     """The HTML of an error (or redirect) page: for an error, links to folder (a URL path that
-    ends in '/', not quoted) unless it is the root, and to Home."""
+    ends in '/', not quoted) unless it is the root, and to Home (a share link's folder: home)."""
     reason = REASONS[status]
     text = '<p>%s</p>\n' % ERROR_TEXTS[status] if status in ERROR_TEXTS else ''
     if status >= 400:
@@ -2284,7 +2296,7 @@ def error_page(status, folder=None):
             text += '<p>Go to <a href="%s">%s</a> or <a href="/">Home</a>.</p>\n' % (
                 escape_html(urllib.parse.quote(folder)), escape_html(folder))
         else:
-            text += '<p>Go to <a href="/">Home</a>.</p>\n'
+            text += '<p>Go to <a href="%s">Home</a>.</p>\n' % escape_html(urllib.parse.quote(home))
     return html_page('%d %s' % (status, reason), ERROR_STYLE, '<h1>%d %s</h1>\n%s' % (status, reason, text))
 
 
@@ -2664,11 +2676,12 @@ def gallery_pages(listing, label='Pages'):
     return '<nav class="pages" aria-label="%s">%s</nav>\n' % (label, ''.join(links))
 
 
-def gallery_header(crumbs, listing, download=False):
+def gallery_header(crumbs, listing, download=False, skip=0):
     """The page's <header>: the path as links (Home, then each folder above this one), the
-    counts over all pages (and with download, the link to the folder as one zip), and the sorts."""
-    heading = ['<a href="/">Home</a>']
-    for i, part in enumerate(crumbs):
+    counts over all pages (and with download, the link to the folder as one zip), and the
+    sorts.  The first skip crumbs (a share link's s, TOKEN and the path shared) are its Home."""
+    heading = ['<a href="%s">Home</a>' % escape_html('/' + ''.join(urllib.parse.quote(p) + '/' for p in crumbs[:skip]))]
+    for i, part in enumerate(crumbs[skip:], skip):
         href = escape_html('/' + '/'.join(urllib.parse.quote(p) for p in crumbs[:i + 1]) + '/')
         heading.append('<span>/</span>' + ('<a href="%s">%s</a>' % (href, escape_html(part))
                                            if i < len(crumbs) - 1 else escape_html(part)))
@@ -2710,14 +2723,14 @@ def gallery_entries(entries, infos, made=False):
     return ''.join(out)
 
 
-def gallery_page(url_path, listing, infos=None, download=False, made=False):
+def gallery_page(url_path, listing, infos=None, download=False, made=False, skip=0):
     """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
     without sizes); download: a link to the folder as one zip; made: thumbnails are made
-    (gallery_thumbnail).  Every name is HTML-escaped in
-    text and URL-quoted in links."""
+    (gallery_thumbnail); skip: see gallery_header.  Every name is HTML-escaped in text and
+    URL-quoted in links."""
     crumbs = [p for p in url_path.split('/') if p]
-    title = escape_html(crumbs[-1] if crumbs else 'Home')
-    out = [gallery_header(crumbs, listing, download)]
+    title = escape_html(crumbs[-1] if len(crumbs) > skip else 'Home')
+    out = [gallery_header(crumbs, listing, download, skip)]
     if listing.pages > 1:
         title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
         out.append(gallery_pages(listing))
@@ -3646,7 +3659,7 @@ class Connection:
             try:
                 # respond() returns the response (start_response's arguments): it reads the
                 # connection's keep_alive and kind, and writes nothing to it.
-                self.start_response(*responder.respond(req, self.keep_alive, self.redirect))
+                self.start_response(*responder.respond(req, self.keep_alive, self.redirect, self.client))
             except HTTPError as exc:
                 self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD',
                                    body=None if self.redirect else responder.error_body(req, exc.status))
@@ -4659,6 +4672,500 @@ def zip_open(responder, path):
         os.close(fd)
         raise OSError(errno.ENOENT, 'not served: %s' % path)
     return fd, st, zip_entry_source(fd, responder.keep_location)
+# Access: accounts (--auth) and share links
+# ---------------------------------------------------------------------------------------------
+# The whole of it is this section; the request path calls it once, at the start of
+# Responder.respond (Access.admit), and the command line adds --auth, --share-key and the
+# passwd and share actions.  docs/security.md says what it protects and what it does not.
+#
+# The password file (--auth FILE): one account a line, NAME:ALGORITHM$PARAMETERS$SALT$HASH, 0600,
+# written by `agent.py --auth FILE passwd NAME` (write, fsync, rename).  The hash is scrypt's
+# (16 MiB, about 0.1 s of CPU on the machine of docs/performance.md), or PBKDF2-SHA256 where
+# this Python's OpenSSL has no scrypt.  Its cost is paid once per worker for each
+# Authorization value: a verified value is kept (Access.verified, AUTH_CACHE_SIZE), and the
+# file is read only by the master, at start and at reload, whose new workers start with an
+# empty cache: a changed password takes effect at the next `reload`.
+SCRYPT = (2 ** 14, 8, 1)            # n, r, p: RFC 7914's interactive-login parameters
+PBKDF2_ROUNDS = 600000              # OWASP's figure for PBKDF2-HMAC-SHA256
+AUTH_CACHE_SIZE = 64                # verified Authorization values a worker keeps
+AUTH_NAME = re.compile(r'^[^:\x00-\x1f\x7f]{1,64}$')
+AUTH_CHALLENGE = b'WWW-Authenticate: Basic realm="agent", charset="UTF-8"\r\n'
+# Brute force: an address whose logins keep failing gets 429 for a while (GuessTable).  It may
+# fail GUESS_LIMIT times, each within GUESS_BLOCK seconds of the one before; then it is refused
+# until GUESS_BLOCK seconds after its last failure.  About ten guesses a minute.
+GUESS_LIMIT = 10
+GUESS_BLOCK = 60
+GUESS_SLOTS = 4096                  # 16 bytes each: 64 KiB, whatever the number of addresses
+GUESS_PROBES = 8                    # slots looked at for one address (open addressing)
+# Share links: /s/TOKEN/PATH.  TOKEN = EXPIRY-DEPTH-MAC: the expiry (Unix time, hex; 0: never),
+# how many segments of the path after it are the folder (or file) shared, and the HMAC-SHA256
+# of both, in base64url, under the key of --share-key (SHARE_KEY_BYTES random bytes, 0600).
+SHARE_PREFIX = b'/s/'
+SHARE_TOKEN = re.compile(rb'^([0-9a-f]{1,12})-([0-9]{1,3})-([A-Za-z0-9_-]{43})$')
+SHARE_KEY_BYTES = 32
+DURATION = re.compile(r'^([0-9]{1,9})([smhdw]?)$')
+DURATION_UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
+ACCESS_STATUSES = (401, 410, 429)   # their pages never name a folder (Responder.error_body)
+
+
+def parse_basic(value):
+    """(name, password) of an Authorization field of the Basic scheme (RFC 7617), the
+    user-pass decoded as UTF-8 (the charset the challenge names); None if it is malformed
+    (another scheme, bad base64, not UTF-8, no colon, control characters in the name)."""
+    scheme, _, token = value.strip().partition(' ')
+    if scheme.lower() != 'basic' or not token or len(token) > 4096:
+        return None
+    try:
+        user_pass = base64.b64decode(token.strip().encode('ascii'), validate=True).decode('utf-8')
+    except (ValueError, UnicodeError):
+        return None
+    name, colon, password = user_pass.partition(':')
+    if not colon or not AUTH_NAME.match(name):
+        return None
+    return name, password
+
+
+def hash_password(password, salt=None):
+    """The record a password file keeps for password: scrypt's, with its parameters, or
+    PBKDF2-SHA256's where hashlib has no scrypt.  Never the password itself."""
+    salt = os.urandom(16) if salt is None else salt
+    secret = password.encode('utf-8')
+    b64 = base64.b64encode
+    if hasattr(hashlib, 'scrypt'):
+        n, r, p = SCRYPT
+        digest = hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, dklen=32)
+        return 'scrypt$%d$%d$%d$%s$%s' % (n, r, p, b64(salt).decode(), b64(digest).decode())
+    digest = hashlib.pbkdf2_hmac('sha256', secret, salt, PBKDF2_ROUNDS)
+    return 'pbkdf2-sha256$%d$%s$%s' % (PBKDF2_ROUNDS, b64(salt).decode(), b64(digest).decode())
+
+
+def check_record(record):
+    """The ValueError that a password file's record deserves, or None if it is well formed."""
+    fields = record.split('$')
+    try:
+        if fields[0] == 'scrypt' and len(fields) == 6:
+            n, r, p = (int(f) for f in fields[1:4])
+            if n < 2 or n & (n - 1) or not 0 < r * p < 1 << 20 or 128 * r * n > 1 << 30:
+                return ValueError('scrypt parameters out of range')
+        elif fields[0] == 'pbkdf2-sha256' and len(fields) == 4:
+            if not 1000 <= int(fields[1]) <= 10 ** 8:
+                return ValueError('PBKDF2 rounds out of range')
+        else:
+            return ValueError('not scrypt$N$R$P$SALT$HASH or pbkdf2-sha256$ROUNDS$SALT$HASH')
+        for field in fields[-2:]:
+            base64.b64decode(field.encode('ascii'), validate=True)
+    except (ValueError, UnicodeError) as exc:
+        return ValueError(str(exc) or 'bad number or base64')
+    return None
+
+
+def verify_password(password, record):
+    """Whether password is the one record was made from; the comparison takes the same time
+    wherever the digests differ (hmac.compare_digest)."""
+    fields = record.split('$')
+    secret = password.encode('utf-8')
+    salt, expected = base64.b64decode(fields[-2]), base64.b64decode(fields[-1])
+    if fields[0] == 'scrypt':
+        n, r, p = (int(f) for f in fields[1:4])
+        if not hasattr(hashlib, 'scrypt'):
+            return False
+        digest = hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, dklen=len(expected),
+                                maxmem=256 * r * n + (1 << 20))
+    else:
+        digest = hashlib.pbkdf2_hmac('sha256', secret, salt, int(fields[1]), len(expected))
+    return hmac.compare_digest(digest, expected)
+
+
+def parse_password_file(text, path):
+    """{name: record} of a password file's text; DaemonError naming path and the line."""
+    accounts = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith('#'):
+            continue
+        name, colon, record = line.rpartition(':')
+        problem = None if colon and AUTH_NAME.match(name) else ValueError('not NAME:HASH')
+        problem = problem or check_record(record)
+        if problem is None and name in accounts:
+            problem = ValueError('%r is there twice' % name)
+        if problem is not None:
+            raise DaemonError('password file %s, line %d: %s (write it with `agent.py --auth %s '
+                              'passwd NAME`)' % (path, number, problem, path))
+        accounts[name] = record
+    return accounts
+
+
+def set_password(text, name, record):
+    """A password file's text with name's record set (added at the end, or replaced)."""
+    lines = [line for line in text.splitlines() if line.rpartition(':')[0] != name]
+    return ''.join(line + '\n' for line in lines + ['%s:%s' % (name, record)])
+
+
+def share_token(key, relative, expires):
+    """The TOKEN of a link to relative (a normalised path under the root, '' for the root
+    itself) until expires (Unix time; 0 for ever)."""
+    depth = len(relative.split('/')) if relative else 0
+    return b'%x-%d-%s' % (expires, depth, share_mac(key, relative, expires, depth))
+
+
+def share_mac(key, relative, expires, depth):
+    message = b'agent share v1\n%d\n%d\n%s' % (expires, depth, relative.encode('utf-8'))
+    return base64.urlsafe_b64encode(hmac.new(key, message, hashlib.sha256).digest()).rstrip(b'=')
+
+
+def open_share(key, target, now):
+    """A share link's request target -> (the target it stands for, its ShareView); HTTPError
+    404 for a token that is malformed, changed, made with another key, or for a path that is
+    not inside the shared one (whatever its '..', '.' or escapes: the MAC covers the
+    normalised path's first DEPTH segments), 410 for one that has expired."""
+    raw_path, query = split_target(target)
+    token, slash, rest = raw_path[len(SHARE_PREFIX):].partition(b'/')
+    found = SHARE_TOKEN.match(token)
+    if found is None or not slash:
+        raise HTTPError(404)
+    expires, depth = int(found.group(1), 16), int(found.group(2))
+    inner = b'/' + rest + (b'?' + query if query else b'')
+    relative = normalize_path(b'/' + rest)[0]
+    parts = relative.split('/') if relative else []
+    shared = '/'.join(parts[:depth])
+    if len(parts) < depth or not hmac.compare_digest(share_mac(key, shared, expires, depth), found.group(3)):
+        raise HTTPError(404)
+    if expires and expires < now:
+        raise HTTPError(410)
+    return inner, ShareView(SHARE_PREFIX + token, shared, depth)
+
+
+class ShareView:
+    """What a response under /s/TOKEN/ needs: its prefix (every link it writes keeps it), the
+    path shared (relative to the root) and its depth, and the page of its errors.
+
+    No symbolic link in a shared folder leads out of it, even to elsewhere in the root: the
+    path asked for is resolved (contains(): a file the worker has open already is served
+    without another open), and every descriptor the responder opens is checked against the
+    resolved folder too (holds(), from Responder.check_confined), so a gallery page does
+    not list such a link."""
+
+    __slots__ = ('prefix', 'shared', 'depth', 'home', 'resolved')
+
+    def __init__(self, prefix, shared, depth):
+        self.prefix = prefix
+        self.shared = shared
+        self.depth = depth
+        self.home = prefix.decode('ascii') + '/' + shared + ('/' if shared else '')
+        self.resolved = None        # the shared path, its links resolved: real()
+
+    def real(self, root):
+        if self.resolved is None:
+            self.resolved = resolved_path(root + '/' + self.shared) or os.path.realpath(root + '/' + self.shared)
+        return self.resolved
+
+    def contains(self, root, path):
+        """Whether path, its symbolic links resolved, lies inside the shared path (True when
+        it cannot be opened: the stat() that follows answers 404 or 403)."""
+        where = resolved_path(path)
+        return where is None or inside(where, self.real(root))
+
+
+def resolved_path(path):
+    """The path of what path leads to, as the kernel resolves it (an O_PATH descriptor's
+    /proc/self/fd link: a few us, where os.path.realpath() lstat()s each component, 30 us
+    for four), or None if it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        return os.readlink('/proc/self/fd/%d' % fd)
+    finally:
+        os.close(fd)
+
+
+def parse_duration(text):
+    """Seconds of a DURATION (90m, 12h, 7d, 2w; a bare number is seconds), 0 for 'never';
+    argparse.ArgumentTypeError otherwise."""
+    if text == 'never':
+        return 0
+    found = DURATION.match(text)
+    if found is None or int(found.group(1)) == 0:
+        raise argparse.ArgumentTypeError("%r is not a duration (90m, 12h, 7d, 2w, or 'never')" % text)
+    return int(found.group(1)) * DURATION_UNITS[found.group(2)]
+
+
+class GuessTable:
+    """Failed logins by client address, in memory the master maps before it forks (shared by
+    every worker, so a limit of GUESS_LIMIT is not one per worker), of a fixed size.
+
+    Each slot is (tag, failures, time of the last one): an address hashes (keyed BLAKE2b, the
+    key made at start, so no one can choose addresses that collide) to GUESS_PROBES slots in a
+    row; it takes its own, else a free one, else the one whose last failure is oldest.  So the
+    memory is GUESS_SLOTS * 16 bytes whatever the number of addresses; an attack from more
+    addresses than slots only evicts counts sooner.  Workers write without a lock: two that
+    count at once may lose one failure now and then, never more.
+    """
+
+    SLOT = struct.Struct('=IId')
+
+    def __init__(self, shared=None, key=None):
+        self.shared = mmap.mmap(-1, GUESS_SLOTS * self.SLOT.size) if shared is None else shared
+        self.key = os.urandom(16) if key is None else key
+
+    def slots(self, address):
+        digest = hashlib.blake2b(address.encode('utf-8', 'replace'), digest_size=8, key=self.key).digest()
+        start, tag = struct.unpack('=II', digest)
+        return [(start + i) % GUESS_SLOTS for i in range(GUESS_PROBES)], tag | 1
+
+    def find(self, address):
+        """(slot, tag, failures, last) of address; failures 0 if it has none counted."""
+        slots, tag = self.slots(address)
+        size, shared = self.SLOT.size, self.shared
+        spare, oldest = slots[0], None
+        for slot in slots:
+            found, failures, last = self.SLOT.unpack_from(shared, slot * size)
+            if found == tag:
+                return slot, tag, failures, last
+            if oldest is None or last < oldest:     # a free slot's is 0.0
+                spare, oldest = slot, last
+        return spare, tag, 0, 0.0
+
+    def blocked(self, address, now):
+        """Seconds until address may try again, or 0."""
+        failures, last = self.find(address)[2:]
+        if failures >= GUESS_LIMIT and now - last < GUESS_BLOCK:
+            return int(last + GUESS_BLOCK - now) + 1
+        return 0
+
+    def failed(self, address, now):
+        """Count a failed login of address; returns its count."""
+        slot, tag, failures, last = self.find(address)
+        failures = failures + 1 if now - last < GUESS_BLOCK else 1
+        self.SLOT.pack_into(self.shared, slot * self.SLOT.size, tag, failures, now)
+        return failures
+
+
+class Access:
+    """Who may see what: the accounts of --auth (None: no accounts, all is open), the key of
+    --share-key (None: /s/ is an ordinary path), the table of failed logins shared by the
+    workers, and each worker's cache of verified Authorization values.  Built by the master
+    (load()) before it forks, again at each reload (the table kept)."""
+
+    def __init__(self, accounts=None, share_key=None, guesses=None):
+        self.accounts = accounts
+        self.share_key = share_key
+        self.guesses = GuessTable() if guesses is None else guesses
+        self.verified = Cache(AUTH_CACHE_SIZE)
+        # Verified against for a name that has no account, so that it takes as long.
+        self.decoy = hash_password('', b'\0' * 16) if accounts else None
+
+    @classmethod
+    def load(cls, config, guesses=None):
+        """The Access of config's --auth and --share-key (read now); None if it has neither."""
+        auth, key_path = getattr(config, 'auth', None), getattr(config, 'share_key', None)
+        if auth is None and key_path is None:
+            return None
+        accounts = parse_password_file(read_private(auth, 'password file'), auth) if auth else None
+        return cls(accounts, share_key(key_path, getattr(config, 'user', None)) if key_path else None, guesses)
+
+    def admit(self, req, client, now, wall):
+        """None when req may be answered as it is, the ShareView of a share link's request
+        (whose target is then the path it stands for), else HTTPError: 401 (with the
+        challenge), 429 (with Retry-After), 404 or 410 for a share link refused."""
+        if self.share_key is not None and SHARE_PREFIX in req.target:      # (absolute-form too)
+            view = self.open_link(req, wall)
+            if view is not None:
+                return view
+        if self.accounts is None:
+            return None
+        value = req.headers.get('authorization')
+        if value is not None and value in self.verified.data:
+            return None
+        wait = self.guesses.blocked(client, now)
+        if wait:
+            raise HTTPError(429, headers=b'Retry-After: %d\r\n' % wait)
+        if value is None:
+            raise HTTPError(401, headers=AUTH_CHALLENGE)
+        credentials = parse_basic(value)
+        if credentials is not None:
+            name, password = credentials
+            record = self.accounts.get(name)
+            if verify_password(password, record or self.decoy) and record is not None:
+                self.verified.store(value, name)
+                return None
+        self.guesses.failed(client, now)
+        log('agent: failed login from %s %s' % (client, 'with malformed credentials' if credentials is None
+                                                 else 'for account "%s"' % escape_log(credentials[0].encode('utf-8'))),
+            priority=LOG_WARNING)
+        raise HTTPError(401, headers=AUTH_CHALLENGE)
+
+    def open_link(self, req, wall):
+        """The ShareView of a request for a path under /s/ (open_share; its target is then the
+        path the link stands for), or None for a request elsewhere."""
+        if not split_target(req.target)[0].startswith(SHARE_PREFIX):
+            return None
+        req.target, view = open_share(self.share_key, req.target, wall)
+        return view
+
+
+def read_private(path, what):
+    """The text of a file that only its owner may read (a password file, a share key):
+    DaemonError naming it if it cannot be read, or if group or others could read it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, 'rb') as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DaemonError('%s %s is not a regular file' % (what, path))
+            if st.st_mode & 0o077:
+                raise DaemonError('%s %s can be read by others (mode %04o): chmod 600 %s'
+                                  % (what, path, stat.S_IMODE(st.st_mode), path))
+            data = f.read(1 << 20)
+    except OSError as exc:
+        remedy = ' (the agent reads it at reload as its --user: chown it to that user, mode 0600)' \
+            if isinstance(exc, PermissionError) else ''
+        raise DaemonError('cannot read the %s %s: %s%s' % (what, path, describe_denied(exc), remedy),
+                          privilege=isinstance(exc, PermissionError))
+    try:
+        return data.decode('utf-8')
+    except UnicodeDecodeError:
+        raise DaemonError('%s %s is not UTF-8 text' % (what, path))
+
+
+def write_private(path, text):
+    """Replace the file at path with text, mode 0600, atomically: a temporary file beside it,
+    written, fsync()ed, renamed over it, and the directory fsync()ed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = '%s/.%s.%d.tmp' % (directory, os.path.basename(path), os.getpid())
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            if os.geteuid() == 0 and os.path.exists(path):
+                old = os.stat(path)         # root keeps the agent's user the owner: reload reads it as that user
+                os.fchown(fd, old.st_uid, old.st_gid)
+            os.write(fd, text.encode('utf-8'))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def share_key(path, user=None):
+    """The key of --share-key: read, or made (SHARE_KEY_BYTES random bytes, hex, 0600) if the
+    file does not exist yet, owned by user when root makes it (the agent's --user reads it
+    again at reload).  Replacing the file revokes every link made with it."""
+    if not os.path.lexists(path):
+        try:
+            write_private(path, secrets.token_hex(SHARE_KEY_BYTES) + '\n')
+            if user is not None and os.geteuid() == 0:
+                account = next((a for a in pwd.getpwall() if a.pw_name == user), None)
+                if account is not None:         # (an unknown --user is the daemon's error to say)
+                    os.chown(path, account.pw_uid, account.pw_gid)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise DaemonError('cannot make the share key %s: %s' % (path, describe_denied(exc)),
+                              privilege=isinstance(exc, PermissionError))
+    text = read_private(path, 'share key').strip()
+    if len(text) < 32:
+        raise DaemonError('share key %s is shorter than 32 characters: remove it, and a new one '
+                          'is made (every link made with the old one stops working)' % path)
+    return text.encode('utf-8')
+
+
+def check_plain_auth(config):
+    """--auth on plain HTTP at an address other hosts reach sends every password in clear:
+    refused, unless --allow-plain-auth (DaemonError, for start and run)."""
+    if config.auth and not config.tls_cert and not config.allow_plain_auth \
+            and not ipaddress.ip_address(config.bind).is_loopback:
+        raise DaemonError('--auth on plain HTTP at %s would send every password in clear (Basic '
+                          'authentication only encodes it): serve HTTPS with --tls-cert and --tls-key, '
+                          'or --bind 127.0.0.1 behind a TLS proxy; --allow-plain-auth serves it anyway'
+                          % config.bind)
+
+
+def passwd_action(agent):
+    """`agent.py --auth FILE passwd NAME`: set NAME's password in FILE, read from the terminal
+    without echo (twice), or as one line of standard input when it is not a terminal."""
+    config = agent.config
+    name, path = config.subject, config.auth
+    if not AUTH_NAME.match(name):
+        agent.say('agent: %r cannot be an account name: 1-64 characters, no colon and no '
+                  'control characters' % name, error=True)
+        return daemon.EXIT_USAGE
+    if sys.stdin.isatty():
+        password = getpass.getpass('Password for %s: ' % name)
+        if password != getpass.getpass('Again: '):
+            agent.say('agent: the two passwords differ; nothing changed', error=True)
+            return daemon.EXIT_FAILURE
+    else:
+        password = sys.stdin.readline().rstrip('\r\n')
+    if not password:
+        agent.say('agent: an empty password; nothing changed', error=True)
+        return daemon.EXIT_FAILURE
+    text = read_private(path, 'password file') if os.path.lexists(path) else ''
+    parse_password_file(text, path)
+    write_private(path, set_password(text, name, hash_password(password)))
+    agent.say('agent: password of %s set in %s; `agent.py reload` makes a running agent read it'
+              % (name, path))
+    return daemon.EXIT_OK
+
+
+def share_action(agent):
+    """`agent.py share PATH [--expires DURATION]`: print the link that opens PATH (a folder or
+    a file under --root) until then.  The running agent's options (as `status` finds it) stand
+    for those not given: --root, --share-key, --base-url, --port..."""
+    state, pid = agent.probe()
+    if state == 'running':
+        recorded = read_options(options_path(agent.pidfile_path), pid)
+        if recorded is not None:
+            agent.keep_options(recorded)
+    config = agent.config
+    if not config.share_key:
+        agent.say('agent: share needs --share-key FILE (given here, or to the running agent)', error=True)
+        return daemon.EXIT_USAGE
+    relative = shared_path(config.root, config.subject)
+    expires = int(time.time()) + config.expires if config.expires else 0
+    token = share_token(share_key(config.share_key), relative, expires)
+    path = urllib.parse.quote(relative, safe=PATH_SAFE)
+    agent.say('%s/s/%s/%s' % (base_url(config), token.decode('ascii'), path))
+    return daemon.EXIT_OK
+
+
+def shared_path(root, path):
+    """The path under root (normalised, '' for root itself) of what `share PATH` names: PATH
+    in the file system, or else relative to root; DaemonError if it is neither."""
+    root = os.path.realpath(root)
+    for candidate in (os.path.realpath(path), os.path.realpath(root + '/' + path.lstrip('/'))):
+        if inside(candidate, root) and os.path.exists(candidate):
+            relative = candidate[len(root):].strip('/')
+            if any(part.startswith('.') for part in relative.split('/')):
+                raise DaemonError('%s is a dot file or inside one: the agent never serves it' % path)
+            return relative
+    raise DaemonError('%s is not a file or folder under --root %s' % (path, root))
+
+
+def base_url(config):
+    """The scheme and host of printed links: --base-url, else those of --bind and --port."""
+    if config.base_url:
+        return config.base_url.rstrip('/')
+    if config.port == 0:
+        raise DaemonError('the agent was started with --port 0, so its links cannot name the port '
+                          'it took: give --base-url (the scheme, host and port clients use)')
+    host = config.bind
+    if host in ('0.0.0.0', '::'):
+        host = socket.gethostname()
+    elif ':' in host:
+        host = '[%s]' % host
+    scheme, default = ('https', 443) if config.tls_cert else ('http', 80)
+    return '%s://%s%s' % (scheme, host, '' if config.port == default else ':%d' % config.port)
+
+
+ACCESS_ACTIONS = (('passwd', passwd_action), ('share', share_action))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4681,8 +5188,11 @@ class Responder:
     (bench/resolve.py, the tests), without an event loop or a connection.
     """
 
-    def __init__(self, config, clock, own_files, common_headers=COMMON_HEADERS, https_port=443, health=None):
+    def __init__(self, config, clock, own_files, common_headers=COMMON_HEADERS, https_port=443, health=None,
+                 access=None):
         self.root = config.root
+        self.access = access                # accounts and share links (Access), or None
+        self.share = None                   # the ShareView of the request being answered
         self.follow_symlinks = config.follow_symlinks
         self.listing = config.listing
         self.keep_location = config.keep_location
@@ -4704,10 +5214,11 @@ class Responder:
         self.file_error_logged = -1.0
         self.health = health                # --health: its Health, or None
 
-    def respond(self, req, keep_alive=True, redirect=False):
+    def respond(self, req, keep_alive=True, redirect=False, client='-'):
         """The response to one parsed request (GET or HEAD) from the files under the root, or
         HTTPError; keep_alive is what its Connection header says, redirect that of an
-        --http-redirect listener (a 301 to HTTPS).
+        --http-redirect listener (a 301 to HTTPS), client the address that sent it.  Access
+        admits it first (accounts, share links), whatever it asks for, existing or not.
 
         The path is stat()ed on every request; a cached open file is used only while it is
         still the file at that path.  Anything else is opened by open_file(), which checks the
@@ -4717,9 +5228,13 @@ class Responder:
         if redirect:
             location = redirect_location(req, self.https_port)
             raise HTTPError(301, headers=b'Location: ' + location + b'\r\n')
-        check_method(req)
+        self.share = None
         if self.health is not None and self.health.asked(req.target):
+            check_method(req)               # the balancer's check needs no account
             return self.health.response(req, keep_alive, self.clock.date, self.common_headers)
+        if self.access is not None:
+            self.share = self.access.admit(req, client, self.clock.now, self.clock.wall)
+        check_method(req)
         mapped = self.paths.data.get(req.target)
         if mapped is None:
             relative, trailing, raw_path, query = map_target(req.target)
@@ -4730,6 +5245,8 @@ class Responder:
             mapped = (path, relative, trailing, raw_path.endswith(b'/'), query)
             self.paths.store(req.target, mapped)
         path, relative, trailing, slash, query = mapped
+        if self.share is not None and not self.share.contains(self.root, path):
+            raise HTTPError(404)            # a link in the shared folder that leads out of it
         try:
             st = os.stat(path)
         except (OSError, ValueError) as exc:
@@ -4799,8 +5316,10 @@ class Responder:
         requested path (at most ERROR_FOLDER_HOPS up) that the server would list (a directory
         in the root, not a dot folder: the path is normalised), else to Home only.  Never
         raises: the page of a 500 comes through here too."""
-        if status < 400 or not self.listing:
-            return ERROR_BODIES.get(status, b'')
+        if status < 400 or status in ACCESS_STATUSES or not self.listing:
+            return ERROR_BODIES.get(status, b'')    # (a 401 names no folder: nothing to probe)
+        if self.share is not None:
+            return error_page(status, home=self.share.home)
         try:
             parts = map_target(req.target)[0].split('/')[:-1]
             for depth in range(len(parts), max(0, len(parts) - ERROR_FOLDER_HOPS), -1):
@@ -4821,8 +5340,13 @@ class Responder:
         return ERROR_BODIES.get(status, b'')
 
     def check_confined(self, fd):
-        """404 unless the open descriptor fd lies inside the root (or --follow-symlinks)."""
-        if not self.follow_symlinks and not inside(os.readlink('/proc/self/fd/%d' % fd), self.root):
+        """404 unless the open descriptor fd lies inside the root (or --follow-symlinks), and
+        inside the folder of the share link answered, if any (ShareView)."""
+        if self.follow_symlinks and self.share is None:
+            return
+        where = os.readlink('/proc/self/fd/%d' % fd)
+        if not (self.follow_symlinks or inside(where, self.root)) \
+                or self.share is not None and not inside(where, self.share.real(self.root)):
             raise HTTPError(404)
 
     def file_error(self, exc):
@@ -4926,8 +5450,8 @@ class Responder:
             if not slash:
                 # With the files' lifetime: a browser keeps a 301 without one for ever, and a
                 # directory later replaced by a file would stay out of its reach.
-                raise HTTPError(301, headers=b'Location: ' + directory_location(relative, query) + b'\r\n'
-                                + self.cache_control)
+                raise HTTPError(301, headers=b'Location: ' + (self.share.prefix if self.share else b'')
+                                + directory_location(relative, query) + b'\r\n' + self.cache_control)
             if query and parse_query(query).get('download') == 'zip':
                 return self.zips.respond(self, req, keep_alive, fd, path, relative)
             index = self.index_file(path)
@@ -4935,7 +5459,9 @@ class Responder:
                 return self.respond_file(req, keep_alive, index)
             if not self.listing:
                 raise HTTPError(403)        # --no-listing
-            return self.respond_gallery(req, keep_alive, fd, path, '/' + relative + ('/' if relative else ''), query)
+            prefix = self.share.prefix.decode('ascii') if self.share else ''
+            return self.respond_gallery(req, keep_alive, fd, path, prefix + '/' + relative + ('/' if relative else ''),
+                                        query)
         finally:
             os.close(fd)
 
@@ -5088,7 +5614,8 @@ class Responder:
             fields = b'Content-Type: application/json\r\nContent-Length: %d\r\n' % len(body) + validators
         else:
             body = gallery_page(url_path, listing, infos, download=self.zips.max_files > 0,
-                                made=self.thumbs.program is not None)
+                                made=self.thumbs.program is not None,
+                                skip=2 + self.share.depth if self.share else 0)
             fields = html_fields(len(body), GALLERY_CSP.encode('ascii')) + validators
         return etag, fields, body
 
@@ -5491,7 +6018,7 @@ class Worker:
     """
 
     def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
-                 reopen_logs=None, share=None, health=None):
+                 reopen_logs=None, share=None, health=None, access=None):
         self.stop_timeout = config.stop_timeout
         # Who may name the client (--trusted-proxy), and whether a PROXY header comes first.
         self.trusted = trusted_networks(config.trusted_proxy or ())
@@ -5516,7 +6043,7 @@ class Worker:
         if tls is not None and getattr(config, 'hsts', None) is not None:     # 0 withdraws HSTS
             common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
         self.responder = Responder(config, self.clock, OwnFiles() if own_files is None else own_files,
-                                   common_headers, https_port, health)
+                                   common_headers, https_port, health, access)
 
     # -- the loop --
 
@@ -6092,6 +6619,9 @@ class Agent(Daemon):
         for action, answer in (('status', status_elsewhere), ('stop', stop_elsewhere)):
             self.add_action(action, about_the_port(self.actions[action], answer))
         self.add_action('restart', restart_action(self.actions['restart']))
+        for action, function in ACCESS_ACTIONS:
+            self.add_action(action, function)
+        self.access = None              # accounts and share links (Access.load in set_up)
 
     # -- setup, as root, before ready --
 
@@ -6127,6 +6657,8 @@ class Agent(Daemon):
                                   privilege=isinstance(exc, PermissionError))
         if config.tls_cert:
             self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
+        check_plain_auth(config)
+        self.access = Access.load(config)
         write_options(options_path(self.pidfile_path), config)
         self.note_own_files()
         prepare_thumbnails(config, self.own_files)
@@ -6157,6 +6689,8 @@ class Agent(Daemon):
                  ('log', config.log, 1 if self.detached else None, self.detached)]
         if self.access_fd is not None:
             files.append(('access log', config.access_log, self.access_fd, True))
+        files += [(what, path, None, True) for what, path in (('password file', config.auth),
+                                                              ('share key', config.share_key)) if path]
         for what, path, fd, written in files:
             self.own_files.add(path, fd)
             if written and inside(os.path.realpath(path), config.root):
@@ -6273,7 +6807,8 @@ class Agent(Daemon):
         self.release_signals()
         set_process_title('agent: worker', title_args(sys.argv, self.config.action))
         worker = Worker(self.config, self.listeners, self.access_fd, lifeline, self.tls, self.redirects,
-                        self.own_files, self.reopen_worker_logs, share, self.supervisor.health)
+                        self.own_files, self.reopen_worker_logs, share, self.supervisor.health,
+                        self.access)
         worker.setup_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         return worker
@@ -6283,8 +6818,9 @@ class Agent(Daemon):
     def on_reload(self):
         """HUP: a new generation starts on the same sockets; once it is up, the old one drains.
 
-        With TLS, the certificate and key are read again first; the new workers get them, the
-        old ones finish their connections on the old ones.  If the files are bad, or the new
+        With TLS, the certificate and key are read again first, then --auth and --share-key
+        (Access.load); the new workers get them, the old ones finish their connections on the
+        old ones.  If the files are bad, or the new
         workers cannot start, nothing changes: the old workers go on serving, and the
         DaemonError raised says why (daemon.py logs it and tells `agent.py reload`).
         """
@@ -6295,6 +6831,12 @@ class Agent(Daemon):
                 self.tls = tls_context(config.tls_cert, config.tls_key, config.allow_readable_key)
             except DaemonError as exc:
                 raise DaemonError('%s; the old workers go on serving' % exc)
+        old_access = self.access
+        try:
+            self.access = Access.load(self.config, old_access and old_access.guesses)
+        except DaemonError as exc:
+            self.tls = old_tls
+            raise DaemonError('%s; the old workers go on serving' % exc)
         supervisor = self.supervisor
         old = supervisor.serving()
         new = []
@@ -6304,6 +6846,7 @@ class Agent(Daemon):
         except DaemonError as exc:
             supervisor.kill(new)
             self.tls = old_tls
+            self.access = old_access
             if self.stopping:
                 raise DaemonError('a stop came first')
             raise DaemonError('%s; the old workers go on serving' % exc)
@@ -7150,10 +7693,12 @@ ACTION_HELP = (
     ('start', 'detach and serve; returns once every worker is up (prints the URL)'),
     ('stop', 'SIGTERM, in-flight responses finish; SIGKILL after --stop-timeout'),
     ('restart, try-restart', 'stop then start, keeping the options not given again'),
-    ('reload, force-reload', 'new workers (and TLS files) without dropping a request'),
+    ('reload, force-reload', 'new workers, TLS, --auth and --share-key files; no request dropped'),
     ('status', 'LSB status: 0 running, 1 dead with pidfile, 3 not running'),
     ('run', 'serve in the foreground, log on stderr (systemd, containers)'),
     ('upgrade', 'replace the running master with the agent.py now on disk (SIGUSR2)'),
+    ('passwd', "passwd NAME: set NAME's password in the --auth file (asked, or stdin)"),
+    ('share', "share PATH: print a link to PATH, open without an account until --expires"),
 )
 
 def parser():
@@ -7165,8 +7710,9 @@ def parser():
         epilog='Exit codes: 0 success, 1 failure, 2 usage, 4 insufficient privilege, 7 not '
                'running (reload);\nstatus: 0 running, 1 dead with pidfile, 3 not running, '
                '4 unknown.')
-    p.add_argument('action', choices=daemon.ACTIONS + ('upgrade',), metavar='ACTION',
-                   help=argparse.SUPPRESS)
+    p.add_argument('action', choices=daemon.ACTIONS + ('upgrade',) + tuple(a for a, _ in ACCESS_ACTIONS),
+                   metavar='ACTION', help=argparse.SUPPRESS)
+    p.add_argument('subject', nargs='?', metavar='NAME|PATH', help=argparse.SUPPRESS)
     p.add_argument('--version', action='version',
                    version='agent.py %s (Python %s)' % (__version__, sys.version.split()[0]))
     serving = p.add_argument_group('serving')
@@ -7254,19 +7800,32 @@ def parser():
                        help='where made thumbnails are kept (made 0700, owned by the workers\' user; '
                             'never served): default /var/cache/agent for root, else '
                             '$XDG_CACHE_HOME/agent or ~/.cache/agent')
+    access = p.add_argument_group('accounts and share links (docs/security.md)')
+    access.add_argument('--auth', metavar='FILE',
+                        help='HTTP Basic authentication for everything served, with the accounts of '
+                             'FILE (written by the passwd action); plain HTTP only on loopback')
+    access.add_argument('--allow-plain-auth', action='store_true',
+                        help='accept --auth on plain HTTP at a non-loopback address (passwords go in clear)')
+    access.add_argument('--share-key', metavar='FILE',
+                        help='the key of share links, /s/TOKEN/PATH (made, 0600, if FILE does not '
+                             'exist; replace it to revoke every link)')
+    access.add_argument('--base-url', metavar='URL',
+                        help='scheme and host of the links share prints (default: from --bind, --port)')
+    access.add_argument('--expires', type=parse_duration, default='7d', metavar='DURATION',
+                        help="share: the link's lifetime: 90m, 12h, 7d, 2w or 'never' (default: 7d)")
     return p
 
 
-NOT_OPTIONS = ('action',)          # not an option: the action
+NOT_OPTIONS = ('action', 'subject', 'expires')     # not recorded: the action, and what it acts on
 # The options that name files: made absolute before anything changes directory.
-PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key', 'cache')
+PATH_OPTIONS = ('pidfile', 'root', 'log', 'access_log', 'tls_cert', 'tls_key', 'cache', 'auth', 'share_key')
 SERVING_ACTIONS = ('start', 'restart', 'try-restart', 'run')
 
 
 # Options that are flags: (the value that the flag gives, the flag).
 FLAGS = {'follow_symlinks': (True, '--follow-symlinks'), 'allow_readable_key': (True, '--allow-readable-key'),
          'listing': (False, '--no-listing'), 'keep_location': (True, '--keep-location'),
-         'proxy_protocol': (True, '--proxy-protocol')}
+         'proxy_protocol': (True, '--proxy-protocol'), 'allow_plain_auth': (True, '--allow-plain-auth')}
 
 def option_argv(config, given=frozenset(), every=False):
     """The options of config as a command line, paths absolute; given: the names of those on
@@ -7343,6 +7902,11 @@ def check_together(p, config):
     if config.proxy_protocol and config.tls_cert:
         p.error('--proxy-protocol with --tls-cert is not supported: the PROXY header comes before '
                 'the TLS handshake; terminate TLS at the balancer, or send X-Forwarded-For')
+    if (config.subject is None) == (config.action in ('passwd', 'share')):
+        p.error('passwd takes an account NAME, share a PATH, and no other action takes one'
+                if config.subject is None else 'the action %s takes nothing after it' % config.action)
+    if config.action == 'passwd' and not config.auth:
+        p.error('passwd needs --auth FILE, the password file it writes')
 
 
 def default_pidfile_of(config):

@@ -20,6 +20,7 @@ Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.p
   tests_tls.py             HTTPS (--tls-cert/--tls-key)
   tests_tools.py           The ecosystem, each tool run for real (skipped, naming it, when missing)
   tests_balancer.py        Behind a load balancer: node validators, PROXY protocol, proxies, health
+  tests_access.py          Accounts (--auth), brute force, fail2ban, share links (issue 21)
   tests_architecture.py    The shape issue 20 asks of the product, as tests
   tests_runner.py          testrun.py, the parallel runner of `python3 test_daemon.py`
   tests_location.py        The location strip (issue 21): GPS and place names blanked in photos
@@ -72,6 +73,9 @@ from tests_tools import (
 from tests_balancer import (
     NodeValidatorTests, NodeValidatorServerTests, ProxyHeaderParserTests, TrustedProxyWalkTests,
     ProxyProtocolServerTests, TrustedProxyServerTests, HealthAndGraceTests, BalancerOptionTests)  # noqa: F401
+from tests_access import (
+    AuthPureTests, ShareTokenTests, GuessTableTests, AccessAdmitTests, AuthServerTests,
+    PlainAuthStartTests, BruteForceTests, ShareLinkTests, ShareKeyRevocationTests, Fail2banTests)  # noqa: F401
 from tests_architecture import ComplexityCounterTests, IssueTwentyTargetTests  # noqa: F401
 from tests_runner import RunnerBalanceTests  # noqa: F401
 from tests_location import (

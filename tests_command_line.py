@@ -277,7 +277,7 @@ class ReadmeTests(unittest.TestCase):
         # ... and to the paragraph of agent.py's docstring it names for the limits.
         self.assertIn('the `Limits` paragraph of agent.py\'s docstring', ' '.join(self.readme.split()))
         self.assertRegex(agent.__doc__, r'\nLimits\b')
-        self.assertEqual(self.help_actions(), set(daemon.ACTIONS) | {'upgrade'})
+        self.assertEqual(self.help_actions(), set(daemon.ACTIONS) | {'upgrade', 'passwd', 'share'})
 
     def test_every_action_named_exists(self):
         table = self.section('## Command line and exit codes')

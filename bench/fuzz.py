@@ -71,6 +71,10 @@ split across packets (prefixes) waits, then says the same.  Then N/10 of them, a
 pieces, to an agent with --proxy-protocol: a header taken whole gets the file, a refused one a
 400 and a close, one cut short a close with nothing; no worker dies, and every address in the
 access log is an address.
+Access mode (--access N): malformed Authorization headers (mutated Basic values, other schemes,
+user-pass bytes RFC 7617 refuses) and share-link targets (tokens and paths mutated) through
+agent.Access.admit in-process: only admitted, a share link whose target maps inside its path,
+or 400/401/404/410/429; then a tenth as many against an agent with --auth and --share-key.
 
 With --tls the agent serves HTTPS (a certificate made here with openssl) and every case goes
 over TLS: the same payloads after a handshake ("shut the write side" is a TCP half-close under
@@ -98,9 +102,11 @@ agent it starts is stopped on exit, on error and on Ctrl-C.  Standard library on
 """
 
 import argparse
+import base64
 import collections
 import concurrent.futures
 import io
+import hashlib
 import os
 import random
 import re
@@ -1832,7 +1838,182 @@ def replay(args, seed):
 
 
 # Cases of each mode in a full run (`make fuzz`); --quick (`make fuzz-ci`) runs a tenth.
+# ---------------------------------------------------------------------------------------------
+# Access mode: malformed Authorization headers and share-link tokens (issue 21)
+# ---------------------------------------------------------------------------------------------
+
+ACCESS_KEY = b'fuzz share key, 32 bytes or more, fixed'
+ACCESS_PASSWORD = 'pw'
+ACCESS_STATUSES = (400, 401, 404, 410, 429)     # what admit may refuse with
+BYTE_MUTATORS = [m_flip_bits, m_replace_bytes, m_truncate, m_insert_special, m_delete_range,
+                 m_duplicate_range]
+
+
+def access_value(rng):
+    """An Authorization value: a valid one mutated, or Basic over user-pass bytes that are
+    not what RFC 7617 allows, or another scheme."""
+    pick = rng.random()
+    if pick < 0.3:
+        user_pass = rng.choice([b'alice:' + ACCESS_PASSWORD.encode(), b'alice', b':pw', b'\xff\xfe:x',
+                                b'a\x00b:c', b'a\nb:c', b'x' * 70 + b':y', b'alice:' + bytes(range(256)),
+                                b'\xc3\xa9:\xc3', b'alice:pw:pw', b''])
+        return b'Basic ' + base64.b64encode(user_pass)
+    value = rng.choice([b'Basic ' + base64.b64encode(b'alice:pw'), b'basic YWxpY2U6cHc=', b'Bearer abc',
+                        b'Basic', b'Basic ', b'Digest username="alice"', b'Basic YWxpY2U6cHc', b'Basic ====',
+                        b'Basic YWxp Y2U6cHc=', b'Basic\tYWxpY2U6cHc=', b'Basic ' + b'A' * 6000])
+    if pick < 0.9:
+        for _ in range(rng.randint(1, 3)):
+            value = rng.choice(BYTE_MUTATORS)(rng, value)
+    return value.replace(b'\r', b'').replace(b'\n', b'')
+
+
+def access_target(rng):
+    """A share link's target: a valid one with its token or path mutated."""
+    expires = rng.choice([0, 1, 2 ** 40, int(time.time()) + 3600])
+    shared = rng.choice(['', 'gallery', 'dir', 'a.jpg', 'gallery/sub'])
+    token = agent.share_token(ACCESS_KEY, shared, expires)
+    rest = shared.encode() + rng.choice([b'', b'/', b'/a.jpg', b'/../a.jpg', b'/%2e%2e/x', b'?thumb',
+                                          b'/sp%20ace.jpg?format=json'])
+    target = b'/s/' + token + b'/' + rest
+    if rng.random() < 0.2:
+        target = b'/s/' + token + rng.choice(TARGETS)
+    if rng.random() < 0.8:
+        for _ in range(rng.randint(1, 3)):
+            target = rng.choice(BYTE_MUTATORS)(rng, target)
+    return target
+
+
+def check_admit(access, req, original):
+    """Access.admit on req: None, or a ShareView whose target maps inside the path shared,
+    or an HTTPError with a status of ACCESS_STATUSES; anything else raises Invariant."""
+    try:
+        view = access.admit(req, '192.0.2.%d' % (len(original) % 250), 1000.0, 1000)
+    except agent.HTTPError as exc:
+        if exc.status not in ACCESS_STATUSES:
+            raise Invariant('status %d' % exc.status)
+        return exc.status
+    if view is None:
+        return 'admitted'
+    try:
+        relative = agent.map_target(req.target)[0]
+    except agent.HTTPError:
+        return 'share, then refused by the mapping'
+    if view.shared and relative != view.shared and not relative.startswith(view.shared + '/'):
+        raise Invariant('share of %r opened %r' % (view.shared, relative))
+    return 'share'
+
+
+def access_mode(args, seed):
+    """Access.admit (parse_basic, the password check, open_share) over args.access mutated
+    Authorization values and share-link targets, in this process: only None, a ShareView
+    inside its path, or 400/401/404/410/429.  Then a tenth as many against a real agent with
+    --auth and --share-key: each answered with one of those statuses (or 200/301/304 for
+    what is admitted), no 500, and the right account is still served."""
+    started = time.monotonic()
+    cheap = 'pbkdf2-sha256$1000$%s$%s' % (base64.b64encode(b's' * 16).decode(), base64.b64encode(
+        hashlib.pbkdf2_hmac('sha256', ACCESS_PASSWORD.encode(), b's' * 16, 1000)).decode())
+    access = agent.Access({'alice': cheap}, ACCESS_KEY)
+    access.decoy = cheap                            # a wrong name costs what a wrong password does
+    outcomes, failures, done = collections.Counter(), [], 0
+    logged, agent.log = agent.log, lambda *args, **kwargs: None     # a failed-login line a case
+    try:
+        done = access_cases(args, seed, access, outcomes, failures)
+    finally:
+        agent.log = logged
+    print('access: %d cases in %.1fs (seed %d); outcomes: %s' % (done, time.monotonic() - started, seed, ', '.join(
+        '%s %d' % (k, v) for k, v in sorted(outcomes.items(), key=lambda kv: str(kv[0])))))
+    failures += access_network(args, seed, max(1, done // 10))
+    for index, raw, what in failures[:5]:
+        print('    case %d (seed %d): %s\n        bytes %s' % (index, seed, what, shown(raw, 600)))
+    if failures:
+        print('FAIL: access fuzz seed %d: %d case(s) raised, broke an invariant or got a bad answer'
+              % (seed, len(failures)))
+        return 1
+    print('PASS: access fuzz seed %d: %d cases in process, only admitted, a share inside its path, '
+          'or 400/401/404/410/429; the agent answered each as well' % (seed, done))
+    return 0
+
+
+def access_cases(args, seed, access, outcomes, failures):
+    """The in-process cases of access_mode; how many ran before the deadline."""
+    done = 0
+    for index in range(args.start, args.start + args.access):
+        if done % 1000 == 0 and time.monotonic() > args.deadline:
+            break
+        rng = case_rng(seed, index)
+        access.guesses = agent.GuessTable()          # no 429 from the cases before
+        if rng.random() < 0.5:
+            raw = access_value(rng)
+            headers = {'host': 'x', 'authorization': raw.decode('latin-1')}
+            target = rng.choice([b'/a.jpg', b'/gallery/', b'/missing'])
+        else:
+            raw = target = access_target(rng)
+            headers = {'host': 'x'}
+        req = agent.Request(b'GET', target, (1, 1), headers, b'GET / HTTP/1.1')
+        try:
+            outcomes[check_admit(access, req, raw)] += 1
+        except Exception as exc:
+            failures.append((index, raw, '%s: %s' % (type(exc).__name__, exc)))
+        done += 1
+    return done
+
+
+def access_network(args, seed, count):
+    """count cases against an agent with --auth and --share-key: [(index, raw, what)] that
+    failed (a status outside those expected, no answer, a traceback in its log)."""
+    failures = []
+    with harness.AgentProcess(workers=args.workers) as server:
+        passwd, key = os.path.join(server.dir, 'passwd'), os.path.join(server.dir, 'share.key')
+        agent.write_private(passwd, 'alice:%s\n' % agent.hash_password(ACCESS_PASSWORD))
+        agent.write_private(key, ACCESS_KEY.decode() + '\n')
+        server.options += ['--auth', passwd, '--share-key', key]
+        make_tree(server.root)
+        server.start()
+        for index in range(count):
+            rng = case_rng(seed, 10 ** 9 + index)
+            if rng.random() < 0.5:
+                raw = access_value(rng)
+                payload = b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nAuthorization: ' + raw + b'\r\nConnection: close\r\n\r\n'
+            else:
+                raw = access_target(rng)
+                payload = b'GET ' + raw.replace(b' ', b'%20') + b' HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+            try:
+                answer = raw_request_bytes(server.port, payload)
+            except OSError as exc:
+                failures.append((index, raw, 'network: %s' % exc))
+                continue
+            found = STATUS_LINE.match(answer)
+            if found is None or int(found.group(1)) not in ACCESS_STATUSES + (200, 301, 304, 405, 414, 431, 501):
+                failures.append((index, raw, 'network: answered %r' % answer[:80]))
+        value = b'Basic ' + base64.b64encode(b'alice:' + ACCESS_PASSWORD.encode())
+        probe = raw_request_bytes(server.port, b'GET /a.jpg HTTP/1.1\r\nHost: x\r\nAuthorization: ' + value
+                                  + b'\r\nConnection: close\r\n\r\n', source='127.0.0.2')
+        if not probe.startswith(b'HTTP/1.1 200 '):
+            failures.append((-1, value, 'network: the right account got %r' % probe[:80]))
+        log = server.log_text()
+        if 'Traceback' in log:
+            failures.append((-1, b'', 'network: a traceback in the log: %s' % log[log.index('Traceback'):][:400]))
+    print('access network: %d cases against an agent with --auth and --share-key' % count)
+    return failures
+
+
+def raw_request_bytes(port, payload, source='127.0.0.1', timeout=5.0):
+    """Everything the agent sends back for payload, until it closes (Connection: close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.bind((source, 0))
+        sock.connect(('127.0.0.1', port))
+        sock.sendall(payload)
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return b''.join(chunks)
+            chunks.append(data)
+
+
 FULL_SIZES = {'in_process': 200000, 'images': 500000, 'cases': 20000}
+FULL_SIZES['access'] = 20000         # Authorization values and share tokens (--access)
 FULL_SIZES['flood'] = 100           # packets of pipelined requests (--flood)
 FULL_SIZES['blanks'] = 20000            # blank-run mode
 FULL_SIZES['proxy'] = 20000             # PROXY headers (a tenth of them over the network)
@@ -1879,6 +2060,10 @@ def main(argv=None):
     p.add_argument('--zips', type=int, default=None, metavar='N',
                    help='fuzz the zip writer (?download=zip) in this process for N random folders '
                         '(default %d)' % FULL_SIZES['zips'])
+    p.add_argument('--access', type=int, default=None, metavar='N',
+                   help='fuzz Authorization headers and share-link tokens: N cases in this process, '
+                        'a tenth of that against an agent with --auth and --share-key (default %d)'
+                        % FULL_SIZES['access'])
     p.add_argument('--start', type=int, default=0, help='index of the first case (default 0)')
     p.add_argument('--replay', type=int, default=None, metavar='I', help='send case I only, verbosely')
     p.add_argument('--show', type=int, default=None, metavar='I', help="print case I's bytes and exit")
@@ -1942,6 +2127,8 @@ def main(argv=None):
             results['blanks'] = blank_mode(args, seed)
         if args.zips:
             results['zips'] = zip_mode(args, seed)
+        if args.access:
+            results['access'] = access_mode(args, seed)
         if args.cases:
             results['network'] = network_mode(args, seed)
         if args.flood:
