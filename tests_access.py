@@ -6,6 +6,7 @@ address on loopback is 127.0.0.2 (Linux routes all of 127/8 to lo), as a client'
 """
 
 import base64
+import io
 import json
 import os
 import pwd
@@ -18,6 +19,7 @@ import sys
 import time
 import unittest
 import urllib.parse
+import zipfile
 from unittest import mock
 
 from testlib import (AGENT, PYTHON, TIMEOUT, AgentServer, ClassCleanups, RawConn, ServiceToolTestCase,
@@ -554,6 +556,15 @@ class ShareLinkTests(unittest.TestCase):
             status, _, body = self.get(path)
             self.assertIn(status, (400, 404), path)
             self.assertNotIn(b'SECRET', body)
+
+    def test_its_zip_holds_its_folder_and_nothing_else(self):
+        status, fields, body = self.get('/albums/2024/?download=zip')
+        self.assertEqual(status, 200)
+        with zipfile.ZipFile(io.BytesIO(body)) as z:
+            names = sorted(z.namelist())
+        self.assertEqual(names, ['2024/', '2024/a.jpg', '2024/sub/', '2024/sub/b.jpg'])
+        self.assertNotIn(b'SECRET', body)
+        self.assertEqual(raw_get(self.server.port, '/albums/2024/?download=zip')[0], 401)
 
     def test_every_link_on_its_pages_stays_under_its_prefix(self):
         base = self.link + '/'
