@@ -159,3 +159,36 @@ def landscape_photo(path, seed, size=(1600, 1200), thumb=(320, 240), grain=0.5, 
     with open(path, 'wb') as f:
         f.write(camera_jpeg(original, small, orientation))
     return path
+
+
+def dated_exif_segment(taken, offset=None, order='>', orientation=None):
+    """An APP1 EXIF segment as a phone writes the date: IFD0 (Make, Orientation, the Exif IFD's
+    offset), then the Exif IFD with DateTimeOriginal ('YYYY:MM:DD HH:MM:SS') and, if given,
+    OffsetTimeOriginal ('+HH:MM'), their text after it."""
+    e = order
+    values = [(0x9003, taken.encode('ascii') + b'\x00')]
+    if offset is not None:
+        values.append((0x9011, offset.encode('ascii') + b'\x00'))
+    ifd0 = [(0x010F, 2, 4, b'Cam\x00')]
+    if orientation is not None:
+        ifd0.append((0x0112, 3, 1, struct.pack(e + 'HH', orientation, 0)))
+    exif_at = 8 + 2 + 12 * (len(ifd0) + 1) + 4
+    ifd0.append((0x8769, 4, 1, struct.pack(e + 'I', exif_at)))
+    text_at = exif_at + 2 + 12 * len(values) + 4
+    entries, text = [], b''
+    for tag, value in values:
+        entries.append(struct.pack(e + 'HHII', tag, 2, len(value), text_at + len(text)))
+        text += value
+    tiff = (b'II' if e == '<' else b'MM') + struct.pack(e + 'HI', 42, 8)
+    tiff += struct.pack(e + 'H', len(ifd0))
+    for tag, kind, count, value in sorted(ifd0):
+        tiff += struct.pack(e + 'HHI', tag, kind, count) + value
+    tiff += struct.pack(e + 'I', 0)
+    tiff += struct.pack(e + 'H', len(entries)) + b''.join(entries) + struct.pack(e + 'I', 0) + text
+    body = b'Exif\x00\x00' + tiff
+    return b'\xff\xe1' + struct.pack('>H', len(body) + 2) + body
+
+
+def dated_jpeg(main, taken, offset=None, order='>'):
+    """main (a JPEG) with dated_exif_segment() right after its SOI."""
+    return main[:2] + dated_exif_segment(taken, offset, order) + main[2:]
