@@ -279,7 +279,7 @@ CONTENT_TYPES = {
     '.html': 'text/html', '.htm': 'text/html', '.css': 'text/css', '.js': 'text/javascript',
     '.mjs': 'text/javascript', '.txt': 'text/plain', '.json': 'application/json',
     '.xml': 'application/xml', '.pdf': 'application/pdf', '.webm': 'video/webm',
-    '.mp4': 'video/mp4', '.wasm': 'application/wasm',
+    '.mp4': 'video/mp4', '.m4v': 'video/mp4', '.mov': 'video/quicktime', '.wasm': 'application/wasm',
 }
 IMAGE_SUFFIXES = frozenset(k for k, v in CONTENT_TYPES.items() if v.startswith('image/'))
 # Files stored compressed: sent as they are, with Content-Encoding, so the browser unpacks them.
@@ -1157,9 +1157,10 @@ SVG_LENGTH = re.compile(r'([0-9]{1,7}(?:\.[0-9]{0,6})?)\s*(px)?')      # fullmat
 
 class ImageInfo:
     """What the headers say: pixel size as shown (EXIF orientation applied), the orientation,
-    and where an embedded JPEG thumbnail lies in the file (offset, length), if anywhere."""
+    where an embedded JPEG thumbnail lies in the file (offset, length), if anywhere, and the
+    date taken (taken_value()); of a video (Videos), also its duration."""
 
-    __slots__ = ('kind', 'width', 'height', 'orientation', 'thumb', 'resume')
+    __slots__ = ('kind', 'width', 'height', 'orientation', 'thumb', 'resume', 'taken', 'duration')
 
     def __init__(self, kind):
         self.kind = kind
@@ -1167,6 +1168,8 @@ class ImageInfo:
         self.orientation = 1
         self.thumb = None
         self.resume = None      # JPEG: the file offset where the segment walk goes on
+        self.taken = None       # (seconds, ISO 8601): EXIF DateTimeOriginal, a video's creation
+        self.duration = None    # seconds: a video's (the Videos section)
 
     def size(self, width, height):
         if 0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION:
@@ -1265,7 +1268,8 @@ def scan_jpeg(info, data, base):
 
 
 def read_exif(info, data, tiff, end, base):
-    """EXIF (a TIFF structure at data[tiff:end]): IFD0's Orientation, IFD1's JPEG thumbnail."""
+    """EXIF (a TIFF structure at data[tiff:end]): IFD0's Orientation, the Exif IFD's date
+    taken (exif_taken), IFD1's JPEG thumbnail."""
     order = {b'II': '<', b'MM': '>'}.get(data[tiff:tiff + 2])
     if order is None or _u16(data, tiff + 2, order) != 42:
         return
@@ -1285,6 +1289,8 @@ def read_exif(info, data, tiff, end, base):
         if ifd == 0:
             if 1 <= fields.get(0x0112, 1) <= 8:
                 info.orientation = fields.get(0x0112, 1)
+            if 0x8769 in fields:                # the Exif IFD: the date taken
+                info.taken = exif_taken(data, tiff, end, order, fields[0x8769])
             next_at = start + 2 + 12 * count
             if next_at + 4 > end:
                 return
@@ -1297,6 +1303,81 @@ def read_exif(info, data, tiff, end, base):
     if where and length and ifd1.get(0x0103, 6) == 6 and tiff + where + length <= end \
             and data[tiff + where:tiff + where + 2] == b'\xff\xd8':
         info.thumb = (base + tiff + where, length)
+
+
+# The date taken (issue 22): EXIF DateTimeOriginal, with OffsetTimeOriginal when present (EXIF
+# 2.31; without it the time is the camera's clock, in a zone nobody wrote down), else a date in
+# the name as phones and screenshot tools write it (IMG_20240714_093000.jpg,
+# PXL_20240714_093000123.jpg, VID_20240714_093000.mp4, Screenshot_20240714-093000.png,
+# "Screenshot 2024-07-14 at 09.30.00.png"), else the file's mtime (which is the day of a copy).
+EXIF_DATE = re.compile(rb'([0-9]{4}):([0-9]{2}):([0-9]{2}) ([0-9]{2}):([0-9]{2}):([0-9]{2})')
+EXIF_OFFSET = re.compile(rb'([+-])([0-9]{2}):([0-9]{2})')
+NAME_DATE = re.compile(r'(?:IMG|VID|PXL|MVIMG|Screenshot)[_ -]?([0-9]{4})-?([0-9]{2})-?([0-9]{2})'
+                       r'[_ -](?:at )?([0-9]{2})[-.:]?([0-9]{2})[-.:]?([0-9]{2})', re.I)
+
+
+def wall_seconds(parts):
+    """A wall time (year, month, day, hour, minute, second), as ints or digit strings, read as
+    if it were UTC; None unless it is a real date of the years 1900-9999."""
+    year, month, day, hour, minute, second = (int(p) for p in parts)
+    if not (1900 <= year <= 9999 and 1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60
+            and second < 61):
+        return None
+    seconds = days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second
+    return seconds if time.gmtime(seconds)[2] == day else None        # no 31 June
+
+
+def taken_value(seconds, zone='Z', offset=0):
+    """A date taken: (seconds since the epoch, for sorting; ISO 8601 text).  seconds is a wall
+    time read as UTC; zone is 'Z' (it is UTC), '+HH:MM' (its offset, taken away for sorting),
+    or '' (unknown: a camera's clock, or a name's date, shown as written)."""
+    t = time.gmtime(seconds)
+    return seconds - offset, '%04d-%02d-%02dT%02d:%02d:%02d%s' % (t[:6] + (zone,))
+
+
+def exif_date(text, offset_text=b''):
+    """taken_value() of an EXIF date 'YYYY:MM:DD HH:MM:SS' and its offset '+HH:MM', or None."""
+    match = EXIF_DATE.match(text)
+    seconds = wall_seconds(match.groups()) if match else None
+    if seconds is None:
+        return None
+    zone = EXIF_OFFSET.fullmatch(offset_text.rstrip(b'\x00 '))
+    if zone is None or int(zone.group(2)) > 14 or int(zone.group(3)) > 59:
+        return taken_value(seconds, '')
+    offset = (int(zone.group(2)) * 60 + int(zone.group(3))) * (-60 if zone.group(1) == b'-' else 60)
+    return taken_value(seconds, zone.group().decode('ascii'), offset)
+
+
+def exif_taken(data, tiff, end, order, offset):
+    """DateTimeOriginal (0x9003) and OffsetTimeOriginal (0x9011) of the Exif IFD at tiff +
+    offset, as exif_date(), or None; each value checked to lie within data[tiff:end]."""
+    start = tiff + offset
+    if offset < 8 or start + 2 > end:
+        return None
+    values = {}
+    for i in range(min(_u16(data, start, order), (end - start - 2) // 12)):
+        entry = start + 2 + 12 * i
+        tag, count = _u16(data, entry, order), _u32(data, entry + 4, order)
+        if tag in (0x9003, 0x9011) and _u16(data, entry + 2, order) == 2 and count <= 64:
+            at = entry + 8 if count <= 4 else tiff + _u32(data, entry + 8, order)
+            if at + count <= end:
+                values[tag] = data[at:at + count]
+    return exif_date(values[0x9003], values.get(0x9011, b'')) if 0x9003 in values else None
+
+
+def name_taken(name):
+    """taken_value() of the date in a phone's or a screenshot tool's file name, or None."""
+    match = NAME_DATE.match(name)
+    seconds = wall_seconds(match.groups()) if match else None
+    return None if seconds is None else taken_value(seconds, '')
+
+
+def entry_taken(name, st, info):
+    """The date an entry was taken, as taken_value(): its header's (info), its name's, or its
+    mtime (UTC); None without any."""
+    if info is not None and info.taken is not None:
+        return info.taken
+    return name_taken(name) or (taken_value(min(max(0, int(st.st_mtime)), LAST_SECOND)) if st else None)
 
 
 def webp_size(info, head):
@@ -1403,7 +1484,8 @@ def read_image_info(fd, name):
 
 
 class ImageInfoCache:
-    """ImageInfo by (dev, ino, mtime_ns, ctime_ns): a revisit reads no file again.  A file
+    """ImageInfo by (dev, ino, mtime_ns, ctime_ns), of an image or a video (read_video_info):
+    a revisit reads no file again.  A file
     changed in any way has a new ctime, so a new key; old keys age out (first in, first out)."""
 
     def __init__(self, size=IMAGE_INFO_CACHE):
@@ -1425,7 +1507,7 @@ class ImageInfoCache:
                 opened = os.fstat(fd)
                 if (opened.st_dev, opened.st_ino) != key[:2] or not stat.S_ISREG(opened.st_mode):
                     return None                 # replaced since the listing: next time
-                info = read_image_info(fd, name)
+                info = (read_video_info if is_video(name) else read_image_info)(fd, name)
             finally:
                 if own:
                     os.close(fd)
@@ -1433,6 +1515,239 @@ class ImageInfoCache:
             return None                         # unreadable, gone, or outside the root
         self.infos.store(key, info)
         return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Videos: size and length from the container's header, never decoded
+# ---------------------------------------------------------------------------------------------
+#
+# .mp4, .m4v, .mov (ISO BMFF / QuickTime: the 'moov' box, its 'mvhd' for the duration and the
+# creation time, each 'trak' box's 'tkhd' for the picture's size) and .webm (Matroska's EBML:
+# the Segment's Info for the duration, its Tracks for the video track's pixel size).  As for
+# images, pure functions over bytes already read, and one reader that bounds the reads: a
+# camera writes 'moov' after the media data ('mdat', gigabytes), so the top-level boxes are
+# followed by their headers, one pread of VIDEO_HOP bytes each, MP4_HOPS at most, and 'moov'
+# is read up to MOOV_READ bytes (its sample tables, which may run to megabytes, come after
+# the boxes read here).  A WebM's Info and Tracks come before its first Cluster: the first
+# VIDEO_HEAD bytes hold them (a file that puts them after its clusters gives no size).  Every
+# length is checked against the bytes there are: a hostile header gives no information, never
+# an error, and each loop moves forward by at least a box header or an element's ID.
+
+VIDEO_SUFFIXES = frozenset(['.mp4', '.m4v', '.mov', '.webm'])
+VIDEO_HEAD = 65536
+VIDEO_HOP = 16
+MP4_HOPS = 8
+MOOV_READ = 262144
+MAX_DURATION = 10 ** 7          # seconds (115 days): a header claiming more is not believed
+MP4_EPOCH = 2082844800          # 1904-01-01 to 1970-01-01, in seconds: QuickTime's epoch
+EBML_MAGIC = b'\x1a\x45\xdf\xa3'
+EBML_SEGMENT, EBML_INFO, EBML_TRACKS = 0x18538067, 0x1549A966, 0x1654AE6B
+EBML_TRACK_ENTRY, EBML_TRACK_TYPE, EBML_VIDEO = 0xAE, 0x83, 0xE0
+EBML_PIXEL_WIDTH, EBML_PIXEL_HEIGHT = 0xB0, 0xBA
+EBML_TIMECODE_SCALE, EBML_DURATION = 0x2AD7B1, 0x4489
+
+
+def is_video(name):
+    """Whether a name is a video's by its suffix (VIDEO_SUFFIXES)."""
+    dot = name.rfind('.')
+    return dot > 0 and name[dot:].lower() in VIDEO_SUFFIXES
+
+
+def video_duration(info, ticks, scale):
+    """Set info.duration to ticks / scale seconds (rounded to ms) if both are believable."""
+    if scale > 0 and 0 <= ticks and ticks / scale <= MAX_DURATION:
+        info.duration = round(ticks / scale, 3)
+
+
+def mp4_boxes(data, start, end):
+    """(type, body start, box end) of each box in data[start:end]; a box that runs past end is
+    given with end as its end (what there is of it).  Stops at a size that cannot be."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind = _u32(data, pos), data[pos + 4:pos + 8]
+        body = pos + 8
+        if size == 1:                           # a 64-bit size follows the type
+            size, body = int.from_bytes(data[pos + 8:pos + 16], 'big'), pos + 16
+        elif size == 0:                         # to the end of its parent
+            size = end - pos
+        if size < body - pos:
+            return
+        yield kind, body, min(pos + size, end)
+        pos += size
+
+
+def mp4_mvhd(info, data, body, end):
+    """mvhd: the timescale and duration (version 0: 32-bit fields, 1: 64-bit), creation time."""
+    if data[body] == 1 and body + 32 <= end:
+        created, scale, ticks = (int.from_bytes(data[body + 4:body + 12], 'big'), _u32(data, body + 20),
+                                 int.from_bytes(data[body + 24:body + 32], 'big'))
+    elif data[body] == 0 and body + 20 <= end:
+        created, scale, ticks = _u32(data, body + 4), _u32(data, body + 12), _u32(data, body + 16)
+    else:
+        return
+    if ticks not in (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF):        # all ones: unknown
+        video_duration(info, ticks, scale)
+    if MP4_EPOCH < created < MP4_EPOCH + LAST_SECOND:
+        info.taken = taken_value(created - MP4_EPOCH)
+
+
+def mp4_tkhd(info, data, body, end):
+    """tkhd: the track's width and height (16.16 fixed point, 0 for a sound track), turned a
+    quarter when its matrix says so (a phone's portrait video: 1920x1080, rotated 90)."""
+    at = body + (88 if data[body] == 1 else 76)
+    if at + 8 > end or info.width is not None:
+        return
+    width, height = _u32(data, at) >> 16, _u32(data, at + 4) >> 16
+    matrix = at - 36
+    if _u32(data, matrix) == 0 and _u32(data, matrix + 16) == 0 and _u32(data, matrix + 4):
+        width, height = height, width
+    info.size(width, height)
+
+
+def mp4_moov(info, data, start, end):
+    """The moov box's mvhd, and the tkhd of each of its traks (the first with a picture)."""
+    for kind, body, stop in mp4_boxes(data, start, end):
+        if kind == b'mvhd' and body < stop:
+            mp4_mvhd(info, data, body, stop)
+        elif kind == b'trak':
+            for inner, inner_body, inner_stop in mp4_boxes(data, body, stop):
+                if inner == b'tkhd' and inner_body < inner_stop:
+                    mp4_tkhd(info, data, inner_body, inner_stop)
+
+
+def ebml_number(data, pos, end, keep_marker):
+    """(value, next position) of an EBML variable-length number at data[pos] (an element ID
+    keeps its length marker, a size drops it), or (None, end) where none can be read.  A size
+    of all ones is unknown: -1."""
+    if pos >= end or data[pos] == 0:
+        return None, end
+    first = data[pos]
+    length = 9 - first.bit_length()
+    if pos + length > end:
+        return None, end
+    value = int.from_bytes(data[pos:pos + length], 'big')
+    if keep_marker:
+        return value, pos + length
+    value &= (1 << (7 * length)) - 1
+    return (-1 if value == (1 << (7 * length)) - 1 else value), pos + length
+
+
+def ebml_elements(data, start, end):
+    """(id, body start, body end) of each element in data[start:end].  An element of unknown
+    size (a live stream's Segment or Cluster) runs to end; one past end is cut there."""
+    pos = start
+    while pos < end:
+        ident, pos = ebml_number(data, pos, end, True)
+        size, pos = ebml_number(data, pos, end, False)
+        if ident is None or size is None:
+            return
+        stop = end if size < 0 else min(pos + size, end)
+        yield ident, pos, stop
+        pos = stop
+
+
+def ebml_uint(data, body, stop):
+    return int.from_bytes(data[body:stop], 'big') if 0 < stop - body <= 8 else None
+
+
+def webm_info(info, data, body, stop):
+    """Info: Duration (a float, in TimecodeScale nanoseconds; default 1 ms)."""
+    scale, ticks = 1000000, None
+    for ident, at, end in ebml_elements(data, body, stop):
+        if ident == EBML_TIMECODE_SCALE:
+            scale = ebml_uint(data, at, end) or scale
+        elif ident == EBML_DURATION and end - at in (4, 8):
+            ticks = struct.unpack('>f' if end - at == 4 else '>d', data[at:end])[0]
+    if ticks is not None and ticks == ticks:            # not NaN
+        video_duration(info, ticks * scale, 1e9)
+
+
+def webm_tracks(info, data, body, stop):
+    """Tracks: the first TrackEntry of type 1 (video): its Video's PixelWidth and PixelHeight."""
+    for ident, at, end in ebml_elements(data, body, stop):
+        if ident != EBML_TRACK_ENTRY:
+            continue
+        fields = {inner: (inner_at, inner_end) for inner, inner_at, inner_end in ebml_elements(data, at, end)}
+        if EBML_VIDEO not in fields or ebml_uint(data, *fields.get(EBML_TRACK_TYPE, (0, 0))) != 1:
+            continue
+        video = {inner: ebml_uint(data, inner_at, inner_end)
+                 for inner, inner_at, inner_end in ebml_elements(data, *fields[EBML_VIDEO])}
+        info.size(video.get(EBML_PIXEL_WIDTH) or 0, video.get(EBML_PIXEL_HEIGHT) or 0)
+        return
+
+
+def webm_scan(info, data):
+    """The EBML header, then the Segment's Info and Tracks, up to its first Cluster."""
+    for ident, body, stop in ebml_elements(data, 0, len(data)):
+        if ident != EBML_SEGMENT:
+            continue
+        for inner, at, end in ebml_elements(data, body, stop):
+            if inner == EBML_INFO:
+                webm_info(info, data, at, end)
+            elif inner == EBML_TRACKS:
+                webm_tracks(info, data, at, end)
+            elif inner == 0x1F43B675:           # a Cluster: media data from here on
+                return
+        return
+
+
+def video_info(data, moov=None):
+    """An ImageInfo of kind 'mp4' or 'webm' (width, height, duration, taken) from a file's
+    first bytes, or None if they are neither; moov: (start, bytes) of the moov box when it was
+    read apart (read_video_info).  Never raises on any input."""
+    info = None
+    try:
+        if data[:4] == EBML_MAGIC:
+            info = ImageInfo('webm')
+            webm_scan(info, data)
+        elif data[4:8] in (b'ftyp', b'moov', b'free', b'wide', b'mdat', b'skip'):
+            info = ImageInfo('mp4')
+            if moov is not None:
+                mp4_moov(info, moov, 0, len(moov))
+            else:
+                for kind, body, stop in mp4_boxes(data, 0, len(data)):
+                    if kind == b'moov':
+                        mp4_moov(info, data, body, stop)
+                        break
+    except (IndexError, ValueError, OverflowError, struct.error):
+        pass
+    return info
+
+
+def find_moov(fd, head):
+    """(offset, size) of the top-level moov box beyond head, found by following the boxes'
+    headers (MP4_HOPS preads of VIDEO_HOP bytes), or None."""
+    pos = 0
+    for _ in range(MP4_HOPS):
+        if pos + 16 <= len(head):
+            header = head[pos:pos + 16]
+        else:
+            header = os.pread(fd, VIDEO_HOP, pos)
+        if len(header) < 8:
+            return None
+        size, kind, body = _u32(header, 0), header[4:8], 8
+        if size == 1 and len(header) >= 16:
+            size, body = int.from_bytes(header[8:16], 'big'), 16
+        if size < body:
+            return None                         # 0 (to the end of the file) or a lie
+        if kind == b'moov':
+            return (pos + body, size - body) if pos >= len(head) or pos + size > len(head) else None
+        pos += size
+        if pos >= 1 << 62:
+            return None                         # beyond any file (and pread's offset)
+    return None
+
+
+def read_video_info(fd, name):
+    """The ImageInfo of a video file open at fd: VIDEO_HEAD bytes, and for an MP4 whose moov
+    lies beyond them, its headers' hops and MOOV_READ bytes of the moov."""
+    head = os.pread(fd, VIDEO_HEAD, 0)
+    moov = None
+    if head[4:8] in (b'ftyp', b'free', b'wide', b'mdat', b'skip'):
+        found = find_moov(fd, head)
+        if found is not None:
+            moov = os.pread(fd, min(found[1], MOOV_READ), found[0])
+    return video_info(head, moov)
 
 
 # ---------------------------------------------------------------------------------------------
