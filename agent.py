@@ -1516,6 +1516,74 @@ class ImageInfoCache:
         self.infos.store(key, info)
         return info
 
+    def dates(self, path, entries, opener):
+        """{name: seconds} of the date each photo or video of the catalog entries (each with
+        its stat) was taken (entry_taken): what ?sort=date orders them by."""
+        dates = {}
+        for _, name, _, st, kind in entries:
+            if kind in ('image', 'video') and st is not None:
+                dates[name] = entry_taken(name, st, self.get(path + '/' + name, st, name, opener=opener))[0]
+        return dates
+
+
+# A folder's tile shows a photo from inside it (issue 22): the first, in natural order, of the
+# photos among the folder's first COVER_LOOK entries in readdir's order (not the first of the
+# whole folder: that would be a scan of every folder on the page, each time).  Its ?thumb when
+# it has an embedded thumbnail, else the photo.  Found once per folder and kept COVER_CACHE
+# folders, by the folder's stamps, CATALOG_TTL at most (a photo replaced in place, with the
+# same name, changes no stamp of its folder).
+COVER_LOOK = 32
+COVER_CACHE = 4096
+
+
+class FolderCovers:
+    """The covers of folders: a bounded look inside each, cached by its stamps."""
+
+    def __init__(self, own_files, images, confine, size=COVER_CACHE):
+        self.covers = Cache(size)
+        self.own_files, self.images, self.confine = own_files, images, confine
+
+    def get(self, dir_fd, path, name, st, now, opener):
+        """The cover's link relative to the folder's parent (open at dir_fd, path), or None:
+        name is the folder's, st its stat."""
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        found = self.covers.until(key, now)
+        if found is None:
+            found = self.look(dir_fd, path + '/' + name, name) or ('', None)
+            self.covers.store(key, (now + CATALOG_TTL, found))
+        photo, photo_st = found
+        if not photo:
+            return None
+        info = self.images.get(path + '/' + name + '/' + photo, photo_st, photo, opener=opener)
+        href = urllib.parse.quote(name) + '/' + urllib.parse.quote(photo)
+        return href + '?thumb' if info is not None and info.thumb else href
+
+    def look(self, dir_fd, folder, name):
+        """(name, stat) of the folder's cover photo, or None: a regular file (no symlink), not
+        hidden, not one of our own files, with a name the page can link."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            return None
+        try:
+            self.confine(fd)
+            names = []
+            with os.scandir(fd) as it:
+                for _, item in zip(range(COVER_LOOK), it):
+                    dot = item.name.rfind('.')
+                    if dot > 0 and item.name[dot:].lower() in GRID_SUFFIXES and linkable(item.name) \
+                            and item.is_file(follow_symlinks=False):
+                        names.append(item.name)
+            for photo in sorted(names, key=natural_key):
+                photo_st = os.stat(photo, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISREG(photo_st.st_mode) and not self.own_files.hides(folder + '/' + photo, photo_st):
+                    return photo, photo_st
+        except (OSError, HTTPError):
+            pass
+        finally:
+            os.close(fd)
+        return None
+
 
 # ---------------------------------------------------------------------------------------------
 # Videos: size and length from the container's header, never decoded
@@ -1793,12 +1861,19 @@ background:var(--chip);color:var(--fg)}
 border:1px solid var(--line);color:var(--fg);font-weight:500;overflow-wrap:anywhere}
 .dirs a:before{content:"";display:inline-block;width:16px;height:11px;margin-right:8px;
 border-radius:2px 3px 3px 3px;background:var(--accent);opacity:.75;vertical-align:-1px}
+.dirs a.cover{display:flex;flex-direction:column;gap:6px;width:172px;max-width:100%;padding:6px 6px 8px}
+.dirs a.cover:before{display:none}
+.dirs a.cover img{display:block;width:100%;aspect-ratio:4/3;object-fit:cover;border-radius:5px;background:var(--chip)}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(172px,1fr));gap:14px;margin:0 0 24px}
 figure{margin:0;background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden}
 figure a{display:flex;align-items:center;justify-content:center;aspect-ratio:4/3;background:var(--chip)}
 figure img{display:block;width:100%;height:auto}
 figure img.tall{width:auto;height:100%}
 figure img:not([width]){height:100%;object-fit:contain}
+figure video{display:block;width:100%;height:100%;object-fit:contain}
+a.v{position:relative}
+a.v:after{content:"\\25b6";position:absolute;left:8px;bottom:8px;width:30px;height:30px;border-radius:50%;
+background:rgba(0,0,0,.6);color:#fff;font:13px/30px sans-serif;text-align:center}
 img[data-src],.broken img{display:none}
 .broken a:after{content:"no preview";color:var(--muted);font-size:.8rem}
 figcaption{padding:7px 10px 9px;font-size:.8rem;line-height:1.35}
@@ -1816,13 +1891,14 @@ background:var(--chip);color:var(--fg)}
 #lb{position:fixed;inset:0;z-index:9;display:flex;flex-direction:column;align-items:center;
 justify-content:center;background:rgba(8,8,10,.94);touch-action:pan-y}
 #lb[hidden]{display:none}
-#lb img{flex:0 1 auto;min-height:0;max-width:100%;object-fit:contain}
+#lb img,#lb video{flex:0 1 auto;min-height:0;max-width:100%;object-fit:contain}
+#lb img[hidden],#lb video[hidden]{display:none}
 #lb p{flex:none;max-width:100%;margin:0;padding:10px 16px 14px;text-align:center;color:#ddd;
 font-size:.85rem;overflow-wrap:anywhere}
 #lb button{position:absolute;width:46px;height:46px;border:0;border-radius:50%;cursor:pointer;
 background:rgba(255,255,255,.14);color:#fff;font:28px/46px sans-serif}
 #lb .prev{left:14px;top:calc(50% - 23px)}#lb .next{right:14px;top:calc(50% - 23px)}
-#lb .close{right:14px;top:14px}
+#lb .close{right:14px;top:14px}#lb .play{left:14px;top:14px;font-size:17px}
 @media (max-width:520px){.grid{grid-template-columns:repeat(2,1fr);gap:8px}
 figcaption{padding:6px 8px 8px;font-size:.75rem}}
 @media (max-width:359px){figcaption{font-size:.7rem}}
@@ -1833,12 +1909,14 @@ GALLERY_SCRIPT = """
   var each = function (list, f) { Array.prototype.forEach.call(list, f); };
   // A photo without a thumbnail loads as it comes within 400 px of the screen (Chromium's own
   // lazy-load margin is several screens: a first screen fetched megabytes it did not show).
+  // A video's tile likewise: a <video> has no loading="lazy", and preload="metadata" asks for its
+  // first frame and length at once.
   function load(img) { img.src = img.getAttribute('data-src'); img.removeAttribute('data-src'); }
-  var waiting = document.querySelectorAll('main img[data-src]');
+  var waiting = document.querySelectorAll('main [data-src]');
   if (window.IntersectionObserver) {
     var near = new IntersectionObserver(function (entries) {
       entries.forEach(function (e) {
-        if (e.isIntersecting) { near.unobserve(e.target); load(e.target.querySelector('img')); }
+        if (e.isIntersecting) { near.unobserve(e.target); load(e.target.querySelector('[data-src]')); }
       });
     }, {rootMargin: '400px 0px'});
     each(waiting, function (img) { near.observe(img.parentNode); });
@@ -1859,16 +1937,18 @@ GALLERY_SCRIPT = """
     try { name = Intl.DateTimeFormat().resolvedOptions().timeZone; } catch (e) { /* an old browser */ }
     zone.textContent = name ? 'Times in ' + name + '.' : 'Times in your time zone.';
   }
-  // A picture that fails: an embedded thumbnail gives way to the photo, else a placeholder.
+  // A picture that fails: an embedded thumbnail gives way to the photo, else a placeholder (a
+  // folder's cover goes).
   function failed(img) {
-    var a = img.parentNode;
-    if (/[?]thumb$/.test(img.getAttribute('src'))) img.src = a.getAttribute('href');
+    var a = img.parentNode, src = img.getAttribute('src'), cover = a.classList.contains('cover');
+    if (/[?]thumb$/.test(src)) img.src = cover ? src.slice(0, -6) : a.getAttribute('href');
+    else if (cover) a.removeChild(img);
     else a.parentNode.classList.add('broken');
   }
   document.addEventListener('error', function (e) {
-    if (e.target.localName === 'img' && e.target.closest('main')) failed(e.target);
+    if (e.target.localName === 'img' && e.target.closest('main, .dirs')) failed(e.target);
   }, true);
-  each(document.querySelectorAll('main img'), function (img) {
+  each(document.querySelectorAll('main img, .dirs img'), function (img) {
     if (img.complete && img.currentSrc && !img.naturalWidth) failed(img);
   });
   // A name its caption cuts off shows in full on hover.
@@ -1881,8 +1961,13 @@ GALLERY_SCRIPT = """
   if (!links.length) return;
   // The lightbox: a modal dialog (WAI-ARIA) named by the photo, which takes the focus, keeps it
   // on Tab, leaves the page behind inert, and gives the focus back to its thumbnail on close.
+  // A video plays in it, with the browser's controls.  The slideshow (its button, or S) moves
+  // on every SLIDE ms, or as a video ends, and stops on any key or touch; a phone swipes to
+  // move and pinches to zoom.
   var box = document.createElement('div'), img = new Image(), text = document.createElement('p');
-  var current = -1, opener = null, x0 = null, buttons = [];
+  var film = document.createElement('video'), SLIDE = 3000, playing = false, timer = null;
+  var current = -1, opener = null, x0 = null, buttons = [], zoom = 1, pinch = null;
+  film.controls = true; film.playsInline = true; film.hidden = true;
   function button(cls, label, name, title, action) {
     var b = document.createElement('button');
     b.className = cls; b.textContent = label; b.title = title; b.type = 'button';
@@ -1894,15 +1979,46 @@ GALLERY_SCRIPT = """
   box.id = 'lb'; box.setAttribute('hidden', ''); box.setAttribute('role', 'dialog');
   box.setAttribute('aria-modal', 'true'); box.tabIndex = -1;
   text.setAttribute('aria-live', 'polite');
-  box.appendChild(img); box.appendChild(text);
+  box.appendChild(img); box.appendChild(film); box.appendChild(text);
   button('prev', '\\u2039', 'Previous photo', 'Previous (\\u2190)', function () { show(current - 1); });
   button('next', '\\u203a', 'Next photo', 'Next (\\u2192)', function () { show(current + 1); });
   var close = button('close', '\\u00d7', 'Close', 'Close (Esc)', hide);
+  var play = button('play', '\\u25b6', 'Slideshow', 'Slideshow (S)', function () { slideshow(!playing); });
+  play.setAttribute('aria-pressed', 'false');
   document.body.appendChild(box);
   function behind(inert) {
     each(document.body.children, function (e) {
       if (e !== box) e.inert = inert;
     });
+  }
+  function slideshow(on) {
+    playing = on; clearTimeout(timer);
+    play.setAttribute('aria-pressed', on ? 'true' : 'false');
+    play.textContent = on ? '\\u275a\\u275a' : '\\u25b6';
+    if (on) later();
+  }
+  function later() {      // the next slide once this photo has shown SLIDE ms (a video: as it ends)
+    clearTimeout(timer);
+    if (playing && current >= 0 && film.hidden) timer = setTimeout(function () { show(current + 1); }, SLIDE);
+  }
+  film.addEventListener('ended', function () { if (playing) show(current + 1); });
+  function zoomTo(z, origin) {
+    zoom = Math.min(Math.max(z, 1), 4);
+    if (origin) img.style.transformOrigin = origin;
+    img.style.transform = zoom > 1 ? 'scale(' + zoom + ')' : '';
+  }
+  function spread(t) { return Math.hypot(t[0].clientX - t[1].clientX, t[0].clientY - t[1].clientY) || 1; }
+  function media(a, name) {
+    var video = a.classList.contains('v');
+    film.pause(); zoomTo(1);
+    img.hidden = video; film.hidden = !video;
+    if (video) {
+      img.removeAttribute('src'); film.src = a.href; film.setAttribute('aria-label', name);
+      var started = film.play();
+      if (started) started.catch(function () { /* the visitor presses play */ });
+    } else {
+      film.removeAttribute('src'); img.src = a.href; img.alt = name;
+    }
   }
   function show(i) {
     current = (i + links.length) % links.length;
@@ -1910,7 +2026,7 @@ GALLERY_SCRIPT = """
     var details = a.parentNode.querySelector('figcaption small');
     details = details ? Array.prototype.map.call(details.children, function (c) { return c.textContent; }) : [];
     name = name ? name.textContent : a.getAttribute('href');
-    img.src = a.href; img.alt = name;
+    media(a, name);
     box.setAttribute('aria-label', name);
     text.textContent = [name].concat(details).join(' \\u00b7 ') +
       '  (' + (current + 1) + ' / ' + links.length + ')';
@@ -1918,9 +2034,12 @@ GALLERY_SCRIPT = """
       opener = a;
       box.removeAttribute('hidden'); behind(true); close.focus();
     }
-    new Image().src = links[(current + 1) % links.length].href;
+    var next = links[(current + 1) % links.length];
+    if (!next.classList.contains('v')) new Image().src = next.href;      // the next photo, preloaded
+    later();
   }
   function hide() {
+    slideshow(false); film.pause(); film.removeAttribute('src');
     box.setAttribute('hidden', ''); current = -1; img.removeAttribute('src'); behind(false);
     if (opener) opener.focus();
     opener = null;
@@ -1933,10 +2052,13 @@ GALLERY_SCRIPT = """
   });
   document.addEventListener('keydown', function (e) {
     if (current < 0) return;
-    if (e.key === 'Escape') hide();
+    var was = playing;
+    slideshow(false);                   // any key stops the slideshow; S starts it
+    if (e.key === 's' || e.key === 'S') { if (!was) slideshow(true); }
+    else if (e.key === 'Escape') hide();
     else if (e.key === 'ArrowRight') show(current + 1);
     else if (e.key === 'ArrowLeft') show(current - 1);
-    else if (e.key === 'Tab') {     // round the three buttons, never out of the dialog
+    else if (e.key === 'Tab') {     // round the buttons, never out of the dialog
       var at = buttons.indexOf(document.activeElement), n = buttons.length;
       if (at < 0) at = e.shiftKey ? 0 : n - 1;
       buttons[(at + (e.shiftKey ? n - 1 : 1)) % n].focus();
@@ -1944,8 +2066,19 @@ GALLERY_SCRIPT = """
     e.preventDefault();
   });
   box.addEventListener('click', function (e) { if (e.target === box) hide(); });
-  box.addEventListener('touchstart', function (e) { x0 = e.changedTouches[0].clientX; }, {passive: true});
+  box.addEventListener('touchstart', function (e) {
+    slideshow(false);
+    if (e.touches.length === 2 && !img.hidden) {          // a pinch, about the point between the fingers
+      var r = img.getBoundingClientRect(), t = e.touches;
+      var at = ((t[0].clientX + t[1].clientX) / 2 - r.left) / zoom + 'px ' + ((t[0].clientY + t[1].clientY) / 2 - r.top) / zoom + 'px';
+      pinch = {d: spread(t), z: zoom, at: zoom > 1 ? null : at}; x0 = null;
+    } else if (zoom === 1) x0 = e.changedTouches[0].clientX;
+  }, {passive: true});
+  box.addEventListener('touchmove', function (e) {
+    if (pinch && e.touches.length === 2) zoomTo(pinch.z * spread(e.touches) / pinch.d, pinch.at);
+  }, {passive: true});
   box.addEventListener('touchend', function (e) {
+    if (e.touches.length < 2) pinch = null;
     if (x0 === null) return;
     var dx = e.changedTouches[0].clientX - x0;
     x0 = null;
@@ -1966,12 +2099,12 @@ ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);backgr
 # computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of RSS each);
 # test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
 # Change a style or the script, and its hash changes with it.
-GALLERY_STYLE_HASH = "'sha256-q1gO3AzAyskU3oaLAXcHjq/Nb5D4os/3u8c6u8muHOc='"
-GALLERY_SCRIPT_HASH = "'sha256-VxDOGPg+e47TfXRLIHUx0UgPQpcb9XlFlrYEaQhRglA='"
+GALLERY_STYLE_HASH = "'sha256-9NiWLBNFJrMjYgJ2mblhldJ9JrGN2dmLdo4t8uxAs2g='"
+GALLERY_SCRIPT_HASH = "'sha256-0iGQzCGFdH3Ml9bua7c9o61cwBEG/AyTNgg392TtL7o='"
 ERROR_STYLE_HASH = "'sha256-buOwst//26JaixQPUJUoCDOZwIxWcGkdsi6ZFKF8q5g='"
 # The gallery's policy: nothing but its inline style and script (by hash, so a cached page
-# stays valid), images from this server, and no way to load or send anything elsewhere.
-GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "
+# stays valid), images and videos from this server, and no way to load or send anything elsewhere.
+GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; media-src 'self'; style-src %s; script-src %s; "
                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
                % (GALLERY_STYLE_HASH, GALLERY_SCRIPT_HASH))
 # The policy of every other page (errors, redirects, the HTTPS port's 400): its inline style
@@ -2055,7 +2188,7 @@ def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_o
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 4             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 5             # part of every page's ETag: change it when the markup changes
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
@@ -2199,18 +2332,20 @@ class GalleryCatalog:
     """Every listed entry of a directory in natural order, folders first, and the counts: what
     its pages are cut from."""
 
-    def __init__(self, entries, dirs, images, files, unlisted):
+    def __init__(self, entries, dirs, images, files, unlisted, videos=0):
         self.entries = entries
         self.dirs, self.images, self.files, self.unlisted = dirs, images, files, unlisted
+        self.videos = videos
 
 
 class GalleryListing:
     """One page of a directory: its entries in order, and counts over all pages."""
 
-    def __init__(self, entries, sort, page, pages, dirs, images, files, unlisted):
+    def __init__(self, entries, sort, page, pages, dirs, images, files, unlisted, videos=0):
         self.entries = entries
         self.sort, self.page, self.pages = sort, page, pages
         self.dirs, self.images, self.files, self.unlisted = dirs, images, files, unlisted
+        self.videos = videos
 
 
 def gallery_room(url_path, path, max_header_size):
@@ -2240,7 +2375,7 @@ def gallery_catalog(entries, room=None):
     The catalog's entries are (natural_key, name, is_dir, stat, kind) tuples, sorted as they
     are: the keys are unique strings, so the sort compares strings only (10,000 names: 2-3 ms)."""
     dirs, others = [], []
-    unlisted = images = 0
+    unlisted = images = videos = 0
     keys, grid = _NATURAL, GRID_SUFFIXES
     for name, is_dir, st in entries:
         if isinstance(name, bytes):
@@ -2258,29 +2393,36 @@ def gallery_catalog(entries, room=None):
             if dot > 0 and name[dot:].lower() in grid:
                 images += 1
                 others.append((key, name, False, st, 'image'))
+            elif dot > 0 and name[dot:].lower() in VIDEO_SUFFIXES:
+                videos += 1
+                others.append((key, name, False, st, 'video'))
             else:
                 others.append((key, name, False, st, 'file'))
     dirs.sort()
     others.sort()
-    return GalleryCatalog(dirs + others, len(dirs), images, len(others) - images, unlisted)
+    return GalleryCatalog(dirs + others, len(dirs), images, len(others) - images - videos, unlisted, videos)
 
 
-def gallery_listing(catalog, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
+def gallery_listing(catalog, sort='name', page=1, page_size=GALLERY_PAGE_SIZE, dates=None):
     """One page of a GalleryCatalog (or of the triples gallery_catalog takes), sorted (folders
     first), cut to a page (a page past the last is the last).  By date or size every entry
-    needs its stat; the sort is stable, so ties stay in natural order."""
+    needs its stat; by date, a photo or video is placed by the date it was taken, if dates
+    ({name: seconds}: ImageInfoCache.dates) has it, else by its mtime; the sort is stable, so
+    ties stay in natural order."""
     if not isinstance(catalog, GalleryCatalog):
         catalog = gallery_catalog(catalog)
     listed = catalog.entries
     if sort == 'date':
-        listed = sorted(listed, key=lambda e: (not e[2], -(e[3].st_mtime_ns if e[3] else 0)))
+        dates = dates or {}
+        listed = sorted(listed, key=lambda e: (not e[2], -dates.get(e[1], e[3].st_mtime if e[3] else 0)))
     elif sort == 'size':
         listed = sorted(listed, key=lambda e: (not e[2], 0 if e[2] or e[3] is None else -e[3].st_size))
     pages = max(1, -(-len(listed) // page_size))
     page = min(max(page, 1), pages)
     shown = [GalleryEntry(name, is_dir, st, kind)
              for _, name, is_dir, st, kind in listed[(page - 1) * page_size:page * page_size]]
-    return GalleryListing(shown, sort, page, pages, catalog.dirs, catalog.images, catalog.files, catalog.unlisted)
+    return GalleryListing(shown, sort, page, pages, catalog.dirs, catalog.images, catalog.files, catalog.unlisted,
+                          catalog.videos)
 
 
 def gallery_etag(dir_st, url_path, listing, fmt):
@@ -2288,7 +2430,7 @@ def gallery_etag(dir_st, url_path, listing, fmt):
     the counts, and each shown entry's name and (dev, ino, size, mtime, ctime).  Image sizes
     come from the files, whose ctime changes with any write, so they need not be read."""
     parts = [repr((GALLERY_VERSION, fmt, url_path, listing.sort, listing.page, listing.pages,
-                   listing.dirs, listing.images, listing.files, listing.unlisted,
+                   listing.dirs, listing.images, listing.files, listing.unlisted, listing.videos,
                    (dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)))
              .encode('utf-8', 'surrogateescape')]
     for e in listing.entries:
@@ -2338,6 +2480,39 @@ def time_element(timestamp):
             % (day, minute, t.tm_sec, day, minute))
 
 
+def taken_element(taken):
+    """A date taken (taken_value()) as <time>, as time_element writes an mtime: its datetime,
+    with its zone (Z or an offset: the page's script shows it in the visitor's zone) or none
+    (a camera's clock, which the script shows as written), and the text as written."""
+    iso = taken[1]
+    return ('<time datetime="%s"><span>%s</span> <span>%s</span></time>' % (iso, iso[:10], iso[11:16]))
+
+
+def duration_text(seconds):
+    """A video's length as a player shows it: 0:07, 12:34, 1:02:03."""
+    whole = int(seconds + 0.5)
+    hours, rest = divmod(whole, 3600)
+    return ('%d:%02d:%02d' % (hours, rest // 60, rest % 60)) if hours else '%d:%02d' % divmod(rest, 60)
+
+
+def video_tile(e, info, taken):
+    """One video of the grid: a <video> that loads its metadata (the first frame, the length)
+    only as it nears the screen (data-src, set by the page's script as for photos; a <video>
+    has no loading="lazy"), in a link that the lightbox plays."""
+    name, href = escape_html(e.name), escape_html(urllib.parse.quote(e.name))
+    width, height = info.shown_size() if info is not None else (None, None)
+    size = ' width="%d" height="%d"' % (width, height) if width else ''
+    details = ['%d \u00d7 %d' % (width, height)] if width else []
+    if info is not None and info.duration is not None:
+        details.insert(0, duration_text(info.duration))
+    details.append(human_size(e.st.st_size))
+    return ('<figure><a class="g v" href="%s" aria-label="%s"><video data-src="%s"%s preload="metadata" muted '
+            'playsinline></video><noscript><video src="%s"%s preload="metadata" controls></video></noscript></a>'
+            '<figcaption><strong>%s</strong><small>%s %s</small></figcaption></figure>\n'
+            % (href, name, href, size, href, size, name,
+               ' \u00b7 '.join('<span>%s</span>' % d for d in details), taken_element(taken)))
+
+
 def gallery_thumbnail(name, info):
     """(src, width, height) of an image's grid picture: its embedded thumbnail if it has one."""
     href = urllib.parse.quote(name)
@@ -2371,7 +2546,7 @@ def gallery_tile(e, info):
     details.append(human_size(e.st.st_size))
     return ('<figure>%s%s</a><figcaption><strong>%s</strong><small>%s %s</small>'
             '</figcaption></figure>\n' % (link, picture, name, ' \u00b7 '.join('<span>%s</span>' % d for d in details),
-                                          time_element(e.st.st_mtime)))
+                                          taken_element(entry_taken(e.name, e.st, info))))
 
 
 def gallery_pages(listing, label='Pages'):
@@ -2399,8 +2574,8 @@ def gallery_header(crumbs, listing):
         heading.append('<span>/</span>' + ('<a href="%s">%s</a>' % (href, escape_html(part))
                                            if i < len(crumbs) - 1 else escape_html(part)))
     counts = []
-    for number, one, many in ((listing.images, 'image', 'images'), (listing.dirs, 'folder', 'folders'),
-                              (listing.files, 'file', 'files')):
+    for number, one, many in ((listing.images, 'image', 'images'), (listing.videos, 'video', 'videos'),
+                              (listing.dirs, 'folder', 'folders'), (listing.files, 'file', 'files')):
         if number:
             counts.append('%d %s' % (number, one if number == 1 else many))
     if listing.pages > 1:
@@ -2411,20 +2586,31 @@ def gallery_header(crumbs, listing):
             '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts))
 
 
-def gallery_entries(entries, infos):
-    """The entries of a page, each kind in its block: folders as a list of links, images as the
-    grid (<main>, which the page's script looks in), other files as a table."""
+def folder_link(name, cover):
+    """A folder's link in the list of folders: with its cover (FolderCovers), a picture above
+    its name (no alt text: the name is the link's text)."""
+    href = escape_html(urllib.parse.quote(name))
+    if cover is None:
+        return '<li><a href="%s/">%s</a></li>' % (href, escape_html(name))
+    return ('<li><a class="cover" href="%s/"><img src="%s" alt="" loading="lazy" decoding="async">%s</a></li>'
+            % (href, escape_html(cover), escape_html(name)))
+
+
+def gallery_entries(entries, infos, covers=None):
+    """The entries of a page, each kind in its block: folders as a list of links (with their
+    covers: {name: link}), photos and videos as the grid (<main>, which the page's script looks
+    in), other files as a table."""
     out = []
+    covers = covers or {}
     dirs = [e for e in entries if e.kind == 'dir']
-    images = [e for e in entries if e.kind == 'image']
+    grid = [e for e in entries if e.kind in ('image', 'video')]
     files = [e for e in entries if e.kind == 'file']
     if dirs:
-        out.append('<ul class="dirs">%s</ul>\n' % ''.join(
-            '<li><a href="%s/">%s</a></li>' % (escape_html(urllib.parse.quote(e.name)), escape_html(e.name))
-            for e in dirs))
-    if images:
+        out.append('<ul class="dirs">%s</ul>\n' % ''.join(folder_link(e.name, covers.get(e.name)) for e in dirs))
+    if grid:
         out.append('<main class="grid">\n')
-        out.extend(gallery_tile(e, infos.get(e.name)) for e in images)
+        out.extend(gallery_tile(e, infos.get(e.name)) if e.kind == 'image' else
+                   video_tile(e, infos.get(e.name), entry_taken(e.name, e.st, infos.get(e.name))) for e in grid)
         out.append('</main>\n')
     if files:
         out.append('<table>%s</table>\n' % ''.join(
@@ -2434,16 +2620,17 @@ def gallery_entries(entries, infos):
     return ''.join(out)
 
 
-def gallery_page(url_path, listing, infos=None):
+def gallery_page(url_path, listing, infos=None, covers=None):
     """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
-    without sizes).  Every name is HTML-escaped in text and URL-quoted in links."""
+    without sizes), covers folders' names to their covers' links.  Every name is HTML-escaped
+    in text and URL-quoted in links."""
     crumbs = [p for p in url_path.split('/') if p]
     title = escape_html(crumbs[-1] if crumbs else 'Home')
     out = [gallery_header(crumbs, listing)]
     if listing.pages > 1:
         title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
         out.append(gallery_pages(listing))
-    out.append(gallery_entries(listing.entries, infos or {}))
+    out.append(gallery_entries(listing.entries, infos or {}, covers))
     if listing.pages > 1:
         out.append(gallery_pages(listing, 'Pages, again'))
     notes = ['<span id="tz">Times in UTC.</span>']
@@ -2455,11 +2642,12 @@ def gallery_page(url_path, listing, infos=None):
     return html_page(title, GALLERY_STYLE, ''.join(out))
 
 
-def gallery_json(url_path, listing, infos=None):
+def gallery_json(url_path, listing, infos=None, covers=None):
     """The same listing for scripts: name, url, type, size, mtime, width, height, thumbnail;
+    a photo's or video's taken (ISO 8601), a video's duration (seconds), a folder's cover;
     prev and next, the pages around it (as JSON).  An entry's url is its address relative to
     the listing (a script joins it to the folder's path), whatever the format."""
-    infos = infos or {}
+    infos, covers = infos or {}, covers or {}
     entries = []
     for e in listing.entries:
         href = urllib.parse.quote(e.name) + ('/' if e.is_dir else '')
@@ -2469,9 +2657,17 @@ def gallery_json(url_path, listing, infos=None):
         if e.kind == 'image':
             src, item['width'], item['height'] = gallery_thumbnail(e.name, infos.get(e.name))
             item['thumbnail'] = src if src.endswith('?thumb') else None
+        if e.kind in ('image', 'video'):
+            item['taken'] = entry_taken(e.name, e.st, infos.get(e.name))[1]
+        if e.kind == 'video':
+            info = infos.get(e.name) or ImageInfo('video')
+            item['width'], item['height'] = info.shown_size()
+            item['duration'] = info.duration
+        elif e.is_dir:
+            item['cover'] = covers.get(e.name)
         entries.append(item)
     document = {'path': url_path, 'sort': listing.sort, 'page': listing.page, 'pages': listing.pages,
-                'folders': listing.dirs, 'images': listing.images, 'files': listing.files,
+                'folders': listing.dirs, 'images': listing.images, 'videos': listing.videos, 'files': listing.files,
                 'unlisted': listing.unlisted, 'entries': entries}
     if listing.page > 1:
         document['prev'] = gallery_href(listing.sort, listing.page - 1, 'json')
@@ -2517,8 +2713,10 @@ class Cache:
                         stat() of the path shows the same file (FileCache.current); small
                         files' content too, while bodies take BODY_BUDGET at most
       Responder.paths   a request target's mapping (map_target), PATH_CACHE_SIZE; pure
-      Responder.images  ImageInfoCache: image headers, IMAGE_INFO_CACHE, keyed by the file's
-                        (dev, ino, mtime, ctime), so a changed file has a new key
+      Responder.images  ImageInfoCache: image and video headers, IMAGE_INFO_CACHE, keyed by
+                        the file's (dev, ino, mtime, ctime), so a changed file has a new key
+      Responder.covers  FolderCovers: a folder's cover photo, COVER_CACHE, keyed by the
+                        folder's stamps, CATALOG_TTL at most
       Responder.pages   gallery pages and directory catalogs, PAGE_CACHE_ENTRIES and
                         PAGE_CACHE_BYTES, keyed by the directory's stamps and stored with the
                         time they serve until (PAGE_TTL, CATALOG_TTL: until())
@@ -3582,6 +3780,7 @@ class Responder:
         # Its caches (Cache lists them all, with their bounds):
         self.files = FileCache()
         self.images = ImageInfoCache()
+        self.covers = FolderCovers(own_files, self.images, self.check_confined)
         self.pages = Cache(PAGE_CACHE_ENTRIES, PAGE_CACHE_BYTES)
         self.paths = Cache(PATH_CACHE_SIZE)     # target -> (path, relative, trailing, slash, query)
         self.file_error_logged = -1.0
@@ -3914,7 +4113,7 @@ class Responder:
             return 304, response_head(304, self.clock.date, validators, keep_alive, req.version,
                                       self.common_headers)
         if page is None:
-            page = self.gallery_body(path, url_path, listing, fmt, etag)
+            page = self.gallery_body(fd, path, url_path, listing, fmt, etag)
             self.pages.store(key, (self.clock.now + PAGE_TTL, page), len(page[2]))
         head = response_head(200, self.clock.date, page[1], keep_alive, req.version, self.common_headers)
         return 200, head, b'' if req.method == b'HEAD' else page[2]
@@ -3923,10 +4122,13 @@ class Responder:
         """The GalleryListing of one page of the directory open at fd: the entries shown are
         stat()ed (all of them to sort by date or size)."""
         catalog = self.catalog(fd, path, url_path, dir_st)
+        dates = None
         if sort != 'name':                 # every entry's stat, in the catalog's order
             catalog = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
-                                     catalog.images, catalog.files, catalog.unlisted)
-        listing = gallery_listing(catalog, sort, number or 1)
+                                     catalog.images, catalog.files, catalog.unlisted, catalog.videos)
+        if sort == 'date':                 # and every photo's date taken (its headers, cached)
+            dates = self.images.dates(path, catalog.entries, self.open_checked)
+        listing = gallery_listing(catalog, sort, number or 1, dates=dates)
         if listing.page != number:
             raise HTTPError(404)            # no such page (gallery_options)
         listing.entries = [GalleryEntry(*e[1:]) for e in self.stat_entries(
@@ -3947,18 +4149,20 @@ class Responder:
                              CATALOG_ENTRY_BYTES * len(catalog.entries))
         return catalog
 
-    def gallery_body(self, path, url_path, listing, fmt, etag):
+    def gallery_body(self, fd, path, url_path, listing, fmt, etag):
         """(etag, the 200's fields, body) of a listing: what the page cache keeps."""
         validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
-        infos = {}
+        infos, covers = {}, {}
         for e in listing.entries:
-            if e.kind == 'image':
+            if e.kind in ('image', 'video'):
                 infos[e.name] = self.images.get(path + '/' + e.name, e.st, e.name, opener=self.open_checked)
+            elif e.is_dir and e.st is not None:
+                covers[e.name] = self.covers.get(fd, path, e.name, e.st, self.clock.now, self.open_checked)
         if fmt == 'json':
-            body = gallery_json(url_path, listing, infos)
+            body = gallery_json(url_path, listing, infos, covers)
             fields = b'Content-Type: application/json\r\nContent-Length: %d\r\n' % len(body) + validators
         else:
-            body = gallery_page(url_path, listing, infos)
+            body = gallery_page(url_path, listing, infos, covers)
             fields = html_fields(len(body), GALLERY_CSP.encode('ascii')) + validators
         return etag, fields, body
 
