@@ -46,11 +46,13 @@ smoke:
 	pid=; echo "smoke: served, compared, stopped: ok"
 
 # bench/flood.py: one client's p99 while others flood pipelined gallery requests, beside nginx.
+# bench/album.py: the gallery page of a 300-photo folder with dates taken, by name and by date.
 bench:
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/resolve.py
 	$(PYTHON) bench/flood.py
 	$(PYTHON) bench/parsers.py
+	$(PYTHON) bench/album.py
 
 # Request fuzzing: 200k cases against the parser in-process, 500k against the image parsers,
 # then 20000 over the network to a running agent, then 100 packets of 300 pipelined requests

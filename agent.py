@@ -1571,8 +1571,8 @@ class FolderCovers:
             with os.scandir(fd) as it:
                 for _, item in zip(range(COVER_LOOK), it):
                     dot = item.name.rfind('.')
-                    if dot > 0 and item.name[dot:].lower() in GRID_SUFFIXES and linkable(item.name) \
-                            and item.is_file(follow_symlinks=False):
+                    if dot > 0 and item.name[dot:].lower() in GRID_SUFFIXES and not item.name.startswith('.') \
+                            and linkable(item.name) and item.is_file(follow_symlinks=False):
                         names.append(item.name)
             for photo in sorted(names, key=natural_key):
                 photo_st = os.stat(photo, dir_fd=fd, follow_symlinks=False)

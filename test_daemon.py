@@ -16,6 +16,7 @@ Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.p
   tests_server.py          agent.py's HTTP rules over loopback
   tests_edges.py           agent.py at the edges
   tests_gallery.py         Images and the gallery
+  tests_album.py           The album (issue 22): dates taken, videos' headers, covers
   tests_tls.py             HTTPS (--tls-cert/--tls-key)
   tests_tools.py           The ecosystem, each tool run for real (skipped, naming it, when missing)
   tests_architecture.py    The shape issue 20 asks of the product, as tests
@@ -56,6 +57,7 @@ from tests_edges import (
 from tests_gallery import (
     ImageHeaderTests, GalleryPureTests, GalleryNamesServerTests, GalleryServerTests,
     GalleryValidatorServerTests, ErrorPageServerTests, HtmlPagePolicyTests, GalleryInProcessTests)  # noqa: F401
+from tests_album import AlbumDateTests, VideoHeaderTests, AlbumServerTests  # noqa: F401
 from tests_tls import (
     TLSFixtureTests, TLSServerTests, ClientHelloAlpnTests, TLSOwnAgentTests,
     TLSRedirectLocationTests, TLSPlainHTTPLineTests, TLSStartAndReloadTests)  # noqa: F401

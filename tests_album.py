@@ -19,7 +19,7 @@ from unittest import mock
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import FIXED_MTIME, SharedAgentTestCase, write_file
 import agent
-from samples import camera_jpeg, dated_jpeg, sample_jpeg, sample_png
+from samples import box, camera_jpeg, dated_jpeg, mvhd, sample_jpeg, sample_png, tkhd, webm
 
 
 def make_video(testcase, directory, name, *options, size='320x240', seconds='2.5'):
@@ -31,39 +31,6 @@ def make_video(testcase, directory, name, *options, size='320x240', seconds='2.5
                     'testsrc=size=%s:rate=10' % size] + list(options) + ['-t', seconds, path],
                    check=True, timeout=60)
     return path
-
-
-def box(kind, body):
-    return struct.pack('>I', 8 + len(body)) + kind + body
-
-
-def mvhd(timescale, duration, created=0, version=0):
-    if version == 1:
-        return box(b'mvhd', b'\x01\x00\x00\x00' + struct.pack('>QQIQ', created, created, timescale, duration)
-                   + bytes(80))
-    return box(b'mvhd', b'\x00\x00\x00\x00' + struct.pack('>IIII', created, created, timescale, duration)
-               + bytes(80))
-
-
-def tkhd(width, height, matrix=(0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)):
-    body = b'\x00\x00\x00\x07' + bytes(20) + bytes(8) + bytes(8) + struct.pack('>9I', *[m & 0xFFFFFFFF for m in matrix])
-    return box(b'tkhd', body + struct.pack('>II', width << 16, height << 16))
-
-
-def ebml(ident, body, size=None):
-    """An EBML element: ident (bytes, marker kept), its size as 8 bytes (0x01 + 7), its body."""
-    size = len(body) if size is None else size
-    return ident + bytes([0x01]) + size.to_bytes(7, 'big') + body
-
-
-def webm(width, height, duration_ms, scale=1000000):
-    info = ebml(b'\x2a\xd7\xb1', scale.to_bytes(3, 'big')) + ebml(b'\x44\x89', struct.pack('>d', duration_ms))
-    video = ebml(b'\xb0', width.to_bytes(2, 'big')) + ebml(b'\xba', height.to_bytes(2, 'big'))
-    audio = ebml(b'\xae', ebml(b'\x83', b'\x02') + ebml(b'\xe1', b''))
-    track = ebml(b'\xae', ebml(b'\x83', b'\x01') + ebml(b'\xe0', video))
-    segment = ebml(b'\x15\x49\xa9\x66', info) + ebml(b'\x16\x54\xae\x6b', audio + track) + \
-        ebml(b'\x1f\x43\xb6\x75', b'\x00' * 32)
-    return ebml(b'\x1a\x45\xdf\xa3', ebml(b'\x42\x82', b'webm')) + ebml(b'\x18\x53\x80\x67', segment)
 
 
 class AlbumDateTests(unittest.TestCase):
