@@ -9,7 +9,8 @@ checks, runs and keeps in memory (code_image) exactly these two files, with noth
 Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banners):
     Defaults and limits
     HTTP: pure logic (find_head_end, parse_request, response_head, ranges, dates, paths)
-    Images: dimensions and embedded thumbnails
+    Images: dimensions and embedded thumbnails (and the date taken)
+    Videos: size and length from the container's header (MP4/QuickTime, WebM)
     Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
     Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles)
     A connection (its states: READING, SENDING, LINGERING)     HTTPS: TLSConnection, tls_context
@@ -143,9 +144,10 @@ comes; every other response has Date, Server, Content-Length, Content-Type).  Ou
 descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 (--max-age; see DEFAULT_MAX_AGE for why); .svgz is sent with Content-Encoding: gzip.
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
-?page=N (404 for a page that does not exist), ?sort=name|date|size, ?format=json or Accept:
-application/json; a weak ETag; 403 with --no-listing).  `image.jpg?thumb` is the EXIF thumbnail
-embedded in a JPEG (404 if none).
+?page=N (404 for a page that does not exist), ?sort=name|date|size (date: the date taken, see
+entry_taken), ?format=json or Accept: application/json; a weak ETag; 403 with --no-listing);
+videos are tiles, folders have covers (docs/gallery.md).  `image.jpg?thumb` is the EXIF
+thumbnail embedded in a JPEG (404 if none).
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
