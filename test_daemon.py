@@ -57,7 +57,7 @@ from tests_edges import (
 from tests_gallery import (
     ImageHeaderTests, GalleryPureTests, GalleryNamesServerTests, GalleryServerTests,
     GalleryValidatorServerTests, ErrorPageServerTests, HtmlPagePolicyTests, GalleryInProcessTests)  # noqa: F401
-from tests_album import AlbumDateTests, VideoHeaderTests, AlbumServerTests  # noqa: F401
+from tests_album import AlbumDateTests, VideoHeaderTests, AlbumServerTests, AlbumInProcessTests  # noqa: F401
 from tests_tls import (
     TLSFixtureTests, TLSServerTests, ClientHelloAlpnTests, TLSOwnAgentTests,
     TLSRedirectLocationTests, TLSPlainHTTPLineTests, TLSStartAndReloadTests)  # noqa: F401

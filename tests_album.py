@@ -13,11 +13,12 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 import unittest
 from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
-from testlib import FIXED_MTIME, SharedAgentTestCase, write_file
+from testlib import FIXED_MTIME, PageCapture, SharedAgentTestCase, edge_worker, write_file
 import agent
 from samples import box, camera_jpeg, dated_jpeg, mvhd, sample_jpeg, sample_png, tkhd, webm
 
@@ -304,3 +305,76 @@ class AlbumServerTests(SharedAgentTestCase):
         self.assertIn('width="160" height="90"', tile.group())
         self.assertIn("media-src 'self'", self.get('/album/').headers['content-security-policy'])
         self.assertIn('2 videos', page)
+
+
+class AlbumInProcessTests(unittest.TestCase):
+    """A worker in this process: the dates that ?sort=date orders by are kept with the catalog,
+    and a folder's cover is looked for once, each read bounded."""
+
+    def setUp(self):
+        self.worker, self.root = edge_worker(self)
+        self.responder = self.worker.responder
+        dated_tree(self.root)
+        self.later = 0.0
+
+    def page(self, target):
+        conn = PageCapture()
+        self.worker.clock.read()
+        self.worker.clock.wall = int(time.time()) + 60      # the folder's last change long past
+        self.worker.clock.now += self.later
+        conn.start_response(*self.responder.respond(agent.parse_request(
+            b'GET %s HTTP/1.1\r\nHost: x\r\n\r\n' % target.encode())[0]))
+        self.assertEqual(conn.status, 200, conn.head)
+        return conn.body.decode()
+
+    def test_dates_are_kept_with_the_catalog(self):
+        with mock.patch.object(self.responder.images, 'dates', wraps=self.responder.images.dates) as dates:
+            first = self.page('/album/?sort=date')
+            self.later = agent.PAGE_TTL + 0.5                   # the page is built again...
+            self.assertEqual(self.page('/album/?sort=date'), first)
+        self.assertEqual(dates.call_count, 1)                   # ...from the dates kept
+        self.later = agent.CATALOG_TTL + 1
+        with mock.patch.object(self.responder.images, 'dates', wraps=self.responder.images.dates) as dates:
+            self.page('/album/?sort=date')
+        self.assertEqual(dates.call_count, 1)                   # and read again with the catalog
+
+    def test_a_cover_is_a_bounded_look_made_once(self):
+        for i in range(agent.COVER_LOOK * 3):
+            write_file(self.root, 'album/big/note%03d.txt' % i, b'x')
+        looked = []
+        real = os.scandir
+
+        def counting(fd):
+            it = real(fd)
+            looked.append(fd)
+            return it
+        with mock.patch.object(agent.os, 'scandir', counting):
+            page = self.page('/album/')
+            self.later = agent.PAGE_TTL + 0.5
+            self.assertEqual(self.page('/album/'), page)
+        self.assertEqual(len(looked), 1 + 4)       # the folder, then each subfolder once
+        self.assertIn('<a href="big/">big</a>', page)     # 96 notes: no photo among the first 32
+        entries = []
+        with mock.patch.object(agent, 'COVER_LOOK', 2):
+            cover = agent.FolderCovers(self.responder.own_files, self.responder.images, self.responder.check_confined)
+            fd = os.open(os.path.join(self.root, 'album'), os.O_RDONLY | os.O_DIRECTORY)
+            self.addCleanup(os.close, fd)
+            st = os.stat(os.path.join(self.root, 'album', 'big'))
+            with mock.patch.object(agent.os, 'scandir', lambda d: entries.append(d) or real(d)):
+                self.assertIsNone(cover.get(fd, os.path.join(self.root, 'album'), 'big', st, 0.0,
+                                            self.responder.open_checked))
+        self.assertEqual(len(entries), 1)
+
+    def test_a_cover_outside_the_root_is_never_looked_at(self):
+        outside = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, outside)
+        write_file(outside, 'secret.jpg', sample_jpeg(8, 8))
+        os.symlink(outside, os.path.join(self.root, 'album', 'away'))
+        page = self.page('/album/')
+        self.assertNotIn('away', page)              # a symlink out of the root is not listed at all
+        # Listed or not, the look itself refuses it: opened, checked to be inside the root.
+        covers = agent.FolderCovers(self.responder.own_files, self.responder.images, self.responder.check_confined)
+        fd = os.open(os.path.join(self.root, 'album'), os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, fd)
+        self.assertIsNone(covers.look(fd, os.path.join(self.root, 'album', 'away'), 'away'))
+        self.assertEqual(covers.look(fd, os.path.join(self.root, 'album', 'trip'), 'trip')[0], 'IMG_0001.jpg')
