@@ -2509,7 +2509,7 @@ def video_tile(e, info, taken):
         details.insert(0, duration_text(info.duration))
     details.append(human_size(e.st.st_size))
     return ('<figure><a class="g v" href="%s" aria-label="%s"><video data-src="%s"%s preload="metadata" muted '
-            'playsinline></video><noscript><video src="%s"%s preload="metadata" controls></video></noscript></a>'
+            'playsinline></video><noscript><video src="%s"%s preload="metadata" muted></video></noscript></a>'
             '<figcaption><strong>%s</strong><small>%s %s</small></figcaption></figure>\n'
             % (href, name, href, size, href, size, name,
                ' \u00b7 '.join('<span>%s</span>' % d for d in details), taken_element(taken)))
@@ -2697,6 +2697,11 @@ PAGE_CACHE_BYTES = 4 << 20      # bytes of their bodies per worker (a 200-entry 
 # lives PAGE_TTL.  (A symlinked entry's size and date are its target's at the scan.)
 CATALOG_TTL = 10.0
 CATALOG_ENTRY_BYTES = 200       # what one entry of a catalog costs, counted in PAGE_CACHE_BYTES
+# The dates taken of a folder's photos (ImageInfoCache.dates), by which ?sort=date orders them,
+# are kept with the catalog, CATALOG_TTL at most: each is a header read (cached, but a folder of
+# more than IMAGE_INFO_CACHE photos would read them all again at every page built).  A photo
+# rewritten in place with another date moves within CATALOG_TTL.
+DATE_ENTRY_BYTES = 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4128,8 +4133,12 @@ class Responder:
         if sort != 'name':                 # every entry's stat, in the catalog's order
             catalog = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
                                      catalog.images, catalog.files, catalog.unlisted, catalog.videos)
-        if sort == 'date':                 # and every photo's date taken (its headers, cached)
-            dates = self.images.dates(path, catalog.entries, self.open_checked)
+        if sort == 'date':                 # and every photo's date taken, kept as the catalog is
+            key = ('dates', path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)
+            dates = self.pages.until(key, self.clock.now)
+            if dates is None:
+                dates = self.images.dates(path, catalog.entries, self.open_checked)
+                self.pages.store(key, (self.clock.now + CATALOG_TTL, dates), DATE_ENTRY_BYTES * len(dates))
         listing = gallery_listing(catalog, sort, number or 1, dates=dates)
         if listing.page != number:
             raise HTTPError(404)            # no such page (gallery_options)
