@@ -713,6 +713,13 @@ class AlbumBrowserTests(unittest.TestCase):
                         ' box.dispatchEvent(new TouchEvent("touchstart", {changedTouches: [t], touches: [t],'
                         ' bubbles: true})); return true; })(document.getElementById("lb"))')
                 self.wait('document.querySelector("#lb .play").getAttribute("aria-pressed") === "false"')
+                # From the keyboard on its button: Enter starts it, and Enter stops it (the key
+                # stops it, and its click does not start it again).
+                self.js('document.querySelector("#lb .play").focus(), true')
+                self.driver.switch_to.active_element.send_keys(Keys.ENTER)
+                self.wait('document.querySelector("#lb .play").getAttribute("aria-pressed") === "true"')
+                self.driver.switch_to.active_element.send_keys(Keys.ENTER)
+                self.wait('document.querySelector("#lb .play").getAttribute("aria-pressed") === "false"')
                 self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
                 self.wait('document.getElementById("lb").hidden')
                 self.assert_clean_console()
