@@ -1487,8 +1487,8 @@ def read_image_info(fd, name):
 
 class ImageInfoCache:
     """ImageInfo by (dev, ino, mtime_ns, ctime_ns), of an image or a video (read_video_info):
-    a revisit reads no file again.  A file
-    changed in any way has a new ctime, so a new key; old keys age out (first in, first out)."""
+    a revisit reads no file again.  A file changed in any way has a new ctime, so a new key;
+    old keys age out (first in, first out)."""
 
     def __init__(self, size=IMAGE_INFO_CACHE):
         self.infos = Cache(size)
@@ -2056,7 +2056,8 @@ GALLERY_SCRIPT = """
     if (current < 0) return;
     var was = playing;
     slideshow(false);                   // any key stops the slideshow; S starts it
-    if (e.key === 's' || e.key === 'S') { if (!was) slideshow(true); }
+    if (was && e.target === play && (e.key === 'Enter' || e.key === ' ')) e.preventDefault();   // not again by click
+    else if (e.key === 's' || e.key === 'S') { if (!was) slideshow(true); }
     else if (e.key === 'Escape') hide();
     else if (e.key === 'ArrowRight') show(current + 1);
     else if (e.key === 'ArrowLeft') show(current - 1);
@@ -2102,7 +2103,7 @@ ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);backgr
 # test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
 # Change a style or the script, and its hash changes with it.
 GALLERY_STYLE_HASH = "'sha256-9NiWLBNFJrMjYgJ2mblhldJ9JrGN2dmLdo4t8uxAs2g='"
-GALLERY_SCRIPT_HASH = "'sha256-0iGQzCGFdH3Ml9bua7c9o61cwBEG/AyTNgg392TtL7o='"
+GALLERY_SCRIPT_HASH = "'sha256-QdmTQRi0M99TbV+5D8SOm9lBYvxB+wBunDMY377P3jk='"
 ERROR_STYLE_HASH = "'sha256-buOwst//26JaixQPUJUoCDOZwIxWcGkdsi6ZFKF8q5g='"
 # The gallery's policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images and videos from this server, and no way to load or send anything elsewhere.
