@@ -1914,7 +1914,7 @@ GALLERY_SCRIPT = """
   // A video's tile likewise: a <video> has no loading="lazy", and preload="metadata" asks for its
   // first frame and length at once.
   function load(img) { img.src = img.getAttribute('data-src'); img.removeAttribute('data-src'); }
-  var waiting = document.querySelectorAll('main [data-src]');
+  var waiting = document.querySelectorAll('main [data-src], .dirs [data-src]');
   if (window.IntersectionObserver) {
     var near = new IntersectionObserver(function (entries) {
       entries.forEach(function (e) {
@@ -1969,7 +1969,7 @@ GALLERY_SCRIPT = """
   var box = document.createElement('div'), img = new Image(), text = document.createElement('p');
   var film = document.createElement('video'), SLIDE = 3000, playing = false, timer = null;
   var current = -1, opener = null, x0 = null, buttons = [], zoom = 1, pinch = null;
-  film.controls = true; film.playsInline = true; film.hidden = true;
+  film.controls = true; film.playsInline = true; film.setAttribute('hidden', '');
   function button(cls, label, name, title, action) {
     var b = document.createElement('button');
     b.className = cls; b.textContent = label; b.title = title; b.type = 'button';
@@ -2001,7 +2001,7 @@ GALLERY_SCRIPT = """
   }
   function later() {      // the next slide once this photo has shown SLIDE ms (a video: as it ends)
     clearTimeout(timer);
-    if (playing && current >= 0 && film.hidden) timer = setTimeout(function () { show(current + 1); }, SLIDE);
+    if (playing && current >= 0 && film.hasAttribute('hidden')) timer = setTimeout(function () { show(current + 1); }, SLIDE);
   }
   film.addEventListener('ended', function () { if (playing) show(current + 1); });
   function zoomTo(z, origin) {
@@ -2013,7 +2013,7 @@ GALLERY_SCRIPT = """
   function media(a, name) {
     var video = a.classList.contains('v');
     film.pause(); zoomTo(1);
-    img.hidden = video; film.hidden = !video;
+    img.toggleAttribute('hidden', video); film.toggleAttribute('hidden', !video);
     if (video) {
       img.removeAttribute('src'); film.src = a.href; film.setAttribute('aria-label', name);
       var started = film.play();
@@ -2071,7 +2071,7 @@ GALLERY_SCRIPT = """
   box.addEventListener('click', function (e) { if (e.target === box) hide(); });
   box.addEventListener('touchstart', function (e) {
     slideshow(false);
-    if (e.touches.length === 2 && !img.hidden) {          // a pinch, about the point between the fingers
+    if (e.touches.length === 2 && !img.hasAttribute('hidden')) {          // a pinch, about the point between the fingers
       var r = img.getBoundingClientRect(), t = e.touches;
       var at = ((t[0].clientX + t[1].clientX) / 2 - r.left) / zoom + 'px ' + ((t[0].clientY + t[1].clientY) / 2 - r.top) / zoom + 'px';
       pinch = {d: spread(t), z: zoom, at: zoom > 1 ? null : at}; x0 = null;
@@ -2103,7 +2103,7 @@ ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);backgr
 # test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
 # Change a style or the script, and its hash changes with it.
 GALLERY_STYLE_HASH = "'sha256-9NiWLBNFJrMjYgJ2mblhldJ9JrGN2dmLdo4t8uxAs2g='"
-GALLERY_SCRIPT_HASH = "'sha256-QdmTQRi0M99TbV+5D8SOm9lBYvxB+wBunDMY377P3jk='"
+GALLERY_SCRIPT_HASH = "'sha256-r4/MSZTuMWk4cMgJIbx2i1giOYQRgrs0FvO9y6uJ2w8='"
 ERROR_STYLE_HASH = "'sha256-buOwst//26JaixQPUJUoCDOZwIxWcGkdsi6ZFKF8q5g='"
 # The gallery's policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images and videos from this server, and no way to load or send anything elsewhere.
@@ -2591,12 +2591,18 @@ def gallery_header(crumbs, listing):
 
 def folder_link(name, cover):
     """A folder's link in the list of folders: with its cover (FolderCovers), a picture above
-    its name (no alt text: the name is the link's text)."""
+    its name (no alt text: the name is the link's text).  An embedded thumbnail loads lazily;
+    a photo, as a grid's photo does (gallery_tile): by the script, as it nears the screen."""
     href = escape_html(urllib.parse.quote(name))
     if cover is None:
         return '<li><a href="%s/">%s</a></li>' % (href, escape_html(name))
-    return ('<li><a class="cover" href="%s/"><img src="%s" alt="" loading="lazy" decoding="async">%s</a></li>'
-            % (href, escape_html(cover), escape_html(name)))
+    src = escape_html(cover)
+    if cover.endswith('?thumb'):
+        picture = '<img src="%s" alt="" loading="lazy" decoding="async">' % src
+    else:
+        picture = ('<img data-src="%s" alt="" decoding="async"><noscript><img src="%s" alt="" loading="lazy" '
+                   'decoding="async"></noscript>' % (src, src))
+    return '<li><a class="cover" href="%s/">%s%s</a></li>' % (href, picture, escape_html(name))
 
 
 def gallery_entries(entries, infos, covers=None):
