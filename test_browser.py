@@ -646,6 +646,9 @@ def make_album(root):
     for trip, seed in (('Lake', 5), ('Mountains', 6)):
         os.makedirs(os.path.join(album, trip))
         samples.landscape_photo(os.path.join(album, trip, 'IMG_0001.jpg'), seed, size=(800, 600), thumb=(160, 120))
+    os.makedirs(os.path.join(album, 'Screens'))               # no embedded thumbnail: the photo
+    with open(os.path.join(album, 'Screens', 'shot.png'), 'wb') as f:
+        f.write(samples.sample_png(120, 90))
 
 
 class AlbumBrowserTests(unittest.TestCase):
@@ -745,9 +748,10 @@ class AlbumBrowserTests(unittest.TestCase):
                 self.viewport(width, height, mobile)
                 self.open('/album/')
                 covers = 'Array.from(document.querySelectorAll(".dirs a.cover img"))'
-                self.assertEqual(self.js(covers + '.map(i => i.getAttribute("src"))'),
-                                 ['Lake/IMG_0001.jpg?thumb', 'Mountains/IMG_0001.jpg?thumb'])
-                self.wait(covers + '.every(i => i.complete && i.naturalWidth === 160)')
+                self.wait(covers + '.every(i => i.complete && i.naturalWidth > 0)')      # the script's too
+                self.assertEqual(self.js(covers + '.map(i => i.getAttribute("src") + " " + i.naturalWidth)'),
+                                 ['Lake/IMG_0001.jpg?thumb 160', 'Mountains/IMG_0001.jpg?thumb 160',
+                                  'Screens/shot.png 120'])
                 box = self.js('document.querySelector(".dirs a.cover img").getBoundingClientRect().toJSON()')
                 self.assertGreater(box['width'], 100)
                 self.assertLessEqual(box['right'], width)
