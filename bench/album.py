@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import harness  # noqa: E402
 import samples  # noqa: E402
+from parsers import cpu_model  # noqa: E402
 
 agent = harness.import_agent()
 
@@ -79,17 +80,6 @@ def measure(port, path, accept, repeat):
         rebuilt.append(get(conn, path, accept)[1])
     conn.close()
     return len(body), first, statistics.median(rebuilt), statistics.median(cached)
-
-
-def cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return 'unknown CPU'
 
 
 def main(argv=None):
