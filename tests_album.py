@@ -243,6 +243,12 @@ class AlbumServerTests(SharedAgentTestCase):
     def make_files(cls):
         root = cls.server.root
         dated_tree(root)
+        # Videos whose headers lie: a moov claiming 4 GiB, an endless chain of tiny boxes, an
+        # EBML head of unknown sizes, a name that says video over a JPEG.
+        write_file(root, 'hostile/huge.mp4', box(b'ftyp', b'isom') + b'\xff\xff\xff\xffmoov' + mvhd(0, 5))
+        write_file(root, 'hostile/chain.mov', box(b'ftyp', b'qt  ') + box(b'free', b'') * 20000)
+        write_file(root, 'hostile/unknown.webm', b'\x1a\x45\xdf\xa3\x01' + b'\xff' * 40000)
+        write_file(root, 'hostile/photo.m4v', sample_jpeg(16, 16))
         cls.video = None
         if shutil.which('ffmpeg'):
             os.makedirs(os.path.join(root, 'album', 'clips'))
@@ -307,6 +313,19 @@ class AlbumServerTests(SharedAgentTestCase):
         self.assertIn('width="160" height="90"', tile.group())
         self.assertIn("media-src 'self'", self.get('/album/').headers['content-security-policy'])
         self.assertIn('2 videos', page)
+
+    def test_hostile_videos_are_tiles_with_nothing_known(self):
+        document = self.json('/hostile/?format=json')
+        self.assertEqual(document['videos'], 4)
+        for entry in document['entries']:
+            self.assertTrue(entry['type'].startswith('video/'), entry)
+            self.assertEqual((entry['width'], entry['height'], entry['duration']), (None, None, None), entry)
+            self.assertTrue(entry['taken'].endswith('Z'), entry)          # the mtime
+        page = self.get('/hostile/')
+        self.assertEqual(page.status, 200)
+        self.assertEqual(page.body.count(b'<figure><a class="g v"'), 4)
+        self.assertEqual(self.get('/hostile/huge.mp4?thumb').status, 404)
+        self.assertEqual(self.get('/hostile/huge.mp4').status, 200)
 
 
 class AlbumInProcessTests(unittest.TestCase):
