@@ -46,7 +46,7 @@ smoke:
 	pid=; echo "smoke: served, compared, stopped: ok"
 
 # bench/flood.py: one client's p99 while others flood pipelined gallery requests, beside nginx.
-# bench/zip.py: a folder as one zip (?download=zip) against its files one by one, one run.
+# bench/album.py: the gallery page of a 300-photo folder with dates taken, by name and by date.
 bench:
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/resolve.py
@@ -55,6 +55,7 @@ bench:
 	$(PYTHON) bench/location.py
 	$(PYTHON) bench/zip.py
 	$(PYTHON) bench/auth.py
+	$(PYTHON) bench/album.py
 
 # Request fuzzing: 200k cases against the parser in-process, 500k against the image parsers,
 # 5000 random folders against the zip writer,

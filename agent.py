@@ -9,7 +9,8 @@ checks, runs and keeps in memory (code_image) exactly these two files, with noth
 Sections of this file, in order (`grep -n '^# [A-Z]' agent.py` finds their banners):
     Defaults and limits
     HTTP: pure logic (find_head_end, parse_request, response_head, ranges, dates, paths)
-    Images: dimensions and embedded thumbnails
+    Images: dimensions and embedded thumbnails (and the date taken)
+    Videos: size and length from the container's header (MP4/QuickTime, WebM)
     Location: what a photo says of where it was taken, blanked in place (location_patches)
     Pages: the gallery and the error pages, their HTML, CSS and JS in one place (pure logic)
     Files and caches: what the workers keep (Cache, the one cache type; OpenFile, OwnFiles;
@@ -161,11 +162,12 @@ comes; every other response has Date, Server, Content-Length, Content-Type).  Ou
 descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 (--max-age; see DEFAULT_MAX_AGE for why); .svgz is sent with Content-Encoding: gzip.
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
-?page=N (404 for a page that does not exist), ?sort=name|date|size, ?format=json or Accept:
-application/json; a weak ETag; 403 with --no-listing).  `image.jpg?thumb` is the EXIF thumbnail
-embedded in a JPEG (404 if none; with --thumbnailer, one made by that program, and the original
-until it is made).  `FOLDER/?download=zip` is the folder as one stored zip, ranges and all
-(section Zip; --zip-max-files, --zip-max-bytes).  A JPEG, PNG or WebP is served without its
+?page=N (404 for a page that does not exist), ?sort=name|date|size (date: the date taken, see
+entry_taken), ?format=json or Accept: application/json; a weak ETag; 403 with --no-listing);
+videos are tiles, folders have covers (docs/gallery.md).  `image.jpg?thumb` is the EXIF
+thumbnail embedded in a JPEG (404 if none; with --thumbnailer, one made by that program, and the
+original until it is made).  `FOLDER/?download=zip` is the folder as one stored zip, ranges and
+all (section Zip; --zip-max-files, --zip-max-bytes).  A JPEG, PNG or WebP is served without its
 location (EXIF GPS, XMP and IPTC place names, blanked in place: same length, its own ETag;
 ?thumb and zip entries too), unless --keep-location: see the Location section.
 Limits (flags in parentheses):
@@ -308,7 +310,7 @@ CONTENT_TYPES = {
     '.html': 'text/html', '.htm': 'text/html', '.css': 'text/css', '.js': 'text/javascript',
     '.mjs': 'text/javascript', '.txt': 'text/plain', '.json': 'application/json',
     '.xml': 'application/xml', '.pdf': 'application/pdf', '.webm': 'video/webm',
-    '.mp4': 'video/mp4', '.wasm': 'application/wasm',
+    '.mp4': 'video/mp4', '.m4v': 'video/mp4', '.mov': 'video/quicktime', '.wasm': 'application/wasm',
 }
 IMAGE_SUFFIXES = frozenset(k for k, v in CONTENT_TYPES.items() if v.startswith('image/'))
 # Files stored compressed: sent as they are, with Content-Encoding, so the browser unpacks them.
@@ -1361,9 +1363,10 @@ SVG_LENGTH = re.compile(r'([0-9]{1,7}(?:\.[0-9]{0,6})?)\s*(px)?')      # fullmat
 
 class ImageInfo:
     """What the headers say: pixel size as shown (EXIF orientation applied), the orientation,
-    and where an embedded JPEG thumbnail lies in the file (offset, length), if anywhere."""
+    where an embedded JPEG thumbnail lies in the file (offset, length), if anywhere, and the
+    date taken (taken_value()); of a video (Videos), also its duration."""
 
-    __slots__ = ('kind', 'width', 'height', 'orientation', 'thumb', 'resume')
+    __slots__ = ('kind', 'width', 'height', 'orientation', 'thumb', 'resume', 'taken', 'duration')
 
     def __init__(self, kind):
         self.kind = kind
@@ -1371,6 +1374,8 @@ class ImageInfo:
         self.orientation = 1
         self.thumb = None
         self.resume = None      # JPEG: the file offset where the segment walk goes on
+        self.taken = None       # (seconds, ISO 8601): EXIF DateTimeOriginal, a video's creation
+        self.duration = None    # seconds: a video's (the Videos section)
 
     def size(self, width, height):
         if 0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION:
@@ -1469,7 +1474,8 @@ def scan_jpeg(info, data, base):
 
 
 def read_exif(info, data, tiff, end, base):
-    """EXIF (a TIFF structure at data[tiff:end]): IFD0's Orientation, IFD1's JPEG thumbnail."""
+    """EXIF (a TIFF structure at data[tiff:end]): IFD0's Orientation, the Exif IFD's date
+    taken (exif_taken), IFD1's JPEG thumbnail."""
     order = {b'II': '<', b'MM': '>'}.get(data[tiff:tiff + 2])
     if order is None or _u16(data, tiff + 2, order) != 42:
         return
@@ -1489,6 +1495,8 @@ def read_exif(info, data, tiff, end, base):
         if ifd == 0:
             if 1 <= fields.get(0x0112, 1) <= 8:
                 info.orientation = fields.get(0x0112, 1)
+            if 0x8769 in fields:                # the Exif IFD: the date taken
+                info.taken = exif_taken(data, tiff, end, order, fields[0x8769])
             next_at = start + 2 + 12 * count
             if next_at + 4 > end:
                 return
@@ -1501,6 +1509,81 @@ def read_exif(info, data, tiff, end, base):
     if where and length and ifd1.get(0x0103, 6) == 6 and tiff + where + length <= end \
             and data[tiff + where:tiff + where + 2] == b'\xff\xd8':
         info.thumb = (base + tiff + where, length)
+
+
+# The date taken (issue 22): EXIF DateTimeOriginal, with OffsetTimeOriginal when present (EXIF
+# 2.31; without it the time is the camera's clock, in a zone nobody wrote down), else a date in
+# the name as phones and screenshot tools write it (IMG_20240714_093000.jpg,
+# PXL_20240714_093000123.jpg, VID_20240714_093000.mp4, Screenshot_20240714-093000.png,
+# "Screenshot 2024-07-14 at 09.30.00.png"), else the file's mtime (which is the day of a copy).
+EXIF_DATE = re.compile(rb'([0-9]{4}):([0-9]{2}):([0-9]{2}) ([0-9]{2}):([0-9]{2}):([0-9]{2})')
+EXIF_OFFSET = re.compile(rb'([+-])([0-9]{2}):([0-9]{2})')
+NAME_DATE = re.compile(r'(?:IMG|VID|PXL|MVIMG|Screenshot)[_ -]?([0-9]{4})-?([0-9]{2})-?([0-9]{2})'
+                       r'[_ -](?:at )?([0-9]{2})[-.:]?([0-9]{2})[-.:]?([0-9]{2})', re.I)
+
+
+def wall_seconds(parts):
+    """A wall time (year, month, day, hour, minute, second), as ints or digit strings, read as
+    if it were UTC; None unless it is a real date of the years 1900-9999."""
+    year, month, day, hour, minute, second = (int(p) for p in parts)
+    if not (1900 <= year <= 9999 and 1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60
+            and second < 61):
+        return None
+    seconds = days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second
+    return seconds if time.gmtime(seconds)[2] == day else None        # no 31 June
+
+
+def taken_value(seconds, zone='Z', offset=0):
+    """A date taken: (seconds since the epoch, for sorting; ISO 8601 text).  seconds is a wall
+    time read as UTC; zone is 'Z' (it is UTC), '+HH:MM' (its offset, taken away for sorting),
+    or '' (unknown: a camera's clock, or a name's date, shown as written)."""
+    t = time.gmtime(seconds)
+    return seconds - offset, '%04d-%02d-%02dT%02d:%02d:%02d%s' % (t[:6] + (zone,))
+
+
+def exif_date(text, offset_text=b''):
+    """taken_value() of an EXIF date 'YYYY:MM:DD HH:MM:SS' and its offset '+HH:MM', or None."""
+    match = EXIF_DATE.match(text)
+    seconds = wall_seconds(match.groups()) if match else None
+    if seconds is None:
+        return None
+    zone = EXIF_OFFSET.fullmatch(offset_text.rstrip(b'\x00 '))
+    if zone is None or int(zone.group(2)) > 14 or int(zone.group(3)) > 59:
+        return taken_value(seconds, '')
+    offset = (int(zone.group(2)) * 60 + int(zone.group(3))) * (-60 if zone.group(1) == b'-' else 60)
+    return taken_value(seconds, zone.group().decode('ascii'), offset)
+
+
+def exif_taken(data, tiff, end, order, offset):
+    """DateTimeOriginal (0x9003) and OffsetTimeOriginal (0x9011) of the Exif IFD at tiff +
+    offset, as exif_date(), or None; each value checked to lie within data[tiff:end]."""
+    start = tiff + offset
+    if offset < 8 or start + 2 > end:
+        return None
+    values = {}
+    for i in range(min(_u16(data, start, order), (end - start - 2) // 12)):
+        entry = start + 2 + 12 * i
+        tag, count = _u16(data, entry, order), _u32(data, entry + 4, order)
+        if tag in (0x9003, 0x9011) and _u16(data, entry + 2, order) == 2 and count <= 64:
+            at = entry + 8 if count <= 4 else tiff + _u32(data, entry + 8, order)
+            if at + count <= end:
+                values[tag] = data[at:at + count]
+    return exif_date(values[0x9003], values.get(0x9011, b'')) if 0x9003 in values else None
+
+
+def name_taken(name):
+    """taken_value() of the date in a phone's or a screenshot tool's file name, or None."""
+    match = NAME_DATE.match(name)
+    seconds = wall_seconds(match.groups()) if match else None
+    return None if seconds is None else taken_value(seconds, '')
+
+
+def entry_taken(name, st, info):
+    """The date an entry was taken, as taken_value(): its header's (info), its name's, or its
+    mtime (UTC); None without any."""
+    if info is not None and info.taken is not None:
+        return info.taken
+    return name_taken(name) or (taken_value(min(max(0, int(st.st_mtime)), LAST_SECOND)) if st else None)
 
 
 def webp_size(info, head):
@@ -1607,8 +1690,9 @@ def read_image_info(fd, name):
 
 
 class ImageInfoCache:
-    """ImageInfo by (dev, ino, mtime_ns, ctime_ns): a revisit reads no file again.  A file
-    changed in any way has a new ctime, so a new key; old keys age out (first in, first out)."""
+    """ImageInfo by (dev, ino, mtime_ns, ctime_ns), of an image or a video (read_video_info):
+    a revisit reads no file again.  A file changed in any way has a new ctime, so a new key;
+    old keys age out (first in, first out)."""
 
     def __init__(self, size=IMAGE_INFO_CACHE):
         self.infos = Cache(size)
@@ -1629,7 +1713,7 @@ class ImageInfoCache:
                 opened = os.fstat(fd)
                 if (opened.st_dev, opened.st_ino) != key[:2] or not stat.S_ISREG(opened.st_mode):
                     return None                 # replaced since the listing: next time
-                info = read_image_info(fd, name)
+                info = (read_video_info if is_video(name) else read_image_info)(fd, name)
             finally:
                 if own:
                     os.close(fd)
@@ -1637,6 +1721,307 @@ class ImageInfoCache:
             return None                         # unreadable, gone, or outside the root
         self.infos.store(key, info)
         return info
+
+    def dates(self, path, entries, opener):
+        """{name: seconds} of the date each photo or video of the catalog entries (each with
+        its stat) was taken (entry_taken): what ?sort=date orders them by."""
+        dates = {}
+        for _, name, _, st, kind in entries:
+            if kind in ('image', 'video') and st is not None:
+                dates[name] = entry_taken(name, st, self.get(path + '/' + name, st, name, opener=opener))[0]
+        return dates
+
+
+# A folder's tile shows a photo from inside it (issue 22): the first, in natural order, of the
+# photos among the folder's first COVER_LOOK entries in readdir's order (not the first of the
+# whole folder: that would be a scan of every folder on the page, each time).  Its ?thumb when
+# it has an embedded thumbnail, else the photo.  Found once per folder and kept COVER_CACHE
+# folders, by the folder's stamps, CATALOG_TTL at most (a photo replaced in place, with the
+# same name, changes no stamp of its folder).
+COVER_LOOK = 32
+COVER_CACHE = 4096
+
+
+class FolderCovers:
+    """The covers of folders: a bounded look inside each, cached by its stamps."""
+
+    def __init__(self, own_files, images, confine, size=COVER_CACHE):
+        self.covers = Cache(size)
+        self.own_files, self.images, self.confine = own_files, images, confine
+
+    def get(self, dir_fd, path, name, st, now, opener):
+        """The cover's link relative to the folder's parent (open at dir_fd, path), or None:
+        name is the folder's, st its stat."""
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        found = self.covers.until(key, now)
+        if found is None:
+            found = self.look(dir_fd, path + '/' + name, name) or ('', None)
+            self.covers.store(key, (now + CATALOG_TTL, found))
+        photo, photo_st = found
+        if not photo:
+            return None
+        info = self.images.get(path + '/' + name + '/' + photo, photo_st, photo, opener=opener)
+        href = urllib.parse.quote(name) + '/' + urllib.parse.quote(photo)
+        return href + '?thumb' if info is not None and info.thumb else href
+
+    def look(self, dir_fd, folder, name):
+        """(name, stat) of the folder's cover photo, or None: a regular file (no symlink), not
+        hidden, not one of our own files, with a name the page can link."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            return None
+        try:
+            self.confine(fd)
+            names = []
+            with os.scandir(fd) as it:
+                for _, item in zip(range(COVER_LOOK), it):
+                    dot = item.name.rfind('.')
+                    if dot > 0 and item.name[dot:].lower() in GRID_SUFFIXES and not item.name.startswith('.') \
+                            and linkable(item.name) and item.is_file(follow_symlinks=False):
+                        names.append(item.name)
+            for photo in sorted(names, key=natural_key):
+                photo_st = os.stat(photo, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISREG(photo_st.st_mode) and not self.own_files.hides(folder + '/' + photo, photo_st):
+                    return photo, photo_st
+        except (OSError, HTTPError):
+            pass
+        finally:
+            os.close(fd)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Videos: size and length from the container's header, never decoded
+# ---------------------------------------------------------------------------------------------
+#
+# .mp4, .m4v, .mov (ISO BMFF / QuickTime: the 'moov' box, its 'mvhd' for the duration and the
+# creation time, each 'trak' box's 'tkhd' for the picture's size) and .webm (Matroska's EBML:
+# the Segment's Info for the duration, its Tracks for the video track's pixel size).  As for
+# images, pure functions over bytes already read, and one reader that bounds the reads: a
+# camera writes 'moov' after the media data ('mdat', gigabytes), so the top-level boxes are
+# followed by their headers, one pread of VIDEO_HOP bytes each, MP4_HOPS at most, and 'moov'
+# is read up to MOOV_READ bytes (its sample tables, which may run to megabytes, come after
+# the boxes read here).  A WebM's Info and Tracks come before its first Cluster: the first
+# VIDEO_HEAD bytes hold them (a file that puts them after its clusters gives no size).  Every
+# length is checked against the bytes there are: a hostile header gives no information, never
+# an error, and each loop moves forward by at least a box header or an element's ID.
+
+VIDEO_SUFFIXES = frozenset(['.mp4', '.m4v', '.mov', '.webm'])
+VIDEO_HEAD = 65536
+VIDEO_HOP = 16
+MP4_HOPS = 8
+MOOV_READ = 262144
+MAX_DURATION = 10 ** 7          # seconds (115 days): a header claiming more is not believed
+MP4_EPOCH = 2082844800          # 1904-01-01 to 1970-01-01, in seconds: QuickTime's epoch
+EBML_MAGIC = b'\x1a\x45\xdf\xa3'
+EBML_SEGMENT, EBML_INFO, EBML_TRACKS = 0x18538067, 0x1549A966, 0x1654AE6B
+EBML_TRACK_ENTRY, EBML_TRACK_TYPE, EBML_VIDEO = 0xAE, 0x83, 0xE0
+EBML_PIXEL_WIDTH, EBML_PIXEL_HEIGHT = 0xB0, 0xBA
+EBML_TIMECODE_SCALE, EBML_DURATION = 0x2AD7B1, 0x4489
+
+
+def is_video(name):
+    """Whether a name is a video's by its suffix (VIDEO_SUFFIXES)."""
+    dot = name.rfind('.')
+    return dot > 0 and name[dot:].lower() in VIDEO_SUFFIXES
+
+
+def video_duration(info, ticks, scale):
+    """Set info.duration to ticks / scale seconds (rounded to ms) if both are believable."""
+    if scale > 0 and 0 <= ticks and ticks / scale <= MAX_DURATION:
+        info.duration = round(ticks / scale, 3)
+
+
+def mp4_boxes(data, start, end):
+    """(type, body start, box end) of each box in data[start:end]; a box that runs past end is
+    given with end as its end (what there is of it).  Stops at a size that cannot be."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind = _u32(data, pos), data[pos + 4:pos + 8]
+        body = pos + 8
+        if size == 1:                           # a 64-bit size follows the type
+            size, body = int.from_bytes(data[pos + 8:pos + 16], 'big'), pos + 16
+        elif size == 0:                         # to the end of its parent
+            size = end - pos
+        if size < body - pos:
+            return
+        yield kind, body, min(pos + size, end)
+        pos += size
+
+
+def mp4_mvhd(info, data, body, end):
+    """mvhd: the timescale and duration (version 0: 32-bit fields, 1: 64-bit), creation time."""
+    if data[body] == 1 and body + 32 <= end:
+        created, scale, ticks = (int.from_bytes(data[body + 4:body + 12], 'big'), _u32(data, body + 20),
+                                 int.from_bytes(data[body + 24:body + 32], 'big'))
+    elif data[body] == 0 and body + 20 <= end:
+        created, scale, ticks = _u32(data, body + 4), _u32(data, body + 12), _u32(data, body + 16)
+    else:
+        return
+    if ticks not in (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF):        # all ones: unknown
+        video_duration(info, ticks, scale)
+    if MP4_EPOCH < created < MP4_EPOCH + LAST_SECOND:
+        info.taken = taken_value(created - MP4_EPOCH)
+
+
+def mp4_tkhd(info, data, body, end):
+    """tkhd: the track's width and height (16.16 fixed point, 0 for a sound track), turned a
+    quarter when its matrix says so (a phone's portrait video: 1920x1080, rotated 90)."""
+    at = body + (88 if data[body] == 1 else 76)
+    if at + 8 > end or info.width is not None:
+        return
+    width, height = _u32(data, at) >> 16, _u32(data, at + 4) >> 16
+    matrix = at - 36
+    if _u32(data, matrix) == 0 and _u32(data, matrix + 16) == 0 and _u32(data, matrix + 4):
+        width, height = height, width
+    info.size(width, height)
+
+
+def mp4_moov(info, data, start, end):
+    """The moov box's mvhd, and the tkhd of each of its traks (the first with a picture)."""
+    for kind, body, stop in mp4_boxes(data, start, end):
+        if kind == b'mvhd' and body < stop:
+            mp4_mvhd(info, data, body, stop)
+        elif kind == b'trak':
+            for inner, inner_body, inner_stop in mp4_boxes(data, body, stop):
+                if inner == b'tkhd' and inner_body < inner_stop:
+                    mp4_tkhd(info, data, inner_body, inner_stop)
+
+
+def ebml_number(data, pos, end, keep_marker):
+    """(value, next position) of an EBML variable-length number at data[pos] (an element ID
+    keeps its length marker, a size drops it), or (None, end) where none can be read.  A size
+    of all ones is unknown: -1."""
+    if pos >= end or data[pos] == 0:
+        return None, end
+    first = data[pos]
+    length = 9 - first.bit_length()
+    if pos + length > end:
+        return None, end
+    value = int.from_bytes(data[pos:pos + length], 'big')
+    if keep_marker:
+        return value, pos + length
+    value &= (1 << (7 * length)) - 1
+    return (-1 if value == (1 << (7 * length)) - 1 else value), pos + length
+
+
+def ebml_elements(data, start, end):
+    """(id, body start, body end) of each element in data[start:end].  An element of unknown
+    size (a live stream's Segment or Cluster) runs to end; one past end is cut there."""
+    pos = start
+    while pos < end:
+        ident, pos = ebml_number(data, pos, end, True)
+        size, pos = ebml_number(data, pos, end, False)
+        if ident is None or size is None:
+            return
+        stop = end if size < 0 else min(pos + size, end)
+        yield ident, pos, stop
+        pos = stop
+
+
+def ebml_uint(data, body, stop):
+    return int.from_bytes(data[body:stop], 'big') if 0 < stop - body <= 8 else None
+
+
+def webm_info(info, data, body, stop):
+    """Info: Duration (a float, in TimecodeScale nanoseconds; default 1 ms)."""
+    scale, ticks = 1000000, None
+    for ident, at, end in ebml_elements(data, body, stop):
+        if ident == EBML_TIMECODE_SCALE:
+            scale = ebml_uint(data, at, end) or scale
+        elif ident == EBML_DURATION and end - at in (4, 8):
+            ticks = struct.unpack('>f' if end - at == 4 else '>d', data[at:end])[0]
+    if ticks is not None and ticks == ticks:            # not NaN
+        video_duration(info, ticks * scale, 1e9)
+
+
+def webm_tracks(info, data, body, stop):
+    """Tracks: the first TrackEntry of type 1 (video): its Video's PixelWidth and PixelHeight."""
+    for ident, at, end in ebml_elements(data, body, stop):
+        if ident != EBML_TRACK_ENTRY:
+            continue
+        fields = {inner: (inner_at, inner_end) for inner, inner_at, inner_end in ebml_elements(data, at, end)}
+        if EBML_VIDEO not in fields or ebml_uint(data, *fields.get(EBML_TRACK_TYPE, (0, 0))) != 1:
+            continue
+        video = {inner: ebml_uint(data, inner_at, inner_end)
+                 for inner, inner_at, inner_end in ebml_elements(data, *fields[EBML_VIDEO])}
+        info.size(video.get(EBML_PIXEL_WIDTH) or 0, video.get(EBML_PIXEL_HEIGHT) or 0)
+        return
+
+
+def webm_scan(info, data):
+    """The EBML header, then the Segment's Info and Tracks, up to its first Cluster."""
+    for ident, body, stop in ebml_elements(data, 0, len(data)):
+        if ident != EBML_SEGMENT:
+            continue
+        for inner, at, end in ebml_elements(data, body, stop):
+            if inner == EBML_INFO:
+                webm_info(info, data, at, end)
+            elif inner == EBML_TRACKS:
+                webm_tracks(info, data, at, end)
+            elif inner == 0x1F43B675:           # a Cluster: media data from here on
+                return
+        return
+
+
+def video_info(data, moov=None):
+    """An ImageInfo of kind 'mp4' or 'webm' (width, height, duration, taken) from a file's
+    first bytes, or None if they are neither; moov: (start, bytes) of the moov box when it was
+    read apart (read_video_info).  Never raises on any input."""
+    info = None
+    try:
+        if data[:4] == EBML_MAGIC:
+            info = ImageInfo('webm')
+            webm_scan(info, data)
+        elif data[4:8] in (b'ftyp', b'moov', b'free', b'wide', b'mdat', b'skip'):
+            info = ImageInfo('mp4')
+            if moov is not None:
+                mp4_moov(info, moov, 0, len(moov))
+            else:
+                for kind, body, stop in mp4_boxes(data, 0, len(data)):
+                    if kind == b'moov':
+                        mp4_moov(info, data, body, stop)
+                        break
+    except (IndexError, ValueError, OverflowError, struct.error):
+        pass
+    return info
+
+
+def find_moov(fd, head):
+    """(offset, size) of the top-level moov box beyond head, found by following the boxes'
+    headers (MP4_HOPS preads of VIDEO_HOP bytes), or None."""
+    pos = 0
+    for _ in range(MP4_HOPS):
+        if pos + 16 <= len(head):
+            header = head[pos:pos + 16]
+        else:
+            header = os.pread(fd, VIDEO_HOP, pos)
+        if len(header) < 8:
+            return None
+        size, kind, body = _u32(header, 0), header[4:8], 8
+        if size == 1 and len(header) >= 16:
+            size, body = int.from_bytes(header[8:16], 'big'), 16
+        if size < body:
+            return None                         # 0 (to the end of the file) or a lie
+        if kind == b'moov':
+            return (pos + body, size - body) if pos >= len(head) or pos + size > len(head) else None
+        pos += size
+        if pos >= 1 << 62:
+            return None                         # beyond any file (and pread's offset)
+    return None
+
+
+def read_video_info(fd, name):
+    """The ImageInfo of a video file open at fd: VIDEO_HEAD bytes, and for an MP4 whose moov
+    lies beyond them, its headers' hops and MOOV_READ bytes of the moov."""
+    head = os.pread(fd, VIDEO_HEAD, 0)
+    moov = None
+    if head[4:8] in (b'ftyp', b'free', b'wide', b'mdat', b'skip'):
+        found = find_moov(fd, head)
+        if found is not None:
+            moov = os.pread(fd, min(found[1], MOOV_READ), found[0])
+    return video_info(head, moov)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2072,12 +2457,19 @@ background:var(--chip);color:var(--fg)}
 border:1px solid var(--line);color:var(--fg);font-weight:500;overflow-wrap:anywhere}
 .dirs a:before{content:"";display:inline-block;width:16px;height:11px;margin-right:8px;
 border-radius:2px 3px 3px 3px;background:var(--accent);opacity:.75;vertical-align:-1px}
+.dirs a.cover{display:flex;flex-direction:column;gap:6px;width:172px;max-width:100%;padding:6px 6px 8px}
+.dirs a.cover:before{display:none}
+.dirs a.cover img{display:block;width:100%;aspect-ratio:4/3;object-fit:cover;border-radius:5px;background:var(--chip)}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(172px,1fr));gap:14px;margin:0 0 24px}
 figure{margin:0;background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden}
 figure a{display:flex;align-items:center;justify-content:center;aspect-ratio:4/3;background:var(--chip)}
 figure img{display:block;width:100%;height:auto}
 figure img.tall{width:auto;height:100%}
 figure img:not([width]){height:100%;object-fit:contain}
+figure video{display:block;width:100%;height:100%;object-fit:contain}
+a.v{position:relative}
+a.v:after{content:"\\25b6";position:absolute;left:8px;bottom:8px;width:30px;height:30px;border-radius:50%;
+background:rgba(0,0,0,.6);color:#fff;font:13px/30px sans-serif;text-align:center}
 img[data-src],.broken img{display:none}
 .broken a:after{content:"no preview";color:var(--muted);font-size:.8rem}
 figcaption{padding:7px 10px 9px;font-size:.8rem;line-height:1.35}
@@ -2095,13 +2487,14 @@ background:var(--chip);color:var(--fg)}
 #lb{position:fixed;inset:0;z-index:9;display:flex;flex-direction:column;align-items:center;
 justify-content:center;background:rgba(8,8,10,.94);touch-action:pan-y}
 #lb[hidden]{display:none}
-#lb img{flex:0 1 auto;min-height:0;max-width:100%;object-fit:contain}
+#lb img,#lb video{flex:0 1 auto;min-height:0;max-width:100%;object-fit:contain}
+#lb img[hidden],#lb video[hidden]{display:none}
 #lb p{flex:none;max-width:100%;margin:0;padding:10px 16px 14px;text-align:center;color:#ddd;
 font-size:.85rem;overflow-wrap:anywhere}
 #lb button{position:absolute;width:46px;height:46px;border:0;border-radius:50%;cursor:pointer;
 background:rgba(255,255,255,.14);color:#fff;font:28px/46px sans-serif}
 #lb .prev{left:14px;top:calc(50% - 23px)}#lb .next{right:14px;top:calc(50% - 23px)}
-#lb .close{right:14px;top:14px}
+#lb .close{right:14px;top:14px}#lb .play{left:14px;top:14px;font-size:17px}
 @media (max-width:520px){.grid{grid-template-columns:repeat(2,1fr);gap:8px}
 figcaption{padding:6px 8px 8px;font-size:.75rem}}
 @media (max-width:359px){figcaption{font-size:.7rem}}
@@ -2112,12 +2505,14 @@ GALLERY_SCRIPT = """
   var each = function (list, f) { Array.prototype.forEach.call(list, f); };
   // A photo without a thumbnail loads as it comes within 400 px of the screen (Chromium's own
   // lazy-load margin is several screens: a first screen fetched megabytes it did not show).
+  // A video's tile likewise: a <video> has no loading="lazy", and preload="metadata" asks for its
+  // first frame and length at once.
   function load(img) { img.src = img.getAttribute('data-src'); img.removeAttribute('data-src'); }
-  var waiting = document.querySelectorAll('main img[data-src]');
+  var waiting = document.querySelectorAll('main [data-src], .dirs [data-src]');
   if (window.IntersectionObserver) {
     var near = new IntersectionObserver(function (entries) {
       entries.forEach(function (e) {
-        if (e.isIntersecting) { near.unobserve(e.target); load(e.target.querySelector('img')); }
+        if (e.isIntersecting) { near.unobserve(e.target); load(e.target.querySelector('[data-src]')); }
       });
     }, {rootMargin: '400px 0px'});
     each(waiting, function (img) { near.observe(img.parentNode); });
@@ -2138,16 +2533,18 @@ GALLERY_SCRIPT = """
     try { name = Intl.DateTimeFormat().resolvedOptions().timeZone; } catch (e) { /* an old browser */ }
     zone.textContent = name ? 'Times in ' + name + '.' : 'Times in your time zone.';
   }
-  // A picture that fails: an embedded thumbnail gives way to the photo, else a placeholder.
+  // A picture that fails: an embedded thumbnail gives way to the photo, else a placeholder (a
+  // folder's cover goes).
   function failed(img) {
-    var a = img.parentNode;
-    if (/[?]thumb$/.test(img.getAttribute('src'))) img.src = a.getAttribute('href');
+    var a = img.parentNode, src = img.getAttribute('src'), cover = a.classList.contains('cover');
+    if (/[?]thumb$/.test(src)) img.src = cover ? src.slice(0, -6) : a.getAttribute('href');
+    else if (cover) a.removeChild(img);
     else a.parentNode.classList.add('broken');
   }
   document.addEventListener('error', function (e) {
-    if (e.target.localName === 'img' && e.target.closest('main')) failed(e.target);
+    if (e.target.localName === 'img' && e.target.closest('main, .dirs')) failed(e.target);
   }, true);
-  each(document.querySelectorAll('main img'), function (img) {
+  each(document.querySelectorAll('main img, .dirs img'), function (img) {
     if (img.complete && img.currentSrc && !img.naturalWidth) failed(img);
   });
   // A name its caption cuts off shows in full on hover.
@@ -2160,8 +2557,13 @@ GALLERY_SCRIPT = """
   if (!links.length) return;
   // The lightbox: a modal dialog (WAI-ARIA) named by the photo, which takes the focus, keeps it
   // on Tab, leaves the page behind inert, and gives the focus back to its thumbnail on close.
+  // A video plays in it, with the browser's controls.  The slideshow (its button, or S) moves
+  // on every SLIDE ms, or as a video ends, and stops on any key or touch; a phone swipes to
+  // move and pinches to zoom.
   var box = document.createElement('div'), img = new Image(), text = document.createElement('p');
-  var current = -1, opener = null, x0 = null, buttons = [];
+  var film = document.createElement('video'), SLIDE = 3000, playing = false, timer = null;
+  var current = -1, opener = null, x0 = null, buttons = [], zoom = 1, pinch = null;
+  film.controls = true; film.playsInline = true; film.setAttribute('hidden', '');
   function button(cls, label, name, title, action) {
     var b = document.createElement('button');
     b.className = cls; b.textContent = label; b.title = title; b.type = 'button';
@@ -2173,15 +2575,46 @@ GALLERY_SCRIPT = """
   box.id = 'lb'; box.setAttribute('hidden', ''); box.setAttribute('role', 'dialog');
   box.setAttribute('aria-modal', 'true'); box.tabIndex = -1;
   text.setAttribute('aria-live', 'polite');
-  box.appendChild(img); box.appendChild(text);
+  box.appendChild(img); box.appendChild(film); box.appendChild(text);
   button('prev', '\\u2039', 'Previous photo', 'Previous (\\u2190)', function () { show(current - 1); });
   button('next', '\\u203a', 'Next photo', 'Next (\\u2192)', function () { show(current + 1); });
   var close = button('close', '\\u00d7', 'Close', 'Close (Esc)', hide);
+  var play = button('play', '\\u25b6', 'Slideshow', 'Slideshow (S)', function () { slideshow(!playing); });
+  play.setAttribute('aria-pressed', 'false');
   document.body.appendChild(box);
   function behind(inert) {
     each(document.body.children, function (e) {
       if (e !== box) e.inert = inert;
     });
+  }
+  function slideshow(on) {
+    playing = on; clearTimeout(timer);
+    play.setAttribute('aria-pressed', on ? 'true' : 'false');
+    play.textContent = on ? '\\u275a\\u275a' : '\\u25b6';
+    if (on) later();
+  }
+  function later() {      // the next slide once this photo has shown SLIDE ms (a video: as it ends)
+    clearTimeout(timer);
+    if (playing && current >= 0 && film.hasAttribute('hidden')) timer = setTimeout(function () { show(current + 1); }, SLIDE);
+  }
+  film.addEventListener('ended', function () { if (playing) show(current + 1); });
+  function zoomTo(z, origin) {
+    zoom = Math.min(Math.max(z, 1), 4);
+    if (origin) img.style.transformOrigin = origin;
+    img.style.transform = zoom > 1 ? 'scale(' + zoom + ')' : '';
+  }
+  function spread(t) { return Math.hypot(t[0].clientX - t[1].clientX, t[0].clientY - t[1].clientY) || 1; }
+  function media(a, name) {
+    var video = a.classList.contains('v');
+    film.pause(); zoomTo(1);
+    img.toggleAttribute('hidden', video); film.toggleAttribute('hidden', !video);
+    if (video) {
+      img.removeAttribute('src'); film.src = a.href; film.setAttribute('aria-label', name);
+      var started = film.play();
+      if (started) started.catch(function () { /* the visitor presses play */ });
+    } else {
+      film.removeAttribute('src'); img.src = a.href; img.alt = name;
+    }
   }
   function show(i) {
     current = (i + links.length) % links.length;
@@ -2189,7 +2622,7 @@ GALLERY_SCRIPT = """
     var details = a.parentNode.querySelector('figcaption small');
     details = details ? Array.prototype.map.call(details.children, function (c) { return c.textContent; }) : [];
     name = name ? name.textContent : a.getAttribute('href');
-    img.src = a.href; img.alt = name;
+    media(a, name);
     box.setAttribute('aria-label', name);
     text.textContent = [name].concat(details).join(' \\u00b7 ') +
       '  (' + (current + 1) + ' / ' + links.length + ')';
@@ -2197,9 +2630,12 @@ GALLERY_SCRIPT = """
       opener = a;
       box.removeAttribute('hidden'); behind(true); close.focus();
     }
-    new Image().src = links[(current + 1) % links.length].href;
+    var next = links[(current + 1) % links.length];
+    if (!next.classList.contains('v')) new Image().src = next.href;      // the next photo, preloaded
+    later();
   }
   function hide() {
+    slideshow(false); film.pause(); film.removeAttribute('src');
     box.setAttribute('hidden', ''); current = -1; img.removeAttribute('src'); behind(false);
     if (opener) opener.focus();
     opener = null;
@@ -2212,10 +2648,14 @@ GALLERY_SCRIPT = """
   });
   document.addEventListener('keydown', function (e) {
     if (current < 0) return;
-    if (e.key === 'Escape') hide();
+    var was = playing;
+    slideshow(false);                   // any key stops the slideshow; S starts it
+    if (was && e.target === play && (e.key === 'Enter' || e.key === ' ')) e.preventDefault();   // not again by click
+    else if (e.key === 's' || e.key === 'S') { if (!was) slideshow(true); }
+    else if (e.key === 'Escape') hide();
     else if (e.key === 'ArrowRight') show(current + 1);
     else if (e.key === 'ArrowLeft') show(current - 1);
-    else if (e.key === 'Tab') {     // round the three buttons, never out of the dialog
+    else if (e.key === 'Tab') {     // round the buttons, never out of the dialog
       var at = buttons.indexOf(document.activeElement), n = buttons.length;
       if (at < 0) at = e.shiftKey ? 0 : n - 1;
       buttons[(at + (e.shiftKey ? n - 1 : 1)) % n].focus();
@@ -2223,8 +2663,19 @@ GALLERY_SCRIPT = """
     e.preventDefault();
   });
   box.addEventListener('click', function (e) { if (e.target === box) hide(); });
-  box.addEventListener('touchstart', function (e) { x0 = e.changedTouches[0].clientX; }, {passive: true});
+  box.addEventListener('touchstart', function (e) {
+    slideshow(false);
+    if (e.touches.length === 2 && !img.hasAttribute('hidden')) {          // a pinch, about the point between the fingers
+      var r = img.getBoundingClientRect(), t = e.touches;
+      var at = ((t[0].clientX + t[1].clientX) / 2 - r.left) / zoom + 'px ' + ((t[0].clientY + t[1].clientY) / 2 - r.top) / zoom + 'px';
+      pinch = {d: spread(t), z: zoom, at: zoom > 1 ? null : at}; x0 = null;
+    } else if (zoom === 1) x0 = e.changedTouches[0].clientX;
+  }, {passive: true});
+  box.addEventListener('touchmove', function (e) {
+    if (pinch && e.touches.length === 2) zoomTo(pinch.z * spread(e.touches) / pinch.d, pinch.at);
+  }, {passive: true});
   box.addEventListener('touchend', function (e) {
+    if (e.touches.length < 2) pinch = null;
     if (x0 === null) return;
     var dx = e.changedTouches[0].clientX - x0;
     x0 = null;
@@ -2245,12 +2696,12 @@ ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);backgr
 # computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of RSS each);
 # test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
 # Change a style or the script, and its hash changes with it.
-GALLERY_STYLE_HASH = "'sha256-q1gO3AzAyskU3oaLAXcHjq/Nb5D4os/3u8c6u8muHOc='"
-GALLERY_SCRIPT_HASH = "'sha256-VxDOGPg+e47TfXRLIHUx0UgPQpcb9XlFlrYEaQhRglA='"
+GALLERY_STYLE_HASH = "'sha256-9NiWLBNFJrMjYgJ2mblhldJ9JrGN2dmLdo4t8uxAs2g='"
+GALLERY_SCRIPT_HASH = "'sha256-r4/MSZTuMWk4cMgJIbx2i1giOYQRgrs0FvO9y6uJ2w8='"
 ERROR_STYLE_HASH = "'sha256-buOwst//26JaixQPUJUoCDOZwIxWcGkdsi6ZFKF8q5g='"
 # The gallery's policy: nothing but its inline style and script (by hash, so a cached page
-# stays valid), images from this server, and no way to load or send anything elsewhere.
-GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; style-src %s; script-src %s; "
+# stays valid), images and videos from this server, and no way to load or send anything elsewhere.
+GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; media-src 'self'; style-src %s; script-src %s; "
                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
                % (GALLERY_STYLE_HASH, GALLERY_SCRIPT_HASH))
 # The policy of every other page (errors, redirects, the HTTPS port's 400): its inline style
@@ -2481,18 +2932,20 @@ class GalleryCatalog:
     """Every listed entry of a directory in natural order, folders first, and the counts: what
     its pages are cut from."""
 
-    def __init__(self, entries, dirs, images, files, unlisted):
+    def __init__(self, entries, dirs, images, files, unlisted, videos=0):
         self.entries = entries
         self.dirs, self.images, self.files, self.unlisted = dirs, images, files, unlisted
+        self.videos = videos
 
 
 class GalleryListing:
     """One page of a directory: its entries in order, and counts over all pages."""
 
-    def __init__(self, entries, sort, page, pages, dirs, images, files, unlisted):
+    def __init__(self, entries, sort, page, pages, dirs, images, files, unlisted, videos=0):
         self.entries = entries
         self.sort, self.page, self.pages = sort, page, pages
         self.dirs, self.images, self.files, self.unlisted = dirs, images, files, unlisted
+        self.videos = videos
 
 
 def gallery_room(url_path, path, max_header_size):
@@ -2522,7 +2975,7 @@ def gallery_catalog(entries, room=None):
     The catalog's entries are (natural_key, name, is_dir, stat, kind) tuples, sorted as they
     are: the keys are unique strings, so the sort compares strings only (10,000 names: 2-3 ms)."""
     dirs, others = [], []
-    unlisted = images = 0
+    unlisted = images = videos = 0
     keys, grid = _NATURAL, GRID_SUFFIXES
     for name, is_dir, st in entries:
         if isinstance(name, bytes):
@@ -2540,29 +2993,36 @@ def gallery_catalog(entries, room=None):
             if dot > 0 and name[dot:].lower() in grid:
                 images += 1
                 others.append((key, name, False, st, 'image'))
+            elif dot > 0 and name[dot:].lower() in VIDEO_SUFFIXES:
+                videos += 1
+                others.append((key, name, False, st, 'video'))
             else:
                 others.append((key, name, False, st, 'file'))
     dirs.sort()
     others.sort()
-    return GalleryCatalog(dirs + others, len(dirs), images, len(others) - images, unlisted)
+    return GalleryCatalog(dirs + others, len(dirs), images, len(others) - images - videos, unlisted, videos)
 
 
-def gallery_listing(catalog, sort='name', page=1, page_size=GALLERY_PAGE_SIZE):
+def gallery_listing(catalog, sort='name', page=1, page_size=GALLERY_PAGE_SIZE, dates=None):
     """One page of a GalleryCatalog (or of the triples gallery_catalog takes), sorted (folders
     first), cut to a page (a page past the last is the last).  By date or size every entry
-    needs its stat; the sort is stable, so ties stay in natural order."""
+    needs its stat; by date, a photo or video is placed by the date it was taken, if dates
+    ({name: seconds}: ImageInfoCache.dates) has it, else by its mtime; the sort is stable, so
+    ties stay in natural order."""
     if not isinstance(catalog, GalleryCatalog):
         catalog = gallery_catalog(catalog)
     listed = catalog.entries
     if sort == 'date':
-        listed = sorted(listed, key=lambda e: (not e[2], -(e[3].st_mtime_ns if e[3] else 0)))
+        dates = dates or {}
+        listed = sorted(listed, key=lambda e: (not e[2], -dates.get(e[1], e[3].st_mtime if e[3] else 0)))
     elif sort == 'size':
         listed = sorted(listed, key=lambda e: (not e[2], 0 if e[2] or e[3] is None else -e[3].st_size))
     pages = max(1, -(-len(listed) // page_size))
     page = min(max(page, 1), pages)
     shown = [GalleryEntry(name, is_dir, st, kind)
              for _, name, is_dir, st, kind in listed[(page - 1) * page_size:page * page_size]]
-    return GalleryListing(shown, sort, page, pages, catalog.dirs, catalog.images, catalog.files, catalog.unlisted)
+    return GalleryListing(shown, sort, page, pages, catalog.dirs, catalog.images, catalog.files, catalog.unlisted,
+                          catalog.videos)
 
 
 def gallery_etag(dir_st, url_path, listing, fmt):
@@ -2574,7 +3034,7 @@ def gallery_etag(dir_st, url_path, listing, fmt):
     mtime put back keeps its tag, and a browser its cached page, as for the file itself; the
     server's page cache still keys on the directory's stamps and PAGE_TTL."""
     parts = [repr((GALLERY_VERSION, fmt, url_path, listing.sort, listing.page, listing.pages,
-                   listing.dirs, listing.images, listing.files, listing.unlisted))
+                   listing.dirs, listing.images, listing.files, listing.unlisted, listing.videos))
              .encode('utf-8', 'surrogateescape')]
     for e in listing.entries:
         st = e.st
@@ -2623,6 +3083,39 @@ def time_element(timestamp):
             % (day, minute, t.tm_sec, day, minute))
 
 
+def taken_element(taken):
+    """A date taken (taken_value()) as <time>, as time_element writes an mtime: its datetime,
+    with its zone (Z or an offset: the page's script shows it in the visitor's zone) or none
+    (a camera's clock, which the script shows as written), and the text as written."""
+    iso = taken[1]
+    return ('<time datetime="%s"><span>%s</span> <span>%s</span></time>' % (iso, iso[:10], iso[11:16]))
+
+
+def duration_text(seconds):
+    """A video's length as a player shows it: 0:07, 12:34, 1:02:03."""
+    whole = int(seconds + 0.5)
+    hours, rest = divmod(whole, 3600)
+    return ('%d:%02d:%02d' % (hours, rest // 60, rest % 60)) if hours else '%d:%02d' % divmod(rest, 60)
+
+
+def video_tile(e, info, taken):
+    """One video of the grid: a <video> that loads its metadata (the first frame, the length)
+    only as it nears the screen (data-src, set by the page's script as for photos; a <video>
+    has no loading="lazy"), in a link that the lightbox plays."""
+    name, href = escape_html(e.name), escape_html(urllib.parse.quote(e.name))
+    width, height = info.shown_size() if info is not None else (None, None)
+    size = ' width="%d" height="%d"' % (width, height) if width else ''
+    details = ['%d \u00d7 %d' % (width, height)] if width else []
+    if info is not None and info.duration is not None:
+        details.insert(0, duration_text(info.duration))
+    details.append(human_size(e.st.st_size))
+    return ('<figure><a class="g v" href="%s" aria-label="%s"><video data-src="%s"%s preload="metadata" muted '
+            'playsinline></video><noscript><video src="%s"%s preload="metadata" muted></video></noscript></a>'
+            '<figcaption><strong>%s</strong><small>%s %s</small></figcaption></figure>\n'
+            % (href, name, href, size, href, size, name,
+               ' \u00b7 '.join('<span>%s</span>' % d for d in details), taken_element(taken)))
+
+
 def gallery_thumbnail(name, info, made=False):
     """(src, width, height) of an image's grid picture: its embedded thumbnail if it has one, or
     with made (a thumbnailer is on) a thumbnail made of the types it makes."""
@@ -2657,7 +3150,7 @@ def gallery_tile(e, info, made=False):
     details.append(human_size(e.st.st_size))
     return ('<figure>%s%s</a><figcaption><strong>%s</strong><small>%s %s</small>'
             '</figcaption></figure>\n' % (link, picture, name, ' \u00b7 '.join('<span>%s</span>' % d for d in details),
-                                          time_element(e.st.st_mtime)))
+                                          taken_element(entry_taken(e.name, e.st, info))))
 
 
 def gallery_pages(listing, label='Pages'):
@@ -2686,8 +3179,8 @@ def gallery_header(crumbs, listing, download=False, skip=0):
         heading.append('<span>/</span>' + ('<a href="%s">%s</a>' % (href, escape_html(part))
                                            if i < len(crumbs) - 1 else escape_html(part)))
     counts = []
-    for number, one, many in ((listing.images, 'image', 'images'), (listing.dirs, 'folder', 'folders'),
-                              (listing.files, 'file', 'files')):
+    for number, one, many in ((listing.images, 'image', 'images'), (listing.videos, 'video', 'videos'),
+                              (listing.dirs, 'folder', 'folders'), (listing.files, 'file', 'files')):
         if number:
             counts.append('%d %s' % (number, one if number == 1 else many))
     if listing.pages > 1:
@@ -2700,20 +3193,37 @@ def gallery_header(crumbs, listing, download=False, skip=0):
             '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts))
 
 
-def gallery_entries(entries, infos, made=False):
-    """The entries of a page, each kind in its block: folders as a list of links, images as the
-    grid (<main>, which the page's script looks in), other files as a table."""
+def folder_link(name, cover):
+    """A folder's link in the list of folders: with its cover (FolderCovers), a picture above
+    its name (no alt text: the name is the link's text).  An embedded thumbnail loads lazily;
+    a photo, as a grid's photo does (gallery_tile): by the script, as it nears the screen."""
+    href = escape_html(urllib.parse.quote(name))
+    if cover is None:
+        return '<li><a href="%s/">%s</a></li>' % (href, escape_html(name))
+    src = escape_html(cover)
+    if cover.endswith('?thumb'):
+        picture = '<img src="%s" alt="" loading="lazy" decoding="async">' % src
+    else:
+        picture = ('<img data-src="%s" alt="" decoding="async"><noscript><img src="%s" alt="" loading="lazy" '
+                   'decoding="async"></noscript>' % (src, src))
+    return '<li><a class="cover" href="%s/">%s%s</a></li>' % (href, picture, escape_html(name))
+
+
+def gallery_entries(entries, infos, covers=None, made=False):
+    """The entries of a page, each kind in its block: folders as a list of links (with their
+    covers: {name: link}), photos and videos as the grid (<main>, which the page's script looks
+    in), other files as a table; made: see gallery_thumbnail."""
     out = []
+    covers = covers or {}
     dirs = [e for e in entries if e.kind == 'dir']
-    images = [e for e in entries if e.kind == 'image']
+    grid = [e for e in entries if e.kind in ('image', 'video')]
     files = [e for e in entries if e.kind == 'file']
     if dirs:
-        out.append('<ul class="dirs">%s</ul>\n' % ''.join(
-            '<li><a href="%s/">%s</a></li>' % (escape_html(urllib.parse.quote(e.name)), escape_html(e.name))
-            for e in dirs))
-    if images:
+        out.append('<ul class="dirs">%s</ul>\n' % ''.join(folder_link(e.name, covers.get(e.name)) for e in dirs))
+    if grid:
         out.append('<main class="grid">\n')
-        out.extend(gallery_tile(e, infos.get(e.name), made) for e in images)
+        out.extend(gallery_tile(e, infos.get(e.name), made) if e.kind == 'image' else
+                   video_tile(e, infos.get(e.name), entry_taken(e.name, e.st, infos.get(e.name))) for e in grid)
         out.append('</main>\n')
     if files:
         out.append('<table>%s</table>\n' % ''.join(
@@ -2723,18 +3233,18 @@ def gallery_entries(entries, infos, made=False):
     return ''.join(out)
 
 
-def gallery_page(url_path, listing, infos=None, download=False, made=False, skip=0):
+def gallery_page(url_path, listing, infos=None, covers=None, download=False, made=False, skip=0):
     """The HTML page of a listing; infos maps names to ImageInfo (those not there are shown
-    without sizes); download: a link to the folder as one zip; made: thumbnails are made
-    (gallery_thumbnail); skip: see gallery_header.  Every name is HTML-escaped in text and
-    URL-quoted in links."""
+    without sizes), covers folders' names to their covers' links; download: a link to the
+    folder as one zip; made: see gallery_thumbnail; skip: see gallery_header.  Every name is
+    HTML-escaped in text and URL-quoted in links."""
     crumbs = [p for p in url_path.split('/') if p]
     title = escape_html(crumbs[-1] if len(crumbs) > skip else 'Home')
     out = [gallery_header(crumbs, listing, download, skip)]
     if listing.pages > 1:
         title += ' \u2013 page %d of %d' % (listing.page, listing.pages)     # each page its own
         out.append(gallery_pages(listing))
-    out.append(gallery_entries(listing.entries, infos or {}, made))
+    out.append(gallery_entries(listing.entries, infos or {}, covers, made))
     if listing.pages > 1:
         out.append(gallery_pages(listing, 'Pages, again'))
     notes = ['<span id="tz">Times in UTC.</span>']
@@ -2746,12 +3256,13 @@ def gallery_page(url_path, listing, infos=None, download=False, made=False, skip
     return html_page(title, GALLERY_STYLE, ''.join(out))
 
 
-def gallery_json(url_path, listing, infos=None, made=False):
+def gallery_json(url_path, listing, infos=None, covers=None, made=False):
     """The same listing for scripts: name, url, type, size, mtime, width, height, thumbnail
-    (embedded, or with made one a thumbnailer makes: gallery_thumbnail); prev and next, the
-    pages around it (as JSON).  An entry's url is its address relative to the listing (a
-    script joins it to the folder's path), whatever the format."""
-    infos = infos or {}
+    (embedded, or with made one a thumbnailer makes: gallery_thumbnail);
+    a photo's or video's taken (ISO 8601), a video's duration (seconds), a folder's cover;
+    prev and next, the pages around it (as JSON).  An entry's url is its address relative to
+    the listing (a script joins it to the folder's path), whatever the format."""
+    infos, covers = infos or {}, covers or {}
     entries = []
     for e in listing.entries:
         href = urllib.parse.quote(e.name) + ('/' if e.is_dir else '')
@@ -2761,9 +3272,17 @@ def gallery_json(url_path, listing, infos=None, made=False):
         if e.kind == 'image':
             src, item['width'], item['height'] = gallery_thumbnail(e.name, infos.get(e.name), made)
             item['thumbnail'] = src if src.endswith('?thumb') else None
+        if e.kind in ('image', 'video'):
+            item['taken'] = entry_taken(e.name, e.st, infos.get(e.name))[1]
+        if e.kind == 'video':
+            info = infos.get(e.name) or ImageInfo('video')
+            item['width'], item['height'] = info.shown_size()
+            item['duration'] = info.duration
+        elif e.is_dir:
+            item['cover'] = covers.get(e.name)
         entries.append(item)
     document = {'path': url_path, 'sort': listing.sort, 'page': listing.page, 'pages': listing.pages,
-                'folders': listing.dirs, 'images': listing.images, 'files': listing.files,
+                'folders': listing.dirs, 'images': listing.images, 'videos': listing.videos, 'files': listing.files,
                 'unlisted': listing.unlisted, 'entries': entries}
     if listing.page > 1:
         document['prev'] = gallery_href(listing.sort, listing.page - 1, 'json')
@@ -2791,6 +3310,11 @@ PAGE_CACHE_BYTES = 4 << 20      # bytes of their bodies per worker (a 200-entry 
 # lives PAGE_TTL.  (A symlinked entry's size and date are its target's at the scan.)
 CATALOG_TTL = 10.0
 CATALOG_ENTRY_BYTES = 200       # what one entry of a catalog costs, counted in PAGE_CACHE_BYTES
+# The dates taken of a folder's photos (ImageInfoCache.dates), by which ?sort=date orders them,
+# are kept with the catalog, CATALOG_TTL at most: each is a header read (cached, but a folder of
+# more than IMAGE_INFO_CACHE photos would read them all again at every page built).  A photo
+# rewritten in place with another date moves within CATALOG_TTL.
+DATE_ENTRY_BYTES = 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2810,13 +3334,17 @@ class Cache:
                         files' content too, while bodies take BODY_BUDGET at most; and a
                         photo's location patches (hide_location), with its OpenFile
       Responder.paths   a request target's mapping (map_target), PATH_CACHE_SIZE; pure
-      Responder.images  ImageInfoCache: image headers, IMAGE_INFO_CACHE, keyed by the file's
-                        (dev, ino, mtime, ctime), so a changed file has a new key
+      Responder.images  ImageInfoCache: image and video headers, IMAGE_INFO_CACHE, keyed by
+                        the file's (dev, ino, mtime, ctime), so a changed file has a new key
+      Responder.covers  FolderCovers: a folder's cover photo, COVER_CACHE, keyed by the
+                        folder's stamps, CATALOG_TTL at most
       Responder.pages   gallery pages and directory catalogs, PAGE_CACHE_ENTRIES and
                         PAGE_CACHE_BYTES, keyed by the directory's stamps and stored with the
                         time they serve until (PAGE_TTL, CATALOG_TTL: until())
       AccessLog.escaped access-log fields escaped (escape_log), PATH_CACHE_SIZE; pure
       Responder.zips.crcs  ZipFolder's CRC-32 of files, ZIP_CRC_CACHE, keyed by file_key
+      Access.verified   Authorization values already checked against --auth, AUTH_CACHE_SIZE;
+                        emptied when reload reads the accounts again
     Not caches, and not bounded on their own: an OpenFile's last 200 head (rebuilt when the
     Date changes, once a second) and a connection's last parsed head (frame()'s `last`); each
     goes with what holds it.
@@ -3309,7 +3837,7 @@ class Thumbnails:
         THUMB_TYPES, a video's demuxers (when ffmpeg is installed), or None: none is made."""
         if self.program is None:
             return None
-        if info is not None:
+        if info is not None and not is_video(path):
             return info.kind if info.kind in THUMB_TYPES else None
         return THUMB_VIDEOS.get(os.path.splitext(path)[1].lower()) if self.ffmpeg else None
 
@@ -3638,7 +4166,7 @@ class Connection:
                 return
             budget -= 1
             req, self.inbuf, self.discard, self.last = frame(self.inbuf, self.discard,
-                                                             responder.max_header_size, self.last)
+                                                             responder.config.max_header_size, self.last)
             if req is None:
                 return
             if isinstance(req, HTTPError):
@@ -4573,7 +5101,7 @@ class ZipFolder:
         layout = zip_layout(entries)
         length = layout[3]
         etag, newest = zip_validators(entries, length)
-        if not responder.keep_location:     # its photos' bytes are their stripped ones
+        if not responder.config.keep_location:     # its photos' bytes are their stripped ones
             etag = etag[:-1] + LOCATION_ETAG + '"'
         clock = responder.clock
         last_modified = http_date(min(newest, clock.wall)).encode('ascii')
@@ -4671,7 +5199,7 @@ def zip_open(responder, path):
     if responder.own_files.hides(path, st):
         os.close(fd)
         raise OSError(errno.ENOENT, 'not served: %s' % path)
-    return fd, st, zip_entry_source(fd, responder.keep_location)
+    return fd, st, zip_entry_source(fd, responder.config.keep_location)
 # Access: accounts (--auth) and share links
 # ---------------------------------------------------------------------------------------------
 # The whole of it is this section; the request path calls it once, at the start of
@@ -5193,10 +5721,7 @@ class Responder:
         self.root = config.root
         self.access = access                # accounts and share links (Access), or None
         self.share = None                   # the ShareView of the request being answered
-        self.follow_symlinks = config.follow_symlinks
-        self.listing = config.listing
-        self.keep_location = config.keep_location
-        self.max_header_size = config.max_header_size
+        self.config = config                # read only: listing, follow_symlinks, keep_location...
         # No `public`: it would let a shared cache keep a response to a request that carried
         # credentials (RFC 9111 section 3.5), as one through an authenticating proxy does.
         self.cache_control = b'Cache-Control: max-age=%d\r\n' % config.max_age
@@ -5207,6 +5732,7 @@ class Responder:
         # Its caches (Cache lists them all, with their bounds):
         self.files = FileCache()
         self.images = ImageInfoCache()
+        self.covers = FolderCovers(own_files, self.images, self.check_confined)
         self.pages = Cache(PAGE_CACHE_ENTRIES, PAGE_CACHE_BYTES)
         self.paths = Cache(PATH_CACHE_SIZE)     # target -> (path, relative, trailing, slash, query)
         self.zips = ZipFolder(config.zip_max_files, config.zip_max_bytes)     # ?download=zip, its CRCs
@@ -5283,7 +5809,7 @@ class Responder:
             os.close(fd)                    # what was opened is ours, whatever the name said
             raise HTTPError(404)
         entry = OpenFile(fd, st, content_type(path), content_encoding(path))
-        if not self.keep_location:
+        if not self.config.keep_location:
             hide_location(entry)
         return entry
 
@@ -5316,7 +5842,7 @@ class Responder:
         requested path (at most ERROR_FOLDER_HOPS up) that the server would list (a directory
         in the root, not a dot folder: the path is normalised), else to Home only.  Never
         raises: the page of a 500 comes through here too."""
-        if status < 400 or status in ACCESS_STATUSES or not self.listing:
+        if status < 400 or status in ACCESS_STATUSES or not self.config.listing:
             return ERROR_BODIES.get(status, b'')    # (a 401 names no folder: nothing to probe)
         if self.share is not None:
             return error_page(status, home=self.share.home)
@@ -5342,10 +5868,10 @@ class Responder:
     def check_confined(self, fd):
         """404 unless the open descriptor fd lies inside the root (or --follow-symlinks), and
         inside the folder of the share link answered, if any (ShareView)."""
-        if self.follow_symlinks and self.share is None:
+        if self.config.follow_symlinks and self.share is None:
             return
         where = os.readlink('/proc/self/fd/%d' % fd)
-        if not (self.follow_symlinks or inside(where, self.root)) \
+        if not (self.config.follow_symlinks or inside(where, self.root)) \
                 or self.share is not None and not inside(where, self.share.real(self.root)):
             raise HTTPError(404)
 
@@ -5457,7 +5983,7 @@ class Responder:
             index = self.index_file(path)
             if index is not None:
                 return self.respond_file(req, keep_alive, index)
-            if not self.listing:
+            if not self.config.listing:
                 raise HTTPError(403)        # --no-listing
             prefix = self.share.prefix.decode('ascii') if self.share else ''
             return self.respond_gallery(req, keep_alive, fd, path, prefix + '/' + relative + ('/' if relative else ''),
@@ -5569,7 +6095,7 @@ class Responder:
             return 304, response_head(304, self.clock.date, validators, keep_alive, req.version,
                                       self.common_headers)
         if page is None:
-            page = self.gallery_body(path, url_path, listing, fmt, etag)
+            page = self.gallery_body(fd, path, url_path, listing, fmt, etag)
             self.pages.store(key, (self.clock.now + PAGE_TTL, page), len(page[2]))
         head = response_head(200, self.clock.date, page[1], keep_alive, req.version, self.common_headers)
         return 200, head, b'' if req.method == b'HEAD' else page[2]
@@ -5578,10 +6104,17 @@ class Responder:
         """The GalleryListing of one page of the directory open at fd: the entries shown are
         stat()ed (all of them to sort by date or size)."""
         catalog = self.catalog(fd, path, url_path, dir_st)
+        dates = None
         if sort != 'name':                 # every entry's stat, in the catalog's order
             catalog = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
-                                     catalog.images, catalog.files, catalog.unlisted)
-        listing = gallery_listing(catalog, sort, number or 1)
+                                     catalog.images, catalog.files, catalog.unlisted, catalog.videos)
+        if sort == 'date':                 # and every photo's date taken, kept as the catalog is
+            key = ('dates', path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)
+            dates = self.pages.until(key, self.clock.now)
+            if dates is None:
+                dates = self.images.dates(path, catalog.entries, self.open_checked)
+                self.pages.store(key, (self.clock.now + CATALOG_TTL, dates), DATE_ENTRY_BYTES * len(dates))
+        listing = gallery_listing(catalog, sort, number or 1, dates=dates)
         if listing.page != number:
             raise HTTPError(404)            # no such page (gallery_options)
         listing.entries = [GalleryEntry(*e[1:]) for e in self.stat_entries(
@@ -5595,25 +6128,27 @@ class Responder:
         now = self.clock.now
         catalog = self.pages.until(key, now)
         if catalog is None:
-            room = gallery_room(url_path, path, self.max_header_size)
+            room = gallery_room(url_path, path, self.config.max_header_size)
             catalog = gallery_catalog(self.scan_directory(fd, path), room)
             settled = max(dir_st.st_mtime, dir_st.st_ctime) < self.clock.wall - 1
             self.pages.store(key, (now + (CATALOG_TTL if settled else PAGE_TTL), catalog),
                              CATALOG_ENTRY_BYTES * len(catalog.entries))
         return catalog
 
-    def gallery_body(self, path, url_path, listing, fmt, etag):
+    def gallery_body(self, fd, path, url_path, listing, fmt, etag):
         """(etag, the 200's fields, body) of a listing: what the page cache keeps."""
         validators = b'ETag: %s\r\nCache-Control: no-cache\r\nVary: Accept\r\n' % etag.encode('ascii')
-        infos = {}
+        infos, covers = {}, {}
         for e in listing.entries:
-            if e.kind == 'image':
+            if e.kind in ('image', 'video'):
                 infos[e.name] = self.images.get(path + '/' + e.name, e.st, e.name, opener=self.open_checked)
+            elif e.is_dir and e.st is not None:
+                covers[e.name] = self.covers.get(fd, path, e.name, e.st, self.clock.now, self.open_checked)
         if fmt == 'json':
-            body = gallery_json(url_path, listing, infos, made=self.thumbs.program is not None)
+            body = gallery_json(url_path, listing, infos, covers, made=self.thumbs.program is not None)
             fields = b'Content-Type: application/json\r\nContent-Length: %d\r\n' % len(body) + validators
         else:
-            body = gallery_page(url_path, listing, infos, download=self.zips.max_files > 0,
+            body = gallery_page(url_path, listing, infos, covers, download=self.zips.max_files > 0,
                                 made=self.thumbs.program is not None,
                                 skip=2 + self.share.depth if self.share else 0)
             fields = html_fields(len(body), GALLERY_CSP.encode('ascii')) + validators
@@ -5639,7 +6174,7 @@ class Responder:
         kind = self.thumbs.kind_of(path, info) if body is None and st is not None else None
         if kind is not None:
             body, tag = self.thumbs.get(path, st, kind, self.clock.now), '-m"'
-            if body is None and info is not None:
+            if body is None and info is not None and not is_video(path):
                 return self.respond_file(req, keep_alive, entry)    # the original, until it is made
         if body is None:
             raise HTTPError(404)

@@ -6,7 +6,10 @@ photos with EXIF thumbnails (ImageMagick draws them), 200 PNGs without, 60 expor
 (landscape, portrait, square), files a browser cannot show, and 230 small images for paging.
 The layout is checked at a phone's 390x844 and a desktop's 1280x900 (and from 320 to 1920 px
 wide), by the boxes the browser lays out, not by the markup.  Missing chromium,
-chromedriver, selenium or ImageMagick is an error, never a skip: CI installs them (.ci/run).
+chromedriver, selenium, ImageMagick or ffmpeg is an error, never a skip: CI installs them (.ci/run).
+AlbumBrowserTests (issue 22): a phone's album with a video (ffmpeg), dated photos and folders
+with covers, at the phone's and the desktop's sizes: the lightbox plays the video, the
+slideshow moves on by itself, a folder's cover shows.
 
 ThumbnailerBrowserTests runs an agent with --thumbnailer (ImageMagick): a fresh browser's first
 screen of those 60 exports, before and after their thumbnails are made (under 2 MB after).
@@ -62,6 +65,8 @@ def require_tools():
         missing.append('chromedriver (apt-get install chromium-driver)')
     if not shutil.which('convert'):
         missing.append('ImageMagick (apt-get install imagemagick)')
+    if not shutil.which('ffmpeg'):
+        missing.append('ffmpeg (apt-get install ffmpeg)')
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -128,18 +133,23 @@ def make_folders(root):
             f.write(samples.sample_gif(2, 2) + b'\x00' * i)
 
 
+def start_browser(cls, make):
+    """A class's agent, serving the folders make(root) writes, and its headless chromium."""
+    require_tools()
+    from selenium import webdriver
+    cls.server = AgentServer(ClassCleanups(cls))
+    make(cls.server.root)
+    cls.server.start()
+    cls.addClassCleanup(cls.server.stop)
+    cls.base = 'http://127.0.0.1:%d' % cls.server.port
+    cls.driver = GalleryBrowserTests.chrome(webdriver)
+    cls.addClassCleanup(cls.driver.quit)
+
+
 class GalleryBrowserTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        require_tools()
-        from selenium import webdriver
-        cls.server = AgentServer(ClassCleanups(cls))
-        make_folders(cls.server.root)
-        cls.server.start()
-        cls.addClassCleanup(cls.server.stop)
-        cls.base = 'http://127.0.0.1:%d' % cls.server.port
-        cls.driver = cls.chrome(webdriver)
-        cls.addClassCleanup(cls.driver.quit)
+        start_browser(cls, make_folders)
 
     @staticmethod
     def chrome(webdriver, javascript=True):
@@ -299,7 +309,7 @@ class GalleryBrowserTests(unittest.TestCase):
                                  % (box, box, box)), ['dialog', 'true', 'IMG_0003.jpg'])
         self.assertEqual(self.js('Array.from(document.querySelectorAll("#lb button")).map('
                                  'b => b.localName + ":" + (b.getAttribute("aria-label") || ""))'),
-                         ['button:Previous photo', 'button:Next photo', 'button:Close'])
+                         ['button:Previous photo', 'button:Next photo', 'button:Close', 'button:Slideshow'])
         self.assertEqual(self.js('Array.from(document.body.children).filter(e => e.id !== "lb" && !e.inert)'
                                  '.map(e => e.localName)'), [])
         self.assertTrue(self.js('%s.contains(document.activeElement)' % box))
@@ -308,9 +318,9 @@ class GalleryBrowserTests(unittest.TestCase):
             self.driver.switch_to.active_element.send_keys(keys)
             where = self.js('%s.contains(document.activeElement) ? document.activeElement.className || "lb" : '
                             'document.activeElement.outerHTML.slice(0, 60)' % box)
-            self.assertIn(where, ('prev', 'next', 'close', 'lb'), keys)
+            self.assertIn(where, ('prev', 'next', 'close', 'play', 'lb'), keys)
             seen.add(where)
-        self.assertEqual(seen, {'prev', 'next', 'close'})
+        self.assertEqual(seen, {'prev', 'next', 'close', 'play'})
         self.driver.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)       # the keys still work
         self.wait('document.querySelector("#lb img").src.endsWith("/IMG_0004.jpg")')
         self.assertEqual(self.js(box + '.getAttribute("aria-label")'), 'IMG_0004.jpg')
@@ -683,6 +693,137 @@ class ThumbnailerBrowserTests(unittest.TestCase):
         self.assertGreater(count, 6)
         self.assertLess(after, self.LIMIT)
         self.assertLess(after * 4, before)
+def make_album(root):
+    """A phone's folder: photos with EXIF thumbnails and dates, a WebM video (ffmpeg: VP8,
+    which every chromium plays), and two trips as subfolders, each with a photo for a cover."""
+    import subprocess
+    album = os.path.join(root, 'album')
+    os.makedirs(album)
+    for i in range(4):
+        path = samples.landscape_photo(os.path.join(album, 'IMG_2024071%d_0930%02d.jpg' % (i, i)), i, size=(800, 600),
+                                       thumb=(160, 120))
+        with open(path, 'rb') as f:
+            data = f.read()
+        with open(path, 'wb') as f:
+            f.write(data[:2] + samples.dated_exif_segment('2024:07:1%d 09:30:00' % i, '+02:00') + data[2:])
+    subprocess.run(['ffmpeg', '-v', 'error', '-nostdin', '-y', '-f', 'lavfi', '-i', 'testsrc=size=320x240:rate=25',
+                    '-t', '3', '-c:v', 'libvpx', '-b:v', '300k', os.path.join(album, 'VID_20240713_120000.webm')],
+                   check=True, timeout=60)
+    for trip, seed in (('Lake', 5), ('Mountains', 6)):
+        os.makedirs(os.path.join(album, trip))
+        samples.landscape_photo(os.path.join(album, trip, 'IMG_0001.jpg'), seed, size=(800, 600), thumb=(160, 120))
+    os.makedirs(os.path.join(album, 'Screens'))               # no embedded thumbnail: the photo
+    with open(os.path.join(album, 'Screens', 'shot.png'), 'wb') as f:
+        f.write(samples.sample_png(120, 90))
+
+
+class AlbumBrowserTests(unittest.TestCase):
+    """Issue 22's album in the browser, at a phone's and a desktop's size."""
+
+    @classmethod
+    def setUpClass(cls):
+        start_browser(cls, make_album)
+
+    open, wait, js = GalleryBrowserTests.open, GalleryBrowserTests.wait, GalleryBrowserTests.js
+    viewport, screens = GalleryBrowserTests.viewport, GalleryBrowserTests.screens
+    assert_clean_console = GalleryBrowserTests.assert_clean_console
+
+    def open_lightbox(self, name):
+        from selenium.webdriver.common.by import By
+        self.open('/album/')
+        link = self.driver.find_element(By.CSS_SELECTOR, 'a.g[href="%s"]' % name)
+        self.js('arguments[0].scrollIntoView({block: "center"}), true', link)
+        link.click()
+        self.wait('!document.getElementById("lb").hidden')
+
+    def test_a_video_plays_in_the_lightbox(self):
+        for width, height, mobile in self.screens():
+            with self.subTest(width=width):
+                self.viewport(width, height, mobile)
+                self.open('/album/')
+                tile = 'document.querySelector("main video")'
+                self.wait(tile + '.readyState >= 1')              # its metadata, as it neared the screen
+                self.assertEqual(self.js(tile + '.getAttribute("preload")'), 'metadata')
+                self.assertEqual(self.js('[%s.videoWidth, %s.videoHeight, Math.round(%s.duration)]'
+                                         % (tile, tile, tile)), [320, 240, 3])
+                self.open_lightbox('VID_20240713_120000.webm')
+                film = 'document.querySelector("#lb video")'
+                self.wait('!%s.hidden && %s.currentTime > 0.3 && !%s.paused' % (film, film, film))
+                self.assertTrue(self.js('document.querySelector("#lb img").hidden'))
+                self.assertEqual(self.js('document.getElementById("lb").getAttribute("aria-label")'),
+                                 'VID_20240713_120000.webm')
+                self.js('document.querySelector("#lb .close").click(), true')
+                self.wait('document.getElementById("lb").hidden && %s.paused' % film)
+                self.assert_clean_console()
+
+    def test_the_slideshow_moves_on_by_itself_and_stops_on_a_key(self):
+        from selenium.webdriver.common.keys import Keys
+        from selenium.webdriver.common.by import By
+        for width, height, mobile in self.screens():
+            with self.subTest(width=width):
+                self.viewport(width, height, mobile)
+                self.open_lightbox('IMG_20240711_093001.jpg')
+                shown = 'document.querySelector("#lb img").getAttribute("src")'
+                self.wait(shown + '.endsWith("IMG_20240711_093001.jpg")')
+                self.driver.find_element(By.CSS_SELECTOR, '#lb button[aria-label="Slideshow"]').click()
+                self.assertEqual(self.js('document.querySelector("#lb .play").getAttribute("aria-pressed")'), 'true')
+                self.wait(shown + '.endsWith("IMG_20240712_093002.jpg")')      # on by itself
+                # The photo after it is fetched while this one shows: preloaded.
+                self.assertEqual(self.wait('performance.getEntriesByType("resource").some(e => e.name.endsWith('
+                                           '"/IMG_20240713_093003.jpg")) ? (%s.endsWith("IMG_20240712_093002.jpg") ?'
+                                           ' "preloaded" : "late") : %s.endsWith("IMG_20240713_093003.jpg") && "late"'
+                                           % (shown, shown)), 'preloaded')
+                self.wait(shown + '.endsWith("IMG_20240713_093003.jpg")')
+                self.driver.switch_to.active_element.send_keys(Keys.SHIFT)     # any key stops it
+                self.wait('document.querySelector("#lb .play").getAttribute("aria-pressed") === "false"')
+                self.driver.switch_to.active_element.send_keys('s')             # S starts it again
+                self.wait('document.querySelector("#lb .play").getAttribute("aria-pressed") === "true"')
+                self.js('(function (box) { var t = new Touch({identifier: 1, target: box, clientX: 5, clientY: 5});'
+                        ' box.dispatchEvent(new TouchEvent("touchstart", {changedTouches: [t], touches: [t],'
+                        ' bubbles: true})); return true; })(document.getElementById("lb"))')
+                self.wait('document.querySelector("#lb .play").getAttribute("aria-pressed") === "false"')
+                # From the keyboard on its button: Enter starts it, and Enter stops it (the key
+                # stops it, and its click does not start it again).
+                self.js('document.querySelector("#lb .play").focus(), true')
+                self.driver.switch_to.active_element.send_keys(Keys.ENTER)
+                self.wait('document.querySelector("#lb .play").getAttribute("aria-pressed") === "true"')
+                self.driver.switch_to.active_element.send_keys(Keys.ENTER)
+                self.wait('document.querySelector("#lb .play").getAttribute("aria-pressed") === "false"')
+                self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+                self.wait('document.getElementById("lb").hidden')
+                self.assert_clean_console()
+
+    def test_a_pinch_zooms_the_photo(self):
+        self.viewport(PHONE[0], PHONE[1], True)
+        self.open_lightbox('IMG_20240710_093000.jpg')
+        self.wait('document.querySelector("#lb img").complete')
+        self.js('(function (box) {'
+                '  function touches(type, a, b) { var t = [new Touch({identifier: 1, target: box, clientX: 195 - a,'
+                '    clientY: 400}), new Touch({identifier: 2, target: box, clientX: 195 + b, clientY: 400})];'
+                '    box.dispatchEvent(new TouchEvent(type, {changedTouches: t, touches: t, bubbles: true})); }'
+                '  touches("touchstart", 20, 20); touches("touchmove", 40, 40); return true;'
+                '})(document.getElementById("lb"))')
+        self.assertEqual(self.js('document.querySelector("#lb img").style.transform'), 'scale(2)')
+        self.driver.find_element('css selector', '#lb .next').click()        # the next photo: unzoomed
+        self.wait('document.querySelector("#lb img").style.transform === ""')
+        self.assert_clean_console()
+
+    def test_a_folders_cover_shows(self):
+        for width, height, mobile in self.screens():
+            with self.subTest(width=width):
+                self.viewport(width, height, mobile)
+                self.open('/album/')
+                covers = 'Array.from(document.querySelectorAll(".dirs a.cover img"))'
+                self.wait(covers + '.every(i => i.complete && i.naturalWidth > 0)')      # the script's too
+                self.assertEqual(self.js(covers + '.map(i => i.getAttribute("src") + " " + i.naturalWidth)'),
+                                 ['Lake/IMG_0001.jpg?thumb 160', 'Mountains/IMG_0001.jpg?thumb 160',
+                                  'Screens/shot.png 120'])
+                box = self.js('document.querySelector(".dirs a.cover img").getBoundingClientRect().toJSON()')
+                self.assertGreater(box['width'], 100)
+                self.assertLessEqual(box['right'], width)
+                self.assertEqual(self.js('document.querySelector(".dirs a.cover").textContent'), 'Lake')
+                self.assertTrue(self.js('document.documentElement.scrollWidth <= innerWidth'))
+                self.assert_clean_console()
 
 
 if __name__ == '__main__':

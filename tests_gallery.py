@@ -361,9 +361,9 @@ class GalleryPureTests(unittest.TestCase):
         document = json.loads(agent.gallery_json('/x/', agent.gallery_listing(entries), {'cam.jpg': info}))
         self.assertEqual(document['entries'], [
             {'name': 'd', 'url': 'd/', 'type': 'directory', 'size': None, 'mtime': FIXED_MTIME,
-             'width': None, 'height': None, 'thumbnail': None},
+             'width': None, 'height': None, 'thumbnail': None, 'cover': None},
             {'name': 'cam.jpg', 'url': 'cam.jpg', 'type': 'image/jpeg', 'size': 5, 'mtime': FIXED_MTIME,
-             'width': 64, 'height': 32, 'thumbnail': 'cam.jpg?thumb'},
+             'width': 64, 'height': 32, 'thumbnail': 'cam.jpg?thumb', 'taken': '2020-01-01T00:00:00Z'},
             {'name': 'n.txt', 'url': 'n.txt', 'type': 'text/plain', 'size': 7, 'mtime': FIXED_MTIME,
              'width': None, 'height': None, 'thumbnail': None}])
         self.assertEqual((document['page'], document['pages'], document['images']), (1, 1, 1))

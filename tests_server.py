@@ -675,7 +675,7 @@ class HttpServerTests(SharedAgentTestCase):
         for name in ('<script>.jpg', 'a"b&c.jpg', 'pic.png', 'notes.txt', 'child'):
             self.assertIn(name, text)
         imgs = lazy_images(self, page)
-        self.assertEqual(len(imgs), 3, imgs)
+        self.assertEqual(len(imgs), 3 + 1, imgs)         # and the folder's cover (issue 22)
         self.assertFalse(any('notes' in img for img in imgs))
         links = {html_module.unescape(h) for h in re.findall(r'href="([^"]*)"', page)
                  if not h.startswith('data:')}          # the icon

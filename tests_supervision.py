@@ -746,12 +746,13 @@ class WorkerInProcessTests(unittest.TestCase):
         responder, log = self.worker.responder, self.worker.access_log
         caches = {'Responder.files': responder.files, 'Responder.paths': responder.paths,
                   'Responder.images': responder.images.infos, 'Responder.pages': responder.pages,
-                  'AccessLog.escaped': log.escaped}
+                  'Responder.covers': responder.covers.covers, 'Responder.zips.crcs': responder.zips.crcs,
+                  'Access.verified': agent.Access().verified, 'AccessLog.escaped': log.escaped}
         for name, cache in caches.items():
             self.assertIsInstance(cache, agent.Cache, name)
             self.assertRegex(agent.Cache.__doc__, r'\n +%s ' % re.escape(name))
         # (indented as written, or less: Python 3.13 strips docstrings' common indentation)
-        listed = re.findall(r'\n +([A-Z]\w+\.\w+) ', agent.Cache.__doc__)
+        listed = re.findall(r'\n +([A-Z]\w+(?:\.\w+)+) ', agent.Cache.__doc__)
         self.assertEqual(sorted(listed), sorted(caches))
 
     def test_the_file_cache_drops_its_oldest_closes_its_descriptor_and_counts_bodies(self):

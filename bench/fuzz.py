@@ -23,11 +23,13 @@ Half the cases shut the write side after sending (the agent must answer what is 
 close); the others keep it open and wait for exactly the predicted responses (a complete
 request left unanswered is a hang).  A fifth of the cases trickle the payload in pieces.
 
-Image mode (--images N): agent.image_info, the gallery's header parsers, over N mutations of
-sample files (bench/samples.py: camera JPEGs with EXIF thumbnails, PNG, GIF, WebP, BMP, ICO, SVG,
-and photos that say where they were taken): only an ImageInfo or None, sizes within
-MAX_DIMENSION, a thumbnail inside the bytes; and the location strip (agent.location_patches):
-sorted patches inside the bytes, the same length stripped, patch_pieces sending the same bytes.
+Image mode (--images N): agent.image_info and agent.video_info, the gallery's header parsers,
+over N mutations of sample files (bench/samples.py: camera JPEGs with EXIF thumbnails and dates,
+PNG, GIF, WebP, BMP, ICO, SVG; MP4 and WebM heads; photos that say where they were taken): only
+an ImageInfo or None, sizes within MAX_DIMENSION, durations within MAX_DURATION, a thumbnail
+inside the bytes, a date taken that is a (seconds, ISO 8601) pair; and the location strip
+(agent.location_patches): sorted patches inside the bytes, the same length stripped,
+patch_pieces sending the same bytes.
 
 Zip mode (--zips N): the zip writer of ?download=zip (agent.zip_layout, ZipBody) over N random
 folders (files of random sizes, folders, names in several scripts, first bytes replaced through
@@ -1212,10 +1214,18 @@ def respond_pure(req, rng):
 # ---------------------------------------------------------------------------------------------
 
 def image_corpus():
-    """(name, bytes) of valid samples: camera JPEGs (both byte orders, turned), PNG, GIF, WebP
-    (three kinds), BMP (two headers), ICO, SVG."""
+    """(name, bytes) of valid samples: camera JPEGs (both byte orders, turned, dated), PNG, GIF,
+    WebP (three kinds), BMP (two headers), ICO, SVG; an MP4 (a moov, a portrait one) and a
+    WebM head."""
     thumb = samples.sample_jpeg(16, 8, (0, 120, 255))
+    turned = samples.tkhd(1920, 1080, (0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000))
     return [('cam.jpg', samples.camera_jpeg(samples.sample_jpeg(64, 32), thumb, 6, '<')),
+            ('dated.jpg', samples.dated_jpeg(samples.sample_jpeg(24, 16), '2024:07:14 09:30:00', '+02:00', '<')),
+            ('dated.jpg', samples.dated_jpeg(samples.sample_jpeg(24, 16), '2024:07:14 09:30:00')),
+            ('v.mp4', samples.sample_mp4(640, 480, 12.5)),
+            ('v.mov', samples.box(b'ftyp', b'qt  ') + samples.box(b'moov', samples.mvhd(1000, 5000, 3000000000, 1)
+                                                                  + samples.box(b'trak', turned))),
+            ('v.webm', samples.webm(1280, 720, 4321.0)),
             ('cam.jpg', samples.camera_jpeg(samples.sample_jpeg(40, 24), thumb, 3, '>')),
             ('p.jpg', samples.sample_jpeg(24, 16)), ('p.png', samples.sample_png(7, 5)),
             ('p.gif', samples.sample_gif(9, 4)), ('p.webp', samples.sample_webp('VP8 ', 30, 20)),
@@ -1274,7 +1284,9 @@ def mutate_image(rng, data):
             data[pos:pos] = rng.choice([b'\xff', b'\xff\xd8', b'\xff\xe1\x00\x08Exif\x00\x00', b'\xff\xc0',
                                         b'MM\x00\x2a', b'II\x2a\x00', b'<svg ', b'width="', b'viewBox="',
                                         b'\x88\x25\x00\x04', b'<exif:GPSLatitude>', b' photoshop:City="',
-                                        b'\x1c\x02\x5a', b'8BIM\x04\x04', b'iTXt', b'eXIf', b'EXIF'])
+                                        b'\x1c\x02\x5a', b'8BIM\x04\x04', b'iTXt', b'eXIf', b'EXIF',
+                                        b'\x87\x69\x00\x04', b'\x00\x00\x00\x01moov', b'\x00\x00\x00\x00trak',
+                                        b'\x01\xff\xff\xff\xff\xff\xff\xff', b'\x18\x53\x80\x67', b'\xae\x83\x81\x01'])
         else:
             del data[pos:pos + rng.randrange(1, 32)]
     return bytes(data)
@@ -1294,12 +1306,19 @@ def image_mode(args, seed):
         data = mutate_image(rng, sample)
         try:
             check_location(rng, data)
-            info = agent.image_info(data, name)
+            if agent.is_video(name):
+                info = agent.video_info(data, data[rng.randrange(len(data) + 1):] if rng.random() < 0.3 else None)
+            else:
+                info = agent.image_info(data, name)
             kinds[info.kind if info else None] += 1
             if info is not None:
                 for value in (info.width, info.height):
                     if value is not None and not 0 < value <= agent.MAX_DIMENSION:
                         raise Invariant('size %r' % value)
+                if info.duration is not None and not 0 <= info.duration <= agent.MAX_DURATION:
+                    raise Invariant('duration %r' % info.duration)
+                if info.taken is not None and not (isinstance(info.taken[0], int) and len(info.taken[1]) in (19, 20, 25)):
+                    raise Invariant('taken %r' % (info.taken,))
                 if info.thumb is not None:
                     offset, length = info.thumb
                     if not (0 < offset and 0 < length and offset + length <= len(data)):

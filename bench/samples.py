@@ -1,4 +1,5 @@
-"""Sample image files written byte by byte, for the tests, the fuzzer and the gallery bench.
+"""Sample image (and video header) files written byte by byte, for the tests, the fuzzer and the
+gallery bench.
 
 A small baseline JPEG encoder (each 8x8 block one colour, so only DC coefficients: a valid file
 any decoder reads), an EXIF APP1 segment with an IFD1 thumbnail as cameras write it, and PNG,
@@ -256,3 +257,77 @@ def located_webp(width=30, height=20):
     vp8x = b'\x0c\x00\x00\x00' + (width - 1).to_bytes(3, 'little') + (height - 1).to_bytes(3, 'little')
     data = b'WEBP' + chunk(b'VP8X', vp8x) + image + chunk(b'EXIF', gps_tiff()) + chunk(b'XMP ', LOCATED_XMP)
     return b'RIFF' + struct.pack('<I', len(data)) + data
+def dated_exif_segment(taken, offset=None, order='>', orientation=None):
+    """An APP1 EXIF segment as a phone writes the date: IFD0 (Make, Orientation, the Exif IFD's
+    offset), then the Exif IFD with DateTimeOriginal ('YYYY:MM:DD HH:MM:SS') and, if given,
+    OffsetTimeOriginal ('+HH:MM'), their text after it."""
+    e = order
+    values = [(0x9003, taken.encode('ascii') + b'\x00')]
+    if offset is not None:
+        values.append((0x9011, offset.encode('ascii') + b'\x00'))
+    ifd0 = [(0x010F, 2, 4, b'Cam\x00')]
+    if orientation is not None:
+        ifd0.append((0x0112, 3, 1, struct.pack(e + 'HH', orientation, 0)))
+    exif_at = 8 + 2 + 12 * (len(ifd0) + 1) + 4
+    ifd0.append((0x8769, 4, 1, struct.pack(e + 'I', exif_at)))
+    text_at = exif_at + 2 + 12 * len(values) + 4
+    entries, text = [], b''
+    for tag, value in values:
+        entries.append(struct.pack(e + 'HHII', tag, 2, len(value), text_at + len(text)))
+        text += value
+    tiff = (b'II' if e == '<' else b'MM') + struct.pack(e + 'HI', 42, 8)
+    tiff += struct.pack(e + 'H', len(ifd0))
+    for tag, kind, count, value in sorted(ifd0):
+        tiff += struct.pack(e + 'HHI', tag, kind, count) + value
+    tiff += struct.pack(e + 'I', 0)
+    tiff += struct.pack(e + 'H', len(entries)) + b''.join(entries) + struct.pack(e + 'I', 0) + text
+    body = b'Exif\x00\x00' + tiff
+    return b'\xff\xe1' + struct.pack('>H', len(body) + 2) + body
+
+
+def dated_jpeg(main, taken, offset=None, order='>'):
+    """main (a JPEG) with dated_exif_segment() right after its SOI."""
+    return main[:2] + dated_exif_segment(taken, offset, order) + main[2:]
+
+
+def box(kind, body):
+    """An ISO BMFF (MP4/QuickTime) box: its 32-bit size, its type, its body."""
+    return struct.pack('>I', 8 + len(body)) + kind + body
+
+
+def mvhd(timescale, duration, created=0, version=0):
+    """A movie header box: the duration in timescale units, the creation time (1904 epoch)."""
+    if version == 1:
+        return box(b'mvhd', b'\x01\x00\x00\x00' + struct.pack('>QQIQ', created, created, timescale, duration)
+                   + bytes(80))
+    return box(b'mvhd', b'\x00\x00\x00\x00' + struct.pack('>IIII', created, created, timescale, duration)
+               + bytes(80))
+
+
+def tkhd(width, height, matrix=(0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)):
+    """A track header box (version 0): its matrix, then width and height in 16.16 fixed point."""
+    body = b'\x00\x00\x00\x07' + bytes(20) + bytes(8) + bytes(8) + struct.pack('>9I', *[m & 0xFFFFFFFF for m in matrix])
+    return box(b'tkhd', body + struct.pack('>II', width << 16, height << 16))
+
+
+def ebml(ident, body, size=None):
+    """An EBML element: ident (bytes, marker kept), its size as 8 bytes (0x01 + 7), its body."""
+    size = len(body) if size is None else size
+    return ident + bytes([0x01]) + size.to_bytes(7, 'big') + body
+
+
+def webm(width, height, duration_ms, scale=1000000):
+    """A WebM head: EBML header, a Segment with Info (TimecodeScale, Duration), Tracks (a sound
+    track, then a video track of width x height) and the start of a Cluster."""
+    info = ebml(b'\x2a\xd7\xb1', scale.to_bytes(3, 'big')) + ebml(b'\x44\x89', struct.pack('>d', duration_ms))
+    video = ebml(b'\xb0', width.to_bytes(2, 'big')) + ebml(b'\xba', height.to_bytes(2, 'big'))
+    audio = ebml(b'\xae', ebml(b'\x83', b'\x02') + ebml(b'\xe1', b''))
+    track = ebml(b'\xae', ebml(b'\x83', b'\x01') + ebml(b'\xe0', video))
+    segment = ebml(b'\x15\x49\xa9\x66', info) + ebml(b'\x16\x54\xae\x6b', audio + track) + \
+        ebml(b'\x1f\x43\xb6\x75', b'\x00' * 32)
+    return ebml(b'\x1a\x45\xdf\xa3', ebml(b'\x42\x82', b'webm')) + ebml(b'\x18\x53\x80\x67', segment)
+
+
+def sample_mp4(width, height, seconds):
+    """The head of an MP4: ftyp, then a moov with its mvhd and a video trak (600 ticks a second)."""
+    return box(b'ftyp', b'isom\x00\x00\x02\x00') + box(b'moov', mvhd(600, int(seconds * 600)) + box(b'trak', tkhd(width, height)))
