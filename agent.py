@@ -8327,10 +8327,10 @@ def parser():
     limits.add_argument('--zip-max-bytes', type=non_negative_int, default=ZIP_MAX_BYTES, metavar='BYTES',
                         help='bytes of files in one zip download; more is a 403 naming this '
                              'limit; 0: no limit (default: 0)')
-    serving.add_argument('--thumbnailer', default='off', metavar='off|auto|PROGRAM',
+    serving.add_argument('--thumbnailer', default='auto', metavar='off|auto|PROGRAM',
                          help='make ?thumb of images without an embedded thumbnail with this program, '
-                              'once, kept in --cache: auto takes the first installed of %s; or one '
-                              'of them by name or path (default: off)' % ', '.join(THUMB_PROGRAMS))
+                              'once, kept in --cache: auto takes the first installed of %s, if any; '
+                              'or one of them by name or path (default: auto)' % ', '.join(THUMB_PROGRAMS))
     files.add_argument('--cache', metavar='DIR',
                        help='where made thumbnails are kept (made 0700, owned by the workers\' user; '
                             'never served): default /var/cache/agent for root, else '

@@ -471,6 +471,11 @@ class ThumbnailerPureTests(unittest.TestCase):
         self.assertEqual(agent.choose_thumbnailer('ffmpeg', self.bin), ffmpeg)
         self.assertEqual(agent.choose_thumbnailer(convert, '/nonexistent'), convert)
 
+    def test_the_default_is_auto(self):
+        """As the issue asks: a machine that has one of the programs makes thumbnails, unasked."""
+        config = agent.parser().parse_args(['start'])
+        self.assertEqual(config.thumbnailer, 'auto')
+
     def test_a_program_it_cannot_drive_is_refused_by_name(self):
         self.install('gimp')
         for choice, words in (('gimp', 'not one of'), ('/usr/bin/rm', 'not one of'), ('magick', 'no such program')):

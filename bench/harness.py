@@ -146,6 +146,12 @@ class AgentProcess:
             # directory (mkdtemp's), nor run an interpreter under /root (pyenv's) for an upgrade:
             # these runs are about serving, not identity, so they keep root, said explicitly.
             self.options += ['--user', 'root']
+        if '--thumbnailer' not in options:
+            # The default (auto) would run ImageMagick or ffmpeg on the pictures of runs about
+            # something else, and keep what it made in the user's cache directory.
+            self.options += ['--thumbnailer', 'off']
+        if '--cache' not in options:
+            self.options += ['--cache', os.path.join(self.dir, 'thumbnails')]
         self.options += list(options)
         self.port = None
         self.master_pid = None
