@@ -279,7 +279,7 @@ class ShareTokenTests(unittest.TestCase):
 
     def test_gallery_home_is_the_folder_shared(self):
         listing = agent.gallery_listing(agent.gallery_catalog([], 1000), 'name', 1)
-        page = agent.gallery_page('/s/TOK/albums/2024/sub/', listing, {}, 2 + 2).decode()
+        page = agent.gallery_page('/s/TOK/albums/2024/sub/', listing, {}, skip=2 + 2).decode()
         hrefs = re.findall(r'href="([^"]*)"', page)
         self.assertIn('/s/TOK/albums/2024/', hrefs)
         for href in hrefs:
