@@ -229,18 +229,37 @@ class TempDirTest(unittest.TestCase):
 
 class AgentServer(harness.AgentProcess):
     """harness.AgentProcess for a test: an agent on 127.0.0.1 with a port the kernel picked, in
-    a temporary directory, removed and killed by the test's (or its class's) cleanups."""
+    a temporary directory, removed and killed by the test's (or its class's) cleanups.
 
-    def __init__(self, testcase, *options, workers=2, root=None, script=AGENT):
+    Its commands (start, stop, status...) run the line that `python3 agent.py start` execs
+    itself into (agent.FROM_BYTECODE, see run_from_bytecode): the same main(), argv, pid and
+    cached bytecode, without the two steps before it, compiling the script from source (agent.py
+    is never cached) and a second interpreter start.  That was 40 % of the CPU of a start and a
+    stop, and the suite starts hundreds.  via_script=True runs `python3 agent.py` as a user
+    does, for the tests of that launch (FromBytecodeTests), as do a script that is not agent.py
+    (a wrapper) and the tests that run [PYTHON, AGENT, ...] themselves."""
+
+    def __init__(self, testcase, *options, workers=2, root=None, script=AGENT, via_script=False):
         harness.AgentProcess.__init__(self, root=root, options=options, workers=workers,
                                       python=PYTHON, agent=script, stop_timeout=None,
                                       prefix='agent-test-')
         testcase.addCleanup(subprocess.run, ['rm', '-rf', self.dir])
         self.pids = []
+        self.via_script = via_script
         testcase.addCleanup(self.kill)
 
     def command(self, action, *extra, timeout=TIMEOUT):
-        return harness.AgentProcess.command(self, action, *extra, timeout=timeout)
+        if self.via_script or os.path.basename(self.agent) != 'agent.py':    # or a wrapper
+            return harness.AgentProcess.command(self, action, *extra, timeout=timeout)
+        return subprocess.run(self.launch() + self.options + list(extra) + [action],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def launch(self):
+        """What run_from_bytecode() execs for `PYTHON script`: the directory Python would put
+        first on the import path (the script's, symbolic links resolved), then the script."""
+        return [self.python, '-c', agent.FROM_BYTECODE,
+                os.path.dirname(os.path.realpath(self.agent)), self.agent]
 
     def start(self):
         try:

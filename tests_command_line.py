@@ -695,7 +695,7 @@ class FromBytecodeTests(unittest.TestCase):
 
     def test_start_caches_and_runs_the_bytecode(self):
         where = self.copy_of_agent()
-        server = AgentServer(self, script=os.path.join(where, 'agent.py')).start()
+        server = AgentServer(self, script=os.path.join(where, 'agent.py'), via_script=True).start()
         self.assert_agent_cached(where)
         for pid in [server.master()] + server.workers():
             with open('/proc/%d/cmdline' % pid, 'rb') as f:
@@ -756,7 +756,7 @@ class FromBytecodeTests(unittest.TestCase):
         release = tempfile.mkdtemp(prefix='agent-link-')
         self.addCleanup(subprocess.run, ['rm', '-rf', release])
         os.symlink(os.path.join(where, 'agent.py'), os.path.join(release, 'agent.py'))
-        server = AgentServer(self, script=os.path.join(release, 'agent.py')).start()
+        server = AgentServer(self, script=os.path.join(release, 'agent.py'), via_script=True).start()
         self.assertEqual(server.get('/missing.jpg')[0], 404)
         with open('/proc/%d/cmdline' % server.master(), 'rb') as f:
             self.assertIn(os.path.join(release, 'agent.py').encode(), f.read())
