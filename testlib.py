@@ -37,6 +37,11 @@ from harness import children_of, pid_alive, raw_request, read_pid, serving_ports
 PYTHON = sys.executable
 AGENT = os.path.join(HERE, 'agent.py')
 TIMEOUT = 20        # hard limit for any one command or wait
+# `python3 agent.py` as it goes on once run_from_bytecode() has exec'd it (same argv, main()
+# and SCRIPT, agent.py imported from cached bytecode), for the tests of what agent.py does
+# rather than of that launch (FromBytecodeTests): compiling the 5,800-line script from source
+# and a second interpreter start cost more CPU than most of those commands (see AgentServer).
+AGENT_LINE = [PYTHON, '-c', agent.FROM_BYTECODE, os.path.dirname(os.path.realpath(AGENT)), AGENT]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +261,8 @@ class AgentServer(harness.AgentProcess):
                               timeout=timeout)
 
     def launch(self):
-        """What run_from_bytecode() execs for `PYTHON script`: the directory Python would put
-        first on the import path (the script's, symbolic links resolved), then the script."""
+        """AGENT_LINE for this script: the directory Python would put first on the import path
+        (the script's, symbolic links resolved), then the script."""
         return [self.python, '-c', agent.FROM_BYTECODE,
                 os.path.dirname(os.path.realpath(self.agent)), self.agent]
 
