@@ -930,7 +930,7 @@ class SafeDefaultsTests(OwnFilesTestMixin, unittest.TestCase):
 
     def agent(self, *args, cwd=None):
         """agent.py with these arguments, as the test's user; loopback and any port, always."""
-        result = run([self.python, AGENT, '--bind', '127.0.0.1', '--port', '0'] + list(args),
+        result = run([self.python, *AGENT_LINE[1:], '--bind', '127.0.0.1', '--port', '0'] + list(args),
                      cwd=cwd or self.www, env=self.env, preexec_fn=self.preexec)
         self.assertNotIn('Traceback', result.stdout + result.stderr)
         self.assertNotIn('agent: agent:', result.stdout + result.stderr)
@@ -1117,7 +1117,7 @@ class SystemDirectoryTests(unittest.TestCase):
         os.mkdir(own)
         os.chown(own, nobody.pw_uid, nobody.pw_gid)
         for cwd in ('/', '/etc'):
-            result = run([python, AGENT, '--bind', '127.0.0.1', '--port', '0', '--pidfile',
+            result = run([python, *AGENT_LINE[1:], '--bind', '127.0.0.1', '--port', '0', '--pidfile',
                           os.path.join(own, 'a.pid'), '--log', os.path.join(own, 'a.log'),
                           '--access-log', 'off', '--workers', '1', 'start'], cwd=cwd,
                          user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
@@ -1426,7 +1426,7 @@ class RootIdentityTests(unittest.TestCase):
                                                                  'LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES')}
 
         def as_user(uid, gid, *args):
-            return run([python, AGENT, '--port', str(port)] + list(args), cwd='/', env=env,
+            return run([python, *AGENT_LINE[1:], '--port', str(port)] + list(args), cwd='/', env=env,
                        user=uid, group=gid, extra_groups=[])
         theirs = '/tmp/agent-%d/agent-%d.pid' % (nobody.pw_uid, port)
         started = as_user(nobody.pw_uid, nobody.pw_gid, '--root', self.www, '--bind', '127.0.0.1',

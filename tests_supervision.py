@@ -425,7 +425,7 @@ class SupervisionTests(unittest.TestCase):
         def become_nobody():
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-        result = run([python, AGENT] + server.options + ['upgrade'], preexec_fn=become_nobody,
+        result = run([python, *AGENT_LINE[1:]] + server.options + ['upgrade'], preexec_fn=become_nobody,
                      cwd='/', env=dict(os.environ, HOME='/'))
         self.assertEqual(result.returncode, daemon.EXIT_PRIVILEGE, result.stdout + result.stderr)
         self.assertIn('permission denied', result.stderr)
