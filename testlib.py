@@ -37,6 +37,12 @@ from harness import children_of, pid_alive, raw_request, read_pid, serving_ports
 PYTHON = sys.executable
 AGENT = os.path.join(HERE, 'agent.py')
 TIMEOUT = 20        # hard limit for any one command or wait
+# What a client that loops through a reload or an upgrade waits between requests: without it,
+# three threads and the workers serving them took both cores for the length of the test (17 s of
+# CPU for one upgrade test, the slowest of the suite), and the upgrade itself waited for them.
+# Still a request every few milliseconds while workers are replaced; and well under the
+# DRAIN_GRACE a draining worker leaves an idle keep-alive connection before closing it.
+CLIENT_PAUSE = 0.005
 # `python3 agent.py` as it goes on once run_from_bytecode() has exec'd it (same argv, main()
 # and SCRIPT, agent.py imported from cached bytecode), for the tests of what agent.py does
 # rather than of that launch (FromBytecodeTests): compiling the 5,800-line script from source

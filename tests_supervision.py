@@ -17,8 +17,8 @@ from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import (
-    AGENT, AGENT_LINE, AgentServer, CLF_LINE, HERE, PYTHON, TIMEOUT, kill_group_of, nobody_user, proc_stat,
-    run, slurp, sockets_of, wait_for)
+    AGENT, AGENT_LINE, AgentServer, CLF_LINE, CLIENT_PAUSE, HERE, PYTHON, TIMEOUT, kill_group_of,
+    nobody_user, proc_stat, run, slurp, sockets_of, wait_for)
 import agent
 import daemon
 import harness
@@ -198,6 +198,7 @@ class SupervisionTests(unittest.TestCase):
                 except Exception as exc:
                     failures.append(repr(exc))
                     conn.close()
+                stop.wait(CLIENT_PAUSE)
             conn.close()
 
         threads = [threading.Thread(target=client, args=(k,)) for k in (True, True, False)]
@@ -341,6 +342,7 @@ class SupervisionTests(unittest.TestCase):
                 except Exception as exc:
                     failures.append(repr(exc))
                     conn.close()
+                stop.wait(CLIENT_PAUSE)
             conn.close()
 
         def serving_more(n, what):
