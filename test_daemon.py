@@ -3,6 +3,7 @@
 The tests live beside this file in modules by area; this one imports every test class, so each
 of these sees the whole suite, once:
   python3 test_daemon.py                 all classes in TEST_DAEMON_JOBS processes (default 4),
+                                         a long class test by test (testrun.work_items),
                                          ending with one plain "N passed, N failed, N skipped"
   python3 test_daemon.py [-v] Class...   those classes (or Class.test_name), in this process
   python3 -m unittest test_daemon        python3 -m pytest [-n 4 --dist loadscope]

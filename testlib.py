@@ -37,6 +37,17 @@ from harness import children_of, pid_alive, raw_request, read_pid, serving_ports
 PYTHON = sys.executable
 AGENT = os.path.join(HERE, 'agent.py')
 TIMEOUT = 20        # hard limit for any one command or wait
+# What a client that loops through a reload or an upgrade waits between requests: without it,
+# three threads and the workers serving them took both cores for the length of the test (17 s of
+# CPU for one upgrade test, the slowest of the suite), and the upgrade itself waited for them.
+# Still a request every few milliseconds while workers are replaced; and well under the
+# DRAIN_GRACE a draining worker leaves an idle keep-alive connection before closing it.
+CLIENT_PAUSE = 0.005
+# `python3 agent.py` as it goes on once run_from_bytecode() has exec'd it (same argv, main()
+# and SCRIPT, agent.py imported from cached bytecode), for the tests of what agent.py does
+# rather than of that launch (FromBytecodeTests): compiling the 5,800-line script from source
+# and a second interpreter start cost more CPU than most of those commands (see AgentServer).
+AGENT_LINE = [PYTHON, '-c', agent.FROM_BYTECODE, os.path.dirname(os.path.realpath(AGENT)), AGENT]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,18 +240,37 @@ class TempDirTest(unittest.TestCase):
 
 class AgentServer(harness.AgentProcess):
     """harness.AgentProcess for a test: an agent on 127.0.0.1 with a port the kernel picked, in
-    a temporary directory, removed and killed by the test's (or its class's) cleanups."""
+    a temporary directory, removed and killed by the test's (or its class's) cleanups.
 
-    def __init__(self, testcase, *options, workers=2, root=None, script=AGENT):
+    Its commands (start, stop, status...) run the line that `python3 agent.py start` execs
+    itself into (agent.FROM_BYTECODE, see run_from_bytecode): the same main(), argv, pid and
+    cached bytecode, without the two steps before it, compiling the script from source (agent.py
+    is never cached) and a second interpreter start.  That was 40 % of the CPU of a start and a
+    stop, and the suite starts hundreds.  via_script=True runs `python3 agent.py` as a user
+    does, for the tests of that launch (FromBytecodeTests), as do a script that is not agent.py
+    (a wrapper) and the tests that run [PYTHON, AGENT, ...] themselves."""
+
+    def __init__(self, testcase, *options, workers=2, root=None, script=AGENT, via_script=False):
         harness.AgentProcess.__init__(self, root=root, options=options, workers=workers,
                                       python=PYTHON, agent=script, stop_timeout=None,
                                       prefix='agent-test-')
         testcase.addCleanup(subprocess.run, ['rm', '-rf', self.dir])
         self.pids = []
+        self.via_script = via_script
         testcase.addCleanup(self.kill)
 
     def command(self, action, *extra, timeout=TIMEOUT):
-        return harness.AgentProcess.command(self, action, *extra, timeout=timeout)
+        if self.via_script or os.path.basename(self.agent) != 'agent.py':    # or a wrapper
+            return harness.AgentProcess.command(self, action, *extra, timeout=timeout)
+        return subprocess.run(self.launch() + self.options + list(extra) + [action],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def launch(self):
+        """AGENT_LINE for this script: the directory Python would put first on the import path
+        (the script's, symbolic links resolved), then the script."""
+        return [self.python, '-c', agent.FROM_BYTECODE,
+                os.path.dirname(os.path.realpath(self.agent)), self.agent]
 
     def start(self):
         try:

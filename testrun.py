@@ -2,14 +2,14 @@
 
 Most of a test's time is waiting for daemons, not CPU, so four processes (the default) finish
 sooner than two on a 2-core machine.  The balance measures itself, with no table kept by hand:
-each process asks for its next class when it finishes one (a queue, not fixed shares), and the
-queue starts with the classes that took longest last time, from TIMES (written after each full
-run; a class not in it counts as TestCase methods x DEFAULT_SECONDS).  Given test names, or
-TEST_DAEMON_JOBS=1, the tests run in this process, like `python3 -m unittest`.  The output ends
-with one plain line, "N passed, N failed, N skipped" (CI reads it); a share's own count is said
-in parentheses.  (With pytest-xdist installed, `python3 -m pytest -n 4 --dist loadscope` is the
-same run.)
-"""
+each process asks for its next item when it finishes one (a queue, not fixed shares), and the
+queue starts with the items that took longest last time, from TIMES (written after each full
+run; a class not in it counts as TestCase methods x DEFAULT_SECONDS).  An item is a class, or
+one test of a long class (work_items), so that no class sets the floor of the run alone.  Given
+test names, or TEST_DAEMON_JOBS=1, the tests run in this process, like `python3 -m unittest`.
+The output ends with one plain line, "N passed, N failed, N skipped" (CI reads it); a share's
+own count is said in parentheses.  (With pytest-xdist installed, `python3 -m pytest -n 4
+--dist loadscope` is the same run.)"""
 
 import json
 import os
@@ -23,6 +23,7 @@ import unittest
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMES = os.environ.get('TEST_DAEMON_TIMES', os.path.join(HERE, '.test-times.json'))
 DEFAULT_SECONDS = 0.3       # per test method, for a class never timed here
+SPLIT_SECONDS = 5.0         # a class longer than this is handed out test by test (work_items)
 ENTRY = os.path.join(HERE, 'test_daemon.py')
 
 
@@ -59,10 +60,39 @@ def save_times(measured):
         pass
 
 
-def longest_first(classes, times):
-    """Class names by the seconds they took last time (or tests x DEFAULT_SECONDS), longest first;
-    ties keep the order of classes."""
-    return sorted(classes, key=lambda name: -times.get(name, classes[name] * DEFAULT_SECONDS))
+def shares_a_fixture(cls):
+    """Whether the tests of cls share what its setUpClass made (one agent for the class)."""
+    return (cls.setUpClass.__func__ is not unittest.TestCase.setUpClass.__func__
+            or cls.tearDownClass.__func__ is not unittest.TestCase.tearDownClass.__func__)
+
+
+def work_items(namespace, times):
+    """What the processes are handed, with the seconds each should take: name -> seconds.
+
+    A class is one item: its time last time, or TestCase methods x DEFAULT_SECONDS.  A class
+    longer than SPLIT_SECONDS would set the floor of the run alone, so its tests are items of
+    their own ('Class.test_name'), each by its own time (a test not timed yet: the class's
+    mean), unless they share a class fixture, or there is only one.  Once split, a class is
+    measured by the sum of its tests' times."""
+    loader = unittest.TestLoader()
+    items = {}
+    for name, count in test_classes(namespace).items():
+        cls = namespace[name]
+        tests = ['%s.%s' % (name, method) for method in loader.getTestCaseNames(cls)]
+        if all(test in times for test in tests):
+            seconds = sum(times[test] for test in tests)
+        else:
+            seconds = times.get(name, count * DEFAULT_SECONDS)
+        if count > 1 and seconds > SPLIT_SECONDS and not shares_a_fixture(cls):
+            items.update((test, times.get(test, seconds / count)) for test in tests)
+        else:
+            items[name] = seconds
+    return items
+
+
+def longest_first(items):
+    """The names of items (name -> seconds), longest first; ties keep their order."""
+    return sorted(items, key=lambda name: -items[name])
 
 
 def outcome_counts(result):
@@ -77,7 +107,8 @@ def run_here(argv):
 
 
 def serve_classes(report_fd, options):
-    """A worker process: run each class named on stdin; report 'name passed failed skipped secs'."""
+    """A worker process: run each item (a class, or Class.test) named on stdin; report
+    'name passed failed skipped secs'."""
     with os.fdopen(report_fd, 'w', buffering=1) as report:
         for line in sys.stdin:
             name = line.strip()
@@ -89,7 +120,7 @@ def serve_classes(report_fd, options):
 
 
 class Worker:
-    """One `python3 test_daemon.py` process fed class names one at a time."""
+    """One `python3 test_daemon.py` process fed item names one at a time."""
 
     def __init__(self, options):
         read, write = os.pipe()
@@ -118,9 +149,9 @@ class Worker:
         return text
 
 
-def run_in_processes(jobs, options, classes):
-    """The classes, longest first, to jobs workers as each gets free; one total."""
-    queue = longest_first(classes, load_times())
+def run_in_processes(jobs, options, namespace):
+    """The work items, longest first, to jobs workers as each gets free; one total."""
+    queue = longest_first(work_items(namespace, load_times()))
     workers = [Worker(options) for _ in range(min(jobs, len(queue)))]
     selector = selectors.DefaultSelector()
     for worker in workers:
@@ -131,7 +162,7 @@ def run_in_processes(jobs, options, classes):
         for key, _ in selector.select():
             worker = key.data
             line = worker.report.readline()
-            if not line:                    # the process died: its class counts one failure
+            if not line:                    # the process died: its item counts one failure
                 if worker.current:
                     print('test_daemon: the process running %s died' % worker.current)
                     totals[1] += 1
@@ -162,7 +193,7 @@ def main(namespace):
     if os.environ.get('TEST_DAEMON_WORKER'):
         return serve_classes(int(os.environ['TEST_DAEMON_WORKER']), arguments)
     if jobs > 1 and all(a.startswith('-') for a in arguments):
-        passed, failed, skipped = run_in_processes(jobs, arguments, test_classes(namespace))
+        passed, failed, skipped = run_in_processes(jobs, arguments, namespace)
     else:
         passed, failed, skipped = run_here(sys.argv)
     print('%d passed, %d failed, %d skipped' % (passed, failed, skipped))

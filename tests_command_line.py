@@ -18,7 +18,7 @@ from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import (
-    AGENT, AgentServer, HERE, PYTHON, TIMEOUT, kill_group_of, nobody_agent, nobody_user,
+    AGENT, AGENT_LINE, AgentServer, HERE, PYTHON, TIMEOUT, kill_group_of, nobody_agent, nobody_user,
     proc_status, python_for, run, slurp, wait_for)
 import agent
 import daemon
@@ -47,7 +47,7 @@ class AgentCommandLineTests(unittest.TestCase):
         self.addCleanup(subprocess.run, ['rm', '-rf', tmp])
         for bad in (['--workers', '0'], ['--port', '70000'], ['--port', 'http'], ['--timeout', '-1'],
                     ['--stop-timeout', 'soon'], ['--max-header-size', '0'], ['frobnicate']):
-            args = [PYTHON, AGENT, '--pidfile', os.path.join(tmp, 'a.pid')] + bad
+            args = [*AGENT_LINE, '--pidfile', os.path.join(tmp, 'a.pid')] + bad
             if 'frobnicate' not in bad:
                 args.append('start')
             result = run(args, cwd=tmp)
@@ -81,7 +81,7 @@ class ReadmeTests(unittest.TestCase):
     def setUpClass(cls):
         with open(os.path.join(HERE, 'README.md')) as f:
             cls.readme = f.read()
-        cls.help = run([PYTHON, AGENT, '--help']).stdout
+        cls.help = run([*AGENT_LINE, '--help']).stdout
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix='readme-test-')
@@ -229,15 +229,15 @@ class ReadmeTests(unittest.TestCase):
             # the workers run as.  --user nobody is that user, and may read the photos.
             options += ['--user', 'nobody']
             os.chmod(self.tmp, 0o755)
-        result = run([PYTHON, AGENT] + options + ['start'], cwd=photos)
+        result = run(AGENT_LINE + options + ['start'], cwd=photos)
         pid = int(read_pid(pidfile) or 0)
         self.addCleanup(kill_group_of, pid)
         self.assertEqual((result.returncode, result.stderr), (0, ''))
         self.assertRegex(result.stdout, '^%s\n$' % expected(shown[0]))
-        result = run([PYTHON, AGENT] + options + ['status'], cwd=self.tmp)      # from any directory
+        result = run(AGENT_LINE + options + ['status'], cwd=self.tmp)      # from any directory
         self.assertEqual(result.returncode, 0)
         self.assertRegex(result.stdout, '^%s\n$' % expected(shown[1]))
-        result = run([PYTHON, AGENT] + options + ['stop'], cwd=self.tmp)
+        result = run(AGENT_LINE + options + ['stop'], cwd=self.tmp)
         self.assertEqual(result.returncode, 0)
         self.assertRegex(result.stdout, '^%s\n$' % expected(shown[2]))
         self.assertEqual(sorted(os.listdir(photos)), ['access.log', 'agent.log'])
@@ -339,7 +339,7 @@ class ReadmeTests(unittest.TestCase):
         self.assertIn('(default: %d, the number of CPUs)' % os.cpu_count(), ' '.join(self.help.split()))
         self.assertEqual(config.workers, os.cpu_count())
         for bad in ('0', '257'):
-            self.assertEqual(run([PYTHON, AGENT, '--workers', bad, 'status']).returncode, daemon.EXIT_USAGE)
+            self.assertEqual(run([*AGENT_LINE, '--workers', bad, 'status']).returncode, daemon.EXIT_USAGE)
 
     # -- the page's shape, and the documents it leads to ------------------------------------
 
@@ -448,7 +448,7 @@ class ReadmeTests(unittest.TestCase):
         """`agent.py --help` wraps at spaces only: at any width, a path such as
         /tmp/agent-UID/agent-PORT.pid stays one word (it was cut after 'agent-')."""
         for columns in ('60', '80', '100'):
-            text = run([PYTHON, AGENT, '--help'], env=dict(os.environ, COLUMNS=columns)).stdout
+            text = run([*AGENT_LINE, '--help'], env=dict(os.environ, COLUMNS=columns)).stdout
             words = text.split()
             for whole in ('/tmp/agent-UID/agent-PORT.pid', '$XDG_RUNTIME_DIR/agent-PORT.pid',
                           '/run/agent-PORT.pid', 'in-flight', 'Strict-Transport-Security:'):
@@ -601,7 +601,7 @@ class NothingLeftBehindTests(unittest.TestCase):
     def run_until_signal(self, server, signum):
         err = os.path.join(server.dir, 'run.err')
         with open(err, 'wb') as stderr:
-            proc = subprocess.Popen([PYTHON, AGENT] + server.options + ['run'],
+            proc = subprocess.Popen(AGENT_LINE + server.options + ['run'],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=stderr, start_new_session=True)
         self.addCleanup(kill_group_of, proc.pid)
@@ -695,7 +695,7 @@ class FromBytecodeTests(unittest.TestCase):
 
     def test_start_caches_and_runs_the_bytecode(self):
         where = self.copy_of_agent()
-        server = AgentServer(self, script=os.path.join(where, 'agent.py')).start()
+        server = AgentServer(self, script=os.path.join(where, 'agent.py'), via_script=True).start()
         self.assert_agent_cached(where)
         for pid in [server.master()] + server.workers():
             with open('/proc/%d/cmdline' % pid, 'rb') as f:
@@ -756,7 +756,7 @@ class FromBytecodeTests(unittest.TestCase):
         release = tempfile.mkdtemp(prefix='agent-link-')
         self.addCleanup(subprocess.run, ['rm', '-rf', release])
         os.symlink(os.path.join(where, 'agent.py'), os.path.join(release, 'agent.py'))
-        server = AgentServer(self, script=os.path.join(release, 'agent.py')).start()
+        server = AgentServer(self, script=os.path.join(release, 'agent.py'), via_script=True).start()
         self.assertEqual(server.get('/missing.jpg')[0], 404)
         with open('/proc/%d/cmdline' % server.master(), 'rb') as f:
             self.assertIn(os.path.join(release, 'agent.py').encode(), f.read())
@@ -930,7 +930,7 @@ class SafeDefaultsTests(OwnFilesTestMixin, unittest.TestCase):
 
     def agent(self, *args, cwd=None):
         """agent.py with these arguments, as the test's user; loopback and any port, always."""
-        result = run([self.python, AGENT, '--bind', '127.0.0.1', '--port', '0'] + list(args),
+        result = run([self.python, *AGENT_LINE[1:], '--bind', '127.0.0.1', '--port', '0'] + list(args),
                      cwd=cwd or self.www, env=self.env, preexec_fn=self.preexec)
         self.assertNotIn('Traceback', result.stdout + result.stderr)
         self.assertNotIn('agent: agent:', result.stdout + result.stderr)
@@ -1093,7 +1093,7 @@ class SystemDirectoryTests(unittest.TestCase):
         self.addCleanup(lambda: kill_group_of(read_pid(self.pidfile)))
 
     def agent(self, *args, cwd):
-        return run([PYTHON, AGENT, '--bind', '127.0.0.1', '--port', '0', '--pidfile', self.pidfile,
+        return run([*AGENT_LINE, '--bind', '127.0.0.1', '--port', '0', '--pidfile', self.pidfile,
                     '--log', self.log, '--access-log', 'off', '--workers', '1'] + list(args), cwd=cwd)
 
     def test_system_directories_are_refused_as_the_default_root(self):
@@ -1117,7 +1117,7 @@ class SystemDirectoryTests(unittest.TestCase):
         os.mkdir(own)
         os.chown(own, nobody.pw_uid, nobody.pw_gid)
         for cwd in ('/', '/etc'):
-            result = run([python, AGENT, '--bind', '127.0.0.1', '--port', '0', '--pidfile',
+            result = run([python, *AGENT_LINE[1:], '--bind', '127.0.0.1', '--port', '0', '--pidfile',
                           os.path.join(own, 'a.pid'), '--log', os.path.join(own, 'a.log'),
                           '--access-log', 'off', '--workers', '1', 'start'], cwd=cwd,
                          user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
@@ -1149,7 +1149,7 @@ class SystemDirectoryTests(unittest.TestCase):
         wait_for(lambda: not pid_alive(master) and not children_of(master), message='the agent gone')
         # `restart` from / with nothing but the pidfile: the same agent again.
         # (--bind and --port again, the same: loopback even while this test fails)
-        result = run([PYTHON, AGENT, '--pidfile', self.pidfile, '--bind', '127.0.0.1', '--port', '0',
+        result = run([*AGENT_LINE, '--pidfile', self.pidfile, '--bind', '127.0.0.1', '--port', '0',
                       'restart'], cwd='/')
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn('nothing was running', result.stdout)
@@ -1161,7 +1161,7 @@ class SystemDirectoryTests(unittest.TestCase):
         conn.close()
         self.assertEqual(self.agent('stop', cwd='/').returncode, 0)
         # After a clean stop nothing is left behind, options included: restart is a start.
-        result = run([PYTHON, AGENT, '--pidfile', self.pidfile, '--bind', '127.0.0.1', '--port', '0',
+        result = run([*AGENT_LINE, '--pidfile', self.pidfile, '--bind', '127.0.0.1', '--port', '0',
                       'restart'], cwd='/')
         self.assertNotEqual(result.returncode, 0, result.stdout)
         self.assertIn('nothing was running', result.stdout)
@@ -1231,7 +1231,7 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         server.start()
         old = server.master()
         # From another directory, with nothing but the pidfile: the same agent comes back.
-        result = run([PYTHON, AGENT, '--pidfile', server.pidfile, 'restart'], cwd='/')
+        result = run([*AGENT_LINE, '--pidfile', server.pidfile, 'restart'], cwd='/')
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertNotIn('restart changes', result.stdout)
         self.assertIn('agent serving %s at http://127.0.0.1:' % server.root, result.stdout)
@@ -1240,7 +1240,7 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         server.port = harness.serving_port(result.stdout)
         self.assertEqual(server.get('/k.jpg')[2], b'kept')
         self.assertEqual(len(server.workers()), 2)
-        result = run([PYTHON, AGENT, '--pidfile', server.pidfile, '--workers', '1', '--no-listing',
+        result = run([*AGENT_LINE, '--pidfile', server.pidfile, '--workers', '1', '--no-listing',
                       'restart'], cwd='/')
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn('agent: restart changes --no-listing off -> on, --workers 2 -> 1', result.stdout)
@@ -1291,7 +1291,7 @@ class HonestCommandLineTests(OwnFilesTestMixin, unittest.TestCase):
         self.assertEqual(default.get('/d.jpg')[1]['cache-control'], 'max-age=%d' % agent.DEFAULT_MAX_AGE)
         self.assertEqual(default.get('/')[0], 200)
         default.stop()
-        version = run([PYTHON, AGENT, '--version'])
+        version = run([*AGENT_LINE, '--version'])
         self.assertEqual(version.returncode, 0)
         self.assertEqual(version.stdout.split()[:2], ['agent.py', agent.__version__])
 
@@ -1338,7 +1338,7 @@ class RootIdentityTests(unittest.TestCase):
         self.addCleanup(lambda: kill_group_of(read_pid(self.pidfile)))
 
     def agent(self, *args, cwd='/', root=None):
-        return run([PYTHON, AGENT, '--root', root or self.www, '--bind', '127.0.0.1', '--port', '0',
+        return run([*AGENT_LINE, '--root', root or self.www, '--bind', '127.0.0.1', '--port', '0',
                     '--pidfile', self.pidfile, '--log', self.log, '--access-log', 'off',
                     '--workers', '2'] + list(args), cwd=cwd)
 
@@ -1426,7 +1426,7 @@ class RootIdentityTests(unittest.TestCase):
                                                                  'LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES')}
 
         def as_user(uid, gid, *args):
-            return run([python, AGENT, '--port', str(port)] + list(args), cwd='/', env=env,
+            return run([python, *AGENT_LINE[1:], '--port', str(port)] + list(args), cwd='/', env=env,
                        user=uid, group=gid, extra_groups=[])
         theirs = '/tmp/agent-%d/agent-%d.pid' % (nobody.pw_uid, port)
         started = as_user(nobody.pw_uid, nobody.pw_gid, '--root', self.www, '--bind', '127.0.0.1',
@@ -1437,14 +1437,14 @@ class RootIdentityTests(unittest.TestCase):
         self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
         master = read_pid(theirs)
         for cwd in ('/', self.tmp):
-            status = run([PYTHON, AGENT, '--port', str(port), 'status'], cwd=cwd)
+            status = run([*AGENT_LINE, '--port', str(port), 'status'], cwd=cwd)
             self.assertEqual(status.returncode, 0, status.stdout + status.stderr)
             text = status.stdout + status.stderr
             self.assertIn('pid %d' % master, text)
             self.assertIn('nobody', text)
             self.assertIn(theirs, text)
             self.assertNotIn('not running', text)
-        stop = run([PYTHON, AGENT, '--port', str(port), 'stop'], cwd='/')
+        stop = run([*AGENT_LINE, '--port', str(port), 'stop'], cwd='/')
         self.assertEqual(stop.returncode, 1, stop.stdout + stop.stderr)
         self.assertIn('--pidfile %s stop' % theirs, stop.stdout + stop.stderr)
         self.assertTrue(pid_alive(master))
@@ -1457,7 +1457,7 @@ class RootIdentityTests(unittest.TestCase):
         self.assertEqual(as_user(nobody.pw_uid, nobody.pw_gid, 'stop').returncode, 0)
         # The reverse: root's agent on the port (its default pidfile in /run), asked by nobody.
         ours = '/run/agent-%d.pid' % port
-        result = run([PYTHON, AGENT, '--root', self.www, '--bind', '127.0.0.1', '--port', str(port),
+        result = run([*AGENT_LINE, '--root', self.www, '--bind', '127.0.0.1', '--port', str(port),
                       '--log', self.log, '--access-log', 'off', '--workers', '1', 'start'], cwd='/')
         self.addCleanup(remove_files, ours, ours + '.options')
         self.addCleanup(lambda: kill_group_of(read_pid(ours)))
@@ -1469,7 +1469,7 @@ class RootIdentityTests(unittest.TestCase):
         stop = as_user(nobody.pw_uid, nobody.pw_gid, 'stop')
         self.assertNotEqual(stop.returncode, 0, stop.stdout + stop.stderr)
         self.assertIn('--pidfile %s stop' % ours, stop.stdout + stop.stderr)
-        self.assertEqual(run([PYTHON, AGENT, '--port', str(port), 'stop'], cwd='/').returncode, 0)
+        self.assertEqual(run([*AGENT_LINE, '--port', str(port), 'stop'], cwd='/').returncode, 0)
 
 
 class CommonMistakeTests(unittest.TestCase):
@@ -1477,7 +1477,7 @@ class CommonMistakeTests(unittest.TestCase):
     user, with the LSB exit code (2 usage, 1 failure), never a usage screen or a traceback."""
 
     def agent(self, *args):
-        return run([PYTHON, AGENT] + list(args))
+        return run(AGENT_LINE + list(args))
 
     def assert_one_line(self, result, code, *words):
         self.assertEqual(result.returncode, code, result.stdout + result.stderr)
@@ -1526,7 +1526,7 @@ class CommonMistakeTests(unittest.TestCase):
         for option in sorted(base):
             for action in ('start', 'run'):
                 options = dict(base, **{option: os.path.join(closed, 'x.log')})
-                argv = [PYTHON, AGENT, '--root', tmp, '--bind', '127.0.0.1', '--port', '0']
+                argv = [*AGENT_LINE, '--root', tmp, '--bind', '127.0.0.1', '--port', '0']
                 for name, value in sorted(options.items()):
                     if not (action == 'run' and name == '--log'):
                         argv += [name, value]
@@ -1572,7 +1572,7 @@ class CommonMistakeTests(unittest.TestCase):
         pidfile = os.path.join(tmp, 'a.pid')
 
         def agent(*args):
-            return subprocess.run([PYTHON, AGENT] + list(args), cwd=gone, stdin=subprocess.DEVNULL,
+            return subprocess.run(AGENT_LINE + list(args), cwd=gone, stdin=subprocess.DEVNULL,
                                   capture_output=True, text=True, timeout=TIMEOUT,
                                   preexec_fn=lambda: os.rmdir(gone))
         result = agent('--pidfile', pidfile, 'status')

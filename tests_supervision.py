@@ -17,8 +17,8 @@ from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import (
-    AGENT, AgentServer, CLF_LINE, HERE, PYTHON, TIMEOUT, kill_group_of, nobody_user, proc_stat,
-    run, slurp, sockets_of, wait_for)
+    AGENT, AGENT_LINE, AgentServer, CLF_LINE, CLIENT_PAUSE, HERE, PYTHON, TIMEOUT, kill_group_of,
+    nobody_user, proc_stat, run, slurp, sockets_of, wait_for)
 import agent
 import daemon
 import harness
@@ -110,7 +110,7 @@ class SupervisionTests(unittest.TestCase):
         sock.sendall(b'GET /big.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
         first = sock.recv(65536)
         self.assertTrue(first.startswith(b'HTTP/1.1 200'))
-        stopper = subprocess.Popen([PYTHON, AGENT] + server.options + ['stop'],
+        stopper = subprocess.Popen(AGENT_LINE + server.options + ['stop'],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(stopper.wait)
         self.addCleanup(stopper.kill)
@@ -133,12 +133,12 @@ class SupervisionTests(unittest.TestCase):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         sock.sendall(b'GET /big.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
         first = sock.recv(65536)
-        stopper = subprocess.Popen([PYTHON, AGENT] + server.options + ['stop'],
+        stopper = subprocess.Popen(AGENT_LINE + server.options + ['stop'],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(stopper.wait)
         self.addCleanup(lambda: stopper.poll() is None and stopper.kill())
         wait_for(lambda: 'agent: stopping 2 workers' in server.log_text(), message='the stop under way')
-        starter = subprocess.Popen([PYTHON, AGENT] + server.options + ['start'], stdin=subprocess.DEVNULL,
+        starter = subprocess.Popen(AGENT_LINE + server.options + ['start'], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: starter.poll() is None and starter.kill())
         self.assertEqual(body_bytes_to_end(sock, first, size), size)
@@ -161,7 +161,7 @@ class SupervisionTests(unittest.TestCase):
         first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(first.close)
         first.bind(daemon._abstract_name('agent', 'reload', master))     # a reload under way
-        second = subprocess.Popen([PYTHON, AGENT] + server.options + ['reload'], stdin=subprocess.DEVNULL,
+        second = subprocess.Popen(AGENT_LINE + server.options + ['reload'], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: second.poll() is None and second.kill())
         wait_for(lambda: second.poll() is not None or any(
@@ -198,6 +198,7 @@ class SupervisionTests(unittest.TestCase):
                 except Exception as exc:
                     failures.append(repr(exc))
                     conn.close()
+                stop.wait(CLIENT_PAUSE)
             conn.close()
 
         threads = [threading.Thread(target=client, args=(k,)) for k in (True, True, False)]
@@ -341,6 +342,7 @@ class SupervisionTests(unittest.TestCase):
                 except Exception as exc:
                     failures.append(repr(exc))
                     conn.close()
+                stop.wait(CLIENT_PAUSE)
             conn.close()
 
         def serving_more(n, what):
@@ -378,7 +380,7 @@ class SupervisionTests(unittest.TestCase):
             # A broken new version: the check in a child fails, with its own error; nothing changes.
             workers = server.workers()
             install(good_code.replace('\ndef main(argv=None):\n', '\ndef main(argv=None):\n    1 / 0\n'))
-            failed = run([PYTHON, AGENT] + server.options + ['upgrade'])
+            failed = run(AGENT_LINE + server.options + ['upgrade'])
             self.assertEqual(failed.returncode, 1)
             self.assertIn('ZeroDivisionError', failed.stderr)
             self.assertNotIn('Traceback', failed.stderr)
@@ -392,7 +394,7 @@ class SupervisionTests(unittest.TestCase):
             install(good_code.replace(anchor, "        raise DaemonError('v3 workers refuse to start')\n" + anchor, 1))
             with open(script) as f:
                 self.assertIn('v3 workers refuse', f.read(), 'the test no longer breaks Worker')
-            failed = run([PYTHON, AGENT] + server.options + ['upgrade'])
+            failed = run(AGENT_LINE + server.options + ['upgrade'])
             self.assertEqual(failed.returncode, 1, failed.stdout)
             self.assertIn('v3 workers refuse to start', failed.stderr)
             self.assertEqual((server.master(), server.workers()), (master, workers))
@@ -425,7 +427,7 @@ class SupervisionTests(unittest.TestCase):
         def become_nobody():
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-        result = run([python, AGENT] + server.options + ['upgrade'], preexec_fn=become_nobody,
+        result = run([python, *AGENT_LINE[1:]] + server.options + ['upgrade'], preexec_fn=become_nobody,
                      cwd='/', env=dict(os.environ, HOME='/'))
         self.assertEqual(result.returncode, daemon.EXIT_PRIVILEGE, result.stdout + result.stderr)
         self.assertIn('permission denied', result.stderr)
@@ -441,13 +443,13 @@ class SupervisionTests(unittest.TestCase):
         # As root, --user root: mkdtemp's 0700 directory, and an interpreter that may be under
         # /root (pyenv's) for the upgrade, are root's.
         user = ['--user', 'root'] if os.geteuid() == 0 else []
-        proc = subprocess.Popen([PYTHON, AGENT, '--root', 'www', '--bind', '127.0.0.1', '--port', '0',
+        proc = subprocess.Popen([*AGENT_LINE, '--root', 'www', '--bind', '127.0.0.1', '--port', '0',
                                  '--pidfile', 'agent.pid', '--workers', '1'] + user + ['run'], cwd=tmp,
                                 stdout=err, stderr=err, start_new_session=True)
         self.addCleanup(lambda: (kill_group_of(proc.pid), proc.wait(TIMEOUT)))
         pidfile = os.path.join(tmp, 'agent.pid')
         wait_for(lambda: children_of(proc.pid) and read_pid(pidfile) == proc.pid, message='the agent up')
-        result = run([PYTHON, AGENT, '--pidfile', 'agent.pid', 'upgrade'], cwd=tmp)
+        result = run([*AGENT_LINE, '--pidfile', 'agent.pid', 'upgrade'], cwd=tmp)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         with open('/proc/%d/cmdline' % proc.pid) as f:
             title = f.read().rstrip('\0')          # the process title: no interpreter, no action
@@ -906,7 +908,7 @@ class FaultTests(unittest.TestCase):
     def test_stop_during_start_leaves_a_consistent_state(self):
         for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
             server = AgentServer(self)
-            starter = subprocess.Popen([PYTHON, AGENT] + server.options + ['start'],
+            starter = subprocess.Popen(AGENT_LINE + server.options + ['start'],
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self.addCleanup(starter.wait)
             self.addCleanup(starter.kill)
@@ -935,7 +937,7 @@ class FaultTests(unittest.TestCase):
 
     def test_twenty_concurrent_starts_make_one_master(self):
         server = AgentServer(self)
-        starters = [subprocess.Popen([PYTHON, AGENT] + server.options + ['start'],
+        starters = [subprocess.Popen(AGENT_LINE + server.options + ['start'],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                     for _ in range(20)]
         outputs = [p.communicate(timeout=60) for p in starters]
@@ -1159,7 +1161,7 @@ class ExhaustionTests(unittest.TestCase):
         def enter_group():
             with open(procs, 'w') as f:
                 f.write(str(os.getpid()))
-        run = subprocess.run([PYTHON, AGENT] + server.options + ['run'], preexec_fn=enter_group,
+        run = subprocess.run(AGENT_LINE + server.options + ['run'], preexec_fn=enter_group,
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(run.returncode, 1, run.stderr)
         self.assertIn('cannot fork a worker: Resource temporarily unavailable', run.stderr)

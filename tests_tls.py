@@ -18,7 +18,7 @@ import unittest
 
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import (
-    AgentServer, ClassCleanups, FILE_A, RawConn, TIMEOUT, TLSConn, assert_cut_response_logged,
+    AgentServer, CLIENT_PAUSE, ClassCleanups, FILE_A, RawConn, TIMEOUT, TLSConn, assert_cut_response_logged,
     assert_strict_page_policy, head_fields, parse_byteranges, run, slurp, sockets_of,
     tls_client_context, tls_make_ca, tls_make_leaf, tls_tool, wait_for, write_file)
 import agent
@@ -628,6 +628,7 @@ class TLSStartAndReloadTests(unittest.TestCase):
                 counts.append(1)
             except Exception as exc:        # noqa: any failure is what this looks for
                 failures.append(repr(exc))
+            stop.wait(CLIENT_PAUSE)
 
     def test_reload_renews_the_certificate(self):
         self.server.options += self.tls_options

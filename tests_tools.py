@@ -16,7 +16,7 @@ from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import (
-    AGENT, AgentServer, FILE_A, HERE, PYTHON, RawConn, SAMPLE_DAEMON, ServiceToolTestCase,
+    AGENT, AGENT_LINE, AgentServer, FILE_A, HERE, PYTHON, RawConn, SAMPLE_DAEMON, ServiceToolTestCase,
     TIMEOUT, TLSConn, kill_group_of, run, tls_make_ca, tls_make_leaf, tls_tool, wait_for,
     write_file)
 import daemon
@@ -74,12 +74,13 @@ class JournalPriorityTests(ServiceToolTestCase):
         err = os.path.join(tmp, 'stderr')
         open(err, 'w').close()
         env = dict(os.environ, JOURNAL_STREAM=self.journal_env(err))
-        argv = [PYTHON, AGENT, '--root', root, '--bind', '127.0.0.1', '--port', '0', '--workers', '1',
+        argv = [*AGENT_LINE, '--root', root, '--bind', '127.0.0.1', '--port', '0', '--workers', '1',
                 '--pidfile', os.path.join(tmp, 'a.pid'), '--access-log', 'off'] + AS_ROOT
         # A failed start: the one line that says why is an error.
         failed = os.path.join(tmp, 'failed')
         with open(failed, 'w') as f:
-            code = subprocess.run(argv[:3] + [os.path.join(tmp, 'missing')] + argv[4:] + ['run'],
+            at = argv.index('--root') + 1
+            code = subprocess.run(argv[:at] + [os.path.join(tmp, 'missing')] + argv[at + 1:] + ['run'],
                                   stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=TIMEOUT,
                                   env=dict(env, JOURNAL_STREAM=self.journal_env(failed))).returncode
         text = self.eco_read(failed)
@@ -139,7 +140,7 @@ class SdNotifyTests(ServiceToolTestCase):
         env = dict(os.environ, NOTIFY_SOCKET=notify_socket)
         env.pop('LISTEN_PID', None)
         env.pop('LISTEN_FDS', None)
-        proc = self.eco_popen([PYTHON, AGENT] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1', '--port', '0',
+        proc = self.eco_popen(AGENT_LINE + AS_ROOT + ['--root', root, '--bind', '127.0.0.1', '--port', '0',
                                '--pidfile', pidfile, '--access-log', os.path.join(tmp, 'access.log'),
                                '--workers', '2', 'run'], stderr, env=env)
         seen = []
@@ -210,7 +211,7 @@ class SdNotifyTests(ServiceToolTestCase):
         os.makedirs(root)
         env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC='400000')
         env.pop('WATCHDOG_PID', None)
-        proc = self.eco_popen([PYTHON, AGENT] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1', '--port', '0',
+        proc = self.eco_popen(AGENT_LINE + AS_ROOT + ['--root', root, '--bind', '127.0.0.1', '--port', '0',
                                '--pidfile', os.path.join(tmp, 'agent.pid'), '--access-log',
                                os.path.join(tmp, 'access.log'), '--workers', '2', 'run'],
                               os.path.join(tmp, 'stderr'), env=env)
@@ -278,7 +279,7 @@ class SocketActivationTests(ServiceToolTestCase):
         env = dict(os.environ)
         env.pop('NOTIFY_SOCKET', None)
         proc = self.eco_popen([tool, '-l', '127.0.0.1:%d' % passed, '--fdname=http',
-                               PYTHON, AGENT] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1',
+                               *AGENT_LINE] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1',
                                '--port', str(own), '--pidfile', pidfile,
                                '--access-log', os.path.join(tmp, 'access.log'),
                                '--workers', '2', 'run'], stderr, env=env)
@@ -321,7 +322,7 @@ class SocketActivationTests(ServiceToolTestCase):
         env.pop('NOTIFY_SOCKET', None)
         proc = self.eco_popen([tool, '-l', '127.0.0.1:%d' % https, '-l', '127.0.0.1:%d' % plain,
                                '--fdname=https:redirect',
-                               PYTHON, AGENT] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1',
+                               *AGENT_LINE] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1',
                                '--port', str(own), '--pidfile', os.path.join(tmp, 'agent.pid'),
                                '--access-log', os.path.join(tmp, 'access.log'), '--workers', '1',
                                '--tls-cert', cert, '--tls-key', key, '--hsts', '60', 'run'],
@@ -828,7 +829,7 @@ class UpgradeUnderServiceManagerTests(ServiceToolTestCase):
         self.sock.bind(address)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         env = dict(os.environ, NOTIFY_SOCKET=address)
-        proc = self.eco_popen([PYTHON, AGENT] + AS_ROOT + ['--root', root, '--bind', '127.0.0.1', '--port', '0',
+        proc = self.eco_popen(AGENT_LINE + AS_ROOT + ['--root', root, '--bind', '127.0.0.1', '--port', '0',
                                '--pidfile', self.pidfile, '--log', self.log,
                                '--access-log', self.access_log,
                                '--workers', '1', 'run'], self.stderr, env=env)

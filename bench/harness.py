@@ -37,8 +37,26 @@ def import_agent():
     return agent
 
 
+KERNEL_LISTS_CHILDREN = os.path.exists('/proc/self/task/%d/children' % os.getpid())
+
+
 def children_of(pid):
-    """Pids whose parent is pid, from /proc/<n>/stat."""
+    """Pids whose parent is pid: from the kernel's list, /proc/PID/task/TID/children (a small
+    read per thread, where the scan below reads the stat of every process on the machine: 4 ms
+    with 150 of them, and tests poll this), else from /proc/<n>/stat."""
+    if KERNEL_LISTS_CHILDREN:
+        found = set()
+        try:
+            tasks = os.listdir('/proc/%d/task' % pid)
+        except OSError:
+            return []       # gone, and its children with it (to another parent)
+        for tid in tasks:
+            try:
+                with open('/proc/%d/task/%s/children' % (pid, tid), 'rb') as f:
+                    found.update(int(child) for child in f.read().split())
+            except OSError:
+                continue    # a thread that ended: its children went to another of them
+        return sorted(found)
     found = []
     for name in os.listdir('/proc'):
         if not name.isdigit():
