@@ -730,13 +730,13 @@ class HeifThumbnailerPureTests(unittest.TestCase):
         self.assertEqual(agent.gallery_thumbnail('IMG_1.heic', None, True)[0], 'IMG_1.heic?thumb')
         listing = agent.gallery_listing(made)
         page = agent.gallery_page('/p/', listing, {'IMG_1.heic': info}, made=True)
-        self.assertIn('data-src="IMG_1.heic?thumb"', page)
-        self.assertIn('data-view="IMG_1.heic?thumb"', page)          # the lightbox shows the made one
-        self.assertNotIn('src="IMG_1.heic"', page)
-        self.assertNotIn('src="c.HEIF"', page)
+        self.assertIn(b'data-src="IMG_1.heic?thumb"', page)
+        self.assertIn(b'data-view="IMG_1.heic?thumb"', page)          # the lightbox shows the made one
+        self.assertNotIn(b'src="IMG_1.heic"', page)
+        self.assertNotIn(b'src="c.HEIF"', page)
         page = agent.gallery_page('/p/', agent.gallery_listing(plain), {}, made=False)
-        self.assertIn('<a href="IMG_1.heic">IMG_1.heic</a>', page)      # a file link, as before
-        self.assertNotIn('IMG_1.heic?thumb', page)
+        self.assertIn(b'<a href="IMG_1.heic">IMG_1.heic</a>', page)      # a file link, as before
+        self.assertNotIn(b'IMG_1.heic?thumb', page)
 
 
 class HeifThumbnailerServerTests(SharedAgentTestCase):
@@ -757,7 +757,8 @@ class HeifThumbnailerServerTests(SharedAgentTestCase):
         cls.cache = os.path.join(root, 'thumbs-cache')
         cls.server.options += ['--thumbnailer', program, '--cache', cls.cache]
         path = os.path.join(root, 'h', 'IMG_0001.heic')
-        subprocess_run([program, '-size', '800x600', 'gradient:blue-yellow', 'heic:' + path])
+        os.makedirs(os.path.dirname(path))
+        subprocess.run([program, '-size', '800x600', 'gradient:blue-yellow', 'heic:' + path], check=True, timeout=60)
         subprocess.run(['exiftool', '-q', '-overwrite_original', '-DateTimeOriginal=2024:07:14 09:30:00',
                         '-GPSLatitude=48.85', '-GPSLatitudeRef=N', '-GPSLongitude=2.35', '-GPSLongitudeRef=E', path],
                        check=True, timeout=60)
