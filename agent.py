@@ -3935,12 +3935,41 @@ def thumbnailer_reads_heif(program):
         argv, word = [os.path.join(os.path.dirname(program), 'vips'), '-l'], b'heifload'
     else:
         return False
-    import subprocess                       # only here: the agent runs no other program so
     try:
-        return word in subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, timeout=THUMB_TIME).stdout
-    except (OSError, subprocess.SubprocessError):
+        return word in program_output(argv)
+    except OSError:
         return False
+
+
+def program_output(argv, limit=THUMB_TIME, most=1 << 20):
+    """What argv writes to its stdout (at most most bytes), read until it closes it or limit
+    seconds pass; then the program is killed if still running, and waited for."""
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, '/dev/null', os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, write_end, 1),
+            (os.POSIX_SPAWN_OPEN, 2, '/dev/null', os.O_WRONLY, 0)])
+    except OSError:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    chunks, size, deadline = [], 0, time.monotonic() + limit
+    try:
+        while size < most and select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            data = os.read(read_end, 65536)
+            if not data:
+                break
+            chunks.append(data)
+            size += len(data)
+    finally:
+        os.close(read_end)
+        os.kill(pid, signal.SIGKILL)            # gone already: a zombie takes the signal
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass                                # reaped by a SIGCHLD handler
+    return b''.join(chunks)
 
 
 def find_program(name, path=None):

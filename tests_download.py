@@ -717,6 +717,7 @@ class HeifThumbnailerPureTests(unittest.TestCase):
             self.assertIs(agent.thumbnailer_reads_heif(path), expected, name)
         self.assertFalse(agent.thumbnailer_reads_heif('/usr/bin/ffmpeg'))
         self.assertFalse(agent.thumbnailer_reads_heif(os.path.join(bin_dir, 'vipsthumbnail')))   # no vips beside it
+        self.assertEqual(agent.program_output(['/bin/sh', '-c', 'echo early; exec sleep 60'], limit=0.5), b'early\n')
 
     def test_gallery_heic_tile_only_with_a_thumbnailer(self):
         st = os.stat(__file__)
