@@ -26,8 +26,8 @@ request left unanswered is a hang).  A fifth of the cases trickle the payload in
 Image mode (--images N): agent.image_info and agent.video_info, the gallery's header parsers,
 over N mutations of sample files (bench/samples.py: camera JPEGs with EXIF thumbnails and dates,
 PNG, GIF, WebP, BMP, ICO, SVG; MP4 and WebM heads; HEIC and AVIF heads; photos that say where
-they were taken): only an ImageInfo or None, sizes within MAX_DIMENSION, durations within MAX_DURATION, a thumbnail
-inside the bytes, a date taken that is a (seconds, ISO 8601) pair; and the location strip
+they were taken): only an ImageInfo or None, sizes within MAX_DIMENSION, durations within
+MAX_DURATION, a thumbnail inside the bytes, a date taken that is a (seconds, ISO 8601) pair; and the location strip
 (agent.location_patches): sorted patches inside the bytes, the same length stripped,
 patch_pieces sending the same bytes.
 
