@@ -164,12 +164,14 @@ descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
 ?page=N (404 for a page that does not exist), ?sort=name|date|size (date: the date taken, see
 entry_taken), ?format=json or Accept: application/json; a weak ETag; 403 with --no-listing);
-videos are tiles, folders have covers (docs/gallery.md).  `image.jpg?thumb` is the EXIF
-thumbnail embedded in a JPEG (404 if none; with --thumbnailer, one made by that program, and the
-original until it is made).  `FOLDER/?download=zip` is the folder as one stored zip, ranges and
-all (section Zip; --zip-max-files, --zip-max-bytes).  A JPEG, PNG or WebP is served without its
-location (EXIF GPS, XMP and IPTC place names, blanked in place: same length, its own ETag;
-?thumb and zip entries too), unless --keep-location: see the Location section.
+videos are tiles, folders have covers, HEIC photos are tiles of their made thumbnail when the
+thumbnailer reads HEIC (docs/gallery.md).  `image.jpg?thumb` is the EXIF thumbnail embedded in a
+JPEG (404 if none; with --thumbnailer, one made by that program, and the original until it is
+made; a HEIC's or a video's is a 404 until then).  `FOLDER/?download=zip` is the folder as
+one stored zip, ranges and all (section Zip; --zip-max-files, --zip-max-bytes).  A JPEG, PNG,
+WebP or HEIC is served without its location (EXIF GPS, XMP and IPTC place names, blanked in
+place: same length, its own ETag; ?thumb and zip entries too), unless --keep-location: see the
+Location section.
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
