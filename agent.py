@@ -1355,6 +1355,7 @@ JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # DHT, JPG and DA
 # Types a browser shows in <img>; others (HEIC, TIFF, JXL, compressed SVG) are file links.
 GRID_SUFFIXES = frozenset(['.jpg', '.jpeg', '.jpe', '.png', '.apng', '.gif', '.webp', '.avif',
                            '.svg', '.bmp', '.ico'])
+GRID_ENDINGS = tuple(sorted(GRID_SUFFIXES))     # for str.endswith: names a browser shows
 # The root element's tag: the first '<svg' whose '>' follows within SVG_TAG_MAX bytes.  Found
 # with find(), not with a regex "<svg\b([^>]{0,4096})>": that one scanned 4 KiB again from each
 # '<svg' of a head made of them (1 s for 72 KiB).  See svg_root_attributes.
@@ -3285,7 +3286,7 @@ def gallery_thumbnail(name, info, made=False):
     with made (a thumbnailer is on) a thumbnail made of the types it makes.  A HEIC is never
     its own picture (no browser shows it): it is listed as a photo only when one is made."""
     href = urllib.parse.quote(name)
-    if not name.lower().endswith(tuple(GRID_SUFFIXES)):
+    if not name.lower().endswith(GRID_ENDINGS):
         width, height = info.shown_size() if info is not None else (None, None)
         return href + '?thumb', width, height
     if info is None:
@@ -3312,7 +3313,7 @@ def gallery_tile(e, info, made=False):
         picture = '<img src="%s"%s alt="%s" loading="lazy" decoding="async">' % (src, size, name)
     else:       # not shown until it loads (CSS): the link needs its own name meanwhile
         # A HEIC's lightbox shows its made thumbnail (data-view): no browser shows the original.
-        view = ' data-view="%s"' % src if not e.name.lower().endswith(tuple(GRID_SUFFIXES)) else ''
+        view = ' data-view="%s"' % src if not e.name.lower().endswith(GRID_ENDINGS) else ''
         link = '<a class="g" href="%s"%s aria-label="%s">' % (href, view, name)
         picture = ('<img data-src="%s"%s alt="%s" decoding="async"><noscript><img src="%s"%s alt="%s" '
                    'loading="lazy" decoding="async"></noscript>' % (src, size, name, src, size, name))
@@ -3966,11 +3967,12 @@ def program_output(argv, limit=THUMB_TIME, most=1 << 20):
             size += len(data)
     finally:
         os.close(read_end)
-        os.kill(pid, signal.SIGKILL)            # gone already: a zombie takes the signal
         try:
-            os.waitpid(pid, 0)
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:     # still ours, running: its pid is not reused
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         except ChildProcessError:
-            pass                                # reaped by a SIGCHLD handler
+            pass                                # reaped elsewhere: nothing of ours left to kill
     return b''.join(chunks)
 
 
