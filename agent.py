@@ -164,12 +164,14 @@ descriptors a file is 503, never a 404.  Files carry Cache-Control: max-age=60
 Directories: 301 to the slashed URL, index.html, else a gallery page (200 entries a page,
 ?page=N (404 for a page that does not exist), ?sort=name|date|size (date: the date taken, see
 entry_taken), ?format=json or Accept: application/json; a weak ETag; 403 with --no-listing);
-videos are tiles, folders have covers (docs/gallery.md).  `image.jpg?thumb` is the EXIF
-thumbnail embedded in a JPEG (404 if none; with --thumbnailer, one made by that program, and the
-original until it is made).  `FOLDER/?download=zip` is the folder as one stored zip, ranges and
-all (section Zip; --zip-max-files, --zip-max-bytes).  A JPEG, PNG or WebP is served without its
-location (EXIF GPS, XMP and IPTC place names, blanked in place: same length, its own ETag;
-?thumb and zip entries too), unless --keep-location: see the Location section.
+videos are tiles, folders have covers, HEIC photos are tiles of their made thumbnail when the
+thumbnailer reads HEIC (docs/gallery.md).  `image.jpg?thumb` is the EXIF thumbnail embedded in a
+JPEG (404 if none; with --thumbnailer, one made by that program, and the original until it is
+made; a HEIC's or a video's is a 404 until then).  `FOLDER/?download=zip` is the folder as
+one stored zip, ranges and all (section Zip; --zip-max-files, --zip-max-bytes).  A JPEG, PNG,
+WebP or HEIC is served without its location (EXIF GPS, XMP and IPTC place names, blanked in
+place: same length, its own ETag; ?thumb and zip entries too), unless --keep-location: see the
+Location section.
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
@@ -1353,6 +1355,7 @@ JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # DHT, JPG and DA
 # Types a browser shows in <img>; others (HEIC, TIFF, JXL, compressed SVG) are file links.
 GRID_SUFFIXES = frozenset(['.jpg', '.jpeg', '.jpe', '.png', '.apng', '.gif', '.webp', '.avif',
                            '.svg', '.bmp', '.ico'])
+GRID_ENDINGS = tuple(sorted(GRID_SUFFIXES))     # for str.endswith: names a browser shows
 # The root element's tag: the first '<svg' whose '>' follows within SVG_TAG_MAX bytes.  Found
 # with find(), not with a regex "<svg\b([^>]{0,4096})>": that one scanned 4 KiB again from each
 # '<svg' of a head made of them (1 s for 72 KiB).  See svg_root_attributes.
@@ -1373,7 +1376,7 @@ class ImageInfo:
         self.width = self.height = None
         self.orientation = 1
         self.thumb = None
-        self.resume = None      # JPEG: the file offset where the segment walk goes on
+        self.resume = None      # JPEG: the file offset where the segment walk goes on; HEIF: Exif's extent
         self.taken = None       # (seconds, ISO 8601): EXIF DateTimeOriginal, a video's creation
         self.duration = None    # seconds: a video's (the Videos section)
 
@@ -1431,6 +1434,12 @@ def image_info(head, name=''):
         elif head[:4] == b'\x00\x00\x01\x00' and len(head) >= 8:
             info = ImageInfo('ico')                         # the first image: 0 means 256
             info.size(head[6] or 256, head[7] or 256)
+        elif head[4:8] == b'ftyp' and heif_brand(head):
+            info = ImageInfo(heif_brand(head))
+            heif_info(info, head)
+            if info.resume is not None and sum(info.resume) <= len(head):
+                heif_exif(info, head[info.resume[0]:sum(info.resume)], info.resume[0])
+                info.resume = None
         elif name.lower().endswith('.svg'):
             info = ImageInfo('svg')
             svg_size(info, head)
@@ -1597,6 +1606,141 @@ def webp_size(info, head):
         info.size(int.from_bytes(head[24:27], 'little') + 1, int.from_bytes(head[27:30], 'little') + 1)
 
 
+# HEIF (.heic, .heif: a phone's photos) and AVIF: ISO BMFF boxes, read with the Videos section's
+# mp4_boxes.  The size is the primary item's 'ispe' property (meta > iprp > ipco, the item's
+# list of properties in ipma), turned a quarter when its 'irot' says so ('imir', a mirror,
+# changes no size and is not read).  The date taken is DateTimeOriginal of the 'Exif' item (iinf
+# names it, iloc gives its one extent in the file), read with read_exif: within IMAGE_HEAD, or
+# with one more read of at most HEIF_EXIF bytes (ImageInfo.resume).  A browser shows AVIF, not
+# HEIC: a HEIC is a photo of the grid only through a thumbnailer that reads it (Thumbnails).
+HEIF_BRANDS = {b'heic': 'heic', b'heix': 'heic', b'heim': 'heic', b'heis': 'heic', b'hevc': 'heic',
+               b'hevx': 'heic', b'mif1': 'heic', b'msf1': 'heic', b'avif': 'avif', b'avis': 'avif'}
+HEIF_SUFFIXES = frozenset(['.heic', '.heif', '.hif'])     # photos a browser cannot show
+HEIF_EXIF = 65536
+HEIF_IROT = (1, 8, 3, 6)        # irot's anticlockwise quarter turns as EXIF orientations
+
+
+def heif_brand(head):
+    """'avif' or 'heic' from an ftyp box's major and compatible brands, or None."""
+    end = min(len(head), _u32(head, 0))
+    if head[4:8] != b'ftyp' or end < 16:
+        return None
+    brands = [head[8:12]] + [head[at:at + 4] for at in range(16, end - 3, 4)]
+    kinds = [HEIF_BRANDS[b] for b in brands if b in HEIF_BRANDS]
+    return ('avif' if 'avif' in kinds else 'heic') if kinds else None
+
+
+def heif_info(info, head):
+    """The size, turn and Exif item of a HEIF's meta box, if within head."""
+    for kind, body, end in mp4_boxes(head, 0, len(head)):
+        if kind == b'meta':
+            items = {}
+            for inner, start, stop in mp4_boxes(head, body + 4, end):     # meta is a full box
+                items[inner] = (start, stop)
+            heif_meta(info, head, items)
+            return
+
+
+def heif_meta(info, head, items):
+    """heif_info's part once meta's children are found: items is {type: (body, end)}."""
+    start, stop = items.get(b'pitm', (0, 0))
+    if stop - start < 6:
+        return
+    primary = _u16(head, start + 4) if head[start] == 0 else _u32(head, start + 4)
+    properties, wanted = heif_properties(head, *items.get(b'iprp', (0, 0)), primary)
+    for index in wanted:
+        kind, at, end = properties[index] if 0 <= index < len(properties) else (None, 0, 0)
+        if kind == b'ispe' and at + 12 <= end and info.width is None:
+            info.size(_u32(head, at + 4), _u32(head, at + 8))
+        elif kind == b'irot' and at < end:
+            info.orientation = HEIF_IROT[head[at] & 3]
+    exif = heif_exif_item(head, *items.get(b'iinf', (0, 0)))
+    if exif is not None:
+        info.resume = heif_extent(head, *items.get(b'iloc', (0, 0)), exif)
+
+
+def heif_properties(head, start, stop, primary):
+    """([(type, body, end)] of ipco's properties, [the 0-based indexes ipma gives primary])."""
+    properties, wanted = [], []
+    for kind, body, end in mp4_boxes(head, start, stop):
+        if kind == b'ipco':
+            properties = list(mp4_boxes(head, body, end))
+        elif kind == b'ipma' and body + 8 <= end:
+            version, flags = head[body], head[body + 3]
+            at, wide = body + 8, flags & 1
+            for _ in range(min(_u32(head, body + 4), (end - at) // 3)):
+                item = _u16(head, at) if version == 0 else _u32(head, at)
+                at += 2 if version == 0 else 4
+                count = head[at] if at < end else 0
+                links = head[at + 1:at + 1 + count * (2 if wide else 1)]
+                at += 1 + count * (2 if wide else 1)
+                if item == primary and at <= end:
+                    wanted = [(_u16(links, i) & 0x7FFF if wide else links[i] & 0x7F) - 1
+                              for i in range(0, len(links), 2 if wide else 1)]
+    return properties, wanted
+
+
+def heif_exif_item(head, start, stop):
+    """The item ID of iinf's 'Exif' item entry (infe version 2 or 3), or None."""
+    if stop - start < 6:
+        return None
+    first = start + (6 if head[start] == 0 else 8)
+    for kind, body, end in mp4_boxes(head, first, stop):
+        if kind == b'infe' and body + 12 <= end and head[body] in (2, 3):
+            wide = head[body] == 3
+            type_at = body + (10 if wide else 8)
+            if head[type_at:type_at + 4] == b'Exif':
+                return _u32(head, body + 4) if wide else _u16(head, body + 4)
+    return None
+
+
+def heif_extent(head, start, stop, item):
+    """(file offset, length) of item's data by iloc when it is one extent in this file, or
+    None.  The fields' sizes (0, 4 or 8 bytes) are iloc's four nibbles."""
+    if stop - start < 8 or head[start] > 2:
+        return None
+    version = head[start]
+    sizes = head[start + 4] >> 4, head[start + 4] & 15, head[start + 5] >> 4, head[start + 5] & 15
+    offset_size, length_size, base_size, index_size = sizes
+    if any(s not in (0, 4, 8) for s in sizes):
+        return None
+    index_size = index_size if version else 0
+    at = start + 6
+
+    def field(size):
+        nonlocal at
+        at += size
+        return int.from_bytes(head[at - size:at], 'big')
+    count = field(2 if version < 2 else 4)
+    for _ in range(count):
+        if at + 16 > stop:
+            return None
+        number = field(2 if version < 2 else 4)
+        method = field(2) & 15 if version else 0
+        field(2)                                        # data_reference_index: 0, this file
+        base = field(base_size)
+        extents = field(2)
+        if extents * (index_size + offset_size + length_size) > stop - at:
+            return None
+        found = []
+        for _ in range(extents):
+            field(index_size)
+            found.append((base + field(offset_size), field(length_size)))
+        if number == item:
+            return found[0] if method == 0 and len(found) == 1 and found[0][1] > 8 else None
+    return None
+
+
+def heif_exif(info, data, base):
+    """The date taken from an Exif item's bytes (read at file offset base): a 4-byte offset to
+    the TIFF header, then EXIF's TIFF structure (its Orientation is not the picture's: irot is)."""
+    tiff = 4 + _u32(data, 0)
+    found = ImageInfo('exif')
+    if tiff < len(data):
+        read_exif(found, data, tiff, len(data), base)
+    info.taken = found.taken
+
+
 def svg_attribute(attributes, name):
     match = re.search(r'(?<![\w:.-])%s\s*=\s*(["\'])([^"\'<>]{0,200})\1' % name, attributes)
     return match.group(2) if match else None
@@ -1674,6 +1818,13 @@ def read_image_info(fd, name):
     """ImageInfo of an open file: one bounded read, and a few more for a long JPEG head."""
     head = os.pread(fd, IMAGE_HEAD, 0)
     info = image_info(head, name)
+    if info is not None and info.kind in ('heic', 'avif') and info.resume is not None:
+        offset, length = info.resume
+        info.resume = None
+        try:
+            heif_exif(info, os.pread(fd, min(length, HEIF_EXIF), offset), offset)
+        except (IndexError, ValueError, OverflowError):
+            pass
     hops = 0
     while info is not None and info.resume is not None and hops < JPEG_HOPS:
         hops += 1
@@ -2055,8 +2206,9 @@ def read_video_info(fd, name):
 # LOCATION_HOPS segments or chunks are followed, so a PNG of more chunks (16,384 IDATs of
 # libpng's 8 KiB are 128 MB) keeps what lies beyond them.  Each hop costs a read at most
 # (small chunks share one) and 1-4 us: a file of that many chunks holds its worker's loop
-# 20-70 ms, once a file version.  Other formats (HEIC, TIFF, AVIF,
-# XMP sidecars, videos) are served as they are.
+# 20-70 ms, once a file version.  A HEIC's or AVIF's Exif item (found by its meta box, as the
+# Images section reads it: within IMAGE_HEAD) gets its GPS IFD blanked as a JPEG's EXIF; its XMP
+# item, if any, is not read.  Other formats (TIFF, XMP sidecars, videos) are served as they are.
 # Once per file version: Responder.open_file calls hide_location(), which keeps the patches
 # with the OpenFile in the FileCache (joined when close, join_patches: a few KB a photo, at
 # most the metadata's own size); a file that is no photo costs one read of LOCATION_READ
@@ -2126,6 +2278,8 @@ def location_patches(read):
             png_location(read, patches)
         elif head[:4] == b'RIFF' and head[8:12] == b'WEBP':
             webp_location(read, patches)
+        elif head[4:8] == b'ftyp' and heif_brand(read(0, 256)):
+            heif_location(read, patches)
     except (IndexError, ValueError, OverflowError, struct.error):
         pass                                # keep what was found before the damage
     return merge_patches(patches)
@@ -2392,6 +2546,16 @@ def webp_location(read, patches):
         pos += 8 + size + (size & 1)
 
 
+def heif_location(read, patches):
+    """A HEIC's (or AVIF's) Exif item, where iloc puts it (heif_info): its GPS IFD."""
+    info = ImageInfo('heif')
+    heif_info(info, read(0, IMAGE_HEAD))
+    if info.resume is not None and info.resume[1] <= LOCATION_SEGMENT_MAX:
+        data = read(info.resume[0], info.resume[1])
+        if len(data) >= 12:
+            exif_location(read, data, 4 + _u32(data, 0), info.resume[0], patches, 0)
+
+
 def hide_location(entry):
     """Find the location of a file just opened (an OpenFile) and keep its patches with it, for
     as long as it is cached: once per file version.  A file with a location gets the ETag of
@@ -2613,7 +2777,7 @@ GALLERY_SCRIPT = """
       var started = film.play();
       if (started) started.catch(function () { /* the visitor presses play */ });
     } else {
-      film.removeAttribute('src'); img.src = a.href; img.alt = name;
+      film.removeAttribute('src'); img.src = a.getAttribute('data-view') || a.href; img.alt = name;
     }
   }
   function show(i) {
@@ -2631,7 +2795,7 @@ GALLERY_SCRIPT = """
       box.removeAttribute('hidden'); behind(true); close.focus();
     }
     var next = links[(current + 1) % links.length];
-    if (!next.classList.contains('v')) new Image().src = next.href;      // the next photo, preloaded
+    if (!next.classList.contains('v')) new Image().src = next.getAttribute('data-view') || next.href;   // preloaded
     later();
   }
   function hide() {
@@ -2697,7 +2861,7 @@ ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);backgr
 # test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
 # Change a style or the script, and its hash changes with it.
 GALLERY_STYLE_HASH = "'sha256-9NiWLBNFJrMjYgJ2mblhldJ9JrGN2dmLdo4t8uxAs2g='"
-GALLERY_SCRIPT_HASH = "'sha256-r4/MSZTuMWk4cMgJIbx2i1giOYQRgrs0FvO9y6uJ2w8='"
+GALLERY_SCRIPT_HASH = "'sha256-xXKKBfHsbXU+kG1N3h0ZAZh7etMQRUP1mZtml2MVvkM='"
 ERROR_STYLE_HASH = "'sha256-buOwst//26JaixQPUJUoCDOZwIxWcGkdsi6ZFKF8q5g='"
 # The gallery's policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images and videos from this server, and no way to load or send anything elsewhere.
@@ -2788,7 +2952,7 @@ def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_o
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 5             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 6             # part of every page's ETag: change it when the markup changes
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
@@ -2966,17 +3130,18 @@ def reachable(name, room=None):
                                and len(os.fsencode(name)) <= room[1])
 
 
-def gallery_catalog(entries, room=None):
+def gallery_catalog(entries, room=None, photos=GRID_SUFFIXES):
     """The GalleryCatalog of (name, is_dir, stat) triples.  name may be bytes or str
     (os.fsdecode'd).  stat may be None for what readdir says is a regular file or a directory:
     only the entries that are shown need their stat.  room, if given, is gallery_room(): longer
-    names are not listed.
+    names are not listed.  photos: the suffixes of the grid's photos (with HEIF_PHOTOS, a
+    thumbnailer that reads HEIC shows them).
 
     The catalog's entries are (natural_key, name, is_dir, stat, kind) tuples, sorted as they
     are: the keys are unique strings, so the sort compares strings only (10,000 names: 2-3 ms)."""
     dirs, others = [], []
     unlisted = images = videos = 0
-    keys, grid = _NATURAL, GRID_SUFFIXES
+    keys, grid = _NATURAL, photos
     for name, is_dir, st in entries:
         if isinstance(name, bytes):
             name = os.fsdecode(name)
@@ -3118,8 +3283,12 @@ def video_tile(e, info, taken):
 
 def gallery_thumbnail(name, info, made=False):
     """(src, width, height) of an image's grid picture: its embedded thumbnail if it has one, or
-    with made (a thumbnailer is on) a thumbnail made of the types it makes."""
+    with made (a thumbnailer is on) a thumbnail made of the types it makes.  A HEIC is never
+    its own picture (no browser shows it): it is listed as a photo only when one is made."""
     href = urllib.parse.quote(name)
+    if not name.lower().endswith(GRID_ENDINGS):
+        width, height = info.shown_size() if info is not None else (None, None)
+        return href + '?thumb', width, height
     if info is None:
         return href, None, None
     width, height = info.shown_size()
@@ -3143,7 +3312,9 @@ def gallery_tile(e, info, made=False):
         link = '<a class="g" href="%s">' % href
         picture = '<img src="%s"%s alt="%s" loading="lazy" decoding="async">' % (src, size, name)
     else:       # not shown until it loads (CSS): the link needs its own name meanwhile
-        link = '<a class="g" href="%s" aria-label="%s">' % (href, name)
+        # A HEIC's lightbox shows its made thumbnail (data-view): no browser shows the original.
+        view = ' data-view="%s"' % src if not e.name.lower().endswith(GRID_ENDINGS) else ''
+        link = '<a class="g" href="%s"%s aria-label="%s">' % (href, view, name)
         picture = ('<img data-src="%s"%s alt="%s" decoding="async"><noscript><img src="%s"%s alt="%s" '
                    'loading="lazy" decoding="async"></noscript>' % (src, size, name, src, size, name))
     details = ['%d \u00d7 %d' % (width, height)] if width else []
@@ -3708,7 +3879,11 @@ THUMB_SWEEP_EVERY = 60.0        # seconds between a worker's sweeps
 # an MVG or a playlist is never read as one): their decoder names.  vipsthumbnail has no way to
 # be told, and picks its loader from the content, as it always does.
 THUMB_TYPES = {'jpeg': ('jpeg', 'mjpeg'), 'png': ('png', 'png'), 'gif': ('gif', 'gif'),
-               'webp': ('webp', 'webp'), 'bmp': ('bmp', 'bmp')}
+               'webp': ('webp', 'webp'), 'bmp': ('bmp', 'bmp'), 'heic': ('heic', None), 'avif': ('avif', None)}
+# HEIF kinds (ffmpeg reads no HEIC still): made only by a program whose build reads them, as
+# thumbnailer_reads_heif() asks it once at start; HEIF_PHOTOS, the grid's suffixes then.
+HEIF_KINDS = frozenset(['heic', 'avif'])
+HEIF_PHOTOS = GRID_SUFFIXES | HEIF_SUFFIXES
 # Videos whose poster frame ffmpeg makes (when installed, whatever makes the pictures' ones), and
 # the demuxers it may read each with.
 THUMB_VIDEOS = {'.mp4': 'mov,mp4,m4a,3gp,3g2,mj2', '.m4v': 'mov,mp4,m4a,3gp,3g2,mj2',
@@ -3727,6 +3902,8 @@ def thumbnail_argv(program, kind, source, target, size=THUMB_SIZE):
     if kind not in THUMB_TYPES:
         return video_poster_argv(program, kind, source, target, size) if name == 'ffmpeg' else None
     magick_coder, ffmpeg_codec = THUMB_TYPES[kind]
+    if name == 'ffmpeg' and ffmpeg_codec is None:
+        return None
     box = '%dx%d' % (size, size)
     if name == 'vipsthumbnail':
         return [program, source, '--size', box + '>', '-o', target + '[Q=80,strip]']
@@ -3748,6 +3925,55 @@ def video_poster_argv(ffmpeg, demuxers, source, target, size=THUMB_SIZE):
             '-i', 'file:' + source, '-frames:v', '1', '-vf',
             "thumbnail,scale='min(%d,iw)':'min(%d,ih)':force_original_aspect_ratio=decrease" % (size, size),
             '-f', 'image2', '-c:v', 'mjpeg', '-q:v', '4', target]
+
+
+def thumbnailer_reads_heif(program):
+    """Whether program (a path) reads HEIC: ImageMagick's list of formats names HEIC, or vips
+    beside vipsthumbnail lists its heifload (each a build with libheif).  Asked once, by the
+    master at start; a program that fails to answer does not."""
+    name = os.path.basename(program)
+    if name in ('magick', 'convert'):
+        argv, word = [program, '-list', 'format'], b' HEIC'
+    elif name == 'vipsthumbnail':
+        argv, word = [os.path.join(os.path.dirname(program), 'vips'), '-l'], b'heifload'
+    else:
+        return False
+    try:
+        return word in program_output(argv)
+    except OSError:
+        return False
+
+
+def program_output(argv, limit=THUMB_TIME, most=1 << 20):
+    """What argv writes to its stdout (at most most bytes), read until it closes it or limit
+    seconds pass; then the program is killed if still running, and waited for."""
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, '/dev/null', os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, write_end, 1),
+            (os.POSIX_SPAWN_OPEN, 2, '/dev/null', os.O_WRONLY, 0)])
+    except OSError:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    chunks, size, deadline = [], 0, time.monotonic() + limit
+    try:
+        while size < most and select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            data = os.read(read_end, 65536)
+            if not data:
+                break
+            chunks.append(data)
+            size += len(data)
+    finally:
+        os.close(read_end)
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:     # still ours, running: its pid is not reused
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass                                # reaped elsewhere: nothing of ours left to kill
+    return b''.join(chunks)
 
 
 def find_program(name, path=None):
@@ -3804,6 +4030,7 @@ def prepare_thumbnails(config, own_files):
         raise DaemonError(str(exc))
     if config.thumbnailer == 'off':
         return
+    config.thumb_heif = thumbnailer_reads_heif(config.thumbnailer)
     config.cache = os.path.abspath(config.cache or default_cache_dir())
     try:
         os.makedirs(config.cache, mode=0o700, exist_ok=True)
@@ -3822,8 +4049,10 @@ class Thumbnails:
     """A worker's side of the thumbnailer: the made thumbnails it finds in the cache, the runs it
     starts and watches (poll(), from the loop's tick), and its share of the sweep."""
 
-    def __init__(self, program, directory):
+    def __init__(self, program, directory, heif=False):
         self.program = program if program and program.startswith('/') else None    # resolved, or off
+        self.heif = heif and self.program is not None and os.path.basename(self.program) != 'ffmpeg'
+        self.photos = HEIF_PHOTOS if self.heif else GRID_SUFFIXES       # the grid's, by suffix
         self.ffmpeg = self.program and (self.program if os.path.basename(self.program) == 'ffmpeg'
                                         else find_program('ffmpeg'))               # videos' posters
         self.directory = directory
@@ -3838,7 +4067,7 @@ class Thumbnails:
         if self.program is None:
             return None
         if info is not None and not is_video(path):
-            return info.kind if info.kind in THUMB_TYPES else None
+            return info.kind if info.kind in THUMB_TYPES and (self.heif or info.kind not in HEIF_KINDS) else None
         return THUMB_VIDEOS.get(os.path.splitext(path)[1].lower()) if self.ffmpeg else None
 
     def get(self, path, st, kind, now):
@@ -5736,7 +5965,7 @@ class Responder:
         self.pages = Cache(PAGE_CACHE_ENTRIES, PAGE_CACHE_BYTES)
         self.paths = Cache(PATH_CACHE_SIZE)     # target -> (path, relative, trailing, slash, query)
         self.zips = ZipFolder(config.zip_max_files, config.zip_max_bytes)     # ?download=zip, its CRCs
-        self.thumbs = Thumbnails(config.thumbnailer, config.cache)          # ?thumb made by a program
+        self.thumbs = Thumbnails(config.thumbnailer, config.cache, getattr(config, 'thumb_heif', False))
         self.file_error_logged = -1.0
         self.health = health                # --health: its Health, or None
 
@@ -6129,7 +6358,7 @@ class Responder:
         catalog = self.pages.until(key, now)
         if catalog is None:
             room = gallery_room(url_path, path, self.config.max_header_size)
-            catalog = gallery_catalog(self.scan_directory(fd, path), room)
+            catalog = gallery_catalog(self.scan_directory(fd, path), room, self.thumbs.photos)
             settled = max(dir_st.st_mtime, dir_st.st_ctime) < self.clock.wall - 1
             self.pages.store(key, (now + (CATALOG_TTL if settled else PAGE_TTL), catalog),
                              CATALOG_ENTRY_BYTES * len(catalog.entries))
@@ -6159,7 +6388,7 @@ class Responder:
         image is, with validators derived from the file's own; 404 if it has none.  With a
         thumbnailer (--thumbnailer), an image of THUMB_TYPES without one gets the thumbnail
         made of it (ETag ...-m), and the original until it is made; a video (THUMB_VIDEOS), its
-        poster made by ffmpeg, and 404 until it is made."""
+        poster made by ffmpeg, and 404 until it is made, as for a HEIC (no browser shows it)."""
         info = st = None
         try:
             st = os.fstat(entry.fd)
@@ -6174,7 +6403,7 @@ class Responder:
         kind = self.thumbs.kind_of(path, info) if body is None and st is not None else None
         if kind is not None:
             body, tag = self.thumbs.get(path, st, kind, self.clock.now), '-m"'
-            if body is None and info is not None and not is_video(path):
+            if body is None and info is not None and not is_video(path) and info.kind != 'heic':
                 return self.respond_file(req, keep_alive, entry)    # the original, until it is made
         if body is None:
             raise HTTPError(404)

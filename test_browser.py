@@ -13,6 +13,8 @@ slideshow moves on by itself, a folder's cover shows.
 
 ThumbnailerBrowserTests runs an agent with --thumbnailer (ImageMagick): a fresh browser's first
 screen of those 60 exports, before and after their thumbnails are made (under 2 MB after).
+HeifBrowserTests: iPhone HEIC photos (made by ImageMagick) as tiles and in the lightbox, by
+their made thumbnails.
 
 Each test waits on a condition in the page with a hard deadline; none sleeps for a fixed time.
 A screenshot of the camera folder is saved to GALLERY_SCREENSHOT (default:
@@ -823,6 +825,63 @@ class AlbumBrowserTests(unittest.TestCase):
                 self.assertLessEqual(box['right'], width)
                 self.assertEqual(self.js('document.querySelector(".dirs a.cover").textContent'), 'Lake')
                 self.assertTrue(self.js('document.documentElement.scrollWidth <= innerWidth'))
+                self.assert_clean_console()
+
+
+
+class HeifBrowserTests(unittest.TestCase):
+    """iPhone HEIC photos with ImageMagick as the thumbnailer: their tiles and the lightbox show
+    the made thumbnails, and the browser never fetches a HEIC it cannot show."""
+
+    open, wait, js = GalleryBrowserTests.open, GalleryBrowserTests.wait, GalleryBrowserTests.js
+    viewport, screens = GalleryBrowserTests.viewport, GalleryBrowserTests.screens
+    assert_clean_console = GalleryBrowserTests.assert_clean_console
+
+    @classmethod
+    def setUpClass(cls):
+        import subprocess
+        require_tools()
+        from selenium import webdriver
+        magick = shutil.which('magick') or shutil.which('convert')
+        cls.server = AgentServer(ClassCleanups(cls))
+        cls.server.options += ['--thumbnailer', magick, '--cache', os.path.join(cls.server.dir, 'cache')]
+        folder = os.path.join(cls.server.root, 'iphone')
+        os.makedirs(folder)
+        for name, size, colours in (('IMG_0001.heic', '800x600', 'blue-yellow'), ('IMG_0002.heic', '600x800', 'red-green')):
+            subprocess.run([magick, '-size', size, 'gradient:' + colours, 'heic:' + os.path.join(folder, name)],
+                           check=True, timeout=60)
+        cls.server.start()
+        cls.addClassCleanup(cls.server.stop)
+        deadline = time.monotonic() + 120
+        for name in ('IMG_0001.heic', 'IMG_0002.heic'):
+            while cls.server.get('/iphone/%s?thumb' % name)[0] != 200:
+                if time.monotonic() > deadline:
+                    raise AssertionError('no thumbnail made for ' + name)
+                time.sleep(0.1)
+        cls.base = 'http://127.0.0.1:%d' % cls.server.port
+        cls.driver = GalleryBrowserTests.chrome(webdriver)
+        cls.addClassCleanup(cls.driver.quit)
+
+    def test_tiles_and_lightbox_show_the_made_thumbnails(self):
+        from selenium.webdriver.common.by import By
+        for width, height, mobile in self.screens():
+            with self.subTest(width=width):
+                self.viewport(width, height, mobile)
+                self.open('/iphone/')
+                tiles = 'Array.from(document.querySelectorAll("main img:not(noscript img)"))'
+                self.wait(tiles + '.every(i => i.complete && i.naturalWidth > 0)')
+                self.assertEqual(self.js(tiles + '.map(i => i.getAttribute("src") + " " + i.naturalWidth)'),
+                                 ['IMG_0001.heic?thumb 320', 'IMG_0002.heic?thumb 240'])
+                self.driver.find_element(By.CSS_SELECTOR, 'a.g[href="IMG_0001.heic"]').click()
+                shown = 'document.querySelector("#lb img")'
+                self.wait('%s.getAttribute("src") === "IMG_0001.heic?thumb" && %s.complete && %s.naturalWidth === 320'
+                          % (shown, shown, shown))
+                self.driver.find_element(By.CSS_SELECTOR, '#lb .next').click()
+                self.wait('%s.getAttribute("src") === "IMG_0002.heic?thumb" && %s.naturalWidth === 240' % (shown, shown))
+                self.assertEqual(self.js('performance.getEntriesByType("resource").map(e => e.name)'
+                                         '.filter(n => n.endsWith(".heic"))'), [])
+                self.js('document.querySelector("#lb .close").click(), true')
+                self.wait('document.getElementById("lb").hidden')
                 self.assert_clean_console()
 
 

@@ -18,7 +18,7 @@ Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.p
   tests_edges.py           agent.py at the edges
   tests_gallery.py         Images and the gallery
   tests_download.py        A folder as one download (?download=zip), and thumbnails made by a program
-  tests_album.py           The album (issue 22): dates taken, videos' headers, covers
+  tests_album.py           The album (issue 22): dates taken, videos' headers, covers; HEIC headers
   tests_tls.py             HTTPS (--tls-cert/--tls-key)
   tests_tools.py           The ecosystem, each tool run for real (skipped, naming it, when missing)
   tests_balancer.py        Behind a load balancer: node validators, PROXY protocol, proxies, health
@@ -64,8 +64,11 @@ from tests_gallery import (
     GalleryValidatorServerTests, ErrorPageServerTests, HtmlPagePolicyTests, GalleryInProcessTests)  # noqa: F401
 from tests_download import (
     ZipLayoutTests, ZipServerTests, ZipLimitTests, ZipOffTests, SparseZip64Tests, ZipOverTLSTests,
-    ThumbnailerPureTests, ThumbnailerServerTests, ZipEntryGoneTests, ThumbnailerCacheGoneTests)  # noqa: F401
-from tests_album import AlbumDateTests, VideoHeaderTests, AlbumServerTests, AlbumInProcessTests  # noqa: F401
+    ThumbnailerPureTests, ThumbnailerServerTests, ZipEntryGoneTests, ThumbnailerCacheGoneTests,
+    HeifThumbnailerPureTests, HeifThumbnailerServerTests)  # noqa: F401
+from tests_album import (
+    AlbumDateTests, VideoHeaderTests, AlbumServerTests, AlbumInProcessTests, HeifHeaderTests,
+    HeifLocationTests)  # noqa: F401
 from tests_tls import (
     TLSFixtureTests, TLSServerTests, ClientHelloAlpnTests, TLSOwnAgentTests,
     TLSRedirectLocationTests, TLSPlainHTTPLineTests, TLSStartAndReloadTests)  # noqa: F401

@@ -3,7 +3,9 @@ slideshow's page; pure functions first, then over loopback.  The browser half is
 test_browser.py (AlbumBrowserTests).
 
 Videos are made by ffmpeg in a temporary directory (skipped, naming it, when it is missing;
-.ci/run installs it); hostile headers are written byte by byte.
+.ci/run installs it); hostile headers are written byte by byte.  HEIC photos (HeifHeaderTests,
+HeifLocationTests) are written byte by byte too (samples.heif_sample), and made by ImageMagick
+with exiftool's date and GPS.
 """
 
 import json
@@ -20,7 +22,7 @@ from unittest import mock
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import FIXED_MTIME, PageCapture, SharedAgentTestCase, edge_worker, write_file
 import agent
-from samples import box, camera_jpeg, dated_jpeg, mvhd, sample_jpeg, sample_png, tkhd, webm
+from samples import box, camera_jpeg, dated_jpeg, gps_tiff, heif_sample, mvhd, sample_jpeg, sample_png, tkhd, webm
 
 
 def make_video(testcase, directory, name, *options, size='320x240', seconds='2.5'):
@@ -399,3 +401,129 @@ class AlbumInProcessTests(unittest.TestCase):
         self.addCleanup(os.close, fd)
         self.assertIsNone(covers.look(fd, os.path.join(self.root, 'album', 'away'), 'away'))
         self.assertEqual(covers.look(fd, os.path.join(self.root, 'album', 'trip'), 'trip')[0], 'IMG_0001.jpg')
+
+
+def make_heic(testcase, directory, name, size='640x480', *tags):
+    """A HEIC made by ImageMagick from a gradient, then exiftool's tags: its path (the test
+    skips, naming the tool, where ImageMagick cannot write HEIC or exiftool is missing)."""
+    magick = shutil.which('magick') or shutil.which('convert')
+    if magick is None or b' HEIC' not in subprocess.run([magick, '-list', 'format'], stdout=subprocess.PIPE,
+                                                        timeout=60).stdout:
+        testcase.skipTest('ImageMagick with HEIC (libheif) not installed (Debian package imagemagick)')
+    if tags and shutil.which('exiftool') is None:
+        testcase.skipTest('exiftool not installed (Debian package libimage-exiftool-perl)')
+    path = os.path.join(directory, name)
+    subprocess.run([magick, '-size', size, 'gradient:blue-yellow', 'heic:' + path], check=True, timeout=60)
+    if tags:
+        subprocess.run(['exiftool', '-q', '-overwrite_original'] + list(tags) + [path], check=True, timeout=60)
+    return path
+
+
+HEIC_TAGS = ('-DateTimeOriginal=2024:07:14 09:30:00', '-OffsetTimeOriginal=+02:00', '-GPSLatitude=48.85',
+             '-GPSLatitudeRef=N', '-GPSLongitude=2.35', '-GPSLongitudeRef=E')
+
+
+class HeifHeaderTests(unittest.TestCase):
+    """HEIC/HEIF/AVIF: the primary item's size (ispe), its turn (irot), the Exif item's date;
+    hostile bytes give no information, never an error."""
+
+    def test_size_turn_and_date(self):
+        for rotation, shown in ((None, (640, 480)), (0, (640, 480)), (1, (480, 640)), (2, (640, 480)),
+                                (3, (480, 640))):
+            info = agent.image_info(heif_sample(640, 480, rotation, '2024:07:14 09:30:00'), 'IMG_0001.HEIC')
+            self.assertEqual((info.kind, info.shown_size()), ('heic', shown), rotation)
+            self.assertEqual(info.taken, (1720942200, '2024-07-14T09:30:00+02:00'))
+            self.assertIsNone(info.thumb)           # nothing a browser could show as it is
+        wide = agent.image_info(heif_sample(64, 48, 1, '2024:07:14 09:30:00', b'avif', wide=True))
+        self.assertEqual((wide.kind, wide.shown_size(), wide.taken[1]), ('avif', (48, 64), '2024-07-14T09:30:00+02:00'))
+        plain = agent.image_info(heif_sample(64, 48))
+        self.assertEqual((plain.shown_size(), plain.taken), ((64, 48), None))
+
+    def test_an_exif_item_beyond_the_head_is_read_once_bounded(self):
+        data = heif_sample(640, 480, 3, '2024:07:14 09:30:00', gap=agent.IMAGE_HEAD + 100)
+        head = agent.image_info(data[:agent.IMAGE_HEAD])
+        self.assertEqual((head.shown_size(), head.taken), ((480, 640), None))
+        directory = tempfile.mkdtemp(prefix='heif-')
+        self.addCleanup(shutil.rmtree, directory)
+        path = write_file(directory, 'far.heic', data)
+        fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        reads = []
+        real = os.pread
+        with mock.patch.object(agent.os, 'pread', lambda *a: reads.append(a[1:]) or real(*a)):
+            info = agent.read_image_info(fd, 'far.heic')
+        self.assertEqual(info.taken[1], '2024-07-14T09:30:00+02:00')
+        self.assertEqual(len(reads), 2)
+        self.assertLessEqual(reads[1][0], agent.HEIF_EXIF)
+        self.assertIsNone(info.resume)
+
+    def test_other_iso_files_are_not_heif(self):
+        for brands in (b'isom\x00\x00\x00\x00isomavc1', b'qt  \x00\x00\x00\x00', b'', b'he'):
+            self.assertIsNone(agent.image_info(box(b'ftyp', brands) + box(b'mdat', b'x' * 40), 'x.heic'), brands)
+
+    def test_hostile_bytes_give_no_information_never_an_error(self):
+        import random
+        rng = random.Random(22)
+        good = heif_sample(640, 480, 1, '2024:07:14 09:30:00', wide=True)
+        cases = [good[:n] for n in range(len(good))]
+        for _ in range(3000):
+            data = bytearray(good)
+            for _ in range(rng.randint(1, 6)):
+                at = rng.randrange(len(data))
+                data[at] = rng.choice((0, 1, 0xFF, 0x7F, 0x80, rng.randrange(256)))
+            cases.append(bytes(data))
+        big = heif_sample(640, 480)
+        at = big.index(b'ispe') + 8
+        cases.append(big[:at] + b'\xff' * 8 + big[at + 8:])             # 4 billion pixels wide
+        for data in cases:
+            info = agent.image_info(data, 'x.heic')
+            self.assertIsInstance(info, (agent.ImageInfo, type(None)))
+            if info is not None and info.width is not None:
+                self.assertTrue(0 < info.width <= agent.MAX_DIMENSION and 0 < info.height <= agent.MAX_DIMENSION)
+            if info is not None and info.taken is not None:
+                self.assertIsInstance(info.taken[1], str)
+        self.assertIsNone(agent.image_info(cases[-1]).width)
+
+    def test_imagemagick_heic_with_exiftool_date(self):
+        directory = tempfile.mkdtemp(prefix='heif-')
+        self.addCleanup(shutil.rmtree, directory)
+        path = make_heic(self, directory, 'IMG_0001.heic', '640x480', *HEIC_TAGS)
+        fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        info = agent.read_image_info(fd, 'IMG_0001.heic')
+        self.assertEqual((info.kind, info.shown_size()), ('heic', (640, 480)))
+        self.assertEqual(info.taken, (1720942200, '2024-07-14T09:30:00+02:00'))
+
+
+class HeifLocationTests(unittest.TestCase):
+    """A HEIC's Exif item: its GPS IFD blanked in place, as a JPEG's is."""
+
+    def test_gps_ifd_of_the_exif_item_is_blanked(self):
+        original = heif_sample(64, 48, tiff=gps_tiff())
+        patches = agent.location_patches(agent.bytes_reader(original))
+        self.assertTrue(patches)
+        result = agent.apply_patches(original, 0, patches)
+        self.assertEqual(len(result), len(original))
+        self.assertIn(b'2020:01:01', original)
+        self.assertNotIn(b'2020:01:01', result)
+        self.assertIn(b'Kept artist', result)
+        self.assertEqual(agent.image_info(result).shown_size(), (64, 48))
+        self.assertEqual(agent.location_patches(agent.bytes_reader(result)), [])     # nothing left
+        self.assertEqual(agent.location_patches(agent.bytes_reader(heif_sample(64, 48, taken='2024:07:14 09:30:00'))), [])
+
+    def test_exiftool_reads_no_gps_and_the_date_after(self):
+        directory = tempfile.mkdtemp(prefix='heif-')
+        self.addCleanup(shutil.rmtree, directory)
+        path = make_heic(self, directory, 'IMG_0002.heic', '320x240', *HEIC_TAGS)
+        with open(path, 'rb') as f:
+            original = f.read()
+        result = agent.apply_patches(original, 0, agent.location_patches(agent.bytes_reader(original)))
+        stripped = write_file(directory, 'stripped.heic', result)
+        tags = json.loads(subprocess.run(['exiftool', '-j', '-a', '-G1', stripped], stdout=subprocess.PIPE,
+                                         check=True, timeout=60).stdout)[0]
+        self.assertFalse([k for k in tags if 'GPS' in k and k != 'ExifTool:Warning'], tags)
+        self.assertNotIn('ExifTool:Warning', tags)
+        self.assertEqual(tags.get('ExifIFD:DateTimeOriginal'), '2024:07:14 09:30:00')
+        before = json.loads(subprocess.run(['exiftool', '-j', '-a', '-G1', path], stdout=subprocess.PIPE,
+                                           check=True, timeout=60).stdout)[0]
+        self.assertTrue([k for k in before if k.startswith('GPS:')], before)

@@ -683,3 +683,120 @@ class ThumbnailerCacheGoneTests(unittest.TestCase):
         thumbs = agent.Thumbnails('/bin/true', os.path.join(directory, 'cache-removed'))
         self.assertIsNone(thumbs.get(picture, os.stat(picture), 'png', 0.0))
         self.assertEqual(thumbs.running, {})
+
+
+class HeifThumbnailerPureTests(unittest.TestCase):
+    """HEIC and AVIF: ImageMagick (and vipsthumbnail) told the format, ffmpeg never; a HEIC is a
+    photo of the grid only with a thumbnailer that reads it, and never an <img> of itself."""
+
+    def test_command_lines_name_heic_and_avif(self):
+        for kind in ('heic', 'avif'):
+            argv = agent.thumbnail_argv('/usr/bin/convert', kind, '/r/a.heic', '/c/x.part.jpg')
+            self.assertEqual(argv[1], '%s:/r/a.heic[0]' % kind)
+            self.assertIn('-strip', argv)                   # no EXIF (GPS) in what is made
+            self.assertIsNone(agent.thumbnail_argv('/usr/bin/ffmpeg', kind, '/r/a.heic', '/c/x.part.jpg'))
+            self.assertIn('/c/x.part.jpg[Q=80,strip]', agent.thumbnail_argv('/usr/bin/vipsthumbnail', kind, '/r/a', '/c/x.part.jpg'))
+
+    def test_kind_of_follows_what_the_program_reads(self):
+        heic, avif = agent.ImageInfo('heic'), agent.ImageInfo('avif')
+        reads = agent.Thumbnails('/usr/bin/convert', '/c', heif=True)
+        self.assertEqual((reads.kind_of('/r/a.heic', heic), reads.kind_of('/r/a.avif', avif)), ('heic', 'avif'))
+        for thumbs in (agent.Thumbnails('/usr/bin/convert', '/c'), agent.Thumbnails('/usr/bin/ffmpeg', '/c', heif=True),
+                       agent.Thumbnails(None, '/c', heif=True)):
+            self.assertIsNone(thumbs.kind_of('/r/a.heic', heic))
+            self.assertIsNone(thumbs.kind_of('/r/a.avif', avif))
+        self.assertEqual(reads.kind_of('/r/a.png', agent.ImageInfo('png')), 'png')
+
+    def test_the_probe_asks_the_program_its_formats(self):
+        bin_dir = tempfile.mkdtemp(prefix='thumb-bin-')
+        self.addCleanup(shutil.rmtree, bin_dir, True)
+        for name, listing, expected in (('convert', '   HEIC* HEIC      rw+   Apple High efficiency', True),
+                                        ('magick', '   JPEG* JPEG      rw-   Joint', False)):
+            path = write_file(bin_dir, name, ('#!/bin/sh\n[ "$1 $2" = "-list format" ] && echo "%s"\n' % listing).encode())
+            os.chmod(path, 0o755)
+            self.assertIs(agent.thumbnailer_reads_heif(path), expected, name)
+        self.assertFalse(agent.thumbnailer_reads_heif('/usr/bin/ffmpeg'))
+        self.assertFalse(agent.thumbnailer_reads_heif(os.path.join(bin_dir, 'vipsthumbnail')))   # no vips beside it
+        self.assertEqual(agent.program_output(['/bin/sh', '-c', 'echo early; exec sleep 60'], limit=0.5), b'early\n')
+
+    def test_gallery_heic_tile_only_with_a_thumbnailer(self):
+        st = os.stat(__file__)
+        plain = agent.gallery_catalog([('IMG_1.heic', False, st), ('b.avif', False, st)])
+        self.assertEqual({e[1]: e[4] for e in plain.entries}, {'IMG_1.heic': 'file', 'b.avif': 'image'})
+        made = agent.gallery_catalog([('IMG_1.heic', False, st), ('c.HEIF', False, st)], photos=agent.HEIF_PHOTOS)
+        self.assertEqual([e[4] for e in made.entries], ['image', 'image'])
+        info = agent.ImageInfo('heic')
+        info.size(4032, 3024)
+        self.assertEqual(agent.gallery_thumbnail('IMG_1.heic', info, True), ('IMG_1.heic?thumb', 4032, 3024))
+        self.assertEqual(agent.gallery_thumbnail('IMG_1.heic', None, True)[0], 'IMG_1.heic?thumb')
+        listing = agent.gallery_listing(made)
+        page = agent.gallery_page('/p/', listing, {'IMG_1.heic': info}, made=True)
+        self.assertIn(b'data-src="IMG_1.heic?thumb"', page)
+        self.assertIn(b'data-view="IMG_1.heic?thumb"', page)          # the lightbox shows the made one
+        self.assertNotIn(b'src="IMG_1.heic"', page)
+        self.assertNotIn(b'src="c.HEIF"', page)
+        page = agent.gallery_page('/p/', agent.gallery_listing(plain), {}, made=False)
+        self.assertIn(b'<a href="IMG_1.heic">IMG_1.heic</a>', page)      # a file link, as before
+        self.assertNotIn(b'IMG_1.heic?thumb', page)
+
+
+class HeifThumbnailerServerTests(SharedAgentTestCase):
+    """HEIC photos made by ImageMagick, dated and located by exiftool, through an agent whose
+    thumbnailer is ImageMagick: tiles, ?thumb made (404 until then), no metadata in it."""
+
+    workers = 2
+
+    @classmethod
+    def make_files(cls):
+        program = imagemagick()
+        if program is None or b' HEIC' not in subprocess.run([program, '-list', 'format'], stdout=subprocess.PIPE,
+                                                             timeout=60).stdout:
+            raise unittest.SkipTest('ImageMagick with HEIC (libheif) not installed (Debian package imagemagick)')
+        if shutil.which('exiftool') is None:
+            raise unittest.SkipTest('exiftool not installed (Debian package libimage-exiftool-perl)')
+        root = cls.server.root
+        cls.cache = os.path.join(root, 'thumbs-cache')
+        cls.server.options += ['--thumbnailer', program, '--cache', cls.cache]
+        path = os.path.join(root, 'h', 'IMG_0001.heic')
+        os.makedirs(os.path.dirname(path))
+        subprocess.run([program, '-size', '800x600', 'gradient:blue-yellow', 'heic:' + path], check=True, timeout=60)
+        subprocess.run(['exiftool', '-q', '-overwrite_original', '-DateTimeOriginal=2024:07:14 09:30:00',
+                        '-GPSLatitude=48.85', '-GPSLatitudeRef=N', '-GPSLongitude=2.35', '-GPSLongitudeRef=E', path],
+                       check=True, timeout=60)
+
+    def test_a_heic_is_a_tile_of_its_made_thumbnail(self):
+        page = self.get('/h/').body
+        self.assertIn(b'data-src="IMG_0001.heic?thumb" width="800" height="600"', page)
+        self.assertIn(b'data-view="IMG_0001.heic?thumb"', page)
+        self.assertNotIn(b'src="IMG_0001.heic"', page)
+        self.assertIn(b'2024-07-14T09:30:00', page)
+        entry = json.loads(self.get('/h/?format=json').body)['entries'][0]
+        self.assertEqual((entry['thumbnail'], entry['width'], entry['height'], entry['taken']),
+                         ('IMG_0001.heic?thumb', 800, 600, '2024-07-14T09:30:00'))
+        self.assertEqual(entry['type'], 'image/heic')
+
+    def test_thumb_is_404_until_made_then_a_jpeg_without_metadata(self):
+        first = self.get('/h/IMG_0001.heic?thumb')
+        self.assertIn(first.status, (200, 404))             # never the HEIC itself
+        self.assertNotEqual(first.headers.get('content-type'), 'image/heic')
+        deadline = time.monotonic() + 60
+        while True:
+            made = self.get('/h/IMG_0001.heic?thumb')
+            if made.status == 200:
+                break
+            self.assertLess(time.monotonic(), deadline, 'no thumbnail made')
+            time.sleep(0.2)
+        info = agent.image_info(made.body)
+        self.assertEqual((made.headers['content-type'], info.kind, info.width, info.height), ('image/jpeg', 'jpeg', 320, 240))
+        self.assertNotIn(b'Exif', made.body)
+        self.assertNotIn(b'GPS', made.body)
+
+    def test_the_original_is_served_without_its_location(self):
+        served = self.get('/h/IMG_0001.heic')
+        self.assertEqual(served.status, 200)
+        self.assertTrue(served.headers['etag'].endswith(agent.LOCATION_ETAG + '"'), served.headers)
+        path = write_file(self.server.root, 'served.heic', served.body)
+        tags = json.loads(subprocess.run(['exiftool', '-j', '-G1', path], stdout=subprocess.PIPE,
+                                         check=True, timeout=60).stdout)[0]
+        self.assertFalse([k for k in tags if k.startswith('GPS:')], tags)
+        self.assertEqual(tags.get('ExifIFD:DateTimeOriginal'), '2024:07:14 09:30:00')

@@ -25,9 +25,9 @@ request left unanswered is a hang).  A fifth of the cases trickle the payload in
 
 Image mode (--images N): agent.image_info and agent.video_info, the gallery's header parsers,
 over N mutations of sample files (bench/samples.py: camera JPEGs with EXIF thumbnails and dates,
-PNG, GIF, WebP, BMP, ICO, SVG; MP4 and WebM heads; photos that say where they were taken): only
-an ImageInfo or None, sizes within MAX_DIMENSION, durations within MAX_DURATION, a thumbnail
-inside the bytes, a date taken that is a (seconds, ISO 8601) pair; and the location strip
+PNG, GIF, WebP, BMP, ICO, SVG; MP4 and WebM heads; HEIC and AVIF heads; photos that say where
+they were taken): only an ImageInfo or None, sizes within MAX_DIMENSION, durations within
+MAX_DURATION, a thumbnail inside the bytes, a date taken that is a (seconds, ISO 8601) pair; and the location strip
 (agent.location_patches): sorted patches inside the bytes, the same length stripped,
 patch_pieces sending the same bytes.
 
@@ -1216,7 +1216,7 @@ def respond_pure(req, rng):
 def image_corpus():
     """(name, bytes) of valid samples: camera JPEGs (both byte orders, turned, dated), PNG, GIF,
     WebP (three kinds), BMP (two headers), ICO, SVG; an MP4 (a moov, a portrait one) and a
-    WebM head."""
+    WebM head; HEIC and AVIF heads (one with GPS in its Exif item)."""
     thumb = samples.sample_jpeg(16, 8, (0, 120, 255))
     turned = samples.tkhd(1920, 1080, (0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000))
     return [('cam.jpg', samples.camera_jpeg(samples.sample_jpeg(64, 32), thumb, 6, '<')),
@@ -1236,7 +1236,11 @@ def image_corpus():
                       b'height="20" viewBox="0 0 30 20"><rect width="3"/></svg>'),
             # photos that say where (agent.location_patches): EXIF GPS, XMP, IPTC, PNG text chunks
             ('loc.jpg', samples.located_jpeg()), ('loc.jpg', samples.located_jpeg(order='<')),
-            ('loc.png', samples.located_png()), ('loc.webp', samples.located_webp())]
+            ('loc.png', samples.located_png()), ('loc.webp', samples.located_webp()),
+            # HEIC/AVIF heads: ispe, irot, the Exif item by iinf and iloc (both versions), GPS in it
+            ('IMG_0001.heic', samples.heif_sample(4032, 3024, 1, '2024:07:14 09:30:00')),
+            ('p.avif', samples.heif_sample(64, 48, 3, '2024:07:14 09:30:00', b'avif', wide=True)),
+            ('loc.heic', samples.heif_sample(64, 48, tiff=samples.gps_tiff()))]
 
 
 def check_location(rng, data):

@@ -331,3 +331,42 @@ def webm(width, height, duration_ms, scale=1000000):
 def sample_mp4(width, height, seconds):
     """The head of an MP4: ftyp, then a moov with its mvhd and a video trak (600 ticks a second)."""
     return box(b'ftyp', b'isom\x00\x00\x02\x00') + box(b'moov', mvhd(600, int(seconds * 600)) + box(b'trak', tkhd(width, height)))
+
+
+def heif_sample(width, height, rotation=None, taken=None, brand=b'heic', gap=0, wide=False, tiff=None):
+    """A HEIF (HEIC, or with brand avif an AVIF) head as a phone writes it: ftyp, then meta
+    (hdlr, pitm: item 1, iinf: item 1 the picture and item 2 'Exif' when taken is given, iloc
+    (version 1, or 2 with 32-bit item IDs when wide), iprp: ipco's hvcC, ispe and irot (an
+    anticlockwise quarter turn count, if given), ipma giving them to item 1), then mdat: gap
+    bytes of 'picture', and the Exif item (dated_exif_segment's TIFF after a 4-byte offset; or
+    the TIFF bytes tiff, right after an offset of 0)."""
+    def full(kind, version, body, flags=0):
+        return box(kind, struct.pack('>I', version << 24 | flags) + body)
+    id_fmt = '>I' if wide else '>H'
+    exif = b''
+    if taken is not None:
+        exif = struct.pack('>I', 6) + dated_exif_segment(taken, '+02:00')[4:]
+    elif tiff is not None:
+        exif = struct.pack('>I', 0) + tiff
+    infe = [full(b'infe', 3 if wide else 2, struct.pack(id_fmt, 1) + b'\x00\x00hvc1\x00')]
+    if exif:
+        infe.append(full(b'infe', 3 if wide else 2, struct.pack(id_fmt, 2) + b'\x00\x00Exif\x00'))
+    properties = [box(b'hvcC', b'\x01' * 23), full(b'ispe', 0, struct.pack('>II', width, height))]
+    if rotation is not None:
+        properties.append(box(b'irot', bytes([rotation])))
+    links = bytes([0x81, 0x82] + ([0x83] if rotation is not None else []))
+    ipma = full(b'ipma', 1 if wide else 0, struct.pack('>I', 1) + struct.pack(id_fmt, 1) + bytes([len(links)]) + links)
+
+    def meta(picture_at):
+        items = [(1, picture_at, max(gap, 1))] + ([(2, picture_at + max(gap, 1), len(exif))] if exif else [])
+        version = 2 if wide else 1
+        iloc = struct.pack('>BB', 0x44, 0x00) + struct.pack('>I' if wide else '>H', len(items))
+        for number, offset, length in items:
+            iloc += struct.pack(id_fmt, number) + struct.pack('>HHH', 0, 0, 1) + struct.pack('>II', offset, length)
+        return full(b'meta', 0, full(b'hdlr', 0, b'\x00' * 4 + b'pict' + b'\x00' * 13)
+                    + full(b'pitm', 0, struct.pack('>H', 1)) + full(b'iinf', 0, struct.pack('>H', len(infe)) + b''.join(infe))
+                    + full(b'iloc', version, iloc) + box(b'iprp', box(b'ipco', b''.join(properties)) + ipma))
+    ftyp = box(b'ftyp', brand + b'\x00\x00\x00\x00mif1' + brand)
+    head = ftyp + meta(0)
+    head = ftyp + meta(len(head) + 8)
+    return head + box(b'mdat', b'\x00' * max(gap, 1) + exif)
