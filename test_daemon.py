@@ -34,7 +34,8 @@ from tests_daemon_unit import PureHelperTests, DaemonPublicApiTests, DaemonForAu
 from tests_daemon_process import (
     DaemonProcessTests, NoDescriptorsLeftTests, ClassicRecipeBugTests, ClosedStdStreamsTests,
     HostileFileTests, PidfileRemovedTests, PidfileProbeRaceTests, ConcurrentActionsTests,
-    UnlockedPidfileWordingTests, HostileEnvironmentTests, ClassicVariantTests, HookErrorTests)  # noqa: F401
+    UnlockedPidfileWordingTests, HostileEnvironmentTests, ClassicVariantTests, HookErrorTests,
+    OneChannelTests)  # noqa: F401
 from tests_command_line import (
     AgentCommandLineTests, ReadmeTests, AgentLifecycleTests, NothingLeftBehindTests,
     FromBytecodeTests, DeprecatedCallTests, SafeDefaultsTests, OwnRotationTests,
