@@ -1012,7 +1012,7 @@ class ConcurrentActionsTests(SampleDaemonTest):
         """Actions take turns on an abstract socket name that anyone may bind: a name bound by
         a socket that cannot tell who holds it (a datagram socket), or by a user who has no
         say over the pidfile, is ignored, never waited for."""
-        name = daemon._control_address(self.pidfile)
+        name = daemon._channel_address(self.pidfile, 'turn')
         squatter = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(squatter.close)
         squatter.bind(name)

@@ -175,7 +175,7 @@ class PureHelperTests(unittest.TestCase):
             p.start()
             self.addCleanup(p.stop)
         d.daemonize()
-        d._readiness.close_write()
+        d._launcher.close()
         self.assertEqual(calls, ['close_inherited_fds', 'reset_signals', 'fork', 'detach_session',
                                  'fork', 'set_umask', 'change_directory', 'redirect_stdio', 'pidfile',
                                  'ready'])
