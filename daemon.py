@@ -1189,12 +1189,7 @@ def _stop(d):
                                                     d.pidfile_path))
         return EXIT_OK
     if state != 'running':
-        if state == 'stale':
-            facts = _unlocked_pidfile(d, pid)      # before it goes
-            if pidfile.remove_stale():
-                d.say('%s is not running (%s; removed it)' % (d.name, facts))
-                return EXIT_OK
-        d.say(_not_running(d, state, pid, removing=state == 'stale'))
+        d.say(_not_running(d, state, pid, removed=state == 'stale' and pidfile.remove_stale()))
         return EXIT_OK
     pidfd = _open_pidfd(pid)
     try:
@@ -1291,21 +1286,13 @@ def _status(d):
     if state == 'running':
         d.say('%s is running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
         return STATUS_RUNNING
-    # Stale (nobody locks it): say what it holds and whether that pid runs, not a guess at how
-    # it came to be.  A pidfile that names no pid is no record of a death: "not running" (3).
-    if state == 'stale' and pid is None:
-        d.say(_not_running(d, state, pid))
-        return STATUS_STOPPED
-    if state == 'stale' and _ended(pid):
-        where = 'syslog' if d.stderr == os.devnull else d.stderr
-        d.say('%s is dead, but pidfile %s remains: it names pid %d, which has ended, and is not '
-              'locked (see %s)' % (d.name, d.pidfile_path, pid, where))
+    # Stale (nobody locks it): what it holds, and whether that pid runs.  One that names no pid
+    # is no record of a death: "not running" (3).
+    if state == 'stale' and pid is not None:
+        d.say('%s is dead, but pidfile %s remains (%s; see %s)' % (
+            d.name, d.pidfile_path, _pidfile_facts(d, state, pid), 'syslog' if d.stderr == os.devnull else d.stderr))
         return STATUS_DEAD
-    if state == 'stale':
-        d.say('%s is not running, but its pidfile remains (%s; stop or start removes it)'
-              % (d.name, _unlocked_pidfile(d, pid)))
-        return STATUS_DEAD
-    d.say(_not_running(d, state))
+    d.say(_not_running(d, state, pid))
     return STATUS_STOPPED
 
 
@@ -1355,31 +1342,22 @@ def _already_running(d, pid):
             'written its pid yet)' % (d.name, d.pidfile_path))
 
 
-def _not_running(d, state, pid=None, removing=False):
-    """The "not running" line, naming the pidfile looked at (relative paths confuse); pid: the
-    one a stale pidfile names; removing: the caller tried to remove it and could not."""
-    if state == 'stale' and removing:
-        return '%s is not running (%s; cannot remove it)' % (d.name, _unlocked_pidfile(d, pid))
-    if state == 'stale':
-        return '%s is not running (%s; stop or start removes it)' % (d.name, _unlocked_pidfile(d, pid))
-    return '%s is not running (no pidfile at %s)' % (d.name, d.pidfile_path)
+def _not_running(d, state, pid=None, removed=False):
+    """The "not running" line; removed: the stale pidfile was removed since it was read."""
+    return '%s is not running (%s%s)' % (d.name, _pidfile_facts(d, state, pid), '; removed it' if removed else '')
 
 
-def _unlocked_pidfile(d, pid):
-    """What is known of a pidfile that nobody locks, pid being the one it names (or None):
-    what it names, and whether that pid runs now.  Not how it came to be (a daemon that could
-    not remove it, one killed, a copy, an editor all leave the same file), nor whose a pid
-    that runs is (the daemon in its last instant, or a program that reused the number)."""
+def _pidfile_facts(d, state, pid):
+    """What is known of a pidfile that names no running daemon: none there, or what it names
+    and whether that pid runs.  Not how it came to be (a daemon that could not remove it, one
+    killed, a copy, an editor all leave the same file), nor whose a pid that runs is."""
+    if state != 'stale':
+        return 'no pidfile at %s' % d.pidfile_path
     if pid is None:
         return 'pidfile %s names no pid, and is not locked' % d.pidfile_path
-    if _ended(pid):
+    if not _pid_alive(pid) or _is_zombie(pid):
         return 'pidfile %s names pid %d, which has ended, and is not locked' % (d.pidfile_path, pid)
-    return ('pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock'
-            % (d.pidfile_path, pid))
-
-
-def _ended(pid):
-    return not _pid_alive(pid) or _is_zombie(pid)
+    return "pidfile %s names pid %d, which runs but does not hold the pidfile's lock" % (d.pidfile_path, pid)
 
 
 def _send(pid, pidfd, signum):
