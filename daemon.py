@@ -145,6 +145,7 @@ deletes the sections from a copy and daemonizes what is left.
 """
 
 import atexit
+import contextlib
 import errno
 import fcntl
 import grp
@@ -1168,14 +1169,10 @@ def _start(d):
 def _await_the_end(d, pid):
     """The daemon pid is draining after a stop: wait for its end (start and run then go on, as
     systemd queues a start behind a stop), or DaemonError after stop_timeout + 5 s."""
-    pidfd = _open_pidfd(pid)
-    try:
+    with _pinned(pid) as pidfd:
         if not _await_exit(d._new_pidfile(), pid, pidfd, d.stop_timeout + 5.0):
             raise DaemonError('pid %d is stopping, and did not end within %gs; not started'
                               % (pid, d.stop_timeout + 5.0))
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
 
 
 def _stop(d):
@@ -1191,8 +1188,7 @@ def _stop(d):
     if state != 'running':
         d.say(_not_running(d, state, pid, removed=state == 'stale' and pidfile.remove_stale()))
         return EXIT_OK
-    pidfd = _open_pidfd(pid)
-    try:
+    with _pinned(pid) as pidfd:
         # The pidfd pins this process: re-check the lock now, so a pid reused between the
         # probe and the signal can never be hit.
         state, again = pidfile.probe()
@@ -1218,9 +1214,6 @@ def _stop(d):
             return EXIT_OK
         d.say('%s (pid %d) survived SIGKILL' % (d.name, pid), error=True)
         return EXIT_FAILURE
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
 
 
 def _restart(d):
@@ -1252,12 +1245,8 @@ def _reload(d):
     pid = _running_pid(d)
     if pid is None:
         return EXIT_NOT_RUNNING
-    pidfd = _open_pidfd(pid)
-    try:
+    with _pinned(pid) as pidfd:
         _send(pid, pidfd, signal.SIGHUP)
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
     d.say('%s asked to reload (SIGHUP to pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
     return EXIT_OK
 
@@ -1370,6 +1359,17 @@ def _send(pid, pidfd, signum):
     except ProcessLookupError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def _pinned(pid):
+    """A pidfd for pid while the block runs (see _open_pidfd), closed after it."""
+    pidfd = _open_pidfd(pid)
+    try:
+        yield pidfd
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _session_group(pid):
@@ -2115,36 +2115,37 @@ def _open_pidfd(pid):
 # ---------------------------------------------------------------------------------------------
 #
 # Everything a daemon says to a command about it goes one way, in one format: a message of
-# "NAME=value" lines, as sd_notify(3) says things to systemd, read by one function
-# (_receive).  What is said:
+# "NAME=value" lines, as sd_notify(3) speaks to systemd, read by one function (_receive):
 #   READY=1 STATUS=<line>      start: the daemon is ready; STATUS is what start prints
 #   RUNNING=<pid>              start: another daemon holds the pidfile (the pid, if written)
-#   ERROR=<why>                start: it could not start; or, with ACTION, why that failed
+#   ERROR=<why>                start: it could not start; with ACTION: why that failed
 #   STOPPING=0|1               the answer to every request: whether a stop is under way
-#   ACTION=reload|upgrade      the verdict of that action (no ERROR: it went well)
-# A command asks with one request, "WATCH=<action>" (or an empty WATCH, to ask only about
-# a stop); the signal stays the action itself, so a daemon whose loop never looks (a classic
-# run()) still stops on SIGTERM and reloads on SIGHUP: the channel only carries the answers.
+#   ACTION=reload|upgrade      the verdict of that action (without ERROR: it went well)
+# A command's one request is "WATCH=<action>" (empty: it only asks about a stop), sent before
+# the signal: the daemon notes who waits as it answers, so the verdict that comes is that of
+# the action the signal begins.  The signal stays the action, so a daemon whose loop never
+# looks (a classic run()) still stops and reloads; the channel carries the answers.  A stop
+# asks nothing: the pidfile's lock and the pid's exit are its answer.
 #
 # Where it goes, and why there:
-#   - start talks on a socketpair made before the first fork: its end closes when the daemon
+#   - start hears on a socketpair made before the first fork: its end closes when the daemon
 #     exits, so after an ERROR the launcher waits for that and leaves no daemon behind;
-#   - every later command talks to one datagram socket per daemon, bound at start to an
-#     abstract name made from the pidfile's directory (device, inode) and base name: nothing
-#     on disk to clean up, found from the pidfile alone, gone with the process.  Datagrams,
-#     not connections: the daemon answers and says its verdicts with the socket it opened at
-#     start, so one that has no descriptor left (RLIMIT_NOFILE lowered under it) still does;
-#   - the daemon answers a request in its SIGIO handler (O_ASYNC on the socket), at once,
-#     wherever it is: in a hook, draining after a stop outside its loop, or in a classic
-#     run() that never looks.  That is the one handler that does more than note a signal:
-#     it reads and answers datagrams without blocking, and notes who waits for a verdict;
-#     the verdict itself is said from the loop, once the hook has run (see _report);
-#   - both ends check who speaks, with the kernel's SCM_CREDENTIALS: the daemon answers only
-#     a user who could signal it anyway (root, its own user, the owner of the pidfile's
-#     directory); a command believes only the pid that the locked pidfile names.  Anyone
-#     may bind the name first (the daemon then takes it from its loop once it is free): a
-#     squatter can delay a start by ANSWER_TIMEOUT, never block an action or forge a word.
-#     Without an answer, the actions send their signal and say that no word came.
+#   - later commands talk to one datagram socket per daemon, bound at start to an abstract
+#     name made from the pidfile's directory (device, inode) and base name: found from the
+#     pidfile alone, nothing on disk, gone with the process.  Datagrams, not connections: the
+#     daemon answers with the socket it opened at start, so one that has no descriptor left
+#     (RLIMIT_NOFILE lowered under it) still does;
+#   - the daemon answers in its SIGIO handler (O_ASYNC on the socket), no thread, at once,
+#     wherever it is: in a hook, draining outside its loop, in a classic run().  It is the one
+#     handler that does more than note a signal: it reads and answers without blocking; the
+#     verdicts are said from the loop, once the hook has run (Daemon._report);
+#   - both ends check who speaks with the kernel's SCM_CREDENTIALS: the daemon answers only a
+#     user who could signal it anyway (_may_act), a command believes only the pid that the
+#     locked pidfile names.  Anyone may bind the name first (the daemon takes it from its
+#     loop once it is free): a squatter delays a start by ANSWER_TIMEOUT, never blocks an
+#     action (the signal is sent all the same, and the command says no word came) or forges
+#     a word.  Any local user may still wake the daemon with datagrams it then drops, as any
+#     may connect to a port it serves.
 # Its limit: the name lives in a network namespace, so a command run in another one (a unit
 # with PrivateNetwork=) gets no answer, as above.
 
@@ -2341,16 +2342,13 @@ def _end_a_start(d):
         return
     if state != 'running' or pid in d._signalled or _stopping(d, pid):
         return
-    pidfd = _open_pidfd(pid)
-    try:
-        state, again = d.probe()            # pinned by the pidfd: never a reused pid
+    with _pinned(pid) as pidfd:
+        try:
+            state, again = d.probe()        # pinned by the pidfd: never a reused pid
+        except DaemonError:
+            return
         if state == 'running' and again == pid and _send(pid, pidfd, signal.SIGTERM):
             d._signalled.add(pid)
-    except DaemonError:
-        pass
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
 
 
 def _wait_turn(self, action):
@@ -2375,55 +2373,49 @@ def _reload_and_wait(d):
     """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
     on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
     daemon goes on as it was, or stops if a stop came meanwhile), 7 if it is not running."""
-    pid, verdict = _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout)
-    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d)')
+    return _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout, 'reloaded')
 
 
-def _verdict_status(d, pid, verdict, done, failed):
-    """The exit status (and the line said) of a reload or an upgrade, from _signal_and_wait():
-    done says it worked, failed (with the reason and the pid) that it did not."""
+def _signal_and_wait(d, action, signum, timeout, done):
+    """Signal the running daemon, wait for its verdict on the action and say it: 0 when it
+    went well ("<name> <done> (pid N, ...)"), 1 with the reason it gave or why no word came,
+    7 if it is not running.  It asks first (WATCH=action, see the channel): the daemon notes
+    who waits as it answers, so the verdict is that of the very action this signal begins."""
+    pid = _running_pid(d)
     if pid is None:
         return EXIT_NOT_RUNNING
-    if verdict == 'OK':
+    sock, answer = _ask(d, pid, action)
+    with sock, _pinned(pid) as pidfd:
+        _send(pid, pidfd, signum)
+        verdict = _verdict(sock, action, pid, pidfd, timeout) if answer is not None else None
+    if verdict is not None and 'ERROR' not in verdict:
         d.say('%s %s (pid %d, pidfile %s)' % (d.name, done, pid, d.pidfile_path))
         return EXIT_OK
-    if verdict is not None:
-        d.say('%s: %s' % (d.name, failed % (verdict, pid)), error=True)
+    if answer is None:
+        why = ('no word from pid %d on the %s (%s sent): it gives no answer on its channel, whose '
+               'name another process may hold; see %s' % (pid, action, signal.Signals(signum).name, d.stderr))
+    elif verdict is None:
+        why = ('no word from pid %d on the %s within %gs (does run() call wait() or '
+               'handle_signals()?); see %s' % (pid, action, timeout, d.stderr))
+    elif verdict['ERROR'] is None:
+        why = 'pid %d exited during the %s; see %s' % (pid, action, d.stderr)
+    else:
+        why = '%s failed: %s (pid %d)' % (action, verdict['ERROR'], pid)
+    d.say('%s: %s' % (d.name, why), error=True)
     return EXIT_FAILURE
 
 
-def _signal_and_wait(d, action, signum, timeout):
-    """Signal the running daemon and wait for its verdict on the action: (pid, 'OK' or the
-    error it reported), (pid, None) after saying why there is none, (None, None) if it is
-    not running.  It asks first (WATCH=action, see the channel): the daemon notes who waits
-    as it answers, so the verdict is that of the very action this signal begins."""
-    pid = _running_pid(d)
-    if pid is None:
-        return None, None
-    sock, answer = _ask(d, pid, action)
-    pidfd = _open_pidfd(pid)
-    try:
-        _send(pid, pidfd, signum)
-        if answer is None:
-            d.say('%s: no word from pid %d on the %s (%s sent): it gives no answer on its channel, '
-                  'whose name another process may hold; see %s'
-                  % (d.name, pid, action, signal.Signals(signum).name, d.stderr), error=True)
-            return pid, None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            verdict = _receive(sock, min(0.5, max(0.0, deadline - time.monotonic())), sender=pid)
-            if verdict and verdict.get('ACTION') == action:
-                return pid, verdict.get('ERROR', 'OK')
-            if not _alive(pid, pidfd):
-                d.say('%s (pid %d) exited during the %s; see %s' % (d.name, pid, action, d.stderr), error=True)
-                return pid, None
-        d.say('%s: no word from pid %d on the %s within %gs (does run() call wait() or '
-              'handle_signals()?); see %s' % (d.name, pid, action, timeout, d.stderr), error=True)
-        return pid, None
-    finally:
-        sock.close()
-        if pidfd is not None:
-            os.close(pidfd)
+def _verdict(sock, action, pid, pidfd, timeout):
+    """The daemon's message on the action, {'ERROR': None} if pid ended first, None after
+    timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        said = _receive(sock, min(0.5, max(0.0, deadline - time.monotonic())), sender=pid)
+        if said and said.get('ACTION') == action:
+            return said
+        if not _alive(pid, pidfd):
+            return {'ERROR': None}
+    return None
 
 
 def _report(self, action, error=None):
@@ -2742,9 +2734,8 @@ ACTION_HELP['upgrade'] = 'SIGUSR2: the daemon re-executes the code now on disk, 
 
 def upgrade_action(d):
     """The `upgrade` action (a program that offers it calls self.allow_upgrade()): SIGUSR2 to the daemon, then wait for its verdict and print it."""
-    pid, verdict = _signal_and_wait(d, 'upgrade', signal.SIGUSR2,
-                                    UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5)
-    return _verdict_status(d, pid, verdict, 'upgraded in place', 'upgrade failed: %s (pid %d)')
+    return _signal_and_wait(d, 'upgrade', signal.SIGUSR2, UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5,
+                            'upgraded in place')
 
 
 def _takeover(self):
