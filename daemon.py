@@ -51,7 +51,7 @@ daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
                            /proc/self/fd (never a loop to RLIMIT_NOFILE); sockets passed by
                            systemd (LISTEN_FDS) are kept, and so are the program's own files
   2. reset_signals         handlers to their defaults, signal mask emptied
-  3. fork                  the launcher stays behind and waits on the readiness pipe
+  3. fork                  the launcher stays behind and waits on the socketpair (the channel)
   4. setsid                a new session, no controlling terminal
   5. fork                  the daemon is no session leader, so it can never get a terminal again
   6. set_umask             022 by default (never 0: the pidfile and logs are not world-writable)
@@ -788,7 +788,7 @@ class Daemon:
         pidfile locked and removed at exit, so a program's own start() may be the classic
         recipe's `self.daemonize(); self.run()`.
 
-        The launcher waits for the daemon's verdict on the readiness pipe and leaves with
+        The launcher waits for the daemon's word on a socketpair (see the channel) and leaves with
         os._exit(), as does the intermediate child, so neither runs atexit handlers or flushes
         buffers that the daemon still owns.
         """

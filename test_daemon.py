@@ -30,7 +30,7 @@ waits for, with a hard deadline.
 import sys
 
 import testrun
-from tests_daemon_unit import PureHelperTests, DaemonPublicApiTests, DaemonForAuthorsTests  # noqa: F401
+from tests_daemon_unit import PureHelperTests, DaemonPublicApiTests, DaemonForAuthorsTests, ChannelTests  # noqa: F401
 from tests_daemon_process import (
     DaemonProcessTests, NoDescriptorsLeftTests, ClassicRecipeBugTests, ClosedStdStreamsTests,
     HostileFileTests, PidfileRemovedTests, PidfileProbeRaceTests, ConcurrentActionsTests,
