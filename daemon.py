@@ -524,7 +524,7 @@ class Daemon:
         self._looks()
         self.watchdog()
         self._keep_pidfile()
-        self._open_channels()               # binds the name if another held it at start
+        self._bind_channel()
         if self._wake_r is not None:
             try:
                 while os.read(self._wake_r, 512):
@@ -839,12 +839,12 @@ class Daemon:
         The handlers come first: a stop that arrives once the pidfile names this process
         ends it through them, with the pidfile removed, never by the default action."""
         self._install_signal_handlers()
-        self._open_channels()
         self._watchdog = False                  # looked up again in this process
         if self._pidfile is None:
             self._pidfile = self._new_pidfile()
             self._pidfile.acquire()
             atexit.register(self._cleanup)      # a caller's own daemonize(); run(); exit
+        self._open_channels()                   # once the pidfile is ours: so is the name
         os.register_at_fork(after_in_child=_weak_method(self, '_after_fork_in_child'))
         self.setup()
         drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
@@ -1030,19 +1030,22 @@ class Daemon:
 
     def _open_channels(self):
         """Open the channel's socket (see its section) while descriptors are to be had: one
-        that has run out of them since must still answer.  Then bind its name, now or, if
-        another process holds it, from the loop (handle_signals) once it is free."""
-        if self._channel is None:
-            try:
-                self._channel = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
-                                              | socket.SOCK_NONBLOCK)
-            except OSError:
-                return
-            self._channel.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            signal.signal(signal.SIGIO, _weak_method(self, '_on_request'))
-            fcntl.fcntl(self._channel, fcntl.F_SETOWN, os.getpid())
-            fcntl.fcntl(self._channel, fcntl.F_SETFL, fcntl.fcntl(self._channel, fcntl.F_GETFL) | os.O_ASYNC)
-        if not self._channel.getsockname():
+        that has run out of them since must still answer.  SIGIO says that a request came."""
+        try:
+            self._channel = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                          | socket.SOCK_NONBLOCK)
+        except OSError:
+            return
+        self._channel.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        signal.signal(signal.SIGIO, _weak_method(self, '_on_request'))
+        fcntl.fcntl(self._channel, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(self._channel, fcntl.F_SETFL, fcntl.fcntl(self._channel, fcntl.F_GETFL) | os.O_ASYNC)
+        self._bind_channel()
+
+    def _bind_channel(self):
+        """Bind the channel's name, now or, if another process holds it, from the loop
+        (handle_signals) once it is free."""
+        if self._channel is not None and not self._channel.getsockname():
             try:
                 self._channel.bind(_channel_address(self.pidfile_path))
             except OSError:
