@@ -2271,10 +2271,10 @@ SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'forc
 #     span a restart;
 #   - an abstract name vanishes with the process that holds it (even on SIGKILL), leaves
 #     nothing on disk, and SO_PEERCRED names who holds it.  Anyone may bind it too: a holder
-#     is waited for only if it could act on the daemon anyway (root, our own user, or the
-#     owner of the pidfile's directory); any other holder, or one that cannot say who it is
-#     (a datagram socket), is ignored, and the action goes on without its turn, as it did
-#     before there were turns.  A squatter can undo the ordering, never block an action.
+#     is waited for only if it could act on the daemon anyway (_may_act); any other holder,
+#     or one that cannot say who it is (a datagram socket), is ignored, and the action goes
+#     on without its turn, as it did before there were turns.  A squatter can undo the
+#     ordering, never block an action.
 # Its limit: the name lives in a network namespace, so actions run from two namespaces (a
 # unit with PrivateNetwork=) do not see each other's turns.
 
@@ -2343,7 +2343,10 @@ def _end_a_start(d):
         state, pid = d.probe()
     except DaemonError:
         return
-    if state != 'running' or pid in d._signalled or _stopping(d, pid):
+    if state != 'running' or pid in d._signalled:
+        return
+    if _stopping(d, pid):
+        d._signalled.add(pid)           # stopping already: neither asked again nor signalled
         return
     with _pinned(pid) as pidfd:
         try:
