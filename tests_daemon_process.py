@@ -1063,6 +1063,7 @@ import daemon
 class Slow(daemon.Daemon):
     def run(self):
         try:
+            print('running', flush=True)    # a stop from here ends in the finally below
             while True:
                 time.sleep(0.05)
         finally:
@@ -1102,6 +1103,9 @@ class OneChannelTests(SampleDaemonTest):
         pidfile, logfile = os.path.join(self.tmp, 'slow.pid'), os.path.join(self.tmp, 'slow.log')
         old = read_pid(pidfile)
         self.seen_pids.append(old)
+        # Once run() has begun: ready comes before it, and a SIGTERM sent as start returned
+        # could end the daemon before the try whose finally is slow.
+        wait_for(lambda: 'running' in slurp(logfile), message='run() under way')
         os.kill(old, signal.SIGTERM)
         wait_for(lambda: 'cleaning up' in slurp(logfile), message='the stop under way')
         result = run([PYTHON, 'slow.py', 'start'], cwd=self.tmp)
