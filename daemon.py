@@ -24,13 +24,15 @@ Processes
 ---------
     launcher --fork--> child --setsid, fork--> daemon --run()--> (workers, if run() forks)
        |                 `-- os._exit(0)          |
-       `---- waits on the readiness pipe <--------'  "READY <line>", "RUNNING <pid>" or "ERROR <why>"
+       `---- waits on a socketpair <--------------'  READY=1 STATUS=<line>, RUNNING=<pid>, ERROR=<why>
 
 The launcher exits 0 once the daemon says it is ready (or was already running; one that is
 stopping, draining its last connections, it waits out first), and prints the
 line the daemon gave ready() ("<name> started (pid N)" by default); otherwise it prints the
 daemon's own startup error on stderr and exits 1.  It never exits 0 early.  Every message of an
-action that depends on the pidfile names it by its absolute path.
+action that depends on the pidfile names it by its absolute path.  Later actions send their
+signal and hear the daemon on its one channel, a socket named from the pidfile: whether a stop
+is under way, the verdict of a reload (see "the channel" below).
 
 Actions run at the same time take turns, as systemd queues jobs: start, restart, try-restart,
 reload (and upgrade) wait for the one under way to finish, so two restarts both end 0 with
@@ -44,7 +46,7 @@ daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
   0. make_paths_absolute   every path, before anything changes the working directory
   1. close_inherited_fds   fds >= 3 inherited from the caller (not close-on-exec)
   2. reset_signals         default dispositions (SIGPIPE, SIGXFSZ stay ignored), empty mask
-  3. fork                  the launcher stays behind and waits on the readiness pipe
+  3. fork                  the launcher stays behind and waits on the socketpair (the channel)
   4. setsid                a new session, no controlling terminal
   5. fork                  no session leader, so never a terminal again
   6. set_umask             022 by default
@@ -78,12 +80,13 @@ Exit codes (LSB init-script actions; status has its own)
   7  not running (reload)
 
 Sections: constants and helpers; Daemon; main(); the controller (the actions, run in the
-launcher); the daemon(7) steps; the pidfile; the readiness pipe.  Then the optional sections,
+launcher); the daemon(7) steps; the pidfile; the channel (one format, one reader).  Then the optional sections,
 each between banners of '=' and deletable whole: the core never names them.  Each sets hooks
 that are no-ops in the core, and adds its names to __all__ (docs/daemon.md lists them).
 """
 
 import atexit
+import contextlib
 import errno
 import fcntl
 import grp
@@ -316,13 +319,13 @@ class Daemon:
         self.listen_fds = {}
         self.inherited = None           # after reexec(): the state string it was given
         self._pidfile = None
-        self._readiness = None
+        self._launcher = None           # the socketpair end to the start that launched it
         self._is_ready = False
         self._status = '%s running' % self.name
         self._cooperative = bool(self.cooperative)     # see the class variable; _looks()
         self._pending = []
-        self._channels = {}             # see _open_channels()
-        self._said_stopping = False
+        self._channel = None            # the channel's socket (see its section)
+        self._watchers = {}             # action -> [address of a command awaiting its verdict]
         self._turn = None               # see _wait_turn(): held by the controller while it acts
         self._signalled = set()         # pids a stop sent SIGTERM while it waited its turn
         self._watchdog = False          # systemd's watchdog interval: False until looked up
@@ -370,8 +373,7 @@ class Daemon:
         else:
             self._status = '%s started (pid %d)' % (self.name, os.getpid())
         self._announce_ready()
-        if self._readiness is not None:
-            self._readiness.send('READY ' + self._status)
+        self._tell_launcher(READY=1, STATUS=self._status)
 
     @property
     def signal_fd(self):
@@ -384,6 +386,7 @@ class Daemon:
         self._looks()
         self.watchdog()
         self._keep_pidfile()
+        self._bind_channel()
         if self._wake_r is not None:
             try:
                 while os.read(self._wake_r, 512):
@@ -410,7 +413,6 @@ class Daemon:
             elif signum in STOP_SIGNALS:
                 self._log_stop(signum)
                 self._tell_manager(STOPPING=1, STATUS='stopping')
-                self._say_stopping()
         return self.stopping
 
     def _looks(self):
@@ -608,7 +610,8 @@ class Daemon:
     def daemonize(self):
         """Detach (daemon(7)); returns in the daemon only, ready unless ready_on_run is false,
         the pidfile locked and removed at exit (so `self.daemonize(); self.run()` works).  The
-        launcher and the middle child leave by os._exit(): no atexit, no buffers flushed."""
+        launcher (it waits for the daemon's word on the channel) and the middle child leave by
+        os._exit(): no atexit, no buffers flushed."""
         self.absolutize()
         for thread in _threads_left_behind():
             self.say('%s: warning: thread %r was started before the daemon forked, and does not '
@@ -619,15 +622,16 @@ class Daemon:
         _flush_std_streams()
         close_inherited_fds(keep)
         reset_signals()
-        self._readiness = ReadinessPipe()
+        self._launcher, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = fork('first fork')
         except DaemonError as exc:
             self.say('%s: %s' % (self.name, exc), error=True)
             os._exit(EXIT_FAILURE)
         if pid > 0:
-            os._exit(self._launcher_wait(pid))
-        self._readiness.close_read()
+            self._launcher.close()
+            os._exit(self._launcher_wait(pid, reader))
+        reader.close()
         self._end_turn()
         logged = False
         try:
@@ -643,7 +647,7 @@ class Daemon:
             if self.ready_on_run:
                 self.ready()        # step 10 here: a caller may run() itself, as the recipe did
         except AlreadyRunning as exc:
-            self._readiness.send('RUNNING %s' % (exc.pid or ''))
+            self._tell_launcher(RUNNING=exc.pid or '')
             os._exit(0)
         except BaseException as exc:
             self._startup_failed(exc, logged)
@@ -653,12 +657,12 @@ class Daemon:
         """Steps common to the daemon and `run`: signals (first: a stop once the pidfile
         names us must remove it), pidfile, setup(), the user."""
         self._install_signal_handlers()
-        self._open_channels()
         self._watchdog = False                  # looked up again in this process
         if self._pidfile is None:
             self._pidfile = self._new_pidfile()
             self._pidfile.acquire()
             atexit.register(self._cleanup)      # a caller's own daemonize(); run(); exit
+        self._open_channels()                   # once the pidfile is ours: so is the name
         os.register_at_fork(after_in_child=_weak_method(self, '_after_fork_in_child'))
         self.setup()
         self._switch_user()
@@ -671,18 +675,16 @@ class Daemon:
             self._turn = None
 
     def _after_fork_in_child(self):
-        """A child forked by run() owns no pidfile, readiness pipe or watchdog."""
+        """A child forked by run() owns no pidfile, channel or watchdog."""
         self._watchdog = None
         if self._pidfile is not None:
             self._pidfile.forget()
-        for sock in self._channels.values():
+        for sock in (self._channel, self._launcher):
             if sock is not None:
                 sock.close()
-        self._channels = {}
-        if self._readiness is not None:
-            self._readiness.close_write()
+        self._channel = self._launcher = None
 
-    def _launcher_wait(self, child):
+    def _launcher_wait(self, child, reader):
         """The launcher: reap the intermediate child, then wait for the daemon's verdict.
 
         Interrupted (Ctrl-C, SIGTERM, SIGHUP), it stops waiting and says so; the daemon goes
@@ -693,36 +695,36 @@ class Daemon:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, interrupted)
         try:
-            return self._launcher_verdict(child)
+            return self._launcher_verdict(child, reader)
         except _Interrupted as exc:
             self.say('%s: start interrupted (%s); the daemon goes on starting in the background: '
                      '`status` says when it serves, `stop` ends it (pidfile %s)'
                      % (self.name, signal.Signals(exc.signum).name, self.pidfile_path), error=True)
             return 128 + exc.signum
 
-    def _launcher_verdict(self, child):
+    def _launcher_verdict(self, child, reader):
+        """The daemon's word on reader (see the channel), as start's exit code and line."""
         try:
             os.waitpid(child, 0)
         except ChildProcessError:
             pass
-        line = self._readiness.receive(self.start_timeout)
-        if line is not None and (line == 'READY' or line.startswith('READY ')):
-            if line[6:]:
-                self.say(line[6:])             # what ready() said: the one line `start` prints
-            return EXIT_OK
-        if line is not None and line.startswith('RUNNING'):
-            self.say(_already_running(self, int(line[8:]) if line[8:].isdigit() else None))
-            return EXIT_OK
-        if line is not None and line.startswith('ERROR '):
-            self._new_pidfile().remove_stale()      # what a daemon past --user could not unlink
-            self.say('%s: %s' % (self.name, line[6:]), error=True)
-            return EXIT_FAILURE
-        if line is None:
+        said = _receive(reader, self.start_timeout)
+        if said is None:
             self.say('%s: not ready after %gs; stopping it' % (self.name, self.start_timeout), error=True)
             _stop(self)
             return EXIT_FAILURE
-        self._new_pidfile().remove_stale()
-        self.say('%s: exited during startup without a word; see %s' % (self.name, self.stderr), error=True)
+        if 'READY' in said:
+            if said.get('STATUS'):
+                self.say(said['STATUS'])        # what ready() said: the one line `start` prints
+            return EXIT_OK
+        if 'RUNNING' in said:
+            self.say(_already_running(self, int(said['RUNNING']) if said['RUNNING'].isdigit() else None))
+            return EXIT_OK
+        if 'ERROR' in said:
+            _receive(reader, 5.0)               # its end: no daemon is left when start says so
+        self._new_pidfile().remove_stale()      # what a daemon past --user could not unlink
+        self.say('%s: %s' % (self.name, said['ERROR']) if 'ERROR' in said else
+                 '%s: exited during startup without a word; see %s' % (self.name, self.stderr), error=True)
         return EXIT_FAILURE
 
     def _startup_failed(self, exc, logged=False):
@@ -735,9 +737,8 @@ class Daemon:
             if not isinstance(exc, DaemonError):
                 log('startup failed:\n' + format_traceback(exc), priority=LOG_ERR)
         self._cleanup()
-        launcher = self._readiness is not None and self._readiness.w is not None
-        if launcher:
-            self._readiness.fail(message)
+        launcher = self._launcher is not None
+        self._tell_launcher(ERROR=message)
         if logged or self.detached and not launcher:
             log('startup failed: ' + message, priority=LOG_ERR)
 
@@ -774,9 +775,9 @@ class Daemon:
                              % (self.name, status, self.pidfile_path))
             self._pidfile.forget()
         self._cleanup()
-        if not self._is_ready and self._readiness is not None:
-            self._readiness.fail(error or 'exited before it was ready (status %s); see %s'
-                                 % (status, self.stderr))
+        if not self._is_ready:
+            self._tell_launcher(ERROR=error or 'exited before it was ready (status %s); see %s'
+                                % (status, self.stderr))
         return status
 
     def _serve_and_exit(self):
@@ -813,32 +814,56 @@ class Daemon:
                 raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
 
     def _open_channels(self):
-        """Open now, while descriptors are to be had, the sockets through which the daemon
-        later speaks to a command that waits for it (the "stopping" mark; the verdicts
-        section adds its own to CHANNELS): one that has since run out of them (RLIMIT_NOFILE
-        lowered under it, a leak) must still answer, or that command waits its whole timeout."""
-        for name in CHANNELS:
-            self._channel(name)
-
-    def _channel(self, name):
-        """The socket of the channel opened at start, or one opened now, or None (EMFILE)."""
-        if self._channels.get(name) is None:
-            self._channels[name] = _unix_socket(CHANNELS[name])
-        return self._channels[name]
-
-    def _say_stopping(self):
-        """From the loop, once a stop is under way: bind the abstract name _stopping() looks
-        for, held until this process ends, so that a `start` meanwhile waits for the end
-        instead of calling this daemon "already running"."""
-        sock = None if self._said_stopping else self._channel('stopping')
-        if sock is None:
-            return          # said, or no descriptor: a start meanwhile says "already running"
-        self._said_stopping = True
+        """Open the channel's socket (see its section) while descriptors are to be had: one
+        that has run out of them since must still answer.  SIGIO says that a request came."""
         try:
-            sock.bind(_abstract_name(self.name, 'stopping', os.getpid()))
-            sock.listen(1)       # SO_PEERCRED then names this pid
+            self._channel = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                          | socket.SOCK_NONBLOCK)
         except OSError:
-            pass
+            return
+        self._channel.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        signal.signal(signal.SIGIO, _weak_method(self, '_on_request'))
+        fcntl.fcntl(self._channel, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(self._channel, fcntl.F_SETFL, fcntl.fcntl(self._channel, fcntl.F_GETFL) | os.O_ASYNC)
+        self._bind_channel()
+
+    def _bind_channel(self):
+        """Bind the channel's name, now or, if another process holds it, from the loop
+        (handle_signals) once it is free."""
+        if self._channel is not None and not self._channel.getsockname():
+            try:
+                self._channel.bind(_channel_address(self.pidfile_path))
+            except OSError:
+                pass
+
+    def _on_request(self, signum, frame):
+        """SIGIO: answer every request on the channel at once, and note who waits for the
+        verdict of which action (see the channel); never blocks, never raises."""
+        while self._channel is not None:
+            try:
+                data, ancillary, _, address = self._channel.recvmsg(4096, socket.CMSG_SPACE(12))
+            except OSError:
+                return                          # all read
+            if not address or not _may_act(_credentials(ancillary)[1], self.pidfile_path):
+                continue
+            watch = _fields(data).get('WATCH')
+            if watch:
+                waiting = self._watchers.setdefault(watch, [])
+                waiting.append(address)
+                del waiting[:-64]
+            _say(self._channel, address, STOPPING=int(self.stopping))
+
+    def _tell_launcher(self, **fields):
+        """Say fields to the start that launched this daemon, once (see the channel).  After an
+        ERROR its end stays open until this process exits, owned by no object: the launcher
+        waits for that end, so that no daemon is left when it reports the failure."""
+        sock, self._launcher = self._launcher, None
+        if sock is not None:
+            _say(sock, **fields)
+            if 'ERROR' in fields:
+                sock.detach()
+            else:
+                sock.close()
 
 
 def _weak_method(d, name):
@@ -852,10 +877,6 @@ def _weak_method(d, name):
             getattr(daemon, name)(*args)
     return call
 
-
-# The sockets a daemon opens at start to speak through later (Daemon._open_channels), by name:
-# their kind.  An optional section adds its own.
-CHANNELS = {'stopping': socket.SOCK_SEQPACKET}
 
 # What each action does, for --help (an added one: its function's docstring's first line).
 ACTION_HELP = {
@@ -929,14 +950,10 @@ def _start(d):
 def _await_the_end(d, pid):
     """The daemon pid is draining after a stop: wait for its end (start and run then go on, as
     systemd queues a start behind a stop), or DaemonError after stop_timeout + 5 s."""
-    pidfd = _open_pidfd(pid)
-    try:
+    with _pinned(pid) as pidfd:
         if not _await_exit(d._new_pidfile(), pid, pidfd, d.stop_timeout + 5.0):
             raise DaemonError('pid %d is stopping, and did not end within %gs; not started'
                               % (pid, d.stop_timeout + 5.0))
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
 
 
 def _stop(d):
@@ -950,15 +967,9 @@ def _stop(d):
                                                     d.pidfile_path))
         return EXIT_OK
     if state != 'running':
-        if state == 'stale':
-            facts = _unlocked_pidfile(d, pid)      # before it goes
-            if pidfile.remove_stale():
-                d.say('%s is not running (%s; removed it)' % (d.name, facts))
-                return EXIT_OK
-        d.say(_not_running(d, state, pid, removing=state == 'stale'))
+        d.say(_not_running(d, state, pid, removed=state == 'stale' and pidfile.remove_stale()))
         return EXIT_OK
-    pidfd = _open_pidfd(pid)
-    try:
+    with _pinned(pid) as pidfd:
         # The pidfd pins this process: re-check the lock now, so a pid reused between the
         # probe and the signal can never be hit.
         state, again = pidfile.probe()
@@ -984,9 +995,6 @@ def _stop(d):
             return EXIT_OK
         d.say('%s (pid %d) survived SIGKILL' % (d.name, pid), error=True)
         return EXIT_FAILURE
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
 
 
 def _restart(d):
@@ -1018,12 +1026,8 @@ def _reload(d):
     pid = _running_pid(d)
     if pid is None:
         return EXIT_NOT_RUNNING
-    pidfd = _open_pidfd(pid)
-    try:
+    with _pinned(pid) as pidfd:
         _send(pid, pidfd, signal.SIGHUP)
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
     d.say('%s asked to reload (SIGHUP to pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
     return EXIT_OK
 
@@ -1052,21 +1056,13 @@ def _status(d):
     if state == 'running':
         d.say('%s is running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
         return STATUS_RUNNING
-    # Stale (nobody locks it): say what it holds and whether that pid runs, not a guess at how
-    # it came to be.  A pidfile that names no pid is no record of a death: "not running" (3).
-    if state == 'stale' and pid is None:
-        d.say(_not_running(d, state, pid))
-        return STATUS_STOPPED
-    if state == 'stale' and _ended(pid):
-        where = 'syslog' if d.stderr == os.devnull else d.stderr
-        d.say('%s is dead, but pidfile %s remains: it names pid %d, which has ended, and is not '
-              'locked (see %s)' % (d.name, d.pidfile_path, pid, where))
+    # Stale (nobody locks it): what it holds, and whether that pid runs.  One that names no pid
+    # is no record of a death: "not running" (3).
+    if state == 'stale' and pid is not None:
+        d.say('%s is dead, but pidfile %s remains (%s; see %s)' % (
+            d.name, d.pidfile_path, _pidfile_facts(d, state, pid), 'syslog' if d.stderr == os.devnull else d.stderr))
         return STATUS_DEAD
-    if state == 'stale':
-        d.say('%s is not running, but its pidfile remains (%s; stop or start removes it)'
-              % (d.name, _unlocked_pidfile(d, pid)))
-        return STATUS_DEAD
-    d.say(_not_running(d, state))
+    d.say(_not_running(d, state, pid))
     return STATUS_STOPPED
 
 
@@ -1116,31 +1112,22 @@ def _already_running(d, pid):
             'written its pid yet)' % (d.name, d.pidfile_path))
 
 
-def _not_running(d, state, pid=None, removing=False):
-    """The "not running" line, naming the pidfile looked at (relative paths confuse); pid: the
-    one a stale pidfile names; removing: the caller tried to remove it and could not."""
-    if state == 'stale' and removing:
-        return '%s is not running (%s; cannot remove it)' % (d.name, _unlocked_pidfile(d, pid))
-    if state == 'stale':
-        return '%s is not running (%s; stop or start removes it)' % (d.name, _unlocked_pidfile(d, pid))
-    return '%s is not running (no pidfile at %s)' % (d.name, d.pidfile_path)
+def _not_running(d, state, pid=None, removed=False):
+    """The "not running" line; removed: the stale pidfile was removed since it was read."""
+    return '%s is not running (%s%s)' % (d.name, _pidfile_facts(d, state, pid), '; removed it' if removed else '')
 
 
-def _unlocked_pidfile(d, pid):
-    """What is known of a pidfile that nobody locks, pid being the one it names (or None):
-    what it names, and whether that pid runs now.  Not how it came to be (a daemon that could
-    not remove it, one killed, a copy, an editor all leave the same file), nor whose a pid
-    that runs is (the daemon in its last instant, or a program that reused the number)."""
+def _pidfile_facts(d, state, pid):
+    """What is known of a pidfile that names no running daemon: none there, or what it names
+    and whether that pid runs.  Not how it came to be (a daemon that could not remove it, one
+    killed, a copy, an editor all leave the same file), nor whose a pid that runs is."""
+    if state != 'stale':
+        return 'no pidfile at %s' % d.pidfile_path
     if pid is None:
         return 'pidfile %s names no pid, and is not locked' % d.pidfile_path
-    if _ended(pid):
+    if not _pid_alive(pid) or _is_zombie(pid):
         return 'pidfile %s names pid %d, which has ended, and is not locked' % (d.pidfile_path, pid)
-    return ('pidfile %s names pid %d, which runs but does not hold the pidfile\'s lock'
-            % (d.pidfile_path, pid))
-
-
-def _ended(pid):
-    return not _pid_alive(pid) or _is_zombie(pid)
+    return "pidfile %s names pid %d, which runs but does not hold the pidfile's lock" % (d.pidfile_path, pid)
 
 
 def _send(pid, pidfd, signum):
@@ -1153,6 +1140,17 @@ def _send(pid, pidfd, signum):
     except ProcessLookupError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def _pinned(pid):
+    """A pidfd for pid while the block runs (see _open_pidfd), closed after it."""
+    pidfd = _open_pidfd(pid)
+    try:
+        yield pidfd
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _session_group(pid):
@@ -1227,35 +1225,6 @@ def _alive(pid, pidfd):
     if pidfd is not None:
         return not select.select([pidfd], [], [], 0)[0]
     return _pid_alive(pid) and not _is_zombie(pid)
-
-
-def _abstract_name(name, action, pid):
-    """Where `reload` or `upgrade` waits for the verdict of the daemon with this pid (a
-    datagram socket in the abstract namespace: nothing on disk to clean up or to forge)."""
-    return '\0%s-%s-%d' % (name, action, pid)
-
-
-def _stopping(d, pid):
-    """Whether the daemon with this pid has begun to stop (see Daemon._say_stopping): its name
-    is listened on, by that very pid (connect, not bind, to look: two starts that bound it to
-    look saw each other).  Anyone may bind an abstract name: SO_PEERCRED says who did."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
-        sock.setblocking(False)
-        try:
-            sock.connect(_abstract_name(d.name, 'stopping', pid))
-            peer = struct.unpack('3i', sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                       struct.calcsize('3i')))[0]
-        except OSError:
-            return False
-    return peer == pid
-
-
-def _unix_socket(kind):
-    """A close-on-exec AF_UNIX socket of this kind, or None when none can be opened (EMFILE)."""
-    try:
-        return socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
-    except OSError:
-        return None
 
 
 def _group_running(group):
@@ -1699,72 +1668,135 @@ def _open_pidfd(pid):
 
 
 # ---------------------------------------------------------------------------------------------
-# The readiness pipe between the daemon and its launcher
+# The channel between the launcher and the daemon
 # ---------------------------------------------------------------------------------------------
+#
+# Everything a daemon says to a command about it goes one way, in one format: a message of
+# "NAME=value" lines, as sd_notify(3) speaks to systemd, read by one function (_receive):
+#   READY=1 STATUS=<line>      start: the daemon is ready; STATUS is what start prints
+#   RUNNING=<pid>              start: another daemon holds the pidfile (the pid, if written)
+#   ERROR=<why>                start: it could not start; with ACTION: why that failed
+#   STOPPING=0|1               the answer to every request: whether a stop is under way
+#   ACTION=reload|upgrade      the verdict of that action (without ERROR: it went well)
+# A command's one request is "WATCH=<action>" (empty: it only asks about a stop), sent before
+# the signal: the daemon notes who waits as it answers, so the verdict that comes is that of
+# the action the signal begins.  The signal stays the action, so a daemon whose loop never
+# looks (a classic run()) still stops and reloads; the channel carries the answers.  A stop
+# asks nothing: the pidfile's lock and the pid's exit are its answer.
+#
+# Where it goes, and why there:
+#   - start hears on a socketpair made before the first fork: its end closes when the daemon
+#     exits, so after an ERROR the launcher waits for that and leaves no daemon behind;
+#   - later commands talk to one datagram socket per daemon, bound at start to an abstract
+#     name made from the pidfile's directory (device, inode) and base name: found from the
+#     pidfile alone, nothing on disk, gone with the process.  Datagrams, not connections: the
+#     daemon answers with the socket it opened at start, so one that has no descriptor left
+#     (RLIMIT_NOFILE lowered under it) still does;
+#   - the daemon answers in its SIGIO handler (O_ASYNC on the socket), no thread, at once,
+#     wherever it is: in a hook, draining outside its loop, in a classic run().  It is the one
+#     handler that does more than note a signal: it reads and answers without blocking; the
+#     verdicts are said from the loop, once the hook has run (Daemon._report);
+#   - both ends check who speaks with the kernel's SCM_CREDENTIALS: the daemon answers only a
+#     user who could signal it anyway (_may_act), a command believes only the pid that the
+#     locked pidfile names.  Anyone may bind the name first (the daemon takes it from its
+#     loop once it is free): a squatter delays a start by ANSWER_TIMEOUT, never blocks an
+#     action (the signal is sent all the same, and the command says no word came) or forges
+#     a word.  Any local user may still wake the daemon with datagrams it then drops, as any
+#     may connect to a port it serves.
+# Its limit: the name lives in a network namespace, so a command run in another one (a unit
+# with PrivateNetwork=) gets no answer, as above.
 
-class ReadinessPipe:
-    """One line from the daemon to the launcher: READY, RUNNING <pid> or ERROR <message>."""
+# How long a command waits for the daemon's answer to a request: said at once from its
+# signal handler, so this is only for a machine under load (or a squatter that never answers).
+ANSWER_TIMEOUT = 2.0
 
-    def __init__(self):
-        self.r, self.w = os.pipe2(os.O_CLOEXEC)
-        self.sent = False
 
-    def send(self, line, close=True):
-        """Daemon side: send the verdict once.
+def _channel_address(pidfile_path, role='channel'):
+    """The abstract socket name of the channel of this pidfile's daemon, or of another use
+    of the same key (role: the turns section's 'turn')."""
+    directory, base = os.path.split(pidfile_path)
+    try:
+        st = os.stat(directory or '.')
+        key = '%d:%d/%s' % (st.st_dev, st.st_ino, base)
+    except OSError:
+        key = pidfile_path
+    digest = hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
+    return '\0daemon-%s-%s' % (role, digest)
 
-        An ERROR is sent with close=False: the pipe then closes when the daemon has exited,
-        and the launcher waits for that, so no daemon is left when it reports the failure.
-        """
-        if self.w is None:
-            return
-        data = (line.replace('\n', ' ') + '\n').encode('utf-8', 'backslashreplace')
-        try:
-            os.write(self.w, data[:select.PIPE_BUF])
-        except OSError:
-            pass        # the launcher is gone (killed, or timed out): nothing to tell
-        if close:
-            self.close_write()
+
+def _say(sock, address=None, **fields):
+    """Send one message (see above) on sock, to address if given; False if it could not go."""
+    text = '\n'.join('%s=%s' % (name, str(value).replace('\n', ' '))
+                     for name, value in fields.items() if value is not None)
+    try:
+        data = text.encode('utf-8', 'backslashreplace')[:4096]
+        if address is None:
+            sock.send(data)
         else:
-            self.sent = True
+            sock.sendto(data, address)
+        return True
+    except OSError:
+        return False    # the other end is gone (killed, timed out): nothing to tell
 
-    def fail(self, message):
-        if self.w is not None and not self.sent:
-            self.send('ERROR ' + message, close=False)
 
-    def close_write(self):
-        if self.w is not None:
-            os.close(self.w)
-            self.w = None
+def _receive(sock, timeout, sender=None):
+    """The next message on sock as {name: value}, from the pid sender if given (others are
+    dropped); {} at the end of the socketpair (the daemon exited); None after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+            return None
+        data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        if not data:
+            return {}
+        if sender is None or _credentials(ancillary)[0] == sender:
+            return _fields(data)
 
-    def close_read(self):
-        if self.r is not None:
-            os.close(self.r)
-            self.r = None
 
-    def receive(self, timeout):
-        """Launcher side: the daemon's line, '' at EOF, None on timeout.
+def _fields(data):
+    """A message's {name: value}."""
+    return dict(line.partition('=')[::2] for line in data.decode('utf-8', 'replace').split('\n'))
 
-        After an ERROR line it waits (a few seconds at most) for the EOF of the daemon's exit.
-        """
-        self.close_write()
-        deadline = time.monotonic() + timeout
-        data = b''
-        while True:
-            if b'\n' in data and not data.startswith(b'ERROR'):
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if b'\n' in data:
-                    break
-                return None
-            if select.select([self.r], [], [], remaining)[0]:
-                chunk = os.read(self.r, 4096)
-                if not chunk:
-                    break
-                if b'\n' not in data and b'\n' in data + chunk:
-                    deadline = min(deadline, time.monotonic() + 5.0)
-                data += chunk
-        return data.decode('utf-8', 'replace').split('\n', 1)[0].strip()
+
+def _credentials(ancillary):
+    """(pid, uid) of a datagram's sender, from its SCM_CREDENTIALS; (None, None) without."""
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+            return struct.unpack('3i', payload[:12])[:2]
+    return None, None
+
+
+def _may_act(uid, pidfile_path):
+    """Whether the user uid could act on the daemon of this pidfile anyway: root, our own
+    user, or the owner of the pidfile's directory."""
+    if uid in (0, os.geteuid()):
+        return True
+    try:
+        return uid == os.stat(os.path.dirname(pidfile_path) or '.').st_uid
+    except OSError:
+        return False
+
+
+def _ask(d, pid, watch=''):
+    """Ask the daemon pid on its channel (WATCH=watch): (the socket the answers come to, the
+    answer, or None if that very pid gave none within ANSWER_TIMEOUT).  The caller closes it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind('')           # an abstract address of its own (autobind), for the answers
+        if not _say(sock, _channel_address(d.pidfile_path), WATCH=watch):
+            return sock, None   # nobody holds the name: a daemon that could not bind it
+        return sock, _receive(sock, ANSWER_TIMEOUT, sender=pid)
+    except OSError:
+        return sock, None
+
+
+def _stopping(d, pid):
+    """Whether the daemon pid says that a stop is under way."""
+    sock, answer = _ask(d, pid)
+    sock.close()
+    return bool(answer) and answer.get('STOPPING') == '1'
 
 
 # =============================================================================================
@@ -1779,9 +1811,11 @@ SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'forc
 
 # Where the turn is held, and why there.  Two restarts at once stopped each other's new
 # daemon; a reload or a stop in the middle of a restart acted on the old daemon, or on none.
-# So actions on one pidfile take turns, as systemd queues jobs.  The turn is an abstract
-# socket name derived from the pidfile's directory (device, inode) and base name, bound and
-# listened on for as long as the action lasts:
+# So actions on one pidfile take turns, as systemd queues jobs.  The turn is a matter between
+# launchers, not a request on the daemon's channel: a restart spans two daemons, and a start
+# has no daemon to ask, so no daemon can keep the queue.  It is an abstract socket name made
+# as the channel's is (_channel_address(path, 'turn')), bound and listened on for as long as
+# the action lasts:
 #   - not a lock file: it would be left behind, and a lock file in a shared directory (/tmp,
 #     /run/user) may be created first, by anyone, as a file they own;
 #   - not an flock() on the pidfile's directory: anyone who may read /tmp or /run may lock
@@ -1791,24 +1825,12 @@ SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'forc
 #     span a restart;
 #   - an abstract name vanishes with the process that holds it (even on SIGKILL), leaves
 #     nothing on disk, and SO_PEERCRED names who holds it.  Anyone may bind it too: a holder
-#     is waited for only if it could act on the daemon anyway (root, our own user, or the
-#     owner of the pidfile's directory); any other holder, or one that cannot say who it is
-#     (a datagram socket), is ignored, and the action goes on without its turn, as it did
-#     before there were turns.  A squatter can undo the ordering, never block an action.
+#     is waited for only if it could act on the daemon anyway (_may_act); any other holder,
+#     or one that cannot say who it is (a datagram socket), is ignored, and the action goes
+#     on without its turn, as it did before there were turns.  A squatter can undo the
+#     ordering, never block an action.
 # Its limit: the name lives in a network namespace, so actions run from two namespaces (a
 # unit with PrivateNetwork=) do not see each other's turns.
-
-def _control_address(pidfile_path):
-    """The abstract socket name that actions on this pidfile take turns on."""
-    directory, base = os.path.split(pidfile_path)
-    try:
-        st = os.stat(directory or '.')
-        key = '%d:%d/%s' % (st.st_dev, st.st_ino, base)
-    except OSError:
-        key = pidfile_path
-    digest = hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
-    return '\0daemon-control-' + digest
-
 
 def _turn_timeout(d):
     """The longest one action may hold its turn: a restart (stop_timeout, 5 s to see a SIGKILL
@@ -1821,12 +1843,7 @@ def _take_turn(d, while_waiting=None):
     listening socket that holds it (closed by Daemon._end_turn), or None to go on without
     one (a holder that is not to be trusted; see above).  while_waiting(d) is called about
     every 20 ms meanwhile.  DaemonError if the holder keeps it past _turn_timeout(d)."""
-    name = _control_address(d.pidfile_path)
-    trusted = {0, os.geteuid()}
-    try:
-        trusted.add(os.stat(os.path.dirname(d.pidfile_path) or '.').st_uid)
-    except OSError:
-        pass
+    name = _channel_address(d.pidfile_path, 'turn')
     deadline = time.monotonic() + _turn_timeout(d)
     refused = 0
     while True:
@@ -1854,7 +1871,7 @@ def _take_turn(d, while_waiting=None):
                     return None
                 time.sleep(0.005)
                 continue
-            if uid not in trusted:
+            if not _may_act(uid, d.pidfile_path):
                 return None
             # Wait for the holder's end: its listening socket closes, ours hangs up.
             poller = select.poll()
@@ -1880,18 +1897,18 @@ def _end_a_start(d):
         state, pid = d.probe()
     except DaemonError:
         return
-    if state != 'running' or pid in d._signalled or _stopping(d, pid):
+    if state != 'running' or pid in d._signalled:
         return
-    pidfd = _open_pidfd(pid)
-    try:
-        state, again = d.probe()            # pinned by the pidfd: never a reused pid
+    if _stopping(d, pid):
+        d._signalled.add(pid)           # stopping already: neither asked again nor signalled
+        return
+    with _pinned(pid) as pidfd:
+        try:
+            state, again = d.probe()        # pinned by the pidfd: never a reused pid
+        except DaemonError:
+            return
         if state == 'running' and again == pid and _send(pid, pidfd, signal.SIGTERM):
             d._signalled.add(pid)
-    except DaemonError:
-        pass
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
 
 
 def _wait_turn(self, action):
@@ -1916,108 +1933,62 @@ def _reload_and_wait(d):
     """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
     on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
     daemon goes on as it was, or stops if a stop came meanwhile), 7 if it is not running."""
-    pid, verdict = _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout)
-    return _verdict_status(d, pid, verdict, 'reloaded', 'reload failed: %s (pid %d)')
+    return _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout, 'reloaded')
 
 
-def _verdict_status(d, pid, verdict, done, failed):
-    """The exit status (and the line said) of a reload or an upgrade, from _signal_and_wait():
-    done says it worked, failed (with the reason and the pid) that it did not."""
+def _signal_and_wait(d, action, signum, timeout, done):
+    """Signal the running daemon, wait for its verdict on the action and say it: 0 when it
+    went well ("<name> <done> (pid N, ...)"), 1 with the reason it gave or why no word came,
+    7 if it is not running.  It asks first (WATCH=action, see the channel): the daemon notes
+    who waits as it answers, so the verdict is that of the very action this signal begins."""
+    pid = _running_pid(d)
     if pid is None:
         return EXIT_NOT_RUNNING
-    if verdict == 'OK':
+    sock, answer = _ask(d, pid, action)
+    with sock, _pinned(pid) as pidfd:
+        _send(pid, pidfd, signum)
+        verdict = _verdict(sock, action, pid, pidfd, timeout) if answer is not None else None
+    if verdict is not None and 'ERROR' not in verdict:
         d.say('%s %s (pid %d, pidfile %s)' % (d.name, done, pid, d.pidfile_path))
         return EXIT_OK
-    if verdict is not None:
-        d.say('%s: %s' % (d.name, failed % (verdict, pid)), error=True)
+    if answer is None:
+        why = ('no word from pid %d on the %s (%s sent): it gives no answer on its channel, whose '
+               'name another process may hold; see %s' % (pid, action, signal.Signals(signum).name, d.stderr))
+    elif verdict is None:
+        why = ('no word from pid %d on the %s within %gs (does run() call wait() or '
+               'handle_signals()?); see %s' % (pid, action, timeout, d.stderr))
+    elif verdict['ERROR'] is None:
+        why = 'pid %d exited during the %s; see %s' % (pid, action, d.stderr)
+    else:
+        why = '%s failed: %s (pid %d)' % (action, verdict['ERROR'], pid)
+    d.say('%s: %s' % (d.name, why), error=True)
     return EXIT_FAILURE
 
 
-def _signal_and_wait(d, action, signum, timeout):
-    """Signal the running daemon and wait for its verdict on the action: (pid, 'OK' or the
-    error it reported), (pid, None) after saying why there is none, (None, None) if it is
-    not running.
-
-    The verdict comes on a datagram socket in the abstract namespace, named after the
-    daemon, the action and its pid, from that very pid (checked with SO_PASSCRED): no file,
-    no log text to search.
-    """
-    pid = _running_pid(d)
-    if pid is None:
-        return None, None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    pidfd = None
-    try:
-        # Another command waits for the verdict of the same action (two reloads at once): wait
-        # until it has its answer, then ask again, so that what changed in between is loaded too.
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sock.bind(_abstract_name(d.name, action, pid))
-                break
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
-                    raise DaemonError('cannot wait for the outcome (%s): is another %s of pid %d '
-                                      'under way?' % (exc.strerror, action, pid))
-                if not _pid_alive(pid):
-                    d.say('%s (pid %d) exited during another %s; see %s'
-                          % (d.name, pid, action, d.stderr), error=True)
-                    return pid, None
-                time.sleep(0.02)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        pidfd = _open_pidfd(pid)
-        _send(pid, pidfd, signum)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            watched = [sock] + ([pidfd] if pidfd is not None else [])
-            ready = select.select(watched, [], [], min(0.5, max(0.0, deadline - time.monotonic())))[0]
-            if sock in ready:
-                data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
-                if _sender_pid(ancillary) != pid:
-                    continue
-                text = data.decode('utf-8', 'replace')
-                return pid, 'OK' if text == 'OK' else text[6:]
-            if not _alive(pid, pidfd):
-                d.say('%s (pid %d) exited during the %s; see %s'
-                          % (d.name, pid, action, d.stderr), error=True)
-                return pid, None
-        d.say('%s: no word from pid %d on the %s within %gs (does run() call wait() or '
-                  'handle_signals()?); see %s' % (d.name, pid, action, timeout, d.stderr),
-                  error=True)
-        return pid, None
-    finally:
-        sock.close()
-        if pidfd is not None:
-            os.close(pidfd)
-
-
-def _sender_pid(ancillary):
-    """The sender's pid in a datagram's SCM_CREDENTIALS, or None."""
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
-            return struct.unpack('3i', payload[:12])[0]
+def _verdict(sock, action, pid, pidfd, timeout):
+    """The daemon's message on the action, {'ERROR': None} if pid ended first, None after
+    timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        said = _receive(sock, min(0.5, max(0.0, deadline - time.monotonic())), sender=pid)
+        if said and said.get('ACTION') == action:
+            return said
+        if not _alive(pid, pidfd):
+            return {'ERROR': None}
     return None
 
 
 def _report(self, action, error=None):
-    """Daemon._report: send the outcome of a reload or an upgrade to the command waiting for
-    it, if any, through the socket opened at start (see Daemon._open_channels)."""
-    line = 'ERROR ' + error if error else 'OK'
-    sock = self._channel('verdict')
-    if sock is None:
-        log('%s: cannot tell the %s\'s outcome to a command waiting for it: no descriptor '
-            'left' % (self.name, action), priority=LOG_ERR)
-        return
-    try:
-        sock.sendto(line.encode('utf-8', 'replace')[:4096], _abstract_name(self.name, action, os.getpid()))
-    except OSError:
-        pass        # nobody waits for it: the signal came from kill or systemctl
+    """Daemon._report: tell the commands that wait for it how a reload or an upgrade went, on
+    the channel (their addresses were noted as they asked, see Daemon._on_request)."""
+    for address in self._watchers.pop(action, []):
+        if self._channel is not None:
+            _say(self._channel, address, ACTION=action, ERROR=error)
 
 
 # What this section adds: reload (and force-reload) wait for the verdict, which the daemon
-# sends through Daemon._report (a no-op in the core) on a socket opened at start.
+# says through Daemon._report (a no-op in the core) on its channel.
 STANDARD_ACTIONS.update({'reload': _reload_and_wait, 'force-reload': _reload_and_wait})
-CHANNELS['verdict'] = socket.SOCK_DGRAM
 Daemon._report = _report
 
 
@@ -2446,9 +2417,12 @@ Daemon._last_words = _last_words
 
 # Set by reexec() for the new image of the same process:
 # "<pidfile fd> <detached 0|1> <socket fds, comma-separated, or -> <their names, colon-separated, or ->",
-# and the subclass's own state (a string) in REEXEC_STATE_ENV.
+# the subclass's own state (a string) in REEXEC_STATE_ENV, and in REEXEC_WATCHERS_ENV the
+# commands that wait for a verdict ("<action>=<address in hex> ...", see the channel): the
+# `upgrade` waiting for this one's hears it from the new image.
 REEXEC_ENV = 'DAEMON_REEXEC'
 REEXEC_STATE_ENV = 'DAEMON_REEXEC_STATE'
+REEXEC_WATCHERS_ENV = 'DAEMON_REEXEC_WATCHERS'
 # Set by check_new_code() for the child that tries the new code: set up, then exit 0.
 CHECK_ENV = 'DAEMON_REEXEC_CHECK'
 UPGRADE_CHECK_TIMEOUT = 30.0
@@ -2479,6 +2453,8 @@ def reexec(self, argv, fds=(), names=None, keep=(), state='', check=True):
         self._pidfile.fd if self._pidfile is not None and self._pidfile.fd is not None else -1,
         self.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
     env[REEXEC_STATE_ENV] = state
+    env[REEXEC_WATCHERS_ENV] = ' '.join('%s=%s' % (action, os.fsencode(address).hex())
+                                        for action, addresses in self._watchers.items() for address in addresses)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
     if self.stopping:
         # A stop came during the check: this image acts on it (drains, removes the pidfile)
@@ -2551,7 +2527,7 @@ def _exec_check(d, argv, fds, names, r, w):
         close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds)))
         env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
         env[CHECK_ENV] = d.pidfile_path
-        for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV):
+        for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV, REEXEC_WATCHERS_ENV):
             env.pop(name, None)
         if names:
             env['LISTEN_FDNAMES'] = ':'.join(names)
@@ -2624,9 +2600,8 @@ ACTION_HELP['upgrade'] = 'SIGUSR2: the daemon re-executes the code now on disk, 
 
 def upgrade_action(d):
     """The `upgrade` action (a program that offers it calls self.allow_upgrade()): SIGUSR2 to the daemon, then wait for its verdict and print it."""
-    pid, verdict = _signal_and_wait(d, 'upgrade', signal.SIGUSR2,
-                                    UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5)
-    return _verdict_status(d, pid, verdict, 'upgraded in place', 'upgrade failed: %s (pid %d)')
+    return _signal_and_wait(d, 'upgrade', signal.SIGUSR2, UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5,
+                            'upgraded in place')
 
 
 def _takeover(self):
@@ -2648,6 +2623,9 @@ def _continue_after_reexec(self, spec):
     """
     pidfile_fd, detached, fds, names = spec.split(' ')
     self.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
+    for watcher in os.environ.pop(REEXEC_WATCHERS_ENV, '').split():
+        action, _, address = watcher.partition('=')
+        self._watchers.setdefault(action, []).append(bytes.fromhex(address))
     self.detached = detached == '1'
     self._announce_ready = lambda: upgrade_done(self)     # ready() reports the upgrade
     # The image this one continues ran a loop that acts on signals (reexec() is called from

@@ -36,11 +36,12 @@ waits for, with a hard deadline.
 import sys
 
 import testrun
-from tests_daemon_unit import PureHelperTests, DaemonPublicApiTests, DaemonForAuthorsTests  # noqa: F401
+from tests_daemon_unit import PureHelperTests, DaemonPublicApiTests, DaemonForAuthorsTests, ChannelTests  # noqa: F401
 from tests_daemon_process import (
     DaemonProcessTests, NoDescriptorsLeftTests, ClassicRecipeBugTests, ClosedStdStreamsTests,
     HostileFileTests, PidfileRemovedTests, PidfileProbeRaceTests, ConcurrentActionsTests,
-    UnlockedPidfileWordingTests, HostileEnvironmentTests, ClassicVariantTests, HookErrorTests)  # noqa: F401
+    UnlockedPidfileWordingTests, HostileEnvironmentTests, ClassicVariantTests, HookErrorTests,
+    OneChannelTests)  # noqa: F401
 from tests_command_line import (
     AgentCommandLineTests, ReadmeTests, AgentLifecycleTests, NothingLeftBehindTests,
     FromBytecodeTests, DeprecatedCallTests, SafeDefaultsTests, OwnRotationTests,

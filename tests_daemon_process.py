@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import textwrap
+import threading
 import time
 import unittest
 from unittest import mock
@@ -21,7 +22,7 @@ from testlib import (
     HERE, PYTHON, SAMPLE_DAEMON, TIMEOUT, TempDirTest, kill_group_of, nobody_user, proc_stat,
     proc_status, python_for, run, slurp, sockets_of, wait_for)
 import daemon
-from harness import pid_alive, read_pid
+from harness import open_fds as harness_fds, pid_alive, read_pid
 
 
 
@@ -1011,7 +1012,7 @@ class ConcurrentActionsTests(SampleDaemonTest):
         """Actions take turns on an abstract socket name that anyone may bind: a name bound by
         a socket that cannot tell who holds it (a datagram socket), or by a user who has no
         say over the pidfile, is ignored, never waited for."""
-        name = daemon._control_address(self.pidfile)
+        name = daemon._channel_address(self.pidfile, 'turn')
         squatter = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(squatter.close)
         squatter.bind(name)
@@ -1036,6 +1037,127 @@ class ConcurrentActionsTests(SampleDaemonTest):
         result = self.sample('restart')
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(self.sample('stop').returncode, 0)
+
+
+def abstract_names_of(pid):
+    """The abstract unix socket names ('\0...') that the sockets of pid are bound to."""
+    inodes = {target[len('socket:['):-1] for target in harness_fds(pid).values()
+              if target.startswith('socket:[')}
+    names = []
+    with open('/proc/net/unix') as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[6] in inodes and fields[7].startswith('@'):
+                names.append('\0' + fields[7][1:])
+    return sorted(names)
+
+
+# A classic run() (it never looks at the signals) whose finally block takes its time: the
+# SystemExit of a stop is raised in it, and it ends 1.5 s later.
+SLOW_CLASSIC_PROGRAM = """
+import sys, time
+sys.path.insert(0, %r)
+import daemon
+
+class Slow(daemon.Daemon):
+    def run(self):
+        try:
+            print('running', flush=True)    # a stop from here ends in the finally below
+            while True:
+                time.sleep(0.05)
+        finally:
+            print('cleaning up', flush=True)
+            time.sleep(1.5)
+            print('cleanup done', flush=True)
+
+if __name__ == '__main__':
+    sys.exit(daemon.main(Slow('slow.pid', stdout='slow.log', stderr='slow.log', name='slow')))
+""" % HERE
+
+
+class OneChannelTests(SampleDaemonTest):
+    """Issue 20: one channel between the launcher and the daemon.  The daemon binds one
+    abstract socket named from its pidfile and answers every action after start on it (is a
+    stop under way; the verdict of a reload or an upgrade); start's own word comes on a
+    socketpair in the same format.  A squatter on the name blocks nothing and forges nothing."""
+
+    def test_the_daemon_holds_one_channel_named_from_its_pidfile(self):
+        pid = self.start('slow_stop')
+        wait_for(lambda: 'in the loop' in self.log(), message='the loop under way')
+        channel = daemon._channel_address(self.pidfile)
+        self.assertEqual(abstract_names_of(pid), [channel])
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: 'stopping (SIGTERM)' in self.log(), message='the stop under way')
+        self.assertEqual(abstract_names_of(pid), [channel], 'a stop needs no other name')
+        wait_for(lambda: not pid_alive(pid), message='the end of pid %d' % pid)
+
+    def test_a_stop_is_known_from_the_moment_it_arrives(self):
+        """A classic run() never calls wait(): the stop ends it by SystemExit, and its finally
+        block may take its time.  `start` meanwhile waits for that end, then starts (it said
+        "already running" of a daemon about to be gone: only the loop said "stopping")."""
+        with open(os.path.join(self.tmp, 'slow.py'), 'w') as f:
+            f.write(SLOW_CLASSIC_PROGRAM)
+        result = run([PYTHON, 'slow.py', 'start'], cwd=self.tmp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        pidfile, logfile = os.path.join(self.tmp, 'slow.pid'), os.path.join(self.tmp, 'slow.log')
+        old = read_pid(pidfile)
+        self.seen_pids.append(old)
+        # Once run() has begun: ready comes before it, and a SIGTERM sent as start returned
+        # could end the daemon before the try whose finally is slow.
+        wait_for(lambda: 'running' in slurp(logfile), message='run() under way')
+        os.kill(old, signal.SIGTERM)
+        wait_for(lambda: 'cleaning up' in slurp(logfile), message='the stop under way')
+        result = run([PYTHON, 'slow.py', 'start'], cwd=self.tmp)
+        new = read_pid(pidfile)
+        self.seen_pids.append(new)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn('already running', result.stdout + result.stderr)
+        self.assertIn('cleanup done', slurp(logfile))
+        self.assertNotEqual(new, old)
+        self.assertTrue(pid_alive(new))
+        self.assertEqual(run([PYTHON, 'slow.py', 'stop'], cwd=self.tmp).returncode, 0)
+
+    def test_a_squatter_on_the_channel_blocks_nothing_and_forges_nothing(self):
+        """Anyone may bind the name first: the daemon then goes without its channel until the
+        name is free.  Meanwhile start is not told "stopping", reload still sends SIGHUP and
+        takes no word but the daemon's own (it says it has none), stop stops."""
+        name = daemon._channel_address(self.pidfile)
+        squatter = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(squatter.close)
+        squatter.bind(name)
+        liar = threading.Thread(target=self.lie, args=(squatter,), daemon=True)
+        liar.start()
+        pid = self.start()
+        result = self.sample('start')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('already running (pid %d' % pid, result.stdout)
+        result = self.sample('reload')
+        self.assertEqual(result.returncode, daemon.EXIT_FAILURE, result.stdout + result.stderr)
+        self.assertNotIn('reloaded', result.stdout)
+        self.assertIn('no word from pid %d' % pid, result.stderr)
+        wait_for(lambda: 'reload hook' in self.log(), message='the SIGHUP acted on')
+        squatter.close()
+        liar.join(TIMEOUT)
+        # The name is free: the daemon takes it (from its loop) and answers again.
+        result = wait_for(lambda: (lambda r: r.returncode == 0 and r)(self.sample('reload')),
+                          message='a reload answered once the squatter left')
+        self.assertIn('sample reloaded (pid %d' % pid, result.stdout)
+        result = self.sample('stop')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertFalse(pid_alive(pid))
+
+    @staticmethod
+    def lie(squatter):
+        """Answer every request with what would fool a launcher: a stop under way, a reload
+        done (SCM_CREDENTIALS say this pid, not the daemon's)."""
+        while True:
+            try:
+                _, address = squatter.recvfrom(4096)
+                squatter.sendto(b'STOPPING=1', address)
+                squatter.sendto(b'ACTION=reload', address)
+            except OSError:
+                return
 
 
 class UnlockedPidfileWordingTests(SampleDaemonTest):

@@ -175,7 +175,7 @@ class PureHelperTests(unittest.TestCase):
             p.start()
             self.addCleanup(p.stop)
         d.daemonize()
-        d._readiness.close_write()
+        d._launcher.close()
         self.assertEqual(calls, ['close_inherited_fds', 'reset_signals', 'fork', 'detach_session',
                                  'fork', 'set_umask', 'change_directory', 'redirect_stdio', 'pidfile',
                                  'ready'])
@@ -208,6 +208,56 @@ def daemon_sections(text):
     banner = '# ' + '=' * 93 + '\n# Optional: '
     pieces = text.split(banner)
     return pieces[0], {piece.split()[0].rstrip(',.'): banner + piece for piece in pieces[1:]}
+
+
+class ChannelTests(TempDirTest):
+    """Issue 20's one channel (daemon.py, "the channel"), in this process: one message format,
+    one reader, and who is heard on it."""
+
+    def test_one_format_and_one_reader(self):
+        daemon_end, launcher_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(launcher_end.close)
+        self.assertTrue(daemon._say(daemon_end, READY=1, STATUS='sample started\n(pid 7)', ERROR=None))
+        self.assertEqual(daemon._receive(launcher_end, 1.0), {'READY': '1', 'STATUS': 'sample started (pid 7)'})
+        self.assertIsNone(daemon._receive(launcher_end, 0.05))      # nothing more said yet
+        daemon_end.close()
+        self.assertEqual(daemon._receive(launcher_end, 1.0), {})    # its end: the daemon exited
+
+    def test_a_word_from_another_pid_is_not_heard(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind('')
+        for sender, heard in ((os.getpid() + 1, None), (os.getpid(), {'ACTION': 'reload'})):
+            daemon._say(sock, sock.getsockname(), ACTION='reload')
+            self.assertEqual(daemon._receive(sock, 0.2, sender=sender), heard)
+
+    def test_who_may_act(self):
+        self.assertTrue(daemon._may_act(0, os.path.join(self.tmp, 'x.pid')))
+        self.assertTrue(daemon._may_act(os.geteuid(), os.path.join(self.tmp, 'x.pid')))
+        self.assertFalse(daemon._may_act(54321, os.path.join(self.tmp, 'x.pid')))
+        self.assertFalse(daemon._may_act(None, os.path.join(self.tmp, 'x.pid')))
+
+    def test_the_daemon_answers_at_once_and_tells_who_waits(self):
+        """The SIGIO handler answers a request (here in this very process) and notes who waits
+        for a verdict; _report then tells each of them once."""
+        d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
+        self.addCleanup(signal.signal, signal.SIGIO, signal.SIG_DFL)
+        d._open_channels()
+        self.addCleanup(d._channel.close)
+        self.assertEqual(d._channel.getsockname(), daemon._channel_address(d.pidfile_path).encode())
+        sock, answer = daemon._ask(d, os.getpid(), 'reload')
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, {'STOPPING': '0'})
+        self.assertEqual(len(d._watchers['reload']), 1)
+        d._report('reload', 'bad config')
+        self.assertEqual(daemon._receive(sock, 1.0, sender=os.getpid()), {'ACTION': 'reload', 'ERROR': 'bad config'})
+        d._report('reload')                                 # told once: nobody waits now
+        self.assertIsNone(daemon._receive(sock, 0.05))
+        d.stopping = True
+        self.assertTrue(daemon._stopping(d, os.getpid()))
+        with mock.patch.object(daemon, 'ANSWER_TIMEOUT', 0.1):
+            self.assertFalse(daemon._stopping(d, os.getpid() + 1))     # not the pidfile's pid
 
 
 class DaemonPublicApiTests(TempDirTest):

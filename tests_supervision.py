@@ -155,26 +155,23 @@ class SupervisionTests(unittest.TestCase):
 
     def test_reload_while_another_reload_waits_for_its_verdict(self):
         # The second of two reloads at once failed at once ("is another reload under way?")
-        # and sent nothing: changes made between the two were not loaded.
+        # and sent nothing: changes made between the two were not loaded.  Now every command
+        # that asks on the daemon's channel is told (issue 20's one channel): the first, a
+        # bare socket here, hears the verdict of the reload the second one asked for.
         server = AgentServer(self).start()
         master = server.master()
         first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(first.close)
-        first.bind(daemon._abstract_name('agent', 'reload', master))     # a reload under way
-        second = subprocess.Popen(AGENT_LINE + server.options + ['reload'], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: second.poll() is None and second.kill())
-        wait_for(lambda: second.poll() is not None or any(
-            link.startswith('socket:') for link in harness.open_fds(second.pid).values()),
-            message='the second reload at its socket')
-        os.kill(master, signal.SIGHUP)
+        first.bind('')
         first.settimeout(TIMEOUT)
-        self.assertEqual(first.recv(4096), b'OK')
-        first.close()
-        out, err = second.communicate(timeout=TIMEOUT)
-        self.assertEqual(second.returncode, 0, out + err)
-        self.assertIn('agent reloaded (pid %d' % master, out)
-        wait_for(lambda: server.log_text().count('agent: reloaded: ') == 2, message='two reloads')
+        first.sendto(b'WATCH=reload', daemon._channel_address(server.pidfile))   # a reload under way
+        self.assertEqual(first.recv(4096), b'STOPPING=0')
+        second = subprocess.run(AGENT_LINE + server.options + ['reload'], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(second.returncode, 0, second.stdout + second.stderr)
+        self.assertIn('agent reloaded (pid %d' % master, second.stdout)
+        self.assertEqual(first.recv(4096), b'ACTION=reload')
+        wait_for(lambda: server.log_text().count('agent: reloaded: ') == 1, message='the reload')
         server.stop()
 
     def test_reload_replaces_workers_without_failing_a_request(self):
