@@ -145,7 +145,8 @@ The ETag is the file's mtime and size (make_etag), the same on every node holdin
 --trusted-proxy CIDR (repeatable): from there, the client's address is taken from
 X-Forwarded-For or Forwarded, walked from the right past trusted hops (forwarded_client);
 --proxy-protocol: each connection begins with a PROXY v1/v2 header, from a trusted proxy only
-(else 400 and a close).  The client's address is Connection.client, what the access log writes.
+(else 400 and a close; on HTTPS, before the handshake: a close, TLSConnection.take_proxy_header).
+The client's address is Connection.client, what the access log writes.
 --health PATH answers 200, and 503 once a stop begins; the agent then serves on for
 --stop-grace seconds (default STOP_GRACE with --health, else 0) before it closes its listeners.
 
@@ -1180,6 +1181,7 @@ def response_head(status, date, fields, keep_alive, version, common=COMMON_HEADE
 PROXY_V1_MAX = 107
 PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
 PROXY_V2_MAX = 2048
+PROXY_REFUSED = b'(no PROXY header from a trusted proxy)'    # the access log's request line
 PROXY_PORT = re.compile(r'(?:0|[1-9][0-9]{0,4})\Z')
 # v2 address families (the byte's high nibble) and the bytes of their address block.
 PROXY_V2_FAMILIES = {0x1: (12, socket.AF_INET, 4), 0x2: (36, socket.AF_INET6, 16), 0x3: (216, None, 0)}
@@ -4137,7 +4139,7 @@ class Connection:
                 raise ValueError('%s is not a --trusted-proxy' % self.peer)
             found = parse_proxy_header(self.inbuf)
         except ValueError:
-            self.reply.line = b'(no PROXY header from a trusted proxy)'
+            self.reply.line = PROXY_REFUSED
             self.reply.referer = self.reply.agent = ''
             self.respond_error(400, close=True)
             return False
@@ -4500,6 +4502,8 @@ class TLSConnection(Connection):
             self.close()
 
     def handshake(self):
+        if self.proxy_header and not self.take_proxy_header():
+            return
         if self.hello >= 0 and not self.check_hello():
             return
         try:
@@ -4550,6 +4554,49 @@ class TLSConnection(Connection):
         if offers is not None and not ALPN_SERVED.intersection(offers):
             self.refuse_alpn(len(first), offers)
             return False
+        return True
+
+    def take_proxy_header(self):
+        """--proxy-protocol on HTTPS (a balancer in TCP mode passing TLS through): the PROXY
+        header before the ClientHello, read from the raw socket.  It is peeked, then read up to
+        its end and no further: the hello's bytes that came in the same packet stay for
+        check_hello and OpenSSL.  A header cut short is read as far as it goes (those bytes are
+        all its own, kept in inbuf: epoll is not woken again by them) and its rest waited for,
+        within the header timeout.  Refused (not from a --trusted-proxy, malformed): logged as
+        the plain port's 400 is, and closed, since no HTTP can answer before a handshake.  True
+        once taken."""
+        try:
+            data = PEEK(self.sock, PROXY_V2_MAX - len(self.inbuf), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b''
+        if not data:
+            self.close()
+            return False
+        self.started = True
+        head = self.inbuf + data
+        try:
+            if not is_trusted(self.peer, self.worker.trusted):
+                raise ValueError('%s is not a --trusted-proxy' % self.peer)
+            found = parse_proxy_header(head)
+        except ValueError:
+            self.reply.status, self.reply.line = 400, PROXY_REFUSED
+            self.worker.access_log.write(self)
+            self.close()
+            return False
+        try:
+            PEEK(self.sock, len(data) if found is None else found[1] - len(self.inbuf))  # peeked: there
+        except OSError:
+            self.close()
+            return False
+        if found is None:
+            self.inbuf = head
+            return False
+        self.inbuf = b''
+        self.proxy_header = False
+        if found[0] is not None:
+            self.peer = self.client = found[0]
         return True
 
     def receive_at_least(self, count):
@@ -8303,7 +8350,8 @@ def parser():
                                'past trusted hops; from others these headers are ignored')
     balancer.add_argument('--proxy-protocol', action='store_true',
                           help='each connection begins with a PROXY protocol header (v1 or v2), '
-                               'from a --trusted-proxy only; others get a 400')
+                               'from a --trusted-proxy only; others get a 400 (HTTPS: before the '
+                               'handshake, so a close)')
     balancer.add_argument('--health', type=health_path, metavar='PATH',
                           help='answer PATH with 200 while serving, 503 once a stop begins')
     balancer.add_argument('--stop-grace', type=grace_seconds, metavar='SECONDS',
@@ -8434,9 +8482,6 @@ def check_together(p, config):
     if config.proxy_protocol and not config.trusted_proxy:
         p.error('--proxy-protocol needs --trusted-proxy CIDR: the balancer\'s addresses, the only '
                 'ones whose PROXY header is believed')
-    if config.proxy_protocol and config.tls_cert:
-        p.error('--proxy-protocol with --tls-cert is not supported: the PROXY header comes before '
-                'the TLS handshake; terminate TLS at the balancer, or send X-Forwarded-For')
     if (config.subject is None) == (config.action in ('passwd', 'share')):
         p.error('passwd takes an account NAME, share a PATH, and no other action takes one'
                 if config.subject is None else 'the action %s takes nothing after it' % config.action)

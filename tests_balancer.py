@@ -19,7 +19,7 @@ import unittest
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import (
     AGENT, PYTHON, AgentServer, FILE_A, FIXED_MTIME, RawConn, SharedAgentTestCase, TempDirTest,
-    run, slurp, tls_client_context, tls_make_ca, tls_make_leaf, wait_for, write_file)
+    run, shutil_which, slurp, tls_client_context, tls_make_ca, tls_make_leaf, wait_for, write_file)
 import agent
 from harness import raw_request
 
@@ -392,6 +392,8 @@ class ProxyProtocolTLSTests(SharedAgentTestCase):
 
     @classmethod
     def make_files(cls):
+        if shutil_which('openssl') is None:
+            raise unittest.SkipTest('openssl not installed (Debian package openssl)')
         write_file(cls.server.root, 'a.jpg', FILE_A)
         tls_dir = os.path.join(cls.server.dir, 'tls')
         os.makedirs(tls_dir)
@@ -445,6 +447,11 @@ class ProxyProtocolTLSTests(SharedAgentTestCase):
             # Closed at once, not left to the header timeout (10 s, the client waits 5).
             self.assertNotIsInstance(caught.exception, socket.timeout, (first, address))
         self.assertNotIn('198.51.100.26', '\n'.join(self.server.access_lines()))
+        def refusals():
+            return [l for l in self.server.access_lines()
+                    if '"(no PROXY header from a trusted proxy)" 400 -' in l]
+        wait_for(lambda: len(refusals()) == 4, timeout=10, message='four refusals in the access log')
+        self.assertEqual(sorted(l.split(' ', 1)[0] for l in refusals()), ['127.0.0.1'] + [PROXY_ADDRESS] * 3)
         conn = self.proxied(v1('198.51.100.27'))
         conn.send(raw_request('/a.jpg?after-refusals'))
         self.assertEqual(conn.response().body, FILE_A)
