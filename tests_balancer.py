@@ -512,6 +512,26 @@ class HealthAndGraceTests(TempDirTest):
             server.connect(timeout=2).close()
         self.assertIn('health', slurp(server.log))
 
+    def test_a_second_stop_cuts_the_grace_short(self):
+        # An operator's second `stop` (or Ctrl-C) during a grace of 60 s: the agent stops now,
+        # and both stops return long before the grace would have ended (the bound: 30 s).
+        server = AgentServer(self, '--health', '/healthz', '--stop-grace', '60', '--stop-timeout', '5')
+        server.start()
+        # With the agent's options: a stop that knows the grace waits for it (65 s, not 10).
+        first = subprocess.Popen([PYTHON, AGENT] + server.options + ['stop'],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(first.kill)
+        wait_for(lambda: server.get('/healthz')[0] == 503, timeout=10, message='health 503')
+        second = server.command('stop', timeout=30)
+        self.assertEqual(second.returncode, 0, second.stderr)
+        out, err = first.communicate(timeout=30)
+        self.assertEqual(first.returncode, 0, err)
+        with self.assertRaises(OSError):
+            server.connect(timeout=2).close()
+        log = slurp(server.log)
+        self.assertIn('cut short', log)
+        self.assertNotIn('Traceback', log)
+
     def test_without_health_the_stop_has_no_grace_and_the_path_is_a_file(self):
         server = AgentServer(self)
         server.write('healthz', b'a file')
