@@ -73,8 +73,9 @@ Processes
 Signals
 -------
     master   TERM, INT   graceful stop: --health turns 503 and serving goes on for --stop-grace
-                         (STOP_GRACE with --health, else none); then workers stop accepting,
-                         finish responses in flight and are killed after --stop-timeout
+                         (STOP_GRACE with --health, else none; a second TERM or INT ends it);
+                         then workers stop accepting, finish responses in flight and are
+                         killed after --stop-timeout
              HUP         reload: a new generation of workers starts, the old one drains
              USR1        reopen --log and --access-log, in the master and in every worker
              USR2        upgrade in place: the agent.py now on disk is checked in a child, then
@@ -6294,6 +6295,13 @@ def stop_grace(config):
     return STOP_GRACE if config.health else 0.0
 
 
+def second_stop(signalled):
+    """Whether the signal pipe's bytes (set_wakeup_fd writes each signal's number) hold a stop:
+    during the grace, the operator's second `stop` or Ctrl-C, which ends it.  The others are
+    left pending, as they are once a stop has begun."""
+    return signal.SIGTERM in signalled or signal.SIGINT in signalled
+
+
 def serve_through_grace(agent):
     """A stop's first step, in the master: --health says 503, and the workers go on serving
     (respawned if one dies) for the grace, before Agent.shutdown drains them."""
@@ -6309,7 +6317,10 @@ def serve_through_grace(agent):
         % (said, grace))
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        agent.selector.select(min(1.0, max(0.0, deadline - time.monotonic())))
+        for key, _ in agent.selector.select(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if key.fileobj == agent.signal_fd and second_stop(drain(agent.signal_fd)):
+                log('agent: a second stop (TERM or INT): the grace (--stop-grace) cut short')
+                return
         supervisor.read_boot_messages()
         supervisor.reap()
         supervisor.maintain()
@@ -7639,12 +7650,16 @@ def signal_worker(pid, signum):
         pass
 
 def drain(fd):
-    """Read a non-blocking pipe empty."""
+    """Read a non-blocking pipe empty: the bytes that were in it."""
+    data = b''
     try:
-        while os.read(fd, 4096):
-            pass
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return data
+            data += chunk
     except (BlockingIOError, InterruptedError):
-        pass
+        return data
 
 def n_workers(count):
     """'1 worker', '2 workers': for the log."""
@@ -8356,7 +8371,8 @@ def parser():
                           help='answer PATH with 200 while serving, 503 once a stop begins')
     balancer.add_argument('--stop-grace', type=grace_seconds, metavar='SECONDS',
                           help='on stop, serve on this long after --health turns 503, then close '
-                               'the listeners (default: %g with --health, else 0)' % STOP_GRACE)
+                               'the listeners (default: %g with --health, else 0); a second stop '
+                               'cuts it short' % STOP_GRACE)
     tls = p.add_argument_group('HTTPS')
     tls.add_argument('--tls-cert', metavar='FILE',
                      help='serve HTTPS on --port with this PEM certificate (its chain after it)')
