@@ -6247,7 +6247,8 @@ class Responder:
 # Behind a load balancer: the health path, and the grace of a stop
 # ---------------------------------------------------------------------------------------------
 # (The PROXY protocol and the trusted proxies' headers are pure: parse_proxy_header and
-# forwarded_client in the HTTP section, used by Connection.read_proxy_header and process.)
+# forwarded_client in the HTTP section, used by Connection.read_proxy_header and process, and
+# on HTTPS before the handshake by TLSConnection.take_proxy_header.)
 #
 # A stop takes a node out of the balancer's pool before it closes its listeners: --health PATH
 # turns 503 at once, and the agent serves on, new connections too, for --stop-grace seconds;
