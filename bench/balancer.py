@@ -230,23 +230,35 @@ def listening(port):
         return False
 
 
-def start_haproxy(work, nodes, port):
+def start_haproxy(work, nodes, port, cert=None):
+    """HAProxy on contrib/haproxy.cfg; with cert (the nodes' certificate, for its checks to
+    verify), its global and defaults and the TLS-passthrough example that is commented at its
+    end, uncommented (the plain frontend and backend left out: their nodes are not these)."""
     text = open(os.path.join(REPO, 'contrib', 'haproxy.cfg')).read()
+    name, bind, node_port = ('haproxy-tls', 'bind :443', 9443) if cert else ('haproxy', 'bind :80', 9085)
+    if cert:
+        head, _, rest = text.partition('\nfrontend www\n')
+        block = rest.partition('\n# frontend www-tls\n')[2]
+        if not head or not block:
+            raise Failed('the contrib file changed: no plain frontend, or no commented TLS example')
+        text = head + '\nfrontend www-tls\n' + re.sub(r'^# ?', '', block, flags=re.M)
+        text = rewrite(text, 'check-sni images.example', 'check-sni localhost')
+        text = rewrite(text, 'ca-file /etc/haproxy/nodes-ca.pem', 'ca-file %s' % cert)
     text = rewrite(text, r'^\s*log /dev/log.*$', '', regex=True)
-    text = rewrite(text, '/run/haproxy/admin.sock', os.path.join(work, 'haproxy.sock'))
-    text = rewrite(text, 'bind :80', 'bind 127.0.0.1:%d' % port)
+    text = rewrite(text, '/run/haproxy/admin.sock', os.path.join(work, name + '.sock'))
+    text = rewrite(text, bind, 'bind 127.0.0.1:%d' % port)
     text = rewrite(text, r'^    balance roundrobin$', '    balance roundrobin\n    source %s' % HAPROXY_SOURCE,
                    regex=True)      # not the commented TLS example's
     for n, node in enumerate(nodes):
-        text = rewrite(text, '10.0.0.1%d:9085' % (n + 1), '127.0.0.1:%d' % node.fixed_port)
-    path = os.path.join(work, 'haproxy.cfg')
+        text = rewrite(text, '10.0.0.1%d:%d' % (n + 1, node_port), '127.0.0.1:%d' % node.fixed_port)
+    path = os.path.join(work, name + '.cfg')
     with open(path, 'w') as f:
         f.write(text)
     check = subprocess.run([which('haproxy'), '-c', '-f', path], capture_output=True, text=True)
     if check.returncode != 0:
         raise Failed('haproxy -c: %s%s' % (check.stdout, check.stderr))
-    proxy = Proxy('haproxy', [which('haproxy'), '-db', '-f', path], os.path.join(work, 'haproxy.log'))
-    proxy.stats = os.path.join(work, 'haproxy.sock')
+    proxy = Proxy('haproxy', [which('haproxy'), '-db', '-f', path], os.path.join(work, name + '.log'))
+    proxy.stats = os.path.join(work, name + '.sock')
     return proxy
 
 
@@ -267,34 +279,6 @@ def haproxy_status(proxy, backend='agents'):
     rows = [dict(zip(fields, line.split(','))) for line in lines[1:] if line]
     return {row['svname']: row['status'] for row in rows
             if row.get('pxname') == backend and row.get('svname', '').startswith('node')}
-
-
-def start_haproxy_tls(work, nodes, port, cert):
-    """contrib/haproxy.cfg's global and defaults, and its commented TLS-passthrough example
-    uncommented (the plain frontend and backend left out: their nodes are not these)."""
-    text = open(os.path.join(REPO, 'contrib', 'haproxy.cfg')).read()
-    head, _, rest = text.partition('\nfrontend www\n')
-    block = rest.partition('\n# frontend www-tls\n')[2]
-    if not head or not block:
-        raise Failed('the contrib file changed: no plain frontend, or no commented TLS example')
-    text = head + '\nfrontend www-tls\n' + re.sub(r'^# ?', '', block, flags=re.M)
-    text = rewrite(text, r'^\s*log /dev/log.*$', '', regex=True)
-    text = rewrite(text, '/run/haproxy/admin.sock', os.path.join(work, 'haproxy-tls.sock'))
-    text = rewrite(text, 'bind :443', 'bind 127.0.0.1:%d' % port)
-    text = rewrite(text, '    balance roundrobin', '    balance roundrobin\n    source %s' % HAPROXY_SOURCE)
-    text = rewrite(text, 'check-sni images.example', 'check-sni localhost')
-    text = rewrite(text, 'ca-file /etc/haproxy/nodes-ca.pem', 'ca-file %s' % cert)
-    for n, node in enumerate(nodes):
-        text = rewrite(text, '10.0.0.1%d:9443' % (n + 1), '127.0.0.1:%d' % node.fixed_port)
-    path = os.path.join(work, 'haproxy-tls.cfg')
-    with open(path, 'w') as f:
-        f.write(text)
-    check = subprocess.run([which('haproxy'), '-c', '-f', path], capture_output=True, text=True)
-    if check.returncode != 0:
-        raise Failed('haproxy -c: %s%s' % (check.stdout, check.stderr))
-    proxy = Proxy('haproxy', [which('haproxy'), '-db', '-f', path], os.path.join(work, 'haproxy-tls.log'))
-    proxy.stats = os.path.join(work, 'haproxy-tls.sock')
-    return proxy
 
 
 def make_certificate(work):
@@ -525,7 +509,7 @@ def run_haproxy_tls(checks, work, files, roots, quick):
     run_phase(checks, 'haproxy-tls', roots, ['--proxy-protocol', '--trusted-proxy', HAPROXY_SOURCE + '/32',
                                              '--health', '/healthz', '--stop-grace', str(GRACE),
                                              '--tls-cert', cert, '--tls-key', key],
-              lambda nodes, port: start_haproxy_tls(work, nodes, port, cert), body, quick)
+              lambda nodes, port: start_haproxy(work, nodes, port, cert), body, quick)
 
 
 def run_nginx(checks, work, files, roots, quick):
