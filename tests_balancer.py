@@ -458,6 +458,16 @@ class ProxyProtocolTLSTests(SharedAgentTestCase):
         self.assertNotIn('Traceback', slurp(self.server.log))
         self.assertNotIn('unexpected error', slurp(self.server.log))
 
+    def test_a_header_cut_short_is_closed_at_the_header_timeout(self):
+        conn = connect_from(PROXY_ADDRESS, self.server.port, timeout=20)     # --header-timeout 10
+        self.addCleanup(conn.close)
+        conn.send(v2()[:20])
+        self.assertTrue(conn.wait_closed(timeout=20))
+        self.assertEqual(conn.buf, b'')
+        conn = self.proxied(v2('198.51.100.28'))
+        conn.send(raw_request('/a.jpg?after-cut'))
+        self.assertEqual(conn.response().body, FILE_A)
+
 
 class TrustedProxyServerTests(SharedAgentTestCase):
     """--trusted-proxy without the PROXY protocol: X-Forwarded-For from the proxy names the
