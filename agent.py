@@ -73,8 +73,9 @@ Processes
 Signals
 -------
     master   TERM, INT   graceful stop: --health turns 503 and serving goes on for --stop-grace
-                         (STOP_GRACE with --health, else none); then workers stop accepting,
-                         finish responses in flight and are killed after --stop-timeout
+                         (STOP_GRACE with --health, else none; a second TERM or INT ends it);
+                         then workers stop accepting, finish responses in flight and are
+                         killed after --stop-timeout
              HUP         reload: a new generation of workers starts, the old one drains
              USR1        reopen --log and --access-log, in the master and in every worker
              USR2        upgrade in place: the agent.py now on disk is checked in a child, then
@@ -145,7 +146,8 @@ The ETag is the file's mtime and size (make_etag), the same on every node holdin
 --trusted-proxy CIDR (repeatable): from there, the client's address is taken from
 X-Forwarded-For or Forwarded, walked from the right past trusted hops (forwarded_client);
 --proxy-protocol: each connection begins with a PROXY v1/v2 header, from a trusted proxy only
-(else 400 and a close).  The client's address is Connection.client, what the access log writes.
+(else 400 and a close; on HTTPS, before the handshake: a close, TLSConnection.take_proxy_header).
+The client's address is Connection.client, what the access log writes.
 --health PATH answers 200, and 503 once a stop begins; the agent then serves on for
 --stop-grace seconds (default STOP_GRACE with --health, else 0) before it closes its listeners.
 
@@ -1182,6 +1184,7 @@ def response_head(status, date, fields, keep_alive, version, common=COMMON_HEADE
 PROXY_V1_MAX = 107
 PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
 PROXY_V2_MAX = 2048
+PROXY_REFUSED = b'(no PROXY header from a trusted proxy)'    # the access log's request line
 PROXY_PORT = re.compile(r'(?:0|[1-9][0-9]{0,4})\Z')
 # v2 address families (the byte's high nibble) and the bytes of their address block.
 PROXY_V2_FAMILIES = {0x1: (12, socket.AF_INET, 4), 0x2: (36, socket.AF_INET6, 16), 0x3: (216, None, 0)}
@@ -4366,7 +4369,7 @@ class Connection:
                 raise ValueError('%s is not a --trusted-proxy' % self.peer)
             found = parse_proxy_header(self.inbuf)
         except ValueError:
-            self.reply.line = b'(no PROXY header from a trusted proxy)'
+            self.reply.line = PROXY_REFUSED
             self.reply.referer = self.reply.agent = ''
             self.respond_error(400, close=True)
             return False
@@ -4729,6 +4732,8 @@ class TLSConnection(Connection):
             self.close()
 
     def handshake(self):
+        if self.proxy_header and not self.take_proxy_header():
+            return
         if self.hello >= 0 and not self.check_hello():
             return
         try:
@@ -4779,6 +4784,49 @@ class TLSConnection(Connection):
         if offers is not None and not ALPN_SERVED.intersection(offers):
             self.refuse_alpn(len(first), offers)
             return False
+        return True
+
+    def take_proxy_header(self):
+        """--proxy-protocol on HTTPS (a balancer in TCP mode passing TLS through): the PROXY
+        header before the ClientHello, read from the raw socket.  It is peeked, then read up to
+        its end and no further: the hello's bytes that came in the same packet stay for
+        check_hello and OpenSSL.  A header cut short is read as far as it goes (those bytes are
+        all its own, kept in inbuf: epoll is not woken again by them) and its rest waited for,
+        within the header timeout.  Refused (not from a --trusted-proxy, malformed): logged as
+        the plain port's 400 is, and closed, since no HTTP can answer before a handshake.  True
+        once taken."""
+        try:
+            data = PEEK(self.sock, PROXY_V2_MAX - len(self.inbuf), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b''
+        if not data:
+            self.close()
+            return False
+        self.started = True
+        head = self.inbuf + data
+        try:
+            if not is_trusted(self.peer, self.worker.trusted):
+                raise ValueError('%s is not a --trusted-proxy' % self.peer)
+            found = parse_proxy_header(head)
+        except ValueError:
+            self.reply.status, self.reply.line = 400, PROXY_REFUSED
+            self.worker.access_log.write(self)
+            self.close()
+            return False
+        try:
+            PEEK(self.sock, len(data) if found is None else found[1] - len(self.inbuf))  # peeked: there
+        except OSError:
+            self.close()
+            return False
+        if found is None:
+            self.inbuf = head
+            return False
+        self.inbuf = b''
+        self.proxy_header = False
+        if found[0] is not None:
+            self.peer = self.client = found[0]
         return True
 
     def receive_at_least(self, count):
@@ -6428,7 +6476,8 @@ class Responder:
 # Behind a load balancer: the health path, and the grace of a stop
 # ---------------------------------------------------------------------------------------------
 # (The PROXY protocol and the trusted proxies' headers are pure: parse_proxy_header and
-# forwarded_client in the HTTP section, used by Connection.read_proxy_header and process.)
+# forwarded_client in the HTTP section, used by Connection.read_proxy_header and process, and
+# on HTTPS before the handshake by TLSConnection.take_proxy_header.)
 #
 # A stop takes a node out of the balancer's pool before it closes its listeners: --health PATH
 # turns 503 at once, and the agent serves on, new connections too, for --stop-grace seconds;
@@ -6476,6 +6525,13 @@ def stop_grace(config):
     return STOP_GRACE if config.health else 0.0
 
 
+def second_stop(signalled):
+    """Whether the signal pipe's bytes (set_wakeup_fd writes each signal's number) hold a stop:
+    during the grace, the operator's second `stop` or Ctrl-C, which ends it.  The others are
+    left pending, as they are once a stop has begun."""
+    return signal.SIGTERM in signalled or signal.SIGINT in signalled
+
+
 def serve_through_grace(agent):
     """A stop's first step, in the master: --health says 503, and the workers go on serving
     (respawned if one dies) for the grace, before Agent.shutdown drains them."""
@@ -6491,7 +6547,10 @@ def serve_through_grace(agent):
         % (said, grace))
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        agent.selector.select(min(1.0, max(0.0, deadline - time.monotonic())))
+        for key, _ in agent.selector.select(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if key.fileobj == agent.signal_fd and second_stop(drain(agent.signal_fd)):
+                log('agent: a second stop (TERM or INT): the grace (--stop-grace) cut short')
+                return
         supervisor.read_boot_messages()
         supervisor.reap()
         supervisor.maintain()
@@ -7821,12 +7880,16 @@ def signal_worker(pid, signum):
         pass
 
 def drain(fd):
-    """Read a non-blocking pipe empty."""
+    """Read a non-blocking pipe empty: the bytes that were in it."""
+    data = b''
     try:
-        while os.read(fd, 4096):
-            pass
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return data
+            data += chunk
     except (BlockingIOError, InterruptedError):
-        pass
+        return data
 
 def n_workers(count):
     """'1 worker', '2 workers': for the log."""
@@ -8532,12 +8595,14 @@ def parser():
                                'past trusted hops; from others these headers are ignored')
     balancer.add_argument('--proxy-protocol', action='store_true',
                           help='each connection begins with a PROXY protocol header (v1 or v2), '
-                               'from a --trusted-proxy only; others get a 400')
+                               'from a --trusted-proxy only; others get a 400 (HTTPS: before the '
+                               'handshake, so a close)')
     balancer.add_argument('--health', type=health_path, metavar='PATH',
                           help='answer PATH with 200 while serving, 503 once a stop begins')
     balancer.add_argument('--stop-grace', type=grace_seconds, metavar='SECONDS',
                           help='on stop, serve on this long after --health turns 503, then close '
-                               'the listeners (default: %g with --health, else 0)' % STOP_GRACE)
+                               'the listeners (default: %g with --health, else 0); a second stop '
+                               'cuts it short' % STOP_GRACE)
     tls = p.add_argument_group('HTTPS')
     tls.add_argument('--tls-cert', metavar='FILE',
                      help='serve HTTPS on --port with this PEM certificate (its chain after it)')
@@ -8663,9 +8728,6 @@ def check_together(p, config):
     if config.proxy_protocol and not config.trusted_proxy:
         p.error('--proxy-protocol needs --trusted-proxy CIDR: the balancer\'s addresses, the only '
                 'ones whose PROXY header is believed')
-    if config.proxy_protocol and config.tls_cert:
-        p.error('--proxy-protocol with --tls-cert is not supported: the PROXY header comes before '
-                'the TLS handshake; terminate TLS at the balancer, or send X-Forwarded-For')
     if (config.subject is None) == (config.action in ('passwd', 'share')):
         p.error('passwd takes an account NAME, share a PATH, and no other action takes one'
                 if config.subject is None else 'the action %s takes nothing after it' % config.action)

@@ -79,7 +79,8 @@ from tests_tools import (
     UpgradeUnderServiceManagerTests)  # noqa: F401
 from tests_balancer import (
     NodeValidatorTests, NodeValidatorServerTests, ProxyHeaderParserTests, TrustedProxyWalkTests,
-    ProxyProtocolServerTests, TrustedProxyServerTests, HealthAndGraceTests, BalancerOptionTests)  # noqa: F401
+    ProxyProtocolServerTests, ProxyProtocolTLSTests, TrustedProxyServerTests, HealthAndGraceTests,
+    BalancerOptionTests)  # noqa: F401
 from tests_access import (
     AuthPureTests, ShareTokenTests, GuessTableTests, AccessAdmitTests, AuthServerTests,
     PlainAuthStartTests, BruteForceTests, ShareLinkTests, ShareKeyRevocationTests, Fail2banTests)  # noqa: F401

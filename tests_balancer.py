@@ -1,6 +1,6 @@
 """Behind a load balancer (issue 23): validators that agree across nodes, the PROXY protocol
-(--proxy-protocol), the client's address from trusted proxies (--trusted-proxy), the health
-path and the stop's grace (--health, --stop-grace).
+(--proxy-protocol, on HTTPS listeners too), the client's address from trusted proxies
+(--trusted-proxy), the health path and the stop's grace (--health, --stop-grace).
 
 Pure tests call agent.py's functions; the server tests run one agent on loopback.  Clients
 that must come from another address than 127.0.0.1 bind to 127.0.0.2 (all of 127/8 is
@@ -10,6 +10,7 @@ loopback on Linux).  The real HAProxy and nginx in front of three agents are ben
 
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -18,7 +19,7 @@ import unittest
 # testlib first: it puts the repository and bench/ on sys.path.
 from testlib import (
     AGENT, PYTHON, AgentServer, FILE_A, FIXED_MTIME, RawConn, SharedAgentTestCase, TempDirTest,
-    run, slurp, wait_for, write_file)
+    run, shutil_which, slurp, tls_client_context, tls_make_ca, tls_make_leaf, wait_for, write_file)
 import agent
 from harness import raw_request
 
@@ -319,6 +320,155 @@ class ProxyProtocolServerTests(SharedAgentTestCase):
         self.assertEqual(conn.response().body, FILE_A)
 
 
+class ProxiedTLS:
+    """A TLS client driven by hand (ssl.MemoryBIO) over a socket, as HAProxy in TCP mode with
+    send-proxy-v2 is one: its ClientHello follows `first` (a PROXY header) in one write, or in
+    the pieces that cuts say.  It has the socket methods that RawConn calls."""
+
+    def __init__(self, sock, ca_cert, first=b'', cuts=()):
+        self.raw = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = tls_client_context(ca_cert).wrap_bio(self.incoming, self.outgoing,
+                                                        server_hostname='localhost')
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        data = first + self.outgoing.read()
+        for cut in cuts:
+            sock.sendall(data[:cut])
+            data = data[cut:]
+            time.sleep(0.05)        # each piece its own segment (TCP_NODELAY)
+        sock.sendall(data)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.flush()
+                self.pull()
+        self.flush()
+
+    def flush(self):
+        self.raw.sendall(self.outgoing.read())
+
+    def pull(self):
+        data = self.raw.recv(65536)
+        if not data:
+            raise ConnectionResetError('closed by the server')
+        self.incoming.write(data)
+
+    def sendall(self, data):
+        self.tls.write(data)
+        self.flush()
+
+    def recv(self, size):
+        while True:
+            try:
+                return self.tls.read(size)
+            except ssl.SSLWantReadError:
+                try:
+                    self.pull()
+                except ConnectionResetError:
+                    return b''
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b''
+
+    def settimeout(self, timeout):
+        self.raw.settimeout(timeout)
+
+    def close(self):
+        self.raw.close()
+
+
+class ProxyProtocolTLSTests(SharedAgentTestCase):
+    """--proxy-protocol on an HTTPS listener (HAProxy's mode tcp with send-proxy-v2, TLS passed
+    through): the PROXY header comes before the ClientHello, often in the same packet; it is
+    read from the raw socket, and the handshake gets the bytes after it.  From an untrusted
+    address, or without a header, the connection is closed (no HTTP can answer before the
+    handshake)."""
+
+    options = ('--proxy-protocol', '--trusted-proxy', PROXY_ADDRESS + '/32')
+
+    @classmethod
+    def make_files(cls):
+        if shutil_which('openssl') is None:
+            raise unittest.SkipTest('openssl not installed (Debian package openssl)')
+        write_file(cls.server.root, 'a.jpg', FILE_A)
+        tls_dir = os.path.join(cls.server.dir, 'tls')
+        os.makedirs(tls_dir)
+        cls.ca = tls_make_ca(tls_dir)
+        cert, key = os.path.join(tls_dir, 'leaf.crt'), os.path.join(tls_dir, 'leaf.key')
+        tls_make_leaf(tls_dir, cls.ca, 2301, cert, key)
+        cls.server.options += ['--tls-cert', cert, '--tls-key', key]
+
+    def proxied(self, first, cuts=(), address=PROXY_ADDRESS):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind((address, 0))
+        sock.settimeout(5)
+        sock.connect(('127.0.0.1', self.server.port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return RawConn(sock=ProxiedTLS(sock, self.ca[0], first, cuts), timeout=5)
+
+    def test_a_header_and_the_hello_in_one_write(self):
+        for header, source, marker in ((v2('198.51.100.21'), '198.51.100.21', 'v2'),
+                                       (v1('198.51.100.22'), '198.51.100.22', 'v1'),
+                                       (v2('2001:db8::23', '::1', family=0x21), '2001:db8::23', 'v6'),
+                                       (v2(command=0), PROXY_ADDRESS, 'local')):
+            conn = self.proxied(header)
+            conn.send(raw_request('/a.jpg?tls-' + marker))
+            self.assertEqual(conn.response().body, FILE_A)
+            conn.send(raw_request('/a.jpg?tls-%s-again' % marker))     # keep-alive: the same client
+            self.assertEqual(conn.response().body, FILE_A)
+            self.assertEqual(logged_client(self.server, '?tls-%s ' % marker), source)
+            self.assertEqual(logged_client(self.server, '?tls-%s-again' % marker), source)
+
+    def test_split_across_packets(self):
+        header = v2('198.51.100.24', tlvs=b'\x01\x00\x08http/1.1')      # an ALPN TLV, as HAProxy sends
+        for cuts, marker in (((3, 13, 17), 'in-header'), ((len(header),), 'after-header'),
+                             ((len(header) + 3,), 'in-hello'), ((20, len(header) + 7), 'both')):
+            conn = self.proxied(header, cuts)
+            conn.send(raw_request('/a.jpg?' + marker))
+            self.assertEqual(conn.response().status, 200)
+            self.assertEqual(logged_client(self.server, '?%s ' % marker), '198.51.100.24')
+        conn = self.proxied(v1('198.51.100.25'), (5, 30))
+        conn.send(raw_request('/a.jpg?v1-cut'))
+        self.assertEqual(conn.response().status, 200)
+        self.assertEqual(logged_client(self.server, '?v1-cut'), '198.51.100.25')
+
+    def test_untrusted_missing_or_malformed_header_is_closed(self):
+        for first, address in ((v2('198.51.100.26'), '127.0.0.1'),       # not a trusted proxy
+                               (b'', PROXY_ADDRESS),                     # no header: the hello first
+                               (v2(family=0x41), PROXY_ADDRESS),
+                               (b'PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n', PROXY_ADDRESS)):
+            with self.assertRaises(OSError) as caught:
+                self.proxied(first, address=address)
+            # Closed at once, not left to the header timeout (10 s, the client waits 5).
+            self.assertNotIsInstance(caught.exception, socket.timeout, (first, address))
+        self.assertNotIn('198.51.100.26', '\n'.join(self.server.access_lines()))
+        def refusals():
+            return [l for l in self.server.access_lines()
+                    if '"(no PROXY header from a trusted proxy)" 400 -' in l]
+        wait_for(lambda: len(refusals()) == 4, timeout=10, message='four refusals in the access log')
+        self.assertEqual(sorted(l.split(' ', 1)[0] for l in refusals()), ['127.0.0.1'] + [PROXY_ADDRESS] * 3)
+        conn = self.proxied(v1('198.51.100.27'))
+        conn.send(raw_request('/a.jpg?after-refusals'))
+        self.assertEqual(conn.response().body, FILE_A)
+        self.assertNotIn('Traceback', slurp(self.server.log))
+        self.assertNotIn('unexpected error', slurp(self.server.log))
+
+    def test_a_header_cut_short_is_closed_at_the_header_timeout(self):
+        conn = connect_from(PROXY_ADDRESS, self.server.port, timeout=20)     # --header-timeout 10
+        self.addCleanup(conn.close)
+        conn.send(v2()[:20])
+        self.assertTrue(conn.wait_closed(timeout=20))
+        self.assertEqual(conn.buf, b'')
+        conn = self.proxied(v2('198.51.100.28'))
+        conn.send(raw_request('/a.jpg?after-cut'))
+        self.assertEqual(conn.response().body, FILE_A)
+
+
 class TrustedProxyServerTests(SharedAgentTestCase):
     """--trusted-proxy without the PROXY protocol: X-Forwarded-For from the proxy names the
     client; the same header from anyone else is ignored, and logged as the sender."""
@@ -371,6 +521,26 @@ class HealthAndGraceTests(TempDirTest):
         with self.assertRaises(OSError):
             server.connect(timeout=2).close()
         self.assertIn('health', slurp(server.log))
+
+    def test_a_second_stop_cuts_the_grace_short(self):
+        # An operator's second `stop` (or Ctrl-C) during a grace of 60 s: the agent stops now,
+        # and both stops return long before the grace would have ended (the bound: 30 s).
+        server = AgentServer(self, '--health', '/healthz', '--stop-grace', '60', '--stop-timeout', '5')
+        server.start()
+        # With the agent's options: a stop that knows the grace waits for it (65 s, not 10).
+        first = subprocess.Popen([PYTHON, AGENT] + server.options + ['stop'],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(first.kill)
+        wait_for(lambda: server.get('/healthz')[0] == 503, timeout=10, message='health 503')
+        second = server.command('stop', timeout=30)
+        self.assertEqual(second.returncode, 0, second.stderr)
+        out, err = first.communicate(timeout=30)
+        self.assertEqual(first.returncode, 0, err)
+        with self.assertRaises(OSError):
+            server.connect(timeout=2).close()
+        log = slurp(server.log)
+        self.assertIn('cut short', log)
+        self.assertNotIn('Traceback', log)
 
     def test_without_health_the_stop_has_no_grace_and_the_path_is_a_file(self):
         server = AgentServer(self)

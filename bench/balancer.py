@@ -16,6 +16,13 @@ passes; exit 77 naming the tool where haproxy or nginx is missing):
     * steady load (3 keep-alive clients, a request each 10 ms at most) while each node in turn is stopped and started,
       upgraded (`agent.py upgrade`) and reloaded: every response a 200, none failed;
     * all three nodes UP at the end (HAProxy's stats socket, `show stat`).
+  HAProxy in `mode tcp` passing TLS through to three HTTPS agents with PROXY v2 (the example
+  commented at the end of contrib/haproxy.cfg), health checks over TLS after their own header:
+    * every node UP; N GETs over TLS through HAProxy, each verified against the nodes'
+      certificate, each a 200 with the right bytes, answered by every node;
+    * the client's own address in each node's access log, never HAProxy's;
+    * (not with --quick) the same rolling stop/start, upgrade and reload under load, over TLS,
+      every response a 200; all three nodes UP at the end.
   nginx, X-Forwarded-For to three agents (--trusted-proxy nginx's address):
     * the same validators, 304s and 206s, the client's address in each node's log;
     * a client that forges X-Forwarded-For straight to a node is logged as itself, and so is
@@ -25,19 +32,21 @@ Loopback only: the clients, the proxies (their source addresses 127.0.0.2 and .3
 agents; ports the kernel called free; everything in a temporary directory; every process
 stopped at the end, on failure too.
 
-    python3 bench/balancer.py [--quick] [--only haproxy|nginx] [--keep]
+    python3 bench/balancer.py [--quick] [--only haproxy|haproxy-tls|nginx] [--keep]
 --quick (CI, `make balancer-ci`): 30 conditional GETs of each kind and one round of the rolling
 operations; the full run (`make balancer`): 300, and two rounds.
 """
 
 import argparse
 import collections
+import functools
 import http.client
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -87,11 +96,19 @@ def wait(predicate, what, timeout=WAIT):
     raise Failed('timed out waiting for %s' % what)
 
 
-def request(port, path, headers=None, source=CLIENT, conn=None):
+def connect(port, source=CLIENT, tls=None, timeout=10):
+    """An HTTP connection from source; HTTPS verified by the context tls (for 127.0.0.1)."""
+    if tls is None:
+        return http.client.HTTPConnection('127.0.0.1', port, timeout=timeout, source_address=(source, 0))
+    return http.client.HTTPSConnection('127.0.0.1', port, timeout=timeout, source_address=(source, 0),
+                                       context=tls)
+
+
+def request(port, path, headers=None, source=CLIENT, conn=None, tls=None):
     """(status, headers with lowercase names, body), on conn or a new connection from source."""
     own = conn is None
     if own:
-        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10, source_address=(source, 0))
+        conn = connect(port, source, tls)
     try:
         conn.request('GET', path, headers=headers or {})
         response = conn.getresponse()
@@ -213,26 +230,39 @@ def listening(port):
         return False
 
 
-def start_haproxy(work, nodes, port):
+def start_haproxy(work, nodes, port, cert=None):
+    """HAProxy on contrib/haproxy.cfg; with cert (the nodes' certificate, for its checks to
+    verify), its global and defaults and the TLS-passthrough example that is commented at its
+    end, uncommented (the plain frontend and backend left out: their nodes are not these)."""
     text = open(os.path.join(REPO, 'contrib', 'haproxy.cfg')).read()
+    name, bind, node_port = ('haproxy-tls', 'bind :443', 9443) if cert else ('haproxy', 'bind :80', 9085)
+    if cert:
+        head, _, rest = text.partition('\nfrontend www\n')
+        block = rest.partition('\n# frontend www-tls\n')[2]
+        if not head or not block:
+            raise Failed('the contrib file changed: no plain frontend, or no commented TLS example')
+        text = head + '\nfrontend www-tls\n' + re.sub(r'^# ?', '', block, flags=re.M)
+        text = rewrite(text, 'check-sni images.example', 'check-sni localhost')
+        text = rewrite(text, 'ca-file /etc/haproxy/nodes-ca.pem', 'ca-file %s' % cert)
     text = rewrite(text, r'^\s*log /dev/log.*$', '', regex=True)
-    text = rewrite(text, '/run/haproxy/admin.sock', os.path.join(work, 'haproxy.sock'))
-    text = rewrite(text, 'bind :80', 'bind 127.0.0.1:%d' % port)
-    text = rewrite(text, '    balance roundrobin', '    balance roundrobin\n    source %s' % HAPROXY_SOURCE)
+    text = rewrite(text, '/run/haproxy/admin.sock', os.path.join(work, name + '.sock'))
+    text = rewrite(text, bind, 'bind 127.0.0.1:%d' % port)
+    text = rewrite(text, r'^    balance roundrobin$', '    balance roundrobin\n    source %s' % HAPROXY_SOURCE,
+                   regex=True)      # not the commented TLS example's
     for n, node in enumerate(nodes):
-        text = rewrite(text, '10.0.0.1%d:9085' % (n + 1), '127.0.0.1:%d' % node.fixed_port)
-    path = os.path.join(work, 'haproxy.cfg')
+        text = rewrite(text, '10.0.0.1%d:%d' % (n + 1, node_port), '127.0.0.1:%d' % node.fixed_port)
+    path = os.path.join(work, name + '.cfg')
     with open(path, 'w') as f:
         f.write(text)
     check = subprocess.run([which('haproxy'), '-c', '-f', path], capture_output=True, text=True)
     if check.returncode != 0:
         raise Failed('haproxy -c: %s%s' % (check.stdout, check.stderr))
-    proxy = Proxy('haproxy', [which('haproxy'), '-db', '-f', path], os.path.join(work, 'haproxy.log'))
-    proxy.stats = os.path.join(work, 'haproxy.sock')
+    proxy = Proxy('haproxy', [which('haproxy'), '-db', '-f', path], os.path.join(work, name + '.log'))
+    proxy.stats = os.path.join(work, name + '.sock')
     return proxy
 
 
-def haproxy_status(proxy):
+def haproxy_status(proxy, backend='agents'):
     """{server name: status} of the backend, from the stats socket's `show stat`."""
     try:
         with socket.socket(socket.AF_UNIX) as sock:
@@ -248,7 +278,18 @@ def haproxy_status(proxy):
     fields = lines[0][2:].split(',')
     rows = [dict(zip(fields, line.split(','))) for line in lines[1:] if line]
     return {row['svname']: row['status'] for row in rows
-            if row.get('pxname') == 'agents' and row.get('svname', '').startswith('node')}
+            if row.get('pxname') == backend and row.get('svname', '').startswith('node')}
+
+
+def make_certificate(work):
+    """A self-signed certificate for localhost and 127.0.0.1: the nodes', and what the client
+    and HAProxy's checks verify them against.  (cert, key)."""
+    cert, key = os.path.join(work, 'node.crt'), os.path.join(work, 'node.key')
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256',
+                    '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=localhost',
+                    '-addext', 'subjectAltName = DNS:localhost, IP:127.0.0.1'],
+                   check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    return cert, key
 
 
 def start_nginx(work, nodes, port):
@@ -337,8 +378,8 @@ def check_client_address(checks, label, nodes, proxy_address):
 class Load:
     """Keep-alive clients asking through the proxy until stopped; every outcome counted."""
 
-    def __init__(self, port, files, clients=3):
-        self.port, self.files = port, files
+    def __init__(self, port, files, clients=3, tls=None):
+        self.port, self.files, self.tls = port, files, tls
         self.outcomes = collections.Counter()
         self.errors = []
         self.done = threading.Event()
@@ -353,8 +394,7 @@ class Load:
             i += 1
             path = '/photos/' if i % 5 == 0 else '/photos/a.jpg'
             if conn is None:
-                conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=15,
-                                                  source_address=(CLIENT, 0))
+                conn = connect(self.port, tls=self.tls, timeout=15)
             try:
                 status, _, body = request(self.port, '%s?load=%d-%d' % (path, n, i), conn=conn)
             except (OSError, http.client.HTTPException) as exc:
@@ -422,8 +462,8 @@ def run_phase(checks, label, roots, options, start_proxy, body, quick):
         stop_nodes(nodes)
 
 
-def under_load(checks, label, port, files, nodes, rounds, node_up):
-    load = Load(port, files)
+def under_load(checks, label, port, files, nodes, rounds, node_up, tls=None):
+    load = Load(port, files, tls=tls)
     try:
         rolling(checks, label, nodes, load, rounds, node_up)
     finally:
@@ -443,6 +483,33 @@ def run_haproxy(checks, work, files, roots, quick):
     run_phase(checks, 'haproxy', roots, ['--proxy-protocol', '--trusted-proxy', HAPROXY_SOURCE + '/32',
                                          '--health', '/healthz', '--stop-grace', str(GRACE)],
               lambda nodes, port: start_haproxy(work, nodes, port), body, quick)
+
+
+def run_haproxy_tls(checks, work, files, roots, quick):
+    cert, key = make_certificate(work)
+    tls = ssl.create_default_context(cafile=cert)
+
+    def body(proxy, port, nodes):
+        status = functools.partial(haproxy_status, proxy, 'agents-tls')
+        wait(lambda: set(status().values()) == {'UP'}, 'every node UP in haproxy (TLS)')
+        rounds = 30 if quick else 300
+        good = sum(request(port, '/photos/a.jpg?node-etag=%d' % i, tls=tls)[::2]
+                   == (200, files['photos/a.jpg']) for i in range(rounds))
+        answered = [sum('node-etag=' in line for line in node.log_lines()) for node in nodes]
+        checks.check('haproxy-tls: GETs over TLS passed through to the nodes',
+                     good == rounds and all(answered),
+                     '%d of %d 200s with the right bytes, answered by the nodes %s' % (good, rounds, answered))
+        check_client_address(checks, 'haproxy-tls (PROXY v2 before TLS)', nodes, HAPROXY_SOURCE)
+        if not quick:       # 90 s more in CI for what the plain phase and `make tls` cover
+            under_load(checks, 'haproxy-tls', port, files, nodes, 2,
+                       lambda n: status().get('node%d' % (n + 1)) == 'UP', tls=tls)
+        up = status()
+        checks.check('haproxy-tls: all nodes UP at the end', len(up) == NODES and set(up.values()) == {'UP'},
+                     'show stat: %s' % up)
+    run_phase(checks, 'haproxy-tls', roots, ['--proxy-protocol', '--trusted-proxy', HAPROXY_SOURCE + '/32',
+                                             '--health', '/healthz', '--stop-grace', str(GRACE),
+                                             '--tls-cert', cert, '--tls-key', key],
+              lambda nodes, port: start_haproxy(work, nodes, port, cert), body, quick)
 
 
 def run_nginx(checks, work, files, roots, quick):
@@ -469,11 +536,11 @@ def run_nginx(checks, work, files, roots, quick):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--quick', action='store_true', help='CI size')
-    parser.add_argument('--only', choices=('haproxy', 'nginx'))
+    parser.add_argument('--only', choices=('haproxy', 'haproxy-tls', 'nginx'))
     parser.add_argument('--keep', action='store_true', help='keep the temporary directory')
     args = parser.parse_args()
-    wanted = [args.only] if args.only else ['haproxy', 'nginx']
-    missing = [name for name in wanted if not which(name)]
+    wanted = [args.only] if args.only else ['haproxy', 'haproxy-tls', 'nginx']
+    missing = sorted({name.split('-')[0] for name in wanted if not which(name.split('-')[0])})
     if missing:
         print('balancer: %s not installed (Debian: apt-get install %s); nothing run'
               % (' and '.join(missing), ' '.join('nginx-light' if m == 'nginx' else m for m in missing)))
@@ -486,6 +553,8 @@ def main():
         files, roots = make_site(work)
         if 'haproxy' in wanted:
             run_haproxy(checks, work, files, roots, args.quick)
+        if 'haproxy-tls' in wanted:
+            run_haproxy_tls(checks, work, files, roots, args.quick)
         if 'nginx' in wanted:
             run_nginx(checks, work, files, roots, args.quick)
     finally:
