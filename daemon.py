@@ -851,7 +851,7 @@ class Daemon:
                 waiting = self._watchers.setdefault(watch, [])
                 waiting.append(address)
                 del waiting[:-64]
-            _say(self._channel, address, STOPPING=int(self.stopping))
+            _say(self._channel, address, STOPPING=int(self.stopping), COOPERATIVE=int(self._cooperative))
 
     def _tell_launcher(self, **fields):
         """Say fields to the start that launched this daemon, once (see the channel).  After an
@@ -934,7 +934,7 @@ def _start(d):
     if state != 'running':
         d.on_launch()
     check_identity(d.user, d.group)
-    if state == 'running' and _stopping(d, pid):
+    if state == 'running' and _stopping(d, pid) is not None:
         _await_the_end(d, pid)
         return _start(d)
     if state == 'running':
@@ -1078,7 +1078,7 @@ def _foreground(d):
     d.absolutize()
     check_identity(d.user, d.group)
     state, pid = d.probe()
-    if state == 'running' and _stopping(d, pid):
+    if state == 'running' and _stopping(d, pid) is not None:
         _await_the_end(d, pid)
     check_writable('pidfile', d.pidfile_path)
     if d._workdir_given:
@@ -1676,7 +1676,9 @@ def _open_pidfd(pid):
 #   READY=1 STATUS=<line>      start: the daemon is ready; STATUS is what start prints
 #   RUNNING=<pid>              start: another daemon holds the pidfile (the pid, if written)
 #   ERROR=<why>                start: it could not start; with ACTION: why that failed
-#   STOPPING=0|1               the answer to every request: whether a stop is under way
+#   STOPPING=0|1               the answer to every request: whether a stop is under way,
+#   COOPERATIVE=0|1            and whether run() looks at the signals (a second SIGTERM only
+#                              hurries it; in a classic run() it would cut the cleanup short)
 #   ACTION=reload|upgrade      the verdict of that action (without ERROR: it went well)
 # A command's one request is "WATCH=<action>" (empty: it only asks about a stop), sent before
 # the signal: the daemon notes who waits as it answers, so the verdict that comes is that of
@@ -1793,10 +1795,13 @@ def _ask(d, pid, watch=''):
 
 
 def _stopping(d, pid):
-    """Whether the daemon pid says that a stop is under way."""
+    """Whether the daemon pid says that a stop is under way: None if not; else whether a second
+    SIGTERM is welcome (its run() looks at the signals, so the signal only hurries it)."""
     sock, answer = _ask(d, pid)
     sock.close()
-    return bool(answer) and answer.get('STOPPING') == '1'
+    if not answer or answer.get('STOPPING') != '1':
+        return None
+    return answer.get('COOPERATIVE') == '1'
 
 
 # =============================================================================================
@@ -1899,8 +1904,11 @@ def _end_a_start(d):
         return
     if state != 'running' or pid in d._signalled:
         return
-    if _stopping(d, pid):
-        d._signalled.add(pid)           # stopping already: neither asked again nor signalled
+    if _stopping(d, pid) is False:
+        # Stopping already, in a run() that does not look: a second SIGTERM would raise
+        # SystemExit again, in its cleanup.  One that looks is sent it, once: an operator's
+        # second stop hurries it, as a second Ctrl-C does (agent.py: it cuts --stop-grace short).
+        d._signalled.add(pid)
         return
     with _pinned(pid) as pidfd:
         try:

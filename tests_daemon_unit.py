@@ -248,16 +248,18 @@ class ChannelTests(TempDirTest):
         self.assertEqual(d._channel.getsockname(), daemon._channel_address(d.pidfile_path).encode())
         sock, answer = daemon._ask(d, os.getpid(), 'reload')
         self.addCleanup(sock.close)
-        self.assertEqual(answer, {'STOPPING': '0'})
+        self.assertEqual(answer, {'STOPPING': '0', 'COOPERATIVE': '0'})
         self.assertEqual(len(d._watchers['reload']), 1)
         d._report('reload', 'bad config')
         self.assertEqual(daemon._receive(sock, 1.0, sender=os.getpid()), {'ACTION': 'reload', 'ERROR': 'bad config'})
         d._report('reload')                                 # told once: nobody waits now
         self.assertIsNone(daemon._receive(sock, 0.05))
         d.stopping = True
-        self.assertTrue(daemon._stopping(d, os.getpid()))
+        self.assertIs(daemon._stopping(d, os.getpid()), False)      # stopping; run() does not look
+        d._cooperative = True
+        self.assertIs(daemon._stopping(d, os.getpid()), True)       # stopping; a second TERM hurries it
         with mock.patch.object(daemon, 'ANSWER_TIMEOUT', 0.1):
-            self.assertFalse(daemon._stopping(d, os.getpid() + 1))     # not the pidfile's pid
+            self.assertIsNone(daemon._stopping(d, os.getpid() + 1))  # not the pidfile's pid
 
 
 class DaemonPublicApiTests(TempDirTest):
