@@ -80,7 +80,7 @@ from tests_access import (
     AuthPureTests, ShareTokenTests, GuessTableTests, AccessAdmitTests, AuthServerTests,
     PlainAuthStartTests, BruteForceTests, ShareLinkTests, ShareKeyRevocationTests, Fail2banTests)  # noqa: F401
 from tests_architecture import ComplexityCounterTests, IssueTwentyTargetTests  # noqa: F401
-from tests_runner import RunnerBalanceTests  # noqa: F401
+from tests_runner import RunnerBalanceTests, RunnerPartTests, RunnerSpawnWatchTests  # noqa: F401
 from tests_location import (
     LocationPatchTests, LocationToolTests, LocationServerTests, KeepLocationServerTests)  # noqa: F401
 
