@@ -22,6 +22,7 @@ import urllib.parse
 import zipfile
 from unittest import mock
 
+import testlib
 from testlib import (AGENT, PYTHON, TIMEOUT, AgentServer, ClassCleanups, RawConn, ServiceToolTestCase,
                      TempDirTest, agent, kill_group_of, slurp, wait_for)
 from samples import camera_jpeg, sample_jpeg
@@ -224,6 +225,7 @@ class AuthPureTests(TempDirTest):
                 agent.parse_duration(bad)
 
 
+@testlib.unit
 class ShareTokenTests(unittest.TestCase):
     def token(self, relative, expires=0, key=KEY):
         return agent.share_token(key, relative, expires)
@@ -323,6 +325,7 @@ class GuessTableTests(unittest.TestCase):
         self.assertTrue(table.blocked('192.0.2.1', 10.0))
 
 
+@testlib.unit
 class AccessAdmitTests(TempDirTest):
     """Access.admit in-process: what it answers, what it logs."""
 

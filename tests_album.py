@@ -18,6 +18,7 @@ import unittest
 from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import FIXED_MTIME, PageCapture, SharedAgentTestCase, edge_worker, write_file
 import agent
 from samples import box, camera_jpeg, dated_jpeg, mvhd, sample_jpeg, sample_png, tkhd, webm
@@ -34,6 +35,7 @@ def make_video(testcase, directory, name, *options, size='320x240', seconds='2.5
     return path
 
 
+@testlib.unit
 class AlbumDateTests(unittest.TestCase):
     """The date taken: EXIF DateTimeOriginal (+ OffsetTimeOriginal), a name's date, mtime."""
 
@@ -328,6 +330,7 @@ class AlbumServerTests(SharedAgentTestCase):
         self.assertEqual(self.get('/hostile/huge.mp4').status, 200)
 
 
+@testlib.unit
 class AlbumInProcessTests(unittest.TestCase):
     """A worker in this process: the dates that ?sort=date orders by are kept with the catalog,
     and a folder's cover is looked for once, each read bounded."""

@@ -17,6 +17,7 @@ import unittest
 from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     FIXED_MTIME, PageCapture, SharedAgentTestCase, TIMEOUT, assert_strict_page_policy,
     edge_worker, head_fields, lazy_images, make_outside_files, run, shutil_which, write_file)
@@ -226,6 +227,7 @@ def gallery_stat(size=100, mtime=FIXED_MTIME, directory=False, ino=1):
                           {'st_atime_ns': ns, 'st_mtime_ns': ns, 'st_ctime_ns': ns})
 
 
+@testlib.unit
 class GalleryPureTests(unittest.TestCase):
     """Listing, ordering, paging, query parsing and the page's HTML and JSON, without a server."""
 
@@ -835,6 +837,7 @@ class HtmlPagePolicyTests(SharedAgentTestCase):
             self.assertEqual(body == b'', line.startswith(b'HEAD'))
 
 
+@testlib.unit
 class GalleryInProcessTests(unittest.TestCase):
     """A directory of 276 pictures listed by a worker in this process: a request reads the
     directory, and stats the entries it shows (all of them to sort by date or size), unless the

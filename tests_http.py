@@ -10,6 +10,7 @@ import tempfile
 import unittest
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     AgentServer, FILE_A, FIXED_MTIME, HERE, PAST_DATE, PYTHON, RANGE_DATA, SharedAgentTestCase,
     TIMEOUT, TRAVERSAL_TARGETS, parse_byteranges, run, write_file)
@@ -21,6 +22,7 @@ import agent
 # agent.py's HTTP rules: the pure functions
 # ---------------------------------------------------------------------------------------------
 
+@testlib.unit
 class RequestParsingTests(unittest.TestCase):
     def parse(self, data, *args):
         return agent.parse_request(data, *args)
@@ -321,6 +323,7 @@ class HeadRefusalTests(SharedAgentTestCase):
         self.assertEqual((second.status, second.body), (200, FILE_A))
 
 
+@testlib.unit
 class ChunkedBodyTests(unittest.TestCase):
     """Transfer-Encoding: chunked request bodies (RFC 9112 sections 6 and 7): framed by frame()
     exactly as the grammar says, dropped, and the connection goes on; the transfer codings a
@@ -507,6 +510,7 @@ class ChunkedBodyTests(unittest.TestCase):
                 self.assertEqual(self.outcomes([stream + smuggled]), ([400], None))
 
 
+@testlib.unit
 class PathMappingTests(unittest.TestCase):
     ROOT = '/srv/www'
 
@@ -585,6 +589,7 @@ class PathMappingTests(unittest.TestCase):
         self.assertEqual(agent.map_target(b'/a.jpg?../../etc/passwd'), ('a.jpg', False, b'/a.jpg', b'../../etc/passwd'))
 
 
+@testlib.unit
 class RangeHeaderTests(unittest.TestCase):
     def test_table(self):
         huge = '9' * 5000
@@ -634,6 +639,7 @@ class RangeHeaderTests(unittest.TestCase):
                 self.assertIn(found, (None, 'unsatisfiable', (0, 999)))
 
 
+@testlib.unit
 class NumericFieldTests(unittest.TestCase):
     """Issue 26 item 5: numbers in headers and queries are read by value.  1*DIGIT allows
     leading zeros (RFC 9110 sections 8.6 and 14.1.1; nginx agrees), so digits are never a
@@ -688,6 +694,7 @@ class NumericFieldTests(unittest.TestCase):
             self.assertIsNone(options(query)[1], query[:40])
 
 
+@testlib.unit
 class MultipleRangeTests(unittest.TestCase):
     """parse_ranges (several byte ranges) and the multipart/byteranges pieces."""
 
@@ -795,6 +802,7 @@ class MultipleRangeTests(unittest.TestCase):
             self.assertRegex(boundary, rb'^[0-9a-f]{20}$')
 
 
+@testlib.unit
 class ConditionalRequestTests(unittest.TestCase):
     ETAG = '"5e0be100-190"'
     MTIME = float(FIXED_MTIME)
