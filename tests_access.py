@@ -165,6 +165,31 @@ class AuthPureTests(TempDirTest):
                 agent.share_key(path)
         self.assertIn('chown it to that user', str(caught.exception))
 
+    def test_plain_auth_refused_off_loopback_with_why_and_what_to_do(self):
+        config = agent.parser().parse_args(['--auth', 'f', '--bind', '0.0.0.0', 'start'])
+        with self.assertRaises(agent.DaemonError) as caught:
+            agent.check_plain_auth(config)
+        message = str(caught.exception)
+        for words in ('in clear', '--tls-cert', '127.0.0.1 behind a TLS proxy', '--allow-plain-auth'):
+            self.assertIn(words, message)
+        for argv in (['--bind', '127.0.0.1'], ['--bind', '::1'], ['--allow-plain-auth'],
+                     ['--tls-cert', 'c', '--tls-key', 'k']):
+            agent.check_plain_auth(agent.parser().parse_args(['--auth', 'f', '--bind', '0.0.0.0'] + argv
+                                                             + ['start']))
+
+    def test_durations(self):
+        self.assertEqual(agent.parse_duration('90m'), 5400)
+        self.assertEqual(agent.parse_duration('7d'), 604800)
+        self.assertEqual(agent.parse_duration('never'), 0)
+        self.assertEqual(agent.parse_duration('30'), 30)
+        for bad in ('', '0', '7x', '-1d', '1.5h', 'd'):
+            with self.assertRaises(Exception):
+                agent.parse_duration(bad)
+
+
+class AuthTerminalTests(TempDirTest):
+    """agent.py passwd on a real terminal: a child on a pty."""
+
     def test_passwd_asks_twice_on_a_terminal_without_echo(self):
         import pty
         path = os.path.join(self.tmp, 'passwd')
@@ -202,27 +227,6 @@ class AuthPureTests(TempDirTest):
         with open(path) as f:
             record = agent.parse_password_file(f.read(), path)['carol']
         self.assertTrue(agent.verify_password('tty secret 1', record))
-
-    def test_plain_auth_refused_off_loopback_with_why_and_what_to_do(self):
-        config = agent.parser().parse_args(['--auth', 'f', '--bind', '0.0.0.0', 'start'])
-        with self.assertRaises(agent.DaemonError) as caught:
-            agent.check_plain_auth(config)
-        message = str(caught.exception)
-        for words in ('in clear', '--tls-cert', '127.0.0.1 behind a TLS proxy', '--allow-plain-auth'):
-            self.assertIn(words, message)
-        for argv in (['--bind', '127.0.0.1'], ['--bind', '::1'], ['--allow-plain-auth'],
-                     ['--tls-cert', 'c', '--tls-key', 'k']):
-            agent.check_plain_auth(agent.parser().parse_args(['--auth', 'f', '--bind', '0.0.0.0'] + argv
-                                                             + ['start']))
-
-    def test_durations(self):
-        self.assertEqual(agent.parse_duration('90m'), 5400)
-        self.assertEqual(agent.parse_duration('7d'), 604800)
-        self.assertEqual(agent.parse_duration('never'), 0)
-        self.assertEqual(agent.parse_duration('30'), 30)
-        for bad in ('', '0', '7x', '-1d', '1.5h', 'd'):
-            with self.assertRaises(Exception):
-                agent.parse_duration(bad)
 
 
 @testlib.unit
@@ -311,6 +315,10 @@ class GuessTableTests(unittest.TestCase):
         for _ in range(agent.GUESS_LIMIT):
             table.failed('198.51.100.1', 60.0)
         self.assertTrue(table.blocked('198.51.100.1', 60.0))
+
+
+class GuessTableForkTests(unittest.TestCase):
+    """The guess table shared with workers forked after it: it forks."""
 
     def test_workers_forked_after_it_share_the_counts(self):
         table = agent.GuessTable()

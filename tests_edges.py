@@ -454,6 +454,7 @@ class UnreadableTreeTests(unittest.TestCase):
         self.assertEqual(server.get('/open/')[0], 200)
 
 
+@testlib.unit
 class HousekeepingAndHeadTests(unittest.TestCase):
     """The worker in-process: housekeeping and the response head builder."""
 

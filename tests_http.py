@@ -188,6 +188,7 @@ def run_parser_bounded(testcase, code, what):
     testcase.assertEqual(result.stdout.strip(), 'ok', result.stderr[-2000:])
 
 
+@testlib.unit
 class HostileInputParsingTests(unittest.TestCase):
     """Issue 26 item 2: no parser may have super-linear cost on any input within the limits
     (--max-header-size has no upper bound).  Each worst input is checked for its right answer;
@@ -208,6 +209,28 @@ class HostileInputParsingTests(unittest.TestCase):
                 with self.assertRaises(agent.HTTPError) as caught:
                     agent.parse_request(b'GET / HTTP/1.1\r\nHost: x\r\nX: ' + bad + b'\r\n\r\n')
                 self.assertEqual(caught.exception.status, 400)
+
+    def test_tiny_chunks_count_for_more_than_their_bytes(self):
+        """A chunked body of one-byte chunks cost 0.45 s of a worker's CPU per MiB (a Python
+        loop turn a chunk, 174,000 of them): each chunk but the last counts CHUNK_COST bytes
+        at least against MAX_DISCARD, so a body has 4096 chunks at most."""
+        head = b'POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+        nxt = b'GET /next HTTP/1.1\r\nHost: x\r\n\r\n'
+        req, rest, _, _ = agent.frame(head + b'1\r\nx\r\n' * 4000 + b'0\r\n\r\n' + nxt, 0)
+        self.assertEqual((req.method, rest), (b'POST', nxt))
+        error = agent.frame(head + b'1\r\nx\r\n' * 5000 + b'0\r\n\r\n' + nxt, 0)[0]
+        self.assertEqual((error.status, error.close), (413, True))
+
+    def test_svg_lengths_with_blanks(self):
+        for value, expected in (('  12  ', 12), ('12px', 12), (' 12 px ', 12), ('12' + ' ' * 150 + 'px', 12),
+                                (' ' * 190 + '1x', None), ('1' + ' ' * 198 + 'x', None)):
+            info = agent.image_info(('<svg width="%s" height="5">' % value).encode(), 'a.svg')
+            self.assertEqual(info.width, expected, value)
+
+
+class HostileInputParsingProcessTests(unittest.TestCase):
+    """The parsers on their worst inputs, each run in a child under the hang guard, and
+    bench/parsers.py: they start a process."""
 
     def test_blank_runs_at_any_header_size_limit(self):
         run_parser_bounded(self, '''
@@ -240,29 +263,12 @@ for head in (b'<svg ' * (1 << 20), b'<SVG\\t' * (1 << 20)):
     assert (info.kind, info.width) == ('svg', None), info
 ''', 'an SVG head of "<svg " repeated')
 
-    def test_tiny_chunks_count_for_more_than_their_bytes(self):
-        """A chunked body of one-byte chunks cost 0.45 s of a worker's CPU per MiB (a Python
-        loop turn a chunk, 174,000 of them): each chunk but the last counts CHUNK_COST bytes
-        at least against MAX_DISCARD, so a body has 4096 chunks at most."""
-        head = b'POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
-        nxt = b'GET /next HTTP/1.1\r\nHost: x\r\n\r\n'
-        req, rest, _, _ = agent.frame(head + b'1\r\nx\r\n' * 4000 + b'0\r\n\r\n' + nxt, 0)
-        self.assertEqual((req.method, rest), (b'POST', nxt))
-        error = agent.frame(head + b'1\r\nx\r\n' * 5000 + b'0\r\n\r\n' + nxt, 0)[0]
-        self.assertEqual((error.status, error.close), (413, True))
-
     def test_parser_bench_answers(self):
         """bench/parsers.py's worst inputs, each with its expected answer (--quick checks the
         answers and asserts no time)."""
         result = run([PYTHON, os.path.join(HERE, 'bench', 'parsers.py'), '--quick'], timeout=120)
         self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-2000:])
         self.assertIn('every answer right', result.stdout)
-
-    def test_svg_lengths_with_blanks(self):
-        for value, expected in (('  12  ', 12), ('12px', 12), (' 12 px ', 12), ('12' + ' ' * 150 + 'px', 12),
-                                (' ' * 190 + '1x', None), ('1' + ' ' * 198 + 'x', None)):
-            info = agent.image_info(('<svg width="%s" height="5">' % value).encode(), 'a.svg')
-            self.assertEqual(info.width, expected, value)
 
 
 class HeadRefusalTests(SharedAgentTestCase):
