@@ -81,6 +81,7 @@ def write_accounts(path, *pairs):
     agent.write_private(path, text)
 
 
+@testlib.unit
 class AuthPureTests(TempDirTest):
     def test_parse_basic_takes_rfc7617_and_refuses_the_rest(self):
         self.assertEqual(agent.parse_basic(ALICE), ('alice', 'open sesame'))
@@ -294,6 +295,7 @@ class ShareTokenTests(unittest.TestCase):
         self.assertIn('<title>sub</title>', page)
 
 
+@testlib.unit
 class GuessTableTests(unittest.TestCase):
     def test_limit_per_address_then_429_for_a_while(self):
         table = agent.GuessTable()

@@ -101,6 +101,7 @@ class AlbumDateTests(unittest.TestCase):
         self.assertIsNone(agent.entry_taken('a.jpg', None, None))
 
 
+@testlib.unit
 class VideoHeaderTests(unittest.TestCase):
     """The MP4/QuickTime and WebM readers: files ffmpeg makes, and hostile bytes."""
 
