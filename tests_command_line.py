@@ -18,6 +18,7 @@ from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
 import testlib
+import testrun
 from testlib import (
     AGENT, AGENT_LINE, AgentServer, HERE, PYTHON, TIMEOUT, kill_group_of, nobody_agent, nobody_user,
     proc_status, python_for, run, slurp, wait_for)
@@ -76,6 +77,7 @@ class ReadmeTests(unittest.TestCase):
         'systemd-nspawn': {'--private-network'},
         'debootstrap': {'--variant'},
         'start-stop-daemon': {'--pidfile', '--retry'},
+        'test_daemon.py': set(testrun.PARTS),
     }
 
     @classmethod
