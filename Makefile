@@ -3,16 +3,22 @@
 # `bench/X.py` at full size, X-ci runs `bench/X.py --quick` (CI size, a minute or less).
 PYTHON ?= python3
 
-.PHONY: test unit browser smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls systemd pythons balancer balancer-ci
+.PHONY: test unit integration browser smoke compat bench fuzz fuzz-ci slow slow-ci soak soak-ci chaos chaos-ci stress tls systemd pythons balancer balancer-ci
 
-TEST_TARGETS = compat smoke fuzz-ci slow-ci unit
+TEST_TARGETS = compat smoke fuzz-ci slow-ci unit integration
 
 test:
 	@echo "make test runs: $(TEST_TARGETS) (the full harnesses: make stress)"
 	@$(MAKE) --no-print-directory $(TEST_TARGETS)
 
+# The suite in two parts (testrun.py): unit, the classes marked testlib.unit, which start no
+# process (seconds); integration, every other class: real daemons, agent.py, tools (minutes).
+# `python3 test_daemon.py` with no option runs both at once.
 unit:
-	$(PYTHON) test_daemon.py
+	$(PYTHON) test_daemon.py --unit
+
+integration:
+	$(PYTHON) test_daemon.py --integration
 
 # The gallery in headless chromium (selenium, chromium-driver, ImageMagick): about 20 s.  A
 # missing tool fails, it is not skipped.  Saves artifacts/gallery.png.

@@ -1,10 +1,17 @@
-"""Tests for daemon.py and agent.py: the entry point, `python3 test_daemon.py` (`make unit`).
+"""Tests for daemon.py and agent.py: the entry point, `python3 test_daemon.py` (`make test`).
 
 The tests live beside this file in modules by area; this one imports every test class, so each
 of these sees the whole suite, once:
   python3 test_daemon.py                 all classes in TEST_DAEMON_JOBS processes (default 4),
                                          a long class test by test (testrun.work_items),
                                          ending with one plain "N passed, N failed, N skipped"
+  python3 test_daemon.py --unit          the unit part (`make unit`): the classes marked
+                                         @testlib.unit, which start no process (no daemon, no
+                                         agent.py, no tool): ~200 tests, 17 s here
+  python3 test_daemon.py --integration   every other class (`make integration`): ~460 tests,
+                                         about 2 minutes here (docs/testing.md)
+                                         A class is integration unless marked; a marked class
+                                         that starts a process fails, named (testrun.SpawnWatch)
   python3 test_daemon.py [-v] Class...   those classes (or Class.test_name), in this process
   python3 -m unittest test_daemon        python3 -m pytest [-n 4 --dist loadscope]
 
@@ -51,7 +58,8 @@ from tests_supervision import (
     SupervisionTests, StopDuringReloadOrUpgradeTests, FailedUpgradeTests, WorkerInProcessTests,
     FuzzRegressionTests, FaultTests, ExhaustionTests)  # noqa: F401
 from tests_http import (
-    RequestParsingTests, HostileInputParsingTests, HeadRefusalTests, ChunkedBodyTests,
+    RequestParsingTests, HostileInputParsingTests, HostileInputParsingProcessTests, HeadRefusalTests,
+    ChunkedBodyTests,
     PathMappingTests, RangeHeaderTests, NumericFieldTests, MultipleRangeTests,
     ConditionalRequestTests, ExtremeTimestampTests)  # noqa: F401
 from tests_server import (
@@ -61,15 +69,16 @@ from tests_edges import (
     SymlinkSwapRaceTests, ByteStreamTests, RedirectHostAndFileChangeTests, UnreadableTreeTests,
     HousekeepingAndHeadTests, NoLateImportTests)  # noqa: F401
 from tests_gallery import (
-    ImageHeaderTests, GalleryPureTests, GalleryNamesServerTests, GalleryServerTests,
+    ImageHeaderTests, ImageHeaderToolTests, GalleryPureTests, GalleryNamesServerTests,
+    GalleryServerTests,
     GalleryValidatorServerTests, ErrorPageServerTests, HtmlPagePolicyTests, GalleryInProcessTests)  # noqa: F401
 from tests_download import (
     ZipLayoutTests, ZipServerTests, ZipLimitTests, ZipOffTests, SparseZip64Tests, ZipOverTLSTests,
     ThumbnailerPureTests, ThumbnailerServerTests, ZipEntryGoneTests, ThumbnailerCacheGoneTests,
     HeifThumbnailerPureTests, HeifThumbnailerServerTests)  # noqa: F401
 from tests_album import (
-    AlbumDateTests, VideoHeaderTests, AlbumServerTests, AlbumInProcessTests, HeifHeaderTests,
-    HeifLocationTests)  # noqa: F401
+    AlbumDateTests, VideoHeaderTests, VideoHeaderToolTests, AlbumServerTests, AlbumInProcessTests,
+    HeifHeaderTests, HeifLocationTests)  # noqa: F401
 from tests_tls import (
     TLSFixtureTests, TLSServerTests, ClientHelloAlpnTests, TLSOwnAgentTests,
     TLSRedirectLocationTests, TLSPlainHTTPLineTests, TLSStartAndReloadTests)  # noqa: F401
@@ -82,10 +91,11 @@ from tests_balancer import (
     ProxyProtocolServerTests, ProxyProtocolTLSTests, TrustedProxyServerTests, HealthAndGraceTests,
     BalancerOptionTests)  # noqa: F401
 from tests_access import (
-    AuthPureTests, ShareTokenTests, GuessTableTests, AccessAdmitTests, AuthServerTests,
+    AuthPureTests, AuthTerminalTests, ShareTokenTests, GuessTableTests, GuessTableForkTests,
+    AccessAdmitTests, AuthServerTests,
     PlainAuthStartTests, BruteForceTests, ShareLinkTests, ShareKeyRevocationTests, Fail2banTests)  # noqa: F401
 from tests_architecture import ComplexityCounterTests, IssueTwentyTargetTests  # noqa: F401
-from tests_runner import RunnerBalanceTests  # noqa: F401
+from tests_runner import RunnerBalanceTests, RunnerPartTests, RunnerSpawnWatchTests  # noqa: F401
 from tests_location import (
     LocationPatchTests, LocationToolTests, LocationServerTests, KeepLocationServerTests)  # noqa: F401
 

@@ -15,6 +15,7 @@ import os
 import pwd
 import random
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -33,6 +34,7 @@ import agent      # noqa: E402
 sys.path.insert(0, os.path.join(HERE, 'bench'))
 import harness  # noqa: E402
 from harness import children_of, pid_alive, raw_request, read_pid, serving_ports  # noqa: E402
+from testrun import unit  # noqa: E402,F401  (@testlib.unit: a class that starts no process)
 
 PYTHON = sys.executable
 AGENT = os.path.join(HERE, 'agent.py')
@@ -232,10 +234,16 @@ if __name__ == '__main__':
 '''
 
 
+def remove_tree(path):
+    """rm -rf path, in this process: a test that starts no process stays one (testrun.SpawnWatch),
+    and a test's cleanup forks nothing."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
 class TempDirTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix='daemon-test-')
-        self.addCleanup(subprocess.run, ['rm', '-rf', self.tmp])
+        self.addCleanup(remove_tree, self.tmp)
 
 
 class AgentServer(harness.AgentProcess):
@@ -254,7 +262,7 @@ class AgentServer(harness.AgentProcess):
         harness.AgentProcess.__init__(self, root=root, options=options, workers=workers,
                                       python=PYTHON, agent=script, stop_timeout=None,
                                       prefix='agent-test-')
-        testcase.addCleanup(subprocess.run, ['rm', '-rf', self.dir])
+        testcase.addCleanup(remove_tree, self.dir)
         self.pids = []
         self.via_script = via_script
         testcase.addCleanup(self.kill)
@@ -683,7 +691,7 @@ class PageCapture:
 
 def edge_worker(testcase, *options):
     root = tempfile.mkdtemp(prefix='agent-unit-')
-    testcase.addCleanup(subprocess.run, ['rm', '-rf', root])
+    testcase.addCleanup(remove_tree, root)
     config = agent.parser().parse_args(['run', '--root', root] + list(options))
     config.root = os.path.realpath(root)
     lifeline_r, lifeline_w = os.pipe()
@@ -784,7 +792,7 @@ class ServiceToolTestCase(unittest.TestCase):
 
     def eco_tmp(self):
         directory = tempfile.mkdtemp(prefix='eco-test-')
-        self.addCleanup(subprocess.run, ['rm', '-rf', directory])
+        self.addCleanup(remove_tree, directory)
         return directory
 
     def eco_popen(self, args, stderr_path, env=None):

@@ -22,6 +22,7 @@ import urllib.parse
 import zipfile
 from unittest import mock
 
+import testlib
 from testlib import (AGENT, PYTHON, TIMEOUT, AgentServer, ClassCleanups, RawConn, ServiceToolTestCase,
                      TempDirTest, agent, kill_group_of, slurp, wait_for)
 from samples import camera_jpeg, sample_jpeg
@@ -80,6 +81,7 @@ def write_accounts(path, *pairs):
     agent.write_private(path, text)
 
 
+@testlib.unit
 class AuthPureTests(TempDirTest):
     def test_parse_basic_takes_rfc7617_and_refuses_the_rest(self):
         self.assertEqual(agent.parse_basic(ALICE), ('alice', 'open sesame'))
@@ -164,6 +166,31 @@ class AuthPureTests(TempDirTest):
                 agent.share_key(path)
         self.assertIn('chown it to that user', str(caught.exception))
 
+    def test_plain_auth_refused_off_loopback_with_why_and_what_to_do(self):
+        config = agent.parser().parse_args(['--auth', 'f', '--bind', '0.0.0.0', 'start'])
+        with self.assertRaises(agent.DaemonError) as caught:
+            agent.check_plain_auth(config)
+        message = str(caught.exception)
+        for words in ('in clear', '--tls-cert', '127.0.0.1 behind a TLS proxy', '--allow-plain-auth'):
+            self.assertIn(words, message)
+        for argv in (['--bind', '127.0.0.1'], ['--bind', '::1'], ['--allow-plain-auth'],
+                     ['--tls-cert', 'c', '--tls-key', 'k']):
+            agent.check_plain_auth(agent.parser().parse_args(['--auth', 'f', '--bind', '0.0.0.0'] + argv
+                                                             + ['start']))
+
+    def test_durations(self):
+        self.assertEqual(agent.parse_duration('90m'), 5400)
+        self.assertEqual(agent.parse_duration('7d'), 604800)
+        self.assertEqual(agent.parse_duration('never'), 0)
+        self.assertEqual(agent.parse_duration('30'), 30)
+        for bad in ('', '0', '7x', '-1d', '1.5h', 'd'):
+            with self.assertRaises(Exception):
+                agent.parse_duration(bad)
+
+
+class AuthTerminalTests(TempDirTest):
+    """agent.py passwd on a real terminal: a child on a pty."""
+
     def test_passwd_asks_twice_on_a_terminal_without_echo(self):
         import pty
         path = os.path.join(self.tmp, 'passwd')
@@ -202,28 +229,8 @@ class AuthPureTests(TempDirTest):
             record = agent.parse_password_file(f.read(), path)['carol']
         self.assertTrue(agent.verify_password('tty secret 1', record))
 
-    def test_plain_auth_refused_off_loopback_with_why_and_what_to_do(self):
-        config = agent.parser().parse_args(['--auth', 'f', '--bind', '0.0.0.0', 'start'])
-        with self.assertRaises(agent.DaemonError) as caught:
-            agent.check_plain_auth(config)
-        message = str(caught.exception)
-        for words in ('in clear', '--tls-cert', '127.0.0.1 behind a TLS proxy', '--allow-plain-auth'):
-            self.assertIn(words, message)
-        for argv in (['--bind', '127.0.0.1'], ['--bind', '::1'], ['--allow-plain-auth'],
-                     ['--tls-cert', 'c', '--tls-key', 'k']):
-            agent.check_plain_auth(agent.parser().parse_args(['--auth', 'f', '--bind', '0.0.0.0'] + argv
-                                                             + ['start']))
 
-    def test_durations(self):
-        self.assertEqual(agent.parse_duration('90m'), 5400)
-        self.assertEqual(agent.parse_duration('7d'), 604800)
-        self.assertEqual(agent.parse_duration('never'), 0)
-        self.assertEqual(agent.parse_duration('30'), 30)
-        for bad in ('', '0', '7x', '-1d', '1.5h', 'd'):
-            with self.assertRaises(Exception):
-                agent.parse_duration(bad)
-
-
+@testlib.unit
 class ShareTokenTests(unittest.TestCase):
     def token(self, relative, expires=0, key=KEY):
         return agent.share_token(key, relative, expires)
@@ -288,6 +295,7 @@ class ShareTokenTests(unittest.TestCase):
         self.assertIn('<title>sub</title>', page)
 
 
+@testlib.unit
 class GuessTableTests(unittest.TestCase):
     def test_limit_per_address_then_429_for_a_while(self):
         table = agent.GuessTable()
@@ -310,6 +318,10 @@ class GuessTableTests(unittest.TestCase):
             table.failed('198.51.100.1', 60.0)
         self.assertTrue(table.blocked('198.51.100.1', 60.0))
 
+
+class GuessTableForkTests(unittest.TestCase):
+    """The guess table shared with workers forked after it: it forks."""
+
     def test_workers_forked_after_it_share_the_counts(self):
         table = agent.GuessTable()
         pid = os.fork()
@@ -323,6 +335,7 @@ class GuessTableTests(unittest.TestCase):
         self.assertTrue(table.blocked('192.0.2.1', 10.0))
 
 
+@testlib.unit
 class AccessAdmitTests(TempDirTest):
     """Access.admit in-process: what it answers, what it logs."""
 

@@ -14,6 +14,8 @@ import re
 import sys
 import unittest
 
+import testlib
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 PRODUCT = ('daemon.py', 'agent.py')
@@ -139,6 +141,7 @@ def core_lines(text):
     return count
 
 
+@testlib.unit
 class ComplexityCounterTests(unittest.TestCase):
     """The counter itself, on small functions whose mccabe count is known."""
 
@@ -170,6 +173,7 @@ class ComplexityCounterTests(unittest.TestCase):
         self.assertEqual(core_lines(text + '\n' + heavy + '\n# Core again\n' + heavy + '\nf'), 9)
 
 
+@testlib.unit
 class IssueTwentyTargetTests(unittest.TestCase):
     """Issue 20's "Must show": each test names what is over its limit, with the figures."""
 

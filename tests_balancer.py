@@ -17,6 +17,7 @@ import time
 import unittest
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     AGENT, PYTHON, AgentServer, FILE_A, FIXED_MTIME, RawConn, SharedAgentTestCase, TempDirTest,
     run, shutil_which, slurp, tls_client_context, tls_make_ca, tls_make_leaf, wait_for, write_file)
@@ -72,6 +73,7 @@ def stat_like(ino, ctime_ns, mtime_ns=FIXED_MTIME * 10 ** 9, size=400, dev=1, di
                           {'st_atime_ns': mtime_ns, 'st_mtime_ns': mtime_ns, 'st_ctime_ns': ctime_ns})
 
 
+@testlib.unit
 class NodeValidatorTests(unittest.TestCase):
     """Two nodes holding the same bytes send the same validators: the tag is mtime and size,
     not the inode or the ctime, which no copy keeps."""
@@ -146,6 +148,7 @@ class NodeValidatorServerTests(SharedAgentTestCase):
             self.assertEqual(again.headers['etag'], first.headers['etag'], way)
 
 
+@testlib.unit
 class ProxyHeaderParserTests(unittest.TestCase):
     """parse_proxy_header: HAProxy's PROXY protocol, v1 (text) and v2 (binary), pure."""
 
@@ -199,6 +202,7 @@ class ProxyHeaderParserTests(unittest.TestCase):
                 agent.parse_proxy_header(data + b'\0' * 300)
 
 
+@testlib.unit
 class TrustedProxyWalkTests(unittest.TestCase):
     """forwarded_client: the client's address from Forwarded or X-Forwarded-For, walked from
     the right past trusted hops, and only when the connection comes from a trusted proxy."""

@@ -17,6 +17,8 @@ import unittest
 from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
+import testrun
 from testlib import (
     AGENT, AGENT_LINE, AgentServer, HERE, PYTHON, TIMEOUT, kill_group_of, nobody_agent, nobody_user,
     proc_status, python_for, run, slurp, wait_for)
@@ -75,6 +77,7 @@ class ReadmeTests(unittest.TestCase):
         'systemd-nspawn': {'--private-network'},
         'debootstrap': {'--variant'},
         'start-stop-daemon': {'--pidfile', '--retry'},
+        'test_daemon.py': set(testrun.PARTS),
     }
 
     @classmethod
@@ -777,6 +780,7 @@ class FromBytecodeTests(unittest.TestCase):
         server.stop()
 
 
+@testlib.unit
 class DeprecatedCallTests(unittest.TestCase):
     """The product calls nothing that a Python from 3.12 on deprecates: a DeprecationWarning
     in a daemon's log (or an error under -W error) on Debian 13 or Fedora, and an API gone in a

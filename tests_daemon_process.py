@@ -18,6 +18,7 @@ import unittest
 from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     HERE, PYTHON, SAMPLE_DAEMON, TIMEOUT, TempDirTest, kill_group_of, nobody_user, proc_stat,
     proc_status, python_for, run, slurp, sockets_of, wait_for)
@@ -887,6 +888,7 @@ class PidfileRemovedTests(SampleDaemonTest):
         self.assertIn('written again', self.log())
 
 
+@testlib.unit
 class PidfileProbeRaceTests(TempDirTest):
     """A probe that opens the pidfile just as its daemon stops (it unlinks the file, then its
     lock goes with it) saw an unlocked file: "stale", so status said "dead, but pidfile

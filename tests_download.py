@@ -19,6 +19,7 @@ import zipfile
 import zlib
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     FIXED_MTIME, AgentServer, ClassCleanups, SharedAgentTestCase, TLSConn, tls_make_ca, tls_make_leaf,
     write_file)
@@ -59,6 +60,7 @@ def sample_entries(rng, count=12):
     return entries, contents
 
 
+@testlib.unit
 class ZipLayoutTests(unittest.TestCase):
     """The zip writer as pure functions: zipfile reads what they lay out, byte for byte."""
 
@@ -445,6 +447,7 @@ def imagemagick():
     return shutil.which('magick') or shutil.which('convert')
 
 
+@testlib.unit
 class ThumbnailerPureTests(unittest.TestCase):
     """The choice of program, its command line, the cache's place and names: no program run."""
 

@@ -15,6 +15,7 @@ import time
 import unittest
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     AGENT, AgentServer, HERE, PYTHON, RawConn, SharedAgentTestCase, edge_worker,
     make_outside_files, nobody_agent, wait_for, write_file)
@@ -161,6 +162,7 @@ while time.monotonic() < deadline:
 '''
 
 
+@testlib.unit
 class ByteStreamTests(unittest.TestCase):
     """A Connection in-process: the bytes a client gets for a byte stream, however it is cut."""
 
@@ -452,6 +454,7 @@ class UnreadableTreeTests(unittest.TestCase):
         self.assertEqual(server.get('/open/')[0], 200)
 
 
+@testlib.unit
 class HousekeepingAndHeadTests(unittest.TestCase):
     """The worker in-process: housekeeping and the response head builder."""
 

@@ -17,6 +17,7 @@ import unittest
 from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     FIXED_MTIME, PageCapture, SharedAgentTestCase, TIMEOUT, assert_strict_page_policy,
     edge_worker, head_fields, lazy_images, make_outside_files, run, shutil_which, write_file)
@@ -36,6 +37,7 @@ def gallery_links(page):
     return [html_module.unescape(h) for h in re.findall(r'(?:href|src)="([^"]*)"', page.decode('utf-8'))]
 
 
+@testlib.unit
 class ImageHeaderTests(unittest.TestCase):
     """The header parsers over sample files, their truncations and hostile variants."""
 
@@ -67,21 +69,6 @@ class ImageHeaderTests(unittest.TestCase):
                 shown = (32, 64) if (orientation or 1) >= 5 else (64, 32)
                 self.assertEqual(info.shown_size(), shown)
 
-    def test_exif_agrees_with_exiftool(self):
-        """The sample EXIF is real EXIF: exiftool (an independent reader) finds the same."""
-        if not shutil_which('exiftool'):
-            self.skipTest('exiftool not installed (Debian: libimage-exiftool-perl)')
-        thumb = sample_jpeg(16, 8, (0, 120, 255))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, 'cam.jpg')
-            with open(path, 'wb') as f:
-                f.write(camera_jpeg(sample_jpeg(64, 32), thumb, 6, '<'))
-            got = subprocess.run(['exiftool', '-b', '-ThumbnailImage', path], capture_output=True,
-                                 timeout=TIMEOUT).stdout
-            self.assertEqual(got, thumb)
-            self.assertEqual(run(['exiftool', '-n', '-s3', '-Orientation', '-ImageSize', path]).stdout.split(),
-                             ['6', '64', '32'])
-
     def test_png_gif_webp_bmp_ico(self):
         self.assert_size(sample_png(7, 5), (7, 5), kind='png')
         self.assert_size(sample_gif(300, 2), (300, 2), kind='gif')
@@ -103,25 +90,6 @@ class ImageHeaderTests(unittest.TestCase):
             info = self.info(text.encode(), 'a.svg')
             self.assertEqual((info.width, info.height), size, text)
         self.assertIsNone(self.info(b'<svg width="1" height="1">', 'a.txt'))
-
-    def test_real_files_agree_with_imagemagick(self):
-        """Files written by ImageMagick, sizes read back by its identify: the same as ours."""
-        if not shutil_which('convert'):
-            self.skipTest('ImageMagick not installed (Debian: imagemagick)')
-        with tempfile.TemporaryDirectory() as tmp:
-            for ext in ('jpg', 'png', 'gif', 'webp', 'bmp'):
-                path = os.path.join(tmp, 'x.' + ext)
-                made = run(['convert', '-size', '123x45', 'plasma:', path])
-                if made.returncode != 0 or not os.path.exists(path):
-                    continue                    # a format this ImageMagick cannot write
-                with open(path, 'rb') as f:
-                    self.assert_size(f.read(), (123, 45), 'x.' + ext)
-            path = os.path.join(tmp, 'cam.jpg')           # our own samples decode
-            with open(path, 'wb') as f:
-                f.write(camera_jpeg(sample_jpeg(37, 21, blocks=lambda x, y: (x * 50, y * 80, 128)),
-                                    sample_jpeg(16, 8), 6))
-            self.assertEqual(run(['convert', path, '-format', '%w %h %[pixel:p{20,10}]', 'info:']).stdout,
-                             '37 21 srgb(100,80,129)')
 
     def test_every_truncation_and_corruption_is_harmless(self):
         import random
@@ -219,6 +187,46 @@ class ImageHeaderTests(unittest.TestCase):
         self.assertIsNone(agent.thumbnail_bytes(info, b'GIF89a'))
 
 
+class ImageHeaderToolTests(unittest.TestCase):
+    """The header parsers beside independent readers (exiftool, ImageMagick): they run a tool."""
+    info = ImageHeaderTests.info
+    assert_size = ImageHeaderTests.assert_size
+
+    def test_exif_agrees_with_exiftool(self):
+        """The sample EXIF is real EXIF: exiftool (an independent reader) finds the same."""
+        if not shutil_which('exiftool'):
+            self.skipTest('exiftool not installed (Debian: libimage-exiftool-perl)')
+        thumb = sample_jpeg(16, 8, (0, 120, 255))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, 'cam.jpg')
+            with open(path, 'wb') as f:
+                f.write(camera_jpeg(sample_jpeg(64, 32), thumb, 6, '<'))
+            got = subprocess.run(['exiftool', '-b', '-ThumbnailImage', path], capture_output=True,
+                                 timeout=TIMEOUT).stdout
+            self.assertEqual(got, thumb)
+            self.assertEqual(run(['exiftool', '-n', '-s3', '-Orientation', '-ImageSize', path]).stdout.split(),
+                             ['6', '64', '32'])
+
+    def test_real_files_agree_with_imagemagick(self):
+        """Files written by ImageMagick, sizes read back by its identify: the same as ours."""
+        if not shutil_which('convert'):
+            self.skipTest('ImageMagick not installed (Debian: imagemagick)')
+        with tempfile.TemporaryDirectory() as tmp:
+            for ext in ('jpg', 'png', 'gif', 'webp', 'bmp'):
+                path = os.path.join(tmp, 'x.' + ext)
+                made = run(['convert', '-size', '123x45', 'plasma:', path])
+                if made.returncode != 0 or not os.path.exists(path):
+                    continue                    # a format this ImageMagick cannot write
+                with open(path, 'rb') as f:
+                    self.assert_size(f.read(), (123, 45), 'x.' + ext)
+            path = os.path.join(tmp, 'cam.jpg')           # our own samples decode
+            with open(path, 'wb') as f:
+                f.write(camera_jpeg(sample_jpeg(37, 21, blocks=lambda x, y: (x * 50, y * 80, 128)),
+                                    sample_jpeg(16, 8), 6))
+            self.assertEqual(run(['convert', path, '-format', '%w %h %[pixel:p{20,10}]', 'info:']).stdout,
+                             '37 21 srgb(100,80,129)')
+
+
 def gallery_stat(size=100, mtime=FIXED_MTIME, directory=False, ino=1):
     mode = (stat.S_IFDIR | 0o755) if directory else (stat.S_IFREG | 0o644)
     ns = mtime * 10 ** 9
@@ -226,6 +234,7 @@ def gallery_stat(size=100, mtime=FIXED_MTIME, directory=False, ino=1):
                           {'st_atime_ns': ns, 'st_mtime_ns': ns, 'st_ctime_ns': ns})
 
 
+@testlib.unit
 class GalleryPureTests(unittest.TestCase):
     """Listing, ordering, paging, query parsing and the page's HTML and JSON, without a server."""
 
@@ -835,6 +844,7 @@ class HtmlPagePolicyTests(SharedAgentTestCase):
             self.assertEqual(body == b'', line.startswith(b'HEAD'))
 
 
+@testlib.unit
 class GalleryInProcessTests(unittest.TestCase):
     """A directory of 276 pictures listed by a worker in this process: a request reads the
     directory, and stats the entries it shows (all of them to sort by date or size), unless the

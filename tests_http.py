@@ -10,6 +10,7 @@ import tempfile
 import unittest
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     AgentServer, FILE_A, FIXED_MTIME, HERE, PAST_DATE, PYTHON, RANGE_DATA, SharedAgentTestCase,
     TIMEOUT, TRAVERSAL_TARGETS, parse_byteranges, run, write_file)
@@ -21,6 +22,7 @@ import agent
 # agent.py's HTTP rules: the pure functions
 # ---------------------------------------------------------------------------------------------
 
+@testlib.unit
 class RequestParsingTests(unittest.TestCase):
     def parse(self, data, *args):
         return agent.parse_request(data, *args)
@@ -186,6 +188,7 @@ def run_parser_bounded(testcase, code, what):
     testcase.assertEqual(result.stdout.strip(), 'ok', result.stderr[-2000:])
 
 
+@testlib.unit
 class HostileInputParsingTests(unittest.TestCase):
     """Issue 26 item 2: no parser may have super-linear cost on any input within the limits
     (--max-header-size has no upper bound).  Each worst input is checked for its right answer;
@@ -206,6 +209,28 @@ class HostileInputParsingTests(unittest.TestCase):
                 with self.assertRaises(agent.HTTPError) as caught:
                     agent.parse_request(b'GET / HTTP/1.1\r\nHost: x\r\nX: ' + bad + b'\r\n\r\n')
                 self.assertEqual(caught.exception.status, 400)
+
+    def test_tiny_chunks_count_for_more_than_their_bytes(self):
+        """A chunked body of one-byte chunks cost 0.45 s of a worker's CPU per MiB (a Python
+        loop turn a chunk, 174,000 of them): each chunk but the last counts CHUNK_COST bytes
+        at least against MAX_DISCARD, so a body has 4096 chunks at most."""
+        head = b'POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+        nxt = b'GET /next HTTP/1.1\r\nHost: x\r\n\r\n'
+        req, rest, _, _ = agent.frame(head + b'1\r\nx\r\n' * 4000 + b'0\r\n\r\n' + nxt, 0)
+        self.assertEqual((req.method, rest), (b'POST', nxt))
+        error = agent.frame(head + b'1\r\nx\r\n' * 5000 + b'0\r\n\r\n' + nxt, 0)[0]
+        self.assertEqual((error.status, error.close), (413, True))
+
+    def test_svg_lengths_with_blanks(self):
+        for value, expected in (('  12  ', 12), ('12px', 12), (' 12 px ', 12), ('12' + ' ' * 150 + 'px', 12),
+                                (' ' * 190 + '1x', None), ('1' + ' ' * 198 + 'x', None)):
+            info = agent.image_info(('<svg width="%s" height="5">' % value).encode(), 'a.svg')
+            self.assertEqual(info.width, expected, value)
+
+
+class HostileInputParsingProcessTests(unittest.TestCase):
+    """The parsers on their worst inputs, each run in a child under the hang guard, and
+    bench/parsers.py: they start a process."""
 
     def test_blank_runs_at_any_header_size_limit(self):
         run_parser_bounded(self, '''
@@ -238,29 +263,12 @@ for head in (b'<svg ' * (1 << 20), b'<SVG\\t' * (1 << 20)):
     assert (info.kind, info.width) == ('svg', None), info
 ''', 'an SVG head of "<svg " repeated')
 
-    def test_tiny_chunks_count_for_more_than_their_bytes(self):
-        """A chunked body of one-byte chunks cost 0.45 s of a worker's CPU per MiB (a Python
-        loop turn a chunk, 174,000 of them): each chunk but the last counts CHUNK_COST bytes
-        at least against MAX_DISCARD, so a body has 4096 chunks at most."""
-        head = b'POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
-        nxt = b'GET /next HTTP/1.1\r\nHost: x\r\n\r\n'
-        req, rest, _, _ = agent.frame(head + b'1\r\nx\r\n' * 4000 + b'0\r\n\r\n' + nxt, 0)
-        self.assertEqual((req.method, rest), (b'POST', nxt))
-        error = agent.frame(head + b'1\r\nx\r\n' * 5000 + b'0\r\n\r\n' + nxt, 0)[0]
-        self.assertEqual((error.status, error.close), (413, True))
-
     def test_parser_bench_answers(self):
         """bench/parsers.py's worst inputs, each with its expected answer (--quick checks the
         answers and asserts no time)."""
         result = run([PYTHON, os.path.join(HERE, 'bench', 'parsers.py'), '--quick'], timeout=120)
         self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-2000:])
         self.assertIn('every answer right', result.stdout)
-
-    def test_svg_lengths_with_blanks(self):
-        for value, expected in (('  12  ', 12), ('12px', 12), (' 12 px ', 12), ('12' + ' ' * 150 + 'px', 12),
-                                (' ' * 190 + '1x', None), ('1' + ' ' * 198 + 'x', None)):
-            info = agent.image_info(('<svg width="%s" height="5">' % value).encode(), 'a.svg')
-            self.assertEqual(info.width, expected, value)
 
 
 class HeadRefusalTests(SharedAgentTestCase):
@@ -321,6 +329,7 @@ class HeadRefusalTests(SharedAgentTestCase):
         self.assertEqual((second.status, second.body), (200, FILE_A))
 
 
+@testlib.unit
 class ChunkedBodyTests(unittest.TestCase):
     """Transfer-Encoding: chunked request bodies (RFC 9112 sections 6 and 7): framed by frame()
     exactly as the grammar says, dropped, and the connection goes on; the transfer codings a
@@ -507,6 +516,7 @@ class ChunkedBodyTests(unittest.TestCase):
                 self.assertEqual(self.outcomes([stream + smuggled]), ([400], None))
 
 
+@testlib.unit
 class PathMappingTests(unittest.TestCase):
     ROOT = '/srv/www'
 
@@ -585,6 +595,7 @@ class PathMappingTests(unittest.TestCase):
         self.assertEqual(agent.map_target(b'/a.jpg?../../etc/passwd'), ('a.jpg', False, b'/a.jpg', b'../../etc/passwd'))
 
 
+@testlib.unit
 class RangeHeaderTests(unittest.TestCase):
     def test_table(self):
         huge = '9' * 5000
@@ -634,6 +645,7 @@ class RangeHeaderTests(unittest.TestCase):
                 self.assertIn(found, (None, 'unsatisfiable', (0, 999)))
 
 
+@testlib.unit
 class NumericFieldTests(unittest.TestCase):
     """Issue 26 item 5: numbers in headers and queries are read by value.  1*DIGIT allows
     leading zeros (RFC 9110 sections 8.6 and 14.1.1; nginx agrees), so digits are never a
@@ -688,6 +700,7 @@ class NumericFieldTests(unittest.TestCase):
             self.assertIsNone(options(query)[1], query[:40])
 
 
+@testlib.unit
 class MultipleRangeTests(unittest.TestCase):
     """parse_ranges (several byte ranges) and the multipart/byteranges pieces."""
 
@@ -795,6 +808,7 @@ class MultipleRangeTests(unittest.TestCase):
             self.assertRegex(boundary, rb'^[0-9a-f]{20}$')
 
 
+@testlib.unit
 class ConditionalRequestTests(unittest.TestCase):
     ETAG = '"5e0be100-190"'
     MTIME = float(FIXED_MTIME)

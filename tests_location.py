@@ -18,6 +18,7 @@ import xml.dom.minidom
 import zipfile
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import SharedAgentTestCase, TIMEOUT, parse_byteranges, shutil_which, write_file
 import agent
 from samples import (LOCATED_KEPT, LOCATED_SECRETS, LOCATED_XMP, located_jpeg, located_png, located_webp,
@@ -75,6 +76,7 @@ def png_chunks(data):
     return chunks
 
 
+@testlib.unit
 class LocationPatchTests(unittest.TestCase):
     """agent.location_patches over crafted files: what is blanked, what is kept, and that the
     structure still holds."""

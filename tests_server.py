@@ -13,6 +13,7 @@ import unittest
 from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     CLF_LINE, FILE_A, FIXED_MTIME, HERE, PAST_DATE, PageCapture, RANGE_DATA, SharedAgentTestCase,
     TIMEOUT, TRAVERSAL_TARGETS, assert_cut_response_logged, edge_worker, lazy_images,
@@ -43,6 +44,7 @@ def unescape_log(field):
 # agent.py's HTTP rules: the pure functions
 # ---------------------------------------------------------------------------------------------
 
+@testlib.unit
 class AccessLogAndPageTests(unittest.TestCase):
     def test_escape_log(self):
         self.assertEqual(agent.escape_log('Mozilla/5.0 (X11; Linux) x=1&y'), 'Mozilla/5.0 (X11; Linux) x=1&y')
@@ -1079,6 +1081,7 @@ class ConnectionTimeoutTests(SharedAgentTestCase):
         self.assert_serving()
 
 
+@testlib.unit
 class PipelineFairnessTests(unittest.TestCase):
     """One connection must never cost the others (issue 26, item 3): a worker in this process,
     connections over socketpairs, driven one loop turn at a time, as Worker.serve() does."""

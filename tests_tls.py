@@ -17,6 +17,7 @@ import time
 import unittest
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     AgentServer, CLIENT_PAUSE, ClassCleanups, FILE_A, RawConn, TIMEOUT, TLSConn, assert_cut_response_logged,
     assert_strict_page_policy, head_fields, parse_byteranges, run, slurp, sockets_of,
@@ -371,6 +372,7 @@ class TLSServerTests(unittest.TestCase):
         self.log_is_clean()
 
 
+@testlib.unit
 class ClientHelloAlpnTests(unittest.TestCase):
     """client_hello_alpn(): the ALPN names a TLS ClientHello offers, read from the first bytes
     of a connection; bounded (TLS_HELLO_MAX), and never an exception, whatever the bytes."""
@@ -505,6 +507,7 @@ class TLSOwnAgentTests(unittest.TestCase):
         server.stop()
 
 
+@testlib.unit
 class TLSRedirectLocationTests(unittest.TestCase):
     """agent.redirect_location, the pure part of --http-redirect."""
 
@@ -540,6 +543,7 @@ class TLSRedirectLocationTests(unittest.TestCase):
                 self.assertEqual(caught.exception.status, 400)
 
 
+@testlib.unit
 class TLSPlainHTTPLineTests(unittest.TestCase):
     """agent.plain_http_line: plain HTTP or TLS, from the first bytes on the HTTPS port."""
 
