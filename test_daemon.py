@@ -83,7 +83,7 @@ from tests_architecture import ComplexityCounterTests, IssueTwentyTargetTests  #
 from tests_runner import RunnerBalanceTests  # noqa: F401
 from tests_location import (
     LocationPatchTests, LocationToolTests, LocationServerTests, KeepLocationServerTests)  # noqa: F401
-from tests_perf import RequestPathSyscallTests, TLSCopyTests  # noqa: F401
+from tests_perf import RequestPathSyscallTests  # noqa: F401
 
 if __name__ == '__main__':
     sys.exit(testrun.main(globals()))

@@ -68,47 +68,5 @@ class RequestPathSyscallTests(unittest.TestCase):
             self.assertEqual(stats_of(stat.call_args_list, directory), 2)
 
 
-
-class PartialWriteSocket:
-    """An SSLSocket as OpenSSL's partial writes make it (SSL_MODE_ENABLE_PARTIAL_WRITE, which
-    Python sets): each send() takes one TLS record, 16 KiB at most, and says so."""
-
-    def __init__(self):
-        self.calls = []
-        self.received = bytearray()
-
-    def fileno(self):
-        return -1
-
-    def send(self, data):
-        n = min(len(data), 16384)
-        self.calls.append(data)
-        self.received += bytes(data[:n])
-        return n
-
-
-class TLSCopyTests(unittest.TestCase):
-    """A file over HTTPS is read a TLS_CHUNK at a time and handed to OpenSSL without a copy of
-    what is left after each partial write: with 64 KiB chunks, four records a chunk, copying
-    the rest after each record moved 1.5 times the file again in memory (py-spy: 62% of a
-    worker's samples in TLSConnection.send itself at HTTPS 2 MB)."""
-
-    def test_a_file_goes_out_whole_from_one_read_a_chunk_without_copies(self):
-        worker, root = edge_worker(self)
-        data = os.urandom(5 * agent.TLS_CHUNK + 1000)
-        write_file(root, 'big.jpg', data)
-        entry = worker.responder.open_file(os.path.join(root, 'big.jpg'))
-        worker.responder.files.store(os.path.join(root, 'big.jpg'), entry)     # closed by files.clear()
-        sock = PartialWriteSocket()
-        conn = agent.TLSConnection(sock, '127.0.0.1', worker)
-        conn.state = agent.READING
-        conn.start_response(200, b'HTTP/1.1 200 OK\r\n\r\n', file=entry, length=len(data))
-        self.assertEqual(bytes(sock.received), b'HTTP/1.1 200 OK\r\n\r\n' + data)
-        self.assertEqual(conn.state, agent.READING)
-        chunks = [call for call in sock.calls[1:]]
-        self.assertTrue(all(isinstance(c, memoryview) for c in chunks), 'a copy of bytes was sent')
-        self.assertEqual(len({id(c.obj) for c in chunks}), 6)       # one read a TLS_CHUNK
-
-
 if __name__ == '__main__':
     unittest.main()
