@@ -3,8 +3,8 @@
 
 What it measures
 ----------------
-Three servers serve the SAME generated files (random bytes named 1k.jpg,
-20k.jpg, 200k.jpg, 10m.jpg) on 127.0.0.1, each on a free ephemeral port:
+The servers serve the SAME generated files (random bytes named 1k.jpg,
+20k.jpg, 200k.jpg, 2m.jpg, 10m.jpg) on 127.0.0.1, each on a free ephemeral port:
 
   agent        python3 agent.py ... start   (default settings: access log on,
                one worker per CPU)
@@ -22,11 +22,12 @@ Three servers serve the SAME generated files (random bytes named 1k.jpg,
 
 Load comes from wrk (`wrk -t1 -cN -dDs --latency URL`; -tN with --threads) in these scenarios:
 
-  1k, 20k, 200k, 10m   keep-alive, 64 connections
+  1k, 20k, 200k, 2m, 10m   keep-alive, 64 connections
+  10m-c8               10 MB keep-alive, 8 connections (a few large downloads)
   20k-close            20 KB with `Connection: close` (a new TCP connection
                        per request), 64 connections
   20k-c512             20 KB keep-alive, 512 connections
-  https-20k, https-200k   the same over HTTPS (TLS 1.3, one certificate made
+  https-20k, https-200k, https-2m   the same over HTTPS (TLS 1.3, one certificate made
                here with openssl for both servers), keep-alive, 64 connections
   https-close          20 KB over HTTPS with `Connection: close`: a full TLS
                handshake per request, so req/s is the handshake rate
@@ -43,9 +44,11 @@ included), p50 and p99 latency in ms, and errors (socket errors plus
 non-2xx/3xx responses), and CPU per request: user+sys time of all the
 server's processes (from /proc, before and after the run) divided by the
 requests wrk counted. Then one table of every server's ratio to nginx
-(req/s; bytes/s for 200k and 10m), the agent's ratio to each peer, and
+(req/s; bytes/s for 200k, 2m and 10m), the agent's ratio to each peer, and
 agent-only figures: RSS of master and workers after the load, and the
-median time of `start` and of an idle `stop` over 5 cycles.
+median time of `start` and of an idle `stop` over 5 cycles.  Every table has
+the CPU model and the range of the 1-minute load average over the runs
+beside it: ratios from different machines (or loads) are never compared.
 
 How to run
 ----------
@@ -91,6 +94,7 @@ FILES = {                      # name -> size in bytes
     "1k.jpg": 1024,
     "20k.jpg": 20_000,
     "200k.jpg": 200_000,
+    "2m.jpg": 2_000_000,
     "10m.jpg": 10_000_000,
 }
 
@@ -100,7 +104,9 @@ SCENARIOS = [
     Scenario("1k", "1 KB keep-alive c64", "1k.jpg", 64, ()),
     Scenario("20k", "20 KB keep-alive c64", "20k.jpg", 64, ()),
     Scenario("200k", "200 KB keep-alive c64", "200k.jpg", 64, ()),
+    Scenario("2m", "2 MB keep-alive c64", "2m.jpg", 64, ()),
     Scenario("10m", "10 MB keep-alive c64", "10m.jpg", 64, ()),
+    Scenario("10m-c8", "10 MB keep-alive c8", "10m.jpg", 8, ()),
     Scenario("20k-close", "20 KB Connection: close c64", "20k.jpg", 64,
              ("Connection: close",)),
     Scenario("20k-c512", "20 KB keep-alive c512", "20k.jpg", 512, ()),
@@ -108,11 +114,13 @@ SCENARIOS = [
              True),
     Scenario("https-200k", "HTTPS 200 KB keep-alive c64", "200k.jpg", 64, (),
              True),
+    Scenario("https-2m", "HTTPS 2 MB keep-alive c64", "2m.jpg", 64, (),
+             True),
     Scenario("https-close", "HTTPS 20 KB Connection: close c64 (handshakes)",
              "20k.jpg", 64, ("Connection: close",), True),
 ]
 # Scenarios where bytes/s matters more than requests/s.
-BYTES_SCENARIOS = {"200k", "10m", "https-200k"}
+BYTES_SCENARIOS = {"200k", "2m", "10m", "10m-c8", "https-200k", "https-2m"}
 
 
 def log(msg):
@@ -636,6 +644,18 @@ def run_wrk(url, scenario, duration, threads=1):
 
 # ---------------------------------------------------------------- report
 
+# The 1-minute load average after each wrk run: printed beside every table, since a ratio
+# means something only with the machine and its load it was measured on.
+LOADS = []
+
+
+def machine_line(info):
+    """The CPU model and the load during the runs, as one line to print over a table."""
+    cpu = dict(info).get("cpu", "unknown")
+    load = ("%.1f-%.1f" % (min(LOADS), max(LOADS))) if LOADS else "-"
+    return "(on %s; 1-minute load %s during the runs)" % (cpu, load)
+
+
 def system_info(agent_script):
     def first_line(cmd):
         rc, out, err, _ = run(cmd, timeout=10)
@@ -763,14 +783,16 @@ def print_report(info, scenarios, servers, results, agent_figs, notes,
           "MB = 2^20 bytes; errors = socket errors + non-2xx/3xx"
           % (args.threads, args.duration, args.rounds))
     print()
+    print(machine_line(info))
+    print()
     print(render(["scenario", "server", "req/s", "MB/s", "p50 ms",
                   "p99 ms", "CPU us/req", "errors"],
                  result_rows(scenarios, servers, results), md))
 
     if any(s.name == "nginx" for s in servers):
         print()
-        print("every server / nginx (req/s; bytes/s for 200k and 10m; "
-              "p99 and CPU per request as nginx's multiple):")
+        print("every server / nginx (req/s; bytes/s for 200k, 2m and 10m; "
+              "p99 and CPU per request as nginx's multiple), %s:" % machine_line(info))
         print()
         print(render(["server"] + [sc.name for sc in scenarios] +
                      ["p99 %s" % sc.name for sc in scenarios
@@ -782,7 +804,7 @@ def print_report(info, scenarios, servers, results, agent_figs, notes,
     peers = [s for s in servers if s.name != "agent"]
     if peers:
         print()
-        print("agent / peer ratio (>1 means the agent is faster):")
+        print("agent / peer ratio (>1 means the agent is faster), %s:" % machine_line(info))
         print()
         header = ["scenario"]
         for p in peers:
@@ -790,7 +812,7 @@ def print_report(info, scenarios, servers, results, agent_figs, notes,
         print(render(header, ratio_rows(scenarios, peers, results), md))
 
     print()
-    print("agent only:")
+    print("agent only, %s:" % machine_line(info))
     print()
     print(render(["figure", "", "value"], agent_figs, md))
 
@@ -873,6 +895,7 @@ def one_run(srv, sc, rnd, duration, threads, notes):
     pids = srv.pids()
     ticks = cpu_ticks(pids)
     res, err = run_wrk(srv.url(sc.file), sc, duration, threads)
+    LOADS.append(os.getloadavg()[0])
     if res is not None and res.requests:
         used = cpu_ticks(pids) - ticks
         res = res._replace(cpu_us=used * 1e6 / CLK_TCK / res.requests)
