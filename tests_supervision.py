@@ -165,7 +165,7 @@ class SupervisionTests(unittest.TestCase):
         first.bind('')
         first.settimeout(TIMEOUT)
         first.sendto(b'WATCH=reload', daemon._channel_address(server.pidfile))   # a reload under way
-        self.assertEqual(first.recv(4096), b'STOPPING=0')
+        self.assertEqual(first.recv(4096), b'STOPPING=0\nCOOPERATIVE=1')     # its run() looks
         second = subprocess.run(AGENT_LINE + server.options + ['reload'], stdin=subprocess.DEVNULL,
                                 capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(second.returncode, 0, second.stdout + second.stderr)
