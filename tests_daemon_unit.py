@@ -18,6 +18,7 @@ import unittest
 from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
+import testlib
 from testlib import (
     AGENT, HERE, PYTHON, TIMEOUT, TempDirTest, kill_group_of, nobody_user, python_for, run, slurp,
     wait_for)
@@ -210,6 +211,7 @@ def daemon_sections(text):
     return pieces[0], {piece.split()[0].rstrip(',.'): banner + piece for piece in pieces[1:]}
 
 
+@testlib.unit
 class ChannelTests(TempDirTest):
     """Issue 20's one channel (daemon.py, "the channel"), in this process: one message format,
     one reader, and who is heard on it."""

@@ -7,6 +7,7 @@ import tempfile
 import unittest
 from unittest import mock
 
+import testlib
 from testlib import edge_worker, write_file
 import agent
 
@@ -15,6 +16,7 @@ def stats_of(calls, path):
     return sum(1 for call in calls if call.args and call.args[0] == path)
 
 
+@testlib.unit
 class RequestPathSyscallTests(unittest.TestCase):
     """A kept-alive request of a cached file is a recv(), one stat() of its path and a send():
     the directories of the agent's own files (its logs and pidfile, OwnFiles) are looked at
