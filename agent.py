@@ -4015,9 +4015,13 @@ def choose_thumbnailer(choice, path=None):
 
 
 def default_cache_dir(euid=None, environ=None):
-    """--cache's default: /var/cache/agent for an agent started by root, else
+    """--cache's default: the unit's CacheDirectory= under systemd ($CACHE_DIRECTORY, its first
+    if several), else /var/cache/agent for an agent started by root, else
     $XDG_CACHE_HOME/agent (an absolute one), else ~/.cache/agent."""
     environ = os.environ if environ is None else environ
+    given = environ.get('CACHE_DIRECTORY', '').split(':')[0]
+    if given.startswith('/'):
+        return given
     if (os.geteuid() if euid is None else euid) == 0:
         return '/var/cache/agent'
     xdg = environ.get('XDG_CACHE_HOME', '')
@@ -8635,8 +8639,8 @@ def parser():
                               'or one of them by name or path (default: auto)' % ', '.join(THUMB_PROGRAMS))
     files.add_argument('--cache', metavar='DIR',
                        help='where made thumbnails are kept (made 0700, owned by the workers\' user; '
-                            'never served): default /var/cache/agent for root, else '
-                            '$XDG_CACHE_HOME/agent or ~/.cache/agent')
+                            'never served): default $CACHE_DIRECTORY (systemd\'s CacheDirectory=), '
+                            'else /var/cache/agent for root, else $XDG_CACHE_HOME/agent or ~/.cache/agent')
     access = p.add_argument_group('accounts and share links (docs/security.md)')
     access.add_argument('--auth', metavar='FILE',
                         help='HTTP Basic authentication for everything served, with the accounts of '

@@ -509,6 +509,11 @@ class ThumbnailerPureTests(unittest.TestCase):
         self.assertEqual(agent.default_cache_dir(1000, {'XDG_CACHE_HOME': '/x/cache', 'HOME': '/h'}), '/x/cache/agent')
         self.assertEqual(agent.default_cache_dir(1000, {'XDG_CACHE_HOME': 'relative', 'HOME': '/h'}), '/h/.cache/agent')
         self.assertEqual(agent.default_cache_dir(1000, {'HOME': '/h'}), '/h/.cache/agent')
+        # systemd's CacheDirectory= (the unit in contrib/), for root and for User=agent alike
+        for euid in (0, 1000):
+            self.assertEqual(agent.default_cache_dir(euid, {'CACHE_DIRECTORY': '/var/cache/agent:/x', 'HOME': '/h'}),
+                             '/var/cache/agent')
+        self.assertEqual(agent.default_cache_dir(1000, {'CACHE_DIRECTORY': 'rel', 'HOME': '/h'}), '/h/.cache/agent')
 
     def test_sweep_removes_the_thumbnails_of_changed_and_deleted_files(self):
         cache = tempfile.mkdtemp(prefix='thumb-cache-')
