@@ -751,6 +751,18 @@ def tls_make_leaf(directory, ca, serial, cert_path, key_path):
     os.replace(tmp_cert, cert_path)
 
 
+def tls_serve(server, serial):
+    """Give an AgentServer (not started) a CA of its own and a leaf for localhost signed by it,
+    in its directory, and the options that serve HTTPS with them; returns the CA."""
+    tls_dir = os.path.join(server.dir, 'tls')
+    os.makedirs(tls_dir)
+    ca = tls_make_ca(tls_dir)
+    cert, key = os.path.join(tls_dir, 'leaf.crt'), os.path.join(tls_dir, 'leaf.key')
+    tls_make_leaf(tls_dir, ca, serial, cert, key)
+    server.options += ['--tls-cert', cert, '--tls-key', key]
+    return ca
+
+
 def tls_client_context(ca_cert):
     context = ssl.create_default_context(cafile=ca_cert)
     context.set_alpn_protocols(['http/1.1'])

@@ -20,7 +20,7 @@ import unittest
 import testlib
 from testlib import (
     AGENT, PYTHON, AgentServer, FILE_A, FIXED_MTIME, RawConn, SharedAgentTestCase, TempDirTest,
-    run, shutil_which, slurp, tls_client_context, tls_make_ca, tls_make_leaf, wait_for, write_file)
+    run, shutil_which, slurp, tls_client_context, tls_serve, wait_for, write_file)
 import agent
 from harness import raw_request
 
@@ -399,12 +399,7 @@ class ProxyProtocolTLSTests(SharedAgentTestCase):
         if shutil_which('openssl') is None:
             raise unittest.SkipTest('openssl not installed (Debian package openssl)')
         write_file(cls.server.root, 'a.jpg', FILE_A)
-        tls_dir = os.path.join(cls.server.dir, 'tls')
-        os.makedirs(tls_dir)
-        cls.ca = tls_make_ca(tls_dir)
-        cert, key = os.path.join(tls_dir, 'leaf.crt'), os.path.join(tls_dir, 'leaf.key')
-        tls_make_leaf(tls_dir, cls.ca, 2301, cert, key)
-        cls.server.options += ['--tls-cert', cert, '--tls-key', key]
+        cls.ca = tls_serve(cls.server, 2301)
 
     def proxied(self, first, cuts=(), address=PROXY_ADDRESS):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -21,7 +21,7 @@ import zlib
 # testlib first: it puts the repository and bench/ on sys.path.
 import testlib
 from testlib import (
-    FIXED_MTIME, AgentServer, ClassCleanups, SharedAgentTestCase, TLSConn, tls_make_ca, tls_make_leaf,
+    FIXED_MTIME, AgentServer, ClassCleanups, SharedAgentTestCase, TLSConn, tls_serve,
     write_file)
 import agent
 from harness import raw_request
@@ -406,12 +406,7 @@ class ZipOverTLSTests(unittest.TestCase):
         if shutil.which('openssl') is None:
             raise unittest.SkipTest('openssl not installed (Debian package openssl)')
         cls.server = AgentServer(ClassCleanups(cls), workers=1)
-        tls_dir = os.path.join(cls.server.dir, 'tls')
-        os.makedirs(tls_dir)
-        cls.ca = tls_make_ca(tls_dir)
-        cert, key = os.path.join(tls_dir, 'leaf.crt'), os.path.join(tls_dir, 'leaf.key')
-        tls_make_leaf(tls_dir, cls.ca, 4201, cert, key)
-        cls.server.options += ['--tls-cert', cert, '--tls-key', key]
+        cls.ca = tls_serve(cls.server, 4201)
         cls.files = {'a.jpg': os.urandom(300007), 'sub/b.jpg': os.urandom(70001)}
         for name, data in cls.files.items():
             write_file(cls.server.root, 'album/' + name, data)
