@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import pwd
 import random
 import shutil
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import tempfile
 import time
 import unittest
+from unittest import mock
 import zipfile
 import zlib
 
@@ -498,6 +500,31 @@ class ThumbnailerPureTests(unittest.TestCase):
         argv = agent.thumbnail_argv('/usr/bin/ffmpeg', agent.THUMB_VIDEOS['.webm'], '/r/v.webm', '/c/x.part.jpg')
         self.assertEqual(argv[argv.index('-i') - 2:argv.index('-i') + 2], ['-f', 'matroska,webm', '-i', 'file:/r/v.webm'])
         self.assertIsNone(agent.thumbnail_argv('/usr/bin/convert', agent.THUMB_VIDEOS['.mp4'], '/r/v.mp4', '/c/x'))
+
+    def test_a_cache_left_by_root_is_handed_to_the_workers_user(self):
+        """A cache an agent running as root used (its slot files, its thumbnails: 0600, root's)
+        is given to the workers' user of the next start: else they can take no slot and read no
+        thumbnail, and never make one.  Without following a link planted in it."""
+        if os.geteuid() != 0:
+            self.skipTest('needs root')
+        nobody = pwd.getpwnam('nobody')
+        cache = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, cache)
+        secret = os.path.join(cache, '..', os.path.basename(cache) + '-secret')
+        with open(secret, 'w'):
+            pass
+        self.addCleanup(os.unlink, secret)
+        for name in ('.slot0', 'made.jpg'):
+            fd = os.open(os.path.join(cache, name), os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        os.symlink(secret, os.path.join(cache, 'planted'))
+        config = agent.parser().parse_args(['--thumbnailer', 'auto', '--cache', cache, '--user', 'nobody', 'start'])
+        with mock.patch.object(agent, 'choose_thumbnailer', return_value='/usr/bin/convert'), \
+                mock.patch.object(agent, 'thumbnailer_reads_heif', return_value=False):
+            agent.prepare_thumbnails(config, agent.OwnFiles())
+        for name in ('.', '.slot0', 'made.jpg'):
+            self.assertEqual(os.stat(os.path.join(cache, name)).st_uid, nobody.pw_uid, name)
+        self.assertEqual(os.stat(secret).st_uid, 0)
 
     def test_default_cache_directory(self):
         self.assertEqual(agent.default_cache_dir(0, {}), '/var/cache/agent')
