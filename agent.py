@@ -4052,12 +4052,26 @@ def prepare_thumbnails(config, own_files):
         if os.geteuid() == 0 and config.user:
             account = pwd.getpwnam(config.user)
             os.chown(config.cache, account.pw_uid, account.pw_gid)
+            give_entries(config.cache, account.pw_uid, account.pw_gid)
         os.chmod(config.cache, 0o700)
     except (OSError, KeyError) as exc:
         log('agent: thumbnails off: cannot make the cache %s: %s' % (config.cache, exc), priority=LOG_WARNING)
         config.thumbnailer = 'off'
         return
     own_files.add_tree(config.cache)
+
+
+def give_entries(directory, uid, gid):
+    """Make the cache's entries (slot files, thumbnails) the workers' user's: one an agent that
+    ran as another user left (--user root once) is 0600 and theirs, and the workers could take
+    no slot and read no thumbnail.  A link is changed itself, never what it names: the
+    workers' user may write here."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name in os.listdir(fd):
+            os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
 
 
 class Thumbnails:
