@@ -3704,13 +3704,11 @@ class OwnFiles:
                  as refresh() finds them: compress writes access.log.2.gz as a new inode this
                  process never opened, and a hard link to it elsewhere in the root, under any
                  name, is refused by identity like the rest
-    refresh() lists a directory again only when it has changed (its mtime and ctime), so a worker's
-    loop turn costs one stat() of each such directory.  What is known is never forgotten: a
+    refresh() lists a directory again only when it has changed (its mtime and ctime), so a
+    request costs one stat() of each such directory.  What is known is never forgotten: a
     rotation moved out of its directory (logrotate's olddir) stays known by identity.  Not
     covered: a copy of a rotation (a new file, under a name of its own) made into the root.  A worker
-    calls refresh() once a loop turn (the first request of the turn: a stat() of each directory
-    was 1-4 us of a 20 KB request's 25, issue 24; a link to a rotation compressed within the
-    turn is refused from the next), then hides() after its stat() of the request's path, and
+    calls refresh() once a request, then hides() after its stat() of the request's path, and
     hides_entry() for every entry of a gallery page.  It inherits the set from the master
     (which refreshes it once a second, so a respawned worker knows what the master saw), and
     adds the new inodes itself when it reopens its logs (SIGUSR1).  An upgrade carries the
@@ -3732,7 +3730,6 @@ class OwnFiles:
         self.paths = {}             # (st_dev, st_ino) of a directory -> its path
         self.listed = {}            # (st_dev, st_ino) of a directory -> (mtime, ctime) listed
         self.trees = ()             # 'DIR/' of directories all ours (the thumbnail cache): add_tree
-        self.turn = None            # the loop turn refresh() last looked in (a worker's Clock.now)
 
     def add(self, path, fd=None):
         """Remember the file at path (or open on fd), and its name in its directory."""
@@ -3785,14 +3782,9 @@ class OwnFiles:
             self.ids[dev, ino] = None
             self.inodes.add(ino)
 
-    def refresh(self, turn=None):
+    def refresh(self):
         """Know every rotation now in our directories (the rotation rule): a stat() of each
-        directory, and a listing of those that changed since they were last listed.  turn (the
-        worker's Clock.now): once a loop turn, whatever the number of its requests."""
-        if turn is not None:
-            if turn == self.turn:
-                return
-            self.turn = turn
+        directory, and a listing of those that changed since they were last listed."""
         for key, directory in self.paths.items():
             try:
                 dst = os.stat(directory)
@@ -6081,7 +6073,7 @@ class Responder:
         except (OSError, ValueError) as exc:
             self.files.drop(path)           # deleted: its descriptor must not pin the space
             raise self.file_error(exc)
-        self.own_files.refresh(self.clock.now)      # a rotation compressed since the last turn
+        self.own_files.refresh()            # a rotation compressed since the last request
         if self.own_files.hides(path, st):
             raise HTTPError(404)            # our pidfile and logs, by any name or link
         if stat.S_ISDIR(st.st_mode):
