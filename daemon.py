@@ -1904,11 +1904,13 @@ def _end_a_start(d):
         return
     if state != 'running' or pid in d._signalled:
         return
-    if _stopping(d, pid) is False:
-        # Stopping already, in a run() that does not look: a second SIGTERM would raise
-        # SystemExit again, in its cleanup.  One that looks is sent it, once: an operator's
-        # second stop hurries it, as a second Ctrl-C does (agent.py: it cuts --stop-grace short).
-        d._signalled.add(pid)
+    stopping = _stopping(d, pid)
+    if stopping is not None:
+        d._signalled.add(pid)           # stopping already: this stop's word is "stopped"
+    if stopping is False:
+        # In a run() that does not look, a second SIGTERM would raise SystemExit again, in its
+        # cleanup.  One that looks is sent it, once: an operator's second stop hurries it, as
+        # a second Ctrl-C does (agent.py: it cuts --stop-grace short).
         return
     with _pinned(pid) as pidfd:
         try:
