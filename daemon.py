@@ -237,54 +237,20 @@ def _with_priority(text, stream, priority):
 
 
 class Daemon:
-    """A daemon: subclass it and override run().  docs/daemon.md has the details.
+    """A daemon: subclass it and override run().  docs/daemon.md ("The class, in full") says
+    each part in detail.
 
     Daemon(pidfile=None, stdin, stdout, stderr, *, umask, workdir, stop_timeout, user, group,
-    name), the classic recipe's order.  pidfile None: a default one per user, named after
-    `name` (the class's, lower case), which names every message too.  The streams go to
-    /dev/null by default; workdir is "/" under start (`run` changes only to one given).
-    Relative paths are made absolute here, from the directory the program was started in.
-
-    Methods for the caller:
-        command(action)    run one action by name; returns its exit code (the module
-                           docstring).  An error is a message on stderr, never a traceback
-        add_action(name, function)   register an action: function(daemon) returns an exit code
-        daemonize()        detach (daemon(7)); returns in the daemon only, ready
-
-    Hooks (the actions are not methods, so a subclass may have its own reload() or status()):
-        setup()            in the daemon, before ready and before privileges are dropped; an
-                           exception is a startup error that the launcher prints
-        run()              the service itself
-        on_reload(), on_reopen_logs(), on_upgrade()   on SIGHUP, SIGUSR1 (after stdout and
-                           stderr were reopened), SIGUSR2; an exception is that signal's
-                           failure (logged; `reload` exits 1), never the daemon's end
-        on_launch()        in the launcher, before start launches the daemon: raise
-                           DaemonError to refuse
-        on_restart(pid)    in the launcher, before restart stops the running daemon pid
-        log_files()        the logs a `user` must own to reopen them (the users section)
-        runtime_files()    files beside the pidfile that go with it
-
-    For run() and the hooks:
-        ready(status)      "my setup is done": the launcher exits 0 and prints status
-        wait(timeout)      sleep until a signal or the timeout, act on it; True once stopping
-        handle_signals()   the same without sleeping, for a loop that watches `signal_fd`
-        watchdog()         feed systemd's watchdog; how long a loop may sleep before the next
-        release_signals()  in a child forked by run() that runs a loop of its own
-        reopen_std_logs()  reopen stdout/stderr at their paths
-        stopping, detached, listen_fds ({name: [fd, ...]}), inherited (after reexec()),
-        pidfile_fd (the locked pidfile's descriptor, in the daemon)
-
-    For a subclass's launcher side:
-        absolutize(), probe() ((state, pid): 'running', 'stale' or 'absent'),
-        say(message, error=False)
-
-    Class variables:
-        ready_on_run       True: entering run() counts as ready; False: run() calls ready()
-        start_timeout      seconds the launcher waits for ready, then stops the daemon
-        reload_timeout     seconds `reload` waits for the daemon's verdict
-        cooperative        how a stop reaches run().  True: it sets `stopping` and wakes
-                           wait().  False: SystemExit where run() is, as Ctrl-C.  None: False
-                           until run() first calls wait() or handle_signals(), or reads signal_fd
+    name), in the classic recipe's order; pidfile None: a default one named after `name`.
+    For the caller: command(action) (an exit code; an error is a line, never a traceback),
+    add_action(name, function), daemonize().  Hooks: setup(), run(), on_reload(),
+    on_reopen_logs(), on_upgrade(), on_launch(), on_restart(pid), runtime_files().  For run()
+    and the hooks: ready(status), wait(timeout), handle_signals(), signal_fd, watchdog(),
+    release_signals(), reopen_std_logs(); stopping, detached, listen_fds, inherited,
+    pidfile_fd.  For a subclass's own actions: absolutize(), probe(), say(message, error).
+    Class variables: ready_on_run, start_timeout, reload_timeout, and cooperative, how a stop
+    reaches run(): True sets `stopping` and wakes wait(); False raises SystemExit where run()
+    is, as Ctrl-C; None is False until run() first calls wait() or handle_signals().
     """
 
     ready_on_run = True
@@ -301,17 +267,15 @@ class Daemon:
                 raise ValueError('Daemon name %r cannot name a pidfile: give another name, or '
                                  'a pidfile' % self.name)
             pidfile = self._default_pidfile = self._pidfile_for(self.name)
-        self.pidfile_path = pidfile
-        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.umask = umask
         self._workdir_given = workdir is not None       # see _foreground()
-        self.workdir = workdir = '/' if workdir is None else workdir
         self.stop_timeout = float(stop_timeout)
         self.user, self.group = user, group
-        # Now, from where the program started (not absolutize(): a subclass's may need more).
-        try:
+        self.pidfile_path, self.stdin, self.stdout, self.stderr = pidfile, stdin, stdout, stderr
+        self.workdir = '/' if workdir is None else workdir
+        try:        # from where the program started (not absolutize(): a subclass's may need more)
             self.pidfile_path, self.stdin, self.stdout, self.stderr, self.workdir = \
-                make_paths_absolute(pidfile, stdin, stdout, stderr, workdir)
+                make_paths_absolute(pidfile, stdin, stdout, stderr, self.workdir)
         except DaemonError:
             pass        # the directory is gone: the action names the path (command())
         self.stopping = False
@@ -324,9 +288,9 @@ class Daemon:
         self._status = '%s running' % self.name
         self._cooperative = bool(self.cooperative)     # see the class variable; _looks()
         self._pending = []
-        self._channel = None            # the channel's socket (see its section)
+        self._channel = None            # the socket a section answers commands on
         self._watchers = {}             # action -> [address of a command awaiting its verdict]
-        self._turn = None               # see _wait_turn(): held by the controller while it acts
+        self._turn = None               # held by the controller while it acts (_wait_turn)
         self._signalled = set()         # pids a stop sent SIGTERM while it waited its turn
         self._watchdog = False          # systemd's watchdog interval: False until looked up
         self._wake_r = self._wake_w = None
@@ -368,10 +332,8 @@ class Daemon:
         if self._is_ready:
             return
         self._is_ready = True
-        if status:
-            self._status = status.replace('\n', ' ')
-        else:
-            self._status = '%s started (pid %d)' % (self.name, os.getpid())
+        self._status = status.replace('\n', ' ') if status else \
+            '%s started (pid %d)' % (self.name, os.getpid())
         self._announce_ready()
         self._tell_launcher(READY=1, STATUS=self._status)
 
@@ -387,12 +349,11 @@ class Daemon:
         self.watchdog()
         self._keep_pidfile()
         self._bind_channel()
-        if self._wake_r is not None:
-            try:
-                while os.read(self._wake_r, 512):
-                    pass
-            except (BlockingIOError, InterruptedError):
+        try:
+            while self._wake_r is not None and os.read(self._wake_r, 512):
                 pass
+        except (BlockingIOError, InterruptedError):
+            pass
         while self._pending:
             signum = self._pending.pop(0)
             if signum == signal.SIGHUP:
@@ -400,7 +361,7 @@ class Daemon:
                 log('%s: reloading (SIGHUP)' % self.name)
                 error = self._call_hook('reload', self.on_reload)
                 self._tell_manager(READY=1, STATUS=self._status if error is None
-                       else '%s; reload failed: %s' % (self._status, error))
+                                   else '%s; reload failed: %s' % (self._status, error))
                 self._report('reload', error and '%s; %s' % (
                     error, 'stopping' if self.stopping else 'goes on as it was'))
             elif signum == signal.SIGUSR1:
@@ -421,8 +382,8 @@ class Daemon:
             self._cooperative = True
 
     def _call_hook(self, what, hook):
-        """Run a signal's hook; its failure is that signal's, never the daemon's end: logged
-        (with a traceback unless a DaemonError) and returned as one line; else None."""
+        """Run a signal's hook: its failure is logged (a traceback unless a DaemonError) and
+        returned as one line, never the daemon's end; None if it worked."""
         try:
             hook()
             return None
@@ -438,19 +399,18 @@ class Daemon:
         """Sleep until a signal arrives or `timeout` passes, feeding the watchdog; then
         handle_signals(): True once the daemon should stop."""
         self._looks()
-        if not self.stopping and not self._pending:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                step = None if deadline is None else max(0.0, deadline - time.monotonic())
-                due = self.watchdog()
-                if due is not None:
-                    step = due if step is None else min(step, due)
-                try:
-                    woken = select.select([self._wake_r], [], [], step)[0]
-                except InterruptedError:
-                    woken = True
-                if woken or due is None or deadline is not None and time.monotonic() >= deadline:
-                    break
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.stopping and not self._pending:
+            step = None if deadline is None else max(0.0, deadline - time.monotonic())
+            due = self.watchdog()
+            if due is not None:
+                step = due if step is None else min(step, due)
+            try:
+                woken = select.select([self._wake_r], [], [], step)[0]
+            except InterruptedError:
+                woken = True
+            if woken or due is None or deadline is not None and time.monotonic() >= deadline:
+                break
         return self.handle_signals()
 
     def watchdog(self):
@@ -489,11 +449,11 @@ class Daemon:
         return self._pidfile.fd if self._pidfile is not None else None
 
     # -- what the optional sections fill in ---------------------------------------------------
-    # The core calls these no-ops; a section that is there sets its own on the class, at its
-    # end (as socketserver's mixins override methods).  The core never names a section.
+    # The core calls these; a section that is there sets its own on the class, at its end (as
+    # socketserver's mixins override methods).  The core never names a section.
 
     def _tell_manager(self, **fields):
-        """Say NAME=value fields to a service manager (systemd's sd_notify); whether it was."""
+        """Say NAME=value fields to a service manager (sd_notify); whether it was."""
         return False
 
     def _passed_sockets(self):
@@ -502,9 +462,7 @@ class Daemon:
 
     def _pidfile_for(self, name):
         """The pidfile when none is given: /run/NAME.pid for root, else /tmp/NAME-UID.pid."""
-        if os.geteuid() == 0:
-            return '/run/%s.pid' % name
-        return '/tmp/%s-%d.pid' % (name, os.geteuid())
+        return '/run/%s.pid' % name if os.geteuid() == 0 else '/tmp/%s-%d.pid' % (name, os.geteuid())
 
     def _check_default_pidfile(self, action):
         """Before an action: check (or make) the default pidfile's directory."""
@@ -523,33 +481,48 @@ class Daemon:
         log(message, priority=LOG_ERR)
 
     def _wait_turn(self, action):
-        """Before an action: wait until no other action on this pidfile is under way (the
-        turns section); what holds the turn until the action ends (see _end_turn), or None."""
+        """Before an action: wait until no other action on this pidfile is under way; what
+        holds the turn until the action ends (closed by _end_turn), or None."""
         return None
 
     def _report(self, action, error=None):
-        """Tell a command that waits for it (the verdicts section) how a reload or an upgrade
-        went: error is why it failed, None if it worked."""
+        """Tell the commands that wait for it how a reload or an upgrade went (error: why it
+        failed; None: it worked)."""
 
     def _take_over(self):
-        """start and run in a process that goes on where another left off (the new image of
-        an upgrade) do not start anew: the exit code, else None."""
+        """start and run in the new image of an upgrade go on where the old one left off:
+        their exit code, else None."""
         return None
 
     def _announce_ready(self):
         """ready() tells the service manager (a new image says the upgrade's outcome instead)."""
         self._tell_manager(READY=1, STATUS=self._status)
 
+    def _open_channel(self):
+        """In the daemon, once the pidfile is ours: open the socket that commands ask on."""
+
+    def _bind_channel(self):
+        """From the loop: bind that socket's name, if another process held it until now."""
+
+    def _wait_out_a_stop(self, pid):
+        """start and run, before they give up on the running daemon pid: if it is stopping,
+        wait for its end and return True (the caller starts anew); else False."""
+        return False
+
+    def _session_group(self, pid):
+        """The process group of the daemon pid to end with it, or None."""
+        return None
+
+    def _end_group(self, group, deadline):
+        """After the daemon has exited: end what is left of its process group."""
+
     # -- the actions --------------------------------------------------------------------------
 
     def command(self, action):
-        """Run the action registered under this name; returns its exit code.
-
-        The one place where actions meet errors: a DaemonError is its message and exit 1 (4 if
-        it is about a permission), a PermissionError exit 4, any other OSError exit 1, all
-        with a message on stderr and no traceback.  For status every error is 4, "unknown":
-        its 1 means "dead, but the pidfile remains".
-        """
+        """Run the action registered under this name; returns its exit code.  The one place
+        where actions meet errors: a DaemonError is its message and exit 1 (4 if about a
+        permission), a PermissionError exit 4, another OSError exit 1, all a line on stderr,
+        never a traceback.  For status every error is 4, "unknown" (1 is "dead")."""
         function = self.actions.get(action)
         if function is None:
             sys.stderr.write('%s: unknown action %r (use %s)\n' % (self.name, action, '|'.join(self.actions)))
@@ -557,10 +530,9 @@ class Daemon:
         try:
             _open_std_fds()
             self._check_default_pidfile(action)
-            if action in ('start', 'run'):
-                code = self._take_over()
-                if code is not None:
-                    return code
+            code = self._take_over() if action in ('start', 'run') else None
+            if code is not None:
+                return code
             self._turn = self._wait_turn(action)
             return function(self)
         except DaemonError as exc:
@@ -593,7 +565,6 @@ class Daemon:
         return self._new_pidfile().probe()
 
     def _new_pidfile(self):
-        """A PidFile for pidfile_path, with the runtime_files() that go with it."""
         return PidFile(self.pidfile_path, self.runtime_files())
 
     def say(self, message, error=False):
@@ -610,17 +581,15 @@ class Daemon:
     def daemonize(self):
         """Detach (daemon(7)); returns in the daemon only, ready unless ready_on_run is false,
         the pidfile locked and removed at exit (so `self.daemonize(); self.run()` works).  The
-        launcher (it waits for the daemon's word on the channel) and the middle child leave by
-        os._exit(): no atexit, no buffers flushed."""
+        launcher and the middle child leave by os._exit(): no atexit, no buffers flushed."""
         self.absolutize()
         for thread in _threads_left_behind():
             self.say('%s: warning: thread %r was started before the daemon forked, and does not '
                      'run in it (fork() copies only the calling thread): start threads in setup() '
                      'or run()' % (self.name, thread), error=True)
         self.listen_fds = self._passed_sockets()     # before any fork: LISTEN_PID names this process
-        keep = [fd for fds in self.listen_fds.values() for fd in fds]
         _flush_std_streams()
-        close_inherited_fds(keep)
+        close_inherited_fds([fd for fds in self.listen_fds.values() for fd in fds])
         reset_signals()
         self._launcher, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -662,14 +631,14 @@ class Daemon:
             self._pidfile = self._new_pidfile()
             self._pidfile.acquire()
             atexit.register(self._cleanup)      # a caller's own daemonize(); run(); exit
-        self._open_channels()                   # once the pidfile is ours: so is the name
+        self._open_channel()                    # once the pidfile is ours: so is the name
         os.register_at_fork(after_in_child=_weak_method(self, '_after_fork_in_child'))
         self.setup()
         self._switch_user()
 
     def _end_turn(self):
-        """Let the next action on this pidfile go (see _wait_turn); the daemon, forked from a
-        start that holds the turn, lets go of its copy at once."""
+        """Let the next action on this pidfile go; the daemon, forked from a start that holds
+        the turn, lets go of its copy at once."""
         if self._turn is not None:
             self._turn.close()
             self._turn = None
@@ -685,11 +654,9 @@ class Daemon:
         self._channel = self._launcher = None
 
     def _launcher_wait(self, child, reader):
-        """The launcher: reap the intermediate child, then wait for the daemon's verdict.
-
-        Interrupted (Ctrl-C, SIGTERM, SIGHUP), it stops waiting and says so; the daemon goes
-        on starting, as a unit does when `systemctl start` is interrupted.  128 + the signal
-        is the exit status, the shell's convention."""
+        """The launcher: reap the middle child, then wait for the daemon's word.  Interrupted
+        (Ctrl-C, SIGTERM, SIGHUP), it says so and exits 128 + the signal, the shell's way; the
+        daemon goes on starting, as a unit does when `systemctl start` is interrupted."""
         def interrupted(signum, frame):
             raise _Interrupted(signum)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -768,8 +735,7 @@ class Daemon:
         if status != EXIT_OK and self.stopping and not self._is_ready:
             status = EXIT_OK    # stopped during startup, as asked (the launcher still says why)
         self._tell_manager(STOPPING=1)
-        if status != EXIT_OK and self._is_ready and not self.stopping and self._pidfile is not None \
-                and self._pidfile.fd is not None:
+        if status != EXIT_OK and self._is_ready and not self.stopping and self.pidfile_fd is not None:
             # Died on its own once started: the unlocked pidfile stays, and status says "dead".
             self._last_words('%s: exited with status %s; pidfile %s left as the record of it'
                              % (self.name, status, self.pidfile_path))
@@ -813,50 +779,10 @@ class Daemon:
             if not self._cooperative:
                 raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
 
-    def _open_channels(self):
-        """Open the channel's socket (see its section) while descriptors are to be had: one
-        that has run out of them since must still answer.  SIGIO says that a request came."""
-        try:
-            self._channel = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
-                                          | socket.SOCK_NONBLOCK)
-        except OSError:
-            return
-        self._channel.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        signal.signal(signal.SIGIO, _weak_method(self, '_on_request'))
-        fcntl.fcntl(self._channel, fcntl.F_SETOWN, os.getpid())
-        fcntl.fcntl(self._channel, fcntl.F_SETFL, fcntl.fcntl(self._channel, fcntl.F_GETFL) | os.O_ASYNC)
-        self._bind_channel()
-
-    def _bind_channel(self):
-        """Bind the channel's name, now or, if another process holds it, from the loop
-        (handle_signals) once it is free."""
-        if self._channel is not None and not self._channel.getsockname():
-            try:
-                self._channel.bind(_channel_address(self.pidfile_path))
-            except OSError:
-                pass
-
-    def _on_request(self, signum, frame):
-        """SIGIO: answer every request on the channel at once, and note who waits for the
-        verdict of which action (see the channel); never blocks, never raises."""
-        while self._channel is not None:
-            try:
-                data, ancillary, _, address = self._channel.recvmsg(4096, socket.CMSG_SPACE(12))
-            except OSError:
-                return                          # all read
-            if not address or not _may_act(_credentials(ancillary)[1], self.pidfile_path):
-                continue
-            watch = _fields(data).get('WATCH')
-            if watch:
-                waiting = self._watchers.setdefault(watch, [])
-                waiting.append(address)
-                del waiting[:-64]
-            _say(self._channel, address, STOPPING=int(self.stopping), COOPERATIVE=int(self._cooperative))
-
     def _tell_launcher(self, **fields):
-        """Say fields to the start that launched this daemon, once (see the channel).  After an
-        ERROR its end stays open until this process exits, owned by no object: the launcher
-        waits for that end, so that no daemon is left when it reports the failure."""
+        """Say fields to the start that launched this daemon, once.  After an ERROR its end
+        stays open, owned by no object, until this process exits: the launcher waits for
+        that end, so that no daemon is left when it reports the failure."""
         sock, self._launcher = self._launcher, None
         if sock is not None:
             _say(sock, **fields)
@@ -878,39 +804,20 @@ def _weak_method(d, name):
     return call
 
 
-# What each action does, for --help (an added one: its function's docstring's first line).
-ACTION_HELP = {
-    'start': 'detach, and return once the daemon is ready (or print why it is not)',
-    'stop': 'SIGTERM, then SIGKILL after the stop timeout; 0 if not running',
-    'restart': 'stop, then start',
-    'try-restart': 'restart, only if it is running',
-    'reload': 'SIGHUP: asks the daemon to reload; 7 if not running',
-    'force-reload': 'the same as reload',
-    'status': '0 running, 1 dead (its pidfile remains), 3 not running, 4 unknown',
-    'run': 'in the foreground: no fork, logs on stderr (systemd, containers)',
-}
-
-
-def _help_text(daemon, prog):
-    """What `prog --help` prints: the actions, the exit codes, the pidfile."""
-    width = max(map(len, daemon.actions))
-    lines = ['usage: %s ACTION' % prog, '', 'ACTION is one of:']
-    for name, function in daemon.actions.items():
-        what = ACTION_HELP.get(name) or (function.__doc__ or '').strip().split('\n', 1)[0]
-        lines.append('  %-*s  %s' % (width, name, what))
-    lines += ['', 'Exit codes: 0 success, 1 failure (the message says why), 2 usage,',
-              '4 insufficient privilege, 7 not running (reload); status: 0 running, 1 dead,',
-              '3 not running, 4 unknown (LSB).', 'pidfile: %s' % daemon.pidfile_path]
-    return '\n'.join(lines) + '\n'
-
-
 def main(daemon, argv=None):
     """The command line: `prog ACTION` runs one action and returns its exit code; --help (or
     -h) anywhere lists the actions and the exit codes (0); anything else is a usage error (2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
     if '--help' in argv or '-h' in argv:        # wherever it is, as argparse does
-        sys.stdout.write(_help_text(daemon, prog))
+        width = max(map(len, daemon.actions))
+        lines = ['usage: %s ACTION' % prog, '', 'ACTION is one of:'] + [
+            '  %-*s  %s' % (width, name, (function.__doc__ or '').strip().split('\n', 1)[0])
+            for name, function in daemon.actions.items()]
+        sys.stdout.write('\n'.join(lines + [
+            '', 'Exit codes: 0 success, 1 failure (the message says why), 2 usage,',
+            '4 insufficient privilege, 7 not running (reload); status: 0 running, 1 dead,',
+            '3 not running, 4 unknown (LSB).', 'pidfile: %s' % daemon.pidfile_path]) + '\n')
         return EXIT_OK
     if len(argv) == 1 and argv[0] in daemon.actions:
         return daemon.command(argv[0])
@@ -922,20 +829,18 @@ def main(daemon, argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The controller: the actions, run in the launcher (functions of the daemon, reached only
-# through Daemon.command(); a subclass changes them through its on_launch() and on_restart()
-# hooks, or adds its own with add_action())
+# The controller: the actions, run in the launcher.  Functions of the daemon, reached only
+# through Daemon.command(); a subclass changes them through its hooks, or adds its own actions.
 # ---------------------------------------------------------------------------------------------
 
 def _start(d):
-    """Start the daemon; see the module docstring for what the launcher waits for."""
+    """detach, and return once the daemon is ready (or print why it is not)"""
     d.absolutize()
     state, pid = d.probe()
     if state != 'running':
         d.on_launch()
     check_identity(d.user, d.group)
-    if state == 'running' and _stopping(d, pid) is not None:
-        _await_the_end(d, pid)
+    if state == 'running' and d._wait_out_a_stop(pid):
         return _start(d)
     if state == 'running':
         d.say(_already_running(d, pid))
@@ -947,22 +852,14 @@ def _start(d):
     d._serve_and_exit()
 
 
-def _await_the_end(d, pid):
-    """The daemon pid is draining after a stop: wait for its end (start and run then go on, as
-    systemd queues a start behind a stop), or DaemonError after stop_timeout + 5 s."""
-    with _pinned(pid) as pidfd:
-        if not _await_exit(d._new_pidfile(), pid, pidfd, d.stop_timeout + 5.0):
-            raise DaemonError('pid %d is stopping, and did not end within %gs; not started'
-                              % (pid, d.stop_timeout + 5.0))
-
-
 def _stop(d):
-    """Stop the daemon: confirm it by its lock, one SIGTERM, SIGKILL after stop_timeout."""
+    """SIGTERM, then SIGKILL after the stop timeout; 0 if not running
+
+    The daemon is confirmed by its lock, then pinned by a pidfd; one SIGTERM only."""
     d.absolutize(streams=False)
     pidfile = d._new_pidfile()
     state, pid = pidfile.probe()
-    if state == 'absent' and d._signalled:
-        # Sent SIGTERM while this stop waited for its turn (the turns section), and gone since.
+    if state == 'absent' and d._signalled:      # SIGTERMed while this stop waited its turn
         d.say('%s stopped (pid %s, pidfile %s)' % (d.name, ', '.join(map(str, sorted(d._signalled))),
                                                     d.pidfile_path))
         return EXIT_OK
@@ -970,25 +867,24 @@ def _stop(d):
         d.say(_not_running(d, state, pid, removed=state == 'stale' and pidfile.remove_stale()))
         return EXIT_OK
     with _pinned(pid) as pidfd:
-        # The pidfd pins this process: re-check the lock now, so a pid reused between the
-        # probe and the signal can never be hit.
+        # Pinned by the pidfd: check the lock again, so a pid reused meanwhile is never hit.
         state, again = pidfile.probe()
         if state != 'running' or again != pid:
             d.say(_not_running(d, state, again))
             return EXIT_OK
         started = time.monotonic()
-        group = _session_group(pid)
-        # One SIGTERM only: not again to a daemon sent one while this stop waited its turn.
-        if pid not in d._signalled and not _send(pid, pidfd, signal.SIGTERM):
+        group = d._session_group(pid)
+        if pid not in d._signalled and not _send(pid, pidfd, signal.SIGTERM):    # one SIGTERM only
             d.say('%s stopped (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
             return EXIT_OK
         if _await_exit(pidfile, pid, pidfd, d.stop_timeout):
-            _end_group(group, started + d.stop_timeout)
+            d._end_group(group, started + d.stop_timeout)
             pidfile.remove_stale()          # left behind by a daemon that could not unlink it
             d.say('%s stopped (pid %d, %.2fs, pidfile %s)'
-                      % (d.name, pid, time.monotonic() - started, d.pidfile_path))
+                  % (d.name, pid, time.monotonic() - started, d.pidfile_path))
             return EXIT_OK
-        _kill(pid, pidfd)
+        _send(pid, pidfd, signal.SIGKILL)
+        d._end_group(group, 0)          # its deadline passed: SIGKILL to the group too
         if _await_exit(pidfile, pid, pidfd, 5.0):
             pidfile.remove_stale()
             d.say('%s did not stop within %gs; killed (pid %d)' % (d.name, d.stop_timeout, pid))
@@ -998,20 +894,19 @@ def _stop(d):
 
 
 def _restart(d):
-    """Stop, then start; the on_restart() hook first sees the running daemon (and may change
-    the streams: start makes them absolute)."""
+    """stop, then start
+
+    on_restart() sees the running daemon first (and may change the streams)."""
     d.absolutize(streams=False)
     state, pid = d.probe()
     if state == 'running':
         d.on_restart(pid)
     code = _stop(d)
-    if code != EXIT_OK:
-        return code
-    return _start(d)
+    return code if code != EXIT_OK else _start(d)
 
 
 def _try_restart(d):
-    """Restart if running; a no-op success otherwise (LSB try-restart)."""
+    """restart, only if it is running"""
     d.absolutize(streams=False)
     state, pid = d.probe()
     if state != 'running':
@@ -1021,8 +916,9 @@ def _try_restart(d):
 
 
 def _reload(d):
-    """Ask the daemon to reload (SIGHUP): 0 once it is sent, 7 if it is not running.  (The
-    verdicts section makes it wait for the daemon's word on how the reload went.)"""
+    """SIGHUP: asks the daemon to reload; 7 if not running
+
+    0 once it is sent; the verdicts section makes it wait for the daemon's word."""
     pid = _running_pid(d)
     if pid is None:
         return EXIT_NOT_RUNNING
@@ -1043,7 +939,7 @@ def _running_pid(d):
 
 
 def _status(d):
-    """LSB status: 0 running, 1 dead with a pidfile left, 3 not running, 4 unknown."""
+    """0 running, 1 dead (its pidfile remains), 3 not running, 4 unknown"""
     try:
         d.absolutize()                      # the log's path, for the message of a dead daemon
     except DaemonError:
@@ -1056,9 +952,7 @@ def _status(d):
     if state == 'running':
         d.say('%s is running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path))
         return STATUS_RUNNING
-    # Stale (nobody locks it): what it holds, and whether that pid runs.  One that names no pid
-    # is no record of a death: "not running" (3).
-    if state == 'stale' and pid is not None:
+    if state == 'stale' and pid is not None:        # one that names no pid records no death
         d.say('%s is dead, but pidfile %s remains (%s; see %s)' % (
             d.name, d.pidfile_path, _pidfile_facts(d, state, pid), 'syslog' if d.stderr == os.devnull else d.stderr))
         return STATUS_DEAD
@@ -1067,19 +961,16 @@ def _status(d):
 
 
 def _foreground(d):
-    """The `run` action: serve in the foreground, for systemd, containers and debugging.
+    """in the foreground: no fork, logs on stderr (systemd, containers)
 
-    No fork, no redirection (logs go to stderr), same pidfile, signals and hooks.  A workdir
-    given to Daemon() is changed to, as a detached daemon does, so that setup() and run() find
-    the same relative paths whichever way they run; without one the service stays in the
-    directory it was started in, which is its service manager's to choose (systemd's
-    WorkingDirectory=, "/" by default), as for any program in the foreground.
-    """
+    The same pidfile, signals and hooks.  A workdir given to Daemon() is changed
+    to, so that setup() and run() find the same relative paths either way; without one the
+    service stays where its manager started it (systemd's WorkingDirectory=)."""
     d.absolutize()
     check_identity(d.user, d.group)
     state, pid = d.probe()
-    if state == 'running' and _stopping(d, pid) is not None:
-        _await_the_end(d, pid)
+    if state == 'running':
+        d._wait_out_a_stop(pid)
     check_writable('pidfile', d.pidfile_path)
     if d._workdir_given:
         change_directory(d.workdir)
@@ -1098,14 +989,18 @@ def _foreground(d):
     return d._serve()
 
 
-# name -> function(daemon): the actions of every Daemon (force-reload is reload, as LSB allows).
+def _force_reload(d):
+    """the same as reload"""
+    return d.actions['reload'](d)
+
+
+# name -> function(daemon): the actions of every Daemon; --help prints their docstrings' first lines.
 STANDARD_ACTIONS = {'start': _start, 'stop': _stop, 'restart': _restart, 'try-restart': _try_restart,
-                    'reload': _reload, 'force-reload': _reload, 'status': _status, 'run': _foreground}
+                    'reload': _reload, 'force-reload': _force_reload, 'status': _status, 'run': _foreground}
 
 
 def _already_running(d, pid):
-    """The "already running" line: the pid, or, in the instant between a daemon's lock and its
-    write, that the pidfile is locked but names no pid yet."""
+    """The "already running" line: the pid, or that the pidfile is locked but names no pid yet."""
     if pid:
         return '%s is already running (pid %d, pidfile %s)' % (d.name, pid, d.pidfile_path)
     return ('%s is already running (pidfile %s is locked by another process, which has not '
@@ -1118,20 +1013,18 @@ def _not_running(d, state, pid=None, removed=False):
 
 
 def _pidfile_facts(d, state, pid):
-    """What is known of a pidfile that names no running daemon: none there, or what it names
-    and whether that pid runs.  Not how it came to be (a daemon that could not remove it, one
-    killed, a copy, an editor all leave the same file), nor whose a pid that runs is."""
+    """What is known of a pidfile that names no running daemon (never a guess at its history)."""
     if state != 'stale':
         return 'no pidfile at %s' % d.pidfile_path
     if pid is None:
         return 'pidfile %s names no pid, and is not locked' % d.pidfile_path
-    if not _pid_alive(pid) or _is_zombie(pid):
+    if not _alive(pid, None):
         return 'pidfile %s names pid %d, which has ended, and is not locked' % (d.pidfile_path, pid)
     return "pidfile %s names pid %d, which runs but does not hold the pidfile's lock" % (d.pidfile_path, pid)
 
 
 def _send(pid, pidfd, signum):
-    """Signal the daemon; False if it is already gone."""
+    """Signal the daemon, through its pidfd if there is one; False if it is already gone."""
     try:
         if pidfd is not None:
             signal.pidfd_send_signal(pidfd, signum)
@@ -1144,8 +1037,12 @@ def _send(pid, pidfd, signum):
 
 @contextlib.contextmanager
 def _pinned(pid):
-    """A pidfd for pid while the block runs (see _open_pidfd), closed after it."""
-    pidfd = _open_pidfd(pid)
+    """A pidfd for pid (Linux 5.3+) while the block runs, or None: signals through it cannot
+    hit a reused pid."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
     try:
         yield pidfd
     finally:
@@ -1153,55 +1050,10 @@ def _pinned(pid):
             os.close(pidfd)
 
 
-def _session_group(pid):
-    """The daemon's process group if it is its session's own (setsid: a detached daemon, or one
-    started by a service manager), never the caller's; else None."""
-    try:
-        pgid, sid = os.getpgid(pid), os.getsid(pid)
-    except OSError:
-        return None
-    return pgid if pgid == sid and pgid != os.getpgid(0) else None
-
-
-def _kill(pid, pidfd):
-    """SIGKILL the daemon, and its process group when the daemon made one of its own."""
-    group = _session_group(pid)
-    _send(pid, pidfd, signal.SIGKILL)
-    if group is not None:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _end_group(group, deadline):
-    """After the daemon has exited: end what is left of its process group (children its run()
-    forked and left running), as systemd ends a service's cgroup: SIGTERM, SIGKILL at the
-    deadline.  A daemon that waits for its children (agent.py) leaves nothing to do."""
-    if group is None:
-        return
-    try:
-        os.killpg(group, signal.SIGTERM)
-    except OSError:
-        return                              # nothing left in the group
-    delay = 0.002
-    while time.monotonic() < deadline:
-        if not _group_running(group):
-            return
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except OSError:
-        pass
-
-
 def _await_exit(pidfile, pid, pidfd, timeout):
-    """Wait until pid no longer holds the pidfile's lock and is gone; False on timeout.
-
-    The lock may be another process's by then (a start or a run that came meanwhile): that
-    one is not waited for, it is no sign that pid lives (waiting for it, stop ended with
-    "survived SIGKILL" of a pid long gone)."""
+    """Wait until pid no longer holds the pidfile's lock and is gone; False on timeout.  The
+    lock may be another process's by then (a start that came meanwhile): no sign that pid
+    lives, and not waited for."""
     deadline = time.monotonic() + timeout
     delay = 0.002
     while True:
@@ -1214,42 +1066,15 @@ def _await_exit(pidfile, pid, pidfd, timeout):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        if pidfd is not None:
-            select.select([pidfd], [], [], min(delay, remaining))
-        else:
-            time.sleep(min(delay, remaining))
+        select.select([pidfd] if pidfd is not None else [], [], [], min(delay, remaining))
         delay = min(delay * 2, 0.05)
 
 
 def _alive(pid, pidfd):
+    """Whether pid runs (a zombie does not: it only waits to be reaped)."""
     if pidfd is not None:
         return not select.select([pidfd], [], [], 0)[0]
     return _pid_alive(pid) and not _is_zombie(pid)
-
-
-def _group_running(group):
-    """Whether a process of the process group is still running.  A zombie is not: it waits for
-    its parent, or for init once it is orphaned, to reap it (the init of some containers does
-    that once a second).  Without /proc, any member counts (kill(2) cannot tell)."""
-    try:
-        names = os.listdir('/proc')
-    except OSError:
-        try:
-            os.killpg(group, 0)
-            return True
-        except OSError:
-            return False
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open('/proc/%s/stat' % name) as f:
-                fields = f.read().rsplit(')', 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[2] == str(group) and fields[0] != 'Z':
-            return True
-    return False
 
 
 def _is_zombie(pid):
@@ -1670,64 +1495,20 @@ def _open_pidfd(pid):
 # ---------------------------------------------------------------------------------------------
 # The channel between the launcher and the daemon
 # ---------------------------------------------------------------------------------------------
-#
-# Everything a daemon says to a command about it goes one way, in one format: a message of
-# "NAME=value" lines, as sd_notify(3) speaks to systemd, read by one function (_receive):
+# Everything a daemon says to a command goes one way, in one format, read by one function
+# (_receive): a message of "NAME=value" lines, as sd_notify(3) speaks to systemd.
 #   READY=1 STATUS=<line>      start: the daemon is ready; STATUS is what start prints
 #   RUNNING=<pid>              start: another daemon holds the pidfile (the pid, if written)
 #   ERROR=<why>                start: it could not start; with ACTION: why that failed
-#   STOPPING=0|1               the answer to every request: whether a stop is under way,
-#   COOPERATIVE=0|1            and whether run() looks at the signals (a second SIGTERM only
-#                              hurries it; in a classic run() it would cut the cleanup short)
+#   STOPPING=0|1 COOPERATIVE=0|1   the answer to a request (the answers section): whether a
+#                              stop is under way, and whether run() looks at the signals
 #   ACTION=reload|upgrade      the verdict of that action (without ERROR: it went well)
-# A command's one request is "WATCH=<action>" (empty: it only asks about a stop), sent before
-# the signal: the daemon notes who waits as it answers, so the verdict that comes is that of
-# the action the signal begins.  The signal stays the action, so a daemon whose loop never
-# looks (a classic run()) still stops and reloads; the channel carries the answers.  A stop
-# asks nothing: the pidfile's lock and the pid's exit are its answer.
-#
-# Where it goes, and why there:
-#   - start hears on a socketpair made before the first fork: its end closes when the daemon
-#     exits, so after an ERROR the launcher waits for that and leaves no daemon behind;
-#   - later commands talk to one datagram socket per daemon, bound at start to an abstract
-#     name made from the pidfile's directory (device, inode) and base name: found from the
-#     pidfile alone, nothing on disk, gone with the process.  Datagrams, not connections: the
-#     daemon answers with the socket it opened at start, so one that has no descriptor left
-#     (RLIMIT_NOFILE lowered under it) still does;
-#   - the daemon answers in its SIGIO handler (O_ASYNC on the socket), no thread, at once,
-#     wherever it is: in a hook, draining outside its loop, in a classic run().  It is the one
-#     handler that does more than note a signal: it reads and answers without blocking; the
-#     verdicts are said from the loop, once the hook has run (Daemon._report);
-#   - both ends check who speaks with the kernel's SCM_CREDENTIALS: the daemon answers only a
-#     user who could signal it anyway (_may_act), a command believes only the pid that the
-#     locked pidfile names.  Anyone may bind the name first (the daemon takes it from its
-#     loop once it is free): a squatter delays a start by ANSWER_TIMEOUT, never blocks an
-#     action (the signal is sent all the same, and the command says no word came) or forges
-#     a word.  Any local user may still wake the daemon with datagrams it then drops, as any
-#     may connect to a port it serves.
-# Its limit: the name lives in a network namespace, so a command run in another one (a unit
-# with PrivateNetwork=) gets no answer, as above.
-
-# How long a command waits for the daemon's answer to a request: said at once from its
-# signal handler, so this is only for a machine under load (or a squatter that never answers).
-ANSWER_TIMEOUT = 2.0
-
-
-def _channel_address(pidfile_path, role='channel'):
-    """The abstract socket name of the channel of this pidfile's daemon, or of another use
-    of the same key (role: the turns section's 'turn')."""
-    directory, base = os.path.split(pidfile_path)
-    try:
-        st = os.stat(directory or '.')
-        key = '%d:%d/%s' % (st.st_dev, st.st_ino, base)
-    except OSError:
-        key = pidfile_path
-    digest = hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
-    return '\0daemon-%s-%s' % (role, digest)
-
+# start hears it on a socketpair made before the first fork: its end closes when the daemon
+# exits, so after an ERROR the launcher waits for that and leaves no daemon behind.  Later
+# commands ask on the daemon's named socket, where the answers section is there.
 
 def _say(sock, address=None, **fields):
-    """Send one message (see above) on sock, to address if given; False if it could not go."""
+    """Send one message on sock, to address if given; False if it could not go."""
     text = '\n'.join('%s=%s' % (name, str(value).replace('\n', ' '))
                      for name, value in fields.items() if value is not None)
     try:
@@ -1757,7 +1538,6 @@ def _receive(sock, timeout, sender=None):
 
 
 def _fields(data):
-    """A message's {name: value}."""
     return dict(line.partition('=')[::2] for line in data.decode('utf-8', 'replace').split('\n'))
 
 
@@ -1767,6 +1547,44 @@ def _credentials(ancillary):
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
             return struct.unpack('3i', payload[:12])[:2]
     return None, None
+
+
+# =============================================================================================
+# Optional: answers, the daemon's named socket that later commands ask.  Delete from here to
+# the next banner of '=' to drop it (with turns, verdicts and upgrade, which need it): a start
+# then finds a daemon that drains after a stop "already running", and a second stop does not
+# hurry it.
+# =============================================================================================
+#
+# Every command after start asks the daemon on one datagram socket, bound at start to an
+# abstract name made from the pidfile's directory (device, inode) and base name: found from
+# the pidfile alone, nothing on disk, gone with the process.  The messages are the channel's
+# (above); the daemon answers every request with STOPPING and COOPERATIVE, and notes who waits
+# for a verdict (WATCH=reload|upgrade, sent before the signal that begins that action).  It
+# answers from its SIGIO handler, at once, wherever it is (a hook, a drain, a classic run()),
+# with the socket it opened at start, so even with no descriptor left.  Both ends check
+# SCM_CREDENTIALS: it answers only a user who could signal it anyway (_may_act), a command
+# believes only the pid the locked pidfile names.  A squatter on the name delays a command by
+# ANSWER_TIMEOUT, never blocks or forges one.  The name lives in a network namespace: a
+# command run in another one (PrivateNetwork=) gets no answer, and acts as without this section.
+# docs/design.md says more of why.
+
+# How long a command waits for an answer (said at once, from a signal handler: this is for a
+# machine under load, or a squatter that never answers).
+ANSWER_TIMEOUT = 2.0
+
+
+def _channel_address(pidfile_path, role='channel'):
+    """The abstract socket name of the channel of this pidfile's daemon, or of another use
+    of the same key (role: the turns section's 'turn')."""
+    directory, base = os.path.split(pidfile_path)
+    try:
+        st = os.stat(directory or '.')
+        key = '%d:%d/%s' % (st.st_dev, st.st_ino, base)
+    except OSError:
+        key = pidfile_path
+    digest = hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
+    return '\0daemon-%s-%s' % (role, digest)
 
 
 def _may_act(uid, pidfile_path):
@@ -1781,8 +1599,8 @@ def _may_act(uid, pidfile_path):
 
 
 def _ask(d, pid, watch=''):
-    """Ask the daemon pid on its channel (WATCH=watch): (the socket the answers come to, the
-    answer, or None if that very pid gave none within ANSWER_TIMEOUT).  The caller closes it."""
+    """Ask the daemon pid (WATCH=watch): (the socket the answers come to, which the caller
+    closes; the answer, or None if that very pid gave none within ANSWER_TIMEOUT)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -1802,6 +1620,134 @@ def _stopping(d, pid):
     if not answer or answer.get('STOPPING') != '1':
         return None
     return answer.get('COOPERATIVE') == '1'
+
+
+def _wait_out_a_stop(self, pid):
+    """Daemon._wait_out_a_stop: a daemon that drains after a stop is waited for (as systemd
+    queues a start behind a stop), DaemonError after stop_timeout + 5 s."""
+    if _stopping(self, pid) is None:
+        return False
+    with _pinned(pid) as pidfd:
+        if not _await_exit(self._new_pidfile(), pid, pidfd, self.stop_timeout + 5.0):
+            raise DaemonError('pid %d is stopping, and did not end within %gs; not started'
+                              % (pid, self.stop_timeout + 5.0))
+    return True
+
+
+def _open_channel(self):
+    """Daemon._open_channel: open the socket while descriptors are to be had (one that has run
+    out of them since must still answer); SIGIO says that a request came."""
+    try:
+        self._channel = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                      | socket.SOCK_NONBLOCK)
+    except OSError:
+        return
+    self._channel.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    signal.signal(signal.SIGIO, _weak_method(self, '_on_request'))
+    fcntl.fcntl(self._channel, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(self._channel, fcntl.F_SETFL, fcntl.fcntl(self._channel, fcntl.F_GETFL) | os.O_ASYNC)
+    self._bind_channel()
+
+
+def _bind_channel(self):
+    """Daemon._bind_channel: bind the name, now or, if another process holds it, from the loop
+    once it is free."""
+    if self._channel is not None and not self._channel.getsockname():
+        try:
+            self._channel.bind(_channel_address(self.pidfile_path))
+        except OSError:
+            pass
+
+
+def _on_request(self, signum, frame):
+    """SIGIO: answer every request at once, and note who waits for which verdict; never
+    blocks, never raises."""
+    while self._channel is not None:
+        try:
+            data, ancillary, _, address = self._channel.recvmsg(4096, socket.CMSG_SPACE(12))
+        except OSError:
+            return                          # all read
+        if not address or not _may_act(_credentials(ancillary)[1], self.pidfile_path):
+            continue
+        watch = _fields(data).get('WATCH')
+        if watch:
+            waiting = self._watchers.setdefault(watch, [])
+            waiting.append(address)
+            del waiting[:-64]
+        _say(self._channel, address, STOPPING=int(self.stopping), COOPERATIVE=int(self._cooperative))
+
+
+# What this section adds to Daemon: the hooks the core calls (no-ops there), and the handler.
+Daemon._wait_out_a_stop = _wait_out_a_stop
+Daemon._open_channel = _open_channel
+Daemon._bind_channel = _bind_channel
+Daemon._on_request = _on_request
+
+
+# =============================================================================================
+# Optional: groups, what the daemon's process group leaves behind.  Delete from here to the
+# next banner of '=' to drop it: stop then ends the daemon only, not the children its run()
+# forked and left running.
+# =============================================================================================
+
+def _session_group(self, pid):
+    """Daemon._session_group: the daemon's process group if it is its session's own (setsid:
+    a detached daemon, or one a service manager started), never the caller's; else None."""
+    try:
+        pgid, sid = os.getpgid(pid), os.getsid(pid)
+    except OSError:
+        return None
+    return pgid if pgid == sid and pgid != os.getpgid(0) else None
+
+
+def _end_group(self, group, deadline):
+    """Daemon._end_group: after the daemon: end what is left of its process group, as systemd
+    ends a service's cgroup: SIGTERM, SIGKILL at the deadline.  A daemon that waits for its
+    children (agent.py) leaves nothing to do."""
+    if group is None:
+        return
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except OSError:
+        return                              # nothing left in the group
+    delay = 0.002
+    while time.monotonic() < deadline:
+        if not _group_running(group):
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _group_running(group):
+    """Whether a process of the group still runs.  A zombie does not: it waits for its parent,
+    or for init (once a second in some containers), to reap it.  Without /proc, any member
+    counts (kill(2) cannot tell)."""
+    try:
+        names = os.listdir('/proc')
+    except OSError:
+        try:
+            os.killpg(group, 0)
+            return True
+        except OSError:
+            return False
+    for name in filter(str.isdigit, names):
+        try:
+            with open('/proc/%s/stat' % name) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(group) and fields[0] != 'Z':
+            return True
+    return False
+
+
+# What this section adds to Daemon: the two hooks stop calls (no-ops in the core).
+Daemon._session_group = _session_group
+Daemon._end_group = _end_group
 
 
 # =============================================================================================
@@ -1940,8 +1886,9 @@ Daemon._wait_turn = _wait_turn
 # =============================================================================================
 
 def _reload_and_wait(d):
-    """Ask the daemon to reload (SIGHUP) and wait until it says how that went: 0 once its
-    on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
+    """SIGHUP: asks the daemon to reload, and waits for its word; 7 if not running
+
+    0 once its on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
     daemon goes on as it was, or stops if a stop came meanwhile), 7 if it is not running."""
     return _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout, 'reloaded')
 
@@ -1998,7 +1945,7 @@ def _report(self, action, error=None):
 
 # What this section adds: reload (and force-reload) wait for the verdict, which the daemon
 # says through Daemon._report (a no-op in the core) on its channel.
-STANDARD_ACTIONS.update({'reload': _reload_and_wait, 'force-reload': _reload_and_wait})
+STANDARD_ACTIONS['reload'] = _reload_and_wait
 Daemon._report = _report
 
 
@@ -2605,11 +2552,10 @@ def upgrade_done(self, error=None):
     self._report('upgrade', error)
 
 
-ACTION_HELP['upgrade'] = 'SIGUSR2: the daemon re-executes the code now on disk, in place'
-
-
 def upgrade_action(d):
-    """The `upgrade` action (a program that offers it calls self.allow_upgrade()): SIGUSR2 to the daemon, then wait for its verdict and print it."""
+    """SIGUSR2: the daemon re-executes the code now on disk, in place
+
+    The `upgrade` action (offered by self.allow_upgrade()): waits for the verdict, prints it."""
     return _signal_and_wait(d, 'upgrade', signal.SIGUSR2, UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5,
                             'upgraded in place')
 

@@ -245,7 +245,7 @@ class ChannelTests(TempDirTest):
         for a verdict; _report then tells each of them once."""
         d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
         self.addCleanup(signal.signal, signal.SIGIO, signal.SIG_DFL)
-        d._open_channels()
+        d._open_channel()
         self.addCleanup(d._channel.close)
         self.assertEqual(d._channel.getsockname(), daemon._channel_address(d.pidfile_path).encode())
         sock, answer = daemon._ask(d, os.getpid(), 'reload')
@@ -344,8 +344,9 @@ class DaemonPublicApiTests(TempDirTest):
         does in a deleted section's place: test_what_the_core_does_without_a_section."""
         with open(os.path.join(HERE, 'daemon.py')) as f:
             core, sections = daemon_sections(f.read())
-        self.assertEqual(list(sections), ['turns', 'verdicts', 'systemd', 'classic', 'users',
-                                          'per-user', 'holders', 'restore', 'syslog', 'upgrade'])
+        self.assertEqual(list(sections), ['answers', 'groups', 'turns', 'verdicts', 'systemd',
+                                          'classic', 'users', 'per-user', 'holders', 'restore',
+                                          'syslog', 'upgrade'])
         self.assertIn('def notify(', sections['systemd'])
         self.assertIn('def reexec(', sections['upgrade'])
         self.assertIn('def _take_turn(', sections['turns'])
@@ -355,7 +356,10 @@ class DaemonPublicApiTests(TempDirTest):
         self.assertIn('def flock_holders(', sections['holders'])
         self.assertIn('def to_syslog(', sections['syslog'])
         # The six sections that nothing else needs go together: the others must not need them.
+        self.assertIn('def _on_request(', sections['answers'])
+        self.assertIn('def _end_group(', sections['groups'])
         deletions = [('upgrade',), ('turns',), ('verdicts', 'upgrade'), ('systemd', 'upgrade'),
+                     ('answers', 'turns', 'verdicts', 'upgrade'), ('groups',),
                      ('classic', 'users', 'per-user', 'holders', 'restore', 'syslog'),
                      tuple(sections)]
         for deleted in deletions:
