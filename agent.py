@@ -8555,7 +8555,7 @@ def parser():
         epilog='Exit codes: 0 success, 1 failure, 2 usage, 4 insufficient privilege, 7 not '
                'running (reload);\nstatus: 0 running, 1 dead with pidfile, 3 not running, '
                '4 unknown.')
-    p.add_argument('action', choices=daemon.ACTIONS + ('upgrade',) + tuple(a for a, _ in ACCESS_ACTIONS),
+    p.add_argument('action', choices=tuple(daemon.ACTIONS) + ('upgrade',) + tuple(a for a, _ in ACCESS_ACTIONS),
                    metavar='ACTION', help=argparse.SUPPRESS)
     p.add_argument('subject', nargs='?', metavar='NAME|PATH', help=argparse.SUPPRESS)
     p.add_argument('--version', action='version',

@@ -131,8 +131,6 @@ STATUS_DEAD = 1          # "program is dead and /var/run pid file exists"
 STATUS_STOPPED = 3
 STATUS_UNKNOWN = 4
 
-# The actions main() offers.  A subclass may register more with add_action() (agent.py: upgrade).
-ACTIONS = ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'status', 'run')
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -960,43 +958,16 @@ def _status(d):
     return STATUS_STOPPED
 
 
-def _foreground(d):
-    """in the foreground: no fork, logs on stderr (systemd, containers)
-
-    The same pidfile, signals and hooks.  A workdir given to Daemon() is changed
-    to, so that setup() and run() find the same relative paths either way; without one the
-    service stays where its manager started it (systemd's WorkingDirectory=)."""
-    d.absolutize()
-    check_identity(d.user, d.group)
-    state, pid = d.probe()
-    if state == 'running':
-        d._wait_out_a_stop(pid)
-    check_writable('pidfile', d.pidfile_path)
-    if d._workdir_given:
-        change_directory(d.workdir)
-    d.listen_fds = d._passed_sockets()
-    try:
-        d._become_service()
-    except AlreadyRunning as exc:
-        d.say(_already_running(d, exc.pid), error=True)
-        return EXIT_FAILURE
-    except BaseException as exc:
-        d._cleanup()
-        if isinstance(exc, SystemExit) and not exc.code:
-            return EXIT_OK                  # SIGTERM during setup
-        d.say('%s: %s' % (d.name, describe(exc)), error=True)
-        return EXIT_PRIVILEGE if getattr(exc, 'privilege', False) else EXIT_FAILURE
-    return d._serve()
-
-
 def _force_reload(d):
     """the same as reload"""
     return d.actions['reload'](d)
 
 
-# name -> function(daemon): the actions of every Daemon; --help prints their docstrings' first lines.
+# name -> function(daemon): the actions of every Daemon (the LSB's; a section may add more, a
+# subclass with add_action()).  --help prints their docstrings' first lines.
 STANDARD_ACTIONS = {'start': _start, 'stop': _stop, 'restart': _restart, 'try-restart': _try_restart,
-                    'reload': _reload, 'force-reload': _force_reload, 'status': _status, 'run': _foreground}
+                    'reload': _reload, 'force-reload': _force_reload, 'status': _status}
+ACTIONS = STANDARD_ACTIONS.keys()           # what main() offers, the sections' actions included
 
 
 def _already_running(d, pid):
@@ -1547,6 +1518,43 @@ def _credentials(ancillary):
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
             return struct.unpack('3i', payload[:12])[:2]
     return None, None
+
+
+# =============================================================================================
+# Optional: foreground, the `run` action.  Delete from here to the next banner of '=' to drop
+# it: the daemon then only starts detached (start), never in the foreground of a systemd unit
+# with Type=simple or notify, a container, or a terminal.
+# =============================================================================================
+
+def _foreground(d):
+    """in the foreground: no fork, logs on stderr (systemd, containers)
+
+    The same pidfile, signals and hooks.  A workdir given to Daemon() is changed to, so that setup() and run() find the same relative paths either way; without one the
+    service stays where its manager started it (systemd's WorkingDirectory=)."""
+    d.absolutize()
+    check_identity(d.user, d.group)
+    state, pid = d.probe()
+    if state == 'running':
+        d._wait_out_a_stop(pid)
+    check_writable('pidfile', d.pidfile_path)
+    if d._workdir_given:
+        change_directory(d.workdir)
+    d.listen_fds = d._passed_sockets()
+    try:
+        d._become_service()
+    except AlreadyRunning as exc:
+        d.say(_already_running(d, exc.pid), error=True)
+        return EXIT_FAILURE
+    except BaseException as exc:
+        d._cleanup()
+        if isinstance(exc, SystemExit) and not exc.code:
+            return EXIT_OK                  # SIGTERM during setup
+        d.say('%s: %s' % (d.name, describe(exc)), error=True)
+        return EXIT_PRIVILEGE if getattr(exc, 'privilege', False) else EXIT_FAILURE
+    return d._serve()
+
+
+STANDARD_ACTIONS['run'] = _foreground
 
 
 # =============================================================================================

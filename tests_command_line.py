@@ -291,7 +291,7 @@ class ReadmeTests(unittest.TestCase):
         self.assertEqual(named, set(daemon.ACTIONS))
         for where, text in (('README.md', self.readme), ('daemon.py', daemon.__doc__)):
             line = re.search(r'python3 ticker\.py ([a-z|-]+)', text)
-            self.assertEqual(tuple(line.group(1).split('|')), daemon.ACTIONS, where)
+            self.assertEqual(tuple(line.group(1).split('|')), tuple(daemon.ACTIONS), where)
 
     def test_every_exit_code_matches_the_constants(self):
         table = self.section('## Command line and exit codes')

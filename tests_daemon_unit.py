@@ -344,7 +344,7 @@ class DaemonPublicApiTests(TempDirTest):
         does in a deleted section's place: test_what_the_core_does_without_a_section."""
         with open(os.path.join(HERE, 'daemon.py')) as f:
             core, sections = daemon_sections(f.read())
-        self.assertEqual(list(sections), ['answers', 'groups', 'turns', 'verdicts', 'systemd',
+        self.assertEqual(list(sections), ['foreground', 'answers', 'groups', 'turns', 'verdicts', 'systemd',
                                           'classic', 'users', 'per-user', 'holders', 'restore',
                                           'syslog', 'upgrade'])
         self.assertIn('def notify(', sections['systemd'])
@@ -356,10 +356,11 @@ class DaemonPublicApiTests(TempDirTest):
         self.assertIn('def flock_holders(', sections['holders'])
         self.assertIn('def to_syslog(', sections['syslog'])
         # The six sections that nothing else needs go together: the others must not need them.
+        self.assertIn('def _foreground(', sections['foreground'])
         self.assertIn('def _on_request(', sections['answers'])
         self.assertIn('def _end_group(', sections['groups'])
         deletions = [('upgrade',), ('turns',), ('verdicts', 'upgrade'), ('systemd', 'upgrade'),
-                     ('answers', 'turns', 'verdicts', 'upgrade'), ('groups',),
+                     ('answers', 'turns', 'verdicts', 'upgrade'), ('groups',), ('foreground',),
                      ('classic', 'users', 'per-user', 'holders', 'restore', 'syslog'),
                      tuple(sections)]
         for deleted in deletions:
