@@ -1807,19 +1807,12 @@ def _stopping(d, pid):
 # =============================================================================================
 # Optional: turns, for actions run at the same time.
 # =============================================================================================
-# The turn is an abstract socket name that a launcher holds while it acts; why that, not a lock,
-# and its limits: docs/design.md, "daemon.py's optional sections".
-
-SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'upgrade'}
-
+# A turn is an abstract socket name held while an action acts: why, and its limits, docs/design.md.
 
 def _take_turn(d, while_waiting=None):
-    """Wait until no other action on d's pidfile is under way (calling while_waiting(d) every
-    20 ms), then hold the turn: its socket, or None to go on without one (an untrusted holder)."""
+    """Wait (while_waiting(d) every 20 ms) for the turn, then hold it: its socket, or None."""
     name = _channel_address(d.pidfile_path, 'turn')
-    # The longest an action holds it: a restart (a stop, 5 s to see a SIGKILL through, a start),
-    # or an upgrade (a check of up to 30 s, then a start).
-    timeout = d.stop_timeout + 5.0 + d.start_timeout + max(d.reload_timeout, 30.0)
+    timeout = d.stop_timeout + 5.0 + d.start_timeout + max(d.reload_timeout, 30.0)   # a restart, an upgrade
     deadline, refused = time.monotonic() + timeout, 0
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -1831,17 +1824,14 @@ def _take_turn(d, while_waiting=None):
             sock.close()
             if exc.errno != errno.EADDRINUSE:
                 return None
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as peer:
             peer.setblocking(False)
             try:
                 peer.connect(name)
                 pid, uid, _ = struct.unpack('3i', peer.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
             except OSError as exc:
-                # Refused: the holder has just let go (try again), or a socket that does not
-                # listen holds the name (after a few tries, go on without a turn).
-                refused += 1
+                refused += 1        # the holder has just let go, or a socket that does not listen has it
                 if exc.errno != errno.ECONNREFUSED or refused > 3:
                     return None
                 time.sleep(0.005)
@@ -1856,15 +1846,12 @@ def _take_turn(d, while_waiting=None):
                                       'over %gs; not done' % (d.pidfile_path, pid, timeout))
                 if while_waiting is not None:
                     while_waiting(d)
-        finally:
-            peer.close()
         refused = 0
 
 
 def _end_a_start(d):
-    """While stop waits its turn: a daemon that runs and is not yet stopping is sent SIGTERM
-    now, once, so the stop does not queue behind a start (docs/design.md)."""
-    try:
+    """While stop waits its turn: SIGTERM now, once, to a daemon not yet stopping (docs/design.md)."""
+    with contextlib.suppress(DaemonError):         # a pidfile it cannot read: the stop says so
         state, pid = d.probe()
         if state != 'running' or pid in d._signalled:
             return
@@ -1876,13 +1863,11 @@ def _end_a_start(d):
         with _pinned(pid) as pidfd:     # the pid probed again, pinned: never a reused one
             if d.probe() == ('running', pid) and _send(pid, pidfd, signal.SIGTERM):
                 d._signalled.add(pid)
-    except DaemonError:
-        return
 
 
 def _wait_turn(self, action):
     """Daemon._wait_turn: the turn, for the actions that change the daemon's state."""
-    if action not in SERIALIZED_ACTIONS:
+    if action not in ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'upgrade'):
         return None
     self.absolutize(streams=False)
     return _take_turn(self, _end_a_start if action == 'stop' else None)
@@ -1942,8 +1927,7 @@ Daemon._report = _report
 
 
 # =============================================================================================
-# Optional: systemd, sd_notify(3), sd_listen_fds(3) and sd_watchdog_enabled(3) (the upgrade
-# section needs it).
+# Optional: systemd, sd_notify(3), sd_listen_fds(3), the watchdog (the upgrade section needs it).
 # =============================================================================================
 
 SD_LISTEN_FDS_START = 3
@@ -1972,8 +1956,7 @@ def listen_fds():
     """Sockets the service manager passed, as {name: [fd, ...]} ('unknown' without names), if
     LISTEN_PID is this process; the variables are removed, so children do not claim them too."""
     try:
-        pid = int(os.environ.get('LISTEN_PID', ''))
-        count = int(os.environ.get('LISTEN_FDS', ''))
+        pid, count = int(os.environ.get('LISTEN_PID', '')), int(os.environ.get('LISTEN_FDS', ''))
     except ValueError:
         return {}
     names = os.environ.get('LISTEN_FDNAMES', '')
@@ -2003,8 +1986,7 @@ def _by_name(fds, names):
 
 
 def _watchdog(self):
-    """Daemon.watchdog: WATCHDOG=1 once half of WatchdogSec= has passed since the last one; how
-    long a loop may sleep before it calls this again (wait() and handle_signals() do)."""
+    """Daemon.watchdog: WATCHDOG=1 each half of WatchdogSec=; how long until it is due again."""
     if self._watchdog is False:     # looked up here, where WATCHDOG_PID names the process
         usec, pid = os.environ.get('WATCHDOG_USEC', ''), os.environ.get('WATCHDOG_PID', str(os.getpid()))
         ours = usec.isdecimal() and int(usec) > 0 and pid == str(os.getpid())
@@ -2035,7 +2017,6 @@ def _classic(action):
         if code != EXIT_OK:
             raise SystemExit(code)
         return code
-    method.__name__ = action
     return method
 
 
@@ -2086,19 +2067,15 @@ PRIVATE_PARENT = '/tmp'     # where a user without $XDG_RUNTIME_DIR has a privat
 
 
 def default_pidfile(name, filename=None):
-    """The pidfile of the daemon `name` when none is given, one per user: /run/FILENAME for
-    root, else $XDG_RUNTIME_DIR/FILENAME if that is the user's own and closed to others, else
-    /tmp/NAME-UID/FILENAME (private_directory()).  FILENAME is NAME.pid by default."""
+    """The pidfile of `name` when none is given, one per user: /run/FILENAME for root, else
+    $XDG_RUNTIME_DIR/FILENAME if private, else /tmp/NAME-UID/FILENAME; FILENAME: NAME.pid."""
     filename = filename or name + '.pid'
     if os.geteuid() == 0 and os.path.isdir('/run'):
         return os.path.join('/run', filename)
     runtime = os.environ.get('XDG_RUNTIME_DIR', '')
-    try:
-        private = os.path.isabs(runtime) and _private(os.stat(runtime))
-    except OSError:
-        private = False
-    if private:
-        return os.path.join(runtime, filename)
+    with contextlib.suppress(OSError):
+        if os.path.isabs(runtime) and _private(os.stat(runtime)):
+            return os.path.join(runtime, filename)
     return os.path.join(PRIVATE_PARENT, '%s-%d' % (name, os.geteuid()), filename)
 
 
@@ -2175,8 +2152,7 @@ def open_files(pid):
 
 
 def _lock_holders(self, st, pid):
-    """PidFile._lock_holders: who took the lock, and the pid in the file if it has the file
-    open (after reexec() it holds the lock through an inherited descriptor)."""
+    """PidFile._lock_holders: who took the lock, and the pid in the file if it has it open (reexec())."""
     holders = flock_holders(st)
     if holders and pid is not None and pid not in holders and any(
             (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino) for _, other in open_files(pid)):
@@ -2193,20 +2169,19 @@ __all__ += ['open_files', 'flock_holders']
 # =============================================================================================
 
 def _restore(self):
-    """PidFile.restore, in the daemon: a file no longer the one it locked is created again, locked:
-    True if it was, False if it could not be (nothing else there is touched), None if not amiss."""
+    """PidFile.restore, in the daemon: the file made again if it is not the one locked (True), or
+    not (False: whatever is there is left alone); None if nothing was amiss."""
     if self.fd is None or os.getpid() != self.owner or self._same_file(self.fd):
         return None
+    fd = None
     try:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError:
-        return False
-    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.fchmod(fd, 0o644)
         os.pwrite(fd, b'%d\n' % os.getpid(), 0)
     except OSError:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         return False
     os.close(self.fd)
     self.fd = fd
@@ -2237,13 +2212,11 @@ PidFile.restore, Daemon._keep_pidfile = _restore, _keep_pidfile
 
 def to_syslog(name, message):
     """The last resort of a daemon without a log: one syslog(3) line per line of message."""
-    try:
+    with contextlib.suppress(Exception):        # no syslog either: nothing more can be done
         syslog.openlog(name, syslog.LOG_PID, syslog.LOG_DAEMON)
         for line in message.splitlines():
             syslog.syslog(syslog.LOG_ERR, line)
         syslog.closelog()
-    except Exception:
-        pass        # no syslog either: nothing more can be done
 
 
 def _last_words(self, message):
@@ -2259,8 +2232,7 @@ Daemon._last_words = _last_words
 # =============================================================================================
 # Optional: upgrade in place (SIGUSR2, re-exec).
 # =============================================================================================
-# Why in place (the pid, children, sockets and locked pidfile kept), the check that comes first,
-# and what passes from one image to the next: docs/design.md, "daemon.py's optional sections".
+# Why in place, the check first, and what passes from one image to the next: docs/design.md.
 
 REEXEC_ENV = 'DAEMON_REEXEC'                        # "<pidfile fd> <detached> <fds> <names>"
 REEXEC_STATE_ENV = 'DAEMON_REEXEC_STATE'            # the string the new image has as inherited
@@ -2270,11 +2242,10 @@ UPGRADE_CHECK_TIMEOUT = 30.0
 
 
 def reexec(self, argv, fds=(), names=None, keep=(), state='', check=True):
-    """Replace this process's code with `argv` (a new version of this program), in place; it
-    returns only on failure (DaemonError, and nothing changed).  check_new_code() first, unless
-    check=False (a return to the code this process ran until now).  What survives: the pid,
-    the children, the sockets `fds` (the new image's listen_fds, named by `names`), the locked
-    pidfile, the fds in `keep`, `state` (its self.inherited) and the signals not acted on."""
+    """Replace this process's code with `argv`, in place; returns only on failure (DaemonError,
+    nothing changed).  check_new_code() first, unless check=False (back to the code this process
+    ran).  Kept: the pid, the children, the sockets `fds` (listen_fds, named by `names`), the
+    locked pidfile, the fds in `keep`, `state` (self.inherited) and the signals not acted on."""
     if self.stopping:
         raise DaemonError('a stop came first')
     argv = [sys.executable] + list(argv)
@@ -2308,8 +2279,8 @@ def reexec(self, argv, fds=(), names=None, keep=(), state='', check=True):
 
 
 def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
-    """Run `argv` in a child with CHECK_ENV set: it must import, parse and set up on copies of
-    the sockets, then exit 0; else DaemonError says why (its last line of output)."""
+    """Run `argv` in a child with CHECK_ENV set: it must set up on copies of the sockets and exit
+    0 within timeout, else DaemonError says why; it feeds the watchdog meanwhile."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = fork('fork a check of the new code')
@@ -2320,8 +2291,18 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
     if pid == 0:
         _exec_check(d, argv, fds, names, r, w)
     os.close(w)
+    output, late, chunk, deadline = b'', None, None, time.monotonic() + timeout
     try:
-        output, late = _read_check(d, pid, r, timeout)
+        while chunk != b'':
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                os.kill(pid, signal.SIGKILL)
+                late = 'no verdict within %gs' % timeout
+                break
+            due = d.watchdog()
+            if select.select([r], [], [], remaining if due is None else min(remaining, due))[0]:
+                chunk = os.read(r, 65536)
+                output = (output + chunk)[-65536:]      # its last 64 KiB
     finally:
         os.close(r)
         code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -2330,12 +2311,12 @@ def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
     if late is None and code < 0:       # killed (by hand, the OOM killer): what it said is not why
         late = 'killed by %s' % {s.value: s.name for s in signal.Signals}.get(-code, 'signal %d' % -code)
     said = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
-    raise DaemonError('the new code failed its check: %s' % (late or (said[-1] if said else 'exit status %d' % code)))
+    why = late or (said[-1] if said else 'exit status %d' % code)
+    raise DaemonError('the new code failed its check: %s' % why)
 
 
 def _exec_check(d, argv, fds, names, r, w):
-    """The child of check_new_code(): the sockets at 3, 4... as socket activation passes them,
-    stdin /dev/null, its output on the pipe w, no NOTIFY_SOCKET; never returns."""
+    """check_new_code()'s child: the sockets at 3, 4..., its output on w, no NOTIFY_SOCKET; no return."""
     try:
         base = max(list(fds) + [r, w]) + len(fds) + SD_LISTEN_FDS_START + 1
         copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
@@ -2345,10 +2326,9 @@ def _exec_check(d, argv, fds, names, r, w):
         os.dup2(w, 1)
         os.dup2(w, 2)
         close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds)))
-        env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
-        env[CHECK_ENV] = d.pidfile_path
-        for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV, REEXEC_WATCHERS_ENV):
-            env.pop(name, None)
+        unset = ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV, REEXEC_WATCHERS_ENV)
+        env = {name: value for name, value in os.environ.items() if name not in unset}
+        env.update({'LISTEN_PID': str(os.getpid()), 'LISTEN_FDS': str(len(fds)), CHECK_ENV: d.pidfile_path})
         if names:
             env['LISTEN_FDNAMES'] = ':'.join(names)
         reset_signals()
@@ -2358,23 +2338,6 @@ def _exec_check(d, argv, fds, names, r, w):
             os.write(2, ('cannot run %s: %s\n' % (argv[0], describe(exc))).encode())
     finally:
         os._exit(127)
-
-
-def _read_check(d, pid, r, timeout):
-    """The check's output until it exits: (the last 64 KiB, None), or (..., why it was killed)
-    after timeout.  It feeds the watchdog: the check may take longer than systemd waits."""
-    output, deadline = b'', time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            os.kill(pid, signal.SIGKILL)
-            return output, 'no verdict within %gs' % timeout
-        due = d.watchdog()
-        if select.select([r], [], [], remaining if due is None else min(remaining, due))[0]:
-            chunk = os.read(r, 65536)
-            if not chunk:
-                return output, None
-            output = (output + chunk)[-65536:]
 
 
 def upgrade_done(self, error=None):
@@ -2394,15 +2357,13 @@ def upgrade_done(self, error=None):
 
 
 def upgrade_action(d):
-    """SIGUSR2: the daemon re-executes the code now on disk, in place
-    (the `upgrade` action, see allow_upgrade()); waits for its verdict and says it."""
+    """SIGUSR2: the daemon re-executes the code now on disk, in place"""
     return _signal_and_wait(d, 'upgrade', signal.SIGUSR2, UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5,
                             'upgraded in place')
 
 
 def _takeover(self):
-    """Daemon._take_over: the new image after reexec(), or check_new_code()'s child (everything
-    up to serving, then exit 0)."""
+    """Daemon._take_over: the new image after reexec(), or check_new_code()'s child (set up, exit 0)."""
     if CHECK_ENV not in os.environ:
         return _continue_after_reexec(self, os.environ.pop(REEXEC_ENV)) if REEXEC_ENV in os.environ else None
     self.absolutize()
@@ -2415,8 +2376,7 @@ def _takeover(self):
 
 
 def _continue_after_reexec(self, spec):
-    """The new image after reexec(): a failure before run() is the upgrade's outcome, then an
-    exit (a program that can do better overrides setup() to serve on with what it inherited)."""
+    """The new image after reexec(): a failure before run() is the upgrade's outcome, then exit."""
     pidfile_fd, detached, fds, names = spec.split(' ')
     self.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
     for watcher in os.environ.pop(REEXEC_WATCHERS_ENV, '').split():
@@ -2424,8 +2384,7 @@ def _continue_after_reexec(self, spec):
         self._watchers.setdefault(action, []).append(bytes.fromhex(address))
     self.detached = detached == '1'
     self._announce_ready = lambda: upgrade_done(self)     # ready() reports the upgrade
-    # The old image's loop acted on signals (it called reexec()): so does this one, on a stop
-    # pending across execve, rather than a SystemExit from here.
+    # The old image's loop acted on signals: so does this one, on a stop pending across execve.
     self._cooperative = self.cooperative is not False
     try:
         if self.detached:
