@@ -2169,8 +2169,8 @@ __all__ += ['open_files', 'flock_holders']
 # =============================================================================================
 
 def _restore(self):
-    """PidFile.restore, in the daemon: the file made again if it is not the one locked (True), or
-    not (False: whatever is there is left alone); None if nothing was amiss."""
+    """PidFile.restore, in the daemon: make the file again if it is no longer the one locked:
+    True, or False if it cannot (what is there is left alone); None if nothing was amiss."""
     if self.fd is None or os.getpid() != self.owner or self._same_file(self.fd):
         return None
     fd = None
