@@ -1521,16 +1521,15 @@ def _credentials(ancillary):
 
 
 # =============================================================================================
-# Optional: foreground, the `run` action.  Delete from here to the next banner of '=' to drop
-# it: the daemon then only starts detached (start), never in the foreground of a systemd unit
-# with Type=simple or notify, a container, or a terminal.
+# Optional: foreground, the `run` action.
 # =============================================================================================
 
 def _foreground(d):
     """in the foreground: no fork, logs on stderr (systemd, containers)
 
-    The same pidfile, signals and hooks.  A workdir given to Daemon() is changed to, so that setup() and run() find the same relative paths either way; without one the
-    service stays where its manager started it (systemd's WorkingDirectory=)."""
+    The same pidfile, signals and hooks.  A workdir given to Daemon() is changed to, so that
+    setup() and run() find the same relative paths either way; without one the service stays
+    where its manager started it (systemd's WorkingDirectory=)."""
     d.absolutize()
     check_identity(d.user, d.group)
     state, pid = d.probe()
@@ -1558,28 +1557,13 @@ STANDARD_ACTIONS['run'] = _foreground
 
 
 # =============================================================================================
-# Optional: answers, the daemon's named socket that later commands ask.  Delete from here to
-# the next banner of '=' to drop it (with turns, verdicts and upgrade, which need it): a start
-# then finds a daemon that drains after a stop "already running", and a second stop does not
-# hurry it.
+# Optional: answers, the daemon's named socket that later commands ask (turns, verdicts and upgrade need it).
 # =============================================================================================
-#
-# Every command after start asks the daemon on one datagram socket, bound at start to an
-# abstract name made from the pidfile's directory (device, inode) and base name: found from
-# the pidfile alone, nothing on disk, gone with the process.  The messages are the channel's
-# (above); the daemon answers every request with STOPPING and COOPERATIVE, and notes who waits
-# for a verdict (WATCH=reload|upgrade, sent before the signal that begins that action).  It
-# answers from its SIGIO handler, at once, wherever it is (a hook, a drain, a classic run()),
-# with the socket it opened at start, so even with no descriptor left.  Both ends check
-# SCM_CREDENTIALS: it answers only a user who could signal it anyway (_may_act), a command
-# believes only the pid the locked pidfile names.  A squatter on the name delays a command by
-# ANSWER_TIMEOUT, never blocks or forges one.  The name lives in a network namespace: a
-# command run in another one (PrivateNetwork=) gets no answer, and acts as without this section.
-# docs/design.md says more of why.
+# One datagram socket per daemon, at an abstract name made from its pidfile; the daemon answers
+# each request (WATCH=<action>, sent before the signal) from its SIGIO handler, wherever it is.
+# docs/design.md ("One channel, two ends") says why each part is as it is.
 
-# How long a command waits for an answer (said at once, from a signal handler: this is for a
-# machine under load, or a squatter that never answers).
-ANSWER_TIMEOUT = 2.0
+ANSWER_TIMEOUT = 2.0    # said at once from a handler: this is for a loaded machine, or a squatter
 
 
 def _channel_address(pidfile_path, role='channel'):
@@ -1685,17 +1669,14 @@ def _on_request(self, signum, frame):
         _say(self._channel, address, STOPPING=int(self.stopping), COOPERATIVE=int(self._cooperative))
 
 
-# What this section adds to Daemon: the hooks the core calls (no-ops there), and the handler.
-Daemon._wait_out_a_stop = _wait_out_a_stop
+Daemon._wait_out_a_stop = _wait_out_a_stop  # the hooks the core calls (no-ops there)
 Daemon._open_channel = _open_channel
 Daemon._bind_channel = _bind_channel
 Daemon._on_request = _on_request
 
 
 # =============================================================================================
-# Optional: groups, what the daemon's process group leaves behind.  Delete from here to the
-# next banner of '=' to drop it: stop then ends the daemon only, not the children its run()
-# forked and left running.
+# Optional: groups, stop ends what the daemon's process group leaves behind.
 # =============================================================================================
 
 def _session_group(self, pid):
@@ -1753,58 +1734,20 @@ def _group_running(group):
     return False
 
 
-# What this section adds to Daemon: the two hooks stop calls (no-ops in the core).
-Daemon._session_group = _session_group
+Daemon._session_group = _session_group      # the hooks stop calls (no-ops in the core)
 Daemon._end_group = _end_group
 
 
 # =============================================================================================
-# Optional: turns, for actions run at the same time.  Delete from here to the next banner of '='
-# to drop it: actions then act at once, whatever else is under way.
+# Optional: turns, for actions run at the same time.
 # =============================================================================================
-
-# The actions that change the daemon's state take turns; so does `upgrade`, where the upgrade
-# section offers it.  status and run do not: one only looks, the other runs for the daemon's
-# life.
-SERIALIZED_ACTIONS = {'start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'upgrade'}
-
-# Where the turn is held, and why there.  Two restarts at once stopped each other's new
-# daemon; a reload or a stop in the middle of a restart acted on the old daemon, or on none.
-# So actions on one pidfile take turns, as systemd queues jobs.  The turn is a matter between
-# launchers, not a request on the daemon's channel: a restart spans two daemons, and a start
-# has no daemon to ask, so no daemon can keep the queue.  It is an abstract socket name made
-# as the channel's is (_channel_address(path, 'turn')), bound and listened on for as long as
-# the action lasts:
-#   - not a lock file: it would be left behind, and a lock file in a shared directory (/tmp,
-#     /run/user) may be created first, by anyone, as a file they own;
-#   - not an flock() on the pidfile's directory: anyone who may read /tmp or /run may lock
-#     it, and so keep every restart waiting; and every daemon of /run would share it;
-#   - not a lock on the pidfile: the daemon holds its flock() for its whole life, and the
-#     file is removed and created anew by each stop and start, so a lock on it would not
-#     span a restart;
-#   - an abstract name vanishes with the process that holds it (even on SIGKILL), leaves
-#     nothing on disk, and SO_PEERCRED names who holds it.  Anyone may bind it too: a holder
-#     is waited for only if it could act on the daemon anyway (_may_act); any other holder,
-#     or one that cannot say who it is (a datagram socket), is ignored, and the action goes
-#     on without its turn, as it did before there were turns.  A squatter can undo the
-#     ordering, never block an action.
-# Its limit: the name lives in a network namespace, so actions run from two namespaces (a
-# unit with PrivateNetwork=) do not see each other's turns.
-
-def _turn_timeout(d):
-    """The longest one action may hold its turn: a restart (stop_timeout, 5 s to see a SIGKILL
-    through, start_timeout) or an upgrade (a check of up to 30 s, then start_timeout)."""
-    return d.stop_timeout + 5.0 + d.start_timeout + max(d.reload_timeout, 30.0)
-
+# A turn is an abstract socket name held while an action acts: why, and its limits, docs/design.md.
 
 def _take_turn(d, while_waiting=None):
-    """Wait until no other action on d's pidfile is under way, then hold the turn: returns the
-    listening socket that holds it (closed by Daemon._end_turn), or None to go on without
-    one (a holder that is not to be trusted; see above).  while_waiting(d) is called about
-    every 20 ms meanwhile.  DaemonError if the holder keeps it past _turn_timeout(d)."""
+    """Wait (while_waiting(d) every 20 ms) for the turn, then hold it: its socket, or None."""
     name = _channel_address(d.pidfile_path, 'turn')
-    deadline = time.monotonic() + _turn_timeout(d)
-    refused = 0
+    timeout = d.stop_timeout + 5.0 + d.start_timeout + max(d.reload_timeout, 30.0)   # a restart, an upgrade
+    deadline, refused = time.monotonic() + timeout, 0
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -1815,104 +1758,85 @@ def _take_turn(d, while_waiting=None):
             sock.close()
             if exc.errno != errno.EADDRINUSE:
                 return None
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as peer:
             peer.setblocking(False)
             try:
                 peer.connect(name)
                 pid, uid, _ = struct.unpack('3i', peer.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
             except OSError as exc:
-                # Refused: the holder has just let go (try again), or a socket that does not
-                # listen holds the name (after a few tries, go on without a turn).
-                refused += 1
+                refused += 1        # the holder has just let go, or a socket that does not listen has it
                 if exc.errno != errno.ECONNREFUSED or refused > 3:
                     return None
                 time.sleep(0.005)
                 continue
             if not _may_act(uid, d.pidfile_path):
                 return None
-            # Wait for the holder's end: its listening socket closes, ours hangs up.
-            poller = select.poll()
+            poller = select.poll()      # until the holder's end: its socket closes, ours hangs up
             poller.register(peer, select.POLLIN | select.POLLHUP)
             while not poller.poll(20 if while_waiting else 200):
                 if time.monotonic() >= deadline:
                     raise DaemonError('another action on pidfile %s (pid %d) has been under way for '
-                                      'over %gs; not done' % (d.pidfile_path, pid, _turn_timeout(d)))
+                                      'over %gs; not done' % (d.pidfile_path, pid, timeout))
                 if while_waiting is not None:
                     while_waiting(d)
-        finally:
-            peer.close()
         refused = 0
 
 
 def _end_a_start(d):
-    """While stop waits for its turn: a daemon that runs and is not yet stopping is sent
-    SIGTERM now, once.  So a stop does not queue behind a start or a restart that waits for
-    its daemon to be ready (it ends that start, which says "stopped during startup", as
-    systemctl stop cancels a start job); and, once its turn comes, stop finds no daemon that
-    an earlier action started after it had looked."""
-    try:
+    """While stop waits its turn: SIGTERM now, once, to a daemon not yet stopping (docs/design.md)."""
+    with contextlib.suppress(DaemonError):         # a pidfile it cannot read: the stop says so
         state, pid = d.probe()
-    except DaemonError:
-        return
-    if state != 'running' or pid in d._signalled:
-        return
-    stopping = _stopping(d, pid)
-    if stopping is not None:
-        d._signalled.add(pid)           # stopping already: this stop's word is "stopped"
-    if stopping is False:
-        # In a run() that does not look, a second SIGTERM would raise SystemExit again, in its
-        # cleanup.  One that looks is sent it, once: an operator's second stop hurries it, as
-        # a second Ctrl-C does (agent.py: it cuts --stop-grace short).
-        return
-    with _pinned(pid) as pidfd:
-        try:
-            state, again = d.probe()        # pinned by the pidfd: never a reused pid
-        except DaemonError:
+        if state != 'running' or pid in d._signalled:
             return
-        if state == 'running' and again == pid and _send(pid, pidfd, signal.SIGTERM):
-            d._signalled.add(pid)
+        stopping = _stopping(d, pid)
+        if stopping is not None:
+            d._signalled.add(pid)       # stopping already: this stop's word is "stopped"
+        if stopping is False:
+            return      # its run() does not look: a second SIGTERM would raise SystemExit in its cleanup
+        with _pinned(pid) as pidfd:     # the pid probed again, pinned: never a reused one
+            if d.probe() == ('running', pid) and _send(pid, pidfd, signal.SIGTERM):
+                d._signalled.add(pid)
 
 
 def _wait_turn(self, action):
     """Daemon._wait_turn: the turn, for the actions that change the daemon's state."""
-    if action not in SERIALIZED_ACTIONS:
+    if action not in ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'upgrade'):
         return None
     self.absolutize(streams=False)
     return _take_turn(self, _end_a_start if action == 'stop' else None)
 
 
-# What this section adds to Daemon: _wait_turn(self, action), the hook the core calls before an
-# action (a no-op there).
-Daemon._wait_turn = _wait_turn
+Daemon._wait_turn = _wait_turn      # the hook the core calls before an action
 
 
 # =============================================================================================
-# Optional: verdicts of reload and upgrade.  Delete from here to the next banner of '=' to drop
-# it: `reload` then only sends SIGHUP and exits 0; the upgrade section needs it.
+# Optional: verdicts of reload and upgrade (the upgrade section needs it).
 # =============================================================================================
 
 def _reload_and_wait(d):
     """SIGHUP: asks the daemon to reload, and waits for its word; 7 if not running
 
-    0 once its on_reload() hook has run, 1 with the reason it gave (a DaemonError from the hook: the
-    daemon goes on as it was, or stops if a stop came meanwhile), 7 if it is not running."""
+    0 once on_reload() has run, 1 with the reason it gave (the daemon goes on as it was)."""
     return _signal_and_wait(d, 'reload', signal.SIGHUP, d.reload_timeout, 'reloaded')
 
 
 def _signal_and_wait(d, action, signum, timeout, done):
-    """Signal the running daemon, wait for its verdict on the action and say it: 0 when it
-    went well ("<name> <done> (pid N, ...)"), 1 with the reason it gave or why no word came,
-    7 if it is not running.  It asks first (WATCH=action, see the channel): the daemon notes
-    who waits as it answers, so the verdict is that of the very action this signal begins."""
+    """Signal the running daemon and say its verdict on the action (asked first, so it is that of
+    the action this signal begins): 0 done, 1 with the reason or why no word came, 7 not running."""
     pid = _running_pid(d)
     if pid is None:
         return EXIT_NOT_RUNNING
     sock, answer = _ask(d, pid, action)
+    verdict, deadline = None, time.monotonic() + timeout
     with sock, _pinned(pid) as pidfd:
         _send(pid, pidfd, signum)
-        verdict = _verdict(sock, action, pid, pidfd, timeout) if answer is not None else None
+        while answer is not None and verdict is None and time.monotonic() < deadline:
+            said = _receive(sock, min(0.5, max(0.0, deadline - time.monotonic())), sender=pid)
+            if said and said.get('ACTION') == action:
+                verdict = said
+            elif not _alive(pid, pidfd):
+                verdict = {'ERROR': None}       # it exited first
     if verdict is not None and 'ERROR' not in verdict:
         d.say('%s %s (pid %d, pidfile %s)' % (d.name, done, pid, d.pidfile_path))
         return EXIT_OK
@@ -1930,127 +1854,82 @@ def _signal_and_wait(d, action, signum, timeout, done):
     return EXIT_FAILURE
 
 
-def _verdict(sock, action, pid, pidfd, timeout):
-    """The daemon's message on the action, {'ERROR': None} if pid ended first, None after
-    timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        said = _receive(sock, min(0.5, max(0.0, deadline - time.monotonic())), sender=pid)
-        if said and said.get('ACTION') == action:
-            return said
-        if not _alive(pid, pidfd):
-            return {'ERROR': None}
-    return None
-
-
 def _report(self, action, error=None):
-    """Daemon._report: tell the commands that wait for it how a reload or an upgrade went, on
-    the channel (their addresses were noted as they asked, see Daemon._on_request)."""
+    """Daemon._report: tell the commands that wait for it how a reload or an upgrade went."""
     for address in self._watchers.pop(action, []):
         if self._channel is not None:
             _say(self._channel, address, ACTION=action, ERROR=error)
 
 
-# What this section adds: reload (and force-reload) wait for the verdict, which the daemon
-# says through Daemon._report (a no-op in the core) on its channel.
-STANDARD_ACTIONS['reload'] = _reload_and_wait
+STANDARD_ACTIONS['reload'] = _reload_and_wait       # force-reload calls it too
 Daemon._report = _report
 
 
 # =============================================================================================
-# Optional: systemd, sd_notify(3), sd_listen_fds(3) and sd_watchdog_enabled(3).  Delete from
-# here to the next banner of '=' to drop it (Daemon's hooks for a service manager then stay
-# no-ops); the upgrade section needs it.
+# Optional: systemd, sd_notify(3), sd_listen_fds(3), the watchdog (the upgrade section needs it).
 # =============================================================================================
 
 SD_LISTEN_FDS_START = 3
 
 
 def notify(**fields):
-    """Send NAME=value lines to the service manager, when NOTIFY_SOCKET is set; else do nothing.
-
-    notify(READY=1, STATUS='serving') sends "READY=1\nSTATUS=serving".  A socket path starting
-    with '@' is in the abstract namespace.  Returns whether a datagram was sent.  RELOADING=1
-    is sent with the MONOTONIC_USEC= that Type=notify-reload wants beside it.
-    """
+    """Send NAME=value lines to the service manager (NOTIFY_SOCKET, '@' for abstract); whether a
+    datagram went.  RELOADING=1 goes with the MONOTONIC_USEC= that Type=notify-reload wants."""
     address = os.environ.get('NOTIFY_SOCKET')
     if not address or not fields:
         return False
     if 'RELOADING' in fields:
-        fields.setdefault('MONOTONIC_USEC', monotonic_usec())
-    if address.startswith('@'):
-        address = '\0' + address[1:]
+        fields.setdefault('MONOTONIC_USEC', int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000))
     message = '\n'.join('%s=%s' % item for item in fields.items()).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
+            sock.connect('\0' + address[1:] if address.startswith('@') else address)
             sock.sendall(message)
         return True
     except OSError as exc:
-        log('sd_notify to %r failed: %s' % (os.environ.get('NOTIFY_SOCKET'), exc), priority=LOG_WARNING)
+        log('sd_notify to %r failed: %s' % (address, exc), priority=LOG_WARNING)
         return False
 
 
-def monotonic_usec():
-    """CLOCK_MONOTONIC in microseconds, as sd_notify's MONOTONIC_USEC= wants it."""
-    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
-
-
-def watchdog_interval():
-    """systemd's watchdog interval for this process in seconds, or None (sd_watchdog_enabled(3)):
-    WATCHDOG_USEC, set by WatchdogSec=, when WATCHDOG_PID is unset or names this process.
-    The variables are kept: an upgrade in place is the same process."""
+def listen_fds():
+    """Sockets the service manager passed, as {name: [fd, ...]} ('unknown' without names), if
+    LISTEN_PID is this process; the variables are removed, so children do not claim them too."""
     try:
-        usec = int(os.environ.get('WATCHDOG_USEC', ''))
-    except ValueError:
-        return None
-    pid = os.environ.get('WATCHDOG_PID')
-    if usec <= 0 or pid is not None and pid != str(os.getpid()):
-        return None
-    return usec / 1000000
-
-
-def listen_fds(unset_environment=True):
-    """Sockets passed by the service manager, as {name: [fd, ...]} ('unknown' without names).
-
-    Honoured only when LISTEN_PID is this process: the variables are inherited by children that
-    they were not meant for.  The variables are removed, so children do not claim the fds too.
-    """
-    try:
-        pid = int(os.environ.get('LISTEN_PID', ''))
-        count = int(os.environ.get('LISTEN_FDS', ''))
+        pid, count = int(os.environ.get('LISTEN_PID', '')), int(os.environ.get('LISTEN_FDS', ''))
     except ValueError:
         return {}
     names = os.environ.get('LISTEN_FDNAMES', '')
-    if unset_environment:
-        for name in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES'):
-            os.environ.pop(name, None)
+    for name in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES'):
+        os.environ.pop(name, None)
     if pid != os.getpid() or count <= 0:
         return {}
-    names = names.split(':') if names else []
-    result = {}
-    for index in range(count):
-        fd = SD_LISTEN_FDS_START + index
-        name = names[index] if index < len(names) and names[index] else 'unknown'
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)
+    for fd in fds:
         try:
-            is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+            mode = os.fstat(fd).st_mode
         except OSError:
-            is_socket = False
-        if not is_socket:
+            mode = 0
+        if not stat.S_ISSOCK(mode):
             raise DaemonError('LISTEN_FDS=%d names fd %d, which is not an open socket: the '
                               'variables were meant for another process' % (count, fd))
+    return _by_name(fds, names)
+
+
+def _by_name(fds, names):
+    """{name: [fd, ...]}, the names colon-separated ('unknown' where none); fds not inherited."""
+    names, result = names.split(':'), {}
+    for index, fd in enumerate(fds):
         os.set_inheritable(fd, False)
-        result.setdefault(name, []).append(fd)
+        result.setdefault(names[index] if index < len(names) and names[index] else 'unknown', []).append(fd)
     return result
 
 
 def _watchdog(self):
-    """Daemon.watchdog: WATCHDOG=1 once half systemd's watchdog interval (WatchdogSec=) has
-    passed since the last one.  Returns how long a loop may sleep before it calls this again
-    (at most half the interval), or None without a watchdog.  wait() and handle_signals()
-    call it: a loop that calls neither that often must call it, or systemd kills it as hung."""
-    if self._watchdog is False:
-        self._watchdog = watchdog_interval()    # here: WATCHDOG_PID names the process
+    """Daemon.watchdog: WATCHDOG=1 each half of WatchdogSec=; how long until it is due again."""
+    if self._watchdog is False:     # looked up here, where WATCHDOG_PID names the process
+        usec, pid = os.environ.get('WATCHDOG_USEC', ''), os.environ.get('WATCHDOG_PID', str(os.getpid()))
+        ours = usec.isdecimal() and int(usec) > 0 and pid == str(os.getpid())
+        self._watchdog = int(usec) / 1000000 if ours else None
     if self._watchdog is None:
         return None
     now = time.monotonic()
@@ -2060,65 +1939,38 @@ def _watchdog(self):
     return self._watchdog_due - now
 
 
-# What this section adds to Daemon: the core calls these hooks (no-ops there).
-Daemon._tell_manager = staticmethod(notify)
-Daemon._passed_sockets = staticmethod(listen_fds)
+Daemon._tell_manager, Daemon._passed_sockets = staticmethod(notify), staticmethod(listen_fds)
 Daemon.watchdog = _watchdog
 __all__.append('notify')
 
 
 # =============================================================================================
-# Optional: classic, the names of the classic daemon recipe.  Delete from here to the next
-# banner of '=' to drop it: programs then call main() or command() instead.
+# Optional: classic, the names of the classic daemon recipe.
 # =============================================================================================
-# Programs written for the recipe call start(), stop() or restart() and end their main block
-# with sys.exit(0): so a failure exits here with its code, as the recipe's sys.exit(1) did.
 
-def _classic(self, action):
-    """command(action); a failure exits (SystemExit) with its code, success returns 0."""
-    code = self.command(action)
-    if code != EXIT_OK:
-        raise SystemExit(code)
-    return code
-
-
-def _delpid(self):
-    """Remove the pidfile (a no-op in any process but the one that wrote it)."""
-    self._cleanup()
+def _classic(action):
+    """The recipe's method for `action` (its programs end in sys.exit(0): docs/design.md)."""
+    def method(self):
+        """command(action); a failure exits (SystemExit) with its code, success returns 0."""
+        code = self.command(action)
+        if code != EXIT_OK:
+            raise SystemExit(code)
+        return code
+    return method
 
 
-def _set_pidfile(self, value):
-    self.pidfile_path = value
-
-
-def _classic_start(self):
-    """command('start'): detach and run; exits with the code of a failure."""
-    return _classic(self, 'start')
-
-
-def _classic_stop(self):
-    """command('stop'); exits with the code of a failure."""
-    return _classic(self, 'stop')
-
-
-def _classic_restart(self):
-    """command('restart'); exits with the code of a failure."""
-    return _classic(self, 'restart')
-
-
-Daemon.start, Daemon.stop, Daemon.restart = _classic_start, _classic_stop, _classic_restart
-Daemon.delpid = _delpid
-Daemon.pidfile = property(lambda self: self.pidfile_path, _set_pidfile)
+Daemon.start, Daemon.stop, Daemon.restart = map(_classic, ('start', 'stop', 'restart'))
+Daemon.delpid = lambda self: self._cleanup()    # the pidfile goes (in the process that wrote it)
+Daemon.pidfile = property(lambda self: self.pidfile_path, lambda self, path: setattr(self, 'pidfile_path', path))
 
 
 # =============================================================================================
-# Optional: users, a daemon started as root that runs as `user` and `group`.  Delete from here
-# to the next banner of '=' to drop it: a Daemon given a user or a group then does not start.
+# Optional: users, a daemon started as root that runs as `user` and `group`.
 # =============================================================================================
 
 def drop_privileges(user=None, group=None, own=()):
-    """Become `user` (and `group`, else the user's primary group), supplementary groups reset.
-    The files in `own` (the logs) are given to the new owner first, so it can reopen them."""
+    """Become `user` (and `group`, else the user's primary group), supplementary groups reset;
+    the files in `own` (the logs) are given to them first, never through a link."""
     if user is None and group is None:
         return
     try:
@@ -2127,8 +1979,7 @@ def drop_privileges(user=None, group=None, own=()):
         if os.getgid() == gid and (pw is None or os.getuid() == pw.pw_uid) and os.geteuid() != 0:
             return                  # already them: a re-executed daemon that dropped them before
         for path in own:
-            # Never through a link (the path may lie in a world-writable directory).
-            if path and stat.S_ISREG(_lstat_mode(path)):
+            if path and os.path.isfile(path) and not os.path.islink(path):
                 os.chown(path, pw.pw_uid if pw is not None else -1, gid, follow_symlinks=False)
         if pw is not None:
             os.initgroups(pw.pw_name, gid)
@@ -2141,56 +1992,34 @@ def drop_privileges(user=None, group=None, own=()):
         raise _step_error('drop privileges to %s:%s' % (user or '', group or ''), exc)
 
 
-def _lstat_mode(path):
-    try:
-        return os.lstat(path).st_mode
-    except OSError:
-        return 0
-
-
-def _switch_user(self):
-    """Daemon._switch_user: after setup(), which may bind port 80 and open root's files."""
-    drop_privileges(self.user, self.group, own=self.log_files() if self.detached else ())
-
-
-def _log_files(self):
-    """Hook: the logs that `user`/`group` must own to reopen them."""
-    return [self.stdout, self.stderr]
-
-
-Daemon._switch_user, Daemon.log_files = _switch_user, _log_files
+# After setup(), which may bind port 80 and open root's files; log_files() is a hook.
+Daemon._switch_user = lambda self: drop_privileges(self.user, self.group,
+                                                   own=self.log_files() if self.detached else ())
+Daemon.log_files = lambda self: [self.stdout, self.stderr]
 
 
 # =============================================================================================
-# Optional: per-user default pidfiles, found from any directory.  Delete from here to the next
-# banner of '=' to drop it: a Daemon given no pidfile then uses /run/NAME.pid as root, else
-# /tmp/NAME-UID.pid (which another user could create first).
+# Optional: per-user default pidfiles, found from any directory.
 # =============================================================================================
 
-# Where an ordinary user's default pidfile goes without $XDG_RUNTIME_DIR: a private directory
-# of its own in this one.
-PRIVATE_PARENT = '/tmp'
+PRIVATE_PARENT = '/tmp'     # where a user without $XDG_RUNTIME_DIR has a private directory
 
 
 def default_pidfile(name, filename=None):
-    """The pidfile of the daemon `name` when none is given, one per user: /run/FILENAME for
-    root, else $XDG_RUNTIME_DIR/FILENAME if that is the user's own and closed to others, else
-    /tmp/NAME-UID/FILENAME (private_directory()).  FILENAME is NAME.pid by default."""
+    """The pidfile of `name` when none is given, one per user: /run/FILENAME for root, else
+    $XDG_RUNTIME_DIR/FILENAME if private, else /tmp/NAME-UID/FILENAME; FILENAME: NAME.pid."""
     filename = filename or name + '.pid'
     if os.geteuid() == 0 and os.path.isdir('/run'):
         return os.path.join('/run', filename)
     runtime = os.environ.get('XDG_RUNTIME_DIR', '')
-    if os.path.isabs(runtime) and _own_private_directory(runtime):
-        return os.path.join(runtime, filename)
+    with contextlib.suppress(OSError):
+        if os.path.isabs(runtime) and _private(os.stat(runtime)):
+            return os.path.join(runtime, filename)
     return os.path.join(PRIVATE_PARENT, '%s-%d' % (name, os.geteuid()), filename)
 
 
-def _own_private_directory(path):
-    """True if path is a directory of the effective user that no one else may write."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
+def _private(st):
+    """Whether st is of a directory of the effective user that no one else may write."""
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
@@ -2211,14 +2040,13 @@ def private_directory(path, create, remedy='remove it, or give the daemon a pidf
         return
     except OSError as exc:
         raise DaemonError('cannot use %s: %s' % (path, exc.strerror))
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+    if not _private(st):
         raise DaemonError('%s is not a private directory of uid %d; %s'
                           % (path, os.geteuid(), remedy), privilege=True)
 
 
 def _check_default_pidfile(self, action):
-    """Daemon._check_default_pidfile: the private directory of /tmp, made by an action that
-    may start the daemon."""
+    """Daemon._check_default_pidfile: the private directory of /tmp, made by a start."""
     path, directory = self.pidfile_path, os.path.dirname(self.pidfile_path)
     if path == self._default_pidfile and os.path.dirname(directory) == PRIVATE_PARENT:
         private_directory(directory, create=action in ('start', 'restart', 'run'))
@@ -2230,9 +2058,7 @@ __all__ += ['default_pidfile', 'private_directory']
 
 
 # =============================================================================================
-# Optional: holders, who holds a file's flock(), read from /proc/locks.  Delete from here to
-# the next banner of '=' to drop it: probe() then tries a shared flock() instead, which a
-# start at that very instant may find taken (it then says "already running").
+# Optional: holders, who holds a file's flock(), read from /proc/locks.
 # =============================================================================================
 
 def flock_holders(path_stat, locks_text=None):
@@ -2245,13 +2071,9 @@ def flock_holders(path_stat, locks_text=None):
         except OSError:
             return None
     ident = '%02x:%02x:%d' % (os.major(path_stat.st_dev), os.minor(path_stat.st_dev), path_stat.st_ino)
-    holders = []
-    for line in locks_text.splitlines():
-        fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->" after the index
-        if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[5] == ident:
-            holders.append(int(fields[4]))
-    return holders
+    # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->" after the index
+    return [int(fields[4]) for fields in map(str.split, locks_text.splitlines())
+            if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[5] == ident]
 
 
 def open_files(pid):
@@ -2269,8 +2091,7 @@ def open_files(pid):
 
 
 def _lock_holders(self, st, pid):
-    """PidFile._lock_holders: /proc/locks names who took the lock; after an upgrade (reexec)
-    the pid in the file holds it through an inherited descriptor, so it has the file open."""
+    """PidFile._lock_holders: who took the lock, and the pid in the file if it has it open (reexec())."""
     holders = flock_holders(st)
     if holders and pid is not None and pid not in holders and any(
             (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino) for _, other in open_files(pid)):
@@ -2283,27 +2104,23 @@ __all__ += ['open_files', 'flock_holders']
 
 
 # =============================================================================================
-# Optional: restore, a pidfile removed under a running daemon is written again.  Delete from
-# here to the next banner of '=' to drop it: a pidfile removed (by an rm, a cleaner of /tmp)
-# then stays gone, and status and stop no longer find the daemon.
+# Optional: restore, a pidfile removed under a running daemon is written again.
 # =============================================================================================
 
 def _restore(self):
-    """PidFile.restore, in the daemon: if the file at the path is no longer the one it locked,
-    create it again, locked and naming this process.  True if it did, False if it could not
-    (the directory is gone, or another file is there: left alone), None if nothing was amiss."""
+    """PidFile.restore, in the daemon: make the file again if it is no longer the one locked:
+    True, or False if it cannot (what is there is left alone); None if nothing was amiss."""
     if self.fd is None or os.getpid() != self.owner or self._same_file(self.fd):
         return None
+    fd = None
     try:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError:
-        return False
-    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.fchmod(fd, 0o644)
         os.pwrite(fd, b'%d\n' % os.getpid(), 0)
     except OSError:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         return False
     os.close(self.fd)
     self.fd = fd
@@ -2311,8 +2128,7 @@ def _restore(self):
 
 
 def _keep_pidfile(self):
-    """Daemon._keep_pidfile: at most once a second, restore the pidfile; say so in the log, or
-    once that it cannot.  Only a loop that calls wait() or handle_signals() gets this."""
+    """Daemon._keep_pidfile: restore the pidfile at most once a second; the log says so."""
     now = time.monotonic()
     if self._pidfile is None or now < getattr(self, '_pidfile_checked', 0.0) + 1.0:
         return
@@ -2326,29 +2142,24 @@ def _keep_pidfile(self):
     self._pidfile_lost = restored is False
 
 
-PidFile.restore = _restore
-Daemon._keep_pidfile = _keep_pidfile
+PidFile.restore, Daemon._keep_pidfile = _restore, _keep_pidfile
 
 
 # =============================================================================================
-# Optional: syslog, the last words of a daemon without a log.  Delete from here to the next
-# banner of '=' to drop it: a detached daemon whose stderr is /dev/null then dies silently.
+# Optional: syslog, the last words of a daemon without a log.
 # =============================================================================================
 
 def to_syslog(name, message):
     """The last resort of a daemon without a log: one syslog(3) line per line of message."""
-    try:
+    with contextlib.suppress(Exception):        # no syslog either: nothing more can be done
         syslog.openlog(name, syslog.LOG_PID, syslog.LOG_DAEMON)
         for line in message.splitlines():
             syslog.syslog(syslog.LOG_ERR, line)
         syslog.closelog()
-    except Exception:
-        pass        # no syslog either: nothing more can be done
 
 
 def _last_words(self, message):
-    """Daemon._last_words: to the log, and to syslog when the log is /dev/null (after start
-    returned nobody watches the terminal)."""
+    """Daemon._last_words: to the log, and to syslog when the log is /dev/null."""
     log(message, priority=LOG_ERR)
     if self.detached and self.stderr == os.devnull:
         to_syslog(self.name, message)
@@ -2358,77 +2169,40 @@ Daemon._last_words = _last_words
 
 
 # =============================================================================================
-# Optional: upgrade in place (SIGUSR2, re-exec).  Delete from here to the end of the file to
-# drop it: SIGUSR2 then only runs the on_upgrade() hook.
+# Optional: upgrade in place (SIGUSR2, re-exec).
 # =============================================================================================
-#
-# Why in place (execve, same pid) rather than a new master that takes over: a service
-# manager watches the main pid.  systemd adopts a new MAINPID only as "a process which is
-# not our child", and then stops the service by killing the whole cgroup; start-stop-daemon
-# and monit follow the pidfile's pid the same way.  A process that re-executes itself keeps
-# its pid, its children (the workers), its open sockets and its flock()ed pidfile, as
-# systemd's own daemon-reexec and HAProxy's master-worker reload do: nothing outside ever
-# sees a change but the new code.
-#
-# The price: after execve there is no old program on disk to fall back to.  So the new code
-# is first run in a child (check_new_code(): it imports, parses the command line and runs
-# setup() on copies of the sockets, as the real thing would), and only then exec'd.  What
-# can still fail after execve (its workers cannot start, a file vanished in between) is the
-# new image's to handle: it reports the failure and keeps the workers it inherited serving.
-# A program that kept its own code (agent.py keeps its source in memory files, passed in
-# `keep`) can go back to it with reexec(check=False), so that what serves is also what
-# replaces a worker.  A file replaced again between the check and the execve is not covered.
+# Why in place, the check first, and what passes from one image to the next: docs/design.md.
 
-
-# Set by reexec() for the new image of the same process:
-# "<pidfile fd> <detached 0|1> <socket fds, comma-separated, or -> <their names, colon-separated, or ->",
-# the subclass's own state (a string) in REEXEC_STATE_ENV, and in REEXEC_WATCHERS_ENV the
-# commands that wait for a verdict ("<action>=<address in hex> ...", see the channel): the
-# `upgrade` waiting for this one's hears it from the new image.
-REEXEC_ENV = 'DAEMON_REEXEC'
-REEXEC_STATE_ENV = 'DAEMON_REEXEC_STATE'
-REEXEC_WATCHERS_ENV = 'DAEMON_REEXEC_WATCHERS'
-# Set by check_new_code() for the child that tries the new code: set up, then exit 0.
-CHECK_ENV = 'DAEMON_REEXEC_CHECK'
+REEXEC_ENV = 'DAEMON_REEXEC'                        # "<pidfile fd> <detached> <fds> <names>"
+REEXEC_STATE_ENV = 'DAEMON_REEXEC_STATE'            # the string the new image has as inherited
+REEXEC_WATCHERS_ENV = 'DAEMON_REEXEC_WATCHERS'      # who waits for a verdict
+CHECK_ENV = 'DAEMON_REEXEC_CHECK'                   # in the child that checks the new code
 UPGRADE_CHECK_TIMEOUT = 30.0
 
 
 def reexec(self, argv, fds=(), names=None, keep=(), state='', check=True):
-    """Replace this process's code with `argv` (a new version of this program), in place.
-
-    First the new code is checked in a child (check_new_code); if that fails, DaemonError
-    says why in the new code's own words and nothing has changed.  Then execve: the pid,
-    the children, the sockets `fds` (offered to the new image as `listen_fds`, named by
-    `names`), the locked pidfile, the descriptors in `keep` (same numbers) and the string
-    `state` (as `self.inherited`) survive.  Returns only on failure.  Signals that arrive in
-    between stay blocked and pending, so the new image acts on them.
-    check=False skips the check: for a return to code that this very process ran, with this
-    command line, until the exec that is being undone (its workers are serving).
-    """
+    """Replace this process's code with `argv`, in place; returns only on failure (DaemonError,
+    nothing changed).  check_new_code() first, unless check=False (back to the code this process
+    ran).  Kept: the pid, the children, the sockets `fds` (listen_fds, named by `names`), the
+    locked pidfile, the fds in `keep`, `state` (self.inherited) and the signals not acted on."""
     if self.stopping:
         raise DaemonError('a stop came first')
     argv = [sys.executable] + list(argv)
     if check:
         check_new_code(self, argv, fds, names)
-    passed = list(fds) + list(keep)
-    if self._pidfile is not None and self._pidfile.fd is not None:
-        passed.append(self._pidfile.fd)
+    pidfile_fd = self.pidfile_fd
+    passed = list(fds) + list(keep) + ([pidfile_fd] if pidfile_fd is not None else [])
     env = dict(os.environ)
-    env[REEXEC_ENV] = '%d %d %s %s' % (
-        self._pidfile.fd if self._pidfile is not None and self._pidfile.fd is not None else -1,
-        self.detached, ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
+    env[REEXEC_ENV] = '%d %d %s %s' % (-1 if pidfile_fd is None else pidfile_fd, self.detached,
+                                       ','.join(map(str, fds)) or '-', ':'.join(names or ()) or '-')
     env[REEXEC_STATE_ENV] = state
     env[REEXEC_WATCHERS_ENV] = ' '.join('%s=%s' % (action, os.fsencode(address).hex())
                                         for action, addresses in self._watchers.items() for address in addresses)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS + (signal.SIGCHLD,))
-    if self.stopping:
-        # A stop came during the check: this image acts on it (drains, removes the pidfile)
-        # rather than exec'ing a new one only to stop it.
+    if self.stopping:           # it came during the check: this image acts on it
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         raise DaemonError('a stop came first')
-    # Signals recorded but not yet acted on would die with this image: raise them again,
-    # blocked, so they are pending when the new image unblocks them.
-    for signum in self._pending:
+    for signum in self._pending:        # raised again, blocked: pending in the new image
         os.kill(os.getpid(), signum)
     try:
         for fd in passed:
@@ -2437,116 +2211,77 @@ def reexec(self, argv, fds=(), names=None, keep=(), state='', check=True):
         os.execve(argv[0], argv, env)
     except OSError as exc:
         for fd in passed:
-            try:
+            with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
-            except OSError:
-                pass
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         raise _step_error('execve %s' % argv[0], exc)
 
 
 def check_new_code(d, argv, fds=(), names=None, timeout=UPGRADE_CHECK_TIMEOUT):
-    """Run `argv` in a child with CHECK_ENV set: it must import, parse and set up, then exit 0.
-
-    The child gets copies of the sockets (as socket activation passes them), stdin from
-    /dev/null, and stdout and stderr on a pipe: its last line is the error that
-    DaemonError carries when it exits non-zero.  It never sees NOTIFY_SOCKET or the pidfile.
-    """
+    """Run `argv` in a child with CHECK_ENV set: it must set up on copies of the sockets and exit
+    0 within timeout, else DaemonError says why; it feeds the watchdog meanwhile."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = os.fork()
-    except OSError as exc:
+        pid = fork('fork a check of the new code')
+    except DaemonError:
         os.close(r)
         os.close(w)
-        raise _step_error('fork a check of the new code', exc)
+        raise
     if pid == 0:
         _exec_check(d, argv, fds, names, r, w)
     os.close(w)
+    output, late, chunk, deadline = b'', None, None, time.monotonic() + timeout
     try:
-        output, late = _read_check(d, pid, r, timeout)
+        while chunk != b'':
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                os.kill(pid, signal.SIGKILL)
+                late = 'no verdict within %gs' % timeout
+                break
+            due = d.watchdog()
+            if select.select([r], [], [], remaining if due is None else min(remaining, due))[0]:
+                chunk = os.read(r, 65536)
+                output = (output + chunk)[-65536:]      # its last 64 KiB
     finally:
         os.close(r)
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-    if late is None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if late is None and code == 0:
         return
-    raise DaemonError('the new code failed its check: %s' % (late or _check_failure(output, status)))
+    if late is None and code < 0:       # killed (by hand, the OOM killer): what it said is not why
+        late = 'killed by %s' % {s.value: s.name for s in signal.Signals}.get(-code, 'signal %d' % -code)
+    said = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
+    why = late or (said[-1] if said else 'exit status %d' % code)
+    raise DaemonError('the new code failed its check: %s' % why)
 
 
 def _exec_check(d, argv, fds, names, r, w):
-    """The child of check_new_code(): the sockets at 3, 4..., output on the pipe w, then the
-    new code; never returns."""
+    """check_new_code()'s child: the sockets at 3, 4..., its output on w, no NOTIFY_SOCKET; no return."""
     try:
         base = max(list(fds) + [r, w]) + len(fds) + SD_LISTEN_FDS_START + 1
         copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
         for index, fd in enumerate(copies):
             os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.dup2(w, 1)
         os.dup2(w, 2)
         close_inherited_fds(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(fds)))
-        env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
-        env[CHECK_ENV] = d.pidfile_path
-        for name in ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV, REEXEC_WATCHERS_ENV):
-            env.pop(name, None)
+        unset = ('NOTIFY_SOCKET', 'LISTEN_FDNAMES', REEXEC_ENV, REEXEC_STATE_ENV, REEXEC_WATCHERS_ENV)
+        env = {name: value for name, value in os.environ.items() if name not in unset}
+        env.update({'LISTEN_PID': str(os.getpid()), 'LISTEN_FDS': str(len(fds)), CHECK_ENV: d.pidfile_path})
         if names:
             env['LISTEN_FDNAMES'] = ':'.join(names)
         reset_signals()
         os.execve(argv[0], argv, env)
     except BaseException as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.write(2, ('cannot run %s: %s\n' % (argv[0], describe(exc))).encode())
-        except OSError:
-            pass
     finally:
         os._exit(127)
 
 
-def _read_check(d, pid, r, timeout):
-    """The check's output until it exits: (the last 64 KiB, None), or (..., why it was killed)
-    when it takes longer than timeout.  Meanwhile the watchdog is fed: the check may take
-    longer than systemd waits."""
-    output, deadline = b'', time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            os.kill(pid, signal.SIGKILL)
-            return output, 'no verdict within %gs' % timeout
-        due = d.watchdog()
-        try:
-            ready = select.select([r], [], [], remaining if due is None else min(remaining, due))[0]
-        except InterruptedError:
-            continue
-        if ready:
-            chunk = os.read(r, 65536)
-            if not chunk:
-                return output, None
-            output = (output + chunk)[-65536:]
-
-
-def _check_failure(output, status):
-    """Why the check failed: its last line, or its exit status, or the signal that killed it."""
-    lines = [line.strip() for line in output.decode('utf-8', 'replace').splitlines() if line.strip()]
-    if os.WIFEXITED(status):
-        return lines[-1] if lines else 'exit status %d' % os.WEXITSTATUS(status)
-    # Killed (by hand, by the OOM killer): what it printed before is not the reason.
-    try:
-        return 'killed by %s' % signal.Signals(os.WTERMSIG(status)).name
-    except ValueError:
-        return 'killed by signal %d' % os.WTERMSIG(status)
-
-
 def upgrade_done(self, error=None):
-    """Report an upgrade's outcome: the log, the service manager and `upgrade` waiting for it.
-
-    The old image calls it when the check failed; the new one once it is ready, or with the
-    reason it could not use its new code (and then serves on with what it inherited).
-    """
+    """Report an upgrade's outcome to the log, the service manager and `upgrade`: the old image
+    when the check failed, the new one once ready or with why it could not use its new code."""
     self.__dict__.pop('_announce_ready', None)     # ready() says READY=1 as usual again
     if error:
         after = 'stopping' if self.stopping else 'still serving'
@@ -2561,30 +2296,26 @@ def upgrade_done(self, error=None):
 
 
 def upgrade_action(d):
-    """SIGUSR2: the daemon re-executes the code now on disk, in place
-
-    The `upgrade` action (offered by self.allow_upgrade()): waits for the verdict, prints it."""
+    """SIGUSR2: the daemon re-executes the code now on disk, in place"""
     return _signal_and_wait(d, 'upgrade', signal.SIGUSR2, UPGRADE_CHECK_TIMEOUT + d.start_timeout + 5,
                             'upgraded in place')
 
 
 def _takeover(self):
-    """Daemon._take_over, for start and run: the new image after reexec(), or the child that
-    checks it."""
-    if CHECK_ENV in os.environ:
-        return _check_only(self)
-    if REEXEC_ENV in os.environ:
-        return _continue_after_reexec(self, os.environ.pop(REEXEC_ENV))
-    return None
+    """Daemon._take_over: the new image after reexec(), or check_new_code()'s child (set up, exit 0)."""
+    if CHECK_ENV not in os.environ:
+        return _continue_after_reexec(self, os.environ.pop(REEXEC_ENV)) if REEXEC_ENV in os.environ else None
+    self.absolutize()
+    if os.environ.pop(CHECK_ENV) != self.pidfile_path:
+        raise DaemonError('the new command line names another pidfile (%s)' % self.pidfile_path)
+    self.listen_fds = self._passed_sockets()
+    self.setup()
+    self._switch_user()
+    return EXIT_OK
 
 
 def _continue_after_reexec(self, spec):
-    """The new image after reexec(): the same daemon, the same pid, new code.
-
-    A failure here, before run(), is reported as the upgrade's outcome; the process then
-    exits as any daemon whose setup failed (its children see their lifeline close).  A
-    program that can do better overrides setup() to keep serving with what it inherited.
-    """
+    """The new image after reexec(): a failure before run() is the upgrade's outcome, then exit."""
     pidfile_fd, detached, fds, names = spec.split(' ')
     self.inherited = os.environ.pop(REEXEC_STATE_ENV, '')
     for watcher in os.environ.pop(REEXEC_WATCHERS_ENV, '').split():
@@ -2592,21 +2323,25 @@ def _continue_after_reexec(self, spec):
         self._watchers.setdefault(action, []).append(bytes.fromhex(address))
     self.detached = detached == '1'
     self._announce_ready = lambda: upgrade_done(self)     # ready() reports the upgrade
-    # The image this one continues ran a loop that acts on signals (reexec() is called from
-    # it): a stop pending across execve is that loop's to act on, not a SystemExit from here.
+    # The old image's loop acted on signals: so does this one, on a stop pending across execve.
     self._cooperative = self.cooperative is not False
     try:
         if self.detached:
             rebuild_std_streams()       # fds 0-2 are still the log: line-buffered again
         self.absolutize()
-        fds = [int(fd) for fd in fds.split(',')] if fds != '-' else []
-        names = names.split(':') if names != '-' else []
-        for index, fd in enumerate(fds):
+        self.listen_fds = _by_name([int(fd) for fd in fds.split(',')] if fds != '-' else [],
+                                   names if names != '-' else '')
+        if int(pidfile_fd) >= 0:        # the locked pidfile the old image passed on
+            pidfile, fd = self._new_pidfile(), int(pidfile_fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # ours already: a no-op check
+            except OSError as exc:
+                raise _step_error('adopt pidfile', exc, pidfile.path)
+            if not pidfile._same_file(fd):
+                raise DaemonError('adopt pidfile failed (fd %d is not %s)' % (fd, pidfile.path))
             os.set_inheritable(fd, False)
-            name = names[index] if index < len(names) and names[index] else 'unknown'
-            self.listen_fds.setdefault(name, []).append(fd)
-        if int(pidfile_fd) >= 0:
-            self._pidfile = _adopt_pidfile(self._new_pidfile(), int(pidfile_fd))
+            pidfile.fd, pidfile.owner = fd, os.getpid()     # the pid in the file is still ours
+            self._pidfile = pidfile
         self._become_service()
     except BaseException as exc:
         upgrade_done(self, describe(exc))
@@ -2617,39 +2352,11 @@ def _continue_after_reexec(self, spec):
     return self._serve()
 
 
-def _check_only(self):
-    """The child of check_new_code(): everything up to serving, then exit 0."""
-    self.absolutize()
-    if os.environ.pop(CHECK_ENV) != self.pidfile_path:
-        raise DaemonError('the new command line names another pidfile (%s)' % self.pidfile_path)
-    self.listen_fds = self._passed_sockets()
-    self.setup()
-    self._switch_user()
-    return EXIT_OK
-
-
-def _adopt_pidfile(pidfile, fd):
-    """The PidFile whose locked descriptor fd the image before this one passed on."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # ours already: a no-op check
-    except OSError as exc:
-        raise _step_error('adopt pidfile', exc, pidfile.path)
-    if not pidfile._same_file(fd):
-        raise DaemonError('adopt pidfile failed (fd %d is not %s)' % (fd, pidfile.path))
-    os.set_inheritable(fd, False)
-    pidfile.fd, pidfile.owner = fd, os.getpid()     # the pid in the file is still ours
-    return pidfile
-
-
-# What this section adds to Daemon (its functions that take self are Daemon's methods): the
-# hook the core calls (a no-op there), and the methods of a daemon that upgrades itself
-# (self.reexec(argv, ...), self.upgrade_done(error)).
 def allow_upgrade(self):
     """Offer the `upgrade` action (upgrade_action) on this daemon's command line."""
     self.add_action('upgrade', upgrade_action)
 
 
+# The hook the core calls (a no-op there), and the methods of a daemon that upgrades itself.
 Daemon._take_over = _takeover
-Daemon.reexec = reexec
-Daemon.upgrade_done = upgrade_done
-Daemon.allow_upgrade = allow_upgrade
+Daemon.reexec, Daemon.upgrade_done, Daemon.allow_upgrade = reexec, upgrade_done, allow_upgrade
