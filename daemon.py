@@ -350,7 +350,7 @@ class Daemon:
         try:
             while self._wake_r is not None and os.read(self._wake_r, 512):
                 pass
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             pass
         while self._pending:
             signum = self._pending.pop(0)
@@ -403,10 +403,7 @@ class Daemon:
             due = self.watchdog()
             if due is not None:
                 step = due if step is None else min(step, due)
-            try:
-                woken = select.select([self._wake_r], [], [], step)[0]
-            except InterruptedError:
-                woken = True
+            woken = select.select([self._wake_r], [], [], step)[0]     # a signal writes the pipe
             if woken or due is None or deadline is not None and time.monotonic() >= deadline:
                 break
         return self.handle_signals()
