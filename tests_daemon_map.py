@@ -1,0 +1,69 @@
+"""daemon.py's map: its module docstring and docs/daemon.md, checked against the code (issue 20).
+
+The module docstring is a short map that points to docs/daemon.md, the one complete reference;
+docs/daemon.md's table of daemonize()'s steps names the helpers daemonize() calls, in the order
+it calls them (python-daemon's docstring drifted from its code: this one cannot).
+"""
+
+import os
+import re
+import unittest
+from unittest import mock
+
+import testlib
+from testlib import HERE, slurp
+import daemon
+
+# The longest the module docstring may grow: the map, not the reference (docs/daemon.md is that).
+MAP_LINES = 40
+
+
+@testlib.unit
+class DaemonMapTests(unittest.TestCase):
+    def steps_table(self):
+        """The helper column of docs/daemon.md's "daemonize(), step by step" table, in order."""
+        text = slurp(os.path.join(HERE, 'docs', 'daemon.md'))
+        section = text.split('\n## daemonize(), step by step\n', 1)[1].split('\n## ', 1)[0]
+        return [re.match(r'`([\w.]+)', row.split('|')[2].strip()).group(1)
+                for row in section.splitlines() if re.match(r'\| \d+ \|', row)]
+
+    def test_the_steps_table_is_what_daemonize_calls(self):
+        """Each step's helper, as docs/daemon.md names it, is the one daemonize() calls there
+        (recorded with every helper patched, as test_daemonize_steps_in_order does); the
+        pidfile is taken by _become_service(), which PidFile.acquire() stands for."""
+        calls = []
+        d = daemon.Daemon('/tmp/never-written.pid')
+
+        def record(name, result=None, wraps=None):
+            return lambda *args, **kwargs: calls.append(name) or (wraps(*args) if wraps else result)
+
+        steps = (('make_paths_absolute', None, daemon.make_paths_absolute),
+                 ('close_inherited_fds', None, None), ('reset_signals', None, None),
+                 ('fork', 0, None), ('detach_session', None, None), ('set_umask', None, None),
+                 ('change_directory', None, None), ('redirect_stdio', None, None))
+        patches = [mock.patch.object(daemon, name, side_effect=record(name, result, wraps))
+                   for name, result, wraps in steps]
+        patches.append(mock.patch.object(d, '_become_service', side_effect=record('PidFile.acquire')))
+        patches.append(mock.patch.object(d, 'ready', side_effect=record('ready')))
+        for patch in patches:
+            patch.start()
+            self.addCleanup(patch.stop)
+        d.daemonize()
+        d._launcher.close()
+        # absolutize() makes its paths absolute in two calls: one step.
+        steps_called = [name for i, name in enumerate(calls) if i == 0 or name != calls[i - 1]]
+        self.assertEqual(self.steps_table(), steps_called)
+
+    def test_every_helper_named_exists(self):
+        """A helper named in the table is a function of daemon.py (or a method, Class.name)."""
+        for name in self.steps_table():
+            owner, _, attribute = name.rpartition('.')
+            self.assertTrue(callable(getattr(getattr(daemon, owner) if owner else daemon, attribute, None)),
+                            'docs/daemon.md names %s, which daemon.py does not define' % name)
+
+    def test_the_module_docstring_is_a_map(self):
+        """The module docstring is a short map (at most MAP_LINES lines) that leads to
+        docs/daemon.md for everything else."""
+        lines = daemon.__doc__.strip('\n').splitlines()
+        self.assertLessEqual(len(lines), MAP_LINES, 'daemon.py\'s docstring: move the details to docs/daemon.md')
+        self.assertIn('docs/daemon.md', daemon.__doc__)
