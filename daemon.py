@@ -15,74 +15,24 @@ Copy this file into a project, subclass Daemon and override run():
         sys.exit(daemon.main(Ticker(stdout=log, stderr=log)))
 
 Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run` (or
---help), from any directory.  The public API is `__all__`, the Daemon class docstring its
-contract; docs/daemon.md is the complete reference (where the files go, the pidfile's life,
-signals, systemd, the optional sections, programs with threads, logging and asyncio), and
-docs/design.md says why it is built this way.
+--help), from any directory.  The API is `__all__`; the Daemon class docstring is its contract.
 
-Processes
----------
-    launcher --fork--> child --setsid, fork--> daemon --run()--> (workers, if run() forks)
-       |                 `-- os._exit(0)          |
-       `---- waits on a socketpair <--------------'  READY=1 STATUS=<line>, RUNNING=<pid>, ERROR=<why>
+    launcher -[fork]-> child -[setsid, fork]-> daemon -[run()]-> (workers, if run() forks)
+       `-- waits on a socketpair for READY=1 STATUS=<line>, RUNNING=<pid> or ERROR=<why>
 
-The launcher exits 0 once the daemon says it is ready (or was already running; one that is
-stopping, draining its last connections, it waits out first), and prints the
-line the daemon gave ready() ("<name> started (pid N)" by default); otherwise it prints the
-daemon's own startup error on stderr and exits 1.  It never exits 0 early.  Every message of an
-action that depends on the pidfile names it by its absolute path.  Later actions send their
-signal and hear the daemon on its one channel, a socket named from the pidfile: whether a stop
-is under way, the verdict of a reload (see "the channel" below).
-
-Actions run at the same time take turns, as systemd queues jobs: start, restart, try-restart,
-reload (and upgrade) wait for the one under way to finish, so two restarts both end 0 with
-one daemon.  A stop does not wait for a start under way: it stops its daemon (that start then
-exits 1, "stopped during startup"), then stops whatever runs once its turn comes: a stop has
-the last word.  The turn is an abstract socket name, nothing on disk (the optional section
-"turns").
-
-daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
---------------------------------------------------------------------------------
-  0. make_paths_absolute   every path, before anything changes the working directory
-  1. close_inherited_fds   fds >= 3 inherited from the caller (not close-on-exec)
-  2. reset_signals         default dispositions (SIGPIPE, SIGXFSZ stay ignored), empty mask
-  3. fork                  the launcher stays behind and waits on the socketpair (the channel)
-  4. setsid                a new session, no controlling terminal
-  5. fork                  no session leader, so never a terminal again
-  6. set_umask             022 by default
-  7. change_directory      workdir, "/" by default
-  8. redirect_stdio        stdin from /dev/null, stdout and stderr appended to the log
-  9. PidFile.acquire       O_NOFOLLOW, 0644, flock()ed for the daemon's whole life
- 10. ready()               tells the launcher "READY", or the startup error
-
-Signals in the daemon
----------------------
-  SIGTERM, SIGINT   stop: `stopping` becomes true and wait() returns True; exit status 0
-  SIGHUP            on_reload()
-  SIGUSR1           stdout/stderr reopened (logrotate), then on_reopen_logs()
-  SIGUSR2           on_upgrade() (the upgrade section: reexec() in place)
-The handlers only record the signal and wake wait(); the hooks run from wait() or
-handle_signals(), in the daemon's loop.  `cooperative` says how a stop reaches a run() that
-never calls them (the class docstring).
-
-Files
------
-  pidfile   the daemon's pid; an flock() held for its life says it is alive
-  logs      stdout and stderr, appended to, line-buffered; a symbolic link is refused
+Signals: TERM, INT stop (wait() returns True); HUP on_reload(); USR1 reopens the logs, then
+on_reopen_logs(); USR2 on_upgrade().  Handlers only record; the hooks run in wait().
 
 Exit codes (LSB init-script actions; status has its own)
---------------------------------------------------------
-  0  success (also: start when running, stop when stopped)     status 0  running
-  1  generic failure (the message says which)                  status 1  dead, pidfile remains
-  2  invalid argument or usage                                 status 3  not running
-  4  insufficient privilege (a message says                   status 4  unknown (no access)
-     which file or step, and as which user)
+  0  success                      status 0  running
+  1  generic failure              status 1  dead, pidfile remains
+  2  invalid argument or usage    status 3  not running
+  4  insufficient privilege       status 4  unknown (no access)
   7  not running (reload)
 
-Sections: constants and helpers; Daemon; main(); the controller (the actions, run in the
-launcher); the daemon(7) steps; the pidfile; the channel (one format, one reader).  Then the optional sections,
-each between banners of '=' and deletable whole: the core never names them.  Each sets hooks
-that are no-ops in the core, and adds its names to __all__ (docs/daemon.md lists them).
+The core comes first, then the optional sections, each between banners of '=' and deletable
+whole (`grep -n '^# [A-Z]' daemon.py`).  docs/daemon.md is the complete reference: daemonize()'s
+steps, the pidfile's life, signals, the channel, systemd, the optional sections, threads, asyncio.
 """
 
 import atexit
