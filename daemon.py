@@ -35,57 +35,29 @@ whole (`grep -n '^# [A-Z]' daemon.py`).  docs/daemon.md is the complete referenc
 steps, the pidfile's life, signals, the channel, systemd, the optional sections, threads, asyncio.
 """
 
-import atexit
-import contextlib
-import errno
-import fcntl
-import grp
-import hashlib
-import os
-import pwd
-import select
-import signal
-import socket
-import stat
-import struct
-import sys
-import syslog
-import threading
-import time
-import traceback
-import weakref
+import atexit, contextlib, errno, fcntl, grp, hashlib, os, pwd, select, signal, socket, stat
+import struct, sys, syslog, threading, time, traceback, weakref
 
-__all__ = [
-    # the daemon and its command line
-    'Daemon', 'main', 'ACTIONS', 'DaemonError', 'describe', 'log', 'LOG_ERR', 'LOG_WARNING',
-    'current_user',
-    # exit codes: LSB init-script actions, and `status`
-    'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
-    'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN',
-    # for a program's own files: its logs, checked in the launcher
-    'open_log', 'check_writable',
-]                  # each optional section adds its own names
+__all__ = ['Daemon', 'main', 'ACTIONS', 'DaemonError', 'describe', 'log', 'LOG_ERR', 'LOG_WARNING',
+           'current_user', 'open_log', 'check_writable',    # a program's own logs, checked early
+           'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
+           'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN']   # + the optional sections'
 
 # ---------------------------------------------------------------------------------------------
 # Constants, errors, small helpers
 # ---------------------------------------------------------------------------------------------
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_PRIVILEGE = 4
-EXIT_NOT_RUNNING = 7
-
-STATUS_RUNNING = 0
-STATUS_DEAD = 1          # "program is dead and /var/run pid file exists"
-STATUS_STOPPED = 3
-STATUS_UNKNOWN = 4
+# Exit codes: LSB's for init-script actions, and its own for `status` (STATUS_DEAD: "program is
+# dead and /var/run pid file exists").  log()'s priorities are syslog(3)'s: `journalctl -p`'s.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PRIVILEGE, EXIT_NOT_RUNNING = 0, 1, 2, 4, 7
+STATUS_RUNNING, STATUS_DEAD, STATUS_STOPPED, STATUS_UNKNOWN = 0, 1, 3, 4
+LOG_ERR, LOG_WARNING, LOG_INFO = syslog.LOG_ERR, syslog.LOG_WARNING, syslog.LOG_INFO
 
 # The actions main() offers.  A subclass may register more with add_action() (agent.py: upgrade).
 ACTIONS = ('start', 'stop', 'restart', 'try-restart', 'reload', 'force-reload', 'status', 'run')
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
 
 class DaemonError(Exception):
     """An OS failure while becoming or running a daemon; the message names the step.
@@ -141,10 +113,10 @@ def format_traceback(exc):
     try:
         return ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
     except Exception as error:
-        frames = ['  File "%s", line %d, in %s' % (frame.f_code.co_filename, lineno, frame.f_code.co_name)
+        frames = ['  File "%s", line %d, in %s\n' % (frame.f_code.co_filename, lineno, frame.f_code.co_name)
                   for frame, lineno in traceback.walk_tb(exc.__traceback__)]
-        return '\n'.join(['Traceback (most recent call last; no source lines: %s):' % describe(error)]
-                         + frames + ['%s: %s' % (type(exc).__name__, exc) if str(exc) else type(exc).__name__])
+        return ''.join(['Traceback (most recent call last; no source lines: %s):\n' % describe(error)]
+                       + frames + traceback.format_exception_only(type(exc), exc)).rstrip()
 
 
 def current_user():
@@ -156,18 +128,14 @@ def current_user():
         return 'uid %d' % uid
 
 
-# The priorities of log() (syslog(3)'s): what `journalctl -p` filters on.
-LOG_ERR, LOG_WARNING, LOG_INFO = syslog.LOG_ERR, syslog.LOG_WARNING, syslog.LOG_INFO
-
-
 def log(message, stream=None, priority=LOG_INFO, exc=None):
     """Write one timestamped line to stderr (the daemon's log once detached), with exc's
     traceback after it.  On journald's stream each line starts with "<priority>" (sd-daemon(3))."""
     stream = stream or sys.stderr
+    text = '%s [%d] %s' % (time.strftime('%Y-%m-%d %H:%M:%S'), os.getpid(), message)
     if exc is not None:
-        message = '%s\n%s' % (message, format_traceback(exc))
+        text += '\n' + format_traceback(exc)
     try:
-        text = '%s [%d] %s' % (time.strftime('%Y-%m-%d %H:%M:%S'), os.getpid(), message)
         stream.write(_with_priority(text, stream, priority) + '\n')
         stream.flush()
     except (OSError, ValueError):
