@@ -1213,10 +1213,13 @@ def _run_atexit():
 # ---------------------------------------------------------------------------------------------
 # The daemon(7) steps, one small function each
 # ---------------------------------------------------------------------------------------------
+#
+# daemonize() calls them in daemon(7)'s order (docs/daemon.md's table, which a test checks);
+# the why of each, at length: docs/daemon.md, "Design notes: steps and pidfile".
 
 def make_paths_absolute(*paths):
-    """The paths made absolute against the current directory (None stays None); DaemonError
-    names a relative one when that directory no longer exists."""
+    """Step 0: the paths made absolute against the current directory (None stays None); a
+    DaemonError names a relative one when that directory no longer exists."""
     absolute = []
     for path in paths:
         if path and not os.path.isabs(path):
@@ -1231,27 +1234,19 @@ def make_paths_absolute(*paths):
 
 def _threads_left_behind():
     """The names of the threads a fork() now would leave behind: all but the calling one."""
-    current = threading.current_thread()
     return [thread.name for thread in threading.enumerate()
-            if thread is not current and thread.is_alive()]
-
-
-def open_fds():
-    """The process's open file descriptors, from /proc/self/fd (or /dev/fd)."""
-    for directory in ('/proc/self/fd', '/dev/fd'):
-        try:
-            return sorted(int(name) for name in os.listdir(directory))
-        except OSError:
-            continue
-    # No fd directory at all: fall back to a bounded range, never to a huge RLIMIT_NOFILE.
-    return list(range(3, 1024))
+            if thread is not threading.current_thread() and thread.is_alive()]
 
 
 def close_inherited_fds(keep=()):
-    """Step 1: close every fd >= 3 that the process inherited (not close-on-exec), but `keep`.
-    Python opens its own files close-on-exec (PEP 446): a logging handler keeps its file."""
-    keep = set(keep)
-    for fd in open_fds():
+    """Step 1: close every fd >= 3 that the process inherited (not close-on-exec, as Python's
+    own are), but `keep`; listed from /proc/self/fd (or /dev/fd), else 3-1023."""
+    listed = '/proc/self/fd' if os.path.isdir('/proc/self/fd') else '/dev/fd'
+    try:
+        fds = [int(name) for name in os.listdir(listed)]
+    except OSError:
+        fds = range(3, 1024)
+    for fd in fds:
         if fd >= 3 and fd not in keep:
             try:
                 if os.get_inheritable(fd):
@@ -1263,22 +1258,17 @@ def close_inherited_fds(keep=()):
 def reset_signals():
     """Step 2: every signal to its default, an empty mask; SIGPIPE and SIGXFSZ stay ignored,
     as Python sets them (its code expects BrokenPipeError and EFBIG, not sudden death)."""
-    for signum in signal.valid_signals():
-        if signum in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        if signum in (signal.SIGPIPE, getattr(signal, 'SIGXFSZ', None)):
-            disposition = signal.SIG_IGN
-        else:
-            disposition = signal.SIG_DFL
+    ignored = (signal.SIGPIPE, getattr(signal, 'SIGXFSZ', None))
+    for signum in set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}:
         try:
-            signal.signal(signum, disposition)
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
         except (OSError, ValueError, RuntimeError):
             pass    # signals reserved by the C library cannot be set
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def fork(step):
-    """Steps 3 and 5: fork, as a DaemonError naming the step on failure."""
+    """Steps 3 and 5: fork(), a failure a DaemonError naming the step."""
     try:
         return os.fork()
     except OSError as exc:
@@ -1286,7 +1276,7 @@ def fork(step):
 
 
 def detach_session():
-    """Step 4: a new session without a controlling terminal."""
+    """Step 4: setsid(), a new session without a controlling terminal."""
     try:
         os.setsid()
     except OSError as exc:
@@ -1299,25 +1289,30 @@ def set_umask(mask):
 
 
 def change_directory(path):
-    """Step 7."""
+    """Step 7: to workdir, "/" by default: the daemon keeps no file system busy."""
     try:
         os.chdir(path)
     except OSError as exc:
         raise _step_error('change working directory', exc)
 
 
-def open_log(path):
-    """Open a log for appending (0644 under umask 022), as a raw fd.  A symbolic link is
-    refused (root opens it, maybe in /tmp); a FIFO nobody reads fails at once, never hangs."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
+def _open_file(path, flags):
+    """os.open() of a log or the pidfile (0644 under umask 022): close-on-exec, never through
+    a symbolic link (refused), a FIFO nobody reads (O_NONBLOCK in flags) said plainly."""
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK, 0o644)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError(exc.errno, 'is a symbolic link, refused', path)
         if exc.errno == errno.ENXIO:
             raise OSError(exc.errno, 'is a FIFO that nobody reads', path)
         raise
+
+
+def open_log(path):
+    """Open a log for appending, as a raw fd: a symbolic link is refused, and a FIFO nobody
+    reads fails at once, never hangs."""
+    fd = _open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK)
     os.set_blocking(fd, True)
     return fd
 
@@ -1327,14 +1322,13 @@ def redirect_stdio(stdin, stdout, stderr):
     when they are the same path), sys.stdout and sys.stderr line-buffered."""
     _flush_std_streams()
     try:
-        fd_in = os.open(stdin, os.O_RDONLY | os.O_NOCTTY)
-        fd_out = open_log(stdout)
-        fd_err = fd_out if stderr == stdout else open_log(stderr)
+        fds = [os.open(stdin, os.O_RDONLY | os.O_NOCTTY), open_log(stdout)]
+        fds.append(fds[1] if stderr == stdout else open_log(stderr))
     except OSError as exc:
         raise _step_error('open standard streams', exc)
-    for fd, target in ((fd_in, 0), (fd_out, 1), (fd_err, 2)):
+    for target, fd in enumerate(fds):
         os.dup2(fd, target)
-    for fd in {fd_in, fd_out, fd_err}:
+    for fd in set(fds):
         os.close(fd)
     rebuild_std_streams()
 
@@ -1348,17 +1342,15 @@ def rebuild_std_streams():
 
 def check_identity(user=None, group=None):
     """Fail early, in the launcher, on an unknown user or group, or one we cannot become."""
-    found = {}
-    for kind, name, lookup in (('user', user, pwd.getpwnam), ('group', group, grp.getgrnam)):
+    same = []
+    for kind, name, lookup, field, ours in (('user', user, pwd.getpwnam, 'pw_uid', os.geteuid),
+                                            ('group', group, grp.getgrnam, 'gr_gid', os.getegid)):
         if name is not None:
             try:
-                found[kind] = lookup(name)
+                same.append(getattr(lookup(name), field) == ours())
             except KeyError:
                 raise DaemonError('unknown %s %r' % (kind, name))
-    if os.geteuid() == 0 or not found:
-        return
-    if 'user' in found and found['user'].pw_uid != os.geteuid() or \
-            'group' in found and found['group'].gr_gid != os.getegid():
+    if os.geteuid() != 0 and not all(same):
         wanted = ':'.join(name for name in (user, group) if name is not None)
         raise DaemonError('switching to %s needs root, and this runs as %s: start it as root, '
                           'or without a user and group' % (wanted, current_user()), privilege=True)
@@ -1398,8 +1390,7 @@ def parse_pid(text):
 class PidFile:
     """A pidfile whose flock() says whether its daemon lives: acquire() is the daemon's,
     probe() everyone else's (it never takes the lock).  companions: files that go with it,
-    removed first, under the lock.  A daemon that may not unlink it (privileges dropped, in
-    /run) empties it instead: it names no pid, and the next stop or start removes it."""
+    removed first, under the lock (docs/daemon.md, "Design notes: steps and pidfile")."""
 
     def __init__(self, path, companions=()):
         self.path = path
@@ -1407,30 +1398,50 @@ class PidFile:
         self.fd = None
         self.owner = None       # the pid that wrote it: only that process removes it
 
-    # -- the daemon's side --
+    def _same_file(self, fd):
+        """Whether fd is still the file at the path (not unlinked or replaced since it was opened)."""
+        try:
+            here, mine = os.stat(self.path, follow_symlinks=False), os.fstat(fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
-    def acquire(self):
-        """Open, lock, and write our pid; AlreadyRunning if another process holds the lock."""
+    def _lock(self, flags, step):
+        """(fd, None): the file at the path, opened with flags, flock()ed and still there (one
+        its last owner unlinked between our open and our lock is opened again); (None, pid)
+        if another process holds the lock, pid the one the file names.  Else a DaemonError."""
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                fd = _open_file(self.path, flags)
             except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    exc = OSError(exc.errno, 'is a symbolic link, refused', self.path)
-                raise _step_error('create pidfile', exc)
+                raise _step_error(step, exc)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 pid = parse_pid(os.pread(fd, 64, 0))
                 os.close(fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise AlreadyRunning(pid)
+                if isinstance(exc, BlockingIOError):
+                    return None, pid
                 raise _step_error('lock pidfile', exc, self.path)
-            # Unlinked by its previous owner between our open and our lock?  Then try again.
             if self._same_file(fd):
-                break
+                return fd, None
             os.close(fd)
-        if not os.path.isfile(self.path):
+
+    def _remove(self):
+        """Unlink the companions, then the pidfile, while we hold its lock: no one takes it between."""
+        for path in self.companions:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        os.unlink(self.path)
+
+    # -- the daemon's side --
+
+    def acquire(self):
+        """Open, lock, and write our pid; AlreadyRunning if another process holds the lock."""
+        fd, pid = self._lock(os.O_RDWR | os.O_CREAT, 'create pidfile')
+        if fd is None:
+            raise AlreadyRunning(pid)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise _step_error('write pidfile', OSError(errno.EINVAL, 'not a regular file', self.path))
         try:
@@ -1439,54 +1450,32 @@ class PidFile:
             os.pwrite(fd, b'%d\n' % os.getpid(), 0)
         except OSError as exc:
             # ENOSPC, EDQUOT: remove it, or status would take it for a dead daemon's trace.
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)
-            except OSError:
-                pass
             os.close(fd)
             raise _step_error('write pidfile', exc, self.path)
         self.fd, self.owner = fd, os.getpid()
 
-    def _same_file(self, fd):
-        try:
-            here = os.stat(self.path, follow_symlinks=False)
-        except OSError:
-            return False
-        mine = os.fstat(fd)
-        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
-
     def release(self):
-        """Remove the pidfile and drop the lock; a no-op in any process but the owner."""
+        """Remove the pidfile and drop the lock; a no-op in any process but the owner.  One it
+        may not unlink (privileges dropped, in /run) is emptied: the next stop or start removes it."""
         if self.fd is None or os.getpid() != self.owner:
             return
         try:
             if self._same_file(self.fd):
-                self._remove_companions()
-                os.unlink(self.path)    # unlink while still locked: no one can lock it in between
+                self._remove()
         except OSError as exc:
-            # Its directory is not writable (privileges dropped): empty, it names no pid.
-            try:
-                os.ftruncate(self.fd, 0)
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)        # empty, it names no pid
             log('cannot remove pidfile %s as %s (%s): left empty, the next stop or start '
                 'removes it' % (self.path, current_user(), exc.strerror or exc), priority=LOG_WARNING)
         self.forget()
 
-    def _remove_companions(self):
-        for path in self.companions:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
     def forget(self):
         """Close our descriptor without removing the file (forked children call this)."""
         if self.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.fd)
-            except OSError:
-                pass
         self.fd = None
 
     # -- everyone else's side --
@@ -1504,13 +1493,12 @@ class PidFile:
         raise DaemonError('pidfile %s names pid %d, but another process holds its lock' % (self.path, pid))
 
     def _probe_once(self):
+        """(state, pid, consistent) from one look; not consistent: look again."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = _open_file(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return 'absent', None, True
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise DaemonError('pidfile %s is a symbolic link, refused' % self.path)
             raise _step_error('read pidfile', exc)
         try:
             st = os.fstat(fd)
@@ -1527,8 +1515,7 @@ class PidFile:
         if not locked:
             return 'stale', pid, True
         # Locked: it counts only if the file names the holder (never guess which pid to signal).
-        consistent = pid is not None and _pid_alive(pid) and (holders is None or pid in holders)
-        return 'running', pid, consistent
+        return 'running', pid, pid is not None and _pid_alive(pid) and (holders is None or pid in holders)
 
     def _lock_holders(self, st, pid):
         """The pids holding the lock of the file with stat st (pid among them if it has that
@@ -1539,49 +1526,42 @@ class PidFile:
     def _probe_lock(fd):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return True
-            raise
+        except BlockingIOError:
+            return True
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False
 
     def remove_stale(self):
         """Remove a pidfile that nobody locks (taking its lock first, so never a live one's)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+            fd, _ = self._lock(os.O_RDONLY, 'remove stale pidfile')
+            if fd is None:
+                return False            # locked: a live daemon's
+            try:
+                self._remove()
+            finally:
+                os.close(fd)
+        except (DaemonError, OSError):
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if self._same_file(fd):
-                self._remove_companions()
-                os.unlink(self.path)
-                return True
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        return False
+        return True
 
 
 def _pid_alive(pid):
+    """Whether process pid exists (another user's too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
 def _open_pidfd(pid):
     """A pidfd for pid (Linux 5.3+), or None: signals through it cannot hit a reused pid."""
-    if not hasattr(os, 'pidfd_open'):
-        return None
     try:
         return os.pidfd_open(pid)
-    except OSError:
+    except (AttributeError, OSError):
         return None
 
 
