@@ -1,17 +1,20 @@
-"""daemon.py's map: its module docstring and docs/daemon.md, checked against the code (issue 20).
+"""daemon.py's map, daemon(7) steps and pidfile (issue 20's small core).
 
-The module docstring is a short map that points to docs/daemon.md, the one complete reference;
-docs/daemon.md's table of daemonize()'s steps names the helpers daemonize() calls, in the order
-it calls them (python-daemon's docstring drifted from its code: this one cannot).
+DaemonMapTests: the module docstring is a short map that points to docs/daemon.md, the one
+complete reference; docs/daemon.md's table of daemonize()'s steps names the helpers daemonize()
+calls, in the order it calls them (python-daemon's docstring drifted from its code: this one
+cannot).  PidfileKindTests: a pidfile path that names no regular file is said, never a hang.
 """
 
 import os
 import re
+import socket
+import stat
 import unittest
 from unittest import mock
 
 import testlib
-from testlib import HERE, slurp
+from testlib import HERE, PYTHON, SAMPLE_DAEMON, TempDirTest, kill_group_of, run, slurp
 import daemon
 
 # The longest the module docstring may grow: the map, not the reference (docs/daemon.md is that).
@@ -64,3 +67,45 @@ class DaemonMapTests(unittest.TestCase):
         lines = daemon.__doc__.strip('\n').splitlines()
         self.assertLessEqual(len(lines), MAP_LINES, 'daemon.py\'s docstring: move the details to docs/daemon.md')
         self.assertIn('docs/daemon.md', daemon.__doc__)
+
+
+class PidfileKindTests(TempDirTest):
+    """A pidfile path that names a FIFO or a socket (a mistake, or a planted file): every
+    action says so, naming the path and what is there, with its exit code (status: 4,
+    unknown; the others 1), and leaves it alone.  Was: "status failed: Illegal seek" (the
+    pread of a FIFO), no path; a socket was called "a FIFO that nobody reads"."""
+
+    def setUp(self):
+        TempDirTest.setUp(self)
+        self.script = os.path.join(self.tmp, 'sample.py')
+        with open(self.script, 'w') as f:
+            f.write(SAMPLE_DAEMON.format(here=HERE))
+        self.pidfile = os.path.join(self.tmp, 'sample.pid')
+
+    def act(self, action):
+        result = run([PYTHON, self.script, action], cwd=self.tmp,
+                     env=dict(os.environ, SAMPLE_MODE='cooperative'))
+        started = re.search(r'started \(pid (\d+)\)', result.stdout)
+        if started:                     # a start that should have failed: stop what it started
+            self.addCleanup(kill_group_of, int(started.group(1)))
+        return result
+
+    def check_every_action(self, kind, is_kind):
+        for action in ('status', 'start', 'stop', 'restart', 'run'):
+            result = self.act(action)
+            expected = daemon.STATUS_UNKNOWN if action == 'status' else daemon.EXIT_FAILURE
+            self.assertEqual(result.returncode, expected, (action, result.stdout, result.stderr))
+            self.assertIn(self.pidfile, result.stderr, action)
+            self.assertIn(kind, result.stderr, action)
+            self.assertNotIn('Traceback', result.stderr, action)
+            self.assertTrue(is_kind(os.lstat(self.pidfile).st_mode), action)
+
+    def test_a_fifo(self):
+        os.mkfifo(self.pidfile)
+        self.check_every_action('a FIFO', stat.S_ISFIFO)
+
+    def test_a_socket(self):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(self.pidfile)
+        self.check_every_action('a socket', stat.S_ISSOCK)
