@@ -1296,16 +1296,24 @@ def change_directory(path):
         raise _step_error('change working directory', exc)
 
 
+def _kind(mode):
+    """What a path that is no regular file names, for a message: 'a directory', 'a FIFO'..."""
+    kinds = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO'), (stat.S_ISSOCK, 'a socket'))
+    return next((kind for test, kind in kinds if test(mode)), 'a device')
+
+
 def _open_file(path, flags):
     """os.open() of a log or the pidfile (0644 under umask 022): close-on-exec, never through
-    a symbolic link (refused), a FIFO nobody reads (O_NONBLOCK in flags) said plainly."""
+    a symbolic link (refused); what O_NONBLOCK in flags cannot open (ENXIO) said plainly."""
     try:
         return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError(exc.errno, 'is a symbolic link, refused', path)
-        if exc.errno == errno.ENXIO:
-            raise OSError(exc.errno, 'is a FIFO that nobody reads', path)
+        if exc.errno == errno.ENXIO:        # a FIFO nobody reads, a socket, a device without driver
+            kind = _kind(os.lstat(path).st_mode)
+            raise OSError(exc.errno, 'is a FIFO that nobody reads' if kind == 'a FIFO' else
+                          'is %s, not a regular file' % kind, path)
         raise
 
 
@@ -1441,9 +1449,11 @@ class PidFile:
         fd, pid = self._lock(os.O_RDWR | os.O_CREAT, 'create pidfile')
         if fd is None:
             raise AlreadyRunning(pid)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
             os.close(fd)
-            raise _step_error('write pidfile', OSError(errno.EINVAL, 'not a regular file', self.path))
+            why = 'is %s, not a regular file' % _kind(mode)
+            raise _step_error('write pidfile', OSError(errno.EINVAL, why, self.path))
         try:
             os.fchmod(fd, 0o644)
             os.ftruncate(fd, 0)
@@ -1502,8 +1512,9 @@ class PidFile:
             raise _step_error('read pidfile', exc)
         try:
             st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise DaemonError('pidfile %s is a directory: give a file name' % self.path)
+            if not stat.S_ISREG(st.st_mode):
+                raise DaemonError('pidfile %s is %s, not a regular file: give a file name'
+                                  % (self.path, _kind(st.st_mode)))
             pid = parse_pid(os.pread(fd, 64, 0))
             holders = self._lock_holders(st, pid)
             locked = self._probe_lock(fd) if holders is None else bool(holders)
@@ -1534,7 +1545,7 @@ class PidFile:
     def remove_stale(self):
         """Remove a pidfile that nobody locks (taking its lock first, so never a live one's)."""
         try:
-            fd, _ = self._lock(os.O_RDONLY, 'remove stale pidfile')
+            fd, _ = self._lock(os.O_RDONLY | os.O_NONBLOCK, 'remove stale pidfile')
             if fd is None:
                 return False            # locked: a live daemon's
             try:

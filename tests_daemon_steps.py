@@ -109,3 +109,16 @@ class PidfileKindTests(TempDirTest):
         self.addCleanup(listener.close)
         listener.bind(self.pidfile)
         self.check_every_action('a socket', stat.S_ISSOCK)
+
+    def test_a_log_that_is_a_socket(self):
+        """The logs are opened as the pidfile is: a socket there is said as a socket, not as
+        "a FIFO that nobody reads"."""
+        log = os.path.join(self.tmp, 'sample.log')
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(log)
+        result = self.act('start')
+        self.assertEqual(result.returncode, daemon.EXIT_FAILURE, result.stdout)
+        self.assertIn('%s: is a socket, not a regular file' % log, result.stderr)
+        self.assertNotIn('Traceback', result.stderr)
+        self.assertFalse(os.path.exists(self.pidfile), 'pidfile left by a failed start')
