@@ -14,7 +14,7 @@ import unittest
 from unittest import mock
 
 import testlib
-from testlib import HERE, PYTHON, SAMPLE_DAEMON, TempDirTest, kill_group_of, run, slurp
+from testlib import HERE, PYTHON, SAMPLE_DAEMON, TempDirTest, kill_group_of, run, slurp, write_file
 import daemon
 
 # The longest the module docstring may grow: the map, not the reference (docs/daemon.md is that).
@@ -77,9 +77,7 @@ class PidfileKindTests(TempDirTest):
 
     def setUp(self):
         TempDirTest.setUp(self)
-        self.script = os.path.join(self.tmp, 'sample.py')
-        with open(self.script, 'w') as f:
-            f.write(SAMPLE_DAEMON.format(here=HERE))
+        self.script = write_file(self.tmp, 'sample.py', SAMPLE_DAEMON.format(here=HERE).encode(), mtime=None)
         self.pidfile = os.path.join(self.tmp, 'sample.pid')
 
     def act(self, action):
