@@ -41,7 +41,7 @@ import struct, sys, syslog, threading, time, traceback, weakref
 __all__ = ['Daemon', 'main', 'ACTIONS', 'DaemonError', 'describe', 'log', 'LOG_ERR', 'LOG_WARNING',
            'current_user', 'open_log', 'check_writable',    # a program's own logs, checked early
            'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
-           'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN']   # + the optional sections'
+           'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN']  # + each optional section's
 
 # ---------------------------------------------------------------------------------------------
 # Constants, errors, small helpers
