@@ -1491,42 +1491,36 @@ class PidFile:
     # -- everyone else's side --
 
     def probe(self):
-        """(state, pid): ('running', pid), ('stale', pid or None) or ('absent', None).  A lock
-        whose file names no holder is read again for a moment (the pid may not be written yet)."""
+        """(state, pid): ('running', pid), ('stale', pid or None) or ('absent', None).  A file
+        replaced since our open, or a lock whose file names no live holder (the pid may not
+        be written yet), is read again for a moment."""
         for attempt in range(20):
-            state, pid, consistent = self._probe_once()
-            if consistent:
-                return state, pid
+            try:
+                fd = _open_file(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            except FileNotFoundError:
+                return 'absent', None
+            except OSError as exc:
+                raise _step_error('read pidfile', exc)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise DaemonError('pidfile %s is %s, not a regular file: give a file name'
+                                      % (self.path, _kind(st.st_mode)))
+                pid = parse_pid(os.pread(fd, 64, 0))
+                holders = self._lock_holders(st, pid)
+                locked = self._probe_lock(fd) if holders is None else bool(holders)
+                moved = not locked and not self._same_file(fd)
+            finally:
+                os.close(fd)
+            if not locked and not moved:
+                return 'stale', pid
+            # Locked: it counts only if the file names the holder (never guess which pid to signal).
+            if locked and pid is not None and _pid_alive(pid) and (holders is None or pid in holders):
+                return 'running', pid
             time.sleep(0.01)
-        if pid is None:
+        if pid is None or moved:
             raise DaemonError('pidfile %s is locked but names no live process' % self.path)
         raise DaemonError('pidfile %s names pid %d, but another process holds its lock' % (self.path, pid))
-
-    def _probe_once(self):
-        """(state, pid, consistent) from one look; not consistent: look again."""
-        try:
-            fd = _open_file(self.path, os.O_RDONLY | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return 'absent', None, True
-        except OSError as exc:
-            raise _step_error('read pidfile', exc)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise DaemonError('pidfile %s is %s, not a regular file: give a file name'
-                                  % (self.path, _kind(st.st_mode)))
-            pid = parse_pid(os.pread(fd, 64, 0))
-            holders = self._lock_holders(st, pid)
-            locked = self._probe_lock(fd) if holders is None else bool(holders)
-            moved = not locked and not self._same_file(fd)
-        finally:
-            os.close(fd)
-        if moved:
-            return None, None, False    # unlinked or replaced since our open: look again
-        if not locked:
-            return 'stale', pid, True
-        # Locked: it counts only if the file names the holder (never guess which pid to signal).
-        return 'running', pid, pid is not None and _pid_alive(pid) and (holders is None or pid in holders)
 
     def _lock_holders(self, st, pid):
         """The pids holding the lock of the file with stat st (pid among them if it has that
