@@ -21,7 +21,7 @@ Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|statu
        `-- waits on a socketpair for READY=1 STATUS=<line>, RUNNING=<pid> or ERROR=<why>
 
 Signals: TERM, INT stop (wait() returns True); HUP on_reload(); USR1 reopens the logs, then
-on_reopen_logs(); USR2 on_upgrade().  Handlers only record; the hooks run in wait().
+on_reopen_logs(); USR2 on_upgrade().  The hooks run in wait() or handle_signals(), never a handler.
 
 Exit codes (LSB init-script actions; status has its own)
   0  success                      status 0  running
