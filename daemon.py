@@ -1222,13 +1222,11 @@ def make_paths_absolute(*paths):
     DaemonError names a relative one when that directory no longer exists."""
     absolute = []
     for path in paths:
-        if path and not os.path.isabs(path):
-            try:
-                path = os.path.join(os.getcwd(), path)
-            except FileNotFoundError:
-                raise DaemonError('%r is a relative path, and the current directory no longer '
-                                  'exists: give an absolute path, or cd elsewhere' % path)
-        absolute.append(os.path.normpath(path) if path else path)
+        try:
+            absolute.append(os.path.abspath(path) if path else path)    # getcwd() if relative
+        except FileNotFoundError:
+            raise DaemonError('%r is a relative path, and the current directory no longer '
+                              'exists: give an absolute path, or cd elsewhere' % path)
     return absolute
 
 
