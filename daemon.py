@@ -15,125 +15,48 @@ Copy this file into a project, subclass Daemon and override run():
         sys.exit(daemon.main(Ticker(stdout=log, stderr=log)))
 
 Then `python3 ticker.py start|stop|restart|try-restart|reload|force-reload|status|run` (or
---help), from any directory.  The public API is `__all__`, the Daemon class docstring its
-contract; docs/daemon.md is the complete reference (where the files go, the pidfile's life,
-signals, systemd, the optional sections, programs with threads, logging and asyncio), and
-docs/design.md says why it is built this way.
+--help), from any directory.  The API is `__all__`; the Daemon class docstring is its contract.
 
-Processes
----------
-    launcher --fork--> child --setsid, fork--> daemon --run()--> (workers, if run() forks)
-       |                 `-- os._exit(0)          |
-       `---- waits on a socketpair <--------------'  READY=1 STATUS=<line>, RUNNING=<pid>, ERROR=<why>
+    launcher -[fork]-> child -[setsid, fork]-> daemon -[run()]-> (workers, if run() forks)
+       `-- waits on a socketpair for READY=1 STATUS=<line>, RUNNING=<pid> or ERROR=<why>
 
-The launcher exits 0 once the daemon says it is ready (or was already running; one that is
-stopping, draining its last connections, it waits out first), and prints the
-line the daemon gave ready() ("<name> started (pid N)" by default); otherwise it prints the
-daemon's own startup error on stderr and exits 1.  It never exits 0 early.  Every message of an
-action that depends on the pidfile names it by its absolute path.  Later actions send their
-signal and hear the daemon on its one channel, a socket named from the pidfile: whether a stop
-is under way, the verdict of a reload (see "the channel" below).
-
-Actions run at the same time take turns, as systemd queues jobs: start, restart, try-restart,
-reload (and upgrade) wait for the one under way to finish, so two restarts both end 0 with
-one daemon.  A stop does not wait for a start under way: it stops its daemon (that start then
-exits 1, "stopped during startup"), then stops whatever runs once its turn comes: a stop has
-the last word.  The turn is an abstract socket name, nothing on disk (the optional section
-"turns").
-
-daemonize(): the steps of daemon(7) ("SysV Daemons"), in order, one helper each
---------------------------------------------------------------------------------
-  0. make_paths_absolute   every path, before anything changes the working directory
-  1. close_inherited_fds   fds >= 3 inherited from the caller (not close-on-exec)
-  2. reset_signals         default dispositions (SIGPIPE, SIGXFSZ stay ignored), empty mask
-  3. fork                  the launcher stays behind and waits on the socketpair (the channel)
-  4. setsid                a new session, no controlling terminal
-  5. fork                  no session leader, so never a terminal again
-  6. set_umask             022 by default
-  7. change_directory      workdir, "/" by default
-  8. redirect_stdio        stdin from /dev/null, stdout and stderr appended to the log
-  9. PidFile.acquire       O_NOFOLLOW, 0644, flock()ed for the daemon's whole life
- 10. ready()               tells the launcher "READY", or the startup error
-
-Signals in the daemon
----------------------
-  SIGTERM, SIGINT   stop: `stopping` becomes true and wait() returns True; exit status 0
-  SIGHUP            on_reload()
-  SIGUSR1           stdout/stderr reopened (logrotate), then on_reopen_logs()
-  SIGUSR2           on_upgrade() (the upgrade section: reexec() in place)
-The handlers only record the signal and wake wait(); the hooks run from wait() or
-handle_signals(), in the daemon's loop.  `cooperative` says how a stop reaches a run() that
-never calls them (the class docstring).
-
-Files
------
-  pidfile   the daemon's pid; an flock() held for its life says it is alive
-  logs      stdout and stderr, appended to, line-buffered; a symbolic link is refused
+Signals: TERM, INT stop (wait() returns True); HUP on_reload(); USR1 reopens the logs, then
+on_reopen_logs(); USR2 on_upgrade().  The hooks run in wait() or handle_signals(), never a handler.
 
 Exit codes (LSB init-script actions; status has its own)
---------------------------------------------------------
-  0  success (also: start when running, stop when stopped)     status 0  running
-  1  generic failure (the message says which)                  status 1  dead, pidfile remains
-  2  invalid argument or usage                                 status 3  not running
-  4  insufficient privilege (a message says                   status 4  unknown (no access)
-     which file or step, and as which user)
+  0  success                      status 0  running
+  1  generic failure              status 1  dead, pidfile remains
+  2  invalid argument or usage    status 3  not running
+  4  insufficient privilege       status 4  unknown (no access)
   7  not running (reload)
 
-Sections: constants and helpers; Daemon; main(); the controller (the actions, run in the
-launcher); the daemon(7) steps; the pidfile; the channel (one format, one reader).  Then the optional sections,
-each between banners of '=' and deletable whole: the core never names them.  Each sets hooks
-that are no-ops in the core, and adds its names to __all__ (docs/daemon.md lists them).
+The core comes first, then the optional sections, each between banners of '=' and deletable
+whole (`grep -n '^# [A-Z]' daemon.py`).  docs/daemon.md is the complete reference: daemonize()'s
+steps, the pidfile's life, signals, the channel, systemd, the optional sections, threads, asyncio.
 """
 
-import atexit
-import contextlib
-import errno
-import fcntl
-import grp
-import hashlib
-import os
-import pwd
-import select
-import signal
-import socket
-import stat
-import struct
-import sys
-import syslog
-import threading
-import time
-import traceback
-import weakref
+import atexit, contextlib, errno, fcntl, grp, hashlib, os, pwd, select, signal, socket, stat
+import struct, sys, syslog, threading, time, traceback, weakref
 
-__all__ = [
-    # the daemon and its command line
-    'Daemon', 'main', 'ACTIONS', 'DaemonError', 'describe', 'log', 'LOG_ERR', 'LOG_WARNING',
-    'current_user',
-    # exit codes: LSB init-script actions, and `status`
-    'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
-    'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN',
-    # for a program's own files: its logs, checked in the launcher
-    'open_log', 'check_writable',
-]                  # each optional section adds its own names
+__all__ = ['Daemon', 'main', 'ACTIONS', 'DaemonError', 'describe', 'log', 'LOG_ERR', 'LOG_WARNING',
+           'current_user', 'open_log', 'check_writable',    # a program's own logs, checked early
+           'EXIT_OK', 'EXIT_FAILURE', 'EXIT_USAGE', 'EXIT_PRIVILEGE', 'EXIT_NOT_RUNNING',
+           'STATUS_RUNNING', 'STATUS_DEAD', 'STATUS_STOPPED', 'STATUS_UNKNOWN']  # + each optional section's
 
 # ---------------------------------------------------------------------------------------------
 # Constants, errors, small helpers
 # ---------------------------------------------------------------------------------------------
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_PRIVILEGE = 4
-EXIT_NOT_RUNNING = 7
-
-STATUS_RUNNING = 0
-STATUS_DEAD = 1          # "program is dead and /var/run pid file exists"
-STATUS_STOPPED = 3
-STATUS_UNKNOWN = 4
+# Exit codes: LSB's for init-script actions, and its own for `status` (STATUS_DEAD: "program is
+# dead and /var/run pid file exists").  log()'s priorities are syslog(3)'s: `journalctl -p`'s.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PRIVILEGE, EXIT_NOT_RUNNING = 0, 1, 2, 4, 7
+STATUS_RUNNING, STATUS_DEAD, STATUS_STOPPED, STATUS_UNKNOWN = 0, 1, 3, 4
+LOG_ERR, LOG_WARNING, LOG_INFO = syslog.LOG_ERR, syslog.LOG_WARNING, syslog.LOG_INFO
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
 
 class DaemonError(Exception):
     """An OS failure while becoming or running a daemon; the message names the step.
@@ -189,10 +112,10 @@ def format_traceback(exc):
     try:
         return ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
     except Exception as error:
-        frames = ['  File "%s", line %d, in %s' % (frame.f_code.co_filename, lineno, frame.f_code.co_name)
+        frames = ['  File "%s", line %d, in %s\n' % (frame.f_code.co_filename, lineno, frame.f_code.co_name)
                   for frame, lineno in traceback.walk_tb(exc.__traceback__)]
-        return '\n'.join(['Traceback (most recent call last; no source lines: %s):' % describe(error)]
-                         + frames + ['%s: %s' % (type(exc).__name__, exc) if str(exc) else type(exc).__name__])
+        return ''.join(['Traceback (most recent call last; no source lines: %s):\n' % describe(error)]
+                       + frames + traceback.format_exception_only(type(exc), exc)).rstrip()
 
 
 def current_user():
@@ -204,18 +127,14 @@ def current_user():
         return 'uid %d' % uid
 
 
-# The priorities of log() (syslog(3)'s): what `journalctl -p` filters on.
-LOG_ERR, LOG_WARNING, LOG_INFO = syslog.LOG_ERR, syslog.LOG_WARNING, syslog.LOG_INFO
-
-
 def log(message, stream=None, priority=LOG_INFO, exc=None):
     """Write one timestamped line to stderr (the daemon's log once detached), with exc's
     traceback after it.  On journald's stream each line starts with "<priority>" (sd-daemon(3))."""
     stream = stream or sys.stderr
+    text = '%s [%d] %s' % (time.strftime('%Y-%m-%d %H:%M:%S'), os.getpid(), message)
     if exc is not None:
-        message = '%s\n%s' % (message, format_traceback(exc))
+        text += '\n' + format_traceback(exc)
     try:
-        text = '%s [%d] %s' % (time.strftime('%Y-%m-%d %H:%M:%S'), os.getpid(), message)
         stream.write(_with_priority(text, stream, priority) + '\n')
         stream.flush()
     except (OSError, ValueError):
@@ -1088,45 +1007,38 @@ def _run_atexit():
 # ---------------------------------------------------------------------------------------------
 # The daemon(7) steps, one small function each
 # ---------------------------------------------------------------------------------------------
+#
+# daemonize() calls them in daemon(7)'s order (docs/daemon.md's table, which a test checks);
+# the why of each, at length: docs/daemon.md, "Design notes: steps and pidfile".
 
 def make_paths_absolute(*paths):
-    """The paths made absolute against the current directory (None stays None); DaemonError
-    names a relative one when that directory no longer exists."""
+    """Step 0: the paths made absolute against the current directory (None stays None); a
+    DaemonError names a relative one when that directory no longer exists."""
     absolute = []
     for path in paths:
-        if path and not os.path.isabs(path):
-            try:
-                path = os.path.join(os.getcwd(), path)
-            except FileNotFoundError:
-                raise DaemonError('%r is a relative path, and the current directory no longer '
-                                  'exists: give an absolute path, or cd elsewhere' % path)
-        absolute.append(os.path.normpath(path) if path else path)
+        try:
+            absolute.append(os.path.abspath(path) if path else path)    # getcwd() if relative
+        except FileNotFoundError:
+            raise DaemonError('%r is a relative path, and the current directory no longer '
+                              'exists: give an absolute path, or cd elsewhere' % path)
     return absolute
 
 
 def _threads_left_behind():
     """The names of the threads a fork() now would leave behind: all but the calling one."""
-    current = threading.current_thread()
     return [thread.name for thread in threading.enumerate()
-            if thread is not current and thread.is_alive()]
-
-
-def open_fds():
-    """The process's open file descriptors, from /proc/self/fd (or /dev/fd)."""
-    for directory in ('/proc/self/fd', '/dev/fd'):
-        try:
-            return sorted(int(name) for name in os.listdir(directory))
-        except OSError:
-            continue
-    # No fd directory at all: fall back to a bounded range, never to a huge RLIMIT_NOFILE.
-    return list(range(3, 1024))
+            if thread is not threading.current_thread() and thread.is_alive()]
 
 
 def close_inherited_fds(keep=()):
-    """Step 1: close every fd >= 3 that the process inherited (not close-on-exec), but `keep`.
-    Python opens its own files close-on-exec (PEP 446): a logging handler keeps its file."""
-    keep = set(keep)
-    for fd in open_fds():
+    """Step 1: close every fd >= 3 that the process inherited (not close-on-exec, as Python's
+    own are), but `keep`; listed from /proc/self/fd (or /dev/fd), else 3-1023."""
+    listed = '/proc/self/fd' if os.path.isdir('/proc/self/fd') else '/dev/fd'
+    try:
+        fds = [int(name) for name in os.listdir(listed)]
+    except OSError:
+        fds = range(3, 1024)
+    for fd in fds:
         if fd >= 3 and fd not in keep:
             try:
                 if os.get_inheritable(fd):
@@ -1138,22 +1050,17 @@ def close_inherited_fds(keep=()):
 def reset_signals():
     """Step 2: every signal to its default, an empty mask; SIGPIPE and SIGXFSZ stay ignored,
     as Python sets them (its code expects BrokenPipeError and EFBIG, not sudden death)."""
-    for signum in signal.valid_signals():
-        if signum in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        if signum in (signal.SIGPIPE, getattr(signal, 'SIGXFSZ', None)):
-            disposition = signal.SIG_IGN
-        else:
-            disposition = signal.SIG_DFL
+    ignored = (signal.SIGPIPE, getattr(signal, 'SIGXFSZ', None))
+    for signum in set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}:
         try:
-            signal.signal(signum, disposition)
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
         except (OSError, ValueError, RuntimeError):
             pass    # signals reserved by the C library cannot be set
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def fork(step):
-    """Steps 3 and 5: fork, as a DaemonError naming the step on failure."""
+    """Steps 3 and 5: fork(), a failure a DaemonError naming the step."""
     try:
         return os.fork()
     except OSError as exc:
@@ -1161,7 +1068,7 @@ def fork(step):
 
 
 def detach_session():
-    """Step 4: a new session without a controlling terminal."""
+    """Step 4: setsid(), a new session without a controlling terminal."""
     try:
         os.setsid()
     except OSError as exc:
@@ -1174,25 +1081,38 @@ def set_umask(mask):
 
 
 def change_directory(path):
-    """Step 7."""
+    """Step 7: to workdir, "/" by default: the daemon keeps no file system busy."""
     try:
         os.chdir(path)
     except OSError as exc:
         raise _step_error('change working directory', exc)
 
 
-def open_log(path):
-    """Open a log for appending (0644 under umask 022), as a raw fd.  A symbolic link is
-    refused (root opens it, maybe in /tmp); a FIFO nobody reads fails at once, never hangs."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
+def _kind(mode):
+    """What a path that is no regular file names, for a message: 'a directory', 'a FIFO'..."""
+    kinds = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO'), (stat.S_ISSOCK, 'a socket'))
+    return next((kind for test, kind in kinds if test(mode)), 'a device')
+
+
+def _open_file(path, flags):
+    """os.open() of a log or the pidfile (0644 under umask 022): close-on-exec, never through
+    a symbolic link (refused); what O_NONBLOCK in flags cannot open (ENXIO) said plainly."""
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK, 0o644)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError(exc.errno, 'is a symbolic link, refused', path)
-        if exc.errno == errno.ENXIO:
-            raise OSError(exc.errno, 'is a FIFO that nobody reads', path)
+        if exc.errno == errno.ENXIO:        # a FIFO nobody reads, a socket, a device without driver
+            kind = _kind(os.lstat(path).st_mode)
+            raise OSError(exc.errno, 'is a FIFO that nobody reads' if kind == 'a FIFO' else
+                          'is %s, not a regular file' % kind, path)
         raise
+
+
+def open_log(path):
+    """Open a log for appending, as a raw fd: a symbolic link is refused, and a FIFO nobody
+    reads fails at once, never hangs."""
+    fd = _open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK)
     os.set_blocking(fd, True)
     return fd
 
@@ -1202,14 +1122,13 @@ def redirect_stdio(stdin, stdout, stderr):
     when they are the same path), sys.stdout and sys.stderr line-buffered."""
     _flush_std_streams()
     try:
-        fd_in = os.open(stdin, os.O_RDONLY | os.O_NOCTTY)
-        fd_out = open_log(stdout)
-        fd_err = fd_out if stderr == stdout else open_log(stderr)
+        fds = [os.open(stdin, os.O_RDONLY | os.O_NOCTTY), open_log(stdout)]
+        fds.append(fds[1] if stderr == stdout else open_log(stderr))
     except OSError as exc:
         raise _step_error('open standard streams', exc)
-    for fd, target in ((fd_in, 0), (fd_out, 1), (fd_err, 2)):
+    for target, fd in enumerate(fds):
         os.dup2(fd, target)
-    for fd in {fd_in, fd_out, fd_err}:
+    for fd in set(fds):
         os.close(fd)
     rebuild_std_streams()
 
@@ -1223,17 +1142,15 @@ def rebuild_std_streams():
 
 def check_identity(user=None, group=None):
     """Fail early, in the launcher, on an unknown user or group, or one we cannot become."""
-    found = {}
-    for kind, name, lookup in (('user', user, pwd.getpwnam), ('group', group, grp.getgrnam)):
+    same = []
+    for kind, name, lookup, field, ours in (('user', user, pwd.getpwnam, 'pw_uid', os.geteuid),
+                                            ('group', group, grp.getgrnam, 'gr_gid', os.getegid)):
         if name is not None:
             try:
-                found[kind] = lookup(name)
+                same.append(getattr(lookup(name), field) == ours())
             except KeyError:
                 raise DaemonError('unknown %s %r' % (kind, name))
-    if os.geteuid() == 0 or not found:
-        return
-    if 'user' in found and found['user'].pw_uid != os.geteuid() or \
-            'group' in found and found['group'].gr_gid != os.getegid():
+    if os.geteuid() != 0 and not all(same):
         wanted = ':'.join(name for name in (user, group) if name is not None)
         raise DaemonError('switching to %s needs root, and this runs as %s: start it as root, '
                           'or without a user and group' % (wanted, current_user()), privilege=True)
@@ -1273,8 +1190,7 @@ def parse_pid(text):
 class PidFile:
     """A pidfile whose flock() says whether its daemon lives: acquire() is the daemon's,
     probe() everyone else's (it never takes the lock).  companions: files that go with it,
-    removed first, under the lock.  A daemon that may not unlink it (privileges dropped, in
-    /run) empties it instead: it names no pid, and the next stop or start removes it."""
+    removed first, under the lock (docs/daemon.md, "Design notes: steps and pidfile")."""
 
     def __init__(self, path, companions=()):
         self.path = path
@@ -1282,128 +1198,121 @@ class PidFile:
         self.fd = None
         self.owner = None       # the pid that wrote it: only that process removes it
 
-    # -- the daemon's side --
+    def _same_file(self, fd):
+        """Whether fd is still the file at the path (not unlinked or replaced since it was opened)."""
+        try:
+            here, mine = os.stat(self.path, follow_symlinks=False), os.fstat(fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
-    def acquire(self):
-        """Open, lock, and write our pid; AlreadyRunning if another process holds the lock."""
+    def _lock(self, flags, step):
+        """(fd, None): the file at the path, opened with flags, flock()ed and still there (one
+        its last owner unlinked between our open and our lock is opened again); (None, pid)
+        if another process holds the lock, pid the one the file names.  Else a DaemonError."""
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                fd = _open_file(self.path, flags)
             except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    exc = OSError(exc.errno, 'is a symbolic link, refused', self.path)
-                raise _step_error('create pidfile', exc)
+                raise _step_error(step, exc)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 pid = parse_pid(os.pread(fd, 64, 0))
                 os.close(fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise AlreadyRunning(pid)
+                if isinstance(exc, BlockingIOError):
+                    return None, pid
                 raise _step_error('lock pidfile', exc, self.path)
-            # Unlinked by its previous owner between our open and our lock?  Then try again.
             if self._same_file(fd):
-                break
+                return fd, None
             os.close(fd)
-        if not os.path.isfile(self.path):
+
+    def _remove(self):
+        """Unlink the companions, then the pidfile, while we hold its lock: no one takes it between."""
+        for path in self.companions:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        os.unlink(self.path)
+
+    # -- the daemon's side --
+
+    def acquire(self):
+        """Open, lock, and write our pid; AlreadyRunning if another process holds the lock."""
+        fd, pid = self._lock(os.O_RDWR | os.O_CREAT, 'create pidfile')
+        if fd is None:
+            raise AlreadyRunning(pid)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
             os.close(fd)
-            raise _step_error('write pidfile', OSError(errno.EINVAL, 'not a regular file', self.path))
+            why = 'is %s, not a regular file' % _kind(mode)
+            raise _step_error('write pidfile', OSError(errno.EINVAL, why, self.path))
         try:
             os.fchmod(fd, 0o644)
             os.ftruncate(fd, 0)
             os.pwrite(fd, b'%d\n' % os.getpid(), 0)
         except OSError as exc:
             # ENOSPC, EDQUOT: remove it, or status would take it for a dead daemon's trace.
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)
-            except OSError:
-                pass
             os.close(fd)
             raise _step_error('write pidfile', exc, self.path)
         self.fd, self.owner = fd, os.getpid()
 
-    def _same_file(self, fd):
-        try:
-            here = os.stat(self.path, follow_symlinks=False)
-        except OSError:
-            return False
-        mine = os.fstat(fd)
-        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
-
     def release(self):
-        """Remove the pidfile and drop the lock; a no-op in any process but the owner."""
+        """Remove the pidfile and drop the lock; a no-op in any process but the owner.  One it
+        may not unlink (privileges dropped, in /run) is emptied: the next stop or start removes it."""
         if self.fd is None or os.getpid() != self.owner:
             return
         try:
             if self._same_file(self.fd):
-                self._remove_companions()
-                os.unlink(self.path)    # unlink while still locked: no one can lock it in between
+                self._remove()
         except OSError as exc:
-            # Its directory is not writable (privileges dropped): empty, it names no pid.
-            try:
-                os.ftruncate(self.fd, 0)
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)        # empty, it names no pid
             log('cannot remove pidfile %s as %s (%s): left empty, the next stop or start '
                 'removes it' % (self.path, current_user(), exc.strerror or exc), priority=LOG_WARNING)
         self.forget()
 
-    def _remove_companions(self):
-        for path in self.companions:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
     def forget(self):
         """Close our descriptor without removing the file (forked children call this)."""
         if self.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.fd)
-            except OSError:
-                pass
         self.fd = None
 
     # -- everyone else's side --
 
     def probe(self):
-        """(state, pid): ('running', pid), ('stale', pid or None) or ('absent', None).  A lock
-        whose file names no holder is read again for a moment (the pid may not be written yet)."""
+        """(state, pid): ('running', pid), ('stale', pid or None) or ('absent', None).  A file
+        replaced since our open, or a lock whose file names no live holder (the pid may not
+        be written yet), is read again for a moment."""
         for attempt in range(20):
-            state, pid, consistent = self._probe_once()
-            if consistent:
-                return state, pid
+            try:
+                fd = _open_file(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            except FileNotFoundError:
+                return 'absent', None
+            except OSError as exc:
+                raise _step_error('read pidfile', exc)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise DaemonError('pidfile %s is %s, not a regular file: give a file name'
+                                      % (self.path, _kind(st.st_mode)))
+                pid = parse_pid(os.pread(fd, 64, 0))
+                holders = self._lock_holders(st, pid)
+                locked = self._probe_lock(fd) if holders is None else bool(holders)
+                moved = not locked and not self._same_file(fd)
+            finally:
+                os.close(fd)
+            if not locked and not moved:
+                return 'stale', pid
+            # Locked: it counts only if the file names the holder (never guess which pid to signal).
+            if locked and pid is not None and _pid_alive(pid) and (holders is None or pid in holders):
+                return 'running', pid
             time.sleep(0.01)
-        if pid is None:
+        if pid is None or moved:
             raise DaemonError('pidfile %s is locked but names no live process' % self.path)
         raise DaemonError('pidfile %s names pid %d, but another process holds its lock' % (self.path, pid))
-
-    def _probe_once(self):
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return 'absent', None, True
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise DaemonError('pidfile %s is a symbolic link, refused' % self.path)
-            raise _step_error('read pidfile', exc)
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise DaemonError('pidfile %s is a directory: give a file name' % self.path)
-            pid = parse_pid(os.pread(fd, 64, 0))
-            holders = self._lock_holders(st, pid)
-            locked = self._probe_lock(fd) if holders is None else bool(holders)
-            moved = not locked and not self._same_file(fd)
-        finally:
-            os.close(fd)
-        if moved:
-            return None, None, False    # unlinked or replaced since our open: look again
-        if not locked:
-            return 'stale', pid, True
-        # Locked: it counts only if the file names the holder (never guess which pid to signal).
-        consistent = pid is not None and _pid_alive(pid) and (holders is None or pid in holders)
-        return 'running', pid, consistent
 
     def _lock_holders(self, st, pid):
         """The pids holding the lock of the file with stat st (pid among them if it has that
@@ -1414,49 +1323,42 @@ class PidFile:
     def _probe_lock(fd):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return True
-            raise
+        except BlockingIOError:
+            return True
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False
 
     def remove_stale(self):
         """Remove a pidfile that nobody locks (taking its lock first, so never a live one's)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+            fd, _ = self._lock(os.O_RDONLY | os.O_NONBLOCK, 'remove stale pidfile')
+            if fd is None:
+                return False            # locked: a live daemon's
+            try:
+                self._remove()
+            finally:
+                os.close(fd)
+        except (DaemonError, OSError):
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if self._same_file(fd):
-                self._remove_companions()
-                os.unlink(self.path)
-                return True
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        return False
+        return True
 
 
 def _pid_alive(pid):
+    """Whether process pid exists (another user's too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
 def _open_pidfd(pid):
     """A pidfd for pid (Linux 5.3+), or None: signals through it cannot hit a reused pid."""
-    if not hasattr(os, 'pidfd_open'):
-        return None
     try:
         return os.pidfd_open(pid)
-    except OSError:
+    except (AttributeError, OSError):
         return None
 
 

@@ -17,6 +17,7 @@ of these sees the whole suite, once:
 
 Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.py):
   tests_daemon_unit.py     daemon.py in-process
+  tests_daemon_steps.py    daemon.py's map, steps and pidfile: docs against code, odd pidfiles
   tests_daemon_process.py  daemon.py as a real daemon
   tests_command_line.py    agent.py's command line and the daemon around the server
   tests_supervision.py     agent.py's master
@@ -44,6 +45,7 @@ import sys
 
 import testrun
 from tests_daemon_unit import PureHelperTests, DaemonPublicApiTests, DaemonForAuthorsTests, ChannelTests  # noqa: F401
+from tests_daemon_steps import DaemonMapTests, PidfileKindTests  # noqa: F401
 from tests_daemon_process import (
     DaemonProcessTests, NoDescriptorsLeftTests, ClassicRecipeBugTests, ClosedStdStreamsTests,
     HostileFileTests, PidfileRemovedTests, PidfileProbeRaceTests, ConcurrentActionsTests,
