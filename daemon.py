@@ -135,22 +135,10 @@ def log(message, stream=None, priority=LOG_INFO, exc=None):
     if exc is not None:
         text += '\n' + format_traceback(exc)
     try:
-        stream.write(_with_priority(text, stream, priority) + '\n')
+        stream.write(Daemon._mark_priority(text, stream, priority) + '\n')
         stream.flush()
     except (OSError, ValueError):
         pass    # a log that cannot be written must not take the daemon down
-
-
-def _with_priority(text, stream, priority):
-    """text with "<priority>" before each line if stream is the journal's, else unchanged."""
-    try:
-        device, inode = map(int, os.environ['JOURNAL_STREAM'].split(':'))
-        st = os.fstat(stream.fileno())
-    except (KeyError, ValueError, OSError, AttributeError):
-        return text
-    if (st.st_dev, st.st_ino) != (device, inode):
-        return text
-    return '\n'.join('<%d>%s' % (priority, line) for line in text.split('\n'))
 
 
 class Daemon:
@@ -366,6 +354,11 @@ class Daemon:
     # The core calls these; a section that is there sets its own on the class, at its end (as
     # socketserver's mixins override methods).  The core never names a section.
 
+    @staticmethod
+    def _mark_priority(text, stream, priority):
+        """log() and say(): text as it is to be written to stream (journald's "<N>" prefixes)."""
+        return text
+
     def _tell_manager(self, **fields):
         """Say NAME=value fields to a service manager (sd_notify); whether it was."""
         return False
@@ -380,6 +373,10 @@ class Daemon:
 
     def _check_default_pidfile(self, action):
         """Before an action: check (or make) the default pidfile's directory."""
+
+    def _check_identity(self):
+        """In the launcher: refuse early a `user` or `group` the daemon cannot become."""
+        self._switch_user()         # the core's refuses any (the users section sets both)
 
     def _switch_user(self):
         """In the daemon, after setup(): become `user` and `group`."""
@@ -485,7 +482,7 @@ class Daemon:
         """One line to whoever runs the action: stdout, or stderr for an error."""
         stream = sys.stderr if error else sys.stdout
         try:
-            stream.write(_with_priority(message, stream, LOG_ERR if error else LOG_INFO) + '\n')
+            stream.write(self._mark_priority(message, stream, LOG_ERR if error else LOG_INFO) + '\n')
             stream.flush()
         except (OSError, ValueError):
             pass
@@ -753,7 +750,7 @@ def _start(d):
     state, pid = d.probe()
     if state != 'running':
         d.on_launch()
-    check_identity(d.user, d.group)
+    d._check_identity()
     if state == 'running' and d._wait_out_a_stop(pid):
         return _start(d)
     if state == 'running':
@@ -1140,22 +1137,6 @@ def rebuild_std_streams():
     sys.stderr = open(2, 'w', buffering=1, errors='backslashreplace', closefd=False)
 
 
-def check_identity(user=None, group=None):
-    """Fail early, in the launcher, on an unknown user or group, or one we cannot become."""
-    same = []
-    for kind, name, lookup, field, ours in (('user', user, pwd.getpwnam, 'pw_uid', os.geteuid),
-                                            ('group', group, grp.getgrnam, 'gr_gid', os.getegid)):
-        if name is not None:
-            try:
-                same.append(getattr(lookup(name), field) == ours())
-            except KeyError:
-                raise DaemonError('unknown %s %r' % (kind, name))
-    if os.geteuid() != 0 and not all(same):
-        wanted = ':'.join(name for name in (user, group) if name is not None)
-        raise DaemonError('switching to %s needs root, and this runs as %s: start it as root, '
-                          'or without a user and group' % (wanted, current_user()), privilege=True)
-
-
 def check_writable(kind, path):
     """Fail early, in the launcher, on a pidfile or log this user cannot create or append to."""
     if not path or path == os.devnull:
@@ -1354,14 +1335,6 @@ def _pid_alive(pid):
     return True
 
 
-def _open_pidfd(pid):
-    """A pidfd for pid (Linux 5.3+), or None: signals through it cannot hit a reused pid."""
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
 # The channel between the launcher and the daemon
 # ---------------------------------------------------------------------------------------------
@@ -1430,7 +1403,7 @@ def _foreground(d):
     setup() and run() find the same relative paths either way; without one the service stays
     where its manager started it (systemd's WorkingDirectory=)."""
     d.absolutize()
-    check_identity(d.user, d.group)
+    d._check_identity()
     state, pid = d.probe()
     if state == 'running':
         d._wait_out_a_stop(pid)
@@ -1771,6 +1744,18 @@ Daemon._report = _report
 SD_LISTEN_FDS_START = 3
 
 
+def _with_priority(text, stream, priority):
+    """text with "<priority>" before each line if stream is the journal's, else unchanged."""
+    try:
+        device, inode = map(int, os.environ['JOURNAL_STREAM'].split(':'))
+        st = os.fstat(stream.fileno())
+    except (KeyError, ValueError, OSError, AttributeError):
+        return text
+    if (st.st_dev, st.st_ino) != (device, inode):
+        return text
+    return '\n'.join('<%d>%s' % (priority, line) for line in text.split('\n'))
+
+
 def notify(**fields):
     """Send NAME=value lines to the service manager (NOTIFY_SOCKET, '@' for abstract); whether a
     datagram went.  RELOADING=1 goes with the MONOTONIC_USEC= that Type=notify-reload wants."""
@@ -1839,6 +1824,7 @@ def _watchdog(self):
 
 
 Daemon._tell_manager, Daemon._passed_sockets = staticmethod(notify), staticmethod(listen_fds)
+Daemon._mark_priority = staticmethod(_with_priority)
 Daemon.watchdog = _watchdog
 __all__.append('notify')
 
@@ -1867,6 +1853,22 @@ Daemon.pidfile = property(lambda self: self.pidfile_path, lambda self, path: set
 # Optional: users, a daemon started as root that runs as `user` and `group`.
 # =============================================================================================
 
+def check_identity(user=None, group=None):
+    """Fail early, in the launcher, on an unknown user or group, or one we cannot become."""
+    same = []
+    for kind, name, lookup, field, ours in (('user', user, pwd.getpwnam, 'pw_uid', os.geteuid),
+                                            ('group', group, grp.getgrnam, 'gr_gid', os.getegid)):
+        if name is not None:
+            try:
+                same.append(getattr(lookup(name), field) == ours())
+            except KeyError:
+                raise DaemonError('unknown %s %r' % (kind, name))
+    if os.geteuid() != 0 and not all(same):
+        wanted = ':'.join(name for name in (user, group) if name is not None)
+        raise DaemonError('switching to %s needs root, and this runs as %s: start it as root, '
+                          'or without a user and group' % (wanted, current_user()), privilege=True)
+
+
 def drop_privileges(user=None, group=None, own=()):
     """Become `user` (and `group`, else the user's primary group), supplementary groups reset;
     the files in `own` (the logs) are given to them first, never through a link."""
@@ -1892,6 +1894,7 @@ def drop_privileges(user=None, group=None, own=()):
 
 
 # After setup(), which may bind port 80 and open root's files; log_files() is a hook.
+Daemon._check_identity = lambda self: check_identity(self.user, self.group)
 Daemon._switch_user = lambda self: drop_privileges(self.user, self.group,
                                                    own=self.log_files() if self.detached else ())
 Daemon.log_files = lambda self: [self.stdout, self.stderr]
