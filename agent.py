@@ -5026,6 +5026,11 @@ def tls_context(cert, key, allow_readable_key=False):
     context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, 'OP_NO_RENEGOTIATION', 0) \
         | getattr(ssl, 'OP_IGNORE_UNEXPECTED_EOF', 0)
     context.set_alpn_protocols(list(ALPN))
+    # One TLS 1.3 session ticket a handshake, as Caddy and Go send, not OpenSSL's two (nginx
+    # keeps those): each is an HMAC and an encryption, some 50 us of a worker's CPU (7 % of a
+    # full handshake's, in-process: docs/performance.md), and a client resumes with one; each
+    # resumption brings it the next.
+    context.num_tickets = 1
     asked = []
     try:
         context.load_cert_chain(cert, key, password=lambda: asked.append(1) or b'')
