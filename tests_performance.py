@@ -3,12 +3,17 @@ by the benchmarks under bench/ (docs/performance.md), never asserted here.
 """
 
 import os
+import shutil
 import socket
 import ssl
+import tempfile
 import unittest
+from unittest import mock
 
 # testlib first: it puts the repository and bench/ on sys.path.
-from testlib import AgentServer, ClassCleanups, FILE_A, tls_client_context, tls_serve, write_file
+import testlib
+from testlib import AgentServer, ClassCleanups, FILE_A, edge_worker, tls_client_context, tls_serve, write_file
+import agent
 
 
 class TLSTicketTests(unittest.TestCase):
@@ -74,6 +79,53 @@ class TLSTicketTests(unittest.TestCase):
                     resumed.append(sock.session_reused)
                     session = sock.session          # TLS 1.3: a ticket is for one use
                 self.assertEqual(resumed, [True] * 12)
+
+
+@testlib.unit
+class RequestPathSyscallTests(unittest.TestCase):
+    """A kept-alive request of a cached file is a recv(), one stat() of its path and a send():
+    the directories of the agent's own files (OwnFiles: its logs and pidfile) are looked at for
+    a request that opens a file or lists a directory, not for one answered from the open-file
+    cache.  That file was checked against every rotation when it was opened, and an inode can
+    become a rotation only by a link or a rename, which move its ctime: the cache's key, so
+    its next request opens it again, and looks (the rotation rule holds as before)."""
+
+    def setUp(self):
+        self.worker, self.root = edge_worker(self)
+        self.own = tempfile.mkdtemp(prefix='agent-own-')
+        self.addCleanup(shutil.rmtree, self.own)
+        self.worker.responder.own_files.add(write_file(self.own, 'access.log', b''))
+
+    def status(self, name):
+        req = agent.parse_request(b'GET /%s HTTP/1.1\r\nHost: x\r\n\r\n' % name.encode())[0]
+        try:
+            return self.worker.responder.respond(req, True, False, '127.0.0.1')[0]
+        except agent.HTTPError as exc:
+            return exc.status
+
+    def test_a_cache_hit_looks_at_no_own_directory(self):
+        write_file(self.root, 'cat.jpg', b'a cat' * 100)
+        with mock.patch('os.stat', wraps=os.stat) as stat:
+            self.assertEqual([self.status('cat.jpg') for _ in range(4)], [200] * 4)
+        paths = [call.args[0] for call in stat.call_args_list if call.args]
+        self.assertEqual((paths.count(os.path.join(self.root, 'cat.jpg')), paths.count(self.own)), (4, 1))
+
+    def test_a_served_file_linked_or_renamed_as_a_rotation_is_refused_at_once(self):
+        write_file(self.root, 'cat.jpg', b'a cat')
+        write_file(self.root, 'dog.jpg', b'a dog')
+        os.link(os.path.join(self.root, 'dog.jpg'), os.path.join(self.root, 'dog-too.jpg'))
+        self.assertEqual([self.status(name) for name in ('cat.jpg', 'dog.jpg', 'dog-too.jpg')], [200] * 3)
+        os.link(os.path.join(self.root, 'cat.jpg'), os.path.join(self.own, 'access.log.9'))
+        os.rename(os.path.join(self.root, 'dog.jpg'), os.path.join(self.own, 'access.log.8.gz'))
+        self.assertEqual([self.status(name) for name in ('cat.jpg', 'dog-too.jpg')], [404] * 2)
+
+    def test_a_link_to_a_new_rotation_is_refused_at_its_first_request(self):
+        self.assertEqual(self.status('cat.jpg'), 404)           # the directories looked at once
+        write_file(self.root, 'cat.jpg', b'a cat')
+        self.assertEqual(self.status('cat.jpg'), 200)
+        rotation = write_file(self.own, 'access.log.2.gz', b'secret')
+        os.link(rotation, os.path.join(self.root, 'visits.gz'))
+        self.assertEqual((self.status('visits.gz'), self.status('cat.jpg')), (404, 200))
 
 
 if __name__ == '__main__':
