@@ -34,6 +34,10 @@ class TLSTicketTests(unittest.TestCase):
     def tearDownClass(cls):
         cls.server.stop()
 
+    def setUp(self):
+        if not hasattr(ssl, '_TLSMessageType') or not hasattr(ssl.SSLContext, '_msg_callback'):
+            self.skipTest("this Python's ssl has no message callback (ssl._msg_callback, 3.8+)")
+
     def fetch(self, context, session=None):
         """GET /a.jpg on a new connection: (its SSLSocket once the response is read, the
         handshake messages the client read: their types, in order)."""
