@@ -3705,11 +3705,12 @@ class OwnFiles:
                  process never opened, and a hard link to it elsewhere in the root, under any
                  name, is refused by identity like the rest
     refresh() lists a directory again only when it has changed (its mtime and ctime), so a
-    request costs one stat() of each such directory.  What is known is never forgotten: a
+    refresh costs one stat() of each such directory.  What is known is never forgotten: a
     rotation moved out of its directory (logrotate's olddir) stays known by identity.  Not
     covered: a copy of a rotation (a new file, under a name of its own) made into the root.  A worker
-    calls refresh() once a request, then hides() after its stat() of the request's path, and
-    hides_entry() for every entry of a gallery page.  It inherits the set from the master
+    calls refresh() for each request that opens a file or lists a directory (not for one its open
+    files' cache answers: Responder.respond says why), hides() after its stat() of the request's
+    path, and hides_entry() for every entry of a gallery page.  It inherits the set from the master
     (which refreshes it once a second, so a respawned worker knows what the master saw), and
     adds the new inodes itself when it reopens its logs (SIGUSR1).  An upgrade carries the
     identities to the new image (state() and learn()).
@@ -5026,6 +5027,11 @@ def tls_context(cert, key, allow_readable_key=False):
     context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, 'OP_NO_RENEGOTIATION', 0) \
         | getattr(ssl, 'OP_IGNORE_UNEXPECTED_EOF', 0)
     context.set_alpn_protocols(list(ALPN))
+    # One TLS 1.3 session ticket a handshake, as Caddy and Go send, not OpenSSL's two (nginx
+    # keeps those): each is an HMAC and an encryption, some 50 us of a worker's CPU (7 % of a
+    # full handshake's, in-process: docs/performance.md), and a client resumes with one; each
+    # resumption brings it the next.
+    context.num_tickets = 1
     asked = []
     try:
         context.load_cert_chain(cert, key, password=lambda: asked.append(1) or b'')
@@ -6073,14 +6079,18 @@ class Responder:
         except (OSError, ValueError) as exc:
             self.files.drop(path)           # deleted: its descriptor must not pin the space
             raise self.file_error(exc)
-        self.own_files.refresh()            # a rotation compressed since the last request
+        # A cached file was checked against every rotation when it was opened, and an inode
+        # becomes a rotation only by a link or a rename, which move its ctime (the cache's key):
+        # so only a file to open or a directory to list needs a rotation made since looked for.
+        entry = self.files.current(path, st)
+        if entry is None:
+            self.own_files.refresh()
         if self.own_files.hides(path, st):
             raise HTTPError(404)            # our pidfile and logs, by any name or link
         if stat.S_ISDIR(st.st_mode):
             return self.respond_directory(req, keep_alive, path, relative, slash, query)
         if trailing:
             raise HTTPError(404)            # /img.jpg/ names a directory that does not exist
-        entry = self.files.current(path, st)
         if entry is None:
             entry = self.open_file(path)
             self.files.store(path, entry)

@@ -6,7 +6,8 @@ A hit is a file the worker has open already: one stat() and the checks that it i
 A miss opens the file: with agent.py's race-free resolution that is an O_PATH open, fstat, the
 /proc/self/fd check and the reopen; the miss scenario cycles through more files than the
 worker's cache holds, so every request is one.  Both run on 20 KB files in a temporary
-directory, and report microseconds of CPU (process time) per request, best of --rounds.
+directory, and report microseconds of CPU (process time) per request, best of --rounds.  The
+worker's own log is in a directory of its own, as in an agent whose logs are not in its root.
 
     python3 bench/resolve.py                          # this repository's agent.py
     python3 bench/resolve.py --agent /old/agent.py    # another version, to compare
@@ -99,6 +100,7 @@ def main():
     args = parser.parse_args()
     agent = load_agent(args.agent)
     root = tempfile.mkdtemp(prefix='agent-resolve-')
+    logs = tempfile.mkdtemp(prefix='agent-resolve-logs-')
     try:
         misses = agent.FILE_CACHE_SIZE * 4
         for i in range(misses):
@@ -110,6 +112,10 @@ def main():
         lifeline_r, lifeline_w = os.pipe()
         access_fd = os.open(os.devnull, os.O_WRONLY)
         worker = agent.Worker(config, [], access_fd, lifeline_r)
+        # The worker's own files (its log) in a directory of their own, as in any real agent:
+        # the rotation rule looks at that directory (OwnFiles.refresh) when a file is opened.
+        own = getattr(worker, 'responder', worker).own_files
+        own.add(os.path.join(logs, 'access.log'))
 
         def request(i):
             raw = b'GET /d%d/%d.jpg HTTP/1.1\r\nHost: x\r\n\r\n' % (i % 10, i)
@@ -128,6 +134,7 @@ def main():
         getattr(worker, 'responder', worker).files.clear()      # an agent.py before the Responder: the worker
     finally:
         shutil.rmtree(root)
+        shutil.rmtree(logs)
 
 
 if __name__ == '__main__':
