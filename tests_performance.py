@@ -7,6 +7,7 @@ import shutil
 import socket
 import ssl
 import tempfile
+import types
 import unittest
 from unittest import mock
 
@@ -122,6 +123,18 @@ class RequestPathSyscallTests(unittest.TestCase):
         os.link(os.path.join(self.root, 'cat.jpg'), os.path.join(self.own, 'access.log.9'))
         os.rename(os.path.join(self.root, 'dog.jpg'), os.path.join(self.own, 'access.log.8.gz'))
         self.assertEqual([self.status(name) for name in ('cat.jpg', 'dog-too.jpg')], [404] * 2)
+
+    def test_a_link_made_in_the_tick_of_the_last_change_still_misses_the_cache(self):
+        """ctime comes from the kernel's coarse clock (a tick of up to 4 ms): a link made in
+        the tick of the file's last change leaves it as it was.  Its link count moves."""
+        path = write_file(self.root, 'cat.jpg', b'a cat')
+        self.assertEqual(self.status('cat.jpg'), 200)
+        st = os.stat(path)
+        linked = types.SimpleNamespace(**{name: getattr(st, name) for name in dir(st)
+                                          if name.startswith('st_')})
+        linked.st_nlink += 1                    # as link() in the same tick leaves a stat
+        self.assertIsNotNone(self.worker.responder.files.current(path, st))
+        self.assertIsNone(self.worker.responder.files.current(path, linked))
 
     def test_a_link_to_a_new_rotation_is_refused_at_its_first_request(self):
         self.assertEqual(self.status('cat.jpg'), 404)           # the directories looked at once
