@@ -961,8 +961,9 @@ def make_etag(st, suffix=''):
 
 
 def file_key(st):
-    """What must be unchanged for a cached open file to still be the file at its path."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    """What must be unchanged for a cached open file to still be the file at its path.  The
+    link count too: a link() moves ctime, but by the kernel's coarse clock, so not always."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
 
 
 def etag_matches(header, etag, weak=True):
@@ -3653,7 +3654,7 @@ class FileCache(Cache):
         entry = self.data.get(path)
         if entry is None:
             return None
-        if entry.key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+        if entry.key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink):
             return entry                    # file_key(st), inlined: this runs on every request
         self.drop(path)
         return None
@@ -6080,7 +6081,8 @@ class Responder:
             self.files.drop(path)           # deleted: its descriptor must not pin the space
             raise self.file_error(exc)
         # A cached file was checked against every rotation when it was opened, and an inode
-        # becomes a rotation only by a link or a rename, which move its ctime (the cache's key):
+        # becomes a rotation only by a link or a rename, which move its ctime or its link count
+        # (the cache's key, file_key()):
         # so only a file to open or a directory to list needs a rotation made since looked for.
         entry = self.files.current(path, st)
         if entry is None:
