@@ -2,6 +2,7 @@
 by the benchmarks under bench/ (docs/performance.md), never asserted here.
 """
 
+import contextlib
 import os
 import shutil
 import socket
@@ -108,12 +109,28 @@ class RequestPathSyscallTests(unittest.TestCase):
         except agent.HTTPError as exc:
             return exc.status
 
-    def test_a_cache_hit_looks_at_no_own_directory(self):
-        write_file(self.root, 'cat.jpg', b'a cat' * 100)
-        with mock.patch('os.stat', wraps=os.stat) as stat:
-            self.assertEqual([self.status('cat.jpg') for _ in range(4)], [200] * 4)
+    def own_looks(self, name, requests, clock):
+        """(stats of name, stats of the own files' directory) over that many requests of
+        name, with time.time_ns() at clock (None: the real clock)."""
+        later = mock.patch('time.time_ns', return_value=clock) if clock else contextlib.nullcontext()
+        with mock.patch('os.stat', wraps=os.stat) as stat, later:
+            self.assertEqual([self.status(name) for _ in range(requests)], [200] * requests)
         paths = [call.args[0] for call in stat.call_args_list if call.args]
-        self.assertEqual((paths.count(os.path.join(self.root, 'cat.jpg')), paths.count(self.own)), (4, 1))
+        return paths.count(os.path.join(self.root, name)), paths.count(self.own)
+
+    def test_a_cache_hit_looks_at_no_own_directory(self):
+        path = write_file(self.root, 'cat.jpg', b'a cat' * 100)
+        a_second_later = os.stat(path).st_ctime_ns + 10 ** 9
+        self.assertEqual(self.own_looks('cat.jpg', 4, a_second_later), (4, 1))
+
+    def test_a_file_changed_in_the_last_clock_tick_is_looked_at_on_each_hit(self):
+        """A rename (unlike a link) leaves the link count as it was, and in the tick of the
+        file's last change its ctime too: until its ctime is older than a tick, a cache hit
+        looks at the own files' directories as a miss does; then no more."""
+        path = write_file(self.root, 'cat.jpg', b'a cat' * 100)
+        ctime = os.stat(path).st_ctime_ns
+        self.assertEqual(self.own_looks('cat.jpg', 3, ctime + 10 ** 6), (3, 3))
+        self.assertEqual(self.own_looks('cat.jpg', 3, ctime + 10 ** 9), (3, 1))
 
     def test_a_served_file_linked_or_renamed_as_a_rotation_is_refused_at_once(self):
         write_file(self.root, 'cat.jpg', b'a cat')
