@@ -966,6 +966,17 @@ def file_key(st):
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
 
 
+# The kernel stamps ctime from its coarse clock, whose tick is at most 10 ms (HZ=100): a link
+# or a rename in the tick of a file's last change may leave its ctime as it was.
+CTIME_TICK_NS = 50 * 1000 * 1000
+
+
+def settled(st):
+    """Whether st's ctime is older than a tick of the clock that stamps it: then any later link
+    or rename of the file moves it (file_key() changes)."""
+    return time.time_ns() - st.st_ctime_ns > CTIME_TICK_NS
+
+
 def etag_matches(header, etag, weak=True):
     """If-None-Match uses the weak comparison, If-Match and If-Range the strong one."""
     header = header.strip()
@@ -3585,7 +3596,7 @@ class OpenFile:
     """An open file with its validators and the header bytes of its 200 response."""
 
     __slots__ = ('fd', 'key', 'size', 'mtime', 'mtime_s', 'etag', 'last_modified', 'headers', 'refs',
-                 'evicted', 'body', 'ctype', 'encoding', 'head_key', 'head', 'whole', 'patches')
+                 'evicted', 'body', 'ctype', 'encoding', 'head_key', 'head', 'whole', 'patches', 'settled')
 
     def __init__(self, fd, st, ctype, encoding=None):
         self.fd = fd
@@ -3605,6 +3616,7 @@ class OpenFile:
         self.head = b''
         self.whole = None       # head + body of a small file: one buffer, sent with no copy
         self.patches = None     # [(offset, bytes)] over its location (hide_location), or None
+        self.settled = False    # looked at against the own files once its ctime was settled()
 
     def fields(self, last_modified, ctype=None):
         """The entity fields; ctype replaces the file's Content-Type (a multipart response)."""
@@ -3710,7 +3722,7 @@ class OwnFiles:
     rotation moved out of its directory (logrotate's olddir) stays known by identity.  Not
     covered: a copy of a rotation (a new file, under a name of its own) made into the root.  A worker
     calls refresh() for each request that opens a file or lists a directory (not for one its open
-    files' cache answers: Responder.respond says why), hides() after its stat() of the request's
+    files' cache answers, once the file's ctime is settled(): Responder.respond says why), hides() after its stat() of the request's
     path, and hides_entry() for every entry of a gallery page.  It inherits the set from the master
     (which refreshes it once a second, so a respawned worker knows what the master saw), and
     adds the new inodes itself when it reopens its logs (SIGUSR1).  An upgrade carries the
@@ -6081,12 +6093,15 @@ class Responder:
             self.files.drop(path)           # deleted: its descriptor must not pin the space
             raise self.file_error(exc)
         # A cached file was checked against every rotation when it was opened, and an inode
-        # becomes a rotation only by a link or a rename, which move its ctime or its link count
-        # (the cache's key, file_key()):
-        # so only a file to open or a directory to list needs a rotation made since looked for.
+        # becomes a rotation only by a link or a rename, which move its link count or its ctime
+        # (the cache's key, file_key()), the latter once the ctime is settled(): so only a file
+        # to open, a directory to list or a file changed in the last clock tick needs a
+        # rotation made since looked for.
         entry = self.files.current(path, st)
-        if entry is None:
+        if entry is None or not entry.settled:
             self.own_files.refresh()
+            if entry is not None:
+                entry.settled = settled(st)
         if self.own_files.hides(path, st):
             raise HTTPError(404)            # our pidfile and logs, by any name or link
         if stat.S_ISDIR(st.st_mode):
@@ -6095,6 +6110,7 @@ class Responder:
             raise HTTPError(404)            # /img.jpg/ names a directory that does not exist
         if entry is None:
             entry = self.open_file(path)
+            entry.settled = settled(st)
             self.files.store(path, entry)
         if query and 'thumb' in parse_query(query):
             return self.respond_thumbnail(req, keep_alive, entry, path)
