@@ -3720,10 +3720,11 @@ class OwnFiles:
     refresh() lists a directory again only when it has changed (its mtime and ctime), so a
     refresh costs one stat() of each such directory.  What is known is never forgotten: a
     rotation moved out of its directory (logrotate's olddir) stays known by identity.  Not
-    covered: a copy of a rotation (a new file, under a name of its own) made into the root.  A worker
-    calls refresh() for each request that opens a file or lists a directory (not for one its open
-    files' cache answers, once the file's ctime is settled(): Responder.respond says why), hides() after its stat() of the request's
-    path, and hides_entry() for every entry of a gallery page.  It inherits the set from the master
+    covered: a copy of a rotation (a new file, under a name of its own) made into the root.  A
+    worker calls refresh() for each request that opens a file or lists a directory (not for one
+    its open files' cache answers once the file's ctime is settled(): Responder.respond says
+    why), hides() after its stat() of the request's path, and hides_entry() for every entry of
+    a gallery page.  It inherits the set from the master
     (which refreshes it once a second, so a respawned worker knows what the master saw), and
     adds the new inodes itself when it reopens its logs (SIGUSR1).  An upgrade carries the
     identities to the new image (state() and learn()).
