@@ -228,6 +228,26 @@ class SupervisionTests(unittest.TestCase):
         os.kill(server.master(), signal.SIGUSR1)
         wait_for(lambda: os.path.exists(server.access_log) and os.path.exists(server.log),
                  message='logs recreated')
+        # The master makes the new files, then signals the workers: until each has reopened,
+        # its lines go to the rotated file (as nginx's do; logrotate's delaycompress is for
+        # that).  CI once sent the first request in between.
+        rotated = {server.access_log + '.1', server.log + '.1'}
+
+        def reopened():
+            for pid in [server.master()] + server.workers():
+                directory = '/proc/%d/fd' % pid
+                try:
+                    names = os.listdir(directory)
+                except OSError:
+                    continue                    # a worker replaced meanwhile
+                for name in names:
+                    try:
+                        if os.readlink(os.path.join(directory, name)) in rotated:
+                            return False
+                    except OSError:
+                        pass
+            return True
+        wait_for(reopened, message='every process on the new logs')
         # Every worker reopens: enough requests on fresh connections to reach each of them.
         def new_lines():
             server.get('/l.jpg?after')
