@@ -595,11 +595,15 @@ class Daemon:
             if said.get('STATUS'):
                 self.say(said['STATUS'])        # what ready() said: the one line `start` prints
             return EXIT_OK
+        # This daemon ends (it failed, or another runs): no process is left once start says so.
+        with _pinned(int(said.get('PID') or 0)) as pidfd:
+            if pidfd is not None:
+                select.select([pidfd], [], [], 5.0)
+            elif said:
+                _receive(reader, 5.0)           # its end of reader, closed a moment before
         if 'RUNNING' in said:
             self.say(_already_running(self, int(said['RUNNING']) if said['RUNNING'].isdigit() else None))
             return EXIT_OK
-        if 'ERROR' in said:
-            _receive(reader, 5.0)               # its end: no daemon is left when start says so
         self._new_pidfile().remove_stale()      # what a daemon past --user could not unlink
         self.say('%s: %s' % (self.name, said['ERROR']) if 'ERROR' in said else
                  '%s: exited during startup without a word; see %s' % (self.name, self.stderr), error=True)
@@ -691,16 +695,16 @@ class Daemon:
                 raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
 
     def _tell_launcher(self, **fields):
-        """Say fields to the start that launched this daemon, once.  After an ERROR its end
-        stays open, owned by no object, until this process exits: the launcher waits for
-        that end, so that no daemon is left when it reports the failure."""
+        """Say fields, and this pid, to the start that launched this daemon, once.  Unless
+        it is ready, the launcher waits for the pid's exit; where pidfds are missing, for
+        the end of the channel, which stays open, owned by no object, until then."""
         sock, self._launcher = self._launcher, None
         if sock is not None:
-            _say(sock, **fields)
-            if 'ERROR' in fields:
-                sock.detach()
-            else:
+            _say(sock, PID=os.getpid(), **fields)
+            if 'READY' in fields:
                 sock.close()
+            else:
+                sock.detach()
 
 
 def _weak_method(d, name):
@@ -1343,6 +1347,8 @@ def _pid_alive(pid):
 #   READY=1 STATUS=<line>      start: the daemon is ready; STATUS is what start prints
 #   RUNNING=<pid>              start: another daemon holds the pidfile (the pid, if written)
 #   ERROR=<why>                start: it could not start; with ACTION: why that failed
+#   PID=<pid>                  start: with each of the three, the daemon's pid; unless it is
+#                              READY, start returns once that pid has exited
 #   STOPPING=0|1 COOPERATIVE=0|1   the answer to a request (the answers section): whether a
 #                              stop is under way, and whether run() looks at the signals
 #   ACTION=reload|upgrade      the verdict of that action (without ERROR: it went well)

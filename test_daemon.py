@@ -45,7 +45,9 @@ waits for, with a hard deadline.
 import sys
 
 import testrun
-from tests_daemon_unit import PureHelperTests, DaemonPublicApiTests, DaemonForAuthorsTests, ChannelTests  # noqa: F401
+from tests_daemon_unit import (
+    PureHelperTests, DaemonPublicApiTests, DaemonForAuthorsTests, ChannelTests,
+    LauncherVerdictTests)  # noqa: F401
 from tests_daemon_steps import DaemonMapTests, PidfileKindTests  # noqa: F401
 from tests_daemon_process import (
     DaemonProcessTests, NoDescriptorsLeftTests, ClassicRecipeBugTests, ClosedStdStreamsTests,

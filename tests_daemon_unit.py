@@ -14,6 +14,7 @@ import stat
 import subprocess
 import tempfile
 import textwrap
+import time
 import unittest
 from unittest import mock
 
@@ -262,6 +263,48 @@ class ChannelTests(TempDirTest):
         self.assertIs(daemon._stopping(d, os.getpid()), True)       # stopping; a second TERM hurries it
         with mock.patch.object(daemon, 'ANSWER_TIMEOUT', 0.1):
             self.assertIsNone(daemon._stopping(d, os.getpid() + 1))  # not the pidfile's pid
+
+class LauncherVerdictTests(TempDirTest):
+    """The launcher's side of the channel, against a forked stand-in for the daemon."""
+
+    def test_a_start_that_fails_returns_once_its_daemon_has_exited(self):
+        """The daemon's end of the channel closes before the daemon has ended (it logs the
+        failure after telling it; the kernel closes an exiting process's files before it is
+        gone): start returns only once that daemon has exited, which CI once saw it not do.
+        So too after "already running": the second daemon ends."""
+        for word, status in (('ERROR', daemon.EXIT_FAILURE), ('RUNNING', daemon.EXIT_OK)):
+            with self.subTest(word):
+                pid, told = self.launch_one_that_lingers(word, status)
+                self.assertFalse(pid_alive(pid), 'start returned while its daemon still ran')
+                self.assertEqual(len(told), 1, told)
+
+    def launch_one_that_lingers(self, word, status):
+        """A launcher's verdict on a daemon that says word, closes its end, then lingers."""
+        reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(reader.close)
+        pid_r, pid_w = os.pipe()
+        middle = os.fork()
+        if middle == 0:                         # the middle child; its child is the "daemon"
+            try:
+                if os.fork() == 0:
+                    os.write(pid_w, b'%d' % os.getpid())
+                    os.close(pid_w)
+                    d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
+                    d._launcher, fd = writer, writer.fileno()
+                    d._tell_launcher(**{word: 'cannot listen' if word == 'ERROR' else 1})
+                    os.close(fd)                # its end closed, its last words still to come
+                    time.sleep(0.5)
+            finally:
+                os._exit(0)
+        writer.close()
+        os.close(pid_w)
+        with os.fdopen(pid_r) as f:
+            pid = int(f.read())
+        d = daemon.Daemon(os.path.join(self.tmp, 'x.pid'), name='x')
+        told = []
+        d.say = lambda line, error=False: told.append(line)
+        self.assertEqual(d._launcher_verdict(middle, reader), status)
+        return pid, told
 
 
 class DaemonPublicApiTests(TempDirTest):
