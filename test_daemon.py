@@ -102,7 +102,9 @@ from tests_access import (
 from tests_architecture import ComplexityCounterTests, IssueTwentyTargetTests  # noqa: F401
 from tests_runner import RunnerBalanceTests, RunnerPartTests, RunnerSpawnWatchTests  # noqa: F401
 from tests_location import (
-    LocationPatchTests, LocationToolTests, LocationServerTests, KeepLocationServerTests)  # noqa: F401
+    LocationPatchTests, LocationToolTests, LocationServerTests, KeepLocationServerTests,
+    VideoLocationPatchTests, VideoLocationToolTests, VideoLocationServerTests,
+    KeepVideoLocationServerTests)  # noqa: F401
 from tests_performance import TLSTicketTests, RequestPathSyscallTests  # noqa: F401
 
 if __name__ == '__main__':

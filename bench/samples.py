@@ -370,3 +370,56 @@ def heif_sample(width, height, rotation=None, taken=None, brand=b'heic', gap=0, 
     head = ftyp + meta(0)
     head = ftyp + meta(len(head) + 8)
     return head + box(b'mdat', b'\x00' * max(gap, 1) + exif)
+
+
+# A video that says where it was taken (the location strip's ISO BMFF part), in each place a
+# phone or a tool writes it: moov/udta's ©xyz (Android, ffmpeg's .mov) and 3GPP loci (ffmpeg's
+# .mp4), moov/udta/meta's ilst ©xyz item, moov/meta's keys and ilst (an iPhone's
+# com.apple.quicktime.location.*), XMP in udta/XMP_ and in a top-level uuid box, and a trak's
+# own udta.  A title, a comment and a make stay: LOCATED_KEPT.
+LOCATED_KEYS = (b'com.apple.quicktime.location.ISO6709', b'com.apple.quicktime.make',
+                b'com.apple.quicktime.location.name', b'com.apple.quicktime.location.date',
+                b'location-eng')
+LOCATED_ISO6709 = b'+48,51.5+002,17.6/'            # not ISO 6709's digits: bytes of LOCATED_SECRETS
+XMP_UUID = bytes.fromhex('be7acfcb97a942e89c71999491e3afac')
+
+
+def located_moov():
+    """The moov box (mvhd, a video trak, udta, meta) of located_mp4()."""
+    def full(kind, body):
+        return box(kind, b'\x00\x00\x00\x00' + body)
+
+    def text(kind, value):                  # QuickTime user data text: length, language, text
+        return box(kind, struct.pack('>HH', len(value), 0x55c4) + value)
+
+    def item(kind, value):                  # an ilst item: its data box (type 1: UTF-8)
+        return box(kind, box(b'data', struct.pack('>II', 1, 0) + value))
+    loci = full(b'loci', struct.pack('>H', 0x55c4) + b'Lutetia Quay\x00' + b'\x00'
+                + struct.pack('>iii', 2 << 16, 48 << 16, 35 << 16) + b'earth\x00' + b'Gallia\x00')
+    mdir = full(b'hdlr', b'\x00' * 4 + b'mdir' + b'appl' + bytes(9))
+    udta = box(b'udta', text(b'\xa9xyz', LOCATED_ISO6709) + text(b'\xa9nam', b'Kept title') + loci
+               + box(b'XMP_', LOCATED_XMP) + full(b'meta', mdir + box(b'ilst', item(b'\xa9xyz', LOCATED_ISO6709)
+                                                                  + item(b'\xa9cmt', b'Kept comment'))))
+    keys = full(b'keys', struct.pack('>I', len(LOCATED_KEYS)) + b''.join(
+        struct.pack('>I', 8 + len(k)) + b'mdta' + k for k in LOCATED_KEYS))
+    values = (LOCATED_ISO6709, b'Kept artist', b'Lutetia', b'2020:01:01T12:00:00Z', LOCATED_ISO6709)
+    ilst = box(b'ilst', b''.join(item(struct.pack('>I', i + 1), v) for i, v in enumerate(values)))
+    meta = box(b'meta', box(b'hdlr', b'\x00' * 8 + b'mdta' + bytes(13)) + keys + ilst)
+    media = box(b'mdia', box(b'mdhd', bytes(24)) + box(b'minf', bytes(400)))
+    trak = box(b'trak', tkhd(64, 48) + media + box(b'udta', text(b'\xa9xyz', LOCATED_ISO6709)))
+    return box(b'moov', mvhd(600, 600) + trak + udta + meta)
+
+
+def located_mp4(moov_last=True, mdat=bytes(4000), mdat_size=None):
+    """An MP4 whose moov (located_moov) follows its mdat (as ffmpeg writes it without
+    +faststart, and phones do) or precedes it, then a uuid box of XMP.  mdat_size: 'large'
+    for a 64-bit size, 0 for "to the end of the file" (the mdat last, without the uuid)."""
+    ftyp = box(b'ftyp', b'isom\x00\x00\x02\x00isomiso2mp41')
+    if mdat_size == 'large':
+        media = struct.pack('>I', 1) + b'mdat' + struct.pack('>Q', 16 + len(mdat)) + mdat
+    elif mdat_size == 0:
+        return ftyp + located_moov() + struct.pack('>I', 0) + b'mdat' + mdat
+    else:
+        media = box(b'mdat', mdat)
+    parts = [media, located_moov()] if moov_last else [located_moov(), media]
+    return ftyp + b''.join(parts) + box(b'uuid', XMP_UUID + LOCATED_XMP)
