@@ -2196,8 +2196,9 @@ def read_video_info(fd, name):
 #
 # A phone's photo carries its GPS position (EXIF's GPS IFD, XMP's exif:GPS*), often with the
 # place's names (XMP photoshop:City, Iptc4xmpCore:Location, IPTC's City, Sub-location...): the
-# family's home, to anyone who downloads it.  By default a JPEG, PNG or WebP (known by its
-# signature, whatever its name) is served without them: location_patches() finds the bytes
+# family's home, to anyone who downloads it; a phone's video holds its position too.  By
+# default a JPEG, PNG, WebP or video (known by its signature or first box, whatever its name)
+# is served without them: location_patches() finds the bytes
 # that say where, and returns what to write over them, of the same length, as (offset, bytes)
 # pairs.  A file is not copied: the response sends the patched bytes from memory and the rest
 # by sendfile (patch_pieces), so Content-Length, ranges and If-Range describe the stripped
@@ -2216,14 +2217,23 @@ def read_video_info(fd, name):
 #   PNG text chunks that hold a location (a keyword of LOCATION_NAMES, ImageMagick's "Raw
 #       profile type exif" and the like, compressed XMP): renamed to the private chunk
 #       LOCATION_ERASED, their data zeros, the CRC of each chunk changed made again
+#   ISO BMFF videos (MP4, MOV, M4V, 3GP)   in moov's and each trak's udta: ©xyz (ISO 6709
+#       text) and 3GPP loci; in a meta's ilst: the ©xyz item and the items of keys whose name
+#       says where (LOCATION_KEYS: an iPhone's com.apple.quicktime.location.*): each such box
+#       renamed 'free' (every reader skips it), its body zeros; XMP in udta's XMP_ and in a
+#       uuid box (BMFF_XMP) as above.  The boxes are followed by their headers (bmff_boxes):
+#       the mdat, and a trak's media boxes, are never read, wherever the moov lies
 # Limits: a property of an extended XMP split between two of its segments is not found; a
 # metadata chunk or segment larger than LOCATION_SEGMENT_MAX is not read; at most
 # LOCATION_HOPS segments or chunks are followed, so a PNG of more chunks (16,384 IDATs of
 # libpng's 8 KiB are 128 MB) keeps what lies beyond them.  Each hop costs a read at most
 # (small chunks share one) and 1-4 us: a file of that many chunks holds its worker's loop
-# 20-70 ms, once a file version.  A HEIC's or AVIF's Exif item (found by its meta box, as the
+# 20-70 ms, once a file version.  A video's walk shares one LOCATION_HOPS budget among all its
+# boxes, nested or not.  A HEIC's or AVIF's Exif item (found by its meta box, as the
 # Images section reads it: within IMAGE_HEAD) gets its GPS IFD blanked as a JPEG's EXIF; its XMP
-# item, if any, is not read.  Other formats (TIFF, XMP sidecars, videos) are served as they are.
+# item, if any, is not read.  A video's timed metadata (a GoPro's GPMF track, a drone's
+# subtitles: samples in the mdat) is not read.  Other formats (TIFF, XMP sidecars) are served
+# as they are.
 # Once per file version: Responder.open_file calls hide_location(), which keeps the patches
 # with the OpenFile in the FileCache (joined when close, join_patches: a few KB a photo, at
 # most the metadata's own size); a file that is no photo costs one read of LOCATION_READ
@@ -2254,6 +2264,17 @@ IPTC_LOCATION = frozenset([26, 27, 90, 92, 95, 100, 101])   # record 2: content 
 LOCATION_SEGMENTS = (b'Exif\x00\x00', XMP_SIGNATURE, XMP_EXTENSION, b'Photoshop 3.0\x00', b'MPF\x00')
 IRB_SIGNATURES = (b'8BIM', b'MeSa', b'PHUT', b'AgHg', b'DCSR')
 TIFF_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+# ISO BMFF (MP4, MOV, 3GP): the first boxes of a video (VIDEO_SUFFIXES' and 3GP's), whatever its
+# name, and the boxes on the way to its user data and metadata (from the file, b'').
+BMFF_FIRST = (b'ftyp', b'moov', b'mdat', b'free', b'wide', b'skip')
+BMFF_PATHS = {b'': (b'moov',), b'moov': (b'trak', b'udta'), b'trak': (b'udta',)}
+BMFF_END = 1 << 62                # beyond any file: the file's boxes run to its end
+BMFF_PLACES = (b'\xa9xyz', b'loci')  # user data that is a position: QuickTime's ISO 6709, 3GPP's
+BMFF_XMP = bytes.fromhex('be7acfcb97a942e89c71999491e3afac')    # the uuid box of an XMP packet
+# The names of QuickTime metadata keys (mdta) whose values say where: Apple's
+# com.apple.quicktime.location.ISO6709, .location.name, .body, .note, .role, .date,
+# .accuracy.horizontal; ffmpeg's location and location-eng; any GPS* name.
+LOCATION_KEYS = re.compile(rb'(?:^|[.:])(?:location|iso6709|gps\w*|\xa9xyz)(?:[.:-]|$)', re.I)
 
 
 def file_reader(fd):
@@ -2279,7 +2300,8 @@ def bytes_reader(data):
 
 def location_patches(read):
     """[(offset, bytes)], sorted and apart, to write over a file's location (see the section's
-    comment), for a JPEG, PNG or WebP; [] for anything else or a file that says nowhere.
+    comment), for a JPEG, PNG, WebP, HEIF or ISO BMFF video; [] for anything else or a file
+    that says nowhere.
 
     read(offset, size) returns the file's bytes there (fewer at its end): file_reader(fd),
     bytes_reader(data).  Pure, but for what read does; never raises on any content (OSError
@@ -2293,8 +2315,10 @@ def location_patches(read):
             png_location(read, patches)
         elif head[:4] == b'RIFF' and head[8:12] == b'WEBP':
             webp_location(read, patches)
-        elif head[4:8] == b'ftyp' and heif_brand(read(0, 256)):
-            heif_location(read, patches)
+        elif head[4:8] in BMFF_FIRST:
+            if head[4:8] == b'ftyp' and heif_brand(read(0, 256)):
+                heif_location(read, patches)
+            bmff_location(read, patches)
     except (IndexError, ValueError, OverflowError, struct.error):
         pass                                # keep what was found before the damage
     return merge_patches(patches)
@@ -2569,6 +2593,90 @@ def heif_location(read, patches):
         data = read(info.resume[0], info.resume[1])
         if len(data) >= 12:
             exif_location(read, data, 4 + _u32(data, 0), info.resume[0], patches, 0)
+
+
+def bmff_boxes(read, start, end, budget):
+    """(type, header offset, body offset, end) of each box from start to end, read by its
+    header alone (a 64-bit size and size 0, to end, understood).  Stops at a size that cannot
+    be, at the file's end, past a box that runs beyond end (given cut at end), and when budget
+    (a one-item list: the hops left of LOCATION_HOPS, shared by the whole walk) runs out."""
+    pos = start
+    while pos + 8 <= end and budget[0] > 0:
+        budget[0] -= 1
+        header = read(pos, 16)
+        if len(header) < 8:
+            return
+        size, body = _u32(header, 0), pos + 8
+        if size == 1 and len(header) == 16:
+            size, body = int.from_bytes(header[8:16], 'big'), pos + 16
+        elif size == 0:
+            size = end - pos
+        if size < body - pos:
+            return
+        yield header[4:8], pos, body, min(pos + size, end)
+        pos += size
+
+
+def bmff_location(read, patches, start=0, end=BMFF_END, parent=b'', budget=None):
+    """An ISO BMFF file's boxes (an MP4, MOV or 3GP video) from start to end, children of
+    parent (b'': the file): the containers on the way to a location (BMFF_PATHS) descended,
+    every meta and user data box read, the rest (mdat, a trak's media boxes) skipped unread."""
+    budget = [LOCATION_HOPS] if budget is None else budget
+    for kind, at, body, stop in bmff_boxes(read, start, end, budget):
+        if kind in BMFF_PATHS.get(parent, ()):
+            bmff_location(read, patches, body, stop, kind, budget)
+        elif kind == b'meta':
+            bmff_meta(read, body, stop, patches, budget)
+        elif kind in BMFF_PLACES and parent == b'udta':
+            bmff_erase(read, at, body, stop, patches)
+        elif kind == b'uuid' and read(body, 16) == BMFF_XMP:
+            bmff_xmp(read, body + 16, stop, patches)
+        elif kind == b'XMP_' and parent == b'udta':
+            bmff_xmp(read, body, stop, patches)
+
+
+def bmff_meta(read, start, end, patches, budget):
+    """A meta box (ISO's is a full box, QuickTime's is not): in its ilst, the values of items
+    named ©xyz or, through keys, by a name of LOCATION_KEYS, erased (their data boxes)."""
+    if read(start + 4, 4) != b'hdlr':
+        start += 4
+    children = list(bmff_boxes(read, start, end, budget))
+    names = {}
+    for kind, _, body, stop in children:
+        if kind == b'keys' and stop - body <= LOCATION_SEGMENT_MAX:
+            names = bmff_keys(read(body, stop - body))
+    for kind, _, body, stop in children:
+        if kind != b'ilst':
+            continue
+        for item, at, item_body, item_stop in bmff_boxes(read, body, stop, budget):
+            if item == b'\xa9xyz' or LOCATION_KEYS.search(names.get(item, b'')):
+                bmff_erase(read, at, item_body, item_stop, patches)
+
+
+def bmff_keys(data):
+    """{ilst item type: name} of a keys box's body: a full box, its entry count, then each
+    entry's size, namespace and name; the item type is the entry's index from 1."""
+    names, pos = {}, 8
+    for index in range(1, _u32(data, 4) + 1):
+        size = _u32(data, pos)
+        if size < 8 or pos + size > len(data):
+            break
+        names[index.to_bytes(4, 'big')] = data[pos + 8:pos + size]
+        pos += size
+    return names
+
+
+def bmff_erase(read, at, body, end, patches):
+    """The box at `at` renamed 'free' (every reader skips it) and its body zeros, up to
+    LOCATION_SEGMENT_MAX bytes of it: it keeps its place and length."""
+    patches.append((at + 4, b'free'))
+    patches.append((body, bytes(len(read(body, min(end - body, LOCATION_SEGMENT_MAX))))))
+
+
+def bmff_xmp(read, start, end, patches):
+    """An XMP packet from start to end, as in a JPEG (xmp_location)."""
+    if end - start <= LOCATION_SEGMENT_MAX:
+        xmp_location(read(start, end - start), 0, start, patches)
 
 
 def hide_location(entry):
