@@ -15,6 +15,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import tracemalloc
 import unittest
 import xml.dom.minidom
 import zipfile
@@ -872,3 +873,71 @@ class KeepVideoLocationServerTests(SharedAgentTestCase):
         self.assertEqual(self.get('/v/clip.mp4', 'Range: bytes=-3000').body, self.original[-3000:])
         with zipfile.ZipFile(io.BytesIO(self.get('/v/?download=zip').body)) as z:
             self.assertEqual(z.read('v/clip.mp4'), self.original)
+
+
+def far_video(path, far):
+    """located_mp4 written at path with its mdat grown to far bytes (a hole: a sparse file), its
+    moov after it; returns the bytes of the file before and after the hole."""
+    original = located_mp4(mdat_size='large', mdat=bytes(40))
+    mdat = original.index(b'mdat') - 4
+    head = original[:mdat] + struct.pack('>I', 1) + b'mdat' + struct.pack('>Q', far)
+    tail = original[mdat + 16 + 40:]
+    with open(path, 'wb') as f:
+        f.write(head)
+        f.seek(mdat + far)
+        f.write(tail)
+    return head, tail
+
+
+@testlib.unit
+class ZipLocationSourceTests(unittest.TestCase):
+    """What a zip entry's bytes take from the location strip (zip_entry_source) costs memory of
+    the patches' size, wherever they lie: a phone's moov follows gigabytes of mdat."""
+
+    def test_a_video_whose_moov_lies_far(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, 'far.mp4')
+            far_video(path, 64 << 20)
+            fd = os.open(path, os.O_RDONLY)
+            self.addCleanup(os.close, fd)
+            tracemalloc.start()
+            try:
+                source = agent.zip_entry_source(fd, False)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            self.assertTrue(source)
+            self.assertLess(peak, 1 << 20)
+            self.assertFalse(agent.zip_entry_source(fd, True))
+
+
+class VideoZipServerTests(SharedAgentTestCase):
+    """A folder's zip with a video whose moov follows 8 MiB of mdat (a hole): its entry is the
+    stripped video, its CRC that of the stripped bytes, whole and in ranges."""
+
+    @classmethod
+    def make_files(cls):
+        path = os.path.join(cls.server.root, 'v', 'far.mp4')
+        os.makedirs(os.path.dirname(path))
+        head, tail = far_video(path, 8 << 20)
+        with open(path, 'rb') as f:
+            cls.original = f.read()
+
+    def test_zip_whole_and_in_ranges(self):
+        response = self.get('/v/?download=zip')
+        self.assertEqual(response.status, 200)
+        result = stripped(self.original)
+        self.assertNotEqual(result, self.original)
+        with zipfile.ZipFile(io.BytesIO(response.body)) as z:
+            self.assertIsNone(z.testzip())
+            self.assertEqual(z.read('v/far.mp4'), result)
+        size = len(response.body)
+        parts = []
+        for first in range(0, size, 3 << 20):
+            last = min(size, first + (3 << 20)) - 1
+            part = self.get('/v/?download=zip', 'Range: bytes=%d-%d' % (first, last))
+            self.assertEqual(part.status, 206)
+            parts.append(part.body)
+        self.assertEqual(b''.join(parts), response.body)
+        for secret in LOCATED_SECRETS:
+            self.assertNotIn(secret, response.body)
