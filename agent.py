@@ -5366,18 +5366,15 @@ def hole_length(fd, offset, size):
 
 
 def zip_entry_source(fd, keep_location):
-    """The bytes that stand in for the first bytes of an entry's file in the zip (b'': none, the
-    file as it is).  The one place each entry's bytes come from besides the file itself: the
-    location strip (location_patches), from the file's start to the end of its last patch, so
-    that a photo in a zip says no more of where it was taken than the photo served alone."""
+    """The patches [(offset, bytes)] written over an entry's file in the zip ([]: the file as it
+    is).  The one place each entry's bytes come from besides the file itself: the location
+    strip (location_patches, joined as a response's), so that a photo or a video in a zip says
+    no more of where it was taken than the file served alone.  Patches, not the bytes up to the
+    last one: a phone's video has its moov after gigabytes of mdat."""
     if keep_location:
-        return b''
+        return []
     read = file_reader(fd)
-    patches = location_patches(read)
-    if not patches:
-        return b''
-    end = patches[-1][0] + len(patches[-1][1])
-    return apply_patches(read(0, end), 0, patches)
+    return join_patches(location_patches(read), read)
 
 
 class ZipBody:
@@ -5394,17 +5391,20 @@ class ZipBody:
         self.index = bisect.bisect_right(self.offsets, first) - 1 if first < self.cd_offset else len(entries)
         self.crcs = crcs                # ZipFolder.crcs: file_key -> CRC
         self.known = {}                 # index -> CRC, for this response
-        self.opener = opener            # path -> (fd, stat, prefix), checked
+        self.opener = opener            # path -> (fd, stat, patches), checked
         self.fd = -1
         self.open_index = -1
-        self.prefix = b''
+        self.patches = []               # the open entry's (zip_entry_source)
+        self.queued = []                # pieces of the open entry's range after the one popped
         self.reading = None             # (index, offset, crc so far) of a CRC being read
         self.refs = 0
 
     def __bool__(self):
-        return self.position < self.end
+        return self.position < self.end or bool(self.queued)
 
     def pop(self, _index=0):
+        if self.queued:
+            return self.queued.pop(0)
         if self.index >= len(self.entries):
             return self.tail_piece()
         i = self.index
@@ -5424,8 +5424,9 @@ class ZipBody:
         if stop <= first:
             return head, 0, 0
         self.use(i)
-        start = max(first, len(self.prefix))
-        return head + self.prefix[first:stop], start, max(0, stop - start)
+        pieces = patch_pieces([(head, first, stop - first)], self.patches)
+        self.queued = pieces[1:]
+        return pieces[0]
 
     def tail_piece(self):
         for i in range(len(self.entries)):
@@ -5445,8 +5446,7 @@ class ZipBody:
             return
         self.close()
         entry = self.entries[i]
-        self.fd, st, prefix = self.opener(entry.path)
-        self.prefix = prefix[:entry.size]
+        self.fd, st, self.patches = self.opener(entry.path)
         self.open_index = i
         if (st.st_size, st.st_mtime_ns) != (entry.st.st_size, entry.st.st_mtime_ns):
             raise OSError(errno.ESTALE, 'changed since it was listed: %s' % entry.path)
@@ -5472,11 +5472,11 @@ class ZipBody:
         self.use(i)
         entry = self.entries[i]
         offset, crc = self.reading[1:] if self.reading and self.reading[0] == i else (0, 0)
-        if offset == 0 and self.prefix:
-            offset, crc = len(self.prefix), zlib.crc32(self.prefix)
         budget = ZIP_CRC_STEP
         while offset < entry.size and budget > 0:
-            hole = hole_length(self.fd, offset, entry.size)
+            ahead = [at for at, patch in self.patches if at + len(patch) > offset]
+            limit = min(ahead[0], entry.size) if ahead else entry.size     # a hole ends at a patch
+            hole = hole_length(self.fd, offset, limit) if limit > offset else 0
             if hole > 0:
                 crc = crc32_zeros(crc, hole)
                 offset += hole
@@ -5484,7 +5484,7 @@ class ZipBody:
             data = os.pread(self.fd, min(entry.size - offset, SENDFILE_CHUNK, budget), offset)
             if not data:
                 raise OSError(errno.ESTALE, 'shrank since it was listed: %s' % entry.path)
-            crc = zlib.crc32(data, crc)
+            crc = zlib.crc32(apply_patches(data, offset, self.patches), crc)
             offset += len(data)
             budget -= len(data)
         if offset < entry.size:
@@ -5496,7 +5496,7 @@ class ZipBody:
     def close(self):
         if self.fd >= 0:
             os.close(self.fd)
-        self.fd, self.open_index, self.prefix = -1, -1, b''
+        self.fd, self.open_index, self.patches, self.queued = -1, -1, [], []
 
     def release(self):
         self.refs -= 1
@@ -5613,7 +5613,7 @@ def zip_folder_items(responder, fd, folder, seen):
 
 
 def zip_open(responder, path):
-    """(fd, stat, prefix) of an entry's file, opened as any file served (Responder.open_checked)
+    """(fd, stat, patches) of an entry's file, opened as any file served (Responder.open_checked)
     and never one of ours."""
     try:
         fd, st = responder.open_checked(path)
