@@ -104,7 +104,8 @@ from tests_runner import RunnerBalanceTests, RunnerPartTests, RunnerSpawnWatchTe
 from tests_location import (
     LocationPatchTests, LocationToolTests, LocationServerTests, KeepLocationServerTests,
     VideoLocationPatchTests, VideoLocationToolTests, VideoLocationServerTests,
-    KeepVideoLocationServerTests, ZipLocationSourceTests, VideoZipServerTests)  # noqa: F401
+    KeepVideoLocationServerTests, ZipLocationSourceTests, VideoZipServerTests, TiffXmpLocationPatchTests,
+    TiffXmpLocationToolTests, TiffXmpLocationServerTests)  # noqa: F401
 from tests_performance import TLSTicketTests, RequestPathSyscallTests  # noqa: F401
 
 if __name__ == '__main__':

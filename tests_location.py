@@ -25,7 +25,7 @@ import testlib
 from testlib import SharedAgentTestCase, TIMEOUT, parse_byteranges, shutil_which, write_file
 import agent
 from samples import (LOCATED_KEPT, LOCATED_SECRETS, LOCATED_XMP, located_jpeg, located_mp4, located_png,
-                     located_webp, png_chunk, sample_gif, sample_jpeg, sample_mp4, sample_png)
+                     located_tiff, located_webp, png_chunk, sample_gif, sample_jpeg, sample_mp4, sample_png)
 
 
 def stripped(data):
@@ -941,3 +941,165 @@ class VideoZipServerTests(SharedAgentTestCase):
         self.assertEqual(b''.join(parts), response.body)
         for secret in LOCATED_SECRETS:
             self.assertNotIn(secret, response.body)
+
+
+SIDECAR = (b'\xef\xbb\xbf\n<?xml version="1.0" encoding="UTF-8"?>\n'
+           + LOCATED_XMP[LOCATED_XMP.index(b'<x:xmpmeta'):LOCATED_XMP.index(b'<?xpacket end')])
+
+
+def tiff_gps_counts(data):
+    """The entry count of each GPS IFD that each IFD of a TIFF names, in chain order."""
+    order = '<' if data[:2] == b'II' else '>'
+    u16 = lambda at: struct.unpack(order + 'H', data[at:at + 2])[0]  # noqa: E731
+    u32 = lambda at: struct.unpack(order + 'I', data[at:at + 4])[0]  # noqa: E731
+    counts, ifd = [], u32(4)
+    while ifd:
+        for i in range(u16(ifd)):
+            at = ifd + 2 + 12 * i
+            if u16(at) == 0x8825:
+                counts.append(u16(u32(at + 8)))
+        ifd = u32(ifd + 2 + 12 * u16(ifd))
+    return counts
+
+
+@testlib.unit
+class TiffXmpLocationPatchTests(unittest.TestCase):
+    """location_patches over a TIFF (a DNG's, a camera raw's structure), known by its byte order
+    mark, and over an XMP sidecar, known by its first element."""
+
+    def test_tiff_gps_ifds_xmp_and_iptc(self):
+        for order in ('>', '<'):
+            original = located_tiff(order)
+            self.assertEqual(tiff_gps_counts(original), [5, 5])
+            result = LocationPatchTests.assert_stripped(self, original)
+            self.assertEqual(tiff_gps_counts(result), [0, 0])           # every GPS IFD, where it lies
+            for kept in (b'Kept artist', b'Kept caption', b'Kept title'):
+                self.assertIn(kept, result)
+            self.assertEqual(result[:8 + 3072], original[:8 + 3072])     # the pixels
+            start = result.index(b'<?xpacket begin')
+            xml.dom.minidom.parseString(result[start:start + len(LOCATED_XMP)])
+
+    def test_tiff_cut_damaged_and_looping(self):
+        original = located_tiff('<')
+        ifd0 = struct.unpack('<I', original[4:8])[0]
+        looped = bytearray(original)
+        looped[ifd0 + 2 + 12 * 12:ifd0 + 2 + 12 * 12 + 4] = struct.pack('<I', ifd0)   # IFD0 after itself
+        self.assertNotIn(b'Lutetia', stripped(bytes(looped)))
+        rng = random.Random(22)
+        cases = [original[:n] for n in range(0, len(original), 11)]
+        for _ in range(300):
+            data = bytearray(original)
+            for _ in range(rng.randrange(1, 4)):
+                pos = rng.randrange(ifd0, len(data))
+                data[pos:pos + 4] = rng.choice([b'\xff\xff\xff\xff', b'\x00\x00\x00\x00', b'\x08\x00\x00\x00'])
+            cases.append(bytes(data))
+        for data in cases:
+            read = CountingReader(data)
+            patches = agent.location_patches(read)
+            for offset, patch in patches:
+                self.assertLessEqual(offset + len(patch), len(data))
+            self.assertLess(read.bytes, 4 * agent.LOCATION_SEGMENT_MAX)
+
+    def test_a_chain_of_ifds_costs_bounded_reads(self):
+        """IFDs of 65,535 entries each, chained: the reads stop at LOCATION_SEGMENT_MAX bytes."""
+        ifd = struct.pack('<H', 0xFFFF) + bytes(12 * 0xFFFF)
+        size = len(ifd) + 4
+        data = b'II*\x00' + struct.pack('<I', 8) + b''.join(
+            ifd + struct.pack('<I', 8 + size * (i + 1)) for i in range(20))
+        read = CountingReader(data)
+        self.assertEqual(agent.location_patches(read), [])
+        self.assertLess(read.bytes, agent.LOCATION_SEGMENT_MAX + 2 * size)
+
+    def test_xmp_sidecar(self):
+        for original in (LOCATED_XMP, SIDECAR, b'  \n' + LOCATED_XMP, SIDECAR.replace(b'\n', b'\r\n')):
+            result = stripped(original)
+            self.assertEqual(len(result), len(original))
+            for secret in (b'Lutetia', b'Gallia', b'48,51.5', b'2,17.6'):
+                self.assertIn(secret, original)
+                self.assertNotIn(secret, result)
+            titles = xml.dom.minidom.parseString(result.lstrip(b'\xef\xbb\xbf\r\n ')).getElementsByTagName('rdf:li')
+            self.assertEqual([t.firstChild.data for t in titles], ['Kept title'])
+
+    def test_other_xml_is_no_sidecar(self):
+        for data in (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" exif:GPSLatitude="1"/>',
+                     b'<html><body>photoshop:City="Lutetia"</body></html>', b'<x:xmpmetadata exif:GPSLatitude="1"/>',
+                     b'<?xml version="1.0"?><!-- <x:xmpmeta --><a exif:GPSLatitude="1"/>'):
+            self.assertEqual(agent.location_patches(agent.bytes_reader(data)), [], data)
+
+
+class TiffXmpLocationToolTests(unittest.TestCase):
+    """A TIFF made by ImageMagick and tagged by exiftool (GPS, XMP, IPTC), and an XMP sidecar
+    exiftool writes: stripped, exiftool finds no location and no warning; the TIFF decodes to
+    the same pixels."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix='location-test-')
+
+    @classmethod
+    def tearDownClass(cls):
+        subprocess.run(['rm', '-rf', cls.tmp])
+
+    setUp = LocationToolTests.setUp
+    make = LocationToolTests.make
+    GPS = LocationToolTests.GPS + ['-IPTC:City=Paris', '-IPTC:Country-PrimaryLocationName=France']
+
+    def test_tiff(self):
+        path = self.make('photo.tif', *self.GPS)
+        LocationToolTests.strip_and_check(self, path)
+
+    def test_big_endian_tiff(self):
+        path = os.path.join(self.tmp, 'photo-mm.tif')
+        subprocess.run(['convert', '-size', '64x48', 'plasma:fractal', '-define', 'tiff:endian=msb', path], check=True,
+                       capture_output=True, timeout=TIMEOUT)
+        subprocess.run(['exiftool', '-q', '-overwrite_original'] + self.GPS + [path], check=True,
+                       capture_output=True, timeout=TIMEOUT)
+        with open(path, 'rb') as f:
+            self.assertEqual(f.read(4), b'MM\x00*')
+        LocationToolTests.strip_and_check(self, path)
+
+    def test_xmp_sidecar(self):
+        path = os.path.join(self.tmp, 'photo.xmp')
+        subprocess.run(['exiftool', '-q', '-o', path, '-XMP:GPSLatitude=48.8584', '-XMP:GPSLongitude=2.2945',
+                        '-XMP:City=Paris', '-XMP:Country=France', '-XMP-iptcCore:Location=Paris Quay',
+                        '-XMP:Title=Kept title'], check=True, capture_output=True, timeout=TIMEOUT)
+        with open(path, 'rb') as f:
+            original = f.read()
+        self.assertIn(b'Paris', original)
+        out = os.path.join(self.tmp, 'stripped.xmp')
+        with open(out, 'wb') as f:
+            f.write(stripped(original))
+        tags = exiftool_json(self, out)
+        assert_no_location(self, tags, out)
+        self.assertEqual(tags.get('XMP-dc:Title'), 'Kept title')
+
+
+class TiffXmpLocationServerTests(SharedAgentTestCase):
+    """The agent serves a TIFF, a DNG (by its structure: a TIFF) and an XMP sidecar stripped:
+    whole, HEAD, in ranges, in the folder's zip."""
+
+    @classmethod
+    def make_files(cls):
+        cls.originals = {'t/scan.tif': located_tiff('<'), 't/IMG_0001.dng': located_tiff('>'),
+                         't/IMG_0001.xmp': SIDECAR}
+        for name, data in cls.originals.items():
+            write_file(cls.server.root, name, data)
+
+    def test_whole_head_and_ranges(self):
+        for name, original in self.originals.items():
+            response = self.get('/' + name)
+            self.assertEqual((response.status, response.body), (200, stripped(original)), name)
+            self.assertNotEqual(response.body, original)
+            self.assertTrue(response.headers['etag'].endswith('-nl"'), response.headers)
+            head = self.get('/' + name, method='HEAD')
+            self.assertEqual((head.headers['content-length'], head.headers['etag']),
+                             (str(len(original)), response.headers['etag']))
+            parts = [self.get('/' + name, 'Range: bytes=%d-%d' % (first, first + 499)).body
+                     for first in range(0, len(original), 500)]
+            self.assertEqual(b''.join(parts), stripped(original), name)
+
+    def test_the_folder_zip(self):
+        with zipfile.ZipFile(io.BytesIO(self.get('/t/?download=zip').body)) as z:
+            self.assertIsNone(z.testzip())
+            for name, original in self.originals.items():
+                self.assertEqual(z.read(name), stripped(original), name)

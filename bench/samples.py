@@ -423,3 +423,48 @@ def located_mp4(moov_last=True, mdat=bytes(4000), mdat_size=None):
         media = box(b'mdat', mdat)
     parts = [media, located_moov()] if moov_last else [located_moov(), media]
     return ftyp + b''.join(parts) + box(b'uuid', XMP_UUID + LOCATED_XMP)
+
+
+
+def located_tiff(order='>'):
+    """A TIFF (as a DNG's or a camera raw's structure is) whose IFD0 holds XMP (tag 700), IPTC
+    (33723) and the offset of a GPS IFD, and whose IFD1 (a page) has a GPS IFD of its own.  The
+    pixels come first, IFD0 after them, IFD0's GPS IFD last, after its out-of-line values."""
+    e = order
+
+    def ifd(entries, next_at):
+        out = struct.pack(e + 'H', len(entries))
+        for tag, kind, count, value in entries:
+            out += struct.pack(e + 'HHI', tag, kind, count) + (
+                value if isinstance(value, bytes) else struct.pack(e + 'I', value))
+        return out + struct.pack(e + 'I', next_at)
+
+    def short(value):
+        return struct.pack(e + 'HH', value, 0)
+
+    def gps(values_at):
+        return ifd([(0, 1, 4, b'\x02\x03\x00\x00'), (1, 2, 2, b'N\x00\x00\x00'), (2, 5, 3, values_at),
+                    (4, 5, 3, values_at + 24), (0x1D, 2, 11, values_at + 48)], 0)
+    values = (struct.pack(e + '6I', 48, 1, 51, 1, 3024, 100) + struct.pack(e + '6I', 2, 1, 17, 1, 4020, 100)
+              + b'2020:01:01\x00\x00')
+    pixels = bytes(range(256)) * 12                          # 64 x 48, 8-bit grey
+    iptc = (b'\x1c\x02\x00\x00\x02\x00\x04' + b'\x1c\x02\x5a\x00\x07Lutetia' + b'\x1c\x02\x65\x00\x06Gallia'
+            + b'\x1c\x02\x78\x00\x0cKept caption')
+    artist = b'Kept artist\x00'
+    ifd0_at = 8 + len(pixels)
+    artist_at = ifd0_at + 2 + 12 * 12 + 4
+    xmp_at = artist_at + len(artist)
+    iptc_at = xmp_at + len(LOCATED_XMP)
+    ifd1_at = iptc_at + len(iptc)
+    gps1_at = ifd1_at + 2 + 12 + 4
+    values1_at = gps1_at + 2 + 12 * 5 + 4
+    values0_at = values1_at + len(values)
+    gps0_at = values0_at + len(values)
+    ifd0 = ifd([(256, 3, 1, short(64)), (257, 3, 1, short(48)), (258, 3, 1, short(8)), (259, 3, 1, short(1)),
+                (262, 3, 1, short(1)), (273, 4, 1, 8), (278, 3, 1, short(48)), (279, 4, 1, len(pixels)),
+                (315, 2, len(artist), artist_at), (700, 1, len(LOCATED_XMP), xmp_at),
+                (33723, 7, len(iptc), iptc_at), (0x8825, 4, 1, gps0_at)], ifd1_at)
+    ifd1 = ifd([(0x8825, 4, 1, gps1_at)], 0)
+    head = (b'II' if e == '<' else b'MM') + struct.pack(e + 'HI', 42, ifd0_at)
+    return (head + pixels + ifd0 + artist + LOCATED_XMP + iptc + ifd1 + gps(values1_at) + values + values
+            + gps(values0_at))
