@@ -2197,10 +2197,10 @@ def read_video_info(fd, name):
 # A phone's photo carries its GPS position (EXIF's GPS IFD, XMP's exif:GPS*), often with the
 # place's names (XMP photoshop:City, Iptc4xmpCore:Location, IPTC's City, Sub-location...): the
 # family's home, to anyone who downloads it; a phone's video holds its position too.  By
-# default a JPEG, PNG, WebP or video (known by its signature or first box, whatever its name)
-# is served without them: location_patches() finds the bytes
-# that say where, and returns what to write over them, of the same length, as (offset, bytes)
-# pairs.  A file is not copied: the response sends the patched bytes from memory and the rest
+# default a JPEG, PNG, WebP, TIFF (DNG and camera raws that are TIFFs), video or XMP sidecar
+# (each known by its first bytes, whatever its name) is served without them:
+# location_patches() finds the bytes that say where, and returns what to write over them, of
+# the same length, as (offset, bytes) pairs.  A file is not copied: the response sends the patched bytes from memory and the rest
 # by sendfile (patch_pieces), so Content-Length, ranges and If-Range describe the stripped
 # representation, whose ETag gets the suffix LOCATION_ETAG.  --keep-location serves files byte
 # for byte.
@@ -2217,6 +2217,11 @@ def read_video_info(fd, name):
 #   PNG text chunks that hold a location (a keyword of LOCATION_NAMES, ImageMagick's "Raw
 #       profile type exif" and the like, compressed XMP): renamed to the private chunk
 #       LOCATION_ERASED, their data zeros, the CRC of each chunk changed made again
+#   TIFF (II*\0 or MM\0*: a DNG, a NEF, a CR2...)   the file is the EXIF's TIFF structure: the
+#       GPS IFD of IFD0 and of each IFD chained after it, blanked as above wherever it and its
+#       values lie; XMP (tag 700), IPTC (33723) and Photoshop resources (34377) as in a JPEG;
+#       a JPEG thumbnail an IFD points to (JPEGInterchangeFormat) as a JPEG
+#   XMP sidecars (IMG_0001.xmp: XMP_SIDECAR)   as XMP above, over LOCATION_SEGMENT_MAX bytes
 #   ISO BMFF videos (MP4, MOV, M4V, 3GP)   in moov's and each trak's udta: ©xyz (ISO 6709
 #       text) and 3GPP loci; in a meta's ilst: the ©xyz item and the items of keys whose name
 #       says where (LOCATION_KEYS: an iPhone's com.apple.quicktime.location.*): each such box
@@ -2232,8 +2237,9 @@ def read_video_info(fd, name):
 # boxes, nested or not.  A HEIC's or AVIF's Exif item (found by its meta box, as the
 # Images section reads it: within IMAGE_HEAD) gets its GPS IFD blanked as a JPEG's EXIF; its XMP
 # item, if any, is not read.  A video's timed metadata (a GoPro's GPMF track, a drone's
-# subtitles: samples in the mdat) is not read.  Other formats (TIFF, XMP sidecars) are served
-# as they are.
+# subtitles: samples in the mdat) is not read.  A BigTIFF (II+\0) is not read, nor a TIFF's
+# SubIFDs (a DNG's raw images), nor IFDs past LOCATION_SEGMENT_MAX bytes of them.  Other
+# formats are served as they are.
 # Once per file version: Responder.open_file calls hide_location(), which keeps the patches
 # with the OpenFile in the FileCache (joined when close, join_patches: a few KB a photo, at
 # most the metadata's own size); a file that is no photo costs one read of LOCATION_READ
@@ -2264,6 +2270,12 @@ IPTC_LOCATION = frozenset([26, 27, 90, 92, 95, 100, 101])   # record 2: content 
 LOCATION_SEGMENTS = (b'Exif\x00\x00', XMP_SIGNATURE, XMP_EXTENSION, b'Photoshop 3.0\x00', b'MPF\x00')
 IRB_SIGNATURES = (b'8BIM', b'MeSa', b'PHUT', b'AgHg', b'DCSR')
 TIFF_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+# An XMP sidecar (IMG_0001.xmp, as Lightroom or darktable write it beside a photo): its first
+# element, after a byte order mark, blanks and an XML declaration, is an XMP packet's.
+XMP_SIDECAR = re.compile(rb'(?:\xef\xbb\xbf)?\s*(?:<\?xml[^<>]{0,200}\?>\s*)?'
+                         rb'<(?:\?xpacket[\s?]|x:xmpmeta[\s>]|x:xapmeta[\s>])')
+# A TIFF's IFD tags whose values may say where, read as in a JPEG: XMP, IPTC, Photoshop resources.
+TIFF_LOCATION_TAGS = (700, 33723, 34377)
 # ISO BMFF (MP4, MOV, 3GP): the first boxes of a video (VIDEO_SUFFIXES' and 3GP's), whatever its
 # name, and the boxes on the way to its user data and metadata (from the file, b'').
 BMFF_FIRST = (b'ftyp', b'moov', b'mdat', b'free', b'wide', b'skip')
@@ -2300,8 +2312,8 @@ def bytes_reader(data):
 
 def location_patches(read):
     """[(offset, bytes)], sorted and apart, to write over a file's location (see the section's
-    comment), for a JPEG, PNG, WebP, HEIF or ISO BMFF video; [] for anything else or a file
-    that says nowhere.
+    comment), for a JPEG, PNG, WebP, HEIF, TIFF, ISO BMFF video or XMP sidecar; [] for
+    anything else or a file that says nowhere.
 
     read(offset, size) returns the file's bytes there (fewer at its end): file_reader(fd),
     bytes_reader(data).  Pure, but for what read does; never raises on any content (OSError
@@ -2315,6 +2327,10 @@ def location_patches(read):
             png_location(read, patches)
         elif head[:4] == b'RIFF' and head[8:12] == b'WEBP':
             webp_location(read, patches)
+        elif head[:4] in (b'II*\x00', b'MM\x00*'):
+            tiff_location(read, patches)
+        elif XMP_SIDECAR.match(read(0, 512)):
+            xmp_location(read(0, LOCATION_SEGMENT_MAX), 0, 0, patches)
         elif head[4:8] in BMFF_FIRST:
             if head[4:8] == b'ftyp' and heif_brand(read(0, 256)):
                 heif_location(read, patches)
@@ -2593,6 +2609,55 @@ def heif_location(read, patches):
         data = read(info.resume[0], info.resume[1])
         if len(data) >= 12:
             exif_location(read, data, 4 + _u32(data, 0), info.resume[0], patches, 0)
+
+
+def tiff_location(read, patches):
+    """A TIFF's IFDs (a DNG's, a camera raw's: the file is the TIFF structure), IFD0 and those
+    chained after it: each one's GPS IFD blanked as in a JPEG's EXIF, its XMP, IPTC and
+    Photoshop resources (TIFF_LOCATION_TAGS) as in a JPEG's segments, and a JPEG it points to
+    (a thumbnail) as a JPEG.  The IFDs read count against LOCATION_SEGMENT_MAX bytes."""
+    order = '<' if read(0, 2) == b'II' else '>'
+    offset, seen, budget = _u32(read(4, 4), 0, order), set(), LOCATION_SEGMENT_MAX
+    for _ in range(LOCATION_HOPS):
+        if offset < 8 or offset in seen or budget <= 0:
+            return
+        seen.add(offset)
+        ifd = read(offset, 2 + 12 * _u16(read(offset, 2), 0, order) + 4)
+        budget -= len(ifd)
+        entries, offset = ifd_entries(ifd, -offset, offset, order)
+        tiff_ifd_location(read, {tag: (kind, count, value) for _, tag, kind, count, value in entries},
+                          order, patches)
+
+
+def tiff_ifd_location(read, tags, order, patches):
+    """One IFD's tags ({tag: (type, count, value field)}): what tiff_location blanks."""
+    if 0x8825 in tags:
+        tiff_gps_location(read, tags[0x8825][2], order, patches)
+    for tag, kind, count, value in ((tag,) + tags[tag] for tag in TIFF_LOCATION_TAGS if tag in tags):
+        size = TIFF_SIZES.get(kind, 0) * count
+        if 4 < size <= LOCATION_SEGMENT_MAX:
+            data = read(value, size)
+            if tag == 700:
+                xmp_location(data, 0, value, patches)
+            elif tag == 33723:
+                iptc_location(data, 0, len(data), value, patches)
+            else:
+                irb_location(data, 0, value, patches)
+    where = tags.get(0x0201, (0, 0, 0))[2]
+    if where >= 8 and read(where, 2) == b'\xff\xd8':
+        jpeg_location(read, where, patches, 1)
+
+
+def tiff_gps_location(read, offset, order, patches):
+    """The GPS IFD at file offset `offset`, blanked by gps_location over the bytes from it and
+    its out-of-line values, wherever they lie (LOCATION_SEGMENT_MAX bytes at most)."""
+    head = read(offset, 2 + 12 * _u16(read(offset, 2), 0, order) + 4)
+    entries, _ = ifd_entries(head, -offset, offset, order)
+    spans = [(value, value + TIFF_SIZES.get(kind, 0) * count) for _, _, kind, count, value in entries
+             if TIFF_SIZES.get(kind, 0) * count > 4 and value >= 8]
+    start = min([offset] + [first for first, _ in spans])
+    end = min(max([offset + len(head)] + [last for _, last in spans]), start + LOCATION_SEGMENT_MAX)
+    gps_location(read(start, end - start), -start, offset, start, order, patches)
 
 
 def bmff_boxes(read, start, end, budget):
