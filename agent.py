@@ -171,9 +171,10 @@ thumbnailer reads HEIC (docs/gallery.md).  `image.jpg?thumb` is the EXIF thumbna
 JPEG (404 if none; with --thumbnailer, one made by that program, and the original until it is
 made; a HEIC's or a video's is a 404 until then).  `FOLDER/?download=zip` is the folder as
 one stored zip, ranges and all (section Zip; --zip-max-files, --zip-max-bytes).  A JPEG, PNG,
-WebP or HEIC is served without its location (EXIF GPS, XMP and IPTC place names, blanked in
-place: same length, its own ETag; ?thumb and zip entries too), unless --keep-location: see the
-Location section.
+WebP, HEIC, TIFF, video (MP4, MOV, 3GP) or XMP sidecar is served without its location (EXIF
+GPS, XMP and IPTC place names, a video's ©xyz, loci and location keys, blanked in place: same
+length, its own ETag; ?thumb and zip entries too), unless --keep-location: see the Location
+section.
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
@@ -8806,8 +8807,9 @@ def parser():
     serving.add_argument('--no-listing', dest='listing', action='store_false',
                          help='403 for a directory without index.html (default: a gallery page)')
     serving.add_argument('--keep-location', action='store_true',
-                         help='serve photos byte for byte, with the GPS position and place names '
-                              'they hold (default: blanked in JPEG, PNG and WebP)')
+                         help='serve photos and videos byte for byte, with the GPS position and '
+                              'place names they hold (default: blanked in JPEG, PNG, WebP, HEIC, '
+                              'TIFF, MP4/MOV/3GP and XMP sidecars)')
     balancer = p.add_argument_group('behind a load balancer (docs/scale-out.md)')
     balancer.add_argument('--trusted-proxy', action='append', type=cidr, metavar='CIDR',
                           help='a proxy or balancer (address or network, repeatable) whose '
