@@ -105,7 +105,8 @@ from tests_location import (
     LocationPatchTests, LocationToolTests, LocationServerTests, KeepLocationServerTests,
     VideoLocationPatchTests, VideoLocationToolTests, VideoLocationServerTests,
     KeepVideoLocationServerTests, ZipLocationSourceTests, VideoZipServerTests, TiffXmpLocationPatchTests,
-    TiffXmpLocationToolTests, TiffXmpLocationServerTests)  # noqa: F401
+    TiffXmpLocationToolTests, TiffXmpLocationServerTests, HeifXmpLocationPatchTests,
+    HeifXmpLocationToolTests)  # noqa: F401
 from tests_performance import TLSTicketTests, RequestPathSyscallTests  # noqa: F401
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ import zipfile
 import testlib
 from testlib import SharedAgentTestCase, TIMEOUT, parse_byteranges, shutil_which, write_file
 import agent
-from samples import (LOCATED_KEPT, LOCATED_SECRETS, LOCATED_XMP, located_jpeg, located_mp4, located_png,
+from samples import (LOCATED_KEPT, box, gps_tiff, heif_sample, LOCATED_SECRETS, LOCATED_XMP, located_jpeg, located_mp4, located_png,
                      located_tiff, located_webp, png_chunk, sample_gif, sample_jpeg, sample_mp4, sample_png)
 
 
@@ -1103,3 +1103,93 @@ class TiffXmpLocationServerTests(SharedAgentTestCase):
             self.assertIsNone(z.testzip())
             for name, original in self.originals.items():
                 self.assertEqual(z.read(name), stripped(original), name)
+
+
+def heif_with_xmp(wide=False, content_type=b'application/rdf+xml', xmp=LOCATED_XMP):
+    """A HEIC of a picture item and an XMP item (a 'mime' item of content_type, as exiftool
+    writes it), the XMP in the mdat where iloc puts it."""
+    def full(kind, version, body):
+        return box(kind, struct.pack('>I', version << 24) + body)
+    id_fmt = '>I' if wide else '>H'
+    infe = (full(b'infe', 3 if wide else 2, struct.pack(id_fmt, 1) + b'\x00\x00hvc1\x00')
+            + full(b'infe', 3 if wide else 2, struct.pack(id_fmt, 2) + b'\x00\x00mime' + b'XMP\x00' + content_type + b'\x00'))
+
+    def meta(xmp_at):
+        iloc = b'\x44\x00' + struct.pack(id_fmt, 2)
+        for number, offset, length in ((1, xmp_at + len(xmp), 1), (2, xmp_at, len(xmp))):
+            iloc += struct.pack(id_fmt, number) + struct.pack('>HHH', 0, 0, 1) + struct.pack('>II', offset, length)
+        return full(b'meta', 0, full(b'hdlr', 0, b'\x00' * 4 + b'pict' + bytes(13))
+                    + full(b'pitm', 0, struct.pack('>H', 1)) + full(b'iinf', 0, struct.pack('>H', 2) + infe)
+                    + full(b'iloc', 2 if wide else 1, iloc))
+    ftyp = box(b'ftyp', b'heic\x00\x00\x00\x00mif1heic')
+    head = ftyp + meta(0)
+    return ftyp + meta(len(head) + 8) + box(b'mdat', xmp + b'\x00')
+
+
+@testlib.unit
+class HeifXmpLocationPatchTests(unittest.TestCase):
+    """A HEIC's or AVIF's XMP item (a 'mime' item of application/rdf+xml) is blanked as XMP;
+    its Exif item as before."""
+
+    def test_the_xmp_item(self):
+        for wide in (False, True):
+            original = heif_with_xmp(wide)
+            result = stripped(original)
+            self.assertEqual(len(result), len(original))
+            for secret in (b'Lutetia', b'Gallia', b'48,51.5', b'2,17.6'):
+                self.assertNotIn(secret, result, wide)
+            start = result.index(b'<?xpacket begin')
+            titles = xml.dom.minidom.parseString(result[start:start + len(LOCATED_XMP)]).getElementsByTagName('rdf:li')
+            self.assertEqual([t.firstChild.data for t in titles], ['Kept title'])
+            self.assertEqual(result[:start], original[:start])
+
+    def test_other_mime_items_are_kept(self):
+        for content_type in (b'text/plain', b'application/rdf+xmlx', b''):
+            original = heif_with_xmp(content_type=content_type)
+            self.assertEqual(stripped(original), original, content_type)
+
+    def test_the_exif_item_still(self):
+        original = heif_sample(64, 48, tiff=gps_tiff())
+        self.assertIn(b'2020:01:01', original)
+        self.assertNotIn(b'2020:01:01', stripped(original))
+
+    def test_cut_and_damaged_never_raise(self):
+        original = heif_with_xmp()
+        rng = random.Random(23)
+        cases = [original[:n] for n in range(0, len(original), 3)]
+        for _ in range(300):
+            data = bytearray(original)
+            pos = rng.randrange(len(data))
+            data[pos:pos + 4] = rng.choice([b'\xff\xff\xff\xff', b'\x00\x00\x00\x00', b'\x00\x00\x00\x09'])
+            cases.append(bytes(data))
+        for data in cases:
+            for offset, patch in agent.location_patches(agent.bytes_reader(data)):
+                self.assertLessEqual(offset + len(patch), len(data))
+
+
+class HeifXmpLocationToolTests(unittest.TestCase):
+    """A HEIC made by ImageMagick and tagged by exiftool (EXIF GPS and XMP, which exiftool puts
+    in a 'mime' item): stripped, exiftool finds no location and no warning, and it decodes to
+    the same pixels."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix='location-test-')
+
+    @classmethod
+    def tearDownClass(cls):
+        subprocess.run(['rm', '-rf', cls.tmp])
+
+    setUp = LocationToolTests.setUp
+    make = LocationToolTests.make
+
+    def test_heic(self):
+        formats = subprocess.run(['convert', '-list', 'format'], capture_output=True, timeout=TIMEOUT).stdout
+        if b'HEIC' not in formats:
+            self.skipTest('ImageMagick writes no HEIC here (libheif)')
+        path = self.make('photo.heic', '-GPSLatitude=48.8584', '-GPSLatitudeRef=N', '-GPSLongitude=2.2945',
+                         '-GPSLongitudeRef=E', '-XMP:GPSLatitude=48.8584', '-XMP:City=Paris', '-XMP:Country=France',
+                         '-XMP:Title=Kept title', '-Artist=Kept artist')
+        with open(path, 'rb') as f:
+            self.assertIn(b'application/rdf+xml', f.read())
+        LocationToolTests.strip_and_check(self, path)
