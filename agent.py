@@ -1696,8 +1696,9 @@ def heif_properties(head, start, stop, primary):
     return properties, wanted
 
 
-def heif_exif_item(head, start, stop):
-    """The item ID of iinf's 'Exif' item entry (infe version 2 or 3), or None."""
+def heif_exif_item(head, start, stop, item_type=b'Exif', content_type=None):
+    """The item ID of iinf's 'Exif' item entry (infe version 2 or 3), or None; or of another
+    item_type's, a 'mime' item's of content_type (after the item's name) when given."""
     if stop - start < 6:
         return None
     first = start + (6 if head[start] == 0 else 8)
@@ -1705,7 +1706,8 @@ def heif_exif_item(head, start, stop):
         if kind == b'infe' and body + 12 <= end and head[body] in (2, 3):
             wide = head[body] == 3
             type_at = body + (10 if wide else 8)
-            if head[type_at:type_at + 4] == b'Exif':
+            if head[type_at:type_at + 4] == item_type and (
+                    content_type is None or head[type_at + 4:end].split(b'\x00')[1:2] == [content_type]):
                 return _u32(head, body + 4) if wide else _u16(head, body + 4)
     return None
 
@@ -2236,8 +2238,8 @@ def read_video_info(fd, name):
 # (small chunks share one) and 1-4 us: a file of that many chunks holds its worker's loop
 # 20-70 ms, once a file version.  A video's walk shares one LOCATION_HOPS budget among all its
 # boxes, nested or not.  A HEIC's or AVIF's Exif item (found by its meta box, as the
-# Images section reads it: within IMAGE_HEAD) gets its GPS IFD blanked as a JPEG's EXIF; its XMP
-# item, if any, is not read.  A video's timed metadata (a GoPro's GPMF track, a drone's
+# Images section reads it: within IMAGE_HEAD) gets its GPS IFD blanked as a JPEG's EXIF, and its
+# XMP item (a 'mime' item of application/rdf+xml) is blanked as XMP.  A video's timed metadata (a GoPro's GPMF track, a drone's
 # subtitles: samples in the mdat) is not read.  A BigTIFF (II+\0) is not read, nor a TIFF's
 # SubIFDs (a DNG's raw images), nor IFDs past LOCATION_SEGMENT_MAX bytes of them.  Other
 # formats are served as they are.
@@ -2603,13 +2605,21 @@ def webp_location(read, patches):
 
 
 def heif_location(read, patches):
-    """A HEIC's (or AVIF's) Exif item, where iloc puts it (heif_info): its GPS IFD."""
+    """A HEIC's (or AVIF's) Exif item, where iloc puts it (heif_info): its GPS IFD; and its XMP
+    item (a 'mime' item of application/rdf+xml) as XMP."""
     info = ImageInfo('heif')
-    heif_info(info, read(0, IMAGE_HEAD))
+    head = read(0, IMAGE_HEAD)
+    heif_info(info, head)
     if info.resume is not None and info.resume[1] <= LOCATION_SEGMENT_MAX:
         data = read(info.resume[0], info.resume[1])
         if len(data) >= 12:
             exif_location(read, data, 4 + _u32(data, 0), info.resume[0], patches, 0)
+    meta = [(body + 4, end) for kind, body, end in mp4_boxes(head, 0, len(head)) if kind == b'meta'][:1]
+    items = {kind: (body, end) for kind, body, end in mp4_boxes(head, *meta[0])} if meta else {}
+    xmp = heif_exif_item(head, *items.get(b'iinf', (0, 0)), b'mime', b'application/rdf+xml')
+    extent = heif_extent(head, *items.get(b'iloc', (0, 0)), xmp) if xmp is not None else None
+    if extent is not None and extent[1] <= LOCATION_SEGMENT_MAX:
+        xmp_location(read(*extent), 0, extent[0], patches)
 
 
 def tiff_location(read, patches):
