@@ -2332,12 +2332,12 @@ def location_patches(read):
             webp_location(read, patches)
         elif head[:4] in (b'II*\x00', b'MM\x00*'):
             tiff_location(read, patches)
-        elif XMP_SIDECAR.match(read(0, 512)):
-            xmp_location(read(0, LOCATION_SEGMENT_MAX), 0, 0, patches)
         elif head[4:8] in BMFF_FIRST:
             if head[4:8] == b'ftyp' and heif_brand(read(0, 256)):
                 heif_location(read, patches)
             bmff_location(read, patches)
+        elif XMP_SIDECAR.match(read(0, 512)):
+            xmp_location(read(0, LOCATION_SEGMENT_MAX), 0, 0, patches)
     except (IndexError, ValueError, OverflowError, struct.error):
         pass                                # keep what was found before the damage
     return merge_patches(patches)
