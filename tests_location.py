@@ -574,6 +574,21 @@ class VideoLocationPatchTests(unittest.TestCase):
             '>I', original[ilst - 4:ilst])[0])]
         self.assertEqual([k for k, _ in items], [b'free', struct.pack('>I', 2), b'free', b'free', b'free'])
 
+    def test_quicktime_meta_whose_first_box_is_not_hdlr(self):
+        """QuickTime's meta (no version and flags) with its keys and ilst before its hdlr:
+        still read as QuickTime's, not as ISO's full box."""
+        original = located_mp4()
+        moov = original.index(b'moov') - 4
+        kind, meta, size = [b for b in bmff_boxes(original, moov + 8, moov + struct.unpack(
+            '>I', original[moov:moov + 4])[0]) if b[0] == b'meta'][0]
+        children = bmff_boxes(original, meta + 8, meta + size)
+        self.assertEqual([k for k, _, _ in children], [b'hdlr', b'keys', b'ilst'])
+        hdlr = original[children[0][1]:children[1][1]]
+        moved = original[:meta + 8] + original[children[1][1]:meta + size] + hdlr + original[meta + size:]
+        self.assertEqual(len(moved), len(original))
+        result = self.assert_stripped(moved)
+        self.assertIn(b'Kept artist', result)
+
     def test_xmp_packets_stay_well_formed(self):
         result = stripped(located_mp4())
         uuid = result.rindex(b'uuid')
