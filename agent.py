@@ -2712,9 +2712,10 @@ def bmff_location(read, patches, start=0, end=BMFF_END, parent=b'', budget=None)
 
 
 def bmff_meta(read, start, end, patches, budget):
-    """A meta box (ISO's is a full box, QuickTime's is not): in its ilst, the values of items
-    named ©xyz or, through keys, by a name of LOCATION_KEYS, erased (their data boxes)."""
-    if read(start + 4, 4) != b'hdlr':
+    """A meta box: in its ilst, the items named ©xyz or, through keys, by a name of
+    LOCATION_KEYS, erased.  ISO's meta is a full box (version 0 and flags 0: four zero bytes,
+    where QuickTime's, which is not, has its first box's size), whatever its first box."""
+    if read(start, 4) == bytes(4):
         start += 4
     children = list(bmff_boxes(read, start, end, budget))
     names = {}
