@@ -33,7 +33,7 @@ Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.p
   tests_access.py          Accounts (--auth), brute force, fail2ban, share links (issue 21)
   tests_architecture.py    The shape issue 20 asks of the product, as tests
   tests_runner.py          testrun.py, the parallel runner of `python3 test_daemon.py`
-  tests_location.py        The location strip (issue 21): GPS and place names blanked in photos
+  tests_location.py        The location strip (issue 21): GPS and place names blanked in photos and videos
   tests_performance.py     What changes made for speed (issue 24) must keep: TLS resumption, own files
 
 Every test runs its daemons in a temporary directory, on 127.0.0.1 and a port the kernel picks

@@ -3,7 +3,9 @@ they hold.
 
 The finder (agent.location_patches) over crafted files (bench/samples.py's located_*), and over
 photos made by ImageMagick and exiftool; the agent serving them whole, in ranges, with If-Range,
-HEAD and ?thumb, and byte for byte with --keep-location.
+HEAD and ?thumb, and byte for byte with --keep-location.  Then the same for videos (MP4, MOV:
+ffmpeg's and exiftool's, probed by ffprobe), TIFFs, XMP sidecars and a HEIC's XMP item, and a
+folder's zip whose video has its moov after its mdat.
 """
 
 import binascii
