@@ -629,6 +629,37 @@ class VideoLocationPatchTests(unittest.TestCase):
                     self.assertLessEqual(offset + len(patch), len(data))
                 self.assertEqual(len(agent.apply_patches(data, 0, patches)), len(data))
 
+    def test_a_header_cut_by_its_parent(self):
+        """A 64-bit box header that its parent's end cuts (its body would begin past it): the
+        walk stops there, and a file read by file_reader (whose reads are of LOCATION_READ bytes
+        at least) gets the same patches as the bytes in memory, none outside the box."""
+        xyz = struct.pack('>I', 1) + b'\xa9xyz' + struct.pack('>Q', 40)
+        udta = struct.pack('>I', 8 + 10) + b'udta' + xyz[:10]
+        moov = struct.pack('>I', 8 + len(udta)) + b'moov' + udta
+        data = struct.pack('>I', 16) + b'ftypisom' + bytes(4) + moov + b'\xa9xyz' * 200
+        self.assertEqual(agent.location_patches(agent.bytes_reader(data)), [])
+        with tempfile.TemporaryFile() as f:
+            f.write(data)
+            f.flush()
+            self.assertEqual(agent.location_patches(agent.file_reader(f.fileno())), [])
+
+    def test_file_reader_finds_the_same_in_damaged_files(self):
+        rng = random.Random(24)
+        original = located_mp4(mdat=bytes(40))
+        with tempfile.TemporaryFile() as f:
+            for _ in range(300):
+                data = bytearray(original)
+                for _ in range(rng.randrange(1, 4)):
+                    pos = rng.randrange(len(data))
+                    data[pos:pos + 4] = rng.choice([b'\x00\x00\x00\x01', b'\x00\x00\x00\x00', b'\xff\xff\xff\xff'])
+                data = bytes(data[:rng.randrange(len(data) // 2, len(data) + 1)])
+                f.seek(0)
+                f.truncate()
+                f.write(data)
+                f.flush()
+                self.assertEqual(agent.location_patches(agent.file_reader(f.fileno())),
+                                 agent.location_patches(agent.bytes_reader(data)))
+
     def test_a_box_past_the_end_of_the_file(self):
         """A moov cut short (a download that stopped): what there is of it is read; a udta
         that claims more than its moov holds is read up to the moov's end."""
