@@ -2674,8 +2674,9 @@ def tiff_gps_location(read, offset, order, patches):
 def bmff_boxes(read, start, end, budget):
     """(type, header offset, body offset, end) of each box from start to end, read by its
     header alone (a 64-bit size and size 0, to end, understood).  Stops at a size that cannot
-    be, at the file's end, past a box that runs beyond end (given cut at end), and when budget
-    (a one-item list: the hops left of LOCATION_HOPS, shared by the whole walk) runs out."""
+    be, at a header that end cuts, at the file's end, past a box that runs beyond end (given
+    cut at end), and when budget (a one-item list: the hops left of LOCATION_HOPS, shared by
+    the whole walk) runs out."""
     pos = start
     while pos + 8 <= end and budget[0] > 0:
         budget[0] -= 1
@@ -2687,7 +2688,7 @@ def bmff_boxes(read, start, end, budget):
             size, body = int.from_bytes(header[8:16], 'big'), pos + 16
         elif size == 0:
             size = end - pos
-        if size < body - pos:
+        if size < body - pos or body > end:
             return
         yield header[4:8], pos, body, min(pos + size, end)
         pos += size
@@ -2752,7 +2753,7 @@ def bmff_erase(read, at, body, end, patches):
 
 def bmff_xmp(read, start, end, patches):
     """An XMP packet from start to end, as in a JPEG (xmp_location)."""
-    if end - start <= LOCATION_SEGMENT_MAX:
+    if 0 < end - start <= LOCATION_SEGMENT_MAX:
         xmp_location(read(start, end - start), 0, start, patches)
 
 
