@@ -27,8 +27,9 @@ import zipfile
 import testlib
 from testlib import SharedAgentTestCase, TIMEOUT, parse_byteranges, shutil_which, write_file
 import agent
-from samples import (LOCATED_KEPT, box, gps_tiff, heif_sample, LOCATED_SECRETS, LOCATED_XMP, located_jpeg, located_mp4, located_png,
-                     located_tiff, located_webp, png_chunk, sample_gif, sample_jpeg, sample_mp4, sample_png)
+from samples import (LOCATED_KEPT, LOCATED_SECRETS, LOCATED_XMP, box, gps_tiff, heif_sample, located_cr3,
+                     located_jpeg, located_mp4, located_png, located_tiff, located_webp, png_chunk, sample_gif,
+                     sample_jpeg, sample_mp4, sample_png)
 
 
 def stripped(data):
@@ -1059,6 +1060,20 @@ class TiffXmpLocationPatchTests(unittest.TestCase):
         self.assertEqual(agent.location_patches(read), [])
         self.assertLess(read.bytes, agent.LOCATION_SEGMENT_MAX + 2 * size)
 
+    def test_canon_cr3(self):
+        """A CR3 (ISO BMFF): its Canon uuid box's CMT4, a TIFF whose one IFD is the GPS IFD,
+        blanked as EXIF's; CMT1 (IFD0) kept."""
+        for order in ('<', '>'):
+            original = located_cr3(order)
+            result = stripped(original)
+            self.assertEqual(len(result), len(original))
+            for secret in (b'2020:01:01', struct.pack(order + 'I', 3024)):
+                self.assertIn(secret, original)
+                self.assertNotIn(secret, result)
+            self.assertIn(b'Kept artist', result)
+            cmt4 = result.index(b'CMT4') + 4
+            self.assertEqual(result[cmt4 + 8:cmt4 + 10], b'\x00\x00')          # the GPS IFD: no entries
+
     def test_xmp_sidecar(self):
         for original in (LOCATED_XMP, SIDECAR, b'  \n' + LOCATED_XMP, SIDECAR.replace(b'\n', b'\r\n')):
             result = stripped(original)
@@ -1106,6 +1121,19 @@ class TiffXmpLocationToolTests(unittest.TestCase):
         with open(path, 'rb') as f:
             self.assertEqual(f.read(4), b'MM\x00*')
         LocationToolTests.strip_and_check(self, path)
+
+    def test_canon_cr3(self):
+        path = os.path.join(self.tmp, 'IMG_0001.CR3')
+        with open(path, 'wb') as f:
+            f.write(located_cr3())
+        before = exiftool_json(self, path)
+        self.assertTrue([k for k in before if 'GPS' in k], before)
+        out = os.path.join(self.tmp, 'stripped.CR3')
+        with open(out, 'wb') as f:
+            f.write(stripped(located_cr3()))
+        after = exiftool_json(self, out)
+        assert_no_location(self, after, out)
+        self.assertEqual(after.get('IFD0:Artist'), 'Kept artist')
 
     def test_xmp_sidecar(self):
         path = os.path.join(self.tmp, 'photo.xmp')

@@ -468,3 +468,26 @@ def located_tiff(order='>'):
     head = (b'II' if e == '<' else b'MM') + struct.pack(e + 'HI', 42, ifd0_at)
     return (head + pixels + ifd0 + artist + LOCATED_XMP + iptc + ifd1 + gps(values1_at) + values + values
             + gps(values0_at))
+
+
+def located_cr3(order='<'):
+    """A Canon CR3's frame (ISO BMFF, brand 'crx '): moov's Canon uuid box holds CMT1 (IFD0, a
+    TIFF: the artist) and CMT4 (a TIFF whose one IFD is the GPS IFD: latitude, date stamp)."""
+    e = order
+
+    def tiff(entries, tail):
+        out = struct.pack(e + 'H', len(entries))
+        for tag, kind, count, value in entries:
+            out += struct.pack(e + 'HHI', tag, kind, count) + (
+                value if isinstance(value, bytes) else struct.pack(e + 'I', value))
+        return (b'II' if e == '<' else b'MM') + struct.pack(e + 'HI', 42, 8) + out + struct.pack(e + 'I', 0) + tail
+    values_at = 8 + 2 + 12 * 4 + 4
+    cmt4 = tiff([(0, 1, 4, b'\x02\x03\x00\x00'), (1, 2, 2, b'N\x00\x00\x00'), (2, 5, 3, values_at),
+                 (0x1D, 2, 11, values_at + 24)], struct.pack(e + '6I', 48, 1, 51, 1, 3024, 100) + b'2020:01:01\x00\x00')
+    cmt1 = tiff([(0x013B, 2, 12, 8 + 2 + 12 + 4)], b'Kept artist\x00')
+    canon = box(b'uuid', CR3_UUID + box(b'CMT1', cmt1) + box(b'CMT4', cmt4))
+    return (box(b'ftyp', b'crx \x00\x00\x00\x01crx isom') + box(b'moov', mvhd(600, 600) + canon)
+            + box(b'mdat', bytes(100)))
+
+
+CR3_UUID = bytes.fromhex('85c0b687820f11e08111f4ce462b6a48')
