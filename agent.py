@@ -2229,8 +2229,9 @@ def read_video_info(fd, name):
 #       text) and 3GPP loci; in a meta's ilst: the ©xyz item and the items of keys whose name
 #       says where (LOCATION_KEYS: an iPhone's com.apple.quicktime.location.*): each such box
 #       renamed 'free' (every reader skips it), its body zeros; XMP in udta's XMP_ and in a
-#       uuid box (BMFF_XMP) as above.  The boxes are followed by their headers (bmff_boxes):
-#       the mdat, and a trak's media boxes, are never read, wherever the moov lies
+#       uuid box (BMFF_XMP) as above; a Canon CR3's GPS IFD (CMT4 in its CR3_UUID box) as
+#       EXIF's.  The boxes are followed by their headers (bmff_boxes): the mdat, and a trak's
+#       media boxes, are never read, wherever the moov lies
 # Limits: a property of an extended XMP split between two of its segments is not found; a
 # metadata chunk or segment larger than LOCATION_SEGMENT_MAX is not read; at most
 # LOCATION_HOPS segments or chunks are followed, so a PNG of more chunks (16,384 IDATs of
@@ -2286,6 +2287,7 @@ BMFF_PATHS = {b'': (b'moov',), b'moov': (b'trak', b'udta'), b'trak': (b'udta',)}
 BMFF_END = 1 << 62                # beyond any file: the file's boxes run to its end
 BMFF_PLACES = (b'\xa9xyz', b'loci')  # user data that is a position: QuickTime's ISO 6709, 3GPP's
 BMFF_XMP = bytes.fromhex('be7acfcb97a942e89c71999491e3afac')    # the uuid box of an XMP packet
+CR3_UUID = bytes.fromhex('85c0b687820f11e08111f4ce462b6a48')    # a Canon CR3's metadata (CMT1-4)
 # The names of QuickTime metadata keys (mdta) whose values say where: Apple's
 # com.apple.quicktime.location.ISO6709, .location.name, .body, .note, .role, .date,
 # .accuracy.horizontal; ffmpeg's location and location-eng; any GPS* name.
@@ -2706,8 +2708,8 @@ def bmff_location(read, patches, start=0, end=BMFF_END, parent=b'', budget=None)
             bmff_meta(read, body, stop, patches, budget)
         elif kind in BMFF_PLACES and parent == b'udta':
             bmff_erase(read, at, body, stop, patches)
-        elif kind == b'uuid' and read(body, 16) == BMFF_XMP:
-            bmff_xmp(read, body + 16, stop, patches)
+        elif kind == b'uuid':
+            bmff_uuid(read, body, stop, patches, budget)
         elif kind == b'XMP_' and parent == b'udta':
             bmff_xmp(read, body, stop, patches)
 
@@ -2749,6 +2751,20 @@ def bmff_erase(read, at, body, end, patches):
     LOCATION_SEGMENT_MAX bytes of it: it keeps its place and length."""
     patches.append((at + 4, b'free'))
     patches.append((body, bytes(len(read(body, min(end - body, LOCATION_SEGMENT_MAX))))))
+
+
+def bmff_uuid(read, start, end, patches, budget):
+    """A uuid box: an XMP packet (BMFF_XMP), or a Canon CR3's metadata (CR3_UUID), whose CMT4
+    box is a TIFF of one IFD, the GPS IFD: blanked as EXIF's."""
+    kind = read(start, 16)
+    if kind == BMFF_XMP:
+        bmff_xmp(read, start + 16, end, patches)
+    elif kind == CR3_UUID:
+        for inner, _, body, stop in bmff_boxes(read, start + 16, end, budget):
+            data = read(body, stop - body) if inner == b'CMT4' and stop - body <= LOCATION_SEGMENT_MAX else b''
+            order = {b'II': '<', b'MM': '>'}.get(data[:2])
+            if order is not None:
+                gps_location(data, 0, _u32(data, 4, order), body, order, patches)
 
 
 def bmff_xmp(read, start, end, patches):
