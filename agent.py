@@ -171,9 +171,10 @@ thumbnailer reads HEIC (docs/gallery.md).  `image.jpg?thumb` is the EXIF thumbna
 JPEG (404 if none; with --thumbnailer, one made by that program, and the original until it is
 made; a HEIC's or a video's is a 404 until then).  `FOLDER/?download=zip` is the folder as
 one stored zip, ranges and all (section Zip; --zip-max-files, --zip-max-bytes).  A JPEG, PNG,
-WebP or HEIC is served without its location (EXIF GPS, XMP and IPTC place names, blanked in
-place: same length, its own ETag; ?thumb and zip entries too), unless --keep-location: see the
-Location section.
+WebP, HEIC, TIFF, video (MP4, MOV, 3GP) or XMP sidecar is served without its location (EXIF
+GPS, XMP and IPTC place names, a video's ©xyz, loci and location keys, blanked in place: same
+length, its own ETag; ?thumb and zip entries too), unless --keep-location: see the Location
+section.
 Limits (flags in parentheses):
     request line + headers   8 KiB (--max-header-size): 414 for the line, 431 for the headers
     header count             100
@@ -1695,8 +1696,9 @@ def heif_properties(head, start, stop, primary):
     return properties, wanted
 
 
-def heif_exif_item(head, start, stop):
-    """The item ID of iinf's 'Exif' item entry (infe version 2 or 3), or None."""
+def heif_exif_item(head, start, stop, item_type=b'Exif', content_type=None):
+    """The item ID of iinf's 'Exif' item entry (infe version 2 or 3), or None; or of another
+    item_type's, a 'mime' item's of content_type (after the item's name) when given."""
     if stop - start < 6:
         return None
     first = start + (6 if head[start] == 0 else 8)
@@ -1704,7 +1706,8 @@ def heif_exif_item(head, start, stop):
         if kind == b'infe' and body + 12 <= end and head[body] in (2, 3):
             wide = head[body] == 3
             type_at = body + (10 if wide else 8)
-            if head[type_at:type_at + 4] == b'Exif':
+            if head[type_at:type_at + 4] == item_type and (
+                    content_type is None or head[type_at + 4:end].split(b'\x00')[1:2] == [content_type]):
                 return _u32(head, body + 4) if wide else _u16(head, body + 4)
     return None
 
@@ -2196,10 +2199,11 @@ def read_video_info(fd, name):
 #
 # A phone's photo carries its GPS position (EXIF's GPS IFD, XMP's exif:GPS*), often with the
 # place's names (XMP photoshop:City, Iptc4xmpCore:Location, IPTC's City, Sub-location...): the
-# family's home, to anyone who downloads it.  By default a JPEG, PNG or WebP (known by its
-# signature, whatever its name) is served without them: location_patches() finds the bytes
-# that say where, and returns what to write over them, of the same length, as (offset, bytes)
-# pairs.  A file is not copied: the response sends the patched bytes from memory and the rest
+# family's home, to anyone who downloads it; a phone's video holds its position too.  By
+# default a JPEG, PNG, WebP, TIFF (DNG and camera raws that are TIFFs), video or XMP sidecar
+# (each known by its first bytes, whatever its name) is served without them:
+# location_patches() finds the bytes that say where, and returns what to write over them, of
+# the same length, as (offset, bytes) pairs.  A file is not copied: the response sends the patched bytes from memory and the rest
 # by sendfile (patch_pieces), so Content-Length, ranges and If-Range describe the stripped
 # representation, whose ETag gets the suffix LOCATION_ETAG.  --keep-location serves files byte
 # for byte.
@@ -2216,14 +2220,30 @@ def read_video_info(fd, name):
 #   PNG text chunks that hold a location (a keyword of LOCATION_NAMES, ImageMagick's "Raw
 #       profile type exif" and the like, compressed XMP): renamed to the private chunk
 #       LOCATION_ERASED, their data zeros, the CRC of each chunk changed made again
+#   TIFF (II*\0 or MM\0*: a DNG, a NEF, a CR2...)   the file is the EXIF's TIFF structure: the
+#       GPS IFD of IFD0 and of each IFD chained after it, blanked as above wherever it and its
+#       values lie; XMP (tag 700), IPTC (33723) and Photoshop resources (34377) as in a JPEG;
+#       a JPEG thumbnail an IFD points to (JPEGInterchangeFormat) as a JPEG
+#   XMP sidecars (IMG_0001.xmp: XMP_SIDECAR)   as XMP above, over LOCATION_SEGMENT_MAX bytes
+#   ISO BMFF videos (MP4, MOV, M4V, 3GP)   in moov's and each trak's udta: ©xyz (ISO 6709
+#       text) and 3GPP loci; in a meta's ilst: the ©xyz item and the items of keys whose name
+#       says where (LOCATION_KEYS: an iPhone's com.apple.quicktime.location.*): each such box
+#       renamed 'free' (every reader skips it), its body zeros; XMP in udta's XMP_ and in a
+#       uuid box (BMFF_XMP) as above; a Canon CR3's GPS IFD (CMT4 in its CR3_UUID box) as
+#       EXIF's.  The boxes are followed by their headers (bmff_boxes): the mdat, and a trak's
+#       media boxes, are never read, wherever the moov lies
 # Limits: a property of an extended XMP split between two of its segments is not found; a
 # metadata chunk or segment larger than LOCATION_SEGMENT_MAX is not read; at most
 # LOCATION_HOPS segments or chunks are followed, so a PNG of more chunks (16,384 IDATs of
 # libpng's 8 KiB are 128 MB) keeps what lies beyond them.  Each hop costs a read at most
 # (small chunks share one) and 1-4 us: a file of that many chunks holds its worker's loop
-# 20-70 ms, once a file version.  A HEIC's or AVIF's Exif item (found by its meta box, as the
-# Images section reads it: within IMAGE_HEAD) gets its GPS IFD blanked as a JPEG's EXIF; its XMP
-# item, if any, is not read.  Other formats (TIFF, XMP sidecars, videos) are served as they are.
+# 20-70 ms, once a file version.  A video's walk shares one LOCATION_HOPS budget among all its
+# boxes, nested or not.  A HEIC's or AVIF's Exif item (found by its meta box, as the
+# Images section reads it: within IMAGE_HEAD) gets its GPS IFD blanked as a JPEG's EXIF, and its
+# XMP item (a 'mime' item of application/rdf+xml) is blanked as XMP.  A video's timed metadata (a GoPro's GPMF track, a drone's
+# subtitles: samples in the mdat) is not read.  A BigTIFF (II+\0) is not read, nor a TIFF's
+# SubIFDs (a DNG's raw images), nor IFDs past LOCATION_SEGMENT_MAX bytes of them.  Other
+# formats are served as they are.
 # Once per file version: Responder.open_file calls hide_location(), which keeps the patches
 # with the OpenFile in the FileCache (joined when close, join_patches: a few KB a photo, at
 # most the metadata's own size); a file that is no photo costs one read of LOCATION_READ
@@ -2254,6 +2274,24 @@ IPTC_LOCATION = frozenset([26, 27, 90, 92, 95, 100, 101])   # record 2: content 
 LOCATION_SEGMENTS = (b'Exif\x00\x00', XMP_SIGNATURE, XMP_EXTENSION, b'Photoshop 3.0\x00', b'MPF\x00')
 IRB_SIGNATURES = (b'8BIM', b'MeSa', b'PHUT', b'AgHg', b'DCSR')
 TIFF_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+# An XMP sidecar (IMG_0001.xmp, as Lightroom or darktable write it beside a photo): its first
+# element, after a byte order mark, blanks and an XML declaration, is an XMP packet's.
+XMP_SIDECAR = re.compile(rb'(?:\xef\xbb\xbf)?\s*(?:<\?xml[^<>]{0,200}\?>\s*)?'
+                         rb'<(?:\?xpacket[\s?]|x:xmpmeta[\s>]|x:xapmeta[\s>])')
+# A TIFF's IFD tags whose values may say where, read as in a JPEG: XMP, IPTC, Photoshop resources.
+TIFF_LOCATION_TAGS = (700, 33723, 34377)
+# ISO BMFF (MP4, MOV, 3GP): the first boxes of a video (VIDEO_SUFFIXES' and 3GP's), whatever its
+# name, and the boxes on the way to its user data and metadata (from the file, b'').
+BMFF_FIRST = (b'ftyp', b'moov', b'mdat', b'free', b'wide', b'skip')
+BMFF_PATHS = {b'': (b'moov',), b'moov': (b'trak', b'udta'), b'trak': (b'udta',)}
+BMFF_END = 1 << 62                # beyond any file: the file's boxes run to its end
+BMFF_PLACES = (b'\xa9xyz', b'loci')  # user data that is a position: QuickTime's ISO 6709, 3GPP's
+BMFF_XMP = bytes.fromhex('be7acfcb97a942e89c71999491e3afac')    # the uuid box of an XMP packet
+CR3_UUID = bytes.fromhex('85c0b687820f11e08111f4ce462b6a48')    # a Canon CR3's metadata (CMT1-4)
+# The names of QuickTime metadata keys (mdta) whose values say where: Apple's
+# com.apple.quicktime.location.ISO6709, .location.name, .body, .note, .role, .date,
+# .accuracy.horizontal; ffmpeg's location and location-eng; any GPS* name.
+LOCATION_KEYS = re.compile(rb'(?:^|[.:])(?:location|iso6709|gps\w*|\xa9xyz)(?:[.:-]|$)', re.I)
 
 
 def file_reader(fd):
@@ -2279,7 +2317,8 @@ def bytes_reader(data):
 
 def location_patches(read):
     """[(offset, bytes)], sorted and apart, to write over a file's location (see the section's
-    comment), for a JPEG, PNG or WebP; [] for anything else or a file that says nowhere.
+    comment), for a JPEG, PNG, WebP, HEIF, TIFF, ISO BMFF video or XMP sidecar; [] for
+    anything else or a file that says nowhere.
 
     read(offset, size) returns the file's bytes there (fewer at its end): file_reader(fd),
     bytes_reader(data).  Pure, but for what read does; never raises on any content (OSError
@@ -2293,8 +2332,14 @@ def location_patches(read):
             png_location(read, patches)
         elif head[:4] == b'RIFF' and head[8:12] == b'WEBP':
             webp_location(read, patches)
-        elif head[4:8] == b'ftyp' and heif_brand(read(0, 256)):
-            heif_location(read, patches)
+        elif head[:4] in (b'II*\x00', b'MM\x00*'):
+            tiff_location(read, patches)
+        elif head[4:8] in BMFF_FIRST:
+            if head[4:8] == b'ftyp' and heif_brand(read(0, 256)):
+                heif_location(read, patches)
+            bmff_location(read, patches)
+        elif XMP_SIDECAR.match(read(0, 512)):
+            xmp_location(read(0, LOCATION_SEGMENT_MAX), 0, 0, patches)
     except (IndexError, ValueError, OverflowError, struct.error):
         pass                                # keep what was found before the damage
     return merge_patches(patches)
@@ -2562,13 +2607,170 @@ def webp_location(read, patches):
 
 
 def heif_location(read, patches):
-    """A HEIC's (or AVIF's) Exif item, where iloc puts it (heif_info): its GPS IFD."""
+    """A HEIC's (or AVIF's) Exif item, where iloc puts it (heif_info): its GPS IFD; and its XMP
+    item (a 'mime' item of application/rdf+xml) as XMP."""
     info = ImageInfo('heif')
-    heif_info(info, read(0, IMAGE_HEAD))
+    head = read(0, IMAGE_HEAD)
+    heif_info(info, head)
     if info.resume is not None and info.resume[1] <= LOCATION_SEGMENT_MAX:
         data = read(info.resume[0], info.resume[1])
         if len(data) >= 12:
             exif_location(read, data, 4 + _u32(data, 0), info.resume[0], patches, 0)
+    meta = [(body + 4, end) for kind, body, end in mp4_boxes(head, 0, len(head)) if kind == b'meta'][:1]
+    items = {kind: (body, end) for kind, body, end in mp4_boxes(head, *meta[0])} if meta else {}
+    xmp = heif_exif_item(head, *items.get(b'iinf', (0, 0)), b'mime', b'application/rdf+xml')
+    extent = heif_extent(head, *items.get(b'iloc', (0, 0)), xmp) if xmp is not None else None
+    if extent is not None and extent[1] <= LOCATION_SEGMENT_MAX:
+        xmp_location(read(*extent), 0, extent[0], patches)
+
+
+def tiff_location(read, patches):
+    """A TIFF's IFDs (a DNG's, a camera raw's: the file is the TIFF structure), IFD0 and those
+    chained after it: each one's GPS IFD blanked as in a JPEG's EXIF, its XMP, IPTC and
+    Photoshop resources (TIFF_LOCATION_TAGS) as in a JPEG's segments, and a JPEG it points to
+    (a thumbnail) as a JPEG.  The IFDs read count against LOCATION_SEGMENT_MAX bytes."""
+    order = '<' if read(0, 2) == b'II' else '>'
+    offset, seen, budget = _u32(read(4, 4), 0, order), set(), LOCATION_SEGMENT_MAX
+    for _ in range(LOCATION_HOPS):
+        if offset < 8 or offset in seen or budget <= 0:
+            return
+        seen.add(offset)
+        ifd = read(offset, 2 + 12 * _u16(read(offset, 2), 0, order) + 4)
+        budget -= len(ifd)
+        entries, offset = ifd_entries(ifd, -offset, offset, order)
+        tiff_ifd_location(read, {tag: (kind, count, value) for _, tag, kind, count, value in entries},
+                          order, patches)
+
+
+def tiff_ifd_location(read, tags, order, patches):
+    """One IFD's tags ({tag: (type, count, value field)}): what tiff_location blanks."""
+    if 0x8825 in tags:
+        tiff_gps_location(read, tags[0x8825][2], order, patches)
+    for tag, kind, count, value in ((tag,) + tags[tag] for tag in TIFF_LOCATION_TAGS if tag in tags):
+        size = TIFF_SIZES.get(kind, 0) * count
+        if 4 < size <= LOCATION_SEGMENT_MAX:
+            data = read(value, size)
+            if tag == 700:
+                xmp_location(data, 0, value, patches)
+            elif tag == 33723:
+                iptc_location(data, 0, len(data), value, patches)
+            else:
+                irb_location(data, 0, value, patches)
+    where = tags.get(0x0201, (0, 0, 0))[2]
+    if where >= 8 and read(where, 2) == b'\xff\xd8':
+        jpeg_location(read, where, patches, 1)
+
+
+def tiff_gps_location(read, offset, order, patches):
+    """The GPS IFD at file offset `offset`, blanked by gps_location over the bytes from it and
+    its out-of-line values, wherever they lie (LOCATION_SEGMENT_MAX bytes at most)."""
+    head = read(offset, 2 + 12 * _u16(read(offset, 2), 0, order) + 4)
+    entries, _ = ifd_entries(head, -offset, offset, order)
+    spans = [(value, value + TIFF_SIZES.get(kind, 0) * count) for _, _, kind, count, value in entries
+             if TIFF_SIZES.get(kind, 0) * count > 4 and value >= 8]
+    start = min([offset] + [first for first, _ in spans])
+    end = min(max([offset + len(head)] + [last for _, last in spans]), start + LOCATION_SEGMENT_MAX)
+    gps_location(read(start, end - start), -start, offset, start, order, patches)
+
+
+def bmff_boxes(read, start, end, budget):
+    """(type, header offset, body offset, end) of each box from start to end, read by its
+    header alone (a 64-bit size and size 0, to end, understood).  Stops at a size that cannot
+    be, at a header that end cuts, at the file's end, past a box that runs beyond end (given
+    cut at end), and when budget (a one-item list: the hops left of LOCATION_HOPS, shared by
+    the whole walk) runs out."""
+    pos = start
+    while pos + 8 <= end and budget[0] > 0:
+        budget[0] -= 1
+        header = read(pos, 16)
+        if len(header) < 8:
+            return
+        size, body = _u32(header, 0), pos + 8
+        if size == 1 and len(header) == 16:
+            size, body = int.from_bytes(header[8:16], 'big'), pos + 16
+        elif size == 0:
+            size = end - pos
+        if size < body - pos or body > end:
+            return
+        yield header[4:8], pos, body, min(pos + size, end)
+        pos += size
+
+
+def bmff_location(read, patches, start=0, end=BMFF_END, parent=b'', budget=None):
+    """An ISO BMFF file's boxes (an MP4, MOV or 3GP video) from start to end, children of
+    parent (b'': the file): the containers on the way to a location (BMFF_PATHS) descended,
+    every meta and user data box read, the rest (mdat, a trak's media boxes) skipped unread."""
+    budget = [LOCATION_HOPS] if budget is None else budget
+    for kind, at, body, stop in bmff_boxes(read, start, end, budget):
+        if kind in BMFF_PATHS.get(parent, ()):
+            bmff_location(read, patches, body, stop, kind, budget)
+        elif kind == b'meta':
+            bmff_meta(read, body, stop, patches, budget)
+        elif kind in BMFF_PLACES and parent == b'udta':
+            bmff_erase(read, at, body, stop, patches)
+        elif kind == b'uuid':
+            bmff_uuid(read, body, stop, patches, budget)
+        elif kind == b'XMP_' and parent == b'udta':
+            bmff_xmp(read, body, stop, patches)
+
+
+def bmff_meta(read, start, end, patches, budget):
+    """A meta box: in its ilst, the items named ©xyz or, through keys, by a name of
+    LOCATION_KEYS, erased.  ISO's meta is a full box (version 0 and flags 0: four zero bytes,
+    where QuickTime's, which is not, has its first box's size), whatever its first box."""
+    if read(start, 4) == bytes(4):
+        start += 4
+    children = list(bmff_boxes(read, start, end, budget))
+    names = {}
+    for kind, _, body, stop in children:
+        if kind == b'keys' and stop - body <= LOCATION_SEGMENT_MAX:
+            names = bmff_keys(read(body, stop - body))
+    for kind, _, body, stop in children:
+        if kind != b'ilst':
+            continue
+        for item, at, item_body, item_stop in bmff_boxes(read, body, stop, budget):
+            if item == b'\xa9xyz' or LOCATION_KEYS.search(names.get(item, b'')):
+                bmff_erase(read, at, item_body, item_stop, patches)
+
+
+def bmff_keys(data):
+    """{ilst item type: name} of a keys box's body: a full box, its entry count, then each
+    entry's size, namespace and name; the item type is the entry's index from 1."""
+    names, pos = {}, 8
+    for index in range(1, _u32(data, 4) + 1):
+        size = _u32(data, pos)
+        if size < 8 or pos + size > len(data):
+            break
+        names[index.to_bytes(4, 'big')] = data[pos + 8:pos + size]
+        pos += size
+    return names
+
+
+def bmff_erase(read, at, body, end, patches):
+    """The box at `at` renamed 'free' (every reader skips it) and its body zeros, up to
+    LOCATION_SEGMENT_MAX bytes of it: it keeps its place and length."""
+    patches.append((at + 4, b'free'))
+    patches.append((body, bytes(len(read(body, min(end - body, LOCATION_SEGMENT_MAX))))))
+
+
+def bmff_uuid(read, start, end, patches, budget):
+    """A uuid box: an XMP packet (BMFF_XMP), or a Canon CR3's metadata (CR3_UUID), whose CMT4
+    box is a TIFF of one IFD, the GPS IFD: blanked as EXIF's."""
+    kind = read(start, 16)
+    if kind == BMFF_XMP:
+        bmff_xmp(read, start + 16, end, patches)
+    elif kind == CR3_UUID:
+        for inner, _, body, stop in bmff_boxes(read, start + 16, end, budget):
+            data = read(body, stop - body) if inner == b'CMT4' and stop - body <= LOCATION_SEGMENT_MAX else b''
+            order = {b'II': '<', b'MM': '>'}.get(data[:2])
+            if order is not None:
+                gps_location(data, 0, _u32(data, 4, order), body, order, patches)
+
+
+def bmff_xmp(read, start, end, patches):
+    """An XMP packet from start to end, as in a JPEG (xmp_location)."""
+    if 0 < end - start <= LOCATION_SEGMENT_MAX:
+        xmp_location(read(start, end - start), 0, start, patches)
 
 
 def hide_location(entry):
@@ -5258,18 +5460,15 @@ def hole_length(fd, offset, size):
 
 
 def zip_entry_source(fd, keep_location):
-    """The bytes that stand in for the first bytes of an entry's file in the zip (b'': none, the
-    file as it is).  The one place each entry's bytes come from besides the file itself: the
-    location strip (location_patches), from the file's start to the end of its last patch, so
-    that a photo in a zip says no more of where it was taken than the photo served alone."""
+    """The patches [(offset, bytes)] written over an entry's file in the zip ([]: the file as it
+    is).  The one place each entry's bytes come from besides the file itself: the location
+    strip (location_patches, joined as a response's), so that a photo or a video in a zip says
+    no more of where it was taken than the file served alone.  Patches, not the bytes up to the
+    last one: a phone's video has its moov after gigabytes of mdat."""
     if keep_location:
-        return b''
+        return []
     read = file_reader(fd)
-    patches = location_patches(read)
-    if not patches:
-        return b''
-    end = patches[-1][0] + len(patches[-1][1])
-    return apply_patches(read(0, end), 0, patches)
+    return join_patches(location_patches(read), read)
 
 
 class ZipBody:
@@ -5286,17 +5485,20 @@ class ZipBody:
         self.index = bisect.bisect_right(self.offsets, first) - 1 if first < self.cd_offset else len(entries)
         self.crcs = crcs                # ZipFolder.crcs: file_key -> CRC
         self.known = {}                 # index -> CRC, for this response
-        self.opener = opener            # path -> (fd, stat, prefix), checked
+        self.opener = opener            # path -> (fd, stat, patches), checked
         self.fd = -1
         self.open_index = -1
-        self.prefix = b''
+        self.patches = []               # the open entry's (zip_entry_source)
+        self.queued = []                # pieces of the open entry's range after the one popped
         self.reading = None             # (index, offset, crc so far) of a CRC being read
         self.refs = 0
 
     def __bool__(self):
-        return self.position < self.end
+        return self.position < self.end or bool(self.queued)
 
     def pop(self, _index=0):
+        if self.queued:
+            return self.queued.pop(0)
         if self.index >= len(self.entries):
             return self.tail_piece()
         i = self.index
@@ -5316,8 +5518,9 @@ class ZipBody:
         if stop <= first:
             return head, 0, 0
         self.use(i)
-        start = max(first, len(self.prefix))
-        return head + self.prefix[first:stop], start, max(0, stop - start)
+        pieces = patch_pieces([(head, first, stop - first)], self.patches)
+        self.queued = pieces[1:]
+        return pieces[0]
 
     def tail_piece(self):
         for i in range(len(self.entries)):
@@ -5337,8 +5540,7 @@ class ZipBody:
             return
         self.close()
         entry = self.entries[i]
-        self.fd, st, prefix = self.opener(entry.path)
-        self.prefix = prefix[:entry.size]
+        self.fd, st, self.patches = self.opener(entry.path)
         self.open_index = i
         if (st.st_size, st.st_mtime_ns) != (entry.st.st_size, entry.st.st_mtime_ns):
             raise OSError(errno.ESTALE, 'changed since it was listed: %s' % entry.path)
@@ -5364,11 +5566,11 @@ class ZipBody:
         self.use(i)
         entry = self.entries[i]
         offset, crc = self.reading[1:] if self.reading and self.reading[0] == i else (0, 0)
-        if offset == 0 and self.prefix:
-            offset, crc = len(self.prefix), zlib.crc32(self.prefix)
         budget = ZIP_CRC_STEP
         while offset < entry.size and budget > 0:
-            hole = hole_length(self.fd, offset, entry.size)
+            ahead = [at for at, patch in self.patches if at + len(patch) > offset]
+            limit = min(ahead[0], entry.size) if ahead else entry.size     # a hole ends at a patch
+            hole = hole_length(self.fd, offset, limit) if limit > offset else 0
             if hole > 0:
                 crc = crc32_zeros(crc, hole)
                 offset += hole
@@ -5376,7 +5578,7 @@ class ZipBody:
             data = os.pread(self.fd, min(entry.size - offset, SENDFILE_CHUNK, budget), offset)
             if not data:
                 raise OSError(errno.ESTALE, 'shrank since it was listed: %s' % entry.path)
-            crc = zlib.crc32(data, crc)
+            crc = zlib.crc32(apply_patches(data, offset, self.patches), crc)
             offset += len(data)
             budget -= len(data)
         if offset < entry.size:
@@ -5388,7 +5590,7 @@ class ZipBody:
     def close(self):
         if self.fd >= 0:
             os.close(self.fd)
-        self.fd, self.open_index, self.prefix = -1, -1, b''
+        self.fd, self.open_index, self.patches, self.queued = -1, -1, [], []
 
     def release(self):
         self.refs -= 1
@@ -5505,7 +5707,7 @@ def zip_folder_items(responder, fd, folder, seen):
 
 
 def zip_open(responder, path):
-    """(fd, stat, prefix) of an entry's file, opened as any file served (Responder.open_checked)
+    """(fd, stat, patches) of an entry's file, opened as any file served (Responder.open_checked)
     and never one of ours."""
     try:
         fd, st = responder.open_checked(path)
@@ -8633,8 +8835,9 @@ def parser():
     serving.add_argument('--no-listing', dest='listing', action='store_false',
                          help='403 for a directory without index.html (default: a gallery page)')
     serving.add_argument('--keep-location', action='store_true',
-                         help='serve photos byte for byte, with the GPS position and place names '
-                              'they hold (default: blanked in JPEG, PNG and WebP)')
+                         help='serve photos and videos byte for byte, with the GPS position and '
+                              'place names they hold (default: blanked in JPEG, PNG, WebP, HEIC, '
+                              'TIFF, MP4/MOV/3GP and XMP sidecars)')
     balancer = p.add_argument_group('behind a load balancer (docs/scale-out.md)')
     balancer.add_argument('--trusted-proxy', action='append', type=cidr, metavar='CIDR',
                           help='a proxy or balancer (address or network, repeatable) whose '

@@ -33,7 +33,7 @@ Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.p
   tests_access.py          Accounts (--auth), brute force, fail2ban, share links (issue 21)
   tests_architecture.py    The shape issue 20 asks of the product, as tests
   tests_runner.py          testrun.py, the parallel runner of `python3 test_daemon.py`
-  tests_location.py        The location strip (issue 21): GPS and place names blanked in photos
+  tests_location.py        The location strip (issue 21): GPS and place names blanked in photos and videos
   tests_performance.py     What changes made for speed (issue 24) must keep: TLS resumption, own files
 
 Every test runs its daemons in a temporary directory, on 127.0.0.1 and a port the kernel picks
@@ -102,7 +102,11 @@ from tests_access import (
 from tests_architecture import ComplexityCounterTests, IssueTwentyTargetTests  # noqa: F401
 from tests_runner import RunnerBalanceTests, RunnerPartTests, RunnerSpawnWatchTests  # noqa: F401
 from tests_location import (
-    LocationPatchTests, LocationToolTests, LocationServerTests, KeepLocationServerTests)  # noqa: F401
+    LocationPatchTests, LocationToolTests, LocationServerTests, KeepLocationServerTests,
+    VideoLocationPatchTests, VideoLocationToolTests, VideoLocationServerTests,
+    KeepVideoLocationServerTests, ZipLocationSourceTests, VideoZipServerTests, TiffXmpLocationPatchTests,
+    TiffXmpLocationToolTests, TiffXmpLocationServerTests, HeifXmpLocationPatchTests,
+    HeifXmpLocationToolTests)  # noqa: F401
 from tests_performance import TLSTicketTests, RequestPathSyscallTests  # noqa: F401
 
 if __name__ == '__main__':

@@ -1348,8 +1348,9 @@ ZIP_NAME_PARTS = ['IMG_0001', 'caf\u00e9', '\u5199\u771f', 'a b', 'x' * 60, '\U0
 
 def zip_case(rng, directory):
     """One case of the zip writer: entries (files of random sizes, folders, names in any script)
-    written into directory, a ZipBody over them whose entries' first bytes may be replaced
-    (zip_entry_source's hook), joined whole and over random ranges.  Returns None, or what broke."""
+    written into directory, a ZipBody over them whose entries' bytes may be patched anywhere
+    (zip_entry_source's hook: the location strip), joined whole and over random ranges.  Returns
+    None, or what broke."""
     entries, expected = [], {}
     for i in range(rng.choice((1, 2, 3, 8, 30))):
         name = '/'.join(rng.choice(ZIP_NAME_PARTS) for _ in range(rng.randrange(1, 4))) + '.%d' % i
@@ -1360,14 +1361,18 @@ def zip_case(rng, directory):
         data = os.urandom(rng.choice((0, 1, 2, rng.randrange(300), rng.randrange(70000))))
         with open(path, 'wb') as f:
             f.write(data)
-        prefix = os.urandom(rng.randrange(len(data) + 1)) if data and rng.random() < 0.3 else b''
-        expected[name] = (prefix + data[len(prefix):], prefix)
+        patches, at = [], 0
+        while data and at < len(data) and rng.random() < 0.5:
+            at = rng.randrange(at, len(data))
+            patches.append((at, os.urandom(rng.randrange(1, min(len(data) - at, 5000) + 1))))
+            at += len(patches[-1][1]) + 1
+        expected[name] = (agent.apply_patches(data, 0, patches), patches)
         entries.append(agent.ZipEntry(name.encode('utf-8'), len(data), rng.randrange(-2 ** 32, 2 ** 34),
                                       False, path, os.stat(path)))
-    prefixes = {e.path: expected[e.name.decode('utf-8')][1] for e in entries if not e.is_dir}
+    patched = {e.path: expected[e.name.decode('utf-8')][1] for e in entries if not e.is_dir}
 
     def opener(path):
-        return os.open(path, os.O_RDONLY), os.stat(path), prefixes[path]
+        return os.open(path, os.O_RDONLY), os.stat(path), patched[path]
 
     layout = agent.zip_layout(entries)
     crcs = agent.Cache(1000)

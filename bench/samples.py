@@ -370,3 +370,124 @@ def heif_sample(width, height, rotation=None, taken=None, brand=b'heic', gap=0, 
     head = ftyp + meta(0)
     head = ftyp + meta(len(head) + 8)
     return head + box(b'mdat', b'\x00' * max(gap, 1) + exif)
+
+
+# A video that says where it was taken (the location strip's ISO BMFF part), in each place a
+# phone or a tool writes it: moov/udta's ©xyz (Android, ffmpeg's .mov) and 3GPP loci (ffmpeg's
+# .mp4), moov/udta/meta's ilst ©xyz item, moov/meta's keys and ilst (an iPhone's
+# com.apple.quicktime.location.*), XMP in udta/XMP_ and in a top-level uuid box, and a trak's
+# own udta.  A title, a comment and a make stay: LOCATED_KEPT.
+LOCATED_KEYS = (b'com.apple.quicktime.location.ISO6709', b'com.apple.quicktime.make',
+                b'com.apple.quicktime.location.name', b'com.apple.quicktime.location.date',
+                b'location-eng')
+LOCATED_ISO6709 = b'+48,51.5+002,17.6/'            # not ISO 6709's digits: bytes of LOCATED_SECRETS
+XMP_UUID = bytes.fromhex('be7acfcb97a942e89c71999491e3afac')
+
+
+def located_moov():
+    """The moov box (mvhd, a video trak, udta, meta) of located_mp4()."""
+    def full(kind, body):
+        return box(kind, b'\x00\x00\x00\x00' + body)
+
+    def text(kind, value):                  # QuickTime user data text: length, language, text
+        return box(kind, struct.pack('>HH', len(value), 0x55c4) + value)
+
+    def item(kind, value):                  # an ilst item: its data box (type 1: UTF-8)
+        return box(kind, box(b'data', struct.pack('>II', 1, 0) + value))
+    loci = full(b'loci', struct.pack('>H', 0x55c4) + b'Lutetia Quay\x00' + b'\x00'
+                + struct.pack('>iii', 2 << 16, 48 << 16, 35 << 16) + b'earth\x00' + b'Gallia\x00')
+    mdir = full(b'hdlr', b'\x00' * 4 + b'mdir' + b'appl' + bytes(9))
+    udta = box(b'udta', text(b'\xa9xyz', LOCATED_ISO6709) + text(b'\xa9nam', b'Kept title') + loci
+               + box(b'XMP_', LOCATED_XMP) + full(b'meta', mdir + box(b'ilst', item(b'\xa9xyz', LOCATED_ISO6709)
+                                                                  + item(b'\xa9cmt', b'Kept comment'))))
+    keys = full(b'keys', struct.pack('>I', len(LOCATED_KEYS)) + b''.join(
+        struct.pack('>I', 8 + len(k)) + b'mdta' + k for k in LOCATED_KEYS))
+    values = (LOCATED_ISO6709, b'Kept artist', b'Lutetia', b'2020:01:01T12:00:00Z', LOCATED_ISO6709)
+    ilst = box(b'ilst', b''.join(item(struct.pack('>I', i + 1), v) for i, v in enumerate(values)))
+    meta = box(b'meta', box(b'hdlr', b'\x00' * 8 + b'mdta' + bytes(13)) + keys + ilst)
+    media = box(b'mdia', box(b'mdhd', bytes(24)) + box(b'minf', bytes(400)))
+    trak = box(b'trak', tkhd(64, 48) + media + box(b'udta', text(b'\xa9xyz', LOCATED_ISO6709)))
+    return box(b'moov', mvhd(600, 600) + trak + udta + meta)
+
+
+def located_mp4(moov_last=True, mdat=bytes(4000), mdat_size=None):
+    """An MP4 whose moov (located_moov) follows its mdat (as ffmpeg writes it without
+    +faststart, and phones do) or precedes it, then a uuid box of XMP.  mdat_size: 'large'
+    for a 64-bit size, 0 for "to the end of the file" (the mdat last, without the uuid)."""
+    ftyp = box(b'ftyp', b'isom\x00\x00\x02\x00isomiso2mp41')
+    if mdat_size == 'large':
+        media = struct.pack('>I', 1) + b'mdat' + struct.pack('>Q', 16 + len(mdat)) + mdat
+    elif mdat_size == 0:
+        return ftyp + located_moov() + struct.pack('>I', 0) + b'mdat' + mdat
+    else:
+        media = box(b'mdat', mdat)
+    parts = [media, located_moov()] if moov_last else [located_moov(), media]
+    return ftyp + b''.join(parts) + box(b'uuid', XMP_UUID + LOCATED_XMP)
+
+
+
+def located_tiff(order='>'):
+    """A TIFF (as a DNG's or a camera raw's structure is) whose IFD0 holds XMP (tag 700), IPTC
+    (33723) and the offset of a GPS IFD, and whose IFD1 (a page) has a GPS IFD of its own.  The
+    pixels come first, IFD0 after them, IFD0's GPS IFD last, after its out-of-line values."""
+    e = order
+
+    def ifd(entries, next_at):
+        out = struct.pack(e + 'H', len(entries))
+        for tag, kind, count, value in entries:
+            out += struct.pack(e + 'HHI', tag, kind, count) + (
+                value if isinstance(value, bytes) else struct.pack(e + 'I', value))
+        return out + struct.pack(e + 'I', next_at)
+
+    def short(value):
+        return struct.pack(e + 'HH', value, 0)
+
+    def gps(values_at):
+        return ifd([(0, 1, 4, b'\x02\x03\x00\x00'), (1, 2, 2, b'N\x00\x00\x00'), (2, 5, 3, values_at),
+                    (4, 5, 3, values_at + 24), (0x1D, 2, 11, values_at + 48)], 0)
+    values = (struct.pack(e + '6I', 48, 1, 51, 1, 3024, 100) + struct.pack(e + '6I', 2, 1, 17, 1, 4020, 100)
+              + b'2020:01:01\x00\x00')
+    pixels = bytes(range(256)) * 12                          # 64 x 48, 8-bit grey
+    iptc = (b'\x1c\x02\x00\x00\x02\x00\x04' + b'\x1c\x02\x5a\x00\x07Lutetia' + b'\x1c\x02\x65\x00\x06Gallia'
+            + b'\x1c\x02\x78\x00\x0cKept caption')
+    artist = b'Kept artist\x00'
+    ifd0_at = 8 + len(pixels)
+    artist_at = ifd0_at + 2 + 12 * 12 + 4
+    xmp_at = artist_at + len(artist)
+    iptc_at = xmp_at + len(LOCATED_XMP)
+    ifd1_at = iptc_at + len(iptc)
+    gps1_at = ifd1_at + 2 + 12 + 4
+    values1_at = gps1_at + 2 + 12 * 5 + 4
+    values0_at = values1_at + len(values)
+    gps0_at = values0_at + len(values)
+    ifd0 = ifd([(256, 3, 1, short(64)), (257, 3, 1, short(48)), (258, 3, 1, short(8)), (259, 3, 1, short(1)),
+                (262, 3, 1, short(1)), (273, 4, 1, 8), (278, 3, 1, short(48)), (279, 4, 1, len(pixels)),
+                (315, 2, len(artist), artist_at), (700, 1, len(LOCATED_XMP), xmp_at),
+                (33723, 7, len(iptc), iptc_at), (0x8825, 4, 1, gps0_at)], ifd1_at)
+    ifd1 = ifd([(0x8825, 4, 1, gps1_at)], 0)
+    head = (b'II' if e == '<' else b'MM') + struct.pack(e + 'HI', 42, ifd0_at)
+    return (head + pixels + ifd0 + artist + LOCATED_XMP + iptc + ifd1 + gps(values1_at) + values + values
+            + gps(values0_at))
+
+
+def located_cr3(order='<'):
+    """A Canon CR3's frame (ISO BMFF, brand 'crx '): moov's Canon uuid box holds CMT1 (IFD0, a
+    TIFF: the artist) and CMT4 (a TIFF whose one IFD is the GPS IFD: latitude, date stamp)."""
+    e = order
+
+    def tiff(entries, tail):
+        out = struct.pack(e + 'H', len(entries))
+        for tag, kind, count, value in entries:
+            out += struct.pack(e + 'HHI', tag, kind, count) + (
+                value if isinstance(value, bytes) else struct.pack(e + 'I', value))
+        return (b'II' if e == '<' else b'MM') + struct.pack(e + 'HI', 42, 8) + out + struct.pack(e + 'I', 0) + tail
+    values_at = 8 + 2 + 12 * 4 + 4
+    cmt4 = tiff([(0, 1, 4, b'\x02\x03\x00\x00'), (1, 2, 2, b'N\x00\x00\x00'), (2, 5, 3, values_at),
+                 (0x1D, 2, 11, values_at + 24)], struct.pack(e + '6I', 48, 1, 51, 1, 3024, 100) + b'2020:01:01\x00\x00')
+    cmt1 = tiff([(0x013B, 2, 12, 8 + 2 + 12 + 4)], b'Kept artist\x00')
+    canon = box(b'uuid', CR3_UUID + box(b'CMT1', cmt1) + box(b'CMT4', cmt4))
+    return (box(b'ftyp', b'crx \x00\x00\x00\x01crx isom') + box(b'moov', mvhd(600, 600) + canon)
+            + box(b'mdat', bytes(100)))
+
+
+CR3_UUID = bytes.fromhex('85c0b687820f11e08111f4ce462b6a48')
