@@ -2199,12 +2199,12 @@ def read_video_info(fd, name):
 #
 # A phone's photo carries its GPS position (EXIF's GPS IFD, XMP's exif:GPS*), often with the
 # place's names (XMP photoshop:City, Iptc4xmpCore:Location, IPTC's City, Sub-location...): the
-# family's home, to anyone who downloads it; a phone's video holds its position too.  By
-# default a JPEG, PNG, WebP, TIFF (DNG and camera raws that are TIFFs), video or XMP sidecar
-# (each known by its first bytes, whatever its name) is served without them:
-# location_patches() finds the bytes that say where, and returns what to write over them, of
-# the same length, as (offset, bytes) pairs.  A file is not copied: the response sends the patched bytes from memory and the rest
-# by sendfile (patch_pieces), so Content-Length, ranges and If-Range describe the stripped
+# family's home, to anyone who downloads it; a phone's video holds its position too.  By default
+# a JPEG, PNG, WebP, TIFF (DNG and camera raws that are TIFFs), video or XMP sidecar (each known
+# by its first bytes, whatever its name) is served without them: location_patches() finds the
+# bytes that say where, and returns what to write over them, of the same length, as (offset,
+# bytes) pairs.  A file is not copied: the response sends the patched bytes from memory and the
+# rest by sendfile (patch_pieces), so Content-Length, ranges and If-Range describe the stripped
 # representation, whose ETag gets the suffix LOCATION_ETAG.  --keep-location serves files byte
 # for byte.
 #
@@ -2233,16 +2233,16 @@ def read_video_info(fd, name):
 #       EXIF's.  The boxes are followed by their headers (bmff_boxes): the mdat, and a trak's
 #       media boxes, are never read, wherever the moov lies
 # Limits: a property of an extended XMP split between two of its segments is not found; a
-# metadata chunk or segment larger than LOCATION_SEGMENT_MAX is not read; at most
-# LOCATION_HOPS segments or chunks are followed, so a PNG of more chunks (16,384 IDATs of
-# libpng's 8 KiB are 128 MB) keeps what lies beyond them.  Each hop costs a read at most
-# (small chunks share one) and 1-4 us: a file of that many chunks holds its worker's loop
-# 20-70 ms, once a file version.  A video's walk shares one LOCATION_HOPS budget among all its
-# boxes, nested or not.  A HEIC's or AVIF's Exif item (found by its meta box, as the
-# Images section reads it: within IMAGE_HEAD) gets its GPS IFD blanked as a JPEG's EXIF, and its
-# XMP item (a 'mime' item of application/rdf+xml) is blanked as XMP.  A video's timed metadata (a GoPro's GPMF track, a drone's
-# subtitles: samples in the mdat) is not read.  A BigTIFF (II+\0) is not read, nor a TIFF's
-# SubIFDs (a DNG's raw images), nor IFDs past LOCATION_SEGMENT_MAX bytes of them.  Other
+# metadata chunk or segment larger than LOCATION_SEGMENT_MAX is not read; at most LOCATION_HOPS
+# segments or chunks are followed, so a PNG of more chunks (16,384 IDATs of libpng's 8 KiB are
+# 128 MB) keeps what lies beyond them.  Each hop costs a read at most (small chunks share one)
+# and 1-4 us: a file of that many chunks holds its worker's loop 20-70 ms, once a file
+# version.  A video's walk shares one LOCATION_HOPS budget among all its boxes, nested or not.  A
+# HEIC's or AVIF's Exif item (found by its meta box, as the Images section reads it: within
+# IMAGE_HEAD) gets its GPS IFD blanked as a JPEG's EXIF, and its XMP item (a 'mime' item of
+# application/rdf+xml) is blanked as XMP.  A video's timed metadata (a GoPro's GPMF track, a
+# drone's subtitles: samples in the mdat) is not read.  A BigTIFF (II+\0) is not read, nor a
+# TIFF's SubIFDs (a DNG's raw images), nor IFDs past LOCATION_SEGMENT_MAX bytes of them.  Other
 # formats are served as they are.
 # Once per file version: Responder.open_file calls hide_location(), which keeps the patches
 # with the OpenFile in the FileCache (joined when close, join_patches: a few KB a photo, at
