@@ -5717,6 +5717,9 @@ def zip_open(responder, path):
         os.close(fd)
         raise OSError(errno.ENOENT, 'not served: %s' % path)
     return fd, st, zip_entry_source(fd, responder.config.keep_location)
+
+
+# ---------------------------------------------------------------------------------------------
 # Access: accounts (--auth) and share links
 # ---------------------------------------------------------------------------------------------
 # The whole of it is this section; the request path calls it once, at the start of
