@@ -612,6 +612,150 @@ class GalleryBrowserTests(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline, 'the first picture without script never loaded')
             time.sleep(0.05)
 
+    def scheme(self, dark):
+        """Emulate prefers-color-scheme: dark (or light) until the test ends."""
+        self.driver.execute_cdp_cmd('Emulation.setEmulatedMedia', {'features': [
+            {'name': 'prefers-color-scheme', 'value': 'dark' if dark else 'light'}]})
+        self.addCleanup(self.driver.execute_cdp_cmd, 'Emulation.setEmulatedMedia', {'features': []})
+
+    def test_back_closes_the_lightbox(self):
+        """A phone's Back (the browser's) closes the lightbox and stays on the folder; the
+        lightbox closed by its own button or Esc leaves no step behind in the history."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+        self.viewport(*PHONE, mobile=True)
+        self.open('/vector/')
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[2].click()
+        self.wait('!document.getElementById("lb").hidden')
+        self.driver.back()
+        self.wait('document.getElementById("lb").hidden')
+        self.assertEqual(self.driver.current_url, self.base + '/camera/')
+        self.assertTrue(self.js('document.activeElement === document.querySelectorAll("a.g")[2]'))
+        self.assertEqual(self.js('Array.from(document.body.children).filter(e => e.inert).length'), 0)
+        for close in ('button', 'escape'):
+            self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[1].click()
+            self.wait('!document.getElementById("lb").hidden')
+            if close == 'button':
+                self.driver.find_element(By.CSS_SELECTOR, '#lb .close').click()
+            else:
+                self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+            self.wait('document.getElementById("lb").hidden')
+            self.wait('history.state === null')            # its step taken back
+        self.driver.back()
+        self.wait('location.pathname === "/vector/" && document.readyState === "complete"')
+        self.assert_clean_console()
+
+    def test_lightbox_closes_where_the_visitor_got_to(self):
+        """Opened on the first photo and moved on twenty, the lightbox closes onto the
+        twenty-first: its tile has the focus and is on the screen, not the first one."""
+        from selenium.webdriver.common.by import By
+        self.viewport(*PHONE, mobile=True)
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[0].click()
+        self.wait('!document.getElementById("lb").hidden')
+        for _ in range(20):
+            self.driver.find_element(By.CSS_SELECTOR, '#lb .next').click()
+        self.wait('document.querySelector("#lb img").src.endsWith("/IMG_0021.jpg")')
+        self.driver.find_element(By.CSS_SELECTOR, '#lb .close').click()
+        self.wait('document.getElementById("lb").hidden')
+        self.assertEqual(self.js('document.activeElement.getAttribute("href")'), 'IMG_0021.jpg')
+        self.assertTrue(self.js('(function (r) { return r.top >= 0 && r.bottom <= innerHeight; })'
+                                '(document.activeElement.getBoundingClientRect())'))
+        self.assert_clean_console()
+
+    def test_every_control_is_a_finger_wide_on_a_phone(self):
+        """At 390x844 every link and button (crumbs, download, sorts, page numbers, folders,
+        tiles, file rows, the lightbox's buttons) takes a touch anywhere within 22 px of its
+        centre: a 44x44 px target (WCAG 2.5.5), not covered by its neighbours."""
+        from selenium.webdriver.common.by import By
+        self.viewport(*PHONE, mobile=True)
+        check = """return (function (all) {
+            var bad = [];
+            all.forEach(function (e) {
+                if (!e.getClientRects().length) return;
+                e.scrollIntoView({block: 'center', inline: 'center'});
+                var r = e.getBoundingClientRect(), x = (r.left + r.right) / 2, y = (r.top + r.bottom) / 2;
+                var what = (e.textContent || e.getAttribute('aria-label') || e.getAttribute('href')).trim().slice(0, 30);
+                if (r.width < 44 - 0.5 || r.height < 44 - 0.5) bad.push(what + ': ' + Math.round(r.width) + 'x' + Math.round(r.height));
+                else [[0, 0], [-21, 0], [21, 0], [0, -21], [0, 21]].forEach(function (d) {
+                    var hit = document.elementFromPoint(x + d[0], y + d[1]);
+                    hit = hit && hit.closest('a, button');
+                    if (hit !== e) bad.push(what + ': at ' + d + ' is ' + (hit ? hit.textContent.slice(0, 20) : 'nothing'));
+                });
+            });
+            return bad;
+        })(Array.from(document.querySelectorAll(arguments[0])))"""
+        for path in ('/camera/', '/many/?page=2', '/long/', '/broken/'):
+            with self.subTest(path=path):
+                self.open(path)
+                self.assertEqual(self.driver.execute_script(check, 'a, button'), [])
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[0].click()
+        self.wait('!document.getElementById("lb").hidden')
+        self.assertEqual(self.driver.execute_script(check, '#lb button'), [])
+        self.assert_clean_console()
+
+    def test_text_contrast_is_wcag_aa_light_and_dark(self):
+        """Every piece of text on the pages (captions, counts, notes, placeholders, file rows,
+        page links) against the background it is drawn on, in both colour schemes: 4.5:1 at
+        least (WCAG 1.4.3 AA), 3:1 for large text; and the lightbox's buttons stay visible over
+        the brightest and the darkest photo (3:1, WCAG 1.4.11)."""
+        from selenium.webdriver.common.by import By
+        measure = """
+            function rgba(s) { var m = s.match(/[\\d.]+/g).map(Number); return [m[0], m[1], m[2], m.length > 3 ? m[3] : 1]; }
+            function over(top, under) { var a = top[3]; return [0, 1, 2].map(i => top[i] * a + under[i] * (1 - a)).concat([1]); }
+            function lum(c) { var v = c.slice(0, 3).map(x => { x /= 255; return x <= 0.03928 ? x / 12.92 : Math.pow((x + 0.055) / 1.055, 2.4); });
+                return 0.2126 * v[0] + 0.7152 * v[1] + 0.0722 * v[2]; }
+            function ratio(a, b) { var x = lum(a), y = lum(b); return (Math.max(x, y) + 0.05) / (Math.min(x, y) + 0.05); }
+            function behind(e, base) {       // the colour e's text is drawn on: its backgrounds, composited
+                var layers = [];
+                for (; e; e = e.parentElement) {
+                    var c = rgba(getComputedStyle(e).backgroundColor);
+                    if (c[3] > 0) layers.push(c);
+                    if (c[3] === 1) break;
+                }
+                var under = base || rgba(getComputedStyle(document.documentElement).backgroundColor);
+                if (under[3] < 1) under = matchMedia('(prefers-color-scheme: dark)').matches ? [18, 18, 18, 1] : [255, 255, 255, 1];
+                return layers.reverse().reduce((u, c) => over(c, u), under);
+            }"""
+        texts = measure + """return (function () {
+            var bad = [];
+            function check(e, style, what) {
+                var size = parseFloat(style.fontSize), bold = parseInt(style.fontWeight) >= 700;
+                var need = size >= 24 || size >= 18.66 && bold ? 3 : 4.5;
+                var c = rgba(style.color), b = behind(e), r = ratio(over(c, b), b);
+                if (r < need) bad.push(what.trim().slice(0, 30) + ': ' + r.toFixed(2) + ' < ' + need);
+            }
+            document.querySelectorAll('body *').forEach(function (e) {
+                if (!e.getClientRects().length || e.closest('#lb, script, style, noscript')) return;
+                if (Array.from(e.childNodes).some(n => n.nodeType === 3 && n.textContent.trim()))
+                    check(e, getComputedStyle(e), e.textContent);
+                var after = getComputedStyle(e, '::after');
+                if (/^"[^"]*[a-z][^"]*"$/.test(after.content)) check(e, after, after.content);
+            });
+            return bad;
+        })()"""
+        buttons = measure + """return Array.from(document.querySelectorAll('#lb button')).map(function (b) {
+            var s = getComputedStyle(b), face = rgba(s.backgroundColor), glyph = rgba(s.color);
+            return [[255, 255, 255, 1], [0, 0, 0, 1]].map(function (photo) {
+                var under = over(face, photo); return ratio(over(glyph, under), under) >= 3 &&
+                    Math.max(ratio(under, photo), ratio(over(glyph, under), photo)) >= 3;
+            }).every(Boolean) ? '' : b.className; }).filter(Boolean)"""
+        for dark in (False, True):
+            self.scheme(dark)
+            for path in ('/camera/', '/many/?page=2', '/long/', '/broken/'):
+                with self.subTest(dark=dark, path=path):
+                    self.open(path)
+                    if path == '/broken/':
+                        self.wait('document.querySelector("figure.broken")')
+                    self.assertEqual(self.driver.execute_script(texts), [])
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[0].click()
+        self.wait('!document.getElementById("lb").hidden')
+        self.assertEqual(self.driver.execute_script(buttons), [], 'buttons lost on a white or black photo')
+        self.assert_clean_console()
+
     def test_screenshot(self):
         """Pictures of the camera folder (SCREENSHOT) and of the mixed one at 390 and 1280 px
         (beside it, -mixed-WIDTH.png), for people: saved on every run."""
