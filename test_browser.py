@@ -230,6 +230,7 @@ class GalleryBrowserTests(unittest.TestCase):
     # -- tests --
 
     def test_grid_thumbnails_decode_and_are_the_embedded_ones(self):
+        self.fresh()                    # whatever other tests showed of the folder, fetched again
         self.open('/camera/')
         self.assertEqual(self.js('document.querySelectorAll("main img").length'), CAMERA_PHOTOS)
         self.scroll_everything()
@@ -299,7 +300,7 @@ class GalleryBrowserTests(unittest.TestCase):
     def test_lightbox_is_a_modal_dialog_for_the_keyboard(self):
         """Opened with Enter on a thumbnail, the lightbox is a named modal dialog that takes the
         focus, keeps it on Tab and Shift+Tab, leaves the page behind inert, and gives the focus
-        back to that thumbnail on Esc."""
+        back on Esc to the tile of the photo it shows (moved on one: the next thumbnail)."""
         from selenium.webdriver.common.keys import Keys
         self.open('/camera/')
         self.js('document.querySelectorAll("a.g")[2].focus(), true')
@@ -328,7 +329,7 @@ class GalleryBrowserTests(unittest.TestCase):
         self.assertEqual(self.js(box + '.getAttribute("aria-label")'), 'IMG_0004.jpg')
         self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
         self.wait(box + '.hidden')
-        self.assertTrue(self.js('document.activeElement === document.querySelectorAll("a.g")[2]'))
+        self.assertTrue(self.js('document.activeElement === document.querySelectorAll("a.g")[3]'))
         self.assertEqual(self.js('Array.from(document.body.children).filter(e => e.inert).length'), 0)
         self.assert_clean_console()
 
@@ -660,8 +661,10 @@ class GalleryBrowserTests(unittest.TestCase):
         self.driver.find_element(By.CSS_SELECTOR, '#lb .close').click()
         self.wait('document.getElementById("lb").hidden')
         self.assertEqual(self.js('document.activeElement.getAttribute("href")'), 'IMG_0021.jpg')
+        self.wait('history.state === null')            # its step taken back, which restores a scroll
         self.assertTrue(self.js('(function (r) { return r.top >= 0 && r.bottom <= innerHeight; })'
-                                '(document.activeElement.getBoundingClientRect())'))
+                                '(document.activeElement.getBoundingClientRect())'),
+                        self.js('[document.activeElement.getBoundingClientRect().toJSON(), innerHeight, scrollY]'))
         self.assert_clean_console()
 
     def test_every_control_is_a_finger_wide_on_a_phone(self):
