@@ -3189,7 +3189,7 @@ def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_o
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 6             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 7             # part of every page's ETag: change it when the markup changes
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
