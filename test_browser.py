@@ -858,6 +858,31 @@ class ThumbnailerBrowserTests(unittest.TestCase):
         self.assertGreater(count, 6)
         self.assertLess(after, self.LIMIT)
         self.assertLess(after * 4, before)
+    def test_a_folders_cover_is_its_made_thumbnail(self):
+        """The root lists the exports folder with a cover: its first photo has no embedded
+        thumbnail, so the cover is the made one (a few kB), not the photo (a phone's first
+        screen fetched every such folder's whole photo)."""
+        from selenium import webdriver
+        self.assertEqual(self.server.get('/exports/Export%2001.jpg?thumb')[0], 200)     # asked: made soon
+        deadline = time.monotonic() + 120
+        while not self.server.get('/exports/Export%2001.jpg?thumb')[1].get('etag', '').endswith('-m"'):
+            self.assertLess(time.monotonic(), deadline, 'no thumbnail made for Export 01.jpg')
+            time.sleep(0.1)
+        driver = GalleryBrowserTests.chrome(webdriver)
+        self.addCleanup(driver.quit)
+        driver.get(self.base + '/')
+        cover = 'document.querySelector(".dirs a.cover img")'
+        deadline = time.monotonic() + DEADLINE
+        while not driver.execute_script('var i = %s; return i && i.getAttribute("src") && i.complete && '
+                                        'i.naturalWidth > 0' % cover):
+            self.assertLess(time.monotonic(), deadline, 'the cover did not load')
+            time.sleep(0.05)
+        self.assertEqual(driver.execute_script('return %s.getAttribute("src")' % cover), 'exports/Export%2001.jpg?thumb')
+        self.assertLessEqual(driver.execute_script('return %s.naturalWidth' % cover), 320)
+        fetched = driver.execute_script('return performance.getEntriesByType("resource").reduce((n, e) => n + e.transferSize, 0)')
+        self.assertLess(fetched, 50000)
+
+
 def make_album(root):
     """A phone's folder: photos with EXIF thumbnails and dates, a WebM video (ffmpeg: VP8,
     which every chromium plays), and two trips as subfolders, each with a photo for a cover."""
