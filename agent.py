@@ -3601,13 +3601,22 @@ def gallery_header(crumbs, listing, download=False, skip=0):
             '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts))
 
 
-def folder_link(name, cover):
+# A cover photo's endings whose kinds a thumbnailer makes (THUMB_TYPES' jpeg, png, gif, webp):
+# with one on, such a cover is asked as ?thumb, which answers the photo until it is made.
+COVER_MADE = ('.jpg', '.jpeg', '.jpe', '.png', '.gif', '.webp')
+
+
+def folder_link(name, cover, made=False):
     """A folder's link in the list of folders: with its cover (FolderCovers), a picture above
-    its name (no alt text: the name is the link's text).  An embedded thumbnail loads lazily;
-    a photo, as a grid's photo does (gallery_tile): by the script, as it nears the screen."""
+    its name (no alt text: the name is the link's text).  An embedded thumbnail loads lazily,
+    and with made (a thumbnailer is on) a made one (COVER_MADE: a phone's first screen fetched
+    each such folder's whole photo for its 172 px picture); a photo, as a grid's photo does
+    (gallery_tile): by the script, as it nears the screen."""
     href = escape_html(urllib.parse.quote(name))
     if cover is None:
         return '<li><a href="%s/">%s</a></li>' % (href, escape_html(name))
+    if made and cover.lower().endswith(COVER_MADE):
+        cover += '?thumb'
     src = escape_html(cover)
     if cover.endswith('?thumb'):
         picture = '<img src="%s" alt="" loading="lazy" decoding="async">' % src
@@ -3627,7 +3636,7 @@ def gallery_entries(entries, infos, covers=None, made=False):
     grid = [e for e in entries if e.kind in ('image', 'video')]
     files = [e for e in entries if e.kind == 'file']
     if dirs:
-        out.append('<ul class="dirs">%s</ul>\n' % ''.join(folder_link(e.name, covers.get(e.name)) for e in dirs))
+        out.append('<ul class="dirs">%s</ul>\n' % ''.join(folder_link(e.name, covers.get(e.name), made) for e in dirs))
     if grid:
         out.append('<main class="grid">\n')
         out.extend(gallery_tile(e, infos.get(e.name), made) if e.kind == 'image' else
