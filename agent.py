@@ -2868,7 +2868,7 @@ background:var(--chip);color:var(--fg)}
 .pages strong{background:var(--fg);color:var(--bg)}
 .note{color:var(--muted);font-size:.8rem}
 #lb{position:fixed;inset:0;z-index:9;display:flex;flex-direction:column;align-items:center;
-justify-content:center;background:rgba(8,8,10,.94);touch-action:pan-y}
+justify-content:center;background:#08080a;touch-action:pan-y}
 #lb[hidden]{display:none}
 #lb img,#lb video{flex:0 1 auto;min-height:0;max-width:100%;object-fit:contain}
 #lb img[hidden],#lb video[hidden]{display:none}
@@ -3097,7 +3097,7 @@ ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);backgr
 # computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of RSS each);
 # test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
 # Change a style or the script, and its hash changes with it.
-GALLERY_STYLE_HASH = "'sha256-8UuINGP0TCT3yUlDn0F1Ygk4/XDXf6qUDNtnR7hE5WU='"
+GALLERY_STYLE_HASH = "'sha256-mcL2hD+u72eBkAOSqeb2fLHBk1QmoNdkO7pqcfVbi4E='"
 GALLERY_SCRIPT_HASH = "'sha256-YtKy54oxfD2Cxh2uVuoVjYe3AfoBDJEey8fvTfxlOzk='"
 ERROR_STYLE_HASH = "'sha256-Ydlq0ThHdC43jeVo6LuGRfqYuUpRLHgzwQiJ6DvZPcA='"
 # The gallery's policy: nothing but its inline style and script (by hash, so a cached page
