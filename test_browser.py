@@ -959,6 +959,26 @@ class AlbumBrowserTests(unittest.TestCase):
                 self.wait('document.getElementById("lb").hidden && %s.paused' % film)
                 self.assert_clean_console()
 
+    def test_a_videos_length_is_on_its_picture(self):
+        """A video's tile says it is one, and how long, on its picture (a play sign and 0:03,
+        as a phone's gallery does); its caption's details then take the lines a photo's take,
+        so that the rows stay even; the lightbox's caption still gives the length."""
+        for width, height, mobile in self.screens():
+            with self.subTest(width=width):
+                self.viewport(width, height, mobile)
+                self.open('/album/')
+                badge = self.js('getComputedStyle(document.querySelector("main a.v"), "::after").content')
+                self.assertIn('0:03', badge)
+                self.assertIn('\u25b6', badge)
+                heights = self.js('Array.from(document.querySelectorAll("main figcaption small"))'
+                                  '.map(s => Math.round(s.getBoundingClientRect().height))')
+                self.assertEqual(len(set(heights)), 1, heights)
+                self.open_lightbox('VID_20240713_120000.webm')
+                self.assertIn('0:03', self.js('document.querySelector("#lb p").textContent'))
+                self.js('document.querySelector("#lb .close").click(), true')
+                self.wait('document.getElementById("lb").hidden')
+                self.assert_clean_console()
+
     def test_the_slideshow_moves_on_by_itself_and_stops_on_a_key(self):
         from selenium.webdriver.common.keys import Keys
         from selenium.webdriver.common.by import By
