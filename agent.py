@@ -2850,8 +2850,9 @@ figure img.tall{width:auto;height:100%}
 figure img:not([width]){height:100%;object-fit:contain}
 figure video{display:block;width:100%;height:100%;object-fit:contain}
 a.v{position:relative}
-a.v:after{content:"\\25b6";position:absolute;left:8px;bottom:8px;width:30px;height:30px;border-radius:50%;
+a.v .len{position:absolute;left:8px;bottom:8px;min-width:30px;height:30px;padding:0 8px;border-radius:15px;
 background:rgba(0,0,0,.6);color:#fff;font:13px/30px sans-serif;text-align:center}
+a.v .len:before{content:"\\25b6"}a.v .len:not(:empty):before{margin-right:6px}
 img[data-src],.broken img{display:none}
 .broken a:after{content:"no preview";color:var(--muted);font-size:.8rem}
 figcaption{padding:7px 10px 9px;font-size:.8rem;line-height:1.35}
@@ -3008,6 +3009,8 @@ GALLERY_SCRIPT = """
     var a = links[current], name = a.parentNode.querySelector('figcaption strong');
     var details = a.parentNode.querySelector('figcaption small');
     details = details ? Array.prototype.map.call(details.children, function (c) { return c.textContent; }) : [];
+    var length = a.querySelector('.len');         // a video's, on its picture
+    if (length && length.textContent) details.unshift(length.textContent);
     name = name ? name.textContent : a.getAttribute('href');
     media(a, name);
     box.setAttribute('aria-label', name);
@@ -3097,8 +3100,8 @@ ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);backgr
 # computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of RSS each);
 # test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
 # Change a style or the script, and its hash changes with it.
-GALLERY_STYLE_HASH = "'sha256-mcL2hD+u72eBkAOSqeb2fLHBk1QmoNdkO7pqcfVbi4E='"
-GALLERY_SCRIPT_HASH = "'sha256-YtKy54oxfD2Cxh2uVuoVjYe3AfoBDJEey8fvTfxlOzk='"
+GALLERY_STYLE_HASH = "'sha256-vbZzsQqMfwc+JwTcwE8+Y8I5g8kve1Z2irzGEhgy8Rc='"
+GALLERY_SCRIPT_HASH = "'sha256-AZ7QztNv5NtxIVyh9r7uTnD+9V4LVgOAAr4Uzu8fedA='"
 ERROR_STYLE_HASH = "'sha256-Ydlq0ThHdC43jeVo6LuGRfqYuUpRLHgzwQiJ6DvZPcA='"
 # The gallery's policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images and videos from this server, and no way to load or send anything elsewhere.
@@ -3503,18 +3506,19 @@ def duration_text(seconds):
 def video_tile(e, info, taken):
     """One video of the grid: a <video> that loads its metadata (the first frame, the length)
     only as it nears the screen (data-src, set by the page's script as for photos; a <video>
-    has no loading="lazy"), in a link that the lightbox plays."""
+    has no loading="lazy"), in a link that the lightbox plays.  A play sign and the length lie
+    on the picture (class len), as a phone's gallery shows them, not in the caption: there
+    they wrapped its details to a line more than a photo's, and the rows went uneven."""
     name, href = escape_html(e.name), escape_html(urllib.parse.quote(e.name))
     width, height = info.shown_size() if info is not None else (None, None)
     size = ' width="%d" height="%d"' % (width, height) if width else ''
     details = ['%d \u00d7 %d' % (width, height)] if width else []
-    if info is not None and info.duration is not None:
-        details.insert(0, duration_text(info.duration))
+    length = duration_text(info.duration) if info is not None and info.duration is not None else ''
     details.append(human_size(e.st.st_size))
     return ('<figure><a class="g v" href="%s" aria-label="%s"><video data-src="%s"%s preload="metadata" muted '
-            'playsinline></video><noscript><video src="%s"%s preload="metadata" muted></video></noscript></a>'
-            '<figcaption><strong>%s</strong><small>%s %s</small></figcaption></figure>\n'
-            % (href, name, href, size, href, size, name,
+            'playsinline></video><noscript><video src="%s"%s preload="metadata" muted></video></noscript>'
+            '<span class="len">%s</span></a><figcaption><strong>%s</strong><small>%s %s</small></figcaption></figure>\n'
+            % (href, '%s, video %s' % (name, length) if length else name, href, size, href, size, length, name,
                ' \u00b7 '.join('<span>%s</span>' % d for d in details), taken_element(taken)))
 
 

@@ -967,7 +967,10 @@ class AlbumBrowserTests(unittest.TestCase):
             with self.subTest(width=width):
                 self.viewport(width, height, mobile)
                 self.open('/album/')
-                badge = self.js('getComputedStyle(document.querySelector("main a.v"), "::after").content')
+                badge = self.js('(function (b) { return b && getComputedStyle(b, "::before").content + b.textContent; })'
+                                '(document.querySelector("main a.v .len"))') or ''
+                self.assertTrue(self.js('(function (a, b) { return b.top >= a.top && b.bottom <= a.bottom; })(document.querySelector('
+                                        '"main a.v").getBoundingClientRect(), document.querySelector("main a.v .len").getBoundingClientRect())'))
                 self.assertIn('0:03', badge)
                 self.assertIn('\u25b6', badge)
                 heights = self.js('Array.from(document.querySelectorAll("main figcaption small"))'
