@@ -1074,6 +1074,10 @@ class HeifBrowserTests(unittest.TestCase):
         for name, size, colours in (('IMG_0001.heic', '800x600', 'blue-yellow'), ('IMG_0002.heic', '600x800', 'red-green')):
             subprocess.run([magick, '-size', size, 'gradient:' + colours, 'heic:' + os.path.join(folder, name)],
                            check=True, timeout=60)
+        # A HEIC no program can read (a phone's head, no picture): its thumbnail is never made.
+        os.makedirs(os.path.join(cls.server.root, 'unreadable'))
+        with open(os.path.join(cls.server.root, 'unreadable', 'IMG_0003.heic'), 'wb') as f:
+            f.write(samples.heif_sample(4032, 3024, gap=300000))
         cls.server.start()
         cls.addClassCleanup(cls.server.stop)
         deadline = time.monotonic() + 120
@@ -1107,6 +1111,19 @@ class HeifBrowserTests(unittest.TestCase):
                 self.js('document.querySelector("#lb .close").click(), true')
                 self.wait('document.getElementById("lb").hidden')
                 self.assert_clean_console()
+
+    def test_a_heic_without_a_made_thumbnail_is_a_placeholder(self):
+        """A HEIC whose thumbnail is not made (yet, or ever: this one no program reads) is a
+        placeholder in its tile: the page does not fetch the original, which no browser shows
+        (a phone spent a photo's megabytes on a broken picture)."""
+        self.addCleanup(self.driver.get_log, 'browser')        # its 404s are no other test's
+        self.viewport(*PHONE, mobile=True)
+        self.open('/unreadable/')
+        self.wait('document.querySelector("figure.broken")')
+        self.assertEqual(self.js('performance.getEntriesByType("resource").map(e => e.name)'
+                                 '.filter(n => n.endsWith(".heic"))'), [])
+        errors = [e['message'] for e in self.driver.get_log('browser') if e['level'] in ('SEVERE', 'WARNING')]
+        self.assertTrue(all('IMG_0003.heic?thumb' in m and '404' in m for m in errors), errors)
 
 
 if __name__ == '__main__':
