@@ -2922,7 +2922,8 @@ GALLERY_SCRIPT = """
   // placeholder at once: its original would be megabytes for a broken picture.
   function failed(img) {
     var a = img.parentNode, src = img.getAttribute('src'), cover = a.classList.contains('cover');
-    if (/[?]thumb$/.test(src) && !a.hasAttribute('data-view')) img.src = cover ? src.slice(0, -6) : a.getAttribute('href');
+    var thumb = /[?]thumb$/.test(src) && !a.hasAttribute('data-view');
+    if (thumb) img.src = cover ? src.slice(0, -6) : a.getAttribute('href');
     else if (cover) a.removeChild(img);
     else a.parentNode.classList.add('broken');
   }
@@ -3102,7 +3103,7 @@ ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);backgr
 # test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
 # Change a style or the script, and its hash changes with it.
 GALLERY_STYLE_HASH = "'sha256-vbZzsQqMfwc+JwTcwE8+Y8I5g8kve1Z2irzGEhgy8Rc='"
-GALLERY_SCRIPT_HASH = "'sha256-8II8vujRByyfIh5SXggKhmmsu1uxOhzjOM3lt0zQHG8='"
+GALLERY_SCRIPT_HASH = "'sha256-wMa27dpT39zJJ9ahhWWpKHI1neoz/cv8ldJ/m8FvY30='"
 ERROR_STYLE_HASH = "'sha256-Ydlq0ThHdC43jeVo6LuGRfqYuUpRLHgzwQiJ6DvZPcA='"
 # The gallery's policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images and videos from this server, and no way to load or send anything elsewhere.
