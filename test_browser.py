@@ -650,6 +650,19 @@ class GalleryBrowserTests(unittest.TestCase):
         self.wait('location.pathname === "/vector/" && document.readyState === "complete"')
         self.assert_clean_console()
 
+    def test_a_reload_with_the_lightbox_open_leaves_a_plain_folder(self):
+        """Reloaded (a phone's pull to refresh) with the lightbox open, the folder's page shows no
+        lightbox and keeps none of its history state: the scroll is restored again as usual."""
+        from selenium.webdriver.common.by import By
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[1].click()
+        self.wait('!document.getElementById("lb").hidden && history.state !== null')
+        self.driver.refresh()
+        self.wait('document.readyState === "complete"')
+        self.assertEqual(self.js('[document.getElementById("lb").hidden, history.state, history.scrollRestoration]'),
+                         [True, None, 'auto'])
+        self.assert_clean_console()
+
     def test_lightbox_closes_where_the_visitor_got_to(self):
         """Opened on the first photo and moved on twenty, the lightbox closes onto the
         twenty-first: its tile has the focus and is on the screen, not the first one."""
