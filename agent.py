@@ -3046,6 +3046,9 @@ GALLERY_SCRIPT = """
     history.scrollRestoration = 'auto';
     if (current >= 0) hide(true);
   });
+  if (history.state && history.state.lightbox) {       // reloaded with the lightbox open
+    history.replaceState(null, ''); history.scrollRestoration = 'auto';
+  }
   links.forEach(function (a, i) {
     a.addEventListener('click', function (e) {
       if (e.button || e.ctrlKey || e.metaKey || e.shiftKey || e.altKey) return;
@@ -3103,7 +3106,7 @@ ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);backgr
 # test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
 # Change a style or the script, and its hash changes with it.
 GALLERY_STYLE_HASH = "'sha256-vbZzsQqMfwc+JwTcwE8+Y8I5g8kve1Z2irzGEhgy8Rc='"
-GALLERY_SCRIPT_HASH = "'sha256-wMa27dpT39zJJ9ahhWWpKHI1neoz/cv8ldJ/m8FvY30='"
+GALLERY_SCRIPT_HASH = "'sha256-MhOyJ96a+acFmxx55auL0+k/anDKt7oEf2bU42oAsL4='"
 ERROR_STYLE_HASH = "'sha256-Ydlq0ThHdC43jeVo6LuGRfqYuUpRLHgzwQiJ6DvZPcA='"
 # The gallery's policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images and videos from this server, and no way to load or send anything elsewhere.
