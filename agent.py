@@ -2812,7 +2812,7 @@ PAGE_ICON = ('data:image/svg+xml,%3Csvg xmlns=%22http://www.w3.org/2000/svg%22 v
              '13l4-5 3 3 2-2 3 4z%22 fill=%22%23fff%22/%3E%3Ccircle cx=%2211%22 cy=%225%22 r=%221.6%22 '
              'fill=%22%23fff%22/%3E%3C/svg%3E')
 # The colours, light and dark, as CSS custom properties: every page's style begins with them.
-PALETTE = """:root{color-scheme:light dark;--bg:#f6f6f4;--fg:#1c1c1e;--muted:#6b6b70;--card:#fff;--line:#e2e2e0;
+PALETTE = """:root{color-scheme:light dark;--bg:#f6f6f4;--fg:#1c1c1e;--muted:#646469;--card:#fff;--line:#e2e2e0;
 --accent:#0b62c4;--chip:#ebebea}
 @media (prefers-color-scheme:dark){:root{--bg:#111113;--fg:#ececef;--muted:#9c9ca3;--card:#1c1c1f;
 --line:#2c2c31;--accent:#74b4ff;--chip:#26262b}}
@@ -2826,19 +2826,20 @@ a:focus-visible,button:focus-visible{outline:2px solid var(--accent);outline-off
 figure a:focus-visible{outline-width:3px;outline-offset:-3px}
 figure:has(a:focus-visible){box-shadow:0 0 0 3px var(--accent)}
 h1{font-size:1.4rem;font-weight:650;margin:0 0 6px;overflow-wrap:anywhere}
-h1 a{color:inherit}h1 span{color:var(--muted);font-weight:400;margin:0 .3em}
-.bar{display:flex;flex-wrap:wrap;align-items:center;gap:6px 18px;color:var(--muted);font-size:.875rem;
+h1 a{display:inline-block;padding:9px 0;margin:-9px 0;color:inherit}h1 span{color:var(--muted);font-weight:400;margin:0 .3em}
+.bar{display:flex;flex-wrap:wrap;align-items:center;gap:20px 18px;color:var(--muted);font-size:.875rem;
 margin:0 0 18px}
-.sort a,.sort strong{display:inline-block;padding:2px 11px;margin-left:4px;border-radius:99px;
-background:var(--chip);color:var(--fg)}
-.sort strong{background:var(--fg);color:var(--bg);font-weight:500}
+.bar a{display:inline-block;padding:12px 0;margin:-12px 0}
+.sort a,.sort strong{display:inline-block;padding:4px 12px;margin:-8px 0 -8px -4px;border:8px solid transparent;
+border-radius:99px;background:var(--chip) padding-box;color:var(--fg)}
+.sort strong{background:var(--fg) padding-box;color:var(--bg);font-weight:500}
 .dirs{list-style:none;display:flex;flex-wrap:wrap;gap:8px;padding:0;margin:0 0 18px}
 .dirs li{min-width:0;max-width:100%}
-.dirs a{display:block;padding:7px 14px 7px 12px;border-radius:8px;background:var(--card);
+.dirs a{display:flex;align-items:center;min-height:44px;padding:7px 14px 7px 12px;border-radius:8px;background:var(--card);
 border:1px solid var(--line);color:var(--fg);font-weight:500;overflow-wrap:anywhere}
-.dirs a:before{content:"";display:inline-block;width:16px;height:11px;margin-right:8px;
+.dirs a:before{content:"";flex:none;width:16px;height:11px;margin-right:8px;
 border-radius:2px 3px 3px 3px;background:var(--accent);opacity:.75;vertical-align:-1px}
-.dirs a.cover{display:flex;flex-direction:column;gap:6px;width:172px;max-width:100%;padding:6px 6px 8px}
+.dirs a.cover{flex-direction:column;align-items:stretch;gap:6px;width:172px;max-width:100%;padding:6px 6px 8px}
 .dirs a.cover:before{display:none}
 .dirs a.cover img{display:block;width:100%;aspect-ratio:4/3;object-fit:cover;border-radius:5px;background:var(--chip)}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(172px,1fr));gap:14px;margin:0 0 24px}
@@ -2849,8 +2850,9 @@ figure img.tall{width:auto;height:100%}
 figure img:not([width]){height:100%;object-fit:contain}
 figure video{display:block;width:100%;height:100%;object-fit:contain}
 a.v{position:relative}
-a.v:after{content:"\\25b6";position:absolute;left:8px;bottom:8px;width:30px;height:30px;border-radius:50%;
+a.v .len{position:absolute;left:8px;bottom:8px;min-width:30px;height:30px;padding:0 8px;border-radius:15px;
 background:rgba(0,0,0,.6);color:#fff;font:13px/30px sans-serif;text-align:center}
+a.v .len:before{content:"\\25b6"}a.v .len:not(:empty):before{margin-right:6px}
 img[data-src],.broken img{display:none}
 .broken a:after{content:"no preview";color:var(--muted);font-size:.8rem}
 figcaption{padding:7px 10px 9px;font-size:.8rem;line-height:1.35}
@@ -2859,21 +2861,22 @@ figcaption small{display:block;color:var(--muted);font-size:inherit}
 figcaption small span,td time span{white-space:nowrap}figcaption time{display:block}
 table{border-collapse:collapse;width:100%;font-size:.875rem;margin:0 0 24px}
 td{padding:6px 10px;border-top:1px solid var(--line)}
-td:first-child{overflow-wrap:anywhere}td+td{color:var(--muted);white-space:nowrap}
+td:first-child{padding-top:0;padding-bottom:0;overflow-wrap:anywhere}
+td a{display:block;padding:12px 0}td+td{color:var(--muted);white-space:nowrap}
 .pages{display:flex;flex-wrap:wrap;justify-content:center;gap:6px;margin:8px 0 16px}
-.pages a,.pages strong{min-width:36px;padding:5px 10px;text-align:center;border-radius:8px;
+.pages a,.pages strong{min-width:44px;padding:12px 10px;text-align:center;border-radius:8px;
 background:var(--chip);color:var(--fg)}
 .pages strong{background:var(--fg);color:var(--bg)}
 .note{color:var(--muted);font-size:.8rem}
 #lb{position:fixed;inset:0;z-index:9;display:flex;flex-direction:column;align-items:center;
-justify-content:center;background:rgba(8,8,10,.94);touch-action:pan-y}
+justify-content:center;background:#08080a;touch-action:pan-y}
 #lb[hidden]{display:none}
 #lb img,#lb video{flex:0 1 auto;min-height:0;max-width:100%;object-fit:contain}
 #lb img[hidden],#lb video[hidden]{display:none}
 #lb p{flex:none;max-width:100%;margin:0;padding:10px 16px 14px;text-align:center;color:#ddd;
 font-size:.85rem;overflow-wrap:anywhere}
 #lb button{position:absolute;width:46px;height:46px;border:0;border-radius:50%;cursor:pointer;
-background:rgba(255,255,255,.14);color:#fff;font:28px/46px sans-serif}
+background:rgba(0,0,0,.5);color:#fff;font:28px/46px sans-serif}
 #lb .prev{left:14px;top:calc(50% - 23px)}#lb .next{right:14px;top:calc(50% - 23px)}
 #lb .close{right:14px;top:14px}#lb .play{left:14px;top:14px;font-size:17px}
 @media (max-width:520px){.grid{grid-template-columns:repeat(2,1fr);gap:8px}
@@ -2915,10 +2918,12 @@ GALLERY_SCRIPT = """
     zone.textContent = name ? 'Times in ' + name + '.' : 'Times in your time zone.';
   }
   // A picture that fails: an embedded thumbnail gives way to the photo, else a placeholder (a
-  // folder's cover goes).
+  // folder's cover goes).  A photo no browser shows (a HEIC: its link has data-view) gets the
+  // placeholder at once: its original would be megabytes for a broken picture.
   function failed(img) {
     var a = img.parentNode, src = img.getAttribute('src'), cover = a.classList.contains('cover');
-    if (/[?]thumb$/.test(src)) img.src = cover ? src.slice(0, -6) : a.getAttribute('href');
+    var thumb = /[?]thumb$/.test(src) && !a.hasAttribute('data-view');
+    if (thumb) img.src = cover ? src.slice(0, -6) : a.getAttribute('href');
     else if (cover) a.removeChild(img);
     else a.parentNode.classList.add('broken');
   }
@@ -2937,13 +2942,17 @@ GALLERY_SCRIPT = """
   var links = Array.prototype.slice.call(document.querySelectorAll('a.g'));
   if (!links.length) return;
   // The lightbox: a modal dialog (WAI-ARIA) named by the photo, which takes the focus, keeps it
-  // on Tab, leaves the page behind inert, and gives the focus back to its thumbnail on close.
+  // on Tab, leaves the page behind inert, and on close gives the focus to the tile of the photo
+  // it was showing (which scrolls to it: a visitor who swiped through forty is where they got to).
+  // It is a step in the history (no change of address): a phone's Back closes it, as it closes
+  // a phone's own photo viewer, rather than leaving the folder; closed otherwise, it takes its
+  // step back.
   // A video plays in it, with the browser's controls.  The slideshow (its button, or S) moves
   // on every SLIDE ms, or as a video ends, and stops on any key or touch; a phone swipes to
   // move and pinches to zoom.
   var box = document.createElement('div'), img = new Image(), text = document.createElement('p');
   var film = document.createElement('video'), SLIDE = 3000, playing = false, timer = null;
-  var current = -1, opener = null, x0 = null, buttons = [], zoom = 1, pinch = null;
+  var current = -1, x0 = null, buttons = [], zoom = 1, pinch = null, pushed = false;
   film.controls = true; film.playsInline = true; film.setAttribute('hidden', '');
   function button(cls, label, name, title, action) {
     var b = document.createElement('button');
@@ -3002,24 +3011,43 @@ GALLERY_SCRIPT = """
     var a = links[current], name = a.parentNode.querySelector('figcaption strong');
     var details = a.parentNode.querySelector('figcaption small');
     details = details ? Array.prototype.map.call(details.children, function (c) { return c.textContent; }) : [];
+    var length = a.querySelector('.len');         // a video's, on its picture
+    if (length && length.textContent) details.unshift(length.textContent);
     name = name ? name.textContent : a.getAttribute('href');
     media(a, name);
     box.setAttribute('aria-label', name);
     text.textContent = [name].concat(details).join(' \\u00b7 ') +
       '  (' + (current + 1) + ' / ' + links.length + ')';
     if (box.hasAttribute('hidden')) {
-      opener = a;
       box.removeAttribute('hidden'); behind(true); close.focus();
+      history.scrollRestoration = 'manual';      // the folder's entry, until back on it (popstate)
+      history.pushState({lightbox: true}, ''); pushed = true;
     }
     var next = links[(current + 1) % links.length];
     if (!next.classList.contains('v')) new Image().src = next.getAttribute('data-view') || next.href;   // preloaded
     later();
   }
-  function hide() {
+  function reveal(a) {
+    var r = a.getBoundingClientRect();
+    a.focus({preventScroll: true});
+    if (r.top < 0 || r.bottom > innerHeight) a.scrollIntoView({block: 'center'});
+  }
+  function hide(back) {    // back: the history's step is taken already (popstate)
+    var at = links[current];
     slideshow(false); film.pause(); film.removeAttribute('src');
     box.setAttribute('hidden', ''); current = -1; img.removeAttribute('src'); behind(false);
-    if (opener) opener.focus();
-    opener = null;
+    reveal(at);
+    if (pushed && back !== true) history.back();
+    pushed = false;
+  }
+  // Going back a step would restore the page's scroll as it was when the lightbox opened, after
+  // popstate, over the tile shown: the folder's entry restores none until back on it.
+  window.addEventListener('popstate', function () {
+    history.scrollRestoration = 'auto';
+    if (current >= 0) hide(true);
+  });
+  if (history.state && history.state.lightbox) {       // reloaded with the lightbox open
+    history.replaceState(null, ''); history.scrollRestoration = 'auto';
   }
   links.forEach(function (a, i) {
     a.addEventListener('click', function (e) {
@@ -3077,9 +3105,9 @@ ERROR_STYLE = PALETTE + ('body{margin:0;padding:32px clamp(16px,4vw,40px);backgr
 # computed: hashlib would map OpenSSL's libcrypto into every worker (3.6 MB of RSS each);
 # test_daemon.py checks them against hashlib, and the browser test would see a blocked script.
 # Change a style or the script, and its hash changes with it.
-GALLERY_STYLE_HASH = "'sha256-9NiWLBNFJrMjYgJ2mblhldJ9JrGN2dmLdo4t8uxAs2g='"
-GALLERY_SCRIPT_HASH = "'sha256-xXKKBfHsbXU+kG1N3h0ZAZh7etMQRUP1mZtml2MVvkM='"
-ERROR_STYLE_HASH = "'sha256-buOwst//26JaixQPUJUoCDOZwIxWcGkdsi6ZFKF8q5g='"
+GALLERY_STYLE_HASH = "'sha256-vbZzsQqMfwc+JwTcwE8+Y8I5g8kve1Z2irzGEhgy8Rc='"
+GALLERY_SCRIPT_HASH = "'sha256-MhOyJ96a+acFmxx55auL0+k/anDKt7oEf2bU42oAsL4='"
+ERROR_STYLE_HASH = "'sha256-Ydlq0ThHdC43jeVo6LuGRfqYuUpRLHgzwQiJ6DvZPcA='"
 # The gallery's policy: nothing but its inline style and script (by hash, so a cached page
 # stays valid), images and videos from this server, and no way to load or send anything elsewhere.
 GALLERY_CSP = ("default-src 'none'; img-src 'self' data:; media-src 'self'; style-src %s; script-src %s; "
@@ -3169,7 +3197,7 @@ def error_response(status, date, keep_alive, version=(1, 1), headers=b'', head_o
 
 GALLERY_PAGE_SIZE = 200
 GALLERY_SORTS = ('name', 'date', 'size')
-GALLERY_VERSION = 6             # part of every page's ETag: change it when the markup changes
+GALLERY_VERSION = 7             # part of every page's ETag: change it when the markup changes
 NATURAL_DIGITS = re.compile(r'\d+')
 PLAIN_NAME = re.compile(r'[A-Za-z0-9_~-][A-Za-z0-9_.~-]*')     # quote() leaves it as it is
 
@@ -3483,18 +3511,19 @@ def duration_text(seconds):
 def video_tile(e, info, taken):
     """One video of the grid: a <video> that loads its metadata (the first frame, the length)
     only as it nears the screen (data-src, set by the page's script as for photos; a <video>
-    has no loading="lazy"), in a link that the lightbox plays."""
+    has no loading="lazy"), in a link that the lightbox plays.  A play sign and the length lie
+    on the picture (class len), as a phone's gallery shows them, not in the caption: there
+    they wrapped its details to a line more than a photo's, and the rows went uneven."""
     name, href = escape_html(e.name), escape_html(urllib.parse.quote(e.name))
     width, height = info.shown_size() if info is not None else (None, None)
     size = ' width="%d" height="%d"' % (width, height) if width else ''
     details = ['%d \u00d7 %d' % (width, height)] if width else []
-    if info is not None and info.duration is not None:
-        details.insert(0, duration_text(info.duration))
+    length = duration_text(info.duration) if info is not None and info.duration is not None else ''
     details.append(human_size(e.st.st_size))
     return ('<figure><a class="g v" href="%s" aria-label="%s"><video data-src="%s"%s preload="metadata" muted '
-            'playsinline></video><noscript><video src="%s"%s preload="metadata" muted></video></noscript></a>'
-            '<figcaption><strong>%s</strong><small>%s %s</small></figcaption></figure>\n'
-            % (href, name, href, size, href, size, name,
+            'playsinline></video><noscript><video src="%s"%s preload="metadata" muted></video></noscript>'
+            '<span class="len">%s</span></a><figcaption><strong>%s</strong><small>%s %s</small></figcaption></figure>\n'
+            % (href, '%s, video %s' % (name, length) if length else name, href, size, href, size, length, name,
                ' \u00b7 '.join('<span>%s</span>' % d for d in details), taken_element(taken)))
 
 
@@ -3581,13 +3610,22 @@ def gallery_header(crumbs, listing, download=False, skip=0):
             '</header>\n' % (''.join(heading), ' \u00b7 '.join(counts) or 'empty folder', sorts))
 
 
-def folder_link(name, cover):
+# A cover photo's endings whose kinds a thumbnailer makes (THUMB_TYPES' jpeg, png, gif, webp):
+# with one on, such a cover is asked as ?thumb, which answers the photo until it is made.
+COVER_MADE = ('.jpg', '.jpeg', '.jpe', '.png', '.gif', '.webp')
+
+
+def folder_link(name, cover, made=False):
     """A folder's link in the list of folders: with its cover (FolderCovers), a picture above
-    its name (no alt text: the name is the link's text).  An embedded thumbnail loads lazily;
-    a photo, as a grid's photo does (gallery_tile): by the script, as it nears the screen."""
+    its name (no alt text: the name is the link's text).  An embedded thumbnail loads lazily,
+    and with made (a thumbnailer is on) a made one (COVER_MADE: a phone's first screen fetched
+    each such folder's whole photo for its 172 px picture); a photo, as a grid's photo does
+    (gallery_tile): by the script, as it nears the screen."""
     href = escape_html(urllib.parse.quote(name))
     if cover is None:
         return '<li><a href="%s/">%s</a></li>' % (href, escape_html(name))
+    if made and cover.lower().endswith(COVER_MADE):
+        cover += '?thumb'
     src = escape_html(cover)
     if cover.endswith('?thumb'):
         picture = '<img src="%s" alt="" loading="lazy" decoding="async">' % src
@@ -3607,7 +3645,7 @@ def gallery_entries(entries, infos, covers=None, made=False):
     grid = [e for e in entries if e.kind in ('image', 'video')]
     files = [e for e in entries if e.kind == 'file']
     if dirs:
-        out.append('<ul class="dirs">%s</ul>\n' % ''.join(folder_link(e.name, covers.get(e.name)) for e in dirs))
+        out.append('<ul class="dirs">%s</ul>\n' % ''.join(folder_link(e.name, covers.get(e.name), made) for e in dirs))
     if grid:
         out.append('<main class="grid">\n')
         out.extend(gallery_tile(e, infos.get(e.name), made) if e.kind == 'image' else

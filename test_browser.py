@@ -19,7 +19,10 @@ their made thumbnails.
 Each test waits on a condition in the page with a hard deadline; none sleeps for a fixed time.
 A screenshot of the camera folder is saved to GALLERY_SCREENSHOT (default:
 artifacts/gallery.png beside this file) on every run, and of the exports at 390 and 1280 px
-beside it (gallery-mixed-390.png, gallery-mixed-1280.png).
+beside it (gallery-mixed-390.png, gallery-mixed-1280.png), each once the screen has settled:
+its pictures decoded and two captures in a row the same (settled_screenshot).
+The phone's visit (390x844): Back closes the lightbox, which closes where the visitor got to;
+every control a 44 px target; text at WCAG AA contrast in light and dark.
 """
 
 import os
@@ -230,6 +233,7 @@ class GalleryBrowserTests(unittest.TestCase):
     # -- tests --
 
     def test_grid_thumbnails_decode_and_are_the_embedded_ones(self):
+        self.fresh()                    # whatever other tests showed of the folder, fetched again
         self.open('/camera/')
         self.assertEqual(self.js('document.querySelectorAll("main img").length'), CAMERA_PHOTOS)
         self.scroll_everything()
@@ -299,7 +303,7 @@ class GalleryBrowserTests(unittest.TestCase):
     def test_lightbox_is_a_modal_dialog_for_the_keyboard(self):
         """Opened with Enter on a thumbnail, the lightbox is a named modal dialog that takes the
         focus, keeps it on Tab and Shift+Tab, leaves the page behind inert, and gives the focus
-        back to that thumbnail on Esc."""
+        back on Esc to the tile of the photo it shows (moved on one: the next thumbnail)."""
         from selenium.webdriver.common.keys import Keys
         self.open('/camera/')
         self.js('document.querySelectorAll("a.g")[2].focus(), true')
@@ -328,7 +332,7 @@ class GalleryBrowserTests(unittest.TestCase):
         self.assertEqual(self.js(box + '.getAttribute("aria-label")'), 'IMG_0004.jpg')
         self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
         self.wait(box + '.hidden')
-        self.assertTrue(self.js('document.activeElement === document.querySelectorAll("a.g")[2]'))
+        self.assertTrue(self.js('document.activeElement === document.querySelectorAll("a.g")[3]'))
         self.assertEqual(self.js('Array.from(document.body.children).filter(e => e.inert).length'), 0)
         self.assert_clean_console()
 
@@ -612,6 +616,178 @@ class GalleryBrowserTests(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline, 'the first picture without script never loaded')
             time.sleep(0.05)
 
+    def scheme(self, dark):
+        """Emulate prefers-color-scheme: dark (or light) until the test ends."""
+        self.driver.execute_cdp_cmd('Emulation.setEmulatedMedia', {'features': [
+            {'name': 'prefers-color-scheme', 'value': 'dark' if dark else 'light'}]})
+        self.addCleanup(self.driver.execute_cdp_cmd, 'Emulation.setEmulatedMedia', {'features': []})
+
+    def test_back_closes_the_lightbox(self):
+        """A phone's Back (the browser's) closes the lightbox and stays on the folder; the
+        lightbox closed by its own button or Esc leaves no step behind in the history."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+        self.viewport(*PHONE, mobile=True)
+        self.open('/vector/')
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[2].click()
+        self.wait('!document.getElementById("lb").hidden')
+        self.driver.back()
+        self.wait('document.getElementById("lb").hidden')
+        self.assertEqual(self.driver.current_url, self.base + '/camera/')
+        self.assertTrue(self.js('document.activeElement === document.querySelectorAll("a.g")[2]'))
+        self.assertEqual(self.js('Array.from(document.body.children).filter(e => e.inert).length'), 0)
+        for close in ('button', 'escape'):
+            self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[1].click()
+            self.wait('!document.getElementById("lb").hidden')
+            if close == 'button':
+                self.driver.find_element(By.CSS_SELECTOR, '#lb .close').click()
+            else:
+                self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+            self.wait('document.getElementById("lb").hidden')
+            self.wait('history.state === null')            # its step taken back
+        self.driver.back()
+        self.wait('location.pathname === "/vector/" && document.readyState === "complete"')
+        self.assert_clean_console()
+
+    def test_a_reload_with_the_lightbox_open_leaves_a_plain_folder(self):
+        """Reloaded (a phone's pull to refresh) with the lightbox open, the folder's page shows no
+        lightbox and keeps none of its history state: the scroll is restored again as usual."""
+        from selenium.webdriver.common.by import By
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[1].click()
+        self.wait('!document.getElementById("lb").hidden && history.state !== null')
+        self.driver.refresh()
+        self.wait('document.readyState === "complete"')
+        self.assertEqual(self.js('[document.getElementById("lb").hidden, history.state, history.scrollRestoration]'),
+                         [True, None, 'auto'])
+        self.assert_clean_console()
+
+    def test_lightbox_closes_where_the_visitor_got_to(self):
+        """Opened on the first photo and moved on twenty, the lightbox closes onto the
+        twenty-first: its tile has the focus and is on the screen, not the first one."""
+        from selenium.webdriver.common.by import By
+        self.viewport(*PHONE, mobile=True)
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[0].click()
+        self.wait('!document.getElementById("lb").hidden')
+        for _ in range(20):
+            self.driver.find_element(By.CSS_SELECTOR, '#lb .next').click()
+        self.wait('document.querySelector("#lb img").src.endsWith("/IMG_0021.jpg")')
+        self.driver.find_element(By.CSS_SELECTOR, '#lb .close').click()
+        self.wait('document.getElementById("lb").hidden')
+        self.assertEqual(self.js('document.activeElement.getAttribute("href")'), 'IMG_0021.jpg')
+        self.wait('history.state === null')            # its step taken back, which restores a scroll
+        self.assertTrue(self.js('(function (r) { return r.top >= 0 && r.bottom <= innerHeight; })'
+                                '(document.activeElement.getBoundingClientRect())'),
+                        self.js('[document.activeElement.getBoundingClientRect().toJSON(), innerHeight, scrollY]'))
+        self.assert_clean_console()
+
+    def test_lightbox_hides_the_page_behind(self):
+        """The lightbox's backdrop is opaque: the grid's captions and pictures do not show
+        through around a portrait photo or a video (at 94% they did, legible on a phone)."""
+        from selenium.webdriver.common.by import By
+        self.viewport(*PHONE, mobile=True)
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[3].click()
+        self.wait('!document.getElementById("lb").hidden')
+        self.assertRegex(self.js('getComputedStyle(document.getElementById("lb")).backgroundColor'), r'^rgb\(')
+        self.driver.find_element(By.CSS_SELECTOR, '#lb .close').click()
+        self.wait('document.getElementById("lb").hidden')
+        self.assert_clean_console()
+
+    def test_every_control_is_a_finger_wide_on_a_phone(self):
+        """At 390x844 every link and button (crumbs, download, sorts, page numbers, folders,
+        tiles, file rows, the lightbox's buttons) takes a touch anywhere within 22 px of its
+        centre: a 44x44 px target (WCAG 2.5.5), not covered by its neighbours."""
+        from selenium.webdriver.common.by import By
+        self.viewport(*PHONE, mobile=True)
+        check = """return (function (all) {
+            var bad = [];
+            all.forEach(function (e) {
+                if (!e.getClientRects().length) return;
+                e.scrollIntoView({block: 'center', inline: 'center'});
+                var r = e.getBoundingClientRect(), x = (r.left + r.right) / 2, y = (r.top + r.bottom) / 2;
+                var what = (e.textContent || e.getAttribute('aria-label') || e.getAttribute('href')).trim().slice(0, 30);
+                if (r.width < 44 - 0.5 || r.height < 44 - 0.5) bad.push(what + ': ' + Math.round(r.width) + 'x' + Math.round(r.height));
+                else [[0, 0], [-21, 0], [21, 0], [0, -21], [0, 21]].forEach(function (d) {
+                    var hit = document.elementFromPoint(x + d[0], y + d[1]);
+                    hit = hit && hit.closest('a, button');
+                    if (hit !== e) bad.push(what + ': at ' + d + ' is ' + (hit ? hit.textContent.slice(0, 20) : 'nothing'));
+                });
+            });
+            return bad;
+        })(Array.from(document.querySelectorAll(arguments[0])))"""
+        for path in ('/camera/', '/many/?page=2', '/long/', '/broken/'):
+            with self.subTest(path=path):
+                self.open(path)
+                self.assertEqual(self.driver.execute_script(check, 'a, button'), [])
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[0].click()
+        self.wait('!document.getElementById("lb").hidden')
+        self.assertEqual(self.driver.execute_script(check, '#lb button'), [])
+        self.assert_clean_console()
+
+    def test_text_contrast_is_wcag_aa_light_and_dark(self):
+        """Every piece of text on the pages (captions, counts, notes, placeholders, file rows,
+        page links) against the background it is drawn on, in both colour schemes: 4.5:1 at
+        least (WCAG 1.4.3 AA), 3:1 for large text; and the lightbox's buttons stay visible over
+        the brightest and the darkest photo (3:1, WCAG 1.4.11)."""
+        from selenium.webdriver.common.by import By
+        measure = """
+            function rgba(s) { var m = s.match(/[\\d.]+/g).map(Number); return [m[0], m[1], m[2], m.length > 3 ? m[3] : 1]; }
+            function over(top, under) { var a = top[3]; return [0, 1, 2].map(i => top[i] * a + under[i] * (1 - a)).concat([1]); }
+            function lum(c) { var v = c.slice(0, 3).map(x => { x /= 255; return x <= 0.03928 ? x / 12.92 : Math.pow((x + 0.055) / 1.055, 2.4); });
+                return 0.2126 * v[0] + 0.7152 * v[1] + 0.0722 * v[2]; }
+            function ratio(a, b) { var x = lum(a), y = lum(b); return (Math.max(x, y) + 0.05) / (Math.min(x, y) + 0.05); }
+            function behind(e, base) {       // the colour e's text is drawn on: its backgrounds, composited
+                var layers = [];
+                for (; e; e = e.parentElement) {
+                    var c = rgba(getComputedStyle(e).backgroundColor);
+                    if (c[3] > 0) layers.push(c);
+                    if (c[3] === 1) break;
+                }
+                var under = base || rgba(getComputedStyle(document.documentElement).backgroundColor);
+                if (under[3] < 1) under = matchMedia('(prefers-color-scheme: dark)').matches ? [18, 18, 18, 1] : [255, 255, 255, 1];
+                return layers.reverse().reduce((u, c) => over(c, u), under);
+            }"""
+        texts = measure + """return (function () {
+            var bad = [];
+            function check(e, style, what) {
+                var size = parseFloat(style.fontSize), bold = parseInt(style.fontWeight) >= 700;
+                var need = size >= 24 || size >= 18.66 && bold ? 3 : 4.5;
+                var c = rgba(style.color), b = behind(e), r = ratio(over(c, b), b);
+                if (r < need) bad.push(what.trim().slice(0, 30) + ': ' + r.toFixed(2) + ' < ' + need);
+            }
+            document.querySelectorAll('body *').forEach(function (e) {
+                if (!e.getClientRects().length || e.closest('#lb, script, style, noscript')) return;
+                if (Array.from(e.childNodes).some(n => n.nodeType === 3 && n.textContent.trim()))
+                    check(e, getComputedStyle(e), e.textContent);
+                var after = getComputedStyle(e, '::after');
+                if (/^"[^"]*[a-z][^"]*"$/.test(after.content)) check(e, after, after.content);
+            });
+            return bad;
+        })()"""
+        buttons = measure + """return Array.from(document.querySelectorAll('#lb button')).map(function (b) {
+            var s = getComputedStyle(b), face = rgba(s.backgroundColor), glyph = rgba(s.color);
+            return [[255, 255, 255, 1], [0, 0, 0, 1]].map(function (photo) {
+                var under = over(face, photo); return ratio(over(glyph, under), under) >= 3 &&
+                    Math.max(ratio(under, photo), ratio(over(glyph, under), photo)) >= 3;
+            }).every(Boolean) ? '' : b.className; }).filter(Boolean)"""
+        for dark in (False, True):
+            self.scheme(dark)
+            for path in ('/camera/', '/many/?page=2', '/long/', '/broken/'):
+                with self.subTest(dark=dark, path=path):
+                    self.open(path)
+                    if path == '/broken/':
+                        self.wait('document.querySelector("figure.broken")')
+                    self.assertEqual(self.driver.execute_script(texts), [])
+        self.open('/camera/')
+        self.driver.find_elements(By.CSS_SELECTOR, 'a.g')[0].click()
+        self.wait('!document.getElementById("lb").hidden')
+        self.assertEqual(self.driver.execute_script(buttons), [], 'buttons lost on a white or black photo')
+        self.assert_clean_console()
+
     def test_screenshot(self):
         """Pictures of the camera folder (SCREENSHOT) and of the mixed one at 390 and 1280 px
         (beside it, -mixed-WIDTH.png), for people: saved on every run."""
@@ -622,15 +798,28 @@ class GalleryBrowserTests(unittest.TestCase):
                                                   ('/mixed/', DESKTOP[0], DESKTOP[1], False, base + '-mixed-1280.png')):
             self.viewport(width, height, mobile)
             self.open(path)
-            self.wait('Array.from(document.querySelectorAll("main img")).filter(i => i.closest("a").getBoundingClientRect().top'
-                      ' < innerHeight).every(i => i.complete && i.naturalWidth > 0)')
-            self.driver.execute_async_script(     # decoded and painted (decoding="async")
-                'var done = arguments[arguments.length - 1];'
-                'Promise.all(Array.from(document.querySelectorAll("main img[src]")).map(i => i.decode().catch(() => 0)))'
-                '.then(() => requestAnimationFrame(() => requestAnimationFrame(() => done(true))));')
-            self.assertTrue(self.driver.save_screenshot(name))
+            with open(name, 'wb') as f:
+                f.write(self.settled_screenshot())
             print('\n  screenshot: %s' % name, file=sys.stderr)
         self.assert_clean_console()
+
+    def settled_screenshot(self):
+        """The screen as a visitor sees it once it has settled (PNG bytes): every picture that
+        shows on it loaded and decoded (decoding="async": a tile may be loaded and still blank),
+        two frames later, and then two captures in a row the same."""
+        deadline, previous = time.monotonic() + DEADLINE, None
+        while True:
+            self.wait('Array.from(document.querySelectorAll("main img, .dirs img")).filter(i => (i.closest("a")'
+                      ' || i).getBoundingClientRect().top < innerHeight).every(i => i.complete && i.naturalWidth > 0)')
+            self.driver.execute_async_script(
+                'var done = arguments[arguments.length - 1];'
+                'Promise.all(Array.from(document.querySelectorAll("main img[src], .dirs img[src]")).map(i => i.decode()'
+                '.catch(() => 0))).then(() => requestAnimationFrame(() => requestAnimationFrame(() => done(true))));')
+            capture = self.driver.get_screenshot_as_png()
+            if capture == previous:
+                return capture
+            self.assertLess(time.monotonic(), deadline, 'the screen never settled')
+            previous = capture
 
 
 class ThumbnailerBrowserTests(unittest.TestCase):
@@ -695,6 +884,31 @@ class ThumbnailerBrowserTests(unittest.TestCase):
         self.assertGreater(count, 6)
         self.assertLess(after, self.LIMIT)
         self.assertLess(after * 4, before)
+    def test_a_folders_cover_is_its_made_thumbnail(self):
+        """The root lists the exports folder with a cover: its first photo has no embedded
+        thumbnail, so the cover is the made one (a few kB), not the photo (a phone's first
+        screen fetched every such folder's whole photo)."""
+        from selenium import webdriver
+        self.assertEqual(self.server.get('/exports/Export%2001.jpg?thumb')[0], 200)     # asked: made soon
+        deadline = time.monotonic() + 120
+        while not self.server.get('/exports/Export%2001.jpg?thumb')[1].get('etag', '').endswith('-m"'):
+            self.assertLess(time.monotonic(), deadline, 'no thumbnail made for Export 01.jpg')
+            time.sleep(0.1)
+        driver = GalleryBrowserTests.chrome(webdriver)
+        self.addCleanup(driver.quit)
+        driver.get(self.base + '/')
+        cover = 'document.querySelector(".dirs a.cover img")'
+        deadline = time.monotonic() + DEADLINE
+        while not driver.execute_script('var i = %s; return i && i.getAttribute("src") && i.complete && '
+                                        'i.naturalWidth > 0' % cover):
+            self.assertLess(time.monotonic(), deadline, 'the cover did not load')
+            time.sleep(0.05)
+        self.assertEqual(driver.execute_script('return %s.getAttribute("src")' % cover), 'exports/Export%2001.jpg?thumb')
+        self.assertLessEqual(driver.execute_script('return %s.naturalWidth' % cover), 320)
+        fetched = driver.execute_script('return performance.getEntriesByType("resource").reduce((n, e) => n + e.transferSize, 0)')
+        self.assertLess(fetched, 50000)
+
+
 def make_album(root):
     """A phone's folder: photos with EXIF thumbnails and dates, a WebM video (ffmpeg: VP8,
     which every chromium plays), and two trips as subfolders, each with a photo for a cover."""
@@ -756,6 +970,29 @@ class AlbumBrowserTests(unittest.TestCase):
                                  'VID_20240713_120000.webm')
                 self.js('document.querySelector("#lb .close").click(), true')
                 self.wait('document.getElementById("lb").hidden && %s.paused' % film)
+                self.assert_clean_console()
+
+    def test_a_videos_length_is_on_its_picture(self):
+        """A video's tile says it is one, and how long, on its picture (a play sign and 0:03,
+        as a phone's gallery does); its caption's details then take the lines a photo's take,
+        so that the rows stay even; the lightbox's caption still gives the length."""
+        for width, height, mobile in self.screens():
+            with self.subTest(width=width):
+                self.viewport(width, height, mobile)
+                self.open('/album/')
+                badge = self.js('(function (b) { return b && getComputedStyle(b, "::before").content + b.textContent; })'
+                                '(document.querySelector("main a.v .len"))') or ''
+                self.assertTrue(self.js('(function (a, b) { return b.top >= a.top && b.bottom <= a.bottom; })(document.querySelector('
+                                        '"main a.v").getBoundingClientRect(), document.querySelector("main a.v .len").getBoundingClientRect())'))
+                self.assertIn('0:03', badge)
+                self.assertIn('\u25b6', badge)
+                heights = self.js('Array.from(document.querySelectorAll("main figcaption small"))'
+                                  '.map(s => Math.round(s.getBoundingClientRect().height))')
+                self.assertEqual(len(set(heights)), 1, heights)
+                self.open_lightbox('VID_20240713_120000.webm')
+                self.assertIn('0:03', self.js('document.querySelector("#lb p").textContent'))
+                self.js('document.querySelector("#lb .close").click(), true')
+                self.wait('document.getElementById("lb").hidden')
                 self.assert_clean_console()
 
     def test_the_slideshow_moves_on_by_itself_and_stops_on_a_key(self):
@@ -850,6 +1087,10 @@ class HeifBrowserTests(unittest.TestCase):
         for name, size, colours in (('IMG_0001.heic', '800x600', 'blue-yellow'), ('IMG_0002.heic', '600x800', 'red-green')):
             subprocess.run([magick, '-size', size, 'gradient:' + colours, 'heic:' + os.path.join(folder, name)],
                            check=True, timeout=60)
+        # A HEIC no program can read (a phone's head, no picture): its thumbnail is never made.
+        os.makedirs(os.path.join(cls.server.root, 'unreadable'))
+        with open(os.path.join(cls.server.root, 'unreadable', 'IMG_0003.heic'), 'wb') as f:
+            f.write(samples.heif_sample(4032, 3024, gap=300000))
         cls.server.start()
         cls.addClassCleanup(cls.server.stop)
         deadline = time.monotonic() + 120
@@ -883,6 +1124,19 @@ class HeifBrowserTests(unittest.TestCase):
                 self.js('document.querySelector("#lb .close").click(), true')
                 self.wait('document.getElementById("lb").hidden')
                 self.assert_clean_console()
+
+    def test_a_heic_without_a_made_thumbnail_is_a_placeholder(self):
+        """A HEIC whose thumbnail is not made (yet, or ever: this one no program reads) is a
+        placeholder in its tile: the page does not fetch the original, which no browser shows
+        (a phone spent a photo's megabytes on a broken picture)."""
+        self.addCleanup(self.driver.get_log, 'browser')        # its 404s are no other test's
+        self.viewport(*PHONE, mobile=True)
+        self.open('/unreadable/')
+        self.wait('document.querySelector("figure.broken")')
+        self.assertEqual(self.js('performance.getEntriesByType("resource").map(e => e.name)'
+                                 '.filter(n => n.endsWith(".heic"))'), [])
+        errors = [e['message'] for e in self.driver.get_log('browser') if e['level'] in ('SEVERE', 'WARNING')]
+        self.assertTrue(all('IMG_0003.heic?thumb' in m and '404' in m for m in errors), errors)
 
 
 if __name__ == '__main__':
