@@ -76,7 +76,8 @@ from tests_edges import (
 from tests_gallery import (
     ImageHeaderTests, ImageHeaderToolTests, GalleryPureTests, GalleryNamesServerTests,
     GalleryServerTests,
-    GalleryValidatorServerTests, ErrorPageServerTests, HtmlPagePolicyTests, GalleryInProcessTests)  # noqa: F401
+    GalleryValidatorServerTests, ErrorPageServerTests, HtmlPagePolicyTests, GalleryInProcessTests,
+    PageEncodingPureTests, PageEncodingServerTests)  # noqa: F401
 from tests_download import (
     ZipLayoutTests, ZipServerTests, ZipLimitTests, ZipOffTests, SparseZip64Tests, ZipOverTLSTests,
     ThumbnailerPureTests, ThumbnailerServerTests, ZipEntryGoneTests, ThumbnailerCacheGoneTests,

@@ -1319,6 +1319,8 @@ class ResponseHeadTests(SharedAgentTestCase):
             ('index.html', req('/site/'), False),
             ('gallery', req('/gal/'), False),
             ('gallery HEAD', req('/gal/', method='HEAD'), True),
+            ('gallery gzip', req('/gal/', 'Accept-Encoding: gzip, deflate, br'), False),
+            ('gallery gzip HEAD', req('/gal/', 'Accept-Encoding: gzip', method='HEAD'), True),
             ('gallery JSON', req('/gal/?format=json'), False),
             ('gallery Accept JSON', req('/gal/', 'Accept: application/json'), False),
             ('gallery 304', req('/gal/', 'If-None-Match: ' + self.validator('/gal/')), False),
