@@ -1,0 +1,114 @@
+"""Outside probing, round two (bench/probe_starve.py): one client must not starve the others,
+however many connections it opens and whatever it asks for.
+"""
+
+import os
+import re
+import selectors
+import socket
+import unittest
+from unittest import mock
+
+# testlib first: it puts the repository and bench/ on sys.path.
+import testlib
+from testlib import edge_worker, write_file
+import agent
+from harness import raw_request
+
+
+@testlib.unit
+class ClientTurnTests(unittest.TestCase):
+    """A worker's loop turn is shared by clients, not by connections: a client's connections
+    together get one turn's time (TURN_TIME) a loop turn, and a connection's turn ends at that
+    time whatever it is doing, pieces of a response included (a zip of many small files).
+    Before: each connection had its own turn, so four connections of one client pipelining
+    gallery pages (bench/probe_starve.py gallery_varying) held a worker four times as long as
+    one, and a zip of 5,000 small files went out in one turn (zip_flood: another client's p99
+    0.99 s).  A worker in this process, connections over socketpairs, driven a turn at a time."""
+
+    def setUp(self):
+        self.worker, self.root = edge_worker(self)
+        write_file(self.root, 'a.jpg', b'a' * 10)
+        write_file(self.root, 'b.jpg', b'b' * 20)
+        os.mkdir(os.path.join(self.root, 'many'))
+        for i in range(50):
+            write_file(self.root, 'many/p%02d.jpg' % i, b'x' * (i + 1))
+
+    def connect(self, peer):
+        server_end, client = socket.socketpair()
+        self.addCleanup(client.close)
+        self.addCleanup(server_end.close)
+        server_end.setblocking(False)
+        client.setblocking(False)
+        conn = agent.Connection(server_end, peer, self.worker)
+        self.worker.conns.add(conn)
+        return conn, client
+
+    def received(self, client):
+        got = b''
+        try:
+            while True:
+                chunk = client.recv(1 << 20)
+                if not chunk:
+                    break
+                got += chunk
+        except BlockingIOError:
+            pass
+        return got
+
+    def test_a_clients_connections_share_one_turn_and_each_has_its_own_in_order(self):
+        with mock.patch.object(agent, 'TURN_TIME', 0.0):       # every request fills a turn
+            floods = [self.connect('192.0.2.1') for _ in range(4)]
+            other, other_client = self.connect('192.0.2.2')
+            for _, client in floods:
+                client.sendall(raw_request('/a.jpg') * 3)
+            other_client.sendall(raw_request('/b.jpg'))
+            for conn, _ in floods:
+                conn.on_event(selectors.EVENT_READ)
+            other.on_event(selectors.EVENT_READ)
+            answered = [self.received(client).count(b'HTTP/1.1 200 OK') for _, client in floods]
+            self.assertEqual(sum(answered), 1, 'one client, four connections: %s answers in one turn' % answered)
+            self.assertTrue(self.received(other_client).startswith(b'HTTP/1.1 200 OK'),
+                            'another client waited for the first one')
+            turns = 0
+            first_answer = {0: 0} if answered[0] else {}
+            while sum(answered) < 12 and turns < 40:
+                turns += 1
+                self.worker.run_deferred()
+                got = [self.received(client).count(b'HTTP/1.1 200 OK') for _, client in floods]
+                self.assertLessEqual(sum(got), 1, 'turn %d answered %s' % (turns, got))
+                for i, count in enumerate(got):
+                    if count:
+                        first_answer.setdefault(i, turns)
+                    answered[i] += count
+            self.assertEqual(answered, [3, 3, 3, 3])
+            # Round robin among the client's own connections: none waits for the others' ends.
+            self.assertEqual(sorted(first_answer.values()), [0, 1, 2, 3])
+            for conn, _ in floods:
+                self.assertEqual((conn.state, conn.inbuf, conn.queued), (agent.READING, b'', False))
+
+    def test_a_response_of_many_pieces_yields_within_its_turn(self):
+        conn, client = self.connect('192.0.2.1')
+        client.sendall(raw_request('/many/?download=zip'))
+        with mock.patch.object(agent, 'TURN_TIME', 0.0):
+            conn.on_event(selectors.EVENT_READ)
+            first = self.received(client)
+            self.assertTrue(first.startswith(b'HTTP/1.1 200 OK'), first[:80])
+            self.assertTrue(conn.queued, 'a zip of 50 files went out in one turn')
+            body = first.split(b'\r\n\r\n', 1)[1]
+            length = int(re.search(rb'Content-Length: (\d+)', first).group(1))
+            turns = 0
+            while conn.state == agent.SENDING and turns < 1000:
+                turns += 1
+                self.worker.run_deferred()
+                body += self.received(client)
+        self.assertGreater(turns, 10)
+        self.assertEqual(len(body), length)
+        import io
+        import zipfile
+        names = zipfile.ZipFile(io.BytesIO(body)).namelist()
+        self.assertEqual(len(names), 51)
+
+
+if __name__ == '__main__':
+    unittest.main()
