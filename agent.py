@@ -284,6 +284,12 @@ SEND_BUDGET = 8 << 20           # bytes one connection may send per loop iterati
 # ms over the same runs).  The runs are noisy, but a share of a few to a few tens of requests
 # is what matters; 16 takes a quarter of the loop turns that 4 does, and 16 cached requests
 # (50-250 us each, loaded) come close to TURN_TIME, which bounds a turn of costly ones.
+# TURN_TIME is a client's, not a connection's: the connections of one address share it (the
+# ready list's accounts, ReadyList), so that opening more connections buys no more of a worker;
+# and a turn ends at it whatever it is doing, the pieces of a response (a zip's entries) too.
+# bench/probe_starve.py: 8 connections of one client pipelining gallery pages of a 5,000-file
+# folder, each page built anew, took another client's p99 to 0.69 s; 4 downloads of that
+# folder as a zip (5,000 small files, each a piece, and bytes too few for SEND_BUDGET), 0.99 s.
 TURN_REQUESTS = 16
 TURN_TIME = 0.002
 TLS_CHUNK = 65536               # file bytes read and written per SSL write (four TLS records)
@@ -4304,7 +4310,7 @@ class Connection:
 
     __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'reply', 'keep_alive',
                  'deadline', 'idle_since', 'events', 'started', 'registered', 'version', 'last',
-                 'queued', 'client', 'proxy_header')
+                 'queued', 'client', 'proxy_header', 'turn_ends')
 
     redirect = False            # a RedirectConnection answers every request with a 301
 
@@ -4330,34 +4336,47 @@ class Connection:
         self.registered = False
         self.started = False        # bytes of a request have arrived since the last response
         self.queued = False         # on the worker's ready list: resume() is its next turn
+        self.turn_ends = 0.0        # when this turn ends: TURN_TIME less its client's other turns'
 
     def on_event(self, mask):
         if self.queued:
             return              # it has work left from its last turn, and waits for its turn
-        try:
-            if self.state == SENDING:
-                self.send()
-                if self.state == READING and (self.inbuf or self.discard):
-                    self.process()      # pipelined requests that waited for this response
-            elif self.state == READING:
-                self.receive()
-            elif self.state == LINGERING:
-                self.linger()
-        except Exception as exc:
-            self.fail(exc)
+        self.turn(False)
 
     def resume(self):
         """Its turn again, from the worker's ready list: the file it was sending, or the
         pipelined requests it had to leave.  Readiness is not an epoll event here: those
         bytes are already read (or held by OpenSSL), and no packet may ever come to say so."""
         self.queued = False
+        self.turn(True)
+
+    def turn(self, resumed):
+        """A turn of this connection (an epoll event, or resumed from the ready list), in the
+        time its client has left of the loop turn (TURN_TIME, shared by its connections: the
+        ready list's accounts), and charged to it.  A client whose time is spent waits on the
+        ready list for the next loop turn, whatever its connection was about to do."""
+        ready = self.worker.deferred
+        client = self.client
+        started = time.monotonic()
+        self.turn_ends = ready.turn_ends(client, started)
         try:
             if self.state == SENDING:
-                self.on_event(selectors.EVENT_WRITE)
-            elif self.state == READING and self.inbuf:
-                self.process()
+                if started >= self.turn_ends and ready.had_turn(client):
+                    self.worker.defer(self, skipped=True)
+                else:
+                    self.send()
+                if self.state == READING and (self.inbuf or self.discard):
+                    self.process()      # pipelined requests that waited for this response
+            elif self.state == READING:
+                if not resumed:
+                    self.receive()
+                elif self.inbuf:
+                    self.process()
+            elif self.state == LINGERING and not resumed:
+                self.linger()
         except Exception as exc:
             self.fail(exc)
+        ready.charge(client, time.monotonic() - started)
 
     def fail(self, exc):
         log('worker: unexpected error on a connection from %s:' % self.peer, priority=LOG_ERR, exc=exc)
@@ -4417,17 +4436,18 @@ class Connection:
 
     def process(self):
         """Answer the complete requests in inbuf, in order, until one has to wait or this
-        connection has had its share of the loop turn (TURN_REQUESTS, TURN_TIME): then the rest
+        connection has had its share of the loop turn (TURN_REQUESTS, and its client's
+        TURN_TIME: none at all when the client's other connections spent it): then the rest
         waits on the worker's ready list."""
         worker = self.worker
         responder = worker.responder
         reply = self.reply
         budget = TURN_REQUESTS
-        ends = time.monotonic() + TURN_TIME
         while self.state == READING:
-            if budget == 0 or budget < TURN_REQUESTS and time.monotonic() >= ends:
+            if budget == 0 or time.monotonic() >= self.turn_ends and (
+                    budget < TURN_REQUESTS or worker.deferred.had_turn(self.client)):
                 if self.inbuf:
-                    worker.defer(self)
+                    worker.defer(self, skipped=budget == TURN_REQUESTS)
                 return
             budget -= 1
             req, self.inbuf, self.discard, self.last = frame(self.inbuf, self.discard,
@@ -4506,6 +4526,7 @@ class Connection:
                 if reply.out:
                     n = sock.send(reply.out, socket.MSG_MORE if reply.remaining or reply.pieces else 0)
                     reply.out = reply.out[n:]
+                    budget -= n
                     if reply.out:
                         return self.wait_writable()
                 while reply.remaining:
@@ -4518,11 +4539,14 @@ class Connection:
                     reply.remaining -= n
                     reply.sent += n
                     budget -= n
-                    if budget <= 0 and (reply.remaining or reply.pieces):
+                    if (budget <= 0 or time.monotonic() >= self.turn_ends) and (reply.remaining or reply.pieces):
                         self.worker.defer(self)     # let the other connections have a turn
                         return
                 if not reply.pieces:
                     break
+                if budget < SEND_BUDGET and time.monotonic() >= self.turn_ends:
+                    self.worker.defer(self)         # pieces cost time, whatever their bytes
+                    return
                 piece = reply.pieces.pop(0)
                 if piece is None:                   # a zip reading CRCs: the others' turn first
                     self.worker.defer(self)
@@ -4758,6 +4782,7 @@ class TLSConnection(Connection):
     def on_event(self, mask):
         if self.state != HANDSHAKE:
             return Connection.on_event(self, mask)
+        self.turn_ends = self.worker.deferred.turn_ends(self.client, time.monotonic())   # its first request's
         try:
             self.handshake()
         except Exception as exc:
@@ -4936,6 +4961,9 @@ class TLSConnection(Connection):
                     if not reply.remaining:
                         if not reply.pieces:
                             break
+                        if budget < SEND_BUDGET and time.monotonic() >= self.turn_ends:
+                            self.worker.defer(self)     # pieces cost time, whatever their bytes
+                            return
                         piece = reply.pieces.pop(0)     # a part head
                         if piece is None:               # a zip reading CRCs: the others' turn first
                             self.worker.defer(self)
@@ -4955,7 +4983,7 @@ class TLSConnection(Connection):
                 n = sock.send(reply.out[:TLS_CHUNK])
                 reply.out = reply.out[n:]
                 budget -= n
-                if budget <= 0 and (reply.out or reply.remaining or reply.pieces):
+                if (budget <= 0 or time.monotonic() >= self.turn_ends) and (reply.out or reply.remaining or reply.pieces):
                     self.worker.defer(self)     # let the other connections have a turn
                     return
         except ssl.SSLWantWriteError:
@@ -6649,6 +6677,49 @@ class LoadShare:
         return live > 1 and count > (sum(values) - live) / live + 1
 
 
+class ReadyList:
+    """A worker's ready list: the connections with work left when their turn ended, resumed
+    at the end of the next loop turn (no new packet may ever come for them); and the turn's
+    accounts, the time each client's connections took (a client is its address, Connection.client).
+
+    A client has TURN_TIME of each loop turn, whatever the number of its connections: the first
+    of them to take a turn has it, the others the rest of it, and the ones that find it spent
+    wait here (skipped), ahead of the ones that had a turn, so that a client's connections take
+    their turns round robin.  The accounts begin again at each run(): a client's time is that
+    of the ready list's run and of the next select()'s events."""
+
+    __slots__ = ('served', 'skipped', 'times')
+
+    def __init__(self):
+        self.served = []        # had a turn and have work left, in the order they had it
+        self.skipped = []       # found their client's time spent: first at the next run()
+        self.times = {}         # client -> seconds its connections took in this loop turn
+
+    def __bool__(self):
+        return bool(self.served or self.skipped)
+
+    def add(self, conn, skipped=False):
+        (self.skipped if skipped else self.served).append(conn)
+
+    def run(self):
+        waiting = self.skipped + self.served if self.skipped else self.served
+        self.served, self.skipped = [], []
+        self.times.clear()
+        for conn in waiting:
+            if conn.queued:                 # not closed meanwhile
+                conn.resume()
+
+    def turn_ends(self, client, now):
+        """When a turn of client's that begins now ends: TURN_TIME less what it took already."""
+        return now + TURN_TIME - self.times.get(client, 0.0)
+
+    def had_turn(self, client):
+        return client in self.times
+
+    def charge(self, client, seconds):
+        self.times[client] = self.times.get(client, 0.0) + seconds
+
+
 class Clock:
     """The time, read once a loop iteration (read()) and shared by everything the loop drives:
     `now` (monotonic, for deadlines), `wall` (whole seconds), and what changes with it once a
@@ -6881,10 +6952,10 @@ class Worker:
 
     The loop, on one screen in serve(): wait for events (at most until the next second),
     dispatch each to its callback, then the ready list (the connections that had their share of
-    the turn with work left: SEND_BUDGET, TURN_REQUESTS; no wait while it holds any), once a
-    second the timeouts, and the access-log lines.  What it drives has its own object: the
-    Clock, the Acceptor (new connections), each Connection, the Responder (a request to a
-    response) and the AccessLog.
+    the turn with work left: SEND_BUDGET, TURN_REQUESTS, their client's TURN_TIME; no wait while
+    it holds any: ReadyList), once a second the timeouts, and the access-log lines.  What it
+    drives has its own object: the Clock, the Acceptor (new connections), each Connection, the
+    Responder (a request to a response) and the AccessLog.
     """
 
     def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
@@ -6900,7 +6971,7 @@ class Worker:
         self.lifeline = lifeline
         self.selector = selectors.DefaultSelector()
         self.conns = set()
-        self.deferred = []              # the ready list (defer, run_deferred)
+        self.deferred = ReadyList()     # the ready list, and the loop turn's accounts (defer, run_deferred)
         self.signals = []
         self.draining = False
         self.drain_deadline = None
@@ -6928,8 +6999,7 @@ class Worker:
             clock.read()
             for key, mask in events:
                 key.data(mask)
-            if self.deferred:
-                self.run_deferred()
+            self.run_deferred()             # and the loop turn ends
             if self.signals:
                 self.handle_signals()
             if clock.now >= next_tick:
@@ -6983,18 +7053,17 @@ class Worker:
         if not self.draining:
             self.acceptor.publish(len(self.conns))
 
-    def defer(self, conn):
+    def defer(self, conn, skipped=False):
         """Put conn on the ready list: it has had its share of this turn (SEND_BUDGET,
-        TURN_REQUESTS) and has more to do; the next select() does not wait while it waits."""
+        TURN_REQUESTS, its client's TURN_TIME), or none (skipped: its client's other connections
+        spent it), and has more to do; the next select() does not wait while it waits."""
         if not conn.queued:
             conn.queued = True
-            self.deferred.append(conn)
+            self.deferred.add(conn, skipped)
 
     def run_deferred(self):
-        deferred, self.deferred = self.deferred, []
-        for conn in deferred:
-            if conn.queued:                 # not closed meanwhile
-                conn.resume()
+        """The ready list's turn, with which every client has its time again (ReadyList)."""
+        self.deferred.run()
 
     # -- signals and the master --
 
