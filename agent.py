@@ -3486,7 +3486,10 @@ def gallery_json(url_path, listing, infos=None, covers=None, made=False):
 # A page built from a directory (the gallery's HTML or JSON) is kept PAGE_TTL seconds: the
 # same page asked again (a HEAD, a reload, a pipeline of them) costs a lookup, where a folder
 # of 5,000 files costs a scan, a sort and 200 entries of HTML (about 20 ms).  A change inside
-# the directory shows within PAGE_TTL (a file replaced in place, its size or date); an entry
+# the directory shows within PAGE_TTL (a file replaced in place, its size or date; within two
+# on a page sorted by size or date: such pages are cut from every entry's stat, which is kept
+# PAGE_TTL too, as a stat of 5,000 entries costs 75-100 ms, and bench/probe_starve.py's client
+# asking for every sort and page of such a folder held a worker that long a request); an entry
 # added, removed or renamed changes the directory's stamps, so the key, and shows at once
 # (unless it lands in the same tick of the file system's clock as the page's build).
 PAGE_TTL = 1.0
@@ -6457,9 +6460,15 @@ class Responder:
         stat()ed (all of them to sort by date or size)."""
         catalog = self.catalog(fd, path, url_path, dir_st)
         dates = None
-        if sort != 'name':                 # every entry's stat, in the catalog's order
-            catalog = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
-                                     catalog.images, catalog.files, catalog.unlisted, catalog.videos)
+        if sort != 'name':                 # every entry's stat, in the catalog's order: kept PAGE_TTL
+            key = ('stats', path, url_path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns,
+                   dir_st.st_ctime_ns, self.own_files.added)
+            stated = self.pages.until(key, self.clock.now)
+            if stated is None:
+                stated = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
+                                        catalog.images, catalog.files, catalog.unlisted, catalog.videos)
+                self.pages.store(key, (self.clock.now + PAGE_TTL, stated), CATALOG_ENTRY_BYTES * len(stated.entries))
+            catalog = stated
         if sort == 'date':                 # and every photo's date taken, kept as the catalog is
             key = ('dates', path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)
             dates = self.pages.until(key, self.clock.now)
