@@ -6,6 +6,7 @@ import os
 import re
 import selectors
 import socket
+import tempfile
 import unittest
 from unittest import mock
 
@@ -142,6 +143,27 @@ class CostlyPageTests(unittest.TestCase):
             self.worker.clock.now += agent.PAGE_TTL
             self.page('sort=size&page=2')
             self.assertEqual(entries_stated(), 3 * agent.GALLERY_PAGE_SIZE)
+
+
+class ThumbnailerPriorityTests(unittest.TestCase):
+    """A thumbnailer run (?thumb of a picture with no embedded thumbnail) is a child of the
+    worker that may take a whole CPU for seconds, THUMB_SLOTS of them at once: they run at a
+    lower priority (THUMB_NICE), so that the workers' requests go first.  Before: at the
+    workers' own, and a client asking for the ?thumb of 200 new pictures (bench/probe_starve.py
+    thumb_flood) took another client's p99 from 2 to 33-120 ms on two CPUs."""
+
+    def test_a_run_is_niced_below_its_worker(self):
+        out = os.path.join(tempfile.mkdtemp(prefix='agent-nice-'), 'nice')
+        self.addCleanup(testlib.remove_tree, os.path.dirname(out))
+        # Field 19 of /proc/PID/stat is the nice value; the shell's is the run's (exec keeps it).
+        pid = agent.spawn_limited(['/bin/sh', '-c', 'cut -d " " -f 19 /proc/$$/stat > %s' % out])
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        with open(out) as f:
+            niceness = int(f.read())
+        worker = os.getpriority(os.PRIO_PROCESS, 0)
+        self.assertGreater(niceness, worker, 'a thumbnailer run at its worker\'s priority')
+        self.assertEqual(niceness, min(19, worker + agent.THUMB_NICE))
 
 
 if __name__ == '__main__':
