@@ -3879,7 +3879,7 @@ def rotation_of(name, base):
 #
 # Each run: a child of the worker (fork and exec, watched from the loop's tick with WNOHANG,
 # never waited for), in a session of its own, as the worker's user, under RLIMIT_CPU and
-# RLIMIT_AS, killed at THUMB_TIME and when its worker dies (PR_SET_PDEATHSIG).  At most
+# RLIMIT_AS, at THUMB_NICE, killed at THUMB_TIME and when its worker dies (PR_SET_PDEATHSIG).  At most
 # THUMB_SLOTS runs at once in all the workers together: a slot is a lock file in the cache,
 # flock()ed without blocking (no slot free: the original, and another try at a later request);
 # the kernel frees a dead worker's slot with its descriptors, so the master keeps no count.
@@ -3898,6 +3898,8 @@ THUMB_TIME = 30.0               # seconds of wall time a run may take, then SIGK
 THUMB_CPU = 20                  # RLIMIT_CPU of a run, seconds
 THUMB_MEMORY = 2 << 30          # RLIMIT_AS of a run, bytes (a 50-megapixel photo fits)
 THUMB_SLOTS = 2                 # runs at once, all workers together
+THUMB_NICE = 10                 # added to a run's nice value: a worker's requests go first (a run
+                                # may take a CPU for seconds; bench/probe_starve.py thumb_flood)
 THUMB_MAX_BYTES = 1 << 20       # a made thumbnail larger than this is not served (not one)
 THUMB_SWEEP = 500               # cache entries looked at per sweep
 THUMB_SWEEP_EVERY = 60.0        # seconds between a worker's sweeps
@@ -4243,13 +4245,15 @@ class Thumbnails:
 
 def spawn_limited(argv):
     """Start argv as a child of this worker: a session of its own, stdin, stdout and stderr on
-    /dev/null, no other descriptor, the rlimits of a run, killed if this worker dies.  Its pid."""
+    /dev/null, no other descriptor, the rlimits and the nice value of a run, killed if this
+    worker dies.  Its pid."""
     pid = os.fork()
     if pid:
         return pid
     try:                                    # the child: nothing here may return
         os.setsid()
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        os.nice(THUMB_NICE)
         resource.setrlimit(resource.RLIMIT_CPU, (THUMB_CPU, THUMB_CPU))
         resource.setrlimit(resource.RLIMIT_AS, (THUMB_MEMORY, THUMB_MEMORY))
         null = os.open('/dev/null', os.O_RDWR)
