@@ -166,5 +166,27 @@ class ThumbnailerPriorityTests(unittest.TestCase):
         self.assertEqual(niceness, min(19, worker + agent.THUMB_NICE))
 
 
+@testlib.unit
+class GuessBlockTests(unittest.TestCase):
+    """Failed logins are counted by client, and an IPv6 client is its /64 (the block one host
+    or one subscriber line is given, RFC 6177): otherwise each of its 2^64 addresses had
+    GUESS_LIMIT guesses of its own, each a scrypt check of 50-100 ms in a worker's loop
+    (bench/probe_starve.py auth_many_addr, 64 addresses: another client's p99 0.9 -> 183 ms)."""
+
+    def test_the_addresses_of_one_ipv6_64_share_a_count(self):
+        table = agent.GuessTable()
+        for i in range(agent.GUESS_LIMIT):
+            table.failed('2001:db8:1:2::%x' % (i + 1), 100.0)
+        self.assertEqual(table.blocked('2001:db8:1:2:ffff::9', 100.0), agent.GUESS_BLOCK + 1)
+        self.assertEqual(table.blocked('2001:db8:1:3::1', 100.0), 0)            # another /64
+        for i in range(agent.GUESS_LIMIT):
+            table.failed('192.0.2.%d' % (i + 1), 100.0)
+        self.assertEqual(table.blocked('192.0.2.99', 100.0), 0)                 # IPv4: by address
+        self.assertEqual(table.blocked('192.0.2.1', 100.0), 0)
+        for _ in range(agent.GUESS_LIMIT - 1):
+            table.failed('192.0.2.1', 100.0)
+        self.assertEqual(table.blocked('192.0.2.1', 100.0), agent.GUESS_BLOCK + 1)
+
+
 if __name__ == '__main__':
     unittest.main()
