@@ -5772,9 +5772,11 @@ class GuessTable:
     """Failed logins by client address, in memory the master maps before it forks (shared by
     every worker, so a limit of GUESS_LIMIT is not one per worker), of a fixed size.
 
-    Each slot is (tag, failures, time of the last one): an address hashes (keyed BLAKE2b, the
-    key made at start, so no one can choose addresses that collide) to GUESS_PROBES slots in a
-    row; it takes its own, else a free one, else the one whose last failure is oldest.  So the
+    A client is its address, an IPv6 one its /64: the block a host or a subscriber line is
+    given (RFC 6177), whose 2^64 addresses would otherwise have GUESS_LIMIT guesses each, each a
+    scrypt check in a worker's loop.  Each slot is (tag, failures, time of the last one): a
+    client hashes (keyed BLAKE2b, the key made at start, so no one can choose addresses that
+    collide) to GUESS_PROBES slots in a row; it takes its own, else a free one, else the one whose last failure is oldest.  So the
     memory is GUESS_SLOTS * 16 bytes whatever the number of addresses; an attack from more
     addresses than slots only evicts counts sooner.  Workers write without a lock: two that
     count at once may lose one failure now and then, never more.
@@ -5787,7 +5789,9 @@ class GuessTable:
         self.key = os.urandom(16) if key is None else key
 
     def slots(self, address):
-        digest = hashlib.blake2b(address.encode('utf-8', 'replace'), digest_size=8, key=self.key).digest()
+        packed = packed_address(address)
+        client = packed[:8] if packed is not None and len(packed) == 16 else address.encode('utf-8', 'replace')
+        digest = hashlib.blake2b(client, digest_size=8, key=self.key).digest()
         start, tag = struct.unpack('=II', digest)
         return [(start + i) % GUESS_SLOTS for i in range(GUESS_PROBES)], tag | 1
 
