@@ -5776,9 +5776,9 @@ class GuessTable:
     given (RFC 6177), whose 2^64 addresses would otherwise have GUESS_LIMIT guesses each, each a
     scrypt check in a worker's loop.  Each slot is (tag, failures, time of the last one): a
     client hashes (keyed BLAKE2b, the key made at start, so no one can choose addresses that
-    collide) to GUESS_PROBES slots in a row; it takes its own, else a free one, else the one whose last failure is oldest.  So the
-    memory is GUESS_SLOTS * 16 bytes whatever the number of addresses; an attack from more
-    addresses than slots only evicts counts sooner.  Workers write without a lock: two that
+    collide) to GUESS_PROBES slots in a row; it takes its own, else a free one, else the one
+    whose last failure is oldest.  So the memory is GUESS_SLOTS * 16 bytes whatever the number
+    of addresses; an attack from more clients than slots only evicts counts sooner.  Workers write without a lock: two that
     count at once may lose one failure now and then, never more.
     """
 
