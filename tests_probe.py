@@ -88,6 +88,18 @@ class ClientTurnTests(unittest.TestCase):
             for conn, _ in floods:
                 self.assertEqual((conn.state, conn.inbuf, conn.queued), (agent.READING, b'', False))
 
+    def test_an_ipv6_client_is_its_64(self):
+        """Four addresses of one /64 (one host's, RFC 6177) are one client; another /64 is not."""
+        with mock.patch.object(agent, 'TURN_TIME', 0.0):
+            floods = [self.connect('2001:db8:1:2::%x' % (i + 1)) for i in range(4)]
+            other, other_client = self.connect('2001:db8:1:3::1')
+            for conn, client in floods + [(other, other_client)]:
+                client.sendall(raw_request('/a.jpg') * 2)
+                conn.on_event(selectors.EVENT_READ)
+            answered = [self.received(client).count(b'HTTP/1.1 200 OK') for _, client in floods]
+            self.assertEqual(sum(answered), 1, 'one /64, four addresses: %s answers in one turn' % answered)
+            self.assertEqual(self.received(other_client).count(b'HTTP/1.1 200 OK'), 1)
+
     def test_a_response_of_many_pieces_yields_within_its_turn(self):
         conn, client = self.connect('192.0.2.1')
         client.sendall(raw_request('/many/?download=zip'))
