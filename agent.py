@@ -284,9 +284,10 @@ SEND_BUDGET = 8 << 20           # bytes one connection may send per loop iterati
 # ms over the same runs).  The runs are noisy, but a share of a few to a few tens of requests
 # is what matters; 16 takes a quarter of the loop turns that 4 does, and 16 cached requests
 # (50-250 us each, loaded) come close to TURN_TIME, which bounds a turn of costly ones.
-# TURN_TIME is a client's, not a connection's: the connections of one address share it (the
-# ready list's accounts, ReadyList), so that opening more connections buys no more of a worker;
-# and a turn ends at it whatever it is doing, the pieces of a response (a zip's entries) too.
+# TURN_TIME is a client's, not a connection's: the connections of one address (of one /64 for
+# IPv6: client_block) share it (the ready list's accounts, ReadyList), so that opening more
+# connections, or using more addresses of one host, buys no more of a worker; and a turn ends
+# at it whatever it is doing, the pieces of a response (a zip's entries) too.
 # bench/probe_starve.py: 8 connections of one client pipelining gallery pages of a 5,000-file
 # folder, each page built anew, took another client's p99 to 0.69 s; 4 downloads of that
 # folder as a zip (5,000 small files, each a piece, and bytes too few for SEND_BUDGET), 0.99 s.
@@ -1271,6 +1272,17 @@ def packed_address(text):
         return socket.inet_pton(socket.AF_INET6 if ':' in text else socket.AF_INET, text)
     except (OSError, ValueError):
         return None
+
+
+def client_block(address):
+    """Who an address is, as one client: the address itself (a str), or an IPv6 address's /64
+    (its first 8 bytes), the block one host or one subscriber line is given (RFC 6177), whose
+    2^64 addresses are one client's.  What a loop turn's time (ReadyList) and the count of
+    failed logins (GuessTable) are kept by."""
+    if ':' not in address:
+        return address
+    packed = packed_address(address)
+    return address if packed is None else packed[:8]
 
 
 def client_address(packed):
@@ -4363,7 +4375,7 @@ class Connection:
         ready list's accounts), and charged to it.  A client whose time is spent waits on the
         ready list for the next loop turn, whatever its connection was about to do."""
         ready = self.worker.deferred
-        client = self.client
+        client = client_block(self.client)
         started = time.monotonic()
         self.turn_ends = ready.turn_ends(client, started)
         try:
@@ -4452,7 +4464,7 @@ class Connection:
         budget = TURN_REQUESTS
         while self.state == READING:
             if budget == 0 or time.monotonic() >= self.turn_ends and (
-                    budget < TURN_REQUESTS or worker.deferred.had_turn(self.client)):
+                    budget < TURN_REQUESTS or worker.deferred.had_turn(client_block(self.client))):
                 if self.inbuf:
                     worker.defer(self, skipped=budget == TURN_REQUESTS)
                 return
@@ -4546,7 +4558,8 @@ class Connection:
                     reply.remaining -= n
                     reply.sent += n
                     budget -= n
-                    if (budget <= 0 or time.monotonic() >= self.turn_ends) and (reply.remaining or reply.pieces):
+                    if (budget <= 0 or time.monotonic() >= self.turn_ends) and (
+                            reply.remaining or reply.pieces):
                         self.worker.defer(self)     # let the other connections have a turn
                         return
                 if not reply.pieces:
@@ -4789,7 +4802,7 @@ class TLSConnection(Connection):
     def on_event(self, mask):
         if self.state != HANDSHAKE:
             return Connection.on_event(self, mask)
-        self.turn_ends = self.worker.deferred.turn_ends(self.client, time.monotonic())   # its first request's
+        self.turn_ends = self.worker.deferred.turn_ends(client_block(self.client), time.monotonic())
         try:
             self.handshake()
         except Exception as exc:
@@ -4990,7 +5003,8 @@ class TLSConnection(Connection):
                 n = sock.send(reply.out[:TLS_CHUNK])
                 reply.out = reply.out[n:]
                 budget -= n
-                if (budget <= 0 or time.monotonic() >= self.turn_ends) and (reply.out or reply.remaining or reply.pieces):
+                if (budget <= 0 or time.monotonic() >= self.turn_ends) and (
+                        reply.out or reply.remaining or reply.pieces):
                     self.worker.defer(self)     # let the other connections have a turn
                     return
         except ssl.SSLWantWriteError:
@@ -5772,14 +5786,14 @@ class GuessTable:
     """Failed logins by client address, in memory the master maps before it forks (shared by
     every worker, so a limit of GUESS_LIMIT is not one per worker), of a fixed size.
 
-    A client is its address, an IPv6 one its /64: the block a host or a subscriber line is
-    given (RFC 6177), whose 2^64 addresses would otherwise have GUESS_LIMIT guesses each, each a
-    scrypt check in a worker's loop.  Each slot is (tag, failures, time of the last one): a
-    client hashes (keyed BLAKE2b, the key made at start, so no one can choose addresses that
-    collide) to GUESS_PROBES slots in a row; it takes its own, else a free one, else the one
-    whose last failure is oldest.  So the memory is GUESS_SLOTS * 16 bytes whatever the number
-    of addresses; an attack from more clients than slots only evicts counts sooner.  Workers write without a lock: two that
-    count at once may lose one failure now and then, never more.
+    A client is its address, an IPv6 one its /64 (client_block), whose 2^64 addresses would
+    otherwise have GUESS_LIMIT guesses each, each a scrypt check in a worker's loop.  Each slot
+    is (tag, failures, time of the last one): a client hashes (keyed BLAKE2b, the key made at
+    start, so no one can choose addresses that collide) to GUESS_PROBES slots in a row; it
+    takes its own, else a free one, else the one whose last failure is oldest.  So the memory
+    is GUESS_SLOTS * 16 bytes whatever the number of addresses; an attack from more clients
+    than slots only evicts counts sooner.  Workers write without a lock: two that count at
+    once may lose one failure now and then, never more.
     """
 
     SLOT = struct.Struct('=IId')
@@ -5789,8 +5803,9 @@ class GuessTable:
         self.key = os.urandom(16) if key is None else key
 
     def slots(self, address):
-        packed = packed_address(address)
-        client = packed[:8] if packed is not None and len(packed) == 16 else address.encode('utf-8', 'replace')
+        client = client_block(address)
+        if not isinstance(client, bytes):
+            client = client.encode('utf-8', 'replace')
         digest = hashlib.blake2b(client, digest_size=8, key=self.key).digest()
         start, tag = struct.unpack('=II', digest)
         return [(start + i) % GUESS_SLOTS for i in range(GUESS_PROBES)], tag | 1
@@ -6475,7 +6490,8 @@ class Responder:
             if stated is None:
                 stated = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
                                         catalog.images, catalog.files, catalog.unlisted, catalog.videos)
-                self.pages.store(key, (self.clock.now + PAGE_TTL, stated), CATALOG_ENTRY_BYTES * len(stated.entries))
+                self.pages.store(key, (self.clock.now + PAGE_TTL, stated),
+                                 CATALOG_ENTRY_BYTES * len(stated.entries))
             catalog = stated
         if sort == 'date':                 # and every photo's date taken, kept as the catalog is
             key = ('dates', path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)
@@ -6697,7 +6713,7 @@ class LoadShare:
 class ReadyList:
     """A worker's ready list: the connections with work left when their turn ended, resumed
     at the end of the next loop turn (no new packet may ever come for them); and the turn's
-    accounts, the time each client's connections took (a client is its address, Connection.client).
+    accounts, the time each client's connections took (a client: client_block of Connection.client).
 
     A client has TURN_TIME of each loop turn, whatever the number of its connections: the first
     of them to take a turn has it, the others the rest of it, and the ones that find it spent
