@@ -37,10 +37,9 @@ class ClientTurnTests(unittest.TestCase):
 
     def connect(self, peer):
         server_end, client = socket.socketpair()
-        self.addCleanup(client.close)
-        self.addCleanup(server_end.close)
-        server_end.setblocking(False)
-        client.setblocking(False)
+        for sock in (server_end, client):
+            sock.setblocking(False)
+            self.addCleanup(sock.close)
         conn = agent.Connection(server_end, peer, self.worker)
         self.worker.conns.add(conn)
         return conn, client
