@@ -199,5 +199,40 @@ class GuessBlockTests(unittest.TestCase):
         self.assertEqual(table.blocked('192.0.2.1', 100.0), agent.GUESS_BLOCK + 1)
 
 
+class CrowdingClientTests(unittest.TestCase):
+    """At the connection cap, a client holding more than half of it gives one up for a newcomer
+    (its longest idle, else the one waiting longest for its head, else its oldest response):
+    one client's slow heads (slowloris) no longer hold every place.  Before: with none idle,
+    the worker paused accepting until one ended, so one client's 500 connections trickling
+    their heads kept every other client out for --header-timeout, again and again
+    (bench/probe_starve.py conn_exhaust: no fresh request answered in 4 s)."""
+
+    def test_a_client_holding_the_cap_makes_room_for_another(self):
+        server = testlib.AgentServer(self, '--max-connections', '4', '--header-timeout', '60', workers=1).start()
+        server.write('c.jpg', b'C' * 100)
+        slow = []
+        for _ in range(6):                      # 4 accepted, 2 in the listen backlog
+            sock = server.connect(timeout=20)
+            self.addCleanup(sock.close)
+            sock.sendall(b'GET /c.jpg HTTP/1.1\r\n')     # a head that never ends
+            slow.append(sock)
+        other = socket.create_connection(('127.0.0.1', server.port), timeout=20,
+                                          source_address=('127.0.0.2', 0))
+        self.addCleanup(other.close)
+        other.sendall(raw_request('/c.jpg', 'Connection: close'))
+        got = b''
+        while True:
+            data = other.recv(65536)            # a socket.timeout fails the test: kept out
+            if not data:
+                break
+            got += data
+        self.assertTrue(got.startswith(b'HTTP/1.1 200 OK'), got[:80])
+        self.assertTrue(got.endswith(b'C' * 100))
+        # The crowding client lost its oldest connections, not the newest.
+        slow[0].settimeout(20)
+        self.assertEqual(slow[0].recv(1), b'')
+        server.stop()
+
+
 if __name__ == '__main__':
     unittest.main()

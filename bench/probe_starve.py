@@ -29,6 +29,8 @@ Attacks (--only NAME,NAME to pick):
   expect_hold      300 connections sending Expect: 100-continue with a Content-Length, no body
   half_closed      8 connections: 50 pipelined GETs of big.bin, shutdown(SHUT_WR), never read
   never_read       8 connections pipelining GETs of big.bin forever, never reading
+  conn_exhaust     with --max-connections 200: 500 connections each sending a request line,
+                   then a header line every 0.5 s (slowloris), more than both workers hold
 
     python3 bench/probe_starve.py                      # every attack, 4 s + 4 s each
     python3 bench/probe_starve.py --only auth_flood --seconds 6
@@ -57,6 +59,7 @@ HOST = '127.0.0.1'
 FILES = 5000
 BIG = 10 << 20
 PASSWORD = 'correct horse'
+CAP_CONNECTIONS = 200           # --max-connections of conn_exhaust's agent (per worker)
 
 
 def cpu_model():
@@ -220,6 +223,10 @@ def hold(port, count, end, step, first=b'', trickle=b'', source=None):
 
 def tls_slow_hello(ctx, end):
     hold(ctx.port, 300, end, 0.5, trickle=client_hello())
+
+
+def conn_exhaust(ctx, end):
+    hold(ctx.port, 2 * CAP_CONNECTIONS + 100, end, 0.5, first=b'GET /small.jpg HTTP/1.1\r\n', trickle=b'X-a: b\r\n')
 
 
 def tls_no_finish(ctx, end):
@@ -395,6 +402,7 @@ ATTACKS = [  # name, function, agent kind
     ('share_tokens', share_tokens, 'share'), ('tiny_headers', tiny_headers, 'plain'),
     ('chunked_ones', chunked_ones, 'plain'), ('expect_hold', expect_hold, 'plain'),
     ('half_closed', half_closed, 'plain'), ('never_read', never_read, 'plain'),
+    ('conn_exhaust', conn_exhaust, 'cap'),
 ]
 
 
@@ -415,6 +423,8 @@ def agent_options(kind, directory):
         subprocess.run([sys.executable, harness.AGENT, '--auth', path, 'passwd', 'alice'],
                        input=PASSWORD + '\n', text=True, check=True, capture_output=True)
         return ['--auth', path, '--allow-plain-auth']
+    if kind == 'cap':
+        return ['--max-connections', str(CAP_CONNECTIONS)]
     if kind == 'share':
         return ['--share-key', os.path.join(directory, 'share.key')]
     return []
