@@ -6863,8 +6863,9 @@ OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 class Acceptor:
     """Takes a worker's new connections from the shared listening sockets: how many a wake-up
     (all that are queued; one over the worker's LoadShare; TLS_ACCEPTS of TLS), the connection
-    cap (the longest-idle keep-alive connection makes room), and pauses: at the cap with none
-    idle, and out of descriptors.
+    cap (a client holding more than half of it makes room, else the longest-idle keep-alive
+    connection: Worker.crowding), and pauses: at the cap with none to close, and out of
+    descriptors.
 
     The listening sockets sit in an epoll instance of their own, with EPOLLEXCLUSIVE, and the
     loop's selector watches that instance.  A new connection then wakes one worker, not all of
@@ -6933,7 +6934,7 @@ class Acceptor:
                 return                      # over its share: one a wake-up (LoadShare)
             victim = None
             if len(loop.conns) >= loop.max_connections:
-                victim = loop.longest_idle()
+                victim = loop.crowding()
                 if victim is None:
                     self.stop(pause=0.1)    # the backlog holds them; others may take them
                     return
@@ -7079,6 +7080,21 @@ class Worker:
         idle = [conn for conn in self.conns if conn.idle()]
         return min(idle, key=lambda conn: conn.idle_since) if idle else None
 
+    def crowding(self):
+        """At the cap, the connection to close for a new one, or None (scans: only at the cap).
+        A client (client_block) holding more than half of the cap gives one up, whatever the
+        newcomer's client: its longest idle, else the one waiting longest for its request's head
+        (or handshake), else its oldest response; so one client's slow heads or slow reads
+        cannot hold every place.  Otherwise the longest-idle connection of any client."""
+        counts = {}
+        for conn in self.conns:
+            key = client_block(conn.client)
+            counts[key] = counts.get(key, 0) + 1
+        heaviest = max(counts, key=counts.get, default=None)
+        if heaviest is None or 2 * counts[heaviest] <= self.max_connections:
+            return self.longest_idle()
+        return min((conn for conn in self.conns if client_block(conn.client) == heaviest), key=eviction_order)
+
     def forget(self, conn):
         self.conns.discard(conn)
         if conn.registered:
@@ -7145,6 +7161,17 @@ class Worker:
         for conn in list(self.conns):
             if conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
                 conn.close()
+
+
+def eviction_order(conn):
+    """Which of a crowding client's connections goes first (Worker.crowding): idle ones, the
+    longest idle first; then those waiting for a request, the longest waiting (the earliest
+    header deadline) first; then responses in flight."""
+    if conn.idle():
+        return 0, conn.idle_since
+    if conn.state != SENDING and not conn.queued:
+        return 1, conn.deadline
+    return 2, conn.idle_since
 
 
 def accept_connection(listener, family):

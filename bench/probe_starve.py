@@ -3,10 +3,10 @@
 
 For each attack, an agent (2 workers, 127.0.0.1, --port 0, as `make smoke` runs it) serves a
 temporary root: small.jpg (1 KB), big.bin (10 MB), many/ (5,000 small files), photos/ (--photos
-distinct JPEGs, for ?thumb).  A well-behaved client in this process GETs /small.jpg every
---gap ms, on a fresh connection and on a kept-alive one in turn, and records the time to the
-whole response: first --seconds alone (the baseline), then --seconds while the attack runs in
-a separate process.  Printed per attack: p50/p99/max of both kinds of request, before and
+distinct JPEGs, for ?thumb).  A well-behaved client in this process, from 127.0.0.2 (the attacks
+come from 127.0.0.1, but auth_many_addr's), GETs /small.jpg every --gap ms, on a fresh
+connection and on a kept-alive one in turn, and records the time to the whole response: first
+--seconds alone (the baseline), then --seconds while the attack runs in a separate process.  Printed per attack: p50/p99/max of both kinds of request, before and
 during, and how many of the client's requests failed.
 
 Attacks (--only NAME,NAME to pick):
@@ -60,6 +60,7 @@ FILES = 5000
 BIG = 10 << 20
 PASSWORD = 'correct horse'
 CAP_CONNECTIONS = 200           # --max-connections of conn_exhaust's agent (per worker)
+VICTIM = '127.0.0.2'            # the well-behaved client's address; the attacks come from 127.0.0.1
 
 
 def cpu_model():
@@ -141,7 +142,7 @@ def victim(port, seconds, gap, tls, headers=()):
             if kind == 'kept' and kept is not None:
                 conn = kept
             else:
-                conn = harness.RawConn(sock=connect(port, tls), timeout=10)
+                conn = harness.RawConn(sock=connect(port, tls, VICTIM), timeout=10)
             conn.send(request)
             response = conn.response()
             if response.status != 200:
