@@ -180,8 +180,11 @@ Limits (flags in parentheses):
     header timeout           10 s (--header-timeout): the whole head must arrive in time
     idle keep-alive, stalled send   15 s (--timeout)
                              (timeouts are checked once a second: they end up to 1 s late)
-    connections per worker   4096 (--max-connections): the longest-idle keep-alive connection
-                             makes room; with none idle the worker stops accepting a while
+    connections per worker   4096 (--max-connections): a client holding more than half of
+                             them makes room, else the longest-idle keep-alive connection;
+                             with none to close the worker stops accepting a while
+    a client's share         its connections share one turn of a worker's loop (TURN_TIME;
+                             a client: its address, an IPv6 one its /64)
     request bodies           read and discarded up to 1 MiB; more is 413 and a close.  A
                              Content-Length body is dropped after the answer, a chunked one
                              (RFC 9112 section 7.1 to the letter, else 400; chunk-size lines
