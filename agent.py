@@ -3894,10 +3894,11 @@ def rotation_of(name, base):
 #
 # Each run: a child of the worker (fork and exec, watched from the loop's tick with WNOHANG,
 # never waited for), in a session of its own, as the worker's user, under RLIMIT_CPU and
-# RLIMIT_AS, at THUMB_NICE, killed at THUMB_TIME and when its worker dies (PR_SET_PDEATHSIG).  At most
-# THUMB_SLOTS runs at once in all the workers together: a slot is a lock file in the cache,
-# flock()ed without blocking (no slot free: the original, and another try at a later request);
-# the kernel frees a dead worker's slot with its descriptors, so the master keeps no count.
+# RLIMIT_AS, THUMB_NICE below the worker, killed at THUMB_TIME and when its worker dies
+# (PR_SET_PDEATHSIG).  At most THUMB_SLOTS runs at once in all the workers together: a slot is
+# a lock file in the cache, flock()ed without blocking (no slot free: the original, and another
+# try at a later request); the kernel frees a dead worker's slot with its descriptors, so the
+# master keeps no count.
 # Two workers asked for the same picture: the first to create its .part file (O_EXCL) makes it.
 #
 # The cache: one file per picture named from the file's validators (device, inode, size, mtime),
@@ -7008,7 +7009,7 @@ class Worker:
         self.lifeline = lifeline
         self.selector = selectors.DefaultSelector()
         self.conns = set()
-        self.deferred = ReadyList()     # the ready list, and the loop turn's accounts (defer, run_deferred)
+        self.deferred = ReadyList()     # the ready list and the turn's accounts (defer, run_deferred)
         self.signals = []
         self.draining = False
         self.drain_deadline = None
@@ -7036,7 +7037,7 @@ class Worker:
             clock.read()
             for key, mask in events:
                 key.data(mask)
-            self.run_deferred()             # and the loop turn ends
+            self.run_deferred()             # every client's time begins again (ReadyList)
             if self.signals:
                 self.handle_signals()
             if clock.now >= next_tick:
