@@ -18,8 +18,9 @@ Attacks (--only NAME,NAME to pick):
   range_flood      8 connections pipelining 200 GETs of 16 ranges of big.bin, reading all
   head_flood       8 connections pipelining 200 HEADs of /big.bin with Range, reading all
   zip_flood        4 connections each GETting /many/?download=zip again and again
-  gallery_varying  8 connections pipelining gallery pages of many/, every sort and format,
-                   with a query string that changes each time (?v=N)
+  gallery_varying  8 connections pipelining gallery pages of many/, by name and by size, every
+                   page and format, with a query string that changes each time (?v=N)
+  gallery_dates    the same by date taken (each photo's header read once per worker)
   thumb_flood      ?thumb of every photo, 4 connections (thumbnailer on)
   auth_flood       wrong passwords with --auth, from 127.0.0.1 only (the victim is logged in)
   auth_many_addr   wrong passwords from 64 addresses of 127.0.0.0/8 (one machine's)
@@ -34,6 +35,8 @@ Attacks (--only NAME,NAME to pick):
 
     python3 bench/probe_starve.py                      # every attack, 4 s + 4 s each
     python3 bench/probe_starve.py --only auth_flood --seconds 6
+    git show REV:agent.py > /tmp/old/agent.py; git show REV:daemon.py > /tmp/old/daemon.py
+    python3 bench/probe_starve.py --agent /tmp/old/agent.py      # the same probes, before
 
 Needs openssl (certificates) and, for thumb_flood, ImageMagick's convert.  Loopback only; every
 agent and attacker started here is stopped on exit, on error and on Ctrl-C.  Standard library.
@@ -319,19 +322,23 @@ def zip_flood(ctx, end):
     pipeline(ctx, end, harness.request_bytes('many/?download=zip'), depth=1, conns=4)
 
 
-def gallery_varying(ctx, end):
+def gallery_varying(ctx, end, sorts=('name', 'size')):
     counter = [0]
 
     def requests():
         out = []
         for _ in range(50):
             counter[0] += 1
-            sort = random.choice(['name', 'date', 'size'])
+            sort = random.choice(sorts)
             fmt = random.choice(['', '&format=json'])
             out.append(harness.request_bytes('many/?sort=%s%s&page=%d&v=%d' % (sort, fmt, counter[0] % 20 + 1, counter[0])))
         return b''.join(out)
     while time.monotonic() < end:
         pipeline(ctx, min(end, time.monotonic() + 1), requests(), depth=1)
+
+
+def gallery_dates(ctx, end):
+    gallery_varying(ctx, end, ('date',))
 
 
 def thumb_flood(ctx, end):
@@ -398,7 +405,8 @@ ATTACKS = [  # name, function, agent kind
     ('tls_handshakes', tls_handshakes, 'tls'), ('tls_slow_readers', tls_slow_readers, 'tls'),
     ('slow_readers', slow_readers, 'plain'), ('range_flood', range_flood, 'plain'),
     ('head_flood', head_flood, 'plain'), ('zip_flood', zip_flood, 'plain'),
-    ('gallery_varying', gallery_varying, 'plain'), ('thumb_flood', thumb_flood, 'thumb'),
+    ('gallery_varying', gallery_varying, 'plain'), ('gallery_dates', gallery_dates, 'plain'),
+    ('thumb_flood', thumb_flood, 'thumb'),
     ('auth_flood', auth_flood, 'auth'), ('auth_many_addr', auth_many_addr, 'auth'),
     ('share_tokens', share_tokens, 'share'), ('tiny_headers', tiny_headers, 'plain'),
     ('chunked_ones', chunked_ones, 'plain'), ('expect_hold', expect_hold, 'plain'),
@@ -435,7 +443,7 @@ def run_attack(name, function, kind, root, args):
     directory = tempfile.mkdtemp(prefix='agent-probe-')
     attacker = None
     try:
-        with harness.AgentProcess(root=root, options=agent_options(kind, directory)) as agent:
+        with harness.AgentProcess(root=root, options=agent_options(kind, directory), agent=args.agent) as agent:
             agent.start()
             if kind == 'thumb':     # the made thumbnails of an earlier round are not reused
                 shutil.rmtree(os.path.join(agent.dir, 'thumbnails'), ignore_errors=True)
@@ -457,6 +465,8 @@ def run_attack(name, function, kind, root, args):
                 attacker.kill()
                 attacker.join()
         shutil.rmtree(directory, ignore_errors=True)
+    if args.agent:
+        name = '%s (%s)' % (name, args.agent)
     print('%-16s fresh before %s' % (name, summary(before['fresh'])))
     print('%-16s fresh during %s' % ('', summary(during['fresh'])))
     print('%-16s kept  before %s' % ('', summary(before['kept'])))
@@ -471,6 +481,8 @@ def main():
     parser.add_argument('--seconds', type=float, default=4.0, help='of baseline, then of attack')
     parser.add_argument('--gap', type=float, default=0.02, help='seconds between the client\'s requests')
     parser.add_argument('--photos', type=int, default=200, help='distinct pictures for ?thumb')
+    parser.add_argument('--agent', help='the agent.py to probe (default: this checkout\'s); an older '
+                        'commit\'s, with its daemon.py beside it, for a before and after')
     args = parser.parse_args()
     chosen = args.only.split(',') if args.only else [a[0] for a in ATTACKS]
     unknown = set(chosen) - {a[0] for a in ATTACKS}
