@@ -106,7 +106,8 @@ from tests_location import (
     LocationPatchTests, LocationToolTests, LocationServerTests, KeepLocationServerTests)  # noqa: F401
 from tests_performance import TLSTicketTests, RequestPathSyscallTests  # noqa: F401
 from tests_probe import (
-    ClientTurnTests, CostlyPageTests, ThumbnailerPriorityTests, GuessBlockTests, CrowdingClientTests)  # noqa: F401
+    ClientTurnTests, CostlyPageTests, ThumbnailerPriorityTests, GuessBlockTests, CrowdingClientTests,
+    CrowdingOutOfDescriptorsTests)  # noqa: F401
 
 if __name__ == '__main__':
     sys.exit(testrun.main(globals()))

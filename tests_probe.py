@@ -243,5 +243,34 @@ class CrowdingClientTests(unittest.TestCase):
         server.stop()
 
 
+@testlib.unit
+class CrowdingOutOfDescriptorsTests(unittest.TestCase):
+    """Out of descriptors before the cap (a hard RLIMIT_NOFILE below --max-connections), the
+    same rule makes room: a client holding more than half of the connections gives one up.
+    Before: only an idle connection could, so one client's slow heads took every descriptor
+    and the worker paused accepting, a second at a time, until they ended."""
+
+    def test_out_of_descriptors_a_crowding_client_makes_room(self):
+        worker, root = edge_worker(self)
+        conns = {}
+        for i, peer in enumerate(['192.0.2.1'] * 3 + ['192.0.2.2']):
+            server_end, client = socket.socketpair()
+            for sock in (server_end, client):
+                sock.setblocking(False)
+                self.addCleanup(sock.close)
+            conn = agent.Connection(server_end, peer, worker)
+            worker.conns.add(conn)
+            client.sendall(b'GET /a.jpg HTTP/1.1\r\n')     # mid-head: none is idle
+            conn.on_event(selectors.EVENT_READ)
+            conns[i] = conn
+        with mock.patch('sys.stderr'):
+            made = worker.acceptor.make_room(OSError(24, 'Too many open files'))
+        self.assertTrue(made, 'no room made: accept pauses')
+        closed = [i for i, conn in conns.items() if conn.state == agent.CLOSED]
+        self.assertEqual(len(closed), 1)
+        self.assertIn(closed[0], (0, 1, 2))
+        self.assertLess(len(worker.conns), 4)
+
+
 if __name__ == '__main__':
     unittest.main()
