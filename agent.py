@@ -6968,9 +6968,9 @@ class Acceptor:
             loop.serve_new(kind(sock, peer or '-', loop))
 
     def make_room(self, exc):
-        """Out of descriptors: close the longest-idle connection (True: try again), or stop
-        trying for a second (no spinning)."""
-        victim = self.loop.longest_idle()
+        """Out of descriptors: close a connection as at the cap (Worker.crowding; True: try
+        again), or stop trying for a second (no spinning)."""
+        victim = self.loop.crowding()
         if victim is not None:
             victim.close()
             return True
@@ -7085,17 +7085,18 @@ class Worker:
         return min(idle, key=lambda conn: conn.idle_since) if idle else None
 
     def crowding(self):
-        """At the cap, the connection to close for a new one, or None (scans: only at the cap).
-        A client (client_block) holding more than half of the cap gives one up, whatever the
-        newcomer's client: its longest idle, else the one waiting longest for its request's head
-        (or handshake), else its oldest response; so one client's slow heads or slow reads
-        cannot hold every place.  Otherwise the longest-idle connection of any client."""
+        """At the cap or out of descriptors, the connection to close for a new one, or None
+        (scans: only then).  A client (client_block) holding more than half of the connections
+        gives one up, whatever the newcomer's client: its longest idle, else the one waiting
+        longest for its request's head (or handshake), else its oldest response; so one client's
+        slow heads or slow reads cannot hold every place.  Otherwise the longest-idle connection
+        of any client."""
         counts = {}
         for conn in self.conns:
             key = client_block(conn.client)
             counts[key] = counts.get(key, 0) + 1
         heaviest = max(counts, key=counts.get, default=None)
-        if heaviest is None or 2 * counts[heaviest] <= self.max_connections:
+        if heaviest is None or 2 * counts[heaviest] <= len(self.conns):
             return self.longest_idle()
         return min((conn for conn in self.conns if client_block(conn.client) == heaviest), key=eviction_order)
 
