@@ -181,8 +181,11 @@ Limits (flags in parentheses):
     header timeout           10 s (--header-timeout): the whole head must arrive in time
     idle keep-alive, stalled send   15 s (--timeout)
                              (timeouts are checked once a second: they end up to 1 s late)
-    connections per worker   4096 (--max-connections): the longest-idle keep-alive connection
-                             makes room; with none idle the worker stops accepting a while
+    connections per worker   4096 (--max-connections): a client holding more than half of
+                             them makes room, else the longest-idle keep-alive connection;
+                             with none to close the worker stops accepting a while
+    a client's share         its connections share one turn of a worker's loop (TURN_TIME;
+                             a client: its address, an IPv6 one its /64)
     request bodies           read and discarded up to 1 MiB; more is 413 and a close.  A
                              Content-Length body is dropped after the answer, a chunked one
                              (RFC 9112 section 7.1 to the letter, else 400; chunk-size lines
@@ -285,6 +288,13 @@ SEND_BUDGET = 8 << 20           # bytes one connection may send per loop iterati
 # ms over the same runs).  The runs are noisy, but a share of a few to a few tens of requests
 # is what matters; 16 takes a quarter of the loop turns that 4 does, and 16 cached requests
 # (50-250 us each, loaded) come close to TURN_TIME, which bounds a turn of costly ones.
+# TURN_TIME is a client's, not a connection's: the connections of one address (of one /64 for
+# IPv6: client_block) share it (the ready list's accounts, ReadyList), so that opening more
+# connections, or using more addresses of one host, buys no more of a worker; and a turn ends
+# at it whatever it is doing, the pieces of a response (a zip's entries) too.
+# bench/probe_starve.py: 8 connections of one client pipelining gallery pages of a 5,000-file
+# folder, each page built anew, took another client's p99 to 0.69 s; 4 downloads of that
+# folder as a zip (5,000 small files, each a piece, and bytes too few for SEND_BUDGET), 0.99 s.
 TURN_REQUESTS = 16
 TURN_TIME = 0.002
 TLS_CHUNK = 65536               # file bytes read and written per SSL write (four TLS records)
@@ -1266,6 +1276,17 @@ def packed_address(text):
         return socket.inet_pton(socket.AF_INET6 if ':' in text else socket.AF_INET, text)
     except (OSError, ValueError):
         return None
+
+
+def client_block(address):
+    """Who an address is, as one client: the address itself (a str), or an IPv6 address's /64
+    (its first 8 bytes), the block one host or one subscriber line is given (RFC 6177), whose
+    2^64 addresses are one client's.  What a loop turn's time (ReadyList) and the count of
+    failed logins (GuessTable) are kept by."""
+    if ':' not in address:
+        return address
+    packed = packed_address(address)
+    return address if packed is None else packed[:8]
 
 
 def client_address(packed):
@@ -3769,7 +3790,10 @@ def gallery_json(url_path, listing, infos=None, covers=None, made=False):
 # A page built from a directory (the gallery's HTML or JSON) is kept PAGE_TTL seconds: the
 # same page asked again (a HEAD, a reload, a pipeline of them) costs a lookup, where a folder
 # of 5,000 files costs a scan, a sort and 200 entries of HTML (about 20 ms).  A change inside
-# the directory shows within PAGE_TTL (a file replaced in place, its size or date); an entry
+# the directory shows within PAGE_TTL (a file replaced in place, its size or date; within two
+# on a page sorted by size or date: such pages are cut from every entry's stat, which is kept
+# PAGE_TTL too, as a stat of 5,000 entries costs 75-100 ms, and bench/probe_starve.py's client
+# asking for every sort and page of such a folder held a worker that long a request); an entry
 # added, removed or renamed changes the directory's stamps, so the key, and shows at once
 # (unless it lands in the same tick of the file system's clock as the page's build).
 PAGE_TTL = 1.0
@@ -4159,10 +4183,11 @@ def rotation_of(name, base):
 #
 # Each run: a child of the worker (fork and exec, watched from the loop's tick with WNOHANG,
 # never waited for), in a session of its own, as the worker's user, under RLIMIT_CPU and
-# RLIMIT_AS, killed at THUMB_TIME and when its worker dies (PR_SET_PDEATHSIG).  At most
-# THUMB_SLOTS runs at once in all the workers together: a slot is a lock file in the cache,
-# flock()ed without blocking (no slot free: the original, and another try at a later request);
-# the kernel frees a dead worker's slot with its descriptors, so the master keeps no count.
+# RLIMIT_AS, THUMB_NICE below the worker, killed at THUMB_TIME and when its worker dies
+# (PR_SET_PDEATHSIG).  At most THUMB_SLOTS runs at once in all the workers together: a slot is
+# a lock file in the cache, flock()ed without blocking (no slot free: the original, and another
+# try at a later request); the kernel frees a dead worker's slot with its descriptors, so the
+# master keeps no count.
 # Two workers asked for the same picture: the first to create its .part file (O_EXCL) makes it.
 #
 # The cache: one file per picture named from the file's validators (device, inode, size, mtime),
@@ -4178,6 +4203,8 @@ THUMB_TIME = 30.0               # seconds of wall time a run may take, then SIGK
 THUMB_CPU = 20                  # RLIMIT_CPU of a run, seconds
 THUMB_MEMORY = 2 << 30          # RLIMIT_AS of a run, bytes (a 50-megapixel photo fits)
 THUMB_SLOTS = 2                 # runs at once, all workers together
+THUMB_NICE = 10                 # added to a run's nice value: a worker's requests go first (a run
+                                # may take a CPU for seconds; bench/probe_starve.py thumb_flood)
 THUMB_MAX_BYTES = 1 << 20       # a made thumbnail larger than this is not served (not one)
 THUMB_SWEEP = 500               # cache entries looked at per sweep
 THUMB_SWEEP_EVERY = 60.0        # seconds between a worker's sweeps
@@ -4523,13 +4550,15 @@ class Thumbnails:
 
 def spawn_limited(argv):
     """Start argv as a child of this worker: a session of its own, stdin, stdout and stderr on
-    /dev/null, no other descriptor, the rlimits of a run, killed if this worker dies.  Its pid."""
+    /dev/null, no other descriptor, the rlimits and the nice value of a run, killed if this
+    worker dies.  Its pid."""
     pid = os.fork()
     if pid:
         return pid
     try:                                    # the child: nothing here may return
         os.setsid()
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        os.nice(THUMB_NICE)
         resource.setrlimit(resource.RLIMIT_CPU, (THUMB_CPU, THUMB_CPU))
         resource.setrlimit(resource.RLIMIT_AS, (THUMB_MEMORY, THUMB_MEMORY))
         null = os.open('/dev/null', os.O_RDWR)
@@ -4593,7 +4622,7 @@ class Connection:
 
     __slots__ = ('sock', 'fd', 'peer', 'worker', 'state', 'inbuf', 'discard', 'reply', 'keep_alive',
                  'deadline', 'idle_since', 'events', 'started', 'registered', 'version', 'last',
-                 'queued', 'client', 'proxy_header')
+                 'queued', 'client', 'proxy_header', 'turn_ends')
 
     redirect = False            # a RedirectConnection answers every request with a 301
 
@@ -4619,34 +4648,47 @@ class Connection:
         self.registered = False
         self.started = False        # bytes of a request have arrived since the last response
         self.queued = False         # on the worker's ready list: resume() is its next turn
+        self.turn_ends = 0.0        # when this turn ends: TURN_TIME less its client's other turns'
 
     def on_event(self, mask):
         if self.queued:
             return              # it has work left from its last turn, and waits for its turn
-        try:
-            if self.state == SENDING:
-                self.send()
-                if self.state == READING and (self.inbuf or self.discard):
-                    self.process()      # pipelined requests that waited for this response
-            elif self.state == READING:
-                self.receive()
-            elif self.state == LINGERING:
-                self.linger()
-        except Exception as exc:
-            self.fail(exc)
+        self.turn(False)
 
     def resume(self):
         """Its turn again, from the worker's ready list: the file it was sending, or the
         pipelined requests it had to leave.  Readiness is not an epoll event here: those
         bytes are already read (or held by OpenSSL), and no packet may ever come to say so."""
         self.queued = False
+        self.turn(True)
+
+    def turn(self, resumed):
+        """A turn of this connection (an epoll event, or resumed from the ready list), in the
+        time its client has left of the loop turn (TURN_TIME, shared by its connections: the
+        ready list's accounts), and charged to it.  A client whose time is spent waits on the
+        ready list for the next loop turn, whatever its connection was about to do."""
+        ready = self.worker.deferred
+        client = client_block(self.client)
+        started = time.monotonic()
+        self.turn_ends = ready.turn_ends(client, started)
         try:
             if self.state == SENDING:
-                self.on_event(selectors.EVENT_WRITE)
-            elif self.state == READING and self.inbuf:
-                self.process()
+                if started >= self.turn_ends and ready.had_turn(client):
+                    self.worker.defer(self, skipped=True)
+                else:
+                    self.send()
+                if self.state == READING and (self.inbuf or self.discard):
+                    self.process()      # pipelined requests that waited for this response
+            elif self.state == READING:
+                if not resumed:
+                    self.receive()
+                elif self.inbuf:
+                    self.process()
+            elif self.state == LINGERING and not resumed:
+                self.linger()
         except Exception as exc:
             self.fail(exc)
+        ready.charge(client, time.monotonic() - started)
 
     def fail(self, exc):
         log('worker: unexpected error on a connection from %s:' % self.peer, priority=LOG_ERR, exc=exc)
@@ -4706,17 +4748,18 @@ class Connection:
 
     def process(self):
         """Answer the complete requests in inbuf, in order, until one has to wait or this
-        connection has had its share of the loop turn (TURN_REQUESTS, TURN_TIME): then the rest
+        connection has had its share of the loop turn (TURN_REQUESTS, and its client's
+        TURN_TIME: none at all when the client's other connections spent it): then the rest
         waits on the worker's ready list."""
         worker = self.worker
         responder = worker.responder
         reply = self.reply
         budget = TURN_REQUESTS
-        ends = time.monotonic() + TURN_TIME
         while self.state == READING:
-            if budget == 0 or budget < TURN_REQUESTS and time.monotonic() >= ends:
+            if budget == 0 or time.monotonic() >= self.turn_ends and (
+                    budget < TURN_REQUESTS or worker.deferred.had_turn(client_block(self.client))):
                 if self.inbuf:
-                    worker.defer(self)
+                    worker.defer(self, skipped=budget == TURN_REQUESTS)
                 return
             budget -= 1
             req, self.inbuf, self.discard, self.last = frame(self.inbuf, self.discard,
@@ -4795,6 +4838,7 @@ class Connection:
                 if reply.out:
                     n = sock.send(reply.out, socket.MSG_MORE if reply.remaining or reply.pieces else 0)
                     reply.out = reply.out[n:]
+                    budget -= n
                     if reply.out:
                         return self.wait_writable()
                 while reply.remaining:
@@ -4807,11 +4851,15 @@ class Connection:
                     reply.remaining -= n
                     reply.sent += n
                     budget -= n
-                    if budget <= 0 and (reply.remaining or reply.pieces):
+                    if (budget <= 0 or time.monotonic() >= self.turn_ends) and (
+                            reply.remaining or reply.pieces):
                         self.worker.defer(self)     # let the other connections have a turn
                         return
                 if not reply.pieces:
                     break
+                if budget < SEND_BUDGET and time.monotonic() >= self.turn_ends:
+                    self.worker.defer(self)         # pieces cost time, whatever their bytes
+                    return
                 piece = reply.pieces.pop(0)
                 if piece is None:                   # a zip reading CRCs: the others' turn first
                     self.worker.defer(self)
@@ -5047,6 +5095,7 @@ class TLSConnection(Connection):
     def on_event(self, mask):
         if self.state != HANDSHAKE:
             return Connection.on_event(self, mask)
+        self.turn_ends = self.worker.deferred.turn_ends(client_block(self.client), time.monotonic())
         try:
             self.handshake()
         except Exception as exc:
@@ -5225,6 +5274,9 @@ class TLSConnection(Connection):
                     if not reply.remaining:
                         if not reply.pieces:
                             break
+                        if budget < SEND_BUDGET and time.monotonic() >= self.turn_ends:
+                            self.worker.defer(self)     # pieces cost time, whatever their bytes
+                            return
                         piece = reply.pieces.pop(0)     # a part head
                         if piece is None:               # a zip reading CRCs: the others' turn first
                             self.worker.defer(self)
@@ -5244,7 +5296,8 @@ class TLSConnection(Connection):
                 n = sock.send(reply.out[:TLS_CHUNK])
                 reply.out = reply.out[n:]
                 budget -= n
-                if budget <= 0 and (reply.out or reply.remaining or reply.pieces):
+                if (budget <= 0 or time.monotonic() >= self.turn_ends) and (
+                        reply.out or reply.remaining or reply.pieces):
                     self.worker.defer(self)     # let the other connections have a turn
                     return
         except ssl.SSLWantWriteError:
@@ -6029,12 +6082,14 @@ class GuessTable:
     """Failed logins by client address, in memory the master maps before it forks (shared by
     every worker, so a limit of GUESS_LIMIT is not one per worker), of a fixed size.
 
-    Each slot is (tag, failures, time of the last one): an address hashes (keyed BLAKE2b, the
-    key made at start, so no one can choose addresses that collide) to GUESS_PROBES slots in a
-    row; it takes its own, else a free one, else the one whose last failure is oldest.  So the
-    memory is GUESS_SLOTS * 16 bytes whatever the number of addresses; an attack from more
-    addresses than slots only evicts counts sooner.  Workers write without a lock: two that
-    count at once may lose one failure now and then, never more.
+    A client is its address, an IPv6 one its /64 (client_block), whose 2^64 addresses would
+    otherwise have GUESS_LIMIT guesses each, each a scrypt check in a worker's loop.  Each slot
+    is (tag, failures, time of the last one): a client hashes (keyed BLAKE2b, the key made at
+    start, so no one can choose addresses that collide) to GUESS_PROBES slots in a row; it
+    takes its own, else a free one, else the one whose last failure is oldest.  So the memory
+    is GUESS_SLOTS * 16 bytes whatever the number of addresses; an attack from more clients
+    than slots only evicts counts sooner.  Workers write without a lock: two that count at
+    once may lose one failure now and then, never more.
     """
 
     SLOT = struct.Struct('=IId')
@@ -6044,7 +6099,10 @@ class GuessTable:
         self.key = os.urandom(16) if key is None else key
 
     def slots(self, address):
-        digest = hashlib.blake2b(address.encode('utf-8', 'replace'), digest_size=8, key=self.key).digest()
+        client = client_block(address)
+        if not isinstance(client, bytes):
+            client = client.encode('utf-8', 'replace')
+        digest = hashlib.blake2b(client, digest_size=8, key=self.key).digest()
         start, tag = struct.unpack('=II', digest)
         return [(start + i) % GUESS_SLOTS for i in range(GUESS_PROBES)], tag | 1
 
@@ -6723,9 +6781,16 @@ class Responder:
         stat()ed (all of them to sort by date or size)."""
         catalog = self.catalog(fd, path, url_path, dir_st)
         dates = None
-        if sort != 'name':                 # every entry's stat, in the catalog's order
-            catalog = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
-                                     catalog.images, catalog.files, catalog.unlisted, catalog.videos)
+        if sort != 'name':                 # every entry's stat, in the catalog's order: kept PAGE_TTL
+            key = ('stats', path, url_path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns,
+                   dir_st.st_ctime_ns, self.own_files.added)
+            stated = self.pages.until(key, self.clock.now)
+            if stated is None:
+                stated = GalleryCatalog(self.stat_entries(fd, path, catalog.entries), catalog.dirs,
+                                        catalog.images, catalog.files, catalog.unlisted, catalog.videos)
+                self.pages.store(key, (self.clock.now + PAGE_TTL, stated),
+                                 CATALOG_ENTRY_BYTES * len(stated.entries))
+            catalog = stated
         if sort == 'date':                 # and every photo's date taken, kept as the catalog is
             key = ('dates', path, dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)
             dates = self.pages.until(key, self.clock.now)
@@ -6944,6 +7009,49 @@ class LoadShare:
         return live > 1 and count > (sum(values) - live) / live + 1
 
 
+class ReadyList:
+    """A worker's ready list: the connections with work left when their turn ended, resumed
+    at the end of the next loop turn (no new packet may ever come for them); and the turn's
+    accounts, the time each client's connections took (a client: client_block of Connection.client).
+
+    A client has TURN_TIME of each loop turn, whatever the number of its connections: the first
+    of them to take a turn has it, the others the rest of it, and the ones that find it spent
+    wait here (skipped), ahead of the ones that had a turn, so that a client's connections take
+    their turns round robin.  The accounts begin again at each run(): a client's time is that
+    of the ready list's run and of the next select()'s events."""
+
+    __slots__ = ('served', 'skipped', 'times')
+
+    def __init__(self):
+        self.served = []        # had a turn and have work left, in the order they had it
+        self.skipped = []       # found their client's time spent: first at the next run()
+        self.times = {}         # client -> seconds its connections took in this loop turn
+
+    def __bool__(self):
+        return bool(self.served or self.skipped)
+
+    def add(self, conn, skipped=False):
+        (self.skipped if skipped else self.served).append(conn)
+
+    def run(self):
+        waiting = self.skipped + self.served if self.skipped else self.served
+        self.served, self.skipped = [], []
+        self.times.clear()
+        for conn in waiting:
+            if conn.queued:                 # not closed meanwhile
+                conn.resume()
+
+    def turn_ends(self, client, now):
+        """When a turn of client's that begins now ends: TURN_TIME less what it took already."""
+        return now + TURN_TIME - self.times.get(client, 0.0)
+
+    def had_turn(self, client):
+        return client in self.times
+
+    def charge(self, client, seconds):
+        self.times[client] = self.times.get(client, 0.0) + seconds
+
+
 class Clock:
     """The time, read once a loop iteration (read()) and shared by everything the loop drives:
     `now` (monotonic, for deadlines), `wall` (whole seconds), and what changes with it once a
@@ -7054,8 +7162,9 @@ OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 class Acceptor:
     """Takes a worker's new connections from the shared listening sockets: how many a wake-up
     (all that are queued; one over the worker's LoadShare; TLS_ACCEPTS of TLS), the connection
-    cap (the longest-idle keep-alive connection makes room), and pauses: at the cap with none
-    idle, and out of descriptors.
+    cap (a client holding more than half of it makes room, else the longest-idle keep-alive
+    connection: Worker.crowding), and pauses: at the cap with none to close, and out of
+    descriptors.
 
     The listening sockets sit in an epoll instance of their own, with EPOLLEXCLUSIVE, and the
     loop's selector watches that instance.  A new connection then wakes one worker, not all of
@@ -7124,7 +7233,7 @@ class Acceptor:
                 return                      # over its share: one a wake-up (LoadShare)
             victim = None
             if len(loop.conns) >= loop.max_connections:
-                victim = loop.longest_idle()
+                victim = loop.crowding()
                 if victim is None:
                     self.stop(pause=0.1)    # the backlog holds them; others may take them
                     return
@@ -7154,9 +7263,9 @@ class Acceptor:
             loop.serve_new(kind(sock, peer or '-', loop))
 
     def make_room(self, exc):
-        """Out of descriptors: close the longest-idle connection (True: try again), or stop
-        trying for a second (no spinning)."""
-        victim = self.loop.longest_idle()
+        """Out of descriptors: close a connection as at the cap (Worker.crowding; True: try
+        again), or stop trying for a second (no spinning)."""
+        victim = self.loop.crowding()
         if victim is not None:
             victim.close()
             return True
@@ -7176,10 +7285,10 @@ class Worker:
 
     The loop, on one screen in serve(): wait for events (at most until the next second),
     dispatch each to its callback, then the ready list (the connections that had their share of
-    the turn with work left: SEND_BUDGET, TURN_REQUESTS; no wait while it holds any), once a
-    second the timeouts, and the access-log lines.  What it drives has its own object: the
-    Clock, the Acceptor (new connections), each Connection, the Responder (a request to a
-    response) and the AccessLog.
+    the turn with work left: SEND_BUDGET, TURN_REQUESTS, their client's TURN_TIME; no wait while
+    it holds any: ReadyList), once a second the timeouts, and the access-log lines.  What it
+    drives has its own object: the Clock, the Acceptor (new connections), each Connection, the
+    Responder (a request to a response) and the AccessLog.
     """
 
     def __init__(self, config, listeners, access_fd, lifeline, tls=None, redirects=(), own_files=None,
@@ -7195,7 +7304,7 @@ class Worker:
         self.lifeline = lifeline
         self.selector = selectors.DefaultSelector()
         self.conns = set()
-        self.deferred = []              # the ready list (defer, run_deferred)
+        self.deferred = ReadyList()     # the ready list and the turn's accounts (defer, run_deferred)
         self.signals = []
         self.draining = False
         self.drain_deadline = None
@@ -7223,8 +7332,7 @@ class Worker:
             clock.read()
             for key, mask in events:
                 key.data(mask)
-            if self.deferred:
-                self.run_deferred()
+            self.run_deferred()             # every client's time begins again (ReadyList)
             if self.signals:
                 self.handle_signals()
             if clock.now >= next_tick:
@@ -7271,6 +7379,22 @@ class Worker:
         idle = [conn for conn in self.conns if conn.idle()]
         return min(idle, key=lambda conn: conn.idle_since) if idle else None
 
+    def crowding(self):
+        """At the cap or out of descriptors, the connection to close for a new one, or None
+        (scans: only then).  A client (client_block) holding more than half of the connections
+        gives one up, whatever the newcomer's client: its longest idle, else the one waiting
+        longest for its request's head (or handshake), else its oldest response; so one client's
+        slow heads or slow reads cannot hold every place.  Otherwise the longest-idle connection
+        of any client."""
+        counts = {}
+        for conn in self.conns:
+            key = client_block(conn.client)
+            counts[key] = counts.get(key, 0) + 1
+        heaviest = max(counts, key=counts.get, default=None)
+        if heaviest is None or 2 * counts[heaviest] <= len(self.conns):
+            return self.longest_idle()
+        return min((conn for conn in self.conns if client_block(conn.client) == heaviest), key=eviction_order)
+
     def forget(self, conn):
         self.conns.discard(conn)
         if conn.registered:
@@ -7278,18 +7402,17 @@ class Worker:
         if not self.draining:
             self.acceptor.publish(len(self.conns))
 
-    def defer(self, conn):
+    def defer(self, conn, skipped=False):
         """Put conn on the ready list: it has had its share of this turn (SEND_BUDGET,
-        TURN_REQUESTS) and has more to do; the next select() does not wait while it waits."""
+        TURN_REQUESTS, its client's TURN_TIME), or none (skipped: its client's other connections
+        spent it), and has more to do; the next select() does not wait while it waits."""
         if not conn.queued:
             conn.queued = True
-            self.deferred.append(conn)
+            self.deferred.add(conn, skipped)
 
     def run_deferred(self):
-        deferred, self.deferred = self.deferred, []
-        for conn in deferred:
-            if conn.queued:                 # not closed meanwhile
-                conn.resume()
+        """The ready list's turn, with which every client has its time again (ReadyList)."""
+        self.deferred.run()
 
     # -- signals and the master --
 
@@ -7338,6 +7461,17 @@ class Worker:
         for conn in list(self.conns):
             if conn.idle() and now - conn.idle_since >= DRAIN_GRACE:
                 conn.close()
+
+
+def eviction_order(conn):
+    """Which of a crowding client's connections goes first (Worker.crowding): idle ones, the
+    longest idle first; then those waiting for a request, the longest waiting (the earliest
+    header deadline) first; then responses in flight."""
+    if conn.idle():
+        return 0, conn.idle_since
+    if conn.state != SENDING and not conn.queued:
+        return 1, conn.deadline
+    return 2, conn.idle_since
 
 
 def accept_connection(listener, family):

@@ -1095,13 +1095,13 @@ class PipelineFairnessTests(unittest.TestCase):
         for i in range(300):
             write_file(self.big, 'p%d.jpg' % i, b'x' * (i % 7))
 
-    def connect(self):
+    def connect(self, peer='127.0.0.1'):
         server_end, client = socket.socketpair()
         self.addCleanup(client.close)
         self.addCleanup(server_end.close)
         server_end.setblocking(False)
         client.setblocking(False)
-        conn = agent.Connection(server_end, '127.0.0.1', self.worker)
+        conn = agent.Connection(server_end, peer, self.worker)
         self.worker.conns.add(conn)
         return conn, client
 
@@ -1119,7 +1119,7 @@ class PipelineFairnessTests(unittest.TestCase):
     def test_a_pipeline_yields_to_the_others_and_is_answered_in_order_later(self):
         count = 300
         flood, flood_client = self.connect()
-        other, other_client = self.connect()
+        other, other_client = self.connect('127.0.0.2')     # another client (ClientTurnTests)
         flood_client.sendall(b''.join(raw_request('/%s.jpg' % 'ab'[i % 2]) for i in range(count)))
         other_client.sendall(raw_request('/b.jpg'))
         flood.on_event(selectors.EVENT_READ)

@@ -320,8 +320,9 @@ class SupervisionTests(unittest.TestCase):
         worker, = server.workers()
         before = len(sockets_of(worker))
         busy = []
-        for _ in range(2):
-            sock = server.connect()
+        for i in range(2):                  # two clients, neither holding more than half the cap
+            sock = socket.create_connection(('127.0.0.1', server.port), timeout=5,
+                                            source_address=('127.0.0.%d' % (i + 2), 0))
             self.addCleanup(sock.close)
             sock.sendall(b'GET /c.jpg HTTP/1.1\r\n')       # mid-request: not idle
             busy.append(sock)
