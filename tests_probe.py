@@ -271,6 +271,32 @@ class CrowdingOutOfDescriptorsTests(unittest.TestCase):
         self.assertIn(closed[0], (0, 1, 2))
         self.assertLess(len(worker.conns), 4)
 
+    def test_a_response_in_flight_is_never_cut_for_room(self):
+        """A client's responses being sent are never cut to make room, however many it holds:
+        behind a load balancer that sends no PROXY header, every connection is one client's,
+        and cutting a download in flight loses a visitor's bytes to let in another request of
+        the same balancer.  With none idle and none waiting for its head, accepting waits, as
+        nginx's does at worker_connections."""
+        worker, root = edge_worker(self)
+        with open(os.path.join(root, 'big.jpg'), 'wb') as f:
+            f.write(b'\xff' * (8 << 20))
+        conns = []
+        for peer in ['192.0.2.1'] * 3 + ['192.0.2.2']:
+            server_end, client = socket.socketpair()
+            for sock in (server_end, client):
+                sock.setblocking(False)
+                self.addCleanup(sock.close)
+            conn = agent.Connection(server_end, peer, worker)
+            worker.conns.add(conn)
+            client.sendall(b'GET /big.jpg HTTP/1.1\r\nHost: x\r\n\r\n')   # never read
+            conn.on_event(selectors.EVENT_READ)
+            self.assertEqual(conn.state, agent.SENDING)
+            conns.append(conn)
+        self.assertIsNone(worker.crowding())
+        with mock.patch('sys.stderr'):
+            self.assertFalse(worker.acceptor.make_room(OSError(24, 'Too many open files')))
+        self.assertEqual([conn.state for conn in conns], [agent.SENDING] * 4)
+
 
 if __name__ == '__main__':
     unittest.main()
