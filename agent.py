@@ -7383,17 +7383,21 @@ class Worker:
         """At the cap or out of descriptors, the connection to close for a new one, or None
         (scans: only then).  A client (client_block) holding more than half of the connections
         gives one up, whatever the newcomer's client: its longest idle, else the one waiting
-        longest for its request's head (or handshake), else its oldest response; so one client's
-        slow heads or slow reads cannot hold every place.  Otherwise the longest-idle connection
-        of any client."""
+        longest for its request's head (or handshake); so one client's slow heads cannot hold
+        every place.  Otherwise the longest-idle connection of any client.  A response in
+        flight is never cut: behind a balancer without PROXY headers every connection is one
+        client's, and a visitor's download would be lost to let in another request."""
         counts = {}
         for conn in self.conns:
             key = client_block(conn.client)
             counts[key] = counts.get(key, 0) + 1
         heaviest = max(counts, key=counts.get, default=None)
-        if heaviest is None or 2 * counts[heaviest] <= len(self.conns):
-            return self.longest_idle()
-        return min((conn for conn in self.conns if client_block(conn.client) == heaviest), key=eviction_order)
+        if heaviest is not None and 2 * counts[heaviest] > len(self.conns):
+            waiting = [conn for conn in self.conns
+                       if client_block(conn.client) == heaviest and eviction_order(conn)]
+            if waiting:
+                return min(waiting, key=eviction_order)
+        return self.longest_idle()
 
     def forget(self, conn):
         self.conns.discard(conn)
@@ -7466,12 +7470,12 @@ class Worker:
 def eviction_order(conn):
     """Which of a crowding client's connections goes first (Worker.crowding): idle ones, the
     longest idle first; then those waiting for a request, the longest waiting (the earliest
-    header deadline) first; then responses in flight."""
+    header deadline) first; None for a response in flight, which is never cut."""
     if conn.idle():
         return 0, conn.idle_since
     if conn.state != SENDING and not conn.queued:
         return 1, conn.deadline
-    return 2, conn.idle_since
+    return None
 
 
 def accept_connection(listener, family):

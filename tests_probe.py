@@ -201,7 +201,7 @@ class GuessBlockTests(unittest.TestCase):
 
 class CrowdingClientTests(unittest.TestCase):
     """At the connection cap, a client holding more than half of it gives one up for a newcomer
-    (its longest idle, else the one waiting longest for its head, else its oldest response):
+    (its longest idle, else the one waiting longest for its head; never a response in flight):
     one client's slow heads (slowloris) no longer hold every place.  Before: with none idle,
     the worker paused accepting until one ended, so one client's 500 connections trickling
     their heads kept every other client out for --header-timeout, again and again
