@@ -10,7 +10,6 @@ serves the others.
 import base64
 import os
 import selectors
-import socket
 import tempfile
 import threading
 import time
@@ -21,6 +20,7 @@ from unittest import mock
 import testlib
 from testlib import TIMEOUT, AgentServer, wait_for, write_file
 import agent
+import tests_probe
 from harness import raw_request
 
 PASSWORD = 'open sesame'
@@ -74,33 +74,14 @@ class AuthOffLoopTests(unittest.TestCase):
         self.log = logger.start()
         self.addCleanup(logger.stop)
 
-    def connect(self, peer):
-        server_end, client = socket.socketpair()
-        for sock in (server_end, client):
-            sock.setblocking(False)
-            self.addCleanup(sock.close)
-        conn = agent.Connection(server_end, peer, self.worker)
-        self.worker.conns.add(conn)
-        return conn, client
+    connect = tests_probe.ClientTurnTests.connect         # (peer) -> (Connection, client socket)
+    received = tests_probe.ClientTurnTests.received       # (client) -> the bytes come so far
 
     def ask(self, peer, authorization, target='/a.jpg'):
         conn, client = self.connect(peer)
         client.sendall(raw_request(target, 'Authorization: ' + authorization))
         conn.on_event(selectors.EVENT_READ)
         return conn, client
-
-    @staticmethod
-    def received(client):
-        got = b''
-        try:
-            while True:
-                chunk = client.recv(1 << 20)
-                if not chunk:
-                    break
-                got += chunk
-        except BlockingIOError:
-            pass
-        return got
 
     def loop_turn(self, timeout=0.05):
         """One turn of the worker's loop: its events (a verdict among them), its ready list."""
@@ -193,10 +174,11 @@ class AuthOffLoopTests(unittest.TestCase):
         self.assertEqual(conn.state, agent.CLOSED)
 
     def test_the_hashing_thread_starts_in_the_worker_at_its_first_check_niced(self):
-        names = {thread.name for thread in threading.enumerate()}
-        self.assertNotIn('agent: password checks', names, 'a thread before any check')
+        self.assertIsNone(self.access.checks.thread, 'a hashing thread before any check')
         self.ask('192.0.2.6', ALICE)
-        thread = next(thread for thread in threading.enumerate() if thread.name == 'agent: password checks')
+        wait_for(lambda: self.checked, message='the first check begun')
+        thread = self.access.checks.thread
+        self.assertEqual(thread.name, 'agent: password checks')
         self.assertTrue(thread.daemon)
         with open('/proc/self/task/%d/stat' % thread.native_id) as f:
             niceness = int(f.read().rpartition(')')[2].split()[16])
