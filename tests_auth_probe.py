@@ -10,6 +10,7 @@ serves the others.
 import base64
 import os
 import selectors
+import socket
 import tempfile
 import threading
 import time
@@ -172,6 +173,18 @@ class AuthOffLoopTests(unittest.TestCase):
         self.release.set()
         wait_for(lambda: self.loop_turn() or self.access.refused.data, message='the verdict')
         self.assertEqual(conn.state, agent.CLOSED)
+
+    def test_a_client_that_ends_its_side_while_its_request_waits_still_gets_the_answer(self):
+        """A half-close (shutdown(SHUT_WR), as `nc -N` does after its request) is no reason to
+        drop a request that waits for its verdict: it is answered, then the connection closed."""
+        conn, client = self.ask('192.0.2.7', basic('alice', 'half'))
+        client.shutdown(socket.SHUT_WR)
+        conn.on_event(selectors.EVENT_READ)             # the EOF, read
+        self.assertNotEqual(conn.state, agent.CLOSED, 'closed with its request unanswered')
+        self.release.set()
+        answer = self.answer(client)
+        self.assertTrue(answer.startswith(b'HTTP/1.1 401 '), answer[:80])
+        wait_for(lambda: self.loop_turn() or conn.state == agent.CLOSED, message='the close after the answer')
 
     def test_the_hashing_thread_starts_in_the_worker_at_its_first_check_niced(self):
         self.assertIsNone(self.access.checks.thread, 'a hashing thread before any check')
