@@ -4713,7 +4713,7 @@ class Connection:
         data = self.read()
         if data:
             self.received(data)
-        elif data is not None:
+        elif data is not None and not self.worker.hold(self):   # (a request waiting: Access)
             self.close()
 
     def received(self, data):
@@ -5263,7 +5263,9 @@ class TLSConnection(Connection):
             return Connection.close(self)   # no close_notify to a connection that failed
         self.set_events(selectors.EVENT_READ)
         if not data:
-            return Connection.close(self)   # nor to a client that has gone
+            if not self.worker.hold(self):  # (a request waiting for a verdict: Access)
+                Connection.close(self)      # nor to a client that has gone
+            return
         self.received(data)
 
     def send(self):
@@ -6292,7 +6294,7 @@ class Access:
         # Verified against for a name that has no account, so that it takes as long.
         self.decoy = hash_password('', b'\0' * 16) if accounts else None
         self.checks = None          # a worker's PasswordChecks, once attach()ed to its loop
-        self.wake = None            # the loop's Worker.defer
+        self.wake = None            # the loop's Worker.unpark
 
     @classmethod
     def load(cls, config, guesses=None):
@@ -6354,6 +6356,10 @@ class Access:
             return True
         self.refused.store(value, name)
         return False
+
+    def waiting(self, conn):
+        """Whether a request of conn waits for a verdict."""
+        return self.checks is not None and any(conn in check.waiters for check in self.checks.pending.values())
 
     def on_checked(self, mask):
         """The loop's: verdicts are in.  Each value is kept verified or refused, and the
@@ -7502,7 +7508,7 @@ class Worker:
         self.responder = Responder(config, self.clock, OwnFiles() if own_files is None else own_files,
                                    common_headers, https_port, health, access)
         if access is not None:
-            access.attach(self.selector, self.defer)    # password checks off this loop
+            access.attach(self.selector, self.unpark)   # password checks off this loop
 
     # -- the loop --
 
@@ -7586,6 +7592,26 @@ class Worker:
             self.selector.unregister(conn.sock)
         if not self.draining:
             self.acceptor.publish(len(self.conns))
+
+    def hold(self, conn):
+        """At the end of conn's input: True if a request of it waits for its password's
+        verdict (Access.waiting), which it is still to have: conn is kept, with nothing more to
+        read (out of the selector: an EOF would wake the loop at every turn) until unpark()."""
+        access = self.responder.access
+        if access is None or not access.waiting(conn):
+            return False
+        if conn.registered:
+            self.selector.unregister(conn.sock)
+            conn.registered = False
+        return True
+
+    def unpark(self, conn):
+        """The verdict that conn's request waited for is in (Access.on_checked): its turn, back
+        in the selector if hold() took it out."""
+        if not conn.registered:
+            self.selector.register(conn.sock, conn.events, conn.on_event)
+            conn.registered = True
+        self.defer(conn)
 
     def defer(self, conn, skipped=False):
         """Put conn on the ready list: it has had its share of this turn (SEND_BUDGET,
