@@ -186,6 +186,15 @@ class AuthOffLoopTests(unittest.TestCase):
         self.assertTrue(answer.startswith(b'HTTP/1.1 401 '), answer[:80])
         wait_for(lambda: self.loop_turn() or conn.state == agent.CLOSED, message='the close after the answer')
 
+    def test_a_check_that_fails_is_a_refusal_and_a_line_in_the_log_not_a_stuck_request(self):
+        with mock.patch('agent.verify_password', side_effect=MemoryError('scrypt: 1 GiB')):
+            conn, client = self.ask('192.0.2.8', ALICE)
+            answer = self.answer(client)
+        self.assertTrue(answer.startswith(b'HTTP/1.1 401 '), answer[:80])
+        lines = [call[0][0] for call in self.log.call_args_list]
+        self.assertIn('worker: cannot check the password of account "alice" (refused): scrypt: 1 GiB', lines)
+        self.assertEqual(lines[-1], 'agent: failed login from 192.0.2.8 for account "alice"')
+
     def test_the_hashing_thread_starts_in_the_worker_at_its_first_check_niced(self):
         self.assertIsNone(self.access.checks.thread, 'a hashing thread before any check')
         self.ask('192.0.2.6', ALICE)
