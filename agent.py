@@ -232,6 +232,7 @@ import stat
 import struct
 import sys
 import textwrap
+import threading
 import time
 import unicodedata
 import urllib.parse
@@ -3163,6 +3164,7 @@ ERROR_TEXTS = {401: 'This server shows its photos to its accounts: sign in.',
                403: 'The server may not show this.', 404: 'There is nothing at this address.',
                410: 'This link has expired: ask whoever sent it for a new one.',
                429: 'Too many failed sign-ins from this address: try again later.',
+               503: 'The server is too busy to answer now: try again in a moment.',
                416: 'The requested range lies outside the file.',
                500: 'The server failed to answer; the error is in its log.'}
 
@@ -3844,6 +3846,7 @@ class Cache:
       Responder.zips.crcs  ZipFolder's CRC-32 of files, ZIP_CRC_CACHE, keyed by file_key
       Access.verified   Authorization values already checked against --auth, AUTH_CACHE_SIZE;
                         emptied when reload reads the accounts again
+      Access.refused    Authorization values found wrong, AUTH_CACHE_SIZE; emptied at reload too
     Not caches, and not bounded on their own: an OpenFile's last 200 head (rebuilt when the
     Date changes, once a second) and a connection's last parsed head (frame()'s `last`); each
     goes with what holds it.
@@ -4710,7 +4713,7 @@ class Connection:
         data = self.read()
         if data:
             self.received(data)
-        elif data is not None:
+        elif data is not None and not self.worker.hold(self):   # (a request waiting: Access)
             self.close()
 
     def received(self, data):
@@ -4762,6 +4765,7 @@ class Connection:
                     worker.defer(self, skipped=budget == TURN_REQUESTS)
                 return
             budget -= 1
+            inbuf, discard = self.inbuf, self.discard
             req, self.inbuf, self.discard, self.last = frame(self.inbuf, self.discard,
                                                              responder.config.max_header_size, self.last)
             if req is None:
@@ -4785,6 +4789,10 @@ class Connection:
                 # respond() returns the response (start_response's arguments): it reads the
                 # connection's keep_alive and kind, and writes nothing to it.
                 self.start_response(*responder.respond(req, self.keep_alive, self.redirect, self.client))
+            except Pending as pending:      # its password is being checked off the loop (Access)
+                self.inbuf, self.discard = inbuf, discard   # framed again once the verdict is in
+                pending.waiters.append(self)
+                return
             except HTTPError as exc:
                 self.respond_error(exc.status, exc.headers, close=exc.close, head_only=req.method == b'HEAD',
                                    body=None if self.redirect else responder.error_body(req, exc.status))
@@ -5255,7 +5263,9 @@ class TLSConnection(Connection):
             return Connection.close(self)   # no close_notify to a connection that failed
         self.set_events(selectors.EVENT_READ)
         if not data:
-            return Connection.close(self)   # nor to a client that has gone
+            if not self.worker.hold(self):  # (a request waiting for a verdict: Access)
+                Connection.close(self)      # nor to a client that has gone
+            return
         self.received(data)
 
     def send(self):
@@ -5872,7 +5882,25 @@ def zip_open(responder, path):
 # this Python's OpenSSL has no scrypt.  Its cost is paid once per worker for each
 # Authorization value: a verified value is kept (Access.verified, AUTH_CACHE_SIZE), and the
 # file is read only by the master, at start and at reload, whose new workers start with an
-# empty cache: a changed password takes effect at the next `reload`.
+# empty cache: a changed password takes effect at the next `reload`.  A value found wrong is
+# kept too (Access.refused): sent again, it is refused, and counted, without another hash.
+#
+# The check runs off the worker's loop, in a hashing thread of the worker (PasswordChecks),
+# and its request waits for the verdict, parked (Pending), while the loop serves the others; a
+# verified visitor never waits.  Why a thread: hashlib.scrypt and pbkdf2_hmac release the GIL
+# around OpenSSL's EVP_PBE_scrypt and PKCS5_PBKDF2_HMAC (CPython's Modules/_hashopenssl.c,
+# Py_BEGIN_ALLOW_THREADS), and measured on the machine of docs/performance.md (2 CPUs, shared):
+# a loop of small Python steps went on while another thread hashed (p99 step 0.012 ms), where
+# a check in the loop is one step of 90 ms; bench/probe_starve.py auth_many_addr (64 addresses
+# guessing) took a logged-in client's p99 to 100-310 ms that way.  The other way, a budget
+# of hash-seconds a second, would still hold the loop for each check it allowed, and turn
+# every new login away (429) for as long as a prober spent it.  The thread runs AUTH_NICE
+# below the loop: at the loop's own priority it took two thirds of the loop's pace from it on
+# this busy machine (250,000 steps in 2 s against 800,000 alone), at +10 a quarter (610,000).
+# Its work is bounded: AUTH_QUEUE checks wait at most (0.1 s each), more are 503 with
+# Retry-After: 1; and AUTH_FRESH of those places are kept for clients with no failed login
+# counted (GuessTable), whose checks go first: a prober's addresses, once they have failed,
+# cannot take every place from a real login.
 SCRYPT = (2 ** 14, 8, 1)            # n, r, p: RFC 7914's interactive-login parameters
 PBKDF2_ROUNDS = 600000              # OWASP's figure for PBKDF2-HMAC-SHA256
 AUTH_CACHE_SIZE = 64                # verified Authorization values a worker keeps
@@ -5885,6 +5913,9 @@ GUESS_LIMIT = 10
 GUESS_BLOCK = 60
 GUESS_SLOTS = 4096                  # 16 bytes each: 64 KiB, whatever the number of addresses
 GUESS_PROBES = 8                    # slots looked at for one address (open addressing)
+AUTH_QUEUE = 8                      # checks waiting in a worker (one more in progress)
+AUTH_FRESH = 2                      # of them, kept for clients with no failed login counted
+AUTH_NICE = 10                      # added to the hashing thread's nice value: the loop first
 # Share links: /s/TOKEN/PATH.  TOKEN = EXPIRY-DEPTH-MAC: the expiry (Unix time, hex; 0: never),
 # how many segments of the path after it are the folder (or file) shared, and the HMAC-SHA256
 # of both, in base64url, under the key of --share-key (SHARE_KEY_BYTES random bytes, 0600).
@@ -5893,7 +5924,7 @@ SHARE_TOKEN = re.compile(rb'^([0-9a-f]{1,12})-([0-9]{1,3})-([A-Za-z0-9_-]{43})$'
 SHARE_KEY_BYTES = 32
 DURATION = re.compile(r'^([0-9]{1,9})([smhdw]?)$')
 DURATION_UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
-ACCESS_STATUSES = (401, 410, 429)   # their pages never name a folder (Responder.error_body)
+ACCESS_STATUSES = (401, 410, 429, 503)  # their pages never name a folder (Responder.error_body)
 
 
 def parse_basic(value):
@@ -6119,6 +6150,11 @@ class GuessTable:
                 spare, oldest = slot, last
         return spare, tag, 0, 0.0
 
+    def failures(self, address, now):
+        """The failed logins of address that still count (the last within GUESS_BLOCK)."""
+        failures, last = self.find(address)[2:]
+        return failures if now - last < GUESS_BLOCK else 0
+
     def blocked(self, address, now):
         """Seconds until address may try again, or 0."""
         failures, last = self.find(address)[2:]
@@ -6134,19 +6170,131 @@ class GuessTable:
         return failures
 
 
+class Pending(Exception):
+    """Raised by Access.admit for a request whose password is being checked off the loop:
+    its connection joins waiters, and is woken (Worker.defer) once the verdict is in; then it
+    frames the request again, and admit has the answer (Connection.process)."""
+
+    def __init__(self, waiters):
+        Exception.__init__(self)
+        self.waiters = waiters
+
+
+class PasswordCheck:
+    """One Authorization value to check, and the connections waiting for its verdict."""
+
+    __slots__ = ('value', 'name', 'password', 'record', 'order', 'waiters', 'verdict')
+
+    def __init__(self, value, name, password, record, order):
+        self.value = value
+        self.name = name
+        self.password = password
+        self.record = record        # the account's, or None (the decoy is checked: as long)
+        self.order = order          # (failures of its client, arrival): the first goes first
+        self.waiters = []
+        self.verdict = None         # the account's name, 401, or the exception that stopped it
+
+
+class PasswordChecks:
+    """A worker's password checks, off its loop: one hashing thread, the checks waiting for
+    it (AUTH_QUEUE at most, fewest failures of their client first), and the verdicts back to
+    the loop through a pipe its selector watches (Access.on_checked).  One check per value,
+    whatever the number of requests that carry it.
+
+    Fork safety: the thread starts at the first check, so in a worker, never in the master
+    (which forks again).  A worker's own fork (spawn_limited: a thumbnailer) copies only the
+    loop's thread, and the child execs touching nothing of this: the lock is held only around
+    list operations, never across a hash, and a hash's memory is malloc's, whose locks glibc
+    resets in a child.  The thread blocks every signal: they are the loop's.
+    """
+
+    def __init__(self, decoy):
+        self.decoy = decoy
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)
+        self.waiting = []           # PasswordChecks not begun
+        self.pending = {}           # value -> its PasswordCheck, waiting or in progress
+        self.done = []              # checked, for the loop to take
+        self.arrivals = 0
+        self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.thread = None
+
+    def submit(self, value, name, password, record, failures):
+        """The waiters of value's check (queued now if it is not yet); HTTPError 503 when the
+        places its client may take (AUTH_QUEUE, less AUTH_FRESH if failures) are taken."""
+        with self.lock:
+            check = self.pending.get(value)
+            if check is None:
+                if len(self.waiting) >= AUTH_QUEUE - (AUTH_FRESH if failures else 0):
+                    raise HTTPError(503, headers=b'Retry-After: 1\r\n')
+                self.arrivals += 1
+                check = self.pending[value] = PasswordCheck(value, name, password, record,
+                                                            (failures, self.arrivals))
+                self.waiting.append(check)
+                self.work.notify()
+        if self.thread is None:         # (kept only once started: a failed start is tried again)
+            thread = threading.Thread(target=self.run, name='agent: password checks', daemon=True)
+            thread.start()
+            self.thread = thread
+        return check.waiters
+
+    def run(self):
+        """The hashing thread: check what waits, fewest failures first, for ever."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + AUTH_NICE))
+        except OSError:
+            pass
+        while True:
+            with self.work:
+                while not self.waiting:
+                    self.work.wait()
+                check = min(self.waiting, key=lambda waiting: waiting.order)
+                self.waiting.remove(check)
+            try:
+                check.verdict = check.name if verify_password(check.password, check.record or self.decoy) \
+                    and check.record is not None else 401
+            except Exception as exc:
+                check.verdict = exc
+            with self.lock:
+                self.done.append(check)
+            try:
+                os.write(self.done_w, b'.')
+            except OSError:
+                pass                # full: the loop has a wake-up to read already
+
+    def take(self):
+        """In the loop: the checks done since the last take, out of pending."""
+        try:
+            while os.read(self.done_r, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self.lock:
+            done, self.done = self.done, []
+            for check in done:
+                del self.pending[check.value]
+        return done
+
+
 class Access:
     """Who may see what: the accounts of --auth (None: no accounts, all is open), the key of
     --share-key (None: /s/ is an ordinary path), the table of failed logins shared by the
-    workers, and each worker's cache of verified Authorization values.  Built by the master
-    (load()) before it forks, again at each reload (the table kept)."""
+    workers, and each worker's Authorization values verified and refused, and its password
+    checks (attach()).  Built by the master (load()) before it forks, again at each reload
+    (the table kept)."""
 
     def __init__(self, accounts=None, share_key=None, guesses=None):
         self.accounts = accounts
         self.share_key = share_key
         self.guesses = GuessTable() if guesses is None else guesses
         self.verified = Cache(AUTH_CACHE_SIZE)
+        self.refused = Cache(AUTH_CACHE_SIZE)
         # Verified against for a name that has no account, so that it takes as long.
         self.decoy = hash_password('', b'\0' * 16) if accounts else None
+        self.checks = None          # a worker's PasswordChecks, once attach()ed to its loop
+        self.wake = None            # the loop's Worker.unpark
 
     @classmethod
     def load(cls, config, guesses=None):
@@ -6157,10 +6305,21 @@ class Access:
         accounts = parse_password_file(read_private(auth, 'password file'), auth) if auth else None
         return cls(accounts, share_key(key_path, getattr(config, 'user', None)) if key_path else None, guesses)
 
+    def attach(self, selector, wake):
+        """In a worker (Worker.__init__): checks go off its loop from now on, their verdicts
+        come back through selector, and wake(conn) resumes a connection waiting for one.
+        Without it (a caller with no loop) a check runs at once."""
+        if self.accounts is not None:
+            self.checks = PasswordChecks(self.decoy)
+            self.wake = wake
+            selector.register(self.checks.done_r, selectors.EVENT_READ, self.on_checked)
+
     def admit(self, req, client, now, wall):
         """None when req may be answered as it is, the ShareView of a share link's request
         (whose target is then the path it stands for), else HTTPError: 401 (with the
-        challenge), 429 (with Retry-After), 404 or 410 for a share link refused."""
+        challenge), 429 (with Retry-After), 404 or 410 for a share link refused, 503 (with
+        Retry-After) when the checks a worker may hold are all taken; Pending while its
+        password is being checked."""
         if self.share_key is not None and SHARE_PREFIX in req.target:      # (absolute-form too)
             view = self.open_link(req, wall)
             if view is not None:
@@ -6176,17 +6335,47 @@ class Access:
         if value is None:
             raise HTTPError(401, headers=AUTH_CHALLENGE)
         credentials = parse_basic(value)
-        if credentials is not None:
-            name, password = credentials
-            record = self.accounts.get(name)
-            if verify_password(password, record or self.decoy) and record is not None:
-                self.verified.store(value, name)
-                return None
+        if credentials is not None and value not in self.refused.data \
+                and self.check(value, credentials, client, now):
+            return None
         self.guesses.failed(client, now)
         log('agent: failed login from %s %s' % (client, 'with malformed credentials' if credentials is None
                                                  else 'for account "%s"' % escape_log(credentials[0].encode('utf-8'))),
             priority=LOG_WARNING)
         raise HTTPError(401, headers=AUTH_CHALLENGE)
+
+    def check(self, value, credentials, client, now):
+        """Whether value's credentials are right, checked at once without a loop; with one,
+        Pending (the check queued, or joined) or HTTPError 503."""
+        name, password = credentials
+        record = self.accounts.get(name)
+        if self.checks is not None:
+            raise Pending(self.checks.submit(value, name, password, record, self.guesses.failures(client, now)))
+        if verify_password(password, record or self.decoy) and record is not None:
+            self.verified.store(value, name)
+            return True
+        self.refused.store(value, name)
+        return False
+
+    def waiting(self, conn):
+        """Whether a request of conn waits for a verdict."""
+        return self.checks is not None and any(conn in check.waiters for check in self.checks.pending.values())
+
+    def on_checked(self, mask):
+        """The loop's: verdicts are in.  Each value is kept verified or refused, and the
+        connections waiting for it are woken to answer their requests."""
+        for check in self.checks.take():
+            verdict = check.verdict
+            if verdict.__class__ is str:
+                self.verified.store(check.value, verdict)
+            else:
+                if verdict != 401:
+                    log('worker: cannot check the password of account "%s" (refused): %s'
+                        % (escape_log(check.name.encode('utf-8')), verdict), priority=LOG_ERR)
+                self.refused.store(check.value, check.name)
+            for conn in check.waiters:
+                if conn.state != CLOSED:
+                    self.wake(conn)
 
     def open_link(self, req, wall):
         """The ShareView of a request for a path under /s/ (open_share; its target is then the
@@ -7318,6 +7507,8 @@ class Worker:
             common_headers += b'Strict-Transport-Security: max-age=%d\r\n' % config.hsts
         self.responder = Responder(config, self.clock, OwnFiles() if own_files is None else own_files,
                                    common_headers, https_port, health, access)
+        if access is not None:
+            access.attach(self.selector, self.unpark)   # password checks off this loop
 
     # -- the loop --
 
@@ -7405,6 +7596,26 @@ class Worker:
             self.selector.unregister(conn.sock)
         if not self.draining:
             self.acceptor.publish(len(self.conns))
+
+    def hold(self, conn):
+        """At the end of conn's input: True if a request of it waits for its password's
+        verdict (Access.waiting), which it is still to have: conn is kept, with nothing more to
+        read (out of the selector: an EOF would wake the loop at every turn) until unpark()."""
+        access = self.responder.access
+        if access is None or not access.waiting(conn):
+            return False
+        if conn.registered:
+            self.selector.unregister(conn.sock)
+            conn.registered = False
+        return True
+
+    def unpark(self, conn):
+        """The verdict that conn's request waited for is in (Access.on_checked): its turn, back
+        in the selector if hold() took it out."""
+        if not conn.registered:
+            self.selector.register(conn.sock, conn.events, conn.on_event)
+            conn.registered = True
+        self.defer(conn)
 
     def defer(self, conn, skipped=False):
         """Put conn on the ready list: it has had its share of this turn (SEND_BUDGET,

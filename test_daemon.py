@@ -36,6 +36,7 @@ Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.p
   tests_location.py        The location strip (issue 21): GPS and place names blanked in photos and videos
   tests_performance.py     What changes made for speed (issue 24) must keep: TLS resumption, own files
   tests_probe.py           Outside probing: one client must not starve the others (bench/probe_starve.py)
+  tests_auth_probe.py      Wrong passwords must not hold a worker's loop: checks off the loop, bounded
 
 Every test runs its daemons in a temporary directory, on 127.0.0.1 and a port the kernel picks
 (--port 0; the agent's log names it), and stops them itself, on failure too (addCleanup kills
@@ -113,6 +114,7 @@ from tests_performance import TLSTicketTests, RequestPathSyscallTests  # noqa: F
 from tests_probe import (
     ClientTurnTests, CostlyPageTests, ThumbnailerPriorityTests, GuessBlockTests, CrowdingClientTests,
     CrowdingOutOfDescriptorsTests)  # noqa: F401
+from tests_auth_probe import AuthOffLoopTests, AuthOffLoopServerTests  # noqa: F401
 
 if __name__ == '__main__':
     sys.exit(testrun.main(globals()))

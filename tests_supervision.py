@@ -767,7 +767,8 @@ class WorkerInProcessTests(unittest.TestCase):
         caches = {'Responder.files': responder.files, 'Responder.paths': responder.paths,
                   'Responder.images': responder.images.infos, 'Responder.pages': responder.pages,
                   'Responder.covers': responder.covers.covers, 'Responder.zips.crcs': responder.zips.crcs,
-                  'Access.verified': agent.Access().verified, 'AccessLog.escaped': log.escaped}
+                  'Access.verified': agent.Access().verified, 'Access.refused': agent.Access().refused,
+                  'AccessLog.escaped': log.escaped}
         for name, cache in caches.items():
             self.assertIsInstance(cache, agent.Cache, name)
             self.assertRegex(agent.Cache.__doc__, r'\n +%s ' % re.escape(name))
