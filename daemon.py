@@ -1163,13 +1163,13 @@ def check_writable(kind, path):
 # ---------------------------------------------------------------------------------------------
 
 def parse_pid(text):
-    """The pid in a pidfile's text, or None when it holds no valid pid."""
-    try:
-        text = text.decode('ascii') if isinstance(text, bytes) else text
-        pid = int(text.strip().split('\n', 1)[0].strip() or 'x')
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return pid if pid > 0 else None
+    """The pid in a pidfile's text: decimal digits on its first line that a pid_t holds
+    (kill() takes a signed 32-bit pid; int() also takes "+5", "1_0" and any length), else None."""
+    text = text.decode('ascii', 'replace') if isinstance(text, bytes) else text
+    line = text.strip().split('\n', 1)[0].strip()
+    if not (line.isascii() and line.isdecimal() and len(line) <= 10):
+        return None         # (int() of 5,000 digits or more raises, since Python 3.11)
+    return int(line) if 0 < int(line) < 2 ** 31 else None
 
 
 class PidFile:

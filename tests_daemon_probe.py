@@ -111,14 +111,16 @@ class ProbeTest(TempDirTest):
 class PidRangeUnitTests(unittest.TestCase):
     """What counts as a pid in a pidfile: decimal ASCII digits on the first line, a number a
     pid_t can hold (kill(2) takes a signed 32-bit pid).  Was: int() of the line, so "+5", "1_0"
-    and "99999999999999999999" were pids, and the last made os.kill() raise OverflowError."""
+    and "99999999999999999999" were pids, and the last made os.kill() raise OverflowError (5,000
+    digits: int() itself raises ValueError since Python 3.11)."""
 
     def test_only_a_pid_t_in_decimal_digits_is_a_pid(self):
         for text, pid in ((b'42\n', 42), (b' 42 \n', 42), (b'42\nmore\n', 42),
                           (b'2147483647', 2147483647)):
             self.assertEqual(daemon.parse_pid(text), pid, text)
         for text in (b'2147483648', b'4294967296', b'99999999999999999999999', b'+42', b'1_000',
-                     b'-1', b'0', b'4 2', b'0x2a', b'42junk', '\u0664\u0662'.encode(), b''):
+                     b'-1', b'0', b'4 2', b'0x2a', b'42junk', '\u0664\u0662'.encode(), b'',
+                     b'9' * 5000, b'\xff42'):
             self.assertIsNone(daemon.parse_pid(text), text)
 
 
