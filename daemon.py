@@ -67,11 +67,12 @@ class DaemonError(Exception):
         self.privilege = privilege
 
 
-class _Interrupted(Exception):
-    """A signal to the launcher while it waits for the daemon's verdict."""
+class _Interrupted(BaseException):
+    """A signal to an action while it waits (_interruptible()); no Exception, as Ctrl-C's
+    KeyboardInterrupt is not: an `except Exception` on the way must not swallow it."""
 
     def __init__(self, signum):
-        Exception.__init__(self, signum)
+        BaseException.__init__(self, signum)
         self.signum = signum
 
 
@@ -438,6 +439,7 @@ class Daemon:
         if function is None:
             sys.stderr.write('%s: unknown action %r (use %s)\n' % (self.name, action, '|'.join(self.actions)))
             return EXIT_USAGE
+        handlers = _interruptible()
         try:
             _open_std_fds()
             self._check_default_pidfile(action)
@@ -446,6 +448,8 @@ class Daemon:
                 return code
             self._turn = self._wait_turn(action)
             return function(self)
+        except _Interrupted as exc:
+            return _interrupted(self, action, exc.signum)
         except DaemonError as exc:
             sys.stderr.write('%s: %s\n' % (self.name, exc))
             code = EXIT_PRIVILEGE if exc.privilege else EXIT_FAILURE
@@ -457,6 +461,8 @@ class Daemon:
             code = EXIT_FAILURE
         finally:
             self._end_turn()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
         return STATUS_UNKNOWN if action == 'status' else code
 
     def add_action(self, name, function):
@@ -499,6 +505,7 @@ class Daemon:
                      'run in it (fork() copies only the calling thread): start threads in setup() '
                      'or run()' % (self.name, thread), error=True)
         self.listen_fds = self._passed_sockets()     # before any fork: LISTEN_PID names this process
+        interrupts = _interruptible()               # the launcher's, before step 2 resets them
         _flush_std_streams()
         close_inherited_fds([fd for fds in self.listen_fds.values() for fd in fds])
         reset_signals()
@@ -510,7 +517,7 @@ class Daemon:
             os._exit(EXIT_FAILURE)
         if pid > 0:
             self._launcher.close()
-            os._exit(self._launcher_wait(pid, reader))
+            os._exit(self._launcher_wait(pid, reader, interrupts))
         reader.close()
         self._end_turn()
         logged = False
@@ -564,21 +571,14 @@ class Daemon:
                 sock.close()
         self._channel = self._launcher = None
 
-    def _launcher_wait(self, child, reader):
-        """The launcher: reap the middle child, then wait for the daemon's word.  Interrupted
-        (Ctrl-C, SIGTERM, SIGHUP), it says so and exits 128 + the signal, the shell's way; the
-        daemon goes on starting, as a unit does when `systemctl start` is interrupted."""
-        def interrupted(signum, frame):
-            raise _Interrupted(signum)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, interrupted)
+    def _launcher_wait(self, child, reader, interrupts):
+        """The launcher: reap the middle child, then wait for the daemon's word; interrupted,
+        as command() is (interrupts: the handlers from before step 2; it leaves by _exit)."""
+        _interruptible(interrupts)
         try:
             return self._launcher_verdict(child, reader)
         except _Interrupted as exc:
-            self.say('%s: start interrupted (%s); the daemon goes on starting in the background: '
-                     '`status` says when it serves, `stop` ends it (pidfile %s)'
-                     % (self.name, signal.Signals(exc.signum).name, self.pidfile_path), error=True)
-            return 128 + exc.signum
+            return _interrupted(self, 'start', exc.signum)
 
     def _launcher_verdict(self, child, reader):
         """The daemon's word on reader (see the channel), as start's exit code and line."""
@@ -747,6 +747,31 @@ def main(daemon, argv=None):
 # The controller: the actions, run in the launcher.  Functions of the daemon, reached only
 # through Daemon.command(); a subclass changes them through its hooks, or adds its own actions.
 # ---------------------------------------------------------------------------------------------
+
+def _interruptible(before=None):
+    """While an action waits: SIGINT, SIGTERM and SIGHUP raise _Interrupted, but stay ignored
+    where its caller ignores them (nohup); before: their handlers from before reset_signals().
+    Returns the handlers they had (none outside the main thread, which alone may set them)."""
+    def interrupted(signum, frame):
+        raise _Interrupted(signum)
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    now = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    now = {signum: handler for signum, handler in now.items() if handler is not None}  # None: not Python's
+    for signum, handler in (before or now).items():
+        signal.signal(signum, signal.SIG_IGN if handler == signal.SIG_IGN else interrupted)
+    return now
+
+
+def _interrupted(d, action, signum):
+    """An action interrupted while it waits says so and exits 128 + the signal, the shell's
+    way; what it asked goes on, as a unit's job does when `systemctl` is interrupted."""
+    goes_on = {'start': 'the daemon goes on starting', 'stop': 'the daemon goes on stopping',
+               'reload': 'the daemon goes on reloading'}.get(action, 'what it began goes on')
+    d.say('%s: %s interrupted (%s); %s in the background: `status` says where the daemon stands '
+          '(pidfile %s)' % (d.name, action, signal.Signals(signum).name, goes_on, d.pidfile_path), error=True)
+    return 128 + signum
+
 
 def _start(d):
     """detach, and return once the daemon is ready (or print why it is not)"""
