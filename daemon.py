@@ -35,7 +35,7 @@ whole (`grep -n '^# [A-Z]' daemon.py`).  docs/daemon.md is the complete referenc
 steps, the pidfile's life, signals, the channel, systemd, the optional sections, threads, asyncio.
 """
 
-import atexit, contextlib, errno, fcntl, grp, hashlib, os, pwd, select, signal, socket, stat
+import atexit, contextlib, errno, fcntl, grp, hashlib, io, os, pwd, select, signal, socket, stat
 import struct, sys, syslog, threading, time, traceback, weakref
 
 __all__ = ['Daemon', 'main', 'ACTIONS', 'DaemonError', 'describe', 'log', 'LOG_ERR', 'LOG_WARNING',
@@ -1160,10 +1160,39 @@ def redirect_stdio(stdin, stdout, stderr):
 
 
 def rebuild_std_streams():
-    """Point sys.stdin/stdout/stderr at fds 0-2 again, stdout and stderr line-buffered."""
+    """Point sys.stdin/stdout/stderr at fds 0-2 again, stdout and stderr line-buffered logs."""
     sys.stdin = open(0, 'r', closefd=False)
-    sys.stdout = open(1, 'w', buffering=1, errors='backslashreplace', closefd=False)
-    sys.stderr = open(2, 'w', buffering=1, errors='backslashreplace', closefd=False)
+    sys.stdout, sys.stderr = (io.TextIOWrapper(io.BufferedWriter(_LogWriter(fd)), line_buffering=True,
+                                               errors='backslashreplace') for fd in (1, 2))
+
+
+class _LogWriter(io.RawIOBase):
+    """fd 1 or 2 of a detached daemon, under sys.stdout and sys.stderr.  What the log cannot
+    take (a full file system, a quota, a pipe nobody reads any more) is dropped, counted, and
+    said in the log once it takes lines again: a print() must not end the daemon."""
+
+    def __init__(self, fd):
+        io.RawIOBase.__init__(self)
+        self.fd, self.lost, self.why = fd, 0, ''
+
+    def writable(self):
+        return True
+
+    def fileno(self):
+        return self.fd
+
+    def write(self, data):
+        try:
+            if self.lost:
+                os.write(self.fd, b'%s [%d] %d bytes of output lost: the log could not take them (%s)\n'
+                         % (time.strftime('%Y-%m-%d %H:%M:%S').encode(), os.getpid(), self.lost, self.why))
+                self.lost = 0
+            return os.write(self.fd, data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE):
+                raise
+            self.lost, self.why = self.lost + len(data), exc.strerror.encode()
+            return len(data)
 
 
 def check_writable(kind, path):

@@ -223,14 +223,17 @@ filler, log = os.path.join(full, 'filler'), os.path.join(full, 'probe.log')
 subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', full], check=True)
 
 def fill():
-    with open(filler, 'ab', buffering=0) as f:
-        for size in (4096, 1):
-            try:
-                while True:
-                    f.write(b'.' * size)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
+    # The filler takes every free page, then the log's own last page is filled (with empty
+    # lines): tmpfs allocates whole pages, and the daemon would go on appending to that one.
+    for path, chunk in ((filler, b'.'), (log, b'\n')):
+        with open(path, 'ab', buffering=0) as f:
+            for size in (4096, 1):
+                try:
+                    while True:
+                        f.write(chunk * size)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
 
 def act(action):
     r = subprocess.run([sys.executable, program, action], cwd=tmp, capture_output=True, text=True,
