@@ -1150,6 +1150,8 @@ def redirect_stdio(stdin, stdout, stderr):
     try:
         fds = [os.open(stdin, os.O_RDONLY | os.O_NOCTTY), open_log(stdout)]
         fds.append(fds[1] if stderr == stdout else open_log(stderr))
+        if stat.S_ISDIR(os.fstat(fds[0]).st_mode):      # it opens; only sys.stdin would refuse it
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), stdin)
     except OSError as exc:
         raise _step_error('open standard streams', exc)
     for target, fd in enumerate(fds):
