@@ -437,7 +437,7 @@ class Daemon:
         never a traceback.  For status every error is 4, "unknown" (1 is "dead")."""
         function = self.actions.get(action)
         if function is None:
-            sys.stderr.write('%s: unknown action %r (use %s)\n' % (self.name, action, '|'.join(self.actions)))
+            sys.stderr.write('%s: unknown action %.80r (use %s)\n' % (self.name, action, '|'.join(self.actions)))
             return EXIT_USAGE
         handlers = _interruptible()
         try:
@@ -736,8 +736,8 @@ def main(daemon, argv=None):
         return EXIT_OK
     if len(argv) == 1 and argv[0] in daemon.actions:
         return daemon.command(argv[0])
-    problem = ('no action given' if not argv else 'unknown action %r' % argv[0] if len(argv) == 1
-               else 'one action at a time, not %r' % ' '.join(argv))
+    problem = ('no action given' if not argv else 'unknown action %.80r' % argv[0] if len(argv) == 1
+               else 'one action at a time, not %.80r' % ' '.join(argv))     # (%.80r: argv may be long)
     sys.stderr.write('%s: %s\nusage: %s {%s} (%s --help says what each does)\n'
                      % (prog, problem, prog, '|'.join(daemon.actions), prog))
     return EXIT_USAGE
