@@ -68,12 +68,8 @@ class DaemonError(Exception):
 
 
 class _Interrupted(BaseException):
-    """A signal to an action while it waits (_interruptible()); no Exception, as Ctrl-C's
-    KeyboardInterrupt is not: an `except Exception` on the way must not swallow it."""
-
-    def __init__(self, signum):
-        BaseException.__init__(self, signum)
-        self.signum = signum
+    """A signal to an action while it waits (_interruptible()), args (signum,); no Exception,
+    as Ctrl-C's KeyboardInterrupt is not: an `except Exception` on the way must not swallow it."""
 
 
 class AlreadyRunning(DaemonError):
@@ -449,7 +445,7 @@ class Daemon:
             self._turn = self._wait_turn(action)
             return function(self)
         except _Interrupted as exc:
-            return _interrupted(self, action, exc.signum)
+            return _interrupted(self, action, exc.args[0])
         except DaemonError as exc:
             sys.stderr.write('%s: %s\n' % (self.name, exc))
             code = EXIT_PRIVILEGE if exc.privilege else EXIT_FAILURE
@@ -578,7 +574,7 @@ class Daemon:
         try:
             return self._launcher_verdict(child, reader)
         except _Interrupted as exc:
-            return _interrupted(self, 'start', exc.signum)
+            return _interrupted(self, 'start', exc.args[0])
 
     def _launcher_verdict(self, child, reader):
         """The daemon's word on reader (see the channel), as start's exit code and line."""
@@ -756,8 +752,8 @@ def _interruptible(before=None):
         raise _Interrupted(signum)
     if threading.current_thread() is not threading.main_thread():
         return {}
-    now = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    now = {signum: handler for signum, handler in now.items() if handler is not None}  # None: not Python's
+    now = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+           if signal.getsignal(signum) is not None}     # None: set outside Python, left alone
     for signum, handler in (before or now).items():
         signal.signal(signum, signal.SIG_IGN if handler == signal.SIG_IGN else interrupted)
     return now
@@ -1164,32 +1160,23 @@ def redirect_stdio(stdin, stdout, stderr):
 def rebuild_std_streams():
     """Point sys.stdin/stdout/stderr at fds 0-2 again, stdout and stderr line-buffered logs."""
     sys.stdin = open(0, 'r', closefd=False)
-    sys.stdout, sys.stderr = (io.TextIOWrapper(io.BufferedWriter(_LogWriter(fd)), line_buffering=True,
-                                               errors='backslashreplace') for fd in (1, 2))
+    sys.stdout, sys.stderr = (io.TextIOWrapper(io.BufferedWriter(_LogWriter(fd, 'w', closefd=False)),
+                                               line_buffering=True, errors='backslashreplace') for fd in (1, 2))
 
 
-class _LogWriter(io.RawIOBase):
+class _LogWriter(io.FileIO):
     """fd 1 or 2 of a detached daemon, under sys.stdout and sys.stderr.  What the log cannot
     take (a full file system, a quota, a pipe nobody reads any more) is dropped, counted, and
     said in the log once it takes lines again: a print() must not end the daemon."""
-
-    def __init__(self, fd):
-        io.RawIOBase.__init__(self)
-        self.fd, self.lost, self.why = fd, 0, ''
-
-    def writable(self):
-        return True
-
-    def fileno(self):
-        return self.fd
+    lost, why = 0, b''
 
     def write(self, data):
         try:
             if self.lost:
-                os.write(self.fd, b'%s [%d] %d bytes of output lost: the log could not take them (%s)\n'
-                         % (time.strftime('%Y-%m-%d %H:%M:%S').encode(), os.getpid(), self.lost, self.why))
+                io.FileIO.write(self, b'%s [%d] %d bytes of output lost: the log could not take them (%s)\n'
+                                % (time.strftime('%Y-%m-%d %H:%M:%S').encode(), os.getpid(), self.lost, self.why))
                 self.lost = 0
-            return os.write(self.fd, data)
+            return io.FileIO.write(self, data)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE):
                 raise
