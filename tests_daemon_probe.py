@@ -12,7 +12,8 @@ import unittest
 
 # testlib first: it puts the repository and bench/ on sys.path.
 import testlib
-from testlib import HERE, PYTHON, TIMEOUT, TempDirTest, kill_group_of, run, slurp, wait_for
+from testlib import (
+    HERE, PYTHON, TIMEOUT, TempDirTest, kill_group_of, proc_status, run, slurp, wait_for)
 import daemon
 from harness import pid_alive, read_pid
 
@@ -210,6 +211,69 @@ class InterruptedActionTests(ProbeTest):
         out, err = launcher.communicate(timeout=TIMEOUT)
         self.assertEqual(launcher.returncode, 0, out + err)
         self.assertIn('started (pid %d)' % pid, out)
+
+
+# A classic run(): it never calls wait(), so a stop raises SystemExit where it runs; its finally
+# block cleans up until the test creates the file `release`.
+CLASSIC_PROGRAM = '''
+import os, sys, time
+sys.path.insert(0, {here!r})
+import daemon
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Classic(daemon.Daemon):
+    def run(self):
+        try:
+            while True:
+                time.sleep(0.02)
+        finally:
+            print('cleanup started', flush=True)
+            while not os.path.exists(os.path.join(HERE, 'release')):
+                time.sleep(0.01)
+            print('cleanup done', flush=True)
+
+
+if __name__ == '__main__':
+    log = os.path.join(HERE, 'classic.log')
+    sys.exit(daemon.main(Classic(os.path.join(HERE, 'classic.pid'), stdout=log, stderr=log)))
+'''
+
+
+class SecondStopSignalTests(TempDirTest):
+    """A second SIGTERM (or SIGINT) to a classic daemon, one whose run() never looks, while
+    the SystemExit of the first runs its finally blocks: the cleanup goes on to its end.  Was:
+    a second SystemExit raised inside the cleanup, which stopped half way ("cleanup done" never
+    written); `stop` sends one SIGTERM, but an operator's second `kill`, or a service manager's
+    own, came through."""
+
+    def test_the_cleanup_of_the_first_stop_runs_to_its_end(self):
+        script = os.path.join(self.tmp, 'classic.py')
+        with open(script, 'w') as f:
+            f.write(CLASSIC_PROGRAM.format(here=HERE))
+        pidfile, logfile = os.path.join(self.tmp, 'classic.pid'), os.path.join(self.tmp, 'classic.log')
+        result = run([PYTHON, script, 'start'], cwd=self.tmp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        pid = read_pid(pidfile)
+        self.addCleanup(kill_group_of, pid)
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: 'cleanup started' in slurp(logfile), message='the cleanup under way')
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+        # Delivered (no longer pending in the kernel): Python runs their handler before the
+        # cleanup's next look for `release`, which the test creates only then.
+        def delivered():
+            try:
+                return all(int(proc_status(pid, field), 16) == 0 for field in ('ShdPnd', 'SigPnd'))
+            except (OSError, TypeError):
+                return True             # it has ended (a zombie has no such lines)
+        wait_for(delivered, message='the second and third signals delivered')
+        open(os.path.join(self.tmp, 'release'), 'w').close()
+        wait_for(lambda: not pid_alive(pid), message='the daemon\'s end')
+        self.assertIn('cleanup done', slurp(logfile))
+        self.assertNotIn('Traceback', slurp(logfile))
+        self.assertFalse(os.path.exists(pidfile))
 
 
 # Run as root in a mount namespace of its own (unshare -m): a 64 kB tmpfs at DIR/full, filled,
