@@ -686,8 +686,8 @@ class Daemon:
         """Only record the signal (set_wakeup_fd has already woken the loop)."""
         self._pending.append(signum)
         if signum in STOP_SIGNALS:
-            self.stopping = True
-            if not self._cooperative:
+            stopping, self.stopping = self.stopping, True
+            if not (stopping or self._cooperative):     # once: a second must not cut the cleanup
                 raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
 
     def _tell_launcher(self, **fields):
