@@ -54,6 +54,18 @@ class Probe(daemon.Daemon):
         sys.stderr.write('reloaded\\n')
 
 
+if os.environ.get('PROBE_HOLD_STEP'):     # daemon(7)'s step 7 waits for the file `step-7`
+    change_directory = daemon.change_directory
+
+    def held(path):
+        with open(os.path.join(HERE, 'held'), 'w') as f:
+            f.write(str(os.getpid()))
+        while not os.path.exists(os.path.join(HERE, 'step-7')):
+            time.sleep(0.01)
+        change_directory(path)
+    daemon.change_directory = held
+
+
 if __name__ == '__main__':
     log = os.environ.get('PROBE_LOG', os.path.join(HERE, 'probe.log'))
     sys.exit(daemon.main(Probe(os.path.join(HERE, 'probe.pid'), stdout=log, stderr=log,
@@ -211,6 +223,44 @@ class InterruptedActionTests(ProbeTest):
         out, err = launcher.communicate(timeout=TIMEOUT)
         self.assertEqual(launcher.returncode, 0, out + err)
         self.assertIn('started (pid %d)' % pid, out)
+
+
+class SignalDuringStepsTests(ProbeTest):
+    """A signal to the daemon during daemon(7)'s steps, before its handlers are in place (here
+    held at step 7): it waits, blocked, for them.  SIGHUP and SIGUSR1 then reload and reopen the
+    logs of a daemon that starts; SIGTERM is a stop during startup, said as one.  Was: the
+    defaults of step 2 ended the daemon ("exited during startup without a word; see LOG", a
+    log not yet opened)."""
+
+    def signal_held_daemon(self, signum):
+        held = os.path.join(self.tmp, 'held')
+        for path in (held, os.path.join(self.tmp, 'step-7')):     # a subtest's before
+            if os.path.exists(path):
+                os.unlink(path)
+        launcher = self.launch('start', PROBE_HOLD_STEP='1')
+        pid = wait_for(lambda: read_pid(held), message='the daemon held at step 7')
+        self.seen.append(pid)
+        os.kill(pid, signum)
+        open(os.path.join(self.tmp, 'step-7'), 'w').close()
+        out, err = launcher.communicate(timeout=TIMEOUT)
+        self.assertNotIn('Traceback', err)
+        return pid, launcher.returncode, out, err
+
+    def test_hup_and_usr1_wait_for_the_handlers(self):
+        for signum, seen_in_log in ((signal.SIGHUP, 'reloaded'), (signal.SIGUSR1, 'reopen')):
+            with self.subTest(signal=signum):
+                pid, code, out, err = self.signal_held_daemon(signum)
+                self.assertEqual(code, 0, out + err)
+                self.assertIn('started (pid %d)' % pid, out)
+                if signum == signal.SIGHUP:
+                    wait_for(lambda: seen_in_log in slurp(self.logfile), message=seen_in_log)
+                self.assertEqual(self.act('stop').returncode, 0)
+
+    def test_term_is_a_stop_during_startup(self):
+        pid, code, out, err = self.signal_held_daemon(signal.SIGTERM)
+        self.assertEqual(code, daemon.EXIT_FAILURE, out + err)
+        self.assertIn('stopped during startup', err)
+        self.assertFalse(os.path.exists(self.pidfile))
 
 
 # A classic run(): it never calls wait(), so a stop raises SystemExit where it runs; its finally
