@@ -571,6 +571,7 @@ class Daemon:
         """The launcher: reap the middle child, then wait for the daemon's word; interrupted,
         as command() is (interrupts: the handlers from before step 2; it leaves by _exit)."""
         _interruptible(interrupts)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)    # blocked by step 2
         try:
             return self._launcher_verdict(child, reader)
         except _Interrupted as exc:
@@ -681,6 +682,7 @@ class Daemon:
         on_signal = _weak_method(self, '_on_signal')
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)    # blocked since step 2
 
     def _on_signal(self, signum, frame):
         """Only record the signal (set_wakeup_fd has already woken the loop)."""
@@ -1070,15 +1072,16 @@ def close_inherited_fds(keep=()):
 
 
 def reset_signals():
-    """Step 2: every signal to its default, an empty mask; SIGPIPE and SIGXFSZ stay ignored,
-    as Python sets them (its code expects BrokenPipeError and EFBIG, not sudden death)."""
+    """Step 2: every signal to its default, a mask of the HANDLED_SIGNALS only (they wait for
+    their handlers, not end the daemon at a step); SIGPIPE and SIGXFSZ stay ignored, as Python
+    sets them (its code expects BrokenPipeError and EFBIG, not sudden death)."""
     ignored = (signal.SIGPIPE, getattr(signal, 'SIGXFSZ', None))
     for signum in set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}:
         try:
             signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
         except (OSError, ValueError, RuntimeError):
             pass    # signals reserved by the C library cannot be set
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    signal.pthread_sigmask(signal.SIG_SETMASK, HANDLED_SIGNALS)
 
 
 def fork(step):
