@@ -1717,7 +1717,7 @@ def _end_a_start(d):
         if stopping is not None:
             d._signalled.add(pid)       # stopping already: this stop's word is "stopped"
         if stopping is False:
-            return      # its run() does not look: a second SIGTERM would raise SystemExit in its cleanup
+            return      # its run() does not look: a second SIGTERM is only recorded (_on_signal)
         with _pinned(pid) as pidfd:     # the pid probed again, pinned: never a reused one
             if d.probe() == ('running', pid) and _send(pid, pidfd, signal.SIGTERM):
                 d._signalled.add(pid)
