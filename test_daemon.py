@@ -57,7 +57,7 @@ from tests_daemon_process import (
     OneChannelTests)  # noqa: F401
 from tests_daemon_probe import (
     PidRangeUnitTests, PidRangeTests, WrongKindOfPathTests, InterruptedActionTests,
-    FullLogTests, SecondStopSignalTests, SignalDuringStepsTests)  # noqa: F401
+    FullLogTests, SecondStopSignalTests, SignalDuringStepsTests, ClosedOutputTests)  # noqa: F401
 from tests_command_line import (
     AgentCommandLineTests, ReadmeTests, AgentLifecycleTests, NothingLeftBehindTests,
     FromBytecodeTests, DeprecatedCallTests, SafeDefaultsTests, OwnRotationTests,

@@ -263,6 +263,46 @@ class SignalDuringStepsTests(ProbeTest):
         self.assertFalse(os.path.exists(self.pidfile))
 
 
+class ClosedOutputTests(ProbeTest):
+    """The command line with its stdout or stderr closed (`prog --help >&-`) or a pipe whose
+    reader has gone (`prog --help | head -1` on a long list): each action and usage error exits
+    with its own code, never a traceback.  Was: --help and the usage errors wrote with
+    sys.stdout.write()/sys.stderr.write() (None when closed: AttributeError, exit 1; a broken
+    pipe: BrokenPipeError, exit 1), and so did command()'s error lines (`status` of a FIFO
+    pidfile, exit 4, became 1)."""
+
+    def act_with(self, args, closed_fd, broken):
+        def preexec():
+            if not broken:
+                os.close(closed_fd)
+        reader, writer = os.pipe()
+        os.close(reader)                # a reader gone before the first write: EPIPE, at once
+        try:
+            streams = {('stdout' if closed_fd == 1 else 'stderr'): writer} if broken else {}
+            other = 'stderr' if closed_fd == 1 else 'stdout'
+            streams[other] = subprocess.PIPE
+            streams.setdefault('stdout', subprocess.DEVNULL)
+            proc = subprocess.run([PYTHON, self.script] + args, cwd=self.tmp, env=self.env(),
+                                  stdin=subprocess.DEVNULL, preexec_fn=preexec, timeout=TIMEOUT,
+                                  **streams)
+        finally:
+            os.close(writer)
+        return proc.returncode, (proc.stdout or proc.stderr or b'').decode(errors='replace')
+
+    def test_each_exit_code_holds(self):
+        os.mkfifo(self.pidfile)         # an error each action reports (status: 4)
+        self.addCleanup(os.unlink, self.pidfile)    # before the cleanup reads it: a FIFO blocks
+        cases = [(['--help'], daemon.EXIT_OK, 1), (['bogus'], daemon.EXIT_USAGE, 2),
+                 (['start', 'now'], daemon.EXIT_USAGE, 2), ([], daemon.EXIT_USAGE, 2),
+                 (['status'], daemon.STATUS_UNKNOWN, 2), (['stop'], daemon.EXIT_FAILURE, 2)]
+        for args, code, fd in cases:
+            for broken in (False, True):
+                with self.subTest(args=args, fd=fd, broken=broken):
+                    returncode, other = self.act_with(args, fd, broken)
+                    self.assertEqual(returncode, code, other)
+                    self.assertNotIn('Traceback', other)
+
+
 # A classic run(): it never calls wait(), so a stop raises SystemExit where it runs; its finally
 # block cleans up until the test creates the file `release`.
 CLASSIC_PROGRAM = '''
