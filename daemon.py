@@ -433,7 +433,7 @@ class Daemon:
         never a traceback.  For status every error is 4, "unknown" (1 is "dead")."""
         function = self.actions.get(action)
         if function is None:
-            sys.stderr.write('%s: unknown action %.80r (use %s)\n' % (self.name, action, '|'.join(self.actions)))
+            self.say('%s: unknown action %.80r (use %s)' % (self.name, action, '|'.join(self.actions)), error=True)
             return EXIT_USAGE
         handlers = _interruptible()
         try:
@@ -447,13 +447,13 @@ class Daemon:
         except _Interrupted as exc:
             return _interrupted(self, action, exc.args[0])
         except DaemonError as exc:
-            sys.stderr.write('%s: %s\n' % (self.name, exc))
+            self.say('%s: %s' % (self.name, exc), error=True)
             code = EXIT_PRIVILEGE if exc.privilege else EXIT_FAILURE
         except PermissionError as exc:
-            sys.stderr.write('%s: %s: permission denied (%s)\n' % (self.name, action, describe(exc)))
+            self.say('%s: %s: permission denied (%s)' % (self.name, action, describe(exc)), error=True)
             code = EXIT_PRIVILEGE
         except OSError as exc:
-            sys.stderr.write('%s: %s failed: %s\n' % (self.name, action, describe(exc)))
+            self.say('%s: %s failed: %s' % (self.name, action, describe(exc)), error=True)
             code = EXIT_FAILURE
         finally:
             self._end_turn()
@@ -722,22 +722,23 @@ def main(daemon, argv=None):
     -h) anywhere lists the actions and the exit codes (0); anything else is a usage error (2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
+    _open_std_fds()     # `prog --help >&-`: each line goes through say(), which a closed pipe cannot fail
     if '--help' in argv or '-h' in argv:        # wherever it is, as argparse does
         width = max(map(len, daemon.actions))
         lines = ['usage: %s ACTION' % prog, '', 'ACTION is one of:'] + [
             '  %-*s  %s' % (width, name, (function.__doc__ or '').strip().split('\n', 1)[0])
             for name, function in daemon.actions.items()]
-        sys.stdout.write('\n'.join(lines + [
+        daemon.say('\n'.join(lines + [
             '', 'Exit codes: 0 success, 1 failure (the message says why), 2 usage,',
             '4 insufficient privilege, 7 not running (reload); status: 0 running, 1 dead,',
-            '3 not running, 4 unknown (LSB).', 'pidfile: %s' % daemon.pidfile_path]) + '\n')
+            '3 not running, 4 unknown (LSB).', 'pidfile: %s' % daemon.pidfile_path]))
         return EXIT_OK
     if len(argv) == 1 and argv[0] in daemon.actions:
         return daemon.command(argv[0])
     problem = ('no action given' if not argv else 'unknown action %.80r' % argv[0] if len(argv) == 1
                else 'one action at a time, not %.80r' % ' '.join(argv))     # (%.80r: argv may be long)
-    sys.stderr.write('%s: %s\nusage: %s {%s} (%s --help says what each does)\n'
-                     % (prog, problem, prog, '|'.join(daemon.actions), prog))
+    daemon.say('%s: %s\nusage: %s {%s} (%s --help says what each does)'
+               % (prog, problem, prog, '|'.join(daemon.actions), prog), error=True)
     return EXIT_USAGE
 
 
