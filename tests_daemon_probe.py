@@ -316,6 +316,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Classic(daemon.Daemon):
     def run(self):
         try:
+            open(os.path.join(HERE, 'in-run'), 'w').close()     # ready came before run()
             while True:
                 time.sleep(0.02)
         finally:
@@ -347,6 +348,7 @@ class SecondStopSignalTests(TempDirTest):
         self.assertEqual(result.returncode, 0, result.stderr)
         pid = read_pid(pidfile)
         self.addCleanup(kill_group_of, pid)
+        wait_for(lambda: os.path.exists(os.path.join(self.tmp, 'in-run')), message='run() under way')
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: 'cleanup started' in slurp(logfile), message='the cleanup under way')
         os.kill(pid, signal.SIGTERM)
