@@ -35,7 +35,7 @@ whole (`grep -n '^# [A-Z]' daemon.py`).  docs/daemon.md is the complete referenc
 steps, the pidfile's life, signals, the channel, systemd, the optional sections, threads, asyncio.
 """
 
-import atexit, contextlib, errno, fcntl, grp, hashlib, os, pwd, select, signal, socket, stat
+import atexit, contextlib, errno, fcntl, grp, hashlib, io, os, pwd, select, signal, socket, stat
 import struct, sys, syslog, threading, time, traceback, weakref
 
 __all__ = ['Daemon', 'main', 'ACTIONS', 'DaemonError', 'describe', 'log', 'LOG_ERR', 'LOG_WARNING',
@@ -67,12 +67,9 @@ class DaemonError(Exception):
         self.privilege = privilege
 
 
-class _Interrupted(Exception):
-    """A signal to the launcher while it waits for the daemon's verdict."""
-
-    def __init__(self, signum):
-        Exception.__init__(self, signum)
-        self.signum = signum
+class _Interrupted(BaseException):
+    """A signal to an action while it waits (_interruptible()), args (signum,); no Exception,
+    as Ctrl-C's KeyboardInterrupt is not: an `except Exception` on the way must not swallow it."""
 
 
 class AlreadyRunning(DaemonError):
@@ -436,8 +433,9 @@ class Daemon:
         never a traceback.  For status every error is 4, "unknown" (1 is "dead")."""
         function = self.actions.get(action)
         if function is None:
-            sys.stderr.write('%s: unknown action %r (use %s)\n' % (self.name, action, '|'.join(self.actions)))
+            self.say('%s: unknown action %.80r (use %s)' % (self.name, action, '|'.join(self.actions)), error=True)
             return EXIT_USAGE
+        handlers = _interruptible()
         try:
             _open_std_fds()
             self._check_default_pidfile(action)
@@ -446,17 +444,21 @@ class Daemon:
                 return code
             self._turn = self._wait_turn(action)
             return function(self)
+        except _Interrupted as exc:
+            return _interrupted(self, action, exc.args[0])
         except DaemonError as exc:
-            sys.stderr.write('%s: %s\n' % (self.name, exc))
+            self.say('%s: %s' % (self.name, exc), error=True)
             code = EXIT_PRIVILEGE if exc.privilege else EXIT_FAILURE
         except PermissionError as exc:
-            sys.stderr.write('%s: %s: permission denied (%s)\n' % (self.name, action, describe(exc)))
+            self.say('%s: %s: permission denied (%s)' % (self.name, action, describe(exc)), error=True)
             code = EXIT_PRIVILEGE
         except OSError as exc:
-            sys.stderr.write('%s: %s failed: %s\n' % (self.name, action, describe(exc)))
+            self.say('%s: %s failed: %s' % (self.name, action, describe(exc)), error=True)
             code = EXIT_FAILURE
         finally:
             self._end_turn()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
         return STATUS_UNKNOWN if action == 'status' else code
 
     def add_action(self, name, function):
@@ -499,6 +501,7 @@ class Daemon:
                      'run in it (fork() copies only the calling thread): start threads in setup() '
                      'or run()' % (self.name, thread), error=True)
         self.listen_fds = self._passed_sockets()     # before any fork: LISTEN_PID names this process
+        interrupts = _interruptible()               # the launcher's, before step 2 resets them
         _flush_std_streams()
         close_inherited_fds([fd for fds in self.listen_fds.values() for fd in fds])
         reset_signals()
@@ -510,7 +513,7 @@ class Daemon:
             os._exit(EXIT_FAILURE)
         if pid > 0:
             self._launcher.close()
-            os._exit(self._launcher_wait(pid, reader))
+            os._exit(self._launcher_wait(pid, reader, interrupts))
         reader.close()
         self._end_turn()
         logged = False
@@ -564,21 +567,15 @@ class Daemon:
                 sock.close()
         self._channel = self._launcher = None
 
-    def _launcher_wait(self, child, reader):
-        """The launcher: reap the middle child, then wait for the daemon's word.  Interrupted
-        (Ctrl-C, SIGTERM, SIGHUP), it says so and exits 128 + the signal, the shell's way; the
-        daemon goes on starting, as a unit does when `systemctl start` is interrupted."""
-        def interrupted(signum, frame):
-            raise _Interrupted(signum)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, interrupted)
+    def _launcher_wait(self, child, reader, interrupts):
+        """The launcher: reap the middle child, then wait for the daemon's word; interrupted,
+        as command() is (interrupts: the handlers from before step 2; it leaves by _exit)."""
+        _interruptible(interrupts)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)    # blocked by step 2
         try:
             return self._launcher_verdict(child, reader)
         except _Interrupted as exc:
-            self.say('%s: start interrupted (%s); the daemon goes on starting in the background: '
-                     '`status` says when it serves, `stop` ends it (pidfile %s)'
-                     % (self.name, signal.Signals(exc.signum).name, self.pidfile_path), error=True)
-            return 128 + exc.signum
+            return _interrupted(self, 'start', exc.args[0])
 
     def _launcher_verdict(self, child, reader):
         """The daemon's word on reader (see the channel), as start's exit code and line."""
@@ -685,13 +682,14 @@ class Daemon:
         on_signal = _weak_method(self, '_on_signal')
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)    # blocked since step 2
 
     def _on_signal(self, signum, frame):
         """Only record the signal (set_wakeup_fd has already woken the loop)."""
         self._pending.append(signum)
         if signum in STOP_SIGNALS:
-            self.stopping = True
-            if not self._cooperative:
+            stopping, self.stopping = self.stopping, True
+            if not (stopping or self._cooperative):     # once: a second must not cut the cleanup
                 raise SystemExit(0)     # a classic run() never looks: stop it like Ctrl-C would
 
     def _tell_launcher(self, **fields):
@@ -724,22 +722,23 @@ def main(daemon, argv=None):
     -h) anywhere lists the actions and the exit codes (0); anything else is a usage error (2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else daemon.name
+    _open_std_fds()     # `prog --help >&-`: each line goes through say(), which a closed pipe cannot fail
     if '--help' in argv or '-h' in argv:        # wherever it is, as argparse does
         width = max(map(len, daemon.actions))
         lines = ['usage: %s ACTION' % prog, '', 'ACTION is one of:'] + [
             '  %-*s  %s' % (width, name, (function.__doc__ or '').strip().split('\n', 1)[0])
             for name, function in daemon.actions.items()]
-        sys.stdout.write('\n'.join(lines + [
+        daemon.say('\n'.join(lines + [
             '', 'Exit codes: 0 success, 1 failure (the message says why), 2 usage,',
             '4 insufficient privilege, 7 not running (reload); status: 0 running, 1 dead,',
-            '3 not running, 4 unknown (LSB).', 'pidfile: %s' % daemon.pidfile_path]) + '\n')
+            '3 not running, 4 unknown (LSB).', 'pidfile: %s' % daemon.pidfile_path]))
         return EXIT_OK
     if len(argv) == 1 and argv[0] in daemon.actions:
         return daemon.command(argv[0])
-    problem = ('no action given' if not argv else 'unknown action %r' % argv[0] if len(argv) == 1
-               else 'one action at a time, not %r' % ' '.join(argv))
-    sys.stderr.write('%s: %s\nusage: %s {%s} (%s --help says what each does)\n'
-                     % (prog, problem, prog, '|'.join(daemon.actions), prog))
+    problem = ('no action given' if not argv else 'unknown action %.80r' % argv[0] if len(argv) == 1
+               else 'one action at a time, not %.80r' % ' '.join(argv))     # (%.80r: argv may be long)
+    daemon.say('%s: %s\nusage: %s {%s} (%s --help says what each does)'
+               % (prog, problem, prog, '|'.join(daemon.actions), prog), error=True)
     return EXIT_USAGE
 
 
@@ -747,6 +746,31 @@ def main(daemon, argv=None):
 # The controller: the actions, run in the launcher.  Functions of the daemon, reached only
 # through Daemon.command(); a subclass changes them through its hooks, or adds its own actions.
 # ---------------------------------------------------------------------------------------------
+
+def _interruptible(before=None):
+    """While an action waits: SIGINT, SIGTERM and SIGHUP raise _Interrupted, but stay ignored
+    where its caller ignores them (nohup); before: their handlers from before reset_signals().
+    Returns the handlers they had (none outside the main thread, which alone may set them)."""
+    def interrupted(signum, frame):
+        raise _Interrupted(signum)
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    now = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+           if signal.getsignal(signum) is not None}     # None: set outside Python, left alone
+    for signum, handler in (before or now).items():
+        signal.signal(signum, signal.SIG_IGN if handler == signal.SIG_IGN else interrupted)
+    return now
+
+
+def _interrupted(d, action, signum):
+    """An action interrupted while it waits says so and exits 128 + the signal, the shell's
+    way; what it asked goes on, as a unit's job does when `systemctl` is interrupted."""
+    goes_on = {'start': 'the daemon goes on starting', 'stop': 'the daemon goes on stopping',
+               'reload': 'the daemon goes on reloading'}.get(action, 'what it began goes on')
+    d.say('%s: %s interrupted (%s); %s in the background: `status` says where the daemon stands '
+          '(pidfile %s)' % (d.name, action, signal.Signals(signum).name, goes_on, d.pidfile_path), error=True)
+    return 128 + signum
+
 
 def _start(d):
     """detach, and return once the daemon is ready (or print why it is not)"""
@@ -1049,15 +1073,16 @@ def close_inherited_fds(keep=()):
 
 
 def reset_signals():
-    """Step 2: every signal to its default, an empty mask; SIGPIPE and SIGXFSZ stay ignored,
-    as Python sets them (its code expects BrokenPipeError and EFBIG, not sudden death)."""
+    """Step 2: every signal to its default, a mask of the HANDLED_SIGNALS only (they wait for
+    their handlers, not end the daemon at a step); SIGPIPE and SIGXFSZ stay ignored, as Python
+    sets them (its code expects BrokenPipeError and EFBIG, not sudden death)."""
     ignored = (signal.SIGPIPE, getattr(signal, 'SIGXFSZ', None))
     for signum in set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}:
         try:
             signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
         except (OSError, ValueError, RuntimeError):
             pass    # signals reserved by the C library cannot be set
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    signal.pthread_sigmask(signal.SIG_SETMASK, HANDLED_SIGNALS)
 
 
 def fork(step):
@@ -1125,6 +1150,8 @@ def redirect_stdio(stdin, stdout, stderr):
     try:
         fds = [os.open(stdin, os.O_RDONLY | os.O_NOCTTY), open_log(stdout)]
         fds.append(fds[1] if stderr == stdout else open_log(stderr))
+        if stat.S_ISDIR(os.fstat(fds[0]).st_mode):      # it opens; only sys.stdin would refuse it
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), stdin)
     except OSError as exc:
         raise _step_error('open standard streams', exc)
     for target, fd in enumerate(fds):
@@ -1135,10 +1162,30 @@ def redirect_stdio(stdin, stdout, stderr):
 
 
 def rebuild_std_streams():
-    """Point sys.stdin/stdout/stderr at fds 0-2 again, stdout and stderr line-buffered."""
+    """Point sys.stdin/stdout/stderr at fds 0-2 again, stdout and stderr line-buffered logs."""
     sys.stdin = open(0, 'r', closefd=False)
-    sys.stdout = open(1, 'w', buffering=1, errors='backslashreplace', closefd=False)
-    sys.stderr = open(2, 'w', buffering=1, errors='backslashreplace', closefd=False)
+    sys.stdout, sys.stderr = (io.TextIOWrapper(io.BufferedWriter(_LogWriter(fd, 'w', closefd=False)),
+                                               line_buffering=True, errors='backslashreplace') for fd in (1, 2))
+
+
+class _LogWriter(io.FileIO):
+    """fd 1 or 2 of a detached daemon, under sys.stdout and sys.stderr.  What the log cannot
+    take (a full file system, a quota, a pipe nobody reads any more) is dropped, counted, and
+    said in the log once it takes lines again: a print() must not end the daemon."""
+    lost, why = 0, b''
+
+    def write(self, data):
+        try:
+            if self.lost:
+                io.FileIO.write(self, b'%s [%d] %d bytes of output lost: the log could not take them (%s)\n'
+                                % (time.strftime('%Y-%m-%d %H:%M:%S').encode(), os.getpid(), self.lost, self.why))
+                self.lost = 0
+            return io.FileIO.write(self, data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE):
+                raise
+            self.lost, self.why = self.lost + len(data), exc.strerror.encode()
+            return len(data)
 
 
 def check_writable(kind, path):
@@ -1163,13 +1210,13 @@ def check_writable(kind, path):
 # ---------------------------------------------------------------------------------------------
 
 def parse_pid(text):
-    """The pid in a pidfile's text, or None when it holds no valid pid."""
-    try:
-        text = text.decode('ascii') if isinstance(text, bytes) else text
-        pid = int(text.strip().split('\n', 1)[0].strip() or 'x')
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return pid if pid > 0 else None
+    """The pid in a pidfile's text: decimal digits on its first line that a pid_t holds
+    (kill() takes a signed 32-bit pid; int() also takes "+5", "1_0" and any length), else None."""
+    text = text.decode('ascii', 'replace') if isinstance(text, bytes) else text
+    line = text.strip().split('\n', 1)[0].strip()
+    if not (line.isascii() and line.isdecimal() and len(line) <= 10):
+        return None         # (int() of 5,000 digits or more raises, since Python 3.11)
+    return int(line) if 0 < int(line) < 2 ** 31 else None
 
 
 class PidFile:
@@ -1671,7 +1718,7 @@ def _end_a_start(d):
         if stopping is not None:
             d._signalled.add(pid)       # stopping already: this stop's word is "stopped"
         if stopping is False:
-            return      # its run() does not look: a second SIGTERM would raise SystemExit in its cleanup
+            return      # its run() does not look: a second SIGTERM is only recorded (_on_signal)
         with _pinned(pid) as pidfd:     # the pid probed again, pinned: never a reused one
             if d.probe() == ('running', pid) and _send(pid, pidfd, signal.SIGTERM):
                 d._signalled.add(pid)

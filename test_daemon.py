@@ -19,6 +19,7 @@ Modules (the shared fixtures are in testlib.py, the parallel runner in testrun.p
   tests_daemon_unit.py     daemon.py in-process
   tests_daemon_steps.py    daemon.py's map, steps and pidfile: docs against code, odd pidfiles
   tests_daemon_process.py  daemon.py as a real daemon
+  tests_daemon_probe.py    daemon.py under hostile conditions: odd pidfiles, full logs, interrupts
   tests_command_line.py    agent.py's command line and the daemon around the server
   tests_supervision.py     agent.py's master
   tests_http.py            agent.py's HTTP rules as pure functions
@@ -56,6 +57,9 @@ from tests_daemon_process import (
     HostileFileTests, PidfileRemovedTests, PidfileProbeRaceTests, ConcurrentActionsTests,
     UnlockedPidfileWordingTests, HostileEnvironmentTests, ClassicVariantTests, HookErrorTests,
     OneChannelTests)  # noqa: F401
+from tests_daemon_probe import (
+    PidRangeUnitTests, PidRangeTests, WrongKindOfPathTests, InterruptedActionTests,
+    FullLogTests, SecondStopSignalTests, SignalDuringStepsTests, ClosedOutputTests)  # noqa: F401
 from tests_command_line import (
     AgentCommandLineTests, ReadmeTests, AgentLifecycleTests, NothingLeftBehindTests,
     FromBytecodeTests, DeprecatedCallTests, SafeDefaultsTests, OwnRotationTests,
