@@ -1126,8 +1126,9 @@ class ExhaustionTests(unittest.TestCase):
             f.write('max')
         wait_for(lambda: len(server.workers()) == 2, timeout=30, message='the workers back')
         self.assertEqual(server.get('/p.jpg')[0], 200)
+        # The master says so once both forks are done: a worker may serve before that line.
+        wait_for(lambda: 'forked again' in slurp(server.log), message='"forked again" in the log')
         log = slurp(server.log)
-        self.assertIn('forked again', log)
         self.assertNotIn('Traceback', log)
         self.assertNotIn('halting', log)
         server.stop()
