@@ -749,9 +749,14 @@ class WorkerInProcessTests(unittest.TestCase):
         self.worker.conns.add(self.conn)
 
     def exchange(self, raw):
-        """Send one request, let the connection handle it, return the whole response."""
+        """Send one request, let the connection handle it, return the whole response.  A new
+        loop turn first (run_deferred: every client has its TURN_TIME again, ReadyList), and
+        the next ones while it waits on the ready list (its turn spent, on a loaded machine)."""
         self.client.sendall(raw)
+        self.worker.run_deferred()
         self.conn.on_event(1)
+        while self.worker.deferred:
+            self.worker.run_deferred()
         data = b''
         while b'\r\n\r\n' not in data:
             data += self.client.recv(65536)
