@@ -7375,6 +7375,7 @@ class Acceptor:
         self.accepting = False
         self.paused_until = 0.0
         self.out_of_fds = 0             # pauses for want of a descriptor, in a row
+        self.room_said = None           # when making room was last said (make_room), monotonic
 
     def start(self):
         if self.poll is None:
@@ -7456,6 +7457,12 @@ class Acceptor:
         again), or stop trying for a second (no spinning)."""
         victim = self.loop.crowding()
         if victim is not None:
+            # Said once a minute while it lasts: each new connection may need room again.
+            now = time.monotonic()
+            if self.room_said is None or now - self.room_said >= 60:
+                log('worker: accept: %s; closing an idle or waiting connection of %s to make room'
+                    ' (said once a minute while it lasts)' % (exc.strerror, victim.client), priority=LOG_WARNING)
+                self.room_said = now
             victim.close()
             return True
         # Said once while it lasts, not at every pause: under LimitNOFILE it can last
