@@ -282,7 +282,10 @@ class ClosedOutputTests(ProbeTest):
             other = 'stderr' if closed_fd == 1 else 'stdout'
             streams[other] = subprocess.PIPE
             streams.setdefault('stdout', subprocess.DEVNULL)
-            proc = subprocess.run([PYTHON, self.script] + args, cwd=self.tmp, env=self.env(),
+            env = self.env()
+            env.pop('PYTHONUNBUFFERED', None)   # buffered, as a user's shell runs it: what the
+            #                                    buffer holds is flushed again at exit
+            proc = subprocess.run([PYTHON, self.script] + args, cwd=self.tmp, env=env,
                                   stdin=subprocess.DEVNULL, preexec_fn=preexec, timeout=TIMEOUT,
                                   **streams)
         finally:
