@@ -292,6 +292,24 @@ class ClosedOutputTests(ProbeTest):
             os.close(writer)
         return proc.returncode, (proc.stdout or proc.stderr or b'').decode(errors='replace')
 
+    def test_agent_usage_errors_and_help_keep_their_code(self):
+        """agent.py's own command line (argparse's usage errors and --help) likewise."""
+        for args, code, fd in ((['bogus'], daemon.EXIT_USAGE, 2), (['--port', 'x', 'start'], daemon.EXIT_USAGE, 2),
+                               (['--help'], daemon.EXIT_OK, 1)):
+            with self.subTest(args=args):
+                reader, writer = os.pipe()
+                os.close(reader)
+                env = self.env()
+                env.pop('PYTHONUNBUFFERED', None)
+                try:
+                    proc = subprocess.run([PYTHON, testlib.AGENT] + args, cwd=self.tmp, env=env,
+                                          stdin=subprocess.DEVNULL, timeout=TIMEOUT,
+                                          stdout=writer if fd == 1 else subprocess.PIPE,
+                                          stderr=writer if fd == 2 else subprocess.PIPE)
+                finally:
+                    os.close(writer)
+                self.assertEqual(proc.returncode, code, proc.stdout or proc.stderr)
+
     def test_each_exit_code_holds(self):
         os.mkfifo(self.pidfile)         # an error each action reports (status: 4)
         self.addCleanup(os.unlink, self.pidfile)    # before the cleanup reads it: a FIFO blocks
