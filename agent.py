@@ -9174,6 +9174,21 @@ class Parser(argparse.ArgumentParser):
         self.exit(daemon.EXIT_USAGE, '%s: error: %s (%s --help lists the options)\n'
                   % (self.prog, message, self.prog))
 
+    def _print_message(self, message, file=None):
+        """argparse's (its one writer, private but stable since Python 2.7), but a pipe whose
+        reader has gone is pointed at /dev/null: what the buffer still holds would fail the
+        flush at exit, and Python would exit 120 instead of the status asked for."""
+        file = file or sys.stderr
+        try:
+            file.write(message)
+            file.flush()
+        except BrokenPipeError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, file.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass                        # closed (None): nothing to tell, as argparse's own
+
     def parse_args(self, args=None, namespace=None):
         """Name a mistyped long option first, with the one meant: argparse would blame what
         follows it (`--prot 80 start`: "invalid choice: '80'" for ACTION)."""

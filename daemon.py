@@ -486,6 +486,8 @@ class Daemon:
         try:
             stream.write(self._mark_priority(message, stream, LOG_ERR if error else LOG_INFO) + '\n')
             stream.flush()
+        except BrokenPipeError:
+            _discard(stream)
         except (OSError, ValueError):
             pass
 
@@ -1012,6 +1014,18 @@ def _open_std_fds():
             os.close(null)
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, mode, closefd=False))
+
+
+def _discard(stream):
+    """A stream whose pipe's reader has gone (EPIPE: for good) is pointed at /dev/null: what
+    its buffer still holds would fail the flush at exit, which makes Python exit 120 whatever
+    the action's code (the way the signal module's docs give for SIGPIPE)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _flush_std_streams():
