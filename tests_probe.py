@@ -251,19 +251,22 @@ class CrowdingOutOfDescriptorsTests(unittest.TestCase):
     Before: only an idle connection could, so one client's slow heads took every descriptor
     and the worker paused accepting, a second at a time, until they ended."""
 
+    def connection(self, worker, peer, data):
+        """A Connection of worker from peer (a socketpair), which has read data once."""
+        server_end, client = socket.socketpair()
+        for sock in (server_end, client):
+            sock.setblocking(False)
+            self.addCleanup(sock.close)
+        conn = agent.Connection(server_end, peer, worker)
+        worker.conns.add(conn)
+        client.sendall(data)
+        conn.on_event(selectors.EVENT_READ)
+        return conn
+
     def test_out_of_descriptors_a_crowding_client_makes_room(self):
         worker, root = edge_worker(self)
-        conns = {}
-        for i, peer in enumerate(['192.0.2.1'] * 3 + ['192.0.2.2']):
-            server_end, client = socket.socketpair()
-            for sock in (server_end, client):
-                sock.setblocking(False)
-                self.addCleanup(sock.close)
-            conn = agent.Connection(server_end, peer, worker)
-            worker.conns.add(conn)
-            client.sendall(b'GET /a.jpg HTTP/1.1\r\n')     # mid-head: none is idle
-            conn.on_event(selectors.EVENT_READ)
-            conns[i] = conn
+        conns = {i: self.connection(worker, peer, b'GET /a.jpg HTTP/1.1\r\n')     # mid-head: none is idle
+                 for i, peer in enumerate(['192.0.2.1'] * 3 + ['192.0.2.2'])}
         with mock.patch('sys.stderr', new_callable=io.StringIO) as err:
             made = worker.acceptor.make_room(OSError(24, 'Too many open files'))
             self.assertTrue(made, 'no room made: accept pauses')
@@ -289,14 +292,7 @@ class CrowdingOutOfDescriptorsTests(unittest.TestCase):
             f.write(b'\xff' * (8 << 20))
         conns = []
         for peer in ['192.0.2.1'] * 3 + ['192.0.2.2']:
-            server_end, client = socket.socketpair()
-            for sock in (server_end, client):
-                sock.setblocking(False)
-                self.addCleanup(sock.close)
-            conn = agent.Connection(server_end, peer, worker)
-            worker.conns.add(conn)
-            client.sendall(b'GET /big.jpg HTTP/1.1\r\nHost: x\r\n\r\n')   # never read
-            conn.on_event(selectors.EVENT_READ)
+            conn = self.connection(worker, peer, b'GET /big.jpg HTTP/1.1\r\nHost: x\r\n\r\n')   # never read
             for _ in range(100):                # its client's turn may be spent: the next ones
                 if conn.state == agent.SENDING:
                     break
